@@ -1,0 +1,167 @@
+#pragma once
+// The binary checkpoint container: a stream of little-endian fields with a running FNV-1a 64-bit
+// checksum written at the end. The reader fails with checkpoint_error on a short read, a field that
+// does not match the live model, or a checksum mismatch; it never allocates from a size it read
+// without checking that size against the live model first.
+
+#include <loco/error.hpp>
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <istream>
+#include <ostream>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace loco::detail {
+
+static_assert(std::endian::native == std::endian::little,
+              "loco: checkpoints are written little-endian; big-endian hosts are not supported");
+
+inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 'T'};
+inline constexpr std::uint32_t checkpoint_format_version = 1;
+
+class fnv1a64 {
+public:
+    void add(const void* data, std::size_t n) noexcept {
+        const auto* p = static_cast<const unsigned char*>(data);
+        for (std::size_t i = 0; i < n; ++i) {
+            h_ = (h_ ^ p[i]) * 0x100000001b3ULL;
+        }
+    }
+    std::uint64_t value() const noexcept { return h_; }
+
+private:
+    std::uint64_t h_ = 0xcbf29ce484222325ULL;
+};
+
+class checkpoint_writer {
+public:
+    explicit checkpoint_writer(std::ostream& os) : os_(os) {
+        raw(checkpoint_magic, sizeof checkpoint_magic);
+        u32(checkpoint_format_version);
+    }
+
+    void u32(std::uint32_t v) { raw(&v, sizeof v); }
+    void u64(std::uint64_t v) { raw(&v, sizeof v); }
+    void text(std::string_view s) {
+        u64(s.size());
+        raw(s.data(), s.size());
+    }
+    void floats(std::span<const float> v) {
+        u64(v.size());
+        raw(v.data(), v.size_bytes());
+    }
+
+    // Writes the checksum; the stream must be good afterwards.
+    void finish() {
+        const std::uint64_t sum = hash_.value();
+        os_.write(reinterpret_cast<const char*>(&sum), sizeof sum);
+        os_.flush();
+        if (!os_) {
+            throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
+        }
+    }
+
+private:
+    void raw(const void* data, std::size_t n) {
+        hash_.add(data, n);
+        os_.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+        if (!os_) {
+            throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
+        }
+    }
+
+    std::ostream& os_;
+    fnv1a64 hash_;
+};
+
+class checkpoint_reader {
+public:
+    explicit checkpoint_reader(std::istream& is) : is_(is) {
+        char magic[sizeof checkpoint_magic];
+        raw(magic, sizeof magic, "the file signature");
+        if (std::string_view(magic, sizeof magic) !=
+            std::string_view(checkpoint_magic, sizeof checkpoint_magic)) {
+            throw checkpoint_error("loco: not a loco checkpoint (bad signature)");
+        }
+        const std::uint32_t format = u32("the format version");
+        if (format != checkpoint_format_version) {
+            throw checkpoint_error("loco: checkpoint format version " + std::to_string(format) +
+                                   " is not supported (this build reads version " +
+                                   std::to_string(checkpoint_format_version) + ")");
+        }
+    }
+
+    std::uint32_t u32(const char* what) {
+        std::uint32_t v = 0;
+        raw(&v, sizeof v, what);
+        return v;
+    }
+    std::uint64_t u64(const char* what) {
+        std::uint64_t v = 0;
+        raw(&v, sizeof v, what);
+        return v;
+    }
+
+    // Reads a u64 and checks that it equals the live value.
+    void expect_u64(std::uint64_t live, const char* what) {
+        const std::uint64_t saved = u64(what);
+        if (saved != live) {
+            throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) + ": saved " +
+                                   std::to_string(saved) + ", this optimizer has " +
+                                   std::to_string(live));
+        }
+    }
+
+    // Reads a string that must equal `live` (policy names, the handle kind).
+    void expect_text(std::string_view live, const char* what) {
+        const std::uint64_t n = u64(what);
+        if (n > 4096) {
+            throw checkpoint_error("loco: checkpoint corrupted: " + std::string(what) +
+                                   " has an implausible length");
+        }
+        std::string saved(static_cast<std::size_t>(n), '\0');
+        raw(saved.data(), saved.size(), what);
+        if (saved != live) {
+            throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) + ": saved '" +
+                                   saved + "', this optimizer has '" + std::string(live) + "'");
+        }
+    }
+
+    // Reads a float array whose length must equal out.size() (the live layout).
+    void floats(std::span<float> out, const char* what) {
+        expect_u64(out.size(), what);
+        raw(out.data(), out.size_bytes(), what);
+    }
+
+    // Reads the checksum and compares it with everything read before it.
+    void finish() {
+        const std::uint64_t computed = hash_.value();
+        std::uint64_t saved = 0;
+        is_.read(reinterpret_cast<char*>(&saved), sizeof saved);
+        if (is_.gcount() != static_cast<std::streamsize>(sizeof saved)) {
+            throw checkpoint_error("loco: checkpoint truncated before its checksum");
+        }
+        if (saved != computed) {
+            throw checkpoint_error("loco: checkpoint corrupted (checksum mismatch)");
+        }
+    }
+
+private:
+    void raw(void* data, std::size_t n, const char* what) {
+        is_.read(static_cast<char*>(data), static_cast<std::streamsize>(n));
+        if (is_.gcount() != static_cast<std::streamsize>(n)) {
+            throw checkpoint_error("loco: checkpoint truncated while reading " + std::string(what));
+        }
+        hash_.add(data, n);
+    }
+
+    std::istream& is_;
+    fnv1a64 hash_;
+};
+
+}  // namespace loco::detail

@@ -1,0 +1,69 @@
+#pragma once
+// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv 1711.05101), with
+// PyTorch's torch.optim.AdamW semantics: decoupled decay p *= 1 - lr*wd applied first, bias
+// correction of both moments, eps added after the bias-corrected square root.
+
+#include <loco/config.hpp>
+#include <loco/error.hpp>
+#include <loco/math.hpp>
+
+#include <cstdint>
+#include <string_view>
+
+namespace loco::inner {
+
+struct adamw {
+    static constexpr std::string_view name = "adamw";
+
+    // Defaults are DiLoCo's inner optimizer (arXiv 2311.08105; OpenDiLoCo, torchft, prime), not
+    // PyTorch's (lr 1e-3, betas 0.9/0.999, wd 0.01).
+    struct hyper {
+        float lr = 4e-4f;
+        float beta1 = 0.9f;
+        float beta2 = 0.95f;
+        float eps = 1e-8f;
+        float weight_decay = 0.1f;
+    };
+
+    static constexpr int state_size = 2;  // first moment m, second moment v
+
+    struct scalars {
+        float decay;         // 1 - lr * weight_decay
+        float beta1, beta2;
+        float step_size;     // lr / (1 - beta1^step)
+        float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^step)
+        float eps;
+    };
+
+    LOCO_HD static scalars prepare(const hyper& h, std::uint64_t step) {
+        const float t = static_cast<float>(step);
+        const float bc1 = 1.0f - math::pow(h.beta1, t);
+        const float bc2 = 1.0f - math::pow(h.beta2, t);
+        return {1.0f - h.lr * h.weight_decay, h.beta1, h.beta2, h.lr / bc1,
+                1.0f / math::sqrt(bc2), h.eps};
+    }
+
+    LOCO_HD static void update(const scalars& k, float& p, float g, float* s) {
+        float m = s[0];
+        float v = s[1];
+        p *= k.decay;
+        m = k.beta1 * m + (1.0f - k.beta1) * g;
+        v = k.beta2 * v + (1.0f - k.beta2) * g * g;
+        p -= k.step_size * m / (math::sqrt(v) * k.inv_bc2_sqrt + k.eps);
+        s[0] = m;
+        s[1] = v;
+    }
+
+    static void validate(const hyper& h) {
+        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::inner::adamw: lr must be >= 0");
+        if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f))
+            throw invalid_argument("loco::inner::adamw: beta1 must be in [0, 1)");
+        if (!(h.beta2 >= 0.0f && h.beta2 < 1.0f))
+            throw invalid_argument("loco::inner::adamw: beta2 must be in [0, 1)");
+        if (!(h.eps >= 0.0f)) throw invalid_argument("loco::inner::adamw: eps must be >= 0");
+        if (!(h.weight_decay >= 0.0f))
+            throw invalid_argument("loco::inner::adamw: weight_decay must be >= 0");
+    }
+};
+
+}  // namespace loco::inner

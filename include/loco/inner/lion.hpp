@@ -1,0 +1,54 @@
+#pragma once
+// Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675): the update
+// is the sign of an interpolation between the momentum and the gradient; the momentum itself is
+// tracked with a second, slower coefficient. Decoupled weight decay as in AdamW.
+
+#include <loco/config.hpp>
+#include <loco/error.hpp>
+#include <loco/math.hpp>
+
+#include <cstdint>
+#include <string_view>
+
+namespace loco::inner {
+
+struct lion {
+    static constexpr std::string_view name = "lion";
+
+    // The paper's defaults (lr 1e-4, betas 0.9/0.99, no weight decay).
+    struct hyper {
+        float lr = 1e-4f;
+        float beta1 = 0.9f;
+        float beta2 = 0.99f;
+        float weight_decay = 0.0f;
+    };
+
+    static constexpr int state_size = 1;  // momentum m
+
+    struct scalars {
+        float lr, decay, beta1, beta2;
+    };
+
+    LOCO_HD static scalars prepare(const hyper& h, std::uint64_t) {
+        return {h.lr, 1.0f - h.lr * h.weight_decay, h.beta1, h.beta2};
+    }
+
+    LOCO_HD static void update(const scalars& k, float& p, float g, float* s) {
+        const float m = s[0];
+        const float direction = math::sign(k.beta1 * m + (1.0f - k.beta1) * g);
+        p = p * k.decay - k.lr * direction;
+        s[0] = k.beta2 * m + (1.0f - k.beta2) * g;
+    }
+
+    static void validate(const hyper& h) {
+        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::inner::lion: lr must be >= 0");
+        if (!(h.beta1 >= 0.0f && h.beta1 <= 1.0f))
+            throw invalid_argument("loco::inner::lion: beta1 must be in [0, 1]");
+        if (!(h.beta2 >= 0.0f && h.beta2 < 1.0f))
+            throw invalid_argument("loco::inner::lion: beta2 must be in [0, 1)");
+        if (!(h.weight_decay >= 0.0f))
+            throw invalid_argument("loco::inner::lion: weight_decay must be >= 0");
+    }
+};
+
+}  // namespace loco::inner

@@ -1,0 +1,27 @@
+#pragma once
+// Everything loco offers that a host C++20 compiler can build. CUDA code adds <loco/cuda.hpp>.
+
+#include <loco/config.hpp>
+#include <loco/error.hpp>
+#include <loco/math.hpp>
+#include <loco/params.hpp>
+#include <loco/policy.hpp>
+#include <loco/tensor.hpp>
+
+#include <loco/inner/adamw.hpp>
+#include <loco/inner/lion.hpp>
+#include <loco/inner/sgd.hpp>
+
+#include <loco/outer/adam.hpp>
+#include <loco/outer/nesterov.hpp>
+#include <loco/outer/sgd.hpp>
+
+#include <loco/compress/none.hpp>
+#include <loco/schedule/every.hpp>
+
+#include <loco/comm/communicator.hpp>
+#include <loco/comm/single.hpp>
+#include <loco/comm/threads.hpp>
+
+#include <loco/diloco.hpp>
+#include <loco/optimizer.hpp>

@@ -1,0 +1,48 @@
+#pragma once
+// The few math functions the per-element rules use, callable from host and device code alike.
+// Rules call these instead of std:: so one source compiles for both passes.
+
+#include <loco/config.hpp>
+
+#if !LOCO_DEVICE_PASS()
+#include <cmath>
+#endif
+
+namespace loco::math {
+
+LOCO_HD float sqrt(float x) {
+#if LOCO_DEVICE_PASS()
+    return ::sqrtf(x);
+#else
+    return std::sqrt(x);
+#endif
+}
+
+LOCO_HD float pow(float base, float exponent) {
+#if LOCO_DEVICE_PASS()
+    return ::powf(base, exponent);
+#else
+    return std::pow(base, exponent);
+#endif
+}
+
+LOCO_HD float abs(float x) {
+#if LOCO_DEVICE_PASS()
+    return ::fabsf(x);
+#else
+    return std::fabs(x);
+#endif
+}
+
+LOCO_HD bool isfinite(float x) {
+#if LOCO_DEVICE_PASS()
+    return ::isfinite(x);
+#else
+    return std::isfinite(x);
+#endif
+}
+
+// torch.sign: -1, 0 or +1 (0 for both zeros).
+LOCO_HD float sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+}  // namespace loco::math

@@ -1,0 +1,67 @@
+#pragma once
+// Outer Adam in the FedAdam form (Reddi et al., "Adaptive Federated Optimization",
+// arXiv 2003.00295, Algorithm 2): moments of the averaged pseudo-gradient, the adaptivity constant
+// tau added after the square root, and no bias correction unless asked for:
+//   m = b1*m + (1-b1)*delta;  v = b2*v + (1-b2)*delta^2;  global -= lr * m / (sqrt(v) + tau)
+
+#include <loco/config.hpp>
+#include <loco/error.hpp>
+#include <loco/math.hpp>
+
+#include <cstdint>
+#include <string_view>
+
+namespace loco::outer {
+
+struct adam {
+    static constexpr std::string_view name = "outer_adam";
+
+    // The paper fixes betas (0.9, 0.99) and uses tau = 1e-3; it tunes the server learning rate
+    // per task, so lr = 0.01 is a starting point, not a published value.
+    struct hyper {
+        float lr = 1e-2f;
+        float beta1 = 0.9f;
+        float beta2 = 0.99f;
+        float tau = 1e-3f;
+        bool bias_correction = false;
+    };
+
+    static constexpr int state_size = 2;  // m, v
+
+    struct scalars {
+        float beta1, beta2;
+        float step_size;     // lr, or lr / (1 - beta1^t) with bias correction
+        float inv_bc2_sqrt;  // 1, or 1 / sqrt(1 - beta2^t)
+        float tau;
+    };
+
+    LOCO_HD static scalars prepare(const hyper& h, std::uint64_t step) {
+        float step_size = h.lr;
+        float inv_bc2_sqrt = 1.0f;
+        if (h.bias_correction) {
+            const float t = static_cast<float>(step);
+            step_size = h.lr / (1.0f - math::pow(h.beta1, t));
+            inv_bc2_sqrt = 1.0f / math::sqrt(1.0f - math::pow(h.beta2, t));
+        }
+        return {h.beta1, h.beta2, step_size, inv_bc2_sqrt, h.tau};
+    }
+
+    LOCO_HD static void update(const scalars& k, float& global, float delta, float* s) {
+        const float m = k.beta1 * s[0] + (1.0f - k.beta1) * delta;
+        const float v = k.beta2 * s[1] + (1.0f - k.beta2) * delta * delta;
+        s[0] = m;
+        s[1] = v;
+        global -= k.step_size * m / (math::sqrt(v) * k.inv_bc2_sqrt + k.tau);
+    }
+
+    static void validate(const hyper& h) {
+        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::adam: lr must be >= 0");
+        if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f))
+            throw invalid_argument("loco::outer::adam: beta1 must be in [0, 1)");
+        if (!(h.beta2 >= 0.0f && h.beta2 < 1.0f))
+            throw invalid_argument("loco::outer::adam: beta2 must be in [0, 1)");
+        if (!(h.tau > 0.0f)) throw invalid_argument("loco::outer::adam: tau must be > 0");
+    }
+};
+
+}  // namespace loco::outer

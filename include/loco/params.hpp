@@ -1,0 +1,164 @@
+#pragma once
+// The model as loco sees it: an ordered list of (value, gradient) tensors, each with a name and an
+// offset into one flat layout. Every optimizer handle keeps its state (global snapshot, moments,
+// pseudo-gradient buffer) in that flat layout, so a sync is one collective over all parameters.
+
+#include <loco/error.hpp>
+#include <loco/tensor.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace loco {
+
+struct parameter {
+    std::string name;
+    tensor_view<float> value;       // updated in place by the optimizer
+    tensor_view<const float> grad;  // read by the inner step
+    std::size_t offset = 0;         // position of element 0 in the flat layout
+};
+
+class parameter_list {
+public:
+    parameter_list() = default;
+
+    // Adds a parameter and its gradient. Both must be loco tensors (see tensor.hpp) of float
+    // elements, of the same size, in the same memory space as the parameters already added.
+    // An empty name is replaced by "param<index>".
+    template <class Value, class Grad>
+    parameter_list& add(std::string name, Value&& value, Grad&& grad) {
+        using value_type = std::remove_reference_t<Value>;
+        using grad_type = std::remove_reference_t<Grad>;
+        detail::require_tensor<value_type>();
+        detail::require_tensor<grad_type>();
+        static_assert(std::is_lvalue_reference_v<Value> ||
+                          detail::is_view_like<std::remove_cv_t<value_type>>,
+                      "loco: a temporary container was given as a parameter value; pass the "
+                      "model's own tensor so that loco can update it in place");
+        static_assert(std::is_lvalue_reference_v<Grad> ||
+                          detail::is_view_like<std::remove_cv_t<grad_type>>,
+                      "loco: a temporary container was given as a gradient; pass the gradient "
+                      "tensor the trainer writes into");
+        static_assert(std::is_same_v<tensor_element_t<value_type>, float>,
+                      "loco: parameter values must be mutable float (fp32) tensors");
+        static_assert(std::is_same_v<std::remove_const_t<tensor_element_t<grad_type>>, float>,
+                      "loco: gradients must be float (fp32) tensors");
+        return add_views(std::move(name), as_view(value), tensor_view<const float>(as_view(grad)));
+    }
+
+    // The same with views already built (host_tensor, cuda_matrix, ...).
+    parameter_list& add_views(std::string name, tensor_view<float> value,
+                              tensor_view<const float> grad) {
+        if (name.empty()) {
+            name = "param" + std::to_string(items_.size());
+        }
+        const auto where = [&] { return "loco: parameter '" + name + "': "; };
+        if (value.size != grad.size) {
+            throw shape_error(where() + "value has " + std::to_string(value.size) +
+                              " elements but its gradient has " + std::to_string(grad.size));
+        }
+        if (value.is_matrix() && value.rows * value.cols != value.size) {
+            throw shape_error(where() + "shape " + std::to_string(value.rows) + " x " +
+                              std::to_string(value.cols) + " does not hold " +
+                              std::to_string(value.size) + " elements");
+        }
+        if (value.size != 0 && (value.data == nullptr || grad.data == nullptr)) {
+            throw invalid_argument(where() + "null data pointer for a non-empty tensor");
+        }
+        if (value.space != grad.space) {
+            throw memory_space_error(where() + "value is in " + std::string(to_string(value.space)) +
+                                     " memory but its gradient is in " +
+                                     std::string(to_string(grad.space)) + " memory");
+        }
+        if (!items_.empty() && value.space != items_.front().value.space) {
+            throw memory_space_error(where() + "is in " + std::string(to_string(value.space)) +
+                                     " memory but the parameters before it are in " +
+                                     std::string(to_string(items_.front().value.space)) +
+                                     " memory; one optimizer works in one memory space");
+        }
+        for (const auto& p : items_) {
+            if (p.name == name) {
+                throw invalid_argument("loco: two parameters are named '" + name + "'");
+            }
+        }
+        items_.push_back(parameter{std::move(name), value, grad, total_});
+        total_ += value.size;
+        return *this;
+    }
+
+    std::size_t size() const noexcept { return items_.size(); }
+    bool empty() const noexcept { return items_.empty(); }
+    std::size_t total_elements() const noexcept { return total_; }
+    const parameter& operator[](std::size_t i) const { return items_[i]; }
+    auto begin() const noexcept { return items_.begin(); }
+    auto end() const noexcept { return items_.end(); }
+
+    // Memory space of every tensor in the list (host for an empty list).
+    memory_space space() const noexcept {
+        return items_.empty() ? memory_space::host : items_.front().value.space;
+    }
+
+    // Throws invalid_argument when two tensors share memory (two values, or a value and any
+    // gradient): an update through one would silently change the other.
+    void check_no_overlap() const {
+        struct range {
+            std::uintptr_t begin, end;
+            std::size_t index;
+            bool is_value;
+        };
+        std::vector<range> ranges;
+        ranges.reserve(2 * items_.size());
+        for (std::size_t i = 0; i < items_.size(); ++i) {
+            const auto& p = items_[i];
+            if (p.value.size == 0) {
+                continue;
+            }
+            const auto v = reinterpret_cast<std::uintptr_t>(p.value.data);
+            const auto g = reinterpret_cast<std::uintptr_t>(p.grad.data);
+            ranges.push_back({v, v + p.value.size_bytes(), i, true});
+            ranges.push_back({g, g + p.grad.size_bytes(), i, false});
+        }
+        std::sort(ranges.begin(), ranges.end(),
+                  [](const range& a, const range& b) { return a.begin < b.begin; });
+        // Gradients may legitimately alias each other (a trainer may reuse one buffer); only an
+        // overlap that involves a value is an error. Track the furthest-reaching value range and
+        // the furthest-reaching range of any kind seen so far.
+        const range* reach_any = nullptr;
+        const range* reach_value = nullptr;
+        for (const auto& r : ranges) {
+            const range* other = nullptr;
+            if (r.is_value && reach_any && reach_any->end > r.begin) {
+                other = reach_any;
+            } else if (reach_value && reach_value->end > r.begin) {
+                other = reach_value;
+            }
+            if (other) {
+                const auto describe = [&](const range& x) {
+                    return std::string(x.is_value ? "the value" : "the gradient") + " of '" +
+                           items_[x.index].name + "'";
+                };
+                throw invalid_argument("loco: " + describe(r) + " overlaps " + describe(*other) +
+                                       " in memory; every parameter value needs its own storage");
+            }
+            if (!reach_any || r.end > reach_any->end) {
+                reach_any = &r;
+            }
+            if (r.is_value && (!reach_value || r.end > reach_value->end)) {
+                reach_value = &r;
+            }
+        }
+    }
+
+private:
+    std::vector<parameter> items_;
+    std::size_t total_ = 0;
+};
+
+}  // namespace loco

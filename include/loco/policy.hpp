@@ -1,0 +1,118 @@
+#pragma once
+// What an optimizer policy is, written down as concepts, plus the checks that turn a policy with a
+// missing member into one readable compiler message.
+//
+// An element-wise optimizer policy (every inner and outer optimizer so far) is a struct with
+//   static constexpr std::string_view name;   // recorded in checkpoints and messages
+//   struct hyper { ... };                      // hyper-parameters, paper defaults
+//   static constexpr int state_size;           // floats of state per parameter element
+//   static scalars prepare(const hyper&, std::uint64_t step);       // once per step, LOCO_HD
+//   static void update(const scalars&, float& x, float g, float* s); // once per element, LOCO_HD
+// and optionally
+//   static void validate(const hyper&);        // throws loco::invalid_argument on bad values
+//
+// For an inner optimizer x is the parameter and g its gradient; for an outer optimizer x is the
+// global parameter and g the averaged pseudo-gradient. `step` counts updates from 1. State starts
+// at zero. The same `update` runs in the host loop and in the CUDA kernels.
+
+#include <concepts>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace loco {
+
+template <class P>
+concept elementwise_optimizer =
+    requires {
+        typename P::hyper;
+        { P::name } -> std::convertible_to<std::string_view>;
+        { P::state_size } -> std::convertible_to<int>;
+    } && std::is_default_constructible_v<typename P::hyper> && (P::state_size >= 0) &&
+    requires(const typename P::hyper& h, std::uint64_t step, float& x, float g, float* s) {
+        P::prepare(h, step);
+        P::update(P::prepare(h, step), x, g, s);
+    };
+
+// Runs every step on each worker. Element-wise policies today; Muon (a per-matrix rule) joins
+// through its own concept.
+template <class P>
+concept inner_optimizer = elementwise_optimizer<P>;
+
+// Runs at each sync on the averaged pseudo-gradient.
+template <class P>
+concept outer_optimizer = elementwise_optimizer<P>;
+
+template <elementwise_optimizer P>
+using scalars_t = decltype(P::prepare(std::declval<const typename P::hyper&>(), std::uint64_t{}));
+
+// Decides after each call to step() whether the workers sync now.
+//   static constexpr std::string_view name;  struct hyper { ... };
+//   static bool due(const hyper&, std::uint64_t calls);   // calls counts step() calls from 1
+//   optional: static void validate(const hyper&);
+template <class S>
+concept sync_schedule = requires(const typename S::hyper& h, std::uint64_t calls) {
+    { S::name } -> std::convertible_to<std::string_view>;
+    { S::due(h, calls) } -> std::convertible_to<bool>;
+};
+
+namespace detail {
+
+// Calls P::validate(h) when the policy has one.
+template <class P>
+void validate_hyper(const typename P::hyper& h) {
+    if constexpr (requires { P::validate(h); }) {
+        P::validate(h);
+    }
+}
+
+// One message per missing member, each check assuming the previous ones passed, so a policy with
+// a missing member produces exactly one sentence that names it.
+template <class P>
+constexpr bool check_elementwise_policy() {
+    constexpr bool has_hyper = requires { typename P::hyper; };
+    constexpr bool has_name = requires {
+        { P::name } -> std::convertible_to<std::string_view>;
+    };
+    constexpr bool has_state_size = requires {
+        { P::state_size } -> std::convertible_to<int>;
+    };
+    constexpr bool has_prepare = requires(const typename P::hyper& h) { P::prepare(h, std::uint64_t{}); };
+    constexpr bool has_update = requires(const typename P::hyper& h, float& x, float g, float* s) {
+        P::update(P::prepare(h, std::uint64_t{}), x, g, s);
+    };
+    static_assert(has_hyper,
+                  "loco: an optimizer policy needs a nested `struct hyper` holding its "
+                  "hyper-parameters; see docs/policies.md");
+    static_assert(!has_hyper || has_name,
+                  "loco: an optimizer policy needs `static constexpr std::string_view name`; see "
+                  "docs/policies.md");
+    static_assert(!has_hyper || !has_name || has_state_size,
+                  "loco: an optimizer policy needs `static constexpr int state_size` (floats of "
+                  "state per element); see docs/policies.md");
+    static_assert(!has_hyper || !has_name || !has_state_size || has_prepare,
+                  "loco: an optimizer policy needs `static scalars prepare(const hyper&, "
+                  "std::uint64_t step)`; see docs/policies.md");
+    static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || has_update,
+                  "loco: an optimizer policy needs `static void update(const scalars&, float& x, "
+                  "float g, float* state)`; see docs/policies.md");
+    return has_hyper && has_name && has_state_size && has_prepare && has_update;
+}
+
+template <class S>
+constexpr bool check_schedule_policy() {
+    constexpr bool has_hyper = requires { typename S::hyper; };
+    constexpr bool has_due = requires(const typename S::hyper& h) {
+        { S::due(h, std::uint64_t{}) } -> std::convertible_to<bool>;
+    };
+    static_assert(has_hyper,
+                  "loco: a sync schedule needs a nested `struct hyper`; see docs/schedules.md");
+    static_assert(!has_hyper || has_due,
+                  "loco: a sync schedule needs `static bool due(const hyper&, std::uint64_t "
+                  "calls)`; see docs/schedules.md");
+    return has_hyper && has_due;
+}
+
+}  // namespace detail
+}  // namespace loco

@@ -1,0 +1,276 @@
+// Conformance suite for inner optimizers: every case runs loco::optimizer<Policy> on random data
+// and compares it with the double-precision reference in support/reference.hpp.
+//   * one step at a time from the same state (tight tolerance, every element, every step);
+//   * a whole trajectory without re-synchronising (errors may accumulate, looser tolerance);
+//   * a non-finite gradient is skipped bit-exactly, and raises under nonfinite_policy::raise.
+#include <doctest/doctest.h>
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+
+#include <loco/loco.hpp>
+
+#include <boost/mp11.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+
+// A test case: a policy, its hyper-parameters, and the tolerances for each check.
+template <class Policy>
+struct case_base {
+    using policy = Policy;
+    static constexpr double step_rel_tol = 2e-6;   // one float step vs double
+    static constexpr double trajectory_rel_tol = 1e-4;
+    static constexpr bool check_trajectory = true;
+};
+
+struct adamw_defaults : case_base<loco::inner::adamw> {
+    static constexpr const char* label = "adamw, DiLoCo defaults";
+    static policy::hyper hyper() { return {}; }
+};
+struct adamw_large_lr : case_base<loco::inner::adamw> {
+    static constexpr const char* label = "adamw, lr 1e-2, betas 0.8/0.99, wd 0.01, eps 1e-6";
+    static policy::hyper hyper() {
+        return {.lr = 1e-2f, .beta1 = 0.8f, .beta2 = 0.99f, .eps = 1e-6f, .weight_decay = 0.01f};
+    }
+};
+struct lion_defaults : case_base<loco::inner::lion> {
+    static constexpr const char* label = "lion, paper defaults";
+    static constexpr bool check_trajectory = false;  // sign(): see reference<lion>::ambiguous
+    static policy::hyper hyper() { return {}; }
+};
+struct lion_decay : case_base<loco::inner::lion> {
+    static constexpr const char* label = "lion, lr 3e-4, wd 0.5";
+    static constexpr bool check_trajectory = false;
+    static policy::hyper hyper() { return {.lr = 3e-4f, .weight_decay = 0.5f}; }
+};
+struct sgd_plain : case_base<loco::inner::sgd> {
+    static constexpr const char* label = "sgd, no momentum";
+    static policy::hyper hyper() { return {.lr = 0.05f}; }
+};
+struct sgd_momentum_dampening : case_base<loco::inner::sgd> {
+    static constexpr const char* label = "sgd, momentum 0.9, dampening 0.3, wd 1e-2";
+    static policy::hyper hyper() {
+        return {.lr = 0.01f, .momentum = 0.9f, .dampening = 0.3f, .weight_decay = 1e-2f};
+    }
+};
+struct sgd_nesterov : case_base<loco::inner::sgd> {
+    static constexpr const char* label = "sgd, Nesterov momentum 0.9, wd 1e-3";
+    static policy::hyper hyper() {
+        return {.lr = 0.01f, .momentum = 0.9f, .weight_decay = 1e-3f, .nesterov = true};
+    }
+};
+
+using inner_cases = boost::mp11::mp_list<adamw_defaults, adamw_large_lr, lion_defaults,
+                                         lion_decay, sgd_plain, sgd_momentum_dampening,
+                                         sgd_nesterov>;
+
+// Every built-in inner optimizer satisfies the concept and has at least one case above.
+using builtin_inner = boost::mp11::mp_list<loco::inner::adamw, loco::inner::lion, loco::inner::sgd>;
+template <class P>
+using is_inner = std::bool_constant<loco::inner_optimizer<P>>;
+static_assert(boost::mp11::mp_all_of<builtin_inner, is_inner>::value);
+template <class C>
+using policy_of = typename C::policy;
+template <class P>
+using has_case = boost::mp11::mp_contains<boost::mp11::mp_transform<policy_of, inner_cases>, P>;
+static_assert(boost::mp11::mp_all_of<builtin_inner, has_case>::value,
+              "every built-in inner optimizer needs a conformance case");
+
+template <class Policy>
+bool ambiguous(const typename Policy::hyper& h, double g, const double* s) {
+    if constexpr (requires { reference<Policy>::ambiguous(h, g, s); }) {
+        return reference<Policy>::ambiguous(h, g, s);
+    } else {
+        return false;
+    }
+}
+
+// Three tensors of awkward sizes, so per-tensor offsets into the flat state are exercised.
+struct model {
+    std::vector<std::vector<float>> values;
+    std::vector<std::vector<float>> grads;
+    loco::parameter_list list;
+
+    explicit model(std::mt19937_64& rng) {
+        for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{1000}}) {
+            values.push_back(normal_floats(rng, n));
+            grads.emplace_back(n, 0.0f);
+        }
+        for (std::size_t t = 0; t < values.size(); ++t) {
+            list.add("t" + std::to_string(t), values[t], grads[t]);
+        }
+    }
+    void draw_gradients(std::mt19937_64& rng) {
+        for (auto& g : grads) {
+            const auto fresh = normal_floats(rng, g.size(), 0.5f);
+            std::copy(fresh.begin(), fresh.end(), g.begin());  // in place: the views stay valid
+        }
+    }
+};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("inner optimizer matches its double-precision reference", Case,
+                          inner_conformance) {
+    using P = typename Case::policy;
+    constexpr int S = P::state_size;
+    INFO("case: " << std::string(Case::label));
+    auto rng = rng_for(Case::label);
+    model m(rng);
+    loco::optimizer<P> opt(m.list, {.inner = Case::hyper()});
+    const std::size_t total = m.list.total_elements();
+
+    SUBCASE("one step at a time, from the same state") {
+        std::size_t ambiguous_elements = 0;
+        mismatch_log log;
+        for (std::uint64_t t = 1; t <= 50; ++t) {
+            m.draw_gradients(rng);
+            // The reference starts every step from loco's float state, so only this step's
+            // arithmetic is compared.
+            std::vector<double> p_ref, s_ref(static_cast<std::size_t>(S) * total);
+            std::vector<bool> skip;
+            for (const auto& p : m.list) {
+                for (std::size_t i = 0; i < p.value.size; ++i) {
+                    double s[S > 0 ? S : 1] = {};
+                    for (int j = 0; j < S; ++j) {
+                        s[j] = opt.state(j)[p.offset + i];
+                    }
+                    double x = p.value.data[i];
+                    skip.push_back(ambiguous<P>(Case::hyper(), p.grad.data[i], s));
+                    reference<P>::step(Case::hyper(), x, p.grad.data[i], s, t);
+                    p_ref.push_back(x);
+                    for (int j = 0; j < S; ++j) {
+                        s_ref[static_cast<std::size_t>(j) * total + p.offset + i] = s[j];
+                    }
+                }
+            }
+            REQUIRE(opt.step().applied);
+            REQUIRE(opt.steps() == t);
+            for (const auto& p : m.list) {
+                for (std::size_t i = 0; i < p.value.size; ++i) {
+                    const std::size_t flat = p.offset + i;
+                    if (skip[flat]) {
+                        ++ambiguous_elements;
+                        continue;
+                    }
+                    log.expect_close(p.value.data[i], p_ref[flat], Case::step_rel_tol,
+                                     [&](auto& s) { s << "step " << t << ", " << p.name << "[" << i << "]"; });
+                    for (int j = 0; j < S; ++j) {
+                        const double want = s_ref[static_cast<std::size_t>(j) * total + flat];
+                        log.expect_close(opt.state(j)[flat], want, Case::step_rel_tol, [&](auto& s) {
+                            s << "step " << t << ", state " << j << " of " << p.name << "[" << i << "]";
+                        });
+                    }
+                }
+            }
+        }
+        log.check();
+        // Sign ties are rare; many of them would mean the rule is wrong, not rounding.
+        CHECK(ambiguous_elements <= total / 100);
+    }
+
+    SUBCASE("a 200-step trajectory") {
+        if (!Case::check_trajectory) {
+            return;
+        }
+        std::vector<double> x_ref, s_ref(static_cast<std::size_t>(S) * total, 0.0);
+        for (const auto& p : m.list) {
+            x_ref.insert(x_ref.end(), p.value.data, p.value.data + p.value.size);
+        }
+        for (std::uint64_t t = 1; t <= 200; ++t) {
+            m.draw_gradients(rng);
+            for (const auto& p : m.list) {
+                for (std::size_t i = 0; i < p.value.size; ++i) {
+                    double s[S > 0 ? S : 1];
+                    for (int j = 0; j < S; ++j) {
+                        s[j] = s_ref[static_cast<std::size_t>(j) * total + p.offset + i];
+                    }
+                    reference<P>::step(Case::hyper(), x_ref[p.offset + i], p.grad.data[i], s, t);
+                    for (int j = 0; j < S; ++j) {
+                        s_ref[static_cast<std::size_t>(j) * total + p.offset + i] = s[j];
+                    }
+                }
+            }
+            opt.step();
+        }
+        double worst = 0.0;
+        for (const auto& p : m.list) {
+            for (std::size_t i = 0; i < p.value.size; ++i) {
+                const double want = x_ref[p.offset + i];
+                worst = std::max(worst, std::abs(p.value.data[i] - want) / std::max(1.0, std::abs(want)));
+            }
+        }
+        INFO("worst relative error after 200 steps: " << worst);
+        CHECK(worst <= Case::trajectory_rel_tol);
+    }
+
+    SUBCASE("a non-finite gradient is skipped and leaves everything untouched") {
+        m.draw_gradients(rng);
+        opt.step();
+        const auto values_before = m.values;
+        std::vector<std::vector<float>> state_before;
+        for (int j = 0; j < S; ++j) {
+            state_before.emplace_back(opt.state(j).begin(), opt.state(j).end());
+        }
+        for (const float bad : {std::numeric_limits<float>::quiet_NaN(),
+                                std::numeric_limits<float>::infinity(),
+                                -std::numeric_limits<float>::infinity()}) {
+            m.draw_gradients(rng);
+            m.grads[2][500] = bad;
+            const auto result = opt.step();
+            CHECK_FALSE(result.applied);
+            CHECK(m.values == values_before);
+            for (int j = 0; j < S; ++j) {
+                CHECK(std::vector<float>(opt.state(j).begin(), opt.state(j).end()) ==
+                      state_before[static_cast<std::size_t>(j)]);
+            }
+        }
+        CHECK(opt.steps() == 1);
+        CHECK(opt.skipped_steps() == 3);
+    }
+
+    SUBCASE("nonfinite_policy::raise throws and leaves everything untouched") {
+        loco::optimizer<P> strict(m.list, {.inner = Case::hyper(),
+                                           .on_nonfinite = loco::nonfinite_policy::raise});
+        m.draw_gradients(rng);
+        m.grads[1][3] = std::numeric_limits<float>::quiet_NaN();
+        const auto values_before = m.values;
+        CHECK_THROWS_WITH_AS(strict.step(), doctest::Contains("the gradient of 't1' holds nan at element 3"),
+                             loco::nonfinite_error);
+        CHECK(m.values == values_before);
+        CHECK(strict.steps() == 0);
+    }
+}
+
+TEST_CASE_TEMPLATE_APPLY(inner_conformance, boost::mp11::mp_rename<inner_cases, std::tuple>);
+
+TEST_CASE("inner hyper-parameters are validated") {
+    std::vector<float> w(4), g(4);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    CHECK_THROWS_AS(loco::optimizer<loco::inner::adamw>(list, {.inner = {.lr = -1.0f}}),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(loco::optimizer<loco::inner::adamw>(list, {.inner = {.beta2 = 1.0f}}),
+                    loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(
+        loco::optimizer<loco::inner::sgd>(list, {.inner = {.nesterov = true}}),
+        doctest::Contains("Nesterov momentum requires momentum > 0"), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::optimizer<loco::inner::lion>(list, {.inner = {.beta2 = 1.5f}}),
+                    loco::invalid_argument);
+
+    // A value changed after construction is checked at the next step, before anything moves.
+    loco::optimizer<loco::inner::adamw> opt(list);
+    opt.hyper().eps = -1.0f;
+    CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+    CHECK(opt.steps() == 0);
+}
