@@ -73,20 +73,22 @@ public:
         typename Schedule::hyper schedule{};
         typename Compressor::hyper compress{};
         nonfinite_policy on_nonfinite = nonfinite_policy::skip;
-        // Start every worker from rank 0's parameters (one broadcast in the constructor), as
-        // DiLoCo requires; turn off only when the trainer already guarantees identical starts.
+        // Start every worker from rank 0's parameters, as DiLoCo requires: one broadcast at the
+        // first step() or sync() (not after load()). Turn off only when the trainer already
+        // guarantees identical starts.
         bool broadcast_initial = true;
         // The number of workers this run was planned for; 0 accepts the communicator's size.
         int workers = 0;
     };
 
-    // Collective: every rank of `comm` must construct its handle (the initial broadcast).
+    // Not collective: no communication happens before the first step() or sync().
     diloco(parameter_list params, comm::communicator& comm, config cfg = {})
         : inner_(std::move(params), {cfg.inner, cfg.on_nonfinite}),
           comm_(&comm),
           outer_hyper_(cfg.outer),
           schedule_hyper_(cfg.schedule),
-          compress_hyper_(cfg.compress) {
+          compress_hyper_(cfg.compress),
+          broadcast_initial_(cfg.broadcast_initial) {
         detail::validate_hyper<Outer>(outer_hyper_);
         detail::validate_hyper<Schedule>(schedule_hyper_);
         if (cfg.workers < 0) {
@@ -107,10 +109,6 @@ public:
         const std::size_t total = plist().total_elements();
         global_.resize(total);
         backend::host::gather_values(plist(), global_.data());
-        if (cfg.broadcast_initial && comm.size() > 1) {
-            comm.broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
-            backend::host::scatter_values(global_.data(), plist());
-        }
         outer_state_.assign(static_cast<std::size_t>(Outer::state_size) * total, 0.0f);
         delta_.resize(total);
     }
@@ -119,6 +117,7 @@ public:
     // If the sync throws, the inner update of this call stays applied; sync() may be retried.
     step_result step() {
         detail::validate_hyper<Schedule>(schedule_hyper_);
+        start();
         step_result result = inner_.step();
         ++calls_;
         if (Schedule::due(schedule_hyper_, calls_)) {
@@ -132,6 +131,7 @@ public:
     // unchanged.
     void sync() {
         detail::validate_hyper<Outer>(outer_hyper_);
+        start();
         const std::size_t total = global_.size();
         for (const auto& p : plist()) {
             for (std::size_t i = 0; i < p.value.size; ++i) {
@@ -172,7 +172,8 @@ public:
 
     const parameter_list& params() const noexcept { return plist(); }
     comm::communicator& communicator() const noexcept { return *comm_; }
-    // The global parameters after the last sync, in the flat layout.
+    // The global parameters after the last sync (before the first step: the parameters at
+    // construction), in the flat layout.
     std::span<const float> global() const noexcept { return global_; }
     std::span<const float> inner_state(int j) const { return inner_.state(j); }
     std::span<const float> outer_state(int j) const {
@@ -228,9 +229,26 @@ public:
         skipped_syncs_ = skipped_syncs;
         global_ = std::move(global);
         outer_state_ = std::move(outer_state);
+        started_ = true;
     }
 
 private:
+    // The first step() or sync() takes the global snapshot from the parameters as they are then
+    // (a trainer may initialise them after building the optimizer) and, with broadcast_initial,
+    // gives every worker rank 0's values. load() replaces this with the saved snapshot.
+    void start() {
+        if (started_) {
+            return;
+        }
+        const std::size_t total = global_.size();
+        backend::host::gather_values(plist(), global_.data());
+        if (broadcast_initial_ && comm_->size() > 1) {
+            comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
+            backend::host::scatter_values(global_.data(), plist());
+        }
+        started_ = true;
+    }
+
     const parameter_list& plist() const noexcept { return inner_.params(); }
 
     optimizer<Inner> inner_;
@@ -238,6 +256,8 @@ private:
     typename Outer::hyper outer_hyper_;
     typename Schedule::hyper schedule_hyper_;
     typename Compressor::hyper compress_hyper_;
+    bool broadcast_initial_;
+    bool started_ = false;
     std::vector<float> global_;       // the global parameters after the last sync
     std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout
     std::vector<float> delta_;        // pseudo-gradient workspace

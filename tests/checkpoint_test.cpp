@@ -1,0 +1,268 @@
+// save/load: a resumed run is bit-identical to an uninterrupted one; every truncation and every
+// single-byte corruption of a checkpoint is refused without changing anything; checkpoints of
+// another policy, model, worker count or rank are refused with a sentence naming the difference.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include <loco/loco.hpp>
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+
+// A two-tensor model whose gradients are a fixed function of the step, so two runs can be compared.
+struct model {
+    std::vector<float> a, b, ga, gb;
+    loco::parameter_list list;
+
+    explicit model(const std::string& seed) {
+        auto rng = rng_for(seed);
+        a = normal_floats(rng, 5);
+        b = normal_floats(rng, 11);
+        ga.resize(a.size());
+        gb.resize(b.size());
+        list.add("a", a, ga).add("b", b, gb);
+    }
+    void set_gradients(const std::string& seed, int step) {
+        auto rng = rng_for(seed + "/grad/" + std::to_string(step));
+        const auto g = normal_floats(rng, ga.size() + gb.size());
+        std::copy(g.begin(), g.begin() + std::ptrdiff_t(ga.size()), ga.begin());
+        std::copy(g.begin() + std::ptrdiff_t(ga.size()), g.end(), gb.begin());
+    }
+    std::vector<float> values() const {
+        auto v = a;
+        v.insert(v.end(), b.begin(), b.end());
+        return v;
+    }
+};
+
+template <class Opt>
+std::vector<std::vector<float>> inner_states(const Opt& opt, int count) {
+    std::vector<std::vector<float>> s;
+    for (int j = 0; j < count; ++j) {
+        s.emplace_back(opt.state(j).begin(), opt.state(j).end());
+    }
+    return s;
+}
+
+std::string saved(const auto& opt) {
+    std::ostringstream os;
+    opt.save(os);
+    return os.str();
+}
+
+}  // namespace
+
+TEST_CASE("optimizer: a resumed run is bit-identical to an uninterrupted one") {
+    using opt_t = loco::optimizer<loco::inner::adamw>;
+    model straight("resume optimizer"), resumed("resume optimizer");
+    opt_t a(straight.list, {.inner = {.lr = 1e-2f}});
+    opt_t b(resumed.list, {.inner = {.lr = 1e-2f}});
+    for (int step = 0; step < 10; ++step) {
+        straight.set_gradients("resume optimizer", step);
+        a.step();
+    }
+    const std::string checkpoint = saved(a);
+    const auto values_at_save = straight.values();
+    for (int step = 10; step < 20; ++step) {
+        straight.set_gradients("resume optimizer", step);
+        a.step();
+    }
+    // Resume: the trainer restores its parameters, loco restores the optimizer state.
+    std::copy(values_at_save.begin(), values_at_save.begin() + 5, resumed.a.begin());
+    std::copy(values_at_save.begin() + 5, values_at_save.end(), resumed.b.begin());
+    std::istringstream is(checkpoint);
+    b.load(is);
+    CHECK(b.steps() == 10);
+    for (int step = 10; step < 20; ++step) {
+        resumed.set_gradients("resume optimizer", step);
+        b.step();
+    }
+    CHECK(resumed.values() == straight.values());
+    CHECK(inner_states(b, 2) == inner_states(a, 2));
+    CHECK(b.steps() == a.steps());
+}
+
+TEST_CASE("diloco: two workers resumed mid-round continue bit-identically") {
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    const opt_t::config cfg{.inner = {.lr = 5e-3f}, .schedule = {.every = 3}};
+    std::vector<std::string> checkpoints(2);
+    std::vector<std::vector<float>> values_at_save(2), straight_end(2), resumed_end(2);
+    std::vector<std::vector<float>> straight_global(2), resumed_global(2);
+
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        const std::string seed = "diloco resume/" + std::to_string(r);
+        model mdl(seed);
+        opt_t opt(mdl.list, comm, cfg);
+        for (int step = 0; step < 7; ++step) {  // two syncs, then one step into the third round
+            mdl.set_gradients(seed, step);
+            opt.step();
+        }
+        checkpoints[r] = saved(opt);
+        values_at_save[r] = mdl.values();
+        for (int step = 7; step < 15; ++step) {
+            mdl.set_gradients(seed, step);
+            opt.step();
+        }
+        straight_end[r] = mdl.values();
+        straight_global[r].assign(opt.global().begin(), opt.global().end());
+    });
+
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        const std::string seed = "diloco resume/" + std::to_string(r);
+        model mdl(seed);
+        // The natural order: restore the model, build the optimizer, load its state.
+        std::copy(values_at_save[r].begin(), values_at_save[r].begin() + 5, mdl.a.begin());
+        std::copy(values_at_save[r].begin() + 5, values_at_save[r].end(), mdl.b.begin());
+        opt_t opt(mdl.list, comm, cfg);
+        std::istringstream is(checkpoints[r]);
+        opt.load(is);
+        CHECK(opt.calls() == 7);
+        CHECK(opt.outer_steps() == 2);
+        CHECK(mdl.values() == values_at_save[r]);  // load never touches the model
+        for (int step = 7; step < 15; ++step) {
+            mdl.set_gradients(seed, step);
+            opt.step();
+        }
+        resumed_end[r] = mdl.values();
+        resumed_global[r].assign(opt.global().begin(), opt.global().end());
+    });
+    CHECK(resumed_end == straight_end);
+    CHECK(resumed_global == straight_global);
+}
+
+TEST_CASE("a truncated or corrupted checkpoint is refused and changes nothing") {
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    model mdl("corruption");
+    loco::comm::single comm;
+    opt_t opt(mdl.list, comm, {.schedule = {.every = 2}});
+    for (int step = 0; step < 3; ++step) {
+        mdl.set_gradients("corruption", step);
+        opt.step();
+    }
+    const std::string good = saved(opt);
+    const auto values = mdl.values();
+    const auto global = std::vector<float>(opt.global().begin(), opt.global().end());
+    const auto inner = std::vector<float>(opt.inner_state(1).begin(), opt.inner_state(1).end());
+    const auto outer = std::vector<float>(opt.outer_state(0).begin(), opt.outer_state(0).end());
+    const auto unchanged = [&] {
+        return mdl.values() == values &&
+               std::vector<float>(opt.global().begin(), opt.global().end()) == global &&
+               std::vector<float>(opt.inner_state(1).begin(), opt.inner_state(1).end()) == inner &&
+               std::vector<float>(opt.outer_state(0).begin(), opt.outer_state(0).end()) == outer &&
+               opt.calls() == 3 && opt.outer_steps() == 1 && opt.inner_steps() == 3;
+    };
+
+    std::size_t refused_truncations = 0;
+    for (std::size_t len = 0; len < good.size(); ++len) {
+        std::istringstream is(good.substr(0, len));
+        try {
+            opt.load(is);
+        } catch (const loco::checkpoint_error&) {
+            ++refused_truncations;
+        }
+    }
+    CHECK(refused_truncations == good.size());
+    CHECK(unchanged());
+
+    std::size_t refused_corruptions = 0;
+    for (std::size_t at = 0; at < good.size(); ++at) {
+        std::string bad = good;
+        bad[at] = char(bad[at] ^ 0x5a);
+        std::istringstream is(bad);
+        try {
+            opt.load(is);
+        } catch (const loco::checkpoint_error&) {
+            ++refused_corruptions;
+        }
+    }
+    CHECK(refused_corruptions == good.size());
+    CHECK(unchanged());
+
+    std::istringstream truncated(good.substr(0, good.size() - 20));
+    CHECK_THROWS_WITH_AS(opt.load(truncated), doctest::Contains("checkpoint truncated while reading"),
+                         loco::checkpoint_error);
+    std::string flipped = good;
+    flipped[good.size() - 20] = char(flipped[good.size() - 20] ^ 1);
+    std::istringstream corrupted(flipped);
+    CHECK_THROWS_WITH_AS(opt.load(corrupted), doctest::Contains("checksum mismatch"), loco::checkpoint_error);
+    std::istringstream garbage("this is not a checkpoint at all");
+    CHECK_THROWS_WITH_AS(opt.load(garbage), doctest::Contains("not a loco checkpoint"), loco::checkpoint_error);
+
+    // And the good one still loads.
+    std::istringstream is(good);
+    CHECK_NOTHROW(opt.load(is));
+    CHECK(unchanged());
+}
+
+TEST_CASE("a checkpoint of another policy, model, handle, worker count or rank is refused") {
+    model mdl("mismatch");
+    loco::comm::single comm;
+    loco::optimizer<loco::inner::adamw> adamw(mdl.list);
+    const std::string adamw_state = saved(adamw);
+
+    loco::optimizer<loco::inner::sgd> sgd(mdl.list);
+    std::istringstream s1(adamw_state);
+    CHECK_THROWS_WITH_AS(sgd.load(s1), "loco: checkpoint mismatch in the inner optimizer: saved 'adamw', this optimizer has 'sgd'",
+                         loco::checkpoint_error);
+
+    std::vector<float> c(4), gc(4);
+    loco::parameter_list other = mdl.list;
+    other.add("c", c, gc);
+    loco::optimizer<loco::inner::adamw> bigger(other);
+    std::istringstream s2(adamw_state);
+    CHECK_THROWS_WITH_AS(bigger.load(s2), doctest::Contains("mismatch in the number of parameters: saved 2"),
+                         loco::checkpoint_error);
+
+    loco::diloco<loco::inner::adamw, loco::outer::nesterov> handle(mdl.list, comm);
+    std::istringstream s3(adamw_state);
+    CHECK_THROWS_WITH_AS(handle.load(s3), doctest::Contains("the checkpoint kind: saved 'optimizer'"),
+                         loco::checkpoint_error);
+    loco::diloco<loco::inner::adamw, loco::outer::adam> other_outer(mdl.list, comm);
+    std::istringstream s4(saved(handle));
+    CHECK_THROWS_WITH_AS(other_outer.load(s4), doctest::Contains("the outer optimizer: saved 'outer_nesterov'"),
+                         loco::checkpoint_error);
+
+    // Rank 1's checkpoint on rank 0, and a 2-worker checkpoint in a 3-worker run.
+    std::vector<std::string> per_rank(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        model m2("mismatch");
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(m2.list, threads);
+        per_rank[std::size_t(threads.rank())] = saved(opt);
+    });
+    std::vector<std::string> rank_errors(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        model m2("mismatch");
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(m2.list, threads);
+        std::istringstream is(per_rank[std::size_t(1 - threads.rank())]);
+        try {
+            opt.load(is);
+        } catch (const loco::checkpoint_error& e) {
+            rank_errors[std::size_t(threads.rank())] = e.what();
+        }
+    });
+    CHECK(rank_errors[0].find("the worker rank (each worker loads the checkpoint it saved): saved 1") != std::string::npos);
+    CHECK(rank_errors[1].find("saved 0, this optimizer has 1") != std::string::npos);
+    std::string worker_error;
+    loco::comm::run_threads(3, [&](loco::comm::threads& threads) {
+        model m3("mismatch");
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(m3.list, threads);
+        if (threads.rank() == 0) {
+            std::istringstream is(per_rank[0]);
+            try {
+                opt.load(is);
+            } catch (const loco::checkpoint_error& e) {
+                worker_error = e.what();
+            }
+        }
+    });
+    CHECK(worker_error == "loco: checkpoint mismatch in the number of workers: saved 2, this optimizer has 3");
+}

@@ -1,0 +1,554 @@
+// loco::diloco end to end: the pseudo-gradient sign (torchft), the MaxText two-replica example
+// (algorithms.md section 9 T5), plain averaging, M = 1, the inner state surviving syncs, a
+// four-worker run against a double-precision simulation of the whole algorithm, a policy written
+// in this file (extensibility), and what happens to bad input.
+#include <doctest/doctest.h>
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+
+#include <loco/loco.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+
+// An outer "optimizer" that records the averaged pseudo-gradient in its state and leaves the
+// global parameters alone, to observe exactly what the outer step receives.
+struct record_outer {
+    static constexpr std::string_view name = "record";
+    struct hyper {};
+    static constexpr int state_size = 1;
+    struct scalars {};
+    static scalars prepare(const hyper&, std::uint64_t) { return {}; }
+    static void update(const scalars&, float&, float delta, float* s) { s[0] = delta; }
+};
+
+// A communicator of one rank whose all-reduce doubles its input, like the fake all-reduce of
+// torchft's test_gradient_correctness (two identical workers summed).
+class doubling_comm final : public loco::comm::communicator {
+public:
+    int rank() const noexcept override { return 0; }
+    int size() const noexcept override { return 1; }
+    loco::memory_space space() const noexcept override { return loco::memory_space::host; }
+    std::string_view name() const noexcept override { return "doubling"; }
+    std::uint64_t bytes_sent() const noexcept override { return 0; }
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> data, loco::comm::reduce_op) override {
+        for (std::size_t i = 0; i < data.size; ++i) {
+            data.data[i] *= 2.0f;
+        }
+    }
+    void do_all_gather(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
+    void do_broadcast(loco::tensor_view<std::byte>, int) override {}
+    void do_barrier() override {}
+};
+
+// A communicator whose all-reduce fails, as a dropped link would.
+class broken_comm final : public loco::comm::communicator {
+public:
+    int rank() const noexcept override { return 0; }
+    int size() const noexcept override { return 1; }
+    loco::memory_space space() const noexcept override { return loco::memory_space::host; }
+    std::string_view name() const noexcept override { return "broken"; }
+    std::uint64_t bytes_sent() const noexcept override { return 0; }
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> data, loco::comm::reduce_op) override {
+        if (data.size) {
+            data.data[0] = 12345.0f;  // a collective may scribble on its buffer before failing
+        }
+        throw loco::comm_error("link down");
+    }
+    void do_all_gather(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
+    void do_broadcast(loco::tensor_view<std::byte>, int) override {}
+    void do_barrier() override {}
+};
+
+}  // namespace
+
+TEST_CASE("pseudo-gradient sign: parameters moved by +2, all-reduce doubling, outer gradient -4") {
+    // torchft local_sgd_test.py::test_gradient_correctness (algorithms.md section 9 T2).
+    std::vector<float> w1{1, 2}, w2{3, 4, 5};
+    std::vector<float> g1(2, -2.0f), g2(3, -2.0f);  // inner SGD, lr 1: p -= 1 * (-2), i.e. +2
+    loco::parameter_list list;
+    list.add("w1", w1, g1).add("w2", w2, g2);
+    doubling_comm comm;
+    loco::diloco<loco::inner::sgd, record_outer> opt(list, comm,
+                                                     {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+    const auto result = opt.step();
+    CHECK(result.applied);
+    CHECK(result.synced);
+    for (const float d : opt.outer_state(0)) {
+        CHECK(d == -4.0f);
+    }
+    // The global parameters are unchanged by this outer policy and written back to the model.
+    CHECK(w1 == std::vector<float>{1, 2});
+    CHECK(w2 == std::vector<float>{3, 4, 5});
+
+    // With outer SGD (lr 1) the global parameters descend along -4: they move by +4.
+    loco::diloco<loco::inner::sgd, loco::outer::sgd> sgd(list, comm,
+                                                         {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+    sgd.step();
+    CHECK(w1 == std::vector<float>{5, 6});
+    CHECK(w2 == std::vector<float>{7, 8, 9});
+}
+
+namespace {
+
+// The MaxText example: y = x.w + b, mean squared error over two samples.
+struct replica_data {
+    std::array<std::array<double, 2>, 2> x;
+    std::array<double, 2> y;
+};
+const replica_data maxtext_data[2] = {{{{{0, 1}, {1, 0}}}, {1, 2}}, {{{{1, 0}, {0, 1}}}, {2, 3}}};
+
+double mse(const replica_data& d, const double* w, double b) {
+    double loss = 0;
+    for (int s = 0; s < 2; ++s) {
+        const double e = d.x[s][0] * w[0] + d.x[s][1] * w[1] + b - d.y[s];
+        loss += e * e / 2;
+    }
+    return loss;
+}
+void mse_grad(const replica_data& d, const double* w, double b, double* gw, double& gb) {
+    gw[0] = gw[1] = gb = 0;
+    for (int s = 0; s < 2; ++s) {
+        const double e = d.x[s][0] * w[0] + d.x[s][1] * w[1] + b - d.y[s];
+        gw[0] += e * d.x[s][0];  // d/dw of mean(e^2) over 2 samples: 2 e x / 2
+        gw[1] += e * d.x[s][1];
+        gb += e;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("MaxText DiLoCo example: two replicas, inner SGD 0.1, outer Nesterov 1.0/0.9, H = 3") {
+    // algorithms.md section 9 T5 (MaxText tests/unit/diloco_test.py).
+    std::array<std::array<double, 4>, 2> losses{};  // [rank][step 1..4]
+    std::array<std::array<float, 3>, 2> after_sync{};
+    std::array<std::uint64_t, 2> syncs{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> w{2, 1}, b{1}, gw(2), gb(1);
+        loco::parameter_list list;
+        list.add("w", w, gw).add("b", b, gb);
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            list, comm,
+            {.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f, .momentum = 0.9f}, .schedule = {.every = 3}});
+        for (int step = 0; step < 4; ++step) {
+            const double wd[2] = {w[0], w[1]};
+            losses[r][std::size_t(step)] = mse(maxtext_data[r], wd, b[0]);
+            double g[2], g_b;
+            mse_grad(maxtext_data[r], wd, b[0], g, g_b);
+            gw = {float(g[0]), float(g[1])};
+            gb = {float(g_b)};
+            if (step == 3) {
+                break;  // step 4's loss is computed with the new global parameters
+            }
+            const auto result = opt.step();
+            CHECK(result.synced == (step == 2));
+        }
+        after_sync[r] = {w[0], w[1], b[0]};
+        syncs[r] = opt.outer_steps();
+    });
+    const auto mean_loss = [&](int step) { return (losses[0][std::size_t(step)] + losses[1][std::size_t(step)]) / 2; };
+    CHECK(mean_loss(0) == doctest::Approx(1.0).epsilon(1e-7));
+    CHECK(mean_loss(1) == doctest::Approx(0.65).epsilon(1e-6));
+    CHECK(mean_loss(2) == doctest::Approx(0.4481).epsilon(1e-6));
+    for (const auto& p : after_sync) {
+        CHECK(p[0] == doctest::Approx(1.5345).epsilon(1e-5));
+        CHECK(p[1] == doctest::Approx(1.0494).epsilon(1e-5));
+        CHECK(p[2] == doctest::Approx(0.5839).epsilon(1e-5));
+    }
+    CHECK(after_sync[0] == after_sync[1]);  // both replicas reset to the same global parameters
+    CHECK(mean_loss(3) == doctest::Approx(0.574244).epsilon(1e-6));
+    CHECK(syncs[0] == 1);
+    CHECK(syncs[1] == 1);
+}
+
+TEST_CASE("outer SGD with lr 1 makes the global parameters the mean of the workers'") {
+    const int m = 3;
+    const std::size_t n = 101;
+    std::vector<std::vector<float>> local_before_sync(m), after(m);
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        auto rng = rng_for("averaging/" + std::to_string(r));
+        auto init_rng = rng_for("averaging/init");  // the same start everywhere
+        std::vector<float> p = normal_floats(init_rng, n), g(n);
+        loco::parameter_list list;
+        list.add("p", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm,
+                                                             {.inner = {.lr = 0.1f}, .schedule = {.every = 4}});
+        for (int step = 0; step < 4; ++step) {
+            const auto fresh = normal_floats(rng, n);
+            std::copy(fresh.begin(), fresh.end(), g.begin());
+            if (step == 3) {
+                // The local parameters just before the sync: this step's update, by hand.
+                local_before_sync[r] = p;
+                for (std::size_t i = 0; i < n; ++i) {
+                    local_before_sync[r][i] -= 0.1f * g[i];
+                }
+            }
+            opt.step();
+        }
+        after[r] = p;
+    });
+    mismatch_log log;
+    for (std::size_t i = 0; i < n; ++i) {
+        const double mean = (double(local_before_sync[0][i]) + local_before_sync[1][i] + local_before_sync[2][i]) / 3;
+        for (int r = 0; r < m; ++r) {
+            log.expect_close(after[std::size_t(r)][i], mean, 1e-6, [&](auto& s) { s << "rank " << r << " element " << i; });
+        }
+    }
+    log.check();
+}
+
+TEST_CASE("M = 1: the outer optimizer is a lookahead around the inner one") {
+    auto rng = rng_for("lookahead");
+    const std::size_t n = 64;
+    std::vector<float> p = normal_floats(rng, n), g(n);
+    loco::parameter_list list;
+    list.add("p", p, g);
+    loco::comm::single comm;
+    const loco::inner::adamw::hyper inner{.lr = 1e-2f};
+    const loco::outer::nesterov::hyper outer{.lr = 0.7f, .momentum = 0.9f};
+    loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(list, comm,
+                                                                {.inner = inner, .outer = outer, .schedule = {.every = 5}});
+    // Double simulation: inner AdamW state persists across rounds; each round starts from global.
+    std::vector<double> global(p.begin(), p.end()), local = global, m1(n, 0), v(n, 0), mom(n, 0);
+    for (std::uint64_t t = 1; t <= 20; ++t) {
+        const auto fresh = normal_floats(rng, n);
+        std::copy(fresh.begin(), fresh.end(), g.begin());
+        for (std::size_t i = 0; i < n; ++i) {
+            double s[2] = {m1[i], v[i]};
+            reference<loco::inner::adamw>::step(inner, local[i], g[i], s, t);
+            m1[i] = s[0];
+            v[i] = s[1];
+        }
+        if (t % 5 == 0) {
+            for (std::size_t i = 0; i < n; ++i) {
+                double s[1] = {mom[i]};
+                reference<loco::outer::nesterov>::step(outer, global[i], global[i] - local[i], s, t / 5);
+                mom[i] = s[0];
+                local[i] = global[i];
+            }
+        }
+        opt.step();
+    }
+    CHECK(opt.outer_steps() == 4);
+    CHECK(opt.inner_steps() == 20);
+    mismatch_log log;
+    for (std::size_t i = 0; i < n; ++i) {
+        log.expect_close(p[i], local[i], 1e-4, [&](auto& s) { s << "element " << i; });
+        log.expect_close(opt.global()[i], global[i], 1e-4, [&](auto& s) { s << "global " << i; });
+    }
+    log.check();
+}
+
+TEST_CASE("the inner optimizer state is never reset by a sync") {
+    auto rng = rng_for("inner state kept");
+    const std::size_t n = 32;
+    std::vector<float> p = normal_floats(rng, n), g = normal_floats(rng, n);
+    loco::parameter_list list;
+    list.add("p", p, g);
+    loco::comm::single comm;
+    loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(list, comm, {.schedule = {.every = 1000}});
+    for (int i = 0; i < 3; ++i) {
+        opt.step();
+    }
+    const std::vector<float> m(opt.inner_state(0).begin(), opt.inner_state(0).end());
+    const std::vector<float> v(opt.inner_state(1).begin(), opt.inner_state(1).end());
+    opt.sync();
+    CHECK(std::vector<float>(opt.inner_state(0).begin(), opt.inner_state(0).end()) == m);
+    CHECK(std::vector<float>(opt.inner_state(1).begin(), opt.inner_state(1).end()) == v);
+    CHECK(opt.inner_steps() == 3);  // bias correction goes on from step 4
+    for (const float x : m) {
+        CHECK(x != 0.0f);
+    }
+}
+
+TEST_CASE("four workers: loco::diloco equals a double-precision simulation of DiLoCo") {
+    // Every worker starts from its own random parameters; broadcast_initial gives all of them
+    // rank 0's. Gradients are random per (rank, step). Inner AdamW, outer Nesterov, H = 5.
+    const int m = 4;
+    const std::size_t sizes[] = {3, 50, 200};
+    const std::size_t total = 253;
+    const int steps = 15, every = 5;
+    const loco::inner::adamw::hyper inner{.lr = 3e-3f, .weight_decay = 0.05f};
+    const loco::outer::nesterov::hyper outer{};
+    const auto grads_of = [&](int rank, int step) {
+        auto rng = rng_for("four workers/grad/" + std::to_string(rank) + "/" + std::to_string(step));
+        return normal_floats(rng, total);
+    };
+    const auto init_of = [&](int rank) {
+        auto rng = rng_for("four workers/init/" + std::to_string(rank));
+        return normal_floats(rng, total);
+    };
+    std::vector<std::vector<float>> final_params(m);
+    std::vector<std::uint64_t> bytes(m);
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        std::vector<float> flat = init_of(comm.rank()), grad(total);
+        loco::parameter_list list;
+        std::size_t offset = 0;
+        for (const std::size_t n : sizes) {
+            list.add_views("t" + std::to_string(offset), loco::host_tensor(flat.data() + offset, n),
+                           loco::host_tensor(static_cast<const float*>(grad.data() + offset), n));
+            offset += n;
+        }
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(
+            list, comm, {.inner = inner, .outer = outer, .schedule = {.every = every}});
+        for (int step = 1; step <= steps; ++step) {
+            const auto fresh = grads_of(comm.rank(), step);
+            std::copy(fresh.begin(), fresh.end(), grad.begin());  // in place: the views stay valid
+            opt.step();
+        }
+        final_params[std::size_t(comm.rank())] = flat;
+        bytes[std::size_t(comm.rank())] = comm.bytes_sent();
+    });
+
+    // The simulation, written from algorithms.md section 1.1.
+    const auto start = init_of(0);
+    std::vector<double> global(start.begin(), start.end()), momentum(total, 0.0);
+    std::vector<std::vector<double>> local(m, global), s(m, std::vector<double>(2 * total, 0.0));
+    for (int step = 1; step <= steps; ++step) {
+        for (int r = 0; r < m; ++r) {
+            const auto g = grads_of(r, step);
+            for (std::size_t i = 0; i < total; ++i) {
+                double st[2] = {s[r][i], s[r][total + i]};
+                reference<loco::inner::adamw>::step(inner, local[r][i], g[i], st, std::uint64_t(step));
+                s[r][i] = st[0];
+                s[r][total + i] = st[1];
+            }
+        }
+        if (step % every == 0) {
+            for (std::size_t i = 0; i < total; ++i) {
+                double delta = 0;
+                for (int r = 0; r < m; ++r) {
+                    delta += (global[i] - local[r][i]) / m;
+                }
+                double st[1] = {momentum[i]};
+                reference<loco::outer::nesterov>::step(outer, global[i], delta, st, std::uint64_t(step / every));
+                momentum[i] = st[0];
+                for (int r = 0; r < m; ++r) {
+                    local[r][i] = global[i];
+                }
+            }
+        }
+    }
+    mismatch_log log;
+    for (int r = 0; r < m; ++r) {
+        CHECK(final_params[std::size_t(r)] == final_params[0]);  // bit-identical after the last sync
+        for (std::size_t i = 0; i < total; ++i) {
+            log.expect_close(final_params[std::size_t(r)][i], global[i], 1e-4,
+                             [&](auto& os) { os << "rank " << r << " element " << i; });
+        }
+    }
+    log.check();
+    // Bytes: the initial broadcast from rank 0, then 3 all-reduces of 253 floats.
+    for (int r = 0; r < m; ++r) {
+        const std::size_t chunk = total * std::size_t(r + 1) / m - total * std::size_t(r) / m;
+        const std::uint64_t all_reduce = 4 * (total + (m - 2) * chunk);
+        const std::uint64_t broadcast = r == 0 ? std::uint64_t(m - 1) * 4 * total : 0;
+        CHECK(bytes[std::size_t(r)] == 3 * all_reduce + broadcast);
+    }
+}
+
+TEST_CASE("broadcast_initial = false keeps every worker's own starting point") {
+    std::vector<float> seen(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> p{float(comm.rank() + 1)}, g{0.0f};
+        loco::parameter_list list;
+        list.add("p", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+            list, comm, {.schedule = {.every = 100}, .broadcast_initial = false});
+        opt.step();
+        seen[std::size_t(comm.rank())] = p[0];
+        CHECK(comm.bytes_sent() == 0);
+    });
+    CHECK(seen == std::vector<float>{1.0f, 2.0f});
+}
+
+TEST_CASE("the schedule counts step() calls, so a worker that skips a step still syncs with its peers") {
+    std::vector<loco::step_result> results(2 * 6);
+    std::vector<std::uint64_t> skipped(2), outer(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> p{1.0f, 2.0f}, g{0.5f, 0.5f};
+        loco::parameter_list list;
+        list.add("p", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(list, comm, {.schedule = {.every = 3}});
+        for (int step = 0; step < 6; ++step) {
+            g[1] = (comm.rank() == 1 && step == 1) ? std::numeric_limits<float>::infinity() : 0.5f;
+            results[std::size_t(comm.rank() * 6 + step)] = opt.step();
+        }
+        skipped[std::size_t(comm.rank())] = opt.skipped_steps();
+        outer[std::size_t(comm.rank())] = opt.outer_steps();
+    });
+    for (int r = 0; r < 2; ++r) {
+        for (int step = 0; step < 6; ++step) {
+            const auto& res = results[std::size_t(r * 6 + step)];
+            CHECK(res.synced == (step == 2 || step == 5));
+            CHECK(res.applied == !(r == 1 && step == 1));
+        }
+    }
+    CHECK(skipped == std::vector<std::uint64_t>{0, 1});
+    CHECK(outer == std::vector<std::uint64_t>{2, 2});
+}
+
+TEST_CASE("a non-finite averaged pseudo-gradient: skip discards the round everywhere, raise throws") {
+    for (const auto policy : {loco::nonfinite_policy::skip, loco::nonfinite_policy::raise}) {
+        std::vector<std::vector<float>> after(2);
+        std::vector<std::string> errors(2);
+        std::vector<std::uint64_t> skipped(2);
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> p{1.0f, 2.0f}, g{0.0f, 0.0f};
+            loco::parameter_list list;
+            list.add("p", p, g);
+            loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+                list, comm, {.schedule = {.every = 2}, .on_nonfinite = policy});
+            opt.step();
+            if (comm.rank() == 1) {
+                p[0] = std::numeric_limits<float>::infinity();  // the trainer corrupted its model
+            }
+            try {
+                opt.step();
+            } catch (const loco::nonfinite_error& e) {
+                errors[std::size_t(comm.rank())] = e.what();
+            }
+            after[std::size_t(comm.rank())] = p;
+            skipped[std::size_t(comm.rank())] = opt.skipped_syncs();
+            CHECK(opt.outer_steps() == 0);
+            CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == std::vector<float>{1.0f, 2.0f});
+        });
+        if (policy == loco::nonfinite_policy::skip) {
+            // Every worker goes back to the last global parameters.
+            CHECK(after[0] == std::vector<float>{1.0f, 2.0f});
+            CHECK(after[1] == std::vector<float>{1.0f, 2.0f});
+            CHECK(skipped == std::vector<std::uint64_t>{1, 1});
+        } else {
+            for (const auto& e : errors) {
+                CHECK(e.find("the averaged pseudo-gradient holds -inf at flat element 0") != std::string::npos);
+            }
+            CHECK(after[0] == std::vector<float>{1.0f, 2.0f});  // untouched
+            CHECK(std::isinf(after[1][0]));                      // untouched, still the trainer's
+        }
+    }
+}
+
+TEST_CASE("diloco rejects a communicator of the wrong size and leaves the parameters alone") {
+    std::atomic<int> errors{0};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> p{float(comm.rank())}, g{0.0f};
+        loco::parameter_list list;
+        list.add("p", p, g);
+        try {
+            loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(list, comm, {.workers = 4});
+        } catch (const loco::comm_error& e) {
+            if (std::string(e.what()) ==
+                "loco::diloco: configured for 4 workers but the threads communicator has 2 ranks") {
+                ++errors;
+            }
+        }
+        CHECK(p[0] == float(comm.rank()));
+    });
+    CHECK(errors == 2);
+}
+
+TEST_CASE("a failed sync leaves parameters, global snapshot and outer state unchanged") {
+    std::vector<float> p{1.0f, 2.0f, 3.0f}, g{1.0f, 1.0f, 1.0f};
+    loco::parameter_list list;
+    list.add("p", p, g);
+    broken_comm comm;
+    loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(list, comm,
+                                                               {.inner = {.lr = 0.5f}, .schedule = {.every = 2}});
+    opt.step();
+    CHECK(p == std::vector<float>{0.5f, 1.5f, 2.5f});
+    CHECK_THROWS_WITH_AS(opt.step(), "link down", loco::comm_error);
+    // This call's inner update stays applied; nothing of the failed outer step is.
+    CHECK(p == std::vector<float>{0.0f, 1.0f, 2.0f});
+    CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == std::vector<float>{1.0f, 2.0f, 3.0f});
+    for (const float b : opt.outer_state(0)) {
+        CHECK(b == 0.0f);
+    }
+    CHECK(opt.outer_steps() == 0);
+}
+
+TEST_CASE("diloco validates hyper-parameters and accessor indices") {
+    std::vector<float> p(3), g(3);
+    loco::parameter_list list;
+    list.add("p", p, g);
+    loco::comm::single comm;
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    CHECK_THROWS_WITH_AS(opt_t(list, comm, {.schedule = {.every = 0}}), doctest::Contains("every (H) must be >= 1"),
+                         loco::invalid_argument);
+    CHECK_THROWS_AS(opt_t(list, comm, {.outer = {.momentum = 1.5f}}), loco::invalid_argument);
+    CHECK_THROWS_AS(opt_t(list, comm, {.workers = -1}), loco::invalid_argument);
+    opt_t opt(list, comm);
+    CHECK_THROWS_AS(opt.outer_state(1), loco::invalid_argument);
+    CHECK_THROWS_AS(opt.inner_state(2), loco::invalid_argument);
+    opt.schedule_hyper().every = 0;
+    CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+    CHECK(opt.calls() == 0);
+}
+
+// ---- extensibility: an inner optimizer written here, in one struct, used with no other change --
+
+namespace {
+
+// Adagrad (Duchi et al., 2011): s += g^2; p -= lr * g / (sqrt(s) + eps).
+struct adagrad {
+    static constexpr std::string_view name = "adagrad";
+    struct hyper {
+        float lr = 0.01f;
+        float eps = 1e-10f;
+    };
+    static constexpr int state_size = 1;
+    struct scalars {
+        float lr, eps;
+    };
+    LOCO_HD static scalars prepare(const hyper& h, std::uint64_t) { return {h.lr, h.eps}; }
+    LOCO_HD static void update(const scalars& k, float& p, float g, float* s) {
+        s[0] += g * g;
+        p -= k.lr * g / (loco::math::sqrt(s[0]) + k.eps);
+    }
+};
+static_assert(loco::inner_optimizer<adagrad>);
+
+}  // namespace
+
+TEST_CASE("a user-written inner optimizer plugs into diloco without touching loco") {
+    auto rng = rng_for("adagrad");
+    const std::size_t n = 40;
+    std::vector<float> p = normal_floats(rng, n), g(n);
+    std::vector<double> want(p.begin(), p.end()), acc(n, 0.0);
+    loco::parameter_list list;
+    list.add("p", p, g);
+    loco::comm::single comm;
+    loco::diloco<adagrad, loco::outer::sgd> opt(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1000}});
+    for (int t = 0; t < 25; ++t) {
+        const auto fresh = normal_floats(rng, n);
+        std::copy(fresh.begin(), fresh.end(), g.begin());
+        for (std::size_t i = 0; i < n; ++i) {
+            acc[i] += double(g[i]) * g[i];
+            want[i] -= 0.1 * g[i] / (std::sqrt(acc[i]) + 1e-10);
+        }
+        opt.step();
+    }
+    mismatch_log log;
+    for (std::size_t i = 0; i < n; ++i) {
+        log.expect_close(p[i], want[i], 1e-5, [&](auto& s) { s << "element " << i; });
+    }
+    log.check();
+}

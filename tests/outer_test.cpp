@@ -1,0 +1,188 @@
+// Conformance suite for outer optimizers: the per-element rule that loco::diloco runs at each sync,
+// applied through the host backend to random global parameters and pseudo-gradients, against the
+// double-precision reference in support/reference.hpp. Plus the published first-step values of
+// outer Nesterov.
+#include <doctest/doctest.h>
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+
+#include <loco/loco.hpp>
+
+#include <boost/mp11.hpp>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+
+template <class Policy>
+struct outer_case {
+    using policy = Policy;
+    static constexpr double step_rel_tol = 2e-6;
+    static constexpr double trajectory_rel_tol = 1e-4;
+};
+
+struct averaging : outer_case<loco::outer::sgd> {
+    static constexpr const char* label = "outer sgd, lr 1 (parameter averaging)";
+    static policy::hyper hyper() { return {}; }
+};
+struct outer_sgd_half : outer_case<loco::outer::sgd> {
+    static constexpr const char* label = "outer sgd, lr 0.5";
+    static policy::hyper hyper() { return {.lr = 0.5f}; }
+};
+struct nesterov_diloco : outer_case<loco::outer::nesterov> {
+    static constexpr const char* label = "outer nesterov, DiLoCo defaults";
+    static policy::hyper hyper() { return {}; }
+};
+struct nesterov_maxtext : outer_case<loco::outer::nesterov> {
+    static constexpr const char* label = "outer nesterov, lr 1, momentum 0.9";
+    static policy::hyper hyper() { return {.lr = 1.0f, .momentum = 0.9f}; }
+};
+struct fedadam : outer_case<loco::outer::adam> {
+    static constexpr const char* label = "outer adam, FedAdam defaults";
+    static policy::hyper hyper() { return {}; }
+};
+struct adam_bias_corrected : outer_case<loco::outer::adam> {
+    static constexpr const char* label = "outer adam, bias correction, lr 0.1, tau 1e-6";
+    static policy::hyper hyper() { return {.lr = 0.1f, .tau = 1e-6f, .bias_correction = true}; }
+};
+
+using outer_cases = boost::mp11::mp_list<averaging, outer_sgd_half, nesterov_diloco,
+                                         nesterov_maxtext, fedadam, adam_bias_corrected>;
+
+using builtin_outer =
+    boost::mp11::mp_list<loco::outer::sgd, loco::outer::nesterov, loco::outer::adam>;
+template <class P>
+using is_outer = std::bool_constant<loco::outer_optimizer<P>>;
+static_assert(boost::mp11::mp_all_of<builtin_outer, is_outer>::value);
+template <class C>
+using policy_of = typename C::policy;
+template <class P>
+using has_case = boost::mp11::mp_contains<boost::mp11::mp_transform<policy_of, outer_cases>, P>;
+static_assert(boost::mp11::mp_all_of<builtin_outer, has_case>::value,
+              "every built-in outer optimizer needs a conformance case");
+
+// Runs one outer step of policy P over the whole flat buffer, the way loco::diloco does.
+template <class P>
+void outer_step(const typename P::hyper& h, std::uint64_t t, std::vector<float>& global,
+                const std::vector<float>& delta, std::vector<float>& state) {
+    const auto k = P::prepare(h, t);
+    loco::backend::host::apply<P>(k, global.data(), delta.data(), state.data(), global.size(),
+                                  global.size());
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("outer optimizer matches its double-precision reference", Case,
+                          outer_conformance) {
+    using P = typename Case::policy;
+    constexpr int S = P::state_size;
+    INFO("case: " << std::string(Case::label));
+    auto rng = rng_for(Case::label);
+    const std::size_t n = 1003;
+    std::vector<float> global = normal_floats(rng, n);
+    std::vector<float> state(static_cast<std::size_t>(S) * n, 0.0f);
+
+    SUBCASE("one step at a time, from the same state") {
+        mismatch_log log;
+        for (std::uint64_t t = 1; t <= 30; ++t) {
+            // Pseudo-gradients are parameter differences accumulated over H inner steps: small.
+            const auto delta = normal_floats(rng, n, 0.05f);
+            std::vector<double> x_ref(global.begin(), global.end());
+            std::vector<double> s_ref(state.begin(), state.end());
+            for (std::size_t i = 0; i < n; ++i) {
+                double s[S > 0 ? S : 1] = {};
+                for (int j = 0; j < S; ++j) {
+                    s[j] = s_ref[static_cast<std::size_t>(j) * n + i];
+                }
+                reference<P>::step(Case::hyper(), x_ref[i], delta[i], s, t);
+                for (int j = 0; j < S; ++j) {
+                    s_ref[static_cast<std::size_t>(j) * n + i] = s[j];
+                }
+            }
+            outer_step<P>(Case::hyper(), t, global, delta, state);
+            for (std::size_t i = 0; i < n; ++i) {
+                log.expect_close(global[i], x_ref[i], Case::step_rel_tol,
+                                 [&](auto& s) { s << "step " << t << ", global[" << i << "]"; });
+            }
+            for (std::size_t i = 0; i < state.size(); ++i) {
+                log.expect_close(state[i], s_ref[i], Case::step_rel_tol,
+                                 [&](auto& s) { s << "step " << t << ", state[" << i << "]"; });
+            }
+        }
+        log.check();
+    }
+
+    SUBCASE("a 100-step trajectory") {
+        std::vector<double> x_ref(global.begin(), global.end());
+        std::vector<double> s_ref(state.size(), 0.0);
+        for (std::uint64_t t = 1; t <= 100; ++t) {
+            const auto delta = normal_floats(rng, n, 0.05f);
+            for (std::size_t i = 0; i < n; ++i) {
+                double s[S > 0 ? S : 1] = {};
+                for (int j = 0; j < S; ++j) {
+                    s[j] = s_ref[static_cast<std::size_t>(j) * n + i];
+                }
+                reference<P>::step(Case::hyper(), x_ref[i], delta[i], s, t);
+                for (int j = 0; j < S; ++j) {
+                    s_ref[static_cast<std::size_t>(j) * n + i] = s[j];
+                }
+            }
+            outer_step<P>(Case::hyper(), t, global, delta, state);
+        }
+        mismatch_log log;
+        for (std::size_t i = 0; i < n; ++i) {
+            log.expect_close(global[i], x_ref[i], Case::trajectory_rel_tol,
+                             [&](auto& s) { s << "global[" << i << "]"; });
+        }
+        log.check();
+    }
+}
+
+TEST_CASE_TEMPLATE_APPLY(outer_conformance, boost::mp11::mp_rename<outer_cases, std::tuple>);
+
+TEST_CASE("outer Nesterov: the first step moves by (1 + momentum) * lr * delta") {
+    // algorithms.md section 0: with momentum 0.9 the first outer step is 1.9 * lr * delta.
+    auto rng = rng_for("nesterov first step");
+    const std::size_t n = 257;
+    const loco::outer::nesterov::hyper h{.lr = 0.7f, .momentum = 0.9f};
+    auto global = normal_floats(rng, n);
+    const auto start = global;
+    const auto d1 = normal_floats(rng, n, 0.1f);
+    const auto d2 = normal_floats(rng, n, 0.1f);
+    std::vector<float> state(n, 0.0f);
+
+    outer_step<loco::outer::nesterov>(h, 1, global, d1, state);
+    mismatch_log first;
+    for (std::size_t i = 0; i < n; ++i) {
+        first.expect_close(global[i], double(start[i]) - 1.9 * 0.7 * double(d1[i]), 1e-6,
+                           [&](auto& s) { s << "element " << i; });
+        first.expect_close(state[i], d1[i], 0.0, [&](auto& s) { s << "momentum " << i; });
+    }
+    first.check();
+
+    // Second step by hand: b = 0.9 d1 + d2; x -= 0.7 (d2 + 0.9 b).
+    outer_step<loco::outer::nesterov>(h, 2, global, d2, state);
+    mismatch_log second;
+    for (std::size_t i = 0; i < n; ++i) {
+        const double b = 0.9 * d1[i] + d2[i];
+        const double want = double(start[i]) - 1.9 * 0.7 * d1[i] - 0.7 * (d2[i] + 0.9 * b);
+        second.expect_close(global[i], want, 1e-6, [&](auto& s) { s << "element " << i; });
+    }
+    second.check();
+}
+
+TEST_CASE("outer hyper-parameters are validated") {
+    CHECK_THROWS_AS(loco::outer::nesterov::validate({.momentum = 1.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::outer::nesterov::validate({.lr = -0.1f}), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::outer::adam::validate({.tau = 0.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::outer::sgd::validate({.lr = -1.0f}), loco::invalid_argument);
+    CHECK_NOTHROW(loco::outer::nesterov::validate({}));
+    CHECK_NOTHROW(loco::outer::adam::validate({}));
+}

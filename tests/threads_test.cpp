@@ -1,0 +1,310 @@
+// The threads communicator: every collective for M in {1, 2, 3, 8} against a reference computed in
+// the test from all ranks' inputs, bit-identical results on every rank, bytes counted against the
+// formulas in comm/threads.hpp, and the failure modes (disagreeing ranks, timeouts, aborts, wrong
+// memory space, bad sizes).
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include <loco/comm/single.hpp>
+#include <loco/comm/threads.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+using loco::comm::reduce_op;
+
+// Rank r's input of an all-reduce: drawn from a stream every rank can regenerate, so each rank can
+// compute the expected result itself.
+std::vector<float> rank_input(const std::string& label, int rank, std::size_t n) {
+    auto rng = rng_for(label + "/" + std::to_string(rank));
+    return normal_floats(rng, n);
+}
+
+// Bytes rank r sends in an all-reduce of n floats over m ranks (comm/threads.hpp).
+std::uint64_t all_reduce_bytes(std::size_t n, int m, int r) {
+    const std::size_t chunk = n * std::size_t(r + 1) / std::size_t(m) - n * std::size_t(r) / std::size_t(m);
+    return 4 * (n + (std::size_t(m) - 2) * chunk);
+}
+
+const int world_sizes[] = {1, 2, 3, 8};
+
+}  // namespace
+
+TEST_CASE("threads all_reduce: sum and mean match a double reference, identical on every rank") {
+    for (const int m : world_sizes) {
+        for (const std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t(m - 1 > 0 ? m - 1 : 1),
+                                    std::size_t(m), std::size_t{1000}, std::size_t{1003}}) {
+            for (const reduce_op op : {reduce_op::sum, reduce_op::mean}) {
+                CAPTURE(m);
+                CAPTURE(n);
+                CAPTURE(op == reduce_op::sum ? "sum" : "mean");
+                const std::string label = "all_reduce " + std::to_string(m) + " " + std::to_string(n);
+                std::vector<std::vector<float>> results(static_cast<std::size_t>(m));
+                std::vector<std::uint64_t> bytes(static_cast<std::size_t>(m));
+                loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+                    auto data = rank_input(label, comm.rank(), n);
+                    comm.all_reduce(loco::host_tensor(data.data(), data.size()), op);
+                    results[static_cast<std::size_t>(comm.rank())] = data;
+                    bytes[static_cast<std::size_t>(comm.rank())] = comm.bytes_sent();
+                });
+                // Reference in double from every rank's input.
+                std::vector<double> want(n, 0.0);
+                std::vector<double> magnitude(n, 0.0);
+                for (int r = 0; r < m; ++r) {
+                    const auto in = rank_input(label, r, n);
+                    for (std::size_t i = 0; i < n; ++i) {
+                        want[i] += in[i];
+                        magnitude[i] += std::abs(double(in[i]));
+                    }
+                }
+                std::size_t bad = 0;
+                for (std::size_t i = 0; i < n; ++i) {
+                    const double scale = op == reduce_op::mean ? 1.0 / m : 1.0;
+                    // Float summation of m terms: within m units of rounding of the magnitudes.
+                    const double tol = 1.2e-7 * m * magnitude[i] * scale + 1e-30;
+                    if (std::abs(results[0][i] - want[i] * scale) > tol) {
+                        ++bad;
+                    }
+                }
+                CHECK(bad == 0);
+                for (int r = 1; r < m; ++r) {
+                    CHECK(std::memcmp(results[0].data(), results[static_cast<std::size_t>(r)].data(),
+                                      n * sizeof(float)) == 0);
+                }
+                for (int r = 0; r < m; ++r) {
+                    CHECK(bytes[static_cast<std::size_t>(r)] == all_reduce_bytes(n, m, r));
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("threads all_reduce: integer-valued data sums exactly, and volume is the ring formula") {
+    for (const int m : world_sizes) {
+        CAPTURE(m);
+        const std::size_t n = 8 * 3 * 5 * 7;  // divisible by every world size tested
+        std::vector<std::uint64_t> bytes(static_cast<std::size_t>(m));
+        std::atomic<int> wrong{0};
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            std::vector<float> data(n);
+            for (std::size_t i = 0; i < n; ++i) {
+                data[i] = float(comm.rank() + 1) * float(i % 17);
+            }
+            comm.all_reduce(loco::host_tensor(data.data(), n), reduce_op::sum);
+            const float ranks_sum = float(m * (m + 1) / 2);
+            for (std::size_t i = 0; i < n; ++i) {
+                if (data[i] != ranks_sum * float(i % 17)) {
+                    ++wrong;
+                }
+            }
+            bytes[static_cast<std::size_t>(comm.rank())] = comm.bytes_sent();
+        });
+        CHECK(wrong == 0);
+        for (const auto b : bytes) {
+            CHECK(b == 2 * std::uint64_t(m - 1) * 4 * n / std::uint64_t(m));
+        }
+    }
+}
+
+TEST_CASE("threads all_gather, broadcast and barrier") {
+    for (const int m : world_sizes) {
+        CAPTURE(m);
+        const std::size_t len = 37;
+        std::atomic<int> wrong{0};
+        std::atomic<int> arrived{0};
+        std::vector<std::uint64_t> bytes(static_cast<std::size_t>(m));
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto pattern = [](int rank, std::size_t i) { return std::byte((rank * 31 + int(i)) & 0xff); };
+            // all_gather: rank k's bytes land at k * len.
+            std::vector<std::byte> send(len), recv(len * std::size_t(m));
+            for (std::size_t i = 0; i < len; ++i) {
+                send[i] = pattern(comm.rank(), i);
+            }
+            comm.all_gather({send.data(), len, 0, 0, loco::memory_space::host},
+                            {recv.data(), recv.size(), 0, 0, loco::memory_space::host});
+            for (int k = 0; k < m; ++k) {
+                for (std::size_t i = 0; i < len; ++i) {
+                    if (recv[std::size_t(k) * len + i] != pattern(k, i)) {
+                        ++wrong;
+                    }
+                }
+            }
+            // broadcast from every root in turn.
+            for (int root = 0; root < m; ++root) {
+                std::vector<std::byte> data(len);
+                for (std::size_t i = 0; i < len; ++i) {
+                    data[i] = pattern(comm.rank() + 100, i);
+                }
+                comm.broadcast({data.data(), len, 0, 0, loco::memory_space::host}, root);
+                for (std::size_t i = 0; i < len; ++i) {
+                    if (data[i] != pattern(root + 100, i)) {
+                        ++wrong;
+                    }
+                }
+            }
+            // barrier: nobody leaves before everybody arrived.
+            for (int round = 1; round <= 3; ++round) {
+                ++arrived;
+                comm.barrier();
+                if (arrived.load() < round * m) {
+                    ++wrong;
+                }
+                comm.barrier();
+            }
+            bytes[static_cast<std::size_t>(comm.rank())] = comm.bytes_sent();
+        });
+        CHECK(wrong == 0);
+        // all_gather: (m-1) * len per rank; broadcast: (m-1) * len from each root, once per rank.
+        for (const auto b : bytes) {
+            CHECK(b == 2 * std::uint64_t(m - 1) * len);
+        }
+    }
+}
+
+TEST_CASE("threads: ranks that disagree on a collective all get the same clear error") {
+    std::vector<std::string> messages(2);
+    std::atomic<int> recovered{0};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> data(comm.rank() == 0 ? 10 : 12, 1.0f);
+        try {
+            comm.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::mean);
+        } catch (const loco::comm_error& e) {
+            messages[static_cast<std::size_t>(comm.rank())] = e.what();
+        }
+        // Nothing moved and the group is still usable.
+        if (data == std::vector<float>(data.size(), 1.0f)) {
+            std::vector<float> ok(4, float(comm.rank()));
+            comm.all_reduce(loco::host_tensor(ok.data(), ok.size()), reduce_op::sum);
+            if (ok == std::vector<float>(4, 1.0f)) {
+                ++recovered;
+            }
+        }
+    });
+    for (const auto& msg : messages) {
+        CHECK(msg.find("ranks disagree on the collective: rank 0 called all_reduce (mean) of 10 "
+                       "floats, rank 1 called all_reduce (mean) of 12 floats") != std::string::npos);
+    }
+    CHECK(recovered == 2);
+
+    std::atomic<int> errors{0};
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        std::vector<std::byte> b(8);
+        try {
+            if (comm.rank() == 2) {
+                comm.barrier();
+            } else {
+                comm.broadcast({b.data(), b.size(), 0, 0, loco::memory_space::host}, 0);
+            }
+        } catch (const loco::comm_error& e) {
+            if (std::string(e.what()).find("called broadcast of 8 bytes from root 0, rank 2 called barrier") !=
+                std::string::npos) {
+                ++errors;
+            }
+        }
+    });
+    CHECK(errors == 3);
+}
+
+TEST_CASE("threads: two ranks passing the same buffer is refused") {
+    std::vector<float> shared(16, 1.0f);
+    std::atomic<int> errors{0};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        try {
+            comm.all_reduce(loco::host_tensor(shared.data(), shared.size()), reduce_op::sum);
+        } catch (const loco::comm_error& e) {
+            if (std::string(e.what()).find("passed the same buffer") != std::string::npos) {
+                ++errors;
+            }
+        }
+    });
+    CHECK(errors == 2);
+    CHECK(shared == std::vector<float>(16, 1.0f));
+}
+
+TEST_CASE("threads: a peer that never arrives times out instead of hanging") {
+    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(100));
+    loco::comm::threads rank0(group, 0);
+    std::vector<float> data(8, 2.0f);
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_THROWS_WITH_AS(rank0.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::sum),
+                         doctest::Contains("rank 0 waited 100 ms for its peers; only 1 of 2 ranks arrived"),
+                         loco::comm_error);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+    CHECK(data == std::vector<float>(8, 2.0f));
+    // The group is aborted: every later call fails at once.
+    CHECK(group->aborted());
+    CHECK_THROWS_WITH_AS(rank0.barrier(), doctest::Contains("aborted"), loco::comm_error);
+}
+
+TEST_CASE("run_threads: a failing rank aborts its peers and its own exception is rethrown") {
+    const auto start = std::chrono::steady_clock::now();
+    std::atomic<int> peers_released{0};
+    CHECK_THROWS_WITH_AS(
+        loco::comm::run_threads(
+            4,
+            [&](loco::comm::threads& comm) {
+                if (comm.rank() == 2) {
+                    throw std::runtime_error("rank 2 lost its data");
+                }
+                std::vector<float> data(8, 1.0f);
+                try {
+                    comm.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::sum);
+                } catch (const loco::comm_error&) {
+                    ++peers_released;
+                    throw;
+                }
+            },
+            std::chrono::seconds(60)),
+        "rank 2 lost its data", std::runtime_error);
+    CHECK(peers_released == 3);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(30));
+}
+
+TEST_CASE("communicator arguments are checked before anything moves") {
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> data(4, 1.0f);
+        CHECK_THROWS_WITH_AS(comm.all_reduce(loco::cuda_tensor(data.data(), data.size()), reduce_op::sum),
+                             doctest::Contains("got a buffer in cuda memory but this communicator moves host memory"),
+                             loco::memory_space_error);
+        std::vector<std::byte> send(4), recv(7);
+        CHECK_THROWS_WITH_AS(comm.all_gather({send.data(), 4, 0, 0, loco::memory_space::host},
+                                             {recv.data(), 7, 0, 0, loco::memory_space::host}),
+                             doctest::Contains("the receive buffer holds 7 bytes but 2 ranks x 4 bytes"),
+                             loco::shape_error);
+        CHECK_THROWS_AS(comm.broadcast({send.data(), 4, 0, 0, loco::memory_space::host}, 2),
+                        loco::invalid_argument);
+        CHECK_THROWS_AS(comm.all_reduce(loco::host_tensor(static_cast<float*>(nullptr), 3), reduce_op::sum),
+                        loco::invalid_argument);
+        // Argument errors are local: the group is still healthy.
+        comm.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::sum);
+        CHECK(data == std::vector<float>(4, 2.0f));
+    });
+    CHECK_THROWS_AS(loco::comm::thread_group(0), loco::invalid_argument);
+    auto group = std::make_shared<loco::comm::thread_group>(2);
+    CHECK_THROWS_AS(loco::comm::threads(group, 2), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::threads(nullptr, 0), loco::invalid_argument);
+}
+
+TEST_CASE("comm::single is the identity and sends nothing") {
+    loco::comm::single comm;
+    std::vector<float> data{1.0f, -2.0f, 3.5f};
+    comm.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::mean);
+    CHECK(data == std::vector<float>{1.0f, -2.0f, 3.5f});
+    std::vector<std::byte> send{std::byte{1}, std::byte{2}}, recv(2);
+    comm.all_gather({send.data(), 2, 0, 0, loco::memory_space::host},
+                    {recv.data(), 2, 0, 0, loco::memory_space::host});
+    CHECK(recv == send);
+    comm.barrier();
+    CHECK(comm.bytes_sent() == 0);
+    CHECK(comm.size() == 1);
+    CHECK(comm.rank() == 0);
+}
