@@ -44,9 +44,10 @@ struct tensor_view {
     constexpr std::size_t size_bytes() const noexcept { return size * sizeof(T); }
 
     // A view of mutable elements converts to a view of const elements, as T* to const T* does.
-    constexpr operator tensor_view<const T>() const noexcept
-        requires(!std::is_const_v<T>)
-    {
+    // (A template, so that no conversion of a const view to itself is ever declared.)
+    template <class U>
+        requires(std::is_same_v<U, const T> && !std::is_const_v<T>)
+    constexpr operator tensor_view<U>() const noexcept {
         return {data, size, rows, cols, space};
     }
 };

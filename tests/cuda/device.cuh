@@ -1,0 +1,57 @@
+#pragma once
+// GPU test support: device detection for skips, checked CUDA calls, and a device buffer.
+
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace loco_test {
+
+// True when a CUDA device is usable; `why` says why not otherwise.
+inline bool gpu_available(std::string* why = nullptr) {
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        if (why) {
+            *why = err != cudaSuccess ? cudaGetErrorString(err) : "no CUDA device";
+        }
+        return false;
+    }
+    return true;
+}
+
+inline void check_cuda(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) {
+        throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+    }
+}
+
+template <class T>
+class device_buffer {
+public:
+    explicit device_buffer(const std::vector<T>& host) : n_(host.size()) {
+        check_cuda(cudaMalloc(&ptr_, bytes()), "cudaMalloc");
+        check_cuda(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    }
+    ~device_buffer() { cudaFree(ptr_); }
+    device_buffer(const device_buffer&) = delete;
+    device_buffer& operator=(const device_buffer&) = delete;
+
+    T* get() const { return ptr_; }
+    std::vector<T> to_host() const {
+        std::vector<T> out(n_);
+        check_cuda(cudaMemcpy(out.data(), ptr_, bytes(), cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+        return out;
+    }
+
+private:
+    std::size_t bytes() const { return n_ * sizeof(T) + (n_ == 0 ? 1 : 0); }
+    T* ptr_ = nullptr;
+    std::size_t n_;
+};
+
+}  // namespace loco_test
