@@ -160,9 +160,14 @@ public:
         backend::host::scatter_values(global_.data(), plist());
     }
 
+    // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
+    // validated again before they are used.
     typename Inner::hyper& inner_hyper() noexcept { return inner_.hyper(); }
+    const typename Inner::hyper& inner_hyper() const noexcept { return inner_.hyper(); }
     typename Outer::hyper& outer_hyper() noexcept { return outer_hyper_; }
+    const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
     typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
+    const typename Schedule::hyper& schedule_hyper() const noexcept { return schedule_hyper_; }
 
     std::uint64_t calls() const noexcept { return calls_; }          // step() calls
     std::uint64_t inner_steps() const noexcept { return inner_.steps(); }
