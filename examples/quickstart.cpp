@@ -4,6 +4,7 @@
 
 #include <loco/loco.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -19,7 +20,7 @@ int main() {
                            .schedule = {.every = 10}});
         for (int step = 0; step < 500; ++step) {
             float loss = 0.0f;  // mean squared error on this worker's 8 points of y = 3x - 1
-            grad = {0.0f, 0.0f};
+            std::fill(grad.begin(), grad.end(), 0.0f);
             for (int i = 0; i < 8; ++i) {
                 const float x = 0.25f * static_cast<float>(2 * i + comm.rank());
                 const float r = w[0] * x + w[1] - (3.0f * x - 1.0f);

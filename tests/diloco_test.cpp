@@ -310,6 +310,7 @@ TEST_CASE("four workers: loco::diloco equals a double-precision simulation of Di
         }
         loco::diloco<loco::inner::adamw, loco::outer::nesterov> opt(
             list, comm, {.inner = inner, .outer = outer, .schedule = {.every = every}});
+        opt.start();  // every worker holds rank 0's parameters before its first gradient
         for (int step = 1; step <= steps; ++step) {
             const auto fresh = grads_of(comm.rank(), step);
             std::copy(fresh.begin(), fresh.end(), grad.begin());  // in place: the views stay valid
@@ -551,4 +552,53 @@ TEST_CASE("a user-written inner optimizer plugs into diloco without touching loc
         log.expect_close(p[i], want[i], 1e-5, [&](auto& s) { s << "element " << i; });
     }
     log.check();
+}
+
+TEST_CASE("workers that start from different parameters: start() aligns them before any gradient") {
+    // With start() before the first forward pass every worker's first gradient is taken at rank
+    // 0's parameters and applied; without it, a worker whose parameters the first step() moved
+    // does not apply the gradient it computed at its old parameters.
+    for (const bool explicit_start : {true, false}) {
+        CAPTURE(explicit_start);
+        std::vector<std::vector<float>> after(2);
+        std::vector<int> applied(2);
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> p{float(comm.rank() + 1)}, g{0.0f};
+            loco::parameter_list list;
+            list.add("p", p, g);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm,
+                                                                 {.inner = {.lr = 0.5f}, .schedule = {.every = 100}});
+            if (explicit_start) {
+                CHECK(opt.start() == (comm.rank() == 1));
+                CHECK_FALSE(opt.start());  // once only
+            }
+            g[0] = p[0];  // the gradient of p^2 / 2, at the parameters this worker has now
+            applied[std::size_t(comm.rank())] = opt.step().applied ? 1 : 0;
+            after[std::size_t(comm.rank())] = p;
+        });
+        if (explicit_start) {
+            CHECK(applied == std::vector<int>{1, 1});
+            CHECK(after[0] == std::vector<float>{0.5f});
+            CHECK(after[1] == std::vector<float>{0.5f});
+        } else {
+            CHECK(applied == std::vector<int>{1, 0});
+            CHECK(after[0] == std::vector<float>{0.5f});
+            CHECK(after[1] == std::vector<float>{1.0f});  // rank 0's start, its own gradient unused
+        }
+    }
+}
+
+TEST_CASE("a refused first step leaves the parameters exactly as the trainer set them") {
+    std::vector<float> seen(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> p{float(comm.rank() + 1)}, g{std::numeric_limits<float>::quiet_NaN()};
+        loco::parameter_list list;
+        list.add("p", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+            list, comm, {.on_nonfinite = loco::nonfinite_policy::raise});
+        CHECK_THROWS_AS(opt.step(), loco::nonfinite_error);
+        seen[std::size_t(comm.rank())] = p[0];
+        CHECK(comm.bytes_sent() == 0);  // the initial broadcast did not run either
+    });
+    CHECK(seen == std::vector<float>{1.0f, 2.0f});
 }

@@ -9,7 +9,8 @@
 #include <cstdio>
 
 int main(int argc, char** argv) {
-    std::printf("loco %s tests, random seed %llu (LOCO_TEST_SEED=%llu repeats this run)\n",
+    // stderr: doctest_discover_tests parses stdout of --list-test-cases.
+    std::fprintf(stderr, "loco %s tests, random seed %llu (LOCO_TEST_SEED=%llu repeats this run)\n",
                 LOCO_VERSION_STRING,
                 static_cast<unsigned long long>(loco_test::process_seed()),
                 static_cast<unsigned long long>(loco_test::process_seed()));

@@ -76,9 +76,9 @@ TEST_CASE("threads all_reduce: sum and mean match a double reference, identical 
                     }
                 }
                 CHECK(bad == 0);
-                for (int r = 1; r < m; ++r) {
-                    CHECK(std::memcmp(results[0].data(), results[static_cast<std::size_t>(r)].data(),
-                                      n * sizeof(float)) == 0);
+                for (int r = 1; r < m; ++r) {  // bit-identical (memcmp also tells -0 from +0)
+                    CHECK((n == 0 || std::memcmp(results[0].data(), results[static_cast<std::size_t>(r)].data(),
+                                                 n * sizeof(float)) == 0));
                 }
                 for (int r = 0; r < m; ++r) {
                     CHECK(bytes[static_cast<std::size_t>(r)] == all_reduce_bytes(n, m, r));
@@ -307,4 +307,28 @@ TEST_CASE("comm::single is the identity and sends nothing") {
     CHECK(comm.bytes_sent() == 0);
     CHECK(comm.size() == 1);
     CHECK(comm.rank() == 0);
+}
+
+TEST_CASE("threads all_gather in place, and a partially overlapping send buffer is refused") {
+    std::atomic<int> wrong{0};
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        std::vector<std::byte> buf(3 * 4, std::byte{0});
+        const std::size_t own = std::size_t(comm.rank()) * 4;
+        for (std::size_t i = 0; i < 4; ++i) {
+            buf[own + i] = std::byte(comm.rank() * 10 + int(i));
+        }
+        comm.all_gather({buf.data() + own, 4, 0, 0, loco::memory_space::host},
+                        {buf.data(), buf.size(), 0, 0, loco::memory_space::host});
+        for (int k = 0; k < 3; ++k) {
+            for (std::size_t i = 0; i < 4; ++i) {
+                if (buf[std::size_t(k) * 4 + i] != std::byte(k * 10 + int(i))) {
+                    ++wrong;
+                }
+            }
+        }
+        CHECK_THROWS_WITH_AS(comm.all_gather({buf.data() + own + 1, 4, 0, 0, loco::memory_space::host},
+                                             {buf.data(), buf.size(), 0, 0, loco::memory_space::host}),
+                             doctest::Contains("overlaps the receive buffer"), loco::invalid_argument);
+    });
+    CHECK(wrong == 0);
 }

@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <istream>
 #include <ostream>
 #include <span>
@@ -33,14 +34,14 @@ namespace detail {
 template <class>
 inline constexpr bool dependent_false = false;
 
-// How the pseudo-gradients of all workers become one average. The primary template only fails;
-// each compressor provides a specialization.
+// How the pseudo-gradients of all workers become one average. Each compressor provides a
+// specialization with a static average(); the primary template is empty, so that diloco can tell
+// a compressor from any other type.
 template <class Compressor>
-struct pseudo_gradient_exchange {
-    static_assert(dependent_false<Compressor>,
-                  "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
-                  "docs/compressors.md");
-};
+struct pseudo_gradient_exchange {};
+
+template <class Compressor>
+concept has_exchange = requires { &pseudo_gradient_exchange<Compressor>::average; };
 
 template <>
 struct pseudo_gradient_exchange<compress::none> {
@@ -55,6 +56,9 @@ struct pseudo_gradient_exchange<compress::none> {
 template <class Inner, class Outer, class Compressor = compress::none,
           class Schedule = schedule::every>
 class diloco {
+    static_assert(detail::has_exchange<Compressor>,
+                  "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
+                  "docs/compressors.md");
     static_assert(detail::check_elementwise_policy<Inner>());
     static_assert(detail::check_elementwise_policy<Outer>());
     static_assert(detail::check_schedule_policy<Schedule>());
@@ -73,15 +77,15 @@ public:
         typename Schedule::hyper schedule{};
         typename Compressor::hyper compress{};
         nonfinite_policy on_nonfinite = nonfinite_policy::skip;
-        // Start every worker from rank 0's parameters, as DiLoCo requires: one broadcast at the
-        // first step() or sync() (not after load()). Turn off only when the trainer already
-        // guarantees identical starts.
+        // Start every worker from rank 0's parameters, as DiLoCo requires: one broadcast in
+        // start() (not after load()). Turn off only when the trainer already guarantees
+        // identical starts.
         bool broadcast_initial = true;
         // The number of workers this run was planned for; 0 accepts the communicator's size.
         int workers = 0;
     };
 
-    // Not collective: no communication happens before the first step() or sync().
+    // Not collective: no communication happens before start() (or the first step() or sync()).
     diloco(parameter_list params, comm::communicator& comm, config cfg = {})
         : inner_(std::move(params), {cfg.inner, cfg.on_nonfinite}),
           comm_(&comm),
@@ -113,12 +117,43 @@ public:
         delta_.resize(total);
     }
 
+    // Collective, once: takes the global snapshot from the parameters as they are now and, with
+    // broadcast_initial, gives every worker rank 0's values. Call it after initialising the model
+    // and before the first forward pass; otherwise the first step() or sync() calls it. Does
+    // nothing after load(), which restores the saved snapshot. Returns true when it changed this
+    // worker's parameters.
+    bool start() {
+        if (started_) {
+            return false;
+        }
+        const std::size_t total = global_.size();
+        backend::host::gather_values(plist(), global_.data());
+        bool moved = false;
+        if (broadcast_initial_ && comm_->size() > 1) {
+            delta_ = global_;  // this worker's own values, to tell whether the broadcast moved them
+            comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
+            moved = std::memcmp(delta_.data(), global_.data(), total * sizeof(float)) != 0;
+            backend::host::scatter_values(global_.data(), plist());
+        }
+        started_ = true;
+        return moved;
+    }
+
     // Inner step from the current gradients, then an outer sync if the schedule is due.
     // If the sync throws, the inner update of this call stays applied; sync() may be retried.
     step_result step() {
         detail::validate_hyper<Schedule>(schedule_hyper_);
-        start();
-        step_result result = inner_.step();
+        const bool ready = inner_.ready_to_step();  // may throw; nothing has changed yet
+        // A gradient computed before this worker received rank 0's parameters belongs to other
+        // parameters: it is not applied (call start() before the first forward pass to avoid it).
+        const bool moved = start();
+        step_result result;
+        if (ready && !moved) {
+            inner_.apply_update();
+            result.applied = true;
+        } else {
+            ++inner_.skipped_;
+        }
         ++calls_;
         if (Schedule::due(schedule_hyper_, calls_)) {
             sync();
@@ -168,6 +203,8 @@ public:
     const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
     typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
     const typename Schedule::hyper& schedule_hyper() const noexcept { return schedule_hyper_; }
+    typename Compressor::hyper& compress_hyper() noexcept { return compress_hyper_; }
+    const typename Compressor::hyper& compress_hyper() const noexcept { return compress_hyper_; }
 
     std::uint64_t calls() const noexcept { return calls_; }          // step() calls
     std::uint64_t inner_steps() const noexcept { return inner_.steps(); }
@@ -238,21 +275,6 @@ public:
     }
 
 private:
-    // The first step() or sync() takes the global snapshot from the parameters as they are then
-    // (a trainer may initialise them after building the optimizer) and, with broadcast_initial,
-    // gives every worker rank 0's values. load() replaces this with the saved snapshot.
-    void start() {
-        if (started_) {
-            return;
-        }
-        const std::size_t total = global_.size();
-        backend::host::gather_values(plist(), global_.data());
-        if (broadcast_initial_ && comm_->size() > 1) {
-            comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
-            backend::host::scatter_values(global_.data(), plist());
-        }
-        started_ = true;
-    }
 
     const parameter_list& plist() const noexcept { return inner_.params(); }
 

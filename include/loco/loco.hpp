@@ -1,5 +1,5 @@
 #pragma once
-// Everything loco offers that a host C++20 compiler can build. CUDA code adds <loco/cuda.hpp>.
+// Everything loco offers; a host C++20 compiler builds all of it.
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>

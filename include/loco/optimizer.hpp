@@ -52,25 +52,18 @@ public:
         : params_(std::move(params)), cfg_(cfg) {
         detail::validate_hyper<Inner>(cfg_.inner);
         params_.check_no_overlap();
-        require_host_memory(params_, "loco::optimizer");
+        require_host_memory(params_);
         state_.assign(static_cast<std::size_t>(Inner::state_size) * params_.total_elements(), 0.0f);
     }
 
     // One update of every parameter from its gradient. Returns {applied = false} when a gradient
     // is not finite under nonfinite_policy::skip.
     step_result step() {
-        detail::validate_hyper<Inner>(cfg_.inner);
-        if (cfg_.on_nonfinite != nonfinite_policy::ignore && !gradients_finite()) {
+        if (!ready_to_step()) {
             ++skipped_;
             return {false, false};
         }
-        const auto k = Inner::prepare(cfg_.inner, steps_ + 1);
-        const std::size_t total = params_.total_elements();
-        for (const auto& p : params_) {
-            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state_.data() + p.offset,
-                                        total, p.value.size);
-        }
-        ++steps_;
+        apply_update();
         return {true, false};
     }
 
@@ -79,7 +72,9 @@ public:
     nonfinite_policy on_nonfinite() const noexcept { return cfg_.on_nonfinite; }
 
     std::uint64_t steps() const noexcept { return steps_; }             // updates applied
-    std::uint64_t skipped_steps() const noexcept { return skipped_; }   // non-finite skips
+    // Steps not applied: a non-finite gradient under nonfinite_policy::skip (and, in
+    // loco::diloco, a first gradient computed before the worker received rank 0's parameters).
+    std::uint64_t skipped_steps() const noexcept { return skipped_; }
     const parameter_list& params() const noexcept { return params_; }
 
     // State array j (0 <= j < Inner::state_size) over the flat layout of all parameters.
@@ -116,11 +111,11 @@ private:
         std::vector<float> state;
     };
 
-    static void require_host_memory(const parameter_list& params, const char* who) {
+    static void require_host_memory(const parameter_list& params) {
         for (const auto& p : params) {
             if (p.value.space != memory_space::host) {
                 throw memory_space_error(
-                    std::string(who) + ": parameter '" + p.name + "' is in " +
+                    "loco: parameter '" + p.name + "' is in " +
                     std::string(to_string(p.value.space)) +
                     " memory, but this build of loco runs the optimizer on the host; "
                     "pass host tensors");
@@ -133,6 +128,23 @@ private:
             throw invalid_argument(std::string("loco: ") + what + " index " + std::to_string(j) +
                                    " is outside [0, " + std::to_string(state_size) + ")");
         }
+    }
+
+    // Everything that can refuse a step, before anything changes: the hyper-parameters, and the
+    // gradients under the non-finite policy. False means "skip this step".
+    bool ready_to_step() {
+        detail::validate_hyper<Inner>(cfg_.inner);
+        return cfg_.on_nonfinite == nonfinite_policy::ignore || gradients_finite();
+    }
+
+    void apply_update() {
+        const auto k = Inner::prepare(cfg_.inner, steps_ + 1);
+        const std::size_t total = params_.total_elements();
+        for (const auto& p : params_) {
+            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state_.data() + p.offset,
+                                        total, p.value.size);
+        }
+        ++steps_;
     }
 
     bool gradients_finite() {

@@ -18,6 +18,45 @@
 
 namespace loco {
 
+namespace detail {
+
+// One message per mistake, each check assuming the previous ones passed (as in policy.hpp).
+template <class Value, class Grad>
+constexpr bool check_parameter() {
+    using value_type = std::remove_reference_t<Value>;
+    using grad_type = std::remove_reference_t<Grad>;
+    constexpr bool tensors = tensor<value_type> && tensor<grad_type>;
+    constexpr bool value_lasts =
+        std::is_lvalue_reference_v<Value> || is_view_like<std::remove_cv_t<value_type>>;
+    constexpr bool grad_lasts =
+        std::is_lvalue_reference_v<Grad> || is_view_like<std::remove_cv_t<grad_type>>;
+    constexpr bool floats = [] {
+        if constexpr (tensors) {
+            return std::is_same_v<tensor_element_t<value_type>, float> &&
+                   std::is_same_v<std::remove_const_t<tensor_element_t<grad_type>>, float>;
+        } else {
+            return false;
+        }
+    }();
+    require_tensor<value_type>();
+    require_tensor<grad_type>();
+    static_assert(!tensors || value_lasts,
+                  "loco: a temporary container was given as a parameter value; pass the "
+                  "model's own tensor so that loco can update it in place");
+    static_assert(!tensors || grad_lasts,
+                  "loco: a temporary container was given as a gradient; pass the gradient "
+                  "tensor the trainer writes into");
+    if constexpr (tensors) {
+        static_assert(std::is_same_v<tensor_element_t<value_type>, float>,
+                      "loco: parameter values must be mutable float (fp32) tensors");
+        static_assert(std::is_same_v<std::remove_const_t<tensor_element_t<grad_type>>, float>,
+                      "loco: gradients must be float (fp32) tensors");
+    }
+    return tensors && value_lasts && grad_lasts && floats;
+}
+
+}  // namespace detail
+
 struct parameter {
     std::string name;
     tensor_view<float> value;       // updated in place by the optimizer
@@ -34,30 +73,21 @@ public:
     // An empty name is replaced by "param<index>".
     template <class Value, class Grad>
     parameter_list& add(std::string name, Value&& value, Grad&& grad) {
-        using value_type = std::remove_reference_t<Value>;
-        using grad_type = std::remove_reference_t<Grad>;
-        detail::require_tensor<value_type>();
-        detail::require_tensor<grad_type>();
-        static_assert(std::is_lvalue_reference_v<Value> ||
-                          detail::is_view_like<std::remove_cv_t<value_type>>,
-                      "loco: a temporary container was given as a parameter value; pass the "
-                      "model's own tensor so that loco can update it in place");
-        static_assert(std::is_lvalue_reference_v<Grad> ||
-                          detail::is_view_like<std::remove_cv_t<grad_type>>,
-                      "loco: a temporary container was given as a gradient; pass the gradient "
-                      "tensor the trainer writes into");
-        static_assert(std::is_same_v<tensor_element_t<value_type>, float>,
-                      "loco: parameter values must be mutable float (fp32) tensors");
-        static_assert(std::is_same_v<std::remove_const_t<tensor_element_t<grad_type>>, float>,
-                      "loco: gradients must be float (fp32) tensors");
-        return add_views(std::move(name), as_view(value), tensor_view<const float>(as_view(grad)));
+        // A mistake stops the build inside check_parameter with one sentence; the discarded
+        // branch keeps the compiler from piling its own errors on top.
+        if constexpr (detail::check_parameter<Value, Grad>()) {
+            return add_views(std::move(name), as_view(value),
+                             tensor_view<const float>(as_view(grad)));
+        } else {
+            return *this;
+        }
     }
 
     // The same with views already built (host_tensor, cuda_matrix, ...).
     parameter_list& add_views(std::string name, tensor_view<float> value,
                               tensor_view<const float> grad) {
         if (name.empty()) {
-            name = "param" + std::to_string(items_.size());
+            name = unused_name("param" + std::to_string(items_.size()));
         }
         const auto where = [&] { return "loco: parameter '" + name + "': "; };
         if (value.size != grad.size) {
@@ -157,6 +187,19 @@ public:
     }
 
 private:
+    // `base`, or `base_2`, `base_3`, ... when a parameter already has that name.
+    std::string unused_name(const std::string& base) const {
+        const auto taken = [&](const std::string& n) {
+            return std::any_of(items_.begin(), items_.end(),
+                               [&](const parameter& p) { return p.name == n; });
+        };
+        std::string candidate = base;
+        for (int k = 2; taken(candidate); ++k) {
+            candidate = base + "_" + std::to_string(k);
+        }
+        return candidate;
+    }
+
     std::vector<parameter> items_;
     std::size_t total_ = 0;
 };

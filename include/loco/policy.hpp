@@ -97,22 +97,37 @@ constexpr bool check_elementwise_policy() {
     static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || has_update,
                   "loco: an optimizer policy needs `static void update(const scalars&, float& x, "
                   "float g, float* state)`; see docs/policies.md");
-    return has_hyper && has_name && has_state_size && has_prepare && has_update;
+    constexpr bool complete = has_hyper && has_name && has_state_size && has_prepare && has_update;
+    if constexpr (complete) {
+        static_assert(std::is_default_constructible_v<typename P::hyper>,
+                      "loco: an optimizer policy's `hyper` must be default-constructible (its "
+                      "defaults are the paper's values); see docs/policies.md");
+        static_assert(P::state_size >= 0,
+                      "loco: an optimizer policy's `state_size` must be >= 0; see docs/policies.md");
+    }
+    return complete;
 }
 
 template <class S>
 constexpr bool check_schedule_policy() {
     constexpr bool has_hyper = requires { typename S::hyper; };
+    constexpr bool has_name = requires {
+        { S::name } -> std::convertible_to<std::string_view>;
+    };
     constexpr bool has_due = requires(const typename S::hyper& h) {
         { S::due(h, std::uint64_t{}) } -> std::convertible_to<bool>;
     };
     static_assert(has_hyper,
                   "loco: a sync schedule needs a nested `struct hyper`; see docs/schedules.md");
-    static_assert(!has_hyper || has_due,
+    static_assert(!has_hyper || has_name,
+                  "loco: a sync schedule needs `static constexpr std::string_view name`; see "
+                  "docs/schedules.md");
+    static_assert(!has_hyper || !has_name || has_due,
                   "loco: a sync schedule needs `static bool due(const hyper&, std::uint64_t "
                   "calls)`; see docs/schedules.md");
-    return has_hyper && has_due;
+    return has_hyper && has_name && has_due;
 }
+
 
 }  // namespace detail
 }  // namespace loco

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -37,6 +38,7 @@ public:
     }
 
     // Concatenation of every rank's `send` bytes in rank order; recv holds size() * send.size.
+    // send and recv are disjoint, or send is exactly this rank's slot of recv (in place).
     void all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
         check_buffer(send.data, send.size, send.space, "all_gather");
         check_buffer(recv.data, recv.size, recv.space, "all_gather");
@@ -44,6 +46,15 @@ public:
             throw shape_error(prefix("all_gather") + "the receive buffer holds " +
                               std::to_string(recv.size) + " bytes but " + std::to_string(size()) +
                               " ranks x " + std::to_string(send.size) + " bytes were sent");
+        }
+        const std::less<const std::byte*> before;
+        const bool overlap = send.size != 0 && before(send.data, recv.data + recv.size) &&
+                             before(recv.data, send.data + send.size);
+        const std::byte* own_slot = recv.data + static_cast<std::size_t>(rank()) * send.size;
+        if (overlap && send.data != own_slot) {
+            throw invalid_argument(prefix("all_gather") +
+                                   "the send buffer overlaps the receive buffer but is not this "
+                                   "rank's slot of it");
         }
         do_all_gather(send, recv);
     }

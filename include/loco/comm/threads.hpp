@@ -261,7 +261,8 @@ protected:
         const std::size_t m = static_cast<std::size_t>(size());
         for (std::size_t k = 0; k < m; ++k) {
             if (send.size != 0) {
-                std::memcpy(recv.data + k * send.size, slots[k].src, send.size);
+                // memmove: an in-place call has this rank's send already in its slot.
+                std::memmove(recv.data + k * send.size, slots[k].src, send.size);
             }
             if (k != static_cast<std::size_t>(rank_)) {
                 count_sent(k, send.size);

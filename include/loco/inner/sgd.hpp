@@ -52,6 +52,8 @@ struct sgd {
     static void validate(const hyper& h) {
         if (!(h.lr >= 0.0f)) throw invalid_argument("loco::inner::sgd: lr must be >= 0");
         if (!(h.momentum >= 0.0f)) throw invalid_argument("loco::inner::sgd: momentum must be >= 0");
+        if (!(h.dampening >= 0.0f && h.dampening <= 1.0f))
+            throw invalid_argument("loco::inner::sgd: dampening must be in [0, 1]");
         if (!(h.weight_decay >= 0.0f))
             throw invalid_argument("loco::inner::sgd: weight_decay must be >= 0");
         if (h.nesterov && (h.momentum <= 0.0f || h.dampening != 0.0f))

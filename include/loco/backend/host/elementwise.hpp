@@ -21,7 +21,7 @@ template <elementwise_optimizer Rule>
 void apply(const scalars_t<Rule>& k, float* x, const float* g, float* state, std::size_t stride,
            std::size_t n) {
     constexpr int S = Rule::state_size;
-    float s[S > 0 ? S : 1] = {};
+    float s[S > 0 ? static_cast<std::size_t>(S) : std::size_t{1}] = {};
     for (std::size_t i = 0; i < n; ++i) {
         for (int j = 0; j < S; ++j) {
             s[j] = state[static_cast<std::size_t>(j) * stride + i];

@@ -1,0 +1,70 @@
+// expect-compiles
+// The control for every other snippet here: each of their mistakes, done right, through the same
+// harness. If this is rejected, the harness (flags, include paths) is broken, and the rejections
+// of the other snippets prove nothing.
+#include <loco/comm/single.hpp>
+#include <loco/diloco.hpp>
+#include <loco/inner/sgd.hpp>
+#include <loco/optimizer.hpp>
+#include <loco/outer/sgd.hpp>
+#include <loco/params.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+struct weights {
+    float w[4];
+};
+
+// not_a_tensor.cpp, adapted.
+template <>
+struct loco::tensor_traits<weights> {
+    using element_type = float;
+    static float* data(weights& x) { return x.w; }
+    static std::size_t size(const weights&) { return 4; }
+};
+
+// policy_without_update.cpp and policy_without_hyper.cpp, complete.
+struct complete_policy {
+    static constexpr std::string_view name = "complete_policy";
+    struct hyper {
+        float lr = 0.1f;
+    };
+    static constexpr int state_size = 0;
+    struct scalars {
+        float lr;
+    };
+    static scalars prepare(const hyper& h, std::uint64_t) { return {h.lr}; }
+    static void update(const scalars& k, float& x, float g, float*) { x -= k.lr * g; }
+};
+
+// schedule_without_due.cpp, with `due`.
+struct every_other {
+    static constexpr std::string_view name = "every_other";
+    struct hyper {};
+    static bool due(const hyper&, std::uint64_t calls) { return calls % 2 == 0; }
+};
+
+int main() {
+    weights value{};
+    std::vector<float> grad(4), w(4), g(4);  // int_parameter.cpp with float elements
+    std::vector<float> temporary_made_lasting(4);
+    loco::parameter_list params;
+    params.add("w", value, grad);
+    params.add("v", w, g);
+    // temporary_value.cpp: a temporary is fine when it is a view of storage that outlives it.
+    params.add("t", std::span<float>(temporary_made_lasting), g);
+
+    loco::optimizer<complete_policy> opt(params);
+    opt.step();
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none, every_other> d(params,
+                                                                                          comm);
+    d.step();
+    loco::diloco<complete_policy, loco::outer::sgd> plain(params, comm);  // not_a_compressor.cpp
+    plain.step();
+}

@@ -1,0 +1,23 @@
+# The code blocks of docs/*.md that carry a `<!-- snippet: NAME -->` marker must be the regions of
+# tests/docs_examples_test.cpp that loco_tests compiles and runs; docs.snippets compares them.
+# The docs.snippets_checker_* entries run the same checker on small fixtures with planted mistakes
+# (and one without), so that a checker that accepts everything cannot go unnoticed.
+
+add_test(NAME docs.snippets
+         COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
+                 -P ${CMAKE_CURRENT_LIST_DIR}/check_snippets.cmake)
+set_tests_properties(docs.snippets PROPERTIES LABELS docs TIMEOUT 60)
+
+file(GLOB loco_docs_fixtures LIST_DIRECTORIES true CONFIGURE_DEPENDS
+     ${CMAKE_CURRENT_LIST_DIR}/fixtures/*)
+foreach(fixture IN LISTS loco_docs_fixtures)
+  if(NOT IS_DIRECTORY ${fixture})
+    continue()
+  endif()
+  get_filename_component(name ${fixture} NAME)
+  add_test(NAME docs.snippets_checker_${name}
+           COMMAND ${CMAKE_COMMAND} -DFIXTURE=${fixture}
+                   -DCHECKER=${CMAKE_CURRENT_LIST_DIR}/check_snippets.cmake
+                   -P ${CMAKE_CURRENT_LIST_DIR}/run_fixture.cmake)
+  set_tests_properties(docs.snippets_checker_${name} PROPERTIES LABELS docs TIMEOUT 60)
+endforeach()

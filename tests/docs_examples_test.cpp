@@ -1,0 +1,926 @@
+// The code examples of docs/*.md. A region between `// [snippet:NAME]` and `// [snippet:NAME end]`
+// appears verbatim in a page (after `<!-- snippet: NAME -->`); the docs.snippets CTest fails when a
+// page and this file drift apart. The test bodies check the numbers each page promises, so an
+// example that stops computing what its page says fails here.
+#include <doctest/doctest.h>
+
+#include <loco/loco.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+// doctest::Approx adds 1 to the scale of its tolerance; these values are far below 1.
+namespace {
+doctest::Approx relative(double value) {
+    return doctest::Approx(value).scale(0.0);
+}
+}  // namespace
+
+// ---- docs/getting-started.md ---------------------------------------------------------------------
+
+// A function named main outside the global namespace is an ordinary function, so the page can show
+// a complete program and this file can still call it.
+namespace getting_started {
+// [snippet:first-program]
+// Two workers fit one number w; worker r sees the loss (w - target_r)^2. Each takes inner SGD
+// steps towards its own target, every 10 steps DiLoCo averages how far the workers moved, and
+// the outer Nesterov step moves the shared w. The only w both agree on is the mean, 2.
+int main() {
+    const float targets[] = {1.0f, 3.0f};
+    float result = 0.0f;
+
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w = {0.0f};
+        std::vector<float> grad = {0.0f};
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            params, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 10}});
+        for (int step = 0; step < 300; ++step) {
+            grad[0] = 2.0f * (w[0] - targets[comm.rank()]);  // the trainer's backward pass
+            opt.step();
+        }
+        if (comm.rank() == 0) {
+            result = w[0];
+        }
+    });
+
+    std::printf("w = %.5f\n", result);
+    return std::abs(result - 2.0f) < 1e-3f ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+// [snippet:first-program end]
+}  // namespace getting_started
+
+TEST_CASE("docs: getting-started first program converges to the mean target") {
+    CHECK(getting_started::main() == EXIT_SUCCESS);
+}
+
+// ---- docs/index.md ------------------------------------------------------------------------------
+
+TEST_CASE("docs: index handles and their defaults") {
+    // [snippet:handles]
+    // One inner optimizer over a parameter list, no communication.
+    using plain = loco::optimizer<loco::inner::adamw>;
+
+    // DiLoCo: AdamW on every worker, Nesterov on the averaged pseudo-gradient. The compressor and
+    // the schedule default to no compression and a sync every H steps.
+    using diloco = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    static_assert(std::is_same_v<diloco, loco::diloco<loco::inner::adamw, loco::outer::nesterov,
+                                                      loco::compress::none, loco::schedule::every>>);
+
+    diloco::config cfg;  // DiLoCo's published values
+    // cfg.inner:    lr 4e-4, betas 0.9 / 0.95, eps 1e-8, weight decay 0.1
+    // cfg.outer:    lr 0.7, momentum 0.9
+    // cfg.schedule: every 500 steps
+    // [snippet:handles end]
+    CHECK(std::is_same_v<plain::policy, loco::inner::adamw>);
+    CHECK(cfg.inner.lr == 4e-4f);
+    CHECK(cfg.inner.beta1 == 0.9f);
+    CHECK(cfg.inner.beta2 == 0.95f);
+    CHECK(cfg.inner.eps == 1e-8f);
+    CHECK(cfg.inner.weight_decay == 0.1f);
+    CHECK(cfg.outer.lr == 0.7f);
+    CHECK(cfg.outer.momentum == 0.9f);
+    CHECK(cfg.schedule.every == 500);
+    CHECK(cfg.on_nonfinite == loco::nonfinite_policy::skip);
+    CHECK(cfg.broadcast_initial);
+    CHECK(cfg.workers == 0);
+}
+
+// ---- docs/inner.md ------------------------------------------------------------------------------
+
+TEST_CASE("docs: inner::sgd example") {
+    // [snippet:inner-sgd]
+    std::vector<float> w = {1.0f};
+    std::vector<float> grad = {0.5f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::optimizer<loco::inner::sgd> opt(params, {.inner = {.lr = 0.1f, .momentum = 0.9f}});
+    opt.step();  // b = g = 0.5 (first step)        w = 1 - 0.1 * 0.5     = 0.95
+    opt.step();  // b = 0.9 * 0.5 + 0.5 = 0.95      w = 0.95 - 0.1 * 0.95 = 0.855
+    // [snippet:inner-sgd end]
+    CHECK(w[0] == doctest::Approx(0.855));
+    CHECK(opt.state(0)[0] == doctest::Approx(0.95));
+    CHECK(opt.steps() == 2);
+}
+
+TEST_CASE("docs: inner::adamw example") {
+    // [snippet:inner-adamw]
+    std::vector<float> w = {1.0f, -1.0f};
+    std::vector<float> grad = {2.0f, -0.001f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::optimizer<loco::inner::adamw> opt(params, {.inner = {.lr = 0.01f}});
+    opt.step();
+    // Decay first: w *= 1 - lr * weight_decay = 0.999. The first bias-corrected step is then
+    // lr * g / (|g| + eps), about lr * sign(g) whatever the gradient's size:
+    // w = {0.999 - 0.01, -0.999 + 0.01} = {0.989, -0.989};  m = 0.1 * g;  v = 0.05 * g^2
+    // [snippet:inner-adamw end]
+    CHECK(w[0] == doctest::Approx(0.989));
+    CHECK(w[1] == doctest::Approx(-0.989));
+    CHECK(opt.state(0)[0] == doctest::Approx(0.2));
+    CHECK(opt.state(1)[0] == doctest::Approx(0.2));
+    CHECK(opt.state(0)[1] == relative(0.1 * -0.001));
+    CHECK(opt.state(1)[1] == relative(0.05 * 0.001 * 0.001));
+}
+
+TEST_CASE("docs: inner::lion example") {
+    // [snippet:inner-lion]
+    std::vector<float> w = {1.0f, 1.0f};
+    std::vector<float> grad = {-3.0f, 0.002f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::optimizer<loco::inner::lion> opt(params,
+                                           {.inner = {.lr = 0.01f, .weight_decay = 1.0f}});
+    opt.step();
+    // Decay w *= 1 - lr * weight_decay = 0.99, then every element moves by exactly lr against
+    // the sign of 0.1 * g (m starts at 0): w = {0.99 + 0.01, 0.99 - 0.01} = {1.0, 0.98}.
+    // The momentum keeps the slower average: m = 0.01 * g = {-0.03, 0.00002}.
+    // [snippet:inner-lion end]
+    CHECK(w[0] == doctest::Approx(1.0));
+    CHECK(w[1] == doctest::Approx(0.98));
+    CHECK(opt.state(0)[0] == doctest::Approx(-0.03));
+    CHECK(opt.state(0)[1] == relative(0.00002));
+}
+
+// ---- docs/outer.md ------------------------------------------------------------------------------
+
+TEST_CASE("docs: outer::sgd example is parameter averaging") {
+    // [snippet:outer-sgd]
+    std::vector<float> after_sync[2];
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        const float r = static_cast<float>(comm.rank());
+        std::vector<float> w = {0.0f, 0.0f};
+        std::vector<float> grad = {-1.0f - r, r};  // worker 0: {-1, 0}, worker 1: {-2, 1}
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+            params, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f}, .schedule = {.every = 2}});
+        opt.step();  // worker 0: w = {1, 0}   worker 1: w = {2, -1}
+        opt.step();  // worker 0: w = {2, 0}   worker 1: w = {4, -2}, then the sync:
+        // delta = {0 - 2, 0 - 0} and {0 - 4, 0 + 2}; mean {-3, 1}; w = 0 - 1 * {-3, 1} = {3, -1},
+        // the mean of the workers' parameters, on both workers.
+        after_sync[comm.rank()] = w;
+    });
+    // [snippet:outer-sgd end]
+    for (const auto& w : after_sync) {
+        CHECK(w == std::vector<float>{3.0f, -1.0f});
+    }
+}
+
+TEST_CASE("docs: outer::nesterov example (M = 1, lookahead)") {
+    // [snippet:outer-nesterov]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {-1.0f};  // constant: every inner step adds lr * 1 to w
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+        params, comm,
+        {.inner = {.lr = 1.0f}, .outer = {.lr = 0.7f, .momentum = 0.9f}, .schedule = {.every = 2}});
+    opt.step();
+    opt.step();
+    // local w = 2, delta = 0 - 2 = -2, b = -2, w = 0 - 0.7 * (-2 + 0.9 * -2) = 2.66:
+    // the first outer step moves by (1 + momentum) * lr * delta.
+    // [snippet:outer-nesterov end]
+    CHECK(w[0] == doctest::Approx(2.66));
+    CHECK(opt.outer_state(0)[0] == doctest::Approx(-2.0));
+    opt.step();
+    opt.step();
+    // local 4.66, delta -2, b = 0.9 * -2 - 2 = -3.8, w = 2.66 - 0.7 * (-2 + 0.9 * -3.8) = 6.454
+    CHECK(w[0] == doctest::Approx(6.454));
+    CHECK(opt.outer_state(0)[0] == doctest::Approx(-3.8));
+    CHECK(opt.outer_steps() == 2);
+}
+
+TEST_CASE("docs: outer::adam example") {
+    // [snippet:outer-adam]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {-1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::adam> opt(
+        params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 2}});
+    opt.step();
+    opt.step();
+    // delta = 0 - 2 = -2;  m = 0.1 * -2 = -0.2;  v = 0.01 * 4 = 0.04;
+    // w = 0 - 0.01 * -0.2 / (sqrt(0.04) + 0.001) = 0.00995025 (outer lr 1e-2, tau 1e-3)
+    // [snippet:outer-adam end]
+    CHECK(w[0] == doctest::Approx(0.00995025));
+    CHECK(opt.outer_state(0)[0] == doctest::Approx(-0.2));
+    CHECK(opt.outer_state(1)[0] == doctest::Approx(0.04));
+
+    // With bias correction the same first step divides m by 1 - 0.9 and v by 1 - 0.99:
+    // w = 0 - 0.01 * -2 / (2 + 0.001) = 0.00999500.
+    std::vector<float> w2 = {0.0f};
+    loco::parameter_list params2;
+    params2.add("w", w2, grad);
+    loco::diloco<loco::inner::sgd, loco::outer::adam> corrected(
+        params2, comm,
+        {.inner = {.lr = 1.0f}, .outer = {.bias_correction = true}, .schedule = {.every = 2}});
+    corrected.step();
+    corrected.step();
+    CHECK(w2[0] == doctest::Approx(0.02 / 2.001));
+}
+
+// ---- docs/schedules.md --------------------------------------------------------------------------
+
+TEST_CASE("docs: schedule::every example") {
+    // [snippet:schedule-every]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(params, comm,
+                                                             {.schedule = {.every = 3}});
+    std::vector<std::uint64_t> synced_at;
+    for (std::uint64_t call = 1; call <= 9; ++call) {
+        // A non-finite gradient is skipped, but the call still counts towards H.
+        grad[0] = call == 2 ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
+        if (opt.step().synced) {
+            synced_at.push_back(call);
+        }
+    }
+    // synced_at == {3, 6, 9}; 8 inner updates applied, 1 skipped, 3 outer steps
+    // [snippet:schedule-every end]
+    CHECK(synced_at == std::vector<std::uint64_t>{3, 6, 9});
+    CHECK(opt.calls() == 9);
+    CHECK(opt.inner_steps() == 8);
+    CHECK(opt.skipped_steps() == 1);
+    CHECK(opt.outer_steps() == 3);
+
+    // H is a run-time value: a change takes effect from the next call.
+    opt.schedule_hyper().every = 2;
+    CHECK(opt.step().synced);  // call 10
+    opt.schedule_hyper().every = 0;
+    CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+    CHECK(opt.calls() == 10);
+    CHECK(opt.inner_steps() == 9);
+}
+
+// ---- docs/compressors.md ------------------------------------------------------------------------
+
+TEST_CASE("docs: compress::none example counts the bytes of one sync") {
+    // [snippet:compress-none]
+    std::uint64_t sent[2] = {};
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(1000, 1.0f);
+        std::vector<float> grad(1000, 0.5f);
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none> opt(
+            params, comm, {.schedule = {.every = 10}});
+        for (int step = 0; step < 10; ++step) {
+            opt.step();  // the first call broadcasts rank 0's parameters, the 10th syncs
+        }
+        sent[comm.rank()] = comm.bytes_sent();
+    });
+    // The sync's mean all-reduce: 4 bytes * 1000 elements * 2 (M - 1) / M = 4000 bytes from each
+    // of the M = 2 workers. Rank 0 also sent its 4000 bytes of initial parameters to rank 1:
+    // sent == {8000, 4000}
+    // [snippet:compress-none end]
+    CHECK(sent[0] == 8000);
+    CHECK(sent[1] == 4000);
+    CHECK(loco::compress::none::payload_bytes(1000) == 4000);
+}
+
+// ---- docs/communicators.md ----------------------------------------------------------------------
+
+TEST_CASE("docs: comm::single example") {
+    // [snippet:comm-single]
+    loco::comm::single comm;
+    std::vector<float> x = {1.0f, 2.0f};
+    comm.all_reduce(loco::as_view(x), loco::comm::reduce_op::mean);  // one rank: x stays {1, 2}
+    // comm.rank() == 0, comm.size() == 1, comm.bytes_sent() == 0
+    // [snippet:comm-single end]
+    CHECK(x == std::vector<float>{1.0f, 2.0f});
+    CHECK(comm.rank() == 0);
+    CHECK(comm.size() == 1);
+    CHECK(comm.bytes_sent() == 0);
+}
+
+TEST_CASE("docs: comm::threads example") {
+    // [snippet:comm-threads]
+    std::vector<float> results[3];
+    std::uint64_t bytes[3] = {};
+    loco::comm::run_threads(3, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> x(6, static_cast<float>(r + 1));  // rank r holds r + 1 everywhere
+        comm.all_reduce(loco::as_view(x), loco::comm::reduce_op::mean);
+        results[r] = x;                 // {2, 2, 2, 2, 2, 2} on every rank
+        bytes[r] = comm.bytes_sent();   // 4 * (n + (M - 2) * c_r) = 4 * (6 + 1 * 2) = 32
+    });
+    // [snippet:comm-threads end]
+    for (std::size_t r = 0; r < 3; ++r) {
+        CHECK(results[r] == std::vector<float>(6, 2.0f));
+        CHECK(bytes[r] == 32);
+    }
+}
+
+TEST_CASE("docs: comm::threads timeout example") {
+    // [snippet:comm-threads-timeout]
+    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(100));
+    loco::comm::threads rank0(group, 0);  // rank 1 is never created, so it never arrives
+    std::string message;
+    try {
+        rank0.barrier();
+    } catch (const loco::comm_error& e) {
+        message = e.what();  // "... rank 0 waited 100 ms for its peers; only 1 of 2 ranks arrived"
+    }
+    // The group is now aborted: every later collective on it throws comm_error at once.
+    // [snippet:comm-threads-timeout end]
+    CHECK(message == "loco::comm::threads rank 0, barrier: rank 0 waited 100 ms for its peers; "
+                     "only 1 of 2 ranks arrived");
+    CHECK(group->aborted());
+    CHECK_THROWS_WITH_AS(rank0.barrier(), doctest::Contains("the thread group was aborted"),
+                         loco::comm_error);
+}
+
+TEST_CASE("docs: comm::threads ranks that disagree all throw") {
+    int failures = 0;
+    try {
+        loco::comm::run_threads(2, [](loco::comm::communicator& comm) {
+            std::vector<float> x(comm.rank() == 0 ? 4 : 5, 1.0f);
+            comm.all_reduce(loco::as_view(x), loco::comm::reduce_op::sum);
+        });
+    } catch (const loco::comm_error& e) {
+        ++failures;
+        CHECK(std::string(e.what()).find("ranks disagree on the collective: rank 0 called "
+                                         "all_reduce (sum) of 4 floats, rank 1 called "
+                                         "all_reduce (sum) of 5 floats") != std::string::npos);
+    }
+    CHECK(failures == 1);
+}
+
+// [snippet:comm-custom]
+// Forwards every collective to another communicator and counts them. The base class has already
+// checked the arguments when a do_ function runs; the bytes are counted by the communicator
+// that sends them.
+class counting_communicator final : public loco::comm::communicator {
+public:
+    explicit counting_communicator(loco::comm::communicator& next) : next_(next) {}
+
+    int rank() const noexcept override { return next_.rank(); }
+    int size() const noexcept override { return next_.size(); }
+    loco::memory_space space() const noexcept override { return next_.space(); }
+    std::string_view name() const noexcept override { return "counting"; }
+    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+
+    int all_reduces() const noexcept { return all_reduces_; }
+    int broadcasts() const noexcept { return broadcasts_; }
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> data, loco::comm::reduce_op op) override {
+        ++all_reduces_;
+        next_.all_reduce(data, op);
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        next_.all_gather(send, recv);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> data, int root) override {
+        ++broadcasts_;
+        next_.broadcast(data, root);
+    }
+    void do_barrier() override { next_.barrier(); }
+
+private:
+    loco::comm::communicator& next_;
+    int all_reduces_ = 0;
+    int broadcasts_ = 0;
+};
+// [snippet:comm-custom end]
+
+TEST_CASE("docs: a custom communicator sees one broadcast and one all-reduce per sync") {
+    // [snippet:comm-custom-use]
+    int broadcasts[2] = {};
+    int all_reduces[2] = {};
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        counting_communicator counted(comm);
+        std::vector<float> w(8, 1.0f);
+        std::vector<float> grad(8, 0.25f);
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(params, counted,
+                                                            {.schedule = {.every = 2}});
+        for (int step = 0; step < 6; ++step) {
+            opt.step();
+        }
+        broadcasts[comm.rank()] = counted.broadcasts();    // 1: the initial parameters
+        all_reduces[comm.rank()] = counted.all_reduces();  // 3: one per sync
+    });
+    // [snippet:comm-custom-use end]
+    for (int r = 0; r < 2; ++r) {
+        CHECK(broadcasts[r] == 1);
+        CHECK(all_reduces[r] == 3);
+    }
+
+    loco::comm::single single;
+    counting_communicator counted(single);
+    CHECK(counted.name() == "counting");
+    CHECK(counted.size() == 1);
+    CHECK(counted.bytes_sent() == 0);
+}
+
+TEST_CASE("docs: communicator argument checks") {
+    loco::comm::single comm;
+    float host[2] = {};
+    CHECK_THROWS_AS(comm.all_reduce(loco::cuda_tensor(host, 2), loco::comm::reduce_op::sum),
+                    loco::memory_space_error);
+    CHECK_THROWS_AS(comm.all_reduce(loco::host_tensor(static_cast<float*>(nullptr), 2),
+                                    loco::comm::reduce_op::sum),
+                    loco::invalid_argument);
+    std::byte send[4] = {};
+    std::byte recv[3] = {};
+    CHECK_THROWS_AS(comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(send), 4),
+                                    loco::host_tensor(recv, 3)),
+                    loco::shape_error);
+    CHECK_THROWS_AS(comm.broadcast(loco::host_tensor(recv, 3), 1), loco::invalid_argument);
+}
+
+// ---- docs/tensors.md ----------------------------------------------------------------------------
+
+// [snippet:tensor-adl]
+namespace mylib {
+
+// A tensor type that loco has never heard of.
+class matrix {
+public:
+    matrix(std::size_t r, std::size_t c, float fill) : rows_(r), cols_(c), data_(r * c, fill) {}
+    float* data() { return data_.data(); }
+    std::size_t rows() const { return rows_; }
+    std::size_t cols() const { return cols_; }
+
+private:
+    std::size_t rows_;
+    std::size_t cols_;
+    std::vector<float> data_;
+};
+
+// Found by argument-dependent lookup: this one function makes mylib::matrix a loco tensor.
+inline loco::tensor_view<float> loco_view(matrix& m) {
+    return loco::host_matrix(m.data(), m.rows(), m.cols());
+}
+
+}  // namespace mylib
+// [snippet:tensor-adl end]
+
+// [snippet:tensor-traits]
+namespace mylib {
+
+// A view type from another library: pointer, length, and where the memory lives.
+struct device_span {
+    float* ptr;
+    std::size_t len;
+    bool on_gpu;
+};
+
+}  // namespace mylib
+
+namespace loco {
+
+template <>
+struct tensor_traits<mylib::device_span> {
+    using element_type = float;
+    static constexpr bool is_view = true;  // it does not own its elements: temporaries are fine
+
+    static float* data(const mylib::device_span& s) { return s.ptr; }
+    static std::size_t size(const mylib::device_span& s) { return s.len; }
+    static memory_space space(const mylib::device_span& s) {
+        return s.on_gpu ? memory_space::cuda : memory_space::host;
+    }
+};
+
+}  // namespace loco
+// [snippet:tensor-traits end]
+
+TEST_CASE("docs: tensors through loco_view and tensor_traits") {
+    // [snippet:tensor-use]
+    mylib::matrix w(2, 3, 1.0f);
+    mylib::matrix dw(2, 3, 0.5f);
+    std::vector<float> b(3, 0.0f);
+    std::vector<float> db(3, -1.0f);
+
+    loco::parameter_list params;
+    params.add("w", w, dw)                                    // loco_view
+        .add("b", mylib::device_span{b.data(), 3, false},     // tensor_traits
+             mylib::device_span{db.data(), 3, false});
+    // params[0].value.rows == 2, params[0].value.cols == 3, params.total_elements() == 9
+
+    loco::optimizer<loco::inner::sgd> opt(params, {.inner = {.lr = 0.1f}});
+    opt.step();  // every element of w: 1 - 0.1 * 0.5 = 0.95; every element of b: 0 + 0.1 = 0.1
+    // [snippet:tensor-use end]
+    CHECK(params[0].value.is_matrix());
+    CHECK(params[0].value.rows == 2);
+    CHECK(params[0].value.cols == 3);
+    CHECK(params[1].offset == 6);
+    CHECK(params.total_elements() == 9);
+    for (std::size_t i = 0; i < 6; ++i) {
+        CHECK(w.data()[i] == doctest::Approx(0.95));
+    }
+    CHECK(b == std::vector<float>(3, 0.1f));
+
+    // The traits' space() is honoured; this build runs the optimizer on the host only.
+    float fake[6] = {};
+    loco::parameter_list on_gpu;
+    on_gpu.add("g", mylib::device_span{fake, 3, true}, mylib::device_span{fake + 3, 3, true});
+    CHECK(on_gpu.space() == loco::memory_space::cuda);
+    CHECK_THROWS_AS(loco::optimizer<loco::inner::sgd>{on_gpu}, loco::memory_space_error);
+    CHECK_THROWS_AS(params.add("mixed", mylib::device_span{fake, 3, true},
+                               mylib::device_span{fake, 3, true}),
+                    loco::memory_space_error);
+}
+
+TEST_CASE("docs: raw pointer views") {
+    // [snippet:tensor-raw]
+    float w[4] = {1.0f, 2.0f, 3.0f, 4.0f};  // memory owned by something that is not a tensor
+    const float g[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+
+    loco::parameter_list params;
+    params.add_views("w", loco::host_matrix(w, 2, 2), loco::host_tensor(g, 4));
+
+    loco::optimizer<loco::inner::sgd> opt(params, {.inner = {.lr = 0.5f}});
+    opt.step();  // w = {0.5, 1.5, 2.5, 3.5}
+    // [snippet:tensor-raw end]
+    CHECK(w[0] == 0.5f);
+    CHECK(w[1] == 1.5f);
+    CHECK(w[2] == 2.5f);
+    CHECK(w[3] == 3.5f);
+}
+
+TEST_CASE("docs: parameter_list rejections") {
+    std::vector<float> a(4), b(3), ga(4);
+    loco::parameter_list params;
+    CHECK_THROWS_AS(params.add("a", a, b), loco::shape_error);
+    params.add("a", a, ga);
+    CHECK_THROWS_AS(params.add("a", b, b), loco::invalid_argument);
+    params.add("", b, b);
+    CHECK(params[1].name == "param1");
+    // b is its own gradient: values must not overlap anything.
+    CHECK_THROWS_AS(loco::optimizer<loco::inner::sgd>{params}, loco::invalid_argument);
+}
+
+// ---- docs/policies.md ---------------------------------------------------------------------------
+
+// [snippet:policy-signum]
+#include <loco/config.hpp>  // LOCO_HD
+#include <loco/error.hpp>   // loco::invalid_argument
+#include <loco/math.hpp>    // loco::math::sign
+
+#include <cstdint>
+#include <string_view>
+
+namespace mylib {
+
+// Signum (signSGD with momentum): the step is the sign of an exponential average of the
+// gradients, so every element moves by exactly lr.
+struct signum {
+    static constexpr std::string_view name = "mylib_signum";  // recorded in checkpoints
+
+    struct hyper {
+        float lr = 1e-4f;
+        float beta = 0.9f;
+    };
+
+    static constexpr int state_size = 1;  // the momentum m
+
+    struct scalars {
+        float lr, beta;
+    };
+
+    LOCO_HD static scalars prepare(const hyper& h, std::uint64_t /*step*/) {
+        return {h.lr, h.beta};
+    }
+
+    LOCO_HD static void update(const scalars& k, float& p, float g, float* s) {
+        s[0] = k.beta * s[0] + (1.0f - k.beta) * g;
+        p -= k.lr * loco::math::sign(s[0]);
+    }
+
+    static void validate(const hyper& h) {
+        if (!(h.lr >= 0.0f)) {
+            throw loco::invalid_argument("mylib::signum: lr must be >= 0");
+        }
+        if (!(h.beta >= 0.0f && h.beta < 1.0f)) {
+            throw loco::invalid_argument("mylib::signum: beta must be in [0, 1)");
+        }
+    }
+};
+
+}  // namespace mylib
+// [snippet:policy-signum end]
+
+// [snippet:policy-schedule]
+namespace mylib {
+
+// Sync after every step during a warm-up, then every `every` steps.
+struct warmup_then_every {
+    static constexpr std::string_view name = "mylib_warmup_then_every";
+
+    struct hyper {
+        std::uint64_t warmup = 100;
+        std::uint64_t every = 500;
+    };
+
+    static bool due(const hyper& h, std::uint64_t calls) {
+        return calls <= h.warmup || (calls - h.warmup) % h.every == 0;
+    }
+
+    static void validate(const hyper& h) {
+        if (h.every == 0) {
+            throw loco::invalid_argument("mylib::warmup_then_every: every must be >= 1");
+        }
+    }
+};
+
+}  // namespace mylib
+// [snippet:policy-schedule end]
+
+static_assert(loco::inner_optimizer<mylib::signum>);
+static_assert(loco::outer_optimizer<mylib::signum>);
+static_assert(loco::sync_schedule<mylib::warmup_then_every>);
+
+TEST_CASE("docs: a custom inner optimizer and schedule run through loco::diloco") {
+    // [snippet:policy-use]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {-1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<mylib::signum, loco::outer::sgd, loco::compress::none, mylib::warmup_then_every>
+        opt(params, comm, {.inner = {.lr = 0.5f}, .schedule = {.warmup = 2, .every = 3}});
+    for (int step = 0; step < 8; ++step) {
+        opt.step();  // w += 0.5 every call; syncs after calls 1, 2, 5 and 8
+    }
+    // w == 4, opt.outer_steps() == 4, opt.inner_state(0)[0] == -(1 - 0.9^8)
+    // [snippet:policy-use end]
+    CHECK(w[0] == 4.0f);
+    CHECK(opt.outer_steps() == 4);
+    CHECK(opt.inner_state(0)[0] == doctest::Approx(-(1.0 - std::pow(0.9, 8))));
+    CHECK(opt.global()[0] == 4.0f);
+
+    // validate() runs at construction and before every step.
+    CHECK_THROWS_WITH_AS(
+        (loco::diloco<mylib::signum, loco::outer::sgd>(params, comm, {.inner = {.beta = 1.0f}})),
+        "mylib::signum: beta must be in [0, 1)", loco::invalid_argument);
+    opt.inner_hyper().lr = -1.0f;
+    CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+    CHECK(w[0] == 4.0f);
+
+    // A saved state names the policies it was written by.
+    opt.inner_hyper().lr = 0.5f;
+    std::stringstream saved;
+    opt.save(saved);
+    CHECK(saved.str().find("mylib_signum") != std::string::npos);
+    CHECK(saved.str().find("mylib_warmup_then_every") != std::string::npos);
+}
+
+// ---- docs/diloco.md -----------------------------------------------------------------------------
+
+TEST_CASE("docs: diloco worked example (MaxText's two-replica linear model)") {
+    // [snippet:diloco-maxtext]
+    // Two replicas of y = x . w + b with a mean squared error, inner SGD lr 0.1, outer Nesterov
+    // lr 1.0 and momentum 0.9, a sync every 3 steps.
+    struct batch {
+        float x[2][2];
+        float y[2];
+    };
+    const batch batches[2] = {{{{0, 1}, {1, 0}}, {1, 2}},   // replica 0
+                              {{{1, 0}, {0, 1}}, {2, 3}}};  // replica 1
+    float losses[2][4] = {};  // [replica][step - 1], measured before the step's update
+    std::vector<float> after_sync[2];
+
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        const int r = comm.rank();
+        std::vector<float> w = {2.0f, 1.0f};
+        std::vector<float> b = {1.0f};
+        std::vector<float> dw(2), db(1);
+        loco::parameter_list params;
+        params.add("w", w, dw).add("b", b, db);
+
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            params, comm,
+            {.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f, .momentum = 0.9f}, .schedule = {.every = 3}});
+
+        for (int step = 1; step <= 4; ++step) {
+            // Forward and backward: loss = mean_i e_i^2, e_i = x_i . w + b - y_i.
+            const batch& d = batches[r];
+            float loss = 0.0f;
+            dw[0] = dw[1] = db[0] = 0.0f;
+            for (int i = 0; i < 2; ++i) {
+                const float e = d.x[i][0] * w[0] + d.x[i][1] * w[1] + b[0] - d.y[i];
+                loss += e * e / 2;
+                dw[0] += e * d.x[i][0];  // d loss / d w = (2 / 2) * sum_i e_i * x_i
+                dw[1] += e * d.x[i][1];
+                db[0] += e;
+            }
+            losses[r][step - 1] = loss;
+            opt.step();
+            if (step == 3) {
+                after_sync[r] = {w[0], w[1], b[0]};
+            }
+        }
+    });
+    // Mean loss: 1.0, 0.65, 0.4481, then 0.574244 from the synced parameters.
+    // After the sync at step 3 both replicas hold w = [1.5345, 1.0494], b = 0.5839.
+    // [snippet:diloco-maxtext end]
+    const double expected_loss[4] = {1.0, 0.65, 0.4481, 0.574244};
+    for (int step = 0; step < 4; ++step) {
+        CAPTURE(step);
+        CHECK((losses[0][step] + losses[1][step]) / 2 == doctest::Approx(expected_loss[step]));
+    }
+    for (const auto& p : after_sync) {
+        REQUIRE(p.size() == 3);
+        CHECK(p[0] == doctest::Approx(1.5345));
+        CHECK(p[1] == doctest::Approx(1.0494));
+        CHECK(p[2] == doctest::Approx(0.5839));
+    }
+}
+
+TEST_CASE("docs: diloco save and load") {
+    std::vector<float> w = {1.0f, -2.0f, 0.5f};
+    std::vector<float> grad(3);
+    loco::parameter_list params;
+    params.add("w", w, grad);
+    loco::comm::single comm;
+    using diloco = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    diloco opt(params, comm, {.inner = {.lr = 0.01f}, .schedule = {.every = 2}});
+    const auto train = [&](int steps) {
+        std::vector<float> trajectory;
+        for (int i = 0; i < steps; ++i) {
+            for (std::size_t j = 0; j < w.size(); ++j) {
+                grad[j] = w[j] - static_cast<float>(j);  // gradient of a quadratic
+            }
+            opt.step();
+            trajectory.insert(trajectory.end(), w.begin(), w.end());
+        }
+        return trajectory;
+    };
+    train(3);
+
+    // [snippet:diloco-checkpoint]
+    // Each worker writes its own stream: inner states differ between workers.
+    std::stringstream checkpoint;
+    opt.save(checkpoint);
+    const std::vector<float> saved_w = w;  // the trainer checkpoints its parameters itself
+
+    // ... later, in a run built with the same policies, model and number of workers:
+    opt.load(checkpoint);  // optimizer state only; parameters and hyper-parameters are not in it
+    std::copy(saved_w.begin(), saved_w.end(), w.begin());  // in place: loco holds views of w
+    // [snippet:diloco-checkpoint end]
+
+    const std::uint64_t calls = opt.calls();
+    const auto first = train(5);
+    checkpoint.clear();
+    checkpoint.seekg(0);
+    opt.load(checkpoint);
+    std::copy(saved_w.begin(), saved_w.end(), w.begin());
+    CHECK(opt.calls() == calls);
+    CHECK(train(5) == first);
+
+    // A stream from another policy is refused and changes nothing.
+    loco::diloco<loco::inner::adamw, loco::outer::sgd> other(params, comm);
+    checkpoint.clear();
+    checkpoint.seekg(0);
+    CHECK_THROWS_WITH_AS(other.load(checkpoint),
+                         "loco: checkpoint mismatch in the outer optimizer: saved 'outer_nesterov', "
+                         "this optimizer has 'outer_sgd'",
+                         loco::checkpoint_error);
+    CHECK(other.calls() == 0);
+
+    // A truncated or corrupted stream is refused too.
+    std::string bytes = checkpoint.str();
+    std::stringstream truncated(bytes.substr(0, bytes.size() - 3));
+    CHECK_THROWS_WITH_AS(opt.load(truncated), "loco: checkpoint truncated before its checksum",
+                         loco::checkpoint_error);
+    bytes[bytes.size() / 2] = static_cast<char>(bytes[bytes.size() / 2] ^ 0x40);
+    std::stringstream corrupted(bytes);
+    CHECK_THROWS_AS(opt.load(corrupted), loco::checkpoint_error);
+    CHECK(opt.calls() == calls + 5);
+}
+
+// Every row of the bad-input table in docs/diloco.md.
+TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
+    using handle = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    std::vector<float> w = {1.0f, 2.0f};
+    std::vector<float> grad = {0.5f, 0.5f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+    loco::comm::single comm;
+    const std::vector<float> w0 = w;
+
+    SUBCASE("invalid hyper-parameters at construction") {
+        CHECK_THROWS_AS(handle(params, comm, {.inner = {.lr = -1.0f}}), loco::invalid_argument);
+        CHECK_THROWS_AS(handle(params, comm, {.outer = {.momentum = 1.0f}}), loco::invalid_argument);
+        CHECK_THROWS_AS(handle(params, comm, {.schedule = {.every = 0}}), loco::invalid_argument);
+        CHECK_THROWS_AS(handle(params, comm, {.workers = -1}), loco::invalid_argument);
+        CHECK_THROWS_AS(handle(params, comm, {.workers = 2}), loco::comm_error);
+        CHECK(w == w0);
+    }
+
+    SUBCASE("an inner hyper-parameter made invalid later") {
+        handle opt(params, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 2}});
+        opt.inner_hyper().lr = -1.0f;
+        CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+        CHECK(w == w0);
+        CHECK(opt.calls() == 0);
+    }
+
+    SUBCASE("an outer hyper-parameter made invalid later: the inner update stays") {
+        handle opt(params, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1}});
+        opt.outer_hyper().lr = -1.0f;
+        CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+        CHECK(w[0] == doctest::Approx(0.95));  // the inner step was applied
+        CHECK(opt.calls() == 1);
+        CHECK(opt.outer_steps() == 0);
+        CHECK(opt.global()[0] == 1.0f);
+        opt.outer_hyper().lr = 0.7f;
+        opt.sync();  // retried
+        CHECK(opt.outer_steps() == 1);
+    }
+
+    SUBCASE("a non-finite gradient") {
+        handle skip(params, comm, {.schedule = {.every = 5}});
+        grad[1] = std::numeric_limits<float>::infinity();
+        const auto result = skip.step();
+        CHECK_FALSE(result.applied);
+        CHECK(skip.calls() == 1);
+        CHECK(skip.skipped_steps() == 1);
+        CHECK(w == w0);
+
+        handle strict(params, comm, {.on_nonfinite = loco::nonfinite_policy::raise});
+        CHECK_THROWS_AS(strict.step(), loco::nonfinite_error);
+        CHECK(strict.calls() == 0);
+        CHECK(w == w0);
+    }
+
+    SUBCASE("a non-finite averaged pseudo-gradient") {
+        grad[0] = -3e38f;  // lr * g overflows: the local parameter becomes +inf
+        grad[1] = -1.0f;
+
+        handle skip(params, comm, {.inner = {.lr = 10.0f}, .schedule = {.every = 1}});
+        const auto result = skip.step();
+        CHECK(result.applied);
+        CHECK(result.synced);
+        CHECK(skip.skipped_syncs() == 1);
+        CHECK(skip.outer_steps() == 0);
+        CHECK(w == w0);  // every worker went back to the last global parameters
+
+        handle strict(params, comm,
+                      {.inner = {.lr = 10.0f},
+                       .schedule = {.every = 1},
+                       .on_nonfinite = loco::nonfinite_policy::raise});
+        CHECK_THROWS_AS(strict.step(), loco::nonfinite_error);
+        CHECK(std::isinf(w[0]));  // the local values stay as the inner step left them
+        CHECK(w[1] == 12.0f);
+        CHECK(strict.outer_steps() == 0);
+        CHECK(std::vector<float>(strict.global().begin(), strict.global().end()) == w0);
+        CHECK(strict.outer_state(0)[0] == 0.0f);
+    }
+
+    SUBCASE("workers that disagree on the collective") {
+        // Worker 1 has one element more than worker 0: the sync's all-reduce cannot match.
+        std::vector<float> global_after[2];
+        const auto worker = [&](loco::comm::communicator& c) {
+            std::vector<float> v(c.rank() == 0 ? 2 : 3, 1.0f);
+            std::vector<float> g(v.size(), 0.5f);
+            loco::parameter_list p;
+            p.add("v", v, g);
+            handle opt(p, c, {.schedule = {.every = 1}, .broadcast_initial = false});
+            try {
+                opt.step();
+            } catch (const loco::comm_error&) {
+                global_after[c.rank()].assign(opt.global().begin(), opt.global().end());
+                throw;
+            }
+        };
+        CHECK_THROWS_AS(loco::comm::run_threads(2, worker), loco::comm_error);
+        CHECK(global_after[0] == std::vector<float>(2, 1.0f));
+        CHECK(global_after[1] == std::vector<float>(3, 1.0f));
+    }
+}
