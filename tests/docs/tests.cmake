@@ -21,3 +21,10 @@ foreach(fixture IN LISTS loco_docs_fixtures)
                    -P ${CMAKE_CURRENT_LIST_DIR}/run_fixture.cmake)
   set_tests_properties(docs.snippets_checker_${name} PROPERTIES LABELS docs TIMEOUT 60)
 endforeach()
+
+# The README's example is examples/quickstart.cpp, which example.quickstart compiles and runs.
+add_test(NAME docs.readme_example
+         COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR} -DDOCS_DIR=${PROJECT_SOURCE_DIR}
+                 -DEXAMPLES=${PROJECT_SOURCE_DIR}/examples/quickstart.cpp
+                 -P ${CMAKE_CURRENT_LIST_DIR}/check_snippets.cmake)
+set_tests_properties(docs.readme_example PROPERTIES LABELS docs TIMEOUT 60)
