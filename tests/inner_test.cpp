@@ -189,18 +189,11 @@ TEST_CASE_TEMPLATE_DEFINE("inner optimizer matches its double-precision referenc
         }
         for (std::uint64_t t = 1; t <= 200; ++t) {
             m.draw_gradients(rng);
-            for (const auto& p : m.list) {
-                for (std::size_t i = 0; i < p.value.size; ++i) {
-                    double s[S > 0 ? S : 1];
-                    for (int j = 0; j < S; ++j) {
-                        s[j] = s_ref[static_cast<std::size_t>(j) * total + p.offset + i];
-                    }
-                    reference<P>::step(Case::hyper(), x_ref[p.offset + i], p.grad.data[i], s, t);
-                    for (int j = 0; j < S; ++j) {
-                        s_ref[static_cast<std::size_t>(j) * total + p.offset + i] = s[j];
-                    }
-                }
+            std::vector<float> flat_grad;
+            for (const auto& g : m.grads) {
+                flat_grad.insert(flat_grad.end(), g.begin(), g.end());
             }
+            reference_step_all<P>(Case::hyper(), x_ref, flat_grad, s_ref, t);
             opt.step();
         }
         double worst = 0.0;

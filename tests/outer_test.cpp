@@ -96,16 +96,7 @@ TEST_CASE_TEMPLATE_DEFINE("outer optimizer matches its double-precision referenc
             const auto delta = normal_floats(rng, n, 0.05f);
             std::vector<double> x_ref(global.begin(), global.end());
             std::vector<double> s_ref(state.begin(), state.end());
-            for (std::size_t i = 0; i < n; ++i) {
-                double s[S > 0 ? S : 1] = {};
-                for (int j = 0; j < S; ++j) {
-                    s[j] = s_ref[static_cast<std::size_t>(j) * n + i];
-                }
-                reference<P>::step(Case::hyper(), x_ref[i], delta[i], s, t);
-                for (int j = 0; j < S; ++j) {
-                    s_ref[static_cast<std::size_t>(j) * n + i] = s[j];
-                }
-            }
+            reference_step_all<P>(Case::hyper(), x_ref, delta, s_ref, t);
             outer_step<P>(Case::hyper(), t, global, delta, state);
             for (std::size_t i = 0; i < n; ++i) {
                 log.expect_close(global[i], x_ref[i], Case::step_rel_tol,
@@ -124,16 +115,7 @@ TEST_CASE_TEMPLATE_DEFINE("outer optimizer matches its double-precision referenc
         std::vector<double> s_ref(state.size(), 0.0);
         for (std::uint64_t t = 1; t <= 100; ++t) {
             const auto delta = normal_floats(rng, n, 0.05f);
-            for (std::size_t i = 0; i < n; ++i) {
-                double s[S > 0 ? S : 1] = {};
-                for (int j = 0; j < S; ++j) {
-                    s[j] = s_ref[static_cast<std::size_t>(j) * n + i];
-                }
-                reference<P>::step(Case::hyper(), x_ref[i], delta[i], s, t);
-                for (int j = 0; j < S; ++j) {
-                    s_ref[static_cast<std::size_t>(j) * n + i] = s[j];
-                }
-            }
+            reference_step_all<P>(Case::hyper(), x_ref, delta, s_ref, t);
             outer_step<P>(Case::hyper(), t, global, delta, state);
         }
         mismatch_log log;

@@ -11,7 +11,9 @@
 #include <loco/outer/sgd.hpp>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace loco_test {
 
@@ -101,5 +103,24 @@ struct reference<loco::outer::adam> {
         x = x - double(h.lr) * m / (std::sqrt(v) + double(h.tau));
     }
 };
+
+// Steps every element of a flat buffer: x[i] with input g[i] and structure-of-arrays state
+// (state float j of element i at state[j * x.size() + i]), as loco's host backend lays it out.
+template <class Policy, class Inputs>
+void reference_step_all(const typename Policy::hyper& h, std::vector<double>& x, const Inputs& g,
+                        std::vector<double>& state, std::uint64_t t) {
+    constexpr int S = Policy::state_size;
+    const std::size_t n = x.size();
+    for (std::size_t i = 0; i < n; ++i) {
+        double s[S > 0 ? S : 1] = {};
+        for (int j = 0; j < S; ++j) {
+            s[j] = state[static_cast<std::size_t>(j) * n + i];
+        }
+        reference<Policy>::step(h, x[i], static_cast<double>(g[i]), s, t);
+        for (int j = 0; j < S; ++j) {
+            state[static_cast<std::size_t>(j) * n + i] = s[j];
+        }
+    }
+}
 
 }  // namespace loco_test
