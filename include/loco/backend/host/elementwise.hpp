@@ -17,12 +17,15 @@ namespace loco::backend::host {
 
 // Applies Rule::update to n elements: x[i] is updated with input g[i] and the rule's state at
 // state + j * stride + i.
+// The arrays never overlap (parameter_list::check_no_overlap), which __restrict tells the compiler
+// so that it can vectorise the loop; `k` is copied so that it cannot alias them either.
 template <elementwise_optimizer Rule>
-void apply(const scalars_t<Rule>& k, float* x, const float* g, float* state, std::size_t stride,
-           std::size_t n) {
+void apply(const scalars_t<Rule>& scalars, float* __restrict x, const float* __restrict g,
+           float* __restrict state, std::size_t stride, std::size_t n) {
     constexpr int S = Rule::state_size;
-    float s[S > 0 ? static_cast<std::size_t>(S) : std::size_t{1}] = {};
+    const scalars_t<Rule> k = scalars;
     for (std::size_t i = 0; i < n; ++i) {
+        float s[S > 0 ? static_cast<std::size_t>(S) : std::size_t{1}] = {};
         for (int j = 0; j < S; ++j) {
             s[j] = state[static_cast<std::size_t>(j) * stride + i];
         }
