@@ -52,6 +52,7 @@ protected:
         }
     }
     void do_all_gather(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
+    void do_all_to_all(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
     void do_broadcast(loco::tensor_view<std::byte>, int) override {}
     void do_barrier() override {}
 };
@@ -73,6 +74,7 @@ protected:
         throw loco::comm_error("link down");
     }
     void do_all_gather(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
+    void do_all_to_all(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
     void do_broadcast(loco::tensor_view<std::byte>, int) override {}
     void do_barrier() override {}
 };

@@ -304,7 +304,8 @@ TEST_CASE("docs: compress::none example counts the bytes of one sync") {
     // [snippet:compress-none end]
     CHECK(sent[0] == 8000);
     CHECK(sent[1] == 4000);
-    CHECK(loco::compress::none::payload_bytes(1000) == 4000);
+    const loco::compress::segment whole{0, 1000, 1, 1000};
+    CHECK(loco::compress::none::payload_bytes({}, {&whole, 1}) == loco::compress::wire::header_bytes + 4000);
 }
 
 // ---- docs/communicators.md ----------------------------------------------------------------------
@@ -400,6 +401,10 @@ protected:
     void do_all_gather(loco::tensor_view<const std::byte> send,
                        loco::tensor_view<std::byte> recv) override {
         next_.all_gather(send, recv);
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        next_.all_to_all(send, recv);
     }
     void do_broadcast(loco::tensor_view<std::byte> data, int root) override {
         ++broadcasts_;

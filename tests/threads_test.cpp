@@ -332,3 +332,41 @@ TEST_CASE("threads all_gather in place, and a partially overlapping send buffer 
     });
     CHECK(wrong == 0);
 }
+
+TEST_CASE("threads all_to_all: block k goes to rank k; (M-1) blocks sent per rank") {
+    for (const int m : world_sizes) {
+        CAPTURE(m);
+        const std::size_t block = 13;
+        std::atomic<int> wrong{0};
+        std::vector<std::uint64_t> bytes(static_cast<std::size_t>(m));
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto value = [](int from, int to, std::size_t i) { return std::byte((from * 7 + to * 3 + int(i)) & 0xff); };
+            std::vector<std::byte> send(block * std::size_t(m)), recv(send.size());
+            for (int to = 0; to < m; ++to) {
+                for (std::size_t i = 0; i < block; ++i) {
+                    send[std::size_t(to) * block + i] = value(comm.rank(), to, i);
+                }
+            }
+            comm.all_to_all({send.data(), send.size(), 0, 0, loco::memory_space::host},
+                            {recv.data(), recv.size(), 0, 0, loco::memory_space::host});
+            for (int from = 0; from < m; ++from) {
+                for (std::size_t i = 0; i < block; ++i) {
+                    if (recv[std::size_t(from) * block + i] != value(from, comm.rank(), i)) {
+                        ++wrong;
+                    }
+                }
+            }
+            CHECK_THROWS_AS(comm.all_to_all({send.data(), send.size(), 0, 0, loco::memory_space::host},
+                                            {recv.data(), recv.size() - 1, 0, 0, loco::memory_space::host}),
+                            loco::shape_error);
+            CHECK_THROWS_AS(comm.all_to_all({send.data(), send.size(), 0, 0, loco::memory_space::host},
+                                            {send.data(), send.size(), 0, 0, loco::memory_space::host}),
+                            loco::invalid_argument);
+            bytes[std::size_t(comm.rank())] = comm.bytes_sent();
+        });
+        CHECK(wrong == 0);
+        for (const auto b : bytes) {
+            CHECK(b == std::uint64_t(m - 1) * block);
+        }
+    }
+}

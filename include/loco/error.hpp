@@ -40,6 +40,12 @@ struct comm_error : error {
     using error::error;
 };
 
+// A compressed payload received from a peer that is truncated, oversized, corrupted, or encoded with
+// other settings than the receiver's. Nothing is decoded from it.
+struct wire_error : error {
+    using error::error;
+};
+
 // A checkpoint stream that is truncated, corrupted, or saved from a different model, policy or
 // worker.
 struct checkpoint_error : error {

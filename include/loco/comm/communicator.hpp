@@ -59,6 +59,27 @@ public:
         do_all_gather(send, recv);
     }
 
+    // Personalised exchange: send and recv hold size() blocks of b bytes each; block k of this
+    // rank's send goes to rank k, and block k of recv comes from rank k. send and recv must not
+    // overlap.
+    void all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        check_buffer(send.data, send.size, send.space, "all_to_all");
+        check_buffer(recv.data, recv.size, recv.space, "all_to_all");
+        const auto m = static_cast<std::size_t>(size());
+        if (send.size != recv.size || send.size % m != 0) {
+            throw shape_error(prefix("all_to_all") + "send (" + std::to_string(send.size) +
+                              " bytes) and recv (" + std::to_string(recv.size) +
+                              " bytes) must be equal and hold " + std::to_string(m) +
+                              " blocks of the same size");
+        }
+        const std::less<const std::byte*> before;
+        if (send.size != 0 && before(send.data, recv.data + recv.size) &&
+            before(recv.data, send.data + send.size)) {
+            throw invalid_argument(prefix("all_to_all") + "send and recv overlap");
+        }
+        do_all_to_all(send, recv);
+    }
+
     // Copies root's bytes into every other rank's buffer.
     void broadcast(tensor_view<std::byte> data, int root) {
         check_buffer(data.data, data.size, data.space, "broadcast");
@@ -76,6 +97,7 @@ public:
 protected:
     virtual void do_all_reduce(tensor_view<float> data, reduce_op op) = 0;
     virtual void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) = 0;
+    virtual void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) = 0;
     virtual void do_broadcast(tensor_view<std::byte> data, int root) = 0;
     virtual void do_barrier() = 0;
 

@@ -9,7 +9,8 @@
 //               them over ranks 0..M-1 in that order, so every rank ends with bit-identical
 //               results. Bytes sent by rank r: 4 * (n + (M-2) * c_r), c_r its chunk, which is
 //               2 (M-1)/M * 4n when M divides n (the ring all-reduce volume).
-//   all_gather  (M-1) * bytes per rank.      broadcast  (M-1) * bytes from the root, 0 from others.
+//   all_gather  (M-1) * bytes per rank.      all_to_all  (M-1) * block bytes per rank.
+//   broadcast   (M-1) * bytes from the root, 0 from the others.
 // A rank that waits longer than the group's timeout aborts the group: it and every rank waiting
 // with it throw comm_error instead of hanging.
 
@@ -68,7 +69,7 @@ public:
 private:
     friend class threads;
 
-    enum class kind : unsigned char { all_reduce, all_gather, broadcast, barrier };
+    enum class kind : unsigned char { all_reduce, all_gather, all_to_all, broadcast, barrier };
 
     struct call {
         kind what = kind::barrier;
@@ -83,6 +84,7 @@ private:
         switch (k) {
             case kind::all_reduce: return "all_reduce";
             case kind::all_gather: return "all_gather";
+            case kind::all_to_all: return "all_to_all";
             case kind::broadcast: return "broadcast";
             case kind::barrier: return "barrier";
         }
@@ -266,6 +268,25 @@ protected:
             }
             if (k != static_cast<std::size_t>(rank_)) {
                 count_sent(k, send.size);
+            }
+        }
+        group_->arrive(rank_, nullptr, where);
+    }
+
+    void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+        const std::string where = prefix("all_to_all");
+        start({kind::all_to_all, send.size, 0, reduce_op::sum, send.data, recv.data}, where);
+        const auto& slots = group_->slots_;
+        const std::size_t m = static_cast<std::size_t>(size());
+        const std::size_t r = static_cast<std::size_t>(rank_);
+        const std::size_t block = send.size / m;
+        for (std::size_t k = 0; k < m; ++k) {
+            if (block != 0) {
+                std::memcpy(recv.data + k * block,
+                            static_cast<const std::byte*>(slots[k].src) + r * block, block);
+            }
+            if (k != r) {
+                count_sent(k, block);
             }
         }
         group_->arrive(rank_, nullptr, where);

@@ -1,19 +1,74 @@
 #pragma once
-// No compression: pseudo-gradients travel as fp32 and are averaged with one all-reduce.
+// No compression: pseudo-gradients travel as fp32. loco::diloco averages them with one fp32
+// all-reduce; the payload form below (header + raw floats) serves the other exchange schemes and
+// is the simplest example of the compressor interface (compressor.hpp).
+
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/wire.hpp>
 
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
 #include <string_view>
 
 namespace loco::compress {
 
 struct none {
     static constexpr std::string_view name = "none";
+    static constexpr std::uint8_t wire_id = 0;
+    static constexpr int state_size = 0;
 
     struct hyper {};
 
-    // Bytes one worker puts into the collective for n elements (before the all-reduce's own
-    // factor 2(M-1)/M).
-    static constexpr std::size_t payload_bytes(std::size_t n) noexcept { return 4 * n; }
+    static std::size_t payload_bytes(const hyper&, std::span<const segment> segs) noexcept {
+        return wire::header_bytes + 4 * elements(segs);
+    }
+
+    static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
+                       std::span<float>, const encode_context&, std::span<std::byte> out) {
+        std::size_t at = wire::header_bytes;
+        for (const segment& s : segs) {
+            if (s.size != 0) {
+                std::memcpy(out.data() + at, x.data() + s.offset, 4 * s.size);
+            }
+            at += 4 * s.size;
+        }
+        wire::write_header(out, expected_header(h, segs));
+    }
+
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
+                       std::span<float> out) {
+        const auto body = wire::open(in, expected_header(h, segs), name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            if (s.size != 0) {
+                std::memcpy(out.data() + s.offset, body.data() + at, 4 * s.size);
+            }
+            at += 4 * s.size;
+        }
+    }
+
+private:
+    static std::size_t elements(std::span<const segment> segs) noexcept {
+        std::size_t n = 0;
+        for (const segment& s : segs) {
+            n += s.size;
+        }
+        return n;
+    }
+
+    static wire::header expected_header(const hyper&, std::span<const segment> segs) noexcept {
+        wire::header w;
+        w.compressor = wire_id;
+        w.bits = 32;
+        w.segments = static_cast<std::uint32_t>(segs.size());
+        w.elements = elements(segs);
+        w.body_bytes = 4 * w.elements;
+        return w;
+    }
 };
+
+static_assert(compressor<none>);
 
 }  // namespace loco::compress
