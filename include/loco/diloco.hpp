@@ -9,14 +9,17 @@
 
 #include <loco/backend/host/elementwise.hpp>
 #include <loco/comm/communicator.hpp>
+#include <loco/compress/compressor.hpp>
 #include <loco/compress/none.hpp>
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
+#include <loco/exchange.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
 #include <loco/schedule/every.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -29,41 +32,15 @@
 #include <vector>
 
 namespace loco {
-namespace detail {
-
-template <class>
-inline constexpr bool dependent_false = false;
-
-// How the pseudo-gradients of all workers become one average. Each compressor provides a
-// specialization with a static average(); the primary template is empty, so that diloco can tell
-// a compressor from any other type.
-template <class Compressor>
-struct pseudo_gradient_exchange {};
-
-template <class Compressor>
-concept has_exchange = requires { &pseudo_gradient_exchange<Compressor>::average; };
-
-template <>
-struct pseudo_gradient_exchange<compress::none> {
-    static void average(comm::communicator& comm, std::span<float> delta,
-                        const compress::none::hyper&) {
-        comm.all_reduce(host_tensor(delta.data(), delta.size()), comm::reduce_op::mean);
-    }
-};
-
-}  // namespace detail
-
 template <class Inner, class Outer, class Compressor = compress::none,
           class Schedule = schedule::every>
 class diloco {
-    static_assert(detail::has_exchange<Compressor>,
+    static_assert(compress::compressor<Compressor>,
                   "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
                   "docs/compressors.md");
     static_assert(detail::check_elementwise_policy<Inner>());
     static_assert(detail::check_elementwise_policy<Outer>());
     static_assert(detail::check_schedule_policy<Schedule>());
-
-    using exchange = detail::pseudo_gradient_exchange<Compressor>;
 
 public:
     using inner_policy = Inner;
@@ -83,6 +60,11 @@ public:
         bool broadcast_initial = true;
         // The number of workers this run was planned for; 0 accepts the communicator's size.
         int workers = 0;
+        // How pseudo-gradients are averaged (exchange.hpp): automatic is one fp32 all-reduce
+        // without compression and an all-gather of payloads with it.
+        exchange_scheme exchange = exchange_scheme::automatic;
+        // Seed of stochastic rounding; draws also depend on the rank and the sync.
+        std::uint64_t seed = 0;
     };
 
     // Not collective: no communication happens before start() (or the first step() or sync()).
@@ -92,9 +74,12 @@ public:
           outer_hyper_(cfg.outer),
           schedule_hyper_(cfg.schedule),
           compress_hyper_(cfg.compress),
-          broadcast_initial_(cfg.broadcast_initial) {
+          broadcast_initial_(cfg.broadcast_initial),
+          seed_(cfg.seed),
+          exchange_(plist(), cfg.exchange, comm.size(), comm.rank(), cfg.compress) {
         detail::validate_hyper<Outer>(outer_hyper_);
         detail::validate_hyper<Schedule>(schedule_hyper_);
+        detail::validate_hyper<Compressor>(compress_hyper_);
         if (cfg.workers < 0) {
             throw invalid_argument("loco::diloco: workers must be >= 0 (0 = the communicator's size)");
         }
@@ -166,6 +151,7 @@ public:
     // unchanged.
     void sync() {
         detail::validate_hyper<Outer>(outer_hyper_);
+        detail::validate_hyper<Compressor>(compress_hyper_);
         start();
         const std::size_t total = global_.size();
         for (const auto& p : plist()) {
@@ -173,7 +159,14 @@ public:
                 delta_[p.offset + i] = global_[p.offset + i] - p.value.data[i];
             }
         }
-        exchange::average(*comm_, delta_, compress_hyper_);
+        compress::encode_context ctx;
+        ctx.seed = seed_;
+        ctx.round = outer_steps_ + skipped_syncs_;
+        ctx.rank = comm_->rank();
+        if constexpr (requires { outer_hyper_.lr; }) {
+            ctx.outer_lr = outer_hyper_.lr;
+        }
+        exchange_.average(*comm_, delta_, compress_hyper_, ctx);
         if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
             if (const auto hit = backend::host::find_nonfinite(delta_.data(), total)) {
                 if (inner_.on_nonfinite() == nonfinite_policy::raise) {
@@ -218,6 +211,13 @@ public:
     // construction), in the flat layout.
     std::span<const float> global() const noexcept { return global_; }
     std::span<const float> inner_state(int j) const { return inner_.state(j); }
+    // The compressor's state over the flat layout (error-feedback residuals), and, with
+    // exchange_scheme::two_phase, its server-side state for this rank's chunk.
+    std::span<const float> compressor_state() const noexcept { return exchange_.state(); }
+    std::span<const float> server_state() const noexcept { return exchange_.server_state(); }
+    exchange_scheme exchange() const noexcept { return exchange_.scheme(); }
+    // Bytes this worker sends per sync (the formulas in exchange.hpp).
+    std::uint64_t bytes_per_sync() const { return exchange_.bytes_per_average(compress_hyper_); }
     std::span<const float> outer_state(int j) const {
         optimizer<Inner>::check_state_index(j, Outer::state_size, "outer state");
         const std::size_t total = global_.size();
@@ -240,6 +240,9 @@ public:
         inner_.write_section(w);
         w.floats(global_);
         w.floats(outer_state_);
+        w.text(to_string(exchange_.scheme()));
+        w.floats(exchange_.state());
+        w.floats(exchange_.server_state());
         w.finish();
     }
 
@@ -263,6 +266,11 @@ public:
         r.floats(global, "the global parameters");
         std::vector<float> outer_state(outer_state_.size());
         r.floats(outer_state, "the outer optimizer state");
+        r.expect_text(to_string(exchange_.scheme()), "the exchange scheme");
+        std::vector<float> compressor_state(exchange_.state().size());
+        r.floats(compressor_state, "the compressor state");
+        std::vector<float> server_state(exchange_.server_state().size());
+        r.floats(server_state, "the server-side compressor state");
         r.finish();
 
         inner_.commit(std::move(inner));
@@ -271,6 +279,8 @@ public:
         skipped_syncs_ = skipped_syncs;
         global_ = std::move(global);
         outer_state_ = std::move(outer_state);
+        std::copy(compressor_state.begin(), compressor_state.end(), exchange_.state().begin());
+        std::copy(server_state.begin(), server_state.end(), exchange_.server_state().begin());
         started_ = true;
     }
 
@@ -284,6 +294,8 @@ private:
     typename Schedule::hyper schedule_hyper_;
     typename Compressor::hyper compress_hyper_;
     bool broadcast_initial_;
+    std::uint64_t seed_;
+    detail::exchanger<Compressor> exchange_;
     bool started_ = false;
     std::vector<float> global_;       // the global parameters after the last sync
     std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout

@@ -16,7 +16,11 @@
 #include <loco/outer/nesterov.hpp>
 #include <loco/outer/sgd.hpp>
 
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/error_feedback.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/exchange.hpp>
 #include <loco/schedule/every.hpp>
 
 #include <loco/comm/communicator.hpp>

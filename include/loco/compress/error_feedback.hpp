@@ -1,0 +1,110 @@
+#pragma once
+// Error feedback around any compressor C (Stich et al., arXiv 1809.07599; Karimireddy et al.,
+// arXiv 1901.09847): what compression dropped in one round is added back in the next, so the sum
+// of what a worker sends tracks the sum of its pseudo-gradients within one quantization error.
+// Per element, with residual e (zero at the start):
+//
+//   e = decay * e + s * delta          s = 1, or the outer lr with fold_outer_lr (MuLoCo's form)
+//   send Q(e)                          Q = C's encoding
+//   e = e - D(Q(e))                    D = C's decoding, exactly what the receivers decode
+//
+// The default is the classic unscaled form (decay 1, s = 1). MuLoCo (quantized_outer_sgd.py)
+// folds the outer learning rate into the buffer (s = outer lr) with decay 0.9: the outer optimizer
+// then multiplies by the lr a second time, so its effective step scales with lr^2 and the outer lr
+// must be tuned in that parametrisation (algorithms.md section 4.3).
+//
+// The payloads are C's own (same wire_id and layout); the residual is the first of this
+// compressor's state arrays, C's own state follows.
+
+#include <loco/compress/compressor.hpp>
+#include <loco/error.hpp>
+#include <loco/policy.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+namespace loco::compress {
+namespace detail {
+
+// Concatenation of constexpr string_views into a static string, for composed policy names.
+template <const std::string_view&... Parts>
+struct joined {
+    static constexpr auto storage = [] {
+        std::array<char, (Parts.size() + ... + 0) + 1> out{};
+        std::size_t at = 0;
+        for (const std::string_view part : {Parts...}) {
+            for (const char c : part) {
+                out[at++] = c;
+            }
+        }
+        return out;
+    }();
+    static constexpr std::string_view value{storage.data(), storage.size() - 1};
+};
+
+inline constexpr std::string_view error_feedback_prefix = "error_feedback<";
+inline constexpr std::string_view closing_angle = ">";
+
+}  // namespace detail
+
+template <class C>
+struct error_feedback {
+    static_assert(compressor<C>,
+                  "loco: error_feedback<C> needs a loco compressor C; see docs/compressors.md");
+
+    using base = C;
+    static constexpr std::string_view name =
+        detail::joined<detail::error_feedback_prefix, C::name, detail::closing_angle>::value;
+    static constexpr std::uint8_t wire_id = C::wire_id;
+    static constexpr int state_size = 1 + C::state_size;
+
+    struct hyper {
+        typename C::hyper compress{};
+        float decay = 1.0f;          // MuLoCo: 0.9
+        bool fold_outer_lr = false;  // MuLoCo: true
+    };
+
+    static void validate(const hyper& h) {
+        if (!(h.decay >= 0.0f && h.decay <= 1.0f)) {
+            throw invalid_argument("loco::compress::error_feedback: decay must be in [0, 1]");
+        }
+        loco::detail::validate_hyper<C>(h.compress);
+    }
+
+    static std::size_t payload_bytes(const hyper& h, std::span<const segment> segs) {
+        return C::payload_bytes(h.compress, segs);
+    }
+
+    static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
+                       std::span<float> state, const encode_context& ctx, std::span<std::byte> out) {
+        const std::size_t n = x.size();
+        const std::span<float> residual = state.first(n);
+        const std::span<float> base_state = state.subspan(n);
+        const float scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                residual[i] = h.decay * residual[i] + scale * x[i];
+            }
+        }
+        C::encode(h.compress, residual, segs, base_state, ctx, out);
+        // Subtract exactly what the receivers will decode.
+        std::vector<float> sent(n, 0.0f);
+        C::decode(h.compress, out, segs, sent);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                residual[i] -= sent[i];
+            }
+        }
+    }
+
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
+                       std::span<float> out) {
+        C::decode(h.compress, in, segs, out);
+    }
+};
+
+}  // namespace loco::compress
