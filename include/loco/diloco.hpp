@@ -38,7 +38,6 @@ class diloco {
     static_assert(compress::compressor<Compressor>,
                   "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
                   "docs/compressors.md");
-    static_assert(detail::check_elementwise_policy<Inner>());
     static_assert(detail::check_elementwise_policy<Outer>());
     static_assert(detail::check_schedule_policy<Schedule>());
 
@@ -49,7 +48,7 @@ public:
     using schedule_policy = Schedule;
 
     struct config {
-        typename Inner::hyper inner{};
+        typename optimizer<Inner>::hyper_type inner{};
         typename Outer::hyper outer{};
         typename Schedule::hyper schedule{};
         typename Compressor::hyper compress{};
@@ -190,8 +189,8 @@ public:
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
     // validated again before they are used.
-    typename Inner::hyper& inner_hyper() noexcept { return inner_.hyper(); }
-    const typename Inner::hyper& inner_hyper() const noexcept { return inner_.hyper(); }
+    typename optimizer<Inner>::hyper_type& inner_hyper() noexcept { return inner_.hyper(); }
+    const typename optimizer<Inner>::hyper_type& inner_hyper() const noexcept { return inner_.hyper(); }
     typename Outer::hyper& outer_hyper() noexcept { return outer_hyper_; }
     const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
     typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
@@ -210,7 +209,13 @@ public:
     // The global parameters after the last sync (before the first step: the parameters at
     // construction), in the flat layout.
     std::span<const float> global() const noexcept { return global_; }
-    std::span<const float> inner_state(int j) const { return inner_.state(j); }
+    std::span<const float> inner_state(int j) const
+        requires requires(const optimizer<Inner>& o) { o.state(j); }
+    {
+        return inner_.state(j);
+    }
+    // The inner optimizer (for parameter groups: inner().engine_state().group<I>()).
+    const optimizer<Inner>& inner() const noexcept { return inner_; }
     // The compressor's state over the flat layout (error-feedback residuals), and, with
     // exchange_scheme::two_phase, its server-side state for this rank's chunk.
     std::span<const float> compressor_state() const noexcept { return exchange_.state(); }
@@ -219,7 +224,7 @@ public:
     // Bytes this worker sends per sync (the formulas in exchange.hpp).
     std::uint64_t bytes_per_sync() const { return exchange_.bytes_per_average(compress_hyper_); }
     std::span<const float> outer_state(int j) const {
-        optimizer<Inner>::check_state_index(j, Outer::state_size, "outer state");
+        detail::check_state_index(j, Outer::state_size, "outer state");
         const std::size_t total = global_.size();
         return {outer_state_.data() + static_cast<std::size_t>(j) * total, total};
     }

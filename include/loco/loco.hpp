@@ -28,4 +28,5 @@
 #include <loco/comm/threads.hpp>
 
 #include <loco/diloco.hpp>
+#include <loco/groups.hpp>
 #include <loco/optimizer.hpp>

@@ -35,13 +35,89 @@ struct step_result {
 template <class, class, class, class>
 class diloco;
 
+namespace detail {
+
+inline void check_state_index(int j, int state_size, const char* what) {
+    if (j < 0 || j >= state_size) {
+        throw invalid_argument(std::string("loco: ") + what + " index " + std::to_string(j) +
+                               " is outside [0, " + std::to_string(state_size) + ")");
+    }
+}
+
+// The element counts of every parameter: checked first on load, so that a checkpoint of another
+// model fails with a clear message before any state is read.
+inline void write_layout(checkpoint_writer& w, const parameter_list& params) {
+    w.u64(params.size());
+    for (const auto& p : params) {
+        w.u64(p.value.size);
+    }
+}
+inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
+    r.expect_u64(params.size(), "the number of parameters");
+    for (const auto& p : params) {
+        r.expect_u64(p.value.size, "a parameter's element count");
+    }
+}
+
+// The part of an inner optimizer that depends on the kind of policy: its state and how one step
+// updates the parameters. This primary template serves element-wise policies; per-matrix policies
+// (Muon) and parameter groups (groups.hpp) specialise it.
+template <class Inner>
+class inner_engine {
+    static_assert(check_elementwise_policy<Inner>());
+
+public:
+    using hyper_type = typename Inner::hyper;
+    static constexpr int state_size = Inner::state_size;
+
+    explicit inner_engine(const parameter_list& params)
+        : total_(params.total_elements()),
+          state_(static_cast<std::size_t>(state_size) * total_, 0.0f) {}
+
+    static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }
+
+    void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
+        const auto k = Inner::prepare(h, step);
+        for (const auto& p : params) {
+            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state_.data() + p.offset,
+                                        total_, p.value.size);
+        }
+    }
+
+    std::span<const float> state(int j) const {
+        check_state_index(j, state_size, "state");
+        return {state_.data() + static_cast<std::size_t>(j) * total_, total_};
+    }
+
+    void write(checkpoint_writer& w) const {
+        w.text(Inner::name);
+        w.u64(static_cast<std::uint64_t>(state_size));
+        w.floats(state_);
+    }
+    using pending = std::vector<float>;
+    pending read(checkpoint_reader& r) const {
+        r.expect_text(Inner::name, "the inner optimizer");
+        r.expect_u64(static_cast<std::uint64_t>(state_size), "the inner state size");
+        pending next(state_.size());
+        r.floats(next, "the inner optimizer state");
+        return next;
+    }
+    void commit(pending&& next) noexcept { state_ = std::move(next); }
+
+private:
+    std::size_t total_;
+    std::vector<float> state_;  // state_size arrays of total_ floats
+};
+
+}  // namespace detail
+
 template <class Inner>
 class optimizer {
-    static_assert(detail::check_elementwise_policy<Inner>());
+    using engine = detail::inner_engine<Inner>;
 
 public:
     using policy = Inner;
-    using hyper_type = typename Inner::hyper;
+    using hyper_type = typename engine::hyper_type;
 
     struct config {
         hyper_type inner{};
@@ -49,11 +125,8 @@ public:
     };
 
     explicit optimizer(parameter_list params, config cfg = {})
-        : params_(std::move(params)), cfg_(cfg) {
-        detail::validate_hyper<Inner>(cfg_.inner);
-        params_.check_no_overlap();
-        require_host_memory(params_);
-        state_.assign(static_cast<std::size_t>(Inner::state_size) * params_.total_elements(), 0.0f);
+        : params_(std::move(params)), cfg_(cfg), engine_(checked(params_)) {
+        engine::validate(cfg_.inner);
     }
 
     // One update of every parameter from its gradient. Returns {applied = false} when a gradient
@@ -71,18 +144,21 @@ public:
     const hyper_type& hyper() const noexcept { return cfg_.inner; }
     nonfinite_policy on_nonfinite() const noexcept { return cfg_.on_nonfinite; }
 
-    std::uint64_t steps() const noexcept { return steps_; }             // updates applied
+    std::uint64_t steps() const noexcept { return steps_; }  // updates applied
     // Steps not applied: a non-finite gradient under nonfinite_policy::skip (and, in
     // loco::diloco, a first gradient computed before the worker received rank 0's parameters).
     std::uint64_t skipped_steps() const noexcept { return skipped_; }
     const parameter_list& params() const noexcept { return params_; }
 
-    // State array j (0 <= j < Inner::state_size) over the flat layout of all parameters.
-    std::span<const float> state(int j) const {
-        check_state_index(j, Inner::state_size, "state");
-        const std::size_t total = params_.total_elements();
-        return {state_.data() + static_cast<std::size_t>(j) * total, total};
+    // State array j (0 <= j < state_size) over the flat layout of all parameters (policies with
+    // one state layout; parameter groups expose theirs per group).
+    std::span<const float> state(int j) const
+        requires requires(const engine& e) { e.state(j); }
+    {
+        return engine_.state(j);
     }
+    // The engine of a parameter-group optimizer: group<I>() (groups.hpp).
+    const engine& engine_state() const noexcept { return engine_; }
 
     void save(std::ostream& os) const {
         detail::checkpoint_writer w(os);
@@ -108,10 +184,12 @@ private:
     struct section {
         std::uint64_t steps = 0;
         std::uint64_t skipped = 0;
-        std::vector<float> state;
+        typename engine::pending state;
     };
 
-    static void require_host_memory(const parameter_list& params) {
+    // Checks that hold for every policy, before the engine allocates anything.
+    static const parameter_list& checked(const parameter_list& params) {
+        params.check_no_overlap();
         for (const auto& p : params) {
             if (p.value.space != memory_space::host) {
                 throw memory_space_error(
@@ -121,29 +199,18 @@ private:
                     "pass host tensors");
             }
         }
-    }
-
-    static void check_state_index(int j, int state_size, const char* what) {
-        if (j < 0 || j >= state_size) {
-            throw invalid_argument(std::string("loco: ") + what + " index " + std::to_string(j) +
-                                   " is outside [0, " + std::to_string(state_size) + ")");
-        }
+        return params;
     }
 
     // Everything that can refuse a step, before anything changes: the hyper-parameters, and the
     // gradients under the non-finite policy. False means "skip this step".
     bool ready_to_step() {
-        detail::validate_hyper<Inner>(cfg_.inner);
+        engine::validate(cfg_.inner);
         return cfg_.on_nonfinite == nonfinite_policy::ignore || gradients_finite();
     }
 
     void apply_update() {
-        const auto k = Inner::prepare(cfg_.inner, steps_ + 1);
-        const std::size_t total = params_.total_elements();
-        for (const auto& p : params_) {
-            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state_.data() + p.offset,
-                                        total, p.value.size);
-        }
+        engine_.apply(cfg_.inner, steps_ + 1, params_);
         ++steps_;
     }
 
@@ -162,50 +229,32 @@ private:
         return true;
     }
 
-    // Layout and policy identity first, so that a checkpoint of another model fails early.
-    static void write_layout(detail::checkpoint_writer& w, const parameter_list& params) {
-        w.u64(params.size());
-        for (const auto& p : params) {
-            w.u64(p.value.size);
-        }
-    }
-    static void read_layout(detail::checkpoint_reader& r, const parameter_list& params) {
-        r.expect_u64(params.size(), "the number of parameters");
-        for (const auto& p : params) {
-            r.expect_u64(p.value.size, "a parameter's element count");
-        }
-    }
-
+    // Layout first, so that a checkpoint of another model fails early.
     void write_section(detail::checkpoint_writer& w) const {
-        w.text(Inner::name);
-        w.u64(static_cast<std::uint64_t>(Inner::state_size));
-        write_layout(w, params_);
+        detail::write_layout(w, params_);
         w.u64(steps_);
         w.u64(skipped_);
-        w.floats(state_);
+        engine_.write(w);
     }
 
     section read_section(detail::checkpoint_reader& r) const {
-        r.expect_text(Inner::name, "the inner optimizer");
-        r.expect_u64(static_cast<std::uint64_t>(Inner::state_size), "the inner state size");
-        read_layout(r, params_);
+        detail::read_layout(r, params_);
         section s;
         s.steps = r.u64("the inner step count");
         s.skipped = r.u64("the skipped step count");
-        s.state.resize(state_.size());
-        r.floats(s.state, "the inner optimizer state");
+        s.state = engine_.read(r);
         return s;
     }
 
     void commit(section&& s) noexcept {
         steps_ = s.steps;
         skipped_ = s.skipped;
-        state_ = std::move(s.state);
+        engine_.commit(std::move(s.state));
     }
 
     parameter_list params_;
     config cfg_;
-    std::vector<float> state_;
+    engine engine_;
     std::uint64_t steps_ = 0;
     std::uint64_t skipped_ = 0;
 };

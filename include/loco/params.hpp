@@ -57,11 +57,15 @@ constexpr bool check_parameter() {
 
 }  // namespace detail
 
+// A user-chosen label for selectors (groups.hpp). 0 is "no tag"; loco::tags names a few.
+using parameter_tag = std::uint32_t;
+
 struct parameter {
     std::string name;
     tensor_view<float> value;       // updated in place by the optimizer
     tensor_view<const float> grad;  // read by the inner step
     std::size_t offset = 0;         // position of element 0 in the flat layout
+    parameter_tag tag = 0;
 };
 
 class parameter_list {
@@ -70,14 +74,14 @@ public:
 
     // Adds a parameter and its gradient. Both must be loco tensors (see tensor.hpp) of float
     // elements, of the same size, in the same memory space as the parameters already added.
-    // An empty name is replaced by "param<index>".
+    // An empty name is replaced by "param<index>". The tag is for selectors (groups.hpp).
     template <class Value, class Grad>
-    parameter_list& add(std::string name, Value&& value, Grad&& grad) {
+    parameter_list& add(std::string name, Value&& value, Grad&& grad, parameter_tag tag = 0) {
         // A mistake stops the build inside check_parameter with one sentence; the discarded
         // branch keeps the compiler from piling its own errors on top.
         if constexpr (detail::check_parameter<Value, Grad>()) {
             return add_views(std::move(name), as_view(value),
-                             tensor_view<const float>(as_view(grad)));
+                             tensor_view<const float>(as_view(grad)), tag);
         } else {
             return *this;
         }
@@ -85,7 +89,7 @@ public:
 
     // The same with views already built (host_tensor, cuda_matrix, ...).
     parameter_list& add_views(std::string name, tensor_view<float> value,
-                              tensor_view<const float> grad) {
+                              tensor_view<const float> grad, parameter_tag tag = 0) {
         if (name.empty()) {
             name = unused_name("param" + std::to_string(items_.size()));
         }
@@ -118,7 +122,7 @@ public:
                 throw invalid_argument("loco: two parameters are named '" + name + "'");
             }
         }
-        items_.push_back(parameter{std::move(name), value, grad, total_});
+        items_.push_back(parameter{std::move(name), value, grad, total_, tag});
         total_ += value.size;
         return *this;
     }
