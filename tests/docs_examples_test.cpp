@@ -929,3 +929,141 @@ TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
         CHECK(global_after[1] == std::vector<float>(3, 1.0f));
     }
 }
+
+// ---- docs/compressors.md: the payload compressors ---------------------------------------------
+
+TEST_CASE("docs: a compressor in loco::diloco, MuLoCo's 2-bit setting") {
+    // [snippet:compress-use]
+    // MuLoCo's compression: 2-bit statistical codes, with error feedback that decays the residual
+    // by 0.9 and folds the outer learning rate into it.
+    using compressor = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    std::uint64_t per_sync[2] = {};
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(1000, 1.0f);
+        std::vector<float> grad(1000, 0.5f);
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov, compressor> opt(
+            params, comm,
+            {.schedule = {.every = 10}, .compress = {.decay = 0.9f, .fold_outer_lr = true}});
+        for (int step = 0; step < 10; ++step) {
+            opt.step();
+        }
+        per_sync[comm.rank()] = opt.bytes_per_sync();
+    });
+    // One payload: the 40-byte header, shift and 4 table entries (4 * 5 bytes), 1000 2-bit codes
+    // (250 bytes, padded to 252). The all-gather sends it to the one other worker:
+    // per_sync == {312, 312}
+    // [snippet:compress-use end]
+    CHECK(per_sync[0] == 312);
+    CHECK(per_sync[1] == 312);
+}
+
+TEST_CASE("docs: compress::cast example") {
+    // [snippet:compress-cast]
+    using fp16 = loco::compress::cast<loco::fp16>;
+    const std::vector<float> x = {1.0f / 3.0f, 70000.0f, 1e-8f, -2.5f};
+    const loco::compress::segment segs[] = {{.offset = 0, .size = 4, .rows = 1, .cols = 4}};
+
+    std::vector<std::byte> payload(fp16::payload_bytes({}, segs));  // 40 + 2 * 4 = 48 bytes
+    fp16::encode({}, x, segs, {}, {}, payload);
+    std::vector<float> y(4);
+    fp16::decode({}, payload, segs, y);
+    // y == {0.333251953125f, inf, 0.0f, -2.5f}: 11 significant bits, 70000 beyond fp16's range,
+    // 1e-8 below half its smallest subnormal (2^-24 = 6e-8)
+    // [snippet:compress-cast end]
+    CHECK(payload.size() == 48);
+    CHECK(y[0] == 0.333251953125f);
+    CHECK(y[1] == std::numeric_limits<float>::infinity());
+    CHECK(y[2] == 0.0f);
+    CHECK(y[3] == -2.5f);
+}
+
+TEST_CASE("docs: compress::blockwise example") {
+    // [snippet:compress-blockwise]
+    using q = loco::compress::blockwise<2, 4>;  // 2-bit codes, one scale per 4 elements
+    const std::vector<float> x = {3.0f, 0.0f, -2.0f, 0.5f, 1.0f, -1.0f, 0.25f, 0.5f};
+    const loco::compress::segment segs[] = {{.offset = 0, .size = 8, .rows = 1, .cols = 8}};
+    const q::hyper h{.scale = loco::compress::scale_kind::absmax,
+                     .round = loco::compress::rounding::nearest};
+
+    std::vector<std::byte> payload(q::payload_bytes(h, segs));  // 40 + 2 * 4 + 4 = 52 bytes
+    q::encode(h, x, segs, {}, {}, payload);
+    std::vector<float> y(8);
+    q::decode(h, payload, segs, y);
+    // Block 1: s = 3, levels -3, -1, 1, 3; 0 and -2 lie on ties (t = 1.5, 0.5), which go to the
+    // even code. Block 2: s = 1, levels -1, -1/3, 1/3, 1.
+    // y == {3, 1, -3, 1, 1, -1, 1/3, 1/3}
+    // [snippet:compress-blockwise end]
+    CHECK(payload.size() == 52);
+    const float third = 1.0f / 3.0f;
+    CHECK(y == std::vector<float>{3, 1, -3, 1, 1, -1, third, third});
+}
+
+TEST_CASE("docs: compress::statistical example reproduces MuLoCo's quantizer") {
+    // [snippet:compress-statistical]
+    using q = loco::compress::statistical<2>;  // MuLoCo: 4 bins, range 6
+    const std::vector<float> x = {0.9f, -0.6f, 2.4f, 0.5f, 0.1f, 1.6f, -2.1f, 0.4f};
+    const loco::compress::segment segs[] = {{.offset = 0, .size = 8, .rows = 1, .cols = 8}};
+
+    std::vector<std::byte> payload(q::payload_bytes({}, segs));  // 40 + 4 * (1 + 4) + 4 = 64 bytes
+    q::encode({}, x, segs, {}, {}, payload);
+    std::vector<float> y(8);
+    q::decode({}, payload, segs, y);
+    // shift 0.4, sigma 1.3649, scale 2.0473; codes {2, 2, 3, 2, 2, 3, 1, 2};
+    // table {0, -2.5, -0.14, 1.6} (bin 0 is empty), each entry the mean of its bin:
+    // y == {0.26, 0.26, 2.0, 0.26, 0.26, 2.0, -2.1, 0.26}
+    // [snippet:compress-statistical end]
+    CHECK(payload.size() == 64);
+    const double want[] = {0.26, 0.26, 2.0, 0.26, 0.26, 2.0, -2.1, 0.26};
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(y[i] == relative(want[i]).epsilon(1e-6));
+    }
+}
+
+TEST_CASE("docs: compress::topk example") {
+    // [snippet:compress-topk]
+    using q = loco::compress::topk;
+    const std::vector<float> x = {0.1f, -4.0f, 0.3f, 2.0f, -0.2f, 4.0f, 0.0f, 2.0f, -0.5f, 0.2f};
+    const loco::compress::segment segs[] = {{.offset = 0, .size = 10, .rows = 1, .cols = 10}};
+    const q::hyper h{.ratio = 0.25f};  // k = ceil(0.25 * 10) = 3
+
+    std::vector<std::byte> payload(q::payload_bytes(h, segs));  // 40 + 3 * (4 + 4) = 64 bytes
+    q::encode(h, x, segs, {}, {}, payload);
+    std::vector<float> y(10);
+    q::decode(h, payload, segs, y);
+    // -4 and 4, then the 2 at index 3, which ties with the 2 at index 7 and wins as the lower index:
+    // y == {0, -4, 0, 2, 0, 4, 0, 0, 0, 0}
+    // [snippet:compress-topk end]
+    CHECK(payload.size() == 64);
+    CHECK(y == std::vector<float>{0, -4, 0, 2, 0, 4, 0, 0, 0, 0});
+}
+
+// ---- docs/inner.md: muon -------------------------------------------------------------------------
+
+// loco.hpp does not include it yet.
+#include <loco/inner/muon.hpp>
+
+TEST_CASE("docs: inner::muon example") {
+    // [snippet:inner-muon]
+    // A 1 x 3 matrix has a single singular value, so Newton-Schulz returns the unit vector times
+    // phi^5(1) = 0.6964 (Keller Jordan's coefficients), whatever the gradient's size.
+    std::vector<float> w = {1.0f, 1.0f, 1.0f};
+    std::vector<float> grad = {3.0f, 0.0f, -4.0f};
+    std::vector<float> momentum(3, 0.0f);
+    loco::inner::muon_workspace ws;
+
+    loco::inner::muon::update_matrix({.lr = 0.1f, .weight_decay = 0.0f, .nesterov = false}, 1,
+                                     w.data(), grad.data(), momentum.data(), 1, 3, ws);
+    // momentum = 0.05 * grad = {0.15, 0, -0.2};  its unit vector is {0.6, 0, -0.8};
+    // lr_adj = 0.1 * sqrt(max(1, 1 / 3)) = 0.1;
+    // w = 1 - 0.1 * 0.6964 * {0.6, 0, -0.8} = {0.95821, 1.0, 1.05571}
+    // [snippet:inner-muon end]
+    CHECK(momentum[0] == relative(0.15).epsilon(1e-6));
+    CHECK(momentum[1] == 0.0f);
+    CHECK(momentum[2] == relative(-0.2).epsilon(1e-6));
+    CHECK(w[0] == relative(1.0 - 0.1 * 0.69644 * 0.6).epsilon(1e-5));
+    CHECK(w[1] == 1.0f);
+    CHECK(w[2] == relative(1.0 + 0.1 * 0.69644 * 0.8).epsilon(1e-5));
+}

@@ -3,6 +3,7 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/float16.hpp>
 #include <loco/math.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
@@ -16,9 +17,13 @@
 #include <loco/outer/nesterov.hpp>
 #include <loco/outer/sgd.hpp>
 
+#include <loco/compress/blockwise.hpp>
+#include <loco/compress/cast.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/error_feedback.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/statistical.hpp>
+#include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/exchange.hpp>
 #include <loco/schedule/every.hpp>

@@ -12,6 +12,9 @@
 //   static void decode(const hyper&, std::span<const std::byte> in, std::span<const segment>,
 //                      std::span<float> out);
 //
+// and optionally
+//   static void validate(const hyper&);                 // throws loco::invalid_argument
+//
 // x, state and out are indexed by the flat layout (a segment's elements are at
 // [offset, offset + size)); state holds state_size arrays of x.size() floats, array j at
 // j * x.size(). payload_bytes is exact and depends only on the hyper-parameters and the segments,
@@ -20,14 +23,18 @@
 // docs/compressors.md.
 
 #include <cstddef>
+#include <loco/error.hpp>
+
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 
 namespace loco::compress {
 
-// A range of the flat layout that is compressed on its own. rows x cols == size; a 1-D range has
-// rows == 1. Per-row quantizers use the rows; the others ignore them.
+// A range of the flat layout that is compressed on its own. A 2-D range has rows x cols == size;
+// a 1-D range has rows == 1 (and cols is not used). Per-row quantizers use the rows; the others
+// ignore them.
 struct segment {
     std::size_t offset = 0;
     std::size_t size = 0;
@@ -36,7 +43,7 @@ struct segment {
 };
 
 // What changes from one encode to the next. Stochastic rounding draws from the counter-based
-// generator in random.hpp with (seed, stream, element index), stream = round * 2^16 + rank, so
+// generator in random.hpp with (seed, stream, element index), stream = round * 2^32 + rank, so
 // every rank and every sync uses fresh draws and a run is reproducible per seed.
 struct encode_context {
     std::uint64_t seed = 0;   // the run's seed
@@ -45,9 +52,39 @@ struct encode_context {
     float outer_lr = 1.0f;    // for error_feedback's MuLoCo form, which folds it into the buffer
 
     std::uint64_t stream() const noexcept {
-        return (round << 16) + static_cast<std::uint64_t>(rank);
+        return (round << 32) + static_cast<std::uint32_t>(rank);
     }
 };
+
+inline std::size_t total_elements(std::span<const segment> segs) noexcept {
+    std::size_t n = 0;
+    for (const segment& s : segs) {
+        n += s.size;
+    }
+    return n;
+}
+
+// Throws loco::shape_error unless every segment lies inside an array of n elements.
+inline void check_segments_inside(std::span<const segment> segs, std::size_t n,
+                                  std::string_view who, std::string_view array) {
+    for (const segment& s : segs) {
+        if (s.offset > n || s.size > n - s.offset) {
+            throw shape_error("loco::compress::" + std::string(who) + ": a segment [" +
+                              std::to_string(s.offset) + ", +" + std::to_string(s.size) +
+                              ") lies outside the " + std::string(array) + " of " +
+                              std::to_string(n) + " elements");
+        }
+    }
+}
+
+// Throws loco::shape_error unless an output buffer holds exactly the payload's bytes.
+inline void check_payload_buffer(std::size_t have, std::size_t want, std::string_view who) {
+    if (have != want) {
+        throw shape_error("loco::compress::" + std::string(who) + ": the output buffer holds " +
+                          std::to_string(have) + " bytes, payload_bytes() is " +
+                          std::to_string(want));
+    }
+}
 
 template <class C>
 concept compressor =

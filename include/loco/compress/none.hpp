@@ -22,11 +22,13 @@ struct none {
     struct hyper {};
 
     static std::size_t payload_bytes(const hyper&, std::span<const segment> segs) noexcept {
-        return wire::header_bytes + 4 * elements(segs);
+        return wire::header_bytes + 4 * total_elements(segs);
     }
 
     static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
                        std::span<float>, const encode_context&, std::span<std::byte> out) {
+        check_segments_inside(segs, x.size(), name, "input");
+        check_payload_buffer(out.size(), payload_bytes(h, segs), name);
         std::size_t at = wire::header_bytes;
         for (const segment& s : segs) {
             if (s.size != 0) {
@@ -39,6 +41,7 @@ struct none {
 
     static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
                        std::span<float> out) {
+        check_segments_inside(segs, out.size(), name, "output");
         const auto body = wire::open(in, expected_header(h, segs), name);
         std::size_t at = 0;
         for (const segment& s : segs) {
@@ -50,20 +53,12 @@ struct none {
     }
 
 private:
-    static std::size_t elements(std::span<const segment> segs) noexcept {
-        std::size_t n = 0;
-        for (const segment& s : segs) {
-            n += s.size;
-        }
-        return n;
-    }
-
     static wire::header expected_header(const hyper&, std::span<const segment> segs) noexcept {
         wire::header w;
         w.compressor = wire_id;
         w.bits = 32;
         w.segments = static_cast<std::uint32_t>(segs.size());
-        w.elements = elements(segs);
+        w.elements = total_elements(segs);
         w.body_bytes = 4 * w.elements;
         return w;
     }

@@ -12,7 +12,8 @@
 //           4  u8  bits           code width, 0 when not applicable
 //           5  u8  flags          compressor-specific settings (rounding, scale kind, ...)
 //           6  u16 reserved       0
-//           8  u32 block          block size, 0 when not applicable
+//           8  u32 block          block size, or another u32 setting of the compressor (e.g. the
+//                                 bit pattern of an fp32 parameter), 0 when not applicable
 //          12  u32 segments       number of segments encoded
 //          16  u64 elements       number of elements encoded
 //          24  u64 body_bytes     bytes after the header

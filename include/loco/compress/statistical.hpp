@@ -1,0 +1,319 @@
+#pragma once
+// MuLoCo's statistical quantizer (Thérien et al., arXiv 2505.23725; QuantizationCompressor and
+// BatchedRowiseQuantizationCompressor in facebookresearch/MuLoCo quantized_outer_sgd.py): codes
+// relative to the mean in units of the standard deviation, decoded through a table of the mean of
+// each bin, so a code stands for the average of what it replaced.
+//
+// Definition, for each group of n elements x_i (granularity::tensor: the segment;
+// granularity::row: each row of the segment seen as rows x (size / rows), row-major):
+//
+//   B     = 2^Bits bins
+//   shift = (sum_i x_i) / n                                    -> fp32
+//   c_i   = x_i - shift                                        (shift: the fp32 value)
+//   sigma = sqrt(sum_i c_i^2 / (n - 1))                        (unbiased, like torch.var)
+//   scale = range * sigma / B                                  -> fp32; 1 if that is 0, NaN or inf
+//                                                                 (and for n = 1)
+//   q_i   = clamp(round_half_to_even(c_i / scale + B/2), 0, B - 1)
+//   lut_b = mean of c_i over the i with q_i = b; 0 for an empty bin   -> fp32
+//   decode: x_i ~ lut[q_i] + shift
+//
+// Sums (shift, sigma, lut) are accumulated in double on the host, in element order, with c_i =
+// double(x_i) - double(shift); shift, scale and lut are then rounded to fp32. The code of an
+// element is computed in fp32 by code() below, t = (x_i - shift) / scale + B/2, and the decoded
+// value is fp32 lut[q] + shift: these are the LOCO_HD functions a CUDA kernel shares. A group
+// holding NaN or +-inf gets a NaN or infinite shift, all its codes are 0 (a NaN t counts as below
+// the range) and it decodes to NaN: the non-finite value still reaches the receiver.
+//
+// Error bound. Let S_b be the set of c_j of the group with code b. For an element with code b,
+// |decode - x| <= max S_b - min S_b + 2^-22 * (|x| + |shift| + |lut_b|): lut_b is the mean of
+// S_b, and the last term covers fp32 rounding. For the inner codes 0 < b < B - 1, S_b lies in a
+// bin of width scale, so max S_b - min S_b <= scale * (1 + B * 2^-22) (the fp32 rounding of t
+// may move an element across a bin edge by at most that much); the outer two bins collect
+// everything below -(B/2 - 0.5) * scale and from (B/2 - 1.5) * scale up, which their means
+// represent but do not bound.
+//
+// Wire header: bits = Bits, flags = per (0 tensor, 1 row), block = the fp32 bit pattern of
+// range (a receiver with another range is refused, although decoding does not need it).
+//
+// Body, for each segment in order (n = its size; G groups: 0 if n = 0, else 1 per tensor or
+// `rows` per row):
+//   G records of 1 + B fp32: shift_g, lut_g[0], ..., lut_g[B - 1]
+//   ceil(n * Bits / 8) bytes of codes, packed as wire.hpp describes (element i of the segment is
+//     code i, rows one after the other), unused bits zero
+//   zero bytes up to a multiple of 4, so that every fp32 of the body is 4-byte aligned
+// Segment bytes: 4 * G * (1 + B) + 4 * ceil(ceil(n * Bits / 8) / 4).
+//
+// decode refuses, besides everything wire::open checks: a nonzero table entry for a bin no
+// element uses; nonzero padding bits or bytes. Per row needs rows >= 1 dividing the segment's
+// size (loco::shape_error otherwise).
+
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/config.hpp>
+#include <loco/error.hpp>
+#include <loco/float16.hpp>
+#include <loco/math.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace loco::compress {
+
+enum class granularity : std::uint8_t { tensor = 0, row = 1 };
+
+template <int Bits>
+struct statistical {
+    static_assert(Bits == 1 || Bits == 2 || Bits == 4 || Bits == 8,
+                  "loco::compress::statistical: Bits must be 1, 2, 4 or 8");
+
+    static constexpr std::string_view name = "statistical";
+    static constexpr std::uint8_t wire_id = 3;
+    static constexpr int state_size = 0;
+
+    struct hyper {
+        granularity per = granularity::tensor;
+        float range = 6.0f;  // MuLoCo's quantization_range
+    };
+
+    static constexpr unsigned bins = 1u << Bits;  // B
+
+    static void validate(const hyper& h) {
+        if (h.per != granularity::tensor && h.per != granularity::row) {
+            throw invalid_argument("loco::compress::statistical: per must be tensor or row");
+        }
+        if (!(h.range > 0.0f) || !math::isfinite(h.range)) {
+            throw invalid_argument(
+                "loco::compress::statistical: range must be positive and finite");
+        }
+    }
+
+    // ---- per element, shared with the CUDA kernels ----------------------------------------------
+
+    // clamp(round_half_to_even(c / scale + B/2), 0, B - 1), with NaN taken as below the range.
+    LOCO_HD static unsigned code(float x, float shift, float scale) noexcept {
+        float t = (x - shift) / scale + static_cast<float>(bins / 2);
+        t = t >= 0.0f ? t : 0.0f;  // also NaN
+        t = t <= static_cast<float>(bins - 1) ? t : static_cast<float>(bins - 1);
+        const unsigned low = static_cast<unsigned>(t);
+        const float frac = t - static_cast<float>(low);
+        return low + static_cast<unsigned>(frac > 0.5f || (frac == 0.5f && (low & 1u) != 0));
+    }
+
+    LOCO_HD static float value(float lut_entry, float shift) noexcept { return lut_entry + shift; }
+
+    // ---- group statistics (host) ----------------------------------------------------------------
+
+    static float group_shift(const float* x, std::size_t n) noexcept {
+        double sum = 0.0;
+        for (std::size_t i = 0; i < n; ++i) {
+            sum += static_cast<double>(x[i]);
+        }
+        return static_cast<float>(sum / static_cast<double>(n));
+    }
+
+    static float group_scale(const float* x, std::size_t n, float shift, float range) noexcept {
+        if (n < 2) {
+            return 1.0f;  // the unbiased variance of one element is NaN
+        }
+        double squares = 0.0;
+        for (std::size_t i = 0; i < n; ++i) {
+            const double c = static_cast<double>(x[i]) - static_cast<double>(shift);
+            squares += c * c;
+        }
+        const double sigma = std::sqrt(squares / static_cast<double>(n - 1));
+        const float scale = static_cast<float>(static_cast<double>(range) * sigma / bins);
+        return scale == 0.0f || !math::isfinite(scale) ? 1.0f : scale;
+    }
+
+    // ---- the compressor interface ---------------------------------------------------------------
+
+    static std::size_t payload_bytes(const hyper& h, std::span<const segment> segs) {
+        validate(h);
+        return wire::header_bytes + body_bytes(h, segs);
+    }
+
+    static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
+                       std::span<float>, const encode_context&, std::span<std::byte> out) {
+        validate(h);
+        check_encode_buffers(h, x, segs, out.size());
+        std::fill(out.begin(), out.end(), std::byte{0});  // pack() ORs into zeroed bytes
+        std::size_t at = wire::header_bytes;
+        for (const segment& s : segs) {
+            const std::size_t g = groups(h, s);
+            std::byte* codes = out.data() + at + record_bytes * g;
+            for (std::size_t r = 0; r < g; ++r) {
+                const std::size_t first = r * (s.size / g);
+                encode_group(h, x.data() + s.offset + first, s.size / g, out,
+                             at + record_bytes * r, codes, first);
+            }
+            at += segment_bytes(h, s);
+        }
+        wire::write_header(out, expected_header(h, segs));
+    }
+
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
+                       std::span<float> out) {
+        validate(h);
+        check_decode_buffer(h, segs, out.size());
+        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            check_segment(body.subspan(at, segment_bytes(h, s)), s.size, groups(h, s));
+            at += segment_bytes(h, s);
+        }
+        at = 0;
+        for (const segment& s : segs) {
+            decode_segment(body.subspan(at, segment_bytes(h, s)), groups(h, s),
+                           out.subspan(s.offset, s.size));
+            at += segment_bytes(h, s);
+        }
+    }
+
+    // ---- layout ---------------------------------------------------------------------------------
+
+    static constexpr std::size_t record_bytes = 4 * (1 + bins);
+
+    static constexpr std::size_t code_bytes(std::size_t n) noexcept {
+        return (wire::packed_bytes<Bits>(n) + 3) / 4 * 4;
+    }
+
+    // Groups of a segment; per row, the segment must split into `rows` equal rows.
+    static std::size_t groups(const hyper& h, const segment& s) {
+        if (s.size == 0) {
+            return 0;
+        }
+        if (h.per == granularity::tensor) {
+            return 1;
+        }
+        if (s.rows == 0 || s.size % s.rows != 0) {
+            throw shape_error("loco::compress::statistical: per-row quantization of a segment of " +
+                              std::to_string(s.size) + " elements in " + std::to_string(s.rows) +
+                              " rows");
+        }
+        return s.rows;
+    }
+
+    static std::size_t segment_bytes(const hyper& h, const segment& s) {
+        return record_bytes * groups(h, s) + code_bytes(s.size);
+    }
+
+private:
+    static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
+        std::size_t n = 0;
+        for (const segment& s : segs) {
+            n += segment_bytes(h, s);
+        }
+        return n;
+    }
+
+    static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
+        wire::header w;
+        w.compressor = wire_id;
+        w.bits = static_cast<std::uint8_t>(Bits);
+        w.flags = static_cast<std::uint8_t>(h.per);
+        w.block = loco::detail::float_bits(h.range);
+        w.segments = static_cast<std::uint32_t>(segs.size());
+        for (const segment& s : segs) {
+            w.elements += s.size;
+        }
+        w.body_bytes = body_bytes(h, segs);
+        return w;
+    }
+
+    static void check_encode_buffers(const hyper& h, std::span<const float> x,
+                                     std::span<const segment> segs, std::size_t out_bytes) {
+        for (const segment& s : segs) {
+            if (s.offset > x.size() || s.size > x.size() - s.offset) {
+                throw shape_error("loco::compress::statistical: a segment lies outside the input");
+            }
+        }
+        if (out_bytes != wire::header_bytes + body_bytes(h, segs)) {
+            throw shape_error("loco::compress::statistical: the output buffer holds " +
+                              std::to_string(out_bytes) + " bytes, payload_bytes() is " +
+                              std::to_string(wire::header_bytes + body_bytes(h, segs)));
+        }
+    }
+
+    static void check_decode_buffer(const hyper& h, std::span<const segment> segs,
+                                    std::size_t out_size) {
+        for (const segment& s : segs) {
+            if (s.offset > out_size || s.size > out_size - s.offset) {
+                throw shape_error("loco::compress::statistical: a segment lies outside the output");
+            }
+            groups(h, s);
+        }
+    }
+
+    // One group: its record at `record` and its codes at codes[first ..].
+    static void encode_group(const hyper& h, const float* x, std::size_t n,
+                             std::span<std::byte> out, std::size_t record, std::byte* codes,
+                             std::size_t first) {
+        const float shift = group_shift(x, n);
+        const float scale = group_scale(x, n, shift, h.range);
+        std::array<double, bins> sums{};
+        std::array<std::size_t, bins> counts{};
+        for (std::size_t i = 0; i < n; ++i) {
+            const unsigned q = code(x[i], shift, scale);
+            wire::pack<Bits>(codes, first + i, q);
+            sums[q] += static_cast<double>(x[i]) - static_cast<double>(shift);
+            ++counts[q];
+        }
+        wire::put<float>(out, record, shift);
+        for (unsigned b = 0; b < bins; ++b) {
+            const double mean = counts[b] == 0 ? 0.0 : sums[b] / static_cast<double>(counts[b]);
+            wire::put<float>(out, record + 4 * (1 + b), static_cast<float>(mean));
+        }
+    }
+
+    [[noreturn]] static void refuse(const std::string& what) {
+        throw wire_error("loco::compress::statistical: malformed payload: " + what);
+    }
+
+    static void check_segment(std::span<const std::byte> bytes, std::size_t n, std::size_t g) {
+        const std::byte* codes = bytes.data() + record_bytes * g;
+        for (std::size_t r = 0; r < g; ++r) {
+            std::array<bool, bins> used{};
+            for (std::size_t i = r * (n / g); i < (r + 1) * (n / g); ++i) {
+                used[wire::unpack<Bits>(codes, i)] = true;
+            }
+            for (unsigned b = 0; b < bins; ++b) {
+                const float entry = wire::get<float>(bytes, record_bytes * r + 4 * (1 + b));
+                if (!used[b] && loco::detail::float_bits(entry) != 0) {
+                    refuse("a nonzero table entry for an unused bin");
+                }
+            }
+        }
+        constexpr std::size_t per_byte = 8 / Bits;
+        for (std::size_t i = n; i < wire::packed_bytes<Bits>(n) * per_byte; ++i) {
+            if (wire::unpack<Bits>(codes, i) != 0) {
+                refuse("nonzero padding bits after the last code");
+            }
+        }
+        for (std::size_t i = wire::packed_bytes<Bits>(n); i < code_bytes(n); ++i) {
+            if (codes[i] != std::byte{0}) {
+                refuse("nonzero alignment padding");
+            }
+        }
+    }
+
+    static void decode_segment(std::span<const std::byte> bytes, std::size_t g,
+                               std::span<float> out) noexcept {
+        const std::byte* codes = bytes.data() + record_bytes * g;
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            const std::size_t record = record_bytes * (i / (out.size() / g));
+            const float shift = wire::get<float>(bytes, record);
+            const unsigned q = wire::unpack<Bits>(codes, i);
+            out[i] = value(wire::get<float>(bytes, record + 4 * (1 + q)), shift);
+        }
+    }
+};
+
+static_assert(compressor<statistical<2>>);
+
+}  // namespace loco::compress

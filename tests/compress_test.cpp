@@ -1,0 +1,1309 @@
+// Tests of the pseudo-gradient compressors (include/loco/compress/) and of the 16-bit float
+// conversions they use (include/loco/float16.hpp).
+//
+//   * float16: every bit pattern round-trips; float -> 16 bits rounds like a reference that picks
+//     the nearer of the two exact neighbours (in double), on millions of random floats and on
+//     every tie and its neighbours.
+//   * conformance, for every configuration in compressor_cases: exact payload size, the wire
+//     header, codes and values against a plain double-precision reference written here from each
+//     header's definition, the documented error bound, determinism per (seed, round, rank), and
+//     decode writing only inside the segments.
+//   * per compressor: the reference vectors (algorithms.md T7, a per-row example by hand),
+//     non-finite inputs, payloads that pass the checksum but break the format, unbiasedness of
+//     stochastic rounding, and the size of 2-bit payloads.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include <loco/compress/blockwise.hpp>
+#include <loco/compress/cast.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/none.hpp>
+#include <loco/compress/statistical.hpp>
+#include <loco/compress/topk.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/error.hpp>
+#include <loco/float16.hpp>
+#include <loco/random.hpp>
+
+#include <boost/mp11.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lc = loco::compress;
+namespace wire = loco::compress::wire;
+
+// Collects failures (the first few with their text), so one bad rule reports one line, not
+// thousands.
+class findings {
+public:
+    void fail(const std::string& what) {
+        if (count_++ < 5) {
+            first_ += what + "\n";
+        }
+    }
+    template <class... Parts>
+    void expect(bool ok, const Parts&... parts) {
+        ++checked_;
+        if (!ok) {
+            std::ostringstream s;
+            (s << ... << parts);
+            fail(s.str());
+        }
+    }
+    void near_boundary() { ++ambiguous_; }
+    std::size_t ambiguous() const { return ambiguous_; }
+    std::size_t checked() const { return checked_; }
+    void check() const {
+        INFO(count_ << " of " << checked_ << " checks failed; first ones:\n" << first_);
+        CHECK(count_ == 0);
+    }
+
+private:
+    std::size_t count_ = 0;
+    std::size_t checked_ = 0;
+    std::size_t ambiguous_ = 0;
+    std::string first_;
+};
+
+std::uint32_t bits_of(float f) { return std::bit_cast<std::uint32_t>(f); }
+float float_of(std::uint32_t u) { return std::bit_cast<float>(u); }
+
+// round_half_to_even of a double, spelled out (independent of the rounding mode).
+double round_half_even(double t) {
+    const double low = std::floor(t);
+    const double frac = t - low;
+    if (frac > 0.5) {
+        return low + 1;
+    }
+    if (frac < 0.5) {
+        return low;
+    }
+    return std::fmod(low, 2.0) == 0.0 ? low : low + 1;
+}
+
+// ================================================================================================
+// 16-bit floats
+// ================================================================================================
+
+// A binary16-like format, described by its field widths; values come from ldexp on the fields,
+// not from the code under test.
+struct half_format {
+    int exponent_bits;
+    int fraction_bits;
+
+    int bias() const { return (1 << (exponent_bits - 1)) - 1; }
+    std::uint32_t inf_pattern() const { return ((1u << exponent_bits) - 1u) << fraction_bits; }
+    std::uint32_t quiet_bit() const { return 1u << (fraction_bits - 1); }
+    std::uint32_t sign_bit() const { return 1u << (exponent_bits + fraction_bits); }
+    // The value of a non-negative pattern up to inf_pattern(), which counts as 2^(emax + 1): the
+    // value an unbounded exponent would give it, which is what ties at the top round towards.
+    double value(std::uint32_t p) const {
+        const std::uint32_t e = p >> fraction_bits;
+        const double m = static_cast<double>(p & ((1u << fraction_bits) - 1u));
+        if (e == 0) {
+            return std::ldexp(m, 1 - bias() - fraction_bits);
+        }
+        return std::ldexp(1.0 + std::ldexp(m, -fraction_bits), static_cast<int>(e) - bias());
+    }
+    std::vector<double> table() const {
+        std::vector<double> t(inf_pattern() + 1);
+        for (std::uint32_t p = 0; p <= inf_pattern(); ++p) {
+            t[p] = value(p);
+        }
+        return t;
+    }
+    // Unit roundoff and the smallest subnormal step.
+    double unit_roundoff() const { return std::ldexp(1.0, -fraction_bits - 1); }
+    double smallest_step() const { return std::ldexp(1.0, 1 - bias() - fraction_bits); }
+};
+
+constexpr half_format bf16_format{8, 7};
+constexpr half_format fp16_format{5, 10};
+
+// The 16-bit pattern float f must become: the nearer neighbour, ties to the even pattern.
+std::uint32_t reference_round(const half_format& fmt, const std::vector<double>& table, float f) {
+    const std::uint32_t sign = std::signbit(f) ? fmt.sign_bit() : 0u;
+    const double a = std::abs(static_cast<double>(f));
+    if (a >= table.back()) {
+        return sign | fmt.inf_pattern();
+    }
+    // table[p] <= a < table[p + 1]
+    const auto above = std::upper_bound(table.begin(), table.end(), a);
+    const auto p = static_cast<std::uint32_t>(above - table.begin() - 1);
+    const double down = a - table[p];
+    const double up = table[p + 1] - a;
+    const std::uint32_t chosen = down < up ? p : (up < down ? p + 1 : (p % 2 == 0 ? p : p + 1));
+    return sign | chosen;
+}
+
+template <class Half>
+const half_format& format_of() {
+    if constexpr (std::is_same_v<Half, loco::bf16>) {
+        return bf16_format;
+    } else {
+        return fp16_format;
+    }
+}
+
+template <class Half>
+void check_rounding(const std::vector<double>& table, float f, findings& log) {
+    const half_format& fmt = format_of<Half>();
+    const std::uint32_t got = Half::from_float(f).bits;
+    if (std::isnan(f)) {
+        const bool nan = (got & ~fmt.sign_bit()) > fmt.inf_pattern();
+        const bool quiet = (got & fmt.quiet_bit()) != 0;
+        const bool sign = ((got & fmt.sign_bit()) != 0) == std::signbit(f);
+        log.expect(nan && quiet && sign, "NaN 0x", std::hex, bits_of(f), " became 0x", got);
+        return;
+    }
+    const std::uint32_t want = reference_round(fmt, table, f);
+    log.expect(got == want, std::hexfloat, f, " (0x", std::hex, bits_of(f), ") became 0x", got,
+               ", expected 0x", want);
+}
+
+// Every tie between two neighbouring patterns, the floats just beside it, and both signs.
+template <class Half>
+std::vector<float> boundary_floats(const std::vector<double>& table) {
+    std::vector<float> out;
+    for (std::size_t p = 0; p + 1 < table.size(); ++p) {
+        const auto mid = static_cast<float>((table[p] + table[p + 1]) / 2);  // exact in float
+        for (const float f : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e30f),
+                              static_cast<float>(table[p])}) {
+            out.push_back(f);
+            out.push_back(-f);
+        }
+    }
+    const float specials[] = {0.0f,
+                              std::numeric_limits<float>::denorm_min(),
+                              std::numeric_limits<float>::min(),
+                              std::numeric_limits<float>::max(),
+                              std::numeric_limits<float>::infinity(),
+                              std::numeric_limits<float>::quiet_NaN(),
+                              float_of(0x7f800001u),  // signalling NaN
+                              float_of(0x7fbfffffu),
+                              65504.0f,
+                              65519.996f,
+                              65520.0f,
+                              65536.0f,
+                              0x1p-24f,
+                              0x1p-25f,
+                              0x1.000002p-25f,
+                              0x1p-14f,
+                              0x1.ffcp-15f};
+    for (const float f : specials) {
+        out.push_back(f);
+        out.push_back(-f);
+    }
+    return out;
+}
+
+TEST_CASE_TEMPLATE("16-bit floats: every pattern converts to float exactly and back unchanged",
+                   Half, loco::bf16, loco::fp16) {
+    const half_format& fmt = format_of<Half>();
+    findings log;
+    for (std::uint32_t p = 0; p <= 0xffffu; ++p) {
+        const float f = Half{static_cast<std::uint16_t>(p)}.to_float();
+        const std::uint32_t magnitude = p & ~fmt.sign_bit();
+        const bool negative = (p & fmt.sign_bit()) != 0;
+        if (magnitude < fmt.inf_pattern()) {
+            const double want = (negative ? -1.0 : 1.0) * fmt.value(magnitude);
+            log.expect(static_cast<double>(f) == want && std::signbit(f) == negative, "pattern 0x",
+                       std::hex, p, " is ", std::hexfloat, f);
+        } else if (magnitude == fmt.inf_pattern()) {
+            log.expect(std::isinf(f) && std::signbit(f) == negative, "pattern 0x", std::hex, p,
+                       " is not an infinity");
+        } else {
+            // NaN: sign and payload move to the top of the float's fraction.
+            const std::uint32_t shift = 23u - static_cast<std::uint32_t>(fmt.fraction_bits);
+            const std::uint32_t want = (negative ? 0x80000000u : 0u) | 0x7f800000u |
+                                       ((magnitude & (fmt.quiet_bit() * 2 - 1)) << shift);
+            log.expect(bits_of(f) == want, "NaN pattern 0x", std::hex, p, " is 0x", bits_of(f));
+        }
+        const std::uint32_t back = Half::from_float(f).bits;
+        const bool signalling = magnitude > fmt.inf_pattern() && (p & fmt.quiet_bit()) == 0;
+        // A signalling NaN comes back quiet (documented in float16.hpp); everything else unchanged.
+        const std::uint32_t want_back = signalling ? p | fmt.quiet_bit() : p;
+        log.expect(back == want_back, "pattern 0x", std::hex, p, " came back as 0x", back);
+    }
+    log.check();
+    CHECK(log.checked() == 2 * 65536);
+}
+
+TEST_CASE_TEMPLATE("16-bit floats: float rounds to the nearer neighbour, ties to even", Half,
+                   loco::bf16, loco::fp16) {
+    const half_format& fmt = format_of<Half>();
+    const std::vector<double> table = fmt.table();
+    findings log;
+    SUBCASE("every tie between neighbours, the floats beside it, and the special values") {
+        for (const float f : boundary_floats<Half>(table)) {
+            check_rounding<Half>(table, f, log);
+        }
+        CHECK(log.checked() > 250000);
+    }
+    SUBCASE("a million floats with uniformly random bit patterns, a million in the format's range") {
+        auto rng = rng_for(std::string("float16 rounding ") +
+                           (fmt.exponent_bits == 8 ? "bf16" : "fp16"));
+        for (int i = 0; i < 1000000; ++i) {
+            check_rounding<Half>(table, float_of(static_cast<std::uint32_t>(rng())), log);
+        }
+        // Exponents that the format's normal and subnormal ranges and its overflow cover.
+        std::uniform_int_distribution<int> exponent(-fmt.bias() - fmt.fraction_bits - 2,
+                                                    fmt.bias() + 2);
+        std::uniform_real_distribution<float> mantissa(1.0f, 2.0f);
+        for (int i = 0; i < 1000000; ++i) {
+            const float f = std::ldexp(mantissa(rng), exponent(rng));
+            check_rounding<Half>(table, (rng() & 1) != 0 ? f : -f, log);
+        }
+    }
+    log.check();
+}
+
+// ================================================================================================
+// Conformance cases
+// ================================================================================================
+
+template <class C>
+struct simple_case {
+    using type = C;
+    static typename C::hyper hyper() { return {}; }
+    static std::string label() { return std::string(C::name); }
+};
+
+template <int Bits, std::size_t Block, lc::scale_kind Scale, lc::rounding Round>
+struct blockwise_case {
+    using type = lc::blockwise<Bits, Block>;
+    static constexpr std::size_t block = Block;
+    static typename type::hyper hyper() { return {.scale = Scale, .round = Round}; }
+    static std::string label() {
+        return "blockwise<" + std::to_string(Bits) + ", " + std::to_string(Block) + "> " +
+               (Scale == lc::scale_kind::absmax ? "absmax " : "mean_abs ") +
+               (Round == lc::rounding::nearest ? "nearest" : "stochastic");
+    }
+};
+
+template <int Bits, lc::granularity Per, float Range = 6.0f>
+struct statistical_case {
+    using type = lc::statistical<Bits>;
+    static typename type::hyper hyper() { return {.per = Per, .range = Range}; }
+    static std::string label() {
+        return "statistical<" + std::to_string(Bits) + "> per " +
+               (Per == lc::granularity::tensor ? "tensor" : "row") + ", range " +
+               std::to_string(Range);
+    }
+};
+
+template <float Ratio>
+struct topk_case {
+    using type = lc::topk;
+    static typename type::hyper hyper() { return {.ratio = Ratio}; }
+    static std::string label() { return "topk, ratio " + std::to_string(Ratio); }
+};
+
+constexpr auto absmax = lc::scale_kind::absmax;
+constexpr auto mean_abs = lc::scale_kind::mean_abs;
+constexpr auto nearest = lc::rounding::nearest;
+constexpr auto stochastic = lc::rounding::stochastic;
+constexpr auto per_tensor = lc::granularity::tensor;
+constexpr auto per_row = lc::granularity::row;
+
+using blockwise_cases = boost::mp11::mp_list<
+    blockwise_case<1, 64, absmax, nearest>, blockwise_case<1, 64, absmax, stochastic>,
+    blockwise_case<1, 64, mean_abs, nearest>, blockwise_case<1, 64, mean_abs, stochastic>,
+    blockwise_case<2, 256, absmax, nearest>, blockwise_case<2, 256, absmax, stochastic>,
+    blockwise_case<2, 256, mean_abs, nearest>, blockwise_case<2, 256, mean_abs, stochastic>,
+    blockwise_case<4, 32, absmax, nearest>, blockwise_case<4, 32, absmax, stochastic>,
+    blockwise_case<4, 32, mean_abs, nearest>, blockwise_case<4, 32, mean_abs, stochastic>,
+    blockwise_case<8, 1000, absmax, nearest>, blockwise_case<8, 1000, absmax, stochastic>,
+    blockwise_case<8, 1000, mean_abs, nearest>, blockwise_case<8, 1000, mean_abs, stochastic>,
+    blockwise_case<2, 1, absmax, nearest>, blockwise_case<4, 7, mean_abs, stochastic>,
+    blockwise_case<8, 4096, absmax, nearest>>;
+
+using statistical_cases = boost::mp11::mp_list<
+    statistical_case<1, per_tensor>, statistical_case<1, per_row>, statistical_case<2, per_tensor>,
+    statistical_case<2, per_row>, statistical_case<4, per_tensor>, statistical_case<4, per_row>,
+    statistical_case<8, per_tensor>, statistical_case<8, per_row>,
+    statistical_case<2, per_row, 4.0f>>;
+
+using other_cases =
+    boost::mp11::mp_list<simple_case<lc::none>, simple_case<lc::cast<loco::bf16>>,
+                         simple_case<lc::cast<loco::fp16>>, topk_case<0.02f>, topk_case<0.3f>,
+                         topk_case<1.0f>>;
+
+using compressor_cases = boost::mp11::mp_append<other_cases, blockwise_cases, statistical_cases>;
+
+// Every built-in compressor has a case and satisfies the concept; wire ids are distinct.
+template <class Case>
+using type_of = typename Case::type;
+using builtin = boost::mp11::mp_list<lc::none, lc::cast<loco::bf16>, lc::cast<loco::fp16>,
+                                     lc::blockwise<2, 256>, lc::statistical<2>, lc::topk>;
+template <class C>
+using has_case = boost::mp11::mp_contains<boost::mp11::mp_transform<type_of, compressor_cases>, C>;
+static_assert(boost::mp11::mp_all_of<builtin, has_case>::value);
+template <class C>
+using is_compressor = std::bool_constant<lc::compressor<C>>;
+static_assert(boost::mp11::mp_all_of<boost::mp11::mp_transform<type_of, compressor_cases>,
+                                     is_compressor>::value);
+static_assert(lc::none::wire_id == 0 && lc::cast<loco::bf16>::wire_id == 1 &&
+              lc::cast<loco::fp16>::wire_id == 1 && lc::blockwise<1, 1>::wire_id == 2 &&
+              lc::statistical<8>::wire_id == 3 && lc::topk::wire_id == 4);
+
+// ================================================================================================
+// Inputs
+// ================================================================================================
+
+// Segments of every awkward kind (empty, one element, odd sizes, 2-D, one column) with gaps
+// between them, which decode must leave alone.
+struct layout {
+    std::vector<lc::segment> segs;
+    std::size_t total = 0;
+};
+
+layout standard_layout() {
+    layout l;
+    const lc::segment shapes[] = {{0, 0, 1, 0},    {0, 1, 1, 1},     {0, 3, 1, 3},
+                                  {0, 1000, 1, 1000}, {0, 1003, 1, 1003}, {0, 91, 7, 13},
+                                  {0, 1056, 32, 33}, {0, 5, 5, 1}};
+    std::size_t at = 2;
+    for (lc::segment s : shapes) {
+        s.offset = at;
+        l.segs.push_back(s);
+        at += s.size + 2;
+    }
+    l.total = at;
+    return l;
+}
+
+// Normal values with a different scale per segment and per row, a few outliers, exact zeros and
+// repeated magnitudes (ties for top-k).
+std::vector<float> draw_inputs(std::mt19937_64& rng, const layout& l) {
+    std::vector<float> x(l.total, 0.0f);
+    std::normal_distribution<float> normal;
+    std::uniform_real_distribution<double> coin(0.0, 1.0);
+    const float scales[] = {1.0f, 1e-3f, 30.0f, 0.25f, 7.0f, 1e-2f, 3.0f, 1.0f};
+    for (std::size_t k = 0; k < l.segs.size(); ++k) {
+        const lc::segment& s = l.segs[k];
+        const std::size_t cols = s.rows == 0 ? s.size : s.size / s.rows;
+        for (std::size_t i = 0; i < s.size; ++i) {
+            const std::size_t row = i / std::max<std::size_t>(cols, 1);
+            const float row_factor = 1.0f + static_cast<float>(row % 3);
+            float v = normal(rng) * scales[k % 8] * row_factor;
+            const double c = coin(rng);
+            if (c < 0.01) {
+                v *= 20.0f;
+            } else if (c < 0.02) {
+                v = 0.0f;
+            } else if (c < 0.04 && i > 0) {
+                v = -x[s.offset + i / 2];
+            }
+            x[s.offset + i] = v;
+        }
+    }
+    return x;
+}
+
+template <class C>
+std::vector<std::byte> encode(const typename C::hyper& h, const std::vector<float>& x,
+                              std::span<const lc::segment> segs, const lc::encode_context& ctx) {
+    std::vector<std::byte> out(C::payload_bytes(h, segs));
+    C::encode(h, x, segs, {}, ctx, out);
+    return out;
+}
+
+constexpr std::uint32_t sentinel_bits = 0x7fa5a5a5u;  // a signalling NaN no decoder writes
+
+std::vector<float> sentinel_buffer(std::size_t n) {
+    return std::vector<float>(n, float_of(sentinel_bits));
+}
+
+std::size_t group_count(const lc::segment& s, lc::granularity per) {
+    return s.size == 0 ? 0 : (per == lc::granularity::tensor ? 1 : s.rows);
+}
+
+std::size_t round_up4(std::size_t n) { return (n + 3) / 4 * 4; }
+
+// Exact ceil(ratio * n) for a float ratio in (0, 1] and n < 2^32, in integer arithmetic.
+std::size_t topk_count(float ratio, std::size_t n) {
+    if (n == 0) {
+        return 0;
+    }
+    int e = 0;
+    const float m = std::frexp(ratio, &e);                                // ratio = m * 2^e
+    const auto mantissa = static_cast<std::uint64_t>(std::ldexp(m, 24));  // exact, < 2^24
+    const int shift = 24 - e;                          // ratio = mantissa / 2^shift
+    const std::uint64_t product = mantissa * n;        // < 2^56
+    std::size_t k = 1;                                 // when product < 2^shift
+    if (shift < 64) {
+        const std::uint64_t unit = std::uint64_t{1} << shift;
+        k = static_cast<std::size_t>(product / unit + (product % unit != 0 ? 1 : 0));
+    }
+    return std::min(n, std::max<std::size_t>(1, k));
+}
+
+// ================================================================================================
+// Per compressor: expected header fields, body size and the reference check
+// ================================================================================================
+
+template <class C>
+struct family;
+
+template <>
+struct family<lc::none> {
+    using hyper = lc::none::hyper;
+    static std::uint8_t bits() { return 32; }
+    static std::uint8_t flags(const hyper&) { return 0; }
+    static std::uint32_t block(const hyper&) { return 0; }
+    static bool stochastic(const hyper&) { return false; }
+    static std::size_t body_bytes(const hyper&, const lc::segment& s) { return 4 * s.size; }
+    static void check(const hyper&, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            for (std::size_t i = 0; i < s.size; ++i) {
+                const float sent = wire::get<float>(payload, at + 4 * i);
+                log.expect(bits_of(sent) == bits_of(x[s.offset + i]), "body float ", i);
+                log.expect(bits_of(decoded[s.offset + i]) == bits_of(x[s.offset + i]), "decoded ", i);
+            }
+            at += 4 * s.size;
+        }
+    }
+};
+
+template <class Half>
+struct family<lc::cast<Half>> {
+    using hyper = typename lc::cast<Half>::hyper;
+    static std::uint8_t bits() { return 16; }
+    static std::uint8_t flags(const hyper&) { return std::is_same_v<Half, loco::bf16> ? 0 : 1; }
+    static std::uint32_t block(const hyper&) { return 0; }
+    static bool stochastic(const hyper&) { return false; }
+    static std::size_t body_bytes(const hyper&, const lc::segment& s) { return 2 * s.size; }
+    static void check(const hyper&, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        const half_format& fmt = format_of<Half>();
+        static const std::vector<double> table = fmt.table();
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            for (std::size_t i = 0; i < s.size; ++i) {
+                const float v = x[s.offset + i];
+                const std::uint32_t sent = wire::get<std::uint16_t>(payload, at + 2 * i);
+                log.expect(sent == reference_round(fmt, table, v), "pattern of ", v);
+                const double magnitude = fmt.value(sent & ~fmt.sign_bit());
+                const double want = (sent & fmt.sign_bit()) != 0 ? -magnitude : magnitude;
+                log.expect(static_cast<double>(decoded[s.offset + i]) == want, "decoded ", v);
+                // The documented bound (cast.hpp).
+                const double error = std::abs(static_cast<double>(decoded[s.offset + i]) - v);
+                const double bound =
+                    std::max(fmt.unit_roundoff() * std::abs(v), fmt.smallest_step() / 2);
+                log.expect(error <= bound, "error ", error, " for ", v, " above ", bound);
+            }
+            at += 2 * s.size;
+        }
+    }
+};
+
+template <int Bits, std::size_t Block>
+struct family<lc::blockwise<Bits, Block>> {
+    using C = lc::blockwise<Bits, Block>;
+    using hyper = typename C::hyper;
+    static constexpr double levels = (1 << Bits) - 1;  // L
+    static std::uint8_t bits() { return Bits; }
+    static std::uint8_t flags(const hyper& h) {
+        return static_cast<std::uint8_t>((h.scale == lc::scale_kind::mean_abs ? 1 : 0) |
+                                         (h.round == lc::rounding::stochastic ? 2 : 0));
+    }
+    static std::uint32_t block(const hyper&) { return Block; }
+    static bool stochastic(const hyper& h) { return h.round == lc::rounding::stochastic; }
+    static std::size_t blocks(std::size_t n) { return (n + Block - 1) / Block; }
+    static std::size_t body_bytes(const hyper&, const lc::segment& s) {
+        return 4 * blocks(s.size) + round_up4((s.size * Bits + 7) / 8);
+    }
+    static unsigned zero_code() { return static_cast<unsigned>(round_half_even(levels / 2)); }
+
+    // The reference scale of a block, as a float, or 0 for a block sent as zeros.
+    static float reference_scale(const hyper& h, const float* x, std::size_t n) {
+        long double largest = 0, sum = 0;
+        for (std::size_t j = 0; j < n; ++j) {
+            if (!std::isfinite(x[j])) {
+                return 0.0f;
+            }
+            largest = std::max(largest, std::abs(static_cast<long double>(x[j])));
+            sum += std::abs(static_cast<long double>(x[j]));
+        }
+        return static_cast<float>(h.scale == lc::scale_kind::absmax ? largest : sum / n);
+    }
+
+    static void check(const hyper& h, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context& ctx, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            const std::byte* codes = payload.data() + at + 4 * blocks(s.size);
+            for (std::size_t b = 0; b < blocks(s.size); ++b) {
+                const std::size_t first = b * Block;
+                const std::size_t n = std::min(Block, s.size - first);
+                const float scale = wire::get<float>(payload, at + 4 * b);
+                const float want_scale = reference_scale(h, x.data() + s.offset + first, n);
+                // The mean is summed in another order (long double) here: allow one fp32 step.
+                log.expect(scale == want_scale ||
+                               (h.scale == lc::scale_kind::mean_abs &&
+                                std::abs(scale - want_scale) <= 0x1p-23f * want_scale),
+                           "scale ", scale, " of block ", b, ", expected ", want_scale);
+                for (std::size_t j = first; j < first + n; ++j) {
+                    check_element(h, x[s.offset + j], s.offset + j, scale,
+                                  wire::unpack<Bits>(codes, j), decoded[s.offset + j], ctx, log);
+                }
+            }
+            at += body_bytes(h, s);
+        }
+    }
+
+    static void check_element(const hyper& h, float xf, std::size_t flat, float scale,
+                              unsigned code, float out, const lc::encode_context& ctx,
+                              findings& log) {
+        if (scale == 0.0f) {
+            log.expect(code == zero_code() && out == 0.0f, "zero block: code ", code, ", value ", out);
+            return;
+        }
+        const double s = scale;
+        const double x = xf;
+        const double t = std::clamp((x / s + 1) * levels / 2, 0.0, levels);
+        // Within 1e-6 of the scale (in units of t) of the boundary fp32 may land on either side,
+        // except where fp32 computes t exactly too: x = 0 (t = L/2) and the clamped ends.
+        const double window = 1e-6 * levels / 2;
+        const bool exact = x == 0 || t == 0 || t == levels;
+        double want = 0;
+        bool ambiguous = false;
+        if (h.round == lc::rounding::nearest) {
+            want = round_half_even(t);
+            ambiguous = !exact && std::abs(t - std::floor(t) - 0.5) <= window;
+        } else {
+            // The boundary is where the fraction of t meets u.
+            const double u = loco::random::uniform(ctx.seed, ctx.stream(), flat);
+            const double frac = t - std::floor(t);
+            want = std::floor(t) + (u < frac ? 1 : 0);
+            ambiguous = !exact && std::abs(frac - u) <= window;
+        }
+        if (ambiguous) {
+            log.near_boundary();
+            log.expect(std::abs(code - want) <= 1, "code ", code, " of ", x, ", expected ", want);
+        } else {
+            log.expect(code == want, "code ", code, " of ", x, " (t = ", t, "), expected ", want);
+        }
+        const double level = s * (2.0 * code / levels - 1.0);
+        log.expect(std::abs(out - level) <= 0x1p-22 * s, "value ", out, " of code ", code,
+                   ", expected ", level);
+        // The documented bound (blockwise.hpp).
+        const double steps = h.round == lc::rounding::nearest ? 1.0 : 2.0;
+        const double bound = std::max(std::abs(x) - s, 0.0) + steps * s / levels + 0x1p-20 * s;
+        log.expect(std::abs(out - x) <= bound, "error ", std::abs(out - x), " of ", x,
+                   " above the bound ", bound);
+    }
+};
+
+template <int Bits>
+struct family<lc::statistical<Bits>> {
+    using C = lc::statistical<Bits>;
+    using hyper = typename C::hyper;
+    static constexpr unsigned B = 1u << Bits;
+    static std::uint8_t bits() { return Bits; }
+    static std::uint8_t flags(const hyper& h) { return h.per == per_row ? 1 : 0; }
+    static std::uint32_t block(const hyper& h) { return bits_of(h.range); }
+    static bool stochastic(const hyper&) { return false; }
+    static std::size_t body_bytes(const hyper& h, const lc::segment& s) {
+        return 4 * group_count(s, h.per) * (1 + B) + round_up4((s.size * Bits + 7) / 8);
+    }
+
+    static void check(const hyper& h, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            const std::size_t g = group_count(s, h.per);
+            const std::byte* codes = payload.data() + at + 4 * g * (1 + B);
+            for (std::size_t r = 0; r < g; ++r) {
+                const std::size_t n = s.size / g;
+                check_group(h, x.data() + s.offset + r * n, n, payload, at + 4 * r * (1 + B),
+                            codes, r * n, decoded.data() + s.offset + r * n, log);
+            }
+            at += body_bytes(h, s);
+        }
+    }
+
+    static void check_group(const hyper& h, const float* x, std::size_t n,
+                            const std::vector<std::byte>& payload, std::size_t record,
+                            const std::byte* codes, std::size_t first, const float* out,
+                            findings& log) {
+        const float shift = wire::get<float>(payload, record);
+        long double sum = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            sum += x[i];
+        }
+        const auto want_shift = static_cast<float>(sum / n);
+        log.expect(std::abs(shift - want_shift) <= 0x1p-23f * std::abs(want_shift) + 1e-30f,
+                   "shift ", shift, ", expected ", want_shift);
+        // From here on the reference uses the transmitted shift, so it checks the codes and the
+        // table the receiver sees.
+        std::vector<double> c(n);
+        double squares = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            c[i] = static_cast<double>(x[i]) - shift;
+            squares += c[i] * c[i];
+        }
+        double scale = n < 2 ? 1.0 : h.range * std::sqrt(squares / (n - 1)) / B;
+        if (!(static_cast<float>(scale) > 0.0f) || std::isinf(static_cast<float>(scale))) {
+            scale = 1.0;
+        }
+        std::vector<double> bin_sum(B, 0.0), bin_min(B, 1e300), bin_max(B, -1e300);
+        std::vector<std::size_t> bin_count(B, 0);
+        std::vector<unsigned> q(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            q[i] = wire::unpack<Bits>(codes, first + i);
+            const double t = std::clamp(c[i] / scale + B / 2.0, 0.0, B - 1.0);
+            const double want = round_half_even(t);
+            if (std::abs(t - std::floor(t) - 0.5) <= 1e-6 * B / 2) {
+                log.near_boundary();
+                log.expect(std::abs(q[i] - want) <= 1, "code ", q[i], " of ", x[i], ", expected ",
+                           want);
+            } else {
+                log.expect(q[i] == want, "code ", q[i], " of ", x[i], " (t = ", t,
+                           "), expected ", want);
+            }
+            bin_sum[q[i]] += c[i];
+            bin_min[q[i]] = std::min(bin_min[q[i]], c[i]);
+            bin_max[q[i]] = std::max(bin_max[q[i]], c[i]);
+            ++bin_count[q[i]];
+        }
+        for (unsigned b = 0; b < B; ++b) {
+            const float entry = wire::get<float>(payload, record + 4 * (1 + b));
+            if (bin_count[b] == 0) {
+                log.expect(bits_of(entry) == 0, "entry ", entry, " of the empty bin ", b);
+                continue;
+            }
+            const double want = bin_sum[b] / bin_count[b];
+            log.expect(std::abs(entry - want) <= 0x1p-23 * std::abs(want) + 1e-30, "entry ", entry,
+                       " of bin ", b, ", expected ", want);
+            if (b > 0 && b < B - 1) {
+                log.expect(bin_max[b] - bin_min[b] <= scale * (1 + B * 0x1p-22), "bin ", b,
+                           " spreads over ", bin_max[b] - bin_min[b], ", wider than scale ", scale);
+            }
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            const float entry = wire::get<float>(payload, record + 4 * (1 + q[i]));
+            const double want = static_cast<double>(entry) + shift;
+            log.expect(std::abs(out[i] - want) <= 0x1p-24 * std::abs(want), "value ", out[i],
+                       ", expected ", want);
+            // The documented bound (statistical.hpp).
+            const double bound = bin_max[q[i]] - bin_min[q[i]] +
+                                 0x1p-22 * (std::abs(x[i]) + std::abs(shift) + std::abs(entry));
+            log.expect(std::abs(out[i] - static_cast<double>(x[i])) <= bound, "error of ", x[i],
+                       " above the bound ", bound);
+        }
+    }
+};
+
+template <>
+struct family<lc::topk> {
+    using hyper = lc::topk::hyper;
+    static std::uint8_t bits() { return 32; }
+    static std::uint8_t flags(const hyper&) { return 0; }
+    static std::uint32_t block(const hyper& h) { return bits_of(h.ratio); }
+    static bool stochastic(const hyper&) { return false; }
+    static std::size_t body_bytes(const hyper& h, const lc::segment& s) {
+        return 8 * topk_count(h.ratio, s.size);
+    }
+
+    // Larger magnitude first, NaN above everything, then lower index.
+    static std::vector<std::uint32_t> reference_indices(const float* x, std::size_t n, std::size_t k) {
+        std::vector<std::uint32_t> order(n);
+        std::iota(order.begin(), order.end(), 0u);
+        const auto magnitude = [&](std::uint32_t i) {
+            return std::isnan(x[i]) ? std::numeric_limits<double>::max() : std::abs(double(x[i]));
+        };
+        std::stable_sort(order.begin(), order.end(),
+                         [&](std::uint32_t a, std::uint32_t b) { return magnitude(a) > magnitude(b); });
+        order.resize(k);
+        std::sort(order.begin(), order.end());
+        return order;
+    }
+
+    static void check(const hyper& h, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            const std::size_t k = topk_count(h.ratio, s.size);
+            const auto want = reference_indices(x.data() + s.offset, s.size, k);
+            std::vector<bool> sent(s.size, false);
+            double smallest_sent = std::numeric_limits<double>::infinity();
+            for (std::size_t j = 0; j < k; ++j) {
+                const auto i = wire::get<std::uint32_t>(payload, at + 4 * j);
+                const float v = wire::get<float>(payload, at + 4 * (k + j));
+                log.expect(i == want[j], "index ", i, ", expected ", want[j]);
+                if (i < s.size) {
+                    sent[i] = true;
+                    log.expect(bits_of(v) == bits_of(x[s.offset + i]), "value of index ", i);
+                    smallest_sent = std::min(smallest_sent, std::abs(double(x[s.offset + i])));
+                }
+            }
+            for (std::size_t i = 0; i < s.size; ++i) {
+                const float v = x[s.offset + i];
+                const float out = decoded[s.offset + i];
+                if (sent[i]) {
+                    log.expect(bits_of(out) == bits_of(v), "decoded sent element ", i);
+                } else {
+                    // The documented bound (topk.hpp): what is not sent is no larger than what is.
+                    log.expect(bits_of(out) == 0 && std::abs(double(v)) <= smallest_sent,
+                               "element ", i, " (", v, ") decoded as ", out);
+                }
+            }
+            at += 8 * k;
+        }
+    }
+};
+
+template <class C>
+std::size_t expected_payload_bytes(const typename C::hyper& h, const layout& l) {
+    std::size_t n = wire::header_bytes;
+    for (const lc::segment& s : l.segs) {
+        n += family<C>::body_bytes(h, s);
+    }
+    return n;
+}
+
+template <class C>
+void check_header(const typename C::hyper& h, const layout& l, const std::vector<std::byte>& p) {
+    using F = family<C>;
+    std::size_t elements = 0;
+    for (const lc::segment& s : l.segs) {
+        elements += s.size;
+    }
+    REQUIRE(p.size() >= wire::header_bytes);
+    CHECK(p[0] == std::byte{'L'});
+    CHECK(p[1] == std::byte{'W'});
+    CHECK(std::to_integer<unsigned>(p[2]) == wire::version);
+    CHECK(std::to_integer<unsigned>(p[3]) == C::wire_id);
+    CHECK(std::to_integer<unsigned>(p[4]) == F::bits());
+    CHECK(std::to_integer<unsigned>(p[5]) == F::flags(h));
+    CHECK(wire::get<std::uint16_t>(p, 6) == 0);
+    CHECK(wire::get<std::uint32_t>(p, 8) == F::block(h));
+    CHECK(wire::get<std::uint32_t>(p, 12) == l.segs.size());
+    CHECK(wire::get<std::uint64_t>(p, 16) == elements);
+    CHECK(wire::get<std::uint64_t>(p, 24) == p.size() - wire::header_bytes);
+    CHECK(wire::get<std::uint64_t>(p, 32) ==
+          wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("compressor conformance", Case, compressor_conformance) {
+    using C = typename Case::type;
+    using F = family<C>;
+    const auto h = Case::hyper();
+    INFO("case: " << Case::label());
+    auto rng = rng_for("compress conformance " + Case::label());
+    const layout l = standard_layout();
+    const std::vector<float> x = draw_inputs(rng, l);
+    const lc::encode_context ctx{.seed = rng(), .round = 7, .rank = 3};
+    const std::vector<std::byte> payload = encode<C>(h, x, l.segs, ctx);
+
+    SUBCASE("payload size and header") {
+        CHECK(C::payload_bytes(h, l.segs) == expected_payload_bytes<C>(h, l));
+        CHECK(payload.size() == expected_payload_bytes<C>(h, l));
+        check_header<C>(h, l, payload);
+        const std::vector<lc::segment> none;
+        CHECK(C::payload_bytes(h, none) == wire::header_bytes);
+    }
+
+    SUBCASE("codes and values match the reference, within the documented bound") {
+        std::vector<float> decoded = sentinel_buffer(l.total);
+        C::decode(h, payload, l.segs, decoded);
+        findings log;
+        F::check(h, x, l, ctx, payload, decoded, log);
+        log.check();
+        INFO(log.ambiguous() << " of " << log.checked() << " checks near a rounding boundary");
+        CHECK(log.ambiguous() <= 2 + log.checked() / 1000);
+        // Nothing outside the segments is written.
+        std::size_t touched = 0;
+        std::size_t covered = 0;
+        for (const lc::segment& s : l.segs) {
+            covered += s.size;
+        }
+        for (const float v : decoded) {
+            touched += bits_of(v) != sentinel_bits ? 1 : 0;
+        }
+        CHECK(touched == covered);
+    }
+
+    SUBCASE("the same (seed, round, rank) gives the same bytes; another round other draws") {
+        CHECK(encode<C>(h, x, l.segs, ctx) == payload);
+        lc::encode_context next = ctx;
+        ++next.round;
+        lc::encode_context other_rank = ctx;
+        ++other_rank.rank;
+        if (F::stochastic(h)) {
+            CHECK(encode<C>(h, x, l.segs, next) != payload);
+            CHECK(encode<C>(h, x, l.segs, other_rank) != payload);
+        } else {
+            CHECK(encode<C>(h, x, l.segs, next) == payload);
+        }
+    }
+
+    SUBCASE("an output buffer of the wrong size or a segment out of range is refused") {
+        std::vector<std::byte> small(payload.size() - 1);
+        CHECK_THROWS_AS(C::encode(h, x, l.segs, {}, ctx, small), loco::shape_error);
+        std::vector<float> short_out = sentinel_buffer(l.total - 3);
+        CHECK_THROWS_AS(C::decode(h, payload, l.segs, short_out), loco::shape_error);
+        CHECK(std::all_of(short_out.begin(), short_out.end(),
+                          [](float v) { return bits_of(v) == sentinel_bits; }));
+    }
+}
+
+TEST_CASE_TEMPLATE_APPLY(compressor_conformance, boost::mp11::mp_rename<compressor_cases, std::tuple>);
+
+// ================================================================================================
+// Per compressor
+// ================================================================================================
+
+namespace {
+
+lc::segment one_d(std::size_t offset, std::size_t size) { return {offset, size, 1, size}; }
+
+// Rewrites a payload's checksum after an edit of its body, so that only the decoder's own checks
+// stand between the edit and the output.
+void reseal(std::vector<std::byte>& p) {
+    wire::put<std::uint64_t>(p, 32,
+                             wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
+}
+
+template <class C>
+void check_refused(const typename C::hyper& h, const std::vector<std::byte>& p,
+                   std::span<const lc::segment> segs, std::size_t n, const char* what) {
+    INFO(what);
+    std::vector<float> out = sentinel_buffer(n);
+    CHECK_THROWS_AS(C::decode(h, p, segs, out), loco::wire_error);
+    CHECK(std::all_of(out.begin(), out.end(), [](float v) { return bits_of(v) == sentinel_bits; }));
+}
+
+}  // namespace
+
+TEST_CASE("statistical: MuLoCo's 2-bit quantizer reproduces algorithms.md T7") {
+    using S = lc::statistical<2>;
+    const std::vector<float> v = {0.9f, -0.6f, 2.4f, 0.5f, 0.1f, 1.6f, -2.1f, 0.4f};
+    const lc::segment segs[] = {one_d(0, 8)};
+    const auto p = encode<S>({}, v, segs, {});
+    CHECK(p.size() == wire::header_bytes + 4 * 5 + 4);
+    CHECK(wire::get<float>(p, 40) == doctest::Approx(0.4).epsilon(1e-7));
+    const unsigned want_q[] = {2, 2, 3, 2, 2, 3, 1, 2};
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(wire::unpack<2>(p.data() + 60, i) == want_q[i]);
+    }
+    const double want_lut[] = {0.0, -2.5, -0.14, 1.6};
+    for (std::size_t b = 0; b < 4; ++b) {
+        // fp32 rounding of the decimal (the shift itself is fp32(0.4), off by 6e-9).
+        const float entry = wire::get<float>(p, 44 + 4 * b);
+        CHECK(std::abs(entry - want_lut[b]) <= 1e-7 * (1 + std::abs(want_lut[b])));
+    }
+    CHECK(bits_of(wire::get<float>(p, 44)) == 0);  // bin 0 is empty
+    std::vector<float> out(8);
+    S::decode({}, p, segs, out);
+    const double want[] = {0.26, 0.26, 2.0, 0.26, 0.26, 2.0, -2.1, 0.26};
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(std::abs(out[i] - want[i]) <= 4e-7 * std::abs(want[i]));
+    }
+}
+
+TEST_CASE("statistical: per row on a 2 x 4 example derived by hand") {
+    // Row 0 = [1, 2, 3, 10]: mean 4, c = [-3, -2, -1, 6], sigma = sqrt(50 / 3) = 4.0825,
+    //   scale = 6 sigma / 4 = 6.1237, t = c / scale + 2 = [1.51, 1.67, 1.84, 2.98], q = [2, 2, 2, 3],
+    //   lut = [0, 0, -2, 6], decoded [2, 2, 2, 10].
+    // Row 1 = [-4, 0, 0, 4]: mean 0, sigma = sqrt(32 / 3) = 3.2660, scale = 4.8990,
+    //   t = [1.18, 2, 2, 2.82], q = [1, 2, 2, 3], lut = [0, -4, 0, 4], decoded exactly the input.
+    // Per tensor the eight values share mean 2, c = [-1, 0, 1, 8, -6, -2, -2, 2], sigma =
+    //   sqrt(114 / 7) = 4.0356, scale 6.0533, t = [1.83, 2, 2.17, 3.32, 1.01, 1.67, 1.67, 2.33],
+    //   q = [2, 2, 2, 3, 1, 2, 2, 2], lut = [0, -6, -1/3, 8], decoded [5/3, 5/3, 5/3, 10, -4, 5/3,
+    //   5/3, 5/3].
+    using S = lc::statistical<2>;
+    const std::vector<float> v = {1, 2, 3, 10, -4, 0, 0, 4};
+    const lc::segment segs[] = {{0, 8, 2, 4}};
+    std::vector<float> out(8);
+
+    const S::hyper rows{.per = per_row};
+    const auto p = encode<S>(rows, v, segs, {});
+    CHECK(p.size() == wire::header_bytes + 2 * 4 * 5 + 4);
+    const float want_record[2][5] = {{4, 0, 0, -2, 6}, {0, 0, -4, 0, 4}};
+    for (std::size_t r = 0; r < 2; ++r) {
+        for (std::size_t j = 0; j < 5; ++j) {
+            CHECK(wire::get<float>(p, 40 + 20 * r + 4 * j) == want_record[r][j]);
+        }
+    }
+    const unsigned want_q[] = {2, 2, 2, 3, 1, 2, 2, 3};
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(wire::unpack<2>(p.data() + 80, i) == want_q[i]);
+    }
+    S::decode(rows, p, segs, out);
+    CHECK(out == std::vector<float>{2, 2, 2, 10, -4, 0, 0, 4});
+
+    const auto t = encode<S>({}, v, segs, {});
+    S::decode({}, t, segs, out);
+    const float third = 5.0f / 3.0f;
+    const float want_tensor[] = {third, third, third, 10, -4, third, third, third};
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(out[i] == doctest::Approx(want_tensor[i]).epsilon(1e-6));
+    }
+}
+
+TEST_CASE("statistical: groups of one element, constant groups, non-finite values") {
+    using S = lc::statistical<2>;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    // Row 0 holds a NaN, row 1 an infinity, row 2 is constant, row 3 is fine.
+    const std::vector<float> v = {1, nan, 3, 4, 1, 2, inf, 4, 5, 5, 5, 5, -1, 0, 1, 2};
+    const lc::segment rows_seg[] = {{0, 16, 4, 4}};
+    std::vector<float> out(16);
+    S::decode({.per = per_row}, encode<S>({.per = per_row}, v, rows_seg, {}), rows_seg, out);
+    for (std::size_t i = 0; i < 8; ++i) {
+        CHECK(std::isnan(out[i]));  // the non-finite value reaches the receiver, as NaN
+    }
+    for (std::size_t i = 8; i < 12; ++i) {
+        CHECK(out[i] == 5.0f);  // sigma 0: scale 1, every code B/2, lut[B/2] = 0
+    }
+    for (std::size_t i = 12; i < 16; ++i) {
+        CHECK(std::isfinite(out[i]));
+    }
+    // One element per group (sigma undefined, scale 1): sent exactly.
+    const lc::segment singles[] = {{0, 4, 4, 1}};
+    const std::vector<float> w = {3.5f, -1e30f, 0.0f, 1e-30f};
+    S::decode({.per = per_row}, encode<S>({.per = per_row}, w, singles, {}), singles, out);
+    CHECK(std::vector<float>(out.begin(), out.begin() + 4) == w);
+}
+
+TEST_CASE("statistical: hyper-parameters and row shapes are checked") {
+    using S = lc::statistical<4>;
+    const lc::segment segs[] = {{0, 10, 3, 3}};  // 3 rows do not divide 10 elements
+    CHECK_NOTHROW(S::payload_bytes({}, segs));
+    CHECK_THROWS_AS(S::payload_bytes({.per = per_row}, segs), loco::shape_error);
+    const lc::segment zero_rows[] = {{0, 10, 0, 0}};
+    CHECK_THROWS_AS(S::payload_bytes({.per = per_row}, zero_rows), loco::shape_error);
+    CHECK_THROWS_AS(S::validate({.range = 0.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(S::validate({.range = -1.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(S::validate({.range = std::numeric_limits<float>::quiet_NaN()}),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(S::validate({.range = std::numeric_limits<float>::infinity()}),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(S::validate({.per = static_cast<lc::granularity>(2)}), loco::invalid_argument);
+}
+
+TEST_CASE("statistical: payloads that pass the checksum but break the format are refused") {
+    using S = lc::statistical<2>;
+    const std::vector<float> v = {0.9f, -0.6f, 2.4f, 0.5f, 0.1f, 1.6f, -2.1f, 0.4f, 1.0f};
+    const lc::segment segs[] = {one_d(0, 9)};
+    const auto p = encode<S>({}, v, segs, {});
+    // Body: shift, lut[0..3], then 3 bytes of codes and 1 byte of alignment.
+    {
+        auto bad = p;
+        wire::put<float>(bad, 44, 1.0f);  // bin 0 is empty
+        reseal(bad);
+        check_refused<S>({}, bad, segs, 9, "an entry for an empty bin");
+    }
+    {
+        auto bad = p;
+        bad[40 + 20 + 2] |= std::byte{0x0c};  // element 9's slot in the last code byte
+        reseal(bad);
+        check_refused<S>({}, bad, segs, 9, "padding bits");
+    }
+    {
+        auto bad = p;
+        bad[40 + 20 + 3] = std::byte{1};
+        reseal(bad);
+        check_refused<S>({}, bad, segs, 9, "alignment padding");
+    }
+}
+
+TEST_CASE("blockwise: blocks holding NaN or inf arrive as NaN, blocks of zeros as zeros") {
+    using Q = lc::blockwise<2, 4>;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    const std::vector<float> v = {1, 2, nan, 4, 0, 0, 0, 0, -inf, 1, 1, 1, 1, -2, 3, -4};
+    const lc::segment segs[] = {one_d(0, 16)};
+    for (const auto scale : {absmax, mean_abs}) {
+        const Q::hyper h{.scale = scale};
+        const auto p = encode<Q>(h, v, segs, {});
+        std::vector<float> out(16);
+        Q::decode(h, p, segs, out);
+        for (std::size_t b = 0; b < 3; ++b) {
+            // Blocks 0 and 2 hold a NaN and an infinity: the whole block travels as NaN, so every
+            // receiver sees it and loco::diloco's non-finite policy acts on every rank alike.
+            const bool poisoned = b != 1;
+            CHECK(bits_of(wire::get<float>(p, 40 + 4 * b)) == (poisoned ? 0x7fc00000u : 0u));
+            for (std::size_t j = 4 * b; j < 4 * b + 4; ++j) {
+                CHECK(wire::unpack<2>(p.data() + 56, j) == 2);  // the code of x = 0
+                if (poisoned) {
+                    CHECK(std::isnan(out[j]));
+                } else {
+                    CHECK(out[j] == 0.0f);
+                }
+            }
+        }
+        CHECK(wire::get<float>(p, 52) == (scale == absmax ? 4.0f : 2.5f));
+    }
+}
+
+TEST_CASE("blockwise: exact levels on a hand example") {
+    // 2 bits, absmax: s = 3, levels -3, -1, 1, 3; t = (x / 3 + 1) * 1.5.
+    //   x = 3 -> t = 3; x = 0 -> t = 1.5 -> 2 (tie to even); x = -2 -> t = 0.5 -> 0 (tie to even);
+    //   x = 0.5 -> t = 1.75 -> 2; x = -3 -> 0.
+    using Q = lc::blockwise<2, 8>;
+    const std::vector<float> v = {3, 0, -2, 0.5f, -3};
+    const lc::segment segs[] = {one_d(0, 5)};
+    const auto p = encode<Q>({}, v, segs, {});
+    CHECK(wire::get<float>(p, 40) == 3.0f);
+    const unsigned want[] = {3, 2, 0, 2, 0};
+    for (std::size_t j = 0; j < 5; ++j) {
+        CHECK(wire::unpack<2>(p.data() + 44, j) == want[j]);
+    }
+    std::vector<float> out(5);
+    Q::decode({}, p, segs, out);
+    CHECK(out == std::vector<float>{3, 1, -3, 1, -3});
+    // 1 bit: sign(x) * s, x = 0 lands on the tie t = 0.5 and goes to code 0, -s.
+    using S1 = lc::blockwise<1, 8>;
+    S1::decode({}, encode<S1>({}, v, segs, {}), segs, out);
+    CHECK(out == std::vector<float>{3, -3, -3, 3, -3});
+}
+
+TEST_CASE("blockwise: payloads that pass the checksum but break the format are refused") {
+    using Q = lc::blockwise<2, 4>;
+    const std::vector<float> v = {1, -2, 3, 0.5f, 0, 0, 0, 0, 7};
+    const lc::segment segs[] = {one_d(0, 9)};
+    const auto p = encode<Q>({}, v, segs, {});
+    // Body: 3 scales, 3 bytes of codes (9 codes), 1 byte of alignment.
+    const float bad_scales[] = {-1.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                                float_of(0x7fc00001u), float_of(0xffc00000u)};  // other NaNs
+    for (const float s : bad_scales) {
+        auto bad = p;
+        wire::put<float>(bad, 40, s);
+        reseal(bad);
+        check_refused<Q>({}, bad, segs, 9, "a negative or non-finite scale");
+    }
+    {
+        auto bad = p;
+        bad[52 + 1] ^= std::byte{0x01};  // a code of the zero block (elements 4..7)
+        reseal(bad);
+        check_refused<Q>({}, bad, segs, 9, "a zero block with a code other than that of 0");
+    }
+    {
+        auto bad = p;
+        bad[52 + 2] |= std::byte{0x04};  // element 9's slot
+        reseal(bad);
+        check_refused<Q>({}, bad, segs, 9, "padding bits");
+    }
+    {
+        auto bad = p;
+        bad[52 + 3] = std::byte{0x80};
+        reseal(bad);
+        check_refused<Q>({}, bad, segs, 9, "alignment padding");
+    }
+    std::vector<float> out(9);
+    CHECK_NOTHROW(Q::decode({}, p, segs, out));
+}
+
+TEST_CASE("blockwise: hyper-parameters are checked") {
+    using Q = lc::blockwise<4, 16>;
+    CHECK_THROWS_AS(Q::validate({.scale = static_cast<lc::scale_kind>(2)}), loco::invalid_argument);
+    CHECK_THROWS_AS(Q::validate({.round = static_cast<lc::rounding>(5)}), loco::invalid_argument);
+    const lc::segment segs[] = {one_d(0, 4)};
+    CHECK_THROWS_AS(Q::payload_bytes({.round = static_cast<lc::rounding>(5)}, segs),
+                    loco::invalid_argument);
+}
+
+namespace {
+
+// Stochastic rounding is unbiased: the mean of `draws` decodes under independent seeds converges to
+// x. Each draw is one of the two levels around x, one step (2s/L) apart, so its standard deviation
+// is at most step/2 and that of the mean at most step / (2 sqrt(draws)). The check allows 6 of
+// those (a false alarm about once in 5e8 elements) plus the fp32 rounding the error bound allows.
+template <class Case>
+void check_unbiased() {
+    using C = typename Case::type;
+    const auto h = Case::hyper();
+    INFO("case: " << Case::label());
+    auto rng = rng_for("compress unbiased " + Case::label());
+    constexpr std::size_t n = 96;
+    constexpr int draws = 4000;
+    const std::vector<float> x = normal_floats(rng, n);
+    const lc::segment segs[] = {one_d(0, n)};
+    std::vector<double> sum(n, 0.0);
+    std::vector<float> out(n);
+    const std::uint64_t seed = rng();
+    for (int d = 0; d < draws; ++d) {
+        const auto p = encode<C>(h, x, segs, {.seed = seed + static_cast<std::uint64_t>(d)});
+        C::decode(h, p, segs, out);
+        for (std::size_t i = 0; i < n; ++i) {
+            sum[i] += out[i];
+        }
+    }
+    const auto p = encode<C>(h, x, segs, {});
+    constexpr double levels = C::top_code;
+    findings log;
+    std::size_t tested = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const double s = wire::get<float>(p, 40 + 4 * (i / Case::block));
+        if (std::abs(x[i]) > s) {
+            continue;  // clipped by mean_abs: biased by design
+        }
+        ++tested;
+        const double step = 2 * s / levels;
+        const double bound = 6 * step / (2 * std::sqrt(double(draws))) + 0x1p-20 * s;
+        const double mean = sum[i] / draws;
+        log.expect(std::abs(mean - x[i]) <= bound, "element ", i, ": mean ", mean, " of x = ", x[i],
+                   " is ", std::abs(mean - x[i]), " away, more than ", bound);
+    }
+    log.check();
+    CHECK(tested >= n / 2);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("blockwise: stochastic rounding is unbiased", Case,
+                   blockwise_case<1, 64, absmax, stochastic>,
+                   blockwise_case<1, 16, mean_abs, stochastic>,
+                   blockwise_case<2, 256, absmax, stochastic>,
+                   blockwise_case<2, 32, mean_abs, stochastic>,
+                   blockwise_case<4, 32, absmax, stochastic>,
+                   blockwise_case<4, 7, mean_abs, stochastic>,
+                   blockwise_case<8, 1000, absmax, stochastic>,
+                   blockwise_case<8, 50, mean_abs, stochastic>) {
+    check_unbiased<Case>();
+}
+
+TEST_CASE("2-bit payloads of a million elements are about N/4 bytes") {
+    constexpr std::size_t n = 1000000;
+    auto rng = rng_for("compress 2-bit size");
+    const std::vector<float> x = normal_floats(rng, n);
+    const lc::segment segs[] = {one_d(0, n)};
+    const double quarter = n / 4.0;
+    std::vector<float> out(n);
+
+    using S = lc::statistical<2>;
+    const auto ps = encode<S>({}, x, segs, {});
+    S::decode({}, ps, segs, out);
+    CHECK(ps.size() == 40 + 20 + n / 4);
+    CHECK(ps.size() <= 1.03 * quarter);
+
+    // Block 256: 64 bytes of codes and a 4-byte scale per block, 1/16 = 6.25 % over N/4.
+    using Q = lc::blockwise<2, 256>;
+    const auto pq = encode<Q>({}, x, segs, {});
+    Q::decode({}, pq, segs, out);
+    CHECK(pq.size() == 40 + 4 * 3907 + n / 4);
+    CHECK(pq.size() <= 1.0625 * quarter + 44);
+    // Blocks of 1024 or more keep the scales under 3 %.
+    using W = lc::blockwise<2, 1024>;
+    const auto pw = encode<W>({}, x, segs, {});
+    CHECK(pw.size() == 40 + 4 * 977 + n / 4);
+    CHECK(pw.size() <= 1.03 * quarter);
+    MESSAGE("2-bit payloads for 1e6 elements: statistical " << ps.size() << " bytes, blockwise<2, 256> "
+            << pq.size() << ", blockwise<2, 1024> " << pw.size() << " (N/4 = " << n / 4 << ")");
+}
+
+TEST_CASE("topk: ties go to the lower index, NaN is always sent, k follows the ratio") {
+    using T = lc::topk;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const std::vector<float> v = {1, -3, 3, 0, -3, 2, nan, -0.0f};
+    const lc::segment segs[] = {one_d(0, 8)};
+    const T::hyper h{.ratio = 0.5f};  // k = 4
+    const auto p = encode<T>(h, v, segs, {});
+    REQUIRE(p.size() == 40 + 8 * 4);
+    const std::uint32_t want[] = {1, 2, 4, 6};  // NaN, then |3| at 1, 2, 4
+    for (std::size_t j = 0; j < 4; ++j) {
+        CHECK(wire::get<std::uint32_t>(p, 40 + 4 * j) == want[j]);
+    }
+    std::vector<float> out(8);
+    T::decode(h, p, segs, out);
+    CHECK(out[0] == 0.0f);
+    CHECK(out[1] == -3.0f);
+    CHECK(out[2] == 3.0f);
+    CHECK(out[4] == -3.0f);
+    CHECK(std::isnan(out[6]));
+    CHECK(out[5] == 0.0f);
+    // ceil(0.3 * 8) = 3 (the float 0.3 is slightly above 0.3), k at least 1, at most n.
+    CHECK(T::payload_bytes({.ratio = 0.3f}, segs) == 40 + 8 * 3);
+    CHECK(T::payload_bytes({.ratio = 1e-9f}, segs) == 40 + 8 * 1);
+    CHECK(T::payload_bytes({.ratio = 1.0f}, segs) == 40 + 8 * 8);
+    CHECK(T::count({.ratio = 0.3f}, 10) == 4);  // the float 0.3f is above 0.3 (docs/compressors.md)
+    CHECK(T::count({}, 1000) == 20);
+    CHECK(T::count({}, 1001) == 21);
+    CHECK(T::count({}, 0) == 0);
+}
+
+TEST_CASE("topk: hyper-parameters are checked") {
+    const lc::segment segs[] = {one_d(0, 8)};
+    for (const float bad : {0.0f, -0.1f, 1.5f, std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity()}) {
+        CHECK_THROWS_AS(lc::topk::validate({.ratio = bad}), loco::invalid_argument);
+        CHECK_THROWS_AS(lc::topk::payload_bytes({.ratio = bad}, segs), loco::invalid_argument);
+    }
+}
+
+TEST_CASE("topk: payloads that pass the checksum but break the format are refused") {
+    using T = lc::topk;
+    const std::vector<float> v = {5, 1, -7, 2, 0, 3, 9, -1};
+    const lc::segment segs[] = {one_d(0, 8)};
+    const T::hyper h{.ratio = 0.375f};  // k = 3: indices 0, 2, 6
+    const auto p = encode<T>(h, v, segs, {});
+    const std::uint32_t edits[][3] = {{0, 2, 8}, {0, 2, 2}, {2, 0, 6}, {0, 6, 2}, {0, 0, 6},
+                                      {0, 2, 0xffffffffu}};
+    for (const auto& e : edits) {
+        auto bad = p;
+        for (std::size_t j = 0; j < 3; ++j) {
+            wire::put<std::uint32_t>(bad, 40 + 4 * j, e[j]);
+        }
+        reseal(bad);
+        check_refused<T>(h, bad, segs, 8, "indices out of range, repeated or not ascending");
+    }
+    // Other ascending in-range indices are a valid payload, resealed or not.
+    auto other = p;
+    wire::put<std::uint32_t>(other, 40 + 4, 3);
+    reseal(other);
+    std::vector<float> out(8);
+    T::decode(h, other, segs, out);
+    CHECK(out == std::vector<float>{5, 0, 0, -7, 0, 0, 9, 0});
+}
+
+TEST_CASE("cast: fp16 overflows to infinity at 65520, NaN and infinities pass through") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    const std::vector<float> v = {65504, 65519.99f, 65520, -1e6f, nan, -inf, 1e-8f, 3e38f};
+    const lc::segment segs[] = {one_d(0, 8)};
+    std::vector<float> out(8);
+    using H = lc::cast<loco::fp16>;
+    H::decode({}, encode<H>({}, v, segs, {}), segs, out);
+    CHECK(out[0] == 65504.0f);
+    CHECK(out[1] == 65504.0f);
+    CHECK(out[2] == inf);
+    CHECK(out[3] == -inf);
+    CHECK(std::isnan(out[4]));
+    CHECK(out[5] == -inf);
+    CHECK(out[6] == 0.0f);  // 1e-8 is 0.17 of the smallest subnormal step
+    CHECK(out[7] == inf);
+    using B = lc::cast<loco::bf16>;
+    B::decode({}, encode<B>({}, v, segs, {}), segs, out);
+    CHECK(out[3] == -999424.0f);  // 1e6 = 1.9073 * 2^19 to 8 significant bits: 1.90625 * 2^19
+    CHECK(std::isnan(out[4]));
+    CHECK(out[5] == -inf);
+    CHECK(std::abs(out[7] - 3e38f) <= 3e38f / 256);
+}
