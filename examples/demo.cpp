@@ -316,7 +316,7 @@ run_result train(const setup& s, const std::string& mode, const make_rule& make)
             rule.step(inner_lr(s, step));
             loss_sum += loss;
             if (comm.rank() == 0 && step % s.log_every == 0) {
-                std::printf("  %-14s step %5d / %d   train loss %.4f\n", mode.c_str(), step,
+                std::printf("  %-16s step %5d / %d   train loss %.4f\n", mode.c_str(), step,
                             s.steps, loss_sum / s.log_every);
                 std::fflush(stdout);
                 loss_sum = 0.0;
@@ -358,31 +358,48 @@ run_result run_synchronous(const setup& s) {
     });
 }
 
+// One DiLoCo row: the handle type, its configuration, and how the step's inner learning rate
+// reaches it (a parameter-group optimizer has one learning rate per group).
+template <class Diloco, class SetLr>
+run_result run_diloco_variant(const setup& s, const std::string& mode,
+                              const typename Diloco::config& cfg, SetLr set_lr) {
+    return train(s, mode, [&](loco::comm::communicator& comm, mlp& model) {
+        auto opt = std::make_shared<Diloco>(model.parameters(), comm, cfg);
+        return update_rule{
+            .step =
+                [opt, set_lr](float lr) {
+                    set_lr(*opt, lr);
+                    opt->step();
+                },
+            // --steps may cut the last round short; closing it leaves every worker on the same
+            // global weights.
+            .finish =
+                [opt] {
+                    if (opt->calls() % diloco_every != 0) {
+                        opt->sync();
+                    }
+                    return opt->outer_steps();
+                }};
+    });
+}
+
 run_result run_diloco(const setup& s) {
     using diloco = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
-    return train(s, "DiLoCo H=" + std::to_string(diloco_every),
-                 [&s](loco::comm::communicator& comm, mlp& model) {
-                     auto opt = std::make_shared<diloco>(
-                         model.parameters(), comm,
-                         diloco::config{.inner = s.inner,
-                                        .outer = {.lr = 0.7f, .momentum = 0.9f},
-                                        .schedule = {.every = diloco_every}});
-                     return update_rule{
-                         .step =
-                             [opt](float lr) {
-                                 opt->inner_hyper().lr = lr;
-                                 opt->step();
-                             },
-                         // --steps may cut the last round short; closing it leaves every
-                         // worker on the same global weights.
-                         .finish =
-                             [opt] {
-                                 if (opt->calls() % diloco_every != 0) {
-                                     opt->sync();
-                                 }
-                                 return opt->outer_steps();
-                             }};
-                 });
+    return run_diloco_variant<diloco>(
+        s, "DiLoCo H=" + std::to_string(diloco_every),
+        {.inner = s.inner, .outer = {.lr = 0.7f, .momentum = 0.9f}, .schedule = {.every = diloco_every}},
+        [](diloco& opt, float lr) { opt.inner_hyper().lr = lr; });
+}
+
+// DiLoCo whose pseudo-gradients travel as MuLoCo's 2-bit statistical codes (16x fewer bytes than
+// fp32), with classic error feedback carrying what the codes drop into the next sync.
+run_result run_diloco_2bit(const setup& s) {
+    using compressor = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    using diloco = loco::diloco<loco::inner::adamw, loco::outer::nesterov, compressor>;
+    return run_diloco_variant<diloco>(
+        s, "DiLoCo 2-bit EF",
+        {.inner = s.inner, .outer = {.lr = 0.7f, .momentum = 0.9f}, .schedule = {.every = diloco_every}},
+        [](diloco& opt, float lr) { opt.inner_hyper().lr = lr; });
 }
 
 // ---- main -------------------------------------------------------------------------------------
@@ -391,11 +408,11 @@ void print_table(const setup& s, const std::vector<run_result>& rows) {
     const run_result& base = rows.front();
     std::printf("\n%d workers, %d steps of %zu samples each; teacher (floor) eval loss %.4f\n\n",
                 workers, s.steps, s.batch, s.teacher_loss);
-    std::printf("  %-14s %10s %7s %13s %9s %8s\n", "mode", "eval loss", "syncs", "MB sent/wkr",
+    std::printf("  %-16s %10s %7s %13s %9s %8s\n", "mode", "eval loss", "syncs", "MB sent/wkr",
                 "vs sync", "time");
     for (const run_result& r : rows) {
         const double ratio = r.bytes_per_worker / base.bytes_per_worker;
-        std::printf("  %-14s %10.4f %7llu %13.3f %9.4f %6.1f s\n", r.mode.c_str(), r.eval_loss,
+        std::printf("  %-16s %10.4f %7llu %13.3f %9.4f %6.1f s\n", r.mode.c_str(), r.eval_loss,
                     static_cast<unsigned long long>(r.syncs), r.bytes_per_worker / 1e6, ratio,
                     r.seconds);
     }
@@ -491,7 +508,7 @@ int main(int argc, char** argv) {
 
     std::vector<run_result> rows;
     try {
-        for (auto run : {run_synchronous, run_diloco}) {
+        for (auto run : {run_synchronous, run_diloco, run_diloco_2bit}) {
             rows.push_back(run(s));
         }
     } catch (const std::exception& e) {
