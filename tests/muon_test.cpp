@@ -1,0 +1,713 @@
+// Muon (loco::inner::muon) and its Newton-Schulz orthogonalisation (loco::linalg::newton_schulz)
+// against a plain double-precision reference written here from torch.optim.Muon's formulas, plus
+// closed forms of the iteration:
+//   * Newton-Schulz acts on each singular value separately, as the iterated odd quintic
+//     phi(x) = a x + b x^3 + c x^5 of the normalised singular value, so a matrix built as
+//     U diag(s) V^T must come out as U diag(phi^k(s / ||s||)) V^T; a row or a column vector has
+//     one singular value, ||x||, and comes out as phi^k(1) x / ||x||;
+//   * with Keller Jordan's coefficients, five iterations put every normalised singular value of
+//     at least 0.002 into [0.68, 1.21] (MuLoCo's table: at least 0.01 into [0.97, 1.04]).
+//
+// Tolerances. loco iterates in fp32, the reference in double. Each product sums at most a few
+// hundred terms here, so one iteration is accurate to about 1e-6 relative; the polynomial's slope
+// is at most a (about 4) near zero and smaller near 1, and five iterations compound that to a few
+// 1e-6 of the largest entry in practice (measured worst: see the MESSAGE lines). The checks use
+// 5e-5 of the largest entry of the update, ten times the worst seen. The momentum buffer is plain
+// element-wise arithmetic: 2e-6 relative per step.
+#include <doctest/doctest.h>
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+
+#include <loco/inner/muon.hpp>
+#include <loco/linalg/newton_schulz.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+using loco::inner::lr_adjustment;
+using loco::inner::muon;
+using loco::linalg::ns_coefficients;
+
+// ---- the double-precision reference ----------------------------------------------------------
+
+using dmatrix = std::vector<double>;  // row-major
+
+// The coefficients of iteration it: the table's row, the last row repeated past its end.
+struct dcoeff {
+    double a, b, c;
+};
+dcoeff coeff_at(const ns_coefficients& k, int it) {
+    const auto& r = k.rows[std::min<std::size_t>(static_cast<std::size_t>(it), k.count - 1)];
+    return {r.a, r.b, r.c};
+}
+
+dmatrix transpose(const dmatrix& x, std::size_t rows, std::size_t cols) {
+    dmatrix t(x.size());
+    for (std::size_t i = 0; i < rows; ++i)
+        for (std::size_t j = 0; j < cols; ++j) t[j * rows + i] = x[i * cols + j];
+    return t;
+}
+
+// (p x q) * (q x r). Through raw pointers only because this runs in unoptimised, sanitized builds.
+dmatrix matmul(const dmatrix& x, const dmatrix& y, std::size_t p, std::size_t q, std::size_t r) {
+    dmatrix z(p * r, 0.0);
+    for (std::size_t i = 0; i < p; ++i) {
+        double* zi = z.data() + i * r;
+        for (std::size_t k = 0; k < q; ++k) {
+            const double xik = x[i * q + k];
+            const double* yk = y.data() + k * r;
+            for (std::size_t j = 0; j < r; ++j) zi[j] += xik * yk[j];
+        }
+    }
+    return z;
+}
+
+// torch.optim.Muon's zeroth-power iteration, literally: transpose when rows > cols, divide by
+// the Frobenius norm clamped at eps, X = a X + (b A + c A A) X with A = X X^T, transpose back.
+dmatrix reference_ns(dmatrix x, std::size_t rows, std::size_t cols, const ns_coefficients& k,
+                     int steps, double eps) {
+    const bool tall = rows > cols;
+    std::size_t m = rows, n = cols;
+    if (tall) {
+        x = transpose(x, rows, cols);
+        std::swap(m, n);
+    }
+    double sq = 0.0;
+    for (const double v : x) sq += v * v;
+    const double norm = std::max(std::sqrt(sq), eps);
+    for (double& v : x) v /= norm;
+    for (int it = 0; it < steps; ++it) {
+        const auto [a, b, c] = coeff_at(k, it);
+        const dmatrix A = matmul(x, transpose(x, m, n), m, n, m);
+        const dmatrix AA = matmul(A, A, m, m, m);
+        dmatrix B(m * m);
+        for (std::size_t i = 0; i < m * m; ++i) B[i] = b * A[i] + c * AA[i];
+        const dmatrix BX = matmul(B, x, m, m, n);
+        for (std::size_t i = 0; i < m * n; ++i) x[i] = a * x[i] + BX[i];
+    }
+    return tall ? transpose(x, m, n) : x;
+}
+
+double reference_lr_factor(lr_adjustment adjust, std::size_t rows, std::size_t cols) {
+    const double r = double(rows), c = double(cols);
+    if (adjust == lr_adjustment::original) return std::sqrt(std::max(1.0, r / c));
+    if (adjust == lr_adjustment::match_rms_adamw) return 0.2 * std::sqrt(std::max(r, c));
+    return std::sqrt(r / c);
+}
+
+// One Muon step in double: exponential-average momentum, optional Nesterov blend,
+// orthogonalisation, decay with the plain lr, update with the adjusted lr.
+void reference_step(const muon::hyper& h, dmatrix& p, const std::vector<float>& g, dmatrix& buf,
+                    std::size_t rows, std::size_t cols) {
+    const double mu = h.momentum;
+    dmatrix u(p.size());
+    for (std::size_t i = 0; i < p.size(); ++i) {
+        buf[i] = mu * buf[i] + (1.0 - mu) * g[i];
+        u[i] = h.nesterov ? (1.0 - mu) * g[i] + mu * buf[i] : buf[i];
+    }
+    const dmatrix o = reference_ns(u, rows, cols, h.coefficients, h.ns_steps, h.eps);
+    const double lr = h.lr;
+    const double adjusted = lr * reference_lr_factor(h.adjust_lr, rows, cols);
+    for (std::size_t i = 0; i < p.size(); ++i) {
+        p[i] = p[i] * (1.0 - lr * double(h.weight_decay)) - adjusted * o[i];
+    }
+}
+
+// ---- closed forms and spectra ------------------------------------------------------------------
+
+double phi_iterated(const ns_coefficients& k, int steps, double x) {
+    for (int it = 0; it < steps; ++it) {
+        const auto [a, b, c] = coeff_at(k, it);
+        x = a * x + b * x * x * x + c * x * x * x * x * x;
+    }
+    return x;
+}
+
+// `count` orthonormal columns of length `len` (len x count, row-major), by Gram-Schmidt twice.
+dmatrix orthonormal_columns(std::mt19937_64& rng, std::size_t len, std::size_t count) {
+    std::normal_distribution<double> d;
+    dmatrix q(len * count);
+    for (double& v : q) v = d(rng);
+    for (std::size_t j = 0; j < count; ++j) {
+        for (int pass = 0; pass < 2; ++pass) {
+            for (std::size_t l = 0; l < j; ++l) {
+                double dot = 0.0;
+                for (std::size_t i = 0; i < len; ++i) dot += q[i * count + j] * q[i * count + l];
+                for (std::size_t i = 0; i < len; ++i) q[i * count + j] -= dot * q[i * count + l];
+            }
+        }
+        double sq = 0.0;
+        for (std::size_t i = 0; i < len; ++i) sq += q[i * count + j] * q[i * count + j];
+        for (std::size_t i = 0; i < len; ++i) q[i * count + j] /= std::sqrt(sq);
+    }
+    return q;
+}
+
+// u diag(s) v^T for u of rows x m, v of cols x m.
+dmatrix compose(const dmatrix& u, const std::vector<double>& s, const dmatrix& v, std::size_t rows,
+                std::size_t cols) {
+    const std::size_t m = s.size();
+    dmatrix x(rows * cols, 0.0);
+    for (std::size_t i = 0; i < rows; ++i)
+        for (std::size_t j = 0; j < cols; ++j)
+            for (std::size_t l = 0; l < m; ++l)
+                x[i * cols + j] += u[i * m + l] * s[l] * v[j * m + l];
+    return x;
+}
+
+// The eigenvalues of a symmetric m x m matrix by cyclic Jacobi rotations.
+std::vector<double> symmetric_eigenvalues(dmatrix a, std::size_t m) {
+    for (int sweep = 0; sweep < 100; ++sweep) {
+        double off = 0.0;
+        for (std::size_t p = 0; p < m; ++p)
+            for (std::size_t q = p + 1; q < m; ++q) off += a[p * m + q] * a[p * m + q];
+        if (off < 1e-30) break;
+        for (std::size_t p = 0; p < m; ++p) {
+            for (std::size_t q = p + 1; q < m; ++q) {
+                const double apq = a[p * m + q];
+                if (std::abs(apq) < 1e-300) continue;
+                const double theta = (a[q * m + q] - a[p * m + p]) / (2.0 * apq);
+                const double t =
+                    (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1.0));
+                const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+                for (std::size_t k = 0; k < m; ++k) {  // columns p and q
+                    const double akp = a[k * m + p], akq = a[k * m + q];
+                    a[k * m + p] = c * akp - s * akq;
+                    a[k * m + q] = s * akp + c * akq;
+                }
+                for (std::size_t k = 0; k < m; ++k) {  // rows p and q
+                    const double apk = a[p * m + k], aqk = a[q * m + k];
+                    a[p * m + k] = c * apk - s * aqk;
+                    a[q * m + k] = s * apk + c * aqk;
+                }
+            }
+        }
+    }
+    std::vector<double> ev(m);
+    for (std::size_t i = 0; i < m; ++i) ev[i] = a[i * m + i];
+    return ev;
+}
+
+// The min(rows, cols) singular values of x.
+std::vector<double> singular_values(const dmatrix& x, std::size_t rows, std::size_t cols) {
+    const bool wide = rows <= cols;
+    const std::size_t m = wide ? rows : cols;
+    const dmatrix xt = transpose(x, rows, cols);
+    const dmatrix gram = wide ? matmul(x, xt, rows, cols, rows) : matmul(xt, x, cols, rows, cols);
+    std::vector<double> sv = symmetric_eigenvalues(gram, m);
+    for (double& s : sv) s = std::sqrt(std::max(0.0, s));
+    return sv;
+}
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+dmatrix to_double(const std::vector<float>& x) { return dmatrix(x.begin(), x.end()); }
+std::vector<float> to_float(const dmatrix& x) {
+    std::vector<float> f(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) f[i] = static_cast<float>(x[i]);
+    return f;
+}
+double max_abs(const dmatrix& x) {
+    double m = 0.0;
+    for (const double v : x) m = std::max(m, std::abs(v));
+    return m;
+}
+// max |got - want| / max |want|
+double scaled_error(const std::vector<float>& got, const dmatrix& want) {
+    double e = 0.0;
+    for (std::size_t i = 0; i < want.size(); ++i)
+        e = std::max(e, std::abs(double(got[i]) - want[i]));
+    return e / std::max(max_abs(want), 1e-300);
+}
+
+struct shape {
+    std::size_t rows, cols;
+};
+const shape shapes[] = {{16, 16}, {48, 16}, {16, 48}, {1, 7}, {7, 1}, {65, 33}, {33, 65}, {1, 1}};
+
+// Fresh float inputs for one orthogonalisation, stored in float so both sides see the same data.
+std::vector<float> orthogonalise(const std::vector<float>& g, shape s, const ns_coefficients& k,
+                                 int steps, float eps, loco::linalg::ns_workspace& ws) {
+    std::vector<float> out(g.size());
+    loco::linalg::newton_schulz(g.data(), s.rows, s.cols, out.data(), k, steps, eps, ws);
+    return out;
+}
+
+constexpr double ns_tol = 5e-5;  // of the largest entry; see the file comment
+
+}  // namespace
+
+// ---- Newton-Schulz ------------------------------------------------------------------------------
+
+TEST_CASE("muon: Newton-Schulz in fp32 matches the double-precision reference") {
+    auto rng = rng_for("muon/ns-reference");
+    loco::linalg::ns_workspace ws;  // shared across shapes: it grows and is reused
+    double worst = 0.0;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()}) {
+        for (const int steps : {1, 5, 7}) {
+            for (const shape s : shapes) {
+                const auto g = normal_floats(rng, s.rows * s.cols);
+                const auto got = orthogonalise(g, s, k, steps, 1e-7f, ws);
+                const auto want = reference_ns(to_double(g), s.rows, s.cols, k, steps, 1e-7);
+                const double e = scaled_error(got, want);
+                INFO("shape " << s.rows << " x " << s.cols << ", " << k.count
+                              << "-row table, steps " << steps << ": scaled error " << e);
+                CHECK(e <= ns_tol);
+                worst = std::max(worst, e);
+            }
+        }
+    }
+    MESSAGE("worst fp32 Newton-Schulz error, relative to the largest entry: " << worst);
+}
+
+TEST_CASE("muon: Newton-Schulz of a vector is phi^k(1) times the unit vector") {
+    auto rng = rng_for("muon/ns-vector");
+    loco::linalg::ns_workspace ws;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()}) {
+        const double scale = phi_iterated(k, 5, 1.0);
+        for (const shape s :
+             {shape{1, 1}, shape{1, 7}, shape{9, 1}, shape{1, 300}, shape{300, 1}}) {
+            const auto g = normal_floats(rng, s.rows * s.cols, 3.0f);
+            const auto got = orthogonalise(g, s, k, 5, 1e-7f, ws);
+            double norm = 0.0;
+            for (const float v : g) norm += double(v) * double(v);
+            norm = std::sqrt(norm);
+            dmatrix want(g.size());
+            for (std::size_t i = 0; i < g.size(); ++i) want[i] = scale * g[i] / norm;
+            INFO("shape " << s.rows << " x " << s.cols << ", " << k.count << "-row table");
+            CHECK(scaled_error(got, want) <= 1e-5);
+        }
+    }
+    // phi^5(1) for the two tables, from the coefficients.
+    CHECK(phi_iterated(ns_coefficients::keller_jordan(), 5, 1.0) ==
+          doctest::Approx(0.6964).epsilon(1e-4));
+    CHECK(phi_iterated(ns_coefficients::muloco(), 5, 1.0) == doctest::Approx(0.9783).epsilon(1e-4));
+}
+
+TEST_CASE("muon: Newton-Schulz maps U diag(s) V^T to U diag(phi^k(s / |s|)) V^T") {
+    auto rng = rng_for("muon/ns-closed-form");
+    loco::linalg::ns_workspace ws;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()}) {
+        for (const shape s : {shape{12, 12}, shape{40, 9}, shape{9, 40}, shape{6, 6}}) {
+            const std::size_t m = std::min(s.rows, s.cols);
+            std::vector<double> sv(m);
+            // Normalised, every singular value is at least 0.019, where the slope of phi^5 is below
+            // 70 (it reaches about 480 at 0), so the input's float rounding moves the output by at
+            // most about 70 * 6e-8.
+            std::uniform_real_distribution<double> d(0.2, 3.0);
+            for (double& v : sv) v = d(rng);
+            // Diagonal (U, V = identity columns) for the square 6 x 6 case, random otherwise.
+            const bool diagonal = s.rows == 6;
+            dmatrix u(s.rows * m, 0.0), v(s.cols * m, 0.0);
+            if (diagonal) {
+                for (std::size_t i = 0; i < m; ++i) u[i * m + i] = v[i * m + i] = 1.0;
+                sv[1] = -sv[1];  // a negative diagonal entry: phi is odd, its sign survives
+            } else {
+                u = orthonormal_columns(rng, s.rows, m);
+                v = orthonormal_columns(rng, s.cols, m);
+            }
+            const auto g = to_float(compose(u, sv, v, s.rows, s.cols));
+            double fro = 0.0;
+            for (const double x : sv) fro += x * x;
+            fro = std::sqrt(fro);
+            std::vector<double> mapped(m);
+            for (std::size_t i = 0; i < m; ++i) {
+                const double x = std::abs(sv[i]) / fro;
+                mapped[i] = (sv[i] < 0 ? -1.0 : 1.0) * phi_iterated(k, 5, x);
+            }
+            const dmatrix want = compose(u, mapped, v, s.rows, s.cols);
+            INFO("shape " << s.rows << " x " << s.cols << ", " << k.count << "-row table");
+            // The float input is the composed matrix rounded, so the closed form holds to about
+            // 1e-7 times the slope of phi^5 (at most about 500 near 0, here far smaller).
+            CHECK(scaled_error(orthogonalise(g, s, k, 5, 1e-7f, ws), want) <= ns_tol);
+            CHECK(scaled_error(to_float(reference_ns(to_double(g), s.rows, s.cols, k, 5, 1e-7)),
+                               want) <= ns_tol);
+            if (diagonal) {
+                const auto got = orthogonalise(g, s, k, 5, 1e-7f, ws);
+                for (std::size_t i = 0; i < m; ++i)
+                    for (std::size_t j = 0; j < m; ++j)
+                        if (i != j) CHECK(std::abs(got[i * m + j]) <= 1e-6f);
+            }
+        }
+    }
+}
+
+TEST_CASE("muon: five iterations put the singular values in the published band") {
+    auto rng = rng_for("muon/ns-band");
+    loco::linalg::ns_workspace ws;
+    struct band {
+        ns_coefficients k;
+        double lo, hi;
+    };
+    // From the scalar map phi^5 over normalised singular values in [0.01, 1]; Gaussian matrices
+    // with an aspect ratio of 3 have all of theirs in about [0.1, 0.4].
+    for (const band& b : {band{ns_coefficients::keller_jordan(), 0.68, 1.21},
+                          band{ns_coefficients::muloco(), 0.97, 1.04}}) {
+        for (const shape s : {shape{16, 48}, shape{48, 16}, shape{30, 90}}) {
+            for (int trial = 0; trial < 3; ++trial) {
+                const auto g = normal_floats(rng, s.rows * s.cols);
+                const auto in_sv = singular_values(to_double(g), s.rows, s.cols);
+                double fro = 0.0;
+                for (const double x : in_sv) fro += x * x;
+                REQUIRE(*std::min_element(in_sv.begin(), in_sv.end()) / std::sqrt(fro) >= 0.01);
+
+                const auto ref = reference_ns(to_double(g), s.rows, s.cols, b.k, 5, 1e-7);
+                const auto got = to_double(orthogonalise(g, s, b.k, 5, 1e-7f, ws));
+                for (const auto* x : {&ref, &got}) {
+                    const auto sv = singular_values(*x, s.rows, s.cols);
+                    const auto [lo, hi] = std::minmax_element(sv.begin(), sv.end());
+                    INFO("shape " << s.rows << " x " << s.cols << ", " << b.k.count
+                                  << "-row table, " << (x == &ref ? "reference" : "loco")
+                                  << ": singular values in [" << *lo << ", " << *hi << "]");
+                    CHECK(*lo >= b.lo);
+                    CHECK(*hi <= b.hi);
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("muon: Newton-Schulz edge cases") {
+    loco::linalg::ns_workspace ws;
+    const auto k = ns_coefficients::keller_jordan();
+
+    SUBCASE("a zero matrix stays zero: the norm is clamped at eps") {
+        std::vector<float> g(12, 0.0f), out(12, 1.0f);
+        loco::linalg::newton_schulz(g.data(), 3, 4, out.data(), k, 5, 1e-7f, ws);
+        CHECK(out == std::vector<float>(12, 0.0f));
+    }
+    SUBCASE("entries near the float limit neither overflow nor lose the direction") {
+        auto rng = rng_for("muon/ns-huge");
+        const auto g = normal_floats(rng, 6 * 10);
+        std::vector<float> big(g.size());
+        for (std::size_t i = 0; i < g.size(); ++i) big[i] = g[i] * 1e37f;
+        const auto want = reference_ns(to_double(g), 6, 10, k, 5, 1e-7);
+        CHECK(scaled_error(orthogonalise(big, {6, 10}, k, 5, 1e-7f, ws), want) <= ns_tol);
+    }
+    SUBCASE("no rows or no columns: nothing to do") {
+        CHECK_NOTHROW(loco::linalg::newton_schulz(nullptr, 0, 5, nullptr, k, 5, 1e-7f, ws));
+        CHECK_NOTHROW(loco::linalg::newton_schulz(nullptr, 5, 0, nullptr, k, 5, 1e-7f, ws));
+    }
+    SUBCASE("non-finite input throws without writing the output") {
+        std::vector<float> g(8, 1.0f), out(8, 2.0f);
+        g[3] = std::numeric_limits<float>::quiet_NaN();
+        CHECK_THROWS_AS(loco::linalg::newton_schulz(g.data(), 2, 4, out.data(), k, 5, 1e-7f, ws),
+                        loco::nonfinite_error);
+        g[3] = -std::numeric_limits<float>::infinity();
+        CHECK_THROWS_AS(loco::linalg::newton_schulz(g.data(), 2, 4, out.data(), k, 5, 1e-7f, ws),
+                        loco::nonfinite_error);
+        CHECK(out == std::vector<float>(8, 2.0f));
+    }
+    SUBCASE("in place, and a table shorter than the step count repeats its last row") {
+        auto rng = rng_for("muon/ns-inplace");
+        auto g = normal_floats(rng, 5 * 3);
+        const auto want = reference_ns(to_double(g), 5, 3, ns_coefficients::muloco(), 8, 1e-7);
+        loco::linalg::newton_schulz(g.data(), 5, 3, g.data(), ns_coefficients::muloco(), 8, 1e-7f,
+                                    ws);
+        CHECK(scaled_error(g, want) <= ns_tol);
+        CHECK(ns_coefficients::muloco().at(7) == ns_coefficients::muloco().rows[4]);
+    }
+}
+
+// ---- Muon ---------------------------------------------------------------------------------------
+
+TEST_CASE("muon: hyper-parameters are PyTorch's defaults") {
+    const muon::hyper h;
+    CHECK(h.lr == 1e-3f);
+    CHECK(h.weight_decay == 0.1f);
+    CHECK(h.momentum == 0.95f);
+    CHECK(h.nesterov);
+    CHECK(h.coefficients == ns_coefficients::keller_jordan());
+    CHECK(h.coefficients.count == 1);
+    CHECK(h.coefficients.rows[0] == loco::linalg::ns_row{3.4445f, -4.7750f, 2.0315f});
+    CHECK(h.eps == 1e-7f);
+    CHECK(h.ns_steps == 5);
+    CHECK(h.adjust_lr == lr_adjustment::original);
+    CHECK(ns_coefficients{} == ns_coefficients::keller_jordan());
+    CHECK_FALSE(ns_coefficients::muloco() == ns_coefficients::keller_jordan());
+    static_assert(muon::state_size == 1);
+    static_assert(muon::name == "muon");
+    static_assert(std::is_aggregate_v<muon::hyper>);
+    static_assert(std::is_same_v<muon::workspace, loco::inner::muon_workspace>);
+    // Designated initializers in declaration order (PyTorch's argument order).
+    constexpr muon::hyper custom{.lr = 0.02f,
+                                 .momentum = 0.9f,
+                                 .nesterov = false,
+                                 .coefficients = ns_coefficients::muloco(),
+                                 .adjust_lr = lr_adjustment::match_rms_adamw};
+    CHECK(custom.weight_decay == 0.1f);
+    CHECK(custom.coefficients.count == 5);
+    CHECK_NOTHROW(muon::validate(custom));
+}
+
+TEST_CASE("muon: the learning-rate adjustments") {
+    // 48 x 16 (tall), 16 x 48 (wide)
+    CHECK(muon::lr_factor(lr_adjustment::original, 48, 16) == doctest::Approx(std::sqrt(3.0)));
+    CHECK(muon::lr_factor(lr_adjustment::original, 16, 48) == 1.0);
+    CHECK(muon::lr_factor(lr_adjustment::match_rms_adamw, 16, 48) ==
+          doctest::Approx(0.2 * std::sqrt(48.0)));
+    CHECK(muon::lr_factor(lr_adjustment::match_rms_adamw, 48, 16) ==
+          doctest::Approx(0.2 * std::sqrt(48.0)));
+    CHECK(muon::lr_factor(lr_adjustment::spectral_norm, 16, 48) ==
+          doctest::Approx(std::sqrt(1.0 / 3.0)));
+    const auto k = muon::prepare({.lr = 0.5f, .weight_decay = 0.2f}, 48, 16);
+    CHECK(k.decay == doctest::Approx(0.9));
+    CHECK(k.step == doctest::Approx(0.5 * std::sqrt(3.0)));
+}
+
+namespace {
+
+struct muon_case {
+    ns_coefficients coefficients;
+    lr_adjustment adjust;
+    bool nesterov;
+    float weight_decay;
+};
+
+std::string describe(const muon_case& c, shape s) {
+    return std::to_string(s.rows) + " x " + std::to_string(s.cols) + ", " +
+           (c.coefficients.count == 1 ? "Keller Jordan" : "MuLoCo") + " coefficients, adjust " +
+           std::to_string(static_cast<int>(c.adjust)) + (c.nesterov ? ", nesterov" : "") + ", wd " +
+           std::to_string(c.weight_decay);
+}
+
+}  // namespace
+
+// Every option combination on every small shape, and on the two larger ones (which cost most of
+// the time in a sanitized debug build) with Nesterov and decay on; three steps each. Each step of
+// the reference starts from loco's float state, so only that step's arithmetic is compared; lr is
+// large (0.2) so that the update, not the parameter's own rounding, dominates the comparison.
+TEST_CASE("muon: each step matches the double-precision reference") {
+    auto rng = rng_for("muon/steps");
+    loco::inner::muon_workspace ws;  // one for every case and shape, as a training loop would
+    std::vector<muon_case> cases;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()})
+        for (const auto adjust : {lr_adjustment::original, lr_adjustment::match_rms_adamw,
+                                  lr_adjustment::spectral_norm})
+            for (const bool nesterov : {true, false})
+                for (const float wd : {0.0f, 0.5f}) cases.push_back({k, adjust, nesterov, wd});
+
+    double worst_update = 0.0, worst_momentum = 0.0;
+    for (const auto& c : cases) {
+        const muon::hyper h{.lr = 0.2f,
+                            .weight_decay = c.weight_decay,
+                            .momentum = 0.9f,
+                            .nesterov = c.nesterov,
+                            .coefficients = c.coefficients,
+                            .adjust_lr = c.adjust};
+        for (const shape s : shapes) {
+            const bool large = s.rows * s.cols > 1000;
+            if (large && !(c.nesterov && c.weight_decay > 0.0f)) continue;
+            INFO(describe(c, s));
+            const std::size_t size = s.rows * s.cols;
+            auto p = normal_floats(rng, size);
+            std::vector<float> buf(size, 0.0f);
+            for (std::uint64_t t = 1; t <= 3; ++t) {
+                const auto g = normal_floats(rng, size, 0.5f);
+                dmatrix p_ref = to_double(p), buf_ref = to_double(buf);
+                const dmatrix p_before = p_ref;
+                muon::update_matrix(h, t, p.data(), g.data(), buf.data(), s.rows, s.cols, ws);
+                reference_step(h, p_ref, g, buf_ref, s.rows, s.cols);
+
+                // The parameter, against the size of this step's update. On top, three float
+                // roundings of the parameter's size are allowed: the decay factor 1 - lr * wd
+                // (rounded to float, as PyTorch's scalar is for a float tensor), the decayed
+                // parameter, and the difference.
+                double scale = 0.0;
+                for (std::size_t i = 0; i < size; ++i)
+                    scale = std::max(scale, std::abs(p_ref[i] - p_before[i]));
+                double e = 0.0;
+                for (std::size_t i = 0; i < size; ++i) {
+                    const double rounding = 3.0 * 0x1p-24 * std::max(1.0, std::abs(p_ref[i]));
+                    e = std::max(
+                        e, std::max(0.0, std::abs(double(p[i]) - p_ref[i]) - rounding) / scale);
+                }
+                worst_update = std::max(worst_update, e);
+                INFO("step " << t << ": parameter error " << e << " of the step size");
+                CHECK(e <= ns_tol);
+
+                mismatch_log log;
+                for (std::size_t i = 0; i < size; ++i) {
+                    log.expect_close(buf[i], buf_ref[i], 2e-6, [&](auto& o) {
+                        o << "step " << t << ", momentum[" << i << "]";
+                    });
+                    worst_momentum =
+                        std::max(worst_momentum, std::abs(buf[i] - buf_ref[i]) /
+                                                     std::max(1.0, std::abs(buf_ref[i])));
+                }
+                log.check();
+            }
+        }
+    }
+    MESSAGE("worst parameter error, relative to the step: "
+            << worst_update << "; worst momentum error: " << worst_momentum);
+}
+
+// A whole trajectory without re-synchronising: float and double drift apart slowly (each step's
+// Newton-Schulz error is a few 1e-6 of the step; the parameter's rounding adds about 1e-7 per
+// step), so after 30 steps the parameters agree to 1e-4 of the distance travelled.
+TEST_CASE("muon: a 30-step trajectory stays with the double-precision reference") {
+    auto rng = rng_for("muon/trajectory");
+    loco::inner::muon_workspace ws;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()}) {
+        for (const shape s : {shape{33, 65}, shape{48, 16}, shape{16, 16}, shape{1, 7}}) {
+            const muon::hyper h{.lr = 0.05f, .weight_decay = 0.1f, .coefficients = k};
+            const std::size_t size = s.rows * s.cols;
+            auto p = normal_floats(rng, size);
+            std::vector<float> buf(size, 0.0f);
+            dmatrix p_ref = to_double(p), buf_ref(size, 0.0);
+            const dmatrix p0 = p_ref;
+            for (std::uint64_t t = 1; t <= 30; ++t) {
+                const auto g = normal_floats(rng, size, 0.5f);
+                muon::update_matrix(h, t, p.data(), g.data(), buf.data(), s.rows, s.cols, ws);
+                reference_step(h, p_ref, g, buf_ref, s.rows, s.cols);
+            }
+            double travelled = 0.0, e = 0.0;
+            for (std::size_t i = 0; i < size; ++i) {
+                travelled = std::max(travelled, std::abs(p_ref[i] - p0[i]));
+                e = std::max(e, std::abs(double(p[i]) - p_ref[i]));
+            }
+            INFO("shape " << s.rows << " x " << s.cols << ", " << k.count << "-row table: error "
+                          << e / travelled << " of the distance travelled");
+            CHECK(e <= 1e-4 * travelled);
+        }
+    }
+}
+
+TEST_CASE("muon: zero gradient and zero momentum leave the parameter alone") {
+    std::vector<float> p = {1.0f, -2.0f, 3.0f, 0.5f, 0.25f, -8.0f};
+    const auto p0 = p;
+    std::vector<float> g(6, 0.0f), buf(6, 0.0f);
+    loco::inner::muon_workspace ws;
+    muon::update_matrix({.weight_decay = 0.0f}, 1, p.data(), g.data(), buf.data(), 2, 3, ws);
+    CHECK(p == p0);
+    CHECK(buf == std::vector<float>(6, 0.0f));
+    // With decay, only the decay applies.
+    muon::update_matrix({.lr = 0.5f, .weight_decay = 0.1f}, 2, p.data(), g.data(), buf.data(), 2, 3,
+                        ws);
+    for (std::size_t i = 0; i < p.size(); ++i) CHECK(p[i] == p0[i] * 0.95f);
+}
+
+TEST_CASE("muon: momentum 0 is plain orthogonalised gradient descent") {
+    auto rng = rng_for("muon/momentum-0");
+    const std::size_t rows = 9, cols = 5;
+    const auto g = normal_floats(rng, rows * cols);
+    std::vector<float> p(rows * cols, 0.0f), buf(rows * cols, 0.0f);
+    loco::inner::muon_workspace ws;
+    const muon::hyper h{.lr = 0.1f, .weight_decay = 0.0f, .momentum = 0.0f};
+    muon::update_matrix(h, 1, p.data(), g.data(), buf.data(), rows, cols, ws);
+    CHECK(buf == g);  // lerp with weight 1 returns the gradient exactly
+    const dmatrix o = reference_ns(to_double(g), rows, cols, h.coefficients, 5, 1e-7);
+    dmatrix want(o.size());
+    for (std::size_t i = 0; i < o.size(); ++i) want[i] = -0.1 * std::sqrt(9.0 / 5.0) * o[i];
+    CHECK(scaled_error(p, want) <= ns_tol);
+}
+
+TEST_CASE("muon: a non-finite gradient or momentum is refused before anything changes") {
+    auto rng = rng_for("muon/nonfinite");
+    const std::size_t rows = 4, cols = 6;
+    auto p = normal_floats(rng, rows * cols);
+    auto g = normal_floats(rng, rows * cols);
+    auto buf = normal_floats(rng, rows * cols);
+    const auto p0 = p, buf0 = buf;
+    loco::inner::muon_workspace ws;
+    for (const float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+          -std::numeric_limits<float>::infinity()}) {
+        auto g_bad = g;
+        g_bad[7] = bad;
+        CHECK_THROWS_WITH_AS(
+            muon::update_matrix({}, 1, p.data(), g_bad.data(), buf.data(), rows, cols, ws),
+            doctest::Contains("4 x 6 matrix holds NaN or infinity"), loco::nonfinite_error);
+        auto buf_bad = buf;
+        buf_bad[11] = bad;
+        CHECK_THROWS_AS(
+            muon::update_matrix({}, 1, p.data(), g.data(), buf_bad.data(), rows, cols, ws),
+            loco::nonfinite_error);
+        CHECK(p == p0);
+        CHECK(buf == buf0);
+    }
+    // Finite, but the blend overflows: refused too.
+    std::vector<float> g_big(rows * cols, 3e38f), buf_big(rows * cols, -3e38f);
+    CHECK_THROWS_AS(muon::update_matrix({.momentum = 0.5f}, 1, p.data(), g_big.data(),
+                                        buf_big.data(), rows, cols, ws),
+                    loco::nonfinite_error);
+    CHECK(p == p0);
+}
+
+TEST_CASE("muon: a matrix with no rows or no columns is a no-op") {
+    loco::inner::muon_workspace ws;
+    CHECK_NOTHROW(muon::update_matrix({}, 1, nullptr, nullptr, nullptr, 0, 7, ws));
+    CHECK_NOTHROW(muon::update_matrix({}, 1, nullptr, nullptr, nullptr, 7, 0, ws));
+    CHECK(ws.update.empty());
+}
+
+TEST_CASE("muon: the workspace is reused across shapes without changing results") {
+    auto rng = rng_for("muon/workspace");
+    loco::inner::muon_workspace shared;
+    for (const shape s : {shape{40, 20}, shape{3, 5}, shape{20, 40}, shape{7, 7}, shape{40, 20}}) {
+        const auto g = normal_floats(rng, s.rows * s.cols);
+        auto p1 = normal_floats(rng, s.rows * s.cols);
+        auto p2 = p1;
+        std::vector<float> b1(g.size(), 0.1f), b2(g.size(), 0.1f);
+        loco::inner::muon_workspace fresh;
+        muon::update_matrix({}, 1, p1.data(), g.data(), b1.data(), s.rows, s.cols, shared);
+        muon::update_matrix({}, 1, p2.data(), g.data(), b2.data(), s.rows, s.cols, fresh);
+        CHECK(p1 == p2);
+        CHECK(b1 == b2);
+    }
+}
+
+TEST_CASE("muon: hyper-parameters are validated") {
+    const auto bad = [](muon::hyper h, const char* what) {
+        INFO(what);
+        CHECK_THROWS_WITH_AS(muon::validate(h), doctest::Contains(what), loco::invalid_argument);
+    };
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    bad({.lr = -1e-3f}, "lr must be");
+    bad({.lr = nan}, "lr must be");
+    bad({.lr = inf}, "lr must be");
+    bad({.weight_decay = -0.1f}, "weight_decay must be");
+    bad({.momentum = 1.0f}, "momentum must be in [0, 1)");
+    bad({.momentum = -0.1f}, "momentum must be in [0, 1)");
+    bad({.momentum = nan}, "momentum must be in [0, 1)");
+    bad({.eps = 0.0f}, "eps must be");
+    bad({.eps = -1e-7f}, "eps must be");
+    bad({.ns_steps = 0}, "ns_steps must be in [1, 99]");
+    bad({.ns_steps = 100}, "ns_steps must be in [1, 99]");
+    bad({.adjust_lr = static_cast<lr_adjustment>(7)}, "adjust_lr");
+    ns_coefficients empty;
+    empty.count = 0;
+    bad({.coefficients = empty}, "between 1 and 8 rows");
+    ns_coefficients too_long;
+    too_long.count = 9;
+    bad({.coefficients = too_long}, "between 1 and 8 rows");
+    auto not_finite = ns_coefficients::muloco();
+    not_finite.rows[3].b = inf;
+    bad({.coefficients = not_finite}, "row 3 is not finite");
+
+    CHECK_NOTHROW(muon::validate({}));
+    CHECK_NOTHROW(
+        muon::validate({.lr = 0.0f, .weight_decay = 0.0f, .momentum = 0.0f, .ns_steps = 99}));
+
+    // update_matrix checks too, before writing anything.
+    std::vector<float> p = {1.0f, 2.0f}, g = {0.5f, 0.5f}, buf = {0.0f, 0.0f};
+    loco::inner::muon_workspace ws;
+    CHECK_THROWS_AS(
+        muon::update_matrix({.momentum = 2.0f}, 1, p.data(), g.data(), buf.data(), 1, 2, ws),
+        loco::invalid_argument);
+    CHECK(p == std::vector<float>{1.0f, 2.0f});
+    CHECK(buf == std::vector<float>{0.0f, 0.0f});
+}
