@@ -1042,8 +1042,6 @@ TEST_CASE("docs: compress::topk example") {
 
 // ---- docs/inner.md: muon -------------------------------------------------------------------------
 
-// loco.hpp does not include it yet.
-#include <loco/inner/muon.hpp>
 
 TEST_CASE("docs: inner::muon example") {
     // [snippet:inner-muon]

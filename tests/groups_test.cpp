@@ -158,3 +158,76 @@ TEST_CASE("groups inside diloco: two workers, one sync, identical parameters") {
     });
     CHECK(w1[0] == w1[1]);
 }
+
+// ---- Muon through loco::optimizer and groups ------------------------------------------------------
+
+TEST_CASE("muon in loco::optimizer equals update_matrix called by hand, matrix by matrix") {
+    model a("muon optimizer"), b("muon optimizer");
+    loco::parameter_list matrices;
+    matrices.add_views("h0.w1", a.list[1].value, a.list[1].grad);
+    matrices.add_views("head", a.list[3].value, a.list[3].grad);
+    const loco::inner::muon::hyper h{.lr = 0.02f, .weight_decay = 0.01f};
+    loco::optimizer<loco::inner::muon> opt(matrices, {.inner = h});
+    std::vector<float> m_w1(b.w1.size(), 0.0f), m_head(b.head.size(), 0.0f);
+    loco::inner::muon_workspace ws;
+    for (int step = 1; step <= 3; ++step) {
+        a.set_gradients("muon optimizer", step);
+        b.set_gradients("muon optimizer", step);
+        CHECK(opt.step().applied);
+        loco::inner::muon::update_matrix(h, std::uint64_t(step), b.w1.data(), b.g_w1.data(), m_w1.data(), 4, 5, ws);
+        loco::inner::muon::update_matrix(h, std::uint64_t(step), b.head.data(), b.g_head.data(), m_head.data(), 4, 6, ws);
+    }
+    CHECK(a.w1 == b.w1);
+    CHECK(a.head == b.head);
+    CHECK(std::vector<float>(opt.state(0).begin(), opt.state(0).begin() + 20) == m_w1);
+}
+
+TEST_CASE("muon refuses a parameter without a 2-D shape, naming it") {
+    model m("muon refuses");
+    CHECK_THROWS_WITH_AS(loco::optimizer<loco::inner::muon>(m.list),
+                         doctest::Contains("parameter 'h0.gain' has no 2-D shape"), loco::invalid_argument);
+    using muon_for_everything = loco::groups<loco::group<loco::otherwise, loco::inner::muon>>;
+    CHECK_THROWS_WITH_AS(loco::optimizer<muon_for_everything>(m.list),
+                         doctest::Contains("parameter 'h0.gain' has no 2-D shape"), loco::invalid_argument);
+}
+
+TEST_CASE("muon: a non-finite gradient is refused before any matrix moves, even under ignore") {
+    model m("muon nonfinite");
+    using muloco_inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                      loco::group<loco::otherwise, loco::inner::adamw>>;
+    loco::optimizer<muloco_inner> opt(m.list, {.on_nonfinite = loco::nonfinite_policy::ignore});
+    m.set_gradients("muon nonfinite", 0);
+    m.g_head[1] = std::numeric_limits<float>::infinity();
+    const auto w1 = m.w1, wte = m.wte;
+    CHECK_THROWS_AS(opt.step(), loco::nonfinite_error);
+    CHECK(m.w1 == w1);
+    CHECK(m.wte == wte);
+    loco::optimizer<muloco_inner> skipping(m.list);
+    CHECK_FALSE(skipping.step().applied);
+    CHECK(m.w1 == w1);
+}
+
+TEST_CASE("MuLoCo composes: Muon on hidden matrices, AdamW elsewhere, 2-bit codes with error feedback") {
+    using muloco = loco::diloco<loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                             loco::group<loco::otherwise, loco::inner::adamw>>,
+                                loco::outer::nesterov,
+                                loco::compress::error_feedback<loco::compress::statistical<2>>>;
+    std::vector<std::vector<float>> w1(2);
+    std::vector<std::uint64_t> bytes(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        model m("muloco compose");
+        muloco opt(m.list, comm,
+                   {.inner = {{.lr = 0.02f}, {.lr = 1e-3f}}, .schedule = {.every = 2},
+                    .compress = {.decay = 0.9f}});
+        opt.start();
+        for (int step = 0; step < 4; ++step) {
+            m.set_gradients("muloco compose/" + std::to_string(comm.rank()), step);
+            CHECK(opt.step().applied);
+        }
+        CHECK(opt.outer_steps() == 2);
+        w1[std::size_t(comm.rank())] = m.w1;
+        bytes[std::size_t(comm.rank())] = opt.bytes_per_sync();
+    });
+    CHECK(w1[0] == w1[1]);
+    CHECK(bytes[0] > 0);
+}

@@ -112,6 +112,8 @@ class inner_engine<groups<Groups...>> {
 
 public:
     using hyper_type = std::tuple<typename inner_engine<typename Groups::policy>::hyper_type...>;
+    static constexpr bool needs_finite_gradients =
+        (engine_needs_finite_gradients<inner_engine<typename Groups::policy>> || ...);
 
     explicit inner_engine(const parameter_list& params)
         : lists_(split(params)), engines_(make_engines(std::make_index_sequence<count>{})) {}

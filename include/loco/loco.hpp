@@ -11,6 +11,7 @@
 
 #include <loco/inner/adamw.hpp>
 #include <loco/inner/lion.hpp>
+#include <loco/inner/muon.hpp>
 #include <loco/inner/sgd.hpp>
 
 #include <loco/outer/adam.hpp>

@@ -64,7 +64,14 @@ inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
 // (Muon) and parameter groups (groups.hpp) specialise it.
 template <class Inner>
 class inner_engine {
-    static_assert(check_elementwise_policy<Inner>());
+    // A type with update_matrix is meant as a matrix policy: say what it lacks as one.
+    static_assert(!requires { &Inner::update_matrix; } || matrix_optimizer<Inner>,
+                  "loco: a per-matrix policy needs `struct hyper`, `using workspace`, `static "
+                  "constexpr std::string_view name`, `static constexpr int state_size` (0 or 1) "
+                  "and `static void update_matrix(const hyper&, std::uint64_t, float*, const "
+                  "float*, float*, std::size_t rows, std::size_t cols, workspace&)`; see "
+                  "docs/policies.md");
+    static_assert(requires { &Inner::update_matrix; } || check_elementwise_policy<Inner>());
 
 public:
     using hyper_type = typename Inner::hyper;
@@ -108,6 +115,78 @@ private:
     std::size_t total_;
     std::vector<float> state_;  // state_size arrays of total_ floats
 };
+
+// Per-matrix policies (Muon): each parameter is one matrix; its state is its slice of the flat
+// state array, and one workspace serves every matrix (one per optimizer, so one per worker).
+template <class Inner>
+    requires matrix_optimizer<Inner>
+class inner_engine<Inner> {
+public:
+    using hyper_type = typename Inner::hyper;
+    static constexpr int state_size = Inner::state_size;
+    // The update of a matrix cannot be half applied: its gradients are always checked first,
+    // whatever the non-finite policy.
+    static constexpr bool needs_finite_gradients = true;
+
+    explicit inner_engine(const parameter_list& params)
+        : total_(params.total_elements()),
+          state_(static_cast<std::size_t>(state_size) * total_, 0.0f) {
+        for (const auto& p : params) {
+            if (!p.value.is_matrix()) {
+                throw invalid_argument("loco::inner::" + std::string(Inner::name) +
+                                       " updates whole matrices, but parameter '" + p.name +
+                                       "' has no 2-D shape; give it one (host_matrix, "
+                                       "tensor_traits::shape) or route it to another group "
+                                       "(docs/groups.md)");
+            }
+        }
+    }
+
+    static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }
+
+    void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
+        for (const auto& p : params) {
+            float* s = state_size > 0 ? state_.data() + p.offset : nullptr;
+            Inner::update_matrix(h, step, p.value.data, p.grad.data, s, p.value.rows,
+                                 p.value.cols, workspace_);
+        }
+    }
+
+    std::span<const float> state(int j) const {
+        check_state_index(j, state_size, "state");
+        return {state_.data() + static_cast<std::size_t>(j) * total_, total_};
+    }
+
+    void write(checkpoint_writer& w) const {
+        w.text(Inner::name);
+        w.u64(static_cast<std::uint64_t>(state_size));
+        w.floats(state_);
+    }
+    using pending = std::vector<float>;
+    pending read(checkpoint_reader& r) const {
+        r.expect_text(Inner::name, "the inner optimizer");
+        r.expect_u64(static_cast<std::uint64_t>(state_size), "the inner state size");
+        pending next(state_.size());
+        r.floats(next, "the inner optimizer state");
+        return next;
+    }
+    void commit(pending&& next) noexcept { state_ = std::move(next); }
+
+private:
+    std::size_t total_;
+    std::vector<float> state_;
+    typename Inner::workspace workspace_{};
+};
+
+// Whether an engine must see finite gradients even under nonfinite_policy::ignore.
+template <class Engine>
+inline constexpr bool engine_needs_finite_gradients = [] {
+    if constexpr (requires { Engine::needs_finite_gradients; }) {
+        return Engine::needs_finite_gradients;
+    } else {
+        return false;
+    }
+}();
 
 }  // namespace detail
 
@@ -206,7 +285,13 @@ private:
     // gradients under the non-finite policy. False means "skip this step".
     bool ready_to_step() {
         engine::validate(cfg_.inner);
-        return cfg_.on_nonfinite == nonfinite_policy::ignore || gradients_finite();
+        if (cfg_.on_nonfinite != nonfinite_policy::ignore) {
+            return gradients_finite(cfg_.on_nonfinite);
+        }
+        // A matrix policy cannot skip the check: under `ignore` a non-finite gradient is refused
+        // as under `raise`, before any matrix changes.
+        return !detail::engine_needs_finite_gradients<engine> ||
+               gradients_finite(nonfinite_policy::raise);
     }
 
     void apply_update() {
@@ -214,10 +299,10 @@ private:
         ++steps_;
     }
 
-    bool gradients_finite() {
+    bool gradients_finite(nonfinite_policy on_bad) {
         for (const auto& p : params_) {
             if (const auto hit = backend::host::find_nonfinite(p.grad.data, p.grad.size)) {
-                if (cfg_.on_nonfinite == nonfinite_policy::raise) {
+                if (on_bad == nonfinite_policy::raise) {
                     throw nonfinite_error("loco: the gradient of '" + p.name + "' holds " +
                                           std::to_string(hit->value) + " at element " +
                                           std::to_string(hit->index) +

@@ -16,6 +16,7 @@
 // at zero. The same `update` runs in the host loop and in the CUDA kernels.
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <string_view>
 #include <type_traits>
@@ -35,10 +36,30 @@ concept elementwise_optimizer =
         P::update(P::prepare(h, step), x, g, s);
     };
 
-// Runs every step on each worker. Element-wise policies today; Muon (a per-matrix rule) joins
-// through its own concept.
+// A per-matrix optimizer policy (Muon): the update of a whole rows x cols matrix at a time.
+//   static constexpr std::string_view name;  struct hyper { ... };  using workspace = ...;
+//   static constexpr int state_size;          // 0 or 1: floats of state per element
+//   static void update_matrix(const hyper&, std::uint64_t step, float* x, const float* g,
+//                             float* state, std::size_t rows, std::size_t cols, workspace&);
+//   optional: static void validate(const hyper&);
+// It only takes parameters with a 2-D shape; route the others to another group (groups.hpp).
 template <class P>
-concept inner_optimizer = elementwise_optimizer<P>;
+concept matrix_optimizer =
+    requires {
+        typename P::hyper;
+        typename P::workspace;
+        { P::name } -> std::convertible_to<std::string_view>;
+        { P::state_size } -> std::convertible_to<int>;
+    } && std::is_default_constructible_v<typename P::hyper> &&
+    (P::state_size == 0 || P::state_size == 1) &&
+    requires(const typename P::hyper& h, std::uint64_t step, float* x, const float* g, float* s,
+             std::size_t rows, std::size_t cols, typename P::workspace& ws) {
+        P::update_matrix(h, step, x, g, s, rows, cols, ws);
+    };
+
+// Runs every step on each worker: an element-wise rule, or a per-matrix one (Muon).
+template <class P>
+concept inner_optimizer = elementwise_optimizer<P> || matrix_optimizer<P>;
 
 // Runs at each sync on the averaged pseudo-gradient.
 template <class P>
