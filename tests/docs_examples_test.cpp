@@ -1049,14 +1049,17 @@ TEST_CASE("docs: inner::muon example") {
     // phi^5(1) = 0.6964 (Keller Jordan's coefficients), whatever the gradient's size.
     std::vector<float> w = {1.0f, 1.0f, 1.0f};
     std::vector<float> grad = {3.0f, 0.0f, -4.0f};
-    std::vector<float> momentum(3, 0.0f);
-    loco::inner::muon_workspace ws;
+    loco::parameter_list params;
+    params.add_views("w", loco::host_matrix(w.data(), 1, 3),  // Muon needs the 2-D shape
+                     loco::host_matrix(static_cast<const float*>(grad.data()), 1, 3));
 
-    loco::inner::muon::update_matrix({.lr = 0.1f, .weight_decay = 0.0f, .nesterov = false}, 1,
-                                     w.data(), grad.data(), momentum.data(), 1, 3, ws);
+    loco::optimizer<loco::inner::muon> opt(params, {.inner = {.lr = 0.1f, .weight_decay = 0.0f,
+                                                              .nesterov = false}});
+    opt.step();
     // momentum = 0.05 * grad = {0.15, 0, -0.2};  its unit vector is {0.6, 0, -0.8};
     // lr_adj = 0.1 * sqrt(max(1, 1 / 3)) = 0.1;
     // w = 1 - 0.1 * 0.6964 * {0.6, 0, -0.8} = {0.95821, 1.0, 1.05571}
+    const std::span<const float> momentum = opt.state(0);
     // [snippet:inner-muon end]
     CHECK(momentum[0] == relative(0.15).epsilon(1e-6));
     CHECK(momentum[1] == 0.0f);
@@ -1064,4 +1067,49 @@ TEST_CASE("docs: inner::muon example") {
     CHECK(w[0] == relative(1.0 - 0.1 * 0.69644 * 0.6).epsilon(1e-5));
     CHECK(w[1] == 1.0f);
     CHECK(w[2] == relative(1.0 + 0.1 * 0.69644 * 0.8).epsilon(1e-5));
+}
+
+// ---- docs/groups.md ------------------------------------------------------------------------------
+
+TEST_CASE("docs: MuLoCo from parameter groups") {
+    // [snippet:groups-muloco]
+    // MuLoCo's inner optimizer: Muon on the hidden matrices, AdamW on everything else.
+    using inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                               loco::group<loco::otherwise, loco::inner::adamw>>;
+    // MuLoCo: that, Nesterov outside, and 2-bit statistical codes with error feedback on the wire.
+    using muloco = loco::diloco<inner, loco::outer::nesterov,
+                                loco::compress::error_feedback<loco::compress::statistical<2>>>;
+
+    std::vector<float> wte(8 * 4), w1(4 * 4), gain(4), head(4 * 8);  // a tiny language model
+    std::vector<float> g_wte(wte.size()), g_w1(w1.size()), g_gain(gain.size()), g_head(head.size());
+    loco::parameter_list params;
+    params.add_views("wte", loco::host_matrix(wte.data(), 8, 4),
+                     loco::host_matrix(static_cast<const float*>(g_wte.data()), 8, 4), loco::tags::embedding);
+    params.add_views("h0.w1", loco::host_matrix(w1.data(), 4, 4),
+                     loco::host_matrix(static_cast<const float*>(g_w1.data()), 4, 4));
+    params.add("h0.gain", gain, g_gain);
+    params.add_views("head", loco::host_matrix(head.data(), 4, 8),
+                     loco::host_matrix(static_cast<const float*>(g_head.data()), 4, 8), loco::tags::head);
+
+    loco::comm::single comm;
+    muloco opt(params, comm, {.inner = {{.lr = 0.02f, .momentum = 0.9f},   // Muon
+                                        {.lr = 4e-4f}},                     // AdamW
+                              .schedule = {.every = 30},
+                              .compress = {.decay = 0.9f}});
+    // Muon takes h0.w1 only; wte (an embedding), h0.gain (a vector) and head go to AdamW.
+    // [snippet:groups-muloco end]
+    const auto& engine = opt.inner().engine_state();
+    REQUIRE(engine.group_params<0>().size() == 1);
+    CHECK(engine.group_params<0>()[0].name == "h0.w1");
+    CHECK(engine.group_params<1>().size() == 3);
+    CHECK(std::get<0>(opt.inner_hyper()).momentum == 0.9f);
+    // One step moves h0.w1 by Muon's rule: every entry of a 4 x 4 orthogonalised update is about
+    // lr / 2 in size, never 0 for a random gradient.
+    for (std::size_t i = 0; i < g_w1.size(); ++i) {
+        g_w1[i] = float(i % 5) - 2.0f + 0.1f * float(i);
+    }
+    opt.step();
+    for (const float x : w1) {
+        CHECK(x != 0.0f);
+    }
 }
