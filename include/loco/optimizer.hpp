@@ -59,37 +59,16 @@ inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
     }
 }
 
-// The part of an inner optimizer that depends on the kind of policy: its state and how one step
-// updates the parameters. This primary template serves element-wise policies; per-matrix policies
-// (Muon) and parameter groups (groups.hpp) specialise it.
+// State of a policy kept as state_size arrays over the flat layout, its checkpoint section
+// (name, state size, floats) and its accessor: shared by element-wise and per-matrix engines.
 template <class Inner>
-class inner_engine {
-    // A type with update_matrix is meant as a matrix policy: say what it lacks as one.
-    static_assert(!requires { &Inner::update_matrix; } || matrix_optimizer<Inner>,
-                  "loco: a per-matrix policy needs `struct hyper`, `using workspace`, `static "
-                  "constexpr std::string_view name`, `static constexpr int state_size` (0 or 1) "
-                  "and `static void update_matrix(const hyper&, std::uint64_t, float*, const "
-                  "float*, float*, std::size_t rows, std::size_t cols, workspace&)`; see "
-                  "docs/policies.md");
-    static_assert(requires { &Inner::update_matrix; } || check_elementwise_policy<Inner>());
-
+class flat_state {
 public:
-    using hyper_type = typename Inner::hyper;
     static constexpr int state_size = Inner::state_size;
 
-    explicit inner_engine(const parameter_list& params)
+    explicit flat_state(const parameter_list& params)
         : total_(params.total_elements()),
           state_(static_cast<std::size_t>(state_size) * total_, 0.0f) {}
-
-    static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }
-
-    void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
-        const auto k = Inner::prepare(h, step);
-        for (const auto& p : params) {
-            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state_.data() + p.offset,
-                                        total_, p.value.size);
-        }
-    }
 
     std::span<const float> state(int j) const {
         check_state_index(j, state_size, "state");
@@ -111,26 +90,53 @@ public:
     }
     void commit(pending&& next) noexcept { state_ = std::move(next); }
 
-private:
+protected:
     std::size_t total_;
     std::vector<float> state_;  // state_size arrays of total_ floats
+};
+
+// The part of an inner optimizer that depends on the kind of policy: its state and how one step
+// updates the parameters. This primary template serves element-wise policies; per-matrix policies
+// (Muon) and parameter groups (groups.hpp) specialise it.
+template <class Inner>
+class inner_engine : public flat_state<Inner> {
+    // A type with update_matrix is meant as a matrix policy: say what it lacks as one.
+    static_assert(!requires { &Inner::update_matrix; } || matrix_optimizer<Inner>,
+                  "loco: a per-matrix policy needs `struct hyper`, `using workspace`, `static "
+                  "constexpr std::string_view name`, `static constexpr int state_size` (0 or 1) "
+                  "and `static void update_matrix(const hyper&, std::uint64_t, float*, const "
+                  "float*, float*, std::size_t rows, std::size_t cols, workspace&)`; see "
+                  "docs/policies.md");
+    static_assert(requires { &Inner::update_matrix; } || check_elementwise_policy<Inner>());
+
+public:
+    using hyper_type = typename Inner::hyper;
+    using flat_state<Inner>::flat_state;
+
+    static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }
+
+    void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
+        const auto k = Inner::prepare(h, step);
+        for (const auto& p : params) {
+            backend::host::apply<Inner>(k, p.value.data, p.grad.data,
+                                        this->state_.data() + p.offset, this->total_,
+                                        p.value.size);
+        }
+    }
 };
 
 // Per-matrix policies (Muon): each parameter is one matrix; its state is its slice of the flat
 // state array, and one workspace serves every matrix (one per optimizer, so one per worker).
 template <class Inner>
     requires matrix_optimizer<Inner>
-class inner_engine<Inner> {
+class inner_engine<Inner> : public flat_state<Inner> {
 public:
     using hyper_type = typename Inner::hyper;
-    static constexpr int state_size = Inner::state_size;
     // The update of a matrix cannot be half applied: its gradients are always checked first,
     // whatever the non-finite policy.
     static constexpr bool needs_finite_gradients = true;
 
-    explicit inner_engine(const parameter_list& params)
-        : total_(params.total_elements()),
-          state_(static_cast<std::size_t>(state_size) * total_, 0.0f) {
+    explicit inner_engine(const parameter_list& params) : flat_state<Inner>(params) {
         for (const auto& p : params) {
             if (!p.value.is_matrix()) {
                 throw invalid_argument("loco::inner::" + std::string(Inner::name) +
@@ -146,35 +152,13 @@ public:
 
     void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
         for (const auto& p : params) {
-            float* s = state_size > 0 ? state_.data() + p.offset : nullptr;
+            float* s = Inner::state_size > 0 ? this->state_.data() + p.offset : nullptr;
             Inner::update_matrix(h, step, p.value.data, p.grad.data, s, p.value.rows,
                                  p.value.cols, workspace_);
         }
     }
 
-    std::span<const float> state(int j) const {
-        check_state_index(j, state_size, "state");
-        return {state_.data() + static_cast<std::size_t>(j) * total_, total_};
-    }
-
-    void write(checkpoint_writer& w) const {
-        w.text(Inner::name);
-        w.u64(static_cast<std::uint64_t>(state_size));
-        w.floats(state_);
-    }
-    using pending = std::vector<float>;
-    pending read(checkpoint_reader& r) const {
-        r.expect_text(Inner::name, "the inner optimizer");
-        r.expect_u64(static_cast<std::uint64_t>(state_size), "the inner state size");
-        pending next(state_.size());
-        r.floats(next, "the inner optimizer state");
-        return next;
-    }
-    void commit(pending&& next) noexcept { state_ = std::move(next); }
-
 private:
-    std::size_t total_;
-    std::vector<float> state_;
     typename Inner::workspace workspace_{};
 };
 
