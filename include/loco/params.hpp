@@ -3,6 +3,7 @@
 // offset into one flat layout. Every optimizer handle keeps its state (global snapshot, moments,
 // pseudo-gradient buffer) in that flat layout, so a sync is one collective over all parameters.
 
+#include <loco/detail/overlap.hpp>
 #include <loco/error.hpp>
 #include <loco/tensor.hpp>
 
@@ -142,12 +143,7 @@ public:
     // Throws invalid_argument when two tensors share memory (two values, or a value and any
     // gradient): an update through one would silently change the other.
     void check_no_overlap() const {
-        struct range {
-            std::uintptr_t begin, end;
-            std::size_t index;
-            bool is_value;
-        };
-        std::vector<range> ranges;
+        std::vector<detail::memory_range> ranges;
         ranges.reserve(2 * items_.size());
         for (std::size_t i = 0; i < items_.size(); ++i) {
             const auto& p = items_[i];
@@ -159,34 +155,14 @@ public:
             ranges.push_back({v, v + p.value.size_bytes(), i, true});
             ranges.push_back({g, g + p.grad.size_bytes(), i, false});
         }
-        std::sort(ranges.begin(), ranges.end(),
-                  [](const range& a, const range& b) { return a.begin < b.begin; });
-        // Gradients may legitimately alias each other (a trainer may reuse one buffer); only an
-        // overlap that involves a value is an error. Track the furthest-reaching value range and
-        // the furthest-reaching range of any kind seen so far.
-        const range* reach_any = nullptr;
-        const range* reach_value = nullptr;
-        for (const auto& r : ranges) {
-            const range* other = nullptr;
-            if (r.is_value && reach_any && reach_any->end > r.begin) {
-                other = reach_any;
-            } else if (reach_value && reach_value->end > r.begin) {
-                other = reach_value;
-            }
-            if (other) {
-                const auto describe = [&](const range& x) {
-                    return std::string(x.is_value ? "the value" : "the gradient") + " of '" +
-                           items_[x.index].name + "'";
-                };
-                throw invalid_argument("loco: " + describe(r) + " overlaps " + describe(*other) +
-                                       " in memory; every parameter value needs its own storage");
-            }
-            if (!reach_any || r.end > reach_any->end) {
-                reach_any = &r;
-            }
-            if (r.is_value && (!reach_value || r.end > reach_value->end)) {
-                reach_value = &r;
-            }
+        if (const auto hit = detail::find_value_overlap(std::move(ranges))) {
+            const auto describe = [&](const detail::memory_range& x) {
+                return std::string(x.is_value ? "the value" : "the gradient") + " of '" +
+                       items_[x.index].name + "'";
+            };
+            throw invalid_argument("loco: " + describe(hit->first) + " overlaps " +
+                                   describe(hit->second) +
+                                   " in memory; every parameter value needs its own storage");
         }
     }
 

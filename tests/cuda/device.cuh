@@ -30,6 +30,10 @@ inline void check_cuda(cudaError_t err, const char* what) {
     }
 }
 
+// A child process of the test program (started by a test with --loco-child=<what>) runs this
+// instead of the tests: for failures that ruin the CUDA context. Returns the exit code.
+int loco_test_child(const std::string& what);
+
 template <class T>
 class device_buffer {
 public:

@@ -7,8 +7,13 @@
 #include "device.cuh"
 
 #include <cstdio>
+#include <string>
 
 int main(int argc, char** argv) {
+    const std::string child_flag = "--loco-child=";
+    if (argc > 1 && std::string(argv[1]).rfind(child_flag, 0) == 0) {
+        return loco_test::loco_test_child(std::string(argv[1]).substr(child_flag.size()));
+    }
     std::string why;
     if (!loco_test::gpu_available(&why)) {
         std::printf("loco CUDA tests SKIPPED: %s. These tests only count when run on a GPU.\n",

@@ -1,0 +1,429 @@
+// Throughput of the fused CUDA kernels on real parameter lists, next to a plain 16-byte-vector
+// device copy of the same number of bytes measured in the same run:
+//   ./build-gpu/bench/bench_cuda_kernels --benchmark_counters_tabular=true
+//
+// Parameter lists: GPT-2 124M (148 tensors), GPT-2 1.5B (580 tensors, d = 1600, 48 layers), and
+// 10,000 tiny tensors (1 to 2048 elements). Every array holds random data (never zeros).
+//
+// Minimum traffic per parameter and step (each array read once, each written once), which the
+// GB/s figures count (GB = 1e9 bytes):
+//   AdamW  fp32 values:   read p 4 + g 4 + m 4 + v 4, write p 4 + m 4 + v 4        = 28 B
+//          bf16 values:   read master 4 + g 2 + m 4 + v 4, write master 4 + p 2 + m 4 + v 4 = 28 B
+//   SGD (Nesterov momentum) fp32: read p 4 + g 4 + b 4, write p 4 + b 4            = 20 B
+//          bf16 values:   read master 4 + g 2 + b 4, write master 4 + p 2 + b 4     = 20 B
+//   "+check" variants also run the non-finite gradient check first (one more read of the
+//   gradients); their GB/s still counts the step's 28 B, so the check's cost shows as a drop.
+//   Outer phase 1 (delta = global - local): read global 4 + local 4, write delta 4   = 12 B
+//   Outer phase 2 (Nesterov): read global 4 + delta 4 + b 4, write global 4 + b 4 + p 4 = 24 B
+//          bf16 values: the write of p is 2 B and the master's 4 B is added          = 26 B
+// Timing: CUDA events around each launch, after warm-up; the median over the iterations is
+// reported (counters median_ms, GBps), and the copy of the same byte count likewise (copy_GBps);
+// ratio = GBps / copy_GBps. The summary table printed at the end repeats them.
+#include <loco/cuda.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace lc = loco::backend::cuda;
+using lc::dtype;
+
+// ---- parameter lists --------------------------------------------------------------------------
+
+std::vector<std::size_t> gpt2(std::size_t d, std::size_t layers) {
+    const std::size_t vocab = 50257, context = 1024;
+    std::vector<std::size_t> sizes{vocab * d, context * d};
+    for (std::size_t l = 0; l < layers; ++l) {
+        const std::vector<std::size_t> layer{
+            d, d,                  // ln_1 weight, bias
+            d * 3 * d, 3 * d,      // attn.c_attn weight, bias
+            d * d, d,              // attn.c_proj weight, bias
+            d, d,                  // ln_2 weight, bias
+            d * 4 * d, 4 * d,      // mlp.c_fc weight, bias
+            4 * d * d, d};         // mlp.c_proj weight, bias
+        sizes.insert(sizes.end(), layer.begin(), layer.end());
+    }
+    sizes.push_back(d);  // ln_f weight
+    sizes.push_back(d);  // ln_f bias
+    return sizes;
+}
+
+std::vector<std::size_t> tiny(std::size_t count) {
+    std::vector<std::size_t> sizes(count);
+    std::uint64_t x = 0x9e3779b97f4a7c15ULL;
+    for (auto& s : sizes) {
+        x = loco::random::mix64(x);
+        s = 1 + x % 2048;
+    }
+    return sizes;
+}
+
+const std::vector<std::size_t>& parameter_list(int which) {
+    static const std::vector<std::size_t> lists[3] = {gpt2(768, 12), gpt2(1600, 48), tiny(10000)};
+    return lists[which];
+}
+const char* list_name(int which) {
+    static const char* names[3] = {"gpt2_124M", "gpt2_1.5B", "tiny_10k"};
+    return names[which];
+}
+
+// ---- device data ------------------------------------------------------------------------------
+
+// Uniform random values in [lo, hi) from a counter-based hash: independent of the launch shape.
+template <class T>
+__global__ void fill_kernel(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+    for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+         i += std::size_t{gridDim.x} * blockDim.x) {
+        const float u = loco::random::uniform(seed, 0, i);
+        p[i] = lc::detail::narrow<T>(lo + (hi - lo) * u);
+    }
+}
+
+template <class T>
+void fill(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+    if (n == 0) {
+        return;
+    }
+    fill_kernel<<<1024, 256>>>(p, n, seed, lo, hi);
+    LOCO_CUDA_CHECK(cudaGetLastError());
+}
+
+// The plain copy every figure is compared with: 16-byte vectors, grid-stride.
+__global__ void copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, std::size_t n) {
+    for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+         i += std::size_t{gridDim.x} * blockDim.x) {
+        dst[i] = src[i];
+    }
+}
+
+int sm_count() {
+    static const int n = [] {
+        int device = 0, count = 0;
+        LOCO_CUDA_CHECK(cudaGetDevice(&device));
+        LOCO_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+        return count;
+    }();
+    return n;
+}
+
+// Median time in ms of `reps` runs of fn on `s`, each timed with events, after `warmup` runs.
+template <class Fn>
+double median_ms(Fn&& fn, cudaStream_t s, int warmup, int reps, std::vector<double>* all = nullptr) {
+    lc::event start(cudaEventDefault), stop(cudaEventDefault);
+    for (int i = 0; i < warmup; ++i) {
+        fn();
+    }
+    LOCO_CUDA_CHECK(cudaStreamSynchronize(s));
+    std::vector<double> times;
+    for (int i = 0; i < reps; ++i) {
+        start.record(s);
+        fn();
+        stop.record(s);
+        LOCO_CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms = 0.0f;
+        LOCO_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        times.push_back(ms);
+    }
+    if (all) {
+        *all = times;
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
+
+// Copy bandwidth (GB/s, bytes read + written) for a total traffic of `bytes`, measured once per
+// byte count per run.
+double copy_gbps(std::size_t bytes) {
+    static std::map<std::size_t, double> cache;
+    if (auto it = cache.find(bytes); it != cache.end()) {
+        return it->second;
+    }
+    const std::size_t n16 = bytes / 2 / 16;
+    lc::device_buffer<uint4> src(n16), dst(n16);
+    fill(reinterpret_cast<float*>(src.get()), n16 * 4, 7, -1.0f, 1.0f);
+    LOCO_CUDA_CHECK(cudaDeviceSynchronize());  // the fill ran on the legacy stream
+    lc::stream s;
+    const unsigned blocks = static_cast<unsigned>(sm_count()) * 8;
+    const double ms = median_ms(
+        [&] {
+            copy_kernel<<<blocks, 256, 0, s>>>(src.get(), dst.get(), n16);
+            LOCO_CUDA_CHECK(cudaGetLastError());
+        },
+        s, 3, 20);
+    const double gbps = double(2 * n16 * 16) / (ms * 1e6);
+    cache[bytes] = gbps;
+    return gbps;
+}
+
+struct result {
+    std::string name;
+    double ms, gbps, copy;
+};
+std::vector<result>& results() {
+    static std::vector<result> r;
+    return r;
+}
+
+// A parameter list on the device: one arena per array, every tensor 256-byte aligned.
+template <class P, class G>
+struct device_model {
+    std::vector<lc::tensor_spec> specs;
+    lc::device_buffer<std::byte> values, grads;
+
+    explicit device_model(const std::vector<std::size_t>& sizes) {
+        std::size_t vb = 0, gb = 0;
+        std::vector<std::size_t> vat, gat;
+        for (const std::size_t n : sizes) {
+            vat.push_back(vb);
+            gat.push_back(gb);
+            vb += (n * sizeof(P) + 255) / 256 * 256;
+            gb += (n * sizeof(G) + 255) / 256 * 256;
+        }
+        values = lc::device_buffer<std::byte>(vb);
+        grads = lc::device_buffer<std::byte>(gb);
+        fill(reinterpret_cast<P*>(values.get()), vb / sizeof(P), 1, -1.0f, 1.0f);
+        fill(reinterpret_cast<G*>(grads.get()), gb / sizeof(G), 2, -0.05f, 0.05f);
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            std::string name = std::to_string(i);
+            name.insert(name.begin(), 'p');  // not "p" + ...: GCC 12's false -Wrestrict
+            specs.push_back({std::move(name), values.get() + vat[i], lc::dtype_of<P>,
+                             grads.get() + gat[i], lc::dtype_of<G>, sizes[i]});
+        }
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+};
+
+void report(benchmark::State& state, const std::string& name, double ms, std::size_t bytes) {
+    const double gbps = double(bytes) / (ms * 1e6);
+    const double copy = copy_gbps(bytes);
+    state.counters["median_ms"] = ms;
+    state.counters["GBps"] = gbps;
+    state.counters["copy_GBps"] = copy;
+    state.counters["ratio"] = gbps / copy;
+    results().push_back({name, ms, gbps, copy});
+}
+
+// Runs the timed loop: each benchmark iteration is one launch of fn timed with events.
+template <class Fn>
+double timed_loop(benchmark::State& state, Fn&& fn, cudaStream_t s) {
+    lc::event start(cudaEventDefault), stop(cudaEventDefault);
+    for (int i = 0; i < 3; ++i) {
+        fn();
+    }
+    LOCO_CUDA_CHECK(cudaStreamSynchronize(s));
+    std::vector<double> times;
+    for (auto _ : state) {
+        start.record(s);
+        fn();
+        stop.record(s);
+        LOCO_CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms = 0.0f;
+        LOCO_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        state.SetIterationTime(double(ms) * 1e-3);
+        times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    return times.empty() ? 0.0 : times[times.size() / 2];
+}
+
+// ---- benchmarks -------------------------------------------------------------------------------
+
+template <class Rule, class P, bool Check>
+void inner_step(benchmark::State& state) {
+    const int which = static_cast<int>(state.range(0));
+    using G = P;  // gradients in the parameters' dtype
+    constexpr unsigned combos = std::is_same_v<P, float> ? lc::combos::f32_f32 : lc::combos::bf16_bf16;
+    const std::size_t bytes_per_param = Rule::state_size == 2 ? 28 : 20;
+    try {
+        const auto& sizes = parameter_list(which);
+        std::size_t total = 0;
+        for (const auto n : sizes) {
+            total += n;
+        }
+        copy_gbps(total * bytes_per_param);  // measured before the model takes the memory
+        device_model<P, G> model(sizes);
+        const lc::tensor_table table(model.specs);
+        lc::device_buffer<float> st(Rule::state_size * table.padded_elements());
+        lc::device_buffer<float> master(table.master_elements());
+        fill(st.get(), st.size(), 3, 0.0f, 1e-3f);  // m and v (or b): small, v >= 0
+        lc::init_master(table, master.get(), nullptr);
+        typename Rule::hyper h{};
+        if constexpr (std::is_same_v<Rule, loco::inner::sgd>) {
+            h = {.lr = 1e-2f, .momentum = 0.9f, .nesterov = true};
+        }
+        lc::device_control<typename Rule::hyper> control(h);
+        lc::stream s;
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+        const double ms = timed_loop(
+            state,
+            [&] {
+                if constexpr (Check) {
+                    lc::check_gradients(table, control.control(), s);
+                }
+                lc::inner_step<Rule, float, lc::bf16_update::master, combos>(
+                    table, st.get(), master.get(), control.hyper(), control.control(), Check, s);
+            },
+            s);
+        const auto c = control.read(s);
+        if (c.skipped != 0) {
+            state.SkipWithError("a step was skipped: the random gradients were not finite");
+            return;
+        }
+        const std::string name = std::string(Rule::name) + (Check ? "+check " : " ") +
+                                 (std::is_same_v<P, float> ? "fp32 " : "bf16 ") + list_name(which);
+        report(state, name, ms, total * bytes_per_param);
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
+template <class P, int Phase>
+void outer_phase(benchmark::State& state) {
+    const int which = static_cast<int>(state.range(0));
+    using Outer = loco::outer::nesterov;
+    constexpr unsigned combos = std::is_same_v<P, float> ? lc::combos::f32_f32 : lc::combos::bf16_bf16;
+    const std::size_t bytes_per_param = Phase == 1 ? 12 : (std::is_same_v<P, float> ? 24 : 26);
+    try {
+        const auto& sizes = parameter_list(which);
+        std::size_t total = 0;
+        for (const auto n : sizes) {
+            total += n;
+        }
+        copy_gbps(total * bytes_per_param);
+        device_model<P, P> model(sizes);
+        const lc::tensor_table table(model.specs);
+        const std::size_t padded = table.padded_elements();
+        lc::device_buffer<float> global(padded), delta(padded), mom(padded),
+            master(table.master_elements());
+        fill(global.get(), padded, 4, -1.0f, 1.0f);
+        fill(delta.get(), padded, 5, -1e-3f, 1e-3f);
+        fill(mom.get(), padded, 6, -1e-3f, 1e-3f);
+        lc::init_master(table, master.get(), nullptr);
+        lc::device_control<Outer::hyper> control;
+        lc::stream s;
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+        const double ms = timed_loop(
+            state,
+            [&] {
+                if constexpr (Phase == 1) {
+                    lc::outer_delta<lc::bf16_update::master, combos>(table, global.get(),
+                                                                     master.get(), delta.get(), s);
+                } else {
+                    lc::outer_apply<Outer, lc::bf16_update::master, combos>(
+                        table, global.get(), delta.get(), mom.get(), master.get(),
+                        control.hyper(), control.control(), false, s);
+                }
+            },
+            s);
+        const std::string name = std::string("outer phase ") + (Phase == 1 ? "1 delta " : "2 nesterov ") +
+                                 (std::is_same_v<P, float> ? "fp32 " : "bf16 ") + list_name(which);
+        report(state, name, ms, total * bytes_per_param);
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
+void copy_only(benchmark::State& state) {
+    // The reference itself, at AdamW's traffic on the 1.5B list.
+    const std::size_t total = [] {
+        std::size_t t = 0;
+        for (const auto n : parameter_list(1)) {
+            t += n;
+        }
+        return t;
+    }();
+    const std::size_t bytes = total * 28;
+    const std::size_t n16 = bytes / 2 / 16;
+    try {
+        lc::device_buffer<uint4> src(n16), dst(n16);
+        fill(reinterpret_cast<float*>(src.get()), n16 * 4, 7, -1.0f, 1.0f);
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+        lc::stream s;
+        const unsigned blocks = static_cast<unsigned>(sm_count()) * 8;
+        const double ms = timed_loop(
+            state,
+            [&] {
+                copy_kernel<<<blocks, 256, 0, s>>>(src.get(), dst.get(), n16);
+                LOCO_CUDA_CHECK(cudaGetLastError());
+            },
+            s);
+        const double gbps = double(2 * n16 * 16) / (ms * 1e6);
+        state.counters["median_ms"] = ms;
+        state.counters["GBps"] = gbps;
+        results().push_back({"copy (16-B vectors), 1.5B x 28 B", ms, gbps, gbps});
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
+void register_all() {
+    using loco::bf16;
+    using loco::inner::adamw;
+    using loco::inner::sgd;
+    const auto big = [](benchmark::internal::Benchmark* b) {
+        b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(30);
+    };
+    const auto lists = [&](benchmark::internal::Benchmark* b) {
+        big(b);
+        b->ArgName("list")->Arg(0)->Arg(1)->Arg(2);
+    };
+    benchmark::RegisterBenchmark("copy", copy_only)->Apply(big);
+    lists(benchmark::RegisterBenchmark("adamw/fp32", inner_step<adamw, float, false>));
+    lists(benchmark::RegisterBenchmark("adamw/bf16", inner_step<adamw, bf16, false>));
+    lists(benchmark::RegisterBenchmark("sgd_nesterov/fp32", inner_step<sgd, float, false>));
+    lists(benchmark::RegisterBenchmark("sgd_nesterov/bf16", inner_step<sgd, bf16, false>));
+    big(benchmark::RegisterBenchmark("adamw+check/fp32", inner_step<adamw, float, true>)
+            ->ArgName("list")->Arg(0)->Arg(1));
+    for (auto* b : {benchmark::RegisterBenchmark("outer_phase1/fp32", outer_phase<float, 1>),
+                    benchmark::RegisterBenchmark("outer_phase2/fp32", outer_phase<float, 2>),
+                    benchmark::RegisterBenchmark("outer_phase1/bf16", outer_phase<bf16, 1>),
+                    benchmark::RegisterBenchmark("outer_phase2/bf16", outer_phase<bf16, 2>)}) {
+        big(b->ArgName("list")->Arg(1));
+    }
+}
+
+void print_summary(std::FILE* out) {
+    std::fprintf(out, "\n%-44s %10s %10s %10s %7s\n", "benchmark", "ms", "GB/s", "copy GB/s",
+                 "ratio");
+    for (const auto& r : results()) {
+        std::fprintf(out, "%-44s %10.3f %10.1f %10.1f %7.3f\n", r.name.c_str(), r.ms, r.gbps,
+                     r.copy, r.gbps / r.copy);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+        std::printf("bench_cuda_kernels: no usable CUDA device; nothing to measure\n");
+        return 77;
+    }
+    cudaDeviceProp prop{};
+    LOCO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount,
+                double(prop.totalGlobalMem) / double(1 << 30));
+    register_all();
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
+        return 1;
+    }
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    print_summary(stdout);
+    if (const char* path = std::getenv("LOCO_BENCH_SUMMARY")) {
+        if (std::FILE* f = std::fopen(path, "w")) {
+            print_summary(f);
+            std::fclose(f);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,595 @@
+#pragma once
+// loco::comm::nccl: the communicator interface over NCCL, for device buffers (space() == cuda).
+//
+// Streams. The communicator runs its collectives on a CUDA stream of its own, so they can overlap
+// compute running on other streams. It is ordered after the work already enqueued on the caller's
+// stream (set_caller_stream; the legacy default stream when none is set) through an event, and the
+// caller's stream is made to wait for the collective the same way, so stream-ordered consumers of
+// the result need no host synchronisation.
+//
+// Completion and timeouts. By default (nccl_options::wait) a collective returns once it has
+// completed, as the interface promises; with wait = false it returns once enqueued and
+// synchronize() waits. Every wait polls the communicator's asynchronous error state and a
+// deadline: an NCCL error, or a peer that does not arrive within nccl_options::timeout, aborts the
+// communicator (ncclCommAbort) and throws loco::comm_error; it is never a silent hang. Every later
+// call throws comm_error too. Communicators made by create()/bootstrap are nonblocking, so even
+// the NCCL calls themselves never block; a communicator handed in from outside should be created
+// nonblocking as well for the same guarantee.
+//
+// Agreement. With nccl_options::check_calls (the default), every collective first all-gathers a
+// 32-byte descriptor of the call (its kind, byte or element count, root, op and a sequence number)
+// and compares them on every rank: ranks that disagree (another collective, another size, a
+// skipped call) all throw the same comm_error before any payload moves, like comm::threads. The
+// descriptor exchange costs one small all-gather and a host synchronisation per collective.
+//
+// Bytes. bytes_sent() counts the payload a rank puts on the wire under the ring algorithms, with
+// the formulas comm::threads uses, so that the counts of the two communicators agree:
+//   all_reduce  4 (n + (M-2) c_r) bytes, c_r = floor(n (r+1)/M) - floor(n r/M) the rank's chunk:
+//               the ring's reduce-scatter sends (M-1) chunks and its all-gather (M-1) chunks,
+//               2 (M-1)/M x 4n when M divides n;
+//   all_gather  (M-1) x bytes;   all_to_all (M-1) x block bytes (the self block is a local copy);
+//   broadcast   (M-1) x bytes from the root, 0 from the others (the whole tree's volume, counted
+//               at its source);
+//   barrier     0.
+// NCCL may pick another algorithm (tree, NVLS, CollNet) whose per-rank volume differs; the count
+// is the ring's, the bandwidth-optimal volume that nccl-tests' "bus bandwidth" also assumes. The
+// descriptors of check_calls are not in bytes_sent but in control_bytes_sent(), (M-1) x 32 bytes
+// per collective.
+//
+// Mean. all_reduce(mean) is an NCCL sum followed by a division by M on the device, the formula of
+// comm::threads (ncclAvg would pre-multiply by 1/M, which rounds differently).
+
+#include <loco/backend/cuda/collectives.hpp>
+#include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/memory.hpp>
+#include <loco/comm/communicator.hpp>
+#include <loco/error.hpp>
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+
+#if defined(LOCO_WITH_MPI)
+#include <mpi.h>
+#endif
+
+namespace loco::comm {
+
+struct nccl_options {
+    std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+    // All-gather a descriptor of every call first and refuse calls the ranks disagree on.
+    bool check_calls = true;
+    // Return from a collective only once it has completed (false: once enqueued).
+    bool wait = true;
+};
+
+namespace detail {
+
+inline std::string nccl_message(ncclResult_t r, ncclComm_t comm) {
+    std::string s = ncclGetErrorString(r);
+    // NCCL's last error message for this communicator (or the thread's, without one).
+    const char* last = ncclGetLastError(comm);
+    if (last && *last) {
+        s += " (";
+        s += last;
+        s += ")";
+    }
+    return s;
+}
+
+// Waits while a nonblocking communicator reports ncclInProgress. Returns the final state, or
+// ncclInProgress when the deadline passed first.
+inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time_point deadline) {
+    ncclResult_t state = ncclInProgress;
+    auto pause = std::chrono::microseconds(10);
+    for (;;) {
+        if (ncclCommGetAsyncError(comm, &state) != ncclSuccess) {
+            return ncclInternalError;
+        }
+        if (state != ncclInProgress || std::chrono::steady_clock::now() > deadline) {
+            return state;
+        }
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    }
+}
+
+}  // namespace detail
+
+class nccl final : public communicator {
+public:
+    // Wraps an existing communicator, which stays the caller's (it is not destroyed here, but it
+    // is aborted on a timeout or error). The current device must be the communicator's.
+    explicit nccl(ncclComm_t comm, cudaStream_t caller_stream = nullptr, nccl_options options = {})
+        : nccl(comm, caller_stream, options, false) {}
+
+    // Creates (and owns) a nonblocking communicator for rank `rank` of `nranks` on the current
+    // GPU. Every rank calls it with the same id (see nccl_unique_id_via_file and
+    // nccl_bootstrap_file). Throws comm_error when the peers do not join within the timeout.
+    static std::unique_ptr<nccl> create(int nranks, int rank, const ncclUniqueId& id,
+                                        cudaStream_t caller_stream = nullptr,
+                                        nccl_options options = {}) {
+        if (nranks < 1 || rank < 0 || rank >= nranks) {
+            throw invalid_argument("loco::comm::nccl: rank " + std::to_string(rank) + " of " +
+                                   std::to_string(nranks) + " ranks");
+        }
+        if (options.timeout.count() <= 0) {
+            throw invalid_argument("loco::comm::nccl: timeout must be positive");
+        }
+        ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+        config.blocking = 0;
+        ncclComm_t comm = nullptr;
+        const std::string who = "loco::comm::nccl rank " + std::to_string(rank) + ": ";
+        const ncclResult_t started = ncclCommInitRankConfig(&comm, nranks, id, rank, &config);
+        if (started != ncclSuccess && started != ncclInProgress) {
+            const std::string msg = detail::nccl_message(started, comm);
+            if (comm) {
+                static_cast<void>(ncclCommAbort(comm));
+            }
+            throw comm_error(who + "ncclCommInitRankConfig failed: " + msg);
+        }
+        const ncclResult_t state =
+            detail::nccl_settle(comm, std::chrono::steady_clock::now() + options.timeout);
+        if (state != ncclSuccess) {
+            const std::string why = state == ncclInProgress
+                                        ? "the peers did not join within " +
+                                              std::to_string(options.timeout.count()) + " ms"
+                                        : detail::nccl_message(state, comm);
+            static_cast<void>(ncclCommAbort(comm));
+            throw comm_error(who + "creating the communicator failed: " + why);
+        }
+        try {
+            return std::unique_ptr<nccl>(new nccl(comm, caller_stream, options, true));
+        } catch (...) {
+            static_cast<void>(ncclCommAbort(comm));
+            throw;
+        }
+    }
+
+    ~nccl() override {
+        if (!owned_ || aborted_) {
+            return;  // not ours, or already released by ncclCommAbort
+        }
+        // Finalize flushes outstanding work; bounded by the timeout, after which it is aborted.
+        const int previous = current_device_or(device_);
+        static_cast<void>(cudaSetDevice(device_));
+        ncclResult_t r = ncclCommFinalize(comm_);
+        if (r == ncclInProgress || r == ncclSuccess) {
+            r = detail::nccl_settle(comm_, deadline());
+        }
+        static_cast<void>(r == ncclSuccess ? ncclCommDestroy(comm_) : ncclCommAbort(comm_));
+        static_cast<void>(cudaSetDevice(previous));
+    }
+    nccl(const nccl&) = delete;
+    nccl& operator=(const nccl&) = delete;
+
+    int rank() const noexcept override { return rank_; }
+    int size() const noexcept override { return size_; }
+    loco::memory_space space() const noexcept override { return loco::memory_space::cuda; }
+    std::string_view name() const noexcept override { return "nccl"; }
+    std::uint64_t bytes_sent() const noexcept override { return sent_; }
+    // The descriptors exchanged by check_calls.
+    std::uint64_t control_bytes_sent() const noexcept { return control_sent_; }
+
+    ncclComm_t get() const noexcept { return comm_; }
+    int device() const noexcept { return device_; }
+    // The communicator's own stream, where its collectives run.
+    cudaStream_t stream() const noexcept { return stream_->get(); }
+    cudaStream_t caller_stream() const noexcept { return caller_; }
+    // Collectives are ordered after the work enqueued on `s` before them, and `s` waits for them.
+    void set_caller_stream(cudaStream_t s) noexcept { caller_ = s; }
+    const nccl_options& options() const noexcept { return options_; }
+    bool aborted() const noexcept { return aborted_; }
+
+    // Waits for every collective enqueued so far (useful with nccl_options::wait = false), under
+    // the timeout. Throws comm_error (and aborts) as a collective would.
+    void synchronize() {
+        const std::string where = prefix("synchronize");
+        ensure_usable(where);
+        backend::cuda::device_guard on(device_);
+        done_.record(stream_->get());
+        wait_for(done_.get(), where);
+    }
+
+    // Aborts the communicator: pending collectives end, and every later call throws comm_error.
+    void abort(const std::string& reason) {
+        if (!aborted_) {
+            static_cast<void>(ncclCommAbort(comm_));
+            aborted_ = true;
+            abort_reason_ = reason;
+        }
+    }
+
+protected:
+    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
+        const std::string where = prefix("all_reduce");
+        const std::size_t n = data.size;
+        run({kind::all_reduce, op == reduce_op::mean ? 1u : 0u, n, 0}, where, false, [&] {
+            if (n != 0) {
+                check_nccl(ncclAllReduce(data.data, data.data, n, ncclFloat32, ncclSum, comm_,
+                                         stream_->get()),
+                           where, "ncclAllReduce");
+            }
+            if (op == reduce_op::mean && size_ > 1) {
+                backend::cuda::divide(data.data, n, static_cast<float>(size_), stream_->get());
+            }
+        });
+        const std::size_t m = static_cast<std::size_t>(size_);
+        const std::size_t r = static_cast<std::size_t>(rank_);
+        if (m > 1) {
+            const std::size_t chunk = n * (r + 1) / m - n * r / m;
+            sent_ += 4 * (n + (m - 2) * chunk);
+        }
+    }
+
+    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+        const std::string where = prefix("all_gather");
+        run({kind::all_gather, 0, send.size, 0}, where, false, [&] {
+            if (send.size != 0) {
+                check_nccl(ncclAllGather(send.data, recv.data, send.size, ncclUint8, comm_,
+                                         stream_->get()),
+                           where, "ncclAllGather");
+            }
+        });
+        sent_ += static_cast<std::uint64_t>(size_ - 1) * send.size;
+    }
+
+    void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+        const std::string where = prefix("all_to_all");
+        const std::size_t block = send.size / static_cast<std::size_t>(size_);
+        run({kind::all_to_all, 0, send.size, 0}, where, false, [&] {
+            if (block == 0) {
+                return;
+            }
+            const std::size_t self = static_cast<std::size_t>(rank_) * block;
+            LOCO_CUDA_CHECK(cudaMemcpyAsync(recv.data + self, send.data + self, block,
+                                            cudaMemcpyDeviceToDevice, stream_->get()));
+            if (size_ == 1) {
+                return;
+            }
+            check_nccl(ncclGroupStart(), where, "ncclGroupStart");
+            for (int k = 0; k < size_; ++k) {
+                if (k == rank_) {
+                    continue;
+                }
+                const std::size_t at = static_cast<std::size_t>(k) * block;
+                check_nccl(ncclSend(send.data + at, block, ncclUint8, k, comm_, stream_->get()),
+                           where, "ncclSend");
+                check_nccl(ncclRecv(recv.data + at, block, ncclUint8, k, comm_, stream_->get()),
+                           where, "ncclRecv");
+            }
+            check_nccl(ncclGroupEnd(), where, "ncclGroupEnd");
+        });
+        sent_ += static_cast<std::uint64_t>(size_ - 1) * block;
+    }
+
+    void do_broadcast(tensor_view<std::byte> data, int root) override {
+        const std::string where = prefix("broadcast");
+        run({kind::broadcast, 0, data.size, root}, where, false, [&] {
+            if (data.size != 0) {
+                check_nccl(ncclBroadcast(data.data, data.data, data.size, ncclUint8, root, comm_,
+                                         stream_->get()),
+                           where, "ncclBroadcast");
+            }
+        });
+        if (rank_ == root) {
+            sent_ += static_cast<std::uint64_t>(size_ - 1) * data.size;
+        }
+    }
+
+    void do_barrier() override {
+        const std::string where = prefix("barrier");
+        // The descriptor all-gather is itself a barrier; without check_calls a one-float
+        // all-reduce stands in for it. Either way the host waits, whatever nccl_options::wait.
+        run({kind::barrier, 0, 0, 0}, where, true, [&] {
+            if (!options_.check_calls) {
+                check_nccl(ncclAllReduce(scratch_.get(), scratch_.get(), 1, ncclFloat32, ncclSum,
+                                         comm_, stream_->get()),
+                           where, "ncclAllReduce");
+            }
+        });
+    }
+
+private:
+    enum class kind : std::uint32_t { all_reduce = 1, all_gather, all_to_all, broadcast, barrier };
+
+    struct descriptor {
+        std::uint32_t magic;
+        kind what;
+        std::uint32_t op;  // 0 sum, 1 mean (all_reduce)
+        std::int32_t root;
+        std::uint64_t count;  // floats for all_reduce, bytes otherwise
+        std::uint64_t sequence;
+    };
+    static_assert(sizeof(descriptor) == 32);
+    static constexpr std::uint32_t descriptor_magic = 0x6c6f636fu;  // "loco"
+
+    struct call {
+        kind what;
+        std::uint32_t op;
+        std::size_t count;
+        int root;
+    };
+
+    nccl(ncclComm_t comm, cudaStream_t caller_stream, nccl_options options, bool owned)
+        : comm_(comm), owned_(owned), options_(options), caller_(caller_stream) {
+        if (comm_ == nullptr) {
+            throw invalid_argument("loco::comm::nccl: null ncclComm_t");
+        }
+        if (options_.timeout.count() <= 0) {
+            throw invalid_argument("loco::comm::nccl: timeout must be positive");
+        }
+        int ranks_in_comm = 0;
+        int my_rank = 0;
+        int comm_device = 0;
+        const auto query = [&](ncclResult_t r, const char* what) {
+            if (r != ncclSuccess) {
+                throw comm_error(std::string("loco::comm::nccl: ") + what +
+                                 " failed: " + detail::nccl_message(r, comm_));
+            }
+        };
+        query(ncclCommCount(comm_, &ranks_in_comm), "ncclCommCount");
+        query(ncclCommUserRank(comm_, &my_rank), "ncclCommUserRank");
+        query(ncclCommCuDevice(comm_, &comm_device), "ncclCommCuDevice");
+        device_ = backend::cuda::current_device();
+        if (comm_device != device_) {
+            throw invalid_argument("loco::comm::nccl: the communicator is on GPU " +
+                                   std::to_string(comm_device) + " but GPU " +
+                                   std::to_string(device_) + " is current");
+        }
+        size_ = ranks_in_comm;
+        rank_ = my_rank;
+        const std::size_t m = static_cast<std::size_t>(size_);
+        stream_ = std::make_unique<backend::cuda::stream>();
+        scratch_ = backend::cuda::device_buffer<float>(1);
+        scratch_.zero(stream_->get());
+        descriptors_ = backend::cuda::device_buffer<descriptor>(m + 1);
+        host_descriptors_ = backend::cuda::pinned_buffer<descriptor>(m + 1);
+    }
+
+    static int current_device_or(int fallback) noexcept {
+        int d = fallback;
+        return cudaGetDevice(&d) == cudaSuccess ? d : fallback;
+    }
+
+    void ensure_usable(const std::string& where) const {
+        if (aborted_) {
+            throw comm_error(where + "the communicator was aborted: " + abort_reason_);
+        }
+    }
+
+    std::chrono::steady_clock::time_point deadline() const {
+        return std::chrono::steady_clock::now() + options_.timeout;
+    }
+
+    // An NCCL call's result: ncclInProgress (nonblocking communicators) is waited out, under the
+    // timeout, before the next NCCL call, as NCCL requires; a failure aborts.
+    void check_nccl(ncclResult_t r, const std::string& where, const char* what) {
+        if (r == ncclInProgress) {
+            r = detail::nccl_settle(comm_, deadline());
+            if (r == ncclInProgress) {
+                abort(std::string(what) + " did not complete within the timeout");
+                throw comm_error(where + what + " was still in progress after " +
+                                 std::to_string(options_.timeout.count()) +
+                                 " ms; the communicator was aborted");
+            }
+        }
+        if (r != ncclSuccess) {
+            const std::string msg = detail::nccl_message(r, comm_);
+            abort(std::string(what) + " failed: " + msg);
+            throw comm_error(where + what + " failed: " + msg + "; the communicator was aborted");
+        }
+    }
+
+    // Polls `e` until it completes, watching NCCL's error state and the deadline.
+    void wait_for(cudaEvent_t e, const std::string& where) {
+        const auto until = deadline();
+        auto pause = std::chrono::microseconds(5);
+        for (;;) {
+            const cudaError_t q = cudaEventQuery(e);
+            if (q == cudaSuccess) {
+                return;
+            }
+            if (q != cudaErrorNotReady) {
+                LOCO_CUDA_CHECK(q);
+            }
+            ncclResult_t state = ncclSuccess;
+            if (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state != ncclSuccess &&
+                state != ncclInProgress) {
+                const std::string msg = detail::nccl_message(state, comm_);
+                abort("NCCL reported " + msg);
+                throw comm_error(where + "NCCL reported " + msg +
+                                 "; the communicator was aborted");
+            }
+            if (std::chrono::steady_clock::now() > until) {
+                const std::string reason = "rank " + std::to_string(rank_) + " waited " +
+                                           std::to_string(options_.timeout.count()) +
+                                           " ms for its peers";
+                abort(reason);
+                throw comm_error(where + reason + "; the communicator was aborted");
+            }
+            std::this_thread::sleep_for(pause);
+            pause = std::min(pause * 2, std::chrono::microseconds(500));
+        }
+    }
+
+    static std::string describe(const descriptor& d) {
+        std::string s;
+        switch (d.what) {
+            case kind::all_reduce:
+                s = std::string("all_reduce") + (d.op == 0 ? " (sum)" : " (mean)") + " of " +
+                    std::to_string(d.count) + " floats";
+                break;
+            case kind::all_gather: s = "all_gather of " + std::to_string(d.count) + " bytes"; break;
+            case kind::all_to_all: s = "all_to_all of " + std::to_string(d.count) + " bytes"; break;
+            case kind::broadcast:
+                s = "broadcast of " + std::to_string(d.count) + " bytes from root " +
+                    std::to_string(d.root);
+                break;
+            case kind::barrier: s = "barrier"; break;
+            default: s = "an unknown call"; break;
+        }
+        return s + " (its collective #" + std::to_string(d.sequence) + ")";
+    }
+
+    // All-gathers this rank's descriptor and compares them all; every rank throws the same
+    // comm_error when they differ. No payload has moved then, and the communicator stays usable.
+    void agree(const call& c, const std::string& where) {
+        const std::size_t m = static_cast<std::size_t>(size_);
+        host_descriptors_[m] = descriptor{descriptor_magic, c.what, c.op, c.root,
+                                          static_cast<std::uint64_t>(c.count), sequence_};
+        descriptor* dev = descriptors_.get();
+        cudaStream_t s = stream_->get();
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(dev + m, host_descriptors_.get() + m, sizeof(descriptor),
+                                        cudaMemcpyHostToDevice, s));
+        check_nccl(ncclAllGather(dev + m, dev, sizeof(descriptor), ncclUint8, comm_, s), where,
+                   "ncclAllGather (call descriptors)");
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(host_descriptors_.get(), dev, m * sizeof(descriptor),
+                                        cudaMemcpyDeviceToHost, s));
+        done_.record(s);
+        wait_for(done_.get(), where);
+        control_sent_ += (m - 1) * sizeof(descriptor);
+        const descriptor& first = host_descriptors_[0];
+        for (std::size_t k = 0; k < m; ++k) {
+            const descriptor& d = host_descriptors_[k];
+            if (d.magic != descriptor_magic) {
+                throw comm_error(where + "rank " + std::to_string(k) +
+                                 " sent a malformed call descriptor");
+            }
+            if (d.what != first.what || d.op != first.op || d.root != first.root ||
+                d.count != first.count || d.sequence != first.sequence) {
+                throw comm_error(where + "ranks disagree on the collective: rank 0 called " +
+                                 describe(first) + ", rank " + std::to_string(k) + " called " +
+                                 describe(d));
+            }
+        }
+    }
+
+    template <class Enqueue>
+    void run(const call& c, const std::string& where, bool always_wait, Enqueue&& enqueue) {
+        ensure_usable(where);
+        backend::cuda::device_guard on(device_);
+        cudaStream_t s = stream_->get();
+        // On the device: start after the caller's work.
+        backend::cuda::stream_wait(s, caller_, ready_.get());
+        ++sequence_;
+        if (options_.check_calls) {
+            agree(c, where);
+        }
+        enqueue();
+        done_.record(s);
+        LOCO_CUDA_CHECK(cudaStreamWaitEvent(caller_, done_.get(), 0));
+        if (options_.wait || always_wait) {
+            wait_for(done_.get(), where);
+        }
+    }
+
+    ncclComm_t comm_;
+    bool owned_;
+    nccl_options options_;
+    cudaStream_t caller_;
+    int device_ = 0;
+    int rank_ = 0;
+    int size_ = 1;
+    std::unique_ptr<backend::cuda::stream> stream_;
+    backend::cuda::event ready_;
+    backend::cuda::event done_;
+    backend::cuda::device_buffer<float> scratch_;
+    backend::cuda::device_buffer<descriptor> descriptors_;
+    backend::cuda::pinned_buffer<descriptor> host_descriptors_;
+    std::uint64_t sequence_ = 0;
+    std::uint64_t sent_ = 0;
+    std::uint64_t control_sent_ = 0;
+    bool aborted_ = false;
+    std::string abort_reason_;
+};
+
+// The unique id of a new NCCL clique, passed between processes through a file: rank 0 creates it
+// and writes `path` atomically (a temporary file, then a rename); the other ranks wait (up to
+// `timeout`) for the file and read it. Use a path that is fresh for every run (a job id in it):
+// a file left by an earlier run would hand out a stale id.
+inline ncclUniqueId nccl_unique_id_via_file(const std::string& path, int rank,
+                                            std::chrono::milliseconds timeout) {
+    ncclUniqueId id{};
+    if (rank == 0) {
+        const ncclResult_t r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) {
+            throw comm_error("loco::comm::nccl: ncclGetUniqueId failed: " +
+                             detail::nccl_message(r, nullptr));
+        }
+        const std::string tmp = path + ".tmp";
+        {
+            std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+            out.write(id.internal, sizeof id.internal);
+            if (!out) {
+                throw comm_error("loco::comm::nccl: cannot write the unique id to " + tmp);
+            }
+        }
+        if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+            throw comm_error("loco::comm::nccl: cannot rename " + tmp + " to " + path);
+        }
+        return id;
+    }
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+        std::ifstream in(path, std::ios::binary);
+        if (in && in.read(id.internal, sizeof id.internal) &&
+            in.gcount() == static_cast<std::streamsize>(sizeof id.internal)) {
+            return id;
+        }
+        if (std::chrono::steady_clock::now() > until) {
+            throw comm_error("loco::comm::nccl rank " + std::to_string(rank) + ": " + path +
+                             " did not appear within " + std::to_string(timeout.count()) +
+                             " ms (is rank 0 running?)");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+}
+
+// One process of an N-process job: the id through `path`, then a nonblocking communicator on the
+// current GPU.
+inline std::unique_ptr<nccl> nccl_bootstrap_file(const std::string& path, int nranks, int rank,
+                                                 cudaStream_t caller_stream = nullptr,
+                                                 nccl_options options = {}) {
+    const ncclUniqueId id = nccl_unique_id_via_file(path, rank, options.timeout);
+    return nccl::create(nranks, rank, id, caller_stream, options);
+}
+
+#if defined(LOCO_WITH_MPI)
+// The same with the id broadcast over MPI from rank 0 of `mpi_comm` (define LOCO_WITH_MPI and link
+// MPI to get it).
+inline std::unique_ptr<nccl> nccl_bootstrap_mpi(MPI_Comm mpi_comm,
+                                                cudaStream_t caller_stream = nullptr,
+                                                nccl_options options = {}) {
+    int rank = 0;
+    int nranks = 0;
+    MPI_Comm_rank(mpi_comm, &rank);
+    MPI_Comm_size(mpi_comm, &nranks);
+    ncclUniqueId id{};
+    if (rank == 0) {
+        const ncclResult_t r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) {
+            throw comm_error("loco::comm::nccl: ncclGetUniqueId failed: " +
+                             detail::nccl_message(r, nullptr));
+        }
+    }
+    if (MPI_Bcast(id.internal, static_cast<int>(sizeof id.internal), MPI_BYTE, 0, mpi_comm) !=
+        MPI_SUCCESS) {
+        throw comm_error("loco::comm::nccl: MPI_Bcast of the unique id failed");
+    }
+    return nccl::create(nranks, rank, id, caller_stream, options);
+}
+#endif
+
+}  // namespace loco::comm

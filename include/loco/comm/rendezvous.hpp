@@ -1,0 +1,229 @@
+#pragma once
+// What the in-process communicators (comm::threads on host memory, comm::cuda_replicas on one GPU)
+// share: the rendezvous that starts every collective, and the driver that runs one function per
+// rank on its own thread.
+//
+// At a rendezvous each rank posts its call (kind, element or byte count, root, op, buffers). The
+// last rank to arrive compares the calls; if they disagree, every rank throws the same comm_error
+// and no data moves. A rank that waits longer than the timeout aborts the group: it and every
+// rank waiting with it throw comm_error instead of hanging, and so does every later call. Between
+// the rendezvous and the collective's final barrier a rank may read its peers' posted buffers.
+
+#include <loco/comm/communicator.hpp>
+#include <loco/error.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+namespace loco::comm::detail {
+
+enum class collective : unsigned char { all_reduce, all_gather, all_to_all, broadcast, barrier };
+
+struct posted_call {
+    collective what = collective::barrier;
+    std::size_t count = 0;  // elements for all_reduce, bytes otherwise
+    int root = 0;
+    reduce_op op = reduce_op::sum;
+    const void* src = nullptr;
+    void* dst = nullptr;
+};
+
+class rendezvous {
+public:
+    // `group` names the group in messages ("thread group", "replica group").
+    rendezvous(int size, std::chrono::milliseconds timeout, std::string group)
+        : size_(size), timeout_(timeout), group_(std::move(group)) {
+        if (timeout.count() <= 0) {
+            throw invalid_argument("loco::comm: the " + group_ + "'s timeout must be positive");
+        }
+        slots_.resize(static_cast<std::size_t>(size));
+        sent_ = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(size));
+    }
+
+    int size() const noexcept { return size_; }
+    std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+
+    void abort(const std::string& reason) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        abort_locked(reason);
+    }
+    bool aborted() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return aborted_;
+    }
+
+    // Posts this rank's call and waits for every rank; throws the verdict when they disagree.
+    void start(int rank, const posted_call& call, const std::string& where) {
+        const std::string verdict = arrive(rank, &call, where);
+        if (!verdict.empty()) {
+            throw comm_error(where + verdict);
+        }
+    }
+
+    // A phase barrier inside a collective.
+    void wait(int rank, const std::string& where) { arrive(rank, nullptr, where); }
+
+    // What rank r posted at the current collective's rendezvous.
+    const posted_call& slot(std::size_t r) const noexcept { return slots_[r]; }
+
+    void count_sent(std::size_t from_rank, std::size_t bytes) noexcept {
+        sent_[from_rank].fetch_add(bytes, std::memory_order_relaxed);
+    }
+    std::uint64_t sent(std::size_t rank) const noexcept {
+        return sent_[rank].load(std::memory_order_relaxed);
+    }
+
+private:
+    static const char* name_of(collective k) {
+        switch (k) {
+            case collective::all_reduce: return "all_reduce";
+            case collective::all_gather: return "all_gather";
+            case collective::all_to_all: return "all_to_all";
+            case collective::broadcast: return "broadcast";
+            case collective::barrier: return "barrier";
+        }
+        return "?";
+    }
+
+    static std::string describe(const posted_call& c) {
+        std::string s = name_of(c.what);
+        if (c.what == collective::all_reduce) {
+            s += std::string(c.op == reduce_op::sum ? " (sum)" : " (mean)") + " of " +
+                 std::to_string(c.count) + " floats";
+        } else if (c.what != collective::barrier) {
+            s += " of " + std::to_string(c.count) + " bytes";
+        }
+        if (c.what == collective::broadcast) {
+            s += " from root " + std::to_string(c.root);
+        }
+        return s;
+    }
+
+    // Empty when every rank posted the same call; otherwise the sentence every rank throws.
+    std::string compare_calls() const {
+        const posted_call& a = slots_[0];
+        for (int r = 1; r < size_; ++r) {
+            const posted_call& b = slots_[static_cast<std::size_t>(r)];
+            if (a.what != b.what || a.count != b.count || a.root != b.root || a.op != b.op) {
+                return "ranks disagree on the collective: rank 0 called " + describe(a) +
+                       ", rank " + std::to_string(r) + " called " + describe(b);
+            }
+        }
+        if (a.what != collective::barrier && a.count != 0) {
+            // Every rank writes its own output; two ranks with one buffer would race.
+            for (int r = 0; r < size_; ++r) {
+                for (int q = r + 1; q < size_; ++q) {
+                    if (slots_[static_cast<std::size_t>(r)].dst ==
+                        slots_[static_cast<std::size_t>(q)].dst) {
+                        return "ranks " + std::to_string(r) + " and " + std::to_string(q) +
+                               " passed the same buffer to " + name_of(a.what) +
+                               "; each rank needs its own";
+                    }
+                }
+            }
+        }
+        return {};
+    }
+
+    void abort_locked(const std::string& reason) {
+        if (!aborted_) {
+            aborted_ = true;
+            abort_reason_ = reason;
+        }
+        cv_.notify_all();
+    }
+
+    std::string arrive(int rank, const posted_call* posted, const std::string& where) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (aborted_) {
+            throw comm_error(where + "the " + group_ + " was aborted: " + abort_reason_);
+        }
+        if (posted) {
+            slots_[static_cast<std::size_t>(rank)] = *posted;
+        }
+        const std::uint64_t generation = generation_;
+        if (++arrived_ == size_) {
+            arrived_ = 0;
+            verdict_ = posted ? compare_calls() : std::string();
+            ++generation_;
+            cv_.notify_all();
+            return verdict_;
+        }
+        const bool woke =
+            cv_.wait_for(lock, timeout_, [&] { return generation_ != generation || aborted_; });
+        if (aborted_) {
+            throw comm_error(where + "the " + group_ + " was aborted: " + abort_reason_);
+        }
+        if (!woke) {
+            const std::string reason =
+                "rank " + std::to_string(rank) + " waited " + std::to_string(timeout_.count()) +
+                " ms for its peers; only " + std::to_string(arrived_) + " of " +
+                std::to_string(size_) + " ranks arrived";
+            abort_locked(reason);
+            throw comm_error(where + reason);
+        }
+        return verdict_;
+    }
+
+    int size_;
+    std::chrono::milliseconds timeout_;
+    std::string group_;
+    mutable std::mutex mutex_;
+    std::condition_variable cv_;
+    int arrived_ = 0;
+    std::uint64_t generation_ = 0;
+    std::vector<posted_call> slots_;
+    std::string verdict_;
+    bool aborted_ = false;
+    std::string abort_reason_;
+    std::unique_ptr<std::atomic<std::uint64_t>[]> sent_;
+};
+
+// Runs rank_body(r) for r in [0, size) on `size` threads and waits for all of them. If a rank
+// throws, the group is aborted so that its peers stop waiting, and the first exception that was
+// not caused by the abort is rethrown.
+template <class RankBody>
+void run_ranks(int size, rendezvous& group, RankBody&& rank_body) {
+    std::mutex failure_mutex;
+    std::exception_ptr first_failure;
+    std::exception_ptr first_abort_victim;
+    std::vector<std::thread> workers;
+    workers.reserve(static_cast<std::size_t>(size));
+    for (int r = 0; r < size; ++r) {
+        workers.emplace_back([&, r] {
+            try {
+                rank_body(r);
+            } catch (...) {
+                const bool victim = group.aborted();
+                std::lock_guard<std::mutex> lock(failure_mutex);
+                if (!victim && !first_failure) {
+                    first_failure = std::current_exception();
+                    group.abort("rank " + std::to_string(r) + " failed");
+                } else if (victim && !first_abort_victim) {
+                    first_abort_victim = std::current_exception();
+                }
+            }
+        });
+    }
+    for (auto& w : workers) {
+        w.join();
+    }
+    if (first_failure) {
+        std::rethrow_exception(first_failure);
+    }
+    if (first_abort_victim) {
+        std::rethrow_exception(first_abort_victim);
+    }
+}
+
+}  // namespace loco::comm::detail

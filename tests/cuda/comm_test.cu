@@ -1,0 +1,419 @@
+// The device communicators: comm::cuda_replicas (M replicas on one GPU) against a host reference,
+// bit for bit, for M in {1, 2, 3, 8}; their refusals (disagreeing ranks, host buffers, timeouts);
+// and comm::nccl with one rank on one GPU, plus the multi-rank NCCL tests that need >= 2 GPUs.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lc = loco::backend::cuda;
+using loco::comm::reduce_op;
+
+std::vector<std::byte> bytes_of(const std::vector<float>& v) {
+    std::vector<std::byte> b(v.size() * sizeof(float));
+    std::memcpy(b.data(), v.data(), b.size());
+    return b;
+}
+
+template <class T>
+std::vector<T> download(const T* p, std::size_t n) {
+    std::vector<T> out(n);
+    if (n != 0) {
+        check_cuda(cudaMemcpy(out.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    }
+    return out;
+}
+
+// What every rank must hold after each collective, computed on the host as comm::threads does.
+struct expected {
+    std::vector<float> sum, mean;
+    std::vector<std::byte> gathered;
+    std::vector<std::vector<std::byte>> to_all;  // per receiving rank
+    std::vector<float> broadcast;                // the root's data
+    std::vector<std::uint64_t> bytes;            // bytes_sent per rank after all collectives
+};
+
+expected reference(const std::vector<std::vector<float>>& data, int root) {
+    const std::size_t m = data.size();
+    const std::size_t n = data[0].size();
+    expected e;
+    e.sum.resize(n);
+    e.mean.resize(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        float acc = data[0][i];
+        for (std::size_t k = 1; k < m; ++k) {
+            acc += data[k][i];
+        }
+        e.sum[i] = acc;
+        e.mean[i] = acc / static_cast<float>(m);
+    }
+    for (const auto& d : data) {
+        const auto b = bytes_of(d);
+        e.gathered.insert(e.gathered.end(), b.begin(), b.end());
+    }
+    // all_to_all over the whole byte buffer (n floats, m blocks): n*4 must divide by m; the
+    // tests pick n accordingly.
+    const std::size_t block = n * sizeof(float) / m;
+    e.to_all.assign(m, std::vector<std::byte>(m * block));
+    for (std::size_t r = 0; r < m; ++r) {
+        for (std::size_t k = 0; k < m; ++k) {
+            const auto src = bytes_of(data[k]);
+            std::memcpy(e.to_all[r].data() + k * block, src.data() + r * block, block);
+        }
+    }
+    e.broadcast = data[std::size_t(root)];
+    e.bytes.assign(m, 0);
+    for (std::size_t r = 0; r < m; ++r) {
+        const std::size_t chunk = n * (r + 1) / m - n * r / m;
+        const std::uint64_t reduce = m > 1 ? 4 * (n + (m - 2) * chunk) : 0;
+        e.bytes[r] = 2 * reduce                          // sum and mean
+                     + 2 * (m - 1) * n * sizeof(float)   // all_gather, twice (in place too)
+                     + (m - 1) * block                    // all_to_all
+                     + (r == std::size_t(root) ? (m - 1) * n * sizeof(float) : 0);
+    }
+    return e;
+}
+
+// Runs every collective on `comm` with this rank's data and checks the results. With `sum_out`,
+// the reductions are compared loosely (NCCL adds in its own order) and the sum is handed back
+// for a comparison across ranks; otherwise they must equal the rank-ordered reference exactly.
+void exercise(loco::comm::communicator& comm, const std::vector<float>& mine, const expected& e,
+              int root, std::mutex& mutex, std::vector<float>* sum_out = nullptr) {
+    const std::size_t m = std::size_t(comm.size());
+    const std::size_t n = mine.size();
+    const std::size_t r = std::size_t(comm.rank());
+    lc::device_buffer<float> buf(n);
+    lc::device_buffer<std::byte> recv(m * n * sizeof(float));
+    std::vector<float> got_sum, got_mean, got_bcast;
+    std::vector<std::byte> got_gather, got_gather_inplace, got_to_all;
+
+    buf.upload(mine);
+    comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::sum);
+    got_sum = buf.download();
+    buf.upload(mine);
+    comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::mean);
+    got_mean = buf.download();
+
+    buf.upload(mine);
+    const auto send = loco::comm::as_bytes(loco::tensor_view<const float>(loco::cuda_tensor(buf.get(), n)));
+    comm.all_gather(send, loco::cuda_tensor(recv.get(), recv.size()));
+    got_gather = recv.download();
+    // In place: this rank's data already in its slot.
+    check_cuda(cudaMemset(recv.get(), 0xab, recv.size_bytes()), "poison");
+    check_cuda(cudaMemcpy(recv.get() + r * n * sizeof(float), mine.data(), n * sizeof(float),
+                          cudaMemcpyHostToDevice),
+               "own slot");
+    // The communicators run on streams of their own: the legacy stream's work must be done.
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    comm.all_gather(loco::tensor_view<const std::byte>{recv.get() + r * n * sizeof(float),
+                                                       n * sizeof(float), 0, 0,
+                                                       loco::memory_space::cuda},
+                    loco::cuda_tensor(recv.get(), recv.size()));
+    got_gather_inplace = recv.download();
+
+    lc::device_buffer<std::byte> a2a(n * sizeof(float));
+    comm.all_to_all(send, loco::cuda_tensor(a2a.get(), a2a.size()));
+    got_to_all = a2a.download();
+
+    buf.upload(r == std::size_t(root) ? mine : std::vector<float>(n, -1.0f));
+    comm.broadcast(loco::comm::as_bytes(loco::cuda_tensor(buf.get(), n)), root);
+    got_bcast = buf.download();
+    comm.barrier();
+
+    std::lock_guard<std::mutex> lock(mutex);
+    CAPTURE(r);
+    if (sum_out) {
+        std::size_t off = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            off += std::abs(got_sum[i] - e.sum[i]) > 1e-5f * (1.0f + std::abs(e.sum[i]));
+            off += std::abs(got_mean[i] - e.mean[i]) > 1e-5f * (1.0f + std::abs(e.mean[i]));
+        }
+        CHECK_MESSAGE(off == 0, off << " reduced elements are off the rank-ordered reference");
+        *sum_out = got_sum;
+    } else {
+        CHECK(std::memcmp(got_sum.data(), e.sum.data(), n * sizeof(float)) == 0);
+        CHECK(std::memcmp(got_mean.data(), e.mean.data(), n * sizeof(float)) == 0);
+    }
+    CHECK(got_gather == e.gathered);
+    CHECK(got_gather_inplace == e.gathered);
+    CHECK(got_to_all == e.to_all[r]);
+    CHECK(std::memcmp(got_bcast.data(), e.broadcast.data(), n * sizeof(float)) == 0);
+    CHECK(comm.bytes_sent() == e.bytes[r]);
+}
+
+}  // namespace
+
+TEST_CASE("cuda_replicas collectives equal the host reference bit for bit") {
+    for (const int m : {1, 2, 3, 8}) {
+        // 1000008 floats: divisible into 8 all_to_all blocks and not into equal reduce chunks
+        // of 3; 40 floats over 8 ranks leaves small chunks.
+        for (const std::size_t n : {std::size_t{1000008}, std::size_t{48}}) {
+            CAPTURE(m);
+            CAPTURE(n);
+            std::vector<std::vector<float>> data;
+            for (int r = 0; r < m; ++r) {
+                auto rng = rng_for("replicas/" + std::to_string(m) + "/" + std::to_string(r));
+                data.push_back(normal_floats(rng, n));
+            }
+            const int root = m - 1;
+            const expected e = reference(data, root);
+            std::mutex mutex;
+            loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+                CHECK(comm.space() == loco::memory_space::cuda);
+                exercise(comm, data[std::size_t(comm.rank())], e, root, mutex);
+            });
+        }
+    }
+}
+
+TEST_CASE("cuda_replicas refuse disagreeing ranks, host buffers and absent peers") {
+    SUBCASE("different sizes: every rank throws the same comm_error") {
+        std::mutex mutex;
+        std::vector<std::string> messages;
+        loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+            lc::device_buffer<float> buf(12);
+            const std::size_t n = comm.rank() == 0 ? 10 : 12;
+            try {
+                comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::sum);
+            } catch (const loco::comm_error& e) {
+                std::lock_guard<std::mutex> lock(mutex);
+                messages.push_back(e.what());
+            }
+            CHECK(comm.bytes_sent() == 0);
+        });
+        REQUIRE(messages.size() == 2);
+        for (const auto& msg : messages) {
+            CHECK(msg.find("disagree") != std::string::npos);
+            CHECK(msg.find("10 floats") != std::string::npos);
+            CHECK(msg.find("12 floats") != std::string::npos);
+        }
+    }
+    SUBCASE("one buffer shared by two ranks") {
+        lc::device_buffer<float> shared(16);
+        CHECK_THROWS_AS(loco::comm::run_replicas(2,
+                                                 [&](loco::comm::cuda_replicas& comm) {
+                                                     comm.all_reduce(
+                                                         loco::cuda_tensor(shared.get(), 16),
+                                                         reduce_op::sum);
+                                                 }),
+                        loco::comm_error);
+    }
+    SUBCASE("a host buffer") {
+        CHECK_THROWS_AS(loco::comm::run_replicas(2,
+                                                 [&](loco::comm::cuda_replicas& comm) {
+                                                     std::vector<float> host(8);
+                                                     comm.all_reduce(
+                                                         loco::host_tensor(host.data(), 8),
+                                                         reduce_op::sum);
+                                                 }),
+                        loco::memory_space_error);
+    }
+    SUBCASE("a peer that never arrives") {
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            loco::comm::run_replicas(
+                2,
+                [&](loco::comm::cuda_replicas& comm) {
+                    if (comm.rank() == 0) {
+                        comm.barrier();
+                    }
+                },
+                std::chrono::milliseconds(300));
+            FAIL("a barrier without its peer returned");
+        } catch (const loco::comm_error& e) {
+            CHECK(std::string(e.what()).find("waited 300 ms") != std::string::npos);
+        }
+        CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10));
+    }
+}
+
+#if defined(LOCO_TEST_NCCL)
+
+TEST_CASE("nccl with one rank on one GPU") {
+    const std::string path =
+        "/tmp/loco-nccl-id-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(60)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    CHECK(comm->size() == 1);
+    CHECK(comm->rank() == 0);
+    CHECK(comm->space() == loco::memory_space::cuda);
+    auto rng = rng_for("nccl one rank");
+    const auto data = normal_floats(rng, 1000008);
+    std::mutex mutex;
+    exercise(*comm, data, reference({data}, 0), 0, mutex);
+    CHECK(comm->bytes_sent() == 0);
+    CHECK(comm->control_bytes_sent() == 0);
+
+    // Ordering with a caller's stream, without the host waiting: the collective runs after the
+    // caller's copy and the caller's next copy after the collective.
+    lc::stream caller;
+    comm->set_caller_stream(caller);
+    lc::device_buffer<float> buf(data.size());
+    lc::pinned_buffer<float> pinned(data.size());
+    std::memcpy(pinned.get(), data.data(), data.size() * sizeof(float));
+    check_cuda(cudaMemcpyAsync(buf.get(), pinned.get(), buf.size_bytes(), cudaMemcpyHostToDevice,
+                               caller),
+               "upload on the caller stream");
+    comm->all_reduce(loco::cuda_tensor(buf.get(), buf.size()), reduce_op::mean);
+    check_cuda(cudaMemcpyAsync(pinned.get(), buf.get(), buf.size_bytes(), cudaMemcpyDeviceToHost,
+                               caller),
+               "download on the caller stream");
+    caller.synchronize();
+    CHECK(std::memcmp(pinned.get(), data.data(), buf.size_bytes()) == 0);
+
+    CHECK_THROWS_AS(comm->all_reduce(loco::host_tensor(pinned.get(), 4), reduce_op::sum),
+                    loco::memory_space_error);
+    lc::device_buffer<std::byte> small(8);
+    CHECK_THROWS_AS(comm->all_gather(loco::tensor_view<const std::byte>{small.get(), 8, 0, 0,
+                                                                        loco::memory_space::cuda},
+                                     loco::cuda_tensor(small.get(), 4)),
+                    loco::shape_error);
+    CHECK_FALSE(comm->aborted());
+
+    // Wrapping a communicator made elsewhere (blocking, from ncclCommInitAll).
+    ncclComm_t raw = nullptr;
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    REQUIRE(ncclCommInitAll(&raw, 1, &device) == ncclSuccess);
+    {
+        loco::comm::nccl wrapped(raw);
+        lc::device_buffer<float> x(3);
+        x.upload(std::vector<float>{1.0f, 2.0f, 3.0f});
+        wrapped.all_reduce(loco::cuda_tensor(x.get(), 3), reduce_op::sum);
+        CHECK(x.download() == std::vector<float>{1.0f, 2.0f, 3.0f});
+    }
+    CHECK(ncclCommDestroy(raw) == ncclSuccess);
+}
+
+namespace {
+
+// The number of ranks for the multi-GPU NCCL tests (one per GPU, at most 4), or 0 after printing
+// why they are skipped.
+int nccl_ranks() {
+    int devices = 0;
+    check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+    if (devices < 2) {
+        MESSAGE("SKIPPED: the multi-rank NCCL tests need at least 2 GPUs; this machine has "
+                << devices << " (NCCL refuses two ranks on one GPU; cuda_replicas covers M > 1 "
+                              "on one GPU)");
+        return 0;
+    }
+    return devices < 4 ? devices : 4;
+}
+
+// Runs fn(rank, comm) on one thread per GPU with a fresh clique; exceptions become failures.
+template <class Fn>
+void on_ranks(int m, std::chrono::milliseconds timeout, Fn&& fn) {
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    std::mutex mutex;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                auto comm = loco::comm::nccl::create(m, r, id, nullptr, {.timeout = timeout});
+                fn(r, *comm);
+            } catch (const std::exception& err) {
+                std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) {
+        t.join();
+    }
+}
+
+}  // namespace
+
+TEST_CASE("nccl across GPUs: collectives and disagreeing ranks (needs >= 2 GPUs)") {
+    const int m = nccl_ranks();
+    if (m == 0) {
+        return;
+    }
+    std::vector<std::vector<float>> data;
+    for (int r = 0; r < m; ++r) {
+        auto rng = rng_for("nccl multi/" + std::to_string(r));
+        data.push_back(normal_floats(rng, 1000008));
+    }
+    const int root = 1;
+    const expected e = reference(data, root);
+    std::mutex mutex;
+    std::vector<std::vector<float>> sums(static_cast<std::size_t>(m));
+    std::vector<std::string> mismatch(static_cast<std::size_t>(m));
+    on_ranks(m, std::chrono::seconds(60), [&](int r, loco::comm::nccl& comm) {
+        exercise(comm, data[std::size_t(r)], e, root, mutex, &sums[std::size_t(r)]);
+        CHECK(comm.control_bytes_sent() == std::uint64_t(7 * (m - 1) * 32));
+        // Disagreeing sizes: every rank throws, nothing moves, the communicator lives on.
+        lc::device_buffer<float> small(12);
+        const auto sent = comm.bytes_sent();
+        try {
+            comm.all_reduce(loco::cuda_tensor(small.get(), r == 0 ? 10 : 12), reduce_op::sum);
+            FAIL_CHECK("rank " << r << ": a disagreeing all_reduce went through");
+        } catch (const loco::comm_error& err) {
+            std::lock_guard<std::mutex> lock(mutex);
+            mismatch[std::size_t(r)] = err.what();
+        }
+        CHECK(comm.bytes_sent() == sent);
+        CHECK_FALSE(comm.aborted());
+        comm.barrier();
+    });
+    for (int r = 0; r < m; ++r) {
+        CAPTURE(r);
+        CHECK(sums[std::size_t(r)] == sums[0]);  // every rank holds the same bits
+        CHECK(mismatch[std::size_t(r)].find("disagree") != std::string::npos);
+        CHECK(mismatch[std::size_t(r)].find("10 floats") != std::string::npos);
+    }
+}
+
+TEST_CASE("nccl across GPUs: a missing peer times out instead of hanging (needs >= 2 GPUs)") {
+    const int m = nccl_ranks();
+    if (m == 0) {
+        return;
+    }
+    std::string message;
+    on_ranks(m, std::chrono::seconds(3), [&](int r, loco::comm::nccl& comm) {
+        comm.barrier();
+        if (r != 0) {
+            return;  // the peers leave; rank 0 calls once more
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            comm.barrier();
+            FAIL_CHECK("a barrier without its peers returned");
+        } catch (const loco::comm_error& err) {
+            message = err.what();
+        }
+        CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30));
+        CHECK(comm.aborted());
+        CHECK_THROWS_AS(comm.barrier(), loco::comm_error);
+        // Peers that never join a new communicator: its creation times out too.
+        ncclUniqueId lonely{};
+        REQUIRE(ncclGetUniqueId(&lonely) == ncclSuccess);
+        CHECK_THROWS_AS(loco::comm::nccl::create(m, 0, lonely, nullptr,
+                                                 {.timeout = std::chrono::seconds(2)}),
+                        loco::comm_error);
+    });
+    CHECK(message.find("waited 3000 ms") != std::string::npos);
+}
+
+#endif  // LOCO_TEST_NCCL

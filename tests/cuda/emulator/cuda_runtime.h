@@ -1,0 +1,261 @@
+// A CPU emulation of the slice of the CUDA runtime loco uses, to execute the kernels' logic with
+// g++ on a machine without a GPU. Blocks run one after another; the threads of a block run as
+// real std::threads (a persistent pool), __syncthreads is a std::barrier, __shared__ is a
+// function static (valid because one block runs at a time), launches are serialised by a mutex.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <math.h>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+struct pool;
+pool& the_pool();
+void syncthreads();
+}  // namespace emu
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    return std::atomic_ref<unsigned>(*p).fetch_add(v);
+}
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+    std::atomic_ref<unsigned long long> a(*p);
+    unsigned long long old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+[[noreturn]] inline void __trap() { std::abort(); }
+
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorNotReady = 600,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorStreamCaptureUnsupported = 900,
+};
+inline const char* cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "cudaSuccess";
+        case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+        case cudaErrorNotReady: return "cudaErrorNotReady";
+        case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+        default: return "cudaErrorUnknown";
+    }
+}
+inline const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2, cudaMemoryTypeManaged = 3 };
+struct cudaPointerAttributes { cudaMemoryType type; int device; void* devicePointer; void* hostPointer; };
+
+struct emu_stream { bool capturing = false; std::vector<std::function<void()>>* capture = nullptr; };
+using cudaStream_t = emu_stream*;
+struct emu_event {};
+using cudaEvent_t = emu_event*;
+struct emu_graph { std::vector<std::function<void()>> ops; };
+using cudaGraph_t = emu_graph*;
+using cudaGraphExec_t = emu_graph*;
+constexpr unsigned cudaStreamNonBlocking = 1;
+constexpr unsigned cudaEventDisableTiming = 2;
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
+
+namespace emu {
+struct allocation { std::size_t size; cudaMemoryType type; };
+inline std::mutex& mem_mutex() { static std::mutex m; return m; }
+inline std::map<std::uintptr_t, allocation>& allocations() { static std::map<std::uintptr_t, allocation> a; return a; }
+inline void* allocate(std::size_t n, cudaMemoryType t) {
+    void* p = std::aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    std::lock_guard<std::mutex> l(mem_mutex());
+    allocations()[reinterpret_cast<std::uintptr_t>(p)] = {n, t};
+    return p;
+}
+inline void release(void* p) {
+    std::lock_guard<std::mutex> l(mem_mutex());
+    allocations().erase(reinterpret_cast<std::uintptr_t>(p));
+    std::free(p);
+}
+inline cudaMemoryType type_of(const void* p) {
+    std::lock_guard<std::mutex> l(mem_mutex());
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    auto it = allocations().upper_bound(a);
+    if (it == allocations().begin()) return cudaMemoryTypeUnregistered;
+    --it;
+    if (a < it->first + it->second.size) return it->second.type;
+    return cudaMemoryTypeUnregistered;
+}
+// Runs op now, or records it when the stream captures.
+inline cudaError_t enqueue(cudaStream_t s, std::function<void()> op) {
+    if (s && s->capturing) {
+        s->capture->push_back(std::move(op));
+    } else {
+        op();
+    }
+    return cudaSuccess;
+}
+
+struct pool {
+    static constexpr unsigned threads = 256;
+    std::barrier<> start{threads + 1};
+    std::barrier<> finish{threads + 1};
+    std::barrier<> sync{threads};
+    std::function<void()> task;
+    dim3 block, grid, bdim;
+    bool stop = false;
+    std::vector<std::thread> workers;
+    pool() {
+        for (unsigned t = 0; t < threads; ++t) {
+            workers.emplace_back([this, t] {
+                for (;;) {
+                    start.arrive_and_wait();
+                    if (stop) return;
+                    threadIdx = dim3(t, 0, 0);
+                    blockIdx = block;
+                    gridDim = grid;
+                    blockDim = bdim;
+                    task();
+                    finish.arrive_and_wait();
+                }
+            });
+        }
+    }
+    ~pool() {
+        stop = true;
+        start.arrive_and_wait();
+        for (auto& w : workers) w.join();
+    }
+    void run(dim3 g, dim3 b, const std::function<void()>& f) {
+        grid = g;
+        bdim = b;
+        task = f;
+        for (unsigned x = 0; x < g.x; ++x) {
+            block = dim3(x, 0, 0);
+            start.arrive_and_wait();
+            finish.arrive_and_wait();
+        }
+    }
+};
+inline pool& the_pool() { static pool p; return p; }
+inline void syncthreads() { the_pool().sync.arrive_and_wait(); }
+inline std::mutex& launch_mutex() { static std::mutex m; return m; }
+inline std::atomic<long>& launches() { static std::atomic<long> n{0}; return n; }
+}  // namespace emu
+
+struct cudaLaunchAttribute {};
+struct cudaLaunchConfig_t {
+    dim3 gridDim, blockDim;
+    std::size_t dynamicSmemBytes = 0;
+    cudaStream_t stream = nullptr;
+    cudaLaunchAttribute* attrs = nullptr;
+    unsigned numAttrs = 0;
+};
+
+template <class... Exp, class... Act>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Exp...), Act&&... args) {
+    if (cfg->gridDim.x == 0 || cfg->blockDim.x != emu::pool::threads) return cudaErrorInvalidConfiguration;
+    auto bound = [kernel, ... a = static_cast<Exp>(std::forward<Act>(args))]() { kernel(a...); };
+    const dim3 g = cfg->gridDim, b = cfg->blockDim;
+    return emu::enqueue(cfg->stream, [bound, g, b] {
+        std::lock_guard<std::mutex> l(emu::launch_mutex());
+        ++emu::launches();
+        emu::the_pool().run(g, b, bound);
+    });
+}
+
+inline cudaError_t cudaMalloc(void** p, std::size_t n) { *p = emu::allocate(n, cudaMemoryTypeDevice); return cudaSuccess; }
+inline cudaError_t cudaFree(void* p) { if (p) emu::release(p); return cudaSuccess; }
+inline cudaError_t cudaMallocHost(void** p, std::size_t n) { *p = emu::allocate(n, cudaMemoryTypeHost); return cudaSuccess; }
+inline cudaError_t cudaFreeHost(void* p) { if (p) emu::release(p); return cudaSuccess; }
+inline cudaError_t cudaMemcpy(void* d, const void* s, std::size_t n, cudaMemcpyKind) {
+    if (n != 0 && (d == nullptr || s == nullptr)) return cudaErrorInvalidValue;
+    if (n) std::memmove(d, s, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, std::size_t n, cudaMemcpyKind k, cudaStream_t st = nullptr) {
+    if (n != 0 && (d == nullptr || s == nullptr)) return cudaErrorInvalidValue;
+    if (st && st->capturing && k == cudaMemcpyHostToDevice && emu::type_of(s) == cudaMemoryTypeUnregistered)
+        return cudaErrorStreamCaptureUnsupported;
+    return emu::enqueue(st, [=] { if (n) std::memmove(d, s, n); });
+}
+inline cudaError_t cudaMemcpy2D(void* d, std::size_t dp, const void* s, std::size_t sp, std::size_t w, std::size_t h, cudaMemcpyKind) {
+    for (std::size_t r = 0; r < h; ++r) std::memmove(static_cast<char*>(d) + r * dp, static_cast<const char*>(s) + r * sp, w);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void* d, int v, std::size_t n) { std::memset(d, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* d, int v, std::size_t n, cudaStream_t s = nullptr) {
+    return emu::enqueue(s, [=] { std::memset(d, v, n); });
+}
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = new emu_stream; return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = new emu_event; return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+    s->capturing = true;
+    s->capture = new std::vector<std::function<void()>>;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* g) {
+    *g = new emu_graph{std::move(*s->capture)};
+    delete s->capture;
+    s->capture = nullptr;
+    s->capturing = false;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) { *e = new emu_graph(*g); return cudaSuccess; }
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t) { for (auto& op : e->ops) op(); return cudaSuccess; }
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return cudaSuccess; }
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) { const char* e = std::getenv("EMU_DEVICES"); *n = e ? std::atoi(e) : 1; return cudaSuccess; }
+struct cudaDeviceProp { char name[256]; int major, minor; };
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) { std::strcpy(p->name, "CPU emulator"); p->major = 9; p->minor = 0; return cudaSuccess; }
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+    a->type = emu::type_of(p);
+    a->device = a->type == cudaMemoryTypeDevice ? 0 : -1;
+    return cudaSuccess;
+}
