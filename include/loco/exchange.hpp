@@ -30,6 +30,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace loco {
@@ -94,10 +95,15 @@ class exchanger {
 public:
     exchanger(const parameter_list& params, exchange_scheme scheme, int world, int rank,
               const typename C::hyper& h)
+        : exchanger(parameter_segments(params), scheme, world, rank, h) {}
+
+    // The segments tile the flat layout [0, n) in order (one per parameter).
+    exchanger(std::vector<compress::segment> segs, exchange_scheme scheme, int world, int rank,
+              const typename C::hyper& h)
         : world_(static_cast<std::size_t>(world)),
           rank_(static_cast<std::size_t>(rank)),
-          n_(params.total_elements()),
-          segs_(parameter_segments(params)) {
+          n_(compress::total_elements(segs)),
+          segs_(std::move(segs)) {
         scheme_ = scheme == exchange_scheme::automatic
                       ? (std::is_same_v<C, compress::none> ? exchange_scheme::all_reduce
                                                            : exchange_scheme::all_gather)

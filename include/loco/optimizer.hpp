@@ -46,17 +46,31 @@ inline void check_state_index(int j, int state_size, const char* what) {
 
 // The element counts of every parameter: checked first on load, so that a checkpoint of another
 // model fails with a clear message before any state is read.
-inline void write_layout(checkpoint_writer& w, const parameter_list& params) {
-    w.u64(params.size());
-    for (const auto& p : params) {
-        w.u64(p.value.size);
+inline void write_layout(checkpoint_writer& w, std::span<const std::size_t> sizes) {
+    w.u64(sizes.size());
+    for (const std::size_t n : sizes) {
+        w.u64(n);
     }
 }
-inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
-    r.expect_u64(params.size(), "the number of parameters");
-    for (const auto& p : params) {
-        r.expect_u64(p.value.size, "a parameter's element count");
+inline void read_layout(checkpoint_reader& r, std::span<const std::size_t> sizes) {
+    r.expect_u64(sizes.size(), "the number of parameters");
+    for (const std::size_t n : sizes) {
+        r.expect_u64(n, "a parameter's element count");
     }
+}
+inline std::vector<std::size_t> parameter_sizes(const parameter_list& params) {
+    std::vector<std::size_t> sizes;
+    sizes.reserve(params.size());
+    for (const auto& p : params) {
+        sizes.push_back(p.value.size);
+    }
+    return sizes;
+}
+inline void write_layout(checkpoint_writer& w, const parameter_list& params) {
+    write_layout(w, parameter_sizes(params));
+}
+inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
+    read_layout(r, parameter_sizes(params));
 }
 
 // State of a policy kept as state_size arrays over the flat layout, its checkpoint section

@@ -13,7 +13,8 @@ set(loco_nvcc_header_patterns
   "^loco/backend/cuda/"
   "^loco/cuda\\.hpp$"
   "^loco/comm/nccl\\.hpp$"
-  "^loco/comm/cuda_replicas\\.hpp$")
+  "^loco/comm/cuda_replicas\\.hpp$"
+  "^loco/comm/cuda_staging\\.hpp$")
 
 set(loco_include_root ${PROJECT_SOURCE_DIR}/include)
 file(GLOB_RECURSE loco_public_headers CONFIGURE_DEPENDS

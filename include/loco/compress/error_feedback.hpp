@@ -30,24 +30,25 @@
 namespace loco::compress {
 namespace detail {
 
-// Concatenation of constexpr string_views into a static string, for composed policy names.
-template <const std::string_view&... Parts>
-struct joined {
+// "error_feedback<" + C::name + ">" as a static string. (Built from the type rather than from
+// string_view template arguments, which nvcc's front end does not accept.)
+template <class C>
+struct error_feedback_name {
+    static constexpr std::string_view prefix = "error_feedback<";
     static constexpr auto storage = [] {
-        std::array<char, (Parts.size() + ... + 0) + 1> out{};
+        std::array<char, prefix.size() + C::name.size() + 2> out{};
         std::size_t at = 0;
-        for (const std::string_view part : {Parts...}) {
-            for (const char c : part) {
-                out[at++] = c;
-            }
+        for (const char c : prefix) {
+            out[at++] = c;
         }
+        for (const char c : C::name) {
+            out[at++] = c;
+        }
+        out[at] = '>';
         return out;
     }();
     static constexpr std::string_view value{storage.data(), storage.size() - 1};
 };
-
-inline constexpr std::string_view error_feedback_prefix = "error_feedback<";
-inline constexpr std::string_view closing_angle = ">";
 
 }  // namespace detail
 
@@ -57,8 +58,7 @@ struct error_feedback {
                   "loco: error_feedback<C> needs a loco compressor C; see docs/compressors.md");
 
     using base = C;
-    static constexpr std::string_view name =
-        detail::joined<detail::error_feedback_prefix, C::name, detail::closing_angle>::value;
+    static constexpr std::string_view name = detail::error_feedback_name<C>::value;
     static constexpr std::uint8_t wire_id = C::wire_id;
     static constexpr int state_size = 1 + C::state_size;
 

@@ -1,0 +1,400 @@
+#pragma once
+// loco::cuda::diloco: loco::diloco for parameters in GPU memory, with the same configuration,
+// semantics and checkpoint format (an fp32 model's checkpoint moves between host and GPU runs).
+//
+//   inner step    two launches (non-finite check, fused update); no host synchronisation
+//   sync          phase 1 (delta = global - local, one launch), the average over the workers,
+//                 phase 2 (outer update of global and state, written into the parameters, one
+//                 launch)
+//
+// The average: without compression and with a GPU communicator (comm::nccl, comm::cuda_replicas)
+// it is one fp32 all-reduce of device memory. Otherwise the pseudo-gradient is copied to the host
+// and averaged by the same exchange schemes as on the host (exchange.hpp), over the communicator
+// itself when it moves host memory, or over comm::cuda_staging when it moves device memory. A
+// sync waits for the stream: it is a collective, and its results are needed by every worker.
+
+#include <loco/backend/cuda/control.hpp>
+#include <loco/backend/cuda/elementwise.hpp>
+#include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/memory.hpp>
+#include <loco/backend/cuda/optimizer.hpp>
+#include <loco/backend/cuda/table.hpp>
+#include <loco/comm/communicator.hpp>
+#include <loco/comm/cuda_staging.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/none.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/exchange.hpp>
+#include <loco/optimizer.hpp>
+#include <loco/params.hpp>
+#include <loco/policy.hpp>
+#include <loco/schedule/every.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <istream>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace loco::cuda {
+namespace detail {
+
+// One segment per tensor of the table; shapes come from the parameter list when there is one.
+inline std::vector<compress::segment> table_segments(const backend::cuda::tensor_table& table,
+                                                     const parameter_list* shapes) {
+    std::vector<compress::segment> segs;
+    for (std::size_t i = 0; i < table.size(); ++i) {
+        const std::size_t n = table.spec(i).size;
+        compress::segment s{table.flat_offset(i), n, 1, n};
+        if (shapes && (*shapes)[i].value.is_matrix()) {
+            s.rows = (*shapes)[i].value.rows;
+            s.cols = (*shapes)[i].value.cols;
+        }
+        segs.push_back(s);
+    }
+    return segs;
+}
+
+}  // namespace detail
+
+template <class Inner, class Outer, class Compressor = compress::none,
+          class Schedule = schedule::every>
+class diloco {
+    static_assert(compress::compressor<Compressor>,
+                  "loco: the Compressor argument of loco::cuda::diloco is not a loco compressor; "
+                  "see docs/compressors.md");
+    static_assert(loco::detail::check_elementwise_policy<Outer>());
+    static_assert(loco::detail::check_schedule_policy<Schedule>());
+
+public:
+    using inner_policy = Inner;
+    using outer_policy = Outer;
+    using compressor_policy = Compressor;
+    using schedule_policy = Schedule;
+
+    struct config {
+        typename Inner::hyper inner{};
+        typename Outer::hyper outer{};
+        typename Schedule::hyper schedule{};
+        typename Compressor::hyper compress{};
+        nonfinite_policy on_nonfinite = nonfinite_policy::skip;
+        bool broadcast_initial = true;
+        int workers = 0;
+        exchange_scheme exchange = exchange_scheme::automatic;
+        std::uint64_t seed = 0;
+        cudaStream_t stream = nullptr;  // every launch goes here (the trainer's compute stream)
+    };
+
+    diloco(const parameter_list& params, comm::communicator& comm, config cfg = {})
+        : diloco(backend::cuda::tensor_table::from(params), &params, comm, cfg) {}
+
+    diloco(backend::cuda::tensor_table table, comm::communicator& comm, config cfg = {})
+        : diloco(std::move(table), nullptr, comm, cfg) {}
+
+    // Collective once: the initial broadcast (see loco::diloco::start).
+    bool start() {
+        if (started_) {
+            return false;
+        }
+        const auto& table = inner_.table_;
+        const std::size_t padded = table.padded_elements();
+        backend::cuda::gather_values(table, inner_.master_ptr(), global_.get(), stream());
+        bool moved = false;
+        if (broadcast_initial_ && comm_->size() > 1) {
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            const std::vector<float> mine = global_.download();
+            if (comm_->space() == memory_space::cuda) {
+                comm_->broadcast(comm::as_bytes(cuda_tensor(global_.get(), padded)), 0);
+            } else {
+                std::vector<float> staged = mine;
+                comm_->broadcast(comm::as_bytes(host_tensor(staged.data(), staged.size())), 0);
+                global_.upload(staged);
+            }
+            moved = global_.download() != mine;
+            backend::cuda::scatter_values(table, global_.get(), inner_.master_ptr(), stream());
+        }
+        started_ = true;
+        return moved;
+    }
+
+    step_result step() {
+        loco::detail::validate_hyper<Schedule>(schedule_hyper_);
+        inner_.prepare();  // may throw; nothing has changed yet
+        step_result result;
+        if (start()) {
+            inner_.skip_on_host();  // the gradient belongs to the parameters before the broadcast
+        } else {
+            inner_.launch_update();
+            result.applied = true;
+        }
+        ++calls_;
+        if (Schedule::due(schedule_hyper_, calls_)) {
+            sync();
+            result.synced = true;
+        }
+        return result;
+    }
+
+    // Outer step now (collective). If it throws, parameters, global snapshot, outer state and
+    // compressor state are unchanged.
+    void sync() {
+        loco::detail::validate_hyper<Outer>(outer_hyper_);
+        loco::detail::validate_hyper<Compressor>(compress_hyper_);
+        start();
+        const auto& table = inner_.table_;
+        outer_mirror_.sync(outer_hyper_, outer_control_, stream());
+        backend::cuda::outer_delta(table, global_.get(), inner_.master_ptr(), delta_.get(),
+                                   stream());
+        average();
+        const bool check = inner_.on_nonfinite() != nonfinite_policy::ignore;
+        if (check) {
+            backend::cuda::check_padded(table, delta_.get(), outer_control_.control(), stream());
+        }
+        if (inner_.on_nonfinite() == nonfinite_policy::raise) {
+            const auto c = outer_control_.read(stream());
+            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
+                outer_control_.reset_nonfinite(stream());
+                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
+                                      "non-finite value at flat element " +
+                                      std::to_string(c.first_nonfinite) +
+                                      "; the outer step was not applied");
+            }
+        }
+        // Under skip, a non-finite average makes the kernel write the unchanged global values
+        // back (every worker drops the round) and count a skipped sync.
+        backend::cuda::outer_apply<Outer>(table, global_.get(), delta_.get(), outer_state_.get(),
+                                          inner_.master_ptr(), outer_control_.hyper(),
+                                          outer_control_.control(),
+                                          inner_.on_nonfinite() == nonfinite_policy::skip,
+                                          stream());
+    }
+
+    typename Inner::hyper& inner_hyper() noexcept { return inner_.hyper(); }
+    const typename Inner::hyper& inner_hyper() const noexcept { return inner_.hyper(); }
+    typename Outer::hyper& outer_hyper() noexcept { return outer_hyper_; }
+    const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
+    typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
+    const typename Schedule::hyper& schedule_hyper() const noexcept { return schedule_hyper_; }
+    typename Compressor::hyper& compress_hyper() noexcept { return compress_hyper_; }
+    const typename Compressor::hyper& compress_hyper() const noexcept { return compress_hyper_; }
+
+    // The counters on the device are read with a wait for the stream.
+    std::uint64_t calls() const noexcept { return calls_; }
+    std::uint64_t inner_steps() const { return inner_.steps(); }
+    std::uint64_t skipped_steps() const { return inner_.skipped_steps(); }
+    std::uint64_t outer_steps() const { return outer_control_.read(stream()).steps; }
+    std::uint64_t skipped_syncs() const { return outer_control_.read(stream()).skipped; }
+
+    const cuda::optimizer<Inner>& inner() const noexcept { return inner_; }
+    comm::communicator& communicator() const noexcept { return *comm_; }
+    cudaStream_t stream() const noexcept { return inner_.stream(); }
+    exchange_scheme exchange() const noexcept { return exchange_.scheme(); }
+    // Bytes this worker sends per sync. The device all-reduce runs over the padded layout (each
+    // tensor's slice rounded up to 8 elements), so its ring volume counts the padding.
+    std::uint64_t bytes_per_sync() const {
+        if (!device_all_reduce_) {
+            return exchange_.bytes_per_average(compress_hyper_);
+        }
+        const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
+        const std::uint64_t n = padded();
+        const std::uint64_t r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t chunk = n * (r + 1) / m - n * r / m;
+        return 4 * (n + (m - 2) * chunk);
+    }
+
+    // Copies to the host, in the flat layout (each waits for the stream).
+    std::vector<float> global() const { return flat(global_.get(), 1); }
+    std::vector<float> inner_state(int j) const { return inner_.state(j); }
+    std::vector<float> outer_state(int j) const {
+        loco::detail::check_state_index(j, Outer::state_size, "outer state");
+        return flat(outer_state_.get() + static_cast<std::size_t>(j) * padded(), 1);
+    }
+    std::vector<float> compressor_state() const {
+        const auto s = exchange_.exchanger().state();
+        return {s.begin(), s.end()};
+    }
+
+    void save(std::ostream& os) const {
+        const auto oc = outer_control_.read(stream());
+        loco::detail::checkpoint_writer w(os);
+        w.text("diloco");
+        w.text(Outer::name);
+        w.text(Compressor::name);
+        w.text(Schedule::name);
+        w.u64(static_cast<std::uint64_t>(comm_->size()));
+        w.u64(static_cast<std::uint64_t>(comm_->rank()));
+        w.u64(calls_);
+        w.u64(oc.steps);
+        w.u64(oc.skipped);
+        inner_.write_section(w);
+        w.floats(global());
+        w.floats(flat(outer_state_.get(), static_cast<std::size_t>(Outer::state_size)));
+        w.text(to_string(exchange_.scheme()));
+        w.floats(exchange_.exchanger().state());
+        w.floats(exchange_.exchanger().server_state());
+        w.finish();
+    }
+
+    void load(std::istream& is) {
+        const std::size_t n = inner_.table_.total_elements();
+        loco::detail::checkpoint_reader r(is);
+        r.expect_text("diloco", "the checkpoint kind");
+        r.expect_text(Outer::name, "the outer optimizer");
+        r.expect_text(Compressor::name, "the compressor");
+        r.expect_text(Schedule::name, "the sync schedule");
+        r.expect_u64(static_cast<std::uint64_t>(comm_->size()), "the number of workers");
+        r.expect_u64(static_cast<std::uint64_t>(comm_->rank()),
+                     "the worker rank (each worker loads the checkpoint it saved)");
+        const std::uint64_t calls = r.u64("the step call count");
+        const std::uint64_t outer_steps = r.u64("the outer step count");
+        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
+        auto inner = inner_.read_section(r);
+        std::vector<float> global(n);
+        r.floats(global, "the global parameters");
+        std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * n);
+        r.floats(outer_state, "the outer optimizer state");
+        r.expect_text(to_string(exchange_.scheme()), "the exchange scheme");
+        std::vector<float> compressor_state(exchange_.exchanger().state().size());
+        r.floats(compressor_state, "the compressor state");
+        std::vector<float> server_state(exchange_.exchanger().server_state().size());
+        r.floats(server_state, "the server-side compressor state");
+        r.finish();
+
+        inner_.commit(inner);
+        backend::cuda::from_flat<float>(inner_.table_, global, global_.get());
+        backend::cuda::from_flat<float>(inner_.table_, outer_state, outer_state_.get(),
+                                        static_cast<std::size_t>(Outer::state_size));
+        exchange_.restore(compressor_state, server_state);
+        outer_control_.set_counters(outer_steps, skipped_syncs, 0, stream());
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        calls_ = calls;
+        started_ = true;
+    }
+
+private:
+    // The host exchange of a compressed (or host-communicator) sync, with the state it keeps.
+    class host_exchange {
+    public:
+        host_exchange(std::vector<compress::segment> segs, exchange_scheme scheme,
+                      comm::communicator& comm, const typename Compressor::hyper& h)
+            : exchanger_(std::move(segs), scheme, comm.size(), comm.rank(), h) {
+            if (comm.space() == memory_space::cuda) {
+                staging_ = std::make_unique<comm::cuda_staging>(comm);
+            }
+        }
+
+        exchange_scheme scheme() const noexcept { return exchanger_.scheme(); }
+        const auto& exchanger() const noexcept { return exchanger_; }
+        std::uint64_t bytes_per_average(const typename Compressor::hyper& h) const {
+            return exchanger_.bytes_per_average(h);
+        }
+
+        // Averages `flat` (this worker's pseudo-gradient); the compressor state advances only
+        // when every collective succeeded and every payload decoded (exchange.hpp).
+        void average(comm::communicator& comm, std::vector<float>& flat,
+                     const typename Compressor::hyper& h, const compress::encode_context& ctx) {
+            comm::communicator& host_comm = staging_ ? *staging_ : comm;
+            exchanger_.average(host_comm, flat, h, ctx);
+        }
+        void restore(const std::vector<float>& state, const std::vector<float>& server) {
+            std::copy(state.begin(), state.end(), exchanger_.state().begin());
+            std::copy(server.begin(), server.end(), exchanger_.server_state().begin());
+        }
+
+    private:
+        loco::detail::exchanger<Compressor> exchanger_;
+        std::unique_ptr<comm::cuda_staging> staging_;
+    };
+
+    diloco(backend::cuda::tensor_table table, const parameter_list* shapes,
+           comm::communicator& comm, config cfg)
+        : inner_(std::move(table), {cfg.inner, cfg.on_nonfinite, cfg.stream, cfg.seed}),
+          comm_(&comm),
+          outer_hyper_(cfg.outer),
+          schedule_hyper_(cfg.schedule),
+          compress_hyper_(cfg.compress),
+          broadcast_initial_(cfg.broadcast_initial),
+          seed_(cfg.seed),
+          outer_control_((loco::detail::validate_hyper<Outer>(cfg.outer), cfg.outer)),
+          outer_mirror_(cfg.outer),
+          exchange_(detail::table_segments(inner_.table_, shapes), cfg.exchange, comm,
+                    cfg.compress),
+          global_(padded()),
+          outer_state_(static_cast<std::size_t>(Outer::state_size) * padded()),
+          delta_(padded()) {
+        loco::detail::validate_hyper<Schedule>(schedule_hyper_);
+        loco::detail::validate_hyper<Compressor>(compress_hyper_);
+        if (cfg.workers < 0) {
+            throw invalid_argument(
+                "loco::cuda::diloco: workers must be >= 0 (0 = the communicator's size)");
+        }
+        if (cfg.workers != 0 && cfg.workers != comm.size()) {
+            throw comm_error("loco::cuda::diloco: configured for " + std::to_string(cfg.workers) +
+                             " workers but the " + std::string(comm.name()) +
+                             " communicator has " + std::to_string(comm.size()) + " ranks");
+        }
+        device_all_reduce_ = std::is_same_v<Compressor, compress::none> &&
+                             comm.space() == memory_space::cuda &&
+                             exchange_.scheme() == exchange_scheme::all_reduce;
+        outer_state_.zero(nullptr);
+        delta_.zero(nullptr);
+        backend::cuda::gather_values(inner_.table_, inner_.master_ptr(), global_.get(), nullptr);
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+    }
+
+    std::size_t padded() const noexcept { return inner_.table_.padded_elements(); }
+
+    std::vector<float> flat(const float* device, std::size_t arrays) const {
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        return backend::cuda::to_flat(inner_.table_, device, arrays);
+    }
+
+    // delta := its mean over the workers. A collective waits for the stream first: the
+    // communicator runs on its own stream and needs phase 1 finished.
+    void average() {
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        if (device_all_reduce_) {
+            comm_->all_reduce(cuda_tensor(delta_.get(), padded()), comm::reduce_op::mean);
+            return;
+        }
+        std::vector<float> host = backend::cuda::to_flat(inner_.table_, delta_.get());
+        const auto oc = outer_control_.read(stream());
+        compress::encode_context ctx;
+        ctx.seed = seed_;
+        ctx.round = oc.steps + oc.skipped;
+        ctx.rank = comm_->rank();
+        if constexpr (requires { outer_hyper_.lr; }) {
+            ctx.outer_lr = outer_hyper_.lr;
+        }
+        exchange_.average(*comm_, host, compress_hyper_, ctx);
+        backend::cuda::from_flat<float>(inner_.table_, host, delta_.get());
+    }
+
+    cuda::optimizer<Inner> inner_;
+    comm::communicator* comm_;
+    typename Outer::hyper outer_hyper_;
+    typename Schedule::hyper schedule_hyper_;
+    typename Compressor::hyper compress_hyper_;
+    bool broadcast_initial_;
+    std::uint64_t seed_;
+    mutable backend::cuda::device_control<typename Outer::hyper> outer_control_;
+    detail::hyper_mirror<typename Outer::hyper> outer_mirror_;
+    host_exchange exchange_;
+    bool device_all_reduce_ = false;
+    backend::cuda::device_buffer<float> global_;       // padded layout
+    backend::cuda::device_buffer<float> outer_state_;  // Outer::state_size padded arrays
+    backend::cuda::device_buffer<float> delta_;        // padded layout
+    std::uint64_t calls_ = 0;
+    bool started_ = false;
+};
+
+}  // namespace loco::cuda

@@ -1,0 +1,264 @@
+#pragma once
+// loco::cuda::optimizer<Inner>: loco::optimizer for parameters in GPU memory. One step is two
+// kernel launches over the whole parameter list (the non-finite check, then the fused update),
+// with the hyper-parameters and the step count read on the device, so nothing in a step
+// synchronises the host with the device (except under nonfinite_policy::raise, which must know
+// the verdict) and a step can be captured in a CUDA graph and replayed.
+//
+// Parameters come from a loco::parameter_list of fp32 tensors in CUDA memory, or from a
+// backend::cuda::tensor_table for bf16 values and gradients (which keep an fp32 master copy, as
+// optimizer state). Checkpoints have the host optimizer's format: an fp32 model's checkpoint
+// loads on the host and the reverse.
+
+#include <loco/backend/cuda/control.hpp>
+#include <loco/backend/cuda/elementwise.hpp>
+#include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/memory.hpp>
+#include <loco/backend/cuda/table.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/optimizer.hpp>
+#include <loco/params.hpp>
+#include <loco/policy.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <istream>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace loco::cuda {
+
+template <class, class, class, class>
+class diloco;
+
+namespace detail {
+
+// The element counts of every tensor of a table, in order (the checkpoint layout).
+inline std::vector<std::size_t> table_sizes(const backend::cuda::tensor_table& table) {
+    std::vector<std::size_t> sizes;
+    sizes.reserve(table.size());
+    for (std::size_t i = 0; i < table.size(); ++i) {
+        sizes.push_back(table.spec(i).size);
+    }
+    return sizes;
+}
+
+// Writes `h` to the device when its bytes differ from what was uploaded last. A change while the
+// stream is being captured is refused: a graph replay would not read the host again.
+template <class Hyper>
+class hyper_mirror {
+public:
+    explicit hyper_mirror(const Hyper& h) : uploaded_(h) {}
+
+    void sync(const Hyper& h, backend::cuda::device_control<Hyper>& control, cudaStream_t s) {
+        if (std::memcmp(&h, &uploaded_, sizeof(Hyper)) == 0) {
+            return;
+        }
+        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+        LOCO_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
+        if (status != cudaStreamCaptureStatusNone) {
+            throw invalid_argument("loco::cuda: hyper-parameters changed while a CUDA graph was "
+                                   "being captured; change them between replays, outside the "
+                                   "capture");
+        }
+        control.set_hyper(h, s);
+        uploaded_ = h;
+    }
+
+private:
+    Hyper uploaded_;
+};
+
+}  // namespace detail
+
+template <class Inner>
+class optimizer {
+    static_assert(elementwise_optimizer<Inner>,
+                  "loco::cuda::optimizer runs element-wise inner policies; a per-matrix policy "
+                  "(Muon) runs in loco::optimizer on the host in this version");
+
+public:
+    using policy = Inner;
+    using hyper_type = typename Inner::hyper;
+
+    struct config {
+        hyper_type inner{};
+        nonfinite_policy on_nonfinite = nonfinite_policy::skip;
+        cudaStream_t stream = nullptr;  // every launch goes here (the trainer's compute stream)
+        std::uint64_t seed = 0;         // stochastic rounding of bf16 values, when used
+    };
+
+    explicit optimizer(const parameter_list& params, config cfg = {})
+        : optimizer(backend::cuda::tensor_table::from(params), cfg) {}
+
+    explicit optimizer(backend::cuda::tensor_table table, config cfg = {})
+        : table_(std::move(table)),
+          cfg_(cfg),
+          control_((loco::detail::validate_hyper<Inner>(cfg.inner), cfg.inner), cfg.seed),
+          mirror_(cfg.inner),
+          state_(static_cast<std::size_t>(Inner::state_size) * table_.padded_elements()),
+          master_(table_.master_elements()) {
+        if (!table_.has_gradients() && table_.total_elements() != 0) {
+            throw invalid_argument("loco::cuda::optimizer: the tensor table has no gradients");
+        }
+        state_.zero(nullptr);
+        if (table_.has_bf16_values()) {
+            backend::cuda::init_master(table_, master_.get(), nullptr);
+        }
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+    }
+
+    // One update of every parameter, launched on the configured stream. Under
+    // nonfinite_policy::skip a non-finite gradient makes the update a no-op on the device (counted
+    // in skipped_steps()); the returned `applied` says that the update was launched.
+    step_result step() {
+        prepare();
+        launch_update();
+        return {true, false};
+    }
+
+    hyper_type& hyper() noexcept { return cfg_.inner; }
+    const hyper_type& hyper() const noexcept { return cfg_.inner; }
+    nonfinite_policy on_nonfinite() const noexcept { return cfg_.on_nonfinite; }
+    cudaStream_t stream() const noexcept { return cfg_.stream; }
+    const backend::cuda::tensor_table& table() const noexcept { return table_; }
+
+    // The counters live on the device: these wait for the stream.
+    std::uint64_t steps() const { return control_.read(cfg_.stream).steps; }
+    std::uint64_t skipped_steps() const {
+        return control_.read(cfg_.stream).skipped + host_skipped_;
+    }
+
+    // State array j in the flat layout, copied to the host (waits for the stream).
+    std::vector<float> state(int j) const {
+        loco::detail::check_state_index(j, Inner::state_size, "state");
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(cfg_.stream));
+        return backend::cuda::to_flat(
+            table_, state_.get() + static_cast<std::size_t>(j) * table_.padded_elements());
+    }
+
+    void save(std::ostream& os) const {
+        loco::detail::checkpoint_writer w(os);
+        w.text("optimizer");
+        write_section(w);
+        w.finish();
+    }
+
+    void load(std::istream& is) {
+        loco::detail::checkpoint_reader r(is);
+        r.expect_text("optimizer", "the checkpoint kind");
+        section pending = read_section(r);
+        r.finish();
+        commit(pending);
+    }
+
+private:
+    template <class, class, class, class>
+    friend class diloco;
+
+    struct section {
+        std::uint64_t steps = 0;
+        std::uint64_t skipped = 0;
+        std::vector<float> state;   // flat layout, Inner::state_size arrays
+        std::vector<float> master;  // flat layout; only with bf16 values
+    };
+
+    // Everything before the update: validation, the hyper-parameters on the device, and the
+    // gradient check (under raise, its verdict, which needs one synchronisation).
+    void prepare() {
+        loco::detail::validate_hyper<Inner>(cfg_.inner);
+        mirror_.sync(cfg_.inner, control_, cfg_.stream);
+        if (cfg_.on_nonfinite == nonfinite_policy::ignore) {
+            return;
+        }
+        backend::cuda::check_gradients(table_, control_.control(), cfg_.stream);
+        if (cfg_.on_nonfinite == nonfinite_policy::raise) {
+            const auto c = control_.read(cfg_.stream);
+            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
+                control_.reset_nonfinite(cfg_.stream);
+                const auto at = table_.locate(static_cast<std::size_t>(c.first_nonfinite));
+                throw nonfinite_error("loco::cuda: the gradient of '" + table_.name(at.tensor) +
+                                      "' holds a non-finite value at element " +
+                                      std::to_string(at.element) + "; the step was not applied");
+            }
+        }
+    }
+
+    void launch_update() {
+        backend::cuda::inner_step<Inner>(table_, state_.get(), master_ptr(), control_.hyper(),
+                                         control_.control(),
+                                         cfg_.on_nonfinite == nonfinite_policy::skip, cfg_.stream);
+    }
+
+    // A step whose gradient must not be used (loco::cuda::diloco's first step after its
+    // parameters were replaced by rank 0's): counted as skipped, nothing launched. The check's
+    // flag, if any, is cleared so that it does not leak into the next update.
+    void skip_on_host() {
+        ++host_skipped_;
+        control_.reset_nonfinite(cfg_.stream);
+    }
+
+    float* master_ptr() const noexcept {
+        return table_.has_bf16_values() ? master_.get() : nullptr;
+    }
+
+    void write_section(loco::detail::checkpoint_writer& w) const {
+        const auto c = control_.read(cfg_.stream);
+        loco::detail::write_layout(w, detail::table_sizes(table_));
+        w.u64(c.steps);
+        w.u64(c.skipped + host_skipped_);
+        w.text(Inner::name);
+        w.u64(static_cast<std::uint64_t>(Inner::state_size));
+        w.floats(backend::cuda::to_flat(table_, state_.get(),
+                                        static_cast<std::size_t>(Inner::state_size)));
+        if (table_.has_bf16_values()) {
+            w.text("bf16 masters");
+            w.floats(backend::cuda::master_to_flat(table_, master_.get()));
+        }
+    }
+
+    section read_section(loco::detail::checkpoint_reader& r) const {
+        loco::detail::read_layout(r, detail::table_sizes(table_));
+        section s;
+        s.steps = r.u64("the inner step count");
+        s.skipped = r.u64("the skipped step count");
+        r.expect_text(Inner::name, "the inner optimizer");
+        r.expect_u64(static_cast<std::uint64_t>(Inner::state_size), "the inner state size");
+        s.state.resize(static_cast<std::size_t>(Inner::state_size) * table_.total_elements());
+        r.floats(s.state, "the inner optimizer state");
+        if (table_.has_bf16_values()) {
+            r.expect_text("bf16 masters", "the fp32 masters of bf16 parameters");
+            s.master.resize(table_.total_elements());
+            r.floats(s.master, "the fp32 masters of bf16 parameters");
+        }
+        return s;
+    }
+
+    void commit(const section& s) {
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(cfg_.stream));
+        backend::cuda::from_flat<float>(table_, s.state, state_.get(),
+                                        static_cast<std::size_t>(Inner::state_size));
+        if (table_.has_bf16_values()) {
+            backend::cuda::master_from_flat(table_, s.master, master_.get());
+        }
+        host_skipped_ = 0;
+        control_.set_counters(s.steps, s.skipped, control_.read(cfg_.stream).seed, cfg_.stream);
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(cfg_.stream));
+    }
+
+    backend::cuda::tensor_table table_;
+    config cfg_;
+    mutable backend::cuda::device_control<hyper_type> control_;
+    detail::hyper_mirror<hyper_type> mirror_;
+    backend::cuda::device_buffer<float> state_;
+    backend::cuda::device_buffer<float> master_;
+    std::uint64_t host_skipped_ = 0;
+};
+
+}  // namespace loco::cuda

@@ -1,0 +1,315 @@
+// loco::cuda::optimizer and loco::cuda::diloco against the host handles on the same data: the
+// GPU run must give the host run's numbers (within fp32 rounding: nvcc contracts multiply-adds),
+// with every exchange scheme, and checkpoints must move between host and GPU.
+#include <doctest/doctest.h>
+
+#include "../support/compare.hpp"
+#include "../support/random.hpp"
+#include "device.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lcu = loco::backend::cuda;
+
+// Three tensors (one a 6 x 7 matrix) whose values and gradients live in GPU memory, with a host
+// mirror; the gradients of step t are a function of (label, rank, t).
+struct gpu_model {
+    static constexpr std::size_t sizes[3] = {5, 42, 1003};
+    std::vector<lcu::device_buffer<float>> values, grads;
+    loco::parameter_list list;
+
+    explicit gpu_model(const std::vector<float>& init) {
+        std::size_t at = 0;
+        for (const std::size_t n : sizes) {
+            values.emplace_back(n);
+            grads.emplace_back(n);
+            values.back().upload({init.data() + at, n});
+            at += n;
+        }
+        list.add_views("a", loco::cuda_tensor(values[0].get(), 5),
+                       loco::cuda_tensor(static_cast<const float*>(grads[0].get()), 5));
+        list.add_views("b", loco::cuda_matrix(values[1].get(), 6, 7),
+                       loco::cuda_matrix(static_cast<const float*>(grads[1].get()), 6, 7));
+        list.add_views("c", loco::cuda_tensor(values[2].get(), 1003),
+                       loco::cuda_tensor(static_cast<const float*>(grads[2].get()), 1003));
+    }
+    // Writes the step's gradients, ordered on `s` before the launches that read them.
+    void set_gradients(const std::vector<float>& g, cudaStream_t s) {
+        std::size_t at = 0;
+        for (std::size_t i = 0; i < 3; ++i) {
+            check_cuda(cudaMemcpyAsync(grads[i].get(), g.data() + at, sizes[i] * 4,
+                                       cudaMemcpyHostToDevice, s),
+                       "gradient upload");
+            at += sizes[i];
+        }
+        check_cuda(cudaStreamSynchronize(s), "gradient upload");
+    }
+    std::vector<float> host_values(cudaStream_t s) {
+        check_cuda(cudaStreamSynchronize(s), "sync");
+        std::vector<float> out;
+        for (auto& v : values) {
+            const auto part = v.download();
+            out.insert(out.end(), part.begin(), part.end());
+        }
+        return out;
+    }
+};
+
+struct host_model {
+    std::vector<float> a, b, c, ga, gb, gc;
+    loco::parameter_list list;
+    explicit host_model(const std::vector<float>& init)
+        : a(init.begin(), init.begin() + 5), b(init.begin() + 5, init.begin() + 47),
+          c(init.begin() + 47, init.end()), ga(5), gb(42), gc(1003) {
+        list.add("a", a, ga);
+        list.add_views("b", loco::host_matrix(b.data(), 6, 7),
+                       loco::host_matrix(static_cast<const float*>(gb.data()), 6, 7));
+        list.add("c", c, gc);
+    }
+    void set_gradients(const std::vector<float>& g) {
+        std::copy(g.begin(), g.begin() + 5, ga.begin());
+        std::copy(g.begin() + 5, g.begin() + 47, gb.begin());
+        std::copy(g.begin() + 47, g.end(), gc.begin());
+    }
+    std::vector<float> values() const {
+        std::vector<float> out = a;
+        out.insert(out.end(), b.begin(), b.end());
+        out.insert(out.end(), c.begin(), c.end());
+        return out;
+    }
+};
+
+constexpr std::size_t total = 5 + 42 + 1003;
+
+std::vector<float> init_of(const std::string& label, int rank) {
+    auto rng = rng_for(label + "/init/" + std::to_string(rank));
+    return normal_floats(rng, total);
+}
+std::vector<float> grads_of(const std::string& label, int rank, int step) {
+    auto rng = rng_for(label + "/grad/" + std::to_string(rank) + "/" + std::to_string(step));
+    return normal_floats(rng, total, 0.5f);
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, double tol) {
+    REQUIRE(got.size() == want.size());
+    mismatch_log log;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        log.expect_close(got[i], want[i], tol, [&](auto& s) { s << "element " << i; });
+    }
+    log.check();
+}
+
+}  // namespace
+
+TEST_CASE("cuda::optimizer equals loco::optimizer, and checkpoints move between them") {
+    const std::string label = "cuda optimizer";
+    lcu::stream s;
+    gpu_model gpu(init_of(label, 0));
+    host_model host(init_of(label, 0));
+    const loco::inner::adamw::hyper h{.lr = 1e-2f};
+    loco::cuda::optimizer<loco::inner::adamw> g(gpu.list, {.inner = h, .stream = s.get()});
+    loco::optimizer<loco::inner::adamw> o(host.list, {.inner = h});
+    for (int t = 1; t <= 5; ++t) {
+        const auto grad = grads_of(label, 0, t);
+        gpu.set_gradients(grad, s.get());
+        host.set_gradients(grad);
+        g.step();
+        o.step();
+    }
+    expect_close(gpu.host_values(s.get()), host.values(), 1e-5);
+    CHECK(g.steps() == 5);
+    expect_close(g.state(1), std::vector<float>(o.state(1).begin(), o.state(1).end()), 1e-5);
+
+    // GPU checkpoint into the host optimizer: the same state, bit for bit.
+    std::stringstream from_gpu;
+    g.save(from_gpu);
+    host_model again(gpu.host_values(s.get()));
+    loco::optimizer<loco::inner::adamw> restored(again.list, {.inner = h});
+    restored.load(from_gpu);
+    CHECK(restored.steps() == 5);
+    CHECK(std::vector<float>(restored.state(0).begin(), restored.state(0).end()) == g.state(0));
+
+    // And a host checkpoint into a GPU optimizer.
+    std::stringstream from_host;
+    o.save(from_host);
+    loco::cuda::optimizer<loco::inner::adamw> g2(gpu.list, {.inner = h, .stream = s.get()});
+    g2.load(from_host);
+    CHECK(g2.steps() == 5);
+    CHECK(g2.state(1) == std::vector<float>(o.state(1).begin(), o.state(1).end()));
+}
+
+TEST_CASE("cuda::optimizer: a step captured in a CUDA graph replays like steps on the host") {
+    const std::string label = "cuda optimizer graph";
+    lcu::stream s;
+    gpu_model gpu(init_of(label, 0));
+    host_model host(init_of(label, 0));
+    const loco::inner::sgd::hyper h{.lr = 0.05f, .momentum = 0.9f, .nesterov = true};
+    loco::cuda::optimizer<loco::inner::sgd> g(gpu.list, {.inner = h, .stream = s.get()});
+    loco::optimizer<loco::inner::sgd> o(host.list, {.inner = h});
+    const auto grad = grads_of(label, 0, 1);
+    gpu.set_gradients(grad, s.get());
+    host.set_gradients(grad);
+
+    check_cuda(cudaStreamBeginCapture(s.get(), cudaStreamCaptureModeGlobal), "begin capture");
+    g.step();
+    g.hyper().lr = 0.01f;  // a change inside the capture is refused, not recorded
+    CHECK_THROWS_AS(g.step(), loco::invalid_argument);
+    g.hyper().lr = 0.05f;
+    const auto step_graph = lcu::graph::end_capture(s.get());
+    for (int t = 0; t < 4; ++t) {
+        step_graph.launch(s.get());
+        o.step();
+    }
+    expect_close(gpu.host_values(s.get()), host.values(), 1e-5);
+    CHECK(g.steps() == 4);
+}
+
+TEST_CASE("cuda::optimizer: nonfinite_policy::raise names the tensor and changes nothing") {
+    const std::string label = "cuda optimizer raise";
+    lcu::stream s;
+    auto grad = grads_of(label, 0, 1);
+    grad[5 + 17] = std::numeric_limits<float>::infinity();  // element 17 of "b"
+    gpu_model gpu(init_of(label, 0));
+    gpu.set_gradients(grad, s.get());
+    loco::cuda::optimizer<loco::inner::adamw> g(
+        gpu.list, {.on_nonfinite = loco::nonfinite_policy::raise, .stream = s.get()});
+    const auto before = gpu.host_values(s.get());
+    CHECK_THROWS_WITH_AS(g.step(), doctest::Contains("the gradient of 'b' holds a non-finite value at element 17"),
+                         loco::nonfinite_error);
+    CHECK(gpu.host_values(s.get()) == before);
+    CHECK(g.steps() == 0);
+
+    loco::cuda::optimizer<loco::inner::adamw> skipping(gpu.list, {.stream = s.get()});
+    skipping.step();
+    CHECK(gpu.host_values(s.get()) == before);
+    CHECK(skipping.skipped_steps() == 1);
+}
+
+namespace {
+
+// H = 3, M = 3, 7 steps then a closing sync: the same run on the host (threads) and on the GPU
+// (cuda_replicas); returns rank 0's final parameters and every rank's bytes per sync.
+template <class Compressor>
+struct diloco_runs {
+    std::vector<std::vector<float>> host_final = std::vector<std::vector<float>>(3);
+    std::vector<std::vector<float>> gpu_final = std::vector<std::vector<float>>(3);
+    std::vector<std::uint64_t> host_bytes = std::vector<std::uint64_t>(3);
+    std::vector<std::uint64_t> gpu_bytes = std::vector<std::uint64_t>(3);
+    std::vector<std::uint64_t> gpu_formula = std::vector<std::uint64_t>(3);
+    std::uint64_t padded = 0;  // elements of the GPU's padded layout
+
+    diloco_runs(const std::string& label, loco::exchange_scheme scheme,
+                typename Compressor::hyper ch = {}) {
+        using host_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, Compressor>;
+        using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, Compressor>;
+        const loco::inner::adamw::hyper inner{.lr = 3e-3f};
+        loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+            const int r = comm.rank();
+            host_model m(init_of(label, r));
+            host_t opt(m.list, comm,
+                       {.inner = inner, .schedule = {.every = 3}, .compress = ch, .exchange = scheme});
+            for (int t = 1; t <= 7; ++t) {
+                m.set_gradients(grads_of(label, r, t));
+                opt.step();
+            }
+            opt.sync();
+            host_final[std::size_t(r)] = m.values();
+            host_bytes[std::size_t(r)] = comm.bytes_sent();
+        });
+        loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+            const int r = comm.rank();
+            gpu_model m(init_of(label, r));
+            gpu_t opt(m.list, comm,
+                      {.inner = inner, .schedule = {.every = 3}, .compress = ch, .exchange = scheme,
+                       .stream = comm.stream()});
+            for (int t = 1; t <= 7; ++t) {
+                m.set_gradients(grads_of(label, r, t), comm.stream());
+                opt.step();
+            }
+            opt.sync();
+            CHECK(opt.outer_steps() == 3);
+            gpu_final[std::size_t(r)] = m.host_values(comm.stream());
+            gpu_bytes[std::size_t(r)] = comm.bytes_sent();
+            gpu_formula[std::size_t(r)] = opt.bytes_per_sync();
+            padded = opt.inner().table().padded_elements();
+        });
+    }
+};
+
+}  // namespace
+
+TEST_CASE("cuda::diloco on one GPU equals loco::diloco on threads: fp32 all-reduce on the device") {
+    diloco_runs<loco::compress::none> runs("cuda diloco none", loco::exchange_scheme::automatic);
+    for (int r = 0; r < 3; ++r) {
+        CHECK(runs.gpu_final[std::size_t(r)] == runs.gpu_final[0]);  // identical workers
+        expect_close(runs.gpu_final[std::size_t(r)], runs.host_final[std::size_t(r)], 1e-5);
+        // Three syncs plus the initial broadcast; the device all-reduce runs over the padded
+        // layout, whose formula bytes_per_sync() gives.
+        CHECK(runs.padded == 8 + 48 + 1008);  // each tensor's slice rounded up to 8 elements
+        const std::uint64_t broadcast = r == 0 ? 2 * 4 * runs.padded : 0;
+        CHECK(runs.gpu_bytes[std::size_t(r)] == 3 * runs.gpu_formula[std::size_t(r)] + broadcast);
+    }
+}
+
+TEST_CASE("cuda::diloco with 2-bit codes and error feedback equals the host, both schemes") {
+    using ef = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    for (const auto scheme : {loco::exchange_scheme::all_gather, loco::exchange_scheme::two_phase}) {
+        CAPTURE(loco::to_string(scheme));
+        diloco_runs<ef> runs(std::string("cuda diloco ef ") + std::string(loco::to_string(scheme)),
+                             scheme, {.decay = 0.9f});
+        for (int r = 0; r < 3; ++r) {
+            CHECK(runs.gpu_final[std::size_t(r)] == runs.gpu_final[0]);
+            // The codes are decided by comparisons: a pseudo-gradient a rounding away from a bin
+            // edge may take the neighbouring code on one side, so allow a little more.
+            expect_close(runs.gpu_final[std::size_t(r)], runs.host_final[std::size_t(r)], 1e-4);
+            // The same payloads; only the initial broadcast differs, by rank 0's padding.
+            const std::uint64_t padding = r == 0 ? 2 * 4 * (runs.padded - total) : 0;
+            CHECK(runs.gpu_bytes[std::size_t(r)] == runs.host_bytes[std::size_t(r)] + padding);
+        }
+    }
+}
+
+TEST_CASE("cuda::diloco checkpoints load into loco::diloco and back") {
+    const std::string label = "cuda diloco checkpoint";
+    using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    using host_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    std::vector<std::string> saved(2);
+    std::vector<std::vector<float>> gpu_global(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        gpu_model m(init_of(label, 0));
+        gpu_t opt(m.list, comm, {.schedule = {.every = 2}, .stream = comm.stream()});
+        for (int t = 1; t <= 3; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        std::ostringstream os;
+        opt.save(os);
+        saved[std::size_t(comm.rank())] = os.str();
+        gpu_global[std::size_t(comm.rank())] = opt.global();
+    });
+    std::vector<std::string> resaved(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        host_model m(init_of(label, 0));
+        host_t opt(m.list, comm);
+        std::istringstream is(saved[std::size_t(comm.rank())]);
+        opt.load(is);
+        CHECK(opt.calls() == 3);
+        CHECK(opt.outer_steps() == 1);
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) ==
+              gpu_global[std::size_t(comm.rank())]);
+        std::ostringstream os;
+        opt.save(os);
+        resaved[std::size_t(comm.rank())] = os.str();
+    });
+    CHECK(resaved == saved);  // the same bytes: one format for host and GPU
+}
