@@ -313,3 +313,36 @@ TEST_CASE("cuda::diloco checkpoints load into loco::diloco and back") {
     });
     CHECK(resaved == saved);  // the same bytes: one format for host and GPU
 }
+
+TEST_CASE("docs: DiLoCo with four workers on one GPU") {
+    std::vector<std::vector<float>> finals(4);
+    // [snippet:cuda-replicas]
+    // Four DiLoCo workers on one GPU, each a thread with its own stream and its own copy of the
+    // model in device memory.
+    loco::comm::run_replicas(4, [&](loco::comm::cuda_replicas& comm) {
+        const std::size_t n = 1 << 20;
+        loco::backend::cuda::device_buffer<float> w(n), g(n);  // the model and its gradient
+        w.zero(comm.stream());
+        loco::parameter_list params;
+        params.add_views("w", loco::cuda_tensor(w.get(), n),
+                         loco::cuda_tensor(static_cast<const float*>(g.get()), n));
+
+        using diloco = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov>;
+        diloco opt(params, comm, {.inner = {.lr = 1e-3f}, .schedule = {.every = 50},
+                                  .stream = comm.stream()});  // the trainer's stream
+        opt.start();
+        for (int step = 0; step < 100; ++step) {
+            // forward and backward on comm.stream() write g; here, a constant gradient.
+            LOCO_CUDA_CHECK(cudaMemsetAsync(g.get(), 0, n * sizeof(float), comm.stream()));
+            opt.step();  // two kernel launches; every 50th call also syncs the four workers
+        }
+        // [snippet:cuda-replicas end]
+        CHECK(opt.outer_steps() == 2);
+        check_cuda(cudaStreamSynchronize(comm.stream()), "sync");
+        finals[std::size_t(comm.rank())] = w.download();
+    });
+    // A zero gradient gives AdamW a zero update, and decaying a zero parameter leaves it zero.
+    for (const auto& f : finals) {
+        CHECK(f == std::vector<float>(1 << 20, 0.0f));
+    }
+}

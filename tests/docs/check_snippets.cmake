@@ -3,7 +3,7 @@
 #
 #   -DSOURCE_DIR=<dir>   the repository root; messages name files relative to it
 #   -DDOCS_DIR=<dir>     the pages to check (default: SOURCE_DIR/docs, every *.md in it)
-#   -DEXAMPLES=<file>    the source holding the examples (default:
+#   -DEXAMPLES=<files>   the sources holding the examples, a ;-list (default:
 #                        SOURCE_DIR/tests/docs_examples_test.cpp)
 #
 # In a page, a line `<!-- snippet: NAME -->` directly followed by a ```cpp fence marks that block as
@@ -89,61 +89,67 @@ function(dedent lines out)
   set(${out} "${result}" PARENT_SCOPE)
 endfunction()
 
-# ---- the regions of the examples file -------------------------------------------------------
-if(NOT EXISTS ${EXAMPLES})
-  message(FATAL_ERROR "check_snippets.cmake: ${EXAMPLES} does not exist")
-endif()
-relative_name(${EXAMPLES} examples_name)
-read_lines(${EXAMPLES} source_lines)
-
+# ---- the regions of the example files -------------------------------------------------------
 set(defined "")   # every snippet name, in order of appearance
-set(open "")      # names of the regions enclosing the current line
-set(number 0)
-foreach(line IN LISTS source_lines)
-  math(EXPR number "${number} + 1")
-  if(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+)@loco_rb@[ \t]*$")
-    set(name ${CMAKE_MATCH_1})
-    if(name IN_LIST defined)
-      report("${examples_name}:${number}: snippet '${name}' is defined a second time "
-             "(first at line ${line_of_${name}})")
-      continue()
-    endif()
-    list(APPEND defined ${name})
-    list(APPEND open ${name})
-    set(line_of_${name} ${number})
-    set(lines_of_${name} "")
-  elseif(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+) end@loco_rb@[ \t]*$")
-    set(name ${CMAKE_MATCH_1})
-    if(NOT name IN_LIST open)
-      report("${examples_name}:${number}: `// [snippet:${name} end]` without an open "
-             "`// [snippet:${name}]` above it")
-      continue()
-    endif()
-    list(REMOVE_ITEM open ${name})
-    dedent("${lines_of_${name}}" text_of_${name})
-  elseif(line MATCHES "^[ \t]*//[ \t]*@loco_lb@[ \t]*snippet")
-    report("${examples_name}:${number}: malformed snippet marker `${line}`; write "
-           "`// [snippet:NAME]` or `// [snippet:NAME end]` alone on the line")
-  else()
-    foreach(name IN LISTS open)
-      # Appended as a list element; an empty line must stay an element of its own.
-      if(lines_of_${name} STREQUAL "" AND NOT has_lines_${name})
-        set(lines_of_${name} "${line}")
-        set(has_lines_${name} TRUE)
-      else()
-        set(lines_of_${name} "${lines_of_${name}};${line}")
-      endif()
-    endforeach()
+set(example_names "")
+foreach(examples IN LISTS EXAMPLES)
+  if(NOT EXISTS ${examples})
+    message(FATAL_ERROR "check_snippets.cmake: ${examples} does not exist")
   endif()
+  relative_name(${examples} examples_name)
+  list(APPEND example_names ${examples_name})
+  read_lines(${examples} source_lines)
+
+  set(open "")      # names of the regions enclosing the current line
+  set(number 0)
+  foreach(line IN LISTS source_lines)
+    math(EXPR number "${number} + 1")
+    if(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+)@loco_rb@[ \t]*$")
+      set(name ${CMAKE_MATCH_1})
+      if(name IN_LIST defined)
+        report("${examples_name}:${number}: snippet '${name}' is defined a second time "
+               "(first at ${file_of_${name}}:${line_of_${name}})")
+        continue()
+      endif()
+      list(APPEND defined ${name})
+      list(APPEND open ${name})
+      set(line_of_${name} ${number})
+      set(file_of_${name} ${examples_name})
+      set(lines_of_${name} "")
+    elseif(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+) end@loco_rb@[ \t]*$")
+      set(name ${CMAKE_MATCH_1})
+      if(NOT name IN_LIST open)
+        report("${examples_name}:${number}: `// [snippet:${name} end]` without an open "
+               "`// [snippet:${name}]` above it")
+        continue()
+      endif()
+      list(REMOVE_ITEM open ${name})
+      dedent("${lines_of_${name}}" text_of_${name})
+    elseif(line MATCHES "^[ \t]*//[ \t]*@loco_lb@[ \t]*snippet")
+      report("${examples_name}:${number}: malformed snippet marker `${line}`; write "
+             "`// [snippet:NAME]` or `// [snippet:NAME end]` alone on the line")
+    else()
+      foreach(name IN LISTS open)
+        # Appended as a list element; an empty line must stay an element of its own.
+        if(lines_of_${name} STREQUAL "" AND NOT has_lines_${name})
+          set(lines_of_${name} "${line}")
+          set(has_lines_${name} TRUE)
+        else()
+          set(lines_of_${name} "${lines_of_${name}};${line}")
+        endif()
+      endforeach()
+    endif()
+  endforeach()
+  foreach(name IN LISTS open)
+    report("${examples_name}:${line_of_${name}}: snippet '${name}' has no "
+           "`// [snippet:${name} end]` line")
+    list(REMOVE_ITEM defined ${name})
+  endforeach()
 endforeach()
-foreach(name IN LISTS open)
-  report("${examples_name}:${line_of_${name}}: snippet '${name}' has no "
-         "`// [snippet:${name} end]` line")
-  list(REMOVE_ITEM defined ${name})
-endforeach()
+string(REPLACE ";" ", " examples_name "${example_names}")
 foreach(name IN LISTS defined)
   if(text_of_${name} MATCHES "^\n*$")
-    report("${examples_name}:${line_of_${name}}: snippet '${name}' is empty")
+    report("${file_of_${name}}:${line_of_${name}}: snippet '${name}' is empty")
   endif()
 endforeach()
 
@@ -180,10 +186,10 @@ function(report_difference page line_number name shown expected)
   endwhile()
   math(EXPR first "${i} + 1")
   math(EXPR region_line "${line_of_${name}} + ${first}")
-  report("${page}:${line_number}: snippet '${name}' differs from ${examples_name} (region at line "
-         "${line_of_${name}}), first at line ${first} of the snippet (${examples_name}:"
+  report("${page}:${line_number}: snippet '${name}' differs from ${file_of_${name}} (region at line "
+         "${line_of_${name}}), first at line ${first} of the snippet (${file_of_${name}}:"
          "${region_line}):\n${a}\n${b}\n  Copy the region into the page again, or fix the "
-         "example in ${examples_name} and then the page.")
+         "example in ${file_of_${name}} and then the page.")
   set(problem_count ${problem_count} PARENT_SCOPE)
   set(problems "${problems}" PARENT_SCOPE)
 endfunction()
@@ -245,7 +251,7 @@ endforeach()
 
 foreach(name IN LISTS defined)
   if(NOT name IN_LIST used)
-    report("${examples_name}:${line_of_${name}}: snippet '${name}' is shown by no page in "
+    report("${file_of_${name}}:${line_of_${name}}: snippet '${name}' is shown by no page in "
            "${DOCS_DIR}; add `<!-- snippet: ${name} -->` and the block to a page, or remove the "
            "region's markers")
   endif()
