@@ -147,12 +147,14 @@ constexpr std::size_t packed_bytes(std::size_t n) noexcept {
     return (n * static_cast<std::size_t>(Bits) + 7) / 8;
 }
 
-// ORs code (< 2^Bits) into a zero-initialised packed array.
+// ORs code (< 2^Bits) into a zero-initialised packed array. (unsigned char arithmetic: the
+// operators of std::byte are host-only functions, which a device pass cannot call.)
 template <int Bits>
 LOCO_HD void pack(std::byte* packed, std::size_t i, unsigned code) noexcept {
     constexpr std::size_t per_byte = 8 / Bits;
     const unsigned shift = static_cast<unsigned>((i % per_byte) * Bits);
-    packed[i / per_byte] |= static_cast<std::byte>(code << shift);
+    unsigned char& b = reinterpret_cast<unsigned char&>(packed[i / per_byte]);
+    b = static_cast<unsigned char>(b | (code << shift));
 }
 
 template <int Bits>
