@@ -70,6 +70,10 @@ enum cudaError_t {
     cudaErrorNotReady = 600,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorStreamCaptureUnsupported = 900,
+    // What loco::cublas_error maps cuBLAS statuses to.
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorNotSupported = 801,
+    cudaErrorUnknown = 999,
 };
 inline const char* cudaGetErrorName(cudaError_t e) {
     switch (e) {
@@ -264,3 +268,6 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void
     a->device = a->type == cudaMemoryTypeDevice ? 0 : -1;
     return cudaSuccess;
 }
+
+// Warp intrinsics and more device functions (the compression kernels).
+#include "warp.h"

@@ -9,6 +9,8 @@
 # __shared__ becomes a function static, valid because one block runs at a time; streams execute
 # at once and graphs record closures. Contractions and warp-level behaviour are not emulated, nor
 # timing, nor NCCL timeouts (the fake NCCL blocks; the timeout test needs real GPUs).
+# cublas_v2.h stands in for the few cuBLAS calls of Muon's Newton-Schulz (batched GEMMs, with
+# cuBLAS's column-major conventions and argument checks, each product summed in double).
 #
 #   bash tests/cuda/emulator/run.sh                   # all tests except the kernel-fault child
 #   EMU_DEVICES=3 bash tests/cuda/emulator/run.sh -tc='*nccl across GPUs: collectives*'
@@ -21,7 +23,7 @@ flags=(-std=c++20 -O1 -g -x c++ -D__CUDACC__ -D__CUDA_ARCH__=900 -DLOCO_TEST_NCC
        -I"$here" -I"$root/include" -I"$root/tests" -Wall -Wextra -Wno-unknown-pragmas)
 objs=()
 pids=()
-for src in main.cu inner_test.cu outer_test.cu comm_test.cu handles_test.cu; do
+for src in main.cu inner_test.cu outer_test.cu comm_test.cu handles_test.cu compress_test.cu muon_test.cu; do
   obj=$out/${src%.cu}.o
   objs+=("$obj")
   g++ "${flags[@]}" -c "$root/tests/cuda/$src" -o "$obj" &

@@ -7,12 +7,23 @@
 //                 phase 2 (outer update of global and state, written into the parameters, one
 //                 launch)
 //
-// The average: without compression and with a GPU communicator (comm::nccl, comm::cuda_replicas)
-// it is one fp32 all-reduce of device memory. Otherwise the pseudo-gradient is copied to the host
-// and averaged by the same exchange schemes as on the host (exchange.hpp), over the communicator
-// itself when it moves host memory, or over comm::cuda_staging when it moves device memory. A
-// sync waits for the stream: it is a collective, and its results are needed by every worker.
+// The average, with a GPU communicator (comm::nccl, comm::cuda_replicas):
+//   - compress::none: one fp32 all-reduce of device memory between phase 1 and phase 2;
+//   - a compressor with a device implementation (blockwise, cast, error_feedback around either;
+//     backend/cuda/compress.hpp) under exchange_scheme::all_gather or automatic: the sync runs on
+//     the device. One fused kernel forms the pseudo-gradient (phase 1), adds it into the
+//     error-feedback residual and encodes the payload; an all-gather of the payloads in device
+//     memory; a check of every received payload (header, checksum, format) that throws
+//     loco::wire_error before anything is written; one fused kernel decodes the M payloads,
+//     averages them in rank order and applies the outer step (phase 2). The new residual goes to
+//     a second buffer that replaces the old one only once every payload checked out.
+// Otherwise (two_phase, compress::statistical, a host communicator) the pseudo-gradient is copied
+// to the host and averaged by the same exchange schemes as on the host (exchange.hpp), over the
+// communicator itself when it moves host memory, or over comm::cuda_staging when it moves device
+// memory. A sync waits for the stream: it is a collective, and its results are needed by every
+// worker.
 
+#include <loco/backend/cuda/compress.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -64,6 +75,32 @@ inline std::vector<compress::segment> table_segments(const backend::cuda::tensor
     return segs;
 }
 
+// What the fused device exchange keeps: the payload layout, the send and receive buffers, the
+// error-feedback residual (current and next, padded layout) and the payload check.
+template <class Compressor>
+struct device_exchange {
+    using support = backend::cuda::device_compressor<Compressor>;
+    using codec = typename support::codec;
+
+    device_exchange(const backend::cuda::tensor_table& table, int ranks)
+        : plan(table),
+          send(plan.payload_bytes()),
+          recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
+          residual(support::feedback ? table.padded_elements() : 0),
+          next(support::feedback ? table.padded_elements() : 0),
+          check(ranks) {
+        residual.zero(nullptr);
+        next.zero(nullptr);  // its padding is never written, and must stay zero
+    }
+
+    backend::cuda::compress_plan<codec> plan;
+    backend::cuda::device_buffer<std::byte> send, recv;
+    backend::cuda::device_buffer<float> residual, next;
+    backend::cuda::payload_check check;
+};
+
+struct no_device_exchange {};
+
 }  // namespace detail
 
 template <class Inner, class Outer, class Compressor = compress::none,
@@ -74,6 +111,12 @@ class diloco {
                   "see docs/compressors.md");
     static_assert(loco::detail::check_elementwise_policy<Outer>());
     static_assert(loco::detail::check_schedule_policy<Schedule>());
+
+    // The fused device exchange is possible for this compressor (see the top of the file).
+    static constexpr bool device_compression = backend::cuda::has_device_compressor<Compressor>;
+    using device_exchange_t = std::conditional_t<device_compression,
+                                                 detail::device_exchange<Compressor>,
+                                                 detail::no_device_exchange>;
 
 public:
     using inner_policy = Inner;
@@ -152,6 +195,12 @@ public:
         start();
         const auto& table = inner_.table_;
         outer_mirror_.sync(outer_hyper_, outer_control_, stream());
+        if constexpr (device_compression) {
+            if (device_) {
+                device_sync();
+                return;
+            }
+        }
         backend::cuda::outer_delta(table, global_.get(), inner_.master_ptr(), delta_.get(),
                                    stream());
         average();
@@ -197,12 +246,23 @@ public:
     const cuda::optimizer<Inner>& inner() const noexcept { return inner_; }
     comm::communicator& communicator() const noexcept { return *comm_; }
     cudaStream_t stream() const noexcept { return inner_.stream(); }
-    exchange_scheme exchange() const noexcept { return exchange_.scheme(); }
+    exchange_scheme exchange() const noexcept {
+        return host_ ? host_->scheme() : exchange_scheme::all_gather;
+    }
+    // True when syncs run the fused device exchange (the top of the file says when).
+    bool device_exchange() const noexcept { return host_ == nullptr && !device_all_reduce_; }
     // Bytes this worker sends per sync. The device all-reduce runs over the padded layout (each
-    // tensor's slice rounded up to 8 elements), so its ring volume counts the padding.
+    // tensor's slice rounded up to 8 elements), so its ring volume counts the padding; the
+    // device exchange sends the host's payloads, (M - 1) P.
     std::uint64_t bytes_per_sync() const {
+        if constexpr (device_compression) {
+            if (device_) {
+                return static_cast<std::uint64_t>(comm_->size() - 1) *
+                       device_->plan.payload_bytes();
+            }
+        }
         if (!device_all_reduce_) {
-            return exchange_.bytes_per_average(compress_hyper_);
+            return host_->bytes_per_average(compress_hyper_);
         }
         const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
         const std::uint64_t n = padded();
@@ -218,8 +278,26 @@ public:
         loco::detail::check_state_index(j, Outer::state_size, "outer state");
         return flat(outer_state_.get() + static_cast<std::size_t>(j) * padded(), 1);
     }
+    // The compressor's state (the error-feedback residual), flat layout, as loco::diloco's.
     std::vector<float> compressor_state() const {
-        const auto s = exchange_.exchanger().state();
+        if constexpr (device_compression) {
+            if (device_) {
+                if constexpr (detail::device_exchange<Compressor>::support::feedback) {
+                    return flat(device_->residual.get(), 1);
+                } else {
+                    return {};
+                }
+            }
+        }
+        const auto s = host_->exchanger().state();
+        return {s.begin(), s.end()};
+    }
+    // The server-side state of two_phase (empty otherwise).
+    std::vector<float> server_state() const {
+        if (!host_) {
+            return {};
+        }
+        const auto s = host_->exchanger().server_state();
         return {s.begin(), s.end()};
     }
 
@@ -238,9 +316,9 @@ public:
         inner_.write_section(w);
         w.floats(global());
         w.floats(flat(outer_state_.get(), static_cast<std::size_t>(Outer::state_size)));
-        w.text(to_string(exchange_.scheme()));
-        w.floats(exchange_.exchanger().state());
-        w.floats(exchange_.exchanger().server_state());
+        w.text(to_string(exchange()));
+        w.floats(compressor_state());
+        w.floats(server_state());
         w.finish();
     }
 
@@ -262,10 +340,12 @@ public:
         r.floats(global, "the global parameters");
         std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * n);
         r.floats(outer_state, "the outer optimizer state");
-        r.expect_text(to_string(exchange_.scheme()), "the exchange scheme");
-        std::vector<float> compressor_state(exchange_.exchanger().state().size());
+        r.expect_text(to_string(exchange()), "the exchange scheme");
+        std::vector<float> compressor_state(
+            host_ ? host_->exchanger().state().size()
+                  : static_cast<std::size_t>(Compressor::state_size) * n);
         r.floats(compressor_state, "the compressor state");
-        std::vector<float> server_state(exchange_.exchanger().server_state().size());
+        std::vector<float> server_state(host_ ? host_->exchanger().server_state().size() : 0);
         r.floats(server_state, "the server-side compressor state");
         r.finish();
 
@@ -273,7 +353,15 @@ public:
         backend::cuda::from_flat<float>(inner_.table_, global, global_.get());
         backend::cuda::from_flat<float>(inner_.table_, outer_state, outer_state_.get(),
                                         static_cast<std::size_t>(Outer::state_size));
-        exchange_.restore(compressor_state, server_state);
+        if (host_) {
+            host_->restore(compressor_state, server_state);
+        }
+        if constexpr (device_compression) {
+            if (device_ && !compressor_state.empty()) {
+                backend::cuda::from_flat<float>(inner_.table_, compressor_state,
+                                                device_->residual.get());
+            }
+        }
         outer_control_.set_counters(outer_steps, skipped_syncs, 0, stream());
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
         calls_ = calls;
@@ -326,11 +414,9 @@ private:
           seed_(cfg.seed),
           outer_control_((loco::detail::validate_hyper<Outer>(cfg.outer), cfg.outer)),
           outer_mirror_(cfg.outer),
-          exchange_(detail::table_segments(inner_.table_, shapes), cfg.exchange, comm,
-                    cfg.compress),
           global_(padded()),
           outer_state_(static_cast<std::size_t>(Outer::state_size) * padded()),
-          delta_(padded()) {
+          delta_(fused(comm, cfg) ? 0 : padded()) {  // the device exchange needs no delta
         loco::detail::validate_hyper<Schedule>(schedule_hyper_);
         loco::detail::validate_hyper<Compressor>(compress_hyper_);
         if (cfg.workers < 0) {
@@ -342,9 +428,18 @@ private:
                              " workers but the " + std::string(comm.name()) +
                              " communicator has " + std::to_string(comm.size()) + " ranks");
         }
-        device_all_reduce_ = std::is_same_v<Compressor, compress::none> &&
+        if constexpr (device_compression) {
+            if (fused(comm, cfg)) {
+                device_ = std::make_unique<device_exchange_t>(inner_.table_, comm.size());
+            }
+        }
+        if (!device_) {
+            host_ = std::make_unique<host_exchange>(detail::table_segments(inner_.table_, shapes),
+                                                    cfg.exchange, comm, cfg.compress);
+        }
+        device_all_reduce_ = std::is_same_v<Compressor, compress::none> && host_ &&
                              comm.space() == memory_space::cuda &&
-                             exchange_.scheme() == exchange_scheme::all_reduce;
+                             host_->scheme() == exchange_scheme::all_reduce;
         outer_state_.zero(nullptr);
         delta_.zero(nullptr);
         backend::cuda::gather_values(inner_.table_, inner_.master_ptr(), global_.get(), nullptr);
@@ -352,6 +447,13 @@ private:
     }
 
     std::size_t padded() const noexcept { return inner_.table_.padded_elements(); }
+
+    // Whether syncs take the fused device exchange.
+    static bool fused(const comm::communicator& comm, const config& cfg) noexcept {
+        return device_compression && comm.space() == memory_space::cuda &&
+               (cfg.exchange == exchange_scheme::automatic ||
+                cfg.exchange == exchange_scheme::all_gather);
+    }
 
     std::vector<float> flat(const float* device, std::size_t arrays) const {
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
@@ -375,8 +477,64 @@ private:
         if constexpr (requires { outer_hyper_.lr; }) {
             ctx.outer_lr = outer_hyper_.lr;
         }
-        exchange_.average(*comm_, host, compress_hyper_, ctx);
+        host_->average(*comm_, host, compress_hyper_, ctx);
         backend::cuda::from_flat<float>(inner_.table_, host, delta_.get());
+    }
+
+    // The whole sync on the device (device_ set): see the top of the file.
+    void device_sync() {
+        if constexpr (device_compression) {
+            using support = typename detail::device_exchange<Compressor>::support;
+            using codec = typename support::codec;
+            auto& dx = *device_;
+            const auto& table = inner_.table_;
+            backend::cuda::encode_io io;
+            io.global = global_.get();
+            io.master = inner_.master_ptr();
+            io.residual = dx.residual.get();
+            io.next_residual = dx.next.get();
+            io.payload = dx.send.get();
+            backend::cuda::device_encode_context ctx;
+            ctx.seed = seed_;
+            ctx.rank = comm_->rank();
+            ctx.round_from = outer_control_.control();  // round = outer steps + skipped syncs
+            if constexpr (requires { outer_hyper_.lr; }) {
+                ctx.outer_lr = outer_hyper_.lr;
+            }
+            backend::cuda::encode<Compressor, backend::cuda::encode_from::params>(
+                dx.plan, table, compress_hyper_, io, ctx, stream());
+            // The communicator runs on its own stream and needs the payload finished.
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            const std::size_t p = dx.plan.payload_bytes();
+            comm_->all_gather(
+                tensor_view<const std::byte>{dx.send.get(), p, 0, 0, memory_space::cuda},
+                tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+            typename codec::hyper ch{};
+            if constexpr (support::feedback) {
+                ch = compress_hyper_.compress;
+            } else {
+                ch = compress_hyper_;
+            }
+            // Throws wire_error for a malformed payload: nothing has been written yet.
+            const std::uint64_t nonfinite =
+                dx.check.run(dx.plan, table, ch, dx.recv.get(), stream());
+            if constexpr (support::feedback) {
+                std::swap(dx.residual, dx.next);  // every payload decodes: the residual advances
+            }
+            const nonfinite_policy policy = inner_.on_nonfinite();
+            if (policy == nonfinite_policy::raise && nonfinite != backend::cuda::no_nonfinite) {
+                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
+                                      "non-finite value at flat element " +
+                                      std::to_string(nonfinite) +
+                                      "; the outer step was not applied");
+            }
+            // Under skip, a non-finite average makes the kernel write the unchanged global values
+            // back and count a skipped sync, as outer_apply does.
+            backend::cuda::decode_average_apply<codec, Outer>(
+                dx.plan, table, dx.recv.get(), comm_->size(), global_.get(), outer_state_.get(),
+                inner_.master_ptr(), outer_control_.hyper(), outer_control_.control(),
+                policy == nonfinite_policy::skip ? dx.check.nonfinite() : nullptr, stream());
+        }
     }
 
     cuda::optimizer<Inner> inner_;
@@ -388,7 +546,8 @@ private:
     std::uint64_t seed_;
     mutable backend::cuda::device_control<typename Outer::hyper> outer_control_;
     detail::hyper_mirror<typename Outer::hyper> outer_mirror_;
-    host_exchange exchange_;
+    std::unique_ptr<host_exchange> host_;        // the host exchange, when the device's is not used
+    std::unique_ptr<device_exchange_t> device_;  // the fused device exchange
     bool device_all_reduce_ = false;
     backend::cuda::device_buffer<float> global_;       // padded layout
     backend::cuda::device_buffer<float> outer_state_;  // Outer::state_size padded arrays

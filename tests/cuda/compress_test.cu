@@ -1,0 +1,828 @@
+// The fused CUDA compression (backend/cuda/compress.hpp) against the host compressors: device
+// payloads must be the host's byte for byte, error-feedback residuals bit for bit, averages as the
+// host exchanger computes them; malformed payloads are refused; and loco::cuda::diloco with the
+// device exchange must give loco::diloco's run, byte counts and checkpoints.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "model.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lcu = loco::backend::cuda;
+namespace cz = loco::compress;
+
+void sync_all() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+// Equal bits, or both NaN (a GPU writes its canonical NaN where the host propagates an operand's).
+void expect_same_floats(const std::vector<float>& got, const std::vector<float>& want,
+                        const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::size_t bad = 0;
+    std::ostringstream first;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        const bool same = std::memcmp(&got[i], &want[i], 4) == 0 ||
+                          (std::isnan(got[i]) && std::isnan(want[i]));
+        if (!same && bad++ < 5) {
+            first << "  [" << i << "] got " << got[i] << ", want " << want[i] << "\n";
+        }
+    }
+    INFO(what << ": " << bad << " of " << got.size() << " elements differ; first:\n"
+              << first.str());
+    CHECK(bad == 0);
+}
+
+void expect_same_bytes(const std::vector<std::byte>& got, const std::vector<std::byte>& want,
+                       const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::size_t bad = 0, first = got.size();
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        if (got[i] != want[i]) {
+            first = bad++ == 0 ? i : first;
+        }
+    }
+    INFO(what << ": " << bad << " of " << got.size() << " bytes differ, the first at " << first);
+    CHECK(bad == 0);
+}
+
+std::vector<std::byte> download_bytes(const std::byte* p, std::size_t n) {
+    std::vector<std::byte> out(n);
+    check_cuda(cudaMemcpy(out.data(), p, n, cudaMemcpyDeviceToHost), "download");
+    return out;
+}
+void upload_bytes(std::byte* p, const std::vector<std::byte>& bytes) {
+    check_cuda(cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "upload");
+}
+
+// Segment sizes that hit every edge of the layouts (empty, shorter than a block, one past a
+// block, a word, a chunk), then random ones.
+std::vector<tensor_shape> awkward_sizes(std::mt19937_64& rng) {
+    std::vector<tensor_shape> shapes;
+    for (const std::size_t n : {1, 3, 0, 7, 8, 9, 17, 100, 255, 256, 257, 300, 1000, 1023, 1025,
+                                2048, 4099}) {
+        shapes.push_back({n});
+    }
+    std::uniform_int_distribution<std::size_t> size(0, 700);
+    for (int i = 0; i < 6; ++i) {
+        shapes.push_back({size(rng)});
+    }
+    return shapes;
+}
+
+// Pseudo-gradients with everything a block can hold: ordinary values, a tensor of zeros, NaN and
+// infinity in one block, subnormals, values near the top of the float range (their average
+// overflows), and blocks whose magnitudes span so many binades that a tree sum in double differs
+// from the element-order sum (1, 2^-24, then 2^-54 repeated: the mean of 1 and 2^-24 over a
+// power-of-two block is a tie between two floats; in order the small terms vanish and the tie
+// goes to even, in a tree they add up and round it up). Tensors 7 to 12 are the special ones.
+std::vector<float> awkward_values(std::mt19937_64& rng, const device_model& m, int rank) {
+    std::vector<float> x = normal_floats(rng, m.total(), 0.02f);
+    m.for_each_tensor([&](std::size_t i, const tensor_shape& s, std::size_t off) {
+        float* t = x.data() + off;
+        switch (i) {
+            case 7:  // 100 elements of zeros
+                std::fill(t, t + s.size, 0.0f);
+                break;
+            case 8:  // 255: huge values; with absmax scales, three ranks' average overflows
+                for (std::size_t k = 0; k < 64; ++k) {
+                    t[k] = 3.0e38f;
+                }
+                break;
+            case 9:  // 256: the order-sensitive sum
+                t[0] = 1.0f;
+                t[1] = 0x1.0p-24f;
+                for (std::size_t k = 2; k < s.size; ++k) {
+                    t[k] = (k % 2 ? 1.0f : -1.0f) * 0x1.0p-54f;
+                }
+                break;
+            case 10:  // 257: subnormals and zeros
+                for (std::size_t k = 0; k < s.size; ++k) {
+                    t[k] = k % 3 == 0 ? 0.0f : t[k] * 0x1.0p-130f;
+                }
+                break;
+            case 11:  // 300: NaN and infinity (rank 1 only: the others send finite blocks)
+                if (rank == 1) {
+                    t[3] = std::numeric_limits<float>::quiet_NaN();
+                    t[200] = -std::numeric_limits<float>::infinity();
+                }
+                break;
+            case 12:  // 1000: the order-sensitive sum in every 64-element group
+                for (std::size_t k = 0; k < s.size; ++k) {
+                    t[k] = k % 64 == 0 ? 1.0f : (k % 64 == 1 ? 0x1.0p-24f : 0x1.0p-54f);
+                }
+                break;
+            default:
+                break;
+        }
+    });
+    return x;
+}
+
+// The host exchanger's average: decode every payload, sum in rank order, divide.
+template <class C>
+std::vector<float> host_average(const typename C::hyper& h,
+                                const std::vector<std::vector<std::byte>>& payloads,
+                                const std::vector<cz::segment>& segs, std::size_t n) {
+    std::vector<float> sum(n, 0.0f), one(n, 0.0f);
+    for (const auto& p : payloads) {
+        C::decode(h, p, segs, one);
+        for (std::size_t i = 0; i < n; ++i) {
+            sum[i] += one[i];
+        }
+    }
+    for (auto& v : sum) {
+        v = v / static_cast<float>(payloads.size());
+    }
+    return sum;
+}
+
+std::uint64_t first_nonfinite(const std::vector<float>& x) {
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        if (!std::isfinite(x[i])) {
+            return i;
+        }
+    }
+    return lcu::no_nonfinite;
+}
+
+// M ranks encode their own pseudo-gradients (with error feedback: feedback) on the device and on
+// the host, then the payloads are gathered, checked and averaged on the device and on the host.
+// (M = 4 takes the power-of-two branch of the average.)
+template <class EF>
+void check_against_host(const std::string& label, const typename EF::hyper& h, bool feedback,
+                        int ranks = 3) {
+    using codec = typename lcu::device_compressor<EF>::codec;
+    auto rng = rng_for(label);
+    device_model m(awkward_sizes(rng));
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<codec> plan(table);
+    const auto& segs = plan.segments();
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    REQUIRE(p == codec::payload_bytes(typename codec::hyper{}, segs));
+    lcu::device_buffer<float> delta(padded), residual(padded), next(padded);
+    lcu::device_buffer<std::byte> payload(p), gathered(ranks * p);
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    cz::encode_context ctx;
+    ctx.seed = rng();
+    ctx.round = rng() % 1000;
+    // A power of two: outer_lr * x is exact, so the special tensors keep their structure (their
+    // residual is zero); the other tensors' residuals still test decay * e + lr * x.
+    ctx.outer_lr = 0.5f;
+    for (int r = 0; r < ranks; ++r) {
+        CAPTURE(r);
+        ctx.rank = r;
+        const std::vector<float> x = awkward_values(rng, m, r);
+        std::vector<float> state = feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
+        if (feedback) {
+            m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
+                if (i >= 7 && i <= 12) {
+                    std::fill_n(state.begin() + static_cast<std::ptrdiff_t>(off), sh.size, 0.0f);
+                }
+            });
+        }
+        lcu::from_flat<float>(table, x, delta.get());
+        if (feedback) {
+            lcu::from_flat<float>(table, state, residual.get());
+            next.zero(nullptr);
+            sync_all();
+        }
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.residual = residual.get();
+        io.next_residual = next.get();
+        io.payload = payload.get();
+        lcu::device_encode_context dctx{ctx.seed, ctx.round, r, ctx.outer_lr, nullptr};
+        lcu::encode<EF, lcu::encode_from::delta>(plan, table, h, io, dctx, s);
+        s.synchronize();
+
+        std::vector<std::byte> want(p);
+        EF::encode(h, x, segs, state, ctx, want);
+        const auto got = download_bytes(payload.get(), p);
+        expect_same_bytes(got, want, label + ": payload");
+        if (feedback) {
+            expect_same_floats(lcu::to_flat(table, next.get()), state, label + ": residual");
+        }
+        check_cuda(cudaMemcpy(gathered.get() + r * p, payload.get(), p, cudaMemcpyDeviceToDevice),
+                   "gather");
+        host_payloads.push_back(want);
+    }
+
+    // The receivers: every payload checks out, and the average is the host exchanger's.
+    typename codec::hyper ch{};
+    if constexpr (lcu::device_compressor<EF>::feedback) {
+        ch = h.compress;
+    } else {
+        ch = h;
+    }
+    const std::vector<float> want = host_average<codec>(ch, host_payloads, segs, n);
+    lcu::payload_check check(ranks);
+    const std::uint64_t nonfinite = check.run(plan, table, ch, gathered.get(), s);
+    CHECK(nonfinite == first_nonfinite(want));
+    lcu::device_buffer<float> avg(padded);
+    lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+    s.synchronize();
+    expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
+}
+
+template <class C>
+struct name_of;
+template <int Bits, std::size_t Block>
+struct name_of<cz::blockwise<Bits, Block>> {
+    static std::string get() {
+        return "blockwise<" + std::to_string(Bits) + ", " + std::to_string(Block) + ">";
+    }
+};
+
+template <class C>
+void blockwise_all_settings() {
+    const std::string name = name_of<C>::get();
+    using ef = cz::error_feedback<C>;
+    for (const auto scale : {cz::scale_kind::absmax, cz::scale_kind::mean_abs}) {
+        for (const auto round : {cz::rounding::nearest, cz::rounding::stochastic}) {
+            const std::string label = name + (scale == cz::scale_kind::absmax ? " absmax" : " mean_abs") +
+                                      (round == cz::rounding::nearest ? " nearest" : " stochastic");
+            CAPTURE(label);
+            typename ef::hyper h;
+            h.compress = {scale, round};
+            h.decay = 0.9f;
+            h.fold_outer_lr = true;
+            check_against_host<ef>(label, h, true);
+        }
+    }
+}
+
+}  // namespace
+
+// Fast paths: Block 256 (one block per warp, one chunk), 1024 (four chunks), 64 and 8 (several
+// blocks per chunk); generic: 100, 36 and 4096 (a warp per block, codes ORed into words, which
+// blocks of 100 and 36 share).
+TEST_CASE_TEMPLATE("fused encode with error feedback: payloads and residuals are the host's, "
+                   "and the device average is the host exchanger's",
+                   C, cz::blockwise<1, 256>, cz::blockwise<2, 256>, cz::blockwise<4, 256>,
+                   cz::blockwise<8, 256>, cz::blockwise<2, 1024>, cz::blockwise<8, 1024>,
+                   cz::blockwise<2, 64>, cz::blockwise<4, 64>, cz::blockwise<1, 8>,
+                   cz::blockwise<2, 100>, cz::blockwise<4, 36>, cz::blockwise<1, 4096>) {
+    blockwise_all_settings<C>();
+}
+
+TEST_CASE("fused encode without error feedback, and 16-bit casts: payloads are the host's") {
+    check_against_host<cz::blockwise<2, 256>>("plain blockwise<2, 256>",
+                                              {cz::scale_kind::mean_abs, cz::rounding::stochastic},
+                                              false, 4);
+    check_against_host<cz::blockwise<2, 100>>("plain blockwise<2, 100>", {}, false);
+    check_against_host<cz::cast<loco::bf16>>("cast<bf16>", {}, false, 2);
+    check_against_host<cz::cast<loco::fp16>>("cast<fp16>", {}, false);
+    cz::error_feedback<cz::cast<loco::bf16>>::hyper h;
+    h.decay = 0.5f;
+    check_against_host<cz::error_feedback<cz::cast<loco::bf16>>>("error_feedback<cast<bf16>>", h,
+                                                                 true);
+}
+
+TEST_CASE("fused encode: stochastic codes depend on the rank and the round, as on the host") {
+    using C = cz::blockwise<2, 256>;
+    auto rng = rng_for("fused stochastic streams");
+    device_model m(std::vector<tensor_shape>{{5000}});
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::vector<float> x = normal_floats(rng, 5000);
+    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::from_flat<float>(table, x, delta.get());
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    lcu::stream s;
+    const C::hyper h{cz::scale_kind::absmax, cz::rounding::stochastic};
+    const auto encode = [&](int rank, std::uint64_t round) {
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = payload.get();
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, {7, round, rank, 1.0f, nullptr},
+                                                s);
+        s.synchronize();
+        return download_bytes(payload.get(), plan.payload_bytes());
+    };
+    const auto a = encode(0, 0), b = encode(1, 0), c = encode(0, 1), again = encode(0, 0);
+    CHECK(a == again);
+    CHECK(a != b);
+    CHECK(a != c);
+    std::vector<std::byte> want(plan.payload_bytes());
+    C::encode(h, x, plan.segments(), {}, {7, 1, 0, 1.0f}, want);
+    CHECK(c == want);
+}
+
+TEST_CASE("fused encode from the parameters (phase 1 fused in): fp32 and bf16 values with "
+          "masters, misaligned tensors") {
+    using C = cz::blockwise<2, 256>;
+    using ef = cz::error_feedback<C>;
+    auto rng = rng_for("fused encode from params");
+    device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    lcu::device_buffer<float> global(padded), master(table.master_elements()), residual(padded);
+    // Masters that differ from the bf16 values, so that reading the value instead shows.
+    std::vector<float> masters(n, 0.0f);
+    std::vector<float> local = m.values();
+    m.for_each_tensor([&](std::size_t, const tensor_shape& s, std::size_t off) {
+        for (std::size_t k = 0; k < s.size; ++k) {
+            if (s.value == dtype::bf16) {
+                masters[off + k] = local[off + k] + 0x1.0p-12f * local[off + k];
+                local[off + k] = masters[off + k];
+            }
+        }
+    });
+    lcu::master_from_flat(table, masters, master.get());
+    const std::vector<float> g = normal_floats(rng, n);
+    lcu::from_flat<float>(table, g, global.get());
+    std::vector<float> state = normal_floats(rng, n, 0.01f);
+    lcu::from_flat<float>(table, state, residual.get());
+
+    ef::hyper h;
+    h.compress = {cz::scale_kind::mean_abs, cz::rounding::stochastic};
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    lcu::encode_io io;
+    io.global = global.get();
+    io.master = master.get();
+    io.residual = residual.get();
+    io.next_residual = residual.get();  // in place
+    io.payload = payload.get();
+    lcu::stream s;
+    lcu::encode<ef, lcu::encode_from::params>(plan, table, h, io, {11, 4, 1, 1.0f, nullptr}, s);
+    s.synchronize();
+
+    std::vector<float> x(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        x[i] = g[i] - local[i];
+    }
+    std::vector<std::byte> want(plan.payload_bytes());
+    ef::encode(h, x, plan.segments(), state, {11, 4, 1, 1.0f}, want);
+    expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want, "payload");
+    expect_same_floats(lcu::to_flat(table, residual.get()), state, "residual");
+    CHECK(m.gaps_untouched());
+}
+
+TEST_CASE("decode + average + outer step in one kernel equals decode_average then outer_apply") {
+    using C = cz::blockwise<2, 256>;
+    using outer = loco::outer::nesterov;
+    auto rng = rng_for("fused decode apply");
+    device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    constexpr int ranks = 4;
+    const std::size_t p = plan.payload_bytes();
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(padded);
+    lcu::stream s;
+    std::vector<float> x_nan;
+    for (int r = 0; r < ranks; ++r) {
+        std::vector<float> x = normal_floats(rng, n, 0.01f);
+        if (r == 2) {
+            x_nan = x;
+            x_nan[n / 2] = std::numeric_limits<float>::quiet_NaN();
+        }
+        lcu::from_flat<float>(table, x, delta.get());
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + r * p;  // 4-byte aligned: blockwise payloads are
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {1, 0, r, 1.0f, nullptr}, s);
+    }
+    s.synchronize();
+
+    struct run {
+        std::vector<float> params, global, state;
+        std::uint64_t steps, skipped;
+    };
+    const auto go = [&](bool fused, bool skip) {
+        m.upload_values();
+        lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
+            avg(padded);
+        lcu::init_master(table, master.get(), nullptr);
+        lcu::gather_values(table, master.get(), global.get(), nullptr);
+        state.zero(nullptr);
+        sync_all();
+        lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+        lcu::payload_check check(ranks);
+        const std::uint64_t bad = check.run(plan, table, {}, gathered.get(), s);
+        CHECK((bad != lcu::no_nonfinite) == skip);
+        for (int step = 0; step < 2; ++step) {
+            if (fused) {
+                lcu::decode_average_apply<C, outer>(plan, table, gathered.get(), ranks,
+                                                    global.get(), state.get(), master.get(),
+                                                    control.hyper(), control.control(),
+                                                    check.nonfinite(), s);
+            } else {
+                lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+                lcu::check_padded(table, avg.get(), control.control(), s);
+                lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(),
+                                        master.get(), control.hyper(), control.control(), true,
+                                        s);
+            }
+        }
+        const auto c = control.read(s);
+        return run{m.download_values(), lcu::to_flat(table, global.get()),
+                   lcu::to_flat(table, state.get()), c.steps, c.skipped};
+    };
+    for (const bool skip : {false, true}) {
+        CAPTURE(skip);
+        if (skip) {  // rank 2 sends a NaN: every rank drops the round
+            lcu::from_flat<float>(table, x_nan, delta.get());
+            lcu::encode_io io;
+            io.delta = delta.get();
+            io.payload = gathered.get() + 2 * p;
+            lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {1, 0, 2, 1.0f, nullptr},
+                                                    s);
+            s.synchronize();
+        }
+        const run fused = go(true, skip), split = go(false, skip);
+        expect_same_floats(fused.params, split.params, "parameters");
+        expect_same_floats(fused.global, split.global, "global");
+        expect_same_floats(fused.state, split.state, "outer state");
+        CHECK(fused.steps == split.steps);
+        CHECK(fused.skipped == split.skipped);
+        CHECK(fused.steps == (skip ? 0u : 2u));
+        if (!skip) {
+            CHECK(fused.params != m.values());  // the step moved them
+        } else {
+            expect_same_floats(fused.params, m.values(), "skipped: parameters unchanged");
+        }
+    }
+}
+
+TEST_CASE("payload_check refuses what the host decoder refuses, naming the rank") {
+    using C = cz::blockwise<2, 256>;
+    auto rng = rng_for("fused payload check");
+    device_model m(std::vector<tensor_shape>{{700}, {0}, {1000}});
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::size_t p = plan.payload_bytes();
+    constexpr int ranks = 3;
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::stream s;
+    std::vector<float> x = normal_floats(rng, m.total());
+    std::fill(x.begin() + 256, x.begin() + 512, 0.0f);  // a block of scale 0
+    lcu::from_flat<float>(table, x, delta.get());
+    lcu::encode_io io;
+    io.delta = delta.get();
+    for (int r = 0; r < ranks; ++r) {
+        io.payload = gathered.get() + r * p;
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {3, 0, r, 1.0f, nullptr}, s);
+    }
+    s.synchronize();
+    const std::vector<std::byte> good = download_bytes(gathered.get(), ranks * p);
+    lcu::payload_check check(ranks);
+    CHECK(check.run(plan, table, {}, gathered.get(), s) == lcu::no_nonfinite);
+
+    // Rank 1's payload, changed by `edit`; with `reseal`, its checksum is made right again.
+    const auto refused = [&](auto&& edit, bool reseal, const std::string& message) {
+        CAPTURE(message);
+        std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
+                                   good.begin() + static_cast<std::ptrdiff_t>(2 * p));
+        edit(bad);
+        if (reseal) {
+            const std::uint64_t sum = cz::wire::checksum(
+                std::span<const std::byte>(bad).subspan(cz::wire::header_bytes));
+            std::memcpy(bad.data() + 32, &sum, 8);
+        }
+        std::vector<float> out(m.total());
+        CHECK_THROWS_AS(C::decode({}, bad, plan.segments(), out), loco::wire_error);
+        upload_bytes(gathered.get() + p, bad);
+        CHECK_THROWS_WITH_AS(check.run(plan, table, {}, gathered.get(), s),
+                             doctest::Contains(("from rank 1: " + message).c_str()),
+                             loco::wire_error);
+        upload_bytes(gathered.get(), good);
+    };
+    const std::size_t body = cz::wire::header_bytes;
+    refused([&](auto& b) { b[body + 100] ^= std::byte{0x10}; }, false, "checksum mismatch");
+    refused([&](auto& b) { b[p - 1] ^= std::byte{0x01}; }, false, "checksum mismatch");
+    refused([&](auto& b) { b[4] = std::byte{4}; }, false, "the code width is 4, expected 2");
+    refused([&](auto& b) { b[5] = std::byte{1}; }, false, "the flags is 1, expected 0");
+    refused([&](auto& b) { b[0] = std::byte{'X'}; }, false, "bad magic");
+    refused([&](auto& b) { b[12] = std::byte{9}; }, false, "the segment count is 9, expected 3");
+    refused([&](auto& b) { b[body + 3] |= std::byte{0x80}; }, true,  // scale 0's sign: negative
+            "a block scale is negative or not finite");
+    refused(
+        [&](auto& b) {  // +inf as the scale of block 2
+            const float inf = std::numeric_limits<float>::infinity();
+            std::memcpy(b.data() + body + 8, &inf, 4);
+        },
+        true, "a block scale is negative or not finite");
+    refused([&](auto& b) { b[body + 4 * 3 + 64 + 5] ^= std::byte{0x01}; }, true,  // block 1: zero
+            "a code of a zero-scale or NaN-scale block is not the zero code");
+    // Segment 0: 700 elements, 3 blocks; codes 175 bytes then 1 byte of alignment padding.
+    refused([&](auto& b) { b[body + 12 + 175] = std::byte{1}; }, true,
+            "nonzero alignment padding");
+    // Segment 2: 1000 elements = 250 code bytes, 2 padding bytes; 4 blocks.
+    const std::size_t seg2 = body + C::segment_bytes(700);
+    refused([&](auto& b) { b[seg2 + 16 + 251] = std::byte{0x40}; }, true,
+            "nonzero alignment padding");
+    // Both segments above fill their last code byte; padding bits need a partial one.
+    {
+        device_model one(std::vector<tensor_shape>{{5}});
+        const lcu::tensor_table t1 = one.table(false);
+        const lcu::compress_plan<C> p1(t1);
+        lcu::device_buffer<float> d1(t1.padded_elements());
+        lcu::from_flat<float>(t1, std::vector<float>{1, 2, 3, 4, 5}, d1.get());
+        lcu::device_buffer<std::byte> pay(p1.payload_bytes());
+        lcu::encode_io io1;
+        io1.delta = d1.get();
+        io1.payload = pay.get();
+        lcu::encode<C, lcu::encode_from::delta>(p1, t1, {}, io1, {}, s);
+        s.synchronize();
+        auto bytes = download_bytes(pay.get(), p1.payload_bytes());
+        lcu::payload_check c1(1);
+        CHECK(c1.run(p1, t1, {}, pay.get(), s) == lcu::no_nonfinite);
+        bytes[body + 4 + 1] |= std::byte{0x40};  // element 7's bits: padding
+        const std::uint64_t sum =
+            cz::wire::checksum(std::span<const std::byte>(bytes).subspan(body));
+        std::memcpy(bytes.data() + 32, &sum, 8);
+        upload_bytes(pay.get(), bytes);
+        CHECK_THROWS_WITH_AS(c1.run(p1, t1, {}, pay.get(), s),
+                             doctest::Contains("nonzero padding bits after the last code"),
+                             loco::wire_error);
+    }
+}
+
+// ---- loco::cuda::diloco with the device exchange -----------------------------------------------
+
+namespace {
+
+constexpr std::size_t sizes[3] = {5, 42, 1003};
+constexpr std::size_t total = 5 + 42 + 1003;
+
+std::vector<float> init_of(const std::string& label, int rank) {
+    auto rng = rng_for(label + "/init/" + std::to_string(rank));
+    return normal_floats(rng, total);
+}
+std::vector<float> grads_of(const std::string& label, int rank, int step) {
+    auto rng = rng_for(label + "/grad/" + std::to_string(rank) + "/" + std::to_string(step));
+    return normal_floats(rng, total, 0.5f);
+}
+
+struct gpu_params {
+    std::vector<lcu::device_buffer<float>> values, grads;
+    loco::parameter_list list;
+    explicit gpu_params(const std::vector<float>& init) {
+        std::size_t at = 0;
+        for (const std::size_t n : sizes) {
+            values.emplace_back(n);
+            grads.emplace_back(n);
+            values.back().upload({init.data() + at, n});
+            at += n;
+        }
+        list.add_views("a", loco::cuda_tensor(values[0].get(), 5),
+                       loco::cuda_tensor(static_cast<const float*>(grads[0].get()), 5));
+        list.add_views("b", loco::cuda_matrix(values[1].get(), 6, 7),
+                       loco::cuda_matrix(static_cast<const float*>(grads[1].get()), 6, 7));
+        list.add_views("c", loco::cuda_tensor(values[2].get(), 1003),
+                       loco::cuda_tensor(static_cast<const float*>(grads[2].get()), 1003));
+    }
+    void set_gradients(const std::vector<float>& g, cudaStream_t s) {
+        std::size_t at = 0;
+        for (std::size_t i = 0; i < 3; ++i) {
+            check_cuda(cudaMemcpyAsync(grads[i].get(), g.data() + at, sizes[i] * 4,
+                                       cudaMemcpyHostToDevice, s),
+                       "gradient upload");
+            at += sizes[i];
+        }
+        check_cuda(cudaStreamSynchronize(s), "gradient upload");
+    }
+    std::vector<float> host_values(cudaStream_t s) {
+        check_cuda(cudaStreamSynchronize(s), "sync");
+        std::vector<float> out;
+        for (auto& v : values) {
+            const auto part = v.download();
+            out.insert(out.end(), part.begin(), part.end());
+        }
+        return out;
+    }
+};
+
+struct host_params {
+    std::vector<float> a, b, c, ga, gb, gc;
+    loco::parameter_list list;
+    explicit host_params(const std::vector<float>& init)
+        : a(init.begin(), init.begin() + 5), b(init.begin() + 5, init.begin() + 47),
+          c(init.begin() + 47, init.end()), ga(5), gb(42), gc(1003) {
+        list.add("a", a, ga);
+        list.add_views("b", loco::host_matrix(b.data(), 6, 7),
+                       loco::host_matrix(static_cast<const float*>(gb.data()), 6, 7));
+        list.add("c", c, gc);
+    }
+    void set_gradients(const std::vector<float>& g) {
+        std::copy(g.begin(), g.begin() + 5, ga.begin());
+        std::copy(g.begin() + 5, g.begin() + 47, gb.begin());
+        std::copy(g.begin() + 47, g.end(), gc.begin());
+    }
+    std::vector<float> values() const {
+        std::vector<float> out = a;
+        out.insert(out.end(), b.begin(), b.end());
+        out.insert(out.end(), c.begin(), c.end());
+        return out;
+    }
+};
+
+// A device communicator that flips one byte of what an all-gather received, when armed.
+class corrupting final : public loco::comm::communicator {
+public:
+    explicit corrupting(loco::comm::cuda_replicas& inner) : inner_(inner) {}
+    int rank() const noexcept override { return inner_.rank(); }
+    int size() const noexcept override { return inner_.size(); }
+    loco::memory_space space() const noexcept override { return inner_.space(); }
+    std::string_view name() const noexcept override { return "corrupting"; }
+    std::uint64_t bytes_sent() const noexcept override { return inner_.bytes_sent(); }
+    std::size_t armed_at = 0;  // byte of the receive buffer to flip; 0: none
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        inner_.all_reduce(d, op);
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        inner_.all_gather(send, recv);
+        if (armed_at != 0) {
+            std::byte b{};
+            check_cuda(cudaMemcpy(&b, recv.data + armed_at, 1, cudaMemcpyDeviceToHost), "peek");
+            b ^= std::byte{0x04};
+            check_cuda(cudaMemcpy(recv.data + armed_at, &b, 1, cudaMemcpyHostToDevice), "poke");
+        }
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        inner_.all_to_all(send, recv);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
+        inner_.broadcast(d, root);
+    }
+    void do_barrier() override { inner_.barrier(); }
+
+private:
+    loco::comm::cuda_replicas& inner_;
+};
+
+using ef2 = cz::error_feedback<cz::blockwise<2, 256>>;
+using host_ef_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, ef2>;
+using gpu_ef_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, ef2>;
+const loco::inner::adamw::hyper inner_hyper{.lr = 3e-3f};
+const ef2::hyper ef_hyper{{cz::scale_kind::absmax, cz::rounding::stochastic}, 0.9f, false};
+
+}  // namespace
+
+TEST_CASE("cuda::diloco with error_feedback<blockwise<2, 256>> runs on the device and equals "
+          "loco::diloco on threads") {
+    const std::string label = "cuda diloco fused ef";
+    std::vector<std::vector<float>> host_final(3), gpu_final(3), host_res(3), gpu_res(3);
+    std::vector<std::uint64_t> host_bytes(3), gpu_bytes(3), formula(3), host_formula(3);
+    std::size_t padded = 0;
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        host_params m(init_of(label, comm.rank()));
+        host_ef_t opt(m.list, comm,
+                      {.inner = inner_hyper, .schedule = {.every = 3}, .compress = ef_hyper,
+                       .seed = 5});
+        for (int t = 1; t <= 7; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t));
+            opt.step();
+        }
+        opt.sync();
+        host_final[r] = m.values();
+        host_res[r].assign(opt.compressor_state().begin(), opt.compressor_state().end());
+        host_bytes[r] = comm.bytes_sent();
+        host_formula[r] = opt.bytes_per_sync();
+    });
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_ef_t opt(m.list, comm,
+                     {.inner = inner_hyper, .schedule = {.every = 3}, .compress = ef_hyper,
+                      .seed = 5, .stream = comm.stream()});
+        CHECK(opt.device_exchange());
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);
+        for (int t = 1; t <= 7; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        opt.sync();
+        CHECK(opt.outer_steps() == 3);
+        gpu_final[r] = m.host_values(comm.stream());
+        gpu_res[r] = opt.compressor_state();
+        gpu_bytes[r] = comm.bytes_sent();
+        formula[r] = opt.bytes_per_sync();
+        padded = opt.inner().table().padded_elements();
+    });
+    const std::size_t p = cz::blockwise<2, 256>::payload_bytes({}, std::vector<cz::segment>{
+                                                                     {0, 5, 1, 5},
+                                                                     {5, 42, 6, 7},
+                                                                     {47, 1003, 1, 1003}});
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CHECK(gpu_final[r] == gpu_final[0]);  // identical workers
+        // The inner steps contract multiply-adds on a GPU, so a pseudo-gradient a rounding away
+        // from a code's edge may take the neighbouring code: a little tolerance.
+        expect_close_arrays(gpu_final[r], host_final[r], 1e-4, "parameters");
+        expect_close_arrays(gpu_res[r], host_res[r], 1e-3, "residual");
+        CHECK(formula[r] == 2 * p);
+        CHECK(formula[r] == host_formula[r]);
+        // Three syncs plus the initial broadcast of the padded layout from rank 0.
+        const std::uint64_t broadcast = r == 0 ? 2 * 4 * padded : 0;
+        CHECK(gpu_bytes[r] == 3 * formula[r] + broadcast);
+        // The host sends the same payloads; its broadcast is of the flat layout.
+        CHECK(gpu_bytes[r] == host_bytes[r] + (r == 0 ? 2 * 4 * (padded - total) : 0));
+    }
+}
+
+TEST_CASE("cuda::diloco device exchange: a corrupted payload is refused and changes nothing") {
+    const std::string label = "cuda diloco fused refused";
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+        corrupting comm(replica);
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_ef_t opt(m.list, comm,
+                     {.inner = inner_hyper, .schedule = {.every = 100}, .compress = ef_hyper,
+                      .stream = replica.stream()});
+        REQUIRE(opt.device_exchange());
+        for (int t = 1; t <= 4; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), replica.stream());
+            opt.step();
+            if (t == 2) {
+                opt.sync();  // a residual that is not zero
+            }
+        }
+        const auto values = m.host_values(replica.stream());
+        const auto global = opt.global();
+        const auto state = opt.outer_state(0);
+        const auto residual = opt.compressor_state();
+        const std::size_t p = opt.bytes_per_sync() / 2;
+        comm.armed_at = p + cz::wire::header_bytes + 10;  // rank 1's body
+        CHECK_THROWS_WITH_AS(opt.sync(), doctest::Contains("from rank 1: checksum mismatch"),
+                             loco::wire_error);
+        CHECK(m.host_values(replica.stream()) == values);
+        CHECK(opt.global() == global);
+        CHECK(opt.outer_state(0) == state);
+        CHECK(opt.compressor_state() == residual);
+        CHECK(opt.outer_steps() == 1);
+        comm.armed_at = 0;
+        opt.sync();  // the same round again, now intact
+        CHECK(opt.outer_steps() == 2);
+        CHECK(opt.compressor_state() != residual);
+    });
+}
+
+TEST_CASE("cuda::diloco device exchange: checkpoints keep the residual in the host format") {
+    const std::string label = "cuda diloco fused checkpoint";
+    std::vector<std::string> saved(2);
+    std::vector<std::vector<float>> residuals(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params m(init_of(label, 0));
+        gpu_ef_t opt(m.list, comm,
+                     {.schedule = {.every = 2}, .compress = ef_hyper, .stream = comm.stream()});
+        for (int t = 1; t <= 5; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        std::ostringstream os;
+        opt.save(os);
+        saved[std::size_t(comm.rank())] = os.str();
+        residuals[std::size_t(comm.rank())] = opt.compressor_state();
+        // And back into a fresh GPU handle.
+        gpu_params again(init_of(label, 0));
+        gpu_ef_t restored(again.list, comm,
+                          {.schedule = {.every = 2}, .compress = ef_hyper, .stream = comm.stream()});
+        std::istringstream is(os.str());
+        restored.load(is);
+        CHECK(restored.compressor_state() == opt.compressor_state());
+    });
+    std::vector<std::string> resaved(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        host_params m(init_of(label, 0));
+        host_ef_t opt(m.list, comm, {.schedule = {.every = 2}, .compress = ef_hyper});
+        std::istringstream is(saved[std::size_t(comm.rank())]);
+        opt.load(is);
+        CHECK(opt.outer_steps() == 2);
+        const auto r = opt.compressor_state();
+        CHECK(std::vector<float>(r.begin(), r.end()) == residuals[std::size_t(comm.rank())]);
+        std::ostringstream os;
+        opt.save(os);
+        resaved[std::size_t(comm.rank())] = os.str();
+    });
+    CHECK(resaved == saved);
+}
