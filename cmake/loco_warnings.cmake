@@ -4,11 +4,16 @@
 # and the CUDA driver do not mix).
 
 set(LOCO_HOST_WARNINGS -Wall -Wextra -Wpedantic -Wshadow)
+set(LOCO_CUDA_HOST_WARNINGS -Wall,-Wextra)
 # GCC 12 reports -Wrestrict on "literal" + std::string at -O3 where no overlap exists (GCC bug
 # 105329, fixed in 13): silence that one diagnostic for GCC 12 only.
 if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_GREATER_EQUAL 12
    AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
   list(APPEND LOCO_HOST_WARNINGS -Wno-restrict)
+  # nvcc hands the host half of a .cu file to the same GCC.
+  if(CMAKE_CUDA_HOST_COMPILER MATCHES "g\\+\\+" OR NOT CMAKE_CUDA_HOST_COMPILER)
+    set(LOCO_CUDA_HOST_WARNINGS -Wall,-Wextra,-Wno-restrict)
+  endif()
 endif()
 # The public headers are held to more: each is compiled alone with these (tests/headers).
 set(LOCO_HEADER_WARNINGS -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wsign-conversion
@@ -17,7 +22,7 @@ set(LOCO_HEADER_WARNINGS -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wsign-c
 function(loco_program target)
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CXX>:${LOCO_HOST_WARNINGS}>
-    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
+    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=${LOCO_CUDA_HOST_WARNINGS}>)
   if(LOCO_WERROR)
     target_compile_options(${target} PRIVATE
       $<$<COMPILE_LANGUAGE:CXX>:-Werror>

@@ -1307,3 +1307,27 @@ TEST_CASE("cast: fp16 overflows to infinity at 65520, NaN and infinities pass th
     CHECK(out[5] == -inf);
     CHECK(std::abs(out[7] - 3e38f) <= 3e38f / 256);
 }
+
+TEST_CASE_TEMPLATE("cast: every NaN is sent as the one canonical quiet NaN", Half, loco::bf16,
+                   loco::fp16) {
+    // An x86 host and a GPU give different NaN bits for the same arithmetic (x86 keeps the
+    // operand's payload or makes the negative "indefinite" NaN, a GPU makes 0x7fffffff); the
+    // payload must not say where it was encoded.
+    const std::vector<float> v = {float_of(0x7fc00000u), float_of(0xffc00000u),
+                                  float_of(0x7fffffffu), float_of(0x7f800001u),
+                                  float_of(0xff812345u), 1.5f};
+    const lc::segment segs[] = {one_d(0, v.size())};
+    using H = lc::cast<Half>;
+    const auto payload = encode<H>({}, v, segs, {});
+    const std::uint16_t canonical = std::is_same_v<Half, loco::bf16> ? 0x7fc0 : 0x7e00;
+    for (std::size_t i = 0; i + 1 < v.size(); ++i) {
+        CAPTURE(i);
+        CHECK(wire::get<std::uint16_t>(payload, wire::header_bytes + 2 * i) == canonical);
+    }
+    std::vector<float> out(v.size());
+    H::decode({}, payload, segs, out);
+    for (std::size_t i = 0; i + 1 < v.size(); ++i) {
+        CHECK(std::isnan(out[i]));
+    }
+    CHECK(out.back() == 1.5f);
+}

@@ -38,8 +38,11 @@ template <class T>
 class device_buffer {
 public:
     explicit device_buffer(const std::vector<T>& host) : n_(host.size()) {
-        check_cuda(cudaMalloc(&ptr_, bytes()), "cudaMalloc");
-        check_cuda(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+        // One byte for an empty buffer, so that get() is a real device pointer; nothing to copy.
+        check_cuda(cudaMalloc(&ptr_, n_ == 0 ? 1 : bytes()), "cudaMalloc");
+        if (n_ != 0) {
+            check_cuda(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+        }
     }
     ~device_buffer() { cudaFree(ptr_); }
     device_buffer(const device_buffer&) = delete;
@@ -48,12 +51,14 @@ public:
     T* get() const { return ptr_; }
     std::vector<T> to_host() const {
         std::vector<T> out(n_);
-        check_cuda(cudaMemcpy(out.data(), ptr_, bytes(), cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+        if (n_ != 0) {
+            check_cuda(cudaMemcpy(out.data(), ptr_, bytes(), cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+        }
         return out;
     }
 
 private:
-    std::size_t bytes() const { return n_ * sizeof(T) + (n_ == 0 ? 1 : 0); }
+    std::size_t bytes() const { return n_ * sizeof(T); }
     T* ptr_ = nullptr;
     std::size_t n_;
 };

@@ -19,11 +19,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -39,10 +41,12 @@ template <class Rule>
 struct inner_oracle {
     std::vector<float> x;      // fp32 masters of bf16 values, fp32 values otherwise
     std::vector<float> state;  // Rule::state_size arrays of the flat layout
+    std::vector<float> peak;   // with bf16 state: each state element's largest magnitude so far
 
     explicit inner_oracle(const device_model& m)
         : x(m.values()),
-          state(static_cast<std::size_t>(Rule::state_size) * m.total(), 0.0f) {}
+          state(static_cast<std::size_t>(Rule::state_size) * m.total(), 0.0f),
+          peak(state.size(), 0.0f) {}
 
     void step(device_model& m, const typename Rule::hyper& h, std::uint64_t t,
               lc::bf16_update mode, bool bf16_state, std::uint64_t seed) {
@@ -64,8 +68,9 @@ struct inner_oracle {
             }
         });
         if (bf16_state) {
-            for (float& v : state) {
-                v = loco::bf16::from_float(v).to_float();
+            for (std::size_t i = 0; i < state.size(); ++i) {
+                peak[i] = std::max(peak[i], std::abs(state[i]));
+                state[i] = loco::bf16::from_float(state[i]).to_float();
             }
         }
     }
@@ -143,6 +148,45 @@ struct device_inner {
 };
 
 // Runs `steps` inner steps on device and host from the same random start and compares.
+// bf16 optimizer state: nvcc contracts beta * m + (1 - beta) * g into a fused multiply-add, so
+// the device's fp32 state may be one fp32 step off the host's, and where that straddles a bf16
+// rounding boundary the stored state differs by one bf16 step (2^-7 of its magnitude at most).
+// Such a step, taken while the state was large, decays only by beta per step afterwards: one bf16
+// step of the element's largest magnitude so far is allowed on top of the relative tolerance.
+// (Seen on an H100: in one of three runs, 12 of 2.2 million AdamW moments were beyond the relative
+// tolerance alone, 7 bf16 steps of their final value apart.)
+inline void expect_close_bf16_state(const std::vector<float>& got, const std::vector<float>& want,
+                                    const std::vector<float>& peak, double tol) {
+    REQUIRE(got.size() == want.size());
+    REQUIRE(peak.size() == want.size());
+    double scale = 0.0;
+    for (const float w : want) {
+        scale += std::abs(double(w));
+    }
+    scale = want.empty() ? 0.0 : scale / double(want.size());
+    std::size_t bad = 0, flips = 0;
+    std::ostringstream first;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        const double d = std::abs(double(got[i]) - double(want[i]));
+        const double relative = tol * (std::abs(double(want[i])) + scale);
+        if (d <= relative) {
+            continue;
+        }
+        const bool one_flip = d <= std::ldexp(double(peak[i]), -7) + relative;
+        flips += one_flip ? 1 : 0;
+        if (!one_flip && bad++ < 5) {
+            first << "  [" << i << "] got " << got[i] << ", want " << want[i] << ", peak "
+                  << peak[i] << "\n";
+        }
+    }
+    MESSAGE("bf16 optimizer state: " << flips << " of " << got.size()
+                                     << " elements one bf16 step of their peak apart");
+    INFO("bf16 optimizer state: " << bad << " of " << got.size()
+                                  << " elements differ beyond the bound; first:\n"
+                                  << first.str());
+    CHECK(bad == 0);
+}
+
 template <class Rule, class StateT, lc::bf16_update Mode, unsigned Combos, class Pick>
 void check_inner(const char* label, const typename Rule::hyper& h, Pick&& pick, int steps,
                  bool include_large = true, double value_tol = 1e-5, double state_tol = 1e-5) {
@@ -188,7 +232,11 @@ void check_inner(const char* label, const typename Rule::hyper& h, Pick&& pick, 
     const bool any_bf16 = table.has_bf16_values();
     expect_close_arrays(values, want, any_bf16 ? std::max(value_tol, 8e-3) : value_tol,
                         "parameter values");
-    expect_close_arrays(dev.state_flat(), host.state, state_tol, "optimizer state");
+    if (bf16_state) {
+        expect_close_bf16_state(dev.state_flat(), host.state, host.peak, state_tol);
+    } else {
+        expect_close_arrays(dev.state_flat(), host.state, state_tol, "optimizer state");
+    }
     dev.expect_padding_zero();
     CHECK(m.gaps_untouched());
 }

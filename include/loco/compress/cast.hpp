@@ -45,7 +45,15 @@ struct cast {
 
     // ---- per element, shared with the CUDA kernels ----------------------------------------------
 
-    LOCO_HD static std::uint16_t to_bits(float x) noexcept { return T::from_float(x).bits; }
+    // Every NaN is sent as the one canonical quiet NaN of T. The same arithmetic gives different
+    // NaN bits on an x86 host (the operand's payload, or the negative "indefinite" NaN) and on a
+    // GPU (0x7fffffff), and a payload must not depend on where it was encoded.
+    LOCO_HD static std::uint16_t to_bits(float x) noexcept {
+        if (x != x) {
+            return std::is_same_v<T, bf16> ? std::uint16_t{0x7fc0} : std::uint16_t{0x7e00};
+        }
+        return T::from_float(x).bits;
+    }
     LOCO_HD static float from_bits(std::uint16_t bits) noexcept { return T{bits}.to_float(); }
 
     // ---- the compressor interface ---------------------------------------------------------------
