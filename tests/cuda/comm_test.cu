@@ -303,6 +303,42 @@ TEST_CASE("nccl with one rank on one GPU") {
     CHECK(ncclCommDestroy(raw) == ncclSuccess);
 }
 
+TEST_CASE("nccl on one GPU: peers that never come time out with a clear error") {
+    using clock = std::chrono::steady_clock;
+    // Rank 0 of a two-rank clique whose rank 1 never starts: creation gives up after the timeout
+    // (NCCL itself would wait for ever) and says why.
+    ncclUniqueId lonely{};
+    REQUIRE(ncclGetUniqueId(&lonely) == ncclSuccess);
+    auto t0 = clock::now();
+    std::string why;
+    try {
+        auto made =
+            loco::comm::nccl::create(2, 0, lonely, nullptr, {.timeout = std::chrono::seconds(2)});
+        FAIL_CHECK("a communicator without its peer was created");
+    } catch (const loco::comm_error& err) {
+        why = err.what();
+    }
+    CHECK(clock::now() - t0 >= std::chrono::seconds(2));
+    CHECK(clock::now() - t0 < std::chrono::seconds(30));
+    CHECK(why.find("did not join within 2000 ms") != std::string::npos);
+
+    // Rank 1 of a file bootstrap whose rank 0 never writes the id.
+    const std::string path = "/tmp/loco-nccl-absent-" + std::to_string(getpid()) + "-" +
+                             std::to_string(process_seed());
+    t0 = clock::now();
+    why.clear();
+    try {
+        auto made = loco::comm::nccl_bootstrap_file(path, 2, 1, nullptr,
+                                                    {.timeout = std::chrono::milliseconds(300)});
+        FAIL_CHECK("a bootstrap without rank 0 returned");
+    } catch (const loco::comm_error& err) {
+        why = err.what();
+    }
+    CHECK(clock::now() - t0 < std::chrono::seconds(10));
+    CHECK(why.find("did not appear within 300 ms") != std::string::npos);
+    CHECK(why.find(path) != std::string::npos);
+}
+
 namespace {
 
 // The number of ranks for the multi-GPU NCCL tests (one per GPU, at most 4), or 0 after printing
