@@ -164,19 +164,9 @@ public:
         }(std::make_index_sequence<count>{});
     }
 
-private:
-    // The index of the first group that takes p, or count when none does.
-    static std::size_t route(const parameter& p) {
-        using matcher = bool (*)(const parameter&);
-        static constexpr matcher matchers[] = {&Groups::selector::matches...};
-        for (std::size_t g = 0; g < count; ++g) {
-            if (matchers[g](p)) {
-                return g;
-            }
-        }
-        return count;
-    }
-
+    // The routing: each group's parameters, in their original order, for the group that takes
+    // them first. Throws loco::invalid_argument naming a parameter that no group takes. Public
+    // so that other backends (loco::cuda::optimizer) route exactly as the host does.
     static std::vector<parameter_list> split(const parameter_list& params) {
         std::vector<parameter_list> lists(count);
         for (const auto& p : params) {
@@ -189,6 +179,19 @@ private:
             lists[g].add_views(p.name, p.value, p.grad, p.tag);
         }
         return lists;
+    }
+
+private:
+    // The index of the first group that takes p, or count when none does.
+    static std::size_t route(const parameter& p) {
+        using matcher = bool (*)(const parameter&);
+        static constexpr matcher matchers[] = {&Groups::selector::matches...};
+        for (std::size_t g = 0; g < count; ++g) {
+            if (matchers[g](p)) {
+                return g;
+            }
+        }
+        return count;
     }
 
     template <std::size_t... I>

@@ -2,7 +2,9 @@
 // loco::cuda::diloco: loco::diloco for parameters in GPU memory, with the same configuration,
 // semantics and checkpoint format (an fp32 model's checkpoint moves between host and GPU runs).
 //
-//   inner step    two launches (non-finite check, fused update); no host synchronisation
+//   inner step    two launches (non-finite check, fused update); no host synchronisation.
+//                 With Inner = loco::groups<...> (backend/cuda/groups.hpp): the check, then each
+//                 group's launches (fused update, or Muon's cuBLAS step)
 //   sync          phase 1 (delta = global - local, one launch), the average over the workers,
 //                 phase 2 (outer update of global and state, written into the parameters, one
 //                 launch)
@@ -27,6 +29,7 @@
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
 #include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/groups.hpp>
 #include <loco/backend/cuda/memory.hpp>
 #include <loco/backend/cuda/optimizer.hpp>
 #include <loco/backend/cuda/table.hpp>
@@ -120,12 +123,14 @@ class diloco {
 
 public:
     using inner_policy = Inner;
+    // Inner::hyper, or for loco::groups<...> the tuple of every group's hyper-parameters.
+    using inner_hyper_type = typename cuda::optimizer<Inner>::hyper_type;
     using outer_policy = Outer;
     using compressor_policy = Compressor;
     using schedule_policy = Schedule;
 
     struct config {
-        typename Inner::hyper inner{};
+        inner_hyper_type inner{};
         typename Outer::hyper outer{};
         typename Schedule::hyper schedule{};
         typename Compressor::hyper compress{};
@@ -138,9 +143,11 @@ public:
     };
 
     diloco(const parameter_list& params, comm::communicator& comm, config cfg = {})
-        : diloco(backend::cuda::tensor_table::from(params), &params, comm, cfg) {}
+        : diloco(params, &params, comm, cfg) {}
 
+    // bf16 parameters (element-wise inner policies; parameter groups route a parameter_list).
     diloco(backend::cuda::tensor_table table, comm::communicator& comm, config cfg = {})
+        requires(!detail::is_groups<Inner>)
         : diloco(std::move(table), nullptr, comm, cfg) {}
 
     // Collective once: the initial broadcast (see loco::diloco::start).
@@ -227,8 +234,8 @@ public:
                                           stream());
     }
 
-    typename Inner::hyper& inner_hyper() noexcept { return inner_.hyper(); }
-    const typename Inner::hyper& inner_hyper() const noexcept { return inner_.hyper(); }
+    inner_hyper_type& inner_hyper() noexcept { return inner_.hyper(); }
+    const inner_hyper_type& inner_hyper() const noexcept { return inner_.hyper(); }
     typename Outer::hyper& outer_hyper() noexcept { return outer_hyper_; }
     const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
     typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
@@ -403,9 +410,11 @@ private:
         std::unique_ptr<comm::cuda_staging> staging_;
     };
 
-    diloco(backend::cuda::tensor_table table, const parameter_list* shapes,
-           comm::communicator& comm, config cfg)
-        : inner_(std::move(table), {cfg.inner, cfg.on_nonfinite, cfg.stream, cfg.seed}),
+    // `source`: a tensor_table, or the parameter_list (which groups need for their routing).
+    template <class Source>
+    diloco(Source&& source, const parameter_list* shapes, comm::communicator& comm, config cfg)
+        : inner_(std::forward<Source>(source),
+                 {cfg.inner, cfg.on_nonfinite, cfg.stream, cfg.seed}),
           comm_(&comm),
           outer_hyper_(cfg.outer),
           schedule_hyper_(cfg.schedule),

@@ -17,6 +17,7 @@
 #include <loco/backend/cuda/table.hpp>
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
+#include <loco/groups.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
@@ -75,13 +76,25 @@ private:
     Hyper uploaded_;
 };
 
+// Whether Inner is loco::groups<...> (served by the specialisation in backend/cuda/groups.hpp).
+template <class Inner>
+inline constexpr bool is_groups = false;
+template <class... Groups>
+inline constexpr bool is_groups<loco::groups<Groups...>> = true;
+
 }  // namespace detail
 
+// Element-wise inner policies. loco::groups<...> of element-wise policies and inner::muon (e.g.
+// MuLoCo's Muon + AdamW) are a specialisation in <loco/backend/cuda/groups.hpp>.
 template <class Inner>
 class optimizer {
-    static_assert(elementwise_optimizer<Inner>,
-                  "loco::cuda::optimizer runs element-wise inner policies; a per-matrix policy "
-                  "(Muon) runs in loco::optimizer on the host in this version");
+    static_assert(elementwise_optimizer<Inner> || !detail::is_groups<Inner>,
+                  "loco::cuda::optimizer<loco::groups<...>> is declared in "
+                  "<loco/backend/cuda/groups.hpp>: include it (or <loco/cuda.hpp>)");
+    static_assert(elementwise_optimizer<Inner> || detail::is_groups<Inner>,
+                  "loco::cuda::optimizer runs element-wise inner policies, and Muon inside "
+                  "parameter groups: loco::groups<loco::group<loco::otherwise, "
+                  "loco::inner::muon>> (docs/groups.md, docs/cuda.md)");
 
 public:
     using policy = Inner;
