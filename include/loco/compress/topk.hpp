@@ -11,8 +11,9 @@
 //   so the choice is a function of x alone. NaN counts as larger than every number (it is always
 //   sent, so a non-finite pseudo-gradient still reaches the receiver); -0 and +0 are equal.
 //   decode: x_i for a sent index i, 0 elsewhere.
-// The order is that of magnitude_key() below, the bit pattern of |x| as an unsigned integer,
-// which orders every float including NaN and is the key a GPU radix select uses.
+// The order is that of magnitude_key() below, the bit pattern of |x| as an unsigned integer
+// (every NaN the same key, above infinity), which orders every float and is the key a GPU radix
+// select uses. A NaN is sent as the canonical quiet NaN 0x7fc00000, whatever its bits.
 //
 // Error bound: sent elements are exact; an element not sent decodes to 0, an error of |x| <=
 // the smallest magnitude sent from its segment.
@@ -63,8 +64,16 @@ struct topk {
     }
 
     // The sort key of the definition: larger key, larger magnitude; NaN above infinity.
+    // Every NaN has one key, above infinity's, and is sent as the one canonical quiet NaN: the
+    // same arithmetic gives different NaN bits on an x86 host and on a GPU, and neither the choice
+    // of elements (ties between NaNs go to the lower index) nor the payload may depend on where
+    // it was encoded.
     LOCO_HD static std::uint32_t magnitude_key(float x) noexcept {
-        return loco::detail::float_bits(x) & 0x7fffffffu;
+        const std::uint32_t key = loco::detail::float_bits(x) & 0x7fffffffu;
+        return key > 0x7f800000u ? 0x7fc00000u : key;
+    }
+    LOCO_HD static float wire_value(float x) noexcept {
+        return x != x ? loco::detail::float_from_bits(0x7fc00000u) : x;
     }
 
     // How many elements a segment of n sends.
@@ -93,7 +102,7 @@ struct topk {
             select(x.subspan(s.offset, s.size), k, order);
             for (std::size_t j = 0; j < k; ++j) {
                 wire::put<std::uint32_t>(out, at + 4 * j, order[j]);
-                wire::put<float>(out, at + 4 * (k + j), x[s.offset + order[j]]);
+                wire::put<float>(out, at + 4 * (k + j), wire_value(x[s.offset + order[j]]));
             }
             at += 8 * k;
         }

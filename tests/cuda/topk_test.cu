@@ -1,0 +1,559 @@
+// The fused CUDA top-k (backend/cuda/compress_topk.hpp) against the host compressor
+// (compress/topk.hpp) and the host exchanger's average: device payloads must be the host's byte for
+// byte, error-feedback residuals bit for bit, averages as the host computes them; malformed
+// payloads are refused, naming the rank.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "model.cuh"
+
+#include <loco/backend/cuda/compress_topk.hpp>
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lcu = loco::backend::cuda;
+namespace cz = loco::compress;
+
+using topk = cz::topk;
+using ef_topk = cz::error_feedback<cz::topk>;
+
+void synchronize() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+std::vector<std::byte> download(const std::byte* p, std::size_t n) {
+    std::vector<std::byte> out(n);
+    check_cuda(cudaMemcpy(out.data(), p, n, cudaMemcpyDeviceToHost), "download");
+    return out;
+}
+void upload(std::byte* p, const std::vector<std::byte>& bytes) {
+    check_cuda(cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "upload");
+}
+
+float bits_float(std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Equal bits, or both NaN: a GPU writes its canonical NaN where arithmetic meets a NaN, the host
+// propagates an operand's.
+bool same_float(float a, float b) {
+    return std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
+}
+
+void expect_same_floats(const std::vector<float>& got, const std::vector<float>& want,
+                        const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::size_t bad = 0;
+    std::ostringstream first;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        if (!same_float(got[i], want[i]) && bad++ < 6) {
+            std::uint32_t g, w;
+            std::memcpy(&g, &got[i], 4);
+            std::memcpy(&w, &want[i], 4);
+            first << "  [" << i << "] got " << got[i] << " (0x" << std::hex << g << "), want "
+                  << want[i] << " (0x" << w << std::dec << ")\n";
+        }
+    }
+    INFO(what << ": " << bad << " of " << got.size() << " elements differ; first:\n"
+              << first.str());
+    CHECK(bad == 0);
+}
+
+// The payloads byte for byte (NaN values included: the device propagates NaN as the host does).
+void expect_same_payload(const std::vector<std::byte>& got, const std::vector<std::byte>& want,
+                         const lcu::topk_plan& plan, const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::vector<bool> value_word(got.size() / 4, false);
+    std::size_t at = cz::wire::header_bytes;
+    for (const auto& s : plan.segments()) {
+        const std::size_t k = topk::count(plan.hyper(), s.size);
+        for (std::size_t j = 0; j < k; ++j) {
+            value_word[(at + 4 * k + 4 * j) / 4] = true;
+        }
+        at += 8 * k;
+    }
+    REQUIRE(at == got.size());
+    std::size_t bad = 0;
+    std::ostringstream first;
+    for (std::size_t w = 0; w < got.size() / 4; ++w) {
+        std::uint32_t g, h;
+        std::memcpy(&g, got.data() + 4 * w, 4);
+        std::memcpy(&h, want.data() + 4 * w, 4);
+        if (g != h && bad++ < 8) {
+            first << "  bytes [" << 4 * w << ", " << 4 * w + 4 << ") got 0x" << std::hex << g
+                  << ", want 0x" << h << std::dec
+                  << (w < 10 ? " (header)" : (value_word[w] ? " (a value)" : " (an index)"))
+                  << "\n";
+        }
+    }
+    INFO(what << ": " << bad << " words differ; first:\n" << first.str());
+    CHECK(bad == 0);
+}
+
+// Values for tensor i of a rank: ordinary, or one of the awkward kinds the selection must order
+// as the host does.
+enum class flavor { normal, ties, signs, special, subnormal, zeros, huge, count };
+
+std::vector<float> values_for(std::mt19937_64& rng, const device_model& m) {
+    std::vector<float> x = normal_floats(rng, m.total(), 1.0f);
+    std::uniform_int_distribution<int> pick(0, 5);
+    std::uniform_int_distribution<std::uint32_t> mantissa(1, 0x7fffff);
+    std::uniform_int_distribution<std::uint32_t> payload(1, 0x3fffff);
+    m.for_each_tensor([&](std::size_t i, const tensor_shape& s, std::size_t off) {
+        float* t = x.data() + off;
+        const auto f = static_cast<flavor>(i % static_cast<std::size_t>(flavor::count));
+        for (std::size_t k = 0; k < s.size; ++k) {
+            switch (f) {
+                case flavor::ties: {  // many equal magnitudes, +0 and -0
+                    static const float set[] = {1.0f, -1.0f, 0.5f, -0.5f, 0.0f, -0.0f};
+                    t[k] = set[pick(rng)];
+                    break;
+                }
+                case flavor::signs:  // equal magnitudes differing only in sign
+                    t[k] = (rng() & 1 ? 0.25f : 3.0f) * (rng() & 2 ? -1.0f : 1.0f);
+                    break;
+                case flavor::special: {  // NaN (several payloads and signs), infinities
+                    const unsigned r = static_cast<unsigned>(rng() % 16);
+                    if (r == 0) {
+                        t[k] = bits_float(0x7fc00000u | payload(rng));
+                    } else if (r == 1) {
+                        t[k] = -std::numeric_limits<float>::quiet_NaN();
+                    } else if (r == 2) {
+                        t[k] = std::numeric_limits<float>::infinity();
+                    } else if (r == 3) {
+                        t[k] = -std::numeric_limits<float>::infinity();
+                    }
+                    break;
+                }
+                case flavor::subnormal:
+                    t[k] = bits_float((rng() & 1 ? 0x80000000u : 0u) |
+                                      (rng() % 4 == 0 ? 0u : mantissa(rng)));
+                    break;
+                case flavor::zeros:
+                    t[k] = rng() & 1 ? 0.0f : -0.0f;
+                    break;
+                case flavor::huge:  // near the top of the range: averages overflow
+                    t[k] = rng() % 3 == 0 ? 3.0e38f : t[k];
+                    break;
+                default:
+                    break;
+            }
+        }
+    });
+    return x;
+}
+
+struct variant {
+    bool feedback;
+    float decay;
+    bool fold;
+    const char* name;
+};
+
+constexpr variant plain{false, 1.0f, false, "topk"};
+constexpr variant ef_classic{true, 1.0f, false, "error_feedback decay 1"};
+constexpr variant ef_muloco{true, 0.5f, true, "error_feedback decay 0.5, lr folded"};
+
+// M ranks encode fresh pseudo-gradients on the device and on the host; the payloads and
+// residuals must agree, then the gathered device payloads pass the check and average to the
+// host exchanger's average.
+void check_against_host(const std::string& label, const std::vector<tensor_shape>& shapes,
+                        float ratio, const variant& v, int ranks) {
+    CAPTURE(label);
+    CAPTURE(ratio);
+    CAPTURE(std::string(v.name));
+    CAPTURE(ranks);
+    auto rng = rng_for(label + " " + v.name + " " + std::to_string(ratio));
+    device_model m(shapes);
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{ratio};
+    const lcu::topk_plan plan(table, th);
+    const auto& segs = plan.segments();
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    REQUIRE(p == topk::payload_bytes(th, segs));
+    lcu::device_buffer<float> delta(std::max<std::size_t>(padded, 1)),
+        residual(std::max<std::size_t>(padded, 1)), next(std::max<std::size_t>(padded, 1));
+    lcu::device_buffer<std::byte> payload(p), gathered(static_cast<std::size_t>(ranks) * p);
+    lcu::stream s;
+    ef_topk::hyper eh;
+    eh.compress = th;
+    eh.decay = v.decay;
+    eh.fold_outer_lr = v.fold;
+    std::vector<std::vector<std::byte>> host_payloads;
+    for (int r = 0; r < ranks; ++r) {
+        CAPTURE(r);
+        cz::encode_context ctx;
+        ctx.seed = rng();
+        ctx.round = rng() % 1000;
+        ctx.rank = r;
+        ctx.outer_lr = std::uniform_real_distribution<float>(0.1f, 1.5f)(rng);
+        const std::vector<float> x = values_for(rng, m);
+        std::vector<float> state;
+        if (v.feedback) {
+            state = normal_floats(rng, n, 0.3f);
+            // Zero residuals keep the ties of the tie-heavy tensors (s * x keeps equal magnitudes
+            // equal).
+            m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
+                const auto f = static_cast<flavor>(i % static_cast<std::size_t>(flavor::count));
+                if (f == flavor::ties || f == flavor::signs || f == flavor::zeros) {
+                    std::fill_n(state.begin() + static_cast<std::ptrdiff_t>(off), sh.size, 0.0f);
+                }
+            });
+            lcu::from_flat<float>(table, state, residual.get());
+        }
+        lcu::from_flat<float>(table, x, delta.get());
+        synchronize();
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.residual = residual.get();
+        io.next_residual = r % 2 == 0 ? next.get() : residual.get();  // in place on odd ranks
+        io.payload = payload.get();
+        const lcu::device_encode_context dctx{ctx.seed, ctx.round, r, ctx.outer_lr, nullptr};
+        std::vector<std::byte> want(p);
+        if (v.feedback) {
+            lcu::encode_topk<ef_topk, lcu::encode_from::delta>(plan, table, eh, io, dctx, s);
+            ef_topk::encode(eh, x, segs, state, ctx, want);
+        } else {
+            lcu::encode_topk<topk, lcu::encode_from::delta>(plan, table, th, io, dctx, s);
+            topk::encode(th, x, segs, {}, ctx, want);
+        }
+        s.synchronize();
+        expect_same_payload(download(payload.get(), p), want, plan, label + ": payload");
+        if (v.feedback) {
+            expect_same_floats(lcu::to_flat(table, io.next_residual), state,
+                               label + ": residual");
+        }
+        check_cuda(cudaMemcpy(gathered.get() + static_cast<std::size_t>(r) * p, payload.get(), p,
+                              cudaMemcpyDeviceToDevice),
+                   "gather");
+        host_payloads.push_back(want);
+    }
+
+    // The host exchanger's average: decode every payload, sum in rank order, divide.
+    std::vector<float> want(n, 0.0f), one(n, 0.0f);
+    for (const auto& hp : host_payloads) {
+        topk::decode(th, hp, segs, one);
+        for (std::size_t i = 0; i < n; ++i) {
+            want[i] += one[i];
+        }
+    }
+    for (auto& a : want) {
+        a = a / static_cast<float>(ranks);
+    }
+    lcu::topk_payload_check check(ranks);
+    check.run(plan, table, gathered.get(), s);
+    lcu::device_buffer<float> avg(std::max<std::size_t>(padded, 1));
+    lcu::decode_average_topk(plan, table, gathered.get(), ranks, avg.get(), s);
+    s.synchronize();
+    expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
+    if (padded != 0) {  // the padding is 0
+        std::vector<float> all(padded);
+        check_cuda(cudaMemcpy(all.data(), avg.get(), padded * 4, cudaMemcpyDeviceToHost), "avg");
+        std::size_t nonzero_padding = 0;
+        for (std::size_t i = 0; i < table.size(); ++i) {
+            const std::size_t end = i + 1 < table.size() ? table.padded_offset(i + 1) : padded;
+            for (std::size_t j = table.padded_offset(i) + table.spec(i).size; j < end; ++j) {
+                nonzero_padding += all[j] != 0.0f ? 1 : 0;
+            }
+        }
+        CHECK(nonzero_padding == 0);
+    }
+}
+
+std::vector<tensor_shape> shapes_of(const std::vector<std::size_t>& sizes) {
+    std::vector<tensor_shape> out;
+    for (const std::size_t n : sizes) {
+        out.push_back({n});
+    }
+    return out;
+}
+
+// Sizes at the edges of the work split (a CTA takes 4096 elements), then random ones.
+std::vector<tensor_shape> edge_shapes(std::mt19937_64& rng) {
+    std::vector<std::size_t> sizes{0, 1, 3, 255, 256, 257, 0, 4095, 4096, 4097, 8193, 12289, 2};
+    std::uniform_int_distribution<std::size_t> size(0, 5000);
+    for (int i = 0; i < 15; ++i) {
+        sizes.push_back(size(rng));
+    }
+    return shapes_of(sizes);
+}
+
+// k = 1 for every segment of these tests (count is max(1, ceil(ratio n))).
+constexpr float ratio_k1 = 1.0e-7f;
+
+}  // namespace
+
+TEST_CASE("topk on the device: every ratio, with and without error feedback, equals the host") {
+    auto rng = rng_for("topk edges");
+    const std::vector<tensor_shape> shapes = edge_shapes(rng);
+    int turn = 0;
+    for (const float ratio : {0.02f, 0.3f, 1.0f, ratio_k1}) {
+        for (const variant& v : {plain, ef_classic, ef_muloco}) {
+            const int ranks = turn % 3 == 0 ? 1 : (turn % 3 == 1 ? 3 : 4);
+            ++turn;
+            check_against_host("topk edges", shapes, ratio, v, ranks);
+        }
+    }
+}
+
+TEST_CASE("topk on the device: 500 tensors of random sizes") {
+    auto rng = rng_for("topk many");
+    std::uniform_int_distribution<std::size_t> size(0, 3000);
+    std::vector<std::size_t> sizes(500);
+    for (auto& n : sizes) {
+        n = size(rng);
+    }
+    const auto shapes = shapes_of(sizes);
+    // (One rank each: the CPU emulator runs these CTAs one after another. The averages of M = 3
+    // and 4 are checked on the edge sizes above.)
+    check_against_host("topk many", shapes, 0.02f, ef_muloco, 1);
+    check_against_host("topk many", shapes, ratio_k1, plain, 1);
+}
+
+TEST_CASE("topk on the device: a tensor of a million elements") {
+    const auto shapes = shapes_of({1000003, 5});
+    check_against_host("topk large", shapes, 0.02f, plain, 3);
+    check_against_host("topk large", shapes, ratio_k1, ef_muloco, 1);
+}
+
+TEST_CASE("topk encode from the parameters (phase 1 fused in): fp32 and bf16 values, NaN in "
+          "the global snapshot") {
+    auto rng = rng_for("topk params");
+    device_model m(awkward_shapes(rng, 30, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.005f};  // small tensors send fewer elements than their NaNs
+    const lcu::topk_plan plan(table, th);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    std::vector<float> global = m.values();
+    const std::vector<float> noise = normal_floats(rng, n, 0.01f);
+    for (std::size_t i = 0; i < n; ++i) {
+        global[i] += noise[i];
+        if (rng() % 97 == 0) {  // NaNs of several payloads: their bits decide which are sent
+            global[i] = bits_float(0x7fc00000u | static_cast<std::uint32_t>(rng() % 0x3fffff));
+        } else if (rng() % 211 == 0) {
+            global[i] = -std::numeric_limits<float>::infinity();
+        }
+    }
+    lcu::device_buffer<float> dglobal(padded), residual(padded), next(padded),
+        master(std::max<std::size_t>(table.master_elements(), 1));
+    lcu::device_buffer<std::byte> payload(p);
+    m.upload_values();
+    lcu::init_master(table, master.get(), nullptr);
+    lcu::from_flat<float>(table, global, dglobal.get());
+    synchronize();
+    std::vector<float> x(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        x[i] = global[i] - m.values()[i];
+    }
+    lcu::stream s;
+    for (const variant& v : {plain, ef_muloco}) {
+        CAPTURE(std::string(v.name));
+        cz::encode_context ctx;
+        ctx.outer_lr = 0.7f;
+        std::vector<float> state = v.feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
+        if (v.feedback) {
+            lcu::from_flat<float>(table, state, residual.get());
+            synchronize();
+        }
+        lcu::encode_io io;
+        io.global = dglobal.get();
+        io.master = master.get();
+        io.residual = residual.get();
+        io.next_residual = next.get();
+        io.payload = payload.get();
+        const lcu::device_encode_context dctx{0, 0, 0, ctx.outer_lr, nullptr};
+        std::vector<std::byte> want(p);
+        if (v.feedback) {
+            ef_topk::hyper eh;
+            eh.compress = th;
+            eh.decay = v.decay;
+            eh.fold_outer_lr = v.fold;
+            lcu::encode_topk<ef_topk, lcu::encode_from::params>(plan, table, eh, io, dctx, s);
+            ef_topk::encode(eh, x, plan.segments(), state, ctx, want);
+        } else {
+            lcu::encode_topk<topk, lcu::encode_from::params>(plan, table, th, io, dctx, s);
+            topk::encode(th, x, plan.segments(), {}, ctx, want);
+        }
+        s.synchronize();
+        expect_same_payload(download(payload.get(), p), want, plan, "from the parameters: payload");
+        if (v.feedback) {
+            expect_same_floats(lcu::to_flat(table, next.get()), state,
+                               "from the parameters: residual");
+        }
+    }
+}
+
+TEST_CASE("topk_payload_check refuses what the host decoder refuses, naming the rank") {
+    auto rng = rng_for("topk payload check");
+    device_model m(shapes_of({700, 0, 1000, 5000}));
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.3f};
+    const lcu::topk_plan plan(table, th);
+    const std::size_t p = plan.payload_bytes();
+    constexpr int ranks = 3;
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::stream s;
+    for (int r = 0; r < ranks; ++r) {
+        lcu::from_flat<float>(table, normal_floats(rng, m.total()), delta.get());
+        synchronize();
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + r * p;
+        lcu::encode_topk<topk, lcu::encode_from::delta>(plan, table, th, io,
+                                                        {1, 0, r, 1.0f, nullptr}, s);
+        s.synchronize();
+    }
+    const std::vector<std::byte> good = download(gathered.get(), ranks * p);
+    lcu::topk_payload_check check(ranks);
+    check.run(plan, table, gathered.get(), s);
+
+    // Segment 2 (1000 elements) starts after segment 0's 8 k0 bytes (segment 1 is empty).
+    const std::size_t k0 = topk::count(th, 700);
+    const std::size_t k2 = topk::count(th, 1000);
+    const std::size_t seg0 = cz::wire::header_bytes;
+    const std::size_t seg2 = seg0 + 8 * k0;
+    const auto index = [](std::vector<std::byte>& b, std::size_t at) -> std::uint32_t {
+        std::uint32_t v;
+        std::memcpy(&v, b.data() + at, 4);
+        return v;
+    };
+    const auto set_index = [](std::vector<std::byte>& b, std::size_t at, std::uint32_t v) {
+        std::memcpy(b.data() + at, &v, 4);
+    };
+    // Rank 1's payload, changed by `edit`; with `reseal`, its checksum is made right again.
+    const auto refused = [&](auto&& edit, bool reseal, const std::string& message) {
+        CAPTURE(message);
+        std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
+                                   good.begin() + static_cast<std::ptrdiff_t>(2 * p));
+        edit(bad);
+        if (reseal) {
+            const std::uint64_t sum = cz::wire::checksum(
+                std::span<const std::byte>(bad).subspan(cz::wire::header_bytes));
+            std::memcpy(bad.data() + 32, &sum, 8);
+        }
+        std::vector<float> out(m.total());
+        CHECK_THROWS_AS(topk::decode(th, bad, plan.segments(), out), loco::wire_error);
+        upload(gathered.get() + p, bad);
+        CHECK_THROWS_WITH_AS(check.run(plan, table, gathered.get(), s),
+                             doctest::Contains(("from rank 1: " + message).c_str()),
+                             loco::wire_error);
+        upload(gathered.get() + p,
+               std::vector<std::byte>(good.begin() + static_cast<std::ptrdiff_t>(p),
+                                      good.begin() + static_cast<std::ptrdiff_t>(2 * p)));
+    };
+    refused([&](std::vector<std::byte>& b) { set_index(b, seg0, 700); }, true,
+            "index 0 of segment 0 ('t0', 700 elements) is not less than the segment's size");
+    refused([&](std::vector<std::byte>& b) { set_index(b, seg2 + 4 * (k2 - 1), 1000); },
+            true,
+            "index " + std::to_string(k2 - 1) +
+                " of segment 2 ('t2', 1000 elements) is not less than");
+    refused([&](std::vector<std::byte>& b) { set_index(b, seg2 + 4 * 5, index(b, seg2 + 16)); },
+            true, "index 5 of segment 2 ('t2', 1000 elements): indices are not strictly ascending");
+    refused(
+        [&](std::vector<std::byte>& b) {
+            const std::uint32_t a = index(b, seg0 + 4 * 10);
+            set_index(b, seg0 + 4 * 10, index(b, seg0 + 4 * 11));
+            set_index(b, seg0 + 4 * 11, a);
+        },
+        true, "index 11 of segment 0 ('t0', 700 elements): indices are not strictly ascending");
+    refused([&](std::vector<std::byte>& b) { b[seg2 + 4 * k2 + 1] ^= std::byte{0x10}; }, false,
+            "checksum mismatch");
+    refused([&](std::vector<std::byte>& b) { set_index(b, seg0 + 8, index(b, seg0 + 8) + 1); },
+            false, "checksum mismatch");
+    refused(
+        [&](std::vector<std::byte>& b) {
+            const float other = 0.25f;
+            std::memcpy(b.data() + 8, &other, 4);
+        },
+        false, "the block size");
+    check.run(plan, table, gathered.get(), s);  // restored: accepted again
+}
+
+TEST_CASE("decode_average_apply_topk equals outer_apply of the host's average") {
+    using outer = loco::outer::nesterov;
+    auto rng = rng_for("topk apply");
+    device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.1f};
+    const lcu::topk_plan plan(table, th);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    constexpr int ranks = 3;
+    const std::size_t p = plan.payload_bytes();
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(padded);
+    lcu::stream s;
+    std::vector<float> want(n, 0.0f), one(n);
+    for (int r = 0; r < ranks; ++r) {
+        const std::vector<float> x = normal_floats(rng, n, 0.01f);
+        lcu::from_flat<float>(table, x, delta.get());
+        synchronize();
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + r * p;
+        lcu::encode_topk<topk, lcu::encode_from::delta>(plan, table, th, io,
+                                                        {1, 0, r, 1.0f, nullptr}, s);
+        std::vector<std::byte> host(p);
+        topk::encode(th, x, plan.segments(), {}, {}, host);
+        topk::decode(th, host, plan.segments(), one);
+        for (std::size_t i = 0; i < n; ++i) {
+            want[i] += one[i];
+        }
+    }
+    for (auto& a : want) {
+        a = a / static_cast<float>(ranks);
+    }
+    s.synchronize();
+    const auto go = [&](bool fused) {
+        m.upload_values();
+        lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
+            avg(padded);
+        lcu::init_master(table, master.get(), nullptr);
+        lcu::gather_values(table, master.get(), global.get(), nullptr);
+        state.zero(nullptr);
+        synchronize();
+        lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+        if (fused) {
+            lcu::topk_payload_check(ranks).run(plan, table, gathered.get(), s);
+            lcu::decode_average_apply_topk<outer>(plan, table, gathered.get(), ranks,
+                                                  global.get(), state.get(), master.get(),
+                                                  control.hyper(), control.control(), true, s);
+        } else {  // the reference: the host's average, uploaded
+            lcu::from_flat<float>(table, want, avg.get());
+            synchronize();
+            lcu::check_padded(table, avg.get(), control.control(), s);
+            lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(), master.get(),
+                                    control.hyper(), control.control(), true, s);
+        }
+        const auto c = control.read(s);
+        CHECK(c.steps == 1u);
+        return std::vector<std::vector<float>>{m.download_values(),
+                                               lcu::to_flat(table, global.get()),
+                                               lcu::to_flat(table, state.get())};
+    };
+    const auto fused = go(true);
+    const auto reference = go(false);
+    expect_same_floats(fused[0], reference[0], "parameters");
+    expect_same_floats(fused[1], reference[1], "global");
+    expect_same_floats(fused[2], reference[2], "outer state");
+    CHECK(fused[0] != m.values());
+}
