@@ -29,6 +29,7 @@
 #include <boost/mp11.hpp>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -993,6 +994,94 @@ TEST_CASE("statistical: groups of one element, constant groups, non-finite value
     CHECK(std::vector<float>(out.begin(), out.begin() + 4) == w);
 }
 
+TEST_CASE("statistical: the summation order is the documented one, close to the exact sum") {
+    using S = lc::statistical<2>;
+    static_assert(S::chunk == 2048 && S::lanes == 32);
+    const auto sum_of = [](const std::vector<float>& x) {
+        return S::ordered_sum(x.size(), [&](std::size_t i) { return static_cast<double>(x[i]); });
+    };
+
+    // Within a chunk: lane 0 holds elements 0 and 32, lanes 1 .. 31 one element each. With
+    // x_0 = 1, x_32 = -1 and 2^-60 elsewhere, element order loses every 2^-60 against the 1
+    // (below half an ulp) and gives 0; the documented order cancels 1 - 1 in lane 0 first and
+    // sums the small terms exactly in the tree: 31 * 2^-60.
+    std::vector<float> x(33, 0x1.0p-60f);
+    x[0] = 1.0f;
+    x[32] = -1.0f;
+    double in_order = 0.0;
+    for (const float v : x) {
+        in_order += static_cast<double>(v);
+    }
+    CHECK(in_order == 0.0);
+    CHECK(sum_of(x) == 31 * 0x1.0p-60);
+
+    // Across chunks: the chunk sums are added in chunk order, each chunk summed as a group of
+    // its own (a chunk's sum does not depend on where it sits, only on its elements).
+    auto rng = rng_for("statistical summation order");
+    for (const std::size_t n : {1u, 31u, 32u, 33u, 2047u, 2048u, 2049u, 4096u, 5000u, 100003u}) {
+        CAPTURE(n);
+        std::vector<float> v = normal_floats(rng, n);
+        for (std::size_t i = 0; i < n; i += 7) {  // a wide range of magnitudes
+            v[i] *= 0x1.0p20f;
+        }
+        double chunks = 0.0;
+        for (std::size_t first = 0; first < n; first += S::chunk) {
+            chunks += sum_of(std::vector<float>(
+                v.begin() + static_cast<std::ptrdiff_t>(first),
+                v.begin() + static_cast<std::ptrdiff_t>(std::min(n, first + S::chunk))));
+        }
+        CHECK(sum_of(v) == chunks);
+        // Against a reference that is exact to far below 1e-12 (long double, Kahan-compensated).
+        long double ref = 0.0L, comp = 0.0L, magnitude = 0.0L;
+        for (const float f : v) {
+            const long double y = static_cast<long double>(f) - comp;
+            const long double t = ref + y;
+            comp = (t - ref) - y;
+            ref = t;
+            magnitude += std::fabs(static_cast<long double>(f));
+        }
+        CHECK(std::fabs(static_cast<long double>(sum_of(v)) - ref) <= 1e-12L * magnitude);
+        // The sum of squares around the shift, as group_scale takes it.
+        const float shift = S::group_shift(v.data(), n);
+        const double squares = S::ordered_sum(n, [&](std::size_t i) {
+            const double c = static_cast<double>(v[i]) - static_cast<double>(shift);
+            return c * c;
+        });
+        long double sq_ref = 0.0L;
+        for (const float f : v) {
+            const long double c =
+                static_cast<long double>(f) - static_cast<long double>(shift);
+            sq_ref += c * c;
+        }
+        CHECK(std::fabs(static_cast<long double>(squares) - sq_ref) <= 1e-12L * sq_ref);
+    }
+
+    // Small integers sum exactly in any order: then the documented order is the element order,
+    // whatever the chunk boundaries.
+    std::vector<float> ints(10000);
+    std::uniform_int_distribution<int> pick(-1000, 1000);
+    double plain = 0.0;
+    for (float& f : ints) {
+        f = static_cast<float>(pick(rng));
+        plain += static_cast<double>(f);
+    }
+    CHECK(sum_of(ints) == plain);
+
+    // The butterfly: the step of offset 16 pairs lane 0 with lane 16 first. With s_0 = 2^53,
+    // s_1 = 1, s_16 = -2^53 and zeros elsewhere, the tree cancels 2^53 before it meets the 1
+    // and gives 1; a left fold rounds 2^53 + 1 to 2^53 (a tie, to even) and gives 0.
+    std::array<double, 32> s{};
+    s[0] = 0x1.0p53;
+    s[1] = 1.0;
+    s[16] = -0x1.0p53;
+    double fold = 0.0;
+    for (const double v : s) {
+        fold += v;
+    }
+    CHECK(fold == 0.0);
+    CHECK(S::lane_tree(s) == 1.0);
+}
+
 TEST_CASE("statistical: hyper-parameters and row shapes are checked") {
     using S = lc::statistical<4>;
     const lc::segment segs[] = {{0, 10, 3, 3}};  // 3 rows do not divide 10 elements
@@ -1330,4 +1419,18 @@ TEST_CASE_TEMPLATE("cast: every NaN is sent as the one canonical quiet NaN", Hal
         CHECK(std::isnan(out[i]));
     }
     CHECK(out.back() == 1.5f);
+}
+
+TEST_CASE("topk: every NaN has one key and is sent as the canonical quiet NaN") {
+    // Two NaNs of different bits tie: the lower index goes first, whatever the bits (an x86 host
+    // and a GPU make different NaN bits from the same arithmetic).
+    const std::vector<float> v = {1.0f, float_of(0xffc00000u), float_of(0x7fffffffu), -3.0f};
+    CHECK(lc::topk::magnitude_key(v[1]) == lc::topk::magnitude_key(v[2]));
+    CHECK(lc::topk::magnitude_key(v[1]) > lc::topk::magnitude_key(
+                                               std::numeric_limits<float>::infinity()));
+    const lc::segment segs[] = {one_d(0, v.size())};
+    const lc::topk::hyper h{.ratio = 0.25f};  // k = 1
+    const auto payload = encode<lc::topk>(h, v, segs, {});
+    CHECK(wire::get<std::uint32_t>(payload, wire::header_bytes) == 1u);
+    CHECK(bits_of(wire::get<float>(payload, wire::header_bytes + 4)) == 0x7fc00000u);
 }

@@ -18,6 +18,15 @@ LOCO_HD float sqrt(float x) {
 #endif
 }
 
+// Correctly rounded on both sides (IEEE 754 requires it of sqrt), so host and device agree.
+LOCO_HD double sqrt(double x) {
+#if LOCO_DEVICE_PASS()
+    return ::sqrt(x);
+#else
+    return std::sqrt(x);
+#endif
+}
+
 LOCO_HD float pow(float base, float exponent) {
 #if LOCO_DEVICE_PASS()
     return ::powf(base, exponent);

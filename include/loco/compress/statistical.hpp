@@ -17,12 +17,30 @@
 //   lut_b = mean of c_i over the i with q_i = b; 0 for an empty bin   -> fp32
 //   decode: x_i ~ lut[q_i] + shift
 //
-// Sums (shift, sigma, lut) are accumulated in double on the host, in element order, with c_i =
-// double(x_i) - double(shift); shift, scale and lut are then rounded to fp32. The code of an
-// element is computed in fp32 by code() below, t = (x_i - shift) / scale + B/2, and the decoded
-// value is fp32 lut[q] + shift: these are the LOCO_HD functions a CUDA kernel shares. A group
-// holding NaN or +-inf gets a NaN or infinite shift, all its codes are 0 (a NaN t counts as below
-// the range) and it decodes to NaN: the non-finite value still reaches the receiver.
+// Summation order. The three sums (sum_i x_i; sum_i c_i^2; per bin, sum of c_i and the count)
+// are accumulated in double with c_i = double(x_i) - double(shift), in one fixed order that a
+// GPU warp reproduces bit for bit (backend/cuda/compress.hpp), so that host and device payloads
+// are the same bytes:
+//   - the group splits into consecutive chunks of `chunk` = 2048 elements (the last may be
+//     shorter);
+//   - in a chunk, lane l (0 .. 31) sums the terms of elements l, l + 32, l + 64, ... of the chunk,
+//     in that order, starting from 0.0;
+//   - the 32 lane sums are combined by the butterfly of a warp's __shfl_xor_sync reduction: for
+//     m = 16, 8, 4, 2, 1, every lane l takes s_l + s_(l xor m) (lane_tree below; addition
+//     commutes, so both partners hold the same bits and s_0 is the result);
+//   - the chunk sums are added in chunk order, starting from 0.0.
+// No element's term depends on its position, only the rounding of the partial sums does; when
+// every partial sum is exact (small integers, or values of a few nearby binades) the result is
+// the element-order sum. Counts are integers and need no order. A product c * c is rounded
+// before it is added: the host forms it in its own expression (ISO C++ builds contract none
+// across expressions), the device through __dmul_rn / __dadd_rn. shift, scale and lut are then
+// rounded to fp32. The code of an element is computed in fp32 by code() below, t = (x_i -
+// shift) / scale + B/2, and the decoded value is fp32 lut[q] + shift: these are the LOCO_HD
+// functions a CUDA kernel shares. A group holding NaN or +-inf gets a NaN or infinite shift, all
+// its codes are 0 (a NaN t counts as below the range) and it decodes to NaN: the non-finite value
+// still reaches the receiver. A NaN shift or table entry is written as the quiet NaN 0x7fc00000,
+// whatever NaN the arithmetic produced (x86 propagates an operand's payload and sign, a GPU
+// produces its own canonical NaN), so the bytes do not depend on the machine.
 //
 // Error bound. Let S_b be the set of c_j of the group with code b. For an element with code b,
 // |decode - x| <= max S_b - min S_b + 2^-22 * (|x| + |shift| + |lut_b|): lut_b is the mean of
@@ -107,28 +125,103 @@ struct statistical {
 
     LOCO_HD static float value(float lut_entry, float shift) noexcept { return lut_entry + shift; }
 
-    // ---- group statistics (host) ----------------------------------------------------------------
+    // ---- group statistics (host), in the summation order above -------------------------------
 
-    static float group_shift(const float* x, std::size_t n) noexcept {
-        double sum = 0.0;
-        for (std::size_t i = 0; i < n; ++i) {
-            sum += static_cast<double>(x[i]);
+    static constexpr std::size_t chunk = 2048;  // elements per chunk; a power of two
+    static constexpr unsigned lanes = 32;       // a warp
+    static constexpr std::uint32_t nan_bits = 0x7fc00000u;  // the NaN written to payloads
+
+    // The butterfly of a warp's xor-shuffle reduction: after the step of offset m, lane l holds
+    // s_l + s_(l xor m) (what `v + __shfl_xor_sync(mask, v, m)` computes in every lane at once).
+    static double lane_tree(std::array<double, lanes> s) noexcept {
+        for (unsigned m = lanes / 2; m > 0; m /= 2) {
+            std::array<double, lanes> t{};
+            for (unsigned l = 0; l < lanes; ++l) {
+                t[l] = s[l] + s[l ^ m];
+            }
+            s = t;
         }
+        return s[0];
+    }
+
+    // sum over i < n of term(i), in the documented order.
+    template <class Term>
+    static double ordered_sum(std::size_t n, Term term) {
+        double total = 0.0;
+        for (std::size_t first = 0; first < n; first += chunk) {
+            const std::size_t count = std::min(chunk, n - first);
+            std::array<double, lanes> lane{};
+            for (unsigned l = 0; l < lanes; ++l) {
+                for (std::size_t i = l; i < count; i += lanes) {
+                    lane[l] += term(first + i);
+                }
+            }
+            total += lane_tree(lane);
+        }
+        return total;
+    }
+
+    LOCO_HD static float canonical(float v) noexcept {
+        return v == v ? v : loco::detail::float_from_bits(nan_bits);
+    }
+
+    static float group_shift(const float* x, std::size_t n) {
+        const double sum =
+            ordered_sum(n, [x](std::size_t i) { return static_cast<double>(x[i]); });
         return static_cast<float>(sum / static_cast<double>(n));
     }
 
-    static float group_scale(const float* x, std::size_t n, float shift, float range) noexcept {
+    static float group_scale(const float* x, std::size_t n, float shift, float range) {
         if (n < 2) {
             return 1.0f;  // the unbiased variance of one element is NaN
         }
-        double squares = 0.0;
-        for (std::size_t i = 0; i < n; ++i) {
+        const double squares = ordered_sum(n, [x, shift](std::size_t i) {
             const double c = static_cast<double>(x[i]) - static_cast<double>(shift);
-            squares += c * c;
+            return c * c;
+        });
+        return scale_of(squares, n, range);
+    }
+
+    // scale from the sum of squares (shared with the device's finishing kernel).
+    LOCO_HD static float scale_of(double squares, std::size_t n, float range) noexcept {
+        if (n < 2) {
+            return 1.0f;
         }
-        const double sigma = std::sqrt(squares / static_cast<double>(n - 1));
+        const double sigma = math::sqrt(squares / static_cast<double>(n - 1));
         const float scale = static_cast<float>(static_cast<double>(range) * sigma / bins);
         return scale == 0.0f || !math::isfinite(scale) ? 1.0f : scale;
+    }
+
+    // The per-bin sums of c and counts of a group, in the documented order; lut_b their mean.
+    static std::array<float, bins> group_lut(const float* x, std::size_t n, float shift,
+                                             float scale) {
+        std::array<double, bins> sums{};
+        std::array<std::size_t, bins> counts{};
+        for (std::size_t first = 0; first < n; first += chunk) {
+            const std::size_t count = std::min(chunk, n - first);
+            std::array<std::array<double, lanes>, bins> lane{};
+            for (unsigned l = 0; l < lanes; ++l) {
+                for (std::size_t i = l; i < count; i += lanes) {
+                    const float v = x[first + i];
+                    const unsigned q = code(v, shift, scale);
+                    lane[q][l] += static_cast<double>(v) - static_cast<double>(shift);
+                    ++counts[q];
+                }
+            }
+            for (unsigned b = 0; b < bins; ++b) {
+                sums[b] += lane_tree(lane[b]);
+            }
+        }
+        std::array<float, bins> lut{};
+        for (unsigned b = 0; b < bins; ++b) {
+            lut[b] = lut_entry(sums[b], counts[b]);
+        }
+        return lut;
+    }
+
+    LOCO_HD static float lut_entry(double sum, std::uint64_t count) noexcept {
+        return count == 0 ? 0.0f
+                          : canonical(static_cast<float>(sum / static_cast<double>(count)));
     }
 
     // ---- the compressor interface ---------------------------------------------------------------
@@ -256,18 +349,13 @@ private:
                              std::size_t first) {
         const float shift = group_shift(x, n);
         const float scale = group_scale(x, n, shift, h.range);
-        std::array<double, bins> sums{};
-        std::array<std::size_t, bins> counts{};
         for (std::size_t i = 0; i < n; ++i) {
-            const unsigned q = code(x[i], shift, scale);
-            wire::pack<Bits>(codes, first + i, q);
-            sums[q] += static_cast<double>(x[i]) - static_cast<double>(shift);
-            ++counts[q];
+            wire::pack<Bits>(codes, first + i, code(x[i], shift, scale));
         }
-        wire::put<float>(out, record, shift);
+        const std::array<float, bins> lut = group_lut(x, n, shift, scale);
+        wire::put<float>(out, record, canonical(shift));
         for (unsigned b = 0; b < bins; ++b) {
-            const double mean = counts[b] == 0 ? 0.0 : sums[b] / static_cast<double>(counts[b]);
-            wire::put<float>(out, record + 4 * (1 + b), static_cast<float>(mean));
+            wire::put<float>(out, record + 4 * (1 + b), lut[b]);
         }
     }
 

@@ -23,7 +23,7 @@ flags=(-std=c++20 -O1 -g -x c++ -D__CUDACC__ -D__CUDA_ARCH__=900 -DLOCO_TEST_NCC
        -I"$here" -I"$root/include" -I"$root/tests" -Wall -Wextra -Wno-unknown-pragmas)
 objs=()
 pids=()
-for src in main.cu inner_test.cu outer_test.cu comm_test.cu handles_test.cu compress_test.cu muon_test.cu; do
+for src in main.cu inner_test.cu outer_test.cu comm_test.cu handles_test.cu compress_test.cu muon_test.cu statistical_test.cu groups_test.cu topk_test.cu; do
   obj=$out/${src%.cu}.o
   objs+=("$obj")
   g++ "${flags[@]}" -c "$root/tests/cuda/$src" -o "$obj" &

@@ -95,6 +95,7 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 inline unsigned atomicOr(unsigned* p, unsigned v) {
     return std::atomic_ref<unsigned>(*p).fetch_or(v);

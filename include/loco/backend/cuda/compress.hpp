@@ -1,7 +1,8 @@
 #pragma once
 // Fused CUDA compression of pseudo-gradients: compress::blockwise<Bits, Block> (every Bits,
-// Block, scale and rounding), compress::cast<bf16 | fp16>, and error_feedback<> around either,
-// encoded and decoded on the device. A device payload is byte for byte the host compressor's
+// Block, scale and rounding), compress::cast<bf16 | fp16>, compress::statistical<1 | 2 | 4> (per
+// tensor and per row), and error_feedback<> around any of them, encoded and decoded on the
+// device. A device payload is byte for byte the host compressor's
 // (compress/*.hpp): the same wire header, layout and checksum, and the same codes, because every
 // per-element rule is the headers' own LOCO_HD function, and the device never lets a rounding
 // depend on an order the host does not use:
@@ -26,7 +27,9 @@
 //            inputs twice and pack codes with atomicOr into a zeroed payload.)
 //   verify   on the M gathered payloads: a checksum kernel (reads M P bytes) and an inspect
 //            kernel (blockwise: the M scales of each block, the codes of blocks of scale 0 or NaN
-//            and each segment's last bytes; cast: every payload, to find non-finite averages).
+//            and each segment's last bytes; cast: every payload, to find non-finite averages;
+//            statistical: the bins each group's codes use, then its table and padding, and every
+//            payload for non-finite averages).
 //            The M headers (40 bytes each) and a verdict of 8 (2M + 1) bytes go to the host,
 //            which throws loco::wire_error, naming the rank, before anything is written.
 //   apply    1 kernel: decodes the M payloads, averages in fp32 in rank order (bit-identical on
@@ -36,9 +39,20 @@
 //
 // Layouts. Inputs and outputs on the device use the padded layout of a tensor_table; payloads
 // use the flat segments of the host (one segment per tensor of the table, in order), so a
-// payload encoded here decodes on the host and the reverse. compress::statistical is not here:
-// its group statistics are double sums over whole tensors in element order, which a parallel
-// reduction cannot reproduce bit for bit; loco::cuda::diloco keeps it on the host exchange.
+// payload encoded here decodes on the host and the reverse.
+//
+// compress::statistical. Its shift, scale and per-bin means are double sums over whole groups (a
+// tensor or a row), so one pass cannot encode: the statistics come first. statistical.hpp defines
+// the order of those sums for this purpose (chunks of 2048 elements of a group; lane l of a warp
+// sums elements l, l + 32, ... of a chunk; the lane sums meet in the xor butterfly of
+// group_sum<32>; chunks add in order), so a warp per chunk plus one thread per group reproduce
+// the host's doubles bit for bit, and the payloads stay the host's bytes. Passes (see
+// encode_statistical): (1) e formed and summed, (2) sum of (e - shift)^2, (3) codes and per-bin
+// sums, (4) the residual, each but the last followed by a one-thread-per-group kernel; ~32 B per
+// element with error feedback from fp32 parameters, against 16 B for blockwise. The layout
+// depends on the granularity (per row: a record per row), so compress_plan<statistical<B>> takes
+// it with the rows of every tensor, and refuses hyper-parameters of the other granularity.
+// statistical<8> (256 bins: per-lane sums that no longer fit registers) stays on the host.
 
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/dtype.hpp>
@@ -50,6 +64,7 @@
 #include <loco/compress/cast.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/error_feedback.hpp>
+#include <loco/compress/statistical.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/config.hpp>
 #include <loco/error.hpp>
@@ -142,10 +157,24 @@ struct codec_traits<compress::cast<T>> {
     static constexpr std::uint32_t block = 0;
 };
 
+// statistical<Bits>: the per-bin sums of a chunk are held in a lane's registers (2^Bits doubles
+// and counts), which stays reasonable up to 16 bins; statistical<8> keeps the host exchange.
+template <int Bits>
+struct codec_traits<compress::statistical<Bits>> {
+    static constexpr bool available = Bits <= 4;
+    static constexpr bool blockwise = false;
+    static constexpr int bits = Bits;
+};
+
+template <class C>
+inline constexpr bool is_statistical = false;
+template <int Bits>
+inline constexpr bool is_statistical<compress::statistical<Bits>> = true;
+
 }  // namespace detail
 
-// device_compressor<C>::available: C (blockwise, cast, or error_feedback<> around one of them)
-// has the fused device path; ::codec is the payload's compressor, ::feedback says whether a
+// device_compressor<C>::available: C (blockwise, cast, statistical<1 | 2 | 4>, or
+// error_feedback<> around one of them) has the fused device path; ::codec is the payload's compressor, ::feedback says whether a
 // residual is kept.
 template <class C>
 struct device_compressor {
@@ -169,7 +198,8 @@ inline constexpr bool has_device_compressor = device_compressor<C>::available;
 // Per tensor of the table: where its segment starts in the payload body, and its blocks.
 struct compress_tensor {
     std::uint64_t body;
-    std::uint64_t blocks;
+    std::uint64_t blocks;  // statistical: groups
+    std::uint64_t cols;    // statistical: elements per group (0 for an empty tensor); else 0
 };
 
 // One CTA's work: elements [first, first + count) of a tensor; first is a multiple of the
@@ -232,8 +262,9 @@ inline void require_payload_pointer(const void* p, const char* name, const char*
 
 }  // namespace detail
 
-// The payload layout of Codec (blockwise<...> or cast<...>) over the tensors of a table: one
-// segment per tensor, as loco::cuda::diloco and the host exchanger use. Built and uploaded once.
+// The payload layout of Codec (blockwise<...> or cast<...>; statistical<...> below) over the
+// tensors of a table: one segment per tensor, as loco::cuda::diloco and the host exchanger use.
+// Built and uploaded once.
 // A plan's encode() calls must be ordered (one stream): they share a checksum accumulator.
 template <class Codec>
 class compress_plan {
@@ -254,7 +285,7 @@ public:
         std::uint64_t body = 0;
         for (std::size_t i = 0; i < table.size(); ++i) {
             const std::size_t n = table.spec(i).size;
-            tensors.push_back({body, traits::blocks(n)});
+            tensors.push_back({body, traits::blocks(n), 0});
             segments_.push_back({table.flat_offset(i), n, 1, n});
             body += traits::segment_bytes(n);
             for (std::size_t first = 0; first < n; first += traits::item_elements) {
@@ -322,6 +353,188 @@ private:
     compress_view view_{};
 };
 
+// ---- the statistical layout --------------------------------------------------------------------
+
+// compress::statistical<Bits> quantizes groups (a tensor, or each row of one) with statistics
+// summed in the order statistical.hpp documents: chunks of `chunk` = 2048 consecutive elements of
+// a group, one warp per chunk, lane l taking elements l, l + 32, ...; the chunk sums are added in
+// chunk order by one thread per group.
+struct stat_chunk {
+    std::uint64_t first;  // element of the tensor
+    std::uint32_t count;  // <= 2048
+    std::uint32_t group;
+};
+
+struct stat_group {
+    std::uint64_t n;       // elements
+    std::uint64_t record;  // body offset of the record (shift, lut)
+    std::uint64_t chunk0;  // its first chunk
+    std::uint32_t chunks;
+    std::uint32_t tensor;
+};
+
+struct stat_view {
+    const stat_chunk* chunks;
+    const stat_group* groups;
+    const compress_tensor* tensors;  // body, groups, cols
+    double* sums;                    // per chunk: the sum of e, then of c^2
+    double* bin_sums;                // per chunk: 2^Bits sums of c
+    unsigned* bin_counts;            // per chunk: 2^Bits counts
+    float* stats;                    // per group: shift, scale, lut[0 .. 2^Bits)
+    std::uint64_t chunk_count;
+    std::uint64_t group_count;
+    std::uint64_t tensor_count;
+};
+
+// The payload layout of statistical<Bits> over the tensors of a table, one segment per tensor,
+// and the workspace of encode (per chunk: 8 + 12 * 2^Bits bytes; per group: 4 * (2 + 2^Bits)).
+// The granularity fixes the layout, so it is chosen here: per row, rows[i] is the number of rows
+// of tensor i (1 for a vector; an empty `rows` makes every tensor one row); encode and
+// payload_check refuse hyper-parameters of the other granularity.
+template <int Bits>
+class compress_plan<compress::statistical<Bits>> {
+    static_assert(Bits <= 4, "loco: the device statistical quantizer takes Bits 1, 2 or 4");
+    using codec = compress::statistical<Bits>;
+    static constexpr std::size_t chunk = codec::chunk;
+
+public:
+    compress_plan() = default;
+
+    explicit compress_plan(const tensor_table& table,
+                           compress::granularity per = compress::granularity::tensor,
+                           const std::vector<std::size_t>& rows = {})
+        : per_(per), device_(table.device()) {
+        if (table.size() > UINT32_MAX) {
+            throw invalid_argument("loco: compress_plan: more than 2^32 segments");
+        }
+        if (!rows.empty() && rows.size() != table.size()) {
+            throw invalid_argument("loco: compress_plan: rows has " + std::to_string(rows.size()) +
+                                   " entries for " + std::to_string(table.size()) + " tensors");
+        }
+        typename codec::hyper h{};
+        h.per = per;
+        std::vector<compress_tensor> tensors;
+        std::vector<stat_group> groups;
+        std::vector<stat_chunk> chunks;
+        std::uint64_t body = 0;
+        for (std::size_t i = 0; i < table.size(); ++i) {
+            const std::size_t n = table.spec(i).size;
+            const std::size_t r = rows.empty() ? 1 : rows[i];
+            segments_.push_back({table.flat_offset(i), n, r, r == 0 ? 0 : n / r});
+            const std::size_t g = codec::groups(h, segments_.back());  // throws for bad rows
+            const std::size_t cols = g == 0 ? 0 : n / g;
+            tensors.push_back({body, g, cols});
+            for (std::size_t k = 0; k < g; ++k) {
+                if (groups.size() >= UINT32_MAX) {
+                    throw invalid_argument("loco: compress_plan: more than 2^32 groups");
+                }
+                const std::size_t count = (cols + chunk - 1) / chunk;
+                groups.push_back({cols, body + codec::record_bytes * k, chunks.size(),
+                                  static_cast<std::uint32_t>(count),
+                                  static_cast<std::uint32_t>(i)});
+                for (std::size_t c = 0; c < count; ++c) {
+                    chunks.push_back({k * cols + c * chunk,
+                                      static_cast<std::uint32_t>(std::min(chunk, cols - c * chunk)),
+                                      static_cast<std::uint32_t>(groups.size() - 1)});
+                }
+            }
+            body += codec::segment_bytes(h, segments_.back());
+        }
+        if ((chunks.size() + 7) / 8 > INT32_MAX || (groups.size() + 255) / 256 > INT32_MAX) {
+            throw invalid_argument("loco: compress_plan: the tensors need more CUDA blocks than a "
+                                   "grid holds");
+        }
+        payload_ = compress::wire::header_bytes + body;
+        if (payload_ != codec::payload_bytes(h, segments_)) {
+            throw error("loco: compress_plan: the device layout disagrees with "
+                        "statistical::payload_bytes");
+        }
+        elements_ = table.total_elements();
+        const auto round = [](std::size_t bytes) {
+            return (bytes + allocation_alignment - 1) / allocation_alignment * allocation_alignment;
+        };
+        const std::size_t nc = chunks.size(), ng = groups.size(), nt = tensors.size();
+        const std::size_t at_groups = round(nc * sizeof(stat_chunk));
+        const std::size_t at_tensors = at_groups + round(ng * sizeof(stat_group));
+        const std::size_t at_sums = at_tensors + round(nt * sizeof(compress_tensor));
+        const std::size_t at_bins = at_sums + round(nc * 8);
+        const std::size_t at_counts = at_bins + round(nc * codec::bins * 8);
+        const std::size_t at_stats = at_counts + round(nc * codec::bins * 4);
+        const std::size_t total = at_stats + round(ng * (2 + codec::bins) * 4);
+        std::vector<std::byte> host(at_sums);
+        const auto put = [&](std::size_t at, const auto& v) {
+            if (!v.empty()) {
+                std::memcpy(host.data() + at, v.data(), v.size() * sizeof(v[0]));
+            }
+        };
+        put(0, chunks);
+        put(at_groups, groups);
+        put(at_tensors, tensors);
+        memory_ = device_buffer<std::byte>(std::max<std::size_t>(total, 1));
+        memory_.upload(host);
+        std::byte* m = memory_.get();
+        view_.chunks = reinterpret_cast<const stat_chunk*>(m);
+        view_.groups = reinterpret_cast<const stat_group*>(m + at_groups);
+        view_.tensors = reinterpret_cast<const compress_tensor*>(m + at_tensors);
+        view_.sums = reinterpret_cast<double*>(m + at_sums);
+        view_.bin_sums = reinterpret_cast<double*>(m + at_bins);
+        view_.bin_counts = reinterpret_cast<unsigned*>(m + at_counts);
+        view_.stats = reinterpret_cast<float*>(m + at_stats);
+        view_.chunk_count = nc;
+        view_.group_count = ng;
+        view_.tensor_count = nt;
+        compress_.tensors = view_.tensors;
+        compress_.items = nullptr;
+        compress_.payload = payload_;
+        compress_.body = body;
+        sum_ = device_buffer<unsigned long long>(1);
+    }
+
+    std::size_t payload_bytes() const noexcept { return payload_; }
+    // The host compressor's segments: one per tensor, flat offsets, with the rows given.
+    const std::vector<compress::segment>& segments() const noexcept { return segments_; }
+    std::size_t elements() const noexcept { return elements_; }
+    compress::granularity per() const noexcept { return per_; }
+    int device() const noexcept { return device_; }
+    // The decoders' view (compress_tensor: body, groups, elements per group).
+    const compress_view& view() const noexcept { return compress_; }
+    const stat_view& stats() const noexcept { return view_; }
+    std::uint64_t chunks() const noexcept { return view_.chunk_count; }
+    std::uint64_t groups() const noexcept { return view_.group_count; }
+    unsigned long long* checksum_accumulator() const noexcept { return sum_.get(); }
+
+    // Throws unless h asks for this plan's granularity.
+    void require_per(const typename codec::hyper& h, const char* what) const {
+        if (h.per != per_) {
+            throw invalid_argument(
+                std::string("loco: ") + what + ": the compress_plan was built for per-" +
+                (per_ == compress::granularity::tensor ? "tensor" : "row") +
+                " groups and the hyper-parameters ask per " +
+                (h.per == compress::granularity::tensor ? "tensor" : "row") +
+                " (build the plan with compress_plan(table, granularity, rows))");
+        }
+    }
+
+    header_prefix prefix(const typename codec::hyper& h) const {
+        return detail::make_prefix(codec::wire_id, static_cast<std::uint8_t>(Bits),
+                                   static_cast<std::uint8_t>(h.per),
+                                   loco::detail::float_bits(h.range),
+                                   static_cast<std::uint32_t>(segments_.size()), elements_,
+                                   payload_ - compress::wire::header_bytes);
+    }
+
+private:
+    std::vector<compress::segment> segments_;
+    compress::granularity per_ = compress::granularity::tensor;
+    std::size_t payload_ = compress::wire::header_bytes;
+    std::size_t elements_ = 0;
+    int device_ = 0;
+    device_buffer<std::byte> memory_;
+    device_buffer<unsigned long long> sum_;
+    stat_view view_{};
+    compress_view compress_{};
+};
+
 // Where encode() reads x from.
 enum class encode_from : unsigned char {
     delta,   // an fp32 array of the padded layout (io.delta)
@@ -376,6 +589,19 @@ inline constexpr unsigned long long bad_scale = 1u;
 inline constexpr unsigned long long bad_zero_codes = 2u;
 inline constexpr unsigned long long bad_padding_bits = 4u;
 inline constexpr unsigned long long bad_padding_bytes = 8u;
+inline constexpr unsigned long long bad_unused_bin = 16u;  // statistical
+
+struct stat_encode_params {
+    const float* source;  // delta, or global (padded layout)
+    const float* master;
+    const float* residual;
+    float* next;
+    std::byte* payload;
+    float decay;
+    float scale;  // error feedback's s
+    float range;
+    std::uint32_t reserved;
+};
 
 #if LOCO_HAS_CUDA()
 
@@ -984,7 +1210,7 @@ struct decode_body<compress::blockwise<Bits, Block>> {
     // The decoded values of elements j .. j + E - 1 of one payload's segment: codec::level.
     template <int E>
     __device__ __forceinline__ static void values(const std::byte* seg, std::uint64_t blocks,
-                                                  std::uint64_t j, float* v,
+                                                  std::uint64_t, std::uint64_t j, float* v,
                                                   const float* fractions) {
         const auto* scales = reinterpret_cast<const float*>(seg);
         const std::uint64_t packed = codes<E>(seg + 4 * blocks, j);
@@ -1012,11 +1238,38 @@ struct decode_body<compress::cast<T>> {
     using codec = compress::cast<T>;
     template <int E>
     __device__ __forceinline__ static void values(const std::byte* seg, std::uint64_t,
-                                                  std::uint64_t j, float* v, const float*) {
+                                                  std::uint64_t, std::uint64_t j, float* v,
+                                                  const float*) {
         const auto* h = reinterpret_cast<const std::uint16_t*>(seg);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
             v[e] = codec::from_bits(h[j + static_cast<unsigned>(e)]);
+        }
+    }
+};
+
+// statistical: lut[q] + shift of the element's group (groups = the tensor's groups, cols their
+// size). Per tensor there is one group and no division.
+template <int Bits>
+struct decode_body<compress::statistical<Bits>> {
+    using codec = compress::statistical<Bits>;
+    template <int E>
+    __device__ __forceinline__ static void values(const std::byte* seg, std::uint64_t groups,
+                                                  std::uint64_t cols, std::uint64_t j, float* v,
+                                                  const float*) {
+        const std::byte* codes = seg + codec::record_bytes * groups;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const std::uint64_t i = j + static_cast<unsigned>(e);
+            std::uint64_t g = 0;
+            if (groups > 1) {  // a 32-bit division when it is enough (the common case)
+                g = (i >> 32) == 0 && (cols >> 32) == 0
+                        ? static_cast<std::uint32_t>(i) / static_cast<std::uint32_t>(cols)
+                        : i / cols;
+            }
+            const auto* record = reinterpret_cast<const float*>(seg + codec::record_bytes * g);
+            const unsigned q = compress::wire::unpack<Bits>(codes, i);
+            v[e] = codec::value(record[1 + q], record[0]);
         }
     }
 };
@@ -1026,8 +1279,8 @@ struct decode_body<compress::cast<T>> {
 // multiplication by the exact 1/M: the same correctly rounded value.)
 template <class Codec, int E>
 __device__ __forceinline__ void average(const gathered_payloads& g, std::uint64_t body,
-                                        std::uint64_t blocks, std::uint64_t j, float* avg,
-                                        const float* fractions) {
+                                        std::uint64_t blocks, std::uint64_t cols, std::uint64_t j,
+                                        float* avg, const float* fractions) {
     float sum[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -1036,7 +1289,7 @@ __device__ __forceinline__ void average(const gathered_payloads& g, std::uint64_
     const std::byte* seg = g.base + compress::wire::header_bytes + body;
     for (std::uint32_t k = 0; k < g.ranks; ++k) {
         float v[E];
-        decode_body<Codec>::template values<E>(seg + k * g.stride, blocks, j, v, fractions);
+        decode_body<Codec>::template values<E>(seg + k * g.stride, blocks, cols, j, v, fractions);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
             sum[e] = __fadd_rn(sum[e], v[e]);
@@ -1063,6 +1316,7 @@ struct apply_segment {
     std::uint64_t begin;   // element of the tensor at the segment's start
     std::uint64_t body;    // the tensor's segment in the payload body
     std::uint64_t blocks;
+    std::uint64_t cols;
 };
 
 __device__ __forceinline__ std::uint32_t stage_apply_segments(const table_view& t,
@@ -1088,6 +1342,7 @@ __device__ __forceinline__ std::uint32_t stage_apply_segments(const table_view& 
         a.begin = s.begin;
         a.body = ct.body;
         a.blocks = ct.blocks;
+        a.cols = ct.cols;
         out[threadIdx.x] = a;
     }
     __syncthreads();
@@ -1104,13 +1359,13 @@ __device__ __forceinline__ void store_average(const apply_segment& s, const gath
     const std::uint32_t vec_end = n / E * E;
     for (std::uint32_t i = threadIdx.x * E; i < vec_end; i += block_threads * E) {
         float avg[E];
-        average<Codec, E>(g, s.body, s.blocks, s.begin + i, avg, fractions);
+        average<Codec, E>(g, s.body, s.blocks, s.cols, s.begin + i, avg, fractions);
         store_vec<E>(o + i, avg);
     }
     for (std::uint32_t i = vec_end + threadIdx.x; i < s.r.span; i += block_threads) {
         float avg = 0.0f;
         if (i < n) {
-            average<Codec, 1>(g, s.body, s.blocks, s.begin + i, &avg, fractions);
+            average<Codec, 1>(g, s.body, s.blocks, s.cols, s.begin + i, &avg, fractions);
         }
         o[i] = avg;
     }
@@ -1163,7 +1418,7 @@ __device__ __forceinline__ void apply_segment_body(const apply_segment& s,
         if (!skip) {
             float d[E];
             float sv[SA][E];
-            average<Codec, E>(g, s.body, s.blocks, s.begin + i, d, fractions);
+            average<Codec, E>(g, s.body, s.blocks, s.cols, s.begin + i, d, fractions);
 #pragma unroll
             for (int j = 0; j < S; ++j) {
                 load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, sv[j]);
@@ -1196,7 +1451,7 @@ __device__ __forceinline__ void apply_segment_body(const apply_segment& s,
         float x = gl[i];
         if (!skip) {
             float d;
-            average<Codec, 1>(g, s.body, s.blocks, s.begin + i, &d, fractions);
+            average<Codec, 1>(g, s.body, s.blocks, s.cols, s.begin + i, &d, fractions);
             float t[SA];
 #pragma unroll
             for (int j = 0; j < S; ++j) {
@@ -1321,7 +1576,7 @@ struct inspect_body<compress::blockwise<Bits, Block>> {
             } else if (scales >= 0x1.0p125) {
                 for (std::uint64_t j = from; j < to; ++j) {
                     float avg;
-                    average<codec, 1>(g, ct.body, ct.blocks, j, &avg, fractions);
+                    average<codec, 1>(g, ct.body, ct.blocks, 0, j, &avg, fractions);
                     if (!math::isfinite(avg)) {
                         atomicMin(v.nonfinite, d.flat_offset + j);
                         break;
@@ -1342,7 +1597,7 @@ struct inspect_body<compress::cast<T>> {
         for (std::uint64_t i = threadIdx.x; i < item.count; i += block_threads) {
             const std::uint64_t j = item.first + i;
             float avg;
-            average<compress::cast<T>, 1>(g, ct.body, 0, j, &avg, nullptr);
+            average<compress::cast<T>, 1>(g, ct.body, 0, 0, j, &avg, nullptr);
             if (!math::isfinite(avg)) {
                 atomicMin(v.nonfinite, d.flat_offset + j);
             }
@@ -1360,6 +1615,327 @@ __global__ void __launch_bounds__(block_threads)
     const tensor_desc d = t.tensors[item.tensor];
     const compress_tensor ct = p.tensors[item.tensor];
     inspect_body<Codec>::run(item, d, ct, g, v, fractions);
+}
+
+// ---- statistical: encode -----------------------------------------------------------------------
+
+// The unsigned sum over a warp (counts: exact in any order).
+__device__ __forceinline__ unsigned warp_usum(unsigned v) {
+#pragma unroll
+    for (unsigned m = 16; m > 0; m /= 2) {
+        v += __shfl_xor_sync(full_mask, v, static_cast<int>(m));
+    }
+    return v;
+}
+
+// One warp's chunk of a group, pass 1 to 4 (see encode_statistical). Lane l takes elements l,
+// l + 32, ... of the chunk, in that order: the order statistical.hpp defines, so group_sum<32>
+// (the documented butterfly) gives the host's chunk sums bit for bit.
+template <int Bits, int Pass, bool Feedback, encode_from From, class P, bool UseMaster>
+__device__ __forceinline__ void stat_chunk_pass(const tensor_desc& d, const stat_chunk& c,
+                                                const compress_tensor& ct, const stat_view& v,
+                                                const stat_encode_params& a, std::uint64_t index,
+                                                unsigned lane) {
+    using codec = compress::statistical<Bits>;
+    constexpr unsigned B = codec::bins;
+    encode_source<Feedback, From, P, UseMaster> src;
+    src.source = a.source + d.padded_offset;
+    src.value = static_cast<const P*>(d.value);
+    src.master = UseMaster ? a.master + d.master_offset : nullptr;
+    src.residual = Feedback ? a.residual + d.padded_offset : nullptr;
+    src.next = Feedback ? a.next + d.padded_offset : nullptr;
+    src.n = d.size;
+    src.decay = a.decay;
+    src.scale = a.scale;
+    src.vec_value = false;
+    // e after pass 1: with error feedback it waits in the new residual buffer (pass 4 overwrites
+    // it with the residual); without, x is formed again from its source (no scratch array).
+    const auto again = [&](std::uint64_t j) {
+        if constexpr (Feedback) {
+            return src.next[j];
+        } else {
+            return src.load1(j);
+        }
+    };
+    const float* st = v.stats + static_cast<std::uint64_t>(c.group) * (2 + B);
+    const std::uint64_t first = c.first;
+    const unsigned count = c.count;
+    if constexpr (Pass == 1) {
+        double sum = 0.0;
+        for (unsigned i = lane; i < count; i += 32) {
+            const float e = src.load1(first + i);
+            src.store1(first + i, e);
+            sum += static_cast<double>(e);
+        }
+        sum = group_sum<32>(sum);
+        if (lane == 0) {
+            v.sums[index] = sum;
+        }
+    } else if constexpr (Pass == 2) {
+        const double shift = static_cast<double>(st[0]);
+        double sum = 0.0;
+        for (unsigned i = lane; i < count; i += 32) {
+            const double x = static_cast<double>(again(first + i)) - shift;
+            sum = __dadd_rn(sum, __dmul_rn(x, x));  // rounded product, as on the host
+        }
+        sum = group_sum<32>(sum);
+        if (lane == 0) {
+            v.sums[index] = sum;
+        }
+    } else if constexpr (Pass == 3) {
+        const float shift = st[0];
+        const float scale = st[1];
+        double sums[B];
+        unsigned counts[B];
+#pragma unroll
+        for (unsigned b = 0; b < B; ++b) {
+            sums[b] = 0.0;
+            counts[b] = 0;
+        }
+        auto* words = reinterpret_cast<unsigned*>(a.payload + compress::wire::header_bytes +
+                                                  ct.body + codec::record_bytes * ct.blocks);
+        constexpr unsigned per_word = 32 / Bits;
+        const unsigned rounds = (count + 31) / 32;
+        for (unsigned r = 0; r < rounds; ++r) {
+            const unsigned i = 32 * r + lane;
+            unsigned q = 0;
+            if (i < count) {
+                const float x = again(first + i);
+                q = codec::code(x, shift, scale);
+                const double cx = static_cast<double>(x) - static_cast<double>(shift);
+#pragma unroll
+                for (unsigned b = 0; b < B; ++b) {
+                    if (b == q) {  // registers, not a dynamically indexed local array
+                        sums[b] += cx;
+                        ++counts[b];
+                    }
+                }
+            }
+            // The 32 codes of this round are 32 * Bits bits: one ballot per code bit, then lane
+            // w < Bits interleaves word w (elements w * 32 / Bits ..) from them.
+            unsigned planes[Bits];
+#pragma unroll
+            for (int b = 0; b < Bits; ++b) {
+                planes[b] = __ballot_sync(full_mask, static_cast<int>((q >> b) & 1u));
+            }
+            unsigned word = 0;
+            const unsigned base = (lane % static_cast<unsigned>(Bits)) * per_word;
+#pragma unroll
+            for (unsigned k = 0; k < per_word; ++k) {
+#pragma unroll
+                for (int b = 0; b < Bits; ++b) {
+                    const unsigned bit = (planes[b] >> (base + k)) & 1u;
+                    word |= bit << (k * Bits + static_cast<unsigned>(b));
+                }
+            }
+            const std::uint64_t bit = (first + 32 * r) * static_cast<unsigned>(Bits);
+            if (lane < static_cast<unsigned>(Bits)) {
+                const std::uint64_t w = bit / 32 + lane;
+                const unsigned offset = static_cast<unsigned>(bit % 32);
+                if (offset == 0 && i - lane + 32 <= count) {
+                    words[w] = word;  // whole words of this group: a plain store
+                } else {
+                    // A row that starts inside a word, or a group's last round: OR into the
+                    // zeroed payload (other groups own the rest of the word). Only nonzero
+                    // pieces are written, so nothing past the code bytes is touched.
+                    const unsigned low = word << offset;
+                    const unsigned high = offset == 0 ? 0u : word >> (32 - offset);
+                    if (low != 0) {
+                        atomicOr(words + w, low);
+                    }
+                    if (high != 0) {
+                        atomicOr(words + w + 1, high);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned b = 0; b < B; ++b) {
+            const double s = group_sum<32>(sums[b]);
+            const unsigned k = warp_usum(counts[b]);
+            if (lane == 0) {
+                v.bin_sums[index * B + b] = s;
+                v.bin_counts[index * B + b] = k;
+            }
+        }
+    } else {
+        const float shift = st[0];
+        const float scale = st[1];
+        for (unsigned i = lane; i < count; i += 32) {
+            const float x = again(first + i);
+            const unsigned q = codec::code(x, shift, scale);
+            src.next[first + i] = __fsub_rn(x, codec::value(st[2 + q], shift));
+        }
+    }
+}
+
+template <int Bits, int Pass, bool Feedback, encode_from From, bf16_update Mode, unsigned Combos>
+__global__ void __launch_bounds__(block_threads)
+    stat_pass_kernel(table_view t, stat_view v, stat_encode_params a) {
+    const std::uint64_t index =
+        static_cast<std::uint64_t>(blockIdx.x) * (block_threads / 32) + threadIdx.x / 32;
+    if (index >= v.chunk_count) {
+        return;  // the whole warp
+    }
+    const unsigned lane = threadIdx.x % 32;
+    const stat_chunk c = v.chunks[index];
+    const std::uint32_t tensor = v.groups[c.group].tensor;
+    const tensor_desc d = t.tensors[tensor];
+    const compress_tensor ct = v.tensors[tensor];
+    if constexpr (From == encode_from::delta) {
+        stat_chunk_pass<Bits, Pass, Feedback, From, float, false>(d, c, ct, v, a, index, lane);
+    } else {
+        if (d.combo & 1u) {
+            if constexpr ((Combos & (combos::bf16_f32 | combos::bf16_bf16)) != 0) {
+                stat_chunk_pass<Bits, Pass, Feedback, From, loco::bf16,
+                                reads_master<loco::bf16, Mode>>(d, c, ct, v, a, index, lane);
+            }
+        } else {
+            if constexpr ((Combos & (combos::f32_f32 | combos::f32_bf16)) != 0) {
+                stat_chunk_pass<Bits, Pass, Feedback, From, float, false>(d, c, ct, v, a, index,
+                                                                          lane);
+            }
+        }
+    }
+}
+
+// One thread per group: the chunk sums in chunk order (statistical.hpp), then shift (stage 1),
+// scale (2) or the table (3), kept in v.stats and written to the group's record.
+template <int Bits, int Stage>
+__global__ void __launch_bounds__(block_threads)
+    stat_finish_kernel(stat_view v, std::byte* payload, float range) {
+    using codec = compress::statistical<Bits>;
+    constexpr unsigned B = codec::bins;
+    const std::uint64_t g = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+    if (g >= v.group_count) {
+        return;
+    }
+    const stat_group gr = v.groups[g];
+    float* st = v.stats + g * (2 + B);
+    auto* record = reinterpret_cast<float*>(payload + compress::wire::header_bytes + gr.record);
+    // The adds depend on each other (chunk order); unrolling lets the loads run ahead of them.
+    if constexpr (Stage == 1 || Stage == 2) {
+        double total = 0.0;
+#pragma unroll 8
+        for (std::uint32_t c = 0; c < gr.chunks; ++c) {
+            total += v.sums[gr.chunk0 + c];
+        }
+        if constexpr (Stage == 1) {
+            const float shift = static_cast<float>(total / static_cast<double>(gr.n));
+            st[0] = shift;
+            record[0] = codec::canonical(shift);
+        } else {
+            st[1] = codec::scale_of(total, gr.n, range);
+        }
+    } else {
+        double totals[B];
+        std::uint64_t counts[B];
+#pragma unroll
+        for (unsigned b = 0; b < B; ++b) {
+            totals[b] = 0.0;
+            counts[b] = 0;
+        }
+#pragma unroll 2
+        for (std::uint32_t c = 0; c < gr.chunks; ++c) {
+            const std::uint64_t at = (gr.chunk0 + c) * B;
+#pragma unroll
+            for (unsigned b = 0; b < B; ++b) {
+                totals[b] += v.bin_sums[at + b];
+                counts[b] += v.bin_counts[at + b];
+            }
+        }
+#pragma unroll
+        for (unsigned b = 0; b < B; ++b) {
+            const float lut = codec::lut_entry(totals[b], counts[b]);
+            st[2 + b] = lut;
+            record[1 + b] = lut;
+        }
+    }
+}
+
+// ---- statistical: verification -----------------------------------------------------------------
+
+// Warp per chunk: the bins each rank's codes use (ORed into masks[rank * groups + group]), and
+// the smallest flat index whose average is not finite.
+template <int Bits>
+__global__ void __launch_bounds__(block_threads)
+    stat_inspect_kernel(table_view t, stat_view v, gathered_payloads g, verdict_view vd,
+                        unsigned* masks) {
+    using codec = compress::statistical<Bits>;
+    const std::uint64_t index =
+        static_cast<std::uint64_t>(blockIdx.x) * (block_threads / 32) + threadIdx.x / 32;
+    if (index >= v.chunk_count) {
+        return;
+    }
+    const unsigned lane = threadIdx.x % 32;
+    const stat_chunk c = v.chunks[index];
+    const std::uint32_t tensor = v.groups[c.group].tensor;
+    const compress_tensor ct = v.tensors[tensor];
+    const std::byte* codes =
+        g.base + compress::wire::header_bytes + ct.body + codec::record_bytes * ct.blocks;
+    for (std::uint32_t k = 0; k < g.ranks; ++k) {
+        unsigned used = 0;
+        for (unsigned i = lane; i < c.count; i += 32) {
+            used |= 1u << compress::wire::unpack<Bits>(codes + k * g.stride, c.first + i);
+        }
+#pragma unroll
+        for (unsigned m = 16; m > 0; m /= 2) {
+            used |= __shfl_xor_sync(full_mask, used, static_cast<int>(m));
+        }
+        if (lane == 0) {
+            atomicOr(masks + k * v.group_count + c.group, used);
+        }
+    }
+    const std::uint64_t flat = t.tensors[tensor].flat_offset;
+    for (unsigned i = lane; i < c.count; i += 32) {
+        float avg;
+        average<codec, 1>(g, ct.body, ct.blocks, ct.cols, c.first + i, &avg, nullptr);
+        if (!math::isfinite(avg)) {
+            atomicMin(vd.nonfinite, flat + c.first + i);
+            break;  // this lane's later elements have larger indices
+        }
+    }
+}
+
+// Thread per (rank, group): a nonzero table entry for a bin no code uses; then thread per (rank,
+// tensor): padding bits after the last code and alignment bytes. statistical::decode's checks.
+template <int Bits>
+__global__ void __launch_bounds__(block_threads)
+    stat_check_kernel(stat_view v, gathered_payloads g, verdict_view vd, const unsigned* masks) {
+    using codec = compress::statistical<Bits>;
+    const std::uint64_t id = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+    const std::uint64_t group_items = g.ranks * v.group_count;
+    if (id < group_items) {
+        const std::uint64_t k = id / v.group_count;
+        const stat_group gr = v.groups[id % v.group_count];
+        const auto* record = reinterpret_cast<const std::uint32_t*>(
+            g.base + k * g.stride + compress::wire::header_bytes + gr.record);
+        const unsigned used = masks[id];
+        for (unsigned b = 0; b < codec::bins; ++b) {
+            if (((used >> b) & 1u) == 0 && record[1 + b] != 0u) {
+                atomicOr(vd.flags + k, bad_unused_bin);
+            }
+        }
+    } else if (id < group_items + g.ranks * v.tensor_count) {
+        const std::uint64_t q = id - group_items;
+        const std::uint64_t k = q / v.tensor_count;
+        const compress_tensor ct = v.tensors[q % v.tensor_count];
+        const std::uint64_t n = ct.blocks * ct.cols;
+        const std::byte* codes = g.base + k * g.stride + compress::wire::header_bytes + ct.body +
+                                 codec::record_bytes * ct.blocks;
+        constexpr std::uint64_t per_byte = 8 / Bits;
+        const std::uint64_t packed = packed_bytes<Bits>(n);
+        for (std::uint64_t j = n; j < packed * per_byte; ++j) {
+            if (compress::wire::unpack<Bits>(codes, j) != 0) {
+                atomicOr(vd.flags + k, bad_padding_bits);
+            }
+        }
+        for (std::uint64_t i = packed; i < code_bytes<Bits>(n); ++i) {
+            if (codes[i] != std::byte{0}) {
+                atomicOr(vd.flags + k, bad_padding_bytes);
+            }
+        }
+    }
 }
 
 #endif  // LOCO_HAS_CUDA()
@@ -1392,6 +1968,63 @@ inline void launch_checksum(const gathered_payloads& g, std::uint64_t len,
 #endif
 }
 
+// statistical<Bits>: passes over the chunks of every group (warp per chunk) with a one-thread-per-
+// group kernel after each sum. The code region is zeroed first: codes of rows that start inside
+// a word are ORed in.
+//   pass 1   e (x, or decay * residual + s * x), stored into the new residual buffer with error
+//            feedback; per chunk the sum of e                        -> finish: shift
+//   pass 2   per chunk the sum of (e - shift)^2                      -> finish: scale
+//   pass 3   codes written; per chunk and bin the sum of e - shift and the count -> finish: lut
+//   pass 4   (error feedback) residual = e - (lut[q] + shift)
+template <class Codec, bool Feedback, encode_from From, bf16_update Mode, unsigned Combos>
+void encode_statistical(const compress_plan<Codec>& plan, const tensor_table& table,
+                        const typename Codec::hyper& h, const encode_params& a,
+                        cudaStream_t stream) {
+    constexpr int Bits = codec_traits<Codec>::bits;
+    const std::uint64_t len = plan.payload_bytes() - compress::wire::header_bytes;
+    LOCO_CUDA_CHECK(cudaMemsetAsync(plan.checksum_accumulator(), 0, sizeof(unsigned long long),
+                                    stream));
+    if (len != 0) {
+        LOCO_CUDA_CHECK(cudaMemsetAsync(a.payload + compress::wire::header_bytes, 0, len, stream));
+    }
+    const stat_encode_params sp{a.source, a.master, a.residual, a.next, a.payload,
+                                a.decay,  a.scale,  h.range,    0u};
+    const stat_view& v = plan.stats();
+    const auto chunk_grid = static_cast<std::uint32_t>((v.chunk_count + 7) / 8);
+    const auto group_grid = static_cast<std::uint32_t>((v.group_count + block_threads - 1) /
+                                                       block_threads);
+#if LOCO_HAS_CUDA()
+    if (v.chunk_count != 0) {
+        const table_view t = table.view();
+        LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 1, Feedback, From, Mode, Combos>,
+                               chunk_grid, stream, t, v, sp));
+        LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 1>, group_grid, stream, v, a.payload,
+                               h.range));
+        LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 2, Feedback, From, Mode, Combos>,
+                               chunk_grid, stream, t, v, sp));
+        LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 2>, group_grid, stream, v, a.payload,
+                               h.range));
+        LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 3, Feedback, From, Mode, Combos>,
+                               chunk_grid, stream, t, v, sp));
+        LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 3>, group_grid, stream, v, a.payload,
+                               h.range));
+        if constexpr (Feedback) {
+            LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 4, Feedback, From, Mode, Combos>,
+                                   chunk_grid, stream, t, v, sp));
+        }
+    }
+    const gathered_payloads self{a.payload, plan.payload_bytes(), 1, 0};
+    launch_checksum(self, len, plan.checksum_accumulator(), stream);
+    LOCO_CUDA_CHECK(launch(header_kernel<>, 1, stream, a.payload, plan.prefix(h),
+                           plan.checksum_accumulator(), len));
+#else
+    static_cast<void>(table);
+    static_cast<void>(sp);
+    static_cast<void>(chunk_grid);
+    static_cast<void>(group_grid);
+#endif
+}
+
 }  // namespace detail
 
 // ---- encode --------------------------------------------------------------------------------------
@@ -1400,7 +2033,9 @@ inline void launch_checksum(const gathered_payloads& g, std::uint64_t len,
 // payload byte for byte. C is a device compressor (has_device_compressor<C>): with
 // error_feedback<>, io.residual is read and io.next_residual written (padded layout; padding
 // stays as it is, zero); the residual follows error_feedback::encode exactly. x is read as From
-// says. Asynchronous on `stream`; no host synchronisation.
+// says. Asynchronous on `stream`; no host synchronisation. statistical: the plan's workspace
+// holds the group statistics, so encodes with one plan must not overlap; with error feedback
+// io.next_residual holds e between the passes (it may still equal io.residual).
 template <class C, encode_from From, bf16_update Mode = bf16_update::master,
           unsigned Combos = combos::all>
 void encode(const compress_plan<typename device_compressor<C>::codec>& plan,
@@ -1448,34 +2083,42 @@ void encode(const compress_plan<typename device_compressor<C>::codec>& plan,
     a.seed = ctx.seed;
     a.round = ctx.round;
     a.rank = static_cast<std::uint32_t>(ctx.rank);
-    const std::uint64_t len = plan.payload_bytes() - compress::wire::header_bytes;
-    LOCO_CUDA_CHECK(cudaMemsetAsync(plan.checksum_accumulator(), 0, sizeof(unsigned long long),
-                                    stream));
-    bool zeroed = false;
-    if constexpr (detail::codec_traits<codec>::blockwise) {
-        zeroed = !detail::blockwise_layout<detail::codec_traits<codec>::bits,
-                                           detail::codec_traits<codec>::block>::fast;
-    }
-    if (zeroed && len != 0) {  // the generic path ORs codes into zeroed words
-        LOCO_CUDA_CHECK(cudaMemsetAsync(io.payload + compress::wire::header_bytes, 0, len, stream));
-    }
+    if constexpr (detail::is_statistical<codec>) {
+        plan.require_per(ch, what);
+        detail::encode_statistical<codec, support::feedback, From, Mode, Combos>(plan, table, ch,
+                                                                                 a, stream);
+    } else {
+        const std::uint64_t len = plan.payload_bytes() - compress::wire::header_bytes;
+        LOCO_CUDA_CHECK(cudaMemsetAsync(plan.checksum_accumulator(), 0, sizeof(unsigned long long),
+                                        stream));
+        bool zeroed = false;
+        if constexpr (detail::codec_traits<codec>::blockwise) {
+            zeroed = !detail::blockwise_layout<detail::codec_traits<codec>::bits,
+                                               detail::codec_traits<codec>::block>::fast;
+        }
+        if (zeroed && len != 0) {  // the generic path ORs codes into zeroed words
+            LOCO_CUDA_CHECK(
+                cudaMemsetAsync(io.payload + compress::wire::header_bytes, 0, len, stream));
+        }
 #if LOCO_HAS_CUDA()
-    if (plan.items() != 0) {
-        LOCO_CUDA_CHECK(detail::launch(
-            detail::encode_kernel<codec, support::feedback, From, Mode, Combos>, plan.items(),
-            stream, table.view(), plan.view(), a));
-    }
-    const gathered_payloads self{io.payload, plan.payload_bytes(), 1, 0};
-    detail::launch_checksum(self, len, plan.checksum_accumulator(), stream);
-    LOCO_CUDA_CHECK(detail::launch(detail::header_kernel<>, 1, stream, io.payload,
-                                   plan.prefix(ch), plan.checksum_accumulator(), len));
+        if (plan.items() != 0) {
+            LOCO_CUDA_CHECK(detail::launch(
+                detail::encode_kernel<codec, support::feedback, From, Mode, Combos>, plan.items(),
+                stream, table.view(), plan.view(), a));
+        }
+        const gathered_payloads self{io.payload, plan.payload_bytes(), 1, 0};
+        detail::launch_checksum(self, len, plan.checksum_accumulator(), stream);
+        LOCO_CUDA_CHECK(detail::launch(detail::header_kernel<>, 1, stream, io.payload,
+                                       plan.prefix(ch), plan.checksum_accumulator(), len));
 #endif
+    }
 }
 
 // ---- verify ------------------------------------------------------------------------------------
 
 // Checks M gathered payloads of a plan as the host decoder would (wire::open: header fields and
-// checksum; blockwise: scales, codes of zero/NaN blocks, padding), and finds the smallest flat
+// checksum; blockwise: scales, codes of zero/NaN blocks, padding; statistical: table entries of
+// unused bins, padding), and finds the smallest flat
 // index where their average is not finite. Owns the device verdict and the pinned host copy.
 class payload_check {
 public:
@@ -1497,6 +2140,9 @@ public:
         detail::require_plan(plan, table, what);
         detail::require_payload_pointer(gathered, "gathered payloads", what);
         loco::detail::validate_hyper<Codec>(h);
+        if constexpr (detail::is_statistical<Codec>) {
+            plan.require_per(h, what);
+        }
         const std::size_t m = ranks_;
         const std::uint64_t p = plan.payload_bytes();
         const std::uint64_t len = p - compress::wire::header_bytes;
@@ -1504,14 +2150,19 @@ public:
         LOCO_CUDA_CHECK(cudaMemsetAsync(verdict_.get() + 2 * m, 0xff, 8, stream));
         const gathered_payloads g{gathered, p, static_cast<std::uint32_t>(m), 0};
         detail::launch_checksum(g, len, verdict_.get(), stream);
+        const detail::verdict_view v{verdict_.get(), verdict_.get() + m, verdict_.get() + 2 * m};
+        if constexpr (detail::is_statistical<Codec>) {
+            inspect_statistical(plan, table, g, v, stream);
+        } else {
 #if LOCO_HAS_CUDA()
-        if (plan.items() != 0) {
-            const detail::verdict_view v{verdict_.get(), verdict_.get() + m,
-                                         verdict_.get() + 2 * m};
-            LOCO_CUDA_CHECK(detail::launch(detail::inspect_kernel<Codec>, plan.items(), stream,
-                                           table.view(), plan.view(), g, v));
-        }
+            if (plan.items() != 0) {
+                LOCO_CUDA_CHECK(detail::launch(detail::inspect_kernel<Codec>, plan.items(), stream,
+                                               table.view(), plan.view(), g, v));
+            }
+#else
+            static_cast<void>(v);
 #endif
+        }
         unsigned long long* host = host_.get();
         auto* headers = reinterpret_cast<std::byte*>(host + 2 * m + 1);
         LOCO_CUDA_CHECK(cudaMemcpyAsync(host, verdict_.get(), (2 * m + 1) * 8,
@@ -1545,7 +2196,46 @@ private:
         return static_cast<std::size_t>(ranks);
     }
 
-    // The host decoder's checks, in wire::open's order, then blockwise's.
+    // statistical: the bins each rank's codes use, per group (masks_), then the table entries and
+    // padding; and the first non-finite average.
+    template <class Codec>
+    void inspect_statistical(const compress_plan<Codec>& plan, const tensor_table& table,
+                             const gathered_payloads& g, const detail::verdict_view& v,
+                             cudaStream_t stream) {
+        constexpr int Bits = detail::codec_traits<Codec>::bits;
+        const std::size_t masks = ranks_ * plan.groups();
+        if (masks_.size() < masks) {
+            masks_ = device_buffer<unsigned>(masks);
+        }
+        if (masks != 0) {
+            LOCO_CUDA_CHECK(cudaMemsetAsync(masks_.get(), 0, masks * sizeof(unsigned), stream));
+        }
+        const std::uint64_t checks = ranks_ * (plan.groups() + plan.segments().size());
+        if (checks / block_threads >= INT32_MAX) {
+            throw invalid_argument("loco: payload_check: too many groups for one grid");
+        }
+#if LOCO_HAS_CUDA()
+        if (plan.chunks() != 0) {
+            LOCO_CUDA_CHECK(detail::launch(detail::stat_inspect_kernel<Bits>,
+                                           static_cast<std::uint32_t>((plan.chunks() + 7) / 8),
+                                           stream, table.view(), plan.stats(), g, v,
+                                           masks_.get()));
+        }
+        if (checks != 0) {
+            LOCO_CUDA_CHECK(detail::launch(
+                detail::stat_check_kernel<Bits>,
+                static_cast<std::uint32_t>((checks + block_threads - 1) / block_threads), stream,
+                plan.stats(), g, v, static_cast<const unsigned*>(masks_.get())));
+        }
+#else
+        static_cast<void>(table);
+        static_cast<void>(g);
+        static_cast<void>(v);
+        static_cast<void>(stream);
+#endif
+    }
+
+    // The host decoder's checks, in wire::open's order, then blockwise's or statistical's.
     static void check_one(const std::string& who, std::size_t k, const std::byte* got,
                           const header_prefix& want, std::uint64_t checksum,
                           unsigned long long flags) {
@@ -1587,6 +2277,9 @@ private:
         if (flags & detail::bad_zero_codes) {
             throw fail("a code of a zero-scale or NaN-scale block is not the zero code");
         }
+        if (flags & detail::bad_unused_bin) {
+            throw fail("a nonzero table entry for an unused bin");
+        }
         if (flags & detail::bad_padding_bits) {
             throw fail("nonzero padding bits after the last code");
         }
@@ -1598,6 +2291,7 @@ private:
     std::size_t ranks_ = 0;
     device_buffer<unsigned long long> verdict_;
     pinned_buffer<unsigned long long> host_;
+    device_buffer<unsigned> masks_;  // statistical: ranks x groups bin masks
 };
 
 // ---- decode ------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+#pragma once
+// Helpers of the fused-compression tests (compress_test.cu, statistical_test.cu): exact
+// comparisons that print the first mismatches, the awkward segment sizes and values, and the
+// host exchanger's average.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "model.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace loco_test {
+
+namespace lcu = loco::backend::cuda;
+namespace cz = loco::compress;
+
+inline void sync_all() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+// Equal bits, or both NaN (a GPU writes its canonical NaN where the host propagates an operand's).
+inline void expect_same_floats(const std::vector<float>& got, const std::vector<float>& want,
+                               const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::size_t bad = 0;
+    std::ostringstream first;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        const bool same = std::memcmp(&got[i], &want[i], 4) == 0 ||
+                          (std::isnan(got[i]) && std::isnan(want[i]));
+        if (!same && bad++ < 5) {
+            first << "  [" << i << "] got " << got[i] << ", want " << want[i] << "\n";
+        }
+    }
+    INFO(what << ": " << bad << " of " << got.size() << " elements differ; first:\n"
+              << first.str());
+    CHECK(bad == 0);
+}
+
+inline void expect_same_bytes(const std::vector<std::byte>& got,
+                              const std::vector<std::byte>& want, const std::string& what) {
+    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
+    std::size_t bad = 0;
+    std::ostringstream first;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        if (got[i] != want[i] && bad++ < 8) {
+            first << "  [" << i << "] got " << static_cast<unsigned>(got[i]) << ", want "
+                  << static_cast<unsigned>(want[i]) << "\n";
+        }
+    }
+    INFO(what << ": " << bad << " of " << got.size() << " bytes differ; first:\n" << first.str());
+    CHECK(bad == 0);
+}
+
+inline std::vector<std::byte> download_bytes(const std::byte* p, std::size_t n) {
+    std::vector<std::byte> out(n);
+    check_cuda(cudaMemcpy(out.data(), p, n, cudaMemcpyDeviceToHost), "download");
+    return out;
+}
+inline void upload_bytes(std::byte* p, const std::vector<std::byte>& bytes) {
+    check_cuda(cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "upload");
+}
+
+// Segment sizes that hit every edge of the layouts (empty, shorter than a block, one past a
+// block, a word, a chunk), then random ones.
+inline std::vector<tensor_shape> awkward_sizes(std::mt19937_64& rng) {
+    std::vector<tensor_shape> shapes;
+    for (const std::size_t n : {1, 3, 0, 7, 8, 9, 17, 100, 255, 256, 257, 300, 1000, 1023, 1025,
+                                2048, 4099}) {
+        shapes.push_back({n});
+    }
+    std::uniform_int_distribution<std::size_t> size(0, 700);
+    for (int i = 0; i < 6; ++i) {
+        shapes.push_back({size(rng)});
+    }
+    return shapes;
+}
+
+// Pseudo-gradients with everything a block can hold: ordinary values, a tensor of zeros, NaN and
+// infinity in one block, subnormals, values near the top of the float range (their average
+// overflows), and blocks whose magnitudes span so many binades that a tree sum in double differs
+// from the element-order sum (1, 2^-24, then 2^-54 repeated: the mean of 1 and 2^-24 over a
+// power-of-two block is a tie between two floats; in order the small terms vanish and the tie
+// goes to even, in a tree they add up and round it up). Tensors 7 to 12 are the special ones.
+inline std::vector<float> awkward_values(std::mt19937_64& rng, const device_model& m, int rank) {
+    std::vector<float> x = normal_floats(rng, m.total(), 0.02f);
+    m.for_each_tensor([&](std::size_t i, const tensor_shape& s, std::size_t off) {
+        float* t = x.data() + off;
+        switch (i) {
+            case 7:  // 100 elements of zeros
+                std::fill(t, t + s.size, 0.0f);
+                break;
+            case 8:  // 255: huge values; with absmax scales, three ranks' average overflows
+                for (std::size_t k = 0; k < 64; ++k) {
+                    t[k] = 3.0e38f;
+                }
+                break;
+            case 9:  // 256: the order-sensitive sum
+                t[0] = 1.0f;
+                t[1] = 0x1.0p-24f;
+                for (std::size_t k = 2; k < s.size; ++k) {
+                    t[k] = (k % 2 ? 1.0f : -1.0f) * 0x1.0p-54f;
+                }
+                break;
+            case 10:  // 257: subnormals and zeros
+                for (std::size_t k = 0; k < s.size; ++k) {
+                    t[k] = k % 3 == 0 ? 0.0f : t[k] * 0x1.0p-130f;
+                }
+                break;
+            case 11:  // 300: NaN and infinity (rank 1 only: the others send finite blocks)
+                if (rank == 1) {
+                    t[3] = std::numeric_limits<float>::quiet_NaN();
+                    t[200] = -std::numeric_limits<float>::infinity();
+                }
+                break;
+            case 12:  // 1000: the order-sensitive sum in every 64-element group
+                for (std::size_t k = 0; k < s.size; ++k) {
+                    t[k] = k % 64 == 0 ? 1.0f : (k % 64 == 1 ? 0x1.0p-24f : 0x1.0p-54f);
+                }
+                break;
+            default:
+                break;
+        }
+    });
+    return x;
+}
+
+// The host exchanger's average: decode every payload, sum in rank order, divide.
+template <class C>
+std::vector<float> host_average(const typename C::hyper& h,
+                                const std::vector<std::vector<std::byte>>& payloads,
+                                const std::vector<cz::segment>& segs, std::size_t n) {
+    std::vector<float> sum(n, 0.0f), one(n, 0.0f);
+    for (const auto& p : payloads) {
+        C::decode(h, p, segs, one);
+        for (std::size_t i = 0; i < n; ++i) {
+            sum[i] += one[i];
+        }
+    }
+    for (auto& v : sum) {
+        v = v / static_cast<float>(payloads.size());
+    }
+    return sum;
+}
+
+inline std::uint64_t first_nonfinite(const std::vector<float>& x) {
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        if (!std::isfinite(x[i])) {
+            return i;
+        }
+    }
+    return lcu::no_nonfinite;
+}
+
+}  // namespace loco_test

@@ -1,0 +1,478 @@
+// The fused CUDA path of compress::statistical (MuLoCo's quantizer; backend/cuda/compress.hpp)
+// against the host compressor: device payloads must be the host's byte for byte (the group
+// statistics are summed in the order statistical.hpp defines, on both sides), error-feedback
+// residuals bit for bit, averages as the host exchanger computes them; payload_check refuses what
+// statistical::decode refuses, naming the rank.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "compress_support.cuh"
+#include "device.cuh"
+#include "model.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+namespace lcu = loco::backend::cuda;
+namespace cz = loco::compress;
+
+// A model and the rows of each tensor (for per-row groups).
+struct row_model {
+    std::vector<tensor_shape> shapes;
+    std::vector<std::size_t> rows;
+    void add(std::size_t r, std::size_t cols) {
+        shapes.push_back({r * cols});
+        rows.push_back(r);
+    }
+};
+
+// awkward_sizes (so that awkward_values' special tensors 7 to 12 keep their sizes), cut into a
+// few rows where a small factor divides them, then the chunk edges (2047, 2048, 2049), an empty
+// tensor, many short rows (rows starting inside a code word for every Bits), rows of one element,
+// and few long rows (chunks that end inside a row). With `large`, a tensor of 1000003 elements
+// (489 chunks, the last partial).
+row_model awkward_rows(std::mt19937_64& rng, bool large) {
+    row_model m;
+    for (const tensor_shape& s : awkward_sizes(rng)) {
+        std::size_t r = 1;
+        for (const std::size_t f : {3u, 5u, 2u}) {
+            if (s.size % f == 0 && s.size > f) {
+                r = f;
+                break;
+            }
+        }
+        m.add(r, s.size / r);
+    }
+    m.add(1, 2047);
+    m.add(1, 2048);
+    m.add(1, 2049);
+    m.add(0, 0);
+    m.add(300, 3);  // many short rows
+    m.add(100, 7);
+    m.add(17, 33);
+    m.add(100, 1);  // one element per row
+    m.add(3, 2049);   // few long rows
+    m.add(2, 4096 + 100);
+    if (large) {
+        m.add(1, 1000003);
+    }
+    return m;
+}
+
+template <class C>
+using codec_of = typename lcu::device_compressor<C>::codec;
+
+template <class C>
+typename codec_of<C>::hyper codec_hyper(const typename C::hyper& h) {
+    if constexpr (lcu::device_compressor<C>::feedback) {
+        return h.compress;
+    } else {
+        return h;
+    }
+}
+
+std::string describe(cz::granularity per) {
+    return per == cz::granularity::tensor ? "per tensor" : "per row";
+}
+
+// M ranks encode on the device and on the host (payloads byte for byte, residuals bit for bit),
+// then the gathered payloads are checked and averaged on the device (the host exchanger's
+// average bit for bit, and its first non-finite index).
+template <class C>
+void check_against_host(const std::string& label, const typename C::hyper& h, bool large,
+                        int ranks = 3) {
+    using codec = codec_of<C>;
+    constexpr bool feedback = lcu::device_compressor<C>::feedback;
+    CAPTURE(label);
+    auto rng = rng_for(label);
+    const typename codec::hyper ch = codec_hyper<C>(h);
+    const row_model rm = awkward_rows(rng, large);
+    device_model m(rm.shapes);
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<codec> plan(table, ch.per, rm.rows);
+    const auto& segs = plan.segments();
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    REQUIRE(p == codec::payload_bytes(ch, segs));
+    lcu::device_buffer<float> delta(padded), residual(padded), next(padded);
+    lcu::device_buffer<std::byte> payload(p), gathered(static_cast<std::size_t>(ranks) * p);
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    cz::encode_context ctx;
+    ctx.seed = rng();
+    ctx.round = rng() % 1000;
+    ctx.outer_lr = 0.7f;  // not a power of two: s * x rounds (with fold_outer_lr)
+    for (int r = 0; r < ranks; ++r) {
+        CAPTURE(r);
+        ctx.rank = r;
+        const std::vector<float> x = awkward_values(rng, m, r);
+        std::vector<float> state = feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
+        lcu::from_flat<float>(table, x, delta.get());
+        if (feedback) {
+            lcu::from_flat<float>(table, state, residual.get());
+            next.zero(nullptr);
+            sync_all();
+        }
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.residual = residual.get();
+        io.next_residual = r == 1 ? residual.get() : next.get();  // rank 1 in place
+        io.payload = payload.get();
+        const lcu::device_encode_context dctx{ctx.seed, ctx.round, r, ctx.outer_lr, nullptr};
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, dctx, s);
+        s.synchronize();
+
+        std::vector<std::byte> want(p);
+        C::encode(h, x, segs, state, ctx, want);
+        expect_same_bytes(download_bytes(payload.get(), p), want, label + ": payload");
+        if (feedback) {
+            expect_same_floats(lcu::to_flat(table, r == 1 ? residual.get() : next.get()), state,
+                               label + ": residual");
+        }
+        check_cuda(cudaMemcpy(gathered.get() + static_cast<std::size_t>(r) * p, payload.get(), p,
+                              cudaMemcpyDeviceToDevice),
+                   "gather");
+        host_payloads.push_back(want);
+    }
+
+    const std::vector<float> want = host_average<codec>(ch, host_payloads, segs, n);
+    lcu::payload_check check(ranks);
+    const std::uint64_t nonfinite = check.run(plan, table, ch, gathered.get(), s);
+    CHECK(nonfinite == first_nonfinite(want));
+    lcu::device_buffer<float> avg(padded);
+    lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+    s.synchronize();
+    expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
+}
+
+template <int Bits>
+void all_settings(bool large) {
+    using S = cz::statistical<Bits>;
+    using ef = cz::error_feedback<S>;
+    const std::string name = "statistical<" + std::to_string(Bits) + "> ";
+    for (const auto per : {cz::granularity::tensor, cz::granularity::row}) {
+        const std::string base = name + describe(per) + (large ? " large" : "");
+        check_against_host<S>(base + " plain", {per, 6.0f}, large);
+        struct ef_case {
+            float decay;
+            bool fold;
+        };
+        for (const ef_case e : {ef_case{1.0f, false}, ef_case{0.9f, true}, ef_case{0.9f, false},
+                                ef_case{1.0f, true}}) {
+            typename ef::hyper h;
+            h.compress = {per, e.fold ? 6.0f : 4.0f};
+            h.decay = e.decay;
+            h.fold_outer_lr = e.fold;
+            check_against_host<ef>(base + " ef decay " + std::to_string(e.decay) +
+                                       (e.fold ? " fold" : ""),
+                                   h, large, e.fold ? 4 : 3);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("statistical: the device compressor is available for Bits 1, 2, 4 with and without "
+          "error feedback") {
+    static_assert(lcu::has_device_compressor<cz::statistical<1>>);
+    static_assert(lcu::has_device_compressor<cz::statistical<2>>);
+    static_assert(lcu::has_device_compressor<cz::statistical<4>>);
+    static_assert(lcu::has_device_compressor<cz::error_feedback<cz::statistical<2>>>);
+    static_assert(!lcu::has_device_compressor<cz::statistical<8>>);  // 256 bins: host exchange
+    CHECK(true);
+}
+
+// Payloads, residuals and averages are the host's for both granularities, with and without
+// error feedback, on awkward sizes with NaN and inf groups. (One case per Bits, so that each can
+// be picked with -tc.)
+TEST_CASE("statistical<1> fused encode equals the host") { all_settings<1>(false); }
+TEST_CASE("statistical<2> fused encode equals the host") { all_settings<2>(false); }
+TEST_CASE("statistical<4> fused encode equals the host") { all_settings<4>(false); }
+
+TEST_CASE("statistical fused encode: a tensor of 1000003 elements (489 chunks)") {
+    using ef = cz::error_feedback<cz::statistical<2>>;
+    for (const auto per : {cz::granularity::tensor, cz::granularity::row}) {
+        ef::hyper h;
+        h.compress = {per, 6.0f};
+        h.decay = 0.9f;
+        h.fold_outer_lr = true;
+        check_against_host<ef>("statistical<2> large " + describe(per), h, true, 2);
+    }
+}
+
+TEST_CASE("statistical fused encode from the parameters (phase 1 fused in): fp32 and bf16 "
+          "values with masters") {
+    using S = cz::statistical<2>;
+    using ef = cz::error_feedback<S>;
+    auto rng = rng_for("statistical encode from params");
+    device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<S> plan(table);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    lcu::device_buffer<float> global(padded), master(table.master_elements()), residual(padded),
+        next(padded);
+    std::vector<float> masters(n, 0.0f);
+    std::vector<float> local = m.values();
+    m.for_each_tensor([&](std::size_t, const tensor_shape& s, std::size_t off) {
+        for (std::size_t k = 0; k < s.size; ++k) {
+            if (s.value == dtype::bf16) {  // masters that differ from the bf16 values
+                masters[off + k] = local[off + k] + 0x1.0p-12f * local[off + k];
+                local[off + k] = masters[off + k];
+            }
+        }
+    });
+    lcu::master_from_flat(table, masters, master.get());
+    const std::vector<float> g = normal_floats(rng, n);
+    lcu::from_flat<float>(table, g, global.get());
+    std::vector<float> state = normal_floats(rng, n, 0.01f);
+    lcu::from_flat<float>(table, state, residual.get());
+    next.zero(nullptr);
+    sync_all();
+
+    ef::hyper h;
+    h.decay = 0.9f;
+    h.fold_outer_lr = true;
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    lcu::encode_io io;
+    io.global = global.get();
+    io.master = master.get();
+    io.residual = residual.get();
+    io.next_residual = next.get();
+    io.payload = payload.get();
+    lcu::stream s;
+    lcu::encode<ef, lcu::encode_from::params>(plan, table, h, io, {11, 4, 1, 0.7f, nullptr}, s);
+    s.synchronize();
+
+    std::vector<float> x(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        x[i] = g[i] - local[i];
+    }
+    std::vector<std::byte> want(plan.payload_bytes());
+    ef::encode(h, x, plan.segments(), state, {11, 4, 1, 0.7f}, want);
+    expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want, "payload");
+    expect_same_floats(lcu::to_flat(table, next.get()), state, "residual");
+    CHECK(m.gaps_untouched());
+
+    // Without error feedback, x is formed again from global and the parameters in every pass.
+    lcu::encode<S, lcu::encode_from::params>(plan, table, {}, io, {}, s);
+    s.synchronize();
+    S::encode({}, x, plan.segments(), {}, {}, want);
+    expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want,
+                      "payload without error feedback");
+}
+
+TEST_CASE("statistical: decode + average + outer step in one kernel equals decode_average then "
+          "outer_apply") {
+    using S = cz::statistical<2>;
+    using outer = loco::outer::nesterov;
+    auto rng = rng_for("statistical fused decode apply");
+    device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
+    m.randomize_values(rng);
+    const lcu::tensor_table table = m.table(false);
+    std::vector<std::size_t> rows;
+    m.for_each_tensor([&](std::size_t, const tensor_shape& s, std::size_t) {
+        rows.push_back(s.size % 3 == 0 && s.size > 0 ? 3 : 1);
+    });
+    const S::hyper h{cz::granularity::row, 6.0f};
+    const lcu::compress_plan<S> plan(table, h.per, rows);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    constexpr int ranks = 3;
+    const std::size_t p = plan.payload_bytes();
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(padded);
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    std::vector<float> x_nan;
+    const auto encode = [&](const std::vector<float>& x, int r) {
+        lcu::from_flat<float>(table, x, delta.get());
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
+        lcu::encode<S, lcu::encode_from::delta>(plan, table, h, io, {1, 0, r, 1.0f, nullptr}, s);
+        s.synchronize();
+    };
+    for (int r = 0; r < ranks; ++r) {
+        const std::vector<float> x = normal_floats(rng, n, 0.01f);
+        if (r == 2) {
+            x_nan = x;
+            x_nan[n / 2] = std::numeric_limits<float>::quiet_NaN();
+        }
+        encode(x, r);
+        std::vector<std::byte> want(p);
+        S::encode(h, x, plan.segments(), {}, {}, want);
+        host_payloads.push_back(want);
+    }
+    {
+        lcu::device_buffer<float> avg(padded);
+        lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+        s.synchronize();
+        expect_same_floats(lcu::to_flat(table, avg.get()),
+                           host_average<S>(h, host_payloads, plan.segments(), n),
+                           "decode_average");
+    }
+
+    struct run {
+        std::vector<float> params, global, state;
+        std::uint64_t steps, skipped;
+    };
+    const auto go = [&](bool fused, bool skip) {
+        m.upload_values();
+        lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
+            avg(padded);
+        lcu::init_master(table, master.get(), nullptr);
+        lcu::gather_values(table, master.get(), global.get(), nullptr);
+        state.zero(nullptr);
+        sync_all();
+        lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+        lcu::payload_check check(ranks);
+        const std::uint64_t bad = check.run(plan, table, h, gathered.get(), s);
+        CHECK((bad != lcu::no_nonfinite) == skip);
+        for (int step = 0; step < 2; ++step) {
+            if (fused) {
+                lcu::decode_average_apply<S, outer>(plan, table, gathered.get(), ranks,
+                                                    global.get(), state.get(), master.get(),
+                                                    control.hyper(), control.control(),
+                                                    check.nonfinite(), s);
+            } else {
+                lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+                lcu::check_padded(table, avg.get(), control.control(), s);
+                lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(),
+                                        master.get(), control.hyper(), control.control(), true,
+                                        s);
+            }
+        }
+        const auto c = control.read(s);
+        return run{m.download_values(), lcu::to_flat(table, global.get()),
+                   lcu::to_flat(table, state.get()), c.steps, c.skipped};
+    };
+    for (const bool skip : {false, true}) {
+        CAPTURE(skip);
+        if (skip) {  // rank 2 sends a NaN: its row decodes to NaN and every rank drops the round
+            encode(x_nan, 2);
+        }
+        const run fused = go(true, skip), split = go(false, skip);
+        expect_same_floats(fused.params, split.params, "parameters");
+        expect_same_floats(fused.global, split.global, "global");
+        expect_same_floats(fused.state, split.state, "outer state");
+        CHECK(fused.steps == split.steps);
+        CHECK(fused.skipped == split.skipped);
+        CHECK(fused.steps == (skip ? 0u : 2u));
+        if (!skip) {
+            CHECK(fused.params != m.values());
+        }
+    }
+}
+
+TEST_CASE("statistical payload_check refuses what statistical::decode refuses, naming the rank") {
+    using S = cz::statistical<2>;
+    auto rng = rng_for("statistical payload check");
+    // Tensor 0: 2 rows of 350 (rows start mid-byte: 350 * 2 bits); tensor 2: 1 row of 1001.
+    device_model m(std::vector<tensor_shape>{{700}, {0}, {1001}});
+    const std::vector<std::size_t> rows = {2, 1, 1};
+    const lcu::tensor_table table = m.table(false);
+    const S::hyper h{cz::granularity::row, 6.0f};
+    const lcu::compress_plan<S> plan(table, h.per, rows);
+    const std::size_t p = plan.payload_bytes();
+    constexpr int ranks = 3;
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::stream s;
+    std::vector<float> x = normal_floats(rng, m.total());
+    for (std::size_t i = 700; i < 1701; ++i) {
+        x[i] = std::abs(x[i]) * 0.001f + (i % 2 == 0 ? 1.0f : 0.0f);
+    }
+    lcu::from_flat<float>(table, x, delta.get());
+    lcu::encode_io io;
+    io.delta = delta.get();
+    for (int r = 0; r < ranks; ++r) {
+        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
+        lcu::encode<S, lcu::encode_from::delta>(plan, table, h, io, {}, s);
+    }
+    s.synchronize();
+    const std::vector<std::byte> good = download_bytes(gathered.get(), ranks * p);
+    lcu::payload_check check(ranks);
+    CHECK(check.run(plan, table, h, gathered.get(), s) == lcu::no_nonfinite);
+
+    // Layout: segment 0 = 2 records of 20 bytes, then ceil(700 / 4) = 175 code bytes + 1 byte of
+    // alignment; segment 2 = 1 record, 251 code bytes (the last holds 1 code and 3 padding
+    // codes) + 1 byte of alignment.
+    const std::size_t body = cz::wire::header_bytes;
+    const std::size_t seg2 = body + S::segment_bytes(h, plan.segments()[0]);
+    // A bin no code of tensor 2 uses (its values sit near 0 and near 1: two bins at most).
+    std::array<bool, 4> used{};
+    for (std::size_t i = 0; i < 1001; ++i) {
+        used[cz::wire::unpack<2>(good.data() + seg2 + 20, i)] = true;
+    }
+    std::size_t unused_bin = 4;
+    for (std::size_t b = 0; b < 4; ++b) {
+        if (!used[b]) {
+            unused_bin = b;
+        }
+    }
+    REQUIRE(unused_bin < 4);
+
+    const auto refused = [&](auto&& edit, bool reseal, const std::string& message) {
+        CAPTURE(message);
+        std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
+                                   good.begin() + static_cast<std::ptrdiff_t>(2 * p));
+        edit(bad);
+        if (reseal) {
+            const std::uint64_t sum = cz::wire::checksum(
+                std::span<const std::byte>(bad).subspan(cz::wire::header_bytes));
+            std::memcpy(bad.data() + 32, &sum, 8);
+        }
+        std::vector<float> out(m.total());
+        CHECK_THROWS_AS(S::decode(h, bad, plan.segments(), out), loco::wire_error);
+        upload_bytes(gathered.get() + p, bad);
+        CHECK_THROWS_WITH_AS(check.run(plan, table, h, gathered.get(), s),
+                             doctest::Contains(("from rank 1: " + message).c_str()),
+                             loco::wire_error);
+        upload_bytes(gathered.get(), good);
+    };
+    refused([&](auto& b) { b[32] ^= std::byte{0x01}; }, false, "checksum mismatch");
+    refused([&](auto& b) { b[body + 100] ^= std::byte{0x10}; }, false, "checksum mismatch");
+    refused([&](auto& b) { b[p - 1] ^= std::byte{0x01}; }, false, "checksum mismatch");
+    refused([&](auto& b) { b[5] = std::byte{0}; }, false, "the flags is 0, expected 1");
+    refused([&](auto& b) { b[4] = std::byte{4}; }, false, "the code width is 4, expected 2");
+    refused([&](auto& b) { b[3] = std::byte{1}; }, false, "the compressor id is 1, expected 3");
+    refused([&](auto& b) { b[8] ^= std::byte{0x01}; }, false, "the block size is");  // range
+    // A truncated payload as the receiver sees it: the header claims a shorter body.
+    refused([&](auto& b) { b[24] = static_cast<std::byte>(static_cast<unsigned>(b[24]) - 4u); },
+            false, "the body size is");
+    refused(
+        [&](auto& b) {
+            const float v = 0.25f;
+            std::memcpy(b.data() + seg2 + 4 * (1 + unused_bin), &v, 4);
+        },
+        true, "a nonzero table entry for an unused bin");
+    refused([&](auto& b) { b[seg2 + 20 + 250] |= std::byte{0x40}; }, true,  // element 1003's bits
+            "nonzero padding bits after the last code");
+    refused([&](auto& b) { b[seg2 + 20 + 251] = std::byte{1}; }, true,
+            "nonzero alignment padding");
+    refused([&](auto& b) { b[body + 40 + 175] = std::byte{0x80}; }, true,
+            "nonzero alignment padding");
+
+    // Hyper-parameters of the other granularity are refused before anything runs.
+    CHECK_THROWS_AS(check.run(plan, table, S::hyper{}, gathered.get(), s), loco::invalid_argument);
+    io.payload = gathered.get();
+    const auto encode_per_tensor = [&] {
+        lcu::encode<S, lcu::encode_from::delta>(plan, table, S::hyper{}, io, {}, s);
+    };
+    CHECK_THROWS_AS(encode_per_tensor(), loco::invalid_argument);
+}
