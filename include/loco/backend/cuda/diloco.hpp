@@ -19,7 +19,10 @@
 //     loco::wire_error before anything is written; one fused kernel decodes the M payloads,
 //     averages them in rank order and applies the outer step (phase 2). The new residual goes to
 //     a second buffer that replaces the old one only once every payload checked out.
-// Otherwise (two_phase, compress::statistical, a host communicator) the pseudo-gradient is copied
+// The same holds for compress::statistical<1 | 2 | 4> per tensor (MuLoCo's setting), in more
+// passes (backend/cuda/compress.hpp).
+// Otherwise (two_phase, topk, statistical per row or with 8 bits, a host communicator) the
+// pseudo-gradient is copied
 // to the host and averaged by the same exchange schemes as on the host (exchange.hpp), over the
 // communicator itself when it moves host memory, or over comm::cuda_staging when it moves device
 // memory. A sync waits for the stream: it is a collective, and its results are needed by every
@@ -459,9 +462,26 @@ private:
 
     // Whether syncs take the fused device exchange.
     static bool fused(const comm::communicator& comm, const config& cfg) noexcept {
-        return device_compression && comm.space() == memory_space::cuda &&
+        return device_compression && device_layout(cfg) && comm.space() == memory_space::cuda &&
                (cfg.exchange == exchange_scheme::automatic ||
                 cfg.exchange == exchange_scheme::all_gather);
+    }
+
+    // The device plan is built from the tensor table, which records no rows: statistical<> per
+    // row takes the host exchange (correct, not fast); per tensor (MuLoCo's) runs on the device.
+    static bool device_layout(const config& cfg) noexcept {
+        using support = backend::cuda::device_compressor<Compressor>;
+        using codec = typename support::codec;
+        if constexpr (requires(const typename codec::hyper& h) { h.per; }) {
+            if constexpr (support::feedback) {
+                return cfg.compress.compress.per == compress::granularity::tensor;
+            } else {
+                return cfg.compress.per == compress::granularity::tensor;
+            }
+        } else {
+            static_cast<void>(cfg);
+            return true;
+        }
     }
 
     std::vector<float> flat(const float* device, std::size_t arrays) const {
