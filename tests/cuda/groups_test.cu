@@ -619,6 +619,7 @@ TEST_CASE("docs: MuLoCo on the GPU") {
     std::vector<std::vector<float>> finals(2);
     loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
         // The example of docs/groups.md ("On the GPU").
+        // [snippet:groups-gpu]
         // MuLoCo on GPUs: Muon on the hidden matrices, AdamW on everything else, Nesterov outside,
         // 2-bit statistical codes with error feedback on the wire.
         using inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
@@ -637,6 +638,7 @@ TEST_CASE("docs: MuLoCo on the GPU") {
                                   .schedule = {.every = 30},
                                   .compress = {.decay = 0.9f},
                                   .stream = comm.stream()});
+        // [snippet:groups-gpu end]
         w.zero(comm.stream());
         b.zero(comm.stream());
         gw.zero(comm.stream());
