@@ -1263,7 +1263,10 @@ void check_unbiased() {
                    " is ", std::abs(mean - x[i]), " away, more than ", bound);
     }
     log.check();
-    CHECK(tested >= n / 2);
+    // Enough elements were tested for the check to mean something. With mean_abs scales about
+    // 58 % of normal elements lie within their block's scale on average, but blocks of 7 make the
+    // count vary (45 of 96 was seen in CI, seed 5299276508585555635): a quarter is the floor.
+    CHECK(tested >= n / 4);
 }
 
 }  // namespace
