@@ -11,13 +11,77 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace loco::comm {
 
 enum class reduce_op : unsigned char { sum, mean };
+
+class communicator;
+
+// A collective in flight, returned by communicator::start_*: the transfer progresses while the
+// caller goes on, and finish() completes it (waits, then throws the collective's error if it
+// failed). Exactly one finish() per started request; the buffers given to start_* belong to the
+// collective until then. Move-only.
+//
+// A request destroyed without finish() still waits for its transfer (the buffers may go away
+// right after), swallows its error, and marks its communicator: the next call on that
+// communicator throws comm_error naming the abandoned collective, because the ranks' views of
+// what was exchanged may now differ.
+class request {
+public:
+    // What an implementation hands back from do_start_*: wait() blocks until the collective is
+    // complete on this rank and throws its error.
+    class operation {
+    public:
+        virtual ~operation() = default;
+        virtual void wait() = 0;
+    };
+
+    request() = default;
+    request(communicator& owner, std::unique_ptr<operation> op, std::string what) noexcept
+        : owner_(&owner), op_(std::move(op)), what_(std::move(what)) {}
+    request(request&& other) noexcept
+        : owner_(std::exchange(other.owner_, nullptr)),
+          op_(std::move(other.op_)),
+          what_(std::move(other.what_)),
+          finished_(std::exchange(other.finished_, false)) {}
+    request& operator=(request&& other) noexcept {
+        if (this != &other) {
+            abandon();
+            owner_ = std::exchange(other.owner_, nullptr);
+            op_ = std::move(other.op_);
+            what_ = std::move(other.what_);
+            finished_ = std::exchange(other.finished_, false);
+        }
+        return *this;
+    }
+    request(const request&) = delete;
+    request& operator=(const request&) = delete;
+    ~request() { abandon(); }
+
+    // True between start_* and finish().
+    bool pending() const noexcept { return op_ != nullptr; }
+    // The collective and rank, for messages ("loco::comm::threads rank 1, all_reduce").
+    const std::string& what() const noexcept { return what_; }
+
+    // Completes the collective; throws its error. Throws loco::invalid_argument when the request
+    // was already finished or never started.
+    inline void finish();
+
+private:
+    inline void abandon() noexcept;
+
+    communicator* owner_ = nullptr;
+    std::unique_ptr<operation> op_;
+    std::string what_;
+    bool finished_ = false;
+};
 
 class communicator {
 public:
@@ -32,14 +96,27 @@ public:
     virtual std::uint64_t bytes_sent() const noexcept = 0;
 
     // Element-wise sum or mean over all ranks, in place; every rank gets bit-identical results.
-    void all_reduce(tensor_view<float> data, reduce_op op) {
+    // Blocking: start_all_reduce + finish.
+    void all_reduce(tensor_view<float> data, reduce_op op) { start_all_reduce(data, op).finish(); }
+
+    // The same, split-phase: returns at once; `data` belongs to the collective until finish().
+    // Collectives on one communicator complete in the order they were started, on every rank.
+    request start_all_reduce(tensor_view<float> data, reduce_op op) {
+        check_usable("all_reduce");
         check_buffer(data.data, data.size, data.space, "all_reduce");
-        do_all_reduce(data, op);
+        return {*this, do_start_all_reduce(data, op), prefix_name("all_reduce")};
     }
 
     // Concatenation of every rank's `send` bytes in rank order; recv holds size() * send.size.
     // send and recv are disjoint, or send is exactly this rank's slot of recv (in place).
+    // Blocking: start_all_gather + finish.
     void all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        start_all_gather(send, recv).finish();
+    }
+
+    // The same, split-phase: both buffers belong to the collective until finish().
+    request start_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        check_usable("all_gather");
         check_buffer(send.data, send.size, send.space, "all_gather");
         check_buffer(recv.data, recv.size, recv.space, "all_gather");
         if (recv.size != send.size * static_cast<std::size_t>(size())) {
@@ -56,13 +133,14 @@ public:
                                    "the send buffer overlaps the receive buffer but is not this "
                                    "rank's slot of it");
         }
-        do_all_gather(send, recv);
+        return {*this, do_start_all_gather(send, recv), prefix_name("all_gather")};
     }
 
     // Personalised exchange: send and recv hold size() blocks of b bytes each; block k of this
     // rank's send goes to rank k, and block k of recv comes from rank k. send and recv must not
     // overlap.
     void all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        check_usable("all_to_all");
         check_buffer(send.data, send.size, send.space, "all_to_all");
         check_buffer(recv.data, recv.size, recv.space, "all_to_all");
         const auto m = static_cast<std::size_t>(size());
@@ -82,6 +160,7 @@ public:
 
     // Copies root's bytes into every other rank's buffer.
     void broadcast(tensor_view<std::byte> data, int root) {
+        check_usable("broadcast");
         check_buffer(data.data, data.size, data.space, "broadcast");
         if (root < 0 || root >= size()) {
             throw invalid_argument(prefix("broadcast") + "root " + std::to_string(root) +
@@ -92,21 +171,74 @@ public:
     }
 
     // Returns once every rank has called it.
-    void barrier() { do_barrier(); }
+    void barrier() {
+        check_usable("barrier");
+        do_barrier();
+    }
 
 protected:
+    // Split-phase hooks. The defaults run the blocking collective now and hand back a completed
+    // operation (correct, without overlap); communicators that can overlap override them and
+    // then also make the blocking do_* calls wait for the collectives started before them.
+    virtual std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
+                                                                    reduce_op op) {
+        return run_now([&] { do_all_reduce(data, op); });
+    }
+    virtual std::unique_ptr<request::operation> do_start_all_gather(
+        tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        return run_now([&] { do_all_gather(send, recv); });
+    }
+
     virtual void do_all_reduce(tensor_view<float> data, reduce_op op) = 0;
     virtual void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) = 0;
     virtual void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) = 0;
     virtual void do_broadcast(tensor_view<std::byte> data, int root) = 0;
     virtual void do_barrier() = 0;
 
-    std::string prefix(std::string_view call) const {
+    std::string prefix(std::string_view call) const { return prefix_name(call) + ": "; }
+
+    std::string prefix_name(std::string_view call) const {
         return "loco::comm::" + std::string(name()) + " rank " + std::to_string(rank()) + ", " +
-               std::string(call) + ": ";
+               std::string(call);
     }
 
 private:
+    friend class request;
+
+    // A completed operation that rethrows what the blocking call threw.
+    class completed final : public request::operation {
+    public:
+        explicit completed(std::exception_ptr error) noexcept : error_(std::move(error)) {}
+        void wait() override {
+            if (error_) {
+                std::rethrow_exception(std::exchange(error_, nullptr));
+            }
+        }
+
+    private:
+        std::exception_ptr error_;
+    };
+
+    template <class Fn>
+    static std::unique_ptr<request::operation> run_now(Fn&& fn) {
+        std::exception_ptr error;
+        try {
+            fn();
+        } catch (...) {
+            error = std::current_exception();
+        }
+        return std::make_unique<completed>(std::move(error));
+    }
+
+    void check_usable(std::string_view call) const {
+        if (!abandoned_.empty()) {
+            throw comm_error(prefix(call) + "an earlier " + abandoned_ +
+                             " was started but never finished (a request destroyed without "
+                             "finish()); the ranks may disagree on what was exchanged, so this "
+                             "communicator refuses further collectives");
+        }
+    }
+
     void check_buffer(const void* data, std::size_t n, loco::memory_space where,
                       std::string_view call) const {
         if (where != space()) {
@@ -120,7 +252,38 @@ private:
                                    " elements");
         }
     }
+
+    std::string abandoned_;  // the first collective started and never finished, if any
 };
+
+inline void request::finish() {
+    if (!op_) {
+        throw invalid_argument(finished_ ? "loco::comm::request: " + what_ +
+                                               " was already finished; finish() each request once"
+                                         : std::string("loco::comm::request: finish() on a request "
+                                                       "that was never started (default-"
+                                                       "constructed or moved from)"));
+    }
+    auto op = std::move(op_);
+    finished_ = true;
+    op->wait();
+}
+
+inline void request::abandon() noexcept {
+    if (!op_) {
+        return;
+    }
+    auto op = std::move(op_);
+    try {
+        op->wait();
+    } catch (...) {
+        // The request is being dropped: its error has no one to go to. The mark below makes the
+        // next collective on the communicator fail instead.
+    }
+    if (owner_ && owner_->abandoned_.empty()) {
+        owner_->abandoned_ = what_;
+    }
+}
 
 // Byte views of float data, for all_gather and broadcast.
 inline tensor_view<std::byte> as_bytes(tensor_view<float> v) noexcept {
