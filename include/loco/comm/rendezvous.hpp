@@ -77,8 +77,8 @@ public:
     // Posts this rank's call and waits for every rank; throws the verdict when they disagree.
     // A call that moves data opens a copy phase.
     void start(int rank, const posted_call& call, const std::string& where) {
-        const std::string verdict =
-            arrive(rank, &call, call.what == collective::barrier ? then::finish : then::read, where);
+        const then next = call.what == collective::barrier ? then::finish : then::read;
+        const std::string verdict = arrive(rank, &call, next, where);
         if (!verdict.empty()) {
             throw comm_error(where + verdict);
         }

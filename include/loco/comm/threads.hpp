@@ -291,11 +291,15 @@ protected:
 
     std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
                                                             reduce_op op) override {
-        return post([this, data, op, where = prefix("all_reduce")] { all_reduce_now(data, op, where); });
+        return post([this, data, op, where = prefix("all_reduce")] {
+            all_reduce_now(data, op, where);
+        });
     }
     std::unique_ptr<request::operation> do_start_all_gather(
         tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        return post([this, send, recv, where = prefix("all_gather")] { all_gather_now(send, recv, where); });
+        return post([this, send, recv, where = prefix("all_gather")] {
+            all_gather_now(send, recv, where);
+        });
     }
 
     void do_all_reduce(tensor_view<float> data, reduce_op op) override {
@@ -305,8 +309,9 @@ protected:
         do_start_all_gather(send, recv)->wait();
     }
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        post([this, send, recv, where = prefix("all_to_all")] { all_to_all_now(send, recv, where); })
-            ->wait();
+        post([this, send, recv, where = prefix("all_to_all")] {
+            all_to_all_now(send, recv, where);
+        })->wait();
     }
     void do_broadcast(tensor_view<std::byte> data, int root) override {
         post([this, data, root, where = prefix("broadcast")] { broadcast_now(data, root, where); })
@@ -493,8 +498,8 @@ private:
 };
 
 // Runs fn(comm) on `size` threads, one per rank, over a group with the given timeout and emulated
-// link, and waits for all of them. If a rank throws, the group is aborted so that its peers stop waiting, and the first exception that was not caused by
-// the abort is rethrown.
+// link, and waits for all of them. If a rank throws, the group is aborted so that its peers stop
+// waiting, and the first exception that was not caused by the abort is rethrown.
 template <class Fn>
 void run_threads(int size, Fn&& fn, std::chrono::milliseconds timeout, link_model link) {
     auto group = std::make_shared<thread_group>(size, timeout, link);
