@@ -237,17 +237,20 @@ TEST_CASE("emulated link: a collective lasts latency + bytes / bandwidth; bad li
 }
 
 TEST_CASE("threads split-phase overlaps: transfer T + compute T take about T, blocking 2T") {
-    // Each rank sends 4n bytes in an all_reduce of n floats over 2 ranks: 4 MB at 20 MB/s is
-    // 200 ms. The caller computes for 200 ms. Started before the compute, the transfer runs on the
-    // progress thread meanwhile; blocking, it comes first. Generous bounds: CI has 2 busy cores,
-    // which the two computing callers keep busy, so a progress thread's wake-ups can be late. The
-    // blocking bound holds on every run (the link guarantees it); the overlapped one is taken as
-    // the best of up to three runs, so that one run slowed by a loaded machine does not fail.
+    // Each rank sends 4n bytes in an all_reduce of n floats over 2 ranks: 400 kB at 2 MB/s is
+    // 200 ms (few bytes on a slow link, so that the copies themselves stay short even in a
+    // sanitizer build). The caller computes for 200 ms. Started before the compute, the transfer
+    // runs on the progress thread meanwhile; blocking, it comes first. Generous bounds: CI has 2
+    // busy cores, which the two computing callers keep busy, so a progress thread's wake-ups can
+    // be late. The blocking bound holds on every run (the link guarantees it); the overlapped one
+    // is taken as the best of up to three runs, so that one run slowed by a loaded machine does
+    // not fail.
     double best_overlapped[2] = {1e9, 1e9};
     for (int attempt = 0; attempt < 3; ++attempt) {
         // [snippet:comm-threads-overlap]
-        // Two ranks on a 20 MB/s link: an all-reduce of 1 M floats sends 4 MB per rank, 200 ms.
-        const loco::comm::link_model link{20e6, std::chrono::microseconds(0)};
+        // Two ranks on a 2 MB/s link: an all-reduce of 100 000 floats sends 400 kB per rank,
+        // which takes 200 ms.
+        const loco::comm::link_model link{2e6, std::chrono::microseconds(0)};
         double blocking_s[2] = {};
         double overlapped_s[2] = {};
         bool same[2] = {};
@@ -256,8 +259,8 @@ TEST_CASE("threads split-phase overlaps: transfer T + compute T take about T, bl
             2,
             [&](loco::comm::threads& comm) {
                 const auto r = static_cast<std::size_t>(comm.rank());
-                // This rank's data: 1 M floats.
-                std::vector<float> x = rank_input("overlap", comm.rank(), 1'000'000);
+                // This rank's data: 100 000 floats.
+                std::vector<float> x = rank_input("overlap", comm.rank(), 100'000);
                 std::vector<float> y = x;
 
                 comm.barrier();
@@ -277,7 +280,7 @@ TEST_CASE("threads split-phase overlaps: transfer T + compute T take about T, bl
             },
             std::chrono::seconds(60), link);
         // [snippet:comm-threads-overlap end]
-        const auto want = rank_order_sum("overlap", 2, 1'000'000, reduce_op::mean);
+        const auto want = rank_order_sum("overlap", 2, 100'000, reduce_op::mean);
         for (int r = 0; r < 2; ++r) {
             CAPTURE(r);
             CHECK(same[r]);
@@ -285,7 +288,7 @@ TEST_CASE("threads split-phase overlaps: transfer T + compute T take about T, bl
             CHECK(blocking_s[r] >= 0.390);
             best_overlapped[r] = std::min(best_overlapped[r], overlapped_s[r]);
         }
-        MESSAGE("overlap on a 20 MB/s emulated link, 200 ms transfer + 200 ms compute: blocking "
+        MESSAGE("overlap on a 2 MB/s emulated link, 200 ms transfer + 200 ms compute: blocking "
                 << blocking_s[0] << " / " << blocking_s[1] << " s, overlapped " << overlapped_s[0]
                 << " / " << overlapped_s[1] << " s (ranks 0 / 1)");
         if (best_overlapped[0] < 0.330 && best_overlapped[1] < 0.330) {
