@@ -243,6 +243,60 @@ TEST_CASE("cuda_replicas refuse disagreeing ranks, host buffers and absent peers
     }
 }
 
+TEST_CASE("split-phase collectives on cuda_replicas and cuda_staging equal the reference") {
+    // Two collectives in flight per rank, finished in reverse order; the device data through
+    // cuda_replicas, and host data through cuda_staging over cuda_replicas.
+    for (const int m : {1, 3}) {
+        CAPTURE(m);
+        const std::size_t n = 4099;
+        std::vector<std::vector<float>> data;
+        for (int r = 0; r < m; ++r) {
+            auto rng = rng_for("split/" + std::to_string(m) + "/" + std::to_string(r));
+            data.push_back(normal_floats(rng, n));
+        }
+        const expected e = reference(data, 0);
+        std::mutex mutex;
+        loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+            const std::size_t r = std::size_t(comm.rank());
+            lc::device_buffer<float> buf(n);
+            lc::device_buffer<float> mine(n);
+            lc::device_buffer<std::byte> recv(std::size_t(m) * n * sizeof(float));
+            buf.upload(data[r]);
+            mine.upload(data[r]);
+            check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+            auto reduce = comm.start_all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::sum);
+            auto gather = comm.start_all_gather(
+                loco::comm::as_bytes(loco::tensor_view<const float>(loco::cuda_tensor(mine.get(), n))),
+                loco::cuda_tensor(recv.get(), recv.size()));
+            gather.finish();
+            reduce.finish();
+            CHECK_THROWS_AS(reduce.finish(), loco::invalid_argument);
+            const auto got_sum = buf.download();
+            const auto got_gather = recv.download();
+
+            // The same through host memory, staged.
+            loco::comm::cuda_staging staged(comm);
+            std::vector<float> host = data[r];
+            std::vector<std::byte> host_recv(std::size_t(m) * n * sizeof(float));
+            const auto host_send = bytes_of(data[r]);
+            auto mean = staged.start_all_reduce(loco::host_tensor(host.data(), n), reduce_op::mean);
+            auto g2 = staged.start_all_gather({host_send.data(), host_send.size(), 0, 0,
+                                               loco::memory_space::host},
+                                              {host_recv.data(), host_recv.size(), 0, 0,
+                                               loco::memory_space::host});
+            g2.finish();
+            mean.finish();
+
+            std::lock_guard<std::mutex> lock(mutex);
+            CAPTURE(r);
+            CHECK(std::memcmp(got_sum.data(), e.sum.data(), n * sizeof(float)) == 0);
+            CHECK(got_gather == e.gathered);
+            CHECK(std::memcmp(host.data(), e.mean.data(), n * sizeof(float)) == 0);
+            CHECK(host_recv == e.gathered);
+        });
+    }
+}
+
 #if defined(LOCO_TEST_NCCL)
 
 TEST_CASE("nccl with one rank on one GPU") {
@@ -301,6 +355,83 @@ TEST_CASE("nccl with one rank on one GPU") {
         CHECK(x.download() == std::vector<float>{1.0f, 2.0f, 3.0f});
     }
     CHECK(ncclCommDestroy(raw) == ncclSuccess);
+}
+
+#if defined(__NVCC__)
+namespace {
+// Holds a stream until the host writes *flag != 0 (a real GPU only: the emulator runs kernels at
+// launch, so it would spin for ever).
+__global__ void hold_until(const volatile int* flag) {
+    while (*flag == 0) {
+    }
+}
+}  // namespace
+#endif
+
+TEST_CASE("nccl split-phase: start enqueues after the caller's stream, finish orders it back") {
+    const std::string path =
+        "/tmp/loco-nccl-split-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(20)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    lc::stream caller;
+    comm->set_caller_stream(caller);
+    auto rng = rng_for("nccl split");
+    const auto data = normal_floats(rng, 100003);
+    const std::size_t n = data.size();
+    lc::device_buffer<float> buf(n);
+    lc::device_buffer<std::byte> recv(n * sizeof(float));
+    lc::pinned_buffer<float> pinned(n);
+    std::memcpy(pinned.get(), data.data(), n * sizeof(float));
+    check_cuda(cudaMemcpyAsync(buf.get(), pinned.get(), n * sizeof(float), cudaMemcpyHostToDevice,
+                               caller),
+               "upload on the caller stream");
+    // Two in flight: an all_gather reading buf, then a mean all_reduce writing it (ordered on the
+    // communicator's stream, so the gather sees the original values).
+    auto gather = comm->start_all_gather(
+        loco::comm::as_bytes(loco::tensor_view<const float>(loco::cuda_tensor(buf.get(), n))),
+        loco::cuda_tensor(recv.get(), recv.size()));
+    auto reduce = comm->start_all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::mean);
+    reduce.finish();
+    gather.finish();
+    CHECK_THROWS_AS(gather.finish(), loco::invalid_argument);
+    lc::pinned_buffer<std::byte> back(n * sizeof(float));
+    check_cuda(cudaMemcpyAsync(back.get(), recv.get(), n * sizeof(float), cudaMemcpyDeviceToHost,
+                               caller),
+               "download on the caller stream");
+    caller.synchronize();
+    CHECK(std::memcmp(back.get(), data.data(), n * sizeof(float)) == 0);
+    CHECK(buf.download() == data);  // one rank: the mean is the data
+
+    // Host buffers staged through the communicator keep the split phase.
+    {
+        loco::comm::cuda_staging staged(*comm);
+        std::vector<float> host = data;
+        auto r = staged.start_all_reduce(loco::host_tensor(host.data(), n), reduce_op::sum);
+        r.finish();
+        CHECK(host == data);
+    }
+
+#if defined(__NVCC__)
+    // start() must not wait on the host for the caller's stream: hold that stream with a kernel
+    // only the host can release, start, and release it afterwards. A start that waited would
+    // time out (20 s) and throw instead.
+    lc::pinned_buffer<int> flag(1);
+    *const_cast<volatile int*>(flag.get()) = 0;
+    hold_until<<<1, 1, 0, caller>>>(flag.get());
+    check_cuda(cudaGetLastError(), "hold_until launch");
+    const auto t0 = std::chrono::steady_clock::now();
+    auto held = comm->start_all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::sum);
+    const auto start_took = std::chrono::steady_clock::now() - t0;
+    CHECK(cudaStreamQuery(caller) == cudaErrorNotReady);  // the caller's stream is still held
+    *const_cast<volatile int*>(flag.get()) = 1;
+    held.finish();
+    caller.synchronize();
+    CHECK(start_took < std::chrono::seconds(5));
+    CHECK(buf.download() == data);
+#endif
+    CHECK_FALSE(comm->aborted());
 }
 
 TEST_CASE("nccl on one GPU: peers that never come time out with a clear error") {

@@ -7,7 +7,7 @@
 # and docs/groups.md, from the GPU tests (compiled in every CUDA-enabled build, run on a GPU).
 add_test(NAME docs.snippets
          COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
-                 "-DEXAMPLES=${PROJECT_SOURCE_DIR}/tests/docs_examples_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/handles_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/groups_test.cu"
+                 "-DEXAMPLES=${PROJECT_SOURCE_DIR}/tests/docs_examples_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/comm_request_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/handles_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/groups_test.cu"
                  -P ${CMAKE_CURRENT_LIST_DIR}/check_snippets.cmake)
 set_tests_properties(docs.snippets PROPERTIES LABELS docs TIMEOUT 60)
 

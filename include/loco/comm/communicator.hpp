@@ -9,6 +9,7 @@
 #include <loco/error.hpp>
 #include <loco/tensor.hpp>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -41,6 +42,11 @@ public:
     public:
         virtual ~operation() = default;
         virtual void wait() = 0;
+        // Called instead of wait() when the request is destroyed unfinished. It too must return
+        // only once the collective no longer touches the buffers; its error is dropped. An
+        // implementation may first cancel or abort (comm::threads aborts its group when the rank
+        // is unwinding from an exception, so that peers are not left waiting for it).
+        virtual void abandon() { wait(); }
     };
 
     request() = default;
@@ -97,49 +103,37 @@ public:
 
     // Element-wise sum or mean over all ranks, in place; every rank gets bit-identical results.
     // Blocking: start_all_reduce + finish.
-    void all_reduce(tensor_view<float> data, reduce_op op) { start_all_reduce(data, op).finish(); }
+    void all_reduce(tensor_view<float> data, reduce_op op) {
+        const one_caller guard(*this, "all_reduce");
+        make_all_reduce(data, op).finish();
+    }
 
     // The same, split-phase: returns at once; `data` belongs to the collective until finish().
     // Collectives on one communicator complete in the order they were started, on every rank.
     request start_all_reduce(tensor_view<float> data, reduce_op op) {
-        check_usable("all_reduce");
-        check_buffer(data.data, data.size, data.space, "all_reduce");
-        return {*this, do_start_all_reduce(data, op), prefix_name("all_reduce")};
+        const one_caller guard(*this, "start_all_reduce");
+        return make_all_reduce(data, op);
     }
 
     // Concatenation of every rank's `send` bytes in rank order; recv holds size() * send.size.
     // send and recv are disjoint, or send is exactly this rank's slot of recv (in place).
     // Blocking: start_all_gather + finish.
     void all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
-        start_all_gather(send, recv).finish();
+        const one_caller guard(*this, "all_gather");
+        make_all_gather(send, recv).finish();
     }
 
     // The same, split-phase: both buffers belong to the collective until finish().
     request start_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
-        check_usable("all_gather");
-        check_buffer(send.data, send.size, send.space, "all_gather");
-        check_buffer(recv.data, recv.size, recv.space, "all_gather");
-        if (recv.size != send.size * static_cast<std::size_t>(size())) {
-            throw shape_error(prefix("all_gather") + "the receive buffer holds " +
-                              std::to_string(recv.size) + " bytes but " + std::to_string(size()) +
-                              " ranks x " + std::to_string(send.size) + " bytes were sent");
-        }
-        const std::less<const std::byte*> before;
-        const bool overlap = send.size != 0 && before(send.data, recv.data + recv.size) &&
-                             before(recv.data, send.data + send.size);
-        const std::byte* own_slot = recv.data + static_cast<std::size_t>(rank()) * send.size;
-        if (overlap && send.data != own_slot) {
-            throw invalid_argument(prefix("all_gather") +
-                                   "the send buffer overlaps the receive buffer but is not this "
-                                   "rank's slot of it");
-        }
-        return {*this, do_start_all_gather(send, recv), prefix_name("all_gather")};
+        const one_caller guard(*this, "start_all_gather");
+        return make_all_gather(send, recv);
     }
 
     // Personalised exchange: send and recv hold size() blocks of b bytes each; block k of this
     // rank's send goes to rank k, and block k of recv comes from rank k. send and recv must not
     // overlap.
     void all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        const one_caller guard(*this, "all_to_all");
         check_usable("all_to_all");
         check_buffer(send.data, send.size, send.space, "all_to_all");
         check_buffer(recv.data, recv.size, recv.space, "all_to_all");
@@ -160,6 +154,7 @@ public:
 
     // Copies root's bytes into every other rank's buffer.
     void broadcast(tensor_view<std::byte> data, int root) {
+        const one_caller guard(*this, "broadcast");
         check_usable("broadcast");
         check_buffer(data.data, data.size, data.space, "broadcast");
         if (root < 0 || root >= size()) {
@@ -172,6 +167,7 @@ public:
 
     // Returns once every rank has called it.
     void barrier() {
+        const one_caller guard(*this, "barrier");
         check_usable("barrier");
         do_barrier();
     }
@@ -204,6 +200,55 @@ protected:
 
 private:
     friend class request;
+
+    // Marks a public call in progress. A communicator serves one thread at a time: a second
+    // thread calling while one is inside (a blocking collective, or a start_*) would interleave
+    // the two threads' collectives in an order the other ranks cannot know, so it is refused.
+    class one_caller {
+    public:
+        one_caller(communicator& c, const char* call) : c_(c) {
+            const char* idle = nullptr;
+            if (!c_.in_call_.compare_exchange_strong(idle, call, std::memory_order_acq_rel)) {
+                throw invalid_argument(
+                    c_.prefix(call) + "called while another thread is inside " + idle +
+                    " on the same communicator; a communicator serves one thread at a time: "
+                    "give each thread its own rank, or make the calls one after another");
+            }
+        }
+        ~one_caller() { c_.in_call_.store(nullptr, std::memory_order_release); }
+        one_caller(const one_caller&) = delete;
+        one_caller& operator=(const one_caller&) = delete;
+
+    private:
+        communicator& c_;
+    };
+
+    request make_all_reduce(tensor_view<float> data, reduce_op op) {
+        check_usable("all_reduce");
+        check_buffer(data.data, data.size, data.space, "all_reduce");
+        return {*this, do_start_all_reduce(data, op), prefix_name("all_reduce")};
+    }
+
+    request make_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
+        check_usable("all_gather");
+        check_buffer(send.data, send.size, send.space, "all_gather");
+        check_buffer(recv.data, recv.size, recv.space, "all_gather");
+        if (recv.size != send.size * static_cast<std::size_t>(size())) {
+            throw shape_error(prefix("all_gather") + "the receive buffer holds " +
+                              std::to_string(recv.size) + " bytes but " + std::to_string(size()) +
+                              " ranks x " + std::to_string(send.size) + " bytes were sent");
+        }
+        const std::less<const std::byte*> before;
+        const bool overlap = send.size != 0 && before(send.data, recv.data + recv.size) &&
+                             before(recv.data, send.data + send.size);
+        const std::byte* own_slot = recv.data + static_cast<std::size_t>(rank()) * send.size;
+        if (overlap && send.data != own_slot) {
+            throw invalid_argument(prefix("all_gather") +
+                                   "the send buffer overlaps the receive buffer but is not this "
+                                   "rank's slot of it");
+        }
+        return {*this, do_start_all_gather(send, recv), prefix_name("all_gather")};
+    }
 
     // A completed operation that rethrows what the blocking call threw.
     class completed final : public request::operation {
@@ -254,6 +299,7 @@ private:
     }
 
     std::string abandoned_;  // the first collective started and never finished, if any
+    std::atomic<const char*> in_call_{nullptr};  // the public call in progress, if any
 };
 
 inline void request::finish() {
@@ -275,7 +321,7 @@ inline void request::abandon() noexcept {
     }
     auto op = std::move(op_);
     try {
-        op->wait();
+        op->abandon();
     } catch (...) {
         // The request is being dropped: its error has no one to go to. The mark below makes the
         // next collective on the communicator fail instead.

@@ -14,9 +14,14 @@
 //   - bytes_sent counts every copy out of a rank's buffer as bytes that rank sent, with the same
 //     formulas as comm::threads (all_reduce 4 (n + (M-2) c_r), c_r the rank's chunk; all_gather
 //     (M-1) x bytes; all_to_all (M-1) x block; broadcast (M-1) x bytes from the root).
-// Each collective is host-synchronous, like comm::threads: it first waits for the work already
-// enqueued on the rank's stream (the producer of the buffer), and returns once the data has moved
-// and every peer is done reading this rank's buffers.
+// Each collective is host-synchronous: it first waits for the work already enqueued on the
+// rank's stream (the producer of the buffer), and returns once the data has moved and every peer
+// is done reading this rank's buffers (also when it fails: a rank that times out waits for peers
+// still copying from it). The split-phase start_* keep the communicator interface's default (the
+// collective runs at start, finish() reports its result): the replicas share one GPU, whose copy
+// and compute engines the collective would take from the other replicas' compute anyway, so a
+// progress thread would add host threads without hiding anything; this communicator exists to
+// test M > 1 on one GPU, and comm::nccl is the one that overlaps on real hardware.
 
 #include <loco/backend/cuda/collectives.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -126,6 +131,7 @@ protected:
         backend::cuda::device_guard on(group_->device());
         settle();
         rv().start(rank_, {collective::all_reduce, data.size, 0, op, data.data, data.data}, where);
+        const detail::reading_scope reading(rv(), rank_);
         const std::size_t m = static_cast<std::size_t>(size());
         const std::size_t r = static_cast<std::size_t>(rank_);
         const auto chunk_begin = [&](std::size_t k) { return data.size * k / m; };
@@ -144,7 +150,7 @@ protected:
                 rv().count_sent(k, (hi - lo) * sizeof(float));
             }
         }
-        rv().wait(rank_, where);
+        rv().wait(rank_, where, detail::rendezvous::then::read);
 
         // All-gather: copy every other owner's reduced chunk.
         for (std::size_t k = 0; k < m; ++k) {
@@ -171,6 +177,7 @@ protected:
         settle();
         rv().start(rank_, {collective::all_gather, send.size, 0, reduce_op::sum, send.data, recv.data},
                    where);
+        const detail::reading_scope reading(rv(), rank_);
         const std::size_t m = static_cast<std::size_t>(size());
         for (std::size_t k = 0; k < m; ++k) {
             std::byte* to = recv.data + k * send.size;
@@ -192,6 +199,7 @@ protected:
         settle();
         rv().start(rank_, {collective::all_to_all, send.size, 0, reduce_op::sum, send.data, recv.data},
                    where);
+        const detail::reading_scope reading(rv(), rank_);
         const std::size_t m = static_cast<std::size_t>(size());
         const std::size_t r = static_cast<std::size_t>(rank_);
         const std::size_t block = send.size / m;
@@ -215,6 +223,7 @@ protected:
         settle();
         rv().start(rank_, {collective::broadcast, data.size, root, reduce_op::sum, data.data, data.data},
                    where);
+        const detail::reading_scope reading(rv(), rank_);
         if (rank_ != root) {
             if (data.size != 0) {
                 LOCO_CUDA_CHECK(cudaMemcpyAsync(

@@ -2,8 +2,14 @@
 // A host-memory view of a device communicator: every collective copies its host buffers into
 // device scratch buffers, runs the wrapped communicator (NCCL, cuda_replicas) on them and copies
 // the result back. It lets code written for host memory (the compressed exchange schemes, which
-// encode and decode on the host) run over a GPU communicator. Each call is synchronous; the bytes
-// sent are the wrapped communicator's.
+// encode and decode on the host) run over a GPU communicator. The bytes sent are the wrapped
+// communicator's.
+//
+// Split-phase: start_all_reduce / start_all_gather copy the host buffers to the device, start
+// the wrapped communicator's split-phase collective and return; finish() finishes it and copies
+// the result back to the host. Whatever overlap the wrapped communicator has (comm::nccl runs on
+// its own stream) survives the staging. Each collective in flight has its own device buffers,
+// taken from a pool that keeps them between calls.
 
 #include <loco/backend/cuda/error.hpp>
 #include <loco/backend/cuda/memory.hpp>
@@ -13,7 +19,10 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace loco::comm {
 
@@ -34,44 +43,103 @@ public:
     std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
 
 protected:
+    std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
+                                                            reduce_op op) override {
+        buffer d = take(data.size_bytes());
+        to_device(d.get(), data.data, data.size_bytes());
+        request inner = next_.start_all_reduce(
+            cuda_tensor(reinterpret_cast<float*>(d.get()), data.size), op);
+        return std::make_unique<staged>(*this, std::move(inner), std::move(d), buffer{},
+                                        data.data, data.size_bytes());
+    }
+    std::unique_ptr<request::operation> do_start_all_gather(
+        tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+        buffer s = take(send.size);
+        buffer r = take(recv.size);
+        to_device(s.get(), send.data, send.size);
+        request inner =
+            next_.start_all_gather(cuda_tensor(static_cast<const std::byte*>(s.get()), send.size),
+                                   cuda_tensor(r.get(), recv.size));
+        return std::make_unique<staged>(*this, std::move(inner), std::move(r), std::move(s),
+                                        recv.data, recv.size);
+    }
+
     void do_all_reduce(tensor_view<float> data, reduce_op op) override {
-        std::byte* d = scratch(a_, data.size_bytes());
-        to_device(d, data.data, data.size_bytes());
-        next_.all_reduce(cuda_tensor(reinterpret_cast<float*>(d), data.size), op);
-        to_host(data.data, d, data.size_bytes());
+        do_start_all_reduce(data, op)->wait();
     }
     void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        std::byte* s = scratch(a_, send.size);
-        std::byte* r = scratch(b_, recv.size);
-        to_device(s, send.data, send.size);
-        next_.all_gather(cuda_tensor(static_cast<const std::byte*>(s), send.size),
-                         cuda_tensor(r, recv.size));
-        to_host(recv.data, r, recv.size);
+        do_start_all_gather(send, recv)->wait();
     }
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        std::byte* s = scratch(a_, send.size);
-        std::byte* r = scratch(b_, recv.size);
-        to_device(s, send.data, send.size);
-        next_.all_to_all(cuda_tensor(static_cast<const std::byte*>(s), send.size),
-                         cuda_tensor(r, recv.size));
-        to_host(recv.data, r, recv.size);
+        buffer s = take(send.size);
+        buffer r = take(recv.size);
+        to_device(s.get(), send.data, send.size);
+        next_.all_to_all(cuda_tensor(static_cast<const std::byte*>(s.get()), send.size),
+                         cuda_tensor(r.get(), recv.size));
+        to_host(recv.data, r.get(), recv.size);
+        give(std::move(s));
+        give(std::move(r));
     }
     void do_broadcast(tensor_view<std::byte> data, int root) override {
-        std::byte* d = scratch(a_, data.size);
-        to_device(d, data.data, data.size);
-        next_.broadcast(cuda_tensor(d, data.size), root);
-        to_host(data.data, d, data.size);
+        buffer d = take(data.size);
+        to_device(d.get(), data.data, data.size);
+        next_.broadcast(cuda_tensor(d.get(), data.size), root);
+        to_host(data.data, d.get(), data.size);
+        give(std::move(d));
     }
     void do_barrier() override { next_.barrier(); }
 
 private:
-    // A device buffer of at least `bytes`, kept between calls (grown, never shrunk). Never null,
-    // so that empty collectives still pass valid device pointers.
-    static std::byte* scratch(backend::cuda::device_buffer<std::byte>& buf, std::size_t bytes) {
-        if (buf.size() < bytes || buf.empty()) {
-            buf = backend::cuda::device_buffer<std::byte>(bytes == 0 ? 1 : bytes);
+    using buffer = backend::cuda::device_buffer<std::byte>;
+
+    // A collective of the wrapped communicator in flight, with the device buffers it uses and
+    // where its result goes on the host.
+    class staged final : public request::operation {
+    public:
+        staged(cuda_staging& owner, request inner, buffer result, buffer other, void* host,
+               std::size_t bytes)
+            : owner_(owner), inner_(std::move(inner)), result_(std::move(result)),
+              other_(std::move(other)), host_(host), bytes_(bytes) {}
+        ~staged() override {
+            if (inner_.pending()) {
+                inner_ = request{};  // waits for the wrapped collective before the buffers go back
+            }
+            owner_.give(std::move(result_));
+            owner_.give(std::move(other_));
         }
-        return buf.get();
+        void wait() override {
+            inner_.finish();
+            to_host(host_, result_.get(), bytes_);
+        }
+
+    private:
+        cuda_staging& owner_;
+        request inner_;
+        buffer result_, other_;
+        void* host_;
+        std::size_t bytes_;
+    };
+
+    // A device buffer of at least `bytes` from the pool, or a new one. Never null, so that empty
+    // collectives still pass valid device pointers.
+    buffer take(std::size_t bytes) {
+        for (auto it = spare_.begin(); it != spare_.end(); ++it) {
+            if (it->size() >= bytes) {
+                buffer b = std::move(*it);
+                spare_.erase(it);
+                return b;
+            }
+        }
+        return buffer(bytes == 0 ? 1 : bytes);
+    }
+    void give(buffer b) noexcept {
+        if (!b.empty()) {
+            try {
+                spare_.push_back(std::move(b));
+            } catch (...) {
+                // Out of host memory for the pool's list: the buffer is freed instead.
+            }
+        }
     }
     static void to_device(std::byte* d, const void* h, std::size_t bytes) {
         if (bytes != 0) {
@@ -85,7 +153,7 @@ private:
     }
 
     communicator& next_;
-    backend::cuda::device_buffer<std::byte> a_, b_;
+    std::vector<buffer> spare_;  // device buffers of finished collectives, for the next ones
 };
 
 }  // namespace loco::comm

@@ -7,20 +7,30 @@
 // caller's stream is made to wait for the collective the same way, so stream-ordered consumers of
 // the result need no host synchronisation.
 //
-// Completion and timeouts. By default (nccl_options::wait) a collective returns once it has
-// completed, as the interface promises; with wait = false it returns once enqueued and
-// synchronize() waits. Every wait polls the communicator's asynchronous error state and a
-// deadline: an NCCL error, or a peer that does not arrive within nccl_options::timeout, aborts the
-// communicator (ncclCommAbort) and throws loco::comm_error; it is never a silent hang. Every later
-// call throws comm_error too. Communicators made by create()/bootstrap are nonblocking, so even
-// the NCCL calls themselves never block; a communicator handed in from outside should be created
-// nonblocking as well for the same guarantee.
+// Split-phase. start_all_reduce / start_all_gather enqueue the collective on the communicator's
+// stream after an event recorded on the caller's stream, record an event after it, and return:
+// the caller's stream is not made to wait yet, so the compute the caller enqueues next runs
+// beside the transfer. finish() makes the caller's stream wait on that event (and, with
+// nccl_options::wait, the host too, under the timeout). Nothing between start and finish
+// synchronises the host with the device. The blocking collectives are start + finish.
+//
+// Completion and timeouts. By default (nccl_options::wait) a collective returns (a request
+// finishes) once it has completed, as the interface promises; with wait = false it returns once
+// enqueued and synchronize() waits. Every wait polls the communicator's asynchronous error state
+// and a deadline: an NCCL error, or a peer that does not arrive within nccl_options::timeout,
+// aborts the communicator (ncclCommAbort) and throws loco::comm_error; it is never a silent hang.
+// Every later call, and the finish() of every request still in flight, throws comm_error too.
+// Communicators made by create()/bootstrap are nonblocking, so even the NCCL calls themselves
+// never block; a communicator handed in from outside should be created nonblocking as well for the
+// same guarantee.
 //
 // Agreement. With nccl_options::check_calls (the default), every collective first all-gathers a
 // 32-byte descriptor of the call (its kind, byte or element count, root, op and a sequence number)
 // and compares them on every rank: ranks that disagree (another collective, another size, a
-// skipped call) all throw the same comm_error before any payload moves, like comm::threads. The
-// descriptor exchange costs one small all-gather and a host synchronisation per collective.
+// skipped call) all throw the same comm_error before any payload moves, like comm::threads (from
+// start_*, for a split-phase call). The descriptor exchange costs one small all-gather and a host
+// synchronisation per collective, at its start; it waits for the collectives started before it
+// but not for the caller's stream, so it does not wait for the caller's compute.
 //
 // Bytes. bytes_sent() counts the payload a rank puts on the wire under the ring algorithms, with
 // the formulas comm::threads uses, so that the counts of the two communicators agree:
@@ -59,6 +69,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #if defined(LOCO_WITH_MPI)
 #include <mpi.h>
@@ -212,10 +223,11 @@ public:
     }
 
 protected:
-    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
+    std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
+                                                            reduce_op op) override {
         const std::string where = prefix("all_reduce");
         const std::size_t n = data.size;
-        run({kind::all_reduce, op == reduce_op::mean ? 1u : 0u, n, 0}, where, false, [&] {
+        auto done = enqueue({kind::all_reduce, op == reduce_op::mean ? 1u : 0u, n, 0}, where, [&] {
             if (n != 0) {
                 check_nccl(ncclAllReduce(data.data, data.data, n, ncclFloat32, ncclSum, comm_,
                                          stream_->get()),
@@ -231,11 +243,13 @@ protected:
             const std::size_t chunk = n * (r + 1) / m - n * r / m;
             sent_ += 4 * (n + (m - 2) * chunk);
         }
+        return std::make_unique<in_flight>(*this, std::move(done), where);
     }
 
-    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+    std::unique_ptr<request::operation> do_start_all_gather(
+        tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
         const std::string where = prefix("all_gather");
-        run({kind::all_gather, 0, send.size, 0}, where, false, [&] {
+        auto done = enqueue({kind::all_gather, 0, send.size, 0}, where, [&] {
             if (send.size != 0) {
                 check_nccl(ncclAllGather(send.data, recv.data, send.size, ncclUint8, comm_,
                                          stream_->get()),
@@ -243,6 +257,15 @@ protected:
             }
         });
         sent_ += static_cast<std::uint64_t>(size_ - 1) * send.size;
+        return std::make_unique<in_flight>(*this, std::move(done), where);
+    }
+
+    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
+        do_start_all_reduce(data, op)->wait();
+    }
+
+    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
+        do_start_all_gather(send, recv)->wait();
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
@@ -476,22 +499,80 @@ private:
         }
     }
 
+    // A collective enqueued on the communicator's stream: finishing it makes the caller's stream
+    // (and with options.wait the host) wait for the event recorded after it.
+    class in_flight final : public request::operation {
+    public:
+        in_flight(nccl& owner, backend::cuda::event done, std::string where)
+            : owner_(owner), done_(std::move(done)), where_(std::move(where)) {}
+        ~in_flight() override { owner_.give_event(std::move(done_)); }
+        void wait() override { owner_.complete(done_.get(), where_, owner_.options_.wait); }
+
+    private:
+        nccl& owner_;
+        backend::cuda::event done_;
+        std::string where_;
+    };
+
+    // Agrees on the call (check_calls), then enqueues it on the communicator's stream after the
+    // work already on the caller's stream, and returns an event recorded after it. The host does
+    // not wait for the caller's stream: the agreement runs before the wait is enqueued.
     template <class Enqueue>
-    void run(const call& c, const std::string& where, bool always_wait, Enqueue&& enqueue) {
+    backend::cuda::event enqueue(const call& c, const std::string& where, Enqueue&& enqueue_call) {
         ensure_usable(where);
         backend::cuda::device_guard on(device_);
         cudaStream_t s = stream_->get();
-        // On the device: start after the caller's work.
-        backend::cuda::stream_wait(s, caller_, ready_.get());
         ++sequence_;
         if (options_.check_calls) {
             agree(c, where);
         }
-        enqueue();
-        done_.record(s);
-        LOCO_CUDA_CHECK(cudaStreamWaitEvent(caller_, done_.get(), 0));
-        if (options_.wait || always_wait) {
-            wait_for(done_.get(), where);
+        // On the device: start after the caller's work.
+        backend::cuda::stream_wait(s, caller_, ready_.get());
+        enqueue_call();
+        backend::cuda::event done = take_event();
+        LOCO_CUDA_CHECK(cudaEventRecord(done.get(), s));
+        return done;
+    }
+
+    // The caller's stream waits for `done`; with host_wait the host waits too, under the timeout.
+    void complete(cudaEvent_t done, const std::string& where, bool host_wait) {
+        ensure_usable(where);
+        backend::cuda::device_guard on(device_);
+        LOCO_CUDA_CHECK(cudaStreamWaitEvent(caller_, done, 0));
+        if (host_wait) {
+            wait_for(done, where);
+        }
+    }
+
+    template <class Enqueue>
+    void run(const call& c, const std::string& where, bool always_wait, Enqueue&& enqueue_call) {
+        backend::cuda::event done = enqueue(c, where, std::forward<Enqueue>(enqueue_call));
+        try {
+            complete(done.get(), where, options_.wait || always_wait);
+        } catch (...) {
+            give_event(std::move(done));
+            throw;
+        }
+        give_event(std::move(done));
+    }
+
+    // Events for the collectives in flight, reused.
+    backend::cuda::event take_event() {
+        if (spare_events_.empty()) {
+            return backend::cuda::event();
+        }
+        backend::cuda::event e = std::move(spare_events_.back());
+        spare_events_.pop_back();
+        return e;
+    }
+    void give_event(backend::cuda::event e) noexcept {
+        if (e.get() == nullptr) {
+            return;
+        }
+        try {
+            spare_events_.push_back(std::move(e));
+        } catch (...) {
+            // No room in the list: the event is destroyed instead.
         }
     }
 
@@ -504,7 +585,8 @@ private:
     int size_ = 1;
     std::unique_ptr<backend::cuda::stream> stream_;
     backend::cuda::event ready_;
-    backend::cuda::event done_;
+    backend::cuda::event done_;  // synchronize() and the call descriptors
+    std::vector<backend::cuda::event> spare_events_;
     backend::cuda::device_buffer<float> scratch_;
     backend::cuda::device_buffer<descriptor> descriptors_;
     backend::cuda::pinned_buffer<descriptor> host_descriptors_;

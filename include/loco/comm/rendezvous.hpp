@@ -6,18 +6,26 @@
 // At a rendezvous each rank posts its call (kind, element or byte count, root, op, buffers). The
 // last rank to arrive compares the calls; if they disagree, every rank throws the same comm_error
 // and no data moves. A rank that waits longer than the timeout aborts the group: it and every
-// rank waiting with it throw comm_error instead of hanging, and so does every later call. Between
-// the rendezvous and the collective's final barrier a rank may read its peers' posted buffers.
+// rank waiting with it throw comm_error instead of hanging, and so does every later call.
+//
+// Reading. A rendezvous that opens a copy phase (start() of a collective that moves data, or
+// wait(..., then::read)) lets every rank read its peers' posted buffers until that rank's next
+// wait(), pace() or stop_reading(). The rendezvous counts the ranks still reading, and a rank
+// that fails (timeout, abort) waits until none is before it throws: its caller may free its
+// buffers as soon as it returns, and a peer slowed in the middle of a copy must not read them
+// after that.
 
 #include <loco/comm/communicator.hpp>
 #include <loco/error.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -47,11 +55,15 @@ public:
             throw invalid_argument("loco::comm: the " + group_ + "'s timeout must be positive");
         }
         slots_.resize(static_cast<std::size_t>(size));
+        reading_.assign(static_cast<std::size_t>(size), false);
         sent_ = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(size));
     }
 
     int size() const noexcept { return size_; }
     std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+
+    // What comes after a phase barrier inside a collective.
+    enum class then : bool { finish, read };
 
     void abort(const std::string& reason) {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -63,15 +75,46 @@ public:
     }
 
     // Posts this rank's call and waits for every rank; throws the verdict when they disagree.
+    // A call that moves data opens a copy phase.
     void start(int rank, const posted_call& call, const std::string& where) {
-        const std::string verdict = arrive(rank, &call, where);
+        const then next = call.what == collective::barrier ? then::finish : then::read;
+        const std::string verdict = arrive(rank, &call, next, where);
         if (!verdict.empty()) {
             throw comm_error(where + verdict);
         }
     }
 
-    // A phase barrier inside a collective.
-    void wait(int rank, const std::string& where) { arrive(rank, nullptr, where); }
+    // A phase barrier inside a collective: ends this rank's reading, waits for every rank, and
+    // opens the next copy phase when `next` is then::read.
+    void wait(int rank, const std::string& where, then next = then::finish) {
+        arrive(rank, nullptr, next, where);
+    }
+
+    // Ends this rank's reading of its peers' buffers (idempotent; for exception paths).
+    void stop_reading(int rank) noexcept {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_reading_locked(rank);
+    }
+
+    // Ends this rank's reading and sleeps until `until` (the emulated link's transfer time); an
+    // abort wakes it and it throws.
+    void pace(int rank, std::chrono::steady_clock::time_point until, const std::string& where) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        stop_reading_locked(rank);
+        cv_.wait_until(lock, until, [&] { return aborted_; });
+        if (aborted_) {
+            fail_locked(lock, rank, where + "the " + group_ + " was aborted: " + abort_reason_);
+        }
+    }
+
+    // Test seam: hook(rank, peer) runs right before `rank` copies from `peer`'s buffer. Set it
+    // before the group's first collective.
+    void set_copy_hook(std::function<void(int, int)> hook) { copy_hook_ = std::move(hook); }
+    void before_copy(int rank, int peer) const {
+        if (copy_hook_) {
+            copy_hook_(rank, peer);
+        }
+    }
 
     // What rank r posted at the current collective's rendezvous.
     const posted_call& slot(std::size_t r) const noexcept { return slots_[r]; }
@@ -135,6 +178,24 @@ private:
         return {};
     }
 
+    void stop_reading_locked(int rank) noexcept {
+        const auto mine = static_cast<std::size_t>(rank);
+        if (reading_[mine]) {
+            reading_[mine] = false;
+            if (--readers_ == 0) {
+                cv_.notify_all();
+            }
+        }
+    }
+
+    // Throws comm_error(message), but only once no rank reads any posted buffer any more.
+    [[noreturn]] void fail_locked(std::unique_lock<std::mutex>& lock, int rank,
+                                  const std::string& message) {
+        stop_reading_locked(rank);
+        cv_.wait(lock, [&] { return readers_ == 0; });
+        throw comm_error(message);
+    }
+
     void abort_locked(const std::string& reason) {
         if (!aborted_) {
             aborted_ = true;
@@ -143,10 +204,11 @@ private:
         cv_.notify_all();
     }
 
-    std::string arrive(int rank, const posted_call* posted, const std::string& where) {
+    std::string arrive(int rank, const posted_call* posted, then next, const std::string& where) {
         std::unique_lock<std::mutex> lock(mutex_);
+        stop_reading_locked(rank);
         if (aborted_) {
-            throw comm_error(where + "the " + group_ + " was aborted: " + abort_reason_);
+            fail_locked(lock, rank, where + "the " + group_ + " was aborted: " + abort_reason_);
         }
         if (posted) {
             slots_[static_cast<std::size_t>(rank)] = *posted;
@@ -155,6 +217,10 @@ private:
         if (++arrived_ == size_) {
             arrived_ = 0;
             verdict_ = posted ? compare_calls() : std::string();
+            if (verdict_.empty() && next == then::read) {
+                readers_ = size_;
+                std::fill(reading_.begin(), reading_.end(), true);
+            }
             ++generation_;
             cv_.notify_all();
             return verdict_;
@@ -162,7 +228,7 @@ private:
         const bool woke =
             cv_.wait_for(lock, timeout_, [&] { return generation_ != generation || aborted_; });
         if (aborted_) {
-            throw comm_error(where + "the " + group_ + " was aborted: " + abort_reason_);
+            fail_locked(lock, rank, where + "the " + group_ + " was aborted: " + abort_reason_);
         }
         if (!woke) {
             const std::string reason =
@@ -170,7 +236,7 @@ private:
                 " ms for its peers; only " + std::to_string(arrived_) + " of " +
                 std::to_string(size_) + " ranks arrived";
             abort_locked(reason);
-            throw comm_error(where + reason);
+            fail_locked(lock, rank, where + reason);
         }
         return verdict_;
     }
@@ -186,7 +252,23 @@ private:
     std::string verdict_;
     bool aborted_ = false;
     std::string abort_reason_;
+    int readers_ = 0;             // ranks that may still read posted buffers
+    std::vector<bool> reading_;   // which ones
     std::unique_ptr<std::atomic<std::uint64_t>[]> sent_;
+    std::function<void(int, int)> copy_hook_;
+};
+
+// Ends a rank's reading when a collective leaves early through an exception.
+class reading_scope {
+public:
+    reading_scope(rendezvous& group, int rank) noexcept : group_(group), rank_(rank) {}
+    ~reading_scope() { group_.stop_reading(rank_); }
+    reading_scope(const reading_scope&) = delete;
+    reading_scope& operator=(const reading_scope&) = delete;
+
+private:
+    rendezvous& group_;
+    int rank_;
 };
 
 // Runs rank_body(r) for r in [0, size) on `size` threads and waits for all of them. If a rank
@@ -204,7 +286,16 @@ void run_ranks(int size, rendezvous& group, RankBody&& rank_body) {
             try {
                 rank_body(r);
             } catch (...) {
-                const bool victim = group.aborted();
+                // A comm_error after an abort was caused by it; anything else is the rank's own
+                // failure, even when the rank aborted the group itself on the way out.
+                bool comm_failure = false;
+                try {
+                    throw;
+                } catch (const comm_error&) {
+                    comm_failure = true;
+                } catch (...) {
+                }
+                const bool victim = comm_failure && group.aborted();
                 std::lock_guard<std::mutex> lock(failure_mutex);
                 if (!victim && !first_failure) {
                     first_failure = std::current_exception();
