@@ -360,12 +360,16 @@ TEST_CASE("four workers: loco::diloco equals a double-precision simulation of Di
         }
     }
     log.check();
-    // Bytes: the initial broadcast from rank 0, then 3 all-reduces of 253 floats.
+    // Bytes: the start-up check that every rank built the same model (an all-reduce of 16
+    // floats), the initial broadcast from rank 0, then 3 syncs, each an all-reduce of 253 floats
+    // and the ranks' agreement on its outcome (an all-reduce of one float).
     for (int r = 0; r < m; ++r) {
-        const std::size_t chunk = total * std::size_t(r + 1) / m - total * std::size_t(r) / m;
-        const std::uint64_t all_reduce = 4 * (total + (m - 2) * chunk);
+        const auto all_reduce = [&](std::size_t n) {
+            const std::size_t chunk = n * std::size_t(r + 1) / m - n * std::size_t(r) / m;
+            return std::uint64_t(4 * (n + (m - 2) * chunk));
+        };
         const std::uint64_t broadcast = r == 0 ? std::uint64_t(m - 1) * 4 * total : 0;
-        CHECK(bytes[std::size_t(r)] == 3 * all_reduce + broadcast);
+        CHECK(bytes[std::size_t(r)] == all_reduce(16) + broadcast + 3 * (all_reduce(total) + all_reduce(1)));
     }
 }
 
@@ -379,7 +383,7 @@ TEST_CASE("broadcast_initial = false keeps every worker's own starting point") {
             list, comm, {.schedule = {.every = 100}, .broadcast_initial = false});
         opt.step();
         seen[std::size_t(comm.rank())] = p[0];
-        CHECK(comm.bytes_sent() == 0);
+        CHECK(comm.bytes_sent() == 64);  // only the start-up check: 16 floats all-reduced
     });
     CHECK(seen == std::vector<float>{1.0f, 2.0f});
 }

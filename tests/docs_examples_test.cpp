@@ -299,11 +299,13 @@ TEST_CASE("docs: compress::none example counts the bytes of one sync") {
         sent[comm.rank()] = comm.bytes_sent();
     });
     // The sync's mean all-reduce: 4 bytes * 1000 elements * 2 (M - 1) / M = 4000 bytes from each
-    // of the M = 2 workers. Rank 0 also sent its 4000 bytes of initial parameters to rank 1:
-    // sent == {8000, 4000}
+    // of the M = 2 workers, plus 4 bytes of the ranks' agreement on its outcome. Rank 0 also sent
+    // its 4000 bytes of initial parameters to rank 1, and each rank 64 bytes of the start-up check
+    // that every rank built the same model and policies:
+    // sent == {8068, 4068}
     // [snippet:compress-none end]
-    CHECK(sent[0] == 8000);
-    CHECK(sent[1] == 4000);
+    CHECK(sent[0] == 8068);
+    CHECK(sent[1] == 4068);
     const loco::compress::segment whole{0, 1000, 1, 1000};
     CHECK(loco::compress::none::payload_bytes({}, {&whole, 1}) == loco::compress::wire::header_bytes + 4000);
 }
@@ -419,7 +421,7 @@ private:
 };
 // [snippet:comm-custom end]
 
-TEST_CASE("docs: a custom communicator sees one broadcast and one all-reduce per sync") {
+TEST_CASE("docs: a custom communicator sees one broadcast and two all-reduces per sync") {
     // [snippet:comm-custom-use]
     int broadcasts[2] = {};
     int all_reduces[2] = {};
@@ -436,12 +438,12 @@ TEST_CASE("docs: a custom communicator sees one broadcast and one all-reduce per
             opt.step();
         }
         broadcasts[comm.rank()] = counted.broadcasts();    // 1: the initial parameters
-        all_reduces[comm.rank()] = counted.all_reduces();  // 3: one per sync
+        all_reduces[comm.rank()] = counted.all_reduces();  // 7: the start-up check, 2 per sync
     });
     // [snippet:comm-custom-use end]
     for (int r = 0; r < 2; ++r) {
         CHECK(broadcasts[r] == 1);
-        CHECK(all_reduces[r] == 3);
+        CHECK(all_reduces[r] == 7);
     }
 
     loco::comm::single single;
@@ -908,9 +910,11 @@ TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
         CHECK(strict.outer_state(0)[0] == 0.0f);
     }
 
-    SUBCASE("workers that disagree on the collective") {
-        // Worker 1 has one element more than worker 0: the sync's all-reduce cannot match.
+    SUBCASE("workers that disagree on the model") {
+        // Worker 1 has one element more than worker 0: start() compares the ranks' fingerprints
+        // and every rank refuses, naming the difference, before any pseudo-gradient is averaged.
         std::vector<float> global_after[2];
+        std::string errors[2];
         const auto worker = [&](loco::comm::communicator& c) {
             std::vector<float> v(c.rank() == 0 ? 2 : 3, 1.0f);
             std::vector<float> g(v.size(), 0.5f);
@@ -919,12 +923,17 @@ TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
             handle opt(p, c, {.schedule = {.every = 1}, .broadcast_initial = false});
             try {
                 opt.step();
-            } catch (const loco::comm_error&) {
+            } catch (const loco::invalid_argument& e) {
+                errors[c.rank()] = e.what();
                 global_after[c.rank()].assign(opt.global().begin(), opt.global().end());
-                throw;
             }
         };
-        CHECK_THROWS_AS(loco::comm::run_threads(2, worker), loco::comm_error);
+        loco::comm::run_threads(2, worker);
+        for (const auto& e : errors) {
+            CHECK(e == "loco::diloco: the ranks were built differently: rank 0 has 'tensor: v 2 "
+                       "elements' where rank 1 has 'tensor: v 3 elements'; build the same model, "
+                       "schedule, fragments and policies on every rank");
+        }
         CHECK(global_after[0] == std::vector<float>(2, 1.0f));
         CHECK(global_after[1] == std::vector<float>(3, 1.0f));
     }
@@ -953,11 +962,12 @@ TEST_CASE("docs: a compressor in loco::diloco, MuLoCo's 2-bit setting") {
         per_sync[comm.rank()] = opt.bytes_per_sync();
     });
     // One payload: the 40-byte header, shift and 4 table entries (4 * 5 bytes), 1000 2-bit codes
-    // (250 bytes, padded to 252). The all-gather sends it to the one other worker:
-    // per_sync == {312, 312}
+    // (250 bytes, padded to 252). The all-gather sends it to the one other worker, and the ranks
+    // agree on the outcome in a 4-byte all-reduce:
+    // per_sync == {316, 316}
     // [snippet:compress-use end]
-    CHECK(per_sync[0] == 312);
-    CHECK(per_sync[1] == 312);
+    CHECK(per_sync[0] == 316);
+    CHECK(per_sync[1] == 316);
 }
 
 TEST_CASE("docs: compress::cast example") {
