@@ -434,7 +434,7 @@ public:
             w.floats(f.exchange.state());
             w.floats(f.exchange.server_state());
             w.u64(f.in_flight ? 1 : 0);
-            w.u64(f.started_at);
+            w.u64(f.in_flight ? f.started_at : 0);
             w.floats(f.in_flight ? std::span<const float>(f.captured) : std::span<const float>());
         }
         w.finish();
