@@ -841,3 +841,85 @@ TEST_CASE("syncs skipped for non-finite values in a row raise past the limit, na
         CHECK(opt.skipped_syncs() == 6);
     });
 }
+
+// ---- aggregation as a policy: one written here, reading every worker's delta and report --------
+
+namespace {
+
+// Drops the worker whose pseudo-gradient has the largest norm and averages the others (a crude
+// robust mean), to show what the interface hands a policy.
+struct drop_largest {
+    static constexpr std::string_view name = "drop_largest";
+    struct hyper {};
+    static constexpr bool needs_reports = true;
+    static constexpr bool needs_deltas = true;
+    static void combine(const hyper&, const loco::aggregate::contributions& c, std::span<float> out) {
+        std::size_t largest = 0;
+        for (std::size_t k = 1; k < c.workers; ++k) {
+            if (c.reports[k].norm > c.reports[largest].norm) largest = k;
+        }
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            float sum = 0.0f;
+            for (std::size_t k = 0; k < c.workers; ++k) {
+                if (k != largest) sum += c.delta(k)[i];
+            }
+            out[i] = sum / static_cast<float>(c.workers - 1);
+        }
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a user-written aggregation sees every worker's delta and report, on every rank alike") {
+    constexpr int m = 3;
+    constexpr std::size_t n = 10;
+    auto rng = loco_test::rng_for("drop largest");
+    const auto init = loco_test::normal_floats(rng, n);
+    std::array<std::vector<float>, m> grads;
+    for (int r = 0; r < m; ++r) grads[std::size_t(r)] = loco_test::normal_floats(rng, n, float(r + 1));
+    // Reference: each worker's delta after one SGD step is lr * grad; the largest norm is dropped.
+    const float lr = 0.1f;
+    std::array<double, m> norms{};
+    for (int r = 0; r < m; ++r) {
+        for (const float g : grads[std::size_t(r)]) norms[std::size_t(r)] += double(lr * g) * double(lr * g);
+    }
+    const auto largest = std::size_t(std::max_element(norms.begin(), norms.end()) - norms.begin());
+    std::vector<double> expected(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        double sum = 0.0;
+        for (std::size_t r = 0; r < m; ++r) {
+            if (r != largest) sum += double(lr) * grads[r][i];
+        }
+        expected[i] = double(init[i]) - sum / (m - 1);
+    }
+    std::array<std::vector<float>, m> after;
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        std::vector<float> w = init, g = grads[std::size_t(comm.rank())];
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none, loco::schedule::every, drop_largest>
+            opt(list, comm, {.inner = {.lr = lr}, .schedule = {.every = 1}});
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);  // every worker's delta travels
+        opt.step();
+        after[std::size_t(comm.rank())] = w;
+        // Bytes: the payload to each peer, the reports, the agreement (one float all-reduced: the
+        // rank that owns it in the ring sends it once more).
+        const std::size_t r = std::size_t(comm.rank());
+        const std::size_t owns = (r + 1) / m - r / m;
+        CHECK(opt.bytes_per_sync() == (m - 1) * (loco::compress::wire::header_bytes + 4 * n) +
+                                          (m - 1) * sizeof(loco::aggregate::worker_report) +
+                                          4 * (1 + (m - 2) * owns));
+        // all_reduce cannot carry every delta.
+        CHECK_THROWS_WITH_AS((loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                           loco::schedule::every, drop_largest>(
+                                 list, comm, {.exchange = loco::exchange_scheme::all_reduce})),
+                             doctest::Contains("only exchange_scheme::all_gather delivers"),
+                             loco::invalid_argument);
+    });
+    for (int r = 0; r < m; ++r) {
+        CHECK(after[std::size_t(r)] == after[0]);
+        for (std::size_t i = 0; i < n; ++i) {
+            CHECK(after[std::size_t(r)][i] == doctest::Approx(expected[i]).epsilon(1e-6));
+        }
+    }
+}
