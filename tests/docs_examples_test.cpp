@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -1121,5 +1122,134 @@ TEST_CASE("docs: MuLoCo from parameter groups") {
     opt.step();
     for (const float x : w1) {
         CHECK(x != 0.0f);
+    }
+}
+
+// ---- docs/schedules.md: streaming and delayed; docs/outer.md: delayed Nesterov -----------------
+
+TEST_CASE("docs: streaming DiLoCo by one type and one hyper block") {
+    // [snippet:schedule-streaming]
+    std::vector<float> layer0(1, 1.0f), layer1(1, 1.0f);
+    std::vector<float> grad0(1, 2.0f), grad1(1, 2.0f);
+    loco::parameter_list params;
+    params.add("layers.0.weight", layer0, grad0);
+    params.add("layers.1.weight", layer1, grad1);
+
+    loco::comm::single comm;
+    using streaming = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::streaming>;
+    streaming opt(params, comm,
+                  {.inner = {.lr = 1.0f},
+                   .outer = {.lr = 2.0f},
+                   .schedule = {.every = 6, .fragments = 2, .overlap = 1, .alpha = 0.5f}});
+    for (int step = 0; step < 3; ++step) {
+        opt.step();  // call 2 starts fragment 0's exchange, call 3 applies it
+    }
+    // layer0 == -6 (the merge of global -7 and local -5), layer1 == -5 (not synced yet)
+    // [snippet:schedule-streaming end]
+    CHECK(layer0[0] == -6.0f);
+    CHECK(layer1[0] == -5.0f);
+    CHECK(opt.global()[0] == -7.0f);
+    CHECK(opt.fragments() == 2);
+}
+
+TEST_CASE("docs: the one-outer-step delayed schedule") {
+    // [snippet:schedule-delayed]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none, loco::schedule::delayed>
+        opt(params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 2}});
+    opt.step();
+    opt.step();  // round 1 ends: its pseudo-gradient (2) leaves, nothing is applied, w back to 0
+    opt.step();
+    opt.step();  // round 2 ends: round 1's average is applied (global -2), round 2's leaves
+    // w == -2, opt.outer_steps() == 1, opt.in_flight(0) == true
+    // [snippet:schedule-delayed end]
+    CHECK(w[0] == -2.0f);
+    CHECK(opt.outer_steps() == 1);
+    CHECK(opt.in_flight(0));
+}
+
+TEST_CASE("docs: delayed Nesterov") {
+    // [snippet:outer-delayed-nesterov]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::delayed_nesterov> opt(
+        params, comm,
+        {.inner = {.lr = 1.0f},
+         .outer = {.lr = 1.0f, .momentum = 0.9f, .period = 2},
+         .schedule = {.every = 1}});
+    std::vector<float> global;
+    for (int call = 0; call < 4; ++call) {
+        opt.step();  // every pseudo-gradient is 1
+        global.push_back(opt.global()[0]);
+    }
+    // global == {-0.5, -1.9, -2.4, -4.61}: plain steps of lr / N, momentum every N = 2 steps
+    // [snippet:outer-delayed-nesterov end]
+    CHECK(global[0] == doctest::Approx(-0.5));
+    CHECK(global[1] == doctest::Approx(-1.9));
+    CHECK(global[2] == doctest::Approx(-2.4));
+    CHECK(global[3] == doctest::Approx(-4.61));
+}
+
+// ---- docs/diloco.md: writing an aggregation ----------------------------------------------------
+
+// [snippet:aggregate-median]
+namespace mylib {
+
+// The coordinate-wise median of the workers' pseudo-gradients (robust to a minority of bad
+// workers). It needs every worker's decoded delta, so the exchange all-gathers them.
+struct median {
+    static constexpr std::string_view name = "mylib_median";
+    struct hyper {};
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+
+    static void combine(const hyper&, const loco::aggregate::contributions& c,
+                        std::span<float> out) {
+        std::vector<float> column(c.workers);
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            for (std::size_t k = 0; k < c.workers; ++k) {
+                column[k] = c.delta(k)[i];
+            }
+            std::sort(column.begin(), column.end());
+            const std::size_t h = c.workers / 2;
+            out[i] = c.workers % 2 == 1 ? column[h] : 0.5f * (column[h - 1] + column[h]);
+        }
+    }
+};
+
+}  // namespace mylib
+// [snippet:aggregate-median end]
+
+TEST_CASE("docs: a median aggregation written as a user policy") {
+    std::vector<float> after[3];
+    loco::comm::run_threads(3, [&](loco::comm::communicator& comm) {
+        // [snippet:aggregate-median-use]
+        std::vector<float> w = {0.0f, 0.0f};
+        // Worker 2 has a wild gradient; the median ignores it.
+        std::vector<float> grad = comm.rank() == 2 ? std::vector<float>{1000.0f, -1000.0f}
+                                                   : std::vector<float>{1.0f, 2.0f};
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                     loco::schedule::every, mylib::median>
+            opt(params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+        opt.step();
+        // w == {-1, -2} on every worker
+        // [snippet:aggregate-median-use end]
+        after[comm.rank()] = w;
+    });
+    for (const auto& w : after) {
+        CHECK(w == std::vector<float>{-1.0f, -2.0f});
     }
 }
