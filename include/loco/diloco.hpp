@@ -229,7 +229,7 @@ public:
                                 matrix ? p.value.cols : p.value.size});
                 n += p.value.size;
             }
-            frags_.push_back(fragment{list, n,
+            frags_.push_back(fragment_state{list, n,
                                       detail::exchanger<Compressor, Aggregate>(
                                           std::move(segs), cfg.exchange, comm.size(), comm.rank(),
                                           compress_hyper_)});
@@ -524,7 +524,7 @@ public:
     }
 
 private:
-    struct fragment {
+    struct fragment_state {
         std::vector<std::size_t> params;  // parameter indices, in layout order
         std::size_t elements = 0;
         detail::exchanger<Compressor, Aggregate> exchange;
@@ -540,7 +540,7 @@ private:
 
     const parameter_list& plist() const noexcept { return inner_.params(); }
 
-    const fragment& at(std::size_t f) const {
+    const fragment_state& at(std::size_t f) const {
         if (f >= frags_.size()) {
             throw invalid_argument("loco::diloco: fragment " + std::to_string(f) +
                                    " does not exist (there are " + std::to_string(frags_.size()) +
@@ -603,7 +603,7 @@ private:
 
     // delta = global - local over the fragment, into its contiguous buffer.
     void capture(std::size_t fi) {
-        fragment& f = frags_[fi];
+        fragment_state& f = frags_[fi];
         f.captured.resize(f.elements);
         std::size_t at = 0;
         for (const std::size_t i : f.params) {
@@ -616,7 +616,7 @@ private:
     }
 
     compress::encode_context context(std::size_t fi) const {
-        const fragment& f = frags_[fi];
+        const fragment_state& f = frags_[fi];
         compress::encode_context ctx;
         ctx.seed = seed_ + 0x9E3779B97F4A7C15ULL * fi;  // fragment 0 keeps DiLoCo's draws
         ctx.round = f.outer_steps + f.skipped;
@@ -628,7 +628,7 @@ private:
     }
 
     void start_exchange(std::size_t fi) {
-        fragment& f = frags_[fi];
+        fragment_state& f = frags_[fi];
         aggregate::worker_report report;
         if constexpr (Aggregate::needs_reports) {
             double sq = 0.0;
@@ -650,7 +650,7 @@ private:
 
     void restart_loaded_exchanges() {
         for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
-            fragment& f = frags_[fi];
+            fragment_state& f = frags_[fi];
             if (f.restart) {
                 const std::uint64_t at = f.started_at;
                 start_exchange(fi);
@@ -661,7 +661,7 @@ private:
 
     // Finishes the fragment's exchange; the ranks agree; then all of it is applied, or none.
     void finish_fragment(std::size_t fi) {
-        fragment& f = frags_[fi];
+        fragment_state& f = frags_[fi];
         f.in_flight = false;
         f.lost = true;  // until it succeeds
         f.exchange.aggregate_hyper() = aggregate_hyper_;
@@ -912,7 +912,7 @@ private:
     std::uint64_t seed_;
     std::uint64_t max_skipped_syncs_;
     schedule_type schedule_{};
-    std::vector<fragment> frags_;
+    std::vector<fragment_state> frags_;
     std::string fragment_description_;
     bool started_ = false;
     std::vector<float> global_;       // the global parameters after the last sync
