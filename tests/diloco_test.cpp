@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -360,12 +361,16 @@ TEST_CASE("four workers: loco::diloco equals a double-precision simulation of Di
         }
     }
     log.check();
-    // Bytes: the initial broadcast from rank 0, then 3 all-reduces of 253 floats.
+    // Bytes: the start-up check that every rank built the same model (an all-reduce of 16
+    // floats), the initial broadcast from rank 0, then 3 syncs, each an all-reduce of 253 floats
+    // and the ranks' agreement on its outcome (an all-reduce of one float).
     for (int r = 0; r < m; ++r) {
-        const std::size_t chunk = total * std::size_t(r + 1) / m - total * std::size_t(r) / m;
-        const std::uint64_t all_reduce = 4 * (total + (m - 2) * chunk);
+        const auto all_reduce = [&](std::size_t n) {
+            const std::size_t chunk = n * std::size_t(r + 1) / m - n * std::size_t(r) / m;
+            return std::uint64_t(4 * (n + (m - 2) * chunk));
+        };
         const std::uint64_t broadcast = r == 0 ? std::uint64_t(m - 1) * 4 * total : 0;
-        CHECK(bytes[std::size_t(r)] == 3 * all_reduce + broadcast);
+        CHECK(bytes[std::size_t(r)] == all_reduce(16) + broadcast + 3 * (all_reduce(total) + all_reduce(1)));
     }
 }
 
@@ -379,7 +384,7 @@ TEST_CASE("broadcast_initial = false keeps every worker's own starting point") {
             list, comm, {.schedule = {.every = 100}, .broadcast_initial = false});
         opt.step();
         seen[std::size_t(comm.rank())] = p[0];
-        CHECK(comm.bytes_sent() == 0);
+        CHECK(comm.bytes_sent() == 64);  // only the start-up check: 16 floats all-reduced
     });
     CHECK(seen == std::vector<float>{1.0f, 2.0f});
 }
@@ -603,4 +608,323 @@ TEST_CASE("a refused first step leaves the parameters exactly as the trainer set
         CHECK(comm.bytes_sent() == 0);  // the initial broadcast did not run either
     });
     CHECK(seen == std::vector<float>{1.0f, 2.0f});
+}
+
+// ---- the all-or-nothing sync: a failure on one rank at any stage changes nothing anywhere ------
+
+namespace {
+
+// Which stage fails, on which rank; read by the wrappers below from every worker thread.
+std::atomic<int> inject_stage{0};  // 0 none, 1 encode, 2 transfer, 3 decode
+constexpr int failing_rank = 1;
+thread_local int this_rank = -1;
+
+// Error feedback over 4-bit blockwise codes (a compressor with state), failing on request.
+struct flaky_compressor {
+    using real = loco::compress::error_feedback<loco::compress::blockwise<4, 8>>;
+    static constexpr std::string_view name = "flaky";
+    static constexpr std::uint8_t wire_id = real::wire_id;
+    static constexpr int state_size = real::state_size;
+    using hyper = real::hyper;
+    static std::size_t payload_bytes(const hyper& h, std::span<const loco::compress::segment> s) {
+        return real::payload_bytes(h, s);
+    }
+    static void encode(const hyper& h, std::span<const float> x, std::span<const loco::compress::segment> s,
+                       std::span<float> state, const loco::compress::encode_context& ctx,
+                       std::span<std::byte> out) {
+        real::encode(h, x, s, state, ctx, out);  // the state is half written: the handle must not keep it
+        if (inject_stage == 1 && ctx.rank == failing_rank) throw loco::wire_error("injected encode failure");
+    }
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const loco::compress::segment> s,
+                       std::span<float> out) {
+        if (inject_stage == 3 && this_rank == failing_rank) throw loco::wire_error("injected decode failure");
+        real::decode(h, in, s, out);
+    }
+};
+static_assert(loco::compress::compressor<flaky_compressor>);
+
+// Forwards to threads; the all-gather fails on one rank after the data moved.
+class flaky_comm final : public loco::comm::communicator {
+public:
+    explicit flaky_comm(loco::comm::communicator& next) : next_(next) {}
+    int rank() const noexcept override { return next_.rank(); }
+    int size() const noexcept override { return next_.size(); }
+    loco::memory_space space() const noexcept override { return next_.space(); }
+    std::string_view name() const noexcept override { return "flaky"; }
+    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_.all_reduce(d, op); }
+    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_gather(s, r);
+        if (inject_stage == 2 && rank() == failing_rank && !fired_) {
+            fired_ = true;  // once: the ranks' agreement after it must go through
+            throw loco::comm_error("injected transfer failure");
+        }
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_to_all(s, r);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
+    void do_barrier() override { next_.barrier(); }
+
+private:
+    loco::comm::communicator& next_;
+    bool fired_ = false;
+};
+
+void refill(std::vector<float>& v, std::mt19937_64& rng) {
+    const auto fresh = loco_test::normal_floats(rng, v.size());
+    std::copy(fresh.begin(), fresh.end(), v.begin());
+}
+
+std::string saved(const auto& opt) {
+    std::ostringstream os;
+    opt.save(os);
+    return os.str();
+}
+
+}  // namespace
+
+TEST_CASE("all or nothing: a failure on one rank at any stage leaves every rank's state as it was") {
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, flaky_compressor>;
+    constexpr int m = 3;
+    struct stage_case {
+        int inject;  // 1..3 as above, 4: the outer step is refused on the failing rank
+        const char* stage;
+        const char* message;
+    };
+    const stage_case cases[] = {{1, "encode", "injected encode failure"},
+                                {2, "transfer", "injected transfer failure"},
+                                {3, "decode", "injected decode failure"},
+                                {4, "apply", "loco::outer::nesterov: lr must be >= 0"}};
+    for (const auto& sc : cases) {
+        CAPTURE(sc.stage);
+        std::array<std::string, m> errors;
+        loco::comm::run_threads(m, [&](loco::comm::threads& threads) {
+            this_rank = threads.rank();
+            flaky_comm comm(threads);
+            auto rng = loco_test::rng_for("all or nothing " + std::to_string(threads.rank()));
+            std::vector<float> a = loco_test::normal_floats(rng, 13), b = loco_test::normal_floats(rng, 20);
+            std::vector<float> ga(13), gb(20);
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            opt_t opt(list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 1000}});
+            // Two good syncs first, so that residuals, moments and counters are not zero.
+            for (int round = 0; round < 2; ++round) {
+                for (int step = 0; step < 3; ++step) {
+                    refill(ga, rng);  // in place: loco holds views of the gradients
+                    refill(gb, rng);
+                    opt.step();
+                }
+                opt.sync();
+            }
+            for (int step = 0; step < 2; ++step) {
+                refill(ga, rng);
+                refill(gb, rng);
+                opt.step();
+            }
+            const std::string before = saved(opt);
+            const auto a_before = a, b_before = b;
+            if (threads.rank() == 0) inject_stage = sc.inject < 4 ? sc.inject : 0;
+            threads.barrier();
+            if (sc.inject == 4 && threads.rank() == failing_rank) opt.outer_hyper().lr = -1.0f;
+            try {
+                opt.sync();
+            } catch (const loco::error& e) {
+                errors[std::size_t(threads.rank())] = e.what();
+            }
+            threads.barrier();
+            if (threads.rank() == 0) inject_stage = 0;
+            threads.barrier();
+            if (sc.inject == 4 && threads.rank() == failing_rank) opt.outer_hyper().lr = 0.7f;
+            const std::string after = saved(opt);
+            CHECK(after == before);  // global, outer state, residuals, counters, inner state
+            if (after != before && after.size() == before.size()) {
+                std::size_t i = 0;
+                while (after[i] == before[i]) ++i;
+                MESSAGE("rank " << threads.rank() << " first difference at byte " << i << " of " << after.size());
+            }
+            CHECK(a == a_before);
+            CHECK(b == b_before);
+            CHECK(opt.outer_steps() == 2);
+            // The next sync succeeds everywhere.
+            opt.outer_hyper().lr = 0.7f;
+            opt.sync();
+            CHECK(opt.outer_steps() == 3);
+            CHECK(saved(opt) != before);
+        });
+        for (const auto& e : errors) {
+            CHECK(e == std::string("loco::diloco: the sync of fragment 0 failed on rank 1 at the ") +
+                           sc.stage + " stage (" + sc.message + "); nothing was applied on any rank");
+        }
+    }
+}
+
+TEST_CASE("all or nothing: the error has the failing stage's type on every rank") {
+    std::array<int, 2> wire_errors{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        this_rank = threads.rank();
+        flaky_comm comm(threads);
+        std::vector<float> p(8, 1.0f), g(8, 0.5f);
+        loco::parameter_list list;
+        list.add("p", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, flaky_compressor> opt(list, comm);
+        opt.step();
+        if (threads.rank() == 0) inject_stage = 3;
+        threads.barrier();
+        try {
+            opt.sync();
+        } catch (const loco::wire_error&) {
+            ++wire_errors[std::size_t(threads.rank())];
+        }
+        threads.barrier();
+        if (threads.rank() == 0) inject_stage = 0;
+    });
+    CHECK(wire_errors == std::array<int, 2>{1, 1});
+}
+
+// ---- defects of issue 12 ----------------------------------------------------------------------
+
+TEST_CASE("an empty parameter list starts, steps and syncs on several ranks") {
+    // Before the fix start() passed a null pointer to memcmp (undefined behaviour, UBSan).
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        loco::parameter_list list;
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(list, comm, {.schedule = {.every = 2}});
+        CHECK_FALSE(opt.start());
+        opt.step();
+        CHECK(opt.step().synced);
+        opt.sync();
+        CHECK(opt.outer_steps() == 2);
+        CHECK(opt.global().empty());
+    });
+}
+
+TEST_CASE("an exchange_scheme value outside the enumeration is refused at construction") {
+    std::vector<float> p(3), g(3);
+    loco::parameter_list list;
+    list.add("p", p, g);
+    loco::comm::single comm;
+    CHECK_THROWS_WITH_AS((loco::diloco<loco::inner::sgd, loco::outer::sgd>(
+                             list, comm, {.exchange = static_cast<loco::exchange_scheme>(9)})),
+                         "loco: exchange_scheme value 9 is not a scheme; use automatic, "
+                         "all_reduce, all_gather or two_phase",
+                         loco::invalid_argument);
+}
+
+TEST_CASE("syncs skipped for non-finite values in a row raise past the limit, naming the tensor") {
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> a{1.0f, 2.0f}, b{3.0f}, ga{0.0f, 0.0f}, gb{0.0f};
+        loco::parameter_list list;
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+            list, comm, {.schedule = {.every = 1}, .max_skipped_syncs = 3});
+        opt.start();
+        for (int call = 1; call <= 3; ++call) {
+            if (comm.rank() == 1) b[0] = std::numeric_limits<float>::quiet_NaN();  // a broken model
+            opt.step();
+            CHECK(opt.skipped_syncs() == std::uint64_t(call));
+            CHECK(b[0] == 3.0f);  // back to the global value
+        }
+        if (comm.rank() == 1) b[0] = std::numeric_limits<float>::quiet_NaN();
+        CHECK_THROWS_WITH_AS(opt.step(),
+                             "loco::diloco: 4 syncs in a row were skipped for a non-finite "
+                             "pseudo-gradient, first in tensor 'b'; training has stalled: fix the "
+                             "model or lower the learning rate (or raise config.max_skipped_syncs)",
+                             loco::nonfinite_error);
+        CHECK(opt.skipped_syncs() == 3);
+        // A good sync resets the count.
+        b[0] = 3.0f;
+        opt.step();
+        CHECK(opt.outer_steps() == 1);
+        for (int call = 1; call <= 3; ++call) {
+            if (comm.rank() == 0) a[1] = std::numeric_limits<float>::infinity();
+            opt.step();
+        }
+        CHECK(opt.skipped_syncs() == 6);
+    });
+}
+
+// ---- aggregation as a policy: one written here, reading every worker's delta and report --------
+
+namespace {
+
+// Drops the worker whose pseudo-gradient has the largest norm and averages the others (a crude
+// robust mean), to show what the interface hands a policy.
+struct drop_largest {
+    static constexpr std::string_view name = "drop_largest";
+    struct hyper {};
+    static constexpr bool needs_reports = true;
+    static constexpr bool needs_deltas = true;
+    static void combine(const hyper&, const loco::aggregate::contributions& c, std::span<float> out) {
+        std::size_t largest = 0;
+        for (std::size_t k = 1; k < c.workers; ++k) {
+            if (c.reports[k].norm > c.reports[largest].norm) largest = k;
+        }
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            float sum = 0.0f;
+            for (std::size_t k = 0; k < c.workers; ++k) {
+                if (k != largest) sum += c.delta(k)[i];
+            }
+            out[i] = sum / static_cast<float>(c.workers - 1);
+        }
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a user-written aggregation sees every worker's delta and report, on every rank alike") {
+    constexpr int m = 3;
+    constexpr std::size_t n = 10;
+    auto rng = loco_test::rng_for("drop largest");
+    const auto init = loco_test::normal_floats(rng, n);
+    std::array<std::vector<float>, m> grads;
+    for (int r = 0; r < m; ++r) grads[std::size_t(r)] = loco_test::normal_floats(rng, n, float(r + 1));
+    // Reference: each worker's delta after one SGD step is lr * grad; the largest norm is dropped.
+    const float lr = 0.1f;
+    std::array<double, m> norms{};
+    for (int r = 0; r < m; ++r) {
+        for (const float g : grads[std::size_t(r)]) norms[std::size_t(r)] += double(lr * g) * double(lr * g);
+    }
+    const auto largest = std::size_t(std::max_element(norms.begin(), norms.end()) - norms.begin());
+    std::vector<double> expected(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        double sum = 0.0;
+        for (std::size_t r = 0; r < m; ++r) {
+            if (r != largest) sum += double(lr) * grads[r][i];
+        }
+        expected[i] = double(init[i]) - sum / (m - 1);
+    }
+    std::array<std::vector<float>, m> after;
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        std::vector<float> w = init, g = grads[std::size_t(comm.rank())];
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none, loco::schedule::every, drop_largest>
+            opt(list, comm, {.inner = {.lr = lr}, .schedule = {.every = 1}});
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);  // every worker's delta travels
+        opt.step();
+        after[std::size_t(comm.rank())] = w;
+        // Bytes: the payload to each peer, the reports, the agreement (one float all-reduced: the
+        // rank that owns it in the ring sends it once more).
+        const std::size_t r = std::size_t(comm.rank());
+        const std::size_t owns = (r + 1) / m - r / m;
+        CHECK(opt.bytes_per_sync() == (m - 1) * (loco::compress::wire::header_bytes + 4 * n) +
+                                          (m - 1) * sizeof(loco::aggregate::worker_report) +
+                                          4 * (1 + (m - 2) * owns));
+        // all_reduce cannot carry every delta.
+        CHECK_THROWS_WITH_AS((loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                           loco::schedule::every, drop_largest>(
+                                 list, comm, {.exchange = loco::exchange_scheme::all_reduce})),
+                             doctest::Contains("only exchange_scheme::all_gather delivers"),
+                             loco::invalid_argument);
+    });
+    for (int r = 0; r < m; ++r) {
+        CHECK(after[std::size_t(r)] == after[0]);
+        for (std::size_t i = 0; i < n; ++i) {
+            CHECK(after[std::size_t(r)][i] == doctest::Approx(expected[i]).epsilon(1e-6));
+        }
+    }
 }

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -299,11 +300,13 @@ TEST_CASE("docs: compress::none example counts the bytes of one sync") {
         sent[comm.rank()] = comm.bytes_sent();
     });
     // The sync's mean all-reduce: 4 bytes * 1000 elements * 2 (M - 1) / M = 4000 bytes from each
-    // of the M = 2 workers. Rank 0 also sent its 4000 bytes of initial parameters to rank 1:
-    // sent == {8000, 4000}
+    // of the M = 2 workers, plus 4 bytes of the ranks' agreement on its outcome. Rank 0 also sent
+    // its 4000 bytes of initial parameters to rank 1, and each rank 64 bytes of the start-up check
+    // that every rank built the same model and policies:
+    // sent == {8068, 4068}
     // [snippet:compress-none end]
-    CHECK(sent[0] == 8000);
-    CHECK(sent[1] == 4000);
+    CHECK(sent[0] == 8068);
+    CHECK(sent[1] == 4068);
     const loco::compress::segment whole{0, 1000, 1, 1000};
     CHECK(loco::compress::none::payload_bytes({}, {&whole, 1}) == loco::compress::wire::header_bytes + 4000);
 }
@@ -419,7 +422,7 @@ private:
 };
 // [snippet:comm-custom end]
 
-TEST_CASE("docs: a custom communicator sees one broadcast and one all-reduce per sync") {
+TEST_CASE("docs: a custom communicator sees one broadcast and two all-reduces per sync") {
     // [snippet:comm-custom-use]
     int broadcasts[2] = {};
     int all_reduces[2] = {};
@@ -436,12 +439,12 @@ TEST_CASE("docs: a custom communicator sees one broadcast and one all-reduce per
             opt.step();
         }
         broadcasts[comm.rank()] = counted.broadcasts();    // 1: the initial parameters
-        all_reduces[comm.rank()] = counted.all_reduces();  // 3: one per sync
+        all_reduces[comm.rank()] = counted.all_reduces();  // 7: the start-up check, 2 per sync
     });
     // [snippet:comm-custom-use end]
     for (int r = 0; r < 2; ++r) {
         CHECK(broadcasts[r] == 1);
-        CHECK(all_reduces[r] == 3);
+        CHECK(all_reduces[r] == 7);
     }
 
     loco::comm::single single;
@@ -908,9 +911,11 @@ TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
         CHECK(strict.outer_state(0)[0] == 0.0f);
     }
 
-    SUBCASE("workers that disagree on the collective") {
-        // Worker 1 has one element more than worker 0: the sync's all-reduce cannot match.
+    SUBCASE("workers that disagree on the model") {
+        // Worker 1 has one element more than worker 0: start() compares the ranks' fingerprints
+        // and every rank refuses, naming the difference, before any pseudo-gradient is averaged.
         std::vector<float> global_after[2];
+        std::string errors[2];
         const auto worker = [&](loco::comm::communicator& c) {
             std::vector<float> v(c.rank() == 0 ? 2 : 3, 1.0f);
             std::vector<float> g(v.size(), 0.5f);
@@ -919,12 +924,17 @@ TEST_CASE("docs: diloco bad inputs and what they leave untouched") {
             handle opt(p, c, {.schedule = {.every = 1}, .broadcast_initial = false});
             try {
                 opt.step();
-            } catch (const loco::comm_error&) {
+            } catch (const loco::invalid_argument& e) {
+                errors[c.rank()] = e.what();
                 global_after[c.rank()].assign(opt.global().begin(), opt.global().end());
-                throw;
             }
         };
-        CHECK_THROWS_AS(loco::comm::run_threads(2, worker), loco::comm_error);
+        loco::comm::run_threads(2, worker);
+        for (const auto& e : errors) {
+            CHECK(e == "loco::diloco: the ranks were built differently: rank 0 has 'tensor: v 2 "
+                       "elements' where rank 1 has 'tensor: v 3 elements'; build the same model, "
+                       "schedule, fragments and policies on every rank");
+        }
         CHECK(global_after[0] == std::vector<float>(2, 1.0f));
         CHECK(global_after[1] == std::vector<float>(3, 1.0f));
     }
@@ -953,11 +963,12 @@ TEST_CASE("docs: a compressor in loco::diloco, MuLoCo's 2-bit setting") {
         per_sync[comm.rank()] = opt.bytes_per_sync();
     });
     // One payload: the 40-byte header, shift and 4 table entries (4 * 5 bytes), 1000 2-bit codes
-    // (250 bytes, padded to 252). The all-gather sends it to the one other worker:
-    // per_sync == {312, 312}
+    // (250 bytes, padded to 252). The all-gather sends it to the one other worker, and the ranks
+    // agree on the outcome in a 4-byte all-reduce:
+    // per_sync == {316, 316}
     // [snippet:compress-use end]
-    CHECK(per_sync[0] == 312);
-    CHECK(per_sync[1] == 312);
+    CHECK(per_sync[0] == 316);
+    CHECK(per_sync[1] == 316);
 }
 
 TEST_CASE("docs: compress::cast example") {
@@ -1111,5 +1122,134 @@ TEST_CASE("docs: MuLoCo from parameter groups") {
     opt.step();
     for (const float x : w1) {
         CHECK(x != 0.0f);
+    }
+}
+
+// ---- docs/schedules.md: streaming and delayed; docs/outer.md: delayed Nesterov -----------------
+
+TEST_CASE("docs: streaming DiLoCo by one type and one hyper block") {
+    // [snippet:schedule-streaming]
+    std::vector<float> layer0(1, 1.0f), layer1(1, 1.0f);
+    std::vector<float> grad0(1, 2.0f), grad1(1, 2.0f);
+    loco::parameter_list params;
+    params.add("layers.0.weight", layer0, grad0);
+    params.add("layers.1.weight", layer1, grad1);
+
+    loco::comm::single comm;
+    using streaming = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::streaming>;
+    streaming opt(params, comm,
+                  {.inner = {.lr = 1.0f},
+                   .outer = {.lr = 2.0f},
+                   .schedule = {.every = 6, .fragments = 2, .overlap = 1, .alpha = 0.5f}});
+    for (int step = 0; step < 3; ++step) {
+        opt.step();  // call 2 starts fragment 0's exchange, call 3 applies it
+    }
+    // layer0 == -6 (the merge of global -7 and local -5), layer1 == -5 (not synced yet)
+    // [snippet:schedule-streaming end]
+    CHECK(layer0[0] == -6.0f);
+    CHECK(layer1[0] == -5.0f);
+    CHECK(opt.global()[0] == -7.0f);
+    CHECK(opt.fragments() == 2);
+}
+
+TEST_CASE("docs: the one-outer-step delayed schedule") {
+    // [snippet:schedule-delayed]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none, loco::schedule::delayed>
+        opt(params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 2}});
+    opt.step();
+    opt.step();  // round 1 ends: its pseudo-gradient (2) leaves, nothing is applied, w back to 0
+    opt.step();
+    opt.step();  // round 2 ends: round 1's average is applied (global -2), round 2's leaves
+    // w == -2, opt.outer_steps() == 1, opt.in_flight(0) == true
+    // [snippet:schedule-delayed end]
+    CHECK(w[0] == -2.0f);
+    CHECK(opt.outer_steps() == 1);
+    CHECK(opt.in_flight(0));
+}
+
+TEST_CASE("docs: delayed Nesterov") {
+    // [snippet:outer-delayed-nesterov]
+    std::vector<float> w = {0.0f};
+    std::vector<float> grad = {1.0f};
+    loco::parameter_list params;
+    params.add("w", w, grad);
+
+    loco::comm::single comm;
+    loco::diloco<loco::inner::sgd, loco::outer::delayed_nesterov> opt(
+        params, comm,
+        {.inner = {.lr = 1.0f},
+         .outer = {.lr = 1.0f, .momentum = 0.9f, .period = 2},
+         .schedule = {.every = 1}});
+    std::vector<float> global;
+    for (int call = 0; call < 4; ++call) {
+        opt.step();  // every pseudo-gradient is 1
+        global.push_back(opt.global()[0]);
+    }
+    // global == {-0.5, -1.9, -2.4, -4.61}: plain steps of lr / N, momentum every N = 2 steps
+    // [snippet:outer-delayed-nesterov end]
+    CHECK(global[0] == doctest::Approx(-0.5));
+    CHECK(global[1] == doctest::Approx(-1.9));
+    CHECK(global[2] == doctest::Approx(-2.4));
+    CHECK(global[3] == doctest::Approx(-4.61));
+}
+
+// ---- docs/diloco.md: writing an aggregation ----------------------------------------------------
+
+// [snippet:aggregate-median]
+namespace mylib {
+
+// The coordinate-wise median of the workers' pseudo-gradients (robust to a minority of bad
+// workers). It needs every worker's decoded delta, so the exchange all-gathers them.
+struct median {
+    static constexpr std::string_view name = "mylib_median";
+    struct hyper {};
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+
+    static void combine(const hyper&, const loco::aggregate::contributions& c,
+                        std::span<float> out) {
+        std::vector<float> column(c.workers);
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            for (std::size_t k = 0; k < c.workers; ++k) {
+                column[k] = c.delta(k)[i];
+            }
+            std::sort(column.begin(), column.end());
+            const std::size_t h = c.workers / 2;
+            out[i] = c.workers % 2 == 1 ? column[h] : 0.5f * (column[h - 1] + column[h]);
+        }
+    }
+};
+
+}  // namespace mylib
+// [snippet:aggregate-median end]
+
+TEST_CASE("docs: a median aggregation written as a user policy") {
+    std::vector<float> after[3];
+    loco::comm::run_threads(3, [&](loco::comm::communicator& comm) {
+        // [snippet:aggregate-median-use]
+        std::vector<float> w = {0.0f, 0.0f};
+        // Worker 2 has a wild gradient; the median ignores it.
+        std::vector<float> grad = comm.rank() == 2 ? std::vector<float>{1000.0f, -1000.0f}
+                                                   : std::vector<float>{1.0f, 2.0f};
+        loco::parameter_list params;
+        params.add("w", w, grad);
+
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                     loco::schedule::every, mylib::median>
+            opt(params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+        opt.step();
+        // w == {-1, -2} on every worker
+        // [snippet:aggregate-median-use end]
+        after[comm.rank()] = w;
+    });
+    for (const auto& w : after) {
+        CHECK(w == std::vector<float>{-1.0f, -2.0f});
     }
 }

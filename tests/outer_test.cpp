@@ -168,3 +168,66 @@ TEST_CASE("outer hyper-parameters are validated") {
     CHECK_NOTHROW(loco::outer::nesterov::validate({}));
     CHECK_NOTHROW(loco::outer::adam::validate({}));
 }
+
+TEST_CASE("delayed Nesterov reproduces algorithms.md T7 (N = 2, beta = 0.9, lr = 1, c = 0)") {
+    using dn = loco::outer::delayed_nesterov;
+    const dn::hyper h{.lr = 1.0f, .momentum = 0.9f, .period = 2, .c = 0.0f};
+    float theta = 0.0f;
+    float state[2] = {0.0f, 0.0f};  // m, buf
+    const float expected_theta[4] = {-0.5f, -1.9f, -2.4f, -4.61f};
+    const float expected_m[4] = {0.0f, 1.0f, 1.0f, 1.9f};
+    for (std::uint64_t step = 1; step <= 4; ++step) {
+        dn::update(dn::prepare(h, step), theta, 1.0f, state);
+        CHECK(theta == doctest::Approx(expected_theta[step - 1]).epsilon(1e-6));
+        CHECK(state[0] == doctest::Approx(expected_m[step - 1]).epsilon(1e-6));
+        CHECK(state[1] == (step % 2 == 0 ? 0.0f : 1.0f));
+    }
+}
+
+TEST_CASE("delayed Nesterov: with c > 0 it equals a double-precision recomputation of Algorithm 3") {
+    using dn = loco::outer::delayed_nesterov;
+    auto rng = loco_test::rng_for("delayed nesterov c");
+    const dn::hyper h{.lr = 0.3f, .momentum = 0.5f, .period = 3, .c = 0.25f};
+    const auto deltas = loco_test::normal_floats(rng, 12);
+    float theta = 0.7f;
+    float state[2] = {0.0f, 0.0f};
+    double t = 0.7, m = 0.0, buf = 0.0;
+    const double n = 3.0, beta = 0.5, lr = 0.3, c = 0.25;
+    for (std::uint64_t step = 1; step <= deltas.size(); ++step) {
+        const double g = deltas[step - 1];
+        buf += g;
+        if (step % 3 == 0) {
+            m = beta * m + buf / n;
+            t -= lr * ((1.0 - c * n + c) * beta * m + g / n);
+            buf = 0.0;
+        } else {
+            t -= lr * (c * beta * m + g / n);
+        }
+        dn::update(dn::prepare(h, step), theta, deltas[step - 1], state);
+        CHECK(theta == doctest::Approx(t).epsilon(1e-5));
+    }
+    CHECK_THROWS_AS(dn::validate({.period = 0}), loco::invalid_argument);
+    CHECK_THROWS_AS(dn::validate({.momentum = 1.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(dn::validate({.c = 2.0f}), loco::invalid_argument);
+    CHECK_THROWS_AS(dn::validate({.lr = -1.0f}), loco::invalid_argument);
+    CHECK(dn::describe(h) == "outer_delayed_nesterov lr=0.300000012 momentum=0.5 period=3 c=0.25");
+}
+
+TEST_CASE("delayed Nesterov as the outer policy of the delayed schedule, per fragment in streaming") {
+    // M = 1, outer lr 1: the global parameters move by the T7 sequence as pseudo-gradients of 1
+    // arrive (the inner step moves the local value by -1 per round of one call).
+    loco::comm::single comm;
+    std::vector<float> w{0.0f}, g{1.0f};
+    loco::parameter_list list;
+    list.add("w", w, g);
+    loco::diloco<loco::inner::sgd, loco::outer::delayed_nesterov> opt(
+        list, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f, .momentum = 0.9f, .period = 2},
+                     .schedule = {.every = 1}});
+    // Each call: the local value is the global minus 1, so every pseudo-gradient is 1.
+    const float expected[4] = {-0.5f, -1.9f, -2.4f, -4.61f};
+    for (int call = 0; call < 4; ++call) {
+        opt.step();
+        CHECK(opt.global()[0] == doctest::Approx(expected[call]).epsilon(1e-6));
+        CHECK(w[0] == opt.global()[0]);
+    }
+}

@@ -1,12 +1,26 @@
 #pragma once
 // loco::diloco: the handle a trainer holds. Each worker runs the inner optimizer on its own
-// parameters every step; when the schedule says so, the workers average their pseudo-gradients
+// parameters every step; when the schedule says so, the workers exchange their pseudo-gradients
 //   delta = global - local            (old global minus new local, the sign of a gradient)
-// and every worker applies the same outer optimizer step to the same global parameters, which are
-// then written back into the user's tensors. Inner optimizer state is never reset.
+// of a fragment of the model (the whole model for DiLoCo), aggregate them (the mean), and every
+// worker applies the same outer optimizer step to the same global parameters of that fragment,
+// which are then merged into the user's tensors. Inner optimizer state is never reset.
 //
-// Algorithm 1 of DiLoCo (Douillard et al., arXiv 2311.08105); see docs/diloco.md.
+// A sync is a pipeline whose stages are policies (docs/design.md, "The sync pipeline"):
+//
+//   step():  inner step
+//            plan = schedule.next()                       which fragments start / finish / reset
+//            start:   delta = global - local -> encode (compressor, error feedback)
+//                     -> comm.start_*  (returns at once; the transfer overlaps the next steps)
+//            finish:  request.finish() -> decode -> aggregate -> checks
+//                     -> the ranks agree on one status word: applied everywhere or nowhere
+//                     -> outer step on the fragment's global -> merge into local (alpha)
+//
+// Algorithm 1 of DiLoCo (Douillard et al., arXiv 2311.08105), Streaming DiLoCo (arXiv 2501.18512)
+// and the one-outer-step delay of DiLoCoX; see docs/diloco.md and docs/schedules.md.
 
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/mean.hpp>
 #include <loco/backend/host/elementwise.hpp>
 #include <loco/comm/communicator.hpp>
 #include <loco/compress/compressor.hpp>
@@ -14,16 +28,21 @@
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
 #include <loco/exchange.hpp>
+#include <loco/fragments.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
 #include <loco/schedule/every.hpp>
+#include <loco/schedule/plan.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <istream>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <string>
@@ -32,8 +51,93 @@
 #include <vector>
 
 namespace loco {
+
+namespace detail {
+
+// A stateless schedule (`static bool due(hyper, calls)`) as a one-fragment planning schedule.
+template <class S>
+class due_schedule {
+public:
+    static constexpr std::string_view name = S::name;
+    using hyper = typename S::hyper;
+
+    static void validate(const hyper& h) { validate_hyper<S>(h); }
+    static std::string describe(const hyper& h) { return describe_policy<S>(h); }
+    static std::size_t fragments(const hyper&) noexcept { return 1; }
+
+    schedule::sync_plan next(const hyper& h) {
+        ++calls_;
+        return S::due(h, calls_) ? schedule::whole_model_now : schedule::nothing_now;
+    }
+    std::uint64_t calls() const noexcept { return calls_; }
+    void save(checkpoint_writer& w) const { w.u64(calls_); }
+    static due_schedule read(checkpoint_reader& r) {
+        due_schedule s;
+        s.calls_ = r.u64("the step call count");
+        return s;
+    }
+
+private:
+    std::uint64_t calls_ = 0;
+};
+
+template <class S>
+struct schedule_state {
+    using type = S;
+};
+template <class S>
+    requires(!planning_schedule<S> && stateless_schedule<S>)
+struct schedule_state<S> {
+    using type = due_schedule<S>;
+};
+
+// The kind of a loco error, so that every rank can raise the same type after a failed sync.
+enum class error_kind : unsigned char { other, invalid, comm, wire, nonfinite, shape };
+
+inline error_kind kind_of(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const invalid_argument&) {
+        return error_kind::invalid;
+    } catch (const comm_error&) {
+        return error_kind::comm;
+    } catch (const wire_error&) {
+        return error_kind::wire;
+    } catch (const nonfinite_error&) {
+        return error_kind::nonfinite;
+    } catch (const shape_error&) {
+        return error_kind::shape;
+    } catch (...) {
+        return error_kind::other;
+    }
+}
+
+inline std::string message_of(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        return x.what();
+    } catch (...) {
+        return "unknown error";
+    }
+}
+
+[[noreturn]] inline void raise(error_kind k, const std::string& what) {
+    switch (k) {
+        case error_kind::invalid: throw invalid_argument(what);
+        case error_kind::comm: throw comm_error(what);
+        case error_kind::wire: throw wire_error(what);
+        case error_kind::nonfinite: throw nonfinite_error(what);
+        case error_kind::shape: throw shape_error(what);
+        case error_kind::other: break;
+    }
+    throw error(what);
+}
+
+}  // namespace detail
+
 template <class Inner, class Outer, class Compressor = compress::none,
-          class Schedule = schedule::every>
+          class Schedule = schedule::every, class Aggregate = aggregate::mean>
 class diloco {
     static_assert(compress::compressor<Compressor>,
                   "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
@@ -41,11 +145,14 @@ class diloco {
     static_assert(detail::check_elementwise_policy<Outer>());
     static_assert(detail::check_schedule_policy<Schedule>());
 
+    using schedule_type = typename detail::schedule_state<Schedule>::type;
+
 public:
     using inner_policy = Inner;
     using outer_policy = Outer;
     using compressor_policy = Compressor;
     using schedule_policy = Schedule;
+    using aggregate_policy = Aggregate;
 
     struct config {
         typename optimizer<Inner>::hyper_type inner{};
@@ -64,6 +171,14 @@ public:
         exchange_scheme exchange = exchange_scheme::automatic;
         // Seed of stochastic rounding; draws also depend on the rank and the sync.
         std::uint64_t seed = 0;
+        // Which tensors each fragment syncs (fragments.hpp); default: automatic, near-equal bytes.
+        fragment_layout fragments{};
+        // The aggregation's hyper-parameters (aggregate/aggregate.hpp).
+        typename Aggregate::hyper aggregate{};
+        // Under nonfinite_policy::skip, this many syncs in a row discarded for a non-finite
+        // pseudo-gradient raise nonfinite_error naming the tensor (the run has stalled);
+        // 0: never.
+        std::uint64_t max_skipped_syncs = 10;
     };
 
     // Not collective: no communication happens before start() (or the first step() or sync()).
@@ -73,12 +188,14 @@ public:
           outer_hyper_(cfg.outer),
           schedule_hyper_(cfg.schedule),
           compress_hyper_(cfg.compress),
+          aggregate_hyper_(cfg.aggregate),
           broadcast_initial_(cfg.broadcast_initial),
           seed_(cfg.seed),
-          exchange_(plist(), cfg.exchange, comm.size(), comm.rank(), cfg.compress) {
+          max_skipped_syncs_(cfg.max_skipped_syncs) {
         detail::validate_hyper<Outer>(outer_hyper_);
-        detail::validate_hyper<Schedule>(schedule_hyper_);
+        detail::validate_hyper<schedule_type>(schedule_hyper_);
         detail::validate_hyper<Compressor>(compress_hyper_);
+        detail::validate_hyper<Aggregate>(aggregate_hyper_);
         if (cfg.workers < 0) {
             throw invalid_argument("loco::diloco: workers must be >= 0 (0 = the communicator's size)");
         }
@@ -94,39 +211,70 @@ public:
                                      " communicator moves " +
                                      std::string(to_string(comm.space())) + " memory");
         }
+        const std::size_t count = schedule_type::fragments(schedule_hyper_);
+        fragment_pattern pattern = fragment_pattern::strided;
+        if constexpr (requires { schedule_type::pattern(schedule_hyper_); }) {
+            pattern = schedule_type::pattern(schedule_hyper_);
+        }
+        const auto lists = detail::resolve_fragments(plist(), cfg.fragments, count, pattern);
+        fragment_description_ = detail::describe_fragments(plist(), lists);
+        frags_.reserve(count);
+        for (const auto& list : lists) {
+            std::vector<compress::segment> segs;
+            std::size_t n = 0;
+            for (const std::size_t i : list) {
+                const auto& p = plist()[i];
+                const bool matrix = p.value.is_matrix();
+                segs.push_back({n, p.value.size, matrix ? p.value.rows : 1,
+                                matrix ? p.value.cols : p.value.size});
+                n += p.value.size;
+            }
+            frags_.push_back(fragment_state{list, n,
+                                      detail::exchanger<Compressor, Aggregate>(
+                                          std::move(segs), cfg.exchange, comm.size(), comm.rank(),
+                                          compress_hyper_)});
+        }
         const std::size_t total = plist().total_elements();
         global_.resize(total);
         backend::host::gather_values(plist(), global_.data());
         outer_state_.assign(static_cast<std::size_t>(Outer::state_size) * total, 0.0f);
-        delta_.resize(total);
     }
 
-    // Collective, once: takes the global snapshot from the parameters as they are now and, with
-    // broadcast_initial, gives every worker rank 0's values. Call it after initialising the model
-    // and before the first forward pass; otherwise the first step() or sync() calls it. Does
-    // nothing after load(), which restores the saved snapshot. Returns true when it changed this
-    // worker's parameters.
+    diloco(const diloco&) = delete;
+    diloco& operator=(const diloco&) = delete;
+
+    // Collective, once: checks that every rank built the same model and policies (a fingerprint
+    // of tensor names and shapes, schedule, fragments, compressor, aggregation and outer policy;
+    // invalid_argument naming the first difference otherwise), takes the global snapshot from
+    // the parameters as they are now and, with broadcast_initial, gives every worker rank 0's
+    // values. Call it after initialising the model and before the first forward pass; otherwise
+    // the first step() or sync() calls it. Does nothing after load(), which restores the saved
+    // snapshot. Returns true when it changed this worker's parameters.
     bool start() {
         if (started_) {
             return false;
         }
+        check_fingerprint();
         const std::size_t total = global_.size();
         backend::host::gather_values(plist(), global_.data());
         bool moved = false;
-        if (broadcast_initial_ && comm_->size() > 1) {
-            delta_ = global_;  // this worker's own values, to tell whether the broadcast moved them
+        if (broadcast_initial_ && comm_->size() > 1 && total > 0) {
+            // This worker's own values, to tell whether the broadcast moved them.
+            const std::vector<float> own = global_;
             comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
-            moved = std::memcmp(delta_.data(), global_.data(), total * sizeof(float)) != 0;
+            moved = std::memcmp(own.data(), global_.data(), total * sizeof(float)) != 0;
             backend::host::scatter_values(global_.data(), plist());
         }
         started_ = true;
         return moved;
     }
 
-    // Inner step from the current gradients, then an outer sync if the schedule is due.
-    // If the sync throws, the inner update of this call stays applied; sync() may be retried.
+    // Inner step from the current gradients, then what the schedule plans for this call (start
+    // exchanges, apply fragments). If a sync throws, the inner update of this call stays applied
+    // and nothing of the failed sync is.
     step_result step() {
-        detail::validate_hyper<Schedule>(schedule_hyper_);
+        detail::validate_hyper<schedule_type>(schedule_hyper_);
+        check_fragment_count();
         const bool ready = inner_.ready_to_step();  // may throw; nothing has changed yet
         // A gradient computed before this worker received rank 0's parameters belongs to other
         // parameters: it is not applied (call start() before the first forward pass to avoid it).
@@ -138,53 +286,25 @@ public:
         } else {
             ++inner_.skipped_;
         }
-        ++calls_;
-        if (Schedule::due(schedule_hyper_, calls_)) {
-            sync();
-            result.synced = true;
-        }
+        restart_loaded_exchanges();
+        const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
+        result.synced = !plan.finish.empty();
+        run(plan);
         return result;
     }
 
-    // Outer step now (collective). If it throws, parameters, global snapshot and outer state are
-    // unchanged.
+    // Syncs every fragment now (collective): exchanges in flight are finished first, then every
+    // fragment is exchanged and applied. If it throws, nothing of the failed fragment is applied.
     void sync() {
-        detail::validate_hyper<Outer>(outer_hyper_);
-        detail::validate_hyper<Compressor>(compress_hyper_);
         start();
-        const std::size_t total = global_.size();
-        for (const auto& p : plist()) {
-            for (std::size_t i = 0; i < p.value.size; ++i) {
-                delta_[p.offset + i] = global_[p.offset + i] - p.value.data[i];
-            }
+        restart_loaded_exchanges();
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            if (frags_[f].in_flight) finish_fragment(f);
         }
-        compress::encode_context ctx;
-        ctx.seed = seed_;
-        ctx.round = outer_steps_ + skipped_syncs_;
-        ctx.rank = comm_->rank();
-        if constexpr (requires { outer_hyper_.lr; }) {
-            ctx.outer_lr = outer_hyper_.lr;
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            start_fragment(f);
+            finish_fragment(f);
         }
-        exchange_.average(*comm_, delta_, compress_hyper_, ctx);
-        if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
-            if (const auto hit = backend::host::find_nonfinite(delta_.data(), total)) {
-                if (inner_.on_nonfinite() == nonfinite_policy::raise) {
-                    throw nonfinite_error("loco::diloco: the averaged pseudo-gradient holds " +
-                                          std::to_string(hit->value) + " at flat element " +
-                                          std::to_string(hit->index) +
-                                          "; the outer step was not applied");
-                }
-                // Every worker sees the same average, so every worker discards this round.
-                ++skipped_syncs_;
-                backend::host::scatter_values(global_.data(), plist());
-                return;
-            }
-        }
-        const auto k = Outer::prepare(outer_hyper_, outer_steps_ + 1);
-        backend::host::apply<Outer>(k, global_.data(), delta_.data(), outer_state_.data(), total,
-                                    total);
-        ++outer_steps_;
-        backend::host::scatter_values(global_.data(), plist());
     }
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
@@ -197,12 +317,28 @@ public:
     const typename Schedule::hyper& schedule_hyper() const noexcept { return schedule_hyper_; }
     typename Compressor::hyper& compress_hyper() noexcept { return compress_hyper_; }
     const typename Compressor::hyper& compress_hyper() const noexcept { return compress_hyper_; }
+    typename Aggregate::hyper& aggregate_hyper() noexcept { return aggregate_hyper_; }
+    const typename Aggregate::hyper& aggregate_hyper() const noexcept { return aggregate_hyper_; }
 
-    std::uint64_t calls() const noexcept { return calls_; }          // step() calls
+    std::uint64_t calls() const noexcept { return schedule_.calls(); }  // step() calls
     std::uint64_t inner_steps() const noexcept { return inner_.steps(); }
-    std::uint64_t outer_steps() const noexcept { return outer_steps_; }
+    // Outer steps applied, over all fragments (one per sync for DiLoCo), and per fragment.
+    std::uint64_t outer_steps() const noexcept {
+        std::uint64_t n = 0;
+        for (const auto& f : frags_) n += f.outer_steps;
+        return n;
+    }
+    std::uint64_t outer_steps(std::size_t fragment) const { return at(fragment).outer_steps; }
     std::uint64_t skipped_steps() const noexcept { return inner_.skipped_steps(); }
     std::uint64_t skipped_syncs() const noexcept { return skipped_syncs_; }
+
+    // The fragments the schedule syncs: each a list of parameter indices, in layout order.
+    std::size_t fragments() const noexcept { return frags_.size(); }
+    std::span<const std::size_t> fragment_params(std::size_t fragment) const {
+        return at(fragment).params;
+    }
+    // Whether an exchange of the fragment is in flight (started, not applied yet).
+    bool in_flight(std::size_t fragment) const { return at(fragment).in_flight; }
 
     const parameter_list& params() const noexcept { return plist(); }
     comm::communicator& communicator() const noexcept { return *comm_; }
@@ -216,98 +352,574 @@ public:
     }
     // The inner optimizer (for parameter groups: inner().engine_state().group<I>()).
     const optimizer<Inner>& inner() const noexcept { return inner_; }
-    // The compressor's state over the flat layout (error-feedback residuals), and, with
+    // The compressor's state over a fragment's elements in its own order (the flat layout when
+    // the whole model is one fragment): error-feedback residuals; and, with
     // exchange_scheme::two_phase, its server-side state for this rank's chunk.
-    std::span<const float> compressor_state() const noexcept { return exchange_.state(); }
-    std::span<const float> server_state() const noexcept { return exchange_.server_state(); }
-    exchange_scheme exchange() const noexcept { return exchange_.scheme(); }
-    // Bytes this worker sends per sync (the formulas in exchange.hpp).
-    std::uint64_t bytes_per_sync() const { return exchange_.bytes_per_average(compress_hyper_); }
+    std::span<const float> compressor_state(std::size_t fragment = 0) const {
+        return at(fragment).exchange.state();
+    }
+    std::span<const float> server_state(std::size_t fragment = 0) const {
+        return at(fragment).exchange.server_state();
+    }
+    exchange_scheme exchange() const noexcept {
+        return frags_.empty() ? exchange_scheme::all_reduce : frags_.front().exchange.scheme();
+    }
+    // Bytes this worker sends per sync of every fragment: the exchange (the formulas in
+    // exchange.hpp) and the all-or-nothing agreement (one float all-reduced, with M > 1).
+    std::uint64_t bytes_per_sync() const {
+        std::uint64_t n = 0;
+        for (const auto& f : frags_) n += f.exchange.bytes_per_average(compress_hyper_) + agreement_bytes();
+        return n;
+    }
+    // Bytes of the largest fragment's exchange: the peak a schedule with one fragment in flight
+    // puts on the link at once.
+    std::uint64_t peak_bytes_per_sync() const {
+        std::uint64_t n = 0;
+        for (const auto& f : frags_) n = std::max(n, f.exchange.bytes_per_average(compress_hyper_));
+        return n + agreement_bytes();
+    }
     std::span<const float> outer_state(int j) const {
         detail::check_state_index(j, Outer::state_size, "outer state");
         const std::size_t total = global_.size();
         return {outer_state_.data() + static_cast<std::size_t>(j) * total, total};
     }
 
+    // What start() compares between ranks and the checkpoint records, one "key: value" per line.
+    std::string fingerprint() const {
+        std::string s = "handle: diloco\n";
+        for (const auto& p : plist()) {
+            s += "tensor: " + p.name + " " + std::to_string(p.value.size) + " elements";
+            if (p.value.is_matrix()) {
+                s += " " + std::to_string(p.value.rows) + "x" + std::to_string(p.value.cols);
+            }
+            s += "\n";
+        }
+        s += "schedule: " + detail::describe_policy<schedule_type>(schedule_hyper_) + "\n";
+        s += "fragments: " + fragment_description_ + "\n";
+        s += "compressor: " + detail::describe_policy<Compressor>(compress_hyper_) + "\n";
+        s += "exchange: " + std::string(to_string(exchange())) + "\n";
+        s += "aggregate: " + detail::describe_policy<Aggregate>(aggregate_hyper_) + "\n";
+        s += "outer: " + detail::describe_policy<Outer>(outer_hyper_) + "\n";
+        return s;
+    }
+
     // Writes this worker's full optimizer state: global snapshot, outer state, its own inner
-    // state and the counters. Every worker saves its own stream (inner states differ).
+    // state, compressor state and counters, per fragment. Every worker saves its own stream
+    // (inner states differ). An exchange in flight is saved as the pseudo-gradient it carries;
+    // load() starts it again at the next step() or sync(), so a resumed run continues
+    // bit-identically (every rank must resume from checkpoints of the same call).
     void save(std::ostream& os) const {
         detail::checkpoint_writer w(os);
         w.text("diloco");
         w.text(Outer::name);
         w.text(Compressor::name);
         w.text(Schedule::name);
+        w.text(detail::describe_policy<Compressor>(compress_hyper_));
+        w.text(fragment_description_);
+        w.text(detail::describe_policy<Aggregate>(aggregate_hyper_));
+        w.text(detail::describe_policy<Outer>(outer_hyper_));
         w.u64(static_cast<std::uint64_t>(comm_->size()));
         w.u64(static_cast<std::uint64_t>(comm_->rank()));
-        w.u64(calls_);
-        w.u64(outer_steps_);
+        schedule_.save(w);
         w.u64(skipped_syncs_);
+        w.u64(consecutive_skips_);
+        w.text(first_nonfinite_);
         inner_.write_section(w);
         w.floats(global_);
         w.floats(outer_state_);
-        w.text(to_string(exchange_.scheme()));
-        w.floats(exchange_.state());
-        w.floats(exchange_.server_state());
+        w.text(to_string(exchange()));
+        for (const auto& f : frags_) {
+            w.u64(f.outer_steps);
+            w.u64(f.skipped);
+            w.floats(f.exchange.state());
+            w.floats(f.exchange.server_state());
+            w.u64(f.in_flight ? 1 : 0);
+            w.u64(f.in_flight ? f.started_at : 0);
+            w.floats(f.in_flight ? std::span<const float>(f.captured) : std::span<const float>());
+        }
         w.finish();
     }
 
     // Restores a state written by save() on the same rank of a run with the same number of
-    // workers, policies and model. Throws checkpoint_error and changes nothing otherwise. The
-    // user's parameter tensors are not touched: they are the trainer's to save and restore.
+    // workers, policies (the compressor with the same settings, the same fragments) and model. Throws
+    // checkpoint_error and changes nothing otherwise. The user's parameter tensors are not
+    // touched: they are the trainer's to save and restore. The outer policy's hyper-parameters
+    // are recorded but not compared (a learning-rate schedule may have moved them), nor are the
+    // schedule's (a run may change H); an exchange in flight is finished when the live schedule
+    // says, and a schedule that no longer plans it raises at that step.
     void load(std::istream& is) {
         detail::checkpoint_reader r(is);
         r.expect_text("diloco", "the checkpoint kind");
         r.expect_text(Outer::name, "the outer optimizer");
         r.expect_text(Compressor::name, "the compressor");
         r.expect_text(Schedule::name, "the sync schedule");
+        const std::string compressor = detail::describe_policy<Compressor>(compress_hyper_);
+        r.expect_text(compressor, "the compressor settings");
+        r.expect_text(fragment_description_, "the fragment layout");
+        r.expect_text(detail::describe_policy<Aggregate>(aggregate_hyper_), "the aggregation");
+        (void)r.text("the outer optimizer settings");
         r.expect_u64(static_cast<std::uint64_t>(comm_->size()), "the number of workers");
         r.expect_u64(static_cast<std::uint64_t>(comm_->rank()),
                      "the worker rank (each worker loads the checkpoint it saved)");
-        const std::uint64_t calls = r.u64("the step call count");
-        const std::uint64_t outer_steps = r.u64("the outer step count");
+        schedule_type sched_state = schedule_type::read(r);
         const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
+        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
+        std::string first_nonfinite = r.text("the first non-finite tensor");
         auto inner = inner_.read_section(r);
         std::vector<float> global(global_.size());
         r.floats(global, "the global parameters");
         std::vector<float> outer_state(outer_state_.size());
         r.floats(outer_state, "the outer optimizer state");
-        r.expect_text(to_string(exchange_.scheme()), "the exchange scheme");
-        std::vector<float> compressor_state(exchange_.state().size());
-        r.floats(compressor_state, "the compressor state");
-        std::vector<float> server_state(exchange_.server_state().size());
-        r.floats(server_state, "the server-side compressor state");
+        r.expect_text(to_string(exchange()), "the exchange scheme");
+        struct pending {
+            std::uint64_t outer_steps, skipped, started_at;
+            bool in_flight;
+            std::vector<float> state, server, captured;
+        };
+        std::vector<pending> loaded;
+        for (const auto& f : frags_) {
+            pending p;
+            p.outer_steps = r.u64("a fragment's outer step count");
+            p.skipped = r.u64("a fragment's skipped sync count");
+            p.state.resize(f.exchange.state().size());
+            r.floats(p.state, "the compressor state");
+            p.server.resize(f.exchange.server_state().size());
+            r.floats(p.server, "the server-side compressor state");
+            const std::uint64_t flying = r.u64("whether an exchange was in flight");
+            if (flying > 1) throw checkpoint_error("loco: checkpoint corrupted (in-flight flag)");
+            p.in_flight = flying == 1;
+            p.started_at = r.u64("the call an exchange started at");
+            p.captured.resize(p.in_flight ? f.elements : 0);
+            r.floats(p.captured, "the pseudo-gradient in flight");
+            loaded.push_back(std::move(p));
+        }
         r.finish();
+        for (const auto& f : frags_) {
+            if (f.in_flight) {
+                throw invalid_argument("loco::diloco: load() while an exchange is in flight; load "
+                                       "into a fresh handle, or before the first step()");
+            }
+        }
 
         inner_.commit(std::move(inner));
-        calls_ = calls;
-        outer_steps_ = outer_steps;
+        schedule_ = std::move(sched_state);
         skipped_syncs_ = skipped_syncs;
+        consecutive_skips_ = consecutive;
+        first_nonfinite_ = std::move(first_nonfinite);
         global_ = std::move(global);
         outer_state_ = std::move(outer_state);
-        std::copy(compressor_state.begin(), compressor_state.end(), exchange_.state().begin());
-        std::copy(server_state.begin(), server_state.end(), exchange_.server_state().begin());
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            auto& f = frags_[i];
+            auto& p = loaded[i];
+            f.outer_steps = p.outer_steps;
+            f.skipped = p.skipped;
+            std::copy(p.state.begin(), p.state.end(), f.exchange.state().begin());
+            std::copy(p.server.begin(), p.server.end(), f.exchange.server_state().begin());
+            f.restart = p.in_flight;
+            f.started_at = p.started_at;
+            f.captured = std::move(p.captured);
+            f.lost = false;
+        }
         started_ = true;
     }
 
 private:
+    struct fragment_state {
+        std::vector<std::size_t> params;  // parameter indices, in layout order
+        std::size_t elements = 0;
+        detail::exchanger<Compressor, Aggregate> exchange;
+        std::vector<float> captured{};  // the pseudo-gradient taken at start, kept until finish
+        std::vector<float> average{};   // the aggregate, at finish
+        std::uint64_t outer_steps = 0;
+        std::uint64_t skipped = 0;      // syncs discarded for a non-finite aggregate
+        std::uint64_t started_at = 0;   // the call its exchange in flight started at
+        bool in_flight = false;         // an exchange started and not finished
+        bool restart = false;           // loaded with an exchange in flight: start it again
+        bool lost = false;              // its last sync failed: a planned finish has nothing
+    };
 
     const parameter_list& plist() const noexcept { return inner_.params(); }
+
+    const fragment_state& at(std::size_t f) const {
+        if (f >= frags_.size()) {
+            throw invalid_argument("loco::diloco: fragment " + std::to_string(f) +
+                                   " does not exist (there are " + std::to_string(frags_.size()) +
+                                   ")");
+        }
+        return frags_[f];
+    }
+
+    void check_fragment_count() const {
+        if (schedule_type::fragments(schedule_hyper_) != frags_.size()) {
+            throw invalid_argument("loco::diloco: the schedule now asks for " +
+                                   std::to_string(schedule_type::fragments(schedule_hyper_)) +
+                                   " fragments but the model was split into " +
+                                   std::to_string(frags_.size()) +
+                                   " at construction; keep the number of fragments");
+        }
+    }
+
+    // The plan of one call, in the order of the pipeline (see schedule/plan.hpp).
+    void run(const schedule::sync_plan& plan) {
+        const auto planned = [](std::span<const std::size_t> list, std::size_t f) {
+            return std::find(list.begin(), list.end(), f) != list.end();
+        };
+        for (const std::size_t f : plan.start) {
+            if (frags_[f].in_flight && !planned(plan.finish, f)) {
+                throw invalid_argument("loco::diloco: the schedule starts fragment " +
+                                       std::to_string(f) +
+                                       " while its previous exchange was never finished; a "
+                                       "schedule must finish every exchange it starts");
+            }
+            capture(f);
+        }
+        std::vector<std::size_t> done;
+        for (const std::size_t f : plan.finish) {
+            if (frags_[f].in_flight) {
+                finish_fragment(f);
+                done.push_back(f);
+            }
+        }
+        for (const std::size_t f : plan.start) {
+            start_exchange(f);
+        }
+        for (const std::size_t f : plan.finish) {
+            if (planned(done, f)) continue;
+            if (frags_[f].in_flight) {
+                finish_fragment(f);
+            } else if (frags_[f].lost) {
+                frags_[f].lost = false;  // its exchange failed (every rank raised); go on
+            } else {
+                throw invalid_argument("loco::diloco: the schedule finishes fragment " +
+                                       std::to_string(f) +
+                                       " but no exchange of it is in flight; did its "
+                                       "hyper-parameters change in the middle of a round?");
+            }
+        }
+        for (const std::size_t f : plan.reset) {
+            merge(f, 0.0f);
+        }
+    }
+
+    // delta = global - local over the fragment, into its contiguous buffer.
+    void capture(std::size_t fi) {
+        fragment_state& f = frags_[fi];
+        f.captured.resize(f.elements);
+        std::size_t at = 0;
+        for (const std::size_t i : f.params) {
+            const auto& p = plist()[i];
+            for (std::size_t j = 0; j < p.value.size; ++j) {
+                f.captured[at + j] = global_[p.offset + j] - p.value.data[j];
+            }
+            at += p.value.size;
+        }
+    }
+
+    compress::encode_context context(std::size_t fi) const {
+        const fragment_state& f = frags_[fi];
+        compress::encode_context ctx;
+        ctx.seed = seed_ + 0x9E3779B97F4A7C15ULL * fi;  // fragment 0 keeps DiLoCo's draws
+        ctx.round = f.outer_steps + f.skipped;
+        ctx.rank = comm_->rank();
+        if constexpr (requires { outer_hyper_.lr; }) {
+            ctx.outer_lr = outer_hyper_.lr;
+        }
+        return ctx;
+    }
+
+    void start_exchange(std::size_t fi) {
+        fragment_state& f = frags_[fi];
+        aggregate::worker_report report;
+        if constexpr (Aggregate::needs_reports) {
+            double sq = 0.0;
+            for (const float x : f.captured) sq += static_cast<double>(x) * x;
+            report.norm = static_cast<float>(std::sqrt(sq));
+            report.inner_steps = static_cast<float>(inner_.steps());
+        }
+        f.exchange.start(*comm_, f.captured, compress_hyper_, context(fi), report);
+        f.in_flight = true;
+        f.restart = false;
+        f.lost = false;
+        f.started_at = schedule_.calls();
+    }
+
+    void start_fragment(std::size_t fi) {
+        capture(fi);
+        start_exchange(fi);
+    }
+
+    void restart_loaded_exchanges() {
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            fragment_state& f = frags_[fi];
+            if (f.restart) {
+                const std::uint64_t at = f.started_at;
+                start_exchange(fi);
+                f.started_at = at;
+            }
+        }
+    }
+
+    // Finishes the fragment's exchange; the ranks agree; then all of it is applied, or none.
+    void finish_fragment(std::size_t fi) {
+        fragment_state& f = frags_[fi];
+        f.in_flight = false;
+        f.lost = true;  // until it succeeds
+        f.exchange.aggregate_hyper() = aggregate_hyper_;
+        f.average.resize(f.elements);
+        f.exchange.finish(*comm_, f.average, compress_hyper_);
+        detail::stage_failure failure = f.exchange.failure();
+
+        // The apply stage's checks, before anything changes.
+        std::optional<backend::host::nonfinite_hit> hit;
+        if (!failure) {
+            try {
+                detail::validate_hyper<Outer>(outer_hyper_);
+                if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
+                    hit = backend::host::find_nonfinite(f.average.data(), f.elements);
+                    if (hit && inner_.on_nonfinite() == nonfinite_policy::raise) {
+                        throw nonfinite_error(
+                            "loco::diloco: the averaged pseudo-gradient holds " +
+                            std::to_string(hit->value) + " at flat element " +
+                            std::to_string(flat_index(fi, hit->index)) + " (tensor '" +
+                            tensor_at(fi, hit->index) + "'); the outer step was not applied");
+                    }
+                }
+            } catch (...) {
+                failure.record(detail::sync_stage::apply, std::current_exception());
+            }
+        }
+        const bool skip = agree(fi, failure, hit.has_value());
+
+        if (skip) {
+            if (consecutive_skips_ == 0) first_nonfinite_ = tensor_at(fi, hit ? hit->index : 0);
+            if (max_skipped_syncs_ != 0 && consecutive_skips_ + 1 > max_skipped_syncs_) {
+                throw nonfinite_error(
+                    "loco::diloco: " + std::to_string(consecutive_skips_ + 1) +
+                    " syncs in a row were skipped for a non-finite pseudo-gradient, first in "
+                    "tensor '" + first_nonfinite_ +
+                    "'; training has stalled: fix the model or lower the learning rate (or raise "
+                    "config.max_skipped_syncs)");
+            }
+            // Every worker sees the same aggregate, so every worker discards this round.
+            f.exchange.commit();
+            ++f.skipped;
+            ++skipped_syncs_;
+            ++consecutive_skips_;
+            f.lost = false;
+            merge(fi, 0.0f);
+            return;
+        }
+        f.exchange.commit();
+        const std::size_t total = global_.size();
+        const auto k = Outer::prepare(outer_hyper_, f.outer_steps + 1);
+        std::size_t at = 0;
+        for (const std::size_t i : f.params) {
+            const auto& p = plist()[i];
+            backend::host::apply<Outer>(k, global_.data() + p.offset, f.average.data() + at,
+                                        outer_state_.data() + p.offset, total, p.value.size);
+            at += p.value.size;
+        }
+        ++f.outer_steps;
+        consecutive_skips_ = 0;
+        f.lost = false;
+        float alpha = 0.0f;
+        if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
+            alpha = schedule_type::merge_alpha(schedule_hyper_);
+        }
+        merge(fi, alpha);
+    }
+
+    // local <- lerp(global, local, alpha) over the fragment, as torch.lerp computes it (alpha = 0
+    // copies the global values, alpha = 1 keeps the local ones exactly).
+    void merge(std::size_t fi, float alpha) {
+        for (const std::size_t i : frags_[fi].params) {
+            const auto& p = plist()[i];
+            const float* g = global_.data() + p.offset;
+            float* x = p.value.data;
+            if (alpha == 0.0f) {
+                std::copy_n(g, p.value.size, x);
+            } else if (alpha < 0.5f) {
+                for (std::size_t j = 0; j < p.value.size; ++j) x[j] = g[j] + alpha * (x[j] - g[j]);
+            } else {
+                for (std::size_t j = 0; j < p.value.size; ++j) {
+                    x[j] = x[j] - (x[j] - g[j]) * (1.0f - alpha);
+                }
+            }
+        }
+    }
+
+    std::size_t flat_index(std::size_t fi, std::size_t index) const {
+        for (const std::size_t i : frags_[fi].params) {
+            const auto& p = plist()[i];
+            if (index < p.value.size) return p.offset + index;
+            index -= p.value.size;
+        }
+        return index;
+    }
+    std::string tensor_at(std::size_t fi, std::size_t index) const {
+        for (const std::size_t i : frags_[fi].params) {
+            const auto& p = plist()[i];
+            if (index < p.value.size) return p.name;
+            index -= p.value.size;
+        }
+        return "?";
+    }
+
+    // The ranks agree on the outcome of fragment fi's sync in one all-reduce of one float: a
+    // rank adds 1 to skip a non-finite aggregate and M + 1 for a failure. Only after a failure do
+    // the ranks exchange what went wrong, so that every rank raises the same error naming the
+    // rank and stage that failed first (earliest stage, then lowest rank: a rank that could not
+    // encode sends zeros its peers cannot decode). Returns whether to skip.
+    bool agree(std::size_t fi, const detail::stage_failure& failure, bool skip) {
+        const int world = comm_->size();
+        if (world == 1) {
+            if (failure) std::rethrow_exception(failure.error);
+            return skip;
+        }
+        float status = failure ? static_cast<float>(world + 1) : skip ? 1.0f : 0.0f;
+        comm_->all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
+        if (status < static_cast<float>(world + 1)) {
+            return status > 0.0f;
+        }
+        // What each rank saw: its stage and error kind, then its message.
+        constexpr std::size_t width = 384;
+        std::vector<char> mine(width, '\0');
+        if (failure) {
+            mine[0] = static_cast<char>(failure.stage);
+            mine[1] = static_cast<char>(detail::kind_of(failure.error));
+            const std::string m = detail::message_of(failure.error);
+            std::memcpy(mine.data() + 2, m.data(), std::min(m.size(), width - 3));
+        }
+        const auto m = static_cast<std::size_t>(world);
+        std::vector<char> all(width * m, '\0');
+        comm_->all_gather({reinterpret_cast<const std::byte*>(mine.data()), width, 0, 0,
+                           memory_space::host},
+                          {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
+                           memory_space::host});
+        std::size_t culprit = m;
+        for (std::size_t k = 0; k < m; ++k) {
+            const int stage = all[k * width];
+            if (stage != 0 && (culprit == m || stage < all[culprit * width])) culprit = k;
+        }
+        if (culprit == m) {
+            throw comm_error("loco::diloco: the ranks disagree on the outcome of a sync; nothing "
+                             "was applied");
+        }
+        const char* at = all.data() + culprit * width;
+        const auto stage = static_cast<detail::sync_stage>(at[0]);
+        const auto kind = static_cast<detail::error_kind>(at[1]);
+        const std::string what(at + 2, std::find(at + 2, at + width, '\0'));
+        detail::raise(kind, "loco::diloco: the sync of fragment " + std::to_string(fi) +
+                                " failed on rank " + std::to_string(culprit) + " at the " +
+                                std::string(to_string(stage)) + " stage (" + what +
+                                "); nothing was applied on any rank");
+    }
+
+    // The bytes agree() sends on the way to a successful sync (one float all-reduced).
+    std::uint64_t agreement_bytes() const {
+        const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
+        if (m == 1) return 0;
+        const std::uint64_t r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t c = (r + 1) / m - r / m;  // this rank's chunk of one element
+        return 4 * (1 + (m - 2) * c);
+    }
+
+    // Every rank built the same model and policies, or every rank fails here naming the first
+    // difference. One all-gather of a 64-bit digest; the descriptions travel only when the
+    // digests differ.
+    void check_fingerprint() {
+        const int world = comm_->size();
+        if (world == 1) return;
+        const std::string mine = fingerprint();
+        detail::fnv1a64 h;
+        h.add(mine.data(), mine.size());
+        const std::uint64_t digest = h.value();
+        const auto m = static_cast<std::size_t>(world);
+        // All digests are equal exactly when M * sum(x^2) == (sum x)^2 for each of their 8 bytes
+        // x (Cauchy-Schwarz); the sums are exact in floats for M < 256, and every rank reaches the
+        // same verdict from one all-reduce.
+        float sums[16];
+        for (int b = 0; b < 8; ++b) {
+            const float x = static_cast<float>((digest >> (8 * b)) & 0xff);
+            sums[b] = x;
+            sums[8 + b] = x * x;
+        }
+        comm_->all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
+        bool same = true;
+        for (int b = 0; b < 8; ++b) {
+            same = same && static_cast<double>(m) * sums[8 + b] ==
+                               static_cast<double>(sums[b]) * static_cast<double>(sums[b]);
+        }
+        if (same) return;
+        std::vector<std::uint64_t> digests(m);
+        comm_->all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
+                           memory_space::host},
+                          {reinterpret_cast<std::byte*>(digests.data()), m * sizeof digest, 0, 0,
+                           memory_space::host});
+        std::size_t other = 0;
+        while (other < m && digests[other] == digests[0]) ++other;
+        if (other == m) other = 1;  // the wire changed a digest; the lines will tell
+        const std::uint64_t length = mine.size();
+        std::vector<std::uint64_t> lengths(m);
+        comm_->all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,
+                           memory_space::host},
+                          {reinterpret_cast<std::byte*>(lengths.data()), m * sizeof length, 0, 0,
+                           memory_space::host});
+        const std::uint64_t longest = *std::max_element(lengths.begin(), lengths.end());
+        if (longest > (std::uint64_t{1} << 24)) {
+            throw comm_error("loco::diloco: the ranks' fingerprints differ and their lengths arrived "
+                             "corrupted; check the communicator");
+        }
+        const auto width = static_cast<std::size_t>(longest);
+        std::vector<char> padded(width, '\0'), all(width * m, '\0');
+        std::memcpy(padded.data(), mine.data(), mine.size());
+        comm_->all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
+                           memory_space::host},
+                          {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
+                           memory_space::host});
+        const auto lines_of = [&](std::size_t k) {
+            std::vector<std::string> lines;
+            std::string line;
+            for (std::size_t i = 0; i < lengths[k]; ++i) {
+                const char c = all[k * width + i];
+                if (c == '\n') {
+                    lines.push_back(line);
+                    line.clear();
+                } else {
+                    line += c;
+                }
+            }
+            return lines;
+        };
+        const auto a = lines_of(0), b = lines_of(other);
+        std::size_t i = 0;
+        while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
+        const std::string left = i < a.size() ? a[i] : "(nothing more)";
+        const std::string right = i < b.size() ? b[i] : "(nothing more)";
+        throw invalid_argument("loco::diloco: the ranks were built differently: rank 0 has '" +
+                               left + "' where rank " + std::to_string(other) + " has '" + right +
+                               "'; build the same model, schedule, fragments and policies on "
+                               "every rank");
+    }
 
     optimizer<Inner> inner_;
     comm::communicator* comm_;
     typename Outer::hyper outer_hyper_;
     typename Schedule::hyper schedule_hyper_;
     typename Compressor::hyper compress_hyper_;
+    typename Aggregate::hyper aggregate_hyper_;
     bool broadcast_initial_;
     std::uint64_t seed_;
-    detail::exchanger<Compressor> exchange_;
+    std::uint64_t max_skipped_syncs_;
+    schedule_type schedule_{};
+    std::vector<fragment_state> frags_;
+    std::string fragment_description_;
     bool started_ = false;
     std::vector<float> global_;       // the global parameters after the last sync
     std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout
-    std::vector<float> delta_;        // pseudo-gradient workspace
-    std::uint64_t calls_ = 0;
-    std::uint64_t outer_steps_ = 0;
     std::uint64_t skipped_syncs_ = 0;
+    std::uint64_t consecutive_skips_ = 0;
+    std::string first_nonfinite_;     // the tensor of the first skip of the current streak
 };
 
 }  // namespace loco

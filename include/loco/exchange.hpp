@@ -14,9 +14,15 @@
 //                compressor has it) and an all-gather returns every chunk to every rank.
 //                Blocks are padded to Q bytes: 2 (M-1) * Q, about 2 (M-1)/M * P.
 //
-// The average is transactional: compressor state only advances when every collective succeeded
-// and every payload decoded.
+// The average is transactional and split-phase: start() takes this worker's pseudo-gradient, encodes
+// it and starts the collective (returning at once), finish() completes it and writes the aggregate
+// into a buffer of the caller's, and only commit() advances the compressor state (error-feedback
+// residuals). A failure at any stage is recorded, not thrown, so that every rank can go through the
+// same collectives and then agree on one outcome (loco::diloco's all-or-nothing sync); average() is
+// start + finish + commit and throws the recorded error.
 
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/mean.hpp>
 #include <loco/comm/communicator.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/none.hpp>
@@ -26,6 +32,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <span>
 #include <string>
 #include <string_view>
@@ -88,9 +95,40 @@ inline std::vector<compress::segment> clip_segments(std::span<const compress::se
     return out;
 }
 
-template <class C>
+// Where a sync failed, in pipeline order, and what kind of error it was.
+enum class sync_stage : unsigned char { none, encode, transfer, decode, apply };
+
+constexpr std::string_view to_string(sync_stage s) noexcept {
+    switch (s) {
+        case sync_stage::none: return "none";
+        case sync_stage::encode: return "encode";
+        case sync_stage::transfer: return "transfer";
+        case sync_stage::decode: return "decode";
+        case sync_stage::apply: return "apply";
+    }
+    return "?";
+}
+
+struct stage_failure {
+    sync_stage stage = sync_stage::none;
+    std::exception_ptr error;
+
+    explicit operator bool() const noexcept { return stage != sync_stage::none; }
+    // The first failure is kept: later stages fail because of it.
+    void record(sync_stage where, std::exception_ptr e) noexcept {
+        if (stage == sync_stage::none) {
+            stage = where;
+            error = std::move(e);
+        }
+    }
+};
+
+template <class C, class A = aggregate::mean>
 class exchanger {
     static constexpr std::size_t S = static_cast<std::size_t>(C::state_size);
+    static_assert(!A::needs_reports || A::needs_deltas,
+                  "loco: an aggregation that reads worker reports must also set needs_deltas "
+                  "(reports without deltas are not supported yet); see docs/diloco.md");
 
 public:
     exchanger(const parameter_list& params, exchange_scheme scheme, int world, int rank,
@@ -104,14 +142,26 @@ public:
           rank_(static_cast<std::size_t>(rank)),
           n_(compress::total_elements(segs)),
           segs_(std::move(segs)) {
+        if (scheme != exchange_scheme::automatic && scheme != exchange_scheme::all_reduce &&
+            scheme != exchange_scheme::all_gather && scheme != exchange_scheme::two_phase) {
+            throw invalid_argument("loco: exchange_scheme value " +
+                                   std::to_string(static_cast<int>(scheme)) +
+                                   " is not a scheme; use automatic, all_reduce, all_gather or "
+                                   "two_phase");
+        }
+        const bool raw_mean = std::is_same_v<C, compress::none> && !A::needs_deltas;
         scheme_ = scheme == exchange_scheme::automatic
-                      ? (std::is_same_v<C, compress::none> ? exchange_scheme::all_reduce
-                                                           : exchange_scheme::all_gather)
+                      ? (raw_mean ? exchange_scheme::all_reduce : exchange_scheme::all_gather)
                       : scheme;
         if (scheme_ == exchange_scheme::all_reduce && !std::is_same_v<C, compress::none>) {
             throw invalid_argument("loco: exchange_scheme::all_reduce needs compress::none; the "
                                    "payloads of " + std::string(C::name) +
                                    " cannot be summed (use all_gather or two_phase)");
+        }
+        if (A::needs_deltas && scheme_ != exchange_scheme::all_gather) {
+            throw invalid_argument("loco: the aggregation " + std::string(A::name) +
+                                   " reads every worker's pseudo-gradient, which only "
+                                   "exchange_scheme::all_gather delivers; use it (or automatic)");
         }
         state_.assign(S * n_, 0.0f);
         if (scheme_ == exchange_scheme::two_phase) {
@@ -129,35 +179,155 @@ public:
         }
     }
 
+    exchanger(exchanger&&) noexcept = default;
+    exchanger& operator=(exchanger&&) noexcept = default;
+
     exchange_scheme scheme() const noexcept { return scheme_; }
+    std::size_t elements() const noexcept { return n_; }
+    std::span<const compress::segment> segments() const noexcept { return segs_; }
 
     // Bytes this rank sends per average (the formulas at the top of the file).
     std::uint64_t bytes_per_average(const typename C::hyper& h) const {
         const std::uint64_t m = world_;
+        const std::uint64_t reports = A::needs_reports ? (m - 1) * sizeof(aggregate::worker_report) : 0;
         switch (scheme_) {
             case exchange_scheme::all_reduce: {
                 const std::uint64_t c = chunk_of(n_, rank_);
                 return 4 * (n_ + (m - 2) * c);
             }
-            case exchange_scheme::all_gather: return (m - 1) * C::payload_bytes(h, segs_);
+            case exchange_scheme::all_gather: return (m - 1) * C::payload_bytes(h, segs_) + reports;
             case exchange_scheme::two_phase: return 2 * (m - 1) * block_bytes_;
             case exchange_scheme::automatic: break;
         }
         return 0;
     }
 
-    // Replaces delta (this worker's pseudo-gradient, flat layout) by the average over all workers.
-    void average(comm::communicator& comm, std::span<float> delta, const typename C::hyper& h,
-                 const compress::encode_context& ctx) {
+    // Takes this worker's pseudo-gradient and starts the exchange; returns at once. An encode
+    // failure is recorded (a zero payload is sent so that every rank's collectives still match).
+    void start(comm::communicator& comm, std::span<const float> delta, const typename C::hyper& h,
+               const compress::encode_context& ctx, aggregate::worker_report report = {}) {
+        if (in_flight_) {
+            throw invalid_argument("loco: an exchange was started while the previous one is still "
+                                   "in flight; finish it first");
+        }
+        failure_ = {};
+        ctx_ = ctx;
+        in_flight_ = true;
         switch (scheme_) {
             case exchange_scheme::all_reduce:
-                comm.all_reduce(host_tensor(delta.data(), delta.size()), comm::reduce_op::mean);
+                work_.assign(delta.begin(), delta.end());
+                request_ = comm.start_all_reduce(host_tensor(work_.data(), work_.size()),
+                                                 comm::reduce_op::mean);
                 return;
-            case exchange_scheme::all_gather: average_all_gather(comm, delta, h, ctx); return;
-            case exchange_scheme::two_phase: average_two_phase(comm, delta, h, ctx); return;
+            case exchange_scheme::all_gather: {
+                const std::size_t p = C::payload_bytes(h, segs_);
+                next_state_ = state_;
+                send_.assign(p, std::byte{0});
+                try {
+                    C::encode(h, delta, segs_, next_state_, ctx, send_);
+                } catch (...) {
+                    failure_.record(sync_stage::encode, std::current_exception());
+                    std::fill(send_.begin(), send_.end(), std::byte{0});
+                }
+                if constexpr (A::needs_reports) {
+                    report_send_ = report;
+                    reports_.assign(world_, {});
+                    report_request_ = comm.start_all_gather(
+                        {reinterpret_cast<const std::byte*>(&report_send_), sizeof report_send_, 0, 0,
+                         memory_space::host},
+                        {reinterpret_cast<std::byte*>(reports_.data()),
+                         reports_.size() * sizeof(aggregate::worker_report), 0, 0, memory_space::host});
+                }
+                recv_.assign(world_ * p, std::byte{0});
+                request_ = comm.start_all_gather(const_bytes_of(send_), bytes_of(recv_));
+                return;
+            }
+            case exchange_scheme::two_phase:
+                // all_to_all has no split-phase form: the whole exchange runs in finish().
+                work_.assign(delta.begin(), delta.end());
+                return;
+            case exchange_scheme::automatic: break;
+        }
+        (void)report;
+    }
+
+    bool in_flight() const noexcept { return in_flight_; }
+    // The pseudo-gradient given to start() (all_reduce and two_phase keep a copy; all_gather the
+    // encoded payload).
+    const stage_failure& failure() const noexcept { return failure_; }
+
+    // Completes the exchange and writes the aggregate into out (n elements). Failures are
+    // recorded in failure(); out is then unspecified. Nothing is committed.
+    void finish(comm::communicator& comm, std::span<float> out, const typename C::hyper& h) {
+        if (!in_flight_) {
+            throw invalid_argument("loco: an exchange was finished that is not in flight (finished "
+                                   "twice, or never started)");
+        }
+        in_flight_ = false;
+        switch (scheme_) {
+            case exchange_scheme::all_reduce:
+                wait(request_);
+                if (!failure_) std::copy(work_.begin(), work_.end(), out.begin());
+                return;
+            case exchange_scheme::all_gather: {
+                if constexpr (A::needs_reports) wait(report_request_);
+                wait(request_);
+                if (failure_) return;
+                const std::size_t p = C::payload_bytes(h, segs_);
+                if constexpr (A::needs_deltas) {
+                    rows_.assign(world_ * n_, 0.0f);
+                    try {
+                        for (std::size_t k = 0; k < world_; ++k) {
+                            C::decode(h, std::span<const std::byte>(recv_).subspan(k * p, p), segs_,
+                                      std::span<float>(rows_).subspan(k * n_, n_));
+                        }
+                    } catch (...) {
+                        failure_.record(sync_stage::decode, std::current_exception());
+                        return;
+                    }
+                    aggregate::contributions c{world_, n_, {}, rows_};
+                    if constexpr (A::needs_reports) c.reports = reports_;
+                    try {
+                        A::combine(aggregate_hyper_, c, out);
+                    } catch (...) {
+                        failure_.record(sync_stage::apply, std::current_exception());
+                    }
+                } else {
+                    try {
+                        mean_of_payloads(std::span<const std::byte>(recv_), p, p, segs_, h, out);
+                    } catch (...) {
+                        failure_.record(sync_stage::decode, std::current_exception());
+                    }
+                }
+                return;
+            }
+            case exchange_scheme::two_phase: finish_two_phase(comm, out, h); return;
             case exchange_scheme::automatic: break;
         }
     }
+
+    // Advances the compressor state to what the last exchange encoded with.
+    void commit() noexcept {
+        if (scheme_ == exchange_scheme::all_gather || scheme_ == exchange_scheme::two_phase) {
+            state_.swap(next_state_);
+        }
+        if (scheme_ == exchange_scheme::two_phase) {
+            server_state_.swap(next_server_);
+        }
+    }
+
+    // Replaces delta (this worker's pseudo-gradient, flat layout) by the average over all workers:
+    // start + finish + commit; throws the first failure, committing nothing.
+    void average(comm::communicator& comm, std::span<float> delta, const typename C::hyper& h,
+                 const compress::encode_context& ctx) {
+        start(comm, delta, h, ctx);
+        finish(comm, delta, h);
+        if (failure_) std::rethrow_exception(failure_.error);
+        commit();
+    }
+
+    // The aggregation's hyper-parameters (set by the handle before each finish).
+    typename A::hyper& aggregate_hyper() noexcept { return aggregate_hyper_; }
 
     // Compressor state (error-feedback residuals), for inspection and checkpoints.
     std::span<const float> state() const noexcept { return state_; }
@@ -179,53 +349,74 @@ private:
         return {v.data(), v.size(), 0, 0, memory_space::host};
     }
 
-    void average_all_gather(comm::communicator& comm, std::span<float> delta,
-                            const typename C::hyper& h, const compress::encode_context& ctx) {
-        const std::size_t p = C::payload_bytes(h, segs_);
-        std::vector<float> next_state = state_;
-        send_.assign(p, std::byte{0});
-        C::encode(h, delta, segs_, next_state, ctx, send_);
-        recv_.assign(world_ * p, std::byte{0});
-        comm.all_gather(const_bytes_of(send_), bytes_of(recv_));
-        mean_of_payloads(std::span<const std::byte>(recv_), p, p, segs_, h, delta);
-        state_.swap(next_state);
+    void wait(comm::request& r) {
+        try {
+            r.finish();
+        } catch (...) {
+            failure_.record(sync_stage::transfer, std::current_exception());
+        }
     }
 
-    void average_two_phase(comm::communicator& comm, std::span<float> delta,
-                           const typename C::hyper& h, const compress::encode_context& ctx) {
+    // DeepSpeed's two phases, blocking. Every rank goes through both collectives even when its
+    // own encode failed (it sends zeros), so that the ranks stay in step.
+    void finish_two_phase(comm::communicator& comm, std::span<float> out,
+                          const typename C::hyper& h) {
         const std::size_t q = block_bytes_;
-        std::vector<float> next_state = state_;
-        std::vector<float> next_server = server_state_;
+        next_state_ = state_;
+        next_server_ = server_state_;
 
         // Phase 1: chunk k of this worker's pseudo-gradient goes to rank k.
         send_.assign(world_ * q, std::byte{0});
-        for (std::size_t k = 0; k < world_; ++k) {
-            C::encode(h, delta, chunk_segs_[k], next_state, ctx,
-                      std::span<std::byte>(send_).subspan(k * q, chunk_bytes_[k]));
+        try {
+            for (std::size_t k = 0; k < world_; ++k) {
+                C::encode(h, work_, chunk_segs_[k], next_state_, ctx_,
+                          std::span<std::byte>(send_).subspan(k * q, chunk_bytes_[k]));
+            }
+        } catch (...) {
+            failure_.record(sync_stage::encode, std::current_exception());
+            std::fill(send_.begin(), send_.end(), std::byte{0});
         }
         recv_.assign(world_ * q, std::byte{0});
-        comm.all_to_all(const_bytes_of(send_), bytes_of(recv_));
+        try {
+            comm.all_to_all(const_bytes_of(send_), bytes_of(recv_));
+        } catch (...) {
+            failure_.record(sync_stage::transfer, std::current_exception());
+            return;  // the link is gone; the second phase would not meet its peers either
+        }
 
         // The owner averages its chunk and re-encodes it with its own state; its draws use a
         // stream of their own (rank M + r), distinct from every worker's.
         std::vector<float> mine(chunk_size(rank_), 0.0f);
-        mean_of_payloads(std::span<const std::byte>(recv_), q, chunk_bytes_[rank_],
-                         local_segs_[rank_], h, mine);
-        compress::encode_context server_ctx = ctx;
-        server_ctx.rank = static_cast<int>(world_ + rank_);
         std::vector<std::byte> reencoded(q, std::byte{0});
-        C::encode(h, mine, local_segs_[rank_], next_server, server_ctx,
-                  std::span<std::byte>(reencoded).first(chunk_bytes_[rank_]));
+        try {
+            mean_of_payloads(std::span<const std::byte>(recv_), q, chunk_bytes_[rank_],
+                             local_segs_[rank_], h, mine);
+            compress::encode_context server_ctx = ctx_;
+            server_ctx.rank = static_cast<int>(world_ + rank_);
+            C::encode(h, mine, local_segs_[rank_], next_server_, server_ctx,
+                      std::span<std::byte>(reencoded).first(chunk_bytes_[rank_]));
+        } catch (...) {
+            failure_.record(sync_stage::decode, std::current_exception());
+            std::fill(reencoded.begin(), reencoded.end(), std::byte{0});
+        }
 
         // Phase 2: every chunk's average to every rank.
         send_.swap(reencoded);
-        comm.all_gather(const_bytes_of(send_), bytes_of(recv_));
-        for (std::size_t k = 0; k < world_; ++k) {
-            C::decode(h, std::span<const std::byte>(recv_).subspan(k * q, chunk_bytes_[k]),
-                      local_segs_[k], delta.subspan(chunk_begin_[k], chunk_size(k)));
+        try {
+            comm.all_gather(const_bytes_of(send_), bytes_of(recv_));
+        } catch (...) {
+            failure_.record(sync_stage::transfer, std::current_exception());
+            return;
         }
-        state_.swap(next_state);
-        server_state_.swap(next_server);
+        if (failure_) return;
+        try {
+            for (std::size_t k = 0; k < world_; ++k) {
+                C::decode(h, std::span<const std::byte>(recv_).subspan(k * q, chunk_bytes_[k]),
+                          local_segs_[k], out.subspan(chunk_begin_[k], chunk_size(k)));
+            }
+        } catch (...) {
+            failure_.record(sync_stage::decode, std::current_exception());
+        }
     }
 
     // out = mean over ranks of the decoded payloads found every `stride` bytes (each `bytes` long).
@@ -253,13 +444,23 @@ private:
     std::vector<compress::segment> segs_;
     std::vector<float> state_;         // S arrays of n_ floats
     std::vector<float> server_state_;  // S arrays of this rank's chunk (two_phase)
+    std::vector<float> next_state_, next_server_;  // what commit() makes current
     std::vector<std::size_t> chunk_begin_;
     std::vector<std::vector<compress::segment>> chunk_segs_;  // flat offsets
     std::vector<std::vector<compress::segment>> local_segs_;  // offsets within the chunk
     std::vector<std::size_t> chunk_bytes_;
     std::size_t block_bytes_ = 0;
     std::vector<std::byte> send_, recv_;
+    std::vector<float> work_;     // all_reduce buffer / two_phase input
     std::vector<float> decoded_;
+    std::vector<float> rows_;     // every worker's decoded delta (needs_deltas)
+    aggregate::worker_report report_send_{};
+    std::vector<aggregate::worker_report> reports_;
+    typename A::hyper aggregate_hyper_{};
+    compress::encode_context ctx_{};
+    comm::request request_, report_request_;
+    stage_failure failure_;
+    bool in_flight_ = false;
 };
 
 }  // namespace detail

@@ -15,6 +15,7 @@
 #include <loco/inner/sgd.hpp>
 
 #include <loco/outer/adam.hpp>
+#include <loco/outer/delayed_nesterov.hpp>
 #include <loco/outer/nesterov.hpp>
 #include <loco/outer/sgd.hpp>
 
@@ -27,7 +28,14 @@
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/exchange.hpp>
+#include <loco/schedule/delayed.hpp>
 #include <loco/schedule/every.hpp>
+#include <loco/schedule/plan.hpp>
+#include <loco/schedule/streaming.hpp>
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/mean.hpp>
+#include <loco/fragments.hpp>
 
 #include <loco/comm/communicator.hpp>
 #include <loco/comm/single.hpp>

@@ -32,7 +32,7 @@ struct step_result {
     bool synced = false;   // an outer sync ran after the inner step
 };
 
-template <class, class, class, class>
+template <class, class, class, class, class>
 class diloco;
 
 namespace detail {
@@ -255,7 +255,7 @@ public:
     }
 
 private:
-    template <class, class, class, class>
+    template <class, class, class, class, class>
     friend class diloco;
 
     struct section {

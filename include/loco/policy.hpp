@@ -18,6 +18,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -68,15 +69,33 @@ concept outer_optimizer = elementwise_optimizer<P>;
 template <elementwise_optimizer P>
 using scalars_t = decltype(P::prepare(std::declval<const typename P::hyper&>(), std::uint64_t{}));
 
-// Decides after each call to step() whether the workers sync now.
+// A sync schedule: an object that owns its state (the count of step() calls, anything else it
+// needs) and, after each step() call, plans the sync (schedule/plan.hpp).
 //   static constexpr std::string_view name;  struct hyper { ... };
-//   static bool due(const hyper&, std::uint64_t calls);   // calls counts step() calls from 1
-//   optional: static void validate(const hyper&);
+//   static std::size_t fragments(const hyper&);             // fragments it syncs (1: whole model)
+//   schedule::sync_plan next(const hyper&);                   // after each step() call
+//   std::uint64_t calls() const;                              // step() calls so far
+//   void save(detail::checkpoint_writer&) const;  static S read(detail::checkpoint_reader&);
+//   optional: static void validate(const hyper&);  static std::string describe(const hyper&);
+//             static float merge_alpha(const hyper&);  static fragment_pattern pattern(const hyper&);
+// A stateless schedule, `static bool due(const hyper&, std::uint64_t calls)`, is still accepted:
+// loco::diloco wraps it into a one-fragment plan.
 template <class S>
-concept sync_schedule = requires(const typename S::hyper& h, std::uint64_t calls) {
+concept planning_schedule = requires(S& s, const S& cs, const typename S::hyper& h) {
+    { S::name } -> std::convertible_to<std::string_view>;
+    { S::fragments(h) } -> std::convertible_to<std::size_t>;
+    s.next(h);
+    { cs.calls() } -> std::convertible_to<std::uint64_t>;
+};
+
+template <class S>
+concept stateless_schedule = requires(const typename S::hyper& h, std::uint64_t calls) {
     { S::name } -> std::convertible_to<std::string_view>;
     { S::due(h, calls) } -> std::convertible_to<bool>;
 };
+
+template <class S>
+concept sync_schedule = planning_schedule<S> || stateless_schedule<S>;
 
 namespace detail {
 
@@ -138,17 +157,45 @@ constexpr bool check_schedule_policy() {
     constexpr bool has_due = requires(const typename S::hyper& h) {
         { S::due(h, std::uint64_t{}) } -> std::convertible_to<bool>;
     };
+    constexpr bool has_fragments = requires(const typename S::hyper& h) {
+        { S::fragments(h) } -> std::convertible_to<std::size_t>;
+    };
+    constexpr bool has_next = requires(S& s, const typename S::hyper& h) { s.next(h); };
+    constexpr bool has_calls = requires(const S& s) {
+        { s.calls() } -> std::convertible_to<std::uint64_t>;
+    };
+    constexpr bool planning = has_fragments || has_next || has_calls;
     static_assert(has_hyper,
                   "loco: a sync schedule needs a nested `struct hyper`; see docs/schedules.md");
     static_assert(!has_hyper || has_name,
                   "loco: a sync schedule needs `static constexpr std::string_view name`; see "
                   "docs/schedules.md");
-    static_assert(!has_hyper || !has_name || has_due,
-                  "loco: a sync schedule needs `static bool due(const hyper&, std::uint64_t "
-                  "calls)`; see docs/schedules.md");
-    return has_hyper && has_name && has_due;
+    static_assert(!has_hyper || !has_name || planning || has_due,
+                  "loco: a sync schedule needs `schedule::sync_plan next(const hyper&)` (or, "
+                  "stateless, `static bool due(const hyper&, std::uint64_t calls)`); see "
+                  "docs/schedules.md");
+    static_assert(!has_hyper || !has_name || !planning || has_fragments,
+                  "loco: a sync schedule needs `static std::size_t fragments(const hyper&)`; see "
+                  "docs/schedules.md");
+    static_assert(!has_hyper || !has_name || !planning || !has_fragments || has_next,
+                  "loco: a sync schedule needs `schedule::sync_plan next(const hyper&)`; see "
+                  "docs/schedules.md");
+    static_assert(!has_hyper || !has_name || !planning || !has_fragments || !has_next || has_calls,
+                  "loco: a sync schedule needs `std::uint64_t calls() const` (step() calls so "
+                  "far); see docs/schedules.md");
+    return has_hyper && has_name && ((has_fragments && has_next && has_calls) || (!planning && has_due));
 }
 
+// A policy's description for fingerprints and checkpoints: its describe(hyper) when it has one,
+// else its name.
+template <class P>
+std::string describe_policy(const typename P::hyper& h) {
+    if constexpr (requires { { P::describe(h) } -> std::convertible_to<std::string>; }) {
+        return P::describe(h);
+    } else {
+        return std::string(P::name);
+    }
+}
 
 }  // namespace detail
 }  // namespace loco

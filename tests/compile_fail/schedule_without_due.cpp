@@ -1,5 +1,5 @@
-// expect: loco: a sync schedule needs `static bool due\(const hyper&, std::uint64_t calls\)`
-// A schedule whose decision function has another name.
+// expect: loco: a sync schedule needs `schedule::sync_plan next\(const hyper&\)` \(or, stateless, `static bool due\(const hyper&, std::uint64_t calls\)`\)
+// A schedule whose decision function has another name (neither the planning next() nor due()).
 #include <loco/comm/single.hpp>
 #include <loco/diloco.hpp>
 #include <loco/inner/sgd.hpp>

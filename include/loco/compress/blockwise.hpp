@@ -64,6 +64,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <sstream>
 #include <string_view>
 
 namespace loco::compress {
@@ -89,6 +90,13 @@ struct blockwise {
     };
 
     static constexpr unsigned top_code = (1u << Bits) - 1u;  // L
+
+    // Name, bits, block and settings: what must match between ranks and checkpoints.
+    static std::string describe(const hyper& h) {
+        return std::string(name) + "<" + std::to_string(Bits) + "," + std::to_string(Block) +
+               "> scale=" + (h.scale == scale_kind::absmax ? "absmax" : "mean_abs") +
+               " round=" + (h.round == rounding::nearest ? "nearest" : "stochastic");
+    }
 
     static void validate(const hyper& h) {
         if (h.scale != scale_kind::absmax && h.scale != scale_kind::mean_abs) {

@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <sstream>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -67,6 +69,19 @@ struct error_feedback {
         float decay = 1.0f;          // MuLoCo: 0.9
         bool fold_outer_lr = false;  // MuLoCo: true
     };
+
+    // What must match between ranks and checkpoints, the inner compressor's settings included.
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        if constexpr (requires { C::describe(h.compress); }) {
+            os << "error_feedback<" << C::describe(h.compress) << ">";
+        } else {
+            os << name;
+        }
+        os << " decay=" << h.decay << " fold_outer_lr=" << h.fold_outer_lr;
+        return os.str();
+    }
 
     static void validate(const hyper& h) {
         if (!(h.decay >= 0.0f && h.decay <= 1.0f)) {

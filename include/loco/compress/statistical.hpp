@@ -79,6 +79,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <sstream>
 #include <string_view>
 
 namespace loco::compress {
@@ -100,6 +101,15 @@ struct statistical {
     };
 
     static constexpr unsigned bins = 1u << Bits;  // B
+
+    // Name, bits and settings: what must match between ranks and checkpoints.
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << "<" << Bits << "> per=" << (h.per == granularity::tensor ? "tensor" : "row")
+           << " range=" << h.range;
+        return os.str();
+    }
 
     static void validate(const hyper& h) {
         if (h.per != granularity::tensor && h.per != granularity::row) {

@@ -43,6 +43,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <sstream>
 #include <string_view>
 #include <vector>
 
@@ -56,6 +57,14 @@ struct topk {
     struct hyper {
         float ratio = 0.02f;  // fraction of each segment sent
     };
+
+    // Name and settings: what must match between ranks and checkpoints.
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " ratio=" << h.ratio;
+        return os.str();
+    }
 
     static void validate(const hyper& h) {
         if (!(h.ratio > 0.0f && h.ratio <= 1.0f)) {

@@ -132,6 +132,18 @@ public:
         }
     }
 
+    // Reads a string of at most 4096 bytes (a description recorded for information).
+    std::string text(const char* what) {
+        const std::uint64_t n = u64(what);
+        if (n > 4096) {
+            throw checkpoint_error("loco: checkpoint corrupted: " + std::string(what) +
+                                   " has an implausible length");
+        }
+        std::string saved(static_cast<std::size_t>(n), '\0');
+        raw(saved.data(), saved.size(), what);
+        return saved;
+    }
+
     // Reads a float array whose length must equal out.size() (the live layout).
     void floats(std::span<float> out, const char* what) {
         expect_u64(out.size(), what);

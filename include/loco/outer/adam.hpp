@@ -9,6 +9,8 @@
 #include <loco/math.hpp>
 
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <string_view>
 
 namespace loco::outer {
@@ -52,6 +54,14 @@ struct adam {
         s[0] = m;
         s[1] = v;
         global -= k.step_size * m / (math::sqrt(v) * k.inv_bc2_sqrt + k.tau);
+    }
+
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr << " beta1=" << h.beta1 << " beta2=" << h.beta2
+           << " tau=" << h.tau << " bias_correction=" << h.bias_correction;
+        return os.str();
     }
 
     static void validate(const hyper& h) {

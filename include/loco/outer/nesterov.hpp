@@ -8,6 +8,8 @@
 #include <loco/error.hpp>
 
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <string_view>
 
 namespace loco::outer {
@@ -33,6 +35,13 @@ struct nesterov {
         const float b = k.momentum * s[0] + delta;
         s[0] = b;
         global -= k.lr * (delta + k.momentum * b);
+    }
+
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr << " momentum=" << h.momentum;
+        return os.str();
     }
 
     static void validate(const hyper& h) {

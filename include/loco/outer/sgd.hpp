@@ -6,6 +6,8 @@
 #include <loco/error.hpp>
 
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <string_view>
 
 namespace loco::outer {
@@ -27,6 +29,13 @@ struct sgd {
 
     LOCO_HD static void update(const scalars& k, float& global, float delta, float*) {
         global -= k.lr * delta;
+    }
+
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr;
+        return os.str();
     }
 
     static void validate(const hyper& h) {

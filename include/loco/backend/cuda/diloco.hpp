@@ -117,6 +117,10 @@ class diloco {
                   "see docs/compressors.md");
     static_assert(loco::detail::check_elementwise_policy<Outer>());
     static_assert(loco::detail::check_schedule_policy<Schedule>());
+    static_assert(std::is_same_v<Schedule, schedule::every> || loco::stateless_schedule<Schedule>,
+                  "loco: loco::cuda::diloco syncs the whole model with schedule::every (or a "
+                  "stateless `due` schedule) for now; streaming and delayed schedules come with "
+                  "the unified handle, see docs/cuda.md");
 
     // The fused device exchange is possible for this compressor (see the top of the file).
     static constexpr bool device_compression = backend::cuda::has_device_compressor<Compressor>;
@@ -190,7 +194,13 @@ public:
             result.applied = true;
         }
         ++calls_;
-        if (Schedule::due(schedule_hyper_, calls_)) {
+        bool due = false;
+        if constexpr (std::is_same_v<Schedule, schedule::every>) {
+            due = calls_ % schedule_hyper_.every == 0;
+        } else {
+            due = Schedule::due(schedule_hyper_, calls_);
+        }
+        if (due) {
             sync();
             result.synced = true;
         }

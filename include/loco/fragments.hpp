@@ -1,0 +1,137 @@
+#pragma once
+// How the model is cut into the fragments a schedule syncs one after the other (Streaming DiLoCo).
+// A fragment is a list of whole tensors; every tensor is in exactly one fragment. Three ways to
+// say which:
+//   * automatic (the default): near-equal bytes without cutting a tensor; `sequential` cuts the
+//     tensor list into P consecutive runs, `strided` deals the tensors out in order, each to the
+//     fragment holding the fewest bytes so far (equal tensors go round-robin, as strided layers);
+//   * layer_of: a layer index per tensor; layers go to fragments by the pattern (`strided`: layer l
+//     to fragment l mod P; `sequential`: P consecutive runs of layers);
+//   * names: P explicit lists of tensor names.
+// See docs/schedules.md.
+
+#include <loco/error.hpp>
+#include <loco/params.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco {
+
+enum class fragment_pattern : unsigned char { strided, sequential };
+
+constexpr std::string_view to_string(fragment_pattern p) noexcept {
+    switch (p) {
+        case fragment_pattern::strided: return "strided";
+        case fragment_pattern::sequential: return "sequential";
+    }
+    return "?";
+}
+
+struct fragment_layout {
+    // P lists of tensor names (fragment p syncs names[p]); empty: not used.
+    std::vector<std::vector<std::string>> names;
+    // The layer index of each tensor (e.g. parsed from its name); empty: not used.
+    std::function<std::size_t(const parameter&)> layer_of;
+};
+
+namespace detail {
+
+// Parameter indices of each of `count` fragments, each list in layout order. Throws
+// invalid_argument naming the fix when the layout cannot be used.
+inline std::vector<std::vector<std::size_t>> resolve_fragments(const parameter_list& params,
+                                                               const fragment_layout& layout,
+                                                               std::size_t count,
+                                                               fragment_pattern pattern) {
+    const std::size_t n = params.size();
+    std::vector<std::size_t> owner(n, count);  // count = not assigned yet
+    if (!layout.names.empty() && layout.layer_of) {
+        throw invalid_argument("loco: a fragment_layout gives both names and layer_of; give one");
+    }
+    if (!layout.names.empty()) {
+        if (layout.names.size() != count) {
+            throw invalid_argument("loco: the fragment_layout lists " +
+                                   std::to_string(layout.names.size()) +
+                                   " fragments but the schedule syncs " + std::to_string(count) +
+                                   "; give one list of tensor names per fragment");
+        }
+        for (std::size_t f = 0; f < count; ++f) {
+            for (const std::string& name : layout.names[f]) {
+                std::size_t i = 0;
+                while (i < n && params[i].name != name) ++i;
+                if (i == n) {
+                    throw invalid_argument("loco: fragment " + std::to_string(f) +
+                                           " names tensor '" + name +
+                                           "', which is not a parameter; check the spelling");
+                }
+                if (owner[i] != count) {
+                    throw invalid_argument("loco: tensor '" + name + "' is named by fragments " +
+                                           std::to_string(owner[i]) + " and " +
+                                           std::to_string(f) + "; name each tensor once");
+                }
+                owner[i] = f;
+            }
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            if (owner[i] == count) {
+                throw invalid_argument("loco: tensor '" + params[i].name +
+                                       "' is in no fragment; add it to one of the lists");
+            }
+        }
+    } else if (layout.layer_of) {
+        std::vector<std::size_t> layer(n);
+        std::size_t layers = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            layer[i] = layout.layer_of(params[i]);
+            layers = std::max(layers, layer[i] + 1);
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            owner[i] = pattern == fragment_pattern::strided ? layer[i] % count
+                                                            : layer[i] * count / layers;
+        }
+    } else if (pattern == fragment_pattern::sequential) {
+        // Tensor i goes to the fragment whose share of the bytes its middle falls into.
+        const double total = static_cast<double>(params.total_elements());
+        for (std::size_t i = 0; i < n; ++i) {
+            const double middle =
+                static_cast<double>(params[i].offset) + 0.5 * static_cast<double>(params[i].value.size);
+            owner[i] = total > 0 ? std::min(count - 1, static_cast<std::size_t>(middle * static_cast<double>(count) / total))
+                                 : i * count / std::max<std::size_t>(n, 1);
+        }
+    } else {
+        std::vector<std::size_t> load(count, 0);
+        for (std::size_t i = 0; i < n; ++i) {
+            const auto lightest = std::min_element(load.begin(), load.end());
+            owner[i] = static_cast<std::size_t>(lightest - load.begin());
+            *lightest += params[i].value.size;
+        }
+    }
+    std::vector<std::vector<std::size_t>> out(count);
+    for (std::size_t i = 0; i < n; ++i) out[owner[i]].push_back(i);
+    for (std::size_t f = 0; f < count && n > 0; ++f) {
+        if (out[f].empty()) {
+            throw invalid_argument("loco: fragment " + std::to_string(f) +
+                                   " holds no tensor; use fewer fragments or another layout");
+        }
+    }
+    return out;
+}
+
+// "fragment 0: a b; fragment 1: c" for fingerprints and messages.
+inline std::string describe_fragments(const parameter_list& params,
+                                      const std::vector<std::vector<std::size_t>>& fragments) {
+    std::string s;
+    for (std::size_t f = 0; f < fragments.size(); ++f) {
+        s += (f ? "; fragment " : "fragment ") + std::to_string(f) + ":";
+        for (const std::size_t i : fragments[f]) s += " " + params[i].name;
+    }
+    return s;
+}
+
+}  // namespace detail
+}  // namespace loco

@@ -1,0 +1,53 @@
+#pragma once
+// What a sync schedule tells loco::diloco after each step() call: which fragments of the model
+// start their exchange now, which are applied now, and which have their local values reset to the
+// global ones. A fragment is a list of whole tensors (fragments.hpp); a schedule that syncs the
+// whole model at once has one fragment, 0. See docs/schedules.md.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace loco::schedule {
+
+struct sync_plan {
+    // Fragments whose pseudo-gradient (global - local) is taken and whose exchange starts now.
+    std::span<const std::size_t> start;
+    // Fragments whose exchange finishes now: decode, aggregate, outer step on the fragment's global
+    // parameters, merge into the local ones. If the fragment also starts now, the exchange that
+    // was already in flight is the one finished (the new one travels on); otherwise the one that
+    // started in this same call.
+    std::span<const std::size_t> finish;
+    // Fragments whose local values become the global ones after the finishes (the one-outer-step
+    // delayed schedule resets every round, even when nothing was applied yet).
+    std::span<const std::size_t> reset;
+
+    bool empty() const noexcept { return start.empty() && finish.empty() && reset.empty(); }
+};
+
+// The planned fragments of a call, kept by the schedule so that the plan's spans stay valid until
+// the next call.
+class plan_buffer {
+public:
+    sync_plan view() const noexcept { return {start_, finish_, reset_}; }
+    void clear() noexcept {
+        start_.clear();
+        finish_.clear();
+        reset_.clear();
+    }
+    void start(std::size_t f) { start_.push_back(f); }
+    void finish(std::size_t f) { finish_.push_back(f); }
+    void reset(std::size_t f) { reset_.push_back(f); }
+
+private:
+    std::vector<std::size_t> start_, finish_, reset_;
+};
+
+// The one-fragment plans of DiLoCo: nothing, or start, finish and (by the merge) reset fragment 0.
+inline constexpr std::array<std::size_t, 1> fragment_zero = {0};
+inline constexpr sync_plan nothing_now{};
+inline constexpr sync_plan whole_model_now{fragment_zero, fragment_zero, {}};
+
+}  // namespace loco::schedule

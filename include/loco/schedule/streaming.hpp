@@ -1,0 +1,95 @@
+#pragma once
+// Streaming DiLoCo's schedule (Douillard et al., arXiv 2501.18512): the model is split into P
+// fragments (fragments.hpp) that sync one after the other, each once every H calls to step().
+// Fragment p is applied at the calls c with c = (p + 1) * H / P (mod H), its exchange starts tau
+// calls earlier and travels during those tau inner steps, and at the apply the local values merge
+// with the new global ones: local <- alpha * local + (1 - alpha) * global (alpha = 0 replaces).
+// Each fragment has its own outer optimizer state and step counter.
+//
+// With H = 6, P = 2 this is torchft's DiLoCo(fragment_sync_delay = tau, fragment_update_alpha =
+// alpha) schedule: fragment 0 at calls 3, 9, 15, ..., fragment 1 at 6, 12, ... (algorithms.md 2.1).
+
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/fragments.hpp>
+#include <loco/schedule/plan.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <string_view>
+
+namespace loco::schedule {
+
+class streaming {
+public:
+    static constexpr std::string_view name = "streaming";
+
+    struct hyper {
+        std::uint64_t every = 100;     // H: calls between two syncs of one fragment (paper: 100)
+        std::uint64_t fragments = 4;   // P: H must be a multiple of P
+        std::uint64_t overlap = 1;     // tau: inner steps an exchange travels, 0 <= tau < H / P
+        float alpha = 0.5f;            // merge weight of the local values, in [0, 1]
+        fragment_pattern pattern = fragment_pattern::strided;
+    };
+
+    static void validate(const hyper& h) {
+        const std::string who = "loco::schedule::streaming: ";
+        if (h.fragments == 0) throw invalid_argument(who + "fragments (P) must be >= 1");
+        if (h.every == 0 || h.every % h.fragments != 0) {
+            throw invalid_argument(who + "every (H = " + std::to_string(h.every) +
+                                   ") must be a positive multiple of fragments (P = " +
+                                   std::to_string(h.fragments) + "); choose H = k * P");
+        }
+        if (h.overlap >= h.every / h.fragments) {
+            throw invalid_argument(who + "overlap (tau = " + std::to_string(h.overlap) +
+                                   ") must be below H / P = " +
+                                   std::to_string(h.every / h.fragments) +
+                                   " so that a fragment arrives before the next one leaves");
+        }
+        if (!(h.alpha >= 0.0f && h.alpha <= 1.0f)) {
+            throw invalid_argument(who + "alpha must be in [0, 1] (0 replaces the local values "
+                                         "by the global ones, 1 keeps them)");
+        }
+        if (h.pattern != fragment_pattern::strided && h.pattern != fragment_pattern::sequential) {
+            throw invalid_argument(who + "pattern must be fragment_pattern::strided or sequential");
+        }
+    }
+
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os << "streaming H=" << h.every << " P=" << h.fragments << " tau=" << h.overlap
+           << " alpha=" << h.alpha << " pattern=" << to_string(h.pattern);
+        return os.str();
+    }
+    static std::size_t fragments(const hyper& h) noexcept { return h.fragments; }
+    static float merge_alpha(const hyper& h) noexcept { return h.alpha; }
+    static fragment_pattern pattern(const hyper& h) noexcept { return h.pattern; }
+
+    sync_plan next(const hyper& h) {
+        ++calls_;
+        plan_.clear();
+        const std::uint64_t period = h.every / h.fragments;
+        for (std::size_t p = 0; p < h.fragments; ++p) {
+            const std::uint64_t apply_at = ((p + 1) * period) % h.every;
+            if ((calls_ + h.overlap) % h.every == apply_at) plan_.start(p);
+            if (calls_ % h.every == apply_at) plan_.finish(p);
+        }
+        return plan_.view();
+    }
+
+    std::uint64_t calls() const noexcept { return calls_; }
+    void save(detail::checkpoint_writer& w) const { w.u64(calls_); }
+    static streaming read(detail::checkpoint_reader& r) {
+        streaming s;
+        s.calls_ = r.u64("the step call count");
+        return s;
+    }
+
+private:
+    std::uint64_t calls_ = 0;
+    plan_buffer plan_;
+};
+
+}  // namespace loco::schedule

@@ -1,0 +1,390 @@
+// Streaming DiLoCo (schedule::streaming) against torchft's regression fixtures (algorithms.md
+// section 9 T1: torchft/test_fixtures/torchft.diloco_regression_test.DiLoCoMockedUpdateTest.
+// test_diloco_mocked_updates_{0..5}.json): two replicas, two fragments of one 1x1 weight each
+// (initially 1), gradient 2 at every step, inner SGD lr 1, outer SGD lr 2, H = 6, tau in {0, 1},
+// alpha in {0, 0.5, 1}. Every local value of both fragments after each step and every global
+// snapshot must match exactly. Also: a failed sync changes nothing and the next one succeeds (the
+// part of torchft's failure-recovery fixture that the pipeline covers), and a run saved with an
+// exchange in flight resumes bit-identically.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include <loco/loco.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using streaming_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                 loco::schedule::streaming>;
+
+struct fixture {
+    std::uint64_t tau;
+    float alpha;
+    std::array<float, 16> fragment0, fragment1;               // after steps 0..15
+    std::map<int, std::array<float, 2>> global;               // step -> (fragment 0, fragment 1)
+};
+
+// The six fixtures, copied from the JSON files (both replicas hold the same values).
+const std::array<fixture, 6> fixtures = {{
+    {0, 0.0f,
+     {1, -1, -3, -11, -13, -15, -17, -19, -21, -35, -37, -39, -41, -43, -45, -59},
+     {1, -1, -3, -5, -7, -9, -23, -25, -27, -29, -31, -33, -47, -49, -51, -53},
+     {{0, {1, 1}}, {3, {-11, 1}}, {6, {-11, -23}}, {9, {-35, -23}}, {12, {-35, -47}}}},
+    {0, 0.5f,
+     {1, -1, -3, -8, -10, -12, -14, -16, -18, -24.5f, -26.5f, -28.5f, -30.5f, -32.5f, -34.5f, -40.25f},
+     {1, -1, -3, -5, -7, -9, -17, -19, -21, -23, -25, -27, -32, -34, -36, -38},
+     {{0, {1, 1}}, {3, {-11, 1}}, {6, {-11, -23}}, {9, {-29, -23}}, {12, {-29, -35}}}},
+    {0, 1.0f,
+     {1, -1, -3, -5, -7, -9, -11, -13, -15, -17, -19, -21, -23, -25, -27, -29},
+     {1, -1, -3, -5, -7, -9, -11, -13, -15, -17, -19, -21, -23, -25, -27, -29},
+     {{0, {1, 1}}, {3, {-11, 1}}, {6, {-11, -23}}, {9, {-23, -23}}, {12, {-23, -23}}}},
+    {1, 0.0f,
+     {1, -1, -3, -7, -9, -11, -13, -15, -17, -27, -29, -31, -33, -35, -37, -47},
+     {1, -1, -3, -5, -7, -9, -19, -21, -23, -25, -27, -29, -39, -41, -43, -45},
+     {{0, {1, 1}}, {3, {-7, 1}}, {6, {-7, -19}}, {9, {-27, -19}}, {12, {-27, -39}}}},
+    {1, 0.5f,
+     {1, -1, -3, -6, -8, -10, -12, -14, -16, -21.5f, -23.5f, -25.5f, -27.5f, -29.5f, -31.5f, -35.75f},
+     {1, -1, -3, -5, -7, -9, -15, -17, -19, -21, -23, -25, -29, -31, -33, -35},
+     {{0, {1, 1}}, {3, {-7, 1}}, {6, {-7, -19}}, {9, {-25, -19}}, {12, {-25, -31}}}},
+    {1, 1.0f,
+     {1, -1, -3, -5, -7, -9, -11, -13, -15, -17, -19, -21, -23, -25, -27, -29},
+     {1, -1, -3, -5, -7, -9, -11, -13, -15, -17, -19, -21, -23, -25, -27, -29},
+     {{0, {1, 1}}, {3, {-7, 1}}, {6, {-7, -19}}, {9, {-23, -19}}, {12, {-23, -23}}}},
+}};
+
+streaming_t::config torchft_config(std::uint64_t tau, float alpha) {
+    streaming_t::config cfg;
+    cfg.inner = {.lr = 1.0f};
+    cfg.outer = {.lr = 2.0f};
+    cfg.schedule = {.every = 6, .fragments = 2, .overlap = tau, .alpha = alpha,
+                    .pattern = loco::fragment_pattern::sequential};
+    cfg.fragments.names = {{"layers.0.weight"}, {"layers.1.weight"}};
+    return cfg;
+}
+
+}  // namespace
+
+TEST_CASE("streaming DiLoCo reproduces torchft's six regression fixtures step by step") {
+    for (std::size_t k = 0; k < fixtures.size(); ++k) {
+        const fixture& fx = fixtures[k];
+        CAPTURE(k);
+        std::atomic<int> checked{0};
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
+            loco::parameter_list list;
+            list.add("layers.0.weight", w0, g0);
+            list.add("layers.1.weight", w1, g1);
+            streaming_t opt(list, comm, torchft_config(fx.tau, fx.alpha));
+            CHECK(opt.fragments() == 2);
+            CHECK(w0[0] == fx.fragment0[0]);
+            CHECK(w1[0] == fx.fragment1[0]);
+            for (int step = 1; step <= 15; ++step) {
+                CAPTURE(step);
+                opt.step();
+                CHECK(w0[0] == fx.fragment0[std::size_t(step)]);
+                CHECK(w1[0] == fx.fragment1[std::size_t(step)]);
+                if (const auto it = fx.global.find(step); it != fx.global.end()) {
+                    CHECK(opt.global()[0] == it->second[0]);
+                    CHECK(opt.global()[1] == it->second[1]);
+                }
+                // Between the start and the finish (tau = 1) an exchange is in flight.
+                const bool sending0 = fx.tau == 1 && step % 6 == 2;
+                const bool sending1 = fx.tau == 1 && step % 6 == 5;
+                CHECK(opt.in_flight(0) == sending0);
+                CHECK(opt.in_flight(1) == sending1);
+            }
+            // Each fragment has its own outer step counter.
+            CHECK(opt.outer_steps(0) == 3);  // calls 3, 9, 15
+            CHECK(opt.outer_steps(1) == 2);  // calls 6, 12
+            ++checked;
+        });
+        CHECK(checked == 2);
+    }
+}
+
+TEST_CASE("streaming DiLoCo sends one fragment at a time: peak bytes are a fragment's") {
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> a(300, 1.0f), b(100, 1.0f), c(200, 1.0f), d(400, 1.0f);
+        std::vector<float> ga(300, 0.1f), gb(100, 0.1f), gc(200, 0.1f), gd(400, 0.1f);
+        loco::parameter_list list;
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        list.add("c", c, gc);
+        list.add("d", d, gd);
+        // Automatic, sequential: consecutive runs, each tensor where its middle falls
+        // (a, b | c, d: 400 | 600 elements; an even split would cut c).
+        streaming_t seq(list, comm, {.schedule = {.every = 4, .fragments = 2, .overlap = 1,
+                                                  .pattern = loco::fragment_pattern::sequential}});
+        CHECK(std::vector<std::size_t>(seq.fragment_params(0).begin(), seq.fragment_params(0).end()) ==
+              std::vector<std::size_t>{0, 1});
+        CHECK(std::vector<std::size_t>(seq.fragment_params(1).begin(), seq.fragment_params(1).end()) ==
+              std::vector<std::size_t>{2, 3});
+        // Automatic, strided: each tensor to the lightest fragment so far (a | b, c | d -> 300+400, 100+200).
+        streaming_t str(list, comm, {.schedule = {.every = 4, .fragments = 2, .overlap = 1}});
+        CHECK(std::vector<std::size_t>(str.fragment_params(0).begin(), str.fragment_params(0).end()) ==
+              std::vector<std::size_t>{0, 3});
+        CHECK(std::vector<std::size_t>(str.fragment_params(1).begin(), str.fragment_params(1).end()) ==
+              std::vector<std::size_t>{1, 2});
+        // Layer indices: strided deals layers round-robin, sequential keeps runs.
+        loco::fragment_layout by_layer;
+        by_layer.layer_of = [](const loco::parameter& p) { return std::size_t(p.name[0] - 'a'); };
+        streaming_t layered(list, comm, {.schedule = {.every = 4, .fragments = 2, .overlap = 0},
+                                         .fragments = by_layer});
+        CHECK(std::vector<std::size_t>(layered.fragment_params(0).begin(), layered.fragment_params(0).end()) ==
+              std::vector<std::size_t>{0, 2});
+        // Bytes: each sync of a fragment is a fp32 all-reduce (4 bytes per element for M = 2)
+        // plus the 4-byte agreement; the peak is the larger fragment's.
+        CHECK(seq.peak_bytes_per_sync() == 4 * 600 + 4);
+        CHECK(seq.bytes_per_sync() == (4 * 400 + 4) + (4 * 600 + 4));
+        const std::uint64_t before = comm.bytes_sent();
+        seq.start();
+        const std::uint64_t after_start = comm.bytes_sent();
+        for (int step = 0; step < 4; ++step) {
+            const std::uint64_t b0 = comm.bytes_sent();
+            seq.step();
+            CHECK(comm.bytes_sent() - b0 <= seq.peak_bytes_per_sync());
+        }
+        CHECK(comm.bytes_sent() - after_start == seq.bytes_per_sync());
+        CHECK(after_start > before);
+    });
+}
+
+TEST_CASE("streaming: bad settings are refused with the fix named, nothing changed") {
+    std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
+    loco::parameter_list list;
+    list.add("layers.0.weight", w0, g0);
+    list.add("layers.1.weight", w1, g1);
+    loco::comm::single comm;
+    using loco::fragment_pattern;
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 7, .fragments = 2}}),
+                         doctest::Contains("must be a positive multiple of fragments (P = 2)"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 2, .overlap = 3}}),
+                         doctest::Contains("overlap (tau = 3) must be below H / P = 3"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 2, .alpha = 1.5f}}),
+                         doctest::Contains("alpha must be in [0, 1]"), loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 2, .alpha = -0.1f}}),
+                         doctest::Contains("alpha must be in [0, 1]"), loco::invalid_argument);
+    CHECK_THROWS_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 0}}),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 2,
+                                                          .pattern = static_cast<fragment_pattern>(7)}}),
+                    loco::invalid_argument);
+    auto named = [&](std::vector<std::vector<std::string>> names) {
+        streaming_t::config cfg;
+        cfg.schedule = {.every = 6, .fragments = 2};
+        cfg.fragments.names = std::move(names);
+        return cfg;
+    };
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, named({{"layers.0.weight"}, {}})),
+                         "loco: tensor 'layers.1.weight' is in no fragment; add it to one of the lists",
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, named({{"layers.0.weight", "layers.1.weight"}, {"layers.1.weight"}})),
+                         "loco: tensor 'layers.1.weight' is named by fragments 0 and 1; name each tensor once",
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, named({{"layers.0.weight"}, {"layers.2.weight"}})),
+                         doctest::Contains("names tensor 'layers.2.weight', which is not a parameter"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, named({{"layers.0.weight", "layers.1.weight"}})),
+                         doctest::Contains("lists 1 fragments but the schedule syncs 2"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 3}}),
+                         doctest::Contains("holds no tensor"), loco::invalid_argument);
+    CHECK(w0[0] == 1.0f);
+    CHECK(w1[0] == 1.0f);
+
+    // Changing the number of fragments mid-run is refused before the step does anything.
+    streaming_t opt(list, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 6, .fragments = 2}});
+    opt.schedule_hyper().fragments = 3;
+    opt.schedule_hyper().every = 6;
+    CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("keep the number of fragments"),
+                         loco::invalid_argument);
+    CHECK(w0[0] == 1.0f);
+    CHECK(opt.calls() == 0);
+}
+
+TEST_CASE("streaming: ranks with different fragment layouts or schedules fail at start, naming the difference") {
+    std::array<std::string, 2> errors;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
+        loco::parameter_list list;
+        list.add("layers.0.weight", w0, g0);
+        list.add("layers.1.weight", w1, g1);
+        streaming_t::config cfg = torchft_config(1, 0.5f);
+        if (comm.rank() == 1) cfg.fragments.names = {{"layers.1.weight"}, {"layers.0.weight"}};
+        streaming_t opt(list, comm, cfg);
+        try {
+            opt.start();
+        } catch (const loco::invalid_argument& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+        CHECK(w0[0] == 1.0f);
+    });
+    for (const auto& e : errors) {
+        CHECK(e == "loco::diloco: the ranks were built differently: rank 0 has 'fragments: fragment 0: "
+                   "layers.0.weight; fragment 1: layers.1.weight' where rank 1 has 'fragments: fragment "
+                   "0: layers.1.weight; fragment 1: layers.0.weight'; build the same model, schedule, "
+                   "fragments and policies on every rank");
+    }
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
+        loco::parameter_list list;
+        list.add("layers.0.weight", w0, g0);
+        list.add("layers.1.weight", w1, g1);
+        streaming_t opt(list, comm, torchft_config(comm.rank() == 0 ? 0 : 1, 0.5f));
+        CHECK_THROWS_WITH_AS(opt.start(),
+                             doctest::Contains("rank 0 has 'schedule: streaming H=6 P=2 tau=0 "
+                                               "alpha=0.5 pattern=sequential' where rank 1 has "
+                                               "'schedule: streaming H=6 P=2 tau=1"),
+                             loco::invalid_argument);
+    });
+}
+
+// A communicator that forwards to threads, and fails the transfer of one all-reduce on one rank
+// after it completed (as a link that drops the last acknowledgement would).
+class failing_transfer final : public loco::comm::communicator {
+public:
+    failing_transfer(loco::comm::communicator& next, int fail_rank, int fail_at)
+        : next_(next), fail_rank_(fail_rank), fail_at_(fail_at) {}
+    int rank() const noexcept override { return next_.rank(); }
+    int size() const noexcept override { return next_.size(); }
+    loco::memory_space space() const noexcept override { return next_.space(); }
+    std::string_view name() const noexcept override { return "failing_transfer"; }
+    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    int all_reduces = 0;
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        next_.all_reduce(d, op);
+        if (++all_reduces == fail_at_ && rank() == fail_rank_) {
+            throw loco::comm_error("injected: link dropped");
+        }
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_gather(s, r);
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_to_all(s, r);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
+    void do_barrier() override { next_.barrier(); }
+
+private:
+    loco::comm::communicator& next_;
+    int fail_rank_, fail_at_;
+};
+
+TEST_CASE("streaming: a failed fragment sync changes nothing on any rank, and the next one succeeds") {
+    // torchft fixture _3 (tau 1, alpha 0) with fragment 0's first exchange (started at call 2)
+    // failing on replica 1: at call 3 neither replica applies it; their local values keep the
+    // inner steps; fragment 1 then syncs at call 6 as in the fixture.
+    std::array<std::string, 2> errors;
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        // all-reduces: 1 fingerprint, 2 = fragment 0's data (started at call 2), 3 = its agreement.
+        failing_transfer comm(threads, 1, 2);
+        std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
+        loco::parameter_list list;
+        list.add("layers.0.weight", w0, g0);
+        list.add("layers.1.weight", w1, g1);
+        streaming_t opt(list, comm, torchft_config(1, 0.0f));
+        opt.step();
+        opt.step();
+        std::ostringstream before;
+        opt.save(before);
+        try {
+            opt.step();
+        } catch (const loco::comm_error& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+        CHECK(w0[0] == -5.0f);  // the inner step of call 3 only
+        CHECK(opt.global()[0] == 1.0f);
+        CHECK(opt.outer_steps() == 0);
+        CHECK(!opt.in_flight(0));
+        for (int step = 4; step <= 6; ++step) opt.step();
+        CHECK(opt.global()[1] == -19.0f);  // fragment 1 as in fixture _3
+        CHECK(w1[0] == -19.0f);
+        CHECK(opt.outer_steps(1) == 1);
+        CHECK(w0[0] == -11.0f);
+        for (int step = 7; step <= 9; ++step) opt.step();
+        // Fragment 0's next sync succeeds: started at call 8 with delta = 1 - (-15) = 16, global
+        // = 1 - 2 * 16, and the local value replaced at call 9.
+        CHECK(opt.global()[0] == -31.0f);
+        CHECK(w0[0] == -31.0f);
+        CHECK(opt.outer_steps(0) == 1);
+    });
+    for (const auto& e : errors) {
+        CHECK(e == "loco::diloco: the sync of fragment 0 failed on rank 1 at the transfer stage "
+                   "(injected: link dropped); nothing was applied on any rank");
+    }
+}
+
+TEST_CASE("streaming: a run saved with an exchange in flight resumes bit-identically") {
+    // Random data, tau = 1, alpha = 0.5, outer Nesterov: run 20 steps straight, and again saving
+    // after step 7 (fragment 0's exchange in flight, started at call 7 of H = 8 / P = 2 with
+    // tau = 1... offsets 4 - 1 = 3 and 8 - 1 = 7), loading into fresh handles and going on.
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::streaming>;
+    const opt_t::config cfg{.inner = {.lr = 1e-2f},
+                            .outer = {.lr = 0.7f, .momentum = 0.9f},
+                            .schedule = {.every = 8, .fragments = 2, .overlap = 1, .alpha = 0.5f}};
+    auto rng = loco_test::rng_for("streaming resume");
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < 20 * 2; ++i) grads.push_back(loco_test::normal_floats(rng, 7));
+    const auto init = loco_test::normal_floats(rng, 7);
+
+    auto run = [&](bool interrupt) {
+        std::array<std::vector<float>, 2> out;
+        std::array<std::string, 2> saved;
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            std::vector<float> a(init.begin(), init.begin() + 3), b(init.begin() + 3, init.end());
+            std::vector<float> ga(3), gb(4);
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            auto opt = std::make_unique<opt_t>(list, comm, cfg);
+            for (int step = 1; step <= 20; ++step) {
+                const auto& g = grads[std::size_t(step - 1) * 2 + r];
+                std::copy(g.begin(), g.begin() + 3, ga.begin());
+                std::copy(g.begin() + 3, g.end(), gb.begin());
+                opt->step();
+                if (interrupt && step == 7) {
+                    CHECK(opt->in_flight(1));
+                    std::ostringstream os;
+                    opt->save(os);
+                    saved[r] = os.str();
+                    // The trainer saves its parameters too. The old handle finishes its exchange
+                    // (a handle must not go away with one in flight) and moves on; a fresh
+                    // handle loads the state and the trainer restores its parameters.
+                    const auto a_saved = a, b_saved = b;
+                    opt->sync();
+                    opt = std::make_unique<opt_t>(list, comm, cfg);
+                    std::istringstream is(saved[r]);
+                    opt->load(is);
+                    a = a_saved;
+                    b = b_saved;
+                    CHECK(!opt->in_flight(1));  // restarted at the next step()
+                }
+            }
+            out[r] = a;
+            out[r].insert(out[r].end(), b.begin(), b.end());
+            out[r].insert(out[r].end(), opt->global().begin(), opt->global().end());
+        });
+        return out;
+    };
+    const auto straight = run(false);
+    const auto resumed = run(true);
+    CHECK(straight[0] == resumed[0]);
+    CHECK(straight[1] == resumed[1]);
+}
