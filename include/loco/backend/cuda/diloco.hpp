@@ -29,6 +29,7 @@
 // worker.
 
 #include <loco/backend/cuda/compress.hpp>
+#include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -87,8 +88,10 @@ template <class Compressor>
 struct device_exchange {
     using support = backend::cuda::device_compressor<Compressor>;
     using codec = typename support::codec;
+    static constexpr bool feedback = support::feedback;
 
-    device_exchange(const backend::cuda::tensor_table& table, int ranks)
+    device_exchange(const backend::cuda::tensor_table& table, int ranks,
+                    const typename Compressor::hyper&)
         : plan(table),
           send(plan.payload_bytes()),
           recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
@@ -105,6 +108,45 @@ struct device_exchange {
     backend::cuda::payload_check check;
 };
 
+// The same for compress::topk and error_feedback<topk> (backend/cuda/compress_topk.hpp). The
+// layout depends on the ratio (k per tensor): a sync with another ratio than the plan's re-plans
+// first, keeping the residual.
+template <class Compressor>
+struct topk_device_exchange {
+    using support = backend::cuda::device_topk<Compressor>;
+    static constexpr bool feedback = support::feedback;
+
+    topk_device_exchange(const backend::cuda::tensor_table& table, int ranks,
+                         const typename Compressor::hyper& h)
+        : plan(table, support::codec_hyper(h)),
+          send(plan.payload_bytes()),
+          recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
+          residual(feedback ? table.padded_elements() : 0),
+          next(feedback ? table.padded_elements() : 0),
+          check(ranks) {
+        residual.zero(nullptr);
+        next.zero(nullptr);
+    }
+
+    void replan(const backend::cuda::tensor_table& table, const typename Compressor::hyper& h) {
+        const compress::topk::hyper& ch = support::codec_hyper(h);
+        if (loco::detail::float_bits(ch.ratio) == loco::detail::float_bits(plan.hyper().ratio)) {
+            return;
+        }
+        backend::cuda::topk_plan fresh(table, ch);
+        backend::cuda::device_buffer<std::byte> s(fresh.payload_bytes());
+        backend::cuda::device_buffer<std::byte> r(fresh.payload_bytes() * check.ranks());
+        plan = std::move(fresh);
+        send = std::move(s);
+        recv = std::move(r);
+    }
+
+    backend::cuda::topk_plan plan;
+    backend::cuda::device_buffer<std::byte> send, recv;
+    backend::cuda::device_buffer<float> residual, next;
+    backend::cuda::topk_payload_check check;
+};
+
 struct no_device_exchange {};
 
 }  // namespace detail
@@ -119,10 +161,13 @@ class diloco {
     static_assert(loco::detail::check_schedule_policy<Schedule>());
 
     // The fused device exchange is possible for this compressor (see the top of the file).
-    static constexpr bool device_compression = backend::cuda::has_device_compressor<Compressor>;
-    using device_exchange_t = std::conditional_t<device_compression,
-                                                 detail::device_exchange<Compressor>,
-                                                 detail::no_device_exchange>;
+    static constexpr bool device_topk = backend::cuda::device_topk<Compressor>::available;
+    static constexpr bool device_compression =
+        backend::cuda::has_device_compressor<Compressor> || device_topk;
+    using device_exchange_t = std::conditional_t<
+        backend::cuda::has_device_compressor<Compressor>, detail::device_exchange<Compressor>,
+        std::conditional_t<device_topk, detail::topk_device_exchange<Compressor>,
+                           detail::no_device_exchange>>;
 
 public:
     using inner_policy = Inner;
@@ -214,27 +259,7 @@ public:
         backend::cuda::outer_delta(table, global_.get(), inner_.master_ptr(), delta_.get(),
                                    stream());
         average();
-        const bool check = inner_.on_nonfinite() != nonfinite_policy::ignore;
-        if (check) {
-            backend::cuda::check_padded(table, delta_.get(), outer_control_.control(), stream());
-        }
-        if (inner_.on_nonfinite() == nonfinite_policy::raise) {
-            const auto c = outer_control_.read(stream());
-            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
-                outer_control_.reset_nonfinite(stream());
-                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
-                                      "non-finite value at flat element " +
-                                      std::to_string(c.first_nonfinite) +
-                                      "; the outer step was not applied");
-            }
-        }
-        // Under skip, a non-finite average makes the kernel write the unchanged global values
-        // back (every worker drops the round) and count a skipped sync.
-        backend::cuda::outer_apply<Outer>(table, global_.get(), delta_.get(), outer_state_.get(),
-                                          inner_.master_ptr(), outer_control_.hyper(),
-                                          outer_control_.control(),
-                                          inner_.on_nonfinite() == nonfinite_policy::skip,
-                                          stream());
+        apply_average(delta_.get());
     }
 
     inner_hyper_type& inner_hyper() noexcept { return inner_.hyper(); }
@@ -292,7 +317,7 @@ public:
     std::vector<float> compressor_state() const {
         if constexpr (device_compression) {
             if (device_) {
-                if constexpr (detail::device_exchange<Compressor>::support::feedback) {
+                if constexpr (device_exchange_t::feedback) {
                     return flat(device_->residual.get(), 1);
                 } else {
                     return {};
@@ -442,7 +467,8 @@ private:
         }
         if constexpr (device_compression) {
             if (fused(comm, cfg)) {
-                device_ = std::make_unique<device_exchange_t>(inner_.table_, comm.size());
+                device_ = std::make_unique<device_exchange_t>(inner_.table_, comm.size(),
+                                                              cfg.compress);
             }
         }
         if (!device_) {
@@ -472,7 +498,10 @@ private:
     static bool device_layout(const config& cfg) noexcept {
         using support = backend::cuda::device_compressor<Compressor>;
         using codec = typename support::codec;
-        if constexpr (requires(const typename codec::hyper& h) { h.per; }) {
+        if constexpr (device_topk) {
+            static_cast<void>(cfg);
+            return true;
+        } else if constexpr (requires(const typename codec::hyper& h) { h.per; }) {
             if constexpr (support::feedback) {
                 return cfg.compress.compress.per == compress::granularity::tensor;
             } else {
@@ -510,34 +539,88 @@ private:
         backend::cuda::from_flat<float>(inner_.table_, host, delta_.get());
     }
 
+    // avg (padded layout) is the averaged pseudo-gradient: the non-finite policy, then phase 2.
+    void apply_average(float* avg) {
+        const auto& table = inner_.table_;
+        if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
+            backend::cuda::check_padded(table, avg, outer_control_.control(), stream());
+        }
+        if (inner_.on_nonfinite() == nonfinite_policy::raise) {
+            const auto c = outer_control_.read(stream());
+            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
+                outer_control_.reset_nonfinite(stream());
+                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
+                                      "non-finite value at flat element " +
+                                      std::to_string(c.first_nonfinite) +
+                                      "; the outer step was not applied");
+            }
+        }
+        // Under skip, a non-finite average makes the kernel write the unchanged global values
+        // back (every worker drops the round) and count a skipped sync.
+        backend::cuda::outer_apply<Outer>(table, global_.get(), avg, outer_state_.get(),
+                                          inner_.master_ptr(), outer_control_.hyper(),
+                                          outer_control_.control(),
+                                          inner_.on_nonfinite() == nonfinite_policy::skip,
+                                          stream());
+    }
+
+    // This worker's payload into device_->send: phase 1 fused into the encode (see the top of
+    // the file); then the all-gather into device_->recv.
+    template <class Encode>
+    void encode_and_gather(Encode&& encode) {
+        auto& dx = *device_;
+        backend::cuda::encode_io io;
+        io.global = global_.get();
+        io.master = inner_.master_ptr();
+        io.residual = dx.residual.get();
+        io.next_residual = dx.next.get();
+        io.payload = dx.send.get();
+        backend::cuda::device_encode_context ctx;
+        ctx.seed = seed_;
+        ctx.rank = comm_->rank();
+        ctx.round_from = outer_control_.control();  // round = outer steps + skipped syncs
+        if constexpr (requires { outer_hyper_.lr; }) {
+            ctx.outer_lr = outer_hyper_.lr;
+        }
+        encode(io, ctx);
+        // The communicator runs on its own stream and needs the payload finished.
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        const std::size_t p = dx.plan.payload_bytes();
+        comm_->all_gather(
+            tensor_view<const std::byte>{dx.send.get(), p, 0, 0, memory_space::cuda},
+            tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+    }
+
     // The whole sync on the device (device_ set): see the top of the file.
     void device_sync() {
-        if constexpr (device_compression) {
+        if constexpr (device_topk) {
+            auto& dx = *device_;
+            const auto& table = inner_.table_;
+            dx.replan(table, compress_hyper_);
+            encode_and_gather([&](const backend::cuda::encode_io& io,
+                                  const backend::cuda::device_encode_context& ctx) {
+                backend::cuda::encode_topk<Compressor, backend::cuda::encode_from::params>(
+                    dx.plan, table, compress_hyper_, io, ctx, stream());
+            });
+            // Throws wire_error for a malformed payload: nothing has been written yet.
+            dx.check.run(dx.plan, table, dx.recv.get(), stream());
+            if constexpr (device_exchange_t::feedback) {
+                std::swap(dx.residual, dx.next);  // every payload decodes: the residual advances
+            }
+            // The rank-order average into the plan's work buffer (its encode is done with it).
+            backend::cuda::decode_average_topk(dx.plan, table, dx.recv.get(), comm_->size(),
+                                               dx.plan.work(), stream());
+            apply_average(dx.plan.work());
+        } else if constexpr (device_compression) {
             using support = typename detail::device_exchange<Compressor>::support;
             using codec = typename support::codec;
             auto& dx = *device_;
             const auto& table = inner_.table_;
-            backend::cuda::encode_io io;
-            io.global = global_.get();
-            io.master = inner_.master_ptr();
-            io.residual = dx.residual.get();
-            io.next_residual = dx.next.get();
-            io.payload = dx.send.get();
-            backend::cuda::device_encode_context ctx;
-            ctx.seed = seed_;
-            ctx.rank = comm_->rank();
-            ctx.round_from = outer_control_.control();  // round = outer steps + skipped syncs
-            if constexpr (requires { outer_hyper_.lr; }) {
-                ctx.outer_lr = outer_hyper_.lr;
-            }
-            backend::cuda::encode<Compressor, backend::cuda::encode_from::params>(
-                dx.plan, table, compress_hyper_, io, ctx, stream());
-            // The communicator runs on its own stream and needs the payload finished.
-            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
-            const std::size_t p = dx.plan.payload_bytes();
-            comm_->all_gather(
-                tensor_view<const std::byte>{dx.send.get(), p, 0, 0, memory_space::cuda},
-                tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+            encode_and_gather([&](const backend::cuda::encode_io& io,
+                                  const backend::cuda::device_encode_context& ctx) {
+                backend::cuda::encode<Compressor, backend::cuda::encode_from::params>(
+                    dx.plan, table, compress_hyper_, io, ctx, stream());
+            });
             typename codec::hyper ch{};
             if constexpr (support::feedback) {
                 ch = compress_hyper_.compress;
