@@ -11,22 +11,24 @@
 //
 // The average, with a GPU communicator (comm::nccl, comm::cuda_replicas):
 //   - compress::none: one fp32 all-reduce of device memory between phase 1 and phase 2;
-//   - a compressor with a device implementation (blockwise, cast, error_feedback around either;
-//     backend/cuda/compress.hpp) under exchange_scheme::all_gather or automatic: the sync runs on
-//     the device. One fused kernel forms the pseudo-gradient (phase 1), adds it into the
-//     error-feedback residual and encodes the payload; an all-gather of the payloads in device
-//     memory; a check of every received payload (header, checksum, format) that throws
-//     loco::wire_error before anything is written; one fused kernel decodes the M payloads,
-//     averages them in rank order and applies the outer step (phase 2). The new residual goes to
-//     a second buffer that replaces the old one only once every payload checked out.
-// The same holds for compress::statistical<1 | 2 | 4> per tensor (MuLoCo's setting), in more
-// passes (backend/cuda/compress.hpp).
-// Otherwise (two_phase, topk, statistical per row or with 8 bits, a host communicator) the
-// pseudo-gradient is copied
-// to the host and averaged by the same exchange schemes as on the host (exchange.hpp), over the
-// communicator itself when it moves host memory, or over comm::cuda_staging when it moves device
-// memory. A sync waits for the stream: it is a collective, and its results are needed by every
-// worker.
+//   - a compressor with a device implementation under exchange_scheme::all_gather or automatic:
+//     the sync runs on the device. blockwise, cast, statistical<1 | 2 | 4> per tensor
+//     (backend/cuda/compress.hpp, headers in backend/cuda/compress/) and topk
+//     (backend/cuda/compress_topk.hpp), each also inside error_feedback<>. One fused encode forms
+//     the pseudo-gradient (phase 1), adds it into the error-feedback residual and encodes the
+//     payload, the host compressor's byte for byte (statistical and topk take a few passes); an
+//     all-gather of the payloads in device memory; one check of every received payload
+//     (payload_header.hpp's header check, then the codec's format checks) that throws
+//     loco::wire_error before anything is written; then the M payloads decoded, averaged in rank
+//     order and the outer step applied (phase 2): one fused kernel for blockwise, cast and
+//     statistical; for topk a scatter per rank, then the uncompressed path's check and apply. The
+//     new residual goes to a second buffer that replaces the old one only once every payload
+//     checked out.
+// Otherwise (two_phase, statistical per row or with 8 bits, a host communicator) the
+// pseudo-gradient is copied to the host and averaged by the same exchange schemes as on the host
+// (exchange.hpp), over the communicator itself when it moves host memory, or over
+// comm::cuda_staging when it moves device memory. A sync waits for the stream: it is a
+// collective, and its results are needed by every worker.
 
 #include <loco/backend/cuda/compress.hpp>
 #include <loco/backend/cuda/compress_topk.hpp>
