@@ -131,15 +131,7 @@ public:
     // The host's refusal (loco::detail::inner_engine of a matrix policy), before anything is
     // allocated: Muon updates whole matrices.
     static void check_shapes(const parameter_list& list) {
-        for (const auto& p : list) {
-            if (!p.value.is_matrix()) {
-                throw invalid_argument("loco::inner::" + std::string(Policy::name) +
-                                       " updates whole matrices, but parameter '" + p.name +
-                                       "' has no 2-D shape; give it one (cuda_matrix, "
-                                       "tensor_traits::shape) or route it to another group "
-                                       "(docs/groups.md)");
-            }
-        }
+        loco::detail::require_matrices(list, Policy::name, "cuda_matrix");
     }
 
     const backend::cuda::tensor_table& table() const noexcept { return table_; }
