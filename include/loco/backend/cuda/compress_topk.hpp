@@ -685,31 +685,9 @@ void encode_topk(const topk_plan& plan, const tensor_table& table, const typenam
     detail::require_topk_plan(plan, table, what);
     detail::require_same_ratio(plan, ch, what);
     detail::require_combos(table, Combos, what);
-    detail::require_payload_pointer(io.payload, "payload", what);
-    const std::size_t padded = table.padded_elements();
-    detail::encode_params a{};
-    if constexpr (From == encode_from::delta) {
-        detail::require_pointer(io.delta, padded, "delta", what);
-        a.source = io.delta;
-    } else {
-        detail::require_pointer(io.global, padded, "global", what);
-        if constexpr (Mode == bf16_update::master) {
-            detail::require_pointer(io.master, table.master_elements(), "master", what);
-        }
-        a.source = io.global;
-        a.master = io.master;
-    }
-    float* e = plan.work();
-    if constexpr (feedback) {
-        detail::require_pointer(io.residual, padded, "residual", what);
-        detail::require_pointer(io.next_residual, padded, "next_residual", what);
-        a.residual = io.residual;
-        a.next = io.next_residual;
-        a.decay = h.decay;
-        a.scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
-        e = io.next_residual;
-    }
-    a.payload = io.payload;
+    const detail::encode_params a =
+        detail::encode_inputs<From, Mode, feedback>(table, io, h, ctx, what);
+    float* e = feedback ? io.next_residual : plan.work();
     const std::uint64_t len = plan.payload_bytes() - compress::wire::header_bytes;
     LOCO_CUDA_CHECK(
         cudaMemsetAsync(plan.checksum_accumulator(), 0, sizeof(unsigned long long), stream));

@@ -119,28 +119,10 @@ void encode(const compress_plan<typename device_compressor<C>::codec>& plan,
     loco::detail::validate_hyper<C>(h);
     detail::require_plan(plan, table, what);
     detail::require_combos(table, Combos, what);
-    detail::require_payload_pointer(io.payload, "payload", what);
-    const std::size_t padded = table.padded_elements();
-    detail::encode_params a{};
-    if constexpr (From == encode_from::delta) {
-        detail::require_pointer(io.delta, padded, "delta", what);
-        a.source = io.delta;
-    } else {
-        detail::require_pointer(io.global, padded, "global", what);
-        if constexpr (Mode == bf16_update::master) {
-            detail::require_pointer(io.master, table.master_elements(), "master", what);
-        }
-        a.source = io.global;
-        a.master = io.master;
-    }
+    detail::encode_params a =
+        detail::encode_inputs<From, Mode, support::feedback>(table, io, h, ctx, what);
     typename codec::hyper ch{};
     if constexpr (support::feedback) {
-        detail::require_pointer(io.residual, padded, "residual", what);
-        detail::require_pointer(io.next_residual, padded, "next_residual", what);
-        a.residual = io.residual;
-        a.next = io.next_residual;
-        a.decay = h.decay;
-        a.scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
         ch = h.compress;
     } else {
         ch = h;
@@ -149,7 +131,6 @@ void encode(const compress_plan<typename device_compressor<C>::codec>& plan,
         a.flags = (ch.scale == compress::scale_kind::mean_abs ? detail::flag_mean_abs : 0u) |
                   (ch.round == compress::rounding::stochastic ? detail::flag_stochastic : 0u);
     }
-    a.payload = io.payload;
     a.round_from = ctx.round_from;
     a.seed = ctx.seed;
     a.round = ctx.round;

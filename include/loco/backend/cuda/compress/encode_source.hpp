@@ -3,6 +3,7 @@
 // kernels' parameters, and per element the compressor input x = delta or global - local, with
 // error feedback e = decay * residual + s * x (encode_source); warp reductions over lane groups.
 
+#include <loco/backend/cuda/compress/payload_header.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/dtype.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
@@ -75,6 +76,42 @@ struct encode_params {
 
 inline constexpr std::uint32_t flag_mean_abs = 1u;
 inline constexpr std::uint32_t flag_stochastic = 2u;
+
+// encode's checks of io and the kernels' parameters from it: x's source (From, Mode), with
+// Feedback the residual and its decay and scale s (error_feedback's hyper-parameters h; s is the
+// outer lr when h folds it in), and the payload. Shared by encode() and encode_topk().
+template <encode_from From, bf16_update Mode, bool Feedback, class H>
+encode_params encode_inputs(const tensor_table& table, const encode_io& io, const H& h,
+                            const device_encode_context& ctx, const char* what) {
+    require_payload_pointer(io.payload, "payload", what);
+    const std::size_t padded = table.padded_elements();
+    encode_params a{};
+    if constexpr (From == encode_from::delta) {
+        require_pointer(io.delta, padded, "delta", what);
+        a.source = io.delta;
+    } else {
+        require_pointer(io.global, padded, "global", what);
+        if constexpr (Mode == bf16_update::master) {
+            require_pointer(io.master, table.master_elements(), "master", what);
+        }
+        a.source = io.global;
+        a.master = io.master;
+    }
+    if constexpr (Feedback) {
+        require_pointer(io.residual, padded, "residual", what);
+        require_pointer(io.next_residual, padded, "next_residual", what);
+        a.residual = io.residual;
+        a.next = io.next_residual;
+        a.decay = h.decay;
+        a.scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
+    } else {
+        static_cast<void>(h);
+        static_cast<void>(ctx);
+    }
+    a.payload = io.payload;
+    return a;
+}
+
 
 }  // namespace detail
 
