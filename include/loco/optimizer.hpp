@@ -15,6 +15,7 @@
 #include <ostream>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -41,6 +42,21 @@ inline void check_state_index(int j, int state_size, const char* what) {
     if (j < 0 || j >= state_size) {
         throw invalid_argument(std::string("loco: ") + what + " index " + std::to_string(j) +
                                " is outside [0, " + std::to_string(state_size) + ")");
+    }
+}
+
+// A per-matrix policy (Muon) updates whole matrices: every parameter needs a 2-D shape, which
+// `how` says how to give (host_matrix, cuda_matrix). Shared by the host and GPU optimizers.
+inline void require_matrices(const parameter_list& params, std::string_view policy,
+                             std::string_view how) {
+    for (const auto& p : params) {
+        if (!p.value.is_matrix()) {
+            throw invalid_argument("loco::inner::" + std::string(policy) +
+                                   " updates whole matrices, but parameter '" + p.name +
+                                   "' has no 2-D shape; give it one (" + std::string(how) +
+                                   ", tensor_traits::shape) or route it to another group "
+                                   "(docs/groups.md)");
+        }
     }
 }
 
@@ -151,15 +167,7 @@ public:
     static constexpr bool needs_finite_gradients = true;
 
     explicit inner_engine(const parameter_list& params) : flat_state<Inner>(params) {
-        for (const auto& p : params) {
-            if (!p.value.is_matrix()) {
-                throw invalid_argument("loco::inner::" + std::string(Inner::name) +
-                                       " updates whole matrices, but parameter '" + p.name +
-                                       "' has no 2-D shape; give it one (host_matrix, "
-                                       "tensor_traits::shape) or route it to another group "
-                                       "(docs/groups.md)");
-            }
-        }
+        require_matrices(params, Inner::name, "host_matrix");
     }
 
     static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }

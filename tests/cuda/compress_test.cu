@@ -7,6 +7,7 @@
 #include "../support/random.hpp"
 #include "compress_support.cuh"
 #include "device.cuh"
+#include "handles.cuh"
 #include "model.cuh"
 
 #include <loco/cuda.hpp>
@@ -435,118 +436,7 @@ TEST_CASE("payload_check refuses what the host decoder refuses, naming the rank"
 
 namespace {
 
-constexpr std::size_t sizes[3] = {5, 42, 1003};
-constexpr std::size_t total = 5 + 42 + 1003;
-
-std::vector<float> init_of(const std::string& label, int rank) {
-    auto rng = rng_for(label + "/init/" + std::to_string(rank));
-    return normal_floats(rng, total);
-}
-std::vector<float> grads_of(const std::string& label, int rank, int step) {
-    auto rng = rng_for(label + "/grad/" + std::to_string(rank) + "/" + std::to_string(step));
-    return normal_floats(rng, total, 0.5f);
-}
-
-struct gpu_params {
-    std::vector<lcu::device_buffer<float>> values, grads;
-    loco::parameter_list list;
-    explicit gpu_params(const std::vector<float>& init) {
-        std::size_t at = 0;
-        for (const std::size_t n : sizes) {
-            values.emplace_back(n);
-            grads.emplace_back(n);
-            values.back().upload({init.data() + at, n});
-            at += n;
-        }
-        list.add_views("a", loco::cuda_tensor(values[0].get(), 5),
-                       loco::cuda_tensor(static_cast<const float*>(grads[0].get()), 5));
-        list.add_views("b", loco::cuda_matrix(values[1].get(), 6, 7),
-                       loco::cuda_matrix(static_cast<const float*>(grads[1].get()), 6, 7));
-        list.add_views("c", loco::cuda_tensor(values[2].get(), 1003),
-                       loco::cuda_tensor(static_cast<const float*>(grads[2].get()), 1003));
-    }
-    void set_gradients(const std::vector<float>& g, cudaStream_t s) {
-        std::size_t at = 0;
-        for (std::size_t i = 0; i < 3; ++i) {
-            check_cuda(cudaMemcpyAsync(grads[i].get(), g.data() + at, sizes[i] * 4,
-                                       cudaMemcpyHostToDevice, s),
-                       "gradient upload");
-            at += sizes[i];
-        }
-        check_cuda(cudaStreamSynchronize(s), "gradient upload");
-    }
-    std::vector<float> host_values(cudaStream_t s) {
-        check_cuda(cudaStreamSynchronize(s), "sync");
-        std::vector<float> out;
-        for (auto& v : values) {
-            const auto part = v.download();
-            out.insert(out.end(), part.begin(), part.end());
-        }
-        return out;
-    }
-};
-
-struct host_params {
-    std::vector<float> a, b, c, ga, gb, gc;
-    loco::parameter_list list;
-    explicit host_params(const std::vector<float>& init)
-        : a(init.begin(), init.begin() + 5), b(init.begin() + 5, init.begin() + 47),
-          c(init.begin() + 47, init.end()), ga(5), gb(42), gc(1003) {
-        list.add("a", a, ga);
-        list.add_views("b", loco::host_matrix(b.data(), 6, 7),
-                       loco::host_matrix(static_cast<const float*>(gb.data()), 6, 7));
-        list.add("c", c, gc);
-    }
-    void set_gradients(const std::vector<float>& g) {
-        std::copy(g.begin(), g.begin() + 5, ga.begin());
-        std::copy(g.begin() + 5, g.begin() + 47, gb.begin());
-        std::copy(g.begin() + 47, g.end(), gc.begin());
-    }
-    std::vector<float> values() const {
-        std::vector<float> out = a;
-        out.insert(out.end(), b.begin(), b.end());
-        out.insert(out.end(), c.begin(), c.end());
-        return out;
-    }
-};
-
-// A device communicator that flips one byte of what an all-gather received, when armed.
-class corrupting final : public loco::comm::communicator {
-public:
-    explicit corrupting(loco::comm::cuda_replicas& inner) : inner_(inner) {}
-    int rank() const noexcept override { return inner_.rank(); }
-    int size() const noexcept override { return inner_.size(); }
-    loco::memory_space space() const noexcept override { return inner_.space(); }
-    std::string_view name() const noexcept override { return "corrupting"; }
-    std::uint64_t bytes_sent() const noexcept override { return inner_.bytes_sent(); }
-    std::size_t armed_at = 0;  // byte of the receive buffer to flip; 0: none
-
-protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        inner_.all_reduce(d, op);
-    }
-    void do_all_gather(loco::tensor_view<const std::byte> send,
-                       loco::tensor_view<std::byte> recv) override {
-        inner_.all_gather(send, recv);
-        if (armed_at != 0) {
-            std::byte b{};
-            check_cuda(cudaMemcpy(&b, recv.data + armed_at, 1, cudaMemcpyDeviceToHost), "peek");
-            b ^= std::byte{0x04};
-            check_cuda(cudaMemcpy(recv.data + armed_at, &b, 1, cudaMemcpyHostToDevice), "poke");
-        }
-    }
-    void do_all_to_all(loco::tensor_view<const std::byte> send,
-                       loco::tensor_view<std::byte> recv) override {
-        inner_.all_to_all(send, recv);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
-        inner_.broadcast(d, root);
-    }
-    void do_barrier() override { inner_.barrier(); }
-
-private:
-    loco::comm::cuda_replicas& inner_;
-};
+using namespace loco_test::handles;
 
 using ef2 = cz::error_feedback<cz::blockwise<2, 256>>;
 using host_ef_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, ef2>;

@@ -1,11 +1,13 @@
 // The fused CUDA top-k (backend/cuda/compress_topk.hpp) against the host compressor
 // (compress/topk.hpp) and the host exchanger's average: device payloads must be the host's byte for
 // byte, error-feedback residuals bit for bit, averages as the host computes them; malformed
-// payloads are refused, naming the rank.
+// payloads are refused, naming the rank. And loco::cuda::diloco's device path with top-k against
+// loco::diloco on threads.
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
 #include "device.cuh"
+#include "handles.cuh"
 #include "model.cuh"
 
 #include <loco/backend/cuda/compress_topk.hpp>
@@ -292,6 +294,10 @@ std::vector<tensor_shape> edge_shapes(std::mt19937_64& rng) {
     return shapes_of(sizes);
 }
 
+// The top-k hyper-parameters inside C's.
+inline const topk::hyper& ch_of(const topk::hyper& h) { return h; }
+inline const topk::hyper& ch_of(const ef_topk::hyper& h) { return h.compress; }
+
 // k = 1 for every segment of these tests (count is max(1, ceil(ratio n))).
 constexpr float ratio_k1 = 1.0e-7f;
 
@@ -556,4 +562,137 @@ TEST_CASE("decode_average_apply_topk equals outer_apply of the host's average") 
     expect_same_floats(fused[1], reference[1], "global");
     expect_same_floats(fused[2], reference[2], "outer state");
     CHECK(fused[0] != m.values());
+}
+
+// ---- loco::cuda::diloco with top-k on the device ------------------------------------------------
+
+namespace {
+
+// H = 3, M = 3, 7 steps then a closing sync, on threads and on cuda_replicas, each through a
+// recording communicator. Inner SGD with lr 2^-6 and an outer SGD with lr 1/2: every product is
+// exact, so a GPU's contraction of multiply-adds cannot move a bit, and the two runs must agree
+// element for element (parameters, residuals) and byte for byte (every gathered payload).
+template <class C>
+void topk_diloco_equals_host(loco::exchange_scheme scheme, const typename C::hyper& ch) {
+    namespace h = loco_test::handles;
+    using inner = loco::inner::sgd;
+    using outer = loco::outer::sgd;
+    const inner::hyper ih{.lr = 1.0f / 64};
+    const outer::hyper oh{.lr = 0.5f};
+    const std::string label = "cuda diloco topk " + std::string(C::name);
+    std::vector<std::vector<float>> host_final(3), gpu_final(3), host_res(3), gpu_res(3);
+    std::vector<std::vector<std::vector<std::byte>>> host_payloads(3), gpu_payloads(3);
+    std::vector<std::uint64_t> host_formula(3), gpu_formula(3);
+    loco::comm::run_threads(3, [&](loco::comm::threads& threads) {
+        h::recording comm(threads);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        h::host_params m(h::init_of(label, comm.rank()));
+        loco::diloco<inner, outer, C> opt(m.list, comm,
+                                          {.inner = ih, .outer = oh, .schedule = {.every = 3},
+                                           .compress = ch, .exchange = scheme});
+        for (int t = 1; t <= 7; ++t) {
+            m.set_gradients(h::grads_of(label, comm.rank(), t));
+            opt.step();
+        }
+        opt.sync();
+        host_final[r] = m.values();
+        const auto res = opt.compressor_state();
+        host_res[r].assign(res.begin(), res.end());
+        host_payloads[r] = comm.gathered;
+        host_formula[r] = opt.bytes_per_sync();
+    });
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+        h::recording comm(replica);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        h::gpu_params m(h::init_of(label, comm.rank()));
+        loco::cuda::diloco<inner, outer, C> opt(
+            m.list, comm,
+            {.inner = ih, .outer = oh, .schedule = {.every = 3}, .compress = ch,
+             .exchange = scheme, .stream = replica.stream()});
+        CHECK(opt.device_exchange());
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);
+        for (int t = 1; t <= 7; ++t) {
+            m.set_gradients(h::grads_of(label, comm.rank(), t), replica.stream());
+            opt.step();
+        }
+        opt.sync();
+        CHECK(opt.outer_steps() == 3);
+        gpu_final[r] = m.host_values(replica.stream());
+        gpu_res[r] = opt.compressor_state();
+        gpu_payloads[r] = comm.gathered;
+        gpu_formula[r] = opt.bytes_per_sync();
+    });
+    const std::size_t p = cz::topk::payload_bytes(
+        ch_of(ch), std::vector<cz::segment>{{0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}});
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        expect_equal_arrays(gpu_final[r], host_final[r], "parameters");
+        expect_equal_arrays(gpu_res[r], host_res[r], "residual");
+        CHECK(gpu_res[r].size() == (C::state_size == 0 ? 0 : h::total));
+        REQUIRE(gpu_payloads[r].size() == 3);  // one all-gather per sync
+        for (std::size_t k = 0; k < 3; ++k) {
+            CHECK(gpu_payloads[r][k].size() == 3 * p);
+            CHECK(gpu_payloads[r][k] == host_payloads[r][k]);
+        }
+        CHECK(gpu_formula[r] == 2 * p);
+        CHECK(gpu_formula[r] == host_formula[r]);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda::diloco with topk syncs on the device and equals loco::diloco on threads") {
+    for (const auto scheme : {loco::exchange_scheme::automatic, loco::exchange_scheme::all_gather}) {
+        CAPTURE(loco::to_string(scheme));
+        topk_diloco_equals_host<topk>(scheme, {0.1f});
+        topk_diloco_equals_host<ef_topk>(scheme, {{0.1f}, 0.9f, false});
+        topk_diloco_equals_host<ef_topk>(scheme, {{0.3f}, 1.0f, true});  // s = the outer lr
+    }
+}
+
+TEST_CASE("cuda::diloco with topk on the device: a corrupted index is refused and changes nothing; "
+          "a new ratio re-plans") {
+    namespace h = loco_test::handles;
+    const std::string label = "cuda diloco topk refused";
+    using gpu_t = loco::cuda::diloco<loco::inner::sgd, loco::outer::nesterov, ef_topk>;
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+        h::corrupting comm(replica);
+        h::gpu_params m(h::init_of(label, comm.rank()));
+        gpu_t opt(m.list, comm,
+                  {.schedule = {.every = 100}, .compress = {{0.05f}, 0.9f, false},
+                   .stream = replica.stream()});
+        REQUIRE(opt.device_exchange());
+        for (int t = 1; t <= 4; ++t) {
+            m.set_gradients(h::grads_of(label, comm.rank(), t), replica.stream());
+            opt.step();
+            if (t == 2) {
+                opt.sync();  // a residual that is not zero
+            }
+        }
+        const auto values = m.host_values(replica.stream());
+        const auto global = opt.global();
+        const auto state = opt.outer_state(0);
+        const auto residual = opt.compressor_state();
+        const std::size_t p = opt.bytes_per_sync() / 2;
+        // A flipped bit in rank 2's first index: the checksum refuses it, as on the host.
+        comm.armed_at = 2 * p + cz::wire::header_bytes;
+        CHECK_THROWS_WITH_AS(opt.sync(), doctest::Contains("from rank 2: checksum mismatch"),
+                             loco::wire_error);
+        CHECK(m.host_values(replica.stream()) == values);
+        CHECK(opt.global() == global);
+        CHECK(opt.outer_state(0) == state);
+        CHECK(opt.compressor_state() == residual);
+        CHECK(opt.outer_steps() == 1);
+        comm.armed_at = 0;
+        opt.sync();  // the same round again, now intact
+        CHECK(opt.outer_steps() == 2);
+        CHECK(opt.compressor_state() != residual);
+        // A larger ratio: the payload grows, the residual carries over.
+        opt.compress_hyper().compress.ratio = 0.5f;
+        opt.sync();
+        CHECK(opt.outer_steps() == 3);
+        CHECK(opt.bytes_per_sync() / 2 ==
+              cz::topk::payload_bytes({0.5f}, std::vector<cz::segment>{
+                                                  {0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}}));
+    });
 }

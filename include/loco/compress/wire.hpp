@@ -66,24 +66,29 @@ T get(std::span<const std::byte> in, std::size_t offset) noexcept {
 // words (the last one zero-padded), plus the length. Each term depends on one word only, so a
 // kernel can sum the terms in any order; changing any single word always changes the sum,
 // because mix64 is a bijection.
+// The term of word i (a device kernel sums the same terms in its own order).
+LOCO_HD std::uint64_t checksum_term(std::uint64_t word, std::uint64_t i) noexcept {
+    return random::mix64(word ^ i);
+}
+
 inline std::uint64_t checksum(std::span<const std::byte> body) noexcept {
     std::uint64_t sum = body.size();
     const std::size_t words = body.size() / 8;
     for (std::size_t i = 0; i < words; ++i) {
         std::uint64_t w;
         std::memcpy(&w, body.data() + 8 * i, 8);
-        sum += random::mix64(w ^ i);
+        sum += checksum_term(w, i);
     }
     if (const std::size_t tail = body.size() % 8; tail != 0) {
         std::uint64_t w = 0;
         std::memcpy(&w, body.data() + 8 * words, tail);
-        sum += random::mix64(w ^ words);
+        sum += checksum_term(w, words);
     }
     return sum;
 }
 
-// Writes the header in front of an already written body: out holds header_bytes + h.body_bytes.
-inline void write_header(std::span<std::byte> out, const header& h) noexcept {
+// Writes the header's fields, bytes [0, 32) of out (everything but the checksum).
+inline void write_fields(std::span<std::byte> out, const header& h) noexcept {
     out[0] = std::byte{'L'};
     out[1] = std::byte{'W'};
     out[2] = std::byte{version};
@@ -95,9 +100,43 @@ inline void write_header(std::span<std::byte> out, const header& h) noexcept {
     put<std::uint32_t>(out, 12, h.segments);
     put<std::uint64_t>(out, 16, h.elements);
     put<std::uint64_t>(out, 24, h.body_bytes);
+}
+
+// Writes the header in front of an already written body: out holds header_bytes + h.body_bytes.
+inline void write_header(std::span<std::byte> out, const header& h) noexcept {
+    write_fields(out, h);
     const std::span<const std::byte> body(out.data() + header_bytes,
                                           static_cast<std::size_t>(h.body_bytes));
     put<std::uint64_t>(out, 32, checksum(body));
+}
+
+// The first field of a received header (in: at least header_bytes) that differs from the
+// expected one, in the order open() checks them, as a message; empty when they agree. The
+// checksum is not looked at. (The device payload checks use it too, so both refuse alike.)
+inline std::string header_mismatch(std::span<const std::byte> in, const header& expected) {
+    if (in[0] != std::byte{'L'} || in[1] != std::byte{'W'}) {
+        return "bad magic";
+    }
+    const auto field = [](const char* name, std::uint64_t got, std::uint64_t want) {
+        return got == want ? std::string()
+                           : std::string(name) + " is " + std::to_string(got) + ", expected " +
+                                 std::to_string(want);
+    };
+    for (std::string why :
+         {field("the format version", std::to_integer<unsigned>(in[2]), version),
+          field("the compressor id", std::to_integer<unsigned>(in[3]), expected.compressor),
+          field("the code width", std::to_integer<unsigned>(in[4]), expected.bits),
+          field("the flags", std::to_integer<unsigned>(in[5]), expected.flags),
+          field("the reserved field", get<std::uint16_t>(in, 6), 0),
+          field("the block size", get<std::uint32_t>(in, 8), expected.block),
+          field("the segment count", get<std::uint32_t>(in, 12), expected.segments),
+          field("the element count", get<std::uint64_t>(in, 16), expected.elements),
+          field("the body size", get<std::uint64_t>(in, 24), expected.body_bytes)}) {
+        if (!why.empty()) {
+            return why;
+        }
+    }
+    return {};
 }
 
 // Checks a received payload against the header the receiver expects and returns its body.
@@ -107,28 +146,13 @@ inline std::span<const std::byte> open(std::span<const std::byte> in, const head
     const auto fail = [&](const std::string& what) {
         return wire_error("loco::compress::" + std::string(who) + ": malformed payload: " + what);
     };
-    const auto field = [&](const char* name, std::uint64_t got, std::uint64_t want) {
-        if (got != want) {
-            throw fail(std::string(name) + " is " + std::to_string(got) + ", expected " +
-                       std::to_string(want));
-        }
-    };
     if (in.size() < header_bytes) {
         throw fail(std::to_string(in.size()) + " bytes, shorter than the " +
                    std::to_string(header_bytes) + "-byte header");
     }
-    if (in[0] != std::byte{'L'} || in[1] != std::byte{'W'}) {
-        throw fail("bad magic");
+    if (const std::string why = header_mismatch(in, expected); !why.empty()) {
+        throw fail(why);
     }
-    field("the format version", std::to_integer<unsigned>(in[2]), version);
-    field("the compressor id", std::to_integer<unsigned>(in[3]), expected.compressor);
-    field("the code width", std::to_integer<unsigned>(in[4]), expected.bits);
-    field("the flags", std::to_integer<unsigned>(in[5]), expected.flags);
-    field("the reserved field", get<std::uint16_t>(in, 6), 0);
-    field("the block size", get<std::uint32_t>(in, 8), expected.block);
-    field("the segment count", get<std::uint32_t>(in, 12), expected.segments);
-    field("the element count", get<std::uint64_t>(in, 16), expected.elements);
-    field("the body size", get<std::uint64_t>(in, 24), expected.body_bytes);
     if (in.size() != header_bytes + expected.body_bytes) {
         throw fail(std::to_string(in.size()) + " bytes received for a " +
                    std::to_string(header_bytes + expected.body_bytes) + "-byte payload");
@@ -142,7 +166,7 @@ inline std::span<const std::byte> open(std::span<const std::byte> in, const head
 
 // Packed sub-byte codes (Bits in {1, 2, 4, 8}).
 template <int Bits>
-constexpr std::size_t packed_bytes(std::size_t n) noexcept {
+LOCO_HD constexpr std::size_t packed_bytes(std::size_t n) noexcept {
     static_assert(Bits == 1 || Bits == 2 || Bits == 4 || Bits == 8, "code width must be 1, 2, 4 or 8");
     return (n * static_cast<std::size_t>(Bits) + 7) / 8;
 }

@@ -1,7 +1,10 @@
 // A CPU emulation of the slice of the CUDA runtime loco uses, to execute the kernels' logic with
 // g++ on a machine without a GPU. Blocks run one after another; the threads of a block run as
-// real std::threads (a persistent pool), __syncthreads is a std::barrier, __shared__ is a
-// function static (valid because one block runs at a time), launches are serialised by a mutex.
+// fibers (ucontext) on the launching thread, switched only at __syncthreads and warp exchanges
+// (emu::fiber_barrier), so a barrier costs a few hundred user-space switches, not the wake-up of
+// 256 OS threads; __shared__ is a function static (valid because one block runs at a time),
+// launches are serialised by a mutex. A barrier that can never complete (a divergent
+// __syncthreads) aborts with a message instead of hanging.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +13,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -18,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <ucontext.h>
 #include <utility>
 #include <vector>
 
@@ -49,6 +54,17 @@ namespace emu {
 struct pool;
 pool& the_pool();
 void syncthreads();
+
+void yield_fiber();
+// A barrier of `expected` fibers of the running block: arrivals count, the last one releases the
+// others (a new generation), which resume when the scheduler next reaches them.
+struct fiber_barrier {
+    unsigned expected;
+    unsigned count = 0;
+    unsigned long generation = 0;
+    explicit fiber_barrier(unsigned n) : expected(n) {}
+    void arrive_and_wait();
+};
 }  // namespace emu
 inline void __syncthreads() { emu::syncthreads(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -140,46 +156,79 @@ inline cudaError_t enqueue(cudaStream_t s, std::function<void()> op) {
 
 struct pool {
     static constexpr unsigned threads = 256;
-    std::barrier<> start{threads + 1};
-    std::barrier<> finish{threads + 1};
-    std::barrier<> sync{threads};
-    std::function<void()> task;
-    dim3 block, grid, bdim;
-    bool stop = false;
-    std::vector<std::thread> workers;
+    static constexpr std::size_t stack_bytes = 256 * 1024;
+    struct fiber {
+        ucontext_t context;
+        std::unique_ptr<char[]> stack;
+        bool done = false;
+    };
+    fiber_barrier sync{threads};
+    std::vector<fiber> fibers = std::vector<fiber>(threads);
+    ucontext_t scheduler;
+    unsigned current = 0;
+    unsigned long progress = 0;  // barrier arrivals and finished fibers: a pass without any is a deadlock
+    const std::function<void()>* task = nullptr;
     pool() {
-        for (unsigned t = 0; t < threads; ++t) {
-            workers.emplace_back([this, t] {
-                for (;;) {
-                    start.arrive_and_wait();
-                    if (stop) return;
-                    threadIdx = dim3(t, 0, 0);
-                    blockIdx = block;
-                    gridDim = grid;
-                    blockDim = bdim;
-                    task();
-                    finish.arrive_and_wait();
-                }
-            });
+        for (auto& f : fibers) {
+            f.stack = std::make_unique<char[]>(stack_bytes);
+            getcontext(&f.context);  // once: makecontext re-arms it for every block
         }
     }
-    ~pool() {
-        stop = true;
-        start.arrive_and_wait();
-        for (auto& w : workers) w.join();
+    static void entry() {
+        pool& p = the_pool();
+        (*p.task)();
+        p.fibers[p.current].done = true;
+        ++p.progress;
+    }  // returns to uc_link: the scheduler
+    void start(fiber& fb) {
+        fb.context.uc_stack.ss_sp = fb.stack.get();
+        fb.context.uc_stack.ss_size = stack_bytes;
+        fb.context.uc_link = &scheduler;
+        makecontext(&fb.context, &pool::entry, 0);
+        fb.done = false;
     }
     void run(dim3 g, dim3 b, const std::function<void()>& f) {
-        grid = g;
-        bdim = b;
-        task = f;
+        task = &f;
+        gridDim = g;
+        blockDim = b;
         for (unsigned x = 0; x < g.x; ++x) {
-            block = dim3(x, 0, 0);
-            start.arrive_and_wait();
-            finish.arrive_and_wait();
+            blockIdx = dim3(x, 0, 0);
+            for (auto& fb : fibers) start(fb);
+            for (unsigned live = threads; live != 0;) {
+                const unsigned long before = progress;
+                live = 0;
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (fibers[t].done) continue;
+                    current = t;
+                    threadIdx = dim3(t, 0, 0);
+                    swapcontext(&scheduler, &fibers[t].context);
+                    live += fibers[t].done ? 0 : 1;
+                }
+                if (live != 0 && progress == before) {
+                    std::fprintf(stderr, "emulator: block %u deadlocked: a __syncthreads or warp "
+                                         "exchange that not every thread reaches\n", x);
+                    std::abort();
+                }
+            }
         }
+        task = nullptr;
     }
 };
 inline pool& the_pool() { static pool p; return p; }
+inline void yield_fiber() {
+    pool& p = the_pool();
+    swapcontext(&p.fibers[p.current].context, &p.scheduler);
+}
+inline void fiber_barrier::arrive_and_wait() {
+    ++the_pool().progress;
+    if (++count == expected) {
+        count = 0;
+        ++generation;
+        return;
+    }
+    const unsigned long mine = generation;
+    while (generation == mine) yield_fiber();
+}
 inline void syncthreads() { the_pool().sync.arrive_and_wait(); }
 inline std::mutex& launch_mutex() { static std::mutex m; return m; }
 inline std::atomic<long>& launches() { static std::atomic<long> n{0}; return n; }
@@ -207,6 +256,8 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Exp
 }
 
 inline cudaError_t cudaMalloc(void** p, std::size_t n) { *p = emu::allocate(n, cudaMemoryTypeDevice); return cudaSuccess; }
+template <class T>  // the runtime's typed overload
+inline cudaError_t cudaMalloc(T** p, std::size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
 inline cudaError_t cudaFree(void* p) { if (p) emu::release(p); return cudaSuccess; }
 inline cudaError_t cudaMallocHost(void** p, std::size_t n) { *p = emu::allocate(n, cudaMemoryTypeHost); return cudaSuccess; }
 inline cudaError_t cudaFreeHost(void* p) { if (p) emu::release(p); return cudaSuccess; }

@@ -1,9 +1,9 @@
 // Warp-level intrinsics and the few other device functions the compression kernels use
 // (backend/cuda/compress.hpp), for the CPU emulation in cuda_runtime.h.
 //
-// The 256 threads of a block are real std::threads, so a warp exchange is a rendezvous of its 32
-// threads: each writes its value to the warp's slots, waits at the warp's barrier, reads its
-// source lane, and waits again before the slots can be reused. Only full-mask calls are
+// The 256 threads of a block are fibers (cuda_runtime.h), so a warp exchange is a rendezvous of
+// its 32 fibers: each writes its value to the warp's slots, waits at the warp's barrier, reads
+// its source lane, and waits again before the slots can be reused. Only full-mask calls are
 // emulated, and every lane of the warp must make the call, as on a GPU: a lane that skips it
 // leaves the other 31 waiting (a deadlock here is a divergence bug there).
 #pragma once
@@ -16,7 +16,7 @@
 
 namespace emu {
 struct warp_rendezvous {
-    std::barrier<> bar{32};
+    fiber_barrier bar{32};
     std::uint64_t slot[32];
 };
 inline warp_rendezvous* warps() {

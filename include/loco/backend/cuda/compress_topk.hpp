@@ -273,12 +273,12 @@ public:
     const std::vector<std::uint64_t>& indices_before() const noexcept { return before_; }
 
     // The header's first 32 bytes (topk: bits 32, flags 0, block = the bits of the ratio).
-    header_prefix prefix() const {
-        return detail::make_prefix(compress::topk::wire_id, 32, 0,
-                                   loco::detail::float_bits(hyper_.ratio),
-                                   static_cast<std::uint32_t>(segments_.size()), elements_,
-                                   payload_ - compress::wire::header_bytes);
+    compress::wire::header wire_header() const {
+        return {compress::topk::wire_id, 32, 0, loco::detail::float_bits(hyper_.ratio),
+                static_cast<std::uint32_t>(segments_.size()), elements_,
+                payload_ - compress::wire::header_bytes};
     }
+    header_prefix prefix() const { return detail::prefix_bytes(wire_header()); }
 
 private:
     compress::topk::hyper hyper_{};
@@ -685,31 +685,9 @@ void encode_topk(const topk_plan& plan, const tensor_table& table, const typenam
     detail::require_topk_plan(plan, table, what);
     detail::require_same_ratio(plan, ch, what);
     detail::require_combos(table, Combos, what);
-    detail::require_payload_pointer(io.payload, "payload", what);
-    const std::size_t padded = table.padded_elements();
-    detail::encode_params a{};
-    if constexpr (From == encode_from::delta) {
-        detail::require_pointer(io.delta, padded, "delta", what);
-        a.source = io.delta;
-    } else {
-        detail::require_pointer(io.global, padded, "global", what);
-        if constexpr (Mode == bf16_update::master) {
-            detail::require_pointer(io.master, table.master_elements(), "master", what);
-        }
-        a.source = io.global;
-        a.master = io.master;
-    }
-    float* e = plan.work();
-    if constexpr (feedback) {
-        detail::require_pointer(io.residual, padded, "residual", what);
-        detail::require_pointer(io.next_residual, padded, "next_residual", what);
-        a.residual = io.residual;
-        a.next = io.next_residual;
-        a.decay = h.decay;
-        a.scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
-        e = io.next_residual;
-    }
-    a.payload = io.payload;
+    const detail::encode_params a =
+        detail::encode_inputs<From, Mode, feedback>(table, io, h, ctx, what);
+    float* e = feedback ? io.next_residual : plan.work();
     const std::uint64_t len = plan.payload_bytes() - compress::wire::header_bytes;
     LOCO_CUDA_CHECK(
         cudaMemsetAsync(plan.checksum_accumulator(), 0, sizeof(unsigned long long), stream));
@@ -799,10 +777,11 @@ public:
                                             cudaMemcpyDeviceToHost, stream));
         }
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream));
-        const header_prefix want = plan.prefix();
+        const compress::wire::header want = plan.wire_header();
         for (std::size_t k = 0; k < m; ++k) {
-            check_one(plan, k, headers + k * compress::wire::header_bytes, want, host[k] + len,
-                      host[m + k]);
+            detail::check_header(compress::topk::name, k,
+                                 headers + k * compress::wire::header_bytes, want, host[k] + len);
+            check_indices(plan, k, host[m + k]);
         }
     }
 
@@ -816,42 +795,11 @@ private:
         return static_cast<std::size_t>(ranks);
     }
 
-    // wire::open's checks in its order, then topk::decode's index checks.
-    static void check_one(const topk_plan& plan, std::size_t k, const std::byte* got,
-                          const header_prefix& want, std::uint64_t checksum,
-                          unsigned long long first_bad) {
+    // topk::decode's index checks, after the header's.
+    static void check_indices(const topk_plan& plan, std::size_t k, unsigned long long first_bad) {
         const auto fail = [&](const std::string& why) {
-            return wire_error("loco::compress::topk: malformed payload from rank " +
-                              std::to_string(k) + ": " + why);
+            return detail::malformed_payload(compress::topk::name, k, why);
         };
-        const auto u = [&](const void* src, std::size_t at, std::size_t n) {
-            std::uint64_t v = 0;
-            std::memcpy(&v, static_cast<const unsigned char*>(src) + at, n);
-            return v;
-        };
-        const auto field = [&](const char* name, std::size_t at, std::size_t n) {
-            const std::uint64_t g = u(got, at, n);
-            const std::uint64_t w = u(want.bytes, at, n);
-            if (g != w) {
-                throw fail(std::string(name) + " is " + std::to_string(g) + ", expected " +
-                           std::to_string(w));
-            }
-        };
-        if (u(got, 0, 1) != 'L' || u(got, 1, 1) != 'W') {
-            throw fail("bad magic");
-        }
-        field("the format version", 2, 1);
-        field("the compressor id", 3, 1);
-        field("the code width", 4, 1);
-        field("the flags", 5, 1);
-        field("the reserved field", 6, 2);
-        field("the block size", 8, 4);
-        field("the segment count", 12, 4);
-        field("the element count", 16, 8);
-        field("the body size", 24, 8);
-        if (u(got, 32, 8) != checksum) {
-            throw fail("checksum mismatch");
-        }
         if (first_bad == detail::topk_all_good) {
             return;
         }

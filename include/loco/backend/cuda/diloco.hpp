@@ -11,24 +11,27 @@
 //
 // The average, with a GPU communicator (comm::nccl, comm::cuda_replicas):
 //   - compress::none: one fp32 all-reduce of device memory between phase 1 and phase 2;
-//   - a compressor with a device implementation (blockwise, cast, error_feedback around either;
-//     backend/cuda/compress.hpp) under exchange_scheme::all_gather or automatic: the sync runs on
-//     the device. One fused kernel forms the pseudo-gradient (phase 1), adds it into the
-//     error-feedback residual and encodes the payload; an all-gather of the payloads in device
-//     memory; a check of every received payload (header, checksum, format) that throws
-//     loco::wire_error before anything is written; one fused kernel decodes the M payloads,
-//     averages them in rank order and applies the outer step (phase 2). The new residual goes to
-//     a second buffer that replaces the old one only once every payload checked out.
-// The same holds for compress::statistical<1 | 2 | 4> per tensor (MuLoCo's setting), in more
-// passes (backend/cuda/compress.hpp).
-// Otherwise (two_phase, topk, statistical per row or with 8 bits, a host communicator) the
-// pseudo-gradient is copied
-// to the host and averaged by the same exchange schemes as on the host (exchange.hpp), over the
-// communicator itself when it moves host memory, or over comm::cuda_staging when it moves device
-// memory. A sync waits for the stream: it is a collective, and its results are needed by every
-// worker.
+//   - a compressor with a device implementation under exchange_scheme::all_gather or automatic:
+//     the sync runs on the device. blockwise, cast, statistical<1 | 2 | 4> per tensor
+//     (backend/cuda/compress.hpp, headers in backend/cuda/compress/) and topk
+//     (backend/cuda/compress_topk.hpp), each also inside error_feedback<>. One fused encode forms
+//     the pseudo-gradient (phase 1), adds it into the error-feedback residual and encodes the
+//     payload, the host compressor's byte for byte (statistical and topk take a few passes); an
+//     all-gather of the payloads in device memory; one check of every received payload
+//     (payload_header.hpp's header check, then the codec's format checks) that throws
+//     loco::wire_error before anything is written; then the M payloads decoded, averaged in rank
+//     order and the outer step applied (phase 2): one fused kernel for blockwise, cast and
+//     statistical; for topk a scatter per rank, then the uncompressed path's check and apply. The
+//     new residual goes to a second buffer that replaces the old one only once every payload
+//     checked out.
+// Otherwise (two_phase, statistical per row or with 8 bits, a host communicator) the
+// pseudo-gradient is copied to the host and averaged by the same exchange schemes as on the host
+// (exchange.hpp), over the communicator itself when it moves host memory, or over
+// comm::cuda_staging when it moves device memory. A sync waits for the stream: it is a
+// collective, and its results are needed by every worker.
 
 #include <loco/backend/cuda/compress.hpp>
+#include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -87,8 +90,10 @@ template <class Compressor>
 struct device_exchange {
     using support = backend::cuda::device_compressor<Compressor>;
     using codec = typename support::codec;
+    static constexpr bool feedback = support::feedback;
 
-    device_exchange(const backend::cuda::tensor_table& table, int ranks)
+    device_exchange(const backend::cuda::tensor_table& table, int ranks,
+                    const typename Compressor::hyper&)
         : plan(table),
           send(plan.payload_bytes()),
           recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
@@ -103,6 +108,45 @@ struct device_exchange {
     backend::cuda::device_buffer<std::byte> send, recv;
     backend::cuda::device_buffer<float> residual, next;
     backend::cuda::payload_check check;
+};
+
+// The same for compress::topk and error_feedback<topk> (backend/cuda/compress_topk.hpp). The
+// layout depends on the ratio (k per tensor): a sync with another ratio than the plan's re-plans
+// first, keeping the residual.
+template <class Compressor>
+struct topk_device_exchange {
+    using support = backend::cuda::device_topk<Compressor>;
+    static constexpr bool feedback = support::feedback;
+
+    topk_device_exchange(const backend::cuda::tensor_table& table, int ranks,
+                         const typename Compressor::hyper& h)
+        : plan(table, support::codec_hyper(h)),
+          send(plan.payload_bytes()),
+          recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
+          residual(feedback ? table.padded_elements() : 0),
+          next(feedback ? table.padded_elements() : 0),
+          check(ranks) {
+        residual.zero(nullptr);
+        next.zero(nullptr);
+    }
+
+    void replan(const backend::cuda::tensor_table& table, const typename Compressor::hyper& h) {
+        const compress::topk::hyper& ch = support::codec_hyper(h);
+        if (loco::detail::float_bits(ch.ratio) == loco::detail::float_bits(plan.hyper().ratio)) {
+            return;
+        }
+        backend::cuda::topk_plan fresh(table, ch);
+        backend::cuda::device_buffer<std::byte> s(fresh.payload_bytes());
+        backend::cuda::device_buffer<std::byte> r(fresh.payload_bytes() * check.ranks());
+        plan = std::move(fresh);
+        send = std::move(s);
+        recv = std::move(r);
+    }
+
+    backend::cuda::topk_plan plan;
+    backend::cuda::device_buffer<std::byte> send, recv;
+    backend::cuda::device_buffer<float> residual, next;
+    backend::cuda::topk_payload_check check;
 };
 
 struct no_device_exchange {};
@@ -123,10 +167,13 @@ class diloco {
                   "the unified handle, see docs/cuda.md");
 
     // The fused device exchange is possible for this compressor (see the top of the file).
-    static constexpr bool device_compression = backend::cuda::has_device_compressor<Compressor>;
-    using device_exchange_t = std::conditional_t<device_compression,
-                                                 detail::device_exchange<Compressor>,
-                                                 detail::no_device_exchange>;
+    static constexpr bool device_topk = backend::cuda::device_topk<Compressor>::available;
+    static constexpr bool device_compression =
+        backend::cuda::has_device_compressor<Compressor> || device_topk;
+    using device_exchange_t = std::conditional_t<
+        backend::cuda::has_device_compressor<Compressor>, detail::device_exchange<Compressor>,
+        std::conditional_t<device_topk, detail::topk_device_exchange<Compressor>,
+                           detail::no_device_exchange>>;
 
 public:
     using inner_policy = Inner;
@@ -224,27 +271,7 @@ public:
         backend::cuda::outer_delta(table, global_.get(), inner_.master_ptr(), delta_.get(),
                                    stream());
         average();
-        const bool check = inner_.on_nonfinite() != nonfinite_policy::ignore;
-        if (check) {
-            backend::cuda::check_padded(table, delta_.get(), outer_control_.control(), stream());
-        }
-        if (inner_.on_nonfinite() == nonfinite_policy::raise) {
-            const auto c = outer_control_.read(stream());
-            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
-                outer_control_.reset_nonfinite(stream());
-                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
-                                      "non-finite value at flat element " +
-                                      std::to_string(c.first_nonfinite) +
-                                      "; the outer step was not applied");
-            }
-        }
-        // Under skip, a non-finite average makes the kernel write the unchanged global values
-        // back (every worker drops the round) and count a skipped sync.
-        backend::cuda::outer_apply<Outer>(table, global_.get(), delta_.get(), outer_state_.get(),
-                                          inner_.master_ptr(), outer_control_.hyper(),
-                                          outer_control_.control(),
-                                          inner_.on_nonfinite() == nonfinite_policy::skip,
-                                          stream());
+        apply_average(delta_.get());
     }
 
     inner_hyper_type& inner_hyper() noexcept { return inner_.hyper(); }
@@ -302,7 +329,7 @@ public:
     std::vector<float> compressor_state() const {
         if constexpr (device_compression) {
             if (device_) {
-                if constexpr (detail::device_exchange<Compressor>::support::feedback) {
+                if constexpr (device_exchange_t::feedback) {
                     return flat(device_->residual.get(), 1);
                 } else {
                     return {};
@@ -452,7 +479,8 @@ private:
         }
         if constexpr (device_compression) {
             if (fused(comm, cfg)) {
-                device_ = std::make_unique<device_exchange_t>(inner_.table_, comm.size());
+                device_ = std::make_unique<device_exchange_t>(inner_.table_, comm.size(),
+                                                              cfg.compress);
             }
         }
         if (!device_) {
@@ -482,7 +510,10 @@ private:
     static bool device_layout(const config& cfg) noexcept {
         using support = backend::cuda::device_compressor<Compressor>;
         using codec = typename support::codec;
-        if constexpr (requires(const typename codec::hyper& h) { h.per; }) {
+        if constexpr (device_topk) {
+            static_cast<void>(cfg);
+            return true;
+        } else if constexpr (requires(const typename codec::hyper& h) { h.per; }) {
             if constexpr (support::feedback) {
                 return cfg.compress.compress.per == compress::granularity::tensor;
             } else {
@@ -520,34 +551,88 @@ private:
         backend::cuda::from_flat<float>(inner_.table_, host, delta_.get());
     }
 
+    // avg (padded layout) is the averaged pseudo-gradient: the non-finite policy, then phase 2.
+    void apply_average(float* avg) {
+        const auto& table = inner_.table_;
+        if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
+            backend::cuda::check_padded(table, avg, outer_control_.control(), stream());
+        }
+        if (inner_.on_nonfinite() == nonfinite_policy::raise) {
+            const auto c = outer_control_.read(stream());
+            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
+                outer_control_.reset_nonfinite(stream());
+                throw nonfinite_error("loco::cuda::diloco: the averaged pseudo-gradient holds a "
+                                      "non-finite value at flat element " +
+                                      std::to_string(c.first_nonfinite) +
+                                      "; the outer step was not applied");
+            }
+        }
+        // Under skip, a non-finite average makes the kernel write the unchanged global values
+        // back (every worker drops the round) and count a skipped sync.
+        backend::cuda::outer_apply<Outer>(table, global_.get(), avg, outer_state_.get(),
+                                          inner_.master_ptr(), outer_control_.hyper(),
+                                          outer_control_.control(),
+                                          inner_.on_nonfinite() == nonfinite_policy::skip,
+                                          stream());
+    }
+
+    // This worker's payload into device_->send: phase 1 fused into the encode (see the top of
+    // the file); then the all-gather into device_->recv.
+    template <class Encode>
+    void encode_and_gather(Encode&& encode) {
+        auto& dx = *device_;
+        backend::cuda::encode_io io;
+        io.global = global_.get();
+        io.master = inner_.master_ptr();
+        io.residual = dx.residual.get();
+        io.next_residual = dx.next.get();
+        io.payload = dx.send.get();
+        backend::cuda::device_encode_context ctx;
+        ctx.seed = seed_;
+        ctx.rank = comm_->rank();
+        ctx.round_from = outer_control_.control();  // round = outer steps + skipped syncs
+        if constexpr (requires { outer_hyper_.lr; }) {
+            ctx.outer_lr = outer_hyper_.lr;
+        }
+        encode(io, ctx);
+        // The communicator runs on its own stream and needs the payload finished.
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        const std::size_t p = dx.plan.payload_bytes();
+        comm_->all_gather(
+            tensor_view<const std::byte>{dx.send.get(), p, 0, 0, memory_space::cuda},
+            tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+    }
+
     // The whole sync on the device (device_ set): see the top of the file.
     void device_sync() {
-        if constexpr (device_compression) {
+        if constexpr (device_topk) {
+            auto& dx = *device_;
+            const auto& table = inner_.table_;
+            dx.replan(table, compress_hyper_);
+            encode_and_gather([&](const backend::cuda::encode_io& io,
+                                  const backend::cuda::device_encode_context& ctx) {
+                backend::cuda::encode_topk<Compressor, backend::cuda::encode_from::params>(
+                    dx.plan, table, compress_hyper_, io, ctx, stream());
+            });
+            // Throws wire_error for a malformed payload: nothing has been written yet.
+            dx.check.run(dx.plan, table, dx.recv.get(), stream());
+            if constexpr (device_exchange_t::feedback) {
+                std::swap(dx.residual, dx.next);  // every payload decodes: the residual advances
+            }
+            // The rank-order average into the plan's work buffer (its encode is done with it).
+            backend::cuda::decode_average_topk(dx.plan, table, dx.recv.get(), comm_->size(),
+                                               dx.plan.work(), stream());
+            apply_average(dx.plan.work());
+        } else if constexpr (device_compression) {
             using support = typename detail::device_exchange<Compressor>::support;
             using codec = typename support::codec;
             auto& dx = *device_;
             const auto& table = inner_.table_;
-            backend::cuda::encode_io io;
-            io.global = global_.get();
-            io.master = inner_.master_ptr();
-            io.residual = dx.residual.get();
-            io.next_residual = dx.next.get();
-            io.payload = dx.send.get();
-            backend::cuda::device_encode_context ctx;
-            ctx.seed = seed_;
-            ctx.rank = comm_->rank();
-            ctx.round_from = outer_control_.control();  // round = outer steps + skipped syncs
-            if constexpr (requires { outer_hyper_.lr; }) {
-                ctx.outer_lr = outer_hyper_.lr;
-            }
-            backend::cuda::encode<Compressor, backend::cuda::encode_from::params>(
-                dx.plan, table, compress_hyper_, io, ctx, stream());
-            // The communicator runs on its own stream and needs the payload finished.
-            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
-            const std::size_t p = dx.plan.payload_bytes();
-            comm_->all_gather(
-                tensor_view<const std::byte>{dx.send.get(), p, 0, 0, memory_space::cuda},
-                tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+            encode_and_gather([&](const backend::cuda::encode_io& io,
+                                  const backend::cuda::device_encode_context& ctx) {
+                backend::cuda::encode<Compressor, backend::cuda::encode_from::params>(
+                    dx.plan, table, compress_hyper_, io, ctx, stream());
+            });
             typename codec::hyper ch{};
             if constexpr (support::feedback) {
                 ch = compress_hyper_.compress;

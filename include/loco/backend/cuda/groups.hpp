@@ -131,15 +131,7 @@ public:
     // The host's refusal (loco::detail::inner_engine of a matrix policy), before anything is
     // allocated: Muon updates whole matrices.
     static void check_shapes(const parameter_list& list) {
-        for (const auto& p : list) {
-            if (!p.value.is_matrix()) {
-                throw invalid_argument("loco::inner::" + std::string(Policy::name) +
-                                       " updates whole matrices, but parameter '" + p.name +
-                                       "' has no 2-D shape; give it one (cuda_matrix, "
-                                       "tensor_traits::shape) or route it to another group "
-                                       "(docs/groups.md)");
-            }
-        }
+        loco::detail::require_matrices(list, Policy::name, "cuda_matrix");
     }
 
     const backend::cuda::tensor_table& table() const noexcept { return table_; }
@@ -188,7 +180,8 @@ private:
 }  // namespace detail
 
 template <class... Groups>
-class optimizer<loco::groups<Groups...>> {
+class optimizer<loco::groups<Groups...>>
+    : public detail::optimizer_base<optimizer<loco::groups<Groups...>>> {
     static_assert((detail::device_group_policy<typename Groups::policy> && ...),
                   "loco::cuda::optimizer<loco::groups<...>> runs groups of element-wise policies "
                   "and of loco::inner::muon; another per-matrix policy runs in loco::optimizer on "
@@ -230,27 +223,6 @@ public:
         }
     }
 
-    // One update of every group, launched on the configured stream (see the top of the file).
-    step_result step() {
-        prepare();
-        launch_update();
-        return {true, false};
-    }
-
-    hyper_type& hyper() noexcept { return cfg_.inner; }
-    const hyper_type& hyper() const noexcept { return cfg_.inner; }
-    nonfinite_policy on_nonfinite() const noexcept { return cfg_.on_nonfinite; }
-    cudaStream_t stream() const noexcept { return cfg_.stream; }
-    // Every parameter, in the order of the list (the flat layout loco::cuda::diloco uses).
-    const backend::cuda::tensor_table& table() const noexcept { return table_; }
-
-    // The counters live on the device: these wait for the stream. Every group advances them in
-    // the same step, so group 0's are the optimizer's.
-    std::uint64_t steps() const { return first_control().read(cfg_.stream).steps; }
-    std::uint64_t skipped_steps() const {
-        return first_control().read(cfg_.stream).skipped + host_skipped_;
-    }
-
     // Group I's parameters, as loco::optimizer<groups<...>>::engine_state().group_params<I>().
     template <std::size_t I>
     const parameter_list& group_params() const noexcept {
@@ -279,28 +251,12 @@ public:
         return std::get<I>(engines_)->engine();
     }
 
-    void save(std::ostream& os) const {
-        loco::detail::checkpoint_writer w(os);
-        w.text("optimizer");
-        write_section(w);
-        w.finish();
-    }
-
-    void load(std::istream& is) {
-        loco::detail::checkpoint_reader r(is);
-        r.expect_text("optimizer", "the checkpoint kind");
-        section pending = read_section(r);
-        r.finish();
-        commit(pending);
-    }
-
 private:
     template <class, class, class, class>
     friend class diloco;
+    friend class detail::optimizer_base<optimizer>;
 
-    struct section {
-        std::uint64_t steps = 0;
-        std::uint64_t skipped = 0;
+    struct section : detail::section_counts {
         std::array<std::vector<float>, count> state;  // each group's, over its flat layout
     };
 
@@ -334,6 +290,8 @@ private:
     }
 
     const auto& first_control() const { return std::get<0>(engines_)->control(); }
+    // Every group advances its counters in the same step, so group 0's are the optimizer's.
+    const auto& counter_control() const { return first_control(); }
     auto& first_control() { return std::get<0>(engines_)->control(); }
 
     // What the step does about non-finite gradients: ignore turns into raise when a group needs
@@ -352,21 +310,7 @@ private:
         for_each_group([&](auto i, auto& e) {
             e.upload(std::get<decltype(i)::value>(cfg_.inner), cfg_.stream);
         });
-        const nonfinite_policy on_bad = effective_policy();
-        if (on_bad == nonfinite_policy::ignore) {
-            return;
-        }
-        backend::cuda::check_gradients(table_, first_control().control(), cfg_.stream);
-        if (on_bad == nonfinite_policy::raise) {
-            const auto c = first_control().read(cfg_.stream);
-            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
-                first_control().reset_nonfinite(cfg_.stream);
-                const auto at = table_.locate(static_cast<std::size_t>(c.first_nonfinite));
-                throw nonfinite_error("loco::cuda: the gradient of '" + table_.name(at.tensor) +
-                                      "' holds a non-finite value at element " +
-                                      std::to_string(at.element) + "; the step was not applied");
-            }
-        }
+        detail::check_step_gradients(table_, first_control(), effective_policy(), cfg_.stream);
     }
 
     // The check's verdict goes to every group's control before any group's launch (group 0's
@@ -400,9 +344,7 @@ private:
     // loco::optimizer<groups<...>>'s section, byte for byte (groups.hpp, optimizer.hpp).
     void write_section(loco::detail::checkpoint_writer& w) const {
         const auto c = first_control().read(cfg_.stream);
-        loco::detail::write_layout(w, detail::table_sizes(table_));
-        w.u64(c.steps);
-        w.u64(c.skipped + host_skipped_);
+        detail::write_section_head(w, table_, c.steps, c.skipped + host_skipped_);
         w.text("groups");
         w.u64(count);
         for_each_group([&](auto, const auto& e) {
@@ -416,10 +358,7 @@ private:
     }
 
     section read_section(loco::detail::checkpoint_reader& r) const {
-        loco::detail::read_layout(r, detail::table_sizes(table_));
-        section s;
-        s.steps = r.u64("the inner step count");
-        s.skipped = r.u64("the skipped step count");
+        section s{detail::read_section_head(r, table_), {}};
         r.expect_text("groups", "the inner optimizer");
         r.expect_u64(count, "the number of parameter groups");
         for_each_group([&](auto i, const auto& e) {

@@ -76,6 +76,100 @@ private:
     Hyper uploaded_;
 };
 
+// The gradient check of a step into `control`'s flag, unless the policy is ignore; under raise
+// its verdict on the host (one synchronisation): nonfinite_error naming the tensor.
+template <class Control>
+void check_step_gradients(const backend::cuda::tensor_table& table, Control& control,
+                          nonfinite_policy policy, cudaStream_t stream) {
+    if (policy == nonfinite_policy::ignore) {
+        return;
+    }
+    backend::cuda::check_gradients(table, control.control(), stream);
+    if (policy == nonfinite_policy::raise) {
+        const auto c = control.read(stream);
+        if (c.first_nonfinite != backend::cuda::no_nonfinite) {
+            control.reset_nonfinite(stream);
+            const auto at = table.locate(static_cast<std::size_t>(c.first_nonfinite));
+            throw nonfinite_error("loco::cuda: the gradient of '" + table.name(at.tensor) +
+                                  "' holds a non-finite value at element " +
+                                  std::to_string(at.element) + "; the step was not applied");
+        }
+    }
+}
+
+// The head of an optimizer's checkpoint section, the host's: the layout, then the step counts.
+struct section_counts {
+    std::uint64_t steps = 0;
+    std::uint64_t skipped = 0;
+};
+inline void write_section_head(loco::detail::checkpoint_writer& w,
+                               const backend::cuda::tensor_table& table, std::uint64_t steps,
+                               std::uint64_t skipped) {
+    loco::detail::write_layout(w, table_sizes(table));
+    w.u64(steps);
+    w.u64(skipped);
+}
+inline section_counts read_section_head(loco::detail::checkpoint_reader& r,
+                                        const backend::cuda::tensor_table& table) {
+    loco::detail::read_layout(r, table_sizes(table));
+    section_counts c;
+    c.steps = r.u64("the inner step count");
+    c.skipped = r.u64("the skipped step count");
+    return c;
+}
+
+// What every GPU optimizer (cuda::optimizer<Inner> and its groups specialisation) does the same
+// way around what its Derived class supplies: step() (prepare(), then launch_update()), the
+// accessors of its config and table, the step counters (counter_control(), host_skipped_), and
+// save() / load() around its checkpoint section (write_section, read_section, commit: the host
+// optimizer's format). Derived befriends this class.
+template <class Derived>
+class optimizer_base {
+public:
+    // One update of every parameter, launched on the configured stream. Under
+    // nonfinite_policy::skip a non-finite gradient makes the update a no-op on the device (counted
+    // in skipped_steps()); the returned `applied` says that the update was launched.
+    step_result step() {
+        self().prepare();
+        self().launch_update();
+        return {true, false};
+    }
+
+    auto& hyper() noexcept { return self().cfg_.inner; }
+    const auto& hyper() const noexcept { return self().cfg_.inner; }
+    nonfinite_policy on_nonfinite() const noexcept { return self().cfg_.on_nonfinite; }
+    cudaStream_t stream() const noexcept { return self().cfg_.stream; }
+    // Every parameter, in the order of the list (the flat layout loco::cuda::diloco uses).
+    const backend::cuda::tensor_table& table() const noexcept { return self().table_; }
+
+    // The counters live on the device: these wait for the stream.
+    std::uint64_t steps() const { return self().counter_control().read(stream()).steps; }
+    std::uint64_t skipped_steps() const {
+        return self().counter_control().read(stream()).skipped + self().host_skipped_;
+    }
+
+    void save(std::ostream& os) const {
+        loco::detail::checkpoint_writer w(os);
+        w.text("optimizer");
+        self().write_section(w);
+        w.finish();
+    }
+
+    // Throws checkpoint_error, leaving the optimizer as it was, for a truncated or corrupted
+    // stream or one of another policy or model.
+    void load(std::istream& is) {
+        loco::detail::checkpoint_reader r(is);
+        r.expect_text("optimizer", "the checkpoint kind");
+        auto pending = self().read_section(r);
+        r.finish();
+        self().commit(pending);
+    }
+
+private:
+    Derived& self() noexcept { return static_cast<Derived&>(*this); }
+    const Derived& self() const noexcept { return static_cast<const Derived&>(*this); }
+};
+
 // Whether Inner is loco::groups<...> (served by the specialisation in backend/cuda/groups.hpp).
 template <class Inner>
 inline constexpr bool is_groups = false;
@@ -87,7 +181,7 @@ inline constexpr bool is_groups<loco::groups<Groups...>> = true;
 // Element-wise inner policies. loco::groups<...> of element-wise policies and inner::muon (e.g.
 // MuLoCo's Muon + AdamW) are a specialisation in <loco/backend/cuda/groups.hpp>.
 template <class Inner>
-class optimizer {
+class optimizer : public detail::optimizer_base<optimizer<Inner>> {
     static_assert(elementwise_optimizer<Inner> || !detail::is_groups<Inner>,
                   "loco::cuda::optimizer<loco::groups<...>> is declared in "
                   "<loco/backend/cuda/groups.hpp>: include it (or <loco/cuda.hpp>)");
@@ -127,27 +221,6 @@ public:
         LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     }
 
-    // One update of every parameter, launched on the configured stream. Under
-    // nonfinite_policy::skip a non-finite gradient makes the update a no-op on the device (counted
-    // in skipped_steps()); the returned `applied` says that the update was launched.
-    step_result step() {
-        prepare();
-        launch_update();
-        return {true, false};
-    }
-
-    hyper_type& hyper() noexcept { return cfg_.inner; }
-    const hyper_type& hyper() const noexcept { return cfg_.inner; }
-    nonfinite_policy on_nonfinite() const noexcept { return cfg_.on_nonfinite; }
-    cudaStream_t stream() const noexcept { return cfg_.stream; }
-    const backend::cuda::tensor_table& table() const noexcept { return table_; }
-
-    // The counters live on the device: these wait for the stream.
-    std::uint64_t steps() const { return control_.read(cfg_.stream).steps; }
-    std::uint64_t skipped_steps() const {
-        return control_.read(cfg_.stream).skipped + host_skipped_;
-    }
-
     // State array j in the flat layout, copied to the host (waits for the stream).
     std::vector<float> state(int j) const {
         loco::detail::check_state_index(j, Inner::state_size, "state");
@@ -156,28 +229,12 @@ public:
             table_, state_.get() + static_cast<std::size_t>(j) * table_.padded_elements());
     }
 
-    void save(std::ostream& os) const {
-        loco::detail::checkpoint_writer w(os);
-        w.text("optimizer");
-        write_section(w);
-        w.finish();
-    }
-
-    void load(std::istream& is) {
-        loco::detail::checkpoint_reader r(is);
-        r.expect_text("optimizer", "the checkpoint kind");
-        section pending = read_section(r);
-        r.finish();
-        commit(pending);
-    }
-
 private:
     template <class, class, class, class>
     friend class diloco;
+    friend class detail::optimizer_base<optimizer>;
 
-    struct section {
-        std::uint64_t steps = 0;
-        std::uint64_t skipped = 0;
+    struct section : detail::section_counts {
         std::vector<float> state;   // flat layout, Inner::state_size arrays
         std::vector<float> master;  // flat layout; only with bf16 values
     };
@@ -187,20 +244,7 @@ private:
     void prepare() {
         loco::detail::validate_hyper<Inner>(cfg_.inner);
         mirror_.sync(cfg_.inner, control_, cfg_.stream);
-        if (cfg_.on_nonfinite == nonfinite_policy::ignore) {
-            return;
-        }
-        backend::cuda::check_gradients(table_, control_.control(), cfg_.stream);
-        if (cfg_.on_nonfinite == nonfinite_policy::raise) {
-            const auto c = control_.read(cfg_.stream);
-            if (c.first_nonfinite != backend::cuda::no_nonfinite) {
-                control_.reset_nonfinite(cfg_.stream);
-                const auto at = table_.locate(static_cast<std::size_t>(c.first_nonfinite));
-                throw nonfinite_error("loco::cuda: the gradient of '" + table_.name(at.tensor) +
-                                      "' holds a non-finite value at element " +
-                                      std::to_string(at.element) + "; the step was not applied");
-            }
-        }
+        detail::check_step_gradients(table_, control_, cfg_.on_nonfinite, cfg_.stream);
     }
 
     void launch_update() {
@@ -217,15 +261,15 @@ private:
         control_.reset_nonfinite(cfg_.stream);
     }
 
+    const auto& counter_control() const noexcept { return control_; }
+
     float* master_ptr() const noexcept {
         return table_.has_bf16_values() ? master_.get() : nullptr;
     }
 
     void write_section(loco::detail::checkpoint_writer& w) const {
         const auto c = control_.read(cfg_.stream);
-        loco::detail::write_layout(w, detail::table_sizes(table_));
-        w.u64(c.steps);
-        w.u64(c.skipped + host_skipped_);
+        detail::write_section_head(w, table_, c.steps, c.skipped + host_skipped_);
         w.text(Inner::name);
         w.u64(static_cast<std::uint64_t>(Inner::state_size));
         w.floats(backend::cuda::to_flat(table_, state_.get(),
@@ -237,10 +281,7 @@ private:
     }
 
     section read_section(loco::detail::checkpoint_reader& r) const {
-        loco::detail::read_layout(r, detail::table_sizes(table_));
-        section s;
-        s.steps = r.u64("the inner step count");
-        s.skipped = r.u64("the skipped step count");
+        section s{detail::read_section_head(r, table_), {}, {}};
         r.expect_text(Inner::name, "the inner optimizer");
         r.expect_u64(static_cast<std::uint64_t>(Inner::state_size), "the inner state size");
         s.state.resize(static_cast<std::size_t>(Inner::state_size) * table_.total_elements());
