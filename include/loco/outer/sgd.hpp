@@ -4,8 +4,10 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/math.hpp>
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 namespace loco::outer {
@@ -30,7 +32,9 @@ struct sgd {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::sgd: lr must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::outer::sgd: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
     }
 };
 
