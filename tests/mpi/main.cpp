@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
     doctest::Context context(argc, argv);
     if (rank != 0) {
         context.setOption("minimal", true);  // failures only
+        context.setOption("no-colors", true);  // no stray escape codes in rank 0's lines
     }
     int failed = context.run() != 0 ? 1 : 0;
     if (context.shouldExit()) {  // --help, --list-test-cases, ...
