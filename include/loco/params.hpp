@@ -99,7 +99,8 @@ public:
             throw shape_error(where() + "value has " + std::to_string(value.size) +
                               " elements but its gradient has " + std::to_string(grad.size));
         }
-        if (value.is_matrix() && value.rows * value.cols != value.size) {
+        if (value.is_matrix() && (detail::element_count_overflows(value.rows, value.cols) ||
+                                  value.rows * value.cols != value.size)) {
             throw shape_error(where() + "shape " + std::to_string(value.rows) + " x " +
                               std::to_string(value.cols) + " does not hold " +
                               std::to_string(value.size) + " elements");

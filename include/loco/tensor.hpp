@@ -10,9 +10,12 @@
 // std::vector and std::span are tensors out of the box (host memory).
 
 #include <loco/config.hpp>
+#include <loco/error.hpp>
 
 #include <concepts>
 #include <cstddef>
+#include <limits>
+#include <string>
 #include <span>
 #include <string_view>
 #include <type_traits>
@@ -52,22 +55,42 @@ struct tensor_view {
     }
 };
 
-// Views over raw pointers, for buffers that no tensor type wraps.
+namespace detail {
+
+// True when rows * cols does not fit std::size_t (the product would wrap around to a small count).
+constexpr bool element_count_overflows(std::size_t rows, std::size_t cols) noexcept {
+    return cols != 0 && rows > std::numeric_limits<std::size_t>::max() / cols;
+}
+
+// rows * cols; throws shape_error when the product does not fit std::size_t.
+constexpr std::size_t matrix_elements(std::size_t rows, std::size_t cols) {
+    if (element_count_overflows(rows, cols)) {
+        throw shape_error("loco: a " + std::to_string(rows) + " x " + std::to_string(cols) +
+                          " matrix has more elements than std::size_t can count; the shape is "
+                          "wrong (rows and cols swapped with something else, or uninitialised)");
+    }
+    return rows * cols;
+}
+
+}  // namespace detail
+
+// Views over raw pointers, for buffers that no tensor type wraps. The matrix forms throw
+// shape_error when rows * cols overflows std::size_t.
 template <class T>
 constexpr tensor_view<T> host_tensor(T* data, std::size_t size) noexcept {
     return {data, size, 0, 0, memory_space::host};
 }
 template <class T>
-constexpr tensor_view<T> host_matrix(T* data, std::size_t rows, std::size_t cols) noexcept {
-    return {data, rows * cols, rows, cols, memory_space::host};
+constexpr tensor_view<T> host_matrix(T* data, std::size_t rows, std::size_t cols) {
+    return {data, detail::matrix_elements(rows, cols), rows, cols, memory_space::host};
 }
 template <class T>
 constexpr tensor_view<T> cuda_tensor(T* data, std::size_t size) noexcept {
     return {data, size, 0, 0, memory_space::cuda};
 }
 template <class T>
-constexpr tensor_view<T> cuda_matrix(T* data, std::size_t rows, std::size_t cols) noexcept {
-    return {data, rows * cols, rows, cols, memory_space::cuda};
+constexpr tensor_view<T> cuda_matrix(T* data, std::size_t rows, std::size_t cols) {
+    return {data, detail::matrix_elements(rows, cols), rows, cols, memory_space::cuda};
 }
 
 // 2-D shape reported by tensor_traits<T>::shape (optional member).

@@ -20,6 +20,8 @@ set(loco_include_root ${PROJECT_SOURCE_DIR}/include)
 file(GLOB_RECURSE loco_public_headers CONFIGURE_DEPENDS
      RELATIVE ${loco_include_root} ${loco_include_root}/loco/*.hpp)
 list(SORT loco_public_headers)
+# loco/comm/mpi.hpp needs <mpi.h>: checked on its own below, against loco::mpi, when MPI is found.
+list(REMOVE_ITEM loco_public_headers loco/comm/mpi.hpp)
 
 set(loco_host_header_tus)
 set(loco_cuda_header_tus)
@@ -65,4 +67,13 @@ if(loco_cuda_header_tus AND LOCO_HAS_CUDA)
   list(JOIN loco_cuda_host_warnings "," loco_cuda_host_warnings)
   target_compile_options(loco_header_check_cuda PRIVATE
     -Xcompiler=${loco_cuda_host_warnings} -Werror=all-warnings)
+endif()
+
+if(TARGET loco::mpi)
+  set(LOCO_HEADER loco/comm/mpi.hpp)
+  configure_file(${CMAKE_CURRENT_LIST_DIR}/header_tu.in
+                 ${CMAKE_CURRENT_BINARY_DIR}/headers/loco_comm_mpi_hpp.cpp @ONLY)
+  add_library(loco_header_check_mpi OBJECT ${CMAKE_CURRENT_BINARY_DIR}/headers/loco_comm_mpi_hpp.cpp)
+  target_link_libraries(loco_header_check_mpi PRIVATE loco::mpi)
+  target_compile_options(loco_header_check_mpi PRIVATE ${LOCO_HEADER_WARNINGS})
 endif()

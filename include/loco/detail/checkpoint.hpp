@@ -7,8 +7,12 @@
 #include <loco/error.hpp>
 
 #include <bit>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <istream>
 #include <ostream>
 #include <span>
@@ -41,6 +45,15 @@ private:
 class checkpoint_writer {
 public:
     explicit checkpoint_writer(std::ostream& os) : os_(os) {
+        if (!os_) {
+            const auto* file = dynamic_cast<const std::ofstream*>(&os_);
+            throw checkpoint_error(
+                file != nullptr && !file->is_open()
+                    ? "loco: the checkpoint file could not be created (the std::ofstream given to "
+                      "save() has no open file); check the path and its permissions, or create "
+                      "it with loco::create_checkpoint(path), which says why"
+                    : "loco: the checkpoint stream given to save() is already in a failed state");
+        }
         raw(checkpoint_magic, sizeof checkpoint_magic);
         u32(checkpoint_format_version);
     }
@@ -82,8 +95,25 @@ private:
 class checkpoint_reader {
 public:
     explicit checkpoint_reader(std::istream& is) : is_(is) {
+        if (!is_) {
+            const auto* file = dynamic_cast<const std::ifstream*>(&is_);
+            throw checkpoint_error(
+                file != nullptr && !file->is_open()
+                    ? "loco: the checkpoint file could not be opened (the std::ifstream given to "
+                      "load() has no open file); check the path, or open it with "
+                      "loco::open_checkpoint(path), which says why"
+                    : "loco: the checkpoint stream given to load() is already in a failed state");
+        }
         char magic[sizeof checkpoint_magic];
-        raw(magic, sizeof magic, "the file signature");
+        is_.read(magic, sizeof magic);
+        if (is_.gcount() == 0) {
+            throw checkpoint_error("loco: the checkpoint is empty (0 bytes); it was never written "
+                                   "or its writer failed");
+        }
+        if (is_.gcount() != static_cast<std::streamsize>(sizeof magic)) {
+            throw checkpoint_error("loco: checkpoint truncated while reading the file signature");
+        }
+        hash_.add(magic, sizeof magic);
         if (std::string_view(magic, sizeof magic) !=
             std::string_view(checkpoint_magic, sizeof checkpoint_magic)) {
             throw checkpoint_error("loco: not a loco checkpoint (bad signature)");
@@ -177,3 +207,35 @@ private:
 };
 
 }  // namespace loco::detail
+
+namespace loco {
+
+// Opens a checkpoint file for load(); throws checkpoint_error saying why it cannot (the system's
+// reason: no such file, permission denied, ...) instead of leaving a failed stream for load().
+inline std::ifstream open_checkpoint(const std::filesystem::path& path) {
+    errno = 0;
+    std::ifstream in(path, std::ios::binary);
+    if (!in.is_open()) {
+        const int reason = errno;
+        throw checkpoint_error("loco: cannot open the checkpoint file '" + path.string() + "': " +
+                               (reason != 0 ? std::string(std::strerror(reason))
+                                            : std::string("the system gave no reason")));
+    }
+    return in;
+}
+
+// Creates (or truncates) a checkpoint file for save(); throws checkpoint_error saying why it
+// cannot.
+inline std::ofstream create_checkpoint(const std::filesystem::path& path) {
+    errno = 0;
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out.is_open()) {
+        const int reason = errno;
+        throw checkpoint_error("loco: cannot create the checkpoint file '" + path.string() + "': " +
+                               (reason != 0 ? std::string(std::strerror(reason))
+                                            : std::string("the system gave no reason")));
+    }
+    return out;
+}
+
+}  // namespace loco

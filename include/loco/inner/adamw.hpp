@@ -8,6 +8,7 @@
 #include <loco/math.hpp>
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 namespace loco::inner {
@@ -55,14 +56,24 @@ struct adamw {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::inner::adamw: lr must be >= 0");
+        // Written so that NaN fails every test. eps divides (m / (sqrt(v) + eps) with v = 0 for a
+        // zero gradient), so it must be positive.
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::inner::adamw: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
         if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f))
-            throw invalid_argument("loco::inner::adamw: beta1 must be in [0, 1)");
+            throw invalid_argument("loco::inner::adamw: beta1 must be in [0, 1), got " +
+                                   std::to_string(h.beta1));
         if (!(h.beta2 >= 0.0f && h.beta2 < 1.0f))
-            throw invalid_argument("loco::inner::adamw: beta2 must be in [0, 1)");
-        if (!(h.eps >= 0.0f)) throw invalid_argument("loco::inner::adamw: eps must be >= 0");
-        if (!(h.weight_decay >= 0.0f))
-            throw invalid_argument("loco::inner::adamw: weight_decay must be >= 0");
+            throw invalid_argument("loco::inner::adamw: beta2 must be in [0, 1), got " +
+                                   std::to_string(h.beta2));
+        if (!(h.eps > 0.0f && math::isfinite(h.eps)))
+            throw invalid_argument("loco::inner::adamw: eps must be finite and > 0 (it keeps the "
+                                   "update's denominator away from zero), got " +
+                                   std::to_string(h.eps));
+        if (!(h.weight_decay >= 0.0f && math::isfinite(h.weight_decay)))
+            throw invalid_argument("loco::inner::adamw: weight_decay must be finite and >= 0, got " +
+                                   std::to_string(h.weight_decay));
     }
 };
 

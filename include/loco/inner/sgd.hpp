@@ -5,8 +5,10 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/math.hpp>
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 namespace loco::inner {
@@ -50,12 +52,19 @@ struct sgd {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::inner::sgd: lr must be >= 0");
-        if (!(h.momentum >= 0.0f)) throw invalid_argument("loco::inner::sgd: momentum must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::inner::sgd: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
+        // A momentum of 1 or more never forgets a gradient: the buffer grows without bound.
+        if (!(h.momentum >= 0.0f && h.momentum < 1.0f))
+            throw invalid_argument("loco::inner::sgd: momentum must be in [0, 1), got " +
+                                   std::to_string(h.momentum));
         if (!(h.dampening >= 0.0f && h.dampening <= 1.0f))
-            throw invalid_argument("loco::inner::sgd: dampening must be in [0, 1]");
-        if (!(h.weight_decay >= 0.0f))
-            throw invalid_argument("loco::inner::sgd: weight_decay must be >= 0");
+            throw invalid_argument("loco::inner::sgd: dampening must be in [0, 1], got " +
+                                   std::to_string(h.dampening));
+        if (!(h.weight_decay >= 0.0f && math::isfinite(h.weight_decay)))
+            throw invalid_argument("loco::inner::sgd: weight_decay must be finite and >= 0, got " +
+                                   std::to_string(h.weight_decay));
         if (h.nesterov && (h.momentum <= 0.0f || h.dampening != 0.0f))
             throw invalid_argument(
                 "loco::inner::sgd: Nesterov momentum requires momentum > 0 and dampening = 0");

@@ -65,12 +65,19 @@ struct adam {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::adam: lr must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::outer::adam: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
         if (!(h.beta1 >= 0.0f && h.beta1 < 1.0f))
-            throw invalid_argument("loco::outer::adam: beta1 must be in [0, 1)");
+            throw invalid_argument("loco::outer::adam: beta1 must be in [0, 1), got " +
+                                   std::to_string(h.beta1));
         if (!(h.beta2 >= 0.0f && h.beta2 < 1.0f))
-            throw invalid_argument("loco::outer::adam: beta2 must be in [0, 1)");
-        if (!(h.tau > 0.0f)) throw invalid_argument("loco::outer::adam: tau must be > 0");
+            throw invalid_argument("loco::outer::adam: beta2 must be in [0, 1), got " +
+                                   std::to_string(h.beta2));
+        // tau divides (m / (sqrt(v) + tau)); an infinite one silently stops every update.
+        if (!(h.tau > 0.0f && math::isfinite(h.tau)))
+            throw invalid_argument("loco::outer::adam: tau must be finite and > 0, got " +
+                                   std::to_string(h.tau));
     }
 };
 

@@ -6,6 +6,7 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/math.hpp>
 
 #include <cstdint>
 #include <sstream>
@@ -45,9 +46,12 @@ struct nesterov {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::nesterov: lr must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::outer::nesterov: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
         if (!(h.momentum >= 0.0f && h.momentum < 1.0f))
-            throw invalid_argument("loco::outer::nesterov: momentum must be in [0, 1)");
+            throw invalid_argument("loco::outer::nesterov: momentum must be in [0, 1), got " +
+                                   std::to_string(h.momentum));
     }
 };
 

@@ -4,6 +4,7 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/math.hpp>
 
 #include <cstdint>
 #include <sstream>
@@ -39,7 +40,9 @@ struct sgd {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::sgd: lr must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument("loco::outer::sgd: lr must be finite and >= 0, got " +
+                                   std::to_string(h.lr));
     }
 };
 

@@ -1,0 +1,503 @@
+// loco::comm::mpi under mpirun (any number of ranks, 1 included). Each MPI process also runs the
+// same computation over comm::threads with as many thread ranks as there are MPI ranks, and checks
+// that its own MPI rank ends with the bytes its thread rank ends with, bit for bit: collectives,
+// byte counts, and whole DiLoCo runs for every compressor. Then the split-phase rules (start order,
+// blocking calls between), and the errors.
+//
+// Every rank runs every case in the same order and calls the same collectives; checks are CHECK,
+// never REQUIRE, so that a failure on one rank does not leave its peers waiting in a collective.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "mpi_support.hpp"
+
+#include <loco/comm/mpi.hpp>
+#include <loco/loco.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+using loco::comm::reduce_op;
+
+int world_rank() {
+    int r = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    return r;
+}
+int world_size() {
+    int s = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &s);
+    return s;
+}
+
+// Rank r's input, which every rank can regenerate.
+std::vector<float> rank_input(const std::string& label, int rank, std::size_t n) {
+    auto rng = rng_for(label + "/" + std::to_string(rank));
+    return normal_floats(rng, n);
+}
+std::vector<std::byte> rank_bytes(const std::string& label, int rank, std::size_t n) {
+    auto rng = rng_for(label + "/bytes/" + std::to_string(rank));
+    std::vector<std::byte> v(n);
+    for (auto& b : v) {
+        b = static_cast<std::byte>(rng() & 0xffu);
+    }
+    return v;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() &&
+           (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
+// True on every rank when `ok` is true on every rank.
+bool all_ranks(bool ok) {
+    int mine = ok ? 1 : 0;
+    int all = 0;
+    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    return all == 1;
+}
+
+// The same rank's result of fn over comm::threads with size() thread ranks.
+template <class Result, class Fn>
+Result on_threads(int size, int rank, Fn fn) {
+    std::vector<Result> results(static_cast<std::size_t>(size));
+    loco::comm::run_threads(size, [&](loco::comm::communicator& comm) {
+        results[static_cast<std::size_t>(comm.rank())] = fn(comm);
+    });
+    return results[static_cast<std::size_t>(rank)];
+}
+
+// Bytes rank r sends in an all-reduce of n floats over m ranks (comm/threads.hpp).
+std::uint64_t all_reduce_bytes(std::size_t n, int m, int r) {
+    const auto mm = static_cast<std::size_t>(m);
+    const std::size_t chunk = n * std::size_t(r + 1) / mm - n * std::size_t(r) / mm;
+    return 4 * (n + (mm - 2) * chunk);
+}
+
+struct reduce_result {
+    std::vector<float> data;
+    std::uint64_t bytes = 0;
+};
+
+}  // namespace
+
+TEST_CASE("mpi: built before MPI_Init, the communicator is refused with a clear error") {
+    CHECK(loco_mpi_test::message_before_init.find("MPI is not initialised; call MPI_Init") !=
+          std::string::npos);
+}
+
+TEST_CASE("mpi all_reduce: rank-order sums, bit-identical to comm::threads, same bytes") {
+    const int m = world_size();
+    const int me = world_rank();
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    CHECK(comm.rank() == me);
+    CHECK(comm.size() == m);
+    CHECK(comm.name() == "mpi");
+    CHECK(comm.space() == loco::memory_space::host);
+    const auto um = static_cast<std::size_t>(m);
+    for (const std::size_t n : {std::size_t{0}, std::size_t{1}, um - 1, um, std::size_t{1000},
+                                std::size_t{1003}, std::size_t{65537}}) {
+        for (const reduce_op op : {reduce_op::sum, reduce_op::mean}) {
+            CAPTURE(n);
+            CAPTURE(op == reduce_op::sum ? "sum" : "mean");
+            const std::string label = "all_reduce " + std::to_string(n);
+            const auto want = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+                auto x = rank_input(label, t.rank(), n);
+                t.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+                return reduce_result{x, t.bytes_sent()};
+            });
+            auto x = rank_input(label, me, n);
+            const std::uint64_t before = comm.bytes_sent();
+            comm.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+            CHECK(same_bits(x, want.data));
+            CHECK(comm.bytes_sent() - before == want.bytes);
+            CHECK(comm.bytes_sent() - before == all_reduce_bytes(n, m, me));
+
+            // And against a double-precision sum of every rank's input.
+            std::size_t bad = 0;
+            std::vector<double> sum(n, 0.0), magnitude(n, 0.0);
+            for (int r = 0; r < m; ++r) {
+                const auto in = rank_input(label, r, n);
+                for (std::size_t i = 0; i < n; ++i) {
+                    sum[i] += in[i];
+                    magnitude[i] += std::abs(double(in[i]));
+                }
+            }
+            const double scale = op == reduce_op::mean ? 1.0 / m : 1.0;
+            for (std::size_t i = 0; i < n; ++i) {
+                if (std::abs(x[i] - sum[i] * scale) > 1.2e-7 * m * magnitude[i] * scale + 1e-30) {
+                    ++bad;
+                }
+            }
+            CHECK(bad == 0);
+        }
+    }
+}
+
+TEST_CASE("mpi all_gather, all_to_all, broadcast, barrier: data and bytes as comm::threads") {
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    for (const std::size_t b : {std::size_t{0}, std::size_t{1}, std::size_t{13}, std::size_t{4096}}) {
+        CAPTURE(b);
+        const std::string label = "gather " + std::to_string(b);
+        std::vector<std::byte> want(um * b);
+        for (int r = 0; r < m; ++r) {
+            const auto in = rank_bytes(label, r, b);
+            std::copy(in.begin(), in.end(), want.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
+        }
+        const auto send = rank_bytes(label, me, b);
+        std::vector<std::byte> recv(um * b, std::byte{0x5a});
+        std::uint64_t before = comm.bytes_sent();
+        comm.all_gather(loco::host_tensor(send.data(), send.size()),
+                        loco::host_tensor(recv.data(), recv.size()));
+        CHECK(recv == want);
+        CHECK(comm.bytes_sent() - before == (um - 1) * b);
+
+        // In place: the send buffer is this rank's slot of recv.
+        std::vector<std::byte> inplace(um * b, std::byte{0});
+        std::copy(send.begin(), send.end(), inplace.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b));
+        comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(inplace.data()) + std::size_t(me) * b, b),
+                        loco::host_tensor(inplace.data(), inplace.size()));
+        CHECK(inplace == want);
+
+        // all_to_all: block k of rank r goes to rank k.
+        const auto mine = rank_bytes(label + " a2a", me, um * b);
+        std::vector<std::byte> got(um * b);
+        before = comm.bytes_sent();
+        comm.all_to_all(loco::host_tensor(mine.data(), mine.size()),
+                        loco::host_tensor(got.data(), got.size()));
+        bool blocks_ok = true;
+        for (int r = 0; r < m; ++r) {
+            const auto theirs = rank_bytes(label + " a2a", r, um * b);
+            blocks_ok = blocks_ok && std::equal(theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b),
+                                                theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me + 1) * b),
+                                                got.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
+        }
+        CHECK(blocks_ok);
+        CHECK(comm.bytes_sent() - before == (um - 1) * b);
+
+        // broadcast from the last rank.
+        const int root = m - 1;
+        auto data = rank_bytes(label + " bcast", me, b);
+        before = comm.bytes_sent();
+        comm.broadcast(loco::host_tensor(data.data(), data.size()), root);
+        CHECK(data == rank_bytes(label + " bcast", root, b));
+        CHECK(comm.bytes_sent() - before == (me == root ? (um - 1) * b : 0));
+    }
+    const std::uint64_t before = comm.bytes_sent();
+    comm.barrier();
+    CHECK(comm.bytes_sent() == before);
+}
+
+TEST_CASE("mpi split-phase: collectives complete in start order, whatever order they finish in") {
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    const std::size_t n = 10007;
+    const std::size_t b = 333;
+    const auto want_a = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+        auto x = rank_input("split a", t.rank(), n);
+        t.all_reduce(loco::host_tensor(x.data(), n), reduce_op::mean);
+        return reduce_result{x, t.bytes_sent()};
+    });
+    const auto want_c = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+        auto x = rank_input("split c", t.rank(), n + 5);
+        t.all_reduce(loco::host_tensor(x.data(), n + 5), reduce_op::sum);
+        return reduce_result{x, t.bytes_sent()};
+    });
+    std::vector<std::byte> want_b(um * b);
+    for (int r = 0; r < m; ++r) {
+        const auto in = rank_bytes("split b", r, b);
+        std::copy(in.begin(), in.end(), want_b.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
+    }
+
+    // Each rank finishes the three requests in another order; the ranks must agree anyway.
+    const int orders[6][3] = {{0, 1, 2}, {2, 1, 0}, {1, 0, 2}, {2, 0, 1}, {1, 2, 0}, {0, 2, 1}};
+    for (int round = 0; round < 3; ++round) {
+        CAPTURE(round);
+        auto a = rank_input("split a", me, n);
+        auto c = rank_input("split c", me, n + 5);
+        const auto send = rank_bytes("split b", me, b);
+        std::vector<std::byte> recv(um * b);
+        const std::uint64_t before = comm.bytes_sent();
+        loco::comm::request requests[3];
+        requests[0] = comm.start_all_reduce(loco::host_tensor(a.data(), n), reduce_op::mean);
+        requests[1] = comm.start_all_gather(loco::host_tensor(send.data(), b),
+                                            loco::host_tensor(recv.data(), recv.size()));
+        requests[2] = comm.start_all_reduce(loco::host_tensor(c.data(), n + 5), reduce_op::sum);
+        CHECK(requests[0].pending());
+        const auto& order = orders[(me + round) % 6];
+        for (const int k : order) {
+            requests[k].finish();
+        }
+        CHECK(same_bits(a, want_a.data));
+        CHECK(same_bits(c, want_c.data));
+        CHECK(recv == want_b);
+        CHECK(comm.bytes_sent() - before == want_a.bytes + want_c.bytes + (um - 1) * b);
+        CHECK_THROWS_AS(requests[0].finish(), loco::invalid_argument);
+    }
+
+    // A blocking collective between start and finish completes what was started before it.
+    auto a = rank_input("split a", me, n);
+    auto r = comm.start_all_reduce(loco::host_tensor(a.data(), n), reduce_op::mean);
+    std::vector<float> root_value{static_cast<float>(me)};
+    comm.broadcast(loco::comm::as_bytes(loco::host_tensor(root_value.data(), 1)), 0);
+    CHECK(root_value[0] == 0.0f);
+    CHECK(same_bits(a, want_a.data));  // complete before finish()
+    r.finish();
+    CHECK(same_bits(a, want_a.data));
+
+    // Compute between start and finish (what diloco's overlapped sync does).
+    auto a2 = rank_input("split a", me, n);
+    auto r2 = comm.start_all_reduce(loco::host_tensor(a2.data(), n), reduce_op::mean);
+    double busy = 0;
+    for (int i = 0; i < 100000; ++i) {
+        busy += std::sqrt(double(i));
+    }
+    CHECK(busy > 0);
+    r2.finish();
+    CHECK(same_bits(a2, want_a.data));
+}
+
+TEST_CASE("mpi: a request dropped unfinished poisons its communicator on every rank") {
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    std::vector<float> x(100, 1.0f);
+    {
+        auto r = comm.start_all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);
+    }  // destroyed: waits for the transfer, then marks the communicator
+    CHECK(x[0] == static_cast<float>(world_size()));  // the transfer did complete
+    CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("was started but never finished"),
+                         loco::comm_error);
+}
+
+TEST_CASE("mpi: ranks that disagree all throw the same comm_error and the communicator goes on") {
+    const int m = world_size();
+    const int me = world_rank();
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    if (m > 1) {
+        std::vector<float> x(me == 0 ? 4 : 5, 1.0f);
+        const auto before = x;
+        CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum),
+                             doctest::Contains("ranks disagree on the size: from 4 floats to 5 floats"),
+                             loco::comm_error);
+        CHECK(x == before);  // no data moved
+
+        std::vector<std::byte> bytes(8);
+        std::vector<std::byte> recv(8 * static_cast<std::size_t>(m));
+        const auto call = [&] {
+            if (me == 0) {
+                comm.broadcast(loco::host_tensor(bytes.data(), bytes.size()), 0);
+            } else {
+                comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(bytes.data()), 8),
+                                loco::host_tensor(recv.data(), recv.size()));
+            }
+        };
+        CHECK_THROWS_WITH_AS(call(), doctest::Contains("ranks disagree on the collective: some called all_gather, others broadcast"),
+                             loco::comm_error);
+        CHECK_THROWS_WITH_AS(comm.broadcast(loco::host_tensor(bytes.data(), bytes.size()), me == 0 ? 0 : 1),
+                             doctest::Contains("ranks disagree on the root"), loco::comm_error);
+        CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), 4),
+                                             me == 0 ? reduce_op::sum : reduce_op::mean),
+                             doctest::Contains("ranks disagree on the reduce operation"), loco::comm_error);
+    }
+    // Still usable: every rank refused the same calls.
+    std::vector<float> y(7, 2.0f);
+    comm.all_reduce(loco::host_tensor(y.data(), y.size()), reduce_op::mean);
+    CHECK(y == std::vector<float>(7, 2.0f));
+    // The base class's argument checks come first, on each rank alone.
+    std::vector<std::byte> small(3);
+    CHECK_THROWS_AS(comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(small.data()), 3),
+                                    loco::host_tensor(small.data(), 3 * static_cast<std::size_t>(m) - 1)),
+                    loco::shape_error);
+    CHECK_THROWS_AS(comm.broadcast(loco::host_tensor(small.data(), 3), m), loco::invalid_argument);
+    CHECK_THROWS_AS(comm.all_reduce(loco::cuda_tensor(y.data(), y.size()), reduce_op::sum),
+                    loco::memory_space_error);
+}
+
+TEST_CASE("mpi: an MPI error becomes a comm_error with MPI's text, and the communicator refuses later calls") {
+    // Without the call check, the root broadcasts 64 bytes into a peer that expects 16: MPI itself
+    // reports the truncation on the receiver. In pairs of ranks, so that the broadcast goes straight
+    // from root to receiver (in a larger tree, a receiver that failed would never forward the data
+    // and its children would wait forever: MPI has no timeout).
+    const int me = world_rank();
+    MPI_Comm pair = MPI_COMM_NULL;
+    MPI_Comm_split(MPI_COMM_WORLD, me / 2, me, &pair);
+    loco::comm::mpi comm(pair, {.take_ownership = true, .check_calls = false});
+    std::vector<std::byte> data(comm.rank() == 0 ? 64 : 16);
+    std::string message;
+    try {
+        comm.broadcast(loco::host_tensor(data.data(), data.size()), 0);
+    } catch (const loco::comm_error& e) {
+        message = e.what();
+    }
+    if (comm.rank() == 1) {
+        CHECK(message.find("loco::comm::mpi rank 1, broadcast: MPI_Bcast failed: MPI_ERR_TRUNCATE") !=
+              std::string::npos);
+        CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("an earlier MPI error left this communicator unusable"),
+                             loco::comm_error);
+    } else {
+        CHECK(message.empty());
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
+TEST_CASE("mpi: bad communicators and sizes are refused at construction") {
+    const int m = world_size();
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_NULL), doctest::Contains("MPI_COMM_NULL"),
+                         loco::invalid_argument);
+    const std::string wrong_size = "expected " + std::to_string(m + 1) +
+                                   " ranks but the MPI communicator has " + std::to_string(m);
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.expected_size = m + 1}),
+                         doctest::Contains(wrong_size.c_str()), loco::comm_error);
+    CHECK_THROWS_AS(loco::comm::mpi(MPI_COMM_WORLD, {.expected_size = -1}), loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.take_ownership = true}),
+                         doctest::Contains("cannot be freed"), loco::invalid_argument);
+    loco::comm::mpi ok(MPI_COMM_WORLD, {.expected_size = m});
+    CHECK(ok.size() == m);
+    CHECK(ok.handle() == MPI_COMM_WORLD);
+
+    // diloco refuses a communicator of another size than it was configured for.
+    std::vector<float> w(4, 1.0f), g(4, 0.0f);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd>;
+    const std::string refused = "communicator has " + std::to_string(m) + " ranks";
+    CHECK_THROWS_WITH_AS(opt_t(list, ok, {.workers = m + 1}), doctest::Contains(refused.c_str()),
+                         loco::comm_error);
+}
+
+TEST_CASE("mpi over a sub-communicator it owns: even and odd ranks reduce separately") {
+    const int me = world_rank();
+    MPI_Comm half = MPI_COMM_NULL;
+    MPI_Comm_split(MPI_COMM_WORLD, me % 2, me, &half);
+    loco::comm::mpi comm(half, {.take_ownership = true});
+    int half_size = 0;
+    MPI_Comm_size(half, &half_size);
+    CHECK(comm.size() == half_size);
+    CHECK(comm.rank() == me / 2);
+    const std::size_t n = 999;
+    const std::string label = "half " + std::to_string(me % 2);
+    const auto want = on_threads<reduce_result>(half_size, comm.rank(), [&](loco::comm::communicator& t) {
+        auto x = rank_input(label, t.rank(), n);
+        t.all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+        return reduce_result{x, t.bytes_sent()};
+    });
+    auto x = rank_input(label, comm.rank(), n);
+    comm.all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+    CHECK(same_bits(x, want.data));
+    CHECK(comm.bytes_sent() == want.bytes);
+}  // the communicator frees `half`
+
+namespace {
+
+// The state a DiLoCo run ends with on one rank.
+struct run_result {
+    std::vector<float> params;
+    std::vector<float> global;
+    std::vector<float> compressor_state;
+    std::uint64_t bytes = 0;
+    std::uint64_t outer_steps = 0;
+};
+
+// A DiLoCo run: a 12 x 20 matrix, a 37-vector and a 5-vector, inner SGD with momentum, outer
+// Nesterov, four syncs of H = 3 steps, random starting points (rank 0's win) and gradients per
+// (rank, step). (Not AdamW: its first steps move every element by almost exactly lr, and sums of
+// such pseudo-gradients are exact in any order, which would hide a wrong summation order.)
+template <class Compressor>
+run_result diloco_run(loco::comm::communicator& comm, const std::string& label,
+                      typename Compressor::hyper compress_hyper, loco::exchange_scheme scheme) {
+    const std::size_t rows = 12, cols = 20;
+    const std::size_t total = rows * cols + 37 + 5;
+    auto init = [&] {
+        auto rng = rng_for(label + "/init/" + std::to_string(comm.rank()));
+        return normal_floats(rng, total);
+    }();
+    std::vector<float> flat = init, grad(total);
+    loco::parameter_list list;
+    list.add_views("w", loco::host_matrix(flat.data(), rows, cols),
+                   loco::host_matrix(static_cast<const float*>(grad.data()), rows, cols));
+    list.add_views("b", loco::host_tensor(flat.data() + rows * cols, 37),
+                   loco::host_tensor(static_cast<const float*>(grad.data()) + rows * cols, 37));
+    list.add_views("c", loco::host_tensor(flat.data() + rows * cols + 37, 5),
+                   loco::host_tensor(static_cast<const float*>(grad.data()) + rows * cols + 37, 5));
+    loco::diloco<loco::inner::sgd, loco::outer::nesterov, Compressor> opt(
+        list, comm,
+        {.inner = {.lr = 0.05f, .momentum = 0.9f},
+         .outer = {.lr = 0.7f, .momentum = 0.9f},
+         .schedule = {.every = 3},
+         .compress = compress_hyper,
+         .exchange = scheme,
+         .seed = 1234});
+    opt.start();
+    for (int step = 1; step <= 12; ++step) {
+        auto rng = rng_for(label + "/grad/" + std::to_string(comm.rank()) + "/" + std::to_string(step));
+        const auto fresh = normal_floats(rng, total);
+        std::copy(fresh.begin(), fresh.end(), grad.begin());
+        opt.step();
+    }
+    return {flat, std::vector<float>(opt.global().begin(), opt.global().end()),
+            std::vector<float>(opt.compressor_state().begin(), opt.compressor_state().end()),
+            comm.bytes_sent(), opt.outer_steps()};
+}
+
+template <class Compressor>
+void check_diloco_matches_threads(const std::string& label, typename Compressor::hyper h,
+                                  loco::exchange_scheme scheme = loco::exchange_scheme::automatic) {
+    const int m = world_size();
+    const int me = world_rank();
+    CAPTURE(label);
+    const auto want = on_threads<run_result>(m, me, [&](loco::comm::communicator& t) {
+        return diloco_run<Compressor>(t, label, h, scheme);
+    });
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    const auto got = diloco_run<Compressor>(comm, label, h, scheme);
+    CHECK(got.outer_steps == 4);
+    CHECK(same_bits(got.params, want.params));
+    CHECK(same_bits(got.global, want.global));
+    CHECK(same_bits(got.compressor_state, want.compressor_state));
+    CHECK(got.bytes == want.bytes);
+    // The run did move the parameters (a run that changed nothing would match trivially).
+    auto rng = rng_for(label + "/init/0");
+    CHECK(!same_bits(got.params, normal_floats(rng, got.params.size())));
+    // And every MPI rank holds the same parameters after the last sync.
+    std::vector<float> rank0 = got.params;
+    MPI_Bcast(rank0.data(), static_cast<int>(rank0.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+    CHECK(all_ranks(same_bits(rank0, got.params)));
+}
+
+}  // namespace
+
+TEST_CASE("mpi diloco equals threads bit for bit: no compression") {
+    check_diloco_matches_threads<loco::compress::none>("diloco none", {});
+    check_diloco_matches_threads<loco::compress::none>("diloco none gather", {},
+                                                       loco::exchange_scheme::all_gather);
+}
+
+TEST_CASE("mpi diloco equals threads bit for bit: cast<bf16>") {
+    check_diloco_matches_threads<loco::compress::cast<loco::bf16>>("diloco bf16", {});
+}
+
+TEST_CASE("mpi diloco equals threads bit for bit: blockwise<4> with stochastic rounding") {
+    check_diloco_matches_threads<loco::compress::blockwise<4, 32>>(
+        "diloco blockwise", {.round = loco::compress::rounding::stochastic});
+}
+
+TEST_CASE("mpi diloco equals threads bit for bit: statistical<2> with error feedback, both schemes") {
+    using ef = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    check_diloco_matches_threads<ef>("diloco statistical", {.decay = 0.9f});
+    check_diloco_matches_threads<ef>("diloco statistical two-phase", {.decay = 0.9f},
+                                     loco::exchange_scheme::two_phase);
+}
+
+TEST_CASE("mpi diloco equals threads bit for bit: topk") {
+    check_diloco_matches_threads<loco::compress::topk>("diloco topk", {.ratio = 0.1f});
+}
