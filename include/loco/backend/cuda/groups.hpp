@@ -132,12 +132,26 @@ public:
     // allocated: Muon updates whole matrices.
     static void check_shapes(const parameter_list& list) {
         for (const auto& p : list) {
+            if (p.role == role::vector) {
+                throw invalid_argument("loco::inner::" + std::string(Policy::name) +
+                                       " updates whole matrices, but parameter '" + p.name +
+                                       "' has role vector; route it to another group "
+                                       "(docs/groups.md)");
+            }
             if (!p.value.is_matrix()) {
                 throw invalid_argument("loco::inner::" + std::string(Policy::name) +
                                        " updates whole matrices, but parameter '" + p.name +
                                        "' has no 2-D shape; give it one (cuda_matrix, "
                                        "tensor_traits::shape) or route it to another group "
                                        "(docs/groups.md)");
+            }
+            // Stacks are a host feature in this version (docs/groups.md, "Stacked tensors").
+            if (p.matrices > 1) {
+                throw invalid_argument("loco::cuda: parameter '" + p.name + "' is a stack of " +
+                                       std::to_string(p.matrices) +
+                                       " matrices, which Muon on the GPU does not take yet; "
+                                       "register each matrix as its own parameter, or run "
+                                       "Muon on the host (docs/groups.md)");
             }
         }
     }
