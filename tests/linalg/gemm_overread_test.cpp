@@ -13,8 +13,8 @@
 // Every product is compared against a double-precision product computed here.
 #include <doctest/doctest.h>
 
-#include "support/compare.hpp"
-#include "support/random.hpp"
+#include "../support/compare.hpp"
+#include "../support/random.hpp"
 
 #include <loco/linalg/gemm.hpp>
 
