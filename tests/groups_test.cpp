@@ -374,8 +374,9 @@ TEST_CASE("groups: a 2-D parameter without a role sent to Muon on its shape warn
     REQUIRE(warnings.lines.size() == 1);
     const std::string& line = warnings.lines[0];
     INFO(line);
-    CHECK(line.find("loco: warning: 'h.attn' (18 x 6) by loco::is_hidden_matrix, 'h.ln' (3 x 6) "
-                    "by loco::is_hidden_matrix went to a per-matrix policy") == 0);
+    // h.attn is a declared stack of matrices: no guess. h.ln is the (L, C) guess.
+    CHECK(line.find("loco: warning: 'h.ln' (3 x 6) by loco::is_hidden_matrix went to a per-matrix "
+                    "policy (Muon) on a 2-D shape alone") == 0);
     CHECK(line.find(".role = loco::role::matrix or loco::role::vector") != std::string::npos);
     CHECK(line.find("docs/groups.md") != std::string::npos);
 
@@ -405,7 +406,7 @@ TEST_CASE("groups: strict roles refuse the shape guess, naming the parameter") {
     CHECK(bare.list.strict_roles());
     CHECK_THROWS_WITH_AS(
         loco::optimizer<muloco_groups>(bare.list),
-        "loco: parameter 'h.attn' (18 x 6) has no role, and loco::is_hidden_matrix would send it to "
+        "loco: parameter 'h.ln' (3 x 6) has no role, and loco::is_hidden_matrix would send it to "
         "a per-matrix policy on its 2-D shape alone; add it with .role = loco::role::matrix for a "
         "weight matrix or loco::role::vector for a stack of norm gains or biases (docs/groups.md)",
         loco::invalid_argument);

@@ -244,8 +244,10 @@ public:
                                        "' matches no parameter group; add a last "
                                        "group<loco::otherwise, ...>");
             }
+            // A declared stack of matrices says what it is, even without a role.
             if (const std::string_view selector = guessing_selectors[g];
-                !selector.empty() && per_matrix[g] && p.role == role::unspecified) {
+                !selector.empty() && per_matrix[g] && p.role == role::unspecified &&
+                p.matrices == 1) {
                 const std::string what = "'" + p.name + "' (" + std::to_string(p.value.rows) +
                                          " x " + std::to_string(p.value.cols) + ")";
                 if (params.strict_roles()) {
