@@ -1095,12 +1095,15 @@ TEST_CASE("docs: MuLoCo from parameter groups") {
     std::vector<float> g_wte(wte.size()), g_w1(w1.size()), g_gain(gain.size()), g_head(head.size());
     loco::parameter_list params;
     params.add_views("wte", loco::host_matrix(wte.data(), 8, 4),
-                     loco::host_matrix(static_cast<const float*>(g_wte.data()), 8, 4), loco::tags::embedding);
+                     loco::host_matrix(static_cast<const float*>(g_wte.data()), 8, 4),
+                     {.role = loco::role::embedding});
     params.add_views("h0.w1", loco::host_matrix(w1.data(), 4, 4),
-                     loco::host_matrix(static_cast<const float*>(g_w1.data()), 4, 4));
-    params.add("h0.gain", gain, g_gain);
+                     loco::host_matrix(static_cast<const float*>(g_w1.data()), 4, 4),
+                     {.role = loco::role::matrix});
+    params.add("h0.gain", gain, g_gain, {.role = loco::role::vector});
     params.add_views("head", loco::host_matrix(head.data(), 4, 8),
-                     loco::host_matrix(static_cast<const float*>(g_head.data()), 4, 8), loco::tags::head);
+                     loco::host_matrix(static_cast<const float*>(g_head.data()), 4, 8),
+                     {.role = loco::role::head});
 
     loco::comm::single comm;
     muloco opt(params, comm, {.inner = {{.lr = 0.02f, .momentum = 0.9f},   // Muon
@@ -1252,4 +1255,50 @@ TEST_CASE("docs: a median aggregation written as a user policy") {
     for (const auto& w : after) {
         CHECK(w == std::vector<float>{-1.0f, -2.0f});
     }
+}
+
+TEST_CASE("docs: roles and stacked tensors") {
+    // [snippet:groups-roles]
+    // A model that keeps its 4 layers stacked: one tensor per kind of weight.
+    constexpr std::size_t layers = 4, width = 8, vocab = 16;
+    std::vector<float> wte(vocab * width), attn(layers * width * width), ln(layers * width, 1.0f),
+        head(width * vocab);
+    std::vector<float> g_wte(wte.size()), g_attn(attn.size()), g_ln(ln.size()), g_head(head.size());
+
+    loco::parameter_list params;
+    params.add("wte", wte, g_wte, {.role = loco::role::embedding});
+    params.add("h.attn", attn, g_attn,  // (4, 8, 8): four matrices for Muon
+               {.role = loco::role::matrix, .stack = {layers, width, width}});
+    params.add_views("h.ln", loco::host_matrix(ln.data(), layers, width),  // (4, 8) norm gains
+                     loco::host_matrix(static_cast<const float*>(g_ln.data()), layers, width),
+                     {.role = loco::role::vector});
+    params.add("head", head, g_head, {.role = loco::role::head});
+    params.set_strict_roles();  // optional: never let a selector guess from a shape
+
+    using inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                               loco::group<loco::otherwise, loco::inner::adamw>>;
+    loco::optimizer<inner> opt(params, {.inner = {{.lr = 0.02f}, {.lr = 4e-4f}}});
+    // Muon orthogonalises each of the four 8 x 8 attention matrices on its own; AdamW takes the
+    // embedding, the (4, 8) gains (2-D, but role vector) and the head.
+    // [snippet:groups-roles end]
+    const auto& engine = opt.engine_state();
+    REQUIRE(engine.group_params<0>().size() == 1);
+    CHECK(engine.group_params<0>()[0].name == "h.attn");
+    CHECK(engine.group_params<0>()[0].matrices == layers);
+    REQUIRE(engine.group_params<1>().size() == 3);
+    CHECK(engine.group_params<1>()[1].name == "h.ln");
+    // One step: each layer moves as Muon moves that layer alone.
+    for (std::size_t i = 0; i < attn.size(); ++i) {
+        attn[i] = 0.1f * float(i % 7) - 0.3f;
+        g_attn[i] = float((i * 5) % 11) - 5.0f;
+    }
+    std::vector<float> want = attn, momentum(attn.size(), 0.0f);
+    loco::inner::muon_workspace ws;
+    for (std::size_t l = 0; l < layers; ++l) {
+        const std::size_t at = l * width * width;
+        loco::inner::muon::update_matrix({.lr = 0.02f}, 1, want.data() + at, g_attn.data() + at,
+                                         momentum.data() + at, width, width, ws);
+    }
+    REQUIRE(opt.step().applied);
+    CHECK(attn == want);
 }

@@ -231,3 +231,195 @@ TEST_CASE("MuLoCo composes: Muon on hidden matrices, AdamW elsewhere, 2-bit code
     CHECK(w1[0] == w1[1]);
     CHECK(bytes[0] > 0);
 }
+
+// ---- roles, stacks and the shape guess ------------------------------------------------------------
+
+namespace {
+
+// A transformer that stacks its layers: (L, C, C) attention weights, (L, C) norm gains, an
+// embedding and a head, each registered with its role (or, with_roles = false, without, as before
+// roles existed: the embedding and the head tagged, the rest left to the shape).
+struct stacked_model {
+    static constexpr std::size_t layers = 3, width = 6, vocab = 5;
+    std::vector<float> wte, attn, ln, head;
+    std::vector<float> g_wte, g_attn, g_ln, g_head;
+    loco::parameter_list list;
+
+    stacked_model(const std::string& seed, bool with_roles) {
+        auto rng = rng_for(seed);
+        wte = normal_floats(rng, vocab * width);
+        attn = normal_floats(rng, layers * width * width);
+        ln = normal_floats(rng, layers * width, 0.1f, 1.0f);
+        head = normal_floats(rng, width * vocab);
+        g_wte.resize(wte.size());
+        g_attn.resize(attn.size());
+        g_ln.resize(ln.size());
+        g_head.resize(head.size());
+        const auto as = [&](loco::role r) { return with_roles ? r : loco::role::unspecified; };
+        list.add_views("wte", loco::host_matrix(wte.data(), vocab, width),
+                       loco::host_matrix(static_cast<const float*>(g_wte.data()), vocab, width),
+                       {.role = as(loco::role::embedding), .tag = loco::tags::embedding});
+        list.add("h.attn", attn, g_attn,
+                 {.role = as(loco::role::matrix), .stack = {layers, width, width}});
+        list.add_views("h.ln", loco::host_matrix(ln.data(), layers, width),
+                       loco::host_matrix(static_cast<const float*>(g_ln.data()), layers, width),
+                       {.role = as(loco::role::vector)});
+        list.add_views("head", loco::host_matrix(head.data(), width, vocab),
+                       loco::host_matrix(static_cast<const float*>(g_head.data()), width, vocab),
+                       {.role = as(loco::role::head), .tag = loco::tags::head});
+    }
+    void set_gradients(const std::string& seed, int step) {
+        auto rng = rng_for(seed + "/" + std::to_string(step));
+        for (auto* g : {&g_wte, &g_attn, &g_ln, &g_head}) {
+            const auto fresh = normal_floats(rng, g->size());
+            std::copy(fresh.begin(), fresh.end(), g->begin());
+        }
+    }
+};
+
+using muloco_groups = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                   loco::group<loco::otherwise, loco::inner::adamw>>;
+
+// Collects warnings for one test and puts stderr back afterwards.
+struct captured_warnings {
+    std::vector<std::string> lines;
+    captured_warnings() {
+        loco::set_warning_sink([this](std::string_view line) { lines.emplace_back(line); });
+    }
+    ~captured_warnings() { loco::set_warning_sink(loco::warn_to_stderr); }
+};
+
+}  // namespace
+
+TEST_CASE("groups: selectors read the role first, and the shape only without one") {
+    stacked_model m("groups roles", true);
+    const auto& p = m.list;
+    // wte, h.attn (a stack), h.ln (a (L, C) stack of gains), head
+    CHECK_FALSE(loco::is_hidden_matrix::matches(p[0]));
+    CHECK(loco::is_hidden_matrix::matches(p[1]));
+    CHECK_FALSE(loco::is_hidden_matrix::matches(p[2]));  // 2-D, but role vector
+    CHECK_FALSE(loco::is_hidden_matrix::matches(p[3]));
+    CHECK(loco::is_vector::matches(p[2]));
+    CHECK_FALSE(loco::is_matrix::matches(p[2]));
+    CHECK(loco::is_matrix::matches(p[0]));
+    CHECK(loco::is_matrix::matches(p[1]));
+    CHECK(loco::has_role<loco::role::vector>::matches(p[2]));
+    CHECK(loco::has_role<loco::role::embedding>::matches(p[0]));
+    CHECK(loco::has_role<loco::role::head>::matches(p[3]));
+    CHECK_FALSE(loco::has_role<loco::role::matrix>::matches(p[0]));
+
+    // Without roles the guess from the shape is what it always was: every 2-D parameter not
+    // tagged embedding or head is a hidden matrix, the (L, C) gains included.
+    stacked_model bare("groups roles", false);
+    CHECK(loco::is_hidden_matrix::matches(bare.list[2]));
+    CHECK(loco::is_matrix::matches(bare.list[2]));
+    CHECK_FALSE(loco::is_vector::matches(bare.list[2]));
+    CHECK_FALSE(loco::has_role<loco::role::matrix>::matches(bare.list[1]));
+    // Tags name roles for has_role and is_hidden_matrix, as before.
+    model tagged("groups roles tags");
+    CHECK(loco::has_role<loco::role::embedding>::matches(tagged.list[0]));
+    CHECK(loco::has_role<loco::role::head>::matches(tagged.list[3]));
+    CHECK(loco::role_of(tagged.list[1]) == loco::role::unspecified);
+}
+
+TEST_CASE("groups: a stack goes to Muon as L matrices and to AdamW as one tensor") {
+    const loco::inner::muon::hyper muon_h{.lr = 0.05f, .weight_decay = 0.01f};
+    const loco::inner::adamw::hyper adamw_h{.lr = 1e-2f};
+    captured_warnings warnings;
+    stacked_model grouped("groups stack", true), separate("groups stack", true);
+    loco::optimizer<muloco_groups> opt(grouped.list, {.inner = {muon_h, adamw_h}});
+    const auto& engine = opt.engine_state();
+    REQUIRE(engine.group_params<0>().size() == 1);
+    CHECK(engine.group_params<0>()[0].name == "h.attn");
+    CHECK(engine.group_params<0>()[0].matrices == 3);
+    REQUIRE(engine.group_params<1>().size() == 3);
+    CHECK(engine.group_params<1>()[1].name == "h.ln");
+
+    // The same arithmetic by other routes: Muon over the L layers registered one by one, AdamW
+    // over the other tensors registered flat.
+    constexpr std::size_t c = stacked_model::width, each = c * c;
+    loco::parameter_list layers, flat;
+    for (std::size_t l = 0; l < stacked_model::layers; ++l) {
+        layers.add_views("h" + std::to_string(l) + ".attn",
+                         loco::host_matrix(separate.attn.data() + l * each, c, c),
+                         loco::host_matrix(static_cast<const float*>(separate.g_attn.data()) + l * each, c, c));
+    }
+    flat.add("wte", separate.wte, separate.g_wte);
+    flat.add("h.ln", separate.ln, separate.g_ln);
+    flat.add("head", separate.head, separate.g_head);
+    loco::optimizer<loco::inner::muon> muon(layers, {.inner = muon_h});
+    loco::optimizer<loco::inner::adamw> adamw(flat, {.inner = adamw_h});
+    for (int step = 0; step < 4; ++step) {
+        grouped.set_gradients("groups stack", step);
+        separate.set_gradients("groups stack", step);
+        REQUIRE(opt.step().applied);
+        muon.step();
+        adamw.step();
+    }
+    CHECK(grouped.attn == separate.attn);
+    CHECK(grouped.ln == separate.ln);
+    CHECK(grouped.wte == separate.wte);
+    CHECK(grouped.head == separate.head);
+    CHECK(std::vector<float>(engine.group<0>().state(0).begin(), engine.group<0>().state(0).end()) ==
+          std::vector<float>(muon.state(0).begin(), muon.state(0).end()));
+    CHECK(warnings.lines.empty());  // every parameter had a role
+}
+
+TEST_CASE("groups: a 2-D parameter without a role sent to Muon on its shape warns once") {
+    captured_warnings warnings;
+    stacked_model bare("groups guess", false);
+    loco::optimizer<muloco_groups> first(bare.list);
+    // Without roles, the (L, C) gains go to Muon as the rank says: results as before roles.
+    CHECK(first.engine_state().group_params<0>().size() == 2);
+    REQUIRE(warnings.lines.size() == 1);
+    const std::string& line = warnings.lines[0];
+    INFO(line);
+    // h.attn is a declared stack of matrices: no guess. h.ln is the (L, C) guess.
+    CHECK(line.find("loco: warning: 'h.ln' (3 x 6) by loco::is_hidden_matrix went to a per-matrix "
+                    "policy (Muon) on a 2-D shape alone") == 0);
+    CHECK(line.find(".role = loco::role::matrix or loco::role::vector") != std::string::npos);
+    CHECK(line.find("docs/groups.md") != std::string::npos);
+
+    // Once per process: a second optimizer (another worker, say) says nothing more ...
+    loco::optimizer<muloco_groups> second(bare.list);
+    CHECK(warnings.lines.size() == 1);
+    // ... until a sink is set again.
+    captured_warnings again;
+    loco::optimizer<muloco_groups> third(bare.list);
+    CHECK(again.lines.size() == 1);
+
+    // Element-wise groups take the guess without a word: their arithmetic does not depend on it.
+    captured_warnings quiet;
+    loco::optimizer<hidden_sgd_rest_adamw> sgd(bare.list);
+    CHECK(quiet.lines.empty());
+    // Nor does Muon in loco::optimizer<muon>, where the user chose Muon for every parameter.
+    loco::parameter_list one;
+    one.add_views("h.ln", bare.list[2].value, bare.list[2].grad);
+    loco::optimizer<loco::inner::muon> direct(one);
+    CHECK(quiet.lines.empty());
+}
+
+TEST_CASE("groups: strict roles refuse the shape guess, naming the parameter") {
+    captured_warnings warnings;
+    stacked_model bare("groups strict", false);
+    bare.list.set_strict_roles();
+    CHECK(bare.list.strict_roles());
+    CHECK_THROWS_WITH_AS(
+        loco::optimizer<muloco_groups>(bare.list),
+        "loco: parameter 'h.ln' (3 x 6) has no role, and loco::is_hidden_matrix would send it to "
+        "a per-matrix policy on its 2-D shape alone; add it with .role = loco::role::matrix for a "
+        "weight matrix or loco::role::vector for a stack of norm gains or biases (docs/groups.md)",
+        loco::invalid_argument);
+    CHECK(warnings.lines.empty());
+    // Element-wise groups are not affected; with roles, strict lists build.
+    CHECK_NOTHROW(loco::optimizer<hidden_sgd_rest_adamw>(bare.list));
+    stacked_model roled("groups strict", true);
+    roled.list.set_strict_roles();
+    CHECK_NOTHROW(loco::optimizer<muloco_groups>(roled.list));
+
+    // Muon refuses a parameter whose role says it is not a matrix, whatever routed it there.
+    using muon_for_everything = loco::groups<loco::group<loco::otherwise, loco::inner::muon>>;
+    CHECK_THROWS_WITH_AS(loco::optimizer<muon_for_everything>(roled.list),
+                         doctest::Contains("parameter 'h.ln' has role vector"),
+                         loco::invalid_argument);
+}

@@ -312,3 +312,87 @@ TEST_CASE("optimizer and diloco compiled for the host refuse CUDA parameters") {
     CHECK_THROWS_WITH_AS((loco::diloco<loco::inner::sgd, loco::outer::sgd>(list, comm)),
                          Contains("parameter 'w' is in cuda memory"), loco::memory_space_error);
 }
+
+// ---- roles and stacks ----------------------------------------------------------------------------
+
+TEST_CASE("parameter_list: a role and a stack of matrices are recorded with the parameter") {
+    std::vector<float> w(3 * 4 * 5), gw(w.size()), ln(3 * 8), gln(ln.size()), b(6), gb(6);
+    loco::parameter_list list;
+    // A (3, 4, 5) stack from a flat tensor: the list gives it the 2-D shape (3 * 4) x 5.
+    list.add("h.attn.w", w, gw, {.role = loco::role::matrix, .stack = {3, 4, 5}});
+    // A (3, 8) stack of norm gains is 2-D like a matrix; the role says what it is.
+    list.add_views("h.ln.g", loco::host_matrix(ln.data(), 3, 8),
+                   loco::host_matrix(static_cast<const float*>(gln.data()), 3, 8),
+                   {.role = loco::role::vector});
+    // The old way, a tag and no role, still works and means what it meant.
+    list.add("b", b, gb, 7u);
+
+    const loco::parameter& s = list[0];
+    CHECK(s.role == loco::role::matrix);
+    CHECK(s.matrices == 3);
+    CHECK(s.value.rows == 12);
+    CHECK(s.value.cols == 5);
+    CHECK(s.grad.rows == 12);
+    CHECK(s.grad.cols == 5);
+    CHECK(s.matrix_rows() == 4);
+    CHECK(s.matrix_cols() == 5);
+    CHECK(s.value.size == 60);
+    const loco::parameter_options o = s.options();
+    CHECK(o.role == loco::role::matrix);
+    CHECK(o.stack.count == 3);
+    CHECK(o.stack.rows == 4);
+    CHECK(o.stack.cols == 5);
+
+    CHECK(list[1].role == loco::role::vector);
+    CHECK(list[1].matrices == 1);
+    CHECK(list[1].value.rows == 3);
+    CHECK(list[2].role == loco::role::unspecified);
+    CHECK(list[2].tag == 7u);
+    CHECK(list[2].matrices == 1);
+    CHECK(list.total_elements() == 60 + 24 + 6);
+    CHECK(list[2].offset == 84);
+
+    // A view that already has the stack's 2-D shape is accepted as it is.
+    loco::parameter_list shaped;
+    shaped.add_views("w", loco::host_matrix(w.data(), 12, 5),
+                     loco::host_matrix(static_cast<const float*>(gw.data()), 12, 5),
+                     {.stack = {3, 4, 5}});
+    CHECK(shaped[0].matrices == 3);
+    CHECK(shaped[0].role == loco::role::unspecified);
+    CHECK(loco::to_string(loco::role::embedding) == "embedding");
+}
+
+TEST_CASE("parameter_list: a wrong role or stack shape is refused and adds nothing") {
+    std::vector<float> w(24), gw(24), v(5), gv(5);
+    loco::parameter_list list;
+    list.add("first", v, gv);
+
+    CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.stack = {2, 3, 5}}),
+                         Contains("parameter 's': stack shape (2, 3, 5) does not hold its 24 elements"),
+                         loco::shape_error);
+    CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.stack = {2, 0, 12}}),
+                         Contains("stack shape (2, 0, 12)"), loco::shape_error);
+    // Products that wrap around are not a match.
+    CHECK_THROWS_AS(list.add("s", w, gw, {.stack = {std::size_t(1) << 62, 4, 6}}),
+                    loco::shape_error);
+    CHECK_THROWS_WITH_AS(
+        list.add_views("s", loco::host_matrix(w.data(), 4, 6),
+                       loco::host_matrix(static_cast<const float*>(gw.data()), 4, 6),
+                       {.stack = {2, 3, 4}}),
+        Contains("its view is 4 x 6 but the stack (2, 3, 4) is 6 x 4"), loco::shape_error);
+    CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.role = loco::role::vector, .stack = {2, 3, 4}}),
+                         Contains("a stack of matrices cannot have role vector"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.role = loco::role::matrix}),
+                         Contains("parameter 's': has role matrix but no 2-D shape"),
+                         loco::shape_error);
+    CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.role = static_cast<loco::role>(9)}),
+                         Contains("role 9 is not a loco::role"), loco::invalid_argument);
+    CHECK(list.size() == 1);
+    CHECK(list.total_elements() == 5);
+
+    // The same tensor registers once the options are right.
+    list.add("s", w, gw, {.role = loco::role::matrix, .stack = {2, 3, 4}});
+    CHECK(list.size() == 2);
+    CHECK(list[1].matrices == 2);
+}

@@ -21,6 +21,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -38,27 +41,91 @@ inline constexpr parameter_tag embedding = 1;
 inline constexpr parameter_tag head = 2;
 }  // namespace tags
 
+// ---- warnings ----------------------------------------------------------------------------------
+
+// Where loco's warnings go: a function given one line of text (no trailing newline), called with
+// a lock held (it must not call set_warning_sink). warn_to_stderr until set_warning_sink is
+// called; an empty function discards them. Setting a sink also re-arms the warnings given once
+// per process, so that a test or a new training run sees them again.
+using warning_sink = std::function<void(std::string_view)>;
+
+// The default sink: each line to stderr.
+inline void warn_to_stderr(std::string_view line) {
+    std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
+}
+
+namespace detail {
+
+struct warning_channel {
+    std::mutex mutex;
+    warning_sink sink = &warn_to_stderr;
+    bool role_guess_warned = false;
+};
+
+inline warning_channel& warnings() {
+    static warning_channel channel;
+    return channel;
+}
+
+}  // namespace detail
+
+inline void set_warning_sink(warning_sink sink) {
+    auto& w = detail::warnings();
+    const std::lock_guard<std::mutex> lock(w.mutex);
+    w.sink = std::move(sink);
+    w.role_guess_warned = false;
+}
+
 // ---- selectors ---------------------------------------------------------------------------------
+
+// The role of a parameter as selectors read it: the role it was added with, else the one its tag
+// names (tags::embedding, tags::head), else role::unspecified.
+inline role role_of(const parameter& p) noexcept {
+    if (p.role != role::unspecified) return p.role;
+    if (p.tag == tags::embedding) return role::embedding;
+    if (p.tag == tags::head) return role::head;
+    return role::unspecified;
+}
 
 struct otherwise {
     static bool matches(const parameter&) noexcept { return true; }
 };
 
-// A parameter with a 2-D shape.
+// Selectors that fall back on the shape when a parameter has no role say so with `shape_guess`
+// (their name): routing a parameter without a role through one of them to a per-matrix policy
+// warns, or, under parameter_list::set_strict_roles(), throws.
+
+// A matrix: role matrix, embedding or head; without a role (tags aside), a 2-D shape.
 struct is_matrix {
-    static bool matches(const parameter& p) noexcept { return p.value.is_matrix(); }
-};
-
-// A parameter without one (biases, norm gains).
-struct is_vector {
-    static bool matches(const parameter& p) noexcept { return !p.value.is_matrix(); }
-};
-
-// A 2-D parameter that is not tagged as an embedding or an output head: where Muon applies.
-struct is_hidden_matrix {
+    static constexpr std::string_view shape_guess = "loco::is_matrix";
     static bool matches(const parameter& p) noexcept {
-        return p.value.is_matrix() && p.tag != tags::embedding && p.tag != tags::head;
+        return p.role == role::unspecified ? p.value.is_matrix() : p.role != role::vector;
     }
+};
+
+// Not a matrix: role vector (biases, norm gains, stacks of them); without a role (tags aside),
+// no 2-D shape.
+struct is_vector {
+    static bool matches(const parameter& p) noexcept {
+        return p.role == role::unspecified ? !p.value.is_matrix() : p.role == role::vector;
+    }
+};
+
+// Where Muon applies: role matrix; without a role, a 2-D parameter not tagged as an embedding or
+// an output head.
+struct is_hidden_matrix {
+    static constexpr std::string_view shape_guess = "loco::is_hidden_matrix";
+    static bool matches(const parameter& p) noexcept {
+        const role r = role_of(p);
+        return r == role::unspecified ? p.value.is_matrix() : r == role::matrix;
+    }
+};
+
+// A parameter added with role R (or, for embedding and head, tagged tags::embedding or
+// tags::head): has_role<loco::role::matrix>. Never guesses.
+template <role R>
+struct has_role {
+    static bool matches(const parameter& p) noexcept { return role_of(p) == R; }
 };
 
 template <parameter_tag Tag>
@@ -169,6 +236,7 @@ public:
     // so that other backends (loco::cuda::optimizer) route exactly as the host does.
     static std::vector<parameter_list> split(const parameter_list& params) {
         std::vector<parameter_list> lists(count);
+        std::vector<std::string> guessed;  // "name (rows x cols) by selector"
         for (const auto& p : params) {
             const std::size_t g = route(p);
             if (g == count) {
@@ -176,7 +244,25 @@ public:
                                        "' matches no parameter group; add a last "
                                        "group<loco::otherwise, ...>");
             }
-            lists[g].add_views(p.name, p.value, p.grad, p.tag);
+            // A declared stack of matrices says what it is, even without a role.
+            if (const std::string_view selector = guessing_selectors[g];
+                !selector.empty() && per_matrix[g] && p.role == role::unspecified &&
+                p.matrices == 1) {
+                const std::string what = "'" + p.name + "' (" + std::to_string(p.value.rows) +
+                                         " x " + std::to_string(p.value.cols) + ")";
+                if (params.strict_roles()) {
+                    throw invalid_argument(
+                        "loco: parameter " + what + " has no role, and " + std::string(selector) +
+                        " would send it to a per-matrix policy on its 2-D shape alone; add it "
+                        "with .role = loco::role::matrix for a weight matrix or loco::role::vector "
+                        "for a stack of norm gains or biases (docs/groups.md)");
+                }
+                guessed.push_back(what + " by " + std::string(selector));
+            }
+            lists[g].add_views(p.name, p.value, p.grad, p.options());
+        }
+        if (!guessed.empty()) {
+            warn_guess(guessed);
         }
         return lists;
     }
@@ -192,6 +278,42 @@ private:
             }
         }
         return count;
+    }
+
+    // Per group: the selector's name when it guesses from the shape (else empty), and whether
+    // its policy updates whole matrices.
+    template <class S>
+    static constexpr std::string_view guess_name() noexcept {
+        if constexpr (requires { S::shape_guess; }) {
+            return S::shape_guess;
+        } else {
+            return {};
+        }
+    }
+    static constexpr std::string_view guessing_selectors[] = {
+        guess_name<typename Groups::selector>()...};
+    static constexpr bool per_matrix[] = {matrix_optimizer<typename Groups::policy>...};
+
+    // One warning per process (re-armed by set_warning_sink), naming the first few parameters.
+    static void warn_guess(const std::vector<std::string>& guessed) {
+        auto& w = warnings();
+        const std::lock_guard<std::mutex> lock(w.mutex);
+        if (w.role_guess_warned) return;
+        w.role_guess_warned = true;
+        if (!w.sink) return;
+        std::string names;
+        const std::size_t shown = std::min<std::size_t>(guessed.size(), 3);
+        for (std::size_t i = 0; i < shown; ++i) {
+            names += (i == 0 ? "" : ", ") + guessed[i];
+        }
+        if (guessed.size() > shown) {
+            names += " and " + std::to_string(guessed.size() - shown) + " more";
+        }
+        w.sink("loco: warning: " + names +
+               " went to a per-matrix policy (Muon) on a 2-D shape alone, without a role; a (L, "
+               "C) stack of norm gains or biases looks the same. Add parameters with .role = "
+               "loco::role::matrix or loco::role::vector (parameter_list::set_strict_roles() "
+               "makes this an error; docs/groups.md). Shown once.");
     }
 
     template <std::size_t... I>

@@ -50,6 +50,12 @@ inline void check_state_index(int j, int state_size, const char* what) {
 inline void require_matrices(const parameter_list& params, std::string_view policy,
                              std::string_view how) {
     for (const auto& p : params) {
+        if (p.role == role::vector) {
+            throw invalid_argument("loco::inner::" + std::string(policy) +
+                                   " updates whole matrices, but parameter '" + p.name +
+                                   "' has role vector; route it to another group "
+                                   "(docs/groups.md)");
+        }
         if (!p.value.is_matrix()) {
             throw invalid_argument("loco::inner::" + std::string(policy) +
                                    " updates whole matrices, but parameter '" + p.name +
@@ -155,8 +161,9 @@ public:
     }
 };
 
-// Per-matrix policies (Muon): each parameter is one matrix; its state is its slice of the flat
-// state array, and one workspace serves every matrix (one per optimizer, so one per worker).
+// Per-matrix policies (Muon): each parameter is one matrix, or a stack of them (parameter::
+// matrices, each updated on its own); its state is its slice of the flat state array, and one
+// workspace serves every matrix (one per optimizer, so one per worker).
 template <class Inner>
     requires matrix_optimizer<Inner>
 class inner_engine<Inner> : public flat_state<Inner> {
@@ -174,9 +181,15 @@ public:
 
     void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
         for (const auto& p : params) {
-            float* s = Inner::state_size > 0 ? this->state_.data() + p.offset : nullptr;
-            Inner::update_matrix(h, step, p.value.data, p.grad.data, s, p.value.rows,
-                                 p.value.cols, workspace_);
+            const std::size_t rows = p.matrix_rows();
+            const std::size_t cols = p.matrix_cols();
+            const std::size_t each = rows * cols;
+            for (std::size_t m = 0; m < p.matrices; ++m) {
+                float* s =
+                    Inner::state_size > 0 ? this->state_.data() + p.offset + m * each : nullptr;
+                Inner::update_matrix(h, step, p.value.data + m * each, p.grad.data + m * each, s,
+                                     rows, cols, workspace_);
+            }
         }
     }
 

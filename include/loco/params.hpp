@@ -13,6 +13,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -61,12 +62,66 @@ constexpr bool check_parameter() {
 // A user-chosen label for selectors (groups.hpp). 0 is "no tag"; loco::tags names a few.
 using parameter_tag = std::uint32_t;
 
+// What a parameter is to the model, for selectors (groups.hpp). Shapes cannot say it: a (L, C)
+// stack of L layer-norm gains is 2-D like an L x C weight matrix, and a selector that guesses from
+// the rank would send both to Muon. A trainer that registers its parameters layer by layer knows.
+enum class role : unsigned char {
+    unspecified,  // not given: selectors guess from the shape (and tags::embedding, tags::head)
+    matrix,       // a hidden weight matrix, or a stack of them: where Muon applies
+    vector,       // a bias or a norm gain, or a stack of them, whatever its shape
+    embedding,    // a token or position embedding
+    head          // the output projection
+};
+
+constexpr std::string_view to_string(role r) noexcept {
+    switch (r) {
+        case role::unspecified: return "unspecified";
+        case role::matrix: return "matrix";
+        case role::vector: return "vector";
+        case role::embedding: return "embedding";
+        case role::head: return "head";
+    }
+    return "not a role";
+}
+
+// A (count, rows, cols) tensor: `count` row-major rows x cols matrices one after another, as a
+// transformer that stacks its layers keeps them. count 0 means "not a stack".
+struct matrix_stack {
+    std::size_t count = 0;
+    std::size_t rows = 0;
+    std::size_t cols = 0;
+};
+
+// How parameter_list::add registers a parameter, beyond its name and tensors:
+//   params.add("h.attn.w", w, gw, {.role = loco::role::matrix, .stack = {12, 256, 768}});
+struct parameter_options {
+    loco::role role = loco::role::unspecified;
+    matrix_stack stack{};
+    parameter_tag tag = 0;
+};
+
 struct parameter {
     std::string name;
     tensor_view<float> value;       // updated in place by the optimizer
     tensor_view<const float> grad;  // read by the inner step
     std::size_t offset = 0;         // position of element 0 in the flat layout
     parameter_tag tag = 0;
+    loco::role role = loco::role::unspecified;
+    // The matrices `value` holds, stacked along its first axis: a stack registered as
+    // (count, rows, cols) has the 2-D shape (count * rows) x cols and matrices == count. A
+    // per-matrix policy (Muon) updates each separately; element-wise policies and compressors see
+    // one tensor.
+    std::size_t matrices = 1;
+
+    // The shape of each matrix of the stack (of the whole value when it is not a stack).
+    std::size_t matrix_rows() const noexcept { return matrices == 0 ? 0 : value.rows / matrices; }
+    std::size_t matrix_cols() const noexcept { return value.cols; }
+    // The options that register this parameter again with the same role, stack and tag.
+    parameter_options options() const noexcept {
+        parameter_options o{role, {}, tag};
+        if (matrices > 1) o.stack = {matrices, matrix_rows(), matrix_cols()};
+        return o;
+    }
 };
 
 class parameter_list {
@@ -78,11 +133,19 @@ public:
     // An empty name is replaced by "param<index>". The tag is for selectors (groups.hpp).
     template <class Value, class Grad>
     parameter_list& add(std::string name, Value&& value, Grad&& grad, parameter_tag tag = 0) {
+        return add(std::move(name), std::forward<Value>(value), std::forward<Grad>(grad),
+                   parameter_options{.tag = tag});
+    }
+
+    // The same with a role and, for a stack of matrices, its (count, rows, cols) shape; see
+    // parameter_options and docs/groups.md.
+    template <class Value, class Grad>
+    parameter_list& add(std::string name, Value&& value, Grad&& grad, parameter_options options) {
         // A mistake stops the build inside check_parameter with one sentence; the discarded
         // branch keeps the compiler from piling its own errors on top.
         if constexpr (detail::check_parameter<Value, Grad>()) {
             return add_views(std::move(name), as_view(value),
-                             tensor_view<const float>(as_view(grad)), tag);
+                             tensor_view<const float>(as_view(grad)), options);
         } else {
             return *this;
         }
@@ -91,6 +154,11 @@ public:
     // The same with views already built (host_tensor, cuda_matrix, ...).
     parameter_list& add_views(std::string name, tensor_view<float> value,
                               tensor_view<const float> grad, parameter_tag tag = 0) {
+        return add_views(std::move(name), value, grad, parameter_options{.tag = tag});
+    }
+
+    parameter_list& add_views(std::string name, tensor_view<float> value,
+                              tensor_view<const float> grad, parameter_options options) {
         if (name.empty()) {
             name = unused_name("param" + std::to_string(items_.size()));
         }
@@ -124,10 +192,22 @@ public:
                 throw invalid_argument("loco: two parameters are named '" + name + "'");
             }
         }
-        items_.push_back(parameter{std::move(name), value, grad, total_, tag});
+        const std::size_t matrices = apply_options(where, options, value, grad);
+        items_.push_back(
+            parameter{std::move(name), value, grad, total_, options.tag, options.role, matrices});
         total_ += value.size;
         return *this;
     }
+
+    // Strict roles: an optimizer over this list refuses (loco::invalid_argument, naming the
+    // parameter) to let a selector that guesses from the shape (is_matrix, is_hidden_matrix) send
+    // a parameter without a role to a per-matrix policy such as Muon. Off by default: the guess
+    // is then made, with one warning per process (groups.hpp, loco::set_warning_sink).
+    parameter_list& set_strict_roles(bool strict = true) noexcept {
+        strict_roles_ = strict;
+        return *this;
+    }
+    bool strict_roles() const noexcept { return strict_roles_; }
 
     std::size_t size() const noexcept { return items_.size(); }
     bool empty() const noexcept { return items_.empty(); }
@@ -168,6 +248,59 @@ public:
     }
 
 private:
+    // Checks the role and the stack shape, gives the views the stack's 2-D shape, and returns
+    // how many matrices the value holds. Throws before anything is added.
+    template <class Where>
+    static std::size_t apply_options(const Where& where, const parameter_options& o,
+                                     tensor_view<float>& value, tensor_view<const float>& grad) {
+        switch (o.role) {
+            case role::unspecified:
+            case role::matrix:
+            case role::vector:
+            case role::embedding:
+            case role::head:
+                break;
+            default:
+                throw invalid_argument(where() + "role " +
+                                       std::to_string(static_cast<int>(o.role)) +
+                                       " is not a loco::role");
+        }
+        const matrix_stack& st = o.stack;
+        if (st.count == 0) {
+            if (o.role == role::matrix && !value.is_matrix()) {
+                throw shape_error(where() + "has role matrix but no 2-D shape; give its view "
+                                            "one (host_matrix, tensor_traits::shape) or pass "
+                                            ".stack = {1, rows, cols}");
+            }
+            return 1;
+        }
+        if (o.role == role::vector) {
+            throw invalid_argument(where() + "a stack of matrices cannot have role vector; "
+                                             "register a stack of biases or norm gains without "
+                                             ".stack, with .role = loco::role::vector");
+        }
+        const auto shape = [&] {
+            return "(" + std::to_string(st.count) + ", " + std::to_string(st.rows) + ", " +
+                   std::to_string(st.cols) + ")";
+        };
+        const std::size_t limit = static_cast<std::size_t>(-1);
+        if (st.rows == 0 || st.cols == 0 || st.rows > limit / st.cols ||
+            st.count > limit / (st.rows * st.cols) ||
+            st.count * st.rows * st.cols != value.size) {
+            throw shape_error(where() + "stack shape " + shape() + " does not hold its " +
+                              std::to_string(value.size) + " elements");
+        }
+        if (value.is_matrix() && (value.rows != st.count * st.rows || value.cols != st.cols)) {
+            throw shape_error(where() + "its view is " + std::to_string(value.rows) + " x " +
+                              std::to_string(value.cols) + " but the stack " + shape() +
+                              " is " + std::to_string(st.count * st.rows) + " x " +
+                              std::to_string(st.cols) + "; pass a view of that shape or a flat one");
+        }
+        value.rows = grad.rows = st.count * st.rows;
+        value.cols = grad.cols = st.cols;
+        return st.count;
+    }
+
     // `base`, or `base_2`, `base_3`, ... when a parameter already has that name.
     std::string unused_name(const std::string& base) const {
         const auto taken = [&](const std::string& n) {
@@ -183,6 +316,7 @@ private:
 
     std::vector<parameter> items_;
     std::size_t total_ = 0;
+    bool strict_roles_ = false;
 };
 
 }  // namespace loco

@@ -426,6 +426,31 @@ TEST_CASE("cuda groups: routing mistakes are refused as on the host, naming the 
                     loco::invalid_argument);
 }
 
+TEST_CASE("cuda groups: Muon on the GPU refuses a stack of matrices and a role vector") {
+    // Stacks are a host feature in this version (docs/groups.md): refused before any allocation.
+    lcu::device_buffer<float> w(3 * 4 * 5), gw(3 * 4 * 5), ln(3 * 8), gln(3 * 8);
+    using muloco = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                loco::group<loco::otherwise, loco::inner::adamw>>;
+    loco::parameter_list stacked;
+    stacked.add_views("h.attn", loco::cuda_tensor(w.get(), w.size()),
+                      loco::cuda_tensor(static_cast<const float*>(gw.get()), gw.size()),
+                      {.role = loco::role::matrix, .stack = {3, 4, 5}});
+    CHECK_THROWS_WITH_AS(loco::cuda::optimizer<muloco>{stacked},
+                         doctest::Contains("parameter 'h.attn' is a stack of 3 matrices, which "
+                                           "Muon on the GPU does not take yet"),
+                         loco::invalid_argument);
+    loco::parameter_list norms;
+    norms.add_views("h.ln", loco::cuda_matrix(ln.get(), 3, 8),
+                    loco::cuda_matrix(static_cast<const float*>(gln.get()), 3, 8),
+                    {.role = loco::role::vector});
+    using muon_only = loco::groups<loco::group<loco::otherwise, loco::inner::muon>>;
+    CHECK_THROWS_WITH_AS(loco::cuda::optimizer<muon_only>{norms},
+                         doctest::Contains("parameter 'h.ln' has role vector"),
+                         loco::invalid_argument);
+    // Routed by role, the (3, 8) gains go to AdamW and the list is accepted.
+    CHECK_NOTHROW(loco::cuda::optimizer<muloco>{norms});
+}
+
 TEST_CASE("cuda groups: a non-finite gradient in one group skips or refuses every group") {
     const std::string label = "cuda groups nonfinite";
     lcu::stream s;

@@ -132,6 +132,16 @@ public:
     // allocated: Muon updates whole matrices.
     static void check_shapes(const parameter_list& list) {
         loco::detail::require_matrices(list, Policy::name, "cuda_matrix");
+        // Stacks are a host feature in this version (docs/groups.md, "Stacked tensors").
+        for (const auto& p : list) {
+            if (p.matrices > 1) {
+                throw invalid_argument("loco::cuda: parameter '" + p.name + "' is a stack of " +
+                                       std::to_string(p.matrices) +
+                                       " matrices, which Muon on the GPU does not take yet; "
+                                       "register each matrix as its own parameter, or run "
+                                       "Muon on the host (docs/groups.md)");
+            }
+        }
     }
 
     const backend::cuda::tensor_table& table() const noexcept { return table_; }
