@@ -1,5 +1,7 @@
 // A seeded random-mutation fuzzer for the compressed payloads (compress/wire.hpp and every
-// compressor's decode). For each configuration it encodes a valid payload of a few small segments,
+// compressor's decode, including the chunked top-k payloads of demo and sparseloco, whose
+// targeted cases, out-of-range, repeated and unsorted indices, are in tests/demo_test.cpp and
+// tests/sparseloco_test.cpp). For each configuration it encodes a valid payload of a few small segments,
 // then decodes mutated copies:
 //
 //   * truncation at every length, extension by 1..16 bytes, single bit flips, overwrites of 1..4
@@ -17,7 +19,9 @@
 
 #include <loco/compress/blockwise.hpp>
 #include <loco/compress/cast.hpp>
+#include <loco/compress/demo.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/sparseloco.hpp>
 #include <loco/compress/statistical.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
@@ -61,7 +65,9 @@ configuration make(std::string label, typename C::hyper h = {}) {
             [h](const segment_list& segs) { return C::payload_bytes(h, segs); },
             [h](const std::vector<float>& x, const segment_list& segs,
                 const lc::encode_context& ctx, std::span<std::byte> out) {
-                C::encode(h, x, segs, {}, ctx, out);
+                // Compressors with state (error feedback) start from zero state.
+                std::vector<float> state(static_cast<std::size_t>(C::state_size) * x.size(), 0.0f);
+                C::encode(h, x, segs, state, ctx, out);
             },
             [h](std::span<const std::byte> in, const segment_list& segs, std::span<float> out) {
                 C::decode(h, in, segs, out);
@@ -83,6 +89,15 @@ std::vector<configuration> configurations() {
         make<lc::blockwise<2, 5>>("blockwise<2, 5> mean_abs stochastic",
                                   {.scale = scale_kind::mean_abs, .round = rounding::stochastic}),
         make<lc::statistical<2>>("statistical<2> range 4", {.range = 4.0f}),
+        // Chunked top-k: indices packed at the chunk's width, strictly ascending per chunk.
+        make<lc::demo>("demo"),
+        make<lc::demo>("demo chunk 4 topk 3", {.chunk = 4, .topk = 3}),
+        make<lc::demo>("demo chunk 4 topk 3 signs", {.chunk = 4, .topk = 3, .sign = true}),
+        make<lc::demo>("demo chunk 8 topk 1 signs", {.chunk = 8, .topk = 1, .sign = true}),
+        make<lc::sparseloco>("sparseloco"),
+        make<lc::sparseloco>("sparseloco chunk 4 topk 3 bins 3", {.chunk = 4, .topk = 3, .bins = 3}),
+        make<lc::sparseloco>("sparseloco chunk 3 topk 2 bins 256",
+                             {.chunk = 3, .topk = 2, .bins = 256}),
     };
     const auto add_blockwise = [&]<int Bits, std::size_t Block>() {
         for (const auto scale : {scale_kind::absmax, scale_kind::mean_abs}) {
