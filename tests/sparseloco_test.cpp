@@ -5,16 +5,25 @@
 //   * templar's per-chunk k rule (_clamp_topk), the quantizer's edge cases, several rounds of the
 //     error-feedback accumulator;
 //   * payload bytes equal to the documented formula, 146x below fp32 at the defaults;
-//   * bad settings and malformed payloads refused with nothing written.
+//   * bad settings and malformed payloads refused with nothing written;
+//   * sparseloco and demo inside loco::diloco (two threads): the bytes per sync, the workers in
+//     agreement after each sync, the accumulator carrying what was not sent.
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
 #include "support/random.hpp"
 
+#include <loco/comm/threads.hpp>
 #include <loco/compress/chunking.hpp>
+#include <loco/compress/demo.hpp>
 #include <loco/compress/sparseloco.hpp>
 #include <loco/compress/wire.hpp>
+#include <loco/diloco.hpp>
 #include <loco/error.hpp>
+#include <loco/inner/sgd.hpp>
+#include <loco/outer/sgd.hpp>
+#include <loco/params.hpp>
+#include <loco/tensor.hpp>
 
 #include <algorithm>
 #include <bit>
@@ -428,4 +437,51 @@ TEST_CASE("sparseloco: payloads that pass the checksum but break the format are 
         s[5] = std::byte{3};  // flags: 4 bins
         check(h3, s, "another bin count in the header");
     }
+}
+
+TEST_CASE_TEMPLATE("sparseloco and demo plug into loco::diloco: bytes per sync are one payload per "
+                   "peer, workers agree after a sync", C, lc::sparseloco, lc::demo) {
+    // A 64 x 96 matrix and a bias of 96, two workers with different gradients, outer SGD with
+    // lr 1 and no momentum (SparseLoCo's outer step), a sync every 4 inner steps.
+    constexpr std::size_t rows = 64, cols = 96;
+    std::vector<float> final_w[2];
+    std::uint64_t per_sync[2] = {};
+    std::size_t residual_nonzero[2] = {};
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(rows * cols, 0.5f);
+        std::vector<float> gw(rows * cols, 0.0f);
+        std::vector<float> b(cols, 0.0f);
+        std::vector<float> gb(cols, 0.0f);
+        loco::parameter_list params;
+        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                         loco::host_matrix(static_cast<const float*>(gw.data()), rows, cols));
+        params.add("b", b, gb);
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(params, comm,
+                                                                {.schedule = {.every = 4}});
+        for (int step = 0; step < 12; ++step) {
+            for (std::size_t i = 0; i < gw.size(); ++i) {
+                gw[i] = std::sin(0.01f * static_cast<float>(i * (comm.rank() + 1) + step));
+            }
+            for (std::size_t i = 0; i < gb.size(); ++i) {
+                gb[i] = std::cos(0.1f * static_cast<float>(i + step)) * (comm.rank() + 1.0f);
+            }
+            opt.step();
+        }
+        per_sync[comm.rank()] = opt.bytes_per_sync();
+        final_w[comm.rank()] = w;
+        for (const float e : opt.compressor_state()) {
+            residual_nonzero[comm.rank()] += e != 0.0f ? 1 : 0;
+        }
+    });
+    const std::vector<lc::segment> segs = {{0, rows * cols, rows, cols}, {rows * cols, cols, 1, cols}};
+    const typename C::hyper h{};
+    CHECK(per_sync[0] == C::payload_bytes(h, segs));  // M - 1 = 1 payload
+    CHECK(per_sync[1] == per_sync[0]);
+    // Step 12 ends with a sync: both workers hold the same parameters.
+    CHECK(std::equal(final_w[0].begin(), final_w[0].end(), final_w[1].begin(), final_w[1].end(),
+                     [](float a, float c) { return bits_of(a) == bits_of(c); }));
+    CHECK(final_w[0] != std::vector<float>(rows * cols, 0.5f));
+    // The accumulator holds what was not sent.
+    CHECK(residual_nonzero[0] > rows * cols / 2);
+    CHECK(residual_nonzero[1] > rows * cols / 2);
 }
