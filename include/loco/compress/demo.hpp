@@ -24,9 +24,9 @@
 //                                              decode)
 //   decode(payload) = D
 //
-// What the references do next (out of this compressor): the receivers average D over workers
-// (scatter-mean of the payloads, then one inverse DCT), and DeMo and Psyche then take the sign
-// of that average for a sign-SGD step; see docs/compressors.md.
+// What the references do next (out of this compressor): the receivers scatter-mean the peers'
+// coefficients (each over the peers that sent it), apply one inverse DCT, and take the sign for
+// a sign-SGD step; see docs/compressors.md.
 //
 // Wire header: bits = 32, or 1 for signs; flags = 1 for signs, else 0; block = chunk | topk << 16
 // (a receiver with other settings is refused).
