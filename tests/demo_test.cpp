@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -303,6 +304,17 @@ TEST_CASE("demo sign: signs of the coefficients decode to +-1 (Psyche's "
             // results): e = x - D.
             CHECK(std::abs(state[4 * c + i] - (x[4 * c + i] - out[4 * c + i])) <= 1e-6);
         }
+    }
+    SUBCASE("NaN sends +1 (the canonical quiet NaN), whatever its sign; decodes to +-1") {
+        std::vector<float> bad = x;
+        bad[5] = -std::numeric_limits<float>::quiet_NaN();  // chunk 1 becomes NaN
+        std::vector<float> s(16, 0.0f);
+        const auto pn = encode(h, bad, segs, s);
+        for (std::size_t j = 4; j < 8; ++j) {
+            CHECK(wire::get_bits(pn.data() + wire::header_bytes + 4, j, 1) == 0u);
+        }
+        const std::vector<float> back = decode(h, pn, segs, 16);
+        CHECK(std::all_of(back.begin(), back.end(), [](float v) { return std::isfinite(v); }));
     }
     SUBCASE("+0 sends +1") {
         std::vector<float> zero(16, 0.0f);

@@ -15,7 +15,8 @@
 //   k_c =  min(max(topk, 1), cells)            (CompressDCT._clamp_topk)
 //   send the k_c cells of largest |C| of each chunk (chunking.hpp order), with C's fp32 value,
 //        or in the sign variant the sign bit of C (quantize_nozeros_tensor_to_boolean_sign:
-//        signbit, so +0 sends +1, -0 and negative NaN send -1)
+//        signbit, so +0 sends +1 and -0 sends -1; a NaN is first made the canonical quiet NaN
+//        0x7fc00000, as topk.hpp sends it, so it sends +1 whatever sign the arithmetic gave it)
 //   D   =  inverse DCT of the sent coefficients, 0 at the others; in the sign variant a sent
 //          coefficient is 1 - 2 * signbit, +-1 (unpack_tensor_sign_from_boolean)
 //   e   <- e - D                              (state["delta"].sub_(transmit_grad); Psyche
@@ -189,12 +190,12 @@ struct demo {
                 chunking::select_largest(coef, l.k, order);
                 for (std::size_t j = 0; j < l.k; ++j) {
                     const std::size_t slot = c * l.k + j;
-                    const float v = coef[order[j]];
+                    const float v = topk::wire_value(coef[order[j]]);  // one NaN, sign +
                     wire::put_bits(indices, slot, l.index_bits, order[j]);
                     if (h.sign) {
                         wire::put_bits(values, slot, 1, std::signbit(v) ? 1u : 0u);
                     } else {
-                        wire::put<float>(out, at + l.index_bytes + 4 * slot, topk::wire_value(v));
+                        wire::put<float>(out, at + l.index_bytes + 4 * slot, v);
                     }
                 }
             }
