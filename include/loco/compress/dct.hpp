@@ -37,7 +37,7 @@ inline std::vector<double> basis(std::size_t n) {
 }
 
 // One chunk's transform and its inverse. The chunk's element (r, c) is at x[r * stride + c];
-// coefficients are row-major h x w. `work` is scratch of h * w doubles.
+// coefficients are row-major h x w. `work` is scratch (2 h w doubles).
 struct chunk_transform {
     std::size_t h = 1;
     std::size_t w = 1;
@@ -49,31 +49,38 @@ struct chunk_transform {
         : h(rows), w(cols), fh(basis(rows)), fw(basis(cols)) {}
 
     void forward(const float* x, std::size_t stride, float* coef, std::vector<double>& work) const {
-        work.assign(h * w, 0.0);
-        // t[r][d] = sum_c x[r][c] Fw[c][d]
+        work.assign(2 * h * w, 0.0);
+        double* t = work.data();
+        double* acc = t + h * w;
+        // t[r][d] = sum_c x[r][c] Fw[c][d], c ascending
         for (std::size_t r = 0; r < h; ++r) {
             for (std::size_t c = 0; c < w; ++c) {
                 const double v = x[r * stride + c];
                 for (std::size_t d = 0; d < w; ++d) {
-                    work[r * w + d] += v * fw[c * w + d];
+                    t[r * w + d] += v * fw[c * w + d];
                 }
             }
         }
-        // C[b][d] = sum_r Fh[r][b] t[r][d]
-        for (std::size_t b = 0; b < h; ++b) {
-            for (std::size_t d = 0; d < w; ++d) {
-                double sum = 0.0;
-                for (std::size_t r = 0; r < h; ++r) {
-                    sum += fh[r * h + b] * work[r * w + d];
+        // C[b][d] = sum_r Fh[r][b] t[r][d], r ascending (the innermost loop runs along d, so
+        // it vectorises; each sum still adds its terms in the order of r)
+        for (std::size_t r = 0; r < h; ++r) {
+            for (std::size_t b = 0; b < h; ++b) {
+                const double f = fh[r * h + b];
+                for (std::size_t d = 0; d < w; ++d) {
+                    acc[b * w + d] += f * t[r * w + d];
                 }
-                coef[b * w + d] = static_cast<float>(sum);
             }
+        }
+        for (std::size_t i = 0; i < h * w; ++i) {
+            coef[i] = static_cast<float>(acc[i]);
         }
     }
 
     void inverse(const float* coef, float* x, std::size_t stride, std::vector<double>& work) const {
-        work.assign(h * w, 0.0);
-        // t[b][c] = sum_d C[b][d] Fw[c][d]
+        work.assign(2 * h * w, 0.0);
+        double* t = work.data();
+        double* acc = t + h * w;
+        // t[b][c] = sum_d C[b][d] Fw[c][d], d ascending
         for (std::size_t b = 0; b < h; ++b) {
             for (std::size_t d = 0; d < w; ++d) {
                 const double v = coef[b * w + d];
@@ -81,18 +88,22 @@ struct chunk_transform {
                     continue;  // most coefficients of a decoded chunk are zero
                 }
                 for (std::size_t c = 0; c < w; ++c) {
-                    work[b * w + c] += v * fw[c * w + d];
+                    t[b * w + c] += v * fw[c * w + d];
                 }
             }
         }
-        // x[r][c] = sum_b Fh[r][b] t[b][c]
+        // x[r][c] = sum_b Fh[r][b] t[b][c], b ascending
+        for (std::size_t b = 0; b < h; ++b) {
+            for (std::size_t r = 0; r < h; ++r) {
+                const double f = fh[r * h + b];
+                for (std::size_t c = 0; c < w; ++c) {
+                    acc[r * w + c] += f * t[b * w + c];
+                }
+            }
+        }
         for (std::size_t r = 0; r < h; ++r) {
             for (std::size_t c = 0; c < w; ++c) {
-                double sum = 0.0;
-                for (std::size_t b = 0; b < h; ++b) {
-                    sum += fh[r * h + b] * work[b * w + c];
-                }
-                x[r * stride + c] = static_cast<float>(sum);
+                x[r * stride + c] = static_cast<float>(acc[r * w + c]);
             }
         }
     }
