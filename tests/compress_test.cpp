@@ -916,8 +916,9 @@ struct family<lc::demo> {
                 }
                 for (std::size_t j = 0; j < g.cells; ++j) {
                     const float out = decoded[s.offset + g.chunks.cells[c][j]];
-                    log.expect(std::abs(out - d[j]) <= 4e-7 * std::abs(d[j]) + 1e-9 * std::sqrt(sent_norm),
-                               "decoded ", out, ", expected ", d[j]);
+                    const double tolerance = 4e-7 * std::abs(d[j]) + 1e-9 * std::sqrt(sent_norm);
+                    log.expect(std::abs(out - d[j]) <= tolerance, "decoded ", out, ", expected ",
+                               d[j]);
                 }
                 // The documented bound: in the DCT domain what is not sent is no larger than
                 // what is (an orthonormal transform keeps the norm of the error).
@@ -1000,7 +1001,8 @@ struct family<lc::sparseloco> {
                 }
                 for (std::size_t j = 0; j < g.cells; ++j) {
                     if (!std::binary_search(want.begin(), want.end(), j)) {
-                        log.expect(std::abs(block[j]) <= smallest, "a dropped value above a kept one");
+                        log.expect(std::abs(block[j]) <= smallest,
+                                   "a dropped value above a kept one");
                     }
                 }
             }
@@ -1016,7 +1018,8 @@ struct family<lc::sparseloco> {
             for (const double a : v) {
                 squares += (a - shift) * (a - shift);
             }
-            double scale = v.size() < 2 ? 1.0 : h.range * std::sqrt(squares / (v.size() - 1)) / h.bins;
+            double scale =
+                v.size() < 2 ? 1.0 : h.range * std::sqrt(squares / (v.size() - 1)) / h.bins;
             if (!(static_cast<float>(scale) > 0.0f) || std::isinf(static_cast<float>(scale))) {
                 scale = 1.0;
             }
@@ -1047,7 +1050,8 @@ struct family<lc::sparseloco> {
                            entry, " of bin ", b, ", expected ", want);
             }
             for (std::size_t j = 0; j < v.size(); ++j) {
-                const float entry = wire::get<float>(payload, at + 4 * (1 + std::min(q[j], h.bins - 1)));
+                const unsigned bin = std::min(q[j], h.bins - 1);
+                const float entry = wire::get<float>(payload, at + 4 * (1 + bin));
                 const float out = decoded[s.offset + where[j]];
                 log.expect(bits_of(out) == bits_of(entry + shift), "decoded ", out, ", expected ",
                            entry + shift);

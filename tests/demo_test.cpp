@@ -177,7 +177,8 @@ TEST_CASE("dct: encode and decode of arange(8) and eye(4) match Psyche's test_en
     }
 }
 
-TEST_CASE("demo: top-k of DCT coefficients matches Psyche's test_compress_2d and test_compress_1d") {
+TEST_CASE("demo: top-k of DCT coefficients matches Psyche's test_compress_2d and "
+          "test_compress_1d") {
     const lc::demo::hyper base{.chunk = 4, .topk = 2, .decay = 0.0f};
     SUBCASE("four chunks of 4: the rows of test_compress_2d") {
         const std::vector<std::vector<double>> r = {{0.1911, 0.4076, 0.1649, 0.8059},
@@ -428,7 +429,8 @@ TEST_CASE("demo: payload bytes follow the documented formula") {
     }
     // DeMo's defaults on a 4096 x 4096 matrix: 64 x 64 chunks, 32 values of 12-bit index + fp32.
     const lc::segment big{0, 4096 * 4096, 4096, 4096};
-    CHECK(lc::demo::payload_bytes({}, std::span(&big, 1)) == wire::header_bytes + 4096 * 32 * 11 / 2);
+    CHECK(lc::demo::payload_bytes({}, std::span(&big, 1)) ==
+          wire::header_bytes + 4096 * 32 * 11 / 2);
 }
 
 TEST_CASE("demo: bad settings and shapes are refused with one sentence") {

@@ -1046,7 +1046,8 @@ TEST_CASE("docs: compress::sparseloco example") {
     // 2-bit codes, the accumulator decaying by 0.95.
     using q = loco::compress::sparseloco;
     const q::hyper h{};
-    const loco::compress::segment segs[] = {{.offset = 0, .size = 128 * 128, .rows = 128, .cols = 128}};
+    const loco::compress::segment segs[] = {
+        {.offset = 0, .size = 128 * 128, .rows = 128, .cols = 128}};
     std::vector<float> delta(128 * 128);
     for (std::size_t i = 0; i < delta.size(); ++i) {
         delta[i] = std::sin(0.37f * static_cast<float>(i));
@@ -1074,7 +1075,8 @@ TEST_CASE("docs: compress::demo example") {
     // coefficients of each sent as signs, the residual decaying by 0.999.
     using q = loco::compress::demo;
     const q::hyper h{.chunk = 64, .topk = 32, .decay = 0.999f, .sign = true};
-    const loco::compress::segment segs[] = {{.offset = 0, .size = 128 * 256, .rows = 128, .cols = 256}};
+    const loco::compress::segment segs[] = {
+        {.offset = 0, .size = 128 * 256, .rows = 128, .cols = 256}};
     std::vector<float> delta(128 * 256);
     for (std::size_t i = 0; i < delta.size(); ++i) {
         delta[i] = std::sin(0.37f * static_cast<float>(i));

@@ -20,6 +20,7 @@
 #include <loco/compress/wire.hpp>
 #include <loco/diloco.hpp>
 #include <loco/error.hpp>
+#include <loco/exchange.hpp>
 #include <loco/inner/sgd.hpp>
 #include <loco/outer/sgd.hpp>
 #include <loco/params.hpp>
@@ -181,7 +182,8 @@ TEST_CASE("sparseloco: one round on a fixed 128 x 128 input matches a double-pre
     CHECK(std::abs(wire::get<float>(p, body) - shift) <= 1e-6 * (1 + std::abs(shift)));
     for (int b = 0; b < 4; ++b) {
         const double want = bin_count[b] == 0 ? 0.0 : bin_sum[b] / bin_count[b];
-        CHECK(std::abs(wire::get<float>(p, body + 4 * (1 + b)) - want) <= 1e-6 * (1 + std::abs(want)));
+        const float entry = wire::get<float>(p, body + 4 * (1 + b));
+        CHECK(std::abs(entry - want) <= 1e-6 * (1 + std::abs(want)));
     }
     const std::byte* indices = p.data() + body + 20;
     const std::byte* codes = indices + 384;
@@ -192,7 +194,8 @@ TEST_CASE("sparseloco: one round on a fixed 128 x 128 input matches a double-pre
     // Decoded values and the new accumulator.
     std::vector<double> decoded(n * n, 0.0);
     for (std::size_t j = 0; j < 256; ++j) {
-        decoded[positions[j]] = (bin_count[q[j]] == 0 ? 0.0 : bin_sum[q[j]] / bin_count[q[j]]) + shift;
+        const double mean = bin_count[q[j]] == 0 ? 0.0 : bin_sum[q[j]] / bin_count[q[j]];
+        decoded[positions[j]] = mean + shift;
     }
     std::size_t nonzero = 0;
     for (std::size_t i = 0; i < n * n; ++i) {
@@ -337,7 +340,9 @@ TEST_CASE("sparseloco: the accumulator over several rounds is e <- beta e + x - 
 }
 
 TEST_CASE("sparseloco: bad settings and shapes are refused with one sentence") {
-    const auto refused = [](sl::hyper h) { CHECK_THROWS_AS(sl::validate(h), loco::invalid_argument); };
+    const auto refused = [](sl::hyper h) {
+        CHECK_THROWS_AS(sl::validate(h), loco::invalid_argument);
+    };
     refused({.topk = 0});
     refused({.chunk = 4, .topk = 17});
     refused({.chunk = 0});
@@ -379,7 +384,8 @@ TEST_CASE("sparseloco: payloads that pass the checksum but break the format are 
         reseal(p);
         std::vector<float> out(28, std::bit_cast<float>(sentinel_bits));
         CHECK_THROWS_AS(sl::decode(hh, p, segs, out), loco::wire_error);
-        CHECK(std::all_of(out.begin(), out.end(), [](float v) { return bits_of(v) == sentinel_bits; }));
+        CHECK(std::all_of(out.begin(), out.end(),
+                          [](float v) { return bits_of(v) == sentinel_bits; }));
     };
     // Layout of the first segment at target 3: record 16 bytes, 8 indices x 2 bits (4 bytes),
     // 8 codes x 2 bits (4 bytes).
@@ -400,7 +406,8 @@ TEST_CASE("sparseloco: payloads that pass the checksum but break the format are 
         CHECK_NOTHROW(sl::decode(h3, good3, segs, out));
     }
     check(h3, with_slot(good3, idx, 1, 3), "index 3 in a chunk of 3 cells");
-    check(h3, with_slot(good3, idx, 1, wire::get_bits(good3.data() + idx, 0, 2)), "a repeated index");
+    check(h3, with_slot(good3, idx, 1, wire::get_bits(good3.data() + idx, 0, 2)),
+          "a repeated index");
     {
         const unsigned a = wire::get_bits(good3.data() + idx, 0, 2);
         const unsigned b = wire::get_bits(good3.data() + idx, 1, 2);
@@ -444,44 +451,54 @@ TEST_CASE_TEMPLATE("sparseloco and demo plug into loco::diloco: bytes per sync a
     // A 64 x 96 matrix and a bias of 96, two workers with different gradients, outer SGD with
     // lr 1 and no momentum (SparseLoCo's outer step), a sync every 4 inner steps.
     constexpr std::size_t rows = 64, cols = 96;
-    std::vector<float> final_w[2];
-    std::uint64_t per_sync[2] = {};
-    std::size_t residual_nonzero[2] = {};
-    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
-        std::vector<float> w(rows * cols, 0.5f);
-        std::vector<float> gw(rows * cols, 0.0f);
-        std::vector<float> b(cols, 0.0f);
-        std::vector<float> gb(cols, 0.0f);
-        loco::parameter_list params;
-        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
-                         loco::host_matrix(static_cast<const float*>(gw.data()), rows, cols));
-        params.add("b", b, gb);
-        loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(params, comm,
-                                                                {.schedule = {.every = 4}});
-        for (int step = 0; step < 12; ++step) {
-            for (std::size_t i = 0; i < gw.size(); ++i) {
-                gw[i] = std::sin(0.01f * static_cast<float>(i * (comm.rank() + 1) + step));
+    for (const auto scheme : {loco::exchange_scheme::automatic, loco::exchange_scheme::two_phase}) {
+        INFO("exchange " << loco::to_string(scheme));
+        std::vector<float> final_w[2];
+        std::uint64_t per_sync[2] = {};
+        std::size_t residual_nonzero[2] = {};
+        loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+            std::vector<float> w(rows * cols, 0.5f);
+            std::vector<float> gw(rows * cols, 0.0f);
+            std::vector<float> b(cols, 0.0f);
+            std::vector<float> gb(cols, 0.0f);
+            loco::parameter_list params;
+            params.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                             loco::host_matrix(static_cast<const float*>(gw.data()), rows, cols));
+            params.add("b", b, gb);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(
+                params, comm, {.schedule = {.every = 4}, .exchange = scheme});
+            for (int step = 0; step < 12; ++step) {
+                for (std::size_t i = 0; i < gw.size(); ++i) {
+                    gw[i] = std::sin(0.01f * static_cast<float>(i * (comm.rank() + 1) + step));
+                }
+                for (std::size_t i = 0; i < gb.size(); ++i) {
+                    gb[i] = std::cos(0.1f * static_cast<float>(i + step)) * (comm.rank() + 1.0f);
+                }
+                opt.step();
             }
-            for (std::size_t i = 0; i < gb.size(); ++i) {
-                gb[i] = std::cos(0.1f * static_cast<float>(i + step)) * (comm.rank() + 1.0f);
+            per_sync[comm.rank()] = opt.bytes_per_sync();
+            final_w[comm.rank()] = w;
+            for (const float e : opt.compressor_state()) {
+                residual_nonzero[comm.rank()] += e != 0.0f ? 1 : 0;
             }
-            opt.step();
+        });
+        const std::vector<lc::segment> segs = {{0, rows * cols, rows, cols},
+                                               {rows * cols, cols, 1, cols}};
+        const typename C::hyper h{};
+        if (scheme == loco::exchange_scheme::automatic) {
+            CHECK(per_sync[0] == C::payload_bytes(h, segs));  // all_gather: M - 1 = 1 payload
+        } else {
+            // two_phase: 2 (M - 1) blocks of the larger chunk payload; chunk 0 is rows 0-31 of w.
+            const std::vector<lc::segment> first = {{0, rows * cols / 2, rows / 2, cols}};
+            CHECK(per_sync[0] >= 2 * C::payload_bytes(h, first));
         }
-        per_sync[comm.rank()] = opt.bytes_per_sync();
-        final_w[comm.rank()] = w;
-        for (const float e : opt.compressor_state()) {
-            residual_nonzero[comm.rank()] += e != 0.0f ? 1 : 0;
-        }
-    });
-    const std::vector<lc::segment> segs = {{0, rows * cols, rows, cols}, {rows * cols, cols, 1, cols}};
-    const typename C::hyper h{};
-    CHECK(per_sync[0] == C::payload_bytes(h, segs));  // M - 1 = 1 payload
-    CHECK(per_sync[1] == per_sync[0]);
-    // Step 12 ends with a sync: both workers hold the same parameters.
-    CHECK(std::equal(final_w[0].begin(), final_w[0].end(), final_w[1].begin(), final_w[1].end(),
-                     [](float a, float c) { return bits_of(a) == bits_of(c); }));
-    CHECK(final_w[0] != std::vector<float>(rows * cols, 0.5f));
-    // The accumulator holds what was not sent.
-    CHECK(residual_nonzero[0] > rows * cols / 2);
-    CHECK(residual_nonzero[1] > rows * cols / 2);
+        CHECK(per_sync[1] == per_sync[0]);
+        // Step 12 ends with a sync: both workers hold the same parameters.
+        CHECK(std::equal(final_w[0].begin(), final_w[0].end(), final_w[1].begin(), final_w[1].end(),
+                         [](float a, float c) { return bits_of(a) == bits_of(c); }));
+        CHECK(final_w[0] != std::vector<float>(rows * cols, 0.5f));
+        // The accumulator holds what was not sent.
+        CHECK(residual_nonzero[0] > rows * cols / 2);
+        CHECK(residual_nonzero[1] > rows * cols / 2);
+    }
 }

@@ -1,7 +1,5 @@
 // A seeded random-mutation fuzzer for the compressed payloads (compress/wire.hpp and every
-// compressor's decode, including the chunked top-k payloads of demo and sparseloco, whose
-// targeted cases, out-of-range, repeated and unsorted indices, are in tests/demo_test.cpp and
-// tests/sparseloco_test.cpp). For each configuration it encodes a valid payload of a few small segments,
+// compressor's decode). For each configuration it encodes a valid payload of a few small segments,
 // then decodes mutated copies:
 //
 //   * truncation at every length, extension by 1..16 bytes, single bit flips, overwrites of 1..4
@@ -11,6 +9,10 @@
 //   * body edits with the checksum recomputed ("resealed"), which only the compressor's own
 //     checks can catch: decode must either throw loco::wire_error with the output untouched or
 //     succeed; never crash, read out of bounds (AddressSanitizer) or throw anything else.
+//
+// For the chunked top-k payloads of demo and sparseloco, a second test edits their index streams
+// at random: an index at or above its chunk's cells, an index equal to its neighbour, two
+// neighbours swapped; each, resealed, must be refused with the output untouched.
 //
 // The generator is seeded from the process seed (LOCO_TEST_SEED repeats a run).
 #include <doctest/doctest.h>
@@ -95,7 +97,8 @@ std::vector<configuration> configurations() {
         make<lc::demo>("demo chunk 4 topk 3 signs", {.chunk = 4, .topk = 3, .sign = true}),
         make<lc::demo>("demo chunk 8 topk 1 signs", {.chunk = 8, .topk = 1, .sign = true}),
         make<lc::sparseloco>("sparseloco"),
-        make<lc::sparseloco>("sparseloco chunk 4 topk 3 bins 3", {.chunk = 4, .topk = 3, .bins = 3}),
+        make<lc::sparseloco>("sparseloco chunk 4 topk 3 bins 3",
+                             {.chunk = 4, .topk = 3, .bins = 3}),
         make<lc::sparseloco>("sparseloco chunk 3 topk 2 bins 256",
                              {.chunk = 3, .topk = 2, .bins = 256}),
     };
@@ -384,7 +387,9 @@ std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, s
         const auto& l = st.l;
         bytes p = good;
         std::byte* base = p.data() + st.at;
-        const auto read = [&](std::size_t slot) { return wire::get_bits(base, slot, l.index_bits); };
+        const auto read = [&](std::size_t slot) {
+            return wire::get_bits(base, slot, l.index_bits);
+        };
         const auto write = [&](std::size_t slot, std::uint32_t v) {
             for (unsigned b = 0; b < l.index_bits; ++b) {  // clear, then OR in
                 const std::size_t bit = slot * l.index_bits + b;

@@ -78,7 +78,8 @@ struct demo {
             throw invalid_argument("loco::compress::demo: chunk must be in [1, 65535]");
         }
         if (h.topk < 1 || h.topk > 65535) {
-            throw invalid_argument("loco::compress::demo: topk must be in [1, 65535] (0 sends nothing)");
+            throw invalid_argument(
+                "loco::compress::demo: topk must be in [1, 65535] (0 sends nothing)");
         }
         if (static_cast<std::uint64_t>(h.topk) >
             static_cast<std::uint64_t>(h.chunk) * h.chunk) {

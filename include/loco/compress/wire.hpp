@@ -173,7 +173,8 @@ constexpr std::size_t bit_stream_bytes(std::size_t count, unsigned width) noexce
     return (count * width + 7) / 8;
 }
 
-LOCO_HD void put_bits(std::byte* stream, std::size_t j, unsigned width, std::uint32_t code) noexcept {
+LOCO_HD void put_bits(std::byte* stream, std::size_t j, unsigned width,
+                      std::uint32_t code) noexcept {
     std::size_t bit = j * width;
     for (unsigned done = 0; done < width;) {
         const unsigned shift = static_cast<unsigned>(bit % 8);
