@@ -13,12 +13,15 @@
 //     stochastic rounding, and the size of 2-bit payloads.
 #include <doctest/doctest.h>
 
+#include "support/chunked_reference.hpp"
 #include "support/random.hpp"
 
 #include <loco/compress/blockwise.hpp>
 #include <loco/compress/cast.hpp>
 #include <loco/compress/compressor.hpp>
+#include <loco/compress/demo.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/sparseloco.hpp>
 #include <loco/compress/statistical.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
@@ -345,13 +348,41 @@ using other_cases =
                          simple_case<lc::cast<loco::fp16>>, topk_case<0.02f>, topk_case<0.3f>,
                          topk_case<1.0f>>;
 
-using compressor_cases = boost::mp11::mp_append<other_cases, blockwise_cases, statistical_cases>;
+template <std::uint32_t Chunk, std::uint32_t TopK, bool Sign>
+struct demo_case {
+    using type = lc::demo;
+    static typename type::hyper hyper() { return {.chunk = Chunk, .topk = TopK, .sign = Sign}; }
+    static std::string label() {
+        return "demo, chunk " + std::to_string(Chunk) + ", topk " + std::to_string(TopK) +
+               (Sign ? ", signs" : "");
+    }
+};
+
+template <std::uint32_t Chunk, std::uint32_t TopK, std::uint32_t Bins>
+struct sparseloco_case {
+    using type = lc::sparseloco;
+    static typename type::hyper hyper() { return {.chunk = Chunk, .topk = TopK, .bins = Bins}; }
+    static std::string label() {
+        return "sparseloco, chunk " + std::to_string(Chunk) + ", topk " + std::to_string(TopK) +
+               ", bins " + std::to_string(Bins);
+    }
+};
+
+using chunked_cases =
+    boost::mp11::mp_list<demo_case<64, 32, false>, demo_case<64, 32, true>, demo_case<8, 3, false>,
+                         demo_case<8, 3, true>, sparseloco_case<64, 64, 4>,
+                         sparseloco_case<8, 5, 3>, sparseloco_case<16, 7, 256>,
+                         sparseloco_case<4, 2, 2>>;
+
+using compressor_cases =
+    boost::mp11::mp_append<other_cases, blockwise_cases, statistical_cases, chunked_cases>;
 
 // Every built-in compressor has a case and satisfies the concept; wire ids are distinct.
 template <class Case>
 using type_of = typename Case::type;
 using builtin = boost::mp11::mp_list<lc::none, lc::cast<loco::bf16>, lc::cast<loco::fp16>,
-                                     lc::blockwise<2, 256>, lc::statistical<2>, lc::topk>;
+                                     lc::blockwise<2, 256>, lc::statistical<2>, lc::topk,
+                                     lc::demo, lc::sparseloco>;
 template <class C>
 using has_case = boost::mp11::mp_contains<boost::mp11::mp_transform<type_of, compressor_cases>, C>;
 static_assert(boost::mp11::mp_all_of<builtin, has_case>::value);
@@ -361,7 +392,8 @@ static_assert(boost::mp11::mp_all_of<boost::mp11::mp_transform<type_of, compress
                                      is_compressor>::value);
 static_assert(lc::none::wire_id == 0 && lc::cast<loco::bf16>::wire_id == 1 &&
               lc::cast<loco::fp16>::wire_id == 1 && lc::blockwise<1, 1>::wire_id == 2 &&
-              lc::statistical<8>::wire_id == 3 && lc::topk::wire_id == 4);
+              lc::statistical<8>::wire_id == 3 && lc::topk::wire_id == 4 &&
+              lc::demo::wire_id == 5 && lc::sparseloco::wire_id == 6);
 
 // ================================================================================================
 // Inputs
@@ -421,7 +453,10 @@ template <class C>
 std::vector<std::byte> encode(const typename C::hyper& h, const std::vector<float>& x,
                               std::span<const lc::segment> segs, const lc::encode_context& ctx) {
     std::vector<std::byte> out(C::payload_bytes(h, segs));
-    C::encode(h, x, segs, {}, ctx, out);
+    // Compressors with state (error feedback) start from zero state on every call, so a payload
+    // is the encoding of x alone.
+    std::vector<float> state(static_cast<std::size_t>(C::state_size) * x.size(), 0.0f);
+    C::encode(h, x, segs, state, ctx, out);
     return out;
 }
 
@@ -778,6 +813,260 @@ struct family<lc::topk> {
     }
 };
 
+// DeMo / DisTrO and SparseLoCo: chunks, DCT and top-k from tests/support/chunked_reference.hpp.
+struct chunk_geometry {
+    loco_test::chunked::chunk_list chunks;
+    std::size_t cells = 0;
+};
+
+inline chunk_geometry geometry_of(const lc::segment& s, std::uint32_t target) {
+    const std::size_t rows = s.rows <= 1 ? 1 : s.rows;
+    chunk_geometry g;
+    g.chunks = loco_test::chunked::chunks(rows, s.size / rows, target);
+    g.cells = g.chunks.h * g.chunks.w;
+    return g;
+}
+
+inline unsigned index_width(std::size_t cells) {
+    return cells <= 1 ? 0u : static_cast<unsigned>(std::bit_width(cells - 1));
+}
+
+template <>
+struct family<lc::demo> {
+    using hyper = lc::demo::hyper;
+    static std::uint8_t bits(const hyper& h) { return h.sign ? 1 : 32; }
+    static std::uint8_t flags(const hyper& h) { return h.sign ? 1 : 0; }
+    static std::uint32_t block(const hyper& h) { return h.chunk | (h.topk << 16); }
+    static bool stochastic(const hyper&) { return false; }
+    static std::size_t kept(const hyper& h, std::size_t cells) {
+        return std::min<std::size_t>(h.topk, cells);
+    }
+    static std::size_t index_bytes(const hyper& h, const lc::segment& s, std::size_t& sent,
+                                   unsigned& width) {
+        sent = 0;
+        width = 0;
+        if (s.size == 0) {
+            return 0;
+        }
+        const chunk_geometry g = geometry_of(s, h.chunk);
+        sent = g.chunks.cells.size() * kept(h, g.cells);
+        width = index_width(g.cells);
+        return round_up4((sent * width + 7) / 8);
+    }
+    static std::size_t body_bytes(const hyper& h, const lc::segment& s) {
+        std::size_t sent = 0;
+        unsigned width = 0;
+        const std::size_t ib = index_bytes(h, s, sent, width);
+        return ib + (h.sign ? round_up4((sent + 7) / 8) : 4 * sent);
+    }
+
+    static void check(const hyper& h, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        namespace ref = loco_test::chunked;
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            if (s.size == 0) {
+                continue;
+            }
+            std::size_t sent = 0;
+            unsigned width = 0;
+            const std::size_t ib = index_bytes(h, s, sent, width);
+            const chunk_geometry g = geometry_of(s, h.chunk);
+            const std::size_t k = kept(h, g.cells);
+            const std::byte* indices = payload.data() + at;
+            for (std::size_t c = 0; c < g.chunks.cells.size(); ++c) {
+                std::vector<double> block;
+                double norm = 0;
+                for (const std::size_t i : g.chunks.cells[c]) {
+                    block.push_back(x[s.offset + i]);
+                    norm += block.back() * block.back();
+                }
+                norm = std::sqrt(norm);
+                const std::vector<double> coef = ref::dct2(block, g.chunks.h, g.chunks.w);
+                const double floor = 1e-9 * norm;
+                if (ref::selection_margin(coef, k) < 1e-5) {
+                    log.near_boundary();  // near-equal magnitudes at the cut (or a zero chunk)
+                    continue;
+                }
+                const std::vector<std::size_t> want = ref::top_k(coef, k);
+                std::vector<double> sent_coef(g.cells, 0.0);
+                for (std::size_t j = 0; j < k; ++j) {
+                    const std::size_t slot = c * k + j;
+                    const std::uint32_t i = wire::get_bits(indices, slot, width);
+                    log.expect(i == want[j], "index ", i, " of chunk ", c, ", expected ", want[j]);
+                    const double v = coef[want[j]];
+                    if (h.sign) {
+                        const unsigned bit = wire::get_bits(indices + ib, slot, 1);
+                        if (std::abs(v) > floor) {
+                            log.expect(bit == (v < 0 ? 1u : 0u), "sign of coefficient ", v);
+                        }
+                        sent_coef[want[j]] = bit != 0 ? -1.0 : 1.0;
+                    } else {
+                        const float got = wire::get<float>(payload, at + ib + 4 * slot);
+                        log.expect(std::abs(got - v) <= 4e-7 * std::abs(v) + floor, "value ", got,
+                                   " of coefficient ", v);
+                        sent_coef[want[j]] = got;
+                    }
+                }
+                const std::vector<double> d = ref::idct2(sent_coef, g.chunks.h, g.chunks.w);
+                double sent_norm = 0;
+                for (const double v : sent_coef) {
+                    sent_norm += v * v;
+                }
+                for (std::size_t j = 0; j < g.cells; ++j) {
+                    const float out = decoded[s.offset + g.chunks.cells[c][j]];
+                    const double tolerance = 4e-7 * std::abs(d[j]) + 1e-9 * std::sqrt(sent_norm);
+                    log.expect(std::abs(out - d[j]) <= tolerance, "decoded ", out, ", expected ",
+                               d[j]);
+                }
+                // The documented bound: in the DCT domain what is not sent is no larger than
+                // what is (an orthonormal transform keeps the norm of the error).
+                if (!h.sign) {
+                    double dropped = 0;
+                    double smallest = 1e300;
+                    for (std::size_t i = 0; i < g.cells; ++i) {
+                        if (std::binary_search(want.begin(), want.end(), i)) {
+                            smallest = std::min(smallest, std::abs(coef[i]));
+                        } else {
+                            dropped = std::max(dropped, std::abs(coef[i]));
+                        }
+                    }
+                    log.expect(dropped <= smallest, "a dropped coefficient above a sent one");
+                }
+            }
+            at += body_bytes(h, s);
+        }
+    }
+};
+
+template <>
+struct family<lc::sparseloco> {
+    using hyper = lc::sparseloco::hyper;
+    static std::uint8_t bits(const hyper& h) { return static_cast<std::uint8_t>(code_width(h)); }
+    static std::uint8_t flags(const hyper& h) { return static_cast<std::uint8_t>(h.bins - 1); }
+    static std::uint32_t block(const hyper& h) { return h.chunk | (h.topk << 16); }
+    static bool stochastic(const hyper&) { return false; }
+    static unsigned code_width(const hyper& h) { return std::bit_width(h.bins - 1); }
+    static std::size_t kept(const hyper& h, std::size_t cells) {
+        if (cells <= 1) {
+            return cells;
+        }
+        std::size_t k = std::max<std::size_t>(std::min<std::size_t>(h.topk, cells), 2);
+        return k - k % 2;
+    }
+    static std::size_t body_bytes(const hyper& h, const lc::segment& s) {
+        if (s.size == 0) {
+            return 0;
+        }
+        const chunk_geometry g = geometry_of(s, h.chunk);
+        const std::size_t sent = g.chunks.cells.size() * kept(h, g.cells);
+        return 4 * (1 + h.bins) + round_up4((sent * index_width(g.cells) + 7) / 8) +
+               round_up4((sent * code_width(h) + 7) / 8);
+    }
+
+    static void check(const hyper& h, const std::vector<float>& x, const layout& l,
+                      const lc::encode_context&, const std::vector<std::byte>& payload,
+                      const std::vector<float>& decoded, findings& log) {
+        namespace ref = loco_test::chunked;
+        std::size_t at = wire::header_bytes;
+        for (const lc::segment& s : l.segs) {
+            if (s.size == 0) {
+                continue;
+            }
+            const chunk_geometry g = geometry_of(s, h.chunk);
+            const std::size_t k = kept(h, g.cells);
+            const unsigned width = index_width(g.cells);
+            const std::size_t sent = g.chunks.cells.size() * k;
+            const std::byte* indices = payload.data() + at + 4 * (1 + h.bins);
+            const std::byte* codes = indices + round_up4((sent * width + 7) / 8);
+            // Kept values (exact: the choice is made on the fp32 inputs), then the quantizer.
+            std::vector<double> v;
+            std::vector<std::size_t> where;
+            std::vector<bool> kept_cell(s.size, false);
+            for (std::size_t c = 0; c < g.chunks.cells.size(); ++c) {
+                std::vector<double> block;
+                for (const std::size_t i : g.chunks.cells[c]) {
+                    block.push_back(x[s.offset + i]);
+                }
+                const std::vector<std::size_t> want = ref::top_k(block, k);
+                double smallest = 1e300;
+                for (std::size_t j = 0; j < k; ++j) {
+                    const std::uint32_t i = wire::get_bits(indices, c * k + j, width);
+                    log.expect(i == want[j], "index ", i, " of chunk ", c, ", expected ", want[j]);
+                    v.push_back(block[want[j]]);
+                    where.push_back(g.chunks.cells[c][want[j]]);
+                    kept_cell[g.chunks.cells[c][want[j]]] = true;
+                    smallest = std::min(smallest, std::abs(block[want[j]]));
+                }
+                for (std::size_t j = 0; j < g.cells; ++j) {
+                    if (!std::binary_search(want.begin(), want.end(), j)) {
+                        log.expect(std::abs(block[j]) <= smallest,
+                                   "a dropped value above a kept one");
+                    }
+                }
+            }
+            long double sum = 0;
+            for (const double a : v) {
+                sum += a;
+            }
+            const float shift = wire::get<float>(payload, at);
+            const auto want_shift = static_cast<float>(sum / v.size());
+            log.expect(std::abs(shift - want_shift) <= 0x1p-23f * std::abs(want_shift) + 1e-30f,
+                       "shift ", shift, ", expected ", want_shift);
+            double squares = 0;
+            for (const double a : v) {
+                squares += (a - shift) * (a - shift);
+            }
+            double scale =
+                v.size() < 2 ? 1.0 : h.range * std::sqrt(squares / (v.size() - 1)) / h.bins;
+            if (!(static_cast<float>(scale) > 0.0f) || std::isinf(static_cast<float>(scale))) {
+                scale = 1.0;
+            }
+            scale = static_cast<float>(scale);
+            std::vector<double> bin_sum(h.bins, 0.0);
+            std::vector<std::size_t> bin_count(h.bins, 0);
+            std::vector<unsigned> q(v.size());
+            for (std::size_t j = 0; j < v.size(); ++j) {
+                q[j] = wire::get_bits(codes, j, code_width(h));
+                const double t = std::clamp((v[j] - shift) / scale + h.bins / 2, 0.0, h.bins - 1.0);
+                const double want = round_half_even(t);
+                if (std::abs(t - std::floor(t) - 0.5) <= 1e-6 * h.bins) {
+                    log.near_boundary();
+                    log.expect(std::abs(q[j] - want) <= 1, "code ", q[j], ", expected ", want);
+                } else {
+                    log.expect(q[j] == want, "code ", q[j], " of ", v[j], " (t = ", t,
+                               "), expected ", want);
+                }
+                if (q[j] < h.bins) {
+                    bin_sum[q[j]] += v[j] - shift;
+                    ++bin_count[q[j]];
+                }
+            }
+            for (unsigned b = 0; b < h.bins; ++b) {
+                const float entry = wire::get<float>(payload, at + 4 * (1 + b));
+                const double want = bin_count[b] == 0 ? 0.0 : bin_sum[b] / bin_count[b];
+                log.expect(std::abs(entry - want) <= 0x1p-23 * std::abs(want) + 1e-30, "entry ",
+                           entry, " of bin ", b, ", expected ", want);
+            }
+            for (std::size_t j = 0; j < v.size(); ++j) {
+                const unsigned bin = std::min(q[j], h.bins - 1);
+                const float entry = wire::get<float>(payload, at + 4 * (1 + bin));
+                const float out = decoded[s.offset + where[j]];
+                log.expect(bits_of(out) == bits_of(entry + shift), "decoded ", out, ", expected ",
+                           entry + shift);
+            }
+            for (std::size_t i = 0; i < s.size; ++i) {
+                if (!kept_cell[i]) {
+                    log.expect(bits_of(decoded[s.offset + i]) == 0, "a dropped element decoded as ",
+                               decoded[s.offset + i]);
+                }
+            }
+            at += body_bytes(h, s);
+        }
+    }
+};
+
 template <class C>
 std::size_t expected_payload_bytes(const typename C::hyper& h, const layout& l) {
     std::size_t n = wire::header_bytes;
@@ -799,7 +1088,11 @@ void check_header(const typename C::hyper& h, const layout& l, const std::vector
     CHECK(p[1] == std::byte{'W'});
     CHECK(std::to_integer<unsigned>(p[2]) == wire::version);
     CHECK(std::to_integer<unsigned>(p[3]) == C::wire_id);
-    CHECK(std::to_integer<unsigned>(p[4]) == F::bits());
+    if constexpr (requires { F::bits(h); }) {  // code widths that depend on the settings
+        CHECK(std::to_integer<unsigned>(p[4]) == F::bits(h));
+    } else {
+        CHECK(std::to_integer<unsigned>(p[4]) == F::bits());
+    }
     CHECK(std::to_integer<unsigned>(p[5]) == F::flags(h));
     CHECK(wire::get<std::uint16_t>(p, 6) == 0);
     CHECK(wire::get<std::uint32_t>(p, 8) == F::block(h));

@@ -1051,6 +1051,62 @@ TEST_CASE("docs: compress::topk example") {
     CHECK(y == std::vector<float>{0, -4, 0, 2, 0, 4, 0, 0, 0, 0});
 }
 
+TEST_CASE("docs: compress::sparseloco example") {
+    // [snippet:compress-sparseloco]
+    // SparseLoCo as templar runs it (hparams.json): 64 x 64 chunks, 64 values kept per chunk,
+    // 2-bit codes, the accumulator decaying by 0.95.
+    using q = loco::compress::sparseloco;
+    const q::hyper h{};
+    const loco::compress::segment segs[] = {
+        {.offset = 0, .size = 128 * 128, .rows = 128, .cols = 128}};
+    std::vector<float> delta(128 * 128);
+    for (std::size_t i = 0; i < delta.size(); ++i) {
+        delta[i] = std::sin(0.37f * static_cast<float>(i));
+    }
+    std::vector<float> accumulator(delta.size(), 0.0f);  // q::state_size == 1 float per element
+
+    std::vector<std::byte> payload(q::payload_bytes(h, segs));
+    q::encode(h, delta, segs, accumulator, {}, payload);  // e = 0.95 e + delta; e -= what is sent
+    std::vector<float> y(delta.size());
+    q::decode(h, payload, segs, y);
+    // 2 x 2 chunks, 64 values each: the 40-byte header, shift and 4 bin means (20 bytes), 256
+    // indices of 12 bits (384 bytes), 256 codes of 2 bits (64 bytes); 129x below fp32:
+    // payload.size() == 508
+    // [snippet:compress-sparseloco end]
+    CHECK(payload.size() == 508);
+    CHECK(std::count_if(y.begin(), y.end(), [](float v) { return v != 0.0f; }) == 256);
+    for (std::size_t i = 0; i < y.size(); ++i) {
+        CHECK(accumulator[i] == delta[i] - y[i]);
+    }
+}
+
+TEST_CASE("docs: compress::demo example") {
+    // [snippet:compress-demo]
+    // DisTrO as Psyche runs it with quantize_1bit: 64 x 64 DCT chunks, the 32 largest
+    // coefficients of each sent as signs, the residual decaying by 0.999.
+    using q = loco::compress::demo;
+    const q::hyper h{.chunk = 64, .topk = 32, .decay = 0.999f, .sign = true};
+    const loco::compress::segment segs[] = {
+        {.offset = 0, .size = 128 * 256, .rows = 128, .cols = 256}};
+    std::vector<float> delta(128 * 256);
+    for (std::size_t i = 0; i < delta.size(); ++i) {
+        delta[i] = std::sin(0.37f * static_cast<float>(i));
+    }
+    std::vector<float> residual(delta.size(), 0.0f);
+
+    std::vector<std::byte> payload(q::payload_bytes(h, segs));
+    q::encode(h, delta, segs, residual, {}, payload);
+    std::vector<float> y(delta.size());
+    q::decode(h, payload, segs, y);  // the inverse DCT of +-1 at the sent coefficients
+    // 2 x 4 chunks, 32 coefficients each: the header, 256 indices of 12 bits (384 bytes) and
+    // 256 sign bits (32 bytes): payload.size() == 456
+    // [snippet:compress-demo end]
+    CHECK(payload.size() == 456);
+    for (std::size_t i = 0; i < y.size(); ++i) {
+        CHECK(std::abs(residual[i] - (delta[i] - y[i])) <= 1e-6f);
+    }
+}
+
 // ---- docs/inner.md: muon -------------------------------------------------------------------------
 
 

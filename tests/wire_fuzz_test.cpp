@@ -10,6 +10,10 @@
 //     checks can catch: decode must either throw loco::wire_error with the output untouched or
 //     succeed; never crash, read out of bounds (AddressSanitizer) or throw anything else.
 //
+// For the chunked top-k payloads of demo and sparseloco, a second test edits their index streams
+// at random: an index at or above its chunk's cells, an index equal to its neighbour, two
+// neighbours swapped; each, resealed, must be refused with the output untouched.
+//
 // The generator is seeded from the process seed (LOCO_TEST_SEED repeats a run).
 #include <doctest/doctest.h>
 
@@ -17,7 +21,9 @@
 
 #include <loco/compress/blockwise.hpp>
 #include <loco/compress/cast.hpp>
+#include <loco/compress/demo.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/sparseloco.hpp>
 #include <loco/compress/statistical.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
@@ -61,7 +67,9 @@ configuration make(std::string label, typename C::hyper h = {}) {
             [h](const segment_list& segs) { return C::payload_bytes(h, segs); },
             [h](const std::vector<float>& x, const segment_list& segs,
                 const lc::encode_context& ctx, std::span<std::byte> out) {
-                C::encode(h, x, segs, {}, ctx, out);
+                // Compressors with state (error feedback) start from zero state.
+                std::vector<float> state(static_cast<std::size_t>(C::state_size) * x.size(), 0.0f);
+                C::encode(h, x, segs, state, ctx, out);
             },
             [h](std::span<const std::byte> in, const segment_list& segs, std::span<float> out) {
                 C::decode(h, in, segs, out);
@@ -83,6 +91,16 @@ std::vector<configuration> configurations() {
         make<lc::blockwise<2, 5>>("blockwise<2, 5> mean_abs stochastic",
                                   {.scale = scale_kind::mean_abs, .round = rounding::stochastic}),
         make<lc::statistical<2>>("statistical<2> range 4", {.range = 4.0f}),
+        // Chunked top-k: indices packed at the chunk's width, strictly ascending per chunk.
+        make<lc::demo>("demo"),
+        make<lc::demo>("demo chunk 4 topk 3", {.chunk = 4, .topk = 3}),
+        make<lc::demo>("demo chunk 4 topk 3 signs", {.chunk = 4, .topk = 3, .sign = true}),
+        make<lc::demo>("demo chunk 8 topk 1 signs", {.chunk = 8, .topk = 1, .sign = true}),
+        make<lc::sparseloco>("sparseloco"),
+        make<lc::sparseloco>("sparseloco chunk 4 topk 3 bins 3",
+                             {.chunk = 4, .topk = 3, .bins = 3}),
+        make<lc::sparseloco>("sparseloco chunk 3 topk 2 bins 256",
+                             {.chunk = 3, .topk = 2, .bins = 256}),
     };
     const auto add_blockwise = [&]<int Bits, std::size_t Block>() {
         for (const auto scale : {scale_kind::absmax, scale_kind::mean_abs}) {
@@ -329,4 +347,118 @@ TEST_CASE("wire fuzz: mutated payloads are refused, never crash, never touch the
     INFO(failures << " failures; first ones:\n" << report);
     CHECK(failures == 0);
     CHECK(mutations >= 20000);
+}
+
+namespace {
+
+// Where a segment's index stream starts within its bytes, per chunked compressor.
+std::size_t index_stream_offset(const lc::demo::segment_layout&) { return 0; }
+std::size_t index_stream_offset(const lc::sparseloco::segment_layout& l) { return l.record_bytes; }
+
+// Random index edits of a chunked top-k payload, resealed so that only the decoder's own checks
+// stand in the way: an index at or above its chunk's cells, an index equal to its neighbour, two
+// neighbours swapped. Each must be refused with loco::wire_error and nothing written.
+template <class C>
+std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, std::mt19937_64& rng,
+                         std::string& report) {
+    const segment_list segs = fuzz_segments();
+    const std::vector<float> x = fuzz_inputs(rng);
+    std::vector<float> state(x.size(), 0.0f);
+    bytes good(C::payload_bytes(h, segs));
+    C::encode(h, x, segs, state, {}, good);
+    struct stream {
+        std::size_t at;  // payload offset of the index stream
+        typename C::segment_layout l;
+    };
+    std::vector<stream> streams;
+    std::size_t at = wire::header_bytes;
+    for (const lc::segment& s : segs) {
+        const auto l = C::layout_of(h, s);
+        if (l.sent > 0 && l.index_bits > 0) {  // something to corrupt
+            streams.push_back({at + index_stream_offset(l), l});
+        }
+        at += l.bytes();
+    }
+    REQUIRE(!streams.empty());
+    std::size_t failures = 0;
+    std::size_t tried = 0;
+    for (int trial = 0; trial < 600; ++trial) {
+        const stream& st = streams[rng() % streams.size()];
+        const auto& l = st.l;
+        bytes p = good;
+        std::byte* base = p.data() + st.at;
+        const auto read = [&](std::size_t slot) {
+            return wire::get_bits(base, slot, l.index_bits);
+        };
+        const auto write = [&](std::size_t slot, std::uint32_t v) {
+            for (unsigned b = 0; b < l.index_bits; ++b) {  // clear, then OR in
+                const std::size_t bit = slot * l.index_bits + b;
+                auto& byte = reinterpret_cast<unsigned char&>(base[bit / 8]);
+                byte = static_cast<unsigned char>(byte & ~(1u << (bit % 8)));
+            }
+            wire::put_bits(base, slot, l.index_bits, v);
+        };
+        const std::size_t chunk = rng() % l.grid.chunks();
+        const std::size_t j = rng() % l.k;
+        const std::size_t slot = chunk * l.k + j;
+        const std::uint32_t top = l.index_bits >= 32 ? 0xffffffffu : (1u << l.index_bits) - 1u;
+        const int kind = static_cast<int>(rng() % 3);
+        if (kind == 0) {
+            if (top < l.grid.cells()) {
+                continue;  // every index of this width is in range
+            }
+            write(slot, static_cast<std::uint32_t>(
+                            l.grid.cells() + rng() % (top - l.grid.cells() + 1)));
+        } else if (l.k < 2) {
+            continue;
+        } else {
+            const std::size_t other = j + 1 < l.k ? slot + 1 : slot - 1;
+            const std::uint32_t a = read(slot);
+            const std::uint32_t b = read(other);
+            if (kind == 1) {
+                write(slot, b);  // repeated
+            } else {
+                write(slot, b);  // swapped: unsorted
+                write(other, a);
+            }
+        }
+        ++tried;
+        wire::put<std::uint64_t>(p, 32, wire::checksum(std::span<const std::byte>(p).subspan(40)));
+        std::vector<float> out(x.size(), std::bit_cast<float>(sentinel_bits));
+        bool refused = false;
+        try {
+            C::decode(h, p, segs, out);
+        } catch (const loco::wire_error&) {
+            refused = true;
+        } catch (const std::exception&) {
+        }
+        if (!refused || !untouched(out)) {
+            if (failures++ < 3) {
+                report += label + ": an index edit (kind " + std::to_string(kind) + ") was " +
+                          (refused ? "refused after writing the output\n" : "not refused\n");
+            }
+        }
+    }
+    CHECK(tried > 300);
+    return failures;
+}
+
+}  // namespace
+
+TEST_CASE("wire fuzz: chunked top-k payloads with out-of-range, repeated or unsorted indices are "
+          "refused") {
+    auto rng = loco_test::rng_for("wire fuzz chunked indices");
+    std::string report;
+    std::size_t failures = 0;
+    failures += fuzz_indices<lc::demo>({.chunk = 3, .topk = 2}, "demo chunk 3 topk 2", rng, report);
+    failures += fuzz_indices<lc::demo>({.chunk = 5, .topk = 3, .sign = true},
+                                       "demo chunk 5 topk 3 signs", rng, report);
+    failures += fuzz_indices<lc::demo>({}, "demo", rng, report);
+    failures += fuzz_indices<lc::sparseloco>({.chunk = 3, .topk = 2}, "sparseloco chunk 3 topk 2",
+                                             rng, report);
+    failures += fuzz_indices<lc::sparseloco>({.chunk = 6, .topk = 4, .bins = 3},
+                                             "sparseloco chunk 6 topk 4 bins 3", rng, report);
+    failures += fuzz_indices<lc::sparseloco>({}, "sparseloco", rng, report);
+    INFO(report);
+    CHECK(failures == 0);
 }

@@ -21,9 +21,13 @@
 
 #include <loco/compress/blockwise.hpp>
 #include <loco/compress/cast.hpp>
+#include <loco/compress/chunking.hpp>
 #include <loco/compress/compressor.hpp>
+#include <loco/compress/dct.hpp>
+#include <loco/compress/demo.hpp>
 #include <loco/compress/error_feedback.hpp>
 #include <loco/compress/none.hpp>
+#include <loco/compress/sparseloco.hpp>
 #include <loco/compress/statistical.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>

@@ -189,4 +189,43 @@ LOCO_HD unsigned unpack(const std::byte* packed, std::size_t i) noexcept {
     return (static_cast<unsigned>(packed[i / per_byte]) >> shift) & mask;
 }
 
+// Fixed-width codes of any width 0..32 as one little-endian bit stream: code j of width W
+// occupies bits [j W, (j + 1) W) of the stream, bit b of the stream being bit (b % 8) of byte
+// b / 8, lowest bits first (for W in {1, 2, 4, 8} the same layout as pack/unpack above). Width 0
+// stores nothing and reads 0. put_bits ORs into zero-initialised bytes.
+constexpr std::size_t bit_stream_bytes(std::size_t count, unsigned width) noexcept {
+    return (count * width + 7) / 8;
+}
+
+LOCO_HD void put_bits(std::byte* stream, std::size_t j, unsigned width,
+                      std::uint32_t code) noexcept {
+    std::size_t bit = j * width;
+    for (unsigned done = 0; done < width;) {
+        const unsigned shift = static_cast<unsigned>(bit % 8);
+        const unsigned take = width - done < 8 - shift ? width - done : 8 - shift;
+        const unsigned part = static_cast<unsigned>(code >> done) & ((1u << take) - 1u);
+        unsigned char& b = reinterpret_cast<unsigned char&>(stream[bit / 8]);
+        b = static_cast<unsigned char>(b | (part << shift));
+        done += take;
+        bit += take;
+    }
+}
+
+LOCO_HD std::uint32_t get_bits(const std::byte* stream, std::size_t j, unsigned width) noexcept {
+    std::size_t bit = j * width;
+    std::uint32_t code = 0;
+    for (unsigned done = 0; done < width;) {
+        const unsigned shift = static_cast<unsigned>(bit % 8);
+        const unsigned take = width - done < 8 - shift ? width - done : 8 - shift;
+        const unsigned part =
+            (static_cast<unsigned>(reinterpret_cast<const unsigned char&>(stream[bit / 8])) >>
+             shift) &
+            ((1u << take) - 1u);
+        code |= static_cast<std::uint32_t>(part) << done;
+        done += take;
+        bit += take;
+    }
+    return code;
+}
+
 }  // namespace loco::compress::wire

@@ -1,0 +1,147 @@
+#pragma once
+// Chunks of a segment, cut the way DeMo (bloc97/DeMo demo.py), DisTrO (PsycheFoundation/psyche
+// shared/modeling/src/distro.rs, TransformDCT) and SparseLoCo (tplr-ai/templar
+// src/tplr/compress.py, ChunkingTransformer) cut a tensor before they keep the top-k of each
+// chunk. Shared by compress/demo.hpp and compress/sparseloco.hpp.
+//
+//   side(n, target) = the largest divisor of n that is <= target (_get_smaller_split in all three
+//                     references; n itself when n <= target; 1 when n is a prime above target)
+//   a matrix segment rows x cols is cut into chunks of h x w, h = side(rows, target),
+//     w = side(cols, target), ordered by block row, then block column ("(y h) (x w) -> y x h w");
+//   a 1-D segment of n elements (rows == 1) into n / w flat chunks of w = side(n, target): the
+//     matrix rule with one row, as "(x w) -> x w" in the references;
+//   cell j of a chunk is its element (j / w, j % w), row-major ("y x h w -> y x (h w)").
+//
+// Top-k of a chunk: the k cells of largest |value|, ties to the lower cell, NaN above every
+// number, -0 == +0: topk::magnitude_key, the order compress/topk.hpp defines. The references
+// call torch.topk(sorted=False), whose order among equal magnitudes is unspecified; the kept set
+// is the same whenever magnitudes are distinct. Cells are sent in ascending order, so a decoder
+// can refuse repeated or unsorted indices.
+
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/topk.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/error.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco::compress::chunking {
+
+// _get_smaller_split(n, target) for target >= 1 (0 for n = 0): the divisors come in pairs
+// (d, n / d) with d <= sqrt(n).
+constexpr std::size_t side(std::size_t n, std::size_t target) noexcept {
+    if (n == 0) {
+        return 0;
+    }
+    std::size_t best = 1;
+    for (std::size_t d = 1; d <= n / d; ++d) {
+        if (n % d == 0) {
+            if (d <= target) {
+                best = std::max(best, d);
+            }
+            if (n / d <= target) {
+                best = std::max(best, n / d);
+            }
+        }
+    }
+    return best;
+}
+
+// Bits of an in-chunk index: ceil(log2(cells)), 0 for chunks of one cell (12 for 64 x 64, the
+// width of templar's pack_12bit_indices).
+constexpr unsigned index_bits(std::size_t cells) noexcept {
+    return cells <= 1 ? 0u : static_cast<unsigned>(std::bit_width(cells - 1));
+}
+
+struct grid {
+    std::size_t rows = 0;  // the segment seen as rows x cols
+    std::size_t cols = 0;
+    std::size_t h = 0;  // chunk sides
+    std::size_t w = 0;
+
+    std::size_t cells() const noexcept { return h * w; }
+    std::size_t chunks() const noexcept { return cells() == 0 ? 0 : rows * cols / cells(); }
+
+    // Position in the segment (row-major) of cell j of chunk c.
+    std::size_t element(std::size_t c, std::size_t j) const noexcept {
+        const std::size_t across = cols / w;
+        return ((c / across) * h + j / w) * cols + (c % across) * w + j % w;
+    }
+};
+
+// The chunks of a segment; a 2-D segment's rows must divide its size (loco::shape_error).
+inline grid grid_of(const segment& s, std::size_t target, std::string_view who) {
+    if (s.size == 0) {
+        return {};
+    }
+    const std::size_t rows = s.rows <= 1 ? 1 : s.rows;
+    if (s.size % rows != 0) {
+        throw shape_error("loco::compress::" + std::string(who) + ": a segment of " +
+                          std::to_string(s.size) + " elements cannot be " + std::to_string(rows) +
+                          " rows; give rows that divide the size (or rows = 1 for a flat tensor)");
+    }
+    const std::size_t cols = s.size / rows;
+    return {rows, cols, side(rows, target), side(cols, target)};
+}
+
+// The ascending cells of the k largest magnitudes of `chunk` (k <= chunk.size()), in order[0, k).
+inline void select_largest(std::span<const float> chunk, std::size_t k,
+                           std::vector<std::uint32_t>& order) {
+    order.resize(chunk.size());
+    std::iota(order.begin(), order.end(), std::uint32_t{0});
+    const auto first = [&](std::uint32_t a, std::uint32_t b) {
+        const std::uint32_t ka = topk::magnitude_key(chunk[a]);
+        const std::uint32_t kb = topk::magnitude_key(chunk[b]);
+        return ka != kb ? ka > kb : a < b;
+    };
+    const auto kth = order.begin() + static_cast<std::ptrdiff_t>(k);
+    if (k < chunk.size()) {
+        std::nth_element(order.begin(), kth, order.end(), first);
+    }
+    std::sort(order.begin(), kth);
+}
+
+// Bytes of a bit stream of `count` codes of `width` bits, padded with zero bytes to a multiple of
+// 4 so that what follows stays 4-byte aligned.
+constexpr std::size_t padded_stream_bytes(std::size_t count, unsigned width) noexcept {
+    return (wire::bit_stream_bytes(count, width) + 3) / 4 * 4;
+}
+
+// Checks a received index stream of `chunks` x k indices of `width` bits: each below `cells`,
+// strictly ascending within its chunk, padding zero. Returns what is wrong, or an empty string.
+inline std::string check_index_stream(std::span<const std::byte> stream, std::size_t chunks,
+                                      std::size_t k, unsigned width, std::size_t cells) {
+    for (std::size_t c = 0; c < chunks; ++c) {
+        for (std::size_t j = 0; j < k; ++j) {
+            const std::uint32_t i = wire::get_bits(stream.data(), c * k + j, width);
+            if (i >= cells) {
+                return "index " + std::to_string(i) + " in a chunk of " + std::to_string(cells) +
+                       " cells";
+            }
+            if (j > 0 && i <= wire::get_bits(stream.data(), c * k + j - 1, width)) {
+                return "the indices of a chunk are not strictly ascending";
+            }
+        }
+    }
+    return std::string();
+}
+
+// True when every bit of `stream` after the first `used_bits` is zero.
+inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_bits) noexcept {
+    for (std::size_t b = used_bits; b < 8 * stream.size(); ++b) {
+        if (((static_cast<unsigned>(stream[b / 8]) >> (b % 8)) & 1u) != 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace loco::compress::chunking

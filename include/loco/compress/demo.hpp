@@ -1,0 +1,280 @@
+#pragma once
+// DeMo / DisTrO: decoupled momentum with DCT top-k compression (Peng, Quesnelle, Kingma,
+// "DeMo: Decoupled Momentum Optimization", arXiv 2411.19870; bloc97/DeMo demo.py; Nous
+// Research's DisTrO as Psyche runs it, PsycheFoundation/psyche shared/modeling/src/distro.rs).
+// Each worker keeps a momentum-like residual e; per sync it sends, per chunk, the k largest
+// DCT coefficients of e and removes what it sent from e. In the sign variant (Psyche's
+// quantize_1bit) the values are one bit each and decode to +-1.
+//
+// Definition, per segment (chunks as in compress/chunking.hpp with target = chunk; the DCT of
+// compress/dct.hpp on each chunk; e zero at the start):
+//
+//   e   <- decay * e + x                      (DeMo step: delta.mul_(decay).add_(grad, lr); here
+//                                              x is the pseudo-gradient, lr folded into it)
+//   C   =  DCT(chunk of e), per chunk          (TransformDCT.encode)
+//   k_c =  min(max(topk, 1), cells)            (CompressDCT._clamp_topk)
+//   send the k_c cells of largest |C| of each chunk (chunking.hpp order), with C's fp32 value,
+//        or in the sign variant the sign bit of C (quantize_nozeros_tensor_to_boolean_sign:
+//        signbit, so +0 sends +1 and -0 sends -1; a NaN is first made the canonical quiet NaN
+//        0x7fc00000, as topk.hpp sends it, so it sends +1 whatever sign the arithmetic gave it)
+//   D   =  inverse DCT of the sent coefficients, 0 at the others; in the sign variant a sent
+//          coefficient is 1 - 2 * signbit, +-1 (unpack_tensor_sign_from_boolean)
+//   e   <- e - D                              (state["delta"].sub_(transmit_grad); Psyche
+//                                              subtracts its own transmitted, i.e. quantized,
+//                                              results, so the sign variant subtracts the +-1
+//                                              decode)
+//   decode(payload) = D
+//
+// What the references do next (out of this compressor): the receivers scatter-mean the peers'
+// coefficients (each over the peers that sent it), apply one inverse DCT, and take the sign for
+// a sign-SGD step; see docs/compressors.md.
+//
+// Wire header: bits = 32, or 1 for signs; flags = 1 for signs, else 0; block = chunk | topk << 16
+// (a receiver with other settings is refused).
+//
+// Body, for each segment in order (N = chunks * k_c values, b = index_bits(cells)):
+//   the N in-chunk indices, b bits each, as one bit stream (wire::put_bits), chunk after chunk,
+//     ascending within a chunk; zero bits and bytes up to a multiple of 4 bytes
+//   fp32 values: 4 N bytes, in the same order; signs: N bits (1 = negative), zero-padded to a
+//     multiple of 4 bytes
+// Segment bytes: 4 ceil(ceil(N b / 8) / 4) + (4 N, or 4 ceil(ceil(N / 8) / 4) for signs).
+//
+// decode refuses, besides everything wire::open checks: an index not below the chunk's cells,
+// indices not strictly ascending within a chunk (so no repeats), nonzero padding.
+
+#include <loco/compress/chunking.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/dct.hpp>
+#include <loco/compress/topk.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/error.hpp>
+#include <loco/float16.hpp>
+#include <loco/math.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco::compress {
+
+struct demo {
+    static constexpr std::string_view name = "demo";
+    static constexpr std::uint8_t wire_id = 5;
+    static constexpr int state_size = 1;  // the residual e
+
+    struct hyper {
+        std::uint32_t chunk = 64;  // target chunk side (DeMo compression_chunk)
+        std::uint32_t topk = 32;   // coefficients kept per chunk (DeMo compression_topk)
+        float decay = 0.999f;      // residual decay (DeMo compression_decay), in [0, 1)
+        bool sign = false;         // Psyche's quantize_1bit: send signs, decode to +-1
+    };
+
+    static void validate(const hyper& h) {
+        if (h.chunk < 1 || h.chunk > 65535) {
+            throw invalid_argument("loco::compress::demo: chunk must be in [1, 65535]");
+        }
+        if (h.topk < 1 || h.topk > 65535) {
+            throw invalid_argument(
+                "loco::compress::demo: topk must be in [1, 65535] (0 sends nothing)");
+        }
+        if (static_cast<std::uint64_t>(h.topk) >
+            static_cast<std::uint64_t>(h.chunk) * h.chunk) {
+            throw invalid_argument("loco::compress::demo: topk must not exceed the chunk's "
+                                   "chunk x chunk cells; lower topk or raise chunk");
+        }
+        if (!(h.decay >= 0.0f && h.decay < 1.0f)) {
+            throw invalid_argument("loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
+        }
+    }
+
+    // Per segment: its chunks, the values kept per chunk and the byte sizes of the two parts.
+    struct segment_layout {
+        chunking::grid grid;
+        std::size_t k = 0;      // k_c
+        std::size_t sent = 0;   // N
+        unsigned index_bits = 0;
+        std::size_t index_bytes = 0;
+        std::size_t value_bytes = 0;
+        std::size_t bytes() const noexcept { return index_bytes + value_bytes; }
+    };
+
+    static segment_layout layout_of(const hyper& h, const segment& s) {
+        segment_layout l;
+        l.grid = chunking::grid_of(s, h.chunk, name);
+        if (s.size == 0) {
+            return l;
+        }
+        l.k = std::min<std::size_t>(h.topk, l.grid.cells());
+        l.sent = l.grid.chunks() * l.k;
+        l.index_bits = chunking::index_bits(l.grid.cells());
+        l.index_bytes = chunking::padded_stream_bytes(l.sent, l.index_bits);
+        l.value_bytes = h.sign ? chunking::padded_stream_bytes(l.sent, 1) : 4 * l.sent;
+        return l;
+    }
+
+    // ---- the compressor interface ---------------------------------------------------------------
+
+    static std::size_t payload_bytes(const hyper& h, std::span<const segment> segs) {
+        validate(h);
+        return wire::header_bytes + body_bytes(h, segs);
+    }
+
+    static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
+                       std::span<float> state, const encode_context&, std::span<std::byte> out) {
+        validate(h);
+        check_segments_inside(segs, x.size(), name, "input");
+        check_payload_buffer(out.size(), payload_bytes(h, segs), name);
+        if (state.size() < x.size()) {
+            throw shape_error("loco::compress::demo: the state holds " +
+                              std::to_string(state.size()) + " floats, the residual needs " +
+                              std::to_string(x.size()));
+        }
+        // e + decay * e, kept aside until the payload is written, so a failure changes nothing.
+        std::vector<float> e(x.size(), 0.0f);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                e[i] = h.decay * state[i] + x[i];
+            }
+        }
+        encode_values(h, e, segs, out);
+        std::vector<float> sent(x.size(), 0.0f);
+        decode_body(h, out.subspan(wire::header_bytes), segs, sent);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                state[i] = e[i] - sent[i];
+            }
+        }
+    }
+
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
+                       std::span<float> out) {
+        validate(h);
+        check_segments_inside(segs, out.size(), name, "output");
+        for (const segment& s : segs) {
+            chunking::grid_of(s, h.chunk, name);
+        }
+        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            check_segment(h, l, body.subspan(at, l.bytes()));
+            at += l.bytes();
+        }
+        decode_body(h, body, segs, out);
+    }
+
+    // The sent coefficients and in-chunk indices of an fp32 vector x, without the residual:
+    // encode() applies this to decay * e + x. out holds payload_bytes(h, segs).
+    static void encode_values(const hyper& h, std::span<const float> x,
+                              std::span<const segment> segs, std::span<std::byte> out) {
+        std::fill(out.begin(), out.end(), std::byte{0});  // put_bits ORs into zeroed bytes
+        std::vector<float> coef;
+        std::vector<double> work;
+        std::vector<std::uint32_t> order;
+        std::size_t at = wire::header_bytes;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            if (s.size == 0) {
+                continue;
+            }
+            const dct::chunk_transform t(l.grid.h, l.grid.w);
+            coef.resize(l.grid.cells());
+            std::byte* indices = out.data() + at;
+            std::byte* values = indices + l.index_bytes;
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                t.forward(x.data() + s.offset + l.grid.element(c, 0), l.grid.cols, coef.data(),
+                          work);
+                chunking::select_largest(coef, l.k, order);
+                for (std::size_t j = 0; j < l.k; ++j) {
+                    const std::size_t slot = c * l.k + j;
+                    const float v = topk::wire_value(coef[order[j]]);  // one NaN, sign +
+                    wire::put_bits(indices, slot, l.index_bits, order[j]);
+                    if (h.sign) {
+                        wire::put_bits(values, slot, 1, std::signbit(v) ? 1u : 0u);
+                    } else {
+                        wire::put<float>(out, at + l.index_bytes + 4 * slot, v);
+                    }
+                }
+            }
+            at += l.bytes();
+        }
+        wire::write_header(out, expected_header(h, segs));
+    }
+
+private:
+    static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
+        std::size_t n = 0;
+        for (const segment& s : segs) {
+            n += layout_of(h, s).bytes();
+        }
+        return n;
+    }
+
+    static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
+        wire::header w;
+        w.compressor = wire_id;
+        w.bits = h.sign ? 1 : 32;
+        w.flags = h.sign ? 1 : 0;
+        w.block = h.chunk | (h.topk << 16);
+        w.segments = static_cast<std::uint32_t>(segs.size());
+        w.elements = total_elements(segs);
+        w.body_bytes = body_bytes(h, segs);
+        return w;
+    }
+
+    static void check_segment(const hyper& h, const segment_layout& l,
+                              std::span<const std::byte> bytes) {
+        const auto refuse = [](const std::string& what) {
+            return wire_error("loco::compress::demo: malformed payload: " + what);
+        };
+        const std::span<const std::byte> indices = bytes.first(l.index_bytes);
+        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.k,
+                                                             l.index_bits, l.grid.cells());
+        if (!bad.empty()) {
+            throw refuse(bad);
+        }
+        if (!chunking::padding_is_zero(indices, l.sent * l.index_bits)) {
+            throw refuse("nonzero padding after the indices");
+        }
+        if (h.sign && !chunking::padding_is_zero(bytes.subspan(l.index_bytes), l.sent)) {
+            throw refuse("nonzero padding after the signs");
+        }
+    }
+
+    // Writes D for every segment; the body has been checked (or was just written).
+    static void decode_body(const hyper& h, std::span<const std::byte> body,
+                            std::span<const segment> segs, std::span<float> out) {
+        std::vector<float> coef;
+        std::vector<double> work;
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            if (s.size == 0) {
+                continue;
+            }
+            const dct::chunk_transform t(l.grid.h, l.grid.w);
+            const std::byte* indices = body.data() + at;
+            const std::byte* values = indices + l.index_bytes;
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                coef.assign(l.grid.cells(), 0.0f);
+                for (std::size_t j = 0; j < l.k; ++j) {
+                    const std::size_t slot = c * l.k + j;
+                    const std::uint32_t i = wire::get_bits(indices, slot, l.index_bits);
+                    coef[i] = h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0f : 1.0f)
+                                     : wire::get<float>(body, at + l.index_bytes + 4 * slot);
+                }
+                t.inverse(coef.data(), out.data() + s.offset + l.grid.element(c, 0),
+                          l.grid.cols, work);
+            }
+            at += l.bytes();
+        }
+    }
+};
+
+static_assert(compressor<demo>);
+
+}  // namespace loco::compress

@@ -1,0 +1,380 @@
+#pragma once
+// SparseLoCo's compressor (Sarfi et al., "Communication Efficient LLM Pre-training with
+// SparseLoCo", arXiv 2508.15706; Templar's reference code tplr-ai/templar src/tplr/compress.py,
+// src/tplr/neurons.py, hparams/hparams.json): an error-feedback accumulator in place of outer
+// momentum, chunked top-k of it, and 2-bit codes of the kept values decoded through a table of
+// bin means.
+//
+// Definition, per segment (chunks as in compress/chunking.hpp with target = chunk, no DCT: the
+// reference's use_dct is false; e zero at the start):
+//
+//   e   <- beta * e + x          (neurons.py: error_feedback.mul_(momentum_decay)
+//                                 .add_(grad, alpha=outer_learning_rate); the lr is 1 there, and
+//                                 x is the pseudo-gradient)
+//   k_c  = min(topk, cells), then at least 2, then rounded down to even; 1 for a chunk of one
+//          cell (TopKCompressor._clamp_topk; the reference fails on a one-cell chunk)
+//   keep the k_c cells of largest |e| of each chunk (chunking.hpp order); v_j, j < N =
+//          chunks * k_c, are their fp32 values, chunk after chunk, ascending cell within a chunk
+//   quantize the v of the whole segment (TopKCompressor._quantize_values, B = bins):
+//     shift = (sum_j v_j) / N                                       -> fp32
+//     c_j   = v_j - shift
+//     scale = range * sqrt(sum_j c_j^2 / (N - 1)) / B               -> fp32; 1 if that is 0, NaN
+//                                                                      or inf, and for N = 1
+//     q_j   = clamp(round_half_to_even(c_j / scale + floor(B / 2)), 0, B - 1)
+//     lut_b = mean of c_j over the j with q_j = b; 0 for an empty bin  -> fp32
+//   D    = lut[q_j] + shift at the kept cells, 0 elsewhere            (_dequantize_values,
+//                                                                      decompress)
+//   e   <- e - D                 (error_feedback.sub_(transmit_grad))
+//   decode(payload) = D
+//
+// With B = 4 and range 6 (hparams.json: quantization_bins 4, quantization_range 6) one bin spans
+// 1.5 sigma and the codes cover c/scale in [-2.5, 1.5]: the reference's offset is B / 2 on a
+// range of B bins, so the rule is what the code does rather than a symmetric +-6 sigma grid.
+// Sums (of v, of c^2, per bin) run in double in slot order from c_j = double(v_j) - double(shift);
+// q_j is computed in fp32, (v_j - shift) / scale + floor(B / 2), as torch does in fp32. A segment
+// holding NaN or inf decodes to NaN at its kept cells (the NaN shift reaches every value).
+//
+// Not here: the receivers' aggregation (scatter-mean with each peer clipped to the median peer
+// norm) and the outer SGD step (lr 1, no momentum); see docs/compressors.md.
+//
+// Wire header: bits = ceil(log2 B) (code width), flags = B - 1, block = chunk | topk << 16.
+//
+// Body, for each segment in order (N kept values, b = index_bits(cells), q = code width):
+//   shift, lut[0], ..., lut[B - 1]: 4 (1 + B) bytes of fp32 (nothing for an empty segment)
+//   the N in-chunk indices, b bits each, as one bit stream (wire::put_bits), chunk after chunk,
+//     ascending within a chunk; zero-padded to a multiple of 4 bytes (templar: 12-bit pairs)
+//   the N codes, q bits each, as one bit stream; zero-padded to a multiple of 4 bytes
+// Segment bytes: 4 (1 + B) + 4 ceil(ceil(N b / 8) / 4) + 4 ceil(ceil(N q / 8) / 4).
+// With the defaults on a 64 x 64-divisible matrix of n elements: N = n / 64, b = 12, q = 2, so
+// 20 + 1.5 N + N / 4 bytes, about n / 36.6 bytes; 146x smaller than fp32 as n grows.
+//
+// decode refuses, besides everything wire::open checks: an index not below the chunk's cells,
+// indices not strictly ascending within a chunk (so no repeats), a code not below B, a nonzero
+// table entry for a bin no code uses, nonzero padding.
+
+#include <loco/compress/chunking.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/topk.hpp>
+#include <loco/compress/wire.hpp>
+#include <loco/error.hpp>
+#include <loco/float16.hpp>
+#include <loco/math.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco::compress {
+
+struct sparseloco {
+    static constexpr std::string_view name = "sparseloco";
+    static constexpr std::uint8_t wire_id = 6;
+    static constexpr int state_size = 1;  // the error-feedback accumulator e
+
+    struct hyper {
+        std::uint32_t chunk = 64;  // target chunk side (hparams.json target_chunk)
+        std::uint32_t topk = 64;   // values kept per chunk (topk_compression)
+        std::uint32_t bins = 4;    // quantization bins, 2 bits (quantization_bins)
+        float range = 6.0f;        // in standard deviations (quantization_range)
+        float beta = 0.95f;        // accumulator decay (momentum_decay), in [0, 1)
+    };
+
+    static void validate(const hyper& h) {
+        if (h.chunk < 1 || h.chunk > 65535) {
+            throw invalid_argument("loco::compress::sparseloco: chunk must be in [1, 65535]");
+        }
+        if (h.topk < 1 || h.topk > 65535) {
+            throw invalid_argument(
+                "loco::compress::sparseloco: topk must be in [1, 65535] (0 sends nothing)");
+        }
+        if (static_cast<std::uint64_t>(h.topk) >
+            static_cast<std::uint64_t>(h.chunk) * h.chunk) {
+            throw invalid_argument("loco::compress::sparseloco: topk must not exceed the "
+                                   "chunk's chunk x chunk cells; lower topk or raise chunk");
+        }
+        if (h.bins < 2 || h.bins > 256) {
+            throw invalid_argument("loco::compress::sparseloco: bins must be in [2, 256]");
+        }
+        if (!(h.range > 0.0f) || !math::isfinite(h.range)) {
+            throw invalid_argument("loco::compress::sparseloco: range must be positive and finite");
+        }
+        if (!(h.beta >= 0.0f && h.beta < 1.0f)) {
+            throw invalid_argument(
+                "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");
+        }
+    }
+
+    static unsigned code_bits(const hyper& h) noexcept {
+        return static_cast<unsigned>(std::bit_width(h.bins - 1));
+    }
+
+    // k_c of a chunk of `cells` cells.
+    static std::size_t kept(const hyper& h, std::size_t cells) noexcept {
+        if (cells <= 1) {
+            return cells;
+        }
+        std::size_t k = std::min<std::size_t>(h.topk, cells);
+        k = std::max<std::size_t>(k, 2);
+        return k - k % 2;
+    }
+
+    struct segment_layout {
+        chunking::grid grid;
+        std::size_t k = 0;     // k_c
+        std::size_t sent = 0;  // N
+        unsigned index_bits = 0;
+        std::size_t record_bytes = 0;
+        std::size_t index_bytes = 0;
+        std::size_t code_bytes = 0;
+        std::size_t bytes() const noexcept { return record_bytes + index_bytes + code_bytes; }
+    };
+
+    static segment_layout layout_of(const hyper& h, const segment& s) {
+        segment_layout l;
+        l.grid = chunking::grid_of(s, h.chunk, name);
+        if (s.size == 0) {
+            return l;
+        }
+        l.k = kept(h, l.grid.cells());
+        l.sent = l.grid.chunks() * l.k;
+        l.index_bits = chunking::index_bits(l.grid.cells());
+        l.record_bytes = 4 * (1 + static_cast<std::size_t>(h.bins));
+        l.index_bytes = chunking::padded_stream_bytes(l.sent, l.index_bits);
+        l.code_bytes = chunking::padded_stream_bytes(l.sent, code_bits(h));
+        return l;
+    }
+
+    // ---- per value ------------------------------------------------------------------------------
+
+    LOCO_HD static unsigned code(float v, float shift, float scale, unsigned bins) noexcept {
+        float t = (v - shift) / scale + static_cast<float>(bins / 2);
+        t = t >= 0.0f ? t : 0.0f;  // also NaN
+        t = t <= static_cast<float>(bins - 1) ? t : static_cast<float>(bins - 1);
+        const unsigned low = static_cast<unsigned>(t);
+        const float frac = t - static_cast<float>(low);
+        return low + static_cast<unsigned>(frac > 0.5f || (frac == 0.5f && (low & 1u) != 0));
+    }
+
+    LOCO_HD static float canonical(float v) noexcept {
+        return v == v ? v : loco::detail::float_from_bits(0x7fc00000u);
+    }
+
+    // ---- the compressor interface ---------------------------------------------------------------
+
+    static std::size_t payload_bytes(const hyper& h, std::span<const segment> segs) {
+        validate(h);
+        return wire::header_bytes + body_bytes(h, segs);
+    }
+
+    static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
+                       std::span<float> state, const encode_context&, std::span<std::byte> out) {
+        validate(h);
+        check_segments_inside(segs, x.size(), name, "input");
+        check_payload_buffer(out.size(), payload_bytes(h, segs), name);
+        if (state.size() < x.size()) {
+            throw shape_error("loco::compress::sparseloco: the state holds " +
+                              std::to_string(state.size()) + " floats, the accumulator needs " +
+                              std::to_string(x.size()));
+        }
+        // beta * e + x, kept aside until the payload is written, so a failure changes nothing.
+        std::vector<float> e(x.size(), 0.0f);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                e[i] = h.beta * state[i] + x[i];
+            }
+        }
+        encode_values(h, e, segs, out);
+        std::vector<float> sent(x.size(), 0.0f);
+        decode_body(h, out.subspan(wire::header_bytes), segs, sent);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                state[i] = e[i] - sent[i];
+            }
+        }
+    }
+
+    static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
+                       std::span<float> out) {
+        validate(h);
+        check_segments_inside(segs, out.size(), name, "output");
+        for (const segment& s : segs) {
+            chunking::grid_of(s, h.chunk, name);
+        }
+        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            check_segment(h, l, body.subspan(at, l.bytes()));
+            at += l.bytes();
+        }
+        decode_body(h, body, segs, out);
+    }
+
+    // The payload of an fp32 vector x without the accumulator: encode() applies this to
+    // beta * e + x. out holds payload_bytes(h, segs).
+    static void encode_values(const hyper& h, std::span<const float> x,
+                              std::span<const segment> segs, std::span<std::byte> out) {
+        std::fill(out.begin(), out.end(), std::byte{0});  // put_bits ORs into zeroed bytes
+        const unsigned qb = code_bits(h);
+        std::vector<float> chunk;
+        std::vector<std::uint32_t> order;
+        std::vector<std::uint32_t> cells;  // kept cell of each slot
+        std::vector<float> v;              // kept value of each slot
+        std::size_t at = wire::header_bytes;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            if (s.size == 0) {
+                continue;
+            }
+            cells.clear();
+            v.clear();
+            chunk.resize(l.grid.cells());
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                for (std::size_t j = 0; j < l.grid.cells(); ++j) {
+                    chunk[j] = x[s.offset + l.grid.element(c, j)];
+                }
+                chunking::select_largest(chunk, l.k, order);
+                for (std::size_t j = 0; j < l.k; ++j) {
+                    cells.push_back(order[j]);
+                    v.push_back(chunk[order[j]]);
+                }
+            }
+            // Quantization over the segment's kept values.
+            const std::size_t n = v.size();
+            double sum = 0.0;
+            for (const float a : v) {
+                sum += static_cast<double>(a);
+            }
+            const auto shift = static_cast<float>(sum / static_cast<double>(n));
+            float scale = 1.0f;
+            if (n >= 2) {
+                double squares = 0.0;
+                for (const float a : v) {
+                    const double c = static_cast<double>(a) - static_cast<double>(shift);
+                    squares += c * c;
+                }
+                const double sigma = std::sqrt(squares / static_cast<double>(n - 1));
+                scale = static_cast<float>(static_cast<double>(h.range) * sigma /
+                                           static_cast<double>(h.bins));
+                if (scale == 0.0f || !math::isfinite(scale)) {
+                    scale = 1.0f;
+                }
+            }
+            std::vector<double> bin_sum(h.bins, 0.0);
+            std::vector<std::uint64_t> bin_count(h.bins, 0);
+            std::byte* indices = out.data() + at + l.record_bytes;
+            std::byte* codes = indices + l.index_bytes;
+            for (std::size_t j = 0; j < n; ++j) {
+                const unsigned q = code(v[j], shift, scale, h.bins);
+                bin_sum[q] += static_cast<double>(v[j]) - static_cast<double>(shift);
+                ++bin_count[q];
+                wire::put_bits(indices, j, l.index_bits, cells[j]);
+                wire::put_bits(codes, j, qb, q);
+            }
+            wire::put<float>(out, at, canonical(shift));
+            for (unsigned b = 0; b < h.bins; ++b) {
+                const float entry =
+                    bin_count[b] == 0
+                        ? 0.0f
+                        : canonical(static_cast<float>(bin_sum[b] /
+                                                       static_cast<double>(bin_count[b])));
+                wire::put<float>(out, at + 4 * (1 + b), entry);
+            }
+            at += l.bytes();
+        }
+        wire::write_header(out, expected_header(h, segs));
+    }
+
+private:
+    static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
+        std::size_t n = 0;
+        for (const segment& s : segs) {
+            n += layout_of(h, s).bytes();
+        }
+        return n;
+    }
+
+    static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
+        wire::header w;
+        w.compressor = wire_id;
+        w.bits = static_cast<std::uint8_t>(code_bits(h));
+        w.flags = static_cast<std::uint8_t>(h.bins - 1);
+        w.block = h.chunk | (h.topk << 16);
+        w.segments = static_cast<std::uint32_t>(segs.size());
+        w.elements = total_elements(segs);
+        w.body_bytes = body_bytes(h, segs);
+        return w;
+    }
+
+    static void check_segment(const hyper& h, const segment_layout& l,
+                              std::span<const std::byte> bytes) {
+        const auto refuse = [](const std::string& what) {
+            return wire_error("loco::compress::sparseloco: malformed payload: " + what);
+        };
+        if (l.sent == 0) {
+            return;
+        }
+        const std::span<const std::byte> indices = bytes.subspan(l.record_bytes, l.index_bytes);
+        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.k,
+                                                             l.index_bits, l.grid.cells());
+        if (!bad.empty()) {
+            throw refuse(bad);
+        }
+        if (!chunking::padding_is_zero(indices, l.sent * l.index_bits)) {
+            throw refuse("nonzero padding after the indices");
+        }
+        const unsigned qb = code_bits(h);
+        const std::span<const std::byte> codes = bytes.subspan(l.record_bytes + l.index_bytes);
+        std::vector<bool> used(h.bins, false);
+        for (std::size_t j = 0; j < l.sent; ++j) {
+            const std::uint32_t q = wire::get_bits(codes.data(), j, qb);
+            if (q >= h.bins) {
+                throw refuse("code " + std::to_string(q) + " of " + std::to_string(h.bins) +
+                             " bins");
+            }
+            used[q] = true;
+        }
+        if (!chunking::padding_is_zero(codes, l.sent * qb)) {
+            throw refuse("nonzero padding after the codes");
+        }
+        for (unsigned b = 0; b < h.bins; ++b) {
+            if (!used[b] && loco::detail::float_bits(wire::get<float>(bytes, 4 * (1 + b))) != 0) {
+                throw refuse("a nonzero table entry for an unused bin");
+            }
+        }
+    }
+
+    // Writes D for every segment; the body has been checked (or was just written).
+    static void decode_body(const hyper& h, std::span<const std::byte> body,
+                            std::span<const segment> segs, std::span<float> out) {
+        const unsigned qb = code_bits(h);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            std::fill_n(out.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0.0f);
+            if (s.size == 0) {
+                continue;
+            }
+            const float shift = wire::get<float>(body, at);
+            const std::byte* indices = body.data() + at + l.record_bytes;
+            const std::byte* codes = indices + l.index_bytes;
+            for (std::size_t j = 0; j < l.sent; ++j) {
+                const std::uint32_t cell = wire::get_bits(indices, j, l.index_bits);
+                const std::uint32_t q = wire::get_bits(codes, j, qb);
+                out[s.offset + l.grid.element(j / l.k, cell)] =
+                    wire::get<float>(body, at + 4 * (1 + q)) + shift;
+            }
+            at += l.bytes();
+        }
+    }
+};
+
+static_assert(compressor<sparseloco>);
+
+}  // namespace loco::compress
