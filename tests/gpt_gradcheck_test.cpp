@@ -1,8 +1,8 @@
 // The GPT example's backward pass (examples/gpt/model.hpp) against central finite differences of
 // its own forward pass, in double, for every element of every parameter tensor of a tiny model,
-// tied and untied. The tiny shape takes both the 4 x 16 tiles of the product kernel (the MLP's
+// tied and untied. The tiny shape takes both the 4 x 32 tiles of the product kernel (the MLP's
 // 32 columns, 12 rows) and its remainder paths (vocabulary 11, dimension 8); the kernel itself is
-// checked against a double reference below.
+// checked against a double reference below, across its 64-row chunks too.
 #include <doctest/doctest.h>
 
 #include "support/random.hpp"
@@ -83,7 +83,8 @@ TEST_CASE("gpt: every parameter's gradient matches central differences (tied hea
 TEST_CASE("gpt: the product kernel against a double reference, fast tiles and remainders") {
     auto rng = loco_test::rng_for("gpt.gemm");
     for (const auto [rows, inner, cols] : {std::array<std::size_t, 3>{1, 1, 1}, {4, 3, 16},
-                                          {7, 5, 33}, {9, 17, 48}, {12, 8, 15}}) {
+                                          {7, 5, 33}, {9, 17, 64}, {12, 8, 15},
+                                          {70, 9, 97}, {131, 3, 32}}) {
         const auto a = loco_test::normal_floats(rng, rows * inner);
         const auto b = loco_test::normal_floats(rng, inner * cols);
         auto c = loco_test::normal_floats(rng, rows * cols);
