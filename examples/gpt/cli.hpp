@@ -63,7 +63,8 @@ inline void usage(std::FILE* to) {
         "  --eval-every N         validation interval (default %llu)\n"
         "  --eval-sequences N     validation windows (default %zu)\n"
         "  --csv FILE             also write the progress rows as CSV\n"
-        "  --quiet                no progress lines, only the summary\n",
+        "  --quiet                no progress lines, only the summary\n"
+        "  --require-below X      exit 1 unless the final validation loss is below X\n",
         d.data.c_str(), d.data_dir.c_str(), d.markov_alphabet, d.markov_sharpness,
         d.markov_bytes, d.model.context, d.model.dim, d.model.layers, d.model.heads, d.workers,
         static_cast<unsigned long long>(d.steps), d.batch, double(adamw_choice::default_lr),
@@ -147,6 +148,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--eval-every") o.eval_every = count();
         else if (flag == "--eval-sequences") o.eval_sequences = count();
         else if (flag == "--csv") o.csv = v;
+        else if (flag == "--require-below") o.require_below = real();
         else throw usage_error("gpt: unknown option '" + flag + "'; see --help");
     }
     if (o.data != "fortunes" && o.data != "markov") {

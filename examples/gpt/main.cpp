@@ -4,7 +4,8 @@
 //   loco_gpt --data fortunes --workers 4 --sync-every-step          data-parallel baseline
 //   loco_gpt --data markov --inner muon --compress statistical2-ef  MuLoCo, 2-bit codes
 //
-// Exit status: 0 after a finished run, 1 when a run fails, 2 for a bad command line.
+// Exit status: 0 after a finished run, 1 when a run fails (or misses --require-below), 2 for a
+// bad command line.
 
 #include "cli.hpp"
 #include "data.hpp"
@@ -55,6 +56,11 @@ int main(int argc, char** argv) {
                     r.tokens_per_second, r.seconds);
         if (!std::isfinite(r.final_val_loss)) {
             std::fprintf(stderr, "gpt: the final validation loss is not finite\n");
+            return 1;
+        }
+        if (o.require_below > 0.0 && !(r.final_val_loss < o.require_below)) {
+            std::fprintf(stderr, "gpt: the final validation loss %.4f is not below %g "
+                                 "(--require-below)\n", r.final_val_loss, o.require_below);
             return 1;
         }
         return 0;

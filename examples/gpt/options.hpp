@@ -51,6 +51,7 @@ struct options {
     std::size_t eval_sequences = 64;
     std::string csv;                // a file for the progress rows, when set
     bool quiet = false;             // no progress lines
+    double require_below = 0.0;     // > 0: fail the run unless the final val loss is below it
 };
 
 }  // namespace gpt
