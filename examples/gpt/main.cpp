@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
     }
     try {
         const gpt::layout lay(o.model);  // refuses an impossible shape before loading anything
+        const gpt::rule_factory make_rule = gpt::make_rule_factory(o);  // and unknown names
         const gpt::corpus data =
             o.data == "markov"
                 ? gpt::make_markov_corpus(o.markov_alphabet, o.markov_sharpness, o.markov_bytes,
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
                     gpt::describe_mode(o).c_str(), o.workers, o.batch,
                     static_cast<unsigned long long>(o.steps));
         std::fflush(stdout);
-        const gpt::run_result r = gpt::train(o, data, stdout);
+        const gpt::run_result r = gpt::train(o, data, make_rule, stdout);
         if (!o.csv.empty()) gpt::write_csv(o.csv, r);
         std::printf("final:  val loss %.4f", r.final_val_loss);
         if (data.entropy_floor) {

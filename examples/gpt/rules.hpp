@@ -114,29 +114,32 @@ private:
 using rule_factory =
     std::function<std::unique_ptr<update_rule>(loco::comm::communicator&, worker_state&)>;
 
-// The rule the options name. Throws invalid_argument for an unknown name (listing the valid
-// ones) before any worker starts.
-inline rule_factory make_rule_factory(const options& o) {
+// The rule the options name, among the choices in the lists (by default every choice of
+// policies.hpp; a test may compile fewer). Throws invalid_argument for an unknown name, listing
+// the valid ones, before any worker starts.
+template <class Inners = inner_choices, class Outers = outer_choices,
+          class Compressors = compress_choices, class Schedules = schedule_choices>
+rule_factory make_rule_factory(const options& o) {
     // Every name is checked, also those a synchronous run does not use.
-    check_choice<inner_choices>(o.inner, "--inner");
-    check_choice<outer_choices>(o.outer, "--outer");
-    check_choice<compress_choices>(o.compress, "--compress");
-    check_choice<schedule_choices>(o.schedule, "--schedule");
+    check_choice<Inners>(o.inner, "--inner");
+    check_choice<Outers>(o.outer, "--outer");
+    check_choice<Compressors>(o.compress, "--compress");
+    check_choice<Schedules>(o.schedule, "--schedule");
     if (o.sync_every_step) {
         if (o.compress != "none") {
             throw loco::invalid_argument(
                 "gpt: --sync-every-step all-reduces fp32 gradients; drop --compress " + o.compress);
         }
-        return dispatch<inner_choices>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+        return dispatch<Inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
             return [&o](loco::comm::communicator& c, worker_state& w) -> std::unique_ptr<update_rule> {
                 return std::make_unique<synchronous_rule<I>>(o, c, w);
             };
         });
     }
-    return dispatch<inner_choices>(o.inner, "--inner", [&]<class I>() -> rule_factory {
-        return dispatch<outer_choices>(o.outer, "--outer", [&]<class O>() -> rule_factory {
-            return dispatch<compress_choices>(o.compress, "--compress", [&]<class C>() -> rule_factory {
-                return dispatch<schedule_choices>(o.schedule, "--schedule", [&]<class S>() -> rule_factory {
+    return dispatch<Inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+        return dispatch<Outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
+            return dispatch<Compressors>(o.compress, "--compress", [&]<class C>() -> rule_factory {
+                return dispatch<Schedules>(o.schedule, "--schedule", [&]<class S>() -> rule_factory {
                     return [&o](loco::comm::communicator& c,
                                 worker_state& w) -> std::unique_ptr<update_rule> {
                         return std::make_unique<diloco_rule<I, O, C, S>>(o, c, w);

@@ -116,9 +116,11 @@ inline void print_row(std::FILE* out, const progress_row& r, const options& o,
     std::fflush(out);
 }
 
-// Trains as the options say and returns worker 0's progress rows and the final figures. `out`
+// Trains as the options say, each worker updating through the rule make_rule gives it
+// (make_rule_factory(o)), and returns worker 0's progress rows and the final figures. `out`
 // receives the progress lines (none when null or o.quiet). Throws what a worker threw.
-inline run_result train(const options& o, const corpus& data, std::FILE* out) {
+inline run_result train(const options& o, const corpus& data, const rule_factory& make_rule,
+                        std::FILE* out) {
     const layout lay(o.model);
     check_activations(o.model, std::max(o.batch, o.eval_sequences));
     if (o.workers < 1) {
@@ -135,7 +137,6 @@ inline run_result train(const options& o, const corpus& data, std::FILE* out) {
                    "each of the " + std::to_string(o.workers) + " training shards");
     }
     check_fits(data.validation, o.model.context, "the validation split");
-    const rule_factory make_rule = make_rule_factory(o);  // unknown names fail here
     std::vector<std::uint8_t> val_tokens, val_targets;
     validation_windows(data.validation, o.model.context, o.eval_sequences, val_tokens, val_targets);
     if (o.quiet) out = nullptr;
