@@ -1,0 +1,160 @@
+#pragma once
+// The command line of loco_gpt: parse() fills options (options.hpp) or throws usage_error with
+// one sentence; usage() is --help.
+
+#include "options.hpp"
+#include "policies.hpp"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace gpt {
+
+struct usage_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+inline void usage(std::FILE* to) {
+    const options d;
+    std::fprintf(to,
+        "usage: loco_gpt [options]\n"
+        "Trains a byte-level GPT on M worker threads with loco (DiLoCo and its family), or with\n"
+        "synchronous data parallelism, and prints a progress line every --log-every steps.\n"
+        "\n"
+        "data\n"
+        "  --data NAME            fortunes | markov (default %s)\n"
+        "  --data-dir DIR         where the fortune files are (default %s)\n"
+        "  --markov-alphabet N    symbols of the order-2 Markov source, 2..32 (default %zu)\n"
+        "  --markov-sharpness X   larger: lower entropy (default %.1f)\n"
+        "  --markov-bytes N       length of the Markov text (default %zu)\n"
+        "model\n"
+        "  --context T            sequence length (default %zu)\n"
+        "  --dim C                residual width (default %zu)\n"
+        "  --layers L             transformer blocks (default %zu)\n"
+        "  --heads N              attention heads (default %zu)\n"
+        "  --tied                 the output head is the token embedding (default: untied)\n"
+        "training\n"
+        "  --workers M            thread workers (default %d)\n"
+        "  --steps N              inner steps per worker (default %llu)\n"
+        "  --batch B              sequences per worker and step (default %zu)\n"
+        "  --lr X                 inner peak learning rate (muon: of its AdamW group)\n"
+        "                         (defaults: adamw %g, sgd %g, lion %g)\n"
+        "  --muon-lr X            peak learning rate of Muon's group (default %g)\n"
+        "  --weight-decay X       inner weight decay (default %g)\n"
+        "  --warmup N             warm-up steps (default min(100, steps / 10))\n"
+        "  --seed N               model, data and rounding seed (default %llu)\n"
+        "communication\n"
+        "  --sync-every-step      all-reduce gradients every step (data-parallel baseline)\n"
+        "  --inner NAME           %s (default %s)\n"
+        "  --outer NAME           %s (default %s)\n"
+        "  --outer-lr X           (defaults: nesterov 0.7, sgd 1.0, adam 0.01)\n"
+        "  --outer-momentum X     nesterov momentum or adam beta1 (defaults 0.9)\n"
+        "  --compress NAME        %s (default %s)\n"
+        "  --schedule NAME        %s (default %s)\n"
+        "  --H N                  inner steps between syncs (default %llu)\n"
+        "reporting\n"
+        "  --log-every N          progress line interval (default %llu)\n"
+        "  --eval-every N         validation interval (default %llu)\n"
+        "  --eval-sequences N     validation windows (default %zu)\n"
+        "  --csv FILE             also write the progress rows as CSV\n"
+        "  --quiet                no progress lines, only the summary\n"
+        "  --require-below X      exit 1 unless the final validation loss is below X\n",
+        d.data.c_str(), d.data_dir.c_str(), d.markov_alphabet, d.markov_sharpness,
+        d.markov_bytes, d.model.context, d.model.dim, d.model.layers, d.model.heads, d.workers,
+        static_cast<unsigned long long>(d.steps), d.batch, double(adamw_choice::default_lr),
+        double(sgd_choice::default_lr), double(lion_choice::default_lr), double(d.muon_lr),
+        double(d.weight_decay), static_cast<unsigned long long>(d.seed),
+        choice_names<inner_choices>().c_str(), d.inner.c_str(),
+        choice_names<outer_choices>().c_str(), d.outer.c_str(),
+        choice_names<compress_choices>().c_str(), d.compress.c_str(),
+        choice_names<schedule_choices>().c_str(), d.schedule.c_str(),
+        static_cast<unsigned long long>(d.every), static_cast<unsigned long long>(d.log_every),
+        static_cast<unsigned long long>(d.eval_every), d.eval_sequences);
+}
+
+namespace detail {
+
+inline std::uint64_t parse_count(std::string_view flag, const std::string& text) {
+    errno = 0;
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+    if (text.empty() || text[0] == '-' || *end != '\0' || errno == ERANGE) {
+        throw usage_error("gpt: " + std::string(flag) + " takes a whole number, not '" + text + "'");
+    }
+    return v;
+}
+
+inline float parse_real(std::string_view flag, const std::string& text) {
+    char* end = nullptr;
+    const float v = std::strtof(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !std::isfinite(v) || v < 0.0f) {
+        throw usage_error("gpt: " + std::string(flag) + " takes a non-negative number, not '" +
+                          text + "'");
+    }
+    return v;
+}
+
+}  // namespace detail
+
+// Returns false for --help.
+inline bool parse(int argc, char** argv, options& o) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string flag = argv[i];
+        if (flag == "--help" || flag == "-h") return false;
+        if (flag == "--tied") { o.model.tied = true; continue; }
+        if (flag == "--sync-every-step") { o.sync_every_step = true; continue; }
+        if (flag == "--quiet") { o.quiet = true; continue; }
+        if (i + 1 >= argc) {
+            throw usage_error("gpt: " + flag + " needs a value (or is not an option; see --help)");
+        }
+        const std::string v = argv[++i];
+        const auto count = [&] { return detail::parse_count(flag, v); };
+        const auto real = [&] { return detail::parse_real(flag, v); };
+        if (flag == "--data") o.data = v;
+        else if (flag == "--data-dir") o.data_dir = v;
+        else if (flag == "--markov-alphabet") o.markov_alphabet = count();
+        else if (flag == "--markov-sharpness") o.markov_sharpness = real();
+        else if (flag == "--markov-bytes") o.markov_bytes = count();
+        else if (flag == "--context") o.model.context = count();
+        else if (flag == "--dim") o.model.dim = count();
+        else if (flag == "--layers") o.model.layers = count();
+        else if (flag == "--heads") o.model.heads = count();
+        else if (flag == "--workers") {
+            const std::uint64_t m = count();
+            if (m < 1 || m > 256) throw usage_error("gpt: --workers must be between 1 and 256");
+            o.workers = static_cast<int>(m);
+        }
+        else if (flag == "--steps") o.steps = count();
+        else if (flag == "--batch") o.batch = count();
+        else if (flag == "--lr") o.lr = real();
+        else if (flag == "--muon-lr") o.muon_lr = real();
+        else if (flag == "--weight-decay") o.weight_decay = real();
+        else if (flag == "--warmup") o.warmup = count();
+        else if (flag == "--seed") o.seed = count();
+        else if (flag == "--inner") o.inner = v;
+        else if (flag == "--outer") o.outer = v;
+        else if (flag == "--outer-lr") o.outer_lr = real();
+        else if (flag == "--outer-momentum") o.outer_momentum = real();
+        else if (flag == "--compress") o.compress = v;
+        else if (flag == "--schedule") o.schedule = v;
+        else if (flag == "--H") o.every = count();
+        else if (flag == "--log-every") o.log_every = count();
+        else if (flag == "--eval-every") o.eval_every = count();
+        else if (flag == "--eval-sequences") o.eval_sequences = count();
+        else if (flag == "--csv") o.csv = v;
+        else if (flag == "--require-below") o.require_below = real();
+        else throw usage_error("gpt: unknown option '" + flag + "'; see --help");
+    }
+    if (o.data != "fortunes" && o.data != "markov") {
+        throw usage_error("gpt: unknown --data '" + o.data + "'; valid: fortunes, markov");
+    }
+    return true;
+}
+
+}  // namespace gpt

@@ -1,0 +1,267 @@
+#pragma once
+// The text the model learns, as bytes, split once into a training and a validation part.
+//
+//   fortunes  the English text of Debian's `fortunes` package (/usr/share/games/fortunes): every
+//             regular file there except the .dat indices (the .u8 names are symbolic links and
+//             skipped too), in sorted file-name order, byte for byte, `%` separator lines kept.
+//             Of each file the first 90% goes to training and the last 10% to validation, so
+//             both parts hold the same mix of topics.
+//   markov    a random order-2 Markov chain over a small alphabet ('a', 'b', ...): its entropy
+//             rate, the lowest loss any model can reach, is computed exactly from the chain's
+//             stationary distribution, so a run reports how far it is from that floor.
+//
+// Each of the M workers draws its training windows from its own contiguous 1/M of the training
+// part; validation uses fixed, evenly spaced windows of the validation part.
+
+#include <loco/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace gpt {
+
+struct corpus {
+    std::string description;
+    std::vector<std::uint8_t> train;
+    std::vector<std::uint8_t> validation;
+    std::optional<double> entropy_floor;  // nats per byte, when known (markov)
+};
+
+inline constexpr const char* default_fortunes_dir = "/usr/share/games/fortunes";
+inline constexpr double validation_fraction = 0.1;
+
+// Appends the first 90% of `text` to train and the rest to validation.
+inline void split_into(corpus& c, const std::vector<std::uint8_t>& text) {
+    const auto cut = text.size() - static_cast<std::size_t>(static_cast<double>(text.size()) *
+                                                            validation_fraction);
+    c.train.insert(c.train.end(), text.begin(), text.begin() + static_cast<std::ptrdiff_t>(cut));
+    c.validation.insert(c.validation.end(), text.begin() + static_cast<std::ptrdiff_t>(cut),
+                        text.end());
+}
+
+inline corpus load_fortunes(const std::filesystem::path& dir) {
+    namespace fs = std::filesystem;
+    const std::string install = "; install it with `apt-get install fortunes` (or "
+                                "./scripts/install-deps), or train on --data markov";
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) {
+        throw loco::invalid_argument("gpt: the fortunes corpus is not at " + dir.string() +
+                                     install);
+    }
+    std::vector<fs::path> files;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+        const fs::path& p = entry.path();
+        // symlink_status: the .u8 names are links to the text files and would count them twice.
+        if (fs::is_regular_file(fs::symlink_status(p)) && p.extension() != ".dat" &&
+            p.extension() != ".u8") {
+            files.push_back(p);
+        }
+    }
+    if (ec || files.empty()) {
+        throw loco::invalid_argument("gpt: no fortune files could be listed in " + dir.string() +
+                                     install);
+    }
+    std::sort(files.begin(), files.end(),
+              [](const fs::path& a, const fs::path& b) { return a.filename() < b.filename(); });
+    corpus c;
+    for (const fs::path& p : files) {
+        std::ifstream in(p, std::ios::binary);
+        if (!in.is_open()) {
+            throw loco::invalid_argument("gpt: cannot open " + p.string() + install);
+        }
+        std::vector<std::uint8_t> text((std::istreambuf_iterator<char>(in)),
+                                       std::istreambuf_iterator<char>());
+        if (in.bad()) {
+            throw loco::invalid_argument("gpt: cannot read " + p.string() + install);
+        }
+        split_into(c, text);
+    }
+    c.description = "fortunes (" + std::to_string(files.size()) + " files in " + dir.string() +
+                    ", " + std::to_string(c.train.size() + c.validation.size()) + " bytes)";
+    return c;
+}
+
+// ---- the Markov source ----------------------------------------------------------------------
+
+// A uniform double in [0, 1) from the top 53 bits: the same on every standard library.
+inline double uniform01(std::mt19937_64& rng) {
+    return static_cast<double>(rng() >> 11) * 0x1.0p-53;
+}
+
+// next[(a * A + b) * A + c] = P(c | previous two symbols a, b), every entry positive.
+struct markov_chain {
+    std::size_t alphabet = 0;
+    std::vector<double> next;
+    std::vector<double> stationary;  // over the A^2 pair states (a, b), index a * A + b
+    double entropy_rate = 0.0;       // nats per symbol
+};
+
+// The stationary distribution of the pair chain (a, b) -> (b, c): the solution of pi Q = pi,
+// sum pi = 1, by Gaussian elimination with partial pivoting (the chain is irreducible because
+// every transition has positive probability, so the solution is unique).
+inline std::vector<double> stationary_distribution(const markov_chain& m) {
+    const std::size_t a_len = m.alphabet, s = a_len * a_len;
+    // Rows of (Q^T - I), with the last equation replaced by sum pi = 1.
+    std::vector<double> mat(s * (s + 1), 0.0);
+    const auto at = [&](std::size_t r, std::size_t col) -> double& { return mat[r * (s + 1) + col]; };
+    for (std::size_t a = 0; a < a_len; ++a) {
+        for (std::size_t b = 0; b < a_len; ++b) {
+            for (std::size_t c = 0; c < a_len; ++c) {
+                at(b * a_len + c, a * a_len + b) += m.next[(a * a_len + b) * a_len + c];
+            }
+        }
+    }
+    for (std::size_t r = 0; r < s; ++r) at(r, r) -= 1.0;
+    for (std::size_t col = 0; col < s; ++col) at(s - 1, col) = 1.0;
+    at(s - 1, s) = 1.0;
+    for (std::size_t col = 0; col < s; ++col) {
+        std::size_t pivot = col;
+        for (std::size_t r = col + 1; r < s; ++r) {
+            if (std::abs(at(r, col)) > std::abs(at(pivot, col))) pivot = r;
+        }
+        for (std::size_t k = 0; k <= s; ++k) std::swap(at(col, k), at(pivot, k));
+        for (std::size_t r = 0; r < s; ++r) {
+            if (r == col || at(r, col) == 0.0) continue;
+            const double f = at(r, col) / at(col, col);
+            for (std::size_t k = col; k <= s; ++k) at(r, k) -= f * at(col, k);
+        }
+    }
+    std::vector<double> pi(s);
+    for (std::size_t r = 0; r < s; ++r) pi[r] = at(r, s) / at(r, r);
+    return pi;
+}
+
+// A chain whose transition rows are softmax(sharpness * standard normal): larger sharpness, lower
+// entropy. Deterministic in the seed.
+inline markov_chain make_markov_chain(std::size_t alphabet, double sharpness, std::uint64_t seed) {
+    if (alphabet < 2 || alphabet > 32) {
+        throw loco::invalid_argument("gpt: --markov-alphabet must be between 2 and 32, got " +
+                                     std::to_string(alphabet));
+    }
+    markov_chain m;
+    m.alphabet = alphabet;
+    m.next.resize(alphabet * alphabet * alphabet);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal;
+    for (std::size_t s = 0; s < alphabet * alphabet; ++s) {
+        double* row = m.next.data() + s * alphabet;
+        double sum = 0.0;
+        for (std::size_t c = 0; c < alphabet; ++c) {
+            row[c] = std::exp(sharpness * normal(rng));
+            sum += row[c];
+        }
+        for (std::size_t c = 0; c < alphabet; ++c) row[c] /= sum;
+    }
+    m.stationary = stationary_distribution(m);
+    // H = sum over pair states of pi(s) * H(next symbol | s).
+    for (std::size_t s = 0; s < alphabet * alphabet; ++s) {
+        double h = 0.0;
+        for (std::size_t c = 0; c < alphabet; ++c) {
+            const double p = m.next[s * alphabet + c];
+            h -= p * std::log(p);
+        }
+        m.entropy_rate += m.stationary[s] * h;
+    }
+    return m;
+}
+
+// `length` symbols of the chain, started in its stationary distribution, as the bytes 'a', 'b', ...
+inline std::vector<std::uint8_t> sample_markov(const markov_chain& m, std::size_t length,
+                                               std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    const std::size_t a_len = m.alphabet;
+    const auto draw = [&](const double* p, std::size_t count) {
+        double u = uniform01(rng);
+        for (std::size_t i = 0; i + 1 < count; ++i) {
+            if (u < p[i]) return i;
+            u -= p[i];
+        }
+        return count - 1;
+    };
+    std::size_t state = draw(m.stationary.data(), a_len * a_len);
+    std::vector<std::uint8_t> out;
+    out.reserve(length);
+    for (std::size_t i = 0; i < length; ++i) {
+        const std::size_t c = draw(m.next.data() + state * a_len, a_len);
+        out.push_back(static_cast<std::uint8_t>('a' + c));
+        state = (state % a_len) * a_len + c;
+    }
+    return out;
+}
+
+inline corpus make_markov_corpus(std::size_t alphabet, double sharpness, std::size_t length,
+                                 std::uint64_t seed) {
+    const markov_chain m = make_markov_chain(alphabet, sharpness, seed);
+    corpus c;
+    split_into(c, sample_markov(m, length, seed + 1));
+    c.entropy_floor = m.entropy_rate;
+    c.description = "markov (order 2, " + std::to_string(alphabet) + " symbols, " +
+                    std::to_string(length) + " bytes, entropy rate " +
+                    std::to_string(m.entropy_rate) + " nats/byte)";
+    return c;
+}
+
+// ---- windows --------------------------------------------------------------------------------
+
+// Refuses a split too short for one window of context + 1 bytes.
+inline void check_fits(std::span<const std::uint8_t> part, std::size_t context, const std::string& what) {
+    if (part.size() < context + 1) {
+        throw loco::invalid_argument("gpt: " + what + " holds " + std::to_string(part.size()) +
+                                     " bytes, fewer than --context + 1 = " +
+                                     std::to_string(context + 1) +
+                                     "; use a shorter --context, fewer --workers or more data");
+    }
+}
+
+// Worker `rank` of `workers`: its contiguous share of the training part.
+inline std::span<const std::uint8_t> shard(const corpus& c, int rank, int workers) {
+    const std::size_t per = c.train.size() / static_cast<std::size_t>(workers);
+    return std::span<const std::uint8_t>(c.train).subspan(static_cast<std::size_t>(rank) * per, per);
+}
+
+// Random windows of one shard: tokens[t] = text[s + t], targets[t] = text[s + t + 1].
+class window_sampler {
+public:
+    window_sampler(std::span<const std::uint8_t> text, std::size_t context, std::uint64_t seed)
+        : text_(text), context_(context), rng_(seed) {}
+
+    void fill(std::uint8_t* tokens, std::uint8_t* targets, std::size_t batch) {
+        const std::size_t starts = text_.size() - context_;  // check_fits: at least 1
+        for (std::size_t b = 0; b < batch; ++b) {
+            const std::size_t s = static_cast<std::size_t>(rng_() % starts);
+            std::copy_n(text_.data() + s, context_, tokens + b * context_);
+            std::copy_n(text_.data() + s + 1, context_, targets + b * context_);
+        }
+    }
+
+private:
+    std::span<const std::uint8_t> text_;
+    std::size_t context_;
+    std::mt19937_64 rng_;
+};
+
+// `count` windows spread evenly over the validation part, the same for every run.
+inline void validation_windows(std::span<const std::uint8_t> text, std::size_t context,
+                               std::size_t count, std::vector<std::uint8_t>& tokens,
+                               std::vector<std::uint8_t>& targets) {
+    tokens.resize(count * context);
+    targets.resize(count * context);
+    const std::size_t last = text.size() - context - 1;
+    for (std::size_t i = 0; i < count; ++i) {
+        const std::size_t s = count == 1 ? 0 : i * last / (count - 1);
+        std::copy_n(text.data() + s, context, tokens.data() + i * context);
+        std::copy_n(text.data() + s + 1, context, targets.data() + i * context);
+    }
+}
+
+}  // namespace gpt

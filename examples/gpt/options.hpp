@@ -1,0 +1,57 @@
+#pragma once
+// Everything a run is configured with, and its defaults. cli.hpp fills it from the command line;
+// the tests fill it directly.
+
+#include "config.hpp"
+#include "data.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace gpt {
+
+struct options {
+    model_config model;
+
+    // data
+    std::string data = "fortunes";  // fortunes | markov
+    std::string data_dir = default_fortunes_dir;
+    std::size_t markov_alphabet = 16;
+    double markov_sharpness = 2.0;
+    std::size_t markov_bytes = std::size_t{1} << 21;
+
+    // training
+    int workers = 4;                // M, thread workers
+    std::uint64_t steps = 1000;     // inner steps per worker
+    std::size_t batch = 8;          // sequences per worker and step
+    std::uint64_t warmup = 0;       // 0: min(100, steps / 10)
+    float final_lr_fraction = 0.1f; // cosine decay from the peak to this fraction of it
+    std::uint64_t seed = 1;
+
+    // how the workers communicate
+    bool sync_every_step = false;   // all-reduce gradients every step (data-parallel baseline)
+    std::string inner = "adamw";
+    std::string outer = "nesterov";
+    std::string compress = "none";
+    std::string schedule = "every";
+    std::uint64_t every = 50;       // H
+
+    // hyper-parameters; a negative value means "the default of the chosen policy" (see
+    // policies.hpp for this trainer's defaults)
+    float lr = -1.0f;               // the inner peak lr (muon: of the AdamW group)
+    float muon_lr = 0.02f;          // the Muon group's peak lr (--inner muon)
+    float weight_decay = 0.1f;
+    float outer_lr = -1.0f;
+    float outer_momentum = -1.0f;
+
+    // reporting
+    std::uint64_t log_every = 10;
+    std::uint64_t eval_every = 100;
+    std::size_t eval_sequences = 64;
+    std::string csv;                // a file for the progress rows, when set
+    bool quiet = false;             // no progress lines
+    double require_below = 0.0;     // > 0: fail the run unless the final val loss is below it
+};
+
+}  // namespace gpt

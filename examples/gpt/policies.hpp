@@ -1,0 +1,173 @@
+#pragma once
+// The policies a run may choose on the command line, each with the name it is chosen by and how
+// its hyper-parameters come from the options. A run is dispatched to one compiled instantiation
+// of loco::diloco<inner, outer, compressor, schedule> (or of loco::optimizer<inner> for the
+// synchronous baseline) by dispatch<List>(name, ...), which knows nothing about any policy:
+// adding a choice is one struct here and its name in the list below it.
+
+#include "options.hpp"
+
+#include <loco/loco.hpp>
+
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+
+namespace gpt {
+
+namespace detail {
+inline float or_default(float value, float fallback) { return value < 0.0f ? fallback : value; }
+}  // namespace detail
+
+// ---- inner optimizers: hyper(o, f) is the hyper-parameters at lr factor f of the schedule -----
+
+struct adamw_choice {
+    static constexpr std::string_view name = "adamw";
+    using type = loco::inner::adamw;
+    static constexpr float default_lr = 2e-3f;
+    static type::hyper hyper(const options& o, float f) {
+        return {.lr = detail::or_default(o.lr, default_lr) * f, .weight_decay = o.weight_decay};
+    }
+};
+
+struct sgd_choice {
+    static constexpr std::string_view name = "sgd";
+    using type = loco::inner::sgd;
+    static constexpr float default_lr = 0.3f;
+    static type::hyper hyper(const options& o, float f) {
+        return {.lr = detail::or_default(o.lr, default_lr) * f, .momentum = 0.9f,
+                .weight_decay = 0.0f, .nesterov = true};
+    }
+};
+
+struct lion_choice {
+    static constexpr std::string_view name = "lion";
+    using type = loco::inner::lion;
+    static constexpr float default_lr = 3e-4f;
+    static type::hyper hyper(const options& o, float f) {
+        // Lion's steps are sign-sized: its decoupled decay is scaled like its lr (x 10 less lr,
+        // x 10 more decay, as its authors advise) so that --weight-decay means the same shrink.
+        return {.lr = detail::or_default(o.lr, default_lr) * f,
+                .weight_decay = o.weight_decay * 3.0f};
+    }
+};
+
+// MuLoCo's inner optimizer: Muon on the hidden matrices (attention and MLP weights), AdamW on the
+// embeddings, the head, the biases and the layer norms.
+struct muon_choice {
+    static constexpr std::string_view name = "muon";
+    using type = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                              loco::group<loco::otherwise, loco::inner::adamw>>;
+    static auto hyper(const options& o, float f) {
+        return std::tuple{loco::inner::muon::hyper{.lr = o.muon_lr * f, .weight_decay = o.weight_decay},
+                          adamw_choice::hyper(o, f)};
+    }
+};
+
+using inner_choices = std::tuple<adamw_choice, sgd_choice, lion_choice, muon_choice>;
+
+// ---- outer optimizers ---------------------------------------------------------------------------
+
+struct nesterov_choice {
+    static constexpr std::string_view name = "nesterov";
+    using type = loco::outer::nesterov;
+    static type::hyper hyper(const options& o) {
+        return {.lr = detail::or_default(o.outer_lr, 0.7f),
+                .momentum = detail::or_default(o.outer_momentum, 0.9f)};
+    }
+};
+
+struct outer_sgd_choice {
+    static constexpr std::string_view name = "sgd";
+    using type = loco::outer::sgd;
+    static type::hyper hyper(const options& o) { return {.lr = detail::or_default(o.outer_lr, 1.0f)}; }
+};
+
+struct outer_adam_choice {
+    static constexpr std::string_view name = "adam";
+    using type = loco::outer::adam;
+    static type::hyper hyper(const options& o) {
+        type::hyper h;
+        h.lr = detail::or_default(o.outer_lr, h.lr);
+        h.beta1 = detail::or_default(o.outer_momentum, h.beta1);
+        return h;
+    }
+};
+
+using outer_choices = std::tuple<nesterov_choice, outer_sgd_choice, outer_adam_choice>;
+
+// ---- compressors of the pseudo-gradient ---------------------------------------------------------
+
+template <class C, const char* Name>
+struct compress_choice {
+    static constexpr std::string_view name = Name;
+    using type = C;
+    static typename C::hyper hyper(const options&) { return {}; }
+};
+
+inline constexpr char none_name[] = "none";
+inline constexpr char bf16_name[] = "bf16";
+inline constexpr char blockwise4_name[] = "blockwise4";
+inline constexpr char statistical2_name[] = "statistical2";
+inline constexpr char statistical2_ef_name[] = "statistical2-ef";
+
+using compress_choices = std::tuple<
+    compress_choice<loco::compress::none, none_name>,
+    compress_choice<loco::compress::cast<loco::bf16>, bf16_name>,
+    compress_choice<loco::compress::blockwise<4, 256>, blockwise4_name>,
+    compress_choice<loco::compress::statistical<2>, statistical2_name>,
+    compress_choice<loco::compress::error_feedback<loco::compress::statistical<2>>,
+                    statistical2_ef_name>>;
+
+// ---- sync schedules -----------------------------------------------------------------------------
+
+struct every_choice {
+    static constexpr std::string_view name = "every";
+    using type = loco::schedule::every;
+    static type::hyper hyper(const options& o) { return {.every = o.every}; }
+};
+
+// A new schedule: a struct like every_choice (its name, its type, its hyper from the options) and
+// its name in this list.
+using schedule_choices = std::tuple<every_choice>;
+
+// ---- dispatch -----------------------------------------------------------------------------------
+
+// "a, b, c": the names a list offers, for error messages and --help.
+template <class List>
+std::string choice_names() {
+    return [&]<std::size_t... I>(std::index_sequence<I...>) {
+        std::string out;
+        ((out += (I == 0 ? "" : ", ") + std::string(std::tuple_element_t<I, List>::name)), ...);
+        return out;
+    }(std::make_index_sequence<std::tuple_size_v<List>>{});
+}
+
+// Calls fn.template operator()<Choice>() for the choice of List named `name` and returns what it
+// returns; an unknown name throws, listing the valid ones.
+template <class List, class Fn>
+auto dispatch(std::string_view name, std::string_view flag, Fn&& fn) {
+    using result = decltype(fn.template operator()<std::tuple_element_t<0, List>>());
+    bool found = false;
+    result out{};
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+        (((!found && std::tuple_element_t<I, List>::name == name)
+              ? (out = fn.template operator()<std::tuple_element_t<I, List>>(), found = true)
+              : false),
+         ...);
+    }(std::make_index_sequence<std::tuple_size_v<List>>{});
+    if (!found) {
+        throw loco::invalid_argument("gpt: unknown " + std::string(flag) + " '" +
+                                     std::string(name) + "'; valid: " + choice_names<List>());
+    }
+    return out;
+}
+
+// Throws as dispatch does when `name` is not in List, without instantiating anything.
+template <class List>
+void check_choice(std::string_view name, std::string_view flag) {
+    dispatch<List>(name, flag, []<class>() { return 0; });
+}
+
+}  // namespace gpt

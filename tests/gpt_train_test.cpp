@@ -1,0 +1,193 @@
+// The GPT example end to end (examples/gpt): a short DiLoCo run on two thread workers learns
+// (its validation loss falls well below ln 256, and never below the source's entropy floor);
+// the synchronous baseline keeps every worker on the same parameters; the Markov source's entropy
+// rate against an independent computation; the fortunes loader's order, filter and split; and
+// the one-sentence errors for bad input.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include "../examples/gpt/cli.hpp"
+#include "../examples/gpt/data.hpp"
+#include "../examples/gpt/trainer.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <numbers>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// A model small enough for the sanitizers: 1 block of width 16 over 16-byte windows.
+gpt::options tiny_options(std::uint64_t seed) {
+    gpt::options o;
+    o.model = {.vocab = 256, .context = 16, .dim = 16, .layers = 1, .heads = 2};
+    o.data = "markov";
+    o.workers = 2;
+    o.steps = 50;
+    o.batch = 4;
+    o.every = 10;
+    o.lr = 0.01f;
+    o.eval_every = 25;
+    o.eval_sequences = 16;
+    o.seed = seed;
+    o.quiet = true;
+    return o;
+}
+
+// The message of what fn throws, or "" when it does not throw.
+template <class Fn>
+std::string error_of(Fn&& fn) {
+    try {
+        fn();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "";
+}
+
+// The rules these tests run, compiled alone: every choice is compiled into loco_gpt, whose CTest
+// entry runs it.
+gpt::rule_factory adamw_rules(const gpt::options& o) {
+    return gpt::make_rule_factory<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
+                                  std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
+                                  gpt::schedule_choices>(o);
+}
+
+}  // namespace
+
+TEST_CASE("gpt: 50 DiLoCo steps on two workers bring the loss well below ln 256") {
+    const std::uint64_t seed = loco_test::rng_for("gpt.smoke")() % 1000;
+    INFO("seed " << seed);
+    const gpt::options o = tiny_options(seed);
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 20000, seed);
+    const gpt::run_result r = gpt::train(o, data, adamw_rules(o), nullptr);
+    const double uniform = std::log(256.0);
+    REQUIRE(r.rows.size() >= 2);
+    CHECK(std::abs(r.rows.front().val_loss - uniform) < 0.2);  // a fresh model knows nothing
+    CHECK(r.final_val_loss < 0.6 * uniform);
+    // No model beats the entropy rate of the source by more than the noise of 256 tokens.
+    CHECK(r.final_val_loss > *data.entropy_floor - 0.1);
+    CHECK(r.syncs == 5);
+    // Per worker: the initial broadcast and 5 fp32 all-reduces of the model.
+    CHECK(r.bytes_per_worker > 0);
+}
+
+TEST_CASE("gpt: the synchronous baseline all-reduces gradients every step") {
+    gpt::options o = tiny_options(3);
+    o.sync_every_step = true;
+    o.steps = 12;
+    o.log_every = 4;
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 20000, 3);
+    const gpt::run_result r = gpt::train(o, data, adamw_rules(o), nullptr);
+    CHECK(r.syncs == 12);
+    CHECK(r.final_val_loss < std::log(256.0));
+    REQUIRE(r.rows.size() == 4);  // step 0, 4, 8, 12
+    CHECK(r.rows.back().step == 12);
+}
+
+TEST_CASE("gpt: the Markov source's entropy rate against power iteration and a sample") {
+    auto rng = loco_test::rng_for("gpt.markov");
+    const std::uint64_t seed = rng();
+    const std::size_t a = 5;
+    const gpt::markov_chain m = gpt::make_markov_chain(a, 1.5, seed);
+    // Stationary distribution by iterating the pair chain from uniform, independent of the
+    // elimination in data.hpp.
+    std::vector<double> pi(a * a, 1.0 / double(a * a)), next(a * a);
+    for (int it = 0; it < 5000; ++it) {
+        std::fill(next.begin(), next.end(), 0.0);
+        for (std::size_t x = 0; x < a; ++x)
+            for (std::size_t y = 0; y < a; ++y)
+                for (std::size_t z = 0; z < a; ++z)
+                    next[y * a + z] += pi[x * a + y] * m.next[(x * a + y) * a + z];
+        pi.swap(next);
+    }
+    for (std::size_t s = 0; s < a * a; ++s) CHECK(std::abs(pi[s] - m.stationary[s]) < 1e-12);
+    // The mean surprise of a long sample converges to the entropy rate.
+    const std::size_t len = 200000;
+    const auto text = gpt::sample_markov(m, len, seed + 1);
+    double total = 0.0, sq = 0.0;
+    for (std::size_t i = 2; i < len; ++i) {
+        const std::size_t x = text[i - 2] - 'a', y = text[i - 1] - 'a', z = text[i] - 'a';
+        const double s = -std::log(m.next[(x * a + y) * a + z]);
+        total += s;
+        sq += s * s;
+    }
+    const double n = double(len - 2), mean = total / n;
+    const double sd = std::sqrt(sq / n - mean * mean);
+    INFO("sample mean " << mean << ", entropy rate " << m.entropy_rate);
+    // The sample is correlated; 6 naive standard errors is still a tight, failing-capable bound.
+    CHECK(std::abs(mean - m.entropy_rate) < 6.0 * sd / std::sqrt(n));
+}
+
+TEST_CASE("gpt: the fortunes loader reads sorted text files, skips indices and links, splits 90/10") {
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::temp_directory_path() /
+                         ("loco_gpt_fortunes_" + std::to_string(loco_test::rng_for("gpt.dir")()));
+    fs::create_directories(dir);
+    const auto write = [&](const char* name, const std::string& text) {
+        std::ofstream(dir / name, std::ios::binary) << text;
+    };
+    write("zeta", std::string(10, 'z'));
+    write("alpha", std::string(20, 'a'));
+    write("alpha.dat", "index bytes");
+    fs::create_symlink(dir / "alpha", dir / "alpha.u8");
+    fs::create_symlink(dir / "zeta", dir / "another-link");
+    const gpt::corpus c = gpt::load_fortunes(dir);
+    fs::remove_all(dir);
+    CHECK(std::string(c.train.begin(), c.train.end()) == std::string(18, 'a') + std::string(9, 'z'));
+    CHECK(std::string(c.validation.begin(), c.validation.end()) == "aaz");
+    CHECK(!c.entropy_floor.has_value());
+}
+
+TEST_CASE("gpt: bad input gets one sentence that names the fix") {
+    SUBCASE("missing corpus") {
+        const std::string e = error_of([] { gpt::load_fortunes("/nonexistent/fortunes"); });
+        CHECK(e.find("apt-get install fortunes") != std::string::npos);
+        CHECK(e.find("scripts/install-deps") != std::string::npos);
+    }
+    SUBCASE("unknown policy names list the valid ones") {
+        CHECK(error_of([] { gpt::check_choice<gpt::inner_choices>("adam", "--inner"); }) ==
+              "gpt: unknown --inner 'adam'; valid: adamw, sgd, lion, muon");
+        CHECK(error_of([] { gpt::check_choice<gpt::outer_choices>("lookahead", "--outer"); }) ==
+              "gpt: unknown --outer 'lookahead'; valid: nesterov, sgd, adam");
+        CHECK(error_of([] { gpt::check_choice<gpt::compress_choices>("int8", "--compress"); }) ==
+              "gpt: unknown --compress 'int8'; valid: none, bf16, blockwise4, statistical2, "
+              "statistical2-ef");
+        CHECK(error_of([] { gpt::check_choice<gpt::schedule_choices>("sometimes", "--schedule"); }) ==
+              "gpt: unknown --schedule 'sometimes'; valid: every");
+        // The factory checks every name, also one a synchronous run does not use.
+        gpt::options o = tiny_options(1);
+        o.sync_every_step = true;
+        o.outer = "lookahead";
+        CHECK(error_of([&] { adamw_rules(o); }).starts_with("gpt: unknown --outer 'lookahead'"));
+    }
+    SUBCASE("a parameter count that overflows") {
+        const gpt::model_config c{.dim = std::size_t{1} << 33, .layers = 4};
+        const std::string e = error_of([&] { gpt::layout{c}; });
+        CHECK(e.find("overflows a 64-bit count") != std::string::npos);
+    }
+    SUBCASE("a context longer than the data") {
+        gpt::options o = tiny_options(1);
+        o.model.context = 4096;
+        const gpt::corpus data = gpt::make_markov_corpus(4, 1.0, 3000, 1);
+        const std::string e = error_of([&] { gpt::train(o, data, adamw_rules(o), nullptr); });
+        CHECK(e.find("fewer than --context + 1 = 4097") != std::string::npos);
+    }
+    SUBCASE("command-line mistakes") {
+        gpt::options o;
+        const char* unknown[] = {"loco_gpt", "--step", "5"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(unknown), o); }) ==
+              "gpt: unknown option '--step'; see --help");
+        const char* negative[] = {"loco_gpt", "--steps", "-5"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(negative), o); }) ==
+              "gpt: --steps takes a whole number, not '-5'");
+        const char* data[] = {"loco_gpt", "--data", "shakespeare"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(data), o); }) ==
+              "gpt: unknown --data 'shakespeare'; valid: fortunes, markov");
+    }
+}
