@@ -371,6 +371,16 @@ public:
         for (const auto& f : frags_) n += f.exchange.bytes_per_average(compress_hyper_) + agreement_bytes();
         return n;
     }
+    // Of bytes_per_sync(): what the all-or-nothing agreement adds to each fragment's sync.
+    std::uint64_t agreement_bytes_per_sync() const { return agreement_bytes(); }
+    // What start() sends once to compare the ranks' fingerprints (none with one rank).
+    std::uint64_t fingerprint_bytes() const {
+        const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
+        if (m == 1) return 0;
+        const std::uint64_t r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t c = 16 * (r + 1) / m - 16 * r / m;  // this rank's chunk of 16 floats
+        return 4 * (16 + (m - 2) * c);
+    }
     // Bytes of the largest fragment's exchange: the peak a schedule with one fragment in flight
     // puts on the link at once.
     std::uint64_t peak_bytes_per_sync() const {

@@ -465,8 +465,11 @@ TEST_CASE("cuda::diloco with error_feedback<blockwise<2, 256>> runs on the devic
         opt.sync();
         host_final[r] = m.values();
         host_res[r].assign(opt.compressor_state().begin(), opt.compressor_state().end());
-        host_bytes[r] = comm.bytes_sent();
-        host_formula[r] = opt.bytes_per_sync();
+        // The host handle also agrees on each sync's outcome and compares fingerprints at
+        // start(); the GPU handle does neither yet (docs/cuda.md): compare the payload bytes.
+        host_bytes[r] = comm.bytes_sent() - opt.outer_steps() * opt.agreement_bytes_per_sync() -
+                        opt.fingerprint_bytes();
+        host_formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
     });
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());

@@ -224,7 +224,10 @@ struct diloco_runs {
             }
             opt.sync();
             host_final[std::size_t(r)] = m.values();
-            host_bytes[std::size_t(r)] = comm.bytes_sent();
+            // Less the host's sync agreement and start() fingerprint (not on the GPU yet).
+            host_bytes[std::size_t(r)] = comm.bytes_sent() -
+                                         opt.outer_steps() * opt.agreement_bytes_per_sync() -
+                                         opt.fingerprint_bytes();
         });
         loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
             const int r = comm.rank();

@@ -599,7 +599,8 @@ void topk_diloco_equals_host(loco::exchange_scheme scheme, const typename C::hyp
         const auto res = opt.compressor_state();
         host_res[r].assign(res.begin(), res.end());
         host_payloads[r] = comm.gathered;
-        host_formula[r] = opt.bytes_per_sync();
+        // Less the host's sync agreement, which the GPU handle does not run yet.
+        host_formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
     });
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
         h::recording comm(replica);

@@ -39,6 +39,7 @@
 #include <loco/backend/cuda/memory.hpp>
 #include <loco/backend/cuda/optimizer.hpp>
 #include <loco/backend/cuda/table.hpp>
+#include <loco/aggregate/mean.hpp>
 #include <loco/comm/communicator.hpp>
 #include <loco/comm/cuda_staging.hpp>
 #include <loco/compress/compressor.hpp>
@@ -59,6 +60,7 @@
 #include <istream>
 #include <memory>
 #include <optional>
+#include <span>
 #include <ostream>
 #include <string>
 #include <type_traits>
@@ -348,24 +350,29 @@ public:
         return {s.begin(), s.end()};
     }
 
+    // The host handle's checkpoint format (loco::diloco::save with one fragment and the mean),
+    // so that a checkpoint moves between host and GPU runs.
     void save(std::ostream& os) const {
         const auto oc = outer_control_.read(stream());
         loco::detail::checkpoint_writer w(os);
-        w.text("diloco");
-        w.text(Outer::name);
-        w.text(Compressor::name);
-        w.text(Schedule::name);
+        write_policies(w);
         w.u64(static_cast<std::uint64_t>(comm_->size()));
         w.u64(static_cast<std::uint64_t>(comm_->rank()));
-        w.u64(calls_);
-        w.u64(oc.steps);
+        w.u64(calls_);  // schedule::every's state
         w.u64(oc.skipped);
+        w.u64(0);   // consecutive skipped syncs: not tracked by the GPU handle yet
+        w.text("");  // the first non-finite tensor, likewise
         inner_.write_section(w);
         w.floats(global());
         w.floats(flat(outer_state_.get(), static_cast<std::size_t>(Outer::state_size)));
         w.text(to_string(exchange()));
+        w.u64(oc.steps);  // the one fragment: outer steps, skipped syncs, compressor state
+        w.u64(oc.skipped);
         w.floats(compressor_state());
         w.floats(server_state());
+        w.u64(0);  // no exchange in flight: the GPU handle syncs in one call
+        w.u64(0);
+        w.floats(std::span<const float>());
         w.finish();
     }
 
@@ -376,24 +383,40 @@ public:
         r.expect_text(Outer::name, "the outer optimizer");
         r.expect_text(Compressor::name, "the compressor");
         r.expect_text(Schedule::name, "the sync schedule");
+        r.expect_text(loco::detail::describe_policy<Compressor>(compress_hyper_),
+                      "the compressor settings");
+        r.expect_text(fragment_description(), "the fragment layout");
+        r.expect_text(loco::detail::describe_policy<aggregate::mean>({}), "the aggregation");
+        (void)r.text("the outer optimizer settings");
         r.expect_u64(static_cast<std::uint64_t>(comm_->size()), "the number of workers");
         r.expect_u64(static_cast<std::uint64_t>(comm_->rank()),
                      "the worker rank (each worker loads the checkpoint it saved)");
         const std::uint64_t calls = r.u64("the step call count");
-        const std::uint64_t outer_steps = r.u64("the outer step count");
-        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
+        (void)r.u64("the skipped sync count");
+        (void)r.u64("the consecutive skipped sync count");
+        (void)r.text("the first non-finite tensor");
         auto inner = inner_.read_section(r);
         std::vector<float> global(n);
         r.floats(global, "the global parameters");
         std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * n);
         r.floats(outer_state, "the outer optimizer state");
         r.expect_text(to_string(exchange()), "the exchange scheme");
+        const std::uint64_t outer_steps = r.u64("a fragment's outer step count");
+        const std::uint64_t skipped_syncs = r.u64("a fragment's skipped sync count");
         std::vector<float> compressor_state(
             host_ ? host_->exchanger().state().size()
                   : static_cast<std::size_t>(Compressor::state_size) * n);
         r.floats(compressor_state, "the compressor state");
         std::vector<float> server_state(host_ ? host_->exchanger().server_state().size() : 0);
         r.floats(server_state, "the server-side compressor state");
+        if (r.u64("whether an exchange was in flight") != 0) {
+            throw checkpoint_error("loco::cuda::diloco: the checkpoint holds an exchange in flight "
+                                   "(a streaming or delayed schedule), which the GPU handle does "
+                                   "not run yet (docs/cuda.md)");
+        }
+        (void)r.u64("the call an exchange started at");
+        std::vector<float> none;
+        r.floats(none, "the pseudo-gradient in flight");
         r.finish();
 
         inner_.commit(inner);
@@ -416,6 +439,26 @@ public:
     }
 
 private:
+    void write_policies(loco::detail::checkpoint_writer& w) const {
+        w.text("diloco");
+        w.text(Outer::name);
+        w.text(Compressor::name);
+        w.text(Schedule::name);
+        w.text(loco::detail::describe_policy<Compressor>(compress_hyper_));
+        w.text(fragment_description());
+        w.text(loco::detail::describe_policy<aggregate::mean>({}));
+        w.text(loco::detail::describe_policy<Outer>(outer_hyper_));
+    }
+
+    // The host's description of one fragment holding every tensor in order.
+    std::string fragment_description() const {
+        std::string s = "fragment 0:";
+        for (std::size_t i = 0; i < inner_.table_.size(); ++i) {
+            s += " " + inner_.table_.spec(i).name;
+        }
+        return s;
+    }
+
     // The host exchange of a compressed (or host-communicator) sync, with the state it keeps.
     class host_exchange {
     public:
