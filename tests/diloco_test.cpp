@@ -697,7 +697,7 @@ TEST_CASE("all or nothing: a failure on one rank at any stage leaves every rank'
     const stage_case cases[] = {{1, "encode", "injected encode failure"},
                                 {2, "transfer", "injected transfer failure"},
                                 {3, "decode", "injected decode failure"},
-                                {4, "apply", "loco::outer::nesterov: lr must be >= 0"}};
+                                {4, "apply", "loco::outer::nesterov: lr must be finite and >= 0, got -1.000000"}};
     for (const auto& sc : cases) {
         CAPTURE(sc.stage);
         std::array<std::string, m> errors;

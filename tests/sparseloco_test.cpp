@@ -476,7 +476,8 @@ TEST_CASE_TEMPLATE("sparseloco and demo plug into loco::diloco: bytes per sync a
                 }
                 opt.step();
             }
-            per_sync[comm.rank()] = opt.bytes_per_sync();
+            // The payloads alone, without the all-or-nothing agreement's bytes.
+            per_sync[comm.rank()] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
             final_w[comm.rank()] = w;
             for (const float e : opt.compressor_state()) {
                 residual_nonzero[comm.rank()] += e != 0.0f ? 1 : 0;
