@@ -91,7 +91,7 @@ public:
     loco::parameter_list parameters() {
         loco::parameter_list list;
         list.add("W1", loco::host_matrix(w1(), s_.hidden, s_.in),
-                 loco::host_matrix(grads_.data(), s_.hidden, s_.in));
+                 loco::host_matrix(grads_.data(), s_.hidden, s_.in), {.role = loco::role::matrix});
         list.add("b1", loco::host_tensor(weights_.data() + b1_, s_.hidden),
                  loco::host_tensor(grads_.data() + b1_, s_.hidden));
         // The output layer is tagged as a head: MuLoCo keeps it on AdamW, as Muon's authors do.
