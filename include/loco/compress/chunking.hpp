@@ -144,4 +144,58 @@ inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_
     return true;
 }
 
+// The encode and decode that chunked compressors with a residual (demo, sparseloco) share. C
+// supplies encode_values, decode_body, layout_of, check_segment, expected_header and validate;
+// `carry` is the factor of the old residual (DeMo's decay, SparseLoCo's beta).
+template <class C>
+struct residual_codec {
+    using hyper = typename C::hyper;
+
+    static void encode(const hyper& h, float carry, std::span<const float> x,
+                       std::span<const segment> segs, std::span<float> state,
+                       std::span<std::byte> out) {
+        C::validate(h);
+        check_segments_inside(segs, x.size(), C::name, "input");
+        check_payload_buffer(out.size(), C::payload_bytes(h, segs), C::name);
+        if (state.size() < x.size()) {
+            throw shape_error("loco::compress::" + std::string(C::name) + ": the state holds " +
+                              std::to_string(state.size()) + " floats, the residual needs " +
+                              std::to_string(x.size()));
+        }
+        // carry * e + x, kept aside until the payload is written, so a failure changes nothing.
+        std::vector<float> e(x.size(), 0.0f);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                e[i] = carry * state[i] + x[i];
+            }
+        }
+        C::encode_values(h, e, segs, out);
+        std::vector<float> sent(x.size(), 0.0f);
+        C::decode_body(h, out.subspan(wire::header_bytes), segs, sent);
+        for (const segment& s : segs) {
+            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                state[i] = e[i] - sent[i];
+            }
+        }
+    }
+
+    // Checks the header and every segment's index stream before anything is written.
+    static void decode(const hyper& h, std::span<const std::byte> in,
+                       std::span<const segment> segs, std::span<float> out) {
+        C::validate(h);
+        check_segments_inside(segs, out.size(), C::name, "output");
+        for (const segment& s : segs) {
+            grid_of(s, h.chunk, C::name);
+        }
+        const std::span<const std::byte> body = wire::open(in, C::expected_header(h, segs), C::name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const auto l = C::layout_of(h, s);
+            C::check_segment(h, l, body.subspan(at, l.bytes()));
+            at += l.bytes();
+        }
+        C::decode_body(h, body, segs, out);
+    }
+};
+
 }  // namespace loco::compress::chunking

@@ -125,46 +125,12 @@ struct demo {
 
     static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
                        std::span<float> state, const encode_context&, std::span<std::byte> out) {
-        validate(h);
-        check_segments_inside(segs, x.size(), name, "input");
-        check_payload_buffer(out.size(), payload_bytes(h, segs), name);
-        if (state.size() < x.size()) {
-            throw shape_error("loco::compress::demo: the state holds " +
-                              std::to_string(state.size()) + " floats, the residual needs " +
-                              std::to_string(x.size()));
-        }
-        // e + decay * e, kept aside until the payload is written, so a failure changes nothing.
-        std::vector<float> e(x.size(), 0.0f);
-        for (const segment& s : segs) {
-            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
-                e[i] = h.decay * state[i] + x[i];
-            }
-        }
-        encode_values(h, e, segs, out);
-        std::vector<float> sent(x.size(), 0.0f);
-        decode_body(h, out.subspan(wire::header_bytes), segs, sent);
-        for (const segment& s : segs) {
-            for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
-                state[i] = e[i] - sent[i];
-            }
-        }
+        chunking::residual_codec<demo>::encode(h, h.decay, x, segs, state, out);
     }
 
     static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
                        std::span<float> out) {
-        validate(h);
-        check_segments_inside(segs, out.size(), name, "output");
-        for (const segment& s : segs) {
-            chunking::grid_of(s, h.chunk, name);
-        }
-        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
-        std::size_t at = 0;
-        for (const segment& s : segs) {
-            const segment_layout l = layout_of(h, s);
-            check_segment(h, l, body.subspan(at, l.bytes()));
-            at += l.bytes();
-        }
-        decode_body(h, body, segs, out);
+        chunking::residual_codec<demo>::decode(h, in, segs, out);
     }
 
     // The sent coefficients and in-chunk indices of an fp32 vector x, without the residual:
@@ -206,6 +172,8 @@ struct demo {
     }
 
 private:
+    friend struct chunking::residual_codec<demo>;
+
     static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
         std::size_t n = 0;
         for (const segment& s : segs) {
