@@ -18,10 +18,15 @@
 //
 // Algorithm 1 of DiLoCo (Douillard et al., arXiv 2311.08105), Streaming DiLoCo (arXiv 2501.18512)
 // and the one-outer-step delay of DiLoCoX; see docs/diloco.md and docs/schedules.md.
+//
+// The pipeline is written once, here. Where the arrays live and how each stage loops over them is
+// the Backend policy's: loco::host_backend (the default; backend/host/diloco_engine.hpp) or
+// loco::cuda_backend (fused launches on a stream; backend/cuda/diloco_engine.hpp, with the alias
+// loco::cuda::diloco).
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
-#include <loco/backend/host/elementwise.hpp>
+#include <loco/backend/host/diloco_engine.hpp>
 #include <loco/comm/communicator.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/none.hpp>
@@ -137,7 +142,8 @@ inline std::string message_of(const std::exception_ptr& e) {
 }  // namespace detail
 
 template <class Inner, class Outer, class Compressor = compress::none,
-          class Schedule = schedule::every, class Aggregate = aggregate::mean>
+          class Schedule = schedule::every, class Aggregate = aggregate::mean,
+          class Backend = host_backend>
 class diloco {
     static_assert(compress::compressor<Compressor>,
                   "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
@@ -146,6 +152,7 @@ class diloco {
     static_assert(detail::check_schedule_policy<Schedule>());
 
     using schedule_type = typename detail::schedule_state<Schedule>::type;
+    using engine_type = typename Backend::template engine<Inner, Outer, Compressor, Aggregate>;
 
 public:
     using inner_policy = Inner;
@@ -153,9 +160,12 @@ public:
     using compressor_policy = Compressor;
     using schedule_policy = Schedule;
     using aggregate_policy = Aggregate;
+    using backend_policy = Backend;
+    // Inner::hyper, or for loco::groups<...> the tuple of every group's hyper-parameters.
+    using inner_hyper_type = typename engine_type::inner_hyper_type;
 
     struct config {
-        typename optimizer<Inner>::hyper_type inner{};
+        inner_hyper_type inner{};
         typename Outer::hyper outer{};
         typename Schedule::hyper schedule{};
         typename Compressor::hyper compress{};
@@ -179,11 +189,18 @@ public:
         // pseudo-gradient raise nonfinite_error naming the tensor (the run has stalled);
         // 0: never.
         std::uint64_t max_skipped_syncs = 10;
+        // CUDA backend: the stream every launch goes to (the trainer's compute stream). Nothing
+        // on the host.
+        [[no_unique_address]] typename engine_type::stream_type stream{};
     };
 
     // Not collective: no communication happens before start() (or the first step() or sync()).
-    diloco(parameter_list params, comm::communicator& comm, config cfg = {})
-        : inner_(std::move(params), {cfg.inner, cfg.on_nonfinite}),
+    // `params`: a parameter_list (host or CUDA memory, as the backend needs), or what the backend
+    // accepts besides (the CUDA backend: a tensor table of bf16 parameters).
+    template <class Params>
+    diloco(Params&& params, comm::communicator& comm, config cfg = {})
+        : engine_(std::forward<Params>(params), comm, cfg.inner, cfg.on_nonfinite, cfg.stream,
+                  cfg.seed),
           comm_(&comm),
           outer_hyper_(cfg.outer),
           schedule_hyper_(cfg.schedule),
@@ -197,47 +214,29 @@ public:
         detail::validate_hyper<Compressor>(compress_hyper_);
         detail::validate_hyper<Aggregate>(aggregate_hyper_);
         if (cfg.workers < 0) {
-            throw invalid_argument("loco::diloco: workers must be >= 0 (0 = the communicator's size)");
+            throw invalid_argument(std::string(name()) +
+                                   ": workers must be >= 0 (0 = the communicator's size)");
         }
         if (cfg.workers != 0 && cfg.workers != comm.size()) {
-            throw comm_error("loco::diloco: configured for " + std::to_string(cfg.workers) +
-                             " workers but the " + std::string(comm.name()) +
-                             " communicator has " + std::to_string(comm.size()) + " ranks");
-        }
-        if (comm.space() != plist().space() && !plist().empty()) {
-            throw memory_space_error("loco::diloco: the parameters are in " +
-                                     std::string(to_string(plist().space())) +
-                                     " memory but the " + std::string(comm.name()) +
-                                     " communicator moves " +
-                                     std::string(to_string(comm.space())) + " memory");
+            throw comm_error(std::string(name()) + ": configured for " +
+                             std::to_string(cfg.workers) + " workers but the " +
+                             std::string(comm.name()) + " communicator has " +
+                             std::to_string(comm.size()) + " ranks");
         }
         const std::size_t count = schedule_type::fragments(schedule_hyper_);
         fragment_pattern pattern = fragment_pattern::strided;
         if constexpr (requires { schedule_type::pattern(schedule_hyper_); }) {
             pattern = schedule_type::pattern(schedule_hyper_);
         }
-        const auto lists = detail::resolve_fragments(plist(), cfg.fragments, count, pattern);
-        fragment_description_ = detail::describe_fragments(plist(), lists);
+        const auto lists = detail::resolve_fragments(tensors(), cfg.fragments, count, pattern);
+        fragment_description_ = detail::describe_fragments(tensors(), lists);
         frags_.reserve(count);
         for (const auto& list : lists) {
-            std::vector<compress::segment> segs;
             std::size_t n = 0;
-            for (const std::size_t i : list) {
-                const auto& p = plist()[i];
-                const bool matrix = p.value.is_matrix();
-                segs.push_back({n, p.value.size, matrix ? p.value.rows : 1,
-                                matrix ? p.value.cols : p.value.size});
-                n += p.value.size;
-            }
-            frags_.push_back(fragment_state{list, n,
-                                      detail::exchanger<Compressor, Aggregate>(
-                                          std::move(segs), cfg.exchange, comm.size(), comm.rank(),
-                                          compress_hyper_)});
+            for (const std::size_t i : list) n += tensors()[i].value.size;
+            frags_.push_back(fragment_state{list, n});
         }
-        const std::size_t total = plist().total_elements();
-        global_.resize(total);
-        backend::host::gather_values(plist(), global_.data());
-        outer_state_.assign(static_cast<std::size_t>(Outer::state_size) * total, 0.0f);
+        engine_.build(lists, cfg.exchange, compress_hyper_);
     }
 
     diloco(const diloco&) = delete;
@@ -255,16 +254,7 @@ public:
             return false;
         }
         check_fingerprint();
-        const std::size_t total = global_.size();
-        backend::host::gather_values(plist(), global_.data());
-        bool moved = false;
-        if (broadcast_initial_ && comm_->size() > 1 && total > 0) {
-            // This worker's own values, to tell whether the broadcast moved them.
-            const std::vector<float> own = global_;
-            comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
-            moved = std::memcmp(own.data(), global_.data(), total * sizeof(float)) != 0;
-            backend::host::scatter_values(global_.data(), plist());
-        }
+        const bool moved = engine_.snapshot(broadcast_initial_);
         started_ = true;
         return moved;
     }
@@ -275,16 +265,16 @@ public:
     step_result step() {
         detail::validate_hyper<schedule_type>(schedule_hyper_);
         check_fragment_count();
-        const bool ready = inner_.ready_to_step();  // may throw; nothing has changed yet
+        const bool ready = engine_.inner_ready();  // may throw; nothing has changed yet
         // A gradient computed before this worker received rank 0's parameters belongs to other
         // parameters: it is not applied (call start() before the first forward pass to avoid it).
         const bool moved = start();
         step_result result;
         if (ready && !moved) {
-            inner_.apply_update();
+            engine_.inner_apply();
             result.applied = true;
         } else {
-            ++inner_.skipped_;
+            engine_.inner_skip();
         }
         restart_loaded_exchanges();
         const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
@@ -309,8 +299,8 @@ public:
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
     // validated again before they are used.
-    typename optimizer<Inner>::hyper_type& inner_hyper() noexcept { return inner_.hyper(); }
-    const typename optimizer<Inner>::hyper_type& inner_hyper() const noexcept { return inner_.hyper(); }
+    inner_hyper_type& inner_hyper() noexcept { return engine_.inner().hyper(); }
+    const inner_hyper_type& inner_hyper() const noexcept { return engine_.inner().hyper(); }
     typename Outer::hyper& outer_hyper() noexcept { return outer_hyper_; }
     const typename Outer::hyper& outer_hyper() const noexcept { return outer_hyper_; }
     typename Schedule::hyper& schedule_hyper() noexcept { return schedule_hyper_; }
@@ -321,7 +311,7 @@ public:
     const typename Aggregate::hyper& aggregate_hyper() const noexcept { return aggregate_hyper_; }
 
     std::uint64_t calls() const noexcept { return schedule_.calls(); }  // step() calls
-    std::uint64_t inner_steps() const noexcept { return inner_.steps(); }
+    std::uint64_t inner_steps() const { return engine_.inner().steps(); }
     // Outer steps applied, over all fragments (one per sync for DiLoCo), and per fragment.
     std::uint64_t outer_steps() const noexcept {
         std::uint64_t n = 0;
@@ -329,7 +319,7 @@ public:
         return n;
     }
     std::uint64_t outer_steps(std::size_t fragment) const { return at(fragment).outer_steps; }
-    std::uint64_t skipped_steps() const noexcept { return inner_.skipped_steps(); }
+    std::uint64_t skipped_steps() const { return engine_.inner().skipped_steps(); }
     std::uint64_t skipped_syncs() const noexcept { return skipped_syncs_; }
 
     // The fragments the schedule syncs: each a list of parameter indices, in layout order.
@@ -340,35 +330,60 @@ public:
     // Whether an exchange of the fragment is in flight (started, not applied yet).
     bool in_flight(std::size_t fragment) const { return at(fragment).in_flight; }
 
-    const parameter_list& params() const noexcept { return plist(); }
+    // The parameters as registered (the host backend; the CUDA backend's table() holds its own).
+    decltype(auto) params() const noexcept
+        requires requires(const engine_type& e) { e.params(); }
+    {
+        return engine_.params();
+    }
     comm::communicator& communicator() const noexcept { return *comm_; }
     // The global parameters after the last sync (before the first step: the parameters at
-    // construction), in the flat layout.
-    std::span<const float> global() const noexcept { return global_; }
-    std::span<const float> inner_state(int j) const
-        requires requires(const optimizer<Inner>& o) { o.state(j); }
+    // construction), in the flat layout. The host backend returns a view of its array, the CUDA
+    // backend a copy (which waits for the stream).
+    decltype(auto) global() const { return engine_.global(); }
+    decltype(auto) inner_state(int j) const
+        requires requires(const engine_type& e) { e.inner().state(j); }
     {
-        return inner_.state(j);
+        return engine_.inner().state(j);
     }
     // The inner optimizer (for parameter groups: inner().engine_state().group<I>()).
-    const optimizer<Inner>& inner() const noexcept { return inner_; }
+    const auto& inner() const noexcept { return engine_.inner(); }
+    // The backend's own accessors (CUDA: stream(), table(), device_exchange()).
+    const engine_type& backend() const noexcept { return engine_; }
+    decltype(auto) stream() const noexcept
+        requires requires(const engine_type& e) { e.stream(); }
+    {
+        return engine_.stream();
+    }
+    decltype(auto) table() const noexcept
+        requires requires(const engine_type& e) { e.table(); }
+    {
+        return engine_.table();
+    }
+    bool device_exchange() const
+        requires requires(const engine_type& e) { e.device_exchange(); }
+    {
+        return engine_.device_exchange();
+    }
     // The compressor's state over a fragment's elements in its own order (the flat layout when
     // the whole model is one fragment): error-feedback residuals; and, with
     // exchange_scheme::two_phase, its server-side state for this rank's chunk.
-    std::span<const float> compressor_state(std::size_t fragment = 0) const {
-        return at(fragment).exchange.state();
+    decltype(auto) compressor_state(std::size_t fragment = 0) const {
+        (void)at(fragment);
+        return engine_.compressor_state(fragment);
     }
-    std::span<const float> server_state(std::size_t fragment = 0) const {
-        return at(fragment).exchange.server_state();
+    decltype(auto) server_state(std::size_t fragment = 0) const {
+        (void)at(fragment);
+        return engine_.server_state(fragment);
     }
-    exchange_scheme exchange() const noexcept {
-        return frags_.empty() ? exchange_scheme::all_reduce : frags_.front().exchange.scheme();
-    }
+    exchange_scheme exchange() const noexcept { return engine_.scheme(); }
     // Bytes this worker sends per sync of every fragment: the exchange (the formulas in
     // exchange.hpp) and the all-or-nothing agreement (one float all-reduced, with M > 1).
     std::uint64_t bytes_per_sync() const {
         std::uint64_t n = 0;
-        for (const auto& f : frags_) n += f.exchange.bytes_per_average(compress_hyper_) + agreement_bytes();
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            n += engine_.bytes_per_average(f, compress_hyper_) + agreement_bytes();
+        }
         return n;
     }
     // Of bytes_per_sync(): what the all-or-nothing agreement adds to each fragment's sync.
@@ -385,19 +400,21 @@ public:
     // puts on the link at once.
     std::uint64_t peak_bytes_per_sync() const {
         std::uint64_t n = 0;
-        for (const auto& f : frags_) n = std::max(n, f.exchange.bytes_per_average(compress_hyper_));
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            n = std::max(n, engine_.bytes_per_average(f, compress_hyper_));
+        }
         return n + agreement_bytes();
     }
-    std::span<const float> outer_state(int j) const {
+    // Array j of the outer optimizer's state, flat layout (host: a view; CUDA: a copy).
+    decltype(auto) outer_state(int j) const {
         detail::check_state_index(j, Outer::state_size, "outer state");
-        const std::size_t total = global_.size();
-        return {outer_state_.data() + static_cast<std::size_t>(j) * total, total};
+        return engine_.outer_state(j);
     }
 
     // What start() compares between ranks and the checkpoint records, one "key: value" per line.
     std::string fingerprint() const {
         std::string s = "handle: diloco\n";
-        for (const auto& p : plist()) {
+        for (const auto& p : tensors()) {
             s += "tensor: " + p.name + " " + std::to_string(p.value.size) + " elements";
             if (p.value.is_matrix()) {
                 s += " " + std::to_string(p.value.rows) + "x" + std::to_string(p.value.cols);
@@ -434,18 +451,23 @@ public:
         w.u64(skipped_syncs_);
         w.u64(consecutive_skips_);
         w.text(first_nonfinite_);
-        inner_.write_section(w);
-        w.floats(global_);
-        w.floats(outer_state_);
+        engine_.write_inner(w);
+        w.floats(engine_.global());
+        w.floats(engine_.outer_state());
         w.text(to_string(exchange()));
-        for (const auto& f : frags_) {
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            const fragment_state& f = frags_[i];
             w.u64(f.outer_steps);
             w.u64(f.skipped);
-            w.floats(f.exchange.state());
-            w.floats(f.exchange.server_state());
+            w.floats(engine_.compressor_state(i));
+            w.floats(engine_.server_state(i));
             w.u64(f.in_flight ? 1 : 0);
             w.u64(f.in_flight ? f.started_at : 0);
-            w.floats(f.in_flight ? std::span<const float>(f.captured) : std::span<const float>());
+            if (f.in_flight) {
+                w.floats(engine_.captured(i));
+            } else {
+                w.floats(std::span<const float>());
+            }
         }
         w.finish();
     }
@@ -475,71 +497,69 @@ public:
         const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
         const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
         std::string first_nonfinite = r.text("the first non-finite tensor");
-        auto inner = inner_.read_section(r);
-        std::vector<float> global(global_.size());
+        auto inner = engine_.read_inner(r);
+        const std::size_t total = tensors().total_elements();
+        std::vector<float> global(total);
         r.floats(global, "the global parameters");
-        std::vector<float> outer_state(outer_state_.size());
+        std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * total);
         r.floats(outer_state, "the outer optimizer state");
         r.expect_text(to_string(exchange()), "the exchange scheme");
         struct pending {
             std::uint64_t outer_steps, skipped, started_at;
             bool in_flight;
-            std::vector<float> state, server, captured;
         };
         std::vector<pending> loaded;
-        for (const auto& f : frags_) {
+        std::vector<typename engine_type::fragment_restore> restored;
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
             pending p;
+            typename engine_type::fragment_restore q;
             p.outer_steps = r.u64("a fragment's outer step count");
             p.skipped = r.u64("a fragment's skipped sync count");
-            p.state.resize(f.exchange.state().size());
-            r.floats(p.state, "the compressor state");
-            p.server.resize(f.exchange.server_state().size());
-            r.floats(p.server, "the server-side compressor state");
+            q.state.resize(engine_.compressor_state_size(i));
+            r.floats(q.state, "the compressor state");
+            q.server.resize(engine_.server_state_size(i));
+            r.floats(q.server, "the server-side compressor state");
             const std::uint64_t flying = r.u64("whether an exchange was in flight");
             if (flying > 1) throw checkpoint_error("loco: checkpoint corrupted (in-flight flag)");
             p.in_flight = flying == 1;
             p.started_at = r.u64("the call an exchange started at");
-            p.captured.resize(p.in_flight ? f.elements : 0);
-            r.floats(p.captured, "the pseudo-gradient in flight");
-            loaded.push_back(std::move(p));
+            q.captured.resize(p.in_flight ? frags_[i].elements : 0);
+            r.floats(q.captured, "the pseudo-gradient in flight");
+            loaded.push_back(p);
+            restored.push_back(std::move(q));
         }
         r.finish();
         for (const auto& f : frags_) {
             if (f.in_flight) {
-                throw invalid_argument("loco::diloco: load() while an exchange is in flight; load "
-                                       "into a fresh handle, or before the first step()");
+                throw invalid_argument(std::string(name()) +
+                                       ": load() while an exchange is in flight; load into a "
+                                       "fresh handle, or before the first step()");
             }
         }
 
-        inner_.commit(std::move(inner));
+        engine_.commit_inner(std::move(inner));
+        engine_.restore(std::move(global), std::move(outer_state), std::move(restored));
         schedule_ = std::move(sched_state);
         skipped_syncs_ = skipped_syncs;
         consecutive_skips_ = consecutive;
         first_nonfinite_ = std::move(first_nonfinite);
-        global_ = std::move(global);
-        outer_state_ = std::move(outer_state);
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             auto& f = frags_[i];
-            auto& p = loaded[i];
+            const auto& p = loaded[i];
             f.outer_steps = p.outer_steps;
             f.skipped = p.skipped;
-            std::copy(p.state.begin(), p.state.end(), f.exchange.state().begin());
-            std::copy(p.server.begin(), p.server.end(), f.exchange.server_state().begin());
             f.restart = p.in_flight;
             f.started_at = p.started_at;
-            f.captured = std::move(p.captured);
             f.lost = false;
         }
         started_ = true;
     }
 
 private:
+    // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
     struct fragment_state {
         std::vector<std::size_t> params;  // parameter indices, in layout order
         std::size_t elements = 0;
-        detail::exchanger<Compressor, Aggregate> exchange;
-        std::vector<float> captured{};  // the pseudo-gradient taken at start, kept until finish
-        std::vector<float> average{};   // the aggregate, at finish
         std::uint64_t outer_steps = 0;
         std::uint64_t skipped = 0;      // syncs discarded for a non-finite aggregate
         std::uint64_t started_at = 0;   // the call its exchange in flight started at
@@ -548,7 +568,9 @@ private:
         bool lost = false;              // its last sync failed: a planned finish has nothing
     };
 
-    const parameter_list& plist() const noexcept { return inner_.params(); }
+    static constexpr const char* name() noexcept { return engine_type::handle_name; }
+    // The tensors as the pipeline sees them (names, sizes, shapes, flat offsets).
+    decltype(auto) tensors() const noexcept { return engine_.tensors(); }
 
     const fragment_state& at(std::size_t f) const {
         if (f >= frags_.size()) {
@@ -581,7 +603,10 @@ private:
                                        " while its previous exchange was never finished; a "
                                        "schedule must finish every exchange it starts");
             }
-            capture(f);
+            // An exchange finished within this call need not keep its pseudo-gradient (the CUDA
+            // backend then forms it inside the encode); one left in flight keeps it for save().
+            const bool same_call = planned(plan.finish, f) && !frags_[f].in_flight;
+            engine_.capture(f, !same_call);
         }
         std::vector<std::size_t> done;
         for (const std::size_t f : plan.finish) {
@@ -611,20 +636,6 @@ private:
         }
     }
 
-    // delta = global - local over the fragment, into its contiguous buffer.
-    void capture(std::size_t fi) {
-        fragment_state& f = frags_[fi];
-        f.captured.resize(f.elements);
-        std::size_t at = 0;
-        for (const std::size_t i : f.params) {
-            const auto& p = plist()[i];
-            for (std::size_t j = 0; j < p.value.size; ++j) {
-                f.captured[at + j] = global_[p.offset + j] - p.value.data[j];
-            }
-            at += p.value.size;
-        }
-    }
-
     compress::encode_context context(std::size_t fi) const {
         const fragment_state& f = frags_[fi];
         compress::encode_context ctx;
@@ -641,12 +652,10 @@ private:
         fragment_state& f = frags_[fi];
         aggregate::worker_report report;
         if constexpr (Aggregate::needs_reports) {
-            double sq = 0.0;
-            for (const float x : f.captured) sq += static_cast<double>(x) * x;
-            report.norm = static_cast<float>(std::sqrt(sq));
-            report.inner_steps = static_cast<float>(inner_.steps());
+            report.norm = engine_.captured_norm(fi);
+            report.inner_steps = static_cast<float>(engine_.inner().steps());
         }
-        f.exchange.start(*comm_, f.captured, compress_hyper_, context(fi), report);
+        engine_.start(fi, compress_hyper_, context(fi), report);
         f.in_flight = true;
         f.restart = false;
         f.lost = false;
@@ -654,7 +663,7 @@ private:
     }
 
     void start_fragment(std::size_t fi) {
-        capture(fi);
+        engine_.capture(fi, false);
         start_exchange(fi);
     }
 
@@ -674,21 +683,19 @@ private:
         fragment_state& f = frags_[fi];
         f.in_flight = false;
         f.lost = true;  // until it succeeds
-        f.exchange.aggregate_hyper() = aggregate_hyper_;
-        f.average.resize(f.elements);
-        f.exchange.finish(*comm_, f.average, compress_hyper_);
-        detail::stage_failure failure = f.exchange.failure();
+        detail::stage_failure failure = engine_.finish(fi, compress_hyper_, aggregate_hyper_);
 
         // The apply stage's checks, before anything changes.
         std::optional<backend::host::nonfinite_hit> hit;
         if (!failure) {
             try {
                 detail::validate_hyper<Outer>(outer_hyper_);
-                if (inner_.on_nonfinite() != nonfinite_policy::ignore) {
-                    hit = backend::host::find_nonfinite(f.average.data(), f.elements);
-                    if (hit && inner_.on_nonfinite() == nonfinite_policy::raise) {
+                const nonfinite_policy policy = engine_.inner().on_nonfinite();
+                if (policy != nonfinite_policy::ignore) {
+                    hit = engine_.find_nonfinite(fi);
+                    if (hit && policy == nonfinite_policy::raise) {
                         throw nonfinite_error(
-                            "loco::diloco: the averaged pseudo-gradient holds " +
+                            std::string(name()) + ": the averaged pseudo-gradient holds " +
                             std::to_string(hit->value) + " at flat element " +
                             std::to_string(flat_index(fi, hit->index)) + " (tensor '" +
                             tensor_at(fi, hit->index) + "'); the outer step was not applied");
@@ -711,7 +718,7 @@ private:
                     "config.max_skipped_syncs)");
             }
             // Every worker sees the same aggregate, so every worker discards this round.
-            f.exchange.commit();
+            engine_.commit(fi);
             ++f.skipped;
             ++skipped_syncs_;
             ++consecutive_skips_;
@@ -719,16 +726,8 @@ private:
             merge(fi, 0.0f);
             return;
         }
-        f.exchange.commit();
-        const std::size_t total = global_.size();
-        const auto k = Outer::prepare(outer_hyper_, f.outer_steps + 1);
-        std::size_t at = 0;
-        for (const std::size_t i : f.params) {
-            const auto& p = plist()[i];
-            backend::host::apply<Outer>(k, global_.data() + p.offset, f.average.data() + at,
-                                        outer_state_.data() + p.offset, total, p.value.size);
-            at += p.value.size;
-        }
+        engine_.commit(fi);
+        engine_.apply(fi, outer_hyper_, f.outer_steps + 1);
         ++f.outer_steps;
         consecutive_skips_ = 0;
         f.lost = false;
@@ -739,28 +738,11 @@ private:
         merge(fi, alpha);
     }
 
-    // local <- lerp(global, local, alpha) over the fragment, as torch.lerp computes it (alpha = 0
-    // copies the global values, alpha = 1 keeps the local ones exactly).
-    void merge(std::size_t fi, float alpha) {
-        for (const std::size_t i : frags_[fi].params) {
-            const auto& p = plist()[i];
-            const float* g = global_.data() + p.offset;
-            float* x = p.value.data;
-            if (alpha == 0.0f) {
-                std::copy_n(g, p.value.size, x);
-            } else if (alpha < 0.5f) {
-                for (std::size_t j = 0; j < p.value.size; ++j) x[j] = g[j] + alpha * (x[j] - g[j]);
-            } else {
-                for (std::size_t j = 0; j < p.value.size; ++j) {
-                    x[j] = x[j] - (x[j] - g[j]) * (1.0f - alpha);
-                }
-            }
-        }
-    }
+    void merge(std::size_t fi, float alpha) { engine_.merge(fi, alpha); }
 
     std::size_t flat_index(std::size_t fi, std::size_t index) const {
         for (const std::size_t i : frags_[fi].params) {
-            const auto& p = plist()[i];
+            const auto& p = tensors()[i];
             if (index < p.value.size) return p.offset + index;
             index -= p.value.size;
         }
@@ -768,7 +750,7 @@ private:
     }
     std::string tensor_at(std::size_t fi, std::size_t index) const {
         for (const std::size_t i : frags_[fi].params) {
-            const auto& p = plist()[i];
+            const auto& p = tensors()[i];
             if (index < p.value.size) return p.name;
             index -= p.value.size;
         }
@@ -787,7 +769,7 @@ private:
             return skip;
         }
         float status = failure ? static_cast<float>(world + 1) : skip ? 1.0f : 0.0f;
-        comm_->all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
+        engine_.control_comm().all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
         if (status < static_cast<float>(world + 1)) {
             return status > 0.0f;
         }
@@ -802,7 +784,7 @@ private:
         }
         const auto m = static_cast<std::size_t>(world);
         std::vector<char> all(width * m, '\0');
-        comm_->all_gather({reinterpret_cast<const std::byte*>(mine.data()), width, 0, 0,
+        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(mine.data()), width, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
                            memory_space::host});
@@ -854,7 +836,7 @@ private:
             sums[b] = x;
             sums[8 + b] = x * x;
         }
-        comm_->all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
+        engine_.control_comm().all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
         bool same = true;
         for (int b = 0; b < 8; ++b) {
             same = same && static_cast<double>(m) * sums[8 + b] ==
@@ -862,7 +844,7 @@ private:
         }
         if (same) return;
         std::vector<std::uint64_t> digests(m);
-        comm_->all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
+        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(digests.data()), m * sizeof digest, 0, 0,
                            memory_space::host});
@@ -871,7 +853,7 @@ private:
         if (other == m) other = 1;  // the wire changed a digest; the lines will tell
         const std::uint64_t length = mine.size();
         std::vector<std::uint64_t> lengths(m);
-        comm_->all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,
+        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(lengths.data()), m * sizeof length, 0, 0,
                            memory_space::host});
@@ -883,7 +865,7 @@ private:
         const auto width = static_cast<std::size_t>(longest);
         std::vector<char> padded(width, '\0'), all(width * m, '\0');
         std::memcpy(padded.data(), mine.data(), mine.size());
-        comm_->all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
+        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
                            memory_space::host});
@@ -912,7 +894,7 @@ private:
                                "every rank");
     }
 
-    optimizer<Inner> inner_;
+    engine_type engine_;
     comm::communicator* comm_;
     typename Outer::hyper outer_hyper_;
     typename Schedule::hyper schedule_hyper_;
@@ -925,8 +907,6 @@ private:
     std::vector<fragment_state> frags_;
     std::string fragment_description_;
     bool started_ = false;
-    std::vector<float> global_;       // the global parameters after the last sync
-    std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout
     std::uint64_t skipped_syncs_ = 0;
     std::uint64_t consecutive_skips_ = 0;
     std::string first_nonfinite_;     // the tensor of the first skip of the current streak

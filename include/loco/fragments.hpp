@@ -43,8 +43,10 @@ struct fragment_layout {
 namespace detail {
 
 // Parameter indices of each of `count` fragments, each list in layout order. Throws
-// invalid_argument naming the fix when the layout cannot be used.
-inline std::vector<std::vector<std::size_t>> resolve_fragments(const parameter_list& params,
+// invalid_argument naming the fix when the layout cannot be used. `params`: a parameter_list, or
+// any indexable range of loco::parameter (the CUDA backend's description of a tensor table).
+template <class Params>
+std::vector<std::vector<std::size_t>> resolve_fragments(const Params& params,
                                                                const fragment_layout& layout,
                                                                std::size_t count,
                                                                fragment_pattern pattern) {
@@ -123,7 +125,8 @@ inline std::vector<std::vector<std::size_t>> resolve_fragments(const parameter_l
 }
 
 // "fragment 0: a b; fragment 1: c" for fingerprints and messages.
-inline std::string describe_fragments(const parameter_list& params,
+template <class Params>
+std::string describe_fragments(const Params& params,
                                       const std::vector<std::vector<std::size_t>>& fragments) {
     std::string s;
     for (std::size_t f = 0; f < fragments.size(); ++f) {

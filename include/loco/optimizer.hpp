@@ -21,6 +21,11 @@
 
 namespace loco {
 
+namespace backend::host {
+template <class Inner, class Outer, class Compressor, class Aggregate>
+class diloco_engine;
+}  // namespace backend::host
+
 // What a step does with a gradient (or an averaged pseudo-gradient) that holds NaN or infinity.
 enum class nonfinite_policy : unsigned char {
     skip,   // leave parameters and state untouched, count the skip, go on (the default)
@@ -33,7 +38,7 @@ struct step_result {
     bool synced = false;   // an outer sync ran after the inner step
 };
 
-template <class, class, class, class, class>
+template <class, class, class, class, class, class>
 class diloco;
 
 namespace detail {
@@ -276,8 +281,8 @@ public:
     }
 
 private:
-    template <class, class, class, class, class>
-    friend class diloco;
+    template <class, class, class, class>
+    friend class backend::host::diloco_engine;
 
     struct section {
         std::uint64_t steps = 0;

@@ -1,0 +1,272 @@
+#pragma once
+// The host backend of loco::diloco: where the handle's pipeline (include/loco/diloco.hpp) keeps
+// its arrays and how it loops over them when the parameters are in host memory. The pipeline
+// (schedule plans, fragments in flight, the ranks' agreement, fingerprint, checkpoint) is the
+// handle's; a backend supplies, per fragment, the loops of each stage:
+//
+//   capture   delta = global - local over the fragment's tensors
+//   start     encode + start the exchange (exchange.hpp)          finish   wait, decode, aggregate
+//   nonfinite where the aggregate is not finite                    commit   compressor state advances
+//   apply     one outer step on the fragment's global values       merge    local <- lerp(global, local, alpha)
+//
+// and the flat copies of its state that the checkpoint writes. The CUDA backend
+// (include/loco/backend/cuda/diloco_engine.hpp) supplies the same operations as fused launches.
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/backend/host/elementwise.hpp>
+#include <loco/comm/communicator.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/exchange.hpp>
+#include <loco/optimizer.hpp>
+#include <loco/params.hpp>
+#include <loco/policy.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace loco {
+
+// loco::diloco::config::stream on the host: there is nothing to set.
+struct no_stream {};
+
+namespace backend::host {
+
+template <class Inner, class Outer, class Compressor, class Aggregate>
+class diloco_engine {
+public:
+    using inner_type = optimizer<Inner>;
+    using inner_hyper_type = typename optimizer<Inner>::hyper_type;
+    using stream_type = no_stream;
+    static constexpr const char* handle_name = "loco::diloco";
+
+    diloco_engine(parameter_list params, comm::communicator& comm, const inner_hyper_type& inner,
+                  nonfinite_policy on_nonfinite, no_stream, std::uint64_t)
+        : inner_(std::move(params), {inner, on_nonfinite}), comm_(&comm) {
+        if (comm.space() != params_().space() && !params_().empty()) {
+            throw memory_space_error("loco::diloco: the parameters are in " +
+                                     std::string(to_string(params_().space())) +
+                                     " memory but the " + std::string(comm.name()) +
+                                     " communicator moves " +
+                                     std::string(to_string(comm.space())) + " memory");
+        }
+    }
+
+    // The tensors in layout order: names, sizes, shapes, flat offsets.
+    const parameter_list& tensors() const noexcept { return params_(); }
+    const parameter_list& params() const noexcept { return params_(); }
+    // What the pipeline's own small collectives (agreement, fingerprint) run on.
+    comm::communicator& control_comm() noexcept { return *comm_; }
+    inner_type& inner() noexcept { return inner_; }
+    const inner_type& inner() const noexcept { return inner_; }
+
+    // The inner optimizer's checkpoint section (its own format, shared with optimizer::save).
+    void write_inner(loco::detail::checkpoint_writer& w) const { inner_.write_section(w); }
+    auto read_inner(loco::detail::checkpoint_reader& r) const { return inner_.read_section(r); }
+    template <class Section>
+    void commit_inner(Section&& s) {
+        inner_.commit(std::forward<Section>(s));
+    }
+
+    // The inner step, in three parts so that the handle can decide in between.
+    bool inner_ready() { return inner_.ready_to_step(); }
+    void inner_apply() { inner_.apply_update(); }
+    void inner_skip() { ++inner_.skipped_; }
+
+    // One exchanger per fragment; the global snapshot from the parameters; zero outer state.
+    void build(const std::vector<std::vector<std::size_t>>& lists, exchange_scheme scheme,
+               const typename Compressor::hyper& h) {
+        frags_.reserve(lists.size());
+        for (const auto& list : lists) {
+            std::vector<compress::segment> segs;
+            std::size_t n = 0;
+            for (const std::size_t i : list) {
+                const auto& p = params_()[i];
+                const bool matrix = p.value.is_matrix();
+                segs.push_back({n, p.value.size, matrix ? p.value.rows : 1,
+                                matrix ? p.value.cols : p.value.size});
+                n += p.value.size;
+            }
+            frags_.push_back(fragment{list, n,
+                                      loco::detail::exchanger<Compressor, Aggregate>(
+                                          std::move(segs), scheme, comm_->size(), comm_->rank(), h),
+                                      {}, {}});
+        }
+        const std::size_t total = params_().total_elements();
+        global_.resize(total);
+        gather_values(params_(), global_.data());
+        outer_state_.assign(static_cast<std::size_t>(Outer::state_size) * total, 0.0f);
+    }
+
+    // global := the parameters; with `broadcast`, every worker then takes rank 0's values.
+    // Returns whether this worker's parameters changed.
+    bool snapshot(bool broadcast) {
+        const std::size_t total = global_.size();
+        gather_values(params_(), global_.data());
+        if (!broadcast || comm_->size() == 1 || total == 0) return false;
+        const std::vector<float> own = global_;
+        comm_->broadcast(comm::as_bytes(host_tensor(global_.data(), total)), 0);
+        const bool moved = std::memcmp(own.data(), global_.data(), total * sizeof(float)) != 0;
+        scatter_values(global_.data(), params_());
+        return moved;
+    }
+
+    // delta = global - local over the fragment, kept until its exchange finishes (the checkpoint
+    // saves it while it is in flight). `keep` does not matter here: the host always keeps it.
+    void capture(std::size_t fi, bool /*keep*/) {
+        fragment& f = frags_[fi];
+        f.captured.resize(f.elements);
+        std::size_t at = 0;
+        for (const std::size_t i : f.params) {
+            const auto& p = params_()[i];
+            for (std::size_t j = 0; j < p.value.size; ++j) {
+                f.captured[at + j] = global_[p.offset + j] - p.value.data[j];
+            }
+            at += p.value.size;
+        }
+    }
+
+    // The norm of the captured pseudo-gradient (for the aggregation's per-worker reports).
+    float captured_norm(std::size_t fi) const {
+        double sq = 0.0;
+        for (const float x : frags_[fi].captured) sq += static_cast<double>(x) * x;
+        return static_cast<float>(std::sqrt(sq));
+    }
+
+    void start(std::size_t fi, const typename Compressor::hyper& h,
+               const compress::encode_context& ctx, const aggregate::worker_report& report) {
+        fragment& f = frags_[fi];
+        f.exchange.start(*comm_, f.captured, h, ctx, report);
+    }
+
+    // Waits for the exchange, decodes and aggregates; what failed, if anything.
+    loco::detail::stage_failure finish(std::size_t fi, const typename Compressor::hyper& h,
+                                       const typename Aggregate::hyper& ah) {
+        fragment& f = frags_[fi];
+        f.exchange.aggregate_hyper() = ah;
+        f.average.resize(f.elements);
+        f.exchange.finish(*comm_, f.average, h);
+        return f.exchange.failure();
+    }
+
+    // The first non-finite value of the aggregate, its index counted over the fragment.
+    std::optional<nonfinite_hit> find_nonfinite(std::size_t fi) const {
+        const fragment& f = frags_[fi];
+        return backend::host::find_nonfinite(f.average.data(), f.elements);
+    }
+
+    void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
+
+    // One outer step (the fragment's `step`-th) on its global values and outer state.
+    void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step) {
+        const fragment& f = frags_[fi];
+        const std::size_t total = global_.size();
+        const auto k = Outer::prepare(h, step);
+        std::size_t at = 0;
+        for (const std::size_t i : f.params) {
+            const auto& p = params_()[i];
+            backend::host::apply<Outer>(k, global_.data() + p.offset, f.average.data() + at,
+                                        outer_state_.data() + p.offset, total, p.value.size);
+            at += p.value.size;
+        }
+    }
+
+    // local <- lerp(global, local, alpha) over the fragment, as torch.lerp computes it (alpha = 0
+    // copies the global values, alpha = 1 keeps the local ones exactly).
+    void merge(std::size_t fi, float alpha) {
+        for (const std::size_t i : frags_[fi].params) {
+            const auto& p = params_()[i];
+            const float* g = global_.data() + p.offset;
+            float* x = p.value.data;
+            if (alpha == 0.0f) {
+                std::copy_n(g, p.value.size, x);
+            } else if (alpha < 0.5f) {
+                for (std::size_t j = 0; j < p.value.size; ++j) x[j] = g[j] + alpha * (x[j] - g[j]);
+            } else {
+                for (std::size_t j = 0; j < p.value.size; ++j) {
+                    x[j] = x[j] - (x[j] - g[j]) * (1.0f - alpha);
+                }
+            }
+        }
+    }
+
+    // State, in the flat layout (the checkpoint's and the accessors').
+    std::span<const float> global() const noexcept { return global_; }
+    std::span<const float> outer_state() const noexcept { return outer_state_; }
+    std::span<const float> outer_state(int j) const noexcept {
+        const std::size_t total = global_.size();
+        return {outer_state_.data() + static_cast<std::size_t>(j) * total, total};
+    }
+    std::span<const float> compressor_state(std::size_t fi) const {
+        return frags_[fi].exchange.state();
+    }
+    std::span<const float> server_state(std::size_t fi) const {
+        return frags_[fi].exchange.server_state();
+    }
+    std::size_t compressor_state_size(std::size_t fi) const {
+        return frags_[fi].exchange.state().size();
+    }
+    std::size_t server_state_size(std::size_t fi) const {
+        return frags_[fi].exchange.server_state().size();
+    }
+    std::span<const float> captured(std::size_t fi) const { return frags_[fi].captured; }
+    exchange_scheme scheme() const noexcept {
+        return frags_.empty() ? exchange_scheme::all_reduce : frags_.front().exchange.scheme();
+    }
+    std::uint64_t bytes_per_average(std::size_t fi, const typename Compressor::hyper& h) const {
+        return frags_[fi].exchange.bytes_per_average(h);
+    }
+
+    // Replaces the whole state (a checkpoint that has been read completely).
+    struct fragment_restore {
+        std::vector<float> state, server, captured;
+    };
+    void restore(std::vector<float> global, std::vector<float> outer_state,
+                 std::vector<fragment_restore> frags) {
+        global_ = std::move(global);
+        outer_state_ = std::move(outer_state);
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            fragment& f = frags_[i];
+            std::copy(frags[i].state.begin(), frags[i].state.end(), f.exchange.state().begin());
+            std::copy(frags[i].server.begin(), frags[i].server.end(),
+                      f.exchange.server_state().begin());
+            f.captured = std::move(frags[i].captured);
+        }
+    }
+
+private:
+    struct fragment {
+        std::vector<std::size_t> params;  // parameter indices, in layout order
+        std::size_t elements = 0;
+        loco::detail::exchanger<Compressor, Aggregate> exchange;
+        std::vector<float> captured;  // the pseudo-gradient taken at start, kept until finish
+        std::vector<float> average;   // the aggregate, at finish
+    };
+
+    const parameter_list& params_() const noexcept { return inner_.params(); }
+
+    optimizer<Inner> inner_;
+    comm::communicator* comm_;
+    std::vector<fragment> frags_;
+    std::vector<float> global_;       // the global parameters after the last sync
+    std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout
+};
+
+}  // namespace backend::host
+
+// The backend policy of loco::diloco for parameters in host memory (the default).
+struct host_backend {
+    template <class Inner, class Outer, class Compressor, class Aggregate>
+    using engine = backend::host::diloco_engine<Inner, Outer, Compressor, Aggregate>;
+};
+
+}  // namespace loco
