@@ -498,7 +498,8 @@ public:
         const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
         std::string first_nonfinite = r.text("the first non-finite tensor");
         auto inner = engine_.read_inner(r);
-        const std::size_t total = tensors().total_elements();
+        std::size_t total = 0;
+        for (const auto& p : tensors()) total += p.value.size;
         std::vector<float> global(total);
         r.floats(global, "the global parameters");
         std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * total);
@@ -726,16 +727,15 @@ private:
             merge(fi, 0.0f);
             return;
         }
-        engine_.commit(fi);
-        engine_.apply(fi, outer_hyper_, f.outer_steps + 1);
-        ++f.outer_steps;
-        consecutive_skips_ = 0;
-        f.lost = false;
         float alpha = 0.0f;
         if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
             alpha = schedule_type::merge_alpha(schedule_hyper_);
         }
-        merge(fi, alpha);
+        engine_.commit(fi);
+        engine_.apply(fi, outer_hyper_, f.outer_steps + 1, alpha);
+        ++f.outer_steps;
+        consecutive_skips_ = 0;
+        f.lost = false;
     }
 
     void merge(std::size_t fi, float alpha) { engine_.merge(fi, alpha); }

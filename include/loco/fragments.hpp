@@ -98,7 +98,8 @@ std::vector<std::vector<std::size_t>> resolve_fragments(const Params& params,
         }
     } else if (pattern == fragment_pattern::sequential) {
         // Tensor i goes to the fragment whose share of the bytes its middle falls into.
-        const double total = static_cast<double>(params.total_elements());
+        double total = 0.0;
+        for (std::size_t i = 0; i < n; ++i) total += static_cast<double>(params[i].value.size);
         for (std::size_t i = 0; i < n; ++i) {
             const double middle =
                 static_cast<double>(params[i].offset) + 0.5 * static_cast<double>(params[i].value.size);

@@ -450,7 +450,8 @@ TEST_CASE("cuda::diloco with error_feedback<blockwise<2, 256>> runs on the devic
           "loco::diloco on threads") {
     const std::string label = "cuda diloco fused ef";
     std::vector<std::vector<float>> host_final(3), gpu_final(3), host_res(3), gpu_res(3);
-    std::vector<std::uint64_t> host_bytes(3), gpu_bytes(3), formula(3), host_formula(3);
+    std::vector<std::uint64_t> host_bytes(3), gpu_bytes(3), formula(3), host_formula(3),
+        host_agreement(3);
     std::size_t padded = 0;
     loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
@@ -470,6 +471,7 @@ TEST_CASE("cuda::diloco with error_feedback<blockwise<2, 256>> runs on the devic
         host_bytes[r] = comm.bytes_sent() - opt.outer_steps() * opt.agreement_bytes_per_sync() -
                         opt.fingerprint_bytes();
         host_formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
+        host_agreement[r] = opt.agreement_bytes_per_sync();
     });
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
@@ -487,8 +489,11 @@ TEST_CASE("cuda::diloco with error_feedback<blockwise<2, 256>> runs on the devic
         CHECK(opt.outer_steps() == 3);
         gpu_final[r] = m.host_values(comm.stream());
         gpu_res[r] = opt.compressor_state();
-        gpu_bytes[r] = comm.bytes_sent();
-        formula[r] = opt.bytes_per_sync();
+        // Payloads only, as on the host: both handles add the same agreement and fingerprint.
+        CHECK(opt.agreement_bytes_per_sync() == host_agreement[r]);
+        gpu_bytes[r] = comm.bytes_sent() - opt.outer_steps() * opt.agreement_bytes_per_sync() -
+                       opt.fingerprint_bytes();
+        formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
         padded = opt.inner().table().padded_elements();
     });
     const std::size_t p = cz::blockwise<2, 256>::payload_bytes({}, std::vector<cz::segment>{
@@ -532,7 +537,7 @@ TEST_CASE("cuda::diloco device exchange: a corrupted payload is refused and chan
         const auto global = opt.global();
         const auto state = opt.outer_state(0);
         const auto residual = opt.compressor_state();
-        const std::size_t p = opt.bytes_per_sync() / 2;
+        const std::size_t p = (opt.bytes_per_sync() - opt.agreement_bytes_per_sync()) / 2;
         comm.armed_at = p + cz::wire::header_bytes + 10;  // rank 1's body
         CHECK_THROWS_WITH_AS(opt.sync(), doctest::Contains("from rank 1: checksum mismatch"),
                              loco::wire_error);

@@ -224,7 +224,7 @@ struct diloco_runs {
             }
             opt.sync();
             host_final[std::size_t(r)] = m.values();
-            // Less the host's sync agreement and start() fingerprint (not on the GPU yet).
+            // Payloads only: less the sync agreement and the start() fingerprint.
             host_bytes[std::size_t(r)] = comm.bytes_sent() -
                                          opt.outer_steps() * opt.agreement_bytes_per_sync() -
                                          opt.fingerprint_bytes();
@@ -242,8 +242,12 @@ struct diloco_runs {
             opt.sync();
             CHECK(opt.outer_steps() == 3);
             gpu_final[std::size_t(r)] = m.host_values(comm.stream());
-            gpu_bytes[std::size_t(r)] = comm.bytes_sent();
-            gpu_formula[std::size_t(r)] = opt.bytes_per_sync();
+            // Payloads only, as on the host (both handles add the same agreement and
+            // fingerprint).
+            gpu_bytes[std::size_t(r)] = comm.bytes_sent() -
+                                        opt.outer_steps() * opt.agreement_bytes_per_sync() -
+                                        opt.fingerprint_bytes();
+            gpu_formula[std::size_t(r)] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
             padded = opt.inner().table().padded_elements();
         });
     }

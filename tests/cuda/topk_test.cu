@@ -599,7 +599,7 @@ void topk_diloco_equals_host(loco::exchange_scheme scheme, const typename C::hyp
         const auto res = opt.compressor_state();
         host_res[r].assign(res.begin(), res.end());
         host_payloads[r] = comm.gathered;
-        // Less the host's sync agreement, which the GPU handle does not run yet.
+        // Payloads only: less the sync agreement.
         host_formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
     });
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
@@ -621,7 +621,7 @@ void topk_diloco_equals_host(loco::exchange_scheme scheme, const typename C::hyp
         gpu_final[r] = m.host_values(replica.stream());
         gpu_res[r] = opt.compressor_state();
         gpu_payloads[r] = comm.gathered;
-        gpu_formula[r] = opt.bytes_per_sync();
+        gpu_formula[r] = opt.bytes_per_sync() - opt.agreement_bytes_per_sync();
     });
     const std::size_t p = cz::topk::payload_bytes(
         ch_of(ch), std::vector<cz::segment>{{0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}});
@@ -674,7 +674,7 @@ TEST_CASE("cuda::diloco with topk on the device: a corrupted index is refused an
         const auto global = opt.global();
         const auto state = opt.outer_state(0);
         const auto residual = opt.compressor_state();
-        const std::size_t p = opt.bytes_per_sync() / 2;
+        const std::size_t p = (opt.bytes_per_sync() - opt.agreement_bytes_per_sync()) / 2;
         // A flipped bit in rank 2's first index: the checksum refuses it, as on the host.
         comm.armed_at = 2 * p + cz::wire::header_bytes;
         CHECK_THROWS_WITH_AS(opt.sync(), doctest::Contains("from rank 2: checksum mismatch"),
@@ -692,7 +692,7 @@ TEST_CASE("cuda::diloco with topk on the device: a corrupted index is refused an
         opt.compress_hyper().compress.ratio = 0.5f;
         opt.sync();
         CHECK(opt.outer_steps() == 3);
-        CHECK(opt.bytes_per_sync() / 2 ==
+        CHECK((opt.bytes_per_sync() - opt.agreement_bytes_per_sync()) / 2 ==
               cz::topk::payload_bytes({0.5f}, std::vector<cz::segment>{
                                                   {0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}}));
     });

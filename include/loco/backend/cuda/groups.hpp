@@ -263,7 +263,7 @@ public:
 
 private:
     template <class, class, class, class>
-    friend class diloco;
+    friend class backend::cuda::diloco_engine;
     friend class detail::optimizer_base<optimizer>;
 
     struct section : detail::section_counts {

@@ -33,10 +33,12 @@
 #include <utility>
 #include <vector>
 
-namespace loco::cuda {
+namespace loco::backend::cuda {
+template <class Inner, class Outer, class Compressor, class Aggregate>
+class diloco_engine;
+}  // namespace loco::backend::cuda
 
-template <class, class, class, class>
-class diloco;
+namespace loco::cuda {
 
 namespace detail {
 
@@ -231,7 +233,7 @@ public:
 
 private:
     template <class, class, class, class>
-    friend class diloco;
+    friend class backend::cuda::diloco_engine;
     friend class detail::optimizer_base<optimizer>;
 
     struct section : detail::section_counts {

@@ -118,6 +118,23 @@ public:
         upload();
     }
 
+    // Tensors `indices` of `whole`, in that order, as a table of their own: the outer phases of
+    // one fragment of the model (loco::diloco's streaming schedules) run over it. It has its own
+    // flat and padded layouts but keeps `whole`'s master layout, so that the fp32 masters of bf16
+    // values stay one array (the inner optimizer's). The tensors were checked by `whole`.
+    tensor_table(const tensor_table& whole, std::span<const std::size_t> indices) {
+        device_ = whole.device_;
+        has_grads_ = whole.has_grads_;
+        specs_.reserve(indices.size());
+        for (const std::size_t i : indices) specs_.push_back(whole.specs_.at(i));
+        layout();
+        for (std::size_t k = 0; k < indices.size(); ++k) {
+            descs_[k].master_offset = whole.descs_[indices[k]].master_offset;
+        }
+        master_total_ = whole.master_total_;
+        upload();
+    }
+
     // The fp32 parameters and gradients of a loco::parameter_list in CUDA memory.
     static tensor_table from(const parameter_list& params) {
         std::vector<tensor_spec> specs;

@@ -166,8 +166,9 @@ public:
 
     void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
 
-    // One outer step (the fragment's `step`-th) on its global values and outer state.
-    void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step) {
+    // One outer step (the fragment's `step`-th) on its global values and outer state, then the
+    // merge of the new global values into the parameters.
+    void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {
         const fragment& f = frags_[fi];
         const std::size_t total = global_.size();
         const auto k = Outer::prepare(h, step);
@@ -178,6 +179,7 @@ public:
                                         outer_state_.data() + p.offset, total, p.value.size);
             at += p.value.size;
         }
+        merge(fi, alpha);
     }
 
     // local <- lerp(global, local, alpha) over the fragment, as torch.lerp computes it (alpha = 0

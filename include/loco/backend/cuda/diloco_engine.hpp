@@ -1,0 +1,744 @@
+#pragma once
+// The CUDA backend of loco::diloco (include/loco/diloco.hpp): the same pipeline, its stages as
+// launches on the trainer's stream. Select it with loco::cuda_backend as the handle's last
+// argument, or through the alias loco::cuda::diloco (backend/cuda/diloco.hpp).
+//
+//   inner step    two launches (non-finite check, fused update); no host synchronisation.
+//                 With Inner = loco::groups<...> (backend/cuda/groups.hpp): the check, then each
+//                 group's launches (fused update, or Muon's cuBLAS step)
+//   fragments     each fragment of the schedule is a table of its own (its tensors, its padded
+//                 layout, the whole model's fp32 masters) with its own global values, outer state,
+//                 exchange buffers and counters; DiLoCo's one fragment is the whole model
+//
+// A fragment's exchange takes one of three paths, chosen at construction:
+//   - fused (a compressor with a device implementation, a GPU communicator, all_gather or
+//     automatic, the mean): one encode kernel forms the pseudo-gradient (phase 1), adds it into
+//     the error-feedback residual and writes the host compressor's payload byte for byte
+//     (backend/cuda/compress/, compress_topk.hpp); a split-phase all-gather of the payloads in
+//     device memory; at finish one check of every payload (a malformed one is a failure of the
+//     decode stage, agreed by every rank before anything is written); after the agreement one
+//     kernel decodes, averages in rank order and applies the outer step (for topk: a scatter per
+//     rank, then the outer step). The new residual goes to a second buffer that replaces the old
+//     one at commit;
+//   - device all-reduce (no compressor, a GPU communicator, the mean): phase 1 into a delta
+//     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
+//   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation, a
+//     host communicator): the pseudo-gradient is copied to the host and exchanged by the host
+//     exchanger (exchange.hpp), over comm::cuda_staging when the communicator moves device memory.
+// An exchange left in flight across step() calls (streaming, delayed) keeps its pseudo-gradient in
+// the delta buffer, which the checkpoint saves. The pipeline's own small collectives (agreement,
+// fingerprint) travel as host memory, through cuda_staging for a GPU communicator.
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/mean.hpp>
+#include <loco/backend/cuda/compress.hpp>
+#include <loco/backend/cuda/compress_topk.hpp>
+#include <loco/backend/cuda/control.hpp>
+#include <loco/backend/cuda/elementwise.hpp>
+#include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/groups.hpp>
+#include <loco/backend/cuda/memory.hpp>
+#include <loco/backend/cuda/merge.hpp>
+#include <loco/backend/cuda/optimizer.hpp>
+#include <loco/backend/cuda/table.hpp>
+#include <loco/backend/host/elementwise.hpp>
+#include <loco/comm/communicator.hpp>
+#include <loco/comm/cuda_staging.hpp>
+#include <loco/compress/compressor.hpp>
+#include <loco/compress/none.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/exchange.hpp>
+#include <loco/params.hpp>
+#include <loco/policy.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace loco::backend::cuda {
+namespace detail {
+
+// One segment per tensor of a fragment's table; shapes from the tensors' description.
+inline std::vector<compress::segment> table_segments(const tensor_table& table,
+                                                     std::span<const parameter> tensors,
+                                                     std::span<const std::size_t> indices) {
+    std::vector<compress::segment> segs;
+    for (std::size_t k = 0; k < table.size(); ++k) {
+        const std::size_t n = table.spec(k).size;
+        compress::segment s{table.flat_offset(k), n, 1, n};
+        const parameter& p = tensors[indices[k]];
+        if (p.value.is_matrix()) {
+            s.rows = p.value.rows;
+            s.cols = p.value.cols;
+        }
+        segs.push_back(s);
+    }
+    return segs;
+}
+
+// What a fused device exchange keeps: the payload plan, the send and receive buffers, the
+// error-feedback residual (current and next, padded layout) and the payload check.
+template <class Plan, class Check>
+struct exchange_buffers {
+    exchange_buffers(Plan p, const tensor_table& table, int ranks, bool feedback)
+        : plan(std::move(p)),
+          send(plan.payload_bytes()),
+          recv(plan.payload_bytes() * static_cast<std::size_t>(ranks)),
+          residual(feedback ? table.padded_elements() : 0),
+          next(feedback ? table.padded_elements() : 0),
+          check(ranks) {
+        residual.zero(nullptr);
+        next.zero(nullptr);  // its padding is never written, and must stay zero
+    }
+
+    Plan plan;
+    device_buffer<std::byte> send, recv;
+    device_buffer<float> residual, next;
+    Check check;
+};
+
+// blockwise, cast, statistical (backend/cuda/compress/), each also inside error_feedback<>.
+template <class Compressor>
+struct device_exchange
+    : exchange_buffers<compress_plan<typename device_compressor<Compressor>::codec>,
+                       payload_check> {
+    using support = device_compressor<Compressor>;
+    static constexpr bool feedback = support::feedback;
+
+    device_exchange(const tensor_table& table, int ranks, const typename Compressor::hyper&)
+        : device_exchange::exchange_buffers(compress_plan<typename support::codec>(table), table,
+                                            ranks, feedback) {}
+
+    void replan(const tensor_table&, const typename Compressor::hyper&) {}
+};
+
+// compress::topk and error_feedback<topk> (compress_topk.hpp). The layout depends on the ratio
+// (k per tensor): an exchange with another ratio than the plan's re-plans first, keeping the
+// residual.
+template <class Compressor>
+struct topk_device_exchange : exchange_buffers<topk_plan, topk_payload_check> {
+    using support = device_topk<Compressor>;
+    static constexpr bool feedback = support::feedback;
+
+    topk_device_exchange(const tensor_table& table, int ranks, const typename Compressor::hyper& h)
+        : topk_device_exchange::exchange_buffers(topk_plan(table, support::codec_hyper(h)), table,
+                                                 ranks, feedback) {}
+
+    void replan(const tensor_table& table, const typename Compressor::hyper& h) {
+        const compress::topk::hyper& ch = support::codec_hyper(h);
+        if (loco::detail::float_bits(ch.ratio) ==
+            loco::detail::float_bits(this->plan.hyper().ratio)) {
+            return;
+        }
+        topk_plan fresh(table, ch);
+        device_buffer<std::byte> s(fresh.payload_bytes());
+        device_buffer<std::byte> r(fresh.payload_bytes() * this->check.ranks());
+        this->plan = std::move(fresh);
+        this->send = std::move(s);
+        this->recv = std::move(r);
+    }
+};
+
+struct no_device_exchange {
+    static constexpr bool feedback = false;
+};
+
+}  // namespace detail
+
+template <class Inner, class Outer, class Compressor, class Aggregate>
+class diloco_engine {
+    static constexpr bool device_topk_ = device_topk<Compressor>::available;
+    static constexpr bool device_compression =
+        (has_device_compressor<Compressor> || device_topk_) &&
+        std::is_same_v<Aggregate, aggregate::mean>;
+    using device_exchange_t = std::conditional_t<
+        !device_compression, detail::no_device_exchange,
+        std::conditional_t<device_topk_, detail::topk_device_exchange<Compressor>,
+                           detail::device_exchange<Compressor>>>;
+
+public:
+    using inner_type = loco::cuda::optimizer<Inner>;
+    // Inner::hyper, or for loco::groups<...> the tuple of every group's hyper-parameters.
+    using inner_hyper_type = typename inner_type::hyper_type;
+    using stream_type = cudaStream_t;
+    static constexpr const char* handle_name = "loco::cuda::diloco";
+
+    // fp32 parameters in device memory (element-wise inner policies and parameter groups).
+    diloco_engine(const parameter_list& params, comm::communicator& comm,
+                  const inner_hyper_type& inner, nonfinite_policy on_nonfinite,
+                  cudaStream_t stream, std::uint64_t seed)
+        : inner_(params, {inner, on_nonfinite, stream, seed}), comm_(&comm) {
+        for (const parameter& p : params) tensors_.push_back(p);
+        init_control(comm);
+    }
+
+    // A table of fp32 or bf16 parameters (element-wise inner policies; parameter groups route a
+    // parameter_list).
+    diloco_engine(tensor_table table, comm::communicator& comm, const inner_hyper_type& inner,
+                  nonfinite_policy on_nonfinite, cudaStream_t stream, std::uint64_t seed)
+        requires(!loco::cuda::detail::is_groups<Inner>)
+        : inner_(std::move(table), {inner, on_nonfinite, stream, seed}), comm_(&comm) {
+        const tensor_table& t = inner_.table_;
+        for (std::size_t i = 0; i < t.size(); ++i) {
+            parameter p;
+            p.name = t.spec(i).name;
+            p.value = tensor_view<float>{nullptr, t.spec(i).size, 0, 0, memory_space::cuda};
+            p.offset = t.flat_offset(i);
+            tensors_.push_back(std::move(p));
+        }
+        init_control(comm);
+    }
+
+    diloco_engine(const diloco_engine&) = delete;
+    diloco_engine& operator=(const diloco_engine&) = delete;
+
+    const std::vector<parameter>& tensors() const noexcept { return tensors_; }
+    comm::communicator& control_comm() noexcept { return staging_ ? *staging_ : *comm_; }
+    inner_type& inner() noexcept { return inner_; }
+    const inner_type& inner() const noexcept { return inner_; }
+    cudaStream_t stream() const noexcept { return inner_.stream(); }
+    const tensor_table& table() const noexcept { return inner_.table_; }
+    // True when every fragment's exchange takes the fused device path (the top of the file).
+    bool device_exchange() const noexcept {
+        for (const auto& f : frags_) {
+            if (!f->device) return false;
+        }
+        return !frags_.empty();
+    }
+
+    void write_inner(loco::detail::checkpoint_writer& w) const { inner_.write_section(w); }
+    auto read_inner(loco::detail::checkpoint_reader& r) const { return inner_.read_section(r); }
+    template <class Section>
+    void commit_inner(const Section& s) {
+        inner_.commit(s);
+    }
+
+    // The inner step: the checks (may throw; nothing changed), then the launches. Whether a
+    // gradient is finite is decided on the device.
+    bool inner_ready() {
+        inner_.prepare();
+        return true;
+    }
+    void inner_apply() { inner_.launch_update(); }
+    void inner_skip() { inner_.skip_on_host(); }
+
+    void build(const std::vector<std::vector<std::size_t>>& lists, exchange_scheme scheme,
+               const typename Compressor::hyper& h) {
+        frags_.reserve(lists.size());
+        for (const auto& list : lists) {
+            frags_.push_back(std::make_unique<fragment>(inner_.table_, list, tensors_, *comm_,
+                                                        scheme, h, staging_ != nullptr));
+        }
+        for (auto& f : frags_) {
+            gather_values(f->table, master(), f->global.get(), stream());
+        }
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    }
+
+    bool snapshot(bool broadcast) {
+        for (auto& f : frags_) gather_values(f->table, master(), f->global.get(), stream());
+        if (!broadcast || comm_->size() == 1) return false;
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        bool moved = false;
+        for (auto& f : frags_) {
+            if (f->elements == 0) continue;
+            const std::vector<float> mine = f->global.download();
+            if (comm_->space() == memory_space::cuda) {
+                comm_->broadcast(comm::as_bytes(loco::cuda_tensor(f->global.get(),
+                                                                  f->table.padded_elements())),
+                                 0);
+            } else {
+                std::vector<float> staged = mine;
+                comm_->broadcast(comm::as_bytes(host_tensor(staged.data(), staged.size())), 0);
+                f->global.upload(staged);
+            }
+            moved = moved || f->global.download() != mine;
+            scatter_values(f->table, f->global.get(), master(), stream());
+        }
+        return moved;
+    }
+
+    // delta = global - local. With `keep` it is formed now and kept until the exchange finishes
+    // (the checkpoint may save it); otherwise the fused path forms it inside the encode at start()
+    // (the handle starts it within the same call, before this fragment's tensors change).
+    void capture(std::size_t fi, bool keep) {
+        fragment& f = *frags_[fi];
+        f.host_ready = false;
+        f.kept = keep || !f.device;
+        if (f.kept) {
+            outer_delta(f.table, f.global.get(), master(), f.delta.get(), stream());
+        }
+    }
+
+    float captured_norm(std::size_t fi) {
+        fragment& f = *frags_[fi];
+        download_captured(f);
+        double sq = 0.0;
+        for (const float x : f.host_captured) sq += static_cast<double>(x) * x;
+        return static_cast<float>(std::sqrt(sq));
+    }
+
+    void start(std::size_t fi, const typename Compressor::hyper& h,
+               const compress::encode_context& ctx, const aggregate::worker_report& report) {
+        fragment& f = *frags_[fi];
+        if (f.device) {
+            start_fused(f, h, ctx);
+        } else if (f.device_all_reduce) {
+            // The delta stays intact for save(); the reduction runs in the average buffer.
+            LOCO_CUDA_CHECK(cudaMemcpyAsync(f.average.get(), f.delta.get(),
+                                            f.table.padded_elements() * sizeof(float),
+                                            cudaMemcpyDeviceToDevice, stream()));
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            f.request = comm_->start_all_reduce(
+                loco::cuda_tensor(f.average.get(), f.table.padded_elements()),
+                comm::reduce_op::mean);
+        } else {
+            download_captured(f);
+            f.host->start(control_comm(), f.host_captured, h, ctx, report);
+        }
+    }
+
+    loco::detail::stage_failure finish(std::size_t fi, const typename Compressor::hyper& h,
+                                       const typename Aggregate::hyper& ah) {
+        fragment& f = *frags_[fi];
+        loco::detail::stage_failure failure;
+        f.hit.reset();
+        if (f.device || f.device_all_reduce) {
+            try {
+                f.request.finish();
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+                return failure;
+            }
+            try {
+                f.hit = f.device ? check_payloads(f, h) : check_average(f, f.average.get());
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::decode, std::current_exception());
+            }
+            return failure;
+        }
+        f.host->aggregate_hyper() = ah;
+        f.host_average.resize(f.elements);
+        f.host->finish(control_comm(), f.host_average, h);
+        failure = f.host->failure();
+        if (!failure) {
+            f.hit = backend::host::find_nonfinite(f.host_average.data(), f.elements);
+            from_flat<float>(f.table, f.host_average, f.average.get());
+        }
+        return failure;
+    }
+
+    std::optional<backend::host::nonfinite_hit> find_nonfinite(std::size_t fi) const {
+        return frags_[fi]->hit;
+    }
+
+    void commit(std::size_t fi) {
+        fragment& f = *frags_[fi];
+        if constexpr (device_compression && device_exchange_t::feedback) {
+            if (f.device) std::swap(f.device->residual, f.device->next);
+        }
+        if (f.host) f.host->commit();
+    }
+
+    // One outer step (the fragment's `step`-th) on its global values and state; the new global
+    // values go to the parameters, merged with `alpha` (0: copied).
+    void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {
+        fragment& f = *frags_[fi];
+        f.mirror.sync(h, f.control, stream());
+        f.control.set_counters(step - 1, 0, 0, stream());
+        if (alpha != 0.0f) {
+            if (f.local.size() != f.table.padded_elements()) {
+                f.local = device_buffer<float>(f.table.padded_elements());
+            }
+            gather_values(f.table, master(), f.local.get(), stream());
+        }
+        if (f.device) {
+            apply_fused(f);
+        } else {
+            outer_apply<Outer>(f.table, f.global.get(), f.average.get(), f.outer_state.get(),
+                               master(), f.control.hyper(), f.control.control(), false, stream());
+        }
+        if (alpha != 0.0f) {
+            merge_values(f.table, f.global.get(), master(), f.local.get(), alpha, stream());
+        }
+    }
+
+    // local <- lerp(global, local, alpha) (0: the global values).
+    void merge(std::size_t fi, float alpha) {
+        fragment& f = *frags_[fi];
+        if (alpha == 0.0f) {
+            scatter_values(f.table, f.global.get(), master(), stream());
+        } else {
+            merge_values(f.table, f.global.get(), master(), nullptr, alpha, stream());
+        }
+    }
+
+    // State in the flat layout (copies; each waits for the stream).
+    std::vector<float> global() const { return gather_flat([](const fragment& f) {
+        return f.global.get(); }, 0); }
+    std::vector<float> outer_state() const {
+        std::vector<float> all;
+        for (int j = 0; j < Outer::state_size; ++j) {
+            const std::vector<float> one = outer_state(j);
+            all.insert(all.end(), one.begin(), one.end());
+        }
+        return all;
+    }
+    std::vector<float> outer_state(int j) const {
+        return gather_flat([](const fragment& f) { return f.outer_state.get(); },
+                           static_cast<std::size_t>(j));
+    }
+    std::vector<float> compressor_state(std::size_t fi) const {
+        const fragment& f = *frags_[fi];
+        if (f.host) {
+            const auto s = f.host->state();
+            return {s.begin(), s.end()};
+        }
+        if constexpr (device_compression && device_exchange_t::feedback) {
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            return to_flat(f.table, f.device->residual.get());
+        }
+        return {};
+    }
+    std::vector<float> server_state(std::size_t fi) const {
+        const fragment& f = *frags_[fi];
+        if (!f.host) return {};
+        const auto s = f.host->server_state();
+        return {s.begin(), s.end()};
+    }
+    std::size_t compressor_state_size(std::size_t fi) const {
+        const fragment& f = *frags_[fi];
+        if (f.host) return f.host->state().size();
+        return device_exchange_t::feedback ? f.elements : 0;
+    }
+    std::size_t server_state_size(std::size_t fi) const {
+        const fragment& f = *frags_[fi];
+        return f.host ? f.host->server_state().size() : 0;
+    }
+    std::vector<float> captured(std::size_t fi) const {
+        const fragment& f = *frags_[fi];
+        if (!f.kept) {
+            throw invalid_argument("loco::cuda::diloco: save() while an exchange started and "
+                                   "finished within one call is in flight (a failed step); call "
+                                   "sync() first");
+        }
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        return to_flat(f.table, f.delta.get());
+    }
+    exchange_scheme scheme() const noexcept {
+        if (frags_.empty()) return exchange_scheme::all_reduce;
+        return frags_.front()->host ? frags_.front()->host->scheme() : exchange_scheme::all_gather;
+    }
+
+    // Bytes this worker sends per exchange of fragment fi. The device all-reduce runs over the
+    // padded layout (each tensor's slice rounded up to 8 elements), so its ring volume counts the
+    // padding; the fused exchange sends the host's payloads, (M - 1) P.
+    std::uint64_t bytes_per_average(std::size_t fi, const typename Compressor::hyper& h) const {
+        const fragment& f = *frags_[fi];
+        const auto m = static_cast<std::uint64_t>(comm_->size());
+        if constexpr (device_compression) {
+            if (f.device) return (m - 1) * f.device->plan.payload_bytes();
+        }
+        if (!f.device_all_reduce) return f.host->bytes_per_average(h);
+        const std::uint64_t n = f.table.padded_elements();
+        const auto r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t chunk = n * (r + 1) / m - n * r / m;
+        return 4 * (n + (m - 2) * chunk);
+    }
+
+    struct fragment_restore {
+        std::vector<float> state, server, captured;
+    };
+    void restore(std::vector<float> global, std::vector<float> outer_state,
+                 std::vector<fragment_restore> frags) {
+        const std::size_t total = global.size();
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            fragment& f = *frags_[fi];
+            from_flat<float>(f.table, slice(f, global, 0), f.global.get());
+            std::vector<float> state;
+            for (int j = 0; j < Outer::state_size; ++j) {
+                const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
+                state.insert(state.end(), one.begin(), one.end());
+            }
+            from_flat<float>(f.table, state, f.outer_state.get(),
+                             static_cast<std::size_t>(Outer::state_size));
+            fragment_restore& q = frags[fi];
+            if (f.host) {
+                std::copy(q.state.begin(), q.state.end(), f.host->state().begin());
+                std::copy(q.server.begin(), q.server.end(), f.host->server_state().begin());
+            } else if constexpr (device_compression && device_exchange_t::feedback) {
+                if (!q.state.empty()) from_flat<float>(f.table, q.state, f.device->residual.get());
+            }
+            f.kept = !q.captured.empty();
+            f.host_ready = false;
+            if (f.kept) from_flat<float>(f.table, q.captured, f.delta.get());
+        }
+    }
+
+private:
+    struct fragment {
+        fragment(const tensor_table& whole, const std::vector<std::size_t>& list,
+                 const std::vector<parameter>& tensors, comm::communicator& comm,
+                 exchange_scheme scheme, const typename Compressor::hyper& h, bool staged)
+            : params(list),
+              table(whole, list),
+              elements(table.total_elements()),
+              global(table.padded_elements()),
+              outer_state(static_cast<std::size_t>(Outer::state_size) * table.padded_elements()),
+              mirror(typename Outer::hyper{}) {
+            if constexpr (device_compression) {
+                if (fused(comm, scheme, h)) {
+                    device = std::make_unique<device_exchange_t>(table, comm.size(), h);
+                }
+            }
+            if (!device) {
+                host = std::make_unique<loco::detail::exchanger<Compressor, Aggregate>>(
+                    detail::table_segments(table, tensors, list), scheme, comm.size(), comm.rank(),
+                    h);
+                device_all_reduce = std::is_same_v<Compressor, compress::none> &&
+                                    std::is_same_v<Aggregate, aggregate::mean> && staged &&
+                                    host->scheme() == exchange_scheme::all_reduce;
+                average = device_buffer<float>(table.padded_elements());
+                average.zero(nullptr);
+            }
+            delta = device_buffer<float>(table.padded_elements());
+            delta.zero(nullptr);
+            outer_state.zero(nullptr);
+            global.zero(nullptr);
+        }
+
+        // Whether the exchange takes the fused device path.
+        static bool fused(const comm::communicator& comm, exchange_scheme scheme,
+                          const typename Compressor::hyper& h) {
+            return device_layout(h) && comm.space() == memory_space::cuda &&
+                   (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather);
+        }
+
+        // The device plan is built from the tensor table, which records no rows: statistical<>
+        // per row takes the host exchange (correct, not fast); per tensor (MuLoCo's) runs on the
+        // device.
+        static bool device_layout(const typename Compressor::hyper& h) {
+            if constexpr (device_topk_) {
+                static_cast<void>(h);
+                return true;
+            } else {
+                using support = device_compressor<Compressor>;
+                using codec = typename support::codec;
+                if constexpr (requires(const typename codec::hyper& c) { c.per; }) {
+                    if constexpr (support::feedback) {
+                        return h.compress.per == compress::granularity::tensor;
+                    } else {
+                        return h.per == compress::granularity::tensor;
+                    }
+                } else {
+                    static_cast<void>(h);
+                    return true;
+                }
+            }
+        }
+
+        std::vector<std::size_t> params;
+        tensor_table table;
+        std::size_t elements;
+        device_buffer<float> global;       // padded layout of the fragment's table
+        device_buffer<float> outer_state;  // Outer::state_size padded arrays
+        device_buffer<float> delta;        // the pseudo-gradient when kept (and the host paths')
+        device_buffer<float> average;      // the aggregate (device all-reduce and host paths)
+        device_buffer<float> local;        // the local values before a merge with alpha > 0
+        device_control<typename Outer::hyper> control;
+        loco::cuda::detail::hyper_mirror<typename Outer::hyper> mirror;
+        std::unique_ptr<device_exchange_t> device;
+        std::unique_ptr<loco::detail::exchanger<Compressor, Aggregate>> host;
+        bool device_all_reduce = false;
+        comm::request request;
+        bool kept = false;        // delta holds the pseudo-gradient
+        bool host_ready = false;  // host_captured holds it
+        std::vector<float> host_captured, host_average;
+        std::optional<backend::host::nonfinite_hit> hit;
+    };
+
+    float* master() const noexcept { return inner_.master_ptr(); }
+
+    void init_control(comm::communicator& comm) {
+        if (comm.space() == memory_space::cuda) {
+            staging_ = std::make_unique<comm::cuda_staging>(comm);
+        }
+    }
+
+    void download_captured(fragment& f) {
+        if (f.host_ready) return;
+        if (!f.kept) {
+            outer_delta(f.table, f.global.get(), master(), f.delta.get(), stream());
+            f.kept = true;
+        }
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        f.host_captured = to_flat(f.table, f.delta.get());
+        f.host_ready = true;
+    }
+
+    void start_fused(fragment& f, const typename Compressor::hyper& h,
+                     const compress::encode_context& ctx) {
+        if constexpr (device_compression) {
+            auto& dx = *f.device;
+            dx.replan(f.table, h);
+            f.control.set_counters(ctx.round, 0, 0, stream());
+            encode_io io;
+            io.global = f.global.get();
+            io.master = master();
+            io.delta = f.delta.get();
+            io.residual = dx.residual.get();
+            io.next_residual = dx.next.get();
+            io.payload = dx.send.get();
+            device_encode_context dctx;
+            dctx.seed = ctx.seed;
+            dctx.rank = ctx.rank;
+            dctx.round_from = f.control.control();  // round = steps + skipped, as set above
+            dctx.outer_lr = ctx.outer_lr;
+            if (f.kept) {
+                encode_with<encode_from::delta>(dx, f.table, h, io, dctx);
+            } else {
+                encode_with<encode_from::params>(dx, f.table, h, io, dctx);
+            }
+            // The communicator runs on its own stream and needs the payload finished.
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            f.request = comm_->start_all_gather(
+                tensor_view<const std::byte>{dx.send.get(), dx.plan.payload_bytes(), 0, 0,
+                                             memory_space::cuda},
+                tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+        } else {
+            static_cast<void>(f);
+            static_cast<void>(h);
+            static_cast<void>(ctx);
+        }
+    }
+
+    template <encode_from From>
+    void encode_with(device_exchange_t& dx, const tensor_table& table,
+                     const typename Compressor::hyper& h, const encode_io& io,
+                     const device_encode_context& ctx) {
+        if constexpr (device_topk_) {
+            encode_topk<Compressor, From>(dx.plan, table, h, io, ctx, stream());
+        } else if constexpr (device_compression) {
+            encode<Compressor, From>(dx.plan, table, h, io, ctx, stream());
+        }
+    }
+
+    // Every received payload checks out, or wire_error before anything is written. The first
+    // non-finite element of the average, if any.
+    std::optional<backend::host::nonfinite_hit> check_payloads(fragment& f,
+                                                               const typename Compressor::hyper& h) {
+        if constexpr (device_topk_) {
+            auto& dx = *f.device;
+            dx.check.run(dx.plan, f.table, dx.recv.get(), stream());
+            // The rank-order average into the plan's work buffer (its encode is done with it).
+            decode_average_topk(dx.plan, f.table, dx.recv.get(), comm_->size(), dx.plan.work(),
+                                stream());
+            return check_average(f, dx.plan.work());
+        } else if constexpr (device_compression) {
+            auto& dx = *f.device;
+            using support = device_compressor<Compressor>;
+            typename support::codec::hyper ch{};
+            if constexpr (support::feedback) {
+                ch = h.compress;
+            } else {
+                ch = h;
+            }
+            const std::uint64_t first = dx.check.run(dx.plan, f.table, ch, dx.recv.get(),
+                                                     stream());
+            if (first == no_nonfinite) return std::nullopt;
+            return backend::host::nonfinite_hit{static_cast<std::size_t>(first),
+                                                std::numeric_limits<float>::quiet_NaN()};
+        } else {
+            static_cast<void>(h);
+            return std::nullopt;
+        }
+    }
+
+    // The first non-finite element of an average in the fragment's padded layout.
+    std::optional<backend::host::nonfinite_hit> check_average(fragment& f, const float* avg) {
+        f.control.set_counters(0, 0, 0, stream());  // clears the flag
+        check_padded(f.table, avg, f.control.control(), stream());
+        const auto c = f.control.read(stream());
+        if (c.first_nonfinite == no_nonfinite) return std::nullopt;
+        const flat_position at = f.table.locate(c.first_nonfinite);
+        float value = 0.0f;
+        LOCO_CUDA_CHECK(cudaMemcpy(&value, avg + f.table.padded_offset(at.tensor) + at.element,
+                                   sizeof value, cudaMemcpyDeviceToHost));
+        return backend::host::nonfinite_hit{static_cast<std::size_t>(c.first_nonfinite), value};
+    }
+
+    void apply_fused(fragment& f) {
+        if constexpr (device_topk_) {
+            auto& dx = *f.device;
+            outer_apply<Outer>(f.table, f.global.get(), dx.plan.work(), f.outer_state.get(),
+                               master(), f.control.hyper(), f.control.control(), false, stream());
+        } else if constexpr (device_compression) {
+            auto& dx = *f.device;
+            using codec = typename device_compressor<Compressor>::codec;
+            decode_average_apply<codec, Outer>(dx.plan, f.table, dx.recv.get(), comm_->size(),
+                                               f.global.get(), f.outer_state.get(), master(),
+                                               f.control.hyper(), f.control.control(), nullptr,
+                                               stream());
+        }
+    }
+
+    // A flat-layout array of the whole model from each fragment's padded array (array j).
+    template <class Pick>
+    std::vector<float> gather_flat(Pick pick, std::size_t j) const {
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        std::size_t total = 0;
+        for (const auto& p : tensors_) total += p.value.size;
+        std::vector<float> out(total);
+        for (const auto& f : frags_) {
+            const std::vector<float> part =
+                to_flat(f->table, pick(*f) + j * f->table.padded_elements());
+            for (std::size_t k = 0; k < f->params.size(); ++k) {
+                const parameter& p = tensors_[f->params[k]];
+                std::copy_n(part.begin() + static_cast<std::ptrdiff_t>(f->table.flat_offset(k)),
+                            p.value.size, out.begin() + static_cast<std::ptrdiff_t>(p.offset));
+            }
+        }
+        return out;
+    }
+
+    // The fragment's elements of a whole-model flat array (starting at `base`), in its order.
+    std::vector<float> slice(const fragment& f, const std::vector<float>& flat,
+                             std::size_t base) const {
+        std::vector<float> part(f.elements);
+        for (std::size_t k = 0; k < f.params.size(); ++k) {
+            const parameter& p = tensors_[f.params[k]];
+            std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(base + p.offset), p.value.size,
+                        part.begin() + static_cast<std::ptrdiff_t>(f.table.flat_offset(k)));
+        }
+        return part;
+    }
+
+    inner_type inner_;
+    comm::communicator* comm_;
+    std::unique_ptr<comm::cuda_staging> staging_;
+    std::vector<parameter> tensors_;
+    std::vector<std::unique_ptr<fragment>> frags_;
+};
+
+}  // namespace loco::backend::cuda
+
+namespace loco {
+
+// The backend policy of loco::diloco for parameters in CUDA memory.
+struct cuda_backend {
+    template <class Inner, class Outer, class Compressor, class Aggregate>
+    using engine = backend::cuda::diloco_engine<Inner, Outer, Compressor, Aggregate>;
+};
+
+}  // namespace loco

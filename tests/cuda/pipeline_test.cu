@@ -1,0 +1,325 @@
+// The one handle's pipeline on the CUDA backend: every schedule (every, streaming with overlap
+// and merge, delayed) gives the host backend's numbers on the same data, the fused device exchange
+// and the fp32 all-reduce alike; a checkpoint taken with an exchange in flight resumes bit for bit
+// and moves between host and GPU; a sync that fails on one rank changes nothing on any rank.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "handles.cuh"
+#include "model.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+using namespace loco_test::handles;
+namespace ls = loco::schedule;
+namespace cz = loco::compress;
+
+using inner = loco::inner::adamw;
+using outer = loco::outer::nesterov;
+
+template <class Schedule>
+struct schedule_case;
+
+template <>
+struct schedule_case<ls::every> {
+    static ls::every::hyper hyper() { return {.every = 3}; }
+    static loco::fragment_layout layout() { return {}; }
+};
+// Two fragments named by the user ({a, c} and {b}), overlap 1, merge 0.5.
+template <>
+struct schedule_case<ls::streaming> {
+    static ls::streaming::hyper hyper() {
+        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
+    }
+    static loco::fragment_layout layout() { return {.names = {{"a", "c"}, {"b"}}}; }
+};
+template <>
+struct schedule_case<ls::delayed> {
+    static ls::delayed::hyper hyper() { return {.every = 3}; }
+    static loco::fragment_layout layout() { return {}; }
+};
+
+constexpr int steps = 11;
+
+// What a rank holds at the end of a run.
+struct rank_result {
+    std::vector<float> params, global, momentum;
+    std::uint64_t outer_steps = 0;
+    bool device_exchange = false;
+};
+
+template <class Compressor, class Schedule>
+rank_result host_rank(const std::string& label, loco::comm::communicator& comm) {
+    using host_t = loco::diloco<inner, outer, Compressor, Schedule>;
+    host_params m(init_of(label, comm.rank()));
+    host_t opt(m.list, comm,
+               {.inner = {.lr = 3e-3f}, .schedule = schedule_case<Schedule>::hyper(),
+                .fragments = schedule_case<Schedule>::layout()});
+    for (int t = 1; t <= steps; ++t) {
+        m.set_gradients(grads_of(label, comm.rank(), t));
+        opt.step();
+    }
+    rank_result out;
+    out.params = m.values();
+    const auto g = opt.global();
+    out.global.assign(g.begin(), g.end());
+    const auto mo = opt.outer_state(0);
+    out.momentum.assign(mo.begin(), mo.end());
+    out.outer_steps = opt.outer_steps();
+    return out;
+}
+
+// The same run with the parameters in GPU memory (of the current device), on a GPU communicator.
+template <class Compressor, class Schedule>
+rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
+                     cudaStream_t stream) {
+    using gpu_t = loco::cuda::diloco<inner, outer, Compressor, Schedule>;
+    gpu_params m(init_of(label, comm.rank()));
+    gpu_t opt(m.list, comm,
+              {.inner = {.lr = 3e-3f}, .schedule = schedule_case<Schedule>::hyper(),
+               .fragments = schedule_case<Schedule>::layout(), .stream = stream});
+    for (int t = 1; t <= steps; ++t) {
+        m.set_gradients(grads_of(label, comm.rank(), t), stream);
+        opt.step();
+    }
+    rank_result out;
+    out.params = m.host_values(stream);
+    out.global = opt.global();
+    out.momentum = opt.outer_state(0);
+    out.outer_steps = opt.outer_steps();
+    out.device_exchange = opt.device_exchange();
+    return out;
+}
+
+template <class Compressor, class Schedule>
+std::vector<rank_result> host_run(const std::string& label, int m) {
+    std::vector<rank_result> out(static_cast<std::size_t>(m));
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        out[static_cast<std::size_t>(comm.rank())] = host_rank<Compressor, Schedule>(label, comm);
+    });
+    return out;
+}
+
+template <class Compressor, class Schedule>
+std::vector<rank_result> replicas_run(const std::string& label, int m) {
+    std::vector<rank_result> out(static_cast<std::size_t>(m));
+    loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+        out[static_cast<std::size_t>(comm.rank())] =
+            gpu_rank<Compressor, Schedule>(label, comm, comm.stream());
+    });
+    return out;
+}
+
+void expect_same_run(const std::vector<rank_result>& gpu, const std::vector<rank_result>& host,
+                     double tol) {
+    REQUIRE(gpu.size() == host.size());
+    for (std::size_t r = 0; r < gpu.size(); ++r) {
+        CAPTURE(r);
+        CHECK(gpu[r].outer_steps == host[r].outer_steps);
+        CHECK(host[r].outer_steps > 0);
+        expect_close_arrays(gpu[r].params, host[r].params, tol, "parameters");
+        expect_close_arrays(gpu[r].global, host[r].global, tol, "global values");
+        expect_close_arrays(gpu[r].momentum, host[r].momentum, tol, "outer momentum");
+        expect_equal_arrays(gpu[r].global, gpu[0].global, "the ranks' global values");
+    }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("cuda backend: each schedule gives the host's numbers (fp32 all-reduce)", S,
+                   ls::every, ls::streaming, ls::delayed) {
+    const std::string label = std::string("pipeline none ") + std::string(S::name);
+    const auto gpu = replicas_run<cz::none, S>(label, 3);
+    CHECK_FALSE(gpu[0].device_exchange);
+    expect_same_run(gpu, host_run<cz::none, S>(label, 3), 1e-5);
+}
+
+TEST_CASE_TEMPLATE("cuda backend: each schedule gives the host's numbers (fused 2-bit + EF)", S,
+                   ls::every, ls::streaming, ls::delayed) {
+    using ef = cz::error_feedback<cz::blockwise<2, 256>>;
+    const std::string label = std::string("pipeline ef ") + std::string(S::name);
+    const auto gpu = replicas_run<ef, S>(label, 3);
+    CHECK(gpu[0].device_exchange);
+    // A pseudo-gradient a rounding away from a code boundary may take the neighbouring code.
+    expect_same_run(gpu, host_run<ef, S>(label, 3), 1e-4);
+}
+
+TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resumes bit for bit", C,
+                   cz::none, cz::error_feedback<cz::blockwise<2, 256>>) {
+    using gpu_t = loco::cuda::diloco<inner, outer, C, ls::streaming>;
+    using host_t = loco::diloco<inner, outer, C, ls::streaming>;
+    const std::string label = "pipeline resume";
+    const inner::hyper ih{.lr = 3e-3f};
+    const auto sh = schedule_case<ls::streaming>::hyper();
+    const auto layout = schedule_case<ls::streaming>::layout();
+    std::vector<std::vector<float>> straight(3), resumed(3), host_resumed(3);
+    std::vector<std::string> saved(3);
+    // Call 2 starts fragment 0's exchange (offset H/P - tau = 1) and call 3 finishes it: a save
+    // after call 2 holds it in flight.
+    constexpr int save_after = 2;
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_t opt(m.list, comm,
+                  {.inner = ih, .schedule = sh, .fragments = layout, .stream = comm.stream()});
+        for (int t = 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+            if (t == save_after) {
+                CHECK((opt.in_flight(0) || opt.in_flight(1)));
+                std::ostringstream os;
+                opt.save(os);
+                saved[r] = os.str();
+            }
+        }
+        straight[r] = m.host_values(comm.stream());
+    });
+    // A fresh GPU handle on the parameters as they were at the save.
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(init_of(label, comm.rank()));
+        {
+            // Replay the first calls to restore the trainer's parameters (the handle's state comes
+            // from the checkpoint).
+            gpu_t warm(m.list, comm,
+                       {.inner = ih, .schedule = sh, .fragments = layout, .stream = comm.stream()});
+            for (int t = 1; t <= save_after; ++t) {
+                m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+                warm.step();
+            }
+        }
+        gpu_t opt(m.list, comm,
+                  {.inner = ih, .schedule = sh, .fragments = layout, .stream = comm.stream()});
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        for (int t = save_after + 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        resumed[r] = m.host_values(comm.stream());
+    });
+    // The host handle loads the GPU's checkpoint and goes on to the same numbers.
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        host_params m(init_of(label, comm.rank()));
+        {
+            host_t warm(m.list, comm, {.inner = ih, .schedule = sh, .fragments = layout});
+            for (int t = 1; t <= save_after; ++t) {
+                m.set_gradients(grads_of(label, comm.rank(), t));
+                warm.step();
+            }
+        }
+        host_t opt(m.list, comm, {.inner = ih, .schedule = sh, .fragments = layout});
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        for (int t = save_after + 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t));
+            opt.step();
+        }
+        host_resumed[r] = m.values();
+    });
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        expect_equal_arrays(resumed[r], straight[r], "resumed GPU run");
+        expect_close_arrays(host_resumed[r], straight[r], 1e-4, "host run from the GPU checkpoint");
+    }
+}
+
+TEST_CASE("cuda backend: a corrupted payload on one rank fails the sync on every rank, nothing "
+          "applied, and the next sync succeeds") {
+    using ef = cz::error_feedback<cz::blockwise<2, 256>>;
+    using gpu_t = loco::cuda::diloco<inner, outer, ef, ls::every>;
+    const std::string label = "pipeline corrupt";
+    std::vector<int> raised(3, 0);
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+        corrupting comm(replica);
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_t opt(m.list, comm, {.inner = {.lr = 3e-3f}, .schedule = {.every = 2},
+                                 .stream = replica.stream()});
+        CHECK(opt.device_exchange());
+        m.set_gradients(grads_of(label, comm.rank(), 1), replica.stream());
+        opt.step();
+        const auto params_before = m.host_values(replica.stream());
+        const auto global_before = opt.global();
+        const auto residual_before = opt.compressor_state();
+        const auto momentum_before = opt.outer_state(0);
+        m.set_gradients(grads_of(label, comm.rank(), 2), replica.stream());
+        // A byte of rank 0's payload body, flipped in what rank 1 receives.
+        if (comm.rank() == 1) comm.armed_at = cz::wire::header_bytes + 10;
+        try {
+            opt.step();
+        } catch (const loco::error& e) {
+            raised[std::size_t(comm.rank())] = 1;
+            const std::string what = e.what();
+            CHECK(what.find("failed on rank 1 at the decode stage") != std::string::npos);
+            CHECK(what.find("from rank 0: checksum mismatch") != std::string::npos);
+        }
+        comm.armed_at = 0;
+        // The inner step of the failed call stays applied; the sync does not.
+        CHECK(opt.outer_steps() == 0);
+        expect_equal_arrays(opt.global(), global_before, "global values");
+        expect_equal_arrays(opt.compressor_state(), residual_before, "residual");
+        expect_equal_arrays(opt.outer_state(0), momentum_before, "outer momentum");
+        CHECK(m.host_values(replica.stream()) != params_before);  // the inner step
+        opt.sync();
+        CHECK(opt.outer_steps() == 1);
+    });
+    CHECK(raised == std::vector<int>{1, 1, 1});
+}
+
+#if defined(LOCO_TEST_NCCL)
+
+// comm::nccl, one rank per GPU (three emulated GPUs in CTest's cuda_emulated; real ones on a
+// machine that has them), against the threads communicator.
+TEST_CASE_TEMPLATE("cuda backend over nccl: each schedule gives the threads run's numbers", S,
+                   ls::every, ls::streaming, ls::delayed) {
+    int devices = 0;
+    check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+    if (devices < 2) {
+        MESSAGE("SKIPPED: needs at least 2 GPUs (one NCCL rank per GPU); this machine has "
+                << devices);
+        return;
+    }
+    const int m = devices < 3 ? devices : 3;
+    const std::string label = std::string("pipeline nccl ") + std::string(S::name);
+    using ef = cz::error_feedback<cz::blockwise<2, 256>>;
+    std::vector<rank_result> plain(static_cast<std::size_t>(m)), fused(plain.size());
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    ncclUniqueId id2{};
+    REQUIRE(ncclGetUniqueId(&id2) == ncclSuccess);
+    std::mutex mutex;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                auto comm = loco::comm::nccl::create(m, r, id, nullptr, {});
+                plain[std::size_t(r)] = gpu_rank<cz::none, S>(label, *comm, nullptr);
+                auto comm2 = loco::comm::nccl::create(m, r, id2, nullptr, {});
+                fused[std::size_t(r)] = gpu_rank<ef, S>(label + " ef", *comm2, nullptr);
+            } catch (const std::exception& err) {
+                std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) t.join();
+    expect_same_run(plain, host_run<cz::none, S>(label, m), 1e-5);
+    CHECK(fused[0].device_exchange);
+    expect_same_run(fused, host_run<ef, S>(label + " ef", m), 1e-4);
+}
+
+#endif  // LOCO_TEST_NCCL
