@@ -6,6 +6,7 @@
 #include "../support/compare.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
+#include "handles.cuh"
 
 #include <loco/cuda.hpp>
 
@@ -21,84 +22,13 @@ namespace {
 using namespace loco_test;
 namespace lcu = loco::backend::cuda;
 
-// Three tensors (one a 6 x 7 matrix) whose values and gradients live in GPU memory, with a host
-// mirror; the gradients of step t are a function of (label, rank, t).
-struct gpu_model {
-    static constexpr std::size_t sizes[3] = {5, 42, 1003};
-    std::vector<lcu::device_buffer<float>> values, grads;
-    loco::parameter_list list;
-
-    explicit gpu_model(const std::vector<float>& init) {
-        std::size_t at = 0;
-        for (const std::size_t n : sizes) {
-            values.emplace_back(n);
-            grads.emplace_back(n);
-            values.back().upload({init.data() + at, n});
-            at += n;
-        }
-        list.add_views("a", loco::cuda_tensor(values[0].get(), 5),
-                       loco::cuda_tensor(static_cast<const float*>(grads[0].get()), 5));
-        list.add_views("b", loco::cuda_matrix(values[1].get(), 6, 7),
-                       loco::cuda_matrix(static_cast<const float*>(grads[1].get()), 6, 7));
-        list.add_views("c", loco::cuda_tensor(values[2].get(), 1003),
-                       loco::cuda_tensor(static_cast<const float*>(grads[2].get()), 1003));
-    }
-    // Writes the step's gradients, ordered on `s` before the launches that read them.
-    void set_gradients(const std::vector<float>& g, cudaStream_t s) {
-        std::size_t at = 0;
-        for (std::size_t i = 0; i < 3; ++i) {
-            check_cuda(cudaMemcpyAsync(grads[i].get(), g.data() + at, sizes[i] * 4,
-                                       cudaMemcpyHostToDevice, s),
-                       "gradient upload");
-            at += sizes[i];
-        }
-        check_cuda(cudaStreamSynchronize(s), "gradient upload");
-    }
-    std::vector<float> host_values(cudaStream_t s) {
-        check_cuda(cudaStreamSynchronize(s), "sync");
-        std::vector<float> out;
-        for (auto& v : values) {
-            const auto part = v.download();
-            out.insert(out.end(), part.begin(), part.end());
-        }
-        return out;
-    }
-};
-
-struct host_model {
-    std::vector<float> a, b, c, ga, gb, gc;
-    loco::parameter_list list;
-    explicit host_model(const std::vector<float>& init)
-        : a(init.begin(), init.begin() + 5), b(init.begin() + 5, init.begin() + 47),
-          c(init.begin() + 47, init.end()), ga(5), gb(42), gc(1003) {
-        list.add("a", a, ga);
-        list.add_views("b", loco::host_matrix(b.data(), 6, 7),
-                       loco::host_matrix(static_cast<const float*>(gb.data()), 6, 7));
-        list.add("c", c, gc);
-    }
-    void set_gradients(const std::vector<float>& g) {
-        std::copy(g.begin(), g.begin() + 5, ga.begin());
-        std::copy(g.begin() + 5, g.begin() + 47, gb.begin());
-        std::copy(g.begin() + 47, g.end(), gc.begin());
-    }
-    std::vector<float> values() const {
-        std::vector<float> out = a;
-        out.insert(out.end(), b.begin(), b.end());
-        out.insert(out.end(), c.begin(), c.end());
-        return out;
-    }
-};
-
-constexpr std::size_t total = 5 + 42 + 1003;
-
-std::vector<float> init_of(const std::string& label, int rank) {
-    auto rng = rng_for(label + "/init/" + std::to_string(rank));
-    return normal_floats(rng, total);
-}
-std::vector<float> grads_of(const std::string& label, int rank, int step) {
-    auto rng = rng_for(label + "/grad/" + std::to_string(rank) + "/" + std::to_string(step));
-    return normal_floats(rng, total, 0.5f);
-}
+// The three tensors of handles.cuh (one a 6 x 7 matrix), on the GPU and on the host, and their
+// seeded values and gradients.
+using gpu_model = loco_test::handles::gpu_params;
+using host_model = loco_test::handles::host_params;
+using loco_test::handles::grads_of;
+using loco_test::handles::init_of;
+using loco_test::handles::total;
 
 void expect_close(const std::vector<float>& got, const std::vector<float>& want, double tol) {
     REQUIRE(got.size() == want.size());

@@ -275,6 +275,7 @@ public:
     void capture(std::size_t fi, bool keep) {
         fragment& f = *frags_[fi];
         f.host_ready = false;
+        f.hold = keep;
         f.kept = keep || !f.device;
         if (f.kept) {
             outer_delta(f.table, f.global.get(), master(), f.delta.get(), stream());
@@ -295,14 +296,20 @@ public:
         if (f.device) {
             start_fused(f, h, ctx);
         } else if (f.device_all_reduce) {
-            // The delta stays intact for save(); the reduction runs in the average buffer.
-            LOCO_CUDA_CHECK(cudaMemcpyAsync(f.average.get(), f.delta.get(),
-                                            f.table.padded_elements() * sizeof(float),
-                                            cudaMemcpyDeviceToDevice, stream()));
+            // An exchange left in flight keeps its delta for save(): the reduction runs in the
+            // average buffer. Otherwise it runs in place (no extra pass over the fragment).
+            f.avg = f.delta.get();
+            if (f.hold) {
+                f.avg = f.average.get();
+                LOCO_CUDA_CHECK(cudaMemcpyAsync(f.avg, f.delta.get(),
+                                                f.table.padded_elements() * sizeof(float),
+                                                cudaMemcpyDeviceToDevice, stream()));
+            } else {
+                f.kept = false;
+            }
             LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
             f.request = comm_->start_all_reduce(
-                loco::cuda_tensor(f.average.get(), f.table.padded_elements()),
-                comm::reduce_op::mean);
+                loco::cuda_tensor(f.avg, f.table.padded_elements()), comm::reduce_op::mean);
         } else {
             download_captured(f);
             f.host->start(control_comm(), f.host_captured, h, ctx, report);
@@ -322,7 +329,7 @@ public:
                 return failure;
             }
             try {
-                f.hit = f.device ? check_payloads(f, h) : check_average(f, f.average.get());
+                f.hit = f.device ? check_payloads(f, h) : check_average(f, f.avg);
             } catch (...) {
                 failure.record(loco::detail::sync_stage::decode, std::current_exception());
             }
@@ -335,6 +342,7 @@ public:
         if (!failure) {
             f.hit = backend::host::find_nonfinite(f.host_average.data(), f.elements);
             from_flat<float>(f.table, f.host_average, f.average.get());
+            f.avg = f.average.get();
         }
         return failure;
     }
@@ -366,8 +374,8 @@ public:
         if (f.device) {
             apply_fused(f);
         } else {
-            outer_apply<Outer>(f.table, f.global.get(), f.average.get(), f.outer_state.get(),
-                               master(), f.control.hyper(), f.control.control(), false, stream());
+            outer_apply<Outer>(f.table, f.global.get(), f.avg, f.outer_state.get(), master(),
+                               f.control.hyper(), f.control.control(), false, stream());
         }
         if (alpha != 0.0f) {
             merge_values(f.table, f.global.get(), master(), f.local.get(), alpha, stream());
@@ -481,6 +489,7 @@ public:
                 if (!q.state.empty()) from_flat<float>(f.table, q.state, f.device->residual.get());
             }
             f.kept = !q.captured.empty();
+            f.hold = f.kept;
             f.host_ready = false;
             if (f.kept) from_flat<float>(f.table, q.captured, f.delta.get());
         }
@@ -563,6 +572,8 @@ private:
         bool device_all_reduce = false;
         comm::request request;
         bool kept = false;        // delta holds the pseudo-gradient
+        bool hold = false;        // the handle asked to keep it until the exchange finishes
+        float* avg = nullptr;     // where the aggregate is (delta, average)
         bool host_ready = false;  // host_captured holds it
         std::vector<float> host_captured, host_average;
         std::optional<backend::host::nonfinite_hit> hit;
