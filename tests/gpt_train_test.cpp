@@ -50,12 +50,15 @@ std::string error_of(Fn&& fn) {
     return "";
 }
 
-// The rules these tests run, compiled alone: every choice is compiled into loco_gpt, whose CTest
-// entry runs it.
+// The rules these tests run, compiled alone: every compiled combination is in loco_gpt, whose
+// CTest entry runs it.
+using adamw_nesterov_none =
+    gpt::combinations<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
+                      std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
+                      gpt::schedule_choices>;
+
 gpt::rule_factory adamw_rules(const gpt::options& o) {
-    return gpt::make_rule_factory<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
-                                  std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
-                                  gpt::schedule_choices>(o);
+    return gpt::make_rule_factory<std::tuple<adamw_nesterov_none>, std::tuple<gpt::adamw_choice>>(o);
 }
 
 }  // namespace
@@ -88,6 +91,55 @@ TEST_CASE("gpt: the synchronous baseline all-reduces gradients every step") {
     CHECK(r.final_val_loss < std::log(256.0));
     REQUIRE(r.rows.size() == 4);  // step 0, 4, 8, 12
     CHECK(r.rows.back().step == 12);
+}
+
+TEST_CASE("gpt: streaming DiLoCo syncs fragments of whole layers, one at a time") {
+    // Blocks are their own layers; the embeddings ride with the first, ln_f and the head with the
+    // last.
+    CHECK(gpt::layer_of("wte", 3) == 0);
+    CHECK(gpt::layer_of("wpe", 3) == 0);
+    CHECK(gpt::layer_of("h0.ln1.g", 3) == 0);
+    CHECK(gpt::layer_of("h2.mlp.fc.w", 3) == 2);
+    CHECK(gpt::layer_of("h12.attn.qkv.b", 13) == 12);
+    CHECK(gpt::layer_of("ln_f.b", 3) == 2);
+    CHECK(gpt::layer_of("head.w", 3) == 2);
+
+    const std::uint64_t seed = loco_test::rng_for("gpt.streaming")() % 1000;
+    INFO("seed " << seed);
+    gpt::options o = tiny_options(seed);
+    o.model.layers = 2;
+    o.steps = 48;
+    o.every = 8;
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 20000, seed);
+    const gpt::run_result whole = gpt::train(o, data, adamw_rules(o), nullptr);
+    o.schedule = "streaming";
+    o.fragments = 2;
+    o.overlap = 1;
+    o.alpha = 0.5f;
+    const gpt::run_result streamed = gpt::train(o, data, adamw_rules(o), nullptr);
+    CHECK(whole.syncs == 6);
+    // Each of the 2 fragments syncs every 8 steps (6 times), then the run ends with one sync of
+    // both.
+    CHECK(streamed.syncs == 2 * 6 + 2);
+    CHECK(streamed.final_val_loss < 0.6 * std::log(256.0));
+    // Per H steps streaming sends the model once, as DiLoCo does, in two halves: with the final
+    // sync it sends 7 models where DiLoCo sends 6 (besides the initial broadcast, and the few
+    // bytes of each sync's agreement).
+    const auto exchanged = [](const gpt::run_result& r) {
+        return double(r.rows.back().bytes_sent - r.rows.front().bytes_sent);
+    };
+    CHECK(exchanged(streamed) / exchanged(whole) == doctest::Approx(7.0 / 6.0).epsilon(0.01));
+}
+
+TEST_CASE("gpt: the delayed schedule applies each round's exchange one round late") {
+    gpt::options o = tiny_options(5);
+    o.schedule = "delayed";
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 20000, 5);
+    const gpt::run_result r = gpt::train(o, data, adamw_rules(o), nullptr);
+    // Rounds end at steps 10, 20, ..., 50; the exchanges of the first four are applied at 20 ...
+    // 50, the fifth's and one more of the whole model by the final sync.
+    CHECK(r.syncs == 4 + 2);
+    CHECK(r.final_val_loss < 0.6 * std::log(256.0));
 }
 
 TEST_CASE("gpt: the Markov source's entropy rate against power iteration and a sample") {
@@ -159,12 +211,28 @@ TEST_CASE("gpt: bad input gets one sentence that names the fix") {
               "gpt: unknown --compress 'int8'; valid: none, bf16, blockwise4, statistical2, "
               "statistical2-ef");
         CHECK(error_of([] { gpt::check_choice<gpt::schedule_choices>("sometimes", "--schedule"); }) ==
-              "gpt: unknown --schedule 'sometimes'; valid: every");
+              "gpt: unknown --schedule 'sometimes'; valid: every, streaming, delayed");
         // The factory checks every name, also one a synchronous run does not use.
         gpt::options o = tiny_options(1);
         o.sync_every_step = true;
         o.outer = "lookahead";
         CHECK(error_of([&] { adamw_rules(o); }).starts_with("gpt: unknown --outer 'lookahead'"));
+    }
+    SUBCASE("a combination that is not compiled lists those that are") {
+        gpt::options o = tiny_options(1);
+        o.schedule = "streaming";
+        o.inner = "muon";
+        CHECK(error_of([&] { adamw_rules(o); }) ==
+              "gpt: --schedule streaming with --inner muon --outer nesterov --compress none is not "
+              "compiled into this trainer; it is compiled with --inner adamw --outer nesterov "
+              "--compress none (add a combination to compiled_combinations in "
+              "examples/gpt/policies.hpp)");
+        // A schedule's own checks run when the rule is chosen, before any data is loaded.
+        o.inner = "adamw";
+        o.every = 10;
+        o.fragments = 4;
+        CHECK(error_of([&] { adamw_rules(o); }).find("must be a positive multiple of fragments") !=
+              std::string::npos);
     }
     SUBCASE("a parameter count that overflows") {
         const gpt::model_config c{.dim = std::size_t{1} << 33, .layers = 4};
@@ -186,6 +254,9 @@ TEST_CASE("gpt: bad input gets one sentence that names the fix") {
         const char* negative[] = {"loco_gpt", "--steps", "-5"};
         CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(negative), o); }) ==
               "gpt: --steps takes a whole number, not '-5'");
+        const char* pattern[] = {"loco_gpt", "--pattern", "random"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(pattern), o); }) ==
+              "gpt: unknown --pattern 'random'; valid: strided, sequential");
         const char* data[] = {"loco_gpt", "--data", "shakespeare"};
         CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(data), o); }) ==
               "gpt: unknown --data 'shakespeare'; valid: fortunes, markov");

@@ -58,6 +58,14 @@ inline void usage(std::FILE* to) {
         "  --compress NAME        %s (default %s)\n"
         "  --schedule NAME        %s (default %s)\n"
         "  --H N                  inner steps between syncs (default %llu)\n"
+        "                         (streaming: of one fragment; a multiple of --fragments)\n"
+        "  --fragments P          streaming: fragments, whole layers (default %llu)\n"
+        "  --overlap TAU          streaming: inner steps an exchange travels (default %llu)\n"
+        "  --alpha X              streaming: weight of the local values at a merge (default %g)\n"
+        "  --pattern NAME         streaming: strided | sequential layers per fragment\n"
+        "                         (default %s)\n"
+        "                         streaming and delayed are compiled with --inner adamw\n"
+        "                         --outer nesterov --compress none|blockwise4 only\n"
         "reporting\n"
         "  --log-every N          progress line interval (default %llu)\n"
         "  --eval-every N         validation interval (default %llu)\n"
@@ -74,7 +82,9 @@ inline void usage(std::FILE* to) {
         choice_names<outer_choices>().c_str(), d.outer.c_str(),
         choice_names<compress_choices>().c_str(), d.compress.c_str(),
         choice_names<schedule_choices>().c_str(), d.schedule.c_str(),
-        static_cast<unsigned long long>(d.every), static_cast<unsigned long long>(d.log_every),
+        static_cast<unsigned long long>(d.every), static_cast<unsigned long long>(d.fragments),
+        static_cast<unsigned long long>(d.overlap), double(d.alpha), d.pattern.c_str(),
+        static_cast<unsigned long long>(d.log_every),
         static_cast<unsigned long long>(d.eval_every), d.eval_sequences);
 }
 
@@ -144,6 +154,10 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--compress") o.compress = v;
         else if (flag == "--schedule") o.schedule = v;
         else if (flag == "--H") o.every = count();
+        else if (flag == "--fragments") o.fragments = count();
+        else if (flag == "--overlap") o.overlap = count();
+        else if (flag == "--alpha") o.alpha = real();
+        else if (flag == "--pattern") o.pattern = v;
         else if (flag == "--log-every") o.log_every = count();
         else if (flag == "--eval-every") o.eval_every = count();
         else if (flag == "--eval-sequences") o.eval_sequences = count();
@@ -153,6 +167,9 @@ inline bool parse(int argc, char** argv, options& o) {
     }
     if (o.data != "fortunes" && o.data != "markov") {
         throw usage_error("gpt: unknown --data '" + o.data + "'; valid: fortunes, markov");
+    }
+    if (o.pattern != "strided" && o.pattern != "sequential") {
+        throw usage_error("gpt: unknown --pattern '" + o.pattern + "'; valid: strided, sequential");
     }
     return true;
 }

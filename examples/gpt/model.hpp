@@ -24,6 +24,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace gpt {
@@ -99,6 +100,24 @@ private:
     std::size_t total_ = 0;
     std::size_t wte_ = 0, wpe_ = 0, lnf_g_ = 0, lnf_b_ = 0, head_ = 0;
 };
+
+// The layer a tensor belongs to, for Streaming DiLoCo's fragments (fragments are whole layers):
+// block l's tensors ("h<l>.*") are layer l, the embeddings ride with the first block and the
+// final layer norm and the head with the last one.
+inline std::size_t layer_of(std::string_view name, std::size_t layers) {
+    if (name.starts_with("h")) {
+        std::size_t l = 0;
+        std::size_t i = 1;
+        for (; i < name.size() && name[i] >= '0' && name[i] <= '9'; ++i) {
+            l = l * 10 + static_cast<std::size_t>(name[i] - '0');
+        }
+        if (i > 1 && i < name.size() && name[i] == '.') return l;
+    }
+    if (name.starts_with("ln_f.") || name.starts_with("head.")) {
+        return layers == 0 ? 0 : layers - 1;
+    }
+    return 0;  // wte, wpe
+}
 
 // GPT-2's initialisation: N(0, 0.02) weights, the two residual projections of each block scaled
 // by 1/sqrt(2L), zero biases, unit layer-norm gains. Deterministic in the seed.

@@ -36,6 +36,12 @@ struct options {
     std::string compress = "none";
     std::string schedule = "every";
     std::uint64_t every = 50;       // H
+    // --schedule streaming: P fragments (whole layers, see layer_of in model.hpp), each synced
+    // once every H steps, its exchange travelling tau inner steps, merged with weight alpha
+    std::uint64_t fragments = 4;    // P
+    std::uint64_t overlap = 1;      // tau
+    float alpha = 0.5f;
+    std::string pattern = "strided";  // strided | sequential: how layers are dealt to fragments
 
     // hyper-parameters; a negative value means "the default of the chosen policy" (see
     // policies.hpp for this trainer's defaults)

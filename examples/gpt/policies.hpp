@@ -5,6 +5,7 @@
 // synchronous baseline) by dispatch<List>(name, ...), which knows nothing about any policy:
 // adding a choice is one struct here and its name in the list below it.
 
+#include "model.hpp"
 #include "options.hpp"
 
 #include <loco/loco.hpp>
@@ -121,16 +122,67 @@ using compress_choices = std::tuple<
                     statistical2_ef_name>>;
 
 // ---- sync schedules -----------------------------------------------------------------------------
+// Each also says how the model is cut into the fragments it syncs (fragments(o, layers)).
 
 struct every_choice {
     static constexpr std::string_view name = "every";
     using type = loco::schedule::every;
     static type::hyper hyper(const options& o) { return {.every = o.every}; }
+    static loco::fragment_layout fragments(const options&) { return {}; }
 };
 
-// A new schedule: a struct like every_choice (its name, its type, its hyper from the options) and
-// its name in this list.
-using schedule_choices = std::tuple<every_choice>;
+// Streaming DiLoCo: P fragments of whole layers (layer_of in model.hpp), dealt to fragments by
+// --pattern, one fragment synced every H / P steps.
+struct streaming_choice {
+    static constexpr std::string_view name = "streaming";
+    using type = loco::schedule::streaming;
+    static type::hyper hyper(const options& o) {
+        return {.every = o.every,
+                .fragments = o.fragments,
+                .overlap = o.overlap,
+                .alpha = o.alpha,
+                .pattern = o.pattern == "sequential" ? loco::fragment_pattern::sequential
+                                                     : loco::fragment_pattern::strided};
+    }
+    static loco::fragment_layout fragments(const options& o) {
+        const std::size_t layers = o.model.layers;
+        return {.names = {},
+                .layer_of = [layers](const loco::parameter& p) { return layer_of(p.name, layers); }};
+    }
+};
+
+// DiLoCoX's one-round delay: each round's exchange travels during the next round.
+struct delayed_choice {
+    static constexpr std::string_view name = "delayed";
+    using type = loco::schedule::delayed;
+    static type::hyper hyper(const options& o) { return {.every = o.every}; }
+    static loco::fragment_layout fragments(const options&) { return {}; }
+};
+
+// A new schedule: a struct like every_choice and its name in this list (and in a combination
+// below, to be compiled).
+using schedule_choices = std::tuple<every_choice, streaming_choice, delayed_choice>;
+
+// ---- the compiled combinations ------------------------------------------------------------------
+// Every combination is one instantiation of loco::diloco, and each costs compile time (of
+// loco_gpt and of CI), so not every product is compiled: `every` with every choice of the other
+// kinds, the other schedules only with what the study (scripts/study) runs. A combination
+// that is not compiled is refused with the ones that are.
+
+template <class Inners, class Outers, class Compressors, class Schedules>
+struct combinations {
+    using inners = Inners;
+    using outers = Outers;
+    using compressors = Compressors;
+    using schedules = Schedules;
+};
+
+using compiled_combinations = std::tuple<
+    combinations<inner_choices, outer_choices, compress_choices, std::tuple<every_choice>>,
+    combinations<std::tuple<adamw_choice>, std::tuple<nesterov_choice>,
+                 std::tuple<std::tuple_element_t<0, compress_choices>,   // none
+                            std::tuple_element_t<2, compress_choices>>,  // blockwise4
+                 std::tuple<streaming_choice, delayed_choice>>>;
 
 // ---- dispatch -----------------------------------------------------------------------------------
 
@@ -168,6 +220,23 @@ auto dispatch(std::string_view name, std::string_view flag, Fn&& fn) {
 template <class List>
 void check_choice(std::string_view name, std::string_view flag) {
     dispatch<List>(name, flag, []<class>() { return 0; });
+}
+
+template <class List>
+bool has_choice(std::string_view name) {
+    return [&]<std::size_t... I>(std::index_sequence<I...>) {
+        return ((std::tuple_element_t<I, List>::name == name) || ...);
+    }(std::make_index_sequence<std::tuple_size_v<List>>{});
+}
+
+// "a|b|c": a list's names in a compact form, for the message about combinations.
+template <class List>
+std::string choice_alternatives() {
+    std::string s = choice_names<List>();
+    for (std::size_t at = s.find(", "); at != std::string::npos; at = s.find(", ", at)) {
+        s.replace(at, 2, "|");
+    }
+    return s;
 }
 
 }  // namespace gpt

@@ -16,10 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 
 namespace gpt {
 
@@ -89,7 +91,8 @@ public:
                                      .outer = Outer::hyper(o),
                                      .schedule = Schedule::hyper(o),
                                      .compress = Compress::hyper(o),
-                                     .seed = o.seed}) {}
+                                     .seed = o.seed,
+                                     .fragments = Schedule::fragments(o)}) {}
 
     void start() override { d_.start(); }
     void step(float lr_factor) override {
@@ -97,7 +100,10 @@ public:
         last_synced_ = d_.step().synced;
     }
     void finish() override {
-        if (!last_synced_) {  // --steps may cut the last round short: close it
+        // --steps may cut the last round short: close it. A schedule with fragments or with an
+        // exchange in flight never ends with every fragment freshly synced: it ends with one sync
+        // of the whole model (whose bytes are counted like any others).
+        if (!last_synced_ || !std::is_same_v<typename Schedule::type, loco::schedule::every>) {
             d_.sync();
             last_synced_ = true;
         }
@@ -114,40 +120,89 @@ private:
 using rule_factory =
     std::function<std::unique_ptr<update_rule>(loco::comm::communicator&, worker_state&)>;
 
-// The rule the options name, among the choices in the lists (by default every choice of
-// policies.hpp; a test may compile fewer). Throws invalid_argument for an unknown name, listing
-// the valid ones, before any worker starts.
-template <class Inners = inner_choices, class Outers = outer_choices,
-          class Compressors = compress_choices, class Schedules = schedule_choices>
+namespace detail {
+
+// The rule of the combination named by the options within one `combinations` (policies.hpp),
+// whose lists hold every name.
+template <class Combo>
+rule_factory make_diloco_factory(const options& o) {
+    return dispatch<typename Combo::inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+        return dispatch<typename Combo::outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
+            return dispatch<typename Combo::compressors>(
+                o.compress, "--compress", [&]<class C>() -> rule_factory {
+                    return dispatch<typename Combo::schedules>(
+                        o.schedule, "--schedule", [&]<class S>() -> rule_factory {
+                            // A bad schedule (H not a multiple of P) is refused before any data
+                            // is loaded.
+                            if constexpr (requires { S::type::validate(S::hyper(o)); }) {
+                                S::type::validate(S::hyper(o));
+                            }
+                            return [&o](loco::comm::communicator& c,
+                                        worker_state& w) -> std::unique_ptr<update_rule> {
+                                return std::make_unique<diloco_rule<I, O, C, S>>(o, c, w);
+                            };
+                        });
+                });
+        });
+    });
+}
+
+template <class Combo>
+bool offers(const options& o) {
+    return has_choice<typename Combo::inners>(o.inner) &&
+           has_choice<typename Combo::outers>(o.outer) &&
+           has_choice<typename Combo::compressors>(o.compress) &&
+           has_choice<typename Combo::schedules>(o.schedule);
+}
+
+}  // namespace detail
+
+// The rule the options name, among the compiled combinations (by default those of policies.hpp;
+// a test may compile fewer) and, for --sync-every-step, the inner optimizers SyncInners. Throws
+// invalid_argument before any worker starts for an unknown name (listing the valid ones) and for
+// a combination that is not compiled (listing those that are, for the chosen schedule).
+template <class Combos = compiled_combinations, class SyncInners = inner_choices>
 rule_factory make_rule_factory(const options& o) {
     // Every name is checked, also those a synchronous run does not use.
-    check_choice<Inners>(o.inner, "--inner");
-    check_choice<Outers>(o.outer, "--outer");
-    check_choice<Compressors>(o.compress, "--compress");
-    check_choice<Schedules>(o.schedule, "--schedule");
+    check_choice<inner_choices>(o.inner, "--inner");
+    check_choice<outer_choices>(o.outer, "--outer");
+    check_choice<compress_choices>(o.compress, "--compress");
+    check_choice<schedule_choices>(o.schedule, "--schedule");
     if (o.sync_every_step) {
         if (o.compress != "none") {
             throw loco::invalid_argument(
                 "gpt: --sync-every-step all-reduces fp32 gradients; drop --compress " + o.compress);
         }
-        return dispatch<Inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+        return dispatch<SyncInners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
             return [&o](loco::comm::communicator& c, worker_state& w) -> std::unique_ptr<update_rule> {
                 return std::make_unique<synchronous_rule<I>>(o, c, w);
             };
         });
     }
-    return dispatch<Inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
-        return dispatch<Outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
-            return dispatch<Compressors>(o.compress, "--compress", [&]<class C>() -> rule_factory {
-                return dispatch<Schedules>(o.schedule, "--schedule", [&]<class S>() -> rule_factory {
-                    return [&o](loco::comm::communicator& c,
-                                worker_state& w) -> std::unique_ptr<update_rule> {
-                        return std::make_unique<diloco_rule<I, O, C, S>>(o, c, w);
-                    };
-                });
-            });
-        });
-    });
+    rule_factory out;
+    std::string compiled;  // the combinations compiled for this schedule, for the message
+    [&]<std::size_t... K>(std::index_sequence<K...>) {
+        (([&] {
+             using combo = std::tuple_element_t<K, Combos>;
+             if (!out && detail::offers<combo>(o)) out = detail::make_diloco_factory<combo>(o);
+             if (has_choice<typename combo::schedules>(o.schedule)) {
+                 compiled += std::string(compiled.empty() ? "" : "; or ") + "--inner " +
+                             choice_alternatives<typename combo::inners>() + " --outer " +
+                             choice_alternatives<typename combo::outers>() + " --compress " +
+                             choice_alternatives<typename combo::compressors>();
+             }
+         }()),
+         ...);
+    }(std::make_index_sequence<std::tuple_size_v<Combos>>{});
+    if (!out) {
+        throw loco::invalid_argument(
+            "gpt: --schedule " + o.schedule + " with --inner " + o.inner + " --outer " + o.outer +
+            " --compress " + o.compress + " is not compiled into this trainer; " +
+            (compiled.empty() ? std::string("no combination with this schedule is")
+                              : "it is compiled with " + compiled) +
+            " (add a combination to compiled_combinations in examples/gpt/policies.hpp)");
+    }
+    return out;
 }
 
 // A name for the run's mode in progress lines and summaries.
@@ -155,8 +210,16 @@ inline std::string describe_mode(const options& o) {
     if (o.sync_every_step) {
         return "synchronous data parallel, inner " + o.inner;
     }
-    return "DiLoCo inner " + o.inner + ", outer " + o.outer + ", compress " + o.compress +
-           ", schedule " + o.schedule + " H=" + std::to_string(o.every);
+    std::string s = "DiLoCo inner " + o.inner + ", outer " + o.outer + ", compress " + o.compress +
+                    ", schedule " + o.schedule + " H=" + std::to_string(o.every);
+    if (o.schedule == "streaming") {
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " P=%llu tau=%llu alpha=%g pattern=",
+                      static_cast<unsigned long long>(o.fragments),
+                      static_cast<unsigned long long>(o.overlap), double(o.alpha));
+        s += buf + o.pattern;
+    }
+    return s;
 }
 
 }  // namespace gpt
