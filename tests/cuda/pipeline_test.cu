@@ -166,9 +166,8 @@ TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resume
     const auto layout = schedule_case<ls::streaming>::layout();
     std::vector<std::vector<float>> straight(3), resumed(3), host_resumed(3);
     std::vector<std::string> saved(3);
-    // Call 2 starts fragment 0's exchange (offset H/P - tau = 1) and call 3 finishes it: a save
-    // after call 2 holds it in flight.
-    constexpr int save_after = 2;
+    std::vector<int> saved_at(3, 0);  // the first call after which an exchange is in flight
+    std::vector<std::vector<float>> params_at_save(3);  // the trainer's own checkpoint
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
         gpu_params m(init_of(label, comm.rank()));
@@ -177,29 +176,23 @@ TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resume
         for (int t = 1; t <= steps; ++t) {
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
-            if (t == save_after) {
-                CHECK((opt.in_flight(0) || opt.in_flight(1)));
+            if (saved_at[r] == 0 && (opt.in_flight(0) || opt.in_flight(1))) {
                 std::ostringstream os;
                 opt.save(os);
                 saved[r] = os.str();
+                saved_at[r] = t;
+                params_at_save[r] = m.host_values(comm.stream());
             }
         }
         straight[r] = m.host_values(comm.stream());
     });
+    REQUIRE(saved_at[0] > 0);
+    CHECK(saved_at == std::vector<int>(3, saved_at[0]));
+    const int save_after = saved_at[0];
     // A fresh GPU handle on the parameters as they were at the save.
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
-        gpu_params m(init_of(label, comm.rank()));
-        {
-            // Replay the first calls to restore the trainer's parameters (the handle's state comes
-            // from the checkpoint).
-            gpu_t warm(m.list, comm,
-                       {.inner = ih, .schedule = sh, .fragments = layout, .stream = comm.stream()});
-            for (int t = 1; t <= save_after; ++t) {
-                m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
-                warm.step();
-            }
-        }
+        gpu_params m(params_at_save[r]);
         gpu_t opt(m.list, comm,
                   {.inner = ih, .schedule = sh, .fragments = layout, .stream = comm.stream()});
         std::istringstream is(saved[r]);
@@ -213,14 +206,7 @@ TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resume
     // The host handle loads the GPU's checkpoint and goes on to the same numbers.
     loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
-        host_params m(init_of(label, comm.rank()));
-        {
-            host_t warm(m.list, comm, {.inner = ih, .schedule = sh, .fragments = layout});
-            for (int t = 1; t <= save_after; ++t) {
-                m.set_gradients(grads_of(label, comm.rank(), t));
-                warm.step();
-            }
-        }
+        host_params m(params_at_save[r]);
         host_t opt(m.list, comm, {.inner = ih, .schedule = sh, .fragments = layout});
         std::istringstream is(saved[r]);
         opt.load(is);
