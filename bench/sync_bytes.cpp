@@ -8,7 +8,7 @@
 // without communicating, so one rank's handle at a time is enough (four full workers would need
 // several GB). The accessors are then checked against the communicator's counted bytes: every
 // configuration runs for real, 4 thread workers, on GPT-2's structure at a smaller width and
-// vocabulary (the same 149 tensors and fragments), and each rank's bytes_sent() over the run must
+// vocabulary (the same 148 tensors and fragments), and each rank's bytes_sent() over the run must
 // equal the accessors' total. tests/sync_bytes_test.cpp asserts the same against closed forms.
 //
 // Options: --steps N (inner steps, default 1040), --every H (default 104), --no-check.
