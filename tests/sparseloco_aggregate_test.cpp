@@ -167,7 +167,7 @@ TEST_CASE("median_norm_clip: one SparseLoCo round of four workers on a fixed 128
     constexpr int m = 4;
     constexpr std::size_t rows = 128, cols = 128, bias = 96;
     std::array<std::vector<float>, m> final_w, final_b, residual;
-    std::array<std::uint64_t, m> per_sync{}, agreement{};
+    std::array<std::uint64_t, m> per_sync{}, agreement{}, counted{};
     loco::comm::run_threads(m, [&](loco::comm::communicator& comm) {
         const int r = comm.rank();
         std::vector<float> w(rows * cols, 0.0f), gw(rows * cols), b(bias, 0.0f), gb(bias);
@@ -181,7 +181,10 @@ TEST_CASE("median_norm_clip: one SparseLoCo round of four workers on a fixed 128
         params.add("b", b, gb);
         loco::diloco<loco::inner::sgd, loco::outer::sgd, sl, loco::schedule::every, mnc> opt(
             params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+        opt.start();
+        const std::uint64_t before = comm.bytes_sent();
         CHECK(opt.step().synced);
+        counted[std::size_t(r)] = comm.bytes_sent() - before;
         final_w[std::size_t(r)] = w;
         final_b[std::size_t(r)] = b;
         const auto st = opt.compressor_state();
@@ -242,7 +245,8 @@ TEST_CASE("median_norm_clip: one SparseLoCo round of four workers on a fixed 128
         CHECK(final_w[std::size_t(r)] == final_w[0]);
     }
 
-    // Bytes per sync: the all-gather of M - 1 payloads plus the agreement (nothing else).
+    // Bytes per sync: the all-gather of M - 1 payloads plus the agreement (nothing else), as
+    // documented and as the communicator counted them.
     const std::vector<lc::segment> segs = {{0, rows * cols, rows, cols},
                                            {rows * cols, bias, 1, bias}};
     const std::size_t payload = sl::payload_bytes({}, segs);
@@ -251,6 +255,7 @@ TEST_CASE("median_norm_clip: one SparseLoCo round of four workers on a fixed 128
     CHECK(payload == 40 + (20 + 384 + 64) + (20 + 72 + 24));
     for (int r = 0; r < m; ++r) {
         CHECK(per_sync[std::size_t(r)] == (m - 1) * payload + agreement[std::size_t(r)]);
+        CHECK(counted[std::size_t(r)] == per_sync[std::size_t(r)]);  // what the link carried
     }
 }
 
