@@ -1107,6 +1107,103 @@ TEST_CASE("docs: compress::demo example") {
     }
 }
 
+// ---- docs/compressors.md: SparseLoCo's aggregation, DeMo's sign-SGD; docs/schedules.md: periods --
+
+TEST_CASE("docs: aggregate::median_norm_clip example") {
+    // [snippet:aggregate-median-norm-clip]
+    // SparseLoCo as templar runs it: the accumulator and 2-bit top-k payloads
+    // (compress::sparseloco), each worker clipped to the median norm and every element averaged
+    // over the workers that sent it (aggregate::median_norm_clip), outer SGD with lr 1 and no
+    // momentum (outer::sgd's defaults).
+    using sparseloco = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::sparseloco,
+                                    loco::schedule::every, loco::aggregate::median_norm_clip>;
+    std::vector<float> after[2];
+    std::uint64_t bytes = 0;
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(128 * 128, 0.0f), g(128 * 128);
+        for (std::size_t i = 0; i < g.size(); ++i) {  // rank 1's gradient is twice rank 0's
+            g[i] = std::sin(0.37f * static_cast<float>(i)) * static_cast<float>(comm.rank() + 1);
+        }
+        loco::parameter_list params;
+        params.add_views("w", loco::host_matrix(w.data(), 128, 128),
+                         loco::host_matrix(static_cast<const float*>(g.data()), 128, 128));
+        sparseloco opt(params, comm, {.inner = {.lr = 0.5f}, .schedule = {.every = 2}});
+        opt.step();
+        opt.step();  // the sync
+        after[comm.rank()] = w;
+        bytes = opt.bytes_per_sync();
+    });
+    // Both workers hold the same w, nonzero at the 256 kept cells; rank 1's pseudo-gradient is
+    // scaled to the median (with two workers, the lower) norm: rank 0's. bytes == 508 (one
+    // payload to the peer) + 4 (the all-or-nothing agreement)
+    // [snippet:aggregate-median-norm-clip end]
+    CHECK(after[0] == after[1]);
+    CHECK(std::count_if(after[0].begin(), after[0].end(), [](float v) { return v != 0.0f; }) == 256);
+    CHECK(bytes == 512);
+    // Rank 0's own decoded payload, which the clipped mean reproduces up to rounding: the
+    // pseudo-gradients are g and 2 g (exactly), so D_1 = 2 D_0 and rank 1 is scaled by 1/2.
+    std::vector<float> delta(128 * 128), e(128 * 128, 0.0f), d0(128 * 128);
+    for (std::size_t i = 0; i < delta.size(); ++i) {
+        delta[i] = std::sin(0.37f * static_cast<float>(i));
+    }
+    const loco::compress::segment segs[] = {{0, 128 * 128, 128, 128}};
+    std::vector<std::byte> p(loco::compress::sparseloco::payload_bytes({}, segs));
+    loco::compress::sparseloco::encode({}, delta, segs, e, {}, p);
+    loco::compress::sparseloco::decode({}, p, segs, d0);
+    for (std::size_t i = 0; i < d0.size(); ++i) {
+        CHECK(std::abs(after[0][i] + d0[i]) <= 1e-6f * (1.0f + std::abs(d0[i])));
+    }
+}
+
+TEST_CASE("docs: outer::sign_sgd example") {
+    // [snippet:outer-sign-sgd]
+    // DisTrO as Psyche runs it with quantize_1bit: sign payloads of the DCT top-k, then every
+    // global parameter moves by lr against the sign of the average (outer::sign_sgd).
+    using distro = loco::diloco<loco::inner::sgd, loco::outer::sign_sgd, loco::compress::demo>;
+    std::vector<float> w(64 * 64, 1.0f), g(64 * 64);
+    for (std::size_t i = 0; i < g.size(); ++i) {
+        g[i] = std::cos(0.11f * static_cast<float>(i));
+    }
+    loco::parameter_list params;
+    params.add_views("w", loco::host_matrix(w.data(), 64, 64),
+                     loco::host_matrix(static_cast<const float*>(g.data()), 64, 64));
+    loco::comm::single comm;
+    distro opt(params, comm,
+               {.outer = {.lr = 4e-4f}, .schedule = {.every = 4}, .compress = {.sign = true}});
+    for (int step = 0; step < 4; ++step) {
+        opt.step();  // the 4th call syncs
+    }
+    // every w[i] is now 1 - 4e-4, 1 or 1 + 4e-4: sign-SGD moves by lr or not at all
+    // [snippet:outer-sign-sgd end]
+    for (const float v : w) {
+        CHECK((v == 1.0f - 4e-4f || v == 1.0f || v == 1.0f + 4e-4f));
+    }
+    CHECK(std::count(w.begin(), w.end(), 1.0f) < 64);
+}
+
+TEST_CASE("docs: schedule::fragment_periods example") {
+    // [snippet:schedule-fragment-periods]
+    std::vector<float> embed(16, 0.0f), body(64, 0.0f);
+    std::vector<float> g_embed(16, 1.0f), g_body(64, 1.0f);
+    loco::parameter_list params;
+    params.add("embed", embed, g_embed);
+    params.add("body", body, g_body);
+
+    loco::comm::single comm;
+    using periods = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                 loco::schedule::fragment_periods>;
+    periods::config cfg{.schedule = {.every = {10, 50}}};  // the embeddings 5x more often
+    cfg.fragments.names = {{"embed"}, {"body"}};
+    periods opt(params, comm, cfg);
+    for (int step = 0; step < 100; ++step) {
+        opt.step();
+    }
+    // opt.outer_steps(0) == 10, opt.outer_steps(1) == 2
+    // [snippet:schedule-fragment-periods end]
+    CHECK(opt.outer_steps(0) == 10);
+    CHECK(opt.outer_steps(1) == 2);
+}
+
 // ---- docs/inner.md: muon -------------------------------------------------------------------------
 
 

@@ -126,6 +126,12 @@ struct stage_failure {
 template <class C, class A = aggregate::mean>
 class exchanger {
     static constexpr std::size_t S = static_cast<std::size_t>(C::state_size);
+    // Whether C can tell which elements a payload carries (sparse payloads).
+    static constexpr bool has_support =
+        requires(const typename C::hyper& h, std::span<const std::byte> in,
+                 std::span<const compress::segment> segs, std::span<std::uint8_t> sent) {
+            C::decode_support(h, in, segs, sent);
+        };
     static_assert(!A::needs_reports || A::needs_deltas,
                   "loco: an aggregation that reads worker reports must also set needs_deltas "
                   "(reports without deltas are not supported yet); see docs/diloco.md");
@@ -276,17 +282,31 @@ public:
                 const std::size_t p = C::payload_bytes(h, segs_);
                 if constexpr (A::needs_deltas) {
                     rows_.assign(world_ * n_, 0.0f);
+                    aggregate::contributions c;
+                    c.workers = world_;
+                    c.elements = n_;
+                    c.deltas = rows_;
                     try {
                         for (std::size_t k = 0; k < world_; ++k) {
                             C::decode(h, std::span<const std::byte>(recv_).subspan(k * p, p), segs_,
                                       std::span<float>(rows_).subspan(k * n_, n_));
                         }
+                        if constexpr (aggregate::needs_support<A>() && has_support) {
+                            // Which elements each payload carried.
+                            sent_.assign(world_ * n_, 0);
+                            for (std::size_t k = 0; k < world_; ++k) {
+                                C::decode_support(
+                                    h, std::span<const std::byte>(recv_).subspan(k * p, p), segs_,
+                                    std::span<std::uint8_t>(sent_).subspan(k * n_, n_));
+                            }
+                            c.sent = sent_;
+                        }
                     } catch (...) {
                         failure_.record(sync_stage::decode, std::current_exception());
                         return;
                     }
-                    aggregate::contributions c{world_, n_, {}, rows_};
                     if constexpr (A::needs_reports) c.reports = reports_;
+                    c.segments = segs_;
                     try {
                         A::combine(aggregate_hyper_, c, out);
                     } catch (...) {
@@ -454,6 +474,7 @@ private:
     std::vector<float> work_;     // all_reduce buffer / two_phase input
     std::vector<float> decoded_;
     std::vector<float> rows_;     // every worker's decoded delta (needs_deltas)
+    std::vector<std::uint8_t> sent_;  // which elements each payload carried (needs_support)
     aggregate::worker_report report_send_{};
     std::vector<aggregate::worker_report> reports_;
     typename A::hyper aggregate_hyper_{};

@@ -18,6 +18,7 @@
 #include <loco/outer/delayed_nesterov.hpp>
 #include <loco/outer/nesterov.hpp>
 #include <loco/outer/sgd.hpp>
+#include <loco/outer/sign_sgd.hpp>
 
 #include <loco/compress/blockwise.hpp>
 #include <loco/compress/cast.hpp>
@@ -34,11 +35,13 @@
 #include <loco/exchange.hpp>
 #include <loco/schedule/delayed.hpp>
 #include <loco/schedule/every.hpp>
+#include <loco/schedule/fragment_periods.hpp>
 #include <loco/schedule/plan.hpp>
 #include <loco/schedule/streaming.hpp>
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/fragments.hpp>
 
 #include <loco/comm/communicator.hpp>

@@ -16,6 +16,13 @@
 // gets the same result as long as combine is deterministic. combine may throw
 // loco::invalid_argument to refuse a sync (e.g. every worker an outlier): every rank then raises
 // and nothing is applied. See docs/diloco.md ("Write your own aggregation").
+//
+// Optionally `static constexpr bool needs_support = true;` (with needs_deltas): the exchange also
+// tells, per worker and element, whether that worker's payload carried the element, for
+// compressors that can say (a sparse payload's indices: compress::sparseloco::decode_support);
+// contributions::sent stays empty for the others, whose payloads carry every element.
+
+#include <loco/compress/compressor.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -36,9 +43,28 @@ struct contributions {
     std::span<const worker_report> reports;    // `workers` entries with needs_reports, else empty
     std::span<const float> deltas;             // workers x elements with needs_deltas, else empty
 
+    // The fragment's tensors, in order over [0, elements) (with needs_deltas; empty otherwise).
+    std::span<const compress::segment> segments;
+    // workers x elements, 1 where the worker's payload carried the element (with needs_support
+    // and a compressor that can say); empty: every worker sent every element.
+    std::span<const std::uint8_t> sent;
+
     std::span<const float> delta(std::size_t rank) const {
         return deltas.subspan(rank * elements, elements);
     }
+    std::span<const std::uint8_t> sent_by(std::size_t rank) const {
+        return sent.empty() ? sent : sent.subspan(rank * elements, elements);
+    }
 };
+
+// Whether a policy asks for contributions::sent.
+template <class A>
+constexpr bool needs_support() {
+    if constexpr (requires { A::needs_support; }) {
+        return A::needs_support;
+    } else {
+        return false;
+    }
+}
 
 }  // namespace loco::aggregate

@@ -182,8 +182,14 @@ struct residual_codec {
     // Checks the header and every segment's index stream before anything is written.
     static void decode(const hyper& h, std::span<const std::byte> in,
                        std::span<const segment> segs, std::span<float> out) {
+        C::decode_body(h, checked_body(h, in, segs, out.size()), segs, out);
+    }
+
+    // The body of a payload for an output of n elements, after every check decode makes.
+    static std::span<const std::byte> checked_body(const hyper& h, std::span<const std::byte> in,
+                                                   std::span<const segment> segs, std::size_t n) {
         C::validate(h);
-        check_segments_inside(segs, out.size(), C::name, "output");
+        check_segments_inside(segs, n, C::name, "output");
         for (const segment& s : segs) {
             grid_of(s, h.chunk, C::name);
         }
@@ -194,7 +200,7 @@ struct residual_codec {
             C::check_segment(h, l, body.subspan(at, l.bytes()));
             at += l.bytes();
         }
-        C::decode_body(h, body, segs, out);
+        return body;
     }
 };
 

@@ -182,6 +182,25 @@ struct sparseloco {
         chunking::residual_codec<sparseloco>::decode(h, in, segs, out);
     }
 
+    // Which elements a payload carries: sent[i] = 1 at its kept cells, 0 elsewhere (SparseLoCo's
+    // receivers average each element over the peers that sent it; aggregate/median_norm_clip.hpp).
+    // Refuses what decode refuses, writing nothing.
+    static void decode_support(const hyper& h, std::span<const std::byte> in,
+                               std::span<const segment> segs, std::span<std::uint8_t> sent) {
+        const std::span<const std::byte> body =
+            chunking::residual_codec<sparseloco>::checked_body(h, in, segs, sent.size());
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            std::fill_n(sent.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0);
+            const std::byte* indices = body.data() + at + l.record_bytes;
+            for (std::size_t j = 0; j < l.sent; ++j) {
+                sent[s.offset + l.grid.element(j / l.k, wire::get_bits(indices, j, l.index_bits))] = 1;
+            }
+            at += l.bytes();
+        }
+    }
+
     // The payload of an fp32 vector x without the accumulator: encode() applies this to
     // beta * e + x. out holds payload_bytes(h, segs).
     static void encode_values(const hyper& h, std::span<const float> x,
