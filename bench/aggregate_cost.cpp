@@ -62,3 +62,4 @@ BENCHMARK(aggregate_cost<loco::aggregate::edit>)->Arg(4)->Arg(8)->Arg(16)->Unit(
 BENCHMARK(aggregate_cost<loco::aggregate::trimmed_mean>)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
 BENCHMARK(aggregate_cost<loco::aggregate::median>)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
 BENCHMARK(aggregate_cost<loco::aggregate::centered_clip>)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMicrosecond);
+BENCHMARK_MAIN();

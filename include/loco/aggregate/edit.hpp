@@ -99,33 +99,48 @@ constexpr std::string_view to_string(sign_consensus c) noexcept {
 // The reducer, per element j, over the workers with weight > 0 (atorch's LinearReducer and
 // GTAReducer without sparsification): out[j] = sum_i w_i Delta_i[j] for `none`; with a consensus,
 // sum over the agreeing workers of w_i Delta_i[j] divided by the sum of their w_i (0 when no
-// worker agrees). Ties of the consensus count as +. deltas: workers x n, row-major.
+// worker agrees). Ties of the consensus count as +. deltas: workers x n, row-major; the rows of
+// workers with weight > 0 must be finite (edit gives the others weight 0).
 inline void gta_reduce(std::span<const double> w, std::span<const float> deltas, std::size_t n,
                        sign_consensus consensus, std::span<float> out) {
     const std::size_t m = w.size();
+    // Row by row (each worker's delta is contiguous), every sum over the workers in rank order.
+    std::vector<double> total(n, 0.0), signs(n, 0.0);
+    for (std::size_t i = 0; i < m; ++i) {
+        if (w[i] == 0.0) continue;
+        const double wi = w[i];  // a local: the sums below cannot alias it
+        const float* d = deltas.data() + i * n;
+        double* t = total.data();
+        double* sg = signs.data();
+        for (std::size_t j = 0; j < n; ++j) {
+            t[j] += wi * d[j];
+            sg[j] += static_cast<double>(d[j] > 0.0f) - static_cast<double>(d[j] < 0.0f);
+        }
+    }
+    if (consensus == sign_consensus::none) {
+        for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(total[j]);
+        return;
+    }
+    const std::vector<double>& vote = consensus == sign_consensus::sum ? total : signs;
+    std::vector<double> kept(n, 0.0), weight(n, 0.0);
+    for (std::size_t i = 0; i < m; ++i) {
+        if (w[i] == 0.0) continue;
+        const double wi = w[i];
+        const float* d = deltas.data() + i * n;
+        const double* v = vote.data();
+        double* k = kept.data();
+        double* wt = weight.data();
+        for (std::size_t j = 0; j < n; ++j) {
+            // 1 when the sign of d agrees with the vote, else 0; arithmetic, so the loop vectorises.
+            const double up = static_cast<double>(v[j] >= 0.0);
+            const double agrees = up * static_cast<double>(d[j] > 0.0f) +
+                                  (1.0 - up) * static_cast<double>(d[j] < 0.0f);
+            k[j] += agrees * (wi * d[j]);
+            wt[j] += agrees * wi;
+        }
+    }
     for (std::size_t j = 0; j < n; ++j) {
-        double total = 0.0, signs = 0.0;
-        for (std::size_t i = 0; i < m; ++i) {
-            if (w[i] == 0.0) continue;
-            const double d = deltas[i * n + j];
-            total += w[i] * d;
-            signs += d > 0.0 ? 1.0 : d < 0.0 ? -1.0 : 0.0;
-        }
-        if (consensus == sign_consensus::none) {
-            out[j] = static_cast<float>(total);
-            continue;
-        }
-        const bool positive = (consensus == sign_consensus::sum ? total : signs) >= 0.0;
-        double kept = 0.0, weight = 0.0;
-        for (std::size_t i = 0; i < m; ++i) {
-            if (w[i] == 0.0) continue;
-            const double d = deltas[i * n + j];
-            if (positive ? d > 0.0 : d < 0.0) {
-                kept += w[i] * d;
-                weight += w[i];
-            }
-        }
-        out[j] = weight > 0.0 ? static_cast<float>(kept / weight) : 0.0f;
+        out[j] = weight[j] > 0.0 ? static_cast<float>(kept[j] / weight[j]) : 0.0f;
     }
 }
 
