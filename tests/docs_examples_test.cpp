@@ -1455,3 +1455,60 @@ TEST_CASE("docs: roles and stacked tensors") {
     REQUIRE(opt.step().applied);
     CHECK(attn == want);
 }
+
+TEST_CASE("docs: EDiT, robust aggregation and the wall-clock schedules (aggregation.md, schedules.md)") {
+    std::vector<float> w(4, 1.0f), grad(4, 0.5f);
+    loco::parameter_list params;
+    params.add("w", w, grad);
+    loco::comm::single comm;
+    {
+        // [snippet:aggregate-edit]
+        using edit_diloco = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                                         loco::schedule::warmup<loco::schedule::every>,
+                                         loco::aggregate::edit>;
+        edit_diloco::config cfg{.outer = {.lr = 0.7f, .momentum = 0.8f},
+                                .schedule = {.steps = 100, .then = {.every = 10}}};
+        cfg.aggregate.ewma_warmup = 10;
+        cfg.aggregate.clip = 10.0f;
+        edit_diloco opt(params, comm, cfg);
+        // [snippet:aggregate-edit end]
+        CHECK(opt.step().synced);
+        CHECK(opt.outer_steps() == 1);
+    }
+    {
+        // [snippet:aggregate-trimmed-mean]
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::statistical<2>,
+                     loco::schedule::every, loco::aggregate::trimmed_mean>
+            opt(params, comm, {.aggregate = {.trim = 2}});  // up to 2 bad workers of 8
+        // [snippet:aggregate-trimmed-mean end]
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);
+    }
+    {
+        // [snippet:schedule-warmup]
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                     loco::schedule::warmup<loco::schedule::every>>
+            opt(params, comm, {.schedule = {.steps = 100, .then = {.every = 10}}});
+        // calls 1 .. 100 sync at every step, then 110, 120, ...
+        // [snippet:schedule-warmup end]
+        for (int c = 1; c <= 110; ++c) CHECK(opt.step().synced == (c <= 100 || c == 110));
+    }
+    {
+        // [snippet:schedule-wallclock]
+        using a_edit = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                                    loco::schedule::wallclock, loco::aggregate::edit>;
+        a_edit::config cfg;
+        cfg.schedule = {.seconds = 600.0, .min_total_global_steps = 100};
+        cfg.aggregate.step_weights = true;  // w_i = (1 - r) softmax_i + r s_i, r = 0.5
+        a_edit opt(params, comm, cfg);
+        // [snippet:schedule-wallclock end]
+        CHECK_FALSE(opt.step().synced);
+    }
+    {
+        // [snippet:schedule-proportional]
+        loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                     loco::schedule::proportional>
+            opt(params, comm, {.schedule = {.every = 100}});
+        // [snippet:schedule-proportional end]
+        CHECK_FALSE(opt.step().synced);
+    }
+}

@@ -277,6 +277,10 @@ public:
             engine_.inner_skip();
         }
         restart_loaded_exchanges();
+        // A schedule that decides with its peers (schedule/wallclock.hpp) gets the communicator.
+        if constexpr (requires { schedule_.use_communicator(*comm_); }) {
+            schedule_.use_communicator(*comm_);
+        }
         const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
         result.synced = !plan.finish.empty();
         run(plan);
@@ -468,6 +472,7 @@ public:
             } else {
                 w.floats(std::span<const float>());
             }
+            if constexpr (aggregate::stateful<Aggregate>) engine_.aggregate_state(i).save(w);
         }
         w.finish();
     }
@@ -511,6 +516,7 @@ public:
         };
         std::vector<pending> loaded;
         std::vector<typename engine_type::fragment_restore> restored;
+        std::vector<aggregate::state_t<Aggregate>> aggregate_states;
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             pending p;
             typename engine_type::fragment_restore q;
@@ -526,6 +532,9 @@ public:
             p.started_at = r.u64("the call an exchange started at");
             q.captured.resize(p.in_flight ? frags_[i].elements : 0);
             r.floats(q.captured, "the pseudo-gradient in flight");
+            if constexpr (aggregate::stateful<Aggregate>) {
+                aggregate_states.push_back(aggregate::state_t<Aggregate>::read(r));
+            }
             loaded.push_back(p);
             restored.push_back(std::move(q));
         }
@@ -540,6 +549,11 @@ public:
 
         engine_.commit_inner(std::move(inner));
         engine_.restore(std::move(global), std::move(outer_state), std::move(restored));
+        if constexpr (aggregate::stateful<Aggregate>) {
+            for (std::size_t i = 0; i < frags_.size(); ++i) {
+                engine_.restore_aggregate_state(i, std::move(aggregate_states[i]));
+            }
+        }
         schedule_ = std::move(sched_state);
         skipped_syncs_ = skipped_syncs;
         consecutive_skips_ = consecutive;
@@ -707,6 +721,18 @@ private:
             }
         }
         const bool skip = agree(fi, failure, hit.has_value());
+        if constexpr (aggregate::can_refuse<Aggregate>) {
+            if (!skip && engine_.refused(fi)) {
+                // The aggregation refused this round on every rank (same data, same rule): nothing
+                // applied, the local values back to the global ones (aggregate/aggregate.hpp).
+                engine_.commit(fi);
+                ++f.skipped;
+                ++skipped_syncs_;
+                f.lost = false;
+                merge(fi, 0.0f);
+                return;
+            }
+        }
 
         if (skip) {
             if (consecutive_skips_ == 0) first_nonfinite_ = tensor_at(fi, hit ? hit->index : 0);

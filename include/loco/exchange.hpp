@@ -217,6 +217,7 @@ public:
                                    "in flight; finish it first");
         }
         failure_ = {};
+        refused_ = false;
         ctx_ = ctx;
         in_flight_ = true;
         switch (scheme_) {
@@ -308,7 +309,9 @@ public:
                     if constexpr (A::needs_reports) c.reports = reports_;
                     c.segments = segs_;
                     try {
-                        A::combine(aggregate_hyper_, c, out);
+                        next_aggregate_state_ = aggregate_state_;
+                        refused_ = !aggregate::combine<A>(aggregate_hyper_, next_aggregate_state_, c, out);
+                        if (refused_) std::fill(out.begin(), out.end(), 0.0f);
                     } catch (...) {
                         failure_.record(sync_stage::apply, std::current_exception());
                     }
@@ -334,7 +337,14 @@ public:
         if (scheme_ == exchange_scheme::two_phase) {
             server_state_.swap(next_server_);
         }
+        if constexpr (aggregate::stateful<A>) std::swap(aggregate_state_, next_aggregate_state_);
     }
+
+    // Whether the aggregation refused the last round (aggregate/aggregate.hpp); out is then 0.
+    bool refused() const noexcept { return refused_; }
+    // The aggregation's state after the last commit, for checkpoints.
+    const aggregate::state_t<A>& aggregate_state() const noexcept { return aggregate_state_; }
+    void restore_aggregate_state(aggregate::state_t<A> s) { aggregate_state_ = std::move(s); }
 
     // Replaces delta (this worker's pseudo-gradient, flat layout) by the average over all workers:
     // start + finish + commit; throws the first failure, committing nothing.
@@ -478,6 +488,8 @@ private:
     aggregate::worker_report report_send_{};
     std::vector<aggregate::worker_report> reports_;
     typename A::hyper aggregate_hyper_{};
+    aggregate::state_t<A> aggregate_state_{}, next_aggregate_state_{};  // what commit() makes current
+    bool refused_ = false;
     compress::encode_context ctx_{};
     comm::request request_, report_request_;
     stage_failure failure_;

@@ -38,10 +38,15 @@
 #include <loco/schedule/fragment_periods.hpp>
 #include <loco/schedule/plan.hpp>
 #include <loco/schedule/streaming.hpp>
+#include <loco/schedule/proportional.hpp>
+#include <loco/schedule/wallclock.hpp>
+#include <loco/schedule/warmup.hpp>
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
 #include <loco/aggregate/median_norm_clip.hpp>
+#include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/robust.hpp>
 #include <loco/fragments.hpp>
 
 #include <loco/comm/communicator.hpp>

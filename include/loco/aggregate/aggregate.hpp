@@ -23,10 +23,21 @@
 // contributions::sent stays empty for the others, whose payloads carry every element.
 
 #include <loco/compress/compressor.hpp>
+// Optionally, a policy that remembers something between rounds (a detector, the last aggregate)
+// declares `struct state` (default-constructible, `void save(loco::detail::checkpoint_writer&)
+// const`, `static state read(loco::detail::checkpoint_reader&)`) and takes it as the second
+// argument of combine. Every rank holds the same state (it is computed from the same gathered
+// data); it advances only when the sync is committed and the checkpoint saves it. combine may
+// return bool: false refuses the round without an error (EDiT when every worker is an outlier):
+// on every rank nothing is applied, the outer state stays, and the local values are reset to the
+// global ones. See docs/aggregation.md.
+
+#include <loco/detail/checkpoint.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 
 namespace loco::aggregate {
 
@@ -64,6 +75,60 @@ constexpr bool needs_support() {
         return A::needs_support;
     } else {
         return false;
+    }
+}
+
+// The state a policy keeps between rounds, or nothing.
+struct no_state {
+    void save(loco::detail::checkpoint_writer&) const {}
+    static no_state read(loco::detail::checkpoint_reader&) { return {}; }
+};
+
+template <class A>
+concept stateful = requires { typename A::state; };
+
+template <class A>
+struct state_of {
+    using type = no_state;
+};
+template <stateful A>
+struct state_of<A> {
+    using type = typename A::state;
+};
+template <class A>
+using state_t = typename state_of<A>::type;
+
+namespace impl {
+template <class A>
+decltype(auto) call_combine(const typename A::hyper& h, state_t<A>& s, const contributions& c,
+                            std::span<float> out) {
+    if constexpr (stateful<A>) {
+        return A::combine(h, s, c, out);
+    } else {
+        (void)s;
+        return A::combine(h, c, out);
+    }
+}
+}  // namespace impl
+
+// Whether the policy's combine can refuse a round (returns bool).
+template <class A>
+constexpr bool can_refuse = std::is_same_v<
+    decltype(impl::call_combine<A>(std::declval<const typename A::hyper&>(),
+                                     std::declval<state_t<A>&>(),
+                                     std::declval<const contributions&>(),
+                                     std::declval<std::span<float>>())),
+    bool>;
+
+// Runs the policy's rule; false when it refused the round.
+template <class A>
+bool combine(const typename A::hyper& h, state_t<A>& s, const contributions& c,
+             std::span<float> out) {
+    if constexpr (can_refuse<A>) {
+        return impl::call_combine<A>(h, s, c, out);
+    } else {
+        impl::call_combine<A>(h, s, c, out);
+        return true;
     }
 }
 

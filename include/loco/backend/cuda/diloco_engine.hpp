@@ -359,6 +359,18 @@ public:
         if (f.host) f.host->commit();
     }
 
+    // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp).
+    // Aggregations other than the mean take the host exchange, which keeps them.
+    bool refused(std::size_t fi) const noexcept {
+        return frags_[fi]->host && frags_[fi]->host->refused();
+    }
+    const aggregate::state_t<Aggregate>& aggregate_state(std::size_t fi) const {
+        return frags_[fi]->host->aggregate_state();
+    }
+    void restore_aggregate_state(std::size_t fi, aggregate::state_t<Aggregate> s) {
+        frags_[fi]->host->restore_aggregate_state(std::move(s));
+    }
+
     // One outer step (the fragment's `step`-th) on its global values and state; the new global
     // values go to the parameters, merged with `alpha` (0: copied).
     void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {

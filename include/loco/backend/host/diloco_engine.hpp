@@ -166,6 +166,15 @@ public:
 
     void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
 
+    // The aggregation refused the round (aggregate/aggregate.hpp), and its state per fragment.
+    bool refused(std::size_t fi) const noexcept { return frags_[fi].exchange.refused(); }
+    const aggregate::state_t<Aggregate>& aggregate_state(std::size_t fi) const {
+        return frags_[fi].exchange.aggregate_state();
+    }
+    void restore_aggregate_state(std::size_t fi, aggregate::state_t<Aggregate> s) {
+        frags_[fi].exchange.restore_aggregate_state(std::move(s));
+    }
+
     // One outer step (the fragment's `step`-th) on its global values and outer state, then the
     // merge of the new global values into the parameters.
     void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {

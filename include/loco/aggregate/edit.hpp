@@ -1,0 +1,319 @@
+#pragma once
+// EDiT's pseudo-gradient penalty (Cheng et al., arXiv 2412.07210; atorch's local_sgd code) as an
+// aggregation policy, per fragment (a layer when the layers are registered as fragments):
+//
+//   G_i      = the L2 norm of worker i's pseudo-gradient over the fragment (its own report)
+//   outlier  = the online EWMA detector of worker i says G_i is anomalous, or G_i / Delta_i is
+//              not finite; the detector then learns G_i only from inliers (atorch's DDP path)
+//   w_i      = softmax_j(-G_j / T) over the inliers (or 1 / #inliers without norm weighting),
+//              optionally w_i <- (1 - r) w_i + r s_i with s_i = steps_i / sum of inlier steps
+//              (A-EDiT's step weights)
+//   agg      = sum_i w_i Delta_i (linear), or GTA: per element, only the workers whose sign
+//              agrees with the consensus ("sum": sign of sum_i w_i Delta_i, "count": sign of
+//              sum_i sign(Delta_i); ties +), divided by the sum of their weights
+//   agg     *= min(1, phi / (||agg|| + 1e-6))
+//   every worker an outlier: the round is refused (nothing applied, local values reset).
+//
+// Every rank keeps one detector per worker, fed the same gathered norms, so every rank flags the
+// same workers. algorithms.md section 5.2; docs/aggregation.md.
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco::aggregate {
+
+// atorch's OnlineDynamicEWMA, in double precision:
+//   update(v): count += 1; d = v - mean; mean += alpha d; M2 = (1 - alpha)(M2 + alpha d (v - mean));
+//              the z-score of v (after the update) joins a window of the last `warmup` z-scores
+//   sigma = sqrt(M2) when count >= 2, else 0; z(v) = (v - mean) / sigma, 0 when sigma == 0 or
+//   count < warmup;  outlier(v) = count >= warmup and z(v) > threshold * max(1, std(window))
+// with std the population standard deviation. One-sided: only large norms are anomalies.
+struct ewma_detector {
+    std::uint64_t count = 0;
+    double mean = 0.0;
+    double m2 = 0.0;
+    std::vector<double> window;  // the last z-scores, oldest first (at most `warmup`)
+
+    double sigma() const noexcept { return count >= 2 ? std::sqrt(m2) : 0.0; }
+
+    double z(double v, std::uint64_t warmup) const noexcept {
+        const double s = sigma();
+        if (s == 0.0 || count < warmup) return 0.0;
+        return (v - mean) / s;
+    }
+
+    double window_std() const noexcept {
+        if (window.empty()) return 0.0;
+        double m = 0.0;
+        for (const double x : window) m += x;
+        m /= static_cast<double>(window.size());
+        double q = 0.0;
+        for (const double x : window) q += (x - m) * (x - m);
+        return std::sqrt(q / static_cast<double>(window.size()));
+    }
+
+    bool is_outlier(double v, std::uint64_t warmup, double threshold) const noexcept {
+        return count >= warmup && z(v, warmup) > threshold * std::max(1.0, window_std());
+    }
+
+    void update(double v, double alpha, std::uint64_t warmup) {
+        ++count;
+        const double d = v - mean;
+        mean += alpha * d;
+        m2 = (1.0 - alpha) * (m2 + alpha * d * (v - mean));
+        if (warmup == 0) return;
+        if (window.size() == warmup) window.erase(window.begin());
+        window.push_back(z(v, warmup));
+    }
+};
+
+// GTA's sign consensus.
+enum class sign_consensus : unsigned char {
+    none,   // the weighted sum
+    sum,    // keep the workers with the sign of sum_i w_i Delta_i
+    count   // keep the workers with the sign of sum_i sign(Delta_i)
+};
+
+constexpr std::string_view to_string(sign_consensus c) noexcept {
+    switch (c) {
+        case sign_consensus::none: return "none";
+        case sign_consensus::sum: return "sum";
+        case sign_consensus::count: return "count";
+    }
+    return "?";
+}
+
+// The reducer, per element j, over the workers with weight > 0 (atorch's LinearReducer and
+// GTAReducer without sparsification): out[j] = sum_i w_i Delta_i[j] for `none`; with a consensus,
+// sum over the agreeing workers of w_i Delta_i[j] divided by the sum of their w_i (0 when no
+// worker agrees). Ties of the consensus count as +. deltas: workers x n, row-major; the rows of
+// workers with weight > 0 must be finite (edit gives the others weight 0).
+inline void gta_reduce(std::span<const double> w, std::span<const float> deltas, std::size_t n,
+                       sign_consensus consensus, std::span<float> out) {
+    const std::size_t m = w.size();
+    // Row by row (each worker's delta is contiguous), every sum over the workers in rank order.
+    std::vector<double> total(n, 0.0), signs(n, 0.0);
+    for (std::size_t i = 0; i < m; ++i) {
+        if (w[i] == 0.0) continue;
+        const double wi = w[i];  // a local: the sums below cannot alias it
+        const float* d = deltas.data() + i * n;
+        double* t = total.data();
+        double* sg = signs.data();
+        for (std::size_t j = 0; j < n; ++j) {
+            t[j] += wi * d[j];
+            sg[j] += static_cast<double>(d[j] > 0.0f) - static_cast<double>(d[j] < 0.0f);
+        }
+    }
+    if (consensus == sign_consensus::none) {
+        for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<float>(total[j]);
+        return;
+    }
+    const std::vector<double>& vote = consensus == sign_consensus::sum ? total : signs;
+    std::vector<double> kept(n, 0.0), weight(n, 0.0);
+    for (std::size_t i = 0; i < m; ++i) {
+        if (w[i] == 0.0) continue;
+        const double wi = w[i];
+        const float* d = deltas.data() + i * n;
+        const double* v = vote.data();
+        double* k = kept.data();
+        double* wt = weight.data();
+        for (std::size_t j = 0; j < n; ++j) {
+            // 1 when the sign of d agrees with the vote, else 0; arithmetic, so the loop vectorises.
+            const double up = static_cast<double>(v[j] >= 0.0);
+            const double agrees = up * static_cast<double>(d[j] > 0.0f) +
+                                  (1.0 - up) * static_cast<double>(d[j] < 0.0f);
+            k[j] += agrees * (wi * d[j]);
+            wt[j] += agrees * wi;
+        }
+    }
+    for (std::size_t j = 0; j < n; ++j) {
+        out[j] = weight[j] > 0.0 ? static_cast<float>(kept[j] / weight[j]) : 0.0f;
+    }
+}
+
+struct edit {
+    static constexpr std::string_view name = "edit";
+
+    // atorch's LocalSGDConfig defaults, except the switches the README example turns on
+    // (norm weighting, anomaly rejection, GTA "sum"); no clipping unless phi is set (README: "usually
+    // 1 or 10").
+    struct hyper {
+        bool weight_by_norm = true;      // pseudo_gradnorm_reduce: softmax(-G / T) weights
+        float temperature = 1.0f;        // T (weight_softmax_temperature), > 0
+        bool skip_anomaly = true;        // reject the detector's outliers
+        float ewma_alpha = 0.02f;        // in (0, 1]
+        std::uint64_t ewma_warmup = 120; // norms seen before anything is flagged
+        float ewma_threshold = 3.0f;     // > 0
+        sign_consensus consensus = sign_consensus::sum;  // GTAConfig(reducer="gta"); none = linear
+        float clip = std::numeric_limits<float>::infinity();  // phi (clip_pseudo_grad), > 0
+        bool step_weights = false;       // A-EDiT's use_step_weight
+        float step_weight_ratio = 0.5f;  // r, in [0, 1]
+    };
+
+    static constexpr bool needs_reports = true;
+    static constexpr bool needs_deltas = true;
+
+    // One detector per worker.
+    struct state {
+        std::vector<ewma_detector> detectors;
+
+        void save(loco::detail::checkpoint_writer& w) const {
+            w.u64(detectors.size());
+            for (const auto& d : detectors) {
+                w.u64(d.count);
+                w.u64(bits(d.mean));
+                w.u64(bits(d.m2));
+                w.u64(d.window.size());
+                for (const double x : d.window) w.u64(bits(x));
+            }
+        }
+        static state read(loco::detail::checkpoint_reader& r) {
+            state s;
+            const std::uint64_t m = r.u64("the number of EDiT detectors");
+            if (m > (1u << 20)) throw checkpoint_error("loco: checkpoint corrupted (EDiT detectors)");
+            s.detectors.resize(m);
+            for (auto& d : s.detectors) {
+                d.count = r.u64("an EDiT detector's count");
+                d.mean = from_bits(r.u64("an EDiT detector's mean"));
+                d.m2 = from_bits(r.u64("an EDiT detector's M2"));
+                const std::uint64_t k = r.u64("an EDiT detector's window length");
+                if (k > (1u << 24)) throw checkpoint_error("loco: checkpoint corrupted (EDiT window)");
+                d.window.resize(k);
+                for (auto& x : d.window) x = from_bits(r.u64("an EDiT detector's z-score"));
+            }
+            return s;
+        }
+
+    private:
+        static std::uint64_t bits(double x) {
+            std::uint64_t b;
+            std::memcpy(&b, &x, sizeof b);
+            return b;
+        }
+        static double from_bits(std::uint64_t b) {
+            double x;
+            std::memcpy(&x, &b, sizeof x);
+            return x;
+        }
+    };
+
+    static void validate(const hyper& h) {
+        const std::string who = "loco::aggregate::edit: ";
+        if (!(h.temperature > 0.0f) || !std::isfinite(h.temperature)) {
+            throw invalid_argument(who + "temperature (T) must be a finite number > 0; 1 is atorch's default");
+        }
+        if (!(h.ewma_alpha > 0.0f && h.ewma_alpha <= 1.0f)) {
+            throw invalid_argument(who + "ewma_alpha must be in (0, 1]; atorch uses 0.02");
+        }
+        if (!(h.ewma_threshold > 0.0f) || !std::isfinite(h.ewma_threshold)) {
+            throw invalid_argument(who + "ewma_threshold must be a finite number > 0; atorch uses 3");
+        }
+        if (!(h.clip > 0.0f)) {
+            throw invalid_argument(who + "clip (phi) must be > 0; leave it at infinity for no clipping");
+        }
+        if (!(h.step_weight_ratio >= 0.0f && h.step_weight_ratio <= 1.0f)) {
+            throw invalid_argument(who + "step_weight_ratio (r) must be in [0, 1]; atorch uses 0.5");
+        }
+        if (h.consensus != sign_consensus::none && h.consensus != sign_consensus::sum &&
+            h.consensus != sign_consensus::count) {
+            throw invalid_argument(who + "consensus must be sign_consensus::none, sum or count");
+        }
+    }
+
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " weight_by_norm=" << h.weight_by_norm << " T=" << h.temperature
+           << " skip_anomaly=" << h.skip_anomaly << " alpha=" << h.ewma_alpha
+           << " warmup=" << h.ewma_warmup << " threshold=" << h.ewma_threshold
+           << " consensus=" << to_string(h.consensus) << " clip=" << h.clip
+           << " step_weights=" << h.step_weights << " r=" << h.step_weight_ratio;
+        return os.str();
+    }
+
+    // The weights of the round (0 for outliers), the detectors updated with the inliers; empty
+    // when every worker is an outlier. Exposed for tests and for the CUDA backend, which runs the
+    // same rule on the gathered norms.
+    static std::vector<double> weights(const hyper& h, state& s, const contributions& c) {
+        const std::size_t m = c.workers;
+        if (s.detectors.size() != m) s.detectors.assign(m, {});
+        std::vector<bool> inlier(m, true);
+        for (std::size_t i = 0; i < m; ++i) {
+            const double g = c.reports[i].norm;
+            bool ok = std::isfinite(g);
+            if (ok && !c.deltas.empty()) {
+                for (const float x : c.delta(i)) ok = ok && std::isfinite(x);
+            }
+            if (ok && h.skip_anomaly) {
+                ok = !s.detectors[i].is_outlier(g, h.ewma_warmup, h.ewma_threshold);
+            }
+            inlier[i] = ok;
+        }
+        std::vector<double> w(m, 0.0);
+        std::size_t kept = 0;
+        double lowest = std::numeric_limits<double>::infinity();
+        for (std::size_t i = 0; i < m; ++i) {
+            if (!inlier[i]) continue;
+            ++kept;
+            lowest = std::min(lowest, static_cast<double>(c.reports[i].norm));
+            if (h.skip_anomaly) s.detectors[i].update(c.reports[i].norm, h.ewma_alpha, h.ewma_warmup);
+        }
+        if (kept == 0) return {};
+        double total = 0.0;
+        for (std::size_t i = 0; i < m; ++i) {
+            if (!inlier[i]) continue;
+            // Shifted by the smallest norm: the same softmax, no underflow to 0/0.
+            w[i] = h.weight_by_norm ? std::exp(-(c.reports[i].norm - lowest) / h.temperature) : 1.0;
+            total += w[i];
+        }
+        for (auto& x : w) x /= total;
+        if (h.step_weights) {
+            double steps = 0.0;
+            for (std::size_t i = 0; i < m; ++i) {
+                if (inlier[i]) steps += std::max(0.0, static_cast<double>(c.reports[i].inner_steps));
+            }
+            if (!(steps > 0.0)) {
+                throw invalid_argument("loco::aggregate::edit: step_weights needs step counts but "
+                                       "every worker reported 0 inner steps; turn step_weights off "
+                                       "or sync after some steps");
+            }
+            const double r = h.step_weight_ratio;
+            for (std::size_t i = 0; i < m; ++i) {
+                if (!inlier[i]) continue;
+                const double si = std::max(0.0, static_cast<double>(c.reports[i].inner_steps)) / steps;
+                w[i] = (1.0 - r) * w[i] + r * si;
+            }
+        }
+        return w;
+    }
+
+    static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
+        const std::vector<double> w = weights(h, s, c);
+        if (w.empty()) return false;  // every worker an outlier: atorch skips the outer update
+        gta_reduce(w, c.deltas, c.elements, h.consensus, out);
+        if (std::isfinite(h.clip)) {
+            double sq = 0.0;
+            for (const float x : out) sq += static_cast<double>(x) * x;
+            const double scale = std::min(1.0, h.clip / (std::sqrt(sq) + 1e-6));
+            if (scale < 1.0) {
+                for (auto& x : out) x = static_cast<float>(x * scale);
+            }
+        }
+        return true;
+    }
+};
+
+}  // namespace loco::aggregate

@@ -1,0 +1,174 @@
+#pragma once
+// Aggregations that a few faulty or malicious workers cannot steer (algorithms.md section 12):
+//
+//   trimmed_mean   per coordinate, drop the b largest and b smallest values, average the rest
+//                  (Yin, Chen, Ramchandran, Bartlett, ICML 2018); needs b >= f and 2b < M
+//   median         per coordinate, the median (the mean of the two middle values for an even
+//                  count); same paper; breakdown point f < M / 2
+//   centered_clip  start from the last round's aggregate v and iterate L times
+//                  v <- v + (1/M) sum_i (Delta_i - v) min(1, tau / ||Delta_i - v||)
+//                  (Karimireddy, He, Jaggi, ICML 2021); its state is v
+//
+// Each needs every worker's decoded pseudo-gradient, so the exchange is an all-gather of the
+// (compressed) payloads: (M - 1) payloads received per rank, against about 2 (M - 1) / M of one
+// payload for the fp32 ring all-reduce of `mean`. Every rank runs the rule on the same gathered
+// deltas, so every rank gets the same aggregate without a server. A worker whose delta holds a
+// NaN or an infinity is left out (trimmed_mean and median over the others; centered_clip counts
+// it as agreeing with v); fewer than 2b + 1 usable workers refuses the round. docs/aggregation.md.
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loco::aggregate {
+
+namespace robust_detail {
+
+// The workers whose delta is finite everywhere.
+inline std::vector<std::size_t> finite_workers(const contributions& c) {
+    std::vector<std::size_t> ok;
+    for (std::size_t k = 0; k < c.workers; ++k) {
+        bool finite = true;
+        for (const float x : c.delta(k)) finite = finite && std::isfinite(x);
+        if (finite) ok.push_back(k);
+    }
+    return ok;
+}
+
+// out[j] = the mean of the sorted values of coordinate j over `rows`, from index lo to hi - 1.
+inline void sorted_mean(const contributions& c, const std::vector<std::size_t>& rows,
+                        std::size_t lo, std::size_t hi, std::span<float> out) {
+    std::vector<double> v(rows.size());
+    for (std::size_t j = 0; j < c.elements; ++j) {
+        for (std::size_t k = 0; k < rows.size(); ++k) v[k] = c.delta(rows[k])[j];
+        std::sort(v.begin(), v.end());
+        double s = 0.0;
+        for (std::size_t k = lo; k < hi; ++k) s += v[k];
+        out[j] = static_cast<float>(s / static_cast<double>(hi - lo));
+    }
+}
+
+}  // namespace robust_detail
+
+struct trimmed_mean {
+    static constexpr std::string_view name = "trimmed_mean";
+    struct hyper {
+        std::uint64_t trim = 1;  // b, values dropped at each end; set it >= the faulty workers f
+    };
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+
+    static std::string describe(const hyper& h) { return "trimmed_mean b=" + std::to_string(h.trim); }
+
+    static bool combine(const hyper& h, const contributions& c, std::span<float> out) {
+        if (2 * h.trim >= c.workers) {
+            throw invalid_argument("loco::aggregate::trimmed_mean: trimming b = " +
+                                   std::to_string(h.trim) + " values at each end of " +
+                                   std::to_string(c.workers) +
+                                   " workers leaves none; choose 2b < M");
+        }
+        const auto rows = robust_detail::finite_workers(c);
+        if (rows.size() < 2 * h.trim + 1) return false;
+        robust_detail::sorted_mean(c, rows, h.trim, rows.size() - h.trim, out);
+        return true;
+    }
+};
+
+struct median {
+    static constexpr std::string_view name = "median";
+    struct hyper {};
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+
+    static bool combine(const hyper&, const contributions& c, std::span<float> out) {
+        const auto rows = robust_detail::finite_workers(c);
+        if (rows.empty()) return false;
+        const std::size_t m = rows.size();
+        robust_detail::sorted_mean(c, rows, (m - 1) / 2, m / 2 + 1, out);
+        return true;
+    }
+};
+
+struct centered_clip {
+    static constexpr std::string_view name = "centered_clip";
+    struct hyper {
+        float tau = 1.0f;              // clipping radius around v, > 0 (in pseudo-gradient units)
+        std::uint64_t iterations = 1;  // L; 1 is the paper's usual choice
+    };
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+
+    // v, the last aggregate (empty: 0 before the first round).
+    struct state {
+        std::vector<float> center;
+        void save(loco::detail::checkpoint_writer& w) const {
+            w.u64(center.size());
+            w.floats(center);
+        }
+        static state read(loco::detail::checkpoint_reader& r) {
+            state s;
+            const std::uint64_t n = r.u64("the centered clipping center's length");
+            if (n > (std::uint64_t{1} << 40)) {
+                throw checkpoint_error("loco: checkpoint corrupted (centered clipping center)");
+            }
+            s.center.resize(n);
+            r.floats(s.center, "the centered clipping center");
+            return s;
+        }
+    };
+
+    static void validate(const hyper& h) {
+        if (!(h.tau > 0.0f) || !std::isfinite(h.tau)) {
+            throw invalid_argument("loco::aggregate::centered_clip: tau must be a finite number > 0 "
+                                   "(about the honest workers' spread of pseudo-gradient norms)");
+        }
+        if (h.iterations == 0) {
+            throw invalid_argument("loco::aggregate::centered_clip: iterations (L) must be >= 1");
+        }
+    }
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " tau=" << h.tau << " L=" << h.iterations;
+        return os.str();
+    }
+
+    static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
+        const std::size_t n = c.elements;
+        if (s.center.size() != n) s.center.assign(n, 0.0f);
+        const auto rows = robust_detail::finite_workers(c);
+        if (rows.empty()) return false;
+        std::vector<double> v(s.center.begin(), s.center.end()), step(n);
+        const double m = static_cast<double>(c.workers);
+        for (std::uint64_t l = 0; l < h.iterations; ++l) {
+            std::fill(step.begin(), step.end(), 0.0);
+            for (const std::size_t k : rows) {
+                const auto d = c.delta(k);
+                double sq = 0.0;
+                for (std::size_t j = 0; j < n; ++j) sq += (d[j] - v[j]) * (d[j] - v[j]);
+                const double norm = std::sqrt(sq);
+                const double scale = norm > h.tau ? h.tau / norm : 1.0;
+                for (std::size_t j = 0; j < n; ++j) step[j] += (d[j] - v[j]) * scale;
+            }
+            for (std::size_t j = 0; j < n; ++j) v[j] += step[j] / m;
+        }
+        for (std::size_t j = 0; j < n; ++j) {
+            out[j] = static_cast<float>(v[j]);
+            s.center[j] = out[j];
+        }
+        return true;
+    }
+};
+
+}  // namespace loco::aggregate

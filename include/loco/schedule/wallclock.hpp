@@ -1,0 +1,152 @@
+#pragma once
+// A-EDiT's wall-clock schedule (Cheng et al., arXiv 2412.07210; atorch's use_async): the workers
+// sync every `seconds` of wall time instead of every H steps, so a fast worker does more local
+// steps per window than a slow one. A worker's window closes at the first step() that ends at
+// least `seconds` after the window opened; then the workers agree (one all-reduce of three
+// floats) on the mean elapsed time and on the steps done: if fewer than min_total_global_steps
+// steps were done by all workers together since the last sync, the window is skipped (every
+// timer restarts, nothing is exchanged, the steps keep counting); otherwise the whole model
+// syncs. Every worker reaches the collective once per window, each by its own clock, and the
+// ones that arrive first wait there for the others. Pair it with aggregate::edit's step_weights
+// for A-EDiT's w_i = (1 - r) softmax_i + r s_i.
+//
+// Time comes from hyper::clock (seconds; empty: std::chrono::steady_clock), so tests can inject
+// a deterministic clock. The first window opens when the first step() returns. The schedule talks
+// to the other workers, so loco::diloco hands it the communicator (use_communicator) before each
+// next(). docs/schedules.md.
+
+#include <loco/comm/communicator.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/schedule/plan.hpp>
+#include <loco/tensor.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <string_view>
+
+namespace loco::schedule {
+
+// Seconds from an arbitrary origin; the schedules' injectable clock.
+using seconds_clock = std::function<double()>;
+
+inline double read_clock(const seconds_clock& clock) {
+    if (clock) return clock();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+class wallclock {
+public:
+    static constexpr std::string_view name = "wallclock";
+
+    // atorch's defaults (local_sgd_sync_time = 600 s, min_total_global_steps = 100).
+    struct hyper {
+        double seconds = 600.0;                    // T, wall time between syncs, > 0
+        std::uint64_t min_total_global_steps = 100;
+        seconds_clock clock{};                     // empty: std::chrono::steady_clock
+    };
+
+    static void validate(const hyper& h) {
+        if (!(h.seconds > 0.0) || !std::isfinite(h.seconds)) {
+            throw invalid_argument("loco::schedule::wallclock: seconds (T) must be a finite number > 0; "
+                                   "atorch uses 600");
+        }
+    }
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " T=" << h.seconds << "s min_total_global_steps=" << h.min_total_global_steps;
+        return os.str();
+    }
+    static std::size_t fragments(const hyper&) noexcept { return 1; }
+
+    void use_communicator(comm::communicator& comm) noexcept { comm_ = &comm; }
+
+    sync_plan next(const hyper& h) {
+        if (comm_ == nullptr) {
+            throw invalid_argument("loco::schedule::wallclock: next() needs the workers' "
+                                   "communicator; call use_communicator(comm) first (loco::diloco "
+                                   "does)");
+        }
+        ++calls_;
+        ++since_sync_;
+        const double now = read_clock(h.clock);
+        if (!open_) {
+            opened_at_ = now;
+            open_ = true;
+            window_steps_ = 0;
+            return nothing_now;
+        }
+        ++window_steps_;
+        if (now - opened_at_ < h.seconds) return nothing_now;
+
+        // The window closed on this worker: agree on the time and the steps of all of them.
+        float sums[3] = {static_cast<float>(now - opened_at_), static_cast<float>(window_steps_),
+                         static_cast<float>(since_sync_)};
+        comm_->all_reduce(host_tensor(sums, 3), comm::reduce_op::sum);
+        const double m = comm_->size();
+        last_.mean_seconds = sums[0] / m;
+        last_.total_steps = static_cast<std::uint64_t>(sums[2]);
+        opened_at_ = read_clock(h.clock);
+        window_steps_ = 0;
+        // Each worker did at least one timed step; a mean step longer than T means every window
+        // is one step, and the schedule is syncing every step whatever T says.
+        if (sums[0] / sums[1] > h.seconds) {
+            std::ostringstream os;
+            os << "loco::schedule::wallclock: seconds (T = " << h.seconds
+               << ") is shorter than one step (" << sums[0] / sums[1]
+               << " s measured on average); raise T above the step time";
+            throw invalid_argument(os.str());
+        }
+        if (last_.total_steps < h.min_total_global_steps) {
+            last_.synced = false;
+            ++skipped_;
+            return nothing_now;
+        }
+        last_.synced = true;
+        since_sync_ = 0;
+        ++syncs_;
+        return whole_model_now;
+    }
+
+    // What the workers agreed on when the last window closed.
+    struct window {
+        double mean_seconds = 0.0;     // mean over the workers of the window's elapsed time
+        std::uint64_t total_steps = 0; // steps of all workers since the last sync
+        bool synced = false;
+    };
+    const window& last_window() const noexcept { return last_; }
+    std::uint64_t syncs() const noexcept { return syncs_; }
+    std::uint64_t skipped_windows() const noexcept { return skipped_; }
+
+    std::uint64_t calls() const noexcept { return calls_; }
+    // The clock is not saved: a resumed run opens a new window at its first step.
+    void save(detail::checkpoint_writer& w) const {
+        w.u64(calls_);
+        w.u64(since_sync_);
+        w.u64(syncs_);
+        w.u64(skipped_);
+    }
+    static wallclock read(detail::checkpoint_reader& r) {
+        wallclock s;
+        s.calls_ = r.u64("the step call count");
+        s.since_sync_ = r.u64("the steps since the last sync");
+        s.syncs_ = r.u64("the wall-clock sync count");
+        s.skipped_ = r.u64("the skipped window count");
+        return s;
+    }
+
+private:
+    comm::communicator* comm_ = nullptr;
+    std::uint64_t calls_ = 0, since_sync_ = 0, window_steps_ = 0, syncs_ = 0, skipped_ = 0;
+    double opened_at_ = 0.0;
+    bool open_ = false;
+    window last_{};
+};
+
+}  // namespace loco::schedule

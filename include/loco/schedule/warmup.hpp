@@ -1,0 +1,94 @@
+#pragma once
+// EDiT's warm-up (Cheng et al., arXiv 2412.07210; atorch's local_sgd_warmup_steps): for the first
+// W calls to step() every fragment syncs at every step, then the wrapped schedule S takes over,
+// counting its own calls from 1 (its first round starts after the warm-up). With outer::sgd at
+// lr = 1 each warm-up sync is exact parameter averaging, i.e. synchronous data-parallel training
+// for an SGD inner step; with another outer optimizer each warm-up sync is an outer step (atorch
+// all-reduces gradients instead, without its outer optimizer).
+//
+//   loco::diloco<..., loco::schedule::warmup<loco::schedule::every>, loco::aggregate::edit>
+//       opt(params, comm, {.schedule = {.steps = 100, .then = {.every = 10}}});
+
+#include <loco/comm/communicator.hpp>
+#include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
+#include <loco/policy.hpp>
+#include <loco/schedule/plan.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace loco::schedule {
+
+template <class S>
+class warmup {
+    static_assert(planning_schedule<S>,
+                  "loco::schedule::warmup wraps a planning schedule (every, streaming, wallclock, "
+                  "...); see docs/schedules.md");
+
+public:
+    static constexpr std::string_view name = "warmup";
+
+    struct hyper {
+        std::uint64_t steps = 0;        // W, calls that sync every step (atorch default 0)
+        typename S::hyper then{};       // the schedule after the warm-up
+    };
+
+    static void validate(const hyper& h) { detail::validate_hyper<S>(h.then); }
+    static std::string describe(const hyper& h) {
+        return "warmup W=" + std::to_string(h.steps) + " then " + detail::describe_policy<S>(h.then);
+    }
+    static std::size_t fragments(const hyper& h) { return S::fragments(h.then); }
+    static float merge_alpha(const hyper& h)
+        requires requires { S::merge_alpha(h.then); }
+    {
+        return S::merge_alpha(h.then);
+    }
+    static auto pattern(const hyper& h)
+        requires requires { S::pattern(h.then); }
+    {
+        return S::pattern(h.then);
+    }
+
+    void use_communicator(comm::communicator& comm) {
+        if constexpr (requires { after_.use_communicator(comm); }) after_.use_communicator(comm);
+    }
+
+    sync_plan next(const hyper& h) {
+        if (warm_ < h.steps) {
+            ++warm_;
+            plan_.clear();
+            for (std::size_t f = 0; f < S::fragments(h.then); ++f) {
+                plan_.start(f);
+                plan_.finish(f);
+            }
+            return plan_.view();
+        }
+        return after_.next(h.then);
+    }
+
+    // step() calls: the warm-up's and the wrapped schedule's.
+    std::uint64_t calls() const noexcept { return warm_ + after_.calls(); }
+    std::uint64_t warmup_calls() const noexcept { return warm_; }
+    const S& then() const noexcept { return after_; }
+
+    void save(detail::checkpoint_writer& w) const {
+        w.u64(warm_);
+        after_.save(w);
+    }
+    static warmup read(detail::checkpoint_reader& r) {
+        warmup s;
+        s.warm_ = r.u64("the warm-up call count");
+        s.after_ = S::read(r);
+        return s;
+    }
+
+private:
+    std::uint64_t warm_ = 0;
+    S after_{};
+    plan_buffer plan_;
+};
+
+}  // namespace loco::schedule

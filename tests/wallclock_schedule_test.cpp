@@ -1,0 +1,296 @@
+// A-EDiT's wall-clock schedule, DyLU's speed-proportional local steps and EDiT's warm-up, with
+// thread workers whose step times come from injected clocks, against hand-derived sync calls and
+// double-precision re-computations of the aggregate.
+
+#include <doctest/doctest.h>
+
+#include <loco/aggregate/edit.hpp>
+#include <loco/comm/single.hpp>
+#include <loco/comm/threads.hpp>
+#include <loco/compress/none.hpp>
+#include <loco/diloco.hpp>
+#include <loco/inner/sgd.hpp>
+#include <loco/outer/sgd.hpp>
+#include <loco/schedule/every.hpp>
+#include <loco/schedule/proportional.hpp>
+#include <loco/schedule/wallclock.hpp>
+#include <loco/schedule/warmup.hpp>
+
+#include "support/random.hpp"
+
+#include <array>
+#include <cmath>
+#include <memory>
+#include <sstream>
+#include <vector>
+
+namespace {
+
+// A worker's clock: each step() of worker k takes step_seconds[k]; the test advances it.
+struct fake_clock {
+    std::shared_ptr<double> now = std::make_shared<double>(0.0);
+    loco::schedule::seconds_clock fn() const {
+        return [t = now] { return *t; };
+    }
+};
+
+}  // namespace
+
+TEST_CASE("wallclock: four workers at different speeds agree on the windows, s_i weights, a skipped window changes nothing") {
+    constexpr int m = 4;
+    constexpr std::size_t n = 3;
+    const std::array<double, m> step_seconds = {1.0, 2.0, 3.0, 4.0};
+    const float lr = 0.1f;
+    auto rng = loco_test::rng_for("wallclock a-edit");
+    const auto init = loco_test::normal_floats(rng, n);
+    std::vector<std::vector<float>> grads;  // constant per worker
+    for (int k = 0; k < m; ++k) grads.push_back(loco_test::normal_floats(rng, n));
+
+    // T = 6 s. The first window opens after the first step; worker k's window closes at the first
+    // call c with (c - 1) d_k >= 6: calls 7, 4, 3, 3; the next windows last ceil(6 / d_k) steps:
+    // 6, 3, 2, 2. The agreed mean elapsed time is (6 + 6 + 6 + 8) / 4 = 6.5 s both times.
+    const std::array<int, m> first = {7, 4, 3, 3}, later = {6, 3, 2, 2};
+
+    SUBCASE("the schedule alone: the agreed mean time and step totals") {
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            fake_clock clock;
+            loco::schedule::wallclock s;
+            s.use_communicator(comm);
+            const loco::schedule::wallclock::hyper h{.seconds = 6.0, .min_total_global_steps = 0,
+                                                     .clock = clock.fn()};
+            int c = 0, closes = 0;
+            while (closes < 2) {
+                ++c;
+                *clock.now += step_seconds[r];
+                if (!s.next(h).empty()) {
+                    ++closes;
+                    CHECK(c == (closes == 1 ? first[r] : first[r] + later[r]));
+                    CHECK(s.last_window().mean_seconds == doctest::Approx(6.5));
+                    CHECK(s.last_window().total_steps == (closes == 1 ? 17u : 13u));
+                }
+            }
+        });
+    }
+
+    SUBCASE("T shorter than one step: every rank raises the same one-sentence error") {
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            fake_clock clock;
+            loco::schedule::wallclock s;
+            s.use_communicator(comm);
+            const loco::schedule::wallclock::hyper h{.seconds = 0.5, .min_total_global_steps = 0,
+                                                     .clock = clock.fn()};
+            *clock.now += step_seconds[r];
+            CHECK(s.next(h).empty());
+            *clock.now += step_seconds[r];
+            CHECK_THROWS_WITH_AS(s.next(h), doctest::Contains("shorter than one step"),
+                                 loco::invalid_argument);
+        });
+        CHECK_THROWS_AS(loco::schedule::wallclock::validate({.seconds = 0.0}), loco::invalid_argument);
+        CHECK_THROWS_AS(loco::schedule::wallclock::validate({.seconds = -1.0}), loco::invalid_argument);
+        loco::schedule::wallclock lone;
+        CHECK_THROWS_AS(lone.next({}), loco::invalid_argument);  // no communicator
+    }
+
+    SUBCASE("through loco::diloco with A-EDiT's step weights (r = 1): global = sum_i s_i local_i") {
+        for (const std::uint64_t min_total : {0u, 20u}) {
+            CAPTURE(min_total);
+            using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                       loco::schedule::wallclock, loco::aggregate::edit>;
+            // The reference: worker k's local values after c of its own steps from x.
+            const auto walk = [&](const std::vector<double>& x, int k, int c) {
+                std::vector<double> out(n);
+                for (std::size_t i = 0; i < n; ++i) out[i] = x[i] - double(lr) * c * grads[k][i];
+                return out;
+            };
+            // Window 1 skipped when min_total = 20 (17 steps in all); then the sync is at the end
+            // of window 2 with 30 steps since the last sync.
+            const bool skip_first = min_total == 20;
+            std::vector<double> x0(init.begin(), init.end());
+            std::array<int, m> cum{};
+            for (int k = 0; k < m; ++k) cum[k] = first[k] + (skip_first ? later[k] : 0);
+            const auto weighted = [&](const std::vector<double>& x, std::array<int, m> steps,
+                                      std::array<int, m> total) {
+                double all = 0.0;
+                for (int k = 0; k < m; ++k) all += total[k];
+                std::vector<double> g(n, 0.0);
+                for (int k = 0; k < m; ++k) {
+                    const auto l = walk(x, k, steps[k]);
+                    for (std::size_t i = 0; i < n; ++i) g[i] += total[k] / all * l[i];
+                }
+                return g;
+            };
+            const auto global1 = weighted(x0, cum, cum);
+            // With min_total = 20 the next window (13 steps) is skipped too.
+            const int windows = skip_first ? 2 : 1;
+            std::array<int, m> steps2{}, cum2{};
+            for (int k = 0; k < m; ++k) {
+                steps2[k] = windows * later[k];
+                cum2[k] = cum[k] + steps2[k];
+            }
+            const auto global2 = weighted(global1, steps2, cum2);
+
+            std::array<std::vector<float>, m> g1, g2;
+            loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+                const auto r = std::size_t(comm.rank());
+                fake_clock clock;
+                std::vector<float> w = init, g = grads[r];
+                loco::parameter_list list;
+                list.add("w", w, g);
+                opt_t::config cfg{.inner = {.lr = lr}, .outer = {.lr = 1.0f}};
+                cfg.schedule = {.seconds = 6.0, .min_total_global_steps = min_total, .clock = clock.fn()};
+                cfg.aggregate.weight_by_norm = false;
+                cfg.aggregate.skip_anomaly = false;
+                cfg.aggregate.consensus = loco::aggregate::sign_consensus::none;
+                cfg.aggregate.step_weights = true;
+                cfg.aggregate.step_weight_ratio = 1.0f;
+                opt_t opt(list, comm, cfg);
+                opt.start();
+                int c = 0, syncs = 0;
+                while (syncs < 2) {
+                    ++c;
+                    *clock.now += step_seconds[r];
+                    const auto res = opt.step();
+                    if (skip_first && c == first[r]) {
+                        // The skipped window: no sync, the local values walk on, the global stays.
+                        CHECK_FALSE(res.synced);
+                        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == init);
+                        for (std::size_t i = 0; i < n; ++i) {
+                            CHECK(w[i] == doctest::Approx(walk(x0, int(r), c)[i]).epsilon(1e-5));
+                        }
+                    }
+                    if (res.synced) {
+                        ++syncs;
+                        CHECK(c == (syncs == 1 ? cum[r] : cum2[r]));
+                        (syncs == 1 ? g1 : g2)[r].assign(opt.global().begin(), opt.global().end());
+                        CHECK(w == (syncs == 1 ? g1 : g2)[r]);
+                    }
+                }
+                CHECK(opt.outer_steps() == 2);
+            });
+            for (int r = 0; r < m; ++r) {
+                for (std::size_t i = 0; i < n; ++i) {
+                    CHECK(g1[r][i] == doctest::Approx(global1[i]).epsilon(1e-5));
+                    CHECK(g2[r][i] == doctest::Approx(global2[i]).epsilon(1e-5));
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("proportional (DyLU): worker w runs floor(v_w / v_max * H) steps after the first round") {
+    constexpr int m = 4;
+    // Step times 1, 2, 4, 8 s: speeds 1, 1/2, 1/4, 1/8 (exact in floats); H = 12 gives 12, 6, 3, 1.
+    const std::array<double, m> step_seconds = {1.0, 2.0, 4.0, 8.0};
+    const std::array<std::uint64_t, m> next_h = {12, 6, 3, 1};
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::proportional>;
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        {
+            fake_clock clock;
+            loco::schedule::proportional s;
+            s.use_communicator(comm);
+            const loco::schedule::proportional::hyper h{.every = 12, .clock = clock.fn()};
+            std::vector<int> syncs;
+            for (int c = 1; c <= 12 + 2 * int(next_h[r]); ++c) {
+                *clock.now += step_seconds[r];
+                if (!s.next(h).empty()) syncs.push_back(c);
+                if (c == 12) {
+                    CHECK(s.local_steps() == next_h[r]);
+                    CHECK(s.speeds()[3] == 0.125f);
+                }
+            }
+            CHECK(syncs == std::vector<int>{12, 12 + int(next_h[r]), 12 + 2 * int(next_h[r])});
+        }
+        // Through the handle: every worker syncs the same number of times, each at its own calls.
+        fake_clock clock;
+        std::vector<float> w(2, 1.0f), g(2, float(r));
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 12, .clock = clock.fn()}});
+        int syncs = 0, c = 0;
+        while (syncs < 3) {
+            ++c;
+            *clock.now += step_seconds[r];
+            syncs += opt.step().synced ? 1 : 0;
+        }
+        CHECK(c == 12 + 2 * int(next_h[r]));
+        CHECK(opt.outer_steps() == 3);
+    });
+    CHECK_THROWS_AS(loco::schedule::proportional::validate({.every = 0}), loco::invalid_argument);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        // A clock that never advances: every rank raises the same error at the first sync.
+        loco::schedule::proportional s;
+        s.use_communicator(comm);
+        const loco::schedule::proportional::hyper h{.every = 3, .clock = [] { return 5.0; }};
+        s.next(h);
+        s.next(h);
+        CHECK_THROWS_WITH_AS(s.next(h), doctest::Contains("measured no time"), loco::invalid_argument);
+    });
+}
+
+TEST_CASE("warmup<every>: every step syncs for the first W calls, then every H from a fresh round") {
+    constexpr int m = 2;
+    constexpr std::size_t n = 4;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::warmup<loco::schedule::every>>;
+    auto rng = loco_test::rng_for("warmup schedule");
+    const auto init = loco_test::normal_floats(rng, n);
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < 12 * m; ++i) grads.push_back(loco_test::normal_floats(rng, n));
+    const float lr = 0.1f;
+    // Reference: synchronous averaging (outer SGD, lr 1) at calls 1..3, then every 4: 7, 11.
+    std::vector<double> global(init.begin(), init.end());
+    std::array<std::vector<double>, m> local = {global, global};
+    std::vector<int> want_syncs;
+    for (int c = 1; c <= 12; ++c) {
+        for (int r = 0; r < m; ++r) {
+            for (std::size_t i = 0; i < n; ++i) local[r][i] -= lr * grads[std::size_t((c - 1) * m + r)][i];
+        }
+        if (c <= 3 || (c - 3) % 4 == 0) {
+            want_syncs.push_back(c);
+            for (std::size_t i = 0; i < n; ++i) global[i] = (local[0][i] + local[1][i]) / 2;
+            local = {global, global};
+        }
+    }
+    CHECK(want_syncs == std::vector<int>{1, 2, 3, 7, 11});
+    std::array<std::vector<float>, m> finals;
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        std::vector<float> w = init, g(n);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        const opt_t::config cfg{.inner = {.lr = lr}, .schedule = {.steps = 3, .then = {.every = 4}}};
+        opt_t opt(list, comm, cfg);
+        std::vector<int> syncs;
+        std::stringstream saved;
+        for (int c = 1; c <= 12; ++c) {
+            g = grads[std::size_t((c - 1) * m) + r];
+            if (opt.step().synced) syncs.push_back(c);
+            if (c == 2) opt.save(saved);  // mid warm-up
+        }
+        CHECK(syncs == want_syncs);
+        CHECK(opt.calls() == 12);
+        finals[r] = w;
+        // The warm-up count comes back from the checkpoint: the resumed handle syncs at 3, 7, 11.
+        std::vector<float> w2(n), g2(n);
+        loco::parameter_list list2;
+        list2.add("w", w2, g2);
+        opt_t again(list2, comm, cfg);
+        again.load(saved);
+        std::vector<int> resumed;
+        for (int c = 3; c <= 12; ++c) {
+            if (again.step().synced) resumed.push_back(c);
+        }
+        CHECK(resumed == std::vector<int>{3, 7, 11});
+    });
+    for (int r = 0; r < m; ++r) {
+        for (std::size_t i = 0; i < n; ++i) CHECK(finals[r][i] == doctest::Approx(local[r][i]).epsilon(1e-5));
+    }
+    CHECK(loco::schedule::warmup<loco::schedule::every>::describe({.steps = 5, .then = {.every = 7}}) ==
+          "warmup W=5 then every H=7");
+    CHECK_THROWS_AS(loco::schedule::warmup<loco::schedule::every>::validate({.steps = 1, .then = {.every = 0}}),
+                    loco::invalid_argument);
+}
