@@ -29,6 +29,7 @@
 #include <loco/error.hpp>
 #include <loco/exchange.hpp>
 #include <loco/fragments.hpp>
+#include <loco/heal.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
@@ -44,6 +45,7 @@
 #include <istream>
 #include <optional>
 #include <ostream>
+#include <sstream>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -529,6 +531,115 @@ public:
             f.started_at = p.started_at;
             f.captured = std::move(p.captured);
             f.lost = false;
+        }
+        started_ = true;
+    }
+
+    // Worker loss and rejoin (docs/reliability.md). Collective over `group`, called by every rank
+    // of it: the handle goes on with the workers of `group` (the survivors of a failed sync, a
+    // smaller or larger group, newcomers included) and keeps the global parameters, the outer
+    // state, the schedule state and the round counters. A rank whose handle never started (a
+    // newcomer, built with the same config on `group`) is healed from `donor`, which must be a
+    // worker that did: it receives those values over the communicator, checked by a checksum on
+    // every rank, its parameters become the global ones, and it takes part in the next sync
+    // bit-identically; its inner optimizer and compressor residuals start from zero, as a fresh
+    // worker's do. Survivors keep their parameters, inner state and residuals. Exchanges still in
+    // flight on the old communicator are dropped on every rank (their fragments miss this round,
+    // as after a failed sync); call regroup() while the old communicator still exists (it waits
+    // for them, at most its timeout). The two-phase server residuals restart from zero (their
+    // chunks follow the rank count). Every rank first checks that all were built alike, as in
+    // start(). Throws, and changes nothing on any rank, if that check or the transfer fails.
+    void regroup(comm::communicator& group, int donor = 0) {
+        if (group.space() != plist().space() && !plist().empty()) {
+            throw memory_space_error("loco::diloco: regroup() onto a " + std::string(group.name()) +
+                                     " communicator that moves " +
+                                     std::string(to_string(group.space())) +
+                                     " memory; the parameters are in " +
+                                     std::string(to_string(plist().space())) + " memory");
+        }
+        // The shared state as the donor will send it; fragments in flight count as lost.
+        std::ostringstream out;
+        {
+            detail::checkpoint_writer w(out);
+            w.text("diloco heal");
+            w.u64(started_ ? 1 : 0);
+            schedule_.save(w);
+            w.u64(skipped_syncs_);
+            w.u64(consecutive_skips_);
+            w.text(first_nonfinite_);
+            w.floats(global_);
+            w.floats(outer_state_);
+            for (const auto& f : frags_) {
+                w.u64(f.outer_steps);
+                w.u64(f.skipped);
+                w.u64(f.lost || f.in_flight || f.restart ? 1 : 0);
+            }
+            w.finish();
+        }
+        comm::communicator* const before = comm_;
+        comm_ = &group;
+        std::string blob;
+        try {
+            check_fingerprint();
+            const std::uint64_t limit =
+                4 * (global_.size() + outer_state_.size()) + 64 * frags_.size() + (1u << 20);
+            blob = detail::share_from(group, donor, out.str(), limit);
+        } catch (...) {
+            comm_ = before;
+            throw;
+        }
+        comm_ = before;
+        // Read everything into temporaries; every rank holds the same verified bytes, so every
+        // rank reaches the same verdict.
+        std::istringstream in(blob);
+        detail::checkpoint_reader r(in);
+        r.expect_text("diloco heal", "the healing state");
+        if (r.u64("whether the donor started") != 1) {
+            throw invalid_argument("loco::diloco: regroup() from rank " + std::to_string(donor) +
+                                   ", a worker that never started; heal from a surviving worker");
+        }
+        schedule_type sched_state = schedule_type::read(r);
+        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
+        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
+        std::string first_nonfinite = r.text("the first non-finite tensor");
+        std::vector<float> global(global_.size()), outer_state(outer_state_.size());
+        r.floats(global, "the global parameters");
+        r.floats(outer_state, "the outer optimizer state");
+        std::vector<std::uint64_t> counts(3 * frags_.size());
+        for (auto& c : counts) c = r.u64("a fragment's counters");
+        r.finish();
+        std::vector<detail::exchanger<Compressor, Aggregate>> exchanges;
+        exchanges.reserve(frags_.size());
+        for (const auto& f : frags_) {
+            exchanges.emplace_back(std::vector<compress::segment>(f.exchange.segments().begin(),
+                                                                  f.exchange.segments().end()),
+                                   f.exchange.scheme(), group.size(), group.rank(),
+                                   compress_hyper_);
+        }
+
+        // Commit: nothing below throws.
+        const bool newcomer = !started_;
+        comm_ = &group;
+        schedule_ = std::move(sched_state);
+        skipped_syncs_ = skipped_syncs;
+        consecutive_skips_ = consecutive;
+        first_nonfinite_ = std::move(first_nonfinite);
+        global_ = std::move(global);
+        outer_state_ = std::move(outer_state);
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            auto& f = frags_[i];
+            if (!newcomer) {
+                const auto own = f.exchange.state();
+                std::copy(own.begin(), own.end(), exchanges[i].state().begin());
+            }
+            f.exchange = std::move(exchanges[i]);  // drops an exchange in flight
+            f.outer_steps = counts[3 * i];
+            f.skipped = counts[3 * i + 1];
+            f.lost = counts[3 * i + 2] == 1;
+            f.in_flight = false;
+            f.restart = false;
+            f.captured.clear();
+            if (newcomer) merge(i, 0.0f);
         }
         started_ = true;
     }
