@@ -253,8 +253,8 @@ std::string mutate(const std::string& good, std::mt19937_64& rng, bool& resealed
 TEST_CASE("checkpoint fuzz: mutated checkpoints are refused with checkpoint_error, never crash, change nothing") {
     using clock = std::chrono::steady_clock;
     auto rng = rng_for("checkpoint fuzz");
-    constexpr std::size_t per_subject = 3000;
-    constexpr double seconds_per_subject = 6.0;
+    constexpr std::size_t per_subject = 10000;
+    constexpr double seconds_per_subject = 3.0;
     std::size_t mutations = 0, refused = 0, resealed_loaded = 0, failures = 0;
     std::string report;
     const auto fail = [&](const subject& s, const std::string& what) {
