@@ -443,3 +443,50 @@ TEST_CASE("threads: a peer that aborts the group right after a collective return
     }
     CHECK(failed == 0);
 }
+
+TEST_CASE("docs: the survivors of a worker that throws regroup and retry the round") {
+    // Three workers; worker 2 throws while the others sync, and its runner aborts the group.
+    auto group = std::make_shared<loco::comm::thread_group>(3);
+    auto survivors = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::uint64_t, 2> outer_steps{};
+    std::array<std::vector<float>, 2> finals;
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < 3; ++rank) {
+        threads.emplace_back([&, rank] {
+            loco::comm::threads comm(group, rank);
+            worker w(rank, comm);
+            opt_t& opt = *w.opt;
+            opt.start();
+            for (int s = 0; s < H; ++s) w.step();
+            if (rank == 2) {
+                group->abort("rank 2 failed: out of memory");  // what run_threads does for it
+                return;
+            }
+            // [snippet:regroup-threads]
+            std::unique_ptr<loco::comm::threads> next;
+            try {
+                opt.sync();
+            } catch (const loco::comm_error&) {
+                // Every survivor gets here, and nothing of the sync was applied anywhere. Go on
+                // with a thread group of the survivors (rank 0 of it heals newcomers, if any).
+                next = std::make_unique<loco::comm::threads>(survivors, rank);
+                opt.regroup(*next);
+                opt.sync();  // the round, retried by the survivors
+            }
+            // [snippet:regroup-threads end]
+            outer_steps[std::size_t(rank)] = opt.outer_steps();
+            finals[std::size_t(rank)] = w.params();
+        });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(outer_steps == std::array<std::uint64_t, 2>{1, 1});
+    CHECK(finals[0] == finals[1]);
+    // The retried round: the mean of the two survivors' pseudo-gradients, in double precision.
+    reference_run ref(3);
+    for (int id = 0; id < 3; ++id) {
+        for (int s = 0; s < H; ++s) ref.step(id);
+    }
+    ref.live.erase(2);
+    ref.sync();
+    expect_near(finals[0], ref.global, "parameters after the retried round");
+}

@@ -100,16 +100,24 @@ TEST_CASE("mpi: a rank leaves through MPI_Comm_split, the survivors go on, it re
     std::vector<float> got;
     {
         loco::comm::mpi world(MPI_COMM_WORLD);
-        MPI_Comm survivors_handle = MPI_COMM_NULL, everyone_handle = MPI_COMM_NULL;
-        std::unique_ptr<loco::comm::mpi> survivors_comm, everyone_comm;
+        MPI_Comm everyone_handle = MPI_COMM_NULL;
+        std::unique_ptr<loco::comm::mpi> survivors, everyone_comm;
+        const bool leaving = rank == m - 1;
         got = scenario(
             rank, m, world,
             [&]() -> loco::comm::communicator* {
-                MPI_Comm_split(MPI_COMM_WORLD, rank == m - 1 ? MPI_UNDEFINED : 0, rank, &survivors_handle);
-                if (survivors_handle == MPI_COMM_NULL) return nullptr;
-                survivors_comm = std::make_unique<loco::comm::mpi>(
-                    survivors_handle, loco::comm::mpi::options{.take_ownership = true});
-                return survivors_comm.get();
+                // [snippet:mpi-leave]
+                // Collective over every rank: the leaver passes MPI_UNDEFINED and gets
+                // MPI_COMM_NULL; the others get a communicator of the survivors.
+                MPI_Comm rest = MPI_COMM_NULL;
+                MPI_Comm_split(MPI_COMM_WORLD, leaving ? MPI_UNDEFINED : 0, rank, &rest);
+                if (rest != MPI_COMM_NULL) {
+                    survivors = std::make_unique<loco::comm::mpi>(
+                        rest, loco::comm::mpi::options{.take_ownership = true});
+                    // then, on every survivor: opt.regroup(*survivors);
+                }
+                // [snippet:mpi-leave end]
+                return survivors.get();
             },
             [&]() -> loco::comm::communicator& {
                 MPI_Comm_split(MPI_COMM_WORLD, 0, rank, &everyone_handle);
