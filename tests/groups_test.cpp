@@ -1,8 +1,13 @@
 // Parameter groups: routing by selector, per-group hyper-parameters and state, equality with one
-// optimizer per group run separately, checkpoints, errors, and diloco over groups.
+// optimizer per group run separately, checkpoints, errors, and diloco over groups (MuLoCo), whose
+// values are checked against double-precision references (tests/support/reference.hpp,
+// tests/support/muon_reference.hpp).
 #include <doctest/doctest.h>
 
+#include "support/compare.hpp"
+#include "support/muon_reference.hpp"
 #include "support/random.hpp"
+#include "support/reference.hpp"
 
 #include <loco/loco.hpp>
 
@@ -51,6 +56,18 @@ struct model {
 
 using hidden_sgd_rest_adamw = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::sgd>,
                                            loco::group<loco::otherwise, loco::inner::adamw>>;
+
+// The model's values and gradients in the flat layout (the order the tensors were added).
+std::vector<float> flat(const model& m) {
+    std::vector<float> x;
+    for (const auto* v : {&m.wte, &m.w1, &m.gain, &m.head}) x.insert(x.end(), v->begin(), v->end());
+    return x;
+}
+std::vector<float> flat_gradients(const model& m) {
+    std::vector<float> g;
+    for (const auto* v : {&m.g_wte, &m.g_w1, &m.g_gain, &m.g_head}) g.insert(g.end(), v->begin(), v->end());
+    return g;
+}
 
 }  // namespace
 
@@ -142,21 +159,56 @@ TEST_CASE("groups: checkpoints round-trip, and a parameter no group takes is ref
                     loco::invalid_argument);
 }
 
-TEST_CASE("groups inside diloco: two workers, one sync, identical parameters") {
-    std::vector<std::vector<float>> w1(2);
+TEST_CASE("groups inside diloco: two workers, one sync, values of a double-precision reference") {
+    // SGD on the hidden matrix, AdamW elsewhere, outer Nesterov: three inner steps per worker on
+    // fresh random gradients, then one sync; every tensor of both workers against the reference.
+    using opt_t = loco::diloco<hidden_sgd_rest_adamw, loco::outer::nesterov>;
+    const opt_t::config cfg{.inner = {{.lr = 0.01f}, {.lr = 1e-3f}}, .schedule = {.every = 3}};
+    std::vector<std::vector<float>> finals(2);
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
         model m("groups diloco");
-        loco::diloco<hidden_sgd_rest_adamw, loco::outer::nesterov> opt(
-            m.list, comm, {.inner = {{.lr = 0.01f}, {.lr = 1e-3f}}, .schedule = {.every = 3}});
+        opt_t opt(m.list, comm, cfg);
+        opt.start();
         for (int step = 0; step < 3; ++step) {
             m.set_gradients("groups diloco/" + std::to_string(comm.rank()), step);
             opt.step();
         }
         CHECK(opt.outer_steps() == 1);
         std::get<1>(opt.inner_hyper()).lr = 5e-4f;  // per-group schedules work through the tuple
-        w1[std::size_t(comm.rank())] = m.w1;
+        finals[std::size_t(comm.rank())] = flat(m);
     });
-    CHECK(w1[0] == w1[1]);
+    CHECK(finals[0] == finals[1]);
+
+    // The reference: both workers start from rank 0's values.
+    model init("groups diloco");
+    const std::vector<float> init_values = flat(init);
+    const std::vector<double> start(init_values.begin(), init_values.end());
+    const std::size_t n = start.size(), w1_at = init.wte.size(), w1_end = w1_at + init.w1.size();
+    std::vector<double> delta(n, 0.0);
+    for (int r = 0; r < 2; ++r) {
+        model m("groups diloco");
+        std::vector<double> x = start, adam(2 * n, 0.0), sgd(n, 0.0);
+        for (int step = 0; step < 3; ++step) {
+            m.set_gradients("groups diloco/" + std::to_string(r), step);
+            const auto g = flat_gradients(m);
+            for (std::size_t i = 0; i < n; ++i) {
+                if (i >= w1_at && i < w1_end) {
+                    reference<loco::inner::sgd>::step(std::get<0>(cfg.inner), x[i], g[i], &sgd[i], step + 1);
+                } else {
+                    reference<loco::inner::adamw>::step(std::get<1>(cfg.inner), x[i], g[i], &adam[2 * i], step + 1);
+                }
+            }
+        }
+        for (std::size_t i = 0; i < n; ++i) delta[i] += (start[i] - x[i]) / 2;
+    }
+    std::vector<double> global = start;
+    mismatch_log log;
+    for (std::size_t i = 0; i < n; ++i) {
+        double momentum = 0.0;
+        reference<loco::outer::nesterov>::step(cfg.outer, global[i], delta[i], &momentum, 1);
+        log.expect_close(finals[0][i], global[i], 1e-5, [&](std::ostream& o) { o << "element " << i; });
+    }
+    log.check();
 }
 
 // ---- Muon through loco::optimizer and groups ------------------------------------------------------
@@ -208,28 +260,101 @@ TEST_CASE("muon: a non-finite gradient is refused before any matrix moves, even 
 }
 
 TEST_CASE("MuLoCo composes: Muon on hidden matrices, AdamW elsewhere, 2-bit codes with error feedback") {
+    // Two workers, two rounds of two inner steps on fresh random gradients. Before each sync every
+    // worker's values must equal a double-precision run of Muon (on h0.w1) and AdamW (elsewhere)
+    // from the round's global values; after it, the global values must equal a double-precision
+    // outer Nesterov step on the mean of the workers' decoded 2-bit codes, whose pseudo-gradients
+    // and error-feedback residuals the test computes itself from the workers' values.
+    using compressor = loco::compress::error_feedback<loco::compress::statistical<2>>;
     using muloco = loco::diloco<loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
                                              loco::group<loco::otherwise, loco::inner::adamw>>,
-                                loco::outer::nesterov,
-                                loco::compress::error_feedback<loco::compress::statistical<2>>>;
-    std::vector<std::vector<float>> w1(2);
+                                loco::outer::nesterov, compressor>;
+    const muloco::config cfg{.inner = {{.lr = 0.02f}, {.lr = 1e-3f}},
+                             .schedule = {.every = 1000},  // the test syncs itself
+                             .compress = {.decay = 0.9f}};
+    constexpr int rounds = 2, steps = 2;
+    // [round][rank]: the values before the sync; [round]: the global values before and after.
+    std::vector<std::vector<std::vector<float>>> before_sync(rounds, std::vector<std::vector<float>>(2));
+    std::vector<std::vector<float>> global_before(rounds), global_after(rounds);
     std::vector<std::uint64_t> bytes(2);
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
         model m("muloco compose");
-        muloco opt(m.list, comm,
-                   {.inner = {{.lr = 0.02f}, {.lr = 1e-3f}}, .schedule = {.every = 2},
-                    .compress = {.decay = 0.9f}});
+        muloco opt(m.list, comm, cfg);
         opt.start();
-        for (int step = 0; step < 4; ++step) {
-            m.set_gradients("muloco compose/" + std::to_string(comm.rank()), step);
-            CHECK(opt.step().applied);
+        for (int round = 0; round < rounds; ++round) {
+            if (r == 0) global_before[std::size_t(round)].assign(opt.global().begin(), opt.global().end());
+            for (int step = 0; step < steps; ++step) {
+                m.set_gradients("muloco compose/" + std::to_string(r), round * steps + step);
+                CHECK(opt.step().applied);
+            }
+            before_sync[std::size_t(round)][r] = flat(m);
+            opt.sync();
+            if (r == 0) global_after[std::size_t(round)].assign(opt.global().begin(), opt.global().end());
+            CHECK(flat(m) == std::vector<float>(opt.global().begin(), opt.global().end()));
         }
         CHECK(opt.outer_steps() == 2);
-        w1[std::size_t(comm.rank())] = m.w1;
-        bytes[std::size_t(comm.rank())] = opt.bytes_per_sync();
+        bytes[r] = opt.bytes_per_sync();
     });
-    CHECK(w1[0] == w1[1]);
     CHECK(bytes[0] > 0);
+
+    model shape("muloco compose");
+    const std::size_t n = flat(shape).size(), w1_at = shape.wte.size(), w1_end = w1_at + shape.w1.size();
+    const auto segments = loco::detail::parameter_segments(shape.list);
+    const loco::inner::muon::hyper& muon_h = std::get<0>(cfg.inner);
+    const loco::inner::adamw::hyper& adamw_h = std::get<1>(cfg.inner);
+    std::vector<std::vector<double>> muon_buf(2, std::vector<double>(w1_end - w1_at, 0.0));
+    std::vector<std::vector<double>> adam(2, std::vector<double>(2 * n, 0.0));
+    std::vector<std::vector<float>> residual(2, std::vector<float>(compressor::state_size * n, 0.0f));
+    std::vector<double> outer_momentum(n, 0.0);
+    mismatch_log inner_log, outer_log;
+    for (int round = 0; round < rounds; ++round) {
+        const auto& g0 = global_before[std::size_t(round)];
+        std::vector<double> mean(n, 0.0);
+        for (std::size_t r = 0; r < 2; ++r) {
+            model m("muloco compose");
+            std::vector<double> x(g0.begin(), g0.end());
+            for (int step = 0; step < steps; ++step) {
+                const int t = round * steps + step;
+                m.set_gradients("muloco compose/" + std::to_string(r), t);
+                const auto g = flat_gradients(m);
+                std::vector<double> w1(x.begin() + long(w1_at), x.begin() + long(w1_end));
+                muon_ref::reference_step(muon_h, w1, std::vector<float>(g.begin() + long(w1_at), g.begin() + long(w1_end)),
+                                         muon_buf[r], 4, 5);
+                std::copy(w1.begin(), w1.end(), x.begin() + long(w1_at));
+                for (std::size_t i = 0; i < n; ++i) {
+                    if (i < w1_at || i >= w1_end) {
+                        reference<loco::inner::adamw>::step(adamw_h, x[i], g[i], &adam[r][2 * i], std::uint64_t(t + 1));
+                    }
+                }
+            }
+            const auto& got = before_sync[std::size_t(round)][r];
+            for (std::size_t i = 0; i < n; ++i) {
+                inner_log.expect_close(got[i], x[i], 1e-4, [&](std::ostream& o) {
+                    o << "round " << round << " rank " << r << " element " << i;
+                });
+            }
+            // The worker's pseudo-gradient, encoded and decoded as its peers see it.
+            std::vector<float> delta(n);
+            for (std::size_t i = 0; i < n; ++i) delta[i] = g0[i] - got[i];
+            std::vector<std::byte> payload(compressor::payload_bytes(cfg.compress, segments));
+            const loco::compress::encode_context ctx{.seed = 0, .round = std::uint64_t(round), .rank = int(r),
+                                                     .outer_lr = cfg.outer.lr};
+            compressor::encode(cfg.compress, delta, segments, residual[r], ctx, payload);
+            std::vector<float> decoded(n);
+            compressor::decode(cfg.compress, payload, segments, decoded);
+            for (std::size_t i = 0; i < n; ++i) mean[i] += double(decoded[i]) / 2;
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            double x = g0[i];
+            reference<loco::outer::nesterov>::step(cfg.outer, x, mean[i], &outer_momentum[i], std::uint64_t(round + 1));
+            outer_log.expect_close(global_after[std::size_t(round)][i], x, 1e-5, [&](std::ostream& o) {
+                o << "round " << round << " global element " << i;
+            });
+        }
+    }
+    inner_log.check();
+    outer_log.check();
 }
 
 // ---- roles, stacks and the shape guess ------------------------------------------------------------

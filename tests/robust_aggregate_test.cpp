@@ -33,7 +33,14 @@ struct gathered {
     std::vector<worker_report> reports;
     std::size_t workers = 0, elements = 0;
 
-    contributions view() const { return {workers, elements, reports, deltas}; }
+    contributions view() const {
+        contributions c;
+        c.workers = workers;
+        c.elements = elements;
+        c.reports = reports;
+        c.deltas = deltas;
+        return c;
+    }
 };
 
 gathered from_rows(const std::vector<std::vector<float>>& rows) {

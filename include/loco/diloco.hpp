@@ -34,6 +34,7 @@
 #include <loco/error.hpp>
 #include <loco/exchange.hpp>
 #include <loco/fragments.hpp>
+#include <loco/heal.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
@@ -49,6 +50,7 @@
 #include <istream>
 #include <optional>
 #include <ostream>
+#include <sstream>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -253,7 +255,7 @@ public:
         if (started_) {
             return false;
         }
-        check_fingerprint();
+        check_fingerprint(engine_.control_comm());
         const bool moved = engine_.snapshot(broadcast_initial_);
         started_ = true;
         return moved;
@@ -570,6 +572,93 @@ public:
         started_ = true;
     }
 
+    // Worker loss and rejoin (docs/reliability.md). Collective over `group`, called by every rank
+    // of it: the handle goes on with the workers of `group` (the survivors of a failed sync, a
+    // smaller or larger group, newcomers included) and keeps the global parameters, the outer
+    // state, the schedule state and the round counters. A rank whose handle never started (a
+    // newcomer, built with the same config on `group`) is healed from `donor`, which must be a
+    // worker that did: it receives those values over the communicator, checked by a checksum on
+    // every rank, its parameters become the global ones, and it takes part in the next sync
+    // bit-identically; its inner optimizer and compressor residuals start from zero, as a fresh
+    // worker's do. Survivors keep their parameters, inner state and residuals. Exchanges still in
+    // flight on the old communicator are dropped on every rank (their fragments miss this round,
+    // as after a failed sync); call regroup() while the old communicator still exists (it waits
+    // for them, at most its timeout). The two-phase server residuals restart from zero (their
+    // chunks follow the rank count). Every rank first checks that all were built alike, as in
+    // start(). Throws, and changes nothing on any rank, if that check or the transfer fails.
+    void regroup(comm::communicator& group, int donor = 0)
+        requires requires(const engine_type& e, comm::communicator& c,
+                          const typename Compressor::hyper& h) { e.exchangers_for(c, h); }
+    {
+        engine_.check_space(group);
+        std::size_t total = 0;
+        for (const auto& p : tensors()) total += p.value.size;
+        // The shared state as the donor will send it; fragments in flight count as lost.
+        std::ostringstream out;
+        {
+            detail::checkpoint_writer w(out);
+            w.text("diloco heal");
+            w.u64(started_ ? 1 : 0);
+            schedule_.save(w);
+            w.u64(skipped_syncs_);
+            w.u64(consecutive_skips_);
+            w.text(first_nonfinite_);
+            w.floats(engine_.global());
+            w.floats(engine_.outer_state());
+            for (const auto& f : frags_) {
+                w.u64(f.outer_steps);
+                w.u64(f.skipped);
+                w.u64(f.lost || f.in_flight || f.restart ? 1 : 0);
+            }
+            w.finish();
+        }
+        check_fingerprint(group);
+        const std::uint64_t limit = 4 * total * (1 + static_cast<std::uint64_t>(Outer::state_size)) +
+                                    64 * frags_.size() + (1u << 20);
+        const std::string blob = detail::share_from(group, donor, out.str(), limit);
+        // Read everything into temporaries; every rank holds the same verified bytes, so every
+        // rank reaches the same verdict.
+        std::istringstream in(blob);
+        detail::checkpoint_reader r(in);
+        r.expect_text("diloco heal", "the healing state");
+        if (r.u64("whether the donor started") != 1) {
+            throw invalid_argument("loco::diloco: regroup() from rank " + std::to_string(donor) +
+                                   ", a worker that never started; heal from a surviving worker");
+        }
+        schedule_type sched_state = schedule_type::read(r);
+        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
+        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
+        std::string first_nonfinite = r.text("the first non-finite tensor");
+        std::vector<float> global(total);
+        std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * total);
+        r.floats(global, "the global parameters");
+        r.floats(outer_state, "the outer optimizer state");
+        std::vector<std::uint64_t> counts(3 * frags_.size());
+        for (auto& c : counts) c = r.u64("a fragment's counters");
+        r.finish();
+        auto exchanges = engine_.exchangers_for(group, compress_hyper_);
+
+        // Commit: nothing below throws.
+        const bool newcomer = !started_;
+        comm_ = &group;
+        engine_.adopt(group, std::move(exchanges), !newcomer, std::move(global),
+                      std::move(outer_state));
+        schedule_ = std::move(sched_state);
+        skipped_syncs_ = skipped_syncs;
+        consecutive_skips_ = consecutive;
+        first_nonfinite_ = std::move(first_nonfinite);
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            auto& f = frags_[i];
+            f.outer_steps = counts[3 * i];
+            f.skipped = counts[3 * i + 1];
+            f.lost = counts[3 * i + 2] == 1;
+            f.in_flight = false;
+            f.restart = false;
+            if (newcomer) merge(i, 0.0f);
+        }
+        started_ = true;
+    }
+
 private:
     // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
     struct fragment_state {
@@ -845,8 +934,8 @@ private:
     // Every rank built the same model and policies, or every rank fails here naming the first
     // difference. One all-gather of a 64-bit digest; the descriptions travel only when the
     // digests differ.
-    void check_fingerprint() {
-        const int world = comm_->size();
+    void check_fingerprint(comm::communicator& control) {
+        const int world = control.size();
         if (world == 1) return;
         const std::string mine = fingerprint();
         detail::fnv1a64 h;
@@ -862,7 +951,7 @@ private:
             sums[b] = x;
             sums[8 + b] = x * x;
         }
-        engine_.control_comm().all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
+        control.all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
         bool same = true;
         for (int b = 0; b < 8; ++b) {
             same = same && static_cast<double>(m) * sums[8 + b] ==
@@ -870,7 +959,7 @@ private:
         }
         if (same) return;
         std::vector<std::uint64_t> digests(m);
-        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
+        control.all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(digests.data()), m * sizeof digest, 0, 0,
                            memory_space::host});
@@ -879,7 +968,7 @@ private:
         if (other == m) other = 1;  // the wire changed a digest; the lines will tell
         const std::uint64_t length = mine.size();
         std::vector<std::uint64_t> lengths(m);
-        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,
+        control.all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(lengths.data()), m * sizeof length, 0, 0,
                            memory_space::host});
@@ -891,7 +980,7 @@ private:
         const auto width = static_cast<std::size_t>(longest);
         std::vector<char> padded(width, '\0'), all(width * m, '\0');
         std::memcpy(padded.data(), mine.data(), mine.size());
-        engine_.control_comm().all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
+        control.all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
                            memory_space::host});

@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -251,6 +253,26 @@ TEST_CASE("cuda::diloco checkpoints load into loco::diloco and back") {
     CHECK(resaved == saved);  // the same bytes: one format for host and GPU
 }
 
+namespace {
+
+// Fresh random gradients that a reference can recompute element by element: a hash of the
+// process seed, the worker, the step and the index, uniform in [-1, 1).
+float fresh_gradient(int rank, int step, std::size_t i) {
+    std::uint64_t z = loco_test::process_seed() ^ (std::uint64_t(rank) << 56) ^
+                      (std::uint64_t(step) << 36) ^ std::uint64_t(i);
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return float(double(z >> 40) / double(1ULL << 23) - 1.0);
+}
+void fill_gradient(std::vector<float>& g, int rank, int step) {
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = fresh_gradient(rank, step, i);
+}
+float initial_value(std::size_t i) { return fresh_gradient(200, 0, i); }
+
+}  // namespace
+
 TEST_CASE("docs: DiLoCo with four workers on one GPU") {
     std::vector<std::vector<float>> finals(4);
     // [snippet:cuda-replicas]
@@ -259,7 +281,9 @@ TEST_CASE("docs: DiLoCo with four workers on one GPU") {
     loco::comm::run_replicas(4, [&](loco::comm::cuda_replicas& comm) {
         const std::size_t n = 1 << 20;
         loco::backend::cuda::device_buffer<float> w(n), g(n);  // the model and its gradient
-        w.zero(comm.stream());
+        std::vector<float> host_w(n), host_g(n);
+        for (std::size_t i = 0; i < n; ++i) host_w[i] = initial_value(i);
+        w.upload(host_w);
         loco::parameter_list params;
         params.add_views("w", loco::cuda_tensor(w.get(), n),
                          loco::cuda_tensor(static_cast<const float*>(g.get()), n));
@@ -269,8 +293,10 @@ TEST_CASE("docs: DiLoCo with four workers on one GPU") {
                                   .stream = comm.stream()});  // the trainer's stream
         opt.start();
         for (int step = 0; step < 100; ++step) {
-            // forward and backward on comm.stream() write g; here, a constant gradient.
-            LOCO_CUDA_CHECK(cudaMemsetAsync(g.get(), 0, n * sizeof(float), comm.stream()));
+            // forward and backward on comm.stream() write g; here, random numbers from the host.
+            fill_gradient(host_g, comm.rank(), step);
+            LOCO_CUDA_CHECK(cudaMemcpyAsync(g.get(), host_g.data(), n * sizeof(float),
+                                            cudaMemcpyHostToDevice, comm.stream()));
             opt.step();  // two kernel launches; every 50th call also syncs the four workers
         }
         // [snippet:cuda-replicas end]
@@ -278,8 +304,37 @@ TEST_CASE("docs: DiLoCo with four workers on one GPU") {
         check_cuda(cudaStreamSynchronize(comm.stream()), "sync");
         finals[std::size_t(comm.rank())] = w.download();
     });
-    // A zero gradient gives AdamW a zero update, and decaying a zero parameter leaves it zero.
     for (const auto& f : finals) {
-        CHECK(f == std::vector<float>(1 << 20, 0.0f));
+        CHECK(f == finals[0]);  // bit for bit
     }
+    // A double-precision reference of AdamW inside, Nesterov outside, on every 613th element
+    // (all the arithmetic is element-wise, so a subset is checked exactly as the whole).
+    const loco::inner::adamw::hyper inner{.lr = 1e-3f};
+    const loco::outer::nesterov::hyper outer{};
+    loco_test::mismatch_log log;
+    for (std::size_t i = 0; i < finals[0].size(); i += 613) {
+        double global = initial_value(i), momentum = 0.0;
+        std::vector<double> x(4, global), m(4, 0.0), v(4, 0.0);
+        int t = 0;
+        for (int sync = 1; sync <= 2; ++sync) {
+            for (int step = 0; step < 50; ++step, ++t) {
+                for (int r = 0; r < 4; ++r) {
+                    const double gr = fresh_gradient(r, t, i);
+                    x[std::size_t(r)] *= 1.0 - double(inner.lr) * double(inner.weight_decay);
+                    m[std::size_t(r)] = inner.beta1 * m[std::size_t(r)] + (1.0 - inner.beta1) * gr;
+                    v[std::size_t(r)] = inner.beta2 * v[std::size_t(r)] + (1.0 - inner.beta2) * gr * gr;
+                    const double mh = m[std::size_t(r)] / (1.0 - std::pow(double(inner.beta1), t + 1));
+                    const double vh = v[std::size_t(r)] / (1.0 - std::pow(double(inner.beta2), t + 1));
+                    x[std::size_t(r)] -= double(inner.lr) * mh / (std::sqrt(vh) + double(inner.eps));
+                }
+            }
+            double delta = 0.0;
+            for (const double xr : x) delta += (global - xr) / 4.0;
+            momentum = sync == 1 ? delta : double(outer.momentum) * momentum + delta;
+            global -= double(outer.lr) * (delta + double(outer.momentum) * momentum);
+            std::fill(x.begin(), x.end(), global);
+        }
+        log.expect_close(finals[0][i], global, 1e-5, [&](std::ostream& o) { o << "w[" << i << "]"; });
+    }
+    log.check();
 }

@@ -227,6 +227,12 @@ private:
         }
         const bool woke =
             cv_.wait_for(lock, timeout_, [&] { return generation_ != generation || aborted_; });
+        if (generation_ != generation) {
+            // Every rank arrived: this phase completed on all of them, so an abort that came
+            // after (a peer leaving once its call returned) belongs to the next call. Failing
+            // here would let a collective succeed on some ranks and fail on others.
+            return verdict_;
+        }
         if (aborted_) {
             fail_locked(lock, rank, where + "the " + group_ + " was aborted: " + abort_reason_);
         }

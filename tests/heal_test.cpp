@@ -1,0 +1,492 @@
+// Worker loss and rejoin (issue 12, item 2) on thread workers. A worker thread that throws (its
+// runner aborts the group, as run_threads does) or exits silently (its peers time out): every
+// survivor gets comm_error from the sync within the timeout, and nothing of it is applied. Then the
+// survivors regroup() onto a new thread group, alone or with a newcomer that is healed from a
+// survivor over the communicator, and training goes on. The whole faulty run is compared with a
+// double-precision simulation of the same events (fresh random gradients per worker and step,
+// AdamW inner, Nesterov outer), and the ranks must hold bit-identical parameters after every sync.
+// Also: a heal whose bytes arrive corrupted changes nothing on any rank and can be retried, and a
+// newcomer that was built differently, or a donor that never started, is refused on every rank.
+#include <doctest/doctest.h>
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+
+#include <loco/loco.hpp>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+constexpr std::size_t n_a = 11, n_b = 24, n = n_a + n_b;
+constexpr int H = 3;  // inner steps per round
+
+opt_t::config heal_config() {
+    return {.inner = {.lr = 1e-2f, .weight_decay = 0.05f},
+            .outer = {.lr = 0.7f, .momentum = 0.9f},
+            .schedule = {.every = 1000}};  // the test calls sync() itself
+}
+
+// Worker `id`'s gradient at its inner step `s` (fresh random data the reference draws too).
+std::vector<float> gradient(int id, int s) {
+    auto rng = loco_test::rng_for("heal gradient " + std::to_string(id) + " " + std::to_string(s));
+    return loco_test::normal_floats(rng, n);
+}
+std::vector<float> initial(int id) {
+    auto rng = loco_test::rng_for("heal init " + std::to_string(id));
+    return loco_test::normal_floats(rng, n);
+}
+
+// One thread worker: its tensors, its handle and its data stream.
+struct worker {
+    int id;
+    std::vector<float> a, b, ga = std::vector<float>(n_a), gb = std::vector<float>(n_b);
+    loco::parameter_list list;
+    std::unique_ptr<opt_t> opt;
+    int steps = 0;
+
+    worker(int id_, loco::comm::communicator& comm) : id(id_) {
+        const auto x = initial(id);
+        a.assign(x.begin(), x.begin() + n_a);
+        b.assign(x.begin() + n_a, x.end());
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        opt = std::make_unique<opt_t>(list, comm, heal_config());
+    }
+    void step() {
+        const auto g = gradient(id, steps++);
+        std::copy(g.begin(), g.begin() + n_a, ga.begin());
+        std::copy(g.begin() + n_a, g.end(), gb.begin());
+        opt->step();
+    }
+    std::vector<float> params() const {
+        std::vector<float> x(a);
+        x.insert(x.end(), b.begin(), b.end());
+        return x;
+    }
+    std::string saved() const {
+        std::ostringstream os;
+        opt->save(os);
+        return os.str();
+    }
+};
+
+// The same run in double precision: each live worker's parameters and AdamW state, the global
+// parameters and the Nesterov momentum.
+struct reference_run {
+    struct member {
+        std::vector<double> x, state = std::vector<double>(2 * n, 0.0);
+        int steps = 0;
+    };
+    loco::inner::adamw::hyper inner = heal_config().inner;
+    loco::outer::nesterov::hyper outer = heal_config().outer;
+    std::vector<double> global, momentum = std::vector<double>(n, 0.0);
+    std::uint64_t outer_steps = 0;
+    std::map<int, member> live;
+
+    explicit reference_run(int workers) {
+        const auto x0 = initial(0);  // start() gives every worker rank 0's values
+        global.assign(x0.begin(), x0.end());
+        for (int id = 0; id < workers; ++id) live[id].x = global;
+    }
+    void step(int id) {
+        member& w = live.at(id);
+        const auto g = gradient(id, w.steps++);
+        for (std::size_t i = 0; i < n; ++i) {
+            loco_test::reference<loco::inner::adamw>::step(inner, w.x[i], g[i], &w.state[2 * i],
+                                                           std::uint64_t(w.steps));
+        }
+    }
+    void join(int id) { live[id].x = global; }  // a newcomer: the global values, fresh state
+    void sync() {
+        ++outer_steps;
+        for (std::size_t i = 0; i < n; ++i) {
+            double d = 0;
+            for (const auto& [id, w] : live) d += global[i] - w.x[i];
+            d /= double(live.size());
+            double s = momentum[i];
+            loco_test::reference<loco::outer::nesterov>::step(outer, global[i], d, &s, outer_steps);
+            momentum[i] = s;
+        }
+        for (auto& [id, w] : live) w.x = global;
+    }
+};
+
+void expect_near(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
+    loco_test::mismatch_log log;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        log.expect_close(got[i], want[i], 2e-5, [&](std::ostream& s) { s << what << "[" << i << "]"; });
+    }
+    log.check();
+}
+
+// Which way worker 3 is lost.
+enum class loss { throws, exits };
+
+// Runs: 4 workers, 2 rounds; worker 3 is lost one step into round 3 and the survivors' sync fails;
+// they regroup onto a new group (with a newcomer at rank 3 when `newcomer`), sync, and train 3
+// more rounds. Checks everything against the reference.
+void lose_and_go_on(loss how, bool newcomer) {
+    using namespace std::chrono;
+    constexpr milliseconds timeout{1000};  // generous: sanitizer builds on loaded machines
+    auto first = std::make_shared<loco::comm::thread_group>(4, timeout);
+    auto second = std::make_shared<loco::comm::thread_group>(newcomer ? 4 : 3, seconds(20));
+    std::array<std::string, 4> errors;
+    std::array<double, 4> waited{};
+    std::array<std::vector<float>, 5> final_params, final_global;
+    std::array<std::uint64_t, 5> outer_steps{};
+    std::array<bool, 5> unchanged{};
+    std::array<std::vector<float>, 5> healed_global, healed_outer;
+    std::mutex failures_mutex;
+    std::vector<std::string> failures;  // what a thread threw that it should not have
+
+    const auto guarded = [&](auto body) {
+        return [&, body] {
+            try {
+                body();
+            } catch (const std::exception& e) {
+                const std::lock_guard<std::mutex> lock(failures_mutex);
+                failures.push_back(e.what());
+            }
+        };
+    };
+    const auto continue_on = [&](worker& w, loco::comm::communicator& comm) {
+        for (int round = 0; round < 3; ++round) {
+            for (int s = 0; s < H; ++s) w.step();
+            w.opt->sync();
+        }
+        const auto slot = std::size_t(w.id);
+        final_params[slot] = w.params();
+        final_global[slot].assign(w.opt->global().begin(), w.opt->global().end());
+        outer_steps[slot] = w.opt->outer_steps();
+        (void)comm;
+    };
+
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 4; ++r) {
+        threads.emplace_back(guarded([&, r] {
+            std::unique_ptr<loco::comm::threads> comm =
+                std::make_unique<loco::comm::threads>(first, r);
+            worker w(r, *comm);
+            w.opt->start();
+            for (int round = 0; round < 2; ++round) {
+                for (int s = 0; s < H; ++s) w.step();
+                w.opt->sync();
+            }
+            if (r == 3) {
+                w.step();
+                if (how == loss::throws) {
+                    try {
+                        throw std::runtime_error("worker 3's data loader crashed");
+                    } catch (const std::exception& e) {
+                        first->abort(std::string("rank 3 failed: ") + e.what());  // its runner
+                    }
+                }
+                return;  // exits: its communicator goes, its peers are left waiting
+            }
+            for (int s = 0; s < H; ++s) w.step();
+            const std::string before = w.saved();
+            const std::vector<float> params_before = w.params();
+            const auto began = steady_clock::now();
+            try {
+                w.opt->sync();
+            } catch (const loco::comm_error& e) {
+                errors[std::size_t(r)] = e.what();
+            }
+            waited[std::size_t(r)] = duration<double>(steady_clock::now() - began).count();
+            unchanged[std::size_t(r)] = w.saved() == before && w.params() == params_before;
+            comm.reset();  // the old group is gone; the handle must not need it any more
+
+            loco::comm::threads next(second, r);
+            w.opt->regroup(next, 0);
+            healed_global[std::size_t(r)].assign(w.opt->global().begin(), w.opt->global().end());
+            healed_outer[std::size_t(r)].assign(w.opt->outer_state(0).begin(),
+                                                w.opt->outer_state(0).end());
+            w.opt->sync();  // the survivors' round, retried
+            continue_on(w, next);
+        }));
+    }
+    if (newcomer) {
+        threads.emplace_back(guarded([&] {
+            loco::comm::threads next(second, 3);
+            worker w(4, next);  // its own random values, replaced by the heal
+            w.opt->regroup(next, 0);
+            healed_global[4].assign(w.opt->global().begin(), w.opt->global().end());
+            healed_outer[4].assign(w.opt->outer_state(0).begin(), w.opt->outer_state(0).end());
+            CHECK(w.params() == healed_global[4]);  // its parameters are the global ones
+            CHECK(w.opt->outer_steps() == 2);
+            w.opt->sync();  // takes part in the survivors' retried round with a zero delta
+            continue_on(w, next);
+        }));
+    }
+    for (auto& t : threads) t.join();
+    for (const auto& f : failures) FAIL_CHECK(f);
+    REQUIRE(failures.empty());
+
+    // Every survivor failed the same way, within the timeout, and changed nothing.
+    const std::string cause = how == loss::throws ? "rank 3 failed: worker 3's data loader crashed"
+                                                  : "of 4 ranks arrived";
+    for (int r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CAPTURE(errors[std::size_t(r)]);
+        CHECK(errors[std::size_t(r)].find(cause) != std::string::npos);
+        CHECK(unchanged[std::size_t(r)]);
+        CHECK(waited[std::size_t(r)] < 5 * duration<double>(timeout).count());
+        if (how == loss::throws) CHECK(waited[std::size_t(r)] < duration<double>(timeout).count());
+    }
+
+    // The reference: the same events in double precision.
+    reference_run ref(4);
+    for (int round = 0; round < 2; ++round) {
+        for (int id = 0; id < 4; ++id) {
+            for (int s = 0; s < H; ++s) ref.step(id);
+        }
+        ref.sync();
+    }
+    ref.step(3);
+    ref.live.erase(3);
+    for (int id = 0; id < 3; ++id) {
+        for (int s = 0; s < H; ++s) ref.step(id);
+    }
+    const std::vector<double> global_at_heal = ref.global;
+    if (newcomer) ref.join(4);
+    ref.sync();
+    for (int round = 0; round < 3; ++round) {
+        for (auto& [id, w] : ref.live) {
+            for (int s = 0; s < H; ++s) ref.step(id);
+        }
+        ref.sync();
+    }
+
+    std::vector<int> ids{0, 1, 2};
+    if (newcomer) ids.push_back(4);
+    for (const int id : ids) {
+        CAPTURE(id);
+        const auto k = std::size_t(id);
+        // Healed: bit-identical to the donor, and what the reference held then.
+        CHECK(healed_global[k] == healed_global[0]);
+        CHECK(healed_outer[k] == healed_outer[0]);
+        CHECK(final_params[k] == final_params[0]);  // element for element
+        CHECK(final_global[k] == final_global[0]);
+        CHECK(outer_steps[k] == 6);
+    }
+    expect_near(healed_global[0], global_at_heal, "global at the heal");
+    expect_near(final_global[0], ref.global, "global at the end");
+    expect_near(final_params[0], ref.global, "parameters at the end");
+}
+
+// Forwards to threads; on request flips a byte of what a broadcast delivers (the heal's payload).
+class corrupting_comm final : public loco::comm::communicator {
+public:
+    explicit corrupting_comm(loco::comm::communicator& next) : next_(next) {}
+    int rank() const noexcept override { return next_.rank(); }
+    int size() const noexcept override { return next_.size(); }
+    loco::memory_space space() const noexcept override { return next_.space(); }
+    std::string_view name() const noexcept override { return "corrupting"; }
+    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    bool corrupt = false;  // flips a byte of every broadcast of more than 40 bytes
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_.all_reduce(d, op); }
+    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_gather(s, r);
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        next_.all_to_all(s, r);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
+        next_.broadcast(d, root);
+        if (corrupt && d.size > 40) d.data[d.size / 2] ^= std::byte{0x10};
+    }
+    void do_barrier() override { next_.barrier(); }
+
+private:
+    loco::comm::communicator& next_;
+};
+
+}  // namespace
+
+TEST_CASE("worker loss: a worker that throws; the survivors fail alike, change nothing, and go on alone") {
+    lose_and_go_on(loss::throws, false);
+}
+
+TEST_CASE("worker loss: a worker that exits silently; the survivors time out alike and go on alone") {
+    lose_and_go_on(loss::exits, false);
+}
+
+TEST_CASE("worker rejoin: a newcomer healed from a survivor takes part bit-identically from the next sync") {
+    lose_and_go_on(loss::throws, true);
+}
+
+TEST_CASE("heal: a corrupted transfer is refused on every rank, changes nothing, and a retry succeeds") {
+    std::array<std::string, 3> errors;
+    std::array<bool, 3> unchanged{};
+    std::array<std::vector<float>, 3> healed;
+    loco::comm::run_threads(3, [&](loco::comm::threads& threads) {
+        const int r = threads.rank();
+        corrupting_comm comm(threads);
+        // Three workers train one round; then rank 2 forgets everything and heals from rank 1.
+        worker w(r, comm);
+        w.opt->start();
+        for (int s = 0; s < H; ++s) w.step();
+        w.opt->sync();
+        // Rank 2 forgets (a fresh handle on the same communicator: a newcomer).
+        if (r == 2) {
+            w.opt = std::make_unique<opt_t>(w.list, comm, heal_config());
+            std::fill(w.a.begin(), w.a.end(), 5.0f);
+        }
+        const std::string before = w.saved();
+        const auto params_before = w.params();
+        comm.corrupt = r == 2;
+        try {
+            w.opt->regroup(comm, 1);
+        } catch (const loco::comm_error& e) {
+            errors[std::size_t(r)] = e.what();
+        }
+        unchanged[std::size_t(r)] = w.saved() == before && w.params() == params_before;
+        comm.corrupt = false;
+        w.opt->regroup(comm, 1);
+        healed[std::size_t(r)].assign(w.opt->global().begin(), w.opt->global().end());
+        CHECK(w.opt->outer_steps() == 1);
+        for (int s = 0; s < H; ++s) w.step();
+        w.opt->sync();
+        CHECK(w.opt->outer_steps() == 2);
+    });
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CHECK(errors[r] == "loco: healing from rank 1 failed: the state arrived corrupted on rank 2 "
+                           "(checksum mismatch); nothing was changed on any rank; check the "
+                           "communicator and try again");
+        CHECK(unchanged[r]);
+        CHECK(healed[r] == healed[0]);
+    }
+}
+
+TEST_CASE("heal: a donor that never started, or a newcomer built differently, is refused on every rank") {
+    std::array<std::string, 2> errors;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        worker w(comm.rank(), comm);
+        try {
+            w.opt->regroup(comm, 1);
+        } catch (const loco::invalid_argument& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+    });
+    for (const auto& e : errors) {
+        CHECK(e == "loco::diloco: regroup() from rank 1, a worker that never started; heal from a "
+                   "surviving worker");
+    }
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        worker w(comm.rank(), comm);
+        w.opt->start();
+        std::vector<float> c(7), gc(7);
+        if (comm.rank() == 1) w.list.add("c", c, gc);
+        opt_t other(w.list, comm, heal_config());
+        opt_t& opt = comm.rank() == 1 ? other : *w.opt;
+        try {
+            opt.regroup(comm, 0);
+        } catch (const loco::invalid_argument& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+    });
+    for (const auto& e : errors) {
+        CHECK(e.find("the ranks were built differently") != std::string::npos);
+    }
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        worker w(comm.rank(), comm);
+        w.opt->start();
+        CHECK_THROWS_WITH_AS(w.opt->regroup(comm, 2),
+                             "loco: the donor rank 2 is not a rank of the threads communicator of "
+                             "size 2; pick a surviving worker's rank",
+                             loco::invalid_argument);
+    });
+}
+
+TEST_CASE("threads: a peer that aborts the group right after a collective returned does not fail it on the others") {
+    // The last rendezvous of a collective is its commit point: once every rank arrived, the
+    // collective has succeeded everywhere, and an abort that follows belongs to the next call.
+    // Before the fix, a rank still waking from that rendezvous saw the abort and threw, so one
+    // all-or-nothing sync could be applied on some survivors and not on others.
+    int failed = 0;
+    for (int attempt = 0; attempt < 300; ++attempt) {
+        auto group = std::make_shared<loco::comm::thread_group>(3, std::chrono::seconds(10));
+        std::array<int, 3> threw{};
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < 3; ++r) {
+            ranks.emplace_back([&, r] {
+                loco::comm::threads comm(group, r);
+                float x = float(r + 1);
+                try {
+                    comm.all_reduce(loco::host_tensor(&x, 1), loco::comm::reduce_op::sum);
+                    if (r == 0) group->abort("rank 0 left after its all_reduce");
+                    else CHECK(x == 6.0f);
+                } catch (const loco::comm_error&) {
+                    threw[std::size_t(r)] = 1;
+                }
+            });
+        }
+        for (auto& t : ranks) t.join();
+        failed += threw[1] + threw[2];
+        CHECK(threw[0] == 0);
+    }
+    CHECK(failed == 0);
+}
+
+TEST_CASE("docs: the survivors of a worker that throws regroup and retry the round") {
+    // Three workers; worker 2 throws while the others sync, and its runner aborts the group.
+    auto group = std::make_shared<loco::comm::thread_group>(3);
+    auto survivors = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::uint64_t, 2> outer_steps{};
+    std::array<std::vector<float>, 2> finals;
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < 3; ++rank) {
+        threads.emplace_back([&, rank] {
+            loco::comm::threads comm(group, rank);
+            worker w(rank, comm);
+            opt_t& opt = *w.opt;
+            opt.start();
+            for (int s = 0; s < H; ++s) w.step();
+            if (rank == 2) {
+                group->abort("rank 2 failed: out of memory");  // what run_threads does for it
+                return;
+            }
+            // [snippet:regroup-threads]
+            std::unique_ptr<loco::comm::threads> next;
+            try {
+                opt.sync();
+            } catch (const loco::comm_error&) {
+                // Every survivor gets here, and nothing of the sync was applied anywhere. Go on
+                // with a thread group of the survivors (rank 0 of it heals newcomers, if any).
+                next = std::make_unique<loco::comm::threads>(survivors, rank);
+                opt.regroup(*next);
+                opt.sync();  // the round, retried by the survivors
+            }
+            // [snippet:regroup-threads end]
+            outer_steps[std::size_t(rank)] = opt.outer_steps();
+            finals[std::size_t(rank)] = w.params();
+        });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(outer_steps == std::array<std::uint64_t, 2>{1, 1});
+    CHECK(finals[0] == finals[1]);
+    // The retried round: the mean of the two survivors' pseudo-gradients, in double precision.
+    reference_run ref(3);
+    for (int id = 0; id < 3; ++id) {
+        for (int s = 0; s < H; ++s) ref.step(id);
+    }
+    ref.live.erase(2);
+    ref.sync();
+    expect_near(finals[0], ref.global, "parameters after the retried round");
+}
