@@ -43,7 +43,11 @@ struct schedule_case<ls::streaming> {
     static ls::streaming::hyper hyper() {
         return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
     }
-    static loco::fragment_layout layout() { return {.names = {{"a", "c"}, {"b"}}}; }
+    static loco::fragment_layout layout() {
+        loco::fragment_layout l;
+        l.names = {{"a", "c"}, {"b"}};
+        return l;
+    }
 };
 template <>
 struct schedule_case<ls::delayed> {
