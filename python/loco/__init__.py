@@ -23,7 +23,7 @@ import torch.utils.dlpack
 
 from . import _loco
 from ._loco import (Error, InvalidArgument, ShapeError, MemorySpaceError, NonfiniteError,
-                    CommError, WireError, CheckpointError, Single, two_bit_round_trip)
+                    CommError, WireError, CheckpointError, Single)
 
 __all__ = ["DiLoCo", "Optimizer", "AdamW", "SGD", "Muon", "MuonAdamW", "Nesterov", "OuterAdam",
            "TwoBit", "Every", "Streaming", "TorchDistributed", "Single", "Error",
@@ -312,6 +312,19 @@ class Optimizer(_Handle):
         return self._impl.step()
 
     steps = property(lambda self: self._impl.steps)
+
+
+def two_bit_round_trip(x, out, rows=0, per_row=False, range=6.0):
+    """MuLoCo's 2-bit statistical quantizer (loco::compress::statistical<2>) on one float32 CPU
+    tensor: writes decode(encode(x)) into `out` and returns the payload's size in bytes. per_row
+    quantizes each of `rows` rows with its own statistics (algorithms.md section 4.3)."""
+    for name, t in (("x", x), ("out", out)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise InvalidArgument(f"loco: two_bit_round_trip needs contiguous float32 CPU tensors, "
+                                  f"and {name} is {t.dtype} on {t.device}")
+    return _loco.two_bit_round_trip(torch.utils.dlpack.to_dlpack(x.detach()),
+                                    torch.utils.dlpack.to_dlpack(out.detach()), rows, per_row,
+                                    range)
 
 
 # ---- torch.distributed ----------------------------------------------------------------------------
