@@ -22,6 +22,12 @@ file(GLOB_RECURSE loco_public_headers CONFIGURE_DEPENDS
 list(SORT loco_public_headers)
 # loco/comm/mpi.hpp needs <mpi.h>: checked on its own below, against loco::mpi, when MPI is found.
 list(REMOVE_ITEM loco_public_headers loco/comm/mpi.hpp)
+# loco/dlpack.hpp needs <dlpack/dlpack.h> (libdlpack-dev): checked only where it is installed.
+include(CheckIncludeFileCXX)
+check_include_file_cxx(dlpack/dlpack.h LOCO_HAS_DLPACK_HEADER)
+if(NOT LOCO_HAS_DLPACK_HEADER)
+  list(REMOVE_ITEM loco_public_headers loco/dlpack.hpp)
+endif()
 
 set(loco_host_header_tus)
 set(loco_cuda_header_tus)

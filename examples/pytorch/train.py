@@ -1,0 +1,190 @@
+"""A small byte-level language model in torch.nn, trained by two processes with DiLoCo from loco.
+
+    ./scripts/install-deps && cmake -S . -B build -G Ninja && cmake --build build
+    PYTHONPATH=build/python python3 examples/pytorch/train.py            # DiLoCo, 2 workers
+    PYTHONPATH=build/python python3 examples/pytorch/train.py --algo muloco --steps 600
+
+The corpus is the one examples/gpt trains on (docs/gpt.md): every fortune file of Debian's
+`fortunes` package, sorted by name, the first 90% of each for training and the last 10% for
+validation; each worker samples windows from its own contiguous share of the training text. The
+processes talk through torch.distributed (gloo) via loco.TorchDistributed(); under torchrun the
+launcher's environment is used, otherwise this script spawns --workers processes itself.
+See docs/pytorch.md.
+"""
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import loco
+
+FORTUNES = "/usr/share/games/fortunes"
+
+
+def load_fortunes(directory=FORTUNES):
+    if not os.path.isdir(directory):
+        raise SystemExit(f"train.py: the fortunes corpus is not at {directory}; install it with "
+                         "`apt-get install fortunes` (or ./scripts/install-deps)")
+    names = sorted(n for n in os.listdir(directory)
+                   if not n.endswith((".dat", ".u8"))
+                   and os.path.isfile(os.path.join(directory, n))
+                   and not os.path.islink(os.path.join(directory, n)))
+    train, valid = bytearray(), bytearray()
+    for n in names:
+        with open(os.path.join(directory, n), "rb") as f:
+            text = f.read()
+        cut = len(text) - int(len(text) * 0.1)
+        train += text[:cut]
+        valid += text[cut:]
+    return (torch.frombuffer(train, dtype=torch.uint8).long(),
+            torch.frombuffer(valid, dtype=torch.uint8).long(), len(names))
+
+
+class ByteLM(nn.Module):
+    """A small causal transformer over bytes."""
+
+    def __init__(self, context, width=64, layers=2, heads=4):
+        super().__init__()
+        self.tokens = nn.Embedding(256, width)
+        self.positions = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, x):
+        t = x.shape[1]
+        h = self.tokens(x) + self.positions(torch.arange(t))
+        h = self.blocks(h, mask=self.mask[:t, :t])
+        return self.head(self.norm(h))
+
+
+def roles_of(model):
+    """MuLoCo's routing (docs/groups.md): Muon on hidden matrices, AdamW on the rest."""
+    roles = {}
+    for name, p in model.named_parameters():
+        if name.startswith(("tokens.", "positions.")):
+            roles[name] = "embedding"
+        elif name.startswith("head."):
+            roles[name] = "head"
+        elif p.dim() == 2:
+            roles[name] = "matrix"
+        else:
+            roles[name] = "vector"
+    return roles
+
+
+def batch(text, context, size, gen):
+    starts = torch.randint(0, len(text) - context - 1, (size,), generator=gen)
+    idx = starts[:, None] + torch.arange(context + 1)
+    window = text[idx]
+    return window[:, :-1], window[:, 1:]
+
+
+def evaluate(model, text, context, windows=32):
+    starts = torch.linspace(0, len(text) - context - 2, windows).long()
+    idx = starts[:, None] + torch.arange(context + 1)
+    window = text[idx]
+    with torch.no_grad():
+        logits = model(window[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1)).item()
+
+
+def make_optimizer(args, model, comm):
+    if args.algo == "diloco":
+        return loco.DiLoCo(model.named_parameters(), comm,
+                           inner=loco.AdamW(lr=args.lr, weight_decay=0.1),
+                           outer=loco.Nesterov(lr=0.7, momentum=0.9),
+                           schedule=loco.Every(args.every))
+    if args.algo == "streaming":
+        return loco.DiLoCo(model.named_parameters(), comm,
+                           inner=loco.AdamW(lr=args.lr, weight_decay=0.1),
+                           outer=loco.Nesterov(lr=0.7, momentum=0.9),
+                           schedule=loco.Streaming(every=args.every, fragments=2, overlap=1,
+                                                   alpha=0.5))
+    return loco.DiLoCo(model.named_parameters(), comm,
+                       inner=loco.MuonAdamW(loco.Muon(lr=0.02, momentum=0.95, weight_decay=0.01),
+                                            loco.AdamW(lr=args.lr, weight_decay=0.1)),
+                       outer=loco.Nesterov(lr=0.7, momentum=0.9),
+                       compressor=loco.TwoBit(decay=0.9, fold_outer_lr=True),
+                       schedule=loco.Every(args.every), roles=roles_of(model))
+
+
+def run(rank, world, args, init_method):
+    torch.set_num_threads(args.threads)
+    if init_method is not None:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    train, valid, files = load_fortunes()
+    share = len(train) // world
+    mine = train[rank * share:(rank + 1) * share]
+
+    torch.manual_seed(args.seed + rank)  # loco gives every worker rank 0's values at start
+    model = ByteLM(args.context, args.width, args.layers)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = make_optimizer(args, model, loco.TorchDistributed())
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"fortunes: {files} files, {len(train) + len(valid)} bytes; model {params} "
+              f"parameters; {args.algo}, {world} workers, H = {args.every}; "
+              f"{opt.bytes_per_sync} bytes per sync per worker", flush=True)
+        print(f"start: validation loss {evaluate(model, valid, args.context):.3f} "
+              f"(uniform bytes: {math.log(256):.3f})", flush=True)
+
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    began = time.time()
+    for step in range(1, args.steps + 1):
+        x, y = batch(mine, args.context, args.batch, gen)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        _, synced = opt.step()
+        if rank == 0 and (step % args.log_every == 0 or synced and step % args.every == 0):
+            print(f"step {step:5d}  loss {loss.item():.3f}  outer steps {opt.outer_steps}  "
+                  f"bytes sent {opt.bytes_sent}  ({time.time() - began:.1f} s)", flush=True)
+    opt.sync()  # end on the global parameters
+    if rank == 0:
+        print(f"end: validation loss {evaluate(model, valid, args.context):.3f}; "
+              f"{opt.bytes_sent} bytes sent by rank 0 in {opt.outer_steps} outer steps "
+              f"(all-reduce of every step would send "
+              f"{(args.steps + 1) * opt.bytes_per_sync // max(1, opt.fragments)} bytes)", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algo", choices=("diloco", "streaming", "muloco"), default="diloco")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=50, help="H: inner steps per sync")
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--log-every", type=int, default=25)
+    args = ap.parse_args()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        dist.init_process_group("gloo")
+        run(dist.get_rank(), dist.get_world_size(), args, None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(run, args=(args.workers, args, "file://" + os.path.join(d, "rendezvous")),
+                 nprocs=args.workers, join=True)
+
+
+if __name__ == "__main__":
+    main()

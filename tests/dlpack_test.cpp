@@ -1,0 +1,127 @@
+// The DLPack adapter (include/loco/dlpack.hpp) on DLTensors built by hand: what view each yields
+// and every refusal, with the parameter list left as it was. Compiled where <dlpack/dlpack.h> is
+// installed (libdlpack-dev); the Python tests (tests/python) cover the tensors PyTorch exports.
+#include <doctest/doctest.h>
+
+#if __has_include(<dlpack/dlpack.h>)
+
+#include <loco/dlpack.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct dl {
+    std::vector<std::int64_t> shape, strides;
+    DLTensor t{};
+    dl(float* data, std::vector<std::int64_t> s, std::vector<std::int64_t> st = {},
+       DLDeviceType dev = kDLCPU, DLDataType type = {kDLFloat, 32, 1})
+        : shape(std::move(s)), strides(std::move(st)) {
+        t.data = data;
+        t.device = {dev, 0};
+        t.ndim = static_cast<int>(shape.size());
+        t.dtype = type;
+        t.shape = shape.data();
+        t.strides = strides.empty() ? nullptr : strides.data();
+        t.byte_offset = 0;
+    }
+};
+
+template <class E>
+std::string message_of(auto&& fn) {
+    try {
+        fn();
+    } catch (const E& e) {
+        return e.what();
+    }
+    return "(nothing thrown)";
+}
+
+}  // namespace
+
+TEST_CASE("dlpack: a compact float32 tensor becomes a view with its matrix shape") {
+    std::vector<float> x(24);
+    const dl a(x.data(), {2, 3, 4});
+    const auto v = loco::dlpack::view<float>(a.t, "x");
+    CHECK(v.data == x.data());
+    CHECK(v.size == 24);
+    CHECK(v.rows == 2);
+    CHECK(v.cols == 12);
+    CHECK(v.space == loco::memory_space::host);
+
+    // Explicit row-major strides, and any stride along an extent-1 dimension, are compact.
+    const dl b(x.data(), {4, 1, 6}, {6, 99, 1});
+    CHECK(loco::dlpack::view<float>(b.t, "x").size == 24);
+    // A byte offset moves the data pointer; a vector has no matrix shape.
+    dl c(x.data(), {20});
+    c.t.byte_offset = 16;
+    const auto vc = loco::dlpack::view<const float>(c.t, "x");
+    CHECK(vc.data == x.data() + 4);
+    CHECK_FALSE(vc.is_matrix());
+    // CUDA memory is a CUDA view (the host optimizer refuses it later with its own message).
+    const dl d(x.data(), {24}, {}, kDLCUDA);
+    CHECK(loco::dlpack::view<float>(d.t, "x").space == loco::memory_space::cuda);
+}
+
+TEST_CASE("dlpack: non-contiguous tensors, other dtypes and devices are refused by name") {
+    std::vector<float> x(24);
+    const dl transposed(x.data(), {4, 6}, {1, 4});
+    CHECK(message_of<loco::invalid_argument>([&] { loco::dlpack::view<float>(transposed.t, "w"); })
+              .find("loco: w is not contiguous") == 0);
+    const dl f64(x.data(), {12}, {}, kDLCPU, {kDLFloat, 64, 1});
+    CHECK(message_of<loco::invalid_argument>([&] { loco::dlpack::view<float>(f64.t, "w"); }) ==
+          "loco: w holds float64 elements but loco needs float32; convert it (keep an fp32 master "
+          "copy for lower-precision models)");
+    const dl bf16(x.data(), {12}, {}, kDLCPU, {kDLBfloat, 16, 1});
+    CHECK(message_of<loco::invalid_argument>([&] { loco::dlpack::view<float>(bf16.t, "w"); })
+              .find("bfloat16") != std::string::npos);
+    const dl lanes(x.data(), {12}, {}, kDLCPU, {kDLFloat, 32, 2});
+    CHECK_THROWS_AS(loco::dlpack::view<float>(lanes.t, "w"), loco::invalid_argument);
+    const dl metal(x.data(), {12}, {}, kDLMetal);
+    CHECK_THROWS_AS(loco::dlpack::view<float>(metal.t, "w"), loco::memory_space_error);
+    const dl negative(x.data(), {-1});
+    CHECK_THROWS_AS(loco::dlpack::view<float>(negative.t, "w"), loco::shape_error);
+    dl misaligned(x.data(), {4});
+    misaligned.t.byte_offset = 2;
+    CHECK_THROWS_AS(loco::dlpack::view<float>(misaligned.t, "w"), loco::invalid_argument);
+}
+
+TEST_CASE("dlpack: add() refuses a gradient on another device or of another size, adding nothing") {
+    std::vector<float> w(6), gw(6), g5(5);
+    loco::parameter_list params;
+    const dl ok(w.data(), {2, 3}), ok_grad(gw.data(), {2, 3});
+    loco::dlpack::add(params, "a", ok.t, ok_grad.t);
+    REQUIRE(params.size() == 1);
+    CHECK(params[0].value.rows == 2);
+    CHECK(params[0].grad.cols == 3);
+
+    std::vector<float> w2(6);
+    const dl value(w2.data(), {2, 3}), on_gpu(gw.data(), {2, 3}, {}, kDLCUDA);
+    CHECK(message_of<loco::memory_space_error>([&] {
+              loco::dlpack::add(params, "b", value.t, on_gpu.t);
+          }) == "loco: the gradient of 'b' is on device cuda:0 but the parameter is on host:0; "
+                "keep each gradient on its parameter's device");
+    const dl short_grad(g5.data(), {5});
+    CHECK_THROWS_AS(loco::dlpack::add(params, "b", value.t, short_grad.t), loco::shape_error);
+    CHECK(params.size() == 1);
+}
+
+TEST_CASE("dlpack: export_view describes a loco buffer and its deleter frees only the record") {
+    std::vector<float> x{1.0f, 2.0f, 3.0f};
+    DLManagedTensor* m = loco::dlpack::export_view(loco::host_tensor(x.data(), x.size()));
+    CHECK(m->dl_tensor.data == x.data());
+    CHECK(m->dl_tensor.ndim == 1);
+    CHECK(m->dl_tensor.shape[0] == 3);
+    CHECK(m->dl_tensor.device.device_type == kDLCPU);
+    CHECK(m->dl_tensor.dtype.code == kDLFloat);
+    // Read back through the importer: the same elements.
+    const auto v = loco::dlpack::view<const float>(m->dl_tensor, "x");
+    CHECK(v.data == x.data());
+    CHECK(v.size == 3);
+    m->deleter(m);
+    CHECK(x[2] == 3.0f);
+}
+
+#endif
