@@ -453,10 +453,7 @@ public:
         w.text(detail::describe_policy<Outer>(outer_hyper_));
         w.u64(static_cast<std::uint64_t>(comm_->size()));
         w.u64(static_cast<std::uint64_t>(comm_->rank()));
-        schedule_.save(w);
-        w.u64(skipped_syncs_);
-        w.u64(consecutive_skips_);
-        w.text(first_nonfinite_);
+        write_counters(w);
         engine_.write_inner(w);
         w.floats(engine_.global());
         w.floats(engine_.outer_state());
@@ -599,10 +596,7 @@ public:
             detail::checkpoint_writer w(out);
             w.text("diloco heal");
             w.u64(started_ ? 1 : 0);
-            schedule_.save(w);
-            w.u64(skipped_syncs_);
-            w.u64(consecutive_skips_);
-            w.text(first_nonfinite_);
+            write_counters(w);
             w.floats(engine_.global());
             w.floats(engine_.outer_state());
             for (const auto& f : frags_) {
@@ -660,6 +654,14 @@ public:
     }
 
 private:
+    // The schedule's state and the skip counters (checkpoints and regroup()).
+    void write_counters(detail::checkpoint_writer& w) const {
+        schedule_.save(w);
+        w.u64(skipped_syncs_);
+        w.u64(consecutive_skips_);
+        w.text(first_nonfinite_);
+    }
+
     // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
     struct fragment_state {
         std::vector<std::size_t> params;  // parameter indices, in layout order

@@ -40,6 +40,18 @@ struct fragment_layout {
     std::function<std::size_t(const parameter&)> layer_of;
 };
 
+// The merge weight and fragment pattern of a fragmenting schedule (streaming, fragment_periods):
+// invalid_argument from `who` otherwise.
+inline void validate_merge(const std::string& who, float alpha, fragment_pattern pattern) {
+    if (!(alpha >= 0.0f && alpha <= 1.0f)) {
+        throw invalid_argument(who + "alpha must be in [0, 1] (0 replaces the local values by the "
+                                     "global ones, 1 keeps them)");
+    }
+    if (pattern != fragment_pattern::strided && pattern != fragment_pattern::sequential) {
+        throw invalid_argument(who + "pattern must be fragment_pattern::strided or sequential");
+    }
+}
+
 namespace detail {
 
 // Parameter indices of each of `count` fragments, each list in layout order. Throws

@@ -46,13 +46,7 @@ public:
                                        " is 0; every period must be >= 1");
             }
         }
-        if (!(h.alpha >= 0.0f && h.alpha <= 1.0f)) {
-            throw invalid_argument(who + "alpha must be in [0, 1] (0 replaces the local values "
-                                         "by the global ones, 1 keeps them)");
-        }
-        if (h.pattern != fragment_pattern::strided && h.pattern != fragment_pattern::sequential) {
-            throw invalid_argument(who + "pattern must be fragment_pattern::strided or sequential");
-        }
+        validate_merge(who, h.alpha, h.pattern);
     }
 
     static std::string describe(const hyper& h) {
