@@ -155,7 +155,7 @@ TEST_CASE("threads split-phase: collectives complete in the order they were star
     CHECK(wrong == 0);
 }
 
-TEST_CASE("requests: finish twice or never started is refused; an abandoned one poisons") {
+TEST_CASE("requests: finish twice or never started is refused, an abandoned one poisons") {
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
         std::vector<float> x(4, 1.0f);
         auto r = comm.start_all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);
@@ -190,7 +190,7 @@ TEST_CASE("comm::single split-phase: the default runs at start and finish report
     CHECK(comm.bytes_sent() == 0);
 }
 
-TEST_CASE("emulated link: a collective lasts latency + bytes / bandwidth; bad links are refused") {
+TEST_CASE("emulated link: a collective lasts latency + bytes / bandwidth, bad links are refused") {
     // Two ranks, 200000 floats: each rank sends 4 * 200000 = 800 kB; at 8 MB/s that is 100 ms,
     // plus 20 ms of latency.
     const std::size_t n = 200000;

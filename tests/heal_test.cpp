@@ -318,11 +318,11 @@ private:
 
 }  // namespace
 
-TEST_CASE("worker loss: a worker that throws; the survivors fail alike, change nothing, and go on alone") {
+TEST_CASE("worker loss: a worker that throws, the survivors fail alike, change nothing, and go on alone") {
     lose_and_go_on(loss::throws, false);
 }
 
-TEST_CASE("worker loss: a worker that exits silently; the survivors time out alike and go on alone") {
+TEST_CASE("worker loss: a worker that exits silently, the survivors time out alike and go on alone") {
     lose_and_go_on(loss::exits, false);
 }
 

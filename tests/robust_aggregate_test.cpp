@@ -261,7 +261,7 @@ TEST_CASE("robust policies against a double-precision re-computation on fresh ra
     }
 }
 
-TEST_CASE("robust policies leave out NaN and Inf workers; mean does not") {
+TEST_CASE("robust policies leave out NaN and Inf workers, mean does not") {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     const float inf = std::numeric_limits<float>::infinity();
     const auto g = from_rows({{1.0f, 2.0f}, {1.2f, 2.2f}, {0.8f, 1.8f}, {nan, 5.0f}, {3.0f, -inf}});

@@ -219,7 +219,7 @@ TEST_CASE("sparseloco: values kept per chunk follow templar's _clamp_topk") {
     CHECK(kept(64, 1) == 1);      // one cell: the reference fails; loco sends it
 }
 
-TEST_CASE("sparseloco: payload bytes follow the documented formula; 146x below fp32 at the "
+TEST_CASE("sparseloco: payload bytes follow the documented formula, 146x below fp32 at the "
           "defaults") {
     struct shape {
         std::size_t rows, cols;

@@ -333,7 +333,7 @@ TEST_CASE("threads all_gather in place, and a partially overlapping send buffer 
     CHECK(wrong == 0);
 }
 
-TEST_CASE("threads all_to_all: block k goes to rank k; (M-1) blocks sent per rank") {
+TEST_CASE("threads all_to_all: block k goes to rank k, (M-1) blocks sent per rank") {
     for (const int m : world_sizes) {
         CAPTURE(m);
         const std::size_t block = 13;
