@@ -179,6 +179,13 @@ struct residual_codec {
         }
     }
 
+    // The payload's body: every segment's layout, in order.
+    static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
+        std::size_t n = 0;
+        for (const segment& s : segs) n += C::layout_of(h, s).bytes();
+        return n;
+    }
+
     // Checks the header and every segment's index stream before anything is written.
     static void decode(const hyper& h, std::span<const std::byte> in,
                        std::span<const segment> segs, std::span<float> out) {

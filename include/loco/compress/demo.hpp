@@ -120,7 +120,7 @@ struct demo {
 
     static std::size_t payload_bytes(const hyper& h, std::span<const segment> segs) {
         validate(h);
-        return wire::header_bytes + body_bytes(h, segs);
+        return wire::header_bytes + chunking::residual_codec<demo>::body_bytes(h, segs);
     }
 
     static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
@@ -174,14 +174,6 @@ struct demo {
 private:
     friend struct chunking::residual_codec<demo>;
 
-    static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
-        std::size_t n = 0;
-        for (const segment& s : segs) {
-            n += layout_of(h, s).bytes();
-        }
-        return n;
-    }
-
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
         wire::header w;
         w.compressor = wire_id;
@@ -190,7 +182,7 @@ private:
         w.block = h.chunk | (h.topk << 16);
         w.segments = static_cast<std::uint32_t>(segs.size());
         w.elements = total_elements(segs);
-        w.body_bytes = body_bytes(h, segs);
+        w.body_bytes = chunking::residual_codec<demo>::body_bytes(h, segs);
         return w;
     }
 
