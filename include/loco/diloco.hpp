@@ -280,8 +280,9 @@ public:
         }
         restart_loaded_exchanges();
         // A schedule that decides with its peers (schedule/wallclock.hpp) gets the communicator.
-        if constexpr (requires { schedule_.use_communicator(*comm_); }) {
-            schedule_.use_communicator(*comm_);
+        // Host memory: over a GPU communicator, its staging view.
+        if constexpr (requires { schedule_.use_communicator(engine_.control_comm()); }) {
+            schedule_.use_communicator(engine_.control_comm());
         }
         const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
         result.synced = !plan.finish.empty();
@@ -583,11 +584,14 @@ public:
     // for them, at most its timeout). The two-phase server residuals restart from zero (their
     // chunks follow the rank count). Every rank first checks that all were built alike, as in
     // start(). Throws, and changes nothing on any rank, if that check or the transfer fails.
+    // Both backends: the group must move the memory the old communicator moved (on the CUDA
+    // backend a GPU communicator's heal travels through its cuda_staging view).
     void regroup(comm::communicator& group, int donor = 0)
-        requires requires(const engine_type& e, comm::communicator& c,
-                          const typename Compressor::hyper& h) { e.exchangers_for(c, h); }
     {
-        engine_.check_space(group);
+        // The group's exchange buffers and its control communicator (host memory), built before
+        // anything changes.
+        auto next = engine_.prepare_regroup(group, compress_hyper_);
+        comm::communicator& control = next.control();
         std::size_t total = 0;
         for (const auto& p : tensors()) total += p.value.size;
         // The shared state as the donor will send it; fragments in flight count as lost.
@@ -606,10 +610,10 @@ public:
             }
             w.finish();
         }
-        check_fingerprint(group);
+        check_fingerprint(control);
         const std::uint64_t limit = 4 * total * (1 + static_cast<std::uint64_t>(Outer::state_size)) +
                                     64 * frags_.size() + (1u << 20);
-        const std::string blob = detail::share_from(group, donor, out.str(), limit);
+        const std::string blob = detail::share_from(control, donor, out.str(), limit);
         // Read everything into temporaries; every rank holds the same verified bytes, so every
         // rank reaches the same verdict.
         std::istringstream in(blob);
@@ -630,13 +634,12 @@ public:
         std::vector<std::uint64_t> counts(3 * frags_.size());
         for (auto& c : counts) c = r.u64("a fragment's counters");
         r.finish();
-        auto exchanges = engine_.exchangers_for(group, compress_hyper_);
+        engine_.stage_regroup(next, std::move(global), std::move(outer_state));
 
         // Commit: nothing below throws.
         const bool newcomer = !started_;
         comm_ = &group;
-        engine_.adopt(group, std::move(exchanges), !newcomer, std::move(global),
-                      std::move(outer_state));
+        engine_.adopt(std::move(next), !newcomer);
         schedule_ = std::move(sched_state);
         skipped_syncs_ = skipped_syncs;
         consecutive_skips_ = consecutive;

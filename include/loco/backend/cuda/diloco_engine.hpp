@@ -507,6 +507,115 @@ public:
         }
     }
 
+    // regroup() (diloco.hpp) in three steps, the first two free to throw with nothing changed.
+    // prepare_regroup() builds what the group needs: each fragment's exchange buffers for its
+    // size (the fused path's receive buffer and payload check, or the host exchanger) and, over a
+    // GPU communicator, the staging view the handle's own collectives use; stage_regroup()
+    // uploads the shared state the donor sent into fresh device arrays; adopt() swaps them in.
+    // This worker's error-feedback residuals carry over when `keep` (a survivor), else start at
+    // zero (a newcomer). Adopting drops an exchange in flight on the old communicator (it waits
+    // for it, as a request dropped unfinished does). The group must move the memory the old
+    // communicator moved: the exchange path of each fragment was chosen for it.
+    struct regroup_plan {
+        struct part {
+            std::unique_ptr<device_exchange_t> device;
+            std::unique_ptr<loco::detail::exchanger<Compressor, Aggregate>> host;
+            bool device_all_reduce = false;
+            device_buffer<float> global, outer_state;
+        };
+        comm::communicator* group = nullptr;
+        std::unique_ptr<comm::cuda_staging> staging;
+        std::vector<part> parts;
+        comm::communicator& control() const noexcept { return staging ? *staging : *group; }
+    };
+    regroup_plan prepare_regroup(comm::communicator& group, const typename Compressor::hyper& h) {
+        if (group.space() != comm_space_) {
+            throw memory_space_error(
+                std::string(handle_name) + ": regroup() onto a " + std::string(group.name()) +
+                " communicator that moves " + std::string(to_string(group.space())) +
+                " memory; this handle was built on one that moves " +
+                std::string(to_string(comm_space_)) +
+                " memory (each fragment's exchange path follows it); regroup onto the same kind");
+        }
+        regroup_plan plan;
+        plan.group = &group;
+        if (group.space() == memory_space::cuda) {
+            plan.staging = std::make_unique<comm::cuda_staging>(group);
+        }
+        for (const auto& fp : frags_) {
+            const fragment& f = *fp;
+            typename regroup_plan::part q;
+            if (f.device) {
+                if constexpr (device_compression) {
+                    q.device = std::make_unique<device_exchange_t>(f.table, group.size(), h);
+                }
+            } else {
+                q.host = std::make_unique<loco::detail::exchanger<Compressor, Aggregate>>(
+                    std::vector<compress::segment>(f.host->segments().begin(),
+                                                   f.host->segments().end()),
+                    f.host->scheme(), group.size(), group.rank(), h);
+                q.device_all_reduce = f.device_all_reduce &&
+                                      q.host->scheme() == exchange_scheme::all_reduce;
+            }
+            plan.parts.push_back(std::move(q));
+        }
+        return plan;
+    }
+    void stage_regroup(regroup_plan& plan, const std::vector<float>& global,
+                       const std::vector<float>& outer_state) {
+        const std::size_t total = global.size();
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            const fragment& f = *frags_[fi];
+            auto& q = plan.parts[fi];
+            q.global = device_buffer<float>(f.table.padded_elements());
+            q.outer_state = device_buffer<float>(static_cast<std::size_t>(Outer::state_size) *
+                                                 f.table.padded_elements());
+            q.global.zero(stream());
+            q.outer_state.zero(stream());
+            from_flat<float>(f.table, slice(f, global, 0), q.global.get());
+            std::vector<float> state;
+            for (int j = 0; j < Outer::state_size; ++j) {
+                const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
+                state.insert(state.end(), one.begin(), one.end());
+            }
+            from_flat<float>(f.table, state, q.outer_state.get(),
+                             static_cast<std::size_t>(Outer::state_size));
+        }
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    }
+    void adopt(regroup_plan plan, bool keep) noexcept {
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            fragment& f = *frags_[fi];
+            auto& q = plan.parts[fi];
+            f.request = comm::request{};  // a fused or device exchange in flight: waited for
+            if (f.device) {
+                if constexpr (device_compression && device_exchange_t::feedback) {
+                    if (keep) {
+                        std::swap(f.device->residual, q.device->residual);
+                    }
+                }
+                f.device = std::move(q.device);
+            } else {
+                if (keep) {
+                    const auto own = f.host->state();
+                    std::copy(own.begin(), own.end(), q.host->state().begin());
+                }
+                f.host = std::move(q.host);  // a host exchange in flight: dropped here
+                f.device_all_reduce = q.device_all_reduce;
+            }
+            f.global = std::move(q.global);
+            f.outer_state = std::move(q.outer_state);
+            f.kept = false;
+            f.hold = false;
+            f.host_ready = false;
+            f.avg = nullptr;
+            f.hit.reset();
+        }
+        // Last: requests dropped above may have run through the old staging view.
+        comm_ = plan.group;
+        staging_ = std::move(plan.staging);
+    }
+
 private:
     struct fragment {
         fragment(const tensor_table& whole, const std::vector<std::size_t>& list,
@@ -594,6 +703,7 @@ private:
     float* master() const noexcept { return inner_.master_ptr(); }
 
     void init_control(comm::communicator& comm) {
+        comm_space_ = comm.space();
         if (comm.space() == memory_space::cuda) {
             staging_ = std::make_unique<comm::cuda_staging>(comm);
         }
@@ -749,6 +859,7 @@ private:
 
     inner_type inner_;
     comm::communicator* comm_;
+    memory_space comm_space_ = memory_space::host;  // what comm_ moves (regroup() keeps it)
     std::unique_ptr<comm::cuda_staging> staging_;
     std::vector<parameter> tensors_;
     std::vector<std::unique_ptr<fragment>> frags_;

@@ -237,12 +237,22 @@ public:
         return frags_[fi].exchange.bytes_per_average(h);
     }
 
-    // regroup() (diloco.hpp): the group's memory must be the parameters'; the exchangers for
-    // `group` (same segments and scheme, its size and rank) are built before anything changes,
-    // then adopted with the shared state. This worker's residuals carry over when `keep` (a
-    // survivor), else start at zero (a newcomer); two-phase server residuals restart at zero (their
-    // chunks follow the rank count). Adopting drops an exchange in flight on the old communicator.
-    void check_space(const comm::communicator& group) const {
+    // regroup() (diloco.hpp) in three steps, the first two free to throw with nothing changed:
+    // prepare_regroup() checks that the group moves the parameters' memory and builds the
+    // exchangers for it (same segments and scheme, its size and rank); stage_regroup() takes the
+    // shared state the donor sent; adopt() commits. This worker's residuals carry over when `keep`
+    // (a survivor), else start at zero (a newcomer); two-phase server residuals restart at zero
+    // (their chunks follow the rank count). Adopting drops an exchange in flight on the old
+    // communicator.
+    struct regroup_plan {
+        comm::communicator* group;
+        std::vector<loco::detail::exchanger<Compressor, Aggregate>> exchanges;
+        std::vector<float> global, outer_state;
+        // Where the handle's own collectives over the group run (host memory).
+        comm::communicator& control() const noexcept { return *group; }
+    };
+    regroup_plan prepare_regroup(comm::communicator& group,
+                                 const typename Compressor::hyper& h) const {
         if (group.space() != params_().space() && !params_().empty()) {
             throw memory_space_error("loco::diloco: regroup() onto a " + std::string(group.name()) +
                                      " communicator that moves " +
@@ -250,33 +260,33 @@ public:
                                      " memory; the parameters are in " +
                                      std::string(to_string(params_().space())) + " memory");
         }
-    }
-    std::vector<loco::detail::exchanger<Compressor, Aggregate>> exchangers_for(
-        comm::communicator& group, const typename Compressor::hyper& h) const {
-        std::vector<loco::detail::exchanger<Compressor, Aggregate>> out;
-        out.reserve(frags_.size());
+        regroup_plan plan{&group, {}, {}, {}};
+        plan.exchanges.reserve(frags_.size());
         for (const auto& f : frags_) {
-            out.emplace_back(std::vector<compress::segment>(f.exchange.segments().begin(),
-                                                            f.exchange.segments().end()),
-                             f.exchange.scheme(), group.size(), group.rank(), h);
+            plan.exchanges.emplace_back(std::vector<compress::segment>(f.exchange.segments().begin(),
+                                                                       f.exchange.segments().end()),
+                                        f.exchange.scheme(), group.size(), group.rank(), h);
         }
-        return out;
+        return plan;
     }
-    void adopt(comm::communicator& group,
-               std::vector<loco::detail::exchanger<Compressor, Aggregate>> exchanges, bool keep,
-               std::vector<float> global, std::vector<float> outer_state) noexcept {
-        comm_ = &group;
+    void stage_regroup(regroup_plan& plan, std::vector<float> global,
+                       std::vector<float> outer_state) const {
+        plan.global = std::move(global);
+        plan.outer_state = std::move(outer_state);
+    }
+    void adopt(regroup_plan plan, bool keep) noexcept {
+        comm_ = plan.group;
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             fragment& f = frags_[i];
             if (keep) {
                 const auto own = f.exchange.state();
-                std::copy(own.begin(), own.end(), exchanges[i].state().begin());
+                std::copy(own.begin(), own.end(), plan.exchanges[i].state().begin());
             }
-            f.exchange = std::move(exchanges[i]);
+            f.exchange = std::move(plan.exchanges[i]);
             f.captured.clear();
         }
-        global_ = std::move(global);
-        outer_state_ = std::move(outer_state);
+        global_ = std::move(plan.global);
+        outer_state_ = std::move(plan.outer_state);
     }
 
     // Replaces the whole state (a checkpoint that has been read completely).
