@@ -498,10 +498,7 @@ public:
         r.expect_u64(static_cast<std::uint64_t>(comm_->size()), "the number of workers");
         r.expect_u64(static_cast<std::uint64_t>(comm_->rank()),
                      "the worker rank (each worker loads the checkpoint it saved)");
-        schedule_type sched_state = schedule_type::read(r);
-        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
-        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
-        std::string first_nonfinite = r.text("the first non-finite tensor");
+        counters read_back = read_counters(r);
         auto inner = engine_.read_inner(r);
         std::size_t total = 0;
         for (const auto& p : tensors()) total += p.value.size;
@@ -554,10 +551,7 @@ public:
                 engine_.restore_aggregate_state(i, std::move(aggregate_states[i]));
             }
         }
-        schedule_ = std::move(sched_state);
-        skipped_syncs_ = skipped_syncs;
-        consecutive_skips_ = consecutive;
-        first_nonfinite_ = std::move(first_nonfinite);
+        adopt_counters(std::move(read_back));
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             auto& f = frags_[i];
             const auto& p = loaded[i];
@@ -623,10 +617,7 @@ public:
             throw invalid_argument("loco::diloco: regroup() from rank " + std::to_string(donor) +
                                    ", a worker that never started; heal from a surviving worker");
         }
-        schedule_type sched_state = schedule_type::read(r);
-        const std::uint64_t skipped_syncs = r.u64("the skipped sync count");
-        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
-        std::string first_nonfinite = r.text("the first non-finite tensor");
+        counters read_back = read_counters(r);
         std::vector<float> global(total);
         std::vector<float> outer_state(static_cast<std::size_t>(Outer::state_size) * total);
         r.floats(global, "the global parameters");
@@ -640,10 +631,7 @@ public:
         const bool newcomer = !started_;
         comm_ = &group;
         engine_.adopt(std::move(next), !newcomer);
-        schedule_ = std::move(sched_state);
-        skipped_syncs_ = skipped_syncs;
-        consecutive_skips_ = consecutive;
-        first_nonfinite_ = std::move(first_nonfinite);
+        adopt_counters(std::move(read_back));
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             auto& f = frags_[i];
             f.outer_steps = counts[3 * i];
@@ -657,12 +645,31 @@ public:
     }
 
 private:
-    // The schedule's state and the skip counters (checkpoints and regroup()).
+    // The schedule's state and the skip counters (checkpoints and regroup()): written, read into
+    // a temporary, and adopted once everything else was read.
+    struct counters {
+        schedule_type schedule;
+        std::uint64_t skipped_syncs;
+        std::uint64_t consecutive_skips;
+        std::string first_nonfinite;
+    };
     void write_counters(detail::checkpoint_writer& w) const {
         schedule_.save(w);
         w.u64(skipped_syncs_);
         w.u64(consecutive_skips_);
         w.text(first_nonfinite_);
+    }
+    static counters read_counters(detail::checkpoint_reader& r) {
+        schedule_type s = schedule_type::read(r);
+        const std::uint64_t skipped = r.u64("the skipped sync count");
+        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
+        return {std::move(s), skipped, consecutive, r.text("the first non-finite tensor")};
+    }
+    void adopt_counters(counters c) noexcept {
+        schedule_ = std::move(c.schedule);
+        skipped_syncs_ = c.skipped_syncs;
+        consecutive_skips_ = c.consecutive_skips;
+        first_nonfinite_ = std::move(c.first_nonfinite);
     }
 
     // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
