@@ -524,6 +524,77 @@ void compressed(benchmark::State& state) {
     }
 }
 
+// The whole sync of the handle, loco::cuda::diloco<adamw, nesterov, Compressor> (issue 10: the
+// pipeline must cost what its kernels cost). One rank (comm::cuda_replicas of size 1) on fp32
+// parameters: phase 1, the exchange (for a compressor: the fused encode with error feedback, the
+// all-gather of one payload, its check, the decode-average-outer kernel; without one: the delta,
+// its non-finite check, the outer step), the agreement bookkeeping and the counters' uploads.
+// Each iteration runs one inner step (untimed), then the timed sync() between two events: sync()
+// waits on the host, so the figure is the call's wall time on the device's timeline. Minimum
+// traffic counted: none 36 B per parameter (phase 1 12 B, phase 2 24 B); compressed 36 B + 2 P/n
+// (encode 16 B + P/n, decode 20 B + P/n at M = 1).
+template <class Compressor>
+void handle_sync(benchmark::State& state) {
+    const int which = static_cast<int>(state.range(0));
+    try {
+        const auto& sizes = parameter_list(which);
+        const std::size_t total = list_elements(which);
+        std::size_t payload = 0;
+        if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
+            std::vector<loco::compress::segment> segs;
+            std::size_t off = 0;
+            for (const auto n : sizes) {
+                segs.push_back({off, n, 1, n});
+                off += n;
+            }
+            payload = Compressor::base::payload_bytes({}, segs);
+        }
+        const std::size_t bytes = 36 * total + 2 * payload;
+        copy_gbps(bytes);
+        device_model<float, float> model(sizes);
+        lc::stream s;
+        auto group = std::make_shared<loco::comm::cuda_replica_group>(1);
+        loco::comm::cuda_replicas comm(group, 0, s);
+        using handle = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, Compressor>;
+        typename handle::config cfg;
+        cfg.schedule.every = std::uint64_t{1} << 40;  // syncs only when the loop calls sync()
+        cfg.stream = s;
+        handle opt(lc::tensor_table(model.specs), comm, cfg);
+        opt.start();
+        lc::event start(cudaEventDefault), stop(cudaEventDefault);
+        for (int i = 0; i < 2; ++i) {  // warm-up
+            opt.step();
+            opt.sync();
+        }
+        std::vector<double> times;
+        for (auto _ : state) {
+            opt.step();
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(s));
+            start.record(s);
+            opt.sync();
+            stop.record(s);
+            LOCO_CUDA_CHECK(cudaEventSynchronize(stop));
+            float ms = 0.0f;
+            LOCO_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+            state.SetIterationTime(double(ms) * 1e-3);
+            times.push_back(ms);
+        }
+        std::sort(times.begin(), times.end());
+        const double ms = times.empty() ? 0.0 : times[times.size() / 2];
+        if (opt.outer_steps() != 2 + times.size()) {
+            state.SkipWithError("a sync was skipped: the random data were not finite");
+            return;
+        }
+        std::string label = "none";
+        if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
+            label = "2-bit+EF " + codec_label<typename Compressor::base>();
+        }
+        report(state, "diloco sync " + label + " M=1 " + list_name(which), ms, bytes);
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
 void copy_only(benchmark::State& state) {
     // The reference itself, at AdamW's traffic on the 1.5B list.
     const std::size_t total = [] {
@@ -590,6 +661,11 @@ void register_all() {
                     benchmark::RegisterBenchmark("compress_decode_outer/statistical2",
                                                  compressed<stat2, 1>)}) {
         big(b);
+    }
+    using ef256 = loco::compress::error_feedback<b256>;
+    for (auto* b : {benchmark::RegisterBenchmark("diloco_sync/none", handle_sync<loco::compress::none>),
+                    benchmark::RegisterBenchmark("diloco_sync/B256", handle_sync<ef256>)}) {
+        big(b->ArgName("list")->Arg(0)->Arg(1));
     }
     for (auto* b : {benchmark::RegisterBenchmark("outer_phase1/fp32", outer_phase<float, 1>),
                     benchmark::RegisterBenchmark("outer_phase2/fp32", outer_phase<float, 2>),
