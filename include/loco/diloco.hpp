@@ -713,8 +713,9 @@ private:
     void check_state_periods() const {
         if constexpr (requires { schedule_type::inner_state_periods(schedule_hyper_); }) {
             static_assert(requires(engine_type& e) { e.average_state(0); },
-                          "loco: per-state sync periods (schedule::state_periods, DES-LOC) run on "
-                          "the host backend only for now; use loco::host_backend");
+                          "loco: per-state sync periods (schedule::state_periods, DES-LOC) need a "
+                          "backend that averages inner state arrays: loco::host_backend, or "
+                          "loco::cuda_backend without parameter groups");
             const auto periods = schedule_type::inner_state_periods(schedule_hyper_);
             for (std::size_t j = 0; j < periods.size(); ++j) {
                 if (periods[j] != 0) check_state_array(static_cast<int>(j), periods[j]);
