@@ -1204,6 +1204,31 @@ TEST_CASE("docs: schedule::fragment_periods example") {
     CHECK(opt.outer_steps(1) == 2);
 }
 
+TEST_CASE("docs: schedule::state_periods example (DES-LOC)") {
+    std::vector<float> w(8, 0.5f), grad(8, 1.0f);
+    loco::parameter_list params;
+    params.add("w", w, grad);
+    loco::comm::single comm;
+    // [snippet:schedule-state-periods]
+    using desloc = loco::diloco<loco::inner::adamw, loco::outer::sgd, loco::compress::none,
+                                loco::schedule::state_periods>;
+    // Parameters every 16 calls, m every 48, v every 96 (the paper's K_u = 3 K_x, K_v = 6 K_x);
+    // outer::sgd at its default lr 1 makes a parameter sync plain averaging.
+    desloc opt(params, comm, {.schedule = loco::schedule::state_periods::paper(16)});
+    for (int step = 0; step < 96; ++step) {
+        opt.step();
+    }
+    // opt.outer_steps() == 6 parameter syncs; m averaged after calls 47 and 95, v after call 95
+    // bytes per worker: 6 * opt.bytes_per_sync() + 2 * opt.bytes_per_state_sync(0)
+    //                                            + 1 * opt.bytes_per_state_sync(1)
+    // [snippet:schedule-state-periods end]
+    const auto& h = opt.schedule_hyper();
+    CHECK(opt.outer_steps() == 6);
+    CHECK(loco::schedule::state_periods::state_syncs(h, 0, 96) == 2);
+    CHECK(loco::schedule::state_periods::state_syncs(h, 1, 96) == 1);
+    CHECK(h.states == std::vector<std::uint64_t>{48, 96});
+}
+
 // ---- docs/inner.md: muon -------------------------------------------------------------------------
 
 

@@ -213,6 +213,7 @@ public:
           max_skipped_syncs_(cfg.max_skipped_syncs) {
         detail::validate_hyper<Outer>(outer_hyper_);
         detail::validate_hyper<schedule_type>(schedule_hyper_);
+        check_state_periods();
         detail::validate_hyper<Compressor>(compress_hyper_);
         detail::validate_hyper<Aggregate>(aggregate_hyper_);
         if (cfg.workers < 0) {
@@ -266,6 +267,7 @@ public:
     // and nothing of the failed sync is.
     step_result step() {
         detail::validate_hyper<schedule_type>(schedule_hyper_);
+        check_state_periods();
         check_fragment_count();
         const bool ready = engine_.inner_ready();  // may throw; nothing has changed yet
         // A gradient computed before this worker received rank 0's parameters belongs to other
@@ -411,6 +413,15 @@ public:
             n = std::max(n, engine_.bytes_per_average(f, compress_hyper_));
         }
         return n + agreement_bytes();
+    }
+    // Bytes this worker sends per average of inner state array j (schedule::state_periods,
+    // DES-LOC): an fp32 all-reduce of the array (exchange.hpp's formula) and the all-or-nothing
+    // agreement. Counted apart from bytes_per_sync(); 0 for an array the optimizer does not keep.
+    std::uint64_t bytes_per_state_sync(int j) const
+        requires requires(const engine_type& e) { e.bytes_per_state_average(j); }
+    {
+        if (j < 0 || j >= engine_type::inner_state_arrays) return 0;
+        return engine_.bytes_per_state_average(j) + agreement_bytes();
     }
     // Array j of the outer optimizer's state, flat layout (host: a view; CUDA: a copy).
     decltype(auto) outer_state(int j) const {
@@ -707,6 +718,74 @@ private:
         }
     }
 
+    // A schedule that averages inner state arrays (schedule/state_periods.hpp) may name only
+    // arrays the inner optimizer keeps, on a backend that averages them.
+    void check_state_periods() const {
+        if constexpr (requires { schedule_type::inner_state_periods(schedule_hyper_); }) {
+            static_assert(requires(engine_type& e) { e.average_state(0); },
+                          "loco: per-state sync periods (schedule::state_periods, DES-LOC) need a "
+                          "backend that averages inner state arrays: loco::host_backend, or "
+                          "loco::cuda_backend without parameter groups");
+            const auto periods = schedule_type::inner_state_periods(schedule_hyper_);
+            for (std::size_t j = 0; j < periods.size(); ++j) {
+                if (periods[j] != 0) check_state_array(static_cast<int>(j), periods[j]);
+            }
+        }
+    }
+    void check_state_array(int j, std::uint64_t period) const {
+        if constexpr (requires { engine_type::inner_state_arrays; }) {
+            const int kept = engine_type::inner_state_arrays;
+            if (j >= 0 && j < kept) return;
+            std::string inner = "the inner optimizer";
+            if constexpr (requires { Inner::name; }) inner += " (" + std::string(Inner::name) + ")";
+            throw invalid_argument(
+                "loco::diloco: the " + std::string(Schedule::name) +
+                " schedule averages inner state array " + std::to_string(j) +
+                (period != 0 ? " (period " + std::to_string(period) + ")" : std::string()) +
+                " but " + inner + " keeps " + std::to_string(kept) +
+                " state array(s); set that period to 0 or drop the entry");
+        } else {
+            throw invalid_argument(std::string(name()) + ": this backend cannot average inner "
+                                   "state arrays; use loco::host_backend");
+        }
+    }
+
+    // Averages array j of every worker's inner state (DES-LOC): one fp32 mean all-reduce, then
+    // the ranks agree as for a fragment: the average replaces the state on every rank, or on
+    // none (a failure raises the same error everywhere; a non-finite average is skipped under
+    // nonfinite_policy::skip).
+    void average_inner_state(int j) {
+        if constexpr (requires { engine_.average_state(j); }) {
+            check_state_array(j, 0);
+            detail::stage_failure failure = engine_.average_state(j);
+            std::optional<backend::host::nonfinite_hit> hit;
+            if (!failure) {
+                try {
+                    const nonfinite_policy policy = engine_.inner().on_nonfinite();
+                    if (policy != nonfinite_policy::ignore) {
+                        hit = engine_.state_nonfinite();
+                        if (hit && policy == nonfinite_policy::raise) {
+                            throw nonfinite_error(
+                                std::string(name()) + ": the average of inner state array " +
+                                std::to_string(j) + " holds " + std::to_string(hit->value) +
+                                " at element " + std::to_string(hit->index) +
+                                "; the state was not changed");
+                        }
+                    }
+                } catch (...) {
+                    failure.record(detail::sync_stage::apply, std::current_exception());
+                }
+            }
+            if (agree(0, failure, hit.has_value(),
+                      "the sync of inner state array " + std::to_string(j))) {
+                return;  // a non-finite average, skipped on every rank
+            }
+            engine_.commit_state(j);
+        } else {
+            check_state_array(j, 0);
+        }
+    }
+
     // The plan of one call, in the order of the pipeline (see schedule/plan.hpp).
     void run(const schedule::sync_plan& plan) {
         const auto planned = [](std::span<const std::size_t> list, std::size_t f) {
@@ -749,6 +828,9 @@ private:
         }
         for (const std::size_t f : plan.reset) {
             merge(f, 0.0f);
+        }
+        for (const int j : plan.states) {
+            average_inner_state(j);
         }
     }
 
@@ -889,7 +971,8 @@ private:
     // the ranks exchange what went wrong, so that every rank raises the same error naming the
     // rank and stage that failed first (earliest stage, then lowest rank: a rank that could not
     // encode sends zeros its peers cannot decode). Returns whether to skip.
-    bool agree(std::size_t fi, const detail::stage_failure& failure, bool skip) {
+    bool agree(std::size_t fi, const detail::stage_failure& failure, bool skip,
+               const std::string& subject = {}) {
         const int world = comm_->size();
         if (world == 1) {
             if (failure) std::rethrow_exception(failure.error);
@@ -928,7 +1011,9 @@ private:
         const auto stage = static_cast<detail::sync_stage>(at[0]);
         const auto kind = static_cast<detail::error_kind>(at[1]);
         const std::string what(at + 2, std::find(at + 2, at + width, '\0'));
-        detail::raise(kind, "loco::diloco: the sync of fragment " + std::to_string(fi) +
+        detail::raise(kind, "loco::diloco: " +
+                                (subject.empty() ? "the sync of fragment " + std::to_string(fi)
+                                                 : subject) +
                                 " failed on rank " + std::to_string(culprit) + " at the " +
                                 std::string(to_string(stage)) + " stage (" + what +
                                 "); nothing was applied on any rank");

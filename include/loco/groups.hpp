@@ -207,6 +207,14 @@ public:
         return lists_[I];
     }
 
+    // Per-state syncs (schedule/state_periods.hpp): array j of every group that keeps one, in
+    // group order.
+    static constexpr int max_state_size =
+        std::max({0, inner_engine<typename Groups::policy>::max_state_size...});
+    void state_views(int j, std::vector<std::span<float>>& out) {
+        std::apply([&](auto&... e) { (e.state_views(j, out), ...); }, engines_);
+    }
+
     void write(checkpoint_writer& w) const {
         w.text("groups");
         w.u64(count);

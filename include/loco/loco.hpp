@@ -39,6 +39,7 @@
 #include <loco/schedule/plan.hpp>
 #include <loco/schedule/streaming.hpp>
 #include <loco/schedule/proportional.hpp>
+#include <loco/schedule/state_periods.hpp>
 #include <loco/schedule/wallclock.hpp>
 #include <loco/schedule/warmup.hpp>
 

@@ -116,6 +116,16 @@ public:
         return {state_.data() + static_cast<std::size_t>(j) * total_, total_};
     }
 
+    // The most state arrays any part of the optimizer keeps (parameter groups: the largest
+    // group's), and array j as writable spans (none when j is not kept): what a per-state sync
+    // (schedule/state_periods.hpp) averages over the workers.
+    static constexpr int max_state_size = state_size;
+    void state_views(int j, std::vector<std::span<float>>& out) {
+        if (j >= 0 && j < state_size) {
+            out.push_back({state_.data() + static_cast<std::size_t>(j) * total_, total_});
+        }
+    }
+
     void write(checkpoint_writer& w) const {
         w.text(Inner::name);
         w.u64(static_cast<std::uint64_t>(state_size));

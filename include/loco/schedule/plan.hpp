@@ -23,26 +23,34 @@ struct sync_plan {
     // Fragments whose local values become the global ones after the finishes (the one-outer-step
     // delayed schedule resets every round, even when nothing was applied yet).
     std::span<const std::size_t> reset;
+    // Arrays j of the inner optimizer's state (optimizer<Inner>::state(j): AdamW's 0 = m, 1 = v)
+    // averaged over the workers now, over the whole model, after the fragments above.
+    std::span<const int> states = {};
 
-    bool empty() const noexcept { return start.empty() && finish.empty() && reset.empty(); }
+    bool empty() const noexcept {
+        return start.empty() && finish.empty() && reset.empty() && states.empty();
+    }
 };
 
 // The planned fragments of a call, kept by the schedule so that the plan's spans stay valid until
 // the next call.
 class plan_buffer {
 public:
-    sync_plan view() const noexcept { return {start_, finish_, reset_}; }
+    sync_plan view() const noexcept { return {start_, finish_, reset_, states_}; }
     void clear() noexcept {
         start_.clear();
         finish_.clear();
         reset_.clear();
+        states_.clear();
     }
     void start(std::size_t f) { start_.push_back(f); }
     void finish(std::size_t f) { finish_.push_back(f); }
     void reset(std::size_t f) { reset_.push_back(f); }
+    void average_state(int j) { states_.push_back(j); }
 
 private:
     std::vector<std::size_t> start_, finish_, reset_;
+    std::vector<int> states_;
 };
 
 // The one-fragment plans of DiLoCo: nothing, or start, finish and (by the merge) reset fragment 0.

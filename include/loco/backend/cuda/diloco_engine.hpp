@@ -477,6 +477,52 @@ public:
         return 4 * (n + (m - 2) * chunk);
     }
 
+    // Per-state syncs (schedule/state_periods.hpp, DES-LOC), through the host for now: array j of
+    // the inner optimizer's state is copied to the host in the flat layout, averaged by one fp32
+    // mean all-reduce on the control communicator (cuda_staging for a GPU communicator), and
+    // written back at commit_state() (the handle's agreement comes in between). States sync every
+    // few outer rounds, so the copies cost little; parameter groups are host-only for now.
+    static constexpr int inner_state_arrays = [] {
+        if constexpr (loco::cuda::detail::is_groups<Inner>) {
+            return 0;
+        } else {
+            return Inner::state_size;
+        }
+    }();
+    loco::detail::stage_failure average_state(int j)
+        requires(!loco::cuda::detail::is_groups<Inner>)
+    {
+        loco::detail::stage_failure failure;
+        state_average_ = inner_.state(j);  // waits for the stream
+        try {
+            control_comm().all_reduce(host_tensor(state_average_.data(), state_average_.size()),
+                                      comm::reduce_op::mean);
+        } catch (...) {
+            failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+        }
+        return failure;
+    }
+    std::optional<backend::host::nonfinite_hit> state_nonfinite() const {
+        return backend::host::find_nonfinite(state_average_.data(), state_average_.size());
+    }
+    void commit_state(int j)
+        requires(!loco::cuda::detail::is_groups<Inner>)
+    {
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        from_flat<float>(inner_.table_, state_average_,
+                         inner_.state_.get() +
+                             static_cast<std::size_t>(j) * inner_.table_.padded_elements());
+    }
+    // An fp32 all-reduce of the array's elements (unpadded) on the control communicator.
+    std::uint64_t bytes_per_state_average(int j) const {
+        const auto m = static_cast<std::uint64_t>(comm_->size());
+        if (m == 1 || j < 0 || j >= inner_state_arrays) return 0;
+        const std::uint64_t n = inner_.table_.total_elements();
+        const auto r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t chunk = n * (r + 1) / m - n * r / m;
+        return 4 * (n + (m - 2) * chunk);
+    }
+
     struct fragment_restore {
         std::vector<float> state, server, captured;
     };
@@ -863,6 +909,7 @@ private:
     std::unique_ptr<comm::cuda_staging> staging_;
     std::vector<parameter> tensors_;
     std::vector<std::unique_ptr<fragment>> frags_;
+    std::vector<float> state_average_;  // a per-state sync's average, on the host
 };
 
 }  // namespace loco::backend::cuda

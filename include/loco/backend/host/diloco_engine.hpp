@@ -237,6 +237,49 @@ public:
         return frags_[fi].exchange.bytes_per_average(h);
     }
 
+    // Per-state syncs (schedule/state_periods.hpp, DES-LOC): array j of the inner optimizer's
+    // state (per group for loco::groups, in group order) averaged over the workers by one fp32
+    // mean all-reduce of a copy. In two parts, so that the handle can make the ranks agree in
+    // between: average_state() changes no state (a failed transfer is recorded, not thrown),
+    // commit_state() writes the average into the state.
+    static constexpr int inner_state_arrays = loco::detail::inner_engine<Inner>::max_state_size;
+    loco::detail::stage_failure average_state(int j) {
+        loco::detail::stage_failure failure;
+        std::vector<std::span<float>> views;
+        inner_.engine_.state_views(j, views);
+        state_average_.clear();
+        for (const auto v : views) state_average_.insert(state_average_.end(), v.begin(), v.end());
+        try {
+            comm_->all_reduce(host_tensor(state_average_.data(), state_average_.size()),
+                              comm::reduce_op::mean);
+        } catch (...) {
+            failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+        }
+        return failure;
+    }
+    std::optional<nonfinite_hit> state_nonfinite() const {
+        return backend::host::find_nonfinite(state_average_.data(), state_average_.size());
+    }
+    void commit_state(int j) {
+        std::vector<std::span<float>> views;
+        inner_.engine_.state_views(j, views);
+        std::size_t at = 0;
+        for (const auto v : views) {
+            std::copy_n(state_average_.data() + at, v.size(), v.data());
+            at += v.size();
+        }
+    }
+    // Bytes one average of state array j sends: the fp32 all-reduce's 4 (n + (M - 2) c), c this
+    // rank's chunk of n / M (exchange.hpp).
+    std::uint64_t bytes_per_state_average(int j) const {
+        const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
+        if (m == 1 || j < 0 || j >= inner_state_arrays) return 0;
+        const std::uint64_t n = state_elements_[static_cast<std::size_t>(j)];
+        const std::uint64_t r = static_cast<std::uint64_t>(comm_->rank());
+        const std::uint64_t c = n * (r + 1) / m - n * r / m;
+        return 4 * (n + (m - 2) * c);
+    }
+
     // regroup() (diloco.hpp) in three steps, the first two free to throw with nothing changed:
     // prepare_regroup() checks that the group moves the parameters' memory and builds the
     // exchangers for it (same segments and scheme, its size and rank); stage_regroup() takes the
@@ -322,6 +365,19 @@ private:
     std::vector<fragment> frags_;
     std::vector<float> global_;       // the global parameters after the last sync
     std::vector<float> outer_state_;  // Outer::state_size arrays over the flat layout
+    // Per-state syncs: the elements of each inner state array, and the average in progress.
+    std::vector<std::size_t> state_elements_ = count_state_elements();
+    std::vector<float> state_average_;
+
+    std::vector<std::size_t> count_state_elements() {
+        std::vector<std::size_t> n(static_cast<std::size_t>(inner_state_arrays), 0);
+        for (int j = 0; j < inner_state_arrays; ++j) {
+            std::vector<std::span<float>> views;
+            inner_.engine_.state_views(j, views);
+            for (const auto v : views) n[static_cast<std::size_t>(j)] += v.size();
+        }
+        return n;
+    }
 };
 
 }  // namespace backend::host
