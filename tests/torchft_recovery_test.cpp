@@ -100,11 +100,22 @@ struct run_record {
 pair values(const loco_test::torchft_mock_model& m) { return {m.w0[0], m.w1[0]}; }
 pair global_of(const loco_test::torchft_streaming& opt) { return {opt.global()[0], opt.global()[1]}; }
 
-// torchft's heal also loads the trainer's state_dict (the model and the inner optimizer state of
-// the donor, torchft/_test/diloco_trainer.py); in loco the trainer sends its own state itself.
-void send_parameters(loco::comm::communicator& group, loco_test::torchft_mock_model& m, int donor) {
-    group.broadcast(loco::comm::as_bytes(loco::host_tensor(m.w0.data(), m.w0.size())), donor);
-    group.broadcast(loco::comm::as_bytes(loco::host_tensor(m.w1.data(), m.w1.size())), donor);
+// Every rank of the new group (survivor and newcomer alike) rejoins this way. torchft's heal also
+// loads the trainer's state_dict (the donor's model and inner optimizer state,
+// torchft/_test/diloco_trainer.py); in loco the trainer's state is the trainer's to send.
+void regroup(loco_test::torchft_streaming& opt, loco::comm::communicator& group,
+             const loco::parameter_list& params, rejoin how) {
+    if (how == rejoin::global_values) {
+        opt.regroup(group, 0);
+        return;
+    }
+    // [snippet:regroup-like-torchft]
+    opt.regroup(group, 0);  // rank 0 heals: global values, outer state, schedule position
+    // torchft's heal also copies the donor's model: the trainer sends its parameters too.
+    for (const loco::parameter& p : params) {
+        group.broadcast(loco::comm::as_bytes(p.value), 0);
+    }
+    // [snippet:regroup-like-torchft end]
 }
 
 run_record run_recovery(rejoin how) {
@@ -149,8 +160,7 @@ run_record run_recovery(rejoin how) {
         }
         // torchft's quorum at call 9: a new group of both replicas, replica 0 the donor.
         loco::comm::threads next(second, 0);
-        opt.regroup(next, 0);
-        if (how == rejoin::donor_parameters) send_parameters(next, m, 0);
+        regroup(opt, next, m.list, how);
         rec.at_rejoin = values(m);
         for (int call = rejoin_at; call <= last_call; ++call) {
             opt.step();
@@ -187,8 +197,7 @@ run_record run_recovery(rejoin how) {
             alone.step();
             record(rec, m, opt);
         }
-        opt.regroup(next, 0);
-        if (how == rejoin::donor_parameters) send_parameters(next, m, 0);
+        regroup(opt, next, m.list, how);
         rec.at_rejoin = values(m);
         for (int call = rejoin_at; call <= last_call; ++call) {
             opt.step();
