@@ -81,6 +81,11 @@ constexpr int rejoin_at = 9;     // the quorum of call 9 takes replica 1 back
 constexpr int last_call = 21;    // manager step 7: seven syncs
 constexpr int alone_steps = 2;   // the restarted replica 1's recorded inner steps before the quorum
 
+// torchft's InjectedFailure, raised by the train loop of replica 1.
+struct injected_failure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 // What the newcomer's parameters start from when it rejoins.
 enum class rejoin { donor_parameters, global_values };
 
@@ -180,8 +185,8 @@ run_record run_recovery(rejoin how) {
                 opt.step();
                 out.first_attempt.push_back(values(m));
             }
-            throw std::runtime_error("injected failure rank=0 step=2");
-        } catch (const std::runtime_error& e) {
+            throw injected_failure("injected failure rank=0 step=2");
+        } catch (const injected_failure& e) {
             first->abort(std::string("replica 1 failed: ") + e.what());  // its runner
             out.crash = e.what();
         }
