@@ -3,12 +3,13 @@
 // test_diloco_mocked_updates_{0..5}.json): two replicas, two fragments of one 1x1 weight each
 // (initially 1), gradient 2 at every step, inner SGD lr 1, outer SGD lr 2, H = 6, tau in {0, 1},
 // alpha in {0, 0.5, 1}. Every local value of both fragments after each step and every global
-// snapshot must match exactly. Also: a failed sync changes nothing and the next one succeeds (the
-// part of torchft's failure-recovery fixture that the pipeline covers), and a run saved with an
-// exchange in flight resumes bit-identically.
+// snapshot must match exactly. Also: a failed sync changes nothing and the next one succeeds, and
+// a run saved with an exchange in flight resumes bit-identically. (torchft's failure-recovery
+// fixture, a replica that crashes and rejoins: tests/torchft_recovery_test.cpp.)
 #include <doctest/doctest.h>
 
 #include "support/random.hpp"
+#include "support/torchft_mock.hpp"
 
 #include <loco/loco.hpp>
 
@@ -24,8 +25,8 @@
 
 namespace {
 
-using streaming_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
-                                 loco::schedule::streaming>;
+using streaming_t = loco_test::torchft_streaming;
+using loco_test::torchft_config;
 
 struct fixture {
     std::uint64_t tau;
@@ -61,16 +62,6 @@ const std::array<fixture, 6> fixtures = {{
      {1, -1, -3, -5, -7, -9, -11, -13, -15, -17, -19, -21, -23, -25, -27, -29},
      {{0, {1, 1}}, {3, {-7, 1}}, {6, {-7, -19}}, {9, {-23, -19}}, {12, {-23, -23}}}},
 }};
-
-streaming_t::config torchft_config(std::uint64_t tau, float alpha) {
-    streaming_t::config cfg;
-    cfg.inner = {.lr = 1.0f};
-    cfg.outer = {.lr = 2.0f};
-    cfg.schedule = {.every = 6, .fragments = 2, .overlap = tau, .alpha = alpha,
-                    .pattern = loco::fragment_pattern::sequential};
-    cfg.fragments.names = {{"layers.0.weight"}, {"layers.1.weight"}};
-    return cfg;
-}
 
 }  // namespace
 
