@@ -234,6 +234,11 @@ struct demo {
         wire::write_header(out, expected_header(h, segs));
     }
 
+    // The header of every payload of these settings and segments (a device encoder writes it).
+    static wire::header expected_header_of(const hyper& h, std::span<const segment> segs) {
+        return expected_header(h, segs);
+    }
+
 private:
     friend struct chunking::residual_codec<demo>;
 
