@@ -166,6 +166,41 @@ TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit 
     }
 }
 
+TEST_CASE("demo's coefficient-domain scatter-mean on the device equals the host's") {
+    for (const bool sign : {false, true}) {
+        for (const bool big : {true, false}) {
+            const cz::demo::hyper h{.chunk = big ? 64u : 5u, .topk = big ? 32u : 3u,
+                                    .decay = 0.999f, .sign = sign};
+            const std::vector<cz::segment> segs = big ? big_segments() : small_segments();
+            const std::size_t n = big ? big_elements : small_elements;
+            CAPTURE(sign);
+            CAPTURE(big);
+            auto rng = rng_for("sparse demo scatter mean");
+            const lcu::demo_plan plan(h, segs, n);
+            const std::size_t p = plan.payload_bytes();
+            const std::uint32_t m = 3;
+            std::vector<std::byte> gathered;
+            std::vector<std::vector<std::byte>> payloads;
+            for (std::uint32_t k = 0; k < m; ++k) {
+                std::vector<float> e = normal_floats(rng, n, 0.5f);
+                payloads.emplace_back(p);
+                cz::demo::encode(h, normal_floats(rng, n), segs, e, {}, payloads.back());
+                gathered.insert(gathered.end(), payloads.back().begin(), payloads.back().end());
+            }
+            std::vector<std::span<const std::byte>> views(payloads.begin(), payloads.end());
+            std::vector<float> want(n, 5.0f);
+            cz::demo::decode_scatter_mean(h, views, segs, want);
+            lcu::device_buffer<std::byte> g(gathered.size());
+            g.upload(gathered);
+            lcu::device_buffer<float> out(n);
+            out.upload(std::vector<float>(n, 5.0f));
+            lcu::demo_decode_scatter_mean(plan, g.get(), m, out.get(), nullptr);
+            check_cuda(cudaDeviceSynchronize(), "scatter mean");
+            CHECK(count_differences(out.download(), want) == 0);
+        }
+    }
+}
+
 TEST_CASE("chunked device plans refuse what they cannot do, with one sentence") {
     const std::vector<cz::segment> segs = {{0, 128 * 128, 128, 128}};
     CHECK_THROWS_WITH_AS(lcu::sparseloco_plan({.chunk = 128}, segs, 128 * 128),

@@ -24,8 +24,9 @@
 // decode(payload) (a payload that passed compress::demo's checks): per chunk, the inverse DCT of
 // the sent coefficients (or +-1), as the host's decode.
 //
-// Not here: the references' coefficient-domain scatter-mean of M payloads
-// (compress::demo::decode_scatter_mean) runs on the host.
+// decode_scatter_mean(M payloads): the references' aggregation (compress::demo::
+// decode_scatter_mean), one CTA per chunk: the coefficients summed in double in payload order in
+// shared memory, divided by their counts, then one inverse DCT.
 
 #include <loco/backend/cuda/compress/chunked_kernels.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -42,6 +43,7 @@
 #include <cstdint>
 #include <map>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace loco::backend::cuda {
@@ -246,6 +248,71 @@ __global__ void __launch_bounds__(block_threads)
                  [&](std::uint64_t i, float d) { out[i] = d; });
 }
 
+// The references' aggregation (compress::demo::decode_scatter_mean): per chunk, each cell's sent
+// coefficients summed in double in payload order (t), counted, divided, rounded to fp32 and
+// parked in out (the chunk's own elements, as scratch), then the inverse DCT from there.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    demo_scatter_mean_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
+                             const double* basis, bool sign, const std::byte* gathered,
+                             std::uint64_t stride, std::uint32_t payloads, float* out) {
+    __shared__ double t[chunked_max_cells];
+    __shared__ std::uint16_t count[chunked_max_cells];
+    const std::uint64_t c = blockIdx.x;
+    const chunked_segment s = segs[chunk_segment[c]];
+    const std::uint64_t local = c - s.chunk0;
+    const unsigned cells = s.h * s.w;
+    const double* fh = basis + s.basis_h;
+    const double* fw = basis + s.basis_w;
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        t[o] = 0.0;
+        count[o] = 0;
+    }
+    __syncthreads();
+    for (std::uint32_t p = 0; p < payloads; ++p) {  // the cells of one payload are distinct
+        const std::byte* base = gathered + p * stride;
+        for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
+            const std::uint64_t slot = local * s.k + j;
+            const std::uint32_t cell =
+                compress::wire::get_bits(base + s.indices, slot, s.index_bits);
+            const double v =
+                sign ? (compress::wire::get_bits(base + s.values, slot, 1) != 0 ? -1.0 : 1.0)
+                     : static_cast<double>(reinterpret_cast<const float*>(base + s.values)[slot]);
+            t[cell] = __dadd_rn(t[cell], v);
+            count[cell] = static_cast<std::uint16_t>(count[cell] + 1);
+        }
+        __syncthreads();
+    }
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        out[chunked_element(s, local, o)] =
+            count[o] == 0 ? 0.0f : static_cast<float>(t[o] / static_cast<double>(count[o]));
+    }
+    __syncthreads();
+    // t[b][c] = sum_d C[b][d] F_w[c][d], d ascending, zero coefficients skipped
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        const unsigned b = o / s.w;
+        const unsigned cc = o % s.w;
+        const std::uint64_t row = chunked_element(s, local, b * s.w);
+        double acc = 0.0;
+        for (unsigned d = 0; d < s.w; ++d) {
+            const double v = static_cast<double>(out[row + d]);
+            if (v == 0.0) continue;
+            acc = __dadd_rn(acc, __dmul_rn(v, fw[cc * s.w + d]));
+        }
+        t[o] = acc;
+    }
+    __syncthreads();
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        const unsigned r = o / s.w;
+        const unsigned cc = o % s.w;
+        double acc = 0.0;
+        for (unsigned b = 0; b < s.h; ++b) {
+            acc = __dadd_rn(acc, __dmul_rn(fh[r * s.h + b], t[b * s.w + cc]));
+        }
+        out[chunked_element(s, local, o)] = static_cast<float>(acc);
+    }
+}
+
 #endif  // LOCO_HAS_CUDA()
 
 }  // namespace detail
@@ -286,6 +353,31 @@ inline void demo_decode(const demo_plan& plan, const std::byte* payload, float* 
     LOCO_CUDA_CHECK(detail::launch(detail::demo_decode_kernel<>, static_cast<std::uint32_t>(l.chunks()),
                            stream, l.segment_table(), l.chunk_segment(), l.basis(),
                            l.hyper().sign, payload, out));
+#else
+    static_cast<void>(plan);
+    static_cast<void>(stream);
+#endif
+}
+
+// The references' aggregation of M payloads on the device, with compress::demo::
+// decode_scatter_mean's bits: gathered holds M payloads of plan.payload_bytes() bytes back to back
+// (an all-gather's buffer, 4-byte aligned), each already checked by the host's rules.
+inline void demo_decode_scatter_mean(const demo_plan& plan, const std::byte* gathered,
+                                     std::uint32_t payloads, float* out, cudaStream_t stream) {
+    detail::require_payload_pointer(gathered, "demo", "the gathered payloads");
+    detail::require_chunked_pointer(out, "demo_decode_scatter_mean: out");
+    if (payloads == 0 || payloads > 65535) {
+        throw invalid_argument("loco::cuda: demo_decode_scatter_mean takes 1 to 65535 payloads, "
+                               "got " + std::to_string(payloads));
+    }
+#if LOCO_HAS_CUDA()
+    const auto& l = plan.layout();
+    if (l.chunks() == 0) return;
+    LOCO_CUDA_CHECK(detail::launch(detail::demo_scatter_mean_kernel<>,
+                                   static_cast<std::uint32_t>(l.chunks()), stream,
+                                   l.segment_table(), l.chunk_segment(), l.basis(), l.hyper().sign,
+                                   gathered, static_cast<std::uint64_t>(l.payload_bytes()),
+                                   payloads, out));
 #else
     static_cast<void>(plan);
     static_cast<void>(stream);
