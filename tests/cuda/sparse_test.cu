@@ -2,7 +2,8 @@
 // sparseloco_kernels.hpp, demo_kernels.hpp) against the host compressors (compress/sparseloco.hpp,
 // compress/demo.hpp): fresh random inputs over several rounds, the device payload equal to the
 // host's byte for byte, the residual bit for bit (NaN where the host's is NaN), and the device
-// decode of a host payload equal to the host decode. Then loco::cuda::diloco with both codecs (on
+// decode of a host payload equal to the host decode; the receivers' scatter-means (DeMo's in the
+// coefficient domain, SparseLoCo's with median_norm_clip's factors) equal the host's. Then loco::cuda::diloco with both codecs (on
 // the host exchange, their references' aggregation) against loco::diloco on threads.
 #include <doctest/doctest.h>
 
@@ -17,6 +18,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -35,13 +37,16 @@ bool same_float(float a, float b) {
     return std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
 }
 
+// Elements that differ (every element when the sizes differ, or when there are none).
 std::size_t count_differences(const std::vector<float>& got, const std::vector<float>& want) {
+    if (got.size() != want.size() || got.empty()) return want.size() + 1;
     std::size_t bad = 0;
     for (std::size_t i = 0; i < got.size(); ++i) bad += same_float(got[i], want[i]) ? 0 : 1;
     return bad;
 }
 
 std::size_t first_difference(const std::vector<std::byte>& a, const std::vector<std::byte>& b) {
+    if (a.size() != b.size() || a.empty()) return 0;
     for (std::size_t i = 0; i < a.size(); ++i) {
         if (a[i] != b[i]) return i;
     }
@@ -79,7 +84,7 @@ void device_equals_host(const typename C::hyper& h, const std::vector<cz::segmen
         std::vector<float> xs = normal_floats(rng, n, round == 1 ? 100.0f : 1.0f);
         if (round == 2) {  // non-finite pseudo-gradients reach the payload as canonical NaNs
             xs[10] = std::numeric_limits<float>::quiet_NaN();
-            xs[24590] = std::numeric_limits<float>::infinity();
+            xs[n / 2] = std::numeric_limits<float>::infinity();
         }
         x.upload(xs);
         std::vector<std::byte> want(C::payload_bytes(h, segs));
@@ -87,6 +92,7 @@ void device_equals_host(const typename C::hyper& h, const std::vector<cz::segmen
         encode(plan, x.get(), e.get(), payload.get(), nullptr);
         check_cuda(cudaDeviceSynchronize(), "encode");
         const std::vector<std::byte> got = payload.download();
+        REQUIRE(got.size() == want.size());
         CHECK_MESSAGE(first_difference(got, want) == got.size(),
                       "first differing payload byte " << first_difference(got, want) << " of "
                                                       << got.size());
@@ -195,6 +201,72 @@ TEST_CASE("demo's coefficient-domain scatter-mean on the device equals the host'
             lcu::device_buffer<float> out(n);
             out.upload(std::vector<float>(n, 5.0f));
             lcu::demo_decode_scatter_mean(plan, g.get(), m, out.get(), nullptr);
+            check_cuda(cudaDeviceSynchronize(), "scatter mean");
+            CHECK(count_differences(out.download(), want) == 0);
+        }
+    }
+}
+
+TEST_CASE("sparseloco's scatter-mean on the device equals median_norm_clip's combine, with and "
+          "without the clip") {
+    namespace ag = loco::aggregate;
+    for (const bool big : {true, false}) {
+        CAPTURE(big);
+        // median_norm_clip takes segments that tile the fragment.
+        const std::vector<cz::segment> segs =
+            big ? std::vector<cz::segment>{{0, 128 * 192, 128, 192}, {24576, 5000, 1, 5000},
+                                           {29576, 21, 7, 3}, {29597, 1, 1, 1}}
+                : std::vector<cz::segment>{{0, 48 * 40, 48, 40}, {1920, 300, 1, 300},
+                                           {2220, 21, 7, 3}};
+        const std::size_t n = segs.back().offset + segs.back().size;
+        const cz::sparseloco::hyper h =
+            big ? cz::sparseloco::hyper{} : cz::sparseloco::hyper{.chunk = 8, .topk = 5};
+        auto rng = rng_for("sparse sparseloco scatter mean");
+        const lcu::sparseloco_plan plan(h, segs, n);
+        const std::size_t p = plan.payload_bytes();
+        const std::size_t m = 3;
+        std::vector<std::byte> gathered;
+        std::vector<float> deltas(m * n);
+        std::vector<std::uint8_t> sent(m * n);
+        for (std::size_t k = 0; k < m; ++k) {
+            std::vector<float> e = normal_floats(rng, n, 0.5f);
+            std::vector<std::byte> payload(p);
+            // Workers of different scales, so that the clip scales some of them.
+            cz::sparseloco::encode(h, normal_floats(rng, n, 1.0f + static_cast<float>(k)), segs,
+                                   e, {}, payload);
+            cz::sparseloco::decode(h, payload, segs, std::span(deltas).subspan(k * n, n));
+            cz::sparseloco::decode_support(h, payload, segs, std::span(sent).subspan(k * n, n));
+            gathered.insert(gathered.end(), payload.begin(), payload.end());
+        }
+        ag::contributions c;
+        c.workers = m;
+        c.elements = n;
+        c.deltas = deltas;
+        c.segments = segs;
+        c.sent = sent;
+        lcu::device_buffer<std::byte> g(gathered.size());
+        g.upload(gathered);
+        lcu::device_buffer<float> out(n);
+        for (const bool clip : {false, true}) {
+            CAPTURE(clip);
+            const ag::median_norm_clip::hyper ah{.epsilon = 1e-8f, .clip = clip};
+            std::vector<float> want(n);
+            ag::median_norm_clip::combine(ah, c, want);
+            std::vector<float> factors(m * segs.size());
+            for (std::size_t si = 0; si < segs.size(); ++si) {
+                std::vector<float> f;
+                ag::median_norm_clip::factors(ah, c, segs[si].offset,
+                                              segs[si].offset + segs[si].size, f);
+                for (std::size_t k = 0; k < m; ++k) factors[k * segs.size() + si] = f[k];
+            }
+            if (clip) {  // the clip does scale someone, or the case tests nothing more
+                CHECK(std::any_of(factors.begin(), factors.end(), [](float f) { return f < 1; }));
+            }
+            lcu::device_buffer<float> f(factors.size());
+            f.upload(factors);
+            out.upload(std::vector<float>(n, 9.0f));
+            lcu::sparseloco_decode_scatter_mean(plan, g.get(), static_cast<std::uint32_t>(m),
+                                                clip ? f.get() : nullptr, out.get(), nullptr);
             check_cuda(cudaDeviceSynchronize(), "scatter mean");
             CHECK(count_differences(out.download(), want) == 0);
         }

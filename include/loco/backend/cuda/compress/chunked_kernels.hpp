@@ -71,6 +71,8 @@ struct chunked_segment {
     std::uint32_t index_bits;
     std::uint32_t basis_h;   // demo: offsets of F_h and F_w in the plan's basis array
     std::uint32_t basis_w;
+    std::uint32_t input;     // its position in the segment list the plan was built from
+    std::uint32_t reserved;
 };
 
 // A bit stream of the body: `count` codes of `width` bits taken from source[slot0 ..], written
@@ -110,6 +112,7 @@ public:
         }
         payload_bytes_ = C::payload_bytes(h, segs);
         std::uint64_t at = compress::wire::header_bytes;
+        std::uint32_t input = 0;
         for (const compress::segment& s : segs) {
             const auto l = C::layout_of(h, s);
             if (s.size != 0) {
@@ -123,6 +126,7 @@ public:
                 d.w = static_cast<std::uint32_t>(l.grid.w);
                 d.k = static_cast<std::uint32_t>(l.k);
                 d.index_bits = l.index_bits;
+                d.input = input;
                 std::uint64_t record_bytes = 0;
                 if constexpr (requires { l.record_bytes; }) record_bytes = l.record_bytes;
                 d.record = at;
@@ -137,6 +141,7 @@ public:
                 slots_ += l.sent;
             }
             at += l.bytes();
+            ++input;
         }
         if (chunks_ > 0x7fffffffu) {
             throw invalid_argument("loco::cuda: too many chunks for one grid");

@@ -22,9 +22,11 @@
 // decode(payload) (a payload that passed compress::sparseloco's checks): per chunk, zeros, then
 // lut[q] + shift at its kept cells.
 //
-// Not here: SparseLoCo's aggregation (aggregate::median_norm_clip: per-tensor norms of every
-// peer, their median, a scatter-mean) stays on the host exchange, which is where loco::diloco runs
-// it for every backend.
+// decode_scatter_mean(M payloads, clip factors): aggregate::median_norm_clip's combine, one CTA per
+// chunk (fp32 sums of f_k * D_k in payload order and counts in shared memory), given the factors.
+// Not here: the factors themselves (per-tensor norms summed in double in element order, their
+// median): the handle's aggregation stays on the host exchange, where loco::diloco runs it for
+// every backend.
 
 #include <loco/backend/cuda/compress/chunked_kernels.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -39,6 +41,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 
 namespace loco::backend::cuda {
 
@@ -270,6 +273,47 @@ __global__ void __launch_bounds__(block_threads)
     }
 }
 
+// SparseLoCo's receive side (aggregate::median_norm_clip's combine, given its factors): per
+// chunk, out = sum over the payloads that sent a cell (payload order, fp32) of f * D, divided by
+// how many did; 0 where none did. Sums and counts in shared memory.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    sparseloco_scatter_mean_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
+                                   unsigned code_bits, const std::byte* gathered,
+                                   std::uint64_t stride, std::uint32_t payloads,
+                                   const float* factors, std::uint32_t factor_stride, float* out) {
+    __shared__ float sum[chunked_max_cells];
+    __shared__ std::uint16_t count[chunked_max_cells];
+    const std::uint64_t c = blockIdx.x;
+    const chunked_segment s = segs[chunk_segment[c]];
+    const std::uint64_t local = c - s.chunk0;
+    const unsigned cells = s.h * s.w;
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        sum[o] = 0.0f;
+        count[o] = 0;
+    }
+    __syncthreads();
+    for (std::uint32_t p = 0; p < payloads; ++p) {  // the cells of one payload are distinct
+        const std::byte* base = gathered + p * stride;
+        const float* record = reinterpret_cast<const float*>(base + s.record);
+        const float f = factors == nullptr ? 1.0f : factors[p * factor_stride + s.input];
+        for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
+            const std::uint64_t slot = local * s.k + j;
+            const std::uint32_t cell =
+                compress::wire::get_bits(base + s.indices, slot, s.index_bits);
+            const std::uint32_t q = compress::wire::get_bits(base + s.values, slot, code_bits);
+            const float d = __fadd_rn(record[1 + q], record[0]);
+            sum[cell] = __fadd_rn(sum[cell], __fmul_rn(d, f));
+            count[cell] = static_cast<std::uint16_t>(count[cell] + 1);
+        }
+        __syncthreads();
+    }
+    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
+        out[chunked_element(s, local, o)] =
+            count[o] == 0 ? sum[o] : sum[o] / static_cast<float>(count[o]);
+    }
+}
+
 #endif  // LOCO_HAS_CUDA()
 
 }  // namespace detail
@@ -326,6 +370,37 @@ inline void sparseloco_decode(const sparseloco_plan& plan, const std::byte* payl
                            out));
 #else
     static_cast<void>(plan);
+    static_cast<void>(stream);
+#endif
+}
+
+// SparseLoCo's aggregation on the device, bit for bit aggregate::median_norm_clip's combine:
+// gathered holds M payloads of plan.payload_bytes() bytes back to back (an all-gather's buffer,
+// 4-byte aligned), each already checked by the host's rules; factors (device memory, M x the
+// plan's segment count, payload-major; null: all 1, the plain scatter-mean of clip = false) are
+// median_norm_clip's clip factors f_k of each payload and segment. The factors come from norms
+// the host's rule sums in element order (median_norm_clip::factors), which this header does not
+// reproduce on the device.
+inline void sparseloco_decode_scatter_mean(const sparseloco_plan& plan, const std::byte* gathered,
+                                           std::uint32_t payloads, const float* factors,
+                                           float* out, cudaStream_t stream) {
+    detail::require_payload_pointer(gathered, "sparseloco", "the gathered payloads");
+    detail::require_chunked_pointer(out, "sparseloco_decode_scatter_mean: out");
+    if (payloads == 0 || payloads > 65535) {
+        throw invalid_argument("loco::cuda: sparseloco_decode_scatter_mean takes 1 to 65535 "
+                               "payloads, got " + std::to_string(payloads));
+    }
+#if LOCO_HAS_CUDA()
+    const auto& l = plan.layout();
+    if (l.chunks() == 0) return;
+    LOCO_CUDA_CHECK(detail::launch(
+        detail::sparseloco_scatter_mean_kernel<>, static_cast<std::uint32_t>(l.chunks()), stream,
+        l.segment_table(), l.chunk_segment(), compress::sparseloco::code_bits(l.hyper()), gathered,
+        static_cast<std::uint64_t>(l.payload_bytes()), payloads, factors,
+        static_cast<std::uint32_t>(l.segments().size()), out));
+#else
+    static_cast<void>(plan);
+    static_cast<void>(factors);
     static_cast<void>(stream);
 #endif
 }
