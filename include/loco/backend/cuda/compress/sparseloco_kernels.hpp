@@ -12,7 +12,8 @@
 //            sparseloco.hpp's top comment)
 //   squares  per chunk: sum of (v - shift)^2 in double, slot order; scale per segment likewise
 //   codes    per chunk: q_j = sparseloco::code (the host's function), the chunk's bin sums and
-//            counts; then per segment the table (bin sums in chunk order / counts) and the record
+//            counts; then per segment and bin the table (bin sums in chunk order / counts) and
+//            the record
 //   pack     the index and code streams, one word per thread (chunked_kernels.hpp)
 //   residual per chunk: e -= lut[q] + shift at the kept cells (the host's e - decode)
 //   finish   checksum and header
@@ -206,31 +207,33 @@ __global__ void __launch_bounds__(block_threads) sparseloco_code_kernel(sparselo
     }
 }
 
-// Per segment: the table (bin sums in chunk order / counts) and the record in the payload.
+// Per segment and bin: the table entry (bin sums in chunk order / counts) in the payload's record;
+// bin 0's thread also writes the shift.
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     sparseloco_table_kernel(sparseloco_view v, std::byte* payload) {
-    const std::uint32_t g = blockIdx.x * block_threads + threadIdx.x;
-    if (g >= v.segments) return;
+    const std::uint64_t item = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+    if (item >= static_cast<std::uint64_t>(v.segments) * v.bins) return;
+    const auto g = static_cast<std::uint32_t>(item / v.bins);
+    const auto b = static_cast<unsigned>(item % v.bins);
     const chunked_segment s = v.segs[g];
     float* st = v.stats + g * (2 + v.bins);
     float* record = reinterpret_cast<float*>(payload + s.record);
-    st[0] = compress::sparseloco::canonical(st[0]);
-    record[0] = st[0];
-    for (unsigned b = 0; b < v.bins; ++b) {
-        double total = 0.0;
-        std::uint64_t count = 0;
-        for (std::uint32_t c = 0; c < s.chunks; ++c) {
-            total = __dadd_rn(total, v.bin_sums[(s.chunk0 + c) * v.bins + b]);
-            count += v.bin_counts[(s.chunk0 + c) * v.bins + b];
-        }
-        const float entry =
-            count == 0 ? 0.0f
-                       : compress::sparseloco::canonical(
-                             static_cast<float>(total / static_cast<double>(count)));
-        st[2 + b] = entry;
-        record[1 + b] = entry;
+    if (b == 0) {
+        st[0] = compress::sparseloco::canonical(st[0]);
+        record[0] = st[0];
     }
+    double total = 0.0;
+    std::uint64_t count = 0;
+    for (std::uint32_t c = 0; c < s.chunks; ++c) {
+        total = __dadd_rn(total, v.bin_sums[(s.chunk0 + c) * v.bins + b]);
+        count += v.bin_counts[(s.chunk0 + c) * v.bins + b];
+    }
+    const float entry = count == 0 ? 0.0f
+                                   : compress::sparseloco::canonical(
+                                         static_cast<float>(total / static_cast<double>(count)));
+    st[2 + b] = entry;
+    record[1 + b] = entry;
 }
 
 // Per chunk: e -= lut[q] + shift at the kept cells.
@@ -343,7 +346,10 @@ inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_square_kernel<>, per_chunk, stream, v));
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_scale_kernel<>, per_segment, stream, v));
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_code_kernel<>, per_chunk, stream, v));
-        LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_table_kernel<>, per_segment, stream, v, payload));
+        LOCO_CUDA_CHECK(detail::launch(
+            detail::sparseloco_table_kernel<>,
+            detail::chunked_thread_blocks(std::uint64_t{l.segment_count()} * h.bins), stream, v,
+            payload));
         detail::pack_streams(l, payload, stream);
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_residual_kernel<>, per_chunk, stream, v, e));
     }
