@@ -538,3 +538,94 @@ TEST_CASE("demo: payloads that pass the checksum but break the format are refuse
         }
     }
 }
+
+TEST_CASE("demo: decode_scatter_mean is the references' coefficient-domain mean, checked against "
+          "a double re-computation") {
+    auto rng = loco_test::rng_for("demo scatter mean");
+    // A 12 x 20 matrix (chunks 4 x 5), a flat 100 (chunks of 5), with a gap before each.
+    const std::vector<lc::segment> segs = {{1, 240, 12, 20}, {243, 100, 1, 100}};
+    const std::size_t n = 343;
+    const std::size_t workers = 3;
+    for (const bool sign : {false, true}) {
+        CAPTURE(sign);
+        const lc::demo::hyper h{.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign};
+        std::vector<std::vector<std::byte>> payloads;
+        for (std::size_t w = 0; w < workers; ++w) {
+            std::vector<float> state = loco_test::normal_floats(rng, n, 0.5f);
+            payloads.push_back(encode(h, loco_test::normal_floats(rng, n), segs, state));
+        }
+        std::vector<std::span<const std::byte>> views(payloads.begin(), payloads.end());
+        std::vector<float> out(n, 7.0f);
+        lc::demo::decode_scatter_mean(h, views, segs, out);
+        CHECK(out[0] == 7.0f);  // outside the segments: untouched
+        CHECK(out[242] == 7.0f);
+
+        // The re-computation: coefficients read from the documented payload layout, averaged in
+        // double over the payloads that sent them, then the double inverse DCT of each chunk.
+        std::size_t at = wire::header_bytes;
+        std::size_t differs_from_mean = 0;
+        for (const lc::segment& s : segs) {
+            const ref::chunk_list cl = ref::chunks(s.rows, s.size / s.rows, h.chunk);
+            const std::size_t cells = cl.h * cl.w;
+            const std::size_t k = std::min<std::size_t>(h.topk, cells);
+            const unsigned b = std::bit_width(cells - 1);
+            const std::size_t sent = cl.cells.size() * k;
+            const std::size_t index_bytes = ((sent * b + 7) / 8 + 3) / 4 * 4;
+            const std::size_t value_bytes = sign ? ((sent + 7) / 8 + 3) / 4 * 4 : 4 * sent;
+            for (std::size_t c = 0; c < cl.cells.size(); ++c) {
+                std::vector<double> sum(cells, 0.0);
+                std::vector<double> count(cells, 0.0);
+                for (const auto& p : payloads) {
+                    for (std::size_t j = 0; j < k; ++j) {
+                        const std::size_t slot = c * k + j;
+                        const std::size_t i = wire::get_bits(p.data() + at, slot, b);
+                        sum[i] += sign ? (wire::get_bits(p.data() + at + index_bytes, slot, 1)
+                                              ? -1.0
+                                              : 1.0)
+                                       : wire::get<float>(p, at + index_bytes + 4 * slot);
+                        count[i] += 1.0;
+                    }
+                }
+                std::vector<double> mean(cells, 0.0);
+                for (std::size_t i = 0; i < cells; ++i) {
+                    if (count[i] != 0) mean[i] = sum[i] / count[i];
+                    if (count[i] != 0 && count[i] != workers) ++differs_from_mean;
+                }
+                const std::vector<double> d = ref::idct2(mean, cl.h, cl.w);
+                for (std::size_t j = 0; j < cells; ++j) {
+                    const std::size_t i = s.offset + cl.cells[c][j];
+                    CHECK(std::abs(out[i] - d[j]) <= 1e-5 * (1 + std::abs(d[j])));
+                }
+            }
+            at += index_bytes + value_bytes;
+        }
+        // Independent workers pick different cells, so the divisor is not M everywhere.
+        CHECK(differs_from_mean > 0);
+
+        // One payload: decode, bit for bit. The same payload from every worker: the same.
+        const std::vector<float> one = decode(h, payloads[0], segs, n);
+        for (const std::size_t m : {std::size_t{1}, workers}) {
+            std::vector<std::span<const std::byte>> same(m, std::span<const std::byte>(payloads[0]));
+            std::vector<float> got(n, 0.0f);
+            lc::demo::decode_scatter_mean(h, same, segs, got);
+            std::size_t bad = 0;
+            for (std::size_t i = 0; i < n; ++i) bad += bits_of(got[i]) != bits_of(one[i]);
+            CHECK(bad == 0);
+        }
+
+        // A corrupted payload is refused, naming it, before anything is written.
+        std::vector<std::byte> broken = payloads[1];
+        broken[wire::header_bytes] ^= std::byte{1};
+        std::vector<std::span<const std::byte>> mixed = {payloads[0], broken};
+        std::vector<float> untouched(n, 3.0f);
+        try {
+            lc::demo::decode_scatter_mean(h, mixed, segs, untouched);
+            FAIL("a corrupted payload was accepted");
+        } catch (const loco::wire_error& e) {
+            CHECK(std::string(e.what()).find("payload 1") != std::string::npos);
+        }
+        CHECK(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == 3.0f; }));
+        CHECK_THROWS_AS(lc::demo::decode_scatter_mean(h, {}, segs, untouched),
+                        loco::invalid_argument);
+    }
+}

@@ -25,9 +25,10 @@
 //                                              decode)
 //   decode(payload) = D
 //
-// What the references do next (out of this compressor): the receivers scatter-mean the peers'
-// coefficients (each over the peers that sent it), apply one inverse DCT, and take the sign for
-// a sign-SGD step; see docs/compressors.md.
+// What the references do next: the receivers scatter-mean the peers' coefficients (each over the
+// peers that sent it), apply one inverse DCT, and take the sign for a sign-SGD step. That
+// aggregation is decode_scatter_mean below; the exchange of loco::diloco averages decoded payloads
+// instead (see docs/compressors.md for where the two differ).
 //
 // Wire header: bits = 32, or 1 for signs; flags = 1 for signs, else 0; block = chunk | topk << 16
 // (a receiver with other settings is refused).
@@ -133,6 +134,68 @@ struct demo {
         chunking::residual_codec<demo>::decode(h, in, segs, out);
     }
 
+    // The references' aggregation of M payloads (demo.py / Psyche's Distro::apply: scatter_reduce
+    // "mean" with include_self=False, then one inverse DCT): per chunk, each coefficient is the
+    // mean over the payloads that sent it (summed in double in payload order, divided by their
+    // count, rounded to fp32 once; 0 where none did), then the chunk's inverse DCT as decode
+    // applies it. With one payload it is decode, bit for bit; when every payload sends the same
+    // cells it is the mean of the decodes up to rounding (the DCT is linear); otherwise each
+    // coefficient is divided by its own count instead of M. Checks every payload first (what
+    // decode refuses, loco::wire_error naming the payload), writing nothing on failure.
+    static void decode_scatter_mean(const hyper& h, std::span<const std::span<const std::byte>> in,
+                                    std::span<const segment> segs, std::span<float> out) {
+        if (in.empty()) {
+            throw invalid_argument("loco::compress::demo: decode_scatter_mean needs at least one "
+                                   "payload");
+        }
+        std::vector<std::span<const std::byte>> bodies;
+        for (std::size_t p = 0; p < in.size(); ++p) {
+            try {
+                bodies.push_back(
+                    chunking::residual_codec<demo>::checked_body(h, in[p], segs, out.size()));
+            } catch (const wire_error& e) {
+                throw wire_error(std::string(e.what()) + " (payload " + std::to_string(p) + ")");
+            }
+        }
+        std::vector<double> sum;
+        std::vector<std::uint32_t> count;
+        std::vector<float> coef;
+        std::vector<double> work;
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const segment_layout l = layout_of(h, s);
+            if (s.size == 0) {
+                continue;
+            }
+            const dct::chunk_transform t(l.grid.h, l.grid.w);
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                sum.assign(l.grid.cells(), 0.0);
+                count.assign(l.grid.cells(), 0);
+                for (const std::span<const std::byte> body : bodies) {
+                    const std::byte* indices = body.data() + at;
+                    const std::byte* values = indices + l.index_bytes;
+                    for (std::size_t j = 0; j < l.k; ++j) {
+                        const std::size_t slot = c * l.k + j;
+                        const std::uint32_t i = wire::get_bits(indices, slot, l.index_bits);
+                        sum[i] += h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0 : 1.0)
+                                         : static_cast<double>(wire::get<float>(
+                                               body, at + l.index_bytes + 4 * slot));
+                        ++count[i];
+                    }
+                }
+                coef.assign(l.grid.cells(), 0.0f);
+                for (std::size_t i = 0; i < coef.size(); ++i) {
+                    if (count[i] != 0) {
+                        coef[i] = static_cast<float>(sum[i] / static_cast<double>(count[i]));
+                    }
+                }
+                t.inverse(coef.data(), out.data() + s.offset + l.grid.element(c, 0),
+                          l.grid.cols, work);
+            }
+            at += l.bytes();
+        }
+    }
+
     // The sent coefficients and in-chunk indices of an fp32 vector x, without the residual:
     // encode() applies this to decay * e + x. out holds payload_bytes(h, segs).
     static void encode_values(const hyper& h, std::span<const float> x,
@@ -169,6 +232,11 @@ struct demo {
             at += l.bytes();
         }
         wire::write_header(out, expected_header(h, segs));
+    }
+
+    // The header of every payload of these settings and segments (a device encoder writes it).
+    static wire::header expected_header_of(const hyper& h, std::span<const segment> segs) {
+        return expected_header(h, segs);
     }
 
 private:

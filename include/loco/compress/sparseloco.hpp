@@ -30,8 +30,11 @@
 // With B = 4 and range 6 (hparams.json: quantization_bins 4, quantization_range 6) one bin spans
 // 1.5 sigma and the codes cover c/scale in [-2.5, 1.5]: the reference's offset is B / 2 on a
 // range of B bins, so the rule is what the code does rather than a symmetric +-6 sigma grid.
-// Sums (of v, of c^2, per bin) run in double in slot order from c_j = double(v_j) - double(shift);
-// q_j is computed in fp32, (v_j - shift) / scale + floor(B / 2), as torch does in fp32. A segment
+// Sums (of v, of c^2, per bin) run in double from c_j = double(v_j) - double(shift), in two levels:
+// each chunk's k_c terms in slot order, from +0, then the chunks' partial sums in chunk order,
+// from +0 (so that a GPU sums a chunk in one thread and a segment's chunks in another, with the
+// host's bits; backend/cuda/compress/sparseloco_kernels.hpp). q_j is computed in fp32,
+// (v_j - shift) / scale + floor(B / 2), as torch does in fp32. A segment
 // holding NaN or inf decodes to NaN at its kept cells (the NaN shift reaches every value).
 //
 // Not here: the receivers' aggregation (scatter-mean with each peer clipped to the median peer
@@ -230,20 +233,25 @@ struct sparseloco {
                     v.push_back(chunk[order[j]]);
                 }
             }
-            // Quantization over the segment's kept values.
+            // Quantization over the segment's kept values; sums in two levels (top comment).
             const std::size_t n = v.size();
-            double sum = 0.0;
-            for (const float a : v) {
-                sum += static_cast<double>(a);
-            }
+            const auto chunked_sum = [&](auto term) {
+                double total = 0.0;
+                for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                    double part = 0.0;
+                    for (std::size_t j = c * l.k; j < (c + 1) * l.k; ++j) part += term(j);
+                    total += part;
+                }
+                return total;
+            };
+            const double sum = chunked_sum([&](std::size_t j) { return static_cast<double>(v[j]); });
             const auto shift = static_cast<float>(sum / static_cast<double>(n));
             float scale = 1.0f;
             if (n >= 2) {
-                double squares = 0.0;
-                for (const float a : v) {
-                    const double c = static_cast<double>(a) - static_cast<double>(shift);
-                    squares += c * c;
-                }
+                const double squares = chunked_sum([&](std::size_t j) {
+                    const double c = static_cast<double>(v[j]) - static_cast<double>(shift);
+                    return c * c;
+                });
                 const double sigma = std::sqrt(squares / static_cast<double>(n - 1));
                 scale = static_cast<float>(static_cast<double>(h.range) * sigma /
                                            static_cast<double>(h.bins));
@@ -252,15 +260,22 @@ struct sparseloco {
                 }
             }
             std::vector<double> bin_sum(h.bins, 0.0);
+            std::vector<double> bin_part(h.bins, 0.0);
             std::vector<std::uint64_t> bin_count(h.bins, 0);
             std::byte* indices = out.data() + at + l.record_bytes;
             std::byte* codes = indices + l.index_bytes;
             for (std::size_t j = 0; j < n; ++j) {
                 const unsigned q = code(v[j], shift, scale, h.bins);
-                bin_sum[q] += static_cast<double>(v[j]) - static_cast<double>(shift);
+                bin_part[q] += static_cast<double>(v[j]) - static_cast<double>(shift);
                 ++bin_count[q];
                 wire::put_bits(indices, j, l.index_bits, cells[j]);
                 wire::put_bits(codes, j, qb, q);
+                if ((j + 1) % l.k == 0) {  // the chunk's partial sums, every bin, in chunk order
+                    for (unsigned b = 0; b < h.bins; ++b) {
+                        bin_sum[b] += bin_part[b];
+                        bin_part[b] = 0.0;
+                    }
+                }
             }
             wire::put<float>(out, at, canonical(shift));
             for (unsigned b = 0; b < h.bins; ++b) {
@@ -274,6 +289,11 @@ struct sparseloco {
             at += l.bytes();
         }
         wire::write_header(out, expected_header(h, segs));
+    }
+
+    // The header of every payload of these settings and segments (a device encoder writes it).
+    static wire::header expected_header_of(const hyper& h, std::span<const segment> segs) {
+        return expected_header(h, segs);
     }
 
 private:
