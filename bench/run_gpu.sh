@@ -82,7 +82,7 @@ if [[ -z "${LOCO_GPU_SKIP_PYTHON:-}" && -z "${LOCO_GPU_PREBUILT:-}" ]]; then
   step "Python module with CUDA: tests/python/test_cuda.py"
   start=$(date +%s)
   if cmake --build build-gpu -j "$jobs" --target loco_python >"$OUT/python_build.log" 2>&1; then
-    py=$(sed -n 's/^Python3_EXECUTABLE:FILEPATH=//p' build-gpu/CMakeCache.txt)
+    py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build-gpu/CMakeCache.txt)
     PYTHONPATH=$PWD/build-gpu/python "${py:-python3}" tests/python/test_cuda.py 2>&1 |
       tee "$OUT/python_cuda.log"
     python_rc=${PIPESTATUS[0]}
