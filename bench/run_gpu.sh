@@ -8,13 +8,30 @@
 #   LOCO_GPU_SKIP_TESTS=1 bash bench/run_gpu.sh   # benchmarks only
 #   LOCO_GPU_SKIP_MUON=1 bash bench/run_gpu.sh    # without the Muon benchmark
 #   LOCO_GPU_SKIP_TORCH=1 bash bench/run_gpu.sh   # without PyTorch's rows (bench/torch_reference.py)
+#   LOCO_GPU_SKIP_PYTHON=1 bash bench/run_gpu.sh  # without the Python module's CUDA test
+#   bash bench/run_gpu.sh --stage-python-deps     # on the development machine, before the run:
+#                         copies pybind11 (headers, CMake config) and dlpack.h into build/pydeps,
+#                         for a GPU machine without them (carry build/pydeps with the run)
 #   LOCO_GPU_PREBUILT=dir bash bench/run_gpu.sh   # run binaries built elsewhere for sm_90
 #                         (dir holds loco_cuda_tests, bench_cuda_kernels, bench_cuda_muon)
 #   extra arguments go to the benchmark program (e.g. --benchmark_filter=adamw)
 #
-# Exit status: the test program's (0 passed, 77 no GPU), or the first failing step's.
+# Exit status: the test program's (0 passed, 77 no GPU), or the first failing step's, or the
+# Python CUDA test's when it failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == --stage-python-deps ]]; then
+  mkdir -p build/pydeps/include build/pydeps/lib/cmake
+  cp -r /usr/include/pybind11 /usr/include/dlpack build/pydeps/include/ &&
+    cp -r /usr/lib/cmake/pybind11 build/pydeps/lib/cmake/ && echo "staged build/pydeps" && exit 0
+  exit 1
+fi
+# pybind11 and dlpack.h for the Python module: the system's, or the staged copy (relocatable:
+# pybind11's CMake config finds its headers relative to itself).
+pydeps=()
+if [[ -d build/pydeps ]]; then
+  pydeps=(-DCMAKE_PREFIX_PATH="$PWD/build/pydeps" -DCMAKE_REQUIRED_INCLUDES="$PWD/build/pydeps/include")
+fi
 OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
 jobs=$(nproc 2>/dev/null || echo 4)
@@ -39,7 +56,7 @@ else
   step "configure and build (build-gpu, $jobs jobs)"
   start=$(date +%s)
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLOCO_BUILD_BENCHMARKS=ON -DLOCO_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 ||
+    -DLOCO_BUILD_BENCHMARKS=ON -DLOCO_BUILD_EXAMPLES=OFF "${pydeps[@]}" >"$OUT/configure.log" 2>&1 ||
     { tail -40 "$OUT/configure.log"; exit 1; }
   cmake --build build-gpu -j "$jobs" --target loco_cuda_tests bench_cuda_kernels bench_cuda_muon \
     >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
@@ -56,6 +73,24 @@ if [[ -z "${LOCO_GPU_SKIP_TESTS:-}" ]]; then
   "$tests_bin" --duration=true 2>&1 | tee "$OUT/cuda_tests.log"
   tests_rc=${PIPESTATUS[0]}
   echo "tests exit $tests_rc in $(( $(date +%s) - start )) s"
+fi
+
+# The Python module with its CUDA half (python/_loco_cuda.cu: minutes of nvcc) and
+# tests/python/test_cuda.py against the machine's CUDA PyTorch (77: it could not run).
+python_rc=skipped
+if [[ -z "${LOCO_GPU_SKIP_PYTHON:-}" && -z "${LOCO_GPU_PREBUILT:-}" ]]; then
+  step "Python module with CUDA: tests/python/test_cuda.py"
+  start=$(date +%s)
+  if cmake --build build-gpu -j "$jobs" --target loco_python >"$OUT/python_build.log" 2>&1; then
+    py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build-gpu/CMakeCache.txt)
+    PYTHONPATH=$PWD/build-gpu/python "${py:-python3}" tests/python/test_cuda.py 2>&1 |
+      tee "$OUT/python_cuda.log"
+    python_rc=${PIPESTATUS[0]}
+  else  # no target: CMake left the module out (no Python headers, pybind11 or dlpack.h)
+    grep -h "loco: the Python module\|error" "$OUT/configure.log" "$OUT/python_build.log" | head -20
+    python_rc=not-built
+  fi
+  echo "Python CUDA test exit $python_rc in $(( $(date +%s) - start )) s"
 fi
 
 if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
@@ -80,6 +115,8 @@ fi
 
 step "summary"
 echo "CUDA tests: exit $tests_rc (0 passed, 77 skipped without a GPU)"
+echo "Python CUDA test: $python_rc (0 passed, 77 skipped)"
+grep -E "^(Ran|OK|FAILED)" "$OUT/python_cuda.log" 2>/dev/null || true
 grep -E "test cases:|assertions:" "$OUT/cuda_tests.log" 2>/dev/null || true
 [[ -f "$OUT/summary.txt" ]] && cat "$OUT/summary.txt"
 [[ -f "$OUT/torch.txt" ]] && { echo; cat "$OUT/torch.txt"; }
@@ -97,5 +134,9 @@ if [[ -f "$OUT/summary.txt" ]]; then
            line = line sprintf("; %.1fx faster than PyTorch", ref * 1557611200 / ms);
          }
          print line }' "$OUT/summary.txt"
+fi
+# A failing Python test fails the run too (not a skip, nor a module that could not be built).
+if [[ "$tests_rc" == 0 && "$python_rc" =~ ^[0-9]+$ && "$python_rc" != 0 && "$python_rc" != 77 ]]; then
+  tests_rc=$python_rc
 fi
 exit "$tests_rc"

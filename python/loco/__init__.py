@@ -10,9 +10,13 @@
         opt.zero_grad()
 
 The optimizer state lives in C++ (python/_loco.cpp, one compiled instantiation of loco::diloco
-per configuration); parameters and gradients are read and written where torch keeps them, through
-DLPack (include/loco/dlpack.hpp). CPU float32 tensors only for now. See docs/pytorch.md.
+per configuration; python/_loco_cuda.cu, the same on loco::cuda::diloco for CUDA tensors, when the
+module is built with CUDA); parameters and gradients are read and written where torch keeps them,
+through DLPack (include/loco/dlpack.hpp). float32 tensors, all on the CPU or all on one GPU. See
+docs/pytorch.md.
 """
+
+import contextlib
 
 from dataclasses import dataclass, asdict, field
 from typing import Dict, Iterable, Optional, Tuple, Union
@@ -116,13 +120,45 @@ class Streaming:
     alpha: float = 0.5
 
 
-# (inner, outer, compressor, schedule) -> the compiled class in _loco.
+# (inner, outer, compressor, schedule) -> the compiled class in _loco (python/bound.hpp), with the
+# prefix "Cuda" for the CUDA instantiation.
 _CONFIGS = {
-    (AdamW, Nesterov, type(None), Every): _loco.DiLoCo_adamw_nesterov,
-    (AdamW, Nesterov, type(None), Streaming): _loco.DiLoCo_adamw_nesterov_streaming,
-    (MuonAdamW, Nesterov, TwoBit, Every): _loco.DiLoCo_muloco_nesterov_twobit,
-    (SGD, OuterAdam, type(None), Every): _loco.DiLoCo_sgd_adam,
+    (AdamW, Nesterov, type(None), Every): "DiLoCo_adamw_nesterov",
+    (AdamW, Nesterov, type(None), Streaming): "DiLoCo_adamw_nesterov_streaming",
+    (MuonAdamW, Nesterov, TwoBit, Every): "DiLoCo_muloco_nesterov_twobit",
+    (SGD, OuterAdam, type(None), Every): "DiLoCo_sgd_adam",
 }
+
+
+def _compiled(name, device):
+    """The compiled class `name` for parameters on `device` (CPU or CUDA)."""
+    return getattr(_loco, ("Cuda" if device.type == "cuda" else "") + name)
+
+
+def _stream_of(stream, device):
+    """The cudaStream_t (an integer) loco launches on: the given torch.cuda.Stream or integer, else
+    torch's current stream on the parameters' GPU; 0 for CPU parameters, which have none."""
+    if device.type != "cuda":
+        if stream is not None:
+            raise InvalidArgument("loco: stream was given but the parameters are on the CPU; "
+                                  "leave stream unset for CPU tensors")
+        return 0
+    if stream is None:
+        stream = torch.cuda.current_stream(device)
+    if isinstance(stream, torch.cuda.Stream):
+        if stream.device != device:
+            raise InvalidArgument(f"loco: the stream is on {stream.device} but the parameters are "
+                                  f"on {device}; pass a stream of the parameters' GPU")
+        return stream.cuda_stream
+    if isinstance(stream, int) and stream >= 0:
+        return stream
+    raise InvalidArgument("loco: stream must be a torch.cuda.Stream or its cuda_stream integer")
+
+
+def _on(device):
+    """Makes the parameters' GPU current while loco allocates and launches (loco's CUDA handles
+    use the current device); nothing for CPU parameters."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _describe_configs():
@@ -145,17 +181,26 @@ def _items(named_params, roles):
         named_params = named_params.items()
     pairs = list(named_params)
     roles = dict(roles or {})
-    items, tensors = [], []
+    items, tensors, device = [], [], None
     for entry in pairs:
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], torch.Tensor)):
             raise InvalidArgument("loco: parameters must be (name, tensor) pairs, as "
                                   "model.named_parameters() yields them")
         name, p = entry
-        if p.device.type != "cpu":
-            raise MemorySpaceError(f"loco: parameter '{name}' is on {p.device}, but the Python "
-                                   "module runs on CPU tensors only for now; keep the model on "
-                                   "the CPU (CUDA tensors will follow, see docs/pytorch.md)")
+        if p.device.type not in ("cpu", "cuda"):
+            raise MemorySpaceError(f"loco: parameter '{name}' is on {p.device}, which loco cannot "
+                                   "address; move the model to the CPU or a CUDA GPU")
+        if p.device.type == "cuda" and not _loco.has_cuda:
+            raise MemorySpaceError(f"loco: parameter '{name}' is on {p.device}, but this loco "
+                                   "module was built without CUDA; rebuild it where nvcc is found "
+                                   "(cmake -DLOCO_ENABLE_CUDA=ON) or keep the model on the CPU")
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise MemorySpaceError(f"loco: parameter '{name}' is on {p.device} but the first "
+                                   f"parameter is on {device}; keep the whole model on one device "
+                                   "(model.to(device))")
         if p.grad is None:
             raise InvalidArgument(f"loco: parameter '{name}' has no gradient; run one backward "
                                   "pass or set p.grad = torch.zeros_like(p) before building the "
@@ -180,7 +225,7 @@ def _items(named_params, roles):
         tensors.append((name, p, p.grad))
     if roles:
         raise InvalidArgument(f"loco: roles name '{sorted(roles)[0]}', which is not a parameter")
-    return items, tensors
+    return items, tensors, device if device is not None else torch.device("cpu")
 
 
 class _Handle:
@@ -203,30 +248,35 @@ class _Handle:
     def state_dict(self):
         """loco's checkpoint of this worker (bytes, include/loco/detail/checkpoint.hpp) in a dict
         torch.save can write."""
-        return {"format": "loco-checkpoint", "kind": type(self).__name__,
-                "bytes": self._impl.save()}
+        with _on(self.device):
+            saved = self._impl.save()
+        return {"format": "loco-checkpoint", "kind": type(self).__name__, "bytes": saved}
 
     def load_state_dict(self, state):
         if not (isinstance(state, dict) and state.get("format") == "loco-checkpoint"):
             raise CheckpointError("loco: load_state_dict() needs a dict from state_dict() of a loco "
                                   "optimizer")
-        self._impl.load(bytes(state["bytes"]))
+        with _on(self.device):
+            self._impl.load(bytes(state["bytes"]))
 
 
 class DiLoCo(_Handle):
     """loco::diloco over torch parameters (docs/pytorch.md).
 
-    named_params: (name, tensor) pairs (model.named_parameters()), float32, on the CPU, each with
-      a .grad allocated. roles: optional {name: "matrix" | "vector" | "embedding" | "head"} for
-      MuLoCo's routing (docs/groups.md).
-    comm: loco.TorchDistributed() (torch.distributed, gloo), or loco.Single() for one worker.
+    named_params: (name, tensor) pairs (model.named_parameters()), float32, all on the CPU or all
+      on one GPU (then loco::cuda::diloco runs), each with a .grad allocated. roles: optional
+      {name: "matrix" | "vector" | "embedding" | "head"} for MuLoCo's routing (docs/groups.md).
+    comm: loco.TorchDistributed() (torch.distributed: gloo, or NCCL for CUDA tensors), or
+      loco.Single() for one worker.
+    stream: CUDA tensors only: the stream loco launches on (a torch.cuda.Stream or its
+      cuda_stream), by default torch's current stream on the parameters' GPU when built.
     Builds the handle and calls start() (collective): every rank checks that all built the same
     model and policies, and takes rank 0's parameters.
     """
 
     def __init__(self, named_params, comm, inner=None, outer=None, compressor=None,
                  schedule=None, roles=None, seed=0, workers=0, broadcast_initial=True,
-                 on_nonfinite="skip", max_skipped_syncs=10, start=True):
+                 on_nonfinite="skip", max_skipped_syncs=10, start=True, stream=None):
         inner = AdamW() if inner is None else inner
         outer = Nesterov() if outer is None else outer
         schedule = Every() if schedule is None else schedule
@@ -238,7 +288,13 @@ class DiLoCo(_Handle):
                 f"{_describe_configs()} (add one in python/_loco.cpp)")
         if not isinstance(comm, _loco.Communicator):
             raise InvalidArgument("loco: comm must be loco.TorchDistributed() or loco.Single()")
-        items, self._tensors = _items(named_params, roles)
+        items, self._tensors, self.device = _items(named_params, roles)
+        if comm.space == "cuda" and (self.device.type != "cuda"
+                                     or self.device.index != comm.device):
+            raise MemorySpaceError(f"loco: the communicator moves memory of cuda:{comm.device} "
+                                   f"(NCCL) but the parameters are on {self.device}; move the "
+                                   "model to that GPU, or use a gloo process group")
+        stream = _stream_of(stream, self.device)
         hyper = {"inner": _hyper(inner), "outer": _hyper(outer), "schedule": _hyper(schedule),
                  "compress": _hyper(compressor),
                  "options": {"seed": seed, "workers": workers,
@@ -246,7 +302,8 @@ class DiLoCo(_Handle):
                              "on_nonfinite": on_nonfinite,
                              "max_skipped_syncs": max_skipped_syncs}}
         self.comm = comm
-        self._impl = _CONFIGS[key](items, comm, hyper)
+        with _on(self.device):
+            self._impl = _compiled(_CONFIGS[key], self.device)(items, comm, hyper, stream)
         if start:
             self.start()
 
@@ -254,17 +311,21 @@ class DiLoCo(_Handle):
         """Collective, once: checks every rank built the same model and policies (an exception
         naming the first difference otherwise, nothing changed) and gives every worker rank 0's
         parameters. Returns whether this worker's parameters changed."""
-        return self._impl.start()
+        with _on(self.device):
+            return self._impl.start()
 
     def step(self):
         """Inner step from the current gradients, then the sync the schedule plans. Returns
-        (applied, synced)."""
+        (applied, synced). CUDA tensors: the launches go to the handle's stream, and step() does
+        not wait for them (except where a sync needs the values on the host)."""
         self._check_grads()
-        return self._impl.step()
+        with _on(self.device):
+            return self._impl.step()
 
     def sync(self):
         """Syncs every fragment now (collective)."""
-        self._impl.sync()
+        with _on(self.device):
+            self._impl.sync()
 
     def set_lr(self, inner=None, outer=None):
         """Changes the learning rates between steps (a schedule); groups all get `inner`."""
@@ -290,26 +351,32 @@ class DiLoCo(_Handle):
 
     def global_params(self):
         """The global parameters after the last sync, flat, as a float32 tensor (a copy)."""
-        return torch.tensor(self._impl.global_params(), dtype=torch.float32)
+        with _on(self.device):
+            return torch.tensor(self._impl.global_params(), dtype=torch.float32)
 
     def compressor_state(self):
         """The error-feedback residual (MuLoCo), flat, as a float32 tensor (a copy)."""
-        return torch.tensor(self._impl.compressor_state(), dtype=torch.float32)
+        with _on(self.device):
+            return torch.tensor(self._impl.compressor_state(), dtype=torch.float32)
 
 
 class Optimizer(_Handle):
-    """A bare loco inner optimizer (AdamW or SGD) over torch parameters, without any sync."""
+    """A bare loco inner optimizer (AdamW or SGD) over torch parameters, without any sync: on the
+    CPU, or loco::cuda::optimizer for CUDA tensors (stream as for DiLoCo)."""
 
-    def __init__(self, named_params, policy):
-        kinds = {AdamW: _loco.Optimizer_adamw, SGD: _loco.Optimizer_sgd}
+    def __init__(self, named_params, policy, stream=None):
+        kinds = {AdamW: "Optimizer_adamw", SGD: "Optimizer_sgd"}
         if type(policy) not in kinds:
             raise InvalidArgument("loco: Optimizer takes loco.AdamW(...) or loco.SGD(...)")
-        items, self._tensors = _items(named_params, None)
-        self._impl = kinds[type(policy)](items, asdict(policy))
+        items, self._tensors, self.device = _items(named_params, None)
+        stream = _stream_of(stream, self.device)
+        with _on(self.device):
+            self._impl = _compiled(kinds[type(policy)], self.device)(items, asdict(policy), stream)
 
     def step(self):
         self._check_grads()
-        return self._impl.step()
+        with _on(self.device):
+            return self._impl.step()
 
     steps = property(lambda self: self._impl.steps)
 
@@ -331,44 +398,86 @@ def two_bit_round_trip(x, out, rows=0, per_row=False, range=6.0):
 
 class _TorchCollectives:
     """What the C++ communicator calls: torch.distributed on tensors that wrap loco's buffers
-    (DLPack capsules, zero copy). The blocking collectives of the default (or given) group."""
+    (DLPack capsules, zero copy). The blocking collectives of the default (or given) group: each
+    returns when the result is in loco's buffer.
 
-    def __init__(self, group):
+    device: None for gloo (loco's host buffers), else the GPU of an NCCL group (loco's device
+    buffers, capsules of kDLCUDA). torch runs NCCL's kernels on a stream of its own: the work
+    waits (async_op=False, or Work.wait()) only enqueue a dependency of torch's current stream on
+    it, and loco then reads the buffer on its own stream, which knows nothing of either. So around
+    every collective the GPU is synchronised: before, so that NCCL reads what loco's stream and
+    its staging copies wrote; after (with the current stream, which waited for the NCCL stream
+    and ran the division of the mean), so that the result is complete when loco's stream reads it.
+    A sync is a round of loco's outer loop, not an inner step: the stall costs little next to the
+    collective itself."""
+
+    def __init__(self, group, device=None):
         self.group = group
+        self.device = device
 
     @staticmethod
     def _wrap(capsule):
         return torch.utils.dlpack.from_dlpack(capsule)
 
+    def _before(self):
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+
+    def _after(self, work=None):
+        if work is not None:
+            work.wait()
+        if self.device is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def all_reduce(self, capsule, mean):
         t = self._wrap(capsule)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self._before()
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        work.wait()
         if mean:
             t.div_(dist.get_world_size(self.group))
+        self._after()
 
     def all_gather(self, send, recv):
         s, r = self._wrap(send), self._wrap(recv)
-        dist.all_gather(list(r.chunk(dist.get_world_size(self.group))), s.clone(),
-                        group=self.group)
+        self._before()
+        self._after(dist.all_gather(list(r.chunk(dist.get_world_size(self.group))), s.clone(),
+                                    group=self.group, async_op=True))
 
     def all_to_all(self, send, recv):
         s, r = self._wrap(send), self._wrap(recv)
-        dist.all_to_all_single(r, s, group=self.group)
+        self._before()
+        self._after(dist.all_to_all_single(r, s, group=self.group, async_op=True))
 
     def broadcast(self, capsule, root):
-        dist.broadcast(self._wrap(capsule), src=dist.get_global_rank(self.group, root)
-                       if self.group is not None else root, group=self.group)
+        t = self._wrap(capsule)
+        self._before()
+        self._after(dist.broadcast(t, src=dist.get_global_rank(self.group, root)
+                                   if self.group is not None else root, group=self.group,
+                                   async_op=True))
 
     def barrier(self):
-        dist.barrier(group=self.group)
+        self._before()
+        if self.device is not None:
+            dist.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self.group)
+        self._after()
 
 
 def TorchDistributed(group=None):
-    """A loco communicator over torch.distributed (initialise the process group first, gloo for
-    CPU tensors). Counts the bytes it sends as the other loco communicators do."""
+    """A loco communicator over torch.distributed (initialise the process group first): over gloo
+    it moves host memory (CPU tensors; for CUDA tensors loco stages its exchanges through the
+    host), over NCCL ("nccl" backend) it moves GPU memory of the current device
+    (torch.cuda.set_device(local_rank) first), and the parameters must be CUDA tensors there.
+    Counts the bytes it sends as the other loco communicators do."""
     if not dist.is_available() or not dist.is_initialized():
         raise CommError("loco: torch.distributed is not initialised; call "
                         "torch.distributed.init_process_group('gloo', ...) first")
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+        return _loco.PythonCommunicator(_TorchCollectives(group, device), rank, size,
+                                        "torch_distributed", "cuda", device.index)
     return _loco.PythonCommunicator(_TorchCollectives(group), rank, size, "torch_distributed")

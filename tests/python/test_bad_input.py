@@ -104,6 +104,21 @@ class BadInput(unittest.TestCase):
         self.refused(loco.CheckpointError, ps, lambda: opt.load_state_dict(truncated))
         self.assertEqual(opt.state_dict(), state)
 
+    def test_device_and_stream(self):
+        # A device loco cannot address (the meta device: shapes without storage).
+        ps = params(w=(3,))
+        m = torch.nn.Parameter(torch.empty(2, device="meta"))
+        m.grad = torch.empty(2, device="meta")
+        ps.append(("m", m))
+        self.refused(loco.MemorySpaceError, ps[:1],
+                     lambda: loco.DiLoCo(ps, loco.Single()), "'m'", "meta", "cannot address")
+        # A CUDA stream for CPU parameters.
+        ps = params(w=(3,))
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.Optimizer(ps, loco.AdamW(), stream=1234), "stream", "CPU")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), stream=1234), "stream", "CPU")
+
     def test_communicator_not_initialised(self):
         with self.assertRaises(loco.CommError):
             loco.TorchDistributed()

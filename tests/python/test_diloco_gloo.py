@@ -61,8 +61,9 @@ def train(opt, params, rank, first, last):
         opt.step()
 
 
-def reference(rank):
-    """DiLoCo in plain PyTorch: every worker starts from rank 0's values."""
+def reference(rank, group=None):
+    """DiLoCo in plain PyTorch: every worker starts from rank 0's values. `group`: a gloo group
+    for these CPU tensors when the default one is NCCL (tests/python/test_cuda.py)."""
     local = {n: torch.nn.Parameter(v.clone()) for n, v in initial_values(0).items()}
     glob = {n: torch.nn.Parameter(v.clone()) for n, v in initial_values(0).items()}
     inner = torch.optim.AdamW(local.values(), **INNER)
@@ -75,7 +76,7 @@ def reference(rank):
         if (step + 1) % H == 0:
             for n in SHAPES:
                 delta = (glob[n] - local[n]).detach()
-                dist.all_reduce(delta)
+                dist.all_reduce(delta, group=group)
                 glob[n].grad = delta / WORLD
             outer.step()
             with torch.no_grad():

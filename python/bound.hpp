@@ -1,0 +1,369 @@
+#pragma once
+// The binding rules of the Python module, shared by its two translation units: python/_loco.cpp
+// (g++: the host configurations, the communicator, the module itself) and python/_loco_cuda.cu
+// (nvcc: the same configurations on loco::cuda::diloco and loco::cuda::optimizer, built when CUDA
+// is enabled). One copy of each rule: a handle type in, a pybind11 class out. Everything here is
+// a template or inline, in a named namespace, so the two units share one definition (hidden, as
+// pybind11's own types are, whose objects it holds).
+
+#include <loco/dlpack.hpp>
+#include <loco/loco.hpp>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace loco_python __attribute__((visibility("hidden"))) {
+
+namespace py = pybind11;
+
+// Binds the CUDA configurations (python/_loco_cuda.cu); defined only when the module is built
+// with CUDA (LOCO_PYTHON_CUDA).
+void bind_cuda(py::module_& m);
+
+// ---- DLPack capsules ----------------------------------------------------------------------------
+
+// The DLTensor inside a capsule from torch.utils.dlpack.to_dlpack (or any __dlpack__), read
+// without consuming it: the caller keeps the capsule alive, and with it the tensor's storage.
+inline const DLTensor& tensor_in(const py::handle& capsule, const std::string& what) {
+    PyObject* o = capsule.ptr();
+    if (!PyCapsule_IsValid(o, "dltensor")) {
+        throw loco::invalid_argument("loco: " + what +
+                                     " is not an unused DLPack capsule; pass "
+                                     "torch.utils.dlpack.to_dlpack(tensor)");
+    }
+    const auto* m = static_cast<const DLManagedTensor*>(PyCapsule_GetPointer(o, "dltensor"));
+    return m->dl_tensor;
+}
+
+// ---- parameters ---------------------------------------------------------------------------------
+
+inline loco::role role_named(const std::string& s, const std::string& name) {
+    if (s.empty() || s == "unspecified") return loco::role::unspecified;
+    if (s == "matrix") return loco::role::matrix;
+    if (s == "vector") return loco::role::vector;
+    if (s == "embedding") return loco::role::embedding;
+    if (s == "head") return loco::role::head;
+    throw loco::invalid_argument("loco: parameter '" + name + "' has role '" + s +
+                                 "'; use matrix, vector, embedding or head");
+}
+
+// The parameter list of (name, value capsule, grad capsule, role) tuples; the capsules stay with
+// the handle, which keeps the tensors' storage alive.
+struct bound_params {
+    loco::parameter_list list;
+    std::vector<py::object> keep;
+};
+
+inline bound_params read_params(const py::list& items) {
+    bound_params b;
+    for (const py::handle item : items) {
+        const auto t = item.cast<py::tuple>();
+        const auto name = t[0].cast<std::string>();
+        const DLTensor& value = tensor_in(t[1], "the value of '" + name + "'");
+        const DLTensor& grad = tensor_in(t[2], "the gradient of '" + name + "'");
+        loco::parameter_options o;
+        o.role = role_named(t[3].cast<std::string>(), name);
+        loco::dlpack::add(b.list, name, value, grad, o);
+        b.keep.push_back(py::reinterpret_borrow<py::object>(t[1]));
+        b.keep.push_back(py::reinterpret_borrow<py::object>(t[2]));
+    }
+    return b;
+}
+
+// ---- hyper-parameters from Python dicts ---------------------------------------------------------
+
+// Reads the keys of a dict into fields; a key no field takes is refused by name.
+class fields {
+public:
+    fields(const py::dict& d, std::string who) : d_(d), who_(std::move(who)) {}
+    template <class T>
+    fields& operator()(const char* key, T& field) {
+        if (d_.contains(key)) {
+            field = d_[key].cast<T>();
+            taken_.emplace_back(key);
+        }
+        return *this;
+    }
+    void done() const {
+        for (const auto& kv : d_) {
+            const auto key = kv.first.cast<std::string>();
+            bool known = false;
+            for (const auto& t : taken_) known = known || t == key;
+            if (!known) {
+                throw loco::invalid_argument("loco: " + who_ + " has no hyper-parameter '" + key +
+                                             "'");
+            }
+        }
+    }
+
+private:
+    const py::dict& d_;
+    std::string who_;
+    std::vector<std::string> taken_;
+};
+
+inline py::dict sub(const py::dict& d, const char* key) {
+    return d.contains(key) ? d[key].cast<py::dict>() : py::dict();
+}
+
+inline void read(const py::dict& d, loco::inner::adamw::hyper& h) {
+    fields(d, "AdamW")("lr", h.lr)("beta1", h.beta1)("beta2", h.beta2)("eps", h.eps)(
+        "weight_decay", h.weight_decay)
+        .done();
+}
+inline void read(const py::dict& d, loco::inner::sgd::hyper& h) {
+    fields(d, "SGD")("lr", h.lr)("momentum", h.momentum)("dampening", h.dampening)(
+        "weight_decay", h.weight_decay)("nesterov", h.nesterov)
+        .done();
+}
+inline void read(const py::dict& d, loco::inner::muon::hyper& h) {
+    std::string coefficients = "keller_jordan", adjust = "original";
+    fields(d, "Muon")("lr", h.lr)("weight_decay", h.weight_decay)("momentum", h.momentum)(
+        "nesterov", h.nesterov)("eps", h.eps)("ns_steps", h.ns_steps)("coefficients",
+                                                                     coefficients)(
+        "adjust_lr", adjust)
+        .done();
+    if (coefficients == "muloco") {
+        h.coefficients = loco::linalg::ns_coefficients::muloco();
+    } else if (coefficients != "keller_jordan") {
+        throw loco::invalid_argument("loco: Muon coefficients must be 'keller_jordan' or 'muloco'");
+    }
+    if (adjust == "spectral_norm") {
+        h.adjust_lr = loco::inner::lr_adjustment::spectral_norm;
+    } else if (adjust == "match_rms_adamw") {
+        h.adjust_lr = loco::inner::lr_adjustment::match_rms_adamw;
+    } else if (adjust != "original") {
+        throw loco::invalid_argument(
+            "loco: Muon adjust_lr must be 'original', 'spectral_norm' or 'match_rms_adamw'");
+    }
+}
+template <class... G>
+void read(const py::dict& d, std::tuple<G...>& h) {
+    // Parameter groups: the dict holds one dict per group, keys "0", "1", ...
+    fields f(d, "the parameter groups");
+    std::vector<py::dict> parts(sizeof...(G));
+    for (std::size_t i = 0; i < parts.size(); ++i) f(std::to_string(i).c_str(), parts[i]);
+    f.done();
+    std::size_t i = 0;
+    std::apply([&](auto&... g) { (read(parts[i++], g), ...); }, h);
+}
+inline void read(const py::dict& d, loco::outer::nesterov::hyper& h) {
+    fields(d, "outer Nesterov")("lr", h.lr)("momentum", h.momentum).done();
+}
+inline void read(const py::dict& d, loco::outer::adam::hyper& h) {
+    fields(d, "outer Adam")("lr", h.lr)("beta1", h.beta1)("beta2", h.beta2)("tau", h.tau)(
+        "bias_correction", h.bias_correction)
+        .done();
+}
+inline void read(const py::dict& d, loco::schedule::every::hyper& h) {
+    fields(d, "schedule Every")("every", h.every).done();
+}
+inline void read(const py::dict& d, loco::schedule::streaming::hyper& h) {
+    fields(d, "schedule Streaming")("every", h.every)("fragments", h.fragments)(
+        "overlap", h.overlap)("alpha", h.alpha)
+        .done();
+}
+inline void read(const py::dict& d, loco::compress::none::hyper&) { fields(d, "no compression").done(); }
+template <class C>
+void read_error_feedback(const py::dict& d, typename loco::compress::error_feedback<C>::hyper& h) {
+    std::string per = "tensor";
+    fields(d, "TwoBit")("decay", h.decay)("fold_outer_lr", h.fold_outer_lr)("per", per)(
+        "range", h.compress.range)
+        .done();
+    if (per == "row") {
+        h.compress.per = loco::compress::granularity::row;
+    } else if (per != "tensor") {
+        throw loco::invalid_argument("loco: TwoBit per must be 'tensor' or 'row'");
+    }
+}
+
+template <class Compressor, class H>
+void read_compress(const py::dict& d, H& h) {
+    if constexpr (std::is_same_v<Compressor, loco::compress::none>) {
+        read(d, h);
+    } else {
+        read_error_feedback<typename Compressor::base>(d, h);
+    }
+}
+
+// ---- the handles --------------------------------------------------------------------------------
+
+std::string save_bytes(const auto& h) {
+    std::ostringstream os;
+    h.save(os);
+    return os.str();
+}
+void load_bytes(auto& h, const py::bytes& b) {
+    std::istringstream is(std::string(b), std::ios::binary);
+    h.load(is);
+}
+
+// The stream a CUDA configuration launches on: torch's cudaStream_t as an integer
+// (torch.cuda.Stream.cuda_stream; 0 is the legacy default stream). The host configurations have
+// none and take only 0.
+template <class Config>
+void set_stream(Config& cfg, std::uintptr_t stream) {
+    if constexpr (requires { cfg.stream = reinterpret_cast<decltype(cfg.stream)>(stream); }) {
+        cfg.stream = reinterpret_cast<decltype(cfg.stream)>(stream);
+    } else if (stream != 0) {
+        throw loco::invalid_argument(
+            "loco: a CUDA stream was given for parameters on the CPU; leave stream unset");
+    }
+}
+
+// One loco::diloco (host or CUDA backend) over the parameters of a Python list.
+template <class Handle>
+class bound_diloco {
+public:
+    bound_diloco(const py::list& items, loco::comm::communicator& comm, const py::dict& hyper,
+                 std::uintptr_t stream)
+        : params_(read_params(items)) {
+        typename Handle::config cfg;
+        read(sub(hyper, "inner"), cfg.inner);
+        read(sub(hyper, "outer"), cfg.outer);
+        read(sub(hyper, "schedule"), cfg.schedule);
+        read_compress<typename Handle::compressor_policy>(sub(hyper, "compress"), cfg.compress);
+        std::string on_nonfinite = "skip";
+        fields(sub(hyper, "options"), "loco.DiLoCo")("seed", cfg.seed)("workers", cfg.workers)(
+            "broadcast_initial", cfg.broadcast_initial)("on_nonfinite", on_nonfinite)(
+            "max_skipped_syncs", cfg.max_skipped_syncs)
+            .done();
+        cfg.on_nonfinite = nonfinite(on_nonfinite);
+        set_stream(cfg, stream);
+        handle_ = std::make_unique<Handle>(params_.list, comm, cfg);
+    }
+
+    static void bind(py::module_& m, const char* name) {
+        using B = bound_diloco;
+        py::class_<B>(m, name)
+            .def(py::init<const py::list&, loco::comm::communicator&, const py::dict&,
+                          std::uintptr_t>(),
+                 py::arg("items"), py::arg("comm"), py::arg("hyper"), py::arg("stream") = 0,
+                 py::keep_alive<1, 3>())
+            .def("start", [](B& b) {
+                py::gil_scoped_release nogil;
+                return b.handle_->start();
+            })
+            .def("step", [](B& b) {
+                py::gil_scoped_release nogil;
+                const loco::step_result r = b.handle_->step();
+                return std::make_pair(r.applied, r.synced);
+            })
+            .def("sync", [](B& b) {
+                py::gil_scoped_release nogil;
+                b.handle_->sync();
+            })
+            .def("save", [](const B& b) { return py::bytes(save_bytes(*b.handle_)); })
+            .def("load", [](B& b, const py::bytes& s) { load_bytes(*b.handle_, s); })
+            .def("set_inner_lr", [](B& b, float lr) { set_lr(b.handle_->inner_hyper(), lr); })
+            .def("set_outer_lr", [](B& b, float lr) { b.handle_->outer_hyper().lr = lr; })
+            .def_property_readonly("calls", [](const B& b) { return b.handle_->calls(); })
+            .def_property_readonly("inner_steps", [](const B& b) { return b.handle_->inner_steps(); })
+            .def_property_readonly("outer_steps", [](const B& b) { return b.handle_->outer_steps(); })
+            .def_property_readonly("skipped_steps",
+                                   [](const B& b) { return b.handle_->skipped_steps(); })
+            .def_property_readonly("skipped_syncs",
+                                   [](const B& b) { return b.handle_->skipped_syncs(); })
+            .def_property_readonly("fragments", [](const B& b) { return b.handle_->fragments(); })
+            .def_property_readonly("bytes_per_sync",
+                                   [](const B& b) { return b.handle_->bytes_per_sync(); })
+            .def_property_readonly("fingerprint_bytes",
+                                   [](const B& b) { return b.handle_->fingerprint_bytes(); })
+            .def_property_readonly("fingerprint", [](const B& b) { return b.handle_->fingerprint(); })
+            .def("global_params", [](const B& b) {
+                const auto g = b.handle_->global();
+                return std::vector<float>(g.begin(), g.end());
+            })
+            .def("compressor_state", [](const B& b) {
+                const auto s = b.handle_->compressor_state();
+                return std::vector<float>(s.begin(), s.end());
+            });
+    }
+
+private:
+    static loco::nonfinite_policy nonfinite(const std::string& s) {
+        if (s == "skip") return loco::nonfinite_policy::skip;
+        if (s == "raise") return loco::nonfinite_policy::raise;
+        if (s == "ignore") return loco::nonfinite_policy::ignore;
+        throw loco::invalid_argument("loco: on_nonfinite must be 'skip', 'raise' or 'ignore'");
+    }
+    template <class H>
+    static void set_lr(H& h, float lr) {
+        if constexpr (requires { h.lr; }) {
+            h.lr = lr;
+        } else {
+            std::apply([&](auto&... g) { ((g.lr = lr), ...); }, h);
+        }
+    }
+
+    bound_params params_;
+    std::unique_ptr<Handle> handle_;
+};
+
+// A bare inner optimizer (no sync), for trainers without DiLoCo and for the parity tests:
+// loco::optimizer<Inner> or loco::cuda::optimizer<Inner>.
+template <class Optimizer>
+class bound_optimizer {
+public:
+    bound_optimizer(const py::list& items, const py::dict& hyper, std::uintptr_t stream)
+        : params_(read_params(items)) {
+        typename Optimizer::config cfg;
+        read(hyper, cfg.inner);
+        set_stream(cfg, stream);
+        opt_ = std::make_unique<Optimizer>(params_.list, cfg);
+    }
+    static void bind(py::module_& m, const char* name) {
+        using B = bound_optimizer;
+        py::class_<B>(m, name)
+            .def(py::init<const py::list&, const py::dict&, std::uintptr_t>(), py::arg("items"),
+                 py::arg("hyper"), py::arg("stream") = 0)
+            .def("step", [](B& b) {
+                py::gil_scoped_release nogil;
+                return b.opt_->step().applied;
+            })
+            .def("save", [](const B& b) { return py::bytes(save_bytes(*b.opt_)); })
+            .def("load", [](B& b, const py::bytes& s) { load_bytes(*b.opt_, s); })
+            .def_property_readonly("steps", [](const B& b) { return b.opt_->steps(); });
+    }
+
+private:
+    bound_params params_;
+    std::unique_ptr<Optimizer> opt_;
+};
+
+// The compiled configurations on one backend (loco::host_backend with loco::optimizer, or
+// loco::cuda_backend with loco::cuda::optimizer), each class named `prefix` + its name. A new
+// configuration is one line here plus its key in python/loco/__init__.py (_CONFIGS).
+template <class Backend, template <class> class Optimizer>
+void bind_configurations(py::module_& m, const std::string& prefix) {
+    using loco::inner::adamw;
+    using loco::inner::sgd;
+    using none = loco::compress::none;
+    using every = loco::schedule::every;
+    using mean = loco::aggregate::mean;
+    using muloco_inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                      loco::group<loco::otherwise, loco::inner::adamw>>;
+    using two_bit = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    auto named = [&](const char* name) { return prefix + name; };
+    bound_diloco<loco::diloco<adamw, loco::outer::nesterov, none, every, mean, Backend>>::bind(
+        m, named("DiLoCo_adamw_nesterov").c_str());
+    bound_diloco<loco::diloco<adamw, loco::outer::nesterov, none, loco::schedule::streaming, mean,
+                              Backend>>::bind(m, named("DiLoCo_adamw_nesterov_streaming").c_str());
+    bound_diloco<loco::diloco<muloco_inner, loco::outer::nesterov, two_bit, every, mean,
+                              Backend>>::bind(m, named("DiLoCo_muloco_nesterov_twobit").c_str());
+    bound_diloco<loco::diloco<sgd, loco::outer::adam, none, every, mean, Backend>>::bind(
+        m, named("DiLoCo_sgd_adam").c_str());
+    bound_optimizer<Optimizer<adamw>>::bind(m, named("Optimizer_adamw").c_str());
+    bound_optimizer<Optimizer<sgd>>::bind(m, named("Optimizer_sgd").c_str());
+}
+
+}  // namespace loco_python

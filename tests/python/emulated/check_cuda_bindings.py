@@ -1,0 +1,167 @@
+"""The CUDA half of the Python module (python/_loco_cuda.cu) on the CPU emulator, where device
+memory is host memory: torch CPU tensors view memory from the emulator's cudaMalloc, their DLPack
+capsules are marked kDLCUDA, and the Cuda* classes run on them. Built and run by run.sh here.
+
+- CudaOptimizer_adamw / _sgd against torch.optim, 20 steps of random gradients, within 1e-5;
+- CudaDiLoCo_adamw_nesterov on two gloo processes against the PyTorch DiLoCo of
+  tests/python/test_diloco_gloo.py (within 1e-5 after 5 rounds), through python/loco's
+  torch.distributed glue, once with a communicator of host memory (the handle stages its
+  exchanges through the host: gloo's path) and once of device memory (the handle all-reduces its
+  device buffers: NCCL's path; the capsules are re-marked kDLCPU for torch's CPU from_dlpack,
+  the only step that differs from a GPU);
+- MuLoCo (2-bit codes, error feedback) on both: the ranks' global parameters agree after sync().
+What it cannot show: streams and NCCL's own stream (the emulator runs every launch at once).
+"""
+
+import ctypes
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import loco  # noqa: E402
+from loco import _loco  # noqa: E402
+import test_diloco_gloo as ref  # noqa: E402
+
+_get = ctypes.pythonapi.PyCapsule_GetPointer
+_get.restype = ctypes.c_void_p
+_get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+KDLCPU, KDLCUDA = 1, 2
+
+
+def _device_type(capsule):
+    # DLTensor: void* data, then DLDevice {int32 device_type, int32 device_id}.
+    return ctypes.c_int32.from_address(_get(capsule, b"dltensor") + 8)
+
+
+def cuda_capsule(t):
+    capsule = torch.utils.dlpack.to_dlpack(t)
+    _device_type(capsule).value = KDLCUDA
+    return capsule
+
+
+def device_tensor(shape):
+    n = 1
+    for e in shape:
+        n *= e
+    buf = (ctypes.c_float * n).from_address(_loco.emulated_alloc(4 * n))
+    return torch.frombuffer(buf, dtype=torch.float32).view(shape)
+
+
+def device_params(values):
+    out = {}
+    for name, v in values.items():
+        p = torch.nn.Parameter(device_tensor(tuple(v.shape)))
+        with torch.no_grad():
+            p.copy_(v)
+        p.grad = device_tensor(tuple(v.shape))
+        p.grad.zero_()
+        out[name] = p
+    return out
+
+
+def set_grads(params, loss):
+    for p, g in zip(params.values(), torch.autograd.grad(loss, list(params.values()))):
+        p.grad.copy_(g)  # in place: loco reads this memory
+
+
+def items(params, roles=None):
+    roles = roles or {}
+    return [(n, cuda_capsule(p.detach()), cuda_capsule(p.grad), roles.get(n, ""))
+            for n, p in params.items()]
+
+
+def optimizers():
+    gen = torch.Generator().manual_seed(ref.SEED)
+    ours = device_params({n: torch.randn(s, generator=gen) for n, s in ref.SHAPES.items()})
+    theirs = {n: torch.nn.Parameter(p.detach().clone()) for n, p in ours.items()}
+    for p in theirs.values():
+        p.grad = torch.zeros_like(p)
+    cases = (
+        (_loco.CudaOptimizer_adamw, dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+         lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)),
+        (_loco.CudaOptimizer_sgd, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)))
+    for cls, hyper, reference in cases:
+        start = {n: p.detach().clone() for n, p in ours.items()}
+        opt = cls(items(ours), hyper, 0)
+        ref_opt = reference(list(theirs.values()))
+        for _ in range(20):
+            for n in ours:
+                g = torch.randn(ours[n].shape, generator=gen)
+                ours[n].grad.copy_(g)
+                theirs[n].grad = g.clone()
+            assert opt.step()
+            ref_opt.step()
+        diff = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
+        moved = max((ours[n] - start[n]).abs().max().item() for n in ours)
+        assert diff < 1e-5 and moved > 1e-3 and opt.steps == 20, (cls.__name__, diff, moved)
+        print(f"{cls.__name__} against torch.optim: max difference {diff:.3g}")
+
+
+class HostViewCollectives(loco._TorchCollectives):
+    """python/loco's torch.distributed glue, with the one emulator step: a kDLCUDA capsule (host
+    memory here) is re-marked kDLCPU so that torch's CPU from_dlpack takes it."""
+
+    @staticmethod
+    def _wrap(capsule):
+        assert _device_type(capsule).value == KDLCUDA, "the communicator exported host memory"
+        _device_type(capsule).value = KDLCPU
+        return torch.utils.dlpack.from_dlpack(capsule)
+
+
+def worker(rank, init_file, space):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    if space == "host":
+        comm = loco.TorchDistributed()
+    else:
+        comm = _loco.PythonCommunicator(HostViewCollectives(None), rank, 2, "emulated_nccl",
+                                        "cuda", 0)
+    assert comm.space == space
+
+    params = device_params(ref.initial_values(rank))
+    hyper = {"inner": dict(lr=ref.INNER["lr"], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+             "outer": dict(ref.OUTER), "schedule": {"every": ref.H}}
+    handle = _loco.CudaDiLoCo_adamw_nesterov(items(params), comm, hyper, 0)
+    handle.start()
+    for step in range(ref.H * ref.ROUNDS):
+        x, y = ref.batch(rank, step)
+        set_grads(params, ref.loss_of(params, x, y))
+        handle.step()
+    expected = ref.reference(rank)
+    diff = max((params[n].detach() - expected[n].detach()).abs().max().item() for n in ref.SHAPES)
+    assert diff < 1e-5 and handle.outer_steps == ref.ROUNDS, diff
+    print(f"rank {rank}, {space} memory: CudaDiLoCo against the PyTorch DiLoCo: max difference "
+          f"{diff:.3g}")
+
+    ps = device_params(ref.initial_values(rank))
+    roles = {"w1": "matrix", "w2": "head", "b1": "vector", "b2": "vector"}
+    muloco = _loco.CudaDiLoCo_muloco_nesterov_twobit(
+        items(ps, roles), comm, {"inner": {"0": dict(lr=0.02, momentum=0.9), "1": dict(lr=1e-2)},
+                                 "schedule": {"every": 4}}, 0)
+    muloco.start()
+    for step in range(12):
+        x, y = ref.batch(rank, step)
+        set_grads(ps, ref.loss_of(ps, x, y))
+        muloco.step()
+    muloco.sync()
+    mine = torch.tensor(muloco.global_params())
+    other = [torch.zeros_like(mine) for _ in range(2)]
+    dist.all_gather(other, mine)
+    assert torch.equal(other[0], other[1]) and muloco.outer_steps == 4
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    assert _loco.has_cuda, "build the module with tests/python/emulated/run.sh"
+    print(f"check_cuda_bindings: seed {ref.SEED} (LOCO_TEST_SEED repeats it)")
+    optimizers()
+    for space in ("host", "cuda"):
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(worker, args=(os.path.join(d, "rendezvous"), space), nprocs=2, join=True)
+    print("check_cuda_bindings: passed")
