@@ -118,6 +118,22 @@ struct demo_sent {
     }
 };
 
+// The inverse DCT's second pass, x[r][c] = sum_b F_h[r][b] t[b][c] (b ascending, the host's
+// order, no fused multiply-add); put(o, x) for each cell o = r * w + c of the chunk.
+template <class Put>
+__device__ void demo_columns(const chunked_segment& s, const double* fh, const double* t,
+                             Put put) {
+    for (unsigned o = threadIdx.x; o < s.h * s.w; o += block_threads) {
+        const unsigned r = o / s.w;
+        const unsigned c = o % s.w;
+        double acc = 0.0;
+        for (unsigned b = 0; b < s.h; ++b) {
+            acc = __dadd_rn(acc, __dmul_rn(fh[r * s.h + b], t[b * s.w + c]));
+        }
+        put(o, acc);
+    }
+}
+
 // D = the inverse DCT of the sent coefficients; apply(i, D) for each element of the chunk.
 // t: shared scratch of h * w doubles; row_start: shared, h + 1 entries.
 template <class Apply>
@@ -148,16 +164,9 @@ __device__ void demo_inverse(const chunked_segment& s, std::uint64_t local, cons
         t[o] = acc;
     }
     __syncthreads();
-    // x[r][c] = sum_b F_h[r][b] t[b][c], b ascending
-    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        const unsigned r = o / s.w;
-        const unsigned c = o % s.w;
-        double acc = 0.0;
-        for (unsigned b = 0; b < s.h; ++b) {
-            acc = __dadd_rn(acc, __dmul_rn(fh[r * s.h + b], t[b * s.w + c]));
-        }
-        apply(chunked_element(s, local, o), static_cast<float>(acc));
-    }
+    demo_columns(s, fh, t, [&](unsigned o, double x) {
+        apply(chunked_element(s, local, o), static_cast<float>(x));
+    });
 }
 
 template <int = 0>
@@ -302,15 +311,9 @@ __global__ void __launch_bounds__(block_threads)
         t[o] = acc;
     }
     __syncthreads();
-    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        const unsigned r = o / s.w;
-        const unsigned cc = o % s.w;
-        double acc = 0.0;
-        for (unsigned b = 0; b < s.h; ++b) {
-            acc = __dadd_rn(acc, __dmul_rn(fh[r * s.h + b], t[b * s.w + cc]));
-        }
-        out[chunked_element(s, local, o)] = static_cast<float>(acc);
-    }
+    demo_columns(s, fh, t, [&](unsigned o, double x) {
+        out[chunked_element(s, local, o)] = static_cast<float>(x);
+    });
 }
 
 #endif  // LOCO_HAS_CUDA()
