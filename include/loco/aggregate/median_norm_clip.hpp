@@ -22,6 +22,7 @@
 // the handle's nonfinite policy decides (templar skips such a tensor's step).
 
 #include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/rules.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -87,8 +88,7 @@ struct median_norm_clip {
             median = *mid;
         }
         for (std::size_t k = 0; k < c.workers; ++k) {
-            const float q = median / (norms[k] + h.epsilon);
-            f[k] = q > 1.0f ? 1.0f : q;  // NaN stays NaN, as torch.clamp keeps it
+            f[k] = rule::median_norm_factor(median, norms[k], h.epsilon);
         }
     }
 
