@@ -31,6 +31,7 @@
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
+#include <loco/backend/cuda/aggregate.hpp>
 #include <loco/backend/cuda/compress.hpp>
 #include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/backend/cuda/control.hpp>
@@ -239,6 +240,7 @@ public:
         for (const auto& list : lists) {
             frags_.push_back(std::make_unique<fragment>(inner_.table_, list, tensors_, *comm_,
                                                         scheme, h, staging_ != nullptr));
+            attach_device_aggregation(*frags_.back());
         }
         for (auto& f : frags_) {
             gather_values(f->table, master(), f->global.get(), stream());
@@ -284,6 +286,10 @@ public:
 
     float captured_norm(std::size_t fi) {
         fragment& f = *frags_[fi];
+        if (f.agg) {
+            form_delta(f);
+            return f.agg->norm(f.delta.get());
+        }
         download_captured(f);
         double sq = 0.0;
         for (const float x : f.host_captured) sq += static_cast<double>(x) * x;
@@ -310,6 +316,9 @@ public:
             LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
             f.request = comm_->start_all_reduce(
                 loco::cuda_tensor(f.avg, f.table.padded_elements()), comm::reduce_op::mean);
+        } else if (f.agg) {
+            form_delta(f);
+            f.agg->start(*comm_, control_comm(), f.delta.get(), report);
         } else {
             download_captured(f);
             f.host->start(control_comm(), f.host_captured, h, ctx, report);
@@ -335,6 +344,7 @@ public:
             }
             return failure;
         }
+        if (f.agg) return finish_aggregate(f, ah);
         f.host->aggregate_hyper() = ah;
         f.host_average.resize(f.elements);
         f.host->finish(control_comm(), f.host_average, h);
@@ -357,17 +367,21 @@ public:
             if (f.device) std::swap(f.device->residual, f.device->next);
         }
         if (f.host) f.host->commit();
+        if (f.agg) f.agg->commit();
     }
 
     // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp).
     // Aggregations other than the mean take the host exchange, which keeps them.
     bool refused(std::size_t fi) const noexcept {
+        if (frags_[fi]->agg) return frags_[fi]->agg->refused();
         return frags_[fi]->host && frags_[fi]->host->refused();
     }
     const aggregate::state_t<Aggregate>& aggregate_state(std::size_t fi) const {
+        if (frags_[fi]->agg) return frags_[fi]->agg->state();
         return frags_[fi]->host->aggregate_state();
     }
     void restore_aggregate_state(std::size_t fi, aggregate::state_t<Aggregate> s) {
+        if (frags_[fi]->agg) return frags_[fi]->agg->restore(std::move(s));
         frags_[fi]->host->restore_aggregate_state(std::move(s));
     }
 
@@ -470,6 +484,7 @@ public:
         if constexpr (device_compression) {
             if (f.device) return (m - 1) * f.device->plan.payload_bytes();
         }
+        if (f.agg) return f.agg->bytes_per_average(m);
         if (!f.device_all_reduce) return f.host->bytes_per_average(h);
         const std::uint64_t n = f.table.padded_elements();
         const auto r = static_cast<std::uint64_t>(comm_->rank());
@@ -533,6 +548,7 @@ private:
                 average = device_buffer<float>(table.padded_elements());
                 average.zero(nullptr);
             }
+
             delta = device_buffer<float>(table.padded_elements());
             delta.zero(nullptr);
             outer_state.zero(nullptr);
@@ -582,6 +598,7 @@ private:
         std::unique_ptr<device_exchange_t> device;
         std::unique_ptr<loco::detail::exchanger<Compressor, Aggregate>> host;
         bool device_all_reduce = false;
+        std::unique_ptr<device_aggregation<Aggregate>> agg;  // the device aggregation path
         comm::request request;
         bool kept = false;        // delta holds the pseudo-gradient
         bool hold = false;        // the handle asked to keep it until the exchange finishes
@@ -592,6 +609,45 @@ private:
     };
 
     float* master() const noexcept { return inner_.master_ptr(); }
+
+    // The device aggregation path (the top of the file): an aggregation with a device
+    // implementation, no compressor, a GPU communicator, at most 64 workers.
+    void attach_device_aggregation(fragment& f) {
+        if constexpr (has_device_aggregation<Aggregate> &&
+                      std::is_same_v<Compressor, compress::none>) {
+            if (staging_ && f.host && f.host->scheme() == exchange_scheme::all_gather &&
+                static_cast<std::size_t>(comm_->size()) <=
+                    device_aggregation<Aggregate>::max_workers) {
+                f.agg = std::make_unique<device_aggregation<Aggregate>>(f.table, comm_->size(),
+                                                                        stream());
+            }
+        } else {
+            static_cast<void>(f);
+        }
+    }
+
+    // The pseudo-gradient in the delta buffer (formed now unless it is kept there).
+    void form_delta(fragment& f) {
+        if (!f.kept) {
+            outer_delta(f.table, f.global.get(), master(), f.delta.get(), stream());
+            f.kept = true;
+        }
+    }
+
+    // The device aggregation's finish: the aggregate in the average buffer, or a refusal.
+    loco::detail::stage_failure finish_aggregate(fragment& f,
+                                                 const typename Aggregate::hyper& ah) {
+        loco::detail::stage_failure failure = f.agg->finish(ah, f.average.get());
+        f.avg = f.average.get();
+        if (!failure && !f.agg->refused()) {
+            try {
+                f.hit = check_average(f, f.avg);
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::decode, std::current_exception());
+            }
+        }
+        return failure;
+    }
 
     void init_control(comm::communicator& comm) {
         if (comm.space() == memory_space::cuda) {

@@ -1,0 +1,532 @@
+#pragma once
+// The aggregation policies other than the mean on the device (include/loco/aggregate/): the
+// per-element work runs as kernels over every worker's pseudo-gradient in device memory, the
+// scalar decisions in the policies' own host code.
+//
+//   exchange      every worker's fp32 pseudo-gradient (the fragment's padded layout) all-gathered
+//                 in device memory into rows [M x padded]; with needs_reports, the workers'
+//                 reports (8 bytes each) all-gathered as host memory on the control communicator
+//   norms         per worker, the squared L2 norm of its row (or of row - center) over the
+//                 fragment: a block per (worker, stretch of 8192 elements), a fixed tree in
+//                 shared memory, the stretches summed on the host in order (deterministic; double
+//                 throughout). A non-finite norm is a non-finite row: the worker is unusable
+//   decisions     on the host, by the policy's code: edit::weights (EWMA detectors, softmax(-G/T),
+//                 step weights, refusal when every worker is an outlier), trimmed_mean::window and
+//                 median::window (which sorted positions to average, refusal), centered clipping's
+//                 per-worker scale; each from the norms the device returned
+//   elements      edit: the weighted sum or GTA's sign consensus (sum, count), then the clip to
+//                 phi (the aggregate's norm, one scale); trimmed_mean and median: each thread sorts
+//                 its coordinate's usable values (M <= 64, a register array) and averages its
+//                 window; centered_clip: L iterations of v += (1/M) sum_i (Delta_i - v) s_i in
+//                 double, v starting at the last aggregate (kept on the device)
+//
+// Every per-element rule is the one in aggregate/rules.hpp that the host loops call, so the two
+// backends run the same arithmetic (the sums' order differs for norms: a tree here, element order
+// on the host; the tests compare within fp32 tolerance). The aggregation state (the detectors;
+// centered clipping's center, kept on the device and converted for checkpoints) advances only at
+// commit().
+
+#include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/robust.hpp>
+#include <loco/aggregate/rules.hpp>
+#include <loco/backend/cuda/elementwise.hpp>
+#include <loco/backend/cuda/error.hpp>
+#include <loco/backend/cuda/memory.hpp>
+#include <loco/backend/cuda/table.hpp>
+#include <loco/comm/communicator.hpp>
+#include <loco/error.hpp>
+#include <loco/exchange.hpp>
+#include <loco/math.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace loco::backend::cuda {
+
+// Whether an aggregation policy has a device implementation here.
+template <class A>
+inline constexpr bool has_device_aggregation =
+    std::is_same_v<A, aggregate::edit> || std::is_same_v<A, aggregate::trimmed_mean> ||
+    std::is_same_v<A, aggregate::median> || std::is_same_v<A, aggregate::centered_clip>;
+
+namespace detail {
+
+// A stretch of a row whose squares one block sums: padded elements [offset, offset + len).
+struct norm_stretch {
+    std::uint64_t offset;
+    std::uint64_t len;
+};
+inline constexpr std::uint64_t norm_stretch_elements = 8192;
+
+// Grid-stride loops over n elements: at most this many blocks.
+inline std::uint32_t elementwise_blocks(std::uint64_t n) {
+    const std::uint64_t b = (n + block_threads - 1) / block_threads;
+    return static_cast<std::uint32_t>(std::clamp<std::uint64_t>(b, 1, 4096));
+}
+
+#if LOCO_HAS_CUDA()
+
+// partials[r * count + s] = sum over stretch s of (row r - center)^2 in double (center null: 0).
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    row_squares_kernel(const float* rows, std::uint64_t stride, const norm_stretch* stretches,
+                       std::uint32_t count, const double* center, double* partials) {
+    __shared__ double sums[block_threads];
+    const std::uint32_t row = blockIdx.x / count;
+    const norm_stretch s = stretches[blockIdx.x % count];
+    const float* d = rows + row * stride + s.offset;
+    double acc = 0.0;
+    for (std::uint64_t i = threadIdx.x; i < s.len; i += block_threads) {
+        const double x = center ? d[i] - center[s.offset + i] : static_cast<double>(d[i]);
+        acc += x * x;
+    }
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned half = block_threads / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sums[0];
+}
+
+// EDiT's reducer (aggregate::gta_reduce): per element, over the workers of weight > 0 in rank
+// order, the weighted sum, or GTA's consensus (0: none, 1: sum, 2: count).
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    consensus_kernel(const float* rows, std::uint64_t stride, std::uint32_t workers,
+                     const double* w, int consensus, std::uint64_t n, float* out) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        double total = 0.0, signs = 0.0;
+        for (std::uint32_t k = 0; k < workers; ++k) {
+            const double wk = w[k];
+            if (wk == 0.0) continue;
+            const float d = rows[k * stride + j];
+            total += wk * d;
+            signs += aggregate::rule::sign_vote(d);
+        }
+        if (consensus == 0) {
+            out[j] = static_cast<float>(total);
+            continue;
+        }
+        const double vote = consensus == 1 ? total : signs;
+        double kept = 0.0, weight = 0.0;
+        for (std::uint32_t k = 0; k < workers; ++k) {
+            const double wk = w[k];
+            if (wk == 0.0) continue;
+            const float d = rows[k * stride + j];
+            const double a = aggregate::rule::agrees(vote, d);
+            kept += a * (wk * d);
+            weight += a * wk;
+        }
+        out[j] = aggregate::rule::consensus_value(kept, weight);
+    }
+}
+
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    scale_kernel(float* out, std::uint64_t n, double s) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        out[j] = aggregate::rule::scaled(out[j], s);
+    }
+}
+
+// trimmed_mean and median: per element, the usable workers' values (bit k of `usable`) sorted,
+// and the mean of sorted positions [lo, hi).
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    window_kernel(const float* rows, std::uint64_t stride, std::uint32_t workers,
+                  std::uint64_t usable, std::uint32_t lo, std::uint32_t hi, std::uint64_t n,
+                  float* out) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        double v[aggregate::rule::max_sorted_workers];
+        std::size_t m = 0;
+        for (std::uint32_t k = 0; k < workers; ++k) {
+            if ((usable >> k) & 1u) v[m++] = rows[k * stride + j];
+        }
+        aggregate::rule::sort_ascending(v, m);
+        out[j] = aggregate::rule::window_mean(v, lo, hi);
+    }
+}
+
+// centered_clip: wide = the center in double.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    widen_kernel(const float* in, std::uint64_t n, double* wide) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        wide[j] = in[j];
+    }
+}
+
+// One iteration of centered clipping: v += (sum over usable k of (Delta_k - v) s_k) / M.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    centered_step_kernel(const float* rows, std::uint64_t stride, std::uint32_t workers,
+                         std::uint64_t usable, const double* scales, std::uint64_t n, double* v) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    const double m = static_cast<double>(workers);
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        const double c = v[j];
+        double s = 0.0;
+        for (std::uint32_t k = 0; k < workers; ++k) {
+            if ((usable >> k) & 1u) {
+                s += aggregate::rule::centered_term(rows[k * stride + j], c, scales[k]);
+            }
+        }
+        v[j] = c + s / m;
+    }
+}
+
+// out = keep = v rounded to fp32 (the aggregate and the next round's center).
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    narrow_kernel(const double* v, std::uint64_t n, float* out, float* keep) {
+    const std::uint64_t step = static_cast<std::uint64_t>(gridDim.x) * block_threads;
+    for (std::uint64_t j = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+         j < n; j += step) {
+        const float x = static_cast<float>(v[j]);
+        out[j] = x;
+        keep[j] = x;
+    }
+}
+
+#endif  // LOCO_HAS_CUDA()
+
+}  // namespace detail
+
+// One fragment's device aggregation: the exchange of every worker's pseudo-gradient, the norms,
+// the policy's decisions and the per-element kernels (the top of the file). Split-phase like the
+// host exchanger: start() launches the collectives, finish() writes the aggregate (or refuses),
+// commit() advances the policy's state.
+template <class A>
+class device_aggregation {
+public:
+    // The most workers the device path takes (a bit mask of usable workers, a register sort).
+    static constexpr std::size_t max_workers = aggregate::rule::max_sorted_workers;
+
+    // For the fragment `table` (which must outlive this), work enqueued on `stream`.
+    device_aggregation(const tensor_table& table, int ranks, cudaStream_t stream)
+        : table_(&table), n_(table.padded_elements()), stream_(stream) {
+        std::vector<detail::norm_stretch> s;
+        for (std::uint64_t at = 0; at < n_; at += detail::norm_stretch_elements) {
+            s.push_back({at, std::min<std::uint64_t>(detail::norm_stretch_elements, n_ - at)});
+        }
+        stretches_ = device_buffer<detail::norm_stretch>(s.size());
+        stretches_.upload(s);
+        count_ = static_cast<std::uint32_t>(s.size());
+        if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            center_ = device_buffer<float>(n_);
+            next_center_ = device_buffer<float>(n_);
+            wide_ = device_buffer<double>(n_);
+            center_.zero(nullptr);
+            next_center_.zero(nullptr);
+        }
+        resize(ranks);
+    }
+
+    // Bytes this worker sends per exchange: (M - 1) padded rows of fp32, and the reports.
+    std::uint64_t bytes_per_average(std::uint64_t m) const {
+        const std::uint64_t reports = A::needs_reports ? (m - 1) * sizeof(aggregate::worker_report)
+                                                       : 0;
+        return (m - 1) * 4 * n_ + reports;
+    }
+
+    // ||delta|| (this worker's report), delta in the padded layout.
+    float norm(const float* delta) {
+        const std::vector<double> sq = squares(delta, 1, nullptr);
+        return static_cast<float>(math::sqrt(sq[0]));
+    }
+
+    // Starts the all-gather of `delta` (padded layout, stream work done) on `data`, a device
+    // communicator, and of the report on `control`.
+    void start(comm::communicator& data, comm::communicator& control, const float* delta,
+               const aggregate::worker_report& report) {
+        resize(data.size());
+        failure_ = {};
+        refused_ = false;
+        produced_ = false;
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the delta is written
+        request_ = data.start_all_gather(
+            tensor_view<const std::byte>{reinterpret_cast<const std::byte*>(delta), 4 * n_, 0, 0,
+                                         memory_space::cuda},
+            tensor_view<std::byte>{reinterpret_cast<std::byte*>(rows_.get()), rows_.size_bytes(),
+                                   0, 0, memory_space::cuda});
+        if constexpr (A::needs_reports) {
+            report_send_ = report;
+            reports_.assign(ranks_, {});
+            report_request_ = control.start_all_gather(
+                {reinterpret_cast<const std::byte*>(&report_send_), sizeof report_send_, 0, 0,
+                 memory_space::host},
+                {reinterpret_cast<std::byte*>(reports_.data()),
+                 reports_.size() * sizeof(aggregate::worker_report), 0, 0, memory_space::host});
+        } else {
+            static_cast<void>(control);
+            static_cast<void>(report);
+        }
+    }
+
+    // Completes the exchange and writes the aggregate into out (padded layout), or refuses the
+    // round (refused(); out unspecified). Failures are returned (transfer: a collective; apply:
+    // the policy's error, e.g. trimmed_mean with 2b >= M), nothing committed.
+    loco::detail::stage_failure finish(const typename A::hyper& h, float* out) {
+        if constexpr (A::needs_reports) wait(report_request_);
+        wait(request_);
+        if (failure_) return failure_;
+        try {
+            if constexpr (!std::is_same_v<A, aggregate::centered_clip>) next_ = state_;
+            refused_ = !combine(h, out);
+        } catch (...) {
+            failure_.record(loco::detail::sync_stage::apply, std::current_exception());
+        }
+        return failure_;
+    }
+
+    bool refused() const noexcept { return refused_; }
+
+    void commit() {
+        if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            if (produced_) std::swap(center_, next_center_);  // a refused round keeps v
+            produced_ = false;
+            cached_ = false;
+        } else {
+            state_ = std::move(next_);
+            next_ = {};
+        }
+    }
+
+    // The state after the last commit (centered clipping: its center copied from the device).
+    const aggregate::state_t<A>& state() const {
+        if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            if (!cached_) {
+                LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+                state_.center = to_flat(*table_, center_.get());
+                cached_ = true;
+            }
+        }
+        return state_;
+    }
+
+    void restore(aggregate::state_t<A> s) {
+        if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+            center_.zero(nullptr);
+            if (!s.center.empty()) {
+                if (s.center.size() != table_->total_elements()) {
+                    throw checkpoint_error("loco: the checkpoint's centered clipping center holds " +
+                                           std::to_string(s.center.size()) +
+                                           " elements, the fragment " +
+                                           std::to_string(table_->total_elements()));
+                }
+                from_flat<float>(*table_, s.center, center_.get());
+            }
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+            cached_ = false;
+        } else {
+            state_ = std::move(s);
+        }
+    }
+
+private:
+    void resize(int ranks) {
+        const auto m = static_cast<std::size_t>(ranks);
+        if (m > max_workers) {
+            throw invalid_argument("loco::cuda::diloco: the device aggregation of " +
+                                   std::string(A::name) + " takes at most " +
+                                   std::to_string(max_workers) + " workers, not " +
+                                   std::to_string(m) + "; use a host communicator for more");
+        }
+        if (m == ranks_) return;
+        ranks_ = m;
+        rows_ = device_buffer<float>(m * n_);
+        partials_ = device_buffer<double>(m * count_);
+        scalars_ = device_buffer<double>(m);
+    }
+
+    void wait(comm::request& r) {
+        try {
+            r.finish();
+        } catch (...) {
+            failure_.record(loco::detail::sync_stage::transfer, std::current_exception());
+        }
+    }
+
+    // The squared norm of each of `rows` rows (stride n_) minus center (null: 0), in rank order.
+    std::vector<double> squares(const float* rows, std::size_t rows_count, const double* center) {
+        cudaStream_t stream = stream_;
+        std::vector<double> sq(rows_count, 0.0);
+        if (count_ == 0) return sq;
+        if (partials_.size() < rows_count * count_) {
+            partials_ = device_buffer<double>(rows_count * count_);
+        }
+#if LOCO_HAS_CUDA()
+        LOCO_CUDA_CHECK(detail::launch(detail::row_squares_kernel<>,
+                                       static_cast<std::uint32_t>(rows_count * count_), stream,
+                                       rows, static_cast<std::uint64_t>(n_), stretches_.get(),
+                                       count_, center, partials_.get()));
+#endif
+        std::vector<double> p(rows_count * count_);
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(p.data(), partials_.get(), p.size() * sizeof(double),
+                                        cudaMemcpyDeviceToHost, stream));
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream));
+        for (std::size_t r = 0; r < rows_count; ++r) {
+            for (std::uint32_t s = 0; s < count_; ++s) sq[r] += p[r * count_ + s];
+        }
+        return sq;
+    }
+
+    // Bit k set: worker k's row is finite (its squared norm is).
+    static std::uint64_t finite_mask(const std::vector<double>& sq) {
+        std::uint64_t mask = 0;
+        for (std::size_t k = 0; k < sq.size(); ++k) {
+            if (std::isfinite(sq[k])) mask |= std::uint64_t{1} << k;
+        }
+        return mask;
+    }
+
+    void upload_scalars(const std::vector<double>& v) {
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(scalars_.get(), v.data(), v.size() * sizeof(double),
+                                        cudaMemcpyHostToDevice, stream_));
+        // The host vector may go before the copy is done.
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    }
+
+    template <class Kernel, class... Args>
+    void launch_elementwise(Kernel kernel, Args&&... args) {
+        LOCO_CUDA_CHECK(detail::launch(kernel, detail::elementwise_blocks(n_), stream_,
+                                       std::forward<Args>(args)...));
+    }
+
+#if LOCO_HAS_CUDA()
+    // The policy's rule: true with the aggregate in out, false when it refused the round.
+    bool combine(const typename A::hyper& h, float* out) {
+        const auto m = static_cast<std::uint32_t>(ranks_);
+        const auto n = static_cast<std::uint64_t>(n_);
+        if constexpr (std::is_same_v<A, aggregate::edit>) {
+            // A worker whose row is not finite reports a non-finite norm: the host rule's check.
+            const std::vector<double> sq = squares(rows_.get(), ranks_, nullptr);
+            std::vector<aggregate::worker_report> reports = reports_;
+            for (std::size_t k = 0; k < ranks_; ++k) {
+                if (!std::isfinite(sq[k])) {
+                    reports[k].norm = std::numeric_limits<float>::quiet_NaN();
+                }
+            }
+            aggregate::contributions c;
+            c.workers = ranks_;
+            c.elements = table_->total_elements();
+            c.reports = reports;
+            const std::vector<double> w = aggregate::edit::weights(h, next_, c);
+            if (w.empty()) return false;
+            upload_scalars(w);
+            launch_elementwise(detail::consensus_kernel<>,
+                               static_cast<const float*>(rows_.get()), n, m,
+                               static_cast<const double*>(scalars_.get()),
+                               static_cast<int>(h.consensus), n, out);
+            if (std::isfinite(h.clip)) {
+                const double s = aggregate::rule::norm_clip_scale(
+                    squares(out, 1, nullptr)[0], h.clip);
+                if (s < 1.0) launch_elementwise(detail::scale_kernel<>, out, n, s);
+            }
+            return true;
+        } else if constexpr (std::is_same_v<A, aggregate::trimmed_mean> ||
+                             std::is_same_v<A, aggregate::median>) {
+            std::pair<std::size_t, std::size_t> window;
+            if constexpr (std::is_same_v<A, aggregate::trimmed_mean>) {
+                static_cast<void>(A::window(h, ranks_, ranks_));  // the configuration error first
+            }
+            const std::uint64_t usable = finite_mask(squares(rows_.get(), ranks_, nullptr));
+            const auto count = static_cast<std::size_t>(std::popcount(usable));
+            if constexpr (std::is_same_v<A, aggregate::trimmed_mean>) {
+                window = A::window(h, ranks_, count);
+            } else {
+                window = A::window(count);
+            }
+            if (window.first == window.second) return false;
+            launch_elementwise(detail::window_kernel<>,
+                               static_cast<const float*>(rows_.get()), n, m, usable,
+                               static_cast<std::uint32_t>(window.first),
+                               static_cast<std::uint32_t>(window.second), n, out);
+            return true;
+        } else if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            launch_elementwise(detail::widen_kernel<>,
+                               static_cast<const float*>(center_.get()), n, wide_.get());
+            std::uint64_t usable = 0;
+            for (std::uint64_t l = 0; l < h.iterations; ++l) {
+                const std::vector<double> sq = squares(rows_.get(), ranks_, wide_.get());
+                if (l == 0) {
+                    usable = finite_mask(sq);  // (Delta - v) is finite where Delta is
+                    if (usable == 0) return false;
+                }
+                std::vector<double> scales(ranks_, 0.0);
+                for (std::size_t k = 0; k < ranks_; ++k) {
+                    if ((usable >> k) & 1u) {
+                        scales[k] = aggregate::rule::radius_scale(math::sqrt(sq[k]), h.tau);
+                    }
+                }
+                upload_scalars(scales);
+                launch_elementwise(detail::centered_step_kernel<>,
+                                   static_cast<const float*>(rows_.get()), n, m, usable,
+                                   static_cast<const double*>(scalars_.get()), n, wide_.get());
+            }
+            launch_elementwise(detail::narrow_kernel<>,
+                               static_cast<const double*>(wide_.get()), n, out,
+                               next_center_.get());
+            produced_ = true;
+            return true;
+        } else {
+            static_cast<void>(h);
+            static_cast<void>(out);
+            static_cast<void>(m);
+            static_cast<void>(n);
+            throw invalid_argument(std::string("loco::cuda::diloco: the aggregation ") +
+                                   std::string(A::name) + " has no device implementation");
+        }
+    }
+#else
+    bool combine(const typename A::hyper&, float*) {
+        throw invalid_argument("loco::cuda::diloco: the device aggregation needs a CUDA compiler");
+    }
+#endif
+
+    const tensor_table* table_;
+    std::size_t n_;                 // padded elements of the fragment
+    std::size_t ranks_ = 0;
+    std::uint32_t count_ = 0;       // norm stretches per row
+    device_buffer<detail::norm_stretch> stretches_;
+    device_buffer<float> rows_;     // ranks_ x n_: every worker's pseudo-gradient
+    device_buffer<double> partials_, scalars_;
+    device_buffer<float> center_, next_center_;  // centered_clip: v, committed and next
+    device_buffer<double> wide_;                 // centered_clip: v in double while iterating
+    aggregate::worker_report report_send_{};
+    std::vector<aggregate::worker_report> reports_;
+    comm::request request_, report_request_;
+    loco::detail::stage_failure failure_;
+    mutable aggregate::state_t<A> state_{};
+    aggregate::state_t<A> next_{};
+    cudaStream_t stream_;
+    bool refused_ = false;
+    bool produced_ = false;      // centered_clip: next_center_ holds this round's v
+    mutable bool cached_ = false;
+};
+
+}  // namespace loco::backend::cuda

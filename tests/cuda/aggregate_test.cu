@@ -1,0 +1,408 @@
+// The aggregation policies on the CUDA backend's device path (include/loco/backend/cuda/
+// aggregate.hpp): every worker's pseudo-gradient all-gathered in device memory and aggregated by
+// kernels. Each policy's syncs give the host handle's numbers on threads, on fresh random data
+// with an outlier (a worker whose parameters jumped by +500 before a sync) and a worker whose
+// delta holds a NaN; a round where every worker sends NaN is refused on every rank with nothing
+// changed; a checkpoint carries the aggregation state between the backends.
+#include <doctest/doctest.h>
+
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "handles.cuh"
+#include "model.cuh"
+
+#include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/robust.hpp>
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+using namespace loco_test::handles;
+namespace la = loco::aggregate;
+namespace ls = loco::schedule;
+namespace cz = loco::compress;
+
+using inner = loco::inner::adamw;
+using outer = loco::outer::nesterov;
+
+// EDiT without norm weighting: the outlier would move the global values unless the detector
+// rejects it. The clip binds (the aggregate's norm is about 0.2).
+struct edit_linear {
+    using policy = la::edit;
+    static constexpr const char* name = "edit linear";
+    static la::edit::hyper hyper() {
+        la::edit::hyper h;
+        h.weight_by_norm = false;
+        h.ewma_alpha = 0.5f;
+        h.ewma_warmup = 3;
+        h.ewma_threshold = 6.0f;
+        h.consensus = la::sign_consensus::none;
+        h.clip = 0.1f;
+        return h;
+    }
+};
+// EDiT with softmax weights, GTA "count" and A-EDiT's step weights.
+struct edit_gta {
+    using policy = la::edit;
+    static constexpr const char* name = "edit gta";
+    static la::edit::hyper hyper() {
+        la::edit::hyper h;
+        h.temperature = 0.05f;
+        h.ewma_alpha = 0.5f;
+        h.ewma_warmup = 3;
+        h.ewma_threshold = 6.0f;
+        h.consensus = la::sign_consensus::count;
+        h.step_weights = true;
+        return h;
+    }
+};
+struct trimmed {
+    using policy = la::trimmed_mean;
+    static constexpr const char* name = "trimmed_mean";
+    static la::trimmed_mean::hyper hyper() { return {.trim = 1}; }
+};
+struct median {
+    using policy = la::median;
+    static constexpr const char* name = "median";
+    static la::median::hyper hyper() { return {}; }
+};
+// tau below the workers' distance from the center, so the clip binds; three iterations.
+struct centered {
+    using policy = la::centered_clip;
+    static constexpr const char* name = "centered_clip";
+    static la::centered_clip::hyper hyper() { return {.tau = 0.1f, .iterations = 3}; }
+};
+
+constexpr int steps = 11;  // syncs after steps 2, 4, 6, 8, 10
+constexpr int every = 2;
+
+// What happens to a rank's parameters before step t: the outlier (rank 1 before the sync of step
+// 8, when every detector has seen 3 norms), a NaN (rank 2 before the sync of step 4), or, with
+// `all_nan`, a NaN on every rank before step 4 (a round every rule refuses).
+enum class poke { none, offset, nan };
+poke poke_at(int rank, int t, bool all_nan) {
+    if (all_nan) return t == 4 ? poke::nan : poke::none;
+    if (rank == 1 && t == 8) return poke::offset;
+    if (rank == 2 && t == 4) return poke::nan;
+    return poke::none;
+}
+void apply_poke(std::vector<float>& v, poke p) {
+    if (p == poke::offset) {
+        for (auto& x : v) x += 500.0f;
+    } else if (p == poke::nan) {
+        v[7] = std::numeric_limits<float>::quiet_NaN();
+    }
+}
+
+struct rank_result {
+    std::vector<float> params, global, momentum;
+    std::uint64_t outer_steps = 0, skipped = 0, bytes = 0, expected_device_bytes = 0;
+};
+
+template <class Case>
+loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>::config host_config() {
+    typename loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>::config c;
+    c.inner = {.lr = 3e-3f};
+    c.schedule = {.every = every};
+    c.aggregate = Case::hyper();
+    return c;
+}
+
+template <class Case>
+rank_result host_rank(const std::string& label, loco::comm::communicator& comm, bool all_nan) {
+    using host_t = loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    host_params m(init_of(label, comm.rank()));
+    host_t opt(m.list, comm, host_config<Case>());
+    for (int t = 1; t <= steps; ++t) {
+        const poke p = poke_at(comm.rank(), t, all_nan);
+        if (p != poke::none) {
+            std::vector<float> v = m.values();
+            apply_poke(v, p);
+            std::copy(v.begin(), v.begin() + 5, m.a.begin());
+            std::copy(v.begin() + 5, v.begin() + 47, m.b.begin());
+            std::copy(v.begin() + 47, v.end(), m.c.begin());
+        }
+        m.set_gradients(grads_of(label, comm.rank(), t));
+        opt.step();
+    }
+    rank_result out;
+    out.params = m.values();
+    const auto g = opt.global();
+    out.global.assign(g.begin(), g.end());
+    const auto mo = opt.outer_state(0);
+    out.momentum.assign(mo.begin(), mo.end());
+    out.outer_steps = opt.outer_steps();
+    out.skipped = opt.skipped_syncs();
+    return out;
+}
+
+void upload_values(gpu_params& m, const std::vector<float>& v, cudaStream_t s) {
+    check_cuda(cudaStreamSynchronize(s), "sync");
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < 3; ++i) {
+        m.values[i].upload({v.data() + at, sizes[i]});
+        at += sizes[i];
+    }
+}
+
+template <class Case>
+rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
+                     cudaStream_t stream, bool all_nan) {
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    gpu_params m(init_of(label, comm.rank()));
+    auto cfg = typename gpu_t::config{};
+    cfg.inner = {.lr = 3e-3f};
+    cfg.schedule = {.every = every};
+    cfg.aggregate = Case::hyper();
+    cfg.stream = stream;
+    gpu_t opt(m.list, comm, cfg);
+    for (int t = 1; t <= steps; ++t) {
+        const poke p = poke_at(comm.rank(), t, all_nan);
+        if (p != poke::none) {
+            std::vector<float> v = m.host_values(stream);
+            apply_poke(v, p);
+            upload_values(m, v, stream);
+        }
+        m.set_gradients(grads_of(label, comm.rank(), t), stream);
+        opt.step();
+    }
+    rank_result out;
+    out.params = m.host_values(stream);
+    out.global = opt.global();
+    out.momentum = opt.outer_state(0);
+    out.outer_steps = opt.outer_steps();
+    out.skipped = opt.skipped_syncs();
+    out.bytes = opt.bytes_per_sync();
+    // The device path's bytes: M - 1 padded fp32 rows (and the reports), plus the agreement.
+    const std::uint64_t mm = static_cast<std::uint64_t>(comm.size());
+    out.expected_device_bytes = (mm - 1) * 4 * opt.table().padded_elements() +
+                                (Case::policy::needs_reports ? (mm - 1) * 8 : 0) +
+                                opt.agreement_bytes_per_sync();
+    return out;
+}
+
+template <class Case>
+std::vector<rank_result> host_run(const std::string& label, int m, bool all_nan) {
+    std::vector<rank_result> out(static_cast<std::size_t>(m));
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        out[static_cast<std::size_t>(comm.rank())] = host_rank<Case>(label, comm, all_nan);
+    });
+    return out;
+}
+
+template <class Case>
+std::vector<rank_result> replicas_run(const std::string& label, int m, bool all_nan) {
+    std::vector<rank_result> out(static_cast<std::size_t>(m));
+    loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+        out[static_cast<std::size_t>(comm.rank())] =
+            gpu_rank<Case>(label, comm, comm.stream(), all_nan);
+    });
+    return out;
+}
+
+// fp32 tolerance: the kernels run the host's per-element rules, but the norms sum as a tree
+// (double) where the host sums in element order, which can move a norm, and with it a weight or
+// a clip scale, by an fp32 rounding.
+constexpr double tolerance = 1e-5;
+
+void expect_same_run(const std::vector<rank_result>& gpu, const std::vector<rank_result>& host) {
+    REQUIRE(gpu.size() == host.size());
+    for (std::size_t r = 0; r < gpu.size(); ++r) {
+        CAPTURE(r);
+        CHECK(gpu[r].outer_steps == host[r].outer_steps);
+        CHECK(gpu[r].skipped == host[r].skipped);
+        CHECK(gpu[r].bytes == gpu[r].expected_device_bytes);  // the device path was taken
+        expect_close_arrays(gpu[r].params, host[r].params, tolerance, "parameters");
+        expect_close_arrays(gpu[r].global, host[r].global, tolerance, "global values");
+        expect_close_arrays(gpu[r].momentum, host[r].momentum, tolerance, "outer momentum");
+        expect_equal_arrays(gpu[r].global, gpu[0].global, "the ranks' global values");
+    }
+}
+
+// The outlier did not steer the aggregate: the mean would have moved every global value by about
+// 0.7 * 500 / M (nesterov's lr 0.7), far beyond the initial N(0, 1) values.
+void expect_outlier_rejected(const std::vector<rank_result>& run) {
+    for (const auto& r : run) {
+        double worst = 0.0;
+        for (const float x : r.global) worst = std::max(worst, double(std::abs(x)));
+        CHECK(std::isfinite(worst));
+        CHECK(worst < 8.0);
+    }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an outlier and a NaN "
+                   "worker",
+                   Case, edit_linear, edit_gta, trimmed, median, centered) {
+    const std::string label = std::string("device aggregate ") + Case::name;
+    const int m = 4;
+    const auto gpu = replicas_run<Case>(label, m, false);
+    const auto host = host_run<Case>(label, m, false);
+    expect_same_run(gpu, host);
+    // Every sync applied: the NaN worker and the outlier were left out, not the round.
+    CHECK(gpu[0].outer_steps == 5);
+    CHECK(gpu[0].skipped == 0);
+    expect_outlier_rejected(gpu);
+}
+
+TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends NaN is refused on "
+                   "every rank and changes nothing",
+                   Case, edit_linear, trimmed, median, centered) {
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    const std::string label = std::string("device aggregate refusal ") + Case::name;
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params m(init_of(label, comm.rank()));
+        auto cfg = typename gpu_t::config{};
+        cfg.inner = {.lr = 3e-3f};
+        cfg.schedule = {.every = every};
+        cfg.aggregate = Case::hyper();
+        cfg.stream = comm.stream();
+        gpu_t opt(m.list, comm, cfg);
+        for (int t = 1; t <= 2; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        REQUIRE(opt.outer_steps() == 1);
+        const auto global_before = opt.global();
+        const auto momentum_before = opt.outer_state(0);
+        std::ostringstream state_before;
+        opt.save(state_before);
+        m.set_gradients(grads_of(label, comm.rank(), 3), comm.stream());
+        opt.step();
+        std::vector<float> v = m.host_values(comm.stream());
+        apply_poke(v, poke::nan);
+        upload_values(m, v, comm.stream());
+        m.set_gradients(grads_of(label, comm.rank(), 4), comm.stream());
+        opt.step();  // the sync: every worker's delta holds a NaN
+        CHECK(opt.outer_steps() == 1);
+        CHECK(opt.skipped_syncs() == 1);
+        expect_equal_arrays(opt.global(), global_before, "global values");
+        expect_equal_arrays(opt.outer_state(0), momentum_before, "outer momentum");
+        // The local values went back to the global ones.
+        expect_equal_arrays(m.host_values(comm.stream()), global_before, "parameters");
+        // The next round goes on as usual.
+        for (int t = 5; t <= 6; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        CHECK(opt.outer_steps() == 2);
+    });
+    // The host handle refuses the same round.
+    const auto host = host_run<Case>(label + " host", 3, true);
+    const auto gpu = replicas_run<Case>(label + " host", 3, true);
+    expect_same_run(gpu, host);
+    CHECK(gpu[0].skipped == 1);
+}
+
+TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in the checkpoint",
+                   Case, edit_linear, centered) {
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    using host_t = loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    const std::string label = std::string("device aggregate checkpoint ") + Case::name;
+    constexpr int save_after = 6;  // three syncs: the detectors and the center hold something
+    std::vector<std::string> saved(3);
+    std::vector<std::vector<float>> at_save(3), straight(3), resumed(3), host_resumed(3);
+    auto config = [](cudaStream_t s) {
+        auto cfg = typename gpu_t::config{};
+        cfg.inner = {.lr = 3e-3f};
+        cfg.schedule = {.every = every};
+        cfg.aggregate = Case::hyper();
+        cfg.stream = s;
+        return cfg;
+    };
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_t opt(m.list, comm, config(comm.stream()));
+        for (int t = 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+            if (t == save_after) {
+                std::ostringstream os;
+                opt.save(os);
+                saved[r] = os.str();
+                at_save[r] = m.host_values(comm.stream());
+            }
+        }
+        straight[r] = m.host_values(comm.stream());
+    });
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(at_save[r]);
+        gpu_t opt(m.list, comm, config(comm.stream()));
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        for (int t = save_after + 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        resumed[r] = m.host_values(comm.stream());
+    });
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        host_params m(at_save[r]);
+        host_t opt(m.list, comm, host_config<Case>());
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        for (int t = save_after + 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t));
+            opt.step();
+        }
+        host_resumed[r] = m.values();
+    });
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        expect_equal_arrays(resumed[r], straight[r], "resumed GPU run");
+        expect_close_arrays(host_resumed[r], straight[r], tolerance,
+                            "host run from the GPU checkpoint");
+    }
+}
+
+#if defined(LOCO_TEST_NCCL)
+
+// comm::nccl, one rank per GPU (three emulated GPUs in CTest's cuda_emulated).
+TEST_CASE_TEMPLATE("cuda device aggregation over nccl: the threads run's numbers", Case,
+                   edit_linear, median, centered) {
+    int devices = 0;
+    check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+    if (devices < 3) {
+        MESSAGE("SKIPPED: needs 3 GPUs (one NCCL rank per GPU); this machine has " << devices);
+        return;
+    }
+    const int m = 3;
+    const std::string label = std::string("device aggregate nccl ") + Case::name;
+    std::vector<rank_result> gpu(static_cast<std::size_t>(m));
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    std::mutex mutex;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                auto comm = loco::comm::nccl::create(m, r, id, nullptr, {});
+                gpu[std::size_t(r)] = gpu_rank<Case>(label, *comm, nullptr, false);
+            } catch (const std::exception& err) {
+                std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) t.join();
+    expect_same_run(gpu, host_run<Case>(label, m, false));
+    expect_outlier_rejected(gpu);
+}
+
+#endif  // LOCO_TEST_NCCL
