@@ -36,8 +36,8 @@ namespace cz = loco::compress;
 using inner = loco::inner::adamw;
 using outer = loco::outer::nesterov;
 
-// EDiT without norm weighting: the outlier would move the global values unless the detector
-// rejects it. The clip binds (the aggregate's norm is about 0.2).
+// EDiT without norm weighting or clipping: the outlier would move the global values unless the
+// detector rejects it.
 struct edit_linear {
     using policy = la::edit;
     static constexpr const char* name = "edit linear";
@@ -48,11 +48,11 @@ struct edit_linear {
         h.ewma_warmup = 3;
         h.ewma_threshold = 6.0f;
         h.consensus = la::sign_consensus::none;
-        h.clip = 0.1f;
         return h;
     }
 };
-// EDiT with softmax weights, GTA "count" and A-EDiT's step weights.
+// EDiT with softmax weights, GTA "count", A-EDiT's step weights and a clip that binds (the
+// aggregate's norm is about 0.1).
 struct edit_gta {
     using policy = la::edit;
     static constexpr const char* name = "edit gta";
@@ -64,6 +64,7 @@ struct edit_gta {
         h.ewma_threshold = 6.0f;
         h.consensus = la::sign_consensus::count;
         h.step_weights = true;
+        h.clip = 0.02f;
         return h;
     }
 };
@@ -105,6 +106,26 @@ void apply_poke(std::vector<float>& v, poke p) {
     }
 }
 
+void poke_host(host_params& m, poke p) {
+    if (p == poke::none) return;
+    std::vector<float> v = m.values();
+    apply_poke(v, p);
+    std::copy(v.begin(), v.begin() + 5, m.a.begin());
+    std::copy(v.begin() + 5, v.begin() + 47, m.b.begin());
+    std::copy(v.begin() + 47, v.end(), m.c.begin());
+}
+
+void poke_gpu(gpu_params& m, poke p, cudaStream_t s) {
+    if (p == poke::none) return;
+    std::vector<float> v = m.host_values(s);
+    apply_poke(v, p);
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < 3; ++i) {
+        m.values[i].upload({v.data() + at, sizes[i]});
+        at += sizes[i];
+    }
+}
+
 struct rank_result {
     std::vector<float> params, global, momentum;
     std::uint64_t outer_steps = 0, skipped = 0, bytes = 0, expected_device_bytes = 0;
@@ -125,14 +146,7 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm, 
     host_params m(init_of(label, comm.rank()));
     host_t opt(m.list, comm, host_config<Case>());
     for (int t = 1; t <= steps; ++t) {
-        const poke p = poke_at(comm.rank(), t, all_nan);
-        if (p != poke::none) {
-            std::vector<float> v = m.values();
-            apply_poke(v, p);
-            std::copy(v.begin(), v.begin() + 5, m.a.begin());
-            std::copy(v.begin() + 5, v.begin() + 47, m.b.begin());
-            std::copy(v.begin() + 47, v.end(), m.c.begin());
-        }
+        poke_host(m, poke_at(comm.rank(), t, all_nan));
         m.set_gradients(grads_of(label, comm.rank(), t));
         opt.step();
     }
@@ -147,15 +161,6 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm, 
     return out;
 }
 
-void upload_values(gpu_params& m, const std::vector<float>& v, cudaStream_t s) {
-    check_cuda(cudaStreamSynchronize(s), "sync");
-    std::size_t at = 0;
-    for (std::size_t i = 0; i < 3; ++i) {
-        m.values[i].upload({v.data() + at, sizes[i]});
-        at += sizes[i];
-    }
-}
-
 template <class Case>
 rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
                      cudaStream_t stream, bool all_nan) {
@@ -168,12 +173,7 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
     cfg.stream = stream;
     gpu_t opt(m.list, comm, cfg);
     for (int t = 1; t <= steps; ++t) {
-        const poke p = poke_at(comm.rank(), t, all_nan);
-        if (p != poke::none) {
-            std::vector<float> v = m.host_values(stream);
-            apply_poke(v, p);
-            upload_values(m, v, stream);
-        }
+        poke_gpu(m, poke_at(comm.rank(), t, all_nan), stream);
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
         opt.step();
     }
@@ -281,9 +281,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends Na
         opt.save(state_before);
         m.set_gradients(grads_of(label, comm.rank(), 3), comm.stream());
         opt.step();
-        std::vector<float> v = m.host_values(comm.stream());
-        apply_poke(v, poke::nan);
-        upload_values(m, v, comm.stream());
+        poke_gpu(m, poke::nan, comm.stream());
         m.set_gradients(grads_of(label, comm.rank(), 4), comm.stream());
         opt.step();  // the sync: every worker's delta holds a NaN
         CHECK(opt.outer_steps() == 1);
@@ -311,7 +309,9 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
     using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
     using host_t = loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
     const std::string label = std::string("device aggregate checkpoint ") + Case::name;
-    constexpr int save_after = 6;  // three syncs: the detectors and the center hold something
+    // After three syncs: the detectors have seen 3 norms each (the warm-up), so the outlier of
+    // step 8 is rejected only if they survive the checkpoint; the center holds the last aggregate.
+    constexpr int save_after = 6;
     std::vector<std::string> saved(3);
     std::vector<std::vector<float>> at_save(3), straight(3), resumed(3), host_resumed(3);
     auto config = [](cudaStream_t s) {
@@ -327,6 +327,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         gpu_params m(init_of(label, comm.rank()));
         gpu_t opt(m.list, comm, config(comm.stream()));
         for (int t = 1; t <= steps; ++t) {
+            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
             if (t == save_after) {
@@ -345,6 +346,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         std::istringstream is(saved[r]);
         opt.load(is);
         for (int t = save_after + 1; t <= steps; ++t) {
+            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
         }
@@ -357,16 +359,52 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         std::istringstream is(saved[r]);
         opt.load(is);
         for (int t = save_after + 1; t <= steps; ++t) {
+            poke_host(m, poke_at(comm.rank(), t, false));
             m.set_gradients(grads_of(label, comm.rank(), t));
             opt.step();
         }
         host_resumed[r] = m.values();
+    });
+    // And the reverse: a host run's checkpoint, resumed on the GPU.
+    std::vector<std::string> host_saved(3);
+    std::vector<std::vector<float>> host_at_save(3), host_straight(3), gpu_from_host(3);
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        host_params m(init_of(label, comm.rank()));
+        host_t opt(m.list, comm, host_config<Case>());
+        for (int t = 1; t <= steps; ++t) {
+            poke_host(m, poke_at(comm.rank(), t, false));
+            m.set_gradients(grads_of(label, comm.rank(), t));
+            opt.step();
+            if (t == save_after) {
+                std::ostringstream os;
+                opt.save(os);
+                host_saved[r] = os.str();
+                host_at_save[r] = m.values();
+            }
+        }
+        host_straight[r] = m.values();
+    });
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(host_at_save[r]);
+        gpu_t opt(m.list, comm, config(comm.stream()));
+        std::istringstream is(host_saved[r]);
+        opt.load(is);
+        for (int t = save_after + 1; t <= steps; ++t) {
+            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        gpu_from_host[r] = m.host_values(comm.stream());
     });
     for (std::size_t r = 0; r < 3; ++r) {
         CAPTURE(r);
         expect_equal_arrays(resumed[r], straight[r], "resumed GPU run");
         expect_close_arrays(host_resumed[r], straight[r], tolerance,
                             "host run from the GPU checkpoint");
+        expect_close_arrays(gpu_from_host[r], host_straight[r], tolerance,
+                            "GPU run from the host checkpoint");
     }
 }
 

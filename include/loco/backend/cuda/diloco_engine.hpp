@@ -10,7 +10,7 @@
 //                 layout, the whole model's fp32 masters) with its own global values, outer state,
 //                 exchange buffers and counters; DiLoCo's one fragment is the whole model
 //
-// A fragment's exchange takes one of three paths, chosen at construction:
+// A fragment's exchange takes one of four paths, chosen at construction:
 //   - fused (a compressor with a device implementation, a GPU communicator, all_gather or
 //     automatic, the mean): one encode kernel forms the pseudo-gradient (phase 1), adds it into
 //     the error-feedback residual and writes the host compressor's payload byte for byte
@@ -22,9 +22,17 @@
 //     one at commit;
 //   - device all-reduce (no compressor, a GPU communicator, the mean): phase 1 into a delta
 //     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
-//   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation, a
-//     host communicator): the pseudo-gradient is copied to the host and exchanged by the host
-//     exchanger (exchange.hpp), over comm::cuda_staging when the communicator moves device memory.
+//   - device aggregation (no compressor, a GPU communicator, an aggregation with a device
+//     implementation: edit, trimmed_mean, median, centered_clip; at most 64 workers): phase 1
+//     into the delta buffer, a split-phase all-gather of every worker's fp32 delta in device
+//     memory (and of the workers' reports through cuda_staging), then backend/cuda/aggregate.hpp:
+//     per-worker norms and the per-element rules as kernels, the policy's decisions (detectors,
+//     weights, refusal) in its own host code; the aggregate lands in the average buffer, and its
+//     state (EDiT's detectors, centered clipping's center on the device) advances at commit;
+//   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
+//     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
+//     exchanged by the host exchanger (exchange.hpp), over comm::cuda_staging when the
+//     communicator moves device memory.
 // An exchange left in flight across step() calls (streaming, delayed) keeps its pseudo-gradient in
 // the delta buffer, which the checkpoint saves. The pipeline's own small collectives (agreement,
 // fingerprint) travel as host memory, through cuda_staging for a GPU communicator.
@@ -370,8 +378,8 @@ public:
         if (f.agg) f.agg->commit();
     }
 
-    // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp).
-    // Aggregations other than the mean take the host exchange, which keeps them.
+    // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp),
+    // kept by the device aggregation or the host exchange, whichever the fragment takes.
     bool refused(std::size_t fi) const noexcept {
         if (frags_[fi]->agg) return frags_[fi]->agg->refused();
         return frags_[fi]->host && frags_[fi]->host->refused();
