@@ -12,6 +12,7 @@
 #include "model.cuh"
 
 #include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/aggregate/robust.hpp>
 #include <loco/cuda.hpp>
 
@@ -41,6 +42,7 @@ using outer = loco::outer::nesterov;
 struct edit_linear {
     using policy = la::edit;
     static constexpr const char* name = "edit linear";
+    static constexpr bool nan_skips = false;
     static la::edit::hyper hyper() {
         la::edit::hyper h;
         h.weight_by_norm = false;
@@ -56,6 +58,7 @@ struct edit_linear {
 struct edit_gta {
     using policy = la::edit;
     static constexpr const char* name = "edit gta";
+    static constexpr bool nan_skips = false;
     static la::edit::hyper hyper() {
         la::edit::hyper h;
         h.temperature = 0.05f;
@@ -71,17 +74,28 @@ struct edit_gta {
 struct trimmed {
     using policy = la::trimmed_mean;
     static constexpr const char* name = "trimmed_mean";
+    static constexpr bool nan_skips = false;
     static la::trimmed_mean::hyper hyper() { return {.trim = 1}; }
 };
 struct median {
     using policy = la::median;
     static constexpr const char* name = "median";
+    static constexpr bool nan_skips = false;
     static la::median::hyper hyper() { return {}; }
+};
+// SparseLoCo's rule without a compressor: each worker's tensor scaled to the median norm. A NaN
+// worker makes every median NaN: that sync is skipped (nonfinite_policy::skip), not refused.
+struct median_norm {
+    using policy = la::median_norm_clip;
+    static constexpr const char* name = "median_norm_clip";
+    static constexpr bool nan_skips = true;
+    static la::median_norm_clip::hyper hyper() { return {}; }
 };
 // tau below the workers' distance from the center, so the clip binds; three iterations.
 struct centered {
     using policy = la::centered_clip;
     static constexpr const char* name = "centered_clip";
+    static constexpr bool nan_skips = false;
     static la::centered_clip::hyper hyper() { return {.tau = 0.1f, .iterations = 3}; }
 };
 
@@ -245,15 +259,16 @@ void expect_outlier_rejected(const std::vector<rank_result>& run) {
 
 TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an outlier and a NaN "
                    "worker",
-                   Case, edit_linear, edit_gta, trimmed, median, centered) {
+                   Case, edit_linear, edit_gta, trimmed, median, centered, median_norm) {
     const std::string label = std::string("device aggregate ") + Case::name;
     const int m = 4;
     const auto gpu = replicas_run<Case>(label, m, false);
     const auto host = host_run<Case>(label, m, false);
     expect_same_run(gpu, host);
-    // Every sync applied: the NaN worker and the outlier were left out, not the round.
-    CHECK(gpu[0].outer_steps == 5);
-    CHECK(gpu[0].skipped == 0);
+    // Every sync applied: the NaN worker and the outlier were left out, not the round (but for
+    // median_norm_clip, whose NaN sync is skipped).
+    CHECK(gpu[0].outer_steps == (Case::nan_skips ? 4 : 5));
+    CHECK(gpu[0].skipped == (Case::nan_skips ? 1 : 0));
     expect_outlier_rejected(gpu);
 }
 
@@ -412,7 +427,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
 
 // comm::nccl, one rank per GPU (three emulated GPUs in CTest's cuda_emulated).
 TEST_CASE_TEMPLATE("cuda device aggregation over nccl: the threads run's numbers", Case,
-                   edit_linear, median, centered) {
+                   edit_linear, median, centered, median_norm) {
     int devices = 0;
     check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
     if (devices < 3) {

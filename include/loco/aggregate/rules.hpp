@@ -8,6 +8,10 @@
 #include <loco/config.hpp>
 #include <loco/math.hpp>
 
+#if LOCO_DEVICE_PASS()
+#include <cuda_runtime.h>
+#endif
+
 #include <cstddef>
 
 namespace loco::aggregate::rule {
@@ -77,6 +81,16 @@ LOCO_HD double centered_term(float d, double center, double scale) {
 LOCO_HD float median_norm_factor(float median, float norm, float epsilon) {
     const float q = median / (norm + epsilon);
     return q > 1.0f ? 1.0f : q;
+}
+
+// acc + d * f in fp32, the product rounded before the sum (never one fused multiply-add, which the
+// host loops do not use either): SparseLoCo's rank-order sum of clipped values.
+LOCO_HD float add_product(float acc, float d, float f) {
+#if LOCO_DEVICE_PASS()
+    return __fadd_rn(acc, __fmul_rn(d, f));
+#else
+    return acc + d * f;
+#endif
 }
 
 }  // namespace loco::aggregate::rule

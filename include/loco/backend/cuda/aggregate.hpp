@@ -6,19 +6,22 @@
 //   exchange      every worker's fp32 pseudo-gradient (the fragment's padded layout) all-gathered
 //                 in device memory into rows [M x padded]; with needs_reports, the workers'
 //                 reports (8 bytes each) all-gathered as host memory on the control communicator
-//   norms         per worker, the squared L2 norm of its row (or of row - center) over the
-//                 fragment: a block per (worker, stretch of 8192 elements), a fixed tree in
-//                 shared memory, the stretches summed on the host in order (deterministic; double
-//                 throughout). A non-finite norm is a non-finite row: the worker is unusable
+//   norms         per worker and tensor, the squared L2 norm of its row (or of row - center): a
+//                 block per (worker, stretch of at most 8192 elements of one tensor), a fixed tree
+//                 in shared memory, the stretches summed on the host in order (deterministic;
+//                 double throughout). A non-finite norm is a non-finite row: the worker is unusable
 //   decisions     on the host, by the policy's code: edit::weights (EWMA detectors, softmax(-G/T),
 //                 step weights, refusal when every worker is an outlier), trimmed_mean::window and
 //                 median::window (which sorted positions to average, refusal), centered clipping's
-//                 per-worker scale; each from the norms the device returned
+//                 per-worker scale, median_norm_clip::factors_of (each tensor's median norm and
+//                 clip factors); each from the norms the device returned
 //   elements      edit: the weighted sum or GTA's sign consensus (sum, count), then the clip to
 //                 phi (the aggregate's norm, one scale); trimmed_mean and median: each thread sorts
 //                 its coordinate's usable values (M <= 64, a register array) and averages its
 //                 window; centered_clip: L iterations of v += (1/M) sum_i (Delta_i - v) s_i in
-//                 double, v starting at the last aggregate (kept on the device)
+//                 double, v starting at the last aggregate (kept on the device); median_norm_clip:
+//                 the rank-order fp32 sum of the clipped values over the M workers (no compressor,
+//                 so every worker sent every element) divided by M
 //
 // Every per-element rule is the one in aggregate/rules.hpp that the host loops call, so the two
 // backends run the same arithmetic (the sums' order differs for norms: a tree here, element order
@@ -28,6 +31,7 @@
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/aggregate/robust.hpp>
 #include <loco/aggregate/rules.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
@@ -60,14 +64,17 @@ namespace loco::backend::cuda {
 template <class A>
 inline constexpr bool has_device_aggregation =
     std::is_same_v<A, aggregate::edit> || std::is_same_v<A, aggregate::trimmed_mean> ||
-    std::is_same_v<A, aggregate::median> || std::is_same_v<A, aggregate::centered_clip>;
+    std::is_same_v<A, aggregate::median> || std::is_same_v<A, aggregate::centered_clip> ||
+    std::is_same_v<A, aggregate::median_norm_clip>;
 
 namespace detail {
 
-// A stretch of a row whose squares one block sums: padded elements [offset, offset + len).
+// A stretch of a row whose squares one block sums: padded elements [offset, offset + len) of
+// tensor `tensor` of the fragment's table.
 struct norm_stretch {
     std::uint64_t offset;
     std::uint64_t len;
+    std::uint64_t tensor;
 };
 inline constexpr std::uint64_t norm_stretch_elements = 8192;
 
@@ -211,6 +218,25 @@ __global__ void __launch_bounds__(block_threads)
     }
 }
 
+// median_norm_clip (no compressor: every worker sent every element): per element of each stretch,
+// the rank-order fp32 sum of d_k * f_k (f: workers x tensors), divided by the number of workers.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    clipped_mean_kernel(const float* rows, std::uint64_t stride, std::uint32_t workers,
+                        const norm_stretch* stretches, const float* factors,
+                        std::uint64_t tensors, float* out) {
+    const norm_stretch s = stretches[blockIdx.x];
+    const float m = static_cast<float>(workers);
+    for (std::uint64_t i = threadIdx.x; i < s.len; i += block_threads) {
+        float acc = 0.0f;
+        for (std::uint32_t k = 0; k < workers; ++k) {
+            acc = aggregate::rule::add_product(acc, rows[k * stride + s.offset + i],
+                                               factors[k * tensors + s.tensor]);
+        }
+        out[s.offset + i] = acc / m;
+    }
+}
+
 #endif  // LOCO_HAS_CUDA()
 
 }  // namespace detail
@@ -228,10 +254,19 @@ public:
     // For the fragment `table` (which must outlive this), work enqueued on `stream`.
     device_aggregation(const tensor_table& table, int ranks, cudaStream_t stream)
         : table_(&table), n_(table.padded_elements()), stream_(stream) {
+        // Each tensor's elements (its padding is zero in every row and center), in stretches.
         std::vector<detail::norm_stretch> s;
-        for (std::uint64_t at = 0; at < n_; at += detail::norm_stretch_elements) {
-            s.push_back({at, std::min<std::uint64_t>(detail::norm_stretch_elements, n_ - at)});
+        for (std::size_t t = 0; t < table.size(); ++t) {
+            const std::uint64_t begin = table.padded_offset(t);
+            const std::uint64_t size = table.spec(t).size;
+            for (std::uint64_t at = 0; at < size; at += detail::norm_stretch_elements) {
+                s.push_back({begin + at,
+                             std::min<std::uint64_t>(detail::norm_stretch_elements, size - at), t});
+            }
         }
+        tensors_ = table.size();
+        stretch_tensor_.reserve(s.size());
+        for (const auto& x : s) stretch_tensor_.push_back(static_cast<std::size_t>(x.tensor));
         stretches_ = device_buffer<detail::norm_stretch>(s.size());
         stretches_.upload(s);
         count_ = static_cast<std::uint32_t>(s.size());
@@ -373,8 +408,19 @@ private:
 
     // The squared norm of each of `rows` rows (stride n_) minus center (null: 0), in rank order.
     std::vector<double> squares(const float* rows, std::size_t rows_count, const double* center) {
-        cudaStream_t stream = stream_;
+        const std::vector<double> by_tensor = tensor_squares(rows, rows_count, center);
         std::vector<double> sq(rows_count, 0.0);
+        for (std::size_t r = 0; r < rows_count; ++r) {
+            for (std::size_t t = 0; t < tensors_; ++t) sq[r] += by_tensor[r * tensors_ + t];
+        }
+        return sq;
+    }
+
+    // The same per tensor: rows_count x tensors, the stretches of a tensor summed in order.
+    std::vector<double> tensor_squares(const float* rows, std::size_t rows_count,
+                                       const double* center) {
+        cudaStream_t stream = stream_;
+        std::vector<double> sq(rows_count * tensors_, 0.0);
         if (count_ == 0) return sq;
         if (partials_.size() < rows_count * count_) {
             partials_ = device_buffer<double>(rows_count * count_);
@@ -390,7 +436,9 @@ private:
                                         cudaMemcpyDeviceToHost, stream));
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream));
         for (std::size_t r = 0; r < rows_count; ++r) {
-            for (std::uint32_t s = 0; s < count_; ++s) sq[r] += p[r * count_ + s];
+            for (std::uint32_t s = 0; s < count_; ++s) {
+                sq[r * tensors_ + stretch_tensor_[s]] += p[r * count_ + s];
+            }
         }
         return sq;
     }
@@ -493,6 +541,34 @@ private:
                                next_center_.get());
             produced_ = true;
             return true;
+        } else if constexpr (std::is_same_v<A, aggregate::median_norm_clip>) {
+            A::validate(h);
+            // f: workers x tensors, each tensor's factors by the policy's own rule.
+            std::vector<float> f(ranks_ * tensors_, 1.0f);
+            if (h.clip) {
+                const std::vector<double> sq = tensor_squares(rows_.get(), ranks_, nullptr);
+                std::vector<float> norms(ranks_), one;
+                for (std::size_t t = 0; t < tensors_; ++t) {
+                    for (std::size_t k = 0; k < ranks_; ++k) {
+                        norms[k] = static_cast<float>(math::sqrt(sq[k * tensors_ + t]));
+                    }
+                    A::factors_of(h, norms, one);
+                    for (std::size_t k = 0; k < ranks_; ++k) f[k * tensors_ + t] = one[k];
+                }
+            }
+            if (factors_.size() < f.size()) factors_ = device_buffer<float>(f.size());
+            LOCO_CUDA_CHECK(cudaMemcpyAsync(factors_.get(), f.data(), f.size() * sizeof(float),
+                                            cudaMemcpyHostToDevice, stream_));
+            if (count_ != 0) {
+                LOCO_CUDA_CHECK(detail::launch(detail::clipped_mean_kernel<>, count_, stream_,
+                                               static_cast<const float*>(rows_.get()), n, m,
+                                               static_cast<const detail::norm_stretch*>(
+                                                   stretches_.get()),
+                                               static_cast<const float*>(factors_.get()),
+                                               static_cast<std::uint64_t>(tensors_), out));
+            }
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));  // f may go
+            return true;
         } else {
             static_cast<void>(h);
             static_cast<void>(out);
@@ -512,7 +588,10 @@ private:
     std::size_t n_;                 // padded elements of the fragment
     std::size_t ranks_ = 0;
     std::uint32_t count_ = 0;       // norm stretches per row
+    std::size_t tensors_ = 0;       // of the fragment's table
+    std::vector<std::size_t> stretch_tensor_;  // the tensor of each stretch
     device_buffer<detail::norm_stretch> stretches_;
+    device_buffer<float> factors_;  // median_norm_clip: workers x tensors
     device_buffer<float> rows_;     // ranks_ x n_: every worker's pseudo-gradient
     device_buffer<double> partials_, scalars_;
     device_buffer<float> center_, next_center_;  // centered_clip: v, committed and next

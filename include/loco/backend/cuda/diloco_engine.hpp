@@ -23,7 +23,8 @@
 //   - device all-reduce (no compressor, a GPU communicator, the mean): phase 1 into a delta
 //     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
 //   - device aggregation (no compressor, a GPU communicator, an aggregation with a device
-//     implementation: edit, trimmed_mean, median, centered_clip; at most 64 workers): phase 1
+//     implementation: edit, trimmed_mean, median, centered_clip, median_norm_clip; at most 64
+//     workers): phase 1
 //     into the delta buffer, a split-phase all-gather of every worker's fp32 delta in device
 //     memory (and of the workers' reports through cuda_staging), then backend/cuda/aggregate.hpp:
 //     per-worker norms and the per-element rules as kernels, the policy's decisions (detectors,
