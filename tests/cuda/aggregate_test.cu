@@ -99,15 +99,36 @@ struct centered {
     static la::centered_clip::hyper hyper() { return {.tau = 0.1f, .iterations = 3}; }
 };
 
-constexpr int steps = 11;  // syncs after steps 2, 4, 6, 8, 10
-constexpr int every = 2;
+constexpr int steps = 11;  // syncs after steps 2, 4, 6, 8, 10 (every 2)
 
-// What happens to a rank's parameters before step t: the outlier (rank 1 before the sync of step
-// 8, when every detector has seen 3 norms), a NaN (rank 2 before the sync of step 4), or, with
-// `all_nan`, a NaN on every rank before step 4 (a round every rule refuses).
+template <class Schedule>
+struct schedule_case;
+template <>
+struct schedule_case<ls::every> {
+    static ls::every::hyper hyper() { return {.every = 2}; }
+    static loco::fragment_layout layout() { return {}; }
+};
+// Two fragments ({a, c} and {b}), each exchange in flight over one inner step, merge 0.5.
+template <>
+struct schedule_case<ls::streaming> {
+    static ls::streaming::hyper hyper() {
+        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
+    }
+    static loco::fragment_layout layout() {
+        loco::fragment_layout l;
+        l.names = {{"a", "c"}, {"b"}};
+        return l;
+    }
+};
+
+// What happens to a rank's parameters before step t: with `faults`, the outlier (rank 1 before the
+// sync of step 8, when every detector has seen 3 norms) and a NaN (rank 2 before the sync of step
+// 4); with `all_nan`, a NaN on every rank before step 4 (a round every rule refuses).
 enum class poke { none, offset, nan };
-poke poke_at(int rank, int t, bool all_nan) {
-    if (all_nan) return t == 4 ? poke::nan : poke::none;
+enum class scenario { faults, all_nan, clean };
+poke poke_at(int rank, int t, scenario sc) {
+    if (sc == scenario::clean) return poke::none;
+    if (sc == scenario::all_nan) return t == 4 ? poke::nan : poke::none;
     if (rank == 1 && t == 8) return poke::offset;
     if (rank == 2 && t == 4) return poke::nan;
     return poke::none;
@@ -145,22 +166,40 @@ struct rank_result {
     std::uint64_t outer_steps = 0, skipped = 0, bytes = 0, expected_device_bytes = 0;
 };
 
-template <class Case>
-loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>::config host_config() {
-    typename loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>::config c;
+template <class Case, class Schedule>
+using host_handle = loco::diloco<inner, outer, cz::none, Schedule, typename Case::policy>;
+template <class Case, class Schedule>
+using gpu_handle = loco::cuda::diloco<inner, outer, cz::none, Schedule, typename Case::policy>;
+
+template <class Handle, class Case, class Schedule>
+typename Handle::config config_of() {
+    typename Handle::config c;
     c.inner = {.lr = 3e-3f};
-    c.schedule = {.every = every};
+    c.schedule = schedule_case<Schedule>::hyper();
+    c.fragments = schedule_case<Schedule>::layout();
     c.aggregate = Case::hyper();
     return c;
 }
 
-template <class Case>
-rank_result host_rank(const std::string& label, loco::comm::communicator& comm, bool all_nan) {
-    using host_t = loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+template <class Case, class Schedule = ls::every>
+typename host_handle<Case, Schedule>::config host_config() {
+    return config_of<host_handle<Case, Schedule>, Case, Schedule>();
+}
+
+template <class Case, class Schedule = ls::every>
+typename gpu_handle<Case, Schedule>::config gpu_config(cudaStream_t stream) {
+    auto c = config_of<gpu_handle<Case, Schedule>, Case, Schedule>();
+    c.stream = stream;
+    return c;
+}
+
+template <class Case, class Schedule>
+rank_result host_rank(const std::string& label, loco::comm::communicator& comm, scenario sc) {
+    using host_t = host_handle<Case, Schedule>;
     host_params m(init_of(label, comm.rank()));
-    host_t opt(m.list, comm, host_config<Case>());
+    host_t opt(m.list, comm, host_config<Case, Schedule>());
     for (int t = 1; t <= steps; ++t) {
-        poke_host(m, poke_at(comm.rank(), t, all_nan));
+        poke_host(m, poke_at(comm.rank(), t, sc));
         m.set_gradients(grads_of(label, comm.rank(), t));
         opt.step();
     }
@@ -175,19 +214,14 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm, 
     return out;
 }
 
-template <class Case>
+template <class Case, class Schedule>
 rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
-                     cudaStream_t stream, bool all_nan) {
-    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+                     cudaStream_t stream, scenario sc) {
+    using gpu_t = gpu_handle<Case, Schedule>;
     gpu_params m(init_of(label, comm.rank()));
-    auto cfg = typename gpu_t::config{};
-    cfg.inner = {.lr = 3e-3f};
-    cfg.schedule = {.every = every};
-    cfg.aggregate = Case::hyper();
-    cfg.stream = stream;
-    gpu_t opt(m.list, comm, cfg);
+    gpu_t opt(m.list, comm, gpu_config<Case, Schedule>(stream));
     for (int t = 1; t <= steps; ++t) {
-        poke_gpu(m, poke_at(comm.rank(), t, all_nan), stream);
+        poke_gpu(m, poke_at(comm.rank(), t, sc), stream);
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
         opt.step();
     }
@@ -199,28 +233,38 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
     out.skipped = opt.skipped_syncs();
     out.bytes = opt.bytes_per_sync();
     // The device path's bytes: M - 1 padded fp32 rows (and the reports), plus the agreement.
+    // (A fragment's padded size is its tensors' sizes rounded up to 8.)
     const std::uint64_t mm = static_cast<std::uint64_t>(comm.size());
-    out.expected_device_bytes = (mm - 1) * 4 * opt.table().padded_elements() +
-                                (Case::policy::needs_reports ? (mm - 1) * 8 : 0) +
-                                opt.agreement_bytes_per_sync();
+    for (const auto& names : schedule_case<Schedule>::layout().names.empty()
+                                 ? std::vector<std::vector<std::string>>{{"a", "b", "c"}}
+                                 : schedule_case<Schedule>::layout().names) {
+        std::uint64_t padded = 0;
+        for (const auto& name : names) {
+            const std::size_t k = name == "a" ? 0 : name == "b" ? 1 : 2;
+            padded += (sizes[k] + 7) / 8 * 8;
+        }
+        out.expected_device_bytes += (mm - 1) * 4 * padded +
+                                     (Case::policy::needs_reports ? (mm - 1) * 8 : 0) +
+                                     opt.agreement_bytes_per_sync();
+    }
     return out;
 }
 
-template <class Case>
-std::vector<rank_result> host_run(const std::string& label, int m, bool all_nan) {
+template <class Case, class Schedule = ls::every>
+std::vector<rank_result> host_run(const std::string& label, int m, scenario sc) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
-        out[static_cast<std::size_t>(comm.rank())] = host_rank<Case>(label, comm, all_nan);
+        out[static_cast<std::size_t>(comm.rank())] = host_rank<Case, Schedule>(label, comm, sc);
     });
     return out;
 }
 
-template <class Case>
-std::vector<rank_result> replicas_run(const std::string& label, int m, bool all_nan) {
+template <class Case, class Schedule = ls::every>
+std::vector<rank_result> replicas_run(const std::string& label, int m, scenario sc) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
         out[static_cast<std::size_t>(comm.rank())] =
-            gpu_rank<Case>(label, comm, comm.stream(), all_nan);
+            gpu_rank<Case, Schedule>(label, comm, comm.stream(), sc);
     });
     return out;
 }
@@ -262,8 +306,8 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an o
                    Case, edit_linear, edit_gta, trimmed, median, centered, median_norm) {
     const std::string label = std::string("device aggregate ") + Case::name;
     const int m = 4;
-    const auto gpu = replicas_run<Case>(label, m, false);
-    const auto host = host_run<Case>(label, m, false);
+    const auto gpu = replicas_run<Case>(label, m, scenario::faults);
+    const auto host = host_run<Case>(label, m, scenario::faults);
     expect_same_run(gpu, host);
     // Every sync applied: the NaN worker and the outlier were left out, not the round (but for
     // median_norm_clip, whose NaN sync is skipped).
@@ -275,16 +319,11 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an o
 TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends NaN is refused on "
                    "every rank and changes nothing",
                    Case, edit_linear, trimmed, median, centered) {
-    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    using gpu_t = gpu_handle<Case, ls::every>;
     const std::string label = std::string("device aggregate refusal ") + Case::name;
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         gpu_params m(init_of(label, comm.rank()));
-        auto cfg = typename gpu_t::config{};
-        cfg.inner = {.lr = 3e-3f};
-        cfg.schedule = {.every = every};
-        cfg.aggregate = Case::hyper();
-        cfg.stream = comm.stream();
-        gpu_t opt(m.list, comm, cfg);
+        gpu_t opt(m.list, comm, gpu_config<Case>(comm.stream()));
         for (int t = 1; t <= 2; ++t) {
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
@@ -313,36 +352,28 @@ TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends Na
         CHECK(opt.outer_steps() == 2);
     });
     // The host handle refuses the same round.
-    const auto host = host_run<Case>(label + " host", 3, true);
-    const auto gpu = replicas_run<Case>(label + " host", 3, true);
+    const auto host = host_run<Case>(label + " host", 3, scenario::all_nan);
+    const auto gpu = replicas_run<Case>(label + " host", 3, scenario::all_nan);
     expect_same_run(gpu, host);
     CHECK(gpu[0].skipped == 1);
 }
 
 TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in the checkpoint",
                    Case, edit_linear, centered) {
-    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
-    using host_t = loco::diloco<inner, outer, cz::none, ls::every, typename Case::policy>;
+    using gpu_t = gpu_handle<Case, ls::every>;
+    using host_t = host_handle<Case, ls::every>;
     const std::string label = std::string("device aggregate checkpoint ") + Case::name;
     // After three syncs: the detectors have seen 3 norms each (the warm-up), so the outlier of
     // step 8 is rejected only if they survive the checkpoint; the center holds the last aggregate.
     constexpr int save_after = 6;
     std::vector<std::string> saved(3);
     std::vector<std::vector<float>> at_save(3), straight(3), resumed(3), host_resumed(3);
-    auto config = [](cudaStream_t s) {
-        auto cfg = typename gpu_t::config{};
-        cfg.inner = {.lr = 3e-3f};
-        cfg.schedule = {.every = every};
-        cfg.aggregate = Case::hyper();
-        cfg.stream = s;
-        return cfg;
-    };
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
         gpu_params m(init_of(label, comm.rank()));
-        gpu_t opt(m.list, comm, config(comm.stream()));
+        gpu_t opt(m.list, comm, gpu_config<Case>(comm.stream()));
         for (int t = 1; t <= steps; ++t) {
-            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
+            poke_gpu(m, poke_at(comm.rank(), t, scenario::faults), comm.stream());
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
             if (t == save_after) {
@@ -357,11 +388,11 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
         gpu_params m(at_save[r]);
-        gpu_t opt(m.list, comm, config(comm.stream()));
+        gpu_t opt(m.list, comm, gpu_config<Case>(comm.stream()));
         std::istringstream is(saved[r]);
         opt.load(is);
         for (int t = save_after + 1; t <= steps; ++t) {
-            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
+            poke_gpu(m, poke_at(comm.rank(), t, scenario::faults), comm.stream());
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
         }
@@ -374,7 +405,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         std::istringstream is(saved[r]);
         opt.load(is);
         for (int t = save_after + 1; t <= steps; ++t) {
-            poke_host(m, poke_at(comm.rank(), t, false));
+            poke_host(m, poke_at(comm.rank(), t, scenario::faults));
             m.set_gradients(grads_of(label, comm.rank(), t));
             opt.step();
         }
@@ -388,7 +419,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         host_params m(init_of(label, comm.rank()));
         host_t opt(m.list, comm, host_config<Case>());
         for (int t = 1; t <= steps; ++t) {
-            poke_host(m, poke_at(comm.rank(), t, false));
+            poke_host(m, poke_at(comm.rank(), t, scenario::faults));
             m.set_gradients(grads_of(label, comm.rank(), t));
             opt.step();
             if (t == save_after) {
@@ -403,11 +434,11 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
         gpu_params m(host_at_save[r]);
-        gpu_t opt(m.list, comm, config(comm.stream()));
+        gpu_t opt(m.list, comm, gpu_config<Case>(comm.stream()));
         std::istringstream is(host_saved[r]);
         opt.load(is);
         for (int t = save_after + 1; t <= steps; ++t) {
-            poke_gpu(m, poke_at(comm.rank(), t, false), comm.stream());
+            poke_gpu(m, poke_at(comm.rank(), t, scenario::faults), comm.stream());
             m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
             opt.step();
         }
@@ -421,6 +452,17 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         expect_close_arrays(gpu_from_host[r], host_straight[r], tolerance,
                             "GPU run from the host checkpoint");
     }
+}
+
+// Streaming: two fragments, each exchange in flight over an inner step (its pseudo-gradient kept
+// on the device meanwhile), local values merged with alpha 0.5.
+TEST_CASE_TEMPLATE("cuda device aggregation: streaming fragments give the host handle's numbers",
+                   Case, edit_gta, trimmed, centered, median_norm) {
+    const std::string label = std::string("device aggregate streaming ") + Case::name;
+    const auto gpu = replicas_run<Case, ls::streaming>(label, 3, scenario::clean);
+    const auto host = host_run<Case, ls::streaming>(label, 3, scenario::clean);
+    expect_same_run(gpu, host);
+    CHECK(gpu[0].outer_steps > 0);
 }
 
 #if defined(LOCO_TEST_NCCL)
@@ -446,7 +488,8 @@ TEST_CASE_TEMPLATE("cuda device aggregation over nccl: the threads run's numbers
             try {
                 check_cuda(cudaSetDevice(r), "cudaSetDevice");
                 auto comm = loco::comm::nccl::create(m, r, id, nullptr, {});
-                gpu[std::size_t(r)] = gpu_rank<Case>(label, *comm, nullptr, false);
+                gpu[std::size_t(r)] =
+                    gpu_rank<Case, ls::every>(label, *comm, nullptr, scenario::faults);
             } catch (const std::exception& err) {
                 std::lock_guard<std::mutex> lock(mutex);
                 FAIL_CHECK("rank " << r << ": " << err.what());
@@ -454,7 +497,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation over nccl: the threads run's numbers
         });
     }
     for (auto& t : ranks) t.join();
-    expect_same_run(gpu, host_run<Case>(label, m, false));
+    expect_same_run(gpu, host_run<Case>(label, m, scenario::faults));
     expect_outlier_rejected(gpu);
 }
 

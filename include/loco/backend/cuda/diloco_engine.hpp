@@ -24,12 +24,12 @@
 //     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
 //   - device aggregation (no compressor, a GPU communicator, an aggregation with a device
 //     implementation: edit, trimmed_mean, median, centered_clip, median_norm_clip; at most 64
-//     workers): phase 1
-//     into the delta buffer, a split-phase all-gather of every worker's fp32 delta in device
-//     memory (and of the workers' reports through cuda_staging), then backend/cuda/aggregate.hpp:
-//     per-worker norms and the per-element rules as kernels, the policy's decisions (detectors,
-//     weights, refusal) in its own host code; the aggregate lands in the average buffer, and its
-//     state (EDiT's detectors, centered clipping's center on the device) advances at commit;
+//     workers): phase 1 into the delta buffer, a split-phase all-gather of every worker's fp32
+//     delta in device memory (and of the workers' reports through cuda_staging), then
+//     backend/cuda/aggregate.hpp: per-worker norms and the per-element rules as kernels, the
+//     policy's decisions (detectors, weights, refusal) in its own host code; the aggregate lands
+//     in the average buffer, and the policy's state (EDiT's detectors, centered clipping's center
+//     on the device) advances at commit;
 //   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
 //     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
 //     exchanged by the host exchanger (exchange.hpp), over comm::cuda_staging when the
@@ -557,7 +557,6 @@ private:
                 average = device_buffer<float>(table.padded_elements());
                 average.zero(nullptr);
             }
-
             delta = device_buffer<float>(table.padded_elements());
             delta.zero(nullptr);
             outer_state.zero(nullptr);
