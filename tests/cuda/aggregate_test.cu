@@ -164,12 +164,13 @@ void poke_gpu(gpu_params& m, poke p, cudaStream_t s) {
 struct rank_result {
     std::vector<float> params, global, momentum;
     std::uint64_t outer_steps = 0, skipped = 0, bytes = 0, expected_device_bytes = 0;
+    bool device_exchange = false;
 };
 
-template <class Case, class Schedule>
-using host_handle = loco::diloco<inner, outer, cz::none, Schedule, typename Case::policy>;
-template <class Case, class Schedule>
-using gpu_handle = loco::cuda::diloco<inner, outer, cz::none, Schedule, typename Case::policy>;
+template <class Case, class Schedule, class Compressor = cz::none>
+using host_handle = loco::diloco<inner, outer, Compressor, Schedule, typename Case::policy>;
+template <class Case, class Schedule, class Compressor = cz::none>
+using gpu_handle = loco::cuda::diloco<inner, outer, Compressor, Schedule, typename Case::policy>;
 
 template <class Handle, class Case, class Schedule>
 typename Handle::config config_of() {
@@ -181,23 +182,23 @@ typename Handle::config config_of() {
     return c;
 }
 
-template <class Case, class Schedule = ls::every>
-typename host_handle<Case, Schedule>::config host_config() {
-    return config_of<host_handle<Case, Schedule>, Case, Schedule>();
+template <class Case, class Schedule = ls::every, class Compressor = cz::none>
+typename host_handle<Case, Schedule, Compressor>::config host_config() {
+    return config_of<host_handle<Case, Schedule, Compressor>, Case, Schedule>();
 }
 
-template <class Case, class Schedule = ls::every>
-typename gpu_handle<Case, Schedule>::config gpu_config(cudaStream_t stream) {
-    auto c = config_of<gpu_handle<Case, Schedule>, Case, Schedule>();
+template <class Case, class Schedule = ls::every, class Compressor = cz::none>
+typename gpu_handle<Case, Schedule, Compressor>::config gpu_config(cudaStream_t stream) {
+    auto c = config_of<gpu_handle<Case, Schedule, Compressor>, Case, Schedule>();
     c.stream = stream;
     return c;
 }
 
-template <class Case, class Schedule>
+template <class Case, class Schedule, class Compressor>
 rank_result host_rank(const std::string& label, loco::comm::communicator& comm, scenario sc) {
-    using host_t = host_handle<Case, Schedule>;
+    using host_t = host_handle<Case, Schedule, Compressor>;
     host_params m(init_of(label, comm.rank()));
-    host_t opt(m.list, comm, host_config<Case, Schedule>());
+    host_t opt(m.list, comm, host_config<Case, Schedule, Compressor>());
     for (int t = 1; t <= steps; ++t) {
         poke_host(m, poke_at(comm.rank(), t, sc));
         m.set_gradients(grads_of(label, comm.rank(), t));
@@ -211,15 +212,16 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm, 
     out.momentum.assign(mo.begin(), mo.end());
     out.outer_steps = opt.outer_steps();
     out.skipped = opt.skipped_syncs();
+    out.bytes = opt.bytes_per_sync();
     return out;
 }
 
-template <class Case, class Schedule>
+template <class Case, class Schedule, class Compressor = cz::none>
 rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
                      cudaStream_t stream, scenario sc) {
-    using gpu_t = gpu_handle<Case, Schedule>;
+    using gpu_t = gpu_handle<Case, Schedule, Compressor>;
     gpu_params m(init_of(label, comm.rank()));
-    gpu_t opt(m.list, comm, gpu_config<Case, Schedule>(stream));
+    gpu_t opt(m.list, comm, gpu_config<Case, Schedule, Compressor>(stream));
     for (int t = 1; t <= steps; ++t) {
         poke_gpu(m, poke_at(comm.rank(), t, sc), stream);
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
@@ -232,6 +234,7 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
     out.outer_steps = opt.outer_steps();
     out.skipped = opt.skipped_syncs();
     out.bytes = opt.bytes_per_sync();
+    out.device_exchange = opt.device_exchange();
     // The device path's bytes: M - 1 padded fp32 rows (and the reports), plus the agreement.
     // (A fragment's padded size is its tensors' sizes rounded up to 8.)
     const std::uint64_t mm = static_cast<std::uint64_t>(comm.size());
@@ -250,21 +253,22 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
     return out;
 }
 
-template <class Case, class Schedule = ls::every>
+template <class Case, class Schedule = ls::every, class Compressor = cz::none>
 std::vector<rank_result> host_run(const std::string& label, int m, scenario sc) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
-        out[static_cast<std::size_t>(comm.rank())] = host_rank<Case, Schedule>(label, comm, sc);
+        out[static_cast<std::size_t>(comm.rank())] =
+            host_rank<Case, Schedule, Compressor>(label, comm, sc);
     });
     return out;
 }
 
-template <class Case, class Schedule = ls::every>
+template <class Case, class Schedule = ls::every, class Compressor = cz::none>
 std::vector<rank_result> replicas_run(const std::string& label, int m, scenario sc) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
         out[static_cast<std::size_t>(comm.rank())] =
-            gpu_rank<Case, Schedule>(label, comm, comm.stream(), sc);
+            gpu_rank<Case, Schedule, Compressor>(label, comm, comm.stream(), sc);
     });
     return out;
 }
@@ -274,16 +278,24 @@ std::vector<rank_result> replicas_run(const std::string& label, int m, scenario 
 // a clip scale, by an fp32 rounding.
 constexpr double tolerance = 1e-5;
 
-void expect_same_run(const std::vector<rank_result>& gpu, const std::vector<rank_result>& host) {
+// compressed: the fused path's payloads (the host's bytes), else fp32 rows of the padded layout.
+void expect_same_run(const std::vector<rank_result>& gpu, const std::vector<rank_result>& host,
+                     bool compressed = false, double tol = tolerance) {
     REQUIRE(gpu.size() == host.size());
     for (std::size_t r = 0; r < gpu.size(); ++r) {
         CAPTURE(r);
         CHECK(gpu[r].outer_steps == host[r].outer_steps);
         CHECK(gpu[r].skipped == host[r].skipped);
-        CHECK(gpu[r].bytes == gpu[r].expected_device_bytes);  // the device path was taken
-        expect_close_arrays(gpu[r].params, host[r].params, tolerance, "parameters");
-        expect_close_arrays(gpu[r].global, host[r].global, tolerance, "global values");
-        expect_close_arrays(gpu[r].momentum, host[r].momentum, tolerance, "outer momentum");
+        // The device path was taken.
+        if (compressed) {
+            CHECK(gpu[r].device_exchange);
+            CHECK(gpu[r].bytes == host[r].bytes);
+        } else {
+            CHECK(gpu[r].bytes == gpu[r].expected_device_bytes);
+        }
+        expect_close_arrays(gpu[r].params, host[r].params, tol, "parameters");
+        expect_close_arrays(gpu[r].global, host[r].global, tol, "global values");
+        expect_close_arrays(gpu[r].momentum, host[r].momentum, tol, "outer momentum");
         expect_equal_arrays(gpu[r].global, gpu[0].global, "the ranks' global values");
     }
 }
@@ -452,6 +464,23 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
         expect_close_arrays(gpu_from_host[r], host_straight[r], tolerance,
                             "GPU run from the host checkpoint");
     }
+}
+
+// With a compressor: the fused path's 2-bit payloads (with error feedback) all-gathered on the
+// device, each decoded into its row. 1e-4 as for the fused mean (tests/cuda/pipeline_test.cu): a
+// pseudo-gradient a rounding away from a code boundary may take the neighbouring code.
+TEST_CASE_TEMPLATE("cuda device aggregation: compressed payloads give the host handle's numbers",
+                   Case, edit_gta, trimmed, median, centered, median_norm) {
+    using ef = cz::error_feedback<cz::blockwise<2, 256>>;
+    const std::string label = std::string("device aggregate compressed ") + Case::name;
+    const int m = 4;
+    const auto gpu = replicas_run<Case, ls::every, ef>(label, m, scenario::faults);
+    const auto host = host_run<Case, ls::every, ef>(label, m, scenario::faults);
+    expect_same_run(gpu, host, true, 1e-4);
+    // The NaN stays in its worker's error-feedback residual: that worker is left out of every
+    // later sync, and median_norm_clip skips every later sync (each tensor's median is NaN).
+    CHECK(gpu[0].outer_steps == (Case::nan_skips ? 1 : 5));
+    expect_outlier_rejected(gpu);
 }
 
 // Streaming: two fragments, each exchange in flight over an inner step (its pseudo-gradient kept

@@ -4,8 +4,10 @@
 // scalar decisions in the policies' own host code.
 //
 //   exchange      every worker's fp32 pseudo-gradient (the fragment's padded layout) all-gathered
-//                 in device memory into rows [M x padded]; with needs_reports, the workers'
-//                 reports (8 bytes each) all-gathered as host memory on the control communicator
+//                 in device memory into rows [M x padded]; or, with a compressor of the fused path
+//                 (backend/cuda/compress.hpp), its payloads all-gathered by the engine, checked,
+//                 and each decoded into its row; with needs_reports, the workers' reports (8 bytes
+//                 each) all-gathered as host memory on the control communicator
 //   norms         per worker and tensor, the squared L2 norm of its row (or of row - center): a
 //                 block per (worker, stretch of at most 8192 elements of one tensor), a fixed tree
 //                 in shared memory, the stretches summed on the host in order (deterministic;
@@ -253,7 +255,8 @@ public:
 
     // For the fragment `table` (which must outlive this), work enqueued on `stream`.
     device_aggregation(const tensor_table& table, int ranks, cudaStream_t stream)
-        : table_(&table), n_(table.padded_elements()), stream_(stream) {
+        : table_(&table), n_(table.padded_elements()), result_(n_), stream_(stream) {
+        result_.zero(nullptr);  // its padding is never written, and must stay zero
         // Each tensor's elements (its padding is zero in every row and center), in stretches.
         std::vector<detail::norm_stretch> s;
         for (std::size_t t = 0; t < table.size(); ++t) {
@@ -280,12 +283,19 @@ public:
         resize(ranks);
     }
 
-    // Bytes this worker sends per exchange: (M - 1) padded rows of fp32, and the reports.
-    std::uint64_t bytes_per_average(std::uint64_t m) const {
+    // Bytes this worker sends per exchange: its row to M - 1 peers (a padded fp32 row, or a
+    // compressor's payload of `payload` bytes), and the reports.
+    std::uint64_t bytes_per_average(std::uint64_t m, std::uint64_t payload = 0) const {
         const std::uint64_t reports = A::needs_reports ? (m - 1) * sizeof(aggregate::worker_report)
                                                        : 0;
-        return (m - 1) * 4 * n_ + reports;
+        return (m - 1) * (payload != 0 ? payload : 4 * n_) + reports;
     }
+
+    // Every worker's decoded pseudo-gradient, ranks x padded elements: where a caller that
+    // gathers compressed payloads decodes them (after start_reports(), before finish()).
+    float* rows() const noexcept { return rows_.get(); }
+    // The aggregate, padded layout (after finish()).
+    float* result() const noexcept { return result_.get(); }
 
     // ||delta|| (this worker's report), delta in the padded layout.
     float norm(const float* delta) {
@@ -297,16 +307,51 @@ public:
     // communicator, and of the report on `control`.
     void start(comm::communicator& data, comm::communicator& control, const float* delta,
                const aggregate::worker_report& report) {
-        resize(data.size());
-        failure_ = {};
-        refused_ = false;
-        produced_ = false;
+        begin(data.size());
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the delta is written
         request_ = data.start_all_gather(
             tensor_view<const std::byte>{reinterpret_cast<const std::byte*>(delta), 4 * n_, 0, 0,
                                          memory_space::cuda},
             tensor_view<std::byte>{reinterpret_cast<std::byte*>(rows_.get()), rows_.size_bytes(),
                                    0, 0, memory_space::cuda});
+        gather_reports(control, report);
+    }
+
+    // For a caller that gathers (compressed) payloads itself: only the reports' all-gather.
+    void start_reports(comm::communicator& control, const aggregate::worker_report& report) {
+        begin(control.size());
+        gather_reports(control, report);
+    }
+
+    // Completes the exchange and writes the aggregate into result() (padded layout), or refuses
+    // the round (refused(); result() unspecified). `prior`: the caller's failure of this sync (a
+    // compressed payload's transfer or decode), after which the rule does not run. Failures are
+    // returned (transfer: a collective; apply: the policy's error, e.g. trimmed_mean with
+    // 2b >= M), nothing committed.
+    loco::detail::stage_failure finish(const typename A::hyper& h,
+                                       loco::detail::stage_failure prior = {}) {
+        failure_ = std::move(prior);
+        if constexpr (A::needs_reports) wait(report_request_);
+        if (request_.pending()) wait(request_);
+        if (failure_) return failure_;
+        try {
+            if constexpr (!std::is_same_v<A, aggregate::centered_clip>) next_ = state_;
+            refused_ = !combine(h, result_.get());
+        } catch (...) {
+            failure_.record(loco::detail::sync_stage::apply, std::current_exception());
+        }
+        return failure_;
+    }
+
+private:
+    void begin(int ranks) {
+        resize(ranks);
+        failure_ = {};
+        refused_ = false;
+        produced_ = false;
+    }
+
+    void gather_reports(comm::communicator& control, const aggregate::worker_report& report) {
         if constexpr (A::needs_reports) {
             report_send_ = report;
             reports_.assign(ranks_, {});
@@ -321,22 +366,7 @@ public:
         }
     }
 
-    // Completes the exchange and writes the aggregate into out (padded layout), or refuses the
-    // round (refused(); out unspecified). Failures are returned (transfer: a collective; apply:
-    // the policy's error, e.g. trimmed_mean with 2b >= M), nothing committed.
-    loco::detail::stage_failure finish(const typename A::hyper& h, float* out) {
-        if constexpr (A::needs_reports) wait(report_request_);
-        wait(request_);
-        if (failure_) return failure_;
-        try {
-            if constexpr (!std::is_same_v<A, aggregate::centered_clip>) next_ = state_;
-            refused_ = !combine(h, out);
-        } catch (...) {
-            failure_.record(loco::detail::sync_stage::apply, std::current_exception());
-        }
-        return failure_;
-    }
-
+public:
     bool refused() const noexcept { return refused_; }
 
     void commit() {
@@ -593,6 +623,7 @@ private:
     device_buffer<detail::norm_stretch> stretches_;
     device_buffer<float> factors_;  // median_norm_clip: workers x tensors
     device_buffer<float> rows_;     // ranks_ x n_: every worker's pseudo-gradient
+    device_buffer<float> result_;   // n_: the aggregate
     device_buffer<double> partials_, scalars_;
     device_buffer<float> center_, next_center_;  // centered_clip: v, committed and next
     device_buffer<double> wide_;                 // centered_clip: v in double while iterating

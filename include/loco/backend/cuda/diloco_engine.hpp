@@ -22,13 +22,15 @@
 //     one at commit;
 //   - device all-reduce (no compressor, a GPU communicator, the mean): phase 1 into a delta
 //     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
-//   - device aggregation (no compressor, a GPU communicator, an aggregation with a device
-//     implementation: edit, trimmed_mean, median, centered_clip, median_norm_clip; at most 64
-//     workers): phase 1 into the delta buffer, a split-phase all-gather of every worker's fp32
-//     delta in device memory (and of the workers' reports through cuda_staging), then
+//   - device aggregation (an aggregation with a device implementation: edit, trimmed_mean,
+//     median, centered_clip, median_norm_clip; a GPU communicator; at most 64 workers; no
+//     compressor or a dense one of the fused path): without a compressor, phase 1 into the delta
+//     buffer and a split-phase all-gather of every worker's fp32 delta in device memory; with
+//     one, the fused path's encode and all-gather, then the payload check and each payload
+//     decoded into its row; the workers' reports through cuda_staging; then
 //     backend/cuda/aggregate.hpp: per-worker norms and the per-element rules as kernels, the
 //     policy's decisions (detectors, weights, refusal) in its own host code; the aggregate lands
-//     in the average buffer, and the policy's state (EDiT's detectors, centered clipping's center
+//     in the aggregation's own buffer, and the policy's state (EDiT's detectors, centered clipping's center
 //     on the device) advances at commit;
 //   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
 //     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
@@ -170,8 +172,9 @@ template <class Inner, class Outer, class Compressor, class Aggregate>
 class diloco_engine {
     static constexpr bool device_topk_ = device_topk<Compressor>::available;
     static constexpr bool device_compression =
-        (has_device_compressor<Compressor> || device_topk_) &&
-        std::is_same_v<Aggregate, aggregate::mean>;
+        ((has_device_compressor<Compressor> || device_topk_) &&
+         std::is_same_v<Aggregate, aggregate::mean>) ||
+        (has_device_compressor<Compressor> && has_device_aggregation<Aggregate>);
     using device_exchange_t = std::conditional_t<
         !device_compression, detail::no_device_exchange,
         std::conditional_t<device_topk_, detail::topk_device_exchange<Compressor>,
@@ -310,6 +313,7 @@ public:
         fragment& f = *frags_[fi];
         if (f.device) {
             start_fused(f, h, ctx);
+            if (f.agg) f.agg->start_reports(control_comm(), report);
         } else if (f.device_all_reduce) {
             // An exchange left in flight keeps its delta for save(): the reduction runs in the
             // average buffer. Otherwise it runs in place (no extra pass over the fragment).
@@ -339,6 +343,7 @@ public:
         fragment& f = *frags_[fi];
         loco::detail::stage_failure failure;
         f.hit.reset();
+        if (f.agg) return finish_aggregate(f, h, ah);
         if (f.device || f.device_all_reduce) {
             try {
                 f.request.finish();
@@ -353,7 +358,6 @@ public:
             }
             return failure;
         }
-        if (f.agg) return finish_aggregate(f, ah);
         f.host->aggregate_hyper() = ah;
         f.host_average.resize(f.elements);
         f.host->finish(control_comm(), f.host_average, h);
@@ -406,7 +410,7 @@ public:
             }
             gather_values(f.table, master(), f.local.get(), stream());
         }
-        if (f.device) {
+        if (f.device && !f.agg) {
             apply_fused(f);
         } else {
             outer_apply<Outer>(f.table, f.global.get(), f.avg, f.outer_state.get(), master(),
@@ -491,6 +495,7 @@ public:
         const fragment& f = *frags_[fi];
         const auto m = static_cast<std::uint64_t>(comm_->size());
         if constexpr (device_compression) {
+            if (f.agg && f.device) return f.agg->bytes_per_average(m, f.device->plan.payload_bytes());
             if (f.device) return (m - 1) * f.device->plan.payload_bytes();
         }
         if (f.agg) return f.agg->bytes_per_average(m);
@@ -567,7 +572,10 @@ private:
         static bool fused(const comm::communicator& comm, exchange_scheme scheme,
                           const typename Compressor::hyper& h) {
             return device_layout(h) && comm.space() == memory_space::cuda &&
-                   (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather);
+                   (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather) &&
+                   (std::is_same_v<Aggregate, aggregate::mean> ||
+                    static_cast<std::size_t>(comm.size()) <=
+                        device_aggregation<Aggregate>::max_workers);
         }
 
         // The device plan is built from the tensor table, which records no rows: statistical<>
@@ -619,13 +627,19 @@ private:
     float* master() const noexcept { return inner_.master_ptr(); }
 
     // The device aggregation path (the top of the file): an aggregation with a device
-    // implementation, no compressor, a GPU communicator, at most 64 workers.
+    // implementation, a GPU communicator, at most 64 workers, and no compressor (the fp32 deltas
+    // gathered) or the fused path's (its payloads gathered and decoded per worker).
     void attach_device_aggregation(fragment& f) {
-        if constexpr (has_device_aggregation<Aggregate> &&
-                      std::is_same_v<Compressor, compress::none>) {
-            if (staging_ && f.host && f.host->scheme() == exchange_scheme::all_gather &&
-                static_cast<std::size_t>(comm_->size()) <=
-                    device_aggregation<Aggregate>::max_workers) {
+        if constexpr (has_device_aggregation<Aggregate>) {
+            bool gathers = false;
+            if constexpr (std::is_same_v<Compressor, compress::none>) {
+                gathers = staging_ && f.host && f.host->scheme() == exchange_scheme::all_gather &&
+                          static_cast<std::size_t>(comm_->size()) <=
+                              device_aggregation<Aggregate>::max_workers;
+            } else if constexpr (device_compression) {
+                gathers = f.device != nullptr;  // fragment::fused() checked the rest
+            }
+            if (gathers) {
                 f.agg = std::make_unique<device_aggregation<Aggregate>>(f.table, comm_->size(),
                                                                         stream());
             }
@@ -642,11 +656,31 @@ private:
         }
     }
 
-    // The device aggregation's finish: the aggregate in the average buffer, or a refusal.
-    loco::detail::stage_failure finish_aggregate(fragment& f,
+    // The device aggregation's finish: with a compressor, the payloads checked and each decoded
+    // into its row; then the aggregate in the aggregation's buffer, or a refusal.
+    loco::detail::stage_failure finish_aggregate(fragment& f, const typename Compressor::hyper& h,
                                                  const typename Aggregate::hyper& ah) {
-        loco::detail::stage_failure failure = f.agg->finish(ah, f.average.get());
-        f.avg = f.average.get();
+        loco::detail::stage_failure failure;
+        if constexpr (device_compression && !device_topk_) {
+            if (f.device) {
+                try {
+                    f.request.finish();
+                } catch (...) {
+                    failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+                }
+                if (!failure) {
+                    try {
+                        decode_rows(f, h);
+                    } catch (...) {
+                        failure.record(loco::detail::sync_stage::decode, std::current_exception());
+                    }
+                }
+            }
+        } else {
+            static_cast<void>(h);
+        }
+        failure = f.agg->finish(ah, std::move(failure));
+        f.avg = f.agg->result();
         if (!failure && !f.agg->refused()) {
             try {
                 f.hit = check_average(f, f.avg);
@@ -777,6 +811,33 @@ private:
                                                f.global.get(), f.outer_state.get(), master(),
                                                f.control.hyper(), f.control.control(), nullptr,
                                                stream());
+        }
+    }
+
+    // Every received payload checks out (or wire_error before anything is written), then each
+    // rank's decoded into its row of the device aggregation (an average of one payload: the
+    // host decoder's values).
+    void decode_rows(fragment& f, const typename Compressor::hyper& h) {
+        if constexpr (device_compression && !device_topk_) {
+            auto& dx = *f.device;
+            using support = device_compressor<Compressor>;
+            typename support::codec::hyper ch{};
+            if constexpr (support::feedback) {
+                ch = h.compress;
+            } else {
+                ch = h;
+            }
+            static_cast<void>(dx.check.run(dx.plan, f.table, ch, dx.recv.get(), stream()));
+            const std::size_t p = dx.plan.payload_bytes();
+            const std::size_t n = f.table.padded_elements();
+            for (int k = 0; k < comm_->size(); ++k) {
+                const auto r = static_cast<std::size_t>(k);
+                decode_average(dx.plan, f.table, dx.recv.get() + r * p, 1,
+                               f.agg->rows() + r * n, stream());
+            }
+        } else {
+            static_cast<void>(f);
+            static_cast<void>(h);
         }
     }
 
