@@ -343,30 +343,6 @@ public:
         return failure_;
     }
 
-private:
-    void begin(int ranks) {
-        resize(ranks);
-        failure_ = {};
-        refused_ = false;
-        produced_ = false;
-    }
-
-    void gather_reports(comm::communicator& control, const aggregate::worker_report& report) {
-        if constexpr (A::needs_reports) {
-            report_send_ = report;
-            reports_.assign(ranks_, {});
-            report_request_ = control.start_all_gather(
-                {reinterpret_cast<const std::byte*>(&report_send_), sizeof report_send_, 0, 0,
-                 memory_space::host},
-                {reinterpret_cast<std::byte*>(reports_.data()),
-                 reports_.size() * sizeof(aggregate::worker_report), 0, 0, memory_space::host});
-        } else {
-            static_cast<void>(control);
-            static_cast<void>(report);
-        }
-    }
-
-public:
     bool refused() const noexcept { return refused_; }
 
     void commit() {
@@ -398,10 +374,11 @@ public:
             center_.zero(nullptr);
             if (!s.center.empty()) {
                 if (s.center.size() != table_->total_elements()) {
-                    throw checkpoint_error("loco: the checkpoint's centered clipping center holds " +
-                                           std::to_string(s.center.size()) +
-                                           " elements, the fragment " +
-                                           std::to_string(table_->total_elements()));
+                    throw checkpoint_error(
+                        "loco: the checkpoint's centered clipping center holds " +
+                        std::to_string(s.center.size()) + " elements but the fragment has " +
+                        std::to_string(table_->total_elements()) +
+                        "; load a checkpoint of this model with the same fragments");
                 }
                 from_flat<float>(*table_, s.center, center_.get());
             }
@@ -413,6 +390,28 @@ public:
     }
 
 private:
+    void begin(int ranks) {
+        resize(ranks);
+        failure_ = {};
+        refused_ = false;
+        produced_ = false;
+    }
+
+    void gather_reports(comm::communicator& control, const aggregate::worker_report& report) {
+        if constexpr (A::needs_reports) {
+            report_send_ = report;
+            reports_.assign(ranks_, {});
+            report_request_ = control.start_all_gather(
+                {reinterpret_cast<const std::byte*>(&report_send_), sizeof report_send_, 0, 0,
+                 memory_space::host},
+                {reinterpret_cast<std::byte*>(reports_.data()),
+                 reports_.size() * sizeof(aggregate::worker_report), 0, 0, memory_space::host});
+        } else {
+            static_cast<void>(control);
+            static_cast<void>(report);
+        }
+    }
+
     void resize(int ranks) {
         const auto m = static_cast<std::size_t>(ranks);
         if (m > max_workers) {
