@@ -18,6 +18,7 @@
 // same workers. algorithms.md section 5.2; docs/aggregation.md.
 
 #include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/rules.hpp>
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
 
@@ -114,7 +115,7 @@ inline void gta_reduce(std::span<const double> w, std::span<const float> deltas,
         double* sg = signs.data();
         for (std::size_t j = 0; j < n; ++j) {
             t[j] += wi * d[j];
-            sg[j] += static_cast<double>(d[j] > 0.0f) - static_cast<double>(d[j] < 0.0f);
+            sg[j] += rule::sign_vote(d[j]);
         }
     }
     if (consensus == sign_consensus::none) {
@@ -131,16 +132,13 @@ inline void gta_reduce(std::span<const double> w, std::span<const float> deltas,
         double* k = kept.data();
         double* wt = weight.data();
         for (std::size_t j = 0; j < n; ++j) {
-            // 1 when the sign of d agrees with the vote, else 0; arithmetic, so the loop vectorises.
-            const double up = static_cast<double>(v[j] >= 0.0);
-            const double agrees = up * static_cast<double>(d[j] > 0.0f) +
-                                  (1.0 - up) * static_cast<double>(d[j] < 0.0f);
+            const double agrees = rule::agrees(v[j], d[j]);
             k[j] += agrees * (wi * d[j]);
             wt[j] += agrees * wi;
         }
     }
     for (std::size_t j = 0; j < n; ++j) {
-        out[j] = weight[j] > 0.0 ? static_cast<float>(kept[j] / weight[j]) : 0.0f;
+        out[j] = rule::consensus_value(kept[j], weight[j]);
     }
 }
 
@@ -307,9 +305,9 @@ struct edit {
         if (std::isfinite(h.clip)) {
             double sq = 0.0;
             for (const float x : out) sq += static_cast<double>(x) * x;
-            const double scale = std::min(1.0, h.clip / (std::sqrt(sq) + 1e-6));
+            const double scale = rule::norm_clip_scale(sq, h.clip);
             if (scale < 1.0) {
-                for (auto& x : out) x = static_cast<float>(x * scale);
+                for (auto& x : out) x = rule::scaled(x, scale);
             }
         }
         return true;

@@ -22,6 +22,7 @@
 // the handle's nonfinite policy decides (templar skips such a tensor's step).
 
 #include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/rules.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -65,31 +66,38 @@ struct median_norm_clip {
         return os.str();
     }
 
+    // The clip factor of each worker (f_k above) from the workers' norms over a tensor (the
+    // CUDA backend computes the norms on the device and calls this).
+    static void factors_of(const hyper& h, std::span<const float> norms, std::vector<float>& f) {
+        f.assign(norms.size(), 1.0f);
+        if (!h.clip || norms.empty()) return;
+        bool nan = false;
+        for (const float n : norms) nan = nan || n != n;
+        float median = std::numeric_limits<float>::quiet_NaN();
+        if (!nan) {
+            std::vector<float> sorted(norms.begin(), norms.end());
+            const auto mid = sorted.begin() + static_cast<std::ptrdiff_t>((norms.size() - 1) / 2);
+            std::nth_element(sorted.begin(), mid, sorted.end());
+            median = *mid;
+        }
+        for (std::size_t k = 0; k < norms.size(); ++k) {
+            f[k] = rule::median_norm_factor(median, norms[k], h.epsilon);
+        }
+    }
+
     // The clip factor of each worker for the elements [begin, end) (f_k above).
     static void factors(const hyper& h, const contributions& c, std::size_t begin, std::size_t end,
                         std::vector<float>& f) {
         f.assign(c.workers, 1.0f);
         if (!h.clip) return;
         std::vector<float> norms(c.workers);
-        bool nan = false;
         for (std::size_t k = 0; k < c.workers; ++k) {
             const auto d = c.delta(k);
             double sq = 0.0;
             for (std::size_t i = begin; i < end; ++i) sq += static_cast<double>(d[i]) * d[i];
             norms[k] = static_cast<float>(std::sqrt(sq));
-            nan = nan || norms[k] != norms[k];
         }
-        float median = std::numeric_limits<float>::quiet_NaN();
-        if (!nan) {
-            std::vector<float> sorted = norms;
-            const auto mid = sorted.begin() + static_cast<std::ptrdiff_t>((c.workers - 1) / 2);
-            std::nth_element(sorted.begin(), mid, sorted.end());
-            median = *mid;
-        }
-        for (std::size_t k = 0; k < c.workers; ++k) {
-            const float q = median / (norms[k] + h.epsilon);
-            f[k] = q > 1.0f ? 1.0f : q;  // NaN stays NaN, as torch.clamp keeps it
-        }
+        factors_of(h, norms, f);
     }
 
     static void combine(const hyper& h, const contributions& c, std::span<float> out) {
@@ -130,7 +138,7 @@ struct median_norm_clip {
                 const auto sent = c.sent_by(k);
                 for (std::size_t i = begin; i < end; ++i) {
                     if (!sent.empty() && sent[i] == 0) continue;
-                    out[i] += d[i] * f[k];
+                    out[i] = rule::add_product(out[i], d[i], f[k]);
                     ++count[i - begin];
                 }
             }

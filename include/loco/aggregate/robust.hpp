@@ -17,6 +17,7 @@
 // it as agreeing with v); fewer than 2b + 1 usable workers refuses the round. docs/aggregation.md.
 
 #include <loco/aggregate/aggregate.hpp>
+#include <loco/aggregate/rules.hpp>
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
 
@@ -29,6 +30,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace loco::aggregate {
@@ -52,10 +54,8 @@ inline void sorted_mean(const contributions& c, const std::vector<std::size_t>& 
     std::vector<double> v(rows.size());
     for (std::size_t j = 0; j < c.elements; ++j) {
         for (std::size_t k = 0; k < rows.size(); ++k) v[k] = c.delta(rows[k])[j];
-        std::sort(v.begin(), v.end());
-        double s = 0.0;
-        for (std::size_t k = lo; k < hi; ++k) s += v[k];
-        out[j] = static_cast<float>(s / static_cast<double>(hi - lo));
+        rule::sort_ascending(v.data(), v.size());
+        out[j] = rule::window_mean(v.data(), lo, hi);
     }
 }
 
@@ -71,16 +71,27 @@ struct trimmed_mean {
 
     static std::string describe(const hyper& h) { return "trimmed_mean b=" + std::to_string(h.trim); }
 
-    static bool combine(const hyper& h, const contributions& c, std::span<float> out) {
-        if (2 * h.trim >= c.workers) {
+    // The sorted positions [lo, hi) averaged per coordinate among `usable` finite workers of
+    // `workers`; lo == hi refuses the round (fewer than 2b + 1 usable). Throws when 2b >= M.
+    // Shared with the CUDA backend, which sorts on the device.
+    static std::pair<std::size_t, std::size_t> window(const hyper& h, std::size_t workers,
+                                                      std::size_t usable) {
+        if (2 * h.trim >= workers) {
             throw invalid_argument("loco::aggregate::trimmed_mean: trimming b = " +
                                    std::to_string(h.trim) + " values at each end of " +
-                                   std::to_string(c.workers) +
+                                   std::to_string(workers) +
                                    " workers leaves none; choose 2b < M");
         }
+        if (usable < 2 * h.trim + 1) return {0, 0};
+        return {h.trim, usable - h.trim};
+    }
+
+    static bool combine(const hyper& h, const contributions& c, std::span<float> out) {
+        window(h, c.workers, c.workers);  // the configuration error first
         const auto rows = robust_detail::finite_workers(c);
-        if (rows.size() < 2 * h.trim + 1) return false;
-        robust_detail::sorted_mean(c, rows, h.trim, rows.size() - h.trim, out);
+        const auto [lo, hi] = window(h, c.workers, rows.size());
+        if (lo == hi) return false;
+        robust_detail::sorted_mean(c, rows, lo, hi, out);
         return true;
     }
 };
@@ -91,11 +102,18 @@ struct median {
     static constexpr bool needs_reports = false;
     static constexpr bool needs_deltas = true;
 
+    // The sorted positions [lo, hi) averaged among `usable` finite workers: the middle one or
+    // two; lo == hi (no usable worker) refuses the round. Shared with the CUDA backend.
+    static std::pair<std::size_t, std::size_t> window(std::size_t usable) {
+        if (usable == 0) return {0, 0};
+        return {(usable - 1) / 2, usable / 2 + 1};
+    }
+
     static bool combine(const hyper&, const contributions& c, std::span<float> out) {
         const auto rows = robust_detail::finite_workers(c);
-        if (rows.empty()) return false;
-        const std::size_t m = rows.size();
-        robust_detail::sorted_mean(c, rows, (m - 1) / 2, m / 2 + 1, out);
+        const auto [lo, hi] = window(rows.size());
+        if (lo == hi) return false;
+        robust_detail::sorted_mean(c, rows, lo, hi, out);
         return true;
     }
 };
@@ -158,8 +176,8 @@ struct centered_clip {
                 double sq = 0.0;
                 for (std::size_t j = 0; j < n; ++j) sq += (d[j] - v[j]) * (d[j] - v[j]);
                 const double norm = std::sqrt(sq);
-                const double scale = norm > h.tau ? h.tau / norm : 1.0;
-                for (std::size_t j = 0; j < n; ++j) step[j] += (d[j] - v[j]) * scale;
+                const double scale = rule::radius_scale(norm, h.tau);
+                for (std::size_t j = 0; j < n; ++j) step[j] += rule::centered_term(d[j], v[j], scale);
             }
             for (std::size_t j = 0; j < n; ++j) v[j] += step[j] / m;
         }

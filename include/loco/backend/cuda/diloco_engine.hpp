@@ -10,7 +10,7 @@
 //                 layout, the whole model's fp32 masters) with its own global values, outer state,
 //                 exchange buffers and counters; DiLoCo's one fragment is the whole model
 //
-// A fragment's exchange takes one of three paths, chosen at construction:
+// A fragment's exchange takes one of four paths, chosen at construction:
 //   - fused (a compressor with a device implementation, a GPU communicator, all_gather or
 //     automatic, the mean): one encode kernel forms the pseudo-gradient (phase 1), adds it into
 //     the error-feedback residual and writes the host compressor's payload byte for byte
@@ -22,15 +22,27 @@
 //     one at commit;
 //   - device all-reduce (no compressor, a GPU communicator, the mean): phase 1 into a delta
 //     buffer, a split-phase fp32 all-reduce of it, then the check and the outer step;
-//   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation, a
-//     host communicator): the pseudo-gradient is copied to the host and exchanged by the host
-//     exchanger (exchange.hpp), over comm::cuda_staging when the communicator moves device memory.
+//   - device aggregation (an aggregation with a device implementation: edit, trimmed_mean,
+//     median, centered_clip, median_norm_clip; a GPU communicator; at most 64 workers; no
+//     compressor or a dense one of the fused path): without a compressor, phase 1 into the delta
+//     buffer and a split-phase all-gather of every worker's fp32 delta in device memory; with
+//     one, the fused path's encode and all-gather, then the payload check and each payload
+//     decoded into its row; the workers' reports through cuda_staging; then
+//     backend/cuda/aggregate.hpp: per-worker norms and the per-element rules as kernels, the
+//     policy's decisions (detectors, weights, refusal) in its own host code; the aggregate lands
+//     in the aggregation's own buffer, and the policy's state (EDiT's detectors, centered clipping's center
+//     on the device) advances at commit;
+//   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
+//     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
+//     exchanged by the host exchanger (exchange.hpp), over comm::cuda_staging when the
+//     communicator moves device memory.
 // An exchange left in flight across step() calls (streaming, delayed) keeps its pseudo-gradient in
 // the delta buffer, which the checkpoint saves. The pipeline's own small collectives (agreement,
 // fingerprint) travel as host memory, through cuda_staging for a GPU communicator.
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
+#include <loco/backend/cuda/aggregate.hpp>
 #include <loco/backend/cuda/compress.hpp>
 #include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/backend/cuda/control.hpp>
@@ -160,8 +172,9 @@ template <class Inner, class Outer, class Compressor, class Aggregate>
 class diloco_engine {
     static constexpr bool device_topk_ = device_topk<Compressor>::available;
     static constexpr bool device_compression =
-        (has_device_compressor<Compressor> || device_topk_) &&
-        std::is_same_v<Aggregate, aggregate::mean>;
+        ((has_device_compressor<Compressor> || device_topk_) &&
+         std::is_same_v<Aggregate, aggregate::mean>) ||
+        (has_device_compressor<Compressor> && has_device_aggregation<Aggregate>);
     using device_exchange_t = std::conditional_t<
         !device_compression, detail::no_device_exchange,
         std::conditional_t<device_topk_, detail::topk_device_exchange<Compressor>,
@@ -239,6 +252,7 @@ public:
         for (const auto& list : lists) {
             frags_.push_back(std::make_unique<fragment>(inner_.table_, list, tensors_, *comm_,
                                                         scheme, h, staging_ != nullptr));
+            attach_device_aggregation(*frags_.back());
         }
         for (auto& f : frags_) {
             gather_values(f->table, master(), f->global.get(), stream());
@@ -284,6 +298,10 @@ public:
 
     float captured_norm(std::size_t fi) {
         fragment& f = *frags_[fi];
+        if (f.agg) {
+            form_delta(f);
+            return f.agg->norm(f.delta.get());
+        }
         download_captured(f);
         double sq = 0.0;
         for (const float x : f.host_captured) sq += static_cast<double>(x) * x;
@@ -295,6 +313,7 @@ public:
         fragment& f = *frags_[fi];
         if (f.device) {
             start_fused(f, h, ctx);
+            if (f.agg) f.agg->start_reports(control_comm(), report);
         } else if (f.device_all_reduce) {
             // An exchange left in flight keeps its delta for save(): the reduction runs in the
             // average buffer. Otherwise it runs in place (no extra pass over the fragment).
@@ -310,6 +329,9 @@ public:
             LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
             f.request = comm_->start_all_reduce(
                 loco::cuda_tensor(f.avg, f.table.padded_elements()), comm::reduce_op::mean);
+        } else if (f.agg) {
+            form_delta(f);
+            f.agg->start(*comm_, control_comm(), f.delta.get(), report);
         } else {
             download_captured(f);
             f.host->start(control_comm(), f.host_captured, h, ctx, report);
@@ -321,6 +343,7 @@ public:
         fragment& f = *frags_[fi];
         loco::detail::stage_failure failure;
         f.hit.reset();
+        if (f.agg) return finish_aggregate(f, h, ah);
         if (f.device || f.device_all_reduce) {
             try {
                 f.request.finish();
@@ -357,17 +380,21 @@ public:
             if (f.device) std::swap(f.device->residual, f.device->next);
         }
         if (f.host) f.host->commit();
+        if (f.agg) f.agg->commit();
     }
 
-    // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp).
-    // Aggregations other than the mean take the host exchange, which keeps them.
+    // The aggregation refused the round, and its state per fragment (aggregate/aggregate.hpp),
+    // kept by the device aggregation or the host exchange, whichever the fragment takes.
     bool refused(std::size_t fi) const noexcept {
+        if (frags_[fi]->agg) return frags_[fi]->agg->refused();
         return frags_[fi]->host && frags_[fi]->host->refused();
     }
     const aggregate::state_t<Aggregate>& aggregate_state(std::size_t fi) const {
+        if (frags_[fi]->agg) return frags_[fi]->agg->state();
         return frags_[fi]->host->aggregate_state();
     }
     void restore_aggregate_state(std::size_t fi, aggregate::state_t<Aggregate> s) {
+        if (frags_[fi]->agg) return frags_[fi]->agg->restore(std::move(s));
         frags_[fi]->host->restore_aggregate_state(std::move(s));
     }
 
@@ -383,7 +410,7 @@ public:
             }
             gather_values(f.table, master(), f.local.get(), stream());
         }
-        if (f.device) {
+        if (f.device && !f.agg) {
             apply_fused(f);
         } else {
             outer_apply<Outer>(f.table, f.global.get(), f.avg, f.outer_state.get(), master(),
@@ -468,8 +495,10 @@ public:
         const fragment& f = *frags_[fi];
         const auto m = static_cast<std::uint64_t>(comm_->size());
         if constexpr (device_compression) {
+            if (f.agg && f.device) return f.agg->bytes_per_average(m, f.device->plan.payload_bytes());
             if (f.device) return (m - 1) * f.device->plan.payload_bytes();
         }
+        if (f.agg) return f.agg->bytes_per_average(m);
         if (!f.device_all_reduce) return f.host->bytes_per_average(h);
         const std::uint64_t n = f.table.padded_elements();
         const auto r = static_cast<std::uint64_t>(comm_->rank());
@@ -698,7 +727,10 @@ private:
         static bool fused(const comm::communicator& comm, exchange_scheme scheme,
                           const typename Compressor::hyper& h) {
             return device_layout(h) && comm.space() == memory_space::cuda &&
-                   (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather);
+                   (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather) &&
+                   (std::is_same_v<Aggregate, aggregate::mean> ||
+                    static_cast<std::size_t>(comm.size()) <=
+                        device_aggregation<Aggregate>::max_workers);
         }
 
         // The device plan is built from the tensor table, which records no rows: statistical<>
@@ -737,6 +769,7 @@ private:
         std::unique_ptr<device_exchange_t> device;
         std::unique_ptr<loco::detail::exchanger<Compressor, Aggregate>> host;
         bool device_all_reduce = false;
+        std::unique_ptr<device_aggregation<Aggregate>> agg;  // the device aggregation path
         comm::request request;
         bool kept = false;        // delta holds the pseudo-gradient
         bool hold = false;        // the handle asked to keep it until the exchange finishes
@@ -747,6 +780,71 @@ private:
     };
 
     float* master() const noexcept { return inner_.master_ptr(); }
+
+    // The device aggregation path (the top of the file): an aggregation with a device
+    // implementation, a GPU communicator, at most 64 workers, and no compressor (the fp32 deltas
+    // gathered) or the fused path's (its payloads gathered and decoded per worker).
+    void attach_device_aggregation(fragment& f) {
+        if constexpr (has_device_aggregation<Aggregate>) {
+            bool gathers = false;
+            if constexpr (std::is_same_v<Compressor, compress::none>) {
+                gathers = staging_ && f.host && f.host->scheme() == exchange_scheme::all_gather &&
+                          static_cast<std::size_t>(comm_->size()) <=
+                              device_aggregation<Aggregate>::max_workers;
+            } else if constexpr (device_compression) {
+                gathers = f.device != nullptr;  // fragment::fused() checked the rest
+            }
+            if (gathers) {
+                f.agg = std::make_unique<device_aggregation<Aggregate>>(f.table, comm_->size(),
+                                                                        stream());
+            }
+        } else {
+            static_cast<void>(f);
+        }
+    }
+
+    // The pseudo-gradient in the delta buffer (formed now unless it is kept there).
+    void form_delta(fragment& f) {
+        if (!f.kept) {
+            outer_delta(f.table, f.global.get(), master(), f.delta.get(), stream());
+            f.kept = true;
+        }
+    }
+
+    // The device aggregation's finish: with a compressor, the payloads checked and each decoded
+    // into its row; then the aggregate in the aggregation's buffer, or a refusal.
+    loco::detail::stage_failure finish_aggregate(fragment& f, const typename Compressor::hyper& h,
+                                                 const typename Aggregate::hyper& ah) {
+        loco::detail::stage_failure failure;
+        if constexpr (device_compression && !device_topk_) {
+            if (f.device) {
+                try {
+                    f.request.finish();
+                } catch (...) {
+                    failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+                }
+                if (!failure) {
+                    try {
+                        decode_rows(f, h);
+                    } catch (...) {
+                        failure.record(loco::detail::sync_stage::decode, std::current_exception());
+                    }
+                }
+            }
+        } else {
+            static_cast<void>(h);
+        }
+        failure = f.agg->finish(ah, std::move(failure));
+        f.avg = f.agg->result();
+        if (!failure && !f.agg->refused()) {
+            try {
+                f.hit = check_average(f, f.avg);
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::decode, std::current_exception());
+            }
+        }
+        return failure;
+    }
 
     void init_control(comm::communicator& comm) {
         comm_space_ = comm.space();
@@ -869,6 +967,33 @@ private:
                                                f.global.get(), f.outer_state.get(), master(),
                                                f.control.hyper(), f.control.control(), nullptr,
                                                stream());
+        }
+    }
+
+    // Every received payload checks out (or wire_error before anything is written), then each
+    // rank's decoded into its row of the device aggregation (an average of one payload: the
+    // host decoder's values).
+    void decode_rows(fragment& f, const typename Compressor::hyper& h) {
+        if constexpr (device_compression && !device_topk_) {
+            auto& dx = *f.device;
+            using support = device_compressor<Compressor>;
+            typename support::codec::hyper ch{};
+            if constexpr (support::feedback) {
+                ch = h.compress;
+            } else {
+                ch = h;
+            }
+            static_cast<void>(dx.check.run(dx.plan, f.table, ch, dx.recv.get(), stream()));
+            const std::size_t p = dx.plan.payload_bytes();
+            const std::size_t n = f.table.padded_elements();
+            for (int k = 0; k < comm_->size(); ++k) {
+                const auto r = static_cast<std::size_t>(k);
+                decode_average(dx.plan, f.table, dx.recv.get() + r * p, 1,
+                               f.agg->rows() + r * n, stream());
+            }
+        } else {
+            static_cast<void>(f);
+            static_cast<void>(h);
         }
     }
 
