@@ -1,13 +1,14 @@
 // Worker loss and rejoin on the CUDA backend (issue 12, item 2): regroup() moves a GPU handle onto a
 // new communicator of survivors, then onto one with a newcomer that is healed from a survivor, on
-// every exchange path (the device fp32 all-reduce, the fused 2-bit + error-feedback all-gather, and
-// the host exchange through cuda_staging with two_phase). The same events run on thread workers
-// with the host handle, whose regroup() tests/heal_test.cpp checks against a double-precision
-// simulation; here every rank's parameters, global values, outer momentum and residuals on the GPU
-// equal the host run's. The events: 3 workers train 2 rounds; worker 2 is lost (cuda_replicas: it
-// aborts the group and the survivors' sync fails with nothing changed; NCCL: it leaves after a
-// round, the emulator's NCCL has no timeouts); the survivors regroup onto a group of 2 and train a
-// round; a newcomer joins a group of 3, is healed from rank 0, and all train 2 more rounds.
+// every exchange path: the device fp32 all-reduce, the fused 2-bit + error-feedback all-gather,
+// the device aggregation of a robust policy, and the host exchange through cuda_staging
+// (two_phase). The same events run on thread workers with the host handle, whose regroup()
+// tests/heal_test.cpp checks against a double-precision simulation; here every rank's parameters,
+// global values, outer momentum and residuals on the GPU equal the host run's. The events: 3
+// workers train 2 rounds; worker 2 is lost (cuda_replicas: it aborts the group and the survivors'
+// sync fails with nothing changed; NCCL: it leaves after a round, the emulator's NCCL has no
+// timeouts); the survivors regroup onto a group of 2 and train a round; a newcomer joins a group
+// of 3, is healed from rank 0, and all train 2 more rounds.
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
@@ -98,11 +99,11 @@ struct nccl_side {
 
 using ef2 = cz::error_feedback<cz::blockwise<2, 256>>;
 
-template <class Side, class Compressor>
+template <class Side, class Compressor, class Aggregate = loco::aggregate::mean>
 struct worker {
-    using handle = std::conditional_t<Side::gpu,
-                                      loco::cuda::diloco<inner, outer, Compressor, ls::every>,
-                                      loco::diloco<inner, outer, Compressor, ls::every>>;
+    using handle = std::conditional_t<
+        Side::gpu, loco::cuda::diloco<inner, outer, Compressor, ls::every, Aggregate>,
+        loco::diloco<inner, outer, Compressor, ls::every, Aggregate>>;
     using params_t = std::conditional_t<Side::gpu, gpu_params, host_params>;
 
     std::string label;
@@ -161,7 +162,7 @@ struct worker {
 
 // The events of the file's comment; slot 3 is the newcomer. `fail`: worker 2 aborts the first
 // group and the survivors' sync fails, else it leaves after round 2.
-template <class Side, class Compressor>
+template <class Side, class Compressor, class Aggregate = loco::aggregate::mean>
 std::vector<final_state> run_events(const std::string& label, loco::exchange_scheme scheme,
                                     bool fail) {
     auto first = Side::make(3);
@@ -192,7 +193,7 @@ std::vector<final_state> run_events(const std::string& label, loco::exchange_sch
     for (int r = 0; r < 3; ++r) {
         threads.emplace_back(guarded(device_of(r), [&, r](cudaStream_t s) {
             auto comm = Side::join(first, r, s);
-            worker<Side, Compressor> w(label, r, *comm, s, scheme);
+            worker<Side, Compressor, Aggregate> w(label, r, *comm, s, scheme);
             w.opt->start();
             w.round();
             w.round();
@@ -239,7 +240,7 @@ std::vector<final_state> run_events(const std::string& label, loco::exchange_sch
     threads.emplace_back(guarded(device_of(2), [&](cudaStream_t s) {
         while (!third_open) std::this_thread::sleep_for(std::chrono::milliseconds(5));
         auto three = Side::join(third, 2, s);
-        worker<Side, Compressor> w(label, 7, *three, s, scheme);  // its own values, healed
+        worker<Side, Compressor, Aggregate> w(label, 7, *three, s, scheme);  // its own values, healed
         w.opt->regroup(*three, 0);
         CHECK(w.params() == [&] {
             const auto g = w.opt->global();
@@ -275,11 +276,11 @@ void expect_same(const std::vector<final_state>& gpu, const std::vector<final_st
     }
 }
 
-template <class Side, class Compressor>
+template <class Side, class Compressor, class Aggregate = loco::aggregate::mean>
 void check_paths(const std::string& name, loco::exchange_scheme scheme, double tol, bool fail) {
     const std::string label = "regroup " + name + (fail ? " fail" : " leave");
-    const auto host = run_events<threads_side, Compressor>(label, scheme, fail);
-    const auto gpu = run_events<Side, Compressor>(label, scheme, fail);
+    const auto host = run_events<threads_side, Compressor, Aggregate>(label, scheme, fail);
+    const auto gpu = run_events<Side, Compressor, Aggregate>(label, scheme, fail);
     expect_same(gpu, host, tol, fail);
 }
 
@@ -291,6 +292,10 @@ TEST_CASE("cuda backend regroup on replicas: a lost worker, the survivors, a hea
     }
     SUBCASE("fused 2-bit with error feedback") {
         check_paths<replicas_side, ef2>("ef2", loco::exchange_scheme::automatic, 1e-4, true);
+    }
+    SUBCASE("device aggregation (median of the fp32 deltas; its state starts again)") {
+        check_paths<replicas_side, cz::none, loco::aggregate::median>(
+            "median", loco::exchange_scheme::all_gather, 1e-5, true);
     }
     SUBCASE("host exchange through cuda_staging (two_phase)") {
         check_paths<replicas_side, ef2>("ef2 two-phase", loco::exchange_scheme::two_phase, 1e-4,

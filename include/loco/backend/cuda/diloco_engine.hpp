@@ -588,13 +588,15 @@ public:
     // GPU communicator, the staging view the handle's own collectives use; stage_regroup()
     // uploads the shared state the donor sent into fresh device arrays; adopt() swaps them in.
     // This worker's error-feedback residuals carry over when `keep` (a survivor), else start at
-    // zero (a newcomer). Adopting drops an exchange in flight on the old communicator (it waits
-    // for it, as a request dropped unfinished does). The group must move the memory the old
-    // communicator moved: the exchange path of each fragment was chosen for it.
+    // zero (a newcomer); the aggregation's state starts again. Adopting drops an exchange in
+    // flight on the old communicator (it waits for it, as a request dropped unfinished does). The
+    // group must move the memory the old communicator moved: the exchange path of each fragment
+    // was chosen for it.
     struct regroup_plan {
         struct part {
             std::unique_ptr<device_exchange_t> device;
             std::unique_ptr<loco::detail::exchanger<Compressor, Aggregate>> host;
+            std::unique_ptr<device_aggregation<Aggregate>> agg;
             bool device_all_reduce = false;
             device_buffer<float> global, outer_state;
         };
@@ -631,6 +633,20 @@ public:
                     f.host->scheme(), group.size(), group.rank(), h);
                 q.device_all_reduce = f.device_all_reduce &&
                                       q.host->scheme() == exchange_scheme::all_reduce;
+            }
+            if constexpr (has_device_aggregation<Aggregate>) {
+                if (f.agg) {
+                    if (static_cast<std::size_t>(group.size()) >
+                        device_aggregation<Aggregate>::max_workers) {
+                        throw invalid_argument(
+                            std::string(handle_name) + ": regroup() onto " +
+                            std::to_string(group.size()) + " workers; the device aggregation " +
+                            "this handle was built with takes at most " +
+                            std::to_string(device_aggregation<Aggregate>::max_workers));
+                    }
+                    q.agg = std::make_unique<device_aggregation<Aggregate>>(f.table, group.size(),
+                                                                            stream());
+                }
             }
             plan.parts.push_back(std::move(q));
         }
@@ -678,6 +694,9 @@ public:
                 f.host = std::move(q.host);  // a host exchange in flight: dropped here
                 f.device_all_reduce = q.device_all_reduce;
             }
+            // The aggregation's state (EDiT's detectors, centered clipping's center) starts
+            // again with the group, as the host exchanger's does.
+            if (q.agg) f.agg = std::move(q.agg);
             f.global = std::move(q.global);
             f.outer_state = std::move(q.outer_state);
             f.kept = false;
