@@ -55,7 +55,7 @@ std::string parse_error(std::vector<const char*> args) {
 
 }  // namespace
 
-TEST_CASE("gpt: two sign-flip attackers of five pull mean away; median holds") {
+TEST_CASE("gpt: two sign-flip attackers of five pull mean away while median holds") {
     const std::uint64_t seed = loco_test::rng_for("gpt.attack")() % 1000;
     INFO("seed " << seed);
     gpt::options o;
