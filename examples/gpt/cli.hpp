@@ -66,6 +66,24 @@ inline void usage(std::FILE* to) {
         "                         (default %s)\n"
         "                         streaming and delayed are compiled with --inner adamw\n"
         "                         --outer nesterov --compress none|blockwise4 only\n"
+        "  --aggregate NAME       %s (default %s)\n"
+        "                         all but mean are compiled with --inner adamw --outer nesterov\n"
+        "                         --compress none --schedule every; median_norm_clip with\n"
+        "                         --outer sgd --compress sparseloco (SparseLoCo); --compress demo\n"
+        "                         with --inner adamw --outer nesterov and mean only\n"
+        "  --trim B               trimmed_mean: values dropped at each end (default %llu; 2B < M)\n"
+        "  --clip-tau X           centered_clip: radius tau (default %g)\n"
+        "  --clip-iterations L    centered_clip: iterations (default %llu)\n"
+        "  --edit-scope NAME      edit: fragment | tensor, where norms are taken (default %s)\n"
+        "  --edit-temperature T   edit: softmax(-G / T) weights (default %g)\n"
+        "  --edit-warmup N        edit: norms before the anomaly detector flags\n"
+        "                         (default %llu)\n"
+        "  --edit-clip PHI        edit: clip of the aggregate's norm (default none)\n"
+        "attack (robustness runs, --schedule every)\n"
+        "  --attackers N          the last N workers corrupt their pseudo-gradient at every\n"
+        "                         sync (default 0)\n"
+        "  --attack NAME          scaled (100x) | sign_flip (-4x) | nan | random (honest norm)\n"
+        "                         (default %s)\n"
         "reporting\n"
         "  --log-every N          progress line interval (default %llu)\n"
         "  --eval-every N         validation interval (default %llu)\n"
@@ -80,10 +98,16 @@ inline void usage(std::FILE* to) {
         double(d.weight_decay), static_cast<unsigned long long>(d.seed),
         choice_names<inner_choices>().c_str(), d.inner.c_str(),
         choice_names<outer_choices>().c_str(), d.outer.c_str(),
-        choice_names<compress_choices>().c_str(), d.compress.c_str(),
+        choice_names<known_compress_choices>().c_str(), d.compress.c_str(),
         choice_names<schedule_choices>().c_str(), d.schedule.c_str(),
         static_cast<unsigned long long>(d.every), static_cast<unsigned long long>(d.fragments),
         static_cast<unsigned long long>(d.overlap), double(d.alpha), d.pattern.c_str(),
+        choice_names<aggregate_choices>().c_str(), d.aggregate.c_str(),
+        static_cast<unsigned long long>(trimmed_mean_choice::type::hyper{}.trim),
+        double(centered_clip_choice::type::hyper{}.tau),
+        static_cast<unsigned long long>(centered_clip_choice::type::hyper{}.iterations),
+        d.edit_scope.c_str(), double(edit_choice::type::hyper{}.temperature),
+        static_cast<unsigned long long>(edit_choice::type::hyper{}.ewma_warmup), d.attack.c_str(),
         static_cast<unsigned long long>(d.log_every),
         static_cast<unsigned long long>(d.eval_every), d.eval_sequences);
 }
@@ -158,6 +182,20 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--overlap") o.overlap = count();
         else if (flag == "--alpha") o.alpha = real();
         else if (flag == "--pattern") o.pattern = v;
+        else if (flag == "--aggregate") o.aggregate = v;
+        else if (flag == "--trim") o.trim = count();
+        else if (flag == "--clip-tau") o.clip_tau = real();
+        else if (flag == "--clip-iterations") o.clip_iterations = count();
+        else if (flag == "--edit-scope") o.edit_scope = v;
+        else if (flag == "--edit-temperature") o.edit_temperature = real();
+        else if (flag == "--edit-warmup") o.edit_warmup = count();
+        else if (flag == "--edit-clip") o.edit_clip = real();
+        else if (flag == "--attackers") {
+            const std::uint64_t n = count();
+            if (n > 255) throw usage_error("gpt: --attackers must be below --workers");
+            o.attackers = static_cast<int>(n);
+        }
+        else if (flag == "--attack") o.attack = v;
         else if (flag == "--log-every") o.log_every = count();
         else if (flag == "--eval-every") o.eval_every = count();
         else if (flag == "--eval-sequences") o.eval_sequences = count();
@@ -167,6 +205,15 @@ inline bool parse(int argc, char** argv, options& o) {
     }
     if (o.data != "fortunes" && o.data != "markov") {
         throw usage_error("gpt: unknown --data '" + o.data + "'; valid: fortunes, markov");
+    }
+    if (o.edit_scope != "fragment" && o.edit_scope != "tensor") {
+        throw usage_error("gpt: unknown --edit-scope '" + o.edit_scope +
+                          "'; valid: fragment, tensor");
+    }
+    if (o.attackers >= o.workers) {
+        throw usage_error("gpt: --attackers " + std::to_string(o.attackers) +
+                          " leaves no honest worker of " + std::to_string(o.workers) +
+                          "; choose fewer than --workers");
     }
     if (o.pattern != "strided" && o.pattern != "sequential") {
         throw usage_error("gpt: unknown --pattern '" + o.pattern + "'; valid: strided, sequential");

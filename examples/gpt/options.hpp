@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace gpt {
@@ -42,6 +43,23 @@ struct options {
     std::uint64_t overlap = 1;      // tau
     float alpha = 0.5f;
     std::string pattern = "strided";  // strided | sequential: how layers are dealt to fragments
+
+    // how the pseudo-gradients are combined (policies.hpp, aggregate_choices); an unset value
+    // means the policy's own default
+    std::string aggregate = "mean";  // mean | edit | trimmed_mean | median | centered_clip |
+                                     // median_norm_clip
+    std::optional<std::uint64_t> trim;          // trimmed_mean: b values dropped at each end
+    float clip_tau = -1.0f;                     // centered_clip: radius tau
+    std::optional<std::uint64_t> clip_iterations;  // centered_clip: L
+    std::string edit_scope = "fragment";        // edit: fragment | tensor (where norms are taken)
+    float edit_temperature = -1.0f;             // edit: T of the softmax(-G / T) weights
+    std::optional<std::uint64_t> edit_warmup;   // edit: norms seen before the detector flags
+    float edit_clip = -1.0f;                    // edit: phi, the clip of the aggregate's norm
+
+    // attackers: the last `attackers` workers send a corrupted pseudo-gradient at every sync
+    // (rules.hpp, diloco_rule::attack); 0: an honest run
+    int attackers = 0;
+    std::string attack = "sign_flip";  // scaled | sign_flip | nan | random
 
     // hyper-parameters; a negative value means "the default of the chosen policy" (see
     // policies.hpp for this trainer's defaults)

@@ -1,7 +1,7 @@
 #pragma once
 // The policies a run may choose on the command line, each with the name it is chosen by and how
 // its hyper-parameters come from the options. A run is dispatched to one compiled instantiation
-// of loco::diloco<inner, outer, compressor, schedule> (or of loco::optimizer<inner> for the
+// of loco::diloco<inner, outer, compressor, schedule, aggregate> (or of loco::optimizer<inner> for the
 // synchronous baseline) by dispatch<List>(name, ...), which knows nothing about any policy:
 // adding a choice is one struct here and its name in the list below it.
 
@@ -121,6 +121,82 @@ using compress_choices = std::tuple<
     compress_choice<loco::compress::error_feedback<loco::compress::statistical<2>>,
                     statistical2_ef_name>>;
 
+// The compressors of the frontier, compiled only in the combinations below that use them (not
+// with every inner and outer optimizer). Their hyper-parameters are the references' defaults:
+// SparseLoCo's are templar's hparams.json (64 x 64 chunks, 64 values kept per chunk, 2-bit codes,
+// accumulator decay 0.95), DeMo's are its repository's (64 x 64 chunks, 32 DCT coefficients kept
+// per chunk, residual decay 0.999, fp32 values).
+inline constexpr char sparseloco_name[] = "sparseloco";
+inline constexpr char demo_name[] = "demo";
+
+using frontier_compress_choices =
+    std::tuple<compress_choice<loco::compress::sparseloco, sparseloco_name>,
+               compress_choice<loco::compress::demo, demo_name>>;
+
+// Every --compress name the trainer knows.
+using known_compress_choices =
+    decltype(std::tuple_cat(compress_choices{}, frontier_compress_choices{}));
+
+// ---- aggregation of the pseudo-gradients ----------------------------------------------------
+// An unset option keeps the policy's default (include/loco/aggregate/).
+
+struct mean_choice {
+    static constexpr std::string_view name = "mean";
+    using type = loco::aggregate::mean;
+    static type::hyper hyper(const options&) { return {}; }
+};
+
+struct edit_choice {
+    static constexpr std::string_view name = "edit";
+    using type = loco::aggregate::edit;
+    static type::hyper hyper(const options& o) {
+        type::hyper h;
+        h.scope = o.edit_scope == "tensor" ? loco::aggregate::edit_scope::tensor
+                                           : loco::aggregate::edit_scope::fragment;
+        h.temperature = detail::or_default(o.edit_temperature, h.temperature);
+        h.ewma_warmup = o.edit_warmup.value_or(h.ewma_warmup);
+        h.clip = detail::or_default(o.edit_clip, h.clip);
+        return h;
+    }
+};
+
+struct trimmed_mean_choice {
+    static constexpr std::string_view name = "trimmed_mean";
+    using type = loco::aggregate::trimmed_mean;
+    static type::hyper hyper(const options& o) {
+        type::hyper h;
+        h.trim = o.trim.value_or(h.trim);
+        return h;
+    }
+};
+
+struct median_choice {
+    static constexpr std::string_view name = "median";
+    using type = loco::aggregate::median;
+    static type::hyper hyper(const options&) { return {}; }
+};
+
+struct centered_clip_choice {
+    static constexpr std::string_view name = "centered_clip";
+    using type = loco::aggregate::centered_clip;
+    static type::hyper hyper(const options& o) {
+        type::hyper h;
+        h.tau = detail::or_default(o.clip_tau, h.tau);
+        h.iterations = o.clip_iterations.value_or(h.iterations);
+        return h;
+    }
+};
+
+// SparseLoCo's aggregation (templar): each worker's tensor scaled down to the median norm.
+struct median_norm_clip_choice {
+    static constexpr std::string_view name = "median_norm_clip";
+    using type = loco::aggregate::median_norm_clip;
+    static type::hyper hyper(const options&) { return {}; }
+};
+
+using aggregate_choices = std::tuple<mean_choice, edit_choice, trimmed_mean_choice, median_choice,
+                                     centered_clip_choice, median_norm_clip_choice>;
+
 // ---- sync schedules -----------------------------------------------------------------------------
 // Each also says how the model is cut into the fragments it syncs (fragments(o, layers)).
 
@@ -169,20 +245,37 @@ using schedule_choices = std::tuple<every_choice, streaming_choice, delayed_choi
 // kinds, the other schedules only with what the study (scripts/study) runs. A combination
 // that is not compiled is refused with the ones that are.
 
-template <class Inners, class Outers, class Compressors, class Schedules>
+template <class Inners, class Outers, class Compressors, class Schedules,
+          class Aggregates = std::tuple<mean_choice>>
 struct combinations {
     using inners = Inners;
     using outers = Outers;
     using compressors = Compressors;
     using schedules = Schedules;
+    using aggregates = Aggregates;
 };
 
+// The robust aggregations and the frontier's compressors are compiled with DiLoCo's AdamW inside
+// and `every` only (six instantiations): the attack runs (scripts/attack) and the study's edit,
+// sparseloco and demo rows.
 using compiled_combinations = std::tuple<
     combinations<inner_choices, outer_choices, compress_choices, std::tuple<every_choice>>,
     combinations<std::tuple<adamw_choice>, std::tuple<nesterov_choice>,
                  std::tuple<std::tuple_element_t<0, compress_choices>,   // none
                             std::tuple_element_t<2, compress_choices>>,  // blockwise4
-                 std::tuple<streaming_choice, delayed_choice>>>;
+                 std::tuple<streaming_choice, delayed_choice>>,
+    combinations<std::tuple<adamw_choice>, std::tuple<nesterov_choice>,
+                 std::tuple<std::tuple_element_t<0, compress_choices>>,  // none
+                 std::tuple<every_choice>,
+                 std::tuple<edit_choice, trimmed_mean_choice, median_choice, centered_clip_choice>>,
+    // SparseLoCo as templar runs it: outer SGD at lr 1 (no momentum), median-norm clipping
+    combinations<std::tuple<adamw_choice>, std::tuple<outer_sgd_choice>,
+                 std::tuple<std::tuple_element_t<0, frontier_compress_choices>>,  // sparseloco
+                 std::tuple<every_choice>, std::tuple<median_norm_clip_choice>>,
+    // DeMo's DCT top-k (fp32 values) under DiLoCo's outer Nesterov
+    combinations<std::tuple<adamw_choice>, std::tuple<nesterov_choice>,
+                 std::tuple<std::tuple_element_t<1, frontier_compress_choices>>,  // demo
+                 std::tuple<every_choice>>>;
 
 // ---- dispatch -----------------------------------------------------------------------------------
 

@@ -7,21 +7,28 @@
 //                     (one fp32 all-reduce of the whole model) and every worker applies the same
 //                     inner step. The baseline DiLoCo is measured against, same global batch.
 //   diloco_rule       loco::diloco: inner steps on the worker's own gradients, and a sync of the
-//                     pseudo-gradients when the schedule says so.
+//                     pseudo-gradients when the schedule says so, aggregated by the chosen
+//                     policy. With --attackers N the last N workers corrupt what they send
+//                     (diloco_rule::attack).
 
 #include "options.hpp"
 #include "policies.hpp"
 
 #include <loco/loco.hpp>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <random>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace gpt {
 
@@ -78,25 +85,28 @@ private:
     std::uint64_t syncs_ = 0;
 };
 
-template <class Inner, class Outer, class Compress, class Schedule>
+// The corruptions an attacker applies to its honest pseudo-gradient Delta (as in
+// tests/attack_test.cpp): 100 Delta, -4 Delta, NaN everywhere, or Gaussian noise scaled to
+// Delta's norm.
+inline constexpr std::string_view attack_names[] = {"scaled", "sign_flip", "nan", "random"};
+
+template <class Inner, class Outer, class Compress, class Schedule, class Aggregate = mean_choice>
 class diloco_rule final : public update_rule {
     using handle = loco::diloco<typename Inner::type, typename Outer::type, typename Compress::type,
-                                typename Schedule::type>;
+                                typename Schedule::type, typename Aggregate::type>;
 
 public:
     diloco_rule(const options& o, loco::comm::communicator& comm, worker_state& w)
         : o_(o),
-          d_(w.list, comm,
-             typename handle::config{.inner = Inner::hyper(o, 1.0f),
-                                     .outer = Outer::hyper(o),
-                                     .schedule = Schedule::hyper(o),
-                                     .compress = Compress::hyper(o),
-                                     .seed = o.seed,
-                                     .fragments = Schedule::fragments(o)}) {}
+          w_(w),
+          attacker_(comm.rank() >= comm.size() - o.attackers),
+          noise_(o.seed * 7919 + static_cast<std::uint64_t>(comm.rank())),
+          d_(w.list, comm, make_config(o)) {}
 
     void start() override { d_.start(); }
     void step(float lr_factor) override {
         d_.inner_hyper() = Inner::hyper(o_, lr_factor);
+        if (attacker_ && (d_.calls() + 1) % o_.every == 0) attack();  // this call syncs
         last_synced_ = d_.step().synced;
     }
     void finish() override {
@@ -104,6 +114,7 @@ public:
         // exchange in flight never ends with every fragment freshly synced: it ends with one sync
         // of the whole model (whose bytes are counted like any others).
         if (!last_synced_ || !std::is_same_v<typename Schedule::type, loco::schedule::every>) {
+            if (attacker_) attack();
             d_.sync();
             last_synced_ = true;
         }
@@ -112,7 +123,61 @@ public:
     std::uint64_t syncs() const override { return d_.outer_steps(); }
 
 private:
+    static typename handle::config make_config(const options& o) {
+        typename handle::config c{.inner = Inner::hyper(o, 1.0f),
+                                  .outer = Outer::hyper(o),
+                                  .schedule = Schedule::hyper(o),
+                                  .compress = Compress::hyper(o),
+                                  .seed = o.seed,
+                                  .fragments = Schedule::fragments(o)};
+        c.aggregate = Aggregate::hyper(o);
+        // `mean` under the NaN attack skips every sync; the run then shows a model that never
+        // moves instead of stopping at the 10th skipped sync.
+        if (o.attackers > 0) c.max_skipped_syncs = 0;
+        return c;
+    }
+
+    // An attacker's move, just before a call that syncs (--schedule every only): it replaces its
+    // local parameters x by g - a(g - x), g the global parameters and a the corruption, so the
+    // pseudo-gradient it sends is a(Delta) for Delta its honest pseudo-gradient of the round's
+    // first H - 1 inner steps, plus its last (honest) inner step. It trains honestly in between:
+    // every sync resets x to the new global parameters.
+    void attack() {
+        const std::span<const float> g = d_.global();
+        float* x = w_.params;
+        double norm = 0.0;
+        for (std::size_t i = 0; i < w_.total; ++i) {
+            const double d = static_cast<double>(g[i]) - x[i];
+            norm += d * d;
+        }
+        norm = std::sqrt(norm);
+        if (o_.attack == "random") {
+            std::normal_distribution<double> gauss;
+            noise_buffer_.resize(w_.total);
+            double nn = 0.0;
+            for (double& v : noise_buffer_) {
+                v = gauss(noise_);
+                nn += v * v;
+            }
+            const double scale = nn > 0.0 ? norm / std::sqrt(nn) : 0.0;
+            for (std::size_t i = 0; i < w_.total; ++i) {
+                x[i] = static_cast<float>(g[i] - noise_buffer_[i] * scale);
+            }
+            return;
+        }
+        const double factor = o_.attack == "scaled" ? 100.0 : o_.attack == "sign_flip" ? -4.0 : 0.0;
+        for (std::size_t i = 0; i < w_.total; ++i) {
+            const double d = static_cast<double>(g[i]) - x[i];
+            x[i] = o_.attack == "nan" ? std::numeric_limits<float>::quiet_NaN()
+                                      : static_cast<float>(g[i] - factor * d);
+        }
+    }
+
     const options& o_;
+    worker_state& w_;
+    bool attacker_;
+    std::mt19937_64 noise_;
+    std::vector<double> noise_buffer_;
     handle d_;
     bool last_synced_ = true;
 };
@@ -137,10 +202,18 @@ rule_factory make_diloco_factory(const options& o) {
                             if constexpr (requires { S::type::validate(S::hyper(o)); }) {
                                 S::type::validate(S::hyper(o));
                             }
-                            return [&o](loco::comm::communicator& c,
-                                        worker_state& w) -> std::unique_ptr<update_rule> {
-                                return std::make_unique<diloco_rule<I, O, C, S>>(o, c, w);
-                            };
+                            return dispatch<typename Combo::aggregates>(
+                                o.aggregate, "--aggregate", [&]<class A>() -> rule_factory {
+                                    // So are bad aggregation settings.
+                                    if constexpr (requires { A::type::validate(A::hyper(o)); }) {
+                                        A::type::validate(A::hyper(o));
+                                    }
+                                    return [&o](loco::comm::communicator& c, worker_state& w)
+                                               -> std::unique_ptr<update_rule> {
+                                        return std::make_unique<diloco_rule<I, O, C, S, A>>(o, c,
+                                                                                             w);
+                                    };
+                                });
                         });
                 });
         });
@@ -152,7 +225,38 @@ bool offers(const options& o) {
     return has_choice<typename Combo::inners>(o.inner) &&
            has_choice<typename Combo::outers>(o.outer) &&
            has_choice<typename Combo::compressors>(o.compress) &&
-           has_choice<typename Combo::schedules>(o.schedule);
+           has_choice<typename Combo::schedules>(o.schedule) &&
+           has_choice<typename Combo::aggregates>(o.aggregate);
+}
+
+// Whether a combination compiles other aggregations than `mean` (then its messages name them).
+template <class Combo>
+constexpr bool aggregates_beyond_mean() {
+    return !std::is_same_v<typename Combo::aggregates, std::tuple<mean_choice>>;
+}
+
+// The attack options, checked before any worker starts.
+inline void check_attack(const options& o) {
+    bool known = false;
+    std::string valid;
+    for (const std::string_view a : attack_names) {
+        known = known || a == o.attack;
+        valid += (valid.empty() ? "" : ", ") + std::string(a);
+    }
+    if (!known) {
+        throw loco::invalid_argument("gpt: unknown --attack '" + o.attack + "'; valid: " + valid);
+    }
+    if (o.attackers < 0 || o.attackers >= o.workers) {
+        throw loco::invalid_argument("gpt: --attackers must be between 0 and --workers - 1 = " +
+                                     std::to_string(o.workers - 1) +
+                                     " (worker 0, which measures the loss, stays honest)");
+    }
+    if (o.attackers > 0 && (o.sync_every_step || o.schedule != "every")) {
+        throw loco::invalid_argument(
+            "gpt: --attackers needs DiLoCo's --schedule every (an attacker corrupts its "
+            "parameters just before each sync); drop --sync-every-step or --schedule " +
+            o.schedule);
+    }
 }
 
 }  // namespace detail
@@ -166,12 +270,22 @@ rule_factory make_rule_factory(const options& o) {
     // Every name is checked, also those a synchronous run does not use.
     check_choice<inner_choices>(o.inner, "--inner");
     check_choice<outer_choices>(o.outer, "--outer");
-    check_choice<compress_choices>(o.compress, "--compress");
+    check_choice<known_compress_choices>(o.compress, "--compress");
     check_choice<schedule_choices>(o.schedule, "--schedule");
+    check_choice<aggregate_choices>(o.aggregate, "--aggregate");
+    if (o.edit_scope != "fragment" && o.edit_scope != "tensor") {
+        throw loco::invalid_argument("gpt: unknown --edit-scope '" + o.edit_scope +
+                                     "'; valid: fragment, tensor");
+    }
+    detail::check_attack(o);
     if (o.sync_every_step) {
         if (o.compress != "none") {
             throw loco::invalid_argument(
                 "gpt: --sync-every-step all-reduces fp32 gradients; drop --compress " + o.compress);
+        }
+        if (o.aggregate != "mean") {
+            throw loco::invalid_argument(
+                "gpt: --sync-every-step averages gradients; drop --aggregate " + o.aggregate);
         }
         return dispatch<SyncInners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
             return [&o](loco::comm::communicator& c, worker_state& w) -> std::unique_ptr<update_rule> {
@@ -190,6 +304,9 @@ rule_factory make_rule_factory(const options& o) {
                              choice_alternatives<typename combo::inners>() + " --outer " +
                              choice_alternatives<typename combo::outers>() + " --compress " +
                              choice_alternatives<typename combo::compressors>();
+                 if constexpr (detail::aggregates_beyond_mean<combo>()) {
+                     compiled += " --aggregate " + choice_alternatives<typename combo::aggregates>();
+                 }
              }
          }()),
          ...);
@@ -197,7 +314,9 @@ rule_factory make_rule_factory(const options& o) {
     if (!out) {
         throw loco::invalid_argument(
             "gpt: --schedule " + o.schedule + " with --inner " + o.inner + " --outer " + o.outer +
-            " --compress " + o.compress + " is not compiled into this trainer; " +
+            " --compress " + o.compress +
+            (o.aggregate == "mean" ? std::string() : " --aggregate " + o.aggregate) +
+            " is not compiled into this trainer; " +
             (compiled.empty() ? std::string("no combination with this schedule is")
                               : "it is compiled with " + compiled) +
             " (add a combination to compiled_combinations in examples/gpt/policies.hpp)");
@@ -212,6 +331,11 @@ inline std::string describe_mode(const options& o) {
     }
     std::string s = "DiLoCo inner " + o.inner + ", outer " + o.outer + ", compress " + o.compress +
                     ", schedule " + o.schedule + " H=" + std::to_string(o.every);
+    if (o.aggregate != "mean") s += ", aggregate " + o.aggregate;
+    if (o.attackers > 0) {
+        s += ", " + std::to_string(o.attackers) + " attacker" + (o.attackers > 1 ? "s" : "") +
+             " (" + o.attack + ")";
+    }
     if (o.schedule == "streaming") {
         char buf[96];
         std::snprintf(buf, sizeof buf, " P=%llu tau=%llu alpha=%g pattern=",

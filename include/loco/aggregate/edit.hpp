@@ -1,6 +1,8 @@
 #pragma once
 // EDiT's pseudo-gradient penalty (Cheng et al., arXiv 2412.07210; atorch's local_sgd code) as an
-// aggregation policy, per fragment (a layer when the layers are registered as fragments):
+// aggregation policy, per fragment (a layer when the layers are registered as fragments), or with
+// scope = edit_scope::tensor per tensor of the fragment (norms, detectors and weights of each
+// tensor on their own; see `scope` below):
 //
 //   G_i      = the L2 norm of worker i's pseudo-gradient over the fragment (its own report)
 //   outlier  = the online EWMA detector of worker i says G_i is anomalous, or G_i / Delta_i is
@@ -142,6 +144,21 @@ inline void gta_reduce(std::span<const double> w, std::span<const float> deltas,
     }
 }
 
+// Where EDiT measures the norms G_i it weights and flags workers by.
+enum class edit_scope : unsigned char {
+    fragment,  // G_i over the whole fragment, from worker i's report (before compression)
+    tensor     // G_i per tensor of the fragment, from worker i's decoded delta; one detector per
+               // worker and tensor, one set of weights per tensor
+};
+
+constexpr std::string_view to_string(edit_scope s) noexcept {
+    switch (s) {
+        case edit_scope::fragment: return "fragment";
+        case edit_scope::tensor: return "tensor";
+    }
+    return "?";
+}
+
 struct edit {
     static constexpr std::string_view name = "edit";
 
@@ -159,6 +176,10 @@ struct edit {
         float clip = std::numeric_limits<float>::infinity();  // phi (clip_pseudo_grad), > 0
         bool step_weights = false;       // A-EDiT's use_step_weight
         float step_weight_ratio = 0.5f;  // r, in [0, 1]
+        // fragment: the paper's rule on the fragment (the whole model for DiLoCo, a layer when the
+        // layers are the fragments); tensor: the same rule on each tensor of the fragment, so a
+        // worker off on one tensor loses its weight there only. The clip stays over the fragment.
+        edit_scope scope = edit_scope::fragment;
     };
 
     static constexpr bool needs_reports = true;
@@ -229,6 +250,9 @@ struct edit {
             h.consensus != sign_consensus::count) {
             throw invalid_argument(who + "consensus must be sign_consensus::none, sum or count");
         }
+        if (h.scope != edit_scope::fragment && h.scope != edit_scope::tensor) {
+            throw invalid_argument(who + "scope must be edit_scope::fragment or edit_scope::tensor");
+        }
     }
 
     static std::string describe(const hyper& h) {
@@ -239,6 +263,7 @@ struct edit {
            << " warmup=" << h.ewma_warmup << " threshold=" << h.ewma_threshold
            << " consensus=" << to_string(h.consensus) << " clip=" << h.clip
            << " step_weights=" << h.step_weights << " r=" << h.step_weight_ratio;
+        if (h.scope != edit_scope::fragment) os << " scope=" << to_string(h.scope);  // as before
         return os.str();
     }
 
@@ -248,15 +273,30 @@ struct edit {
     static std::vector<double> weights(const hyper& h, state& s, const contributions& c) {
         const std::size_t m = c.workers;
         if (s.detectors.size() != m) s.detectors.assign(m, {});
+        std::vector<double> norms(m);
+        std::vector<std::uint8_t> finite(m, 1);
+        for (std::size_t i = 0; i < m; ++i) {
+            norms[i] = c.reports[i].norm;
+            if (!c.deltas.empty()) {
+                for (const float x : c.delta(i)) finite[i] = finite[i] && std::isfinite(x);
+            }
+        }
+        return weights_of(h, s.detectors, norms, finite, c);
+    }
+
+    // The rule on given norms (finite[i] == 0: worker i's delta holds a NaN or an infinity), with
+    // one detector per worker; step counts from c.reports.
+    static std::vector<double> weights_of(const hyper& h, std::span<ewma_detector> detectors,
+                                          std::span<const double> norms,
+                                          std::span<const std::uint8_t> finite,
+                                          const contributions& c) {
+        const std::size_t m = c.workers;
         std::vector<bool> inlier(m, true);
         for (std::size_t i = 0; i < m; ++i) {
-            const double g = c.reports[i].norm;
-            bool ok = std::isfinite(g);
-            if (ok && !c.deltas.empty()) {
-                for (const float x : c.delta(i)) ok = ok && std::isfinite(x);
-            }
+            const double g = norms[i];
+            bool ok = std::isfinite(g) && finite[i] != 0;
             if (ok && h.skip_anomaly) {
-                ok = !s.detectors[i].is_outlier(g, h.ewma_warmup, h.ewma_threshold);
+                ok = !detectors[i].is_outlier(g, h.ewma_warmup, h.ewma_threshold);
             }
             inlier[i] = ok;
         }
@@ -266,15 +306,15 @@ struct edit {
         for (std::size_t i = 0; i < m; ++i) {
             if (!inlier[i]) continue;
             ++kept;
-            lowest = std::min(lowest, static_cast<double>(c.reports[i].norm));
-            if (h.skip_anomaly) s.detectors[i].update(c.reports[i].norm, h.ewma_alpha, h.ewma_warmup);
+            lowest = std::min(lowest, norms[i]);
+            if (h.skip_anomaly) detectors[i].update(norms[i], h.ewma_alpha, h.ewma_warmup);
         }
         if (kept == 0) return {};
         double total = 0.0;
         for (std::size_t i = 0; i < m; ++i) {
             if (!inlier[i]) continue;
             // Shifted by the smallest norm: the same softmax, no underflow to 0/0.
-            w[i] = h.weight_by_norm ? std::exp(-(c.reports[i].norm - lowest) / h.temperature) : 1.0;
+            w[i] = h.weight_by_norm ? std::exp(-(norms[i] - lowest) / h.temperature) : 1.0;
             total += w[i];
         }
         for (auto& x : w) x /= total;
@@ -299,9 +339,13 @@ struct edit {
     }
 
     static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
-        const std::vector<double> w = weights(h, s, c);
-        if (w.empty()) return false;  // every worker an outlier: atorch skips the outer update
-        gta_reduce(w, c.deltas, c.elements, h.consensus, out);
+        if (h.scope == edit_scope::tensor) {
+            if (!combine_per_tensor(h, s, c, out)) return false;
+        } else {
+            const std::vector<double> w = weights(h, s, c);
+            if (w.empty()) return false;  // every worker an outlier: atorch skips the outer update
+            gta_reduce(w, c.deltas, c.elements, h.consensus, out);
+        }
         if (std::isfinite(h.clip)) {
             double sq = 0.0;
             for (const float x : out) sq += static_cast<double>(x) * x;
@@ -310,6 +354,41 @@ struct edit {
                 for (auto& x : out) x = rule::scaled(x, scale);
             }
         }
+        return true;
+    }
+
+    // scope == tensor: each tensor (segment) of the fragment weighted on its own, G_i the L2 norm
+    // (in double) of worker i's decoded delta over the tensor, detector m * t + i for worker i and
+    // tensor t. Every worker an outlier on one tensor refuses the round; the detectors advance
+    // only when the round is kept.
+    static bool combine_per_tensor(const hyper& h, state& s, const contributions& c,
+                                   std::span<float> out) {
+        const std::size_t m = c.workers;
+        const compress::segment whole{.offset = 0, .size = c.elements, .rows = 1, .cols = c.elements};
+        const std::span<const compress::segment> segs =
+            c.segments.empty() ? std::span<const compress::segment>(&whole, 1) : c.segments;
+        std::vector<ewma_detector> detectors = s.detectors;
+        if (detectors.size() != m * segs.size()) detectors.assign(m * segs.size(), {});
+        std::vector<double> norms(m);
+        std::vector<std::uint8_t> finite(m);
+        std::vector<float> rows;
+        for (std::size_t t = 0; t < segs.size(); ++t) {
+            const compress::segment& seg = segs[t];
+            rows.resize(m * seg.size);
+            for (std::size_t i = 0; i < m; ++i) {
+                const auto d = c.delta(i).subspan(seg.offset, seg.size);
+                double sq = 0.0;
+                for (const float x : d) sq += static_cast<double>(x) * x;
+                norms[i] = std::sqrt(sq);
+                finite[i] = std::isfinite(sq) ? 1 : 0;
+                std::copy(d.begin(), d.end(), rows.begin() + static_cast<std::ptrdiff_t>(i * seg.size));
+            }
+            const std::vector<double> w = weights_of(
+                h, std::span<ewma_detector>(detectors).subspan(t * m, m), norms, finite, c);
+            if (w.empty()) return false;
+            gta_reduce(w, rows, seg.size, h.consensus, out.subspan(seg.offset, seg.size));
+        }
+        s.detectors = std::move(detectors);
         return true;
     }
 };

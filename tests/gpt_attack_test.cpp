@@ -1,0 +1,165 @@
+// The GPT example's robust aggregation and attackers (examples/gpt): two of five workers that
+// send a sign-flipped (-4x) pseudo-gradient at every sync pull `mean` far from the clean run,
+// while `median` (at M = 5 the same as `trimmed_mean` with b = 2) ends within a few percent of
+// it; the command line of
+// --aggregate, its hyper-parameters and --attackers / --attack, and their one-sentence errors.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include "../examples/gpt/cli.hpp"
+#include "../examples/gpt/data.hpp"
+#include "../examples/gpt/trainer.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+template <class Fn>
+std::string error_of(Fn&& fn) {
+    try {
+        fn();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "";
+}
+
+// The rules these tests run, compiled alone (loco_gpt compiles the full list).
+using robust_rules =
+    gpt::combinations<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
+                      std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
+                      std::tuple<gpt::every_choice>,
+                      std::tuple<gpt::mean_choice, gpt::median_choice>>;
+
+gpt::rule_factory rules(const gpt::options& o) {
+    return gpt::make_rule_factory<std::tuple<robust_rules>, std::tuple<gpt::adamw_choice>>(o);
+}
+
+gpt::options parsed(std::vector<const char*> args) {
+    args.insert(args.begin(), "loco_gpt");
+    gpt::options o;
+    REQUIRE(gpt::parse(static_cast<int>(args.size()), const_cast<char**>(args.data()), o));
+    return o;
+}
+
+std::string parse_error(std::vector<const char*> args) {
+    args.insert(args.begin(), "loco_gpt");
+    gpt::options o;
+    return error_of([&] { gpt::parse(static_cast<int>(args.size()), const_cast<char**>(args.data()), o); });
+}
+
+}  // namespace
+
+TEST_CASE("gpt: two sign-flip attackers of five pull mean away while median holds") {
+    const std::uint64_t seed = loco_test::rng_for("gpt.attack")() % 1000;
+    INFO("seed " << seed);
+    gpt::options o;
+    o.model = {.vocab = 256, .context = 16, .dim = 16, .layers = 1, .heads = 2};
+    o.data = "markov";
+    o.workers = 5;
+    o.steps = 40;
+    o.batch = 4;
+    o.every = 10;
+    o.lr = 0.01f;
+    o.eval_every = 40;
+    o.log_every = 40;
+    o.eval_sequences = 16;
+    o.seed = seed;
+    o.quiet = true;
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 30000, seed);
+    const auto run = [&](const char* aggregate, int attackers) {
+        gpt::options r = o;
+        r.aggregate = aggregate;
+        r.attackers = attackers;
+        r.attack = "sign_flip";
+        const gpt::run_result res = gpt::train(r, data, rules(r), nullptr);
+        CHECK(res.syncs == 4);
+        return res.final_val_loss;
+    };
+    const double clean = run("mean", 0);
+    const double mean_attacked = run("mean", 2);
+    const double median_attacked = run("median", 2);
+    INFO("clean " << clean << ", mean attacked " << mean_attacked << ", median attacked "
+                  << median_attacked);
+    CHECK(clean < 0.8 * std::log(256.0));  // the clean run learns
+    CHECK(mean_attacked > 1.15 * clean);
+    CHECK(std::abs(median_attacked - clean) < 0.05 * clean);
+}
+
+TEST_CASE("gpt: --aggregate, its settings and the attack options on the command line") {
+    SUBCASE("defaults change nothing") {
+        const gpt::options o = parsed({});
+        CHECK(o.aggregate == "mean");
+        CHECK(o.attackers == 0);
+        CHECK(!o.trim.has_value());
+        CHECK(gpt::edit_choice::hyper(o).scope == loco::aggregate::edit_scope::fragment);
+        CHECK(gpt::edit_choice::hyper(o).ewma_warmup == loco::aggregate::edit::hyper{}.ewma_warmup);
+        CHECK(gpt::trimmed_mean_choice::hyper(o).trim == loco::aggregate::trimmed_mean::hyper{}.trim);
+        CHECK(gpt::centered_clip_choice::hyper(o).tau == loco::aggregate::centered_clip::hyper{}.tau);
+        CHECK(gpt::describe_mode(o).find("aggregate") == std::string::npos);
+    }
+    SUBCASE("every setting reaches its policy") {
+        const gpt::options o =
+            parsed({"--workers", "8", "--aggregate", "trimmed_mean", "--trim", "2", "--clip-tau",
+                    "0.5", "--clip-iterations", "3", "--edit-scope", "tensor", "--edit-temperature",
+                    "2", "--edit-warmup", "5", "--edit-clip", "10", "--attackers", "2", "--attack",
+                    "nan"});
+        CHECK(o.aggregate == "trimmed_mean");
+        CHECK(gpt::trimmed_mean_choice::hyper(o).trim == 2);
+        CHECK(gpt::centered_clip_choice::hyper(o).tau == 0.5f);
+        CHECK(gpt::centered_clip_choice::hyper(o).iterations == 3);
+        const auto e = gpt::edit_choice::hyper(o);
+        CHECK(e.scope == loco::aggregate::edit_scope::tensor);
+        CHECK(e.temperature == 2.0f);
+        CHECK(e.ewma_warmup == 5);
+        CHECK(e.clip == 10.0f);
+        CHECK(o.attackers == 2);
+        CHECK(o.attack == "nan");
+        CHECK(gpt::describe_mode(o).ends_with(", aggregate trimmed_mean, 2 attackers (nan)"));
+        CHECK_THROWS(rules(o));  // trimmed_mean is not in this test's list
+        gpt::options m = o;
+        m.aggregate = "median";
+        CHECK_NOTHROW(rules(m));
+    }
+    SUBCASE("bad input: one sentence naming the fix") {
+        CHECK(parse_error({"--edit-scope", "layer"}) ==
+              "gpt: unknown --edit-scope 'layer'; valid: fragment, tensor");
+        CHECK(parse_error({"--workers", "4", "--attackers", "4"}) ==
+              "gpt: --attackers 4 leaves no honest worker of 4; choose fewer than --workers");
+        CHECK(parse_error({"--trim", "-1"}) == "gpt: --trim takes a whole number, not '-1'");
+        CHECK(parse_error({"--clip-tau", "x"}) == "gpt: --clip-tau takes a non-negative number, not 'x'");
+
+        gpt::options o;
+        o.aggregate = "krum";
+        CHECK(error_of([&] { rules(o); }) ==
+              "gpt: unknown --aggregate 'krum'; valid: mean, edit, trimmed_mean, median, "
+              "centered_clip, median_norm_clip");
+        o = gpt::options{};
+        o.attackers = 1;
+        o.attack = "lie";
+        CHECK(error_of([&] { rules(o); }) ==
+              "gpt: unknown --attack 'lie'; valid: scaled, sign_flip, nan, random");
+        o.attack = "scaled";
+        o.schedule = "streaming";
+        CHECK(error_of([&] { rules(o); }).starts_with("gpt: --attackers needs DiLoCo's --schedule every"));
+        o = gpt::options{};
+        o.sync_every_step = true;
+        o.aggregate = "median";
+        CHECK(error_of([&] { rules(o); }) ==
+              "gpt: --sync-every-step averages gradients; drop --aggregate median");
+        // A combination that is not compiled names the aggregations that are.
+        o = gpt::options{};
+        o.aggregate = "median";
+        o.compress = "sparseloco";
+        CHECK(error_of([&] { rules(o); }) ==
+              "gpt: --schedule every with --inner adamw --outer nesterov --compress sparseloco "
+              "--aggregate median is not compiled into this trainer; it is compiled with "
+              "--inner adamw --outer nesterov --compress none --aggregate mean|median (add a combination to compiled_combinations in "
+              "examples/gpt/policies.hpp)");
+    }
+}
