@@ -56,6 +56,8 @@ inline void usage(std::FILE* to) {
         "  --outer-lr X           (defaults: nesterov 0.7, sgd 1.0, adam 0.01)\n"
         "  --outer-momentum X     nesterov momentum or adam beta1 (defaults 0.9)\n"
         "  --compress NAME        %s (default %s)\n"
+        "  --ef-decay X           error feedback: the residual's decay (default 1, MuLoCo 0.9)\n"
+        "  --ef-fold-outer-lr     error feedback: accumulate outer lr x delta (MuLoCo's code)\n"
         "  --schedule NAME        %s (default %s)\n"
         "  --H N                  inner steps between syncs (default %llu)\n"
         "                         (streaming: of one fragment; a multiple of --fragments)\n"
@@ -143,6 +145,7 @@ inline bool parse(int argc, char** argv, options& o) {
         if (flag == "--help" || flag == "-h") return false;
         if (flag == "--tied") { o.model.tied = true; continue; }
         if (flag == "--sync-every-step") { o.sync_every_step = true; continue; }
+        if (flag == "--ef-fold-outer-lr") { o.ef_fold_outer_lr = true; continue; }
         if (flag == "--quiet") { o.quiet = true; continue; }
         if (i + 1 >= argc) {
             throw usage_error("gpt: " + flag + " needs a value (or is not an option; see --help)");
@@ -176,6 +179,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--outer-lr") o.outer_lr = real();
         else if (flag == "--outer-momentum") o.outer_momentum = real();
         else if (flag == "--compress") o.compress = v;
+        else if (flag == "--ef-decay") o.ef_decay = real();
         else if (flag == "--schedule") o.schedule = v;
         else if (flag == "--H") o.every = count();
         else if (flag == "--fragments") o.fragments = count();

@@ -68,6 +68,10 @@ struct options {
     float weight_decay = 0.1f;
     float outer_lr = -1.0f;
     float outer_momentum = -1.0f;
+    // error feedback (statistical2-ef): the residual's decay (1: plain error feedback) and
+    // whether the residual accumulates outer_lr * delta (MuLoCo's code: decay 0.9, folded)
+    float ef_decay = -1.0f;
+    bool ef_fold_outer_lr = false;
 
     // reporting
     std::uint64_t log_every = 10;

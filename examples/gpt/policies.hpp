@@ -104,7 +104,16 @@ template <class C, const char* Name>
 struct compress_choice {
     static constexpr std::string_view name = Name;
     using type = C;
-    static typename C::hyper hyper(const options&) { return {}; }
+    static typename C::hyper hyper(const options& o) {
+        typename C::hyper h{};
+        if constexpr (requires { h.decay; h.fold_outer_lr; }) {  // error_feedback<...>
+            h.decay = detail::or_default(o.ef_decay, h.decay);
+            h.fold_outer_lr = o.ef_fold_outer_lr;
+        } else {
+            static_cast<void>(o);
+        }
+        return h;
+    }
 };
 
 inline constexpr char none_name[] = "none";
