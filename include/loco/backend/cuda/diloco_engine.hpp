@@ -557,17 +557,9 @@ public:
     };
     void restore(std::vector<float> global, std::vector<float> outer_state,
                  std::vector<fragment_restore> frags) {
-        const std::size_t total = global.size();
         for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
             fragment& f = *frags_[fi];
-            from_flat<float>(f.table, slice(f, global, 0), f.global.get());
-            std::vector<float> state;
-            for (int j = 0; j < Outer::state_size; ++j) {
-                const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
-                state.insert(state.end(), one.begin(), one.end());
-            }
-            from_flat<float>(f.table, state, f.outer_state.get(),
-                             static_cast<std::size_t>(Outer::state_size));
+            upload_shared(f, global, outer_state, f.global.get(), f.outer_state.get());
             fragment_restore& q = frags[fi];
             if (f.host) {
                 std::copy(q.state.begin(), q.state.end(), f.host->state().begin());
@@ -654,7 +646,6 @@ public:
     }
     void stage_regroup(regroup_plan& plan, const std::vector<float>& global,
                        const std::vector<float>& outer_state) {
-        const std::size_t total = global.size();
         for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
             const fragment& f = *frags_[fi];
             auto& q = plan.parts[fi];
@@ -663,14 +654,7 @@ public:
                                                  f.table.padded_elements());
             q.global.zero(stream());
             q.outer_state.zero(stream());
-            from_flat<float>(f.table, slice(f, global, 0), q.global.get());
-            std::vector<float> state;
-            for (int j = 0; j < Outer::state_size; ++j) {
-                const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
-                state.insert(state.end(), one.begin(), one.end());
-            }
-            from_flat<float>(f.table, state, q.outer_state.get(),
-                             static_cast<std::size_t>(Outer::state_size));
+            upload_shared(f, global, outer_state, q.global.get(), q.outer_state.get());
         }
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
     }
@@ -1033,6 +1017,22 @@ private:
             }
         }
         return out;
+    }
+
+    // Fragment f's part of the whole-model global values and outer state (flat layout, the
+    // checkpoint's and the heal's) into its padded device arrays.
+    void upload_shared(const fragment& f, const std::vector<float>& global,
+                       const std::vector<float>& outer_state, float* to_global,
+                       float* to_outer_state) const {
+        const std::size_t total = global.size();
+        from_flat<float>(f.table, slice(f, global, 0), to_global);
+        std::vector<float> state;
+        for (int j = 0; j < Outer::state_size; ++j) {
+            const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
+            state.insert(state.end(), one.begin(), one.end());
+        }
+        from_flat<float>(f.table, state, to_outer_state,
+                         static_cast<std::size_t>(Outer::state_size));
     }
 
     // The fragment's elements of a whole-model flat array (starting at `base`), in its order.
