@@ -5,6 +5,7 @@
 // --aggregate, its hyper-parameters and --attackers / --attack, and their one-sentence errors.
 #include <doctest/doctest.h>
 
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 #include "../examples/gpt/cli.hpp"
@@ -19,15 +20,7 @@
 
 namespace {
 
-template <class Fn>
-std::string error_of(Fn&& fn) {
-    try {
-        fn();
-    } catch (const std::exception& e) {
-        return e.what();
-    }
-    return "";
-}
+using loco_test::error_of;
 
 // The rules these tests run, compiled alone (loco_gpt compiles the full list).
 using robust_rules =

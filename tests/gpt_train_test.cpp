@@ -5,6 +5,8 @@
 // the one-sentence errors for bad input.
 #include <doctest/doctest.h>
 
+#include "support/errors.hpp"
+
 #include "support/random.hpp"
 
 #include "../examples/gpt/cli.hpp"
@@ -39,16 +41,7 @@ gpt::options tiny_options(std::uint64_t seed) {
     return o;
 }
 
-// The message of what fn throws, or "" when it does not throw.
-template <class Fn>
-std::string error_of(Fn&& fn) {
-    try {
-        fn();
-    } catch (const std::exception& e) {
-        return e.what();
-    }
-    return "";
-}
+using loco_test::error_of;
 
 // The rules these tests run, compiled alone: every compiled combination is in loco_gpt, whose
 // CTest entry runs it.
