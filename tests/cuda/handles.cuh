@@ -8,12 +8,15 @@
 
 #include <loco/backend/cuda/memory.hpp>
 #include <loco/comm/communicator.hpp>
+#include <loco/compress/wire.hpp>
 #include <loco/params.hpp>
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -96,7 +99,9 @@ struct host_params {
     }
 };
 
-// A device communicator that flips one byte of what an all-gather received, when armed.
+// A device communicator that flips one byte of what an all-gather received, when armed; with
+// reseal_stride (the payload size), it then rewrites that payload's checksum, so that only the
+// compressor's own format checks can refuse it.
 class corrupting final : public loco::comm::communicator {
 public:
     explicit corrupting(loco::comm::communicator& inner) : inner_(inner) {}
@@ -106,6 +111,7 @@ public:
     std::string_view name() const noexcept override { return "corrupting"; }
     std::uint64_t bytes_sent() const noexcept override { return inner_.bytes_sent(); }
     std::size_t armed_at = 0;  // byte of the receive buffer to flip; 0: none
+    std::size_t reseal_stride = 0;
 
 protected:
     void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
@@ -119,6 +125,15 @@ protected:
             check_cuda(cudaMemcpy(&b, recv.data + armed_at, 1, cudaMemcpyDeviceToHost), "peek");
             b ^= std::byte{0x04};
             check_cuda(cudaMemcpy(recv.data + armed_at, &b, 1, cudaMemcpyHostToDevice), "poke");
+            if (reseal_stride != 0) {
+                std::byte* at = recv.data + armed_at / reseal_stride * reseal_stride;
+                std::vector<std::byte> p(reseal_stride);
+                check_cuda(cudaMemcpy(p.data(), at, p.size(), cudaMemcpyDeviceToHost), "peek");
+                namespace wire = loco::compress::wire;
+                wire::put<std::uint64_t>(
+                    p, 32, wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
+                check_cuda(cudaMemcpy(at, p.data(), p.size(), cudaMemcpyHostToDevice), "reseal");
+            }
         }
     }
     void do_all_to_all(loco::tensor_view<const std::byte> send,

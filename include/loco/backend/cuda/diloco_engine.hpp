@@ -44,6 +44,7 @@
 #include <loco/aggregate/mean.hpp>
 #include <loco/backend/cuda/aggregate.hpp>
 #include <loco/backend/cuda/compress.hpp>
+#include <loco/backend/cuda/compress/chunked_exchange.hpp>
 #include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
@@ -171,14 +172,28 @@ struct no_device_exchange {
 template <class Inner, class Outer, class Compressor, class Aggregate>
 class diloco_engine {
     static constexpr bool device_topk_ = device_topk<Compressor>::available;
+    // compress::sparseloco and compress::demo (compress/chunked_exchange.hpp): aggregated by the
+    // exchange itself (the mean; SparseLoCo's median-norm clipped scatter-mean), or decoded into
+    // the rows of another device aggregation.
+    static constexpr bool chunked_ = device_chunked<Compressor>::available;
+    static constexpr bool chunked_aggregates_ =
+        chunked_ && (std::is_same_v<Aggregate, aggregate::mean> ||
+                     (std::is_same_v<Compressor, compress::sparseloco> &&
+                      std::is_same_v<Aggregate, aggregate::median_norm_clip>));
+    static constexpr bool chunked_rows_ =
+        chunked_ && !chunked_aggregates_ && has_device_aggregation<Aggregate> &&
+        !std::is_same_v<Aggregate, aggregate::median_norm_clip>;
     static constexpr bool device_compression =
         ((has_device_compressor<Compressor> || device_topk_) &&
          std::is_same_v<Aggregate, aggregate::mean>) ||
-        (has_device_compressor<Compressor> && has_device_aggregation<Aggregate>);
+        (has_device_compressor<Compressor> && has_device_aggregation<Aggregate>) ||
+        chunked_aggregates_ || chunked_rows_;
     using device_exchange_t = std::conditional_t<
         !device_compression, detail::no_device_exchange,
-        std::conditional_t<device_topk_, detail::topk_device_exchange<Compressor>,
-                           detail::device_exchange<Compressor>>>;
+        std::conditional_t<
+            chunked_, chunked_exchange<Compressor>,
+            std::conditional_t<device_topk_, detail::topk_device_exchange<Compressor>,
+                               detail::device_exchange<Compressor>>>>;
 
 public:
     using inner_type = loco::cuda::optimizer<Inner>;
@@ -344,6 +359,9 @@ public:
         loco::detail::stage_failure failure;
         f.hit.reset();
         if (f.agg) return finish_aggregate(f, h, ah);
+        if constexpr (chunked_aggregates_) {
+            if (f.device) return finish_chunked(f, ah);
+        }
         if (f.device || f.device_all_reduce) {
             try {
                 f.request.finish();
@@ -616,7 +634,9 @@ public:
             typename regroup_plan::part q;
             if (f.device) {
                 if constexpr (device_compression) {
-                    q.device = std::make_unique<device_exchange_t>(f.table, group.size(), h);
+                    q.device = make_device_exchange(
+                        f.table, detail::table_segments(f.table, tensors_, f.params), group.size(),
+                        h);
                 }
             } else {
                 q.host = std::make_unique<loco::detail::exchanger<Compressor, Aggregate>>(
@@ -707,7 +727,8 @@ private:
               mirror(typename Outer::hyper{}) {
             if constexpr (device_compression) {
                 if (fused(comm, scheme, h)) {
-                    device = std::make_unique<device_exchange_t>(table, comm.size(), h);
+                    device = make_device_exchange(
+                        table, detail::table_segments(table, tensors, list), comm.size(), h);
                 }
             }
             if (!device) {
@@ -729,18 +750,26 @@ private:
         // Whether the exchange takes the fused device path.
         static bool fused(const comm::communicator& comm, exchange_scheme scheme,
                           const typename Compressor::hyper& h) {
+            std::size_t max_workers = 0;
+            if constexpr (chunked_aggregates_) {
+                max_workers = 65535;  // the scatter-mean kernels count senders in 16 bits
+            } else if constexpr (std::is_same_v<Aggregate, aggregate::mean>) {
+                max_workers = SIZE_MAX;
+            } else {
+                max_workers = device_aggregation<Aggregate>::max_workers;
+            }
             return device_layout(h) && comm.space() == memory_space::cuda &&
                    (scheme == exchange_scheme::automatic || scheme == exchange_scheme::all_gather) &&
-                   (std::is_same_v<Aggregate, aggregate::mean> ||
-                    static_cast<std::size_t>(comm.size()) <=
-                        device_aggregation<Aggregate>::max_workers);
+                   static_cast<std::size_t>(comm.size()) <= max_workers;
         }
 
         // The device plan is built from the tensor table, which records no rows: statistical<>
         // per row takes the host exchange (correct, not fast); per tensor (MuLoCo's) runs on the
         // device.
         static bool device_layout(const typename Compressor::hyper& h) {
-            if constexpr (device_topk_) {
+            if constexpr (chunked_) {
+                return h.chunk <= chunked_max_side;  // a chunk in shared memory
+            } else if constexpr (device_topk_) {
                 static_cast<void>(h);
                 return true;
             } else {
@@ -784,6 +813,50 @@ private:
 
     float* master() const noexcept { return inner_.master_ptr(); }
 
+    // The fused exchange's buffers; the chunked codecs also take the tensors' shapes.
+    static std::unique_ptr<device_exchange_t> make_device_exchange(
+        const tensor_table& table, const std::vector<compress::segment>& segs, int ranks,
+        const typename Compressor::hyper& h) {
+        if constexpr (chunked_) {
+            return std::make_unique<device_exchange_t>(table, segs, ranks, h);
+        } else {
+            static_cast<void>(segs);
+            return std::make_unique<device_exchange_t>(table, ranks, h);
+        }
+    }
+
+    // The chunked exchange's finish: the payloads checked, then aggregated by the exchange (the
+    // mean, or SparseLoCo's clipped scatter-mean) into its own buffer.
+    loco::detail::stage_failure finish_chunked(fragment& f, const typename Aggregate::hyper& ah) {
+        loco::detail::stage_failure failure;
+        if constexpr (chunked_aggregates_) {
+            try {
+                f.request.finish();
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::transfer, std::current_exception());
+                return failure;
+            }
+            auto& dx = *f.device;
+            try {
+                dx.check_all(stream());
+                if constexpr (std::is_same_v<Aggregate, aggregate::median_norm_clip>) {
+                    dx.median_norm_clip(ah, stream());
+                } else {
+                    static_cast<void>(ah);
+                    dx.mean(stream());
+                }
+                f.avg = dx.average();
+                f.hit = check_average(f, f.avg);
+            } catch (...) {
+                failure.record(loco::detail::sync_stage::decode, std::current_exception());
+            }
+        } else {
+            static_cast<void>(f);
+            static_cast<void>(ah);
+        }
+        return failure;
+    }
+
     // The device aggregation path (the top of the file): an aggregation with a device
     // implementation, a GPU communicator, at most 64 workers, and no compressor (the fp32 deltas
     // gathered) or the fused path's (its payloads gathered and decoded per worker).
@@ -794,7 +867,7 @@ private:
                 gathers = staging_ && f.host && f.host->scheme() == exchange_scheme::all_gather &&
                           static_cast<std::size_t>(comm_->size()) <=
                               device_aggregation<Aggregate>::max_workers;
-            } else if constexpr (device_compression) {
+            } else if constexpr (device_compression && !chunked_aggregates_) {
                 gathers = f.device != nullptr;  // fragment::fused() checked the rest
             }
             if (gathers) {
@@ -869,7 +942,18 @@ private:
 
     void start_fused(fragment& f, const typename Compressor::hyper& h,
                      const compress::encode_context& ctx) {
-        if constexpr (device_compression) {
+        if constexpr (chunked_) {
+            auto& dx = *f.device;
+            dx.replan(f.table, h);
+            static_cast<void>(ctx);  // the chunked codecs use no seed, rank or outer lr
+            form_delta(f);
+            dx.encode(f.delta.get(), stream());
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+            f.request = comm_->start_all_gather(
+                tensor_view<const std::byte>{dx.send.get(), dx.plan.payload_bytes(), 0, 0,
+                                             memory_space::cuda},
+                tensor_view<std::byte>{dx.recv.get(), dx.recv.size(), 0, 0, memory_space::cuda});
+        } else if constexpr (device_compression) {
             auto& dx = *f.device;
             dx.replan(f.table, h);
             f.control.set_counters(ctx.round, 0, 0, stream());
@@ -909,7 +993,7 @@ private:
                      const device_encode_context& ctx) {
         if constexpr (device_topk_) {
             encode_topk<Compressor, From>(dx.plan, table, h, io, ctx, stream());
-        } else if constexpr (device_compression) {
+        } else if constexpr (device_compression && !chunked_) {
             encode<Compressor, From>(dx.plan, table, h, io, ctx, stream());
         }
     }
@@ -918,7 +1002,11 @@ private:
     // non-finite element of the average, if any.
     std::optional<backend::host::nonfinite_hit> check_payloads(fragment& f,
                                                                const typename Compressor::hyper& h) {
-        if constexpr (device_topk_) {
+        if constexpr (chunked_) {
+            static_cast<void>(f);
+            static_cast<void>(h);
+            return std::nullopt;  // finish_chunked() checks these
+        } else if constexpr (device_topk_) {
             auto& dx = *f.device;
             dx.check.run(dx.plan, f.table, dx.recv.get(), stream());
             // The rank-order average into the plan's work buffer (its encode is done with it).
@@ -959,7 +1047,10 @@ private:
     }
 
     void apply_fused(fragment& f) {
-        if constexpr (device_topk_) {
+        if constexpr (chunked_) {
+            outer_apply<Outer>(f.table, f.global.get(), f.device->average(), f.outer_state.get(),
+                               master(), f.control.hyper(), f.control.control(), false, stream());
+        } else if constexpr (device_topk_) {
             auto& dx = *f.device;
             outer_apply<Outer>(f.table, f.global.get(), dx.plan.work(), f.outer_state.get(),
                                master(), f.control.hyper(), f.control.control(), false, stream());
@@ -977,7 +1068,15 @@ private:
     // rank's decoded into its row of the device aggregation (an average of one payload: the
     // host decoder's values).
     void decode_rows(fragment& f, const typename Compressor::hyper& h) {
-        if constexpr (device_compression && !device_topk_) {
+        if constexpr (chunked_) {
+            static_cast<void>(h);
+            auto& dx = *f.device;
+            dx.check_all(stream());
+            const std::size_t n = f.table.padded_elements();
+            for (int k = 0; k < comm_->size(); ++k) {
+                dx.decode_into(k, f.agg->rows() + static_cast<std::size_t>(k) * n, stream());
+            }
+        } else if constexpr (device_compression && !device_topk_) {
             auto& dx = *f.device;
             using support = device_compressor<Compressor>;
             typename support::codec::hyper ch{};

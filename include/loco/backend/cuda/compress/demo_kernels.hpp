@@ -172,7 +172,8 @@ __device__ void demo_inverse(const chunked_segment& s, std::uint64_t local, cons
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     demo_encode_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
-                       const double* basis, float decay, bool sign, const float* x, float* e,
+                       const double* basis, float decay, bool sign, const float* x,
+                       const float* e_in, float* e,
                        std::uint32_t* slot_cell, float* slot_value, std::uint32_t* slot_code,
                        std::byte* payload) {
     __shared__ double t[chunked_max_cells];
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(block_threads)
     const double* fw = basis + s.basis_w;
     for (unsigned j = threadIdx.x; j < cells; j += block_threads) {
         const std::uint64_t i = chunked_element(s, local, j);
-        e[i] = __fadd_rn(__fmul_rn(decay, e[i]), x[i]);
+        e[i] = __fadd_rn(__fmul_rn(decay, e_in[i]), x[i]);
     }
     __syncthreads();
     // t[r][d] = sum_c e[r][c] F_w[c][d], c ascending
@@ -320,20 +321,22 @@ __global__ void __launch_bounds__(block_threads)
 
 }  // namespace detail
 
-// e = decay * e + x; payload = the host's encode of e; e -= decode(payload). x and e hold
-// plan.elements() floats (the flat layout of the plan's segments), payload plan.payload_bytes()
-// bytes, 4-byte aligned; all device memory. Asynchronous on `stream`.
-inline void demo_encode(const demo_plan& plan, const float* x, float* e, std::byte* payload,
-                        cudaStream_t stream) {
+// e = decay * e_in + x; payload = the host's encode of e; e -= decode(payload). x, e_in and e
+// hold plan.elements() floats (the flat layout of the plan's segments; e_in may be e, and e's
+// elements outside the segments are not written), payload plan.payload_bytes() bytes, 4-byte
+// aligned; all device memory. Asynchronous on `stream`.
+inline void demo_encode(const demo_plan& plan, const float* x, const float* e_in, float* e,
+                        std::byte* payload, cudaStream_t stream) {
     detail::require_chunked_pointer(x, "demo_encode: x");
-    detail::require_chunked_pointer(e, "demo_encode: the residual");
+    detail::require_chunked_pointer(e_in, "demo_encode: the residual");
+    detail::require_chunked_pointer(e, "demo_encode: the new residual");
     detail::require_payload_pointer(payload, "demo", "the payload");
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() > 0) {
         LOCO_CUDA_CHECK(detail::launch(detail::demo_encode_kernel<>, static_cast<std::uint32_t>(l.chunks()),
                                stream, l.segment_table(), l.chunk_segment(), l.basis(),
-                               l.hyper().decay, l.hyper().sign, x, e, l.slot_cell(),
+                               l.hyper().decay, l.hyper().sign, x, e_in, e, l.slot_cell(),
                                l.slot_value(), l.slot_code(), payload));
         detail::pack_streams(l, payload, stream);
     }
@@ -342,6 +345,12 @@ inline void demo_encode(const demo_plan& plan, const float* x, float* e, std::by
     static_cast<void>(plan);
     static_cast<void>(stream);
 #endif
+}
+
+// The same, updating e in place.
+inline void demo_encode(const demo_plan& plan, const float* x, float* e, std::byte* payload,
+                        cudaStream_t stream) {
+    demo_encode(plan, x, e, e, payload, stream);
 }
 
 // out = decode(payload) on the plan's segments (elements outside them are not written). The

@@ -25,9 +25,9 @@
 //
 // decode_scatter_mean(M payloads, clip factors): aggregate::median_norm_clip's combine, one CTA per
 // chunk (fp32 sums of f_k * D_k in payload order and counts in shared memory), given the factors.
-// Not here: the factors themselves (per-tensor norms summed in double in element order, their
-// median): the handle's aggregation stays on the host exchange, where loco::diloco runs it for
-// every backend.
+// norms(M payloads): each payload's L2 norm per segment (median_norm_clip's n_k), one thread per
+// (payload, chunk) then per (payload, segment); the median and the factors are the policy's own
+// host code (median_norm_clip::factors_of) on these M x segments floats.
 
 #include <loco/backend/cuda/compress/chunked_kernels.hpp>
 #include <loco/backend/cuda/error.hpp>
@@ -108,7 +108,7 @@ struct sparseloco_view {
 
 template <int = 0>
 __global__ void __launch_bounds__(block_threads)
-    sparseloco_select_kernel(sparseloco_view v, const float* x, float* e) {
+    sparseloco_select_kernel(sparseloco_view v, const float* x, const float* e_in, float* e) {
     __shared__ float vals[chunked_max_cells];
     __shared__ chunk_select_shared sh;
     const std::uint64_t c = blockIdx.x;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(block_threads)
     const unsigned cells = s.h * s.w;
     for (unsigned j = threadIdx.x; j < cells; j += block_threads) {
         const std::uint64_t i = chunked_element(s, local, j);
-        const float a = __fadd_rn(__fmul_rn(v.beta, e[i]), x[i]);
+        const float a = __fadd_rn(__fmul_rn(v.beta, e_in[i]), x[i]);
         e[i] = a;
         vals[j] = a;
     }
@@ -317,17 +317,63 @@ __global__ void __launch_bounds__(block_threads)
     }
 }
 
+// aggregate::median_norm_clip's norms of M payloads, in two levels. Per (payload, chunk), one
+// thread: the squares of the chunk's decoded kept values (lut[q] + shift, exact in double)
+// summed in double in slot order.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    sparseloco_norm_chunk_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
+                                 unsigned code_bits, const std::byte* gathered,
+                                 std::uint64_t stride, std::uint64_t chunks,
+                                 std::uint32_t payloads, double* partial) {
+    const std::uint64_t item = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+    if (item >= chunks * payloads) return;
+    const std::uint64_t p = item / chunks;
+    const std::uint64_t c = item % chunks;
+    const chunked_segment s = segs[chunk_segment[c]];
+    const std::byte* base = gathered + p * stride;
+    const float* record = reinterpret_cast<const float*>(base + s.record);
+    const std::uint64_t first = (c - s.chunk0) * s.k;
+    double sq = 0.0;
+    for (unsigned j = 0; j < s.k; ++j) {
+        const std::uint32_t q = compress::wire::get_bits(base + s.values, first + j, code_bits);
+        const double d = static_cast<double>(__fadd_rn(record[1 + q], record[0]));
+        sq = __dadd_rn(sq, __dmul_rn(d, d));
+    }
+    partial[item] = sq;
+}
+
+// Per (payload, segment), one thread: the chunks' sums in chunk order, the square root, to fp32.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    sparseloco_norm_segment_kernel(const chunked_segment* segs, std::uint32_t segments,
+                                   std::uint64_t chunks, std::uint32_t payloads,
+                                   std::uint32_t inputs, const double* partial, float* norms) {
+    const std::uint64_t item = static_cast<std::uint64_t>(blockIdx.x) * block_threads + threadIdx.x;
+    if (item >= static_cast<std::uint64_t>(segments) * payloads) return;
+    const std::uint64_t p = item / segments;
+    const chunked_segment s = segs[item % segments];
+    double sq = 0.0;
+    for (std::uint32_t c = 0; c < s.chunks; ++c) {
+        sq = __dadd_rn(sq, partial[p * chunks + s.chunk0 + c]);
+    }
+    norms[p * inputs + s.input] = static_cast<float>(sqrt(sq));
+}
+
 #endif  // LOCO_HAS_CUDA()
 
 }  // namespace detail
 
-// e = beta * e + x; payload = the host's encode of e; e -= decode(payload). x and e hold
-// plan.elements() floats (the flat layout of the plan's segments), payload plan.payload_bytes()
-// bytes, 4-byte aligned; all device memory. Asynchronous on `stream`.
-inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float* e,
-                              std::byte* payload, cudaStream_t stream) {
+// e = beta * e_in + x; payload = the host's encode of e; e -= decode(payload). x, e_in and e
+// hold plan.elements() floats (the flat layout of the plan's segments; e_in may be e, and e's
+// elements outside the segments are not written), payload plan.payload_bytes() bytes, 4-byte
+// aligned; all device memory. Asynchronous on `stream`. The handle encodes into a second
+// accumulator (e_in is the current one) so that a sync that fails keeps the current one.
+inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, const float* e_in,
+                              float* e, std::byte* payload, cudaStream_t stream) {
     detail::require_chunked_pointer(x, "sparseloco_encode: x");
-    detail::require_chunked_pointer(e, "sparseloco_encode: the accumulator");
+    detail::require_chunked_pointer(e_in, "sparseloco_encode: the accumulator");
+    detail::require_chunked_pointer(e, "sparseloco_encode: the new accumulator");
     detail::require_payload_pointer(payload, "sparseloco", "the payload");
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
@@ -341,7 +387,8 @@ inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float
         const std::uint32_t chunks = static_cast<std::uint32_t>(l.chunks());
         const std::uint32_t per_chunk = detail::chunked_thread_blocks(l.chunks());
         const std::uint32_t per_segment = detail::chunked_thread_blocks(l.segment_count());
-        LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_select_kernel<>, chunks, stream, v, x, e));
+        LOCO_CUDA_CHECK(
+            detail::launch(detail::sparseloco_select_kernel<>, chunks, stream, v, x, e_in, e));
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_shift_kernel<>, per_segment, stream, v));
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_square_kernel<>, per_chunk, stream, v));
         LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_scale_kernel<>, per_segment, stream, v));
@@ -358,6 +405,12 @@ inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float
     static_cast<void>(plan);
     static_cast<void>(stream);
 #endif
+}
+
+// The same, updating e in place.
+inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float* e,
+                              std::byte* payload, cudaStream_t stream) {
+    sparseloco_encode(plan, x, e, e, payload, stream);
 }
 
 // out = decode(payload) on the plan's segments (elements outside them are not written). The
@@ -407,6 +460,37 @@ inline void sparseloco_decode_scatter_mean(const sparseloco_plan& plan, const st
 #else
     static_cast<void>(plan);
     static_cast<void>(factors);
+    static_cast<void>(stream);
+#endif
+}
+
+// aggregate::median_norm_clip's n_k of M gathered payloads (laid out as for
+// sparseloco_decode_scatter_mean, each checked): norms (device, M x the plan's segment count,
+// payload-major) gets the L2 norm of each payload's decoded values over each segment, 0 for an
+// empty one; partial is a workspace of M x plan.layout().chunks() doubles. The squares are
+// summed in double per chunk in slot order, then over the chunks in order; the host's rule sums
+// them in element order, so a norm can differ from the host's in its last fp32 bit.
+inline void sparseloco_norms(const sparseloco_plan& plan, const std::byte* gathered,
+                             std::uint32_t payloads, double* partial, float* norms,
+                             cudaStream_t stream) {
+    detail::require_payload_pointer(gathered, "sparseloco", "the gathered payloads");
+    detail::require_chunked_pointer(partial, "sparseloco_norms: the workspace");
+    detail::require_chunked_pointer(norms, "sparseloco_norms: norms");
+    const auto& l = plan.layout();
+    const auto inputs = static_cast<std::uint32_t>(l.segments().size());
+    LOCO_CUDA_CHECK(cudaMemsetAsync(norms, 0, sizeof(float) * payloads * inputs, stream));
+#if LOCO_HAS_CUDA()
+    if (l.chunks() == 0 || payloads == 0) return;
+    const auto stride = static_cast<std::uint64_t>(l.payload_bytes());
+    LOCO_CUDA_CHECK(detail::launch(
+        detail::sparseloco_norm_chunk_kernel<>, detail::chunked_thread_blocks(l.chunks() * payloads),
+        stream, l.segment_table(), l.chunk_segment(), compress::sparseloco::code_bits(l.hyper()),
+        gathered, stride, l.chunks(), payloads, partial));
+    LOCO_CUDA_CHECK(detail::launch(
+        detail::sparseloco_norm_segment_kernel<>,
+        detail::chunked_thread_blocks(std::uint64_t{l.segment_count()} * payloads), stream,
+        l.segment_table(), l.segment_count(), l.chunks(), payloads, inputs, partial, norms));
+#else
     static_cast<void>(stream);
 #endif
 }
