@@ -43,6 +43,7 @@
 // reported (counters median_ms, GBps), and the copy of the same byte count likewise (copy_GBps);
 // ratio = GBps / copy_GBps. The summary table printed at the end repeats them.
 #include <loco/backend/cuda/compress/demo_kernels.hpp>
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/backend/cuda/compress/sparseloco_kernels.hpp>
 #include <loco/cuda.hpp>
 
@@ -54,6 +55,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -540,8 +542,12 @@ void compressed(benchmark::State& state) {
 // Each iteration runs one inner step (untimed), then the timed sync() between two events: sync()
 // waits on the host, so the figure is the call's wall time on the device's timeline. Minimum
 // traffic counted: none 36 B per parameter (phase 1 12 B, phase 2 24 B); compressed 36 B + 2 P/n
-// (encode 16 B + P/n, decode 20 B + P/n at M = 1).
-template <class Compressor>
+// (encode 16 B + P/n, decode 20 B + P/n at M = 1); SparseLoCo as templar runs it (outer SGD,
+// median_norm_clip; the chunked exchange, compress/chunked_exchange.hpp) 52 B + 4 P/n (the
+// pseudo-gradient 12 B, the encode 12 B + P/n, the check and the norms P/n each, the scatter-mean
+// 4 B + P/n, the outer step 24 B).
+template <class Compressor, class Outer = loco::outer::nesterov,
+          class Aggregate = loco::aggregate::mean>
 void handle_sync(benchmark::State& state) {
     const int which = static_cast<int>(state.range(0));
     try {
@@ -555,15 +561,21 @@ void handle_sync(benchmark::State& state) {
                 segs.push_back({off, n, 1, n});
                 off += n;
             }
-            payload = Compressor::base::payload_bytes({}, segs);
+            if constexpr (std::is_same_v<Compressor, loco::compress::sparseloco>) {
+                payload = Compressor::payload_bytes({}, segs);
+            } else {
+                payload = Compressor::base::payload_bytes({}, segs);
+            }
         }
-        const std::size_t bytes = 36 * total + 2 * payload;
+        constexpr bool chunked = std::is_same_v<Compressor, loco::compress::sparseloco>;
+        const std::size_t bytes = chunked ? 52 * total + 4 * payload : 36 * total + 2 * payload;
         copy_gbps(bytes);
         device_model<float, float> model(sizes);
         lc::stream s;
         auto group = std::make_shared<loco::comm::cuda_replica_group>(1);
         loco::comm::cuda_replicas comm(group, 0, s);
-        using handle = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, Compressor>;
+        using handle = loco::cuda::diloco<loco::inner::adamw, Outer, Compressor,
+                                          loco::schedule::every, Aggregate>;
         typename handle::config cfg;
         cfg.schedule.every = std::uint64_t{1} << 40;  // syncs only when the loop calls sync()
         cfg.stream = s;
@@ -594,7 +606,9 @@ void handle_sync(benchmark::State& state) {
             return;
         }
         std::string label = "none";
-        if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
+        if constexpr (chunked) {
+            label = "sparseloco";
+        } else if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
             label = "2-bit+EF " + codec_label<typename Compressor::base>();
         }
         report(state, "diloco sync " + label + " M=1 " + list_name(which), ms, bytes);
@@ -728,7 +742,11 @@ void register_all() {
     }
     using ef256 = loco::compress::error_feedback<b256>;
     for (auto* b : {benchmark::RegisterBenchmark("diloco_sync/none", handle_sync<loco::compress::none>),
-                    benchmark::RegisterBenchmark("diloco_sync/B256", handle_sync<ef256>)}) {
+                    benchmark::RegisterBenchmark("diloco_sync/B256", handle_sync<ef256>),
+                    benchmark::RegisterBenchmark(
+                        "diloco_sync/sparseloco",
+                        handle_sync<loco::compress::sparseloco, loco::outer::sgd,
+                                    loco::aggregate::median_norm_clip>)}) {
         big(b->ArgName("list")->Arg(0)->Arg(1));
     }
     for (auto* b : {benchmark::RegisterBenchmark("chunked_encode/sparseloco", chunked_encode<0>),

@@ -532,18 +532,51 @@ struct run_result {
     bool device_exchange = false;
 };
 
-// H = 3, 7 steps then a closing sync; inner SGD with lr 2^-6.
-template <class C, class Outer, class A>
+// H = 3, 7 steps then a closing sync; inner SGD with lr 2^-6. Or Streaming DiLoCo: fragments
+// {a, c} and {b}, each exchange in flight over one inner step, merge 0.5.
+template <class Schedule>
+struct schedule_of;
+template <>
+struct schedule_of<loco::schedule::every> {
+    static loco::schedule::every::hyper hyper() { return {.every = 3}; }
+    static loco::fragment_layout layout() { return {}; }
+    static constexpr std::size_t gathers = 3;
+};
+template <>
+struct schedule_of<loco::schedule::streaming> {
+    static loco::schedule::streaming::hyper hyper() {
+        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
+    }
+    static loco::fragment_layout layout() {
+        loco::fragment_layout l;
+        l.names = {{"a", "c"}, {"b"}};
+        return l;
+    }
+    static constexpr std::size_t gathers = 6;  // 7 steps and the closing sync()
+};
+
+template <class Handle, class Schedule, class C, class Outer>
+typename Handle::config config_of(const typename C::hyper& ch, const typename Outer::hyper& oh) {
+    typename Handle::config c;
+    c.inner = {.lr = 1.0f / 64};
+    c.outer = oh;
+    c.schedule = schedule_of<Schedule>::hyper();
+    c.fragments = schedule_of<Schedule>::layout();
+    c.compress = ch;
+    return c;
+}
+
+template <class C, class Outer, class A, class Schedule = loco::schedule::every>
 run_result gpu_rank(const std::string& label, loco::comm::communicator& inner_comm,
                     cudaStream_t stream, const typename C::hyper& ch,
                     const typename Outer::hyper& oh) {
     using inner = loco::inner::sgd;
+    using handle = loco::cuda::diloco<inner, Outer, C, Schedule, A>;
     hd::recording comm(inner_comm);
     hd::gpu_params m(hd::init_of(label, comm.rank()));
-    loco::cuda::diloco<inner, Outer, C, loco::schedule::every, A> opt(
-        m.list, comm,
-        {.inner = {.lr = 1.0f / 64}, .outer = oh, .schedule = {.every = 3}, .compress = ch,
-         .stream = stream});
+    auto cfg = config_of<handle, Schedule, C, Outer>(ch, oh);
+    cfg.stream = stream;
+    handle opt(m.list, comm, cfg);
     for (int t = 1; t <= 7; ++t) {
         m.set_gradients(hd::grads_of(label, comm.rank(), t), stream);
         opt.step();
@@ -551,23 +584,25 @@ run_result gpu_rank(const std::string& label, loco::comm::communicator& inner_co
     opt.sync();
     run_result r;
     r.values = m.host_values(stream);
-    r.state = opt.compressor_state();
+    for (std::size_t f = 0; f < opt.fragments(); ++f) {
+        const auto s = opt.compressor_state(f);
+        r.state.insert(r.state.end(), s.begin(), s.end());
+    }
     r.payloads = comm.gathered;
     r.device_exchange = opt.device_exchange();
     return r;
 }
 
-template <class C, class Outer, class A>
+template <class C, class Outer, class A, class Schedule = loco::schedule::every>
 std::vector<run_result> host_run(const std::string& label, int m, const typename C::hyper& ch,
                                  const typename Outer::hyper& oh) {
     using inner = loco::inner::sgd;
+    using handle = loco::diloco<inner, Outer, C, Schedule, A>;
     std::vector<run_result> out(static_cast<std::size_t>(m));
     loco::comm::run_threads(m, [&](loco::comm::threads& threads) {
         hd::recording comm(threads);
         hd::host_params p(hd::init_of(label, comm.rank()));
-        loco::diloco<inner, Outer, C, loco::schedule::every, A> opt(
-            p.list, comm,
-            {.inner = {.lr = 1.0f / 64}, .outer = oh, .schedule = {.every = 3}, .compress = ch});
+        handle opt(p.list, comm, config_of<handle, Schedule, C, Outer>(ch, oh));
         for (int t = 1; t <= 7; ++t) {
             p.set_gradients(hd::grads_of(label, comm.rank(), t));
             opt.step();
@@ -575,8 +610,10 @@ std::vector<run_result> host_run(const std::string& label, int m, const typename
         opt.sync();
         auto& r = out[static_cast<std::size_t>(comm.rank())];
         r.values = p.values();
-        const auto s = opt.compressor_state();
-        r.state.assign(s.begin(), s.end());
+        for (std::size_t f = 0; f < opt.fragments(); ++f) {
+            const auto s = opt.compressor_state(f);
+            r.state.insert(r.state.end(), s.begin(), s.end());
+        }
         r.payloads = comm.gathered;
     });
     return out;
@@ -586,12 +623,13 @@ std::vector<run_result> host_run(const std::string& label, int m, const typename
 // worker's norm per chunk and then over the chunks, the host in element order, so a clip factor
 // can move by an fp32 rounding, and with it the later rounds' payloads.
 void expect_same_run(const std::vector<run_result>& gpu, const std::vector<run_result>& host,
-                     bool exact) {
+                     bool exact, std::size_t gathers = 3) {
     REQUIRE(gpu.size() == host.size());
     for (std::size_t r = 0; r < gpu.size(); ++r) {
         CAPTURE(r);
         CHECK(gpu[r].device_exchange);
-        CHECK(gpu[r].payloads.size() == 3);
+        CHECK(gpu[r].payloads.size() == gathers);
+        CHECK(host[r].payloads.size() == gathers);
         if (exact) {
             CHECK(count_differences(gpu[r].values, host[r].values) == 0);
             CHECK(count_differences(gpu[r].state, host[r].state) == 0);
@@ -605,16 +643,17 @@ void expect_same_run(const std::vector<run_result>& gpu, const std::vector<run_r
     }
 }
 
-template <class C, class Outer, class A>
+template <class C, class Outer, class A, class Schedule = loco::schedule::every>
 void handles_equal(const std::string& label, const typename C::hyper& ch,
                    const typename Outer::hyper& oh, bool exact = true) {
-    const auto host = host_run<C, Outer, A>(label, 3, ch, oh);
+    constexpr std::size_t gathers = schedule_of<Schedule>::gathers;
+    const auto host = host_run<C, Outer, A, Schedule>(label, 3, ch, oh);
     std::vector<run_result> gpu(3);
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
         gpu[static_cast<std::size_t>(replica.rank())] =
-            gpu_rank<C, Outer, A>(label, replica, replica.stream(), ch, oh);
+            gpu_rank<C, Outer, A, Schedule>(label, replica, replica.stream(), ch, oh);
     });
-    expect_same_run(gpu, host, exact);
+    expect_same_run(gpu, host, exact, gathers);
 #if defined(LOCO_TEST_NCCL)
     int devices = 0;
     check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
@@ -633,7 +672,7 @@ void handles_equal(const std::string& label, const typename C::hyper& ch,
                 check_cuda(cudaSetDevice(r), "cudaSetDevice");
                 auto comm = loco::comm::nccl::create(3, r, id, nullptr, {});
                 nccl[static_cast<std::size_t>(r)] =
-                    gpu_rank<C, Outer, A>(label, *comm, nullptr, ch, oh);
+                    gpu_rank<C, Outer, A, Schedule>(label, *comm, nullptr, ch, oh);
             } catch (const std::exception& err) {
                 std::lock_guard<std::mutex> lock(mutex);
                 FAIL_CHECK("rank " << r << ": " << err.what());
@@ -641,7 +680,7 @@ void handles_equal(const std::string& label, const typename C::hyper& ch,
         });
     }
     for (auto& t : ranks) t.join();
-    expect_same_run(nccl, host, exact);
+    expect_same_run(nccl, host, exact, gathers);
 #endif
 }
 
@@ -652,25 +691,30 @@ TEST_CASE("cuda::diloco with sparseloco and demo exchanges on the device and equ
     namespace ag = loco::aggregate;
     // SparseLoCo as templar runs it: median-norm clipped scatter-mean, outer SGD with lr 1.
     handles_equal<cz::sparseloco, loco::outer::sgd, ag::median_norm_clip>(
-        "sparse handles sparseloco", {.chunk = 8, .topk = 6}, {.lr = 1.0f}, false);
+        "sparse handles sparseloco", {.chunk = 64, .topk = 6}, {.lr = 1.0f}, false);
     // The same payloads averaged (the mean of the decoded payloads), 3 bins, outer Nesterov.
     handles_equal<cz::sparseloco, loco::outer::nesterov, ag::mean>(
-        "sparse handles sparseloco mean", {.chunk = 4, .topk = 3, .bins = 3}, {});
+        "sparse handles sparseloco mean", {.chunk = 64, .topk = 3, .bins = 3}, {});
     // Each decoded payload a row of a robust aggregation.
     handles_equal<cz::sparseloco, loco::outer::nesterov, ag::trimmed_mean>(
-        "sparse handles sparseloco trimmed", {.chunk = 8, .topk = 6}, {});
+        "sparse handles sparseloco trimmed", {.chunk = 64, .topk = 6}, {});
     // DisTrO's signs and sign-SGD; DeMo's fp32 coefficients with Nesterov.
     handles_equal<cz::demo, loco::outer::sign_sgd, ag::mean>(
-        "sparse handles demo", {.chunk = 8, .topk = 4, .sign = true}, {.lr = 1.0f / 64});
+        "sparse handles demo", {.chunk = 64, .topk = 4, .sign = true}, {.lr = 1.0f / 64});
     handles_equal<cz::demo, loco::outer::nesterov, ag::mean>(
-        "sparse handles demo fp32", {.chunk = 8, .topk = 5}, {});
+        "sparse handles demo fp32", {.chunk = 64, .topk = 5}, {});
+    // Streaming DiLoCo: two fragments, each exchange in flight over an inner step.
+    handles_equal<cz::sparseloco, loco::outer::sgd, ag::median_norm_clip, loco::schedule::streaming>(
+        "sparse handles sparseloco streaming", {.chunk = 64, .topk = 6}, {.lr = 1.0f}, false);
+    handles_equal<cz::demo, loco::outer::nesterov, ag::mean, loco::schedule::streaming>(
+        "sparse handles demo streaming", {.chunk = 64, .topk = 5}, {});
 }
 
 TEST_CASE("cuda::diloco with sparseloco: a malformed payload is refused on every rank and changes "
           "nothing; the round then goes through") {
     namespace hd = loco_test::handles;
     const std::string label = "sparse handles refused";
-    const cz::sparseloco::hyper ch{.chunk = 8, .topk = 6};
+    const cz::sparseloco::hyper ch{.chunk = 64, .topk = 6};
     using gpu_t = loco::cuda::diloco<loco::inner::sgd, loco::outer::sgd, cz::sparseloco,
                                      loco::schedule::every, loco::aggregate::median_norm_clip>;
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
@@ -712,7 +756,7 @@ TEST_CASE("cuda::diloco with sparseloco: a malformed payload is refused on every
         opt.sync();
         CHECK(opt.outer_steps() == 3);
         CHECK((opt.bytes_per_sync() - opt.agreement_bytes_per_sync()) / 2 ==
-              cz::sparseloco::payload_bytes({.chunk = 8, .topk = 2},
+              cz::sparseloco::payload_bytes({.chunk = 64, .topk = 2},
                                             std::vector<cz::segment>{
                                                 {0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}}));
     });

@@ -10,7 +10,7 @@
 //                 layout, the whole model's fp32 masters) with its own global values, outer state,
 //                 exchange buffers and counters; DiLoCo's one fragment is the whole model
 //
-// A fragment's exchange takes one of four paths, chosen at construction:
+// A fragment's exchange takes one of five paths, chosen at construction:
 //   - fused (a compressor with a device implementation, a GPU communicator, all_gather or
 //     automatic, the mean): one encode kernel forms the pseudo-gradient (phase 1), adds it into
 //     the error-feedback residual and writes the host compressor's payload byte for byte
@@ -32,6 +32,13 @@
 //     policy's decisions (detectors, weights, refusal) in its own host code; the aggregate lands
 //     in the aggregation's own buffer, and the policy's state (EDiT's detectors, centered clipping's center
 //     on the device) advances at commit;
+//   - chunked (compress::sparseloco or compress::demo, chunk target <= 64, a GPU communicator,
+//     all_gather or automatic; the mean, SparseLoCo's median_norm_clip, or rows of a device
+//     aggregation): compress/chunked_exchange.hpp. The pseudo-gradient in the delta buffer, one
+//     encode into the next accumulator, a split-phase all-gather of the payloads, at finish
+//     the device check of every payload (the host decoder's refusals, agreed by every rank),
+//     then the mean of the decoded payloads or the clipped scatter-mean (norms on the device,
+//     factors by the policy's host code) into the exchange's buffer, and the outer step;
 //   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
 //     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
 //     exchanged by the host exchanger (exchange.hpp), over comm::cuda_staging when the

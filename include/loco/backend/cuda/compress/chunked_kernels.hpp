@@ -49,9 +49,8 @@ inline constexpr std::uint32_t chunked_max_side = 64;
 inline constexpr std::uint32_t chunked_max_cells = chunked_max_side * chunked_max_side;
 
 // device_chunked<C>::available: C has a device encoder and decoder here (sparseloco_kernels.hpp,
-// demo_kernels.hpp specialise it; ::plan is its plan). The CUDA engine does not route them yet:
-// its fused exchange averages over all workers (aggregate::mean), takes its layout from a tensor
-// table without rows, and these codecs' references aggregate otherwise (docs/cuda.md).
+// demo_kernels.hpp specialise it; ::plan is its plan). loco::cuda::diloco exchanges them through
+// chunked_exchange.hpp.
 template <class C>
 struct device_chunked {
     static constexpr bool available = false;

@@ -437,9 +437,8 @@ inline void sparseloco_decode(const sparseloco_plan& plan, const std::byte* payl
 // gathered holds M payloads of plan.payload_bytes() bytes back to back (an all-gather's buffer,
 // 4-byte aligned), each already checked by the host's rules; factors (device memory, M x the
 // plan's segment count, payload-major; null: all 1, the plain scatter-mean of clip = false) are
-// median_norm_clip's clip factors f_k of each payload and segment. The factors come from norms
-// the host's rule sums in element order (median_norm_clip::factors), which this header does not
-// reproduce on the device.
+// median_norm_clip's clip factors f_k of each payload and segment (from sparseloco_norms and
+// median_norm_clip::factors_of).
 inline void sparseloco_decode_scatter_mean(const sparseloco_plan& plan, const std::byte* gathered,
                                            std::uint32_t payloads, const float* factors,
                                            float* out, cudaStream_t stream) {
