@@ -12,9 +12,14 @@
 
 namespace loco::schedule {
 
+// (An alias, not `std::uint64_t S::*member`: nvcc re-emits that declaration with parentheses
+// that g++ then warns about.)
+template <class S>
+using counter_member = std::uint64_t S::*;
+
 template <class S>
 struct saved_counter {
-    std::uint64_t S::*member;
+    counter_member<S> member;
     const char* what;  // e.g. "the round count"
 };
 
