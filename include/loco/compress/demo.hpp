@@ -75,18 +75,7 @@ struct demo {
     };
 
     static void validate(const hyper& h) {
-        if (h.chunk < 1 || h.chunk > 65535) {
-            throw invalid_argument("loco::compress::demo: chunk must be in [1, 65535]");
-        }
-        if (h.topk < 1 || h.topk > 65535) {
-            throw invalid_argument(
-                "loco::compress::demo: topk must be in [1, 65535] (0 sends nothing)");
-        }
-        if (static_cast<std::uint64_t>(h.topk) >
-            static_cast<std::uint64_t>(h.chunk) * h.chunk) {
-            throw invalid_argument("loco::compress::demo: topk must not exceed the chunk's "
-                                   "chunk x chunk cells; lower topk or raise chunk");
-        }
+        chunking::validate_chunk_topk(name, h.chunk, h.topk);
         if (!(h.decay >= 0.0f && h.decay < 1.0f)) {
             throw invalid_argument("loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
         }
@@ -226,14 +215,9 @@ private:
     friend struct chunking::residual_codec<demo>;
 
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
-        wire::header w;
-        w.compressor = wire_id;
+        wire::header w = chunking::residual_codec<demo>::header(h, segs);
         w.bits = h.sign ? 1 : 32;
         w.flags = h.sign ? 1 : 0;
-        w.block = h.chunk | (h.topk << 16);
-        w.segments = static_cast<std::uint32_t>(segs.size());
-        w.elements = total_elements(segs);
-        w.body_bytes = chunking::residual_codec<demo>::body_bytes(h, segs);
         return w;
     }
 
@@ -247,9 +231,6 @@ private:
                                                              l.index_bits, l.grid.cells());
         if (!bad.empty()) {
             throw refuse(bad);
-        }
-        if (!chunking::padding_is_zero(indices, l.sent * l.index_bits)) {
-            throw refuse("nonzero padding after the indices");
         }
         if (h.sign && !chunking::padding_is_zero(bytes.subspan(l.index_bytes), l.sent)) {
             throw refuse("nonzero padding after the signs");
