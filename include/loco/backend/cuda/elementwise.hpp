@@ -137,6 +137,58 @@ __device__ __forceinline__ void report_nonfinite(step_control* c, std::uint64_t 
 template <class P, class G, class S>
 inline constexpr int vector_width = sizeof(S) == 2 ? 8 : 4;
 
+// The update at the heart of the fused loops (inner_segment, outer_segment and the decode-and-apply
+// of compress/decode.hpp), written once: Rule::update(k, x[e], in[e], state of element i + e) for
+// the E consecutive elements from i, whose Rule::state_size state arrays lie `stride` apart from
+// st. The state moves a vector at a time and reaches the rule one element at a time.
+template <class Rule, int E, class StateT, class K>
+__device__ __forceinline__ void update_vec(const K& k, float* x, const float* in,
+                                           StateT* __restrict__ st, std::uint64_t stride,
+                                           std::uint32_t i) {
+    constexpr int S = Rule::state_size;
+    constexpr int SA = S > 0 ? S : 1;
+    float s[SA][E];
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        float t[SA];
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            t[j] = s[j][e];
+        }
+        Rule::update(k, x[e], in[e], t);
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            s[j][e] = t[j];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
+    }
+}
+
+// update_vec for the one element i (the loops' scalar paths).
+template <class Rule, class StateT, class K>
+__device__ __forceinline__ void update_one(const K& k, float& x, float in,
+                                           StateT* __restrict__ st, std::uint64_t stride,
+                                           std::uint32_t i) {
+    constexpr int S = Rule::state_size;
+    float t[S > 0 ? S : 1];
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        t[j] = widen(st[static_cast<std::uint64_t>(j) * stride + i]);
+    }
+    Rule::update(k, x, in, t);
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        st[static_cast<std::uint64_t>(j) * stride + i] = narrow<StateT>(t[j]);
+    }
+}
+
 // ---- inner step --------------------------------------------------------------------------------
 
 template <class Rule, class StateT>
@@ -155,7 +207,6 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
                                               std::uint64_t stride, std::uint64_t step,
                                               std::uint64_t seed) {
     constexpr int S = Rule::state_size;
-    constexpr int SA = S > 0 ? S : 1;
     constexpr int E = vector_width<P, G, StateT>;
     constexpr bool bf16_value = std::is_same_v<P, loco::bf16>;
     constexpr bool use_master = bf16_value && Mode == bf16_update::master;
@@ -172,34 +223,13 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
     for (std::uint32_t i = threadIdx.x * E; i < vec_end; i += block_threads * E) {
         float x[E];
         float gr[E];
-        float s[SA][E];
         if constexpr (use_master) {
             load_vec<E>(ms + i, x);
         } else {
             load_vec<E>(v + i, x);
         }
         load_vec_ro<E>(g + i, gr);
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            float t[SA];
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                t[j] = s[j][e];
-            }
-            Rule::update(k, x[e], gr[e], t);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                s[j][e] = t[j];
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-        }
+        update_vec<Rule, E>(k, x, gr, st, stride, i);
         if constexpr (use_master) {
             store_vec<E>(ms + i, x);
             store_vec<E>(v + i, x);
@@ -218,16 +248,7 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
     // Scalar path: the tail of an aligned segment, or all of a misaligned one.
     for (std::uint32_t i = vec_end + threadIdx.x; i < n; i += block_threads) {
         float x = use_master ? ms[i] : widen(v[i]);
-        float t[SA];
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            t[j] = widen(st[static_cast<std::uint64_t>(j) * stride + i]);
-        }
-        Rule::update(k, x, widen(g[i]), t);
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            st[static_cast<std::uint64_t>(j) * stride + i] = narrow<StateT>(t[j]);
-        }
+        update_one<Rule>(k, x, widen(g[i]), st, stride, i);
         if constexpr (use_master) {
             ms[i] = x;
             v[i] = narrow<P>(x);
@@ -434,7 +455,6 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
             return 0;
         }
     }();
-    constexpr int SA = S > 0 ? S : 1;
     constexpr int E = per_vector<P>;
     constexpr bool use_master = reads_master<P, Mode>;
     P* __restrict__ v = static_cast<P*>(r.value);
@@ -451,29 +471,8 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         if constexpr (updates) {
             if (!skip) {
                 float d[E];
-                float s[SA][E];
                 load_vec_ro<E>(dl + i, d);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-                }
-#pragma unroll
-                for (int e = 0; e < E; ++e) {
-                    float t[SA];
-#pragma unroll
-                    for (int j = 0; j < S; ++j) {
-                        t[j] = s[j][e];
-                    }
-                    Outer::update(k, x[e], d[e], t);
-#pragma unroll
-                    for (int j = 0; j < S; ++j) {
-                        s[j][e] = t[j];
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-                }
+                update_vec<Outer, E>(k, x, d, st, stride, i);
                 store_vec<E>(gl + i, x);
             }
         }
@@ -486,16 +485,7 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         float x = gl[i];
         if constexpr (updates) {
             if (!skip) {
-                float t[SA];
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    t[j] = st[static_cast<std::uint64_t>(j) * stride + i];
-                }
-                Outer::update(k, x, dl[i], t);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    st[static_cast<std::uint64_t>(j) * stride + i] = t[j];
-                }
+                update_one<Outer>(k, x, dl[i], st, stride, i);
                 gl[i] = x;
             }
         }

@@ -127,7 +127,6 @@ __device__ __forceinline__ void apply_segment_body(const apply_segment& s,
                                                    std::uint64_t stride, bool skip,
                                                    const float* fractions) {
     constexpr int S = Outer::state_size;
-    constexpr int SA = S > 0 ? S : 1;
     constexpr int E = per_vector<P>;
     constexpr bool use_master = reads_master<P, Mode>;
     const resolved_segment& r = s.r;
@@ -143,29 +142,8 @@ __device__ __forceinline__ void apply_segment_body(const apply_segment& s,
         load_vec<E>(gl + i, x);
         if (!skip) {
             float d[E];
-            float sv[SA][E];
             average<Codec, E>(g, s.body, s.blocks, s.cols, s.begin + i, d, fractions);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, sv[j]);
-            }
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                float t[SA];
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    t[j] = sv[j][e];
-                }
-                Outer::update(k, x[e], d[e], t);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    sv[j][e] = t[j];
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, sv[j]);
-            }
+            update_vec<Outer>(k, x, d, st, stride, i);
             store_vec<E>(gl + i, x);
         }
         if constexpr (use_master) {
@@ -178,16 +156,7 @@ __device__ __forceinline__ void apply_segment_body(const apply_segment& s,
         if (!skip) {
             float d;
             average<Codec, 1>(g, s.body, s.blocks, s.cols, s.begin + i, &d, fractions);
-            float t[SA];
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                t[j] = st[static_cast<std::uint64_t>(j) * stride + i];
-            }
-            Outer::update(k, x, d, t);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                st[static_cast<std::uint64_t>(j) * stride + i] = t[j];
-            }
+            update_one<Outer>(k, x, d, st, stride, i);
             gl[i] = x;
         }
         if constexpr (use_master) {
