@@ -137,10 +137,10 @@ __device__ __forceinline__ void report_nonfinite(step_control* c, std::uint64_t 
 template <class P, class G, class S>
 inline constexpr int vector_width = sizeof(S) == 2 ? 8 : 4;
 
-// The update at the heart of the fused loops (inner_segment, outer_segment and the decode-and-apply
-// of compress/decode.hpp), written once: Rule::update(k, x[e], in[e], state of element i + e) for
-// the E consecutive elements from i, whose Rule::state_size state arrays lie `stride` apart from
-// st. The state moves a vector at a time and reaches the rule one element at a time.
+// The update at the heart of the fused loops (inner_segment and update_segment), written once:
+// Rule::update(k, x[e], in[e], state of element i + e) for the E consecutive elements from i,
+// whose Rule::state_size state arrays lie `stride` apart from st. The state moves a vector at a
+// time and reaches the rule one element at a time.
 template <class Rule, int E, class StateT, class K>
 __device__ __forceinline__ void update_vec(const K& k, float* x, const float* in,
                                            StateT* __restrict__ st, std::uint64_t stride,
@@ -441,12 +441,14 @@ struct outer_args {
     bool skip_nonfinite;
 };
 
-// Update (unless `skip`) and write the global values to the parameters and their masters.
-// Outer = void: write only (scatter_values).
-template <class Outer, bf16_update Mode, class P, class K>
-__device__ __forceinline__ void outer_segment(const resolved_segment& r, const K& k,
-                                              float* global, const float* delta, float* state,
-                                              float* master, std::uint64_t stride, bool skip) {
+// Update (unless `skip`) and write the global values to the parameters and their masters, with
+// the averaged delta from `delta`: delta.read<E>(i, d) puts the E values from element i of the
+// segment in d. outer_segment reads it from memory; compress/decode.hpp decodes it from the
+// payloads. Outer = void: write only (scatter_values), delta unused.
+template <class Outer, bf16_update Mode, class P, class K, class Delta>
+__device__ __forceinline__ void update_segment(const resolved_segment& r, const K& k,
+                                               float* global, const Delta& delta, float* state,
+                                               float* master, std::uint64_t stride, bool skip) {
     constexpr bool updates = !std::is_void_v<Outer>;
     constexpr int S = [] {
         if constexpr (updates) {
@@ -460,7 +462,6 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
     P* __restrict__ v = static_cast<P*>(r.value);
     float* __restrict__ ms = use_master ? master + r.master : nullptr;
     float* __restrict__ gl = global + r.padded;
-    const float* __restrict__ dl = updates ? delta + r.padded : nullptr;
     float* __restrict__ st = S > 0 ? state + r.padded : nullptr;
     const std::uint32_t n = r.len;
     const bool vec = (r.aligned & value_aligned) != 0;
@@ -471,7 +472,7 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         if constexpr (updates) {
             if (!skip) {
                 float d[E];
-                load_vec_ro<E>(dl + i, d);
+                delta.template read<E>(i, d);
                 update_vec<Outer, E>(k, x, d, st, stride, i);
                 store_vec<E>(gl + i, x);
             }
@@ -485,7 +486,9 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         float x = gl[i];
         if constexpr (updates) {
             if (!skip) {
-                update_one<Outer>(k, x, dl[i], st, stride, i);
+                float d;
+                delta.template read<1>(i, &d);
+                update_one<Outer>(k, x, d, st, stride, i);
                 gl[i] = x;
             }
         }
@@ -494,6 +497,27 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         }
         v[i] = narrow<P>(x);
     }
+}
+
+// The averaged delta in device memory, from the segment's first element of the padded layout.
+struct delta_in_memory {
+    const float* __restrict__ at;
+    template <int E>
+    __device__ __forceinline__ void read(std::uint32_t i, float* d) const {
+        if constexpr (E == 1) {
+            *d = at[i];
+        } else {
+            load_vec_ro<E>(at + i, d);
+        }
+    }
+};
+
+template <class Outer, bf16_update Mode, class P, class K>
+__device__ __forceinline__ void outer_segment(const resolved_segment& r, const K& k,
+                                              float* global, const float* delta, float* state,
+                                              float* master, std::uint64_t stride, bool skip) {
+    const delta_in_memory d{std::is_void_v<Outer> ? nullptr : delta + r.padded};
+    update_segment<Outer, Mode, P>(r, k, global, d, state, master, stride, skip);
 }
 
 template <class Outer, bf16_update Mode, unsigned Combos>
