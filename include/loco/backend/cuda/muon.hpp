@@ -698,13 +698,7 @@ public:
         if (uploaded_ && detail::same_hyper(*uploaded_, h)) {
             return;
         }
-        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-        LOCO_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-        if (status != cudaStreamCaptureStatusNone) {
-            throw invalid_argument("loco: muon_engine: hyper-parameters changed while a CUDA "
-                                   "graph was being captured; change them between replays, "
-                                   "outside the capture");
-        }
+        refuse_hyper_change_in_capture(stream, "loco: muon_engine");
         staged_params_ = detail::muon_params{};
         staged_params_.eps = h.eps;
         staged_params_.ns_steps = static_cast<std::uint32_t>(h.ns_steps);
