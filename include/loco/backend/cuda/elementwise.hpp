@@ -70,6 +70,24 @@ struct resolved_segment {
 
 #if LOCO_HAS_CUDA()
 
+// Segment s of tensor d with its pointers and offsets worked out (grad null where d has none).
+__device__ __forceinline__ resolved_segment resolve_segment(const segment& s,
+                                                         const tensor_desc& d) {
+    const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
+    const std::uint64_t grad_bytes = (d.combo & 2u) ? 2 : 4;
+    resolved_segment r;
+    r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
+    r.grad = d.grad ? static_cast<const char*>(d.grad) + s.begin * grad_bytes : nullptr;
+    r.padded = d.padded_offset + s.begin;
+    r.master = d.master_offset + s.begin;
+    r.flat = d.flat_offset + s.begin;
+    r.len = s.len;
+    r.span = s.span;
+    r.combo = d.combo;
+    r.aligned = d.aligned;
+    return r;
+}
+
 // Loads this block's segments (at most max_segments_per_block) into `out`, one thread each, so the
 // loop over them pays one round trip to the table in all. Ends with __syncthreads().
 __device__ __forceinline__ std::uint32_t stage_segments(const table_view& t,
@@ -78,20 +96,8 @@ __device__ __forceinline__ std::uint32_t stage_segments(const table_view& t,
     const std::uint32_t count = t.block_first[blockIdx.x + 1] - first;
     if (threadIdx.x < count) {
         const segment s = t.segments[first + threadIdx.x];
-        const tensor_desc d = t.tensors[s.tensor];
-        const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
-        const std::uint64_t grad_bytes = (d.combo & 2u) ? 2 : 4;
-        resolved_segment r;
-        r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
-        r.grad = d.grad ? static_cast<const char*>(d.grad) + s.begin * grad_bytes : nullptr;
-        r.padded = d.padded_offset + s.begin;
-        r.master = d.master_offset + s.begin;
-        r.flat = d.flat_offset + s.begin;
-        r.len = s.len;
-        r.span = s.span;
-        r.combo = d.combo;
-        r.aligned = d.aligned;
-        out[threadIdx.x] = r;
+        const tensor_desc d = t.tensors[s.tensor];  // one copy: adjacent fields load together
+        out[threadIdx.x] = resolve_segment(s, d);
     }
     __syncthreads();
     return count;

@@ -54,17 +54,9 @@ __device__ __forceinline__ std::uint32_t stage_apply_segments(const table_view& 
         const segment s = t.segments[first + threadIdx.x];
         const tensor_desc d = t.tensors[s.tensor];
         const compress_tensor ct = p.tensors[s.tensor];
-        const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
         apply_segment a;
-        a.r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
-        a.r.grad = nullptr;
-        a.r.padded = d.padded_offset + s.begin;
-        a.r.master = d.master_offset + s.begin;
-        a.r.flat = d.flat_offset + s.begin;
-        a.r.len = s.len;
-        a.r.span = s.span;
-        a.r.combo = d.combo;
-        a.r.aligned = d.aligned;
+        a.r = resolve_segment(s, d);
+        a.r.grad = nullptr;  // the apply reads no gradient
         a.begin = s.begin;
         a.body = ct.body;
         a.blocks = ct.blocks;
