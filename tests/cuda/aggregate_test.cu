@@ -10,6 +10,7 @@
 #include "device.cuh"
 #include "handles.cuh"
 #include "model.cuh"
+#include "schedule_cases.cuh"
 
 #include <loco/aggregate/edit.hpp>
 #include <loco/aggregate/median_norm_clip.hpp>
@@ -104,22 +105,9 @@ constexpr int steps = 11;  // syncs after steps 2, 4, 6, 8, 10 (every 2)
 template <class Schedule>
 struct schedule_case;
 template <>
-struct schedule_case<ls::every> {
-    static ls::every::hyper hyper() { return {.every = 2}; }
-    static loco::fragment_layout layout() { return {}; }
-};
-// Two fragments ({a, c} and {b}), each exchange in flight over one inner step, merge 0.5.
+struct schedule_case<ls::every> : whole_model_every<ls::every, 2> {};
 template <>
-struct schedule_case<ls::streaming> {
-    static ls::streaming::hyper hyper() {
-        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
-    }
-    static loco::fragment_layout layout() {
-        loco::fragment_layout l;
-        l.names = {{"a", "c"}, {"b"}};
-        return l;
-    }
-};
+struct schedule_case<ls::streaming> : two_fragment_streaming {};
 
 // What happens to a rank's parameters before step t: with `faults`, the outlier (rank 1 before the
 // sync of step 8, when every detector has seen 3 norms) and a NaN (rank 2 before the sync of step

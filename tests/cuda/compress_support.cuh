@@ -1,7 +1,7 @@
 #pragma once
 // Helpers of the fused-compression tests (compress_test.cu, statistical_test.cu): exact
-// comparisons that print the first mismatches, the awkward segment sizes and values, and the
-// host exchanger's average.
+// comparisons that print the first mismatches, the awkward segment sizes and values, the host
+// exchanger's average, and the fused decode-average-apply run against the split one.
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
@@ -157,6 +157,67 @@ inline std::uint64_t first_nonfinite(const std::vector<float>& x) {
         }
     }
     return lcu::no_nonfinite;
+}
+
+// ---- decode + average + outer step in one kernel, against the three kernels it fuses ----------
+
+// What two outer steps (Nesterov, lr 0.7, momentum 0.9) from M gathered payloads leave.
+struct decode_apply_run {
+    std::vector<float> params, global, state;
+    std::uint64_t steps, skipped;
+};
+
+// Two outer steps from the model's values and the `ranks` payloads at `gathered`, after
+// payload_check, which must find a non-finite value exactly when `skip`: fused in one kernel
+// (decode_average_apply) or split (decode_average, check_padded, outer_apply).
+template <class C>
+decode_apply_run decode_apply_twice(device_model& m, const lcu::tensor_table& table,
+                                    const lcu::compress_plan<C>& plan, const typename C::hyper& h,
+                                    const std::byte* gathered, int ranks, bool fused, bool skip,
+                                    lcu::stream& s) {
+    using outer = loco::outer::nesterov;
+    const std::size_t padded = table.padded_elements();
+    m.upload_values();
+    lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
+        avg(padded);
+    lcu::init_master(table, master.get(), nullptr);
+    lcu::gather_values(table, master.get(), global.get(), nullptr);
+    state.zero(nullptr);
+    sync_all();
+    lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+    lcu::payload_check check(ranks);
+    const std::uint64_t bad = check.run(plan, table, h, gathered, s);
+    CHECK((bad != lcu::no_nonfinite) == skip);
+    for (int step = 0; step < 2; ++step) {
+        if (fused) {
+            lcu::decode_average_apply<C, outer>(plan, table, gathered, ranks, global.get(),
+                                                state.get(), master.get(), control.hyper(),
+                                                control.control(), check.nonfinite(), s);
+        } else {
+            lcu::decode_average(plan, table, gathered, ranks, avg.get(), s);
+            lcu::check_padded(table, avg.get(), control.control(), s);
+            lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(), master.get(),
+                                    control.hyper(), control.control(), true, s);
+        }
+    }
+    const auto c = control.read(s);
+    return decode_apply_run{m.download_values(), lcu::to_flat(table, global.get()),
+                            lcu::to_flat(table, state.get()), c.steps, c.skipped};
+}
+
+// The fused run equals the split one bit for bit; both took the two steps, or skipped both.
+inline void expect_fused_equals_split(const decode_apply_run& fused,
+                                      const decode_apply_run& split, bool skip,
+                                      const std::vector<float>& start) {
+    expect_same_floats(fused.params, split.params, "parameters");
+    expect_same_floats(fused.global, split.global, "global");
+    expect_same_floats(fused.state, split.state, "outer state");
+    CHECK(fused.steps == split.steps);
+    CHECK(fused.skipped == split.skipped);
+    CHECK(fused.steps == (skip ? 0u : 2u));
+    if (!skip) {
+        CHECK(fused.params != start);  // the steps moved them
+    }
 }
 
 }  // namespace loco_test

@@ -8,6 +8,7 @@
 #include "device.cuh"
 #include "handles.cuh"
 #include "model.cuh"
+#include "schedule_cases.cuh"
 
 #include <loco/cuda.hpp>
 
@@ -31,29 +32,12 @@ using outer = loco::outer::nesterov;
 
 template <class Schedule>
 struct schedule_case;
-
 template <>
-struct schedule_case<ls::every> {
-    static ls::every::hyper hyper() { return {.every = 3}; }
-    static loco::fragment_layout layout() { return {}; }
-};
-// Two fragments named by the user ({a, c} and {b}), overlap 1, merge 0.5.
+struct schedule_case<ls::every> : whole_model_every<ls::every, 3> {};
 template <>
-struct schedule_case<ls::streaming> {
-    static ls::streaming::hyper hyper() {
-        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
-    }
-    static loco::fragment_layout layout() {
-        loco::fragment_layout l;
-        l.names = {{"a", "c"}, {"b"}};
-        return l;
-    }
-};
+struct schedule_case<ls::streaming> : two_fragment_streaming {};
 template <>
-struct schedule_case<ls::delayed> {
-    static ls::delayed::hyper hyper() { return {.every = 3}; }
-    static loco::fragment_layout layout() { return {}; }
-};
+struct schedule_case<ls::delayed> : whole_model_every<ls::delayed, 3> {};
 
 constexpr int steps = 11;
 

@@ -279,7 +279,6 @@ TEST_CASE("statistical fused encode from the parameters (phase 1 fused in): fp32
 TEST_CASE("statistical: decode + average + outer step in one kernel equals decode_average then "
           "outer_apply") {
     using S = cz::statistical<2>;
-    using outer = loco::outer::nesterov;
     auto rng = rng_for("statistical fused decode apply");
     device_model m(awkward_shapes(rng, 20, mixed_dtypes, false));
     m.randomize_values(rng);
@@ -327,55 +326,16 @@ TEST_CASE("statistical: decode + average + outer step in one kernel equals decod
                            "decode_average");
     }
 
-    struct run {
-        std::vector<float> params, global, state;
-        std::uint64_t steps, skipped;
-    };
     const auto go = [&](bool fused, bool skip) {
-        m.upload_values();
-        lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
-            avg(padded);
-        lcu::init_master(table, master.get(), nullptr);
-        lcu::gather_values(table, master.get(), global.get(), nullptr);
-        state.zero(nullptr);
-        sync_all();
-        lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
-        lcu::payload_check check(ranks);
-        const std::uint64_t bad = check.run(plan, table, h, gathered.get(), s);
-        CHECK((bad != lcu::no_nonfinite) == skip);
-        for (int step = 0; step < 2; ++step) {
-            if (fused) {
-                lcu::decode_average_apply<S, outer>(plan, table, gathered.get(), ranks,
-                                                    global.get(), state.get(), master.get(),
-                                                    control.hyper(), control.control(),
-                                                    check.nonfinite(), s);
-            } else {
-                lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
-                lcu::check_padded(table, avg.get(), control.control(), s);
-                lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(),
-                                        master.get(), control.hyper(), control.control(), true,
-                                        s);
-            }
-        }
-        const auto c = control.read(s);
-        return run{m.download_values(), lcu::to_flat(table, global.get()),
-                   lcu::to_flat(table, state.get()), c.steps, c.skipped};
+        return decode_apply_twice<S>(m, table, plan, h, gathered.get(), ranks, fused, skip, s);
     };
     for (const bool skip : {false, true}) {
         CAPTURE(skip);
         if (skip) {  // rank 2 sends a NaN: its row decodes to NaN and every rank drops the round
             encode(x_nan, 2);
         }
-        const run fused = go(true, skip), split = go(false, skip);
-        expect_same_floats(fused.params, split.params, "parameters");
-        expect_same_floats(fused.global, split.global, "global");
-        expect_same_floats(fused.state, split.state, "outer state");
-        CHECK(fused.steps == split.steps);
-        CHECK(fused.skipped == split.skipped);
-        CHECK(fused.steps == (skip ? 0u : 2u));
-        if (!skip) {
-            CHECK(fused.params != m.values());
-        }
+        const decode_apply_run fused = go(true, skip), split = go(false, skip);
+        expect_fused_equals_split(fused, split, skip, m.values());
     }
 }
 

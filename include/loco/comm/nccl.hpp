@@ -99,6 +99,16 @@ inline std::string nccl_message(ncclResult_t r, ncclComm_t comm) {
     return s;
 }
 
+// The id of a new clique, as rank 0 makes it in every way of starting one (file, MPI).
+inline ncclUniqueId new_unique_id() {
+    ncclUniqueId id{};
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess) {
+        throw comm_error("loco::comm::nccl: ncclGetUniqueId failed: " + nccl_message(r, nullptr));
+    }
+    return id;
+}
+
 // Waits while a nonblocking communicator reports ncclInProgress. Returns the final state, or
 // ncclInProgress when the deadline passed first.
 inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time_point deadline) {
@@ -605,11 +615,7 @@ inline ncclUniqueId nccl_unique_id_via_file(const std::string& path, int rank,
                                             std::chrono::milliseconds timeout) {
     ncclUniqueId id{};
     if (rank == 0) {
-        const ncclResult_t r = ncclGetUniqueId(&id);
-        if (r != ncclSuccess) {
-            throw comm_error("loco::comm::nccl: ncclGetUniqueId failed: " +
-                             detail::nccl_message(r, nullptr));
-        }
+        id = detail::new_unique_id();
         const std::string tmp = path + ".tmp";
         {
             std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -660,11 +666,7 @@ inline std::unique_ptr<nccl> nccl_bootstrap_mpi(MPI_Comm mpi_comm,
     MPI_Comm_size(mpi_comm, &nranks);
     ncclUniqueId id{};
     if (rank == 0) {
-        const ncclResult_t r = ncclGetUniqueId(&id);
-        if (r != ncclSuccess) {
-            throw comm_error("loco::comm::nccl: ncclGetUniqueId failed: " +
-                             detail::nccl_message(r, nullptr));
-        }
+        id = detail::new_unique_id();
     }
     if (MPI_Bcast(id.internal, static_cast<int>(sizeof id.internal), MPI_BYTE, 0, mpi_comm) !=
         MPI_SUCCESS) {

@@ -55,6 +55,24 @@ constexpr std::size_t side(std::size_t n, std::size_t target) noexcept {
     return best;
 }
 
+// The settings every chunked compressor has, checked alike: the chunk side and topk each travel
+// in 16 bits of the header's block field, and a chunk must hold topk cells.
+inline void validate_chunk_topk(std::string_view who, std::uint32_t chunk, std::uint32_t topk) {
+    const auto refuse = [&](const char* what) {
+        return invalid_argument("loco::compress::" + std::string(who) + ": " + what);
+    };
+    if (chunk < 1 || chunk > 65535) {
+        throw refuse("chunk must be in [1, 65535]");
+    }
+    if (topk < 1 || topk > 65535) {
+        throw refuse("topk must be in [1, 65535] (0 sends nothing)");
+    }
+    if (static_cast<std::uint64_t>(topk) > static_cast<std::uint64_t>(chunk) * chunk) {
+        throw refuse("topk must not exceed the chunk's chunk x chunk cells; lower topk or raise "
+                     "chunk");
+    }
+}
+
 // Bits of an in-chunk index: ceil(log2(cells)), 0 for chunks of one cell (12 for 64 x 64, the
 // width of templar's pack_12bit_indices).
 constexpr unsigned index_bits(std::size_t cells) noexcept {
@@ -115,6 +133,16 @@ constexpr std::size_t padded_stream_bytes(std::size_t count, unsigned width) noe
     return (wire::bit_stream_bytes(count, width) + 3) / 4 * 4;
 }
 
+// True when every bit of `stream` after the first `used_bits` is zero.
+inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_bits) noexcept {
+    for (std::size_t b = used_bits; b < 8 * stream.size(); ++b) {
+        if (((static_cast<unsigned>(stream[b / 8]) >> (b % 8)) & 1u) != 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
 // Checks a received index stream of `chunks` x k indices of `width` bits: each below `cells`,
 // strictly ascending within its chunk, padding zero. Returns what is wrong, or an empty string.
 inline std::string check_index_stream(std::span<const std::byte> stream, std::size_t chunks,
@@ -131,22 +159,15 @@ inline std::string check_index_stream(std::span<const std::byte> stream, std::si
             }
         }
     }
+    if (!padding_is_zero(stream, chunks * k * width)) {
+        return "nonzero padding after the indices";
+    }
     return std::string();
 }
 
-// True when every bit of `stream` after the first `used_bits` is zero.
-inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_bits) noexcept {
-    for (std::size_t b = used_bits; b < 8 * stream.size(); ++b) {
-        if (((static_cast<unsigned>(stream[b / 8]) >> (b % 8)) & 1u) != 0) {
-            return false;
-        }
-    }
-    return true;
-}
-
 // The encode and decode that chunked compressors with a residual (demo, sparseloco) share. C
-// supplies encode_values, decode_body, layout_of, check_segment, expected_header and validate;
-// `carry` is the factor of the old residual (DeMo's decay, SparseLoCo's beta).
+// supplies encode_values, decode_body, layout_of, check_segment, expected_header, validate and
+// wire_id; `carry` is the factor of the old residual (DeMo's decay, SparseLoCo's beta).
 template <class C>
 struct residual_codec {
     using hyper = typename C::hyper;
@@ -184,6 +205,18 @@ struct residual_codec {
         std::size_t n = 0;
         for (const segment& s : segs) n += C::layout_of(h, s).bytes();
         return n;
+    }
+
+    // The header fields every chunked compressor fills alike; C's expected_header adds bits and
+    // flags.
+    static wire::header header(const hyper& h, std::span<const segment> segs) {
+        wire::header w;
+        w.compressor = C::wire_id;
+        w.block = h.chunk | (h.topk << 16);
+        w.segments = static_cast<std::uint32_t>(segs.size());
+        w.elements = total_elements(segs);
+        w.body_bytes = body_bytes(h, segs);
+        return w;
     }
 
     // Checks the header and every segment's index stream before anything is written.

@@ -75,18 +75,7 @@ struct demo {
     };
 
     static void validate(const hyper& h) {
-        if (h.chunk < 1 || h.chunk > 65535) {
-            throw invalid_argument("loco::compress::demo: chunk must be in [1, 65535]");
-        }
-        if (h.topk < 1 || h.topk > 65535) {
-            throw invalid_argument(
-                "loco::compress::demo: topk must be in [1, 65535] (0 sends nothing)");
-        }
-        if (static_cast<std::uint64_t>(h.topk) >
-            static_cast<std::uint64_t>(h.chunk) * h.chunk) {
-            throw invalid_argument("loco::compress::demo: topk must not exceed the chunk's "
-                                   "chunk x chunk cells; lower topk or raise chunk");
-        }
+        chunking::validate_chunk_topk(name, h.chunk, h.topk);
         if (!(h.decay >= 0.0f && h.decay < 1.0f)) {
             throw invalid_argument("loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
         }
@@ -159,41 +148,24 @@ struct demo {
         }
         std::vector<double> sum;
         std::vector<std::uint32_t> count;
-        std::vector<float> coef;
-        std::vector<double> work;
-        std::size_t at = 0;
-        for (const segment& s : segs) {
-            const segment_layout l = layout_of(h, s);
-            if (s.size == 0) {
-                continue;
-            }
-            const dct::chunk_transform t(l.grid.h, l.grid.w);
-            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
-                sum.assign(l.grid.cells(), 0.0);
-                count.assign(l.grid.cells(), 0);
-                for (const std::span<const std::byte> body : bodies) {
-                    const std::byte* indices = body.data() + at;
-                    const std::byte* values = indices + l.index_bytes;
-                    for (std::size_t j = 0; j < l.k; ++j) {
-                        const std::size_t slot = c * l.k + j;
-                        const std::uint32_t i = wire::get_bits(indices, slot, l.index_bits);
-                        sum[i] += h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0 : 1.0)
-                                         : static_cast<double>(wire::get<float>(
-                                               body, at + l.index_bytes + 4 * slot));
-                        ++count[i];
-                    }
+        const auto mean_of_payloads = [&](const segment_layout& l, std::size_t at, std::size_t c,
+                                          std::span<float> coef) {
+            sum.assign(l.grid.cells(), 0.0);
+            count.assign(l.grid.cells(), 0);
+            for (const std::span<const std::byte> body : bodies) {
+                for (std::size_t j = 0; j < l.k; ++j) {
+                    const sent_coefficient sent = sent_at(h, l, body, at, c * l.k + j);
+                    sum[sent.cell] += static_cast<double>(sent.value);
+                    ++count[sent.cell];
                 }
-                coef.assign(l.grid.cells(), 0.0f);
-                for (std::size_t i = 0; i < coef.size(); ++i) {
-                    if (count[i] != 0) {
-                        coef[i] = static_cast<float>(sum[i] / static_cast<double>(count[i]));
-                    }
-                }
-                t.inverse(coef.data(), out.data() + s.offset + l.grid.element(c, 0),
-                          l.grid.cols, work);
             }
-            at += l.bytes();
-        }
+            for (std::size_t i = 0; i < coef.size(); ++i) {
+                if (count[i] != 0) {
+                    coef[i] = static_cast<float>(sum[i] / static_cast<double>(count[i]));
+                }
+            }
+        };
+        inverse_chunks(h, segs, out, mean_of_payloads);
     }
 
     // The sent coefficients and in-chunk indices of an fp32 vector x, without the residual:
@@ -243,14 +215,9 @@ private:
     friend struct chunking::residual_codec<demo>;
 
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
-        wire::header w;
-        w.compressor = wire_id;
+        wire::header w = chunking::residual_codec<demo>::header(h, segs);
         w.bits = h.sign ? 1 : 32;
         w.flags = h.sign ? 1 : 0;
-        w.block = h.chunk | (h.topk << 16);
-        w.segments = static_cast<std::uint32_t>(segs.size());
-        w.elements = total_elements(segs);
-        w.body_bytes = chunking::residual_codec<demo>::body_bytes(h, segs);
         return w;
     }
 
@@ -265,9 +232,6 @@ private:
         if (!bad.empty()) {
             throw refuse(bad);
         }
-        if (!chunking::padding_is_zero(indices, l.sent * l.index_bits)) {
-            throw refuse("nonzero padding after the indices");
-        }
         if (h.sign && !chunking::padding_is_zero(bytes.subspan(l.index_bytes), l.sent)) {
             throw refuse("nonzero padding after the signs");
         }
@@ -276,6 +240,40 @@ private:
     // Writes D for every segment; the body has been checked (or was just written).
     static void decode_body(const hyper& h, std::span<const std::byte> body,
                             std::span<const segment> segs, std::span<float> out) {
+        const auto sent_coefficients = [&](const segment_layout& l, std::size_t at, std::size_t c,
+                                           std::span<float> coef) {
+            for (std::size_t j = 0; j < l.k; ++j) {
+                const sent_coefficient sent = sent_at(h, l, body, at, c * l.k + j);
+                coef[sent.cell] = sent.value;
+            }
+        };
+        inverse_chunks(h, segs, out, sent_coefficients);
+    }
+
+    // What one slot of a checked body sends: its in-chunk cell and its coefficient (+-1 in the
+    // sign variant, else the fp32 value). `at` is where the slot's segment starts in the body.
+    struct sent_coefficient {
+        std::uint32_t cell = 0;
+        float value = 0.0f;
+    };
+
+    static sent_coefficient sent_at(const hyper& h, const segment_layout& l,
+                                    std::span<const std::byte> body, std::size_t at,
+                                    std::size_t slot) {
+        const std::byte* indices = body.data() + at;
+        const std::byte* values = indices + l.index_bytes;
+        return {wire::get_bits(indices, slot, l.index_bits),
+                h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0f : 1.0f)
+                       : wire::get<float>(body, at + l.index_bytes + 4 * slot)};
+    }
+
+    // The chunk walk decode and decode_scatter_mean share, so both read a body's layout in one
+    // place: per chunk of every segment, in payload order, fill(layout, segment start in the body,
+    // chunk, coef) writes the chunk's coefficients into coef (zeroed first), then the chunk's
+    // inverse DCT lands in out.
+    template <class Fill>
+    static void inverse_chunks(const hyper& h, std::span<const segment> segs, std::span<float> out,
+                               Fill&& fill) {
         std::vector<float> coef;
         std::vector<double> work;
         std::size_t at = 0;
@@ -285,16 +283,9 @@ private:
                 continue;
             }
             const dct::chunk_transform t(l.grid.h, l.grid.w);
-            const std::byte* indices = body.data() + at;
-            const std::byte* values = indices + l.index_bytes;
             for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
                 coef.assign(l.grid.cells(), 0.0f);
-                for (std::size_t j = 0; j < l.k; ++j) {
-                    const std::size_t slot = c * l.k + j;
-                    const std::uint32_t i = wire::get_bits(indices, slot, l.index_bits);
-                    coef[i] = h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0f : 1.0f)
-                                     : wire::get<float>(body, at + l.index_bytes + 4 * slot);
-                }
+                fill(l, at, c, std::span<float>(coef));
                 t.inverse(coef.data(), out.data() + s.offset + l.grid.element(c, 0),
                           l.grid.cols, work);
             }

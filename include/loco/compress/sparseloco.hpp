@@ -89,18 +89,7 @@ struct sparseloco {
     };
 
     static void validate(const hyper& h) {
-        if (h.chunk < 1 || h.chunk > 65535) {
-            throw invalid_argument("loco::compress::sparseloco: chunk must be in [1, 65535]");
-        }
-        if (h.topk < 1 || h.topk > 65535) {
-            throw invalid_argument(
-                "loco::compress::sparseloco: topk must be in [1, 65535] (0 sends nothing)");
-        }
-        if (static_cast<std::uint64_t>(h.topk) >
-            static_cast<std::uint64_t>(h.chunk) * h.chunk) {
-            throw invalid_argument("loco::compress::sparseloco: topk must not exceed the "
-                                   "chunk's chunk x chunk cells; lower topk or raise chunk");
-        }
+        chunking::validate_chunk_topk(name, h.chunk, h.topk);
         if (h.bins < 2 || h.bins > 256) {
             throw invalid_argument("loco::compress::sparseloco: bins must be in [2, 256]");
         }
@@ -300,14 +289,9 @@ private:
     friend struct chunking::residual_codec<sparseloco>;
 
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
-        wire::header w;
-        w.compressor = wire_id;
+        wire::header w = chunking::residual_codec<sparseloco>::header(h, segs);
         w.bits = static_cast<std::uint8_t>(code_bits(h));
         w.flags = static_cast<std::uint8_t>(h.bins - 1);
-        w.block = h.chunk | (h.topk << 16);
-        w.segments = static_cast<std::uint32_t>(segs.size());
-        w.elements = total_elements(segs);
-        w.body_bytes = chunking::residual_codec<sparseloco>::body_bytes(h, segs);
         return w;
     }
 
@@ -324,9 +308,6 @@ private:
                                                              l.index_bits, l.grid.cells());
         if (!bad.empty()) {
             throw refuse(bad);
-        }
-        if (!chunking::padding_is_zero(indices, l.sent * l.index_bits)) {
-            throw refuse("nonzero padding after the indices");
         }
         const unsigned qb = code_bits(h);
         const std::span<const std::byte> codes = bytes.subspan(l.record_bytes + l.index_bytes);

@@ -149,13 +149,7 @@ public:
 
     // Reads a string that must equal `live` (policy names, the handle kind).
     void expect_text(std::string_view live, const char* what) {
-        const std::uint64_t n = u64(what);
-        if (n > 4096) {
-            throw checkpoint_error("loco: checkpoint corrupted: " + std::string(what) +
-                                   " has an implausible length");
-        }
-        std::string saved(static_cast<std::size_t>(n), '\0');
-        raw(saved.data(), saved.size(), what);
+        const std::string saved = text(what);
         if (saved != live) {
             throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) + ": saved '" +
                                    saved + "', this optimizer has '" + std::string(live) + "'");

@@ -14,10 +14,12 @@
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
 #include <loco/schedule/plan.hpp>
+#include <loco/schedule/saved_counters.hpp>
 #include <loco/schedule/wallclock.hpp>
 #include <loco/tensor.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -107,22 +109,18 @@ public:
 
     std::uint64_t calls() const noexcept { return calls_; }
     // The clock is not saved: a resumed round is timed from its first step after load.
-    void save(detail::checkpoint_writer& w) const {
-        w.u64(calls_);
-        w.u64(round_calls_);
-        w.u64(local_steps_);
-        w.u64(rounds_);
-    }
-    static proportional read(detail::checkpoint_reader& r) {
-        proportional s;
-        s.calls_ = r.u64("the step call count");
-        s.round_calls_ = r.u64("the steps of the current round");
-        s.local_steps_ = r.u64("the local steps of the round");
-        s.rounds_ = r.u64("the round count");
-        return s;
-    }
+    void save(detail::checkpoint_writer& w) const { save_counters(w, *this, saved()); }
+    static proportional read(detail::checkpoint_reader& r) { return read_counters(r, saved()); }
 
 private:
+    // What a checkpoint holds, in this order.
+    static constexpr std::array<saved_counter<proportional>, 4> saved() {
+        return {{{&proportional::calls_, "the step call count"},
+                 {&proportional::round_calls_, "the steps of the current round"},
+                 {&proportional::local_steps_, "the local steps of the round"},
+                 {&proportional::rounds_, "the round count"}}};
+    }
+
     comm::communicator* comm_ = nullptr;
     std::uint64_t calls_ = 0, round_calls_ = 0, local_steps_ = 0, timed_ = 0, rounds_ = 0;
     double started_at_ = 0.0;

@@ -19,8 +19,10 @@
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
 #include <loco/schedule/plan.hpp>
+#include <loco/schedule/saved_counters.hpp>
 #include <loco/tensor.hpp>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -126,22 +128,18 @@ public:
 
     std::uint64_t calls() const noexcept { return calls_; }
     // The clock is not saved: a resumed run opens a new window at its first step.
-    void save(detail::checkpoint_writer& w) const {
-        w.u64(calls_);
-        w.u64(since_sync_);
-        w.u64(syncs_);
-        w.u64(skipped_);
-    }
-    static wallclock read(detail::checkpoint_reader& r) {
-        wallclock s;
-        s.calls_ = r.u64("the step call count");
-        s.since_sync_ = r.u64("the steps since the last sync");
-        s.syncs_ = r.u64("the wall-clock sync count");
-        s.skipped_ = r.u64("the skipped window count");
-        return s;
-    }
+    void save(detail::checkpoint_writer& w) const { save_counters(w, *this, saved()); }
+    static wallclock read(detail::checkpoint_reader& r) { return read_counters(r, saved()); }
 
 private:
+    // What a checkpoint holds, in this order.
+    static constexpr std::array<saved_counter<wallclock>, 4> saved() {
+        return {{{&wallclock::calls_, "the step call count"},
+                 {&wallclock::since_sync_, "the steps since the last sync"},
+                 {&wallclock::syncs_, "the wall-clock sync count"},
+                 {&wallclock::skipped_, "the skipped window count"}}};
+    }
+
     comm::communicator* comm_ = nullptr;
     std::uint64_t calls_ = 0, since_sync_ = 0, window_steps_ = 0, syncs_ = 0, skipped_ = 0;
     double opened_at_ = 0.0;

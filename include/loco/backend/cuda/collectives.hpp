@@ -62,6 +62,17 @@ inline unsigned grid_for(std::size_t n) {
     return static_cast<unsigned>(blocks < 8192 ? (blocks == 0 ? 1 : blocks) : 8192);
 }
 
+// Launches one of the grid-stride kernels above over n elements; returns the launch's error.
+template <class... Params, class... Args>
+cudaError_t launch_over(std::size_t n, cudaStream_t stream, void (*kernel)(Params...),
+                        Args... args) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid_for(n), 1, 1);
+    cfg.blockDim = dim3(collective_threads, 1, 1);
+    cfg.stream = stream;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 }  // namespace detail
 
 // out[i] = src.rank[0][i] + ... + src.rank[m-1][i] (divided by m for a mean), for i < n. `out`
@@ -75,12 +86,8 @@ inline void reduce_ranks(const replica_sources& src, int m, float* out, std::siz
     if (n == 0) {
         return;
     }
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(detail::grid_for(n), 1, 1);
-    cfg.blockDim = dim3(detail::collective_threads, 1, 1);
-    cfg.stream = stream;
-    LOCO_CUDA_CHECK(cudaLaunchKernelEx(&cfg, detail::reduce_ranks_kernel<>, src, m, out, n,
-                                       op == comm::reduce_op::mean));
+    LOCO_CUDA_CHECK(detail::launch_over(n, stream, detail::reduce_ranks_kernel<>, src, m, out, n,
+                                        op == comm::reduce_op::mean));
 }
 
 // x[i] /= divisor for i < n.
@@ -88,11 +95,7 @@ inline void divide(float* x, std::size_t n, float divisor, cudaStream_t stream) 
     if (n == 0) {
         return;
     }
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(detail::grid_for(n), 1, 1);
-    cfg.blockDim = dim3(detail::collective_threads, 1, 1);
-    cfg.stream = stream;
-    LOCO_CUDA_CHECK(cudaLaunchKernelEx(&cfg, detail::divide_kernel<>, x, n, divisor));
+    LOCO_CUDA_CHECK(detail::launch_over(n, stream, detail::divide_kernel<>, x, n, divisor));
 }
 
 }  // namespace loco::backend::cuda

@@ -10,11 +10,13 @@
 
 #include <loco/backend/cuda/error.hpp>
 #include <loco/backend/cuda/memory.hpp>
+#include <loco/error.hpp>
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 namespace loco::backend::cuda {
@@ -37,6 +39,18 @@ struct step_control {
     std::uint32_t reserved;
 };
 static_assert(std::is_trivially_copyable_v<step_control>);
+
+// Refuses new hyper-parameters while `s` is being captured into a CUDA graph: a replay would not
+// read the host again. `who` starts the message ("loco::cuda").
+inline void refuse_hyper_change_in_capture(cudaStream_t s, const char* who) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    LOCO_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
+    if (status != cudaStreamCaptureStatusNone) {
+        throw invalid_argument(std::string(who) +
+                               ": hyper-parameters changed while a CUDA graph was being "
+                               "captured; change them between replays, outside the capture");
+    }
+}
 
 // A step_control and a Hyper in device memory, owned.
 template <class Hyper>

@@ -116,61 +116,49 @@ __device__ __forceinline__ void unpack4(const uint2 x, float* v, int at) {
     v[at + 3] = bf16_hi(x.y);
 }
 
+// Vector k of type V from p: a plain load, or through the read-only data path (ReadOnly).
+template <bool ReadOnly, class V>
+__device__ __forceinline__ V load_word(const void* p, int k) {
+    const V* w = static_cast<const V*>(p) + k;
+    if constexpr (ReadOnly) {
+        return __ldg(w);
+    } else {
+        return *w;
+    }
+}
+
 // E consecutive elements from a 16-byte aligned address, widened to float.
-template <int E>
+template <int E, bool ReadOnly = false>
 __device__ __forceinline__ void load_vec(const float* p, float* v) {
     static_assert(E % 4 == 0);
 #pragma unroll
     for (int k = 0; k < E / 4; ++k) {
-        const float4 x = reinterpret_cast<const float4*>(p)[k];
+        const float4 x = load_word<ReadOnly, float4>(p, k);
         v[4 * k + 0] = x.x;
         v[4 * k + 1] = x.y;
         v[4 * k + 2] = x.z;
         v[4 * k + 3] = x.w;
     }
 }
-template <int E>
+template <int E, bool ReadOnly = false>
 __device__ __forceinline__ void load_vec(const loco::bf16* p, float* v) {
     static_assert(E % 4 == 0);
     if constexpr (E % 8 == 0) {
 #pragma unroll
         for (int k = 0; k < E / 8; ++k) {
-            unpack8(reinterpret_cast<const uint4*>(p)[k], v, 8 * k);
+            unpack8(load_word<ReadOnly, uint4>(p, k), v, 8 * k);
         }
     } else {
 #pragma unroll
         for (int k = 0; k < E / 4; ++k) {
-            unpack4(reinterpret_cast<const uint2*>(p)[k], v, 4 * k);
+            unpack4(load_word<ReadOnly, uint2>(p, k), v, 4 * k);
         }
     }
 }
 // The same through the read-only data path, for inputs no kernel thread writes (gradients).
-template <int E>
-__device__ __forceinline__ void load_vec_ro(const float* p, float* v) {
-    static_assert(E % 4 == 0);
-#pragma unroll
-    for (int k = 0; k < E / 4; ++k) {
-        const float4 x = __ldg(reinterpret_cast<const float4*>(p) + k);
-        v[4 * k + 0] = x.x;
-        v[4 * k + 1] = x.y;
-        v[4 * k + 2] = x.z;
-        v[4 * k + 3] = x.w;
-    }
-}
-template <int E>
-__device__ __forceinline__ void load_vec_ro(const loco::bf16* p, float* v) {
-    static_assert(E % 4 == 0);
-    if constexpr (E % 8 == 0) {
-#pragma unroll
-        for (int k = 0; k < E / 8; ++k) {
-            unpack8(__ldg(reinterpret_cast<const uint4*>(p) + k), v, 8 * k);
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < E / 4; ++k) {
-            unpack4(__ldg(reinterpret_cast<const uint2*>(p) + k), v, 4 * k);
-        }
-    }
+template <int E, class T>
+__device__ __forceinline__ void load_vec_ro(const T* p, float* v) {
+    load_vec<E, true>(p, v);
 }
 
 // E floats to a 16-byte aligned address, rounded to nearest for bf16.

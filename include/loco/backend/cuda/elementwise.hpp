@@ -70,6 +70,24 @@ struct resolved_segment {
 
 #if LOCO_HAS_CUDA()
 
+// Segment s of tensor d with its pointers and offsets worked out (grad null where d has none).
+__device__ __forceinline__ resolved_segment resolve_segment(const segment& s,
+                                                         const tensor_desc& d) {
+    const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
+    const std::uint64_t grad_bytes = (d.combo & 2u) ? 2 : 4;
+    resolved_segment r;
+    r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
+    r.grad = d.grad ? static_cast<const char*>(d.grad) + s.begin * grad_bytes : nullptr;
+    r.padded = d.padded_offset + s.begin;
+    r.master = d.master_offset + s.begin;
+    r.flat = d.flat_offset + s.begin;
+    r.len = s.len;
+    r.span = s.span;
+    r.combo = d.combo;
+    r.aligned = d.aligned;
+    return r;
+}
+
 // Loads this block's segments (at most max_segments_per_block) into `out`, one thread each, so the
 // loop over them pays one round trip to the table in all. Ends with __syncthreads().
 __device__ __forceinline__ std::uint32_t stage_segments(const table_view& t,
@@ -78,20 +96,8 @@ __device__ __forceinline__ std::uint32_t stage_segments(const table_view& t,
     const std::uint32_t count = t.block_first[blockIdx.x + 1] - first;
     if (threadIdx.x < count) {
         const segment s = t.segments[first + threadIdx.x];
-        const tensor_desc d = t.tensors[s.tensor];
-        const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
-        const std::uint64_t grad_bytes = (d.combo & 2u) ? 2 : 4;
-        resolved_segment r;
-        r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
-        r.grad = d.grad ? static_cast<const char*>(d.grad) + s.begin * grad_bytes : nullptr;
-        r.padded = d.padded_offset + s.begin;
-        r.master = d.master_offset + s.begin;
-        r.flat = d.flat_offset + s.begin;
-        r.len = s.len;
-        r.span = s.span;
-        r.combo = d.combo;
-        r.aligned = d.aligned;
-        out[threadIdx.x] = r;
+        const tensor_desc d = t.tensors[s.tensor];  // one copy: adjacent fields load together
+        out[threadIdx.x] = resolve_segment(s, d);
     }
     __syncthreads();
     return count;
@@ -137,6 +143,58 @@ __device__ __forceinline__ void report_nonfinite(step_control* c, std::uint64_t 
 template <class P, class G, class S>
 inline constexpr int vector_width = sizeof(S) == 2 ? 8 : 4;
 
+// The update at the heart of the fused loops (inner_segment and update_segment), written once:
+// Rule::update(k, x[e], in[e], state of element i + e) for the E consecutive elements from i,
+// whose Rule::state_size state arrays lie `stride` apart from st. The state moves a vector at a
+// time and reaches the rule one element at a time.
+template <class Rule, int E, class StateT, class K>
+__device__ __forceinline__ void update_vec(const K& k, float* x, const float* in,
+                                           StateT* __restrict__ st, std::uint64_t stride,
+                                           std::uint32_t i) {
+    constexpr int S = Rule::state_size;
+    constexpr int SA = S > 0 ? S : 1;
+    float s[SA][E];
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        float t[SA];
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            t[j] = s[j][e];
+        }
+        Rule::update(k, x[e], in[e], t);
+#pragma unroll
+        for (int j = 0; j < S; ++j) {
+            s[j][e] = t[j];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
+    }
+}
+
+// update_vec for the one element i (the loops' scalar paths).
+template <class Rule, class StateT, class K>
+__device__ __forceinline__ void update_one(const K& k, float& x, float in,
+                                           StateT* __restrict__ st, std::uint64_t stride,
+                                           std::uint32_t i) {
+    constexpr int S = Rule::state_size;
+    float t[S > 0 ? S : 1];
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        t[j] = widen(st[static_cast<std::uint64_t>(j) * stride + i]);
+    }
+    Rule::update(k, x, in, t);
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+        st[static_cast<std::uint64_t>(j) * stride + i] = narrow<StateT>(t[j]);
+    }
+}
+
 // ---- inner step --------------------------------------------------------------------------------
 
 template <class Rule, class StateT>
@@ -155,7 +213,6 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
                                               std::uint64_t stride, std::uint64_t step,
                                               std::uint64_t seed) {
     constexpr int S = Rule::state_size;
-    constexpr int SA = S > 0 ? S : 1;
     constexpr int E = vector_width<P, G, StateT>;
     constexpr bool bf16_value = std::is_same_v<P, loco::bf16>;
     constexpr bool use_master = bf16_value && Mode == bf16_update::master;
@@ -172,34 +229,13 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
     for (std::uint32_t i = threadIdx.x * E; i < vec_end; i += block_threads * E) {
         float x[E];
         float gr[E];
-        float s[SA][E];
         if constexpr (use_master) {
             load_vec<E>(ms + i, x);
         } else {
             load_vec<E>(v + i, x);
         }
         load_vec_ro<E>(g + i, gr);
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            float t[SA];
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                t[j] = s[j][e];
-            }
-            Rule::update(k, x[e], gr[e], t);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                s[j][e] = t[j];
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-        }
+        update_vec<Rule, E>(k, x, gr, st, stride, i);
         if constexpr (use_master) {
             store_vec<E>(ms + i, x);
             store_vec<E>(v + i, x);
@@ -218,16 +254,7 @@ __device__ __forceinline__ void inner_segment(const resolved_segment& r,
     // Scalar path: the tail of an aligned segment, or all of a misaligned one.
     for (std::uint32_t i = vec_end + threadIdx.x; i < n; i += block_threads) {
         float x = use_master ? ms[i] : widen(v[i]);
-        float t[SA];
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            t[j] = widen(st[static_cast<std::uint64_t>(j) * stride + i]);
-        }
-        Rule::update(k, x, widen(g[i]), t);
-#pragma unroll
-        for (int j = 0; j < S; ++j) {
-            st[static_cast<std::uint64_t>(j) * stride + i] = narrow<StateT>(t[j]);
-        }
+        update_one<Rule>(k, x, widen(g[i]), st, stride, i);
         if constexpr (use_master) {
             ms[i] = x;
             v[i] = narrow<P>(x);
@@ -420,12 +447,14 @@ struct outer_args {
     bool skip_nonfinite;
 };
 
-// Update (unless `skip`) and write the global values to the parameters and their masters.
-// Outer = void: write only (scatter_values).
-template <class Outer, bf16_update Mode, class P, class K>
-__device__ __forceinline__ void outer_segment(const resolved_segment& r, const K& k,
-                                              float* global, const float* delta, float* state,
-                                              float* master, std::uint64_t stride, bool skip) {
+// Update (unless `skip`) and write the global values to the parameters and their masters, with
+// the averaged delta from `delta`: delta.read<E>(i, d) puts the E values from element i of the
+// segment in d. outer_segment reads it from memory; compress/decode.hpp decodes it from the
+// payloads. Outer = void: write only (scatter_values), delta unused.
+template <class Outer, bf16_update Mode, class P, class K, class Delta>
+__device__ __forceinline__ void update_segment(const resolved_segment& r, const K& k,
+                                               float* global, const Delta& delta, float* state,
+                                               float* master, std::uint64_t stride, bool skip) {
     constexpr bool updates = !std::is_void_v<Outer>;
     constexpr int S = [] {
         if constexpr (updates) {
@@ -434,13 +463,11 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
             return 0;
         }
     }();
-    constexpr int SA = S > 0 ? S : 1;
     constexpr int E = per_vector<P>;
     constexpr bool use_master = reads_master<P, Mode>;
     P* __restrict__ v = static_cast<P*>(r.value);
     float* __restrict__ ms = use_master ? master + r.master : nullptr;
     float* __restrict__ gl = global + r.padded;
-    const float* __restrict__ dl = updates ? delta + r.padded : nullptr;
     float* __restrict__ st = S > 0 ? state + r.padded : nullptr;
     const std::uint32_t n = r.len;
     const bool vec = (r.aligned & value_aligned) != 0;
@@ -451,29 +478,8 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         if constexpr (updates) {
             if (!skip) {
                 float d[E];
-                float s[SA][E];
-                load_vec_ro<E>(dl + i, d);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-                }
-#pragma unroll
-                for (int e = 0; e < E; ++e) {
-                    float t[SA];
-#pragma unroll
-                    for (int j = 0; j < S; ++j) {
-                        t[j] = s[j][e];
-                    }
-                    Outer::update(k, x[e], d[e], t);
-#pragma unroll
-                    for (int j = 0; j < S; ++j) {
-                        s[j][e] = t[j];
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, s[j]);
-                }
+                delta.template read<E>(i, d);
+                update_vec<Outer, E>(k, x, d, st, stride, i);
                 store_vec<E>(gl + i, x);
             }
         }
@@ -486,16 +492,9 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         float x = gl[i];
         if constexpr (updates) {
             if (!skip) {
-                float t[SA];
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    t[j] = st[static_cast<std::uint64_t>(j) * stride + i];
-                }
-                Outer::update(k, x, dl[i], t);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    st[static_cast<std::uint64_t>(j) * stride + i] = t[j];
-                }
+                float d;
+                delta.template read<1>(i, &d);
+                update_one<Outer>(k, x, d, st, stride, i);
                 gl[i] = x;
             }
         }
@@ -504,6 +503,27 @@ __device__ __forceinline__ void outer_segment(const resolved_segment& r, const K
         }
         v[i] = narrow<P>(x);
     }
+}
+
+// The averaged delta in device memory, from the segment's first element of the padded layout.
+struct delta_in_memory {
+    const float* __restrict__ at;
+    template <int E>
+    __device__ __forceinline__ void read(std::uint32_t i, float* d) const {
+        if constexpr (E == 1) {
+            *d = at[i];
+        } else {
+            load_vec_ro<E>(at + i, d);
+        }
+    }
+};
+
+template <class Outer, bf16_update Mode, class P, class K>
+__device__ __forceinline__ void outer_segment(const resolved_segment& r, const K& k,
+                                              float* global, const float* delta, float* state,
+                                              float* master, std::uint64_t stride, bool skip) {
+    const delta_in_memory d{std::is_void_v<Outer> ? nullptr : delta + r.padded};
+    update_segment<Outer, Mode, P>(r, k, global, d, state, master, stride, skip);
 }
 
 template <class Outer, bf16_update Mode, unsigned Combos>

@@ -395,30 +395,43 @@ __device__ __forceinline__ void muon_tile_of(std::uint64_t x, std::uint64_t& tp,
     tq = x - tp * (tp + 1) / 2;
 }
 
+// Where a block of the m x m kernels works, found the same way by each of them: matrix j, tile
+// (tp, tq) whose first row and column are row0 and col0; the thread takes column tx of rows ty,
+// ty + muon_rows_per_pass, ... of the tile.
+inline constexpr unsigned muon_rows_per_pass = block_threads / muon_tile;
+struct muon_block_tile {
+    std::uint32_t j;
+    std::uint64_t tp, tq, row0, col0;
+    unsigned tx, ty;
+};
+__device__ __forceinline__ muon_block_tile muon_block_tile_of(const muon_tile_args& a) {
+    muon_block_tile b{};
+    b.j = blockIdx.x / a.pairs;
+    muon_tile_of(blockIdx.x % a.pairs, b.tp, b.tq);
+    b.row0 = b.tp * muon_tile;
+    b.col0 = b.tq * muon_tile;
+    b.tx = threadIdx.x % muon_tile;
+    b.ty = threadIdx.x / muon_tile;
+    return b;
+}
+
 // The first iteration's A: G1's fp32 product of the unnormalised input times 1 / divisor^2
 // (exact normalisation in fp32), both halves, rounded to bf16 once.
 template <int = 0>
 __global__ void __launch_bounds__(block_threads) muon_scale_kernel(muon_tile_args a) {
     __shared__ float tile[muon_tile][muon_tile + 1];
-    const std::uint32_t j = blockIdx.x / a.pairs;
-    std::uint64_t tp = 0, tq = 0;
-    muon_tile_of(blockIdx.x % a.pairs, tp, tq);
+    const auto [j, tp, tq, row0, col0, tx, ty] = muon_block_tile_of(a);
     const float s = a.scale[j].inv2;
     const std::uint64_t m = a.m;
     const float* g = a.gram_f + j * a.stride;
     loco::bf16* out = a.gram + j * a.stride;
-    const unsigned tx = threadIdx.x % muon_tile;
-    const unsigned ty = threadIdx.x / muon_tile;
-    constexpr unsigned rows_per_pass = block_threads / muon_tile;
-    const std::uint64_t row0 = tp * muon_tile;
-    const std::uint64_t col0 = tq * muon_tile;
-    for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+    for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
         const std::uint64_t p = row0 + k;
         const std::uint64_t q = col0 + tx;
         tile[k][tx] = p < m && q < m && q <= p ? s * g[p * m + q] : 0.0f;
     }
     __syncthreads();
-    for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+    for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
         const std::uint64_t p = row0 + k;
         const std::uint64_t q = col0 + tx;
         if (p < m && q < m) {
@@ -427,7 +440,7 @@ __global__ void __launch_bounds__(block_threads) muon_scale_kernel(muon_tile_arg
         }
     }
     if (tp != tq) {
-        for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+        for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
             const std::uint64_t p = col0 + k;
             const std::uint64_t q = row0 + tx;
             if (p < m && q < m) {
@@ -442,17 +455,10 @@ __global__ void __launch_bounds__(block_threads) muon_scale_kernel(muon_tile_arg
 template <int = 0>
 __global__ void __launch_bounds__(block_threads) muon_mirror_kernel(muon_tile_args a) {
     __shared__ std::uint16_t tile[muon_tile][muon_tile + 1];
-    const std::uint32_t j = blockIdx.x / a.pairs;
-    std::uint64_t tp = 0, tq = 0;
-    muon_tile_of(blockIdx.x % a.pairs, tp, tq);
+    const auto [j, tp, tq, row0, col0, tx, ty] = muon_block_tile_of(a);
     const std::uint64_t m = a.m;
     loco::bf16* g = a.gram + j * a.stride;
-    const unsigned tx = threadIdx.x % muon_tile;
-    const unsigned ty = threadIdx.x / muon_tile;
-    constexpr unsigned rows_per_pass = block_threads / muon_tile;
-    const std::uint64_t row0 = tp * muon_tile;
-    const std::uint64_t col0 = tq * muon_tile;
-    for (unsigned r = ty; r < muon_tile; r += rows_per_pass) {
+    for (unsigned r = ty; r < muon_tile; r += muon_rows_per_pass) {
         const std::uint64_t p = row0 + r;
         const std::uint64_t q = col0 + tx;
         if (p < m && q < m && q <= p) {
@@ -462,7 +468,7 @@ __global__ void __launch_bounds__(block_threads) muon_mirror_kernel(muon_tile_ar
     __syncthreads();
     // Position (col0 + r, row0 + tx) holds element (row0 + tx, col0 + r) = tile[tx][r]; on a
     // diagonal tile only the part above the diagonal is written.
-    for (unsigned r = ty; r < muon_tile; r += rows_per_pass) {
+    for (unsigned r = ty; r < muon_tile; r += muon_rows_per_pass) {
         const std::uint64_t p = col0 + r;
         const std::uint64_t q = row0 + tx;
         if (p < m && q < m && q > p) {
@@ -479,22 +485,15 @@ __global__ void __launch_bounds__(block_threads) muon_mirror_kernel(muon_tile_ar
 template <int = 0>
 __global__ void __launch_bounds__(block_threads) muon_poly_kernel(muon_tile_args a) {
     __shared__ float tile[muon_tile][muon_tile + 1];
-    const std::uint32_t j = blockIdx.x / a.pairs;
-    std::uint64_t tp = 0, tq = 0;
-    muon_tile_of(blockIdx.x % a.pairs, tp, tq);
+    const auto [j, tp, tq, row0, col0, tx, ty] = muon_block_tile_of(a);
     const float out_scale = a.iteration == 0 ? a.scale[j].inv : 1.0f;
     const linalg::ns_row r = a.params->rows[a.iteration];
     const std::uint64_t m = a.m;
     const loco::bf16* g = a.gram + j * a.stride;
     const float* sq = a.square + j * a.stride;
     loco::bf16* out = a.out + j * a.stride;
-    const unsigned tx = threadIdx.x % muon_tile;
-    const unsigned ty = threadIdx.x / muon_tile;
-    constexpr unsigned rows_per_pass = block_threads / muon_tile;
-    const std::uint64_t row0 = tp * muon_tile;
-    const std::uint64_t col0 = tq * muon_tile;
 
-    for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+    for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
         const std::uint64_t p = row0 + k;
         const std::uint64_t q = col0 + tx;
         float v = 0.0f;
@@ -504,7 +503,7 @@ __global__ void __launch_bounds__(block_threads) muon_poly_kernel(muon_tile_args
         tile[k][tx] = v;
     }
     __syncthreads();
-    for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+    for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
         const std::uint64_t p = row0 + k;
         const std::uint64_t q = col0 + tx;
         if (p < m && q < m) {
@@ -516,7 +515,7 @@ __global__ void __launch_bounds__(block_threads) muon_poly_kernel(muon_tile_args
         }
     }
     if (tp != tq) {
-        for (unsigned k = ty; k < muon_tile; k += rows_per_pass) {
+        for (unsigned k = ty; k < muon_tile; k += muon_rows_per_pass) {
             const std::uint64_t p = col0 + k;
             const std::uint64_t q = row0 + tx;
             if (p < m && q < m) {
@@ -699,13 +698,7 @@ public:
         if (uploaded_ && detail::same_hyper(*uploaded_, h)) {
             return;
         }
-        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-        LOCO_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-        if (status != cudaStreamCaptureStatusNone) {
-            throw invalid_argument("loco: muon_engine: hyper-parameters changed while a CUDA "
-                                   "graph was being captured; change them between replays, "
-                                   "outside the capture");
-        }
+        refuse_hyper_change_in_capture(stream, "loco: muon_engine");
         staged_params_ = detail::muon_params{};
         staged_params_.eps = h.eps;
         staged_params_.ns_steps = static_cast<std::uint32_t>(h.ns_steps);

@@ -63,13 +63,7 @@ public:
         if (std::memcmp(&h, &uploaded_, sizeof(Hyper)) == 0) {
             return;
         }
-        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-        LOCO_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
-        if (status != cudaStreamCaptureStatusNone) {
-            throw invalid_argument("loco::cuda: hyper-parameters changed while a CUDA graph was "
-                                   "being captured; change them between replays, outside the "
-                                   "capture");
-        }
+        backend::cuda::refuse_hyper_change_in_capture(s, "loco::cuda");
         control.set_hyper(h, s);
         uploaded_ = h;
     }

@@ -54,17 +54,9 @@ __device__ __forceinline__ std::uint32_t stage_apply_segments(const table_view& 
         const segment s = t.segments[first + threadIdx.x];
         const tensor_desc d = t.tensors[s.tensor];
         const compress_tensor ct = p.tensors[s.tensor];
-        const std::uint64_t value_bytes = (d.combo & 1u) ? 2 : 4;
         apply_segment a;
-        a.r.value = static_cast<char*>(d.value) + s.begin * value_bytes;
-        a.r.grad = nullptr;
-        a.r.padded = d.padded_offset + s.begin;
-        a.r.master = d.master_offset + s.begin;
-        a.r.flat = d.flat_offset + s.begin;
-        a.r.len = s.len;
-        a.r.span = s.span;
-        a.r.combo = d.combo;
-        a.r.aligned = d.aligned;
+        a.r = resolve_segment(s, d);
+        a.r.grad = nullptr;  // the apply reads no gradient
         a.begin = s.begin;
         a.body = ct.body;
         a.blocks = ct.blocks;
@@ -119,83 +111,18 @@ struct apply_args {
     const std::uint64_t* skip_if;  // the verdict's first non-finite index, or null: never skip
 };
 
-// outer_segment with the average decoded from the payloads instead of read from memory.
-template <class Codec, class Outer, bf16_update Mode, class P, class K>
-__device__ __forceinline__ void apply_segment_body(const apply_segment& s,
-                                                   const gathered_payloads& g, const K& k,
-                                                   const apply_args<Outer>& a,
-                                                   std::uint64_t stride, bool skip,
-                                                   const float* fractions) {
-    constexpr int S = Outer::state_size;
-    constexpr int SA = S > 0 ? S : 1;
-    constexpr int E = per_vector<P>;
-    constexpr bool use_master = reads_master<P, Mode>;
-    const resolved_segment& r = s.r;
-    P* __restrict__ v = static_cast<P*>(r.value);
-    float* __restrict__ ms = use_master ? a.master + r.master : nullptr;
-    float* __restrict__ gl = a.global + r.padded;
-    float* __restrict__ st = S > 0 ? a.state + r.padded : nullptr;
-    const std::uint32_t n = r.len;
-    const bool vec = (r.aligned & value_aligned) != 0;
-    const std::uint32_t vec_end = vec ? n / E * E : 0;
-    for (std::uint32_t i = threadIdx.x * E; i < vec_end; i += block_threads * E) {
-        float x[E];
-        load_vec<E>(gl + i, x);
-        if (!skip) {
-            float d[E];
-            float sv[SA][E];
-            average<Codec, E>(g, s.body, s.blocks, s.cols, s.begin + i, d, fractions);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                load_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, sv[j]);
-            }
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                float t[SA];
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    t[j] = sv[j][e];
-                }
-                Outer::update(k, x[e], d[e], t);
-#pragma unroll
-                for (int j = 0; j < S; ++j) {
-                    sv[j][e] = t[j];
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                store_vec<E>(st + static_cast<std::uint64_t>(j) * stride + i, sv[j]);
-            }
-            store_vec<E>(gl + i, x);
-        }
-        if constexpr (use_master) {
-            store_vec<E>(ms + i, x);
-        }
-        store_vec<E>(v + i, x);
+// The averaged delta decode_average_apply hands update_segment (elementwise.hpp): the average
+// of the payloads at element i of the segment, decoded instead of read from memory.
+template <class Codec>
+struct delta_from_payloads {
+    const gathered_payloads& g;
+    const apply_segment& s;
+    const float* fractions;
+    template <int E>
+    __device__ __forceinline__ void read(std::uint32_t i, float* d) const {
+        average<Codec, E>(g, s.body, s.blocks, s.cols, s.begin + i, d, fractions);
     }
-    for (std::uint32_t i = vec_end + threadIdx.x; i < n; i += block_threads) {
-        float x = gl[i];
-        if (!skip) {
-            float d;
-            average<Codec, 1>(g, s.body, s.blocks, s.cols, s.begin + i, &d, fractions);
-            float t[SA];
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                t[j] = st[static_cast<std::uint64_t>(j) * stride + i];
-            }
-            Outer::update(k, x, d, t);
-#pragma unroll
-            for (int j = 0; j < S; ++j) {
-                st[static_cast<std::uint64_t>(j) * stride + i] = t[j];
-            }
-            gl[i] = x;
-        }
-        if constexpr (use_master) {
-            ms[i] = x;
-        }
-        v[i] = narrow<P>(x);
-    }
-}
+};
 
 template <class Codec, class Outer, bf16_update Mode, unsigned Combos>
 __global__ void __launch_bounds__(block_threads, min_blocks_per_sm)
@@ -210,15 +137,16 @@ __global__ void __launch_bounds__(block_threads, min_blocks_per_sm)
     const auto k = Outer::prepare(h, step);
     for (std::uint32_t q = 0; q < count; ++q) {
         const apply_segment s = segs[q];
+        const delta_from_payloads<Codec> delta{g, s, fractions};
         if (s.r.combo & 1u) {
             if constexpr ((Combos & (combos::bf16_f32 | combos::bf16_bf16)) != 0) {
-                apply_segment_body<Codec, Outer, Mode, loco::bf16>(s, g, k, a, t.padded_total,
-                                                                   skip, fractions);
+                update_segment<Outer, Mode, loco::bf16>(s.r, k, a.global, delta, a.state,
+                                                        a.master, t.padded_total, skip);
             }
         } else {
             if constexpr ((Combos & (combos::f32_f32 | combos::f32_bf16)) != 0) {
-                apply_segment_body<Codec, Outer, Mode, float>(s, g, k, a, t.padded_total, skip,
-                                                              fractions);
+                update_segment<Outer, Mode, float>(s.r, k, a.global, delta, a.state, a.master,
+                                                   t.padded_total, skip);
             }
         }
     }

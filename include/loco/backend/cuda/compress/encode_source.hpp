@@ -238,42 +238,34 @@ struct encode_source {
 
 // ---- warp reductions over groups of G lanes (G a power of 2, <= 32; all lanes take part) ------
 
-template <unsigned G>
-__device__ __forceinline__ float group_max(float v) {
+// One butterfly for all four: at each step a lane combines its value with its partner's,
+// combine(own, partner's), so every lane of a group ends with the group's result.
+template <unsigned G, class T, class Combine>
+__device__ __forceinline__ T group_reduce(T v, Combine combine) {
 #pragma unroll
     for (unsigned m = G / 2; m > 0; m /= 2) {
-        const float o = __shfl_xor_sync(full_mask, v, static_cast<int>(m));
-        v = o > v ? o : v;
+        v = combine(v, __shfl_xor_sync(full_mask, v, static_cast<int>(m)));
     }
     return v;
+}
+
+template <unsigned G>
+__device__ __forceinline__ float group_max(float v) {
+    return group_reduce<G>(v, [](float own, float o) { return o > own ? o : own; });
 }
 // Both partners of each butterfly step add the same two values (addition commutes), so every
 // lane of a group ends with the same bits.
 template <unsigned G>
 __device__ __forceinline__ double group_sum(double v) {
-#pragma unroll
-    for (unsigned m = G / 2; m > 0; m /= 2) {
-        v = v + __shfl_xor_sync(full_mask, v, static_cast<int>(m));
-    }
-    return v;
+    return group_reduce<G>(v, [](double own, double o) { return own + o; });
 }
 template <unsigned G>
 __device__ __forceinline__ unsigned group_umax(unsigned v) {
-#pragma unroll
-    for (unsigned m = G / 2; m > 0; m /= 2) {
-        const unsigned o = __shfl_xor_sync(full_mask, v, static_cast<int>(m));
-        v = o > v ? o : v;
-    }
-    return v;
+    return group_reduce<G>(v, [](unsigned own, unsigned o) { return o > own ? o : own; });
 }
 template <unsigned G>
 __device__ __forceinline__ unsigned group_umin(unsigned v) {
-#pragma unroll
-    for (unsigned m = G / 2; m > 0; m /= 2) {
-        const unsigned o = __shfl_xor_sync(full_mask, v, static_cast<int>(m));
-        v = o < v ? o : v;
-    }
-    return v;
+    return group_reduce<G>(v, [](unsigned own, unsigned o) { return o < own ? o : own; });
 }
 
 #endif  // LOCO_HAS_CUDA()
