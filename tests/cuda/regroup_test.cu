@@ -16,6 +16,7 @@
 #include "handles.cuh"
 #include "model.cuh"
 
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/cuda.hpp>
 
 #include <cuda_runtime.h>
@@ -296,6 +297,10 @@ TEST_CASE("cuda backend regroup on replicas: a lost worker, the survivors, a hea
     SUBCASE("device aggregation (median of the fp32 deltas; its state starts again)") {
         check_paths<replicas_side, cz::none, loco::aggregate::median>(
             "median", loco::exchange_scheme::all_gather, 1e-5, true);
+    }
+    SUBCASE("chunked device exchange (SparseLoCo's clipped scatter-mean; the accumulator kept)") {
+        check_paths<replicas_side, cz::sparseloco, loco::aggregate::median_norm_clip>(
+            "sparseloco", loco::exchange_scheme::automatic, 1e-4, true);
     }
     SUBCASE("host exchange through cuda_staging (two_phase)") {
         check_paths<replicas_side, ef2>("ef2 two-phase", loco::exchange_scheme::two_phase, 1e-4,
