@@ -2,7 +2,9 @@
 // send a sign-flipped (-4x) pseudo-gradient at every sync pull `mean` far from the clean run,
 // while `median` (at M = 5 the same as `trimmed_mean` with b = 2) ends within a few percent of
 // it; the command line of
-// --aggregate, its hyper-parameters and --attackers / --attack, and their one-sentence errors.
+// --aggregate, its hyper-parameters and --attackers / --attack, and their one-sentence errors;
+// the settings of SparseLoCo and DeMo (--topk, --chunk, --ef-decay, --no-median-clip) reaching
+// their policies and the bytes on the wire.
 #include <doctest/doctest.h>
 
 #include "support/errors.hpp"
@@ -31,6 +33,16 @@ using robust_rules =
 
 gpt::rule_factory rules(const gpt::options& o) {
     return gpt::make_rule_factory<std::tuple<robust_rules>, std::tuple<gpt::adamw_choice>>(o);
+}
+
+// SparseLoCo as the study runs it, compiled alone: its factory checks the compressor's settings.
+using sparseloco_rules =
+    gpt::combinations<std::tuple<gpt::adamw_choice>, std::tuple<gpt::outer_sgd_choice>,
+                      std::tuple<std::tuple_element_t<0, gpt::frontier_compress_choices>>,
+                      std::tuple<gpt::every_choice>, std::tuple<gpt::median_norm_clip_choice>>;
+
+gpt::rule_factory sparse_rules(const gpt::options& o) {
+    return gpt::make_rule_factory<std::tuple<sparseloco_rules>, std::tuple<gpt::adamw_choice>>(o);
 }
 
 gpt::options parsed(std::vector<const char*> args) {
@@ -154,5 +166,74 @@ TEST_CASE("gpt: --aggregate, its settings and the attack options on the command 
               "--aggregate median is not compiled into this trainer; it is compiled with "
               "--inner adamw --outer nesterov --compress none --aggregate mean|median (add a combination to compiled_combinations in "
               "examples/gpt/policies.hpp)");
+    }
+}
+
+TEST_CASE("gpt: --topk, --chunk, --ef-decay and --no-median-clip reach SparseLoCo's and DeMo's policies") {
+    using sparseloco = std::tuple_element_t<0, gpt::frontier_compress_choices>;
+    using demo = std::tuple_element_t<1, gpt::frontier_compress_choices>;
+    using ef = std::tuple_element_t<4, gpt::compress_choices>;  // statistical2-ef
+    static_assert(sparseloco::name == "sparseloco" && demo::name == "demo" &&
+                  ef::name == "statistical2-ef");
+    // One 64 x 64 matrix: N = chunks x topk kept values of 12-bit indices and 2-bit codes, after
+    // a 40-byte header and 4 (1 + 4) bytes of shift and table (compress/sparseloco.hpp):
+    // 40 + 20 + 4 ceil(ceil(12 N / 8) / 4) + 4 ceil(ceil(2 N / 8) / 4).
+    const loco::compress::segment matrix{.offset = 0, .size = 64 * 64, .rows = 64, .cols = 64};
+    const auto bytes = [&](const gpt::options& o) {
+        return loco::compress::sparseloco::payload_bytes(sparseloco::hyper(o), {&matrix, 1});
+    };
+    SUBCASE("defaults are the references' (templar, DeMo)") {
+        const gpt::options o = parsed({});
+        const auto s = sparseloco::hyper(o);
+        CHECK(s.topk == 64);
+        CHECK(s.chunk == 64);
+        CHECK(s.beta == 0.95f);
+        CHECK(bytes(o) == 40 + 20 + 96 + 16);  // N = 64
+        const auto d = demo::hyper(o);
+        CHECK(d.topk == 32);
+        CHECK(d.chunk == 64);
+        CHECK(d.decay == 0.999f);
+        CHECK(ef::hyper(o).decay == 1.0f);
+        CHECK(gpt::median_norm_clip_choice::hyper(o).clip);
+    }
+    SUBCASE("every setting reaches its policy") {
+        const gpt::options o = parsed({"--compress", "sparseloco", "--topk", "16", "--chunk", "32",
+                                       "--ef-decay", "0.99", "--no-median-clip"});
+        const auto s = sparseloco::hyper(o);
+        CHECK(s.topk == 16);
+        CHECK(s.chunk == 32);
+        CHECK(s.beta == 0.99f);
+        CHECK(bytes(o) == 40 + 20 + 80 + 16);  // four 32 x 32 chunks: N = 64, 10-bit indices
+        CHECK(bytes(parsed({"--topk", "16"})) == 40 + 20 + 24 + 4);  // N = 16
+        const auto d = demo::hyper(o);
+        CHECK(d.topk == 16);
+        CHECK(d.chunk == 32);
+        CHECK(d.decay == 0.999f);  // DeMo's residual decay is its own, not --ef-decay
+        CHECK(ef::hyper(o).decay == 0.99f);
+        CHECK(!gpt::median_norm_clip_choice::hyper(o).clip);
+    }
+    SUBCASE("bad settings: one sentence, before any data is loaded") {
+        CHECK(parse_error({"--topk", "-3"}) == "gpt: --topk takes a whole number, not '-3'");
+        CHECK(parse_error({"--chunk", "x"}) == "gpt: --chunk takes a whole number, not 'x'");
+        gpt::options o;
+        o.outer = "sgd";
+        o.compress = "sparseloco";
+        o.aggregate = "median_norm_clip";
+        CHECK_NOTHROW(sparse_rules(o));
+        o.topk = 0;
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: topk must be in [1, 65535] (0 sends nothing)");
+        o.topk = (std::uint64_t{1} << 32) + 64;  // saturates, does not wrap to 64
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: topk must be in [1, 65535] (0 sends nothing)");
+        o.topk = 16;
+        o.chunk = 2;
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: topk must not exceed the chunk's chunk x chunk cells; "
+              "lower topk or raise chunk");
+        o.chunk.reset();
+        o.ef_decay = 1.0f;
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");
     }
 }

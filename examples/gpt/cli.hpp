@@ -56,8 +56,11 @@ inline void usage(std::FILE* to) {
         "  --outer-lr X           (defaults: nesterov 0.7, sgd 1.0, adam 0.01)\n"
         "  --outer-momentum X     nesterov momentum or adam beta1 (defaults 0.9)\n"
         "  --compress NAME        %s (default %s)\n"
-        "  --ef-decay X           error feedback: the residual's decay (default 1, MuLoCo 0.9)\n"
+        "  --ef-decay X           error feedback: the residual's decay (default 1, MuLoCo 0.9;\n"
+        "                         sparseloco: its accumulator's decay, default 0.95)\n"
         "  --ef-fold-outer-lr     error feedback: accumulate outer lr x delta (MuLoCo's code)\n"
+        "  --topk K               sparseloco, demo: values kept per chunk (defaults 64, 32)\n"
+        "  --chunk C              sparseloco, demo: the chunks' side, C x C (default 64)\n"
         "  --schedule NAME        %s (default %s)\n"
         "  --H N                  inner steps between syncs (default %llu)\n"
         "                         (streaming: of one fragment; a multiple of --fragments)\n"
@@ -81,6 +84,8 @@ inline void usage(std::FILE* to) {
         "  --edit-warmup N        edit: norms before the anomaly detector flags\n"
         "                         (default %llu)\n"
         "  --edit-clip PHI        edit: clip of the aggregate's norm (default none)\n"
+        "  --no-median-clip       median_norm_clip: the plain scatter-mean, no clip to the\n"
+        "                         median norm\n"
         "attack (robustness runs, --schedule every)\n"
         "  --attackers N          the last N workers corrupt their pseudo-gradient at every\n"
         "                         sync (default 0)\n"
@@ -147,6 +152,7 @@ inline bool parse(int argc, char** argv, options& o) {
         if (flag == "--sync-every-step") { o.sync_every_step = true; continue; }
         if (flag == "--ef-fold-outer-lr") { o.ef_fold_outer_lr = true; continue; }
         if (flag == "--quiet") { o.quiet = true; continue; }
+        if (flag == "--no-median-clip") { o.median_clip = false; continue; }
         if (i + 1 >= argc) {
             throw usage_error("gpt: " + flag + " needs a value (or is not an option; see --help)");
         }
@@ -180,6 +186,8 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--outer-momentum") o.outer_momentum = real();
         else if (flag == "--compress") o.compress = v;
         else if (flag == "--ef-decay") o.ef_decay = real();
+        else if (flag == "--topk") o.topk = count();
+        else if (flag == "--chunk") o.chunk = count();
         else if (flag == "--schedule") o.schedule = v;
         else if (flag == "--H") o.every = count();
         else if (flag == "--fragments") o.fragments = count();

@@ -72,6 +72,13 @@ struct options {
     // whether the residual accumulates outer_lr * delta (MuLoCo's code: decay 0.9, folded)
     float ef_decay = -1.0f;
     bool ef_fold_outer_lr = false;
+    // the chunked top-k compressors (sparseloco, demo): values kept per chunk and the chunk's
+    // side; unset: the policy's default (sparseloco 64 of 64 x 64, demo 32 of 64 x 64). With
+    // sparseloco, --ef-decay is its accumulator's decay beta (default 0.95).
+    std::optional<std::uint64_t> topk;
+    std::optional<std::uint64_t> chunk;
+    // median_norm_clip: false is the plain scatter-mean of the sparse deltas (no clip)
+    bool median_clip = true;
 
     // reporting
     std::uint64_t log_every = 10;

@@ -10,6 +10,8 @@
 
 #include <loco/loco.hpp>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -109,9 +111,20 @@ struct compress_choice {
         if constexpr (requires { h.decay; h.fold_outer_lr; }) {  // error_feedback<...>
             h.decay = detail::or_default(o.ef_decay, h.decay);
             h.fold_outer_lr = o.ef_fold_outer_lr;
-        } else {
-            static_cast<void>(o);
         }
+        if constexpr (requires { h.beta; }) {  // sparseloco's accumulator
+            h.beta = detail::or_default(o.ef_decay, h.beta);
+        }
+        if constexpr (requires { h.topk; h.chunk; }) {  // sparseloco, demo
+            // Saturated, not wrapped, to 32 bits: the policy's validate() refuses what is too
+            // large instead of running with a wrapped-around value.
+            const auto narrow = [](std::uint64_t v) {
+                return static_cast<std::uint32_t>(std::min<std::uint64_t>(v, UINT32_MAX));
+            };
+            if (o.topk) h.topk = narrow(*o.topk);
+            if (o.chunk) h.chunk = narrow(*o.chunk);
+        }
+        static_cast<void>(o);
         return h;
     }
 };
@@ -200,7 +213,11 @@ struct centered_clip_choice {
 struct median_norm_clip_choice {
     static constexpr std::string_view name = "median_norm_clip";
     using type = loco::aggregate::median_norm_clip;
-    static type::hyper hyper(const options&) { return {}; }
+    static type::hyper hyper(const options& o) {
+        type::hyper h;
+        h.clip = o.median_clip;
+        return h;
+    }
 };
 
 using aggregate_choices = std::tuple<mean_choice, edit_choice, trimmed_mean_choice, median_choice,

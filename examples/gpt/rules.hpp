@@ -195,6 +195,10 @@ rule_factory make_diloco_factory(const options& o) {
         return dispatch<typename Combo::outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
             return dispatch<typename Combo::compressors>(
                 o.compress, "--compress", [&]<class C>() -> rule_factory {
+                    // Bad compressor settings (--topk, --chunk, --ef-decay) too.
+                    if constexpr (requires { C::type::validate(C::hyper(o)); }) {
+                        C::type::validate(C::hyper(o));
+                    }
                     return dispatch<typename Combo::schedules>(
                         o.schedule, "--schedule", [&]<class S>() -> rule_factory {
                             // A bad schedule (H not a multiple of P) is refused before any data
