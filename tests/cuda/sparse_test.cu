@@ -16,6 +16,7 @@
 #include "device.cuh"
 #include "handles.cuh"
 #include "model.cuh"
+#include "schedule_cases.cuh"
 
 #include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/aggregate/robust.hpp>
@@ -565,21 +566,11 @@ struct run_result {
 template <class Schedule>
 struct schedule_of;
 template <>
-struct schedule_of<loco::schedule::every> {
-    static loco::schedule::every::hyper hyper() { return {.every = 3}; }
-    static loco::fragment_layout layout() { return {}; }
+struct schedule_of<loco::schedule::every> : loco_test::whole_model_every<loco::schedule::every, 3> {
     static constexpr std::size_t gathers = 3;
 };
 template <>
-struct schedule_of<loco::schedule::streaming> {
-    static loco::schedule::streaming::hyper hyper() {
-        return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
-    }
-    static loco::fragment_layout layout() {
-        loco::fragment_layout l;
-        l.names = {{"a", "c"}, {"b"}};
-        return l;
-    }
+struct schedule_of<loco::schedule::streaming> : loco_test::two_fragment_streaming {
     static constexpr std::size_t gathers = 6;  // 7 steps and the closing sync()
 };
 
