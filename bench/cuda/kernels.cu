@@ -43,7 +43,10 @@
 // reported (counters median_ms, GBps), and the copy of the same byte count likewise (copy_GBps);
 // ratio = GBps / copy_GBps. The summary table printed at the end repeats them.
 #include <loco/backend/cuda/compress/demo_kernels.hpp>
+#include <loco/aggregate/edit.hpp>
 #include <loco/aggregate/median_norm_clip.hpp>
+#include <loco/aggregate/robust.hpp>
+#include <loco/comm/communicator.hpp>
 #include <loco/backend/cuda/compress/sparseloco_kernels.hpp>
 #include <loco/cuda.hpp>
 
@@ -55,6 +58,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -706,6 +710,81 @@ void copy_only(benchmark::State& state) {
     }
 }
 
+// The device aggregation policies (backend/cuda/aggregate.hpp, issue 14's "aggregation cost per
+// parameter"): the rule alone, on M rows of random pseudo-gradients already in device memory
+// (the all-gather, which the network dominates, is not timed), 16.8 M parameters in 8 tensors.
+// Each sync runs the norms (the rows read once), the policy's host decisions, and the elementwise
+// pass (the rows read again, the aggregate written): counted as (2 M + 1) 4 n bytes; centered
+// clipping reads the rows twice per iteration (L = 1 here). The ns per parameter is the median
+// time over n.
+class replicated_reports final : public loco::comm::communicator {
+public:
+    explicit replicated_reports(int size) : size_(size) {}
+    int rank() const noexcept override { return 0; }
+    int size() const noexcept override { return size_; }
+    loco::memory_space space() const noexcept override { return loco::memory_space::host; }
+    std::string_view name() const noexcept override { return "replicated_reports"; }
+    std::uint64_t bytes_sent() const noexcept override { return 0; }
+
+protected:
+    // Every rank's slot gets this rank's data: M identical reports.
+    void do_all_gather(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        for (std::size_t at = 0; at + send.size <= recv.size; at += send.size) {
+            std::copy(send.data, send.data + send.size, recv.data + at);
+        }
+    }
+    void do_all_reduce(loco::tensor_view<float>, loco::comm::reduce_op) override {}
+    void do_all_to_all(loco::tensor_view<const std::byte>, loco::tensor_view<std::byte>) override {}
+    void do_broadcast(loco::tensor_view<std::byte>, int) override {}
+    void do_barrier() override {}
+
+private:
+    int size_;
+};
+
+template <class A>
+void aggregate_cost(benchmark::State& state) {
+    const int m = static_cast<int>(state.range(0));
+    try {
+        const std::vector<std::size_t> sizes(8, std::size_t{1} << 21);
+        const std::size_t n = 8 * (std::size_t{1} << 21);
+        const std::size_t bytes = (2 * static_cast<std::size_t>(m) + 1) * 4 * n;
+        copy_gbps(bytes);
+        device_model<float, float> model(sizes);
+        const lc::tensor_table table(model.specs);
+        lc::stream s;
+        lc::device_aggregation<A> agg(table, m, s);
+        replicated_reports control(m);
+        const loco::aggregate::worker_report mine{1.0f, 50.0f};
+        agg.start_reports(control, mine);  // sizes the rows
+        fill(agg.rows(), static_cast<std::size_t>(m) * table.padded_elements(), 3, -0.01f, 0.01f);
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+        typename A::hyper h{};
+        if constexpr (std::is_same_v<A, loco::aggregate::centered_clip>) h.iterations = 1;
+        bool refused = false;
+        const double ms = timed_loop(
+            state,
+            [&] {
+                agg.start_reports(control, mine);
+                const auto failure = agg.finish(h);
+                if (failure || agg.refused()) refused = true;
+                agg.commit();
+            },
+            s);
+        if (refused) {
+            state.SkipWithError("the aggregation refused or failed a round of random rows");
+            return;
+        }
+        state.counters["ns_per_param"] = ms * 1e6 / static_cast<double>(n);
+        report(state,
+               "aggregate " + std::string(A::name) + " M=" + std::to_string(m) + " 16.8M params",
+               ms, bytes);
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+    }
+}
+
 void register_all() {
     using loco::bf16;
     using loco::inner::adamw;
@@ -753,6 +832,17 @@ void register_all() {
                     benchmark::RegisterBenchmark("chunked_encode/demo", chunked_encode<1>),
                     benchmark::RegisterBenchmark("chunked_encode/demo_sign", chunked_encode<2>)}) {
         big(b);
+    }
+    for (auto* b : {benchmark::RegisterBenchmark("aggregate/edit", aggregate_cost<loco::aggregate::edit>),
+                    benchmark::RegisterBenchmark("aggregate/trimmed_mean",
+                                                 aggregate_cost<loco::aggregate::trimmed_mean>),
+                    benchmark::RegisterBenchmark("aggregate/median",
+                                                 aggregate_cost<loco::aggregate::median>),
+                    benchmark::RegisterBenchmark("aggregate/centered_clip",
+                                                 aggregate_cost<loco::aggregate::centered_clip>),
+                    benchmark::RegisterBenchmark("aggregate/median_norm_clip",
+                                                 aggregate_cost<loco::aggregate::median_norm_clip>)}) {
+        big(b->ArgName("M")->Arg(4)->Arg(8)->Arg(16));
     }
     for (auto* b : {benchmark::RegisterBenchmark("outer_phase1/fp32", outer_phase<float, 1>),
                     benchmark::RegisterBenchmark("outer_phase2/fp32", outer_phase<float, 2>),
