@@ -1,7 +1,8 @@
 // The one handle's pipeline on the CUDA backend: every schedule (every, streaming with overlap
 // and merge, delayed) gives the host backend's numbers on the same data, the fused device exchange
 // and the fp32 all-reduce alike; a checkpoint taken with an exchange in flight resumes bit for bit
-// and moves between host and GPU; a sync that fails on one rank changes nothing on any rank.
+// and moves between host and GPU (SparseLoCo's and DeMo's device exchange too); a sync that fails
+// on one rank changes nothing on any rank.
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
@@ -145,7 +146,7 @@ TEST_CASE_TEMPLATE("cuda backend: each schedule gives the host's numbers (fused 
 }
 
 TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resumes bit for bit", C,
-                   cz::none, cz::error_feedback<cz::blockwise<2, 256>>) {
+                   cz::none, cz::error_feedback<cz::blockwise<2, 256>>, cz::sparseloco, cz::demo) {
     using gpu_t = loco::cuda::diloco<inner, outer, C, ls::streaming>;
     using host_t = loco::diloco<inner, outer, C, ls::streaming>;
     const std::string label = "pipeline resume";
