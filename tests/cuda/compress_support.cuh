@@ -7,6 +7,7 @@
 #include "../support/random.hpp"
 #include "device.cuh"
 #include "model.cuh"
+#include "outer_arrays.cuh"
 
 #include <loco/cuda.hpp>
 
@@ -176,15 +177,9 @@ decode_apply_run decode_apply_twice(device_model& m, const lcu::tensor_table& ta
                                     const std::byte* gathered, int ranks, bool fused, bool skip,
                                     lcu::stream& s) {
     using outer = loco::outer::nesterov;
-    const std::size_t padded = table.padded_elements();
-    m.upload_values();
-    lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
-        avg(padded);
-    lcu::init_master(table, master.get(), nullptr);
-    lcu::gather_values(table, master.get(), global.get(), nullptr);
-    state.zero(nullptr);
-    sync_all();
-    lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+    outer_arrays o(m, table);
+    auto &global = o.global, &state = o.state, &master = o.master, &avg = o.avg;
+    auto& control = o.control;
     lcu::payload_check check(ranks);
     const std::uint64_t bad = check.run(plan, table, h, gathered, s);
     CHECK((bad != lcu::no_nonfinite) == skip);

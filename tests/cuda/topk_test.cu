@@ -9,6 +9,7 @@
 #include "device.cuh"
 #include "handles.cuh"
 #include "model.cuh"
+#include "outer_arrays.cuh"
 
 #include <loco/backend/cuda/compress_topk.hpp>
 #include <loco/cuda.hpp>
@@ -530,14 +531,9 @@ TEST_CASE("decode_average_apply_topk equals outer_apply of the host's average") 
     }
     s.synchronize();
     const auto go = [&](bool fused) {
-        m.upload_values();
-        lcu::device_buffer<float> global(padded), state(padded), master(table.master_elements()),
-            avg(padded);
-        lcu::init_master(table, master.get(), nullptr);
-        lcu::gather_values(table, master.get(), global.get(), nullptr);
-        state.zero(nullptr);
-        synchronize();
-        lcu::device_control<outer::hyper> control(outer::hyper{0.7f, 0.9f});
+        outer_arrays o(m, table);
+        auto &global = o.global, &state = o.state, &master = o.master, &avg = o.avg;
+        auto& control = o.control;
         if (fused) {
             lcu::topk_payload_check(ranks).run(plan, table, gathered.get(), s);
             lcu::decode_average_apply_topk<outer>(plan, table, gathered.get(), ranks,
