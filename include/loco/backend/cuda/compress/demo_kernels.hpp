@@ -118,6 +118,29 @@ struct demo_sent {
     }
 };
 
+// A pass over the chunk's rows (x in the flat layout, the chunk's own cells), in double, each term
+// rounded before it is added (the host's order, compress/dct.hpp):
+//   forward (encode)  t[r][d] = sum_c x[r][c] F_w[c][d], c ascending
+//   inverse           t[b][c] = sum_d x[b][d] F_w[c][d], d ascending
+// Zero x are skipped: the +-0 product never changes a sum that starts at +0, so skipping them
+// only saves work (the host's inverse skips them too).
+template <bool Inverse>
+__device__ void demo_rows(const chunked_segment& s, std::uint64_t local, const float* x,
+                          const double* fw, double* t) {
+    for (unsigned o = threadIdx.x; o < s.h * s.w; o += block_threads) {
+        const unsigned r = o / s.w;
+        const unsigned j = o % s.w;
+        const std::uint64_t row = chunked_element(s, local, r * s.w);
+        double acc = 0.0;
+        for (unsigned k = 0; k < s.w; ++k) {
+            const double v = static_cast<double>(x[row + k]);
+            if (v == 0.0) continue;
+            acc = __dadd_rn(acc, __dmul_rn(v, Inverse ? fw[j * s.w + k] : fw[k * s.w + j]));
+        }
+        t[o] = acc;
+    }
+}
+
 // The inverse DCT's second pass, x[r][c] = sum_b F_h[r][b] t[b][c] (b ascending, the host's
 // order, no fused multiply-add); put(o, x) for each cell o = r * w + c of the chunk.
 template <class Put>
@@ -190,17 +213,7 @@ __global__ void __launch_bounds__(block_threads)
         e[i] = __fadd_rn(__fmul_rn(decay, e_in[i]), x[i]);
     }
     __syncthreads();
-    // t[r][d] = sum_c e[r][c] F_w[c][d], c ascending
-    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        const unsigned r = o / s.w;
-        const unsigned d = o % s.w;
-        const std::uint64_t row = chunked_element(s, local, r * s.w);
-        double acc = 0.0;
-        for (unsigned cc = 0; cc < s.w; ++cc) {
-            acc = __dadd_rn(acc, __dmul_rn(static_cast<double>(e[row + cc]), fw[cc * s.w + d]));
-        }
-        t[o] = acc;
-    }
+    demo_rows<false>(s, local, e, fw, t);  // t[r][d] = sum_c e[r][c] F_w[c][d]
     __syncthreads();
     // C[b][d] = sum_r F_h[r][b] t[r][d], r ascending; held in registers, then over t as fp32
     constexpr unsigned per_thread = chunked_max_cells / block_threads;
@@ -298,19 +311,7 @@ __global__ void __launch_bounds__(block_threads)
             count[o] == 0 ? 0.0f : static_cast<float>(t[o] / static_cast<double>(count[o]));
     }
     __syncthreads();
-    // t[b][c] = sum_d C[b][d] F_w[c][d], d ascending, zero coefficients skipped
-    for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        const unsigned b = o / s.w;
-        const unsigned cc = o % s.w;
-        const std::uint64_t row = chunked_element(s, local, b * s.w);
-        double acc = 0.0;
-        for (unsigned d = 0; d < s.w; ++d) {
-            const double v = static_cast<double>(out[row + d]);
-            if (v == 0.0) continue;
-            acc = __dadd_rn(acc, __dmul_rn(v, fw[cc * s.w + d]));
-        }
-        t[o] = acc;
-    }
+    demo_rows<true>(s, local, out, fw, t);  // t[b][c] = sum_d C[b][d] F_w[c][d]
     __syncthreads();
     demo_columns(s, fh, t, [&](unsigned o, double x) {
         out[chunked_element(s, local, o)] = static_cast<float>(x);
