@@ -9,7 +9,9 @@
 //   aggregate  into the exchange's own buffer, in the fragment's padded layout:
 //              - aggregate::mean, as the host exchanger averages decoded payloads (its
 //                mean_of_payloads): zeros, each payload decoded and added in rank order (fp32),
-//                then divided by M. 4 n written per payload decode, 12 n per add;
+//                then divided by M. SparseLoCo adds only its kept values (8 B read and written
+//                per kept value); DeMo decodes densely into a scratch buffer (4 n) and adds it
+//                (12 n) per payload;
 //              - aggregate::median_norm_clip (SparseLoCo as templar runs it): each payload's norm
 //                per tensor on the device (sparseloco_norms), the median and clip factors by the
 //                policy's own host code (median_norm_clip::factors_of) on those M x tensors
@@ -121,7 +123,7 @@ public:
           next(table.padded_elements()),
           check(plan.layout(), ranks),
           average_(table.padded_elements()),
-          scratch_(table.padded_elements()),
+          scratch_(std::is_same_v<C, compress::sparseloco> ? 0 : table.padded_elements()),
           ranks_(ranks) {
         // Padding is never written by the kernels and must read as zero.
         residual.zero(nullptr);
@@ -152,11 +154,17 @@ public:
     // Throws loco::wire_error (the host decoder's words) for the first bad payload.
     void check_all(cudaStream_t stream) { check.run(plan.layout(), recv.get(), stream); }
 
-    // aggregate::mean of the checked payloads, into average().
+    // aggregate::mean of the checked payloads, into average(). SparseLoCo adds each payload's
+    // kept values in place (sparseloco_decode_add, about 1/64 of the elements at templar's
+    // settings); DeMo's decode is dense (an inverse DCT per chunk), so it decodes and adds.
     void mean(cudaStream_t stream) {
         const std::uint64_t n = average_.size();
         average_.zero(stream);
         for (int k = 0; k < ranks_; ++k) {
+            if constexpr (std::is_same_v<C, compress::sparseloco>) {
+                sparseloco_decode_add(plan, payload(k), average_.get(), stream);
+                continue;
+            }
             detail::chunked_decode(plan, payload(k), scratch_.get(), stream);
 #if LOCO_HAS_CUDA()
             LOCO_CUDA_CHECK(detail::launch(detail::accumulate_kernel<>,

@@ -276,6 +276,26 @@ __global__ void __launch_bounds__(block_threads)
     }
 }
 
+// out += decode(payload) at the kept cells only, in fp32 (__fadd_rn): the dense out += D of the
+// host's mean of decoded payloads, bit for bit, since D is +0 elsewhere and adding +0 never changes
+// a sum that starts at +0. One CTA per chunk; the cells of one payload are distinct.
+template <int = 0>
+__global__ void __launch_bounds__(block_threads)
+    sparseloco_decode_add_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
+                                 unsigned code_bits, const std::byte* payload, float* out) {
+    const std::uint64_t c = blockIdx.x;
+    const chunked_segment s = segs[chunk_segment[c]];
+    const std::uint64_t local = c - s.chunk0;
+    const float* record = reinterpret_cast<const float*>(payload + s.record);
+    for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
+        const std::uint64_t slot = local * s.k + j;
+        const std::uint32_t cell = compress::wire::get_bits(payload + s.indices, slot, s.index_bits);
+        const std::uint32_t q = compress::wire::get_bits(payload + s.values, slot, code_bits);
+        const std::uint64_t i = chunked_element(s, local, cell);
+        out[i] = __fadd_rn(out[i], __fadd_rn(record[1 + q], record[0]));
+    }
+}
+
 // SparseLoCo's receive side (aggregate::median_norm_clip's combine, given its factors): per
 // chunk, out = sum over the payloads that sent a cell (payload order, fp32) of f * D, divided by
 // how many did; 0 where none did. Sums and counts in shared memory.
@@ -427,6 +447,26 @@ inline void sparseloco_decode(const sparseloco_plan& plan, const std::byte* payl
                            static_cast<std::uint32_t>(l.chunks()), stream, l.segment_table(),
                            l.chunk_segment(), compress::sparseloco::code_bits(l.hyper()), payload,
                            out));
+#else
+    static_cast<void>(plan);
+    static_cast<void>(stream);
+#endif
+}
+
+// out += decode(payload) on the plan's segments, touching only the kept cells (out's other
+// elements keep their values): the mean of decoded payloads as sums from +0, a payload at a time.
+// The payload must have passed the host's checks.
+inline void sparseloco_decode_add(const sparseloco_plan& plan, const std::byte* payload,
+                                  float* out, cudaStream_t stream) {
+    detail::require_payload_pointer(payload, "sparseloco", "the payload");
+    detail::require_chunked_pointer(out, "sparseloco_decode_add: out");
+#if LOCO_HAS_CUDA()
+    const auto& l = plan.layout();
+    if (l.chunks() == 0) return;
+    LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_decode_add_kernel<>,
+                                   static_cast<std::uint32_t>(l.chunks()), stream,
+                                   l.segment_table(), l.chunk_segment(),
+                                   compress::sparseloco::code_bits(l.hyper()), payload, out));
 #else
     static_cast<void>(plan);
     static_cast<void>(stream);
