@@ -132,14 +132,20 @@ __global__ void __launch_bounds__(block_threads)
     }
 }
 
+// The second level of every sum here: a segment's per-chunk partial sums in chunk order, from +0.
+__device__ inline double segment_total(const double* partial, const chunked_segment& s) {
+    double total = 0.0;
+    for (std::uint32_t c = 0; c < s.chunks; ++c) total = __dadd_rn(total, partial[s.chunk0 + c]);
+    return total;
+}
+
 // Per segment: shift = (sum of the chunks' sums) / N.
 template <int = 0>
 __global__ void __launch_bounds__(block_threads) sparseloco_shift_kernel(sparseloco_view v) {
     const std::uint32_t g = blockIdx.x * block_threads + threadIdx.x;
     if (g >= v.segments) return;
     const chunked_segment s = v.segs[g];
-    double total = 0.0;
-    for (std::uint32_t c = 0; c < s.chunks; ++c) total = __dadd_rn(total, v.chunk_sums[s.chunk0 + c]);
+    const double total = segment_total(v.chunk_sums, s);
     const double n = static_cast<double>(static_cast<std::uint64_t>(s.chunks) * s.k);
     v.stats[g * (2 + v.bins)] = static_cast<float>(total / n);
 }
@@ -170,10 +176,7 @@ __global__ void __launch_bounds__(block_threads) sparseloco_scale_kernel(sparsel
     const std::uint64_t n = static_cast<std::uint64_t>(s.chunks) * s.k;
     float scale = 1.0f;
     if (n >= 2) {
-        double squares = 0.0;
-        for (std::uint32_t c = 0; c < s.chunks; ++c) {
-            squares = __dadd_rn(squares, v.chunk_sums[s.chunk0 + c]);
-        }
+        const double squares = segment_total(v.chunk_sums, s);
         const double sigma = sqrt(squares / static_cast<double>(n - 1));
         scale = static_cast<float>(__dmul_rn(static_cast<double>(v.range), sigma) /
                                    static_cast<double>(v.bins));
@@ -373,11 +376,7 @@ __global__ void __launch_bounds__(block_threads)
     if (item >= static_cast<std::uint64_t>(segments) * payloads) return;
     const std::uint64_t p = item / segments;
     const chunked_segment s = segs[item % segments];
-    double sq = 0.0;
-    for (std::uint32_t c = 0; c < s.chunks; ++c) {
-        sq = __dadd_rn(sq, partial[p * chunks + s.chunk0 + c]);
-    }
-    norms[p * inputs + s.input] = static_cast<float>(sqrt(sq));
+    norms[p * inputs + s.input] = static_cast<float>(sqrt(segment_total(partial + p * chunks, s)));
 }
 
 #endif  // LOCO_HAS_CUDA()
