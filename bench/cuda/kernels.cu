@@ -39,6 +39,8 @@
 //   references' defaults: read x 4 + e 4, write e 4 + P/n = 12 B + P/n. SparseLoCo's later passes
 //   touch only the kept values (n / 64 of them); DeMo's DCT costs 2 (h + w) double multiply-adds
 //   per element each way, so its ratio to the copy shows the price of the double sums.
+// LOCO_BENCH_SMOKE=1 runs every row on small stand-ins of these lists (bench/cuda/support.cuh;
+// CTest does so on the CPU emulator).
 // Timing: CUDA events around each launch, after warm-up; the median over the iterations is
 // reported (counters median_ms, GBps), and the copy of the same byte count likewise (copy_GBps);
 // ratio = GBps / copy_GBps. The summary table printed at the end repeats them.
@@ -49,6 +51,8 @@
 #include <loco/comm/communicator.hpp>
 #include <loco/backend/cuda/compress/sparseloco_kernels.hpp>
 #include <loco/cuda.hpp>
+
+#include "support.cuh"
 
 #include <benchmark/benchmark.h>
 
@@ -67,11 +71,19 @@ namespace {
 
 namespace lc = loco::backend::cuda;
 using lc::dtype;
+using loco_bench::fill;
+using loco_bench::skip;
+using loco_bench::smoke;
+using loco_bench::timed_loop;
 
 // ---- parameter lists --------------------------------------------------------------------------
 
+// GPT-2's vocabulary and context; smoke mode's stand-ins are small.
+std::size_t gpt2_vocab() { return smoke() ? 128 : 50257; }
+std::size_t gpt2_context() { return smoke() ? 32 : 1024; }
+
 std::vector<std::size_t> gpt2(std::size_t d, std::size_t layers) {
-    const std::size_t vocab = 50257, context = 1024;
+    const std::size_t vocab = gpt2_vocab(), context = gpt2_context();
     std::vector<std::size_t> sizes{vocab * d, context * d};
     for (std::size_t l = 0; l < layers; ++l) {
         const std::vector<std::size_t> layer{
@@ -99,7 +111,9 @@ std::vector<std::size_t> tiny(std::size_t count) {
 }
 
 const std::vector<std::size_t>& parameter_list(int which) {
-    static const std::vector<std::size_t> lists[3] = {gpt2(768, 12), gpt2(1600, 48), tiny(10000)};
+    static const std::vector<std::size_t> lists[3] = {
+        smoke() ? gpt2(32, 1) : gpt2(768, 12), smoke() ? gpt2(64, 2) : gpt2(1600, 48),
+        tiny(smoke() ? 100 : 10000)};
     return lists[which];
 }
 const char* list_name(int which) {
@@ -108,25 +122,6 @@ const char* list_name(int which) {
 }
 
 // ---- device data ------------------------------------------------------------------------------
-
-// Uniform random values in [lo, hi) from a counter-based hash: independent of the launch shape.
-template <class T>
-__global__ void fill_kernel(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
-    for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
-         i += std::size_t{gridDim.x} * blockDim.x) {
-        const float u = loco::random::uniform(seed, 0, i);
-        p[i] = lc::detail::narrow<T>(lo + (hi - lo) * u);
-    }
-}
-
-template <class T>
-void fill(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
-    if (n == 0) {
-        return;
-    }
-    fill_kernel<<<1024, 256>>>(p, n, seed, lo, hi);
-    LOCO_CUDA_CHECK(cudaGetLastError());
-}
 
 // The plain copy every figure is compared with: 16-byte vectors, grid-stride, four loads in
 // flight per thread before the first store (a copy that waits on one load at a time reaches
@@ -201,10 +196,9 @@ double copy_gbps(std::size_t bytes) {
     const unsigned blocks = static_cast<unsigned>(sm_count()) * 8;
     const double ms = median_ms(
         [&] {
-            copy_kernel<<<blocks, 256, 0, s>>>(src.get(), dst.get(), n16);
-            LOCO_CUDA_CHECK(cudaGetLastError());
+            LOCO_CUDA_CHECK(lc::detail::launch(copy_kernel, blocks, s, src.get(), dst.get(), n16));
         },
-        s, 3, 20);
+        s, 3, loco_bench::iterations(20));
     const double gbps = double(2 * n16 * 16) / (ms * 1e6);
     cache[bytes] = gbps;
     return gbps;
@@ -258,29 +252,6 @@ void report(benchmark::State& state, const std::string& name, double ms, std::si
     results().push_back({name, ms, gbps, copy});
 }
 
-// Runs the timed loop: each benchmark iteration is one launch of fn timed with events.
-template <class Fn>
-double timed_loop(benchmark::State& state, Fn&& fn, cudaStream_t s) {
-    lc::event start(cudaEventDefault), stop(cudaEventDefault);
-    for (int i = 0; i < 3; ++i) {
-        fn();
-    }
-    LOCO_CUDA_CHECK(cudaStreamSynchronize(s));
-    std::vector<double> times;
-    for (auto _ : state) {
-        start.record(s);
-        fn();
-        stop.record(s);
-        LOCO_CUDA_CHECK(cudaEventSynchronize(stop));
-        float ms = 0.0f;
-        LOCO_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-        state.SetIterationTime(double(ms) * 1e-3);
-        times.push_back(ms);
-    }
-    std::sort(times.begin(), times.end());
-    return times.empty() ? 0.0 : times[times.size() / 2];
-}
-
 // ---- benchmarks -------------------------------------------------------------------------------
 
 template <class Rule, class P, bool Check>
@@ -321,14 +292,14 @@ void inner_step(benchmark::State& state) {
             s);
         const auto c = control.read(s);
         if (c.skipped != 0) {
-            state.SkipWithError("a step was skipped: the random gradients were not finite");
+            skip(state, "a step was skipped: the random gradients were not finite");
             return;
         }
         const std::string name = std::string(Rule::name) + (Check ? "+check " : " ") +
                                  (std::is_same_v<P, float> ? "fp32 " : "bf16 ") + list_name(which);
         report(state, name, ms, total * bytes_per_param);
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -374,7 +345,7 @@ void outer_phase(benchmark::State& state) {
                                  (std::is_same_v<P, float> ? "fp32 " : "bf16 ") + list_name(which);
         report(state, name, ms, total * bytes_per_param);
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -534,7 +505,7 @@ void compressed(benchmark::State& state) {
                                    : "verify M=4 " + b + " gpt2_1.5B");
         report(state, name, ms, bytes);
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -606,7 +577,7 @@ void handle_sync(benchmark::State& state) {
         std::sort(times.begin(), times.end());
         const double ms = times.empty() ? 0.0 : times[times.size() / 2];
         if (opt.outer_steps() != 2 + times.size()) {
-            state.SkipWithError("a sync was skipped: the random data were not finite");
+            skip(state, "a sync was skipped: the random data were not finite");
             return;
         }
         std::string label = "none";
@@ -617,13 +588,13 @@ void handle_sync(benchmark::State& state) {
         }
         report(state, "diloco sync " + label + " M=1 " + list_name(which), ms, bytes);
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
 // The 1.5B list as the chunked compressors see it: matrices as rows x cols, vectors flat.
 std::vector<loco::compress::segment> gpt2_matrices(std::size_t d, std::size_t layers) {
-    const std::size_t vocab = 50257, context = 1024;
+    const std::size_t vocab = gpt2_vocab(), context = gpt2_context();
     std::vector<std::pair<std::size_t, std::size_t>> shapes{{vocab, d}, {context, d}};
     for (std::size_t l = 0; l < layers; ++l) {
         const std::vector<std::pair<std::size_t, std::size_t>> layer{
@@ -647,7 +618,7 @@ std::vector<loco::compress::segment> gpt2_matrices(std::size_t d, std::size_t la
 template <int Which>
 void chunked_encode(benchmark::State& state) {
     try {
-        const auto segs = gpt2_matrices(1600, 48);
+        const auto segs = smoke() ? gpt2_matrices(64, 1) : gpt2_matrices(1600, 48);
         const std::size_t n = segs.back().offset + segs.back().size;
         const auto go = [&](const auto& plan, auto encode, const std::string& name) {
             const std::size_t bytes = 12 * n + plan.payload_bytes();
@@ -673,7 +644,7 @@ void chunked_encode(benchmark::State& state) {
                           : "encode demo 64x64 top32 sign gpt2_1.5B");
         }
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -697,8 +668,7 @@ void copy_only(benchmark::State& state) {
         const double ms = timed_loop(
             state,
             [&] {
-                copy_kernel<<<blocks, 256, 0, s>>>(src.get(), dst.get(), n16);
-                LOCO_CUDA_CHECK(cudaGetLastError());
+                LOCO_CUDA_CHECK(lc::detail::launch(copy_kernel, blocks, s, src.get(), dst.get(), n16));
             },
             s);
         const double gbps = double(2 * n16 * 16) / (ms * 1e6);
@@ -706,7 +676,7 @@ void copy_only(benchmark::State& state) {
         state.counters["GBps"] = gbps;
         results().push_back({"copy (16-B vectors), 1.5B x 28 B", ms, gbps, gbps});
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -747,8 +717,9 @@ template <class A>
 void aggregate_cost(benchmark::State& state) {
     const int m = static_cast<int>(state.range(0));
     try {
-        const std::vector<std::size_t> sizes(8, std::size_t{1} << 21);
-        const std::size_t n = 8 * (std::size_t{1} << 21);
+        const std::size_t each = std::size_t{1} << (smoke() ? 10 : 21);
+        const std::vector<std::size_t> sizes(8, each);
+        const std::size_t n = 8 * each;
         const std::size_t bytes = (2 * static_cast<std::size_t>(m) + 1) * 4 * n;
         copy_gbps(bytes);
         device_model<float, float> model(sizes);
@@ -757,12 +728,15 @@ void aggregate_cost(benchmark::State& state) {
         lc::device_aggregation<A> agg(table, m, s);
         replicated_reports control(m);
         const loco::aggregate::worker_report mine{1.0f, 50.0f};
-        agg.start_reports(control, mine);  // sizes the rows
-        fill(agg.rows(), static_cast<std::size_t>(m) * table.padded_elements(), 3, -0.01f, 0.01f);
-        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
         typename A::hyper h{};
         if constexpr (std::is_same_v<A, loco::aggregate::centered_clip>) h.iterations = 1;
-        bool refused = false;
+        // A first round sizes the rows; it must finish (its reports' all-gather is in flight)
+        // before the next one starts. The rows keep their random values through every round.
+        agg.start_reports(control, mine);
+        fill(agg.rows(), static_cast<std::size_t>(m) * table.padded_elements(), 3, -0.01f, 0.01f);
+        LOCO_CUDA_CHECK(cudaDeviceSynchronize());
+        bool refused = static_cast<bool>(agg.finish(h)) || agg.refused();
+        agg.commit();
         const double ms = timed_loop(
             state,
             [&] {
@@ -773,7 +747,7 @@ void aggregate_cost(benchmark::State& state) {
             },
             s);
         if (refused) {
-            state.SkipWithError("the aggregation refused or failed a round of random rows");
+            skip(state, "the aggregation refused or failed a round of random rows");
             return;
         }
         state.counters["ns_per_param"] = ms * 1e6 / static_cast<double>(n);
@@ -781,7 +755,7 @@ void aggregate_cost(benchmark::State& state) {
                "aggregate " + std::string(A::name) + " M=" + std::to_string(m) + " 16.8M params",
                ms, bytes);
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -790,7 +764,7 @@ void register_all() {
     using loco::inner::adamw;
     using loco::inner::sgd;
     const auto big = [](benchmark::internal::Benchmark* b) {
-        b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(30);
+        b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(loco_bench::iterations(30));
     };
     const auto lists = [&](benchmark::internal::Benchmark* b) {
         big(b);
@@ -864,28 +838,6 @@ void print_summary(std::FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-        std::printf("bench_cuda_kernels: no usable CUDA device; nothing to measure\n");
-        return 77;
-    }
-    cudaDeviceProp prop{};
-    LOCO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount,
-                double(prop.totalGlobalMem) / double(1 << 30));
-    register_all();
-    benchmark::Initialize(&argc, argv);
-    if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-        return 1;
-    }
-    benchmark::RunSpecifiedBenchmarks();
-    benchmark::Shutdown();
-    print_summary(stdout);
-    if (const char* path = std::getenv("LOCO_BENCH_SUMMARY")) {
-        if (std::FILE* f = std::fopen(path, "w")) {
-            print_summary(f);
-            std::fclose(f);
-        }
-    }
-    return 0;
+    return loco_bench::run_main(argc, argv, "bench_cuda_kernels", register_all, print_summary,
+                                false);
 }

@@ -11,6 +11,8 @@
 // unless the row says bf16 (bf16 values with fp32 masters, bf16 gradients). Random data, never
 // zeros.
 //
+// LOCO_BENCH_SMOKE=1 runs every row on small stand-ins of these matrices (bench/cuda/support.cuh;
+// CTest does so on the CPU emulator).
 // Timing: CUDA events around each step on a non-blocking stream after 3 warm-up steps; the median
 // of 20 is reported (median_ms). TFLOP/s counts the Newton-Schulz products by the nominal model,
 // 5 x (4 m^2 n + 2 m^3) per m x n matrix (m <= n), whatever the engine executes; exec_TFLOPs
@@ -25,6 +27,8 @@
 #include <loco/backend/cuda/muon.hpp>
 #include <loco/random.hpp>
 
+#include "support.cuh"
+
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -38,6 +42,9 @@ namespace {
 
 namespace lc = loco::backend::cuda;
 using lc::dtype;
+using loco_bench::fill;
+using loco_bench::skip;
+using loco_bench::smoke;
 
 struct shape {
     std::size_t rows, cols;
@@ -61,26 +68,12 @@ struct model_info {
     double target_ms;
 };
 const model_info& model(int which) {
-    static const model_info models[2] = {{"gpt2_124M", gpt2_hidden(768, 12), 26.4, 6.0},
-                                         {"gpt2_1.5B", gpt2_hidden(1600, 48), 148.0, 100.0}};
+    static const model_info models[2] = {
+        {"gpt2_124M", smoke() ? gpt2_hidden(32, 1) : gpt2_hidden(768, 12), 26.4, 6.0},
+        {"gpt2_1.5B", smoke() ? gpt2_hidden(64, 2) : gpt2_hidden(1600, 48), 148.0, 100.0}};
     return models[which];
 }
 
-template <class T>
-__global__ void fill_kernel(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
-    for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
-         i += std::size_t{gridDim.x} * blockDim.x) {
-        const float u = loco::random::uniform(seed, 0, i);
-        p[i] = lc::detail::narrow<T>(lo + (hi - lo) * u);
-    }
-}
-template <class T>
-void fill(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
-    if (n != 0) {
-        fill_kernel<<<1024, 256>>>(p, n, seed, lo, hi);
-        LOCO_CUDA_CHECK(cudaGetLastError());
-    }
-}
 __global__ void widen_kernel(const loco::bf16* from, float* to, std::size_t n) {
     for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
          i += std::size_t{gridDim.x} * blockDim.x) {
@@ -114,8 +107,8 @@ struct device_model {
             auto* v = reinterpret_cast<loco::bf16*>(values.get());
             fill(v, elements, 1, -0.05f, 0.05f);
             fill(reinterpret_cast<loco::bf16*>(grads.get()), elements, 2, -1.0f, 1.0f);
-            widen_kernel<<<1024, 256>>>(v, master.get(), elements);
-            LOCO_CUDA_CHECK(cudaGetLastError());
+            LOCO_CUDA_CHECK(lc::detail::launch(widen_kernel, smoke() ? 16 : 1024, nullptr, v,
+                                               master.get(), elements));
         }
         for (std::size_t i = 0; i < shapes.size(); ++i) {
             lc::muon_matrix m;
@@ -174,26 +167,9 @@ void muon_step(benchmark::State& state, int which, variant v) {
                 engine.step(h, nullptr, false, s);
             }
         };
-        for (int i = 0; i < 3; ++i) {
-            run();
-        }
-        s.synchronize();
-        lc::event start(cudaEventDefault), stop(cudaEventDefault);
-        std::vector<double> times;
-        for (auto _ : state) {
-            start.record(s);
-            run();
-            stop.record(s);
-            LOCO_CUDA_CHECK(cudaEventSynchronize(stop));
-            float ms = 0.0f;
-            LOCO_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-            state.SetIterationTime(double(ms) * 1e-3);
-            times.push_back(ms);
-        }
-        std::sort(times.begin(), times.end());
-        const double ms = times.empty() ? 0.0 : times[times.size() / 2];
+        const double ms = loco_bench::timed_loop(state, run, s);
         if (engine.nonfinite_matrices(s) != 0) {
-            state.SkipWithError("a matrix's Newton-Schulz input was not finite");
+            skip(state, "a matrix's Newton-Schulz input was not finite");
             return;
         }
         const double tflops = engine.nominal_flops(v.ns_steps) / (ms * 1e9);
@@ -216,7 +192,7 @@ void muon_step(benchmark::State& state, int which, variant v) {
         results().push_back({"muon " + v.name + " " + info.name, ms, tflops, exec, gib,
                              info.pytorch_ms, info.target_ms});
     } catch (const std::exception& e) {
-        state.SkipWithError(e.what());
+        skip(state, e.what());
     }
 }
 
@@ -250,7 +226,7 @@ void register_all() {
                                          muon_step, which, v)
                 ->UseManualTime()
                 ->Unit(benchmark::kMillisecond)
-                ->Iterations(20);
+                ->Iterations(loco_bench::iterations(20));
         }
     }
 }
@@ -261,36 +237,13 @@ void print_summary(std::FILE* out) {
     for (const auto& r : results()) {
         std::fprintf(out, "%-44s %10.3f %10.1f %10.1f %9.2f %10.1f %8s\n", r.name.c_str(), r.ms,
                      r.tflops, r.exec_tflops, r.workspace_gib, r.pytorch_ms,
-                     r.ms <= r.target_ms ? "met" : "missed");
+                     smoke() ? "-" : r.ms <= r.target_ms ? "met" : "missed");
     }
 }
 
 }  // namespace
 
+// Appended to the summary file: bench/run_gpu.sh gives this program the kernel benchmarks' file.
 int main(int argc, char** argv) {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-        std::printf("bench_cuda_muon: no usable CUDA device; nothing to measure\n");
-        return 77;
-    }
-    cudaDeviceProp prop{};
-    LOCO_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount,
-                double(prop.totalGlobalMem) / double(1 << 30));
-    register_all();
-    benchmark::Initialize(&argc, argv);
-    if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-        return 1;
-    }
-    benchmark::RunSpecifiedBenchmarks();
-    benchmark::Shutdown();
-    print_summary(stdout);
-    // Appended: bench/run_gpu.sh gives this program the kernel benchmarks' summary file.
-    if (const char* path = std::getenv("LOCO_BENCH_SUMMARY")) {
-        if (std::FILE* f = std::fopen(path, "a")) {
-            print_summary(f);
-            std::fclose(f);
-        }
-    }
-    return 0;
+    return loco_bench::run_main(argc, argv, "bench_cuda_muon", register_all, print_summary, true);
 }

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -110,12 +111,13 @@ struct cudaPointerAttributes { cudaMemoryType type; int device; void* devicePoin
 
 struct emu_stream { bool capturing = false; std::vector<std::function<void()>>* capture = nullptr; };
 using cudaStream_t = emu_stream*;
-struct emu_event {};
+struct emu_event { std::chrono::steady_clock::time_point at{}; };  // when recorded
 using cudaEvent_t = emu_event*;
 struct emu_graph { std::vector<std::function<void()>> ops; };
 using cudaGraph_t = emu_graph*;
 using cudaGraphExec_t = emu_graph*;
 constexpr unsigned cudaStreamNonBlocking = 1;
+constexpr unsigned cudaEventDefault = 0;
 constexpr unsigned cudaEventDisableTiming = 2;
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1, cudaStreamCaptureStatusInvalidated = 2 };
@@ -286,7 +288,17 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = new emu_event; return cudaSuccess; }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+// Work runs when it is enqueued (or when its graph is launched), so an event's time is the host's
+// clock when the stream reaches it: elapsed times are the emulator's wall times.
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new emu_event; return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+    return emu::enqueue(s, [e] { e->at = std::chrono::steady_clock::now(); });
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t stop) {
+    *ms = std::chrono::duration<float, std::milli>(stop->at - start->at).count();
+    return cudaSuccess;
+}
 inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
 inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
@@ -312,8 +324,23 @@ inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return cu
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { const char* e = std::getenv("EMU_DEVICES"); *n = e ? std::atoi(e) : 1; return cudaSuccess; }
-struct cudaDeviceProp { char name[256]; int major, minor; };
-inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) { std::strcpy(p->name, "CPU emulator"); p->major = 9; p->minor = 0; return cudaSuccess; }
+// A small device: few SMs keep grids sized by SM count cheap to emulate.
+constexpr int emu_sm_count = 4;
+struct cudaDeviceProp { char name[256]; int major, minor, multiProcessorCount; std::size_t totalGlobalMem; };
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+    std::strcpy(p->name, "CPU emulator");
+    p->major = 9;
+    p->minor = 0;
+    p->multiProcessorCount = emu_sm_count;
+    p->totalGlobalMem = std::size_t{1} << 32;
+    return cudaSuccess;
+}
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+    if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+    *value = emu_sm_count;
+    return cudaSuccess;
+}
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
     a->type = emu::type_of(p);
     a->device = a->type == cudaMemoryTypeDevice ? 0 : -1;
