@@ -3,8 +3,8 @@
 //
 // Smoke mode (LOCO_BENCH_SMOKE=1 in the environment): every row runs on small stand-ins of its
 // parameter lists for two iterations, so that the whole program runs in seconds; the figures then
-// mean nothing, and the summary says so. CTest runs both programs that way on the CPU emulator
-// (bench.cuda_kernels_smoke, bench.cuda_muon_smoke in tests/CMakeLists.txt), so a row that throws,
+// mean nothing, and the summary says so. CTest runs both programs that way on the CPU emulator,
+// through bench/run_gpu.sh (bench.run_gpu_smoke in tests/CMakeLists.txt), so a row that throws,
 // refuses its data or fails its own checks fails the suite instead of a lent GPU's minutes.
 // A row that fails calls skip(), which Google Benchmark reports as an error; the program then
 // exits with 1 after its summary.
