@@ -14,6 +14,7 @@
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
+#include "support/payloads.hpp"
 #include "support/random.hpp"
 
 #include <loco/compress/blockwise.hpp>
@@ -1177,13 +1178,6 @@ TEST_CASE_TEMPLATE_APPLY(compressor_conformance, boost::mp11::mp_rename<compress
 namespace {
 
 lc::segment one_d(std::size_t offset, std::size_t size) { return {offset, size, 1, size}; }
-
-// Rewrites a payload's checksum after an edit of its body, so that only the decoder's own checks
-// stand between the edit and the output.
-void reseal(std::vector<std::byte>& p) {
-    wire::put<std::uint64_t>(p, 32,
-                             wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
-}
 
 template <class C>
 void check_refused(const typename C::hyper& h, const std::vector<std::byte>& p,

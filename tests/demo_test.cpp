@@ -12,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
+#include "support/payloads.hpp"
 #include "support/random.hpp"
 
 #include <loco/compress/chunking.hpp>
@@ -84,10 +85,7 @@ std::vector<float> with_coefficients(const std::vector<std::vector<double>>& row
     return x;
 }
 
-void reseal(std::vector<std::byte>& p) {
-    wire::put<std::uint64_t>(
-        p, 32, wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
-}
+using loco_test::reseal;
 
 }  // namespace
 

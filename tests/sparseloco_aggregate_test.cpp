@@ -12,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
+#include "support/payloads.hpp"
 #include "support/random.hpp"
 
 #include <loco/aggregate/median_norm_clip.hpp>
@@ -474,8 +475,7 @@ TEST_CASE("wire fuzz: sparseloco decode_support refuses what decode refuses and 
                     const std::size_t at = wire::header_bytes + rng() % (p.size() - wire::header_bytes);
                     p[at] ^= std::byte{static_cast<unsigned char>(1u << (rng() % 8))};
                 }
-                wire::put<std::uint64_t>(
-                    p, 32, wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
+                loco_test::reseal(p);
             } else if (kind == 3) {  // truncate or extend
                 p.resize(rng() % 2 == 0 ? p.size() - 1 - rng() % 8 : p.size() + 1 + rng() % 8);
             }  // kind 4: the good payload

@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
+#include "support/payloads.hpp"
 #include "support/random.hpp"
 
 #include <loco/comm/threads.hpp>
@@ -60,10 +61,7 @@ std::vector<float> decode(const sl::hyper& h, std::span<const std::byte> p,
     return out;
 }
 
-void reseal(std::vector<std::byte>& p) {
-    wire::put<std::uint64_t>(
-        p, 32, wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
-}
+using loco_test::reseal;
 
 double round_half_even(double t) {
     const double low = std::floor(t);

@@ -17,6 +17,7 @@
 // The generator is seeded from the process seed (LOCO_TEST_SEED repeats a run).
 #include <doctest/doctest.h>
 
+#include "support/payloads.hpp"
 #include "support/random.hpp"
 
 #include <loco/compress/blockwise.hpp>
@@ -179,7 +180,7 @@ public:
     // A body edit with a valid checksum: either refused cleanly or decoded; nothing else.
     void expect_no_harm(bytes p) {
         ++count_;
-        wire::put<std::uint64_t>(p, 32, wire::checksum(std::span<const std::byte>(p).subspan(40)));
+        loco_test::reseal(p);
         const bool refused = decode_or_refuse(p).first;
         resealed_refused_ += refused ? 1 : 0;
         ++resealed_;
@@ -423,7 +424,7 @@ std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, s
             }
         }
         ++tried;
-        wire::put<std::uint64_t>(p, 32, wire::checksum(std::span<const std::byte>(p).subspan(40)));
+        loco_test::reseal(p);
         std::vector<float> out(x.size(), std::bit_cast<float>(sentinel_bits));
         bool refused = false;
         try {

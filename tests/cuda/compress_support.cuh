@@ -1,9 +1,11 @@
 #pragma once
-// Helpers of the fused-compression tests (compress_test.cu, statistical_test.cu): exact
-// comparisons that print the first mismatches, the awkward segment sizes and values, the host
-// exchanger's average, and the fused decode-average-apply run against the split one.
+// Helpers of the fused-compression tests (compress_test.cu, statistical_test.cu, topk_test.cu):
+// exact comparisons that print the first mismatches, the awkward segment sizes and values, the
+// host exchanger's average, the fused decode-average-apply run against the split one, and the
+// payload checks' refusal probe.
 #include <doctest/doctest.h>
 
+#include "../support/payloads.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
 #include "model.cuh"
@@ -36,8 +38,12 @@ inline void expect_same_floats(const std::vector<float>& got, const std::vector<
     for (std::size_t i = 0; i < got.size(); ++i) {
         const bool same = std::memcmp(&got[i], &want[i], 4) == 0 ||
                           (std::isnan(got[i]) && std::isnan(want[i]));
-        if (!same && bad++ < 5) {
-            first << "  [" << i << "] got " << got[i] << ", want " << want[i] << "\n";
+        if (!same && bad++ < 6) {
+            std::uint32_t g, w;
+            std::memcpy(&g, &got[i], 4);
+            std::memcpy(&w, &want[i], 4);
+            first << "  [" << i << "] got " << got[i] << " (0x" << std::hex << g << "), want "
+                  << want[i] << " (0x" << w << std::dec << ")\n";
         }
     }
     INFO(what << ": " << bad << " of " << got.size() << " elements differ; first:\n"
@@ -213,6 +219,66 @@ inline void expect_fused_equals_split(const decode_apply_run& fused,
     if (!skip) {
         CHECK(fused.params != start);  // the steps moved them
     }
+}
+
+// The inputs of an encode from the parameters (phase 1 fused in), on the device and on the
+// host: random global values, the bf16 tensors' masters made to differ from their values (so an
+// encode that reads a value where the master belongs shows), a random residual, and
+// x = global - local, what the host encodes.
+struct params_encode_inputs {
+    lcu::device_buffer<float> global, master, residual;
+    std::vector<float> state;  // the residual, flat
+    std::vector<float> x;
+
+    params_encode_inputs(const device_model& m, const lcu::tensor_table& table,
+                         std::mt19937_64& rng)
+        : global(table.padded_elements()),
+          master(table.master_elements()),
+          residual(table.padded_elements()) {
+        const std::size_t n = m.total();
+        std::vector<float> masters(n, 0.0f);
+        std::vector<float> local = m.values();
+        m.for_each_tensor([&](std::size_t, const tensor_shape& s, std::size_t off) {
+            for (std::size_t k = 0; k < s.size; ++k) {
+                if (s.value == dtype::bf16) {
+                    masters[off + k] = local[off + k] + 0x1.0p-12f * local[off + k];
+                    local[off + k] = masters[off + k];
+                }
+            }
+        });
+        lcu::master_from_flat(table, masters, master.get());
+        const std::vector<float> g = normal_floats(rng, n);
+        lcu::from_flat<float>(table, g, global.get());
+        state = normal_floats(rng, n, 0.01f);
+        lcu::from_flat<float>(table, state, residual.get());
+        x.resize(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            x[i] = g[i] - local[i];
+        }
+    }
+};
+
+// The payload checks' probe: rank 1's payload of the M payloads of p bytes in `good` (already
+// uploaded at `gathered`), changed by `edit` and, when `resealed`, given a matching checksum
+// again. The host decoder (`decode`, given the changed bytes) must refuse it, and the device check
+// (`check`, run on the gathered payloads) must refuse it too, saying "from rank 1: " `message`.
+// `gathered` holds `good` again afterwards.
+template <class Edit, class Decode, class Check>
+void expect_refused_by_both(const std::vector<std::byte>& good, std::size_t p, std::byte* gathered,
+                            Edit&& edit, bool resealed, const std::string& message,
+                            Decode&& decode, Check&& check) {
+    CAPTURE(message);
+    std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
+                               good.begin() + static_cast<std::ptrdiff_t>(2 * p));
+    edit(bad);
+    if (resealed) {
+        reseal(bad);
+    }
+    CHECK_THROWS_AS(decode(bad), loco::wire_error);
+    upload_bytes(gathered + p, bad);
+    CHECK_THROWS_WITH_AS(check(), doctest::Contains(("from rank 1: " + message).c_str()),
+                         loco::wire_error);
+    upload_bytes(gathered, good);
 }
 
 }  // namespace loco_test

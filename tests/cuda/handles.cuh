@@ -3,6 +3,7 @@
 // memory, their seeded data, and communicators that wrap another one to corrupt or record what an
 // all-gather receives: the setting in which the tests run loco::cuda::diloco against
 // loco::diloco on threads (compress_test.cu, topk_test.cu).
+#include "../support/payloads.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
 
@@ -129,9 +130,7 @@ protected:
                 std::byte* at = recv.data + armed_at / reseal_stride * reseal_stride;
                 std::vector<std::byte> p(reseal_stride);
                 check_cuda(cudaMemcpy(p.data(), at, p.size(), cudaMemcpyDeviceToHost), "peek");
-                namespace wire = loco::compress::wire;
-                wire::put<std::uint64_t>(
-                    p, 32, wire::checksum(std::span<const std::byte>(p).subspan(wire::header_bytes)));
+                reseal(p);
                 check_cuda(cudaMemcpy(at, p.data(), p.size(), cudaMemcpyHostToDevice), "reseal");
             }
         }

@@ -386,7 +386,6 @@ namespace {
 // whether the host refused it.
 template <class C, class Plan, class Edit>
 bool check_agrees_with_host(const typename C::hyper& h, const std::string& label, Edit edit) {
-    namespace wire = cz::wire;
     const auto segs = small_segments();
     const std::size_t n = small_elements;
     auto rng = rng_for("sparse check " + label);
@@ -400,8 +399,7 @@ bool check_agrees_with_host(const typename C::hyper& h, const std::string& label
         C::encode(h, normal_floats(rng, n), segs, e, {}, payload);
         if (k == 1) {
             edit(payload);
-            wire::put<std::uint64_t>(
-                payload, 32, wire::checksum(std::span<const std::byte>(payload).subspan(40)));
+            reseal(payload);
             bad = payload;
         }
         gathered.insert(gathered.end(), payload.begin(), payload.end());

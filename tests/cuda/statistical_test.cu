@@ -222,25 +222,8 @@ TEST_CASE("statistical fused encode from the parameters (phase 1 fused in): fp32
     m.randomize_values(rng);
     const lcu::tensor_table table = m.table(false);
     const lcu::compress_plan<S> plan(table);
-    const std::size_t n = m.total();
-    const std::size_t padded = table.padded_elements();
-    lcu::device_buffer<float> global(padded), master(table.master_elements()), residual(padded),
-        next(padded);
-    std::vector<float> masters(n, 0.0f);
-    std::vector<float> local = m.values();
-    m.for_each_tensor([&](std::size_t, const tensor_shape& s, std::size_t off) {
-        for (std::size_t k = 0; k < s.size; ++k) {
-            if (s.value == dtype::bf16) {  // masters that differ from the bf16 values
-                masters[off + k] = local[off + k] + 0x1.0p-12f * local[off + k];
-                local[off + k] = masters[off + k];
-            }
-        }
-    });
-    lcu::master_from_flat(table, masters, master.get());
-    const std::vector<float> g = normal_floats(rng, n);
-    lcu::from_flat<float>(table, g, global.get());
-    std::vector<float> state = normal_floats(rng, n, 0.01f);
-    lcu::from_flat<float>(table, state, residual.get());
+    params_encode_inputs in(m, table, rng);
+    lcu::device_buffer<float> next(table.padded_elements());
     next.zero(nullptr);
     sync_all();
 
@@ -249,29 +232,25 @@ TEST_CASE("statistical fused encode from the parameters (phase 1 fused in): fp32
     h.fold_outer_lr = true;
     lcu::device_buffer<std::byte> payload(plan.payload_bytes());
     lcu::encode_io io;
-    io.global = global.get();
-    io.master = master.get();
-    io.residual = residual.get();
+    io.global = in.global.get();
+    io.master = in.master.get();
+    io.residual = in.residual.get();
     io.next_residual = next.get();
     io.payload = payload.get();
     lcu::stream s;
     lcu::encode<ef, lcu::encode_from::params>(plan, table, h, io, {11, 4, 1, 0.7f, nullptr}, s);
     s.synchronize();
 
-    std::vector<float> x(n);
-    for (std::size_t i = 0; i < n; ++i) {
-        x[i] = g[i] - local[i];
-    }
     std::vector<std::byte> want(plan.payload_bytes());
-    ef::encode(h, x, plan.segments(), state, {11, 4, 1, 0.7f}, want);
+    ef::encode(h, in.x, plan.segments(), in.state, {11, 4, 1, 0.7f}, want);
     expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want, "payload");
-    expect_same_floats(lcu::to_flat(table, next.get()), state, "residual");
+    expect_same_floats(lcu::to_flat(table, next.get()), in.state, "residual");
     CHECK(m.gaps_untouched());
 
     // Without error feedback, x is formed again from global and the parameters in every pass.
     lcu::encode<S, lcu::encode_from::params>(plan, table, {}, io, {}, s);
     s.synchronize();
-    S::encode({}, x, plan.segments(), {}, {}, want);
+    S::encode({}, in.x, plan.segments(), {}, {}, want);
     expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want,
                       "payload without error feedback");
 }
@@ -387,23 +366,15 @@ TEST_CASE("statistical payload_check refuses what statistical::decode refuses, n
     }
     REQUIRE(unused_bin < 4);
 
-    const auto refused = [&](auto&& edit, bool reseal, const std::string& message) {
-        CAPTURE(message);
-        std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
-                                   good.begin() + static_cast<std::ptrdiff_t>(2 * p));
-        edit(bad);
-        if (reseal) {
-            const std::uint64_t sum = cz::wire::checksum(
-                std::span<const std::byte>(bad).subspan(cz::wire::header_bytes));
-            std::memcpy(bad.data() + 32, &sum, 8);
-        }
-        std::vector<float> out(m.total());
-        CHECK_THROWS_AS(S::decode(h, bad, plan.segments(), out), loco::wire_error);
-        upload_bytes(gathered.get() + p, bad);
-        CHECK_THROWS_WITH_AS(check.run(plan, table, h, gathered.get(), s),
-                             doctest::Contains(("from rank 1: " + message).c_str()),
-                             loco::wire_error);
-        upload_bytes(gathered.get(), good);
+    // Rank 1's payload, changed by `edit`; when `resealed`, its checksum is made right again.
+    const auto refused = [&](auto&& edit, bool resealed, const std::string& message) {
+        expect_refused_by_both(
+            good, p, gathered.get(), edit, resealed, message,
+            [&](const std::vector<std::byte>& bad) {
+                std::vector<float> out(m.total());
+                S::decode(h, bad, plan.segments(), out);
+            },
+            [&] { check.run(plan, table, h, gathered.get(), s); });
     };
     refused([&](auto& b) { b[32] ^= std::byte{0x01}; }, false, "checksum mismatch");
     refused([&](auto& b) { b[body + 100] ^= std::byte{0x10}; }, false, "checksum mismatch");

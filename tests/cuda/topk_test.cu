@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
+#include "compress_support.cuh"
 #include "device.cuh"
 #include "handles.cuh"
 #include "model.cuh"
@@ -32,46 +33,10 @@ namespace cz = loco::compress;
 using topk = cz::topk;
 using ef_topk = cz::error_feedback<cz::topk>;
 
-void synchronize() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
-
-std::vector<std::byte> download(const std::byte* p, std::size_t n) {
-    std::vector<std::byte> out(n);
-    check_cuda(cudaMemcpy(out.data(), p, n, cudaMemcpyDeviceToHost), "download");
-    return out;
-}
-void upload(std::byte* p, const std::vector<std::byte>& bytes) {
-    check_cuda(cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "upload");
-}
-
 float bits_float(std::uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
-}
-
-// Equal bits, or both NaN: a GPU writes its canonical NaN where arithmetic meets a NaN, the host
-// propagates an operand's.
-bool same_float(float a, float b) {
-    return std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b));
-}
-
-void expect_same_floats(const std::vector<float>& got, const std::vector<float>& want,
-                        const std::string& what) {
-    REQUIRE_MESSAGE(got.size() == want.size(), what << ": sizes differ");
-    std::size_t bad = 0;
-    std::ostringstream first;
-    for (std::size_t i = 0; i < got.size(); ++i) {
-        if (!same_float(got[i], want[i]) && bad++ < 6) {
-            std::uint32_t g, w;
-            std::memcpy(&g, &got[i], 4);
-            std::memcpy(&w, &want[i], 4);
-            first << "  [" << i << "] got " << got[i] << " (0x" << std::hex << g << "), want "
-                  << want[i] << " (0x" << w << std::dec << ")\n";
-        }
-    }
-    INFO(what << ": " << bad << " of " << got.size() << " elements differ; first:\n"
-              << first.str());
-    CHECK(bad == 0);
 }
 
 // The payloads byte for byte (NaN values included: the device propagates NaN as the host does).
@@ -219,7 +184,7 @@ void check_against_host(const std::string& label, const std::vector<tensor_shape
             lcu::from_flat<float>(table, state, residual.get());
         }
         lcu::from_flat<float>(table, x, delta.get());
-        synchronize();
+        sync_all();
         lcu::encode_io io;
         io.delta = delta.get();
         io.residual = residual.get();
@@ -235,7 +200,7 @@ void check_against_host(const std::string& label, const std::vector<tensor_shape
             topk::encode(th, x, segs, {}, ctx, want);
         }
         s.synchronize();
-        expect_same_payload(download(payload.get(), p), want, plan, label + ": payload");
+        expect_same_payload(download_bytes(payload.get(), p), want, plan, label + ": payload");
         if (v.feedback) {
             expect_same_floats(lcu::to_flat(table, io.next_residual), state,
                                label + ": residual");
@@ -364,7 +329,7 @@ TEST_CASE("topk encode from the parameters (phase 1 fused in): fp32 and bf16 val
     m.upload_values();
     lcu::init_master(table, master.get(), nullptr);
     lcu::from_flat<float>(table, global, dglobal.get());
-    synchronize();
+    sync_all();
     std::vector<float> x(n);
     for (std::size_t i = 0; i < n; ++i) {
         x[i] = global[i] - m.values()[i];
@@ -377,7 +342,7 @@ TEST_CASE("topk encode from the parameters (phase 1 fused in): fp32 and bf16 val
         std::vector<float> state = v.feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
         if (v.feedback) {
             lcu::from_flat<float>(table, state, residual.get());
-            synchronize();
+            sync_all();
         }
         lcu::encode_io io;
         io.global = dglobal.get();
@@ -399,7 +364,8 @@ TEST_CASE("topk encode from the parameters (phase 1 fused in): fp32 and bf16 val
             topk::encode(th, x, plan.segments(), {}, ctx, want);
         }
         s.synchronize();
-        expect_same_payload(download(payload.get(), p), want, plan, "from the parameters: payload");
+        expect_same_payload(download_bytes(payload.get(), p), want, plan,
+                            "from the parameters: payload");
         if (v.feedback) {
             expect_same_floats(lcu::to_flat(table, next.get()), state,
                                "from the parameters: residual");
@@ -420,7 +386,7 @@ TEST_CASE("topk_payload_check refuses what the host decoder refuses, naming the 
     lcu::stream s;
     for (int r = 0; r < ranks; ++r) {
         lcu::from_flat<float>(table, normal_floats(rng, m.total()), delta.get());
-        synchronize();
+        sync_all();
         lcu::encode_io io;
         io.delta = delta.get();
         io.payload = gathered.get() + r * p;
@@ -428,7 +394,7 @@ TEST_CASE("topk_payload_check refuses what the host decoder refuses, naming the 
                                                         {1, 0, r, 1.0f, nullptr}, s);
         s.synchronize();
     }
-    const std::vector<std::byte> good = download(gathered.get(), ranks * p);
+    const std::vector<std::byte> good = download_bytes(gathered.get(), ranks * p);
     lcu::topk_payload_check check(ranks);
     check.run(plan, table, gathered.get(), s);
 
@@ -445,26 +411,15 @@ TEST_CASE("topk_payload_check refuses what the host decoder refuses, naming the 
     const auto set_index = [](std::vector<std::byte>& b, std::size_t at, std::uint32_t v) {
         std::memcpy(b.data() + at, &v, 4);
     };
-    // Rank 1's payload, changed by `edit`; with `reseal`, its checksum is made right again.
-    const auto refused = [&](auto&& edit, bool reseal, const std::string& message) {
-        CAPTURE(message);
-        std::vector<std::byte> bad(good.begin() + static_cast<std::ptrdiff_t>(p),
-                                   good.begin() + static_cast<std::ptrdiff_t>(2 * p));
-        edit(bad);
-        if (reseal) {
-            const std::uint64_t sum = cz::wire::checksum(
-                std::span<const std::byte>(bad).subspan(cz::wire::header_bytes));
-            std::memcpy(bad.data() + 32, &sum, 8);
-        }
-        std::vector<float> out(m.total());
-        CHECK_THROWS_AS(topk::decode(th, bad, plan.segments(), out), loco::wire_error);
-        upload(gathered.get() + p, bad);
-        CHECK_THROWS_WITH_AS(check.run(plan, table, gathered.get(), s),
-                             doctest::Contains(("from rank 1: " + message).c_str()),
-                             loco::wire_error);
-        upload(gathered.get() + p,
-               std::vector<std::byte>(good.begin() + static_cast<std::ptrdiff_t>(p),
-                                      good.begin() + static_cast<std::ptrdiff_t>(2 * p)));
+    // Rank 1's payload, changed by `edit`; when `resealed`, its checksum is made right again.
+    const auto refused = [&](auto&& edit, bool resealed, const std::string& message) {
+        expect_refused_by_both(
+            good, p, gathered.get(), edit, resealed, message,
+            [&](const std::vector<std::byte>& bad) {
+                std::vector<float> out(m.total());
+                topk::decode(th, bad, plan.segments(), out);
+            },
+            [&] { check.run(plan, table, gathered.get(), s); });
     };
     refused([&](std::vector<std::byte>& b) { set_index(b, seg0, 700); }, true,
             "index 0 of segment 0 ('t0', 700 elements) is not less than the segment's size");
@@ -513,7 +468,7 @@ TEST_CASE("decode_average_apply_topk equals outer_apply of the host's average") 
     for (int r = 0; r < ranks; ++r) {
         const std::vector<float> x = normal_floats(rng, n, 0.01f);
         lcu::from_flat<float>(table, x, delta.get());
-        synchronize();
+        sync_all();
         lcu::encode_io io;
         io.delta = delta.get();
         io.payload = gathered.get() + r * p;
@@ -541,7 +496,7 @@ TEST_CASE("decode_average_apply_topk equals outer_apply of the host's average") 
                                                   control.hyper(), control.control(), true, s);
         } else {  // the reference: the host's average, uploaded
             lcu::from_flat<float>(table, want, avg.get());
-            synchronize();
+            sync_all();
             lcu::check_padded(table, avg.get(), control.control(), s);
             lcu::outer_apply<outer>(table, global.get(), avg.get(), state.get(), master.get(),
                                     control.hyper(), control.control(), true, s);
