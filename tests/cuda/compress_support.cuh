@@ -221,6 +221,93 @@ inline void expect_fused_equals_split(const decode_apply_run& fused,
     }
 }
 
+template <class C>
+using codec_of = typename lcu::device_compressor<C>::codec;
+
+// The codec's settings within C's (C itself, or the codec an error_feedback wraps).
+template <class C>
+typename codec_of<C>::hyper codec_hyper(const typename C::hyper& h) {
+    if constexpr (lcu::device_compressor<C>::feedback) {
+        return h.compress;
+    } else {
+        return h;
+    }
+}
+
+// M ranks encode their own pseudo-gradients (awkward_values) from a delta on the device and on
+// the host: payloads byte for byte, and with error feedback the residuals bit for bit (from a
+// random residual that `shape_state` may change first; rank `in_place_rank` writes its next
+// residual over the current one). Then the gathered payloads are checked and averaged on the
+// device: the host exchanger's average bit for bit, and its first non-finite index.
+template <class C, class ShapeState>
+void expect_encodes_and_average_match_host(const std::string& label, const device_model& m,
+                                           const lcu::tensor_table& table,
+                                           const lcu::compress_plan<codec_of<C>>& plan,
+                                           const typename C::hyper& h, int ranks,
+                                           std::mt19937_64& rng, float outer_lr,
+                                           int in_place_rank, ShapeState&& shape_state) {
+    using codec = codec_of<C>;
+    constexpr bool feedback = lcu::device_compressor<C>::feedback;
+    const typename codec::hyper ch = codec_hyper<C>(h);
+    const auto& segs = plan.segments();
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    REQUIRE(p == codec::payload_bytes(ch, segs));
+    lcu::device_buffer<float> delta(padded), residual(padded), next(padded);
+    lcu::device_buffer<std::byte> payload(p), gathered(static_cast<std::size_t>(ranks) * p);
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    cz::encode_context ctx;
+    ctx.seed = rng();
+    ctx.round = rng() % 1000;
+    ctx.outer_lr = outer_lr;
+    for (int r = 0; r < ranks; ++r) {
+        CAPTURE(r);
+        ctx.rank = r;
+        const std::vector<float> x = awkward_values(rng, m, r);
+        std::vector<float> state = feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
+        if (feedback) {
+            shape_state(state);
+        }
+        lcu::from_flat<float>(table, x, delta.get());
+        if (feedback) {
+            lcu::from_flat<float>(table, state, residual.get());
+            next.zero(nullptr);
+            sync_all();
+        }
+        float* const next_residual = r == in_place_rank ? residual.get() : next.get();
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.residual = residual.get();
+        io.next_residual = next_residual;
+        io.payload = payload.get();
+        const lcu::device_encode_context dctx{ctx.seed, ctx.round, r, ctx.outer_lr, nullptr};
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, dctx, s);
+        s.synchronize();
+
+        std::vector<std::byte> want(p);
+        C::encode(h, x, segs, state, ctx, want);
+        expect_same_bytes(download_bytes(payload.get(), p), want, label + ": payload");
+        if (feedback) {
+            expect_same_floats(lcu::to_flat(table, next_residual), state, label + ": residual");
+        }
+        check_cuda(cudaMemcpy(gathered.get() + static_cast<std::size_t>(r) * p, payload.get(), p,
+                              cudaMemcpyDeviceToDevice),
+                   "gather");
+        host_payloads.push_back(want);
+    }
+
+    const std::vector<float> want = host_average<codec>(ch, host_payloads, segs, n);
+    lcu::payload_check check(ranks);
+    const std::uint64_t nonfinite = check.run(plan, table, ch, gathered.get(), s);
+    CHECK(nonfinite == first_nonfinite(want));
+    lcu::device_buffer<float> avg(padded);
+    lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+    s.synchronize();
+    expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
+}
+
 // The inputs of an encode from the parameters (phase 1 fused in), on the device and on the
 // host: random global values, the bf16 tensors' masters made to differ from their values (so an
 // encode that reads a value where the master belongs shows), a random residual, and

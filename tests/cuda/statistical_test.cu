@@ -71,18 +71,6 @@ row_model awkward_rows(std::mt19937_64& rng, bool large) {
     return m;
 }
 
-template <class C>
-using codec_of = typename lcu::device_compressor<C>::codec;
-
-template <class C>
-typename codec_of<C>::hyper codec_hyper(const typename C::hyper& h) {
-    if constexpr (lcu::device_compressor<C>::feedback) {
-        return h.compress;
-    } else {
-        return h;
-    }
-}
-
 std::string describe(cz::granularity per) {
     return per == cz::granularity::tensor ? "per tensor" : "per row";
 }
@@ -93,69 +81,15 @@ std::string describe(cz::granularity per) {
 template <class C>
 void check_against_host(const std::string& label, const typename C::hyper& h, bool large,
                         int ranks = 3) {
-    using codec = codec_of<C>;
-    constexpr bool feedback = lcu::device_compressor<C>::feedback;
     CAPTURE(label);
     auto rng = rng_for(label);
-    const typename codec::hyper ch = codec_hyper<C>(h);
     const row_model rm = awkward_rows(rng, large);
     device_model m(rm.shapes);
     const lcu::tensor_table table = m.table(false);
-    const lcu::compress_plan<codec> plan(table, ch.per, rm.rows);
-    const auto& segs = plan.segments();
-    const std::size_t n = m.total();
-    const std::size_t padded = table.padded_elements();
-    const std::size_t p = plan.payload_bytes();
-    REQUIRE(p == codec::payload_bytes(ch, segs));
-    lcu::device_buffer<float> delta(padded), residual(padded), next(padded);
-    lcu::device_buffer<std::byte> payload(p), gathered(static_cast<std::size_t>(ranks) * p);
-    lcu::stream s;
-    std::vector<std::vector<std::byte>> host_payloads;
-    cz::encode_context ctx;
-    ctx.seed = rng();
-    ctx.round = rng() % 1000;
-    ctx.outer_lr = 0.7f;  // not a power of two: s * x rounds (with fold_outer_lr)
-    for (int r = 0; r < ranks; ++r) {
-        CAPTURE(r);
-        ctx.rank = r;
-        const std::vector<float> x = awkward_values(rng, m, r);
-        std::vector<float> state = feedback ? normal_floats(rng, n, 0.01f) : std::vector<float>{};
-        lcu::from_flat<float>(table, x, delta.get());
-        if (feedback) {
-            lcu::from_flat<float>(table, state, residual.get());
-            next.zero(nullptr);
-            sync_all();
-        }
-        lcu::encode_io io;
-        io.delta = delta.get();
-        io.residual = residual.get();
-        io.next_residual = r == 1 ? residual.get() : next.get();  // rank 1 in place
-        io.payload = payload.get();
-        const lcu::device_encode_context dctx{ctx.seed, ctx.round, r, ctx.outer_lr, nullptr};
-        lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, dctx, s);
-        s.synchronize();
-
-        std::vector<std::byte> want(p);
-        C::encode(h, x, segs, state, ctx, want);
-        expect_same_bytes(download_bytes(payload.get(), p), want, label + ": payload");
-        if (feedback) {
-            expect_same_floats(lcu::to_flat(table, r == 1 ? residual.get() : next.get()), state,
-                               label + ": residual");
-        }
-        check_cuda(cudaMemcpy(gathered.get() + static_cast<std::size_t>(r) * p, payload.get(), p,
-                              cudaMemcpyDeviceToDevice),
-                   "gather");
-        host_payloads.push_back(want);
-    }
-
-    const std::vector<float> want = host_average<codec>(ch, host_payloads, segs, n);
-    lcu::payload_check check(ranks);
-    const std::uint64_t nonfinite = check.run(plan, table, ch, gathered.get(), s);
-    CHECK(nonfinite == first_nonfinite(want));
-    lcu::device_buffer<float> avg(padded);
-    lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
-    s.synchronize();
-    expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
+    const lcu::compress_plan<codec_of<C>> plan(table, codec_hyper<C>(h).per, rm.rows);
+    // 0.7, not a power of two: s * x rounds (with fold_outer_lr). Rank 1 encodes in place.
+    expect_encodes_and_average_match_host<C>(label, m, table, plan, h, ranks, rng, 0.7f, 1,
+                                             [](std::vector<float>&) {});
 }
 
 template <int Bits>
