@@ -148,6 +148,31 @@ private:
     loco::comm::communicator& inner_;
 };
 
+// With `comm` armed: the next sync fails on this rank with `message` and changes nothing (the
+// parameters, global values, outer state and compressor state stay as they were); disarmed, the
+// same round then goes through and moves the compressor state.
+template <class Handle>
+void expect_refused_then_intact(Handle& opt, gpu_params& m, corrupting& comm, cudaStream_t s,
+                                const std::string& message) {
+    const auto values = m.host_values(s);
+    const auto global = opt.global();
+    constexpr bool outer_state = Handle::outer_policy::state_size > 0;  // outer SGD keeps none
+    std::vector<float> outer;
+    if constexpr (outer_state) outer = opt.outer_state(0);
+    const auto state = opt.compressor_state();
+    const std::uint64_t steps = opt.outer_steps();
+    CHECK_THROWS_WITH_AS(opt.sync(), doctest::Contains(message.c_str()), loco::wire_error);
+    CHECK(m.host_values(s) == values);
+    CHECK(opt.global() == global);
+    if constexpr (outer_state) CHECK(opt.outer_state(0) == outer);
+    CHECK(opt.compressor_state() == state);
+    CHECK(opt.outer_steps() == steps);
+    comm.armed_at = 0;
+    opt.sync();  // the same round again, now intact
+    CHECK(opt.outer_steps() == steps + 1);
+    CHECK(opt.compressor_state() != state);
+}
+
 // A communicator that keeps a host copy of everything its all-gathers received, in order.
 class recording final : public loco::comm::communicator {
 public:
