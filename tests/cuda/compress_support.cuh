@@ -224,16 +224,6 @@ inline void expect_fused_equals_split(const decode_apply_run& fused,
 template <class C>
 using codec_of = typename lcu::device_compressor<C>::codec;
 
-// The codec's settings within C's (C itself, or the codec an error_feedback wraps).
-template <class C>
-typename codec_of<C>::hyper codec_hyper(const typename C::hyper& h) {
-    if constexpr (lcu::device_compressor<C>::feedback) {
-        return h.compress;
-    } else {
-        return h;
-    }
-}
-
 // M ranks encode their own pseudo-gradients (awkward_values) from a delta on the device and on
 // the host: payloads byte for byte, and with error feedback the residuals bit for bit (from a
 // random residual that `shape_state` may change first; rank `in_place_rank` writes its next
@@ -248,7 +238,7 @@ void expect_encodes_and_average_match_host(const std::string& label, const devic
                                            int in_place_rank, ShapeState&& shape_state) {
     using codec = codec_of<C>;
     constexpr bool feedback = lcu::device_compressor<C>::feedback;
-    const typename codec::hyper ch = codec_hyper<C>(h);
+    const typename codec::hyper ch = lcu::device_compressor<C>::codec_hyper(h);
     const auto& segs = plan.segments();
     const std::size_t n = m.total();
     const std::size_t padded = table.padded_elements();
@@ -342,6 +332,17 @@ struct params_encode_inputs {
         for (std::size_t i = 0; i < n; ++i) {
             x[i] = g[i] - local[i];
         }
+    }
+
+    // The encode's arrays: the next residual goes to `next` (the residual itself: in place).
+    lcu::encode_io io(float* next, std::byte* payload) const {
+        lcu::encode_io out;
+        out.global = global.get();
+        out.master = master.get();
+        out.residual = residual.get();
+        out.next_residual = next;
+        out.payload = payload;
+        return out;
     }
 };
 

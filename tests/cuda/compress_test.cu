@@ -145,12 +145,7 @@ TEST_CASE("fused encode from the parameters (phase 1 fused in): fp32 and bf16 va
     ef::hyper h;
     h.compress = {cz::scale_kind::mean_abs, cz::rounding::stochastic};
     lcu::device_buffer<std::byte> payload(plan.payload_bytes());
-    lcu::encode_io io;
-    io.global = in.global.get();
-    io.master = in.master.get();
-    io.residual = in.residual.get();
-    io.next_residual = in.residual.get();  // in place
-    io.payload = payload.get();
+    const lcu::encode_io io = in.io(in.residual.get(), payload.get());  // in place
     lcu::stream s;
     lcu::encode<ef, lcu::encode_from::params>(plan, table, h, io, {11, 4, 1, 1.0f, nullptr}, s);
     s.synchronize();

@@ -86,7 +86,8 @@ void check_against_host(const std::string& label, const typename C::hyper& h, bo
     const row_model rm = awkward_rows(rng, large);
     device_model m(rm.shapes);
     const lcu::tensor_table table = m.table(false);
-    const lcu::compress_plan<codec_of<C>> plan(table, codec_hyper<C>(h).per, rm.rows);
+    const lcu::compress_plan<codec_of<C>> plan(table, lcu::device_compressor<C>::codec_hyper(h).per,
+                                                rm.rows);
     // 0.7, not a power of two: s * x rounds (with fold_outer_lr). Rank 1 encodes in place.
     expect_encodes_and_average_match_host<C>(label, m, table, plan, h, ranks, rng, 0.7f, 1,
                                              [](std::vector<float>&) {});
@@ -165,12 +166,7 @@ TEST_CASE("statistical fused encode from the parameters (phase 1 fused in): fp32
     h.decay = 0.9f;
     h.fold_outer_lr = true;
     lcu::device_buffer<std::byte> payload(plan.payload_bytes());
-    lcu::encode_io io;
-    io.global = in.global.get();
-    io.master = in.master.get();
-    io.residual = in.residual.get();
-    io.next_residual = next.get();
-    io.payload = payload.get();
+    const lcu::encode_io io = in.io(next.get(), payload.get());
     lcu::stream s;
     lcu::encode<ef, lcu::encode_from::params>(plan, table, h, io, {11, 4, 1, 0.7f, nullptr}, s);
     s.synchronize();

@@ -783,11 +783,7 @@ private:
                 using support = device_compressor<Compressor>;
                 using codec = typename support::codec;
                 if constexpr (requires(const typename codec::hyper& c) { c.per; }) {
-                    if constexpr (support::feedback) {
-                        return h.compress.per == compress::granularity::tensor;
-                    } else {
-                        return h.per == compress::granularity::tensor;
-                    }
+                    return support::codec_hyper(h).per == compress::granularity::tensor;
                 } else {
                     static_cast<void>(h);
                     return true;
@@ -1022,13 +1018,7 @@ private:
             return check_average(f, dx.plan.work());
         } else if constexpr (device_compression) {
             auto& dx = *f.device;
-            using support = device_compressor<Compressor>;
-            typename support::codec::hyper ch{};
-            if constexpr (support::feedback) {
-                ch = h.compress;
-            } else {
-                ch = h;
-            }
+            const auto& ch = device_compressor<Compressor>::codec_hyper(h);
             const std::uint64_t first = dx.check.run(dx.plan, f.table, ch, dx.recv.get(),
                                                      stream());
             if (first == no_nonfinite) return std::nullopt;
@@ -1085,13 +1075,7 @@ private:
             }
         } else if constexpr (device_compression && !device_topk_) {
             auto& dx = *f.device;
-            using support = device_compressor<Compressor>;
-            typename support::codec::hyper ch{};
-            if constexpr (support::feedback) {
-                ch = h.compress;
-            } else {
-                ch = h;
-            }
+            const auto& ch = device_compressor<Compressor>::codec_hyper(h);
             static_cast<void>(dx.check.run(dx.plan, f.table, ch, dx.recv.get(), stream()));
             const std::size_t p = dx.plan.payload_bytes();
             const std::size_t n = f.table.padded_elements();

@@ -113,13 +113,17 @@ inline constexpr bool is_statistical<compress::statistical<Bits>> = true;
 }  // namespace detail
 
 // device_compressor<C>::available: C (blockwise, cast, statistical<1 | 2 | 4>, or
-// error_feedback<> around one of them) has the fused device path; ::codec is the payload's compressor, ::feedback says whether a
-// residual is kept.
+// error_feedback<> around one of them) has the fused device path; ::codec is the payload's
+// compressor, ::feedback says whether a residual is kept, ::codec_hyper(h) is the codec's part of
+// C's settings.
 template <class C>
 struct device_compressor {
     using codec = C;
     static constexpr bool feedback = false;
     static constexpr bool available = detail::codec_traits<C>::available;
+    static const typename codec::hyper& codec_hyper(const typename C::hyper& h) noexcept {
+        return h;
+    }
 };
 
 template <class C>
@@ -127,6 +131,10 @@ struct device_compressor<compress::error_feedback<C>> {
     using codec = C;
     static constexpr bool feedback = true;
     static constexpr bool available = detail::codec_traits<C>::available && C::state_size == 0;
+    static const typename codec::hyper& codec_hyper(
+        const typename compress::error_feedback<C>::hyper& h) noexcept {
+        return h.compress;
+    }
 };
 
 template <class C>

@@ -121,12 +121,7 @@ void encode(const compress_plan<typename device_compressor<C>::codec>& plan,
     detail::require_combos(table, Combos, what);
     detail::encode_params a =
         detail::encode_inputs<From, Mode, support::feedback>(table, io, h, ctx, what);
-    typename codec::hyper ch{};
-    if constexpr (support::feedback) {
-        ch = h.compress;
-    } else {
-        ch = h;
-    }
+    const typename codec::hyper& ch = support::codec_hyper(h);
     if constexpr (detail::codec_traits<codec>::blockwise) {
         a.flags = (ch.scale == compress::scale_kind::mean_abs ? detail::flag_mean_abs : 0u) |
                   (ch.round == compress::rounding::stochastic ? detail::flag_stochastic : 0u);
