@@ -149,10 +149,8 @@ void poke_gpu(gpu_params& m, poke p, cudaStream_t s) {
     }
 }
 
-struct rank_result {
-    std::vector<float> params, global, momentum;
-    std::uint64_t outer_steps = 0, skipped = 0, bytes = 0, expected_device_bytes = 0;
-    bool device_exchange = false;
+struct rank_result : handle_result {
+    std::uint64_t expected_device_bytes = 0;
 };
 
 template <class Case, class Schedule, class Compressor = cz::none>
@@ -192,16 +190,7 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm, 
         m.set_gradients(grads_of(label, comm.rank(), t));
         opt.step();
     }
-    rank_result out;
-    out.params = m.values();
-    const auto g = opt.global();
-    out.global.assign(g.begin(), g.end());
-    const auto mo = opt.outer_state(0);
-    out.momentum.assign(mo.begin(), mo.end());
-    out.outer_steps = opt.outer_steps();
-    out.skipped = opt.skipped_syncs();
-    out.bytes = opt.bytes_per_sync();
-    return out;
+    return {result_of(opt, m.values())};
 }
 
 template <class Case, class Schedule, class Compressor = cz::none>
@@ -215,14 +204,7 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
         opt.step();
     }
-    rank_result out;
-    out.params = m.host_values(stream);
-    out.global = opt.global();
-    out.momentum = opt.outer_state(0);
-    out.outer_steps = opt.outer_steps();
-    out.skipped = opt.skipped_syncs();
-    out.bytes = opt.bytes_per_sync();
-    out.device_exchange = opt.device_exchange();
+    rank_result out{result_of(opt, m.host_values(stream))};
     // The device path's bytes: M - 1 padded fp32 rows (and the reports), plus the agreement.
     // (A fragment's padded size is its tensors' sizes rounded up to 8.)
     const std::uint64_t mm = static_cast<std::uint64_t>(comm.size());

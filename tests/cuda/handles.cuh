@@ -100,6 +100,31 @@ struct host_params {
     }
 };
 
+// What a rank's handle holds at the end of a run, to compare a GPU run with the host's.
+struct handle_result {
+    std::vector<float> params, global, momentum;  // flat; momentum: the outer state's array 0
+    std::uint64_t outer_steps = 0, skipped = 0, bytes = 0;
+    bool device_exchange = false;  // CUDA handles only
+};
+
+// Read from a host or CUDA handle, with the parameters' values.
+template <class Handle>
+handle_result result_of(const Handle& opt, std::vector<float> params) {
+    handle_result out;
+    out.params = std::move(params);
+    const auto g = opt.global();
+    out.global.assign(g.begin(), g.end());
+    const auto mo = opt.outer_state(0);
+    out.momentum.assign(mo.begin(), mo.end());
+    out.outer_steps = opt.outer_steps();
+    out.skipped = opt.skipped_syncs();
+    out.bytes = opt.bytes_per_sync();
+    if constexpr (requires { opt.device_exchange(); }) {
+        out.device_exchange = opt.device_exchange();
+    }
+    return out;
+}
+
 // A device communicator that flips one byte of what an all-gather received, when armed; with
 // reseal_stride (the payload size), it then rewrites that payload's checksum, so that only the
 // compressor's own format checks can refuse it.

@@ -42,12 +42,7 @@ struct schedule_case<ls::delayed> : whole_model_every<ls::delayed, 3> {};
 
 constexpr int steps = 11;
 
-// What a rank holds at the end of a run.
-struct rank_result {
-    std::vector<float> params, global, momentum;
-    std::uint64_t outer_steps = 0;
-    bool device_exchange = false;
-};
+using rank_result = handle_result;
 
 template <class Compressor, class Schedule>
 rank_result host_rank(const std::string& label, loco::comm::communicator& comm) {
@@ -60,14 +55,7 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm) 
         m.set_gradients(grads_of(label, comm.rank(), t));
         opt.step();
     }
-    rank_result out;
-    out.params = m.values();
-    const auto g = opt.global();
-    out.global.assign(g.begin(), g.end());
-    const auto mo = opt.outer_state(0);
-    out.momentum.assign(mo.begin(), mo.end());
-    out.outer_steps = opt.outer_steps();
-    return out;
+    return result_of(opt, m.values());
 }
 
 // The same run with the parameters in GPU memory (of the current device), on a GPU communicator.
@@ -83,13 +71,7 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
         opt.step();
     }
-    rank_result out;
-    out.params = m.host_values(stream);
-    out.global = opt.global();
-    out.momentum = opt.outer_state(0);
-    out.outer_steps = opt.outer_steps();
-    out.device_exchange = opt.device_exchange();
-    return out;
+    return result_of(opt, m.host_values(stream));
 }
 
 template <class Compressor, class Schedule>
