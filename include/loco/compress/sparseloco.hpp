@@ -153,6 +153,9 @@ struct sparseloco {
         return low + static_cast<unsigned>(frac > 0.5f || (frac == 0.5f && (low & 1u) != 0));
     }
 
+    // A kept value's decoding, D = lut[q] + shift (host and device decoders alike).
+    LOCO_HD static float value(float lut_entry, float shift) noexcept { return lut_entry + shift; }
+
     LOCO_HD static float canonical(float v) noexcept {
         return v == v ? v : loco::detail::float_from_bits(0x7fc00000u);
     }
@@ -348,7 +351,7 @@ private:
                 const std::uint32_t cell = wire::get_bits(indices, j, l.index_bits);
                 const std::uint32_t q = wire::get_bits(codes, j, qb);
                 out[s.offset + l.grid.element(j / l.k, cell)] =
-                    wire::get<float>(body, at + 4 * (1 + q)) + shift;
+                    value(wire::get<float>(body, at + 4 * (1 + q)), shift);
             }
             at += l.bytes();
         }

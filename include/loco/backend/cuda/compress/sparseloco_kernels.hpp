@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(block_threads)
     const std::uint64_t slot0 = s.slot0 + local * s.k;
     for (unsigned j = 0; j < s.k; ++j) {
         const std::uint64_t i = chunked_element(s, local, v.cell[slot0 + j]);
-        e[i] = __fsub_rn(e[i], __fadd_rn(st[2 + v.code[slot0 + j]], st[0]));
+        e[i] = __fsub_rn(e[i], compress::sparseloco::value(st[2 + v.code[slot0 + j]], st[0]));
     }
 }
 
@@ -275,7 +275,8 @@ __global__ void __launch_bounds__(block_threads)
         const std::uint32_t cell = compress::wire::get_bits(payload + s.indices, first + j,
                                                             s.index_bits);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, first + j, code_bits);
-        out[chunked_element(s, local, cell)] = __fadd_rn(record[1 + q], record[0]);
+        out[chunked_element(s, local, cell)] =
+            compress::sparseloco::value(record[1 + q], record[0]);
     }
 }
 
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(block_threads)
         const std::uint32_t cell = compress::wire::get_bits(payload + s.indices, slot, s.index_bits);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, slot, code_bits);
         const std::uint64_t i = chunked_element(s, local, cell);
-        out[i] = __fadd_rn(out[i], __fadd_rn(record[1 + q], record[0]));
+        out[i] = __fadd_rn(out[i], compress::sparseloco::value(record[1 + q], record[0]));
     }
 }
 
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(block_threads)
             const std::uint32_t cell =
                 compress::wire::get_bits(base + s.indices, slot, s.index_bits);
             const std::uint32_t q = compress::wire::get_bits(base + s.values, slot, code_bits);
-            const float d = __fadd_rn(record[1 + q], record[0]);
+            const float d = compress::sparseloco::value(record[1 + q], record[0]);
             sum[cell] = __fadd_rn(sum[cell], __fmul_rn(d, f));
             count[cell] = static_cast<std::uint16_t>(count[cell] + 1);
         }
@@ -360,7 +361,8 @@ __global__ void __launch_bounds__(block_threads)
     double sq = 0.0;
     for (unsigned j = 0; j < s.k; ++j) {
         const std::uint32_t q = compress::wire::get_bits(base + s.values, first + j, code_bits);
-        const double d = static_cast<double>(__fadd_rn(record[1 + q], record[0]));
+        const double d =
+            static_cast<double>(compress::sparseloco::value(record[1 + q], record[0]));
         sq = __dadd_rn(sq, __dmul_rn(d, d));
     }
     partial[item] = sq;
