@@ -211,8 +211,9 @@ LOCO_HD void put_bits(std::byte* stream, std::size_t j, unsigned width,
     }
 }
 
-LOCO_HD std::uint32_t get_bits(const std::byte* stream, std::size_t j, unsigned width) noexcept {
-    std::size_t bit = j * width;
+// The `width` bits (0..32) of a stream that start at bit `bit`, as put_bits lays them out.
+LOCO_HD std::uint32_t get_bits_at(const std::byte* stream, std::uint64_t bit,
+                                  unsigned width) noexcept {
     std::uint32_t code = 0;
     for (unsigned done = 0; done < width;) {
         const unsigned shift = static_cast<unsigned>(bit % 8);
@@ -226,6 +227,10 @@ LOCO_HD std::uint32_t get_bits(const std::byte* stream, std::size_t j, unsigned 
         bit += take;
     }
     return code;
+}
+
+LOCO_HD std::uint32_t get_bits(const std::byte* stream, std::size_t j, unsigned width) noexcept {
+    return get_bits_at(stream, static_cast<std::uint64_t>(j) * width, width);
 }
 
 }  // namespace loco::compress::wire
