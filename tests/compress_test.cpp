@@ -359,13 +359,16 @@ struct demo_case {
     }
 };
 
-template <std::uint32_t Chunk, std::uint32_t TopK, std::uint32_t Bins>
+template <std::uint32_t Chunk, std::uint32_t TopK, std::uint32_t Bins,
+          lc::index_coding Indices = lc::index_coding::compact>
 struct sparseloco_case {
     using type = lc::sparseloco;
-    static typename type::hyper hyper() { return {.chunk = Chunk, .topk = TopK, .bins = Bins}; }
+    static typename type::hyper hyper() {
+        return {.chunk = Chunk, .topk = TopK, .bins = Bins, .indices = Indices};
+    }
     static std::string label() {
         return "sparseloco, chunk " + std::to_string(Chunk) + ", topk " + std::to_string(TopK) +
-               ", bins " + std::to_string(Bins);
+               ", bins " + std::to_string(Bins) + ", indices " + std::string(lc::to_string(Indices));
     }
 };
 
@@ -373,7 +376,9 @@ using chunked_cases =
     boost::mp11::mp_list<demo_case<64, 32, false>, demo_case<64, 32, true>, demo_case<8, 3, false>,
                          demo_case<8, 3, true>, sparseloco_case<64, 64, 4>,
                          sparseloco_case<8, 5, 3>, sparseloco_case<16, 7, 256>,
-                         sparseloco_case<4, 2, 2>>;
+                         sparseloco_case<4, 2, 2>,
+                         sparseloco_case<64, 64, 4, lc::index_coding::fixed>,
+                         sparseloco_case<8, 5, 3, lc::index_coding::fixed>>;
 
 using compressor_cases =
     boost::mp11::mp_append<other_cases, blockwise_cases, statistical_cases, chunked_cases>;
@@ -944,7 +949,9 @@ struct family<lc::demo> {
 template <>
 struct family<lc::sparseloco> {
     using hyper = lc::sparseloco::hyper;
-    static std::uint8_t bits(const hyper& h) { return static_cast<std::uint8_t>(code_width(h)); }
+    static std::uint8_t bits(const hyper& h) {
+        return static_cast<std::uint8_t>(code_width(h) + 16 * static_cast<unsigned>(h.indices));
+    }
     static std::uint8_t flags(const hyper& h) { return static_cast<std::uint8_t>(h.bins - 1); }
     static std::uint32_t block(const hyper& h) { return h.chunk | (h.topk << 16); }
     static bool stochastic(const hyper&) { return false; }
@@ -962,8 +969,45 @@ struct family<lc::sparseloco> {
         }
         const chunk_geometry g = geometry_of(s, h.chunk);
         const std::size_t sent = g.chunks.cells.size() * kept(h, g.cells);
-        return 4 * (1 + h.bins) + round_up4((sent * index_width(g.cells) + 7) / 8) +
+        const index_form f = form_of(h, g.cells, kept(h, g.cells));
+        return 4 * (1 + h.bins) + round_up4((g.chunks.cells.size() * f.bits + 7) / 8) +
                round_up4((sent * code_width(h) + 7) / 8);
+    }
+
+    // How a chunk's k indices of `cells` travel (docs/compressors.md, SparseLoCo "Payload"):
+    // fixed width b, or for the compact coding nothing when k = cells, else the smaller of
+    // Elias-Fano (l low bits an index, then k + ((cells - 1) >> l) unary high bits) and k b.
+    struct index_form {
+        std::size_t bits = 0;  // per chunk
+        int how = 0;           // 0: fixed width (l = b), 1: Elias-Fano, 2: nothing
+        unsigned l = 0;
+    };
+    static index_form form_of(const hyper& h, std::size_t cells, std::size_t k) {
+        const unsigned b = index_width(cells);
+        if (h.indices == lc::index_coding::fixed) return {k * b, 0, b};
+        if (k == cells) return {0, 2, 0};
+        unsigned l = 0;
+        while ((std::size_t{2} << l) <= cells / k) ++l;
+        const std::size_t ef = k * l + k + ((cells - 1) >> l);
+        return ef < k * b ? index_form{ef, 1, l} : index_form{k * b, 0, b};
+    }
+    // Index j of chunk c, read bit by bit from the definition.
+    static std::uint32_t index_at(const std::byte* s, const index_form& f, std::size_t k,
+                                  std::size_t c, std::size_t j) {
+        const auto bit = [&](std::size_t i) {
+            return (static_cast<unsigned>(s[i / 8]) >> (i % 8)) & 1u;
+        };
+        if (f.how == 2) return static_cast<std::uint32_t>(j);
+        const std::size_t start = c * f.bits;
+        std::uint32_t low = 0;
+        for (unsigned b = 0; b < f.l; ++b) low |= bit(start + j * f.l + b) << b;
+        if (f.how == 0) return low;
+        for (std::size_t p = 0, ones = 0; start + k * f.l + p < start + f.bits; ++p) {
+            if (bit(start + k * f.l + p) != 0 && ones++ == j) {
+                return static_cast<std::uint32_t>(((p - j) << f.l) | low);
+            }
+        }
+        return 0xffffffffu;  // fewer than j + 1 ones: never equal to an expected index
     }
 
     static void check(const hyper& h, const std::vector<float>& x, const layout& l,
@@ -977,10 +1021,9 @@ struct family<lc::sparseloco> {
             }
             const chunk_geometry g = geometry_of(s, h.chunk);
             const std::size_t k = kept(h, g.cells);
-            const unsigned width = index_width(g.cells);
-            const std::size_t sent = g.chunks.cells.size() * k;
+            const index_form f = form_of(h, g.cells, k);
             const std::byte* indices = payload.data() + at + 4 * (1 + h.bins);
-            const std::byte* codes = indices + round_up4((sent * width + 7) / 8);
+            const std::byte* codes = indices + round_up4((g.chunks.cells.size() * f.bits + 7) / 8);
             // Kept values (exact: the choice is made on the fp32 inputs), then the quantizer.
             std::vector<double> v;
             std::vector<std::size_t> where;
@@ -993,7 +1036,7 @@ struct family<lc::sparseloco> {
                 const std::vector<std::size_t> want = ref::top_k(block, k);
                 double smallest = 1e300;
                 for (std::size_t j = 0; j < k; ++j) {
-                    const std::uint32_t i = wire::get_bits(indices, c * k + j, width);
+                    const std::uint32_t i = index_at(indices, f, k, c, j);
                     log.expect(i == want[j], "index ", i, " of chunk ", c, ", expected ", want[j]);
                     v.push_back(block[want[j]]);
                     where.push_back(g.chunks.cells[c][want[j]]);

@@ -1069,11 +1069,12 @@ TEST_CASE("docs: compress::sparseloco example") {
     q::encode(h, delta, segs, accumulator, {}, payload);  // e = 0.95 e + delta; e -= what is sent
     std::vector<float> y(delta.size());
     q::decode(h, payload, segs, y);
-    // 2 x 2 chunks, 64 values each: the 40-byte header, shift and 4 bin means (20 bytes), 256
-    // indices of 12 bits (384 bytes), 256 codes of 2 bits (64 bytes); 129x below fp32:
-    // payload.size() == 508
+    // 2 x 2 chunks, 64 values each: the 40-byte header, shift and 4 bin means (20 bytes), the
+    // indices in Elias-Fano's 511 bits a chunk (256 bytes; 384 at fixed width), 256 codes of 2
+    // bits (64 bytes); 172x below fp32:
+    // payload.size() == 380
     // [snippet:compress-sparseloco end]
-    CHECK(payload.size() == 508);
+    CHECK(payload.size() == 380);
     CHECK(std::count_if(y.begin(), y.end(), [](float v) { return v != 0.0f; }) == 256);
     for (std::size_t i = 0; i < y.size(); ++i) {
         CHECK(accumulator[i] == delta[i] - y[i]);
@@ -1134,12 +1135,12 @@ TEST_CASE("docs: aggregate::median_norm_clip example") {
         bytes = opt.bytes_per_sync();
     });
     // Both workers hold the same w, nonzero at the 256 kept cells; rank 1's pseudo-gradient is
-    // scaled to the median (with two workers, the lower) norm: rank 0's. bytes == 508 (one
+    // scaled to the median (with two workers, the lower) norm: rank 0's. bytes == 380 (one
     // payload to the peer) + 4 (the all-or-nothing agreement)
     // [snippet:aggregate-median-norm-clip end]
     CHECK(after[0] == after[1]);
     CHECK(std::count_if(after[0].begin(), after[0].end(), [](float v) { return v != 0.0f; }) == 256);
-    CHECK(bytes == 512);
+    CHECK(bytes == 384);
     // Rank 0's own decoded payload, which the clipped mean reproduces up to rounding: the
     // pseudo-gradients are g and 2 g (exactly), so D_1 = 2 D_0 and rank 1 is scaled by 1/2.
     std::vector<float> delta(128 * 128), e(128 * 128, 0.0f), d0(128 * 128);

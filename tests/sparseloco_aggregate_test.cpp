@@ -251,9 +251,9 @@ TEST_CASE("median_norm_clip: one SparseLoCo round of four workers on a fixed 128
     const std::vector<lc::segment> segs = {{0, rows * cols, rows, cols},
                                            {rows * cols, bias, 1, bias}};
     const std::size_t payload = sl::payload_bytes({}, segs);
-    // 40 header; w: 20 + 256 indices x 12 bits (384) + 256 codes x 2 bits (64);
-    // b: 20 + 96 x 6 bits (72) + 96 x 2 bits (24).
-    CHECK(payload == 40 + (20 + 384 + 64) + (20 + 72 + 24));
+    // 40 header; w: 20 + 4 chunks x 511 bits of Elias-Fano indices (256) + 256 codes x 2 bits
+    // (64); b: 20 + no indices (two chunks of 48 cells, all kept) + 96 codes x 2 bits (24).
+    CHECK(payload == 40 + (20 + 256 + 64) + (20 + 0 + 24));
     for (int r = 0; r < m; ++r) {
         CHECK(per_sync[std::size_t(r)] == (m - 1) * payload + agreement[std::size_t(r)]);
         CHECK(counted[std::size_t(r)] == per_sync[std::size_t(r)]);  // what the link carried

@@ -4,7 +4,8 @@
 //     from templar's code (derivation below);
 //   * templar's per-chunk k rule (_clamp_topk), the quantizer's edge cases, several rounds of the
 //     error-feedback accumulator;
-//   * payload bytes equal to the documented formula, 146x below fp32 at the defaults;
+//   * payload bytes equal to the documented formula, 204x below fp32 at the defaults (146x with
+//     templar's fixed-width indices);
 //   * bad settings and malformed payloads refused with nothing written;
 //   * sparseloco and demo inside loco::diloco (two threads): the bytes per sync, the workers in
 //     agreement after each sync, the accumulator carrying what was not sent.
@@ -33,6 +34,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -117,14 +120,8 @@ TEST_CASE("sparseloco: one round on a fixed 128 x 128 input matches a double-pre
     CHECK(h.bins == 4);
     CHECK(h.range == 6.0f);
     CHECK(h.beta == 0.95f);
+    CHECK(h.indices == lc::index_coding::compact);
     const std::vector<lc::segment> segs = {{0, n * n, n, n}};
-    std::vector<float> state = e0;
-    const std::vector<std::byte> p = encode(h, delta, segs, state);
-    const std::vector<float> out = decode(h, p, segs, n * n);
-
-    // Bytes: header 40, record 4 * (1 + 4) = 20, 256 indices of 12 bits = 384, 256 codes of 2
-    // bits = 64.
-    CHECK(p.size() == 40 + 20 + 384 + 64);
 
     // The reference.
     std::vector<double> e(n * n);
@@ -175,33 +172,66 @@ TEST_CASE("sparseloco: one round on a fixed 128 x 128 input matches a double-pre
     REQUIRE(near_boundary == 0);  // a fixed input: no code is in doubt
     CHECK(bin_count[0] + bin_count[1] + bin_count[2] + bin_count[3] == 256);
 
-    // The payload.
-    const std::size_t body = wire::header_bytes;
-    CHECK(std::abs(wire::get<float>(p, body) - shift) <= 1e-6 * (1 + std::abs(shift)));
-    for (int b = 0; b < 4; ++b) {
-        const double want = bin_count[b] == 0 ? 0.0 : bin_sum[b] / bin_count[b];
-        const float entry = wire::get<float>(p, body + 4 * (1 + b));
-        CHECK(std::abs(entry - want) <= 1e-6 * (1 + std::abs(want)));
+    for (const lc::index_coding coding : {lc::index_coding::compact, lc::index_coding::fixed}) {
+        INFO(lc::to_string(coding));
+        const sl::hyper hc{.indices = coding};
+        std::vector<float> state = e0;
+        const std::vector<std::byte> p = encode(hc, delta, segs, state);
+        const std::vector<float> out = decode(hc, p, segs, n * n);
+
+        // Bytes: header 40, record 4 * (1 + 4) = 20, the indices, 256 codes of 2 bits = 64. The
+        // indices at fixed width: 256 of 12 bits = 384 bytes. Compact: per chunk Elias-Fano with
+        // l = floor(log2(4096 / 64)) = 6 low bits an index, then a unary high part of
+        // 64 + (4095 >> 6) = 127 bits (index i's high part h_i = cell >> 6 as a one at h_i + i):
+        // 511 bits a chunk (less than 768), 2044 bits for four, 256 bytes.
+        const std::size_t index_bytes = coding == lc::index_coding::fixed ? 384 : 256;
+        CHECK(p.size() == 40 + 20 + index_bytes + 64);
+
+        // The payload.
+        const std::size_t body = wire::header_bytes;
+        CHECK(std::abs(wire::get<float>(p, body) - shift) <= 1e-6 * (1 + std::abs(shift)));
+        for (int b = 0; b < 4; ++b) {
+            const double want = bin_count[b] == 0 ? 0.0 : bin_sum[b] / bin_count[b];
+            const float entry = wire::get<float>(p, body + 4 * (1 + b));
+            CHECK(std::abs(entry - want) <= 1e-6 * (1 + std::abs(want)));
+        }
+        const std::byte* indices = p.data() + body + 20;
+        const std::byte* codes = indices + index_bytes;
+        const auto bit = [&](std::size_t b) {
+            return (static_cast<unsigned>(indices[b / 8]) >> (b % 8)) & 1u;
+        };
+        for (std::size_t j = 0; j < 256; ++j) {
+            if (coding == lc::index_coding::fixed) {
+                CHECK(wire::get_bits(indices, j, 12) == cells[j]);
+            } else {
+                // Slot j = 64 c + i: low bits at 511 c + 6 i, the high part from 511 c + 384, where
+                // the i-th one stands at (cell >> 6) + i.
+                const std::size_t c = j / 64;
+                const std::size_t i = j % 64;
+                std::size_t low = 0;
+                for (std::size_t b = 0; b < 6; ++b) low |= bit(511 * c + 6 * i + b) << b;
+                CHECK(low == cells[j] % 64);
+                CHECK(bit(511 * c + 384 + cells[j] / 64 + i) == 1);
+                std::size_t ones = 0;
+                for (std::size_t b = 0; b < 127; ++b) ones += bit(511 * c + 384 + b);
+                CHECK(ones == 64);
+            }
+            CHECK(wire::get_bits(codes, j, 2) == static_cast<unsigned>(q[j]));
+        }
+        // Decoded values and the new accumulator.
+        std::vector<double> decoded(n * n, 0.0);
+        for (std::size_t j = 0; j < 256; ++j) {
+            const double mean = bin_count[q[j]] == 0 ? 0.0 : bin_sum[q[j]] / bin_count[q[j]];
+            decoded[positions[j]] = mean + shift;
+        }
+        std::size_t nonzero = 0;
+        for (std::size_t i = 0; i < n * n; ++i) {
+            CHECK(std::abs(out[i] - decoded[i]) <= 1e-6 * (1 + std::abs(decoded[i])));
+            CHECK(std::abs(state[i] - (e[i] - decoded[i])) <= 1e-6 * (1 + std::abs(e[i])));
+            nonzero += out[i] != 0.0f ? 1 : 0;
+        }
+        CHECK(nonzero == 256);
     }
-    const std::byte* indices = p.data() + body + 20;
-    const std::byte* codes = indices + 384;
-    for (std::size_t j = 0; j < 256; ++j) {
-        CHECK(wire::get_bits(indices, j, 12) == cells[j]);
-        CHECK(wire::get_bits(codes, j, 2) == static_cast<unsigned>(q[j]));
-    }
-    // Decoded values and the new accumulator.
-    std::vector<double> decoded(n * n, 0.0);
-    for (std::size_t j = 0; j < 256; ++j) {
-        const double mean = bin_count[q[j]] == 0 ? 0.0 : bin_sum[q[j]] / bin_count[q[j]];
-        decoded[positions[j]] = mean + shift;
-    }
-    std::size_t nonzero = 0;
-    for (std::size_t i = 0; i < n * n; ++i) {
-        CHECK(std::abs(out[i] - decoded[i]) <= 1e-6 * (1 + std::abs(decoded[i])));
-        CHECK(std::abs(state[i] - (e[i] - decoded[i])) <= 1e-6 * (1 + std::abs(e[i])));
-        nonzero += out[i] != 0.0f ? 1 : 0;
-    }
-    CHECK(nonzero == 256);
 }
 
 TEST_CASE("sparseloco: values kept per chunk follow templar's _clamp_topk") {
@@ -217,45 +247,69 @@ TEST_CASE("sparseloco: values kept per chunk follow templar's _clamp_topk") {
     CHECK(kept(64, 1) == 1);      // one cell: the reference fails; loco sends it
 }
 
-TEST_CASE("sparseloco: payload bytes follow the documented formula, 146x below fp32 at the "
-          "defaults") {
+TEST_CASE("sparseloco: payload bytes follow the documented formula, 204x below fp32 at the "
+          "defaults (146x with fixed-width indices)") {
     struct shape {
         std::size_t rows, cols;
     };
-    for (const std::uint32_t bins : {2u, 3u, 4u, 16u, 256u}) {
-        for (const std::uint32_t chunk : {1u, 4u, 64u}) {
-            for (const std::uint32_t topk : {1u, 7u, 64u}) {
-                if (topk > chunk * chunk) {
-                    continue;
-                }
-                const sl::hyper h{.chunk = chunk, .topk = topk, .bins = bins};
-                const unsigned qb = std::bit_width(bins - 1);
-                for (const shape sh : {shape{1, 1}, shape{1, 1000}, shape{768, 3072},
-                                       shape{97, 64}, shape{50257, 1}}) {
-                    const std::size_t size = sh.rows * sh.cols;
-                    const lc::segment s{0, size, sh.rows, sh.cols};
-                    const std::size_t cells = ref::side(sh.rows, chunk) * ref::side(sh.cols, chunk);
-                    std::size_t k = cells;
-                    if (cells > 1) {
-                        k = std::max<std::size_t>(std::min<std::size_t>(topk, cells), 2);
-                        k -= k % 2;
+    for (const lc::index_coding coding : {lc::index_coding::fixed, lc::index_coding::compact}) {
+        for (const std::uint32_t bins : {2u, 3u, 4u, 16u, 256u}) {
+            for (const std::uint32_t chunk : {1u, 4u, 64u}) {
+                for (const std::uint32_t topk : {1u, 7u, 64u}) {
+                    if (topk > chunk * chunk) {
+                        continue;
                     }
-                    const std::size_t sent = size / cells * k;
-                    const std::size_t b = cells == 1 ? 0 : std::bit_width(cells - 1);
-                    const std::size_t want = wire::header_bytes + 4 * (1 + bins) +
-                                             pad4((sent * b + 7) / 8) + pad4((sent * qb + 7) / 8);
-                    INFO(sh.rows << " x " << sh.cols << ", chunk " << chunk << ", topk " << topk
-                                 << ", bins " << bins);
-                    CHECK(sl::payload_bytes(h, std::span(&s, 1)) == want);
+                    const sl::hyper h{
+                        .chunk = chunk, .topk = topk, .bins = bins, .indices = coding};
+                    const unsigned qb = std::bit_width(bins - 1);
+                    for (const shape sh : {shape{1, 1}, shape{1, 1000}, shape{768, 3072},
+                                           shape{97, 64}, shape{50257, 1}}) {
+                        const std::size_t size = sh.rows * sh.cols;
+                        const lc::segment s{0, size, sh.rows, sh.cols};
+                        const std::size_t cells =
+                            ref::side(sh.rows, chunk) * ref::side(sh.cols, chunk);
+                        std::size_t k = cells;
+                        if (cells > 1) {
+                            k = std::max<std::size_t>(std::min<std::size_t>(topk, cells), 2);
+                            k -= k % 2;
+                        }
+                        const std::size_t chunks = size / cells;
+                        const std::size_t sent = chunks * k;
+                        // Index bits of one chunk: fixed width b, or for compact nothing when
+                        // every cell is kept, else the smaller of b and Elias-Fano's.
+                        const std::size_t b = cells == 1 ? 0 : std::bit_width(cells - 1);
+                        std::size_t per_chunk = k * b;
+                        if (coding == lc::index_coding::compact) {
+                            if (k == cells) {
+                                per_chunk = 0;
+                            } else {
+                                std::size_t l = 0;
+                                while ((std::size_t{2} << l) <= cells / k) ++l;
+                                per_chunk = std::min(per_chunk, k * l + k + ((cells - 1) >> l));
+                            }
+                        }
+                        const std::size_t want = wire::header_bytes + 4 * (1 + bins) +
+                                                 pad4((chunks * per_chunk + 7) / 8) +
+                                                 pad4((sent * qb + 7) / 8);
+                        INFO(sh.rows << " x " << sh.cols << ", chunk " << chunk << ", topk "
+                                     << topk << ", bins " << bins << ", "
+                                     << lc::to_string(coding));
+                        CHECK(sl::payload_bytes(h, std::span(&s, 1)) == want);
+                    }
                 }
             }
         }
     }
-    // The defaults on a 4096 x 4096 matrix: N = 2^24 / 64 values, 12-bit indices, 2-bit codes.
+    // The defaults on a 4096 x 4096 matrix: N = 2^24 / 64 values in 4096 chunks, 2-bit codes, and
+    // per chunk 511 bits of Elias-Fano indices (l = 6), or 64 x 12 bits at fixed width.
     const lc::segment big{0, 4096 * 4096, 4096, 4096};
     const std::size_t bytes = sl::payload_bytes({}, std::span(&big, 1));
-    CHECK(bytes == 40 + 20 + 262144 * 12 / 8 + 262144 * 2 / 8);
-    CHECK(4.0 * 4096 * 4096 / static_cast<double>(bytes) > 146.0);
+    CHECK(bytes == 40 + 20 + pad4((4096 * 511 + 7) / 8) + 262144 * 2 / 8);
+    CHECK(4.0 * 4096 * 4096 / static_cast<double>(bytes) > 204.0);
+    const std::size_t fixed =
+        sl::payload_bytes({.indices = lc::index_coding::fixed}, std::span(&big, 1));
+    CHECK(fixed == 40 + 20 + 262144 * 12 / 8 + 262144 * 2 / 8);
+    CHECK(4.0 * 4096 * 4096 / static_cast<double>(fixed) > 146.0);
 }
 
 TEST_CASE("sparseloco: the quantizer's edge cases") {
@@ -500,4 +554,34 @@ TEST_CASE_TEMPLATE("sparseloco and demo plug into loco::diloco: bytes per sync a
         CHECK(residual_nonzero[0] > rows * cols / 2);
         CHECK(residual_nonzero[1] > rows * cols / 2);
     }
+}
+
+TEST_CASE_TEMPLATE("sparseloco and demo: ranks with different settings fail at start, naming them",
+                   C, lc::sparseloco, lc::demo) {
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(64 * 64, 0.5f);
+        std::vector<float> g(w.size(), 0.0f);
+        loco::parameter_list params;
+        params.add_views("w", loco::host_matrix(w.data(), 64, 64),
+                         loco::host_matrix(static_cast<const float*>(g.data()), 64, 64));
+        typename C::hyper h{};
+        if (comm.rank() == 1) {
+            if constexpr (std::is_same_v<C, lc::sparseloco>) {
+                h.indices = lc::index_coding::fixed;
+            } else {
+                h.topk = 16;
+            }
+        }
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(
+            params, comm, {.schedule = {.every = 4}, .compress = h});
+        const std::string want =
+            std::is_same_v<C, lc::sparseloco>
+                ? "rank 0 has 'compressor: sparseloco chunk=64 topk=64 bins=4 range=6 beta=0.949999988 "
+                  "indices=compact' where rank 1 has 'compressor: sparseloco chunk=64 topk=64 bins=4 "
+                  "range=6 beta=0.949999988 indices=fixed'"
+                : "rank 0 has 'compressor: demo chunk=64 topk=32 decay=0.999000013 sign=0' where "
+                  "rank 1 has 'compressor: demo chunk=64 topk=16 decay=0.999000013 sign=0'";
+        CHECK_THROWS_WITH_AS(opt.start(), doctest::Contains(want.c_str()), loco::invalid_argument);
+        CHECK(w == std::vector<float>(64 * 64, 0.5f));
+    });
 }

@@ -12,7 +12,8 @@
 //
 // For the chunked top-k payloads of demo and sparseloco, a second test edits their index streams
 // at random: an index at or above its chunk's cells, an index equal to its neighbour, two
-// neighbours swapped; each, resealed, must be refused with the output untouched.
+// neighbours swapped (fixed width), a one added to or taken from an Elias-Fano high part
+// (sparseloco's compact coding); each, resealed, must be refused with the output untouched.
 //
 // The generator is seeded from the process seed (LOCO_TEST_SEED repeats a run).
 #include <doctest/doctest.h>
@@ -98,6 +99,7 @@ std::vector<configuration> configurations() {
         make<lc::demo>("demo chunk 4 topk 3 signs", {.chunk = 4, .topk = 3, .sign = true}),
         make<lc::demo>("demo chunk 8 topk 1 signs", {.chunk = 8, .topk = 1, .sign = true}),
         make<lc::sparseloco>("sparseloco"),
+        make<lc::sparseloco>("sparseloco fixed indices", {.indices = lc::index_coding::fixed}),
         make<lc::sparseloco>("sparseloco chunk 4 topk 3 bins 3",
                              {.chunk = 4, .topk = 3, .bins = 3}),
         make<lc::sparseloco>("sparseloco chunk 3 topk 2 bins 256",
@@ -357,8 +359,10 @@ std::size_t index_stream_offset(const lc::demo::segment_layout&) { return 0; }
 std::size_t index_stream_offset(const lc::sparseloco::segment_layout& l) { return l.record_bytes; }
 
 // Random index edits of a chunked top-k payload, resealed so that only the decoder's own checks
-// stand in the way: an index at or above its chunk's cells, an index equal to its neighbour, two
-// neighbours swapped. Each must be refused with loco::wire_error and nothing written.
+// stand in the way. Fixed-width indices: an index at or above its chunk's cells, an index equal
+// to its neighbour, two neighbours swapped. Elias-Fano (sparseloco's compact coding): a one
+// added to or taken from a chunk's high part, so that it no longer holds k ones. Each must be
+// refused with loco::wire_error and nothing written.
 template <class C>
 std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, std::mt19937_64& rng,
                          std::string& report) {
@@ -375,7 +379,7 @@ std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, s
     std::size_t at = wire::header_bytes;
     for (const lc::segment& s : segs) {
         const auto l = C::layout_of(h, s);
-        if (l.sent > 0 && l.index_bits > 0) {  // something to corrupt
+        if (l.sent > 0 && l.indices.bits() > 0) {  // something to corrupt
             streams.push_back({at + index_stream_offset(l), l});
         }
         at += l.bytes();
@@ -388,23 +392,27 @@ std::size_t fuzz_indices(const typename C::hyper& h, const std::string& label, s
         const auto& l = st.l;
         bytes p = good;
         std::byte* base = p.data() + st.at;
-        const auto read = [&](std::size_t slot) {
-            return wire::get_bits(base, slot, l.index_bits);
-        };
+        const unsigned width = l.indices.low;
+        const auto read = [&](std::size_t slot) { return wire::get_bits(base, slot, width); };
         const auto write = [&](std::size_t slot, std::uint32_t v) {
-            for (unsigned b = 0; b < l.index_bits; ++b) {  // clear, then OR in
-                const std::size_t bit = slot * l.index_bits + b;
+            for (unsigned b = 0; b < width; ++b) {  // clear, then OR in
+                const std::size_t bit = slot * width + b;
                 auto& byte = reinterpret_cast<unsigned char&>(base[bit / 8]);
                 byte = static_cast<unsigned char>(byte & ~(1u << (bit % 8)));
             }
-            wire::put_bits(base, slot, l.index_bits, v);
+            wire::put_bits(base, slot, width, v);
         };
         const std::size_t chunk = rng() % l.grid.chunks();
         const std::size_t j = rng() % l.k;
         const std::size_t slot = chunk * l.k + j;
-        const std::uint32_t top = l.index_bits >= 32 ? 0xffffffffu : (1u << l.index_bits) - 1u;
+        const std::uint32_t top = width >= 32 ? 0xffffffffu : (1u << width) - 1u;
         const int kind = static_cast<int>(rng() % 3);
-        if (kind == 0) {
+        if (l.indices.how == lc::index_code::chunk_indices::elias_fano) {
+            // A bit of the chunk's high part, flipped: one more or one fewer than k ones.
+            const std::size_t bit = chunk * l.indices.bits() + std::size_t{l.k} * width +
+                                    rng() % l.indices.high_bits();
+            base[bit / 8] ^= static_cast<std::byte>(1u << (bit % 8));
+        } else if (kind == 0) {
             if (top < l.grid.cells()) {
                 continue;  // every index of this width is in range
             }
@@ -455,11 +463,16 @@ TEST_CASE("wire fuzz: chunked top-k payloads with out-of-range, repeated or unso
     failures += fuzz_indices<lc::demo>({.chunk = 5, .topk = 3, .sign = true},
                                        "demo chunk 5 topk 3 signs", rng, report);
     failures += fuzz_indices<lc::demo>({}, "demo", rng, report);
-    failures += fuzz_indices<lc::sparseloco>({.chunk = 3, .topk = 2}, "sparseloco chunk 3 topk 2",
-                                             rng, report);
-    failures += fuzz_indices<lc::sparseloco>({.chunk = 6, .topk = 4, .bins = 3},
-                                             "sparseloco chunk 6 topk 4 bins 3", rng, report);
-    failures += fuzz_indices<lc::sparseloco>({}, "sparseloco", rng, report);
+    for (const lc::index_coding coding : {lc::index_coding::fixed, lc::index_coding::compact}) {
+        const std::string c = " " + std::string(lc::to_string(coding));
+        failures += fuzz_indices<lc::sparseloco>({.chunk = 3, .topk = 2, .indices = coding},
+                                                 "sparseloco chunk 3 topk 2" + c, rng, report);
+        failures += fuzz_indices<lc::sparseloco>(
+            {.chunk = 6, .topk = 4, .bins = 3, .indices = coding},
+            "sparseloco chunk 6 topk 4 bins 3" + c, rng, report);
+        failures += fuzz_indices<lc::sparseloco>({.indices = coding}, "sparseloco" + c, rng,
+                                                 report);
+    }
     INFO(report);
     CHECK(failures == 0);
 }

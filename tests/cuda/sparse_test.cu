@@ -169,6 +169,21 @@ TEST_CASE("sparseloco on the device: payloads byte for byte and accumulators bit
         sparseloco_case({.chunk = 16, .topk = 7, .bins = 256, .range = 4.0f, .beta = 0.0f},
                         small_segments(), small_elements, "sparse sparseloco 256");
     }
+    SUBCASE("templar's defaults with fixed-width (12-bit) indices") {
+        sparseloco_case({.indices = cz::index_coding::fixed}, big_segments(), big_elements,
+                        "sparse sparseloco fixed");
+    }
+    SUBCASE("top 2 of 64 x 64: the compact coding keeps fixed width (24 bits, not 25)") {
+        const cz::sparseloco::hyper h{.topk = 2};
+        REQUIRE(cz::sparseloco::layout_of(h, big_segments()[0]).indices.how ==
+                cz::index_code::chunk_indices::fixed_width);
+        sparseloco_case(h, big_segments(), big_elements, "sparse sparseloco top 2");
+    }
+    SUBCASE("2 x 2 chunks, every cell kept: no indices travel") {
+        const cz::sparseloco::hyper h{.chunk = 2, .topk = 4};
+        REQUIRE(cz::sparseloco::layout_of(h, small_segments()[0]).index_bytes == 0);
+        sparseloco_case(h, small_segments(), small_elements, "sparse sparseloco implied");
+    }
 }
 
 TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit the host's, "
@@ -460,18 +475,36 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
           "words") {
     namespace wire = cz::wire;
     using sl = cz::sparseloco;
-    const sl::hyper sh{.chunk = 8, .topk = 5, .bins = 3};
+    // Fixed-width indices (the edits below write them), and the compact coding's Elias-Fano.
+    const sl::hyper sh{.chunk = 8, .topk = 5, .bins = 3, .indices = cz::index_coding::fixed};
+    const sl::hyper compact{.chunk = 8, .topk = 5, .bins = 3};
     // An index repeated (chunk 0 of the 48 x 40 matrix: slot 1 = slot 0).
     check_refuses_like_host<sl, lcu::sparseloco_plan>(sh, "sparseloco order", [&](auto& p) {
         const auto [at, l] = segment_at<sl>(sh, 0);
         std::byte* s = p.data() + at + l.record_bytes;
-        set_bits(s, 1, l.index_bits, wire::get_bits(s, 0, l.index_bits));
+        set_bits(s, 1, l.indices.low, wire::get_bits(s, 0, l.indices.low));
+    });
+    // Elias-Fano, chunk 0 of the 48 x 40 matrix (4 of 64 cells: 4 low bits an index, then a
+    // high part of 4 + 3 bits): every high bit set, 7 ones for 4 indices.
+    check_refuses_like_host<sl, lcu::sparseloco_plan>(compact, "sparseloco ones", [&](auto& p) {
+        const auto [at, l] = segment_at<sl>(compact, 0);
+        REQUIRE(l.indices.how == cz::index_code::chunk_indices::elias_fano);
+        REQUIRE(l.indices.low == 4);
+        REQUIRE(l.indices.bits() == 23);
+        for (std::size_t b = 16; b < 23; ++b) set_bits(p.data() + at + l.record_bytes, b, 1, 1);
+    });
+    // Elias-Fano: the first index's low part set to the second's (the two share a high part when
+    // equal; else the chunk is still checked alike on both sides).
+    check_agrees_with_host<sl, lcu::sparseloco_plan>(compact, "sparseloco low", [&](auto& p) {
+        const auto [at, l] = segment_at<sl>(compact, 0);
+        std::byte* s = p.data() + at + l.record_bytes;
+        set_bits(s, 0, 4, wire::get_bits(s, 1, 4));
     });
     // An index past the 21 cells of the 7 x 3 matrix (5 bits hold up to 31).
     check_refuses_like_host<sl, lcu::sparseloco_plan>(sh, "sparseloco range", [&](auto& p) {
         const auto [at, l] = segment_at<sl>(sh, 2);
         REQUIRE(l.grid.cells() == 21);
-        set_bits(p.data() + at + l.record_bytes, l.k - 1, l.index_bits, 31);
+        set_bits(p.data() + at + l.record_bytes, l.k - 1, l.indices.low, 31);
     });
     // A code of bin 3 with 3 bins.
     check_refuses_like_host<sl, lcu::sparseloco_plan>(sh, "sparseloco code", [&](auto& p) {
@@ -503,7 +536,7 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
     const dm::hyper dh{.chunk = 8, .topk = 5, .sign = true};
     check_refuses_like_host<dm, lcu::demo_plan>(dh, "demo order", [&](auto& p) {
         const auto [at, l] = segment_at<dm>(dh, 0);
-        set_bits(p.data() + at, 3, l.index_bits, wire::get_bits(p.data() + at, 2, l.index_bits));
+        set_bits(p.data() + at, 3, l.indices.low, wire::get_bits(p.data() + at, 2, l.indices.low));
     });
     check_refuses_like_host<dm, lcu::demo_plan>(dh, "demo sign padding", [&](auto& p) {
         const auto [at, l] = segment_at<dm>(dh, 2);
@@ -512,9 +545,10 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
     // Random resealed bit flips in the body: the device refuses exactly what the host refuses.
     auto flips = rng_for("sparse check flips");
     std::size_t refused = 0;
-    for (int trial = 0; trial < 60; ++trial) {
-        const bool sparse = trial % 2 == 0;
-        const std::size_t bytes = sparse ? sl::payload_bytes(sh, small_segments())
+    for (int trial = 0; trial < 90; ++trial) {
+        const bool sparse = trial % 3 != 2;
+        const sl::hyper& shk = trial % 3 == 0 ? sh : compact;
+        const std::size_t bytes = sparse ? sl::payload_bytes(shk, small_segments())
                                          : dm::payload_bytes(dh, small_segments());
         std::uniform_int_distribution<std::size_t> pick(cz::wire::header_bytes, bytes - 1);
         const std::size_t at = pick(flips);
@@ -523,7 +557,7 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
         CAPTURE(trial);
         CAPTURE(at);
         if (sparse) {
-            refused += check_agrees_with_host<sl, lcu::sparseloco_plan>(sh, "flip", flip);
+            refused += check_agrees_with_host<sl, lcu::sparseloco_plan>(shk, "flip", flip);
         } else {
             refused += check_agrees_with_host<dm, lcu::demo_plan>(dh, "flip", flip);
         }
@@ -748,10 +782,11 @@ TEST_CASE("cuda::diloco with sparseloco: a malformed payload is refused on every
         }
         REQUIRE(opt.outer_steps() == 1);
         const std::size_t p = (opt.bytes_per_sync() - opt.agreement_bytes_per_sync()) / 2;
-        // A bit in the padding after tensor a's index stream (5 cells, 4 kept: 12 bits of 3),
-        // in rank 2's payload, with the checksum rewritten: the format check refuses it.
+        // A bit in the padding after tensor a's index stream (5 cells, 4 kept: Elias-Fano's
+        // 4 + 4 bits, l = 0, in 4 bytes), in rank 2's payload, with the checksum rewritten: the
+        // format check refuses it.
         const auto l = cz::sparseloco::layout_of(ch, {0, 5, 1, 5});
-        REQUIRE(l.sent * l.index_bits <= 24);
+        REQUIRE(l.grid.chunks() * l.indices.bits() <= 24);
         comm.armed_at = 2 * p + cz::wire::header_bytes + l.record_bytes + l.index_bytes - 1;
         comm.reseal_stride = p;
         hd::expect_refused_then_intact(opt, m, comm, replica.stream(),

@@ -19,6 +19,7 @@
 // can refuse repeated or unsorted indices.
 
 #include <loco/compress/compressor.hpp>
+#include <loco/compress/index_code.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/error.hpp>
@@ -73,11 +74,9 @@ inline void validate_chunk_topk(std::string_view who, std::uint32_t chunk, std::
     }
 }
 
-// Bits of an in-chunk index: ceil(log2(cells)), 0 for chunks of one cell (12 for 64 x 64, the
-// width of templar's pack_12bit_indices).
-constexpr unsigned index_bits(std::size_t cells) noexcept {
-    return cells <= 1 ? 0u : static_cast<unsigned>(std::bit_width(cells - 1));
-}
+// Bits of an in-chunk index at fixed width: ceil(log2(cells)), 0 for chunks of one cell (12 for
+// 64 x 64, the width of templar's pack_12bit_indices).
+constexpr unsigned index_bits(std::size_t cells) noexcept { return index_code::fixed_width(cells); }
 
 struct grid {
     std::size_t rows = 0;  // the segment seen as rows x cols
@@ -133,6 +132,11 @@ constexpr std::size_t padded_stream_bytes(std::size_t count, unsigned width) noe
     return (wire::bit_stream_bytes(count, width) + 3) / 4 * 4;
 }
 
+// The same for a stream of `bits` bits.
+constexpr std::size_t padded_bit_bytes(std::uint64_t bits) noexcept {
+    return static_cast<std::size_t>((bits + 31) / 32 * 4);
+}
+
 // True when every bit of `stream` after the first `used_bits` is zero.
 inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_bits) noexcept {
     for (std::size_t b = used_bits; b < 8 * stream.size(); ++b) {
@@ -143,23 +147,27 @@ inline bool padding_is_zero(std::span<const std::byte> stream, std::size_t used_
     return true;
 }
 
-// Checks a received index stream of `chunks` x k indices of `width` bits: each below `cells`,
-// strictly ascending within its chunk, padding zero. Returns what is wrong, or an empty string.
+// Writes the index stream of `chunks` chunks (cells: their ascending cells, chunk after chunk)
+// into `out`, padded_bit_bytes(chunks * code.bits()) bytes, a word at a time as the device does.
+inline void write_index_stream(const index_code::chunk_indices& code, const std::uint32_t* cells,
+                               std::size_t chunks, std::span<std::byte> out) noexcept {
+    for (std::size_t w = 0; w < out.size() / 4; ++w) {
+        wire::put<std::uint32_t>(out, 4 * w, index_code::word(code, cells, chunks, w));
+    }
+}
+
+// Checks a received index stream of `chunks` chunks coded as `code`: each index below the
+// chunk's cells, strictly ascending within its chunk, Elias-Fano's high parts well formed,
+// padding zero. Returns what is wrong, or an empty string.
 inline std::string check_index_stream(std::span<const std::byte> stream, std::size_t chunks,
-                                      std::size_t k, unsigned width, std::size_t cells) {
+                                      const index_code::chunk_indices& code) {
     for (std::size_t c = 0; c < chunks; ++c) {
-        for (std::size_t j = 0; j < k; ++j) {
-            const std::uint32_t i = wire::get_bits(stream.data(), c * k + j, width);
-            if (i >= cells) {
-                return "index " + std::to_string(i) + " in a chunk of " + std::to_string(cells) +
-                       " cells";
-            }
-            if (j > 0 && i <= wire::get_bits(stream.data(), c * k + j - 1, width)) {
-                return "the indices of a chunk are not strictly ascending";
-            }
+        const index_code::verdict v = index_code::check(stream.data(), code, c);
+        if (v.problem != index_code::verdict::ok) {
+            return index_code::describe(v, code);
         }
     }
-    if (!padding_is_zero(stream, chunks * k * width)) {
+    if (!padding_is_zero(stream, chunks * code.bits())) {
         return "nonzero padding after the indices";
     }
     return std::string();

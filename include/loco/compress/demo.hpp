@@ -46,6 +46,7 @@
 #include <loco/compress/chunking.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/dct.hpp>
+#include <loco/compress/index_code.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/error.hpp>
@@ -56,6 +57,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -81,12 +83,21 @@ struct demo {
         }
     }
 
+    // Name and settings: what must match between ranks and checkpoints.
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " chunk=" << h.chunk << " topk=" << h.topk << " decay=" << h.decay
+           << " sign=" << (h.sign ? 1 : 0);
+        return os.str();
+    }
+
     // Per segment: its chunks, the values kept per chunk and the byte sizes of the two parts.
     struct segment_layout {
         chunking::grid grid;
         std::size_t k = 0;      // k_c
         std::size_t sent = 0;   // N
-        unsigned index_bits = 0;
+        index_code::chunk_indices indices;  // fixed width, b = index_bits(cells)
         std::size_t index_bytes = 0;
         std::size_t value_bytes = 0;
         std::size_t bytes() const noexcept { return index_bytes + value_bytes; }
@@ -100,8 +111,8 @@ struct demo {
         }
         l.k = std::min<std::size_t>(h.topk, l.grid.cells());
         l.sent = l.grid.chunks() * l.k;
-        l.index_bits = chunking::index_bits(l.grid.cells());
-        l.index_bytes = chunking::padded_stream_bytes(l.sent, l.index_bits);
+        l.indices = index_code::code_of(index_coding::fixed, l.grid.cells(), l.k);
+        l.index_bytes = chunking::padded_stream_bytes(l.sent, l.indices.low);
         l.value_bytes = h.sign ? chunking::padded_stream_bytes(l.sent, 1) : 4 * l.sent;
         return l;
     }
@@ -193,7 +204,7 @@ struct demo {
                 for (std::size_t j = 0; j < l.k; ++j) {
                     const std::size_t slot = c * l.k + j;
                     const float v = topk::wire_value(coef[order[j]]);  // one NaN, sign +
-                    wire::put_bits(indices, slot, l.index_bits, order[j]);
+                    wire::put_bits(indices, slot, l.indices.low, order[j]);
                     if (h.sign) {
                         wire::put_bits(values, slot, 1, std::signbit(v) ? 1u : 0u);
                     } else {
@@ -227,8 +238,7 @@ private:
             return wire_error("loco::compress::demo: malformed payload: " + what);
         };
         const std::span<const std::byte> indices = bytes.first(l.index_bytes);
-        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.k,
-                                                             l.index_bits, l.grid.cells());
+        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.indices);
         if (!bad.empty()) {
             throw refuse(bad);
         }
@@ -262,7 +272,8 @@ private:
                                     std::size_t slot) {
         const std::byte* indices = body.data() + at;
         const std::byte* values = indices + l.index_bytes;
-        return {wire::get_bits(indices, slot, l.index_bits),
+        return {index_code::cell(indices, l.indices, slot / l.k,
+                                 static_cast<std::uint32_t>(slot % l.k)),
                 h.sign ? (wire::get_bits(values, slot, 1) != 0 ? -1.0f : 1.0f)
                        : wire::get<float>(body, at + l.index_bytes + 4 * slot)};
     }

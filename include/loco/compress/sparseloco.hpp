@@ -40,23 +40,31 @@
 // Not here: the receivers' aggregation (scatter-mean with each peer clipped to the median peer
 // norm) and the outer SGD step (lr 1, no momentum); see docs/compressors.md.
 //
-// Wire header: bits = ceil(log2 B) (code width), flags = B - 1, block = chunk | topk << 16.
+// Wire header: bits = ceil(log2 B) (code width) + 16 * indices (the index_coding),
+// flags = B - 1, block = chunk | topk << 16.
 //
-// Body, for each segment in order (N kept values, b = index_bits(cells), q = code width):
+// Body, for each segment in order (C chunks, N = C k_c kept values, q = code width, and I the
+// bits of one chunk's indices, compress/index_code.hpp):
 //   shift, lut[0], ..., lut[B - 1]: 4 (1 + B) bytes of fp32 (nothing for an empty segment)
-//   the N in-chunk indices, b bits each, as one bit stream (wire::put_bits), chunk after chunk,
-//     ascending within a chunk; zero-padded to a multiple of 4 bytes (templar: 12-bit pairs)
+//   the in-chunk indices, ascending within a chunk, chunk after chunk, I bits a chunk, as one bit
+//     stream (wire::put_bits layout); zero-padded to a multiple of 4 bytes
 //   the N codes, q bits each, as one bit stream; zero-padded to a multiple of 4 bytes
-// Segment bytes: 4 (1 + B) + 4 ceil(ceil(N b / 8) / 4) + 4 ceil(ceil(N q / 8) / 4).
-// With the defaults on a 64 x 64-divisible matrix of n elements: N = n / 64, b = 12, q = 2, so
-// 20 + 1.5 N + N / 4 bytes, about n / 36.6 bytes; 146x smaller than fp32 as n grows.
+// Segment bytes: 4 (1 + B) + 4 ceil(ceil(C I / 8) / 4) + 4 ceil(ceil(N q / 8) / 4).
+//   indices = fixed:   I = k_c b, b = ceil(log2 cells) (templar's 12-bit indices for 64 x 64)
+//   indices = compact (the default): I = 0 when a chunk keeps every cell, else the smaller of
+//     Elias-Fano's k_c l + k_c + ((cells - 1) >> l), l = floor(log2(cells / k_c)), and k_c b.
+// With the defaults on a 64 x 64-divisible matrix of n elements: N = n / 64, I = 511 (l = 6),
+// q = 2, so about 20 + 1.25 N bytes, n / 51.2: 204.8x smaller than fp32 as n grows (fixed:
+// 12-bit indices, 20 + 1.75 N bytes, 146.3x).
 //
 // decode refuses, besides everything wire::open checks: an index not below the chunk's cells,
-// indices not strictly ascending within a chunk (so no repeats), a code not below B, a nonzero
-// table entry for a bin no code uses, nonzero padding.
+// indices not strictly ascending within a chunk (so no repeats), an Elias-Fano high part without
+// exactly k_c ones, a code not below B, a nonzero table entry for a bin no code uses, nonzero
+// padding.
 
 #include <loco/compress/chunking.hpp>
 #include <loco/compress/compressor.hpp>
+#include <loco/compress/index_code.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/error.hpp>
@@ -69,6 +77,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -86,6 +95,7 @@ struct sparseloco {
         std::uint32_t bins = 4;    // quantization bins, 2 bits (quantization_bins)
         float range = 6.0f;        // in standard deviations (quantization_range)
         float beta = 0.95f;        // accumulator decay (momentum_decay), in [0, 1)
+        index_coding indices = index_coding::compact;  // how the kept cells travel
     };
 
     static void validate(const hyper& h) {
@@ -100,6 +110,19 @@ struct sparseloco {
             throw invalid_argument(
                 "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");
         }
+        if (h.indices != index_coding::fixed && h.indices != index_coding::compact) {
+            throw invalid_argument(
+                "loco::compress::sparseloco: indices must be index_coding::fixed or ::compact");
+        }
+    }
+
+    // Name and settings: what must match between ranks and checkpoints.
+    static std::string describe(const hyper& h) {
+        std::ostringstream os;
+        os.precision(9);
+        os << name << " chunk=" << h.chunk << " topk=" << h.topk << " bins=" << h.bins
+           << " range=" << h.range << " beta=" << h.beta << " indices=" << to_string(h.indices);
+        return os.str();
     }
 
     static unsigned code_bits(const hyper& h) noexcept {
@@ -120,7 +143,7 @@ struct sparseloco {
         chunking::grid grid;
         std::size_t k = 0;     // k_c
         std::size_t sent = 0;  // N
-        unsigned index_bits = 0;
+        index_code::chunk_indices indices;
         std::size_t record_bytes = 0;
         std::size_t index_bytes = 0;
         std::size_t code_bytes = 0;
@@ -135,9 +158,9 @@ struct sparseloco {
         }
         l.k = kept(h, l.grid.cells());
         l.sent = l.grid.chunks() * l.k;
-        l.index_bits = chunking::index_bits(l.grid.cells());
+        l.indices = index_code::code_of(h.indices, l.grid.cells(), l.k);
         l.record_bytes = 4 * (1 + static_cast<std::size_t>(h.bins));
-        l.index_bytes = chunking::padded_stream_bytes(l.sent, l.index_bits);
+        l.index_bytes = chunking::padded_bit_bytes(l.grid.chunks() * l.indices.bits());
         l.code_bytes = chunking::padded_stream_bytes(l.sent, code_bits(h));
         return l;
     }
@@ -190,7 +213,9 @@ struct sparseloco {
             std::fill_n(sent.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0);
             const std::byte* indices = body.data() + at + l.record_bytes;
             for (std::size_t j = 0; j < l.sent; ++j) {
-                sent[s.offset + l.grid.element(j / l.k, wire::get_bits(indices, j, l.index_bits))] = 1;
+                const std::uint32_t cell = index_code::cell(indices, l.indices, j / l.k,
+                                                            static_cast<std::uint32_t>(j % l.k));
+                sent[s.offset + l.grid.element(j / l.k, cell)] = 1;
             }
             at += l.bytes();
         }
@@ -254,13 +279,11 @@ struct sparseloco {
             std::vector<double> bin_sum(h.bins, 0.0);
             std::vector<double> bin_part(h.bins, 0.0);
             std::vector<std::uint64_t> bin_count(h.bins, 0);
-            std::byte* indices = out.data() + at + l.record_bytes;
-            std::byte* codes = indices + l.index_bytes;
+            std::byte* codes = out.data() + at + l.record_bytes + l.index_bytes;
             for (std::size_t j = 0; j < n; ++j) {
                 const unsigned q = code(v[j], shift, scale, h.bins);
                 bin_part[q] += static_cast<double>(v[j]) - static_cast<double>(shift);
                 ++bin_count[q];
-                wire::put_bits(indices, j, l.index_bits, cells[j]);
                 wire::put_bits(codes, j, qb, q);
                 if ((j + 1) % l.k == 0) {  // the chunk's partial sums, every bin, in chunk order
                     for (unsigned b = 0; b < h.bins; ++b) {
@@ -269,6 +292,8 @@ struct sparseloco {
                     }
                 }
             }
+            chunking::write_index_stream(l.indices, cells.data(), l.grid.chunks(),
+                                         out.subspan(at + l.record_bytes, l.index_bytes));
             wire::put<float>(out, at, canonical(shift));
             for (unsigned b = 0; b < h.bins; ++b) {
                 const float entry =
@@ -293,7 +318,7 @@ private:
 
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
         wire::header w = chunking::residual_codec<sparseloco>::header(h, segs);
-        w.bits = static_cast<std::uint8_t>(code_bits(h));
+        w.bits = static_cast<std::uint8_t>(code_bits(h) + 16 * static_cast<unsigned>(h.indices));
         w.flags = static_cast<std::uint8_t>(h.bins - 1);
         return w;
     }
@@ -307,8 +332,7 @@ private:
             return;
         }
         const std::span<const std::byte> indices = bytes.subspan(l.record_bytes, l.index_bytes);
-        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.k,
-                                                             l.index_bits, l.grid.cells());
+        const std::string bad = chunking::check_index_stream(indices, l.grid.chunks(), l.indices);
         if (!bad.empty()) {
             throw refuse(bad);
         }
@@ -348,7 +372,8 @@ private:
             const std::byte* indices = body.data() + at + l.record_bytes;
             const std::byte* codes = indices + l.index_bytes;
             for (std::size_t j = 0; j < l.sent; ++j) {
-                const std::uint32_t cell = wire::get_bits(indices, j, l.index_bits);
+                const std::uint32_t cell = index_code::cell(indices, l.indices, j / l.k,
+                                                            static_cast<std::uint32_t>(j % l.k));
                 const std::uint32_t q = wire::get_bits(codes, j, qb);
                 out[s.offset + l.grid.element(j / l.k, cell)] =
                     value(wire::get<float>(body, at + 4 * (1 + q)), shift);

@@ -5,8 +5,8 @@
 //
 //   header    each payload's 40-byte header copied to the host and compared with the plan's
 //             (wire::header_mismatch), its checksum summed on the device (checksum.hpp)
-//   chunks    one thread per (payload, chunk): each in-chunk index below the chunk's cells and
-//             strictly above the one before (chunking::check_index_stream); sparseloco: each code
+//   chunks    one thread per (payload, chunk): the chunk's indices well formed (index_code::check,
+//             what chunking::check_index_stream asks of every chunk); sparseloco: each code
 //             below the bin count, and the bins the chunk uses OR-ed into a mask per (payload,
 //             segment)
 //   segments  one thread per (payload, segment): zero padding after the index stream and after
@@ -96,14 +96,8 @@ __global__ void __launch_bounds__(block_threads) chunked_check_chunk_kernel(chun
     const chunked_segment s = v.segs[g];
     const std::byte* base = v.gathered + p * v.stride;
     const std::uint64_t first = (c - s.chunk0) * s.k;
-    const std::uint32_t cells = s.h * s.w;
-    bool ok = true;
-    std::uint32_t last = 0;
-    for (unsigned j = 0; j < s.k; ++j) {
-        const std::uint32_t i = compress::wire::get_bits(base + s.indices, first + j, s.index_bits);
-        ok = ok && i < cells && (j == 0 || i > last);
-        last = i;
-    }
+    bool ok = compress::index_code::check(base + s.indices, s.coding, c - s.chunk0).problem ==
+              compress::index_code::verdict::ok;
     if (v.bins != 0) {
         std::uint32_t mask[chunked_bin_words] = {};
         for (unsigned j = 0; j < s.k; ++j) {
@@ -133,7 +127,8 @@ __global__ void __launch_bounds__(block_threads)
     const chunked_segment s = v.segs[g];
     const std::byte* base = v.gathered + p * v.stride;
     const std::uint64_t sent = static_cast<std::uint64_t>(s.chunks) * s.k;
-    bool ok = chunked_tail_is_zero(base + s.indices, sent * s.index_bits, s.values - s.indices);
+    bool ok = chunked_tail_is_zero(base + s.indices, s.chunks * s.coding.bits(),
+                                   s.values - s.indices);
     if (v.value_bits != 0) {
         const std::uint64_t bits = sent * v.value_bits;
         ok = ok && chunked_tail_is_zero(base + s.values, bits, (bits + 31) / 32 * 4);

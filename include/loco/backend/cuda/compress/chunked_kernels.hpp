@@ -16,9 +16,9 @@
 // 256 at a time, by a block scan of (key > T, key == T). Every step is an exact count, so the
 // result is the host's whatever order the threads run in.
 //
-// Bit streams (pack_streams): the body's index and code streams (wire::put_bits layout, padded to
-// 4 bytes) are written one 32-bit word per thread, each word gathered from the codes that overlap
-// it, so no two threads touch one byte and the padding comes out zero.
+// Bit streams (pack_streams): the body's index and code streams (compress/index_code.hpp, padded
+// to 4 bytes) are written one 32-bit word per thread by index_code::word, the host encoder's own
+// rule, so no two threads touch one byte and the padding comes out zero.
 
 #include <loco/backend/cuda/compress/checksum.hpp>
 #include <loco/backend/cuda/compress/payload_header.hpp>
@@ -28,6 +28,7 @@
 #include <loco/backend/cuda/table.hpp>
 #include <loco/compress/chunking.hpp>
 #include <loco/compress/compressor.hpp>
+#include <loco/compress/index_code.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/config.hpp>
@@ -67,22 +68,23 @@ struct chunked_segment {
     std::uint64_t slot0;     // its first slot
     std::uint32_t chunks;
     std::uint32_t h, w, k;   // chunk sides, k_c
-    std::uint32_t index_bits;
     std::uint32_t basis_h;   // demo: offsets of F_h and F_w in the plan's basis array
     std::uint32_t basis_w;
     std::uint32_t input;     // its position in the segment list the plan was built from
-    std::uint32_t reserved;
+    compress::index_code::chunk_indices coding;  // how a chunk's indices are written
 };
 
-// A bit stream of the body: `count` codes of `width` bits taken from source[slot0 ..], written
-// from payload byte `at`; its words are numbered from word0 over all streams.
+// A bit stream of the body: `chunks` chunks coded as `coding` (index_code::word) from
+// source[slot0 ..], written from payload byte `at`; its words are numbered from word0 over all
+// streams. A code stream is `count` chunks of one fixed-width code each.
 struct chunked_stream {
     std::uint64_t at;
     std::uint64_t word0;
     std::uint64_t slot0;
-    std::uint64_t count;
-    std::uint32_t width;
+    std::uint64_t chunks;
+    compress::index_code::chunk_indices coding;
     std::uint32_t source;  // 0: the slots' cells, 1: their codes (sparseloco codes, demo signs)
+    std::uint32_t reserved;
 };
 
 // Position in the flat layout of cell j of local chunk c of a segment (chunking::grid::element).
@@ -124,7 +126,7 @@ public:
                 d.h = static_cast<std::uint32_t>(l.grid.h);
                 d.w = static_cast<std::uint32_t>(l.grid.w);
                 d.k = static_cast<std::uint32_t>(l.k);
-                d.index_bits = l.index_bits;
+                d.coding = l.indices;
                 d.input = input;
                 std::uint64_t record_bytes = 0;
                 if constexpr (requires { l.record_bytes; }) record_bytes = l.record_bytes;
@@ -154,8 +156,10 @@ public:
     void add_streams(unsigned code_width) {
         for (const chunked_segment& d : host_segments_) {
             const std::uint64_t n = static_cast<std::uint64_t>(d.chunks) * d.k;
-            add_stream(d.indices, d.slot0, n, d.index_bits, 0);
-            if (code_width > 0) add_stream(d.values, d.slot0, n, code_width, 1);
+            add_stream(d.indices, d.slot0, d.chunks, d.coding, 0);
+            const compress::index_code::chunk_indices codes{
+                0, 1, code_width, compress::index_code::chunk_indices::fixed_width};
+            if (code_width > 0) add_stream(d.values, d.slot0, n, codes, 1);
         }
     }
 
@@ -207,11 +211,11 @@ public:
     void finish(std::byte* payload, cudaStream_t stream) const;
 
 private:
-    void add_stream(std::uint64_t at, std::uint64_t slot0, std::uint64_t count, unsigned width,
-                    std::uint32_t source) {
-        if (width == 0 || count == 0) return;
-        streams_.push_back({at, words_, slot0, count, width, source});
-        words_ += (count * width + 31) / 32;  // = padded_stream_bytes / 4
+    void add_stream(std::uint64_t at, std::uint64_t slot0, std::uint64_t chunks,
+                    const compress::index_code::chunk_indices& coding, std::uint32_t source) {
+        if (coding.bits() == 0 || chunks == 0) return;
+        streams_.push_back({at, words_, slot0, chunks, coding, source, 0});
+        words_ += (chunks * coding.bits() + 31) / 32;  // = padded_bit_bytes / 4
     }
 
     typename C::hyper hyper_{};
@@ -348,17 +352,8 @@ __global__ void __launch_bounds__(block_threads)
     const chunked_stream s = streams[lo];
     const std::uint32_t* src = (s.source == 0 ? cells : codes) + s.slot0;
     const std::uint64_t local = w - s.word0;
-    const std::uint64_t bit0 = 32 * local;
-    const std::uint64_t first = bit0 / s.width;
-    std::uint64_t last = (bit0 + 31) / s.width + 1;
-    last = last < s.count ? last : s.count;
-    std::uint64_t acc = 0;
-    for (std::uint64_t j = first; j < last; ++j) {
-        const std::uint64_t code = src[j];
-        const std::uint64_t at = j * s.width;
-        acc |= at >= bit0 ? code << (at - bit0) : code >> (bit0 - at);
-    }
-    reinterpret_cast<std::uint32_t*>(payload + s.at)[local] = static_cast<std::uint32_t>(acc);
+    reinterpret_cast<std::uint32_t*>(payload + s.at)[local] =
+        compress::index_code::word(s.coding, src, s.chunks, local);
 }
 
 #endif  // LOCO_HAS_CUDA()

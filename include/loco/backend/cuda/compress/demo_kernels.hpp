@@ -102,12 +102,12 @@ struct demo_sent {
     const std::byte* indices;   // decode: the index stream
     const std::byte* signs;     // the sign stream (sign variant)
     const std::uint32_t* sign_codes;  // encode, sign variant: the slots' sign bits
-    std::uint64_t first;        // first slot (of the arrays above)
-    unsigned index_bits;
+    std::uint64_t first;        // first slot (of the arrays above): chunk first / k's
+    compress::index_code::chunk_indices coding;
 
     __device__ std::uint32_t cell_of(unsigned j) const {
         return cell != nullptr ? cell[first + j]
-                               : compress::wire::get_bits(indices, first + j, index_bits);
+                               : compress::index_code::cell(indices, coding, first / coding.k, j);
     }
     __device__ float value_of(unsigned j) const {
         if (value != nullptr) return value[first + j];
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(block_threads)
     }
     __syncthreads();
     const demo_sent sent{slot_cell, sign ? nullptr : slot_value, nullptr, nullptr,
-                         sign ? slot_code : nullptr, slot0, s.index_bits};
+                         sign ? slot_code : nullptr, slot0, s.coding};
     demo_inverse(s, local, basis, sent, t, row_start,
                  [&](std::uint64_t i, float d) { e[i] = __fsub_rn(e[i], d); });
 }
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(block_threads)
                          payload + s.values,
                          nullptr,
                          local * s.k,
-                         s.index_bits};
+                         s.coding};
     demo_inverse(s, local, basis, sent, t, row_start,
                  [&](std::uint64_t i, float d) { out[i] = d; });
 }
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(block_threads)
         for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
             const std::uint64_t slot = local * s.k + j;
             const std::uint32_t cell =
-                compress::wire::get_bits(base + s.indices, slot, s.index_bits);
+                compress::index_code::cell(base + s.indices, s.coding, local, j);
             const double v =
                 sign ? (compress::wire::get_bits(base + s.values, slot, 1) != 0 ? -1.0 : 1.0)
                      : static_cast<double>(reinterpret_cast<const float*>(base + s.values)[slot]);

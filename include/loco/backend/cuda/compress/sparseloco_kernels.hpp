@@ -272,8 +272,8 @@ __global__ void __launch_bounds__(block_threads)
     const float* record = reinterpret_cast<const float*>(payload + s.record);
     const std::uint64_t first = local * s.k;  // slot within the segment
     for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
-        const std::uint32_t cell = compress::wire::get_bits(payload + s.indices, first + j,
-                                                            s.index_bits);
+        const std::uint32_t cell =
+            compress::index_code::cell(payload + s.indices, s.coding, local, j);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, first + j, code_bits);
         out[chunked_element(s, local, cell)] =
             compress::sparseloco::value(record[1 + q], record[0]);
@@ -293,7 +293,8 @@ __global__ void __launch_bounds__(block_threads)
     const float* record = reinterpret_cast<const float*>(payload + s.record);
     for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
         const std::uint64_t slot = local * s.k + j;
-        const std::uint32_t cell = compress::wire::get_bits(payload + s.indices, slot, s.index_bits);
+        const std::uint32_t cell =
+            compress::index_code::cell(payload + s.indices, s.coding, local, j);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, slot, code_bits);
         const std::uint64_t i = chunked_element(s, local, cell);
         out[i] = __fadd_rn(out[i], compress::sparseloco::value(record[1 + q], record[0]));
@@ -327,7 +328,7 @@ __global__ void __launch_bounds__(block_threads)
         for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
             const std::uint64_t slot = local * s.k + j;
             const std::uint32_t cell =
-                compress::wire::get_bits(base + s.indices, slot, s.index_bits);
+                compress::index_code::cell(base + s.indices, s.coding, local, j);
             const std::uint32_t q = compress::wire::get_bits(base + s.values, slot, code_bits);
             const float d = compress::sparseloco::value(record[1 + q], record[0]);
             sum[cell] = __fadd_rn(sum[cell], __fmul_rn(d, f));
