@@ -169,15 +169,18 @@ TEST_CASE("gpt: --aggregate, its settings and the attack options on the command 
     }
 }
 
-TEST_CASE("gpt: --topk, --chunk, --ef-decay and --no-median-clip reach SparseLoCo's and DeMo's policies") {
+TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-clip reach SparseLoCo's "
+          "and DeMo's policies") {
     using sparseloco = std::tuple_element_t<0, gpt::frontier_compress_choices>;
     using demo = std::tuple_element_t<1, gpt::frontier_compress_choices>;
     using ef = std::tuple_element_t<4, gpt::compress_choices>;  // statistical2-ef
     static_assert(sparseloco::name == "sparseloco" && demo::name == "demo" &&
                   ef::name == "statistical2-ef");
-    // One 64 x 64 matrix: N = chunks x topk kept values of 12-bit indices and 2-bit codes, after
+    // One 64 x 64 matrix: N = chunks x topk kept values of 2-bit codes and their indices, after
     // a 40-byte header and 4 (1 + 4) bytes of shift and table (compress/sparseloco.hpp):
-    // 40 + 20 + 4 ceil(ceil(12 N / 8) / 4) + 4 ceil(ceil(2 N / 8) / 4).
+    // 40 + 20 + 4 ceil(ceil(I / 8) / 4) + 4 ceil(ceil(2 N / 8) / 4), I the index bits: per chunk
+    // of `cells`, k l + k + ((cells - 1) >> l) with l = floor(log2(cells / k)) (Elias-Fano), or
+    // 12 N with --fixed-indices.
     const loco::compress::segment matrix{.offset = 0, .size = 64 * 64, .rows = 64, .cols = 64};
     const auto bytes = [&](const gpt::options& o) {
         return loco::compress::sparseloco::payload_bytes(sparseloco::hyper(o), {&matrix, 1});
@@ -188,7 +191,8 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay and --no-median-clip reach SparseLoC
         CHECK(s.topk == 64);
         CHECK(s.chunk == 64);
         CHECK(s.beta == 0.95f);
-        CHECK(bytes(o) == 40 + 20 + 96 + 16);  // N = 64
+        CHECK(s.indices == loco::compress::index_coding::compact);
+        CHECK(bytes(o) == 40 + 20 + 64 + 16);  // N = 64, l = 6: 511 index bits
         const auto d = demo::hyper(o);
         CHECK(d.topk == 32);
         CHECK(d.chunk == 64);
@@ -203,8 +207,13 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay and --no-median-clip reach SparseLoC
         CHECK(s.topk == 16);
         CHECK(s.chunk == 32);
         CHECK(s.beta == 0.99f);
-        CHECK(bytes(o) == 40 + 20 + 80 + 16);  // four 32 x 32 chunks: N = 64, 10-bit indices
-        CHECK(bytes(parsed({"--topk", "16"})) == 40 + 20 + 24 + 4);  // N = 16
+        // Four 32 x 32 chunks: N = 64; l = 6, 4 x 127 index bits (fixed: 4 x 16 x 10).
+        CHECK(bytes(o) == 40 + 20 + 64 + 16);
+        CHECK(bytes(parsed({"--topk", "16", "--chunk", "32", "--fixed-indices"})) ==
+              40 + 20 + 80 + 16);
+        CHECK(bytes(parsed({"--topk", "16"})) == 40 + 20 + 20 + 4);  // N = 16, l = 8: 159 bits
+        CHECK(bytes(parsed({"--topk", "16", "--fixed-indices"})) == 40 + 20 + 24 + 4);
+        CHECK(bytes(parsed({"--fixed-indices"})) == 40 + 20 + 96 + 16);  // templar's 12 bits
         const auto d = demo::hyper(o);
         CHECK(d.topk == 16);
         CHECK(d.chunk == 32);

@@ -61,6 +61,8 @@ inline void usage(std::FILE* to) {
         "  --ef-fold-outer-lr     error feedback: accumulate outer lr x delta (MuLoCo's code)\n"
         "  --topk K               sparseloco, demo: values kept per chunk (defaults 64, 32)\n"
         "  --chunk C              sparseloco, demo: the chunks' side, C x C (default 64)\n"
+        "  --fixed-indices        sparseloco: ceil(log2 cells)-bit indices (templar's 12 bits)\n"
+        "                         instead of the default Elias-Fano code (8 bits at 64 of 4096)\n"
         "  --schedule NAME        %s (default %s)\n"
         "  --H N                  inner steps between syncs (default %llu)\n"
         "                         (streaming: of one fragment; a multiple of --fragments)\n"
@@ -153,6 +155,7 @@ inline bool parse(int argc, char** argv, options& o) {
         if (flag == "--ef-fold-outer-lr") { o.ef_fold_outer_lr = true; continue; }
         if (flag == "--quiet") { o.quiet = true; continue; }
         if (flag == "--no-median-clip") { o.median_clip = false; continue; }
+        if (flag == "--fixed-indices") { o.fixed_indices = true; continue; }
         if (i + 1 >= argc) {
             throw usage_error("gpt: " + flag + " needs a value (or is not an option; see --help)");
         }
