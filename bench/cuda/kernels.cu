@@ -614,7 +614,8 @@ std::vector<loco::compress::segment> gpt2_matrices(std::size_t d, std::size_t la
 }
 
 // Encode (accumulator or residual update, top-k per chunk, payload, checksum) of SparseLoCo
-// (Which 0) or DeMo (1: fp32 values, 2: signs) at their defaults on the 1.5B list.
+// (Which 0; 3: with fixed-width 12-bit indices instead of Elias-Fano's) or DeMo (1: fp32 values,
+// 2: signs) at their defaults on the 1.5B list.
 template <int Which>
 void chunked_encode(benchmark::State& state) {
     try {
@@ -633,10 +634,14 @@ void chunked_encode(benchmark::State& state) {
                 state, [&] { encode(plan, x.get(), e.get(), payload.get(), s.get()); }, s);
             report(state, name, ms, bytes);
         };
-        if constexpr (Which == 0) {
-            const lc::sparseloco_plan plan({}, segs, n);
+        if constexpr (Which == 0 || Which == 3) {
+            const lc::sparseloco_plan plan(
+                {.indices = Which == 0 ? loco::compress::index_coding::compact
+                                       : loco::compress::index_coding::fixed},
+                segs, n);
             go(plan, [](auto& p, auto... a) { lc::sparseloco_encode(p, a...); },
-               "encode sparseloco 64x64 top64 2-bit gpt2_1.5B");
+               Which == 0 ? "encode sparseloco 64x64 top64 2-bit gpt2_1.5B"
+                          : "encode sparseloco fixed-idx 64x64 top64 gpt2_1.5B");
         } else {
             const lc::demo_plan plan({.sign = Which == 2}, segs, n);
             go(plan, [](auto& p, auto... a) { lc::demo_encode(p, a...); },
@@ -803,6 +808,8 @@ void register_all() {
         big(b->ArgName("list")->Arg(0)->Arg(1));
     }
     for (auto* b : {benchmark::RegisterBenchmark("chunked_encode/sparseloco", chunked_encode<0>),
+                    benchmark::RegisterBenchmark("chunked_encode/sparseloco_fixed",
+                                                 chunked_encode<3>),
                     benchmark::RegisterBenchmark("chunked_encode/demo", chunked_encode<1>),
                     benchmark::RegisterBenchmark("chunked_encode/demo_sign", chunked_encode<2>)}) {
         big(b);
