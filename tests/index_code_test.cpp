@@ -173,6 +173,16 @@ TEST_CASE("index_code: random streams equal the reference, bit for bit, and deco
                 for (std::uint32_t j = 0; j < k; ++j) {
                     REQUIRE(ic::cell(s.data(), code, c, j) == in[c * k + j]);
                 }
+                // The walk a decoder uses: the same cells, in order, once each.
+                std::vector<std::uint32_t> walked;
+                const std::uint64_t held =
+                    ic::for_each_cell(s.data(), code, c, [&](std::uint32_t j, std::uint32_t i) {
+                        CHECK(j == walked.size());
+                        walked.push_back(i);
+                    });
+                CHECK(held == k);
+                CHECK(walked == std::vector<std::uint32_t>(in.begin() + c * k,
+                                                           in.begin() + (c + 1) * k));
             }
             CHECK(lc::chunking::check_index_stream(s, chunks, code).empty());
         }
@@ -223,13 +233,17 @@ TEST_CASE("index_code: random bit flips never pass as a malformed chunk") {
         s[bit / 8] ^= std::byte{static_cast<unsigned char>(1u << (bit % 8))};
         INFO(cells << " cells, k " << k << ", bit " << bit);
         if (!lc::chunking::check_index_stream(s, chunks, code).empty()) continue;
-        // Accepted: then every chunk decodes to k ascending cells in range.
+        // Accepted: then every chunk decodes to k ascending cells in range, alike by cell() and
+        // by the walk.
         for (std::size_t c = 0; c < chunks; ++c) {
             for (std::uint32_t j = 0; j < k; ++j) {
                 const std::uint32_t i = ic::cell(s.data(), code, c, j);
                 CHECK(i < cells);
                 if (j > 0) CHECK(i > ic::cell(s.data(), code, c, j - 1));
             }
+            CHECK(ic::for_each_cell(s.data(), code, c, [&](std::uint32_t j, std::uint32_t i) {
+                CHECK(i == ic::cell(s.data(), code, c, j));
+            }) == k);
         }
     }
 }

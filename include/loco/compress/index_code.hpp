@@ -133,6 +133,46 @@ LOCO_HD std::uint32_t cell(const std::byte* stream, const chunk_indices& code, s
     return code.cells;
 }
 
+// Calls f(j, cell) for the indices of chunk c in order, j = 0, 1, ..., reading the chunk's bits
+// once (cell() above finds one index by itself; a decoder that wants them all walks instead).
+// Returns how many indices the chunk's code holds: k, or for elias_fano the ones of its high part,
+// which only a malformed stream makes differ from k; f sees the first min(that, k) of them.
+// (The pragma lets host code pass a host-only callable: nvcc otherwise refuses a host function
+// called from a __host__ __device__ template even where only the host instantiates it.)
+#if defined(__NVCC__)
+#pragma nv_exec_check_disable
+#endif
+template <class F>
+LOCO_HD std::uint64_t for_each_cell(const std::byte* stream, const chunk_indices& code,
+                                    std::uint64_t c, F&& f) {
+    const std::uint64_t start = c * code.bits();
+    if (code.how != chunk_indices::elias_fano) {
+        for (std::uint32_t j = 0; j < code.k; ++j) {
+            f(j, code.how == chunk_indices::implied
+                     ? j
+                     : wire::get_bits_at(stream, start + std::uint64_t{j} * code.low, code.low));
+        }
+        return code.k;
+    }
+    const std::uint64_t high = start + std::uint64_t{code.k} * code.low;
+    const std::uint64_t n = code.high_bits();
+    std::uint64_t count = 0;
+    for (std::uint64_t at = 0; at < n; at += 32) {
+        const unsigned width = n - at < 32 ? static_cast<unsigned>(n - at) : 32u;
+        std::uint32_t w = wire::get_bits_at(stream, high + at, width);
+        for (; w != 0; w &= w - 1, ++count) {  // each set bit, lowest first
+            if (count < code.k) {
+                const std::uint64_t position = at + ones((w & (0u - w)) - 1u);
+                const auto j = static_cast<std::uint32_t>(count);
+                const std::uint32_t low =
+                    wire::get_bits_at(stream, start + std::uint64_t{j} * code.low, code.low);
+                f(j, static_cast<std::uint32_t>(((position - j) << code.low) | low));
+            }
+        }
+    }
+    return count;
+}
+
 // Word w (32 bits, little-endian) of the stream of `chunks` chunks whose ascending cells are
 // cells[c * k + j]: what the encoders write, the host a word at a time, the device a word per
 // thread. Bits past the last chunk are zero.
@@ -196,33 +236,22 @@ struct verdict {
 // index is below cells and above the one before (so no repeats).
 LOCO_HD verdict check(const std::byte* stream, const chunk_indices& code,
                       std::uint64_t c) noexcept {
-    if (code.how == chunk_indices::implied) {
-        return {};
-    }
-    if (code.how == chunk_indices::elias_fano) {
-        const std::uint64_t high = c * code.bits() + std::uint64_t{code.k} * code.low;
-        const std::uint64_t n = code.high_bits();
-        std::uint64_t count = 0;
-        for (std::uint64_t at = 0; at < n; at += 32) {
-            const unsigned width = n - at < 32 ? static_cast<unsigned>(n - at) : 32u;
-            count += ones(wire::get_bits_at(stream, high + at, width));
-        }
-        if (count != code.k) {
-            return {verdict::ones_count, count};
-        }
-    }
+    verdict first;
     std::uint32_t last = 0;
-    for (std::uint32_t j = 0; j < code.k; ++j) {
-        const std::uint32_t i = cell(stream, code, c, j);
+    const auto look = [&](std::uint32_t j, std::uint32_t i) {
+        if (first.problem != verdict::ok) return;
         if (i >= code.cells) {
-            return {verdict::beyond, i};
-        }
-        if (j > 0 && i <= last) {
-            return {verdict::unsorted, i};
+            first = {verdict::beyond, i};
+        } else if (j > 0 && i <= last) {
+            first = {verdict::unsorted, i};
         }
         last = i;
+    };
+    const std::uint64_t count = for_each_cell(stream, code, c, look);
+    if (count != code.k) {
+        return {verdict::ones_count, count};
     }
-    return {};
+    return first;
 }
 
 // The host's words for a verdict (the device checkers flag a payload, and the host decoder's

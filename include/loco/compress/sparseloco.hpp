@@ -212,10 +212,11 @@ struct sparseloco {
             const segment_layout l = layout_of(h, s);
             std::fill_n(sent.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0);
             const std::byte* indices = body.data() + at + l.record_bytes;
-            for (std::size_t j = 0; j < l.sent; ++j) {
-                const std::uint32_t cell = index_code::cell(indices, l.indices, j / l.k,
-                                                            static_cast<std::uint32_t>(j % l.k));
-                sent[s.offset + l.grid.element(j / l.k, cell)] = 1;
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                const auto mark = [&](std::uint32_t, std::uint32_t i) {
+                    sent[s.offset + l.grid.element(c, i)] = 1;
+                };
+                index_code::for_each_cell(indices, l.indices, c, mark);
             }
             at += l.bytes();
         }
@@ -371,12 +372,13 @@ private:
             const float shift = wire::get<float>(body, at);
             const std::byte* indices = body.data() + at + l.record_bytes;
             const std::byte* codes = indices + l.index_bytes;
-            for (std::size_t j = 0; j < l.sent; ++j) {
-                const std::uint32_t cell = index_code::cell(indices, l.indices, j / l.k,
-                                                            static_cast<std::uint32_t>(j % l.k));
-                const std::uint32_t q = wire::get_bits(codes, j, qb);
-                out[s.offset + l.grid.element(j / l.k, cell)] =
-                    value(wire::get<float>(body, at + 4 * (1 + q)), shift);
+            for (std::size_t c = 0; c < l.grid.chunks(); ++c) {
+                const auto put = [&](std::uint32_t j, std::uint32_t i) {
+                    const std::uint32_t q = wire::get_bits(codes, c * l.k + j, qb);
+                    out[s.offset + l.grid.element(c, i)] =
+                        value(wire::get<float>(body, at + 4 * (1 + q)), shift);
+                };
+                index_code::for_each_cell(indices, l.indices, c, put);
             }
             at += l.bytes();
         }
