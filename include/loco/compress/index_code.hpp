@@ -2,7 +2,8 @@
 // How the chunked compressors (compress/chunking.hpp) write the in-chunk indices of their kept
 // cells: k strictly ascending cells of a chunk of `cells` cells, every chunk of a segment with
 // the same k. One rule for the host and the device: the host encoder and the device pack kernel
-// write a stream through word(), every decoder reads a cell through cell(), and both checkers
+// write a stream through word(); a decoder reads one index with cell() (a GPU thread per slot)
+// or walks a chunk's indices in order with for_each_cell() (the host decoders); both checkers
 // ask check(). Every coding here has a size fixed by (cells, k), so payload sizes stay known
 // from the shapes alone (the all-gather and the two-phase exchanges rely on that).
 //
@@ -10,7 +11,7 @@
 //
 //   fixed    each index in b = ceil(log2 cells) bits (chunking::index_bits; 12 for 64 x 64, the
 //            width of templar's pack_12bit_indices): k b bits per chunk.
-//   compact  per segment, the smaller of
+//   compact  per segment, the smallest of
 //            - none, when a chunk keeps every cell (k = cells): the indices are 0 .. k - 1;
 //            - Elias-Fano (Elias 1974, Fano 1971): with l = floor(log2(cells / k)), index i's low
 //              l bits as a k l-bit array, then its high part h_i = c_i >> l in unary: a bit

@@ -76,7 +76,7 @@ struct chunked_segment {
 
 // A bit stream of the body: `chunks` chunks coded as `coding` (index_code::word) from
 // source[slot0 ..], written from payload byte `at`; its words are numbered from word0 over all
-// streams. A code stream is `count` chunks of one fixed-width code each.
+// streams. A code stream is N "chunks" of one fixed-width code each (N codes).
 struct chunked_stream {
     std::uint64_t at;
     std::uint64_t word0;
