@@ -405,6 +405,11 @@ TEST_CASE("sparseloco: bad settings and shapes are refused with one sentence") {
     refused({.beta = 1.0f});
     refused({.beta = -0.01f});
     refused({.beta = std::nanf("")});
+    // An index coding outside the enumeration (a value read from a file, say).
+    CHECK_THROWS_WITH_AS(sl::validate({.indices = static_cast<lc::index_coding>(7)}),
+                         "loco::compress::sparseloco: indices must be index_coding::fixed or "
+                         "::compact",
+                         loco::invalid_argument);
     CHECK_NOTHROW(sl::validate({.chunk = 4, .topk = 16, .beta = 0.0f}));
 
     const sl::hyper h{.chunk = 4, .topk = 2};
