@@ -349,13 +349,16 @@ using other_cases =
                          simple_case<lc::cast<loco::fp16>>, topk_case<0.02f>, topk_case<0.3f>,
                          topk_case<1.0f>>;
 
-template <std::uint32_t Chunk, std::uint32_t TopK, bool Sign>
+template <std::uint32_t Chunk, std::uint32_t TopK, bool Sign,
+          lc::index_coding Indices = lc::index_coding::compact>
 struct demo_case {
     using type = lc::demo;
-    static typename type::hyper hyper() { return {.chunk = Chunk, .topk = TopK, .sign = Sign}; }
+    static typename type::hyper hyper() {
+        return {.chunk = Chunk, .topk = TopK, .sign = Sign, .indices = Indices};
+    }
     static std::string label() {
         return "demo, chunk " + std::to_string(Chunk) + ", topk " + std::to_string(TopK) +
-               (Sign ? ", signs" : "");
+               (Sign ? ", signs" : "") + ", indices " + std::string(lc::to_string(Indices));
     }
 };
 
@@ -374,7 +377,10 @@ struct sparseloco_case {
 
 using chunked_cases =
     boost::mp11::mp_list<demo_case<64, 32, false>, demo_case<64, 32, true>, demo_case<8, 3, false>,
-                         demo_case<8, 3, true>, sparseloco_case<64, 64, 4>,
+                         demo_case<8, 3, true>, demo_case<16, 256, true>,
+                         demo_case<64, 32, true, lc::index_coding::fixed>,
+                         demo_case<8, 3, false, lc::index_coding::fixed>,
+                         sparseloco_case<64, 64, 4>,
                          sparseloco_case<8, 5, 3>, sparseloco_case<16, 7, 256>,
                          sparseloco_case<4, 2, 2>,
                          sparseloco_case<64, 64, 4, lc::index_coding::fixed>,
@@ -833,36 +839,36 @@ inline chunk_geometry geometry_of(const lc::segment& s, std::uint32_t target) {
     return g;
 }
 
-inline unsigned index_width(std::size_t cells) {
-    return cells <= 1 ? 0u : static_cast<unsigned>(std::bit_width(cells - 1));
-}
-
 template <>
 struct family<lc::demo> {
     using hyper = lc::demo::hyper;
-    static std::uint8_t bits(const hyper& h) { return h.sign ? 1 : 32; }
+    static std::uint8_t bits(const hyper& h) {
+        return static_cast<std::uint8_t>((h.sign ? 1 : 32) + 16 * static_cast<unsigned>(h.indices));
+    }
     static std::uint8_t flags(const hyper& h) { return h.sign ? 1 : 0; }
     static std::uint32_t block(const hyper& h) { return h.chunk | (h.topk << 16); }
     static bool stochastic(const hyper&) { return false; }
     static std::size_t kept(const hyper& h, std::size_t cells) {
         return std::min<std::size_t>(h.topk, cells);
     }
-    static std::size_t index_bytes(const hyper& h, const lc::segment& s, std::size_t& sent,
-                                   unsigned& width) {
+    static loco_test::chunked::index_form form_of(const hyper& h, std::size_t cells,
+                                                   std::size_t k) {
+        return loco_test::chunked::index_form_of(h.indices == lc::index_coding::compact, cells, k);
+    }
+    static std::size_t index_bytes(const hyper& h, const lc::segment& s, std::size_t& sent) {
         sent = 0;
-        width = 0;
         if (s.size == 0) {
             return 0;
         }
         const chunk_geometry g = geometry_of(s, h.chunk);
-        sent = g.chunks.cells.size() * kept(h, g.cells);
-        width = index_width(g.cells);
-        return round_up4((sent * width + 7) / 8);
+        const std::size_t k = kept(h, g.cells);
+        sent = g.chunks.cells.size() * k;
+        return loco_test::chunked::index_stream_bytes(form_of(h, g.cells, k),
+                                                      g.chunks.cells.size());
     }
     static std::size_t body_bytes(const hyper& h, const lc::segment& s) {
         std::size_t sent = 0;
-        unsigned width = 0;
-        const std::size_t ib = index_bytes(h, s, sent, width);
+        const std::size_t ib = index_bytes(h, s, sent);
         return ib + (h.sign ? round_up4((sent + 7) / 8) : 4 * sent);
     }
 
@@ -876,10 +882,10 @@ struct family<lc::demo> {
                 continue;
             }
             std::size_t sent = 0;
-            unsigned width = 0;
-            const std::size_t ib = index_bytes(h, s, sent, width);
+            const std::size_t ib = index_bytes(h, s, sent);
             const chunk_geometry g = geometry_of(s, h.chunk);
             const std::size_t k = kept(h, g.cells);
+            const auto f = form_of(h, g.cells, k);
             const std::byte* indices = payload.data() + at;
             for (std::size_t c = 0; c < g.chunks.cells.size(); ++c) {
                 std::vector<double> block;
@@ -899,7 +905,7 @@ struct family<lc::demo> {
                 std::vector<double> sent_coef(g.cells, 0.0);
                 for (std::size_t j = 0; j < k; ++j) {
                     const std::size_t slot = c * k + j;
-                    const std::uint32_t i = wire::get_bits(indices, slot, width);
+                    const std::uint32_t i = loco_test::chunked::index_at(indices, f, k, c, j);
                     log.expect(i == want[j], "index ", i, " of chunk ", c, ", expected ", want[j]);
                     const double v = coef[want[j]];
                     if (h.sign) {
@@ -969,45 +975,14 @@ struct family<lc::sparseloco> {
         }
         const chunk_geometry g = geometry_of(s, h.chunk);
         const std::size_t sent = g.chunks.cells.size() * kept(h, g.cells);
-        const index_form f = form_of(h, g.cells, kept(h, g.cells));
+        const auto f = form_of(h, g.cells, kept(h, g.cells));
         return 4 * (1 + h.bins) + round_up4((g.chunks.cells.size() * f.bits + 7) / 8) +
                round_up4((sent * code_width(h) + 7) / 8);
     }
 
-    // How a chunk's k indices of `cells` travel (docs/compressors.md, SparseLoCo "Payload"):
-    // fixed width b, or for the compact coding nothing when k = cells, else the smaller of
-    // Elias-Fano (l low bits an index, then k + ((cells - 1) >> l) unary high bits) and k b.
-    struct index_form {
-        std::size_t bits = 0;  // per chunk
-        int how = 0;           // 0: fixed width (l = b), 1: Elias-Fano, 2: nothing
-        unsigned l = 0;
-    };
-    static index_form form_of(const hyper& h, std::size_t cells, std::size_t k) {
-        const unsigned b = index_width(cells);
-        if (h.indices == lc::index_coding::fixed) return {k * b, 0, b};
-        if (k == cells) return {0, 2, 0};
-        unsigned l = 0;
-        while ((std::size_t{2} << l) <= cells / k) ++l;
-        const std::size_t ef = k * l + k + ((cells - 1) >> l);
-        return ef < k * b ? index_form{ef, 1, l} : index_form{k * b, 0, b};
-    }
-    // Index j of chunk c, read bit by bit from the definition.
-    static std::uint32_t index_at(const std::byte* s, const index_form& f, std::size_t k,
-                                  std::size_t c, std::size_t j) {
-        const auto bit = [&](std::size_t i) {
-            return (static_cast<unsigned>(s[i / 8]) >> (i % 8)) & 1u;
-        };
-        if (f.how == 2) return static_cast<std::uint32_t>(j);
-        const std::size_t start = c * f.bits;
-        std::uint32_t low = 0;
-        for (unsigned b = 0; b < f.l; ++b) low |= bit(start + j * f.l + b) << b;
-        if (f.how == 0) return low;
-        for (std::size_t p = 0, ones = 0; start + k * f.l + p < start + f.bits; ++p) {
-            if (bit(start + k * f.l + p) != 0 && ones++ == j) {
-                return static_cast<std::uint32_t>(((p - j) << f.l) | low);
-            }
-        }
-        return 0xffffffffu;  // fewer than j + 1 ones: never equal to an expected index
+    static loco_test::chunked::index_form form_of(const hyper& h, std::size_t cells,
+                                                   std::size_t k) {
+        return loco_test::chunked::index_form_of(h.indices == lc::index_coding::compact, cells, k);
     }
 
     static void check(const hyper& h, const std::vector<float>& x, const layout& l,
@@ -1021,7 +996,7 @@ struct family<lc::sparseloco> {
             }
             const chunk_geometry g = geometry_of(s, h.chunk);
             const std::size_t k = kept(h, g.cells);
-            const index_form f = form_of(h, g.cells, k);
+            const auto f = form_of(h, g.cells, k);
             const std::byte* indices = payload.data() + at + 4 * (1 + h.bins);
             const std::byte* codes = indices + round_up4((g.chunks.cells.size() * f.bits + 7) / 8);
             // Kept values (exact: the choice is made on the fp32 inputs), then the quantizer.
@@ -1036,7 +1011,7 @@ struct family<lc::sparseloco> {
                 const std::vector<std::size_t> want = ref::top_k(block, k);
                 double smallest = 1e300;
                 for (std::size_t j = 0; j < k; ++j) {
-                    const std::uint32_t i = index_at(indices, f, k, c, j);
+                    const std::uint32_t i = loco_test::chunked::index_at(indices, f, k, c, j);
                     log.expect(i == want[j], "index ", i, " of chunk ", c, ", expected ", want[j]);
                     v.push_back(block[want[j]]);
                     where.push_back(g.chunks.cells[c][want[j]]);

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -282,45 +283,53 @@ TEST_CASE("demo sign: signs of the coefficients decode to +-1 (Psyche's "
     }
     const std::vector<float> x = with_coefficients(rows);
     const std::vector<lc::segment> segs = {flat(0, 16)};
-    const lc::demo::hyper h{.chunk = 4, .topk = 4, .decay = 0.5f, .sign = true};
-    std::vector<float> state(16, 0.0f);
-    const auto p = encode(h, x, segs, state);
-    CHECK(std::to_integer<unsigned>(p[4]) == 1);  // 1-bit values
-    // 16 indices of 2 bits (4 bytes) and 16 sign bits (2 bytes, padded to 4).
-    CHECK(p.size() == wire::header_bytes + 4 + 4);
-    const std::vector<float> out = decode(h, p, segs, 16);
-    for (std::size_t c = 0; c < 4; ++c) {
-        std::vector<double> signs;
-        for (std::size_t k = 0; k < 4; ++k) {
-            signs.push_back(rows[c][k] < 0 ? -1.0 : 1.0);
-            CHECK(wire::get_bits(p.data() + wire::header_bytes + 4, 4 * c + k, 1) ==
-                  (rows[c][k] < 0 ? 1u : 0u));
+    // Every cell of each chunk is sent: at fixed width 16 indices of 2 bits (4 bytes); the compact
+    // coding sends no indices for such chunks. Then 16 sign bits (2 bytes, padded to 4).
+    for (const lc::index_coding coding : {lc::index_coding::fixed, lc::index_coding::compact}) {
+        INFO(lc::to_string(coding));
+        const lc::demo::hyper h{
+            .chunk = 4, .topk = 4, .decay = 0.5f, .sign = true, .indices = coding};
+        const bool fixed = coding == lc::index_coding::fixed;
+        const std::size_t signs_at = wire::header_bytes + (fixed ? 4 : 0);
+        std::vector<float> state(16, 0.0f);
+        const auto p = encode(h, x, segs, state);
+        // 1-bit values; 16 more in the header's bits for the compact coding.
+        CHECK(std::to_integer<unsigned>(p[4]) == (fixed ? 1u : 17u));
+        CHECK(p.size() == signs_at + 4);
+        const std::vector<float> out = decode(h, p, segs, 16);
+        for (std::size_t c = 0; c < 4; ++c) {
+            std::vector<double> signs;
+            for (std::size_t k = 0; k < 4; ++k) {
+                signs.push_back(rows[c][k] < 0 ? -1.0 : 1.0);
+                CHECK(wire::get_bits(p.data() + signs_at, 4 * c + k, 1) ==
+                      (rows[c][k] < 0 ? 1u : 0u));
+            }
+            const std::vector<double> want = ref::idct2(signs, 1, 4);
+            for (std::size_t i = 0; i < 4; ++i) {
+                CHECK(std::abs(out[4 * c + i] - want[i]) <= 1e-6);
+                // The residual keeps what the +-1 did not send (Psyche subtracts its quantized
+                // results): e = x - D.
+                CHECK(std::abs(state[4 * c + i] - (x[4 * c + i] - out[4 * c + i])) <= 1e-6);
+            }
         }
-        const std::vector<double> want = ref::idct2(signs, 1, 4);
-        for (std::size_t i = 0; i < 4; ++i) {
-            CHECK(std::abs(out[4 * c + i] - want[i]) <= 1e-6);
-            // The residual keeps what the +-1 did not send (Psyche subtracts its quantized
-            // results): e = x - D.
-            CHECK(std::abs(state[4 * c + i] - (x[4 * c + i] - out[4 * c + i])) <= 1e-6);
+        {  // NaN sends +1 (the canonical quiet NaN), whatever its sign; decodes to +-1
+            std::vector<float> bad = x;
+            bad[5] = -std::numeric_limits<float>::quiet_NaN();  // chunk 1 becomes NaN
+            std::vector<float> s(16, 0.0f);
+            const auto pn = encode(h, bad, segs, s);
+            for (std::size_t j = 4; j < 8; ++j) {
+                CHECK(wire::get_bits(pn.data() + signs_at, j, 1) == 0u);
+            }
+            const std::vector<float> back = decode(h, pn, segs, 16);
+            CHECK(std::all_of(back.begin(), back.end(), [](float v) { return std::isfinite(v); }));
         }
-    }
-    SUBCASE("NaN sends +1 (the canonical quiet NaN), whatever its sign; decodes to +-1") {
-        std::vector<float> bad = x;
-        bad[5] = -std::numeric_limits<float>::quiet_NaN();  // chunk 1 becomes NaN
-        std::vector<float> s(16, 0.0f);
-        const auto pn = encode(h, bad, segs, s);
-        for (std::size_t j = 4; j < 8; ++j) {
-            CHECK(wire::get_bits(pn.data() + wire::header_bytes + 4, j, 1) == 0u);
-        }
-        const std::vector<float> back = decode(h, pn, segs, 16);
-        CHECK(std::all_of(back.begin(), back.end(), [](float v) { return std::isfinite(v); }));
-    }
-    SUBCASE("+0 sends +1") {
-        std::vector<float> zero(16, 0.0f);
-        std::vector<float> s(16, 0.0f);
-        const auto pz = encode(h, zero, segs, s);
-        for (std::size_t j = 0; j < 16; ++j) {
-            CHECK(wire::get_bits(pz.data() + wire::header_bytes + 4, j, 1) == 0u);
+        {  // +0 sends +1
+            std::vector<float> zero(16, 0.0f);
+            std::vector<float> s(16, 0.0f);
+            const auto pz = encode(h, zero, segs, s);
+            for (std::size_t j = 0; j < 16; ++j) {
+                CHECK(wire::get_bits(pz.data() + signs_at, j, 1) == 0u);
+            }
         }
     }
 }
@@ -332,8 +341,14 @@ TEST_CASE("demo: one round against a double-precision re-computation") {
     const std::vector<lc::segment> segs = {
         {1, 240, 12, 20}, {243, 100, 1, 100}, {345, 21, 7, 3}};
     const std::size_t n = 368;
-    for (const bool sign : {false, true}) {
-        const lc::demo::hyper h{.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign};
+    // Top-3 of chunks of 20 and 5 cells travel in Elias-Fano's code when compact (13 bits a
+    // chunk against 15, 7 against 9), the chunks of 3 cells keep every cell and send no indices.
+    for (const auto& [sign, coding] :
+         {std::pair{false, lc::index_coding::compact}, std::pair{true, lc::index_coding::compact},
+          std::pair{false, lc::index_coding::fixed}, std::pair{true, lc::index_coding::fixed}}) {
+        INFO((sign ? "signs, " : "fp32, ") << lc::to_string(coding));
+        const lc::demo::hyper h{
+            .chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding};
         const std::vector<float> x = loco_test::normal_floats(rng, n);
         std::vector<float> state = loco_test::normal_floats(rng, n, 0.5f);
         const std::vector<float> before = state;
@@ -348,9 +363,10 @@ TEST_CASE("demo: one round against a double-precision re-computation") {
             const ref::chunk_list cl = ref::chunks(rows, cols, h.chunk);
             const std::size_t cells = cl.h * cl.w;
             const std::size_t k = std::min<std::size_t>(h.topk, cells);
-            const unsigned b = std::bit_width(cells - 1);
+            const ref::index_form f =
+                ref::index_form_of(coding == lc::index_coding::compact, cells, k);
             const std::size_t sent = cl.cells.size() * k;
-            const std::size_t index_bytes = ((sent * b + 7) / 8 + 3) / 4 * 4;
+            const std::size_t index_bytes = ref::index_stream_bytes(f, cl.cells.size());
             const std::size_t value_bytes = sign ? ((sent + 7) / 8 + 3) / 4 * 4 : 4 * sent;
             for (std::size_t c = 0; c < cl.cells.size(); ++c) {
                 // e = decay * e + x in fp32 (as the compressor stores it), then the reference.
@@ -368,7 +384,7 @@ TEST_CASE("demo: one round against a double-precision re-computation") {
                 std::vector<double> sent_coef(cells, 0.0);
                 for (std::size_t j = 0; j < k; ++j) {
                     const std::size_t slot = c * k + j;
-                    CHECK(wire::get_bits(p.data() + at, slot, b) == keep[j]);
+                    CHECK(ref::index_at(p.data() + at, f, k, c, j) == keep[j]);
                     if (sign) {
                         CHECK(wire::get_bits(p.data() + at + index_bytes, slot, 1) ==
                               (coef[keep[j]] < 0 ? 1u : 0u));
@@ -400,35 +416,49 @@ TEST_CASE("demo: payload bytes follow the documented formula") {
     struct shape {
         std::size_t rows, cols;
     };
-    for (const bool sign : {false, true}) {
-        for (const std::uint32_t chunk : {1u, 4u, 16u, 64u}) {
-            for (const std::uint32_t topk : {1u, 3u, 32u}) {
-                if (topk > chunk * chunk) {
-                    continue;
-                }
-                const lc::demo::hyper h{.chunk = chunk, .topk = topk, .sign = sign};
-                for (const shape sh : {shape{1, 1}, shape{1, 1000}, shape{768, 3072},
-                                       shape{97, 64}, shape{50257, 1}}) {
-                    const std::size_t size = sh.rows * sh.cols;
-                    const lc::segment s{0, size, sh.rows, sh.cols};
-                    const std::size_t cells =
-                        ref::side(sh.rows, chunk) * ref::side(sh.cols, chunk);
-                    const std::size_t k = std::min<std::size_t>(topk, cells);
-                    const std::size_t sent = size / cells * k;
-                    const std::size_t b = cells == 1 ? 0 : std::bit_width(cells - 1);
-                    const std::size_t want =
-                        wire::header_bytes + ((sent * b + 7) / 8 + 3) / 4 * 4 +
-                        (sign ? ((sent + 7) / 8 + 3) / 4 * 4 : 4 * sent);
-                    INFO(sh.rows << " x " << sh.cols << ", chunk " << chunk << ", topk " << topk);
-                    CHECK(lc::demo::payload_bytes(h, std::span(&s, 1)) == want);
+    for (const lc::index_coding coding : {lc::index_coding::fixed, lc::index_coding::compact}) {
+        for (const bool sign : {false, true}) {
+            for (const std::uint32_t chunk : {1u, 4u, 16u, 64u}) {
+                for (const std::uint32_t topk : {1u, 3u, 32u, 256u}) {
+                    if (topk > chunk * chunk) {
+                        continue;
+                    }
+                    const lc::demo::hyper h{
+                        .chunk = chunk, .topk = topk, .sign = sign, .indices = coding};
+                    for (const shape sh : {shape{1, 1}, shape{1, 1000}, shape{768, 3072},
+                                           shape{97, 64}, shape{50257, 1}}) {
+                        const std::size_t size = sh.rows * sh.cols;
+                        const lc::segment s{0, size, sh.rows, sh.cols};
+                        const std::size_t cells =
+                            ref::side(sh.rows, chunk) * ref::side(sh.cols, chunk);
+                        const std::size_t k = std::min<std::size_t>(topk, cells);
+                        const std::size_t chunks = size / cells;
+                        const std::size_t sent = chunks * k;
+                        const ref::index_form f =
+                            ref::index_form_of(coding == lc::index_coding::compact, cells, k);
+                        const std::size_t want =
+                            wire::header_bytes + ref::index_stream_bytes(f, chunks) +
+                            (sign ? ((sent + 7) / 8 + 3) / 4 * 4 : 4 * sent);
+                        INFO(sh.rows << " x " << sh.cols << ", chunk " << chunk << ", topk "
+                                     << topk << ", " << lc::to_string(coding)
+                                     << (sign ? ", signs" : ""));
+                        CHECK(lc::demo::payload_bytes(h, std::span(&s, 1)) == want);
+                    }
                 }
             }
         }
     }
-    // DeMo's defaults on a 4096 x 4096 matrix: 64 x 64 chunks, 32 values of 12-bit index + fp32.
+    // DeMo's defaults on a 4096 x 4096 matrix: 4096 chunks of 64 x 64, 32 values each of fp32.
+    // Fixed width: 12-bit indices. Compact: Elias-Fano with l = floor(log2(4096 / 32)) = 7 low bits
+    // an index and a high part of 32 + (4095 >> 7) = 63 bits: 287 bits a chunk instead of 384.
     const lc::segment big{0, 4096 * 4096, 4096, 4096};
+    CHECK(lc::demo::payload_bytes({.indices = lc::index_coding::fixed}, std::span(&big, 1)) ==
+          wire::header_bytes + 4096 * 32 * 12 / 8 + 4096 * 32 * 4);
     CHECK(lc::demo::payload_bytes({}, std::span(&big, 1)) ==
-          wire::header_bytes + 4096 * 32 * 11 / 2);
+          wire::header_bytes + 4096 * 287 / 8 + 4096 * 32 * 4);
+    // The sign variant: 13 bits a value at fixed width, 287 / 32 + 1 = 9.97 compact.
+    CHECK(lc::demo::payload_bytes({.sign = true}, std::span(&big, 1)) ==
+          wire::header_bytes + 4096 * 287 / 8 + 4096 * 32 / 8);
 }
 
 TEST_CASE("demo: bad settings and shapes are refused with one sentence") {
@@ -442,6 +472,10 @@ TEST_CASE("demo: bad settings and shapes are refused with one sentence") {
     refused({.decay = 1.0f});
     refused({.decay = -0.1f});
     refused({.decay = std::nanf("")});
+    // An index coding outside the enumeration (a value read from a file, say).
+    CHECK_THROWS_WITH_AS(lc::demo::validate({.indices = static_cast<lc::index_coding>(7)}),
+                         "loco::compress::demo: indices must be index_coding::fixed or ::compact",
+                         loco::invalid_argument);
     CHECK_NOTHROW(lc::demo::validate({.chunk = 4, .topk = 16, .decay = 0.0f}));
 
     const lc::demo::hyper h{.chunk = 4, .topk = 2};
@@ -523,6 +557,26 @@ TEST_CASE("demo: payloads that pass the checksum but break the format are refuse
             }
         }
         {
+            // The compact coding's Elias-Fano chunks: top-4 of a flat 64 sends 4 low bits an index,
+            // then a high part of 4 + (63 >> 4) = 7 bits with exactly 4 ones (23 bits against 24
+            // at fixed width), padded to 4 bytes. Any flipped high bit changes the count of ones.
+            const lc::demo::hyper he{.chunk = 64, .topk = 4, .sign = sign};
+            const std::vector<lc::segment> s64 = {flat(0, 64)};
+            std::vector<float> st(64, 0.0f);
+            const auto good64 = encode(he, loco_test::normal_floats(rng, 64), s64, st);
+            CHECK(good64.size() == body + 4 + (sign ? 4 : 16));
+            for (const std::size_t bit : {16, 17, 18, 19, 20, 21, 22, 23, 31}) {
+                INFO("bit " << bit << (sign ? " (sign)" : ""));
+                auto p = good64;
+                p[body + bit / 8] ^= std::byte{static_cast<unsigned char>(1u << (bit % 8))};
+                reseal(p);
+                std::vector<float> out(64, std::bit_cast<float>(sentinel_bits));
+                CHECK_THROWS_AS(lc::demo::decode(he, p, s64, out), loco::wire_error);
+                CHECK(std::all_of(out.begin(), out.end(),
+                                  [](float v) { return bits_of(v) == sentinel_bits; }));
+            }
+        }
+        {
             // Another element count in the header (a peer with other segments).
             auto p = good;
             wire::put<std::uint64_t>(p, 16, 31);
@@ -544,9 +598,12 @@ TEST_CASE("demo: decode_scatter_mean is the references' coefficient-domain mean,
     const std::vector<lc::segment> segs = {{1, 240, 12, 20}, {243, 100, 1, 100}};
     const std::size_t n = 343;
     const std::size_t workers = 3;
-    for (const bool sign : {false, true}) {
-        CAPTURE(sign);
-        const lc::demo::hyper h{.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign};
+    for (const auto& [sign, coding] :
+         {std::pair{false, lc::index_coding::compact}, std::pair{true, lc::index_coding::compact},
+          std::pair{false, lc::index_coding::fixed}, std::pair{true, lc::index_coding::fixed}}) {
+        INFO((sign ? "signs, " : "fp32, ") << lc::to_string(coding));
+        const lc::demo::hyper h{
+            .chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding};
         std::vector<std::vector<std::byte>> payloads;
         for (std::size_t w = 0; w < workers; ++w) {
             std::vector<float> state = loco_test::normal_floats(rng, n, 0.5f);
@@ -566,9 +623,10 @@ TEST_CASE("demo: decode_scatter_mean is the references' coefficient-domain mean,
             const ref::chunk_list cl = ref::chunks(s.rows, s.size / s.rows, h.chunk);
             const std::size_t cells = cl.h * cl.w;
             const std::size_t k = std::min<std::size_t>(h.topk, cells);
-            const unsigned b = std::bit_width(cells - 1);
+            const ref::index_form f =
+                ref::index_form_of(coding == lc::index_coding::compact, cells, k);
             const std::size_t sent = cl.cells.size() * k;
-            const std::size_t index_bytes = ((sent * b + 7) / 8 + 3) / 4 * 4;
+            const std::size_t index_bytes = ref::index_stream_bytes(f, cl.cells.size());
             const std::size_t value_bytes = sign ? ((sent + 7) / 8 + 3) / 4 * 4 : 4 * sent;
             for (std::size_t c = 0; c < cl.cells.size(); ++c) {
                 std::vector<double> sum(cells, 0.0);
@@ -576,7 +634,7 @@ TEST_CASE("demo: decode_scatter_mean is the references' coefficient-domain mean,
                 for (const auto& p : payloads) {
                     for (std::size_t j = 0; j < k; ++j) {
                         const std::size_t slot = c * k + j;
-                        const std::size_t i = wire::get_bits(p.data() + at, slot, b);
+                        const std::size_t i = ref::index_at(p.data() + at, f, k, c, j);
                         sum[i] += sign ? (wire::get_bits(p.data() + at + index_bytes, slot, 1)
                                               ? -1.0
                                               : 1.0)

@@ -197,6 +197,9 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
         CHECK(d.topk == 32);
         CHECK(d.chunk == 64);
         CHECK(d.decay == 0.999f);
+        CHECK(d.indices == loco::compress::index_coding::compact);
+        CHECK(demo::hyper(parsed({"--fixed-indices"})).indices ==
+              loco::compress::index_coding::fixed);
         CHECK(ef::hyper(o).decay == 1.0f);
         CHECK(gpt::median_norm_clip_choice::hyper(o).clip);
     }

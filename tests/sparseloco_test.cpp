@@ -584,8 +584,9 @@ TEST_CASE_TEMPLATE("sparseloco and demo: ranks with different settings fail at s
                 ? "rank 0 has 'compressor: sparseloco chunk=64 topk=64 bins=4 range=6 beta=0.949999988 "
                   "indices=compact' where rank 1 has 'compressor: sparseloco chunk=64 topk=64 bins=4 "
                   "range=6 beta=0.949999988 indices=fixed'"
-                : "rank 0 has 'compressor: demo chunk=64 topk=32 decay=0.999000013 sign=0' where "
-                  "rank 1 has 'compressor: demo chunk=64 topk=16 decay=0.999000013 sign=0'";
+                : "rank 0 has 'compressor: demo chunk=64 topk=32 decay=0.999000013 sign=0 "
+                  "indices=compact' where rank 1 has 'compressor: demo chunk=64 topk=16 "
+                  "decay=0.999000013 sign=0 indices=compact'";
         CHECK_THROWS_WITH_AS(opt.start(), doctest::Contains(want.c_str()), loco::invalid_argument);
         CHECK(w == std::vector<float>(64 * 64, 0.5f));
     });

@@ -13,7 +13,7 @@
 // For the chunked top-k payloads of demo and sparseloco, a second test edits their index streams
 // at random: an index at or above its chunk's cells, an index equal to its neighbour, two
 // neighbours swapped (fixed width), a one added to or taken from an Elias-Fano high part
-// (sparseloco's compact coding); each, resealed, must be refused with the output untouched.
+// (the compact coding of both); each, resealed, must be refused with the output untouched.
 //
 // The generator is seeded from the process seed (LOCO_TEST_SEED repeats a run).
 #include <doctest/doctest.h>
@@ -93,8 +93,12 @@ std::vector<configuration> configurations() {
         make<lc::blockwise<2, 5>>("blockwise<2, 5> mean_abs stochastic",
                                   {.scale = scale_kind::mean_abs, .round = rounding::stochastic}),
         make<lc::statistical<2>>("statistical<2> range 4", {.range = 4.0f}),
-        // Chunked top-k: indices packed at the chunk's width, strictly ascending per chunk.
+        // Chunked top-k: indices strictly ascending per chunk, at the chunk's width or compact.
         make<lc::demo>("demo"),
+        make<lc::demo>("demo fixed indices signs",
+                       {.sign = true, .indices = lc::index_coding::fixed}),
+        make<lc::demo>("demo chunk 8 topk 5 fixed indices",
+                       {.chunk = 8, .topk = 5, .indices = lc::index_coding::fixed}),
         make<lc::demo>("demo chunk 4 topk 3", {.chunk = 4, .topk = 3}),
         make<lc::demo>("demo chunk 4 topk 3 signs", {.chunk = 4, .topk = 3, .sign = true}),
         make<lc::demo>("demo chunk 8 topk 1 signs", {.chunk = 8, .topk = 1, .sign = true}),
@@ -360,7 +364,7 @@ std::size_t index_stream_offset(const lc::sparseloco::segment_layout& l) { retur
 
 // Random index edits of a chunked top-k payload, resealed so that only the decoder's own checks
 // stand in the way. Fixed-width indices: an index at or above its chunk's cells, an index equal
-// to its neighbour, two neighbours swapped. Elias-Fano (sparseloco's compact coding): a one
+// to its neighbour, two neighbours swapped. Elias-Fano (the compact coding): a one
 // added to or taken from a chunk's high part, so that it no longer holds k ones. Each must be
 // refused with loco::wire_error and nothing written.
 template <class C>
@@ -459,12 +463,13 @@ TEST_CASE("wire fuzz: chunked top-k payloads with out-of-range, repeated or unso
     auto rng = loco_test::rng_for("wire fuzz chunked indices");
     std::string report;
     std::size_t failures = 0;
-    failures += fuzz_indices<lc::demo>({.chunk = 3, .topk = 2}, "demo chunk 3 topk 2", rng, report);
-    failures += fuzz_indices<lc::demo>({.chunk = 5, .topk = 3, .sign = true},
-                                       "demo chunk 5 topk 3 signs", rng, report);
-    failures += fuzz_indices<lc::demo>({}, "demo", rng, report);
     for (const lc::index_coding coding : {lc::index_coding::fixed, lc::index_coding::compact}) {
         const std::string c = " " + std::string(lc::to_string(coding));
+        failures += fuzz_indices<lc::demo>({.chunk = 3, .topk = 2, .indices = coding},
+                                           "demo chunk 3 topk 2" + c, rng, report);
+        failures += fuzz_indices<lc::demo>({.chunk = 5, .topk = 3, .sign = true, .indices = coding},
+                                           "demo chunk 5 topk 3 signs" + c, rng, report);
+        failures += fuzz_indices<lc::demo>({.indices = coding}, "demo" + c, rng, report);
         failures += fuzz_indices<lc::sparseloco>({.chunk = 3, .topk = 2, .indices = coding},
                                                  "sparseloco chunk 3 topk 2" + c, rng, report);
         failures += fuzz_indices<lc::sparseloco>(

@@ -112,8 +112,10 @@ struct compress_choice {
             h.decay = detail::or_default(o.ef_decay, h.decay);
             h.fold_outer_lr = o.ef_fold_outer_lr;
         }
-        if constexpr (requires { h.beta; h.indices; }) {  // sparseloco
+        if constexpr (requires { h.beta; }) {  // sparseloco
             h.beta = detail::or_default(o.ef_decay, h.beta);  // its accumulator
+        }
+        if constexpr (requires { h.indices; }) {  // sparseloco, demo
             if (o.fixed_indices) h.indices = loco::compress::index_coding::fixed;
         }
         if constexpr (requires { h.topk; h.chunk; }) {  // sparseloco, demo

@@ -188,20 +188,29 @@ TEST_CASE("sparseloco on the device: payloads byte for byte and accumulators bit
 
 TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit the host's, "
           "decode the host's") {
-    for (const bool sign : {false, true}) {
-        CAPTURE(sign);
-        demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign}, big_segments(),
-                  big_elements, "sparse demo defaults");
-        demo_case({.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign}, small_segments(),
-                  small_elements, "sparse demo 5");
+    // Compact indices (the default: Elias-Fano for top-32 of 64 x 64 and top-3 of the 20- and
+    // 5-cell chunks) and fixed width.
+    for (const cz::index_coding coding : {cz::index_coding::compact, cz::index_coding::fixed}) {
+        for (const bool sign : {false, true}) {
+            CAPTURE(sign);
+            CAPTURE(cz::to_string(coding));
+            demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign, .indices = coding},
+                      big_segments(), big_elements, "sparse demo defaults");
+            demo_case({.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding},
+                      small_segments(), small_elements, "sparse demo 5");
+        }
     }
 }
 
 TEST_CASE("demo's coefficient-domain scatter-mean on the device equals the host's") {
     for (const bool sign : {false, true}) {
         for (const bool big : {true, false}) {
+            // Compact indices for the big layout, fixed width for the small one (the host's
+            // scatter-mean reads both through the same walk; the device reads a cell per thread).
             const cz::demo::hyper h{.chunk = big ? 64u : 5u, .topk = big ? 32u : 3u,
-                                    .decay = 0.999f, .sign = sign};
+                                    .decay = 0.999f, .sign = sign,
+                                    .indices = big ? cz::index_coding::compact
+                                                   : cz::index_coding::fixed};
             const std::vector<cz::segment> segs = big ? big_segments() : small_segments();
             const std::size_t n = big ? big_elements : small_elements;
             CAPTURE(sign);
@@ -533,7 +542,16 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
         p[8] ^= std::byte{0x01};
     });
     using dm = cz::demo;
-    const dm::hyper dh{.chunk = 8, .topk = 5, .sign = true};
+    // Fixed width for the edits below; the flips also try the compact coding (Elias-Fano: 5 of
+    // 64 cells, 3 low bits an index and a 12-bit high part).
+    const dm::hyper dh{.chunk = 8, .topk = 5, .sign = true, .indices = cz::index_coding::fixed};
+    const dm::hyper dh_compact{.chunk = 8, .topk = 5, .sign = true};
+    check_refuses_like_host<dm, lcu::demo_plan>(dh_compact, "demo ones", [&](auto& p) {
+        const auto [at, l] = segment_at<dm>(dh_compact, 0);
+        REQUIRE(l.indices.how == cz::index_code::chunk_indices::elias_fano);
+        REQUIRE(l.indices.bits() == 27);
+        set_bits(p.data() + at, 15, 1, 1 - wire::get_bits(p.data() + at, 15, 1));
+    });
     check_refuses_like_host<dm, lcu::demo_plan>(dh, "demo order", [&](auto& p) {
         const auto [at, l] = segment_at<dm>(dh, 0);
         set_bits(p.data() + at, 3, l.indices.low, wire::get_bits(p.data() + at, 2, l.indices.low));
@@ -548,8 +566,9 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
     for (int trial = 0; trial < 90; ++trial) {
         const bool sparse = trial % 3 != 2;
         const sl::hyper& shk = trial % 3 == 0 ? sh : compact;
+        const dm::hyper& dhk = trial % 6 == 2 ? dh : dh_compact;
         const std::size_t bytes = sparse ? sl::payload_bytes(shk, small_segments())
-                                         : dm::payload_bytes(dh, small_segments());
+                                         : dm::payload_bytes(dhk, small_segments());
         std::uniform_int_distribution<std::size_t> pick(cz::wire::header_bytes, bytes - 1);
         const std::size_t at = pick(flips);
         const auto bit = static_cast<unsigned>(flips() % 8);
@@ -559,7 +578,7 @@ TEST_CASE("the device check of chunked payloads refuses what the host decoder re
         if (sparse) {
             refused += check_agrees_with_host<sl, lcu::sparseloco_plan>(shk, "flip", flip);
         } else {
-            refused += check_agrees_with_host<dm, lcu::demo_plan>(dh, "flip", flip);
+            refused += check_agrees_with_host<dm, lcu::demo_plan>(dhk, "flip", flip);
         }
     }
     CHECK(refused > 0);  // the flips reach the checked fields

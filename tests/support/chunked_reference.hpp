@@ -2,7 +2,8 @@
 // Plain double-precision re-implementations of the chunking, DCT and top-k rules of DeMo, DisTrO
 // and SparseLoCo, written from the reference code (bloc97/DeMo demo.py; PsycheFoundation/psyche
 // shared/modeling/src/distro.rs; tplr-ai/templar src/tplr/compress.py) rather than from
-// include/loco/compress/, for the tests to compare against.
+// include/loco/compress/, for the tests to compare against; and a bit-by-bit reader of the
+// payloads' index streams written from their definition in docs/compressors.md.
 
 #include <algorithm>
 #include <cmath>
@@ -132,6 +133,52 @@ inline double selection_margin(const std::vector<double>& v, std::size_t k) {
     }
     std::sort(m.begin(), m.end(), std::greater<>());
     return m[k - 1] == 0 ? 0.0 : (m[k - 1] - m[k]) / m[k - 1];
+}
+
+// How a chunk's k ascending indices of `cells` cells travel (docs/compressors.md, "Payload"):
+// fixed width b = ceil(log2 cells); or, for the compact coding, nothing when k = cells, else the
+// smaller of Elias-Fano (l = floor(log2(cells / k)) low bits an index, then k + ((cells - 1) >> l)
+// unary high bits) and k b.
+struct index_form {
+    std::size_t bits = 0;  // per chunk
+    int how = 0;           // 0: fixed width (l = b), 1: Elias-Fano, 2: nothing
+    unsigned l = 0;
+};
+
+inline index_form index_form_of(bool compact, std::size_t cells, std::size_t k) {
+    unsigned b = 0;
+    while ((std::size_t{1} << b) < cells) ++b;
+    if (!compact) return {k * b, 0, b};
+    if (k == cells) return {0, 2, 0};
+    unsigned l = 0;
+    while ((std::size_t{2} << l) <= cells / k) ++l;
+    const std::size_t ef = k * l + k + ((cells - 1) >> l);
+    return ef < k * b ? index_form{ef, 1, l} : index_form{k * b, 0, b};
+}
+
+// Index j of chunk c of a stream of such chunks, read bit by bit (bit i of the stream is bit
+// i % 8 of byte i / 8); 0xffffffff when the high part has fewer than j + 1 ones.
+inline std::uint32_t index_at(const std::byte* s, const index_form& f, std::size_t k,
+                              std::size_t c, std::size_t j) {
+    const auto bit = [&](std::size_t i) {
+        return (static_cast<unsigned>(s[i / 8]) >> (i % 8)) & 1u;
+    };
+    if (f.how == 2) return static_cast<std::uint32_t>(j);
+    const std::size_t start = c * f.bits;
+    std::uint32_t low = 0;
+    for (unsigned b = 0; b < f.l; ++b) low |= bit(start + j * f.l + b) << b;
+    if (f.how == 0) return low;
+    for (std::size_t p = 0, ones = 0; start + k * f.l + p < start + f.bits; ++p) {
+        if (bit(start + k * f.l + p) != 0 && ones++ == j) {
+            return static_cast<std::uint32_t>(((p - j) << f.l) | low);
+        }
+    }
+    return 0xffffffffu;  // never equal to an expected index
+}
+
+// Bytes of a stream of `chunks` such chunks, padded to a multiple of 4.
+inline std::size_t index_stream_bytes(const index_form& f, std::size_t chunks) {
+    return ((chunks * f.bits + 7) / 8 + 3) / 4 * 4;
 }
 
 }  // namespace loco_test::chunked

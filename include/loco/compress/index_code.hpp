@@ -7,7 +7,8 @@
 // ask check(). Every coding here has a size fixed by (cells, k), so payload sizes stay known
 // from the shapes alone (the all-gather and the two-phase exchanges rely on that).
 //
-// Two codings, chosen per compressor (compress::sparseloco::hyper::indices):
+// Two codings, chosen per compressor (compress::sparseloco::hyper::indices,
+// compress::demo::hyper::indices):
 //
 //   fixed    each index in b = ceil(log2 cells) bits (chunking::index_bits; 12 for 64 x 64, the
 //            width of templar's pack_12bit_indices): k b bits per chunk.
@@ -48,6 +49,22 @@ constexpr std::string_view to_string(index_coding c) noexcept {
         case index_coding::compact: return "compact";
     }
     return "unknown";
+}
+
+// Refuses a coding outside the enumeration (a value read from a file, say), naming the
+// compressor whose settings hold it.
+inline void check_coding(std::string_view compressor, index_coding c) {
+    if (c != index_coding::fixed && c != index_coding::compact) {
+        throw invalid_argument("loco::compress::" + std::string(compressor) +
+                               ": indices must be index_coding::fixed or ::compact");
+    }
+}
+
+// The wire header's `bits` of a chunked payload whose values take value_bits each: 16 more for
+// the compact coding, so that a receiver built with the other coding is refused at the header
+// (wire::open names the bits) instead of misreading the body.
+constexpr std::uint8_t header_bits(unsigned value_bits, index_coding c) noexcept {
+    return static_cast<std::uint8_t>(value_bits + 16 * static_cast<unsigned>(c));
 }
 
 namespace index_code {

@@ -110,10 +110,7 @@ struct sparseloco {
             throw invalid_argument(
                 "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");
         }
-        if (h.indices != index_coding::fixed && h.indices != index_coding::compact) {
-            throw invalid_argument(
-                "loco::compress::sparseloco: indices must be index_coding::fixed or ::compact");
-        }
+        check_coding(name, h.indices);
     }
 
     // Name and settings: what must match between ranks and checkpoints.
@@ -319,7 +316,7 @@ private:
 
     static wire::header expected_header(const hyper& h, std::span<const segment> segs) {
         wire::header w = chunking::residual_codec<sparseloco>::header(h, segs);
-        w.bits = static_cast<std::uint8_t>(code_bits(h) + 16 * static_cast<unsigned>(h.indices));
+        w.bits = header_bits(code_bits(h), h.indices);
         w.flags = static_cast<std::uint8_t>(h.bins - 1);
         return w;
     }
