@@ -88,6 +88,11 @@ std::vector<float> with_coefficients(const std::vector<std::vector<double>>& row
 
 using loco_test::reseal;
 
+// fp32 values or signs, with each index coding.
+constexpr std::array<std::pair<bool, lc::index_coding>, 4> variants = {
+    std::pair{false, lc::index_coding::compact}, std::pair{true, lc::index_coding::compact},
+    std::pair{false, lc::index_coding::fixed}, std::pair{true, lc::index_coding::fixed}};
+
 }  // namespace
 
 TEST_CASE("chunking: chunk sides are the largest divisors at or below the target (Psyche's "
@@ -343,9 +348,7 @@ TEST_CASE("demo: one round against a double-precision re-computation") {
     const std::size_t n = 368;
     // Top-3 of chunks of 20 and 5 cells travel in Elias-Fano's code when compact (13 bits a
     // chunk against 15, 7 against 9), the chunks of 3 cells keep every cell and send no indices.
-    for (const auto& [sign, coding] :
-         {std::pair{false, lc::index_coding::compact}, std::pair{true, lc::index_coding::compact},
-          std::pair{false, lc::index_coding::fixed}, std::pair{true, lc::index_coding::fixed}}) {
+    for (const auto& [sign, coding] : variants) {
         INFO((sign ? "signs, " : "fp32, ") << lc::to_string(coding));
         const lc::demo::hyper h{
             .chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding};
@@ -598,9 +601,7 @@ TEST_CASE("demo: decode_scatter_mean is the references' coefficient-domain mean,
     const std::vector<lc::segment> segs = {{1, 240, 12, 20}, {243, 100, 1, 100}};
     const std::size_t n = 343;
     const std::size_t workers = 3;
-    for (const auto& [sign, coding] :
-         {std::pair{false, lc::index_coding::compact}, std::pair{true, lc::index_coding::compact},
-          std::pair{false, lc::index_coding::fixed}, std::pair{true, lc::index_coding::fixed}}) {
+    for (const auto& [sign, coding] : variants) {
         INFO((sign ? "signs, " : "fp32, ") << lc::to_string(coding));
         const lc::demo::hyper h{
             .chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding};
