@@ -189,13 +189,15 @@ TEST_CASE("sparseloco on the device: payloads byte for byte and accumulators bit
 TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit the host's, "
           "decode the host's") {
     // Compact indices (the default: Elias-Fano for top-32 of 64 x 64 and top-3 of the 20- and
-    // 5-cell chunks) and fixed width.
-    for (const cz::index_coding coding : {cz::index_coding::compact, cz::index_coding::fixed}) {
-        for (const bool sign : {false, true}) {
-            CAPTURE(sign);
+    // 5-cell chunks) and fixed width. The 64 x 64 layout only with the default: the fixed-width
+    // stream of 64 x 64 chunks is written by the same pack kernel SparseLoCo's fixed case checks,
+    // and on the CPU emulator such a case costs many times a small one.
+    for (const bool sign : {false, true}) {
+        CAPTURE(sign);
+        demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign}, big_segments(),
+                  big_elements, "sparse demo defaults");
+        for (const cz::index_coding coding : {cz::index_coding::compact, cz::index_coding::fixed}) {
             CAPTURE(cz::to_string(coding));
-            demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign, .indices = coding},
-                      big_segments(), big_elements, "sparse demo defaults");
             demo_case({.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding},
                       small_segments(), small_elements, "sparse demo 5");
         }
