@@ -591,6 +591,20 @@ TEST_CASE("demo: payloads that pass the checksum but break the format are refuse
             wire::put<std::uint32_t>(r, 8, 4 | (3u << 16));
             refused(r, "another topk in the header");
         }
+        {
+            // A payload of the other index coding (a peer built with other settings), refused at
+            // the header's bits before its body is read.
+            const lc::demo::hyper he{.chunk = 64, .topk = 4, .sign = sign};
+            lc::demo::hyper hf = he;
+            hf.indices = lc::index_coding::fixed;
+            const std::vector<lc::segment> s64 = {flat(0, 64)};
+            std::vector<float> st(64, 0.0f);
+            const auto compact = encode(he, loco_test::normal_floats(rng, 64), s64, st);
+            std::vector<float> out(64, std::bit_cast<float>(sentinel_bits));
+            CHECK_THROWS_AS(lc::demo::decode(hf, compact, s64, out), loco::wire_error);
+            CHECK(std::all_of(out.begin(), out.end(),
+                              [](float v) { return bits_of(v) == sentinel_bits; }));
+        }
     }
 }
 
