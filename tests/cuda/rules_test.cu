@@ -38,11 +38,7 @@ template <class P>
 void check_rule_on_device(const typename P::hyper& h, const char* label) {
     INFO("policy: " << label);
     auto rng = rng_for(std::string("device rule/") + label);
-#ifdef LOCO_EMULATED
-    constexpr std::size_t large = 100003;  // 391 blocks: the emulator's time, not coverage
-#else
     constexpr std::size_t large = 1000003;
-#endif
     for (const std::size_t n : {std::size_t{1}, std::size_t{3}, large}) {
         CAPTURE(n);
         std::vector<float> x = normal_floats(rng, n);

@@ -189,15 +189,13 @@ TEST_CASE("sparseloco on the device: payloads byte for byte and accumulators bit
 TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit the host's, "
           "decode the host's") {
     // Compact indices (the default: Elias-Fano for top-32 of 64 x 64 and top-3 of the 20- and
-    // 5-cell chunks) and fixed width. The 64 x 64 layout only with the default: the fixed-width
-    // stream of 64 x 64 chunks is written by the same pack kernel SparseLoCo's fixed case checks,
-    // and on the CPU emulator such a case costs many times a small one.
+    // 5-cell chunks) and fixed width, on both layouts.
     for (const bool sign : {false, true}) {
         CAPTURE(sign);
-        demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign}, big_segments(),
-                  big_elements, "sparse demo defaults");
         for (const cz::index_coding coding : {cz::index_coding::compact, cz::index_coding::fixed}) {
             CAPTURE(cz::to_string(coding));
+            demo_case({.chunk = 64, .topk = 32, .decay = 0.999f, .sign = sign, .indices = coding},
+                      big_segments(), big_elements, "sparse demo defaults");
             demo_case({.chunk = 5, .topk = 3, .decay = 0.9f, .sign = sign, .indices = coding},
                       small_segments(), small_elements, "sparse demo 5");
         }
@@ -206,17 +204,19 @@ TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit 
 
 TEST_CASE("demo's coefficient-domain scatter-mean on the device equals the host's") {
     for (const bool sign : {false, true}) {
-        for (const bool big : {true, false}) {
-            // Compact indices for the big layout, fixed width for the small one (the host's
-            // scatter-mean reads both through the same walk; the device reads a cell per thread).
+        for (int variant = 0; variant < 4; ++variant) {
+            // Both codings on both layouts (the host's scatter-mean reads them through the same
+            // walk; the device reads a cell per thread).
+            const bool big = variant < 2;
+            const cz::index_coding coding =
+                variant % 2 == 0 ? cz::index_coding::compact : cz::index_coding::fixed;
             const cz::demo::hyper h{.chunk = big ? 64u : 5u, .topk = big ? 32u : 3u,
-                                    .decay = 0.999f, .sign = sign,
-                                    .indices = big ? cz::index_coding::compact
-                                                   : cz::index_coding::fixed};
+                                    .decay = 0.999f, .sign = sign, .indices = coding};
             const std::vector<cz::segment> segs = big ? big_segments() : small_segments();
             const std::size_t n = big ? big_elements : small_elements;
             CAPTURE(sign);
             CAPTURE(big);
+            CAPTURE(cz::to_string(coding));
             auto rng = rng_for("sparse demo scatter mean");
             const lcu::demo_plan plan(h, segs, n);
             const std::size_t p = plan.payload_bytes();

@@ -14,7 +14,7 @@
 # timing, nor NCCL timeouts (the fake NCCL blocks: the missing-peer test is left out), nor kernel
 # faults (the fault child test is left out). EMU_DEVICES sets the number of emulated GPUs (3 by
 # default, as in CTest, so the multi-rank NCCL tests run). LOCO_EMULATED is defined, so a test
-# can pick smaller sizes where the emulator's cost alone sets them.
+# can tell where it runs. About a minute on one core (x86-64: fiber switches without system calls).
 # cublas_v2.h stands in for the few cuBLAS calls of Muon's Newton-Schulz (batched GEMMs, with
 # cuBLAS's column-major conventions and argument checks, each product summed in double).
 #
