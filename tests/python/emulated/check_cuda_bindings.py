@@ -1,6 +1,7 @@
 """The CUDA half of the Python module (python/_loco_cuda.cu) on the CPU emulator, where device
 memory is host memory: torch CPU tensors view memory from the emulator's cudaMalloc, their DLPack
-capsules are marked kDLCUDA, and the Cuda* classes run on them. Built and run by run.sh here.
+capsules are marked kDLCUDA, and the Cuda* classes run on them. CTest runs it as
+python.cuda_emulated (python/CMakeLists.txt builds the module); run.sh here is the same by hand.
 
 - CudaOptimizer_adamw / _sgd against torch.optim, 20 steps of random gradients, within 1e-5;
 - CudaDiLoCo_adamw_nesterov on two gloo processes against the PyTorch DiLoCo of

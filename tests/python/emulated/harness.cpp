@@ -1,7 +1,8 @@
 // The CUDA half of the Python module (python/_loco_cuda.cu) for the CPU emulator, plus one
 // function the check needs: memory from the emulator's cudaMalloc, which the CUDA handles accept
-// as device memory (and which is host memory, so torch CPU tensors can view it). Built and run by
-// tests/python/emulated/run.sh; not part of the module.
+// as device memory (and which is host memory, so torch CPU tensors can view it). Built by
+// python/CMakeLists.txt (CTest entry python.cuda_emulated) and by tests/python/emulated/run.sh;
+// not part of the module.
 #define bind_cuda bind_cuda_bindings
 #include "python/_loco_cuda.cu"
 #undef bind_cuda

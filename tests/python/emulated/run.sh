@@ -3,7 +3,9 @@
 # python/_loco_cuda.cu (through harness.cpp) with g++ against the CPU emulator
 # (tests/cuda/emulator/) into build/emulated-python, then runs check_cuda_bindings.py there:
 # the Cuda* classes on "device" tensors, two gloo processes, both communicator memory spaces.
-# About two minutes of g++. Needs /usr/bin/python3 with torch, pybind11 and dlpack.h.
+# Every test build with torch does the same (CTest entry python.cuda_emulated, built by
+# python/CMakeLists.txt); this is the shortcut. Needs /usr/bin/python3 with torch, pybind11 and
+# dlpack.h.
 #
 #   bash tests/python/emulated/run.sh
 set -euo pipefail
