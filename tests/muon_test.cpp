@@ -422,6 +422,7 @@ TEST_CASE("muon: each step matches the double-precision reference") {
                 for (const float wd : {0.0f, 0.5f}) cases.push_back({k, adjust, nesterov, wd});
 
     double worst_update = 0.0, worst_momentum = 0.0;
+    int steps = 0, undetermined = 0;
     for (const auto& c : cases) {
         const muon::hyper h{.lr = 0.2f,
                             .weight_decay = c.weight_decay,
@@ -439,26 +440,56 @@ TEST_CASE("muon: each step matches the double-precision reference") {
             for (std::uint64_t t = 1; t <= 3; ++t) {
                 const auto g = normal_floats(rng, size, 0.5f);
                 dmatrix p_ref = to_double(p), buf_ref = to_double(buf);
-                const dmatrix p_before = p_ref;
+                const dmatrix p_before = p_ref, buf_before = buf_ref;
                 muon::update_matrix(h, t, p.data(), g.data(), buf.data(), s.rows, s.cols, ws);
                 reference_step(h, p_ref, g, buf_ref, s.rows, s.cols);
+                ++steps;
 
-                // The parameter, against the size of this step's update. On top, three float
-                // roundings of the parameter's size are allowed: the decay factor 1 - lr * wd
-                // (rounded to float, as PyTorch's scalar is for a float tensor), the decayed
-                // parameter, and the difference.
+                // How well float arithmetic fixes the direction Newton-Schulz orthogonalises:
+                // the momentum (and Nesterov's blend) is formed in float, each element within
+                // a rounding of its terms' size. When the terms cancel to almost nothing (a
+                // 1 x 1 seed gave a momentum of 4.5e-8 from terms near 0.1) that direction is
+                // rounding noise, which five Newton-Schulz steps amplify, and no tolerance on
+                // the parameter holds; such steps are counted (rare, checked below) and their
+                // momentum is still compared.
+                const double mu = h.momentum;
+                double noise = 0.0, norm = 0.0;
+                for (std::size_t i = 0; i < size; ++i) {
+                    double terms = mu * std::abs(buf_before[i]) + (1.0 - mu) * std::abs(g[i]);
+                    double u = buf_ref[i];
+                    if (h.nesterov) {
+                        terms = (1.0 - mu) * std::abs(g[i]) + mu * terms;
+                        u = (1.0 - mu) * g[i] + mu * buf_ref[i];
+                    }
+                    noise += (0x1p-24 * terms) * (0x1p-24 * terms);
+                    norm += u * u;
+                }
+                const bool determined = std::sqrt(noise) <= 1e-5 * std::sqrt(norm);
+                // The parameter, against the size of this step's two terms: the orthogonalised
+                // update and the decay (not their sum, which cancels for a parameter near
+                // -update / (lr * wd)). On top, three float roundings of the parameter's size
+                // are allowed: the decay factor 1 - lr * wd (rounded to float, as PyTorch's
+                // scalar is for a float tensor), the decayed parameter, and the difference.
+                const double decay = double(h.lr) * double(h.weight_decay);
                 double scale = 0.0;
-                for (std::size_t i = 0; i < size; ++i)
-                    scale = std::max(scale, std::abs(p_ref[i] - p_before[i]));
+                for (std::size_t i = 0; i < size; ++i) {
+                    const double decay_term = decay * p_before[i];
+                    const double update_term = p_before[i] - decay_term - p_ref[i];
+                    scale = std::max({scale, std::abs(decay_term), std::abs(update_term)});
+                }
                 double e = 0.0;
                 for (std::size_t i = 0; i < size; ++i) {
                     const double rounding = 3.0 * 0x1p-24 * std::max(1.0, std::abs(p_ref[i]));
                     e = std::max(
                         e, std::max(0.0, std::abs(double(p[i]) - p_ref[i]) - rounding) / scale);
                 }
-                worst_update = std::max(worst_update, e);
                 INFO("step " << t << ": parameter error " << e << " of the step size");
-                CHECK(e <= ns_tol);
+                if (determined) {
+                    worst_update = std::max(worst_update, e);
+                    CHECK(e <= ns_tol);
+                } else {
+                    ++undetermined;
+                }
 
                 mismatch_log log;
                 for (std::size_t i = 0; i < size; ++i) {
@@ -474,7 +505,9 @@ TEST_CASE("muon: each step matches the double-precision reference") {
         }
     }
     MESSAGE("worst parameter error, relative to the step: "
-            << worst_update << "; worst momentum error: " << worst_momentum);
+            << worst_update << "; worst momentum error: " << worst_momentum << "; "
+            << undetermined << " of " << steps << " steps with a cancelled momentum");
+    CHECK(undetermined * 100 <= steps);  // a rare draw, not a way to pass
 }
 
 // A whole trajectory without re-synchronising: float and double drift apart slowly (each step's
