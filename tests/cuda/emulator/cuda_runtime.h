@@ -126,7 +126,14 @@ struct allocation { std::size_t size; cudaMemoryType type; };
 inline std::mutex& mem_mutex() { static std::mutex m; return m; }
 inline std::map<std::uintptr_t, allocation>& allocations() { static std::map<std::uintptr_t, allocation> a; return a; }
 inline void* allocate(std::size_t n, cudaMemoryType t) {
+#if defined(__SANITIZE_ADDRESS__)
+    // Exactly n bytes, so that AddressSanitizer reports a kernel reading or writing past an
+    // allocation (a GPU would not fault until the next page; compute-sanitizer would report it).
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, std::max<std::size_t>(n, 1)) != 0) p = nullptr;
+#else
     void* p = std::aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+#endif
     std::lock_guard<std::mutex> l(mem_mutex());
     allocations()[reinterpret_cast<std::uintptr_t>(p)] = {n, t};
     return p;
@@ -219,17 +226,43 @@ struct fiber_context {
 };
 #endif
 
+// AddressSanitizer follows the switches when told (its fiber interface): which stack runs next,
+// and on arrival which stack was left. Fibers are always resumed by the scheduler and the
+// scheduler by a fiber, so a fiber learns the scheduler's stack (that of whichever thread runs
+// the launch) each time it arrives.
+#if defined(__SANITIZE_ADDRESS__)
+}  // namespace emu
+#include <sanitizer/common_interface_defs.h>
+namespace emu {
+inline void leaving_stack(void** fake, const void* bottom, std::size_t size) {
+    __sanitizer_start_switch_fiber(fake, bottom, size);
+}
+inline void arrived_on_stack(void* fake, const void** old_bottom, std::size_t* old_size) {
+    __sanitizer_finish_switch_fiber(fake, old_bottom, old_size);
+}
+#else
+inline void leaving_stack(void**, const void*, std::size_t) {}
+inline void arrived_on_stack(void*, const void**, std::size_t*) {}
+#endif
+struct stack_bounds {
+    const void* bottom = nullptr;
+    std::size_t size = 0;
+    void* fake = nullptr;  // ASan's fake stack of a switched-out context
+};
+
 struct pool {
     static constexpr unsigned threads = 256;
     static constexpr std::size_t stack_bytes = 256 * 1024;
     struct fiber {
         fiber_context context;
         std::unique_ptr<char[]> stack;
+        stack_bounds bounds;
         bool done = false;
     };
     fiber_barrier sync{threads};
     std::vector<fiber> fibers = std::vector<fiber>(threads);
     fiber_context scheduler;
+    stack_bounds scheduler_bounds;
     unsigned current = 0;
     unsigned long progress = 0;  // barrier arrivals and finished fibers: a pass without any is a deadlock
     const std::function<void()>* task = nullptr;
@@ -240,16 +273,33 @@ struct pool {
     // arms the stack afresh).
     static void entry() {
         pool& p = the_pool();
+        arrived_on_stack(nullptr, &p.scheduler_bounds.bottom, &p.scheduler_bounds.size);
         (*p.task)();
         fiber& self = p.fibers[p.current];
         self.done = true;
         ++p.progress;
+        leaving_stack(nullptr, p.scheduler_bounds.bottom, p.scheduler_bounds.size);  // for good
         self.context.switch_to(p.scheduler);
         std::abort();  // never resumed
     }
     void start(fiber& fb) {
         fb.context.arm(fb.stack.get(), stack_bytes, &pool::entry, &scheduler);
+        fb.bounds.bottom = fb.stack.get();
+        fb.bounds.size = stack_bytes;
         fb.done = false;
+    }
+    // The scheduler runs fiber t until it waits or ends.
+    void resume(fiber& fb) {
+        leaving_stack(&scheduler_bounds.fake, fb.bounds.bottom, fb.bounds.size);
+        scheduler.switch_to(fb.context);
+        arrived_on_stack(scheduler_bounds.fake, nullptr, nullptr);
+    }
+    // The running fiber waits: back to the scheduler, which resumes it later.
+    void yield() {
+        fiber& self = fibers[current];
+        leaving_stack(&self.bounds.fake, scheduler_bounds.bottom, scheduler_bounds.size);
+        self.context.switch_to(scheduler);
+        arrived_on_stack(self.bounds.fake, &scheduler_bounds.bottom, &scheduler_bounds.size);
     }
     void run(dim3 g, dim3 b, const std::function<void()>& f) {
         task = &f;
@@ -265,7 +315,7 @@ struct pool {
                     if (fibers[t].done) continue;
                     current = t;
                     threadIdx = dim3(t, 0, 0);
-                    scheduler.switch_to(fibers[t].context);
+                    resume(fibers[t]);
                     live += fibers[t].done ? 0 : 1;
                 }
                 if (live != 0 && progress == before) {
@@ -279,10 +329,7 @@ struct pool {
     }
 };
 inline pool& the_pool() { static pool p; return p; }
-inline void yield_fiber() {
-    pool& p = the_pool();
-    p.fibers[p.current].context.switch_to(p.scheduler);
-}
+inline void yield_fiber() { the_pool().yield(); }
 inline void fiber_barrier::arrive_and_wait() {
     ++the_pool().progress;
     if (++count == expected) {
