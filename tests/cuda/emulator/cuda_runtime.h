@@ -169,7 +169,7 @@ inline cudaError_t enqueue(cudaStream_t s, std::function<void()> op) {
 // thread per barrier those calls were half the emulated suite's time.
 #if defined(__x86_64__) && !defined(EMU_UCONTEXT)  // EMU_UCONTEXT: the fallback, to test it
 // *from = the running stack; continue on `to` (a stack saved by this function, or one that
-// fiber_stack::arm prepared).
+// fiber_context::arm prepared).
 __attribute__((naked, noinline)) inline void switch_stack(void** /*from*/, void* /*to*/) {
     asm("pushq %rbp\n\t"
         "pushq %rbx\n\t"
