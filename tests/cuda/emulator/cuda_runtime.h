@@ -316,7 +316,7 @@ struct pool {
                     current = t;
                     threadIdx = dim3(t, 0, 0);
                     resume(fibers[t]);
-                    live += fibers[t].done ? 0 : 1;
+                    live += fibers[t].done ? 0u : 1u;
                 }
                 if (live != 0 && progress == before) {
                     std::fprintf(stderr, "emulator: block %u deadlocked: a __syncthreads or warp "
