@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs the CUDA tests' logic on the CPU, for machines without a GPU. The same program is the CTest
-# entry `cuda_emulated` (label cuda-emulator; tests/CMakeLists.txt), which every test build makes
-# and ./scripts/test runs; this script is the developer's shortcut: it configures build/emu,
-# builds only that program and runs it, passing its arguments to doctest.
+# Runs the CUDA tests' logic on the CPU, for machines without a GPU. The same program runs as the
+# CTest entries `cuda_emulated.1` and `.2` (label cuda-emulator; tests/CMakeLists.txt), which
+# every test build makes and ./scripts/test runs; this script is the developer's shortcut: it
+# configures build/emu, builds only that program and runs it, passing its arguments to doctest.
 #
 # cuda_runtime.h and nccl.h here stand in for the slice of the CUDA runtime and NCCL that loco
 # uses: the kernels are compiled by g++ as plain functions; the blocks of a launch run one after
