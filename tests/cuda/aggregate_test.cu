@@ -27,6 +27,10 @@
 #include <thread>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_aggregate_test {
+
 namespace {
 
 using namespace loco_test;
@@ -501,3 +505,5 @@ TEST_CASE_TEMPLATE("cuda device aggregation over nccl: the threads run's numbers
 }
 
 #endif  // LOCO_TEST_NCCL
+
+}  // namespace cuda_aggregate_test

@@ -19,6 +19,10 @@
 #include <thread>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_comm_test {
+
 namespace {
 
 using namespace loco_test;
@@ -584,3 +588,5 @@ TEST_CASE("nccl across GPUs: a missing peer times out instead of hanging (needs 
 }
 
 #endif  // LOCO_TEST_NCCL
+
+}  // namespace cuda_comm_test

@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_compress_test {
+
 namespace {
 
 using namespace loco_test;
@@ -440,3 +444,5 @@ TEST_CASE("cuda::diloco device exchange: checkpoints keep the residual in the ho
     });
     CHECK(resaved == saved);
 }
+
+}  // namespace cuda_compress_test

@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_desloc_test {
+
 namespace {
 
 using namespace loco_test;
@@ -88,3 +92,5 @@ TEST_CASE("cuda backend: state_periods (DES-LOC) gives the host's numbers") {
     // sync, made the moments equal.
     CHECK(gpu[0].params != gpu[1].params);
 }
+
+}  // namespace cuda_desloc_test

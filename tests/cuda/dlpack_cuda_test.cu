@@ -26,6 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_dlpack_cuda_test {
+
 namespace {
 
 using namespace loco_test;
@@ -228,3 +232,5 @@ TEST_CASE("dlpack: a kDLCUDA list in the host handle, or a kDLCPU one in the CUD
     CHECK_THROWS_WITH_AS(gpu_t(h.list, one), doctest::Contains("the CUDA backend needs cuda tensors"),
                          loco::memory_space_error);
 }
+
+}  // namespace cuda_dlpack_cuda_test

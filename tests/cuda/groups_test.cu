@@ -30,6 +30,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_groups_test {
+
 namespace {
 
 using namespace loco_test;
@@ -696,3 +700,5 @@ TEST_CASE("docs: MuLoCo on the GPU") {
     }
     CHECK(moved > 1e-3);
 }
+
+}  // namespace cuda_groups_test

@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_handles_test {
+
 namespace {
 
 using namespace loco_test;
@@ -338,3 +342,5 @@ TEST_CASE("docs: DiLoCo with four workers on one GPU") {
     }
     log.check();
 }
+
+}  // namespace cuda_handles_test

@@ -29,6 +29,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_inner_test {
+
 namespace {
 
 using namespace loco_test;
@@ -672,9 +676,12 @@ __global__ void fault_kernel(int* never_null) {
 
 }  // namespace
 
+}  // namespace cuda_inner_test
+
 // The child of the last test: a kernel traps; the next loco call that synchronises must throw
 // loco::cuda_error naming that call, and so must a later launch (the error is sticky).
 int loco_test::loco_test_child(const std::string& what) {
+    using namespace cuda_inner_test;
     if (what != "kernel-fault") {
         std::printf("unknown child %s\n", what.c_str());
         return 2;
@@ -717,3 +724,4 @@ int loco_test::loco_test_child(const std::string& what) {
     std::fflush(stdout);
     _exit(exit_code);
 }
+

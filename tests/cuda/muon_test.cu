@@ -51,6 +51,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_muon_test {
+
 namespace {
 
 using namespace loco_test;
@@ -757,3 +761,5 @@ TEST_CASE("muon engine: block counts and the FLOP model") {
           doctest::Approx(5 * ((2 * m * m * n + 2 * m * m * m) * 3.0 / 4.0 + 2 * m * m * n)));
     CHECK(one.nominal_flops(5) == doctest::Approx(5 * (4 * m * m * n + 2 * m * m * m)));
 }
+
+}  // namespace cuda_muon_test

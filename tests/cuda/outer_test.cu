@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_outer_test {
+
 namespace {
 
 using namespace loco_test;
@@ -379,3 +383,5 @@ TEST_CASE("DiLoCo with M replicas on one GPU equals the algorithm computed on th
         CHECK(sent[std::size_t(r)] == std::uint64_t(rounds) * 4 * (n + (M - 2) * chunk));
     }
 }
+
+}  // namespace cuda_outer_test

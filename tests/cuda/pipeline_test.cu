@@ -21,6 +21,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_pipeline_test {
+
 namespace {
 
 using namespace loco_test;
@@ -280,3 +284,5 @@ TEST_CASE_TEMPLATE("cuda backend over nccl: each schedule gives the threads run'
 }
 
 #endif  // LOCO_TEST_NCCL
+
+}  // namespace cuda_pipeline_test

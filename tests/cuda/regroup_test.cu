@@ -30,6 +30,10 @@
 #include <thread>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_regroup_test {
+
 namespace {
 
 using namespace loco_test;
@@ -350,3 +354,5 @@ TEST_CASE("cuda backend regroup over nccl: a worker leaves, the survivors go on,
     }
 }
 #endif  // LOCO_TEST_NCCL
+
+}  // namespace cuda_regroup_test

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_rules_test {
+
 namespace {
 
 using namespace loco_test;
@@ -84,3 +88,5 @@ TEST_CASE("outer rules on the device match the host backend") {
     check_rule_on_device<loco::outer::nesterov>({}, "outer nesterov");
     check_rule_on_device<loco::outer::adam>({.bias_correction = true}, "outer adam");
 }
+
+}  // namespace cuda_rules_test

@@ -37,6 +37,10 @@
 #include <thread>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_sparse_test {
+
 namespace {
 
 using namespace loco_test;
@@ -823,3 +827,5 @@ TEST_CASE("cuda::diloco with sparseloco: a malformed payload is refused on every
                                                 {0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}}));
     });
 }
+
+}  // namespace cuda_sparse_test

@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_statistical_test {
+
 namespace {
 
 using namespace loco_test;
@@ -337,3 +341,5 @@ TEST_CASE("statistical payload_check refuses what statistical::decode refuses, n
     };
     CHECK_THROWS_AS(encode_per_tensor(), loco::invalid_argument);
 }
+
+}  // namespace cuda_statistical_test

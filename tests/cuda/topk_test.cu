@@ -24,6 +24,10 @@
 #include <string>
 #include <vector>
 
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_topk_test {
+
 namespace {
 
 using namespace loco_test;
@@ -634,3 +638,5 @@ TEST_CASE("cuda::diloco with topk on the device: a corrupted index is refused an
                                                   {0, 5, 1, 5}, {5, 42, 6, 7}, {47, 1003, 1, 1003}}));
     });
 }
+
+}  // namespace cuda_topk_test
