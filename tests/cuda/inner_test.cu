@@ -724,4 +724,3 @@ int loco_test::loco_test_child(const std::string& what) {
     std::fflush(stdout);
     _exit(exit_code);
 }
-
