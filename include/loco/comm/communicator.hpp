@@ -302,6 +302,24 @@ private:
     std::atomic<const char*> in_call_{nullptr};  // the public call in progress, if any
 };
 
+// The base of communicators whose all-reduce and all-gather are split-phase by nature (threads,
+// MPI, NCCL, staging): they implement only the start hooks. The public blocking calls are already
+// start + finish; the blocking hooks, which only the default start hooks call, are the same here.
+class split_phase_communicator : public communicator {
+protected:
+    std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
+                                                            reduce_op op) override = 0;
+    std::unique_ptr<request::operation> do_start_all_gather(
+        tensor_view<const std::byte> send, tensor_view<std::byte> recv) override = 0;
+
+    void do_all_reduce(tensor_view<float> data, reduce_op op) final {
+        do_start_all_reduce(data, op)->wait();
+    }
+    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) final {
+        do_start_all_gather(send, recv)->wait();
+    }
+};
+
 inline void request::finish() {
     if (!op_) {
         throw invalid_argument(finished_ ? "loco::comm::request: " + what_ +

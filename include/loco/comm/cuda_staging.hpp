@@ -26,7 +26,7 @@
 
 namespace loco::comm {
 
-class cuda_staging final : public communicator {
+class cuda_staging final : public split_phase_communicator {
 public:
     explicit cuda_staging(communicator& device_comm) : next_(device_comm) {
         if (device_comm.space() != loco::memory_space::cuda) {
@@ -64,12 +64,6 @@ protected:
                                         recv.data, recv.size);
     }
 
-    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
-        do_start_all_reduce(data, op)->wait();
-    }
-    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        do_start_all_gather(send, recv)->wait();
-    }
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
         buffer s = take(send.size);
         buffer r = take(recv.size);

@@ -46,7 +46,7 @@
 
 namespace loco::comm {
 
-class mpi final : public communicator {
+class mpi final : public split_phase_communicator {
 public:
     struct options {
         // The number of ranks the program expects; 0 accepts any. A communicator of another size
@@ -201,14 +201,6 @@ protected:
         p->step = stage::all_gather;
         queue_.push_back(p);
         return std::make_unique<operation>(*this, std::move(p));
-    }
-
-    // The blocking forms are start + finish (the base class never calls these two directly).
-    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
-        do_start_all_reduce(data, op)->wait();
-    }
-    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        do_start_all_gather(send, recv)->wait();
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {

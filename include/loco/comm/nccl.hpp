@@ -128,7 +128,7 @@ inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time
 
 }  // namespace detail
 
-class nccl final : public communicator {
+class nccl final : public split_phase_communicator {
 public:
     // Wraps an existing communicator, which stays the caller's (it is not destroyed here, but it
     // is aborted on a timeout or error). The current device must be the communicator's.
@@ -268,14 +268,6 @@ protected:
         });
         sent_ += static_cast<std::uint64_t>(size_ - 1) * send.size;
         return std::make_unique<in_flight>(*this, std::move(done), where);
-    }
-
-    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
-        do_start_all_reduce(data, op)->wait();
-    }
-
-    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        do_start_all_gather(send, recv)->wait();
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {

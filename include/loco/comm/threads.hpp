@@ -253,7 +253,7 @@ private:
 
 // One rank of a thread_group. Its collectives run on a progress thread of its own, in call order;
 // the object serves one calling thread at a time.
-class threads final : public communicator {
+class threads final : public split_phase_communicator {
 public:
     threads(std::shared_ptr<thread_group> group, int rank) : group_(std::move(group)), rank_(rank) {
         if (!group_) {
@@ -302,12 +302,6 @@ protected:
         });
     }
 
-    void do_all_reduce(tensor_view<float> data, reduce_op op) override {
-        do_start_all_reduce(data, op)->wait();
-    }
-    void do_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
-        do_start_all_gather(send, recv)->wait();
-    }
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
         post([this, send, recv, where = prefix("all_to_all")] {
             all_to_all_now(send, recv, where);
