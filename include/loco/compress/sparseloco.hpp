@@ -62,6 +62,7 @@
 // exactly k_c ones, a code not below B, a nonzero table entry for a bin no code uses, nonzero
 // padding.
 
+#include <loco/compress/bin_code.hpp>
 #include <loco/compress/chunking.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/index_code.hpp>
@@ -164,17 +165,14 @@ struct sparseloco {
 
     // ---- per value ------------------------------------------------------------------------------
 
+    // A kept value's bin and decoding, D = lut[q] + shift: the rule of compress/bin_code.hpp
+    // (host and device encoders and decoders alike).
     LOCO_HD static unsigned code(float v, float shift, float scale, unsigned bins) noexcept {
-        float t = (v - shift) / scale + static_cast<float>(bins / 2);
-        t = t >= 0.0f ? t : 0.0f;  // also NaN
-        t = t <= static_cast<float>(bins - 1) ? t : static_cast<float>(bins - 1);
-        const unsigned low = static_cast<unsigned>(t);
-        const float frac = t - static_cast<float>(low);
-        return low + static_cast<unsigned>(frac > 0.5f || (frac == 0.5f && (low & 1u) != 0));
+        return bin_code::code(v, shift, scale, bins);
     }
-
-    // A kept value's decoding, D = lut[q] + shift (host and device decoders alike).
-    LOCO_HD static float value(float lut_entry, float shift) noexcept { return lut_entry + shift; }
+    LOCO_HD static float value(float lut_entry, float shift) noexcept {
+        return bin_code::value(lut_entry, shift);
+    }
 
     LOCO_HD static float canonical(float v) noexcept {
         return v == v ? v : loco::detail::float_from_bits(0x7fc00000u);

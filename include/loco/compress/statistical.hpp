@@ -65,6 +65,7 @@
 // element uses; nonzero padding bits or bytes. Per row needs rows >= 1 dividing the segment's
 // size (loco::shape_error otherwise).
 
+#include <loco/compress/bin_code.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/config.hpp>
@@ -123,17 +124,14 @@ struct statistical {
 
     // ---- per element, shared with the CUDA kernels ----------------------------------------------
 
-    // clamp(round_half_to_even(c / scale + B/2), 0, B - 1), with NaN taken as below the range.
+    // The bin rule of compress/bin_code.hpp with B = 2^Bits bins.
     LOCO_HD static unsigned code(float x, float shift, float scale) noexcept {
-        float t = (x - shift) / scale + static_cast<float>(bins / 2);
-        t = t >= 0.0f ? t : 0.0f;  // also NaN
-        t = t <= static_cast<float>(bins - 1) ? t : static_cast<float>(bins - 1);
-        const unsigned low = static_cast<unsigned>(t);
-        const float frac = t - static_cast<float>(low);
-        return low + static_cast<unsigned>(frac > 0.5f || (frac == 0.5f && (low & 1u) != 0));
+        return bin_code::code(x, shift, scale, bins);
     }
 
-    LOCO_HD static float value(float lut_entry, float shift) noexcept { return lut_entry + shift; }
+    LOCO_HD static float value(float lut_entry, float shift) noexcept {
+        return bin_code::value(lut_entry, shift);
+    }
 
     // ---- group statistics (host), in the summation order above -------------------------------
 
