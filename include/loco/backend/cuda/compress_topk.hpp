@@ -56,6 +56,7 @@
 // host's are.
 
 #include <loco/backend/cuda/compress.hpp>
+#include <loco/backend/cuda/compress/encode_source.hpp>
 #include <loco/backend/cuda/control.hpp>
 #include <loco/backend/cuda/dtype.hpp>
 #include <loco/backend/cuda/elementwise.hpp>
@@ -344,52 +345,16 @@ __device__ __forceinline__ void topk_clear_hist(std::uint32_t* local) {
     __syncthreads();
 }
 
-// x and e of element j of a tensor: x = delta, or global - local; with Feedback
-// e = decay * residual + scale * x, each operation rounded as on the host (no contraction).
-// Pointers are offset to the tensor's element 0.
-template <bool Feedback, encode_from From, class P, bool UseMaster>
-struct topk_source {
-    const float* source;  // delta or global, padded layout
-    const P* value;
-    const float* master;
-    const float* residual;
-    float decay;
-    float scale;
-
-    __device__ __forceinline__ float load(std::uint64_t j) const {
-        float x;
-        if constexpr (From == encode_from::delta) {
-            x = source[j];
-        } else {
-            const float g = source[j];
-            const float local = UseMaster ? master[j] : widen(value[j]);
-            x = __fsub_rn(g, local);
-        }
-        if constexpr (Feedback) {
-            const float r = residual[j];
-            return __fadd_rn(__fmul_rn(decay, r), __fmul_rn(scale, x));
-        } else {
-            return x;
-        }
-    }
-};
-
 // The source pass over one item: e written to `e_out` (padded layout, tensor's element 0), the
 // histogram of key bits 31..24 counted into `local`.
 template <bool Feedback, encode_from From, class P, bool UseMaster>
 __device__ __forceinline__ void topk_source_item(const tensor_desc& d, const topk_item& item,
                                                  const encode_params& a, float* e_out,
                                                  std::uint32_t* local) {
-    topk_source<Feedback, From, P, UseMaster> src;
-    src.source = a.source + d.padded_offset;
-    src.value = static_cast<const P*>(d.value);
-    src.master = UseMaster ? a.master + d.master_offset : nullptr;
-    src.residual = Feedback ? a.residual + d.padded_offset : nullptr;
-    src.decay = a.decay;
-    src.scale = a.scale;
+    const auto src = source_of<Feedback, From, P, UseMaster>(d, a, false);
     const std::uint64_t end = item.first + item.count;
     for (std::uint64_t j = item.first + threadIdx.x; j < end; j += block_threads) {
-        const float e = src.load(j);
+        const float e = src.load1(j);
         e_out[j] = e;
         atomicAdd(local + (topk_key(e) >> 24), 1u);
     }

@@ -52,18 +52,10 @@ inline constexpr int encode_min_blocks = [] {
 
 template <class Codec, bool Feedback, encode_from From, class P, bool UseMaster>
 __device__ __forceinline__ void encode_item(const tensor_desc& d, const compress_tensor& ct,
-                                            const compress_item& item, std::uint64_t padded,
-                                            const encode_params& a, std::uint64_t stream) {
-    encode_source<Feedback, From, P, UseMaster> src;
-    src.source = a.source + padded;
-    src.value = static_cast<const P*>(d.value);
-    src.master = UseMaster ? a.master + d.master_offset : nullptr;
-    src.residual = Feedback ? a.residual + padded : nullptr;
-    src.next = Feedback ? a.next + padded : nullptr;
-    src.n = d.size;
-    src.decay = a.decay;
-    src.scale = a.scale;
-    src.vec_value = (d.aligned & value_aligned) != 0;
+                                            const compress_item& item, const encode_params& a,
+                                            std::uint64_t stream) {
+    const auto src = source_of<Feedback, From, P, UseMaster>(
+        d, a, (d.aligned & value_aligned) != 0);
     std::byte* seg = a.payload + compress::wire::header_bytes + ct.body;
     encode_body<Codec>::run(src, item, seg, ct.blocks, d.flat_offset, a, stream);
 }
@@ -78,17 +70,16 @@ __global__ void __launch_bounds__(block_threads, encode_min_blocks<Codec>)
         a.round_from ? a.round_from->steps + a.round_from->skipped : a.round;
     const std::uint64_t stream = (round << 32) + a.rank;
     if constexpr (From == encode_from::delta) {
-        encode_item<Codec, Feedback, From, float, false>(d, ct, item, d.padded_offset, a, stream);
+        encode_item<Codec, Feedback, From, float, false>(d, ct, item, a, stream);
     } else {
         if (d.combo & 1u) {
             if constexpr ((Combos & (combos::bf16_f32 | combos::bf16_bf16)) != 0) {
                 encode_item<Codec, Feedback, From, loco::bf16, reads_master<loco::bf16, Mode>>(
-                    d, ct, item, d.padded_offset, a, stream);
+                    d, ct, item, a, stream);
             }
         } else {
             if constexpr ((Combos & (combos::f32_f32 | combos::f32_bf16)) != 0) {
-                encode_item<Codec, Feedback, From, float, false>(d, ct, item, d.padded_offset, a,
-                                                                 stream);
+                encode_item<Codec, Feedback, From, float, false>(d, ct, item, a, stream);
             }
         }
     }

@@ -236,6 +236,25 @@ struct encode_source {
     }
 };
 
+// Tensor d's source, its pointers offset to d's element 0. Params is encode_params or
+// stat_encode_params (the same field names); vec_value: load8 may read d's values 16 bytes at a
+// time.
+template <bool Feedback, encode_from From, class P, bool UseMaster, class Params>
+__device__ __forceinline__ encode_source<Feedback, From, P, UseMaster> source_of(
+    const tensor_desc& d, const Params& a, bool vec_value) {
+    encode_source<Feedback, From, P, UseMaster> src;
+    src.source = a.source + d.padded_offset;
+    src.value = static_cast<const P*>(d.value);
+    src.master = UseMaster ? a.master + d.master_offset : nullptr;
+    src.residual = Feedback ? a.residual + d.padded_offset : nullptr;
+    src.next = Feedback ? a.next + d.padded_offset : nullptr;
+    src.n = d.size;
+    src.decay = a.decay;
+    src.scale = a.scale;
+    src.vec_value = vec_value;
+    return src;
+}
+
 // ---- warp reductions over groups of G lanes (G a power of 2, <= 32; all lanes take part) ------
 
 // One butterfly for all four: at each step a lane combines its value with its partner's,

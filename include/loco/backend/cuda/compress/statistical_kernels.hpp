@@ -101,16 +101,7 @@ __device__ __forceinline__ void stat_chunk_pass(const tensor_desc& d, const stat
                                                 unsigned lane) {
     using codec = compress::statistical<Bits>;
     constexpr unsigned B = codec::bins;
-    encode_source<Feedback, From, P, UseMaster> src;
-    src.source = a.source + d.padded_offset;
-    src.value = static_cast<const P*>(d.value);
-    src.master = UseMaster ? a.master + d.master_offset : nullptr;
-    src.residual = Feedback ? a.residual + d.padded_offset : nullptr;
-    src.next = Feedback ? a.next + d.padded_offset : nullptr;
-    src.n = d.size;
-    src.decay = a.decay;
-    src.scale = a.scale;
-    src.vec_value = false;
+    const auto src = source_of<Feedback, From, P, UseMaster>(d, a, false);
     // e after pass 1: with error feedback it waits in the new residual buffer (pass 4 overwrites
     // it with the residual); without, x is formed again from its source (no scratch array).
     const auto again = [&](std::uint64_t j) {
