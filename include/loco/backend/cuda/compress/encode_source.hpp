@@ -236,12 +236,11 @@ struct encode_source {
     }
 };
 
-// Tensor d's source, its pointers offset to d's element 0. Params is encode_params or
-// stat_encode_params (the same field names); vec_value: load8 may read d's values 16 bytes at a
-// time.
-template <bool Feedback, encode_from From, class P, bool UseMaster, class Params>
+// Tensor d's source, its pointers offset to d's element 0; vec_value: load8 may read d's values
+// 16 bytes at a time.
+template <bool Feedback, encode_from From, class P, bool UseMaster>
 __device__ __forceinline__ encode_source<Feedback, From, P, UseMaster> source_of(
-    const tensor_desc& d, const Params& a, bool vec_value) {
+    const tensor_desc& d, const encode_params& a, bool vec_value) {
     encode_source<Feedback, From, P, UseMaster> src;
     src.source = a.source + d.padded_offset;
     src.value = static_cast<const P*>(d.value);

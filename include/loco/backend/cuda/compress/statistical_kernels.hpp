@@ -36,22 +36,6 @@ namespace loco::backend::cuda {
 
 namespace detail {
 
-struct stat_encode_params {
-    const float* source;  // delta, or global (padded layout)
-    const float* master;
-    const float* residual;
-    float* next;
-    std::byte* payload;
-    float decay;
-    float scale;  // error feedback's s
-    float range;
-    std::uint32_t reserved;
-};
-
-}  // namespace detail
-
-namespace detail {
-
 #if LOCO_HAS_CUDA()
 
 // statistical: lut[q] + shift of the element's group (groups = the tensor's groups, cols their
@@ -97,7 +81,7 @@ __device__ __forceinline__ unsigned warp_usum(unsigned v) {
 template <int Bits, int Pass, bool Feedback, encode_from From, class P, bool UseMaster>
 __device__ __forceinline__ void stat_chunk_pass(const tensor_desc& d, const stat_chunk& c,
                                                 const compress_tensor& ct, const stat_view& v,
-                                                const stat_encode_params& a, std::uint64_t index,
+                                                const encode_params& a, std::uint64_t index,
                                                 unsigned lane) {
     using codec = compress::statistical<Bits>;
     constexpr unsigned B = codec::bins;
@@ -225,7 +209,7 @@ __device__ __forceinline__ void stat_chunk_pass(const tensor_desc& d, const stat
 
 template <int Bits, int Pass, bool Feedback, encode_from From, bf16_update Mode, unsigned Combos>
 __global__ void __launch_bounds__(block_threads)
-    stat_pass_kernel(table_view t, stat_view v, stat_encode_params a) {
+    stat_pass_kernel(table_view t, stat_view v, encode_params a) {
     const std::uint64_t index =
         static_cast<std::uint64_t>(blockIdx.x) * (block_threads / 32) + threadIdx.x / 32;
     if (index >= v.chunk_count) {
@@ -417,8 +401,6 @@ void encode_statistical(const compress_plan<Codec>& plan, const tensor_table& ta
     if (len != 0) {
         LOCO_CUDA_CHECK(cudaMemsetAsync(a.payload + compress::wire::header_bytes, 0, len, stream));
     }
-    const stat_encode_params sp{a.source, a.master, a.residual, a.next, a.payload,
-                                a.decay,  a.scale,  h.range,    0u};
     const stat_view& v = plan.stats();
     const auto chunk_grid = static_cast<std::uint32_t>((v.chunk_count + 7) / 8);
     const auto group_grid = static_cast<std::uint32_t>((v.group_count + block_threads - 1) /
@@ -427,20 +409,20 @@ void encode_statistical(const compress_plan<Codec>& plan, const tensor_table& ta
     if (v.chunk_count != 0) {
         const table_view t = table.view();
         LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 1, Feedback, From, Mode, Combos>,
-                               chunk_grid, stream, t, v, sp));
+                               chunk_grid, stream, t, v, a));
         LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 1>, group_grid, stream, v, a.payload,
                                h.range));
         LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 2, Feedback, From, Mode, Combos>,
-                               chunk_grid, stream, t, v, sp));
+                               chunk_grid, stream, t, v, a));
         LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 2>, group_grid, stream, v, a.payload,
                                h.range));
         LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 3, Feedback, From, Mode, Combos>,
-                               chunk_grid, stream, t, v, sp));
+                               chunk_grid, stream, t, v, a));
         LOCO_CUDA_CHECK(launch(stat_finish_kernel<Bits, 3>, group_grid, stream, v, a.payload,
                                h.range));
         if constexpr (Feedback) {
             LOCO_CUDA_CHECK(launch(stat_pass_kernel<Bits, 4, Feedback, From, Mode, Combos>,
-                                   chunk_grid, stream, t, v, sp));
+                                   chunk_grid, stream, t, v, a));
         }
     }
     const gathered_payloads self{a.payload, plan.payload_bytes(), 1, 0};
