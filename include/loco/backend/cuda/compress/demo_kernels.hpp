@@ -94,6 +94,28 @@ namespace detail {
 
 #if LOCO_HAS_CUDA()
 
+// The chunk a CTA works on (one CTA per chunk; blockIdx.x is its index over all segments) and the
+// DCT bases of its sides, F_h (h x h) and F_w (w x w), row-major.
+struct demo_chunk {
+    chunked_segment s;
+    std::uint64_t local;  // the chunk's index within its segment
+    const double* fh;
+    const double* fw;
+
+    __device__ unsigned cells() const { return s.h * s.w; }
+    __device__ std::uint64_t element(unsigned cell) const {
+        return chunked_element(s, local, cell);
+    }
+};
+
+__device__ __forceinline__ demo_chunk this_chunk(const chunked_segment* segs,
+                                                 const std::uint32_t* chunk_segment,
+                                                 const double* basis) {
+    const std::uint64_t c = blockIdx.x;
+    const chunked_segment s = segs[chunk_segment[c]];
+    return {s, c - s.chunk0, basis + s.basis_h, basis + s.basis_w};
+}
+
 // The chunk's sent coefficients are slots [first, first + k) (ascending cells); row_start[b] ..
 // row_start[b + 1] are those of row b. Returns the value of slot j.
 struct demo_sent {
@@ -125,12 +147,13 @@ struct demo_sent {
 // Zero x are skipped: the +-0 product never changes a sum that starts at +0, so skipping them
 // only saves work (the host's inverse skips them too).
 template <bool Inverse>
-__device__ void demo_rows(const chunked_segment& s, std::uint64_t local, const float* x,
-                          const double* fw, double* t) {
-    for (unsigned o = threadIdx.x; o < s.h * s.w; o += block_threads) {
+__device__ void demo_rows(const demo_chunk& ch, const float* x, double* t) {
+    const chunked_segment& s = ch.s;
+    const double* fw = ch.fw;
+    for (unsigned o = threadIdx.x; o < ch.cells(); o += block_threads) {
         const unsigned r = o / s.w;
         const unsigned j = o % s.w;
-        const std::uint64_t row = chunked_element(s, local, r * s.w);
+        const std::uint64_t row = ch.element(r * s.w);
         double acc = 0.0;
         for (unsigned k = 0; k < s.w; ++k) {
             const double v = static_cast<double>(x[row + k]);
@@ -144,9 +167,10 @@ __device__ void demo_rows(const chunked_segment& s, std::uint64_t local, const f
 // The inverse DCT's second pass, x[r][c] = sum_b F_h[r][b] t[b][c] (b ascending, the host's
 // order, no fused multiply-add); put(o, x) for each cell o = r * w + c of the chunk.
 template <class Put>
-__device__ void demo_columns(const chunked_segment& s, const double* fh, const double* t,
-                             Put put) {
-    for (unsigned o = threadIdx.x; o < s.h * s.w; o += block_threads) {
+__device__ void demo_columns(const demo_chunk& ch, const double* t, Put put) {
+    const chunked_segment& s = ch.s;
+    const double* fh = ch.fh;
+    for (unsigned o = threadIdx.x; o < ch.cells(); o += block_threads) {
         const unsigned r = o / s.w;
         const unsigned c = o % s.w;
         double acc = 0.0;
@@ -160,11 +184,11 @@ __device__ void demo_columns(const chunked_segment& s, const double* fh, const d
 // D = the inverse DCT of the sent coefficients; apply(i, D) for each element of the chunk.
 // t: shared scratch of h * w doubles; row_start: shared, h + 1 entries.
 template <class Apply>
-__device__ void demo_inverse(const chunked_segment& s, std::uint64_t local, const double* basis,
-                             const demo_sent& sent, double* t, unsigned* row_start, Apply apply) {
-    const unsigned cells = s.h * s.w;
-    const double* fh = basis + s.basis_h;
-    const double* fw = basis + s.basis_w;
+__device__ void demo_inverse(const demo_chunk& ch, const demo_sent& sent, double* t,
+                             unsigned* row_start, Apply apply) {
+    const chunked_segment& s = ch.s;
+    const unsigned cells = ch.cells();
+    const double* fw = ch.fw;
     if (threadIdx.x == 0) {
         unsigned j = 0;
         for (unsigned b = 0; b <= s.h; ++b) {
@@ -187,9 +211,7 @@ __device__ void demo_inverse(const chunked_segment& s, std::uint64_t local, cons
         t[o] = acc;
     }
     __syncthreads();
-    demo_columns(s, fh, t, [&](unsigned o, double x) {
-        apply(chunked_element(s, local, o), static_cast<float>(x));
-    });
+    demo_columns(ch, t, [&](unsigned o, double x) { apply(ch.element(o), static_cast<float>(x)); });
 }
 
 template <int = 0>
@@ -202,18 +224,16 @@ __global__ void __launch_bounds__(block_threads)
     __shared__ double t[chunked_max_cells];
     __shared__ chunk_select_shared sh;
     __shared__ unsigned row_start[chunked_max_side + 1];
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
-    const unsigned cells = s.h * s.w;
-    const double* fh = basis + s.basis_h;
-    const double* fw = basis + s.basis_w;
+    const demo_chunk ch = this_chunk(segs, chunk_segment, basis);
+    const chunked_segment& s = ch.s;
+    const std::uint64_t local = ch.local;
+    const unsigned cells = ch.cells();
     for (unsigned j = threadIdx.x; j < cells; j += block_threads) {
-        const std::uint64_t i = chunked_element(s, local, j);
+        const std::uint64_t i = ch.element(j);
         e[i] = __fadd_rn(__fmul_rn(decay, e_in[i]), x[i]);
     }
     __syncthreads();
-    demo_rows<false>(s, local, e, fw, t);  // t[r][d] = sum_c e[r][c] F_w[c][d]
+    demo_rows<false>(ch, e, t);  // t[r][d] = sum_c e[r][c] F_w[c][d]
     __syncthreads();
     // C[b][d] = sum_r F_h[r][b] t[r][d], r ascending; held in registers, then over t as fp32
     constexpr unsigned per_thread = chunked_max_cells / block_threads;
@@ -223,7 +243,7 @@ __global__ void __launch_bounds__(block_threads)
         const unsigned d = o % s.w;
         double acc = 0.0;
         for (unsigned r = 0; r < s.h; ++r) {
-            acc = __dadd_rn(acc, __dmul_rn(fh[r * s.h + b], t[r * s.w + d]));
+            acc = __dadd_rn(acc, __dmul_rn(ch.fh[r * s.h + b], t[r * s.w + d]));
         }
         mine[m] = static_cast<float>(acc);
     }
@@ -247,7 +267,7 @@ __global__ void __launch_bounds__(block_threads)
     __syncthreads();
     const demo_sent sent{slot_cell, sign ? nullptr : slot_value, nullptr, nullptr,
                          sign ? slot_code : nullptr, slot0, s.coding};
-    demo_inverse(s, local, basis, sent, t, row_start,
+    demo_inverse(ch, sent, t, row_start,
                  [&](std::uint64_t i, float d) { e[i] = __fsub_rn(e[i], d); });
 }
 
@@ -257,18 +277,16 @@ __global__ void __launch_bounds__(block_threads)
                        const double* basis, bool sign, const std::byte* payload, float* out) {
     __shared__ double t[chunked_max_cells];
     __shared__ unsigned row_start[chunked_max_side + 1];
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
+    const demo_chunk ch = this_chunk(segs, chunk_segment, basis);
+    const chunked_segment& s = ch.s;
     const demo_sent sent{nullptr,
                          sign ? nullptr : reinterpret_cast<const float*>(payload + s.values),
                          payload + s.indices,
                          payload + s.values,
                          nullptr,
-                         local * s.k,
+                         ch.local * s.k,
                          s.coding};
-    demo_inverse(s, local, basis, sent, t, row_start,
-                 [&](std::uint64_t i, float d) { out[i] = d; });
+    demo_inverse(ch, sent, t, row_start, [&](std::uint64_t i, float d) { out[i] = d; });
 }
 
 // The references' aggregation (compress::demo::decode_scatter_mean): per chunk, each cell's sent
@@ -281,12 +299,10 @@ __global__ void __launch_bounds__(block_threads)
                              std::uint64_t stride, std::uint32_t payloads, float* out) {
     __shared__ double t[chunked_max_cells];
     __shared__ std::uint16_t count[chunked_max_cells];
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
-    const unsigned cells = s.h * s.w;
-    const double* fh = basis + s.basis_h;
-    const double* fw = basis + s.basis_w;
+    const demo_chunk ch = this_chunk(segs, chunk_segment, basis);
+    const chunked_segment& s = ch.s;
+    const std::uint64_t local = ch.local;
+    const unsigned cells = ch.cells();
     for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
         t[o] = 0.0;
         count[o] = 0;
@@ -307,15 +323,13 @@ __global__ void __launch_bounds__(block_threads)
         __syncthreads();
     }
     for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        out[chunked_element(s, local, o)] =
+        out[ch.element(o)] =
             count[o] == 0 ? 0.0f : static_cast<float>(t[o] / static_cast<double>(count[o]));
     }
     __syncthreads();
-    demo_rows<true>(s, local, out, fw, t);  // t[b][c] = sum_d C[b][d] F_w[c][d]
+    demo_rows<true>(ch, out, t);  // t[b][c] = sum_d C[b][d] F_w[c][d]
     __syncthreads();
-    demo_columns(s, fh, t, [&](unsigned o, double x) {
-        out[chunked_element(s, local, o)] = static_cast<float>(x);
-    });
+    demo_columns(ch, t, [&](unsigned o, double x) { out[ch.element(o)] = static_cast<float>(x); });
 }
 
 #endif  // LOCO_HAS_CUDA()
@@ -335,10 +349,11 @@ inline void demo_encode(const demo_plan& plan, const float* x, const float* e_in
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() > 0) {
-        LOCO_CUDA_CHECK(detail::launch(detail::demo_encode_kernel<>, static_cast<std::uint32_t>(l.chunks()),
-                               stream, l.segment_table(), l.chunk_segment(), l.basis(),
-                               l.hyper().decay, l.hyper().sign, x, e_in, e, l.slot_cell(),
-                               l.slot_value(), l.slot_code(), payload));
+        LOCO_CUDA_CHECK(detail::launch(detail::demo_encode_kernel<>,
+                                       static_cast<std::uint32_t>(l.chunks()), stream,
+                                       l.segment_table(), l.chunk_segment(), l.basis(),
+                                       l.hyper().decay, l.hyper().sign, x, e_in, e, l.slot_cell(),
+                                       l.slot_value(), l.slot_code(), payload));
         detail::pack_streams(l, payload, stream);
     }
     l.finish(payload, stream);
@@ -363,9 +378,10 @@ inline void demo_decode(const demo_plan& plan, const std::byte* payload, float* 
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() == 0) return;
-    LOCO_CUDA_CHECK(detail::launch(detail::demo_decode_kernel<>, static_cast<std::uint32_t>(l.chunks()),
-                           stream, l.segment_table(), l.chunk_segment(), l.basis(),
-                           l.hyper().sign, payload, out));
+    LOCO_CUDA_CHECK(detail::launch(detail::demo_decode_kernel<>,
+                                   static_cast<std::uint32_t>(l.chunks()), stream,
+                                   l.segment_table(), l.chunk_segment(), l.basis(), l.hyper().sign,
+                                   payload, out));
 #else
     static_cast<void>(plan);
     static_cast<void>(stream);
