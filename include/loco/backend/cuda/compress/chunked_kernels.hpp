@@ -250,6 +250,25 @@ inline void require_chunked_pointer(const void* p, const char* what) {
 
 #if LOCO_HAS_CUDA()
 
+// The chunk of a CTA in a grid of one CTA per chunk, blockIdx.x its index over all segments.
+struct cta_chunk {
+    std::uint64_t index;  // over all segments
+    chunked_segment s;
+    std::uint64_t local;  // within its segment
+
+    __device__ unsigned cells() const { return s.h * s.w; }
+    __device__ std::uint64_t element(unsigned cell) const {
+        return chunked_element(s, local, cell);
+    }
+};
+
+__device__ __forceinline__ cta_chunk this_cta_chunk(const chunked_segment* segs,
+                                                    const std::uint32_t* chunk_segment) {
+    const std::uint64_t c = blockIdx.x;
+    const chunked_segment s = segs[chunk_segment[c]];
+    return {c, s, c - s.chunk0};
+}
+
 // Shared memory of select_chunk.
 struct chunk_select_shared {
     unsigned hist[256];

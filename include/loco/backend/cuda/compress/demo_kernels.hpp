@@ -94,26 +94,18 @@ namespace detail {
 
 #if LOCO_HAS_CUDA()
 
-// The chunk a CTA works on (one CTA per chunk; blockIdx.x is its index over all segments) and the
-// DCT bases of its sides, F_h (h x h) and F_w (w x w), row-major.
-struct demo_chunk {
-    chunked_segment s;
-    std::uint64_t local;  // the chunk's index within its segment
+// The CTA's chunk (chunked_kernels.hpp) and the DCT bases of its sides, F_h (h x h) and F_w
+// (w x w), row-major.
+struct demo_chunk : cta_chunk {
     const double* fh;
     const double* fw;
-
-    __device__ unsigned cells() const { return s.h * s.w; }
-    __device__ std::uint64_t element(unsigned cell) const {
-        return chunked_element(s, local, cell);
-    }
 };
 
 __device__ __forceinline__ demo_chunk this_chunk(const chunked_segment* segs,
                                                  const std::uint32_t* chunk_segment,
                                                  const double* basis) {
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    return {s, c - s.chunk0, basis + s.basis_h, basis + s.basis_w};
+    const cta_chunk c = this_cta_chunk(segs, chunk_segment);
+    return {c, basis + c.s.basis_h, basis + c.s.basis_w};
 }
 
 // The chunk's sent coefficients are slots [first, first + k) (ascending cells); row_start[b] ..

@@ -111,24 +111,23 @@ __global__ void __launch_bounds__(block_threads)
     sparseloco_select_kernel(sparseloco_view v, const float* x, const float* e_in, float* e) {
     __shared__ float vals[chunked_max_cells];
     __shared__ chunk_select_shared sh;
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = v.segs[v.chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
-    const unsigned cells = s.h * s.w;
+    const cta_chunk ch = this_cta_chunk(v.segs, v.chunk_segment);
+    const chunked_segment& s = ch.s;
+    const unsigned cells = ch.cells();
     for (unsigned j = threadIdx.x; j < cells; j += block_threads) {
-        const std::uint64_t i = chunked_element(s, local, j);
+        const std::uint64_t i = ch.element(j);
         const float a = __fadd_rn(__fmul_rn(v.beta, e_in[i]), x[i]);
         e[i] = a;
         vals[j] = a;
     }
     __syncthreads();
-    const std::uint64_t slot0 = s.slot0 + local * s.k;
+    const std::uint64_t slot0 = s.slot0 + ch.local * s.k;
     select_chunk(vals, cells, s.k, v.cell + slot0, v.value + slot0, sh);
     __syncthreads();
     if (threadIdx.x == 0) {
         double part = 0.0;
         for (unsigned j = 0; j < s.k; ++j) part = __dadd_rn(part, static_cast<double>(v.value[slot0 + j]));
-        v.chunk_sums[c] = part;
+        v.chunk_sums[ch.index] = part;
     }
 }
 
@@ -261,22 +260,19 @@ template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     sparseloco_decode_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
                              unsigned code_bits, const std::byte* payload, float* out) {
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
-    const unsigned cells = s.h * s.w;
-    for (unsigned j = threadIdx.x; j < cells; j += block_threads) {
-        out[chunked_element(s, local, j)] = 0.0f;
+    const cta_chunk ch = this_cta_chunk(segs, chunk_segment);
+    const chunked_segment& s = ch.s;
+    for (unsigned j = threadIdx.x; j < ch.cells(); j += block_threads) {
+        out[ch.element(j)] = 0.0f;
     }
     __syncthreads();
     const float* record = reinterpret_cast<const float*>(payload + s.record);
-    const std::uint64_t first = local * s.k;  // slot within the segment
+    const std::uint64_t first = ch.local * s.k;  // slot within the segment
     for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
         const std::uint32_t cell =
-            compress::index_code::cell(payload + s.indices, s.coding, local, j);
+            compress::index_code::cell(payload + s.indices, s.coding, ch.local, j);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, first + j, code_bits);
-        out[chunked_element(s, local, cell)] =
-            compress::sparseloco::value(record[1 + q], record[0]);
+        out[ch.element(cell)] = compress::sparseloco::value(record[1 + q], record[0]);
     }
 }
 
@@ -287,16 +283,15 @@ template <int = 0>
 __global__ void __launch_bounds__(block_threads)
     sparseloco_decode_add_kernel(const chunked_segment* segs, const std::uint32_t* chunk_segment,
                                  unsigned code_bits, const std::byte* payload, float* out) {
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
+    const cta_chunk ch = this_cta_chunk(segs, chunk_segment);
+    const chunked_segment& s = ch.s;
     const float* record = reinterpret_cast<const float*>(payload + s.record);
     for (unsigned j = threadIdx.x; j < s.k; j += block_threads) {
-        const std::uint64_t slot = local * s.k + j;
+        const std::uint64_t slot = ch.local * s.k + j;
         const std::uint32_t cell =
-            compress::index_code::cell(payload + s.indices, s.coding, local, j);
+            compress::index_code::cell(payload + s.indices, s.coding, ch.local, j);
         const std::uint32_t q = compress::wire::get_bits(payload + s.values, slot, code_bits);
-        const std::uint64_t i = chunked_element(s, local, cell);
+        const std::uint64_t i = ch.element(cell);
         out[i] = __fadd_rn(out[i], compress::sparseloco::value(record[1 + q], record[0]));
     }
 }
@@ -312,10 +307,10 @@ __global__ void __launch_bounds__(block_threads)
                                    const float* factors, std::uint32_t factor_stride, float* out) {
     __shared__ float sum[chunked_max_cells];
     __shared__ std::uint16_t count[chunked_max_cells];
-    const std::uint64_t c = blockIdx.x;
-    const chunked_segment s = segs[chunk_segment[c]];
-    const std::uint64_t local = c - s.chunk0;
-    const unsigned cells = s.h * s.w;
+    const cta_chunk ch = this_cta_chunk(segs, chunk_segment);
+    const chunked_segment& s = ch.s;
+    const std::uint64_t local = ch.local;
+    const unsigned cells = ch.cells();
     for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
         sum[o] = 0.0f;
         count[o] = 0;
@@ -337,8 +332,7 @@ __global__ void __launch_bounds__(block_threads)
         __syncthreads();
     }
     for (unsigned o = threadIdx.x; o < cells; o += block_threads) {
-        out[chunked_element(s, local, o)] =
-            count[o] == 0 ? sum[o] : sum[o] / static_cast<float>(count[o]);
+        out[ch.element(o)] = count[o] == 0 ? sum[o] : sum[o] / static_cast<float>(count[o]);
     }
 }
 
