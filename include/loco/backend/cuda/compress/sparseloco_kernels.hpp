@@ -7,7 +7,8 @@
 //   select   per chunk: e = beta * e + x (__fmul_rn / __fadd_rn, the host's rounding) written
 //            back to e and held in shared memory; the top-k of the chunk (chunked_kernels.hpp)
 //            into the slot arrays; one thread sums the chunk's kept values in double in slot
-//            order. This is the only pass over the dense arrays: 8 B read + 4 B written per element.
+//            order. This is the only pass over the dense arrays: 8 B read + 4 B written per
+//            element.
 //   shift    per segment: the chunks' sums in chunk order, / N, to fp32 (the host's two-level sum,
 //            sparseloco.hpp's top comment)
 //   squares  per chunk: sum of (v - shift)^2 in double, slot order; scale per segment likewise
@@ -126,7 +127,9 @@ __global__ void __launch_bounds__(block_threads)
     __syncthreads();
     if (threadIdx.x == 0) {
         double part = 0.0;
-        for (unsigned j = 0; j < s.k; ++j) part = __dadd_rn(part, static_cast<double>(v.value[slot0 + j]));
+        for (unsigned j = 0; j < s.k; ++j) {
+            part = __dadd_rn(part, static_cast<double>(v.value[slot0 + j]));
+        }
         v.chunk_sums[ch.index] = part;
     }
 }
@@ -204,7 +207,8 @@ __global__ void __launch_bounds__(block_threads) sparseloco_code_kernel(sparselo
         const float a = v.value[slot0 + j];
         const unsigned q = compress::sparseloco::code(a, shift, scale, v.bins);
         v.code[slot0 + j] = q;
-        sums[q] = __dadd_rn(sums[q], __dadd_rn(static_cast<double>(a), -static_cast<double>(shift)));
+        const double centered = __dadd_rn(static_cast<double>(a), -static_cast<double>(shift));
+        sums[q] = __dadd_rn(sums[q], centered);
         ++counts[q];
     }
 }
@@ -414,7 +418,8 @@ inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, const
             detail::chunked_thread_blocks(std::uint64_t{l.segment_count()} * h.bins), stream, v,
             payload));
         detail::pack_streams(l, payload, stream);
-        LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_residual_kernel<>, per_chunk, stream, v, e));
+        LOCO_CUDA_CHECK(
+            detail::launch(detail::sparseloco_residual_kernel<>, per_chunk, stream, v, e));
     }
     l.finish(payload, stream);
 #else
@@ -517,10 +522,11 @@ inline void sparseloco_norms(const sparseloco_plan& plan, const std::byte* gathe
 #if LOCO_HAS_CUDA()
     if (l.chunks() == 0 || payloads == 0) return;
     const auto stride = static_cast<std::uint64_t>(l.payload_bytes());
-    LOCO_CUDA_CHECK(detail::launch(
-        detail::sparseloco_norm_chunk_kernel<>, detail::chunked_thread_blocks(l.chunks() * payloads),
-        stream, l.segment_table(), l.chunk_segment(), compress::sparseloco::code_bits(l.hyper()),
-        gathered, stride, l.chunks(), payloads, partial));
+    LOCO_CUDA_CHECK(detail::launch(detail::sparseloco_norm_chunk_kernel<>,
+                                   detail::chunked_thread_blocks(l.chunks() * payloads), stream,
+                                   l.segment_table(), l.chunk_segment(),
+                                   compress::sparseloco::code_bits(l.hyper()), gathered, stride,
+                                   l.chunks(), payloads, partial));
     LOCO_CUDA_CHECK(detail::launch(
         detail::sparseloco_norm_segment_kernel<>,
         detail::chunked_thread_blocks(std::uint64_t{l.segment_count()} * payloads), stream,
