@@ -13,6 +13,7 @@
 //   * parameter groups: array 1 is averaged only in the group that keeps one.
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/comm/single.hpp>
@@ -180,35 +181,19 @@ std::uint64_t all_reduce_bytes(std::uint64_t k, std::uint64_t r) {
 
 // Forwards to a threads rank; when armed, its next all-reduce of more than one float completes
 // and then throws on this rank, as a transfer that failed after the data moved.
-class failing_comm final : public loco::comm::communicator {
+class failing_comm final : public loco_test::forwarding_comm {
 public:
-    explicit failing_comm(loco::comm::communicator& next) : next_(next) {}
-    int rank() const noexcept override { return next_.rank(); }
-    int size() const noexcept override { return next_.size(); }
-    loco::memory_space space() const noexcept override { return next_.space(); }
-    std::string_view name() const noexcept override { return "failing"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    explicit failing_comm(loco::comm::communicator& next) : forwarding_comm(next, "failing") {}
     bool armed = false;
 
 protected:
     void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        next_.all_reduce(d, op);
+        forwarding_comm::do_all_reduce(d, op);
         if (armed && d.size > 1) {
             armed = false;
             throw loco::comm_error("injected transfer failure");
         }
     }
-    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_gather(s, r);
-    }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_to_all(s, r);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
-    void do_barrier() override { next_.barrier(); }
-
-private:
-    loco::comm::communicator& next_;
 };
 
 std::string error_of(const auto& fn) {

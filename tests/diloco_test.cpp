@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
 
@@ -644,32 +645,20 @@ struct flaky_compressor {
 static_assert(loco::compress::compressor<flaky_compressor>);
 
 // Forwards to threads; the all-gather fails on one rank after the data moved.
-class flaky_comm final : public loco::comm::communicator {
+class flaky_comm final : public loco_test::forwarding_comm {
 public:
-    explicit flaky_comm(loco::comm::communicator& next) : next_(next) {}
-    int rank() const noexcept override { return next_.rank(); }
-    int size() const noexcept override { return next_.size(); }
-    loco::memory_space space() const noexcept override { return next_.space(); }
-    std::string_view name() const noexcept override { return "flaky"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    explicit flaky_comm(loco::comm::communicator& next) : forwarding_comm(next, "flaky") {}
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_.all_reduce(d, op); }
     void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_gather(s, r);
+        forwarding_comm::do_all_gather(s, r);
         if (inject_stage == 2 && rank() == failing_rank && !fired_) {
             fired_ = true;  // once: the ranks' agreement after it must go through
             throw loco::comm_error("injected transfer failure");
         }
     }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_to_all(s, r);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
-    void do_barrier() override { next_.barrier(); }
 
 private:
-    loco::comm::communicator& next_;
     bool fired_ = false;
 };
 

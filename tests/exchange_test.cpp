@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/compress/error_feedback.hpp>
@@ -329,29 +330,15 @@ TEST_CASE("diloco with error feedback and both schemes: bytes, identical workers
 namespace {
 
 // Forwards to threads but corrupts one byte of what rank 1 receives in all_gather.
-class corrupting_comm final : public loco::comm::communicator {
+class corrupting_comm final : public loco_test::forwarding_comm {
 public:
-    explicit corrupting_comm(loco::comm::communicator& next) : next_(next) {}
-    int rank() const noexcept override { return next_.rank(); }
-    int size() const noexcept override { return next_.size(); }
-    loco::memory_space space() const noexcept override { return next_.space(); }
-    std::string_view name() const noexcept override { return "corrupting"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_.all_reduce(d, op); }
     void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_gather(s, r);
+        forwarding_comm::do_all_gather(s, r);
         r.data[r.size - 3] ^= std::byte{0x10};  // inside the last rank's body
     }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_to_all(s, r);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
-    void do_barrier() override { next_.barrier(); }
-
-private:
-    loco::comm::communicator& next_;
 };
 
 }  // namespace

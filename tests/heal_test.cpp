@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
 
@@ -288,32 +289,16 @@ void lose_and_go_on(loss how, bool newcomer) {
 }
 
 // Forwards to threads; on request flips a byte of what a broadcast delivers (the heal's payload).
-class corrupting_comm final : public loco::comm::communicator {
+class corrupting_comm final : public loco_test::forwarding_comm {
 public:
-    explicit corrupting_comm(loco::comm::communicator& next) : next_(next) {}
-    int rank() const noexcept override { return next_.rank(); }
-    int size() const noexcept override { return next_.size(); }
-    loco::memory_space space() const noexcept override { return next_.space(); }
-    std::string_view name() const noexcept override { return "corrupting"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+    explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
     bool corrupt = false;  // flips a byte of every broadcast of more than 40 bytes
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_.all_reduce(d, op); }
-    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_gather(s, r);
-    }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_to_all(s, r);
-    }
     void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
-        next_.broadcast(d, root);
+        forwarding_comm::do_broadcast(d, root);
         if (corrupt && d.size > 40) d.data[d.size / 2] ^= std::byte{0x10};
     }
-    void do_barrier() override { next_.barrier(); }
-
-private:
-    loco::comm::communicator& next_;
 };
 
 }  // namespace

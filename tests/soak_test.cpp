@@ -16,6 +16,7 @@
 // recorded in docs/reliability.md.
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/loco.hpp>
@@ -80,37 +81,30 @@ static_assert(loco::compress::compressor<soak_compressor>);
 
 // Forwards to a threads rank that can be replaced (after a regroup); flips a received byte or
 // delays this rank's all-gather when the plan says so, once per sync.
-class soak_comm final : public loco::comm::communicator {
+class soak_comm final : public loco_test::forwarding_comm {
 public:
-    explicit soak_comm(std::unique_ptr<loco::comm::threads> next) : next_(std::move(next)) {}
-    void replace(std::unique_ptr<loco::comm::threads> next) { next_ = std::move(next); }
+    explicit soak_comm(std::unique_ptr<loco::comm::threads> next)
+        : forwarding_comm(*next, "soak"), next_(std::move(next)) {}
+    void replace(std::unique_ptr<loco::comm::threads> next) {
+        forward_to(*next);
+        next_ = std::move(next);
+    }
     void arm() { armed_ = true; }
-    int rank() const noexcept override { return next_->rank(); }
-    int size() const noexcept override { return next_->size(); }
-    loco::memory_space space() const noexcept override { return next_->space(); }
-    std::string_view name() const noexcept override { return "soak"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_->bytes_sent(); }
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override { next_->all_reduce(d, op); }
     void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
         const bool first = std::exchange(armed_, false);
         if (first && injected(fault::slow)) std::this_thread::sleep_for(std::chrono::milliseconds(3));
         if (first && injected(fault::stall)) std::this_thread::sleep_for(timeout + std::chrono::milliseconds(200));
-        next_->all_gather(s, r);
+        forwarding_comm::do_all_gather(s, r);
         if (first && injected(fault::flip)) {
             const std::size_t peer = std::size_t((rank() + 1) % size());
             r.data[peer * s.size + s.size / 2] ^= std::byte{0x04};
         }
     }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_->all_to_all(s, r);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_->broadcast(d, root); }
-    void do_barrier() override { next_->barrier(); }
 
 private:
-    std::unique_ptr<loco::comm::threads> next_;
+    std::unique_ptr<loco::comm::threads> next_;  // owned here; forwarding_comm holds a pointer to it
     bool armed_ = false;
 };
 

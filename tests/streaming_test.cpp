@@ -8,6 +8,7 @@
 // fixture, a replica that crashes and rejoins: tests/torchft_recovery_test.cpp.)
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 #include "support/torchft_mock.hpp"
 
@@ -244,35 +245,21 @@ TEST_CASE("streaming: ranks with different fragment layouts or schedules fail at
 
 // A communicator that forwards to threads, and fails the transfer of one all-reduce on one rank
 // after it completed (as a link that drops the last acknowledgement would).
-class failing_transfer final : public loco::comm::communicator {
+class failing_transfer final : public loco_test::forwarding_comm {
 public:
     failing_transfer(loco::comm::communicator& next, int fail_rank, int fail_at)
-        : next_(next), fail_rank_(fail_rank), fail_at_(fail_at) {}
-    int rank() const noexcept override { return next_.rank(); }
-    int size() const noexcept override { return next_.size(); }
-    loco::memory_space space() const noexcept override { return next_.space(); }
-    std::string_view name() const noexcept override { return "failing_transfer"; }
-    std::uint64_t bytes_sent() const noexcept override { return next_.bytes_sent(); }
+        : forwarding_comm(next, "failing_transfer"), fail_rank_(fail_rank), fail_at_(fail_at) {}
     int all_reduces = 0;
 
 protected:
     void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        next_.all_reduce(d, op);
+        forwarding_comm::do_all_reduce(d, op);
         if (++all_reduces == fail_at_ && rank() == fail_rank_) {
             throw loco::comm_error("injected: link dropped");
         }
     }
-    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_gather(s, r);
-    }
-    void do_all_to_all(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        next_.all_to_all(s, r);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override { next_.broadcast(d, root); }
-    void do_barrier() override { next_.barrier(); }
 
 private:
-    loco::comm::communicator& next_;
     int fail_rank_, fail_at_;
 };
 

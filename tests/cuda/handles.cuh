@@ -3,6 +3,7 @@
 // memory, their seeded data, and communicators that wrap another one to corrupt or record what an
 // all-gather receives: the setting in which the tests run loco::cuda::diloco against
 // loco::diloco on threads (compress_test.cu, topk_test.cu).
+#include "../support/forwarding_comm.hpp"
 #include "../support/payloads.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
@@ -128,24 +129,16 @@ handle_result result_of(const Handle& opt, std::vector<float> params) {
 // A device communicator that flips one byte of what an all-gather received, when armed; with
 // reseal_stride (the payload size), it then rewrites that payload's checksum, so that only the
 // compressor's own format checks can refuse it.
-class corrupting final : public loco::comm::communicator {
+class corrupting final : public loco_test::forwarding_comm {
 public:
-    explicit corrupting(loco::comm::communicator& inner) : inner_(inner) {}
-    int rank() const noexcept override { return inner_.rank(); }
-    int size() const noexcept override { return inner_.size(); }
-    loco::memory_space space() const noexcept override { return inner_.space(); }
-    std::string_view name() const noexcept override { return "corrupting"; }
-    std::uint64_t bytes_sent() const noexcept override { return inner_.bytes_sent(); }
+    explicit corrupting(loco::comm::communicator& inner) : forwarding_comm(inner, "corrupting") {}
     std::size_t armed_at = 0;  // byte of the receive buffer to flip; 0: none
     std::size_t reseal_stride = 0;
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        inner_.all_reduce(d, op);
-    }
     void do_all_gather(loco::tensor_view<const std::byte> send,
                        loco::tensor_view<std::byte> recv) override {
-        inner_.all_gather(send, recv);
+        forwarding_comm::do_all_gather(send, recv);
         if (armed_at != 0) {
             std::byte b{};
             check_cuda(cudaMemcpy(&b, recv.data + armed_at, 1, cudaMemcpyDeviceToHost), "peek");
@@ -160,17 +153,6 @@ protected:
             }
         }
     }
-    void do_all_to_all(loco::tensor_view<const std::byte> send,
-                       loco::tensor_view<std::byte> recv) override {
-        inner_.all_to_all(send, recv);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
-        inner_.broadcast(d, root);
-    }
-    void do_barrier() override { inner_.barrier(); }
-
-private:
-    loco::comm::communicator& inner_;
 };
 
 // With `comm` armed: the next sync fails on this rank with `message` and changes nothing (the
@@ -199,23 +181,15 @@ void expect_refused_then_intact(Handle& opt, gpu_params& m, corrupting& comm, cu
 }
 
 // A communicator that keeps a host copy of everything its all-gathers received, in order.
-class recording final : public loco::comm::communicator {
+class recording final : public loco_test::forwarding_comm {
 public:
-    explicit recording(loco::comm::communicator& inner) : inner_(inner) {}
-    int rank() const noexcept override { return inner_.rank(); }
-    int size() const noexcept override { return inner_.size(); }
-    loco::memory_space space() const noexcept override { return inner_.space(); }
-    std::string_view name() const noexcept override { return "recording"; }
-    std::uint64_t bytes_sent() const noexcept override { return inner_.bytes_sent(); }
+    explicit recording(loco::comm::communicator& inner) : forwarding_comm(inner, "recording") {}
     std::vector<std::vector<std::byte>> gathered;
 
 protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        inner_.all_reduce(d, op);
-    }
     void do_all_gather(loco::tensor_view<const std::byte> send,
                        loco::tensor_view<std::byte> recv) override {
-        inner_.all_gather(send, recv);
+        forwarding_comm::do_all_gather(send, recv);
         std::vector<std::byte> copy(recv.size);
         if (recv.space == loco::memory_space::cuda) {
             check_cuda(cudaMemcpy(copy.data(), recv.data, recv.size, cudaMemcpyDeviceToHost),
@@ -225,17 +199,6 @@ protected:
         }
         gathered.push_back(std::move(copy));
     }
-    void do_all_to_all(loco::tensor_view<const std::byte> send,
-                       loco::tensor_view<std::byte> recv) override {
-        inner_.all_to_all(send, recv);
-    }
-    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
-        inner_.broadcast(d, root);
-    }
-    void do_barrier() override { inner_.barrier(); }
-
-private:
-    loco::comm::communicator& inner_;
 };
 
 }  // namespace loco_test::handles

@@ -1,0 +1,45 @@
+#pragma once
+// A communicator that passes every collective on to another one: the base of the tests' fault
+// injectors and recorders, which override only the collective they watch or tamper with and
+// call the base's version to move the data.
+
+#include <loco/comm/communicator.hpp>
+
+#include <string_view>
+
+namespace loco_test {
+
+class forwarding_comm : public loco::comm::communicator {
+public:
+    // `name` must outlive the communicator (the tests pass string literals).
+    forwarding_comm(loco::comm::communicator& next, std::string_view name) : next_(&next), name_(name) {}
+
+    int rank() const noexcept override { return next_->rank(); }
+    int size() const noexcept override { return next_->size(); }
+    loco::memory_space space() const noexcept override { return next_->space(); }
+    std::string_view name() const noexcept override { return name_; }
+    // Counted by the communicator that sends them.
+    std::uint64_t bytes_sent() const noexcept override { return next_->bytes_sent(); }
+
+protected:
+    // For a wrapper whose peer group is rebuilt (a regroup): later collectives go to `next`.
+    void forward_to(loco::comm::communicator& next) noexcept { next_ = &next; }
+
+    void do_all_reduce(loco::tensor_view<float> data, loco::comm::reduce_op op) override {
+        next_->all_reduce(data, op);
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        next_->all_gather(send, recv);
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        next_->all_to_all(send, recv);
+    }
+    void do_broadcast(loco::tensor_view<std::byte> data, int root) override { next_->broadcast(data, root); }
+    void do_barrier() override { next_->barrier(); }
+
+private:
+    loco::comm::communicator* next_;
+    std::string_view name_;
+};
+
+}  // namespace loco_test
