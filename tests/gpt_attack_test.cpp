@@ -45,6 +45,16 @@ gpt::rule_factory sparse_rules(const gpt::options& o) {
     return gpt::make_rule_factory<std::tuple<sparseloco_rules>, std::tuple<gpt::adamw_choice>>(o);
 }
 
+// DeMo as the study runs it (outer Nesterov, mean), compiled alone for the same reason.
+using demo_rules =
+    gpt::combinations<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
+                      std::tuple<std::tuple_element_t<1, gpt::frontier_compress_choices>>,
+                      std::tuple<gpt::every_choice>>;
+
+gpt::rule_factory demo_rules_for(const gpt::options& o) {
+    return gpt::make_rule_factory<std::tuple<demo_rules>, std::tuple<gpt::adamw_choice>>(o);
+}
+
 gpt::options parsed(std::vector<const char*> args) {
     args.insert(args.begin(), "loco_gpt");
     gpt::options o;
@@ -220,7 +230,7 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
         const auto d = demo::hyper(o);
         CHECK(d.topk == 16);
         CHECK(d.chunk == 32);
-        CHECK(d.decay == 0.999f);  // DeMo's residual decay is its own, not --ef-decay
+        CHECK(d.decay == 0.99f);  // --ef-decay is DeMo's residual decay too
         CHECK(ef::hyper(o).decay == 0.99f);
         CHECK(!gpt::median_norm_clip_choice::hyper(o).clip);
     }
@@ -247,5 +257,12 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
         o.ef_decay = 1.0f;
         CHECK(error_of([&] { sparse_rules(o); }) ==
               "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");
+        o.outer = "nesterov";
+        o.compress = "demo";
+        o.aggregate = "mean";
+        CHECK(error_of([&] { demo_rules_for(o); }) ==
+              "loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
+        o.ef_decay = 0.5f;
+        CHECK_NOTHROW(demo_rules_for(o));
     }
 }

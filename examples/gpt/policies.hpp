@@ -115,6 +115,9 @@ struct compress_choice {
         if constexpr (requires { h.beta; }) {  // sparseloco
             h.beta = detail::or_default(o.ef_decay, h.beta);  // its accumulator
         }
+        if constexpr (requires { h.decay; h.sign; }) {  // demo
+            h.decay = detail::or_default(o.ef_decay, h.decay);  // its residual
+        }
         if constexpr (requires { h.indices; }) {  // sparseloco, demo
             if (o.fixed_indices) h.indices = loco::compress::index_coding::fixed;
         }
