@@ -1183,6 +1183,53 @@ TEST_CASE("docs: outer::sign_sgd example") {
     CHECK(std::count(w.begin(), w.end(), 1.0f) < 64);
 }
 
+TEST_CASE("docs: aggregate::scatter_mean example") {
+    // [snippet:aggregate-scatter-mean]
+    // DeMo as its references aggregate: every worker's DCT top-k (compress::demo), each
+    // coefficient averaged over the workers that sent it, one inverse DCT per chunk
+    // (aggregate::scatter_mean); outer SGD with lr 1.
+    using demo_diloco = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::demo,
+                                     loco::schedule::every, loco::aggregate::scatter_mean>;
+    std::vector<float> after[2];
+    std::vector<float> grads[2];
+    loco::comm::run_threads(2, [&](loco::comm::communicator& comm) {
+        std::vector<float> w(64 * 64, 0.0f), g(64 * 64);
+        for (std::size_t i = 0; i < g.size(); ++i) {  // the ranks' gradients point apart
+            g[i] = std::cos((0.11f + 0.07f * static_cast<float>(comm.rank())) * static_cast<float>(i));
+        }
+        loco::parameter_list params;
+        params.add_views("w", loco::host_matrix(w.data(), 64, 64),
+                         loco::host_matrix(static_cast<const float*>(g.data()), 64, 64));
+        demo_diloco opt(params, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+        opt.step();  // the sync: w = -(the scatter-mean of the two payloads)
+        after[comm.rank()] = w;
+        grads[comm.rank()] = g;
+    });
+    // [snippet:aggregate-scatter-mean end]
+    CHECK(after[0] == after[1]);
+    // The same aggregate from the two payloads by hand; the plain mean of their decodes is not it.
+    namespace lc = loco::compress;
+    const lc::segment segs[] = {{0, 64 * 64, 64, 64}};
+    std::vector<std::vector<std::byte>> payloads;
+    std::vector<float> mean(64 * 64, 0.0f), d(64 * 64);
+    for (const auto& g : grads) {
+        std::vector<float> e(64 * 64, 0.0f);
+        payloads.emplace_back(lc::demo::payload_bytes({}, segs));
+        lc::demo::encode({}, g, segs, e, {}, payloads.back());
+        lc::demo::decode({}, payloads.back(), segs, d);
+        for (std::size_t i = 0; i < d.size(); ++i) mean[i] += d[i] / 2;
+    }
+    const std::span<const std::byte> views[] = {payloads[0], payloads[1]};
+    std::vector<float> want(64 * 64);
+    lc::demo::decode_scatter_mean({}, views, segs, want);
+    std::size_t differs = 0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        CHECK(after[0][i] == -want[i]);
+        differs += std::abs(want[i] - mean[i]) > 1e-4f;
+    }
+    CHECK(differs > 0);
+}
+
 TEST_CASE("docs: schedule::fragment_periods example") {
     // [snippet:schedule-fragment-periods]
     std::vector<float> embed(16, 0.0f), body(64, 0.0f);

@@ -7,7 +7,9 @@
 //                cannot be summed). Ring volume: 2 (M-1)/M * 4n.
 //   all_gather   every rank encodes its pseudo-gradient into one payload; an all-gather gives
 //                every rank all M payloads; each rank decodes them and averages in fp32 in rank
-//                order, so every rank holds bit-identical results. (M-1) * P.
+//                order, so every rank holds bit-identical results. (M-1) * P. (With
+//                aggregate::scatter_mean the compressor averages the payloads in its own
+//                coordinates instead, here and in two_phase's per-chunk average.)
 //   two_phase    DeepSpeed 1-bit Adam's scheme: every rank encodes chunk k of its pseudo-gradient
 //                for rank k (all-to-all); rank k decodes the M payloads of its chunk, averages them,
 //                re-encodes the average with its own server-side state (error feedback when the
@@ -23,6 +25,7 @@
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
+#include <loco/aggregate/scatter_mean.hpp>
 #include <loco/comm/communicator.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/none.hpp>
@@ -132,6 +135,12 @@ class exchanger {
                  std::span<const compress::segment> segs, std::span<std::uint8_t> sent) {
             C::decode_support(h, in, segs, sent);
         };
+    static_assert(!aggregate::decodes_payloads_together<A>() ||
+                      (!A::needs_deltas && aggregate::has_scatter_mean<C>),
+                  "loco: this aggregation averages payloads in the compressor's own coordinates, "
+                  "which needs a compressor with decode_scatter_mean (compress::demo); for "
+                  "SparseLoCo's element-wise scatter-mean use aggregate::median_norm_clip with "
+                  "clip = false (see docs/aggregation.md)");
     static_assert(!A::needs_reports || A::needs_deltas,
                   "loco: an aggregation that reads worker reports must also set needs_deltas "
                   "(reports without deltas are not supported yet); see docs/diloco.md");
@@ -449,10 +458,19 @@ private:
         }
     }
 
-    // out = mean over ranks of the decoded payloads found every `stride` bytes (each `bytes` long).
+    // out = mean over ranks of the decoded payloads found every `stride` bytes (each `bytes` long),
+    // or with an aggregation that decodes the payloads together, the compressor's scatter-mean of
+    // them (aggregate/scatter_mean.hpp).
     void mean_of_payloads(std::span<const std::byte> payloads, std::size_t stride,
                           std::size_t bytes, std::span<const compress::segment> segs,
                           const typename C::hyper& h, std::span<float> out) {
+        if constexpr (aggregate::decodes_payloads_together<A>()) {
+            std::vector<std::span<const std::byte>> each(world_);
+            for (std::size_t k = 0; k < world_; ++k) each[k] = payloads.subspan(k * stride, bytes);
+            std::fill(out.begin(), out.end(), 0.0f);  // the segments tile out; no gap stays stale
+            C::decode_scatter_mean(h, each, segs, out);
+            return;
+        }
         std::vector<float> sum(out.size(), 0.0f);
         decoded_.assign(out.size(), 0.0f);
         for (std::size_t k = 0; k < world_; ++k) {

@@ -46,6 +46,7 @@
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
 #include <loco/aggregate/median_norm_clip.hpp>
+#include <loco/aggregate/scatter_mean.hpp>
 #include <loco/aggregate/edit.hpp>
 #include <loco/aggregate/robust.hpp>
 #include <loco/fragments.hpp>

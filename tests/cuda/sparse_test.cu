@@ -7,8 +7,8 @@
 // device norms behind those factors equal the host's within fp32 rounding; the device payload
 // check (backend/cuda/compress/chunked_check.hpp) refuses what the host decoder refuses, in its
 // words. Then loco::cuda::diloco with both codecs on its device exchange
-// (backend/cuda/compress/chunked_exchange.hpp: the mean, SparseLoCo's clipped scatter-mean, rows
-// of a robust aggregation) against loco::diloco on threads, and a malformed payload refused on
+// (backend/cuda/compress/chunked_exchange.hpp: the mean, SparseLoCo's clipped scatter-mean,
+// DeMo's coefficient scatter-mean, rows of a robust aggregation) against loco::diloco on threads, and a malformed payload refused on
 // every rank with nothing changed.
 #include <doctest/doctest.h>
 
@@ -19,6 +19,7 @@
 #include "schedule_cases.cuh"
 
 #include <loco/aggregate/median_norm_clip.hpp>
+#include <loco/aggregate/scatter_mean.hpp>
 #include <loco/aggregate/robust.hpp>
 #include <loco/backend/cuda/compress/chunked_check.hpp>
 #include <loco/backend/cuda/compress/demo_kernels.hpp>
@@ -779,6 +780,13 @@ TEST_CASE("cuda::diloco with sparseloco and demo exchanges on the device and equ
         "sparse handles demo", {.chunk = 64, .topk = 4, .sign = true}, {.lr = 1.0f / 64});
     handles_equal<cz::demo, loco::outer::nesterov, ag::mean>(
         "sparse handles demo fp32", {.chunk = 64, .topk = 5}, {});
+    // DeMo as its references aggregate: each coefficient averaged over the workers that sent it
+    // (demo_decode_scatter_mean on the device), signs and fp32.
+    handles_equal<cz::demo, loco::outer::sign_sgd, ag::scatter_mean>(
+        "sparse handles demo scatter signs", {.chunk = 64, .topk = 4, .sign = true},
+        {.lr = 1.0f / 64});
+    handles_equal<cz::demo, loco::outer::nesterov, ag::scatter_mean, loco::schedule::streaming>(
+        "sparse handles demo scatter streaming", {.chunk = 64, .topk = 5}, {});
     // Streaming DiLoCo: two fragments, each exchange in flight over an inner step.
     handles_equal<cz::sparseloco, loco::outer::sgd, ag::median_norm_clip, loco::schedule::streaming>(
         "sparse handles sparseloco streaming", {.chunk = 64, .topk = 6}, {.lr = 1.0f}, false);

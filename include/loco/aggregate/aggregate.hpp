@@ -21,6 +21,11 @@
 // tells, per worker and element, whether that worker's payload carried the element, for
 // compressors that can say (a sparse payload's indices: compress::sparseloco::decode_support);
 // contributions::sent stays empty for the others, whose payloads carry every element.
+//
+// Optionally `static constexpr bool decodes_payloads_together = true;` (without needs_deltas):
+// the exchange does not average decoded payloads but hands all M payloads to the compressor's
+// own `decode_scatter_mean`, which averages in the compressor's coordinates (DeMo's DCT
+// coefficients; aggregate/scatter_mean.hpp).
 
 #include <loco/compress/compressor.hpp>
 // Optionally, a policy that remembers something between rounds (a detector, the last aggregate)
@@ -78,6 +83,16 @@ constexpr bool needs_support() {
     }
 }
 
+// Whether a policy has the compressor decode the gathered payloads together.
+template <class A>
+constexpr bool decodes_payloads_together() {
+    if constexpr (requires { A::decodes_payloads_together; }) {
+        return A::decodes_payloads_together;
+    } else {
+        return false;
+    }
+}
+
 // The state a policy keeps between rounds, or nothing.
 struct no_state {
     void save(loco::detail::checkpoint_writer&) const {}
@@ -111,14 +126,24 @@ decltype(auto) call_combine(const typename A::hyper& h, state_t<A>& s, const con
 }
 }  // namespace impl
 
+namespace impl {
+template <class A>
+constexpr bool refuses() {
+    if constexpr (decodes_payloads_together<A>()) {
+        return false;  // no combine: the compressor aggregates
+    } else {
+        return std::is_same_v<decltype(call_combine<A>(std::declval<const typename A::hyper&>(),
+                                                        std::declval<state_t<A>&>(),
+                                                        std::declval<const contributions&>(),
+                                                        std::declval<std::span<float>>())),
+                              bool>;
+    }
+}
+}  // namespace impl
+
 // Whether the policy's combine can refuse a round (returns bool).
 template <class A>
-constexpr bool can_refuse = std::is_same_v<
-    decltype(impl::call_combine<A>(std::declval<const typename A::hyper&>(),
-                                     std::declval<state_t<A>&>(),
-                                     std::declval<const contributions&>(),
-                                     std::declval<std::span<float>>())),
-    bool>;
+constexpr bool can_refuse = impl::refuses<A>();
 
 // Runs the policy's rule; false when it refused the round.
 template <class A>

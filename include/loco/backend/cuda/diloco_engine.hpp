@@ -33,12 +33,13 @@
 //     in the aggregation's own buffer, and the policy's state (EDiT's detectors, centered clipping's center
 //     on the device) advances at commit;
 //   - chunked (compress::sparseloco or compress::demo, chunk target <= 64, a GPU communicator,
-//     all_gather or automatic; the mean, SparseLoCo's median_norm_clip, or rows of a device
-//     aggregation): compress/chunked_exchange.hpp. The pseudo-gradient in the delta buffer, one
-//     encode into the next accumulator, a split-phase all-gather of the payloads, at finish
-//     the device check of every payload (the host decoder's refusals, agreed by every rank),
-//     then the mean of the decoded payloads or the clipped scatter-mean (norms on the device,
-//     factors by the policy's host code) into the exchange's buffer, and the outer step;
+//     all_gather or automatic; the mean, SparseLoCo's median_norm_clip, DeMo's scatter_mean, or
+//     rows of a device aggregation): compress/chunked_exchange.hpp. The pseudo-gradient in the
+//     delta buffer, one encode into the next accumulator, a split-phase all-gather of the
+//     payloads, at finish the device check of every payload (the host decoder's refusals, agreed
+//     by every rank), then the mean of the decoded payloads, the clipped scatter-mean (norms on
+//     the device, factors by the policy's host code) or DeMo's coefficient scatter-mean into the
+//     exchange's buffer, and the outer step;
 //   - host (everything else: two_phase, statistical per row or 8-bit, another aggregation or one
 //     with a compressor, a host communicator): the pseudo-gradient is copied to the host and
 //     exchanged by the host exchanger (exchange.hpp), over comm::cuda_staging when the
@@ -49,6 +50,7 @@
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/mean.hpp>
+#include <loco/aggregate/scatter_mean.hpp>
 #include <loco/backend/cuda/aggregate.hpp>
 #include <loco/backend/cuda/compress.hpp>
 #include <loco/backend/cuda/compress/chunked_exchange.hpp>
@@ -186,7 +188,9 @@ class diloco_engine {
     static constexpr bool chunked_aggregates_ =
         chunked_ && (std::is_same_v<Aggregate, aggregate::mean> ||
                      (std::is_same_v<Compressor, compress::sparseloco> &&
-                      std::is_same_v<Aggregate, aggregate::median_norm_clip>));
+                      std::is_same_v<Aggregate, aggregate::median_norm_clip>) ||
+                     (std::is_same_v<Compressor, compress::demo> &&
+                      std::is_same_v<Aggregate, aggregate::scatter_mean>));
     static constexpr bool chunked_rows_ =
         chunked_ && !chunked_aggregates_ && has_device_aggregation<Aggregate> &&
         !std::is_same_v<Aggregate, aggregate::median_norm_clip>;
@@ -829,7 +833,8 @@ private:
     }
 
     // The chunked exchange's finish: the payloads checked, then aggregated by the exchange (the
-    // mean, or SparseLoCo's clipped scatter-mean) into its own buffer.
+    // mean, SparseLoCo's clipped scatter-mean or DeMo's coefficient scatter-mean) into its own
+    // buffer.
     loco::detail::stage_failure finish_chunked(fragment& f, const typename Aggregate::hyper& ah) {
         loco::detail::stage_failure failure;
         if constexpr (chunked_aggregates_) {
@@ -844,6 +849,8 @@ private:
                 dx.check_all(stream());
                 if constexpr (std::is_same_v<Aggregate, aggregate::median_norm_clip>) {
                     dx.median_norm_clip(ah, stream());
+                } else if constexpr (std::is_same_v<Aggregate, aggregate::scatter_mean>) {
+                    dx.scatter_mean(stream());
                 } else {
                     static_cast<void>(ah);
                     dx.mean(stream());

@@ -16,6 +16,9 @@
 //                per tensor on the device (sparseloco_norms), the median and clip factors by the
 //                policy's own host code (median_norm_clip::factors_of) on those M x tensors
 //                floats, then sparseloco_decode_scatter_mean with the factors;
+//              - aggregate::scatter_mean (DeMo as its references aggregate):
+//                demo_decode_scatter_mean, the coefficients averaged over their senders, then one
+//                inverse DCT per chunk;
 //              - any other aggregation with a device implementation: each payload decoded into
 //                its row of the device aggregation (decode_into), as the host decodes rows.
 //
@@ -202,6 +205,15 @@ public:
             factors = factors_.get();
         }
         sparseloco_decode_scatter_mean(plan, recv.get(), m, factors, average_.get(), stream);
+    }
+
+    // aggregate::scatter_mean of the checked payloads (DeMo as its references aggregate: each
+    // coefficient averaged over the payloads that sent it, one inverse DCT), into average().
+    void scatter_mean(cudaStream_t stream)
+        requires std::is_same_v<C, compress::demo>
+    {
+        demo_decode_scatter_mean(plan, recv.get(), static_cast<std::uint32_t>(ranks_),
+                                 average_.get(), stream);
     }
 
     // Rank k's payload decoded into row (the padded layout; its padding is not written).
