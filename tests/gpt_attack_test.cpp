@@ -45,11 +45,13 @@ gpt::rule_factory sparse_rules(const gpt::options& o) {
     return gpt::make_rule_factory<std::tuple<sparseloco_rules>, std::tuple<gpt::adamw_choice>>(o);
 }
 
-// DeMo as the study runs it (outer Nesterov, mean), compiled alone for the same reason.
+// DeMo as the study runs it (outer Nesterov; the mean or DeMo's scatter-mean), compiled alone for
+// the same reason.
 using demo_rules =
     gpt::combinations<std::tuple<gpt::adamw_choice>, std::tuple<gpt::nesterov_choice>,
                       std::tuple<std::tuple_element_t<1, gpt::frontier_compress_choices>>,
-                      std::tuple<gpt::every_choice>>;
+                      std::tuple<gpt::every_choice>,
+                      std::tuple<gpt::mean_choice, gpt::scatter_mean_choice>>;
 
 gpt::rule_factory demo_rules_for(const gpt::options& o) {
     return gpt::make_rule_factory<std::tuple<demo_rules>, std::tuple<gpt::adamw_choice>>(o);
@@ -153,7 +155,7 @@ TEST_CASE("gpt: --aggregate, its settings and the attack options on the command 
         o.aggregate = "krum";
         CHECK(error_of([&] { rules(o); }) ==
               "gpt: unknown --aggregate 'krum'; valid: mean, edit, trimmed_mean, median, "
-              "centered_clip, median_norm_clip");
+              "centered_clip, median_norm_clip, scatter_mean");
         o = gpt::options{};
         o.attackers = 1;
         o.attack = "lie";
@@ -264,5 +266,14 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
               "loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
         o.ef_decay = 0.5f;
         CHECK_NOTHROW(demo_rules_for(o));
+        // DeMo's own aggregation is offered with DeMo, and refused (not compiled) with SparseLoCo.
+        const gpt::options scatter = parsed({"--compress", "demo", "--aggregate", "scatter_mean"});
+        CHECK(scatter.aggregate == "scatter_mean");
+        CHECK_NOTHROW(demo_rules_for(scatter));
+        gpt::options sparse_scatter = scatter;
+        sparse_scatter.outer = "sgd";
+        sparse_scatter.compress = "sparseloco";
+        CHECK(error_of([&] { sparse_rules(sparse_scatter); }).find("is not compiled into this trainer") !=
+              std::string::npos);
     }
 }

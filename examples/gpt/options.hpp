@@ -47,7 +47,7 @@ struct options {
     // how the pseudo-gradients are combined (policies.hpp, aggregate_choices); an unset value
     // means the policy's own default
     std::string aggregate = "mean";  // mean | edit | trimmed_mean | median | centered_clip |
-                                     // median_norm_clip
+                                     // median_norm_clip | scatter_mean
     std::optional<std::uint64_t> trim;          // trimmed_mean: b values dropped at each end
     float clip_tau = -1.0f;                     // centered_clip: radius tau
     std::optional<std::uint64_t> clip_iterations;  // centered_clip: L

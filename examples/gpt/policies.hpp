@@ -226,8 +226,16 @@ struct median_norm_clip_choice {
     }
 };
 
+// DeMo's aggregation (demo.py, Psyche): each DCT coefficient averaged over the workers that sent it.
+struct scatter_mean_choice {
+    static constexpr std::string_view name = "scatter_mean";
+    using type = loco::aggregate::scatter_mean;
+    static type::hyper hyper(const options&) { return {}; }
+};
+
 using aggregate_choices = std::tuple<mean_choice, edit_choice, trimmed_mean_choice, median_choice,
-                                     centered_clip_choice, median_norm_clip_choice>;
+                                     centered_clip_choice, median_norm_clip_choice,
+                                     scatter_mean_choice>;
 
 // ---- sync schedules -----------------------------------------------------------------------------
 // Each also says how the model is cut into the fragments it syncs (fragments(o, layers)).
@@ -288,7 +296,7 @@ struct combinations {
 };
 
 // The robust aggregations and the frontier's compressors are compiled with DiLoCo's AdamW inside
-// and `every` only (six instantiations): the attack runs (scripts/attack) and the study's edit,
+// and `every` only (seven instantiations): the attack runs (scripts/attack) and the study's edit,
 // sparseloco and demo rows.
 using compiled_combinations = std::tuple<
     combinations<inner_choices, outer_choices, compress_choices, std::tuple<every_choice>>,
@@ -304,10 +312,11 @@ using compiled_combinations = std::tuple<
     combinations<std::tuple<adamw_choice>, std::tuple<outer_sgd_choice>,
                  std::tuple<std::tuple_element_t<0, frontier_compress_choices>>,  // sparseloco
                  std::tuple<every_choice>, std::tuple<median_norm_clip_choice>>,
-    // DeMo's DCT top-k (fp32 values) under DiLoCo's outer Nesterov
+    // DeMo's DCT top-k (fp32 values) under DiLoCo's outer Nesterov, averaged as DiLoCo does or
+    // as DeMo's references do (each coefficient over the workers that sent it)
     combinations<std::tuple<adamw_choice>, std::tuple<nesterov_choice>,
                  std::tuple<std::tuple_element_t<1, frontier_compress_choices>>,  // demo
-                 std::tuple<every_choice>>>;
+                 std::tuple<every_choice>, std::tuple<mean_choice, scatter_mean_choice>>>;
 
 // ---- dispatch -----------------------------------------------------------------------------------
 
