@@ -186,7 +186,7 @@ std::vector<double> reference_round(const std::array<std::vector<float>, workers
 // here outer SGD at lr 1 from zero, so each worker's parameters become -aggregate; in the sign
 // variant sign-SGD at lr 1, so they become -sign(aggregate).
 TEST_CASE("scatter_mean: one DeMo round of three workers through loco::diloco matches a "
-          "double-precision re-computation of the references' aggregation; the mean divides "
+          "double-precision re-computation of the references' aggregation, and the mean divides "
           "by M instead") {
     for (const bool sign : {false, true}) {
         INFO((sign ? "signs, sign-SGD" : "fp32, outer SGD"));
