@@ -469,19 +469,19 @@ private:
             for (std::size_t k = 0; k < world_; ++k) each[k] = payloads.subspan(k * stride, bytes);
             std::fill(out.begin(), out.end(), 0.0f);  // the segments tile out; no gap stays stale
             C::decode_scatter_mean(h, each, segs, out);
-            return;
-        }
-        std::vector<float> sum(out.size(), 0.0f);
-        decoded_.assign(out.size(), 0.0f);
-        for (std::size_t k = 0; k < world_; ++k) {
-            C::decode(h, payloads.subspan(k * stride, bytes), segs, decoded_);
-            for (std::size_t i = 0; i < sum.size(); ++i) {
-                sum[i] += decoded_[i];
+        } else {
+            std::vector<float> sum(out.size(), 0.0f);
+            decoded_.assign(out.size(), 0.0f);
+            for (std::size_t k = 0; k < world_; ++k) {
+                C::decode(h, payloads.subspan(k * stride, bytes), segs, decoded_);
+                for (std::size_t i = 0; i < sum.size(); ++i) {
+                    sum[i] += decoded_[i];
+                }
             }
-        }
-        const float m = static_cast<float>(world_);
-        for (std::size_t i = 0; i < sum.size(); ++i) {
-            out[i] = sum[i] / m;
+            const float m = static_cast<float>(world_);
+            for (std::size_t i = 0; i < sum.size(); ++i) {
+                out[i] = sum[i] / m;
+            }
         }
     }
 

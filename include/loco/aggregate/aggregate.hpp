@@ -124,9 +124,8 @@ decltype(auto) call_combine(const typename A::hyper& h, state_t<A>& s, const con
         return A::combine(h, c, out);
     }
 }
-}  // namespace impl
 
-namespace impl {
+// Whether A's combine returns bool (a policy without combine never refuses).
 template <class A>
 constexpr bool refuses() {
     if constexpr (decodes_payloads_together<A>()) {
