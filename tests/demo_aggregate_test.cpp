@@ -7,10 +7,12 @@
 //     re-computation divided by M instead, and the two differ;
 //   * exchange_scheme::two_phase: each chunk's owner scatter-means the workers' payloads of its
 //     chunk, re-encodes that with its own residual and every worker decodes the owners' payloads;
-//   * the bytes per sync are those of the mean's all-gather, as the communicator counted them.
+//   * the bytes per sync are those of the mean's all-gather, as the communicator counted them;
+//   * a payload corrupted on its way to one rank fails the sync on every rank, nothing changed.
 #include <doctest/doctest.h>
 
 #include "support/chunked_reference.hpp"
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/aggregate/mean.hpp>
@@ -18,6 +20,7 @@
 #include <loco/comm/threads.hpp>
 #include <loco/compress/demo.hpp>
 #include <loco/diloco.hpp>
+#include <loco/error.hpp>
 #include <loco/inner/sgd.hpp>
 #include <loco/outer/sgd.hpp>
 #include <loco/outer/sign_sgd.hpp>
@@ -26,6 +29,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <exception>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -301,4 +306,62 @@ TEST_CASE("scatter_mean under two_phase: each owner scatter-means its chunk, the
         }
     }
     CHECK(unclear <= n / 5);
+}
+
+namespace {
+
+// Forwards to threads; rank 1 receives the last payload with one byte of its body flipped.
+class corrupting_comm final : public loco_test::forwarding_comm {
+public:
+    explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
+
+protected:
+    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
+        forwarding_comm::do_all_gather(s, r);
+        if (rank() == 1) r.data[r.size - 3] ^= std::byte{0x10};
+    }
+};
+
+}  // namespace
+
+TEST_CASE("scatter_mean: a payload corrupted on its way to one rank fails the sync on every rank "
+          "and changes nothing") {
+    using handle = loco::diloco<loco::inner::sgd, loco::outer::sgd, demo, loco::schedule::every,
+                                loco::aggregate::scatter_mean>;
+    const demo::hyper h{.chunk = 5, .topk = 3, .decay = 0.9f};
+    const auto grads = fresh_gradients("scatter_mean corrupted");
+    std::atomic<int> refused{0}, named{0};
+    loco::comm::run_threads(2, [&](loco::comm::communicator& threads) {
+        corrupting_comm comm(threads);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> w(rows * cols, 0.0f), b(bias, 0.0f);
+        const std::vector<float> gw(grads[r].begin(), grads[r].begin() + rows * cols);
+        const std::vector<float> gb(grads[r].begin() + rows * cols, grads[r].end());
+        loco::parameter_list params;
+        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                         loco::host_matrix(gw.data(), rows, cols));
+        params.add("b", b, gb);
+        handle opt(params, comm,
+                   {.inner = {.lr = 1.0f}, .schedule = {.every = 1000}, .compress = h});
+        opt.step();  // an inner step, no sync
+        const std::vector<float> w0 = w, b0 = b;
+        const std::vector<float> residual(opt.compressor_state().begin(),
+                                          opt.compressor_state().end());
+        const std::vector<float> global(opt.global().begin(), opt.global().end());
+        try {
+            opt.sync();
+        } catch (const loco::error& e) {
+            ++refused;
+            // The rank that received it names the bad payload; the other learns of the failure.
+            if (r == 1 && std::string(e.what()).find("payload 1") != std::string::npos) ++named;
+        }
+        CHECK(w == w0);
+        CHECK(b == b0);
+        CHECK(std::vector<float>(opt.compressor_state().begin(), opt.compressor_state().end()) ==
+              residual);
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+        CHECK(opt.outer_steps() == 0);
+    });
+    CHECK(refused == 2);
+    CHECK(named == 1);
 }
