@@ -181,7 +181,8 @@ TEST_CASE("gpt: --aggregate, its settings and the attack options on the command 
     }
 }
 
-TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-clip reach SparseLoCo's "
+TEST_CASE("gpt: --topk, --chunk, --bins, --ef-decay, --fixed-indices and --no-median-clip reach "
+          "SparseLoCo's "
           "and DeMo's policies") {
     using sparseloco = std::tuple_element_t<0, gpt::frontier_compress_choices>;
     using demo = std::tuple_element_t<1, gpt::frontier_compress_choices>;
@@ -229,6 +230,13 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
         CHECK(bytes(parsed({"--topk", "16"})) == 40 + 20 + 20 + 4);  // N = 16, l = 8: 159 bits
         CHECK(bytes(parsed({"--topk", "16", "--fixed-indices"})) == 40 + 20 + 24 + 4);
         CHECK(bytes(parsed({"--fixed-indices"})) == 40 + 20 + 96 + 16);  // templar's 12 bits
+        // --bins B: ceil(log2 B)-bit codes and a table of 4 (1 + B) bytes.
+        const gpt::options b16 = parsed({"--compress", "sparseloco", "--bins", "16"});
+        CHECK(sparseloco::hyper(b16).bins == 16);
+        CHECK(bytes(b16) == 40 + 68 + 64 + 32);
+        CHECK(bytes(parsed({"--compress", "sparseloco", "--bins", "3"})) == 40 + 16 + 64 + 16);
+        CHECK(bytes(parsed({"--compress", "sparseloco", "--bins", "256"})) == 40 + 1028 + 64 + 64);
+        CHECK(s.bins == 4);  // unset: templar's quantization_bins
         const auto d = demo::hyper(o);
         CHECK(d.topk == 16);
         CHECK(d.chunk == 32);
@@ -239,6 +247,10 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
     SUBCASE("bad settings: one sentence, before any data is loaded") {
         CHECK(parse_error({"--topk", "-3"}) == "gpt: --topk takes a whole number, not '-3'");
         CHECK(parse_error({"--chunk", "x"}) == "gpt: --chunk takes a whole number, not 'x'");
+        CHECK(parse_error({"--bins", "16"}) ==
+              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco");
+        CHECK(parse_error({"--compress", "demo", "--bins", "16"}) ==
+              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco");
         gpt::options o;
         o.outer = "sgd";
         o.compress = "sparseloco";
@@ -256,6 +268,13 @@ TEST_CASE("gpt: --topk, --chunk, --ef-decay, --fixed-indices and --no-median-cli
               "loco::compress::sparseloco: topk must not exceed the chunk's chunk x chunk cells; "
               "lower topk or raise chunk");
         o.chunk.reset();
+        o.bins = 1;
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: bins must be in [2, 256]");
+        o.bins = (std::uint64_t{1} << 32) + 4;  // saturates, does not wrap to 4
+        CHECK(error_of([&] { sparse_rules(o); }) ==
+              "loco::compress::sparseloco: bins must be in [2, 256]");
+        o.bins.reset();
         o.ef_decay = 1.0f;
         CHECK(error_of([&] { sparse_rules(o); }) ==
               "loco::compress::sparseloco: beta must be in [0, 1) (templar: 0.95)");

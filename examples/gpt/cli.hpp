@@ -62,6 +62,8 @@ inline void usage(std::FILE* to) {
         "  --ef-fold-outer-lr     error feedback: accumulate outer lr x delta (MuLoCo's code)\n"
         "  --topk K               sparseloco, demo: values kept per chunk (defaults 64, 32)\n"
         "  --chunk C              sparseloco, demo: the chunks' side, C x C (default 64)\n"
+        "  --bins B               sparseloco: quantization bins of the kept values, 2 to 256\n"
+        "                         (default 4: 2 bits a value; 256: 8 bits)\n"
         "  --fixed-indices        sparseloco, demo: ceil(log2 cells)-bit indices (templar's 12\n"
         "                         bits) instead of the default Elias-Fano code (8 bits at 64\n"
         "                         of 4096, 9 at 32)\n"
@@ -193,6 +195,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--ef-decay") o.ef_decay = real();
         else if (flag == "--topk") o.topk = count();
         else if (flag == "--chunk") o.chunk = count();
+        else if (flag == "--bins") o.bins = count();
         else if (flag == "--schedule") o.schedule = v;
         else if (flag == "--H") o.every = count();
         else if (flag == "--fragments") o.fragments = count();
@@ -231,6 +234,10 @@ inline bool parse(int argc, char** argv, options& o) {
         throw usage_error("gpt: --attackers " + std::to_string(o.attackers) +
                           " leaves no honest worker of " + std::to_string(o.workers) +
                           "; choose fewer than --workers");
+    }
+    if (o.bins && o.compress != "sparseloco") {
+        throw usage_error("gpt: --bins sets SparseLoCo's quantization; it needs --compress "
+                          "sparseloco");
     }
     if (o.pattern != "strided" && o.pattern != "sequential") {
         throw usage_error("gpt: unknown --pattern '" + o.pattern + "'; valid: strided, sequential");

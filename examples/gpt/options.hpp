@@ -77,6 +77,8 @@ struct options {
     // sparseloco, --ef-decay is its accumulator's decay beta (default 0.95).
     std::optional<std::uint64_t> topk;
     std::optional<std::uint64_t> chunk;
+    // sparseloco: quantization bins of the kept values (unset: 4, 2 bits; up to 256, 8 bits)
+    std::optional<std::uint64_t> bins;
     // sparseloco: fixed-width indices (templar's format) instead of the compact coding
     bool fixed_indices = false;
     // median_norm_clip: false is the plain scatter-mean of the sparse deltas (no clip)

@@ -129,6 +129,9 @@ struct compress_choice {
             };
             if (o.topk) h.topk = narrow(*o.topk);
             if (o.chunk) h.chunk = narrow(*o.chunk);
+            if constexpr (requires { h.bins; }) {  // sparseloco
+                if (o.bins) h.bins = narrow(*o.bins);
+            }
         }
         static_cast<void>(o);
         return h;

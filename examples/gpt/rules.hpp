@@ -195,7 +195,7 @@ rule_factory make_diloco_factory(const options& o) {
         return dispatch<typename Combo::outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
             return dispatch<typename Combo::compressors>(
                 o.compress, "--compress", [&]<class C>() -> rule_factory {
-                    // Bad compressor settings (--topk, --chunk, --ef-decay) too.
+                    // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) too.
                     if constexpr (requires { C::type::validate(C::hyper(o)); }) {
                         C::type::validate(C::hyper(o));
                     }
