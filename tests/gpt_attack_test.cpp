@@ -182,8 +182,7 @@ TEST_CASE("gpt: --aggregate, its settings and the attack options on the command 
 }
 
 TEST_CASE("gpt: --topk, --chunk, --bins, --ef-decay, --fixed-indices and --no-median-clip reach "
-          "SparseLoCo's "
-          "and DeMo's policies") {
+          "SparseLoCo's and DeMo's policies") {
     using sparseloco = std::tuple_element_t<0, gpt::frontier_compress_choices>;
     using demo = std::tuple_element_t<1, gpt::frontier_compress_choices>;
     using ef = std::tuple_element_t<4, gpt::compress_choices>;  // statistical2-ef
