@@ -117,6 +117,24 @@ std::vector<double> aggregate_of(const std::vector<sent_tensor>& each, std::size
     return out;
 }
 
+// One worker's model, a rows x cols matrix and a bias from zero, with its share of the
+// gradients; params views the four vectors, so the model neither copies nor moves.
+struct worker_model {
+    explicit worker_model(const std::vector<float>& grad)
+        : gw(grad.begin(), grad.begin() + rows * cols), gb(grad.begin() + rows * cols, grad.end()) {
+        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                         loco::host_matrix(gw.data(), rows, cols));
+        params.add("b", b, gb);
+    }
+    worker_model(const worker_model&) = delete;
+    worker_model& operator=(const worker_model&) = delete;
+
+    std::vector<float> w = std::vector<float>(rows * cols, 0.0f);
+    std::vector<float> b = std::vector<float>(bias, 0.0f);
+    const std::vector<float> gw, gb;
+    loco::parameter_list params;
+};
+
 struct round_result {
     std::array<std::vector<float>, workers> values;  // w then b, after the sync
     std::array<std::uint64_t, workers> per_sync{}, agreement{}, counted{};
@@ -131,23 +149,17 @@ round_result run_round(const std::array<std::vector<float>, workers>& grads,
     round_result out;
     loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
-        std::vector<float> w(rows * cols, 0.0f), b(bias, 0.0f);
-        const std::vector<float> gw(grads[r].begin(), grads[r].begin() + rows * cols);
-        const std::vector<float> gb(grads[r].begin() + rows * cols, grads[r].end());
-        loco::parameter_list params;
-        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
-                         loco::host_matrix(gw.data(), rows, cols));
-        params.add("b", b, gb);
+        worker_model m(grads[r]);
         loco::diloco<loco::inner::sgd, Outer, demo, loco::schedule::every, Aggregate> opt(
-            params, comm,
+            m.params, comm,
             {.inner = {.lr = 1.0f}, .outer = oh, .schedule = {.every = 1}, .compress = h,
              .exchange = scheme});
         opt.start();
         const std::uint64_t before = comm.bytes_sent();
         CHECK(opt.step().synced);
         out.counted[r] = comm.bytes_sent() - before;
-        out.values[r] = w;
-        out.values[r].insert(out.values[r].end(), b.begin(), b.end());
+        out.values[r] = m.w;
+        out.values[r].insert(out.values[r].end(), m.b.begin(), m.b.end());
         out.per_sync[r] = opt.bytes_per_sync();
         out.agreement[r] = opt.agreement_bytes_per_sync();
     });
@@ -308,22 +320,6 @@ TEST_CASE("scatter_mean under two_phase: each owner scatter-means its chunk, the
     CHECK(unclear <= n / 5);
 }
 
-namespace {
-
-// Forwards to threads; rank 1 receives the last payload with one byte of its body flipped.
-class corrupting_comm final : public loco_test::forwarding_comm {
-public:
-    explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
-
-protected:
-    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        forwarding_comm::do_all_gather(s, r);
-        if (rank() == 1) r.data[r.size - 3] ^= std::byte{0x10};
-    }
-};
-
-}  // namespace
-
 TEST_CASE("scatter_mean: a payload corrupted on its way to one rank fails the sync on every rank "
           "and changes nothing") {
     using handle = loco::diloco<loco::inner::sgd, loco::outer::sgd, demo, loco::schedule::every,
@@ -332,19 +328,13 @@ TEST_CASE("scatter_mean: a payload corrupted on its way to one rank fails the sy
     const auto grads = fresh_gradients("scatter_mean corrupted");
     std::atomic<int> refused{0}, named{0};
     loco::comm::run_threads(2, [&](loco::comm::communicator& threads) {
-        corrupting_comm comm(threads);
+        loco_test::corrupting_all_gather comm(threads, 1);  // rank 1 receives a bad payload
         const auto r = static_cast<std::size_t>(comm.rank());
-        std::vector<float> w(rows * cols, 0.0f), b(bias, 0.0f);
-        const std::vector<float> gw(grads[r].begin(), grads[r].begin() + rows * cols);
-        const std::vector<float> gb(grads[r].begin() + rows * cols, grads[r].end());
-        loco::parameter_list params;
-        params.add_views("w", loco::host_matrix(w.data(), rows, cols),
-                         loco::host_matrix(gw.data(), rows, cols));
-        params.add("b", b, gb);
-        handle opt(params, comm,
+        worker_model m(grads[r]);
+        handle opt(m.params, comm,
                    {.inner = {.lr = 1.0f}, .schedule = {.every = 1000}, .compress = h});
         opt.step();  // an inner step, no sync
-        const std::vector<float> w0 = w, b0 = b;
+        const std::vector<float> w0 = m.w, b0 = m.b;
         const std::vector<float> residual(opt.compressor_state().begin(),
                                           opt.compressor_state().end());
         const std::vector<float> global(opt.global().begin(), opt.global().end());
@@ -355,8 +345,8 @@ TEST_CASE("scatter_mean: a payload corrupted on its way to one rank fails the sy
             // The rank that received it names the bad payload; the other learns of the failure.
             if (r == 1 && std::string(e.what()).find("payload 1") != std::string::npos) ++named;
         }
-        CHECK(w == w0);
-        CHECK(b == b0);
+        CHECK(m.w == w0);
+        CHECK(m.b == b0);
         CHECK(std::vector<float>(opt.compressor_state().begin(), opt.compressor_state().end()) ==
               residual);
         CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);

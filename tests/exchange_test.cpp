@@ -327,27 +327,11 @@ TEST_CASE("diloco with error feedback and both schemes: bytes, identical workers
     }
 }
 
-namespace {
-
-// Forwards to threads but corrupts one byte of what rank 1 receives in all_gather.
-class corrupting_comm final : public loco_test::forwarding_comm {
-public:
-    explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
-
-protected:
-    void do_all_gather(loco::tensor_view<const std::byte> s, loco::tensor_view<std::byte> r) override {
-        forwarding_comm::do_all_gather(s, r);
-        r.data[r.size - 3] ^= std::byte{0x10};  // inside the last rank's body
-    }
-};
-
-}  // namespace
-
 TEST_CASE("a corrupted payload fails the sync with wire_error and leaves every state as it was") {
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, lc::error_feedback<grid>>;
     std::atomic<int> refused{0};
     loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
-        corrupting_comm comm(threads);
+        loco_test::corrupting_all_gather comm(threads);  // every rank receives a bad payload
         model mdl;
         std::fill(mdl.ga.begin(), mdl.ga.end(), 0.3f);
         opt_t opt(mdl.list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1000}});

@@ -42,4 +42,22 @@ private:
     std::string_view name_;
 };
 
+// Forwards to `next`, flipping one byte near the end of what an all_gather delivers (inside the
+// last rank's payload body): on rank `victim` only, or on every rank when `victim` is negative.
+// For the tests that a corrupted payload fails a sync on every rank and changes nothing.
+class corrupting_all_gather final : public forwarding_comm {
+public:
+    explicit corrupting_all_gather(loco::comm::communicator& next, int victim = -1)
+        : forwarding_comm(next, "corrupting"), victim_(victim) {}
+
+protected:
+    void do_all_gather(loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        forwarding_comm::do_all_gather(send, recv);
+        if (victim_ < 0 || rank() == victim_) recv.data[recv.size - 3] ^= std::byte{0x10};
+    }
+
+private:
+    int victim_;
+};
+
 }  // namespace loco_test
