@@ -4,6 +4,7 @@
 
 #include "options.hpp"
 #include "policies.hpp"
+#include "residual_report.hpp"
 
 #include <cerrno>
 #include <cmath>
@@ -102,6 +103,10 @@ inline void usage(std::FILE* to) {
         "  --eval-every N         validation interval (default %llu)\n"
         "  --eval-sequences N     validation windows (default %zu)\n"
         "  --csv FILE             also write the progress rows as CSV\n"
+        "  --residual-csv FILE    sparseloco, demo: at each sync, worker 0's residual norm\n"
+        "                         before and after, the share of its energy sent, and the\n"
+        "                         share its per-chunk top-k holds in values and in DCT\n"
+        "                         coefficients\n"
         "  --quiet                no progress lines, only the summary\n"
         "  --require-below X      exit 1 unless the final validation loss is below X\n",
         d.data.c_str(), d.data_dir.c_str(), d.markov_alphabet, d.markov_sharpness,
@@ -220,6 +225,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--eval-every") o.eval_every = count();
         else if (flag == "--eval-sequences") o.eval_sequences = count();
         else if (flag == "--csv") o.csv = v;
+        else if (flag == "--residual-csv") o.residual_csv = v;
         else if (flag == "--require-below") o.require_below = real();
         else throw usage_error("gpt: unknown option '" + flag + "'; see --help");
     }
@@ -238,6 +244,9 @@ inline bool parse(int argc, char** argv, options& o) {
     if (o.bins && o.compress != "sparseloco") {
         throw usage_error("gpt: --bins sets SparseLoCo's quantization; it needs --compress "
                           "sparseloco");
+    }
+    if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
+        throw usage_error(residual_csv_refusal);
     }
     if (o.pattern != "strided" && o.pattern != "sequential") {
         throw usage_error("gpt: unknown --pattern '" + o.pattern + "'; valid: strided, sequential");

@@ -89,6 +89,8 @@ struct options {
     std::uint64_t eval_every = 100;
     std::size_t eval_sequences = 64;
     std::string csv;                // a file for the progress rows, when set
+    std::string residual_csv;       // sparseloco, demo: a file for worker 0's residual at each
+                                    // sync (residual_report.hpp), when set
     bool quiet = false;             // no progress lines
     double require_below = 0.0;     // > 0: fail the run unless the final val loss is below it
 };

@@ -9,10 +9,12 @@
 //   diloco_rule       loco::diloco: inner steps on the worker's own gradients, and a sync of the
 //                     pseudo-gradients when the schedule says so, aggregated by the chosen
 //                     policy. With --attackers N the last N workers corrupt what they send
-//                     (diloco_rule::attack).
+//                     (diloco_rule::attack); with --residual-csv worker 0 reports what each
+//                     sync of SparseLoCo or DeMo sends of its residual (residual_report.hpp).
 
 #include "options.hpp"
 #include "policies.hpp"
+#include "residual_report.hpp"
 
 #include <loco/loco.hpp>
 
@@ -23,6 +25,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -101,12 +104,33 @@ public:
           w_(w),
           attacker_(comm.rank() >= comm.size() - o.attackers),
           noise_(o.seed * 7919 + static_cast<std::uint64_t>(comm.rank())),
-          d_(w.list, comm, make_config(o)) {}
+          d_(w.list, comm, make_config(o)) {
+        if (!o.residual_csv.empty()) {
+            if constexpr (chunked_residual_compressor<typename Compress::type> &&
+                          std::is_same_v<typename Schedule::type, loco::schedule::every>) {
+                split_sync_ = true;
+                if (comm.rank() == 0) {
+                    report_.emplace(residual_report::of<typename Compress::type>(
+                        Compress::hyper(o), w.list, o.residual_csv));
+                }
+            } else {
+                throw loco::invalid_argument(residual_csv_refusal);
+            }
+        }
+    }
 
     void start() override { d_.start(); }
     void step(float lr_factor) override {
         d_.inner_hyper() = Inner::hyper(o_, lr_factor);
-        if (attacker_ && (d_.calls() + 1) % o_.every == 0) attack();  // this call syncs
+        const bool syncs_now = (d_.calls() + 1) % o_.every == 0;  // --schedule every
+        if (attacker_ && syncs_now) attack();
+        if constexpr (std::is_same_v<typename Schedule::type, loco::schedule::every>) {
+            if (split_sync_ && syncs_now) {
+                step_then_sync();
+                last_synced_ = true;
+                return;
+            }
+        }
         last_synced_ = d_.step().synced;
     }
     void finish() override {
@@ -115,9 +139,10 @@ public:
         // of the whole model (whose bytes are counted like any others).
         if (!last_synced_ || !std::is_same_v<typename Schedule::type, loco::schedule::every>) {
             if (attacker_) attack();
-            d_.sync();
+            reported_sync();
             last_synced_ = true;
         }
+        if (report_) report_->close();
     }
     std::span<const float> global() const override { return d_.global(); }
     std::uint64_t syncs() const override { return d_.outer_steps(); }
@@ -135,6 +160,30 @@ private:
         // moves instead of stopping at the 10th skipped sync.
         if (o.attackers > 0) c.max_skipped_syncs = 0;
         return c;
+    }
+
+    // A call that syncs, taken apart so that worker 0 sees the residual its sync compresses: the
+    // inner step with the schedule held back for this one call, then the sync its plan would
+    // have run (diloco::sync() starts and finishes the one fragment as step() does for `every`;
+    // tests/gpt_residual_test.cpp checks that the run is the same to the bit).
+    void step_then_sync() {
+        std::uint64_t& every = d_.schedule_hyper().every;
+        const std::uint64_t kept = every;
+        every = std::numeric_limits<std::uint64_t>::max();
+        try {
+            d_.step();
+        } catch (...) {
+            every = kept;
+            throw;
+        }
+        every = kept;
+        reported_sync();
+    }
+
+    void reported_sync() {
+        if (report_) report_->before(d_.calls(), d_.compressor_state(0), d_.global(), w_.params);
+        d_.sync();
+        if (report_) report_->after(d_.compressor_state(0));
     }
 
     // An attacker's move, just before a call that syncs (--schedule every only): it replaces its
@@ -180,6 +229,8 @@ private:
     std::vector<double> noise_buffer_;
     handle d_;
     bool last_synced_ = true;
+    bool split_sync_ = false;               // --residual-csv: every worker splits its syncing calls
+    std::optional<residual_report> report_;  // worker 0's
 };
 
 using rule_factory =
@@ -282,6 +333,9 @@ rule_factory make_rule_factory(const options& o) {
                                      "'; valid: fragment, tensor");
     }
     detail::check_attack(o);
+    if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
+        throw loco::invalid_argument(residual_csv_refusal);
+    }
     if (o.sync_every_step) {
         if (o.compress != "none") {
             throw loco::invalid_argument(
