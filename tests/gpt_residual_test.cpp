@@ -99,15 +99,23 @@ gpt::rule_factory rules(const gpt::options& o) {
     return gpt::make_rule_factory<frontier_rules, std::tuple<gpt::adamw_choice>>(o);
 }
 
-std::vector<std::vector<double>> read_rows(const fs::path& path, std::string& header) {
+struct report_row {
+    double step = 0.0;
+    std::string tensor;
+    double before = 0.0, after = 0.0, sent = 0.0, value = 0.0, dct = 0.0;
+};
+
+std::vector<report_row> read_rows(const fs::path& path, std::string& header) {
     std::ifstream in(path);
     std::getline(in, header);
-    std::vector<std::vector<double>> rows;
+    std::vector<report_row> rows;
     for (std::string line; std::getline(in, line);) {
-        std::vector<double> row;
+        std::vector<std::string> f;
         std::stringstream fields(line);
-        for (std::string f; std::getline(fields, f, ',');) row.push_back(std::stod(f));
-        rows.push_back(row);
+        for (std::string x; std::getline(fields, x, ',');) f.push_back(x);
+        REQUIRE(f.size() == 7);
+        rows.push_back({std::stod(f[0]), f[1], std::stod(f[2]), std::stod(f[3]), std::stod(f[4]),
+                        std::stod(f[5]), std::stod(f[6])});
     }
     return rows;
 }
@@ -207,24 +215,48 @@ TEST_CASE("gpt: --residual-csv leaves SparseLoCo's and DeMo's runs unchanged and
         CHECK(plain.syncs == 4);
         CHECK(reported.syncs == 4);
         std::string header;
-        const auto rows = read_rows(csv, header);
+        const std::vector<report_row> rows = read_rows(csv, header);
         fs::remove(csv);
-        CHECK(header == "step,before,after,sent_share,value_share,dct_share");
-        REQUIRE(rows.size() == 4);
+        CHECK(header == "step,tensor,before,after,sent_share,value_share,dct_share");
+        // Per sync, the whole model, then each tensor in registration order.
+        const gpt::layout lay(r.model);
+        const std::vector<gpt::tensor_spec>& tensors = lay.tensors();
+        const std::size_t block = 1 + tensors.size();
+        REQUIRE(rows.size() == 4 * block);
         const double steps[] = {10, 20, 30, 36};
-        for (std::size_t i = 0; i < rows.size(); ++i) {
+        for (std::size_t i = 0; i < 4; ++i) {
             INFO("sync " << i);
-            REQUIRE(rows[i].size() == 6);
-            CHECK(rows[i][0] == steps[i]);
-            CHECK(rows[i][1] > rows[i][2]);  // the sync removed something
-            CHECK(rows[i][2] > 0.0);         // and left something
-            CHECK(rows[i][3] == doctest::Approx(1.0 - rows[i][2] * rows[i][2] /
-                                                          (rows[i][1] * rows[i][1])));
-            // 8 of each 64-cell chunk hold at least 1/8 of its energy, in either basis.
-            for (const int col : {4, 5}) {
-                CHECK(rows[i][col] >= 0.125);
-                CHECK(rows[i][col] <= 1.0);
+            const report_row& model = rows[i * block];
+            CHECK(model.tensor == "model");
+            CHECK(model.before > model.after);  // the sync removed something
+            CHECK(model.after > 0.0);           // and left something
+            double before = 0.0, after = 0.0, value = 0.0, dct = 0.0;
+            for (std::size_t j = 0; j < block; ++j) {
+                const report_row& row = rows[i * block + j];
+                INFO("tensor " << row.tensor);
+                CHECK(row.step == steps[i]);
+                if (j > 0) {
+                    CHECK(row.tensor == tensors[j - 1].name);
+                    const double e = row.before * row.before;
+                    before += e;
+                    after += row.after * row.after;
+                    value += row.value * e;
+                    dct += row.dct * e;
+                }
+                CHECK(row.sent == doctest::Approx(1.0 - row.after * row.after /
+                                                            (row.before * row.before)));
+                // Of each chunk of at most 64 cells, the 8 largest (or all) hold at least 1/8
+                // of its energy, in either basis.
+                for (const double share : {row.value, row.dct}) {
+                    CHECK(share >= 0.125);
+                    CHECK(share <= 1.0 + 1e-12);
+                }
             }
+            // The tensors' energies add up to the model's.
+            CHECK(before == doctest::Approx(model.before * model.before).epsilon(1e-7));
+            CHECK(after == doctest::Approx(model.after * model.after).epsilon(1e-7));
+            CHECK(value / before == doctest::Approx(model.value).epsilon(1e-6));
+            CHECK(dct / before == doctest::Approx(model.dct).epsilon(1e-6));
         }
         return rows;
     };
@@ -234,8 +266,9 @@ TEST_CASE("gpt: --residual-csv leaves SparseLoCo's and DeMo's runs unchanged and
         r.compress = "demo";
         r.aggregate = "scatter_mean";
         r.outer_momentum = 0.0f;
-        for (const auto& row : compare(r, "demo")) {
-            CHECK(row[3] == doctest::Approx(row[5]).epsilon(1e-4));
+        for (const report_row& row : compare(r, "demo")) {
+            INFO("step " << row.step << " tensor " << row.tensor);
+            CHECK(row.sent == doctest::Approx(row.dct).epsilon(1e-4));
         }
     }
     SUBCASE("SparseLoCo, 8-bit codes: the sync removes the value share less the quantization's") {
@@ -244,9 +277,14 @@ TEST_CASE("gpt: --residual-csv leaves SparseLoCo's and DeMo's runs unchanged and
         r.compress = "sparseloco";
         r.aggregate = "median_norm_clip";
         r.bins = 256;
-        for (const auto& row : compare(r, "sparseloco")) {
-            CHECK(row[3] <= row[4] + 1e-6);
-            CHECK(row[3] > row[4] - 0.01);
+        // Quantizing the kept values can only lose energy (the kept cells are the same). How
+        // much depends on how they spread within a tensor: in the embedding, whose rows of the
+        // 16 symbols the text uses move far more than the others, it once reached 1.4 points;
+        // over the model the 8-bit codes lose little.
+        for (const report_row& row : compare(r, "sparseloco")) {
+            INFO("step " << row.step << " tensor " << row.tensor);
+            CHECK(row.sent <= row.value + 1e-6);
+            if (row.tensor == "model") CHECK(row.sent > row.value - 0.01);
         }
     }
 }

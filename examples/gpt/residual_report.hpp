@@ -7,9 +7,11 @@
 //   send the k_c largest of each chunk: values (SparseLoCo) or DCT coefficients (DeMo)
 //   e <- e - decode(sent)
 //
-// At each sync worker 0 writes one row:
+// At each sync worker 0 writes one row for the whole model (tensor "model"), then one for each
+// tensor (by its registered name):
 //
 //   step          the step() call that synced
+//   tensor        "model" or the tensor's name
 //   before        |e| before the sync (after the decay and delta)
 //   after         |e| after it: what the sync left behind
 //   sent_share    1 - after^2 / before^2: the share of e's energy the sync removed
@@ -81,88 +83,104 @@ struct chunked_segment {
     std::size_t k = 0;
 };
 
-// The share of sum(e^2) over the segments that the k largest magnitudes of each chunk hold, in
-// the value basis or after each chunk's DCT-II; 0 for a zero residual. Sums in double.
-inline double topk_energy_share(std::span<const float> e, std::span<const chunked_segment> segs,
-                                basis b) {
-    double total = 0.0;
+// What the k largest magnitudes of each chunk hold of the segment's energy: sums of squares, in
+// double, of those cells and of all cells, in the value basis or after each chunk's DCT-II.
+struct kept_energy {
     double kept = 0.0;
-    std::vector<float> cells;
-    std::vector<std::uint32_t> order;
-    std::vector<double> work;
-    loco::compress::dct::chunk_transform transform;
-    for (const chunked_segment& s : segs) {
-        const loco::compress::chunking::grid& g = s.grid;
-        if (g.cells() == 0) continue;
-        if (b == basis::dct && (transform.h != g.h || transform.w != g.w)) {
-            transform = loco::compress::dct::chunk_transform(g.h, g.w);
-        }
-        cells.resize(g.cells());
-        const float* seg = e.data() + s.segment.offset;
-        for (std::size_t c = 0; c < g.chunks(); ++c) {
-            if (b == basis::dct) {
-                transform.forward(seg + g.element(c, 0), g.cols, cells.data(), work);
-            } else {
-                for (std::size_t j = 0; j < g.cells(); ++j) cells[j] = seg[g.element(c, j)];
-            }
-            loco::compress::chunking::select_largest(cells, s.k, order);
-            for (const float v : cells) total += static_cast<double>(v) * v;
-            for (std::size_t j = 0; j < s.k; ++j) {
-                const double v = cells[order[j]];
-                kept += v * v;
-            }
-        }
-    }
-    return total > 0.0 ? kept / total : 0.0;
-}
-
-struct residual_row {
-    std::uint64_t step = 0;
-    double before = 0.0;
-    double after = 0.0;
-    double sent_share = 0.0;
-    double value_share = 0.0;
-    double dct_share = 0.0;
+    double total = 0.0;
+    double share() const noexcept { return total > 0.0 ? kept / total : 0.0; }
 };
 
+inline kept_energy topk_energy(std::span<const float> e, const chunked_segment& s, basis b) {
+    kept_energy out;
+    const loco::compress::chunking::grid& g = s.grid;
+    if (g.cells() == 0) return out;
+    const loco::compress::dct::chunk_transform transform =
+        b == basis::dct ? loco::compress::dct::chunk_transform(g.h, g.w)
+                        : loco::compress::dct::chunk_transform();
+    std::vector<float> cells(g.cells());
+    std::vector<std::uint32_t> order;
+    std::vector<double> work;
+    const float* seg = e.data() + s.segment.offset;
+    for (std::size_t c = 0; c < g.chunks(); ++c) {
+        if (b == basis::dct) {
+            transform.forward(seg + g.element(c, 0), g.cols, cells.data(), work);
+        } else {
+            for (std::size_t j = 0; j < g.cells(); ++j) cells[j] = seg[g.element(c, j)];
+        }
+        loco::compress::chunking::select_largest(cells, s.k, order);
+        for (const float v : cells) out.total += static_cast<double>(v) * v;
+        for (std::size_t j = 0; j < s.k; ++j) {
+            const double v = cells[order[j]];
+            out.kept += v * v;
+        }
+    }
+    return out;
+}
+
+// The same over several segments: the share of their energy the kept cells hold; 0 for a zero
+// residual.
+inline double topk_energy_share(std::span<const float> e, std::span<const chunked_segment> segs,
+                                basis b) {
+    kept_energy sum;
+    for (const chunked_segment& s : segs) {
+        const kept_energy k = topk_energy(e, s, b);
+        sum.kept += k.kept;
+        sum.total += k.total;
+    }
+    return sum.share();
+}
+
 // Worker 0's report: before() with the state just before a sync, after() with the state after
-// it; each pair writes one row to the CSV file.
+// it; each pair writes one row for the whole model (tensor "model") and one for each tensor.
 class residual_report {
 public:
     template <class C>
     static residual_report of(const typename C::hyper& h, const loco::parameter_list& params,
                               const std::string& path) {
-        std::vector<chunked_segment> segs;
+        std::vector<part> parts;
         for (const loco::compress::segment& s : loco::detail::parameter_segments(params)) {
             const auto l = C::layout_of(h, s);
-            segs.push_back({s, l.grid, l.k});
+            part p;
+            p.chunks = {s, l.grid, l.k};
+            p.name = params[parts.size()].name;
+            parts.push_back(std::move(p));
         }
-        return residual_report(std::move(segs), residual_decay<C>(h), path);
+        return residual_report(std::move(parts), residual_decay<C>(h), path);
     }
 
     // The residual the sync of step `step` compresses: decay * e + (global - local), in fp32 as
     // the compressors form it, from the residual `e` of the last sync.
     void before(std::uint64_t step, std::span<const float> e, std::span<const float> global,
                 const float* local) {
-        pending_.step = step;
+        step_ = step;
         residual_.resize(global.size());
         for (std::size_t i = 0; i < global.size(); ++i) {
             residual_[i] = decay_ * e[i] + (global[i] - local[i]);
         }
-        pending_.before = norm(residual_);
-        pending_.value_share = topk_energy_share(residual_, segs_, basis::values);
-        pending_.dct_share = topk_energy_share(residual_, segs_, basis::dct);
+        for (part& p : parts_) {
+            p.before = squares(std::span<const float>(residual_).subspan(p.chunks.segment.offset,
+                                                                        p.chunks.segment.size));
+            p.values = topk_energy(residual_, p.chunks, basis::values);
+            p.dct = topk_energy(residual_, p.chunks, basis::dct);
+        }
     }
 
-    // The residual the sync left; writes the row.
+    // The residual the sync left; writes the rows.
     void after(std::span<const float> e) {
-        residual_row r = pending_;
-        r.after = norm(e.first(residual_.size()));
-        r.sent_share = r.before > 0.0 ? 1.0 - (r.after * r.after) / (r.before * r.before) : 0.0;
-        rows_.push_back(r);
-        std::fprintf(file_.get(), "%llu,%.9g,%.9g,%.9g,%.9g,%.9g\n",
-                     static_cast<unsigned long long>(r.step), r.before, r.after, r.sent_share,
-                     r.value_share, r.dct_share);
+        part model;
+        model.name = "model";
+        for (part& p : parts_) {
+            p.after = squares(e.subspan(p.chunks.segment.offset, p.chunks.segment.size));
+            model.before += p.before;
+            model.after += p.after;
+            model.values.kept += p.values.kept;
+            model.values.total += p.values.total;
+            model.dct.kept += p.dct.kept;
+            model.dct.total += p.dct.total;
+        }
+        write(model);
+        for (const part& p : parts_) write(p);
     }
 
     // Flushes and closes the file; throws if the rows could not all be written.
@@ -174,35 +192,48 @@ public:
         }
     }
 
-    const std::vector<residual_row>& rows() const noexcept { return rows_; }
-
 private:
+    // A tensor's chunks, and the energies of its residual at the sync being reported.
+    struct part {
+        chunked_segment chunks;
+        std::string name;
+        double before = 0.0;  // sums of squares
+        double after = 0.0;
+        kept_energy values;
+        kept_energy dct;
+    };
     struct closer {
         void operator()(std::FILE* f) const noexcept { std::fclose(f); }
     };
 
-    residual_report(std::vector<chunked_segment> segs, float decay, const std::string& path)
-        : segs_(std::move(segs)), decay_(decay), path_(path),
+    residual_report(std::vector<part> parts, float decay, const std::string& path)
+        : parts_(std::move(parts)), decay_(decay), path_(path),
           file_(std::fopen(path.c_str(), "w")) {
         if (!file_) {
             throw loco::invalid_argument("gpt: cannot write --residual-csv " + path);
         }
-        std::fprintf(file_.get(), "step,before,after,sent_share,value_share,dct_share\n");
+        std::fprintf(file_.get(), "step,tensor,before,after,sent_share,value_share,dct_share\n");
     }
 
-    static double norm(std::span<const float> x) {
+    static double squares(std::span<const float> x) {
         double sq = 0.0;
         for (const float v : x) sq += static_cast<double>(v) * v;
-        return std::sqrt(sq);
+        return sq;
     }
 
-    std::vector<chunked_segment> segs_;
+    void write(const part& p) {
+        const double sent = p.before > 0.0 ? 1.0 - p.after / p.before : 0.0;
+        std::fprintf(file_.get(), "%llu,%s,%.9g,%.9g,%.9g,%.9g,%.9g\n",
+                     static_cast<unsigned long long>(step_), p.name.c_str(), std::sqrt(p.before),
+                     std::sqrt(p.after), sent, p.values.share(), p.dct.share());
+    }
+
+    std::vector<part> parts_;
     float decay_;
     std::string path_;
     std::unique_ptr<std::FILE, closer> file_;
-    residual_row pending_;
+    std::uint64_t step_ = 0;
     std::vector<float> residual_;
-    std::vector<residual_row> rows_;
 };
 
 }  // namespace gpt
