@@ -14,7 +14,9 @@
 //   tensor        "model" or the tensor's name
 //   before        |e| before the sync (after the decay and delta)
 //   after         |e| after it: what the sync left behind
-//   sent_share    1 - after^2 / before^2: the share of e's energy the sync removed
+//   sent_share    1 - after^2 / before^2: the share of e's energy the sync removed (negative
+//                 where a sync adds energy, as DeMo's sign variant can, whose +-1 codes the
+//                 trainer does not offer)
 //   value_share   the share of before's energy held by the k_c largest values of each chunk
 //   dct_share     the same for the k_c largest DCT-II coefficients of each chunk
 //
