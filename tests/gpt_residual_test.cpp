@@ -120,6 +120,18 @@ std::vector<report_row> read_rows(const fs::path& path, std::string& header) {
     return rows;
 }
 
+// A one-layer model on a Markov text, two quiet workers, `steps` steps syncing every `every`.
+gpt::options tiny_run(std::uint64_t steps, std::uint64_t every) {
+    gpt::options o;
+    o.model = {.vocab = 256, .context = 16, .dim = 16, .layers = 1, .heads = 2};
+    o.data = "markov";
+    o.workers = 2;
+    o.steps = steps;
+    o.every = every;
+    o.quiet = true;
+    return o;
+}
+
 // Equal, or both not measured (NaN).
 bool same(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
 
@@ -181,19 +193,13 @@ TEST_CASE("gpt: --residual-csv leaves SparseLoCo's and DeMo's runs unchanged and
           "sync sent") {
     const std::uint64_t seed = loco_test::rng_for("gpt.residual.run")() % 1000;
     INFO("seed " << seed);
-    gpt::options o;
-    o.model = {.vocab = 256, .context = 16, .dim = 16, .layers = 1, .heads = 2};
-    o.data = "markov";
-    o.workers = 2;
-    o.steps = 36;  // 3 syncs at H = 10 and the closing one at step 36
+    gpt::options o = tiny_run(36, 10);  // 3 syncs at H = 10 and the closing one at step 36
     o.batch = 4;
-    o.every = 10;
     o.lr = 0.01f;
     o.eval_every = 12;
     o.log_every = 6;
     o.eval_sequences = 16;
     o.seed = seed;
-    o.quiet = true;
     o.topk = 8;
     o.chunk = 8;
     o.ef_decay = 0.9f;
@@ -315,14 +321,9 @@ TEST_CASE("gpt: --residual-csv errors") {
     o.sync_every_step = false;
 
     // A file that cannot be opened stops the run before its first step, naming the file.
-    o.model = {.vocab = 256, .context = 16, .dim = 16, .layers = 1, .heads = 2};
-    o.data = "markov";
-    o.workers = 2;
-    o.steps = 4;
+    o = tiny_run(4, 2);
     o.batch = 2;
-    o.every = 2;
     o.eval_sequences = 4;
-    o.quiet = true;
     o.compress = "demo";
     o.aggregate = "scatter_mean";
     const fs::path missing = fs::temp_directory_path() / "loco_gpt_no_such_dir" / "r.csv";

@@ -140,6 +140,8 @@ public:
     template <class C>
     static residual_report of(const typename C::hyper& h, const loco::parameter_list& params,
                               const std::string& path) {
+        // The segments the handle's compressor sees: one per tensor, matrices as rows x cols,
+        // at their flat offsets (the whole model is one fragment under --schedule every).
         std::vector<part> parts;
         for (const loco::compress::segment& s : loco::detail::parameter_segments(params)) {
             const auto l = C::layout_of(h, s);
