@@ -6,9 +6,9 @@
 #   -DEXAMPLES=<files>   the sources holding the examples, a ;-list (default:
 #                        SOURCE_DIR/tests/docs_examples_test.cpp)
 #
-# In a page, a line `<!-- snippet: NAME -->` directly followed by a ```cpp fence marks that block as
-# the example NAME. In the source, NAME is every line strictly between `// [snippet:NAME]` and
-# `// [snippet:NAME end]`, with the indentation the region's lines share removed (lines of marker
+# In a page, a line `<!-- snippet: NAME -->` directly followed by a ```cpp (or ```python) fence
+# marks that block as the example NAME. In the source, NAME is every line strictly between
+# `// [snippet:NAME]` and `// [snippet:NAME end]` (`#` in place of `//` in Python), with the indentation the region's lines share removed (lines of marker
 # comments of other, nested regions are left out). The check fails, naming the page, the snippet and
 # the first differing line, when a block differs from its region, when a page names a snippet the
 # source does not define, when a region is shown by no page, and on malformed or unbalanced markers.
@@ -104,8 +104,8 @@ foreach(examples IN LISTS EXAMPLES)
   set(number 0)
   foreach(line IN LISTS source_lines)
     math(EXPR number "${number} + 1")
-    if(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+)@loco_rb@[ \t]*$")
-      set(name ${CMAKE_MATCH_1})
+    if(line MATCHES "^[ \t]*(//|#) @loco_lb@snippet:([A-Za-z0-9_.-]+)@loco_rb@[ \t]*$")
+      set(name ${CMAKE_MATCH_2})
       if(name IN_LIST defined)
         report("${examples_name}:${number}: snippet '${name}' is defined a second time "
                "(first at ${file_of_${name}}:${line_of_${name}})")
@@ -116,8 +116,8 @@ foreach(examples IN LISTS EXAMPLES)
       set(line_of_${name} ${number})
       set(file_of_${name} ${examples_name})
       set(lines_of_${name} "")
-    elseif(line MATCHES "^[ \t]*// @loco_lb@snippet:([A-Za-z0-9_.-]+) end@loco_rb@[ \t]*$")
-      set(name ${CMAKE_MATCH_1})
+    elseif(line MATCHES "^[ \t]*(//|#) @loco_lb@snippet:([A-Za-z0-9_.-]+) end@loco_rb@[ \t]*$")
+      set(name ${CMAKE_MATCH_2})
       if(NOT name IN_LIST open)
         report("${examples_name}:${number}: `// [snippet:${name} end]` without an open "
                "`// [snippet:${name}]` above it")
@@ -125,7 +125,7 @@ foreach(examples IN LISTS EXAMPLES)
       endif()
       list(REMOVE_ITEM open ${name})
       dedent("${lines_of_${name}}" text_of_${name})
-    elseif(line MATCHES "^[ \t]*//[ \t]*@loco_lb@[ \t]*snippet")
+    elseif(line MATCHES "^[ \t]*(//|#)[ \t]*@loco_lb@[ \t]*snippet")
       report("${examples_name}:${number}: malformed snippet marker `${line}`; write "
              "`// [snippet:NAME]` or `// [snippet:NAME end]` alone on the line")
     else()
@@ -206,14 +206,14 @@ foreach(page IN LISTS pages)
   foreach(line IN LISTS page_lines)
     math(EXPR number "${number} + 1")
     if(state STREQUAL "fence")
-      if(line MATCHES "^```cpp[ \t]*$")
+      if(line MATCHES "^```(cpp|python)[ \t]*$")
         set(state block)
         set(block "")
         set(block_started FALSE)
         continue()
       endif()
       report("${page_name}:${marker_line}: `<!-- snippet: ${name} -->` must be followed directly by "
-             "a ```cpp line")
+             "a ```cpp or ```python line")
       set(state text)
     endif()
     if(state STREQUAL "block")
