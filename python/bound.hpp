@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -81,14 +82,21 @@ inline bound_params read_params(const py::list& items) {
 
 // ---- hyper-parameters from Python dicts ---------------------------------------------------------
 
-// Reads the keys of a dict into fields; a key no field takes is refused by name.
+// Reads the keys of a dict into fields; a key no field takes, or a value its field cannot hold
+// (pybind11's cast fails: a negative count, a float for an integer), is refused by name.
 class fields {
 public:
     fields(const py::dict& d, std::string who) : d_(d), who_(std::move(who)) {}
     template <class T>
     fields& operator()(const char* key, T& field) {
         if (d_.contains(key)) {
-            field = d_[key].cast<T>();
+            try {
+                field = d_[key].cast<T>();
+            } catch (const py::cast_error&) {
+                throw loco::invalid_argument("loco: " + who_ + " hyper-parameter '" + key +
+                                             "' must be " + kind<T>() + ", got " +
+                                             std::string(py::repr(d_[key])));
+            }
             taken_.emplace_back(key);
         }
         return *this;
@@ -106,6 +114,22 @@ public:
     }
 
 private:
+    template <class T>
+    static std::string kind() {
+        if constexpr (std::is_same_v<T, bool>) {
+            return "True or False";
+        } else if constexpr (std::is_integral_v<T>) {
+            return "an integer in [" + std::to_string(std::numeric_limits<T>::min()) + ", " +
+                   std::to_string(std::numeric_limits<T>::max()) + "]";
+        } else if constexpr (std::is_floating_point_v<T>) {
+            return "a number";
+        } else if constexpr (std::is_same_v<T, std::string>) {
+            return "a string";
+        } else {
+            return "a dict";
+        }
+    }
+
     const py::dict& d_;
     std::string who_;
     std::vector<std::string> taken_;
@@ -164,6 +188,12 @@ inline void read(const py::dict& d, loco::outer::adam::hyper& h) {
         "bias_correction", h.bias_correction)
         .done();
 }
+inline void read(const py::dict& d, loco::outer::sgd::hyper& h) {
+    fields(d, "outer SGD")("lr", h.lr).done();
+}
+inline void read(const py::dict& d, loco::outer::sign_sgd::hyper& h) {
+    fields(d, "outer SignSGD")("lr", h.lr)("weight_decay", h.weight_decay).done();
+}
 inline void read(const py::dict& d, loco::schedule::every::hyper& h) {
     fields(d, "schedule Every")("every", h.every).done();
 }
@@ -173,6 +203,36 @@ inline void read(const py::dict& d, loco::schedule::streaming::hyper& h) {
         .done();
 }
 inline void read(const py::dict& d, loco::compress::none::hyper&) { fields(d, "no compression").done(); }
+inline loco::compress::index_coding index_coding_named(const std::string& s, const char* who) {
+    if (s == "compact") return loco::compress::index_coding::compact;
+    if (s == "fixed") return loco::compress::index_coding::fixed;
+    throw loco::invalid_argument(std::string("loco: ") + who + " indices must be 'compact' or 'fixed'");
+}
+inline void read(const py::dict& d, loco::compress::sparseloco::hyper& h) {
+    std::string indices = "compact";
+    fields(d, "SparseLoCo")("chunk", h.chunk)("topk", h.topk)("bins", h.bins)("range", h.range)(
+        "beta", h.beta)("indices", indices)
+        .done();
+    h.indices = index_coding_named(indices, "SparseLoCo");
+}
+inline void read(const py::dict& d, loco::compress::demo::hyper& h) {
+    std::string indices = "compact";
+    fields(d, "DeMo")("chunk", h.chunk)("topk", h.topk)("decay", h.decay)("sign", h.sign)(
+        "indices", indices)
+        .done();
+    h.indices = index_coding_named(indices, "DeMo");
+}
+// The aggregation goes with the compressor (python/loco/__init__.py puts its keys under
+// "aggregate"): the mean for the dense ones, each reference's own for SparseLoCo and DeMo.
+inline void read(const py::dict& d, loco::aggregate::mean::hyper&) {
+    fields(d, "the mean").done();
+}
+inline void read(const py::dict& d, loco::aggregate::median_norm_clip::hyper& h) {
+    fields(d, "SparseLoCo's aggregation")("clip", h.clip)("epsilon", h.epsilon).done();
+}
+inline void read(const py::dict& d, loco::aggregate::scatter_mean::hyper&) {
+    fields(d, "DeMo's aggregation").done();
+}
 template <class C>
 void read_error_feedback(const py::dict& d, typename loco::compress::error_feedback<C>::hyper& h) {
     std::string per = "tensor";
@@ -188,10 +248,10 @@ void read_error_feedback(const py::dict& d, typename loco::compress::error_feedb
 
 template <class Compressor, class H>
 void read_compress(const py::dict& d, H& h) {
-    if constexpr (std::is_same_v<Compressor, loco::compress::none>) {
-        read(d, h);
-    } else {
+    if constexpr (requires { typename Compressor::base; }) {  // error_feedback<...>
         read_error_feedback<typename Compressor::base>(d, h);
+    } else {
+        read(d, h);
     }
 }
 
@@ -232,6 +292,7 @@ public:
         read(sub(hyper, "outer"), cfg.outer);
         read(sub(hyper, "schedule"), cfg.schedule);
         read_compress<typename Handle::compressor_policy>(sub(hyper, "compress"), cfg.compress);
+        read(sub(hyper, "aggregate"), cfg.aggregate);
         std::string on_nonfinite = "skip";
         fields(sub(hyper, "options"), "loco.DiLoCo")("seed", cfg.seed)("workers", cfg.workers)(
             "broadcast_initial", cfg.broadcast_initial)("on_nonfinite", on_nonfinite)(
@@ -276,6 +337,8 @@ public:
             .def_property_readonly("fragments", [](const B& b) { return b.handle_->fragments(); })
             .def_property_readonly("bytes_per_sync",
                                    [](const B& b) { return b.handle_->bytes_per_sync(); })
+            .def_property_readonly("agreement_bytes_per_sync",
+                                   [](const B& b) { return b.handle_->agreement_bytes_per_sync(); })
             .def_property_readonly("fingerprint_bytes",
                                    [](const B& b) { return b.handle_->fingerprint_bytes(); })
             .def_property_readonly("fingerprint", [](const B& b) { return b.handle_->fingerprint(); })
@@ -362,6 +425,18 @@ void bind_configurations(py::module_& m, const std::string& prefix) {
                               Backend>>::bind(m, named("DiLoCo_muloco_nesterov_twobit").c_str());
     bound_diloco<loco::diloco<sgd, loco::outer::adam, none, every, mean, Backend>>::bind(
         m, named("DiLoCo_sgd_adam").c_str());
+    // The frontier's compressors with their references' own aggregation and outer step
+    // (docs/compressors.md): SparseLoCo as templar runs it, DeMo with fp32 values or signs.
+    using loco::compress::demo;
+    using loco::compress::sparseloco;
+    bound_diloco<loco::diloco<adamw, loco::outer::sgd, sparseloco, every,
+                              loco::aggregate::median_norm_clip, Backend>>::bind(
+        m, named("DiLoCo_adamw_sgd_sparseloco").c_str());
+    bound_diloco<loco::diloco<adamw, loco::outer::sgd, demo, every, loco::aggregate::scatter_mean,
+                              Backend>>::bind(m, named("DiLoCo_adamw_sgd_demo").c_str());
+    bound_diloco<loco::diloco<adamw, loco::outer::sign_sgd, demo, every,
+                              loco::aggregate::scatter_mean, Backend>>::bind(
+        m, named("DiLoCo_adamw_signsgd_demo").c_str());
     bound_optimizer<Optimizer<adamw>>::bind(m, named("Optimizer_adamw").c_str());
     bound_optimizer<Optimizer<sgd>>::bind(m, named("Optimizer_sgd").c_str());
 }

@@ -30,7 +30,8 @@ from ._loco import (Error, InvalidArgument, ShapeError, MemorySpaceError, Nonfin
                     CommError, WireError, CheckpointError, Single)
 
 __all__ = ["DiLoCo", "Optimizer", "AdamW", "SGD", "Muon", "MuonAdamW", "Nesterov", "OuterAdam",
-           "TwoBit", "Every", "Streaming", "TorchDistributed", "Single", "Error",
+           "OuterSGD", "SignSGD", "TwoBit", "SparseLoCo", "DeMo", "Every", "Streaming",
+           "TorchDistributed", "Single", "Error",
            "InvalidArgument", "ShapeError", "MemorySpaceError", "NonfiniteError", "CommError",
            "WireError", "CheckpointError", "two_bit_round_trip"]
 
@@ -96,12 +97,59 @@ class OuterAdam:
 
 
 @dataclass
+class OuterSGD:
+    """Outer SGD without momentum (loco::outer::sgd): global -= lr * aggregate. lr = 1 is plain
+    averaging; SparseLoCo's outer step (templar: lr 1)."""
+    lr: float = 1.0
+
+
+@dataclass
+class SignSGD:
+    """Outer sign-SGD (loco::outer::sign_sgd), DeMo's and DisTrO's apply:
+    global = global * (1 - lr * weight_decay) - lr * sign(aggregate)."""
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+
+
+@dataclass
 class TwoBit:
     """MuLoCo's 2-bit statistical quantizer with error feedback (algorithms.md section 4.3)."""
     decay: float = 0.9
     fold_outer_lr: bool = True
     per: str = "tensor"     # or "row"
     range: float = 6.0
+
+
+@dataclass
+class SparseLoCo:
+    """SparseLoCo (templar; loco::compress::sparseloco, docs/compressors.md): an error-feedback
+    accumulator e <- beta * e + delta, the top-`topk` cells of each chunk of about chunk x chunk,
+    their values in log2(bins)-bit codes over +-range sigma with bin-mean decoding, e -= what was
+    sent. The peers' payloads are averaged element by element over the peers that sent each
+    element, each peer first scaled down to the median peer norm (clip; loco::aggregate::
+    median_norm_clip). Use with OuterSGD (templar: lr 1). indices: "compact" (Elias-Fano) or
+    "fixed" (templar's 12-bit indices for 64 x 64 chunks)."""
+    chunk: int = 64
+    topk: int = 64
+    bins: int = 4
+    range: float = 6.0
+    beta: float = 0.95
+    indices: str = "compact"
+    clip: bool = True
+
+
+@dataclass
+class DeMo:
+    """DeMo / DisTrO (loco::compress::demo, docs/compressors.md): a residual e <- decay * e + delta,
+    the top-`topk` DCT-II coefficients of each chunk of about chunk x chunk, fp32 values or (sign)
+    one bit each decoding to +-1, e -= what was sent. Each coefficient is averaged over the peers
+    that sent it and decoded once (loco::aggregate::scatter_mean). Use with OuterSGD, or SignSGD
+    for DeMo's own sign step."""
+    chunk: int = 64
+    topk: int = 32
+    decay: float = 0.999
+    sign: bool = False
+    indices: str = "compact"
 
 
 @dataclass
@@ -127,7 +175,14 @@ _CONFIGS = {
     (AdamW, Nesterov, type(None), Streaming): "DiLoCo_adamw_nesterov_streaming",
     (MuonAdamW, Nesterov, TwoBit, Every): "DiLoCo_muloco_nesterov_twobit",
     (SGD, OuterAdam, type(None), Every): "DiLoCo_sgd_adam",
+    (AdamW, OuterSGD, SparseLoCo, Every): "DiLoCo_adamw_sgd_sparseloco",
+    (AdamW, OuterSGD, DeMo, Every): "DiLoCo_adamw_sgd_demo",
+    (AdamW, SignSGD, DeMo, Every): "DiLoCo_adamw_signsgd_demo",
 }
+
+# Settings of a compressor dataclass that belong to its aggregation (python/bound.hpp reads them
+# into the handle's aggregate hyper-parameters).
+_AGGREGATE_KEYS = {SparseLoCo: ("clip",)}
 
 
 def _compiled(name, device):
@@ -170,6 +225,14 @@ def _hyper(policy):
     if isinstance(policy, MuonAdamW):
         return {"0": asdict(policy.muon), "1": asdict(policy.adamw)}
     return asdict(policy) if policy is not None else {}
+
+
+def _compress_and_aggregate(compressor):
+    """The compressor's dict and its aggregation's (the keys of _AGGREGATE_KEYS)."""
+    compress = _hyper(compressor)
+    keys = _AGGREGATE_KEYS.get(type(compressor), ())
+    return ({k: v for k, v in compress.items() if k not in keys},
+            {k: v for k, v in compress.items() if k in keys})
 
 
 # ---- parameters ------------------------------------------------------------------------------------
@@ -295,8 +358,9 @@ class DiLoCo(_Handle):
                                    f"(NCCL) but the parameters are on {self.device}; move the "
                                    "model to that GPU, or use a gloo process group")
         stream = _stream_of(stream, self.device)
+        compress, aggregate = _compress_and_aggregate(compressor)
         hyper = {"inner": _hyper(inner), "outer": _hyper(outer), "schedule": _hyper(schedule),
-                 "compress": _hyper(compressor),
+                 "compress": compress, "aggregate": aggregate,
                  "options": {"seed": seed, "workers": workers,
                              "broadcast_initial": broadcast_initial,
                              "on_nonfinite": on_nonfinite,
@@ -342,6 +406,9 @@ class DiLoCo(_Handle):
     fragments = property(lambda self: self._impl.fragments)
     bytes_per_sync = property(lambda self: self._impl.bytes_per_sync,
                               doc="bytes this worker sends per sync of every fragment")
+    agreement_bytes_per_sync = property(
+        lambda self: self._impl.agreement_bytes_per_sync,
+        doc="of bytes_per_sync, what each fragment's all-or-nothing agreement adds")
     fingerprint = property(lambda self: self._impl.fingerprint)
 
     @property
@@ -355,7 +422,8 @@ class DiLoCo(_Handle):
             return torch.tensor(self._impl.global_params(), dtype=torch.float32)
 
     def compressor_state(self):
-        """The error-feedback residual (MuLoCo), flat, as a float32 tensor (a copy)."""
+        """The compressor's residual (MuLoCo's error feedback, SparseLoCo's accumulator, DeMo's
+        residual), flat in parameter order, as a float32 tensor (a copy)."""
         with _on(self.device):
             return torch.tensor(self._impl.compressor_state(), dtype=torch.float32)
 

@@ -5,10 +5,11 @@
 
 # The pages' examples come from the host examples file and, for docs/cuda.md, from the GPU tests
 # and docs/groups.md, from the GPU tests (compiled in every CUDA-enabled build, run on a GPU); the
-# MPI section of docs/communicators.md shows examples/mpi_diloco.cpp (example.mpi_diloco runs it).
+# MPI section of docs/communicators.md shows examples/mpi_diloco.cpp (example.mpi_diloco runs it);
+# docs/pytorch.md's SparseLoCo and DeMo examples are in tests/python/test_frontier_gloo.py.
 add_test(NAME docs.snippets
          COMMAND ${CMAKE_COMMAND} -DSOURCE_DIR=${PROJECT_SOURCE_DIR}
-                 "-DEXAMPLES=${PROJECT_SOURCE_DIR}/tests/docs_examples_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/comm_request_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/handles_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/groups_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/examples/mpi_diloco.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/heal_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/mpi/heal_mpi_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/torchft_recovery_test.cpp"
+                 "-DEXAMPLES=${PROJECT_SOURCE_DIR}/tests/docs_examples_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/comm_request_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/handles_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/cuda/groups_test.cu$<SEMICOLON>${PROJECT_SOURCE_DIR}/examples/mpi_diloco.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/heal_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/mpi/heal_mpi_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/torchft_recovery_test.cpp$<SEMICOLON>${PROJECT_SOURCE_DIR}/tests/python/test_frontier_gloo.py"
                  -P ${CMAKE_CURRENT_LIST_DIR}/check_snippets.cmake)
 set_tests_properties(docs.snippets PROPERTIES LABELS docs TIMEOUT 60)
 

@@ -82,6 +82,28 @@ class BadInput(unittest.TestCase):
                      lambda: loco.DiLoCo(ps, loco.Single(), inner=loco.AdamW(lr=-1.0)),
                      "lr must be finite and >= 0")
 
+    def test_hyper_parameter_of_the_wrong_type(self):
+        ps = params(w=(4, 4))
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(-1)),
+                     "schedule Every hyper-parameter 'every' must be an integer in [0, ", "-1")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), outer=loco.OuterSGD(),
+                                         compressor=loco.SparseLoCo(topk=2.5)),
+                     "SparseLoCo hyper-parameter 'topk' must be an integer in [0, 4294967295]",
+                     "2.5")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), outer=loco.SignSGD(),
+                                         compressor=loco.DeMo(sign="yes")),
+                     "DeMo hyper-parameter 'sign' must be True or False", "'yes'")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), inner=loco.AdamW(lr="fast")),
+                     "AdamW hyper-parameter 'lr' must be a number")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), outer=loco.OuterSGD(),
+                                         compressor=loco.SparseLoCo(indices="huffman")),
+                     "SparseLoCo indices must be 'compact' or 'fixed'")
+
     def test_gradient_replaced_after_construction(self):
         ps = params(w=(4,))
         opt = loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2))

@@ -10,7 +10,9 @@ python.cuda_emulated (python/CMakeLists.txt builds the module); run.sh here is t
   exchanges through the host: gloo's path) and once of device memory (the handle all-reduces its
   device buffers: NCCL's path; the capsules are re-marked kDLCPU for torch's CPU from_dlpack,
   the only step that differs from a GPU);
-- MuLoCo (2-bit codes, error feedback) on both: the ranks' global parameters agree after sync().
+- MuLoCo (2-bit codes, error feedback) on both: the ranks' global parameters agree after sync();
+- SparseLoCo and DeMo (fp32 and signs) on both against the PyTorch re-computations of
+  tests/python/test_frontier_gloo.py (parameters and residual within 1e-5 after 5 rounds).
 What it cannot show: streams and NCCL's own stream (the emulator runs every launch at once).
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import loco  # noqa: E402
 from loco import _loco  # noqa: E402
 import test_diloco_gloo as ref  # noqa: E402
+import test_frontier_gloo as frontier  # noqa: E402
 
 _get = ctypes.pythonapi.PyCapsule_GetPointer
 _get.restype = ctypes.c_void_p
@@ -155,6 +158,30 @@ def worker(rank, init_file, space):
     other = [torch.zeros_like(mine) for _ in range(2)]
     dist.all_gather(other, mine)
     assert torch.equal(other[0], other[1]) and muloco.outer_steps == 4
+
+    for case, settings in frontier.CASES.items():
+        compressor, outer = settings["compressor"], settings["outer"]
+        compress, aggregate = loco._compress_and_aggregate(compressor)
+        name = loco._CONFIGS[(loco.AdamW, type(outer), type(compressor), loco.Every)]
+        ps = device_params(ref.initial_values(rank))
+        handle = getattr(_loco, "Cuda" + name)(
+            items(ps), comm, {"inner": dict(lr=ref.INNER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
+                                            weight_decay=0.1),
+                              "outer": loco._hyper(outer), "schedule": {"every": ref.H},
+                              "compress": compress, "aggregate": aggregate}, 0)
+        handle.start()
+        for step in range(ref.H * ref.ROUNDS):
+            x, y = ref.batch(rank, step)
+            set_grads(ps, ref.loss_of(ps, x, y))
+            handle.step()
+        expected, residual = frontier.reference(rank, case)
+        diff = max((ps[n].detach() - expected[n].detach()).abs().max().item() for n in ref.SHAPES)
+        residual_diff = (torch.tensor(handle.compressor_state()) - residual).abs().max().item()
+        assert diff < 1e-5 and residual_diff < 1e-5 and handle.outer_steps == ref.ROUNDS, \
+            (case, diff, residual_diff)
+        if rank == 0:
+            print(f"{space} memory: Cuda{name} ({case}) against the PyTorch reference: "
+                  f"parameters within {diff:.3g}, residual within {residual_diff:.3g}")
     dist.destroy_process_group()
 
 
