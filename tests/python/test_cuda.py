@@ -7,7 +7,9 @@ against PyTorch on the same data.
   GPUs) or else over gloo (the CUDA handle stages its exchanges through host memory), against
   the plain-PyTorch DiLoCo of tests/python/test_diloco_gloo.py, within 1e-5 after 5 rounds; a
   state_dict() resume on the GPU is bit-identical; MuLoCo over the same communicator leaves the
-  ranks with the same global parameters.
+  ranks with the same global parameters; SparseLoCo and DeMo (fp32 and signs) against the
+  plain-PyTorch references of tests/python/test_frontier_gloo.py, parameters and residuals
+  within 1e-5 after 5 rounds.
 
 Needs a GPU, a CUDA PyTorch and the module built with CUDA: otherwise it prints why and exits
 with 77, which CTest reports as skipped (SKIP_RETURN_CODE), never as passed. Where PyTorch sees a
@@ -29,6 +31,7 @@ import loco
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_diloco_gloo as ref  # noqa: E402  (the PyTorch DiLoCo, its data and its model)
+import test_frontier_gloo as frontier  # noqa: E402  (SparseLoCo and DeMo in plain PyTorch)
 
 SEED = ref.SEED
 SHAPES = {"w1": (17, 9), "b1": (17,), "w2": (4, 17), "kernel": (3, 2, 5, 5)}
@@ -208,6 +211,22 @@ def worker(rank, init_file, backend):
     other = [torch.zeros_like(mine) for _ in range(ref.WORLD)]
     dist.all_gather(other, mine, group=cpu_group)
     check(torch.equal(other[0], other[1]), "muloco: ranks differ after sync()")
+
+    # SparseLoCo and DeMo on CUDA parameters against their PyTorch references.
+    for case, settings in frontier.CASES.items():
+        ps = cuda_params(rank, device)
+        o = loco.DiLoCo(ps.items(), comm,
+                        inner=loco.AdamW(lr=ref.INNER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
+                                         weight_decay=0.1),
+                        schedule=loco.Every(H), **settings)
+        train(o, ps, rank, 0, H * ROUNDS)
+        expected, residual = frontier.reference(rank, case, cpu_group)
+        diff = max((ps[n].detach().cpu() - expected[n].detach()).abs().max().item()
+                   for n in ref.SHAPES)
+        residual_diff = (o.compressor_state() - residual).abs().max().item()
+        check(diff < 1e-5 and residual_diff < 1e-5,
+              f"{backend} rank {rank}, {case}: parameters differ by {diff}, residuals by "
+              f"{residual_diff}")
     dist.barrier(group=cpu_group)
     dist.destroy_process_group()
 

@@ -189,16 +189,16 @@ def demo_encode(s, e, shape):
     return sent, mask, from_chunks(idct(sent, hw), shape, s.chunk)
 
 
-def gather(t):
+def gather(t, group=None):
     out = [torch.zeros_like(t) for _ in range(WORLD)]
-    dist.all_gather(out, t.contiguous())
+    dist.all_gather(out, t.contiguous(), group=group)
     return out
 
 
-def median_norm_scatter_mean(decoded, sent, clip, eps=1e-8):
+def median_norm_scatter_mean(decoded, sent, clip, group, eps=1e-8):
     """Templar's batch_decompress(clip_norm) + scatter-mean, for one tensor."""
-    ds = gather(decoded)
-    masks = [m.bool() for m in gather(sent.float())]
+    ds = gather(decoded, group)
+    masks = [m.bool() for m in gather(sent.float(), group)]
     factors = [torch.tensor(1.0)] * WORLD
     if clip:
         norms = [torch.sqrt((d.double() ** 2).sum()).float() for d in ds]
@@ -212,11 +212,11 @@ def median_norm_scatter_mean(decoded, sent, clip, eps=1e-8):
     return torch.where(count > 0, out / count.clamp(min=1), torch.zeros_like(out))
 
 
-def coefficient_scatter_mean(sent, mask, shape, target):
+def coefficient_scatter_mean(sent, mask, shape, target, group):
     """DeMo's aggregation: each coefficient averaged over the peers that sent it, one inverse DCT."""
     total = torch.zeros_like(sent, dtype=torch.float64)
     count = torch.zeros_like(sent, dtype=torch.float64)
-    for s, m in zip(gather(sent), gather(mask.float())):
+    for s, m in zip(gather(sent, group), gather(mask.float(), group)):
         total += torch.where(m.bool(), s.double(), torch.zeros_like(total))
         count += m.double()
     coef = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).float()
@@ -225,9 +225,10 @@ def coefficient_scatter_mean(sent, mask, shape, target):
 
 # ---- the reference run -------------------------------------------------------------------------
 
-def reference(rank, case):
+def reference(rank, case, group=None):
     """The case's run in plain PyTorch: every worker starts from rank 0's values. Returns the
-    parameters and the residual (flat, parameter order)."""
+    parameters and the residual (flat, parameter order). `group`: a gloo group for these CPU
+    tensors when the default one is NCCL (tests/python/test_cuda.py)."""
     compressor, outer_policy = CASES[case]["compressor"], CASES[case]["outer"]
     local = {n: torch.nn.Parameter(v.clone()) for n, v in base.initial_values(0).items()}
     glob = {n: torch.nn.Parameter(v.clone()) for n, v in base.initial_values(0).items()}
@@ -246,11 +247,11 @@ def reference(rank, case):
             if isinstance(compressor, loco.SparseLoCo):
                 e = residual[n] * compressor.beta + delta
                 decoded, sent = sparseloco_encode(compressor, e, shape)
-                aggregate = median_norm_scatter_mean(decoded, sent, compressor.clip)
+                aggregate = median_norm_scatter_mean(decoded, sent, compressor.clip, group)
             else:
                 e = residual[n] * compressor.decay + delta
                 coef, mask, decoded = demo_encode(compressor, e, shape)
-                aggregate = coefficient_scatter_mean(coef, mask, shape, compressor.chunk)
+                aggregate = coefficient_scatter_mean(coef, mask, shape, compressor.chunk, group)
             residual[n] = e - decoded
             if isinstance(outer_policy, loco.SignSGD):
                 with torch.no_grad():  # demo.py: decoupled weight decay, then SGD on the sign
