@@ -19,7 +19,6 @@ docs/pytorch.md.
 import contextlib
 
 from dataclasses import dataclass, asdict, field
-from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist

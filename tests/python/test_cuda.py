@@ -18,7 +18,6 @@ sentence. Fresh random inputs per run; LOCO_TEST_SEED repeats one.
 """
 
 import os
-import random
 import sys
 import tempfile
 import unittest
