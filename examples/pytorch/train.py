@@ -3,6 +3,7 @@
     ./scripts/install-deps && cmake -S . -B build -G Ninja && cmake --build build
     PYTHONPATH=build/python python3 examples/pytorch/train.py            # DiLoCo, 2 workers
     PYTHONPATH=build/python python3 examples/pytorch/train.py --algo muloco --steps 600
+    PYTHONPATH=build/python python3 examples/pytorch/train.py --algo sparseloco   # or demo
 
 The corpus is the one examples/gpt trains on (docs/gpt.md): every fortune file of Debian's
 `fortunes` package, sorted by name, the first 90% of each for training and the last 10% for
@@ -111,6 +112,22 @@ def make_optimizer(args, model, comm):
                            outer=loco.Nesterov(lr=0.7, momentum=0.9),
                            schedule=loco.Streaming(every=args.every, fragments=2, overlap=1,
                                                    alpha=0.5))
+    if args.algo == "sparseloco":
+        # templar's settings: top-64 of each 64 x 64 chunk in 2 bits, accumulator decay 0.95,
+        # outer SGD at lr 1, each peer clipped to the median norm
+        return loco.DiLoCo(model.named_parameters(), comm,
+                           inner=loco.AdamW(lr=args.lr, weight_decay=0.1),
+                           outer=loco.OuterSGD(lr=1.0),
+                           compressor=loco.SparseLoCo(chunk=64, topk=64, bins=4, beta=0.95),
+                           schedule=loco.Every(args.every))
+    if args.algo == "demo":
+        # DeMo's top-32 DCT coefficients of each 64 x 64 chunk in fp32, with the residual decay
+        # of 0.9 that docs/study.md found for a residual updated once per sync, outer SGD
+        return loco.DiLoCo(model.named_parameters(), comm,
+                           inner=loco.AdamW(lr=args.lr, weight_decay=0.1),
+                           outer=loco.OuterSGD(lr=1.0),
+                           compressor=loco.DeMo(chunk=64, topk=32, decay=0.9),
+                           schedule=loco.Every(args.every))
     return loco.DiLoCo(model.named_parameters(), comm,
                        inner=loco.MuonAdamW(loco.Muon(lr=0.02, momentum=0.95, weight_decay=0.01),
                                             loco.AdamW(lr=args.lr, weight_decay=0.1)),
@@ -164,7 +181,8 @@ def run(rank, world, args, init_method):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--algo", choices=("diloco", "streaming", "muloco"), default="diloco")
+    ap.add_argument("--algo", choices=("diloco", "streaming", "muloco", "sparseloco", "demo"),
+                    default="diloco")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50, help="H: inner steps per sync")
