@@ -20,7 +20,8 @@ distro.rs):
 
 Each process trains the same small model as tests/python/test_diloco_gloo.py on its own data for
 5 rounds of 4 inner AdamW steps. loco's parameters and its residual (compressor_state()) must
-equal the reference's within 1e-5. The bytes each sync sends must equal the payload formula of
+equal the reference's within 1e-5, and a handle resumed from a state_dict() of round 3 must end
+bit for bit where the run ended. The bytes each sync sends must equal the payload formula of
 docs/compressors.md plus the agreement, the communicator's count must equal them, and bad
 settings are refused with one sentence, nothing changed.
 """
@@ -362,7 +363,10 @@ def worker(rank, init_file):
         params = base.model_params(rank)
         sent_before = comm.bytes_sent
         opt = loco.DiLoCo(params.items(), comm, inner=inner, schedule=loco.Every(H), **settings)
-        base.train(opt, params, rank, 0, H * ROUNDS)
+        base.train(opt, params, rank, 0, H * 3)
+        saved_state = opt.state_dict()
+        saved_params = {n: p.detach().clone() for n, p in params.items()}
+        base.train(opt, params, rank, H * 3, H * ROUNDS)
         ref_params, ref_residual = reference(rank, case)
         diff = max((params[n] - ref_params[n]).abs().max().item() for n in SHAPES)
         residual_diff = (opt.compressor_state() - ref_residual).abs().max().item()
@@ -385,6 +389,19 @@ def worker(rank, init_file):
             + ROUNDS * opt.bytes_per_sync
         check(sent == expected, f"rank {rank}, {case}: sent {sent} bytes, expected {expected}")
         check(opt.bytes_per_sync < 4 * total, f"{case}: {opt.bytes_per_sync} bytes per sync")
+        # state_dict() holds the residual: a fresh handle resumed from round 3 ends bit for bit
+        # where the run ended.
+        ended = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved_params[n])
+        resumed = loco.DiLoCo(params.items(), comm, inner=inner, schedule=loco.Every(H),
+                              start=False, **settings)
+        resumed.load_state_dict(saved_state)
+        base.train(resumed, params, rank, H * 3, H * ROUNDS)
+        check(all(torch.equal(params[n].detach(), ended[n]) for n in SHAPES)
+              and torch.equal(resumed.compressor_state(), opt.compressor_state()),
+              f"rank {rank}, {case}: the resumed run differs")
         if rank == 0:
             print(f"{case}: parameters within {diff:.2g}, residual within {residual_diff:.2g} of "
                   f"the PyTorch reference; {opt.bytes_per_sync} bytes per sync "
