@@ -123,8 +123,8 @@ class TwoBit:
 class SparseLoCo:
     """SparseLoCo (templar; loco::compress::sparseloco, docs/compressors.md): an error-feedback
     accumulator e <- beta * e + delta, the top-`topk` cells of each chunk of about chunk x chunk,
-    their values in log2(bins)-bit codes over +-range sigma with bin-mean decoding, e -= what was
-    sent. The peers' payloads are averaged element by element over the peers that sent each
+    their values in ceil(log2(bins))-bit codes (bins range * sigma / bins wide) decoded to their
+    bin's mean, e -= what was sent. The peers' payloads are averaged element by element over the peers that sent each
     element, each peer first scaled down to the median peer norm (clip; loco::aggregate::
     median_norm_clip). Use with OuterSGD (templar: lr 1). indices: "compact" (Elias-Fano) or
     "fixed" (templar's 12-bit indices for 64 x 64 chunks)."""
