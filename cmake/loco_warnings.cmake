@@ -18,7 +18,7 @@ if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_G
 endif()
 # Code generation. C's default has sqrt set errno on a negative argument, so GCC and Clang emit
 # each sqrt as an instruction plus a branch to libm, and a loop with a branch to a call is not
-# vectorised: AdamW's and outer Adam's host loops then run element by element, 3-4x slower
+# vectorised: AdamW's and outer Adam's host loops then run element by element, about 3x slower
 # (docs/benchmarks.md, docs/pytorch.md). Nothing in loco reads errno, and a vectorised sqrt is
 # correctly rounded like the scalar one, so results do not change by a bit. The headers impose no
 # flag on a user's program; docs/getting-started.md says which to add.

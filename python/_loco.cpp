@@ -11,7 +11,7 @@
 
 // The host loops of every configuration here (AdamW's above all) are vectorised only without
 // errno handling: python/CMakeLists.txt passes -fno-math-errno, which GCC and Clang announce with
-// __NO_MATH_ERRNO__. A build that lost the flag would be 2-3x slower per step() without a sign,
+// __NO_MATH_ERRNO__. A build that lost the flag would be about 3x slower per step() without a sign,
 // so it stops here (cmake/loco_warnings.cmake, docs/pytorch.md "The cost of a call").
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(__NO_MATH_ERRNO__)
 #error "loco's Python module must be built with -fno-math-errno (see python/CMakeLists.txt)"
