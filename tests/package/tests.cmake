@@ -39,3 +39,10 @@ foreach(mode find_package add_subdirectory)
                    -P ${CMAKE_CURRENT_LIST_DIR}/run_consumer.cmake)
   set_tests_properties(package.${mode} PROPERTIES LABELS package TIMEOUT 300)
 endforeach()
+
+# The build type loco picks when none is given (CMakeLists.txt), only as the top-level project.
+add_test(NAME package.default_build_type
+         COMMAND ${CMAKE_COMMAND} -DSETTINGS=${loco_pkg_settings}
+                 -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/package/default_build_type
+                 -P ${CMAKE_CURRENT_LIST_DIR}/default_build_type.cmake)
+set_tests_properties(package.default_build_type PROPERTIES LABELS package TIMEOUT 300)
