@@ -32,7 +32,8 @@ using robust_rules =
                       std::tuple<gpt::mean_choice, gpt::median_choice>>;
 
 gpt::rule_factory rules(const gpt::options& o) {
-    return gpt::make_rule_factory<std::tuple<robust_rules>, std::tuple<gpt::adamw_choice>>(o);
+    return gpt::make_rule_factory<std::tuple<robust_rules>, std::tuple<gpt::adamw_choice>,
+                                  gpt::no_splits>(o);
 }
 
 // SparseLoCo as the study runs it, compiled alone: its factory checks the compressor's settings.
@@ -42,7 +43,8 @@ using sparseloco_rules =
                       std::tuple<gpt::every_choice>, std::tuple<gpt::median_norm_clip_choice>>;
 
 gpt::rule_factory sparse_rules(const gpt::options& o) {
-    return gpt::make_rule_factory<std::tuple<sparseloco_rules>, std::tuple<gpt::adamw_choice>>(o);
+    return gpt::make_rule_factory<std::tuple<sparseloco_rules>, std::tuple<gpt::adamw_choice>,
+                                  gpt::no_splits>(o);
 }
 
 // DeMo as the study runs it (outer Nesterov; the mean or DeMo's scatter-mean), compiled alone for
@@ -54,7 +56,8 @@ using demo_rules =
                       std::tuple<gpt::mean_choice, gpt::scatter_mean_choice>>;
 
 gpt::rule_factory demo_rules_for(const gpt::options& o) {
-    return gpt::make_rule_factory<std::tuple<demo_rules>, std::tuple<gpt::adamw_choice>>(o);
+    return gpt::make_rule_factory<std::tuple<demo_rules>, std::tuple<gpt::adamw_choice>,
+                                  gpt::no_splits>(o);
 }
 
 gpt::options parsed(std::vector<const char*> args) {
@@ -247,9 +250,11 @@ TEST_CASE("gpt: --topk, --chunk, --bins, --ef-decay, --fixed-indices and --no-me
         CHECK(parse_error({"--topk", "-3"}) == "gpt: --topk takes a whole number, not '-3'");
         CHECK(parse_error({"--chunk", "x"}) == "gpt: --chunk takes a whole number, not 'x'");
         CHECK(parse_error({"--bins", "16"}) ==
-              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco");
+              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco or "
+              "--head-compress sparseloco");
         CHECK(parse_error({"--compress", "demo", "--bins", "16"}) ==
-              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco");
+              "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco or "
+              "--head-compress sparseloco");
         gpt::options o;
         o.outer = "sgd";
         o.compress = "sparseloco";

@@ -96,7 +96,7 @@ using demo_rules =
 using frontier_rules = std::tuple<sparseloco_rules, demo_rules>;
 
 gpt::rule_factory rules(const gpt::options& o) {
-    return gpt::make_rule_factory<frontier_rules, std::tuple<gpt::adamw_choice>>(o);
+    return gpt::make_rule_factory<frontier_rules, std::tuple<gpt::adamw_choice>, gpt::no_splits>(o);
 }
 
 struct report_row {

@@ -51,7 +51,8 @@ using adamw_nesterov_none =
                       gpt::schedule_choices>;
 
 gpt::rule_factory adamw_rules(const gpt::options& o) {
-    return gpt::make_rule_factory<std::tuple<adamw_nesterov_none>, std::tuple<gpt::adamw_choice>>(o);
+    return gpt::make_rule_factory<std::tuple<adamw_nesterov_none>, std::tuple<gpt::adamw_choice>,
+                                  gpt::no_splits>(o);
 }
 
 }  // namespace

@@ -61,6 +61,10 @@ inline void usage(std::FILE* to) {
         "                         sparseloco: its accumulator's decay, default 0.95; demo:\n"
         "                         its residual's decay, default 0.999)\n"
         "  --ef-fold-outer-lr     error feedback: accumulate outer lr x delta (MuLoCo's code)\n"
+        "  --head-compress NAME   none | sparseloco | demo: the output head synced with its own\n"
+        "                         compressor and that compressor's aggregation (mean,\n"
+        "                         median_norm_clip, scatter_mean), the rest with --compress\n"
+        "                         sparseloco or demo (--inner adamw, --outer sgd|nesterov)\n"
         "  --topk K               sparseloco, demo: values kept per chunk (defaults 64, 32)\n"
         "  --chunk C              sparseloco, demo: the chunks' side, C x C (default 64)\n"
         "  --bins B               sparseloco: quantization bins of the kept values, 2 to 256\n"
@@ -197,6 +201,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--outer-lr") o.outer_lr = real();
         else if (flag == "--outer-momentum") o.outer_momentum = real();
         else if (flag == "--compress") o.compress = v;
+        else if (flag == "--head-compress") o.head_compress = v;
         else if (flag == "--ef-decay") o.ef_decay = real();
         else if (flag == "--topk") o.topk = count();
         else if (flag == "--chunk") o.chunk = count();
@@ -241,9 +246,9 @@ inline bool parse(int argc, char** argv, options& o) {
                           " leaves no honest worker of " + std::to_string(o.workers) +
                           "; choose fewer than --workers");
     }
-    if (o.bins && o.compress != "sparseloco") {
+    if (o.bins && o.compress != "sparseloco" && o.head_compress != "sparseloco") {
         throw usage_error("gpt: --bins sets SparseLoCo's quantization; it needs --compress "
-                          "sparseloco");
+                          "sparseloco or --head-compress sparseloco");
     }
     if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
         throw usage_error(residual_csv_refusal);

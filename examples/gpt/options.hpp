@@ -36,6 +36,9 @@ struct options {
     std::string outer = "nesterov";
     std::string compress = "none";
     std::string schedule = "every";
+    // the output head's own compressor (split_rule.hpp): none | sparseloco | demo; empty: the
+    // head is synced with the rest of the model
+    std::string head_compress;
     std::uint64_t every = 50;       // H
     // --schedule streaming: P fragments (whole layers, see layer_of in model.hpp), each synced
     // once every H steps, its exchange travelling tau inner steps, merged with weight alpha

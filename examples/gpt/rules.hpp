@@ -11,10 +11,14 @@
 //                     policy. With --attackers N the last N workers corrupt what they send
 //                     (diloco_rule::attack); with --residual-csv worker 0 reports what each
 //                     sync of SparseLoCo or DeMo sends of its residual (residual_report.hpp).
+//   split_rule        --head-compress: two loco::diloco handles, the output head synced with
+//                     its own compressor (split_rule.hpp).
 
 #include "options.hpp"
 #include "policies.hpp"
 #include "residual_report.hpp"
+#include "split_rule.hpp"
+#include "update_rule.hpp"
 
 #include <loco/loco.hpp>
 
@@ -34,29 +38,6 @@
 #include <vector>
 
 namespace gpt {
-
-// A worker's parameters and gradients (one flat array each, in loco's layout) and loco's view of
-// them.
-struct worker_state {
-    float* params = nullptr;
-    float* grads = nullptr;
-    std::size_t total = 0;
-    loco::parameter_list list;
-};
-
-class update_rule {
-public:
-    virtual ~update_rule() = default;
-    // Collective, before the first forward pass: every worker starts from rank 0's parameters.
-    virtual void start() = 0;
-    // The step's gradient is in the gradient array; lr_factor scales every peak learning rate.
-    virtual void step(float lr_factor) = 0;
-    // Collective, after the last step: leaves every worker on the same final parameters.
-    virtual void finish() = 0;
-    // The parameters a validation measures, in the flat layout: the global ones.
-    virtual std::span<const float> global() const = 0;
-    virtual std::uint64_t syncs() const = 0;
-};
 
 template <class Inner>
 class synchronous_rule final : public update_rule {
@@ -233,9 +214,6 @@ private:
     std::optional<residual_report> report_;  // worker 0's
 };
 
-using rule_factory =
-    std::function<std::unique_ptr<update_rule>(loco::comm::communicator&, worker_state&)>;
-
 namespace detail {
 
 // The rule of the combination named by the options within one `combinations` (policies.hpp),
@@ -320,7 +298,9 @@ inline void check_attack(const options& o) {
 // a test may compile fewer) and, for --sync-every-step, the inner optimizers SyncInners. Throws
 // invalid_argument before any worker starts for an unknown name (listing the valid ones) and for
 // a combination that is not compiled (listing those that are, for the chosen schedule).
-template <class Combos = compiled_combinations, class SyncInners = inner_choices>
+// Splits: the --head-compress runs compiled (split_rule.hpp).
+template <class Combos = compiled_combinations, class SyncInners = inner_choices,
+          class Splits = compiled_splits>
 rule_factory make_rule_factory(const options& o) {
     // Every name is checked, also those a synchronous run does not use.
     check_choice<inner_choices>(o.inner, "--inner");
@@ -336,6 +316,7 @@ rule_factory make_rule_factory(const options& o) {
     if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
         throw loco::invalid_argument(residual_csv_refusal);
     }
+    if (rule_factory split = make_split_factory<Splits>(o)) return split;
     if (o.sync_every_step) {
         if (o.compress != "none") {
             throw loco::invalid_argument(
@@ -390,6 +371,7 @@ inline std::string describe_mode(const options& o) {
     std::string s = "DiLoCo inner " + o.inner + ", outer " + o.outer + ", compress " + o.compress +
                     ", schedule " + o.schedule + " H=" + std::to_string(o.every);
     if (o.aggregate != "mean") s += ", aggregate " + o.aggregate;
+    if (!o.head_compress.empty()) s += ", head.w compress " + o.head_compress;
     if (o.attackers > 0) {
         s += ", " + std::to_string(o.attackers) + " attacker" + (o.attackers > 1 ? "s" : "") +
              " (" + o.attack + ")";
