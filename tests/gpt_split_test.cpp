@@ -64,7 +64,10 @@ gpt::options tiny_run(const std::string& compress, std::uint64_t seed) {
 }
 
 // The payload of compressor C over the tensors of the layout that `keep` selects, its segments
-// written from the layout's shapes (one per tensor; vectors as one row).
+// written from the layout's shapes (one per tensor; vectors as one row). The sizes are the
+// compressors' own payload_bytes (checked against the payload formats in
+// tests/sparseloco_test.cpp and tests/demo_test.cpp); what this file checks is how the split
+// composes them: which tensors each handle sends, how often, and with what framing.
 template <class C, class Keep>
 std::uint64_t payload(const gpt::options& o, Keep keep) {
     const gpt::layout lay(o.model);
@@ -224,9 +227,20 @@ TEST_CASE("gpt: --head-compress errors") {
     bad = o;
     bad.model.tied = true;
     CHECK(factory_error(bad) == "gpt: --head-compress needs the untied output head 'head.w'; drop --tied");
+    // Bad compressor settings of either part are refused as the unsplit run refuses them.
     bad = o;
-    bad.topk = 0;  // the head's or the rest's settings, refused before any worker starts
-    CHECK(!factory_error(bad).empty());
+    bad.topk = 0;  // the rest's (DeMo's)
+    gpt::options unsplit_o = bad;
+    unsplit_o.head_compress.clear();
+    CHECK(!factory_error(unsplit_o).empty());
+    CHECK(factory_error(bad) == factory_error(unsplit_o));
+    bad = o;
+    bad.head_compress = "sparseloco";
+    bad.bins = 1;  // the head's (SparseLoCo's)
+    unsplit_o = tiny_run("sparseloco", 1);
+    unsplit_o.bins = 1;
+    CHECK(!factory_error(unsplit_o).empty());
+    CHECK(factory_error(bad) == factory_error(unsplit_o));
 
     // A build that compiles no split says so.
     CHECK(error_of([&] {

@@ -353,6 +353,15 @@ auto dispatch(std::string_view name, std::string_view flag, Fn&& fn) {
     return out;
 }
 
+// Refuses a choice's bad settings (a policy's validate(), where it has one) with its
+// invalid_argument, before any worker starts.
+template <class Choice>
+void validate_choice(const options& o) {
+    if constexpr (requires { Choice::type::validate(Choice::hyper(o)); }) {
+        Choice::type::validate(Choice::hyper(o));
+    }
+}
+
 // Throws as dispatch does when `name` is not in List, without instantiating anything.
 template <class List>
 void check_choice(std::string_view name, std::string_view flag) {

@@ -225,22 +225,16 @@ rule_factory make_diloco_factory(const options& o) {
             return dispatch<typename Combo::compressors>(
                 o.compress, "--compress", [&]<class C>() -> rule_factory {
                     // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) too.
-                    if constexpr (requires { C::type::validate(C::hyper(o)); }) {
-                        C::type::validate(C::hyper(o));
-                    }
+                    validate_choice<C>(o);
                     return dispatch<typename Combo::schedules>(
                         o.schedule, "--schedule", [&]<class S>() -> rule_factory {
                             // A bad schedule (H not a multiple of P) is refused before any data
                             // is loaded.
-                            if constexpr (requires { S::type::validate(S::hyper(o)); }) {
-                                S::type::validate(S::hyper(o));
-                            }
+                            validate_choice<S>(o);
                             return dispatch<typename Combo::aggregates>(
                                 o.aggregate, "--aggregate", [&]<class A>() -> rule_factory {
                                     // So are bad aggregation settings.
-                                    if constexpr (requires { A::type::validate(A::hyper(o)); }) {
-                                        A::type::validate(A::hyper(o));
-                                    }
+                                    validate_choice<A>(o);
                                     return [&o](loco::comm::communicator& c, worker_state& w)
                                                -> std::unique_ptr<update_rule> {
                                         return std::make_unique<diloco_rule<I, O, C, S, A>>(o, c,

@@ -207,12 +207,8 @@ rule_factory make_split_factory(const options& o) {
                         o.head_compress, "--head-compress", [&]<class H>() -> rule_factory {
                             // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) are
                             // refused for either part.
-                            if constexpr (requires { R::type::validate(R::hyper(o)); }) {
-                                R::type::validate(R::hyper(o));
-                            }
-                            if constexpr (requires { H::type::validate(H::hyper(o)); }) {
-                                H::type::validate(H::hyper(o));
-                            }
+                            validate_choice<R>(o);
+                            validate_choice<H>(o);
                             return [&o](loco::comm::communicator& c,
                                         worker_state& w) -> std::unique_ptr<update_rule> {
                                 return std::make_unique<split_rule<I, O, R, H>>(o, c, w);
