@@ -123,13 +123,15 @@ TEST_CASE("gpt: --head-compress naming the run's own compressor is the unsplit r
         // model's, all-gathered to the one other worker.
         const std::uint64_t per_sync_split =
             4 + (std::string(compress) == "demo"
-                     ? payload<demo_choice>(plain_o, not_head) + payload<demo_choice>(plain_o, is_head)
+                     ? payload<demo_choice>(plain_o, not_head) +
+                           payload<demo_choice>(plain_o, is_head)
                      : payload<sparseloco_choice>(plain_o, not_head) +
                            payload<sparseloco_choice>(plain_o, is_head));
         const std::uint64_t per_sync_plain = std::string(compress) == "demo"
                                                  ? payload<demo_choice>(plain_o, any)
                                                  : payload<sparseloco_choice>(plain_o, any);
-        CHECK(bytes_of(split) - bytes_of(plain) == fingerprint + 4 * (per_sync_split - per_sync_plain));
+        CHECK(bytes_of(split) - bytes_of(plain) ==
+              fingerprint + 4 * (per_sync_split - per_sync_plain));
     }
 }
 
@@ -150,7 +152,8 @@ TEST_CASE("gpt: --head-compress syncs the head with its own compressor, and the 
         const std::uint64_t per_sync_split =
             payload<demo_choice>(plain_o, not_head) + 4 * head_floats + 4 + 4;
         const std::uint64_t per_sync_plain = payload<demo_choice>(plain_o, any) + 4;
-        CHECK(bytes_of(split) - bytes_of(plain) == fingerprint + 4 * (per_sync_split - per_sync_plain));
+        CHECK(bytes_of(split) - bytes_of(plain) ==
+              fingerprint + 4 * (per_sync_split - per_sync_plain));
         CHECK(split.syncs == 4);
         CHECK(split.final_val_loss != plain.final_val_loss);
         CHECK(split.final_val_loss < split.rows.front().val_loss);
@@ -166,9 +169,11 @@ TEST_CASE("gpt: --head-compress syncs the head with its own compressor, and the 
         gpt::options two_bit = split_o;
         two_bit.bins.reset();
         CHECK(head_8bit > payload<sparseloco_choice>(two_bit, is_head));  // 8-bit codes and table
-        const std::uint64_t per_sync_split = payload<demo_choice>(plain_o, not_head) + head_8bit + 8;
+        const std::uint64_t per_sync_split =
+            payload<demo_choice>(plain_o, not_head) + head_8bit + 8;
         const std::uint64_t per_sync_plain = payload<demo_choice>(plain_o, any) + 4;
-        CHECK(bytes_of(split) - bytes_of(plain) == fingerprint + 4 * (per_sync_split - per_sync_plain));
+        CHECK(bytes_of(split) - bytes_of(plain) ==
+              fingerprint + 4 * (per_sync_split - per_sync_plain));
         CHECK(split.final_val_loss != plain.final_val_loss);
         CHECK(split.final_val_loss < split.rows.front().val_loss);
     }
@@ -180,7 +185,8 @@ TEST_CASE("gpt: --head-compress syncs the head with its own compressor, and the 
         const std::uint64_t per_sync_split = payload<sparseloco_choice>(plain_o, not_head) +
                                              payload<demo_choice>(plain_o, is_head) + 8;
         const std::uint64_t per_sync_plain = payload<sparseloco_choice>(plain_o, any) + 4;
-        CHECK(bytes_of(split) - bytes_of(plain) == fingerprint + 4 * (per_sync_split - per_sync_plain));
+        CHECK(bytes_of(split) - bytes_of(plain) ==
+              fingerprint + 4 * (per_sync_split - per_sync_plain));
         CHECK(split.final_val_loss != plain.final_val_loss);
         CHECK(split.final_val_loss < split.rows.front().val_loss);
     }
@@ -226,7 +232,8 @@ TEST_CASE("gpt: --head-compress errors") {
     CHECK(factory_error(bad) == split_only);
     bad = o;
     bad.model.tied = true;
-    CHECK(factory_error(bad) == "gpt: --head-compress needs the untied output head 'head.w'; drop --tied");
+    CHECK(factory_error(bad) ==
+          "gpt: --head-compress needs the untied output head 'head.w'; drop --tied");
     // Bad compressor settings of either part are refused as the unsplit run refuses them.
     bad = o;
     bad.topk = 0;  // the rest's (DeMo's)
@@ -252,9 +259,12 @@ TEST_CASE("gpt: --head-compress errors") {
     const auto parse_error = [](std::vector<const char*> args) {
         args.insert(args.begin(), "loco_gpt");
         gpt::options p;
-        return error_of([&] { gpt::parse(static_cast<int>(args.size()), const_cast<char**>(args.data()), p); });
+        return error_of([&] {
+            gpt::parse(static_cast<int>(args.size()), const_cast<char**>(args.data()), p);
+        });
     };
-    CHECK(parse_error({"--compress", "demo", "--head-compress", "sparseloco", "--bins", "256"}).empty());
+    CHECK(parse_error({"--compress", "demo", "--head-compress", "sparseloco", "--bins", "256"})
+              .empty());
     CHECK(parse_error({"--compress", "demo", "--head-compress", "none", "--bins", "256"}) ==
           "gpt: --bins sets SparseLoCo's quantization; it needs --compress sparseloco or "
           "--head-compress sparseloco");

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -70,8 +71,9 @@ using no_splits = split_combinations<std::tuple<>, std::tuple<>, std::tuple<>, s
 template <class Inner, class Outer, class RestCompress, class HeadCompress>
 class split_rule final : public update_rule {
     template <class Compress>
-    using handle = loco::diloco<typename Inner::type, typename Outer::type, typename Compress::type,
-                                loco::schedule::every, typename reference_aggregate<Compress>::type>;
+    using handle =
+        loco::diloco<typename Inner::type, typename Outer::type, typename Compress::type,
+                     loco::schedule::every, typename reference_aggregate<Compress>::type>;
     using rest_handle = handle<RestCompress>;
     using head_handle = handle<HeadCompress>;
 
@@ -98,8 +100,8 @@ public:
         head_.inner_hyper() = Inner::hyper(o_, lr_factor);
         const bool rest_synced = rest_.step().synced;
         const bool head_synced = head_.step().synced;
-        if (rest_synced != head_synced) {  // one schedule, one count of calls: cannot happen
-            throw loco::invalid_argument("gpt: --head-compress: the two handles' syncs diverged");
+        if (rest_synced != head_synced) {  // one schedule, one count of calls: a bug if it does
+            throw std::logic_error("gpt: --head-compress: the two handles' syncs diverged");
         }
         last_synced_ = rest_synced;
         if (last_synced_) refresh();
@@ -119,7 +121,9 @@ private:
     static loco::parameter_list part(const loco::parameter_list& all, bool head) {
         loco::parameter_list out;
         for (const loco::parameter& p : all) {
-            if ((p.name == split_tensor) == head) out.add_views(p.name, p.value, p.grad, p.options());
+            if ((p.name == split_tensor) == head) {
+                out.add_views(p.name, p.value, p.grad, p.options());
+            }
         }
         if (out.empty()) {
             throw loco::invalid_argument("gpt: --head-compress needs the untied output head '" +
@@ -147,7 +151,8 @@ private:
             for (std::size_t i = 0; i < list.size(); ++i) {
                 const loco::parameter& p = list[i];
                 const auto src = from.subspan(p.offset, p.value.size);
-                std::copy(src.begin(), src.end(), global_.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
+                std::copy(src.begin(), src.end(),
+                          global_.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
             }
         };
         scatter(rest_.global(), rest_list_, rest_offsets_);
@@ -200,9 +205,9 @@ rule_factory make_split_factory(const options& o) {
                 "median_norm_clip) and --head-compress " +
                 choice_alternatives<typename Splits::heads>());
         }
-        return dispatch<typename Splits::inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
-            return dispatch<typename Splits::outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
-                return dispatch<typename Splits::rests>(o.compress, "--compress", [&]<class R>() -> rule_factory {
+        return dispatch<typename Splits::inners>(o.inner, "--inner", [&]<class I>() {
+            return dispatch<typename Splits::outers>(o.outer, "--outer", [&]<class O>() {
+                return dispatch<typename Splits::rests>(o.compress, "--compress", [&]<class R>() {
                     return dispatch<typename Splits::heads>(
                         o.head_compress, "--head-compress", [&]<class H>() -> rule_factory {
                             // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) are
