@@ -3,14 +3,17 @@
 // compressor plugs in): the schemes agree with each other and with an uncompressed mean within the
 // quantizer's bound, counted bytes equal the formulas of exchange.hpp for M in {2, 3, 8}, error
 // feedback keeps the running sum of what was sent within one quantum of the running sum of the
-// inputs, and a failed exchange leaves every state untouched.
+// inputs, a refused encode leaves the residual as it was, and a failed exchange leaves every state
+// untouched.
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
 #include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
+#include <loco/compress/blockwise.hpp>
 #include <loco/compress/error_feedback.hpp>
+#include <loco/compress/sparseloco.hpp>
 #include <loco/loco.hpp>
 
 #include <atomic>
@@ -274,6 +277,57 @@ TEST_CASE("error feedback: decay and MuLoCo's folding of the outer learning rate
     CHECK(out[0] == 0.75f);
     CHECK(state[0] == doctest::Approx(0.1f).epsilon(1e-6));
     CHECK_THROWS_AS(ef::validate({.decay = 1.5f}), loco::invalid_argument);
+}
+
+TEST_CASE("error feedback: a refused encode leaves the residual as it was") {
+    // Every check comes before the residual changes: a caller may retry without adding the
+    // same pseudo-gradient twice, and nothing is written past the caller's arrays.
+    auto rng = rng_for("error feedback refused encode");
+    constexpr std::size_t n = 256;
+    const lc::segment seg{0, n, 1, n};
+    const auto x = normal_floats(rng, n);
+    const auto before = normal_floats(rng, n);
+    const auto unchanged = [&](const std::vector<float>& state) {
+        return std::memcmp(state.data(), before.data(), n * sizeof(float)) == 0;
+    };
+
+    using ef = lc::error_feedback<lc::blockwise<2, 4>>;
+    const ef::hyper h{};
+    std::vector<float> state = before;
+    std::vector<std::byte> short_out(ef::payload_bytes(h, {&seg, 1}) - 1);
+    CHECK_THROWS_AS(ef::encode(h, x, {&seg, 1}, state, {}, short_out), loco::shape_error);
+    CHECK(unchanged(state));
+    std::vector<std::byte> out(ef::payload_bytes(h, {&seg, 1}));
+    const lc::segment outside{n - 8, 16, 1, 16};  // past the end of x (and of the residual)
+    CHECK_THROWS_AS(ef::encode(h, x, {&outside, 1}, state, {}, out), loco::shape_error);
+    CHECK(unchanged(state));
+    CHECK_THROWS_AS(ef::encode({.decay = std::nanf("")}, x, {&seg, 1}, state, {}, out),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(ef::encode({.decay = 2.0f}, x, {&seg, 1}, state, {}, out),
+                    loco::invalid_argument);
+    CHECK(unchanged(state));
+    std::vector<float> short_state(before.begin(), before.end() - 1);
+    CHECK_THROWS_AS(ef::encode(h, x, {&seg, 1}, short_state, {}, out), loco::shape_error);
+
+    // The wrapped compressor refusing after error feedback's own checks passed (SparseLoCo's
+    // accumulator, which follows the residual in the state, one float short).
+    using efs = lc::error_feedback<lc::sparseloco>;
+    const efs::hyper hs{};
+    std::vector<float> two = before;
+    two.resize(2 * n - 1, 0.5f);
+    const std::vector<float> two_before = two;
+    std::vector<std::byte> out_s(efs::payload_bytes(hs, {&seg, 1}));
+    CHECK_THROWS_AS(efs::encode(hs, x, {&seg, 1}, two, {}, out_s), loco::shape_error);
+    CHECK(two == two_before);
+
+    // And an accepted call still computes e = decay e + delta, sends Q(e), keeps e - D(Q(e)).
+    state = before;
+    ef::encode({.decay = 0.5f}, x, {&seg, 1}, state, {}, out);
+    std::vector<float> sent(n);
+    ef::decode({}, out, {&seg, 1}, sent);
+    for (std::size_t i = 0; i < n; ++i) {
+        CHECK(state[i] == (0.5f * before[i] + x[i]) - sent[i]);
+    }
 }
 
 TEST_CASE("diloco with error feedback and both schemes: bytes, identical workers, checkpointed state") {

@@ -19,6 +19,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <sstream>
 #include <vector>
@@ -314,6 +315,15 @@ TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {
     std::vector<float> out(1);
     CHECK_THROWS_WITH_AS(loco::aggregate::trimmed_mean::combine({.trim = 2}, g.view(), out),
                          doctest::Contains("2b < M"), invalid_argument);
+    // b so large that 2b wraps around to 0 or 2 in 64 bits: refused all the same, out untouched.
+    out[0] = 7.0f;
+    for (const std::uint64_t huge : {std::uint64_t{1} << 63, (std::uint64_t{1} << 63) + 1,
+                                     std::numeric_limits<std::uint64_t>::max()}) {
+        CHECK_THROWS_WITH_AS(
+            loco::aggregate::trimmed_mean::combine({.trim = huge}, g.view(), out),
+            doctest::Contains("2b < M"), invalid_argument);
+    }
+    CHECK(out[0] == 7.0f);
 }
 
 TEST_CASE("diloco with a robust policy: bytes of an all-gather, refused rounds, state in the checkpoint") {

@@ -76,13 +76,14 @@ struct trimmed_mean {
     // Shared with the CUDA backend, which sorts on the device.
     static std::pair<std::size_t, std::size_t> window(const hyper& h, std::size_t workers,
                                                       std::size_t usable) {
-        if (2 * h.trim >= workers) {
+        // 2b >= M, written so that no b overflows it
+        if (workers == 0 || h.trim > (workers - 1) / 2) {
             throw invalid_argument("loco::aggregate::trimmed_mean: trimming b = " +
                                    std::to_string(h.trim) + " values at each end of " +
                                    std::to_string(workers) +
                                    " workers leaves none; choose 2b < M");
         }
-        if (usable < 2 * h.trim + 1) return {0, 0};
+        if (usable <= 2 * h.trim) return {0, 0};  // fewer than 2b + 1 (2b < M here: no overflow)
         return {h.trim, usable - h.trim};
     }
 

@@ -29,10 +29,11 @@
 // functions produces the same codes and values as the host.
 //
 // Error bound, for every element of a block with finite scale s (step = 2s/L):
-//   nearest:     |decode - x| <= max(|x| - s, 0) + s/L    + 2^-20 * s
-//   stochastic:  |decode - x| <  max(|x| - s, 0) + 2s/L   + 2^-20 * s
+//   nearest:     |decode - x| <= max(|x| - s, 0) + s/L    + 2^-20 * s + 2^-150
+//   stochastic:  |decode - x| <  max(|x| - s, 0) + 2s/L   + 2^-20 * s + 2^-150
 // The first term is the clipping of mean_abs (|x| > s only happens there; absmax never clips).
-// The last covers the fp32 rounding of t and of v_k. Stochastic rounding is unbiased for |x| <= s:
+// The last two cover the fp32 rounding of t and of v_k (2^-150 for a subnormal s, where v_k
+// rounds to a multiple of 2^-149). Stochastic rounding is unbiased for |x| <= s:
 // E[decode] = x up to that rounding (and the 24-bit resolution of u).
 //
 // Wire header: bits = Bits, block = Block, flags = scale (bit 0: 0 absmax, 1 mean_abs) |

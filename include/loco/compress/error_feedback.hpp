@@ -94,24 +94,35 @@ struct error_feedback {
         return C::payload_bytes(h.compress, segs);
     }
 
+    // Checks everything before it writes: a refused call leaves the residual as it was.
     static void encode(const hyper& h, std::span<const float> x, std::span<const segment> segs,
                        std::span<float> state, const encode_context& ctx, std::span<std::byte> out) {
+        validate(h);
         const std::size_t n = x.size();
+        check_segments_inside(segs, n, name, "input");
+        check_payload_buffer(out.size(), payload_bytes(h, segs), name);
+        if (state.size() < n) {
+            throw shape_error("loco::compress::" + std::string(name) + ": the state holds " +
+                              std::to_string(state.size()) + " floats, the residual needs " +
+                              std::to_string(n));
+        }
         const std::span<float> residual = state.first(n);
         const std::span<float> base_state = state.subspan(n);
         const float scale = h.fold_outer_lr ? ctx.outer_lr : 1.0f;
+        // decay * e + s * delta, kept aside until C has written the payload.
+        std::vector<float> e(n, 0.0f);
         for (const segment& s : segs) {
             for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
-                residual[i] = h.decay * residual[i] + scale * x[i];
+                e[i] = h.decay * residual[i] + scale * x[i];
             }
         }
-        C::encode(h.compress, residual, segs, base_state, ctx, out);
+        C::encode(h.compress, e, segs, base_state, ctx, out);
         // Subtract exactly what the receivers will decode.
         std::vector<float> sent(n, 0.0f);
         C::decode(h.compress, out, segs, sent);
         for (const segment& s : segs) {
             for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
-                residual[i] -= sent[i];
+                residual[i] = e[i] - sent[i];
             }
         }
     }
