@@ -192,7 +192,23 @@ TEST_CASE("streaming: bad settings are refused with the fix named, nothing chang
                          doctest::Contains("lists 1 fragments but the schedule syncs 2"),
                          loco::invalid_argument);
     CHECK_THROWS_WITH_AS(streaming_t(list, comm, {.schedule = {.every = 6, .fragments = 3}}),
-                         doctest::Contains("holds no tensor"), loco::invalid_argument);
+                         "loco: the schedule syncs 3 fragments of a model of 2 tensors, so a "
+                         "fragment holds no tensor; use at most 2 fragments",
+                         loco::invalid_argument);
+    // A layer index that would overflow the split (size_t(-1) for "not in a layer", say).
+    for (const auto pattern : {fragment_pattern::strided, fragment_pattern::sequential}) {
+        for (const std::size_t bad : {std::size_t(-1), std::size_t{1} << 32}) {
+            streaming_t::config cfg;
+            cfg.schedule = {.every = 6, .fragments = 2, .pattern = pattern};
+            cfg.fragments.layer_of = [bad](const loco::parameter& p) {
+                return p.name == "layers.0.weight" ? bad : std::size_t{0};
+            };
+            const std::string want =
+                "layer_of gives tensor 'layers.0.weight' the layer index " + std::to_string(bad);
+            CHECK_THROWS_WITH_AS(streaming_t(list, comm, cfg), doctest::Contains(want.c_str()),
+                                 loco::invalid_argument);
+        }
+    }
     CHECK(w0[0] == 1.0f);
     CHECK(w1[0] == 1.0f);
 

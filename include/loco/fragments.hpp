@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,12 @@ std::vector<std::vector<std::size_t>> resolve_fragments(const Params& params,
                                                                std::size_t count,
                                                                fragment_pattern pattern) {
     const std::size_t n = params.size();
+    if (n > 0 && count > n) {
+        throw invalid_argument("loco: the schedule syncs " + std::to_string(count) +
+                               " fragments of a model of " + std::to_string(n) +
+                               " tensors, so a fragment holds no tensor; use at most " +
+                               std::to_string(n) + " fragments");
+    }
     std::vector<std::size_t> owner(n, count);  // count = not assigned yet
     if (!layout.names.empty() && layout.layer_of) {
         throw invalid_argument("loco: a fragment_layout gives both names and layer_of; give one");
@@ -102,6 +109,14 @@ std::vector<std::vector<std::size_t>> resolve_fragments(const Params& params,
         std::size_t layers = 0;
         for (std::size_t i = 0; i < n; ++i) {
             layer[i] = layout.layer_of(params[i]);
+            // Bounded so that layer + 1 and layer * count (count <= n) cannot overflow.
+            if (layer[i] > std::numeric_limits<std::uint32_t>::max()) {
+                throw invalid_argument(
+                    "loco: layer_of gives tensor '" + params[i].name + "' the layer index " +
+                    std::to_string(layer[i]) +
+                    "; give every tensor a layer index below 2^32 (a tensor outside the layers, "
+                    "such as an embedding, goes with the first or the last layer)");
+            }
             layers = std::max(layers, layer[i] + 1);
         }
         for (std::size_t i = 0; i < n; ++i) {
