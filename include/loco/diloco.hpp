@@ -250,13 +250,18 @@ public:
     // invalid_argument naming the first difference otherwise), takes the global snapshot from
     // the parameters as they are now and, with broadcast_initial, gives every worker rank 0's
     // values. Call it after initialising the model and before the first forward pass; otherwise
-    // the first step() or sync() calls it. Does nothing after load(), which restores the saved
-    // snapshot. Returns true when it changed this worker's parameters.
+    // the first step() or sync() calls it. After load(), which restores the saved snapshot, it
+    // only compares the ranks. Returns true when it changed this worker's parameters.
     bool start() {
         if (started_) {
+            if (!compared_) {
+                check_fingerprint(engine_.control_comm());
+                compared_ = true;
+            }
             return false;
         }
         check_fingerprint(engine_.control_comm());
+        compared_ = true;
         const bool moved = engine_.snapshot(broadcast_initial_);
         started_ = true;
         return moved;
@@ -294,16 +299,31 @@ public:
 
     // Syncs every fragment now (collective): exchanges in flight are finished first, then every
     // fragment is exchanged and applied. If it throws, nothing of the failed fragment is applied.
+    // The finish the schedule planned for an exchange finished here early is skipped when due.
     void sync() {
         start();
         restart_loaded_exchanges();
-        for (std::size_t f = 0; f < frags_.size(); ++f) {
-            if (frags_[f].in_flight) finish_fragment(f);
+        std::vector<std::size_t> early;
+        const auto mark_early = [&] {
+            for (const std::size_t f : early) {
+                if (!frags_[f].in_flight) frags_[f].lost = true;
+            }
+        };
+        try {
+            for (std::size_t f = 0; f < frags_.size(); ++f) {
+                if (!frags_[f].in_flight) continue;
+                early.push_back(f);
+                finish_fragment(f);
+            }
+            for (std::size_t f = 0; f < frags_.size(); ++f) {
+                start_fragment(f);
+                finish_fragment(f);
+            }
+        } catch (...) {
+            mark_early();
+            throw;
         }
-        for (std::size_t f = 0; f < frags_.size(); ++f) {
-            start_fragment(f);
-            finish_fragment(f);
-        }
+        mark_early();
     }
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
@@ -472,17 +492,21 @@ public:
         w.text(to_string(exchange()));
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             const fragment_state& f = frags_[i];
+            // A loaded exchange that has not started again yet is still in flight.
+            const bool flying = f.in_flight || f.restart;
             w.u64(f.outer_steps);
             w.u64(f.skipped);
             w.floats(engine_.compressor_state(i));
             w.floats(engine_.server_state(i));
-            w.u64(f.in_flight ? 1 : 0);
-            w.u64(f.in_flight ? f.started_at : 0);
-            if (f.in_flight) {
+            w.u64(flying ? 1 : 0);
+            w.u64(flying ? f.started_at : 0);
+            if (flying) {
                 w.floats(engine_.captured(i));
             } else {
                 w.floats(std::span<const float>());
             }
+            w.u64(flying ? f.started_steps : 0);  // format 2
+            w.u64(f.lost ? 1 : 0);                // format 2
             if constexpr (aggregate::stateful<Aggregate>) engine_.aggregate_state(i).save(w);
         }
         w.finish();
@@ -519,8 +543,8 @@ public:
         r.floats(outer_state, "the outer optimizer state");
         r.expect_text(to_string(exchange()), "the exchange scheme");
         struct pending {
-            std::uint64_t outer_steps, skipped, started_at;
-            bool in_flight;
+            std::uint64_t outer_steps, skipped, started_at, started_steps = 0;
+            bool in_flight, lost = false;
         };
         std::vector<pending> loaded;
         std::vector<typename engine_type::fragment_restore> restored;
@@ -540,6 +564,14 @@ public:
             p.started_at = r.u64("the call an exchange started at");
             q.captured.resize(p.in_flight ? frags_[i].elements : 0);
             r.floats(q.captured, "the pseudo-gradient in flight");
+            if (r.format() >= 2) {
+                p.started_steps = r.u64("the inner step count an exchange started at");
+                const std::uint64_t lost = r.u64("whether a planned finish has nothing");
+                if (lost > 1 || (lost == 1 && p.in_flight)) {
+                    throw checkpoint_error("loco: checkpoint corrupted (finish flag)");
+                }
+                p.lost = lost == 1;
+            }
             if constexpr (aggregate::stateful<Aggregate>) {
                 aggregate_states.push_back(aggregate::state_t<Aggregate>::read(r));
             }
@@ -556,6 +588,9 @@ public:
         }
 
         engine_.commit_inner(std::move(inner));
+        // Format 1 did not record the inner step count of an exchange in flight: the count at
+        // the save stands in for it (aggregate::edit's step weights may then differ slightly).
+        const std::uint64_t steps_at_save = engine_.inner().steps();
         engine_.restore(std::move(global), std::move(outer_state), std::move(restored));
         if constexpr (aggregate::stateful<Aggregate>) {
             for (std::size_t i = 0; i < frags_.size(); ++i) {
@@ -570,9 +605,11 @@ public:
             f.skipped = p.skipped;
             f.restart = p.in_flight;
             f.started_at = p.started_at;
-            f.lost = false;
+            f.started_steps = r.format() >= 2 ? p.started_steps : steps_at_save;
+            f.lost = p.lost;
         }
         started_ = true;
+        compared_ = false;  // the next start(), step() or sync() compares the ranks
     }
 
     // Worker loss and rejoin (docs/reliability.md). Collective over `group`, called by every rank
@@ -653,6 +690,7 @@ public:
             if (newcomer) merge(i, 0.0f);
         }
         started_ = true;
+        compared_ = true;
     }
 
 private:
@@ -689,10 +727,13 @@ private:
         std::size_t elements = 0;
         std::uint64_t outer_steps = 0;
         std::uint64_t skipped = 0;      // syncs discarded for a non-finite aggregate
-        std::uint64_t started_at = 0;   // the call its exchange in flight started at
-        bool in_flight = false;         // an exchange started and not finished
-        bool restart = false;           // loaded with an exchange in flight: start it again
-        bool lost = false;              // its last sync failed: a planned finish has nothing
+        std::uint64_t started_at = 0;     // the call its exchange in flight started at
+        std::uint64_t started_steps = 0;  // the inner step count then (the aggregation's report)
+        bool in_flight = false;           // an exchange started and not finished
+        bool restart = false;             // loaded with an exchange in flight: start it again
+        // The schedule's next planned finish has nothing to finish: sync() finished the exchange
+        // early, regroup() dropped it, or a failed call never started it.
+        bool lost = false;
     };
 
     static constexpr const char* name() noexcept { return engine_type::handle_name; }
@@ -803,28 +844,44 @@ private:
             const bool same_call = planned(plan.finish, f) && !frags_[f].in_flight;
             engine_.capture(f, !same_call);
         }
-        std::vector<std::size_t> done;
-        for (const std::size_t f : plan.finish) {
-            if (frags_[f].in_flight) {
-                finish_fragment(f);
-                done.push_back(f);
-            }
-        }
+        // The starts whose exchange travels on past this call: if the call fails before one of
+        // them starts, the finish planned for it has nothing (its fragment misses the round).
+        std::vector<std::size_t> travelling;
         for (const std::size_t f : plan.start) {
-            start_exchange(f);
-        }
-        for (const std::size_t f : plan.finish) {
-            if (planned(done, f)) continue;
-            if (frags_[f].in_flight) {
-                finish_fragment(f);
-            } else if (frags_[f].lost) {
-                frags_[f].lost = false;  // its exchange failed (every rank raised); go on
-            } else {
-                throw invalid_argument("loco::diloco: the schedule finishes fragment " +
-                                       std::to_string(f) +
-                                       " but no exchange of it is in flight; did its "
-                                       "hyper-parameters change in the middle of a round?");
+            if (!planned(plan.finish, f) || frags_[f].in_flight || frags_[f].lost) {
+                travelling.push_back(f);
             }
+        }
+        try {
+            std::vector<std::size_t> done;
+            for (const std::size_t f : plan.finish) {
+                if (frags_[f].in_flight) {
+                    finish_fragment(f);
+                    done.push_back(f);
+                } else if (frags_[f].lost) {
+                    frags_[f].lost = false;  // nothing to finish (see fragment_state); go on
+                    done.push_back(f);
+                }
+            }
+            for (const std::size_t f : plan.start) {
+                start_exchange(f);
+            }
+            for (const std::size_t f : plan.finish) {
+                if (planned(done, f)) continue;
+                if (frags_[f].in_flight) {
+                    finish_fragment(f);
+                } else {
+                    throw invalid_argument("loco::diloco: the schedule finishes fragment " +
+                                           std::to_string(f) +
+                                           " but no exchange of it is in flight; did its "
+                                           "hyper-parameters change in the middle of a round?");
+                }
+            }
+        } catch (...) {
+            for (const std::size_t f : travelling) {
+                if (!frags_[f].in_flight) frags_[f].lost = true;
+            }
+            throw;
         }
         for (const std::size_t f : plan.reset) {
             merge(f, 0.0f);
@@ -848,10 +905,12 @@ private:
 
     void start_exchange(std::size_t fi) {
         fragment_state& f = frags_[fi];
+        // A restarted exchange (load()) reports what it reported when it first started.
+        if (!f.restart) f.started_steps = engine_.inner().steps();
         aggregate::worker_report report;
         if constexpr (Aggregate::needs_reports) {
             report.norm = engine_.captured_norm(fi);
-            report.inner_steps = static_cast<float>(engine_.inner().steps());
+            report.inner_steps = static_cast<float>(f.started_steps);
         }
         engine_.start(fi, compress_hyper_, context(fi), report);
         f.in_flight = true;
@@ -880,7 +939,7 @@ private:
     void finish_fragment(std::size_t fi) {
         fragment_state& f = frags_[fi];
         f.in_flight = false;
-        f.lost = true;  // until it succeeds
+        f.lost = false;  // this is the planned finish, whatever its outcome
         detail::stage_failure failure = engine_.finish(fi, compress_hyper_, aggregate_hyper_);
 
         // The apply stage's checks, before anything changes.
@@ -1119,6 +1178,7 @@ private:
     std::vector<fragment_state> frags_;
     std::string fragment_description_;
     bool started_ = false;
+    bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     std::uint64_t skipped_syncs_ = 0;
     std::uint64_t consecutive_skips_ = 0;
     std::string first_nonfinite_;     // the tensor of the first skip of the current streak

@@ -26,7 +26,11 @@ static_assert(std::endian::native == std::endian::little,
               "loco: checkpoints are written little-endian; big-endian hosts are not supported");
 
 inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 'T'};
-inline constexpr std::uint32_t checkpoint_format_version = 1;
+// Version 2 added, per fragment of a diloco checkpoint, the inner step count its exchange in
+// flight started at and whether the schedule's next planned finish has nothing to finish.
+// Readers take versions 1 and 2 (format() says which).
+inline constexpr std::uint32_t checkpoint_format_version = 2;
+inline constexpr std::uint32_t checkpoint_oldest_readable = 1;
 
 class fnv1a64 {
 public:
@@ -118,13 +122,17 @@ public:
             std::string_view(checkpoint_magic, sizeof checkpoint_magic)) {
             throw checkpoint_error("loco: not a loco checkpoint (bad signature)");
         }
-        const std::uint32_t format = u32("the format version");
-        if (format != checkpoint_format_version) {
-            throw checkpoint_error("loco: checkpoint format version " + std::to_string(format) +
-                                   " is not supported (this build reads version " +
+        format_ = u32("the format version");
+        if (format_ < checkpoint_oldest_readable || format_ > checkpoint_format_version) {
+            throw checkpoint_error("loco: checkpoint format version " + std::to_string(format_) +
+                                   " is not supported (this build reads versions " +
+                                   std::to_string(checkpoint_oldest_readable) + " to " +
                                    std::to_string(checkpoint_format_version) + ")");
         }
     }
+
+    // The format version of the stream being read.
+    std::uint32_t format() const noexcept { return format_; }
 
     std::uint32_t u32(const char* what) {
         std::uint32_t v = 0;
@@ -198,6 +206,7 @@ private:
 
     std::istream& is_;
     fnv1a64 hash_;
+    std::uint32_t format_ = 0;
 };
 
 }  // namespace loco::detail

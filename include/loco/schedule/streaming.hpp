@@ -62,6 +62,7 @@ public:
     static fragment_pattern pattern(const hyper& h) noexcept { return h.pattern; }
 
     sync_plan next(const hyper& h) {
+        check_in_flight(h);
         ++calls_;
         plan_.clear();
         const std::uint64_t period = h.every / h.fragments;
@@ -70,19 +71,56 @@ public:
             if ((calls_ + h.overlap) % h.every == apply_at) plan_.start(p);
             if (calls_ % h.every == apply_at) plan_.finish(p);
         }
+        planned_every_ = h.every;
+        planned_overlap_ = h.overlap;
         return plan_.view();
     }
 
     std::uint64_t calls() const noexcept { return calls_; }
-    void save(detail::checkpoint_writer& w) const { w.u64(calls_); }
+    void save(detail::checkpoint_writer& w) const {
+        w.u64(calls_);
+        w.u64(planned_every_);    // format 2
+        w.u64(planned_overlap_);  // format 2
+    }
     static streaming read(detail::checkpoint_reader& r) {
         streaming s;
         s.calls_ = r.u64("the step call count");
+        if (r.format() >= 2) {
+            s.planned_every_ = r.u64("the period of the last plan");
+            s.planned_overlap_ = r.u64("the overlap of the last plan");
+        }
         return s;
     }
 
 private:
+    // H or tau may change between calls, but not while an exchange they planned is in flight:
+    // its apply would move, or (tau lowered to 0) come in the call that starts the next one,
+    // which would then travel a whole period. Fragment p is in flight after call c when its
+    // apply is 1 to tau calls ahead.
+    void check_in_flight(const hyper& h) const {
+        if (planned_every_ == 0 || (h.every == planned_every_ && h.overlap == planned_overlap_)) {
+            return;
+        }
+        const std::uint64_t period = planned_every_ / h.fragments;
+        for (std::size_t p = 0; p < h.fragments && period > 0; ++p) {
+            const std::uint64_t apply_at = ((p + 1) * period) % planned_every_;
+            const std::uint64_t ahead =
+                (apply_at + planned_every_ - calls_ % planned_every_) % planned_every_;
+            if (ahead >= 1 && ahead <= planned_overlap_) {
+                throw invalid_argument(
+                    "loco::schedule::streaming: H and tau changed from " +
+                    std::to_string(planned_every_) + " and " + std::to_string(planned_overlap_) +
+                    " to " + std::to_string(h.every) + " and " + std::to_string(h.overlap) +
+                    " while fragment " + std::to_string(p) + "'s exchange is in flight (due at "
+                    "call " + std::to_string(calls_ + ahead) + "); change them when no "
+                    "exchange is in flight, such as right after an apply");
+            }
+        }
+    }
+
     std::uint64_t calls_ = 0;
+    std::uint64_t planned_every_ = 0;  // H and tau of the last plan; 0: none yet (or format 1)
+    std::uint64_t planned_overlap_ = 0;
     plan_buffer plan_;
 };
 

@@ -1,0 +1,429 @@
+// Resuming and syncing in the middle of a round, with exchanges in flight (delayed and streaming
+// schedules, two thread workers, fresh random gradients):
+//   * a checkpoint saved again right after load(), before the next step(), still holds the
+//     exchange in flight, so a run resumed from it is bit-identical to one never interrupted;
+//   * sync() with an exchange in flight finishes it early, and the finish the schedule planned
+//     for it is skipped when due (the run goes on; a delayed round's new exchange still travels),
+//     also across a checkpoint taken in between;
+//   * ranks resumed from checkpoints compare what they were built with, as at start();
+//   * aggregate::edit's step weights: a restarted exchange reports the inner step count of its
+//     first start;
+//   * a checkpoint of format 1 (written before format 2 added the two fields above) still loads.
+#include <doctest/doctest.h>
+
+#include "support/random.hpp"
+
+#include <loco/loco.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace loco_test;
+
+using delayed_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::delayed>;
+using streaming_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                                 loco::schedule::streaming>;
+
+// Three tensors (so that streaming can make three fragments), a table of gradients drawn afresh
+// for each test, and what a run ends with.
+struct worker_model {
+    std::vector<float> a, b, c, ga, gb, gc;
+    loco::parameter_list list;
+    explicit worker_model(const std::vector<float>& init)
+        : a(init.begin(), init.begin() + 3), b(init.begin() + 3, init.begin() + 7),
+          c(init.begin() + 7, init.end()), ga(3), gb(4), gc(2) {
+        list.add("a", a, ga).add("b", b, gb).add("c", c, gc);
+    }
+    void set_gradients(const std::vector<float>& g) {
+        std::copy(g.begin(), g.begin() + 3, ga.begin());
+        std::copy(g.begin() + 3, g.begin() + 7, gb.begin());
+        std::copy(g.begin() + 7, g.end(), gc.begin());
+    }
+    std::vector<float> values() const {
+        std::vector<float> v = a;
+        v.insert(v.end(), b.begin(), b.end());
+        v.insert(v.end(), c.begin(), c.end());
+        return v;
+    }
+    void set_values(const std::vector<float>& v) {
+        std::copy(v.begin(), v.begin() + 3, a.begin());
+        std::copy(v.begin() + 3, v.begin() + 7, b.begin());
+        std::copy(v.begin() + 7, v.end(), c.begin());
+    }
+};
+
+struct inputs {
+    std::vector<float> init;
+    std::vector<std::vector<float>> grads;  // [step * 2 + rank], steps from 0
+    explicit inputs(const std::string& label, int steps) {
+        auto rng = rng_for(label);
+        init = normal_floats(rng, 9);
+        for (int i = 0; i < 2 * steps; ++i) grads.push_back(normal_floats(rng, 9, 0.5f));
+    }
+};
+
+struct outcome {
+    std::array<std::vector<float>, 2> values, global;
+    std::array<std::uint64_t, 2> outer_steps{};
+
+    bool operator==(const outcome& o) const {
+        const auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+            return x.size() == y.size() &&
+                   std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+        };
+        return same(values[0], o.values[0]) && same(values[1], o.values[1]) &&
+               same(global[0], o.global[0]) && same(global[1], o.global[1]) &&
+               outer_steps == o.outer_steps;
+    }
+};
+
+std::string saved(const auto& opt) {
+    std::ostringstream os;
+    opt.save(os);
+    return os.str();
+}
+
+// The trainer's side of a resume: it keeps its parameters, lets the old handle finish what is
+// in flight (a handle must not go away with an exchange in flight), builds a fresh handle and
+// loads the checkpoint into it. `twice`: the fresh handle saves again at once, and a third one
+// resumes from that second checkpoint.
+template <class Opt>
+void resume(std::unique_ptr<Opt>& opt, worker_model& m, const typename Opt::config& cfg,
+            loco::comm::communicator& comm, bool twice) {
+    const std::string first = saved(*opt);
+    const std::vector<float> kept = m.values();
+    opt->sync();
+    opt = std::make_unique<Opt>(m.list, comm, cfg);
+    std::istringstream is(first);
+    opt->load(is);
+    if (twice) {
+        const std::string second = saved(*opt);
+        opt = std::make_unique<Opt>(m.list, comm, cfg);
+        std::istringstream is2(second);
+        opt->load(is2);
+    }
+    m.set_values(kept);
+}
+
+// `steps` calls on two workers; after call `at`, `event` (a resume, a sync(), ...).
+template <class Opt>
+outcome run(const inputs& in, const typename Opt::config& cfg, int steps, int at,
+            const std::function<void(std::unique_ptr<Opt>&, worker_model&,
+                                     loco::comm::communicator&)>& event) {
+    outcome out;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        auto opt = std::make_unique<Opt>(m.list, comm, cfg);
+        for (int step = 1; step <= steps; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+            opt->step();
+            if (step == at && event) event(opt, m, comm);
+        }
+        opt->sync();  // nothing left in flight; every fragment applied
+        out.values[r] = m.values();
+        out.global[r].assign(opt->global().begin(), opt->global().end());
+        out.outer_steps[r] = opt->outer_steps();
+    });
+    return out;
+}
+
+template <class Opt>
+void check_resumes(const std::string& label, const typename Opt::config& cfg, int steps) {
+    const inputs in(label, steps);
+    const outcome straight = run<Opt>(in, cfg, steps, 0, {});
+    CHECK(straight.outer_steps[0] >= 4);
+    for (int at = 1; at < steps; ++at) {
+        for (const bool twice : {false, true}) {
+            INFO(label << ", saved after call " << at << (twice ? ", saved again after load()" : ""));
+            const outcome resumed = run<Opt>(
+                in, cfg, steps, at,
+                [&](std::unique_ptr<Opt>& opt, worker_model& m, loco::comm::communicator& c) {
+                    resume(opt, m, cfg, c, twice);
+                });
+            CHECK(resumed == straight);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("a checkpoint saved again right after load() resumes as the first one does") {
+    check_resumes<delayed_t>("resume twice, delayed",
+                             {.inner = {.lr = 1e-2f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                              .schedule = {.every = 3}},
+                             14);
+    check_resumes<streaming_t>("resume twice, streaming tau 1",
+                               {.inner = {.lr = 1e-2f},
+                                .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                .schedule = {.every = 6, .fragments = 3, .overlap = 1}},
+                               14);
+    check_resumes<streaming_t>("resume twice, streaming tau 3",
+                               {.inner = {.lr = 1e-2f},
+                                .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                .schedule = {.every = 8, .fragments = 2, .overlap = 3}},
+                               14);
+}
+
+TEST_CASE("sync() with an exchange in flight: the finish the schedule planned for it is skipped") {
+    SUBCASE("streaming") {
+        // H = 8, P = 2, tau = 1: fragment 0 starts at call 3 and is applied at 4, 12, 20, ...;
+        // fragment 1 starts at 7 and is applied at 8, 16, ... A sync() after call 3 finishes
+        // fragment 0 early, then syncs both; call 4 has nothing left to finish.
+        const streaming_t::config cfg{.inner = {.lr = 1e-2f},
+                                      .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                      .schedule = {.every = 8, .fragments = 2, .overlap = 1}};
+        const inputs in("sync in flight, streaming", 22);
+        std::array<std::array<std::uint64_t, 2>, 2> per_fragment{};
+        const auto sync_now = [&](std::unique_ptr<streaming_t>& opt, worker_model&,
+                                  loco::comm::communicator&) {
+            REQUIRE(opt->in_flight(0));
+            opt->sync();
+            CHECK(!opt->in_flight(0));
+        };
+        const outcome synced = run<streaming_t>(
+            in, cfg, 22, 3,
+            [&](std::unique_ptr<streaming_t>& opt, worker_model& m, loco::comm::communicator& c) {
+                sync_now(opt, m, c);
+                const auto r = static_cast<std::size_t>(c.rank());
+                per_fragment[r] = {opt->outer_steps(0), opt->outer_steps(1)};
+            });
+        // After the sync: fragment 0 twice (early, then with the rest), fragment 1 once.
+        CHECK(per_fragment[0] == std::array<std::uint64_t, 2>{2, 1});
+        CHECK(per_fragment[1] == per_fragment[0]);
+        // Then fragment 0 at 12 and 20 (not 4), fragment 1 at 8 and 16, and the closing sync():
+        // 2 + 2 + 1 and 1 + 2 + 1.
+        CHECK(synced.outer_steps[0] == 9);
+        CHECK(synced.global[0] == synced.global[1]);
+        // A checkpoint between the sync() and call 4 keeps the skip.
+        const outcome resumed = run<streaming_t>(
+            in, cfg, 22, 3,
+            [&](std::unique_ptr<streaming_t>& opt, worker_model& m, loco::comm::communicator& c) {
+                sync_now(opt, m, c);
+                resume(opt, m, cfg, c, false);
+            });
+        CHECK(resumed == synced);
+    }
+    SUBCASE("delayed") {
+        // H = 3: round 1's exchange starts at call 3 and would be applied at call 6. A sync()
+        // after call 4 applies it early and syncs; call 6 then has nothing to finish, and the
+        // exchange it starts travels during the next round as usual.
+        const delayed_t::config cfg{.inner = {.lr = 1e-2f},
+                                    .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                    .schedule = {.every = 3}};
+        const inputs in("sync in flight, delayed", 10);
+        for (const bool save_between : {false, true}) {
+            INFO("saved between the sync() and call 6: " << save_between);
+            loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+                const auto r = static_cast<std::size_t>(comm.rank());
+                worker_model m(in.init);
+                auto opt = std::make_unique<delayed_t>(m.list, comm, cfg);
+                for (int step = 1; step <= 10; ++step) {
+                    m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+                    opt->step();
+                    if (step == 4) {
+                        REQUIRE(opt->in_flight(0));
+                        opt->sync();
+                        CHECK(opt->outer_steps() == 2);
+                        if (save_between) resume(opt, m, cfg, comm, false);
+                    }
+                    if (step == 6) {
+                        CHECK(opt->outer_steps() == 2);  // nothing applied at call 6
+                        CHECK(opt->in_flight(0));        // round 2's exchange travels
+                    }
+                    if (step == 9) CHECK(opt->outer_steps() == 3);
+                }
+                opt->sync();
+            });
+        }
+    }
+}
+
+TEST_CASE("ranks resumed from checkpoints compare what they were built with") {
+    using every_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    const inputs in("resume fingerprint", 4);
+    std::array<std::string, 2> checkpoints;
+    std::array<std::string, 2> errors;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        const every_t::config cfg{.inner = {.lr = 0.1f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                  .schedule = {.every = 2}};
+        {
+            every_t opt(m.list, comm, cfg);
+            for (int step = 1; step <= 3; ++step) {
+                m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+                opt.step();
+            }
+            checkpoints[r] = saved(opt);
+        }
+        // Rank 1 resumes with another outer lr: load() takes it (a resumed run may change its
+        // outer settings), and the first step() finds that the ranks now differ.
+        every_t::config other = cfg;
+        if (r == 1) other.outer.lr = 0.5f;
+        every_t opt(m.list, comm, other);
+        std::istringstream is(checkpoints[r]);
+        opt.load(is);
+        const std::vector<float> global_before(opt.global().begin(), opt.global().end());
+        try {
+            opt.step();
+        } catch (const loco::invalid_argument& e) {
+            errors[r] = e.what();
+        }
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global_before);
+    });
+    for (const std::string& e : errors) {
+        CHECK(e.find("the ranks were built differently") != std::string::npos);
+        CHECK(e.find("lr=0.5") != std::string::npos);
+    }
+}
+
+TEST_CASE("aggregate::edit with step weights: a restarted exchange reports its first start's steps") {
+    // Worker 1 skips call 2 (a NaN gradient), so the workers report different inner step counts
+    // and A-EDiT's step weights (r = 1: w_i = s_i) depend on them. Saving with round 1's
+    // exchange in flight and resuming must give the run that was never interrupted.
+    using edit_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                loco::schedule::delayed, loco::aggregate::edit>;
+    edit_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 3}};
+    cfg.aggregate.weight_by_norm = false;
+    cfg.aggregate.skip_anomaly = false;
+    cfg.aggregate.consensus = loco::aggregate::sign_consensus::none;
+    cfg.aggregate.step_weights = true;
+    cfg.aggregate.step_weight_ratio = 1.0f;
+    inputs in("edit step weights resume", 9);
+    in.grads[1 * 2 + 1][0] = std::numeric_limits<float>::quiet_NaN();
+    const auto event = [&](bool twice) {
+        return [&cfg, twice](std::unique_ptr<edit_t>& opt, worker_model& m,
+                             loco::comm::communicator& c) { resume(opt, m, cfg, c, twice); };
+    };
+    const outcome straight = run<edit_t>(in, cfg, 9, 0, {});
+    for (const int at : {3, 4, 5}) {
+        for (const bool twice : {false, true}) {
+            INFO("saved after call " << at << (twice ? ", and again after load()" : ""));
+            CHECK(run<edit_t>(in, cfg, 9, at, event(twice)) == straight);
+        }
+    }
+}
+
+TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flight") {
+    // Written by loco before format 2 (tests/resume_test.cpp's history: the program in the
+    // commit that added this test): comm::single, w = {1, 2}, inner SGD lr 0.5, outer Nesterov
+    // lr 0.7 momentum 0.9, delayed H = 2, gradients (s / 2, -s^2 / 4) at calls s = 1, 2, 3,
+    // saved after call 3 with round 1's exchange in flight; w was then {0.25, 3.125}.
+    const std::string hex =
+        "4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+        "04000000000000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d0000000000000066"
+        "7261676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c"
+        "723d302e363939393939393838206d6f6d656e74756d3d302e3839393939393937360100000000000000000000000000"
+        "000003000000000000000000000000000000000000000000000000000000000000000100000000000000020000000000"
+        "000003000000000000000000000000000000030000000000000073676401000000000000000200000000000000000000"
+        "000000000002000000000000000000803f00000040020000000000000000000000000000000a00000000000000616c6c"
+        "5f7265647563650000000000000000000000000000000000000000000000000000000000000000010000000000000002"
+        "0000000000000002000000000000000000403f000020bfc8f97912b979a623";
+    std::string bytes;
+    for (std::size_t i = 0; i < hex.size(); i += 2) {
+        bytes.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+    }
+    REQUIRE(bytes.size() == 415);
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::delayed>;
+    const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                            .schedule = {.every = 2}};
+    const auto gradient = [](int s, std::vector<float>& g) {
+        g[0] = 0.5f * float(s);
+        g[1] = -0.25f * float(s * s);
+    };
+    loco::comm::single comm;
+    std::vector<float> w = {1.0f, 2.0f}, g(2);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    opt_t straight(list, comm, cfg);
+    for (int s = 1; s <= 3; ++s) {
+        gradient(s, g);
+        straight.step();
+    }
+    CHECK(w == std::vector<float>{0.25f, 3.125f});
+    std::vector<float> v = w, gv(2);
+    loco::parameter_list resumed_list;
+    resumed_list.add("w", v, gv);
+    opt_t resumed(resumed_list, comm, cfg);
+    std::istringstream is(bytes);
+    resumed.load(is);
+    for (int s = 4; s <= 8; ++s) {
+        gradient(s, g);
+        straight.step();
+        gradient(s, gv);
+        resumed.step();
+        CHECK(v == w);
+    }
+    CHECK(resumed.outer_steps() == straight.outer_steps());
+    CHECK(std::vector<float>(resumed.global().begin(), resumed.global().end()) ==
+          std::vector<float>(straight.global().begin(), straight.global().end()));
+    // What this build writes is format 2.
+    const std::string now = saved(resumed);
+    CHECK(static_cast<unsigned char>(now[8]) == 2);
+}
+
+TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused, between exchanges taken") {
+    // H = 8, P = 2, tau = 1: fragment 0's exchange starts at call 3 and is due at call 4.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::streaming>;
+    const opt_t::config cfg{.inner = {.lr = 0.1f},
+                            .schedule = {.every = 8, .fragments = 2, .overlap = 1}};
+    const inputs in("streaming tau change", 24);
+    loco::comm::single comm;
+    worker_model m(in.init);
+    opt_t opt(m.list, comm, cfg);
+    int step = 0;
+    const auto next = [&] {
+        m.set_gradients(in.grads[static_cast<std::size_t>(step) * 2]);
+        ++step;
+        return opt.step();
+    };
+    for (int i = 0; i < 3; ++i) next();
+    REQUIRE(opt.in_flight(0));
+    const std::string mid_flight = saved(opt);
+    const std::vector<float> values_then = m.values();
+    opt.schedule_hyper().overlap = 0;
+    CHECK_THROWS_WITH_AS(next(), doctest::Contains("while fragment 0's exchange is in flight (due "
+                                                   "at call 4)"),
+                         loco::invalid_argument);
+    CHECK(opt.calls() == 3);  // the call was not counted
+    opt.schedule_hyper().every = 16;
+    CHECK_THROWS_AS(next(), loco::invalid_argument);
+    opt.schedule_hyper() = cfg.schedule;
+    next();  // call 4 applies fragment 0
+    CHECK(opt.outer_steps(0) == 1);
+    CHECK(!opt.in_flight(0));
+    // Nothing in flight now: tau = 0 is taken, and every exchange starts and ends in one call.
+    opt.schedule_hyper().overlap = 0;
+    for (int i = 0; i < 16; ++i) {
+        const bool synced = next().synced;
+        CHECK(synced == (opt.calls() % 4 == 0));
+        CHECK(!opt.in_flight(0));
+        CHECK(!opt.in_flight(1));
+    }
+    CHECK(opt.outer_steps() == 1 + 4);
+    // A run resumed with tau = 0 from a checkpoint saved in flight with tau = 1: the same error.
+    worker_model m2(in.init);
+    m2.set_values(values_then);
+    opt_t::config lowered = cfg;
+    lowered.schedule.overlap = 0;
+    opt_t resumed(m2.list, comm, lowered);
+    std::istringstream is(mid_flight);
+    resumed.load(is);
+    CHECK_THROWS_WITH_AS(resumed.step(), doctest::Contains("changed from 8 and 1 to 8 and 0"),
+                         loco::invalid_argument);
+}
