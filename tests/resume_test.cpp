@@ -8,9 +8,13 @@
 //   * ranks resumed from checkpoints compare what they were built with, as at start();
 //   * aggregate::edit's step weights: a restarted exchange reports the inner step count of its
 //     first start;
-//   * a checkpoint of format 1 (written before format 2 added the two fields above) still loads.
+//   * a delayed round whose finish fails: the next round's exchange never started, so the
+//     finish planned for it has nothing, and the exchange started then still travels;
+//   * streaming refuses H or tau changed while an exchange they planned is in flight;
+//   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads.
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/loco.hpp>
@@ -318,10 +322,10 @@ TEST_CASE("aggregate::edit with step weights: a restarted exchange reports its f
 }
 
 TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flight") {
-    // Written by loco before format 2 (tests/resume_test.cpp's history: the program in the
-    // commit that added this test): comm::single, w = {1, 2}, inner SGD lr 0.5, outer Nesterov
-    // lr 0.7 momentum 0.9, delayed H = 2, gradients (s / 2, -s^2 / 4) at calls s = 1, 2, 3,
-    // saved after call 3 with round 1's exchange in flight; w was then {0.25, 3.125}.
+    // Written by loco at commit d450e4e (format 1) from the run this test repeats: comm::single,
+    // w = {1, 2}, inner SGD lr 0.5, outer Nesterov lr 0.7 momentum 0.9, delayed H = 2, gradients
+    // (s / 2, -s^2 / 4) at calls s = 1, 2, 3, saved after call 3 with round 1's exchange in
+    // flight; w was then {0.25, 3.125}.
     const std::string hex =
         "4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
         "04000000000000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d0000000000000066"
@@ -426,4 +430,42 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
     resumed.load(is);
     CHECK_THROWS_WITH_AS(resumed.step(), doctest::Contains("changed from 8 and 1 to 8 and 0"),
                          loco::invalid_argument);
+}
+
+TEST_CASE("delayed: a failed finish skips the next round's start; its planned finish has nothing") {
+    // H = 3: round 1's exchange starts at call 3; at call 6 its transfer fails on rank 1 (every
+    // rank raises) before round 2's exchange could start. Call 9 then has nothing to apply and
+    // starts round 3's exchange, which travels to call 12 as usual.
+    const delayed_t::config cfg{.inner = {.lr = 1e-2f},
+                                .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                .schedule = {.every = 3}};
+    const inputs in("delayed failed finish", 12);
+    std::array<std::string, 2> errors;
+    std::array<std::vector<float>, 2> globals;
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        // all-reduces: 1 the fingerprint, 2 round 1's data (started at call 3)
+        failing_transfer comm(threads, 1, 2);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        delayed_t opt(m.list, comm, cfg);
+        for (int step = 1; step <= 12; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+            try {
+                opt.step();
+            } catch (const loco::comm_error& e) {
+                errors[r] = std::to_string(step) + ": " + e.what();
+            }
+            if (step == 6) CHECK(!opt.in_flight(0));
+            if (step == 9) {
+                CHECK(opt.outer_steps() == 0);
+                CHECK(opt.in_flight(0));
+            }
+        }
+        CHECK(opt.outer_steps() == 1);
+        globals[r].assign(opt.global().begin(), opt.global().end());
+    });
+    for (const std::string& e : errors) {
+        CHECK(e.rfind("6: loco::diloco: the sync of fragment 0 failed on rank 1", 0) == 0);
+    }
+    CHECK(globals[0] == globals[1]);
 }

@@ -259,26 +259,6 @@ TEST_CASE("streaming: ranks with different fragment layouts or schedules fail at
     });
 }
 
-// A communicator that forwards to threads, and fails the transfer of one all-reduce on one rank
-// after it completed (as a link that drops the last acknowledgement would).
-class failing_transfer final : public loco_test::forwarding_comm {
-public:
-    failing_transfer(loco::comm::communicator& next, int fail_rank, int fail_at)
-        : forwarding_comm(next, "failing_transfer"), fail_rank_(fail_rank), fail_at_(fail_at) {}
-    int all_reduces = 0;
-
-protected:
-    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
-        forwarding_comm::do_all_reduce(d, op);
-        if (++all_reduces == fail_at_ && rank() == fail_rank_) {
-            throw loco::comm_error("injected: link dropped");
-        }
-    }
-
-private:
-    int fail_rank_, fail_at_;
-};
-
 TEST_CASE("streaming: a failed fragment sync changes nothing on any rank, and the next one succeeds") {
     // torchft fixture _3 (tau 1, alpha 0) with fragment 0's first exchange (started at call 2)
     // failing on replica 1: at call 3 neither replica applies it; their local values keep the
@@ -286,7 +266,7 @@ TEST_CASE("streaming: a failed fragment sync changes nothing on any rank, and th
     std::array<std::string, 2> errors;
     loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
         // all-reduces: 1 fingerprint, 2 = fragment 0's data (started at call 2), 3 = its agreement.
-        failing_transfer comm(threads, 1, 2);
+        loco_test::failing_transfer comm(threads, 1, 2);
         std::vector<float> w0{1.0f}, w1{1.0f}, g0{2.0f}, g1{2.0f};
         loco::parameter_list list;
         list.add("layers.0.weight", w0, g0);

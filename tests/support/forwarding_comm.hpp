@@ -4,6 +4,7 @@
 // call the base's version to move the data.
 
 #include <loco/comm/communicator.hpp>
+#include <loco/error.hpp>
 
 #include <string_view>
 
@@ -40,6 +41,26 @@ protected:
 private:
     loco::comm::communicator* next_;
     std::string_view name_;
+};
+
+// Forwards to `next`, and fails the transfer of the `fail_at`-th all-reduce (counted from 1) on
+// rank `fail_rank` after it completed, as a link that drops the last acknowledgement would.
+class failing_transfer final : public forwarding_comm {
+public:
+    failing_transfer(loco::comm::communicator& next, int fail_rank, int fail_at)
+        : forwarding_comm(next, "failing_transfer"), fail_rank_(fail_rank), fail_at_(fail_at) {}
+    int all_reduces = 0;
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        forwarding_comm::do_all_reduce(d, op);
+        if (++all_reduces == fail_at_ && rank() == fail_rank_) {
+            throw loco::comm_error("injected: link dropped");
+        }
+    }
+
+private:
+    int fail_rank_, fail_at_;
 };
 
 // Forwards to `next`, flipping one byte near the end of what an all_gather delivers (inside the
