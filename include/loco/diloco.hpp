@@ -303,16 +303,21 @@ public:
     void sync() {
         start();
         restart_loaded_exchanges();
-        std::vector<std::size_t> early;
-        const auto mark_early = [&] {
-            for (const std::size_t f : early) {
+        // Fragments whose planned finish has nothing: already so, or finished here early. (The
+        // exchanges below clear the flag as every start does; it is set again after them.)
+        std::vector<std::size_t> nothing_planned;
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            if (frags_[f].lost) nothing_planned.push_back(f);
+        }
+        const auto mark = [&] {
+            for (const std::size_t f : nothing_planned) {
                 if (!frags_[f].in_flight) frags_[f].lost = true;
             }
         };
         try {
             for (std::size_t f = 0; f < frags_.size(); ++f) {
                 if (!frags_[f].in_flight) continue;
-                early.push_back(f);
+                nothing_planned.push_back(f);
                 finish_fragment(f);
             }
             for (std::size_t f = 0; f < frags_.size(); ++f) {
@@ -320,10 +325,10 @@ public:
                 finish_fragment(f);
             }
         } catch (...) {
-            mark_early();
+            mark();
             throw;
         }
-        mark_early();
+        mark();
     }
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
