@@ -475,3 +475,84 @@ TEST_CASE("docs: the survivors of a worker that throws regroup and retry the rou
     ref.sync();
     expect_near(finals[0], ref.global, "parameters after the retried round");
 }
+
+TEST_CASE("regroup: an exchange in flight on the old group ends before its buffers go") {
+    // Delayed H = 2 on three ranks: ranks 0 and 1 start the round's exchange and regroup onto a
+    // group without rank 2, which reaches that exchange 300 ms later (within the old group's
+    // timeout). regroup() waits for the old exchange; it used to free its buffers first, and
+    // the old group's late transfer wrote into freed memory (AddressSanitizer saw it).
+    using delayed_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::delayed>;
+    const std::size_t n = 1 << 14;
+    auto old_group = std::make_shared<loco::comm::thread_group>(3, std::chrono::seconds(5));
+    auto new_group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(5));
+    std::array<std::string, 3> outcome;
+    std::vector<std::thread> workers;
+    for (int r = 0; r < 3; ++r) {
+        workers.emplace_back([&, r] {
+            try {
+                loco::comm::threads comm(old_group, r);
+                std::vector<float> w(n, 1.0f), g(n, 0.5f);
+                loco::parameter_list params;
+                params.add("w", w, g);
+                delayed_t opt(params, comm,
+                              {.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f}, .schedule = {.every = 2}});
+                opt.start();
+                opt.step();
+                if (r == 2) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+                    opt.step();  // its exchange on the old group, which the others left
+                    outcome[2] = "straggled";
+                    return;
+                }
+                opt.step();
+                REQUIRE(opt.in_flight(0));
+                loco::comm::threads next(new_group, r);
+                opt.regroup(next, 0);
+                CHECK(!opt.in_flight(0));
+                opt.step();
+                opt.step();  // the next round on the new group
+                outcome[std::size_t(r)] = "regrouped, outer steps " + std::to_string(opt.outer_steps());
+            } catch (const std::exception& e) {
+                outcome[std::size_t(r)] = std::string("threw: ") + e.what();
+            }
+        });
+    }
+    for (auto& t : workers) t.join();
+    CHECK(outcome[0] == "regrouped, outer steps 0");  // round 2's exchange travels on
+    CHECK(outcome[1] == outcome[0]);
+}
+
+TEST_CASE("regroup: onto the handle's own communicator with an exchange in flight is refused") {
+    // Dropping the exchange would mark that communicator as one whose ranks may disagree, and
+    // every later collective on it would fail; refused first, with the fix named.
+    using delayed_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::delayed>;
+    std::array<std::string, 2> errors;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> w(8, 1.0f), g(8, 0.5f);
+        loco::parameter_list params;
+        params.add("w", w, g);
+        delayed_t opt(params, comm,
+                      {.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f}, .schedule = {.every = 2}});
+        opt.step();
+        opt.step();
+        REQUIRE(opt.in_flight(0));
+        try {
+            opt.regroup(comm, 0);
+        } catch (const loco::invalid_argument& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+        CHECK(opt.in_flight(0));
+        opt.sync();
+        opt.regroup(comm, 0);  // nothing in flight: taken
+        opt.step();
+        opt.step();
+        comm.barrier();
+        CHECK(opt.outer_steps() == 2);
+    });
+    for (const auto& e : errors) {
+        CHECK(e.find("regroup() onto the communicator this handle already uses") !=
+              std::string::npos);
+    }
+}

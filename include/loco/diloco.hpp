@@ -635,6 +635,16 @@ public:
     // backend a GPU communicator's heal travels through its cuda_staging view).
     void regroup(comm::communicator& group, int donor = 0)
     {
+        // Regrouping drops the exchanges in flight, which marks their communicator as one whose
+        // ranks may disagree (comm::request): only a communicator being left may be so marked.
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            if (frags_[i].in_flight && &group == comm_) {
+                throw invalid_argument(
+                    "loco::diloco: regroup() onto the communicator this handle already uses, "
+                    "while fragment " + std::to_string(i) + "'s exchange is in flight; call "
+                    "sync() first, or regroup onto the new group's communicator");
+            }
+        }
         // The group's exchange buffers and its control communicator (host memory), built before
         // anything changes.
         auto next = engine_.prepare_regroup(group, compress_hyper_);

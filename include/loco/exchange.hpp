@@ -195,7 +195,13 @@ public:
     }
 
     exchanger(exchanger&&) noexcept = default;
-    exchanger& operator=(exchanger&&) noexcept = default;
+    exchanger& operator=(exchanger&&) noexcept = default;  // requests first: see the members
+    exchanger(const exchanger&) = delete;
+    exchanger& operator=(const exchanger&) = delete;
+    ~exchanger() {
+        request_ = comm::request{};  // members go in reverse order: end the collectives first
+        report_request_ = comm::request{};
+    }
 
     exchange_scheme scheme() const noexcept { return scheme_; }
     std::size_t elements() const noexcept { return n_; }
@@ -485,6 +491,10 @@ private:
         }
     }
 
+    // The collectives of an exchange in flight write into the buffers below, so the requests
+    // come first: a move assignment (a regroup's new exchanger) waits for or drops them before
+    // it replaces the buffers, and the destructor ends them before the buffers go.
+    comm::request request_, report_request_;
     std::size_t world_;
     std::size_t rank_;
     std::size_t n_;
@@ -509,7 +519,6 @@ private:
     aggregate::state_t<A> aggregate_state_{}, next_aggregate_state_{};  // what commit() makes current
     bool refused_ = false;
     compress::encode_context ctx_{};
-    comm::request request_, report_request_;
     stage_failure failure_;
     bool in_flight_ = false;
 };

@@ -15,6 +15,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -34,6 +35,25 @@ class communicator;
 // right after), swallows its error, and marks its communicator: the next call on that
 // communicator throws comm_error naming the abandoned collective, because the ranks' views of
 // what was exchanged may now differ.
+// The first collective of a communicator that was started and never finished, if any. Shared
+// by the communicator and its requests, so that a request may be dropped after its
+// communicator is gone, or on another thread than the one starting collectives.
+class abandon_mark {
+public:
+    void set(const std::string& what) {
+        const std::lock_guard<std::mutex> lock(m_);
+        if (what_.empty()) what_ = what;
+    }
+    std::string get() const {
+        const std::lock_guard<std::mutex> lock(m_);
+        return what_;
+    }
+
+private:
+    mutable std::mutex m_;
+    std::string what_;
+};
+
 class request {
 public:
     // What an implementation hands back from do_start_*: wait() blocks until the collective is
@@ -50,17 +70,18 @@ public:
     };
 
     request() = default;
-    request(communicator& owner, std::unique_ptr<operation> op, std::string what) noexcept
-        : owner_(&owner), op_(std::move(op)), what_(std::move(what)) {}
+    request(std::shared_ptr<abandon_mark> mark, std::unique_ptr<operation> op,
+            std::string what) noexcept
+        : mark_(std::move(mark)), op_(std::move(op)), what_(std::move(what)) {}
     request(request&& other) noexcept
-        : owner_(std::exchange(other.owner_, nullptr)),
+        : mark_(std::move(other.mark_)),
           op_(std::move(other.op_)),
           what_(std::move(other.what_)),
           finished_(std::exchange(other.finished_, false)) {}
     request& operator=(request&& other) noexcept {
         if (this != &other) {
             abandon();
-            owner_ = std::exchange(other.owner_, nullptr);
+            mark_ = std::move(other.mark_);
             op_ = std::move(other.op_);
             what_ = std::move(other.what_);
             finished_ = std::exchange(other.finished_, false);
@@ -83,7 +104,7 @@ public:
 private:
     inline void abandon() noexcept;
 
-    communicator* owner_ = nullptr;
+    std::shared_ptr<abandon_mark> mark_;
     std::unique_ptr<operation> op_;
     std::string what_;
     bool finished_ = false;
@@ -226,7 +247,7 @@ private:
     request make_all_reduce(tensor_view<float> data, reduce_op op) {
         check_usable("all_reduce");
         check_buffer(data.data, data.size, data.space, "all_reduce");
-        return {*this, do_start_all_reduce(data, op), prefix_name("all_reduce")};
+        return {abandoned_, do_start_all_reduce(data, op), prefix_name("all_reduce")};
     }
 
     request make_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
@@ -247,7 +268,7 @@ private:
                                    "the send buffer overlaps the receive buffer but is not this "
                                    "rank's slot of it");
         }
-        return {*this, do_start_all_gather(send, recv), prefix_name("all_gather")};
+        return {abandoned_, do_start_all_gather(send, recv), prefix_name("all_gather")};
     }
 
     // A completed operation that rethrows what the blocking call threw.
@@ -276,8 +297,9 @@ private:
     }
 
     void check_usable(std::string_view call) const {
-        if (!abandoned_.empty()) {
-            throw comm_error(prefix(call) + "an earlier " + abandoned_ +
+        const std::string abandoned = abandoned_->get();
+        if (!abandoned.empty()) {
+            throw comm_error(prefix(call) + "an earlier " + abandoned +
                              " was started but never finished (a request destroyed without "
                              "finish()); the ranks may disagree on what was exchanged, so this "
                              "communicator refuses further collectives");
@@ -298,7 +320,7 @@ private:
         }
     }
 
-    std::string abandoned_;  // the first collective started and never finished, if any
+    std::shared_ptr<abandon_mark> abandoned_ = std::make_shared<abandon_mark>();
     std::atomic<const char*> in_call_{nullptr};  // the public call in progress, if any
 };
 
@@ -344,8 +366,12 @@ inline void request::abandon() noexcept {
         // The request is being dropped: its error has no one to go to. The mark below makes the
         // next collective on the communicator fail instead.
     }
-    if (owner_ && owner_->abandoned_.empty()) {
-        owner_->abandoned_ = what_;
+    if (mark_) {
+        try {
+            mark_->set(what_);
+        } catch (...) {
+            // Out of memory for the name: the collective is gone either way.
+        }
     }
 }
 

@@ -26,6 +26,7 @@
 #include <loco/comm/rendezvous.hpp>
 #include <loco/error.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -56,11 +57,13 @@ struct link_model {
 
     bool unlimited() const noexcept { return bytes_per_second == 0 && latency.count() == 0; }
     // The time a collective in which this rank sends `bytes` lasts at least.
+    // Saturates at about a century (a link slower than any real one).
     std::chrono::steady_clock::duration time_for(std::uint64_t bytes) const {
         const double transfer =
             bytes_per_second > 0 ? static_cast<double>(bytes) / bytes_per_second : 0.0;
+        constexpr double longest = 3.0e9;  // seconds
         return latency + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                             std::chrono::duration<double>(transfer));
+                             std::chrono::duration<double>(std::min(transfer, longest)));
     }
 };
 
@@ -480,7 +483,12 @@ private:
 
     void barrier_now(const std::string& where) {
         rv().start(rank_, detail::posted_call{}, where);
+        if (group_->link().unlimited()) return;
+        // The link's latency is slept after the rendezvous; a closing one ends the barrier on
+        // every rank together, so that a peer leaving once its barrier returned cannot fail the
+        // barrier on a rank still sleeping (a collective is decided at its last rendezvous).
         pace(clock::now(), 0, where);
+        rv().wait(rank_, where);
     }
 
     detail::rendezvous& rv() const noexcept { return group_->rendezvous_; }
