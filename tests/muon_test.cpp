@@ -20,6 +20,8 @@
 #include "support/muon_reference.hpp"
 #include "support/random.hpp"
 
+#include <loco/groups.hpp>
+#include <loco/inner/adamw.hpp>
 #include <loco/inner/muon.hpp>
 #include <loco/linalg/newton_schulz.hpp>
 #include <loco/optimizer.hpp>
@@ -704,6 +706,158 @@ TEST_CASE("muon: a non-finite gradient or momentum is refused before anything ch
                                         buf_big.data(), rows, cols, ws),
                     loco::nonfinite_error);
     CHECK(p == p0);
+}
+
+// A step of loco::optimizer is all-or-nothing (docs/inner.md): a matrix whose Newton-Schulz input
+// overflows although every gradient is finite (the momentum blend g - buf of a large buffer and a
+// large gradient of the other sign) refuses the whole step before any matrix, the earlier ones of
+// the list and of a stack included, is updated.
+namespace overflow_case {
+
+constexpr float huge = 3.4e38f;  // finite; a buffer of the other sign puts g - buf past FLT_MAX
+
+// The rows x cols matrix `a`, then `b`: `count` matrices of rows x cols (a stack when count > 1),
+// whose last matrix gets the huge gradient at element `at`.
+struct model {
+    std::size_t rows, cols, count, at;
+    std::vector<float> a, ga, b, gb;
+    model(std::mt19937_64& rng, std::size_t count_) : count(count_) {
+        rows = std::uniform_int_distribution<std::size_t>(2, 7)(rng);
+        cols = std::uniform_int_distribution<std::size_t>(2, 7)(rng);
+        at = (count - 1) * rows * cols +
+             std::uniform_int_distribution<std::size_t>(0, rows * cols - 1)(rng);
+        a = normal_floats(rng, rows * cols);
+        b = normal_floats(rng, count * rows * cols);
+        ga.resize(a.size());
+        gb.resize(b.size());
+    }
+    // Fresh gradients, with b's element `at` set to `big`.
+    void gradients(std::mt19937_64& rng, float big) {
+        const auto fa = normal_floats(rng, ga.size(), 0.5f);
+        const auto fb = normal_floats(rng, gb.size(), 0.5f);
+        std::copy(fa.begin(), fa.end(), ga.begin());
+        std::copy(fb.begin(), fb.end(), gb.begin());
+        gb[at] = big;
+    }
+    void add_to(loco::parameter_list& params) {
+        params.add_views("a", loco::host_matrix(a.data(), rows, cols),
+                         loco::host_matrix(static_cast<const float*>(ga.data()), rows, cols),
+                         {.role = loco::role::matrix});
+        loco::parameter_options o{.role = loco::role::matrix};
+        if (count > 1) o.stack = {count, rows, cols};
+        params.add_views("b", loco::host_matrix(b.data(), count * rows, cols),
+                         loco::host_matrix(static_cast<const float*>(gb.data()), count * rows, cols),
+                         o);
+    }
+};
+
+std::vector<float> copy_of(std::span<const float> s) { return {s.begin(), s.end()}; }
+
+}  // namespace overflow_case
+
+TEST_CASE("muon: a blend that overflows in a later matrix refuses the whole step") {
+    using namespace overflow_case;
+    auto rng = rng_for("muon/overflow-all-or-nothing");
+    std::uniform_real_distribution<float> mu(0.05f, 0.8f);
+    for (const std::size_t count : {std::size_t{1}, std::size_t{3}}) {
+        for (const auto policy : {loco::nonfinite_policy::skip, loco::nonfinite_policy::raise,
+                                  loco::nonfinite_policy::ignore}) {
+            for (const bool nesterov : {true, false}) {
+                CAPTURE(count);
+                CAPTURE(static_cast<int>(policy));
+                CAPTURE(nesterov);
+                model m(rng, count);
+                loco::parameter_list params;
+                m.add_to(params);
+                const muon::hyper h{.lr = 0.05f, .weight_decay = 0.1f, .momentum = mu(rng),
+                                    .nesterov = nesterov};
+                loco::optimizer<muon> opt(params, {.inner = h, .on_nonfinite = policy});
+                m.gradients(rng, -huge);  // finite blend: buf = (1 - momentum) * -huge
+                REQUIRE(opt.step().applied);
+
+                m.gradients(rng, huge);  // every gradient finite; g - buf overflows
+                const auto a0 = m.a, b0 = m.b;
+                const auto state0 = copy_of(opt.state(0));
+                const char* where = count > 1 ? "'b' (stack index 2 of 3)" : "'b'";
+                CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains(where), loco::nonfinite_error);
+                CHECK(m.a == a0);  // bit-identical: `a` comes first and was not touched
+                CHECK(m.b == b0);  // nor the earlier matrices of the stack
+                CHECK(copy_of(opt.state(0)) == state0);
+                CHECK(opt.steps() == 1);
+                CHECK(opt.skipped_steps() == 0);
+
+                // With b's gradient finite and tame again, the step goes through and equals the
+                // update of each matrix on its own from the untouched state.
+                m.gb[m.at] = 0.25f;
+                auto want_a = m.a, want_b = m.b;
+                auto want_state = state0;
+                loco::inner::muon_workspace ws;
+                const std::size_t each = m.rows * m.cols;
+                muon::update_matrix(h, 2, want_a.data(), m.ga.data(),
+                                    want_state.data() + params[0].offset, m.rows, m.cols, ws);
+                for (std::size_t k = 0; k < count; ++k) {
+                    muon::update_matrix(h, 2, want_b.data() + k * each, m.gb.data() + k * each,
+                                        want_state.data() + params[1].offset + k * each, m.rows,
+                                        m.cols, ws);
+                }
+                REQUIRE(opt.step().applied);
+                CHECK(m.a == want_a);
+                CHECK(m.b == want_b);
+                CHECK(copy_of(opt.state(0)) == want_state);
+                CHECK(opt.steps() == 2);
+            }
+        }
+    }
+}
+
+TEST_CASE("muon: with parameter groups a Muon blend that overflows leaves every group unchanged") {
+    using namespace overflow_case;
+    // AdamW is group 0, so it is applied before the Muon group.
+    using inner = loco::groups<loco::group<loco::is_vector, loco::inner::adamw>,
+                               loco::group<loco::otherwise, muon>>;
+    auto rng = rng_for("muon/overflow-groups");
+    std::uniform_real_distribution<float> mu(0.05f, 0.8f);
+    for (const std::size_t count : {std::size_t{1}, std::size_t{2}}) {
+        for (const auto policy : {loco::nonfinite_policy::skip, loco::nonfinite_policy::raise,
+                                  loco::nonfinite_policy::ignore}) {
+            CAPTURE(count);
+            CAPTURE(static_cast<int>(policy));
+            model m(rng, count);
+            std::vector<float> bias = normal_floats(rng, 5), gbias(5);
+            loco::parameter_list params;
+            params.add("bias", bias, gbias, {.role = loco::role::vector});
+            m.add_to(params);
+            loco::optimizer<inner> opt(
+                params, {.inner = {{.lr = 0.01f}, {.lr = 0.05f, .momentum = mu(rng)}},
+                         .on_nonfinite = policy});
+            REQUIRE(opt.engine_state().group_params<0>().size() == 1);
+            REQUIRE(opt.engine_state().group_params<1>().size() == 2);
+            const auto fresh_bias = [&] {
+                const auto f = normal_floats(rng, gbias.size());
+                std::copy(f.begin(), f.end(), gbias.begin());
+            };
+            fresh_bias();
+            m.gradients(rng, -huge);
+            REQUIRE(opt.step().applied);
+
+            fresh_bias();
+            m.gradients(rng, huge);
+            const auto bias0 = bias, a0 = m.a, b0 = m.b;
+            const auto& adamw = opt.engine_state().group<0>();
+            const auto& mu_group = opt.engine_state().group<1>();
+            const auto m0 = copy_of(adamw.state(0)), v0 = copy_of(adamw.state(1));
+            const auto buf0 = copy_of(mu_group.state(0));
+            CHECK_THROWS_AS(opt.step(), loco::nonfinite_error);
+            CHECK(bias == bias0);  // the AdamW group did not move
+            CHECK(copy_of(adamw.state(0)) == m0);
+            CHECK(copy_of(adamw.state(1)) == v0);
+            CHECK(m.a == a0);  // nor any matrix of the Muon group
+            CHECK(m.b == b0);
+            CHECK(copy_of(mu_group.state(0)) == buf0);
+            CHECK(opt.steps() == 1);
+            CHECK(opt.skipped_steps() == 0);
+        }
+    }
 }
 
 TEST_CASE("muon: a matrix with no rows or no columns is a no-op") {

@@ -191,6 +191,13 @@ public:
         }(std::make_index_sequence<count>{});
     }
 
+    // Every group's check before any group is applied: a step is all-or-nothing across groups.
+    void check_inputs(const hyper_type& h, const parameter_list&) const {
+        [&]<std::size_t... I>(std::index_sequence<I...>) {
+            (check_engine_inputs(std::get<I>(engines_), std::get<I>(h), lists_[I]), ...);
+        }(std::make_index_sequence<count>{});
+    }
+
     void apply(const hyper_type& h, std::uint64_t step, const parameter_list&) {
         [&]<std::size_t... I>(std::index_sequence<I...>) {
             (std::get<I>(engines_).apply(std::get<I>(h), step, lists_[I]), ...);

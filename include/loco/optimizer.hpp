@@ -9,6 +9,7 @@
 #include <loco/params.hpp>
 #include <loco/policy.hpp>
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <istream>
@@ -194,6 +195,37 @@ public:
 
     static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }
 
+    // The refusals of apply, in advance: throws loco::nonfinite_error, before anything is
+    // written, when a matrix's update would be refused (Muon: its Newton-Schulz input is not
+    // finite, e.g. a momentum blend of finite values that overflows), so that apply never stops
+    // after updating some matrices. A policy without `input_finite` is not checked here.
+    void check_inputs(const hyper_type& h, const parameter_list& params) const {
+        if constexpr (requires(const float* g, const float* s, std::size_t n) {
+                          { Inner::input_finite(h, g, s, n, n) } -> std::convertible_to<bool>;
+                      }) {
+            for (const auto& p : params) {
+                const std::size_t rows = p.matrix_rows();
+                const std::size_t cols = p.matrix_cols();
+                const std::size_t each = rows * cols;
+                for (std::size_t m = 0; m < p.matrices; ++m) {
+                    const float* s = Inner::state_size > 0
+                                         ? this->state_.data() + p.offset + m * each
+                                         : nullptr;
+                    if (!Inner::input_finite(h, p.grad.data + m * each, s, rows, cols)) {
+                        throw nonfinite_error(
+                            "loco::inner::" + std::string(Inner::name) + ": the update of '" +
+                            p.name + "'" +
+                            (p.matrices > 1 ? " (stack index " + std::to_string(m) + " of " +
+                                                  std::to_string(p.matrices) + ")"
+                                            : std::string()) +
+                            " is not finite (NaN or infinity in its gradient or state, or a "
+                            "blend of them that overflows); the step was not applied");
+                    }
+                }
+            }
+        }
+    }
+
     void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
         for (const auto& p : params) {
             const std::size_t rows = p.matrix_rows();
@@ -211,6 +243,15 @@ public:
 private:
     typename Inner::workspace workspace_{};
 };
+
+// An engine's check_inputs (per-matrix policies, parameter groups), where it has one: what else
+// can refuse a step once the gradients are known to be finite, checked before anything moves.
+template <class Engine, class Hyper>
+void check_engine_inputs(const Engine& e, const Hyper& h, const parameter_list& params) {
+    if constexpr (requires { e.check_inputs(h, params); }) {
+        e.check_inputs(h, params);
+    }
+}
 
 // Whether an engine must see finite gradients even under nonfinite_policy::ignore.
 template <class Engine>
@@ -315,17 +356,25 @@ private:
         return params;
     }
 
-    // Everything that can refuse a step, before anything changes: the hyper-parameters, and the
-    // gradients under the non-finite policy. False means "skip this step".
+    // Everything that can refuse a step, before anything changes: the hyper-parameters, the
+    // gradients under the non-finite policy, and then (whatever the policy) every matrix's
+    // Newton-Schulz input, which finite gradients can still make non-finite (an overflowing
+    // blend): that throws nonfinite_error, so that no matrix, and no group, moves. False means
+    // "skip this step".
     bool ready_to_step() {
         engine::validate(cfg_.inner);
+        bool ready = true;
         if (cfg_.on_nonfinite != nonfinite_policy::ignore) {
-            return gradients_finite(cfg_.on_nonfinite);
+            ready = gradients_finite(cfg_.on_nonfinite);
+        } else if (detail::engine_needs_finite_gradients<engine>) {
+            // A matrix policy cannot skip the check: under `ignore` a non-finite gradient is
+            // refused as under `raise`, before any matrix changes.
+            ready = gradients_finite(nonfinite_policy::raise);
         }
-        // A matrix policy cannot skip the check: under `ignore` a non-finite gradient is refused
-        // as under `raise`, before any matrix changes.
-        return !detail::engine_needs_finite_gradients<engine> ||
-               gradients_finite(nonfinite_policy::raise);
+        if (ready) {
+            detail::check_engine_inputs(engine_, cfg_.inner, params_);
+        }
+        return ready;
     }
 
     void apply_update() {

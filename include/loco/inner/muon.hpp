@@ -35,7 +35,8 @@
 //   * momentum must lie in [0, 1) and ns_steps in [1, 99] (PyTorch accepts any momentum >= 0 and
 //     0 steps); eps must be > 0;
 //   * an input to Newton-Schulz that holds NaN or infinity throws loco::nonfinite_error before
-//     anything is written, instead of spreading NaN over the whole matrix.
+//     anything is written, instead of spreading NaN over the whole matrix. loco::optimizer asks
+//     input_finite of every matrix before it updates the first, so that a step is refused whole.
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
@@ -158,14 +159,49 @@ struct muon {
         linalg::validate_newton_schulz(h.coefficients, h.ns_steps, h.eps, "loco::inner::muon");
     }
 
+    // The Newton-Schulz input of one element from its old momentum and its gradient: the new
+    // buffer, then the blend. The single definition of the input, shared by input_finite and
+    // update_matrix so that both see the same fp32 values.
+    static float input_at(const scalars& k, float buf, float g) {
+        return ns_input(k, next_momentum(k, buf, g), g);
+    }
+
+    // Whether update_matrix would accept this matrix, i.e. whether its Newton-Schulz input
+    // (formed from `grad` and the old `momentum` by the same fp32 arithmetic, and its Frobenius
+    // norm accumulated in the same double order) is finite. Finite gradients are not enough: the
+    // blend can overflow. Reads only. loco::optimizer calls it for every matrix of a step before
+    // it updates the first, so that a refused step leaves every matrix as it was.
+    static bool input_finite(const hyper& h, const float* grad, const float* momentum,
+                             std::size_t rows, std::size_t cols) {
+        if (rows == 0 || cols == 0) return true;
+        const std::size_t size = rows * cols;
+        const scalars k = prepare(h, rows, cols);
+        double sum = 0.0;
+        for (std::size_t i = 0; i < size; ++i) {
+            const double v = input_at(k, momentum[i], grad[i]);
+            sum += v * v;
+        }
+        return std::isfinite(std::sqrt(sum));
+    }
+
+    // What update_matrix throws for a rows x cols matrix whose input is not finite.
+    static nonfinite_error nonfinite_input(std::size_t rows, std::size_t cols) {
+        return nonfinite_error(
+            "loco::inner::muon: the momentum or the gradient of a " + std::to_string(rows) +
+            " x " + std::to_string(cols) +
+            " matrix holds NaN or infinity, or their blend overflows; the matrix and its state "
+            "were not updated");
+    }
+
     // One update of the rows x cols row-major matrix `param` from its gradient; `momentum` holds
     // rows * cols floats of state, zero before the first step. Muon has no bias correction, so
     // `step` (counting from 1) is not used; it is taken for uniformity with the element-wise
     // policies. A matrix with no rows or no columns is left alone.
     //
     // Throws loco::invalid_argument for bad hyper-parameters and loco::nonfinite_error when the
-    // Newton-Schulz input holds NaN or infinity (a non-finite gradient or momentum), in both cases
-    // before param or momentum is written. The arrays must not overlap.
+    // Newton-Schulz input holds NaN or infinity (a non-finite gradient or momentum, or a blend that
+    // overflows), in both cases before param or momentum is written; input_finite says so in
+    // advance. The arrays must not overlap.
     static void update_matrix(const hyper& h, [[maybe_unused]] std::uint64_t step, float* param,
                               const float* grad, float* momentum, std::size_t rows,
                               std::size_t cols, muon_workspace& ws) {
@@ -180,14 +216,11 @@ struct muon {
         // be refused with the state unchanged; the new buffer is then recomputed by the same
         // arithmetic rather than kept in a second rows x cols array.
         for (std::size_t i = 0; i < size; ++i) {
-            u[i] = ns_input(k, next_momentum(k, momentum[i], grad[i]), grad[i]);
+            u[i] = input_at(k, momentum[i], grad[i]);
         }
         const double norm = linalg::frobenius_norm(u, size);
         if (!std::isfinite(norm)) {
-            throw nonfinite_error(
-                "loco::inner::muon: the momentum or the gradient of a " + std::to_string(rows) +
-                " x " + std::to_string(cols) +
-                " matrix holds NaN or infinity; the matrix and its state were not updated");
+            throw nonfinite_input(rows, cols);
         }
         for (std::size_t i = 0; i < size; ++i) {
             momentum[i] = next_momentum(k, momentum[i], grad[i]);
