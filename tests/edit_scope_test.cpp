@@ -15,7 +15,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -240,4 +244,40 @@ TEST_CASE("edit per tensor: description and validation") {
     CHECK(edit::describe(h).ends_with(" scope=tensor"));
     h.scope = static_cast<loco::aggregate::edit_scope>(7);
     CHECK_THROWS_AS(edit::validate(h), loco::invalid_argument);
+}
+
+TEST_CASE("edit: a state of more than 2^20 detectors (per tensor, many workers) saves and loads") {
+    // M x tensors detectors under edit_scope::tensor: 1024 workers x 1025 tensors is past 2^20.
+    using state = loco::aggregate::edit::state;
+    state s;
+    s.detectors.resize((std::size_t{1} << 20) + 3);
+    auto rng = loco_test::rng_for("edit many detectors");
+    for (auto& d : s.detectors) {
+        d.count = rng() % 100;
+        d.mean = static_cast<double>(rng() % 1000) / 7.0;
+    }
+    s.detectors.back().window = {0.5, -1.25};
+    std::ostringstream os;
+    {
+        loco::detail::checkpoint_writer w(os);
+        s.save(w);
+        w.finish();
+    }
+    const std::string bytes = os.str();
+    std::istringstream is(bytes);
+    loco::detail::checkpoint_reader r(is);
+    const state back = state::read(r);
+    r.finish();
+    REQUIRE(back.detectors.size() == s.detectors.size());
+    CHECK(back.detectors[12345].count == s.detectors[12345].count);
+    CHECK(back.detectors[12345].mean == s.detectors[12345].mean);
+    CHECK(back.detectors.back().window == s.detectors.back().window);
+
+    // A corrupted count (2^60 detectors) ends at the stream's end, not in a huge allocation.
+    std::string corrupted = bytes;
+    const std::uint64_t huge = std::uint64_t{1} << 60;
+    std::memcpy(corrupted.data() + 12, &huge, sizeof huge);  // after the signature and version
+    std::istringstream bad(corrupted);
+    loco::detail::checkpoint_reader rb(bad);
+    CHECK_THROWS_WITH_AS(state::read(rb), doctest::Contains("truncated"), loco::checkpoint_error);
 }

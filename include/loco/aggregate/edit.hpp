@@ -200,18 +200,22 @@ struct edit {
             }
         }
         static state read(loco::detail::checkpoint_reader& r) {
+            // The counts have no bound from the live model (per-tensor scope keeps M x tensors
+            // detectors), so the arrays grow only with what the stream actually holds: a
+            // corrupted count ends at a truncation, not at a huge allocation.
             state s;
             const std::uint64_t m = r.u64("the number of EDiT detectors");
-            if (m > (1u << 20)) throw checkpoint_error("loco: checkpoint corrupted (EDiT detectors)");
-            s.detectors.resize(m);
-            for (auto& d : s.detectors) {
+            s.detectors.reserve(static_cast<std::size_t>(std::min<std::uint64_t>(m, 1u << 16)));
+            for (std::uint64_t i = 0; i < m; ++i) {
+                ewma_detector d;
                 d.count = r.u64("an EDiT detector's count");
                 d.mean = from_bits(r.u64("an EDiT detector's mean"));
                 d.m2 = from_bits(r.u64("an EDiT detector's M2"));
                 const std::uint64_t k = r.u64("an EDiT detector's window length");
-                if (k > (1u << 24)) throw checkpoint_error("loco: checkpoint corrupted (EDiT window)");
-                d.window.resize(k);
-                for (auto& x : d.window) x = from_bits(r.u64("an EDiT detector's z-score"));
+                for (std::uint64_t j = 0; j < k; ++j) {
+                    d.window.push_back(from_bits(r.u64("an EDiT detector's z-score")));
+                }
+                s.detectors.push_back(std::move(d));
             }
             return s;
         }
