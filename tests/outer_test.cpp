@@ -13,6 +13,7 @@
 #include <boost/mp11.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -211,6 +212,21 @@ TEST_CASE("delayed Nesterov: with c > 0 it equals a double-precision recomputati
     CHECK_THROWS_AS(dn::validate({.c = 2.0f}), loco::invalid_argument);
     CHECK_THROWS_AS(dn::validate({.lr = -1.0f}), loco::invalid_argument);
     CHECK(dn::describe(h) == "outer_delayed_nesterov lr=0.300000012 momentum=0.5 period=3 c=0.25");
+}
+
+TEST_CASE("delayed Nesterov refuses a non-finite lr, as every outer policy does") {
+    using dn = loco::outer::delayed_nesterov;
+    const float inf = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(dn::validate({.lr = inf}),
+                         "loco::outer::delayed_nesterov: lr must be finite and >= 0, got inf",
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(dn::validate({.lr = std::numeric_limits<float>::quiet_NaN()}),
+                         doctest::Contains("lr must be finite and >= 0"), loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(dn::validate({.lr = -1.0f}),
+                         doctest::Contains("lr must be finite and >= 0, got -1.0"),
+                         loco::invalid_argument);
+    CHECK_NOTHROW(dn::validate({.lr = 0.0f}));
+    CHECK_NOTHROW(dn::validate({.lr = std::numeric_limits<float>::max()}));
 }
 
 TEST_CASE("delayed Nesterov as the outer policy of the delayed schedule, per fragment in streaming") {

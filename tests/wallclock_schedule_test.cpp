@@ -231,6 +231,46 @@ TEST_CASE("proportional (DyLU): worker w runs floor(v_w / v_max * H) steps after
     });
 }
 
+TEST_CASE("proportional (DyLU): an exact speed ratio gives exactly floor(v_w / v_max * H)") {
+    // Speeds 1/3 and 1/9 are not exact in floats: a ratio of fp32 speeds is 0.33333332 and
+    // floor(6 * it) = 1; the documented H_w = floor(1/3 * 6) = 2. Each case runs three rounds and
+    // checks H_w after each (every later round has the same ratio). Clocks of 0.1 s steps are not
+    // exact in binary: 0.1/0.2 s with H = 10 computes H_1 = 4.999999999999999 before the floor's
+    // tolerance.
+    struct scenario {
+        std::array<double, 2> step_seconds;
+        std::uint64_t every;
+        std::array<std::uint64_t, 2> want;
+    };
+    const std::array<scenario, 7> cases = {{{{3.0, 9.0}, 6, {6, 2}},
+                                            {{1.0, 5.0}, 10, {10, 2}},
+                                            {{9.0, 3.0}, 9, {3, 9}},
+                                            {{0.1, 0.3}, 6, {6, 2}},
+                                            {{0.1, 0.2}, 10, {10, 5}},
+                                            {{0.1, 0.5}, 10, {10, 2}},
+                                            {{0.3, 0.3}, 7, {7, 7}}}};
+    for (const scenario& sc : cases) {
+        CAPTURE(sc.step_seconds[0]);
+        CAPTURE(sc.step_seconds[1]);
+        CAPTURE(sc.every);
+        std::array<std::vector<std::uint64_t>, 2> got;
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            fake_clock clock;
+            loco::schedule::proportional s;
+            s.use_communicator(comm);
+            const loco::schedule::proportional::hyper h{.every = sc.every, .clock = clock.fn()};
+            while (s.rounds() < 3) {
+                *clock.now += sc.step_seconds[r];
+                if (!s.next(h).empty()) got[r].push_back(s.local_steps());
+            }
+        });
+        for (std::size_t r = 0; r < 2; ++r) {
+            CHECK(got[r] == std::vector<std::uint64_t>(3, sc.want[r]));
+        }
+    }
+}
+
 TEST_CASE("warmup<every>: every step syncs for the first W calls, then every H from a fresh round") {
     constexpr int m = 2;
     constexpr std::size_t n = 4;

@@ -11,6 +11,7 @@
 
 #include <loco/config.hpp>
 #include <loco/error.hpp>
+#include <loco/math.hpp>
 
 #include <cstdint>
 #include <sstream>
@@ -61,7 +62,10 @@ struct delayed_nesterov {
     }
 
     static void validate(const hyper& h) {
-        if (!(h.lr >= 0.0f)) throw invalid_argument("loco::outer::delayed_nesterov: lr must be >= 0");
+        if (!(h.lr >= 0.0f && math::isfinite(h.lr)))
+            throw invalid_argument(
+                "loco::outer::delayed_nesterov: lr must be finite and >= 0, got " +
+                std::to_string(h.lr));
         if (!(h.momentum >= 0.0f && h.momentum < 1.0f))
             throw invalid_argument("loco::outer::delayed_nesterov: momentum must be in [0, 1)");
         if (h.period == 0) throw invalid_argument("loco::outer::delayed_nesterov: period (N) must be >= 1");

@@ -2,10 +2,10 @@
 // Dynamic local updates (DyLU; Liu et al., "Asynchronous Local-SGD", arXiv 2401.09135): worker w
 // runs H_w = floor(v_w / v_max * H) local steps per round (at least 1), v being its measured
 // steps per second, so every worker finishes a round in about the same wall time and the fastest
-// does H. The first round is H steps for everyone; at each sync the workers all-gather the speeds
-// they measured over the round (one float each) and every worker derives its next H_w from the
-// same vector. The whole model is one fragment; pair it with an outer optimizer and aggregation
-// as usual (the slow workers' deltas are simply shorter).
+// does H. The first round is H steps for everyone; at each sync the workers all-gather what they
+// measured over the round (timed steps and elapsed seconds, two doubles each) and every worker
+// derives its next H_w from the same vector. The whole model is one fragment; pair it with an
+// outer optimizer and aggregation as usual (the slow workers' deltas are simply shorter).
 //
 // Time comes from hyper::clock (seconds; empty: std::chrono::steady_clock). The first round's
 // clock starts when the first step() returns (its first step is not timed). docs/schedules.md.
@@ -64,45 +64,70 @@ public:
         }
         if (round_calls_ < local_steps_) return nothing_now;
 
-        // The round ends here: every worker tells its speed (-1: nothing timed yet).
-        const double elapsed = now - started_at_;
-        float mine = -1.0f;
-        if (timed_ > 0) {
-            mine = elapsed > 0.0 ? static_cast<float>(static_cast<double>(timed_) / elapsed) : 0.0f;
-        }
+        // The round ends here: every worker tells its timed steps and their elapsed seconds, as
+        // doubles (not a float speed: a speed rounded to fp32 turns an exact ratio such as 1/3
+        // into 0.33333332, and floor(6 * that) = 1, not 2).
+        const std::array<double, 2> mine = {static_cast<double>(timed_), now - started_at_};
         const auto m = static_cast<std::size_t>(comm_->size());
-        speeds_.assign(m, 0.0f);
-        comm_->all_gather({reinterpret_cast<const std::byte*>(&mine), sizeof mine, 0, 0,
+        std::vector<double> told(2 * m, 0.0);
+        comm_->all_gather({reinterpret_cast<const std::byte*>(mine.data()), sizeof mine, 0, 0,
                            memory_space::host},
-                          {reinterpret_cast<std::byte*>(speeds_.data()), m * sizeof(float), 0, 0,
-                           memory_space::host});
+                          {reinterpret_cast<std::byte*>(told.data()), told.size() * sizeof(double),
+                           0, 0, memory_space::host});
         round_calls_ = 0;
         timed_ = 0;
         started_at_ = read_clock(h.clock);
+        // Every rank derives the same H_w from the same gathered doubles.
         bool measured = true;
-        float fastest = 0.0f;
+        std::size_t fastest = 0;
+        double fastest_speed = 0.0;
+        speeds_.assign(m, -1.0f);  // -1: nothing timed yet
         for (std::size_t k = 0; k < m; ++k) {
-            if (speeds_[k] < 0.0f) measured = false;
-            if (speeds_[k] == 0.0f || !std::isfinite(speeds_[k])) {
+            const double steps = told[2 * k], elapsed = told[2 * k + 1];
+            if (steps == 0.0) {
+                measured = false;
+                continue;
+            }
+            const double speed = elapsed > 0.0 ? steps / elapsed : 0.0;
+            if (speed == 0.0 || !std::isfinite(speed) ||
+                !std::isfinite(static_cast<float>(speed))) {
                 throw invalid_argument("loco::schedule::proportional: rank " + std::to_string(k) +
                                        " measured no time over its round; give hyper::clock a "
                                        "clock that advances");
             }
-            fastest = std::max(fastest, speeds_[k]);
+            speeds_[k] = static_cast<float>(speed);
+            if (speed > fastest_speed) {
+                fastest_speed = speed;
+                fastest = k;
+            }
         }
         const auto me = static_cast<std::size_t>(comm_->rank());
         local_steps_ = h.every;
         if (measured) {
-            const double share = static_cast<double>(speeds_[me]) / static_cast<double>(fastest);
-            local_steps_ = std::max<std::uint64_t>(
-                1, static_cast<std::uint64_t>(std::floor(share * static_cast<double>(h.every))));
+            // H_w = floor(v_w / v_f * H) = floor(H n_w e_f / (n_f e_w)), n the timed steps and e
+            // the elapsed seconds, f the fastest. For times exact in binary (3 s and 9 s steps)
+            // the products are exact and the division rounds once, so an integer H_w comes out
+            // exactly. Times that are not (0.1 s or 0.3 s steps, a real clock) carry a few ulps
+            // of error that can land just below an integer (4.999999999999999 for 0.1/0.2 s,
+            // H = 10), hence the floor with a relative tolerance of 2^-30, far below any
+            // measurable speed difference. Clamped to [1, H].
+            const double n_w = told[2 * me], e_w = told[2 * me + 1];
+            const double n_f = told[2 * fastest], e_f = told[2 * fastest + 1];
+            const double every = static_cast<double>(h.every);
+            double share = every * n_w * e_f / (n_f * e_w);
+            if (!std::isfinite(share)) share = every * (n_w / e_w / fastest_speed);  // overflow
+            const double floored = std::floor(share * (1.0 + 0x1p-30));
+            local_steps_ = !(floored >= 1.0) ? 1
+                           : floored >= every ? h.every
+                                              : static_cast<std::uint64_t>(floored);
         }
         ++rounds_;
         return whole_model_now;
     }
 
     // This worker's local steps in the current round, and the speeds (steps per second, in rank
-    // order) agreed at the last sync.
+    // order; -1: nothing timed) agreed at the last sync, rounded to float (H_w is derived from
+    // the exact step counts and elapsed times).
     std::uint64_t local_steps() const noexcept { return local_steps_; }
     std::span<const float> speeds() const noexcept { return speeds_; }
     std::uint64_t rounds() const noexcept { return rounds_; }

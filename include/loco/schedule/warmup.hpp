@@ -51,6 +51,13 @@ public:
     {
         return S::pattern(h.then);
     }
+    // The inner state arrays S averages (state_periods, DES-LOC): loco::diloco checks them against
+    // the inner optimizer at construction and before each step's inner update.
+    static auto inner_state_periods(const hyper& h)
+        requires requires { S::inner_state_periods(h.then); }
+    {
+        return S::inner_state_periods(h.then);
+    }
 
     void use_communicator(comm::communicator& comm) {
         if constexpr (requires { after_.use_communicator(comm); }) after_.use_communicator(comm);
