@@ -435,7 +435,7 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
                          loco::invalid_argument);
 }
 
-TEST_CASE("delayed: a failed finish skips the next round's start; its planned finish has nothing") {
+TEST_CASE("delayed: a failed finish skips the next round's start, whose planned finish applies nothing") {
     // H = 3: round 1's exchange starts at call 3; at call 6 its transfer fails on rank 1 (every
     // rank raises) before round 2's exchange could start. Call 9 then has nothing to apply and
     // starts round 3's exchange, which travels to call 12 as usual.
