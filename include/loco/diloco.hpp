@@ -856,7 +856,9 @@ private:
             }
             // An exchange finished within this call need not keep its pseudo-gradient (the CUDA
             // backend then forms it inside the encode); one left in flight keeps it for save().
-            const bool same_call = planned(plan.finish, f) && !frags_[f].in_flight;
+            // (A planned finish with nothing to finish, `lost`, leaves the new exchange in flight.)
+            const bool same_call =
+                planned(plan.finish, f) && !frags_[f].in_flight && !frags_[f].lost;
             engine_.capture(f, !same_call);
         }
         // The starts whose exchange travels on past this call: if the call fails before one of

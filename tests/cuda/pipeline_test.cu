@@ -286,3 +286,59 @@ TEST_CASE_TEMPLATE("cuda backend over nccl: each schedule gives the threads run'
 #endif  // LOCO_TEST_NCCL
 
 }  // namespace cuda_pipeline_test
+
+namespace cuda_pipeline_test {
+
+TEST_CASE_TEMPLATE("cuda backend: after sync() mid-round, the delayed round's next exchange travels "
+                   "and saves", C, cz::none, cz::error_feedback<cz::blockwise<2, 256>>) {
+    // Delayed H = 3: round 1's exchange starts at call 3; sync() after call 4 applies it early.
+    // Call 6 has nothing left to apply and starts round 2's exchange, which travels: it keeps
+    // its pseudo-gradient, so save() takes it (it refused a pseudo-gradient formed inside the
+    // encode), and a resumed run is bit for bit the run that went on.
+    using gpu_t = loco::cuda::diloco<inner, outer, C, ls::delayed>;
+    const std::string label = "pipeline sync mid-round";
+    const auto sh = schedule_case<ls::delayed>::hyper();
+    std::vector<std::vector<float>> straight(2), resumed(2), params_at_save(2);
+    std::vector<std::string> saved(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(init_of(label, comm.rank()));
+        gpu_t opt(m.list, comm, {.inner = {.lr = 3e-3f}, .schedule = sh, .stream = comm.stream()});
+        for (int t = 1; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+            if (t == 4) {
+                REQUIRE(opt.in_flight(0));
+                opt.sync();
+                CHECK(opt.outer_steps() == 2);
+            }
+            if (t == 6) {
+                CHECK(opt.outer_steps() == 2);
+                CHECK(opt.in_flight(0));
+                std::ostringstream os;
+                CHECK_NOTHROW(opt.save(os));
+                saved[r] = os.str();
+                params_at_save[r] = m.host_values(comm.stream());
+            }
+        }
+        straight[r] = m.host_values(comm.stream());
+    });
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        gpu_params m(params_at_save[r]);
+        gpu_t opt(m.list, comm, {.inner = {.lr = 3e-3f}, .schedule = sh, .stream = comm.stream()});
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        for (int t = 7; t <= steps; ++t) {
+            m.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        resumed[r] = m.host_values(comm.stream());
+    });
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        expect_equal_arrays(resumed[r], straight[r], "resumed GPU run");
+    }
+}
+
+}  // namespace cuda_pipeline_test
