@@ -26,15 +26,6 @@ enum class reduce_op : unsigned char { sum, mean };
 
 class communicator;
 
-// A collective in flight, returned by communicator::start_*: the transfer progresses while the
-// caller goes on, and finish() completes it (waits, then throws the collective's error if it
-// failed). Exactly one finish() per started request; the buffers given to start_* belong to the
-// collective until then. Move-only.
-//
-// A request destroyed without finish() still waits for its transfer (the buffers may go away
-// right after), swallows its error, and marks its communicator: the next call on that
-// communicator throws comm_error naming the abandoned collective, because the ranks' views of
-// what was exchanged may now differ.
 // The first collective of a communicator that was started and never finished, if any. Shared
 // by the communicator and its requests, so that a request may be dropped after its
 // communicator is gone, or on another thread than the one starting collectives.
@@ -54,6 +45,15 @@ private:
     std::string what_;
 };
 
+// A collective in flight, returned by communicator::start_*: the transfer progresses while the
+// caller goes on, and finish() completes it (waits, then throws the collective's error if it
+// failed). Exactly one finish() per started request; the buffers given to start_* belong to the
+// collective until then. Move-only.
+//
+// A request destroyed without finish() still waits for its transfer (the buffers may go away
+// right after), swallows its error, and marks its communicator: the next call on that
+// communicator throws comm_error naming the abandoned collective, because the ranks' views of
+// what was exchanged may now differ.
 class request {
 public:
     // What an implementation hands back from do_start_*: wait() blocks until the collective is
