@@ -67,10 +67,13 @@ struct delayed_nesterov {
                 "loco::outer::delayed_nesterov: lr must be finite and >= 0, got " +
                 std::to_string(h.lr));
         if (!(h.momentum >= 0.0f && h.momentum < 1.0f))
-            throw invalid_argument("loco::outer::delayed_nesterov: momentum must be in [0, 1)");
-        if (h.period == 0) throw invalid_argument("loco::outer::delayed_nesterov: period (N) must be >= 1");
+            throw invalid_argument("loco::outer::delayed_nesterov: momentum must be in [0, 1), got " +
+                                   std::to_string(h.momentum));
+        if (h.period == 0)
+            throw invalid_argument("loco::outer::delayed_nesterov: period (N) must be >= 1, got 0");
         if (!(h.c >= 0.0f && h.c <= 1.0f))
-            throw invalid_argument("loco::outer::delayed_nesterov: c must be in [0, 1]");
+            throw invalid_argument("loco::outer::delayed_nesterov: c must be in [0, 1], got " +
+                                   std::to_string(h.c));
     }
 
     static std::string describe(const hyper& h) {
