@@ -456,6 +456,60 @@ TEST_CASE("a non-finite averaged pseudo-gradient: skip discards the round everyw
     }
 }
 
+// A skipped round commits nothing: with error feedback, a residual advanced on the non-finite
+// round would keep the infinity (e = e + x - D) and every later round would be skipped too, until
+// max_skipped_syncs stops training.
+TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual, and training goes on",
+                   C, loco::compress::sparseloco, loco::compress::demo,
+                   loco::compress::error_feedback<loco::compress::blockwise<2, 64>>) {
+    constexpr std::size_t rows = 16, cols = 16;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        auto rng = loco_test::rng_for("skip keeps the residual " + std::to_string(comm.rank()));
+        std::vector<float> w = loco_test::normal_floats(rng, rows * cols), g(rows * cols);
+        loco::parameter_list list;
+        list.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                       loco::host_matrix(static_cast<const float*>(g.data()), rows, cols));
+        typename C::hyper h{};
+        if constexpr (requires { h.chunk; }) {
+            h.chunk = 8;
+            h.topk = 4;
+        }
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(
+            list, comm, {.inner = {.lr = 0.05f}, .schedule = {.every = 2}, .compress = h});
+        const auto fresh_gradient = [&] {  // in place: the handle holds views of g
+            const auto v = loco_test::normal_floats(rng, rows * cols);
+            std::copy(v.begin(), v.end(), g.begin());
+        };
+        for (int call = 0; call < 4; ++call) {
+            fresh_gradient();
+            opt.step();
+        }
+        REQUIRE(opt.outer_steps() == 2);
+        const std::vector<float> residual(opt.compressor_state().begin(),
+                                          opt.compressor_state().end());
+        const std::vector<float> global(opt.global().begin(), opt.global().end());
+        bool nonzero = false;
+        for (const float e : residual) nonzero = nonzero || e != 0.0f;
+        CHECK(nonzero);  // error feedback holds something, so "unchanged" means something
+        fresh_gradient();
+        opt.step();
+        if (comm.rank() == 0) w[3] = std::numeric_limits<float>::infinity();  // one bad round
+        opt.step();
+        CHECK(opt.skipped_syncs() == 1);
+        CHECK(std::vector<float>(opt.compressor_state().begin(), opt.compressor_state().end()) ==
+              residual);
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+        CHECK(w == global);
+        for (int call = 0; call < 10; ++call) {
+            fresh_gradient();
+            opt.step();
+        }
+        CHECK(opt.skipped_syncs() == 1);  // the later rounds, all finite, apply
+        CHECK(opt.outer_steps() == 7);
+        for (const float e : opt.compressor_state()) REQUIRE(std::isfinite(e));
+    });
+}
+
 TEST_CASE("diloco rejects a communicator of the wrong size and leaves the parameters alone") {
     std::atomic<int> errors{0};
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {

@@ -9,6 +9,8 @@
 #include <loco/aggregate/robust.hpp>
 #include <loco/comm/single.hpp>
 #include <loco/comm/threads.hpp>
+#include <loco/compress/blockwise.hpp>
+#include <loco/compress/error_feedback.hpp>
 #include <loco/compress/none.hpp>
 #include <loco/diloco.hpp>
 #include <loco/inner/sgd.hpp>
@@ -396,6 +398,33 @@ TEST_CASE("diloco with a robust policy: bytes of an all-gather, refused rounds, 
             CHECK(opt.skipped_syncs() == 1);
             CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
             CHECK(w == global);
+        });
+    }
+
+    SUBCASE("a refused round leaves the error-feedback residual: no worker applied what it sent") {
+        using ef = loco::compress::error_feedback<loco::compress::blockwise<2, 64>>;
+        using edit_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, ef,
+                                    loco::schedule::every, loco::aggregate::edit>;
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            auto wrng = loco_test::rng_for("refused residual " + std::to_string(comm.rank()));
+            std::vector<float> w = loco_test::normal_floats(wrng, 64), g(64);
+            loco::parameter_list list;
+            list.add("w", w, g);
+            edit_t opt(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1},
+                                    .aggregate = {.ewma_alpha = 0.5f, .ewma_warmup = 2}});
+            for (int c = 0; c < 3; ++c) {
+                const auto fresh = loco_test::normal_floats(wrng, 64, 0.5f);
+                std::copy(fresh.begin(), fresh.end(), g.begin());
+                opt.step();
+            }
+            REQUIRE(opt.outer_steps() == 3);
+            const std::vector<float> residual(opt.compressor_state().begin(),
+                                              opt.compressor_state().end());
+            g.assign(64, 500.0f);  // every worker's norm jumps: all outliers
+            opt.step();
+            CHECK(opt.skipped_syncs() == 1);
+            CHECK(std::vector<float>(opt.compressor_state().begin(),
+                                     opt.compressor_state().end()) == residual);
         });
     }
 }

@@ -970,7 +970,9 @@ private:
                     if (hit && policy == nonfinite_policy::raise) {
                         throw nonfinite_error(
                             std::string(name()) + ": the averaged pseudo-gradient holds " +
-                            std::to_string(hit->value) + " at flat element " +
+                            (hit->value_known ? std::to_string(hit->value)
+                                              : std::string("a non-finite value")) +
+                            " at flat element " +
                             std::to_string(flat_index(fi, hit->index)) + " (tensor '" +
                             tensor_at(fi, hit->index) + "'); the outer step was not applied");
                     }
@@ -983,8 +985,9 @@ private:
         if constexpr (aggregate::can_refuse<Aggregate>) {
             if (!skip && engine_.refused(fi)) {
                 // The aggregation refused this round on every rank (same data, same rule): nothing
-                // applied, the local values back to the global ones (aggregate/aggregate.hpp).
-                engine_.commit(fi);
+                // applied, the local values back to the global ones (aggregate/aggregate.hpp);
+                // the aggregation's state moves, the compressor's residual stays.
+                engine_.commit_aggregation(fi);
                 ++f.skipped;
                 ++skipped_syncs_;
                 f.lost = false;
@@ -1003,8 +1006,9 @@ private:
                     "'; training has stalled: fix the model or lower the learning rate (or raise "
                     "config.max_skipped_syncs)");
             }
-            // Every worker sees the same aggregate, so every worker discards this round.
-            engine_.commit(fi);
+            // Every worker sees the same aggregate, so every worker discards this round, and
+            // commits nothing: a residual or aggregation state advanced on a non-finite round
+            // would hold the non-finite values and spoil every later round.
             ++f.skipped;
             ++skipped_syncs_;
             ++consecutive_skips_;

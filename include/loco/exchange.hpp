@@ -344,7 +344,8 @@ public:
         }
     }
 
-    // Advances the compressor state to what the last exchange encoded with.
+    // An applied round: advances the compressor state to what the last exchange encoded with,
+    // and the aggregation's state to what it computed.
     void commit() noexcept {
         if (scheme_ == exchange_scheme::all_gather || scheme_ == exchange_scheme::two_phase) {
             state_.swap(next_state_);
@@ -352,6 +353,12 @@ public:
         if (scheme_ == exchange_scheme::two_phase) {
             server_state_.swap(next_server_);
         }
+        commit_aggregation();
+    }
+    // A round the aggregation refused: only the aggregation's own state moves (EDiT's detectors
+    // see every round). The residual stays, since no worker applied what this round sent: the
+    // next round sends it again. A round dropped for a non-finite aggregate commits nothing.
+    void commit_aggregation() noexcept {
         if constexpr (aggregate::stateful<A>) std::swap(aggregate_state_, next_aggregate_state_);
     }
 

@@ -357,7 +357,17 @@ public:
                 loco::cuda_tensor(f.avg, f.table.padded_elements()), comm::reduce_op::mean);
         } else if (f.agg) {
             form_delta(f);
-            f.agg->start(*comm_, control_comm(), f.delta.get(), report);
+            // The all-gather owns its send buffer until finish(). An exchange left in flight
+            // sends a copy: the next capture rewrites the delta before this exchange finishes
+            // (a delayed round finishes and restarts its fragment in one call).
+            const float* send = f.delta.get();
+            if (f.hold) {
+                LOCO_CUDA_CHECK(cudaMemcpyAsync(f.average.get(), f.delta.get(),
+                                                f.table.padded_elements() * sizeof(float),
+                                                cudaMemcpyDeviceToDevice, stream()));
+                send = f.average.get();
+            }
+            f.agg->start(*comm_, control_comm(), send, report);
         } else {
             download_captured(f);
             f.host->start(control_comm(), f.host_captured, h, ctx, report);
@@ -409,6 +419,12 @@ public:
             if (f.device) std::swap(f.device->residual, f.device->next);
         }
         if (f.host) f.host->commit();
+        if (f.agg) f.agg->commit();
+    }
+    // A refused round: the aggregation's state only (exchange.hpp's commit_aggregation).
+    void commit_aggregation(std::size_t fi) {
+        fragment& f = *frags_[fi];
+        if (f.host) f.host->commit_aggregation();
         if (f.agg) f.agg->commit();
     }
 
@@ -504,6 +520,7 @@ public:
     }
     std::vector<float> captured(std::size_t fi) const {
         const fragment& f = *frags_[fi];
+        if (f.elements == 0) return {};  // nothing to keep (a restored one reads as not kept)
         if (!f.kept) {
             throw invalid_argument("loco::cuda::diloco: save() while an exchange started and "
                                    "finished within one call is in flight (a failed step); call "
@@ -1029,8 +1046,10 @@ private:
             const std::uint64_t first = dx.check.run(dx.plan, f.table, ch, dx.recv.get(),
                                                      stream());
             if (first == no_nonfinite) return std::nullopt;
+            // The payload check finds the position; the average there is formed later, in the
+            // fused decode-and-apply, so the message names no value.
             return backend::host::nonfinite_hit{static_cast<std::size_t>(first),
-                                                std::numeric_limits<float>::quiet_NaN()};
+                                                std::numeric_limits<float>::quiet_NaN(), false};
         } else {
             static_cast<void>(h);
             return std::nullopt;

@@ -165,6 +165,7 @@ public:
     }
 
     void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
+    void commit_aggregation(std::size_t fi) { frags_[fi].exchange.commit_aggregation(); }
 
     // The aggregation refused the round (aggregate/aggregate.hpp), and its state per fragment.
     bool refused(std::size_t fi) const noexcept { return frags_[fi].exchange.refused(); }

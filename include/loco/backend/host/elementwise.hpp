@@ -40,6 +40,7 @@ void apply(const scalars_t<Rule>& scalars, float* __restrict x, const float* __r
 struct nonfinite_hit {
     std::size_t index;
     float value;
+    bool value_known = true;  // false where only the position is found (a fused device check)
 };
 
 inline std::optional<nonfinite_hit> find_nonfinite(const float* x, std::size_t n) {

@@ -242,8 +242,10 @@ private:
 
 namespace detail {
 
-inline void require_chunked_pointer(const void* p, const char* what) {
-    if (p == nullptr) {
+// A null pointer is refused where it would be read or written: a plan without chunks (a
+// fragment of empty tensors) touches no element, and its buffers are empty (null).
+inline void require_chunked_pointer(const void* p, const char* what, std::uint64_t elements) {
+    if (p == nullptr && elements != 0) {
         throw invalid_argument(std::string("loco::cuda: ") + what + " is null");
     }
 }

@@ -334,9 +334,9 @@ __global__ void __launch_bounds__(block_threads)
 // aligned; all device memory. Asynchronous on `stream`.
 inline void demo_encode(const demo_plan& plan, const float* x, const float* e_in, float* e,
                         std::byte* payload, cudaStream_t stream) {
-    detail::require_chunked_pointer(x, "demo_encode: x");
-    detail::require_chunked_pointer(e_in, "demo_encode: the residual");
-    detail::require_chunked_pointer(e, "demo_encode: the new residual");
+    detail::require_chunked_pointer(x, "demo_encode: x", plan.layout().chunks());
+    detail::require_chunked_pointer(e_in, "demo_encode: the residual", plan.layout().chunks());
+    detail::require_chunked_pointer(e, "demo_encode: the new residual", plan.layout().chunks());
     detail::require_payload_pointer(payload, "demo", "the payload");
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
@@ -366,7 +366,7 @@ inline void demo_encode(const demo_plan& plan, const float* x, float* e, std::by
 inline void demo_decode(const demo_plan& plan, const std::byte* payload, float* out,
                         cudaStream_t stream) {
     detail::require_payload_pointer(payload, "demo", "the payload");
-    detail::require_chunked_pointer(out, "demo_decode: out");
+    detail::require_chunked_pointer(out, "demo_decode: out", plan.layout().chunks());
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() == 0) return;
@@ -386,7 +386,7 @@ inline void demo_decode(const demo_plan& plan, const std::byte* payload, float* 
 inline void demo_decode_scatter_mean(const demo_plan& plan, const std::byte* gathered,
                                      std::uint32_t payloads, float* out, cudaStream_t stream) {
     detail::require_payload_pointer(gathered, "demo", "the gathered payloads");
-    detail::require_chunked_pointer(out, "demo_decode_scatter_mean: out");
+    detail::require_chunked_pointer(out, "demo_decode_scatter_mean: out", plan.layout().chunks());
     if (payloads == 0 || payloads > 65535) {
         throw invalid_argument("loco::cuda: demo_decode_scatter_mean takes 1 to 65535 payloads, "
                                "got " + std::to_string(payloads));

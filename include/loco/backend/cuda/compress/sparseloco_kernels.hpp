@@ -391,9 +391,11 @@ __global__ void __launch_bounds__(block_threads)
 // accumulator (e_in is the current one) so that a sync that fails keeps the current one.
 inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, const float* e_in,
                               float* e, std::byte* payload, cudaStream_t stream) {
-    detail::require_chunked_pointer(x, "sparseloco_encode: x");
-    detail::require_chunked_pointer(e_in, "sparseloco_encode: the accumulator");
-    detail::require_chunked_pointer(e, "sparseloco_encode: the new accumulator");
+    detail::require_chunked_pointer(x, "sparseloco_encode: x", plan.layout().chunks());
+    detail::require_chunked_pointer(e_in, "sparseloco_encode: the accumulator",
+                                    plan.layout().chunks());
+    detail::require_chunked_pointer(e, "sparseloco_encode: the new accumulator",
+                                    plan.layout().chunks());
     detail::require_payload_pointer(payload, "sparseloco", "the payload");
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
@@ -440,7 +442,7 @@ inline void sparseloco_encode(const sparseloco_plan& plan, const float* x, float
 inline void sparseloco_decode(const sparseloco_plan& plan, const std::byte* payload, float* out,
                               cudaStream_t stream) {
     detail::require_payload_pointer(payload, "sparseloco", "the payload");
-    detail::require_chunked_pointer(out, "sparseloco_decode: out");
+    detail::require_chunked_pointer(out, "sparseloco_decode: out", plan.layout().chunks());
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() == 0) return;
@@ -460,7 +462,7 @@ inline void sparseloco_decode(const sparseloco_plan& plan, const std::byte* payl
 inline void sparseloco_decode_add(const sparseloco_plan& plan, const std::byte* payload,
                                   float* out, cudaStream_t stream) {
     detail::require_payload_pointer(payload, "sparseloco", "the payload");
-    detail::require_chunked_pointer(out, "sparseloco_decode_add: out");
+    detail::require_chunked_pointer(out, "sparseloco_decode_add: out", plan.layout().chunks());
 #if LOCO_HAS_CUDA()
     const auto& l = plan.layout();
     if (l.chunks() == 0) return;
@@ -484,7 +486,8 @@ inline void sparseloco_decode_scatter_mean(const sparseloco_plan& plan, const st
                                            std::uint32_t payloads, const float* factors,
                                            float* out, cudaStream_t stream) {
     detail::require_payload_pointer(gathered, "sparseloco", "the gathered payloads");
-    detail::require_chunked_pointer(out, "sparseloco_decode_scatter_mean: out");
+    detail::require_chunked_pointer(out, "sparseloco_decode_scatter_mean: out",
+                                    plan.layout().chunks());
     if (payloads == 0 || payloads > 65535) {
         throw invalid_argument("loco::cuda: sparseloco_decode_scatter_mean takes 1 to 65535 "
                                "payloads, got " + std::to_string(payloads));
@@ -514,8 +517,10 @@ inline void sparseloco_norms(const sparseloco_plan& plan, const std::byte* gathe
                              std::uint32_t payloads, double* partial, float* norms,
                              cudaStream_t stream) {
     detail::require_payload_pointer(gathered, "sparseloco", "the gathered payloads");
-    detail::require_chunked_pointer(partial, "sparseloco_norms: the workspace");
-    detail::require_chunked_pointer(norms, "sparseloco_norms: norms");
+    detail::require_chunked_pointer(partial, "sparseloco_norms: the workspace",
+                                    plan.layout().chunks());
+    detail::require_chunked_pointer(norms, "sparseloco_norms: norms",
+                                    std::uint64_t{payloads} * plan.layout().segments().size());
     const auto& l = plan.layout();
     const auto inputs = static_cast<std::uint32_t>(l.segments().size());
     LOCO_CUDA_CHECK(cudaMemsetAsync(norms, 0, sizeof(float) * payloads * inputs, stream));

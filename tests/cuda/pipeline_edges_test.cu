@@ -1,0 +1,314 @@
+// The CUDA pipeline at its edges, each against the host backend on the same data: fragments made
+// only of empty tensors (SparseLoCo's and DeMo's device exchange, and a checkpoint taken with one
+// in flight), an all-gather that moves its data only at finish() (as NCCL on its own stream may),
+// and a round skipped for a non-finite average, which must leave the error-feedback residual as
+// it was so that the next rounds apply.
+#include <doctest/doctest.h>
+
+#include "../support/forwarding_comm.hpp"
+#include "../support/random.hpp"
+#include "device.cuh"
+#include "handles.cuh"
+#include "model.cuh"
+
+#include <loco/cuda.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+// Its own namespace, so that the nvcc build can compile the test files together
+// (tests/CMakeLists.txt).
+namespace cuda_pipeline_edges_test {
+
+namespace {
+
+using namespace loco_test;
+using namespace loco_test::handles;
+namespace ls = loco::schedule;
+namespace cz = loco::compress;
+namespace la = loco::aggregate;
+
+using inner = loco::inner::adamw;
+using outer = loco::outer::nesterov;
+
+// Flat tensors t0, t1, ... of the given sizes (0 allowed), in GPU memory or on the host.
+struct sized_gpu_model {
+    std::vector<std::size_t> sizes;
+    std::vector<lcu::device_buffer<float>> values, grads;
+    loco::parameter_list list;
+    sized_gpu_model(std::vector<std::size_t> s, const std::vector<float>& init) : sizes(std::move(s)) {
+        std::size_t at = 0;
+        for (const std::size_t n : sizes) {
+            values.emplace_back(n);
+            grads.emplace_back(n);
+            if (n != 0) values.back().upload({init.data() + at, n});
+            at += n;
+        }
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            list.add_views("t" + std::to_string(i), loco::cuda_tensor(values[i].get(), sizes[i]),
+                           loco::cuda_tensor(static_cast<const float*>(grads[i].get()), sizes[i]));
+        }
+    }
+    void set_gradients(const std::vector<float>& g) {
+        std::size_t at = 0;
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            if (sizes[i] != 0) grads[i].upload({g.data() + at, sizes[i]});
+            at += sizes[i];
+        }
+    }
+    std::vector<float> host_values(cudaStream_t s) {
+        check_cuda(cudaStreamSynchronize(s), "sync");
+        std::vector<float> out;
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            if (sizes[i] == 0) continue;
+            const auto part = values[i].download();
+            out.insert(out.end(), part.begin(), part.end());
+        }
+        return out;
+    }
+};
+
+struct sized_host_model {
+    std::vector<std::vector<float>> values, grads;
+    loco::parameter_list list;
+    sized_host_model(const std::vector<std::size_t>& sizes, const std::vector<float>& init) {
+        std::size_t at = 0;
+        for (const std::size_t n : sizes) {
+            values.emplace_back(init.begin() + static_cast<std::ptrdiff_t>(at),
+                                init.begin() + static_cast<std::ptrdiff_t>(at + n));
+            grads.emplace_back(n, 0.0f);
+            at += n;
+        }
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            list.add_views("t" + std::to_string(i), loco::host_tensor(values[i].data(), sizes[i]),
+                           loco::host_tensor(static_cast<const float*>(grads[i].data()),
+                                             sizes[i]));
+        }
+    }
+    void set_gradients(const std::vector<float>& g) {
+        std::size_t at = 0;
+        for (auto& gi : grads) {
+            std::copy_n(g.begin() + static_cast<std::ptrdiff_t>(at), gi.size(), gi.begin());
+            at += gi.size();
+        }
+    }
+    std::vector<float> host_values() const {
+        std::vector<float> out;
+        for (const auto& v : values) out.insert(out.end(), v.begin(), v.end());
+        return out;
+    }
+};
+
+std::size_t total_of(const std::vector<std::size_t>& sizes) {
+    std::size_t n = 0;
+    for (const std::size_t s : sizes) n += s;
+    return n;
+}
+std::vector<float> seeded(const std::string& label, std::size_t n, float stddev = 1.0f) {
+    auto rng = rng_for(label);
+    return normal_floats(rng, n, stddev);
+}
+
+// Streaming over two fragments, the second made only of the empty tensor t1.
+ls::streaming::hyper two_fragments() {
+    return {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.5f};
+}
+loco::fragment_layout empty_second_fragment() {
+    loco::fragment_layout l;
+    l.names = {{"t0", "t2"}, {"t1"}};
+    return l;
+}
+
+// An all-gather that moves the data only when it is finished: what the interface allows ("both
+// buffers belong to the collective until finish()") and what NCCL on its own stream may do.
+class late_all_gather final : public forwarding_comm {
+public:
+    explicit late_all_gather(loco::comm::communicator& next)
+        : forwarding_comm(next, "late all-gather"), next_(next) {}
+
+protected:
+    struct gather final : loco::comm::request::operation {
+        gather(loco::comm::communicator& c, loco::tensor_view<const std::byte> s,
+               loco::tensor_view<std::byte> r)
+            : comm(c), send(s), recv(r) {}
+        void wait() override { comm.all_gather(send, recv); }
+        loco::comm::communicator& comm;
+        loco::tensor_view<const std::byte> send;
+        loco::tensor_view<std::byte> recv;
+    };
+    std::unique_ptr<loco::comm::request::operation> do_start_all_gather(
+        loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        return std::make_unique<gather>(next_, send, recv);
+    }
+
+private:
+    loco::comm::communicator& next_;
+};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("cuda backend: a fragment of empty tensors syncs on the device exchange as on "
+                   "the host", C, cz::sparseloco, cz::demo) {
+    const std::vector<std::size_t> sizes{64, 0, 200};
+    const std::string label = "edges empty fragment " + std::string(C::name);
+    constexpr int calls = 10;
+    std::vector<std::vector<float>> gpu(2), host(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        sized_gpu_model m(sizes, seeded(label + " init " + std::to_string(r), total_of(sizes)));
+        loco::cuda::diloco<inner, outer, C, ls::streaming> opt(
+            m.list, comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                           .fragments = empty_second_fragment(), .stream = comm.stream()});
+        CHECK(opt.device_exchange());
+        for (int t = 1; t <= calls; ++t) {
+            m.set_gradients(seeded(label + " grad " + std::to_string(r) + " " + std::to_string(t),
+                                   total_of(sizes), 0.5f));
+            opt.step();
+        }
+        CHECK(opt.outer_steps(0) > 0);
+        CHECK(opt.outer_steps(1) > 0);
+        gpu[r] = m.host_values(comm.stream());
+    });
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        sized_host_model m(sizes, seeded(label + " init " + std::to_string(r), total_of(sizes)));
+        loco::diloco<inner, outer, C, ls::streaming> opt(
+            m.list, comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                           .fragments = empty_second_fragment()});
+        for (int t = 1; t <= calls; ++t) {
+            m.set_gradients(seeded(label + " grad " + std::to_string(r) + " " + std::to_string(t),
+                                   total_of(sizes), 0.5f));
+            opt.step();
+        }
+        host[r] = m.host_values();
+    });
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        expect_close_arrays(gpu[r], host[r], 1e-4, "parameters");
+    }
+}
+
+TEST_CASE_TEMPLATE("cuda backend: a checkpoint loaded with an empty fragment in flight saves again",
+                   C, cz::none, cz::error_feedback<cz::blockwise<2, 256>>) {
+    const std::vector<std::size_t> sizes{64, 0, 200};
+    const std::string label = "edges empty in flight";
+    using gpu_t = loco::cuda::diloco<inner, outer, C, ls::streaming>;
+    std::vector<std::string> saved(2);
+    std::vector<std::vector<float>> at_save(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        sized_gpu_model m(sizes, seeded(label + " init " + std::to_string(r), total_of(sizes)));
+        gpu_t opt(m.list, comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                                 .fragments = empty_second_fragment(), .stream = comm.stream()});
+        for (int t = 1; t <= 8 && saved[r].empty(); ++t) {
+            m.set_gradients(seeded(label + " grad " + std::to_string(r) + " " + std::to_string(t),
+                                   total_of(sizes), 0.5f));
+            opt.step();
+            if (opt.in_flight(1)) {
+                std::ostringstream os;
+                opt.save(os);
+                saved[r] = os.str();
+                at_save[r] = m.host_values(comm.stream());
+            }
+        }
+        REQUIRE_FALSE(saved[r].empty());
+    });
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        sized_gpu_model m(sizes, at_save[r]);
+        gpu_t opt(m.list, comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                                 .fragments = empty_second_fragment(), .stream = comm.stream()});
+        std::istringstream is(saved[r]);
+        opt.load(is);  // the exchange in flight starts again at the next step
+        std::ostringstream again;
+        CHECK_NOTHROW(opt.save(again));  // refused as "a failed step" before
+        CHECK(again.str() == saved[r]);
+    });
+}
+
+TEST_CASE("cuda backend: a delayed exchange gathered only at finish() sends its own round's "
+          "pseudo-gradient") {
+    // Delayed H = 3 on the device aggregation (trimmed mean, no compressor): round t's all-gather
+    // is finished at the end of round t + 1, after that call captured round t + 1's delta. It
+    // must send round t's, as the host does whenever the data moves.
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::delayed, la::trimmed_mean>;
+    using host_t = loco::diloco<inner, outer, cz::none, ls::delayed, la::trimmed_mean>;
+    const std::string label = "edges late gather";
+    constexpr int m = 3, calls = 10;
+    std::vector<std::vector<float>> gpu(m), host(m);
+    loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& replica) {
+        const auto r = static_cast<std::size_t>(replica.rank());
+        late_all_gather comm(replica);
+        gpu_params p(init_of(label, replica.rank()));
+        gpu_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 3},
+                                 .stream = replica.stream()});
+        for (int t = 1; t <= calls; ++t) {
+            p.set_gradients(grads_of(label, replica.rank(), t), replica.stream());
+            opt.step();
+        }
+        CHECK(opt.outer_steps() == 2);
+        gpu[r] = p.host_values(replica.stream());
+    });
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        host_params p(init_of(label, comm.rank()));
+        host_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 3}});
+        for (int t = 1; t <= calls; ++t) {
+            p.set_gradients(grads_of(label, comm.rank(), t));
+            opt.step();
+        }
+        host[r] = p.values();
+    });
+    for (std::size_t r = 0; r < m; ++r) {
+        CAPTURE(r);
+        expect_close_arrays(gpu[r], host[r], 1e-5, "parameters");
+    }
+}
+
+TEST_CASE_TEMPLATE("cuda backend: a round skipped for a non-finite average leaves the residual, "
+                   "and the next rounds apply", C, cz::sparseloco, cz::demo,
+                   cz::error_feedback<cz::blockwise<2, 256>>) {
+    using gpu_t = loco::cuda::diloco<inner, outer, C, ls::every>;
+    const std::string label = "edges skip keeps residual";
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params p(init_of(label, comm.rank()));
+        gpu_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2},
+                                 .stream = comm.stream()});
+        CHECK(opt.device_exchange());
+        int t = 1;
+        for (; t <= 4; ++t) {
+            p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        REQUIRE(opt.outer_steps() == 2);
+        const auto residual = opt.compressor_state();
+        const auto global = opt.global();
+        p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
+        opt.step();
+        if (comm.rank() == 0) {  // the trainer spoils one element of c before the sync
+            const float inf = std::numeric_limits<float>::infinity();
+            check_cuda(cudaMemcpy(p.values[2].get() + 7, &inf, sizeof inf, cudaMemcpyHostToDevice),
+                       "poison");
+        }
+        p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
+        opt.step();
+        CHECK(opt.skipped_syncs() == 1);
+        expect_equal_arrays(opt.compressor_state(), residual, "residual");
+        expect_equal_arrays(opt.global(), global, "global values");
+        for (int more = 0; more < 8; ++more, ++t) {
+            p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            opt.step();
+        }
+        CHECK(opt.skipped_syncs() == 1);  // every later round, all finite, applies
+        CHECK(opt.outer_steps() == 6);
+        for (const float e : opt.compressor_state()) REQUIRE(std::isfinite(e));
+    });
+}
+
+}  // namespace cuda_pipeline_edges_test
