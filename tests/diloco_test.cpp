@@ -510,6 +510,69 @@ TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual
     });
 }
 
+// DeMo's sign variant sends one bit a value, so a non-finite pseudo-gradient reaches the
+// receivers as finite signs; the residual the sender would keep shows it, and its vote drops
+// the round on every rank (or raises, naming the element), instead of a residual stuck at inf
+// re-sending the same signs for ever.
+TEST_CASE("demo signs: a non-finite pseudo-gradient the payload cannot carry drops the round") {
+    constexpr std::size_t rows = 16, cols = 16;
+    for (const auto policy : {loco::nonfinite_policy::skip, loco::nonfinite_policy::raise}) {
+        CAPTURE(static_cast<int>(policy));
+        std::vector<std::string> errors(2);
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            auto rng = loco_test::rng_for("demo signs nonfinite " + std::to_string(comm.rank()));
+            std::vector<float> w = loco_test::normal_floats(rng, rows * cols), g(rows * cols);
+            loco::parameter_list list;
+            list.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                           loco::host_matrix(static_cast<const float*>(g.data()), rows, cols));
+            loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::demo> opt(
+                list, comm,
+                {.inner = {.lr = 0.05f}, .outer = {.lr = 0.01f}, .schedule = {.every = 2},
+                 .compress = {.chunk = 8, .topk = 4, .sign = true}, .on_nonfinite = policy});
+            const auto fresh_gradient = [&] {
+                const auto v = loco_test::normal_floats(rng, rows * cols);
+                std::copy(v.begin(), v.end(), g.begin());
+            };
+            for (int call = 0; call < 4; ++call) {
+                fresh_gradient();
+                opt.step();
+            }
+            REQUIRE(opt.outer_steps() == 2);
+            const std::vector<float> residual(opt.compressor_state().begin(),
+                                              opt.compressor_state().end());
+            const std::vector<float> global(opt.global().begin(), opt.global().end());
+            fresh_gradient();
+            opt.step();
+            if (comm.rank() == 1) w[rows * cols - 1] = std::numeric_limits<float>::infinity();
+            try {
+                opt.step();
+            } catch (const loco::nonfinite_error& e) {
+                errors[std::size_t(comm.rank())] = e.what();
+            }
+            CHECK(opt.outer_steps() == 2);
+            CHECK(std::vector<float>(opt.compressor_state().begin(),
+                                     opt.compressor_state().end()) == residual);
+            CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+            if (policy == loco::nonfinite_policy::raise) return;
+            CHECK(opt.skipped_syncs() == 1);
+            CHECK(w == global);
+            for (int call = 0; call < 6; ++call) {
+                fresh_gradient();
+                opt.step();
+            }
+            CHECK(opt.skipped_syncs() == 1);
+            CHECK(opt.outer_steps() == 5);
+        });
+        if (policy == loco::nonfinite_policy::raise) {
+            for (const auto& e : errors) {
+                CHECK(e.find("failed on rank 1 at the apply stage") != std::string::npos);
+                CHECK(e.find("the error-feedback residual would hold -inf at flat element 255 "
+                             "(tensor 'w')") != std::string::npos);
+            }
+        }
+    }
+}
+
 TEST_CASE("diloco rejects a communicator of the wrong size and leaves the parameters alone") {
     std::atomic<int> errors{0};
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {

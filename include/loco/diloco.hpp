@@ -967,6 +967,23 @@ private:
                 const nonfinite_policy policy = engine_.inner().on_nonfinite();
                 if (policy != nonfinite_policy::ignore) {
                     hit = engine_.find_nonfinite(fi);
+                    if (!hit) {
+                        // A payload that cannot carry a non-finite value (DeMo's signs) hides a
+                        // non-finite pseudo-gradient from the aggregate; the residual this rank
+                        // would keep shows it. Its vote skips the round on every rank.
+                        if (auto r = engine_.find_nonfinite_residual(fi)) {
+                            if (policy == nonfinite_policy::raise) {
+                                throw nonfinite_error(
+                                    std::string(name()) + ": the error-feedback residual would "
+                                    "hold " + std::to_string(r->value) + " at flat element " +
+                                    std::to_string(flat_index(fi, r->index)) + " (tensor '" +
+                                    tensor_at(fi, r->index) + "'), from a non-finite "
+                                    "pseudo-gradient the payload could not carry; the outer "
+                                    "step was not applied");
+                            }
+                            hit = r;
+                        }
+                    }
                     if (hit && policy == nonfinite_policy::raise) {
                         throw nonfinite_error(
                             std::string(name()) + ": the averaged pseudo-gradient holds " +

@@ -381,6 +381,16 @@ public:
     // The aggregation's hyper-parameters (set by the handle before each finish).
     typename A::hyper& aggregate_hyper() noexcept { return aggregate_hyper_; }
 
+    // The compressor state the last exchange encoded with, which commit() makes current (empty
+    // for the all-reduce, which keeps none). The handle checks it before committing: a payload
+    // that cannot carry a non-finite value (DeMo's signs) leaves it only there.
+    std::span<const float> pending_state() const noexcept {
+        if (scheme_ == exchange_scheme::all_gather || scheme_ == exchange_scheme::two_phase) {
+            return next_state_;
+        }
+        return {};
+    }
+
     // Compressor state (error-feedback residuals), for inspection and checkpoints.
     std::span<const float> state() const noexcept { return state_; }
     std::span<const float> server_state() const noexcept { return server_state_; }

@@ -311,4 +311,58 @@ TEST_CASE_TEMPLATE("cuda backend: a round skipped for a non-finite average leave
     });
 }
 
+TEST_CASE("cuda backend: demo signs drop a round whose pseudo-gradient the payload cannot carry") {
+    // One bit a value carries no infinity: the receivers decode finite signs. The residual the
+    // sender would keep holds it, and its vote drops the round everywhere (the host's rule).
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::demo, ls::every>;
+    const std::string label = "edges demo signs";
+    for (const auto policy : {loco::nonfinite_policy::skip, loco::nonfinite_policy::raise}) {
+        CAPTURE(static_cast<int>(policy));
+        std::vector<std::string> errors(2);
+        loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+            gpu_params p(init_of(label, comm.rank()));
+            gpu_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2},
+                                     .compress = {.sign = true}, .on_nonfinite = policy,
+                                     .stream = comm.stream()});
+            CHECK(opt.device_exchange());
+            int t = 1;
+            for (; t <= 4; ++t) {
+                p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+                opt.step();
+            }
+            const auto residual = opt.compressor_state();
+            p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
+            opt.step();
+            if (comm.rank() == 1) {
+                const float inf = std::numeric_limits<float>::infinity();
+                check_cuda(cudaMemcpy(p.values[2].get() + 7, &inf, sizeof inf,
+                                      cudaMemcpyHostToDevice), "poison");
+            }
+            p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
+            try {
+                opt.step();
+            } catch (const loco::nonfinite_error& e) {
+                errors[std::size_t(comm.rank())] = e.what();
+            }
+            CHECK(opt.outer_steps() == 2);
+            expect_equal_arrays(opt.compressor_state(), residual, "residual");
+            if (policy == loco::nonfinite_policy::raise) return;
+            CHECK(opt.skipped_syncs() == 1);
+            for (int more = 0; more < 4; ++more, ++t) {
+                p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+                opt.step();
+            }
+            CHECK(opt.skipped_syncs() == 1);
+            CHECK(opt.outer_steps() == 4);
+        });
+        if (policy == loco::nonfinite_policy::raise) {
+            for (const auto& e : errors) {
+                // c starts at flat element 47 (after a's 5 and b's 42).
+                CHECK(e.find("the error-feedback residual would hold -inf at flat element 54 "
+                             "(tensor 'c')") != std::string::npos);
+            }
+        }
+    }
+}
+
 }  // namespace cuda_pipeline_edges_test

@@ -16,7 +16,9 @@
 //   send the k_c cells of largest |C| of each chunk (chunking.hpp order), with C's fp32 value,
 //        or in the sign variant the sign bit of C (quantize_nozeros_tensor_to_boolean_sign:
 //        signbit, so +0 sends +1 and -0 sends -1; a NaN is first made the canonical quiet NaN
-//        0x7fc00000, as topk.hpp sends it, so it sends +1 whatever sign the arithmetic gave it)
+//        0x7fc00000, as topk.hpp sends it, so it sends +1 whatever sign the arithmetic gave it;
+//        one bit carries no NaN or infinity: the sender's residual keeps it, and the handle's
+//        check of that residual drops the round, diloco.hpp)
 //   D   =  inverse DCT of the sent coefficients, 0 at the others; in the sign variant a sent
 //          coefficient is 1 - 2 * signbit, +-1 (unpack_tensor_sign_from_boolean)
 //   e   <- e - D                              (state["delta"].sub_(transmit_grad); Psyche

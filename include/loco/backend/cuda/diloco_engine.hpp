@@ -413,6 +413,22 @@ public:
         return frags_[fi]->hit;
     }
 
+    // The first non-finite value of the residual this round would commit (the host engine's
+    // rule), its index counted over the fragment's elements.
+    std::optional<backend::host::nonfinite_hit> find_nonfinite_residual(std::size_t fi) {
+        fragment& f = *frags_[fi];
+        if (f.host) {
+            const std::span<const float> next = f.host->pending_state();
+            auto hit = backend::host::find_nonfinite(next.data(), next.size());
+            if (hit && f.elements != 0) hit->index %= f.elements;
+            return hit;
+        }
+        if constexpr (device_compression && device_exchange_t::feedback) {
+            if (f.device) return check_average(f, f.device->next.get());
+        }
+        return std::nullopt;
+    }
+
     void commit(std::size_t fi) {
         fragment& f = *frags_[fi];
         if constexpr (device_compression && device_exchange_t::feedback) {

@@ -164,6 +164,16 @@ public:
         return backend::host::find_nonfinite(f.average.data(), f.elements);
     }
 
+    // The first non-finite value of the residual this round would commit, its index counted
+    // over the fragment's elements.
+    std::optional<nonfinite_hit> find_nonfinite_residual(std::size_t fi) {
+        const fragment& f = frags_[fi];
+        const std::span<const float> next = f.exchange.pending_state();
+        auto hit = backend::host::find_nonfinite(next.data(), next.size());
+        if (hit && f.elements != 0) hit->index %= f.elements;  // state arrays are fragment-sized
+        return hit;
+    }
+
     void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
     void commit_aggregation(std::size_t fi) { frags_[fi].exchange.commit_aggregation(); }
 
