@@ -69,7 +69,12 @@ public:
                         const std::string& space, int device)
         : backend_(std::move(backend)), rank_(rank), size_(size), name_(std::move(name)),
           device_(device) {
-        if (size < 1 || rank < 0 || rank >= size) {
+        if (rank < 0) {  // torch.distributed's rank in a group this process is not in
+            throw loco::invalid_argument("loco: this process is not in the communicator's group "
+                                         "(rank " + std::to_string(rank) + "); build the "
+                                         "communicator only on the group's ranks");
+        }
+        if (size < 1 || rank >= size) {
             throw loco::invalid_argument("loco: a communicator of size " + std::to_string(size) +
                                          " has no rank " + std::to_string(rank));
         }

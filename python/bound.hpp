@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -71,6 +72,10 @@ inline bound_params read_params(const py::list& items) {
         const auto name = t[0].cast<std::string>();
         const DLTensor& value = tensor_in(t[1], "the value of '" + name + "'");
         const DLTensor& grad = tensor_in(t[2], "the gradient of '" + name + "'");
+        if (!py::isinstance<py::str>(t[3])) {
+            throw loco::invalid_argument("loco: the role of parameter '" + name +
+                                         "' must be a string, got " + std::string(py::repr(t[3])));
+        }
         loco::parameter_options o;
         o.role = role_named(t[3].cast<std::string>(), name);
         loco::dlpack::add(b.list, name, value, grad, o);
@@ -262,8 +267,8 @@ std::string save_bytes(const auto& h) {
     h.save(os);
     return os.str();
 }
-void load_bytes(auto& h, const py::bytes& b) {
-    std::istringstream is(std::string(b), std::ios::binary);
+void load_bytes(auto& h, const std::string& b) {
+    std::istringstream is(b, std::ios::binary);
     h.load(is);
 }
 
@@ -278,6 +283,37 @@ void set_stream(Config& cfg, std::uintptr_t stream) {
         throw loco::invalid_argument(
             "loco: a CUDA stream was given for parameters on the CPU; leave stream unset");
     }
+}
+
+// Every call on a handle holds the handle's mutex, so that two Python threads calling step() (or
+// anything else) on one optimizer take turns instead of corrupting it. The mutex is taken with the
+// GIL released, never while holding it: a step() that syncs through torch.distributed reacquires
+// the GIL inside the lock (python/_loco.cpp, python_communicator::call), and a thread that held
+// the GIL while waiting for the mutex would deadlock against it. The handle's own calls never
+// re-enter it from the communicator's callbacks, the only Python code run under the lock.
+class locked {
+public:
+    explicit locked(std::mutex& m) : lock_(m) {}
+
+private:
+    py::gil_scoped_release nogil_;  // released first, reacquired after the unlock
+    std::lock_guard<std::mutex> lock_;
+};
+
+// set_lr's check before anything changes: the learning rate goes into a copy of the
+// hyper-parameters, which the policy validates (the constructor's rules), and only then replaces
+// them; a refused rate (NaN, negative) leaves the handle as it was.
+template <class Policy, class H>
+void set_checked_lr(H& h, float lr) {
+    H next = h;
+    if constexpr (requires { typename Policy::hyper; }) {
+        next.lr = lr;
+        loco::detail::validate_hyper<Policy>(next);
+    } else {  // loco::groups<...>: every group gets lr, and every group's rules apply
+        std::apply([&](auto&... g) { ((g.lr = lr), ...); }, next);
+        loco::detail::inner_engine<Policy>::validate(next);
+    }
+    h = next;
 }
 
 // One loco::diloco (host or CUDA backend) over the parameters of a Python list.
@@ -311,44 +347,66 @@ public:
                  py::arg("items"), py::arg("comm"), py::arg("hyper"), py::arg("stream") = 0,
                  py::keep_alive<1, 3>())
             .def("start", [](B& b) {
-                py::gil_scoped_release nogil;
+                const locked l(b.mutex_);
                 return b.handle_->start();
             })
             .def("step", [](B& b) {
-                py::gil_scoped_release nogil;
+                const locked l(b.mutex_);
                 const loco::step_result r = b.handle_->step();
                 return std::make_pair(r.applied, r.synced);
             })
             .def("sync", [](B& b) {
-                py::gil_scoped_release nogil;
+                const locked l(b.mutex_);
                 b.handle_->sync();
             })
-            .def("save", [](const B& b) { return py::bytes(save_bytes(*b.handle_)); })
-            .def("load", [](B& b, const py::bytes& s) { load_bytes(*b.handle_, s); })
-            .def("set_inner_lr", [](B& b, float lr) { set_lr(b.handle_->inner_hyper(), lr); })
-            .def("set_outer_lr", [](B& b, float lr) { b.handle_->outer_hyper().lr = lr; })
-            .def_property_readonly("calls", [](const B& b) { return b.handle_->calls(); })
-            .def_property_readonly("inner_steps", [](const B& b) { return b.handle_->inner_steps(); })
-            .def_property_readonly("outer_steps", [](const B& b) { return b.handle_->outer_steps(); })
-            .def_property_readonly("skipped_steps",
-                                   [](const B& b) { return b.handle_->skipped_steps(); })
-            .def_property_readonly("skipped_syncs",
-                                   [](const B& b) { return b.handle_->skipped_syncs(); })
-            .def_property_readonly("fragments", [](const B& b) { return b.handle_->fragments(); })
-            .def_property_readonly("bytes_per_sync",
-                                   [](const B& b) { return b.handle_->bytes_per_sync(); })
-            .def_property_readonly("agreement_bytes_per_sync",
-                                   [](const B& b) { return b.handle_->agreement_bytes_per_sync(); })
-            .def_property_readonly("fingerprint_bytes",
-                                   [](const B& b) { return b.handle_->fingerprint_bytes(); })
-            .def_property_readonly("fingerprint", [](const B& b) { return b.handle_->fingerprint(); })
-            .def("global_params", [](const B& b) {
-                const auto g = b.handle_->global();
-                return std::vector<float>(g.begin(), g.end());
+            .def("save", [](B& b) {
+                return py::bytes(b.call([](const Handle& h) { return save_bytes(h); }));
             })
-            .def("compressor_state", [](const B& b) {
-                const auto s = b.handle_->compressor_state();
-                return std::vector<float>(s.begin(), s.end());
+            .def("load", [](B& b, const py::bytes& s) {
+                std::string bytes(s);  // read under the GIL
+                const locked l(b.mutex_);
+                load_bytes(*b.handle_, bytes);
+            })
+            .def("set_inner_lr", [](B& b, float lr) {
+                const locked l(b.mutex_);
+                set_checked_lr<typename Handle::inner_policy>(b.handle_->inner_hyper(), lr);
+            })
+            .def("set_outer_lr", [](B& b, float lr) {
+                const locked l(b.mutex_);
+                set_checked_lr<typename Handle::outer_policy>(b.handle_->outer_hyper(), lr);
+            })
+            .def_property_readonly("calls", getter([](const Handle& h) { return h.calls(); }))
+            .def_property_readonly("inner_steps",
+                                   getter([](const Handle& h) { return h.inner_steps(); }))
+            .def_property_readonly("outer_steps",
+                                   getter([](const Handle& h) { return h.outer_steps(); }))
+            .def_property_readonly("skipped_steps",
+                                   getter([](const Handle& h) { return h.skipped_steps(); }))
+            .def_property_readonly("skipped_syncs",
+                                   getter([](const Handle& h) { return h.skipped_syncs(); }))
+            .def_property_readonly("fragments",
+                                   getter([](const Handle& h) { return h.fragments(); }))
+            .def_property_readonly("bytes_per_sync",
+                                   getter([](const Handle& h) { return h.bytes_per_sync(); }))
+            .def_property_readonly("agreement_bytes_per_sync",
+                                   getter([](const Handle& h) {
+                                       return h.agreement_bytes_per_sync();
+                                   }))
+            .def_property_readonly("fingerprint_bytes",
+                                   getter([](const Handle& h) { return h.fingerprint_bytes(); }))
+            .def_property_readonly("fingerprint",
+                                   getter([](const Handle& h) { return h.fingerprint(); }))
+            .def("global_params", [](B& b) {
+                return b.call([](const Handle& h) {
+                    const auto g = h.global();
+                    return std::vector<float>(g.begin(), g.end());
+                });
+            })
+            .def("compressor_state", [](B& b) {
+                return b.call([](const Handle& h) {
+                    const auto s = h.compressor_state();
+                    return std::vector<float>(s.begin(), s.end());
+                });
             });
     }
 
@@ -359,17 +417,22 @@ private:
         if (s == "ignore") return loco::nonfinite_policy::ignore;
         throw loco::invalid_argument("loco: on_nonfinite must be 'skip', 'raise' or 'ignore'");
     }
-    template <class H>
-    static void set_lr(H& h, float lr) {
-        if constexpr (requires { h.lr; }) {
-            h.lr = lr;
-        } else {
-            std::apply([&](auto&... g) { ((g.lr = lr), ...); }, h);
-        }
+
+    // fn(handle) under the lock; its result is converted to Python after the GIL is back.
+    template <class F>
+    auto call(F fn) {
+        const locked l(mutex_);
+        return fn(std::as_const(*handle_));
+    }
+    // A read-only property: the accessor called under the lock.
+    template <class F>
+    static auto getter(F accessor) {
+        return [accessor](bound_diloco& b) { return b.call(accessor); };
     }
 
     bound_params params_;
     std::unique_ptr<Handle> handle_;
+    std::mutex mutex_;
 };
 
 // A bare inner optimizer (no sync), for trainers without DiLoCo and for the parity tests:
@@ -390,17 +453,32 @@ public:
             .def(py::init<const py::list&, const py::dict&, std::uintptr_t>(), py::arg("items"),
                  py::arg("hyper"), py::arg("stream") = 0)
             .def("step", [](B& b) {
-                py::gil_scoped_release nogil;
+                const locked l(b.mutex_);
                 return b.opt_->step().applied;
             })
-            .def("save", [](const B& b) { return py::bytes(save_bytes(*b.opt_)); })
-            .def("load", [](B& b, const py::bytes& s) { load_bytes(*b.opt_, s); })
-            .def_property_readonly("steps", [](const B& b) { return b.opt_->steps(); });
+            .def("save", [](B& b) {
+                std::string bytes;
+                {
+                    const locked l(b.mutex_);
+                    bytes = save_bytes(*b.opt_);
+                }
+                return py::bytes(bytes);
+            })
+            .def("load", [](B& b, const py::bytes& s) {
+                std::string bytes(s);  // read under the GIL
+                const locked l(b.mutex_);
+                load_bytes(*b.opt_, bytes);
+            })
+            .def_property_readonly("steps", [](B& b) {
+                const locked l(b.mutex_);
+                return b.opt_->steps();
+            });
     }
 
 private:
     bound_params params_;
     std::unique_ptr<Optimizer> opt_;
+    std::mutex mutex_;  // as bound_diloco's (locked)
 };
 
 // The compiled configurations on one backend (loco::host_backend with loco::optimizer, or

@@ -88,6 +88,42 @@ TEST_CASE("dlpack: non-contiguous tensors, other dtypes and devices are refused 
     CHECK_THROWS_AS(loco::dlpack::view<float>(misaligned.t, "w"), loco::invalid_argument);
 }
 
+TEST_CASE("dlpack: a tensor without elements is compact whatever its strides") {
+    // PyTorch exports torch.empty(0, 3) and torch.empty(3, 0) with strides [1, 1]: nothing to lay
+    // out, so nothing to refuse; they are flat tensors of no element.
+    const dl no_rows(nullptr, {0, 3}, {1, 1}), no_cols(nullptr, {3, 0}, {1, 1});
+    for (const dl* e : {&no_rows, &no_cols}) {
+        CHECK(loco::dlpack::is_compact(e->t));
+        const auto v = loco::dlpack::view<float>(e->t, "e");
+        CHECK(v.size == 0);
+        CHECK_FALSE(v.is_matrix());
+    }
+    loco::parameter_list params;
+    loco::dlpack::add(params, "e", no_rows.t, no_cols.t);
+    CHECK(params.size() == 1);
+    CHECK(params[0].value.size == 0);
+}
+
+TEST_CASE("dlpack: extents whose bytes do not fit std::ptrdiff_t are refused, without overflow") {
+    // 3 * 2^62 elements fit std::size_t but not their 4-byte count, which would wrap to 0.
+    std::vector<float> x(4);
+    const dl huge(x.data(), {std::int64_t{1} << 62, 3}, {3, 1});
+    CHECK(message_of<loco::shape_error>([&] { loco::dlpack::view<float>(huge.t, "huge"); })
+              .find("loco: huge has more elements than memory can hold") == 0);
+    CHECK_THROWS_AS(loco::dlpack::view<float>(dl(x.data(), {std::int64_t{1} << 62, 3}).t, "h"),
+                    loco::shape_error);
+    // The byte limit is per element type: 2^61 one-byte elements pass the count, 4-byte ones not.
+    const dl bytes(x.data(), {std::int64_t{1} << 61}, {}, kDLCPU, {kDLUInt, 8, 1});
+    CHECK(loco::dlpack::element_count(bytes.t, "b", 1) == std::size_t{1} << 61);
+    CHECK_THROWS_AS(loco::dlpack::element_count(bytes.t, "b", 4), loco::shape_error);
+    // The row-major stride product past std::int64_t is not compact (and not undefined behaviour).
+    const dl wide(x.data(), {3, std::int64_t{1} << 62, 4}, {1, 4, 1});
+    CHECK_FALSE(loco::dlpack::is_compact(wide.t));
+    // An empty tensor is empty whatever its other extents.
+    const dl empty_huge(nullptr, {0, std::int64_t{1} << 62, 3});
+    CHECK(loco::dlpack::view<float>(empty_huge.t, "e").size == 0);
+}
+
 TEST_CASE("dlpack: add() refuses a gradient on another device or of another size, adding nothing") {
     std::vector<float> w(6), gw(6), g5(5);
     loco::parameter_list params;
@@ -101,8 +137,8 @@ TEST_CASE("dlpack: add() refuses a gradient on another device or of another size
     const dl value(w2.data(), {2, 3}), on_gpu(gw.data(), {2, 3}, {}, kDLCUDA);
     CHECK(message_of<loco::memory_space_error>([&] {
               loco::dlpack::add(params, "b", value.t, on_gpu.t);
-          }) == "loco: the gradient of 'b' is on device cuda:0 but the parameter is on host:0; "
-                "keep each gradient on its parameter's device");
+          }) == "loco: the gradient of 'b' is on cuda:0 but the parameter is on cpu; keep each "
+                "gradient on its parameter's device");
     const dl short_grad(g5.data(), {5});
     CHECK_THROWS_AS(loco::dlpack::add(params, "b", value.t, short_grad.t), loco::shape_error);
     CHECK(params.size() == 1);

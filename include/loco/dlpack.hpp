@@ -8,13 +8,14 @@
 //   loco::dlpack::export_view(view)             a DLManagedTensor over a loco buffer (not owning)
 //
 // What is accepted: a compact row-major tensor (strides absent, or equal to the row-major ones
-// except along dimensions of extent 1, whose stride says nothing), one lane, of the element type
-// asked for (float32 for parameters and gradients), in CPU memory (kDLCPU, or kDLCUDAHost: pinned
-// host memory) or CUDA memory (kDLCUDA). Anything else is refused with one sentence naming the
-// tensor and the fix, before anything is read or written. A tensor of two or more dimensions is a
-// matrix to loco: rows = shape[0], cols = the product of the others (what Muon's "flatten" does
-// with a convolution's kernel); fewer dimensions make a flat tensor. Needs <dlpack/dlpack.h>
-// (Debian: libdlpack-dev); see docs/pytorch.md.
+// except along dimensions of extent 1, whose stride says nothing; any strides when it has no
+// elements) whose bytes fit std::ptrdiff_t, one lane, of the element type asked for (float32 for
+// parameters and gradients), in CPU memory (kDLCPU, or kDLCUDAHost: pinned host memory) or CUDA
+// memory (kDLCUDA). Anything else is refused with one sentence naming the tensor and the fix,
+// before anything is read or written. A tensor of two or more dimensions is a matrix to loco:
+// rows = shape[0], cols = the product of the others (what Muon's "flatten" does with a
+// convolution's kernel); fewer dimensions, or no elements, make a flat tensor. Needs
+// <dlpack/dlpack.h> (Debian: libdlpack-dev); see docs/pytorch.md.
 
 #include <loco/error.hpp>
 #include <loco/params.hpp>
@@ -77,13 +78,20 @@ inline memory_space space_of(DLDevice d, std::string_view what) {
                              ", which loco cannot address; move it to the CPU or a CUDA GPU");
 }
 
-// The number of elements of a DLTensor after checking its shape; throws shape_error.
-inline std::size_t element_count(const DLTensor& t, std::string_view what) {
+// The number of elements of a DLTensor after checking its shape; throws shape_error. The count is
+// capped so that its bytes (element_bytes each) fit std::ptrdiff_t: a larger tensor cannot exist
+// in memory, and its byte count would wrap where loco computes it.
+inline std::size_t element_count(const DLTensor& t, std::string_view what,
+                                 std::size_t element_bytes = 1) {
     if (t.ndim < 0 || (t.ndim > 0 && t.shape == nullptr)) {
         throw shape_error("loco: " + std::string(what) + " has a malformed DLPack shape (ndim " +
                           std::to_string(t.ndim) + "); the exporting framework is broken");
     }
+    const std::size_t limit = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) /
+                              (element_bytes == 0 ? 1 : element_bytes);
     std::size_t n = 1;
+    bool empty = false;  // an extent 0: the count is 0, whatever the other extents
+    bool too_large = false;
     for (int d = 0; d < t.ndim; ++d) {
         const std::int64_t extent = t.shape[d];
         if (extent < 0) {
@@ -91,22 +99,39 @@ inline std::size_t element_count(const DLTensor& t, std::string_view what) {
                               std::to_string(extent) + " in dimension " + std::to_string(d));
         }
         const auto e = static_cast<std::size_t>(extent);
-        if (e != 0 && n > std::numeric_limits<std::size_t>::max() / e) {
-            throw shape_error("loco: " + std::string(what) +
-                              " has more elements than std::size_t can count");
+        if (e == 0) {
+            empty = true;
+        } else if (too_large || n > limit / e) {
+            too_large = true;
+        } else {
+            n *= e;
         }
-        n *= e;
+    }
+    if (empty) return 0;
+    if (too_large) {
+        throw shape_error("loco: " + std::string(what) + " has more elements than memory can hold "
+                          "(at most " + std::to_string(limit) + " of " +
+                          std::to_string(element_bytes) + " bytes)");
     }
     return n;
 }
 
-// Whether the tensor's elements are contiguous in row-major order.
+// Whether the tensor's elements are contiguous in row-major order. A tensor without elements is
+// (there is nothing to lay out: PyTorch exports an empty matrix with strides [1, 1]); so is any
+// stride along an extent of 1. A row-major stride beyond std::int64_t is not.
 inline bool is_compact(const DLTensor& t) noexcept {
     if (t.strides == nullptr) return true;
+    for (int d = 0; d < t.ndim; ++d) {
+        if (t.shape[d] == 0) return true;
+        if (t.shape[d] < 0) return false;
+    }
     std::int64_t expected = 1;
     for (int d = t.ndim - 1; d >= 0; --d) {
         if (t.shape[d] != 1 && t.strides[d] != expected) return false;
-        expected *= t.shape[d];
+        if (d > 0) {
+            if (expected > std::numeric_limits<std::int64_t>::max() / t.shape[d]) return false;
+            expected *= t.shape[d];
+        }
     }
     return true;
 }
@@ -124,7 +149,7 @@ tensor_view<T> view(const DLTensor& t, std::string_view what) {
                                "for lower-precision models)");
     }
     const memory_space space = space_of(t.device, what);
-    const std::size_t n = element_count(t, what);
+    const std::size_t n = element_count(t, what, sizeof(E));
     if (!is_compact(t)) {
         throw invalid_argument("loco: " + std::string(what) +
                                " is not contiguous (a transposed or sliced view); pass the "
@@ -148,6 +173,12 @@ tensor_view<T> view(const DLTensor& t, std::string_view what) {
     return v;
 }
 
+// A device as PyTorch names it, for messages: "cpu" (host memory has no index), "cuda:1".
+inline std::string device_name(DLDevice d, memory_space space) {
+    if (space == memory_space::host) return "cpu";
+    return "cuda:" + std::to_string(d.device_id);
+}
+
 // Adds a parameter whose value and gradient are DLPack tensors (float32, same element count, same
 // device); the value's shape gives the matrix shape. Throws, adding nothing, on any mismatch.
 inline parameter_list& add(parameter_list& params, const std::string& name, const DLTensor& value,
@@ -157,11 +188,9 @@ inline parameter_list& add(parameter_list& params, const std::string& name, cons
     const memory_space vs = space_of(value.device, v_what);
     const memory_space gs = space_of(grad.device, g_what);
     if (vs != gs || value.device.device_id != grad.device.device_id) {
-        throw memory_space_error("loco: the gradient of '" + name + "' is on device " +
-                                 std::string(to_string(gs)) + ":" +
-                                 std::to_string(grad.device.device_id) + " but the parameter is on " +
-                                 std::string(to_string(vs)) + ":" +
-                                 std::to_string(value.device.device_id) +
+        throw memory_space_error("loco: the gradient of '" + name + "' is on " +
+                                 device_name(grad.device, gs) + " but the parameter is on " +
+                                 device_name(value.device, vs) +
                                  "; keep each gradient on its parameter's device");
     }
     tensor_view<float> v = view<float>(value, v_what);

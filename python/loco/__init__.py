@@ -237,11 +237,16 @@ def _compress_and_aggregate(compressor):
 # ---- parameters ------------------------------------------------------------------------------------
 
 def _items(named_params, roles):
-    """Checks the parameters in Python what DLPack cannot say (gradient present, device), then
-    exports value and gradient as DLPack capsules; include/loco/dlpack.hpp checks the rest."""
+    """Checks the parameters in Python what DLPack cannot say (gradient present, device, layout),
+    then exports value and gradient as DLPack capsules; include/loco/dlpack.hpp checks the rest.
+    Returns the capsules, the tensors with the storages bound (_Handle._check_grads) and the
+    device."""
     if isinstance(named_params, dict):
         named_params = named_params.items()
     pairs = list(named_params)
+    if roles is not None and not isinstance(roles, dict):
+        raise InvalidArgument("loco: roles must be a dict {parameter name: role}, got "
+                              f"{type(roles).__name__}")
     roles = dict(roles or {})
     items, tensors, device = [], [], None
     for entry in pairs:
@@ -267,6 +272,12 @@ def _items(named_params, roles):
             raise InvalidArgument(f"loco: parameter '{name}' has no gradient; run one backward "
                                   "pass or set p.grad = torch.zeros_like(p) before building the "
                                   "optimizer (and leave out parameters with requires_grad=False)")
+        if p.layout != torch.strided or p.grad.layout != torch.strided:
+            which = "value" if p.layout != torch.strided else "gradient"
+            layout = p.layout if p.layout != torch.strided else p.grad.layout
+            raise InvalidArgument(f"loco: the {which} of parameter '{name}' is a {layout} tensor "
+                                  "but loco needs dense (torch.strided) tensors; build the layer "
+                                  "with dense gradients (torch.nn.Embedding(..., sparse=False))")
         if p.grad.device != p.device:
             raise MemorySpaceError(f"loco: the gradient of '{name}' is on {p.grad.device} but the "
                                    f"parameter is on {p.device}; keep each gradient on its "
@@ -282,9 +293,12 @@ def _items(named_params, roles):
                                   "transposed or sliced view); pass tensors that own contiguous "
                                   "storage")
         role = roles.pop(name, "")
+        if not isinstance(role, str):
+            raise InvalidArgument(f"loco: the role of parameter '{name}' must be a string "
+                                  f"(matrix, vector, embedding or head), got {role!r}")
         items.append((name, torch.utils.dlpack.to_dlpack(p.detach()),
                       torch.utils.dlpack.to_dlpack(p.grad), role))
-        tensors.append((name, p, p.grad))
+        tensors.append((name, p, p.grad, p.data_ptr(), p.grad.data_ptr()))
     if roles:
         raise InvalidArgument(f"loco: roles name '{sorted(roles)[0]}', which is not a parameter")
     return items, tensors, device if device is not None else torch.device("cpu")
@@ -293,18 +307,43 @@ def _items(named_params, roles):
 class _Handle:
     """What DiLoCo and Optimizer share: the parameter bookkeeping and the checkpoint dict."""
 
+    def _bind(self, tensors):
+        self._tensors = tensors
+        # An empty view of each parameter: it shares the parameter's autograd version counter, so
+        # zeroing it (no element) counts as an in-place write of the parameter (_written).
+        self._versions = [p.detach().view(-1)[:0] for _, p, _, _, _ in tensors]
+
     def _check_grads(self):
+        """Before every call that reads or writes the tensors: loco holds the storages it was
+        built with, so each parameter must still have them (and its gradient tensor)."""
         # Backward writes into the existing .grad; zero_grad(set_to_none=True) or an assignment
-        # would leave loco reading a tensor the model no longer uses.
-        for name, p, g in self._tensors:
+        # would leave loco reading a tensor the model no longer uses. p.data = x, model.to(),
+        # model.double() or share_memory() give a tensor new storage in place: loco would write
+        # the old one (kept alive by its capsule, or freed by share_memory_). A sparse or other
+        # layout cannot arrive without either (torch refuses p.data = sparse on a dense tensor).
+        for name, p, g, p_ptr, g_ptr in self._tensors:
             if p.grad is not g:
                 raise InvalidArgument(f"loco: the gradient tensor of '{name}' was replaced since "
                                       "the optimizer was built; zero gradients in place "
                                       "(opt.zero_grad(), or model.zero_grad(set_to_none=False))")
+            if p.data_ptr() != p_ptr or g.data_ptr() != g_ptr:
+                t, which = (p, "parameter") if p.data_ptr() != p_ptr else (g, "gradient of")
+                raise InvalidArgument(f"loco: the storage of the {which} '{name}' was replaced "
+                                      f"since the optimizer was built (now {t.dtype} on "
+                                      f"{t.device}: p.data = x, model.to(), model.double() or "
+                                      "model.share_memory() do that); move, convert or share the "
+                                      "model before building the optimizer")
+
+    def _written(self):
+        """After a call that wrote the parameters: bumps their autograd version counters, as
+        torch's own in-place updates do, so that backward() through a graph built before the
+        write raises instead of using the old values (one call; each view has no element)."""
+        if self._versions:
+            torch._foreach_zero_(self._versions)
 
     def zero_grad(self):
         """Zeroes every gradient in place (never sets it to None, see _check_grads)."""
-        for _, _, g in self._tensors:
+        for _, _, g, _, _ in self._tensors:
             g.zero_()
 
     def state_dict(self):
@@ -318,8 +357,13 @@ class _Handle:
         if not (isinstance(state, dict) and state.get("format") == "loco-checkpoint"):
             raise CheckpointError("loco: load_state_dict() needs a dict from state_dict() of a loco "
                                   "optimizer")
+        saved = state.get("bytes")
+        if not isinstance(saved, (bytes, bytearray, memoryview)):
+            got = type(saved).__name__ if "bytes" in state else "no 'bytes' key"
+            raise CheckpointError("loco: the checkpoint dict's 'bytes' must be the bytes of "
+                                  f"state_dict(), got {got}")
         with _on(self.device):
-            self._impl.load(bytes(state["bytes"]))
+            self._impl.load(bytes(saved))
 
 
 class DiLoCo(_Handle):
@@ -350,7 +394,8 @@ class DiLoCo(_Handle):
                 f"{_describe_configs()} (add one in python/_loco.cpp)")
         if not isinstance(comm, _loco.Communicator):
             raise InvalidArgument("loco: comm must be loco.TorchDistributed() or loco.Single()")
-        items, self._tensors, self.device = _items(named_params, roles)
+        items, tensors, self.device = _items(named_params, roles)
+        self._bind(tensors)
         if comm.space == "cuda" and (self.device.type != "cuda"
                                      or self.device.index != comm.device):
             raise MemorySpaceError(f"loco: the communicator moves memory of cuda:{comm.device} "
@@ -374,8 +419,12 @@ class DiLoCo(_Handle):
         """Collective, once: checks every rank built the same model and policies (an exception
         naming the first difference otherwise, nothing changed) and gives every worker rank 0's
         parameters. Returns whether this worker's parameters changed."""
+        self._check_grads()
         with _on(self.device):
-            return self._impl.start()
+            changed = self._impl.start()
+            if changed:
+                self._written()
+        return changed
 
     def step(self):
         """Inner step from the current gradients, then the sync the schedule plans. Returns
@@ -383,12 +432,17 @@ class DiLoCo(_Handle):
         not wait for them (except where a sync needs the values on the host)."""
         self._check_grads()
         with _on(self.device):
-            return self._impl.step()
+            applied, synced = self._impl.step()
+            if applied or synced:
+                self._written()
+        return applied, synced
 
     def sync(self):
         """Syncs every fragment now (collective)."""
+        self._check_grads()
         with _on(self.device):
             self._impl.sync()
+            self._written()
 
     def set_lr(self, inner=None, outer=None):
         """Changes the learning rates between steps (a schedule); groups all get `inner`."""
@@ -435,7 +489,8 @@ class Optimizer(_Handle):
         kinds = {AdamW: "Optimizer_adamw", SGD: "Optimizer_sgd"}
         if type(policy) not in kinds:
             raise InvalidArgument("loco: Optimizer takes loco.AdamW(...) or loco.SGD(...)")
-        items, self._tensors, self.device = _items(named_params, None)
+        items, tensors, self.device = _items(named_params, None)
+        self._bind(tensors)
         stream = _stream_of(stream, self.device)
         with _on(self.device):
             self._impl = _compiled(kinds[type(policy)], self.device)(items, asdict(policy), stream)
@@ -443,7 +498,10 @@ class Optimizer(_Handle):
     def step(self):
         self._check_grads()
         with _on(self.device):
-            return self._impl.step()
+            applied = self._impl.step()
+            if applied:
+                self._written()
+        return applied
 
     steps = property(lambda self: self._impl.steps)
 
@@ -543,6 +601,9 @@ def TorchDistributed(group=None):
                         "torch.distributed.init_process_group('gloo', ...) first")
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
+    if rank < 0:
+        raise CommError("loco: this process is not in the given process group; build "
+                        "loco.TorchDistributed(group) only on the group's ranks")
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
         return _loco.PythonCommunicator(_TorchCollectives(group, device), rank, size,

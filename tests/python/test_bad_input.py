@@ -40,7 +40,8 @@ class BadInput(unittest.TestCase):
         for (_, p), (v, g) in zip(ps, before):
             self.assertTrue(torch.equal(p.detach(), v))
             if g is not None:
-                self.assertTrue(torch.equal(p.grad, g))
+                dense = (lambda t: t.to_dense() if t.layout != torch.strided else t)
+                self.assertTrue(torch.equal(dense(p.grad), dense(g)))
         return msg
 
     def test_non_contiguous_tensor(self):
@@ -113,6 +114,102 @@ class BadInput(unittest.TestCase):
         self.refused(loco.InvalidArgument, ps, opt.step, "'w' was replaced")
         self.assertEqual(opt.calls, 1)
         self.assertEqual(opt.state_dict(), state)
+
+    def test_storage_replaced_after_construction(self):
+        # torch gives a parameter (or its gradient) new storage in place, the Python objects kept:
+        # loco would write the old storage (freed by share_memory_(), whose step() crashed), or a
+        # copy the model no longer uses (training silently stopped). Each entry point refuses.
+        def share(m):
+            m.share_memory()
+
+        def double(m):
+            m.double()
+
+        def assign(m):
+            m.weight.data = torch.zeros(2, 2)
+
+        def assign_grad(m):
+            m.weight.grad.data = torch.zeros(2, 2)
+
+        for change, fragment in ((share, "parameter 'weight'"),
+                                 (double, "parameter 'weight' was replaced"),
+                                 (assign, "parameter 'weight' was replaced"),
+                                 (assign_grad, "gradient of 'weight' was replaced")):
+            for build in (lambda ps: loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2)),
+                          lambda ps: loco.Optimizer(ps, loco.SGD(lr=0.1))):
+                m = torch.nn.Linear(2, 2)
+                for q in m.parameters():
+                    q.grad = torch.ones_like(q)
+                opt = build(list(m.named_parameters()))
+                state = opt.state_dict()
+                change(m)
+                ps = list(m.named_parameters())
+                calls = [opt.step] + ([opt.sync, opt.start] if isinstance(opt, loco.DiLoCo) else [])
+                for call in calls:
+                    with self.subTest(change=change.__name__, call=call.__name__):
+                        msg = self.refused(loco.InvalidArgument, ps, call, fragment)
+                        self.assertIn("since the optimizer was built", msg)
+                self.assertEqual(opt.state_dict(), state)
+
+    def test_set_lr_is_checked(self):
+        ps = params(w=(3, 3))
+        for build in (lambda: loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2)),
+                      lambda: loco.DiLoCo(ps, loco.Single(), inner=loco.MuonAdamW(),
+                                          compressor=loco.TwoBit(), roles={"w": "matrix"},
+                                          schedule=loco.Every(2))):
+            opt = build()
+            opt.step()
+            state = opt.state_dict()
+            for bad in (dict(outer=-5.0), dict(inner=float("nan")), dict(inner=-1.0),
+                        dict(outer=float("inf"))):
+                with self.subTest(bad=bad):
+                    self.refused(loco.InvalidArgument, ps, lambda: opt.set_lr(**bad),
+                                 "lr must be finite and >= 0")
+                    self.assertEqual(opt.state_dict(), state)
+            # The handle still steps (and syncs) with its old rates.
+            opt.step()
+            self.assertEqual(opt.outer_steps, 1)
+
+    def test_sparse_gradient(self):
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        emb(torch.tensor([1, 2])).sum().backward()
+        ps = list(emb.named_parameters())
+        for build in (lambda: loco.DiLoCo(ps, loco.Single()),
+                      lambda: loco.Optimizer(ps, loco.AdamW())):
+            self.refused(loco.InvalidArgument, ps, build,
+                         "gradient of parameter 'weight' is a torch.sparse_coo tensor",
+                         "sparse=False")
+
+    def test_malformed_checkpoint_dict_and_roles(self):
+        ps = params(w=(4,))
+        opt = loco.DiLoCo(ps, loco.Single())
+        opt.step()
+        state = opt.state_dict()
+        for bad in ({"format": "loco-checkpoint"}, {"format": "loco-checkpoint", "bytes": "abc"},
+                    {"format": "loco-checkpoint", "bytes": None}, ["loco-checkpoint"]):
+            with self.subTest(bad=bad):
+                self.refused(loco.CheckpointError, ps, lambda: opt.load_state_dict(bad))
+        self.assertEqual(opt.state_dict(), state)
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), roles={"w": 3}),
+                     "role of parameter 'w' must be a string", "3")
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco.DiLoCo(ps, loco.Single(), roles=["matrix"]),
+                     "roles must be a dict")
+        # The compiled half refuses it by name too (python/bound.hpp, read_params).
+        w = ps[0][1]
+        items = [("w", torch.utils.dlpack.to_dlpack(w.detach()),
+                  torch.utils.dlpack.to_dlpack(w.grad), 3)]
+        self.refused(loco.InvalidArgument, ps,
+                     lambda: loco._loco.Optimizer_sgd(items, {"lr": 0.1}),
+                     "role of parameter 'w' must be a string")
+
+    def test_communicator_outside_its_group(self):
+        # torch.distributed's rank and size in a group this process is not in are -1.
+        msg = self.refused(loco.InvalidArgument, [],
+                           lambda: loco._loco.PythonCommunicator(object(), -1, -1, "torch"),
+                           "not in the communicator's group")
+        self.assertNotIn("size -1", msg)
 
     def test_bad_checkpoint(self):
         ps = params(w=(4,))

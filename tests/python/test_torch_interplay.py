@@ -1,0 +1,230 @@
+"""loco's handles among torch's own machinery: tensors without elements, autograd's version
+counters, and Python threads.
+
+- An empty matrix (torch exports torch.empty(0, 3) with strides [1, 1]) is a parameter like any
+  other: step(), sync() and a state_dict() resume run over it.
+- loco writes parameters in place behind autograd's back; after a call that wrote them, each
+  parameter's version counter is bumped, so that backward() through a graph built before the
+  step raises as it does after torch.optim's step, instead of using the overwritten values.
+- Two threads calling one handle take turns (python/bound.hpp, `locked`): the calls all count,
+  and the parameters end as after the same calls from one thread.
+"""
+
+import threading
+import time
+import unittest
+
+import torch
+
+import loco
+
+
+def params(**shapes):
+    out = []
+    for name, shape in shapes.items():
+        p = torch.nn.Parameter(torch.randn(shape))
+        p.grad = torch.randn(shape)
+        out.append((name, p))
+    return out
+
+
+class EmptyTensors(unittest.TestCase):
+    def test_empty_matrices_step_sync_and_resume(self):
+        torch.manual_seed(0)
+        shapes = dict(rows0=(0, 3), cols0=(3, 0), flat0=(0,), w=(2, 3))
+        for build in (lambda ps, start=True: loco.DiLoCo(ps, loco.Single(),
+                                                         schedule=loco.Every(2), start=start),
+                      lambda ps, start=True: loco.DiLoCo(ps, loco.Single(),
+                                                         inner=loco.MuonAdamW(),
+                                                         compressor=loco.TwoBit(),
+                                                         roles={"w": "matrix"},
+                                                         schedule=loco.Every(2), start=start)):
+            ps = params(**shapes)
+            opt = build(ps)
+            for _ in range(3):
+                self.assertTrue(opt.step()[0])
+            opt.sync()
+            self.assertEqual(opt.outer_steps, 2)
+            state = opt.state_dict()
+            # A fresh handle resumes bit for bit, the empty tensors included.
+            copy = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in ps]
+            for (_, c), (_, p) in zip(copy, ps):
+                c.grad = p.grad.clone()
+            resumed = build(copy, start=False)
+            resumed.load_state_dict(state)
+            opt.step()
+            resumed.step()
+            for (n, c), (_, p) in zip(copy, ps):
+                self.assertEqual(c.shape, p.shape)
+                self.assertTrue(torch.equal(c.detach(), p.detach()), n)
+
+        ps = params(**shapes)
+        opt = loco.Optimizer(ps, loco.AdamW())
+        self.assertTrue(opt.step())
+        self.assertEqual(opt.steps, 1)
+
+
+class VersionCounter(unittest.TestCase):
+    STALE = "modified by an inplace operation"
+
+    def test_a_step_between_forward_and_backward_raises_as_torch_optim(self):
+        for name, build in (
+                ("torch.optim.SGD", lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.5)),
+                ("loco.Optimizer", lambda ps: loco.Optimizer(ps, loco.SGD(lr=0.5))),
+                ("loco.DiLoCo", lambda ps: loco.DiLoCo(ps, loco.Single(), inner=loco.AdamW(),
+                                                       schedule=loco.Every(10)))):
+            with self.subTest(name):
+                w = torch.nn.Parameter(torch.ones(3))
+                s = torch.nn.Parameter(torch.tensor(2.0))  # 0-dim
+                e = torch.nn.Parameter(torch.empty(0, 3))  # no element
+                ps = [("w", w), ("s", s), ("e", e)]
+                for _, p in ps:
+                    p.grad = torch.zeros_like(p)
+                opt = build(ps)
+                y = (w * w).sum() + s * s  # saves w and s for backward
+                for _, p in ps:
+                    p.grad.fill_(1.0)
+                versions = [p._version for _, p in ps]
+                opt.step()
+                self.assertTrue(all(p._version > v for (_, p), v in zip(ps, versions)))
+                with self.assertRaisesRegex(RuntimeError, self.STALE):
+                    y.backward()
+
+    def test_sync_bumps_and_the_ordinary_loop_is_untouched(self):
+        w = torch.nn.Parameter(torch.ones(4))
+        w.grad = torch.zeros(4)
+        opt = loco.DiLoCo([("w", w)], loco.Single(), schedule=loco.Every(100))
+        for _ in range(3):  # forward, backward, step: nothing stale
+            opt.zero_grad()
+            (w * w).sum().backward()
+            opt.step()
+        y = (w * w).sum()
+        opt.sync()
+        with self.assertRaisesRegex(RuntimeError, self.STALE):
+            y.backward()
+
+    def test_a_skipped_step_writes_nothing_and_bumps_nothing(self):
+        w = torch.nn.Parameter(torch.ones(3))
+        w.grad = torch.full((3,), float("nan"))
+        opt = loco.Optimizer([("w", w)], loco.SGD(lr=0.5))
+        version = w._version
+        self.assertFalse(opt.step())
+        self.assertEqual(w._version, version)
+
+
+class Threads(unittest.TestCase):
+    CALLS = 60
+
+    def run_threads(self, target, count=2):
+        errors = []
+
+        def run():
+            try:
+                target()
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=run) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+
+    def test_two_threads_stepping_one_handle_take_turns(self):
+        n = 1 << 18
+
+        def model():
+            out = []
+            for name in ("w", "v"):
+                p = torch.nn.Parameter(torch.zeros(n))
+                p.grad = torch.full((n,), 1e-3)
+                out.append((name, p))
+            return out
+
+        def build(ps):
+            return loco.DiLoCo(ps, loco.Single(),
+                               schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+
+        ps, ref_ps = model(), model()
+        opt, ref = build(ps), build(ref_ps)
+
+        def steps():
+            for _ in range(self.CALLS):
+                opt.step()
+
+        def reads():  # the properties and the checkpoint from a third thread, meanwhile
+            for _ in range(self.CALLS):
+                self.assertLessEqual(opt.inner_steps, 2 * self.CALLS)
+                opt.state_dict()
+
+        reader = threading.Thread(target=reads)
+        reader.start()
+        self.run_threads(steps)
+        reader.join()
+        self.assertEqual(opt.calls, 2 * self.CALLS)
+        for _ in range(2 * self.CALLS):
+            ref.step()
+        self.assertEqual(opt.state_dict(), ref.state_dict())
+        for (_, p), (_, q) in zip(ps, ref_ps):
+            self.assertTrue(torch.equal(p.detach(), q.detach()))
+
+    def test_threads_syncing_through_python_do_not_deadlock(self):
+        # A sync calls back into Python (the communicator of loco.TorchDistributed) under the
+        # handle's lock, taking the GIL there while the other threads wait for the lock.
+        class TwoIdenticalWorkers:  # each collective's result is what this worker holds
+            def all_reduce(self, capsule, mean):
+                t = torch.utils.dlpack.from_dlpack(capsule)
+                time.sleep(1e-3)
+                if not mean:
+                    t.mul_(2)
+
+            def all_gather(self, send, recv):
+                s = torch.utils.dlpack.from_dlpack(send)
+                torch.utils.dlpack.from_dlpack(recv).view(2, -1).copy_(s.view(1, -1))
+                time.sleep(1e-3)
+
+            def broadcast(self, capsule, root):
+                time.sleep(1e-3)
+
+            def barrier(self):
+                time.sleep(1e-3)
+
+        comm = loco._loco.PythonCommunicator(TwoIdenticalWorkers(), 0, 2, "two_identical")
+        p = torch.nn.Parameter(torch.zeros(1000))
+        p.grad = torch.full_like(p, 1e-3)
+        opt = loco.DiLoCo([("p", p)], comm, schedule=loco.Every(2))
+
+        def steps():
+            for _ in range(20):
+                opt.step()
+                self.assertLessEqual(opt.outer_steps, 30)
+
+        self.run_threads(steps, count=3)
+        self.assertEqual(opt.calls, 60)
+        self.assertEqual(opt.outer_steps, 30)
+
+    def test_two_threads_on_a_bare_optimizer(self):
+        def model():
+            p = torch.nn.Parameter(torch.zeros(1 << 18))
+            p.grad = torch.full_like(p, 1e-3)
+            return p
+
+        p, q = model(), model()
+        opt = loco.Optimizer([("p", p)], loco.AdamW())
+        ref = loco.Optimizer([("p", q)], loco.AdamW())
+
+        def steps():
+            for _ in range(self.CALLS):
+                opt.step()
+
+        self.run_threads(steps)
+        self.assertEqual(opt.steps, 2 * self.CALLS)
+        for _ in range(2 * self.CALLS):
+            ref.step()
+        self.assertEqual(opt.state_dict(), ref.state_dict())
+        self.assertTrue(torch.equal(p.detach(), q.detach()))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
