@@ -4,7 +4,12 @@
 // last line rank 0 prints says how many ranks passed and failed.
 //
 // Before MPI_Init and after MPI_Finalize, it checks that loco::comm::mpi refuses to be built with a
-// clear error instead of crashing (the checks need a process where MPI is not running).
+// clear error instead of crashing (the checks need a process where MPI is not running), and that a
+// request its communicator outlived past MPI_Finalize throws instead of touching freed memory.
+//
+// MPI is initialised with MPI_THREAD_SERIALIZED, what loco needs to finish a request on another
+// thread; LOCO_MPI_TEST_THREAD_LEVEL=single|funneled|serialized|multiple asks for another level
+// (below serialized, the thread test checks that calls from other threads are refused).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -16,7 +21,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -30,13 +37,23 @@ std::string refusal() {
     return "";
 }
 
+int requested_thread_level() {
+    const char* env = std::getenv("LOCO_MPI_TEST_THREAD_LEVEL");
+    const std::string level = env != nullptr ? env : "serialized";
+    if (level == "single") return MPI_THREAD_SINGLE;
+    if (level == "funneled") return MPI_THREAD_FUNNELED;
+    if (level == "multiple") return MPI_THREAD_MULTIPLE;
+    return MPI_THREAD_SERIALIZED;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     loco_mpi_test::message_before_init = refusal();
 
-    if (MPI_Init(&argc, &argv) != MPI_SUCCESS) {
-        std::fprintf(stderr, "mpi_test: MPI_Init failed\n");
+    int provided = MPI_THREAD_SINGLE;
+    if (MPI_Init_thread(&argc, &argv, requested_thread_level(), &provided) != MPI_SUCCESS) {
+        std::fprintf(stderr, "mpi_test: MPI_Init_thread failed\n");
         return 1;
     }
     int rank = 0;
@@ -54,9 +71,9 @@ int main(int argc, char** argv) {
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     if (rank == 0) {
-        std::fprintf(stderr, "loco %s MPI tests on %d ranks, random seed %llu (LOCO_TEST_SEED=%llu "
-                             "repeats this run)\n",
-                     LOCO_VERSION_STRING, size, seed, seed);
+        std::fprintf(stderr, "loco %s MPI tests on %d ranks, MPI thread level %d, random seed %llu "
+                             "(LOCO_TEST_SEED=%llu repeats this run)\n",
+                     LOCO_VERSION_STRING, size, provided, seed, seed);
     }
 
     doctest::Context context(argc, argv);
@@ -70,9 +87,36 @@ int main(int argc, char** argv) {
         return failed;
     }
 
+    // A communicator over MPI_COMM_SELF with a collective still pending at MPI_Finalize, destroyed
+    // after it: MPI can no longer complete the collective, so finish() throws comm_error (and a
+    // request dropped then returns), instead of reaching into the destroyed communicator.
+    // (The second start may complete the first: only the last one started is surely pending.)
+    std::vector<float> late_x(3, 1.0f), late_y(3, 1.0f);
+    auto late = std::make_unique<loco::comm::mpi>(MPI_COMM_SELF);
+    auto late_dropped = late->start_all_reduce(loco::host_tensor(late_x.data(), 3),
+                                               loco::comm::reduce_op::sum);
+    auto late_finished = late->start_all_reduce(loco::host_tensor(late_y.data(), 3),
+                                                loco::comm::reduce_op::sum);
+
     int failed_ranks = 0;
     MPI_Allreduce(&failed, &failed_ranks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     MPI_Finalize();
+
+    late.reset();
+    std::string late_message;
+    try {
+        late_finished.finish();
+    } catch (const loco::comm_error& e) {
+        late_message = e.what();
+    }
+    { const auto dropped = std::move(late_dropped); }
+    if (late_message.find("the communicator was destroyed before finish()") == std::string::npos) {
+        std::fprintf(stderr, "mpi_test rank %d: a request finished after its communicator was "
+                             "destroyed past MPI_Finalize did not throw comm_error (got \"%s\")\n",
+                     rank, late_message.c_str());
+        failed = 1;
+        failed_ranks = failed_ranks == 0 ? 1 : failed_ranks;
+    }
 
     const std::string after = refusal();
     if (after.find("MPI has been finalized") == std::string::npos) {

@@ -14,10 +14,13 @@
 #include <loco/comm/mpi.hpp>
 #include <loco/loco.hpp>
 
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -277,6 +280,229 @@ TEST_CASE("mpi: a request dropped unfinished poisons its communicator on every r
     CHECK(x[0] == static_cast<float>(world_size()));  // the transfer did complete
     CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("was started but never finished"),
                          loco::comm_error);
+}
+
+TEST_CASE("mpi: a request finished or dropped after its communicator is destroyed") {
+    // comm/communicator.hpp promises that a request may outlive its communicator. The destructor
+    // completes what is pending; finish() then reports the result without the communicator.
+    const int m = world_size();
+    std::vector<float> x(1000, 1.0f), y(1000, 2.0f);
+    std::vector<std::byte> send(8, std::byte{7});
+    std::vector<std::byte> recv(8 * static_cast<std::size_t>(m));
+    loco::comm::request rx, ry, rg;
+    {
+        auto comm = std::make_unique<loco::comm::mpi>(MPI_COMM_WORLD);
+        rx = comm->start_all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);
+        rg = comm->start_all_gather(loco::host_tensor(static_cast<const std::byte*>(send.data()), 8),
+                                    loco::host_tensor(recv.data(), recv.size()));
+        ry = comm->start_all_reduce(loco::host_tensor(y.data(), y.size()), reduce_op::mean);
+    }
+    CHECK(x == std::vector<float>(1000, static_cast<float>(m)));  // completed by the destructor
+    CHECK_NOTHROW(ry.finish());
+    CHECK(y == std::vector<float>(1000, 2.0f));
+    CHECK_NOTHROW(rx.finish());
+    CHECK_THROWS_AS(rx.finish(), loco::invalid_argument);
+    CHECK(recv == std::vector<std::byte>(recv.size(), std::byte{7}));
+    { const auto dropped = std::move(rg); }  // dropped unfinished, its communicator gone
+}
+
+TEST_CASE("mpi: ranks that finish a request at different points do not wait for each other") {
+    // Same collectives in the same order on every rank; only where a rank finishes request A
+    // differs: rank 0 before starting the next collective, the others after. With the call check a
+    // rank used to block in the check's all-reduce while rank 0 waited for A's all-gather, which
+    // that rank issues only when it progresses A.
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    for (const bool check : {true, false}) {
+        CAPTURE(check);
+        loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = check});
+        for (int next = 0; next < 5; ++next) {
+            CAPTURE(next);
+            std::vector<float> a(4096, 1.0f), b(4096, 2.0f);
+            std::vector<std::byte> send(16 * um, static_cast<std::byte>(me));
+            std::vector<std::byte> recv(16 * um);
+            // The next collective; split-phase ones come back as a request, to finish last.
+            const auto start_next = [&]() -> loco::comm::request {
+                switch (next) {
+                    case 0:
+                        return comm.start_all_reduce(loco::host_tensor(b.data(), b.size()), reduce_op::sum);
+                    case 1:
+                        return comm.start_all_gather(
+                            loco::host_tensor(static_cast<const std::byte*>(send.data()), 16),
+                            loco::host_tensor(recv.data(), recv.size()));
+                    case 2:
+                        comm.broadcast(loco::comm::as_bytes(loco::host_tensor(b.data(), b.size())), 0);
+                        break;
+                    case 3:
+                        comm.all_to_all(loco::host_tensor(static_cast<const std::byte*>(send.data()), send.size()),
+                                        loco::host_tensor(recv.data(), recv.size()));
+                        break;
+                    default:
+                        comm.barrier();
+                }
+                return {};
+            };
+            auto ra = comm.start_all_reduce(loco::host_tensor(a.data(), a.size()), reduce_op::sum);
+            loco::comm::request rb;
+            if (me == 0) {
+                ra.finish();
+                rb = start_next();
+            } else {
+                rb = start_next();
+                ra.finish();
+            }
+            if (rb.pending()) {
+                rb.finish();
+            }
+            CHECK(a == std::vector<float>(4096, static_cast<float>(m)));
+            CHECK(b == std::vector<float>(4096, next == 0 ? 2.0f * static_cast<float>(m) : 2.0f));
+            if (next == 1 || next == 3) {
+                for (std::size_t k = 0; k < recv.size(); ++k) {
+                    CHECK(recv[k] == static_cast<std::byte>(k / 16));
+                }
+            }
+        }
+    }
+}
+
+TEST_CASE("mpi: ranks that call different collectives with one in flight all throw, naming every kind") {
+    const int m = world_size();
+    const int me = world_rank();
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    if (m > 1) {
+        // A rank in barrier() completes the all_reduce before its call check; a rank in
+        // broadcast() checks first. Each must keep the other's all_reduce moving.
+        std::vector<float> a(4096, 1.0f), b(16, 2.0f);
+        auto ra = comm.start_all_reduce(loco::host_tensor(a.data(), a.size()), reduce_op::sum);
+        const auto call = [&](int barrier_rank, int gather_rank) {
+            std::vector<std::byte> recv(b.size() * sizeof(float) * static_cast<std::size_t>(m));
+            if (me == barrier_rank) {
+                comm.barrier();
+            } else if (me == gather_rank) {
+                comm.all_gather(loco::comm::as_bytes(loco::host_tensor(static_cast<const float*>(b.data()), b.size())),
+                                loco::host_tensor(recv.data(), recv.size()));
+            } else {
+                comm.broadcast(loco::comm::as_bytes(loco::host_tensor(b.data(), b.size())), 0);
+            }
+        };
+        CHECK_THROWS_WITH_AS(call(0, -1),
+                             doctest::Contains("ranks disagree on the collective: some called barrier, others broadcast"),
+                             loco::comm_error);
+        ra.finish();
+        CHECK(a == std::vector<float>(4096, static_cast<float>(m)));
+        if (m > 2) {
+            CHECK_THROWS_WITH_AS(call(0, 1),
+                                 doctest::Contains("ranks disagree on the collective: some called barrier, some all_gather, others broadcast"),
+                                 loco::comm_error);
+        }
+    }
+    comm.barrier();  // still usable
+}
+
+TEST_CASE("mpi: a count over MPI's int limit is refused by every rank together") {
+    // The call check comes before the local count limit, so a rank over the limit is not alone
+    // in throwing while its peers wait. No buffer is touched: the checks come first.
+    const int m = world_size();
+    const int me = world_rank();
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    const std::size_t huge = static_cast<std::size_t>(INT_MAX) + 1;
+    std::vector<float> x(4, 1.0f);
+    auto bytes = loco::comm::as_bytes(loco::host_tensor(x.data(), x.size()));
+    if (m > 1) {
+        CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), me == 0 ? huge : 4), reduce_op::sum),
+                             doctest::Contains("ranks disagree on the size: from 4 floats to 2147483648 floats"),
+                             loco::comm_error);
+        CHECK_THROWS_WITH_AS(comm.broadcast(loco::host_tensor(bytes.data, me == m - 1 ? huge : 16), 0),
+                             doctest::Contains("ranks disagree on the size: from 16 bytes to 2147483648 bytes"),
+                             loco::comm_error);
+    }
+    CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), huge), reduce_op::sum),
+                         doctest::Contains("2147483648 floats exceed MPI's int count limit"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(comm.broadcast(loco::host_tensor(bytes.data, huge), 0),
+                         doctest::Contains("2147483648 bytes exceed MPI's int count limit"),
+                         loco::invalid_argument);
+    CHECK(x == std::vector<float>(4, 1.0f));
+    comm.all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);  // still usable
+    CHECK(x == std::vector<float>(4, static_cast<float>(m)));
+}
+
+TEST_CASE("mpi: a request finished on another thread while this one starts the next") {
+    // docs/communicators.md: finishing a request on another thread than the one that started it
+    // is fine. A helper thread finishes request i while this thread starts request i + 1 (run
+    // under TSan to see that they never touch the communicator's state at once).
+    const int m = world_size();
+    const int me = world_rank();
+    int level = MPI_THREAD_SINGLE;
+    MPI_Query_thread(&level);
+    const std::size_t n = 1024;
+    if (level >= MPI_THREAD_SERIALIZED) {
+        for (const bool check : {true, false}) {
+            CAPTURE(check);
+            loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = check});
+            const int rounds = 40;
+            std::vector<std::vector<float>> bufs(rounds, std::vector<float>(n, 1.0f));
+            loco::comm::request prev;
+            std::string errors;
+            for (int i = 0; i < rounds; ++i) {
+                std::thread finisher([&errors, r = std::move(prev)]() mutable {
+                    try {
+                        if (r.pending()) {
+                            r.finish();
+                        }
+                    } catch (const std::exception& e) {
+                        errors += e.what();
+                    }
+                });
+                prev = comm.start_all_reduce(loco::host_tensor(bufs[static_cast<std::size_t>(i)].data(), n),
+                                             reduce_op::sum);
+                finisher.join();
+            }
+            prev.finish();
+            CHECK(errors.empty());
+            int wrong = 0;
+            for (const auto& b : bufs) {
+                wrong += b != std::vector<float>(n, static_cast<float>(m)) ? 1 : 0;
+            }
+            CHECK(wrong == 0);
+            CHECK(comm.bytes_sent() == rounds * all_reduce_bytes(n, m, me));
+        }
+    } else {
+        // Below MPI_THREAD_SERIALIZED MPI may not be called from another thread: finish() there
+        // is refused, and the collective completes with the next call on the main thread.
+        loco::comm::mpi comm(MPI_COMM_WORLD);
+        std::vector<float> x(n, 1.0f);
+        auto r = comm.start_all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+        std::string finish_message, start_message;
+        std::thread other([&] {
+            try {
+                r.finish();
+            } catch (const loco::invalid_argument& e) {
+                finish_message = e.what();
+            }
+        });
+        other.join();
+        CHECK(finish_message.find("all_reduce: finish() on a thread other than MPI's main thread") !=
+              std::string::npos);
+        comm.barrier();
+        CHECK(x == std::vector<float>(n, static_cast<float>(m)));
+        std::thread starter([&] {
+            try {
+                comm.barrier();
+            } catch (const loco::invalid_argument& e) {
+                start_message = e.what();
+            }
+        });
+        starter.join();
+        CHECK(start_message.find("barrier: called on a thread other than MPI's main thread") !=
+              std::string::npos);
+        // A request dropped on another thread still completes (its buffers may go right after).
+        std::vector<float> y(n, 1.0f);
+        auto dropped = comm.start_all_reduce(loco::host_tensor(y.data(), n), reduce_op::sum);
+        std::thread([d = std::move(dropped)]() mutable { const auto gone = std::move(d); }).join();
+        CHECK(y == std::vector<float>(n, static_cast<float>(m)));
+    }
 }
 
 TEST_CASE("mpi: ranks that disagree all throw the same comm_error and the communicator goes on") {

@@ -26,6 +26,15 @@
 // rank: finishing any request first completes every collective started before it, and a blocking
 // collective first completes every pending one. MPI progresses a transfer only inside MPI calls
 // (OpenMPI has no progress thread for collectives), so the overlap is as good as the MPI library's.
+// The call check is nonblocking too, and the pending collectives keep moving while it waits: a
+// peer may be blocked finishing a collective whose next stage this rank has yet to issue.
+//
+// The state lives in a `core` shared by the communicator and its requests, behind one mutex taken
+// by every entry point (start_*, the blocking calls, finish, the destructor): a request may be
+// finished on another thread than the one starting the next collective, and finished or dropped
+// after its communicator is gone (the destructor completes it, or fails it after MPI_Finalize).
+// Below MPI_THREAD_SERIALIZED, MPI may only be called from its main thread, so calls from other
+// threads are refused.
 
 #include <loco/comm/communicator.hpp>
 #include <loco/error.hpp>
@@ -33,12 +42,14 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -54,7 +65,7 @@ public:
         int expected_size = 0;
         // MPI_Comm_free the given communicator in the destructor (never MPI_COMM_WORLD/SELF).
         bool take_ownership = false;
-        // Before each collective, one small MPI_Allreduce compares what the ranks called (kind,
+        // Before each collective, one small MPI_Iallreduce compares what the ranks called (kind,
         // count, root, operation): ranks that disagree all throw the same comm_error and no data
         // moves, instead of MPI's undefined behaviour (truncation, garbage or a hang). It costs
         // one latency per collective; turn it off only for programs known to agree.
@@ -65,8 +76,7 @@ public:
     // already finalized, invalid_argument for MPI_COMM_NULL or an inter-communicator, and
     // comm_error when the size differs from options::expected_size.
     explicit mpi(MPI_Comm comm) : mpi(comm, options{}) {}
-    mpi(MPI_Comm comm, options opts) : user_(comm), take_ownership_(opts.take_ownership),
-                                       check_calls_(opts.check_calls) {
+    mpi(MPI_Comm comm, options opts) : user_(comm), take_ownership_(opts.take_ownership) {
         require_mpi_running("loco::comm::mpi: ");
         if (comm == MPI_COMM_NULL) {
             throw invalid_argument("loco::comm::mpi: the communicator is MPI_COMM_NULL; pass "
@@ -82,26 +92,29 @@ public:
             throw invalid_argument("loco::comm::mpi: an inter-communicator was given; loco's "
                                    "collectives need an intra-communicator (MPI_Intercomm_merge)");
         }
-        check_setup(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
-        check_setup(MPI_Comm_size(comm, &size_), "MPI_Comm_size");
+        core& c = *core_;
+        c.check_calls = opts.check_calls;
+        check_setup(MPI_Query_thread(&c.thread_level), "MPI_Query_thread");
+        check_setup(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
+        check_setup(MPI_Comm_size(comm, &c.size), "MPI_Comm_size");
         if (opts.expected_size < 0) {
             throw invalid_argument("loco::comm::mpi: expected_size must be >= 0 (0 = any), got " +
                                    std::to_string(opts.expected_size));
         }
-        if (opts.expected_size != 0 && opts.expected_size != size_) {
+        if (opts.expected_size != 0 && opts.expected_size != c.size) {
             throw comm_error("loco::comm::mpi: expected " + std::to_string(opts.expected_size) +
-                             " ranks but the MPI communicator has " + std::to_string(size_) +
+                             " ranks but the MPI communicator has " + std::to_string(c.size) +
                              "; start the program with mpirun -np " +
                              std::to_string(opts.expected_size) +
                              " or pass the communicator of that group");
         }
-        check_setup(MPI_Comm_dup(comm, &data_), "MPI_Comm_dup");
-        if (const int rc = MPI_Comm_set_errhandler(data_, MPI_ERRORS_RETURN); rc != MPI_SUCCESS) {
-            MPI_Comm_free(&data_);
+        check_setup(MPI_Comm_dup(comm, &c.data), "MPI_Comm_dup");
+        if (const int rc = MPI_Comm_set_errhandler(c.data, MPI_ERRORS_RETURN); rc != MPI_SUCCESS) {
+            MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_set_errhandler");
         }
-        if (const int rc = MPI_Comm_dup(data_, &gather_); rc != MPI_SUCCESS) {
-            MPI_Comm_free(&data_);
+        if (const int rc = MPI_Comm_dup(c.data, &c.gather); rc != MPI_SUCCESS) {
+            MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_dup");
         }
     }
@@ -109,51 +122,63 @@ public:
     mpi(const mpi&) = delete;
     mpi& operator=(const mpi&) = delete;
 
-    // Completes what is still pending (errors have no one to go to), then frees the duplicates and,
-    // with take_ownership, the given communicator. Collective when MPI frees communicators
-    // collectively; does nothing to MPI once MPI_Finalize has run.
+    // Completes what is still pending (errors stay with their requests, which may be finished or
+    // dropped later), then frees the duplicates and, with take_ownership, the given communicator.
+    // Collective when MPI frees communicators collectively. Once MPI_Finalize has run it does
+    // nothing to MPI: the requests still pending throw comm_error from finish().
     ~mpi() override {
+        core& c = *core_;
+        const std::lock_guard<std::mutex> lock(c.mutex);
         int finalized = 0;
         MPI_Finalized(&finalized);
         if (finalized != 0) {
+            c.close("the communicator was destroyed before finish(), after MPI_Finalize, so the "
+                    "collective never completed; finish every request before MPI_Finalize");
             return;
         }
         try {
-            drain();
+            c.drain();
         } catch (...) {
             // Every pending operation keeps its own error; nothing more to report here.
         }
-        MPI_Comm_free(&gather_);
-        MPI_Comm_free(&data_);
+        c.close("the communicator was destroyed before finish() and could not complete the "
+                "collective");
+        MPI_Comm_free(&c.gather);
+        MPI_Comm_free(&c.data);
         if (take_ownership_) {
             MPI_Comm_free(&user_);
         }
     }
 
-    int rank() const noexcept override { return rank_; }
-    int size() const noexcept override { return size_; }
+    int rank() const noexcept override { return core_->rank; }
+    int size() const noexcept override { return core_->size; }
     loco::memory_space space() const noexcept override { return loco::memory_space::host; }
     std::string_view name() const noexcept override { return "mpi"; }
-    std::uint64_t bytes_sent() const noexcept override { return bytes_sent_; }
+    std::uint64_t bytes_sent() const noexcept override { return core_->bytes_sent.load(); }
 
     // The communicator given at construction (loco uses duplicates of it).
     MPI_Comm handle() const noexcept { return user_; }
 
 protected:
+    // Each call checks with its peers first (agree), then its own limits (checked_count): a count
+    // that only some ranks pass is a disagreement every rank reports, not a local throw that leaves
+    // the others waiting.
     std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
                                                             reduce_op op) override {
         const std::string where = prefix("all_reduce");
-        require_usable(where);
+        core& c = *core_;
+        const auto lock = c.enter(where);
+        c.require_usable(where);
+        c.agree(kind::all_reduce, data.size, 0, op, where);
         checked_count(data.size, "floats", where);
-        agree(kind::all_reduce, data.size, 0, op, where);
-        progress();
-        require_usable(where);
+        c.progress();
+        c.require_usable(where);
         auto p = std::make_shared<pending>();
         p->what = kind::all_reduce;
         p->where = where;
         p->data = data;
         p->op = op;
-        const auto m = static_cast<std::size_t>(size_);
+        const auto m = static_cast<std::size_t>(c.size);
         p->counts.resize(m);
         p->displs.resize(m);
         for (std::size_t k = 0; k < m; ++k) {
@@ -161,7 +186,7 @@ protected:
             p->counts[k] = static_cast<int>(chunk_begin(data.size, k + 1) - chunk_begin(data.size, k));
         }
         // Rank r receives its own chunk from every rank: M blocks of c_r floats, in rank order.
-        const int own = p->counts[static_cast<std::size_t>(rank_)];
+        const int own = p->counts[static_cast<std::size_t>(c.rank)];
         p->scratch.resize(m * static_cast<std::size_t>(own));
         p->recv_counts.assign(m, own);
         p->recv_displs.resize(m);
@@ -169,80 +194,89 @@ protected:
             p->recv_displs[k] = static_cast<int>(k) * own;
         }
         // MPI reads the count arrays until completion: they live in `p`, as long as the request.
-        call(MPI_Ialltoallv(data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
-                            p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
-                            MPI_FLOAT, data_, &p->req),
-             "MPI_Ialltoallv", where);
+        c.call(MPI_Ialltoallv(data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
+                              p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
+                              MPI_FLOAT, c.data, &p->req),
+               "MPI_Ialltoallv", where);
         p->step = stage::reduce_scatter;
         p->bytes = sizeof(float) * (data.size - static_cast<std::size_t>(own));
-        queue_.push_back(p);
-        return std::make_unique<operation>(*this, std::move(p));
+        c.queue.push_back(p);
+        return std::make_unique<operation>(core_, std::move(p));
     }
 
     std::unique_ptr<request::operation> do_start_all_gather(tensor_view<const std::byte> send,
                                                             tensor_view<std::byte> recv) override {
         const std::string where = prefix("all_gather");
-        require_usable(where);
+        core& c = *core_;
+        const auto lock = c.enter(where);
+        c.require_usable(where);
+        c.agree(kind::all_gather, send.size, 0, reduce_op::sum, where);
         const int n = checked_count(send.size, "bytes", where);
-        agree(kind::all_gather, send.size, 0, reduce_op::sum, where);
-        progress();
-        require_usable(where);
+        c.progress();
+        c.require_usable(where);
         auto p = std::make_shared<pending>();
         p->what = kind::all_gather;
         p->where = where;
-        p->bytes = static_cast<std::uint64_t>(size_ - 1) * send.size;
+        p->bytes = static_cast<std::uint64_t>(c.size - 1) * send.size;
         // In place: this rank's send already sits in its slot of recv.
-        const std::byte* own_slot = recv.data + static_cast<std::size_t>(rank_) * send.size;
+        const std::byte* own_slot = recv.data + static_cast<std::size_t>(c.rank) * send.size;
         const void* src = send.size != 0 && send.data == own_slot
                               ? MPI_IN_PLACE
                               : static_cast<const void*>(send.data);
-        call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, data_, &p->req),
-             "MPI_Iallgather", where);
+        c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data, &p->req),
+               "MPI_Iallgather", where);
         p->step = stage::all_gather;
-        queue_.push_back(p);
-        return std::make_unique<operation>(*this, std::move(p));
+        c.queue.push_back(p);
+        return std::make_unique<operation>(core_, std::move(p));
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
         const std::string where = prefix("all_to_all");
-        require_usable(where);
-        const std::size_t block = send.size / static_cast<std::size_t>(size_);
+        core& c = *core_;
+        const auto lock = c.enter(where);
+        c.require_usable(where);
+        const std::size_t block = send.size / static_cast<std::size_t>(c.size);
+        c.agree(kind::all_to_all, send.size, 0, reduce_op::sum, where);
         const int n = checked_count(block, "bytes per block", where);
-        agree(kind::all_to_all, send.size, 0, reduce_op::sum, where);
-        drain();
-        require_usable(where);
-        call(MPI_Alltoall(send.data, n, MPI_BYTE, recv.data, n, MPI_BYTE, data_), "MPI_Alltoall",
-             where);
-        bytes_sent_ += static_cast<std::uint64_t>(size_ - 1) * block;
+        c.drain();
+        c.require_usable(where);
+        c.call(MPI_Alltoall(send.data, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data),
+               "MPI_Alltoall", where);
+        c.bytes_sent += static_cast<std::uint64_t>(c.size - 1) * block;
     }
 
     void do_broadcast(tensor_view<std::byte> data, int root) override {
         const std::string where = prefix("broadcast");
-        require_usable(where);
+        core& c = *core_;
+        const auto lock = c.enter(where);
+        c.require_usable(where);
+        c.agree(kind::broadcast, data.size, root, reduce_op::sum, where);
         const int n = checked_count(data.size, "bytes", where);
-        agree(kind::broadcast, data.size, root, reduce_op::sum, where);
-        drain();
-        require_usable(where);
-        call(MPI_Bcast(data.data, n, MPI_BYTE, root, data_), "MPI_Bcast", where);
-        if (rank_ == root) {
-            bytes_sent_ += static_cast<std::uint64_t>(size_ - 1) * data.size;
+        c.drain();
+        c.require_usable(where);
+        c.call(MPI_Bcast(data.data, n, MPI_BYTE, root, c.data), "MPI_Bcast", where);
+        if (c.rank == root) {
+            c.bytes_sent += static_cast<std::uint64_t>(c.size - 1) * data.size;
         }
     }
 
     void do_barrier() override {
         const std::string where = prefix("barrier");
-        require_usable(where);
-        drain();
-        require_usable(where);
-        if (check_calls_) {
-            agree(kind::barrier, 0, 0, reduce_op::sum, where);  // that all-reduce is a barrier
+        core& c = *core_;
+        const auto lock = c.enter(where);
+        c.require_usable(where);
+        c.drain();
+        c.require_usable(where);
+        if (c.check_calls) {
+            c.agree(kind::barrier, 0, 0, reduce_op::sum, where);  // that all-reduce is a barrier
         } else {
-            call(MPI_Barrier(data_), "MPI_Barrier", where);
+            c.call(MPI_Barrier(c.data), "MPI_Barrier", where);
         }
     }
 
 private:
-    enum class kind : std::int64_t { barrier, all_reduce, all_gather, all_to_all, broadcast };
+    enum class kind : unsigned char { barrier, all_reduce, all_gather, all_to_all, broadcast };
+    static constexpr int kinds = 5;
     enum class stage : unsigned char { reduce_scatter, all_gather, done };
 
     // One started nonblocking collective. Shared by the queue and the request.
@@ -261,25 +295,298 @@ private:
         std::vector<int> recv_counts, recv_displs;
     };
 
-    class operation final : public request::operation {
-    public:
-        operation(mpi& owner, std::shared_ptr<pending> p) noexcept
-            : owner_(owner), p_(std::move(p)) {}
-        void wait() override {
-            owner_.complete_through(p_);
-            if (p_->error) {
-                std::rethrow_exception(p_->error);
+    // What the communicator and its requests share: the MPI side of every call, behind one mutex.
+    // A request holds it, so it outlives the communicator; once `closed`, nothing touches MPI.
+    struct core {
+        std::mutex mutex;  // every entry point holds it, so one thread at a time drives MPI here
+        MPI_Comm data = MPI_COMM_NULL;    // every collective but all_reduce's all-gather
+        MPI_Comm gather = MPI_COMM_NULL;  // all_reduce's all-gathers, issued in start order
+        bool check_calls = true;
+        int rank = 0;
+        int size = 1;
+        int thread_level = MPI_THREAD_SINGLE;  // what MPI provides (MPI_Query_thread)
+        bool closed = false;  // the communicator is gone: every pending collective is done
+        std::atomic<std::uint64_t> bytes_sent{0};  // read by bytes_sent() without the mutex
+        std::string broken;  // the first MPI error; after it this communicator refuses calls
+        std::deque<std::shared_ptr<pending>> queue;  // started, not yet completed, in start order
+
+        // An entry point: takes the mutex, then checks that MPI runs and may be called here.
+        std::unique_lock<std::mutex> enter(const std::string& where) {
+            std::unique_lock<std::mutex> lock(mutex);
+            require_mpi_running(where);
+            require_thread(where, "called");
+            return lock;
+        }
+
+        // Below MPI_THREAD_SERIALIZED only MPI's main thread may call MPI (the mutex would keep
+        // loco's calls apart, but not the MPI library's own state nor the program's other calls).
+        void require_thread(const std::string& where, const char* what) const {
+            if (thread_level >= MPI_THREAD_SERIALIZED) {
+                return;
+            }
+            int is_main = 0;
+            MPI_Is_thread_main(&is_main);
+            if (is_main == 0) {
+                throw invalid_argument(where + what + " on a thread other than MPI's main thread, "
+                                       "but MPI provides only " + level_name(thread_level) +
+                                       "; initialise MPI with MPI_Init_thread and "
+                                       "MPI_THREAD_SERIALIZED to use loco from several threads");
             }
         }
 
+        // request::finish (`checked`) or the drop of an unfinished request.
+        void finish(const std::shared_ptr<pending>& p, bool checked) {
+            const std::lock_guard<std::mutex> lock(mutex);
+            if (!closed) {
+                int finalized = 0;
+                MPI_Finalized(&finalized);
+                if (checked && finalized == 0) {
+                    // Before looking at p: whether it is done yet depends on timing.
+                    require_thread(p->where, "finish()");
+                }
+                if (p->step != stage::done) {
+                    require_mpi_running(p->where);
+                    complete_through(p);
+                }
+            }
+            if (p->error) {
+                std::rethrow_exception(p->error);
+            }
+        }
+
+        // The communicator is going away: a collective still pending fails with `reason` (the
+        // destructor drained them first, unless MPI was already finalized).
+        void close(const char* reason) {
+            for (const auto& p : queue) {
+                if (p->step != stage::done) {
+                    p->error = std::make_exception_ptr(comm_error(p->where + reason));
+                    p->step = stage::done;
+                }
+            }
+            queue.clear();
+            closed = true;
+        }
+
+        // An MPI call of a collective: a failure leaves the ranks' views of what was exchanged
+        // unknown, so this communicator refuses every later call.
+        void call(int rc, const char* fn, const std::string& where) {
+            if (rc == MPI_SUCCESS) {
+                return;
+            }
+            const std::string message = where + fn + " failed: " + mpi_error_text(rc);
+            if (broken.empty()) {
+                broken = message;
+            }
+            throw comm_error(message);
+        }
+
+        void require_usable(const std::string& where) const {
+            require_mpi_running(where);
+            if (!broken.empty()) {
+                throw comm_error(where + "an earlier MPI error left this communicator unusable (" +
+                                 broken + "); the ranks may disagree on what was exchanged, so "
+                                 "end the job (MPI_Abort) and restart it from a checkpoint");
+            }
+        }
+
+        // One MPI_Iallreduce (max) of the call's fields, their negations and one flag per kind
+        // gives every rank the minimum and maximum of each field and every kind called; where
+        // they differ, every rank throws the same comm_error before any data moves. The pending
+        // collectives keep moving while it waits: a peer may be blocked in finish() on one whose
+        // all-gather this rank issues only once its reduce-scatter is done.
+        void agree(kind what, std::size_t count, int root, reduce_op op, const std::string& where) {
+            if (!check_calls) {
+                return;
+            }
+            const std::int64_t mine[3] = {static_cast<std::int64_t>(count), root,
+                                          static_cast<std::int64_t>(op)};
+            std::int64_t v[6 + kinds] = {};
+            for (int i = 0; i < 3; ++i) {
+                v[i] = mine[i];
+                v[3 + i] = -mine[i];
+            }
+            v[6 + static_cast<int>(what)] = 1;
+            MPI_Request check = MPI_REQUEST_NULL;
+            call(MPI_Iallreduce(MPI_IN_PLACE, v, 6 + kinds, MPI_INT64_T, MPI_MAX, data, &check),
+                 "MPI_Iallreduce", where);
+            if (queue.empty()) {
+                call(MPI_Wait(&check, MPI_STATUS_IGNORE), "MPI_Iallreduce", where);
+            } else {
+                for (int done = 0; done == 0;) {
+                    progress();
+                    call(MPI_Test(&check, &done, MPI_STATUS_IGNORE), "MPI_Iallreduce", where);
+                }
+            }
+            const auto lo = [&](int i) { return -v[3 + i]; };
+            const auto hi = [&](int i) { return v[i]; };
+            const std::string rule = "; every rank must call the same collectives in the same "
+                                     "order with the same sizes (no data moved)";
+            std::vector<std::string_view> called;
+            for (int k = 0; k < kinds; ++k) {
+                if (v[6 + k] != 0) {
+                    called.push_back(kind_name(static_cast<kind>(k)));
+                }
+            }
+            if (called.size() > 1) {
+                // "some called barrier, some all_gather, others broadcast"
+                std::string list = "some called " + std::string(called.front());
+                for (std::size_t i = 1; i + 1 < called.size(); ++i) {
+                    list += ", some " + std::string(called[i]);
+                }
+                list += ", others " + std::string(called.back());
+                throw comm_error(where + "ranks disagree on the collective: " + list + rule);
+            }
+            if (lo(0) != hi(0)) {
+                const char* unit = what == kind::all_reduce ? " floats" : " bytes";
+                throw comm_error(where + "ranks disagree on the size: from " +
+                                 std::to_string(lo(0)) + unit + " to " + std::to_string(hi(0)) +
+                                 unit + rule);
+            }
+            if (lo(1) != hi(1)) {
+                throw comm_error(where + "ranks disagree on the root: from rank " +
+                                 std::to_string(lo(1)) + " to rank " + std::to_string(hi(1)) +
+                                 rule);
+            }
+            if (lo(2) != hi(2)) {
+                throw comm_error(where + "ranks disagree on the reduce operation: some sum, "
+                                         "others take the mean" + rule);
+            }
+        }
+
+        // Moves `p` on when its stage is complete: waits for it when `block`, else only tests.
+        // Returns true when p is done (with or without an error).
+        bool advance(pending& p, bool block) {
+            try {
+                if (p.step == stage::reduce_scatter) {
+                    if (!complete(p, block, "MPI_Ialltoallv")) {
+                        return false;
+                    }
+                    if (!broken.empty()) {
+                        throw comm_error(p.where + "not completed: an earlier MPI error left this "
+                                                   "communicator unusable (" + broken + ")");
+                    }
+                    reduce_own_chunk(p);
+                    call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, p.data.data, p.counts.data(),
+                                         p.displs.data(), MPI_FLOAT, gather, &p.req),
+                         "MPI_Iallgatherv", p.where);
+                    p.step = stage::all_gather;
+                    const auto own = static_cast<std::uint64_t>(p.counts[static_cast<std::size_t>(rank)]);
+                    p.bytes = sizeof(float) * static_cast<std::uint64_t>(size - 1) * own;
+                }
+                if (p.step == stage::all_gather) {
+                    if (!complete(p, block, p.what == kind::all_reduce ? "MPI_Iallgatherv"
+                                                                        : "MPI_Iallgather")) {
+                        return false;
+                    }
+                    p.step = stage::done;
+                    p.scratch = {};
+                }
+            } catch (...) {
+                p.error = std::current_exception();
+                p.step = stage::done;
+                p.scratch = {};
+            }
+            return true;
+        }
+
+        // Waits for or tests the stage in flight; counts its bytes when it completed.
+        bool complete(pending& p, bool block, const char* fn) {
+            int done = 1;
+            if (block) {
+                call(MPI_Wait(&p.req, MPI_STATUS_IGNORE), fn, p.where);
+            } else {
+                call(MPI_Test(&p.req, &done, MPI_STATUS_IGNORE), fn, p.where);
+            }
+            if (done != 0) {
+                bytes_sent += p.bytes;
+            }
+            return done != 0;
+        }
+
+        // The reduce-scatter's sum: rank r's chunk over ranks 0..M-1 in that order, as
+        // comm::threads sums it, then divided by M for the mean.
+        void reduce_own_chunk(pending& p) const {
+            const auto m = static_cast<std::size_t>(size);
+            const auto r = static_cast<std::size_t>(rank);
+            const auto c = static_cast<std::size_t>(p.counts[r]);
+            float* out = p.data.data + p.displs[r];
+            const float* in = p.scratch.data();
+            for (std::size_t i = 0; i < c; ++i) {
+                out[i] = in[i];
+            }
+            for (std::size_t k = 1; k < m; ++k) {
+                const float* block = in + k * c;
+                for (std::size_t i = 0; i < c; ++i) {
+                    out[i] += block[i];
+                }
+            }
+            if (p.op == reduce_op::mean) {
+                const float divisor = static_cast<float>(m);
+                for (std::size_t i = 0; i < c; ++i) {
+                    out[i] = out[i] / divisor;
+                }
+            }
+        }
+
+        // Opportunistic progress: moves the pending collectives on as far as their transfers
+        // allow, in start order, so all_reduce's all-gather is issued without waiting for
+        // finish(). Issues nothing out of order: it stops at the first reduce-scatter in flight.
+        void progress() {
+            for (auto& p : queue) {
+                if (p->step == stage::reduce_scatter) {
+                    if (!advance(*p, false)) {
+                        break;
+                    }
+                } else if (p->step == stage::all_gather) {
+                    advance(*p, false);
+                }
+            }
+            while (!queue.empty() && queue.front()->step == stage::done) {
+                queue.pop_front();
+            }
+        }
+
+        // Completes every collective started before `p`, then `p` (start order).
+        void complete_through(const std::shared_ptr<pending>& p) {
+            if (std::find(queue.begin(), queue.end(), p) == queue.end()) {
+                return;  // already completed, with every collective before it
+            }
+            while (!queue.empty()) {
+                const auto front = queue.front();
+                advance(*front, true);
+                queue.pop_front();
+                if (front == p) {
+                    return;
+                }
+            }
+        }
+
+        // Completes every pending collective; their errors stay with their requests.
+        void drain() {
+            while (!queue.empty()) {
+                advance(*queue.front(), true);
+                queue.pop_front();
+            }
+        }
+    };
+
+    class operation final : public request::operation {
+    public:
+        operation(std::shared_ptr<core> c, std::shared_ptr<pending> p) noexcept
+            : core_(std::move(c)), p_(std::move(p)) {}
+        void wait() override { core_->finish(p_, true); }
+        // A dropped request must not return while MPI may still write its buffers, whatever
+        // thread drops it: no thread check here (its error is dropped anyway).
+        void abandon() override { core_->finish(p_, false); }
+
     private:
-        mpi& owner_;
+        std::shared_ptr<core> core_;
         std::shared_ptr<pending> p_;
     };
 
     // Rank k's chunk of n elements starts here, as in comm::threads.
     std::size_t chunk_begin(std::size_t n, std::size_t k) const noexcept {
-        return n * k / static_cast<std::size_t>(size_);
+        return n * k / static_cast<std::size_t>(core_->size);
     }
 
     static void require_mpi_running(const std::string& where) {
@@ -314,28 +621,6 @@ private:
         }
     }
 
-    // An MPI call of a collective: a failure leaves the ranks' views of what was exchanged
-    // unknown, so this communicator refuses every later call.
-    void call(int rc, const char* fn, const std::string& where) {
-        if (rc == MPI_SUCCESS) {
-            return;
-        }
-        const std::string message = where + fn + " failed: " + mpi_error_text(rc);
-        if (broken_.empty()) {
-            broken_ = message;
-        }
-        throw comm_error(message);
-    }
-
-    void require_usable(const std::string& where) const {
-        require_mpi_running(where);
-        if (!broken_.empty()) {
-            throw comm_error(where + "an earlier MPI error left this communicator unusable (" +
-                             broken_ + "); the ranks may disagree on what was exchanged, so "
-                             "end the job (MPI_Abort) and restart it from a checkpoint");
-        }
-    }
-
     static int checked_count(std::size_t n, const char* unit, const std::string& where) {
         if (n > static_cast<std::size_t>(INT_MAX)) {
             throw invalid_argument(where + std::to_string(n) + " " + unit +
@@ -345,8 +630,8 @@ private:
         return static_cast<int>(n);
     }
 
-    static std::string_view kind_name(std::int64_t k) noexcept {
-        switch (static_cast<kind>(k)) {
+    static std::string_view kind_name(kind k) noexcept {
+        switch (k) {
             case kind::barrier: return "barrier";
             case kind::all_reduce: return "all_reduce";
             case kind::all_gather: return "all_gather";
@@ -356,172 +641,17 @@ private:
         return "?";
     }
 
-    // One MPI_Allreduce of the call's description and its negation gives every rank the minimum
-    // and maximum of each field; where they differ, every rank throws the same comm_error before
-    // any data moves.
-    void agree(kind what, std::size_t count, int root, reduce_op op, const std::string& where) {
-        if (!check_calls_) {
-            return;
-        }
-        const std::int64_t mine[4] = {static_cast<std::int64_t>(what),
-                                      static_cast<std::int64_t>(count), root,
-                                      static_cast<std::int64_t>(op)};
-        std::int64_t v[8];
-        for (int i = 0; i < 4; ++i) {
-            v[i] = mine[i];
-            v[4 + i] = -mine[i];
-        }
-        call(MPI_Allreduce(MPI_IN_PLACE, v, 8, MPI_INT64_T, MPI_MAX, data_), "MPI_Allreduce", where);
-        const auto lo = [&](int i) { return -v[4 + i]; };
-        const auto hi = [&](int i) { return v[i]; };
-        const std::string rule = "; every rank must call the same collectives in the same order "
-                                 "with the same sizes (no data moved)";
-        if (lo(0) != hi(0)) {
-            throw comm_error(where + "ranks disagree on the collective: some called " +
-                             std::string(kind_name(lo(0))) + ", others " +
-                             std::string(kind_name(hi(0))) + rule);
-        }
-        if (lo(1) != hi(1)) {
-            const char* unit = what == kind::all_reduce ? " floats" : " bytes";
-            throw comm_error(where + "ranks disagree on the size: from " + std::to_string(lo(1)) +
-                             unit + " to " + std::to_string(hi(1)) + unit + rule);
-        }
-        if (lo(2) != hi(2)) {
-            throw comm_error(where + "ranks disagree on the root: from rank " +
-                             std::to_string(lo(2)) + " to rank " + std::to_string(hi(2)) + rule);
-        }
-        if (lo(3) != hi(3)) {
-            throw comm_error(where + "ranks disagree on the reduce operation: some sum, others take "
-                                     "the mean" + rule);
-        }
-    }
-
-    // Moves `p` on when its stage is complete: waits for it when `block`, else only tests.
-    // Returns true when p is done (with or without an error).
-    bool advance(pending& p, bool block) {
-        try {
-            if (p.step == stage::reduce_scatter) {
-                if (!complete(p, block, "MPI_Ialltoallv")) {
-                    return false;
-                }
-                if (!broken_.empty()) {
-                    throw comm_error(p.where + "not completed: an earlier MPI error left this "
-                                               "communicator unusable (" + broken_ + ")");
-                }
-                reduce_own_chunk(p);
-                call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, p.data.data, p.counts.data(),
-                                     p.displs.data(), MPI_FLOAT, gather_, &p.req),
-                     "MPI_Iallgatherv", p.where);
-                p.step = stage::all_gather;
-                const auto own = static_cast<std::uint64_t>(p.counts[static_cast<std::size_t>(rank_)]);
-                p.bytes = sizeof(float) * static_cast<std::uint64_t>(size_ - 1) * own;
-            }
-            if (p.step == stage::all_gather) {
-                if (!complete(p, block, p.what == kind::all_reduce ? "MPI_Iallgatherv"
-                                                                    : "MPI_Iallgather")) {
-                    return false;
-                }
-                p.step = stage::done;
-                p.scratch = {};
-            }
-        } catch (...) {
-            p.error = std::current_exception();
-            p.step = stage::done;
-            p.scratch = {};
-        }
-        return true;
-    }
-
-    // Waits for or tests the stage in flight; counts its bytes when it completed.
-    bool complete(pending& p, bool block, const char* fn) {
-        int done = 1;
-        if (block) {
-            call(MPI_Wait(&p.req, MPI_STATUS_IGNORE), fn, p.where);
-        } else {
-            call(MPI_Test(&p.req, &done, MPI_STATUS_IGNORE), fn, p.where);
-        }
-        if (done != 0) {
-            bytes_sent_ += p.bytes;
-        }
-        return done != 0;
-    }
-
-    // The reduce-scatter's sum: rank r's chunk over ranks 0..M-1 in that order, as comm::threads
-    // sums it, then divided by M for the mean.
-    void reduce_own_chunk(pending& p) const {
-        const auto m = static_cast<std::size_t>(size_);
-        const auto r = static_cast<std::size_t>(rank_);
-        const auto c = static_cast<std::size_t>(p.counts[r]);
-        float* out = p.data.data + p.displs[r];
-        const float* in = p.scratch.data();
-        for (std::size_t i = 0; i < c; ++i) {
-            out[i] = in[i];
-        }
-        for (std::size_t k = 1; k < m; ++k) {
-            const float* block = in + k * c;
-            for (std::size_t i = 0; i < c; ++i) {
-                out[i] += block[i];
-            }
-        }
-        if (p.op == reduce_op::mean) {
-            const float divisor = static_cast<float>(m);
-            for (std::size_t i = 0; i < c; ++i) {
-                out[i] = out[i] / divisor;
-            }
-        }
-    }
-
-    // Opportunistic progress at every start: moves the pending collectives on as far as their
-    // transfers allow, in start order, so all_reduce's all-gather is issued without waiting for
-    // finish(). Issues nothing out of order: it stops at the first reduce-scatter still in flight.
-    void progress() {
-        for (auto& p : queue_) {
-            if (p->step == stage::reduce_scatter) {
-                if (!advance(*p, false)) {
-                    return;
-                }
-            } else if (p->step == stage::all_gather) {
-                advance(*p, false);
-            }
-        }
-        while (!queue_.empty() && queue_.front()->step == stage::done) {
-            queue_.pop_front();
-        }
-    }
-
-    // Completes every collective started before `p`, then `p` (start order).
-    void complete_through(const std::shared_ptr<pending>& p) {
-        if (std::find(queue_.begin(), queue_.end(), p) == queue_.end()) {
-            return;  // already completed, with every collective before it
-        }
-        while (!queue_.empty()) {
-            const auto front = queue_.front();
-            advance(*front, true);
-            queue_.pop_front();
-            if (front == p) {
-                return;
-            }
-        }
-    }
-
-    // Completes every pending collective; their errors stay with their requests.
-    void drain() {
-        while (!queue_.empty()) {
-            advance(*queue_.front(), true);
-            queue_.pop_front();
+    static std::string level_name(int level) {
+        switch (level) {
+            case MPI_THREAD_SINGLE: return "MPI_THREAD_SINGLE";
+            case MPI_THREAD_FUNNELED: return "MPI_THREAD_FUNNELED";
+            default: return "thread level " + std::to_string(level);
         }
     }
 
     MPI_Comm user_;
-    MPI_Comm data_ = MPI_COMM_NULL;    // every collective but all_reduce's all-gather
-    MPI_Comm gather_ = MPI_COMM_NULL;  // all_reduce's all-gathers, issued in start order
     bool take_ownership_;
-    bool check_calls_;
-    int rank_ = 0;
-    int size_ = 1;
-    std::uint64_t bytes_sent_ = 0;
-    std::string broken_;  // the first MPI error; after it this communicator refuses calls
-    std::deque<std::shared_ptr<pending>> queue_;  // started, not yet completed, in start order
+    std::shared_ptr<core> core_ = std::make_shared<core>();
 };
 
 }  // namespace loco::comm
