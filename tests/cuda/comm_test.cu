@@ -438,6 +438,31 @@ TEST_CASE("nccl split-phase: start enqueues after the caller's stream, finish or
     CHECK_FALSE(comm->aborted());
 }
 
+TEST_CASE("nccl: a request that outlives its communicator touches nothing of it") {
+    // communicator.hpp allows a request to outlive its communicator; the destructor settles the
+    // collectives, so a late finish() throws and a late drop has nothing to wait for. Under the
+    // emulator's ASan build, touching the destroyed communicator is a use after free.
+    const std::string path =
+        "/tmp/loco-nccl-late-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(20)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    auto rng = rng_for("nccl late request");
+    const auto data = normal_floats(rng, 1001);
+    lc::device_buffer<float> buf(data.size());
+    buf.upload(data);
+    auto finished_late = comm->start_all_reduce(loco::cuda_tensor(buf.get(), buf.size()),
+                                                reduce_op::sum);
+    auto dropped_late = comm->start_all_reduce(loco::cuda_tensor(buf.get(), buf.size()),
+                                               reduce_op::sum);
+    comm.reset();
+    CHECK_THROWS_WITH_AS(finished_late.finish(),
+                         doctest::Contains("was finished after its communicator was destroyed"),
+                         loco::comm_error);
+    CHECK(buf.download() == data);  // one rank: the sums are the data, the collectives done
+}
+
 TEST_CASE("nccl on one GPU: peers that never come time out with a clear error") {
     using clock = std::chrono::steady_clock;
     // Rank 0 of a two-rank clique whose rank 1 never starts: creation gives up after the timeout

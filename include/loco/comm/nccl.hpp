@@ -179,6 +179,7 @@ public:
     }
 
     ~nccl() override {
+        *alive_ = false;  // requests still held no longer touch this object
         if (!owned_ || aborted_) {
             return;  // not ours, or already released by ncclCommAbort
         }
@@ -502,16 +503,34 @@ private:
     }
 
     // A collective enqueued on the communicator's stream: finishing it makes the caller's stream
-    // (and with options.wait the host) wait for the event recorded after it.
+    // (and with options.wait the host) wait for the event recorded after it. Dropped unfinished,
+    // the host waits whatever options.wait says: the caller may free the buffers right after.
+    // It may outlive the communicator (communicator.hpp): the destructor settles every collective
+    // (ncclCommFinalize, or abort at the timeout), so afterwards finish() throws and a drop has
+    // nothing left to wait for; the owner is touched only while it lives.
     class in_flight final : public request::operation {
     public:
         in_flight(nccl& owner, backend::cuda::event done, std::string where)
-            : owner_(owner), done_(std::move(done)), where_(std::move(where)) {}
-        ~in_flight() override { owner_.give_event(std::move(done_)); }
-        void wait() override { owner_.complete(done_.get(), where_, owner_.options_.wait); }
+            : owner_(owner), alive_(owner.alive_), done_(std::move(done)),
+              where_(std::move(where)) {}
+        ~in_flight() override {
+            if (*alive_) owner_.give_event(std::move(done_));
+        }
+        void wait() override {
+            if (!*alive_) {
+                throw comm_error("loco::comm::nccl: " + where_ + " was finished after its "
+                                 "communicator was destroyed (which completed or aborted it); "
+                                 "finish requests before destroying their communicator");
+            }
+            owner_.complete(done_.get(), where_, owner_.options_.wait);
+        }
+        void abandon() override {
+            if (*alive_) owner_.complete(done_.get(), where_, true);
+        }
 
     private:
         nccl& owner_;
+        std::shared_ptr<const bool> alive_;
         backend::cuda::event done_;
         std::string where_;
     };
@@ -597,6 +616,8 @@ private:
     std::uint64_t control_sent_ = 0;
     bool aborted_ = false;
     std::string abort_reason_;
+    // False once the destructor runs; shared with the requests in flight (in_flight).
+    std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
 // The unique id of a new NCCL clique, passed between processes through a file: rank 0 creates it
