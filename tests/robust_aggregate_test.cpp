@@ -328,6 +328,42 @@ TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {
     CHECK(out[0] == 7.0f);
 }
 
+// A worker whose model went NaN is left out by a robust rule; with error feedback its own
+// residual goes non-finite too. The round still applies on every rank (the aggregate is finite),
+// and the faulty worker keeps its residual as it was instead of a NaN one that would exclude it
+// for good (before, its vote dropped every round until training stalled).
+TEST_CASE("a faulty worker under trimmed_mean with error feedback: the rounds apply, its residual "
+          "stays finite") {
+    using ef = loco::compress::error_feedback<loco::compress::blockwise<8, 64>>;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, ef, loco::schedule::every,
+                               loco::aggregate::trimmed_mean>;
+    constexpr int m = 5;
+    std::array<std::vector<float>, m> globals;
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        auto rng = loco_test::rng_for("faulty ef worker " + std::to_string(comm.rank()));
+        std::vector<float> x(64, 1.0f), g(64);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        opt_t::config cfg{.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f}, .schedule = {.every = 2}};
+        cfg.aggregate.trim = 1;
+        opt_t opt(list, comm, cfg);
+        for (int c = 1; c <= 20; ++c) {
+            const auto fresh = loco_test::normal_floats(rng, 64, 0.5f);
+            std::copy(fresh.begin(), fresh.end(), g.begin());
+            if (comm.rank() == 0 && c % 2 == 0) {  // faulty at every sync
+                std::fill(x.begin(), x.end(), std::numeric_limits<float>::quiet_NaN());
+            }
+            opt.step();
+        }
+        CHECK(opt.outer_steps() == 10);
+        CHECK(opt.skipped_syncs() == 0);
+        for (const float e : opt.compressor_state()) REQUIRE(std::isfinite(e));
+        globals[std::size_t(comm.rank())].assign(opt.global().begin(), opt.global().end());
+    });
+    for (int r = 1; r < m; ++r) CHECK(globals[std::size_t(r)] == globals[0]);
+    for (const float v : globals[0]) REQUIRE(std::isfinite(v));
+}
+
 TEST_CASE("diloco with a robust policy: bytes of an all-gather, refused rounds, state in the checkpoint") {
     constexpr int m = 4;
     constexpr std::size_t n = 5;

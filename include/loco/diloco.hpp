@@ -967,10 +967,11 @@ private:
                 const nonfinite_policy policy = engine_.inner().on_nonfinite();
                 if (policy != nonfinite_policy::ignore) {
                     hit = engine_.find_nonfinite(fi);
-                    if (!hit) {
+                    if (!hit && !compress::carries_nonfinite<Compressor>(compress_hyper_)) {
                         // A payload that cannot carry a non-finite value (DeMo's signs) hides a
-                        // non-finite pseudo-gradient from the aggregate; the residual this rank
-                        // would keep shows it. Its vote skips the round on every rank.
+                        // non-finite pseudo-gradient from the aggregate, robust or not; the
+                        // residual this rank would keep shows it. Its vote skips the round on
+                        // every rank.
                         if (auto r = engine_.find_nonfinite_residual(fi)) {
                             if (policy == nonfinite_policy::raise) {
                                 throw nonfinite_error(
@@ -1037,7 +1038,17 @@ private:
         if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
             alpha = schedule_type::merge_alpha(schedule_hyper_);
         }
-        engine_.commit(fi);
+        // A finite aggregate while this rank's residual went non-finite: an aggregation that
+        // leaves out non-finite workers (trimmed_mean, median, centered_clip, edit) left this
+        // one out, so nothing it sent was applied. It keeps its residual as it was, on its own
+        // (the residual is this rank's alone); committed, the residual would keep the non-finite
+        // values and exclude the worker for good.
+        if (engine_.inner().on_nonfinite() != nonfinite_policy::ignore &&
+            engine_.find_nonfinite_residual(fi)) {
+            engine_.commit_aggregation(fi);
+        } else {
+            engine_.commit(fi);
+        }
         engine_.apply(fi, outer_hyper_, f.outer_steps + 1, alpha);
         ++f.outer_steps;
         consecutive_skips_ = 0;

@@ -365,4 +365,33 @@ TEST_CASE("cuda backend: demo signs drop a round whose pseudo-gradient the paylo
     }
 }
 
+TEST_CASE("cuda backend: a faulty worker under trimmed_mean with error feedback: the rounds "
+          "apply, its residual stays finite") {
+    // The robust rule leaves the NaN worker out, so the aggregate is finite and every rank
+    // applies it; the faulty rank keeps its residual instead of committing a NaN one.
+    using ef = cz::error_feedback<cz::blockwise<2, 256>>;
+    using gpu_t = loco::cuda::diloco<inner, outer, ef, ls::every, la::trimmed_mean>;
+    const std::string label = "edges faulty ef worker";
+    // Five workers: trimmed_mean b = 1 needs 2b + 1 = 3 usable ones (with three, one faulty
+    // worker would have every round refused).
+    loco::comm::run_replicas(5, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params p(init_of(label, comm.rank()));
+        gpu_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2},
+                                 .stream = comm.stream()});
+        const std::vector<float> nan(total, std::numeric_limits<float>::quiet_NaN());
+        for (int t = 1; t <= 8; ++t) {
+            p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+            if (comm.rank() == 0 && t % 2 == 0) {  // faulty at every sync
+                check_cuda(cudaMemcpy(p.values[2].get(), nan.data(), 1003 * sizeof(float),
+                                      cudaMemcpyHostToDevice), "poison");
+            }
+            opt.step();
+        }
+        CHECK(opt.outer_steps() == 4);
+        CHECK(opt.skipped_syncs() == 0);
+        for (const float e : opt.compressor_state()) REQUIRE(std::isfinite(e));
+        for (const float v : opt.global()) REQUIRE(std::isfinite(v));
+    });
+}
+
 }  // namespace cuda_pipeline_edges_test

@@ -102,4 +102,17 @@ concept compressor =
         C::decode(h, in, segs, decoded);
     };
 
+// Whether C's payload carries a non-finite input through to the receivers' decode, so that the
+// aggregate (or a robust aggregation, which leaves such a worker out) shows it. True unless C
+// says otherwise: DeMo's signs carry one bit a value. Where it does not, the handle reads the
+// residual a rank would commit to find one (diloco.hpp).
+template <class C>
+constexpr bool carries_nonfinite(const typename C::hyper& h) {
+    if constexpr (requires { C::carries_nonfinite(h); }) {
+        return C::carries_nonfinite(h);
+    } else {
+        return true;
+    }
+}
+
 }  // namespace loco::compress

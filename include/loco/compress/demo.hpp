@@ -94,6 +94,9 @@ struct demo {
         check_coding(name, h.indices);
     }
 
+    // One bit a value carries no NaN or infinity (compressor.hpp).
+    static constexpr bool carries_nonfinite(const hyper& h) { return !h.sign; }
+
     // Name and settings: what must match between ranks and checkpoints.
     static std::string describe(const hyper& h) {
         std::ostringstream os;

@@ -70,6 +70,10 @@ struct error_feedback {
         bool fold_outer_lr = false;  // MuLoCo: true
     };
 
+    static constexpr bool carries_nonfinite(const hyper& h) {
+        return compress::carries_nonfinite<C>(h.compress);
+    }
+
     // What must match between ranks and checkpoints, the inner compressor's settings included.
     static std::string describe(const hyper& h) {
         std::ostringstream os;
