@@ -170,8 +170,9 @@ public:
     void apply(const hyper_type& h, std::uint64_t step, const parameter_list& params) {
         const auto k = Inner::prepare(h, step);
         for (const auto& p : params) {
-            backend::host::apply<Inner>(k, p.value.data, p.grad.data,
-                                        this->state_.data() + p.offset, this->total_,
+            // No state: null, not null + offset (undefined behaviour).
+            float* state = Inner::state_size > 0 ? this->state_.data() + p.offset : nullptr;
+            backend::host::apply<Inner>(k, p.value.data, p.grad.data, state, this->total_,
                                         p.value.size);
         }
     }

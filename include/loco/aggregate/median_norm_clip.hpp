@@ -53,9 +53,11 @@ struct median_norm_clip {
     static constexpr bool needs_support = true;
 
     static void validate(const hyper& h) {
-        if (!(h.epsilon >= 0.0f && math::isfinite(h.epsilon))) {
+        // > 0: with 0, a worker whose tensor did not move against a median of 0 gets the factor
+        // 0 / 0, and the aggregate NaN.
+        if (!(h.epsilon > 0.0f && math::isfinite(h.epsilon))) {
             throw invalid_argument("loco::aggregate::median_norm_clip: epsilon must be finite and "
-                                   ">= 0 (templar: 1e-8), got " + std::to_string(h.epsilon));
+                                   "> 0 (templar: 1e-8), got " + std::to_string(h.epsilon));
         }
     }
 

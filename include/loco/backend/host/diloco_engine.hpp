@@ -195,8 +195,10 @@ public:
         std::size_t at = 0;
         for (const std::size_t i : f.params) {
             const auto& p = params_()[i];
+            // No state (outer::sgd): null, not null + offset (undefined behaviour).
+            float* state = Outer::state_size > 0 ? outer_state_.data() + p.offset : nullptr;
             backend::host::apply<Outer>(k, global_.data() + p.offset, f.average.data() + at,
-                                        outer_state_.data() + p.offset, total, p.value.size);
+                                        state, total, p.value.size);
             at += p.value.size;
         }
         merge(fi, alpha);
