@@ -356,7 +356,7 @@ TEST_CASE("median_norm_clip and sparseloco refuse bad settings and inputs with o
                          loco::invalid_argument);
     // 0 would give 0 / 0 for a worker whose tensor did not move against a median norm of 0.
     CHECK_THROWS_WITH_AS(mnc::validate({.epsilon = 0.0f}),
-                         doctest::Contains("epsilon must be finite and > 0, got 0"),
+                         doctest::Contains("epsilon must be finite and > 0 (templar: 1e-8), got 0.0"),
                          loco::invalid_argument);
     CHECK_THROWS_AS(mnc::validate({.epsilon = std::numeric_limits<float>::infinity()}),
                     loco::invalid_argument);
