@@ -17,15 +17,7 @@ import unittest
 import torch
 
 import loco
-
-
-def params(**shapes):
-    out = []
-    for name, shape in shapes.items():
-        p = torch.nn.Parameter(torch.randn(shape))
-        p.grad = torch.randn(shape)
-        out.append((name, p))
-    return out
+from random_params import params
 
 
 class EmptyTensors(unittest.TestCase):
