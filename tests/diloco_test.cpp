@@ -476,12 +476,8 @@ TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual
         }
         loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(
             list, comm, {.inner = {.lr = 0.05f}, .schedule = {.every = 2}, .compress = h});
-        const auto fresh_gradient = [&] {  // in place: the handle holds views of g
-            const auto v = loco_test::normal_floats(rng, rows * cols);
-            std::copy(v.begin(), v.end(), g.begin());
-        };
         for (int call = 0; call < 4; ++call) {
-            fresh_gradient();
+            loco_test::fill_normal(rng, g);
             opt.step();
         }
         REQUIRE(opt.outer_steps() == 2);
@@ -491,7 +487,7 @@ TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual
         bool nonzero = false;
         for (const float e : residual) nonzero = nonzero || e != 0.0f;
         CHECK(nonzero);  // error feedback holds something, so "unchanged" means something
-        fresh_gradient();
+        loco_test::fill_normal(rng, g);
         opt.step();
         if (comm.rank() == 0) w[3] = std::numeric_limits<float>::infinity();  // one bad round
         opt.step();
@@ -501,7 +497,7 @@ TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual
         CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
         CHECK(w == global);
         for (int call = 0; call < 10; ++call) {
-            fresh_gradient();
+            loco_test::fill_normal(rng, g);
             opt.step();
         }
         CHECK(opt.skipped_syncs() == 1);  // the later rounds, all finite, apply
@@ -529,19 +525,15 @@ TEST_CASE("demo signs: a non-finite pseudo-gradient the payload cannot carry dro
                 list, comm,
                 {.inner = {.lr = 0.05f}, .outer = {.lr = 0.01f}, .schedule = {.every = 2},
                  .compress = {.chunk = 8, .topk = 4, .sign = true}, .on_nonfinite = policy});
-            const auto fresh_gradient = [&] {
-                const auto v = loco_test::normal_floats(rng, rows * cols);
-                std::copy(v.begin(), v.end(), g.begin());
-            };
             for (int call = 0; call < 4; ++call) {
-                fresh_gradient();
+                loco_test::fill_normal(rng, g);
                 opt.step();
             }
             REQUIRE(opt.outer_steps() == 2);
             const std::vector<float> residual(opt.compressor_state().begin(),
                                               opt.compressor_state().end());
             const std::vector<float> global(opt.global().begin(), opt.global().end());
-            fresh_gradient();
+            loco_test::fill_normal(rng, g);
             opt.step();
             if (comm.rank() == 1) w[rows * cols - 1] = std::numeric_limits<float>::infinity();
             try {
@@ -557,7 +549,7 @@ TEST_CASE("demo signs: a non-finite pseudo-gradient the payload cannot carry dro
             CHECK(opt.skipped_syncs() == 1);
             CHECK(w == global);
             for (int call = 0; call < 6; ++call) {
-                fresh_gradient();
+                loco_test::fill_normal(rng, g);
                 opt.step();
             }
             CHECK(opt.skipped_syncs() == 1);

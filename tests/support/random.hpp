@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -38,6 +39,16 @@ inline std::vector<float> normal_floats(std::mt19937_64& rng, std::size_t n, flo
         x = dist(rng);
     }
     return v;
+}
+
+// The same draws written in place: for a gradient a handle holds a view of, which a vector
+// assigned over it would free.
+inline void fill_normal(std::mt19937_64& rng, std::span<float> out, float stddev = 1.0f,
+                        float mean = 0.0f) {
+    std::normal_distribution<float> dist(mean, stddev);
+    for (auto& x : out) {
+        x = dist(rng);
+    }
 }
 
 }  // namespace loco_test
