@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
+#include "support/hex.hpp"
 #include "support/muon_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
@@ -157,6 +158,88 @@ TEST_CASE("groups: checkpoints round-trip, and a parameter no group takes is ref
                          loco::invalid_argument);
     CHECK_THROWS_AS(loco::optimizer<hidden_sgd_rest_adamw>(m.list, {.inner = {{.lr = -1.0f}, {}}}),
                     loco::invalid_argument);
+}
+
+// Two parameters of six elements each, one in each group, chosen by role: swapping the roles keeps
+// every group's sizes and changes which parameter each state belongs to.
+using embedding_sgd_rest_adamw =
+    loco::groups<loco::group<loco::has_role<loco::role::embedding>, loco::inner::sgd>,
+                 loco::group<loco::otherwise, loco::inner::adamw>>;
+struct two_roles {
+    std::vector<float> a = {1, 2, 3, 4, 5, 6}, b = {-1, -2, -3, -4, -5, -6}, ga, gb;
+    loco::parameter_list list;
+    explicit two_roles(bool a_is_embedding) : ga(6), gb(6) {
+        const loco::role first = a_is_embedding ? loco::role::embedding : loco::role::vector;
+        const loco::role second = a_is_embedding ? loco::role::vector : loco::role::embedding;
+        list.add("a", a, ga, {.role = first});
+        list.add("b", b, gb, {.role = second});
+    }
+};
+const loco::optimizer<embedding_sgd_rest_adamw>::config two_roles_config{
+    .inner = {{.lr = 0.5f, .momentum = 0.9f}, {.lr = 0.1f}}};
+
+TEST_CASE("groups: a checkpoint whose parameters went to other groups of the same sizes is refused") {
+    two_roles saved_model(true);
+    loco::optimizer<embedding_sgd_rest_adamw> opt(saved_model.list, two_roles_config);
+    saved_model.ga.assign(6, 0.5f);
+    saved_model.gb.assign(6, -0.25f);
+    opt.step();
+    std::stringstream saved;
+    opt.save(saved);
+
+    two_roles swapped(false);
+    loco::optimizer<embedding_sgd_rest_adamw> other(swapped.list, two_roles_config);
+    CHECK_THROWS_WITH_AS(other.load(saved),
+                         "loco: checkpoint mismatch in the parameter groups: parameter 'a' was "
+                         "saved in group 0, this optimizer puts it in group 1 (the selectors, "
+                         "roles or tags changed)",
+                         loco::checkpoint_error);
+    CHECK(other.steps() == 0);
+    CHECK(other.engine_state().group<0>().state(0)[0] == 0.0f);
+}
+
+TEST_CASE("groups: a format 2 checkpoint (no routing recorded) still loads") {
+    // Written by loco at commit 5e02b60 (format 2): two_roles(true), gradients
+    // ga[i] = (s + i) / 4 and gb[i] = -s i / 2 at steps s = 1, 2.
+    const std::string format2 = bytes_from_hex(
+        "4c4f434f434b50540200000009000000000000006f7074696d697a657202000000000000000600000000000000060000"
+        "000000000002000000000000000000000000000000060000000000000067726f75707302000000000000000100000000"
+        "00000006000000000000000300000000000000736764010000000000000006000000000000009a99393f9a99993f6666"
+        "d63f9a99094000002840666646400100000000000000060000000000000005000000000000006164616d770200000000"
+        "0000000c0000000000000000000000e47a14bee47a94be56b8debee47a14bf9c9939bf00000000a8707d3da8707d3e5e"
+        "8f0e3fa8707d3f0200c63f885bde8dc89e8d8f");
+    REQUIRE(format2.size() == 259);
+    two_roles straight_model(true);
+    loco::optimizer<embedding_sgd_rest_adamw> straight(straight_model.list, two_roles_config);
+    const auto gradients = [](two_roles& m, int s) {
+        for (std::size_t i = 0; i < 6; ++i) {
+            m.ga[i] = 0.25f * float(s + int(i));
+            m.gb[i] = -0.5f * float(s * int(i));
+        }
+    };
+    for (int s = 1; s <= 2; ++s) {
+        gradients(straight_model, s);
+        straight.step();
+    }
+    two_roles resumed_model(true);
+    resumed_model.a = straight_model.a;
+    resumed_model.b = straight_model.b;
+    loco::optimizer<embedding_sgd_rest_adamw> resumed(resumed_model.list, two_roles_config);
+    std::istringstream is(format2);
+    resumed.load(is);
+    CHECK(resumed.steps() == 2);
+    for (int s = 3; s <= 5; ++s) {
+        gradients(straight_model, s);
+        gradients(resumed_model, s);
+        straight.step();
+        resumed.step();
+        CHECK(resumed_model.a == straight_model.a);
+        CHECK(resumed_model.b == straight_model.b);
+    }
+    // Saved again, it is format 3 with the routing.
+    std::ostringstream again;
+    resumed.save(again);
+    CHECK(static_cast<unsigned char>(again.str()[8]) == 3);
 }
 
 TEST_CASE("groups inside diloco: two workers, one sync, values of a double-precision reference") {

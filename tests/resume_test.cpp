@@ -11,10 +11,12 @@
 //   * a delayed round whose finish fails: the next round's exchange never started, so the
 //     finish planned for it has nothing, and the exchange started then still travels;
 //   * streaming refuses H or tau changed while an exchange they planned is in flight;
-//   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads.
+//   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads;
+//   * warmup<S> records what it wraps (format 3), and its format 2 checkpoints still load.
 #include <doctest/doctest.h>
 
 #include "support/forwarding_comm.hpp"
+#include "support/hex.hpp"
 #include "support/random.hpp"
 
 #include <loco/loco.hpp>
@@ -339,10 +341,7 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
         "000000000002000000000000000000803f00000040020000000000000000000000000000000a00000000000000616c6c"
         "5f7265647563650000000000000000000000000000000000000000000000000000000000000000010000000000000002"
         "0000000000000002000000000000000000403f000020bfc8f97912b979a623";
-    std::string bytes;
-    for (std::size_t i = 0; i < hex.size(); i += 2) {
-        bytes.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
-    }
+    const std::string bytes = bytes_from_hex(hex);
     REQUIRE(bytes.size() == 415);
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                loco::schedule::delayed>;
@@ -378,9 +377,83 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     CHECK(resumed.outer_steps() == straight.outer_steps());
     CHECK(std::vector<float>(resumed.global().begin(), resumed.global().end()) ==
           std::vector<float>(straight.global().begin(), straight.global().end()));
-    // What this build writes is format 2.
+    // What this build writes is format 3.
     const std::string now = saved(resumed);
-    CHECK(static_cast<unsigned char>(now[8]) == 2);
+    CHECK(static_cast<unsigned char>(now[8]) == 3);
+}
+
+TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain 'warmup' still loads") {
+    using warm_every = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                    loco::schedule::warmup<loco::schedule::every>>;
+    using warm_delayed = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                      loco::schedule::warmup<loco::schedule::delayed>>;
+    static_assert(loco::schedule::warmup<loco::schedule::every>::name == "warmup<every>");
+    const warm_every::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                 .schedule = {.steps = 2, .then = {.every = 3}}};
+    const auto gradient = [](int s, std::vector<float>& g) {
+        g[0] = 0.5f * float(s);
+        g[1] = -0.25f * float(s * s);
+    };
+    loco::comm::single comm;
+    std::vector<float> w = {1.0f, 2.0f}, g(2);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    warm_every straight(list, comm, cfg);
+    for (int s = 1; s <= 3; ++s) {
+        gradient(s, g);
+        straight.step();
+    }
+    // Written by loco at commit 5e02b60 (format 2, schedule recorded as "warmup") from the run
+    // above, saved after call 3: the two warm-up syncs done, one call of every(3) behind it.
+    const std::string format2 = bytes_from_hex(
+        "4c4f434f434b505402000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+        "04000000000000006e6f6e6506000000000000007761726d757004000000000000006e6f6e650d000000000000006672"
+        "61676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c72"
+        "3d302e363939393939393838206d6f6d656e74756d3d302e383939393939393736010000000000000000000000000000"
+        "000200000000000000010000000000000000000000000000000000000000000000000000000000000001000000000000"
+        "000200000000000000030000000000000000000000000000000300000000000000736764010000000000000002000000"
+        "00000000000000000000000002000000000000008c970ebe6abc394002000000000000009a99393fcdcc1cbf0a000000"
+        "00000000616c6c5f72656475636502000000000000000000000000000000000000000000000000000000000000000000"
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000f1af99cd8fa48009");
+    REQUIRE(format2.size() == 430);
+    // The run as then printed it.
+    CHECK(w == std::vector<float>{-0x1.c74bc6p-1f, 0x1.01bc6ap+2f});
+
+    std::vector<float> v = w, gv(2);
+    loco::parameter_list resumed_list;
+    resumed_list.add("w", v, gv);
+    warm_every resumed(resumed_list, comm, cfg);
+    std::istringstream is(format2);
+    resumed.load(is);
+    std::vector<int> syncs;
+    for (int s = 4; s <= 9; ++s) {
+        gradient(s, g);
+        straight.step();
+        gradient(s, gv);
+        if (resumed.step().synced) syncs.push_back(s);
+        CHECK(v == w);
+    }
+    CHECK(syncs == std::vector<int>{5, 8});
+    CHECK(resumed.outer_steps() == straight.outer_steps());
+
+    // This build writes format 3 with the whole name; a handle whose warm-up wraps another
+    // schedule with the same state refuses it before changing anything.
+    const std::string now = saved(resumed);
+    CHECK(static_cast<unsigned char>(now[8]) == 3);
+    CHECK(now.find("warmup<every>") != std::string::npos);
+    std::vector<float> u = {3.0f, 4.0f}, gu(2);
+    loco::parameter_list other_list;
+    other_list.add("w", u, gu);
+    warm_delayed other(other_list, comm,
+                       {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                        .schedule = {.steps = 2, .then = {.every = 3}}});
+    std::istringstream in(now);
+    CHECK_THROWS_WITH_AS(other.load(in),
+                         "loco: checkpoint mismatch in the sync schedule: saved 'warmup<every>', "
+                         "this optimizer has 'warmup<delayed>'",
+                         loco::checkpoint_error);
+    CHECK(other.calls() == 0);
+    CHECK(u == std::vector<float>{3.0f, 4.0f});
 }
 
 TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused, between exchanges taken") {

@@ -529,7 +529,7 @@ public:
         r.expect_text("diloco", "the checkpoint kind");
         r.expect_text(Outer::name, "the outer optimizer");
         r.expect_text(Compressor::name, "the compressor");
-        r.expect_text(Schedule::name, "the sync schedule");
+        expect_schedule_name(r);
         const std::string compressor = detail::describe_policy<Compressor>(compress_hyper_);
         r.expect_text(compressor, "the compressor settings");
         r.expect_text(fragment_description_, "the fragment layout");
@@ -717,6 +717,17 @@ private:
         std::uint64_t consecutive_skips;
         std::string first_nonfinite;
     };
+    // The schedule's name. Formats 1 and 2 recorded a wrapping schedule by its own name alone
+    // ("warmup"), which is accepted for such a stream (what it wrapped was not recorded).
+    static void expect_schedule_name(detail::checkpoint_reader& r) {
+        if constexpr (requires { Schedule::legacy_name; }) {
+            if (r.format() < 3) {
+                r.expect_text(Schedule::legacy_name, "the sync schedule");
+                return;
+            }
+        }
+        r.expect_text(Schedule::name, "the sync schedule");
+    }
     void write_counters(detail::checkpoint_writer& w) const {
         schedule_.save(w);
         w.u64(skipped_syncs_);

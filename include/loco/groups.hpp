@@ -172,6 +172,35 @@ struct groups {
 
 namespace detail {
 
+// Which group each parameter went to, in parameter order, and the parameters' names (for
+// messages). Checkpoints record the groups (format 3): two runs whose selectors or roles send
+// parameters to different groups can have equal sizes per group, and a checkpoint of one would
+// otherwise load into the other with every state array on the wrong parameters.
+struct group_routing {
+    std::vector<std::size_t> group;
+    std::vector<std::string> name;
+
+    void write(checkpoint_writer& w) const {
+        w.u64(group.size());
+        for (const std::size_t g : group) w.u64(g);
+    }
+    // Nothing to compare in a format 1 or 2 stream, which did not record the routing.
+    void expect(checkpoint_reader& r) const {
+        if (r.format() < 3) return;
+        r.expect_u64(group.size(), "the number of parameters");
+        for (std::size_t i = 0; i < group.size(); ++i) {
+            const std::uint64_t saved = r.u64("a parameter's group");
+            if (saved != group[i]) {
+                throw checkpoint_error(
+                    "loco: checkpoint mismatch in the parameter groups: parameter '" + name[i] +
+                    "' was saved in group " + std::to_string(saved) + ", this optimizer puts it "
+                    "in group " + std::to_string(group[i]) + " (the selectors, roles or tags "
+                    "changed)");
+            }
+        }
+    }
+};
+
 template <class... Groups>
 class inner_engine<groups<Groups...>> {
     using engines = std::tuple<inner_engine<typename Groups::policy>...>;
@@ -183,7 +212,9 @@ public:
         (engine_needs_finite_gradients<inner_engine<typename Groups::policy>> || ...);
 
     explicit inner_engine(const parameter_list& params)
-        : lists_(split(params)), engines_(make_engines(std::make_index_sequence<count>{})) {}
+        : lists_(split(params)),
+          routing_(routing(params)),
+          engines_(make_engines(std::make_index_sequence<count>{})) {}
 
     static void validate(const hyper_type& h) {
         [&]<std::size_t... I>(std::index_sequence<I...>) {
@@ -225,6 +256,7 @@ public:
     void write(checkpoint_writer& w) const {
         w.text("groups");
         w.u64(count);
+        routing_.write(w);
         [&]<std::size_t... I>(std::index_sequence<I...>) {
             ((write_layout(w, lists_[I]), std::get<I>(engines_).write(w)), ...);
         }(std::make_index_sequence<count>{});
@@ -234,6 +266,7 @@ public:
     pending read(checkpoint_reader& r) const {
         r.expect_text("groups", "the inner optimizer");
         r.expect_u64(count, "the number of parameter groups");
+        routing_.expect(r);
         pending next;
         [&]<std::size_t... I>(std::index_sequence<I...>) {
             ((read_layout(r, lists_[I]), std::get<I>(next) = std::get<I>(engines_).read(r)), ...);
@@ -280,6 +313,16 @@ public:
             warn_guess(guessed);
         }
         return lists;
+    }
+
+    // The group of every parameter (after split() accepted them all).
+    static group_routing routing(const parameter_list& params) {
+        group_routing out;
+        for (const auto& p : params) {
+            out.group.push_back(route(p));
+            out.name.push_back(p.name);
+        }
+        return out;
     }
 
 private:
@@ -337,6 +380,7 @@ private:
     }
 
     std::vector<parameter_list> lists_;  // each group's parameters, in their original order
+    group_routing routing_;
     engines engines_;
 };
 

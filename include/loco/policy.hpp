@@ -15,6 +15,7 @@
 // global parameter and g the averaged pseudo-gradient. `step` counts updates from 1. State starts
 // at zero. The same `update` runs in the host loop and in the CUDA kernels.
 
+#include <array>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -196,6 +197,24 @@ std::string describe_policy(const typename P::hyper& h) {
         return std::string(P::name);
     }
 }
+
+// The name of a policy that wraps another: Word::value + "<" + Wrapped::name + ">" as a static
+// string (e.g. "error_feedback<statistical2>", "warmup<every>"), so that checkpoints and
+// fingerprints tell the wrapped policies apart. Built from types, not from string_view template
+// arguments, which nvcc's front end does not accept.
+template <class Word, class Wrapped>
+struct wrapped_name {
+    static constexpr auto storage = [] {
+        std::array<char, Word::value.size() + Wrapped::name.size() + 3> out{};
+        std::size_t at = 0;
+        for (const char c : Word::value) out[at++] = c;
+        out[at++] = '<';
+        for (const char c : Wrapped::name) out[at++] = c;
+        out[at] = '>';
+        return out;
+    }();
+    static constexpr std::string_view value{storage.data(), storage.size() - 1};
+};
 
 }  // namespace detail
 }  // namespace loco

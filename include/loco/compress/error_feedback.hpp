@@ -32,24 +32,8 @@
 namespace loco::compress {
 namespace detail {
 
-// "error_feedback<" + C::name + ">" as a static string. (Built from the type rather than from
-// string_view template arguments, which nvcc's front end does not accept.)
-template <class C>
-struct error_feedback_name {
-    static constexpr std::string_view prefix = "error_feedback<";
-    static constexpr auto storage = [] {
-        std::array<char, prefix.size() + C::name.size() + 2> out{};
-        std::size_t at = 0;
-        for (const char c : prefix) {
-            out[at++] = c;
-        }
-        for (const char c : C::name) {
-            out[at++] = c;
-        }
-        out[at] = '>';
-        return out;
-    }();
-    static constexpr std::string_view value{storage.data(), storage.size() - 1};
+struct error_feedback_word {
+    static constexpr std::string_view value = "error_feedback";
 };
 
 }  // namespace detail
@@ -60,7 +44,8 @@ struct error_feedback {
                   "loco: error_feedback<C> needs a loco compressor C; see docs/compressors.md");
 
     using base = C;
-    static constexpr std::string_view name = detail::error_feedback_name<C>::value;
+    static constexpr std::string_view name =
+        loco::detail::wrapped_name<detail::error_feedback_word, C>::value;
     static constexpr std::uint8_t wire_id = C::wire_id;
     static constexpr int state_size = 1 + C::state_size;
 

@@ -28,8 +28,10 @@ static_assert(std::endian::native == std::endian::little,
 inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 'T'};
 // Version 2 added, per fragment of a diloco checkpoint, the inner step count its exchange in
 // flight started at and whether the schedule's next planned finish has nothing to finish.
-// Readers take versions 1 and 2 (format() says which).
-inline constexpr std::uint32_t checkpoint_format_version = 2;
+// Version 3 records a wrapping schedule's name with what it wraps ("warmup<every>", not
+// "warmup") and, in a parameter-groups section, the group of every parameter.
+// Readers take versions 1 to 3 (format() says which).
+inline constexpr std::uint32_t checkpoint_format_version = 3;
 inline constexpr std::uint32_t checkpoint_oldest_readable = 1;
 
 class fnv1a64 {

@@ -20,6 +20,12 @@
 #include <string>
 #include <string_view>
 
+namespace loco::detail {
+struct warmup_word {
+    static constexpr std::string_view value = "warmup";
+};
+}  // namespace loco::detail
+
 namespace loco::schedule {
 
 template <class S>
@@ -29,7 +35,10 @@ class warmup {
                   "...); see docs/schedules.md");
 
 public:
-    static constexpr std::string_view name = "warmup";
+    // "warmup<every>", ...: checkpoints tell the wrapped schedules apart (format 3; format 1 and 2
+    // recorded "warmup" alone, see legacy_name).
+    static constexpr std::string_view name = detail::wrapped_name<detail::warmup_word, S>::value;
+    static constexpr std::string_view legacy_name = "warmup";
 
     struct hyper {
         std::uint64_t steps = 0;        // W, calls that sync every step (atorch default 0)

@@ -227,6 +227,7 @@ public:
         : table_(backend::cuda::tensor_table::from(params)),
           cfg_(cfg),
           lists_(routed(params, cfg.inner)),
+          routing_(host_engine::routing(params)),
           engines_(make_engines(std::make_index_sequence<count>{})) {
         if (!table_.has_gradients() && table_.total_elements() != 0) {
             throw invalid_argument("loco::cuda::optimizer: the parameters have no gradients");
@@ -357,6 +358,7 @@ private:
         detail::write_section_head(w, table_, c.steps, c.skipped + host_skipped_);
         w.text("groups");
         w.u64(count);
+        routing_.write(w);
         for_each_group([&](auto, const auto& e) {
             using engine_t = std::remove_cvref_t<decltype(e)>;
             loco::detail::write_layout(w, detail::table_sizes(e.table()));
@@ -371,6 +373,7 @@ private:
         section s{detail::read_section_head(r, table_), {}};
         r.expect_text("groups", "the inner optimizer");
         r.expect_u64(count, "the number of parameter groups");
+        routing_.expect(r);
         for_each_group([&](auto i, const auto& e) {
             using engine_t = std::remove_cvref_t<decltype(e)>;
             loco::detail::read_layout(r, detail::table_sizes(e.table()));
@@ -402,6 +405,7 @@ private:
     backend::cuda::tensor_table table_;  // every parameter: the check, diloco's phases
     config cfg_;
     std::vector<parameter_list> lists_;  // each group's parameters (the host's routing)
+    loco::detail::group_routing routing_;  // recorded in checkpoints
     engines engines_;
     std::uint64_t host_skipped_ = 0;
 };
