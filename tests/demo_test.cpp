@@ -472,6 +472,13 @@ TEST_CASE("demo: bad settings and shapes are refused with one sentence") {
     refused({.chunk = 4, .topk = 17});  // more than the 16 cells of a 4 x 4 chunk
     refused({.chunk = 0});
     refused({.chunk = 70000});
+    // A side of 65535 would need a 34 GB basis: refused up front, not an allocation failure.
+    CHECK_THROWS_WITH_AS(lc::demo::validate({.chunk = 65535}),
+                         "loco::compress::demo: chunk must be at most 1024 (the DCT keeps a chunk "
+                         "x chunk basis and costs chunk multiply-adds per element and direction; "
+                         "DeMo uses 64), got 65535",
+                         loco::invalid_argument);
+    CHECK_NOTHROW(lc::demo::validate({.chunk = 1024}));
     refused({.decay = 1.0f});
     refused({.decay = -0.1f});
     refused({.decay = std::nanf("")});

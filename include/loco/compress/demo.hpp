@@ -86,7 +86,18 @@ struct demo {
         index_coding indices = index_coding::compact;  // how the kept cells travel
     };
 
+    // The largest chunk side. Each distinct side keeps a side x side DCT basis in double (8 MB
+    // at 1024; 34 GB at chunking's own limit of 65535) and the transform costs `side`
+    // multiply-adds per element and direction. DeMo uses 64; the CUDA kernels take up to 64.
+    static constexpr std::uint32_t max_chunk = 1024;
+
     static void validate(const hyper& h) {
+        if (h.chunk > max_chunk) {
+            throw invalid_argument(
+                "loco::compress::demo: chunk must be at most " + std::to_string(max_chunk) +
+                " (the DCT keeps a chunk x chunk basis and costs chunk multiply-adds per element "
+                "and direction; DeMo uses 64), got " + std::to_string(h.chunk));
+        }
         chunking::validate_chunk_topk(name, h.chunk, h.topk);
         if (!(h.decay >= 0.0f && h.decay < 1.0f)) {
             throw invalid_argument("loco::compress::demo: decay must be in [0, 1) (DeMo: 0.999)");
