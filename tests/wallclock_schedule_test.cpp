@@ -87,6 +87,32 @@ TEST_CASE("wallclock: four workers at different speeds agree on the windows, s_i
             CHECK_THROWS_WITH_AS(s.next(h), doctest::Contains("shorter than one step"),
                                  loco::invalid_argument);
         });
+        // A sync longer than T makes the next window one step long: raised, and the message
+        // says that the sync is counted.
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            fake_clock clock;
+            loco::schedule::wallclock s;
+            s.use_communicator(comm);
+            const loco::schedule::wallclock::hyper h{.seconds = 0.5, .min_total_global_steps = 0,
+                                                     .clock = clock.fn()};
+            int calls = 0;
+            bool synced = false;
+            while (!synced && calls < 20) {
+                *clock.now += 0.125;
+                synced = !s.next(h).empty();
+                ++calls;
+            }
+            REQUIRE(synced);
+            CHECK(calls == 5);  // the window opened after call 1 and closed 0.5 s later
+            *clock.now += 2.0;   // the sync
+            *clock.now += 0.125; // one step
+            CHECK_THROWS_WITH_AS(s.next(h),
+                                 "loco::schedule::wallclock: seconds (T = 0.5) is shorter than one "
+                                 "step (2.125 s per step measured on average over the window, which "
+                                 "includes the sync that opened it, if any); raise T above the time "
+                                 "of a step and of a sync",
+                                 loco::invalid_argument);
+        });
         CHECK_THROWS_AS(loco::schedule::wallclock::validate({.seconds = 0.0}), loco::invalid_argument);
         CHECK_THROWS_AS(loco::schedule::wallclock::validate({.seconds = -1.0}), loco::invalid_argument);
         loco::schedule::wallclock lone;

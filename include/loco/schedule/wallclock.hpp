@@ -97,12 +97,16 @@ public:
         opened_at_ = read_clock(h.clock);
         window_steps_ = 0;
         // Each worker did at least one timed step; a mean step longer than T means every window
-        // is one step, and the schedule is syncing every step whatever T says.
+        // is one step, and the schedule is syncing every step whatever T says. A window opens
+        // when the previous one closes, before loco::diloco's sync, so its time includes that
+        // sync (wall-clock semantics): a sync longer than T is caught here too, and the message
+        // says so rather than blame the step alone.
         if (sums[0] / sums[1] > h.seconds) {
             std::ostringstream os;
             os << "loco::schedule::wallclock: seconds (T = " << h.seconds
                << ") is shorter than one step (" << sums[0] / sums[1]
-               << " s measured on average); raise T above the step time";
+               << " s per step measured on average over the window, which includes the sync "
+                  "that opened it, if any); raise T above the time of a step and of a sync";
             throw invalid_argument(os.str());
         }
         if (last_.total_steps < h.min_total_global_steps) {
