@@ -10,6 +10,7 @@
 //   * bad settings refused with one sentence, before anything changes;
 //   * a failed state sync changes nothing on any rank (every rank raises the same error);
 //   * a checkpoint in the middle continues bit-identically;
+//   * non-finite state averages are skipped, counted, and raise after max_skipped_syncs in a row;
 //   * parameter groups: array 1 is averaged only in the group that keeps one.
 #include <doctest/doctest.h>
 
@@ -348,7 +349,7 @@ TEST_CASE("warmup<state_periods> checks the state periods like state_periods and
     CHECK(error_of([&] {
               warm_desloc(params, comm, {.schedule = {.steps = 1, .then = {.every = 2, .states = {0, 0, 4}}}});
           }) ==
-          "loco::diloco: the warmup schedule averages inner state array 2 (period 4) but the "
+          "loco::diloco: the warmup<state_periods> schedule averages inner state array 2 (period 4) but the "
           "inner optimizer (adamw) keeps 2 state array(s); set that period to 0 or drop the entry");
     // Set later: refused at the next step(), before its inner update.
     warm_desloc opt(params, comm,
@@ -475,6 +476,58 @@ TEST_CASE("state_periods: a checkpoint in the middle continues bit-identically")
         CHECK(resumed[r].m == straight[r].m);
         CHECK(resumed[r].v == straight[r].v);
     }
+}
+
+TEST_CASE("state_periods: non-finite state averages are skipped and counted, and a streak of them "
+          "raises on every rank, across a checkpoint") {
+    // v averaged after calls 1, 3, 5, ...; worker 1's gradient 1e20 at call 2 makes its v
+    // infinite (g^2 overflows) while every parameter stays finite, so every later average of v
+    // is infinite. max_skipped_syncs = 3: calls 3, 5 and 7 skip it, call 9 raises.
+    const periods::hyper h{.every = 4, .states = {0, 2}};
+    const problem p("desloc nonfinite state", 10);
+    const desloc::config cfg{.inner = adam, .schedule = h, .max_skipped_syncs = 3};
+    const std::string want =
+        "loco::diloco: 4 averages in a row of inner state array 1 were skipped for a non-finite "
+        "value; the workers' optimizer states no longer agree: fix the model or lower the "
+        "learning rate (or raise config.max_skipped_syncs)";
+    std::array<std::string, workers> saved;
+    std::array<std::vector<float>, workers> x_at_cut;
+    loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        model w(p.init);
+        desloc opt(w.list, comm, cfg);
+        for (std::uint64_t c = 1; c <= 7; ++c) {
+            w.gradients(p, r, c);
+            if (c == 2 && r == 1) w.g[0] = 1e20f;
+            CHECK(opt.step().applied);
+            CHECK(opt.skipped_state_syncs() == (c < 3 ? 0u : (c - 1) / 2));
+        }
+        CHECK(opt.skipped_syncs() == 0);  // the parameter syncs at calls 4 and 8 apply
+        CHECK(opt.outer_steps() == 1);
+        for (const float x : w.x) CHECK(std::isfinite(x));
+        std::ostringstream os;
+        opt.save(os);
+        saved[r] = os.str();
+        x_at_cut[r] = w.x;
+        w.gradients(p, r, 8);
+        CHECK(opt.step().synced);
+        w.gradients(p, r, 9);
+        CHECK_THROWS_WITH_AS(opt.step(), want.c_str(), loco::nonfinite_error);
+        CHECK(opt.skipped_state_syncs() == 3);
+    });
+    // The streak comes back from the checkpoint.
+    loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        model w(x_at_cut[r]);
+        desloc opt(w.list, comm, cfg);
+        std::istringstream is(saved[r]);
+        opt.load(is);
+        CHECK(opt.skipped_state_syncs() == 3);
+        w.gradients(p, r, 8);
+        opt.step();
+        w.gradients(p, r, 9);
+        CHECK_THROWS_WITH_AS(opt.step(), want.c_str(), loco::nonfinite_error);
+    });
 }
 
 TEST_CASE("state_periods with parameter groups averages array j of every group that keeps it") {

@@ -188,7 +188,8 @@ public:
         // The aggregation's hyper-parameters (aggregate/aggregate.hpp).
         typename Aggregate::hyper aggregate{};
         // Under nonfinite_policy::skip, this many syncs in a row discarded for a non-finite
-        // pseudo-gradient raise nonfinite_error naming the tensor (the run has stalled);
+        // pseudo-gradient raise nonfinite_error naming the tensor (the run has stalled), as do
+        // this many averages in a row of one inner state array (schedule::state_periods);
         // 0: never.
         std::uint64_t max_skipped_syncs = 10;
         // CUDA backend: the stream every launch goes to (the trainer's compute stream). Nothing
@@ -355,6 +356,9 @@ public:
     std::uint64_t outer_steps(std::size_t fragment) const { return at(fragment).outer_steps; }
     std::uint64_t skipped_steps() const { return engine_.inner().skipped_steps(); }
     std::uint64_t skipped_syncs() const noexcept { return skipped_syncs_; }
+    // Averages of inner state arrays (schedule::state_periods, DES-LOC) discarded for a
+    // non-finite value, all arrays together.
+    std::uint64_t skipped_state_syncs() const noexcept { return skipped_state_syncs_; }
 
     // The fragments the schedule syncs: each a list of parameter indices, in layout order.
     std::size_t fragments() const noexcept { return frags_.size(); }
@@ -716,6 +720,8 @@ private:
         std::uint64_t skipped_syncs;
         std::uint64_t consecutive_skips;
         std::string first_nonfinite;
+        std::uint64_t skipped_state_syncs = 0;            // format 3
+        std::vector<std::uint64_t> state_skip_streaks{};  // format 3
     };
     // The schedule's name. Formats 1 and 2 recorded a wrapping schedule by its own name alone
     // ("warmup"), which is accepted for such a stream (what it wrapped was not recorded).
@@ -733,18 +739,34 @@ private:
         w.u64(skipped_syncs_);
         w.u64(consecutive_skips_);
         w.text(first_nonfinite_);
+        w.u64(skipped_state_syncs_);  // format 3
+        w.u64(state_skip_streaks_.size());
+        for (const std::uint64_t n : state_skip_streaks_) w.u64(n);
     }
     static counters read_counters(detail::checkpoint_reader& r) {
         schedule_type s = schedule_type::read(r);
         const std::uint64_t skipped = r.u64("the skipped sync count");
         const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
-        return {std::move(s), skipped, consecutive, r.text("the first non-finite tensor")};
+        counters c{std::move(s), skipped, consecutive, r.text("the first non-finite tensor")};
+        if (r.format() >= 3) {
+            c.skipped_state_syncs = r.u64("the skipped state sync count");
+            const std::uint64_t arrays = r.u64("the number of state skip streaks");
+            if (arrays > 64) {
+                throw checkpoint_error("loco: checkpoint corrupted: the number of state skip "
+                                       "streaks has an implausible value");
+            }
+            c.state_skip_streaks.resize(static_cast<std::size_t>(arrays));
+            for (auto& n : c.state_skip_streaks) n = r.u64("a state skip streak");
+        }
+        return c;
     }
     void adopt_counters(counters c) noexcept {
         schedule_ = std::move(c.schedule);
         skipped_syncs_ = c.skipped_syncs;
         consecutive_skips_ = c.consecutive_skips;
         first_nonfinite_ = std::move(c.first_nonfinite);
+        skipped_state_syncs_ = c.skipped_state_syncs;
+        state_skip_streaks_ = std::move(c.state_skip_streaks);
     }
 
     // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
@@ -843,11 +865,26 @@ private:
                     failure.record(detail::sync_stage::apply, std::current_exception());
                 }
             }
+            const auto at = static_cast<std::size_t>(j);
+            if (state_skip_streaks_.size() <= at) state_skip_streaks_.resize(at + 1, 0);
             if (agree(0, failure, hit.has_value(),
                       "the sync of inner state array " + std::to_string(j))) {
-                return;  // a non-finite average, skipped on every rank
+                // A non-finite average, skipped on every rank (the same outcome everywhere, so
+                // every rank counts it and raises at the same sync).
+                if (max_skipped_syncs_ != 0 && state_skip_streaks_[at] + 1 > max_skipped_syncs_) {
+                    throw nonfinite_error(
+                        "loco::diloco: " + std::to_string(state_skip_streaks_[at] + 1) +
+                        " averages in a row of inner state array " + std::to_string(j) +
+                        " were skipped for a non-finite value; the workers' optimizer states "
+                        "no longer agree: fix the model or lower the learning rate (or raise "
+                        "config.max_skipped_syncs)");
+                }
+                ++state_skip_streaks_[at];
+                ++skipped_state_syncs_;
+                return;
             }
             engine_.commit_state(j);
+            state_skip_streaks_[at] = 0;
         } else {
             check_state_array(j, 0);
         }
@@ -1242,6 +1279,9 @@ private:
     std::uint64_t skipped_syncs_ = 0;
     std::uint64_t consecutive_skips_ = 0;
     std::string first_nonfinite_;     // the tensor of the first skip of the current streak
+    std::uint64_t skipped_state_syncs_ = 0;
+    // Per inner state array j: its averages skipped in a row (a successful one resets it).
+    std::vector<std::uint64_t> state_skip_streaks_;
 };
 
 }  // namespace loco
