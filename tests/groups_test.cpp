@@ -625,6 +625,24 @@ TEST_CASE("groups: strict roles refuse the shape guess, naming the parameter") {
     roled.list.set_strict_roles();
     CHECK_NOTHROW(loco::optimizer<muloco_groups>(roled.list));
 
+    // A declared stack says what the tensor is, one matrix included: no guess, no warning, and
+    // a strict list builds.
+    std::vector<float> flat(12), g_flat(12), gain(6), g_gain(6);
+    loco::parameter_list declared;
+    declared.add("h.w", flat, g_flat, {.stack = {1, 3, 4}});
+    declared.add("h.gain", gain, g_gain);
+    declared.set_strict_roles();
+    captured_warnings none;
+    loco::optimizer<muloco_groups> stacked_one(declared);
+    CHECK(stacked_one.engine_state().group_params<0>().size() == 1);
+    CHECK(stacked_one.engine_state().group_params<0>()[0].name == "h.w");
+    CHECK(none.lines.empty());
+    // Registering it again from its options keeps the declaration.
+    loco::parameter_list again;
+    again.add_views("h.w", declared[0].value, declared[0].grad, declared[0].options());
+    CHECK(again[0].stacked);
+    CHECK(again[0].matrices == 1);
+
     // Muon refuses a parameter whose role says it is not a matrix, whatever routed it there.
     using muon_for_everything = loco::groups<loco::group<loco::otherwise, loco::inner::muon>>;
     CHECK_THROWS_WITH_AS(loco::optimizer<muon_for_everything>(roled.list),

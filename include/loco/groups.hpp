@@ -292,10 +292,11 @@ public:
                                        "' matches no parameter group; add a last "
                                        "group<loco::otherwise, ...>");
             }
-            // A declared stack of matrices says what it is, even without a role.
+            // A declared stack of matrices (one matrix included) says what it is, even without
+            // a role.
             if (const std::string_view selector = guessing_selectors[g];
                 !selector.empty() && per_matrix[g] && p.role == role::unspecified &&
-                p.matrices == 1) {
+                !p.stacked) {
                 const std::string what = "'" + p.name + "' (" + std::to_string(p.value.rows) +
                                          " x " + std::to_string(p.value.cols) + ")";
                 if (params.strict_roles()) {

@@ -112,6 +112,9 @@ struct parameter {
     // per-matrix policy (Muon) updates each separately; element-wise policies and compressors see
     // one tensor.
     std::size_t matrices = 1;
+    // Registered with .stack (a stack of one matrix included): its matrices are declared, not
+    // guessed from a 2-D view (groups.hpp warns only about guesses).
+    bool stacked = false;
 
     // The shape of each matrix of the stack (of the whole value when it is not a stack).
     std::size_t matrix_rows() const noexcept { return matrices == 0 ? 0 : value.rows / matrices; }
@@ -119,7 +122,7 @@ struct parameter {
     // The options that register this parameter again with the same role, stack and tag.
     parameter_options options() const noexcept {
         parameter_options o{role, {}, tag};
-        if (matrices > 1) o.stack = {matrices, matrix_rows(), matrix_cols()};
+        if (stacked) o.stack = {matrices, matrix_rows(), matrix_cols()};
         return o;
     }
 };
@@ -193,8 +196,8 @@ public:
             }
         }
         const std::size_t matrices = apply_options(where, options, value, grad);
-        items_.push_back(
-            parameter{std::move(name), value, grad, total_, options.tag, options.role, matrices});
+        items_.push_back(parameter{std::move(name), value, grad, total_, options.tag,
+                                   options.role, matrices, options.stack.count != 0});
         total_ += value.size;
         return *this;
     }
