@@ -8,6 +8,9 @@
 #include <loco/loco.hpp>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <ios>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -204,6 +207,104 @@ TEST_CASE("a truncated or corrupted checkpoint is refused and changes nothing") 
     std::istringstream is(good);
     CHECK_NOTHROW(opt.load(is));
     CHECK(unchanged());
+}
+
+TEST_CASE("a stream with iostream exceptions switched on still gets checkpoint_error, and its mask back") {
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    model mdl("stream exceptions");
+    loco::comm::single comm;
+    opt_t opt(mdl.list, comm, {.schedule = {.every = 2}});
+    mdl.set_gradients("stream exceptions", 0);
+    opt.step();
+    const std::string good = saved(opt);
+    const auto values = mdl.values();
+    // A common idiom: failures as exceptions. A short read must still be loco's error.
+    std::istringstream truncated(good.substr(0, good.size() - 20));
+    truncated.exceptions(std::ios::failbit | std::ios::badbit);
+    CHECK_THROWS_WITH_AS(opt.load(truncated), doctest::Contains("checkpoint truncated while reading"),
+                         loco::checkpoint_error);
+    CHECK(truncated.exceptions() == (std::ios::failbit | std::ios::badbit));
+    CHECK(mdl.values() == values);
+    CHECK(opt.calls() == 1);
+    // A good one loads through such a stream, and a save through one works too.
+    std::istringstream whole(good);
+    whole.exceptions(std::ios::failbit | std::ios::badbit);
+    CHECK_NOTHROW(opt.load(whole));
+    CHECK(whole.exceptions() == (std::ios::failbit | std::ios::badbit));
+    std::ostringstream out;
+    out.exceptions(std::ios::failbit | std::ios::badbit);
+    CHECK_NOTHROW(opt.save(out));
+    CHECK(out.str() == good);
+}
+
+TEST_CASE("a model whose parameter names add up to more than 4096 bytes saves and loads") {
+    // A 12-layer transformer has about 110 tensors; the fragment layout recorded in the checkpoint
+    // lists every name (about 40 bytes each here: over 4 KB in all).
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    constexpr std::size_t tensors = 120;
+    std::vector<std::vector<float>> values(tensors, std::vector<float>(3, 0.5f));
+    std::vector<std::vector<float>> grads(tensors, std::vector<float>(3, 0.25f));
+    const auto list_of = [&](const std::string& suffix) {
+        loco::parameter_list list;
+        for (std::size_t i = 0; i < tensors; ++i) {
+            list.add("model.layers." + std::to_string(i) + ".self_attn.q_proj.weight" + suffix,
+                     values[i], grads[i]);
+        }
+        return list;
+    };
+    loco::comm::single comm;
+    const loco::parameter_list list = list_of("");
+    opt_t opt(list, comm, {.schedule = {.every = 2}});
+    opt.step();
+    opt.step();
+    const std::string good = saved(opt);
+    CHECK(good.size() > 4096 + 1000);
+    opt_t again(list, comm, {.schedule = {.every = 2}});
+    std::istringstream is(good);
+    CHECK_NOTHROW(again.load(is));
+    CHECK(saved(again) == good);
+    // Another model with longer names: a mismatch named by the lengths, not "corrupted".
+    const loco::parameter_list longer = list_of("_");
+    opt_t other(longer, comm, {.schedule = {.every = 2}});
+    std::istringstream in(good);
+    CHECK_THROWS_WITH_AS(other.load(in),
+                         doctest::Contains("loco: checkpoint mismatch in the fragment layout: "
+                                           "saved a text of"),
+                         loco::checkpoint_error);
+}
+
+TEST_CASE("a corrupted length of an aggregation's state is refused, not allocated") {
+    // centered_clip saves its last aggregate with a length the live model does not bound; a
+    // corrupted length (the checksum recomputed, so only the reader's checks stand in the way)
+    // must end at a truncation, not at a 4 TB allocation.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::every, loco::aggregate::centered_clip>;
+    model mdl("centered clip length");
+    loco::comm::single comm;
+    opt_t opt(mdl.list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1}});
+    mdl.set_gradients("centered clip length", 0);
+    opt.step();
+    const std::string good = saved(opt);
+    // The center (16 floats, after one round) is the last field: [16][16][64 bytes][checksum].
+    const std::size_t at = good.size() - 8 - 64 - 8 - 8;
+    std::uint64_t n = 0;
+    std::memcpy(&n, good.data() + at, 8);
+    REQUIRE(n == 16);
+    for (const std::uint64_t huge : {std::uint64_t{1} << 39, ~std::uint64_t{0}}) {
+        std::string bad = good;
+        std::memcpy(bad.data() + at, &huge, 8);
+        std::memcpy(bad.data() + at + 8, &huge, 8);
+        loco::detail::fnv1a64 h;
+        h.add(bad.data(), bad.size() - 8);
+        const std::uint64_t sum = h.value();
+        std::memcpy(bad.data() + bad.size() - 8, &sum, 8);
+        std::istringstream is(bad);
+        CHECK_THROWS_WITH_AS(opt.load(is),
+                             doctest::Contains("truncated while reading the centered clipping center"),
+                             loco::checkpoint_error);
+    }
+    std::istringstream is(good);
+    CHECK_NOTHROW(opt.load(is));
 }
 
 TEST_CASE("a checkpoint of another policy, model, handle, worker count or rank is refused") {

@@ -138,11 +138,7 @@ struct centered_clip {
         static state read(loco::detail::checkpoint_reader& r) {
             state s;
             const std::uint64_t n = r.u64("the centered clipping center's length");
-            if (n > (std::uint64_t{1} << 40)) {
-                throw checkpoint_error("loco: checkpoint corrupted (centered clipping center)");
-            }
-            s.center.resize(n);
-            r.floats(s.center, "the centered clipping center");
+            s.center = r.float_vector(n, "the centered clipping center");
             return s;
         }
     };

@@ -6,6 +6,7 @@
 
 #include <loco/error.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstddef>
@@ -13,11 +14,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <ios>
 #include <istream>
 #include <ostream>
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 #include <type_traits>
 
 namespace loco::detail {
@@ -48,9 +51,33 @@ private:
     std::uint64_t h_ = 0xcbf29ce484222325ULL;
 };
 
+// Clears a stream's exception mask for the lifetime of a reader or writer and puts it back
+// afterwards: with the caller's `exceptions(failbit | badbit)` a short read would otherwise escape
+// as std::ios_base::failure instead of the checkpoint_error the reader promises. Putting back a
+// mask whose bits are set in the stream's state throws from ios::exceptions after restoring it;
+// that throw is dropped (a destructor must not throw; the caller sees the error loco raised).
+class stream_exceptions_off {
+public:
+    explicit stream_exceptions_off(std::ios& s) noexcept : s_(s), saved_(s.exceptions()) {
+        s_.exceptions(std::ios::goodbit);  // never throws: no bit in the empty mask
+    }
+    ~stream_exceptions_off() {
+        try {
+            s_.exceptions(saved_);
+        } catch (...) {  // NOLINT(bugprone-empty-catch): the mask is restored either way
+        }
+    }
+    stream_exceptions_off(const stream_exceptions_off&) = delete;
+    stream_exceptions_off& operator=(const stream_exceptions_off&) = delete;
+
+private:
+    std::ios& s_;
+    std::ios::iostate saved_;
+};
+
 class checkpoint_writer {
 public:
-    explicit checkpoint_writer(std::ostream& os) : os_(os) {
+    explicit checkpoint_writer(std::ostream& os) : os_(os), quiet_(os) {
         if (!os_) {
             const auto* file = dynamic_cast<const std::ofstream*>(&os_);
             throw checkpoint_error(
@@ -95,12 +122,13 @@ private:
     }
 
     std::ostream& os_;
+    stream_exceptions_off quiet_;
     fnv1a64 hash_;
 };
 
 class checkpoint_reader {
 public:
-    explicit checkpoint_reader(std::istream& is) : is_(is) {
+    explicit checkpoint_reader(std::istream& is) : is_(is), quiet_(is) {
         if (!is_) {
             const auto* file = dynamic_cast<const std::ifstream*>(&is_);
             throw checkpoint_error(
@@ -157,19 +185,32 @@ public:
         }
     }
 
-    // Reads a string that must equal `live` (policy names, the handle kind).
+    // Reads a string that must equal `live` (policy names, the handle kind, the fragment layout,
+    // which lists every parameter name and may be far longer than text()'s bound): a saved
+    // length equal to the live one is read whatever it is (the live value bounds it); another
+    // is read for the message when text() would read it, else named by its length.
     void expect_text(std::string_view live, const char* what) {
-        const std::string saved = text(what);
-        if (saved != live) {
-            throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) + ": saved '" +
-                                   saved + "', this optimizer has '" + std::string(live) + "'");
+        const std::uint64_t n = u64(what);
+        std::string saved;
+        if (n == live.size() || n <= max_text_bytes) {
+            saved.resize(static_cast<std::size_t>(n));
+            raw(saved.data(), saved.size(), what);
+            if (saved == live) return;
+        } else {
+            throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) +
+                                   ": saved a text of " + std::to_string(n) +
+                                   " bytes, this optimizer has one of " +
+                                   std::to_string(live.size()) + " bytes");
         }
+        throw checkpoint_error("loco: checkpoint mismatch in " + std::string(what) + ": saved '" +
+                               saved + "', this optimizer has '" + std::string(live) + "'");
     }
 
-    // Reads a string of at most 4096 bytes (a description recorded for information).
+    // Reads a string of at most max_text_bytes (a description recorded for information).
+    static constexpr std::uint64_t max_text_bytes = 4096;
     std::string text(const char* what) {
         const std::uint64_t n = u64(what);
-        if (n > 4096) {
+        if (n > max_text_bytes) {
             throw checkpoint_error("loco: checkpoint corrupted: " + std::string(what) +
                                    " has an implausible length");
         }
@@ -182,6 +223,21 @@ public:
     void floats(std::span<float> out, const char* what) {
         expect_u64(out.size(), what);
         raw(out.data(), out.size_bytes(), what);
+    }
+
+    // Reads a float array of n elements, n read from the stream earlier and not bounded by the
+    // live model (an aggregation's state): the vector grows only with what the stream holds, so
+    // a corrupted n ends at a truncation, not at a huge allocation.
+    std::vector<float> float_vector(std::uint64_t n, const char* what) {
+        expect_u64(n, what);
+        constexpr std::uint64_t step = std::uint64_t{1} << 16;
+        std::vector<float> out;
+        for (std::uint64_t at = 0; at < n; at += step) {
+            const auto k = static_cast<std::size_t>(std::min(step, n - at));
+            out.resize(out.size() + k);
+            raw(out.data() + out.size() - k, k * sizeof(float), what);
+        }
+        return out;
     }
 
     // Reads the checksum and compares it with everything read before it.
@@ -207,6 +263,7 @@ private:
     }
 
     std::istream& is_;
+    stream_exceptions_off quiet_;
     fnv1a64 hash_;
     std::uint32_t format_ = 0;
 };
