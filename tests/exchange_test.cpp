@@ -419,3 +419,87 @@ TEST_CASE("exchange_scheme::all_reduce is refused for a compressor whose payload
                         mdl.list, comm, {.compress = {.decay = -1.0f}})),
                     loco::invalid_argument);
 }
+
+namespace {
+
+// Refuses to start the next `fail_next` all-reduces or all-gathers at once (throws from start_*,
+// as comm::mpi's peer check can), then forwards again.
+class refusing_start final : public forwarding_comm {
+public:
+    explicit refusing_start(loco::comm::communicator& next) : forwarding_comm(next, "refusing_start") {}
+    int fail_next = 0;
+
+protected:
+    std::unique_ptr<loco::comm::request::operation> do_start_all_reduce(
+        loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        if (fail_next > 0) {
+            --fail_next;
+            throw loco::comm_error("injected: the peer check timed out");
+        }
+        return communicator::do_start_all_reduce(d, op);
+    }
+    std::unique_ptr<loco::comm::request::operation> do_start_all_gather(
+        loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        if (fail_next > 0) {
+            --fail_next;
+            throw loco::comm_error("injected: the peer check timed out");
+        }
+        return communicator::do_start_all_gather(send, recv);
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a collective refused at its start leaves nothing in flight: the next sync goes on") {
+    const auto run = [](auto tag) {
+        using C = decltype(tag);
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, C>;
+        std::vector<float> w = {1.0f, -2.0f, 0.5f, 4.0f}, g = {2.0f, 1.0f, -1.0f, 0.25f};
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::comm::single base;
+        refusing_start comm(base);
+        opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1}});
+        opt.step();
+        REQUIRE(opt.outer_steps() == 1);
+        comm.fail_next = 1;
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("injected: the peer check timed out"),
+                             loco::comm_error);
+        CHECK_FALSE(opt.in_flight(0));
+        // Formerly every later step threw "an exchange was started while the previous one is
+        // still in flight", for good.
+        CHECK_NOTHROW(opt.step());
+        CHECK(opt.outer_steps() == 2);
+        CHECK_NOTHROW(opt.sync());
+    };
+    SUBCASE("all_reduce (compress::none)") { run(loco::compress::none{}); }
+    SUBCASE("all_gather (blockwise)") { run(lc::blockwise<4, 4>{}); }
+}
+
+TEST_CASE("two_phase sizes its payloads from the settings of each sync: a changed compress_hyper() works") {
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::topk>;
+    for (const auto scheme : {loco::exchange_scheme::all_gather, loco::exchange_scheme::two_phase}) {
+        CAPTURE(loco::to_string(scheme));
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> w(16), g(16);
+            for (int i = 0; i < 16; ++i) {
+                w[std::size_t(i)] = 0.1f * float(i);
+                g[std::size_t(i)] = 0.01f * float(i + comm.rank());
+            }
+            loco::parameter_list list;
+            list.add("w", w, g);
+            opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1},
+                                   .compress = {.ratio = 0.25f}, .exchange = scheme});
+            opt.step();
+            const std::uint64_t before = opt.bytes_per_sync();
+            opt.compress_hyper().ratio = 0.5f;
+            const std::uint64_t after = opt.bytes_per_sync();
+            CHECK(after > before);
+            const std::uint64_t sent = comm.bytes_sent();
+            CHECK_NOTHROW(opt.step());
+            CHECK(opt.outer_steps() == 2);
+            // What was counted is what bytes_per_sync() says for the new settings.
+            CHECK(comm.bytes_sent() - sent == after);
+        });
+    }
+}

@@ -187,9 +187,8 @@ public:
                 const std::size_t b = chunk_begin_[k], e = chunk_begin_[k + 1];
                 chunk_segs_.push_back(clip_segments(segs_, b, e, 0));
                 local_segs_.push_back(clip_segments(segs_, b, e, b));
-                chunk_bytes_.push_back(C::payload_bytes(h, local_segs_.back()));
-                block_bytes_ = std::max(block_bytes_, chunk_bytes_.back());
             }
+            (void)chunk_payloads(h);  // the compressor refuses these segments now, not at a sync
             server_state_.assign(S * chunk_size(rank_), 0.0f);
         }
     }
@@ -217,7 +216,7 @@ public:
                 return 4 * (n_ + (m - 2) * c);
             }
             case exchange_scheme::all_gather: return (m - 1) * C::payload_bytes(h, segs_) + reports;
-            case exchange_scheme::two_phase: return 2 * (m - 1) * block_bytes_;
+            case exchange_scheme::two_phase: return 2 * (m - 1) * chunk_payloads(h).block;
             case exchange_scheme::automatic: break;
         }
         return 0;
@@ -225,6 +224,8 @@ public:
 
     // Takes this worker's pseudo-gradient and starts the exchange; returns at once. An encode
     // failure is recorded (a zero payload is sent so that every rank's collectives still match).
+    // A communicator that refuses to start a collective (throws at once) leaves nothing in
+    // flight: the next start() may try again.
     void start(comm::communicator& comm, std::span<const float> delta, const typename C::hyper& h,
                const compress::encode_context& ctx, aggregate::worker_report report = {}) {
         if (in_flight_) {
@@ -234,7 +235,20 @@ public:
         failure_ = {};
         refused_ = false;
         ctx_ = ctx;
+        try {
+            start_collectives(comm, delta, h, ctx, report);
+        } catch (...) {
+            request_ = comm::request{};
+            report_request_ = comm::request{};
+            throw;
+        }
         in_flight_ = true;
+    }
+
+private:
+    void start_collectives(comm::communicator& comm, std::span<const float> delta,
+                           const typename C::hyper& h, const compress::encode_context& ctx,
+                           aggregate::worker_report report) {
         switch (scheme_) {
             case exchange_scheme::all_reduce:
                 work_.assign(delta.begin(), delta.end());
@@ -273,6 +287,7 @@ public:
         (void)report;
     }
 
+public:
     bool in_flight() const noexcept { return in_flight_; }
     // The pseudo-gradient given to start() (all_reduce and two_phase keep a copy; all_gather the
     // encoded payload).
@@ -411,6 +426,21 @@ private:
         return {v.data(), v.size(), 0, 0, memory_space::host};
     }
 
+    // two_phase: the payload bytes of each rank's chunk under h, and the block every chunk
+    // travels in (the largest).
+    struct two_phase_payloads {
+        std::vector<std::size_t> chunk;
+        std::size_t block = 0;
+    };
+    two_phase_payloads chunk_payloads(const typename C::hyper& h) const {
+        two_phase_payloads p;
+        for (const auto& segs : local_segs_) {
+            p.chunk.push_back(C::payload_bytes(h, segs));
+            p.block = std::max(p.block, p.chunk.back());
+        }
+        return p;
+    }
+
     void wait(comm::request& r) {
         try {
             r.finish();
@@ -423,7 +453,11 @@ private:
     // own encode failed (it sends zeros), so that the ranks stay in step.
     void finish_two_phase(comm::communicator& comm, std::span<float> out,
                           const typename C::hyper& h) {
-        const std::size_t q = block_bytes_;
+        // Sized from the settings of this exchange: compress_hyper() may have changed since the
+        // last one (every rank changes it at the same call, or the fingerprint differs).
+        const two_phase_payloads sizes = chunk_payloads(h);
+        const std::vector<std::size_t>& chunk_bytes_ = sizes.chunk;
+        const std::size_t q = sizes.block;
         next_state_ = state_;
         next_server_ = server_state_;
 
@@ -523,8 +557,7 @@ private:
     std::vector<std::size_t> chunk_begin_;
     std::vector<std::vector<compress::segment>> chunk_segs_;  // flat offsets
     std::vector<std::vector<compress::segment>> local_segs_;  // offsets within the chunk
-    std::vector<std::size_t> chunk_bytes_;
-    std::size_t block_bytes_ = 0;
+
     std::vector<std::byte> send_, recv_;
     std::vector<float> work_;     // all_reduce buffer / two_phase input
     std::vector<float> decoded_;
