@@ -480,7 +480,10 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
     CHECK_THROWS_WITH_AS(next(), doctest::Contains("while fragment 0's exchange is in flight (due "
                                                    "at call 4)"),
                          loco::invalid_argument);
-    CHECK(opt.calls() == 3);  // the call was not counted
+    CHECK(opt.calls() == 3);  // the call was not counted, nor its inner step applied
+    CHECK(opt.inner_steps() == 3);
+    CHECK(opt.calls() == opt.inner_steps() + opt.skipped_steps());
+    CHECK(m.values() == values_then);
     opt.schedule_hyper().every = 16;
     CHECK_THROWS_AS(next(), loco::invalid_argument);
     opt.schedule_hyper() = cfg.schedule;
@@ -505,6 +508,139 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
     std::istringstream is(mid_flight);
     resumed.load(is);
     CHECK_THROWS_WITH_AS(resumed.step(), doctest::Contains("changed from 8 and 1 to 8 and 0"),
+                         loco::invalid_argument);
+}
+
+TEST_CASE("streaming: H changed right after an apply is taken; a fragment whose new start has passed "
+          "waits for its next window, across a checkpoint") {
+    // H = 6, P = 2, tau = 1: fragment 0 applies at calls 3, 9, ..., fragment 1 at 6, 12, ...
+    // After call 3 nothing is in flight; H = 4 then puts fragment 1's apply at call 4 with its
+    // start at call 3, already past: fragment 1 skips that apply and syncs at call 8 (started
+    // at 7); fragment 0 applies at 6 (started at 5) and 10.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::streaming>;
+    const opt_t::config cfg{.inner = {.lr = 0.1f},
+                            .schedule = {.every = 6, .fragments = 2, .overlap = 1}};
+    const inputs in("streaming H change", 12);
+    loco::comm::single comm;
+    worker_model m(in.init);
+    opt_t opt(m.list, comm, cfg);
+    int step = 0;
+    const auto next = [&](opt_t& o, worker_model& w) {
+        w.set_gradients(in.grads[static_cast<std::size_t>(step) * 2]);
+        ++step;
+        return o.step();
+    };
+    for (int i = 0; i < 3; ++i) next(opt, m);
+    REQUIRE(opt.outer_steps(0) == 1);
+    REQUIRE(!opt.in_flight(0));
+    REQUIRE(!opt.in_flight(1));
+    opt.schedule_hyper().every = 4;
+    std::vector<int> applied0, applied1;
+    std::string at_call_4;
+    for (int c = 4; c <= 10; ++c) {
+        const auto before0 = opt.outer_steps(0), before1 = opt.outer_steps(1);
+        CHECK_NOTHROW(next(opt, m));
+        if (opt.outer_steps(0) > before0) applied0.push_back(c);
+        if (opt.outer_steps(1) > before1) applied1.push_back(c);
+        if (c == 4) at_call_4 = saved(opt);
+    }
+    CHECK(applied0 == std::vector<int>{6, 10});
+    CHECK(applied1 == std::vector<int>{8});
+    // Resumed from call 4 (format 3 records which exchanges the schedule started), the same.
+    worker_model m2(in.init);
+    opt_t resumed(m2.list, comm, {.inner = {.lr = 0.1f},
+                                  .schedule = {.every = 4, .fragments = 2, .overlap = 1}});
+    std::istringstream is(at_call_4);
+    resumed.load(is);
+    step = 4;
+    std::vector<int> resumed1;
+    for (int c = 5; c <= 10; ++c) {
+        const auto before1 = resumed.outer_steps(1);
+        CHECK_NOTHROW(next(resumed, m2));
+        if (resumed.outer_steps(1) > before1) resumed1.push_back(c);
+    }
+    CHECK(resumed1 == std::vector<int>{8});
+    CHECK(resumed.outer_steps(0) == opt.outer_steps(0));
+
+    // The fragment pattern is fixed by the split made at construction.
+    opt.schedule_hyper().pattern = loco::fragment_pattern::sequential;
+    const auto calls = opt.calls();
+    CHECK_THROWS_WITH_AS(opt.step(),
+                         "loco::diloco: the schedule now asks for the sequential fragment pattern "
+                         "but the model was split strided at construction; keep the pattern",
+                         loco::invalid_argument);
+    CHECK(opt.calls() == calls);
+}
+
+TEST_CASE("streaming: a format 2 checkpoint saved with an exchange in flight resumes it") {
+    // Format 2 did not record which exchanges the schedule started: they are those the last
+    // plan had in flight. Written by loco at commit 5e02b60: H = 4, P = 2, tau = 1, tensors
+    // a (2) and b (1), gradients (s / 2, -s^2 / 4) and s / 8 at calls s = 1..5, saved after
+    // call 5 with fragment 0's exchange in flight (due at call 6).
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::streaming>;
+    const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                            .schedule = {.every = 4, .fragments = 2, .overlap = 1}};
+    const std::string format2 = bytes_from_hex(
+        "4c4f434f434b505402000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+        "04000000000000006e6f6e65090000000000000073747265616d696e6704000000000000006e6f6e651c000000000000"
+        "00667261676d656e7420303a20613b20667261676d656e7420313a206204000000000000006d65616e32000000000000"
+        "006f757465725f6e65737465726f76206c723d302e363939393939393838206d6f6d656e74756d3d302e383939393939"
+        "393736010000000000000000000000000000000500000000000000040000000000000001000000000000000000000000"
+        "000000000000000000000000000000000000000200000000000000020000000000000001000000000000000500000000"
+        "000000000000000000000003000000000000007367640100000000000000030000000000000000000000000000000000"
+        "0000030000000000000048e12a3fd7a30a400ad7bfbf03000000000000000000803e000000be0000c03e0a0000000000"
+        "0000616c6c5f726564756365010000000000000000000000000000000000000000000000000000000000000001000000"
+        "0000000005000000000000000200000000000000295c4d400a57cfc00500000000000000000000000000000001000000"
+        "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "00000000000000000000000000000000000000001e9319685a4674a8");
+    REQUIRE(format2.size() == 556);
+    struct two_tensors {
+        std::vector<float> a = {1.0f, 2.0f}, b = {-1.0f}, ga = std::vector<float>(2),
+                           gb = std::vector<float>(1);
+        loco::parameter_list list;
+        two_tensors() { list.add("a", a, ga).add("b", b, gb); }
+        void gradients(int s) {
+            ga[0] = 0.5f * float(s);
+            ga[1] = -0.25f * float(s * s);
+            gb[0] = 0.125f * float(s);
+        }
+    };
+    loco::comm::single comm;
+    two_tensors straight_model;
+    opt_t straight(straight_model.list, comm, cfg);
+    for (int s = 1; s <= 5; ++s) {
+        straight_model.gradients(s);
+        straight.step();
+    }
+    CHECK(straight_model.a == std::vector<float>{-0x1.4547aep+1f, 0x1.14a8f6p+3f});
+    CHECK(straight_model.b == std::vector<float>{-0x1.dfd70ap+0f});
+    two_tensors resumed_model;
+    resumed_model.a = straight_model.a;
+    resumed_model.b = straight_model.b;
+    opt_t resumed(resumed_model.list, comm, cfg);
+    std::istringstream is(format2);
+    resumed.load(is);
+    for (int s = 6; s <= 13; ++s) {
+        straight_model.gradients(s);
+        resumed_model.gradients(s);
+        straight.step();
+        resumed.step();
+        CHECK(resumed_model.a == straight_model.a);
+        CHECK(resumed_model.b == straight_model.b);
+    }
+    CHECK(resumed.outer_steps(0) == straight.outer_steps(0));
+    CHECK(resumed.outer_steps(1) == straight.outer_steps(1));
+    // The derived flags also guard a change of tau while that exchange is in flight.
+    two_tensors again_model;
+    opt_t again(again_model.list, comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                         .schedule = {.every = 4, .fragments = 2, .overlap = 0}});
+    std::istringstream again_in(format2);
+    again.load(again_in);
+    CHECK_THROWS_WITH_AS(again.step(), doctest::Contains("changed from 4 and 1 to 4 and 0 while "
+                                                         "fragment 0's exchange is in flight (due "
+                                                         "at call 6)"),
                          loco::invalid_argument);
 }
 

@@ -232,6 +232,7 @@ public:
         if constexpr (requires { schedule_type::pattern(schedule_hyper_); }) {
             pattern = schedule_type::pattern(schedule_hyper_);
         }
+        pattern_ = pattern;
         const auto lists = detail::resolve_fragments(tensors(), cfg.fragments, count, pattern);
         fragment_description_ = detail::describe_fragments(tensors(), lists);
         frags_.reserve(count);
@@ -275,6 +276,11 @@ public:
         detail::validate_hyper<schedule_type>(schedule_hyper_);
         check_state_periods();
         check_fragment_count();
+        // A schedule that refuses some changes of its hyper-parameters (streaming: H or tau with
+        // an exchange in flight) says so before the inner update, so that nothing changes.
+        if constexpr (requires { schedule_.check(schedule_hyper_); }) {
+            schedule_.check(schedule_hyper_);
+        }
         const bool ready = engine_.inner_ready();  // may throw; nothing has changed yet
         // A gradient computed before this worker received rank 0's parameters belongs to other
         // parameters: it is not applied (call start() before the first forward pass to avoid it).
@@ -805,6 +811,15 @@ private:
                                    std::to_string(frags_.size()) +
                                    " at construction; keep the number of fragments");
         }
+        if constexpr (requires { schedule_type::pattern(schedule_hyper_); }) {
+            if (schedule_type::pattern(schedule_hyper_) != pattern_) {
+                throw invalid_argument(
+                    "loco::diloco: the schedule now asks for the " +
+                    std::string(to_string(schedule_type::pattern(schedule_hyper_))) +
+                    " fragment pattern but the model was split " +
+                    std::string(to_string(pattern_)) + " at construction; keep the pattern");
+            }
+        }
     }
 
     // A schedule that averages inner state arrays (schedule/state_periods.hpp) may name only
@@ -1274,6 +1289,7 @@ private:
     schedule_type schedule_{};
     std::vector<fragment_state> frags_;
     std::string fragment_description_;
+    fragment_pattern pattern_ = fragment_pattern::strided;  // the split made at construction
     bool started_ = false;
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     std::uint64_t skipped_syncs_ = 0;

@@ -61,19 +61,59 @@ public:
     static float merge_alpha(const hyper& h) noexcept { return h.alpha; }
     static fragment_pattern pattern(const hyper& h) noexcept { return h.pattern; }
 
+    // A fragment is finished only at an apply whose exchange this schedule started: after H or
+    // tau changed (with nothing in flight), a fragment whose new start call has already passed
+    // misses that apply and syncs in its next window.
     sync_plan next(const hyper& h) {
-        check_in_flight(h);
+        check(h);
+        if (derive_started_) {
+            started_ = in_flight_by_plan(h.fragments);
+            derive_started_ = false;
+        }
+        if (started_.size() != h.fragments) started_.assign(h.fragments, false);
         ++calls_;
         plan_.clear();
         const std::uint64_t period = h.every / h.fragments;
         for (std::size_t p = 0; p < h.fragments; ++p) {
             const std::uint64_t apply_at = ((p + 1) * period) % h.every;
-            if ((calls_ + h.overlap) % h.every == apply_at) plan_.start(p);
-            if (calls_ % h.every == apply_at) plan_.finish(p);
+            if ((calls_ + h.overlap) % h.every == apply_at) {
+                plan_.start(p);
+                started_[p] = true;
+            }
+            if (calls_ % h.every == apply_at && started_[p]) {
+                plan_.finish(p);
+                started_[p] = false;
+            }
         }
         planned_every_ = h.every;
         planned_overlap_ = h.overlap;
         return plan_.view();
+    }
+
+    // H or tau may change between calls, but not while an exchange they planned is in flight:
+    // its apply would move, or (tau lowered to 0) come in the call that starts the next one,
+    // which would then travel a whole period. loco::diloco calls this before the inner update of
+    // a step, so that a refused change changes nothing.
+    void check(const hyper& h) const {
+        if (planned_every_ == 0 || (h.every == planned_every_ && h.overlap == planned_overlap_)) {
+            return;
+        }
+        const std::vector<bool> started =
+            derive_started_ ? in_flight_by_plan(h.fragments) : started_;
+        for (std::size_t p = 0; p < started.size(); ++p) {
+            if (!started[p]) continue;
+            const std::uint64_t period = planned_every_ / started.size();
+            const std::uint64_t apply_at = ((p + 1) * period) % planned_every_;
+            const std::uint64_t ahead =
+                (apply_at + planned_every_ - calls_ % planned_every_) % planned_every_;
+            throw invalid_argument(
+                "loco::schedule::streaming: H and tau changed from " +
+                std::to_string(planned_every_) + " and " + std::to_string(planned_overlap_) +
+                " to " + std::to_string(h.every) + " and " + std::to_string(h.overlap) +
+                " while fragment " + std::to_string(p) + "'s exchange is in flight (due at "
+                "call " + std::to_string(calls_ + ahead) + "); change them when no "
+                "exchange is in flight, such as right after an apply");
+        }
     }
 
     std::uint64_t calls() const noexcept { return calls_; }
@@ -81,6 +121,8 @@ public:
         w.u64(calls_);
         w.u64(planned_every_);    // format 2
         w.u64(planned_overlap_);  // format 2
+        w.u64(started_.size());   // format 3
+        for (const bool b : started_) w.u64(b ? 1 : 0);
     }
     static streaming read(detail::checkpoint_reader& r) {
         streaming s;
@@ -89,38 +131,46 @@ public:
             s.planned_every_ = r.u64("the period of the last plan");
             s.planned_overlap_ = r.u64("the overlap of the last plan");
         }
+        if (r.format() >= 3) {
+            const std::uint64_t n = r.u64("the number of streaming fragments");
+            if (n > (std::uint64_t{1} << 20)) {
+                throw checkpoint_error("loco: checkpoint corrupted: the number of streaming "
+                                       "fragments has an implausible value");
+            }
+            for (std::uint64_t p = 0; p < n; ++p) {
+                const std::uint64_t b = r.u64("whether a fragment's exchange was started");
+                if (b > 1) throw checkpoint_error("loco: checkpoint corrupted (started flag)");
+                s.started_.push_back(b == 1);
+            }
+        } else {
+            s.derive_started_ = true;
+        }
         return s;
     }
 
 private:
-    // H or tau may change between calls, but not while an exchange they planned is in flight:
-    // its apply would move, or (tau lowered to 0) come in the call that starts the next one,
-    // which would then travel a whole period. Fragment p is in flight after call c when its
-    // apply is 1 to tau calls ahead.
-    void check_in_flight(const hyper& h) const {
-        if (planned_every_ == 0 || (h.every == planned_every_ && h.overlap == planned_overlap_)) {
-            return;
-        }
-        const std::uint64_t period = planned_every_ / h.fragments;
-        for (std::size_t p = 0; p < h.fragments && period > 0; ++p) {
+    // Format 1 and 2 streams did not record which exchanges were started, nor the fragment count
+    // (the handle's, P): the exchanges the last plan had in flight, its apply 1 to tau calls
+    // ahead, computed with the live P at the first check or next().
+    std::vector<bool> in_flight_by_plan(std::size_t fragments) const {
+        std::vector<bool> started(fragments, false);
+        if (planned_every_ == 0 || fragments == 0) return started;
+        const std::uint64_t period = planned_every_ / fragments;
+        for (std::size_t p = 0; p < fragments && period > 0; ++p) {
             const std::uint64_t apply_at = ((p + 1) * period) % planned_every_;
             const std::uint64_t ahead =
                 (apply_at + planned_every_ - calls_ % planned_every_) % planned_every_;
-            if (ahead >= 1 && ahead <= planned_overlap_) {
-                throw invalid_argument(
-                    "loco::schedule::streaming: H and tau changed from " +
-                    std::to_string(planned_every_) + " and " + std::to_string(planned_overlap_) +
-                    " to " + std::to_string(h.every) + " and " + std::to_string(h.overlap) +
-                    " while fragment " + std::to_string(p) + "'s exchange is in flight (due at "
-                    "call " + std::to_string(calls_ + ahead) + "); change them when no "
-                    "exchange is in flight, such as right after an apply");
-            }
+            started[p] = ahead >= 1 && ahead <= planned_overlap_;
         }
+        return started;
     }
 
     std::uint64_t calls_ = 0;
     std::uint64_t planned_every_ = 0;  // H and tau of the last plan; 0: none yet (or format 1)
     std::uint64_t planned_overlap_ = 0;
+    // Per fragment: its exchange was started by this schedule and not yet finished.
+    std::vector<bool> started_;
+    bool derive_started_ = false;  // read from a format 1 or 2 stream: see in_flight_by_plan
     plan_buffer plan_;
 };
 

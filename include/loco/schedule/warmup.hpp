@@ -68,6 +68,13 @@ public:
         return S::inner_state_periods(h.then);
     }
 
+    // The wrapped schedule's refusals of changed hyper-parameters (streaming), before a step.
+    void check(const hyper& h) const
+        requires requires(const S& s, const typename S::hyper& then) { s.check(then); }
+    {
+        after_.check(h.then);
+    }
+
     void use_communicator(comm::communicator& comm) {
         if constexpr (requires { after_.use_communicator(comm); }) after_.use_communicator(comm);
     }
