@@ -1026,3 +1026,30 @@ TEST_CASE("a user-written aggregation sees every worker's delta and report, on e
         }
     }
 }
+
+TEST_CASE("start(): 300 identically built ranks agree (the fingerprint check is exact past 255 ranks), and one different rank is named") {
+    // The sums of the digests' bytes and squares are exact in floats only below 256 ranks;
+    // larger groups compare the gathered digests.
+    constexpr int ranks = 300;
+    for (const bool odd_one : {false, true}) {
+        CAPTURE(odd_one);
+        std::atomic<int> started{0}, named{0};
+        loco::comm::run_threads(ranks, [&](loco::comm::threads& comm) {
+            // (With these names and sizes the float sums of 300 equal digests round: found by
+            // trying names against the previous check.)
+            std::vector<float> w(4, 1.0f), g(4, 0.0f);
+            loco::parameter_list list;
+            const bool differs = odd_one && comm.rank() == ranks - 1;
+            list.add(differs ? "w3" : "w2", w, g);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm);
+            try {
+                opt.start();
+                ++started;
+            } catch (const loco::invalid_argument& e) {
+                if (std::string(e.what()).find("where rank 299 has") != std::string::npos) ++named;
+            }
+        });
+        CHECK(started == (odd_one ? 0 : ranks));
+        CHECK(named == (odd_one ? ranks : 0));
+    }
+}

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -228,6 +229,98 @@ TEST_CASE("threads: two ranks passing the same buffer is refused") {
     });
     CHECK(errors == 2);
     CHECK(shared == std::vector<float>(16, 1.0f));
+}
+
+TEST_CASE("threads: ranks whose output buffers overlap are refused, not left to race") {
+    // Rank 0 reduces v[0, 4), rank 1 v[2, 6): distinct pointers, shared elements.
+    for (const int shift : {2, 3}) {
+        CAPTURE(shift);
+        std::vector<float> v(8, 1.0f);
+        std::atomic<int> errors{0};
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            float* mine = v.data() + (comm.rank() == 0 ? 0 : shift);
+            try {
+                comm.all_reduce(loco::host_tensor(mine, 4), reduce_op::sum);
+            } catch (const loco::comm_error& e) {
+                if (std::string(e.what()).find("ranks 0 and 1 passed overlapping buffers to "
+                                               "all_reduce") != std::string::npos) {
+                    ++errors;
+                }
+            }
+        });
+        CHECK(errors == 2);
+        CHECK(v == std::vector<float>(8, 1.0f));
+    }
+    // Adjacent buffers do not overlap: taken. All-gather outputs hold M blocks each.
+    std::vector<float> adjacent(8, 1.0f);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        comm.all_reduce(loco::host_tensor(adjacent.data() + 4 * comm.rank(), 4), reduce_op::sum);
+    });
+    CHECK(adjacent == std::vector<float>(8, 2.0f));
+    std::vector<std::byte> recv(2 * 2 * 3);
+    std::atomic<int> gather_errors{0};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<std::byte> send(3, std::byte{1});
+        // Rank 1's output starts 3 bytes into rank 0's 6.
+        std::byte* out = recv.data() + 3 * comm.rank();
+        try {
+            comm.all_gather({send.data(), 3, 0, 0, loco::memory_space::host},
+                            {out, 6, 0, 0, loco::memory_space::host});
+        } catch (const loco::comm_error& e) {
+            if (std::string(e.what()).find("overlapping buffers to all_gather") != std::string::npos) {
+                ++gather_errors;
+            }
+        }
+    });
+    CHECK(gather_errors == 2);
+}
+
+TEST_CASE("threads: one communicator per rank at a time") {
+    auto group = std::make_shared<loco::comm::thread_group>(2);
+    {
+        loco::comm::threads first(group, 0);
+        CHECK_THROWS_WITH_AS(loco::comm::threads(group, 0),
+                             "loco::comm::threads: rank 0 already has a communicator in this "
+                             "thread group; each rank needs its own, one at a time",
+                             loco::invalid_argument);
+        CHECK_NOTHROW(loco::comm::threads(group, 1));
+    }
+    // Released with its communicator.
+    CHECK_NOTHROW(loco::comm::threads(group, 0));
+}
+
+TEST_CASE("threads: a timeout of milliseconds::max() means never, and a huge link latency saturates") {
+    // "Never" is clamped to about a century instead of overflowing inside wait_for (which made
+    // a rank give up at once when a peer was late).
+    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds::max());
+    CHECK(group->timeout() == loco::comm::detail::rendezvous::longest_timeout);
+    std::atomic<bool> ok0{false}, ok1{false};
+    std::thread late([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        loco::comm::threads rank1(group, 1);
+        rank1.barrier();
+        ok1 = true;
+    });
+    {
+        loco::comm::threads rank0(group, 0);
+        rank0.barrier();
+        ok0 = true;
+    }
+    late.join();
+    CHECK(ok0);
+    CHECK(ok1);
+    CHECK_FALSE(group->aborted());
+
+    // The latency term saturates like the bandwidth term (about 95 years), never negative.
+    const loco::comm::link_model huge{0.0, std::chrono::microseconds::max()};
+    const auto t = huge.time_for(0);
+    CHECK(t > std::chrono::hours(24 * 365 * 90));
+    CHECK(t <= std::chrono::seconds(3'000'000'000LL));
+    const loco::comm::link_model slow{1.0, std::chrono::seconds(2'999'999'999LL)};
+    CHECK(slow.time_for(std::uint64_t{1} << 60) <= std::chrono::seconds(3'000'000'000LL));
+    // Ordinary values stay exact.
+    const loco::comm::link_model usual{1e6, std::chrono::microseconds(1500)};
+    CHECK(usual.time_for(1000) == std::chrono::microseconds(2500));
 }
 
 TEST_CASE("threads: a peer that never arrives times out instead of hanging") {

@@ -1211,21 +1211,25 @@ private:
         const std::uint64_t digest = h.value();
         const auto m = static_cast<std::size_t>(world);
         // All digests are equal exactly when M * sum(x^2) == (sum x)^2 for each of their 8 bytes
-        // x (Cauchy-Schwarz); the sums are exact in floats for M < 256, and every rank reaches the
-        // same verdict from one all-reduce.
-        float sums[16];
-        for (int b = 0; b < 8; ++b) {
-            const float x = static_cast<float>((digest >> (8 * b)) & 0xff);
-            sums[b] = x;
-            sums[8 + b] = x * x;
+        // x (Cauchy-Schwarz); the sums are exact in floats for M < 256 (sum(x^2) < 2^24), and
+        // every rank reaches the same verdict from one all-reduce. Larger groups compare the
+        // gathered digests themselves.
+        constexpr std::size_t exact_in_floats = 256;
+        if (m < exact_in_floats) {
+            float sums[16];
+            for (int b = 0; b < 8; ++b) {
+                const float x = static_cast<float>((digest >> (8 * b)) & 0xff);
+                sums[b] = x;
+                sums[8 + b] = x * x;
+            }
+            control.all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
+            bool same = true;
+            for (int b = 0; b < 8; ++b) {
+                same = same && static_cast<double>(m) * sums[8 + b] ==
+                                   static_cast<double>(sums[b]) * static_cast<double>(sums[b]);
+            }
+            if (same) return;
         }
-        control.all_reduce(host_tensor(sums, 16), comm::reduce_op::sum);
-        bool same = true;
-        for (int b = 0; b < 8; ++b) {
-            same = same && static_cast<double>(m) * sums[8 + b] ==
-                               static_cast<double>(sums[b]) * static_cast<double>(sums[b]);
-        }
-        if (same) return;
         std::vector<std::uint64_t> digests(m);
         control.all_gather({reinterpret_cast<const std::byte*>(&digest), sizeof digest, 0, 0,
                            memory_space::host},
@@ -1233,7 +1237,11 @@ private:
                            memory_space::host});
         std::size_t other = 0;
         while (other < m && digests[other] == digests[0]) ++other;
-        if (other == m) other = 1;  // the wire changed a digest; the lines will tell
+        if (other == m) {
+            if (m >= exact_in_floats) return;  // every rank gathered the same equal digests
+            other = 1;  // the sums differed but the digests agree: the wire changed one; the
+                        // lines will tell
+        }
         const std::uint64_t length = mine.size();
         std::vector<std::uint64_t> lengths(m);
         control.all_gather({reinterpret_cast<const std::byte*>(&length), sizeof length, 0, 0,

@@ -110,7 +110,11 @@ public:
         } else {
             stream_ = stream;
         }
+        rv().claim(rank_, "loco::comm::cuda_replicas");
     }
+    cuda_replicas(const cuda_replicas&) = delete;
+    cuda_replicas& operator=(const cuda_replicas&) = delete;
+    ~cuda_replicas() override { rv().release(rank_); }
 
     int rank() const noexcept override { return rank_; }
     int size() const noexcept override { return group_->size(); }

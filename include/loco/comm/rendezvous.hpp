@@ -49,18 +49,40 @@ struct posted_call {
 class rendezvous {
 public:
     // `group` names the group in messages ("thread group", "replica group").
+    // The longest wait: std::chrono::milliseconds::max() ("never") would overflow inside
+    // condition_variable::wait_for, so longer timeouts wait this long (about a century).
+    static constexpr std::chrono::milliseconds longest_timeout =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::hours(24 * 365 * 100));
+
     rendezvous(int size, std::chrono::milliseconds timeout, std::string group)
-        : size_(size), timeout_(timeout), group_(std::move(group)) {
+        : size_(size), timeout_(std::min(timeout, longest_timeout)), group_(std::move(group)) {
         if (timeout.count() <= 0) {
             throw invalid_argument("loco::comm: the " + group_ + "'s timeout must be positive");
         }
         slots_.resize(static_cast<std::size_t>(size));
+        claimed_.assign(static_cast<std::size_t>(size), false);
         reading_.assign(static_cast<std::size_t>(size), false);
         sent_ = std::make_unique<std::atomic<std::uint64_t>[]>(static_cast<std::size_t>(size));
     }
 
     int size() const noexcept { return size_; }
     std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+
+    // One communicator per rank at a time: a second one on a claimed rank would post into the
+    // same slot and let a collective complete without the rank it impersonates.
+    void claim(int rank, const std::string& who) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (claimed_[static_cast<std::size_t>(rank)]) {
+            throw invalid_argument(who + ": rank " + std::to_string(rank) +
+                                   " already has a communicator in this " + group_ +
+                                   "; each rank needs its own, one at a time");
+        }
+        claimed_[static_cast<std::size_t>(rank)] = true;
+    }
+    void release(int rank) noexcept {
+        std::lock_guard<std::mutex> lock(mutex_);
+        claimed_[static_cast<std::size_t>(rank)] = false;
+    }
 
     // What comes after a phase barrier inside a collective.
     enum class then : bool { finish, read };
@@ -163,15 +185,26 @@ private:
             }
         }
         if (a.what != collective::barrier && a.count != 0) {
-            // Every rank writes its own output; two ranks with one buffer would race.
-            for (int r = 0; r < size_; ++r) {
-                for (int q = r + 1; q < size_; ++q) {
-                    if (slots_[static_cast<std::size_t>(r)].dst ==
-                        slots_[static_cast<std::size_t>(q)].dst) {
-                        return "ranks " + std::to_string(r) + " and " + std::to_string(q) +
-                               " passed the same buffer to " + name_of(a.what) +
-                               "; each rank needs its own";
-                    }
+            // Every rank writes its own output; two ranks whose outputs share a byte would race.
+            const std::size_t extent = a.what == collective::all_reduce ? a.count * sizeof(float)
+                                       : a.what == collective::all_gather
+                                           ? a.count * static_cast<std::size_t>(size_)
+                                           : a.count;
+            std::vector<int> order(static_cast<std::size_t>(size_));
+            for (int r = 0; r < size_; ++r) order[static_cast<std::size_t>(r)] = r;
+            const auto begin = [&](int r) {
+                return reinterpret_cast<std::uintptr_t>(slots_[static_cast<std::size_t>(r)].dst);
+            };
+            std::sort(order.begin(), order.end(), [&](int x, int y) {
+                return begin(x) != begin(y) ? begin(x) < begin(y) : x < y;
+            });
+            for (std::size_t i = 1; i < order.size(); ++i) {
+                const int r = std::min(order[i - 1], order[i]), q = std::max(order[i - 1], order[i]);
+                if (begin(order[i]) - begin(order[i - 1]) < extent) {
+                    return "ranks " + std::to_string(r) + " and " + std::to_string(q) +
+                           (begin(r) == begin(q) ? " passed the same buffer to "
+                                                 : " passed overlapping buffers to ") +
+                           name_of(a.what) + "; each rank needs its own";
                 }
             }
         }
@@ -255,6 +288,7 @@ private:
     int arrived_ = 0;
     std::uint64_t generation_ = 0;
     std::vector<posted_call> slots_;
+    std::vector<bool> claimed_;  // ranks that have a communicator now
     std::string verdict_;
     bool aborted_ = false;
     std::string abort_reason_;
@@ -287,30 +321,39 @@ void run_ranks(int size, rendezvous& group, RankBody&& rank_body) {
     std::exception_ptr first_abort_victim;
     std::vector<std::thread> workers;
     workers.reserve(static_cast<std::size_t>(size));
-    for (int r = 0; r < size; ++r) {
-        workers.emplace_back([&, r] {
+    const auto run_rank = [&](int r) {
+        try {
+            rank_body(r);
+        } catch (...) {
+            // A comm_error after an abort was caused by it; anything else is the rank's own
+            // failure, even when the rank aborted the group itself on the way out.
+            bool comm_failure = false;
             try {
-                rank_body(r);
+                throw;
+            } catch (const comm_error&) {
+                comm_failure = true;
             } catch (...) {
-                // A comm_error after an abort was caused by it; anything else is the rank's own
-                // failure, even when the rank aborted the group itself on the way out.
-                bool comm_failure = false;
-                try {
-                    throw;
-                } catch (const comm_error&) {
-                    comm_failure = true;
-                } catch (...) {
-                }
-                const bool victim = comm_failure && group.aborted();
-                std::lock_guard<std::mutex> lock(failure_mutex);
-                if (!victim && !first_failure) {
-                    first_failure = std::current_exception();
-                    group.abort("rank " + std::to_string(r) + " failed");
-                } else if (victim && !first_abort_victim) {
-                    first_abort_victim = std::current_exception();
-                }
             }
-        });
+            const bool victim = comm_failure && group.aborted();
+            std::lock_guard<std::mutex> lock(failure_mutex);
+            if (!victim && !first_failure) {
+                first_failure = std::current_exception();
+                group.abort("rank " + std::to_string(r) + " failed");
+            } else if (victim && !first_abort_victim) {
+                first_abort_victim = std::current_exception();
+            }
+        }
+    };
+    for (int r = 0; r < size; ++r) {
+        try {
+            workers.emplace_back(run_rank, r);
+        } catch (...) {
+            // A thread that cannot be created (std::system_error) must not unwind past joinable
+            // threads (std::terminate): the ranks already started are told to stop, and joined.
+            group.abort("could not start the thread of rank " + std::to_string(r));
+            for (auto& w : workers) w.join();
+            throw;
+        }
     }
     for (auto& w : workers) {
         w.join();

@@ -57,13 +57,17 @@ struct link_model {
 
     bool unlimited() const noexcept { return bytes_per_second == 0 && latency.count() == 0; }
     // The time a collective in which this rank sends `bytes` lasts at least.
-    // Saturates at about a century (a link slower than any real one).
+    // Saturates at about a century (a link slower than any real one), latency included.
     std::chrono::steady_clock::duration time_for(std::uint64_t bytes) const {
+        using steady = std::chrono::steady_clock::duration;
+        constexpr std::chrono::seconds longest{3'000'000'000};
+        if (latency >= longest) return std::chrono::duration_cast<steady>(longest);
         const double transfer =
             bytes_per_second > 0 ? static_cast<double>(bytes) / bytes_per_second : 0.0;
-        constexpr double longest = 3.0e9;  // seconds
-        return latency + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                             std::chrono::duration<double>(std::min(transfer, longest)));
+        const double room = std::chrono::duration<double>(longest - latency).count();
+        return std::chrono::duration_cast<steady>(latency) +
+               std::chrono::duration_cast<steady>(
+                   std::chrono::duration<double>(std::min(transfer, room)));
     }
 };
 
@@ -267,6 +271,7 @@ public:
                                    " is outside a group of size " +
                                    std::to_string(group_->size()));
         }
+        rv().claim(rank_, "loco::comm::threads");
     }
     threads(const threads&) = delete;
     threads& operator=(const threads&) = delete;
@@ -277,6 +282,7 @@ public:
             rv().abort("rank " + std::to_string(rank_) +
                        "'s communicator was destroyed with collectives in flight");
         }
+        rv().release(rank_);
     }
 
     int rank() const noexcept override { return rank_; }
