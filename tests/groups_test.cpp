@@ -13,6 +13,7 @@
 #include <loco/loco.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -326,20 +327,38 @@ TEST_CASE("muon refuses a parameter without a 2-D shape, naming it") {
                          doctest::Contains("parameter 'h0.gain' has no 2-D shape"), loco::invalid_argument);
 }
 
-TEST_CASE("muon: a non-finite gradient is refused before any matrix moves, even under ignore") {
+TEST_CASE("muon: a non-finite gradient of a Muon matrix is refused before any matrix moves, even "
+          "under ignore; the other groups' are ignored under ignore") {
     model m("muon nonfinite");
     using muloco_inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
                                       loco::group<loco::otherwise, loco::inner::adamw>>;
-    loco::optimizer<muloco_inner> opt(m.list, {.on_nonfinite = loco::nonfinite_policy::ignore});
     m.set_gradients("muon nonfinite", 0);
-    m.g_head[1] = std::numeric_limits<float>::infinity();
-    const auto w1 = m.w1, wte = m.wte;
-    CHECK_THROWS_AS(opt.step(), loco::nonfinite_error);
+    const auto w1 = m.w1, wte = m.wte, head = m.head;
+    // The Muon matrix (h0.w1): refused under ignore as under raise.
+    m.g_w1[3] = std::numeric_limits<float>::infinity();
+    loco::optimizer<muloco_inner> opt(m.list, {.on_nonfinite = loco::nonfinite_policy::ignore});
+    CHECK_THROWS_WITH_AS(opt.step(),
+                         "loco: the gradient of 'h0.w1' holds inf at element 3; the step was not "
+                         "applied",
+                         loco::nonfinite_error);
     CHECK(m.w1 == w1);
     CHECK(m.wte == wte);
+    CHECK(opt.steps() == 0);
+    // Under skip, any group's non-finite gradient skips every group.
     loco::optimizer<muloco_inner> skipping(m.list);
     CHECK_FALSE(skipping.step().applied);
     CHECK(m.w1 == w1);
+
+    // An AdamW parameter (head): ignore means ignore; Muon still updates its matrix.
+    m.set_gradients("muon nonfinite", 0);
+    m.g_head[1] = std::numeric_limits<float>::infinity();
+    loco::optimizer<muloco_inner> ignoring(m.list, {.on_nonfinite = loco::nonfinite_policy::ignore});
+    CHECK(ignoring.step().applied);
+    CHECK(ignoring.steps() == 1);
+    CHECK(m.w1 != w1);
+    CHECK(m.wte != wte);
+    CHECK_FALSE(std::isfinite(m.head[1]));  // AdamW applied the infinite gradient, as asked
+    CHECK(m.head[0] != head[0]);
 }
 
 TEST_CASE("MuLoCo composes: Muon on hidden matrices, AdamW elsewhere, 2-bit codes with error feedback") {

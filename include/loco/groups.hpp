@@ -316,6 +316,14 @@ public:
         return lists;
     }
 
+    // Whether parameter i (in the list's order) is in a group whose policy must see finite
+    // gradients (Muon), which nonfinite_policy::ignore checks anyway; the others' are not.
+    bool needs_finite_gradient(std::size_t i) const noexcept {
+        return group_needs_finite[routing_.group[i]];
+    }
+    static constexpr bool group_needs_finite[] = {
+        engine_needs_finite_gradients<inner_engine<typename Groups::policy>>...};
+
     // The group of every parameter (after split() accepted them all).
     static group_routing routing(const parameter_list& params) {
         group_routing out;

@@ -368,9 +368,10 @@ private:
         if (cfg_.on_nonfinite != nonfinite_policy::ignore) {
             ready = gradients_finite(cfg_.on_nonfinite);
         } else if (detail::engine_needs_finite_gradients<engine>) {
-            // A matrix policy cannot skip the check: under `ignore` a non-finite gradient is
-            // refused as under `raise`, before any matrix changes.
-            ready = gradients_finite(nonfinite_policy::raise);
+            // A matrix policy cannot skip the check: under `ignore` a non-finite gradient of a
+            // parameter it updates is refused as under `raise`, before any matrix changes (with
+            // parameter groups, only the groups that need it are checked).
+            ready = gradients_finite(nonfinite_policy::raise, /*only_where_needed=*/true);
         }
         if (ready) {
             detail::check_engine_inputs(engine_, cfg_.inner, params_);
@@ -383,8 +384,12 @@ private:
         ++steps_;
     }
 
-    bool gradients_finite(nonfinite_policy on_bad) {
-        for (const auto& p : params_) {
+    bool gradients_finite(nonfinite_policy on_bad, bool only_where_needed = false) {
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            const parameter& p = params_[i];
+            if constexpr (requires { engine_.needs_finite_gradient(i); }) {
+                if (only_where_needed && !engine_.needs_finite_gradient(i)) continue;
+            }
             if (const auto hit = backend::host::find_nonfinite(p.grad.data, p.grad.size)) {
                 if (on_bad == nonfinite_policy::raise) {
                     throw nonfinite_error("loco: the gradient of '" + p.name + "' holds " +

@@ -481,14 +481,38 @@ TEST_CASE("cuda groups: a non-finite gradient in one group skips or refuses ever
     gpu.set_values(before);
     grad[576 + 5] = std::numeric_limits<float>::infinity();
     gpu.set_gradients(grad, s.get());
-    for (const auto policy : {loco::nonfinite_policy::raise, loco::nonfinite_policy::ignore}) {
-        // Under ignore, the Muon group still needs finite gradients: refused as under raise.
-        CAPTURE(static_cast<int>(policy));
+    {
         loco::cuda::optimizer<muloco_inner> g(
-            gpu.list, {.inner = h, .on_nonfinite = policy, .stream = s.get()});
+            gpu.list, {.inner = h, .on_nonfinite = loco::nonfinite_policy::raise, .stream = s.get()});
         CHECK_THROWS_WITH_AS(
             g.step(),
             doctest::Contains("the gradient of 'bias' holds a non-finite value at element 5"),
+            loco::nonfinite_error);
+        CHECK(gpu.host_values(s.get()) == before);
+        CHECK(g.steps() == 0);
+    }
+    // Under ignore, only the groups that need finite gradients (Muon) check theirs, as on the
+    // host: 'bias' (AdamW) is applied as it is ...
+    {
+        loco::cuda::optimizer<muloco_inner> g(
+            gpu.list, {.inner = h, .on_nonfinite = loco::nonfinite_policy::ignore, .stream = s.get()});
+        CHECK(g.step().applied);
+        CHECK(g.steps() == 1);
+        const auto after = gpu.host_values(s.get());
+        CHECK_FALSE(std::isfinite(after[576 + 5]));
+        CHECK(after[3] != before[3]);  // h0.sq (Muon) moved
+        gpu.set_values(before);
+    }
+    // ... and a Muon matrix's is refused as under raise, before anything moves.
+    grad[576 + 5] = 0.5f;
+    grad[3] = std::numeric_limits<float>::infinity();  // element 3 of "h0.sq" (Muon)
+    gpu.set_gradients(grad, s.get());
+    {
+        loco::cuda::optimizer<muloco_inner> g(
+            gpu.list, {.inner = h, .on_nonfinite = loco::nonfinite_policy::ignore, .stream = s.get()});
+        CHECK_THROWS_WITH_AS(
+            g.step(),
+            doctest::Contains("the gradient of 'h0.sq' holds a non-finite value at element 3"),
             loco::nonfinite_error);
         CHECK(gpu.host_values(s.get()) == before);
         CHECK(g.steps() == 0);

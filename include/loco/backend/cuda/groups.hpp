@@ -305,29 +305,31 @@ private:
     const auto& counter_control() const { return first_control(); }
     auto& first_control() { return std::get<0>(engines_)->control(); }
 
-    // What the step does about non-finite gradients: ignore turns into raise when a group needs
-    // finite gradients (Muon), as on the host.
-    nonfinite_policy effective_policy() const noexcept {
-        if (cfg_.on_nonfinite == nonfinite_policy::ignore && needs_finite_gradients) {
-            return nonfinite_policy::raise;
-        }
-        return cfg_.on_nonfinite;
-    }
-
     // Everything before the update: validation, every group's hyper-parameters on the device, and
     // the gradient check over every parameter into group 0's control (under raise, its verdict).
+    // Under ignore, the groups that need finite gradients (Muon) check theirs as under raise, as
+    // on the host; the others are not checked.
     void prepare() {
         host_engine::validate(cfg_.inner);
         for_each_group([&](auto i, auto& e) {
             e.upload(std::get<decltype(i)::value>(cfg_.inner), cfg_.stream);
         });
-        detail::check_step_gradients(table_, first_control(), effective_policy(), cfg_.stream);
+        if (cfg_.on_nonfinite == nonfinite_policy::ignore) {
+            for_each_group([&](auto i, auto& e) {
+                if constexpr (host_engine::group_needs_finite[decltype(i)::value]) {
+                    detail::check_step_gradients(e.table(), e.control(), nonfinite_policy::raise,
+                                                 cfg_.stream);
+                }
+            });
+            return;
+        }
+        detail::check_step_gradients(table_, first_control(), cfg_.on_nonfinite, cfg_.stream);
     }
 
     // The check's verdict goes to every group's control before any group's launch (group 0's
     // last block clears its own flag), so that every group skips or none does.
     void launch_update() {
-        const bool skip = effective_policy() == nonfinite_policy::skip;
+        const bool skip = cfg_.on_nonfinite == nonfinite_policy::skip;
         if (skip) {
             const backend::cuda::step_control* from = first_control().control();
             for_each_group([&](auto i, auto& e) {
