@@ -1,6 +1,7 @@
 // A seeded random-mutation fuzzer for the checkpoint reader (detail/checkpoint.hpp and every
 // load(): loco::optimizer, parameter groups, loco::diloco with error feedback, with a streaming
-// exchange in flight, and with two-phase server state on two ranks). Each subject's real
+// exchange in flight, with centered_clip's saved center, and with two-phase server state on two
+// ranks). Each subject's real
 // checkpoint is mutated, then loaded into a live handle whose state differs from the checkpoint:
 //
 //   * truncations, bit flips, overwrites of 1..8 bytes, inserted and deleted bytes, and 8-byte
@@ -167,6 +168,21 @@ std::vector<subject> subjects() {
         all.push_back(make_subject("diloco<streaming> with an exchange in flight", saved(a), comm,
                                    m, opt));
     }
+    {  // centered_clip, whose saved center has a length the live model does not bound
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                   loco::schedule::every, loco::aggregate::centered_clip>;
+        const opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 2}};
+        auto comm = std::make_shared<loco::comm::single>();
+        fuzz_model src("ckpt fuzz centered clip");
+        opt_t a(src.list, *comm, cfg);
+        for (int s = 0; s < 4; ++s) {
+            src.gradients(s);
+            a.step();
+        }
+        auto m = std::make_shared<fuzz_model>("ckpt fuzz centered clip target");
+        auto opt = std::make_shared<opt_t>(m->list, *comm, cfg);
+        all.push_back(make_subject("diloco<..., centered_clip>", saved(a), comm, m, opt));
+    }
     {  // two ranks, two-phase exchange with server-side residuals; rank 0's checkpoint
         using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, ef_blockwise>;
         const opt_t::config cfg{.inner = {.lr = 1e-2f},
@@ -299,7 +315,7 @@ TEST_CASE("checkpoint fuzz: mutated checkpoints are refused with checkpoint_erro
         }
         CHECK(done > 200);
     }
-    MESSAGE(mutations << " mutated checkpoints over 5 subjects: " << refused << " refused, "
+    MESSAGE(mutations << " mutated checkpoints over 6 subjects: " << refused << " refused, "
                       << resealed_loaded << " resealed edits of values loaded");
     INFO(failures << " failures; first ones:\n" << report);
     CHECK(failures == 0);
