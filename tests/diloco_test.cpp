@@ -1041,10 +1041,16 @@ TEST_CASE("start(): 300 identically built ranks agree (the fingerprint check is 
             loco::parameter_list list;
             const bool differs = odd_one && comm.rank() == ranks - 1;
             list.add(differs ? "w3" : "w2", w, g);
-            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+                list, comm, {.broadcast_initial = false});
+            const std::uint64_t before = comm.bytes_sent();
             try {
                 opt.start();
-                ++started;
+                // What start() sent is what fingerprint_bytes() says: the digests' all-gather.
+                if (comm.bytes_sent() - before == opt.fingerprint_bytes() &&
+                    opt.fingerprint_bytes() == 8 * (ranks - 1)) {
+                    ++started;
+                }
             } catch (const loco::invalid_argument& e) {
                 if (std::string(e.what()).find("where rank 299 has") != std::string::npos) ++named;
             }

@@ -503,3 +503,30 @@ TEST_CASE("two_phase sizes its payloads from the settings of each sync: a change
         });
     }
 }
+
+TEST_CASE("compress_hyper() changed while an exchange travels: it is decoded with the settings it was encoded with") {
+    // delayed: round t's exchange starts at its sync and finishes one round later. The top-k
+    // ratio changes in between: the exchange in flight finishes with its own settings, the next
+    // one starts with the new ones.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::topk,
+                               loco::schedule::delayed>;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<float> w(16), g(16);
+        for (int i = 0; i < 16; ++i) {
+            w[std::size_t(i)] = 0.1f * float(i);
+            g[std::size_t(i)] = 0.01f * float(i + comm.rank()) - 0.05f;
+        }
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .schedule = {.every = 1},
+                               .compress = {.ratio = 0.25f}});
+        opt.step();  // round 1's exchange starts
+        REQUIRE(opt.in_flight(0));
+        opt.compress_hyper().ratio = 0.5f;
+        CHECK_NOTHROW(opt.step());  // finishes round 1 (ratio 0.25), starts round 2 (0.5)
+        CHECK(opt.outer_steps() == 1);
+        CHECK_NOTHROW(opt.step());
+        CHECK(opt.outer_steps() == 2);
+        CHECK(opt.skipped_syncs() == 0);
+    });
+}

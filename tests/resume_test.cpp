@@ -573,11 +573,13 @@ TEST_CASE("streaming: H changed right after an apply is taken; a fragment whose 
     CHECK(opt.calls() == calls);
 }
 
-TEST_CASE("streaming: a format 2 checkpoint saved with an exchange in flight resumes it") {
-    // Format 2 did not record which exchanges the schedule started: they are those the last
-    // plan had in flight. Written by loco at commit 5e02b60: H = 4, P = 2, tau = 1, tensors
-    // a (2) and b (1), gradients (s / 2, -s^2 / 4) and s / 8 at calls s = 1..5, saved after
-    // call 5 with fragment 0's exchange in flight (due at call 6).
+TEST_CASE("streaming: format 1 and 2 checkpoints saved with an exchange in flight resume it, also "
+          "when saved again before the next step") {
+    // Formats 1 and 2 did not record which exchanges the schedule started: load() tells it from
+    // the exchanges in flight. Written by loco at commits 5e02b60 (format 2) and d450e4e
+    // (format 1): H = 4, P = 2, tau = 1, tensors a (2) and b (1), gradients (s / 2, -s^2 / 4)
+    // and s / 8 at calls s = 1..5, saved after call 5 with fragment 0's exchange in flight (due
+    // at call 6).
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                loco::schedule::streaming>;
     const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
@@ -596,6 +598,19 @@ TEST_CASE("streaming: a format 2 checkpoint saved with an exchange in flight res
         "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
         "00000000000000000000000000000000000000001e9319685a4674a8");
     REQUIRE(format2.size() == 556);
+    const std::string format1 = bytes_from_hex(
+        "4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+        "04000000000000006e6f6e65090000000000000073747265616d696e6704000000000000006e6f6e651c000000000000"
+        "00667261676d656e7420303a20613b20667261676d656e7420313a206204000000000000006d65616e32000000000000"
+        "006f757465725f6e65737465726f76206c723d302e363939393939393838206d6f6d656e74756d3d302e383939393939"
+        "393736010000000000000000000000000000000500000000000000000000000000000000000000000000000000000000"
+        "000000020000000000000002000000000000000100000000000000050000000000000000000000000000000300000000"
+        "00000073676401000000000000000300000000000000000000000000000000000000030000000000000048e12a3fd7a3"
+        "0a400ad7bfbf03000000000000000000803e000000be0000c03e0a00000000000000616c6c5f72656475636501000000"
+        "000000000000000000000000000000000000000000000000000000000100000000000000050000000000000002000000"
+        "00000000295c4d400a57cfc0010000000000000000000000000000000000000000000000000000000000000000000000"
+        "0000000000000000000000000000000000000000aba61a7236e3fccc");
+    REQUIRE(format1.size() == 508);
     struct two_tensors {
         std::vector<float> a = {1.0f, 2.0f}, b = {-1.0f}, ga = std::vector<float>(2),
                            gb = std::vector<float>(1);
@@ -616,22 +631,47 @@ TEST_CASE("streaming: a format 2 checkpoint saved with an exchange in flight res
     }
     CHECK(straight_model.a == std::vector<float>{-0x1.4547aep+1f, 0x1.14a8f6p+3f});
     CHECK(straight_model.b == std::vector<float>{-0x1.dfd70ap+0f});
-    two_tensors resumed_model;
-    resumed_model.a = straight_model.a;
-    resumed_model.b = straight_model.b;
-    opt_t resumed(resumed_model.list, comm, cfg);
-    std::istringstream is(format2);
-    resumed.load(is);
+    const std::vector<float> a_at_5 = straight_model.a, b_at_5 = straight_model.b;
+    std::vector<std::vector<float>> straight_a, straight_b;
     for (int s = 6; s <= 13; ++s) {
         straight_model.gradients(s);
-        resumed_model.gradients(s);
         straight.step();
-        resumed.step();
-        CHECK(resumed_model.a == straight_model.a);
-        CHECK(resumed_model.b == straight_model.b);
+        straight_a.push_back(straight_model.a);
+        straight_b.push_back(straight_model.b);
     }
-    CHECK(resumed.outer_steps(0) == straight.outer_steps(0));
-    CHECK(resumed.outer_steps(1) == straight.outer_steps(1));
+    // Each old stream; each also loaded, saved again at once (format 3) and loaded from that.
+    for (const bool resaved : {false, true}) {
+        for (const std::string* old : {&format2, &format1}) {
+            CAPTURE(resaved);
+            CAPTURE(old == &format1 ? 1 : 2);
+            std::string stream = *old;
+            if (resaved) {
+                two_tensors first_model;
+                opt_t first(first_model.list, comm, cfg);
+                std::istringstream in(stream);
+                first.load(in);
+                stream = saved(first);
+                CHECK(static_cast<unsigned char>(stream[8]) == 3);
+            }
+            // A communicator of its own: the run ends with an exchange in flight, which
+            // poisons a communicator when its handle goes.
+            loco::comm::single own;
+            two_tensors resumed_model;
+            resumed_model.a = a_at_5;
+            resumed_model.b = b_at_5;
+            opt_t resumed(resumed_model.list, own, cfg);
+            std::istringstream is(stream);
+            resumed.load(is);
+            for (int s = 6; s <= 13; ++s) {
+                resumed_model.gradients(s);
+                CHECK_NOTHROW(resumed.step());
+                CHECK(resumed_model.a == straight_a[std::size_t(s - 6)]);
+                CHECK(resumed_model.b == straight_b[std::size_t(s - 6)]);
+            }
+            CHECK(resumed.outer_steps(0) == straight.outer_steps(0));
+            CHECK(resumed.outer_steps(1) == straight.outer_steps(1));
+        }
+    }
     // The derived flags also guard a change of tau while that exchange is in flight.
     two_tensors again_model;
     opt_t again(again_model.list, comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},

@@ -436,6 +436,7 @@ public:
     std::uint64_t fingerprint_bytes() const {
         const std::uint64_t m = static_cast<std::uint64_t>(comm_->size());
         if (m == 1) return 0;
+        if (m >= 256) return 8 * (m - 1);  // the all-gather of 8-byte digests (check_fingerprint)
         const std::uint64_t r = static_cast<std::uint64_t>(comm_->rank());
         const std::uint64_t c = 16 * (r + 1) / m - 16 * r / m;  // this rank's chunk of 16 floats
         return 4 * (16 + (m - 2) * c);
@@ -594,6 +595,15 @@ public:
             restored.push_back(std::move(q));
         }
         r.finish();
+        // Formats 1 and 2 did not record which exchanges a streaming schedule started: those in
+        // flight, and those whose planned finish has nothing (the schedule must still plan it).
+        if constexpr (requires(std::vector<bool> v) { read_back.schedule.resume_started(v); }) {
+            if (r.format() < 3) {
+                std::vector<bool> started;
+                for (const pending& p : loaded) started.push_back(p.in_flight || p.lost);
+                read_back.schedule.resume_started(std::move(started));
+            }
+        }
         for (const auto& f : frags_) {
             if (f.in_flight) {
                 throw invalid_argument(std::string(name()) +
@@ -783,6 +793,7 @@ private:
         std::uint64_t skipped = 0;      // syncs discarded for a non-finite aggregate
         std::uint64_t started_at = 0;     // the call its exchange in flight started at
         std::uint64_t started_steps = 0;  // the inner step count then (the aggregation's report)
+        typename Compressor::hyper sent_with{};  // the compressor settings it was started with
         bool in_flight = false;           // an exchange started and not finished
         bool restart = false;             // loaded with an exchange in flight: start it again
         // The schedule's next planned finish has nothing to finish: sync() finished the exchange
@@ -992,7 +1003,8 @@ private:
             report.norm = engine_.captured_norm(fi);
             report.inner_steps = static_cast<float>(f.started_steps);
         }
-        engine_.start(fi, compress_hyper_, context(fi), report);
+        f.sent_with = compress_hyper_;
+        engine_.start(fi, f.sent_with, context(fi), report);
         f.in_flight = true;
         f.restart = false;
         f.lost = false;
@@ -1020,7 +1032,9 @@ private:
         fragment_state& f = frags_[fi];
         f.in_flight = false;
         f.lost = false;  // this is the planned finish, whatever its outcome
-        detail::stage_failure failure = engine_.finish(fi, compress_hyper_, aggregate_hyper_);
+        // Decoded with the settings it was encoded with: compress_hyper() may have changed while
+        // it travelled (a change applies from the next exchange that starts).
+        detail::stage_failure failure = engine_.finish(fi, f.sent_with, aggregate_hyper_);
 
         // The apply stage's checks, before anything changes.
         std::optional<backend::host::nonfinite_hit> hit;
@@ -1030,7 +1044,7 @@ private:
                 const nonfinite_policy policy = engine_.inner().on_nonfinite();
                 if (policy != nonfinite_policy::ignore) {
                     hit = engine_.find_nonfinite(fi);
-                    if (!hit && !compress::carries_nonfinite<Compressor>(compress_hyper_)) {
+                    if (!hit && !compress::carries_nonfinite<Compressor>(f.sent_with)) {
                         // A payload that cannot carry a non-finite value (DeMo's signs) hides a
                         // non-finite pseudo-gradient from the aggregate, robust or not; the
                         // residual this rank would keep shows it. Its vote skips the round on

@@ -66,10 +66,6 @@ public:
     // misses that apply and syncs in its next window.
     sync_plan next(const hyper& h) {
         check(h);
-        if (derive_started_) {
-            started_ = in_flight_by_plan(h.fragments);
-            derive_started_ = false;
-        }
         if (started_.size() != h.fragments) started_.assign(h.fragments, false);
         ++calls_;
         plan_.clear();
@@ -98,11 +94,9 @@ public:
         if (planned_every_ == 0 || (h.every == planned_every_ && h.overlap == planned_overlap_)) {
             return;
         }
-        const std::vector<bool> started =
-            derive_started_ ? in_flight_by_plan(h.fragments) : started_;
-        for (std::size_t p = 0; p < started.size(); ++p) {
-            if (!started[p]) continue;
-            const std::uint64_t period = planned_every_ / started.size();
+        for (std::size_t p = 0; p < started_.size(); ++p) {
+            if (!started_[p]) continue;
+            const std::uint64_t period = planned_every_ / started_.size();
             const std::uint64_t apply_at = ((p + 1) * period) % planned_every_;
             const std::uint64_t ahead =
                 (apply_at + planned_every_ - calls_ % planned_every_) % planned_every_;
@@ -142,35 +136,20 @@ public:
                 if (b > 1) throw checkpoint_error("loco: checkpoint corrupted (started flag)");
                 s.started_.push_back(b == 1);
             }
-        } else {
-            s.derive_started_ = true;
         }
         return s;
     }
+    // Format 1 and 2 streams did not record which exchanges this schedule started: loco::diloco's
+    // load() tells it from what the checkpoint holds (an exchange in flight, or a planned finish
+    // that has nothing, per fragment).
+    void resume_started(std::vector<bool> started) { started_ = std::move(started); }
 
 private:
-    // Format 1 and 2 streams did not record which exchanges were started, nor the fragment count
-    // (the handle's, P): the exchanges the last plan had in flight, its apply 1 to tau calls
-    // ahead, computed with the live P at the first check or next().
-    std::vector<bool> in_flight_by_plan(std::size_t fragments) const {
-        std::vector<bool> started(fragments, false);
-        if (planned_every_ == 0 || fragments == 0) return started;
-        const std::uint64_t period = planned_every_ / fragments;
-        for (std::size_t p = 0; p < fragments && period > 0; ++p) {
-            const std::uint64_t apply_at = ((p + 1) * period) % planned_every_;
-            const std::uint64_t ahead =
-                (apply_at + planned_every_ - calls_ % planned_every_) % planned_every_;
-            started[p] = ahead >= 1 && ahead <= planned_overlap_;
-        }
-        return started;
-    }
-
     std::uint64_t calls_ = 0;
     std::uint64_t planned_every_ = 0;  // H and tau of the last plan; 0: none yet (or format 1)
     std::uint64_t planned_overlap_ = 0;
     // Per fragment: its exchange was started by this schedule and not yet finished.
     std::vector<bool> started_;
-    bool derive_started_ = false;  // read from a format 1 or 2 stream: see in_flight_by_plan
     plan_buffer plan_;
 };
 

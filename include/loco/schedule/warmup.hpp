@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace loco::detail {
 struct warmup_word {
@@ -73,6 +74,13 @@ public:
         requires requires(const S& s, const typename S::hyper& then) { s.check(then); }
     {
         after_.check(h.then);
+    }
+
+    // Which exchanges the wrapped schedule started, for a checkpoint that did not record it.
+    void resume_started(std::vector<bool> started)
+        requires requires(S& s) { s.resume_started(std::move(started)); }
+    {
+        after_.resume_started(std::move(started));
     }
 
     void use_communicator(comm::communicator& comm) {
