@@ -372,6 +372,24 @@ __global__ void hold_until(const volatile int* flag) {
 }  // namespace
 #endif
 
+TEST_CASE("nccl: a timeout of milliseconds::max() means never, not an overflowed deadline") {
+    const std::string path = "/tmp/loco-nccl-id-max-" + std::to_string(getpid()) + "-" +
+                             std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::milliseconds::max()});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    lc::device_buffer<float> buf(8);
+    const std::vector<float> ones(8, 1.0f);
+    buf.upload(ones);
+    CHECK_NOTHROW(comm->all_reduce(loco::cuda_tensor(buf.get(), buf.size()),
+                                   loco::comm::reduce_op::sum));
+    CHECK_NOTHROW(comm->barrier());
+    CHECK(buf.download() == ones);
+    const auto until = loco::comm::detail::deadline_after(std::chrono::milliseconds::max());
+    CHECK(until > std::chrono::steady_clock::now() + std::chrono::hours(24 * 365 * 90));
+}
+
 TEST_CASE("nccl split-phase: start enqueues after the caller's stream, finish orders it back") {
     const std::string path =
         "/tmp/loco-nccl-split-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());

@@ -9,7 +9,9 @@
 #include <loco/error.hpp>
 #include <loco/tensor.hpp>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -383,4 +385,17 @@ inline tensor_view<const std::byte> as_bytes(tensor_view<const float> v) noexcep
     return {reinterpret_cast<const std::byte*>(v.data), v.size_bytes(), 0, 0, v.space};
 }
 
+namespace detail {
+
+// The longest wait a communicator honours (about a century): std::chrono::milliseconds::max(),
+// the natural "never", would overflow when added to a clock's time point.
+inline constexpr std::chrono::milliseconds longest_wait =
+    std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::hours(24 * 365 * 100));
+
+// now + timeout, saturated at longest_wait.
+inline std::chrono::steady_clock::time_point deadline_after(std::chrono::milliseconds timeout) {
+    return std::chrono::steady_clock::now() + std::min(timeout, longest_wait);
+}
+
+}  // namespace detail
 }  // namespace loco::comm

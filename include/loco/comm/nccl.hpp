@@ -161,7 +161,7 @@ public:
             throw comm_error(who + "ncclCommInitRankConfig failed: " + msg);
         }
         const ncclResult_t state =
-            detail::nccl_settle(comm, std::chrono::steady_clock::now() + options.timeout);
+            detail::nccl_settle(comm, detail::deadline_after(options.timeout));
         if (state != ncclSuccess) {
             const std::string why = state == ncclInProgress
                                         ? "the peers did not join within " +
@@ -396,7 +396,7 @@ private:
     }
 
     std::chrono::steady_clock::time_point deadline() const {
-        return std::chrono::steady_clock::now() + options_.timeout;
+        return detail::deadline_after(options_.timeout);
     }
 
     // An NCCL call's result: ncclInProgress (nonblocking communicators) is waited out, under the
@@ -642,7 +642,7 @@ inline ncclUniqueId nccl_unique_id_via_file(const std::string& path, int rank,
         }
         return id;
     }
-    const auto until = std::chrono::steady_clock::now() + timeout;
+    const auto until = detail::deadline_after(timeout);
     for (;;) {
         std::ifstream in(path, std::ios::binary);
         if (in && in.read(id.internal, sizeof id.internal) &&

@@ -51,8 +51,7 @@ public:
     // `group` names the group in messages ("thread group", "replica group").
     // The longest wait: std::chrono::milliseconds::max() ("never") would overflow inside
     // condition_variable::wait_for, so longer timeouts wait this long (about a century).
-    static constexpr std::chrono::milliseconds longest_timeout =
-        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::hours(24 * 365 * 100));
+    static constexpr std::chrono::milliseconds longest_timeout = longest_wait;
 
     rendezvous(int size, std::chrono::milliseconds timeout, std::string group)
         : size_(size), timeout_(std::min(timeout, longest_timeout)), group_(std::move(group)) {
