@@ -207,6 +207,10 @@ class optimizer<loco::groups<Groups...>>
     template <std::size_t I>
     using engine_at = detail::group_engine<typename std::tuple_element_t<
         I, std::tuple<Groups...>>::policy>;
+    // Whether group I's policy must see finite gradients (Muon), as the host decides it.
+    template <std::size_t I>
+    static constexpr bool needs_finite_at = loco::detail::engine_needs_finite_gradients<
+        loco::detail::inner_engine<typename std::tuple_element_t<I, std::tuple<Groups...>>::policy>>;
 
 public:
     using policy = loco::groups<Groups...>;
@@ -316,7 +320,7 @@ private:
         });
         if (cfg_.on_nonfinite == nonfinite_policy::ignore) {
             for_each_group([&](auto i, auto& e) {
-                if constexpr (host_engine::group_needs_finite[decltype(i)::value]) {
+                if constexpr (needs_finite_at<decltype(i)::value>) {
                     detail::check_step_gradients(e.table(), e.control(), nonfinite_policy::raise,
                                                  cfg_.stream);
                 }
