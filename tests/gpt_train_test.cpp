@@ -1,8 +1,10 @@
 // The GPT example end to end (examples/gpt): a short DiLoCo run on two thread workers learns
 // (its validation loss falls well below ln 256, and never below the source's entropy floor);
 // the synchronous baseline keeps every worker on the same parameters; the Markov source's entropy
-// rate against an independent computation; the fortunes loader's order, filter and split; and
-// the one-sentence errors for bad input.
+// rate against an independent computation, and at large sharpness; the fortunes loader's order,
+// filter and split; validation every --eval-every steps; the inner optimizers' weight decay; the
+// parameters' roles for Muon; --warmup 0; --csv before and after the run; and the one-sentence
+// errors for bad input.
 #include <doctest/doctest.h>
 
 #include "support/errors.hpp"
@@ -13,12 +15,20 @@
 #include "../examples/gpt/data.hpp"
 #include "../examples/gpt/trainer.hpp"
 
+#include <loco/groups.hpp>
+#include <loco/optimizer.hpp>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <numbers>
+#include <sstream>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -53,6 +63,22 @@ using adamw_nesterov_none =
 gpt::rule_factory adamw_rules(const gpt::options& o) {
     return gpt::make_rule_factory<std::tuple<adamw_nesterov_none>, std::tuple<gpt::adamw_choice>,
                                   gpt::no_splits>(o);
+}
+
+// Everything written to a tmpfile().
+std::string contents(std::FILE* f) {
+    std::fflush(f);
+    std::rewind(f);
+    std::string text;
+    for (int c; (c = std::fgetc(f)) != EOF;) text += static_cast<char>(c);
+    return text;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+    std::vector<std::string> out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) out.push_back(line);
+    return out;
 }
 
 }  // namespace
@@ -255,4 +281,57 @@ TEST_CASE("gpt: bad input gets one sentence that names the fix") {
         CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(data), o); }) ==
               "gpt: unknown --data 'shakespeare'; valid: fortunes, markov");
     }
+}
+
+TEST_CASE("gpt: the Markov source at a large sharpness keeps positive rows and an exact stationary distribution") {
+    // Nearly deterministic rows make the pair chain nearly reducible: plain elimination of
+    // pi (Q - I) = 0 then returned negative or wholly wrong probabilities (over 2 symbols at
+    // sharpness 20, seed 7: off by 1), and without the row maximum subtracted exp() underflowed.
+    for (const std::size_t a : {2, 5, 16}) {
+        for (const double sharpness : {20.0, 60.0}) {
+            for (const std::uint64_t seed : {1, 7}) {
+                INFO("alphabet " << a << ", sharpness " << sharpness << ", seed " << seed);
+                const gpt::markov_chain m = gpt::make_markov_chain(a, sharpness, seed);
+                CHECK(*std::min_element(m.next.begin(), m.next.end()) >=
+                      std::numeric_limits<double>::min());
+                CHECK(std::isfinite(m.entropy_rate));
+                CHECK(m.entropy_rate >= 0.0);
+                // pi Q = pi, entry by entry to a few ulps of each (tiny) probability.
+                double total = 0.0;
+                for (std::size_t t = 0; t < a * a; ++t) {
+                    double in = 0.0;  // probability flowing into pair state (y, z) = t
+                    for (std::size_t x = 0; x < a; ++x) {
+                        const std::size_t from = x * a + t / a;
+                        in += m.stationary[from] * m.next[from * a + t % a];
+                    }
+                    CHECK(m.stationary[t] > 0.0);
+                    CHECK(std::abs(in - m.stationary[t]) <= 1e-12 * m.stationary[t]);
+                    total += m.stationary[t];
+                }
+                CHECK(std::abs(total - 1.0) < 1e-12);
+            }
+        }
+    }
+}
+
+TEST_CASE("gpt: a Markov sharpness whose probabilities underflow is refused with its bound") {
+    // It printed "entropy rate -nan" (0 log 0 at 150; inf / inf at 1000) and trained on it.
+    const std::string e = error_of([] { gpt::make_markov_chain(16, 150.0, 1); });
+    const std::string head = "gpt: --markov-sharpness 150 makes transition probabilities of this "
+                             "chain underflow to zero; use at most ";
+    const std::string tail = " with this --markov-alphabet and --seed";
+    INFO(e);
+    REQUIRE(e.starts_with(head));
+    REQUIRE(e.ends_with(tail));
+    const double bound = std::stod(e.substr(head.size(), e.size() - head.size() - tail.size()));
+    CHECK(bound > 50.0);
+    CHECK(bound < 150.0);
+    // The bound it names works.
+    const gpt::markov_chain m = gpt::make_markov_chain(16, bound, 1);
+    CHECK(std::isfinite(m.entropy_rate));
+    CHECK(*std::min_element(m.next.begin(), m.next.end()) >= std::numeric_limits<double>::min());
+    CHECK(error_of([] { gpt::make_markov_chain(16, 1000.0, 1); })
+              .starts_with("gpt: --markov-sharpness 1000 makes transition probabilities"));
+    CHECK(error_of([] { gpt::make_markov_corpus(16, 1000.0, 20000, 1); })
+              .starts_with("gpt: --markov-sharpness 1000 makes transition probabilities"));
 }

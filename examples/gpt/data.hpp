@@ -19,9 +19,11 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <random>
 #include <span>
@@ -98,7 +100,8 @@ inline double uniform01(std::mt19937_64& rng) {
     return static_cast<double>(rng() >> 11) * 0x1.0p-53;
 }
 
-// next[(a * A + b) * A + c] = P(c | previous two symbols a, b), every entry positive.
+// next[(a * A + b) * A + c] = P(c | previous two symbols a, b), every entry positive (a normal,
+// not a subnormal, double: make_markov_chain refuses a sharpness that would take one below).
 struct markov_chain {
     std::size_t alphabet = 0;
     std::vector<double> next;
@@ -106,69 +109,98 @@ struct markov_chain {
     double entropy_rate = 0.0;       // nats per symbol
 };
 
-// The stationary distribution of the pair chain (a, b) -> (b, c): the solution of pi Q = pi,
-// sum pi = 1, by Gaussian elimination with partial pivoting (the chain is irreducible because
-// every transition has positive probability, so the solution is unique).
+// The stationary distribution of the pair chain (a, b) -> (b, c), by the GTH algorithm
+// (Grassmann, Taksar and Heyman: Gaussian elimination that only adds and multiplies positive
+// numbers, the diagonal taken as the sum of the row's other entries). The chain is irreducible
+// because every transition has positive probability, so the solution is unique; GTH finds it to
+// a few ulps in every entry even when the chain is nearly reducible (a large sharpness: almost
+// deterministic rows), where plain elimination of pi (Q - I) = 0 cancels and returned negative
+// or wholly wrong probabilities (sharpness 20 over 2 symbols).
 inline std::vector<double> stationary_distribution(const markov_chain& m) {
     const std::size_t a_len = m.alphabet, s = a_len * a_len;
-    // Rows of (Q^T - I), with the last equation replaced by sum pi = 1.
-    std::vector<double> mat(s * (s + 1), 0.0);
-    const auto at = [&](std::size_t r, std::size_t col) -> double& { return mat[r * (s + 1) + col]; };
+    std::vector<double> q(s * s, 0.0);  // q[i * s + j]: P(pair state i -> pair state j)
     for (std::size_t a = 0; a < a_len; ++a) {
         for (std::size_t b = 0; b < a_len; ++b) {
             for (std::size_t c = 0; c < a_len; ++c) {
-                at(b * a_len + c, a * a_len + b) += m.next[(a * a_len + b) * a_len + c];
+                q[(a * a_len + b) * s + b * a_len + c] = m.next[(a * a_len + b) * a_len + c];
             }
         }
     }
-    for (std::size_t r = 0; r < s; ++r) at(r, r) -= 1.0;
-    for (std::size_t col = 0; col < s; ++col) at(s - 1, col) = 1.0;
-    at(s - 1, s) = 1.0;
-    for (std::size_t col = 0; col < s; ++col) {
-        std::size_t pivot = col;
-        for (std::size_t r = col + 1; r < s; ++r) {
-            if (std::abs(at(r, col)) > std::abs(at(pivot, col))) pivot = r;
-        }
-        for (std::size_t k = 0; k <= s; ++k) std::swap(at(col, k), at(pivot, k));
-        for (std::size_t r = 0; r < s; ++r) {
-            if (r == col || at(r, col) == 0.0) continue;
-            const double f = at(r, col) / at(col, col);
-            for (std::size_t k = col; k <= s; ++k) at(r, k) -= f * at(col, k);
+    // Censor the states s - 1, s - 2, ..., 1 one by one: the chain watched only on the states
+    // below n, its transitions through n folded in.
+    for (std::size_t n = s - 1; n >= 1; --n) {
+        double leave = 0.0;  // P(n -> a state below n), > 0 in an irreducible chain
+        for (std::size_t j = 0; j < n; ++j) leave += q[n * s + j];
+        for (std::size_t i = 0; i < n; ++i) q[i * s + n] /= leave;
+        for (std::size_t i = 0; i < n; ++i) {
+            const double via = q[i * s + n];
+            if (via == 0.0) continue;
+            for (std::size_t j = 0; j < n; ++j) q[i * s + j] += via * q[n * s + j];
         }
     }
-    std::vector<double> pi(s);
-    for (std::size_t r = 0; r < s; ++r) pi[r] = at(r, s) / at(r, r);
+    std::vector<double> pi(s, 0.0);
+    pi[0] = 1.0;
+    double total = 1.0;
+    for (std::size_t j = 1; j < s; ++j) {
+        for (std::size_t i = 0; i < j; ++i) pi[j] += pi[i] * q[i * s + j];
+        total += pi[j];
+    }
+    for (double& p : pi) p /= total;
     return pi;
 }
 
 // A chain whose transition rows are softmax(sharpness * standard normal): larger sharpness, lower
-// entropy. Deterministic in the seed.
+// entropy. Deterministic in the seed. Refuses a sharpness at which a row's smallest probability,
+// exp(-sharpness * (its largest draw - its smallest)) / (the row's sum), is not a normal double
+// (over 16 symbols that is past a sharpness of about 120; the bound is in the message).
 inline markov_chain make_markov_chain(std::size_t alphabet, double sharpness, std::uint64_t seed) {
     if (alphabet < 2 || alphabet > 32) {
         throw loco::invalid_argument("gpt: --markov-alphabet must be between 2 and 32, got " +
                                      std::to_string(alphabet));
+    }
+    if (!std::isfinite(sharpness) || sharpness < 0.0) {
+        throw loco::invalid_argument("gpt: --markov-sharpness must be a finite number >= 0");
     }
     markov_chain m;
     m.alphabet = alphabet;
     m.next.resize(alphabet * alphabet * alphabet);
     std::mt19937_64 rng(seed);
     std::normal_distribution<double> normal;
+    std::vector<double> z(alphabet);
+    double widest = 0.0;  // the largest (largest draw - smallest draw) of a row
     for (std::size_t s = 0; s < alphabet * alphabet; ++s) {
         double* row = m.next.data() + s * alphabet;
+        for (double& v : z) v = normal(rng);
+        const auto [lo, hi] = std::minmax_element(z.begin(), z.end());
+        widest = std::max(widest, *hi - *lo);
+        // The row's largest draw is subtracted: every exp is at most 1 (no overflow to inf) and
+        // the sum at least 1.
         double sum = 0.0;
         for (std::size_t c = 0; c < alphabet; ++c) {
-            row[c] = std::exp(sharpness * normal(rng));
+            row[c] = std::exp(sharpness * (z[c] - *hi));
             sum += row[c];
         }
         for (std::size_t c = 0; c < alphabet; ++c) row[c] /= sum;
     }
+    const double smallest = *std::min_element(m.next.begin(), m.next.end());
+    if (!(smallest >= std::numeric_limits<double>::min())) {
+        // Below this bound, sharpness * widest + log(alphabet) stays above log(DBL_MIN).
+        const double bound = (-std::log(std::numeric_limits<double>::min()) -
+                              std::log(static_cast<double>(alphabet))) / widest;
+        char text[256];
+        std::snprintf(text, sizeof text,
+                      "gpt: --markov-sharpness %g makes transition probabilities of this chain "
+                      "underflow to zero; use at most %.0f with this --markov-alphabet and --seed",
+                      sharpness, std::floor(bound));
+        throw loco::invalid_argument(text);
+    }
     m.stationary = stationary_distribution(m);
-    // H = sum over pair states of pi(s) * H(next symbol | s).
+    // H = sum over pair states of pi(s) * H(next symbol | s); 0 log 0 = 0.
     for (std::size_t s = 0; s < alphabet * alphabet; ++s) {
         double h = 0.0;
         for (std::size_t c = 0; c < alphabet; ++c) {
             const double p = m.next[s * alphabet + c];
-            h -= p * std::log(p);
+            if (p > 0.0) h -= p * std::log(p);
         }
         m.entropy_rate += m.stationary[s] * h;
     }
