@@ -335,3 +335,45 @@ TEST_CASE("gpt: a Markov sharpness whose probabilities underflow is refused with
     CHECK(error_of([] { gpt::make_markov_corpus(16, 1000.0, 20000, 1); })
               .starts_with("gpt: --markov-sharpness 1000 makes transition probabilities"));
 }
+
+TEST_CASE("gpt: every tensor is registered with its role, so Muon takes the hidden matrices without a guess") {
+    for (const bool tied : {false, true}) {
+        INFO("tied " << tied);
+        const gpt::layout lay(
+            gpt::model_config{.context = 8, .dim = 8, .layers = 2, .heads = 2, .tied = tied});
+        std::vector<float> params(lay.total()), grads(lay.total(), 0.0f);
+        gpt::initialise<float>(lay, params, 1);
+        loco::parameter_list list = gpt::register_parameters(lay, params.data(), grads.data());
+        std::vector<std::string> hidden;
+        for (const loco::parameter& p : list) {
+            INFO(p.name);
+            const bool embedding = p.name == "wte" || p.name == "wpe";
+            const bool head = p.name == "head.w";
+            const bool matrix = !embedding && !head && p.name.ends_with(".w");
+            CHECK(p.role == (embedding ? loco::role::embedding
+                             : head    ? loco::role::head
+                             : matrix  ? loco::role::matrix
+                                       : loco::role::vector));
+            if (matrix) hidden.push_back(p.name);
+        }
+        CHECK(hidden.size() == 8);  // qkv, attn.proj, mlp.fc, mlp.proj of 2 blocks
+        // Strict roles refuse a shape guess; loco warned about one (all the weights) before.
+        list.set_strict_roles();
+        std::vector<std::string> warnings;
+        loco::set_warning_sink([&](std::string_view line) { warnings.emplace_back(line); });
+        const std::string refused = error_of([&] { loco::optimizer<gpt::muon_choice::type>{list}; });
+        list.set_strict_roles(false);
+        const loco::optimizer<gpt::muon_choice::type> opt(list);
+        loco::set_warning_sink(loco::warn_to_stderr);
+        CHECK(refused == "");
+        CHECK(warnings.empty());
+        std::vector<std::string> muon, adamw;
+        for (const loco::parameter& p : opt.engine_state().group_params<0>()) muon.push_back(p.name);
+        for (const loco::parameter& p : opt.engine_state().group_params<1>()) adamw.push_back(p.name);
+        CHECK(muon == hidden);
+        CHECK(std::find(adamw.begin(), adamw.end(), "wte") != adamw.end());
+        CHECK(std::find(adamw.begin(), adamw.end(), "wpe") != adamw.end());
+        CHECK((std::find(adamw.begin(), adamw.end(), "head.w") != adamw.end()) == !tied);
+        CHECK(muon.size() + adamw.size() == list.size());
+    }
+}

@@ -138,20 +138,31 @@ void initialise(const layout& lay, std::span<T> params, std::uint64_t seed) {
     }
 }
 
+// The role a tensor has for loco's selectors (groups.hpp): the embeddings and the untied head
+// by their tags, every other 2-D weight a hidden matrix (Muon's, with --inner muon), biases and
+// layer-norm parameters vectors. Given explicitly, so that loco never routes on a shape guess
+// (which it warns about).
+inline loco::role role_for(const tensor_spec& s) noexcept {
+    if (s.tag == loco::tags::embedding) return loco::role::embedding;
+    if (s.tag == loco::tags::head) return loco::role::head;
+    return s.rows == 0 ? loco::role::vector : loco::role::matrix;
+}
+
 // The parameters of a float model as loco sees them: one entry per tensor, matrices with their
-// 2-D shape, the embeddings and the untied head tagged (MuLoCo keeps them on AdamW).
+// 2-D shape, each with its role (role_for), the embeddings and the untied head also tagged.
 inline loco::parameter_list register_parameters(const layout& lay, float* params, float* grads) {
     loco::parameter_list list;
     for (const tensor_spec& s : lay.tensors()) {
+        const loco::parameter_options how{.role = role_for(s), .tag = s.tag};
         if (s.rows == 0) {
             list.add_views(s.name, loco::host_tensor(params + s.offset, s.cols),
                            loco::host_tensor(static_cast<const float*>(grads + s.offset), s.cols),
-                           s.tag);
+                           how);
         } else {
             list.add_views(s.name, loco::host_matrix(params + s.offset, s.rows, s.cols),
                            loco::host_matrix(static_cast<const float*>(grads + s.offset), s.rows,
                                              s.cols),
-                           s.tag);
+                           how);
         }
     }
     return list;
