@@ -13,6 +13,7 @@
 
 #include "../examples/gpt/cli.hpp"
 #include "../examples/gpt/data.hpp"
+#include "../examples/gpt/run.hpp"
 #include "../examples/gpt/trainer.hpp"
 
 #include <loco/groups.hpp>
@@ -336,6 +337,70 @@ TEST_CASE("gpt: a Markov sharpness whose probabilities underflow is refused with
               .starts_with("gpt: --markov-sharpness 1000 makes transition probabilities"));
 }
 
+TEST_CASE("gpt: validation runs every --eval-every steps, also between --log-every lines") {
+    // It ran only on steps that were also a multiple of --log-every: at 0 and 12 here, not at 6.
+    gpt::options o = tiny_options(4);
+    o.steps = 12;
+    o.log_every = 4;
+    o.eval_every = 6;
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 20000, 4);
+    const gpt::run_result r = gpt::train(o, data, adamw_rules(o), nullptr);
+    std::vector<std::uint64_t> steps, validated;
+    for (const gpt::progress_row& row : r.rows) {
+        steps.push_back(row.step);
+        if (!std::isnan(row.val_loss)) validated.push_back(row.step);
+    }
+    CHECK(steps == std::vector<std::uint64_t>{0, 4, 6, 8, 12});
+    CHECK(validated == std::vector<std::uint64_t>{0, 6, 12});
+    // The train loss of each row is over the steps since the row before it.
+    for (std::size_t i = 1; i < r.rows.size(); ++i) CHECK(std::isfinite(r.rows[i].train_loss));
+    // The CSV has the same rows, val_loss empty where it was not measured.
+    namespace fs = std::filesystem;
+    const fs::path path = fs::temp_directory_path() /
+                          ("loco_gpt_eval_" + std::to_string(loco_test::rng_for("gpt.eval")()) +
+                           ".csv");
+    gpt::write_csv(path.string(), r);
+    std::ifstream in(path);
+    std::ostringstream text;
+    text << in.rdbuf();
+    fs::remove(path);
+    const std::vector<std::string> lines = lines_of(text.str());
+    REQUIRE(lines.size() == 6);
+    CHECK(lines[0] == "step,train_loss,val_loss,tokens,bytes_sent,seconds");
+    const auto field = [](const std::string& line, int k) {
+        std::size_t at = 0;
+        for (int i = 0; i < k; ++i) at = line.find(',', at) + 1;
+        return line.substr(at, line.find(',', at) - at);
+    };
+    const std::vector<std::string> csv_steps = {"0", "4", "6", "8", "12"};
+    const std::vector<bool> has_val = {true, false, true, false, true};
+    for (std::size_t i = 0; i < 5; ++i) {
+        INFO(lines[i + 1]);
+        CHECK(field(lines[i + 1], 0) == csv_steps[i]);
+        CHECK(field(lines[i + 1], 2).empty() == !has_val[i]);
+    }
+}
+
+TEST_CASE("gpt: --weight-decay reaches every inner optimizer; unset, each keeps its default") {
+    gpt::options o;  // --weight-decay not given
+    CHECK(gpt::adamw_choice::hyper(o, 1.0f).weight_decay == 0.1f);
+    CHECK(gpt::lion_choice::hyper(o, 1.0f).weight_decay == doctest::Approx(0.3f));
+    CHECK(std::get<0>(gpt::muon_choice::hyper(o, 1.0f)).weight_decay == 0.1f);
+    CHECK(std::get<1>(gpt::muon_choice::hyper(o, 1.0f)).weight_decay == 0.1f);
+    CHECK(gpt::sgd_choice::hyper(o, 1.0f).weight_decay == 0.0f);  // as SGD runs always had
+    // SGD ignored the flag (its decay was always 0).
+    const char* argv[] = {"loco_gpt", "--inner", "sgd", "--weight-decay", "0.05"};
+    REQUIRE(gpt::parse(5, const_cast<char**>(argv), o));
+    CHECK(gpt::sgd_choice::hyper(o, 0.5f).weight_decay == 0.05f);
+    CHECK(gpt::sgd_choice::hyper(o, 0.5f).lr == 0.5f * gpt::sgd_choice::default_lr);
+    CHECK(gpt::adamw_choice::hyper(o, 1.0f).weight_decay == 0.05f);
+    CHECK(gpt::lion_choice::hyper(o, 1.0f).weight_decay == doctest::Approx(0.15f));
+    CHECK(std::get<0>(gpt::muon_choice::hyper(o, 1.0f)).weight_decay == 0.05f);
+    // 0 switches it off, also for AdamW.
+    o.weight_decay = 0.0f;
+    CHECK(gpt::adamw_choice::hyper(o, 1.0f).weight_decay == 0.0f);
+}
+
 TEST_CASE("gpt: every tensor is registered with its role, so Muon takes the hidden matrices without a guess") {
     for (const bool tied : {false, true}) {
         INFO("tied " << tied);
@@ -376,4 +441,92 @@ TEST_CASE("gpt: every tensor is registered with its role, so Muon takes the hidd
         CHECK((std::find(adamw.begin(), adamw.end(), "head.w") != adamw.end()) == !tied);
         CHECK(muon.size() + adamw.size() == list.size());
     }
+}
+
+TEST_CASE("gpt: --warmup 0 means no warm-up; unset, min(100, steps / 10)") {
+    gpt::options o;
+    o.steps = 1000;
+    CHECK(gpt::warmup_steps(o) == 100);
+    CHECK(gpt::lr_factor(o, 1) == doctest::Approx(0.01f));
+    CHECK(gpt::lr_factor(o, 100) == doctest::Approx(1.0f));
+    const char* argv[] = {"loco_gpt", "--warmup", "0"};
+    REQUIRE(gpt::parse(3, const_cast<char**>(argv), o));
+    CHECK(gpt::warmup_steps(o) == 0);
+    // Step 1 is already on the cosine: 0.1 + 0.9 * (1 + cos(pi / 1000)) / 2.
+    const double cosine = 0.1 + 0.9 * 0.5 * (1.0 + std::cos(std::numbers::pi / 1000.0));
+    CHECK(gpt::lr_factor(o, 1) == doctest::Approx(cosine));
+    CHECK(gpt::lr_factor(o, 1000) == doctest::Approx(0.1f));
+    o.warmup = 20;
+    CHECK(gpt::lr_factor(o, 10) == doctest::Approx(0.5f));
+}
+
+TEST_CASE("gpt: --csv is opened before the run and written after the summary") {
+    gpt::options o = tiny_options(6);
+    o.steps = 4;
+    o.log_every = 2;
+    o.markov_bytes = 20000;
+    const auto run = [&](const std::string& csv, std::string& out, std::string& err) {
+        o.csv = csv;
+        std::FILE* out_file = std::tmpfile();
+        std::FILE* err_file = std::tmpfile();
+        REQUIRE(out_file != nullptr);
+        REQUIRE(err_file != nullptr);
+        const int status = gpt::run(o, adamw_rules, out_file, err_file);
+        out = contents(out_file);
+        err = contents(err_file);
+        std::fclose(out_file);
+        std::fclose(err_file);
+        return status;
+    };
+    std::string out, err;
+    SUBCASE("a path that cannot be opened is refused before any data is loaded or trained on") {
+        // It was found only after the whole run, and the summary was lost.
+        const std::string path = "/nonexistent-loco-gpt-dir/rows.csv";
+        CHECK(run(path, out, err) == 1);
+        CHECK(err == "gpt: cannot write --csv " + path + "\n");
+        CHECK(out == "");
+    }
+    SUBCASE("a file that fails when written keeps the summary before the error") {
+        if (!std::filesystem::exists("/dev/full")) return;
+        CHECK(run("/dev/full", out, err) == 1);
+        CHECK(err == "gpt: cannot write --csv /dev/full\n");
+        CHECK(out.find("\nfinal:  val loss ") != std::string::npos);
+    }
+    SUBCASE("a writable path gets the rows") {
+        namespace fs = std::filesystem;
+        const fs::path path = fs::temp_directory_path() /
+                              ("loco_gpt_csv_" + std::to_string(loco_test::rng_for("gpt.csv")()) +
+                               ".csv");
+        CHECK(run(path.string(), out, err) == 0);
+        CHECK(err == "");
+        CHECK(out.find("\nfinal:  val loss ") != std::string::npos);
+        std::ifstream in(path);
+        std::ostringstream text;
+        text << in.rdbuf();
+        fs::remove(path);
+        CHECK(lines_of(text.str()).size() == 1 + 3);  // header, steps 0, 2, 4
+    }
+}
+
+TEST_CASE("gpt: a countable shape too large for the host's memory gets a sentence") {
+    // --context 100000 --dim 8 --heads 1 --layers 1 --batch 1 on 2 workers: 10^10 attention
+    // weights a worker, and four T x T scratch arrays of the backward pass.
+    const gpt::model_config c{.context = 100000, .dim = 8, .layers = 1, .heads = 1};
+    CHECK(error_of([&] { gpt::check_memory(c, 1, 2, std::size_t{64} << 30); }) ==
+          "gpt: 2 workers of this configuration need about 373 GiB for their activations and "
+          "parameters, more than this host's 64 GiB of memory; use a smaller --context, --batch, "
+          "--dim, --layers or fewer --workers");
+    CHECK(error_of([&] { gpt::check_memory(c, 1, 2, std::size_t{400} << 30); }) == "");
+    CHECK(error_of([&] { gpt::check_memory(c, 1, 2, 0); }) == "");  // memory unknown
+    // What train() refuses before it allocates: 10^12 attention weights (16 TB) on no host.
+    gpt::options o = tiny_options(1);
+    o.model = {.context = 1000000, .dim = 8, .layers = 1, .heads = 1};
+    o.batch = 1;
+    o.eval_sequences = 1;
+    const gpt::corpus data = gpt::make_markov_corpus(4, 1.0, 3000, 1);
+    CHECK(error_of([&] { gpt::train(o, data, adamw_rules(o), nullptr); })
+              .find("for their activations and parameters, more than this host's") !=
+          std::string::npos);
+    // The default shape fits a small host easily.
+    CHECK(gpt::step_bytes(gpt::model_config{}, 8) * 4 < (std::size_t{1} << 30));
 }

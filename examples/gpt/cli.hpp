@@ -32,7 +32,9 @@ inline void usage(std::FILE* to) {
         "  --data NAME            fortunes | markov (default %s)\n"
         "  --data-dir DIR         where the fortune files are (default %s)\n"
         "  --markov-alphabet N    symbols of the order-2 Markov source, 2..32 (default %zu)\n"
-        "  --markov-sharpness X   larger: lower entropy (default %.1f)\n"
+        "  --markov-sharpness X   larger: lower entropy (default %.1f); refused where a\n"
+        "                         transition probability would underflow (about 120 and up\n"
+        "                         at 16 symbols; the message gives the bound)\n"
         "  --markov-bytes N       length of the Markov text (default %zu)\n"
         "model\n"
         "  --context T            sequence length (default %zu)\n"
@@ -47,8 +49,9 @@ inline void usage(std::FILE* to) {
         "  --lr X                 inner peak learning rate (muon: of its AdamW group)\n"
         "                         (defaults: adamw %g, sgd %g, lion %g)\n"
         "  --muon-lr X            peak learning rate of Muon's group (default %g)\n"
-        "  --weight-decay X       inner weight decay (default %g)\n"
-        "  --warmup N             warm-up steps (default min(100, steps / 10))\n"
+        "  --weight-decay X       inner weight decay (defaults: adamw, lion, muon %g; sgd %g);\n"
+        "                         lion decays by three times X, sgd adds PyTorch's L2 term\n"
+        "  --warmup N             warm-up steps, 0 for none (default min(100, steps / 10))\n"
         "  --seed N               model, data and rounding seed (default %llu)\n"
         "communication\n"
         "  --sync-every-step      all-reduce gradients every step (data-parallel baseline)\n"
@@ -104,9 +107,11 @@ inline void usage(std::FILE* to) {
         "                         (default %s)\n"
         "reporting\n"
         "  --log-every N          progress line interval (default %llu)\n"
-        "  --eval-every N         validation interval (default %llu)\n"
+        "  --eval-every N         validation interval, a progress line with the validation\n"
+        "                         loss every N steps (default %llu)\n"
         "  --eval-sequences N     validation windows (default %zu)\n"
-        "  --csv FILE             also write the progress rows as CSV\n"
+        "  --csv FILE             also write the progress rows as CSV (the file is created\n"
+        "                         before training, written after the final line)\n"
         "  --residual-csv FILE    sparseloco, demo: at each sync, worker 0's residual norm\n"
         "                         before and after, the share of its energy sent, and the\n"
         "                         share its per-chunk top-k holds in values and in DCT\n"
@@ -117,7 +122,7 @@ inline void usage(std::FILE* to) {
         d.markov_bytes, d.model.context, d.model.dim, d.model.layers, d.model.heads, d.workers,
         static_cast<unsigned long long>(d.steps), d.batch, double(adamw_choice::default_lr),
         double(sgd_choice::default_lr), double(lion_choice::default_lr), double(d.muon_lr),
-        double(d.weight_decay), static_cast<unsigned long long>(d.seed),
+        double(default_weight_decay), double(default_sgd_weight_decay), static_cast<unsigned long long>(d.seed),
         choice_names<inner_choices>().c_str(), d.inner.c_str(),
         choice_names<outer_choices>().c_str(), d.outer.c_str(),
         choice_names<known_compress_choices>().c_str(), d.compress.c_str(),

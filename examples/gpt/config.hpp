@@ -2,7 +2,7 @@
 // The shape of the model: a decoder-only transformer over bytes (GPT-2's layout, smaller).
 // Everything that is sized from it (parameters, activations) is counted here with overflow
 // checks, so that a command line asking for an impossible model fails with a sentence, not a
-// bad_alloc or a wrapped size.
+// bad_alloc or a wrapped size; and a model too large for the host's memory too (check_memory).
 
 #include <loco/error.hpp>
 
@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
 
 namespace gpt {
 
@@ -94,6 +98,60 @@ inline void check_activations(const model_config& c, std::size_t batch) {
     checked_mul(checked_mul(checked_mul(batch, c.heads, what), c.context, what),
                 checked_mul(c.context, c.layers, what), what);
     checked_mul(n, c.vocab, what);
+}
+
+// About how many bytes one worker holds for a step of `batch` sequences: what the forward pass
+// keeps for the backward one (per block 16 C values a token and the attention weights, batch x
+// heads x T x T; the final norm and the logits), the backward pass's work arrays, attention's
+// per-head T x T scratch, and the parameters, their gradient and an optimizer's state (about six
+// copies of the model). Call check_activations first: the counts are then known to fit.
+inline std::size_t step_bytes(const model_config& c, std::size_t batch) {
+    const char* what = "activation size";
+    const std::size_t n = checked_mul(batch, c.context, what);
+    const std::size_t nd = checked_mul(n, c.dim, what);
+    const std::size_t attn = checked_mul(checked_mul(checked_mul(batch, c.heads, what), c.context,
+                                                     what), c.context, what);
+    const std::size_t block = checked_add(checked_mul(nd, 16, what), attn, what);
+    std::size_t floats = checked_mul(block, c.layers, what);
+    floats = checked_add(floats, checked_mul(nd, 22, what), what);  // ln_f, backward arrays
+    floats = checked_add(floats, checked_mul(n, c.vocab, what), what);  // the logits
+    floats = checked_add(floats, checked_mul(checked_mul(c.context, c.context, what), 4, what),
+                         what);
+    floats = checked_add(floats, checked_mul(parameter_count(c), 6, what), what);
+    return checked_mul(floats, sizeof(float), what);
+}
+
+// Refuses a run whose `workers` workers would need more than `host_bytes` for their steps
+// (step_bytes): such a shape is countable but would end in a failed allocation, or in the
+// kernel's out-of-memory killer, instead of a sentence. host_bytes 0: unknown, nothing refused.
+inline void check_memory(const model_config& c, std::size_t batch, std::size_t workers,
+                         std::size_t host_bytes) {
+    const char* what = "activation size";
+    const std::size_t need = checked_mul(step_bytes(c, batch), workers, what);
+    if (host_bytes != 0 && need > host_bytes) {
+        const auto gib = [](std::size_t b) {
+            return std::to_string((b + (std::size_t{1} << 30) - 1) >> 30);
+        };
+        throw loco::invalid_argument("gpt: " + std::to_string(workers) +
+                                     " workers of this configuration need about " + gib(need) +
+                                     " GiB for their activations and parameters, more than this "
+                                     "host's " + gib(host_bytes) + " GiB of memory; use a smaller "
+                                     "--context, --batch, --dim, --layers or fewer --workers");
+    }
+}
+
+// The host's physical memory in bytes, 0 when the system does not say.
+inline std::size_t host_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+    const long pages = sysconf(_SC_PHYS_PAGES);
+    const long page = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page > 0 &&
+        static_cast<std::size_t>(pages) <=
+            std::numeric_limits<std::size_t>::max() / static_cast<std::size_t>(page)) {
+        return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+    }
+#endif
+    return 0;
 }
 
 }  // namespace gpt

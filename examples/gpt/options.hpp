@@ -26,7 +26,7 @@ struct options {
     int workers = 4;                // M, thread workers
     std::uint64_t steps = 1000;     // inner steps per worker
     std::size_t batch = 8;          // sequences per worker and step
-    std::uint64_t warmup = 0;       // 0: min(100, steps / 10)
+    std::optional<std::uint64_t> warmup;  // unset: min(100, steps / 10); 0: no warm-up
     float final_lr_fraction = 0.1f; // cosine decay from the peak to this fraction of it
     std::uint64_t seed = 1;
 
@@ -68,7 +68,7 @@ struct options {
     // policies.hpp for this trainer's defaults)
     float lr = -1.0f;               // the inner peak lr (muon: of the AdamW group)
     float muon_lr = 0.02f;          // the Muon group's peak lr (--inner muon)
-    float weight_decay = 0.1f;
+    float weight_decay = -1.0f;     // adamw, lion, muon: 0.1; sgd: 0
     float outer_lr = -1.0f;
     float outer_momentum = -1.0f;
     // error feedback (statistical2-ef): the residual's decay (1: plain error feedback) and

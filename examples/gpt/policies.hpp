@@ -23,6 +23,11 @@ namespace detail {
 inline float or_default(float value, float fallback) { return value < 0.0f ? fallback : value; }
 }  // namespace detail
 
+// --weight-decay when it is given; else AdamW, Lion and Muon decay by 0.1 and SGD not at all (the
+// defaults these runs always had).
+inline constexpr float default_weight_decay = 0.1f;
+inline constexpr float default_sgd_weight_decay = 0.0f;
+
 // ---- inner optimizers: hyper(o, f) is the hyper-parameters at lr factor f of the schedule -----
 
 struct adamw_choice {
@@ -30,7 +35,8 @@ struct adamw_choice {
     using type = loco::inner::adamw;
     static constexpr float default_lr = 2e-3f;
     static type::hyper hyper(const options& o, float f) {
-        return {.lr = detail::or_default(o.lr, default_lr) * f, .weight_decay = o.weight_decay};
+        return {.lr = detail::or_default(o.lr, default_lr) * f,
+                .weight_decay = detail::or_default(o.weight_decay, default_weight_decay)};
     }
 };
 
@@ -40,7 +46,8 @@ struct sgd_choice {
     static constexpr float default_lr = 0.3f;
     static type::hyper hyper(const options& o, float f) {
         return {.lr = detail::or_default(o.lr, default_lr) * f, .momentum = 0.9f,
-                .weight_decay = 0.0f, .nesterov = true};
+                .weight_decay = detail::or_default(o.weight_decay, default_sgd_weight_decay),
+                .nesterov = true};
     }
 };
 
@@ -52,7 +59,7 @@ struct lion_choice {
         // Lion's steps are sign-sized: its decoupled decay is scaled like its lr (x 10 less lr,
         // x 10 more decay, as its authors advise) so that --weight-decay means the same shrink.
         return {.lr = detail::or_default(o.lr, default_lr) * f,
-                .weight_decay = o.weight_decay * 3.0f};
+                .weight_decay = detail::or_default(o.weight_decay, default_weight_decay) * 3.0f};
     }
 };
 
@@ -63,7 +70,9 @@ struct muon_choice {
     using type = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
                               loco::group<loco::otherwise, loco::inner::adamw>>;
     static auto hyper(const options& o, float f) {
-        return std::tuple{loco::inner::muon::hyper{.lr = o.muon_lr * f, .weight_decay = o.weight_decay},
+        return std::tuple{loco::inner::muon::hyper{.lr = o.muon_lr * f,
+                                                   .weight_decay = detail::or_default(
+                                                       o.weight_decay, default_weight_decay)},
                           adamw_choice::hyper(o, f)};
     }
 };

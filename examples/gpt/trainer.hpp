@@ -2,11 +2,12 @@
 // The training loop. M workers (threads talking only through loco::comm::threads) each build the
 // same model from the same seed, draw windows from their own shard of the training text, and hand
 // every gradient to their update rule (rules.hpp). Worker 0 also measures the validation loss of
-// the global parameters and prints a progress line every --log-every steps:
+// the global parameters and prints a progress line every --log-every steps and every
+// --eval-every steps (with the validation loss), and one at the end:
 //
 //   step  200/1000  train 2.1234  val 2.2345  tok/s 4321  sent 12.34 MB  eta 3m05s
 //
-// train: worker 0's mean loss over the interval; val: on the held-out windows, every
+// train: worker 0's mean loss since the previous line; val: on the held-out windows, every
 // --eval-every steps (and at the end, after the last sync); tok/s: tokens all workers trained on
 // per second of wall time, validation time excluded; sent: bytes worker 0 sent, as counted by its
 // communicator (the initial broadcast included).
@@ -28,6 +29,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace gpt {
@@ -50,10 +52,15 @@ struct run_result {
     double seconds = 0.0;
 };
 
+// The warm-up steps: --warmup, or min(100, steps / 10) when it is not given (0: none).
+inline std::uint64_t warmup_steps(const options& o) {
+    return o.warmup ? *o.warmup : std::min<std::uint64_t>(100, o.steps / 10);
+}
+
 // The peak learning rate's multiplier at step (from 1): linear warm-up, then cosine decay to
 // final_lr_fraction of the peak.
 inline float lr_factor(const options& o, std::uint64_t step) {
-    const std::uint64_t warmup = o.warmup != 0 ? o.warmup : std::min<std::uint64_t>(100, o.steps / 10);
+    const std::uint64_t warmup = warmup_steps(o);
     if (step <= warmup) {
         return static_cast<float>(step) / static_cast<float>(warmup);
     }
@@ -123,6 +130,8 @@ inline run_result train(const options& o, const corpus& data, const rule_factory
                         std::FILE* out) {
     const layout lay(o.model);
     check_activations(o.model, std::max(o.batch, o.eval_sequences));
+    check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
+                 host_memory_bytes());
     if (o.workers < 1) {
         throw loco::invalid_argument("gpt: --workers must be at least 1");
     }
@@ -198,13 +207,16 @@ inline run_result train(const options& o, const corpus& data, const rule_factory
             if (step == o.steps) {
                 rule->finish();  // the final parameters are the global ones
             }
-            if (rank == 0 && (step % o.log_every == 0 || step == o.steps)) {
+            // A row every --log-every steps, and every --eval-every steps with the validation
+            // loss (the two need not divide each other), and at the end with both.
+            const bool validate = step % o.eval_every == 0 || step == o.steps;
+            if (rank == 0 && (validate || step % o.log_every == 0)) {
                 progress_row row;
                 row.step = step;
                 row.train_loss = loss_sum / static_cast<double>(loss_count);
                 loss_sum = 0.0;
                 loss_count = 0;
-                if (step % o.eval_every == 0 || step == o.steps) measure(row);
+                if (validate) measure(row);
                 record(row);
             }
         }
@@ -222,13 +234,46 @@ inline run_result train(const options& o, const corpus& data, const rule_factory
     return result;
 }
 
-// Writes the progress rows as CSV: step, train_loss, val_loss (empty when not measured),
-// tokens, bytes_sent, seconds.
-inline void write_csv(const std::string& path, const run_result& r) {
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    if (f == nullptr) {
-        throw loco::invalid_argument("gpt: cannot write --csv " + path);
+// The --csv file, opened (created or truncated) before the run, so that a path that cannot be
+// written is refused before any training rather than after it. write() puts the progress rows
+// in it once, as CSV: step, train_loss, val_loss (empty when not measured), tokens, bytes_sent,
+// seconds.
+class csv_file {
+public:
+    explicit csv_file(std::string path) : path_(std::move(path)), f_(std::fopen(path_.c_str(), "w")) {
+        if (f_ == nullptr) {
+            throw loco::invalid_argument("gpt: cannot write --csv " + path_);
+        }
     }
+    csv_file(const csv_file&) = delete;
+    csv_file& operator=(const csv_file&) = delete;
+    ~csv_file() {
+        if (f_ != nullptr) std::fclose(f_);
+    }
+
+    void write(const run_result& r) {
+        if (f_ == nullptr) {
+            throw loco::invalid_argument("gpt: --csv " + path_ + " was written already");
+        }
+        std::FILE* f = f_;
+        f_ = nullptr;
+        write_rows(f, r);
+        const bool failed = std::ferror(f) != 0;
+        if (std::fclose(f) != 0 || failed) {
+            throw loco::invalid_argument("gpt: cannot write --csv " + path_);
+        }
+    }
+
+private:
+    static void write_rows(std::FILE* f, const run_result& r);
+
+    std::string path_;
+    std::FILE* f_;
+};
+
+inline void write_csv(const std::string& path, const run_result& r) { csv_file(path).write(r); }
+
+inline void csv_file::write_rows(std::FILE* f, const run_result& r) {
     std::fprintf(f, "step,train_loss,val_loss,tokens,bytes_sent,seconds\n");
     for (const progress_row& row : r.rows) {
         std::fprintf(f, "%llu,", static_cast<unsigned long long>(row.step));
@@ -237,9 +282,6 @@ inline void write_csv(const std::string& path, const run_result& r) {
         if (!std::isnan(row.val_loss)) std::fprintf(f, "%.6f", row.val_loss);
         std::fprintf(f, ",%llu,%llu,%.3f\n", static_cast<unsigned long long>(row.tokens),
                      static_cast<unsigned long long>(row.bytes_sent), row.seconds);
-    }
-    if (std::fclose(f) != 0) {
-        throw loco::invalid_argument("gpt: cannot write --csv " + path);
     }
 }
 

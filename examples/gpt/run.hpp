@@ -1,0 +1,81 @@
+#pragma once
+// A whole run of loco_gpt after its command line is parsed: refuses what it can before loading
+// anything (the shape, the policy names, an unwritable --csv), loads the data, trains, prints the
+// summary and then writes the CSV. main.cpp calls it with every compiled rule; the tests with the
+// few they compile.
+
+#include "data.hpp"
+#include "options.hpp"
+#include "rules.hpp"
+#include "trainer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <optional>
+
+namespace gpt {
+
+// The rule factory for options (make_rule_factory<...>).
+using rule_factory_maker = std::function<rule_factory(const options&)>;
+
+// Returns the exit status: 0 after a finished run, 1 when it fails (or misses --require-below).
+// The header lines, progress and summary go to `out`, errors to `err`.
+inline int run(const options& o, const rule_factory_maker& make_factory, std::FILE* out,
+               std::FILE* err) {
+    try {
+        const layout lay(o.model);  // refuses an impossible shape before loading anything
+        check_activations(o.model, std::max(o.batch, o.eval_sequences));  // (train checks again)
+        check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
+                     host_memory_bytes());  // and one too large for this host
+        const rule_factory make_rule = make_factory(o);  // and unknown names
+        std::optional<csv_file> csv;  // and a --csv that cannot be written
+        if (!o.csv.empty()) csv.emplace(o.csv);
+        const corpus data =
+            o.data == "markov"
+                ? make_markov_corpus(o.markov_alphabet, o.markov_sharpness, o.markov_bytes, o.seed)
+                : load_fortunes(o.data_dir);
+        std::fprintf(out, "data:   %s; %zu training bytes in %d shards, %zu validation bytes\n",
+                     data.description.c_str(), data.train.size(), o.workers,
+                     data.validation.size());
+        std::fprintf(out,
+                     "model:  %zu parameters (%zu layers, dim %zu, %zu heads, context %zu, %s "
+                     "head)\n",
+                     lay.total(), o.model.layers, o.model.dim, o.model.heads, o.model.context,
+                     o.model.tied ? "tied" : "untied");
+        std::fprintf(out, "run:    %s; %d workers x %zu sequences x %llu steps\n",
+                     describe_mode(o).c_str(), o.workers, o.batch,
+                     static_cast<unsigned long long>(o.steps));
+        std::fflush(out);
+        const run_result r = train(o, data, make_rule, out);
+        std::fprintf(out, "final:  val loss %.4f", r.final_val_loss);
+        if (data.entropy_floor) {
+            std::fprintf(out, " (entropy floor %.4f, gap %+.4f)", *data.entropy_floor,
+                         r.final_val_loss - *data.entropy_floor);
+        }
+        std::fprintf(out, "; %llu syncs; %.3f MB sent per worker; %.0f tokens/s; %.1f s\n",
+                     static_cast<unsigned long long>(r.syncs), r.bytes_per_worker / 1e6,
+                     r.tokens_per_second, r.seconds);
+        std::fflush(out);
+        if (csv) csv->write(r);  // after the summary, which a failed write must not lose
+        if (!std::isfinite(r.final_val_loss)) {
+            std::fprintf(err, "gpt: the final validation loss is not finite\n");
+            return 1;
+        }
+        if (o.require_below > 0.0 && !(r.final_val_loss < o.require_below)) {
+            std::fprintf(err, "gpt: the final validation loss %.4f is not below %g "
+                              "(--require-below)\n", r.final_val_loss, o.require_below);
+            return 1;
+        }
+        return 0;
+    } catch (const std::exception& e) {
+        std::fflush(out);
+        std::fprintf(err, "%s\n", e.what());
+        return 1;
+    }
+}
+
+}  // namespace gpt
