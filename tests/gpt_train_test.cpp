@@ -381,7 +381,7 @@ TEST_CASE("gpt: validation runs every --eval-every steps, also between --log-eve
     }
 }
 
-TEST_CASE("gpt: --weight-decay reaches every inner optimizer; unset, each keeps its default") {
+TEST_CASE("gpt: --weight-decay reaches every inner optimizer, and unset each keeps its default") {
     gpt::options o;  // --weight-decay not given
     CHECK(gpt::adamw_choice::hyper(o, 1.0f).weight_decay == 0.1f);
     CHECK(gpt::lion_choice::hyper(o, 1.0f).weight_decay == doctest::Approx(0.3f));
@@ -443,7 +443,7 @@ TEST_CASE("gpt: every tensor is registered with its role, so Muon takes the hidd
     }
 }
 
-TEST_CASE("gpt: --warmup 0 means no warm-up; unset, min(100, steps / 10)") {
+TEST_CASE("gpt: --warmup 0 means no warm-up, and unset min(100, steps / 10)") {
     gpt::options o;
     o.steps = 1000;
     CHECK(gpt::warmup_steps(o) == 100);

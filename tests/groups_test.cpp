@@ -328,7 +328,7 @@ TEST_CASE("muon refuses a parameter without a 2-D shape, naming it") {
 }
 
 TEST_CASE("muon: a non-finite gradient of a Muon matrix is refused before any matrix moves, even "
-          "under ignore; the other groups' are ignored under ignore") {
+          "under ignore, and the other groups' are ignored under ignore") {
     model m("muon nonfinite");
     using muloco_inner = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
                                       loco::group<loco::otherwise, loco::inner::adamw>>;

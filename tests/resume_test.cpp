@@ -511,7 +511,7 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
                          loco::invalid_argument);
 }
 
-TEST_CASE("streaming: H changed right after an apply is taken; a fragment whose new start has passed "
+TEST_CASE("streaming: H changed right after an apply is taken, and a fragment whose new start has passed "
           "waits for its next window, across a checkpoint") {
     // H = 6, P = 2, tau = 1: fragment 0 applies at calls 3, 9, ..., fragment 1 at 6, 12, ...
     // After call 3 nothing is in flight; H = 4 then puts fragment 1's apply at call 4 with its
