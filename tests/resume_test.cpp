@@ -326,13 +326,36 @@ TEST_CASE("aggregate::edit with step weights: a restarted exchange reports its f
     }
 }
 
+// The one-tensor runs the checkpoint fixtures below were written from: w = {1, 2} (or the values
+// given), gradient (s / 2, -s^2 / 4) at call s.
+template <class Opt>
+struct one_tensor_run {
+    std::vector<float> w, g = std::vector<float>(2);
+    loco::parameter_list list;
+    Opt opt;
+    one_tensor_run(loco::comm::communicator& comm, const typename Opt::config& cfg,
+                   std::vector<float> start = {1.0f, 2.0f})
+        : w(std::move(start)), list(listed(w, g)), opt(list, comm, cfg) {}
+    one_tensor_run(const one_tensor_run&) = delete;  // the list points into w and g
+    loco::step_result call(int s) {
+        g[0] = 0.5f * float(s);
+        g[1] = -0.25f * float(s * s);
+        return opt.step();
+    }
+
+private:
+    static loco::parameter_list listed(std::vector<float>& w, std::vector<float>& g) {
+        loco::parameter_list l;
+        l.add("w", w, g);
+        return l;
+    }
+};
+
 TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flight") {
     // Written by loco at commit d450e4e (format 1) from the run this test repeats: comm::single,
-    // w = {1, 2}, inner SGD lr 0.5, outer Nesterov lr 0.7 momentum 0.9, delayed H = 2, gradients
-    // (s / 2, -s^2 / 4) at calls s = 1, 2, 3, saved after call 3 with round 1's exchange in
-    // flight; w was then {0.25, 3.125}.
-    const std::string hex =
-        "4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+    // one_tensor_run, inner SGD lr 0.5, outer Nesterov lr 0.7 momentum 0.9, delayed H = 2, saved
+    // after call 3 with round 1's exchange in flight; w was then {0.25, 3.125}.
+    const std::string bytes = bytes_from_hex("4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
         "04000000000000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d0000000000000066"
         "7261676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c"
         "723d302e363939393939393838206d6f6d656e74756d3d302e3839393939393937360100000000000000000000000000"
@@ -340,45 +363,29 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
         "000003000000000000000000000000000000030000000000000073676401000000000000000200000000000000000000"
         "000000000002000000000000000000803f00000040020000000000000000000000000000000a00000000000000616c6c"
         "5f7265647563650000000000000000000000000000000000000000000000000000000000000000010000000000000002"
-        "0000000000000002000000000000000000403f000020bfc8f97912b979a623";
-    const std::string bytes = bytes_from_hex(hex);
+        "0000000000000002000000000000000000403f000020bfc8f97912b979a623");
     REQUIRE(bytes.size() == 415);
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                loco::schedule::delayed>;
     const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
                             .schedule = {.every = 2}};
-    const auto gradient = [](int s, std::vector<float>& g) {
-        g[0] = 0.5f * float(s);
-        g[1] = -0.25f * float(s * s);
-    };
     loco::comm::single comm;
-    std::vector<float> w = {1.0f, 2.0f}, g(2);
-    loco::parameter_list list;
-    list.add("w", w, g);
-    opt_t straight(list, comm, cfg);
-    for (int s = 1; s <= 3; ++s) {
-        gradient(s, g);
-        straight.step();
-    }
-    CHECK(w == std::vector<float>{0.25f, 3.125f});
-    std::vector<float> v = w, gv(2);
-    loco::parameter_list resumed_list;
-    resumed_list.add("w", v, gv);
-    opt_t resumed(resumed_list, comm, cfg);
+    one_tensor_run<opt_t> straight(comm, cfg);
+    for (int s = 1; s <= 3; ++s) straight.call(s);
+    CHECK(straight.w == std::vector<float>{0.25f, 3.125f});
+    one_tensor_run<opt_t> resumed(comm, cfg, straight.w);
     std::istringstream is(bytes);
-    resumed.load(is);
+    resumed.opt.load(is);
     for (int s = 4; s <= 8; ++s) {
-        gradient(s, g);
-        straight.step();
-        gradient(s, gv);
-        resumed.step();
-        CHECK(v == w);
+        straight.call(s);
+        resumed.call(s);
+        CHECK(resumed.w == straight.w);
     }
-    CHECK(resumed.outer_steps() == straight.outer_steps());
-    CHECK(std::vector<float>(resumed.global().begin(), resumed.global().end()) ==
-          std::vector<float>(straight.global().begin(), straight.global().end()));
+    CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
+    CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
+          std::vector<float>(straight.opt.global().begin(), straight.opt.global().end()));
     // What this build writes is format 3.
-    const std::string now = saved(resumed);
+    const std::string now = saved(resumed.opt);
     CHECK(static_cast<unsigned char>(now[8]) == 3);
 }
 
@@ -390,23 +397,10 @@ TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain
     static_assert(loco::schedule::warmup<loco::schedule::every>::name == "warmup<every>");
     const warm_every::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
                                  .schedule = {.steps = 2, .then = {.every = 3}}};
-    const auto gradient = [](int s, std::vector<float>& g) {
-        g[0] = 0.5f * float(s);
-        g[1] = -0.25f * float(s * s);
-    };
-    loco::comm::single comm;
-    std::vector<float> w = {1.0f, 2.0f}, g(2);
-    loco::parameter_list list;
-    list.add("w", w, g);
-    warm_every straight(list, comm, cfg);
-    for (int s = 1; s <= 3; ++s) {
-        gradient(s, g);
-        straight.step();
-    }
-    // Written by loco at commit 5e02b60 (format 2, schedule recorded as "warmup") from the run
-    // above, saved after call 3: the two warm-up syncs done, one call of every(3) behind it.
-    const std::string format2 = bytes_from_hex(
-        "4c4f434f434b505402000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+    // Written by loco at commit 5e02b60 (format 2, schedule recorded as "warmup") from the
+    // one_tensor_run below, saved after call 3: the two warm-up syncs done, one call of every(3)
+    // behind it.
+    const std::string format2 = bytes_from_hex("4c4f434f434b505402000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
         "04000000000000006e6f6e6506000000000000007761726d757004000000000000006e6f6e650d000000000000006672"
         "61676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c72"
         "3d302e363939393939393838206d6f6d656e74756d3d302e383939393939393736010000000000000000000000000000"
@@ -416,44 +410,40 @@ TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain
         "00000000616c6c5f72656475636502000000000000000000000000000000000000000000000000000000000000000000"
         "0000000000000000000000000000000000000000000000000000000000000000000000000000f1af99cd8fa48009");
     REQUIRE(format2.size() == 430);
+    loco::comm::single comm;
+    one_tensor_run<warm_every> straight(comm, cfg);
+    for (int s = 1; s <= 3; ++s) straight.call(s);
     // The run as then printed it.
-    CHECK(w == std::vector<float>{-0x1.c74bc6p-1f, 0x1.01bc6ap+2f});
+    CHECK(straight.w == std::vector<float>{-0x1.c74bc6p-1f, 0x1.01bc6ap+2f});
 
-    std::vector<float> v = w, gv(2);
-    loco::parameter_list resumed_list;
-    resumed_list.add("w", v, gv);
-    warm_every resumed(resumed_list, comm, cfg);
+    one_tensor_run<warm_every> resumed(comm, cfg, straight.w);
     std::istringstream is(format2);
-    resumed.load(is);
+    resumed.opt.load(is);
     std::vector<int> syncs;
     for (int s = 4; s <= 9; ++s) {
-        gradient(s, g);
-        straight.step();
-        gradient(s, gv);
-        if (resumed.step().synced) syncs.push_back(s);
-        CHECK(v == w);
+        straight.call(s);
+        if (resumed.call(s).synced) syncs.push_back(s);
+        CHECK(resumed.w == straight.w);
     }
     CHECK(syncs == std::vector<int>{5, 8});
-    CHECK(resumed.outer_steps() == straight.outer_steps());
+    CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
 
     // This build writes format 3 with the whole name; a handle whose warm-up wraps another
     // schedule with the same state refuses it before changing anything.
-    const std::string now = saved(resumed);
+    const std::string now = saved(resumed.opt);
     CHECK(static_cast<unsigned char>(now[8]) == 3);
     CHECK(now.find("warmup<every>") != std::string::npos);
-    std::vector<float> u = {3.0f, 4.0f}, gu(2);
-    loco::parameter_list other_list;
-    other_list.add("w", u, gu);
-    warm_delayed other(other_list, comm,
-                       {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
-                        .schedule = {.steps = 2, .then = {.every = 3}}});
+    one_tensor_run<warm_delayed> other(
+        comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+               .schedule = {.steps = 2, .then = {.every = 3}}},
+        {3.0f, 4.0f});
     std::istringstream in(now);
-    CHECK_THROWS_WITH_AS(other.load(in),
+    CHECK_THROWS_WITH_AS(other.opt.load(in),
                          "loco: checkpoint mismatch in the sync schedule: saved 'warmup<every>', "
                          "this optimizer has 'warmup<delayed>'",
                          loco::checkpoint_error);
-    CHECK(other.calls() == 0);
-    CHECK(u == std::vector<float>{3.0f, 4.0f});
+    CHECK(other.opt.calls() == 0);
+    CHECK(other.w == std::vector<float>{3.0f, 4.0f});
 }
 
 TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused, between exchanges taken") {
