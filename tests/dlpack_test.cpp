@@ -144,6 +144,20 @@ TEST_CASE("dlpack: add() refuses a gradient on another device or of another size
     CHECK(params.size() == 1);
 }
 
+TEST_CASE("dlpack: a (L, rows, cols) tensor registers as a stack of L matrices") {
+    // A torch parameter of stacked layers arrives as L x (rows * cols); with .stack it is the
+    // L matrices Muon orthogonalises one by one, not one L x (rows * cols) matrix.
+    std::vector<float> w(4 * 8 * 16, 1.0f), gw(w.size(), 0.5f);
+    const dl value(w.data(), {4, 8, 16}), grad(gw.data(), {4, 8, 16});
+    loco::parameter_list params;
+    loco::dlpack::add(params, "h.attn", value.t, grad.t,
+                      {.role = loco::role::matrix, .stack = {4, 8, 16}});
+    REQUIRE(params.size() == 1);
+    CHECK(params[0].matrices == 4);
+    CHECK(params[0].matrix_rows() == 8);
+    CHECK(params[0].matrix_cols() == 16);
+}
+
 TEST_CASE("dlpack: export_view describes a loco buffer and its deleter frees only the record") {
     std::vector<float> x{1.0f, 2.0f, 3.0f};
     DLManagedTensor* m = loco::dlpack::export_view(loco::host_tensor(x.data(), x.size()));

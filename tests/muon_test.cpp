@@ -925,3 +925,33 @@ TEST_CASE("muon: hyper-parameters are validated") {
     CHECK(p == std::vector<float>{1.0f, 2.0f});
     CHECK(buf == std::vector<float>{0.0f, 0.0f});
 }
+
+TEST_CASE("muon and newton_schulz refuse a shape whose rows * cols overflows, and name an empty matrix") {
+    // rows * cols = 2^64 wraps to 0: formerly "left alone" by the size, then walked 2^63 rows.
+    std::vector<float> g(16, 1.0f), out(16, 0.0f), m(16, 0.0f), p(16, 0.5f);
+    const std::size_t rows = std::size_t(1) << 63, cols = 2;
+    loco::linalg::ns_workspace ws;
+    CHECK_THROWS_WITH_AS(loco::linalg::newton_schulz(g.data(), rows, cols, out.data(),
+                                                     loco::linalg::ns_coefficients::keller_jordan(),
+                                                     5, 1e-7f, ws),
+                         doctest::Contains("matrix has more elements than std::size_t can count"),
+                         loco::shape_error);
+    loco::inner::muon::workspace mws;
+    CHECK_THROWS_AS(loco::inner::muon::update_matrix({}, 1, p.data(), g.data(), m.data(), rows,
+                                                     cols, mws),
+                    loco::shape_error);
+    CHECK_THROWS_AS(loco::inner::muon::input_finite({}, g.data(), m.data(), rows, cols),
+                    loco::shape_error);
+    CHECK(out == std::vector<float>(16, 0.0f));
+    CHECK(p == std::vector<float>(16, 0.5f));
+
+    // An empty 0 x 8 matrix is named as empty, not as a tensor without a 2-D shape.
+    std::vector<float> none, g_none;
+    loco::parameter_list list;
+    list.add_views("e", loco::host_matrix(none.data(), 0, 8),
+                   loco::host_matrix(static_cast<const float*>(g_none.data()), 0, 8));
+    CHECK_THROWS_WITH_AS(loco::optimizer<loco::inner::muon>{list},
+                         "loco::inner::muon updates whole matrices, but parameter 'e' is an empty "
+                         "0 x 8 matrix; route it to another group (docs/groups.md)",
+                         loco::invalid_argument);
+}

@@ -362,6 +362,21 @@ TEST_CASE("parameter_list: a role and a stack of matrices are recorded with the 
     CHECK(loco::to_string(loco::role::embedding) == "embedding");
 }
 
+TEST_CASE("parameter_list: a stack of L matrices may come as an L x (rows * cols) view") {
+    // What a (L, rows, cols) tensor looks like through adapters that keep the first axis (DLPack
+    // gives a torch parameter of stacked layers this shape): registered as the stack it is.
+    std::vector<float> w(4 * 8 * 16, 1.0f), gw(w.size(), 0.5f);
+    loco::parameter_list list;
+    list.add_views("h.attn", loco::host_matrix(w.data(), 4, 8 * 16),
+                   loco::host_matrix(static_cast<const float*>(gw.data()), 4, 8 * 16),
+                   {.role = loco::role::matrix, .stack = {4, 8, 16}});
+    CHECK(list[0].matrices == 4);
+    CHECK(list[0].value.rows == 32);
+    CHECK(list[0].value.cols == 16);
+    CHECK(list[0].matrix_rows() == 8);
+    CHECK(list[0].grad.rows == 32);
+}
+
 TEST_CASE("parameter_list: a wrong role or stack shape is refused and adds nothing") {
     std::vector<float> w(24), gw(24), v(5), gv(5);
     loco::parameter_list list;
@@ -371,7 +386,9 @@ TEST_CASE("parameter_list: a wrong role or stack shape is refused and adds nothi
                          Contains("parameter 's': stack shape (2, 3, 5) does not hold its 24 elements"),
                          loco::shape_error);
     CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.stack = {2, 0, 12}}),
-                         Contains("stack shape (2, 0, 12)"), loco::shape_error);
+                         Contains("stack shape (2, 0, 12) has matrices without rows or columns; "
+                                  "an empty tensor needs no .stack"),
+                         loco::shape_error);
     // Products that wrap around are not a match.
     CHECK_THROWS_AS(list.add("s", w, gw, {.stack = {std::size_t(1) << 62, 4, 6}}),
                     loco::shape_error);
@@ -379,7 +396,16 @@ TEST_CASE("parameter_list: a wrong role or stack shape is refused and adds nothi
         list.add_views("s", loco::host_matrix(w.data(), 4, 6),
                        loco::host_matrix(static_cast<const float*>(gw.data()), 4, 6),
                        {.stack = {2, 3, 4}}),
-        Contains("its view is 4 x 6 but the stack (2, 3, 4) is 6 x 4"), loco::shape_error);
+        Contains("its view is 4 x 6 but the stack (2, 3, 4) is 6 x 4 (or 2 x 12)"),
+        loco::shape_error);
+    // An empty matrix view is not "without a 2-D shape": it has no elements.
+    std::vector<float> none, g_none;
+    CHECK_THROWS_WITH_AS(
+        list.add_views("e", loco::host_matrix(none.data(), 0, 8),
+                       loco::host_matrix(static_cast<const float*>(g_none.data()), 0, 8),
+                       {.role = loco::role::matrix}),
+        Contains("parameter 'e': has role matrix but no elements (a 0 x 8 view)"),
+        loco::shape_error);
     CHECK_THROWS_WITH_AS(list.add("s", w, gw, {.role = loco::role::vector, .stack = {2, 3, 4}}),
                          Contains("a stack of matrices cannot have role vector"),
                          loco::invalid_argument);

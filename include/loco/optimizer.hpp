@@ -62,6 +62,13 @@ inline void require_matrices(const parameter_list& params, std::string_view poli
                                    "' has role vector; route it to another group "
                                    "(docs/groups.md)");
         }
+        if (!p.value.is_matrix() && p.value.size == 0 && (p.value.rows != 0 || p.value.cols != 0)) {
+            throw invalid_argument("loco::inner::" + std::string(policy) +
+                                   " updates whole matrices, but parameter '" + p.name +
+                                   "' is an empty " + std::to_string(p.value.rows) + " x " +
+                                   std::to_string(p.value.cols) +
+                                   " matrix; route it to another group (docs/groups.md)");
+        }
         if (!p.value.is_matrix()) {
             throw invalid_argument("loco::inner::" + std::string(policy) +
                                    " updates whole matrices, but parameter '" + p.name +

@@ -271,6 +271,12 @@ private:
         const matrix_stack& st = o.stack;
         if (st.count == 0) {
             if (o.role == role::matrix && !value.is_matrix()) {
+                if (value.size == 0) {
+                    throw shape_error(where() + "has role matrix but no elements (a " +
+                                      std::to_string(value.rows) + " x " +
+                                      std::to_string(value.cols) + " view); an empty tensor "
+                                      "has no matrix to update: register it without the role");
+                }
                 throw shape_error(where() + "has role matrix but no 2-D shape; give its view "
                                             "one (host_matrix, tensor_traits::shape) or pass "
                                             ".stack = {1, rows, cols}");
@@ -286,18 +292,28 @@ private:
             return "(" + std::to_string(st.count) + ", " + std::to_string(st.rows) + ", " +
                    std::to_string(st.cols) + ")";
         };
+        if (st.rows == 0 || st.cols == 0) {
+            throw shape_error(where() + "stack shape " + shape() + " has matrices without rows "
+                              "or columns; an empty tensor needs no .stack");
+        }
         const std::size_t limit = static_cast<std::size_t>(-1);
-        if (st.rows == 0 || st.cols == 0 || st.rows > limit / st.cols ||
+        if (st.rows > limit / st.cols ||
             st.count > limit / (st.rows * st.cols) ||
             st.count * st.rows * st.cols != value.size) {
             throw shape_error(where() + "stack shape " + shape() + " does not hold its " +
                               std::to_string(value.size) + " elements");
         }
-        if (value.is_matrix() && (value.rows != st.count * st.rows || value.cols != st.cols)) {
+        // The stacked view ((L * rows) x cols), or (L, rows * cols) as a (L, rows, cols) tensor
+        // arrives through DLPack and other adapters that keep the first axis.
+        const bool stacked_view = value.rows == st.count * st.rows && value.cols == st.cols;
+        const bool layer_view = value.rows == st.count && value.cols == st.rows * st.cols;
+        if (value.is_matrix() && !stacked_view && !layer_view) {
             throw shape_error(where() + "its view is " + std::to_string(value.rows) + " x " +
                               std::to_string(value.cols) + " but the stack " + shape() +
                               " is " + std::to_string(st.count * st.rows) + " x " +
-                              std::to_string(st.cols) + "; pass a view of that shape or a flat one");
+                              std::to_string(st.cols) + " (or " + std::to_string(st.count) +
+                              " x " + std::to_string(st.rows * st.cols) +
+                              "); pass a view of that shape or a flat one");
         }
         value.rows = grad.rows = st.count * st.rows;
         value.cols = grad.cols = st.cols;

@@ -42,6 +42,7 @@
 #include <loco/error.hpp>
 #include <loco/linalg/newton_schulz.hpp>
 #include <loco/math.hpp>
+#include <loco/tensor.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -173,8 +174,8 @@ struct muon {
     // it updates the first, so that a refused step leaves every matrix as it was.
     static bool input_finite(const hyper& h, const float* grad, const float* momentum,
                              std::size_t rows, std::size_t cols) {
+        const std::size_t size = loco::detail::matrix_elements(rows, cols);  // shape_error
         if (rows == 0 || cols == 0) return true;
-        const std::size_t size = rows * cols;
         const scalars k = prepare(h, rows, cols);
         double sum = 0.0;
         for (std::size_t i = 0; i < size; ++i) {
@@ -206,8 +207,8 @@ struct muon {
                               const float* grad, float* momentum, std::size_t rows,
                               std::size_t cols, muon_workspace& ws) {
         validate(h);
+        const std::size_t size = loco::detail::matrix_elements(rows, cols);  // shape_error
         if (rows == 0 || cols == 0) return;
-        const std::size_t size = rows * cols;
         const scalars k = prepare(h, rows, cols);
         if (ws.update.size() < size) ws.update.resize(size);
         float* u = ws.update.data();

@@ -17,6 +17,7 @@
 
 #include <loco/error.hpp>
 #include <loco/linalg/gemm.hpp>
+#include <loco/tensor.hpp>
 
 #include <algorithm>
 #include <array>
@@ -218,12 +219,14 @@ inline void newton_schulz_unchecked(const float* g, std::size_t rows, std::size_
 
 // out = NS(g), as above, after checking the arguments: throws loco::invalid_argument for a bad
 // table, iteration count or eps, and loco::nonfinite_error, without writing `out`, when g holds
-// NaN or infinity. A matrix with no rows or no columns is left alone.
+// NaN or infinity. A matrix with no rows or no columns is left alone; a shape whose rows * cols
+// overflows std::size_t is a loco::shape_error.
 inline void newton_schulz(const float* g, std::size_t rows, std::size_t cols, float* out,
                           const ns_coefficients& k, int steps, float eps, ns_workspace& ws) {
     validate_newton_schulz(k, steps, eps, "loco::linalg::newton_schulz");
+    const std::size_t size = loco::detail::matrix_elements(rows, cols);
     if (rows == 0 || cols == 0) return;
-    const double norm = frobenius_norm(g, rows * cols);
+    const double norm = frobenius_norm(g, size);
     if (!std::isfinite(norm)) {
         throw nonfinite_error("loco::linalg::newton_schulz: the input holds NaN or infinity");
     }
