@@ -459,6 +459,26 @@ TEST_CASE("a non-finite averaged pseudo-gradient: skip discards the round everyw
 // A skipped round commits nothing: with error feedback, a residual advanced on the non-finite
 // round would keep the infinity (e = e + x - D) and every later round would be skipped too, until
 // max_skipped_syncs stops training.
+namespace {
+
+// Two rounds (H = 2) of fresh gradients, then what a dropped round must leave as it was: the
+// compressor's residual and the global values.
+struct round_state {
+    std::vector<float> residual, global;
+};
+template <class Opt>
+round_state two_rounds(Opt& opt, std::mt19937_64& rng, std::vector<float>& g) {
+    for (int call = 0; call < 4; ++call) {
+        loco_test::fill_normal(rng, g);
+        opt.step();
+    }
+    REQUIRE(opt.outer_steps() == 2);
+    return {{opt.compressor_state().begin(), opt.compressor_state().end()},
+            {opt.global().begin(), opt.global().end()}};
+}
+
+}  // namespace
+
 TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual, and training goes on",
                    C, loco::compress::sparseloco, loco::compress::demo,
                    loco::compress::error_feedback<loco::compress::blockwise<2, 64>>) {
@@ -476,14 +496,7 @@ TEST_CASE_TEMPLATE("a round skipped for a non-finite average leaves the residual
         }
         loco::diloco<loco::inner::sgd, loco::outer::sgd, C> opt(
             list, comm, {.inner = {.lr = 0.05f}, .schedule = {.every = 2}, .compress = h});
-        for (int call = 0; call < 4; ++call) {
-            loco_test::fill_normal(rng, g);
-            opt.step();
-        }
-        REQUIRE(opt.outer_steps() == 2);
-        const std::vector<float> residual(opt.compressor_state().begin(),
-                                          opt.compressor_state().end());
-        const std::vector<float> global(opt.global().begin(), opt.global().end());
+        const auto [residual, global] = two_rounds(opt, rng, g);
         bool nonzero = false;
         for (const float e : residual) nonzero = nonzero || e != 0.0f;
         CHECK(nonzero);  // error feedback holds something, so "unchanged" means something
@@ -525,14 +538,7 @@ TEST_CASE("demo signs: a non-finite pseudo-gradient the payload cannot carry dro
                 list, comm,
                 {.inner = {.lr = 0.05f}, .outer = {.lr = 0.01f}, .schedule = {.every = 2},
                  .compress = {.chunk = 8, .topk = 4, .sign = true}, .on_nonfinite = policy});
-            for (int call = 0; call < 4; ++call) {
-                loco_test::fill_normal(rng, g);
-                opt.step();
-            }
-            REQUIRE(opt.outer_steps() == 2);
-            const std::vector<float> residual(opt.compressor_state().begin(),
-                                              opt.compressor_state().end());
-            const std::vector<float> global(opt.global().begin(), opt.global().end());
+            const auto [residual, global] = two_rounds(opt, rng, g);
             loco_test::fill_normal(rng, g);
             opt.step();
             if (comm.rank() == 1) w[rows * cols - 1] = std::numeric_limits<float>::infinity();

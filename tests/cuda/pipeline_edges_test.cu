@@ -151,6 +151,24 @@ private:
     loco::comm::communicator& next_;
 };
 
+// Calls t, t + 1, ..., t + n - 1 of this rank's gradients; returns the next call.
+template <class Opt>
+int run_calls(Opt& opt, gpu_params& p, const std::string& label,
+              loco::comm::cuda_replicas& comm, int t, int n) {
+    for (const int end = t + n; t < end; ++t) {
+        p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
+        opt.step();
+    }
+    return t;
+}
+
+// The trainer spoils element 7 of tensor c on the device before a sync.
+void spoil_c(gpu_params& p) {
+    const float inf = std::numeric_limits<float>::infinity();
+    check_cuda(cudaMemcpy(p.values[2].get() + 7, &inf, sizeof inf, cudaMemcpyHostToDevice),
+               "poison");
+}
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("cuda backend: a fragment of empty tensors syncs on the device exchange as on "
@@ -281,30 +299,17 @@ TEST_CASE_TEMPLATE("cuda backend: a round skipped for a non-finite average leave
         gpu_t opt(p.list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2},
                                  .stream = comm.stream()});
         CHECK(opt.device_exchange());
-        int t = 1;
-        for (; t <= 4; ++t) {
-            p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
-            opt.step();
-        }
+        int t = run_calls(opt, p, label, comm, 1, 4);
         REQUIRE(opt.outer_steps() == 2);
         const auto residual = opt.compressor_state();
         const auto global = opt.global();
-        p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
-        opt.step();
-        if (comm.rank() == 0) {  // the trainer spoils one element of c before the sync
-            const float inf = std::numeric_limits<float>::infinity();
-            check_cuda(cudaMemcpy(p.values[2].get() + 7, &inf, sizeof inf, cudaMemcpyHostToDevice),
-                       "poison");
-        }
-        p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
-        opt.step();
+        t = run_calls(opt, p, label, comm, t, 1);
+        if (comm.rank() == 0) spoil_c(p);
+        t = run_calls(opt, p, label, comm, t, 1);
         CHECK(opt.skipped_syncs() == 1);
         expect_equal_arrays(opt.compressor_state(), residual, "residual");
         expect_equal_arrays(opt.global(), global, "global values");
-        for (int more = 0; more < 8; ++more, ++t) {
-            p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
-            opt.step();
-        }
+        run_calls(opt, p, label, comm, t, 8);
         CHECK(opt.skipped_syncs() == 1);  // every later round, all finite, applies
         CHECK(opt.outer_steps() == 6);
         for (const float e : opt.compressor_state()) REQUIRE(std::isfinite(e));
@@ -325,19 +330,10 @@ TEST_CASE("cuda backend: demo signs drop a round whose pseudo-gradient the paylo
                                      .compress = {.sign = true}, .on_nonfinite = policy,
                                      .stream = comm.stream()});
             CHECK(opt.device_exchange());
-            int t = 1;
-            for (; t <= 4; ++t) {
-                p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
-                opt.step();
-            }
+            int t = run_calls(opt, p, label, comm, 1, 4);
             const auto residual = opt.compressor_state();
-            p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
-            opt.step();
-            if (comm.rank() == 1) {
-                const float inf = std::numeric_limits<float>::infinity();
-                check_cuda(cudaMemcpy(p.values[2].get() + 7, &inf, sizeof inf,
-                                      cudaMemcpyHostToDevice), "poison");
-            }
+            t = run_calls(opt, p, label, comm, t, 1);
+            if (comm.rank() == 1) spoil_c(p);
             p.set_gradients(grads_of(label, comm.rank(), t++), comm.stream());
             try {
                 opt.step();
@@ -348,10 +344,7 @@ TEST_CASE("cuda backend: demo signs drop a round whose pseudo-gradient the paylo
             expect_equal_arrays(opt.compressor_state(), residual, "residual");
             if (policy == loco::nonfinite_policy::raise) return;
             CHECK(opt.skipped_syncs() == 1);
-            for (int more = 0; more < 4; ++more, ++t) {
-                p.set_gradients(grads_of(label, comm.rank(), t), comm.stream());
-                opt.step();
-            }
+            run_calls(opt, p, label, comm, t, 4);
             CHECK(opt.skipped_syncs() == 1);
             CHECK(opt.outer_steps() == 4);
         });
