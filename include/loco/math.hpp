@@ -35,6 +35,16 @@ LOCO_HD float pow(float base, float exponent) {
 #endif
 }
 
+// For factors such as 1 - beta^t, which cancel in float when beta is near 1 (beta2 = 0.9999 lost
+// about 5e-5 of the bias correction); PyTorch computes them in double too.
+LOCO_HD double pow(double base, double exponent) {
+#if LOCO_DEVICE_PASS()
+    return ::pow(base, exponent);
+#else
+    return std::pow(base, exponent);
+#endif
+}
+
 LOCO_HD float abs(float x) {
 #if LOCO_DEVICE_PASS()
     return ::fabsf(x);

@@ -37,11 +37,14 @@ struct adamw {
     };
 
     LOCO_HD static scalars prepare(const hyper& h, std::uint64_t step) {
-        const float t = static_cast<float>(step);
-        const float bc1 = 1.0f - math::pow(h.beta1, t);
-        const float bc2 = 1.0f - math::pow(h.beta2, t);
-        return {1.0f - h.lr * h.weight_decay, h.beta1, h.beta2, h.lr / bc1,
-                1.0f / math::sqrt(bc2), h.eps};
+        // The bias corrections in double, then rounded once: 1 - beta2^t cancels in float when
+        // beta2 is near 1 (0.9999 was off by 5e-5 relative), and a float t is inexact past 2^24.
+        const double t = static_cast<double>(step);
+        const double bc1 = 1.0 - math::pow(static_cast<double>(h.beta1), t);
+        const double bc2 = 1.0 - math::pow(static_cast<double>(h.beta2), t);
+        return {1.0f - h.lr * h.weight_decay, h.beta1, h.beta2,
+                static_cast<float>(static_cast<double>(h.lr) / bc1),
+                static_cast<float>(1.0 / math::sqrt(bc2)), h.eps};
     }
 
     LOCO_HD static void update(const scalars& k, float& p, float g, float* s) {

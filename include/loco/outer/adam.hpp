@@ -41,9 +41,12 @@ struct adam {
         float step_size = h.lr;
         float inv_bc2_sqrt = 1.0f;
         if (h.bias_correction) {
-            const float t = static_cast<float>(step);
-            step_size = h.lr / (1.0f - math::pow(h.beta1, t));
-            inv_bc2_sqrt = 1.0f / math::sqrt(1.0f - math::pow(h.beta2, t));
+            // In double, then rounded once (see inner/adamw.hpp's prepare).
+            const double t = static_cast<double>(step);
+            step_size = static_cast<float>(static_cast<double>(h.lr) /
+                                           (1.0 - math::pow(static_cast<double>(h.beta1), t)));
+            inv_bc2_sqrt = static_cast<float>(
+                1.0 / math::sqrt(1.0 - math::pow(static_cast<double>(h.beta2), t)));
         }
         return {h.beta1, h.beta2, step_size, inv_bc2_sqrt, h.tau};
     }
