@@ -32,8 +32,9 @@
 // No element's term depends on its position, only the rounding of the partial sums does; when
 // every partial sum is exact (small integers, or values of a few nearby binades) the result is
 // the element-order sum. Counts are integers and need no order. A product c * c is rounded
-// before it is added: the host forms it in its own expression (ISO C++ builds contract none
-// across expressions), the device through __dmul_rn / __dadd_rn. shift, scale and lut are then
+// before it is added: on the host when built with -ffp-contract=off (loco's programs are; GCC
+// otherwise fuses it into an FMA wherever the target has one, docs/getting-started.md), on the
+// device through __dmul_rn / __dadd_rn. shift, scale and lut are then
 // rounded to fp32. The code of an element is computed in fp32 by code() below, t = (x_i -
 // shift) / scale + B/2, and the decoded value is fp32 lut[q] + shift: these are the LOCO_HD
 // functions a CUDA kernel shares. A group holding NaN or +-inf gets a NaN or infinite shift, all

@@ -89,8 +89,8 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     emu::warps()[threadIdx.x / 32].bar.arrive_and_wait();
 }
 
-// Round-to-nearest arithmetic that a compiler may not contract (g++ without -ffp-contract=fast
-// contracts nothing, so the plain operators are the same thing).
+// Round-to-nearest arithmetic that a compiler may not contract (loco's programs are built with
+// -ffp-contract=off, cmake/loco_warnings.cmake, so the plain operators are the same thing).
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

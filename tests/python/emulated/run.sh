@@ -16,7 +16,7 @@ mkdir -p "$out"
 inc=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 suffix=$("$py" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 cp "$root/python/loco/__init__.py" "$out/"
-g++ -std=c++20 -O1 -fno-math-errno -Wall -Wextra -Wno-unknown-pragmas \
+g++ -std=c++20 -O1 -fno-math-errno -ffp-contract=off -Wall -Wextra -Wno-unknown-pragmas \
     -shared -fPIC -fvisibility=hidden \
     -D__CUDACC__ -D__CUDA_ARCH__=900 -DLOCO_EMULATED=1 -DLOCO_PYTHON_CUDA=1 \
     -I"$root/tests/cuda/emulator" -I"$root/include" -I"$root" -I"$inc" -include cuda_runtime.h \
