@@ -390,6 +390,42 @@ TEST_CASE("broadcast_initial = false keeps every worker's own starting point") {
     CHECK(seen == std::vector<float>{1.0f, 2.0f});
 }
 
+TEST_CASE("ranks built with different broadcast_initial or max_skipped_syncs are refused at start()") {
+    // Either decides a collective step: rank 0 broadcast while rank 1 went on to its first sync
+    // (both waited until a timeout), or one rank raised for a stalled run alone.
+    for (const int option : {0, 1}) {
+        CAPTURE(option);
+        std::vector<std::string> errors(2);
+        std::vector<float> seen(2);
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> p{float(comm.rank() + 1)}, g{0.5f};
+            loco::parameter_list list;
+            list.add("p", p, g);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd>::config cfg{.schedule = {.every = 2}};
+            if (comm.rank() == 1) {
+                if (option == 0) cfg.broadcast_initial = false;
+                if (option == 1) cfg.max_skipped_syncs = 3;
+            }
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm, cfg);
+            try {
+                opt.step();
+            } catch (const loco::invalid_argument& e) {
+                errors[std::size_t(comm.rank())] = e.what();
+            }
+            seen[std::size_t(comm.rank())] = p[0];
+        });
+        const std::string want = option == 0 ? "'broadcast_initial: true' where rank 1 has "
+                                               "'broadcast_initial: false'"
+                                             : "'max_skipped_syncs: 10' where rank 1 has "
+                                               "'max_skipped_syncs: 3'";
+        for (const std::string& e : errors) {
+            CHECK_MESSAGE(e.find("the ranks were built differently") != std::string::npos, e);
+            CHECK_MESSAGE(e.find(want) != std::string::npos, e);
+        }
+        CHECK(seen == std::vector<float>{1.0f, 2.0f});  // nothing applied, nothing broadcast
+    }
+}
+
 TEST_CASE("the schedule counts step() calls, so a worker that skips a step still syncs with its peers") {
     std::vector<loco::step_result> results(2 * 6);
     std::vector<std::uint64_t> skipped(2), outer(2);
@@ -684,7 +720,7 @@ TEST_CASE("workers that start from different parameters: start() aligns them bef
     for (const bool explicit_start : {true, false}) {
         CAPTURE(explicit_start);
         std::vector<std::vector<float>> after(2);
-        std::vector<int> applied(2);
+        std::vector<int> applied(2), received(2);
         loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
             std::vector<float> p{float(comm.rank() + 1)}, g{0.0f};
             loco::parameter_list list;
@@ -696,9 +732,14 @@ TEST_CASE("workers that start from different parameters: start() aligns them bef
                 CHECK_FALSE(opt.start());  // once only
             }
             g[0] = p[0];  // the gradient of p^2 / 2, at the parameters this worker has now
-            applied[std::size_t(comm.rank())] = opt.step().applied ? 1 : 0;
+            const loco::step_result r = opt.step();
+            applied[std::size_t(comm.rank())] = r.applied ? 1 : 0;
+            received[std::size_t(comm.rank())] = r.received_initial ? 1 : 0;
             after[std::size_t(comm.rank())] = p;
         });
+        // The step that started the run says when it replaced the worker's parameters (a binding
+        // bumps autograd's version counters on it, python/loco/__init__.py).
+        CHECK(received == (explicit_start ? std::vector<int>{0, 0} : std::vector<int>{0, 1}));
         if (explicit_start) {
             CHECK(applied == std::vector<int>{1, 1});
             CHECK(after[0] == std::vector<float>{0.5f});

@@ -286,6 +286,7 @@ public:
         // parameters: it is not applied (call start() before the first forward pass to avoid it).
         const bool moved = start();
         step_result result;
+        result.received_initial = moved;
         if (ready && !moved) {
             engine_.inner_apply();
             result.applied = true;
@@ -481,6 +482,12 @@ public:
         s += "exchange: " + std::string(to_string(exchange())) + "\n";
         s += "aggregate: " + detail::describe_policy<Aggregate>(aggregate_hyper_) + "\n";
         s += "outer: " + detail::describe_policy<Outer>(outer_hyper_) + "\n";
+        // Options that change what the ranks do together: whether start() broadcasts (ranks that
+        // differ waited for each other's collective until a timeout), and after how many skipped
+        // syncs every rank raises (a rank that raised alone left the others waiting). The inner
+        // optimizer is each worker's own and is not compared.
+        s += "broadcast_initial: " + std::string(broadcast_initial_ ? "true" : "false") + "\n";
+        s += "max_skipped_syncs: " + std::to_string(max_skipped_syncs_) + "\n";
         return s;
     }
 

@@ -37,6 +37,9 @@ enum class nonfinite_policy : unsigned char {
 struct step_result {
     bool applied = false;  // the inner update was applied (false: skipped, non-finite gradient)
     bool synced = false;   // an outer sync ran after the inner step
+    // diloco only: this call started the run (start() had not been called) and gave this worker
+    // rank 0's parameters in place of its own (the inner update is then not applied).
+    bool received_initial = false;
 };
 
 template <class, class, class, class, class, class>
