@@ -144,7 +144,13 @@ private:
             py::object fn = backend_.attr(method);
             std::apply([&](auto&&... a) { fn(a...); }, args());
         } catch (py::error_already_set& e) {
-            const std::string what = e.what();
+            // The exception's type and message on one line: e.what() appends the Python
+            // traceback ("At: ...", several lines), which does not belong in loco's sentence.
+            std::string what = py::str(e.type().attr("__name__")).cast<std::string>() + ": " +
+                               py::str(e.value()).cast<std::string>();
+            for (char& c : what) {
+                if (c == '\n' || c == '\r') c = ' ';
+            }
             throw loco::comm_error(prefix(method) + "torch.distributed failed (" + what + ")");
         }
     }

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -301,10 +302,10 @@ private:
 };
 
 // set_lr's check before anything changes: the learning rate goes into a copy of the
-// hyper-parameters, which the policy validates (the constructor's rules), and only then replaces
-// them; a refused rate (NaN, negative) leaves the handle as it was.
+// hyper-parameters, which the policy validates (the constructor's rules); the caller replaces
+// them only when every copy passed, so a refused rate (NaN, negative) leaves the handle as it was.
 template <class Policy, class H>
-void set_checked_lr(H& h, float lr) {
+H checked_lr(const H& h, float lr) {
     H next = h;
     if constexpr (requires { typename Policy::hyper; }) {
         next.lr = lr;
@@ -313,7 +314,7 @@ void set_checked_lr(H& h, float lr) {
         std::apply([&](auto&... g) { ((g.lr = lr), ...); }, next);
         loco::detail::inner_engine<Policy>::validate(next);
     }
-    h = next;
+    return next;
 }
 
 // One loco::diloco (host or CUDA backend) over the parameters of a Python list.
@@ -353,7 +354,7 @@ public:
             .def("step", [](B& b) {
                 const locked l(b.mutex_);
                 const loco::step_result r = b.handle_->step();
-                return std::make_pair(r.applied, r.synced);
+                return std::make_tuple(r.applied, r.synced, r.received_initial);
             })
             .def("sync", [](B& b) {
                 const locked l(b.mutex_);
@@ -367,14 +368,22 @@ public:
                 const locked l(b.mutex_);
                 load_bytes(*b.handle_, bytes);
             })
-            .def("set_inner_lr", [](B& b, float lr) {
-                const locked l(b.mutex_);
-                set_checked_lr<typename Handle::inner_policy>(b.handle_->inner_hyper(), lr);
-            })
-            .def("set_outer_lr", [](B& b, float lr) {
-                const locked l(b.mutex_);
-                set_checked_lr<typename Handle::outer_policy>(b.handle_->outer_hyper(), lr);
-            })
+            // Both rates are checked before either changes: set_lr(inner=..., outer=bad) used to
+            // raise with the inner rate already in place.
+            .def(
+                "set_lr",
+                [](B& b, std::optional<float> inner, std::optional<float> outer) {
+                    const locked l(b.mutex_);
+                    auto& in = b.handle_->inner_hyper();
+                    auto& out = b.handle_->outer_hyper();
+                    auto next_in = in;
+                    auto next_out = out;
+                    if (inner) next_in = checked_lr<typename Handle::inner_policy>(in, *inner);
+                    if (outer) next_out = checked_lr<typename Handle::outer_policy>(out, *outer);
+                    in = next_in;
+                    out = next_out;
+                },
+                py::arg("inner") = py::none(), py::arg("outer") = py::none())
             .def_property_readonly("calls", getter([](const Handle& h) { return h.calls(); }))
             .def_property_readonly("inner_steps",
                                    getter([](const Handle& h) { return h.inner_steps(); }))

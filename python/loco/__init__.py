@@ -377,7 +377,7 @@ class DiLoCo(_Handle):
     stream: CUDA tensors only: the stream loco launches on (a torch.cuda.Stream or its
       cuda_stream), by default torch's current stream on the parameters' GPU when built.
     Builds the handle and calls start() (collective): every rank checks that all built the same
-    model and policies, and takes rank 0's parameters.
+    model and sync (the inner optimizer is each worker's own), and takes rank 0's parameters.
     """
 
     def __init__(self, named_params, comm, inner=None, outer=None, compressor=None,
@@ -416,7 +416,7 @@ class DiLoCo(_Handle):
             self.start()
 
     def start(self):
-        """Collective, once: checks every rank built the same model and policies (an exception
+        """Collective, once: checks every rank built the same model and sync (an exception
         naming the first difference otherwise, nothing changed) and gives every worker rank 0's
         parameters. Returns whether this worker's parameters changed."""
         self._check_grads()
@@ -432,8 +432,10 @@ class DiLoCo(_Handle):
         not wait for them (except where a sync needs the values on the host)."""
         self._check_grads()
         with _on(self.device):
-            applied, synced = self._impl.step()
-            if applied or synced:
+            applied, synced, received_initial = self._impl.step()
+            # received_initial: this first call started the run and gave the worker rank 0's
+            # parameters (a handle built with start=False).
+            if applied or synced or received_initial:
                 self._written()
         return applied, synced
 
@@ -446,10 +448,7 @@ class DiLoCo(_Handle):
 
     def set_lr(self, inner=None, outer=None):
         """Changes the learning rates between steps (a schedule); groups all get `inner`."""
-        if inner is not None:
-            self._impl.set_inner_lr(inner)
-        if outer is not None:
-            self._impl.set_outer_lr(outer)
+        self._impl.set_lr(inner, outer)  # both checked before either changes
 
     calls = property(lambda self: self._impl.calls)
     inner_steps = property(lambda self: self._impl.inner_steps)

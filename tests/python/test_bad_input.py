@@ -162,6 +162,26 @@ class BadInput(unittest.TestCase):
             opt.step()
             self.assertEqual(opt.outer_steps, 1)
 
+    def test_set_lr_refused_changes_neither_rate(self):
+        # A refused outer rate must not leave an accepted inner rate behind (it did: the next step
+        # ran with inner lr 0). The next steps equal those of a twin handle never asked.
+        ps = params(w=(3, 3))
+        initial = ps[0][1].detach().clone()
+        twin = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in ps]
+        for (_, t), (_, p) in zip(twin, ps):
+            t.grad = p.grad.clone()
+        asked = loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2))
+        control = loco.DiLoCo(twin, loco.Single(), schedule=loco.Every(2))
+        self.refused(loco.InvalidArgument, ps, lambda: asked.set_lr(inner=0.0, outer=-1.0),
+                     "lr must be finite and >= 0")
+        self.refused(loco.InvalidArgument, ps, lambda: asked.set_lr(inner=-1.0, outer=0.0),
+                     "lr must be finite and >= 0")
+        for _ in range(2):
+            asked.step()
+            control.step()
+        self.assertTrue(torch.equal(ps[0][1].detach(), twin[0][1].detach()))
+        self.assertFalse(torch.equal(ps[0][1].detach(), initial))  # both rates were in use
+
     def test_sparse_gradient(self):
         emb = torch.nn.Embedding(10, 4, sparse=True)
         emb(torch.tensor([1, 2])).sum().backward()
@@ -229,6 +249,19 @@ class BadInput(unittest.TestCase):
                      lambda: loco.Optimizer(ps, loco.AdamW(), stream=1234), "stream", "CPU")
         self.refused(loco.InvalidArgument, ps,
                      lambda: loco.DiLoCo(ps, loco.Single(), stream=1234), "stream", "CPU")
+
+    def test_a_failed_collective_is_one_line(self):
+        # The Python exception's type and message, without pybind11's traceback ("At: ...").
+        class Failing:
+            def all_reduce(self, capsule, mean):
+                raise RuntimeError("connection reset\nby peer")
+
+        from loco import _loco
+        ps = params(w=(3,))
+        comm = _loco.PythonCommunicator(Failing(), 0, 2, "failing")
+        msg = self.refused(loco.CommError, ps, lambda: loco.DiLoCo(ps, comm),
+                           "torch.distributed failed (RuntimeError: connection reset by peer)")
+        self.assertNotIn("At:", msg)
 
     def test_communicator_not_initialised(self):
         with self.assertRaises(loco.CommError):

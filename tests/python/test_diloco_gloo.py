@@ -161,6 +161,35 @@ def worker(rank, init_file):
         dist.all_gather(other, mine)
         check(torch.equal(other[0], other[1]), f"{kind}: ranks differ after sync()")
 
+    # ---- start=False: the first step() starts the run; on rank 1 it writes rank 0's values -----
+    # (no inner update), and the version counters are bumped there too, so that backward()
+    # through a graph of the old values raises on every rank.
+    ps = model_params(rank)
+    o = loco.DiLoCo(ps.items(), comm, inner=loco.AdamW(), outer=loco.Nesterov(),
+                    schedule=loco.Every(H), start=False)
+    x, y = batch(rank, 0)
+    loss = loss_of(ps, x, y)
+    for p in ps.values():
+        p.grad.fill_(0.1)
+    applied, _ = o.step()
+    check(applied == (rank == 0), f"rank {rank}: first step applied = {applied}")
+    check(torch.equal(ps["w1"].detach(), model_params(0)["w1"].detach()) == (rank == 1),
+          f"rank {rank}: rank 0's parameters")
+    try:
+        loss.backward()
+        raise AssertionError(f"rank {rank}: backward() through the old graph did not raise")
+    except RuntimeError as e:
+        check("modified by an inplace operation" in str(e), str(e))
+
+    # ---- a rank built with another broadcast_initial: start() refuses on both, at once ----------
+    ps = model_params(rank)
+    try:
+        loco.DiLoCo(ps.items(), comm, inner=loco.AdamW(), outer=loco.Nesterov(),
+                    schedule=loco.Every(H), broadcast_initial=(rank == 0))
+        raise AssertionError(f"rank {rank}: different broadcast_initial was accepted")
+    except loco.InvalidArgument as e:
+        check("broadcast_initial" in str(e), str(e))
+
     # ---- parameter lists that differ between processes: both fail, nothing changes -------------
     ps = model_params(rank)
     if rank == 1:
