@@ -159,7 +159,8 @@ TEST_CASE("edit: T7 weighting vector, clip with the 1e-6 guard, step weights") {
 TEST_CASE("edit: the EWMA detector follows a hand-computed double-precision sequence") {
     // alpha 0.5, warmup 2, threshold 1.5; norms 1, 2, 1.5, 10, 1.25, 1.375 of one worker. Computed by
     // hand from algorithms.md 5.2 (mean starts at 0; the z-score window holds the z of each learnt
-    // norm after its update; std is the population std; only inliers are learnt).
+    // norm after its update; only inliers are learnt). The windows' spreads stay below 1 here, so
+    // the std's divisor does not matter (the next test's does).
     struct expected {
         double norm, z_before;
         bool outlier;
@@ -205,6 +206,34 @@ TEST_CASE("edit: the EWMA detector follows a hand-computed double-precision sequ
         CHECK_FALSE(loco::aggregate::edit::combine(h, s, g.view(), out));
         CHECK(s.detectors[0].count == before);
     }
+}
+
+TEST_CASE("edit: the z-score window's spread is torch.std's (n - 1), and one z-score flags nothing") {
+    // atorch: threshold = base * max(1, torch.stack(window).std()), unbiased; with one z-score
+    // torch's std is NaN, the threshold NaN, and z > NaN false.
+    loco::aggregate::ewma_detector d;
+    d.count = 10;
+    d.mean = 0.0;
+    d.m2 = 1.0;  // sigma 1: z(v) = v
+    d.window = {0.0, 4.0};  // population std 2, unbiased 2 sqrt(2)
+    CHECK(d.window_std() == doctest::Approx(2.0 * std::sqrt(2.0)).epsilon(1e-15));
+    CHECK_FALSE(d.is_outlier(2.5, 2, 1.0));  // above 2, below 2.83: not an outlier in atorch
+    CHECK(d.is_outlier(2.9, 2, 1.0));
+    d.window = {3.0};
+    CHECK(std::isnan(d.window_std()));
+    CHECK_FALSE(d.is_outlier(1000.0, 1, 1.0));
+}
+
+TEST_CASE("edit: a refused step_weights round leaves the fragment-scope detectors as they were") {
+    loco::aggregate::edit::hyper h;
+    h.step_weights = true;
+    gathered g = from_rows({{1.0f}, {2.0f}, {3.0f}});
+    for (auto& r : g.reports) r.inner_steps = 0.0f;
+    loco::aggregate::edit::state s;
+    std::vector<float> out(1, 7.0f);
+    CHECK_THROWS_AS(loco::aggregate::edit::combine(h, s, g.view(), out), loco::invalid_argument);
+    CHECK(s.detectors.empty());
+    CHECK(out[0] == 7.0f);
 }
 
 TEST_CASE("T8: median, trimmed mean and centered clipping with one attacker") {

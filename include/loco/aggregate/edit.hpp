@@ -43,7 +43,9 @@ namespace loco::aggregate {
 //              the z-score of v (after the update) joins a window of the last `warmup` z-scores
 //   sigma = sqrt(M2) when count >= 2, else 0; z(v) = (v - mean) / sigma, 0 when sigma == 0 or
 //   count < warmup;  outlier(v) = count >= warmup and z(v) > threshold * max(1, std(window))
-// with std the population standard deviation. One-sided: only large norms are anomalies.
+// with std torch.std's, the unbiased (n - 1) one; a window of one z-score has none (NaN in torch,
+// which makes the threshold NaN: nothing is an outlier). One-sided: only large norms are
+// anomalies.
 struct ewma_detector {
     std::uint64_t count = 0;
     double mean = 0.0;
@@ -58,18 +60,24 @@ struct ewma_detector {
         return (v - mean) / s;
     }
 
+    // torch.std() of the window: unbiased. NaN for one z-score (as torch), 0 for none (warmup 0
+    // keeps no window).
     double window_std() const noexcept {
         if (window.empty()) return 0.0;
+        if (window.size() == 1) return std::numeric_limits<double>::quiet_NaN();
         double m = 0.0;
         for (const double x : window) m += x;
         m /= static_cast<double>(window.size());
         double q = 0.0;
         for (const double x : window) q += (x - m) * (x - m);
-        return std::sqrt(q / static_cast<double>(window.size()));
+        return std::sqrt(q / static_cast<double>(window.size() - 1));
     }
 
     bool is_outlier(double v, std::uint64_t warmup, double threshold) const noexcept {
-        return count >= warmup && z(v, warmup) > threshold * std::max(1.0, window_std());
+        const double spread = window_std();
+        // torch.max(1, NaN) is NaN and z > NaN is false: a NaN spread flags nothing.
+        if (std::isnan(spread)) return false;
+        return count >= warmup && z(v, warmup) > threshold * std::max(1.0, spread);
     }
 
     void update(double v, double alpha, std::uint64_t warmup) {
@@ -276,7 +284,10 @@ struct edit {
     // same rule on the gathered norms.
     static std::vector<double> weights(const hyper& h, state& s, const contributions& c) {
         const std::size_t m = c.workers;
-        if (s.detectors.size() != m) s.detectors.assign(m, {});
+        // On a copy, swapped in at the end: a refusal below (step_weights without step counts)
+        // leaves the detectors as they were, as the per-tensor scope does.
+        std::vector<ewma_detector> detectors = s.detectors;
+        if (detectors.size() != m) detectors.assign(m, {});
         std::vector<double> norms(m);
         std::vector<std::uint8_t> finite(m, 1);
         for (std::size_t i = 0; i < m; ++i) {
@@ -285,7 +296,9 @@ struct edit {
                 for (const float x : c.delta(i)) finite[i] = finite[i] && std::isfinite(x);
             }
         }
-        return weights_of(h, s.detectors, norms, finite, c);
+        std::vector<double> w = weights_of(h, detectors, norms, finite, c);
+        s.detectors.swap(detectors);
+        return w;
     }
 
     // The rule on given norms (finite[i] == 0: worker i's delta holds a NaN or an infinity), with
