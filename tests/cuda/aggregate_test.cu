@@ -76,6 +76,20 @@ struct edit_gta {
         return h;
     }
 };
+// EDiT per tensor (issue 14's "per layer or per tensor"): each tensor weighted on its own, with a
+// detector per worker and tensor (the device path ran the fragment rule for it, and a host
+// checkpoint's M x T detectors were cut to M).
+struct edit_tensor {
+    using policy = la::edit;
+    static constexpr const char* name = "edit per tensor";
+    static constexpr bool nan_skips = false;
+    static la::edit::hyper hyper() {
+        la::edit::hyper h = edit_gta::hyper();
+        h.step_weights = false;
+        h.scope = la::edit_scope::tensor;
+        return h;
+    }
+};
 struct trimmed {
     using policy = la::trimmed_mean;
     static constexpr const char* name = "trimmed_mean";
@@ -289,7 +303,8 @@ void expect_outlier_rejected(const std::vector<rank_result>& run) {
 
 TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an outlier and a NaN "
                    "worker",
-                   Case, edit_linear, edit_gta, trimmed, median, centered, median_norm) {
+                   Case, edit_linear, edit_gta, edit_tensor, trimmed, median, centered,
+                   median_norm) {
     const std::string label = std::string("device aggregate ") + Case::name;
     const int m = 4;
     const auto gpu = replicas_run<Case>(label, m, scenario::faults);
@@ -345,7 +360,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends Na
 }
 
 TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in the checkpoint",
-                   Case, edit_linear, centered) {
+                   Case, edit_linear, edit_tensor, centered) {
     using gpu_t = gpu_handle<Case, ls::every>;
     using host_t = host_handle<Case, ls::every>;
     const std::string label = std::string("device aggregate checkpoint ") + Case::name;
@@ -444,7 +459,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the aggregation state travels in th
 // device, each decoded into its row. 1e-4 as for the fused mean (tests/cuda/pipeline_test.cu): a
 // pseudo-gradient a rounding away from a code boundary may take the neighbouring code.
 TEST_CASE_TEMPLATE("cuda device aggregation: compressed payloads give the host handle's numbers",
-                   Case, edit_gta, trimmed, median, centered, median_norm) {
+                   Case, edit_gta, edit_tensor, trimmed, median, centered, median_norm) {
     using ef = cz::error_feedback<cz::blockwise<2, 256>>;
     const std::string label = std::string("device aggregate compressed ") + Case::name;
     const int m = 4;

@@ -356,6 +356,15 @@ public:
         }
     }
 
+    // A round applied without teaching the aggregation (a warm-up sync): its state stays.
+    void discard() noexcept {
+        if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            produced_ = false;
+        } else {
+            next_ = {};
+        }
+    }
+
     // The state after the last commit (centered clipping: its center copied from the device).
     const aggregate::state_t<A>& state() const {
         if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
@@ -424,7 +433,8 @@ private:
         ranks_ = m;
         rows_ = device_buffer<float>(m * n_);
         partials_ = device_buffer<double>(m * count_);
-        scalars_ = device_buffer<double>(m);
+        // EDiT's per-tensor scope uploads a weight per worker and tensor.
+        scalars_ = device_buffer<double>(m * std::max<std::size_t>(1, tensors_));
     }
 
     void wait(comm::request& r) {
@@ -495,11 +505,58 @@ private:
     }
 
 #if LOCO_HAS_CUDA()
+    // EDiT with scope == tensor (aggregate/edit.hpp's combine_per_tensor): each tensor weighted on
+    // its own, G_i worker i's norm over the tensor, detector m * t + i; every worker an outlier on
+    // one tensor refuses the round. Then the fragment's clip, as for the fragment scope.
+    bool combine_per_tensor(const aggregate::edit::hyper& h, float* out) {
+        const std::size_t m = ranks_;
+        const std::vector<double> sq = tensor_squares(rows_.get(), m, nullptr);
+        aggregate::contributions c;
+        c.workers = m;
+        c.elements = table_->total_elements();
+        c.reports = reports_;
+        std::vector<aggregate::ewma_detector> detectors = next_.detectors;
+        if (detectors.size() != m * tensors_) detectors.assign(m * tensors_, {});
+        std::vector<double> weights(m * tensors_), norms(m);
+        std::vector<std::uint8_t> finite(m);
+        for (std::size_t t = 0; t < tensors_; ++t) {
+            for (std::size_t i = 0; i < m; ++i) {
+                const double q = sq[i * tensors_ + t];
+                norms[i] = std::sqrt(q);
+                finite[i] = std::isfinite(q) ? 1 : 0;
+            }
+            const std::vector<double> w = aggregate::edit::weights_of(
+                h, std::span<aggregate::ewma_detector>(detectors).subspan(t * m, m), norms,
+                finite, c);
+            if (w.empty()) return false;
+            std::copy(w.begin(), w.end(), weights.begin() + static_cast<std::ptrdiff_t>(t * m));
+        }
+        next_.detectors = std::move(detectors);
+        upload_scalars(weights);
+        const auto n = static_cast<std::uint64_t>(n_);
+        for (std::size_t t = 0; t < tensors_; ++t) {
+            const std::uint64_t size = table_->spec(t).size;
+            if (size == 0) continue;
+            const std::uint64_t at = table_->padded_offset(t);
+            LOCO_CUDA_CHECK(detail::launch(
+                detail::consensus_kernel<>, detail::elementwise_blocks(size), stream_,
+                static_cast<const float*>(rows_.get() + at), n, static_cast<std::uint32_t>(m),
+                static_cast<const double*>(scalars_.get() + t * m), static_cast<int>(h.consensus),
+                size, out + at));
+        }
+        if (std::isfinite(h.clip)) {
+            const double s = aggregate::rule::norm_clip_scale(squares(out, 1, nullptr)[0], h.clip);
+            if (s < 1.0) launch_elementwise(detail::scale_kernel<>, out, n, s);
+        }
+        return true;
+    }
+
     // The policy's rule: true with the aggregate in out, false when it refused the round.
     bool combine(const typename A::hyper& h, float* out) {
         const auto m = static_cast<std::uint32_t>(ranks_);
         const auto n = static_cast<std::uint64_t>(n_);
         if constexpr (std::is_same_v<A, aggregate::edit>) {
+            if (h.scope == aggregate::edit_scope::tensor) return combine_per_tensor(h, out);
             // A worker whose row is not finite reports a non-finite norm: the host rule's check.
             const std::vector<double> sq = squares(rows_.get(), ranks_, nullptr);
             std::vector<aggregate::worker_report> reports = reports_;
