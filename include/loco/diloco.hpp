@@ -925,6 +925,13 @@ private:
 
     // The plan of one call, in the order of the pipeline (see schedule/plan.hpp).
     void run(const schedule::sync_plan& plan) {
+        // Whether this call's finishes teach the aggregation (not a warm-up sync); sync() and
+        // every other call do.
+        struct teaching {
+            bool& flag;
+            ~teaching() { flag = true; }
+        } restore{aggregation_learns_};
+        aggregation_learns_ = !plan.warmup;
         const auto planned = [](std::span<const std::size_t> list, std::size_t f) {
             return std::find(list.begin(), list.end(), f) != list.end();
         };
@@ -1088,10 +1095,22 @@ private:
             if (!skip && engine_.refused(fi)) {
                 // The aggregation refused this round on every rank (same data, same rule): nothing
                 // applied, the local values back to the global ones (aggregate/aggregate.hpp);
-                // the aggregation's state moves, the compressor's residual stays.
-                engine_.commit_aggregation(fi);
+                // the aggregation's state moves, the compressor's residual stays. Refusals count
+                // towards max_skipped_syncs: EDiT's detectors learn from inliers only, so a run
+                // whose every worker is flagged stays so, and used to stall without a word.
+                if (max_skipped_syncs_ != 0 && consecutive_skips_ + 1 > max_skipped_syncs_) {
+                    throw error("loco::diloco: " + std::to_string(consecutive_skips_ + 1) +
+                                " syncs in a row applied nothing, the last refused by the "
+                                "aggregation (" + std::string(Aggregate::name) +
+                                ": every worker an outlier); training has stalled: check the "
+                                "aggregation's settings against the pseudo-gradients' norms (or "
+                                "raise config.max_skipped_syncs)");
+                }
+                if (consecutive_skips_ == 0) first_nonfinite_.clear();
+                if (aggregation_learns_) engine_.commit_aggregation(fi);
                 ++f.skipped;
                 ++skipped_syncs_;
+                ++consecutive_skips_;
                 f.lost = false;
                 merge(fi, 0.0f);
                 return;
@@ -1099,7 +1118,9 @@ private:
         }
 
         if (skip) {
-            if (consecutive_skips_ == 0) first_nonfinite_ = tensor_at(fi, hit ? hit->index : 0);
+            if (consecutive_skips_ == 0 || first_nonfinite_.empty()) {
+                first_nonfinite_ = tensor_at(fi, hit ? hit->index : 0);
+            }
             if (max_skipped_syncs_ != 0 && consecutive_skips_ + 1 > max_skipped_syncs_) {
                 throw nonfinite_error(
                     "loco::diloco: " + std::to_string(consecutive_skips_ + 1) +
@@ -1129,9 +1150,9 @@ private:
         // values and exclude the worker for good.
         if (engine_.inner().on_nonfinite() != nonfinite_policy::ignore &&
             engine_.find_nonfinite_residual(fi)) {
-            engine_.commit_aggregation(fi);
+            if (aggregation_learns_) engine_.commit_aggregation(fi);
         } else {
-            engine_.commit(fi);
+            engine_.commit(fi, aggregation_learns_);
         }
         engine_.apply(fi, outer_hyper_, f.outer_steps + 1, alpha);
         ++f.outer_steps;
@@ -1323,6 +1344,7 @@ private:
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     std::uint64_t skipped_syncs_ = 0;
     std::uint64_t consecutive_skips_ = 0;
+    bool aggregation_learns_ = true;  // false during a warm-up plan's finishes (run())
     std::string first_nonfinite_;     // the tensor of the first skip of the current streak
     std::uint64_t skipped_state_syncs_ = 0;
     // Per inner state array j: its averages skipped in a row (a successful one resets it).

@@ -361,14 +361,16 @@ public:
 
     // An applied round: advances the compressor state to what the last exchange encoded with,
     // and the aggregation's state to what it computed.
-    void commit() noexcept {
+    // aggregation = false: the compressor's state moves, the aggregation's does not (a warm-up
+    // sync, schedule/plan.hpp).
+    void commit(bool aggregation = true) noexcept {
         if (scheme_ == exchange_scheme::all_gather || scheme_ == exchange_scheme::two_phase) {
             state_.swap(next_state_);
         }
         if (scheme_ == exchange_scheme::two_phase) {
             server_state_.swap(next_server_);
         }
-        commit_aggregation();
+        if (aggregation) commit_aggregation();
     }
     // A round the aggregation refused: only the aggregation's own state moves (EDiT's detectors
     // see every round). The residual stays, since no worker applied what this round sent: the

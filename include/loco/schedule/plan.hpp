@@ -26,6 +26,11 @@ struct sync_plan {
     // Arrays j of the inner optimizer's state (optimizer<Inner>::state(j): AdamW's 0 = m, 1 = v)
     // averaged over the workers now, over the whole model, after the fragments above.
     std::span<const int> states = {};
+    // A warm-up sync (schedule::warmup): applied as any other, but the aggregation's state
+    // (EDiT's detectors, centered clipping's center) learns nothing from it. Its one-step
+    // pseudo-gradients are far smaller than a round's: detectors taught by them flagged every
+    // worker of every later round (docs/aggregation.md).
+    bool warmup = false;
 
     bool empty() const noexcept {
         return start.empty() && finish.empty() && reset.empty() && states.empty();

@@ -95,7 +95,9 @@ public:
                 plan_.start(f);
                 plan_.finish(f);
             }
-            return plan_.view();
+            schedule::sync_plan p = plan_.view();
+            p.warmup = true;  // the aggregation learns from the wrapped schedule's rounds only
+            return p;
         }
         return after_.next(h.then);
     }

@@ -429,13 +429,20 @@ public:
         return std::nullopt;
     }
 
-    void commit(std::size_t fi) {
+    // aggregation: whether the aggregation's state moves too (not after a warm-up sync).
+    void commit(std::size_t fi, bool aggregation = true) {
         fragment& f = *frags_[fi];
         if constexpr (device_compression && device_exchange_t::feedback) {
             if (f.device) std::swap(f.device->residual, f.device->next);
         }
-        if (f.host) f.host->commit();
-        if (f.agg) f.agg->commit();
+        if (f.host) f.host->commit(aggregation);
+        if (f.agg) {
+            if (aggregation) {
+                f.agg->commit();
+            } else {
+                f.agg->discard();
+            }
+        }
     }
     // A refused round: the aggregation's state only (exchange.hpp's commit_aggregation).
     void commit_aggregation(std::size_t fi) {

@@ -174,7 +174,10 @@ public:
         return hit;
     }
 
-    void commit(std::size_t fi) { frags_[fi].exchange.commit(); }
+    // aggregation: whether the aggregation's state moves too (not after a warm-up sync).
+    void commit(std::size_t fi, bool aggregation = true) {
+        frags_[fi].exchange.commit(aggregation);
+    }
     void commit_aggregation(std::size_t fi) { frags_[fi].exchange.commit_aggregation(); }
 
     // The aggregation refused the round (aggregate/aggregate.hpp), and its state per fragment.

@@ -1,0 +1,131 @@
+// EDiT with its warm-up (schedule::warmup<every> + aggregate::edit), as docs/aggregation.md sets it
+// up: the warm-up syncs one-step pseudo-gradients every step, far smaller than the rounds' after
+// it. Detectors taught by them flagged every worker of every later round, and since they learn
+// from inliers only, for good: training stopped without an error. Now
+//   * the warm-up syncs do not teach the aggregation (schedule/plan.hpp's sync_plan::warmup), so
+//     the rounds after it are applied and the run converges;
+//   * a run whose every worker stays flagged raises after max_skipped_syncs refusals in a row, on
+//     every rank, instead of stalling silently.
+#include <doctest/doctest.h>
+
+#include <loco/aggregate/edit.hpp>
+#include <loco/comm/threads.hpp>
+#include <loco/compress/none.hpp>
+#include <loco/diloco.hpp>
+#include <loco/inner/adamw.hpp>
+#include <loco/inner/sgd.hpp>
+#include <loco/outer/nesterov.hpp>
+#include <loco/schedule/every.hpp>
+#include <loco/schedule/warmup.hpp>
+
+#include "support/random.hpp"
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+namespace {
+
+using edit_warmup = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                                 loco::schedule::warmup<loco::schedule::every>,
+                                 loco::aggregate::edit>;
+
+}  // namespace
+
+TEST_CASE("EDiT after its warm-up: the rounds are applied and the run converges") {
+    // docs/aggregation.md's settings (W = 100, then every 10; ewma_warmup 10, clip 10, outer
+    // Nesterov 0.7 / 0.8, AdamW); worker k minimises ||x - c_k||^2 / 2.
+    constexpr int workers = 4;
+    constexpr std::size_t dim = 16;
+    auto rng = loco_test::rng_for("edit warm-up");
+    std::vector<std::vector<float>> targets;
+    std::vector<double> optimum(dim, 0.0);
+    for (int k = 0; k < workers; ++k) {
+        targets.push_back(loco_test::normal_floats(rng, dim, 0.3f));
+        for (std::size_t i = 0; i < dim; ++i) {
+            targets.back()[i] += 5.0f;
+            optimum[i] += targets.back()[i] / workers;
+        }
+    }
+    std::vector<std::uint64_t> applied(workers), refused(workers);
+    std::vector<double> distance(workers);
+    loco::comm::run_threads(workers, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> x(dim, 0.0f), g(dim);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        edit_warmup::config cfg{.inner = {.lr = 0.01f, .weight_decay = 0.0f},
+                                .outer = {.lr = 0.7f, .momentum = 0.8f},
+                                .schedule = {.steps = 100, .then = {.every = 10}}};
+        cfg.aggregate.ewma_warmup = 10;
+        cfg.aggregate.clip = 10.0f;
+        edit_warmup opt(list, comm, cfg);
+        opt.start();
+        for (int call = 1; call <= 600; ++call) {
+            for (std::size_t i = 0; i < dim; ++i) g[i] = x[i] - targets[r][i];
+            opt.step();
+        }
+        applied[r] = opt.outer_steps();
+        refused[r] = opt.skipped_syncs();
+        double sq = 0.0;
+        for (std::size_t i = 0; i < dim; ++i) {
+            const double d = double(opt.global()[i]) - optimum[i];
+            sq += d * d;
+        }
+        distance[r] = std::sqrt(sq);
+    });
+    for (int k = 0; k < workers; ++k) {
+        CAPTURE(k);
+        // 100 warm-up syncs and 50 rounds: before the fix, 100 and none (every round refused,
+        // the global values stuck 7.2 away from the optimum).
+        CHECK(applied[std::size_t(k)] + refused[std::size_t(k)] == 150);
+        CHECK(refused[std::size_t(k)] <= 2);
+        CHECK(distance[std::size_t(k)] < 0.5);
+    }
+}
+
+TEST_CASE("EDiT: every worker flagged round after round raises after max_skipped_syncs refusals") {
+    // SGD on ||x||^2 / 2 with gradients scaled by 1000 from call 41 on: every worker's norm jumps
+    // far past its detector's threshold and stays there, so every round is refused.
+    constexpr int workers = 3;
+    std::vector<std::string> errors(workers);
+    std::vector<std::uint64_t> refused(workers), applied(workers);
+    std::vector<std::vector<float>> global_at_error(workers), before_jump(workers);
+    loco::comm::run_threads(workers, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> x{1.0f, -2.0f, 0.5f}, g(3);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        using handle = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                    loco::schedule::every, loco::aggregate::edit>;
+        handle::config cfg{.inner = {.lr = 0.01f}, .schedule = {.every = 4},
+                           .max_skipped_syncs = 3};
+        cfg.aggregate.ewma_warmup = 5;
+        cfg.aggregate.ewma_alpha = 0.2f;
+        handle opt(list, comm, cfg);
+        try {
+            for (int call = 1; call <= 200; ++call) {
+                const float scale = call > 40 ? 1000.0f : 1.0f;
+                for (std::size_t i = 0; i < 3; ++i) g[i] = scale * (x[i] + 0.01f * float(r + 1));
+                opt.step();
+                if (call == 40) before_jump[r].assign(opt.global().begin(), opt.global().end());
+            }
+        } catch (const loco::error& e) {
+            errors[r] = e.what();
+        }
+        refused[r] = opt.skipped_syncs();
+        applied[r] = opt.outer_steps();
+        global_at_error[r].assign(opt.global().begin(), opt.global().end());
+    });
+    for (int k = 0; k < workers; ++k) {
+        const auto r = std::size_t(k);
+        CAPTURE(k);
+        CHECK(errors[r].find("4 syncs in a row applied nothing, the last refused by the "
+                             "aggregation (edit: every worker an outlier)") != std::string::npos);
+        CHECK(applied[r] == 10);  // the rounds of calls 4 .. 40
+        CHECK(refused[r] == 3);   // calls 44, 48, 52; the fourth raised
+        CHECK(global_at_error[r] == before_jump[r]);  // nothing of the refused rounds applied
+    }
+}
