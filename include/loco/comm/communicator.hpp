@@ -52,10 +52,13 @@ private:
 // failed). Exactly one finish() per started request; the buffers given to start_* belong to the
 // collective until then. Move-only.
 //
-// A request destroyed without finish() still waits for its transfer (the buffers may go away
-// right after), swallows its error, and marks its communicator: the next call on that
-// communicator throws comm_error naming the abandoned collective, because the ranks' views of
-// what was exchanged may now differ.
+// A request destroyed without finish() returns once the collective no longer touches its buffers
+// (they may go away right after; what they then hold is unspecified), swallows its error, and
+// marks its communicator: the next call on that communicator throws comm_error naming the
+// abandoned collective, because the ranks' views of what was exchanged may now differ. It does
+// not wait for what only the peers' later calls would complete (comm::mpi: an all_reduce's
+// all-gather then goes to memory of its own): a departure or regroup drops exchanges on every
+// rank, and no rank makes a later call on the old communicator.
 class request {
 public:
     // What an implementation hands back from do_start_*: wait() blocks until the collective is

@@ -291,6 +291,8 @@ private:
         tensor_view<float> data;
         reduce_op op = reduce_op::sum;
         std::vector<float> scratch;          // M copies of this rank's chunk, in rank order
+        std::vector<float> owned;            // a dropped request's result (release_through)
+        bool released = false;               // its all-gather writes into `owned`
         std::vector<int> counts, displs;     // the chunks of the buffer, in floats
         std::vector<int> recv_counts, recv_displs;
     };
@@ -346,7 +348,11 @@ private:
                 }
                 if (p->step != stage::done) {
                     require_mpi_running(p->where);
-                    complete_through(p);
+                    if (checked) {
+                        complete_through(p);
+                    } else {
+                        release_through(p);
+                    }
                 }
             }
             if (p->error) {
@@ -454,8 +460,9 @@ private:
         }
 
         // Moves `p` on when its stage is complete: waits for it when `block`, else only tests.
-        // Returns true when p is done (with or without an error).
-        bool advance(pending& p, bool block) {
+        // Returns true when p is done (with or without an error). `gather_too` false: stops
+        // once all_reduce's all-gather is issued (release_through).
+        bool advance(pending& p, bool block, bool gather_too = true) {
             try {
                 if (p.step == stage::reduce_scatter) {
                     if (!complete(p, block, "MPI_Ialltoallv")) {
@@ -472,6 +479,9 @@ private:
                     p.step = stage::all_gather;
                     const auto own = static_cast<std::uint64_t>(p.counts[static_cast<std::size_t>(rank)]);
                     p.bytes = sizeof(float) * static_cast<std::uint64_t>(size - 1) * own;
+                    if (!gather_too) {
+                        return false;
+                    }
                 }
                 if (p.step == stage::all_gather) {
                     if (!complete(p, block, p.what == kind::all_reduce ? "MPI_Iallgatherv"
@@ -558,6 +568,40 @@ private:
                 if (front == p) {
                     return;
                 }
+            }
+        }
+
+        // A dropped request (abandon()): returns once MPI no longer touches the caller's buffers,
+        // without waiting for what needs the peers' later calls. Every collective before `p` and
+        // p itself gets its reduce-scatter completed (every peer issued it when it started) and
+        // its all-gather issued; p's all-gather writes into memory of its own, so it need not
+        // complete now. Waiting for it, as finish() does, needed every peer's next loco call on
+        // this communicator, which a departure or regroup never makes: every rank waited in its
+        // own drop. The released collectives complete in later calls, or when the communicator
+        // is destroyed. An all-gather issued into the caller's buffer earlier is waited for (its
+        // peers issue theirs in their own drop, or already have).
+        void release_through(const std::shared_ptr<pending>& p) {
+            if (std::find(queue.begin(), queue.end(), p) == queue.end()) {
+                return;  // already completed
+            }
+            for (const auto& q : queue) {
+                if (q == p && q->step == stage::reduce_scatter) {
+                    // The result goes to p's own copy: the caller's buffer is free on return.
+                    q->owned.assign(q->data.data, q->data.data + q->data.size);
+                    q->data.data = q->owned.data();
+                    q->released = true;
+                }
+                if (q->step == stage::reduce_scatter) {
+                    advance(*q, true, false);
+                } else if (q == p && q->step == stage::all_gather && !q->released) {
+                    advance(*q, true);
+                }
+                if (q == p) {
+                    break;
+                }
+            }
+            while (!queue.empty() && queue.front()->step == stage::done) {
+                queue.pop_front();
             }
         }
 
