@@ -518,9 +518,26 @@ void compressed(benchmark::State& state) {
 // waits on the host, so the figure is the call's wall time on the device's timeline. Minimum
 // traffic counted: none 36 B per parameter (phase 1 12 B, phase 2 24 B); compressed 36 B + 2 P/n
 // (encode 16 B + P/n, decode 20 B + P/n at M = 1); SparseLoCo as templar runs it (outer SGD,
-// median_norm_clip; the chunked exchange, compress/chunked_exchange.hpp) 52 B + 4 P/n (the
-// pseudo-gradient 12 B, the encode 12 B + P/n, the check and the norms P/n each, the scatter-mean
-// 4 B + P/n, the outer step 24 B).
+// median_norm_clip; the chunked exchange, compress/chunked_exchange.hpp; the GPT-2 matrices as
+// rows x cols, as templar chunks them) 44 B + 4 P/n (the pseudo-gradient 12 B, the encode
+// 12 B + P/n, the check and the norms P/n each, the scatter-mean 4 B + P/n, the outer step 16 B:
+// outer::sgd has no state, 8 B more per state array otherwise).
+std::vector<loco::compress::segment> gpt2_matrices(std::size_t d, std::size_t layers);
+
+// The segments of list `which` as the chunked compressors see them: the GPT-2 lists' matrices as
+// rows x cols (in parameter_list()'s order), every other tensor flat.
+std::vector<loco::compress::segment> list_segments(int which) {
+    if (which == 0) return smoke() ? gpt2_matrices(32, 1) : gpt2_matrices(768, 12);
+    if (which == 1) return smoke() ? gpt2_matrices(64, 2) : gpt2_matrices(1600, 48);
+    std::vector<loco::compress::segment> segs;
+    std::size_t off = 0;
+    for (const auto n : parameter_list(which)) {
+        segs.push_back({off, n, 1, n});
+        off += n;
+    }
+    return segs;
+}
+
 template <class Compressor, class Outer = loco::outer::nesterov,
           class Aggregate = loco::aggregate::mean>
 void handle_sync(benchmark::State& state) {
@@ -528,22 +545,28 @@ void handle_sync(benchmark::State& state) {
     try {
         const auto& sizes = parameter_list(which);
         const std::size_t total = list_elements(which);
-        std::size_t payload = 0;
-        if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
-            std::vector<loco::compress::segment> segs;
+        constexpr bool chunked = std::is_same_v<Compressor, loco::compress::sparseloco>;
+        // The chunked compressor sees the matrices' shapes (a flat tensor is one row of chunks
+        // that keep every cell: not SparseLoCo's payload); the others only the sizes.
+        std::vector<loco::compress::segment> segs;
+        if constexpr (chunked) {
+            segs = list_segments(which);
+        } else {
             std::size_t off = 0;
             for (const auto n : sizes) {
                 segs.push_back({off, n, 1, n});
                 off += n;
             }
-            if constexpr (std::is_same_v<Compressor, loco::compress::sparseloco>) {
-                payload = Compressor::payload_bytes({}, segs);
-            } else {
-                payload = Compressor::base::payload_bytes({}, segs);
-            }
         }
-        constexpr bool chunked = std::is_same_v<Compressor, loco::compress::sparseloco>;
-        const std::size_t bytes = chunked ? 52 * total + 4 * payload : 36 * total + 2 * payload;
+        std::size_t payload = 0;
+        if constexpr (chunked) {
+            payload = Compressor::payload_bytes({}, segs);
+        } else if constexpr (!std::is_same_v<Compressor, loco::compress::none>) {
+            payload = Compressor::base::payload_bytes({}, segs);
+        }
+        const std::size_t outer_bytes = 16 + 8 * Outer::state_size;
+        const std::size_t bytes = chunked ? (28 + outer_bytes) * total + 4 * payload
+                                          : (12 + outer_bytes) * total + 2 * payload;
         copy_gbps(bytes);
         device_model<float, float> model(sizes);
         lc::stream s;
@@ -554,7 +577,24 @@ void handle_sync(benchmark::State& state) {
         typename handle::config cfg;
         cfg.schedule.every = std::uint64_t{1} << 40;  // syncs only when the loop calls sync()
         cfg.stream = s;
-        handle opt(lc::tensor_table(model.specs), comm, cfg);
+        // fp32 CUDA views with the segments' shapes (a tensor_table carries sizes only).
+        loco::parameter_list params;
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            const auto& spec = model.specs[i];
+            auto* value = static_cast<float*>(spec.value);
+            const auto* grad = static_cast<const float*>(spec.grad);
+            if (segs[i].size != sizes[i]) {
+                throw loco::invalid_argument("bench: the list's segments do not match its sizes");
+            }
+            if (segs[i].rows > 1) {
+                params.add_views(spec.name, loco::cuda_matrix(value, segs[i].rows, segs[i].cols),
+                                 loco::cuda_matrix(grad, segs[i].rows, segs[i].cols));
+            } else {
+                params.add_views(spec.name, loco::cuda_tensor(value, sizes[i]),
+                                 loco::cuda_tensor(grad, sizes[i]));
+            }
+        }
+        handle opt(params, comm, cfg);
         opt.start();
         lc::event start(cudaEventDefault), stop(cudaEventDefault);
         for (int i = 0; i < 2; ++i) {  // warm-up
