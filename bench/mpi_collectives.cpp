@@ -151,12 +151,25 @@ int main(int argc, char** argv) {
         } else if (a == "--reps" && i + 1 < argc) {
             s.reps = std::atoi(argv[++i]);
         } else if (a == "--sizes" && i + 1 < argc) {
+            // Positive whole numbers of millions, comma-separated; anything else is the usage
+            // message (std::stoul threw past main's handler on "1," and accepted "0").
             s.millions.clear();
-            std::string list = argv[++i];
-            for (std::size_t pos = 0; pos <= list.size();) {
+            const std::string list = argv[++i];
+            bool ok = !list.empty();
+            for (std::size_t pos = 0; ok && pos <= list.size();) {
                 const std::size_t comma = std::min(list.find(',', pos), list.size());
-                s.millions.push_back(std::stoul(list.substr(pos, comma - pos)));
+                const std::string item = list.substr(pos, comma - pos);
+                ok = !item.empty() && item.size() <= 6 &&
+                     item.find_first_not_of("0123456789") == std::string::npos &&
+                     std::stoul(item) > 0;
+                if (ok) s.millions.push_back(std::stoul(item));
                 pos = comma + 1;
+            }
+            if (!ok) {
+                std::fprintf(stderr, "%s: --sizes takes positive numbers of millions, e.g. 1,16,124\n",
+                             argv[0]);
+                MPI_Finalize();
+                return 2;
             }
         } else {
             std::fprintf(stderr, "usage: %s [--threads M] [--sizes 1,16,124] [--reps R]\n", argv[0]);

@@ -19,7 +19,7 @@
 // back by the exposed time E = max(0, end - C). For a sync of all L layers with equal pieces the
 // queue's end is max over j of (f C + j b + (L - j + 1) t) = f C + max(L b + t, b + L t), so
 //   E = t + (L - 1) max(0, t - b).
-// A fragment of Streaming DiLoCo holds some layers (strided: p, p + L/P, p + 2 L/P, ...): its
+// A fragment of Streaming DiLoCo holds some layers (strided: p, p + P, p + 2 P, ...): its
 // pieces are ready at their layers' times, so a fragment whose lowest layer is p still has p
 // layers of backward to hide behind. With an overlap of tau inner steps the exchange may also
 // travel during the next tau steps: E_tau = max(0, E - tau C).
@@ -73,7 +73,7 @@ inline std::vector<std::size_t> all_layers(std::size_t count) {
     for (std::size_t l = 0; l < count; ++l) v[l] = l;
     return v;
 }
-// Layers p, p + L/P, p + 2 L/P, ...: fragment p of P under the strided pattern.
+// Layers p, p + P, p + 2 P, ...: fragment p of P under the strided pattern.
 inline std::vector<std::size_t> strided_layers(std::size_t p, std::size_t fragments,
                                                std::size_t count) {
     std::vector<std::size_t> v;

@@ -41,7 +41,7 @@ set ylabel "compute utilisation (%)"
 set key left top
 set grid
 set datafile separator "\t"
-plot for [i=2:6] "$1" using 1:i with lines linewidth 2 title columnhead(i)
+plot for [i=2:*] "$1" using 1:i with lines linewidth 2 title columnhead(i)
 EOF
 }
 
