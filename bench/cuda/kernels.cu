@@ -442,6 +442,17 @@ std::size_t list_elements(int which) {
     return t;
 }
 
+// List `which` as one flat segment per tensor (what the element-wise codecs see).
+std::vector<loco::compress::segment> flat_segments(int which) {
+    std::vector<loco::compress::segment> segs;
+    std::size_t off = 0;
+    for (const auto n : parameter_list(which)) {
+        segs.push_back({off, n, 1, n});
+        off += n;
+    }
+    return segs;
+}
+
 template <class Codec>
 std::string codec_label() {
     if constexpr (block_of<Codec>::value != 0) {
@@ -458,16 +469,7 @@ void compressed(benchmark::State& state) {
     const int which = 1;
     try {
         const std::size_t total = list_elements(which);
-        const std::size_t p = Codec::payload_bytes(
-            {}, [&] {
-                std::vector<loco::compress::segment> segs;
-                std::size_t off = 0;
-                for (const auto n : parameter_list(which)) {
-                    segs.push_back({off, n, 1, n});
-                    off += n;
-                }
-                return segs;
-            }());
+        const std::size_t p = Codec::payload_bytes({}, flat_segments(which));
         const std::size_t m = sync_t::ranks;
         const std::size_t bytes = Pass == 0 ? 16 * total + p : (Pass == 1 ? 20 * total + m * p
                                                                           : m * p);
@@ -529,13 +531,7 @@ std::vector<loco::compress::segment> gpt2_matrices(std::size_t d, std::size_t la
 std::vector<loco::compress::segment> list_segments(int which) {
     if (which == 0) return smoke() ? gpt2_matrices(32, 1) : gpt2_matrices(768, 12);
     if (which == 1) return smoke() ? gpt2_matrices(64, 2) : gpt2_matrices(1600, 48);
-    std::vector<loco::compress::segment> segs;
-    std::size_t off = 0;
-    for (const auto n : parameter_list(which)) {
-        segs.push_back({off, n, 1, n});
-        off += n;
-    }
-    return segs;
+    return flat_segments(which);
 }
 
 template <class Compressor, class Outer = loco::outer::nesterov,
@@ -548,16 +544,8 @@ void handle_sync(benchmark::State& state) {
         constexpr bool chunked = std::is_same_v<Compressor, loco::compress::sparseloco>;
         // The chunked compressor sees the matrices' shapes (a flat tensor is one row of chunks
         // that keep every cell: not SparseLoCo's payload); the others only the sizes.
-        std::vector<loco::compress::segment> segs;
-        if constexpr (chunked) {
-            segs = list_segments(which);
-        } else {
-            std::size_t off = 0;
-            for (const auto n : sizes) {
-                segs.push_back({off, n, 1, n});
-                off += n;
-            }
-        }
+        const std::vector<loco::compress::segment> segs =
+            chunked ? list_segments(which) : flat_segments(which);
         std::size_t payload = 0;
         if constexpr (chunked) {
             payload = Compressor::payload_bytes({}, segs);

@@ -7,10 +7,26 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <sstream>
 #include <string>
 
 namespace loco_test {
+
+// Adam's bias-corrected scalars from Rule::prepare (step_size = lr / (1 - beta1^t), inv_bc2_sqrt =
+// 1 / sqrt(1 - beta2^t)) against double precision: within a float rounding or two. Computed in
+// float, 1 - beta2^t cancelled when beta2 was near 1 (0.9999: 5e-5 relative).
+template <class Scalars>
+void expect_bias_corrections(const Scalars& k, double lr, double beta1, double beta2,
+                             std::uint64_t t) {
+    const double td = static_cast<double>(t);
+    const double step_size = lr / (1.0 - std::pow(beta1, td));
+    const double inv_bc2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(beta2, td));
+    CAPTURE(beta2);
+    CAPTURE(t);
+    CHECK(std::abs(k.step_size - step_size) <= 2e-7 * step_size);
+    CHECK(std::abs(k.inv_bc2_sqrt - inv_bc2_sqrt) <= 2e-7 * inv_bc2_sqrt);
+}
 
 inline bool close(double got, double want, double rel_tol) {
     return std::abs(got - want) <= rel_tol * std::max(1.0, std::abs(want));
