@@ -291,8 +291,10 @@ private:
         tensor_view<float> data;
         reduce_op op = reduce_op::sum;
         std::vector<float> scratch;          // M copies of this rank's chunk, in rank order
-        std::vector<float> owned;            // a dropped request's result (release_through)
-        bool released = false;               // its all-gather writes into `owned`
+        // all_reduce's all-gather lands here, then in `data` when it completes: a request dropped
+        // before then (release_through) leaves `data` to its owner at once.
+        std::vector<float> gathered;
+        bool released = false;  // dropped: the result is not copied into `data`
         std::vector<int> counts, displs;     // the chunks of the buffer, in floats
         std::vector<int> recv_counts, recv_displs;
     };
@@ -472,9 +474,12 @@ private:
                         throw comm_error(p.where + "not completed: an earlier MPI error left this "
                                                    "communicator unusable (" + broken + ")");
                     }
+                    p.gathered.assign(p.data.size, 0.0f);
                     reduce_own_chunk(p);
-                    call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, p.data.data, p.counts.data(),
-                                         p.displs.data(), MPI_FLOAT, gather, &p.req),
+                    p.scratch = {};
+                    call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, p.gathered.data(),
+                                         p.counts.data(), p.displs.data(), MPI_FLOAT, gather,
+                                         &p.req),
                          "MPI_Iallgatherv", p.where);
                     p.step = stage::all_gather;
                     const auto own = static_cast<std::uint64_t>(p.counts[static_cast<std::size_t>(rank)]);
@@ -488,6 +493,10 @@ private:
                                                                         : "MPI_Iallgather")) {
                         return false;
                     }
+                    if (p.what == kind::all_reduce && !p.released) {
+                        std::copy(p.gathered.begin(), p.gathered.end(), p.data.data);
+                    }
+                    p.gathered = {};
                     p.step = stage::done;
                     p.scratch = {};
                 }
@@ -519,7 +528,7 @@ private:
             const auto m = static_cast<std::size_t>(size);
             const auto r = static_cast<std::size_t>(rank);
             const auto c = static_cast<std::size_t>(p.counts[r]);
-            float* out = p.data.data + p.displs[r];
+            float* out = p.gathered.data() + p.displs[r];
             const float* in = p.scratch.data();
             for (std::size_t i = 0; i < c; ++i) {
                 out[i] = in[i];
@@ -574,29 +583,26 @@ private:
         // A dropped request (abandon()): returns once MPI no longer touches the caller's buffers,
         // without waiting for what needs the peers' later calls. Every collective before `p` and
         // p itself gets its reduce-scatter completed (every peer issued it when it started) and
-        // its all-gather issued; p's all-gather writes into memory of its own, so it need not
-        // complete now. Waiting for it, as finish() does, needed every peer's next loco call on
-        // this communicator, which a departure or regroup never makes: every rank waited in its
-        // own drop. The released collectives complete in later calls, or when the communicator
-        // is destroyed. An all-gather issued into the caller's buffer earlier is waited for (its
-        // peers issue theirs in their own drop, or already have).
+        // its all-gather issued; an all_reduce's all-gather writes into memory of the request's
+        // own (`gathered`), so it need not complete now. Waiting for it, as finish() does, needs
+        // every peer's next loco call on this communicator, which a departure or regroup never
+        // makes: every rank waited in its own drop. The released collectives complete in later
+        // calls, or when the communicator is destroyed. The one-stage collectives (all_gather,
+        // all_to_all, broadcast) write the caller's buffers and were issued by every rank at its
+        // start: a dropped one is waited for.
         void release_through(const std::shared_ptr<pending>& p) {
             if (std::find(queue.begin(), queue.end(), p) == queue.end()) {
                 return;  // already completed
             }
             for (const auto& q : queue) {
-                if (q == p && q->step == stage::reduce_scatter) {
-                    // The result goes to p's own copy: the caller's buffer is free on return.
-                    q->owned.assign(q->data.data, q->data.data + q->data.size);
-                    q->data.data = q->owned.data();
-                    q->released = true;
-                }
                 if (q->step == stage::reduce_scatter) {
                     advance(*q, true, false);
-                } else if (q == p && q->step == stage::all_gather && !q->released) {
-                    advance(*q, true);
                 }
                 if (q == p) {
+                    q->released = true;
+                    if (q->what != kind::all_reduce && q->step != stage::done) {
+                        advance(*q, true);
+                    }
                     break;
                 }
             }
