@@ -384,9 +384,86 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
     CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
           std::vector<float>(straight.opt.global().begin(), straight.opt.global().end()));
-    // What this build writes is format 3.
+    // What this build writes is format 4.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 3);
+    CHECK(static_cast<unsigned char>(now[8]) == 4);
+}
+
+TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuses a matrix of another shape") {
+    // Written by loco at commit ababe97 (format 3) from the run below: comm::single, w a 2 x 2
+    // matrix {1, 2, -1, 0.5}, gradient (s / 2, -s^2 / 4, s, 1) at call s, inner SGD lr 0.5, outer
+    // Nesterov lr 0.7 momentum 0.9, delayed H = 2, saved after call 3 (an exchange in flight);
+    // w was then {0.25, 3.125, -2.5, 0}.
+    const std::string bytes = bytes_from_hex("4c4f434f434b505403000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+        "04000000000000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d0000000000000066"
+        "7261676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c"
+        "723d302e363939393939393838206d6f6d656e74756d3d302e3839393939393937360100000000000000000000000000"
+        "000003000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "000001000000000000000400000000000000030000000000000000000000000000000300000000000000736764010000"
+        "000000000004000000000000000000000000000000000000000000000004000000000000000000803f00000040000080"
+        "bf0000003f0400000000000000000000000000000000000000000000000a00000000000000616c6c5f72656475636500"
+        "000000000000000000000000000000000000000000000000000000000000000100000000000000020000000000000004"
+        "000000000000000000403f000020bf0000c03f0000803f020000000000000000000000000000008a876e6a660310f3");
+    REQUIRE(bytes.size() == 479);
+    REQUIRE(static_cast<unsigned char>(bytes[8]) == 3);
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::delayed>;
+    const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                            .schedule = {.every = 2}};
+    struct matrix_run {
+        std::vector<float> w, g = std::vector<float>(4);
+        loco::parameter_list list;
+        opt_t opt;
+        matrix_run(loco::comm::communicator& comm, const opt_t::config& c, std::vector<float> start,
+                   std::size_t rows, std::size_t cols)
+            : w(std::move(start)),
+              list(listed(w, g, rows, cols)),
+              opt(list, comm, c) {}
+        matrix_run(const matrix_run&) = delete;  // the list points into w and g
+        void call(int s) {
+            g = {0.5f * float(s), -0.25f * float(s * s), float(s), 1.0f};
+            opt.step();
+        }
+        static loco::parameter_list listed(std::vector<float>& w, std::vector<float>& g,
+                                           std::size_t rows, std::size_t cols) {
+            loco::parameter_list l;
+            if (rows == 0) {
+                l.add("w", w, g);
+            } else {
+                l.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                            loco::host_matrix(static_cast<const float*>(g.data()), rows, cols));
+            }
+            return l;
+        }
+    };
+    loco::comm::single comm;
+    matrix_run straight(comm, cfg, {1.0f, 2.0f, -1.0f, 0.5f}, 2, 2);
+    for (int s = 1; s <= 3; ++s) straight.call(s);
+    CHECK(straight.w == std::vector<float>{0.25f, 3.125f, -2.5f, 0.0f});
+    matrix_run resumed(comm, cfg, straight.w, 2, 2);
+    std::istringstream is(bytes);
+    resumed.opt.load(is);
+    const std::string now = saved(straight.opt);  // format 4, with the shapes
+    CHECK(static_cast<unsigned char>(now[8]) == 4);
+    for (int s = 4; s <= 8; ++s) {
+        straight.call(s);
+        resumed.call(s);
+        CHECK(resumed.w == straight.w);
+    }
+
+    // The same stream into a 4 x 1 matrix: refused, naming both shapes, nothing changed.
+    matrix_run other(comm, cfg, {0.25f, 3.125f, -2.5f, 0.0f}, 4, 1);
+    const std::string before = saved(other.opt);
+    std::istringstream again(now);
+    CHECK_THROWS_WITH_AS(other.opt.load(again),
+                         "loco: the checkpoint's parameter 'w' is 2 x 2 but this handle's is 4 x 1; "
+                         "load a checkpoint of this model",
+                         loco::checkpoint_error);
+    CHECK(saved(other.opt) == before);
+    // Into a flat parameter of 4 elements (no shape to compare): it loads.
+    matrix_run flat(comm, cfg, {0.25f, 3.125f, -2.5f, 0.0f}, 0, 0);
+    std::istringstream third(now);
+    CHECK_NOTHROW(flat.opt.load(third));
 }
 
 TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain 'warmup' still loads") {
@@ -431,7 +508,7 @@ TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain
     // This build writes format 3 with the whole name; a handle whose warm-up wraps another
     // schedule with the same state refuses it before changing anything.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 3);
+    CHECK(static_cast<unsigned char>(now[8]) == 4);
     CHECK(now.find("warmup<every>") != std::string::npos);
     one_tensor_run<warm_delayed> other(
         comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
@@ -629,7 +706,8 @@ TEST_CASE("streaming: format 1 and 2 checkpoints saved with an exchange in fligh
         straight_a.push_back(straight_model.a);
         straight_b.push_back(straight_model.b);
     }
-    // Each old stream; each also loaded, saved again at once (format 3) and loaded from that.
+    // Each old stream; each also loaded, saved again at once (the current format) and loaded
+    // from that.
     for (const bool resaved : {false, true}) {
         for (const std::string* old : {&format2, &format1}) {
             CAPTURE(resaved);
@@ -641,7 +719,7 @@ TEST_CASE("streaming: format 1 and 2 checkpoints saved with an exchange in fligh
                 std::istringstream in(stream);
                 first.load(in);
                 stream = saved(first);
-                CHECK(static_cast<unsigned char>(stream[8]) == 3);
+                CHECK(static_cast<unsigned char>(stream[8]) == 4);
             }
             // A communicator of its own: the run ends with an exchange in flight, which
             // poisons a communicator when its handle goes.

@@ -504,6 +504,7 @@ public:
         w.text(Schedule::name);
         w.text(detail::describe_policy<Compressor>(compress_hyper_));
         w.text(fragment_description_);
+        write_shapes(w);  // format 4
         w.text(detail::describe_policy<Aggregate>(aggregate_hyper_));
         w.text(detail::describe_policy<Outer>(outer_hyper_));
         w.u64(static_cast<std::uint64_t>(comm_->size()));
@@ -551,6 +552,7 @@ public:
         const std::string compressor = detail::describe_policy<Compressor>(compress_hyper_);
         r.expect_text(compressor, "the compressor settings");
         r.expect_text(fragment_description_, "the fragment layout");
+        if (r.format() >= 4) expect_shapes(r);
         r.expect_text(detail::describe_policy<Aggregate>(aggregate_hyper_), "the aggregation");
         (void)r.text("the outer optimizer settings");
         r.expect_u64(static_cast<std::uint64_t>(comm_->size()), "the number of workers");
@@ -1161,6 +1163,35 @@ private:
     }
 
     void merge(std::size_t fi, float alpha) { engine_.merge(fi, alpha); }
+
+    // Every parameter's rows x cols (0 x 0 without a shape), format 4. The layout records only
+    // element counts, and the names are the fragment layout's: without the shapes, a checkpoint
+    // of an 8 x 6 matrix loaded into a 6 x 8 one and Muon's momentum, a residual, the global
+    // values were read in the other layout. A side without a shape (a flat view, a CUDA tensor
+    // table) has none to compare.
+    void write_shapes(detail::checkpoint_writer& w) const {
+        w.u64(tensors().size());
+        for (const auto& p : tensors()) {
+            const bool matrix = p.value.is_matrix();
+            w.u64(matrix ? p.value.rows : 0);
+            w.u64(matrix ? p.value.cols : 0);
+        }
+    }
+    void expect_shapes(detail::checkpoint_reader& r) const {
+        r.expect_u64(tensors().size(), "the number of parameters");
+        for (const auto& p : tensors()) {
+            const std::uint64_t rows = r.u64("a parameter's rows");
+            const std::uint64_t cols = r.u64("a parameter's cols");
+            if (rows != 0 && cols != 0 && p.value.is_matrix() &&
+                (rows != p.value.rows || cols != p.value.cols)) {
+                throw checkpoint_error("loco: the checkpoint's parameter '" + p.name + "' is " +
+                                       std::to_string(rows) + " x " + std::to_string(cols) +
+                                       " but this handle's is " + std::to_string(p.value.rows) +
+                                       " x " + std::to_string(p.value.cols) +
+                                       "; load a checkpoint of this model");
+            }
+        }
+    }
 
     std::size_t flat_index(std::size_t fi, std::size_t index) const {
         for (const std::size_t i : frags_[fi].params) {

@@ -235,6 +235,22 @@ class BadInput(unittest.TestCase):
         self.refused(loco.CheckpointError, ps, lambda: opt.load_state_dict(truncated))
         self.assertEqual(opt.state_dict(), state)
 
+    def test_checkpoint_of_another_matrix_shape(self):
+        # Same name, same element count, 8 x 6 against 6 x 8: refused (the checkpoint records
+        # the shapes since format 4), for MuLoCo too, whose Muon momentum is a matrix.
+        for kw in (dict(), dict(inner=loco.MuonAdamW(), compressor=loco.TwoBit(),
+                                roles={"w": "matrix"})):
+            with self.subTest(muon=bool(kw)):
+                saved = loco.DiLoCo(params(w=(8, 6)), loco.Single(), **kw)
+                saved.step()
+                ps = params(w=(6, 8))
+                opt = loco.DiLoCo(ps, loco.Single(), start=False, **kw)
+                state = opt.state_dict()
+                self.refused(loco.CheckpointError, ps,
+                             lambda: opt.load_state_dict(saved.state_dict()),
+                             "'w' is 8 x 6 but this handle's is 6 x 8")
+                self.assertEqual(opt.state_dict(), state)
+
     def test_device_and_stream(self):
         # A device loco cannot address (the meta device: shapes without storage).
         ps = params(w=(3,))

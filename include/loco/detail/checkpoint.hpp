@@ -33,8 +33,10 @@ inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 
 // flight started at and whether the schedule's next planned finish has nothing to finish.
 // Version 3 records a wrapping schedule's name with what it wraps ("warmup<every>", not
 // "warmup") and, in a parameter-groups section, the group of every parameter.
-// Readers take versions 1 to 3 (format() says which).
-inline constexpr std::uint32_t checkpoint_format_version = 3;
+// Version 4 records, in a diloco checkpoint, every parameter's rows x cols (0 x 0 without a
+// shape): a checkpoint of an 8 x 6 matrix no longer loads into a 6 x 8 one of the same name.
+// Readers take versions 1 to 4 (format() says which).
+inline constexpr std::uint32_t checkpoint_format_version = 4;
 inline constexpr std::uint32_t checkpoint_oldest_readable = 1;
 
 class fnv1a64 {
