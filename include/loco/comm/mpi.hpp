@@ -46,10 +46,12 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -173,6 +175,22 @@ protected:
         checked_count(data.size, "floats", where);
         c.progress();
         c.require_usable(where);
+        try {
+            return start_reduce_scatter(data, op, where);
+        } catch (const std::bad_alloc&) {
+            // The peers went on past the agreement: this rank's calls would now pair with the
+            // wrong collectives, so the communicator refuses them all.
+            c.broken = where + "out of memory for the all_reduce's buffers";
+            throw comm_error(where + "out of memory for the all_reduce's buffers; the peers "
+                                     "started it, so this communicator refuses every later call: "
+                                     "end the job and restart it from a checkpoint");
+        }
+    }
+
+    // do_start_all_reduce's allocations and its first stage, after the agreement.
+    std::unique_ptr<request::operation> start_reduce_scatter(tensor_view<float> data, reduce_op op,
+                                                             const std::string& where) {
+        auto& c = *core_;
         auto p = std::make_shared<pending>();
         p->what = kind::all_reduce;
         p->where = where;
@@ -187,12 +205,19 @@ protected:
         }
         // Rank r receives its own chunk from every rank: M blocks of c_r floats, in rank order.
         const int own = p->counts[static_cast<std::size_t>(c.rank)];
-        p->scratch.resize(m * static_cast<std::size_t>(own));
+        // One buffer for both stages, allocated here so that nothing is allocated between them
+        // (a failure there would leave this rank's all-gather unissued while its peers issue
+        // theirs): the reduce-scatter's M blocks, then the all-gather's result.
+        p->scratch.resize(std::max(m * static_cast<std::size_t>(own), data.size));
         p->recv_counts.assign(m, own);
         p->recv_displs.resize(m);
         for (std::size_t k = 0; k < m; ++k) {
             p->recv_displs[k] = static_cast<int>(k) * own;
         }
+        // Queued (as done) and its handle made before MPI is called: nothing allocates once the
+        // transfer may write into p's buffers.
+        auto handle = std::make_unique<operation>(core_, p);
+        c.queue.push_back(p);
         // MPI reads the count arrays until completion: they live in `p`, as long as the request.
         c.call(MPI_Ialltoallv(data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
                               p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
@@ -200,8 +225,7 @@ protected:
                "MPI_Ialltoallv", where);
         p->step = stage::reduce_scatter;
         p->bytes = sizeof(float) * (data.size - static_cast<std::size_t>(own));
-        c.queue.push_back(p);
-        return std::make_unique<operation>(core_, std::move(p));
+        return handle;
     }
 
     std::unique_ptr<request::operation> do_start_all_gather(tensor_view<const std::byte> send,
@@ -290,11 +314,12 @@ private:
         // all_reduce only
         tensor_view<float> data;
         reduce_op op = reduce_op::sum;
-        std::vector<float> scratch;          // M copies of this rank's chunk, in rank order
-        // all_reduce's all-gather lands here, then in `data` when it completes: a request dropped
+        // The reduce-scatter receives M copies of this rank's chunk here, in rank order; the
+        // all-gather then lands here too, and in `data` when it completes: a request dropped
         // before then (release_through) leaves `data` to its owner at once.
-        std::vector<float> gathered;
-        bool released = false;  // dropped: the result is not copied into `data`
+        std::vector<float> scratch;
+        bool released = false;       // dropped: the result is not copied into `data`
+        bool in_scratch = true;      // the all-gather went to scratch (copied out at the end)
         std::vector<int> counts, displs;     // the chunks of the buffer, in floats
         std::vector<int> recv_counts, recv_displs;
     };
@@ -463,8 +488,11 @@ private:
 
         // Moves `p` on when its stage is complete: waits for it when `block`, else only tests.
         // Returns true when p is done (with or without an error). `gather_too` false: stops
-        // once all_reduce's all-gather is issued (release_through).
-        bool advance(pending& p, bool block, bool gather_too = true) {
+        // once all_reduce's all-gather is issued (release_through). `in_place`: the all-gather
+        // may go straight into the caller's buffer, because p is waited for to the end now
+        // (complete_through, drain); one issued on the way (progress, release_through) goes to
+        // scratch and is copied out when it completes, so that a drop never waits for it.
+        bool advance(pending& p, bool block, bool gather_too = true, bool in_place = false) {
             try {
                 if (p.step == stage::reduce_scatter) {
                     if (!complete(p, block, "MPI_Ialltoallv")) {
@@ -474,12 +502,11 @@ private:
                         throw comm_error(p.where + "not completed: an earlier MPI error left this "
                                                    "communicator unusable (" + broken + ")");
                     }
-                    p.gathered.assign(p.data.size, 0.0f);
-                    reduce_own_chunk(p);
-                    p.scratch = {};
-                    call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, p.gathered.data(),
-                                         p.counts.data(), p.displs.data(), MPI_FLOAT, gather,
-                                         &p.req),
+                    p.in_scratch = !(in_place && !p.released);
+                    float* target = p.in_scratch ? p.scratch.data() : p.data.data;
+                    reduce_own_chunk(p, target);
+                    call(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, target, p.counts.data(),
+                                         p.displs.data(), MPI_FLOAT, gather, &p.req),
                          "MPI_Iallgatherv", p.where);
                     p.step = stage::all_gather;
                     const auto own = static_cast<std::uint64_t>(p.counts[static_cast<std::size_t>(rank)]);
@@ -493,10 +520,9 @@ private:
                                                                         : "MPI_Iallgather")) {
                         return false;
                     }
-                    if (p.what == kind::all_reduce && !p.released) {
-                        std::copy(p.gathered.begin(), p.gathered.end(), p.data.data);
+                    if (p.what == kind::all_reduce && p.in_scratch && !p.released) {
+                        std::copy_n(p.scratch.data(), p.data.size, p.data.data);
                     }
-                    p.gathered = {};
                     p.step = stage::done;
                     p.scratch = {};
                 }
@@ -523,16 +549,15 @@ private:
         }
 
         // The reduce-scatter's sum: rank r's chunk over ranks 0..M-1 in that order, as
-        // comm::threads sums it, then divided by M for the mean.
-        void reduce_own_chunk(pending& p) const {
+        // comm::threads sums it, then divided by M for the mean; written at the chunk's place in
+        // `target` (scratch or the caller's buffer), where the all-gather sends it from.
+        void reduce_own_chunk(pending& p, float* target) const {
             const auto m = static_cast<std::size_t>(size);
             const auto r = static_cast<std::size_t>(rank);
             const auto c = static_cast<std::size_t>(p.counts[r]);
-            float* out = p.gathered.data() + p.displs[r];
+            // Summed in place over block 0 (rank 0's copy), then moved to its place.
+            float* out = p.scratch.data();
             const float* in = p.scratch.data();
-            for (std::size_t i = 0; i < c; ++i) {
-                out[i] = in[i];
-            }
             for (std::size_t k = 1; k < m; ++k) {
                 const float* block = in + k * c;
                 for (std::size_t i = 0; i < c; ++i) {
@@ -544,6 +569,10 @@ private:
                 for (std::size_t i = 0; i < c; ++i) {
                     out[i] = out[i] / divisor;
                 }
+            }
+            float* place = target + p.displs[r];
+            if (place != out && c != 0) {
+                std::memmove(place, out, c * sizeof(float));  // may overlap within scratch
             }
         }
 
@@ -572,7 +601,7 @@ private:
             }
             while (!queue.empty()) {
                 const auto front = queue.front();
-                advance(*front, true);
+                advance(*front, true, true, true);
                 queue.pop_front();
                 if (front == p) {
                     return;
@@ -584,7 +613,7 @@ private:
         // without waiting for what needs the peers' later calls. Every collective before `p` and
         // p itself gets its reduce-scatter completed (every peer issued it when it started) and
         // its all-gather issued; an all_reduce's all-gather writes into memory of the request's
-        // own (`gathered`), so it need not complete now. Waiting for it, as finish() does, needs
+        // own (`scratch`), so it need not complete now. Waiting for it, as finish() does, needs
         // every peer's next loco call on this communicator, which a departure or regroup never
         // makes: every rank waited in its own drop. The released collectives complete in later
         // calls, or when the communicator is destroyed. The one-stage collectives (all_gather,
@@ -614,7 +643,7 @@ private:
         // Completes every pending collective; their errors stay with their requests.
         void drain() {
             while (!queue.empty()) {
-                advance(*queue.front(), true);
+                advance(*queue.front(), true, true, true);
                 queue.pop_front();
             }
         }
