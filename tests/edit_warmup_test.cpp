@@ -50,7 +50,7 @@ TEST_CASE("EDiT after its warm-up: the rounds are applied and the run converges"
         }
     }
     std::vector<std::uint64_t> applied(workers), refused(workers);
-    std::vector<double> distance(workers);
+    std::vector<double> distance(workers), after_warmup(workers);
     loco::comm::run_threads(workers, [&](loco::comm::threads& comm) {
         const auto r = static_cast<std::size_t>(comm.rank());
         std::vector<float> x(dim, 0.0f), g(dim);
@@ -63,26 +63,32 @@ TEST_CASE("EDiT after its warm-up: the rounds are applied and the run converges"
         cfg.aggregate.clip = 10.0f;
         edit_warmup opt(list, comm, cfg);
         opt.start();
+        const auto from_optimum = [&] {
+            double sq = 0.0;
+            for (std::size_t i = 0; i < dim; ++i) {
+                const double d = double(opt.global()[i]) - optimum[i];
+                sq += d * d;
+            }
+            return std::sqrt(sq);
+        };
         for (int call = 1; call <= 600; ++call) {
             for (std::size_t i = 0; i < dim; ++i) g[i] = x[i] - targets[r][i];
             opt.step();
+            if (call == 100) after_warmup[r] = from_optimum();
         }
         applied[r] = opt.outer_steps();
         refused[r] = opt.skipped_syncs();
-        double sq = 0.0;
-        for (std::size_t i = 0; i < dim; ++i) {
-            const double d = double(opt.global()[i]) - optimum[i];
-            sq += d * d;
-        }
-        distance[r] = std::sqrt(sq);
+        distance[r] = from_optimum();
     });
     for (int k = 0; k < workers; ++k) {
         CAPTURE(k);
         // 100 warm-up syncs and 50 rounds: before the fix, 100 and none (every round refused,
-        // the global values stuck 7.2 away from the optimum).
+        // the global values stuck where the warm-up left them, about 7 from the optimum). The
+        // rounds bring them within AdamW's noise (0.2 to 0.5 here, lr 0.01 in 16 dimensions).
         CHECK(applied[std::size_t(k)] + refused[std::size_t(k)] == 150);
         CHECK(refused[std::size_t(k)] <= 2);
-        CHECK(distance[std::size_t(k)] < 0.5);
+        CAPTURE(after_warmup[std::size_t(k)]);
+        CHECK(distance[std::size_t(k)] < 0.2 * after_warmup[std::size_t(k)]);
     }
 }
 
