@@ -513,6 +513,9 @@ def two_bit_round_trip(x, out, rows=0, per_row=False, range=6.0):
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
             raise InvalidArgument(f"loco: two_bit_round_trip needs contiguous float32 CPU tensors, "
                                   f"and {name} is {t.dtype} on {t.device}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise InvalidArgument(f"loco: two_bit_round_trip's rows must be a whole number >= 0 "
+                              f"(0: the tensor as one group), got {rows!r}")
     return _loco.two_bit_round_trip(torch.utils.dlpack.to_dlpack(x.detach()),
                                     torch.utils.dlpack.to_dlpack(out.detach()), rows, per_row,
                                     range)

@@ -251,6 +251,23 @@ class BadInput(unittest.TestCase):
                              "'w' is 8 x 6 but this handle's is 6 x 8")
                 self.assertEqual(opt.state_dict(), state)
 
+    def test_two_bit_round_trip_arguments(self):
+        # Each refusal a loco exception of one sentence, `out` untouched (rows=-1 was pybind11's
+        # TypeError from the conversion to an unsigned size).
+        x = torch.randn(12)
+        out = torch.full((12,), 7.0)
+        for kw, fragment in ((dict(rows=-1), "rows must be a whole number >= 0"),
+                             (dict(rows=2.5), "rows must be a whole number >= 0"),
+                             (dict(rows=5, per_row=True), "rows"),
+                             (dict(range=0.0), "range")):
+            with self.subTest(kw=kw):
+                with self.assertRaises(loco.Error) as ctx:
+                    loco.two_bit_round_trip(x, out, **kw)
+                msg = str(ctx.exception)
+                self.assertTrue(msg.startswith("loco"), msg)
+                self.assertIn(fragment, msg)
+                self.assertTrue(torch.equal(out, torch.full((12,), 7.0)))
+
     def test_device_and_stream(self):
         # A device loco cannot address (the meta device: shapes without storage).
         ps = params(w=(3,))
