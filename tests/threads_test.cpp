@@ -9,6 +9,7 @@
 #include <loco/comm/single.hpp>
 #include <loco/comm/threads.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -275,6 +276,53 @@ TEST_CASE("threads: ranks whose output buffers overlap are refused, not left to 
     CHECK(gather_errors == 2);
 }
 
+TEST_CASE("threads: a send buffer inside another rank's output is refused (all_gather, "
+          "all_to_all)") {
+    // Rank 1 sends bytes 0-2 of rank 0's receive buffer, which rank 0 overwrites while every
+    // rank reads them: refused on every rank, nothing written.
+    for (const bool to_all : {false, true}) {
+        CAPTURE(to_all);
+        std::vector<std::byte> recv0(6, std::byte{7}), recv1(6, std::byte{8});
+        std::vector<std::byte> send0(to_all ? 6 : 3, std::byte{1});
+        std::atomic<int> errors{0};
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const bool first = comm.rank() == 0;
+            std::byte* send = first ? send0.data() : recv0.data();
+            const std::size_t n = to_all ? 6 : 3;
+            const loco::tensor_view<const std::byte> in{send, n, 0, 0, loco::memory_space::host};
+            const loco::tensor_view<std::byte> out{first ? recv0.data() : recv1.data(), 6, 0, 0,
+                                                   loco::memory_space::host};
+            try {
+                if (to_all) {
+                    comm.all_to_all(in, out);
+                } else {
+                    comm.all_gather(in, out);
+                }
+            } catch (const loco::comm_error& e) {
+                const std::string want = std::string("rank 1's send buffer lies in rank 0's "
+                                                     "receive buffer in ") +
+                                         (to_all ? "all_to_all" : "all_gather");
+                if (std::string(e.what()).find(want) != std::string::npos) ++errors;
+            }
+        });
+        CHECK(errors == 2);
+        CHECK(recv0 == std::vector<std::byte>(6, std::byte{7}));
+        CHECK(recv1 == std::vector<std::byte>(6, std::byte{8}));
+    }
+    // A send buffer right after another rank's output does not touch it: taken.
+    std::vector<std::byte> block(6 + 3);
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        std::vector<std::byte> recv(6), send0(3, std::byte{1});
+        if (comm.rank() == 1) std::fill(block.begin() + 6, block.end(), std::byte{2});
+        const std::byte* send = comm.rank() == 0 ? send0.data() : block.data() + 6;
+        std::byte* out = comm.rank() == 0 ? block.data() : recv.data();
+        comm.all_gather({send, 3, 0, 0, loco::memory_space::host},
+                        {out, 6, 0, 0, loco::memory_space::host});
+    });
+    CHECK(block[0] == std::byte{1});
+    CHECK(block[5] == std::byte{2});
+}
+
 TEST_CASE("threads: one communicator per rank at a time") {
     auto group = std::make_shared<loco::comm::thread_group>(2);
     {
@@ -373,6 +421,15 @@ TEST_CASE("communicator arguments are checked before anything moves") {
                                              {recv.data(), 7, 0, 0, loco::memory_space::host}),
                              doctest::Contains("the receive buffer holds 7 bytes but 2 ranks x 4 bytes"),
                              loco::shape_error);
+        // A send size whose product with the rank count wraps around to the receive size (2^63
+        // + 1 bytes x 2 ranks = 2 in 64 bits): refused, not copied.
+        CHECK_THROWS_WITH_AS(
+            comm.all_gather({send.data(), (std::size_t(1) << 63) + 1, 0, 0,
+                             loco::memory_space::host},
+                            {recv.data(), 2, 0, 0, loco::memory_space::host}),
+            doctest::Contains("the receive buffer holds 2 bytes but 2 ranks x 9223372036854775809 "
+                              "bytes were sent"),
+            loco::shape_error);
         CHECK_THROWS_AS(comm.broadcast({send.data(), 4, 0, 0, loco::memory_space::host}, 2),
                         loco::invalid_argument);
         CHECK_THROWS_AS(comm.all_reduce(loco::host_tensor(static_cast<float*>(nullptr), 3), reduce_op::sum),

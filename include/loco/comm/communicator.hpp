@@ -259,7 +259,9 @@ private:
         check_usable("all_gather");
         check_buffer(send.data, send.size, send.space, "all_gather");
         check_buffer(recv.data, recv.size, recv.space, "all_gather");
-        if (recv.size != send.size * static_cast<std::size_t>(size())) {
+        // Divided, not multiplied: a send size near SIZE_MAX / size() must not wrap into a match.
+        if (recv.size % static_cast<std::size_t>(size()) != 0 ||
+            recv.size / static_cast<std::size_t>(size()) != send.size) {
             throw shape_error(prefix("all_gather") + "the receive buffer holds " +
                               std::to_string(recv.size) + " bytes but " + std::to_string(size()) +
                               " ranks x " + std::to_string(send.size) + " bytes were sent");

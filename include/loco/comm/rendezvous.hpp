@@ -206,6 +206,29 @@ private:
                            name_of(a.what) + "; each rank needs its own";
                 }
             }
+            // An all-gather or all-to-all reads every rank's send buffer while the others write
+            // their outputs: a send buffer inside another rank's output would be overwritten
+            // while being read. (A rank's send inside its own output is the in-place form, which
+            // the communicator checked.) The outputs are disjoint and sorted here, so the ones a
+            // send buffer meets are the run ending at the last output that begins before it ends.
+            if (a.what == collective::all_gather || a.what == collective::all_to_all) {
+                for (int r = 0; r < size_; ++r) {
+                    const auto src = reinterpret_cast<std::uintptr_t>(
+                        slots_[static_cast<std::size_t>(r)].src);
+                    const std::uintptr_t src_end = src + a.count;
+                    auto at = std::partition_point(order.begin(), order.end(),
+                                                   [&](int q) { return begin(q) < src_end; });
+                    while (at != order.begin()) {
+                        const int q = *--at;
+                        if (begin(q) + extent <= src) break;  // this output and those before
+                        if (q != r) {
+                            return "rank " + std::to_string(r) + "'s send buffer lies in rank " +
+                                   std::to_string(q) + "'s receive buffer in " +
+                                   name_of(a.what) + "; each rank needs its own";
+                        }
+                    }
+                }
+            }
         }
         return {};
     }
