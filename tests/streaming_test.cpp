@@ -104,6 +104,45 @@ TEST_CASE("streaming DiLoCo reproduces torchft's six regression fixtures step by
     }
 }
 
+TEST_CASE("the automatic sequential split gives every fragment a tensor when a large one leads") {
+    // GPT-2 small's layout, scaled down: the embedding (31% of the model), then 12 equal blocks.
+    // By the middles alone, fragments before the blocks' first would be empty for P = 6, 8, 12
+    // and 13 ("fragment 0 holds no tensor"); the runs are clamped to stay consecutive and leave
+    // every later fragment a tensor.
+    std::vector<std::size_t> sizes{3860};
+    for (int l = 0; l < 12; ++l) sizes.push_back(708);
+    std::vector<std::vector<float>> values, grads;
+    loco::parameter_list list;
+    for (const std::size_t n : sizes) {
+        values.emplace_back(n, 0.0f);
+        grads.emplace_back(n, 0.0f);
+    }
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        list.add(i == 0 ? std::string("wte") : "h" + std::to_string(i - 1), values[i], grads[i]);
+    }
+    loco::comm::single comm;
+    const auto split = [&](std::uint64_t p) {
+        // H = 2184 is a multiple of every P below.
+        streaming_t opt(list, comm, {.schedule = {.every = 2184, .fragments = p, .overlap = 0,
+                                                  .pattern = loco::fragment_pattern::sequential}});
+        std::vector<std::size_t> owner(sizes.size());
+        for (std::size_t f = 0; f < opt.fragments(); ++f) {
+            for (const std::size_t i : opt.fragment_params(f)) owner[i] = f;
+        }
+        return owner;
+    };
+    using owners = std::vector<std::size_t>;
+    CHECK(split(8) == owners{0, 1, 2, 3, 4, 4, 5, 5, 5, 6, 6, 7, 7});
+    CHECK(split(6) == owners{0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5});
+    CHECK(split(13) == owners{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12});
+    // A split the middles already give is unchanged: P = 2 cuts where the bytes halve.
+    CHECK(split(2) == owners{0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+    CHECK_THROWS_WITH_AS(split(14),
+                         "loco: the schedule syncs 14 fragments of a model of 13 tensors, so a "
+                         "fragment holds no tensor; use at most 13 fragments",
+                         loco::invalid_argument);
+}
+
 TEST_CASE("streaming DiLoCo sends one fragment at a time: peak bytes are a fragment's") {
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
         std::vector<float> a(300, 1.0f), b(100, 1.0f), c(200, 1.0f), d(400, 1.0f);

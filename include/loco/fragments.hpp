@@ -127,11 +127,20 @@ std::vector<std::vector<std::size_t>> resolve_fragments(const Params& params,
         // Tensor i goes to the fragment whose share of the bytes its middle falls into.
         double total = 0.0;
         for (std::size_t i = 0; i < n; ++i) total += static_cast<double>(params[i].value.size);
+        // Clamped so that the runs stay consecutive and leave every later fragment a tensor: a
+        // large tensor whose middle lies a few shares on (an embedding first) would otherwise
+        // leave the fragments before it empty. A split that needs no clamp is unchanged.
         for (std::size_t i = 0; i < n; ++i) {
             const double middle =
                 static_cast<double>(params[i].offset) + 0.5 * static_cast<double>(params[i].value.size);
-            owner[i] = total > 0 ? std::min(count - 1, static_cast<std::size_t>(middle * static_cast<double>(count) / total))
-                                 : i * count / std::max<std::size_t>(n, 1);
+            const std::size_t share =
+                total > 0 ? std::min(count - 1, static_cast<std::size_t>(
+                                                    middle * static_cast<double>(count) / total))
+                          : i * count / std::max<std::size_t>(n, 1);
+            const std::size_t lowest = std::max(i == 0 ? 0 : owner[i - 1],
+                                                count > n - i ? count - (n - i) : 0);
+            const std::size_t highest = i == 0 ? 0 : std::min(owner[i - 1] + 1, count - 1);
+            owner[i] = std::min(std::max(share, lowest), highest);
         }
     } else {
         std::vector<std::size_t> load(count, 0);
