@@ -360,6 +360,10 @@ public:
                 const locked l(b.mutex_);
                 b.handle_->sync();
             })
+            .def("flush", [](B& b) {
+                const locked l(b.mutex_);
+                b.handle_->flush();
+            })
             .def("save", [](B& b) {
                 return py::bytes(b.call([](const Handle& h) { return save_bytes(h); }));
             })

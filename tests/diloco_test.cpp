@@ -992,6 +992,86 @@ TEST_CASE("syncs skipped for non-finite values in a row raise past the limit, na
     });
 }
 
+TEST_CASE("the skip streak is a fragment's own: another fragment's syncs do not end it, and a "
+          "checkpoint keeps it") {
+    // fragment_periods {1, 4}: 'a' syncs every call, 'b' every fourth; rank 1's 'b' is NaN from
+    // the start, so every sync of 'b' is dropped while every sync of 'a' applies. The third
+    // dropped sync of 'b' in a row (call 12) raises, though 'a' synced in between.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::fragment_periods>;
+    opt_t::config cfg{.schedule = {.every = {1, 4}}, .max_skipped_syncs = 2};
+    cfg.fragments.names = {{"a"}, {"b"}};
+    const std::string raised =
+        "loco::diloco: 3 syncs in a row of fragment 1 were skipped for a non-finite "
+        "pseudo-gradient, first in tensor 'b'; training has stalled: fix the model or lower the "
+        "learning rate (or raise config.max_skipped_syncs)";
+    std::vector<std::string> saved_at_9(2);
+    // Calls 1 to 11 (or, resumed from call 9, 10 and 11), then call 12 raises.
+    const auto run = [&](bool resumed) {
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> a{1.0f}, b{3.0f}, ga{0.25f}, gb{0.0f};
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            opt_t opt(list, comm, cfg);
+            const auto rank = std::size_t(comm.rank());
+            if (resumed) {
+                std::istringstream is(saved_at_9[rank]);
+                opt.load(is);
+            } else {
+                opt.start();
+            }
+            const auto broken_b = [&] {
+                if (rank == 1) b[0] = std::numeric_limits<float>::quiet_NaN();
+            };
+            for (int call = resumed ? 10 : 1; call <= 11; ++call) {
+                broken_b();
+                opt.step();
+                if (call == 9) {
+                    std::ostringstream os;
+                    opt.save(os);
+                    saved_at_9[rank] = os.str();
+                }
+            }
+            if (!resumed) {
+                CHECK(opt.outer_steps(0) == 11);
+                CHECK(opt.outer_steps(1) == 0);
+                CHECK(opt.skipped_syncs() == 2);
+            }
+            broken_b();
+            CHECK_THROWS_WITH_AS(opt.step(), raised.c_str(), loco::nonfinite_error);
+        });
+    };
+    run(false);
+    run(true);  // the checkpoint of call 9 holds fragment 1's streak of two
+}
+
+TEST_CASE("sync() refuses a merge alpha that step() refuses, before anything moves") {
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::fragment_periods>;
+    for (const float bad : {5.0f, -0.5f, std::numeric_limits<float>::quiet_NaN()}) {
+        CAPTURE(bad);
+        std::vector<float> x(4, 1.0f), g(4, 1.0f);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        loco::comm::single comm;
+        opt_t opt(list, comm,
+                  {.inner = {.lr = 0.1f}, .outer = {.lr = 0.5f},
+                   .schedule = {.every = {100}, .alpha = 0.5f}});
+        opt.step();  // x = 0.9, the global values 1
+        opt.schedule_hyper().alpha = bad;
+        CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+        CHECK_THROWS_AS(opt.sync(), loco::invalid_argument);
+        CHECK(x == std::vector<float>(4, 0.9f));
+        CHECK(opt.global()[0] == 1.0f);
+        CHECK(opt.outer_steps() == 0);
+        CHECK(opt.calls() == 1);
+        opt.schedule_hyper().alpha = 0.5f;
+        opt.sync();
+        CHECK(opt.outer_steps() == 1);
+    }
+}
+
 // ---- aggregation as a policy: one written here, reading every worker's delta and report --------
 
 namespace {

@@ -240,21 +240,78 @@ TEST_CASE("delayed Nesterov refuses a non-finite lr, as every outer policy does"
     CHECK_NOTHROW(dn::validate({.lr = std::numeric_limits<float>::max()}));
 }
 
-TEST_CASE("delayed Nesterov as the outer policy of the delayed schedule, per fragment in streaming") {
-    // M = 1, outer lr 1: the global parameters move by the T7 sequence as pseudo-gradients of 1
-    // arrive (the inner step moves the local value by -1 per round of one call).
+TEST_CASE("delayed Nesterov as the outer policy: every H, the delayed schedule, and per fragment "
+          "in streaming") {
+    // M = 1, outer lr 1, inner SGD lr 1 on a gradient of 1: the local value moves by -1 per call.
+    using dn = loco::outer::delayed_nesterov;
+    const dn::hyper outer{.lr = 1.0f, .momentum = 0.9f, .period = 2};
+    // Algorithm 3 with c = 0 in double precision, over one fragment's pseudo-gradients.
+    const auto reference = [](const std::vector<double>& deltas) {
+        double theta = 0.0, m = 0.0, buf = 0.0;
+        std::vector<double> out;
+        for (std::size_t step = 1; step <= deltas.size(); ++step) {
+            buf += deltas[step - 1];
+            if (step % 2 == 0) {
+                m = 0.9 * m + buf / 2.0;
+                theta -= 0.9 * m + deltas[step - 1] / 2.0;
+                buf = 0.0;
+            } else {
+                theta -= deltas[step - 1] / 2.0;
+            }
+            out.push_back(theta);
+        }
+        return out;
+    };
+    const float t7[4] = {-0.5f, -1.9f, -2.4f, -4.61f};  // algorithms.md T7
     loco::comm::single comm;
-    std::vector<float> w{0.0f}, g{1.0f};
-    loco::parameter_list list;
-    list.add("w", w, g);
-    loco::diloco<loco::inner::sgd, loco::outer::delayed_nesterov> opt(
-        list, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f, .momentum = 0.9f, .period = 2},
-                     .schedule = {.every = 1}});
-    // Each call: the local value is the global minus 1, so every pseudo-gradient is 1.
-    const float expected[4] = {-0.5f, -1.9f, -2.4f, -4.61f};
-    for (int call = 0; call < 4; ++call) {
+    SUBCASE("every, H = 1: each call's pseudo-gradient is 1, the T7 sequence") {
+        std::vector<float> w{0.0f}, g{1.0f};
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, dn> opt(
+            list, comm, {.inner = {.lr = 1.0f}, .outer = outer, .schedule = {.every = 1}});
+        for (int call = 0; call < 4; ++call) {
+            opt.step();
+            CHECK(opt.global()[0] == doctest::Approx(t7[call]).epsilon(1e-6));
+            CHECK(w[0] == opt.global()[0]);
+        }
+    }
+    SUBCASE("the delayed schedule, H = 1: the same sequence one call late") {
+        std::vector<float> w{0.0f}, g{1.0f};
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, dn, loco::compress::none, loco::schedule::delayed> opt(
+            list, comm, {.inner = {.lr = 1.0f}, .outer = outer, .schedule = {.every = 1}});
         opt.step();
-        CHECK(opt.global()[0] == doctest::Approx(expected[call]).epsilon(1e-6));
-        CHECK(w[0] == opt.global()[0]);
+        CHECK(opt.global()[0] == 0.0f);  // the first round applies nothing
+        for (int call = 0; call < 4; ++call) {
+            opt.step();
+            CHECK(opt.global()[0] == doctest::Approx(t7[call]).epsilon(1e-6));
+            CHECK(w[0] == opt.global()[0]);
+        }
+        opt.sync();  // nothing may be in flight when a handle goes
+    }
+    SUBCASE("streaming, two fragments: each its own state and step count") {
+        // H = 2, P = 2, tau = 0, alpha = 0: fragment 0 syncs at calls 1, 3, 5, 7 (pseudo-
+        // gradients 1, 2, 2, 2), fragment 1 at calls 2, 4, 6, 8 (2, 2, 2, 2).
+        std::vector<float> a{0.0f}, b{0.0f}, ga{1.0f}, gb{1.0f};
+        loco::parameter_list list;
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        using opt_t = loco::diloco<loco::inner::sgd, dn, loco::compress::none,
+                                   loco::schedule::streaming>;
+        opt_t::config cfg{.inner = {.lr = 1.0f}, .outer = outer,
+                          .schedule = {.every = 2, .fragments = 2, .overlap = 0, .alpha = 0.0f}};
+        cfg.fragments.names = {{"a"}, {"b"}};
+        opt_t opt(list, comm, cfg);
+        for (int call = 1; call <= 8; ++call) opt.step();
+        CHECK(opt.outer_steps(0) == 4);
+        CHECK(opt.outer_steps(1) == 4);
+        const auto ra = reference({1, 2, 2, 2});
+        const auto rb = reference({2, 2, 2, 2});
+        CHECK(opt.global()[0] == doctest::Approx(ra.back()).epsilon(1e-6));
+        CHECK(opt.global()[1] == doctest::Approx(rb.back()).epsilon(1e-6));
+        CHECK(a[0] == opt.global()[0] - 1.0f);  // call 8's inner step, after its sync at 7
+        CHECK(b[0] == opt.global()[1]);
     }
 }

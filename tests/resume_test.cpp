@@ -21,6 +21,7 @@
 
 #include <loco/loco.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
@@ -384,9 +385,9 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
     CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
           std::vector<float>(straight.opt.global().begin(), straight.opt.global().end()));
-    // What this build writes is format 4.
+    // What this build writes is format 5.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 4);
+    CHECK(static_cast<unsigned char>(now[8]) == 5);
 }
 
 TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuses a matrix of another shape") {
@@ -443,8 +444,8 @@ TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuse
     matrix_run resumed(comm, cfg, straight.w, 2, 2);
     std::istringstream is(bytes);
     resumed.opt.load(is);
-    const std::string now = saved(straight.opt);  // format 4, with the shapes
-    CHECK(static_cast<unsigned char>(now[8]) == 4);
+    const std::string now = saved(straight.opt);  // format 5, with the shapes
+    CHECK(static_cast<unsigned char>(now[8]) == 5);
     for (int s = 4; s <= 8; ++s) {
         straight.call(s);
         resumed.call(s);
@@ -464,6 +465,204 @@ TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuse
     matrix_run flat(comm, cfg, {0.25f, 3.125f, -2.5f, 0.0f}, 0, 0);
     std::istringstream third(now);
     CHECK_NOTHROW(flat.opt.load(third));
+}
+
+TEST_CASE("an optimizer checkpoint records its shapes (format 5) and one of format 4 still loads") {
+    // Written by loco at commit d381e04 (format 4, no shapes in an optimizer stream) from the run
+    // below: Muon on w (2 x 3, role matrix) at lr 0.02, AdamW on b (2, role vector) at lr 0.01,
+    // two steps with the gradients of grad().
+    const std::string format4 = bytes_from_hex(
+        "4c4f434f434b50540400000009000000000000006f7074696d697a657202000000000000000600000000000000020000"
+        "000000000002000000000000000000000000000000060000000000000067726f75707302000000000000000200000000"
+        "000000000000000000000001000000000000000100000000000000060000000000000004000000000000006d756f6e01"
+        "000000000000000600000000000000400a173de47a14bd2c5caf3dd0cc4c3c9c99093e4ce17a3d010000000000000002"
+        "0000000000000005000000000000006164616d7702000000000000000400000000000000e47a143e4ce1fabda8707d3d"
+        "c6f5583d3ddde85df01eec01");
+    REQUIRE(format4.size() == 252);
+    REQUIRE(static_cast<unsigned char>(format4[8]) == 4);
+    using inner_t = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                 loco::group<loco::otherwise, loco::inner::adamw>>;
+    using opt_t = loco::optimizer<inner_t>;
+    const opt_t::config cfg{.inner = {{.lr = 0.02f}, {.lr = 0.01f}}};
+    struct matrix_model {
+        std::vector<float> w, gw = std::vector<float>(6), b, gb = std::vector<float>(2);
+        loco::parameter_list list;
+        opt_t opt;
+        matrix_model(const opt_t::config& c, std::vector<float> w0, std::vector<float> b0,
+                     std::size_t rows, std::size_t cols)
+            : w(std::move(w0)), b(std::move(b0)), list(listed(rows, cols)), opt(list, c) {}
+        matrix_model(const matrix_model&) = delete;  // the list points into the vectors
+        void step(int s) {
+            for (int i = 0; i < 6; ++i) gw[i] = 0.25f * float(s + i) - float(i % 2);
+            gb = {0.5f * float(s), -0.25f * float(s * s)};
+            opt.step();
+        }
+        loco::parameter_list listed(std::size_t rows, std::size_t cols) {
+            loco::parameter_list l;
+            l.add_views("w", loco::host_matrix(w.data(), rows, cols),
+                        loco::host_matrix(static_cast<const float*>(gw.data()), rows, cols),
+                        {.role = loco::role::matrix});
+            l.add("b", b, gb, {.role = loco::role::vector});
+            return l;
+        }
+    };
+    matrix_model straight(cfg, {1, 2, 3, -1, 0.5f, 0.25f}, {0.5f, -0.5f}, 2, 3);
+    for (int s = 1; s <= 2; ++s) straight.step(s);
+    CHECK(straight.w == std::vector<float>{0x1.f930b4p-1f, 0x1.0082c8p+1f, 0x1.7b79ep+1f,
+                                           -0x1.ff2b48p-1f, 0x1.d50f0ep-2f, 0x1.da7eb2p-3f});
+    CHECK(straight.b == std::vector<float>{0x1.eaefdep-2f, -0x1.ebca1ep-2f});
+    const std::string now = saved(straight.opt);
+    CHECK(static_cast<unsigned char>(now[8]) == 5);
+
+    // The old stream and the new one both resume the run bit for bit.
+    for (const std::string* stream : {&format4, &now}) {
+        CAPTURE(static_cast<int>(static_cast<unsigned char>((*stream)[8])));
+        matrix_model resumed(cfg, straight.w, straight.b, 2, 3);
+        std::istringstream is(*stream);
+        resumed.opt.load(is);
+        CHECK(resumed.opt.steps() == 2);
+        matrix_model reference(cfg, straight.w, straight.b, 2, 3);
+        std::istringstream again(now);
+        reference.opt.load(again);
+        for (int s = 3; s <= 5; ++s) {
+            resumed.step(s);
+            reference.step(s);
+        }
+        CHECK(resumed.w == reference.w);
+        CHECK(resumed.b == reference.b);
+        CHECK(saved(resumed.opt) == saved(reference.opt));
+    }
+
+    // Into a 3 x 2 matrix (the same sizes, groups and names): format 5 is refused, naming both
+    // shapes, and nothing changes; format 4 recorded no shape, so it still loads.
+    matrix_model other(cfg, straight.w, straight.b, 3, 2);
+    const std::string before = saved(other.opt);
+    std::istringstream is(now);
+    CHECK_THROWS_WITH_AS(other.opt.load(is),
+                         "loco: the checkpoint's parameter 'w' is 2 x 3 but this handle's is 3 x 2; "
+                         "load a checkpoint of this model",
+                         loco::checkpoint_error);
+    CHECK(saved(other.opt) == before);
+    CHECK(other.opt.steps() == 0);
+    std::istringstream old(format4);
+    CHECK_NOTHROW(other.opt.load(old));
+
+    // An element-wise optimizer refuses it too (AdamW's moments would sit on other elements).
+    std::vector<float> x(6, 1.0f), gx(6, 0.5f);
+    loco::parameter_list wide, tall;
+    wide.add_views("x", loco::host_matrix(x.data(), 2, 3),
+                   loco::host_matrix(static_cast<const float*>(gx.data()), 2, 3));
+    tall.add_views("x", loco::host_matrix(x.data(), 3, 2),
+                   loco::host_matrix(static_cast<const float*>(gx.data()), 3, 2));
+    loco::optimizer<loco::inner::adamw> a(wide), t(tall);
+    a.step();
+    std::istringstream from_wide(saved(a));
+    CHECK_THROWS_WITH_AS(t.load(from_wide),
+                         "loco: the checkpoint's parameter 'x' is 2 x 3 but this handle's is 3 x 2; "
+                         "load a checkpoint of this model",
+                         loco::checkpoint_error);
+    CHECK(t.steps() == 0);
+}
+
+TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with, and one started "
+          "with other compressor settings is refused") {
+    // MuLoCo's error feedback folds the outer lr into its buffer, and the trainer moves the outer
+    // lr every call: a run resumed with round 2's exchange in flight (saved after call 6) must
+    // encode it again with call 4's lr, not call 7's.
+    using ef = loco::compress::error_feedback<loco::compress::blockwise<2, 8>>;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, ef, loco::schedule::delayed>;
+    opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 4}};
+    cfg.compress.fold_outer_lr = true;
+    cfg.compress.decay = 0.9f;
+    const auto lr_at = [](int call) { return 1.0f - 0.05f * float(call); };
+    struct model {
+        std::vector<float> w, g;
+        loco::parameter_list list;
+        explicit model(std::vector<float> w0) : w(std::move(w0)), g(w.size()) {
+            list.add("w", w, g);
+        }
+        model(const model&) = delete;  // the list points into w and g
+        void gradients(int call) {
+            auto rng = rng_for("fold lr resume/" + std::to_string(call));
+            const std::vector<float> fresh = normal_floats(rng, w.size());
+            std::copy(fresh.begin(), fresh.end(), g.begin());  // in place: the list views g
+        }
+    };
+    auto rng = rng_for("fold lr resume");
+    const std::vector<float> w0 = normal_floats(rng, 12);
+    loco::comm::single comm;
+    model straight(w0);
+    opt_t a(straight.list, comm, cfg);
+    std::string at_6;
+    std::vector<float> w_at_6;
+    for (int call = 1; call <= 16; ++call) {
+        a.outer_hyper().lr = lr_at(call);
+        straight.gradients(call);
+        a.step();
+        if (call == 6) {
+            at_6 = saved(a);
+            w_at_6 = straight.w;
+        }
+    }
+    REQUIRE(a.in_flight(0));
+    model resumed(w_at_6);
+    opt_t b(resumed.list, comm, cfg);
+    std::istringstream is(at_6);
+    b.load(is);
+    for (int call = 7; call <= 16; ++call) {
+        b.outer_hyper().lr = lr_at(call);
+        resumed.gradients(call);
+        b.step();
+    }
+    CHECK(resumed.w == straight.w);
+    CHECK(std::vector<float>(b.global().begin(), b.global().end()) ==
+          std::vector<float>(a.global().begin(), a.global().end()));
+    CHECK(saved(b) == saved(a));
+    a.sync();  // nothing may be in flight when a handle goes
+    b.sync();
+
+    // The decay changed at call 5, while round 1's exchange (started at call 4, encoded with
+    // decay 0.9) travelled: a handle built with the new decay cannot send it again as it was
+    // sent, and refuses the checkpoint, changing nothing.
+    model changed(w0);
+    opt_t c(changed.list, comm, cfg);
+    for (int call = 1; call <= 6; ++call) {
+        if (call == 5) c.compress_hyper().decay = 0.5f;
+        changed.gradients(call);
+        c.step();
+    }
+    const std::string with_change = saved(c);
+    c.sync();
+    opt_t::config later = cfg;
+    later.compress.decay = 0.5f;
+    model fresh(changed.w);
+    opt_t d(fresh.list, comm, later);
+    const std::string before = saved(d);
+    std::istringstream refused(with_change);
+    CHECK_THROWS_WITH_AS(d.load(refused),
+                         doctest::Contains("fragment 0's exchange in flight was started with the "
+                                           "compressor settings"),
+                         loco::checkpoint_error);
+    CHECK(saved(d) == before);
+}
+
+TEST_CASE("a skip streak whose tensor has a name over 4096 bytes saves and loads") {
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    const std::string name(5000, 'p');
+    std::vector<float> w(8, 1.0f), g(8, 0.1f);
+    loco::parameter_list list;
+    list.add(name, w, g);
+    loco::comm::single comm;
+    opt_t opt(list, comm, {.schedule = {.every = 2}});
+    opt.step();
+    w[3] = std::numeric_limits<float>::quiet_NaN();  // the sync at call 2 is skipped
+    opt.step();
+    REQUIRE(opt.skipped_syncs() == 1);
+    const std::string checkpoint = saved(opt);
+    opt_t fresh(list, comm, {.schedule = {.every = 2}});
+    std::istringstream is(checkpoint);
+    CHECK_NOTHROW(fresh.load(is));
+    CHECK(saved(fresh) == checkpoint);
 }
 
 TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain 'warmup' still loads") {
@@ -508,7 +707,7 @@ TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain
     // This build writes format 3 with the whole name; a handle whose warm-up wraps another
     // schedule with the same state refuses it before changing anything.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 4);
+    CHECK(static_cast<unsigned char>(now[8]) == 5);
     CHECK(now.find("warmup<every>") != std::string::npos);
     one_tensor_run<warm_delayed> other(
         comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
@@ -576,6 +775,28 @@ TEST_CASE("streaming: H or tau changed while an exchange is in flight is refused
     resumed.load(is);
     CHECK_THROWS_WITH_AS(resumed.step(), doctest::Contains("changed from 8 and 1 to 8 and 0"),
                          loco::invalid_argument);
+
+    // sync() with fragment 0's exchange in flight finishes it: nothing is in flight after it,
+    // so tau = 0 is taken at once (it was refused until call 4, whose apply had nothing left).
+    worker_model m3(in.init);
+    opt_t early(m3.list, comm, cfg);
+    for (int call = 1; call <= 3; ++call) {
+        m3.set_gradients(in.grads[static_cast<std::size_t>(call - 1) * 2]);
+        early.step();
+    }
+    REQUIRE(early.in_flight(0));
+    early.sync();
+    early.schedule_hyper().overlap = 0;
+    for (int call = 4; call <= 12; ++call) {
+        m3.set_gradients(in.grads[static_cast<std::size_t>(call - 1) * 2]);
+        CHECK(early.step().synced == (call % 4 == 0));
+        CHECK(!early.in_flight(0));
+        CHECK(!early.in_flight(1));
+    }
+    // Fragment 0: early and in the sync, then at calls 4 and 12; fragment 1: in the sync, then
+    // at call 8.
+    CHECK(early.outer_steps(0) == 4);
+    CHECK(early.outer_steps(1) == 2);
 }
 
 TEST_CASE("streaming: H changed right after an apply is taken, and a fragment whose new start has passed "
@@ -719,7 +940,7 @@ TEST_CASE("streaming: format 1 and 2 checkpoints saved with an exchange in fligh
                 std::istringstream in(stream);
                 first.load(in);
                 stream = saved(first);
-                CHECK(static_cast<unsigned char>(stream[8]) == 4);
+                CHECK(static_cast<unsigned char>(stream[8]) == 5);
             }
             // A communicator of its own: the run ends with an exchange in flight, which
             // poisons a communicator when its handle goes.

@@ -55,6 +55,62 @@ TEST_CASE("schedules plan: every, streaming (torchft offsets), delayed (first ro
     CHECK(loco::schedule::delayed::describe({.every = 3}) == "delayed H=3");
 }
 
+TEST_CASE("delayed schedule: H changed mid-run keeps one exchange in flight, applied one round late") {
+    // The plan alone: H = 4 for calls 1-5, then 6; rounds end at calls 4, 6, 12. Round 1 (ended
+    // at call 4) is applied at call 6, round 2 at call 12.
+    loco::schedule::delayed grown;
+    std::vector<std::uint64_t> finishes, starts;
+    for (std::uint64_t c = 1; c <= 12; ++c) {
+        const auto plan = grown.next({.every = c <= 5 ? 4u : 6u});
+        if (!plan.finish.empty()) finishes.push_back(c);
+        if (!plan.start.empty()) starts.push_back(c);
+    }
+    CHECK(starts == std::vector<std::uint64_t>{4, 6, 12});
+    CHECK(finishes == std::vector<std::uint64_t>{6, 12});
+    // H = 4 shrunk to 2 at call 3: the first round ends at call 4 and applies nothing.
+    loco::schedule::delayed shrunk;
+    finishes.clear();
+    for (std::uint64_t c = 1; c <= 8; ++c) {
+        if (!shrunk.next({.every = c <= 2 ? 4u : 2u}).finish.empty()) finishes.push_back(c);
+    }
+    CHECK(finishes == std::vector<std::uint64_t>{6, 8});
+
+    // The handle, two workers, SGD outer lr 1 (the global values take the mean): after each
+    // round end one exchange is in flight, and the global values are what the round before
+    // sent. Before, growing H raised "the schedule starts fragment 0 while its previous exchange
+    // was never finished" at call 6, and shrinking it applied every round without delay.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::delayed>;
+    for (const bool grow : {true, false}) {
+        CAPTURE(grow);
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> w{0.0f}, g{0.0f};
+            loco::parameter_list list;
+            list.add("w", w, g);
+            opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f},
+                                   .schedule = {.every = 4}});
+            std::vector<float> sent;  // each round's mean pseudo-gradient, as a global value
+            float global = 0.0f, round_start = 0.0f;
+            for (std::uint64_t c = 1; c <= 12; ++c) {
+                opt.schedule_hyper().every = grow ? (c <= 5 ? 4 : 6) : (c <= 2 ? 4 : 2);
+                g[0] = -1.0f - float(comm.rank());  // w moves by 1.5 per call on average
+                const bool round_end = c % opt.schedule_hyper().every == 0;
+                const float steps = float(c) - round_start;
+                const auto result = opt.step();
+                if (!round_end) continue;
+                CHECK(result.synced == !sent.empty());
+                if (!sent.empty()) global = sent.back();
+                sent.push_back(global + 1.5f * steps);
+                round_start = float(c);
+                CHECK(opt.in_flight(0));
+                CHECK(opt.global()[0] == global);
+                CHECK(w[0] == global);
+            }
+            CHECK(opt.outer_steps() == sent.size() - 1);
+        });
+    }
+}
+
 TEST_CASE("delayed schedule: three workers equal a double-precision re-computation of the one-step delay") {
     constexpr int m = 3;
     constexpr std::size_t n = 6;
@@ -96,7 +152,7 @@ TEST_CASE("delayed schedule: three workers equal a double-precision re-computati
 
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                loco::schedule::delayed>;
-    std::array<std::vector<float>, m> finals, globals;
+    std::array<std::vector<float>, m> finals, globals, flushed, flushed_globals;
     loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
         const auto r = std::size_t(comm.rank());
         std::vector<float> w = init, g(n);
@@ -118,6 +174,14 @@ TEST_CASE("delayed schedule: three workers equal a double-precision re-computati
         CHECK(opt.outer_steps() == 3);
         finals[r] = w;
         globals[r].assign(opt.global().begin(), opt.global().end());
+        // The end of the run: flush() applies round 4's exchange, still in flight, once (no
+        // further outer step) and resets the local values to the new global ones.
+        REQUIRE(opt.in_flight(0));
+        opt.flush();
+        CHECK(!opt.in_flight(0));
+        CHECK(opt.outer_steps() == 4);
+        flushed[r] = w;
+        flushed_globals[r].assign(opt.global().begin(), opt.global().end());
     });
     for (int r = 0; r < m; ++r) {
         for (std::size_t i = 0; i < n; ++i) {
@@ -125,6 +189,16 @@ TEST_CASE("delayed schedule: three workers equal a double-precision re-computati
             CHECK(globals[r][i] == doctest::Approx(global[i]).epsilon(1e-5));
         }
         CHECK(globals[r] == globals[0]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        momentum[i] = mu * momentum[i] + (*pending)[i];
+        global[i] -= outer_lr * ((*pending)[i] + mu * momentum[i]);
+    }
+    for (int r = 0; r < m; ++r) {
+        for (std::size_t i = 0; i < n; ++i) {
+            CHECK(flushed_globals[r][i] == doctest::Approx(global[i]).epsilon(1e-5));
+        }
+        CHECK(flushed[r] == flushed_globals[r]);
     }
 }
 

@@ -42,6 +42,7 @@
 #include <loco/schedule/plan.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -187,8 +188,9 @@ public:
         fragment_layout fragments{};
         // The aggregation's hyper-parameters (aggregate/aggregate.hpp).
         typename Aggregate::hyper aggregate{};
-        // Under nonfinite_policy::skip, this many syncs in a row discarded for a non-finite
-        // pseudo-gradient raise nonfinite_error naming the tensor (the run has stalled), as do
+        // Under nonfinite_policy::skip, more than this many syncs in a row of one fragment
+        // discarded for a non-finite pseudo-gradient raise nonfinite_error naming the tensor (the
+        // run has stalled; another fragment's syncs do not break the streak), as do more than
         // this many averages in a row of one inner state array (schedule::state_periods);
         // 0: never.
         std::uint64_t max_skipped_syncs = 10;
@@ -308,36 +310,15 @@ public:
     // Syncs every fragment now (collective): exchanges in flight are finished first, then every
     // fragment is exchanged and applied. If it throws, nothing of the failed fragment is applied.
     // The finish the schedule planned for an exchange finished here early is skipped when due.
-    void sync() {
-        start();
-        restart_loaded_exchanges();
-        // Fragments whose planned finish has nothing: already so, or finished here early. (The
-        // exchanges below clear the flag as every start does; it is set again after them.)
-        std::vector<std::size_t> nothing_planned;
-        for (std::size_t f = 0; f < frags_.size(); ++f) {
-            if (frags_[f].lost) nothing_planned.push_back(f);
-        }
-        const auto mark = [&] {
-            for (const std::size_t f : nothing_planned) {
-                if (!frags_[f].in_flight) frags_[f].lost = true;
-            }
-        };
-        try {
-            for (std::size_t f = 0; f < frags_.size(); ++f) {
-                if (!frags_[f].in_flight) continue;
-                nothing_planned.push_back(f);
-                finish_fragment(f);
-            }
-            for (std::size_t f = 0; f < frags_.size(); ++f) {
-                start_fragment(f);
-                finish_fragment(f);
-            }
-        } catch (...) {
-            mark();
-            throw;
-        }
-        mark();
-    }
+    void sync() { finish_now(/*every_fragment=*/true); }
+
+    // Finishes every exchange in flight now and applies it as its planned finish would (the
+    // outer step, then the merge of the local values), starting none (collective): the end of a
+    // run under the delayed or streaming schedules, whose last exchanges would otherwise never
+    // be applied. sync() would then exchange every fragment once more, one more outer step (with
+    // a pseudo-gradient of zero right after a round's end, which still moves the parameters by
+    // the outer momentum). The finish the schedule planned for them is skipped.
+    void flush() { finish_now(/*every_fragment=*/false); }
 
     // Hyper-parameters may be changed between steps (a learning-rate schedule); they are
     // validated again before they are used.
@@ -532,6 +513,10 @@ public:
             w.u64(flying ? f.started_steps : 0);  // format 2
             w.u64(f.lost ? 1 : 0);                // format 2
             if constexpr (aggregate::stateful<Aggregate>) engine_.aggregate_state(i).save(w);
+            if (flying) {  // format 5: what its encode used, for the restart
+                w.u64(std::bit_cast<std::uint32_t>(f.sent_outer_lr));
+                w.text(detail::describe_policy<Compressor>(f.sent_with));
+            }
         }
         w.finish();
     }
@@ -570,6 +555,7 @@ public:
         struct pending {
             std::uint64_t outer_steps, skipped, started_at, started_steps = 0;
             bool in_flight, lost = false;
+            std::optional<float> sent_outer_lr;  // format 5
         };
         std::vector<pending> loaded;
         std::vector<typename engine_type::fragment_restore> restored;
@@ -599,6 +585,24 @@ public:
             }
             if constexpr (aggregate::stateful<Aggregate>) {
                 aggregate_states.push_back(aggregate::state_t<Aggregate>::read(r));
+            }
+            if (p.in_flight && r.format() >= 5) {
+                p.sent_outer_lr = std::bit_cast<float>(
+                    static_cast<std::uint32_t>(r.u64("the outer lr of an exchange in flight")));
+                // The restart encodes with the live settings: refused if the exchange was started
+                // with others (they were changed while it travelled), which would send another
+                // payload than the run that saved it.
+                const std::string sent = r.text("the compressor settings of an exchange in flight",
+                                                std::max<std::uint64_t>(
+                                                    detail::checkpoint_reader::max_text_bytes,
+                                                    compressor.size()));
+                if (sent != compressor) {
+                    throw checkpoint_error(
+                        "loco: fragment " + std::to_string(i) + "'s exchange in flight was "
+                        "started with the compressor settings '" + sent + "', which changed to '" +
+                        compressor + "' before the save; a resumed run cannot send it again as "
+                        "it was sent: resume from a checkpoint saved after it was applied");
+                }
             }
             loaded.push_back(p);
             restored.push_back(std::move(q));
@@ -641,6 +645,13 @@ public:
             f.started_at = p.started_at;
             f.started_steps = r.format() >= 2 ? p.started_steps : steps_at_save;
             f.lost = p.lost;
+            f.sent_with = compress_hyper_;
+            // Formats 1 to 4 did not record it: the lr in force at the restart stands in.
+            if constexpr (requires { outer_hyper_.lr; }) {
+                f.sent_outer_lr = p.sent_outer_lr.value_or(outer_hyper_.lr);
+            } else {
+                f.sent_outer_lr = p.sent_outer_lr.value_or(1.0f);
+            }
         }
         started_ = true;
         compared_ = false;  // the next start(), step() or sync() compares the ranks
@@ -738,15 +749,23 @@ public:
     }
 
 private:
+    // A fragment's syncs dropped in a row (for a non-finite aggregate, or refused by the
+    // aggregation) and the tensor where the streak's first non-finite value was.
+    struct skip_streak {
+        std::uint64_t count = 0;
+        std::string first_nonfinite;
+    };
+
     // The schedule's state and the skip counters (checkpoints and regroup()): written, read into
     // a temporary, and adopted once everything else was read.
     struct counters {
         schedule_type schedule;
         std::uint64_t skipped_syncs;
-        std::uint64_t consecutive_skips;
+        std::uint64_t consecutive_skips;  // the longest fragment streak (formats 1 to 4: the one)
         std::string first_nonfinite;
         std::uint64_t skipped_state_syncs = 0;            // format 3
         std::vector<std::uint64_t> state_skip_streaks{};  // format 3
+        std::vector<skip_streak> fragment_streaks{};      // format 5, one per fragment
     };
     // The schedule's name. Formats 1 and 2 recorded a wrapping schedule by its own name alone
     // ("warmup"), which is accepted for such a stream (what it wrapped was not recorded).
@@ -759,20 +778,39 @@ private:
         }
         r.expect_text(Schedule::name, "the sync schedule");
     }
+    // The longest fragment streak (the first such fragment's): what formats 1 to 4 recorded as
+    // the handle's one streak, still written in its place.
+    const skip_streak& longest_streak() const {
+        static const skip_streak none{};
+        const skip_streak* at = &none;
+        for (const auto& f : frags_) {
+            if (f.streak.count > at->count) at = &f.streak;
+        }
+        return *at;
+    }
     void write_counters(detail::checkpoint_writer& w) const {
         schedule_.save(w);
         w.u64(skipped_syncs_);
-        w.u64(consecutive_skips_);
-        w.text(first_nonfinite_);
+        w.u64(longest_streak().count);
+        w.text(longest_streak().first_nonfinite);
         w.u64(skipped_state_syncs_);  // format 3
         w.u64(state_skip_streaks_.size());
         for (const std::uint64_t n : state_skip_streaks_) w.u64(n);
+        w.u64(frags_.size());  // format 5
+        for (const auto& f : frags_) {
+            w.u64(f.streak.count);
+            w.text(f.streak.first_nonfinite);
+        }
     }
-    static counters read_counters(detail::checkpoint_reader& r) {
+    counters read_counters(detail::checkpoint_reader& r) const {
         schedule_type s = schedule_type::read(r);
         const std::uint64_t skipped = r.u64("the skipped sync count");
         const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
-        counters c{std::move(s), skipped, consecutive, r.text("the first non-finite tensor")};
+        // A parameter's name, which may be longer than text()'s usual bound.
+        std::uint64_t name_bound = detail::checkpoint_reader::max_text_bytes;
+        for (const auto& p : tensors()) name_bound = std::max<std::uint64_t>(name_bound, p.name.size());
+        counters c{std::move(s), skipped, consecutive,
+                   r.text("the first non-finite tensor", name_bound)};
         if (r.format() >= 3) {
             c.skipped_state_syncs = r.u64("the skipped state sync count");
             const std::uint64_t arrays = r.u64("the number of state skip streaks");
@@ -783,15 +821,30 @@ private:
             c.state_skip_streaks.resize(static_cast<std::size_t>(arrays));
             for (auto& n : c.state_skip_streaks) n = r.u64("a state skip streak");
         }
+        if (r.format() >= 5) {
+            r.expect_u64(frags_.size(), "the number of fragment skip streaks");
+            c.fragment_streaks.resize(frags_.size());
+            for (auto& f : c.fragment_streaks) {
+                f.count = r.u64("a fragment's skip streak");
+                f.first_nonfinite =
+                    r.text("the first non-finite tensor of a fragment's streak", name_bound);
+            }
+        } else {
+            // The one streak of the handle then: every fragment continues it (exact with one
+            // fragment; with several, a fragment that syncs next ends its own copy).
+            c.fragment_streaks.assign(frags_.size(),
+                                      skip_streak{c.consecutive_skips, c.first_nonfinite});
+        }
         return c;
     }
     void adopt_counters(counters c) noexcept {
         schedule_ = std::move(c.schedule);
         skipped_syncs_ = c.skipped_syncs;
-        consecutive_skips_ = c.consecutive_skips;
-        first_nonfinite_ = std::move(c.first_nonfinite);
         skipped_state_syncs_ = c.skipped_state_syncs;
         state_skip_streaks_ = std::move(c.state_skip_streaks);
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            frags_[i].streak = std::move(c.fragment_streaks[i]);
+        }
     }
 
     // The pipeline's bookkeeping of a fragment; its arrays are the backend's.
@@ -803,11 +856,15 @@ private:
         std::uint64_t started_at = 0;     // the call its exchange in flight started at
         std::uint64_t started_steps = 0;  // the inner step count then (the aggregation's report)
         typename Compressor::hyper sent_with{};  // the compressor settings it was started with
+        // The outer lr its encode used (error_feedback's fold_outer_lr reads it): a restarted
+        // exchange (load()) is encoded again with it, not with the lr of the call it restarts at.
+        float sent_outer_lr = 1.0f;
         bool in_flight = false;           // an exchange started and not finished
         bool restart = false;             // loaded with an exchange in flight: start it again
         // The schedule's next planned finish has nothing to finish: sync() finished the exchange
         // early, regroup() dropped it, or a failed call never started it.
         bool lost = false;
+        skip_streak streak{};  // max_skipped_syncs applies per fragment
     };
 
     static constexpr const char* name() noexcept { return engine_type::handle_name; }
@@ -998,6 +1055,50 @@ private:
         }
     }
 
+    // sync() and flush(): the exchanges in flight finished, then (sync) every fragment.
+    void finish_now(bool every_fragment) {
+        // As step(): a merge alpha or fragment count changed since is refused before anything
+        // moves (the merge reads alpha unchecked).
+        detail::validate_hyper<schedule_type>(schedule_hyper_);
+        check_fragment_count();
+        start();
+        restart_loaded_exchanges();
+        // Fragments whose planned finish has nothing: already so, or finished here early. (The
+        // exchanges below clear the flag as every start does; it is set again after them.)
+        std::vector<std::size_t> nothing_planned;
+        for (std::size_t f = 0; f < frags_.size(); ++f) {
+            if (frags_[f].lost) nothing_planned.push_back(f);
+        }
+        // A schedule that can forget a start (streaming) plans no finish for them, so that its
+        // H and tau may change at once; another keeps its plan, which finds nothing (`lost`).
+        const auto mark = [&] {
+            for (const std::size_t f : nothing_planned) {
+                if (frags_[f].in_flight) continue;
+                if constexpr (requires { schedule_.forget(f); }) {
+                    schedule_.forget(f);
+                    frags_[f].lost = false;
+                } else {
+                    frags_[f].lost = true;
+                }
+            }
+        };
+        try {
+            for (std::size_t f = 0; f < frags_.size(); ++f) {
+                if (!frags_[f].in_flight) continue;
+                nothing_planned.push_back(f);
+                finish_fragment(f);
+            }
+            for (std::size_t f = 0; every_fragment && f < frags_.size(); ++f) {
+                start_fragment(f);
+                finish_fragment(f);
+            }
+        } catch (...) {
+            mark();
+            throw;
+        }
+        mark();
+    }
+
     compress::encode_context context(std::size_t fi) const {
         const fragment_state& f = frags_[fi];
         compress::encode_context ctx;
@@ -1020,7 +1121,13 @@ private:
             report.inner_steps = static_cast<float>(f.started_steps);
         }
         f.sent_with = compress_hyper_;
-        engine_.start(fi, f.sent_with, context(fi), report);
+        compress::encode_context ctx = context(fi);
+        if (f.restart) {
+            ctx.outer_lr = f.sent_outer_lr;
+        } else {
+            f.sent_outer_lr = ctx.outer_lr;
+        }
+        engine_.start(fi, f.sent_with, ctx, report);
         f.in_flight = true;
         f.restart = false;
         f.lost = false;
@@ -1100,19 +1207,20 @@ private:
                 // the aggregation's state moves, the compressor's residual stays. Refusals count
                 // towards max_skipped_syncs: EDiT's detectors learn from inliers only, so a run
                 // whose every worker is flagged stays so, and used to stall without a word.
-                if (max_skipped_syncs_ != 0 && consecutive_skips_ + 1 > max_skipped_syncs_) {
-                    throw error("loco::diloco: " + std::to_string(consecutive_skips_ + 1) +
-                                " syncs in a row applied nothing, the last refused by the "
+                if (max_skipped_syncs_ != 0 && f.streak.count + 1 > max_skipped_syncs_) {
+                    throw error("loco::diloco: " + std::to_string(f.streak.count + 1) +
+                                " syncs in a row" + of_fragment(fi) +
+                                " applied nothing, the last refused by the "
                                 "aggregation (" + std::string(Aggregate::name) +
                                 ": every worker an outlier); training has stalled: check the "
                                 "aggregation's settings against the pseudo-gradients' norms (or "
                                 "raise config.max_skipped_syncs)");
                 }
-                if (consecutive_skips_ == 0) first_nonfinite_.clear();
+                if (f.streak.count == 0) f.streak.first_nonfinite.clear();
                 if (aggregation_learns_) engine_.commit_aggregation(fi);
                 ++f.skipped;
                 ++skipped_syncs_;
-                ++consecutive_skips_;
+                ++f.streak.count;
                 f.lost = false;
                 merge(fi, 0.0f);
                 return;
@@ -1120,14 +1228,17 @@ private:
         }
 
         if (skip) {
-            if (consecutive_skips_ == 0 || first_nonfinite_.empty()) {
-                first_nonfinite_ = tensor_at(fi, hit ? hit->index : 0);
+            // (Set before the check below, which names it, and which leaves the round as if
+            // skipped: the streak's tensor is all that moves.)
+            if (f.streak.count == 0 || f.streak.first_nonfinite.empty()) {
+                f.streak.first_nonfinite = tensor_at(fi, hit ? hit->index : 0);
             }
-            if (max_skipped_syncs_ != 0 && consecutive_skips_ + 1 > max_skipped_syncs_) {
+            if (max_skipped_syncs_ != 0 && f.streak.count + 1 > max_skipped_syncs_) {
                 throw nonfinite_error(
-                    "loco::diloco: " + std::to_string(consecutive_skips_ + 1) +
-                    " syncs in a row were skipped for a non-finite pseudo-gradient, first in "
-                    "tensor '" + first_nonfinite_ +
+                    "loco::diloco: " + std::to_string(f.streak.count + 1) +
+                    " syncs in a row" + of_fragment(fi) +
+                    " were skipped for a non-finite pseudo-gradient, first in "
+                    "tensor '" + f.streak.first_nonfinite +
                     "'; training has stalled: fix the model or lower the learning rate (or raise "
                     "config.max_skipped_syncs)");
             }
@@ -1136,7 +1247,7 @@ private:
             // would hold the non-finite values and spoil every later round.
             ++f.skipped;
             ++skipped_syncs_;
-            ++consecutive_skips_;
+            ++f.streak.count;
             f.lost = false;
             merge(fi, 0.0f);
             return;
@@ -1158,39 +1269,28 @@ private:
         }
         engine_.apply(fi, outer_hyper_, f.outer_steps + 1, alpha);
         ++f.outer_steps;
-        consecutive_skips_ = 0;
+        f.streak = {};
         f.lost = false;
+    }
+
+    // " of fragment i" where the model has several (a streak is a fragment's own).
+    std::string of_fragment(std::size_t fi) const {
+        return frags_.size() > 1 ? " of fragment " + std::to_string(fi) : std::string();
     }
 
     void merge(std::size_t fi, float alpha) { engine_.merge(fi, alpha); }
 
-    // Every parameter's rows x cols (0 x 0 without a shape), format 4. The layout records only
-    // element counts, and the names are the fragment layout's: without the shapes, a checkpoint
-    // of an 8 x 6 matrix loaded into a 6 x 8 one and Muon's momentum, a residual, the global
-    // values were read in the other layout. A side without a shape (a flat view, a CUDA tensor
-    // table) has none to compare.
+    // Every parameter's rows x cols, format 4 (detail::write_shapes: the layout alone let an
+    // 8 x 6 matrix's checkpoint load into a 6 x 8 one). A side without a shape (a flat view, a
+    // CUDA table entry given without one) has none to compare.
     void write_shapes(detail::checkpoint_writer& w) const {
-        w.u64(tensors().size());
-        for (const auto& p : tensors()) {
-            const bool matrix = p.value.is_matrix();
-            w.u64(matrix ? p.value.rows : 0);
-            w.u64(matrix ? p.value.cols : 0);
-        }
+        detail::write_shapes(w, detail::parameter_shapes(tensors()));
     }
     void expect_shapes(detail::checkpoint_reader& r) const {
-        r.expect_u64(tensors().size(), "the number of parameters");
-        for (const auto& p : tensors()) {
-            const std::uint64_t rows = r.u64("a parameter's rows");
-            const std::uint64_t cols = r.u64("a parameter's cols");
-            if (rows != 0 && cols != 0 && p.value.is_matrix() &&
-                (rows != p.value.rows || cols != p.value.cols)) {
-                throw checkpoint_error("loco: the checkpoint's parameter '" + p.name + "' is " +
-                                       std::to_string(rows) + " x " + std::to_string(cols) +
-                                       " but this handle's is " + std::to_string(p.value.rows) +
-                                       " x " + std::to_string(p.value.cols) +
-                                       "; load a checkpoint of this model");
-            }
-        }
+        detail::expect_shapes(r, detail::parameter_shapes(tensors()),
+                              [&](std::size_t i) -> const std::string& {
+                                  return tensors()[i].name;
+                              });
     }
 
     std::size_t flat_index(std::size_t fi, std::size_t index) const {
@@ -1374,9 +1474,7 @@ private:
     bool started_ = false;
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     std::uint64_t skipped_syncs_ = 0;
-    std::uint64_t consecutive_skips_ = 0;
     bool aggregation_learns_ = true;  // false during a warm-up plan's finishes (run())
-    std::string first_nonfinite_;     // the tensor of the first skip of the current streak
     std::uint64_t skipped_state_syncs_ = 0;
     // Per inner state array j: its averages skipped in a row (a successful one resets it).
     std::vector<std::uint64_t> state_skip_streaks_;

@@ -111,6 +111,53 @@ inline void read_layout(checkpoint_reader& r, const parameter_list& params) {
     read_layout(r, parameter_sizes(params));
 }
 
+// Every parameter's rows x cols, 0 x 0 where it has no matrix shape (a flat tensor, a table entry
+// given without one). The layout records element counts only: without the shapes a checkpoint of
+// an 8 x 6 matrix loaded into a 6 x 8 one of the same name, every state array (Adam's moments,
+// Muon's momentum, a residual, the global values) read in the other layout. Written by a diloco
+// stream since format 4 and by an optimizer stream since format 5.
+struct tensor_shape {
+    std::uint64_t rows = 0;
+    std::uint64_t cols = 0;
+};
+// Of a parameter_list, or of a backend's std::vector<parameter>.
+template <class Parameters>
+std::vector<tensor_shape> parameter_shapes(const Parameters& params) {
+    std::vector<tensor_shape> shapes;
+    shapes.reserve(params.size());
+    for (const auto& p : params) {
+        shapes.push_back(p.value.is_matrix() ? tensor_shape{p.value.rows, p.value.cols}
+                                             : tensor_shape{});
+    }
+    return shapes;
+}
+inline void write_shapes(checkpoint_writer& w, std::span<const tensor_shape> shapes) {
+    w.u64(shapes.size());
+    for (const tensor_shape& s : shapes) {
+        w.u64(s.rows);
+        w.u64(s.cols);
+    }
+}
+// Refuses a saved shape that differs from a live one; where either side has none (0 x 0) there
+// is nothing to compare. name_of(i) names parameter i in the message.
+template <class NameOf>
+void expect_shapes(checkpoint_reader& r, std::span<const tensor_shape> shapes, NameOf&& name_of) {
+    r.expect_u64(shapes.size(), "the number of parameters");
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+        const std::uint64_t rows = r.u64("a parameter's rows");
+        const std::uint64_t cols = r.u64("a parameter's cols");
+        const tensor_shape& live = shapes[i];
+        if (rows != 0 && cols != 0 && live.rows != 0 && live.cols != 0 &&
+            (rows != live.rows || cols != live.cols)) {
+            throw checkpoint_error("loco: the checkpoint's parameter '" +
+                                   std::string(name_of(i)) + "' is " + std::to_string(rows) +
+                                   " x " + std::to_string(cols) + " but this handle's is " +
+                                   std::to_string(live.rows) + " x " + std::to_string(live.cols) +
+                                   "; load a checkpoint of this model");
+        }
+    }
+}
+
 // State of a policy kept as state_size arrays over the flat layout, its checkpoint section
 // (name, state size, floats) and its accessor: shared by element-wise and per-matrix engines.
 template <class Inner>
@@ -325,18 +372,28 @@ public:
     // The engine of a parameter-group optimizer: group<I>() (groups.hpp).
     const engine& engine_state() const noexcept { return engine_; }
 
+    // The stream: the kind, every parameter's shape (format 5), then the section a diloco
+    // stream embeds (which records no shapes of its own: diloco's stream has them already).
     void save(std::ostream& os) const {
         detail::checkpoint_writer w(os);
         w.text("optimizer");
+        detail::write_shapes(w, detail::parameter_shapes(params_));
         write_section(w);
         w.finish();
     }
 
     // Restores a state written by save(). Throws checkpoint_error, leaving this optimizer as it
-    // was, when the stream is truncated, corrupted, or from another policy or model.
+    // was, when the stream is truncated, corrupted, or from another policy or model (a matrix of
+    // another shape included; streams of formats 1 to 4 recorded no shapes).
     void load(std::istream& is) {
         detail::checkpoint_reader r(is);
         r.expect_text("optimizer", "the checkpoint kind");
+        if (r.format() >= 5) {
+            detail::expect_shapes(r, detail::parameter_shapes(params_),
+                                  [&](std::size_t i) -> const std::string& {
+                                      return params_[i].name;
+                                  });
+        }
         section pending = read_section(r);
         r.finish();
         commit(std::move(pending));

@@ -446,6 +446,14 @@ class DiLoCo(_Handle):
             self._impl.sync()
             self._written()
 
+    def flush(self):
+        """Finishes and applies every exchange in flight, starting none (collective): the end of
+        a run under the streaming or delayed schedules."""
+        self._check_grads()  # it writes the parameters: their storage must be loco's
+        with _on(self.device):
+            self._impl.flush()
+            self._written()
+
     def set_lr(self, inner=None, outer=None):
         """Changes the learning rates between steps (a schedule); groups all get `inner`."""
         self._impl.set_lr(inner, outer)  # both checked before either changes

@@ -84,6 +84,91 @@ TEST_CASE("cuda::optimizer equals loco::optimizer, and checkpoints move between 
     CHECK(g2.state(1) == std::vector<float>(o.state(1).begin(), o.state(1).end()));
 }
 
+TEST_CASE("tensor tables carry matrix shapes: checkpoints refuse another shape, and a shape must "
+          "hold the tensor") {
+    lcu::stream s;
+    auto rng = rng_for("cuda table shapes");
+    const std::vector<float> x0 = normal_floats(rng, 6), g0 = normal_floats(rng, 6, 0.5f);
+    loco_test::device_buffer<float> x(x0), g(g0);
+    const auto table = [&](std::size_t rows, std::size_t cols) {
+        lcu::tensor_spec spec{"x", x.get(), lcu::dtype::f32, g.get(), lcu::dtype::f32, 6};
+        spec.rows = rows;
+        spec.cols = cols;
+        return lcu::tensor_table(std::vector<lcu::tensor_spec>{spec});
+    };
+    CHECK_THROWS_WITH_AS(table(2, 4),
+                         "loco: parameter 'x': its shape 2 x 4 does not hold its 6 elements; give "
+                         "rows * cols == size, or 0 x 0 for a flat tensor",
+                         loco::shape_error);
+    CHECK_THROWS_AS(table(0, 6), loco::shape_error);
+    CHECK_THROWS_AS(table(6, 0), loco::shape_error);
+    // 2^63 + 3 rows of 2 wrap around to 6 elements in 64 bits: still refused.
+    CHECK_THROWS_AS(table((std::size_t(1) << 63) + 3, 2), loco::shape_error);
+
+    // An optimizer checkpoint of the 2 x 3 entry: format 5, the host's bytes.
+    using opt_t = loco::cuda::optimizer<loco::inner::adamw>;
+    opt_t wide(table(2, 3), {.stream = s.get()});
+    wide.step();
+    std::ostringstream os;
+    wide.save(os);
+    const std::string saved = os.str();
+    CHECK(static_cast<unsigned char>(saved[8]) == 5);
+    std::vector<float> hx = x.to_host(), hg = g0;
+    loco::parameter_list host_list;
+    host_list.add_views("x", loco::host_matrix(hx.data(), 2, 3),
+                        loco::host_matrix(static_cast<const float*>(hg.data()), 2, 3));
+    loco::optimizer<loco::inner::adamw> host(host_list);
+    std::istringstream to_host(saved);
+    host.load(to_host);
+    std::ostringstream resaved;
+    host.save(resaved);
+    CHECK(resaved.str() == saved);
+
+    // Refused by a 3 x 2 entry of the same name, naming both shapes; nothing changes.
+    opt_t tall(table(3, 2), {.stream = s.get()});
+    std::istringstream is(saved);
+    CHECK_THROWS_WITH_AS(tall.load(is),
+                         "loco: the checkpoint's parameter 'x' is 2 x 3 but this handle's is "
+                         "3 x 2; load a checkpoint of this model",
+                         loco::checkpoint_error);
+    CHECK(tall.steps() == 0);
+    CHECK(tall.state(0) == std::vector<float>(6, 0.0f));
+    // A flat entry has no shape to compare.
+    opt_t flat(table(0, 0), {.stream = s.get()});
+    std::istringstream again(saved);
+    CHECK_NOTHROW(flat.load(again));
+    CHECK(flat.steps() == 1);
+
+    // loco::cuda::diloco built from a table keeps the entry's shape (what its chunked
+    // compressors cut and its checkpoint records): a host handle of a 3 x 2 matrix refuses its
+    // checkpoint, one of a 2 x 3 matrix loads it.
+    using gpu_t = loco::cuda::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    using host_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    std::string handle_saved;
+    loco::comm::run_replicas(1, [&](loco::comm::cuda_replicas& comm) {
+        gpu_t opt(table(2, 3), comm, {.stream = comm.stream()});
+        opt.step();
+        std::ostringstream o;
+        opt.save(o);
+        handle_saved = o.str();
+    });
+    const auto host_handle_loads = [&](std::size_t rows, std::size_t cols) {
+        std::vector<float> v = x.to_host(), gv(6);
+        loco::parameter_list l;
+        l.add_views("x", loco::host_matrix(v.data(), rows, cols),
+                    loco::host_matrix(static_cast<const float*>(gv.data()), rows, cols));
+        loco::comm::single comm;
+        host_t opt(l, comm);
+        std::istringstream in(handle_saved);
+        opt.load(in);
+    };
+    CHECK_NOTHROW(host_handle_loads(2, 3));
+    CHECK_THROWS_WITH_AS(host_handle_loads(3, 2),
+                         "loco: the checkpoint's parameter 'x' is 2 x 3 but this handle's is "
+                         "3 x 2; load a checkpoint of this model",
+                         loco::checkpoint_error);
+}
+
 TEST_CASE("cuda::optimizer: a step captured in a CUDA graph replays like steps on the host") {
     const std::string label = "cuda optimizer graph";
     lcu::stream s;

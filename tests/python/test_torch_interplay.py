@@ -95,6 +95,30 @@ class VersionCounter(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, self.STALE):
             y.backward()
 
+    def test_flush_applies_only_what_is_in_flight_and_bumps(self):
+        # Streaming, H = 4, P = 2, tau = 1: fragment 0's exchange starts at call 1 (due at call
+        # 2). flush() applies it (one outer step; sync() would add one per fragment); call 2 then
+        # has nothing to finish, and fragment 1 goes on as planned (start 3, apply 4).
+        ps = []
+        for name in ("w", "v"):
+            p = torch.nn.Parameter(torch.ones(4))
+            p.grad = torch.full((4,), 0.5)
+            ps.append((name, p))
+        opt = loco.DiLoCo(ps, loco.Single(),
+                          schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+        opt.step()
+        w = ps[0][1]
+        y = (w * w).sum()
+        opt.flush()
+        self.assertEqual(opt.outer_steps, 1)
+        with self.assertRaisesRegex(RuntimeError, self.STALE):
+            y.backward()
+        opt.step()
+        self.assertEqual(opt.outer_steps, 1)
+        opt.step()
+        opt.step()
+        self.assertEqual(opt.outer_steps, 2)
+
     def test_a_skipped_step_writes_nothing_and_bumps_nothing(self):
         w = torch.nn.Parameter(torch.ones(3))
         w.grad = torch.full((3,), float("nan"))

@@ -35,8 +35,10 @@ inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 
 // "warmup") and, in a parameter-groups section, the group of every parameter.
 // Version 4 records, in a diloco checkpoint, every parameter's rows x cols (0 x 0 without a
 // shape): a checkpoint of an 8 x 6 matrix no longer loads into a 6 x 8 one of the same name.
-// Readers take versions 1 to 4 (format() says which).
-inline constexpr std::uint32_t checkpoint_format_version = 4;
+// Version 5 records them in an optimizer checkpoint too (host and CUDA, parameter groups
+// included), and a CUDA tensor table's entries may carry them.
+// Readers take versions 1 to 5 (format() says which).
+inline constexpr std::uint32_t checkpoint_format_version = 5;
 inline constexpr std::uint32_t checkpoint_oldest_readable = 1;
 
 class fnv1a64 {
@@ -208,11 +210,12 @@ public:
                                saved + "', this optimizer has '" + std::string(live) + "'");
     }
 
-    // Reads a string of at most max_text_bytes (a description recorded for information).
+    // Reads a string of at most `bound` bytes (a description recorded for information; a
+    // caller whose text can be longer, such as a parameter name, passes the live bound).
     static constexpr std::uint64_t max_text_bytes = 4096;
-    std::string text(const char* what) {
+    std::string text(const char* what, std::uint64_t bound = max_text_bytes) {
         const std::uint64_t n = u64(what);
-        if (n > max_text_bytes) {
+        if (n > bound) {
             throw checkpoint_error("loco: checkpoint corrupted: " + std::string(what) +
                                    " has an implausible length");
         }

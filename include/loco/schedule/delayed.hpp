@@ -31,25 +31,48 @@ public:
     static std::size_t fragments(const hyper&) noexcept { return 1; }
 
     sync_plan next(const hyper& h) noexcept {
+        if (started_ == unknown) started_ = calls_ >= h.every ? yes : no;  // a format 1-4 stream
         ++calls_;
         if (calls_ % h.every != 0) return nothing_now;
         // From the second round on, the previous round's exchange is applied before the new one
-        // starts; every round ends with the local values reset to the global ones.
-        return {fragment_zero, calls_ / h.every >= 2 ? std::span<const std::size_t>(fragment_zero)
-                                                     : std::span<const std::size_t>(),
+        // starts; every round ends with the local values reset to the global ones. Whether a
+        // round was started is state, not calls / H: with H changed mid-run (a resumed run, a
+        // schedule of H), calls / H says nothing about the rounds already run.
+        const bool finish = started_ == yes;
+        started_ = yes;
+        return {fragment_zero,
+                finish ? std::span<const std::size_t>(fragment_zero)
+                       : std::span<const std::size_t>(),
                 fragment_zero};
     }
 
     std::uint64_t calls() const noexcept { return calls_; }
-    void save(detail::checkpoint_writer& w) const { w.u64(calls_); }
+    void save(detail::checkpoint_writer& w) const {
+        w.u64(calls_);
+        // Format 5; a stream read from an older format and saved before its first call still
+        // does not know (it is resolved against H at that call).
+        w.u64(started_);
+    }
     static delayed read(detail::checkpoint_reader& r) {
         delayed s;
         s.calls_ = r.u64("the step call count");
+        if (r.format() >= 5) {
+            const std::uint64_t started = r.u64("whether a delayed round was started");
+            if (started > unknown) {
+                throw checkpoint_error("loco: checkpoint corrupted (the delayed schedule's round "
+                                       "flag)");
+            }
+            s.started_ = static_cast<std::uint8_t>(started);
+        } else {
+            s.started_ = unknown;  // formats 1 to 4 derived it from calls / H
+        }
         return s;
     }
 
 private:
+    static constexpr std::uint8_t no = 0, yes = 1, unknown = 2;
     std::uint64_t calls_ = 0;
+    std::uint8_t started_ = no;  // a round's exchange was started: the next round end finishes it
 };
 
 }  // namespace loco::schedule

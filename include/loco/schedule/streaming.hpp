@@ -110,6 +110,12 @@ public:
         }
     }
 
+    // loco::diloco's sync() finished fragment p's exchange early (or it has none left, after a
+    // failed call): its planned apply has nothing to finish, and no longer holds H and tau.
+    void forget(std::size_t p) noexcept {
+        if (p < started_.size()) started_[p] = false;
+    }
+
     std::uint64_t calls() const noexcept { return calls_; }
     void save(detail::checkpoint_writer& w) const {
         w.u64(calls_);

@@ -76,6 +76,13 @@ public:
         after_.check(h.then);
     }
 
+    // An exchange the handle finished early (streaming): the wrapped schedule plans no finish.
+    void forget(std::size_t p)
+        requires requires(S& s) { s.forget(p); }
+    {
+        after_.forget(p);
+    }
+
     // Which exchanges the wrapped schedule started, for a checkpoint that did not record it.
     void resume_started(std::vector<bool> started)
         requires requires(S& s) { s.resume_started(std::move(started)); }

@@ -232,7 +232,10 @@ public:
         for (std::size_t i = 0; i < t.size(); ++i) {
             parameter p;
             p.name = t.spec(i).name;
-            p.value = tensor_view<float>{nullptr, t.spec(i).size, 0, 0, memory_space::cuda};
+            // The entry's shape, where it has one: the chunked compressors cut it as a matrix
+            // and the checkpoint records it, as for a parameter_list.
+            p.value = tensor_view<float>{nullptr, t.spec(i).size, t.spec(i).rows, t.spec(i).cols,
+                                         memory_space::cuda};
             p.offset = t.flat_offset(i);
             tensors_.push_back(std::move(p));
         }

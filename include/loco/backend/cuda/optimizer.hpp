@@ -52,6 +52,17 @@ inline std::vector<std::size_t> table_sizes(const backend::cuda::tensor_table& t
     return sizes;
 }
 
+// The shape of every tensor of a table (0 x 0 where its entry gives none), for the checkpoint.
+inline std::vector<loco::detail::tensor_shape> table_shapes(
+    const backend::cuda::tensor_table& table) {
+    std::vector<loco::detail::tensor_shape> shapes;
+    shapes.reserve(table.size());
+    for (std::size_t i = 0; i < table.size(); ++i) {
+        shapes.push_back({table.spec(i).rows, table.spec(i).cols});
+    }
+    return shapes;
+}
+
 // Writes `h` to the device when its bytes differ from what was uploaded last. A change while the
 // stream is being captured is refused: a graph replay would not read the host again.
 template <class Hyper>
@@ -144,18 +155,26 @@ public:
         return self().counter_control().read(stream()).skipped + self().host_skipped_;
     }
 
+    // The host optimizer's stream: the kind, the shapes (format 5), the section.
     void save(std::ostream& os) const {
         loco::detail::checkpoint_writer w(os);
         w.text("optimizer");
+        loco::detail::write_shapes(w, detail::table_shapes(table()));
         self().write_section(w);
         w.finish();
     }
 
     // Throws checkpoint_error, leaving the optimizer as it was, for a truncated or corrupted
-    // stream or one of another policy or model.
+    // stream or one of another policy or model (a matrix of another shape included).
     void load(std::istream& is) {
         loco::detail::checkpoint_reader r(is);
         r.expect_text("optimizer", "the checkpoint kind");
+        if (r.format() >= 5) {
+            loco::detail::expect_shapes(r, detail::table_shapes(table()),
+                                        [&](std::size_t i) -> const std::string& {
+                                            return table().name(i);
+                                        });
+        }
         auto pending = self().read_section(r);
         r.finish();
         self().commit(pending);

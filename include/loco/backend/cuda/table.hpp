@@ -65,6 +65,11 @@ struct tensor_spec {
     const void* grad = nullptr;
     dtype grad_type = dtype::f32;
     std::size_t size = 0;
+    // A row-major matrix's shape, rows * cols == size; 0 x 0 for none. Compressors that cut
+    // matrices into chunks (SparseLoCo, DeMo) and checkpoints (which refuse a matrix of another
+    // shape) use it; without it the tensor is flat.
+    std::size_t rows = 0;
+    std::size_t cols = 0;
 };
 
 // The device copy of a tensor_spec, with its offsets.
@@ -145,8 +150,13 @@ public:
                                          std::string(loco::to_string(p.value.space)) +
                                          " memory; the CUDA backend needs cuda tensors");
             }
-            specs.push_back({p.name, p.value.data, dtype::f32, p.grad.data, dtype::f32,
-                             p.value.size});
+            tensor_spec spec{p.name, p.value.data, dtype::f32, p.grad.data, dtype::f32,
+                             p.value.size};
+            if (p.value.is_matrix()) {
+                spec.rows = p.value.rows;
+                spec.cols = p.value.cols;
+            }
+            specs.push_back(std::move(spec));
         }
         return tensor_table(std::move(specs));
     }
@@ -207,6 +217,7 @@ private:
         });
         for (std::size_t i = 0; i < specs_.size(); ++i) {
             const tensor_spec& s = specs_[i];
+            check_shape(i);
             if (s.size == 0) {
                 continue;
             }
@@ -223,6 +234,21 @@ private:
             }
         }
         check_no_overlap();
+    }
+
+    // No shape, or one that holds exactly the tensor's elements.
+    void check_shape(std::size_t i) const {
+        const tensor_spec& s = specs_[i];
+        if (s.rows == 0 && s.cols == 0) {
+            return;
+        }
+        if (s.rows == 0 || s.cols == 0 || loco::detail::element_count_overflows(s.rows, s.cols) ||
+            s.rows * s.cols != s.size) {
+            throw shape_error(where(i) + "its shape " + std::to_string(s.rows) + " x " +
+                              std::to_string(s.cols) + " does not hold its " +
+                              std::to_string(s.size) +
+                              " elements; give rows * cols == size, or 0 x 0 for a flat tensor");
+        }
     }
 
     void check_pointer(std::size_t i, const void* p, dtype t, const char* what) const {
