@@ -39,11 +39,10 @@ void release_capsule(PyObject* o) {
     }
 }
 
-// A capsule over a loco buffer; CUDA memory is marked as on GPU `device` (export_view says 0).
+// A capsule over a loco buffer; CUDA memory is marked as on GPU `device`.
 template <class T>
 py::object capsule_of(loco::tensor_view<T> v, int device) {
-    DLManagedTensor* m = loco::dlpack::export_view(v);
-    if (v.space == loco::memory_space::cuda) m->dl_tensor.device.device_id = device;
+    DLManagedTensor* m = loco::dlpack::export_view(v, device);
     PyObject* c = PyCapsule_New(m, "dltensor", release_capsule);
     if (c == nullptr) {
         m->deleter(m);

@@ -172,6 +172,27 @@ TEST_CASE("dlpack: export_view describes a loco buffer and its deleter frees onl
     CHECK(v.size == 3);
     m->deleter(m);
     CHECK(x[2] == 3.0f);
+    // CUDA memory is marked with the GPU the caller names (a view does not know it); host
+    // memory has no index. (Nothing is read through these pointers.)
+    DLManagedTensor* on_gpu = loco::dlpack::export_view(loco::cuda_tensor(x.data(), x.size()), 3);
+    CHECK(on_gpu->dl_tensor.device.device_type == kDLCUDA);
+    CHECK(on_gpu->dl_tensor.device.device_id == 3);
+    on_gpu->deleter(on_gpu);
+    DLManagedTensor* on_host = loco::dlpack::export_view(loco::host_tensor(x.data(), x.size()), 3);
+    CHECK(on_host->dl_tensor.device.device_id == 0);
+    on_host->deleter(on_host);
+}
+
+TEST_CASE("dlpack: host tensors with different device indices are one memory space") {
+    // A kDLCPU value (index 0) and a kDLCUDAHost gradient (pinned memory, index 1): both are host
+    // memory, which has no index; refused before as "on cpu but the parameter is on cpu".
+    std::vector<float> w(3, 1.0f), g(3, 0.5f);
+    std::int64_t shape[1] = {3};
+    DLTensor value{w.data(), {kDLCPU, 0}, 1, {kDLFloat, 32, 1}, shape, nullptr, 0};
+    DLTensor grad{g.data(), {kDLCUDAHost, 1}, 1, {kDLFloat, 32, 1}, shape, nullptr, 0};
+    loco::parameter_list params;
+    CHECK_NOTHROW(loco::dlpack::add(params, "w", value, grad));
+    CHECK(params.size() == 1);
 }
 
 #endif

@@ -11,6 +11,7 @@
 #include <loco/params.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string>
 #include <vector>
@@ -147,6 +148,29 @@ TEST_CASE("parameter_list: a matrix shape must hold exactly the tensor's element
     CHECK(list.empty());
     list.add_views("m", loco::host_matrix(cells, 2, 3), loco::host_tensor(grad, 6));
     CHECK(list.size() == 1);
+}
+
+TEST_CASE("parameter_list: a size no buffer can hold, or a total that would wrap, is refused") {
+    // A custom adapter whose length went negative hands over SIZE_MAX; and two sizes whose sum
+    // wraps around to a small total. Nothing is read from the pointers.
+    float cell = 0.0f, grad = 0.0f;
+    const std::size_t most = static_cast<std::size_t>(PTRDIFF_MAX) / sizeof(float);
+    const auto view = [&](std::size_t n) {
+        return loco::tensor_view<float>{&cell, n, 0, 0, loco::memory_space::host};
+    };
+    const auto grad_view = [&](std::size_t n) {
+        return loco::tensor_view<const float>{&grad, n, 0, 0, loco::memory_space::host};
+    };
+    loco::parameter_list list;
+    CHECK_THROWS_WITH_AS(list.add_views("huge", view(SIZE_MAX), grad_view(SIZE_MAX)),
+                         Contains("elements is more than a buffer can hold"), loco::shape_error);
+    CHECK(list.empty());
+    std::vector<float> w(4), g(4);
+    list.add("w", w, g);
+    CHECK_THROWS_WITH_AS(list.add_views("rest", view(most - 3), grad_view(most - 3)),
+                         Contains("with the 4 registered before it"), loco::shape_error);
+    CHECK(list.size() == 1);
+    CHECK(list.total_elements() == 4);
 }
 
 TEST_CASE("parameter_list: memory spaces must agree within a pair and across the list") {

@@ -187,7 +187,9 @@ inline parameter_list& add(parameter_list& params, const std::string& name, cons
     const std::string g_what = "the gradient of '" + name + "'";
     const memory_space vs = space_of(value.device, v_what);
     const memory_space gs = space_of(grad.device, g_what);
-    if (vs != gs || value.device.device_id != grad.device.device_id) {
+    // Host memory has no index (kDLCPU and kDLCUDAHost may carry different ones): only GPUs
+    // compare theirs.
+    if (vs != gs || (vs == memory_space::cuda && value.device.device_id != grad.device.device_id)) {
         throw memory_space_error("loco: the gradient of '" + name + "' is on " +
                                  device_name(grad.device, gs) + " but the parameter is on " +
                                  device_name(value.device, vs) +
@@ -205,9 +207,11 @@ inline parameter_list& add(parameter_list& params, const std::string& name, cons
 }
 
 // A DLManagedTensor over a loco buffer, 1-D, that does not own it: the buffer must outlive every
-// tensor a framework builds from it. Its deleter frees only the DLPack record.
+// tensor a framework builds from it. Its deleter frees only the DLPack record. A tensor_view does
+// not know which GPU its memory is on: pass `device_id` for CUDA memory of a GPU other than 0
+// (ignored for host memory).
 template <class T>
-DLManagedTensor* export_view(tensor_view<T> v) {
+DLManagedTensor* export_view(tensor_view<T> v, int device_id = 0) {
     using E = std::remove_const_t<T>;
     struct record {
         DLManagedTensor managed;
@@ -221,7 +225,8 @@ DLManagedTensor* export_view(tensor_view<T> v) {
     r->shape[0] = static_cast<std::int64_t>(v.size);
     DLTensor& t = r->managed.dl_tensor;
     t.data = const_cast<E*>(v.data);
-    t.device = {v.space == memory_space::cuda ? kDLCUDA : kDLCPU, 0};
+    t.device = {v.space == memory_space::cuda ? kDLCUDA : kDLCPU,
+                v.space == memory_space::cuda ? device_id : 0};
     t.ndim = 1;
     t.dtype = {dtype_of<E>::code, dtype_of<E>::bits, 1};
     t.shape = r->shape;

@@ -170,6 +170,16 @@ public:
             throw shape_error(where() + "value has " + std::to_string(value.size) +
                               " elements but its gradient has " + std::to_string(grad.size));
         }
+        // No buffer holds more bytes than a pointer difference can count, and the list's flat
+        // layout (total_elements(), every state array) must not wrap around: a size from an
+        // adapter that went wrong (a negative length cast to size_t) is refused here.
+        constexpr std::size_t most = static_cast<std::size_t>(PTRDIFF_MAX) / sizeof(float);
+        if (value.size > most || total_ > most - value.size) {
+            throw shape_error(where() + std::to_string(value.size) +
+                              " elements is more than a buffer can hold (with the " +
+                              std::to_string(total_) + " registered before it, at most " +
+                              std::to_string(most) + " floats in all); the size is wrong");
+        }
         if (value.is_matrix() && (detail::element_count_overflows(value.rows, value.cols) ||
                                   value.rows * value.cols != value.size)) {
             throw shape_error(where() + "shape " + std::to_string(value.rows) + " x " +
