@@ -216,7 +216,15 @@ class inner_engine : public flat_state<Inner> {
                   "and `static void update_matrix(const hyper&, std::uint64_t, float*, const "
                   "float*, float*, std::size_t rows, std::size_t cols, workspace&)`; see "
                   "docs/policies.md");
-    static_assert(requires { &Inner::update_matrix; } || check_elementwise_policy<Inner>());
+    // Not `has_update_matrix || check_elementwise_policy<Inner>()`: the call would still be
+    // instantiated, and its static_asserts add a second, wrong sentence to a matrix policy's.
+    static_assert([] {
+        if constexpr (requires { &Inner::update_matrix; }) {
+            return true;
+        } else {
+            return check_elementwise_policy<Inner>();
+        }
+    }());
 
 public:
     using hyper_type = typename Inner::hyper;

@@ -36,6 +36,11 @@ concept elementwise_optimizer =
     requires(const typename P::hyper& h, std::uint64_t step, float& x, float g, float* s) {
         P::prepare(h, step);
         P::update(P::prepare(h, step), x, g, s);
+    } &&
+    // x by non-const reference: the rule writes the new value there (an update taking x by
+    // value, or by const reference, compiles and leaves every parameter as it was).
+    !requires(const typename P::hyper& h, std::uint64_t step, float g, float* s) {
+        P::update(P::prepare(h, step), float{}, g, s);
     };
 
 // A per-matrix optimizer policy (Muon): the update of a whole rows x cols matrix at a time.
@@ -138,7 +143,16 @@ constexpr bool check_elementwise_policy() {
     static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || has_update,
                   "loco: an optimizer policy needs `static void update(const scalars&, float& x, "
                   "float g, float* state)`; see docs/policies.md");
-    constexpr bool complete = has_hyper && has_name && has_state_size && has_prepare && has_update;
+    constexpr bool writes_x = !requires(const typename P::hyper& h, float g, float* s) {
+        P::update(P::prepare(h, std::uint64_t{}), float{}, g, s);
+    };
+    static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || !has_update ||
+                      writes_x,
+                  "loco: an optimizer policy's `update` must take the element as `float& x` and "
+                  "write the new value there (by value or by const reference, every parameter "
+                  "would stay as it was); see docs/policies.md");
+    constexpr bool complete =
+        has_hyper && has_name && has_state_size && has_prepare && has_update && writes_x;
     if constexpr (complete) {
         static_assert(std::is_default_constructible_v<typename P::hyper>,
                       "loco: an optimizer policy's `hyper` must be default-constructible (its "
