@@ -421,7 +421,7 @@ class DiLoCo(_Handle):
         parameters. Returns whether this worker's parameters changed."""
         self._check_grads()
         with _on(self.device):
-            changed = self._impl.start()
+            changed = self._bumping_on_error(self._impl.start)
             if changed:
                 self._written()
         return changed
@@ -432,7 +432,7 @@ class DiLoCo(_Handle):
         not wait for them (except where a sync needs the values on the host)."""
         self._check_grads()
         with _on(self.device):
-            applied, synced, received_initial = self._impl.step()
+            applied, synced, received_initial = self._bumping_on_error(self._impl.step)
             # received_initial: this first call started the run and gave the worker rank 0's
             # parameters (a handle built with start=False).
             if applied or synced or received_initial:
@@ -443,7 +443,7 @@ class DiLoCo(_Handle):
         """Syncs every fragment now (collective)."""
         self._check_grads()
         with _on(self.device):
-            self._impl.sync()
+            self._bumping_on_error(self._impl.sync)
             self._written()
 
     def flush(self):
@@ -451,8 +451,20 @@ class DiLoCo(_Handle):
         a run under the streaming or delayed schedules."""
         self._check_grads()  # it writes the parameters: their storage must be loco's
         with _on(self.device):
-            self._impl.flush()
+            self._bumping_on_error(self._impl.flush)
             self._written()
+
+    def _bumping_on_error(self, call):
+        """Runs call(); if it raises, bumps the version counters before re-raising: a call can
+        write the parameters and then fail (a step whose inner update applied before its sync
+        failed; a sync() whose first fragment applied before the next failed), and a graph built
+        before it must then raise in backward(), not use the new values. (A bump when nothing
+        was written only makes such a graph raise.)"""
+        try:
+            return call()
+        except BaseException:
+            self._written()
+            raise
 
     def set_lr(self, inner=None, outer=None):
         """Changes the learning rates between steps (a schedule); groups all get `inner`."""

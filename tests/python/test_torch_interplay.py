@@ -119,6 +119,28 @@ class VersionCounter(unittest.TestCase):
         opt.step()
         self.assertEqual(opt.outer_steps, 2)
 
+    def test_a_call_that_wrote_and_then_raised_still_bumps(self):
+        # sync() applies fragment 0 (w), then fragment 1's non-finite average raises: w changed,
+        # so a graph built before must raise in backward() (it used w's new values silently).
+        ps = []
+        for name in ("w", "u"):
+            p = torch.nn.Parameter(torch.ones(4))
+            p.grad = torch.full((4,), 0.5)
+            ps.append((name, p))
+        opt = loco.DiLoCo(ps, loco.Single(), on_nonfinite="raise",
+                          schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+        opt.step()
+        w, u = ps[0][1], ps[1][1]
+        with torch.no_grad():
+            u[0] = float("inf")
+        before = w.detach().clone()
+        y = (w * w).sum()
+        with self.assertRaises(loco.NonfiniteError):
+            opt.sync()
+        self.assertFalse(torch.equal(w.detach(), before))
+        with self.assertRaisesRegex(RuntimeError, self.STALE):
+            y.backward()
+
     def test_a_skipped_step_writes_nothing_and_bumps_nothing(self):
         w = torch.nn.Parameter(torch.ones(3))
         w.grad = torch.full((3,), float("nan"))
