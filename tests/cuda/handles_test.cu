@@ -13,8 +13,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -167,6 +169,41 @@ TEST_CASE("tensor tables carry matrix shapes: checkpoints refuse another shape, 
                          "loco: the checkpoint's parameter 'x' is 2 x 3 but this handle's is "
                          "3 x 2; load a checkpoint of this model",
                          loco::checkpoint_error);
+}
+
+TEST_CASE("cuda::diloco's start() says it moved the parameters exactly when the host's does "
+          "(bits: -0 against +0, NaN against NaN)") {
+    // Rank 0 holds -0 where rank 1 holds +0: the broadcast changes rank 1's bits. With a NaN at
+    // the same place on both ranks it changes nothing. (A float != said the opposite in both.)
+    for (const bool nan : {false, true}) {
+        CAPTURE(nan);
+        const auto init = [&](int rank) {
+            return std::vector<float>{
+                nan ? std::numeric_limits<float>::quiet_NaN() : (rank == 0 ? -0.0f : 0.0f), 1.0f,
+                2.0f};
+        };
+        std::array<bool, 2> host_moved{}, gpu_moved{};
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            std::vector<float> x = init(comm.rank()), g(3, 0.0f);
+            loco::parameter_list list;
+            list.add("w", x, g);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(list, comm);
+            host_moved[std::size_t(comm.rank())] = opt.start();
+        });
+        loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+            lcu::device_buffer<float> v(3), g(3);
+            v.upload(init(comm.rank()));
+            g.zero(nullptr);
+            loco::parameter_list list;
+            list.add_views("w", loco::cuda_tensor(v.get(), 3),
+                           loco::cuda_tensor(static_cast<const float*>(g.get()), 3));
+            loco::cuda::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+                list, comm, {.stream = comm.stream()});
+            gpu_moved[std::size_t(comm.rank())] = opt.start();
+        });
+        CHECK(host_moved == std::array<bool, 2>{false, !nan});
+        CHECK(gpu_moved == host_moved);
+    }
 }
 
 TEST_CASE("cuda::optimizer: a step captured in a CUDA graph replays like steps on the host") {

@@ -79,6 +79,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -283,6 +284,9 @@ public:
                                                         scheme, h, staging_ != nullptr));
             attach_device_aggregation(*frags_.back());
         }
+        // The fragments zeroed their buffers on the legacy stream, which does not order the
+        // trainer's (a non-blocking stream): done before the gathers below write the snapshots.
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
         for (auto& f : frags_) {
             gather_values(f->table, master(), f->global.get(), stream());
         }
@@ -306,7 +310,9 @@ public:
                 comm_->broadcast(comm::as_bytes(host_tensor(staged.data(), staged.size())), 0);
                 f->global.upload(staged);
             }
-            moved = moved || f->global.download() != mine;
+            // Bits, as the host compares (a float != calls a NaN changed and -0 unchanged).
+            const std::vector<float> now = f->global.download();
+            moved = moved || std::memcmp(now.data(), mine.data(), mine.size() * sizeof(float)) != 0;
             scatter_values(f->table, f->global.get(), master(), stream());
         }
         return moved;
@@ -728,6 +734,9 @@ public:
                                                  f.table.padded_elements());
             q.global.zero(stream());
             q.outer_state.zero(stream());
+            // upload_shared copies on the legacy stream, which does not wait for the trainer's:
+            // the zeroing must be done first, or it could wipe the healed values.
+            LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
             upload_shared(f, global, outer_state, q.global.get(), q.outer_state.get());
         }
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
