@@ -556,3 +556,82 @@ TEST_CASE("regroup: onto the handle's own communicator with an exchange in fligh
               std::string::npos);
     }
 }
+
+TEST_CASE("regroup: a survivor keeps its own per-worker schedule state (proportional, wallclock)") {
+    // DyLU with step times 1 s and 2 s and H = 4: H_0 = 4, H_1 = 2 after the first agreed round.
+    // After two syncs both workers regroup onto a fresh group (nothing in flight): each keeps
+    // its own H_w and call count, as it would resuming from its own checkpoint. (Every rank took
+    // the donor's: worker 1 then ran worker 0's H = 4 and counted its calls.)
+    using prop_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                loco::schedule::proportional>;
+    const std::array<double, 2> step_seconds{1.0, 2.0};
+    auto first = std::make_shared<loco::comm::thread_group>(2);
+    auto second = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::uint64_t, 2> calls_before{}, calls_after{};
+    std::array<int, 2> next_round{};
+    std::vector<std::thread> workers;
+    for (int r = 0; r < 2; ++r) {
+        workers.emplace_back([&, r] {
+            const auto rank = std::size_t(r);
+            auto now = std::make_shared<double>(0.0);
+            loco::comm::threads comm(first, r);
+            std::vector<float> w(2, 1.0f), g(2, float(r + 1));
+            loco::parameter_list list;
+            list.add("w", w, g);
+            prop_t opt(list, comm,
+                       {.inner = {.lr = 0.1f},
+                        .schedule = {.every = 4, .clock = [now] { return *now; }}});
+            for (int syncs = 0; syncs < 2;) {
+                *now += step_seconds[rank];
+                syncs += opt.step().synced ? 1 : 0;
+            }
+            calls_before[rank] = opt.calls();
+            loco::comm::threads next(second, r);
+            opt.regroup(next, 0);
+            calls_after[rank] = opt.calls();
+            int calls = 0;
+            do {
+                ++calls;
+                *now += step_seconds[rank];
+            } while (!opt.step().synced);
+            next_round[rank] = calls;
+        });
+    }
+    for (auto& t : workers) t.join();
+    CHECK(calls_after == calls_before);
+    CHECK(next_round == std::array<int, 2>{4, 2});
+}
+
+TEST_CASE("regroup: a streaming exchange it dropped no longer holds H and tau") {
+    // Fragment 0's exchange is in flight after call 1 (H = 4, P = 2, tau = 1); regroup() drops
+    // it on every rank. H may then change at once, as after sync() (it was refused as "in
+    // flight" until the call its apply had been planned for).
+    using streaming_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                     loco::schedule::streaming>;
+    auto first = std::make_shared<loco::comm::thread_group>(2);
+    auto second = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::uint64_t, 2> outer{};
+    std::vector<std::thread> workers;
+    for (int r = 0; r < 2; ++r) {
+        workers.emplace_back([&, r] {
+            loco::comm::threads comm(first, r);
+            std::vector<float> a(4, 1.0f), ga(4, 0.5f), b(4, 1.0f), gb(4, 0.25f);
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            streaming_t opt(list, comm,
+                            {.inner = {.lr = 0.1f},
+                             .schedule = {.every = 4, .fragments = 2, .overlap = 1, .alpha = 0.0f}});
+            opt.step();
+            REQUIRE(opt.in_flight(0));
+            loco::comm::threads next(second, r);
+            opt.regroup(next, 0);
+            opt.schedule_hyper().every = 8;
+            for (int call = 2; call <= 8; ++call) CHECK_NOTHROW(opt.step());
+            outer[std::size_t(r)] = opt.outer_steps();
+        });
+    }
+    for (auto& t : workers) t.join();
+    // H = 8 from call 2 on: fragment 0 applies at call 4 (started at 3), fragment 1 at call 8.
+    CHECK(outer == std::array<std::uint64_t, 2>{2, 2});
+}

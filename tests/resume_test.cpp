@@ -388,6 +388,19 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     // What this build writes is format 5.
     const std::string now = saved(resumed.opt);
     CHECK(static_cast<unsigned char>(now[8]) == 5);
+
+    // Resumed with H = 4: the stream holds round 1's exchange in flight, so the round ending at
+    // call 4 applies it (formats before 5 did not record that a round was started, and the
+    // schedule guessed it from the call count and the new H: "starts fragment 0 while its
+    // previous exchange was never finished").
+    opt_t::config longer = cfg;
+    longer.schedule.every = 4;
+    one_tensor_run<opt_t> regrown(comm, longer, {0.25f, 3.125f});
+    std::istringstream again(bytes);
+    regrown.opt.load(again);
+    for (int s = 4; s <= 8; ++s) CHECK_NOTHROW(regrown.call(s));
+    CHECK(regrown.opt.outer_steps() == 2);  // at calls 4 and 8
+    regrown.opt.sync();
 }
 
 TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuses a matrix of another shape") {
@@ -567,8 +580,8 @@ TEST_CASE("an optimizer checkpoint records its shapes (format 5) and one of form
 TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with, and one started "
           "with other compressor settings is refused") {
     // MuLoCo's error feedback folds the outer lr into its buffer, and the trainer moves the outer
-    // lr every call: a run resumed with round 2's exchange in flight (saved after call 6) must
-    // encode it again with call 4's lr, not call 7's.
+    // lr every call: a run resumed with round 2's exchange in flight (saved after call 10) must
+    // encode it again with call 8's lr and settings, not call 11's.
     using ef = loco::compress::error_feedback<loco::compress::blockwise<2, 8>>;
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, ef, loco::schedule::delayed>;
     opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 4}};
@@ -593,24 +606,30 @@ TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with,
     loco::comm::single comm;
     model straight(w0);
     opt_t a(straight.list, comm, cfg);
-    std::string at_6;
-    std::vector<float> w_at_6;
+    std::string at_10;
+    std::vector<float> w_at_10;
+    // The decay changes at call 11, the call at which the resumed run restarts the exchange
+    // started at call 8 (round 1's residual makes the decay count): that exchange keeps decay
+    // 0.9 in both runs.
+    const auto decay_at = [](int call) { return call >= 11 ? 0.5f : 0.9f; };
     for (int call = 1; call <= 16; ++call) {
         a.outer_hyper().lr = lr_at(call);
+        a.compress_hyper().decay = decay_at(call);
         straight.gradients(call);
         a.step();
-        if (call == 6) {
-            at_6 = saved(a);
-            w_at_6 = straight.w;
+        if (call == 10) {
+            at_10 = saved(a);
+            w_at_10 = straight.w;
         }
     }
     REQUIRE(a.in_flight(0));
-    model resumed(w_at_6);
+    model resumed(w_at_10);
     opt_t b(resumed.list, comm, cfg);
-    std::istringstream is(at_6);
+    std::istringstream is(at_10);
     b.load(is);
-    for (int call = 7; call <= 16; ++call) {
+    for (int call = 11; call <= 16; ++call) {
         b.outer_hyper().lr = lr_at(call);
+        b.compress_hyper().decay = decay_at(call);
         resumed.gradients(call);
         b.step();
     }

@@ -514,7 +514,8 @@ public:
             w.u64(f.lost ? 1 : 0);                // format 2
             if constexpr (aggregate::stateful<Aggregate>) engine_.aggregate_state(i).save(w);
             if (flying) {  // format 5: what its encode used, for the restart
-                w.u64(std::bit_cast<std::uint32_t>(f.sent_outer_lr));
+                w.u64(std::bit_cast<std::uint32_t>(
+                    f.sent_outer_lr.value_or(context(i).outer_lr)));
                 w.text(detail::describe_policy<Compressor>(f.sent_with));
             }
         }
@@ -608,10 +609,11 @@ public:
             restored.push_back(std::move(q));
         }
         r.finish();
-        // Formats 1 and 2 did not record which exchanges a streaming schedule started: those in
-        // flight, and those whose planned finish has nothing (the schedule must still plan it).
+        // Older formats did not record which exchanges the schedule started (streaming: formats
+        // 1 and 2; delayed: 1 to 4): those in flight, and those whose planned finish has nothing
+        // (the schedule must still plan it). A schedule whose stream recorded it ignores this.
         if constexpr (requires(std::vector<bool> v) { read_back.schedule.resume_started(v); }) {
-            if (r.format() < 3) {
+            if (r.format() < 5) {
                 std::vector<bool> started;
                 for (const pending& p : loaded) started.push_back(p.in_flight || p.lost);
                 read_back.schedule.resume_started(std::move(started));
@@ -646,12 +648,7 @@ public:
             f.started_steps = r.format() >= 2 ? p.started_steps : steps_at_save;
             f.lost = p.lost;
             f.sent_with = compress_hyper_;
-            // Formats 1 to 4 did not record it: the lr in force at the restart stands in.
-            if constexpr (requires { outer_hyper_.lr; }) {
-                f.sent_outer_lr = p.sent_outer_lr.value_or(outer_hyper_.lr);
-            } else {
-                f.sent_outer_lr = p.sent_outer_lr.value_or(1.0f);
-            }
+            f.sent_outer_lr = p.sent_outer_lr;  // formats 1 to 4: none (the restart's lr)
         }
         started_ = true;
         compared_ = false;  // the next start(), step() or sync() compares the ranks
@@ -734,14 +731,22 @@ public:
         const bool newcomer = !started_;
         comm_ = &group;
         engine_.adopt(std::move(next), !newcomer);
-        adopt_counters(std::move(read_back));
+        // A survivor keeps its own schedule state: under wallclock and proportional it is this
+        // worker's (its steps since the sync, its H_w, its round), and under the other
+        // schedules it equals the donor's. A newcomer takes the donor's, then is told it joined
+        // (wallclock: it has taken no step since the last sync).
+        adopt_counters(std::move(read_back), /*schedule_too=*/newcomer);
+        if (newcomer) {
+            if constexpr (requires { schedule_.joined(); }) schedule_.joined();
+        }
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             auto& f = frags_[i];
             f.outer_steps = counts[3 * i];
             f.skipped = counts[3 * i + 1];
-            f.lost = counts[3 * i + 2] == 1;
             f.in_flight = false;
             f.restart = false;
+            f.lost = false;
+            if (counts[3 * i + 2] == 1) nothing_to_finish(i);
             if (newcomer) merge(i, 0.0f);
         }
         started_ = true;
@@ -837,8 +842,8 @@ private:
         }
         return c;
     }
-    void adopt_counters(counters c) noexcept {
-        schedule_ = std::move(c.schedule);
+    void adopt_counters(counters c, bool schedule_too = true) noexcept {
+        if (schedule_too) schedule_ = std::move(c.schedule);
         skipped_syncs_ = c.skipped_syncs;
         skipped_state_syncs_ = c.skipped_state_syncs;
         state_skip_streaks_ = std::move(c.state_skip_streaks);
@@ -858,7 +863,7 @@ private:
         typename Compressor::hyper sent_with{};  // the compressor settings it was started with
         // The outer lr its encode used (error_feedback's fold_outer_lr reads it): a restarted
         // exchange (load()) is encoded again with it, not with the lr of the call it restarts at.
-        float sent_outer_lr = 1.0f;
+        std::optional<float> sent_outer_lr{};
         bool in_flight = false;           // an exchange started and not finished
         bool restart = false;             // loaded with an exchange in flight: start it again
         // The schedule's next planned finish has nothing to finish: sync() finished the exchange
@@ -1043,7 +1048,7 @@ private:
             }
         } catch (...) {
             for (const std::size_t f : travelling) {
-                if (!frags_[f].in_flight) frags_[f].lost = true;
+                if (!frags_[f].in_flight) nothing_to_finish(f);
             }
             throw;
         }
@@ -1052,6 +1057,19 @@ private:
         }
         for (const int j : plan.states) {
             average_inner_state(j);
+        }
+    }
+
+    // Fragment f has no exchange for the finish its schedule planned (sync() or flush() finished
+    // it early, regroup() dropped it, a failed call never started it). A schedule that can
+    // forget a start (streaming) then plans no finish, so that its H and tau may change at once;
+    // another keeps its plan, which finds nothing (`lost`) and is skipped.
+    void nothing_to_finish(std::size_t f) {
+        if constexpr (requires { schedule_.forget(f); }) {
+            schedule_.forget(f);
+            frags_[f].lost = false;
+        } else {
+            frags_[f].lost = true;
         }
     }
 
@@ -1069,17 +1087,9 @@ private:
         for (std::size_t f = 0; f < frags_.size(); ++f) {
             if (frags_[f].lost) nothing_planned.push_back(f);
         }
-        // A schedule that can forget a start (streaming) plans no finish for them, so that its
-        // H and tau may change at once; another keeps its plan, which finds nothing (`lost`).
         const auto mark = [&] {
             for (const std::size_t f : nothing_planned) {
-                if (frags_[f].in_flight) continue;
-                if constexpr (requires { schedule_.forget(f); }) {
-                    schedule_.forget(f);
-                    frags_[f].lost = false;
-                } else {
-                    frags_[f].lost = true;
-                }
+                if (!frags_[f].in_flight) nothing_to_finish(f);
             }
         };
         try {
@@ -1120,10 +1130,13 @@ private:
             report.norm = engine_.captured_norm(fi);
             report.inner_steps = static_cast<float>(f.started_steps);
         }
-        f.sent_with = compress_hyper_;
+        // A restarted exchange (load()) is sent as it was first: with the settings load()
+        // checked and the outer lr the checkpoint recorded (formats 1 to 4 did not: the lr in
+        // force now stands in).
+        if (!f.restart) f.sent_with = compress_hyper_;
         compress::encode_context ctx = context(fi);
-        if (f.restart) {
-            ctx.outer_lr = f.sent_outer_lr;
+        if (f.restart && f.sent_outer_lr) {
+            ctx.outer_lr = *f.sent_outer_lr;
         } else {
             f.sent_outer_lr = ctx.outer_lr;
         }

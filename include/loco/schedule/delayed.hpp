@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace loco::schedule {
 
@@ -31,7 +32,8 @@ public:
     static std::size_t fragments(const hyper&) noexcept { return 1; }
 
     sync_plan next(const hyper& h) noexcept {
-        if (started_ == unknown) started_ = calls_ >= h.every ? yes : no;  // a format 1-4 stream
+        // A format 1-4 stream that load() did not resolve (a schedule read on its own).
+        if (started_ == unknown) started_ = calls_ >= h.every ? yes : no;
         ++calls_;
         if (calls_ % h.every != 0) return nothing_now;
         // From the second round on, the previous round's exchange is applied before the new one
@@ -67,6 +69,13 @@ public:
             s.started_ = unknown;  // formats 1 to 4 derived it from calls / H
         }
         return s;
+    }
+
+    // A format 1-4 stream did not record it: loco::diloco's load() tells it whether the loaded
+    // checkpoint holds an exchange in flight (or a planned finish with nothing), which is the
+    // answer whatever H the resumed run uses. Ignored when the stream recorded it.
+    void resume_started(std::vector<bool> started) {
+        if (started_ == unknown && !started.empty()) started_ = started[0] ? yes : no;
     }
 
 private:

@@ -131,6 +131,7 @@ public:
             s.planned_every_ = r.u64("the period of the last plan");
             s.planned_overlap_ = r.u64("the overlap of the last plan");
         }
+        s.started_recorded_ = r.format() >= 3;
         if (r.format() >= 3) {
             const std::uint64_t n = r.u64("the number of streaming fragments");
             if (n > (std::uint64_t{1} << 20)) {
@@ -147,8 +148,11 @@ public:
     }
     // Format 1 and 2 streams did not record which exchanges this schedule started: loco::diloco's
     // load() tells it from what the checkpoint holds (an exchange in flight, or a planned finish
-    // that has nothing, per fragment).
-    void resume_started(std::vector<bool> started) { started_ = std::move(started); }
+    // that has nothing, per fragment). Ignored when the stream recorded them.
+    void resume_started(std::vector<bool> started) {
+        if (!started_recorded_) started_ = std::move(started);
+        started_recorded_ = true;
+    }
 
 private:
     std::uint64_t calls_ = 0;
@@ -156,6 +160,7 @@ private:
     std::uint64_t planned_overlap_ = 0;
     // Per fragment: its exchange was started by this schedule and not yet finished.
     std::vector<bool> started_;
+    bool started_recorded_ = true;  // false after reading a format 1 or 2 stream
     plan_buffer plan_;
 };
 

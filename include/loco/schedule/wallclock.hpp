@@ -130,6 +130,10 @@ public:
     std::uint64_t syncs() const noexcept { return syncs_; }
     std::uint64_t skipped_windows() const noexcept { return skipped_; }
 
+    // A newcomer healed by diloco::regroup() took the donor's state: it has taken no step since
+    // the last sync itself, and counting the donor's would count them twice in the agreed total.
+    void joined() noexcept { since_sync_ = 0; }
+
     std::uint64_t calls() const noexcept { return calls_; }
     // The clock is not saved: a resumed run opens a new window at its first step.
     void save(detail::checkpoint_writer& w) const { save_counters(w, *this, saved()); }

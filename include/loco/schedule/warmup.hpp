@@ -83,6 +83,13 @@ public:
         after_.forget(p);
     }
 
+    // A newcomer healed from a donor (wallclock: no steps of its own since the last sync).
+    void joined()
+        requires requires(S& s) { s.joined(); }
+    {
+        after_.joined();
+    }
+
     // Which exchanges the wrapped schedule started, for a checkpoint that did not record it.
     void resume_started(std::vector<bool> started)
         requires requires(S& s) { s.resume_started(std::move(started)); }
