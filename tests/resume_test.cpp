@@ -665,6 +665,63 @@ TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with,
     CHECK(saved(d) == before);
 }
 
+TEST_CASE("a format 4 stream with an exchange in flight, saved again before its restart, resumes "
+          "as the stream itself") {
+    // Written by loco at commit d381e04 (format 4, which did not record the outer lr an
+    // exchange in flight was encoded with): delayed H = 2, error_feedback<blockwise<2, 8>> with
+    // decay 0.9 folding the outer lr, outer SGD whose lr is 0.25 x call, w[i] = i / 4 - 1,
+    // g[i] = ((3 i + call) mod 5) / 8 - 1/4; saved after call 3. Its restart takes the lr of
+    // the call it restarts at; saved again at once (format 5), the lr is recorded as unknown, not
+    // as the lr of the save, so the resaved stream resumes bit for bit as the original.
+    const std::string format4 = bytes_from_hex(
+        "4c4f434f434b505404000000060000000000000064696c6f636f09000000000000006f757465725f7367641900000000"
+        "0000006572726f725f666565646261636b3c626c6f636b776973653e070000000000000064656c617965645b00000000"
+        "0000006572726f725f666565646261636b3c626c6f636b776973653c322c383e207363616c653d6162736d617820726f"
+        "756e643d6e6561726573743e2064656361793d302e38393939393939373620666f6c645f6f757465725f6c723d310d00"
+        "000000000000667261676d656e7420303a20770100000000000000000000000000000000000000000000000400000000"
+        "0000006d65616e11000000000000006f757465725f736764206c723d302e373501000000000000000000000000000000"
+        "030000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "010000000000000008000000000000000300000000000000000000000000000003000000000000007367640100000000"
+        "000000080000000000000000000000000000000000000000000000000000000000000000000000000000000800000000"
+        "000000000080bf000040bf000000bf000080be000000000000803e0000003f0000403f00000000000000000a00000000"
+        "000000616c6c5f6761746865720000000000000000000000000000000008000000000000000000000000000000000000"
+        "000000000000000000000000000000000000000000000000000000000001000000000000000200000000000000080000"
+        "0000000000c0cc4cbc00000000c0cc4c3c9c9919bd9a99193dc0cc4cbc00000000c0cc4c3c0200000000000000000000"
+        "0000000000672d7307e859fcbe");
+    REQUIRE(format4.size() == 637);
+    using ef = loco::compress::error_feedback<loco::compress::blockwise<2, 8>>;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, ef, loco::schedule::delayed>;
+    opt_t::config cfg{.inner = {.lr = 0.1f}, .outer = {.lr = 0.7f}, .schedule = {.every = 2}};
+    cfg.compress.decay = 0.9f;
+    cfg.compress.fold_outer_lr = true;
+    const std::vector<float> w_at_3{-0x1.033334p+0f, -0x1.79999ap-1f, -0x1.0cccccp-1f, -0x1p-2f,
+                                    0x1.99999ap-6f,  0x1.e66666p-3f,  0x1.066666p-1f, 0x1.733334p-1f};
+    loco::comm::single comm;
+    const auto resume = [&](const std::string& stream, bool save_again) {
+        std::vector<float> w = w_at_3, g(8);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        auto opt = std::make_unique<opt_t>(list, comm, cfg);
+        std::istringstream is(stream);
+        opt->load(is);
+        if (save_again) {
+            const std::string resaved = saved(*opt);
+            CHECK(static_cast<unsigned char>(resaved[8]) == 5);
+            opt = std::make_unique<opt_t>(list, comm, cfg);
+            std::istringstream again(resaved);
+            opt->load(again);
+        }
+        for (int call = 4; call <= 8; ++call) {
+            opt->outer_hyper().lr = 0.25f * float(call);
+            for (int i = 0; i < 8; ++i) g[std::size_t(i)] = 0.125f * float((i * 3 + call) % 5) - 0.25f;
+            opt->step();
+        }
+        opt->sync();
+        return w;
+    };
+    CHECK(resume(format4, true) == resume(format4, false));
+}
+
 TEST_CASE("a skip streak whose tensor has a name over 4096 bytes saves and loads") {
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
     const std::string name(5000, 'p');

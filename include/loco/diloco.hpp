@@ -514,8 +514,9 @@ public:
             w.u64(f.lost ? 1 : 0);                // format 2
             if constexpr (aggregate::stateful<Aggregate>) engine_.aggregate_state(i).save(w);
             if (flying) {  // format 5: what its encode used, for the restart
-                w.u64(std::bit_cast<std::uint32_t>(
-                    f.sent_outer_lr.value_or(context(i).outer_lr)));
+                // (unknown_outer_lr: loaded from a format 1-4 stream and not restarted yet)
+                w.u64(f.sent_outer_lr ? std::bit_cast<std::uint32_t>(*f.sent_outer_lr)
+                                      : unknown_outer_lr);
                 w.text(detail::describe_policy<Compressor>(f.sent_with));
             }
         }
@@ -588,8 +589,14 @@ public:
                 aggregate_states.push_back(aggregate::state_t<Aggregate>::read(r));
             }
             if (p.in_flight && r.format() >= 5) {
-                p.sent_outer_lr = std::bit_cast<float>(
-                    static_cast<std::uint32_t>(r.u64("the outer lr of an exchange in flight")));
+                const std::uint64_t lr = r.u64("the outer lr of an exchange in flight");
+                if (lr > std::numeric_limits<std::uint32_t>::max() && lr != unknown_outer_lr) {
+                    throw checkpoint_error("loco: checkpoint corrupted (the outer lr of an "
+                                           "exchange in flight)");
+                }
+                if (lr != unknown_outer_lr) {
+                    p.sent_outer_lr = std::bit_cast<float>(static_cast<std::uint32_t>(lr));
+                }
                 // The restart encodes with the live settings: refused if the exchange was started
                 // with others (they were changed while it travelled), which would send another
                 // payload than the run that saved it.
@@ -754,6 +761,10 @@ public:
     }
 
 private:
+    // In a checkpoint, the outer lr of an exchange in flight that was loaded from a format 1-4
+    // stream (which did not record it) and not restarted since: the restart's lr stands in.
+    static constexpr std::uint64_t unknown_outer_lr = std::uint64_t{1} << 32;
+
     // A fragment's syncs dropped in a row (for a non-finite aggregate, or refused by the
     // aggregation) and the tensor where the streak's first non-finite value was.
     struct skip_streak {
