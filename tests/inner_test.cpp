@@ -15,8 +15,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -85,6 +87,42 @@ template <class P>
 using has_case = boost::mp11::mp_contains<boost::mp11::mp_transform<policy_of, inner_cases>, P>;
 static_assert(boost::mp11::mp_all_of<builtin_inner, has_case>::value,
               "every built-in inner optimizer needs a conformance case");
+
+// The concept asks that update write its element (float& x): a rule taking x by value or by
+// const reference is refused (it would change nothing); a template taking it by forwarding
+// reference writes it, and is taken.
+namespace concept_probe {
+struct scalars {
+    float lr;
+};
+struct base {
+    static constexpr std::string_view name = "probe";
+    struct hyper {
+        float lr = 0.1f;
+    };
+    static constexpr int state_size = 0;
+    static scalars prepare(const hyper& h, std::uint64_t) { return {h.lr}; }
+};
+struct by_value : base {
+    static void update(const scalars& k, float x, float g, float*) { x -= k.lr * g; }
+};
+struct by_const_ref : base {
+    static void update(const scalars&, const float&, float, float*) {}
+};
+struct by_ref : base {
+    static void update(const scalars& k, float& x, float g, float*) noexcept { x -= k.lr * g; }
+};
+struct forwarding : base {
+    template <class X>
+    static void update(const scalars& k, X&& x, float g, float*) {
+        x -= k.lr * g;
+    }
+};
+static_assert(!loco::inner_optimizer<by_value>);
+static_assert(!loco::inner_optimizer<by_const_ref>);
+static_assert(loco::inner_optimizer<by_ref>);
+static_assert(loco::inner_optimizer<forwarding>);
+}  // namespace concept_probe
 
 template <class Policy>
 bool ambiguous(const typename Policy::hyper& h, double g, const double* s) {

@@ -26,6 +26,35 @@
 
 namespace loco {
 
+namespace detail {
+
+// Whether P::update writes its element: its second parameter a non-const lvalue reference. Only
+// a plain function can be asked (a template, such as update(const scalars&, X&& x, ...), or an
+// overload set has no one type, and is taken on trust).
+template <class F>
+struct second_parameter {
+    using type = float&;
+};
+template <class R, class A, class B, class... Rest>
+struct second_parameter<R (*)(A, B, Rest...)> {
+    using type = B;
+};
+template <class R, class A, class B, class... Rest>
+struct second_parameter<R (*)(A, B, Rest...) noexcept> {
+    using type = B;
+};
+template <class P>
+constexpr bool update_writes_element() {
+    if constexpr (requires { &P::update; }) {
+        using X = typename second_parameter<decltype(&P::update)>::type;
+        return std::is_lvalue_reference_v<X> && !std::is_const_v<std::remove_reference_t<X>>;
+    } else {
+        return true;
+    }
+}
+
+}  // namespace detail
+
 template <class P>
 concept elementwise_optimizer =
     requires {
@@ -39,9 +68,7 @@ concept elementwise_optimizer =
     } &&
     // x by non-const reference: the rule writes the new value there (an update taking x by
     // value, or by const reference, compiles and leaves every parameter as it was).
-    !requires(const typename P::hyper& h, std::uint64_t step, float g, float* s) {
-        P::update(P::prepare(h, step), float{}, g, s);
-    };
+    detail::update_writes_element<P>();
 
 // A per-matrix optimizer policy (Muon): the update of a whole rows x cols matrix at a time.
 //   static constexpr std::string_view name;  struct hyper { ... };  using workspace = ...;
@@ -143,9 +170,7 @@ constexpr bool check_elementwise_policy() {
     static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || has_update,
                   "loco: an optimizer policy needs `static void update(const scalars&, float& x, "
                   "float g, float* state)`; see docs/policies.md");
-    constexpr bool writes_x = !requires(const typename P::hyper& h, float g, float* s) {
-        P::update(P::prepare(h, std::uint64_t{}), float{}, g, s);
-    };
+    constexpr bool writes_x = update_writes_element<P>();
     static_assert(!has_hyper || !has_name || !has_state_size || !has_prepare || !has_update ||
                       writes_x,
                   "loco: an optimizer policy's `update` must take the element as `float& x` and "
