@@ -281,7 +281,75 @@ TEST_CASE("gpt: bad input gets one sentence that names the fix") {
         const char* data[] = {"loco_gpt", "--data", "shakespeare"};
         CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(data), o); }) ==
               "gpt: unknown --data 'shakespeare'; valid: fortunes, markov");
+        // strtoull skips leading spaces: " -1" wrapped to 2^64 - 1.
+        const char* spaced[] = {"loco_gpt", "--H", " -1"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(spaced), o); }) ==
+              "gpt: --H takes a whole number, not ' -1'");
     }
+}
+
+TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fails exits 1") {
+    // An unknown name, an impossible shape, a count of 0, a setting a policy refuses: a bad
+    // command line (2), refused before any data is loaded (they exited 1, some only after
+    // training had started: a --trim that leaves no worker at the first sync).
+    // AdamW and Nesterov, no compressor, every schedule, mean or trimmed_mean (compiled alone).
+    using trimmed = gpt::combinations<std::tuple<gpt::adamw_choice>,
+                                      std::tuple<gpt::nesterov_choice>,
+                                      std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
+                                      std::tuple<gpt::every_choice>,
+                                      std::tuple<gpt::mean_choice, gpt::trimmed_mean_choice>>;
+    const auto status = [](const gpt::options& o, std::string& err) {
+        std::FILE* out_file = std::tmpfile();
+        std::FILE* err_file = std::tmpfile();
+        REQUIRE(out_file != nullptr);
+        REQUIRE(err_file != nullptr);
+        const int s = gpt::run(
+            o,
+            [](const gpt::options& opts) {
+                return gpt::make_rule_factory<std::tuple<trimmed>, std::tuple<gpt::adamw_choice>,
+                                              gpt::no_splits>(opts);
+            },
+            out_file, err_file);
+        err = contents(err_file);
+        if (s == 2) CHECK(contents(out_file) == "");  // nothing was loaded or trained
+        std::fclose(out_file);
+        std::fclose(err_file);
+        return s;
+    };
+    std::string err;
+    gpt::options o = tiny_options(1);
+    o.inner = "adam";
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: unknown --inner 'adam'") == 0);
+    o = tiny_options(1);
+    o.model.heads = 3;
+    CHECK(status(o, err) == 2);
+    o = tiny_options(1);
+    o.steps = 0;
+    CHECK(status(o, err) == 2);
+    o = tiny_options(1);
+    o.every = 0;
+    CHECK(status(o, err) == 2);
+    o = tiny_options(1);
+    o.outer_momentum = 1.5f;
+    CHECK(status(o, err) == 2);
+    o = tiny_options(1);
+    o.aggregate = "trimmed_mean";
+    CHECK(status(o, err) == 2);
+    CHECK(err == "gpt: --trim 1 drops 2 x 1 of the 2 workers' values; choose 2B < --workers\n");
+    o = tiny_options(1);
+    o.sync_every_step = true;
+    o.schedule = "delayed";
+    CHECK(status(o, err) == 2);
+    CHECK(err == "gpt: --sync-every-step averages gradients every step, with no schedule; drop "
+                 "--schedule delayed\n");
+    // --require-below 0: no loss is below 0, so the finished run fails (it was taken as "off").
+    o = tiny_options(1);
+    o.steps = 2;
+    o.markov_bytes = 20000;
+    o.require_below = 0.0;
+    CHECK(status(o, err) == 1);
+    CHECK(err.find("is not below 0 (--require-below)") != std::string::npos);
 }
 
 TEST_CASE("gpt: the Markov source at a large sharpness keeps positive rows and an exact stationary distribution") {
@@ -352,8 +420,20 @@ TEST_CASE("gpt: validation runs every --eval-every steps, also between --log-eve
     }
     CHECK(steps == std::vector<std::uint64_t>{0, 4, 6, 8, 12});
     CHECK(validated == std::vector<std::uint64_t>{0, 6, 12});
-    // The train loss of each row is over the steps since the row before it.
-    for (std::size_t i = 1; i < r.rows.size(); ++i) CHECK(std::isfinite(r.rows[i].train_loss));
+    // The train loss of each row is the mean over the steps since the row before it: the same
+    // run with a row every step (the rows do not change the training) gives the per-step losses.
+    gpt::options every_step = o;
+    every_step.log_every = 1;
+    const gpt::run_result fine = gpt::train(every_step, data, adamw_rules(every_step), nullptr);
+    REQUIRE(fine.rows.size() == 13);
+    for (std::size_t i = 1; i < r.rows.size(); ++i) {
+        const std::uint64_t from = r.rows[i - 1].step, to = r.rows[i].step;
+        double sum = 0.0;
+        for (std::uint64_t k = from + 1; k <= to; ++k) sum += fine.rows[k].train_loss;
+        CAPTURE(to);
+        CHECK(r.rows[i].train_loss ==
+              doctest::Approx(sum / static_cast<double>(to - from)).epsilon(1e-6));
+    }
     // The CSV has the same rows, val_loss empty where it was not measured.
     namespace fs = std::filesystem;
     const fs::path path = fs::temp_directory_path() /

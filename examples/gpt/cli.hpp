@@ -6,6 +6,7 @@
 #include "policies.hpp"
 #include "residual_report.hpp"
 
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -89,7 +90,7 @@ inline void usage(std::FILE* to) {
         "                         all but mean are compiled with --inner adamw --outer nesterov\n"
         "                         --compress none --schedule every; median_norm_clip with\n"
         "                         --outer sgd --compress sparseloco (SparseLoCo); --compress demo\n"
-        "                         with --inner adamw --outer nesterov and mean only\n"
+        "                         with --inner adamw --outer nesterov and mean or scatter_mean\n"
         "  --trim B               trimmed_mean: values dropped at each end (default %llu; 2B < M)\n"
         "  --clip-tau X           centered_clip: radius tau (default %g)\n"
         "  --clip-iterations L    centered_clip: iterations (default %llu)\n"
@@ -145,7 +146,9 @@ inline std::uint64_t parse_count(std::string_view flag, const std::string& text)
     errno = 0;
     char* end = nullptr;
     const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-    if (text.empty() || text[0] == '-' || *end != '\0' || errno == ERANGE) {
+    // Digits only: strtoull skips leading spaces and takes " -1" as 2^64 - 1.
+    if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0])) || *end != '\0' ||
+        errno == ERANGE) {
         throw usage_error("gpt: " + std::string(flag) + " takes a whole number, not '" + text + "'");
     }
     return v;
@@ -236,7 +239,7 @@ inline bool parse(int argc, char** argv, options& o) {
         else if (flag == "--eval-sequences") o.eval_sequences = count();
         else if (flag == "--csv") o.csv = v;
         else if (flag == "--residual-csv") o.residual_csv = v;
-        else if (flag == "--require-below") o.require_below = real();
+        else if (flag == "--require-below") o.require_below = real();  // 0 too: nothing passes
         else throw usage_error("gpt: unknown option '" + flag + "'; see --help");
     }
     if (o.data != "fortunes" && o.data != "markov") {

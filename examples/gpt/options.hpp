@@ -95,7 +95,7 @@ struct options {
     std::string residual_csv;       // sparseloco, demo: a file for worker 0's residual at each
                                     // sync (residual_report.hpp), when set
     bool quiet = false;             // no progress lines
-    double require_below = 0.0;     // > 0: fail the run unless the final val loss is below it
+    std::optional<double> require_below;  // fail the run unless the final val loss is below it
 };
 
 }  // namespace gpt

@@ -221,7 +221,9 @@ namespace detail {
 template <class Combo>
 rule_factory make_diloco_factory(const options& o) {
     return dispatch<typename Combo::inners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+        validate_choice<I>(o);  // bad inner settings (--lr, --weight-decay, ...)
         return dispatch<typename Combo::outers>(o.outer, "--outer", [&]<class O>() -> rule_factory {
+            validate_choice<O>(o);  // and outer ones (--outer-momentum 1.5)
             return dispatch<typename Combo::compressors>(
                 o.compress, "--compress", [&]<class C>() -> rule_factory {
                     // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) too.
@@ -233,8 +235,20 @@ rule_factory make_diloco_factory(const options& o) {
                             validate_choice<S>(o);
                             return dispatch<typename Combo::aggregates>(
                                 o.aggregate, "--aggregate", [&]<class A>() -> rule_factory {
-                                    // So are bad aggregation settings.
+                                    // So are bad aggregation settings, and a trim that
+                                    // leaves no worker (the policy sees M only at a sync).
                                     validate_choice<A>(o);
+                                    if constexpr (std::is_same_v<typename A::type,
+                                                                 loco::aggregate::trimmed_mean>) {
+                                        const std::uint64_t b = A::hyper(o).trim;
+                                        if (2 * b >= static_cast<std::uint64_t>(o.workers)) {
+                                            throw loco::invalid_argument(
+                                                "gpt: --trim " + std::to_string(b) + " drops 2 x " +
+                                                std::to_string(b) + " of the " +
+                                                std::to_string(o.workers) +
+                                                " workers' values; choose 2B < --workers");
+                                        }
+                                    }
                                     return [&o](loco::comm::communicator& c, worker_state& w)
                                                -> std::unique_ptr<update_rule> {
                                         return std::make_unique<diloco_rule<I, O, C, S, A>>(o, c,
@@ -319,6 +333,11 @@ rule_factory make_rule_factory(const options& o) {
         if (o.aggregate != "mean") {
             throw loco::invalid_argument(
                 "gpt: --sync-every-step averages gradients; drop --aggregate " + o.aggregate);
+        }
+        if (o.schedule != "every") {
+            throw loco::invalid_argument(
+                "gpt: --sync-every-step averages gradients every step, with no schedule; drop "
+                "--schedule " + o.schedule);
         }
         return dispatch<SyncInners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
             return [&o](loco::comm::communicator& c, worker_state& w) -> std::unique_ptr<update_rule> {

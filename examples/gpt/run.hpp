@@ -22,17 +22,28 @@ namespace gpt {
 // The rule factory for options (make_rule_factory<...>).
 using rule_factory_maker = std::function<rule_factory(const options&)>;
 
-// Returns the exit status: 0 after a finished run, 1 when it fails (or misses --require-below).
-// The header lines, progress and summary go to `out`, errors to `err`.
+// Returns the exit status: 0 after a finished run, 1 when it fails (or misses --require-below),
+// 2 for options refused before anything is loaded (a bad command line: an impossible shape or
+// count, an unknown name, a setting a policy refuses). The header lines, progress and summary
+// go to `out`, errors to `err`.
 inline int run(const options& o, const rule_factory_maker& make_factory, std::FILE* out,
                std::FILE* err) {
+    std::optional<layout> checked;
+    rule_factory make_rule;
     try {
-        const layout lay(o.model);  // refuses an impossible shape before loading anything
+        checked.emplace(o.model);  // refuses an impossible shape before loading anything
         check_activations(o.model, std::max(o.batch, o.eval_sequences));  // (train checks again)
         check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
                      host_memory_bytes());  // and one too large for this host
-        const rule_factory make_rule = make_factory(o);  // and unknown names
-        std::optional<csv_file> csv;  // and a --csv that cannot be written
+        check_counts(o);                    // (train checks again)
+        make_rule = make_factory(o);        // and unknown names, bad settings
+    } catch (const std::exception& e) {
+        std::fprintf(err, "%s\n", e.what());
+        return 2;
+    }
+    const layout& lay = *checked;
+    try {
+        std::optional<csv_file> csv;  // a --csv that cannot be written: refused before loading
         if (!o.csv.empty()) csv.emplace(o.csv);
         const corpus data =
             o.data == "markov"
@@ -65,9 +76,9 @@ inline int run(const options& o, const rule_factory_maker& make_factory, std::FI
             std::fprintf(err, "gpt: the final validation loss is not finite\n");
             return 1;
         }
-        if (o.require_below > 0.0 && !(r.final_val_loss < o.require_below)) {
+        if (o.require_below && !(r.final_val_loss < *o.require_below)) {
             std::fprintf(err, "gpt: the final validation loss %.4f is not below %g "
-                              "(--require-below)\n", r.final_val_loss, o.require_below);
+                              "(--require-below)\n", r.final_val_loss, *o.require_below);
             return 1;
         }
         return 0;

@@ -53,6 +53,19 @@ struct run_result {
 };
 
 // The warm-up steps: --warmup, or min(100, steps / 10) when it is not given (0: none).
+// The counts a run needs at least one of; run.hpp checks them before anything is loaded.
+inline void check_counts(const options& o) {
+    if (o.workers < 1) {
+        throw loco::invalid_argument("gpt: --workers must be at least 1");
+    }
+    if (o.steps < 1 || o.batch < 1 || o.log_every < 1 || o.eval_every < 1 ||
+        o.eval_sequences < 1) {
+        throw loco::invalid_argument(
+            "gpt: --steps, --batch, --log-every, --eval-every and --eval-sequences must be at "
+            "least 1");
+    }
+}
+
 inline std::uint64_t warmup_steps(const options& o) {
     return o.warmup ? *o.warmup : std::min<std::uint64_t>(100, o.steps / 10);
 }
@@ -132,15 +145,7 @@ inline run_result train(const options& o, const corpus& data, const rule_factory
     check_activations(o.model, std::max(o.batch, o.eval_sequences));
     check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
                  host_memory_bytes());
-    if (o.workers < 1) {
-        throw loco::invalid_argument("gpt: --workers must be at least 1");
-    }
-    if (o.steps < 1 || o.batch < 1 || o.log_every < 1 || o.eval_every < 1 ||
-        o.eval_sequences < 1) {
-        throw loco::invalid_argument(
-            "gpt: --steps, --batch, --log-every, --eval-every and --eval-sequences must be at "
-            "least 1");
-    }
+    check_counts(o);
     for (int r = 0; r < o.workers; ++r) {
         check_fits(shard(data, r, o.workers), o.model.context,
                    "each of the " + std::to_string(o.workers) + " training shards");
