@@ -635,3 +635,72 @@ TEST_CASE("regroup: a streaming exchange it dropped no longer holds H and tau") 
     // H = 8 from call 2 on: fragment 0 applies at call 4 (started at 3), fragment 1 at call 8.
     CHECK(outer == std::array<std::uint64_t, 2>{2, 2});
 }
+
+TEST_CASE("regroup: a lockstep schedule is the donor's on every rank afterwards") {
+    // Streaming H = 4, P = 2, tau = 0. Rank 1 restarts from its own checkpoint of call 6 while
+    // rank 0 is at call 8; both regroup() onto a fresh group, donor 0. The schedule state is
+    // the donor's on both (when a survivor kept its own, rank 1 synced fragment 1 against rank
+    // 0's fragment 0 and the globals parted, with no error).
+    using streaming_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                     loco::schedule::streaming>;
+    const streaming_t::config cfg{
+        .inner = {.lr = 0.1f},
+        .schedule = {.every = 4, .fragments = 2, .overlap = 0, .alpha = 0.0f}};
+    auto first = std::make_shared<loco::comm::thread_group>(2);
+    auto second = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::vector<float>, 2> globals;
+    std::array<std::uint64_t, 2> calls{};
+    std::vector<std::thread> workers;
+    for (int r = 0; r < 2; ++r) {
+        workers.emplace_back([&, r] {
+            std::vector<float> a(4), ga(4), b(4), gb(4);
+            for (int i = 0; i < 4; ++i) {
+                a[std::size_t(i)] = 1.0f + float(i);
+                b[std::size_t(i)] = -1.0f - float(i);
+            }
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            const auto gradients = [&](int call) {
+                for (int i = 0; i < 4; ++i) {
+                    ga[std::size_t(i)] = 0.1f * float((r + 1) * (i + call));
+                    gb[std::size_t(i)] = -0.2f * float((r + 1) * (i - call));
+                }
+            };
+            loco::comm::threads c1(first, r);
+            auto opt = std::make_unique<streaming_t>(list, c1, cfg);
+            std::string at_6;
+            std::vector<float> a6, b6;
+            for (int call = 1; call <= 8; ++call) {
+                gradients(call);
+                opt->step();
+                if (call == 6) {
+                    std::ostringstream os;
+                    opt->save(os);
+                    at_6 = os.str();
+                    a6 = a;
+                    b6 = b;
+                }
+            }
+            loco::comm::threads c2(second, r);
+            if (r == 1) {
+                a = a6;
+                b = b6;
+                opt = std::make_unique<streaming_t>(list, c2, cfg);
+                std::istringstream is(at_6);
+                opt->load(is);
+            }
+            opt->regroup(c2, 0);
+            for (int k = 1; k <= 4; ++k) {
+                gradients(100 + k);
+                opt->step();
+            }
+            globals[std::size_t(r)].assign(opt->global().begin(), opt->global().end());
+            calls[std::size_t(r)] = opt->calls();
+        });
+    }
+    for (auto& t : workers) t.join();
+    CHECK(calls[0] == 12);
+    CHECK(calls[1] == calls[0]);
+    CHECK(globals[1] == globals[0]);
+}

@@ -83,12 +83,16 @@ TEST_CASE("wallclock: four workers at different speeds agree on the windows, s_i
                                                      .clock = clock.fn()};
             *clock.now += step_seconds[r];
             CHECK(s.next(h).empty());
+            // The first window of one step longer than T closes (it may be a pause); the second
+            // in a row raises.
+            *clock.now += step_seconds[r];
+            CHECK(!s.next(h).empty());
             *clock.now += step_seconds[r];
             CHECK_THROWS_WITH_AS(s.next(h), doctest::Contains("shorter than one step"),
                                  loco::invalid_argument);
         });
-        // A sync longer than T makes the next window one step long: raised, and the message
-        // says that the sync is counted.
+        // A sync longer than T makes the next window one step long: a second such window in a
+        // row raises, and the message says that the sync is counted.
         loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
             fake_clock clock;
             loco::schedule::wallclock s;
@@ -106,11 +110,14 @@ TEST_CASE("wallclock: four workers at different speeds agree on the windows, s_i
             CHECK(calls == 5);  // the window opened after call 1 and closed 0.5 s later
             *clock.now += 2.0;   // the sync
             *clock.now += 0.125; // one step
+            CHECK(!s.next(h).empty());
+            *clock.now += 2.0;   // the next sync, as long
+            *clock.now += 0.125;
             CHECK_THROWS_WITH_AS(s.next(h),
                                  "loco::schedule::wallclock: seconds (T = 0.5) is shorter than one "
                                  "step (2.125 s per step measured on average over the window, which "
-                                 "includes the sync that opened it, if any); raise T above the time "
-                                 "of a step and of a sync",
+                                 "includes the sync that opened it, if any, and over the window "
+                                 "before); raise T above the time of a step and of a sync",
                                  loco::invalid_argument);
         });
         CHECK_THROWS_AS(loco::schedule::wallclock::validate({.seconds = 0.0}), loco::invalid_argument);
@@ -359,4 +366,153 @@ TEST_CASE("warmup<every>: every step syncs for the first W calls, then every H f
           "warmup W=5 then every H=7");
     CHECK_THROWS_AS(loco::schedule::warmup<loco::schedule::every>::validate({.steps = 1, .then = {.every = 0}}),
                     loco::invalid_argument);
+}
+
+TEST_CASE("proportional (DyLU): the sync's time is not counted as a step's, and H_w survives a "
+          "load()") {
+    // Worker 1 slows from 1 s to 2 s per step after round 1; each sync takes 1000 s. With the
+    // timer restarted after the sync (synced(), which loco::diloco calls), H_1 is the formula's
+    // 50 from round 2 on; timed from the round's end, the sync pulled it towards H for rounds
+    // (91, 84, 79, ...).
+    std::array<std::vector<std::uint64_t>, 2> h_w;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        fake_clock clock;
+        loco::schedule::proportional s;
+        s.use_communicator(comm);
+        const loco::schedule::proportional::hyper h{.every = 100, .clock = clock.fn()};
+        while (s.rounds() < 5) {
+            *clock.now += (r == 1 && s.rounds() >= 1) ? 2.0 : 1.0;
+            if (!s.next(h).empty()) {
+                h_w[r].push_back(s.local_steps());
+                *clock.now += 1000.0;  // the outer sync
+                s.synced(h);
+            }
+        }
+    });
+    CHECK(h_w[1] == std::vector<std::uint64_t>{100, 50, 50, 50, 50});
+
+    // Step times 1 s and 8 s, H = 8: H_1 = 1. Resumed from a checkpoint of round 2, the
+    // straggler's first round after load() times no step (the first starts the timer); it keeps
+    // H_w = 1 instead of every worker falling back to H (a round of 8 x 8 s).
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::proportional>;
+    std::array<std::vector<int>, 2> straight, resumed;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        const double step_seconds = r == 0 ? 1.0 : 8.0;
+        fake_clock clock;
+        const opt_t::config cfg{.inner = {.lr = 0.1f},
+                                .schedule = {.every = 8, .clock = clock.fn()}};
+        const auto rounds = [&](opt_t& o, int n, std::vector<int>& calls) {
+            for (int k = 0; k < n; ++k) {
+                int c = 0;
+                do {
+                    ++c;
+                    *clock.now += step_seconds;
+                } while (!o.step().synced);
+                calls.push_back(c);
+            }
+        };
+        std::vector<float> w(2, 1.0f), g(2, 0.1f);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, cfg);
+        std::vector<int> first;
+        rounds(opt, 2, first);
+        CHECK(opt.schedule().local_steps() == (r == 0 ? 8u : 1u));
+        std::stringstream saved;
+        opt.save(saved);
+        rounds(opt, 3, straight[r]);
+        std::vector<float> w2(2, 1.0f), g2(2, 0.1f);
+        loco::parameter_list again_list;
+        again_list.add("w", w2, g2);
+        opt_t again(again_list, comm, cfg);
+        again.load(saved);
+        rounds(again, 3, resumed[r]);
+    });
+    CHECK(straight[1] == std::vector<int>{1, 1, 1});
+    CHECK(resumed[1] == straight[1]);
+    CHECK(resumed[0] == straight[0]);
+}
+
+TEST_CASE("wallclock: one pause longer than T closes its window, two windows in a row of one "
+          "step longer than T raise") {
+    // Steps of 1 s, T = 60 s; after the second sync every worker pauses 90 s (a checkpoint, an
+    // evaluation): the next window is that step and closes, and the run goes on. (It raised "T
+    // is shorter than one step".) A T shorter than every step still raises, at its second
+    // window.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::wallclock>;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        fake_clock clock;
+        std::vector<float> w(2, 1.0f), g(2, 0.1f);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm,
+                  {.inner = {.lr = 0.1f},
+                   .schedule = {.seconds = 60.0, .min_total_global_steps = 10,
+                                .clock = clock.fn()}});
+        int syncs = 0;
+        for (int c = 1; c <= 400 && syncs < 5; ++c) {
+            *clock.now += 1.0;
+            const bool synced = opt.step().synced;
+            syncs += synced ? 1 : 0;
+            if (synced && syncs == 2) *clock.now += 90.0;
+        }
+        CHECK(syncs == 5);
+        CHECK(opt.schedule().syncs() == 5);
+    });
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        fake_clock clock;
+        std::vector<float> w(2, 1.0f), g(2, 0.1f);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm,
+                  {.inner = {.lr = 0.1f},
+                   .schedule = {.seconds = 5.0, .min_total_global_steps = 1,
+                                .clock = clock.fn()}});
+        *clock.now += 10.0;
+        opt.step();  // opens the first window
+        *clock.now += 10.0;
+        CHECK(opt.step().synced);  // one step of 10 s: a pause, perhaps
+        *clock.now += 10.0;
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("is shorter than one step"),
+                             loco::invalid_argument);
+    });
+}
+
+TEST_CASE("wallclock: regroup opens a new window on every rank, and a newcomer counts no step of "
+          "its own since the sync") {
+    // One worker, T = 10 s, 1 s steps: 5 steps into a window, the handle regroups (the donor's
+    // state is this worker's own here). The next step opens a new window whatever the clock
+    // says (a survivor's old window would close up to T before a newcomer's, and wait that long
+    // in the agreement); it closes 10 steps later, and the agreed total counts the survivor's
+    // steps since the sync, or none of the newcomer's before it joined.
+    for (const bool newcomer : {false, true}) {
+        CAPTURE(newcomer);
+        loco::comm::single comm;
+        fake_clock clock;
+        loco::schedule::wallclock s;
+        s.use_communicator(comm);
+        const loco::schedule::wallclock::hyper h{.seconds = 10.0, .min_total_global_steps = 0,
+                                                 .clock = clock.fn()};
+        for (int c = 1; c <= 5; ++c) {
+            *clock.now += 1.0;
+            CHECK(s.next(h).empty());
+        }
+        loco::schedule::wallclock donor = s;
+        s.regrouped(donor, newcomer);
+        *clock.now += 100.0;  // the regroup took long
+        CHECK(s.next(h).empty());  // opens the window
+        int steps = 0;
+        bool synced = false;
+        while (!synced && steps < 50) {
+            *clock.now += 1.0;
+            synced = !s.next(h).empty();
+            ++steps;
+        }
+        CHECK(steps == 10);
+        CHECK(s.last_window().total_steps == (newcomer ? 11u : 16u));
+    }
 }

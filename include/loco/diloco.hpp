@@ -304,6 +304,10 @@ public:
         const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
         result.synced = !plan.finish.empty();
         run(plan);
+        // A schedule that times the workers' steps (proportional) leaves the sync out.
+        if constexpr (requires { schedule_.synced(schedule_hyper_); }) {
+            if (result.synced) schedule_.synced(schedule_hyper_);
+        }
         return result;
     }
 
@@ -334,6 +338,9 @@ public:
     const typename Aggregate::hyper& aggregate_hyper() const noexcept { return aggregate_hyper_; }
 
     std::uint64_t calls() const noexcept { return schedule_.calls(); }  // step() calls
+    // The schedule's state: what its workers agreed (wallclock's last_window(), proportional's
+    // local_steps() and speeds()), read between calls.
+    const schedule_type& schedule() const noexcept { return schedule_; }
     std::uint64_t inner_steps() const { return engine_.inner().steps(); }
     // Outer steps applied, over all fragments (one per sync for DiLoCo), and per fragment.
     std::uint64_t outer_steps() const noexcept {
@@ -738,13 +745,15 @@ public:
         const bool newcomer = !started_;
         comm_ = &group;
         engine_.adopt(std::move(next), !newcomer);
-        // A survivor keeps its own schedule state: under wallclock and proportional it is this
-        // worker's (its steps since the sync, its H_w, its round), and under the other
-        // schedules it equals the donor's. A newcomer takes the donor's, then is told it joined
-        // (wallclock: it has taken no step since the last sync).
-        adopt_counters(std::move(read_back), /*schedule_too=*/newcomer);
-        if (newcomer) {
-            if constexpr (requires { schedule_.joined(); }) schedule_.joined();
+        // Every rank takes the donor's schedule state, which puts a lockstep schedule (every,
+        // streaming, delayed, ...) back in step on every rank whatever each held. A schedule
+        // with state of each worker's own (wallclock: its steps since the sync and its window;
+        // proportional: its H_w and round) says what it takes: regrouped(donor, newcomer).
+        if constexpr (requires(schedule_type& s, schedule_type d) { s.regrouped(std::move(d), true); }) {
+            schedule_.regrouped(std::move(read_back.schedule), newcomer);
+            adopt_counters(std::move(read_back), /*schedule_too=*/false);
+        } else {
+            adopt_counters(std::move(read_back));
         }
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             auto& f = frags_[i];
@@ -752,8 +761,14 @@ public:
             f.skipped = counts[3 * i + 1];
             f.in_flight = false;
             f.restart = false;
-            f.lost = false;
-            if (counts[3 * i + 2] == 1) nothing_to_finish(i);
+            // No exchange is in flight on any rank now: a schedule that can forget its starts
+            // forgets them all; another finds nothing at the donor's lost ones.
+            if constexpr (requires { schedule_.forget(i); }) {
+                schedule_.forget(i);
+                f.lost = false;
+            } else {
+                f.lost = counts[3 * i + 2] == 1;
+            }
             if (newcomer) merge(i, 0.0f);
         }
         started_ = true;

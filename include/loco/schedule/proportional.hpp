@@ -102,8 +102,12 @@ public:
             }
         }
         const auto me = static_cast<std::size_t>(comm_->rank());
-        local_steps_ = h.every;
-        if (measured) {
+        if (!measured) {
+            // Some worker timed no step: its first round (every worker runs H), or a round of one
+            // step after a load() or a heal, whose first step starts the timer. Later rounds keep
+            // each worker's H_w (reset to H, the straggler would run the fastest one's H).
+            local_steps_ = rounds_ == 0 ? h.every : std::min(local_steps_, h.every);
+        } else {
             // H_w = floor(v_w / v_f * H) = floor(H n_w e_f / (n_f e_w)), n the timed steps and e
             // the elapsed seconds, f the fastest. For times exact in binary (3 s and 9 s steps)
             // the products are exact and the division rounds once, so an integer H_w comes out
@@ -125,12 +129,27 @@ public:
         return whole_model_now;
     }
 
+    // loco::diloco, after the sync a plan of this schedule ran: the next round is timed from
+    // here, so that a worker's speed is its steps' (the sync's time, the same for every worker,
+    // would pull every H_w towards H for many rounds after a speed change).
+    void synced(const hyper& h) { started_at_ = read_clock(h.clock); }
+
     // This worker's local steps in the current round, and the speeds (steps per second, in rank
     // order; -1: nothing timed) agreed at the last sync, rounded to float (H_w is derived from
     // the exact step counts and elapsed times).
     std::uint64_t local_steps() const noexcept { return local_steps_; }
     std::span<const float> speeds() const noexcept { return speeds_; }
     std::uint64_t rounds() const noexcept { return rounds_; }
+
+    // diloco::regroup() on every rank, with the donor's state: a survivor keeps its own (its
+    // H_w, its round so far, its timing: each worker's own); a newcomer takes the donor's round
+    // and H_w, to be measured at the next sync.
+    void regrouped(proportional donor, bool newcomer) {
+        if (!newcomer) return;
+        comm::communicator* const comm = comm_;
+        *this = std::move(donor);
+        comm_ = comm;
+    }
 
     std::uint64_t calls() const noexcept { return calls_; }
     // The clock is not saved: a resumed round is timed from its first step after load.

@@ -101,12 +101,21 @@ public:
         // when the previous one closes, before loco::diloco's sync, so its time includes that
         // sync (wall-clock semantics): a sync longer than T is caught here too, and the message
         // says so rather than blame the step alone.
-        if (sums[0] / sums[1] > h.seconds) {
+        if (!std::isfinite(sums[0])) {  // every rank sees the same sum, and raises alike
+            throw invalid_argument("loco::schedule::wallclock: a worker's clock gave a time that "
+                                   "is not finite; give hyper::clock a clock of finite seconds");
+        }
+        // One window of one step longer than T is a pause (a checkpoint or an evaluation after
+        // a sync, a long regroup): it closes, and the run goes on. Two in a row is a T shorter
+        // than a step (or than a sync), which would sync every step whatever T says.
+        short_windows_ = sums[0] / sums[1] > h.seconds ? short_windows_ + 1 : 0;
+        if (short_windows_ >= 2) {
             std::ostringstream os;
             os << "loco::schedule::wallclock: seconds (T = " << h.seconds
                << ") is shorter than one step (" << sums[0] / sums[1]
                << " s per step measured on average over the window, which includes the sync "
-                  "that opened it, if any); raise T above the time of a step and of a sync";
+                  "that opened it, if any, and over the window before); raise T above the time "
+                  "of a step and of a sync";
             throw invalid_argument(os.str());
         }
         if (last_.total_steps < h.min_total_global_steps) {
@@ -130,9 +139,22 @@ public:
     std::uint64_t syncs() const noexcept { return syncs_; }
     std::uint64_t skipped_windows() const noexcept { return skipped_; }
 
-    // A newcomer healed by diloco::regroup() took the donor's state: it has taken no step since
-    // the last sync itself, and counting the donor's would count them twice in the agreed total.
-    void joined() noexcept { since_sync_ = 0; }
+    // diloco::regroup() on every rank, with the donor's state. A survivor keeps its own steps
+    // since the last sync (they count in the agreed total) and its call count; a newcomer takes
+    // the donor's counters but has taken no step since the sync (the donor's would be counted
+    // twice). Every rank opens a new window at its next step, so that the windows of the group,
+    // newcomers included, close together (a survivor's older window would close up to T before
+    // a newcomer's, and wait that long in the agreement).
+    void regrouped(wallclock donor, bool newcomer) noexcept {
+        const std::uint64_t own_calls = calls_, own_steps = since_sync_;
+        comm::communicator* const comm = comm_;
+        *this = std::move(donor);
+        comm_ = comm;
+        calls_ = newcomer ? calls_ : own_calls;
+        since_sync_ = newcomer ? 0 : own_steps;
+        open_ = false;
+        window_steps_ = 0;
+    }
 
     std::uint64_t calls() const noexcept { return calls_; }
     // The clock is not saved: a resumed run opens a new window at its first step.
@@ -152,6 +174,7 @@ private:
     std::uint64_t calls_ = 0, since_sync_ = 0, window_steps_ = 0, syncs_ = 0, skipped_ = 0;
     double opened_at_ = 0.0;
     bool open_ = false;
+    std::uint64_t short_windows_ = 0;  // windows in a row whose mean step was longer than T
     window last_{};
 };
 

@@ -83,11 +83,20 @@ public:
         after_.forget(p);
     }
 
-    // A newcomer healed from a donor (wallclock: no steps of its own since the last sync).
-    void joined()
-        requires requires(S& s) { s.joined(); }
+    // After a sync of the wrapped schedule's plan (proportional restarts its round's timer).
+    void synced(const hyper& h)
+        requires requires(S& s, const typename S::hyper& then) { s.synced(then); }
     {
-        after_.joined();
+        if (!in_warmup_) after_.synced(h.then);
+    }
+
+    // diloco::regroup(): the wrapped schedule says what it takes from the donor; the warm-up's
+    // count is the group's.
+    void regrouped(warmup donor, bool newcomer)
+        requires requires(S& s, S d) { s.regrouped(std::move(d), true); }
+    {
+        warm_ = donor.warm_;
+        after_.regrouped(std::move(donor.after_), newcomer);
     }
 
     // Which exchanges the wrapped schedule started, for a checkpoint that did not record it.
@@ -102,6 +111,7 @@ public:
     }
 
     sync_plan next(const hyper& h) {
+        in_warmup_ = warm_ < h.steps;
         if (warm_ < h.steps) {
             ++warm_;
             plan_.clear();
@@ -134,6 +144,7 @@ public:
 
 private:
     std::uint64_t warm_ = 0;
+    bool in_warmup_ = false;  // the last plan was a warm-up sync (synced() is not the wrapped one's)
     S after_{};
     plan_buffer plan_;
 };
