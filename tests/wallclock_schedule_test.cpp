@@ -444,39 +444,37 @@ TEST_CASE("wallclock: one pause longer than T closes its window, two windows in 
     // window.
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
                                loco::schedule::wallclock>;
-    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
-        fake_clock clock;
-        std::vector<float> w(2, 1.0f), g(2, 0.1f);
-        loco::parameter_list list;
-        list.add("w", w, g);
-        opt_t opt(list, comm,
-                  {.inner = {.lr = 0.1f},
-                   .schedule = {.seconds = 60.0, .min_total_global_steps = 10,
-                                .clock = clock.fn()}});
+    // Two workers, 1-element models, on a fake clock: `then` runs on each.
+    const auto workers = [](double seconds, std::uint64_t min_steps, auto then) {
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            fake_clock clock;
+            std::vector<float> w(2, 1.0f), g(2, 0.1f);
+            loco::parameter_list list;
+            list.add("w", w, g);
+            opt_t opt(list, comm,
+                      {.inner = {.lr = 0.1f},
+                       .schedule = {.seconds = seconds, .min_total_global_steps = min_steps,
+                                    .clock = clock.fn()}});
+            then(opt, *clock.now);
+        });
+    };
+    workers(60.0, 10, [](opt_t& opt, double& now) {
         int syncs = 0;
         for (int c = 1; c <= 400 && syncs < 5; ++c) {
-            *clock.now += 1.0;
+            now += 1.0;
             const bool synced = opt.step().synced;
             syncs += synced ? 1 : 0;
-            if (synced && syncs == 2) *clock.now += 90.0;
+            if (synced && syncs == 2) now += 90.0;
         }
         CHECK(syncs == 5);
         CHECK(opt.schedule().syncs() == 5);
     });
-    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
-        fake_clock clock;
-        std::vector<float> w(2, 1.0f), g(2, 0.1f);
-        loco::parameter_list list;
-        list.add("w", w, g);
-        opt_t opt(list, comm,
-                  {.inner = {.lr = 0.1f},
-                   .schedule = {.seconds = 5.0, .min_total_global_steps = 1,
-                                .clock = clock.fn()}});
-        *clock.now += 10.0;
+    workers(5.0, 1, [](opt_t& opt, double& now) {
+        now += 10.0;
         opt.step();  // opens the first window
-        *clock.now += 10.0;
+        now += 10.0;
         CHECK(opt.step().synced);  // one step of 10 s: a pause, perhaps
-        *clock.now += 10.0;
+        now += 10.0;
         CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("is shorter than one step"),
                              loco::invalid_argument);
     });

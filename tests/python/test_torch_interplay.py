@@ -95,17 +95,23 @@ class VersionCounter(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, self.STALE):
             y.backward()
 
+    @staticmethod
+    def streaming_pair(**kw):
+        """Two parameters of 4 ones with gradients of 0.5, a fragment each: Streaming H = 4,
+        P = 2, tau = 1 on one worker."""
+        ps = []
+        for name in ("w", "u"):
+            p = torch.nn.Parameter(torch.ones(4))
+            p.grad = torch.full((4,), 0.5)
+            ps.append((name, p))
+        return ps, loco.DiLoCo(ps, loco.Single(), **kw,
+                               schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+
     def test_flush_applies_only_what_is_in_flight_and_bumps(self):
         # Streaming, H = 4, P = 2, tau = 1: fragment 0's exchange starts at call 1 (due at call
         # 2). flush() applies it (one outer step; sync() would add one per fragment); call 2 then
         # has nothing to finish, and fragment 1 goes on as planned (start 3, apply 4).
-        ps = []
-        for name in ("w", "v"):
-            p = torch.nn.Parameter(torch.ones(4))
-            p.grad = torch.full((4,), 0.5)
-            ps.append((name, p))
-        opt = loco.DiLoCo(ps, loco.Single(),
-                          schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+        ps, opt = self.streaming_pair()
         opt.step()
         w = ps[0][1]
         y = (w * w).sum()
@@ -122,13 +128,7 @@ class VersionCounter(unittest.TestCase):
     def test_a_call_that_wrote_and_then_raised_still_bumps(self):
         # sync() applies fragment 0 (w), then fragment 1's non-finite average raises: w changed,
         # so a graph built before must raise in backward() (it used w's new values silently).
-        ps = []
-        for name in ("w", "u"):
-            p = torch.nn.Parameter(torch.ones(4))
-            p.grad = torch.full((4,), 0.5)
-            ps.append((name, p))
-        opt = loco.DiLoCo(ps, loco.Single(), on_nonfinite="raise",
-                          schedule=loco.Streaming(every=4, fragments=2, overlap=1))
+        ps, opt = self.streaming_pair(on_nonfinite="raise")
         opt.step()
         w, u = ps[0][1], ps[1][1]
         with torch.no_grad():
