@@ -338,6 +338,11 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     CHECK(status(o, err) == 2);
     CHECK(err == "gpt: --trim 1 drops 2 x 1 of the 2 workers' values; choose 2B < --workers\n");
     o = tiny_options(1);
+    o.schedule = "streaming";
+    o.fragments = 4;  // 1 layer: fragments are whole layers
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --fragments 4 needs at least that many layers") == 0);
+    o = tiny_options(1);
     o.sync_every_step = true;
     o.schedule = "delayed";
     CHECK(status(o, err) == 2);

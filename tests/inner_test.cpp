@@ -112,6 +112,9 @@ struct by_const_ref : base {
 struct by_ref : base {
     static void update(const scalars& k, float& x, float g, float*) noexcept { x -= k.lr * g; }
 };
+struct by_auto_value : base {
+    static void update(const scalars& k, auto x, float g, float*) { x -= k.lr * g; }
+};
 struct forwarding : base {
     template <class X>
     static void update(const scalars& k, X&& x, float g, float*) {
@@ -121,6 +124,7 @@ struct forwarding : base {
 static_assert(!loco::inner_optimizer<by_value>);
 static_assert(!loco::inner_optimizer<by_const_ref>);
 static_assert(loco::inner_optimizer<by_ref>);
+static_assert(!loco::inner_optimizer<by_auto_value>);  // a template too: called with a probe
 static_assert(loco::inner_optimizer<forwarding>);
 }  // namespace concept_probe
 

@@ -19,9 +19,13 @@
 #include "support/random.hpp"
 
 #include <array>
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <sstream>
+#include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -513,4 +517,74 @@ TEST_CASE("wallclock: regroup opens a new window on every rank, and a newcomer c
         CHECK(steps == 10);
         CHECK(s.last_window().total_steps == (newcomer ? 11u : 16u));
     }
+}
+
+TEST_CASE("wallclock: an infinite time when a window opens raises on every rank at the agreement") {
+    // Rank 1's clock reads +inf once, when its first window opens: every later elapsed time is
+    // -inf, which never reached T, so rank 1 trained on alone while rank 0 waited in the
+    // agreement until the group's timeout. The window now closes, and both ranks raise.
+    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(20));
+    std::array<std::string, 2> errors;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < 2; ++r) {
+        ranks.emplace_back([&, r] {
+            loco::comm::threads comm(group, r);
+            auto now = std::make_shared<double>(0.0);
+            auto reads = std::make_shared<int>(0);
+            loco::schedule::wallclock s;
+            s.use_communicator(comm);
+            const loco::schedule::wallclock::hyper h{
+                .seconds = 5.0, .min_total_global_steps = 0, .clock = [=] {
+                    return r == 1 && (*reads)++ == 0 ? std::numeric_limits<double>::infinity()
+                                                     : *now;
+                }};
+            try {
+                for (int c = 0; c < 40; ++c) {
+                    *now += 1.0;
+                    s.next(h);
+                }
+            } catch (const std::exception& e) {
+                errors[std::size_t(r)] = e.what();
+            }
+        });
+    }
+    for (auto& t : ranks) t.join();
+    for (const auto& e : errors) {
+        CAPTURE(e);
+        CHECK(e.find("clock gave a time that is not finite") != std::string::npos);
+    }
+}
+
+TEST_CASE("proportional (DyLU): after a regroup every rank times its steps afresh") {
+    // Steps of 1 s on both ranks, H = 10. Rank 0 survives a regroup that took 300 s, rank 1 is
+    // the newcomer: both time the next round from their next step, so the speeds are equal and
+    // H_w stays 10 (timing across the regroup, the survivor measured a speed of 3% and ran 1).
+    std::array<std::uint64_t, 2> h_w{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        fake_clock clock;
+        loco::schedule::proportional s;
+        s.use_communicator(comm);
+        const loco::schedule::proportional::hyper h{.every = 10, .clock = clock.fn()};
+        for (int c = 0; c < 23; ++c) {  // two rounds and 3 steps
+            *clock.now += 1.0;
+            if (!s.next(h).empty()) s.synced(h);
+        }
+        // The donor's state as regroup() sends it: through the checkpoint container, which
+        // does not carry the clock.
+        std::stringstream blob;
+        {
+            loco::detail::checkpoint_writer w(blob);
+            s.save(w);
+            w.finish();
+        }
+        loco::detail::checkpoint_reader read_back(blob);
+        loco::schedule::proportional donor = loco::schedule::proportional::read(read_back);
+        read_back.finish();
+        *clock.now += 300.0;  // the failure and the regroup
+        s.regrouped(std::move(donor), /*newcomer=*/r == 1);
+        while (s.next(h).empty()) *clock.now += 1.0;
+        h_w[r] = s.local_steps();
+    });
+    CHECK(h_w == std::array<std::uint64_t, 2>{10, 10});
 }

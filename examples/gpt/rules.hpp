@@ -321,6 +321,11 @@ rule_factory make_rule_factory(const options& o) {
                                      "'; valid: fragment, tensor");
     }
     detail::check_attack(o);
+    if (o.schedule == "streaming" && !o.sync_every_step && o.fragments > o.model.layers) {
+        throw loco::invalid_argument("gpt: --fragments " + std::to_string(o.fragments) +
+                                     " needs at least that many layers (fragments are whole "
+                                     "layers; --layers " + std::to_string(o.model.layers) + ")");
+    }
     if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
         throw loco::invalid_argument(residual_csv_refusal);
     }

@@ -28,9 +28,14 @@ namespace loco {
 
 namespace detail {
 
-// Whether P::update writes its element: its second parameter a non-const lvalue reference. Only
-// a plain function can be asked (a template, such as update(const scalars&, X&& x, ...), or an
-// overload set has no one type, and is taken on trust).
+// Whether P::update writes its element: its second parameter a non-const lvalue reference. A
+// plain function is asked its type; a template or an overload set is called with an lvalue that
+// cannot be copied but converts to float&: by value (`auto x`) it does not compile, by forwarding
+// reference (`X&& x`) or `float& x` it does. (A template taking `const X&` is not caught.)
+struct element_probe {
+    element_probe(const element_probe&) = delete;
+    operator float&() const;  // never called: the probe lives in unevaluated operands only
+};
 template <class F>
 struct second_parameter {
     using type = float&;
@@ -49,7 +54,9 @@ constexpr bool update_writes_element() {
         using X = typename second_parameter<decltype(&P::update)>::type;
         return std::is_lvalue_reference_v<X> && !std::is_const_v<std::remove_reference_t<X>>;
     } else {
-        return true;
+        return requires(const typename P::hyper& h, element_probe& x, float g, float* s) {
+            P::update(P::prepare(h, std::uint64_t{}), x, g, s);
+        };
     }
 }
 

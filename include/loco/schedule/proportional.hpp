@@ -141,14 +141,18 @@ public:
     std::span<const float> speeds() const noexcept { return speeds_; }
     std::uint64_t rounds() const noexcept { return rounds_; }
 
-    // diloco::regroup() on every rank, with the donor's state: a survivor keeps its own (its
-    // H_w, its round so far, its timing: each worker's own); a newcomer takes the donor's round
-    // and H_w, to be measured at the next sync.
+    // diloco::regroup() on every rank, with the donor's state: a survivor keeps its H_w and its
+    // round so far (each worker's own); a newcomer takes the donor's round and H_w. Every rank
+    // times its steps afresh from its next step, as after load(): the failure and the regroup
+    // are no worker's steps (a survivor timing across them measured a speed of a few percent).
     void regrouped(proportional donor, bool newcomer) {
-        if (!newcomer) return;
-        comm::communicator* const comm = comm_;
-        *this = std::move(donor);
-        comm_ = comm;
+        if (newcomer) {
+            comm::communicator* const comm = comm_;
+            *this = std::move(donor);
+            comm_ = comm;
+        }
+        timing_ = false;
+        timed_ = 0;
     }
 
     std::uint64_t calls() const noexcept { return calls_; }

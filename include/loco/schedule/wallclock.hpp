@@ -85,10 +85,14 @@ public:
             return nothing_now;
         }
         ++window_steps_;
-        if (now - opened_at_ < h.seconds) return nothing_now;
+        // A time that is not finite (a clock gone wrong, here or when the window opened) closes
+        // the window, so that this rank reaches the agreement and every rank raises there (an
+        // infinite opening time left this rank's window open for good, its peers waiting).
+        const double elapsed = now - opened_at_;
+        if (std::isfinite(elapsed) && elapsed < h.seconds) return nothing_now;
 
         // The window closed on this worker: agree on the time and the steps of all of them.
-        float sums[3] = {static_cast<float>(now - opened_at_), static_cast<float>(window_steps_),
+        float sums[3] = {static_cast<float>(elapsed), static_cast<float>(window_steps_),
                          static_cast<float>(since_sync_)};
         comm_->all_reduce(host_tensor(sums, 3), comm::reduce_op::sum);
         const double m = comm_->size();
