@@ -292,11 +292,12 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     // An unknown name, an impossible shape, a count of 0, a setting a policy refuses: a bad
     // command line (2), refused before any data is loaded (they exited 1, some only after
     // training had started: a --trim that leaves no worker at the first sync).
-    // AdamW and Nesterov, no compressor, every schedule, mean or trimmed_mean (compiled alone).
+    // AdamW and Nesterov, no compressor, every or streaming, mean or trimmed_mean (compiled
+    // alone).
     using trimmed = gpt::combinations<std::tuple<gpt::adamw_choice>,
                                       std::tuple<gpt::nesterov_choice>,
                                       std::tuple<std::tuple_element_t<0, gpt::compress_choices>>,
-                                      std::tuple<gpt::every_choice>,
+                                      std::tuple<gpt::every_choice, gpt::streaming_choice>,
                                       std::tuple<gpt::mean_choice, gpt::trimmed_mean_choice>>;
     const auto status = [](const gpt::options& o, std::string& err) {
         std::FILE* out_file = std::tmpfile();
@@ -339,6 +340,7 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     CHECK(err == "gpt: --trim 1 drops 2 x 1 of the 2 workers' values; choose 2B < --workers\n");
     o = tiny_options(1);
     o.schedule = "streaming";
+    o.every = 12;
     o.fragments = 4;  // 1 layer: fragments are whole layers
     CHECK(status(o, err) == 2);
     CHECK(err.find("gpt: --fragments 4 needs at least that many layers") == 0);

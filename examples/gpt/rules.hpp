@@ -233,6 +233,17 @@ rule_factory make_diloco_factory(const options& o) {
                             // A bad schedule (H not a multiple of P) is refused before any data
                             // is loaded.
                             validate_choice<S>(o);
+                            // Fragments are whole layers (layer_of): more would leave one empty.
+                            if constexpr (std::is_same_v<typename S::type,
+                                                         loco::schedule::streaming>) {
+                                if (o.fragments > o.model.layers) {
+                                    throw loco::invalid_argument(
+                                        "gpt: --fragments " + std::to_string(o.fragments) +
+                                        " needs at least that many layers (fragments are whole "
+                                        "layers; --layers " + std::to_string(o.model.layers) +
+                                        ")");
+                                }
+                            }
                             return dispatch<typename Combo::aggregates>(
                                 o.aggregate, "--aggregate", [&]<class A>() -> rule_factory {
                                     // So are bad aggregation settings, and a trim that
@@ -321,11 +332,6 @@ rule_factory make_rule_factory(const options& o) {
                                      "'; valid: fragment, tensor");
     }
     detail::check_attack(o);
-    if (o.schedule == "streaming" && !o.sync_every_step && o.fragments > o.model.layers) {
-        throw loco::invalid_argument("gpt: --fragments " + std::to_string(o.fragments) +
-                                     " needs at least that many layers (fragments are whole "
-                                     "layers; --layers " + std::to_string(o.model.layers) + ")");
-    }
     if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
         throw loco::invalid_argument(residual_csv_refusal);
     }
