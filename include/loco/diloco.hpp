@@ -49,6 +49,7 @@
 #include <cstring>
 #include <exception>
 #include <istream>
+#include <limits>
 #include <optional>
 #include <ostream>
 #include <sstream>
