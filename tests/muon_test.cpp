@@ -883,6 +883,74 @@ TEST_CASE("muon: the workspace is reused across shapes without changing results"
     }
 }
 
+namespace reserve_case {
+
+// Muon that counts the reserve calls, and the updates that had to grow the workspace (a buffer
+// moved). Counters are static: the optimizer's workspace is private to it.
+struct watched_muon : muon {
+    static inline std::size_t reserves = 0;
+    static inline std::size_t grown = 0;
+    static void reserve(workspace& ws, std::size_t rows, std::size_t cols) {
+        ++reserves;
+        muon::reserve(ws, rows, cols);
+    }
+    static void update_matrix(const hyper& h, std::uint64_t step, float* x, const float* g,
+                              float* s, std::size_t rows, std::size_t cols, workspace& ws) {
+        const auto buffers = [&ws] {
+            return std::vector<const float*>{ws.update.data(), ws.ns.iterate.data(),
+                                             ws.ns.gram.data(), ws.ns.poly.data(),
+                                             ws.ns.scratch.data()};
+        };
+        const auto before = buffers();
+        muon::update_matrix(h, step, x, g, s, rows, cols, ws);
+        if (buffers() != before) ++grown;
+    }
+};
+
+}  // namespace reserve_case
+
+// The optimizer reserves every matrix's scratch memory when it is built, so that a step never
+// allocates: an allocation failing in the middle of a step would leave the matrices before it
+// updated (and the step count not), and a retry would apply them twice.
+TEST_CASE("muon: the optimizer reserves every matrix's scratch memory, so a step allocates none") {
+    using reserve_case::watched_muon;
+    static_assert(loco::matrix_optimizer<watched_muon>);
+    auto rng = rng_for("muon/reserve");
+    // Small first, then tall, square and wide ones that each need more of some buffer.
+    const std::vector<shape> sizes{{3, 5}, {200, 10}, {60, 60}, {4, 300}};
+    std::vector<std::vector<float>> values, grads;
+    for (const shape s : sizes) {
+        values.push_back(normal_floats(rng, s.rows * s.cols));
+        grads.push_back(normal_floats(rng, s.rows * s.cols));
+    }
+    loco::parameter_list params;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        params.add_views("w" + std::to_string(i),
+                         loco::host_matrix(values[i].data(), sizes[i].rows, sizes[i].cols),
+                         loco::host_matrix(static_cast<const float*>(grads[i].data()),
+                                           sizes[i].rows, sizes[i].cols),
+                         {.role = loco::role::matrix});
+    }
+    watched_muon::reserves = 0;
+    watched_muon::grown = 0;
+    loco::optimizer<watched_muon> opt(params);
+    CHECK(watched_muon::reserves == sizes.size());
+    auto reference = values;  // plain Muon, one matrix at a time, each with a fresh workspace
+    std::vector<std::vector<float>> momenta;
+    for (const auto& v : values) momenta.emplace_back(v.size(), 0.0f);
+    for (int step = 1; step <= 3; ++step) {
+        REQUIRE(opt.step().applied);
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            loco::inner::muon_workspace ws;
+            muon::update_matrix({}, static_cast<std::uint64_t>(step), reference[i].data(),
+                                grads[i].data(), momenta[i].data(), sizes[i].rows,
+                                sizes[i].cols, ws);
+        }
+    }
+    CHECK(watched_muon::grown == 0);
+    CHECK(values == reference);
+}
+
 TEST_CASE("muon: hyper-parameters are validated") {
     const auto bad = [](muon::hyper h, const char* what) {
         INFO(what);

@@ -257,6 +257,13 @@ public:
 
     explicit inner_engine(const parameter_list& params) : flat_state<Inner>(params) {
         require_matrices(params, Inner::name, "host_matrix");
+        // The scratch memory of the largest matrix, now: a step that allocated it on the way
+        // could fail after updating the matrices before it.
+        if constexpr (requires(typename Inner::workspace& ws, std::size_t n) {
+                          Inner::reserve(ws, n, n);
+                      }) {
+            for (const auto& p : params) Inner::reserve(workspace_, p.matrix_rows(), p.matrix_cols());
+        }
     }
 
     static void validate(const hyper_type& h) { validate_hyper<Inner>(h); }

@@ -194,6 +194,16 @@ struct muon {
             "were not updated");
     }
 
+    // Grows `ws` to what update_matrix needs for a rows x cols matrix. loco::optimizer calls it
+    // for every matrix when it is built, so that a step never allocates (an allocation failing
+    // after the first matrices moved would leave a step half applied); update_matrix calls it
+    // too, before it writes anything, for callers that did not.
+    static void reserve(muon_workspace& ws, std::size_t rows, std::size_t cols) {
+        const std::size_t size = loco::detail::matrix_elements(rows, cols);  // shape_error
+        if (ws.update.size() < size) ws.update.resize(size);
+        ws.ns.reserve_for(std::max(rows, cols), std::min(rows, cols));
+    }
+
     // One update of the rows x cols row-major matrix `param` from its gradient; `momentum` holds
     // rows * cols floats of state, zero before the first step. Muon has no bias correction, so
     // `step` (counting from 1) is not used; it is taken for uniformity with the element-wise
@@ -210,7 +220,7 @@ struct muon {
         const std::size_t size = loco::detail::matrix_elements(rows, cols);  // shape_error
         if (rows == 0 || cols == 0) return;
         const scalars k = prepare(h, rows, cols);
-        if (ws.update.size() < size) ws.update.resize(size);
+        reserve(ws, rows, cols);  // may throw bad_alloc: before anything is written
         float* u = ws.update.data();
 
         // The input is formed without touching the buffer, so that a non-finite one can still
