@@ -8,6 +8,7 @@
 #include <loco/loco.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <ios>
@@ -305,6 +306,53 @@ TEST_CASE("a corrupted length of an aggregation's state is refused, not allocate
     }
     std::istringstream is(good);
     CHECK_NOTHROW(opt.load(is));
+}
+
+TEST_CASE("a step count of 2^64 - 1 is refused on load, not wrapped to 0 at the next step") {
+    // At 2^64 - 1 the next AdamW step would count from 0: bias correction 1 - beta^0 = 0, a step
+    // size of lr / 0, and every parameter NaN without an error. No run gets there; a corrupted
+    // stream whose checksum still holds must be refused.
+    using opt_t = loco::optimizer<loco::inner::adamw>;
+    model mdl("step count wrap");
+    opt_t opt(mdl.list);
+    for (int s = 0; s < 7; ++s) {
+        mdl.set_gradients("step count wrap", s);
+        opt.step();
+    }
+    const std::string good = saved(opt);
+    // The step count (7) is followed by the skipped count (0); find that pair, once.
+    const std::uint64_t pair[2] = {7, 0};
+    std::size_t at = std::string::npos;
+    int found = 0;
+    for (std::size_t i = 0; i + 16 <= good.size(); ++i) {
+        if (std::memcmp(good.data() + i, pair, 16) == 0) {
+            at = i;
+            ++found;
+        }
+    }
+    REQUIRE(found == 1);
+    for (const std::uint64_t count : {~std::uint64_t{0}, ~std::uint64_t{0} - 1}) {
+        CAPTURE(count);
+        std::string edited = good;
+        std::memcpy(edited.data() + at, &count, 8);
+        loco::detail::fnv1a64 h;
+        h.add(edited.data(), edited.size() - 8);
+        const std::uint64_t sum = h.value();
+        std::memcpy(edited.data() + edited.size() - 8, &sum, 8);
+        std::istringstream is(edited);
+        if (count == ~std::uint64_t{0}) {
+            CHECK_THROWS_WITH_AS(opt.load(is), doctest::Contains("the inner step count 2^64 - 1"),
+                                 loco::checkpoint_error);
+            CHECK(opt.steps() == 7);
+            CHECK(saved(opt) == good);
+        } else {  // one below: the next step is the last that can be counted, and is finite
+            REQUIRE_NOTHROW(opt.load(is));
+            mdl.set_gradients("step count wrap", 7);
+            CHECK(opt.step().applied);
+            CHECK(opt.steps() == ~std::uint64_t{0});
+            for (const float v : mdl.values()) CHECK(std::isfinite(v));
+        }
+    }
 }
 
 TEST_CASE("a checkpoint of another policy, model, handle, worker count or rank is refused") {

@@ -82,7 +82,7 @@ public:
     void save(checkpoint_writer& w) const { w.u64(calls_); }
     static due_schedule read(checkpoint_reader& r) {
         due_schedule s;
-        s.calls_ = r.u64("the step call count");
+        s.calls_ = r.counter("the step call count");
         return s;
     }
 
@@ -573,8 +573,8 @@ public:
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             pending p;
             typename engine_type::fragment_restore q;
-            p.outer_steps = r.u64("a fragment's outer step count");
-            p.skipped = r.u64("a fragment's skipped sync count");
+            p.outer_steps = r.counter("a fragment's outer step count");
+            p.skipped = r.counter("a fragment's skipped sync count");
             q.state.resize(engine_.compressor_state_size(i));
             r.floats(q.state, "the compressor state");
             q.server.resize(engine_.server_state_size(i));
@@ -836,28 +836,28 @@ private:
     }
     counters read_counters(detail::checkpoint_reader& r) const {
         schedule_type s = schedule_type::read(r);
-        const std::uint64_t skipped = r.u64("the skipped sync count");
-        const std::uint64_t consecutive = r.u64("the consecutive skipped sync count");
+        const std::uint64_t skipped = r.counter("the skipped sync count");
+        const std::uint64_t consecutive = r.counter("the consecutive skipped sync count");
         // A parameter's name, which may be longer than text()'s usual bound.
         std::uint64_t name_bound = detail::checkpoint_reader::max_text_bytes;
         for (const auto& p : tensors()) name_bound = std::max<std::uint64_t>(name_bound, p.name.size());
         counters c{std::move(s), skipped, consecutive,
                    r.text("the first non-finite tensor", name_bound)};
         if (r.format() >= 3) {
-            c.skipped_state_syncs = r.u64("the skipped state sync count");
+            c.skipped_state_syncs = r.counter("the skipped state sync count");
             const std::uint64_t arrays = r.u64("the number of state skip streaks");
             if (arrays > 64) {
                 throw checkpoint_error("loco: checkpoint corrupted: the number of state skip "
                                        "streaks has an implausible value");
             }
             c.state_skip_streaks.resize(static_cast<std::size_t>(arrays));
-            for (auto& n : c.state_skip_streaks) n = r.u64("a state skip streak");
+            for (auto& n : c.state_skip_streaks) n = r.counter("a state skip streak");
         }
         if (r.format() >= 5) {
             r.expect_u64(frags_.size(), "the number of fragment skip streaks");
             c.fragment_streaks.resize(frags_.size());
             for (auto& f : c.fragment_streaks) {
-                f.count = r.u64("a fragment's skip streak");
+                f.count = r.counter("a fragment's skip streak");
                 f.first_nonfinite =
                     r.text("the first non-finite tensor of a fragment's streak", name_bound);
             }

@@ -496,8 +496,8 @@ private:
     section read_section(detail::checkpoint_reader& r) const {
         detail::read_layout(r, params_);
         section s;
-        s.steps = r.u64("the inner step count");
-        s.skipped = r.u64("the skipped step count");
+        s.steps = r.counter("the inner step count");
+        s.skipped = r.counter("the skipped step count");
         s.state = engine_.read(r);
         return s;
     }

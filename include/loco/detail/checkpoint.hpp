@@ -16,6 +16,7 @@
 #include <fstream>
 #include <ios>
 #include <istream>
+#include <limits>
 #include <ostream>
 #include <span>
 #include <string>
@@ -176,6 +177,18 @@ public:
     std::uint64_t u64(const char* what) {
         std::uint64_t v = 0;
         raw(&v, sizeof v, what);
+        return v;
+    }
+
+    // Reads a counter that the next step, call or sync adds one to: 2^64 - 1 is refused (no
+    // run reaches it; a corrupted stream that did would wrap to 0 at the next step, where
+    // AdamW's bias correction 1 - beta^0 = 0 turns every parameter into NaN).
+    std::uint64_t counter(const char* what) {
+        const std::uint64_t v = u64(what);
+        if (v == std::numeric_limits<std::uint64_t>::max()) {
+            throw checkpoint_error("loco: checkpoint holds " + std::string(what) +
+                                   " 2^64 - 1, which cannot be counted on from");
+        }
         return v;
     }
 

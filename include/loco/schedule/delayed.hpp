@@ -57,7 +57,7 @@ public:
     }
     static delayed read(detail::checkpoint_reader& r) {
         delayed s;
-        s.calls_ = r.u64("the step call count");
+        s.calls_ = r.counter("the step call count");
         if (r.format() >= 5) {
             const std::uint64_t started = r.u64("whether a delayed round was started");
             if (started > unknown) {

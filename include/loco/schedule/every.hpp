@@ -38,7 +38,7 @@ public:
     void save(detail::checkpoint_writer& w) const { w.u64(calls_); }
     static every read(detail::checkpoint_reader& r) {
         every s;
-        s.calls_ = r.u64("the step call count");
+        s.calls_ = r.counter("the step call count");
         return s;
     }
 

@@ -126,7 +126,7 @@ public:
     }
     static streaming read(detail::checkpoint_reader& r) {
         streaming s;
-        s.calls_ = r.u64("the step call count");
+        s.calls_ = r.counter("the step call count");
         if (r.format() >= 2) {
             s.planned_every_ = r.u64("the period of the last plan");
             s.planned_overlap_ = r.u64("the overlap of the last plan");

@@ -137,7 +137,7 @@ public:
     }
     static warmup read(detail::checkpoint_reader& r) {
         warmup s;
-        s.warm_ = r.u64("the warm-up call count");
+        s.warm_ = r.counter("the warm-up call count");
         s.after_ = S::read(r);
         return s;
     }

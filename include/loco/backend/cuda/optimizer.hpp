@@ -120,8 +120,8 @@ inline section_counts read_section_head(loco::detail::checkpoint_reader& r,
                                         const backend::cuda::tensor_table& table) {
     loco::detail::read_layout(r, table_sizes(table));
     section_counts c;
-    c.steps = r.u64("the inner step count");
-    c.skipped = r.u64("the skipped step count");
+    c.steps = r.counter("the inner step count");
+    c.skipped = r.counter("the skipped step count");
     return c;
 }
 
