@@ -19,6 +19,7 @@
 
 #include "support/random.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -355,6 +356,57 @@ TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {
             doctest::Contains("2b < M"), invalid_argument);
     }
     CHECK(out[0] == 7.0f);
+}
+
+// aggregate_hyper() may change between steps like the other settings, and is checked again at
+// every sync: a bad value set mid-run fails that sync at the apply stage on every rank (nothing
+// applied), where it used to be combined silently (a negative EDiT temperature favouring the
+// largest norm, centered clipping with no iteration re-applying the last aggregate).
+template <class A, class Bad>
+void refuses_bad_setting_mid_run(Bad set_bad, const char* says) {
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::every, A>;
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const int r = comm.rank();
+        std::vector<float> x(2, 0.0f), g(2);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f},
+                               .schedule = {.every = 1}});
+        opt.start();
+        std::fill(g.begin(), g.end(), static_cast<float>(r + 1));
+        opt.step();
+        REQUIRE(opt.outer_steps() == 1);
+        const std::vector<float> global(opt.global().begin(), opt.global().end());
+        const auto good = opt.aggregate_hyper();
+        set_bad(opt.aggregate_hyper());
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains(says), loco::invalid_argument);
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+        for (std::size_t i = 0; i < x.size(); ++i) {  // the inner step only: no outer step, no merge
+            CHECK(x[i] == global[i] - static_cast<float>(r + 1));
+        }
+        CHECK(opt.outer_steps() == 1);
+        opt.aggregate_hyper() = good;
+        opt.step();
+        CHECK(opt.outer_steps() == 2);
+    });
+}
+
+TEST_CASE("aggregation settings changed mid-run are validated at the next sync, on every rank") {
+    using loco::aggregate::edit;
+    using loco::aggregate::centered_clip;
+    refuses_bad_setting_mid_run<edit>([](edit::hyper& h) { h.temperature = -1.0f; },
+                                      "temperature (T) must be");
+    refuses_bad_setting_mid_run<edit>(
+        [](edit::hyper& h) {
+            h.step_weights = true;
+            h.step_weight_ratio = 5.0f;
+        },
+        "step_weight_ratio (r) must be");
+    refuses_bad_setting_mid_run<centered_clip>([](centered_clip::hyper& h) { h.tau = -0.5f; },
+                                               "tau must be");
+    refuses_bad_setting_mid_run<centered_clip>([](centered_clip::hyper& h) { h.iterations = 0; },
+                                               "iterations (L) must be");
 }
 
 // A worker whose model went NaN is left out by a robust rule; with error feedback its own

@@ -144,10 +144,19 @@ constexpr bool refuses() {
 template <class A>
 constexpr bool can_refuse = impl::refuses<A>();
 
-// Runs the policy's rule; false when it refused the round.
+// The policy's validate(h), where it has one. Run before every combine (host and device):
+// aggregate_hyper() may have been changed since the handle checked it at construction, and a
+// negative EDiT temperature or centered-clip radius is no error to the rule itself, only garbage.
+template <class A>
+void validate_settings(const typename A::hyper& h) {
+    if constexpr (requires { A::validate(h); }) A::validate(h);
+}
+
+// Runs the policy's rule (after validate_settings); false when it refused the round.
 template <class A>
 bool combine(const typename A::hyper& h, state_t<A>& s, const contributions& c,
              std::span<float> out) {
+    validate_settings<A>(h);
     if constexpr (can_refuse<A>) {
         return impl::call_combine<A>(h, s, c, out);
     } else {

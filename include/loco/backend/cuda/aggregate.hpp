@@ -335,6 +335,7 @@ public:
         if (request_.pending()) wait(request_);
         if (failure_) return failure_;
         try {
+            loco::aggregate::validate_settings<A>(h);
             if constexpr (!std::is_same_v<A, aggregate::centered_clip>) next_ = state_;
             refused_ = !combine(h, result_.get());
         } catch (...) {
