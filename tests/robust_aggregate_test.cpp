@@ -157,6 +157,45 @@ TEST_CASE("edit: T7 weighting vector, clip with the 1e-6 guard, step weights") {
                          doctest::Contains("step counts"), loco::invalid_argument);
 }
 
+// atorch's GTAReducer divides by the agreeing workers' total weight only where it is at least
+// 1e-8 (`divisor[divisor.abs() < 1e-8] = 1`): two agreeing workers of softmax weight ~2e-9 keep
+// their tiny weighted sum; dividing by it gave their delta at full size, outvoting the dominant
+// worker.
+TEST_CASE("edit: GTA divides by the agreeing weight only from 1e-8 on, as atorch") {
+    auto g = from_rows({{-1.0f}, {1.0f}, {1.0f}});
+    g.reports[0].norm = 1.0f;
+    g.reports[1].norm = g.reports[2].norm = 21.0f;
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::count;  // two + votes against one -
+    const double small = std::exp(-20.0) / (1.0 + 2.0 * std::exp(-20.0));  // each of workers 1, 2
+    REQUIRE(2.0 * small < 1e-8);
+    auto out = run_edit(h, g);
+    CHECK(out[0] == doctest::Approx(2.0 * small).epsilon(1e-6));
+    // From 1e-8 on, the division as before: norms 1, 5, 5 give the agreeing pair weight > 1e-8.
+    g.reports[1].norm = g.reports[2].norm = 5.0f;
+    out = run_edit(h, g);
+    CHECK(out[0] == 1.0f);
+}
+
+// A report is taken on trust (the paper's rule: each worker's norm before compression), but a
+// negative one is no norm: it would take the largest softmax weight. It is an outlier.
+TEST_CASE("edit: a negative norm report is an outlier, as a non-finite one") {
+    auto g = from_rows({{1.0f, 1.0f}, {2.0f, 2.0f}, {100.0f, 100.0f}});
+    g.reports[2].norm = -1e30f;
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    loco::aggregate::edit::state s;
+    const auto w = loco::aggregate::edit::weights(h, s, g.view());
+    REQUIRE(w.size() == 3);
+    CHECK(w[2] == 0.0);
+    const double n0 = g.reports[0].norm, n1 = g.reports[1].norm;  // the fp32 reports
+    const double w0 = 1.0 / (1.0 + std::exp(-(n1 - n0)));
+    CHECK(w[0] == doctest::Approx(w0).epsilon(1e-12));
+    CHECK(w[1] == doctest::Approx(1.0 - w0).epsilon(1e-12));
+}
+
 TEST_CASE("edit: the EWMA detector follows a hand-computed double-precision sequence") {
     // alpha 0.5, warmup 2, threshold 1.5; norms 1, 2, 1.5, 10, 1.25, 1.375 of one worker. Computed by
     // hand from algorithms.md 5.2 (mean starts at 0; the z-score window holds the z of each learnt

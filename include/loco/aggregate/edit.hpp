@@ -4,9 +4,11 @@
 // scope = edit_scope::tensor per tensor of the fragment (norms, detectors and weights of each
 // tensor on their own; see `scope` below):
 //
-//   G_i      = the L2 norm of worker i's pseudo-gradient over the fragment (its own report)
+//   G_i      = the L2 norm of worker i's pseudo-gradient over the fragment (its own report,
+//              taken on trust as in the paper: a worker that lies about it is not caught)
 //   outlier  = the online EWMA detector of worker i says G_i is anomalous, or G_i / Delta_i is
-//              not finite; the detector then learns G_i only from inliers (atorch's DDP path)
+//              not finite, or G_i < 0; the detector then learns G_i only from inliers (atorch's
+//              DDP path)
 //   w_i      = softmax_j(-G_j / T) over the inliers (or 1 / #inliers without norm weighting),
 //              optionally w_i <- (1 - r) w_i + r s_i with s_i = steps_i / sum of inlier steps
 //              (A-EDiT's step weights)
@@ -311,7 +313,9 @@ struct edit {
         std::vector<bool> inlier(m, true);
         for (std::size_t i = 0; i < m; ++i) {
             const double g = norms[i];
-            bool ok = std::isfinite(g) && finite[i] != 0;
+            // A negative report is no norm (an honest worker cannot send one) and would take the
+            // largest softmax weight: an outlier, as a non-finite one.
+            bool ok = std::isfinite(g) && g >= 0.0 && finite[i] != 0;
             if (ok && h.skip_anomaly) {
                 ok = !detectors[i].is_outlier(g, h.ewma_warmup, h.ewma_threshold);
             }

@@ -31,10 +31,12 @@ LOCO_HD double agrees(double vote, float d) {
     return up * static_cast<double>(d > 0.0f) + (1.0 - up) * static_cast<double>(d < 0.0f);
 }
 
-// The GTA value of an element: the agreeing workers' weighted sum over their total weight (0 when
-// no worker agrees).
+// The GTA value of an element: the agreeing workers' weighted sum over their total weight. A
+// total below 1e-8 divides by 1 instead, as atorch's GTAReducer does (`divisor[divisor.abs() <
+// 1e-8] = 1`): a few agreeing workers of tiny softmax weight keep their tiny weighted sum rather
+// than being scaled up to full size; no agreeing worker gives 0.
 LOCO_HD float consensus_value(double kept, double weight) {
-    return weight > 0.0 ? static_cast<float>(kept / weight) : 0.0f;
+    return static_cast<float>(weight >= 1e-8 ? kept / weight : kept);
 }
 
 // EDiT's clip of the aggregate to phi: min(1, phi / (||agg|| + 1e-6)), from its squared norm.
