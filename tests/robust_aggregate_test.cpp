@@ -340,8 +340,11 @@ TEST_CASE("robust policies leave out NaN and Inf workers, mean does not") {
     std::vector<float> out(2);
     REQUIRE(loco::aggregate::median::combine({}, g.view(), out));
     CHECK(out == std::vector<float>{1.0f, 2.0f});
+    // Two workers left out, b = 1: they are the bad ones the trim is for, so the three finite
+    // values are averaged untrimmed.
     REQUIRE(loco::aggregate::trimmed_mean::combine({.trim = 1}, g.view(), out));
-    CHECK(out == std::vector<float>{1.0f, 2.0f});
+    CHECK(out[0] == doctest::Approx((0.8 + 1.0 + 1.2) / 3.0).epsilon(1e-6));
+    CHECK(out[1] == doctest::Approx((1.8 + 2.0 + 2.2) / 3.0).epsilon(1e-6));
     loco::aggregate::centered_clip::state s;
     REQUIRE(loco::aggregate::centered_clip::combine({.tau = 100.0f}, s, g.view(), out));
     CHECK(out[0] == doctest::Approx(3.0 / 5.0));  // the dropped workers count as agreeing with v = 0
@@ -354,12 +357,54 @@ TEST_CASE("robust policies leave out NaN and Inf workers, mean does not") {
     loco::aggregate::mean::combine({}, g.view(), out);
     CHECK(std::isnan(out[0]));
 
-    // Too few usable workers: refused, not an error.
-    const auto bad = from_rows({{nan}, {inf}, {1.0f}});
+    // One usable worker: it is the aggregate; none: refused, not an error.
+    const auto one_left = from_rows({{nan}, {inf}, {1.0f}});
     std::vector<float> one(1);
-    CHECK_FALSE(loco::aggregate::trimmed_mean::combine({.trim = 1}, bad.view(), one));
-    CHECK(loco::aggregate::median::combine({}, bad.view(), one));
+    REQUIRE(loco::aggregate::trimmed_mean::combine({.trim = 1}, one_left.view(), one));
     CHECK(one[0] == 1.0f);
+    one[0] = 0.0f;
+    CHECK(loco::aggregate::median::combine({}, one_left.view(), one));
+    CHECK(one[0] == 1.0f);
+    const auto none_left = from_rows({{nan}, {inf}, {-inf}});
+    CHECK_FALSE(loco::aggregate::trimmed_mean::combine({.trim = 1}, none_left.view(), one));
+    CHECK_FALSE(loco::aggregate::median::combine({}, none_left.view(), one));
+}
+
+// Yin et al.'s trimmed mean tolerates f <= b bad workers with 2b < M. A worker left out for a
+// non-finite delta is one of them, so b - k are trimmed at each end of the others: at M = 2b + 1
+// with one NaN worker the rounds apply (trimming b again left 2b values, and every round was
+// refused). Checked against a double-precision re-computation on fresh random deltas.
+TEST_CASE("trimmed_mean: workers left out for NaN count towards b") {
+    auto rng = loco_test::rng_for("trimmed left out");
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (const std::size_t b : {std::size_t{1}, std::size_t{2}, std::size_t{3}}) {
+        for (std::size_t k = 0; k <= b + 1; ++k) {
+            const std::size_t m = 2 * b + 1;
+            if (k >= m) continue;
+            CAPTURE(b);
+            CAPTURE(k);
+            std::vector<std::vector<float>> rows;
+            for (std::size_t i = 0; i < m; ++i) rows.push_back(loco_test::normal_floats(rng, 6));
+            for (std::size_t i = 0; i < k; ++i) rows[(2 * i + 1) % m][i % 6] = nan;  // k workers
+            const auto g = from_rows(rows);
+            std::vector<float> out(6);
+            REQUIRE(loco::aggregate::trimmed_mean::combine({.trim = b}, g.view(), out));
+            const std::size_t trim = k < b ? b - k : 0;
+            for (std::size_t j = 0; j < 6; ++j) {
+                std::vector<double> v;
+                for (const auto& r : rows) {
+                    bool finite = true;
+                    for (const float x : r) finite = finite && std::isfinite(x);
+                    if (finite) v.push_back(r[j]);
+                }
+                REQUIRE(v.size() == m - k);
+                std::sort(v.begin(), v.end());
+                double sum = 0.0;
+                for (std::size_t i = trim; i < v.size() - trim; ++i) sum += v[i];
+                CHECK(out[j] == doctest::Approx(sum / double(v.size() - 2 * trim)).epsilon(1e-6));
+            }
+        }
+    }
 }
 
 TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {

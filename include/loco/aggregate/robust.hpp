@@ -14,7 +14,8 @@
 // payload for the fp32 ring all-reduce of `mean`. Every rank runs the rule on the same gathered
 // deltas, so every rank gets the same aggregate without a server. A worker whose delta holds a
 // NaN or an infinity is left out (trimmed_mean and median over the others; centered_clip counts
-// it as agreeing with v); fewer than 2b + 1 usable workers refuses the round. docs/aggregation.md.
+// it as agreeing with v; trimmed_mean trims b - k at each end with k workers left out, since those
+// are known bad); no usable worker refuses the round. docs/aggregation.md.
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/rules.hpp>
@@ -72,8 +73,12 @@ struct trimmed_mean {
     static std::string describe(const hyper& h) { return "trimmed_mean b=" + std::to_string(h.trim); }
 
     // The sorted positions [lo, hi) averaged per coordinate among `usable` finite workers of
-    // `workers`; lo == hi refuses the round (fewer than 2b + 1 usable). Throws when 2b >= M.
-    // Shared with the CUDA backend, which sorts on the device.
+    // `workers`; lo == hi refuses the round (no usable worker). Throws when 2b >= M.
+    // The k = workers - usable left out are known bad: of the f <= b bad workers at most b - k
+    // remain among the usable ones, so b - k are trimmed at each end (none once k >= b), and the
+    // window keeps M - 2b + k >= 1 values. Trimming b again refused every round of M = 2b + 1
+    // workers with one NaN worker (f = 1 <= b). Shared with the CUDA backend, which sorts on the
+    // device.
     static std::pair<std::size_t, std::size_t> window(const hyper& h, std::size_t workers,
                                                       std::size_t usable) {
         // 2b >= M, written so that no b overflows it
@@ -83,8 +88,10 @@ struct trimmed_mean {
                                    std::to_string(workers) +
                                    " workers leaves none; choose 2b < M");
         }
-        if (usable <= 2 * h.trim) return {0, 0};  // fewer than 2b + 1 (2b < M here: no overflow)
-        return {h.trim, usable - h.trim};
+        if (usable == 0 || usable > workers) return {0, 0};
+        const std::size_t left_out = workers - usable;
+        const std::size_t b = h.trim > left_out ? h.trim - left_out : 0;
+        return {b, usable - b};  // usable - 2b = M - 2 trim + left_out >= 1 (2 trim < M)
     }
 
     static bool combine(const hyper& h, const contributions& c, std::span<float> out) {
