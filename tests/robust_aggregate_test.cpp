@@ -476,6 +476,30 @@ void refuses_bad_setting_mid_run(Bad set_bad, const char* says) {
     });
 }
 
+// Refusals in a row raise after max_skipped_syncs with the policy's own reason: the message used
+// to say "every worker an outlier" (EDiT's) whatever the policy.
+TEST_CASE("refusals that stall a run name the policy's reason") {
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::every, loco::aggregate::trimmed_mean>;
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        std::vector<float> x(2, 0.0f), g(2, std::numeric_limits<float>::quiet_NaN());
+        loco::parameter_list list;
+        list.add("x", x, g);
+        opt_t::config cfg{.inner = {.lr = 1.0f}, .schedule = {.every = 1},
+                          .max_skipped_syncs = 2};
+        cfg.on_nonfinite = loco::nonfinite_policy::ignore;  // every worker's delta NaN
+        opt_t opt(list, comm, cfg);
+        opt.start();
+        opt.step();
+        opt.step();
+        CHECK(opt.skipped_syncs() == 2);
+        CHECK_THROWS_WITH_AS(opt.step(),
+                             doctest::Contains("refused by the aggregation (trimmed_mean: no "
+                                               "worker's delta was finite)"),
+                             loco::error);
+    });
+}
+
 TEST_CASE("aggregation settings changed mid-run are validated at the next sync, on every rank") {
     using loco::aggregate::edit;
     using loco::aggregate::centered_clip;

@@ -1251,10 +1251,11 @@ private:
                     throw error("loco::diloco: " + std::to_string(f.streak.count + 1) +
                                 " syncs in a row" + of_fragment(fi) +
                                 " applied nothing, the last refused by the "
-                                "aggregation (" + std::string(Aggregate::name) +
-                                ": every worker an outlier); training has stalled: check the "
-                                "aggregation's settings against the pseudo-gradients' norms (or "
-                                "raise config.max_skipped_syncs)");
+                                "aggregation (" + std::string(Aggregate::name) + ": " +
+                                std::string(aggregate::refusal_reason<Aggregate>()) +
+                                "); training has stalled: check the "
+                                "aggregation's settings against the workers' pseudo-gradients "
+                                "(or raise config.max_skipped_syncs)");
                 }
                 if (f.streak.count == 0) f.streak.first_nonfinite.clear();
                 if (aggregation_learns_) engine_.commit_aggregation(fi);

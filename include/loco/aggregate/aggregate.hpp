@@ -42,6 +42,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <type_traits>
 
 namespace loco::aggregate {
@@ -90,6 +91,17 @@ constexpr bool decodes_payloads_together() {
         return A::decodes_payloads_together;
     } else {
         return false;
+    }
+}
+
+// Why the policy refuses a round (its combine returned false), for the error raised when refusals
+// stall a run: the policy's `refusal`, else a sentence that fits any policy.
+template <class A>
+constexpr std::string_view refusal_reason() {
+    if constexpr (requires { std::string_view{A::refusal}; }) {
+        return A::refusal;
+    } else {
+        return "it refused the round";
     }
 }
 

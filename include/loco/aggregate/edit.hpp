@@ -171,6 +171,7 @@ constexpr std::string_view to_string(edit_scope s) noexcept {
 
 struct edit {
     static constexpr std::string_view name = "edit";
+    static constexpr std::string_view refusal = "every worker an outlier";
 
     // atorch's LocalSGDConfig defaults, except the switches the README example turns on
     // (norm weighting, anomaly rejection, GTA "sum"); no clipping unless phi is set (README: "usually

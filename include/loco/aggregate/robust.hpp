@@ -64,6 +64,7 @@ inline void sorted_mean(const contributions& c, const std::vector<std::size_t>& 
 
 struct trimmed_mean {
     static constexpr std::string_view name = "trimmed_mean";
+    static constexpr std::string_view refusal = "no worker's delta was finite";
     struct hyper {
         std::uint64_t trim = 1;  // b, values dropped at each end; set it >= the faulty workers f
     };
@@ -106,6 +107,7 @@ struct trimmed_mean {
 
 struct median {
     static constexpr std::string_view name = "median";
+    static constexpr std::string_view refusal = "no worker's delta was finite";
     struct hyper {};
     static constexpr bool needs_reports = false;
     static constexpr bool needs_deltas = true;
@@ -128,6 +130,7 @@ struct median {
 
 struct centered_clip {
     static constexpr std::string_view name = "centered_clip";
+    static constexpr std::string_view refusal = "no worker's delta was finite";
     struct hyper {
         float tau = 1.0f;              // clipping radius around v, > 0 (in pseudo-gradient units)
         std::uint64_t iterations = 1;  // L; 1 is the paper's usual choice
