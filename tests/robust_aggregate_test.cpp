@@ -407,6 +407,42 @@ TEST_CASE("trimmed_mean: workers left out for NaN count towards b") {
     }
 }
 
+// The rules are public: a caller's contributions of the wrong shape are a shape_error, not a read
+// past the end of a span (gta_reduce and edit's weights read them unchecked before).
+TEST_CASE("every rule refuses contributions of the wrong shape") {
+    const auto g = from_rows({{1.0f, 2.0f}, {1.5f, 2.5f}, {0.5f, 1.5f}});
+    std::vector<float> out(2), short_out(1);
+    const auto refused = [](auto call) { CHECK_THROWS_AS(call(), loco::shape_error); };
+    auto few_deltas = g.view();
+    few_deltas.deltas = few_deltas.deltas.first(4);
+    auto few_reports = g.view();
+    few_reports.reports = few_reports.reports.first(1);
+    const loco::compress::segment gap[] = {{.offset = 0, .size = 1, .rows = 1, .cols = 1}};
+    auto bad_segments = g.view();
+    bad_segments.segments = gap;  // covers 1 of 2 elements
+    for (const auto& c : {few_deltas, bad_segments}) {
+        refused([&] { loco::aggregate::mean::combine({}, c, out); });
+        refused([&] { loco::aggregate::trimmed_mean::combine({}, c, out); });
+        refused([&] { loco::aggregate::median::combine({}, c, out); });
+        loco::aggregate::centered_clip::state cs;
+        refused([&] { loco::aggregate::centered_clip::combine({}, cs, c, out); });
+        loco::aggregate::edit::state es;
+        refused([&] { loco::aggregate::edit::combine({}, es, c, out); });
+    }
+    loco::aggregate::edit::state es;
+    refused([&] { loco::aggregate::edit::combine({}, es, few_reports, out); });
+    refused([&] { loco::aggregate::edit::weights({}, es, few_reports); });
+    refused([&] { loco::aggregate::edit::weights({}, es, few_deltas); });
+    refused([&] { loco::aggregate::median::combine({}, g.view(), short_out); });
+    CHECK(es.detectors.empty());  // nothing learned from a refused call
+    const std::vector<double> w{0.5, 0.25, 0.25};
+    using loco::aggregate::sign_consensus;
+    refused([&] { loco::aggregate::gta_reduce(w, few_deltas.deltas, 2, sign_consensus::sum, out); });
+    refused([&] { loco::aggregate::gta_reduce(w, g.deltas, 2, sign_consensus::none, short_out); });
+    CHECK_NOTHROW(loco::aggregate::gta_reduce(w, g.deltas, 2, sign_consensus::none, out));
+    CHECK(out[0] == doctest::Approx(0.5 * 1.0 + 0.25 * 1.5 + 0.25 * 0.5));
+}
+
 TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {
     using loco::invalid_argument;
     const auto edit_bad = [](auto change) {

@@ -38,10 +38,12 @@
 // global ones. See docs/aggregation.md.
 
 #include <loco/detail/checkpoint.hpp>
+#include <loco/error.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -73,6 +75,42 @@ struct contributions {
         return sent.empty() ? sent : sent.subspan(rank * elements, elements);
     }
 };
+
+// Throws loco::shape_error (`who` first) unless `c` holds what it promises: workers x elements
+// deltas, `workers` reports where `reports` (the policy needs them), sent flags empty or workers x
+// elements, segments empty or tiling [0, elements) in order; and `out` has `elements` floats.
+// Every policy's combine checks, as the exchange builds them right and a caller of the public
+// rules may not: reading past a short span is no error message.
+inline void check_contributions(const contributions& c, std::size_t out_size, bool reports,
+                                std::string_view who) {
+    const std::string w(who);
+    if (c.workers == 0) throw shape_error(w + "no worker contributed");
+    if (out_size != c.elements || c.elements > c.deltas.size() / c.workers ||
+        c.deltas.size() != c.workers * c.elements ||
+        (!c.sent.empty() && c.sent.size() != c.deltas.size())) {
+        throw shape_error(w + "expected " + std::to_string(c.workers) + " x " +
+                          std::to_string(c.elements) + " deltas (and sent flags) and an output of " +
+                          std::to_string(c.elements) + " elements; got " +
+                          std::to_string(c.deltas.size()) + " deltas and " +
+                          std::to_string(out_size) + " outputs");
+    }
+    if (reports && c.reports.size() != c.workers) {
+        throw shape_error(w + "expected a report from each of the " + std::to_string(c.workers) +
+                          " workers; got " + std::to_string(c.reports.size()));
+    }
+    std::size_t covered = 0;
+    for (const auto& s : c.segments) {
+        if (s.offset != covered || s.size > c.elements - covered) {
+            throw shape_error(w + "the segments must tile the fragment's " +
+                              std::to_string(c.elements) + " elements in order");
+        }
+        covered += s.size;
+    }
+    if (!c.segments.empty() && covered != c.elements) {
+        throw shape_error(w + "the segments must tile the fragment's " +
+                          std::to_string(c.elements) + " elements in order");
+    }
+}
 
 // Whether a policy asks for contributions::sent.
 template <class A>

@@ -117,6 +117,12 @@ constexpr std::string_view to_string(sign_consensus c) noexcept {
 inline void gta_reduce(std::span<const double> w, std::span<const float> deltas, std::size_t n,
                        sign_consensus consensus, std::span<float> out) {
     const std::size_t m = w.size();
+    if (out.size() != n || (m != 0 && n > deltas.size() / m) || deltas.size() != m * n) {
+        throw shape_error("loco::aggregate::gta_reduce: expected " + std::to_string(m) + " x " +
+                          std::to_string(n) + " deltas (one row per weight) and an output of " +
+                          std::to_string(n) + "; got " + std::to_string(deltas.size()) +
+                          " deltas and " + std::to_string(out.size()) + " outputs");
+    }
     // Row by row (each worker's delta is contiguous), every sum over the workers in rank order.
     std::vector<double> total(n, 0.0), signs(n, 0.0);
     for (std::size_t i = 0; i < m; ++i) {
@@ -286,6 +292,14 @@ struct edit {
     // when every worker is an outlier. Exposed for tests and for the CUDA backend, which runs the
     // same rule on the gathered norms.
     static std::vector<double> weights(const hyper& h, state& s, const contributions& c) {
+        if (c.reports.size() != c.workers ||
+            (!c.deltas.empty() && c.deltas.size() != c.workers * c.elements)) {
+            throw shape_error("loco::aggregate::edit: expected a report from each of the " +
+                              std::to_string(c.workers) + " workers (got " +
+                              std::to_string(c.reports.size()) + ") and no deltas or " +
+                              std::to_string(c.workers) + " x " + std::to_string(c.elements) +
+                              " (got " + std::to_string(c.deltas.size()) + ")");
+        }
         const std::size_t m = c.workers;
         // On a copy, swapped in at the end: a refusal below (step_weights without step counts)
         // leaves the detectors as they were, as the per-tensor scope does.
@@ -361,6 +375,7 @@ struct edit {
     }
 
     static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
+        check_contributions(c, out.size(), true, "loco::aggregate::edit: ");
         if (h.scope == edit_scope::tensor) {
             if (!combine_per_tensor(h, s, c, out)) return false;
         } else {

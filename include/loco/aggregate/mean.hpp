@@ -23,6 +23,7 @@ struct mean {
     // out = sum over ranks in rank order, then divided by the number of workers (the order and
     // rounding of the exchange's own mean).
     static void combine(const hyper&, const contributions& c, std::span<float> out) {
+        check_contributions(c, out.size(), false, "loco::aggregate::mean: ");
         for (std::size_t i = 0; i < out.size(); ++i) out[i] = 0.0f;
         for (std::size_t k = 0; k < c.workers; ++k) {
             const auto d = c.delta(k);

@@ -104,31 +104,10 @@ struct median_norm_clip {
 
     static void combine(const hyper& h, const contributions& c, std::span<float> out) {
         validate(h);
-        const std::string who = "loco::aggregate::median_norm_clip: ";
-        if (c.workers == 0) throw invalid_argument(who + "no worker contributed");
-        if (out.size() != c.elements || c.deltas.size() != c.workers * c.elements ||
-            (!c.sent.empty() && c.sent.size() != c.workers * c.elements)) {
-            throw shape_error(who + "expected " + std::to_string(c.workers) + " x " +
-                              std::to_string(c.elements) +
-                              " deltas (and sent flags) and an output of " +
-                              std::to_string(c.elements) + " elements");
-        }
+        check_contributions(c, out.size(), false, "loco::aggregate::median_norm_clip: ");
         std::vector<std::pair<std::size_t, std::size_t>> ranges;
-        std::size_t covered = 0;
-        for (const auto& s : c.segments) {
-            if (s.offset != covered || s.size > c.elements - covered) {
-                throw shape_error(who + "the segments must tile the fragment's " +
-                                  std::to_string(c.elements) + " elements in order");
-            }
-            ranges.emplace_back(s.offset, s.offset + s.size);
-            covered += s.size;
-        }
-        if (c.segments.empty()) {
-            ranges.emplace_back(0, c.elements);
-        } else if (covered != c.elements) {
-            throw shape_error(who + "the segments must tile the fragment's " +
-                              std::to_string(c.elements) + " elements in order");
-        }
+        for (const auto& s : c.segments) ranges.emplace_back(s.offset, s.offset + s.size);
+        if (c.segments.empty()) ranges.emplace_back(0, c.elements);
         std::vector<float> f;
         std::vector<std::uint32_t> count;
         for (const auto& [begin, end] : ranges) {

@@ -97,6 +97,7 @@ struct trimmed_mean {
 
     static bool combine(const hyper& h, const contributions& c, std::span<float> out) {
         window(h, c.workers, c.workers);  // the configuration error first
+        check_contributions(c, out.size(), false, "loco::aggregate::trimmed_mean: ");
         const auto rows = robust_detail::finite_workers(c);
         const auto [lo, hi] = window(h, c.workers, rows.size());
         if (lo == hi) return false;
@@ -120,6 +121,7 @@ struct median {
     }
 
     static bool combine(const hyper&, const contributions& c, std::span<float> out) {
+        check_contributions(c, out.size(), false, "loco::aggregate::median: ");
         const auto rows = robust_detail::finite_workers(c);
         const auto [lo, hi] = window(rows.size());
         if (lo == hi) return false;
@@ -170,6 +172,7 @@ struct centered_clip {
     }
 
     static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
+        check_contributions(c, out.size(), false, "loco::aggregate::centered_clip: ");
         const std::size_t n = c.elements;
         if (s.center.size() != n) s.center.assign(n, 0.0f);
         const auto rows = robust_detail::finite_workers(c);
