@@ -5,12 +5,15 @@
 //   bench_mpi_collectives --threads 4       the threads rows: one rank per thread, one process
 //
 // A plain timed program, not Google Benchmark: every repetition starts at a barrier, its time is
-// the slowest rank's, and the table gives the median over the repetitions. Columns:
-//   algbw  bytes of the fp32 tensor (4n) per second of the collective;
-//   busbw  bytes each rank sent per second: for the all-reduce algbw * 2 (M-1)/M (nccl-tests' bus
-//          bandwidth, the ring volume), for the sync its (M-1) * payload bytes per second.
-// Options: --sizes 1,16,124 (millions of floats), --reps R (repetitions per size; default 10, 3
-// and 3 for the all-reduce, 5, 3 and 2 for the sync), --threads M.
+// the slowest rank's, and the table gives the median over the repetitions (for an even count,
+// the upper of the two middle times, so that it is always a time that was measured). Columns:
+//   algbw  bytes of the fp32 tensor (4n) per second of the collective, in MB/s;
+//   busbw  bytes each rank sent per second, in MB/s: for the all-reduce algbw * 2 (M-1)/M
+//          (nccl-tests' bus bandwidth, the ring volume), for the sync its (M-1) * payload bytes
+//          per second.
+// Options (positive whole numbers, else the usage message and exit status 2): --sizes 1,16,124
+// (millions of floats), --reps R (repetitions per size; default 10, 3 and 3 for the all-reduce,
+// 5, 3 and 2 for the sync), --threads M.
 
 #include <loco/comm/mpi.hpp>
 #include <loco/comm/threads.hpp>
@@ -43,7 +46,9 @@ struct row {
     std::uint64_t sent = 0;    // bytes rank 0 sends in one repetition
 };
 
-// The slowest rank's time of fn, for each repetition, then their median. Every rank returns it.
+// The slowest rank's time of fn, for each repetition, then their median: the middle time, or for
+// an even count the upper of the two middle ones (the published tables were measured so). Every
+// rank returns it.
 double median_time(loco::comm::communicator& comm, int reps, const std::function<void()>& fn) {
     const auto m = static_cast<std::size_t>(comm.size());
     std::vector<double> times;
@@ -125,9 +130,10 @@ std::vector<row> run_suite(loco::comm::communicator& comm, const settings& s) {
 void print(const char* transport, int m, const std::vector<row>& rows) {
     for (const auto& r : rows) {
         const double bytes = 4.0 * static_cast<double>(r.n);
-        const double algbw = bytes / r.seconds / 1e9;
-        const double busbw = static_cast<double>(r.sent) / r.seconds / 1e9;
-        std::printf("| %-7s | %d | %-15s | %5.0f M | %9.2f | %6.2f | %6.2f | %12llu | %d |\n",
+        // MB/s with two decimals: the sync's rows are a few MB/s (0.00 in GB/s).
+        const double algbw = bytes / r.seconds / 1e6;
+        const double busbw = static_cast<double>(r.sent) / r.seconds / 1e6;
+        std::printf("| %-7s | %d | %-15s | %5.0f M | %9.2f | %9.2f | %9.2f | %12llu | %d |\n",
                     transport, m, r.what.c_str(), static_cast<double>(r.n) / 1e6,
                     r.seconds * 1e3, algbw, busbw, static_cast<unsigned long long>(r.sent), r.reps);
     }
@@ -135,8 +141,17 @@ void print(const char* transport, int m, const std::vector<row>& rows) {
 }
 
 void header() {
-    std::printf("| comm | ranks | operation | floats | time (ms) | algbw (GB/s) | busbw (GB/s) | "
+    std::printf("| comm | ranks | operation | floats | time (ms) | algbw (MB/s) | busbw (MB/s) | "
                 "bytes sent by rank 0 | reps |\n|---|---|---|---|---|---|---|---|---|\n");
+}
+
+// `text` as a positive int of at most 6 digits, or 0 when it is anything else ("", "-1", "4x").
+int positive(const char* text) {
+    const std::string s = text;
+    if (s.empty() || s.size() > 6 || s.find_first_not_of("0123456789") != std::string::npos) {
+        return 0;
+    }
+    return std::stoi(s);
 }
 
 }  // namespace
@@ -146,10 +161,16 @@ int main(int argc, char** argv) {
     settings s;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if (a == "--threads" && i + 1 < argc) {
-            s.threads = std::atoi(argv[++i]);
-        } else if (a == "--reps" && i + 1 < argc) {
-            s.reps = std::atoi(argv[++i]);
+        if ((a == "--threads" || a == "--reps") && i + 1 < argc) {
+            // atoi read "0", "-2" and "4x" as 0, -2 and 4: --threads 0 silently ran the MPI rows.
+            const int value = positive(argv[++i]);
+            if (value == 0) {
+                std::fprintf(stderr, "%s: %s takes a positive whole number, got \"%s\"\n", argv[0],
+                             a.c_str(), argv[i]);
+                MPI_Finalize();
+                return 2;
+            }
+            (a == "--threads" ? s.threads : s.reps) = value;
         } else if (a == "--sizes" && i + 1 < argc) {
             // Positive whole numbers of millions, comma-separated; anything else is the usage
             // message (std::stoul threw past main's handler on "1," and accepted "0").

@@ -533,7 +533,8 @@ TEST_CASE("mpi: a request finished on another thread while this one starts the n
         }
     } else {
         // Below MPI_THREAD_SERIALIZED MPI may not be called from another thread: finish() there
-        // is refused, and the collective completes with the next call on the main thread.
+        // is refused, the request stays pending, and the collective completes with the next call
+        // on the main thread (mpi_rules_test.cpp finishes one without a call between).
         loco::comm::mpi comm(MPI_COMM_WORLD);
         std::vector<float> x(n, 1.0f);
         auto r = comm.start_all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
@@ -550,6 +551,8 @@ TEST_CASE("mpi: a request finished on another thread while this one starts the n
               std::string::npos);
         comm.barrier();
         CHECK(x == std::vector<float>(n, static_cast<float>(m)));
+        CHECK(r.pending());
+        CHECK_NOTHROW(r.finish());
         std::thread starter([&] {
             try {
                 comm.barrier();
@@ -560,11 +563,12 @@ TEST_CASE("mpi: a request finished on another thread while this one starts the n
         starter.join();
         CHECK(start_message.find("barrier: called on a thread other than MPI's main thread") !=
               std::string::npos);
-        // A request dropped on another thread returns once MPI leaves its buffer alone (the
-        // buffer may go right after; what it holds is unspecified), and marks the communicator.
+        // A dropped request returns once MPI leaves its buffer alone (the buffer may go right
+        // after; what it holds is unspecified), and marks the communicator. Dropped on the main
+        // thread: a drop calls MPI and cannot refuse, so below SERIALIZED it belongs there.
         auto y = std::make_unique<std::vector<float>>(n, 1.0f);
         auto dropped = comm.start_all_reduce(loco::host_tensor(y->data(), n), reduce_op::sum);
-        std::thread([d = std::move(dropped)]() mutable { const auto gone = std::move(d); }).join();
+        { const auto gone = std::move(dropped); }
         y.reset();  // under ASan, a late write into it would be reported
         CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("was started but never finished"),
                              loco::comm_error);

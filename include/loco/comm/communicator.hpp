@@ -72,6 +72,9 @@ public:
         // implementation may first cancel or abort (comm::threads aborts its group when the rank
         // is unwinding from an exception, so that peers are not left waiting for it).
         virtual void abandon() { wait(); }
+        // Called by finish() before it gives the operation up: what it throws leaves the request
+        // pending, so it must touch nothing (comm::mpi refuses a thread MPI may not be called on).
+        virtual void check_finish() {}
     };
 
     request() = default;
@@ -105,6 +108,12 @@ public:
     // Completes the collective; throws its error. Throws loco::invalid_argument when the request
     // was already finished or never started.
     inline void finish();
+
+    // What finish() would refuse before it touches anything (the operation's check_finish), for
+    // an operation that wraps this request and must pass the check on (comm::cuda_staging).
+    void check_finish() {
+        if (op_) op_->check_finish();
+    }
 
 private:
     inline void abandon() noexcept;
@@ -357,6 +366,9 @@ inline void request::finish() {
                                                        "that was never started (default-"
                                                        "constructed or moved from)"));
     }
+    // A refusal before anything is touched keeps the request pending, to be finished where it
+    // is allowed; past this point the request is consumed, whatever wait() throws.
+    op_->check_finish();
     auto op = std::move(op_);
     finished_ = true;
     op->wait();

@@ -101,6 +101,9 @@ private:
             owner_.give(std::move(result_));
             owner_.give(std::move(other_));
         }
+        // The wrapped communicator's refusal (comm::mpi off MPI's main thread) keeps this
+        // request pending too.
+        void check_finish() override { inner_.check_finish(); }
         void wait() override {
             inner_.finish();
             to_host(host_, result_.get(), bytes_);

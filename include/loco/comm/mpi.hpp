@@ -19,6 +19,11 @@
 // never matches the program's own messages, and errors on the duplicates come back as return codes
 // (MPI_ERRORS_RETURN), which loco turns into comm_error with MPI_Error_string's text. The user's
 // communicator is neither changed nor freed unless options::take_ownership asks for it.
+// One exception: OpenMPI 4.1 raises the error of a nonblocking collective that MPI_Wait or
+// MPI_Test completes (all_reduce, all_gather, the call check) on MPI_COMM_WORLD's error handler,
+// not on the duplicate's. That handler is the program's, fatal by default (the job aborts); loco
+// does not change it: a program that wants comm_error there sets MPI_ERRORS_RETURN on
+// MPI_COMM_WORLD itself.
 //
 // Split-phase collectives are real nonblocking MPI operations; the reduce-scatter's sum and the
 // issue of the all-gather happen in finish(), or earlier when a later call finds the reduce-scatter
@@ -33,8 +38,11 @@
 // by every entry point (start_*, the blocking calls, finish, the destructor): a request may be
 // finished on another thread than the one starting the next collective, and finished or dropped
 // after its communicator is gone (the destructor completes it, or fails it after MPI_Finalize).
-// Below MPI_THREAD_SERIALIZED, MPI may only be called from its main thread, so calls from other
-// threads are refused.
+// Below MPI_THREAD_SERIALIZED, MPI may only be called from its main thread: construction,
+// start_*, the blocking calls and finish() on another thread are refused (invalid_argument; a
+// refused finish() leaves its request pending). The destructor and the drop of a pending request
+// call MPI too but cannot refuse (they must not throw, nor return while MPI may still write the
+// buffers): below SERIALIZED, the program must run them on MPI's main thread.
 
 #include <loco/comm/communicator.hpp>
 #include <loco/error.hpp>
@@ -75,8 +83,9 @@ public:
     };
 
     // Collective over `comm` (it duplicates it). Throws comm_error when MPI is not initialised or
-    // already finalized, invalid_argument for MPI_COMM_NULL or an inter-communicator, and
-    // comm_error when the size differs from options::expected_size.
+    // already finalized, invalid_argument for MPI_COMM_NULL, an inter-communicator or (below
+    // MPI_THREAD_SERIALIZED) a thread other than MPI's main thread, and comm_error when the size
+    // differs from options::expected_size.
     explicit mpi(MPI_Comm comm) : mpi(comm, options{}) {}
     mpi(MPI_Comm comm, options opts) : user_(comm), take_ownership_(opts.take_ownership) {
         require_mpi_running("loco::comm::mpi: ");
@@ -88,15 +97,18 @@ public:
             throw invalid_argument("loco::comm::mpi: take_ownership of MPI_COMM_WORLD or "
                                    "MPI_COMM_SELF; they are MPI's and cannot be freed");
         }
+        core& c = *core_;
+        // Before any MPI call that only MPI's main thread may make below SERIALIZED (these two,
+        // like MPI_Initialized and MPI_Finalized, may run on any thread).
+        check_setup(MPI_Query_thread(&c.thread_level), "MPI_Query_thread");
+        c.require_thread("loco::comm::mpi: ", "constructed");
         int inter = 0;
         check_setup(MPI_Comm_test_inter(comm, &inter), "MPI_Comm_test_inter");
         if (inter != 0) {
             throw invalid_argument("loco::comm::mpi: an inter-communicator was given; loco's "
                                    "collectives need an intra-communicator (MPI_Intercomm_merge)");
         }
-        core& c = *core_;
         c.check_calls = opts.check_calls;
-        check_setup(MPI_Query_thread(&c.thread_level), "MPI_Query_thread");
         check_setup(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
         check_setup(MPI_Comm_size(comm, &c.size), "MPI_Comm_size");
         if (opts.expected_size < 0) {
@@ -127,7 +139,8 @@ public:
     // Completes what is still pending (errors stay with their requests, which may be finished or
     // dropped later), then frees the duplicates and, with take_ownership, the given communicator.
     // Collective when MPI frees communicators collectively. Once MPI_Finalize has run it does
-    // nothing to MPI: the requests still pending throw comm_error from finish().
+    // nothing to MPI: the requests still pending throw comm_error from finish(). Below
+    // MPI_THREAD_SERIALIZED it must run on MPI's main thread: it calls MPI and cannot refuse.
     ~mpi() override {
         core& c = *core_;
         const std::lock_guard<std::mutex> lock(c.mutex);
@@ -363,6 +376,17 @@ private:
             }
         }
 
+        // request::finish asks before it gives the operation up: a refusal here touches nothing,
+        // so the request stays pending and may be finished on the main thread.
+        void check_finish(const pending& p) {
+            const std::lock_guard<std::mutex> lock(mutex);
+            int finalized = 0;
+            MPI_Finalized(&finalized);
+            if (!closed && finalized == 0) {
+                require_thread(p.where, "finish()");
+            }
+        }
+
         // request::finish (`checked`) or the drop of an unfinished request.
         void finish(const std::shared_ptr<pending>& p, bool checked) {
             const std::lock_guard<std::mutex> lock(mutex);
@@ -422,25 +446,31 @@ private:
             }
         }
 
-        // One MPI_Iallreduce (max) of the call's fields, their negations and one flag per kind
-        // gives every rank the minimum and maximum of each field and every kind called; where
-        // they differ, every rank throws the same comm_error before any data moves. The pending
-        // collectives keep moving while it waits: a peer may be blocked in finish() on one whose
-        // all-gather this rank issues only once its reduce-scatter is done.
+        // One MPI_Iallreduce (max) of the call's fields, their complements (UINT64_MAX - x) and
+        // one flag per kind gives every rank the minimum and maximum of each field and every kind
+        // called; where they differ, every rank throws the same comm_error before any data moves.
+        // Unsigned, so that every count a size_t holds compares exactly: a signed negation
+        // overflowed at 2^63 and missed the disagreement. The pending collectives keep moving
+        // while it waits: a peer may be blocked in finish() on one whose all-gather this rank
+        // issues only once its reduce-scatter is done.
         void agree(kind what, std::size_t count, int root, reduce_op op, const std::string& where) {
             if (!check_calls) {
                 return;
             }
-            const std::int64_t mine[3] = {static_cast<std::int64_t>(count), root,
-                                          static_cast<std::int64_t>(op)};
-            std::int64_t v[6 + kinds] = {};
+            static_assert(sizeof(std::size_t) <= sizeof(std::uint64_t));
+            constexpr std::uint64_t all = UINT64_MAX;
+            // root is in [0, size) here: the base class checked it.
+            const std::uint64_t mine[3] = {static_cast<std::uint64_t>(count),
+                                           static_cast<std::uint64_t>(root),
+                                           static_cast<std::uint64_t>(op)};
+            std::uint64_t v[6 + kinds] = {};
             for (int i = 0; i < 3; ++i) {
                 v[i] = mine[i];
-                v[3 + i] = -mine[i];
+                v[3 + i] = all - mine[i];
             }
             v[6 + static_cast<int>(what)] = 1;
             MPI_Request check = MPI_REQUEST_NULL;
-            call(MPI_Iallreduce(MPI_IN_PLACE, v, 6 + kinds, MPI_INT64_T, MPI_MAX, data, &check),
+            call(MPI_Iallreduce(MPI_IN_PLACE, v, 6 + kinds, MPI_UINT64_T, MPI_MAX, data, &check),
                  "MPI_Iallreduce", where);
             if (queue.empty()) {
                 call(MPI_Wait(&check, MPI_STATUS_IGNORE), "MPI_Iallreduce", where);
@@ -450,7 +480,7 @@ private:
                     call(MPI_Test(&check, &done, MPI_STATUS_IGNORE), "MPI_Iallreduce", where);
                 }
             }
-            const auto lo = [&](int i) { return -v[3 + i]; };
+            const auto lo = [&](int i) { return all - v[3 + i]; };
             const auto hi = [&](int i) { return v[i]; };
             const std::string rule = "; every rank must call the same collectives in the same "
                                      "order with the same sizes (no data moved)";
@@ -653,9 +683,11 @@ private:
     public:
         operation(std::shared_ptr<core> c, std::shared_ptr<pending> p) noexcept
             : core_(std::move(c)), p_(std::move(p)) {}
+        void check_finish() override { core_->check_finish(*p_); }
         void wait() override { core_->finish(p_, true); }
-        // A dropped request must not return while MPI may still write its buffers, whatever
-        // thread drops it: no thread check here (its error is dropped anyway).
+        // A dropped request must not return while MPI may still write its buffers, and the
+        // request's destructor cannot throw: no thread check here. Below MPI_THREAD_SERIALIZED
+        // the program must drop requests on MPI's main thread (see the top of this file).
         void abandon() override { core_->finish(p_, false); }
 
     private:
