@@ -369,6 +369,45 @@ TEST_CASE("chunked encodes into a second accumulator: the in-place encode's bits
         });
 }
 
+// compress_hyper() may change mid-run: the device exchange re-plans before its next encode, and
+// then sends the host's payload for the new settings. A change of the index coding alone was not
+// seen as a change (the old coding, size and check stayed).
+template <class C>
+void replanned_payload_is_the_hosts(typename C::hyper h0, const char* label) {
+    constexpr std::size_t rows = 64, cols = 96;
+    lcu::device_buffer<float> values(rows * cols);
+    const lcu::tensor_table table(std::vector<lcu::tensor_spec>{
+        {"w", values.get(), lcu::dtype::f32, nullptr, lcu::dtype::f32, rows * cols}});
+    const std::vector<cz::segment> flat = {{0, rows * cols, rows, cols}};
+    const auto segs = lcu::detail::padded_segments(table, flat);
+    const std::size_t n = table.padded_elements();
+    typename C::hyper h1 = h0;
+    h1.indices = h0.indices == cz::index_coding::compact ? cz::index_coding::fixed
+                                                         : cz::index_coding::compact;
+    REQUIRE(C::payload_bytes(h1, segs) != C::payload_bytes(h0, segs));
+    for (const auto& [from, to] : {std::pair{h0, h1}, std::pair{h1, h0}}) {
+        CAPTURE(std::string(C::describe(to)));
+        lcu::chunked_exchange<C> dx(table, flat, 2, from);
+        dx.replan(table, to);  // as cuda::diloco does before every encode
+        CHECK(dx.plan.payload_bytes() == C::payload_bytes(to, segs));
+        auto rng = rng_for(std::string(label) + " replan");
+        const std::vector<float> x = normal_floats(rng, n);
+        lcu::device_buffer<float> delta(n);
+        delta.upload(x);
+        dx.encode(delta.get(), nullptr);
+        check_cuda(cudaDeviceSynchronize(), "encode");
+        std::vector<float> e(n, 0.0f);  // the exchange's accumulator starts at zero
+        std::vector<std::byte> want(C::payload_bytes(to, segs));
+        C::encode(to, x, segs, e, {}, want);
+        CHECK(dx.send.download() == want);
+    }
+}
+
+TEST_CASE("a chunked device exchange re-planned for new settings sends the host's payload") {
+    replanned_payload_is_the_hosts<cz::sparseloco>({}, "sparseloco");
+    replanned_payload_is_the_hosts<cz::demo>({}, "demo");
+}
+
 TEST_CASE("sparseloco's norms on the device equal median_norm_clip's host norms within fp32 "
           "rounding") {
     const std::vector<cz::segment> segs = {{0, 128 * 192, 128, 192}, {24576, 5000, 1, 5000},

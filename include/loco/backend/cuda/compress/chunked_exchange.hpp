@@ -72,16 +72,12 @@ inline void chunked_decode(const demo_plan& plan, const std::byte* payload, floa
     demo_decode(plan, payload, out, stream);
 }
 
-// Whether two settings give the same payloads (a change re-plans the exchange).
-inline bool same_settings(const compress::sparseloco::hyper& a,
-                          const compress::sparseloco::hyper& b) noexcept {
-    return a.chunk == b.chunk && a.topk == b.topk && a.bins == b.bins &&
-           loco::detail::float_bits(a.range) == loco::detail::float_bits(b.range) &&
-           loco::detail::float_bits(a.beta) == loco::detail::float_bits(b.beta);
-}
-inline bool same_settings(const compress::demo::hyper& a, const compress::demo::hyper& b) noexcept {
-    return a.chunk == b.chunk && a.topk == b.topk && a.sign == b.sign &&
-           loco::detail::float_bits(a.decay) == loco::detail::float_bits(b.decay);
+// Whether two settings give the same payloads (a change re-plans the exchange): the policy's
+// describe(), which names every setting, so a field added later cannot be missed (the index
+// coding was, and a change of it kept the old payloads).
+template <class C>
+bool same_settings(const typename C::hyper& a, const typename C::hyper& b) {
+    return C::describe(a) == C::describe(b);
 }
 
 // The segments of a fragment's table at their padded offsets.
@@ -137,7 +133,7 @@ public:
 
     // New settings: a new plan and payload buffers; the accumulator carries over.
     void replan(const tensor_table& table, const typename C::hyper& h) {
-        if (detail::same_settings(h, plan.layout().hyper())) return;
+        if (detail::same_settings<C>(h, plan.layout().hyper())) return;
         plan_type fresh(h, segments_, table.padded_elements());
         chunked_payload_check<C> fresh_check(fresh.layout(), ranks_);
         device_buffer<std::byte> s(fresh.payload_bytes());
