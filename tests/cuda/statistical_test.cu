@@ -316,7 +316,8 @@ TEST_CASE("statistical payload_check refuses what statistical::decode refuses, n
     refused([&](auto& b) { b[5] = std::byte{0}; }, false, "the flags is 0, expected 1");
     refused([&](auto& b) { b[4] = std::byte{4}; }, false, "the code width is 4, expected 2");
     refused([&](auto& b) { b[3] = std::byte{1}; }, false, "the compressor id is 1, expected 3");
-    refused([&](auto& b) { b[8] ^= std::byte{0x01}; }, false, "the block size is");  // range
+    refused([&](auto& b) { b[8] ^= std::byte{0x01}; }, false,
+            "the block field (block size or setting) is");  // the range
     // A truncated payload as the receiver sees it: the header claims a shorter body.
     refused([&](auto& b) { b[24] = static_cast<std::byte>(static_cast<unsigned>(b[24]) - 4u); },
             false, "the body size is");

@@ -1,7 +1,8 @@
 #pragma once
 // Error feedback around any compressor C (Stich et al., arXiv 1809.07599; Karimireddy et al.,
 // arXiv 1901.09847): what compression dropped in one round is added back in the next, so the sum
-// of what a worker sends tracks the sum of its pseudo-gradients within one quantization error.
+// of what a worker sends tracks the sum of its pseudo-gradients within one quantization error
+// (up to the fp32 rounding of e + s * delta each round).
 // Per element, with residual e (zero at the start):
 //
 //   e = decay * e + s * delta          s = 1, or the outer lr with fold_outer_lr (MuLoCo's form)

@@ -128,7 +128,8 @@ inline std::string header_mismatch(std::span<const std::byte> in, const header& 
           field("the code width", std::to_integer<unsigned>(in[4]), expected.bits),
           field("the flags", std::to_integer<unsigned>(in[5]), expected.flags),
           field("the reserved field", get<std::uint16_t>(in, 6), 0),
-          field("the block size", get<std::uint32_t>(in, 8), expected.block),
+          field("the block field (block size or setting)", get<std::uint32_t>(in, 8),
+                expected.block),
           field("the segment count", get<std::uint32_t>(in, 12), expected.segments),
           field("the element count", get<std::uint64_t>(in, 16), expected.elements),
           field("the body size", get<std::uint64_t>(in, 24), expected.body_bytes)}) {
