@@ -179,6 +179,9 @@ std::size_t two_bit_round_trip(const py::handle& in, const py::handle& out, std:
     h.range = range;
     Q::validate(h);
     const loco::compress::segment seg{0, x.size, rows, rows == 0 ? 0 : x.size / rows};
+    // The capsules were read above, under the GIL; the quantizer touches only C++ memory (the
+    // caller's frame keeps the tensors alive), so other Python threads run while it works.
+    const py::gil_scoped_release nogil;
     std::vector<std::byte> payload(Q::payload_bytes(h, {&seg, 1}));
     Q::encode(h, {x.data, x.size}, {&seg, 1}, {}, {}, payload);
     Q::decode(h, payload, {&seg, 1}, {y.data, y.size});

@@ -337,6 +337,11 @@ public:
             .done();
         cfg.on_nonfinite = nonfinite(on_nonfinite);
         set_stream(cfg, stream);
+        // Every Python object was read above; building the handle (allocating and copying the
+        // global snapshot, the outer and inner state: seconds for a large model) runs without the
+        // GIL, as step() does. It does not communicate (docs/diloco.md), and a communicator that
+        // called back into Python would reacquire the GIL itself (python_communicator::call).
+        const py::gil_scoped_release nogil;
         handle_ = std::make_unique<Handle>(params_.list, comm, cfg);
     }
 
@@ -458,6 +463,7 @@ public:
         typename Optimizer::config cfg;
         read(hyper, cfg.inner);
         set_stream(cfg, stream);
+        const py::gil_scoped_release nogil;  // as bound_diloco's constructor
         opt_ = std::make_unique<Optimizer>(params_.list, cfg);
     }
     static void bind(py::module_& m, const char* name) {

@@ -100,6 +100,14 @@ def evaluate(model, text, context, windows=32):
         return nn.functional.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1)).item()
 
 
+def all_reduce_bytes(n, world, rank=0):
+    """Bytes `rank` sends in a ring all-reduce of n fp32 values (reduce-scatter, then all-gather),
+    as loco's communicators count them (docs/communicators.md): 4 (n + (M - 2) c_r), c_r the
+    elements rank r owns; 2 (M - 1) / M * 4n when M divides n."""
+    mine = n * (rank + 1) // world - n * rank // world
+    return 4 * (n + (world - 2) * mine)
+
+
 def make_optimizer(args, model, comm):
     if args.algo == "diloco":
         return loco.DiLoCo(model.named_parameters(), comm,
@@ -149,8 +157,8 @@ def run(rank, world, args, init_method):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = make_optimizer(args, model, loco.TorchDistributed())
+    params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        params = sum(p.numel() for p in model.parameters())
         print(f"fortunes: {files} files, {len(train) + len(valid)} bytes; model {params} "
               f"parameters; {args.algo}, {world} workers, H = {args.every}; "
               f"{opt.bytes_per_sync} bytes per sync per worker", flush=True)
@@ -169,12 +177,20 @@ def run(rank, world, args, init_method):
         if rank == 0 and (step % args.log_every == 0 or synced and step % args.every == 0):
             print(f"step {step:5d}  loss {loss.item():.3f}  outer steps {opt.outer_steps}  "
                   f"bytes sent {opt.bytes_sent}  ({time.time() - began:.1f} s)", flush=True)
-    opt.sync()  # end on the global parameters
+    # The end of the run. Streaming: flush() applies the exchanges in flight and starts none
+    # (docs/schedules.md). Every: sync() the steps since the last sync, unless the last step()
+    # just synced: a sync() then would add an outer step on a pseudo-gradient of zero, which
+    # still moves the weights by the outer momentum (and sends a whole sync's bytes).
+    if args.algo == "streaming":
+        opt.flush()
+    elif opt.calls % args.every != 0:
+        opt.sync()
     if rank == 0:
         print(f"end: validation loss {evaluate(model, valid, args.context):.3f}; "
               f"{opt.bytes_sent} bytes sent by rank 0 in {opt.outer_steps} outer steps "
-              f"(all-reduce of every step would send "
-              f"{(args.steps + 1) * opt.bytes_per_sync // max(1, opt.fragments)} bytes)", flush=True)
+              f"(data parallel, an fp32 all-reduce of the gradients at each of the {args.steps} "
+              f"steps, would send {args.steps * all_reduce_bytes(params, world)} bytes)",
+              flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -236,6 +236,11 @@ def _compress_and_aggregate(compressor):
 
 # ---- parameters ------------------------------------------------------------------------------------
 
+def _negated(t):
+    """Whether t carries torch's lazy neg or conj bit (torch._neg_view, x.conj() of a complex x)."""
+    return t.is_neg() or t.is_conj()
+
+
 def _items(named_params, roles):
     """Checks the parameters in Python what DLPack cannot say (gradient present, device, layout),
     then exports value and gradient as DLPack capsules; include/loco/dlpack.hpp checks the rest.
@@ -292,6 +297,14 @@ def _items(named_params, roles):
             raise InvalidArgument(f"loco: the {which} of parameter '{name}' is not contiguous (a "
                                   "transposed or sliced view); pass tensors that own contiguous "
                                   "storage")
+        if _negated(p) or _negated(p.grad):
+            # to_dlpack exports the memory without the bit, so loco would read -x (and could not
+            # write the value back negated)
+            which = "value" if _negated(p) else "gradient"
+            raise InvalidArgument(f"loco: the {which} of parameter '{name}' is a lazily negated "
+                                  "or conjugated view (torch's neg or conj bit), whose memory "
+                                  "holds other values than the tensor shows; pass tensors "
+                                  "without the bit (t.resolve_neg().resolve_conj())")
         role = roles.pop(name, "")
         if not isinstance(role, str):
             raise InvalidArgument(f"loco: the role of parameter '{name}' must be a string "
@@ -533,6 +546,9 @@ def two_bit_round_trip(x, out, rows=0, per_row=False, range=6.0):
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
             raise InvalidArgument(f"loco: two_bit_round_trip needs contiguous float32 CPU tensors, "
                                   f"and {name} is {t.dtype} on {t.device}")
+        if _negated(t):
+            raise InvalidArgument(f"loco: two_bit_round_trip's {name} is a lazily negated view "
+                                  "(torch's neg bit); pass t.resolve_neg()")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise InvalidArgument(f"loco: two_bit_round_trip's rows must be a whole number >= 0 "
                               f"(0: the tensor as one group), got {rows!r}")

@@ -44,6 +44,23 @@ class BadInput(unittest.TestCase):
         self.refused(loco.InvalidArgument, ps, lambda: loco.DiLoCo(ps, loco.Single()),
                      "'t'", "not contiguous")
 
+    def test_negated_view(self):
+        # torch's lazy neg bit (torch._neg_view; the conj bit likewise) is not in DLPack: to_dlpack
+        # exports the memory, which holds -x, so loco would descend along +grad. A value with the
+        # bit is refused too: loco writes it in place.
+        for which in ("value", "gradient"):
+            for kind, build in (("DiLoCo", lambda ps: loco.DiLoCo(ps, loco.Single())),
+                                ("Optimizer", lambda ps: loco.Optimizer(ps, loco.SGD(lr=1.0)))):
+                with self.subTest(which=which, kind=kind):
+                    ps = params(w=(3,))
+                    p = (torch._neg_view(torch.randn(4)) if which == "value"
+                         else torch.nn.Parameter(torch.randn(4)))
+                    p.grad = (torch._neg_view(torch.randn(4)) if which == "gradient"
+                              else torch.randn(4))
+                    ps.append(("n", p))
+                    self.refused(loco.InvalidArgument, ps, lambda: build(ps),
+                                 f"the {which} of parameter 'n'", "neg or conj bit")
+
     def test_tensor_without_gradient(self):
         ps = params(w=(3,))
         ps.append(("frozen", torch.nn.Parameter(torch.randn(2))))
@@ -267,6 +284,11 @@ class BadInput(unittest.TestCase):
                 self.assertTrue(msg.startswith("loco"), msg)
                 self.assertIn(fragment, msg)
                 self.assertTrue(torch.equal(out, torch.full((12,), 7.0)))
+        for args in ((torch._neg_view(x), out), (x, torch._neg_view(out))):
+            with self.assertRaises(loco.InvalidArgument) as ctx:
+                loco.two_bit_round_trip(*args)
+            self.assertIn("neg bit", str(ctx.exception))
+            self.assertTrue(torch.equal(out, torch.full((12,), 7.0)))
 
     def test_device_and_stream(self):
         # A device loco cannot address (the meta device: shapes without storage).

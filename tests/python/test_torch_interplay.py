@@ -8,8 +8,10 @@ counters, and Python threads.
   step raises as it does after torch.optim's step, instead of using the overwritten values.
 - Two threads calling one handle take turns (python/bound.hpp, `locked`): the calls all count,
   and the parameters end as after the same calls from one thread.
+- Other Python threads run while two_bit_round_trip and the constructors do their C++ work.
 """
 
+import sys
 import threading
 import time
 import unittest
@@ -153,16 +155,19 @@ class VersionCounter(unittest.TestCase):
 class Threads(unittest.TestCase):
     CALLS = 60
 
-    def run_threads(self, target, count=2):
+    def run_threads(self, target, count=2, others=()):
+        """target in `count` threads and each of `others` in one more, all at once; an exception
+        in any of them fails the test (a bare threading.Thread would only print it)."""
         errors = []
 
-        def run():
+        def run(fn):
             try:
-                target()
+                fn()
             except Exception as e:  # noqa: BLE001 (reported below)
                 errors.append(f"{type(e).__name__}: {e}")
 
-        threads = [threading.Thread(target=run) for _ in range(count)]
+        threads = [threading.Thread(target=run, args=(fn,))
+                   for fn in [target] * count + list(others)]
         for t in threads:
             t.start()
         for t in threads:
@@ -196,10 +201,7 @@ class Threads(unittest.TestCase):
                 self.assertLessEqual(opt.inner_steps, 2 * self.CALLS)
                 opt.state_dict()
 
-        reader = threading.Thread(target=reads)
-        reader.start()
-        self.run_threads(steps)
-        reader.join()
+        self.run_threads(steps, others=[reads])
         self.assertEqual(opt.calls, 2 * self.CALLS)
         for _ in range(2 * self.CALLS):
             ref.step()
@@ -262,6 +264,52 @@ class Threads(unittest.TestCase):
             ref.step()
         self.assertEqual(opt.state_dict(), ref.state_dict())
         self.assertTrue(torch.equal(p.detach(), q.detach()))
+
+    def assert_releases_the_gil(self, call, attempts=50):
+        """call() runs its C++ work without the GIL: a thread that counts (sleeping between counts,
+        which lets the GIL go) advances while it runs. The switch interval is raised far above
+        the calls' length, so while a call held the GIL the counter could not move at all; the
+        call is repeated, since on a loaded machine the counter may miss one short call."""
+        count, stop = [0], threading.Event()
+
+        def counter():
+            while not stop.is_set():
+                count[0] += 1
+                time.sleep(1e-4)
+
+        interval = sys.getswitchinterval()
+        thread = threading.Thread(target=counter)
+        sys.setswitchinterval(100.0)
+        try:
+            thread.start()
+            while count[0] == 0:
+                time.sleep(1e-3)
+            for _ in range(attempts):
+                before = count[0]
+                call()
+                advanced = count[0] - before  # read before anything lets the GIL go
+                if advanced:
+                    break
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(interval)
+        self.assertGreater(advanced, 0, "no other Python thread ran during the call")
+
+    def test_two_bit_round_trip_and_constructors_release_the_gil(self):
+        n = 1 << 20
+        x = torch.randn(n)
+        out = torch.empty(n)
+        # The compiled calls on capsules made beforehand: the Python wrapper around them (its
+        # checks, to_dlpack) may let the GIL go on its own.
+        cx, cout = torch.utils.dlpack.to_dlpack(x), torch.utils.dlpack.to_dlpack(out)
+        self.assert_releases_the_gil(lambda: loco._loco.two_bit_round_trip(cx, cout, 0, False, 6.0))
+        p = torch.nn.Parameter(torch.randn(n))
+        p.grad = torch.randn(n)
+        items = loco._items([("p", p)], None)[0]
+        single = loco.Single()
+        self.assert_releases_the_gil(lambda: loco._loco.DiLoCo_adamw_nesterov(items, single, {}))
+        self.assert_releases_the_gil(lambda: loco._loco.Optimizer_adamw(items, {}))
 
 
 if __name__ == "__main__":
