@@ -112,8 +112,9 @@ constexpr std::string_view to_string(sign_consensus c) noexcept {
 // The reducer, per element j, over the workers with weight > 0 (atorch's LinearReducer and
 // GTAReducer without sparsification): out[j] = sum_i w_i Delta_i[j] for `none`; with a consensus,
 // sum over the agreeing workers of w_i Delta_i[j] divided by the sum of their w_i (0 when no
-// worker agrees). Ties of the consensus count as +. deltas: workers x n, row-major; the rows of
-// workers with weight > 0 must be finite (edit gives the others weight 0).
+// worker agrees; a sum below 1e-8 divides by 1, as atorch's GTAReducer). Ties of the consensus
+// count as +. deltas: workers x n, row-major; the rows of workers with weight > 0 must be finite
+// (edit gives the others weight 0).
 inline void gta_reduce(std::span<const double> w, std::span<const float> deltas, std::size_t n,
                        sign_consensus consensus, std::span<float> out) {
     const std::size_t m = w.size();

@@ -180,14 +180,15 @@ public:
         return v;
     }
 
-    // Reads a counter that the next step, call or sync adds one to: 2^64 - 1 is refused (no
-    // run reaches it; a corrupted stream that did would wrap to 0 at the next step, where
-    // AdamW's bias correction 1 - beta^0 = 0 turns every parameter into NaN).
+    // Reads a counter that every step, call or sync adds one to: 2^63 and above is refused. No
+    // run gets there (2^63 steps); a corrupted stream that did would wrap to 0 a few steps later,
+    // where AdamW's bias correction 1 - beta^0 = 0 turns every parameter into NaN.
     std::uint64_t counter(const char* what) {
         const std::uint64_t v = u64(what);
-        if (v == std::numeric_limits<std::uint64_t>::max()) {
-            throw checkpoint_error("loco: checkpoint holds " + std::string(what) +
-                                   " 2^64 - 1, which cannot be counted on from");
+        if (v >= std::uint64_t{1} << 63) {
+            throw checkpoint_error("loco: checkpoint holds " + std::string(what) + " " +
+                                   std::to_string(v) +
+                                   ", 2^63 or more: no run counts that far (a corrupted stream)");
         }
         return v;
     }
