@@ -1204,6 +1204,9 @@ private:
         if (!failure) {
             try {
                 detail::validate_hyper<Outer>(outer_hyper_);
+                // Also checked before each combine; here too for the device paths whose
+                // aggregation runs inside the exchange (SparseLoCo's clipped scatter-mean).
+                detail::validate_hyper<Aggregate>(aggregate_hyper_);
                 const nonfinite_policy policy = engine_.inner().on_nonfinite();
                 if (policy != nonfinite_policy::ignore) {
                     hit = engine_.find_nonfinite(fi);

@@ -875,4 +875,36 @@ TEST_CASE("cuda::diloco with sparseloco: a malformed payload is refused on every
     });
 }
 
+// aggregate_hyper() changed mid-run is validated at the sync on the device path too, where the
+// clipped scatter-mean runs inside the exchange (no combine): an epsilon of -1 was applied, an
+// outer step in about the opposite direction.
+TEST_CASE("cuda::diloco with sparseloco: a bad median_norm_clip setting set mid-run fails the "
+          "sync on every rank, nothing applied") {
+    namespace hd = loco_test::handles;
+    const std::string label = "sparse handles bad epsilon";
+    using gpu_t = loco::cuda::diloco<loco::inner::sgd, loco::outer::sgd, cz::sparseloco,
+                                     loco::schedule::every, loco::aggregate::median_norm_clip>;
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+        hd::gpu_params m(hd::init_of(label, replica.rank()));
+        gpu_t opt(m.list, replica,
+                  {.inner = {.lr = 1.0f / 64}, .outer = {.lr = 1.0f}, .schedule = {.every = 1},
+                   .compress = {.chunk = 64, .topk = 6}, .stream = replica.stream()});
+        opt.start();
+        REQUIRE(opt.device_exchange());
+        m.set_gradients(hd::grads_of(label, replica.rank(), 1), replica.stream());
+        opt.step();
+        REQUIRE(opt.outer_steps() == 1);
+        const auto global = opt.global();
+        opt.aggregate_hyper().epsilon = -1.0f;
+        m.set_gradients(hd::grads_of(label, replica.rank(), 2), replica.stream());
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("epsilon must be"),
+                             loco::invalid_argument);
+        CHECK(opt.outer_steps() == 1);
+        CHECK(opt.global() == global);
+        opt.aggregate_hyper().epsilon = 1e-8f;
+        opt.sync();
+        CHECK(opt.outer_steps() == 2);
+    });
+}
+
 }  // namespace cuda_sparse_test
