@@ -673,6 +673,49 @@ TEST_CASE("muon engine: a step captured in a CUDA graph replays like direct step
     if (discarded != nullptr) check_cuda(cudaGraphDestroy(discarded), "destroy");
 }
 
+// A graph replays the Newton-Schulz iterations it was captured with. With fewer set between
+// replays the rows past ns_steps are the identity, so the replays equal direct steps (they used
+// zeros: B = 0 and an update of weight decay alone); more than captured is refused.
+TEST_CASE("muon engine: ns_steps lowered between graph replays matches direct steps; raised is refused") {
+    const std::vector<shape> shapes{{32, 48}, {48, 32}};
+    device_set a(shapes, std::vector<layout>(2)), b(shapes, std::vector<layout>(2));
+    lc::muon_engine ea(a.specs()), eb(b.specs());
+    auto h = make_hyper(ns_coefficients::keller_jordan(), lr_adjustment::original, true);
+    REQUIRE(h.ns_steps == 5);
+    auto rng = rng_for("cuda muon/graph ns_steps");
+    for (std::size_t i = 0; i < 2; ++i) {
+        const auto p = normal_floats(rng, a.size(i), 0.1f);
+        const auto g = normal_floats(rng, a.size(i));
+        a.set_param(i, p);
+        b.set_param(i, p);
+        a.set_grad(i, g);
+        b.set_grad(i, g);
+    }
+    lc::stream s;
+    lc::device_control<muon::hyper> ca, cb;
+    ea.set_hyper(h, s);
+    check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "capture");
+    ea.step(h, ca.control(), true, s);
+    lc::graph g = lc::graph::end_capture(s);
+    h.ns_steps = 3;
+    ea.set_hyper(h, s);  // between replays, outside a capture
+    for (int r = 0; r < 2; ++r) {
+        g.launch(s);
+        eb.step(h, cb.control(), true, s);
+    }
+    s.synchronize();
+    for (std::size_t i = 0; i < 2; ++i) {
+        CHECK(a.param(i) == b.param(i));
+        CHECK(a.momentum_of(i) == b.momentum_of(i));
+    }
+    h.ns_steps = 5;  // back to what the graph was captured with: accepted
+    CHECK_NOTHROW(ea.set_hyper(h, s));
+    h.ns_steps = 6;
+    CHECK_THROWS_WITH_AS(ea.set_hyper(h, s), doctest::Contains("captured with"),
+                         loco::invalid_argument);
+    CHECK_NOTHROW(eb.set_hyper(h, s));  // an engine never captured takes any count
+}
+
 TEST_CASE("muon engine: inputs it cannot use are refused, naming the matrix") {
     device_set set({{8, 12}, {8, 12}}, std::vector<layout>(2));
     const auto refused = [&](auto&& edit, const char* fragment) {

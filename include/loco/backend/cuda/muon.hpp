@@ -62,8 +62,8 @@
 //   nominal (what the benchmark's TFLOP/s counts): X X^T 2 m^2 n + A A 2 m^3 + B X 2 m^2 n
 //                                                = 4 m^2 n + 2 m^3
 //   executed with k blocks: (2 m^2 n + 2 m^3) (k + 1) / (2 k) + 2 m^2 n
-// e.g. GPT-2 124M (48 matrices, 5 iterations): 1.52 TFLOP nominal, 1.23 executed (k = 3);
-// GPT-2 1.5B (192 matrices): 55.0 TFLOP nominal, 42.5 executed (k = 5).
+// e.g. GPT-2 124M (48 matrices, 5 iterations): 1.52 TFLOP nominal, 1.16 executed (k = 6);
+// GPT-2 1.5B (192 matrices): 55.1 TFLOP nominal, 41.3 executed (k = 8), with the default blocks.
 //
 // Precision. The iterate X, A and B are bf16 (PyTorch iterates entirely in bf16); products
 // accumulate in fp32 (CUBLAS_COMPUTE_32F, reduced-precision split-K reductions disallowed); the
@@ -693,17 +693,34 @@ public:
 
     // Validates h and uploads what the kernels need of it when it differs from the last upload
     // (stream-ordered). step() calls it; call it alone to upload outside a graph capture.
+    //
+    // The number of Newton-Schulz iterations is the number of cuBLAS calls a step enqueues, so a
+    // CUDA graph keeps the count it was captured with. Rows past ns_steps are uploaded as the
+    // identity (a = 1, b = c = 0: B = I, and X <- B X copies X exactly in bf16), so a graph
+    // replayed after ns_steps went down runs the extra iterations as no-ops and matches a direct
+    // step; ns_steps above the largest count captured so far is refused (the graph would run
+    // too few iterations without a word): build a new optimizer and capture it again.
     void set_hyper(const hyper& h, cudaStream_t stream) {
         inner::muon::validate(h);
         if (uploaded_ && detail::same_hyper(*uploaded_, h)) {
             return;
         }
         refuse_hyper_change_in_capture(stream, "loco: muon_engine");
+        if (captured_steps_ > 0 && h.ns_steps > captured_steps_) {
+            throw invalid_argument(
+                "loco: muon_engine: ns_steps " + std::to_string(h.ns_steps) +
+                " is more than the " + std::to_string(captured_steps_) +
+                " Newton-Schulz iterations a CUDA graph of this optimizer was captured with, "
+                "which its replays would run; build a new optimizer (a checkpoint carries the "
+                "state) and capture it with the larger count");
+        }
         staged_params_ = detail::muon_params{};
         staged_params_.eps = h.eps;
         staged_params_.ns_steps = static_cast<std::uint32_t>(h.ns_steps);
-        for (int i = 0; i < h.ns_steps; ++i) {
-            staged_params_.rows[i] = h.coefficients.at(static_cast<std::size_t>(i));
+        for (int i = 0; i < linalg::max_ns_steps; ++i) {
+            staged_params_.rows[i] = i < h.ns_steps
+                                         ? h.coefficients.at(static_cast<std::size_t>(i))
+                                         : linalg::ns_row{.a = 1.0f, .b = 0.0f, .c = 0.0f};
         }
         staged_scalars_.clear();
         for (const plan_t& p : plans_) {
@@ -1096,6 +1113,11 @@ private:
     void run_batch(const plan_t& p, bool last, step_control* control, bool skip_nonfinite,
                    cudaStream_t stream) {
         const int steps = uploaded_->ns_steps;
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        LOCO_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+        if (capture != cudaStreamCaptureStatusNone) {
+            captured_steps_ = std::max(captured_steps_, steps);  // what replays will run
+        }
         detail::muon_pass_args pass{.desc = desc_.get() + p.first,
                                     .scalars = scalars_.get() + (&p - plans_.data()),
                                     .x = x0_,
@@ -1210,6 +1232,7 @@ private:
     cublas_handle handle_;
 
     std::optional<hyper> uploaded_;
+    int captured_steps_ = 0;  // the most Newton-Schulz iterations any graph captured
     detail::muon_params staged_params_{};
     std::vector<inner::muon::scalars> staged_scalars_;
 };
