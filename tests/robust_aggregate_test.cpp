@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <loco/aggregate/edit.hpp>
+#include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/aggregate/robust.hpp>
 #include <loco/comm/single.hpp>
 #include <loco/comm/threads.hpp>
@@ -440,6 +441,18 @@ TEST_CASE("every rule refuses contributions of the wrong shape") {
     refused([&] { loco::aggregate::gta_reduce(w, few_deltas.deltas, 2, sign_consensus::sum, out); });
     refused([&] { loco::aggregate::gta_reduce(w, g.deltas, 2, sign_consensus::none, short_out); });
     CHECK_NOTHROW(loco::aggregate::gta_reduce(w, g.deltas, 2, sign_consensus::none, out));
+    // The helpers the CUDA backend calls on its own arrays.
+    std::vector<loco::aggregate::ewma_detector> detectors(3);
+    const std::vector<double> two_norms{1.0, 2.0};
+    const std::vector<std::uint8_t> finite(3, 1);
+    refused([&] {
+        loco::aggregate::edit::weights_of({}, detectors, two_norms, finite, g.view());
+    });
+    std::vector<float> f;
+    refused([&] { loco::aggregate::median_norm_clip::factors({}, g.view(), 1, 3, f); });
+    refused([&] { loco::aggregate::median_norm_clip::factors({}, few_deltas, 0, 2, f); });
+    CHECK_NOTHROW(loco::aggregate::median_norm_clip::factors({}, g.view(), 0, 2, f));
+    CHECK(f.size() == 3);
     CHECK(out[0] == doctest::Approx(0.5 * 1.0 + 0.25 * 1.5 + 0.25 * 0.5));
 }
 

@@ -714,6 +714,17 @@ TEST_CASE("muon engine: ns_steps lowered between graph replays matches direct st
     CHECK_THROWS_WITH_AS(ea.set_hyper(h, s), doctest::Contains("captured with"),
                          loco::invalid_argument);
     CHECK_NOTHROW(eb.set_hyper(h, s));  // an engine never captured takes any count
+
+    // A second graph captured at 3: either graph may be replayed next, so the bound is now 3
+    // (the largest count captured was checked, and 5 let this graph run 3 without a word).
+    h.ns_steps = 3;
+    ea.set_hyper(h, s);
+    check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "capture");
+    ea.step(h, ca.control(), true, s);
+    lc::graph g3 = lc::graph::end_capture(s);
+    h.ns_steps = 5;
+    CHECK_THROWS_WITH_AS(ea.set_hyper(h, s), doctest::Contains("captured with"),
+                         loco::invalid_argument);
 }
 
 TEST_CASE("muon engine: inputs it cannot use are refused, naming the matrix") {

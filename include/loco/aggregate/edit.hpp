@@ -326,6 +326,16 @@ struct edit {
                                           std::span<const std::uint8_t> finite,
                                           const contributions& c) {
         const std::size_t m = c.workers;
+        if (detectors.size() != m || norms.size() != m || finite.size() != m ||
+            (h.step_weights && c.reports.size() != m)) {
+            throw shape_error("loco::aggregate::edit: weights_of " + std::to_string(m) +
+                              " workers needs as many detectors, norms, finiteness flags (and "
+                              "reports with step_weights); got " +
+                              std::to_string(detectors.size()) + ", " +
+                              std::to_string(norms.size()) + ", " +
+                              std::to_string(finite.size()) + " (" +
+                              std::to_string(c.reports.size()) + ")");
+        }
         std::vector<bool> inlier(m, true);
         for (std::size_t i = 0; i < m; ++i) {
             const double g = norms[i];

@@ -90,6 +90,12 @@ struct median_norm_clip {
     // The clip factor of each worker for the elements [begin, end) (f_k above).
     static void factors(const hyper& h, const contributions& c, std::size_t begin, std::size_t end,
                         std::vector<float>& f) {
+        if (c.deltas.size() != c.workers * c.elements || begin > end || end > c.elements) {
+            throw shape_error("loco::aggregate::median_norm_clip: factors of elements [" +
+                              std::to_string(begin) + ", " + std::to_string(end) + ") of " +
+                              std::to_string(c.workers) + " x " + std::to_string(c.elements) +
+                              " deltas, given " + std::to_string(c.deltas.size()));
+        }
         f.assign(c.workers, 1.0f);
         if (!h.clip) return;
         std::vector<float> norms(c.workers);

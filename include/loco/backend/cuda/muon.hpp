@@ -698,7 +698,7 @@ public:
     // CUDA graph keeps the count it was captured with. Rows past ns_steps are uploaded as the
     // identity (a = 1, b = c = 0: B = I, and X <- B X copies X exactly in bf16), so a graph
     // replayed after ns_steps went down runs the extra iterations as no-ops and matches a direct
-    // step; ns_steps above the largest count captured so far is refused (the graph would run
+    // step; ns_steps above the smallest count captured so far is refused (a graph would run
     // too few iterations without a word): build a new optimizer and capture it again.
     void set_hyper(const hyper& h, cudaStream_t stream) {
         inner::muon::validate(h);
@@ -1116,7 +1116,8 @@ private:
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
         LOCO_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
         if (capture != cudaStreamCaptureStatusNone) {
-            captured_steps_ = std::max(captured_steps_, steps);  // what replays will run
+            // The fewest any graph runs: which graph is replayed next is not known here.
+            captured_steps_ = captured_steps_ == 0 ? steps : std::min(captured_steps_, steps);
         }
         detail::muon_pass_args pass{.desc = desc_.get() + p.first,
                                     .scalars = scalars_.get() + (&p - plans_.data()),
@@ -1232,7 +1233,7 @@ private:
     cublas_handle handle_;
 
     std::optional<hyper> uploaded_;
-    int captured_steps_ = 0;  // the most Newton-Schulz iterations any graph captured
+    int captured_steps_ = 0;  // the fewest Newton-Schulz iterations any graph captured
     detail::muon_params staged_params_{};
     std::vector<inner::muon::scalars> staged_scalars_;
 };
