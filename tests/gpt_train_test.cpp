@@ -350,6 +350,24 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     CHECK(status(o, err) == 2);
     CHECK(err == "gpt: --sync-every-step averages gradients every step, with no schedule; drop "
                  "--schedule delayed\n");
+    // The Markov source's settings and the data's buffers: refused before loading too (they
+    // exited 1, the buffers with a bare std::bad_alloc after the data was loaded).
+    o = tiny_options(1);
+    o.markov_alphabet = 40;
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("--markov-alphabet must be between 2 and 32") != std::string::npos);
+    o = tiny_options(1);
+    o.markov_sharpness = 1e6;
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("--markov-sharpness 1e+06 makes transition probabilities") != std::string::npos);
+    o = tiny_options(1);
+    o.eval_sequences = std::size_t{1} << 40;  // 32 TiB of windows
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --eval-sequences") == 0);
+    o = tiny_options(1);
+    o.markov_bytes = std::size_t{1} << 62;
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --markov-bytes") == 0);
     // --require-below 0: no loss is below 0, so the finished run fails (it was taken as "off").
     o = tiny_options(1);
     o.steps = 2;

@@ -22,6 +22,28 @@ namespace gpt {
 // The rule factory for options (make_rule_factory<...>).
 using rule_factory_maker = std::function<rule_factory(const options&)>;
 
+// Refuses, before anything is loaded, data buffers larger than this host's memory (0: unknown):
+// the validation windows (tokens and targets, --eval-sequences x --context bytes each) and a
+// Markov sample with its train/validation copy (2 x --markov-bytes). They ended in a bare
+// std::bad_alloc after the data was loaded.
+inline void check_data_memory(const options& o, std::size_t host_bytes) {
+    const char* what = "data size";
+    const std::size_t windows =
+        checked_mul(checked_mul(o.eval_sequences, o.model.context, what), 2, what);
+    const std::size_t sample = o.data == "markov" ? checked_mul(o.markov_bytes, 2, what) : 0;
+    if (host_bytes == 0) return;
+    const auto refuse = [&](const std::string& flag, std::size_t need) {
+        throw loco::invalid_argument("gpt: " + flag + " needs " + std::to_string(need) +
+                                     " bytes, more than this host's memory (" +
+                                     std::to_string(host_bytes) + " bytes)");
+    };
+    if (windows > host_bytes) refuse("--eval-sequences " + std::to_string(o.eval_sequences), windows);
+    if (sample > host_bytes) refuse("--markov-bytes " + std::to_string(o.markov_bytes), sample);
+    if (windows > host_bytes - sample) {
+        refuse("--eval-sequences with --markov-bytes", windows + sample);
+    }
+}
+
 // Returns the exit status: 0 after a finished run, 1 when it fails (or misses --require-below),
 // 2 for options refused before anything is loaded (a bad command line: an impossible shape or
 // count, an unknown name, a setting a policy refuses). The header lines, progress and summary
@@ -36,6 +58,12 @@ inline int run(const options& o, const rule_factory_maker& make_factory, std::FI
         check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
                      host_memory_bytes());  // and one too large for this host
         check_counts(o);                    // (train checks again)
+        check_data_memory(o, host_memory_bytes());  // the data's own buffers
+        if (o.data == "markov") {
+            // The chain's settings (alphabet, a sharpness that underflows): cheap to build, at
+            // most 32^3 probabilities, and built again with the corpus below.
+            static_cast<void>(make_markov_chain(o.markov_alphabet, o.markov_sharpness, o.seed));
+        }
         make_rule = make_factory(o);        // and unknown names, bad settings
     } catch (const std::exception& e) {
         std::fprintf(err, "%s\n", e.what());
