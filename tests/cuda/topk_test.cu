@@ -447,7 +447,7 @@ TEST_CASE("topk_payload_check refuses what the host decoder refuses, naming the 
             const float other = 0.25f;
             std::memcpy(b.data() + 8, &other, 4);
         },
-        false, "the block size");
+        false, "the block field (block size or setting)");
     check.run(plan, table, gathered.get(), s);  // restored: accepted again
 }
 
