@@ -907,4 +907,39 @@ TEST_CASE("cuda::diloco with sparseloco: a bad median_norm_clip setting set mid-
     });
 }
 
+// bytes_per_sync() after compress_hyper() changed is what the next sync sends, as on the host:
+// the device plan is rebuilt only when that exchange starts, and its old size was reported.
+template <class C>
+void bytes_follow_new_settings(typename C::hyper before, typename C::hyper after,
+                               const std::string& label) {
+    namespace hd = loco_test::handles;
+    using gpu_t = loco::cuda::diloco<loco::inner::sgd, loco::outer::sgd, C, loco::schedule::every,
+                                     loco::aggregate::mean>;
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& replica) {
+        hd::gpu_params m(hd::init_of(label, replica.rank()));
+        gpu_t opt(m.list, replica,
+                  {.inner = {.lr = 1.0f / 64}, .outer = {.lr = 1.0f}, .schedule = {.every = 1},
+                   .compress = before, .stream = replica.stream()});
+        opt.start();
+        REQUIRE(opt.device_exchange());
+        m.set_gradients(hd::grads_of(label, replica.rank(), 1), replica.stream());
+        opt.step();
+        opt.compress_hyper() = after;
+        const std::uint64_t reported = opt.bytes_per_sync();
+        const std::uint64_t sent = replica.bytes_sent();
+        m.set_gradients(hd::grads_of(label, replica.rank(), 2), replica.stream());
+        opt.step();
+        CHECK(replica.bytes_sent() - sent == reported);
+        CHECK(opt.bytes_per_sync() == reported);
+    });
+}
+
+TEST_CASE("cuda::diloco: bytes_per_sync right after a change of compress_hyper() is the next "
+          "sync's") {
+    bytes_follow_new_settings<cz::sparseloco>({.chunk = 64, .topk = 6}, {.chunk = 64, .topk = 2},
+                                              "sparse bytes follow sparseloco");
+    bytes_follow_new_settings<cz::demo>({.chunk = 64, .topk = 5}, {.chunk = 32, .topk = 3},
+                                        "sparse bytes follow demo");
+}
+
 }  // namespace cuda_sparse_test

@@ -568,13 +568,19 @@ public:
 
     // Bytes this worker sends per exchange of fragment fi. The device all-reduce runs over the
     // padded layout (each tensor's slice rounded up to 8 elements), so its ring volume counts the
-    // padding; the fused exchange sends the host's payloads, (M - 1) P.
+    // padding; the fused exchange sends the host's payloads, (M - 1) P, with P for the settings
+    // `h` (the device plan is re-planned only when the next exchange starts: after a change of
+    // compress_hyper() it still has the old size).
     std::uint64_t bytes_per_average(std::size_t fi, const typename Compressor::hyper& h) const {
         const fragment& f = *frags_[fi];
         const auto m = static_cast<std::uint64_t>(comm_->size());
         if constexpr (device_compression) {
-            if (f.agg && f.device) return f.agg->bytes_per_average(m, f.device->plan.payload_bytes());
-            if (f.device) return (m - 1) * f.device->plan.payload_bytes();
+            if (f.device) {
+                const std::uint64_t p = Compressor::payload_bytes(
+                    h, detail::table_segments(f.table, tensors_, f.params));
+                if (f.agg) return f.agg->bytes_per_average(m, p);
+                return (m - 1) * p;
+            }
         }
         if (f.agg) return f.agg->bytes_per_average(m);
         if (!f.device_all_reduce) return f.host->bytes_per_average(h);
