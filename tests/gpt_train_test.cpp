@@ -368,6 +368,17 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     o.markov_bytes = std::size_t{1} << 62;
     CHECK(status(o, err) == 2);
     CHECK(err.find("gpt: --markov-bytes") == 0);
+    o.markov_bytes = (std::size_t{1} << 63) + 5;  // twice that overflows: named, not --batch
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --markov-bytes 9223372036854775813 asks for more bytes") == 0);
+    o = tiny_options(1);
+    o.eval_sequences = std::size_t{1} << 60;
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --eval-sequences 1152921504606846976 asks for more bytes") == 0);
+    o = tiny_options(1);
+    o.markov_bytes = 100;  // a validation split of 10 bytes, short of one window
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: the validation split holds 10 bytes") == 0);
     // --require-below 0: no loss is below 0, so the finished run fails (it was taken as "off").
     o = tiny_options(1);
     o.steps = 2;

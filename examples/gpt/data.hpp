@@ -43,9 +43,13 @@ inline constexpr const char* default_fortunes_dir = "/usr/share/games/fortunes";
 inline constexpr double validation_fraction = 0.1;
 
 // Appends the first 90% of `text` to train and the rest to validation.
+// Where split_into cuts `size` bytes: the training part is [0, cut), the validation part the rest.
+inline std::size_t training_bytes(std::size_t size) {
+    return size - static_cast<std::size_t>(static_cast<double>(size) * validation_fraction);
+}
+
 inline void split_into(corpus& c, const std::vector<std::uint8_t>& text) {
-    const auto cut = text.size() - static_cast<std::size_t>(static_cast<double>(text.size()) *
-                                                            validation_fraction);
+    const auto cut = training_bytes(text.size());
     c.train.insert(c.train.end(), text.begin(), text.begin() + static_cast<std::ptrdiff_t>(cut));
     c.validation.insert(c.validation.end(), text.begin() + static_cast<std::ptrdiff_t>(cut),
                         text.end());
@@ -246,18 +250,25 @@ inline corpus make_markov_corpus(std::size_t alphabet, double sharpness, std::si
 // ---- windows --------------------------------------------------------------------------------
 
 // Refuses a split too short for one window of context + 1 bytes.
-inline void check_fits(std::span<const std::uint8_t> part, std::size_t context, const std::string& what) {
-    if (part.size() < context + 1) {
-        throw loco::invalid_argument("gpt: " + what + " holds " + std::to_string(part.size()) +
+inline void check_fits(std::size_t bytes, std::size_t context, const std::string& what) {
+    if (bytes < context + 1) {
+        throw loco::invalid_argument("gpt: " + what + " holds " + std::to_string(bytes) +
                                      " bytes, fewer than --context + 1 = " +
                                      std::to_string(context + 1) +
                                      "; use a shorter --context, fewer --workers or more data");
     }
 }
+inline void check_fits(std::span<const std::uint8_t> part, std::size_t context,
+                       const std::string& what) {
+    check_fits(part.size(), context, what);
+}
 
 // Worker `rank` of `workers`: its contiguous share of the training part.
+inline std::size_t shard_bytes(std::size_t train, int workers) {
+    return train / static_cast<std::size_t>(workers);
+}
 inline std::span<const std::uint8_t> shard(const corpus& c, int rank, int workers) {
-    const std::size_t per = c.train.size() / static_cast<std::size_t>(workers);
+    const std::size_t per = shard_bytes(c.train.size(), workers);
     return std::span<const std::uint8_t>(c.train).subspan(static_cast<std::size_t>(rank) * per, per);
 }
 

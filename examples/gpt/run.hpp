@@ -27,10 +27,19 @@ using rule_factory_maker = std::function<rule_factory(const options&)>;
 // Markov sample with its train/validation copy (2 x --markov-bytes). They ended in a bare
 // std::bad_alloc after the data was loaded.
 inline void check_data_memory(const options& o, std::size_t host_bytes) {
-    const char* what = "data size";
-    const std::size_t windows =
-        checked_mul(checked_mul(o.eval_sequences, o.model.context, what), 2, what);
-    const std::size_t sample = o.data == "markov" ? checked_mul(o.markov_bytes, 2, what) : 0;
+    constexpr std::size_t most = std::numeric_limits<std::size_t>::max();
+    const auto too_many = [](const std::string& flag) {
+        throw loco::invalid_argument("gpt: " + flag + " asks for more bytes than a 64-bit count "
+                                     "holds; use a smaller one");
+    };
+    if (o.model.context != 0 && o.eval_sequences > most / 2 / o.model.context) {
+        too_many("--eval-sequences " + std::to_string(o.eval_sequences));
+    }
+    if (o.data == "markov" && o.markov_bytes > most / 2) {
+        too_many("--markov-bytes " + std::to_string(o.markov_bytes));
+    }
+    const std::size_t windows = 2 * o.eval_sequences * o.model.context;
+    const std::size_t sample = o.data == "markov" ? 2 * o.markov_bytes : 0;
     if (host_bytes == 0) return;
     const auto refuse = [&](const std::string& flag, std::size_t need) {
         throw loco::invalid_argument("gpt: " + flag + " needs " + std::to_string(need) +
@@ -54,15 +63,21 @@ inline int run(const options& o, const rule_factory_maker& make_factory, std::FI
     rule_factory make_rule;
     try {
         checked.emplace(o.model);  // refuses an impossible shape before loading anything
+        check_data_memory(o, host_memory_bytes());  // the data's own buffers, by their flags
         check_activations(o.model, std::max(o.batch, o.eval_sequences));  // (train checks again)
         check_memory(o.model, o.batch, static_cast<std::size_t>(std::max(o.workers, 1)),
                      host_memory_bytes());  // and one too large for this host
         check_counts(o);                    // (train checks again)
-        check_data_memory(o, host_memory_bytes());  // the data's own buffers
         if (o.data == "markov") {
             // The chain's settings (alphabet, a sharpness that underflows): cheap to build, at
             // most 32^3 probabilities, and built again with the corpus below.
             static_cast<void>(make_markov_chain(o.markov_alphabet, o.markov_sharpness, o.seed));
+            // Its split and shards are known from the options: each must hold a window (train
+            // checks the loaded data again).
+            const std::size_t train = training_bytes(o.markov_bytes);
+            check_fits(shard_bytes(train, std::max(o.workers, 1)), o.model.context,
+                       "each of the " + std::to_string(o.workers) + " training shards");
+            check_fits(o.markov_bytes - train, o.model.context, "the validation split");
         }
         make_rule = make_factory(o);        // and unknown names, bad settings
     } catch (const std::exception& e) {
