@@ -197,6 +197,48 @@ TEST_CASE("gpt: the Markov source's entropy rate against power iteration and a s
     CHECK(std::abs(mean - m.entropy_rate) < 6.0 * sd / std::sqrt(n));
 }
 
+TEST_CASE("gpt: the Markov source is independent of the model's initialisation and the samplers") {
+    auto rng = loco_test::rng_for("gpt.markov.seeds");
+    for (const std::uint64_t seed : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{rng()}}) {
+        INFO("seed " << seed);
+        // Row by row, the chain's centred log-probabilities are sharpness times its centred
+        // normal draws; the embedding's first weights are 0.02 times the initialiser's. Drawn
+        // from one generator they are the same numbers (correlation 1); independent draws give
+        // a correlation of about 1/sqrt(4096) = 0.016.
+        const std::size_t a = 16;
+        const gpt::markov_chain m = gpt::markov_source(a, 2.0, seed);
+        const gpt::layout lay(gpt::model_config{});
+        std::vector<double> params(lay.total());
+        gpt::initialise<double>(lay, params, seed);
+        REQUIRE(lay.tensors().front().name == "wte");
+        REQUIRE(lay.tensors().front().size() >= a * a * a);
+        double sxy = 0.0, sxx = 0.0, syy = 0.0;
+        for (std::size_t row = 0; row < a * a; ++row) {
+            double mx = 0.0, my = 0.0;
+            for (std::size_t c = 0; c < a; ++c) {
+                mx += std::log(m.next[row * a + c]) / double(a);
+                my += params[row * a + c] / double(a);
+            }
+            for (std::size_t c = 0; c < a; ++c) {
+                const double x = std::log(m.next[row * a + c]) - mx;
+                const double y = params[row * a + c] - my;
+                sxy += x * y;
+                sxx += x * x;
+                syy += y * y;
+            }
+        }
+        const double correlation = sxy / std::sqrt(sxx * syy);
+        INFO("correlation " << correlation);
+        CHECK(std::abs(correlation) < 0.1);
+        // The sample's generator is seeded apart from the chain's, the model's (--seed) and every
+        // worker's window sampler (seed * 1000003 + rank, trainer.hpp).
+        const std::uint64_t sample = gpt::markov_sample_seed(seed);
+        CHECK(sample != gpt::markov_chain_seed(seed));
+        CHECK(sample != seed);
+        for (std::uint64_t rank = 0; rank < 256; ++rank) CHECK(sample != seed * 1000003 + rank);
+    }
+}
+
 TEST_CASE("gpt: the fortunes loader reads sorted text files, skips indices and links, splits 90/10") {
     namespace fs = std::filesystem;
     const fs::path dir = fs::temp_directory_path() /

@@ -14,6 +14,7 @@
 // part; validation uses fixed, evenly spaced windows of the validation part.
 
 #include <loco/error.hpp>
+#include <loco/random.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -235,11 +236,28 @@ inline std::vector<std::uint8_t> sample_markov(const markov_chain& m, std::size_
     return out;
 }
 
+// The Markov source draws from seeds of its own, derived from --seed: the model's initialisation
+// (mt19937_64(seed), model.hpp) and the workers' window samplers (seed * 1000003 + rank,
+// trainer.hpp) draw from --seed too, and the same generator would have made the chain's logits
+// the first weights of the embedding over 0.02, and (at --seed 0) worker 1's window positions the
+// sample's symbol draws.
+inline std::uint64_t markov_chain_seed(std::uint64_t seed) {
+    return loco::random::mix64(seed ^ 0x6d61726b6f762d63ULL);  // "markov-c"
+}
+inline std::uint64_t markov_sample_seed(std::uint64_t seed) {
+    return loco::random::mix64(seed ^ 0x6d61726b6f762d73ULL);  // "markov-s"
+}
+
+// The chain --data markov trains on under --seed `seed`.
+inline markov_chain markov_source(std::size_t alphabet, double sharpness, std::uint64_t seed) {
+    return make_markov_chain(alphabet, sharpness, markov_chain_seed(seed));
+}
+
 inline corpus make_markov_corpus(std::size_t alphabet, double sharpness, std::size_t length,
                                  std::uint64_t seed) {
-    const markov_chain m = make_markov_chain(alphabet, sharpness, seed);
+    const markov_chain m = markov_source(alphabet, sharpness, seed);
     corpus c;
-    split_into(c, sample_markov(m, length, seed + 1));
+    split_into(c, sample_markov(m, length, markov_sample_seed(seed)));
     c.entropy_floor = m.entropy_rate;
     c.description = "markov (order 2, " + std::to_string(alphabet) + " symbols, " +
                     std::to_string(length) + " bytes, entropy rate " +

@@ -71,7 +71,7 @@ inline int run(const options& o, const rule_factory_maker& make_factory, std::FI
         if (o.data == "markov") {
             // The chain's settings (alphabet, a sharpness that underflows): cheap to build, at
             // most 32^3 probabilities, and built again with the corpus below.
-            static_cast<void>(make_markov_chain(o.markov_alphabet, o.markov_sharpness, o.seed));
+            static_cast<void>(markov_source(o.markov_alphabet, o.markov_sharpness, o.seed));
             // Its split and shards are known from the options: each must hold a window (train
             // checks the loaded data again).
             const std::size_t train = training_bytes(o.markov_bytes);
