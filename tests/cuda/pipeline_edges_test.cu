@@ -387,4 +387,42 @@ TEST_CASE("cuda backend: a faulty worker under trimmed_mean with error feedback:
     });
 }
 
+// A broadcast that throws at the first start() (rank 0's values to every worker), here the
+// second fragment's: no parameter may change, so that the retried start() still reports that
+// this worker's parameters moved (the handle drops a gradient taken before them). The second
+// fragment (tensor b) is the same on every worker, as zero-initialised biases are.
+class failing_second_broadcast final : public forwarding_comm {
+public:
+    explicit failing_second_broadcast(loco::comm::communicator& next)
+        : forwarding_comm(next, "failing second broadcast") {}
+    int broadcasts = 0;
+
+protected:
+    void do_broadcast(loco::tensor_view<std::byte> data, int root) override {
+        if (++broadcasts == 2) throw loco::comm_error("test: the second broadcast failed");
+        forwarding_comm::do_broadcast(data, root);
+    }
+};
+
+TEST_CASE("cuda backend: a broadcast failing at start() changes no parameter; the retry moves "
+          "them and says so") {
+    using gpu_t = loco::cuda::diloco<inner, outer, cz::none, ls::streaming>;
+    const std::string label = "edges failed start broadcast";
+    loco::fragment_layout layout;
+    layout.names = {{"a", "c"}, {"b"}};
+    loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
+        std::vector<float> mine = init_of(label, comm.rank());
+        const std::vector<float> root = init_of(label, 0);
+        std::copy_n(root.begin() + 5, 42, mine.begin() + 5);  // b: the same on every worker
+        gpu_params p(mine);
+        failing_second_broadcast failing(comm);
+        gpu_t opt(p.list, failing, {.schedule = two_fragments(), .fragments = layout,
+                                    .stream = comm.stream()});
+        CHECK_THROWS_AS(opt.start(), loco::comm_error);
+        CHECK(p.host_values(comm.stream()) == mine);
+        CHECK(opt.start() == (comm.rank() != 0));
+        CHECK(p.host_values(comm.stream()) == root);
+    });
+}
+
 }  // namespace cuda_pipeline_edges_test

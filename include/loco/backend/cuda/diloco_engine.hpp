@@ -293,27 +293,40 @@ public:
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
     }
 
+    // Every fragment is broadcast before any is written back: a broadcast that throws leaves the
+    // parameters as they were (as the host's single broadcast), so a retried start() still sees
+    // them move and drops a gradient taken before.
     bool snapshot(bool broadcast) {
         for (auto& f : frags_) gather_values(f->table, master(), f->global.get(), stream());
         if (!broadcast || comm_->size() == 1) return false;
         LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
-        bool moved = false;
-        for (auto& f : frags_) {
-            if (f->elements == 0) continue;
-            const std::vector<float> mine = f->global.download();
+        std::vector<std::vector<float>> mine(frags_.size());
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            fragment& f = *frags_[fi];
+            if (f.elements == 0) continue;
+            mine[fi] = f.global.download();
             if (comm_->space() == memory_space::cuda) {
-                comm_->broadcast(comm::as_bytes(loco::cuda_tensor(f->global.get(),
-                                                                  f->table.padded_elements())),
+                comm_->broadcast(comm::as_bytes(loco::cuda_tensor(f.global.get(),
+                                                                  f.table.padded_elements())),
                                  0);
             } else {
-                std::vector<float> staged = mine;
+                std::vector<float> staged = mine[fi];
                 comm_->broadcast(comm::as_bytes(host_tensor(staged.data(), staged.size())), 0);
-                f->global.upload(staged);
+                f.global.upload(staged);
             }
+        }
+        // A device broadcast with nccl_options::wait = false orders only the caller stream (the
+        // handle's, as docs/cuda.md asks): the legacy-stream copies below wait for it here.
+        LOCO_CUDA_CHECK(cudaStreamSynchronize(stream()));
+        bool moved = false;
+        for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
+            fragment& f = *frags_[fi];
+            if (f.elements == 0) continue;
             // Bits, as the host compares (a float != calls a NaN changed and -0 unchanged).
-            const std::vector<float> now = f->global.download();
-            moved = moved || std::memcmp(now.data(), mine.data(), mine.size() * sizeof(float)) != 0;
-            scatter_values(f->table, f->global.get(), master(), stream());
+            const std::vector<float> now = f.global.download();
+            moved = moved ||
+                    std::memcmp(now.data(), mine[fi].data(), mine[fi].size() * sizeof(float)) != 0;
+            scatter_values(f.table, f.global.get(), master(), stream());
         }
         return moved;
     }
