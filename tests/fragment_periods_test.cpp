@@ -9,6 +9,7 @@
 //   * bad settings refused with one sentence.
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <loco/comm/single.hpp>
@@ -17,6 +18,7 @@
 #include <loco/error.hpp>
 #include <loco/inner/sgd.hpp>
 #include <loco/outer/nesterov.hpp>
+#include <loco/outer/sgd.hpp>
 #include <loco/params.hpp>
 #include <loco/schedule/fragment_periods.hpp>
 #include <loco/tensor.hpp>
@@ -221,4 +223,66 @@ TEST_CASE("fragment_periods refuses bad settings with one sentence") {
     opt.schedule_hyper().every = {2, 0};
     CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
     CHECK(x == before);
+}
+
+// Three fragments due at the same call; fragment 1's all-reduce fails on rank 1, so every rank
+// raises. Fragment 2's exchange, started in that call and never finished, is dropped: every
+// fragment misses the round and the next sync of each is current. (Left in flight, each later
+// sync of fragment 2 applied the round before and sent its own on, silently one period late.)
+TEST_CASE("fragment_periods: a failed sync drops the exchanges the call started for the others") {
+    class fails_once final : public loco_test::forwarding_comm {
+    public:
+        fails_once(loco::comm::communicator& next, bool& armed)
+            : forwarding_comm(next, "fails once"), armed_(armed) {}
+
+    protected:
+        void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+            forwarding_comm::do_all_reduce(d, op);
+            if (armed_ && d.size == 2 && rank() == 1) {  // fragment b's payload
+                armed_ = false;
+                throw loco::comm_error("test: the link dropped");
+            }
+        }
+
+    private:
+        bool& armed_;
+    };
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::fragment_periods>;
+    loco::comm::run_threads(2, [&](loco::comm::threads& base) {
+        bool armed = false;
+        fails_once comm(base, armed);
+        const int r = comm.rank();
+        std::vector<float> a{0.0f}, b(2, 0.0f), c(3, 0.0f), ga(1), gb(2), gc(3);
+        loco::parameter_list list;
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        list.add("c", c, gc);
+        opt_t::config cfg;
+        cfg.inner = {.lr = 1.0f};
+        cfg.outer = {.lr = 1.0f};  // a sync averages the parameters
+        cfg.schedule = {.every = {2, 2, 2}};
+        cfg.fragments.names = {{"a"}, {"b"}, {"c"}};
+        opt_t opt(list, comm, cfg);
+        for (int call = 1; call <= 4; ++call) {
+            // Worker r's gradient at call k is (r + 1) k: the workers drift apart between syncs.
+            for (auto* g : {&ga, &gb, &gc}) std::fill(g->begin(), g->end(), float((r + 1) * call));
+            armed = call == 2;
+            if (call == 2) {
+                CHECK_THROWS_AS(opt.step(), loco::comm_error);
+                for (std::size_t f = 0; f < 3; ++f) CHECK_FALSE(opt.in_flight(f));
+            } else {
+                opt.step();
+            }
+        }
+        // b and c missed call 2, a applied it; by call 4 each holds the mean of the workers'
+        // sums: -(1 + 2 + 3 + 4) (r + 1) averaged over r = 0, 1, i.e. -15 (a: -4.5 - 10.5).
+        CHECK(opt.outer_steps(0) == 2);
+        CHECK(opt.outer_steps(1) == 1);
+        CHECK(opt.outer_steps(2) == 1);
+        CHECK(a == std::vector<float>{-15.0f});
+        CHECK(b == std::vector<float>(2, -15.0f));
+        CHECK(c == std::vector<float>(3, -15.0f));
+        for (const float g : opt.global()) CHECK(g == -15.0f);
+    });
 }

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -703,4 +704,42 @@ TEST_CASE("regroup: a lockstep schedule is the donor's on every rank afterwards"
     CHECK(calls[0] == 12);
     CHECK(calls[1] == calls[0]);
     CHECK(globals[1] == globals[0]);
+}
+
+// A skip streak names its tensor twice in the heal state (the longest streak's and its
+// fragment's), and a parameter's name may be longer than the 1 MiB the transfer allowed beyond
+// the floats: a valid state was refused on every rank as a corrupted transfer, at every retry.
+TEST_CASE("regroup() carries a skip streak whose tensor has a name over 512 KiB") {
+    using sgd_t = loco::diloco<loco::inner::sgd, loco::outer::sgd>;
+    const std::string name(600 * 1024, 'x');
+    auto first = std::make_shared<loco::comm::thread_group>(2);
+    auto second = std::make_shared<loco::comm::thread_group>(2);
+    std::array<std::string, 2> errors;
+    std::vector<std::thread> workers;
+    for (int r = 0; r < 2; ++r) {
+        workers.emplace_back([&, r] {
+            try {
+                std::vector<float> w(4, 1.0f), g(4, 0.5f);
+                loco::parameter_list list;
+                list.add(name, w, g);
+                const sgd_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 1000}};
+                loco::comm::threads before(first, r);
+                sgd_t opt(list, before, cfg);
+                opt.step();
+                if (r == 1) w[0] = std::numeric_limits<float>::quiet_NaN();
+                opt.sync();  // skipped on both ranks: the streak names the tensor
+                CHECK(opt.skipped_syncs() == 1);
+                const std::vector<float> global(opt.global().begin(), opt.global().end());
+                loco::comm::threads after(second, r);
+                opt.regroup(after, 0);
+                CHECK(opt.skipped_syncs() == 1);
+                CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+            } catch (const std::exception& e) {
+                errors[std::size_t(r)] = e.what();
+            }
+        });
+    }
+    for (auto& t : workers) t.join();
+    CHECK(errors[0] == "");
+    CHECK(errors[1] == "");
 }

@@ -385,9 +385,9 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
     CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
           std::vector<float>(straight.opt.global().begin(), straight.opt.global().end()));
-    // What this build writes is format 5.
+    // What this build writes is format 6.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 5);
+    CHECK(static_cast<unsigned char>(now[8]) == 6);
 
     // Resumed with H = 4: the stream holds round 1's exchange in flight, so the round ending at
     // call 4 applies it (formats before 5 did not record that a round was started, and the
@@ -457,8 +457,8 @@ TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuse
     matrix_run resumed(comm, cfg, straight.w, 2, 2);
     std::istringstream is(bytes);
     resumed.opt.load(is);
-    const std::string now = saved(straight.opt);  // format 5, with the shapes
-    CHECK(static_cast<unsigned char>(now[8]) == 5);
+    const std::string now = saved(straight.opt);  // format 6, with the shapes (since 4)
+    CHECK(static_cast<unsigned char>(now[8]) == 6);
     for (int s = 4; s <= 8; ++s) {
         straight.call(s);
         resumed.call(s);
@@ -525,7 +525,7 @@ TEST_CASE("an optimizer checkpoint records its shapes (format 5) and one of form
                                            -0x1.ff2b48p-1f, 0x1.d50f0ep-2f, 0x1.da7eb2p-3f});
     CHECK(straight.b == std::vector<float>{0x1.eaefdep-2f, -0x1.ebca1ep-2f});
     const std::string now = saved(straight.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 5);
+    CHECK(static_cast<unsigned char>(now[8]) == 6);
 
     // The old stream and the new one both resume the run bit for bit.
     for (const std::string* stream : {&format4, &now}) {
@@ -546,7 +546,7 @@ TEST_CASE("an optimizer checkpoint records its shapes (format 5) and one of form
         CHECK(saved(resumed.opt) == saved(reference.opt));
     }
 
-    // Into a 3 x 2 matrix (the same sizes, groups and names): format 5 is refused, naming both
+    // Into a 3 x 2 matrix (the same sizes, groups and names): this build's stream is refused, naming both
     // shapes, and nothing changes; format 4 recorded no shape, so it still loads.
     matrix_model other(cfg, straight.w, straight.b, 3, 2);
     const std::string before = saved(other.opt);
@@ -671,7 +671,7 @@ TEST_CASE("a format 4 stream with an exchange in flight, saved again before its 
     // exchange in flight was encoded with): delayed H = 2, error_feedback<blockwise<2, 8>> with
     // decay 0.9 folding the outer lr, outer SGD whose lr is 0.25 x call, w[i] = i / 4 - 1,
     // g[i] = ((3 i + call) mod 5) / 8 - 1/4; saved after call 3. Its restart takes the lr of
-    // the call it restarts at; saved again at once (format 5), the lr is recorded as unknown, not
+    // the call it restarts at; saved again at once (format 6), the lr is recorded as unknown, not
     // as the lr of the save, so the resaved stream resumes bit for bit as the original.
     const std::string format4 = bytes_from_hex(
         "4c4f434f434b505404000000060000000000000064696c6f636f09000000000000006f757465725f7367641900000000"
@@ -706,7 +706,7 @@ TEST_CASE("a format 4 stream with an exchange in flight, saved again before its 
         opt->load(is);
         if (save_again) {
             const std::string resaved = saved(*opt);
-            CHECK(static_cast<unsigned char>(resaved[8]) == 5);
+            CHECK(static_cast<unsigned char>(resaved[8]) == 6);
             opt = std::make_unique<opt_t>(list, comm, cfg);
             std::istringstream again(resaved);
             opt->load(again);
@@ -739,6 +739,53 @@ TEST_CASE("a skip streak whose tensor has a name over 4096 bytes saves and loads
     std::istringstream is(checkpoint);
     CHECK_NOTHROW(fresh.load(is));
     CHECK(saved(fresh) == checkpoint);
+}
+
+TEST_CASE("a checkpoint saved before start() resumes as the run that saved it: rank 0's values "
+          "broadcast at the first step") {
+    // Format 6 records whether the handle had started. Loaded as started, each worker kept its
+    // own construction-time values as the global parameters (never agreed), and the ranks went
+    // apart for good; built before the model's initialisation, the first sync stepped towards
+    // the values before it.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    const opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 2}};
+    auto rng = rng_for("save before start");
+    std::array<std::vector<float>, 2> init = {normal_floats(rng, 5), normal_floats(rng, 5)};
+    std::array<std::vector<float>, 4> grads;
+    for (auto& g : grads) g = normal_floats(rng, 5);
+    std::array<std::string, 2> checkpoints;
+    std::array<std::vector<float>, 2> straight, resumed;
+    const auto train = [&](opt_t& opt, std::vector<float>& g, std::vector<float>& w) {
+        for (const auto& gi : grads) {
+            g = gi;
+            opt.step();
+        }
+        return w;
+    };
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        std::vector<float> w(5, 0.0f), g(5);  // the model is initialised after the handle
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, cfg);
+        checkpoints[r] = saved(opt);
+        w = init[r];
+        straight[r] = train(opt, g, w);
+    });
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        std::vector<float> w(5, 0.0f), g(5);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, cfg);
+        std::istringstream is(checkpoints[r]);
+        opt.load(is);
+        w = init[r];
+        resumed[r] = train(opt, g, w);
+    });
+    CHECK(resumed[0] == straight[0]);
+    CHECK(resumed[1] == straight[1]);
+    CHECK(straight[0] == straight[1]);  // synced at call 4 from rank 0's initial values
 }
 
 TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain 'warmup' still loads") {
@@ -783,7 +830,7 @@ TEST_CASE("warmup<S> checkpoints name the wrapped schedule, and format 2's plain
     // This build writes format 3 with the whole name; a handle whose warm-up wraps another
     // schedule with the same state refuses it before changing anything.
     const std::string now = saved(resumed.opt);
-    CHECK(static_cast<unsigned char>(now[8]) == 5);
+    CHECK(static_cast<unsigned char>(now[8]) == 6);
     CHECK(now.find("warmup<every>") != std::string::npos);
     one_tensor_run<warm_delayed> other(
         comm, {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
@@ -1016,7 +1063,7 @@ TEST_CASE("streaming: format 1 and 2 checkpoints saved with an exchange in fligh
                 std::istringstream in(stream);
                 first.load(in);
                 stream = saved(first);
-                CHECK(static_cast<unsigned char>(stream[8]) == 5);
+                CHECK(static_cast<unsigned char>(stream[8]) == 6);
             }
             // A communicator of its own: the run ends with an exchange in flight, which
             // poisons a communicator when its handle goes.

@@ -13,6 +13,7 @@
 #include <loco/outer/sgd.hpp>
 #include <loco/schedule/every.hpp>
 #include <loco/schedule/proportional.hpp>
+#include <loco/schedule/streaming.hpp>
 #include <loco/schedule/wallclock.hpp>
 #include <loco/schedule/warmup.hpp>
 
@@ -370,6 +371,70 @@ TEST_CASE("warmup<every>: every step syncs for the first W calls, then every H f
           "warmup W=5 then every H=7");
     CHECK_THROWS_AS(loco::schedule::warmup<loco::schedule::every>::validate({.steps = 1, .then = {.every = 0}}),
                     loco::invalid_argument);
+}
+
+TEST_CASE("warmup<streaming>: the warm-up syncs average (no merge), and a warm-up cannot start "
+          "again") {
+    constexpr int m = 2;
+    constexpr std::size_t n = 3;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::warmup<loco::schedule::streaming>>;
+    auto rng = loco_test::rng_for("warmup streaming");
+    const auto init = loco_test::normal_floats(rng, 2 * n);
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < 2 * m; ++i) grads.push_back(loco_test::normal_floats(rng, 2 * n));
+    // Reference: two warm-up calls of synchronous averaging (outer SGD at lr 1), every worker
+    // then holding the mean; the streaming alpha of 0.5 has no part in them.
+    std::vector<double> mean(init.begin(), init.end());
+    for (int c = 0; c < 2; ++c) {
+        std::vector<double> next(2 * n, 0.0);
+        for (int r = 0; r < m; ++r) {
+            for (std::size_t i = 0; i < 2 * n; ++i) {
+                next[i] += (mean[i] - 0.1 * grads[std::size_t(c * m + r)][i]) / m;
+            }
+        }
+        mean = next;
+    }
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        std::vector<float> a(init.begin(), init.begin() + n), b(init.begin() + n, init.end());
+        std::vector<float> ga(n), gb(n);
+        loco::parameter_list list;
+        list.add("a", a, ga);
+        list.add("b", b, gb);
+        opt_t::config cfg{.inner = {.lr = 0.1f},
+                          .schedule = {.steps = 2,
+                                       .then = {.every = 4, .fragments = 2, .overlap = 1,
+                                                .alpha = 0.5f}}};
+        opt_t opt(list, comm, cfg);
+        for (int c = 0; c < 2; ++c) {
+            const auto& g = grads[std::size_t(c * m) + r];
+            std::copy_n(g.begin(), n, ga.begin());
+            std::copy_n(g.begin() + n, n, gb.begin());
+            CHECK(opt.step().synced);
+            CHECK(a == std::vector<float>(opt.global().begin(), opt.global().begin() + n));
+            CHECK(b == std::vector<float>(opt.global().begin() + n, opt.global().end()));
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            CHECK(a[i] == doctest::Approx(mean[i]).epsilon(1e-6));
+            CHECK(b[i] == doctest::Approx(mean[n + i]).epsilon(1e-6));
+        }
+        // Streaming's rounds: fragment 0 starts at its first call (H/P - tau = 1) ...
+        std::fill(ga.begin(), ga.end(), 0.5f);
+        std::fill(gb.begin(), gb.end(), 0.5f);
+        opt.step();
+        REQUIRE(opt.in_flight(0));
+        // ... and a warm-up raised now would meet it in flight: refused before anything moves.
+        const std::vector<float> a_before = a, b_before = b;
+        opt.schedule_hyper().steps = 10;
+        CHECK_THROWS_WITH_AS(opt.step(),
+                             doctest::Contains("the warm-up cannot start again"),
+                             loco::invalid_argument);
+        CHECK(a == a_before);
+        CHECK(b == b_before);
+        opt.schedule_hyper().steps = 2;  // back as it was: the run goes on
+        opt.step();
+    });
 }
 
 TEST_CASE("proportional (DyLU): the sync's time is not counted as a step's, and H_w survives a "

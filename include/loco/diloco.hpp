@@ -256,7 +256,8 @@ public:
     // the parameters as they are now and, with broadcast_initial, gives every worker rank 0's
     // values. Call it after initialising the model and before the first forward pass; otherwise
     // the first step() or sync() calls it. After load(), which restores the saved snapshot, it
-    // only compares the ranks. Returns true when it changed this worker's parameters.
+    // only compares the ranks (a checkpoint saved before start() leaves the handle unstarted,
+    // format 6). Returns true when it changed this worker's parameters.
     bool start() {
         if (started_) {
             if (!compared_) {
@@ -528,6 +529,10 @@ public:
                 w.text(detail::describe_policy<Compressor>(f.sent_with));
             }
         }
+        // Format 6. Before start() the global snapshot is this worker's parameters at
+        // construction, agreed with nobody: a handle loaded from it starts again (snapshot and,
+        // with broadcast_initial, rank 0's values) as the run that saved it would have.
+        w.u64(started_ ? 1 : 0);
         w.finish();
     }
 
@@ -623,6 +628,12 @@ public:
             loaded.push_back(p);
             restored.push_back(std::move(q));
         }
+        bool was_started = true;  // formats 1 to 5 did not record it
+        if (r.format() >= 6) {
+            const std::uint64_t started = r.u64("whether the handle had started");
+            if (started > 1) throw checkpoint_error("loco: checkpoint corrupted (started flag)");
+            was_started = started == 1;
+        }
         r.finish();
         // Older formats did not record which exchanges the schedule started (streaming: formats
         // 1 and 2; delayed: 1 to 4): those in flight, and those whose planned finish has nothing
@@ -665,7 +676,7 @@ public:
             f.sent_with = compress_hyper_;
             f.sent_outer_lr = p.sent_outer_lr;  // formats 1 to 4: none (the restart's lr)
         }
-        started_ = true;
+        started_ = was_started;
         compared_ = false;  // the next start(), step() or sync() compares the ranks
     }
 
@@ -720,8 +731,12 @@ public:
             w.finish();
         }
         check_fingerprint(control);
+        // The floats, each fragment's counters, the skip streaks' tensor names (the longest
+        // streak's and each fragment's: at most the longest parameter name each, as
+        // read_counters accepts), and 1 MiB for the schedule's state and the rest.
         const std::uint64_t limit = 4 * total * (1 + static_cast<std::uint64_t>(Outer::state_size)) +
-                                    64 * frags_.size() + (1u << 20);
+                                    64 * frags_.size() +
+                                    (frags_.size() + 1) * (8 + streak_name_bound()) + (1u << 20);
         const std::string blob = detail::share_from(control, donor, out.str(), limit);
         // Read everything into temporaries; every rank holds the same verified bytes, so every
         // rank reaches the same verdict.
@@ -820,6 +835,13 @@ private:
         }
         return *at;
     }
+    // The longest skip streak name read_counters accepts: a parameter's name, which may be
+    // longer than text()'s usual bound.
+    std::uint64_t streak_name_bound() const {
+        std::uint64_t bound = detail::checkpoint_reader::max_text_bytes;
+        for (const auto& p : tensors()) bound = std::max<std::uint64_t>(bound, p.name.size());
+        return bound;
+    }
     void write_counters(detail::checkpoint_writer& w) const {
         schedule_.save(w);
         w.u64(skipped_syncs_);
@@ -838,9 +860,7 @@ private:
         schedule_type s = schedule_type::read(r);
         const std::uint64_t skipped = r.counter("the skipped sync count");
         const std::uint64_t consecutive = r.counter("the consecutive skipped sync count");
-        // A parameter's name, which may be longer than text()'s usual bound.
-        std::uint64_t name_bound = detail::checkpoint_reader::max_text_bytes;
-        for (const auto& p : tensors()) name_bound = std::max<std::uint64_t>(name_bound, p.name.size());
+        const std::uint64_t name_bound = streak_name_bound();
         counters c{std::move(s), skipped, consecutive,
                    r.text("the first non-finite tensor", name_bound)};
         if (r.format() >= 3) {
@@ -1016,13 +1036,13 @@ private:
 
     // The plan of one call, in the order of the pipeline (see schedule/plan.hpp).
     void run(const schedule::sync_plan& plan) {
-        // Whether this call's finishes teach the aggregation (not a warm-up sync); sync() and
-        // every other call do.
+        // Whether this call's finishes are warm-up syncs (which teach the aggregation nothing and
+        // merge with alpha 0); those of sync() and every other call are not.
         struct teaching {
             bool& flag;
-            ~teaching() { flag = true; }
-        } restore{aggregation_learns_};
-        aggregation_learns_ = !plan.warmup;
+            ~teaching() { flag = false; }
+        } restore{warmup_sync_};
+        warmup_sync_ = plan.warmup;
         const auto planned = [](std::span<const std::size_t> list, std::size_t f) {
             return std::find(list.begin(), list.end(), f) != list.end();
         };
@@ -1077,6 +1097,13 @@ private:
             for (const std::size_t f : travelling) {
                 if (!frags_[f].in_flight) nothing_to_finish(f);
             }
+            // A start planned to finish within this call, started before the failure and not
+            // finished: its exchange is waited for and dropped (nothing of it applied), so that
+            // the fragment misses this round and starts afresh at its next sync. Left in flight,
+            // every later sync of it applied the round before and sent its own on.
+            for (const std::size_t f : plan.start) {
+                if (frags_[f].in_flight && !planned(travelling, f)) drop_exchange(f);
+            }
             throw;
         }
         for (const std::size_t f : plan.reset) {
@@ -1084,6 +1111,17 @@ private:
         }
         for (const int j : plan.states) {
             average_inner_state(j);
+        }
+    }
+
+    // Waits for fragment f's exchange and drops it on every rank alike (the ranks agreed on the
+    // failure that leaves it unfinished): nothing committed, as for a skipped round.
+    void drop_exchange(std::size_t f) noexcept {
+        frags_[f].in_flight = false;
+        try {
+            static_cast<void>(engine_.finish(f, frags_[f].sent_with, aggregate_hyper_));
+        } catch (...) {
+            // Its transfer failed too (the communicator that failed the call): nothing to drop.
         }
     }
 
@@ -1261,7 +1299,7 @@ private:
                                 "(or raise config.max_skipped_syncs)");
                 }
                 if (f.streak.count == 0) f.streak.first_nonfinite.clear();
-                if (aggregation_learns_) engine_.commit_aggregation(fi);
+                if (!warmup_sync_) engine_.commit_aggregation(fi);
                 ++f.skipped;
                 ++skipped_syncs_;
                 ++f.streak.count;
@@ -1296,9 +1334,11 @@ private:
             merge(fi, 0.0f);
             return;
         }
+        // A warm-up sync (plan.warmup) is synchronous averaging: the local values become the
+        // global ones, whatever the wrapped schedule's merge weight.
         float alpha = 0.0f;
         if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
-            alpha = schedule_type::merge_alpha(schedule_hyper_);
+            if (!warmup_sync_) alpha = schedule_type::merge_alpha(schedule_hyper_);
         }
         // A finite aggregate while this rank's residual went non-finite: an aggregation that
         // leaves out non-finite workers (trimmed_mean, median, centered_clip, edit) left this
@@ -1307,9 +1347,9 @@ private:
         // values and exclude the worker for good.
         if (engine_.inner().on_nonfinite() != nonfinite_policy::ignore &&
             engine_.find_nonfinite_residual(fi)) {
-            if (aggregation_learns_) engine_.commit_aggregation(fi);
+            if (!warmup_sync_) engine_.commit_aggregation(fi);
         } else {
-            engine_.commit(fi, aggregation_learns_);
+            engine_.commit(fi, !warmup_sync_);
         }
         engine_.apply(fi, outer_hyper_, f.outer_steps + 1, alpha);
         ++f.outer_steps;
@@ -1518,7 +1558,9 @@ private:
     bool started_ = false;
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     std::uint64_t skipped_syncs_ = 0;
-    bool aggregation_learns_ = true;  // false during a warm-up plan's finishes (run())
+    // During a warm-up plan's finishes (run()): the aggregation learns nothing from them, and
+    // they merge with alpha 0.
+    bool warmup_sync_ = false;
     std::uint64_t skipped_state_syncs_ = 0;
     // Per inner state array j: its averages skipped in a row (a successful one resets it).
     std::vector<std::uint64_t> state_skip_streaks_;

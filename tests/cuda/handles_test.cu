@@ -107,14 +107,14 @@ TEST_CASE("tensor tables carry matrix shapes: checkpoints refuse another shape, 
     // 2^63 + 3 rows of 2 wrap around to 6 elements in 64 bits: still refused.
     CHECK_THROWS_AS(table((std::size_t(1) << 63) + 3, 2), loco::shape_error);
 
-    // An optimizer checkpoint of the 2 x 3 entry: format 5, the host's bytes.
+    // An optimizer checkpoint of the 2 x 3 entry: format 6, the host's bytes.
     using opt_t = loco::cuda::optimizer<loco::inner::adamw>;
     opt_t wide(table(2, 3), {.stream = s.get()});
     wide.step();
     std::ostringstream os;
     wide.save(os);
     const std::string saved = os.str();
-    CHECK(static_cast<unsigned char>(saved[8]) == 5);
+    CHECK(static_cast<unsigned char>(saved[8]) == 6);
     std::vector<float> hx = x.to_host(), hg = g0;
     loco::parameter_list host_list;
     host_list.add_views("x", loco::host_matrix(hx.data(), 2, 3),

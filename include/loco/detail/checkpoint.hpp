@@ -38,8 +38,10 @@ inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 
 // shape): a checkpoint of an 8 x 6 matrix no longer loads into a 6 x 8 one of the same name.
 // Version 5 records them in an optimizer checkpoint too (host and CUDA, parameter groups
 // included), and a CUDA tensor table's entries may carry them.
-// Readers take versions 1 to 5 (format() says which).
-inline constexpr std::uint32_t checkpoint_format_version = 5;
+// Version 6 records, at the end of a diloco checkpoint, whether the handle had started (taken
+// the ranks' agreed global snapshot): one saved before that resumes unstarted.
+// Readers take versions 1 to 6 (format() says which).
+inline constexpr std::uint32_t checkpoint_format_version = 6;
 inline constexpr std::uint32_t checkpoint_oldest_readable = 1;
 
 class fnv1a64 {

@@ -69,11 +69,19 @@ public:
         return S::inner_state_periods(h.then);
     }
 
-    // The wrapped schedule's refusals of changed hyper-parameters (streaming), before a step.
-    void check(const hyper& h) const
-        requires requires(const S& s, const typename S::hyper& then) { s.check(then); }
-    {
-        after_.check(h.then);
+    // Before a step: a warm-up that would start again once the wrapped schedule has run (W
+    // raised past the calls made) is refused (its every-step syncs would meet the wrapped
+    // schedule's exchanges in flight, and finish each a call late); then the wrapped schedule's
+    // refusals of changed hyper-parameters (streaming).
+    void check(const hyper& h) const {
+        if (h.steps > warm_ && after_.calls() != 0) {
+            throw invalid_argument(
+                "loco::schedule::warmup: steps raised to " + std::to_string(h.steps) +
+                " after the warm-up ended at call " + std::to_string(warm_) + " and " +
+                std::string(S::name) + " took over; the warm-up cannot start again (keep "
+                "steps at most " + std::to_string(warm_) + ")");
+        }
+        if constexpr (requires { after_.check(h.then); }) after_.check(h.then);
     }
 
     // An exchange the handle finished early (streaming): the wrapped schedule plans no finish.
