@@ -62,7 +62,17 @@ py::object capsule_of(loco::tensor_view<T> v, int device) {
 // The memory space is the backend's: "host" (gloo: loco's host buffers; the CUDA handle stages
 // its exchanges through host memory) or "cuda" (NCCL: loco's device buffers on GPU `device`,
 // which the CUDA handle reduces in place).
-class python_communicator final : public loco::comm::communicator {
+//
+// A callback that fails leaves the communicator broken: the error may have come before the
+// callback issued its torch.distributed call (a KeyboardInterrupt, a MemoryError, a CUDA error in
+// the synchronisation before it), and the peers' pending collective would then be paired by gloo
+// or NCCL with this rank's next one (diloco's one-float agreement): garbage where the sizes match,
+// an abort where they do not. Every later collective throws loco::comm_error at once, without
+// calling Python; the peers' pending collectives time out in torch.distributed. A KeyboardInterrupt
+// or SystemExit (a BaseException that is not an Exception) is also kept (python_interrupts,
+// python/bound.hpp), for the handle's call to raise once loco's C++ side has handled the failure.
+class python_communicator final : public loco::comm::communicator,
+                                  public loco_python::python_interrupts {
 public:
     python_communicator(py::object backend, int rank, int size, std::string name,
                         const std::string& space, int device)
@@ -135,14 +145,23 @@ protected:
     }
 
 private:
-    // Runs backend.<method>(*args()) under the GIL; a Python error becomes loco::comm_error.
+    // Runs backend.<method>(*args()) under the GIL; a Python error becomes loco::comm_error, and
+    // any failure breaks the communicator (above).
     template <class Args>
     void call(const char* method, Args&& args) {
         py::gil_scoped_acquire gil;
+        if (!broken_.empty()) {
+            throw loco::comm_error(prefix(method) + "an earlier " + broken_ +
+                                   "; the ranks may now disagree on which "
+                                   "collective comes next, so this communicator refuses further "
+                                   "collectives: rebuild it (and its process group) to go on");
+        }
         try {
             py::object fn = backend_.attr(method);
             std::apply([&](auto&&... a) { fn(a...); }, args());
         } catch (py::error_already_set& e) {
+            broken_ = std::string(method) + " failed on this rank";  // first: the rest may throw
+            if (!e.matches(PyExc_Exception)) keep_interrupt(e);  // KeyboardInterrupt, SystemExit
             // The exception's type and message on one line: e.what() appends the Python
             // traceback ("At: ...", several lines), which does not belong in loco's sentence.
             std::string what = py::str(e.type().attr("__name__")).cast<std::string>() + ": " +
@@ -150,7 +169,13 @@ private:
             for (char& c : what) {
                 if (c == '\n' || c == '\r') c = ' ';
             }
+            broken_ += " (" + what + ")";
             throw loco::comm_error(prefix(method) + "torch.distributed failed (" + what + ")");
+        } catch (...) {
+            // A C++ error around the callback (out of memory exporting a buffer): the collective
+            // may not have been issued either.
+            broken_ = std::string(method) + " failed on this rank before its callback ran";
+            throw;
         }
     }
 
@@ -161,6 +186,7 @@ private:
     loco::memory_space space_ = loco::memory_space::host;
     int device_;
     std::uint64_t sent_ = 0;
+    std::string broken_;  // the collective that failed, once one has (under the GIL)
 };
 
 // MuLoCo's 2-bit statistical quantizer on one tensor: encode + decode, for the parity test and

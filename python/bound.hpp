@@ -47,6 +47,35 @@ inline const DLTensor& tensor_in(const py::handle& capsule, const std::string& w
     return m->dl_tensor;
 }
 
+// ---- interrupts in the communicator's callbacks -------------------------------------------------
+
+// What a communicator that calls back into Python (python/_loco.cpp, python_communicator) keeps of
+// a callback interrupted by a BaseException that is not an Exception (KeyboardInterrupt,
+// SystemExit): loco's C++ side sees the callback fail as loco::comm_error and handles the failure
+// as any other, and the handle's call then raises the interrupt itself (bound_diloco::collective)
+// instead of loco.CommError, so that the caller's `except KeyboardInterrupt:` runs. Under the GIL.
+class python_interrupts {
+public:
+    // Keeps the first interrupt until a handle's call raises it.
+    void keep_interrupt(const py::error_already_set& e) {
+        if (!pending_) pending_ = e;
+    }
+    // Raises the kept interrupt, if any, as the Python exception it was (its traceback too).
+    void raise_interrupt() {
+        if (pending_) {
+            const py::error_already_set e = *pending_;
+            pending_.reset();
+            throw e;
+        }
+    }
+
+protected:
+    ~python_interrupts() = default;
+
+private:
+    std::optional<py::error_already_set> pending_;
+};
+
 // ---- parameters ---------------------------------------------------------------------------------
 
 inline loco::role role_named(const std::string& s, const std::string& name) {
@@ -343,6 +372,7 @@ public:
         // called back into Python would reacquire the GIL itself (python_communicator::call).
         const py::gil_scoped_release nogil;
         handle_ = std::make_unique<Handle>(params_.list, comm, cfg);
+        interrupts_ = dynamic_cast<python_interrupts*>(&comm);  // keep_alive<1, 3> keeps comm
     }
 
     static void bind(py::module_& m, const char* name) {
@@ -352,23 +382,13 @@ public:
                           std::uintptr_t>(),
                  py::arg("items"), py::arg("comm"), py::arg("hyper"), py::arg("stream") = 0,
                  py::keep_alive<1, 3>())
-            .def("start", [](B& b) {
-                const locked l(b.mutex_);
-                return b.handle_->start();
-            })
+            .def("start", [](B& b) { return b.collective([](Handle& h) { return h.start(); }); })
             .def("step", [](B& b) {
-                const locked l(b.mutex_);
-                const loco::step_result r = b.handle_->step();
+                const loco::step_result r = b.collective([](Handle& h) { return h.step(); });
                 return std::make_tuple(r.applied, r.synced, r.received_initial);
             })
-            .def("sync", [](B& b) {
-                const locked l(b.mutex_);
-                b.handle_->sync();
-            })
-            .def("flush", [](B& b) {
-                const locked l(b.mutex_);
-                b.handle_->flush();
-            })
+            .def("sync", [](B& b) { b.collective([](Handle& h) { h.sync(); }); })
+            .def("flush", [](B& b) { b.collective([](Handle& h) { h.flush(); }); })
             .def("save", [](B& b) {
                 return py::bytes(b.call([](const Handle& h) { return save_bytes(h); }));
             })
@@ -436,6 +456,33 @@ private:
         throw loco::invalid_argument("loco: on_nonfinite must be 'skip', 'raise' or 'ignore'");
     }
 
+    // fn(handle) under the lock, for the calls that may communicate. A KeyboardInterrupt or
+    // SystemExit raised in one of the communicator's callbacks meanwhile is raised once the call
+    // is over (with the GIL back), in place of what the call threw (loco.CommError) or returned.
+    template <class F>
+    auto collective(F fn) {
+        auto run = [&] {
+            const locked l(mutex_);
+            return fn(*handle_);
+        };
+        if (interrupts_ == nullptr) return run();
+        try {
+            if constexpr (std::is_void_v<decltype(run())>) {
+                run();
+                interrupts_->raise_interrupt();
+            } else {
+                auto r = run();
+                interrupts_->raise_interrupt();
+                return r;
+            }
+        } catch (const py::error_already_set&) {
+            throw;
+        } catch (...) {
+            interrupts_->raise_interrupt();
+            throw;
+        }
+    }
+
     // fn(handle) under the lock; its result is converted to Python after the GIL is back.
     template <class F>
     auto call(F fn) {
@@ -451,6 +498,7 @@ private:
     bound_params params_;
     std::unique_ptr<Handle> handle_;
     std::mutex mutex_;
+    python_interrupts* interrupts_ = nullptr;  // the communicator's, if it calls into Python
 };
 
 // A bare inner optimizer (no sync), for trainers without DiLoCo and for the parity tests:

@@ -633,7 +633,11 @@ def TorchDistributed(group=None):
     it moves host memory (CPU tensors; for CUDA tensors loco stages its exchanges through the
     host), over NCCL ("nccl" backend) it moves GPU memory of the current device
     (torch.cuda.set_device(local_rank) first), and the parameters must be CUDA tensors there.
-    Counts the bytes it sends as the other loco communicators do."""
+    Counts the bytes it sends as the other loco communicators do. A collective that fails on this
+    rank leaves the communicator refusing every later one (CommError, torch.distributed not
+    called): build a new process group and communicator to go on. A KeyboardInterrupt or
+    SystemExit raised inside a collective reaches the caller of step(), sync(), flush() or
+    start() as itself (docs/pytorch.md)."""
     if not dist.is_available() or not dist.is_initialized():
         raise CommError("loco: torch.distributed is not initialised; call "
                         "torch.distributed.init_process_group('gloo', ...) first")
