@@ -16,6 +16,7 @@
 #include <loco/compress/sparseloco.hpp>
 #include <loco/loco.hpp>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -529,4 +530,72 @@ TEST_CASE("compress_hyper() changed while an exchange travels: it is decoded wit
         CHECK(opt.outer_steps() == 2);
         CHECK(opt.skipped_syncs() == 0);
     });
+}
+
+// A first-phase transfer of two_phase that fails on one rank after it completed on the other (a
+// dropped acknowledgement): the failing rank used to leave the exchange at once while its peer
+// went on to the second phase, so the ranks called different collectives (a "ranks disagree"
+// error in place of the agreed one, and the next sync failed too).
+TEST_CASE("two_phase: a first-phase transfer failing on one rank fails the sync on every rank "
+          "alike, and the next sync goes through") {
+    class drops_ack final : public loco_test::forwarding_comm {
+    public:
+        drops_ack(loco::comm::communicator& next, bool& armed)
+            : forwarding_comm(next, "drops ack"), armed_(armed) {}
+
+    protected:
+        void do_all_to_all(loco::tensor_view<const std::byte> send,
+                           loco::tensor_view<std::byte> recv) override {
+            forwarding_comm::do_all_to_all(send, recv);
+            if (armed_ && rank() == 1) {
+                armed_ = false;
+                throw loco::comm_error("test: the link dropped");
+            }
+        }
+
+    private:
+        bool& armed_;
+    };
+    using ef = lc::error_feedback<lc::blockwise<2, 8>>;
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, ef>;
+    auto rng = loco_test::rng_for("two_phase dropped ack");
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < 4 * 2; ++i) grads.push_back(loco_test::normal_floats(rng, 16));
+    std::array<std::string, 2> errors;
+    std::array<std::vector<float>, 2> globals;
+    loco::comm::run_threads(2, [&](loco::comm::threads& base) {
+        bool armed = false;
+        drops_ack comm(base, armed);
+        const auto r = std::size_t(comm.rank());
+        std::vector<float> x(16, 1.0f), g(16);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        opt_t opt(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 2},
+                               .exchange = loco::exchange_scheme::two_phase});
+        std::vector<float> residual_before;
+        for (int call = 1; call <= 4; ++call) {
+            g = grads[std::size_t(call - 1) * 2 + r];
+            armed = call == 2;
+            if (call == 2) {
+                residual_before.assign(opt.compressor_state().begin(), opt.compressor_state().end());
+                try {
+                    opt.step();
+                } catch (const loco::comm_error& e) {
+                    errors[r] = e.what();
+                }
+                CHECK(opt.outer_steps() == 0);
+                CHECK(std::vector<float>(opt.compressor_state().begin(),
+                                         opt.compressor_state().end()) == residual_before);
+            } else {
+                opt.step();
+            }
+        }
+        CHECK(opt.outer_steps() == 1);
+        globals[r].assign(opt.global().begin(), opt.global().end());
+    });
+    for (const auto& e : errors) {
+        CHECK(e == "loco::diloco: the sync of fragment 0 failed on rank 1 at the transfer stage "
+                   "(test: the link dropped); nothing was applied on any rank");
+    }
+    CHECK(globals[0] == globals[1]);
 }

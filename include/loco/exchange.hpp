@@ -452,7 +452,9 @@ private:
     }
 
     // DeepSpeed's two phases, blocking. Every rank goes through both collectives even when its
-    // own encode failed (it sends zeros), so that the ranks stay in step.
+    // own encode or its first transfer failed (it sends zeros), so that the ranks stay in step:
+    // a transfer that failed on this rank alone (a dropped acknowledgement) completed on its
+    // peers, which go on to the second phase; a link that is gone fails that at once too.
     void finish_two_phase(comm::communicator& comm, std::span<float> out,
                           const typename C::hyper& h) {
         // Sized from the settings of this exchange: compress_hyper() may have changed since the
@@ -475,27 +477,30 @@ private:
             std::fill(send_.begin(), send_.end(), std::byte{0});
         }
         recv_.assign(world_ * q, std::byte{0});
+        bool received = true;
         try {
             comm.all_to_all(const_bytes_of(send_), bytes_of(recv_));
         } catch (...) {
             failure_.record(sync_stage::transfer, std::current_exception());
-            return;  // the link is gone; the second phase would not meet its peers either
+            received = false;
         }
 
         // The owner averages its chunk and re-encodes it with its own state; its draws use a
         // stream of their own (rank M + r), distinct from every worker's.
         std::vector<float> mine(chunk_size(rank_), 0.0f);
         std::vector<std::byte> reencoded(q, std::byte{0});
-        try {
-            mean_of_payloads(std::span<const std::byte>(recv_), q, chunk_bytes_[rank_],
-                             local_segs_[rank_], h, mine);
-            compress::encode_context server_ctx = ctx_;
-            server_ctx.rank = static_cast<int>(world_ + rank_);
-            C::encode(h, mine, local_segs_[rank_], next_server_, server_ctx,
-                      std::span<std::byte>(reencoded).first(chunk_bytes_[rank_]));
-        } catch (...) {
-            failure_.record(sync_stage::decode, std::current_exception());
-            std::fill(reencoded.begin(), reencoded.end(), std::byte{0});
+        if (received) {
+            try {
+                mean_of_payloads(std::span<const std::byte>(recv_), q, chunk_bytes_[rank_],
+                                 local_segs_[rank_], h, mine);
+                compress::encode_context server_ctx = ctx_;
+                server_ctx.rank = static_cast<int>(world_ + rank_);
+                C::encode(h, mine, local_segs_[rank_], next_server_, server_ctx,
+                          std::span<std::byte>(reencoded).first(chunk_bytes_[rank_]));
+            } catch (...) {
+                failure_.record(sync_stage::decode, std::current_exception());
+                std::fill(reencoded.begin(), reencoded.end(), std::byte{0});
+            }
         }
 
         // Phase 2: every chunk's average to every rank.
