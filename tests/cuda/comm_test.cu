@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -301,6 +302,150 @@ TEST_CASE("split-phase collectives on cuda_replicas and cuda_staging equal the r
     }
 }
 
+namespace {
+
+// The data of each rank for the cuda_staging tests below, and what the collectives must give.
+struct staging_case {
+    std::vector<std::vector<float>> data;
+    expected e;
+};
+staging_case staging_data(int m, std::size_t n) {
+    staging_case c;
+    for (int r = 0; r < m; ++r) {
+        auto rng = rng_for("staging/" + std::to_string(m) + "/" + std::to_string(r));
+        c.data.push_back(normal_floats(rng, n));
+    }
+    c.e = reference(c.data, 0);
+    return c;
+}
+
+}  // namespace
+
+TEST_CASE("cuda_staging: a request finished or dropped after its staging is gone") {
+    // communicator.hpp: a request may be dropped after its communicator is gone. The requests
+    // hold the staging's buffer pool, not the staging: under the emulator's ASan build one that
+    // touched its destroyed staging is a use after free. The staging copies on the replica's
+    // stream, as the handles pass theirs (what that orders only a GPU shows: the emulator runs
+    // every stream in order).
+    for (const int m : {1, 3}) {
+        CAPTURE(m);
+        const std::size_t n = 1031;
+        const staging_case c = staging_data(m, n);
+        std::mutex mutex;
+        loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+            const std::size_t r = std::size_t(comm.rank());
+            const auto host_send = bytes_of(c.data[r]);
+            std::vector<float> sum = c.data[r];
+            std::vector<float> dropped_data = c.data[r];
+            std::vector<std::byte> gathered(std::size_t(m) * n * sizeof(float));
+            loco::comm::request reduce, gather, dropped;
+            bool right_stream = false;
+            {
+                loco::comm::cuda_staging staged(comm, comm.stream());
+                right_stream = staged.stream() == comm.stream();
+                reduce = staged.start_all_reduce(loco::host_tensor(sum.data(), n), reduce_op::sum);
+                gather = staged.start_all_gather(
+                    {host_send.data(), host_send.size(), 0, 0, loco::memory_space::host},
+                    {gathered.data(), gathered.size(), 0, 0, loco::memory_space::host});
+                dropped = staged.start_all_reduce(loco::host_tensor(dropped_data.data(), n),
+                                                  reduce_op::mean);
+            }
+            gather.finish();
+            reduce.finish();
+            dropped = loco::comm::request{};
+
+            std::lock_guard<std::mutex> lock(mutex);
+            CAPTURE(r);
+            CHECK(right_stream);
+            CHECK(std::memcmp(sum.data(), c.e.sum.data(), n * sizeof(float)) == 0);
+            CHECK(gathered == c.e.gathered);
+        });
+    }
+}
+
+TEST_CASE("cuda_staging: requests finished on another thread while this one starts the next") {
+    // communicators.md allows finishing a request on another thread than the one that started
+    // it, even while that thread starts the next collective: the finishing thread gives the
+    // requests' device buffers back to the pool while this one takes some for the next ones.
+    // Unlocked, the pool's list was a data race: under the emulator's ASan build every one of
+    // four runs failed (a null buffer taken from the corrupted list, or buffers leaked).
+    for (const int m : {1, 3}) {
+        CAPTURE(m);
+        std::mutex mutex;
+        loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+            const int r = comm.rank();
+            // Whole numbers, so that sums and means are exact: rank r holds r + 1.
+            const float sum = static_cast<float>(m * (m + 1) / 2);
+            const float mean = sum / static_cast<float>(m);
+            constexpr int k = 6;
+            int wrong = 0;
+            std::string finisher_error;
+            loco::comm::cuda_staging staged(comm, comm.stream());
+            for (int it = 0; it < 1000; ++it) {
+                std::vector<std::vector<float>> a(k), b(k);
+                std::vector<loco::comm::request> finished_there(k);
+                for (int i = 0; i < k; ++i) {
+                    a[std::size_t(i)].assign(std::size_t(16 * (i + 1)), float(r + 1));
+                    finished_there[std::size_t(i)] = staged.start_all_reduce(
+                        loco::host_tensor(a[std::size_t(i)].data(), a[std::size_t(i)].size()),
+                        reduce_op::sum);
+                }
+                std::vector<float> mine(8, float(r + 1));
+                std::vector<float> gathered(8 * std::size_t(m));
+                loco::comm::request gather = staged.start_all_gather(
+                    loco::comm::as_bytes(
+                        loco::tensor_view<const float>(loco::host_tensor(mine.data(), 8))),
+                    loco::comm::as_bytes(loco::host_tensor(gathered.data(), gathered.size())));
+                std::atomic<bool> go{false};
+                std::thread finisher([&] {
+                    while (!go.load()) {
+                    }
+                    try {
+                        for (auto& q : finished_there) {
+                            loco::comm::request mine_now = std::move(q);
+                            mine_now.finish();
+                        }
+                        loco::comm::request g = std::move(gather);
+                        g.finish();
+                    } catch (const std::exception& ex) {
+                        finisher_error = ex.what();
+                    }
+                });
+                go = true;
+                struct joiner {
+                    std::thread& t;
+                    ~joiner() {
+                        if (t.joinable()) t.join();
+                    }
+                } const join_finisher{finisher};
+                std::vector<loco::comm::request> finished_here(k);
+                for (int i = 0; i < k; ++i) {
+                    b[std::size_t(i)].assign(std::size_t(16 * ((i + it) % k + 1)), float(r + 1));
+                    finished_here[std::size_t(i)] = staged.start_all_reduce(
+                        loco::host_tensor(b[std::size_t(i)].data(), b[std::size_t(i)].size()),
+                        reduce_op::mean);
+                }
+                finisher.join();
+                for (auto& q : finished_here) {
+                    q.finish();
+                }
+                for (int i = 0; i < k; ++i) {
+                    for (const float x : a[std::size_t(i)]) wrong += x != sum;
+                    for (const float x : b[std::size_t(i)]) wrong += x != mean;
+                }
+                for (std::size_t j = 0; j < gathered.size(); ++j) {
+                    wrong += gathered[j] != float(j / 8 + 1);
+                }
+            }
+
+            std::lock_guard<std::mutex> lock(mutex);
+            CAPTURE(r);
+            CHECK(finisher_error == "");
+            CHECK(wrong == 0);
+        });
+    }
+}
+
 #if defined(LOCO_TEST_NCCL)
 
 TEST_CASE("nccl with one rank on one GPU") {
@@ -453,6 +598,44 @@ TEST_CASE("nccl split-phase: start enqueues after the caller's stream, finish or
     CHECK(start_took < std::chrono::seconds(5));
     CHECK(buf.download() == data);
 #endif
+    CHECK_FALSE(comm->aborted());
+}
+
+TEST_CASE("nccl with wait = false: cuda_staging copies on the caller stream") {
+    // A finished collective orders only the caller stream, not the host: the staging's copy out
+    // must run on that stream and wait for it, its copy in land before NCCL's stream reads it.
+    // The emulator runs streams in order, so only a GPU can catch a copy on the wrong stream.
+    const std::string path =
+        "/tmp/loco-nccl-staged-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(
+        path, 1, 0, nullptr, {.timeout = std::chrono::seconds(20), .wait = false});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    lc::stream caller;
+    comm->set_caller_stream(caller);
+    loco::comm::cuda_staging staged(*comm, caller);
+    CHECK(staged.stream() == caller.get());
+    auto rng = rng_for("nccl staged");
+    const auto data = normal_floats(rng, 1 << 22);
+    const std::size_t n = data.size();
+    for (int it = 0; it < 3; ++it) {
+        std::vector<float> sum = data;
+        std::vector<float> mean = data;
+        std::vector<std::byte> gathered(n * sizeof(float));
+        auto q1 = staged.start_all_reduce(loco::host_tensor(sum.data(), n), reduce_op::sum);
+        auto q2 = staged.start_all_gather(
+            loco::comm::as_bytes(loco::tensor_view<const float>(loco::host_tensor(data.data(), n))),
+            {gathered.data(), gathered.size(), 0, 0, loco::memory_space::host});
+        staged.all_reduce(loco::host_tensor(mean.data(), n), reduce_op::mean);
+        q2.finish();
+        q1.finish();
+        std::vector<float> bcast = data;
+        staged.broadcast(loco::comm::as_bytes(loco::host_tensor(bcast.data(), n)), 0);
+        CHECK(sum == data);  // one rank: every result is the data
+        CHECK(mean == data);
+        CHECK(gathered == bytes_of(data));
+        CHECK(bcast == data);
+    }
     CHECK_FALSE(comm->aborted());
 }
 

@@ -706,7 +706,7 @@ public:
         regroup_plan plan;
         plan.group = &group;
         if (group.space() == memory_space::cuda) {
-            plan.staging = std::make_unique<comm::cuda_staging>(group);
+            plan.staging = std::make_unique<comm::cuda_staging>(group, stream());
         }
         for (const auto& fp : frags_) {
             const fragment& f = *fp;
@@ -1006,7 +1006,7 @@ private:
     void init_control(comm::communicator& comm) {
         comm_space_ = comm.space();
         if (comm.space() == memory_space::cuda) {
-            staging_ = std::make_unique<comm::cuda_staging>(comm);
+            staging_ = std::make_unique<comm::cuda_staging>(comm, stream());
         }
     }
 
