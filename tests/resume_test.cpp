@@ -32,6 +32,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -575,6 +576,51 @@ TEST_CASE("an optimizer checkpoint records its shapes (format 5) and one of form
                          "load a checkpoint of this model",
                          loco::checkpoint_error);
     CHECK(t.steps() == 0);
+}
+
+TEST_CASE("an optimizer checkpoint records its parameters' names (format 6): the same shapes "
+          "registered in another order are refused") {
+    // Sizes, shapes and groups alone let q's AdamW moments (or Muon momentum) land on k and k's
+    // on q, without a word, when a model registers k first.
+    using grouped = loco::groups<loco::group<loco::is_hidden_matrix, loco::inner::muon>,
+                                 loco::group<loco::otherwise, loco::inner::adamw>>;
+    auto rng = rng_for("optimizer names");
+    std::vector<float> q = normal_floats(rng, 16), k = normal_floats(rng, 16);
+    const std::vector<float> gq = normal_floats(rng, 16), gk = normal_floats(rng, 16);
+    const auto listed = [&](bool k_first) {
+        loco::parameter_list l;
+        const auto add = [&](const char* name, std::vector<float>& v, const std::vector<float>& g) {
+            l.add_views(name, loco::host_matrix(v.data(), 4, 4), loco::host_matrix(g.data(), 4, 4),
+                        {.role = loco::role::matrix});
+        };
+        if (k_first) add("k", k, gk);
+        add("q", q, gq);
+        if (!k_first) add("k", k, gk);
+        return l;
+    };
+    const auto check = [&](auto tag) {
+        using opt_t = loco::optimizer<typename decltype(tag)::type>;
+        const loco::parameter_list saved_order = listed(false), other_order = listed(true);
+        opt_t first(saved_order);
+        first.step();
+        const std::string stream = saved(first);
+        CHECK(static_cast<unsigned char>(stream[8]) == 6);
+        opt_t swapped(other_order);
+        const std::string before = saved(swapped);
+        std::istringstream is(stream);
+        CHECK_THROWS_WITH_AS(swapped.load(is),
+                             "loco: checkpoint mismatch in a parameter's name (a model registers "
+                             "its parameters in the order it saved them): saved 'q', this "
+                             "optimizer has 'k'",
+                             loco::checkpoint_error);
+        CHECK(saved(swapped) == before);
+        opt_t same(listed(false));
+        std::istringstream again(stream);
+        CHECK_NOTHROW(same.load(again));
+        CHECK(saved(same) == stream);
+    };
+    check(std::type_identity<loco::inner::adamw>{});
+    check(std::type_identity<grouped>{});
 }
 
 TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with, and one started "

@@ -158,6 +158,21 @@ void expect_shapes(checkpoint_reader& r, std::span<const tensor_shape> shapes, N
     }
 }
 
+// Every parameter's name, in an optimizer stream since format 6 (a diloco stream has them in its
+// fragment layout): the sizes and shapes alone let two parameters of one shape take each other's
+// states when a model registers them in another order. name_of(i) names parameter i.
+template <class NameOf>
+void write_names(checkpoint_writer& w, std::size_t count, NameOf&& name_of) {
+    for (std::size_t i = 0; i < count; ++i) w.text(name_of(i));
+}
+template <class NameOf>
+void expect_names(checkpoint_reader& r, std::size_t count, NameOf&& name_of) {
+    for (std::size_t i = 0; i < count; ++i) {
+        r.expect_text(name_of(i), "a parameter's name (a model registers its parameters in the "
+                                  "order it saved them)");
+    }
+}
+
 // State of a policy kept as state_size arrays over the flat layout, its checkpoint section
 // (name, state size, floats) and its accessor: shared by element-wise and per-matrix engines.
 template <class Inner>
@@ -387,28 +402,31 @@ public:
     // The engine of a parameter-group optimizer: group<I>() (groups.hpp).
     const engine& engine_state() const noexcept { return engine_; }
 
-    // The stream: the kind, every parameter's shape (format 5), then the section a diloco
-    // stream embeds (which records no shapes of its own: diloco's stream has them already).
+    // The stream: the kind, every parameter's shape (format 5) and name (format 6), then the
+    // section a diloco stream embeds (which records neither: diloco's stream has them already).
     void save(std::ostream& os) const {
         detail::checkpoint_writer w(os);
         w.text("optimizer");
         detail::write_shapes(w, detail::parameter_shapes(params_));
+        detail::write_names(w, params_.size(), [&](std::size_t i) -> const std::string& {
+            return params_[i].name;
+        });
         write_section(w);
         w.finish();
     }
 
     // Restores a state written by save(). Throws checkpoint_error, leaving this optimizer as it
     // was, when the stream is truncated, corrupted, or from another policy or model (a matrix of
-    // another shape included; streams of formats 1 to 4 recorded no shapes).
+    // another shape, or parameters in another order, included; streams of formats 1 to 4
+    // recorded no shapes, of format 5 no names).
     void load(std::istream& is) {
         detail::checkpoint_reader r(is);
         r.expect_text("optimizer", "the checkpoint kind");
+        const auto name_of = [&](std::size_t i) -> const std::string& { return params_[i].name; };
         if (r.format() >= 5) {
-            detail::expect_shapes(r, detail::parameter_shapes(params_),
-                                  [&](std::size_t i) -> const std::string& {
-                                      return params_[i].name;
-                                  });
+            detail::expect_shapes(r, detail::parameter_shapes(params_), name_of);
         }
+        if (r.format() >= 6) detail::expect_names(r, params_.size(), name_of);
         section pending = read_section(r);
         r.finish();
         commit(std::move(pending));

@@ -39,7 +39,9 @@ inline constexpr char checkpoint_magic[8] = {'L', 'O', 'C', 'O', 'C', 'K', 'P', 
 // Version 5 records them in an optimizer checkpoint too (host and CUDA, parameter groups
 // included), and a CUDA tensor table's entries may carry them.
 // Version 6 records, at the end of a diloco checkpoint, whether the handle had started (taken
-// the ranks' agreed global snapshot): one saved before that resumes unstarted.
+// the ranks' agreed global snapshot): one saved before that resumes unstarted. In an optimizer
+// checkpoint it records every parameter's name after its shape: parameters of one shape
+// registered in another order took each other's states.
 // Readers take versions 1 to 6 (format() says which).
 inline constexpr std::uint32_t checkpoint_format_version = 6;
 inline constexpr std::uint32_t checkpoint_oldest_readable = 1;

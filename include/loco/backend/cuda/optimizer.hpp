@@ -155,26 +155,30 @@ public:
         return self().counter_control().read(stream()).skipped + self().host_skipped_;
     }
 
-    // The host optimizer's stream: the kind, the shapes (format 5), the section.
+    // The host optimizer's stream: the kind, the shapes (format 5), the names (format 6), the
+    // section.
     void save(std::ostream& os) const {
         loco::detail::checkpoint_writer w(os);
         w.text("optimizer");
         loco::detail::write_shapes(w, detail::table_shapes(table()));
+        loco::detail::write_names(w, table().size(), [&](std::size_t i) -> const std::string& {
+            return table().name(i);
+        });
         self().write_section(w);
         w.finish();
     }
 
     // Throws checkpoint_error, leaving the optimizer as it was, for a truncated or corrupted
-    // stream or one of another policy or model (a matrix of another shape included).
+    // stream or one of another policy or model (a matrix of another shape, or tensors in
+    // another order, included).
     void load(std::istream& is) {
         loco::detail::checkpoint_reader r(is);
         r.expect_text("optimizer", "the checkpoint kind");
+        const auto name_of = [&](std::size_t i) -> const std::string& { return table().name(i); };
         if (r.format() >= 5) {
-            loco::detail::expect_shapes(r, detail::table_shapes(table()),
-                                        [&](std::size_t i) -> const std::string& {
-                                            return table().name(i);
-                                        });
+            loco::detail::expect_shapes(r, detail::table_shapes(table()), name_of);
         }
+        if (r.format() >= 6) loco::detail::expect_names(r, table().size(), name_of);
         auto pending = self().read_section(r);
         r.finish();
         self().commit(pending);
