@@ -64,11 +64,21 @@ TEST_CASE("inner optimizers refuse non-finite or out-of-range hyper-parameters a
     refused_inner<adamw>({.eps = 0.0f}, "adamw: eps must be finite and > 0");
     refused_inner<adamw>({.eps = inf}, "adamw: eps must be finite and > 0");
     refused_inner<adamw>({.weight_decay = inf}, "adamw: weight_decay must be finite and >= 0");
+    // Each finite, their products overflow: every parameter would have turned inf.
+    refused_inner<adamw>({.lr = 1e20f, .weight_decay = 1e20f},
+                         "adamw: lr * weight_decay overflows a float");
+    refused_inner<adamw>({.lr = 1e38f, .weight_decay = 0.0f},
+                         "adamw: lr / (1 - beta1), the first step's size, overflows a float");
 
     using loco::inner::lion;
     refused_inner<lion>({.lr = inf}, "lion: lr must be finite and >= 0");
     refused_inner<lion>({.beta1 = 1.5f}, "lion: beta1 must be in [0, 1]");
     refused_inner<lion>({.weight_decay = qnan}, "lion: weight_decay must be finite and >= 0");
+    refused_inner<lion>({.lr = 1e20f, .weight_decay = 1e20f},
+                        "lion: lr * weight_decay overflows a float");
+    CHECK_THROWS_WITH_AS(loco::inner::muon::validate({.lr = 1e20f, .weight_decay = 1e20f}),
+                         "loco::inner::muon: lr * weight_decay overflows a float",
+                         loco::invalid_argument);
 
     using loco::inner::sgd;
     refused_inner<sgd>({.lr = inf}, "sgd: lr must be finite and >= 0");

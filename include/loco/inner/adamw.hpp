@@ -77,6 +77,17 @@ struct adamw {
         if (!(h.weight_decay >= 0.0f && math::isfinite(h.weight_decay)))
             throw invalid_argument("loco::inner::adamw: weight_decay must be finite and >= 0, got " +
                                    std::to_string(h.weight_decay));
+        // Each finite, the factors prepare() forms from them can still overflow a float (and
+        // turn every parameter into inf): the decay, and the step size at its largest (step 1).
+        if (!math::isfinite(1.0f - h.lr * h.weight_decay))
+            throw invalid_argument("loco::inner::adamw: lr * weight_decay overflows a float (lr " +
+                                   std::to_string(h.lr) + ", weight_decay " +
+                                   std::to_string(h.weight_decay) + ")");
+        if (!math::isfinite(static_cast<float>(static_cast<double>(h.lr) /
+                                               (1.0 - static_cast<double>(h.beta1)))))
+            throw invalid_argument("loco::inner::adamw: lr / (1 - beta1), the first step's size, "
+                                   "overflows a float (lr " + std::to_string(h.lr) + ", beta1 " +
+                                   std::to_string(h.beta1) + ")");
     }
 };
 

@@ -54,6 +54,11 @@ struct lion {
         if (!(h.weight_decay >= 0.0f && math::isfinite(h.weight_decay)))
             throw invalid_argument("loco::inner::lion: weight_decay must be finite and >= 0, got " +
                                    std::to_string(h.weight_decay));
+        // Each finite, their product can overflow a float (every parameter would turn inf).
+        if (!math::isfinite(1.0f - h.lr * h.weight_decay))
+            throw invalid_argument("loco::inner::lion: lr * weight_decay overflows a float (lr " +
+                                   std::to_string(h.lr) + ", weight_decay " +
+                                   std::to_string(h.weight_decay) + ")");
     }
 };
 

@@ -147,6 +147,10 @@ struct muon {
             throw invalid_argument("loco::inner::muon: lr must be finite and >= 0");
         if (!(h.weight_decay >= 0.0f && std::isfinite(h.weight_decay)))
             throw invalid_argument("loco::inner::muon: weight_decay must be finite and >= 0");
+        // Each finite, their product can overflow the float decay (every parameter inf).
+        if (!std::isfinite(static_cast<float>(1.0 - static_cast<double>(h.lr) *
+                                                        static_cast<double>(h.weight_decay))))
+            throw invalid_argument("loco::inner::muon: lr * weight_decay overflows a float");
         if (!(h.momentum >= 0.0f && h.momentum < 1.0f))
             throw invalid_argument("loco::inner::muon: momentum must be in [0, 1)");
         switch (h.adjust_lr) {
