@@ -639,6 +639,63 @@ TEST_CASE("nccl with wait = false: cuda_staging copies on the caller stream") {
     CHECK_FALSE(comm->aborted());
 }
 
+TEST_CASE("nccl: requests finished on another thread while this one starts the next") {
+    // As cuda_staging's test above: finishing gives each request's event back to the
+    // communicator's pool while this thread takes events for the next collectives (the pool was
+    // unlocked). One rank: every result is the data.
+    const std::string path =
+        "/tmp/loco-nccl-threads-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(20)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    auto rng = rng_for("nccl finish on another thread");
+    const auto data = normal_floats(rng, 64);
+    constexpr int k = 6;
+    std::vector<lc::device_buffer<float>> there, here;
+    for (int i = 0; i < k; ++i) {
+        there.emplace_back(data.size());
+        here.emplace_back(data.size());
+        there.back().upload(data);
+        here.back().upload(data);
+    }
+    std::string finisher_error;
+    for (int it = 0; it < 500; ++it) {
+        std::vector<loco::comm::request> finished_there(k);
+        for (int i = 0; i < k; ++i) {
+            finished_there[std::size_t(i)] = comm->start_all_reduce(
+                loco::cuda_tensor(there[std::size_t(i)].get(), data.size()), reduce_op::mean);
+        }
+        std::atomic<bool> go{false};
+        std::thread finisher([&] {
+            while (!go.load()) {
+            }
+            try {
+                for (auto& q : finished_there) {
+                    loco::comm::request mine = std::move(q);
+                    mine.finish();
+                }
+            } catch (const std::exception& e) {
+                finisher_error = e.what();
+            }
+        });
+        go = true;
+        std::vector<loco::comm::request> finished_here(k);
+        for (int i = 0; i < k; ++i) {
+            finished_here[std::size_t(i)] = comm->start_all_reduce(
+                loco::cuda_tensor(here[std::size_t(i)].get(), data.size()), reduce_op::mean);
+        }
+        finisher.join();
+        for (auto& q : finished_here) q.finish();
+    }
+    CHECK(finisher_error == "");
+    for (int i = 0; i < k; ++i) {
+        CHECK(there[std::size_t(i)].download() == data);
+        CHECK(here[std::size_t(i)].download() == data);
+    }
+    CHECK_FALSE(comm->aborted());
+}
+
 TEST_CASE("nccl: a request that outlives its communicator touches nothing of it") {
     // communicator.hpp allows a request to outlive its communicator; the destructor settles the
     // collectives, so a late finish() throws and a late drop has nothing to wait for. Under the

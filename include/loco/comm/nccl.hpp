@@ -66,6 +66,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -577,20 +578,26 @@ private:
         give_event(std::move(done));
     }
 
-    // Events for the collectives in flight, reused.
+    // Events for the collectives in flight, reused. Under a lock: a request may be finished or
+    // dropped (giving its event back) on another thread while this one starts the next
+    // collective (communicators.md).
     backend::cuda::event take_event() {
-        if (spare_events_.empty()) {
-            return backend::cuda::event();
+        {
+            const std::lock_guard<std::mutex> lock(events_mutex_);
+            if (!spare_events_.empty()) {
+                backend::cuda::event e = std::move(spare_events_.back());
+                spare_events_.pop_back();
+                return e;
+            }
         }
-        backend::cuda::event e = std::move(spare_events_.back());
-        spare_events_.pop_back();
-        return e;
+        return backend::cuda::event();
     }
     void give_event(backend::cuda::event e) noexcept {
         if (e.get() == nullptr) {
             return;
         }
         try {
+            const std::lock_guard<std::mutex> lock(events_mutex_);
             spare_events_.push_back(std::move(e));
         } catch (...) {
             // No room in the list: the event is destroyed instead.
@@ -607,6 +614,7 @@ private:
     std::unique_ptr<backend::cuda::stream> stream_;
     backend::cuda::event ready_;
     backend::cuda::event done_;  // synchronize() and the call descriptors
+    std::mutex events_mutex_;  // guards spare_events_
     std::vector<backend::cuda::event> spare_events_;
     backend::cuda::device_buffer<float> scratch_;
     backend::cuda::device_buffer<descriptor> descriptors_;
