@@ -79,6 +79,24 @@ TEST_CASE("inner optimizers refuse non-finite or out-of-range hyper-parameters a
     CHECK_THROWS_WITH_AS(loco::inner::muon::validate({.lr = 1e20f, .weight_decay = 1e20f}),
                          "loco::inner::muon: lr * weight_decay overflows a float",
                          loco::invalid_argument);
+    {
+        // Muon's adjusted lr depends on the shape (sqrt(1024) = 32 for a 1024 x 1 matrix under
+        // `original`): refused at the step, before any matrix is written.
+        std::vector<float> small(6, 1.0f), gsmall(6, 0.5f), tall(1024, 1.0f), gtall(1024, 0.5f);
+        loco::parameter_list list;
+        list.add_views("small", loco::host_matrix(small.data(), 2, 3),
+                       loco::host_matrix(static_cast<const float*>(gsmall.data()), 2, 3));
+        list.add_views("tall", loco::host_matrix(tall.data(), 1024, 1),
+                       loco::host_matrix(static_cast<const float*>(gtall.data()), 1024, 1));
+        loco::optimizer<loco::inner::muon> opt(list, {.inner = {.lr = 3e37f, .weight_decay = 0.0f}});
+        CHECK_THROWS_WITH_AS(opt.step(),
+                             doctest::Contains("times the learning-rate factor 32.000000 of a 1024 x 1 "
+                                               "matrix overflows a float"),
+                             loco::invalid_argument);
+        CHECK(small == std::vector<float>(6, 1.0f));
+        CHECK(tall == std::vector<float>(1024, 1.0f));
+        CHECK(opt.steps() == 0);
+    }
 
     using loco::inner::sgd;
     refused_inner<sgd>({.lr = inf}, "sgd: lr must be finite and >= 0");

@@ -783,6 +783,23 @@ TEST_CASE("muon engine: inputs it cannot use are refused, naming the matrix") {
     CHECK_THROWS_AS(engine.step(h, nullptr, false, nullptr), loco::invalid_argument);
     h.ns_steps = 5;
     CHECK_THROWS_AS(engine.step(h, nullptr, true, nullptr), loco::invalid_argument);
+
+    // The adjusted lr of a 64 x 1 matrix is 8 lr (`original`): at lr 1e38 it overflows a float,
+    // which validate() cannot see (no shapes). Refused at the step, before the matrix is written.
+    device_set tall({{64, 1}}, std::vector<layout>(1));
+    auto rng = rng_for("muon overflowing lr");
+    tall.value32.upload(normal_floats(rng, tall.value32.size()));
+    tall.grad32.upload(normal_floats(rng, tall.grad32.size()));
+    lc::muon_engine tall_engine(tall.specs());
+    auto big = make_hyper(ns_coefficients::keller_jordan(), lr_adjustment::original, true);
+    big.lr = 1e38f;
+    big.weight_decay = 0.0f;
+    const std::vector<float> before = tall.value32.download();
+    CHECK_THROWS_WITH_AS(tall_engine.step(big, nullptr, false, nullptr),
+                         doctest::Contains("of a 64 x 1 matrix overflows a float"),
+                         loco::invalid_argument);
+    check_cuda(cudaDeviceSynchronize(), "sync");
+    CHECK(tall.value32.download() == before);
 }
 
 TEST_CASE("muon engine: block counts and the FLOP model") {

@@ -112,11 +112,22 @@ struct muon {
         return 1.0;
     }
 
+    // Throws invalid_argument when the adjusted learning rate of this shape overflows a float
+    // (validate() cannot see shapes; the factor reaches 32 for a 1024 x 1 matrix): the step
+    // would turn every element inf. Called for every matrix before the first is written (the
+    // host's input_finite pre-pass, the CUDA engine's upload of the scalars).
     static scalars prepare(const hyper& h, std::size_t rows, std::size_t cols) {
         const double lr = h.lr;
+        const double factor = lr_factor(h.adjust_lr, rows, cols);
+        const float step = static_cast<float>(lr * factor);
+        if (!std::isfinite(step)) {
+            throw invalid_argument("loco::inner::muon: lr " + std::to_string(h.lr) +
+                                   " times the learning-rate factor " + std::to_string(factor) +
+                                   " of a " + std::to_string(rows) + " x " +
+                                   std::to_string(cols) + " matrix overflows a float");
+        }
         return {h.momentum, static_cast<float>(1.0 - static_cast<double>(h.momentum)), h.nesterov,
-                static_cast<float>(1.0 - lr * static_cast<double>(h.weight_decay)),
-                static_cast<float>(lr * lr_factor(h.adjust_lr, rows, cols))};
+                static_cast<float>(1.0 - lr * static_cast<double>(h.weight_decay)), step};
     }
 
     // torch.lerp: start + weight * (end - start), evaluated from whichever end is nearer to the
