@@ -286,8 +286,9 @@ TEST_CASE("a corrupted length of an aggregation's state is refused, not allocate
     mdl.set_gradients("centered clip length", 0);
     opt.step();
     const std::string good = saved(opt);
-    // The center (16 floats, after one round) is the last field: [16][16][64 bytes][checksum].
-    const std::size_t at = good.size() - 8 - 64 - 8 - 8;
+    // The center (16 floats, after one round) is the last fragment field, then the started
+    // flag (format 6): [16][16][64 bytes][started][checksum].
+    const std::size_t at = good.size() - 8 - 8 - 64 - 8 - 8;
     std::uint64_t n = 0;
     std::memcpy(&n, good.data() + at, 8);
     REQUIRE(n == 16);
