@@ -1,6 +1,7 @@
 // A-EDiT's wall-clock schedule, DyLU's speed-proportional local steps and EDiT's warm-up, with
 // thread workers whose step times come from injected clocks, against hand-derived sync calls and
-// double-precision re-computations of the aggregate.
+// double-precision re-computations of the aggregate; runs of both resumed from a checkpoint
+// saved inside a window or round against the runs never interrupted.
 
 #include <doctest/doctest.h>
 
@@ -19,9 +20,11 @@
 
 #include "support/random.hpp"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -38,6 +41,23 @@ struct fake_clock {
         return [t = now] { return *t; };
     }
 };
+
+// One call of a resume test: its sync decision, the schedule's counters after it and the
+// worker's parameters.
+struct call_record {
+    bool synced = false;
+    std::array<std::uint64_t, 3> counters{};
+    std::vector<float> w;
+    bool operator==(const call_record&) const = default;
+};
+
+// The first call (from 1) at which two runs of one worker differ, 0 when none does.
+std::size_t first_difference(const std::vector<call_record>& a, const std::vector<call_record>& b) {
+    for (std::size_t c = 0; c < std::max(a.size(), b.size()); ++c) {
+        if (c >= a.size() || c >= b.size() || !(a[c] == b[c])) return c + 1;
+    }
+    return 0;
+}
 
 }  // namespace
 
@@ -652,4 +672,148 @@ TEST_CASE("proportional (DyLU): after a regroup every rank times its steps afres
         h_w[r] = s.local_steps();
     });
     CHECK(h_w == std::array<std::uint64_t, 2>{10, 10});
+}
+
+TEST_CASE("wallclock: a run resumed from a checkpoint inside a window keeps its steps since the "
+          "last sync") {
+    // min_total_global_steps = 12 with two workers: the window closing at call 4 (8 steps in all)
+    // is skipped and the one at call 8 (16 since the sync) syncs; likewise 12 and 16. Saved after
+    // call `at` (4, 5, 6: after the skipped window; 9, 10: after the sync) and loaded into fresh
+    // handles, the steps since the last sync come back from the checkpoint: the same windows
+    // sync, with the same agreed totals and parameters. The clock is not saved,
+    // so a resumed run opens a new window at its first step; every 4th step takes T = 8 s (the
+    // others 0.5 s or 1 s), which closes whatever window is open, so the windows close at calls
+    // 4, 8, 12 and 16 either way (`at` is never the call before a long step, whose new window
+    // would open at it; the agreed mean time differs and is not compared).
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::wallclock>;
+    constexpr int m = 2, calls = 16;
+    constexpr std::size_t n = 3;
+    auto rng = loco_test::rng_for("wallclock resume");
+    const auto init = loco_test::normal_floats(rng, n);
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < calls * m; ++i) grads.push_back(loco_test::normal_floats(rng, n));
+    const auto run = [&](int at) {
+        std::array<std::vector<call_record>, m> out;
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            fake_clock clock;
+            std::vector<float> w = init, g(n);
+            loco::parameter_list list;
+            list.add("w", w, g);
+            opt_t::config cfg{.inner = {.lr = 0.1f}, .outer = {.lr = 0.7f}};
+            cfg.schedule = {.seconds = 8.0, .min_total_global_steps = 12, .clock = clock.fn()};
+            auto opt = std::make_unique<opt_t>(list, comm, cfg);
+            for (int c = 1; c <= calls; ++c) {
+                g = grads[std::size_t((c - 1) * m) + r];
+                *clock.now += c % 4 == 0 ? 8.0 : (r == 0 ? 0.5 : 1.0);
+                const std::uint64_t closed = opt->schedule().syncs() + opt->schedule().skipped_windows();
+                call_record rec;
+                rec.synced = opt->step().synced;
+                const auto& s = opt->schedule();
+                const bool closes = s.syncs() + s.skipped_windows() != closed;
+                rec.counters = {s.syncs(), s.skipped_windows(), closes ? s.last_window().total_steps : 0};
+                rec.w = w;
+                out[r].push_back(rec);
+                if (c == at) {
+                    std::stringstream saved;
+                    opt->save(saved);
+                    opt = std::make_unique<opt_t>(list, comm, cfg);
+                    opt->load(saved);
+                }
+            }
+        });
+        return out;
+    };
+    const auto straight = run(0);
+    std::vector<int> syncs, totals;
+    for (int c = 1; c <= calls; ++c) {
+        const call_record& rec = straight[0][std::size_t(c - 1)];
+        if (rec.synced) syncs.push_back(c);
+        if (rec.counters[2] != 0) totals.push_back(int(rec.counters[2]));
+    }
+    CHECK(syncs == std::vector<int>{8, 16});
+    CHECK(totals == std::vector<int>{8, 16, 8, 16});
+    for (const int at : {4, 5, 6, 9, 10}) {
+        CAPTURE(at);
+        const auto resumed = run(at);
+        for (std::size_t r = 0; r < m; ++r) {
+            INFO("rank " << r << ": the first call whose sync, counters or parameters differ (0: none)");
+            CHECK(first_difference(resumed[r], straight[r]) == 0);
+        }
+    }
+}
+
+TEST_CASE("proportional (DyLU): a run resumed from a checkpoint inside a round ends the round at "
+          "the same call") {
+    // Step times 1 s and 2 s, H = 8: both workers run 8 steps in round 1, then H_w = 8 and 4.
+    // Saved after the `pos`-th call of round `q` on every worker (a consistent cut: the workers
+    // meet by rounds, at different calls) and loaded into fresh handles, the round's steps so far
+    // come back from the checkpoint, so each worker's rounds end at the same calls as in the run
+    // never interrupted. The resumed round is timed from its first step after load(); the step
+    // times are constant, so the speeds and H_w are the same.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::proportional>;
+    constexpr int m = 2, rounds = 5;
+    constexpr std::size_t n = 3;
+    auto rng = loco_test::rng_for("proportional resume");
+    const auto init = loco_test::normal_floats(rng, n);
+    constexpr int drawn = 8 * (rounds + 1);  // calls of gradients (rank 0 runs 40), then again
+    std::vector<std::vector<float>> grads;
+    for (int i = 0; i < drawn * m; ++i) grads.push_back(loco_test::normal_floats(rng, n));
+    // save: {q, pos}; pos 0: no save.
+    const auto run = [&](std::array<int, 2> save) {
+        std::array<std::vector<call_record>, m> out;
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            fake_clock clock;
+            std::vector<float> w = init, g(n);
+            loco::parameter_list list;
+            list.add("w", w, g);
+            const opt_t::config cfg{.inner = {.lr = 0.1f}, .outer = {.lr = 0.7f},
+                                    .schedule = {.every = 8, .clock = clock.fn()}};
+            auto opt = std::make_unique<opt_t>(list, comm, cfg);
+            // Until every worker has synced `rounds` times (as many collectives on every rank,
+            // whatever the rounds' lengths: a run that went wrong ends in a mismatch, not a wait).
+            int in_round = 0;
+            for (int c = 1; opt->outer_steps() < rounds; ++c) {
+                g = grads[std::size_t((c - 1) % drawn * m) + r];
+                *clock.now += r == 0 ? 1.0 : 2.0;
+                call_record rec;
+                rec.synced = opt->step().synced;
+                rec.counters = {opt->schedule().local_steps(), opt->schedule().rounds(), opt->outer_steps()};
+                rec.w = w;
+                out[r].push_back(rec);
+                in_round = rec.synced ? 0 : in_round + 1;
+                if (int(opt->outer_steps()) == save[0] && in_round == save[1]) {
+                    std::stringstream saved;
+                    opt->save(saved);
+                    opt = std::make_unique<opt_t>(list, comm, cfg);
+                    opt->load(saved);
+                }
+            }
+        }, std::chrono::seconds(20));  // a run that went wrong waits 20 s, not 300
+        return out;
+    };
+    const auto straight = run({0, 0});
+    std::array<std::vector<int>, m> syncs;
+    for (std::size_t r = 0; r < m; ++r) {
+        for (std::size_t c = 0; c < straight[r].size(); ++c) {
+            if (straight[r][c].synced) syncs[r].push_back(int(c + 1));
+        }
+    }
+    CHECK(syncs[0] == std::vector<int>{8, 16, 24, 32, 40});
+    CHECK(syncs[1] == std::vector<int>{8, 12, 16, 20, 24});
+    // Rounds 1, 2 and 3 (q = 0, 1, 2): rank 0 saves after calls 2, 5, 10, 17 and 19, rank 1
+    // after calls 2, 5, 10, 13 and 15.
+    for (const std::array<int, 2> save : {std::array{0, 2}, std::array{0, 5}, std::array{1, 2},
+                                          std::array{2, 1}, std::array{2, 3}}) {
+        CAPTURE(save[0]);
+        CAPTURE(save[1]);
+        const auto resumed = run(save);
+        for (std::size_t r = 0; r < m; ++r) {
+            INFO("rank " << r << ": the first call whose sync, counters or parameters differ (0: none)");
+            CHECK(first_difference(resumed[r], straight[r]) == 0);
+        }
+    }
 }

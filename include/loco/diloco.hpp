@@ -485,7 +485,9 @@ public:
     // state, compressor state and counters, per fragment. Every worker saves its own stream
     // (inner states differ). An exchange in flight is saved as the pseudo-gradient it carries;
     // load() starts it again at the next step() or sync(), so a resumed run continues
-    // bit-identically (every rank must resume from checkpoints of the same call).
+    // bit-identically (every rank must resume from checkpoints of the same call; under a
+    // schedule whose workers meet by rounds at their own calls, wallclock or proportional, of the
+    // same point of the same round).
     void save(std::ostream& os) const {
         detail::checkpoint_writer w(os);
         w.text("diloco");
