@@ -103,7 +103,7 @@ TEST_CASE("mpi: with MPI_ERRORS_RETURN on MPI_COMM_WORLD, a nonblocking collecti
 TEST_CASE("mpi: the call check compares counts of 2^63 and more exactly") {
     // The counts went through int64 and a negation: 2^63 became INT64_MIN, whose negation is
     // undefined, and the disagreement was missed (the other ranks went on into the collective).
-    // Views of that size are never read: the call check and the count limit come first.
+    // Views of that size are never read: the call check and the address-space limit come first.
     const int m = world_size();
     const int me = world_rank();
     loco::comm::mpi comm(MPI_COMM_WORLD);
@@ -127,7 +127,7 @@ TEST_CASE("mpi: the call check compares counts of 2^63 and more exactly") {
                              loco::comm_error);
     }
     CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), two63), reduce_op::sum),
-                         doctest::Contains("9223372036854775808 floats exceed MPI's int count limit"),
+                         doctest::Contains("9223372036854775808 floats exceed the address space"),
                          loco::invalid_argument);
     CHECK(x == std::vector<float>(4, 1.0f));
     comm.all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);  // still usable

@@ -463,9 +463,9 @@ TEST_CASE("mpi: ranks that call different collectives with one in flight all thr
     comm.barrier();  // still usable
 }
 
-TEST_CASE("mpi: a count over MPI's int limit is refused by every rank together") {
-    // The call check comes before the local count limit, so a rank over the limit is not alone
-    // in throwing while its peers wait. No buffer is touched: the checks come first.
+TEST_CASE("mpi: a count over MPI's int limit that only some ranks pass is refused by every rank") {
+    // The call check compares 64-bit counts before any data moves, so a rank past INT_MAX is
+    // not alone in its call while its peers wait. No buffer is touched.
     const int m = world_size();
     const int me = world_rank();
     loco::comm::mpi comm(MPI_COMM_WORLD);
@@ -480,15 +480,131 @@ TEST_CASE("mpi: a count over MPI's int limit is refused by every rank together")
                              doctest::Contains("ranks disagree on the size: from 16 bytes to 2147483648 bytes"),
                              loco::comm_error);
     }
-    CHECK_THROWS_WITH_AS(comm.all_reduce(loco::host_tensor(x.data(), huge), reduce_op::sum),
-                         doctest::Contains("2147483648 floats exceed MPI's int count limit"),
-                         loco::invalid_argument);
-    CHECK_THROWS_WITH_AS(comm.broadcast(loco::host_tensor(bytes.data, huge), 0),
-                         doctest::Contains("2147483648 bytes exceed MPI's int count limit"),
-                         loco::invalid_argument);
     CHECK(x == std::vector<float>(4, 1.0f));
     comm.all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);  // still usable
     CHECK(x == std::vector<float>(4, static_cast<float>(m)));
+}
+
+TEST_CASE("mpi: collectives over max_count elements go in pieces, with comm::threads' data and bytes") {
+    // A collective larger than one MPI call may move (INT_MAX elements: loco's whole-model
+    // broadcasts and exchanges pass it from 537M parameters) is issued as several calls. Small
+    // limits here exercise the pieces: limits that divide the sizes and limits that do not, in
+    // place and not, several requests in flight finished in another order on each rank.
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = 0}),
+                         doctest::Contains("max_count must be in [number of ranks"),
+                         loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = std::size_t(INT_MAX) + 1}),
+                    loco::invalid_argument);
+    for (const std::size_t limit : {um, um + 1, 7 * um, std::size_t{64}}) {
+        if (limit < um) {
+            continue;
+        }
+        CAPTURE(limit);
+        loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = limit});
+        for (const std::size_t n : {std::size_t{0}, std::size_t{1}, limit, limit + 1, 3 * limit,
+                                    std::size_t{1003}}) {
+            CAPTURE(n);
+            for (const reduce_op op : {reduce_op::sum, reduce_op::mean}) {
+                const std::string label = "pieces " + std::to_string(n);
+                const auto want = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+                    auto x = rank_input(label, t.rank(), n);
+                    t.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+                    return reduce_result{x, t.bytes_sent()};
+                });
+                auto x = rank_input(label, me, n);
+                const std::uint64_t before = comm.bytes_sent();
+                comm.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+                CHECK(same_bits(x, want.data));
+                CHECK(comm.bytes_sent() - before == all_reduce_bytes(n, m, me));
+            }
+
+            // all_gather, out of place and in place.
+            const std::string label = "pieces gather " + std::to_string(n);
+            std::vector<std::byte> want(um * n);
+            for (int r = 0; r < m; ++r) {
+                const auto in = rank_bytes(label, r, n);
+                std::copy(in.begin(), in.end(), want.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * n));
+            }
+            const auto send = rank_bytes(label, me, n);
+            std::vector<std::byte> recv(um * n, std::byte{0x5a});
+            std::uint64_t before = comm.bytes_sent();
+            comm.all_gather(loco::host_tensor(send.data(), send.size()),
+                            loco::host_tensor(recv.data(), recv.size()));
+            CHECK(recv == want);
+            CHECK(comm.bytes_sent() - before == (um - 1) * n);
+            std::vector<std::byte> inplace(um * n, std::byte{0});
+            std::copy(send.begin(), send.end(), inplace.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * n));
+            comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(inplace.data()) + std::size_t(me) * n, n),
+                            loco::host_tensor(inplace.data(), inplace.size()));
+            CHECK(inplace == want);
+
+            // all_to_all with blocks of n bytes.
+            const auto mine = rank_bytes(label + " a2a", me, um * n);
+            std::vector<std::byte> got(um * n, std::byte{0x5a});
+            before = comm.bytes_sent();
+            comm.all_to_all(loco::host_tensor(mine.data(), mine.size()),
+                            loco::host_tensor(got.data(), got.size()));
+            bool blocks_ok = true;
+            for (int r = 0; r < m; ++r) {
+                const auto theirs = rank_bytes(label + " a2a", r, um * n);
+                blocks_ok = blocks_ok && std::equal(theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * n),
+                                                    theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me + 1) * n),
+                                                    got.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * n));
+            }
+            CHECK(blocks_ok);
+            CHECK(comm.bytes_sent() - before == (um - 1) * n);
+
+            // broadcast from the last rank.
+            auto data = rank_bytes(label + " bcast", me, n);
+            before = comm.bytes_sent();
+            comm.broadcast(loco::host_tensor(data.data(), data.size()), m - 1);
+            CHECK(data == rank_bytes(label + " bcast", m - 1, n));
+            CHECK(comm.bytes_sent() - before == (me == m - 1 ? (um - 1) * n : 0));
+        }
+
+        // Requests in pieces in flight together, finished in another order on each rank.
+        const std::size_t n = 5 * limit + 3;
+        const auto want_a = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+            auto x = rank_input("pieces a", t.rank(), n);
+            t.all_reduce(loco::host_tensor(x.data(), n), reduce_op::mean);
+            return reduce_result{x, t.bytes_sent()};
+        });
+        std::vector<std::byte> want_b(um * n);
+        for (int r = 0; r < m; ++r) {
+            const auto in = rank_bytes("pieces b", r, n);
+            std::copy(in.begin(), in.end(), want_b.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * n));
+        }
+        auto a = rank_input("pieces a", me, n);
+        auto c = rank_input("pieces a", me, n);
+        const auto send = rank_bytes("pieces b", me, n);
+        std::vector<std::byte> recv(um * n);
+        loco::comm::request requests[3];
+        requests[0] = comm.start_all_reduce(loco::host_tensor(a.data(), n), reduce_op::mean);
+        requests[1] = comm.start_all_gather(loco::host_tensor(send.data(), n),
+                                            loco::host_tensor(recv.data(), recv.size()));
+        requests[2] = comm.start_all_reduce(loco::host_tensor(c.data(), n), reduce_op::mean);
+        const int orders[3][3] = {{2, 1, 0}, {1, 0, 2}, {0, 2, 1}};
+        for (const int k : orders[me % 3]) {
+            requests[k].finish();
+        }
+        CHECK(same_bits(a, want_a.data));
+        CHECK(same_bits(c, want_a.data));
+        CHECK(recv == want_b);
+
+        // A request in pieces dropped unfinished writes none of its pieces' results into the
+        // caller's buffer, and poisons the communicator as one in a single piece does.
+        auto d = rank_input("pieces a", me, n);
+        const auto d_before = d;
+        {
+            auto dropped = comm.start_all_reduce(loco::host_tensor(d.data(), n), reduce_op::mean);
+        }
+        CHECK(same_bits(d, d_before));
+        CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("was started but never finished"),
+                             loco::comm_error);
+    }
 }
 
 TEST_CASE("mpi: a request finished on another thread while this one starts the next") {
@@ -747,14 +863,15 @@ run_result diloco_run(loco::comm::communicator& comm, const std::string& label,
 
 template <class Compressor>
 void check_diloco_matches_threads(const std::string& label, typename Compressor::hyper h,
-                                  loco::exchange_scheme scheme = loco::exchange_scheme::automatic) {
+                                  loco::exchange_scheme scheme = loco::exchange_scheme::automatic,
+                                  std::size_t max_count = static_cast<std::size_t>(INT_MAX)) {
     const int m = world_size();
     const int me = world_rank();
     CAPTURE(label);
     const auto want = on_threads<run_result>(m, me, [&](loco::comm::communicator& t) {
         return diloco_run<Compressor>(t, label, h, scheme);
     });
-    loco::comm::mpi comm(MPI_COMM_WORLD);
+    loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = max_count});
     const auto got = diloco_run<Compressor>(comm, label, h, scheme);
     CHECK(got.outer_steps == 4);
     CHECK(same_bits(got.params, want.params));
@@ -796,4 +913,17 @@ TEST_CASE("mpi diloco equals threads bit for bit: statistical<2> with error feed
 
 TEST_CASE("mpi diloco equals threads bit for bit: topk") {
     check_diloco_matches_threads<loco::compress::topk>("diloco topk", {.ratio = 0.1f});
+}
+
+TEST_CASE("mpi diloco equals threads bit for bit with every collective in pieces of a few elements") {
+    // What a model past MPI's int counts does (start()'s broadcast of the whole model from 537M
+    // parameters, the exchanges of the larger fragments), at a size a test can run.
+    const std::size_t few = 2 * static_cast<std::size_t>(world_size()) + 1;
+    check_diloco_matches_threads<loco::compress::none>("diloco none pieces", {},
+                                                       loco::exchange_scheme::automatic, few);
+    check_diloco_matches_threads<loco::compress::cast<loco::bf16>>(
+        "diloco bf16 pieces", {}, loco::exchange_scheme::automatic, few);
+    using ef = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    check_diloco_matches_threads<ef>("diloco statistical two-phase pieces", {.decay = 0.9f},
+                                     loco::exchange_scheme::two_phase, few);
 }

@@ -14,6 +14,10 @@
 //   all_gather  MPI_Iallgather, (M-1) * bytes.    all_to_all  MPI_Alltoall, (M-1) * block bytes.
 //   broadcast   MPI_Bcast, (M-1) * bytes from the root, 0 from the others (the volume of a direct
 //               broadcast; OpenMPI's tree moves the same data through other ranks).
+// MPI counts are ints: a collective over more than INT_MAX elements (options::max_count) is issued
+// as several MPI calls over consecutive pieces, one request for all of them. An all_reduce's
+// pieces are multiples of M floats, so their chunks add up to the whole buffer's: the bytes stay
+// those of comm::threads, and so do the sums (rank order, element by element).
 //
 // The constructor duplicates the communicator twice (MPI_Comm_dup is collective): loco's traffic
 // never matches the program's own messages, and errors on the duplicates come back as return codes
@@ -80,6 +84,12 @@ public:
         // moves, instead of MPI's undefined behaviour (truncation, garbage or a hang). It costs
         // one latency per collective; turn it off only for programs known to agree.
         bool check_calls = true;
+        // The most elements one MPI call moves: floats for all_reduce, bytes for the others (per
+        // block for all_to_all, per rank for all_gather). A larger collective is issued as
+        // several calls over consecutive pieces, so loco's whole-model broadcasts and exchanges
+        // work past MPI's int counts. INT_MAX by default; smaller values exercise the pieces in
+        // tests. In [number of ranks, INT_MAX].
+        std::size_t max_count = static_cast<std::size_t>(INT_MAX);
     };
 
     // Collective over `comm` (it duplicates it). Throws comm_error when MPI is not initialised or
@@ -111,6 +121,13 @@ public:
         c.check_calls = opts.check_calls;
         check_setup(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
         check_setup(MPI_Comm_size(comm, &c.size), "MPI_Comm_size");
+        if (opts.max_count < static_cast<std::size_t>(c.size) ||
+            opts.max_count > static_cast<std::size_t>(INT_MAX)) {
+            throw invalid_argument("loco::comm::mpi: max_count must be in [number of ranks (" +
+                                   std::to_string(c.size) + "), INT_MAX], got " +
+                                   std::to_string(opts.max_count));
+        }
+        c.max_count = opts.max_count;
         if (opts.expected_size < 0) {
             throw invalid_argument("loco::comm::mpi: expected_size must be >= 0 (0 = any), got " +
                                    std::to_string(opts.expected_size));
@@ -175,9 +192,8 @@ public:
     MPI_Comm handle() const noexcept { return user_; }
 
 protected:
-    // Each call checks with its peers first (agree), then its own limits (checked_count): a count
-    // that only some ranks pass is a disagreement every rank reports, not a local throw that leaves
-    // the others waiting.
+    // Each call checks with its peers first (agree) and moves no data when they disagree, not a
+    // local throw that leaves the others waiting.
     std::unique_ptr<request::operation> do_start_all_reduce(tensor_view<float> data,
                                                             reduce_op op) override {
         const std::string where = prefix("all_reduce");
@@ -185,11 +201,24 @@ protected:
         const auto lock = c.enter(where);
         c.require_usable(where);
         c.agree(kind::all_reduce, data.size, 0, op, where);
-        checked_count(data.size, "floats", where);
+        if (data.size > static_cast<std::size_t>(PTRDIFF_MAX) / sizeof(float)) {
+            // No buffer is that large (the view is wrong); refused before a piece is allocated.
+            // Every rank agreed on the count, so every rank throws here.
+            throw invalid_argument(where + std::to_string(data.size) +
+                                   " floats exceed the address space; the view is wrong");
+        }
         c.progress();
         c.require_usable(where);
+        std::vector<std::shared_ptr<pending>> parts;
+        std::unique_ptr<operation> handle;
         try {
-            return start_reduce_scatter(data, op, where);
+            parts = reduce_scatter_pieces(data, op, where);
+            // Queued (as pending) and its handle made before MPI is called: nothing allocates
+            // once a transfer may write into the pieces' buffers.
+            handle = std::make_unique<operation>(core_, parts);
+            for (const auto& p : parts) {
+                c.queue.push_back(p);
+            }
         } catch (const std::bad_alloc&) {
             // The peers went on past the agreement: this rank's calls would now pair with the
             // wrong collectives, so the communicator refuses them all.
@@ -198,46 +227,14 @@ protected:
                                      "started it, so this communicator refuses every later call: "
                                      "end the job and restart it from a checkpoint");
         }
-    }
-
-    // do_start_all_reduce's allocations and its first stage, after the agreement.
-    std::unique_ptr<request::operation> start_reduce_scatter(tensor_view<float> data, reduce_op op,
-                                                             const std::string& where) {
-        auto& c = *core_;
-        auto p = std::make_shared<pending>();
-        p->what = kind::all_reduce;
-        p->where = where;
-        p->data = data;
-        p->op = op;
-        const auto m = static_cast<std::size_t>(c.size);
-        p->counts.resize(m);
-        p->displs.resize(m);
-        for (std::size_t k = 0; k < m; ++k) {
-            p->displs[k] = static_cast<int>(chunk_begin(data.size, k));
-            p->counts[k] = static_cast<int>(chunk_begin(data.size, k + 1) - chunk_begin(data.size, k));
+        for (const auto& p : parts) {
+            // MPI reads the count arrays until completion: they live in `p`, as long as the request.
+            c.call(MPI_Ialltoallv(p->data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
+                                  p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
+                                  MPI_FLOAT, c.data, &p->req),
+                   "MPI_Ialltoallv", where);
+            p->step = stage::reduce_scatter;
         }
-        // Rank r receives its own chunk from every rank: M blocks of c_r floats, in rank order.
-        const int own = p->counts[static_cast<std::size_t>(c.rank)];
-        // One buffer for both stages, allocated here so that nothing is allocated between them
-        // (a failure there would leave this rank's all-gather unissued while its peers issue
-        // theirs): the reduce-scatter's M blocks, then the all-gather's result.
-        p->scratch.resize(std::max(m * static_cast<std::size_t>(own), data.size));
-        p->recv_counts.assign(m, own);
-        p->recv_displs.resize(m);
-        for (std::size_t k = 0; k < m; ++k) {
-            p->recv_displs[k] = static_cast<int>(k) * own;
-        }
-        // Queued (as done) and its handle made before MPI is called: nothing allocates once the
-        // transfer may write into p's buffers.
-        auto handle = std::make_unique<operation>(core_, p);
-        c.queue.push_back(p);
-        // MPI reads the count arrays until completion: they live in `p`, as long as the request.
-        c.call(MPI_Ialltoallv(data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
-                              p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
-                              MPI_FLOAT, c.data, &p->req),
-               "MPI_Ialltoallv", where);
-        p->step = stage::reduce_scatter;
-        p->bytes = sizeof(float) * (data.size - static_cast<std::size_t>(own));
         return handle;
     }
 
@@ -248,23 +245,48 @@ protected:
         const auto lock = c.enter(where);
         c.require_usable(where);
         c.agree(kind::all_gather, send.size, 0, reduce_op::sum, where);
-        const int n = checked_count(send.size, "bytes", where);
         c.progress();
         c.require_usable(where);
-        auto p = std::make_shared<pending>();
-        p->what = kind::all_gather;
-        p->where = where;
-        p->bytes = static_cast<std::uint64_t>(c.size - 1) * send.size;
         // In place: this rank's send already sits in its slot of recv.
         const std::byte* own_slot = recv.data + static_cast<std::size_t>(c.rank) * send.size;
-        const void* src = send.size != 0 && send.data == own_slot
-                              ? MPI_IN_PLACE
-                              : static_cast<const void*>(send.data);
-        c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data, &p->req),
-               "MPI_Iallgather", where);
-        p->step = stage::all_gather;
-        c.queue.push_back(p);
-        return std::make_unique<operation>(core_, std::move(p));
+        const bool in_place = send.size != 0 && send.data == own_slot;
+        // Piece i covers bytes [begin_i, begin_i + n_i) of every rank's slot.
+        std::vector<std::shared_ptr<pending>> parts;
+        std::vector<std::size_t> sizes;
+        std::size_t begin = 0;
+        do {
+            const std::size_t n = std::min(c.max_count, send.size - begin);
+            auto p = std::make_shared<pending>();
+            p->what = kind::all_gather;
+            p->where = where;
+            p->bytes = static_cast<std::uint64_t>(c.size - 1) * n;
+            parts.push_back(std::move(p));
+            sizes.push_back(n);
+            begin += n;
+        } while (begin < send.size);
+        auto handle = std::make_unique<operation>(core_, parts);
+        begin = 0;
+        for (std::size_t i = 0; i < parts.size(); ++i) {
+            pending& p = *parts[i];
+            const int n = static_cast<int>(sizes[i]);
+            const void* src = in_place ? MPI_IN_PLACE : static_cast<const void*>(send.data + begin);
+            if (parts.size() == 1) {
+                c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data, &p.req),
+                       "MPI_Iallgather", where);
+            } else {
+                // Rank k's piece lands at k * send.size + begin: a piece-sized type whose extent
+                // is a whole slot. It lives until the piece completes.
+                datatype slot = c.piece_type(sizes[i], send.size, where);
+                c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data + begin, 1, slot.get(), c.data,
+                                      &p.req),
+                       "MPI_Iallgather", where);
+                p.type = slot.release();
+            }
+            p.step = stage::all_gather;
+            c.queue.push_back(parts[i]);
+            begin += sizes[i];
+        }
+        return handle;
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
@@ -274,11 +296,23 @@ protected:
         c.require_usable(where);
         const std::size_t block = send.size / static_cast<std::size_t>(c.size);
         c.agree(kind::all_to_all, send.size, 0, reduce_op::sum, where);
-        const int n = checked_count(block, "bytes per block", where);
         c.drain();
         c.require_usable(where);
-        c.call(MPI_Alltoall(send.data, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data),
-               "MPI_Alltoall", where);
+        if (block <= c.max_count) {
+            c.call(MPI_Alltoall(send.data, static_cast<int>(block), MPI_BYTE, recv.data,
+                                static_cast<int>(block), MPI_BYTE, c.data),
+                   "MPI_Alltoall", where);
+        } else {
+            // Piece [begin, begin + n) of every block: a piece-sized type whose extent is a block.
+            for (std::size_t begin = 0; begin < block;) {
+                const std::size_t n = std::min(c.max_count, block - begin);
+                const datatype part = c.piece_type(n, block, where);
+                c.call(MPI_Alltoall(send.data + begin, 1, part.get(), recv.data + begin, 1,
+                                    part.get(), c.data),
+                       "MPI_Alltoall", where);
+                begin += n;
+            }
+        }
         c.bytes_sent += static_cast<std::uint64_t>(c.size - 1) * block;
     }
 
@@ -288,10 +322,15 @@ protected:
         const auto lock = c.enter(where);
         c.require_usable(where);
         c.agree(kind::broadcast, data.size, root, reduce_op::sum, where);
-        const int n = checked_count(data.size, "bytes", where);
         c.drain();
         c.require_usable(where);
-        c.call(MPI_Bcast(data.data, n, MPI_BYTE, root, c.data), "MPI_Bcast", where);
+        std::size_t begin = 0;
+        do {
+            const std::size_t n = std::min(c.max_count, data.size - begin);
+            c.call(MPI_Bcast(data.data + begin, static_cast<int>(n), MPI_BYTE, root, c.data),
+                   "MPI_Bcast", where);
+            begin += n;
+        } while (begin < data.size);
         if (c.rank == root) {
             c.bytes_sent += static_cast<std::uint64_t>(c.size - 1) * data.size;
         }
@@ -335,7 +374,78 @@ private:
         bool in_scratch = true;      // the all-gather went to scratch (copied out at the end)
         std::vector<int> counts, displs;     // the chunks of the buffer, in floats
         std::vector<int> recv_counts, recv_displs;
+        // all_gather's pieces of a slot over max_count bytes: their receive type, freed when done
+        MPI_Datatype type = MPI_DATATYPE_NULL;
     };
+
+    // An MPI datatype this communicator made, freed unless release()d.
+    class datatype {
+    public:
+        explicit datatype(MPI_Datatype t) noexcept : t_(t) {}
+        datatype(const datatype&) = delete;
+        datatype& operator=(const datatype&) = delete;
+        ~datatype() { free_type(t_); }
+        MPI_Datatype get() const noexcept { return t_; }
+        MPI_Datatype release() noexcept { return std::exchange(t_, MPI_DATATYPE_NULL); }
+
+    private:
+        MPI_Datatype t_;
+    };
+
+    // Frees a type unless MPI is finalized (then MPI has freed everything).
+    static void free_type(MPI_Datatype& t) noexcept {
+        if (t == MPI_DATATYPE_NULL) {
+            return;
+        }
+        int finalized = 0;
+        MPI_Finalized(&finalized);
+        if (finalized == 0) {
+            MPI_Type_free(&t);
+        }
+        t = MPI_DATATYPE_NULL;
+    }
+
+    // do_start_all_reduce's allocations, after the agreement: one pending all-reduce per piece of
+    // at most max_count floats, each a multiple of M floats but the last (so that the pieces'
+    // chunks add up to the whole buffer's chunks, and the bytes to comm::threads').
+    std::vector<std::shared_ptr<pending>> reduce_scatter_pieces(tensor_view<float> data,
+                                                                reduce_op op,
+                                                                const std::string& where) const {
+        const core& c = *core_;
+        const auto m = static_cast<std::size_t>(c.size);
+        const std::size_t piece = c.max_count / m * m;
+        std::vector<std::shared_ptr<pending>> parts;
+        std::size_t begin = 0;
+        do {
+            const std::size_t n = std::min(piece, data.size - begin);
+            auto p = std::make_shared<pending>();
+            p->what = kind::all_reduce;
+            p->where = where;
+            p->data = tensor_view<float>{data.data + begin, n};
+            p->op = op;
+            p->counts.resize(m);
+            p->displs.resize(m);
+            for (std::size_t k = 0; k < m; ++k) {
+                p->displs[k] = static_cast<int>(chunk_begin(n, k));
+                p->counts[k] = static_cast<int>(chunk_begin(n, k + 1) - chunk_begin(n, k));
+            }
+            // Rank r receives its own chunk from every rank: M blocks of c_r floats, in rank order.
+            const int own = p->counts[static_cast<std::size_t>(c.rank)];
+            // One buffer for both stages, allocated here so that nothing is allocated between them
+            // (a failure there would leave this rank's all-gather unissued while its peers issue
+            // theirs): the reduce-scatter's M blocks, then the all-gather's result.
+            p->scratch.resize(std::max(m * static_cast<std::size_t>(own), n));
+            p->recv_counts.assign(m, own);
+            p->recv_displs.resize(m);
+            for (std::size_t k = 0; k < m; ++k) {
+                p->recv_displs[k] = static_cast<int>(k) * own;
+            }
+            p->bytes = sizeof(float) * (n - static_cast<std::size_t>(own));
+            parts.push_back(std::move(p));
+            begin += n;
+        } while (begin < data.size);
+        return parts;
+    }
 
     // What the communicator and its requests share: the MPI side of every call, behind one mutex.
     // A request holds it, so it outlives the communicator; once `closed`, nothing touches MPI.
@@ -344,6 +454,7 @@ private:
         MPI_Comm data = MPI_COMM_NULL;    // every collective but all_reduce's all-gather
         MPI_Comm gather = MPI_COMM_NULL;  // all_reduce's all-gathers, issued in start order
         bool check_calls = true;
+        std::size_t max_count = static_cast<std::size_t>(INT_MAX);  // elements per MPI call
         int rank = 0;
         int size = 1;
         int thread_level = MPI_THREAD_SINGLE;  // what MPI provides (MPI_Query_thread)
@@ -351,6 +462,21 @@ private:
         std::atomic<std::uint64_t> bytes_sent{0};  // read by bytes_sent() without the mutex
         std::string broken;  // the first MPI error; after it this communicator refuses calls
         std::deque<std::shared_ptr<pending>> queue;  // started, not yet completed, in start order
+
+        // `bytes` contiguous bytes with an extent of `stride`: one piece of each slot (all_gather)
+        // or block (all_to_all), the slots `stride` bytes apart.
+        datatype piece_type(std::size_t bytes, std::size_t stride, const std::string& where) {
+            MPI_Datatype run = MPI_DATATYPE_NULL;
+            call(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &run),
+                 "MPI_Type_contiguous", where);
+            datatype contiguous(run);
+            MPI_Datatype spaced = MPI_DATATYPE_NULL;
+            call(MPI_Type_create_resized(contiguous.get(), 0, static_cast<MPI_Aint>(stride), &spaced),
+                 "MPI_Type_create_resized", where);
+            datatype result(spaced);
+            call(MPI_Type_commit(&spaced), "MPI_Type_commit", where);
+            return datatype(result.release());
+        }
 
         // An entry point: takes the mutex, then checks that MPI runs and may be called here.
         std::unique_lock<std::mutex> enter(const std::string& where) {
@@ -387,27 +513,31 @@ private:
             }
         }
 
-        // request::finish (`checked`) or the drop of an unfinished request.
-        void finish(const std::shared_ptr<pending>& p, bool checked) {
+        // request::finish (`checked`) or the drop of an unfinished request: its pieces, in order.
+        void finish(const std::vector<std::shared_ptr<pending>>& parts, bool checked) {
             const std::lock_guard<std::mutex> lock(mutex);
             if (!closed) {
                 int finalized = 0;
                 MPI_Finalized(&finalized);
                 if (checked && finalized == 0) {
-                    // Before looking at p: whether it is done yet depends on timing.
-                    require_thread(p->where, "finish()");
+                    // Before looking at the pieces: whether they are done yet depends on timing.
+                    require_thread(parts.front()->where, "finish()");
                 }
-                if (p->step != stage::done) {
-                    require_mpi_running(p->where);
-                    if (checked) {
-                        complete_through(p);
-                    } else {
-                        release_through(p);
+                for (const auto& p : parts) {
+                    if (p->step != stage::done) {
+                        require_mpi_running(p->where);
+                        if (checked) {
+                            complete_through(p);
+                        } else {
+                            release_through(p);
+                        }
                     }
                 }
             }
-            if (p->error) {
-                std::rethrow_exception(p->error);
+            for (const auto& p : parts) {
+                if (p->error) {
+                    std::rethrow_exception(p->error);
+                }
             }
         }
 
@@ -419,6 +549,7 @@ private:
                     p->error = std::make_exception_ptr(comm_error(p->where + reason));
                     p->step = stage::done;
                 }
+                free_type(p->type);
             }
             queue.clear();
             closed = true;
@@ -555,11 +686,13 @@ private:
                     }
                     p.step = stage::done;
                     p.scratch = {};
+                    free_type(p.type);
                 }
             } catch (...) {
                 p.error = std::current_exception();
                 p.step = stage::done;
                 p.scratch = {};
+                free_type(p.type);
             }
             return true;
         }
@@ -681,18 +814,18 @@ private:
 
     class operation final : public request::operation {
     public:
-        operation(std::shared_ptr<core> c, std::shared_ptr<pending> p) noexcept
-            : core_(std::move(c)), p_(std::move(p)) {}
-        void check_finish() override { core_->check_finish(*p_); }
-        void wait() override { core_->finish(p_, true); }
+        operation(std::shared_ptr<core> c, std::vector<std::shared_ptr<pending>> parts) noexcept
+            : core_(std::move(c)), parts_(std::move(parts)) {}
+        void check_finish() override { core_->check_finish(*parts_.front()); }
+        void wait() override { core_->finish(parts_, true); }
         // A dropped request must not return while MPI may still write its buffers, and the
         // request's destructor cannot throw: no thread check here. Below MPI_THREAD_SERIALIZED
         // the program must drop requests on MPI's main thread (see the top of this file).
-        void abandon() override { core_->finish(p_, false); }
+        void abandon() override { core_->finish(parts_, false); }
 
     private:
         std::shared_ptr<core> core_;
-        std::shared_ptr<pending> p_;
+        std::vector<std::shared_ptr<pending>> parts_;  // the pieces, in start order (never empty)
     };
 
     // Rank k's chunk of n elements starts here, as in comm::threads.
@@ -730,15 +863,6 @@ private:
         if (rc != MPI_SUCCESS) {
             throw comm_error(std::string("loco::comm::mpi: ") + fn + " failed: " + mpi_error_text(rc));
         }
-    }
-
-    static int checked_count(std::size_t n, const char* unit, const std::string& where) {
-        if (n > static_cast<std::size_t>(INT_MAX)) {
-            throw invalid_argument(where + std::to_string(n) + " " + unit +
-                                   " exceed MPI's int count limit (" + std::to_string(INT_MAX) +
-                                   "); split the buffer into smaller collectives");
-        }
-        return static_cast<int>(n);
     }
 
     static std::string_view kind_name(kind k) noexcept {
