@@ -23,6 +23,18 @@ if [[ ! -x $program ]]; then
   exit 1
 fi
 
+# The titles name the settings the projection ran with (its defaults unless given; the paper's 1B
+# setting keeps its own 0.1 s per step).
+step=0.1 workers=4 latency=0
+args=("$@")
+for ((i = 0; i + 1 < ${#args[@]}; ++i)); do
+  case ${args[i]} in
+    --step) step=${args[i+1]} ;;
+    --workers) workers=${args[i+1]} ;;
+    --latency) latency=${args[i+1]} ;;
+  esac
+done
+
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 "$program" --data "$data" "$@" >/dev/null
@@ -50,7 +62,7 @@ for name in gpt2 paper_1b; do
   sed -i '1s/^# //' "$data/$name.tsv"
 done
 plot "$data/gpt2.tsv" "$root/docs/img/wan_gpt2.png" \
-  "GPT-2 124M, M = 4, 0.1 s per step, H = 100, P = 4, tau = 1 (bytes counted by loco)"
+  "GPT-2 124M, M = $workers, $step s per step$([[ $latency != 0 ]] && echo ", $latency s per collective"), H = 100, P = 4, tau = 1 (bytes counted by loco)"
 plot "$data/paper_1b.tsv" "$root/docs/img/wan_paper_1b.png" \
-  "Streaming DiLoCo's 1B setting: 24 layers, 0.1 s per step, H = 100, M = 2, bf16 / FP4"
+  "Streaming DiLoCo's 1B setting: 24 layers, 0.1 s per step$([[ $latency != 0 ]] && echo ", $latency s per collective"), H = 100, M = 2, bf16 / FP4"
 echo "wrote docs/img/wan_gpt2.png and docs/img/wan_paper_1b.png"
