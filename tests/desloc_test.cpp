@@ -236,6 +236,17 @@ TEST_CASE("state_periods plans parameters at c mod K_x and each state at (c + 1)
     const auto paper = periods::paper(16);
     CHECK(paper.every == 16);
     CHECK(paper.states == std::vector<std::uint64_t>{48, 96});
+    // Past UINT64_MAX the paper's periods saturate (beyond any run) instead of wrapping to a
+    // short period (6 K_x wrapped to 2 for K_x = 2^64 / 6 + 1).
+    const std::uint64_t big = UINT64_MAX / 6 + 1;
+    CHECK(periods::paper(big).states == std::vector<std::uint64_t>{3 * big, UINT64_MAX});
+    CHECK(periods::paper(UINT64_MAX).states == std::vector<std::uint64_t>{UINT64_MAX, UINT64_MAX});
+    // The count at the largest call count: floor((calls + 1) / K) without the wrap of calls + 1.
+    const periods::hyper two{.every = 1, .states = {2, 1, UINT64_MAX}};
+    CHECK(periods::state_syncs(two, 0, UINT64_MAX) == std::uint64_t{1} << 63);
+    CHECK(periods::state_syncs(two, 1, UINT64_MAX) == UINT64_MAX);
+    CHECK(periods::state_syncs(two, 2, UINT64_MAX) == 1);
+    CHECK(periods::state_syncs(two, 2, UINT64_MAX - 2) == 0);
     CHECK(periods::hyper{}.states == std::vector<std::uint64_t>{1500, 3000});
 }
 

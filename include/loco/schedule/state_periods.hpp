@@ -37,8 +37,14 @@ public:
         std::vector<std::uint64_t> states = {1500, 3000};
     };
 
-    // The paper's recommendation for a parameter period K_x: K_u = 3 K_x, K_v = 6 K_x.
-    static hyper paper(std::uint64_t every) { return {every, {3 * every, 6 * every}}; }
+    // The paper's recommendation for a parameter period K_x: K_u = 3 K_x, K_v = 6 K_x. A product
+    // past UINT64_MAX is UINT64_MAX (a period beyond any run), not the wrapped, short period.
+    static hyper paper(std::uint64_t every) {
+        const auto times = [](std::uint64_t a, std::uint64_t f) {
+            return a > UINT64_MAX / f ? UINT64_MAX : a * f;
+        };
+        return {every, {times(every, 3), times(every, 6)}};
+    }
 
     static void validate(const hyper& h) {
         if (h.every == 0) {
@@ -91,7 +97,9 @@ public:
     static std::uint64_t state_syncs(const hyper& h, std::size_t j, std::uint64_t calls) {
         const std::uint64_t k = j < h.states.size() ? h.states[j] : 0;
         if (k == 0) return 0;
-        return (calls + 1) / k - (k == 1 ? 1 : 0);
+        if (k == 1) return calls;  // every call but the state before the first update
+        // floor((calls + 1) / k) without computing calls + 1 (it wraps at UINT64_MAX).
+        return calls / k + (calls % k == k - 1 ? 1 : 0);
     }
 
 private:
