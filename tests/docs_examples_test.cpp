@@ -1267,7 +1267,7 @@ TEST_CASE("docs: schedule::state_periods example (DES-LOC)") {
     for (int step = 0; step < 96; ++step) {
         opt.step();
     }
-    // opt.outer_steps() == 6 parameter syncs; m averaged after calls 47 and 95, v after call 95
+    // opt.outer_steps() == 6 parameter syncs; m averaged after calls 48 and 96, v after call 96
     // bytes per worker: 6 * opt.bytes_per_sync() + 2 * opt.bytes_per_state_sync(0)
     //                                            + 1 * opt.bytes_per_state_sync(1)
     // [snippet:schedule-state-periods end]

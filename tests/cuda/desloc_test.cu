@@ -29,9 +29,9 @@ using namespace loco_test;
 using namespace loco_test::handles;
 
 using periods = loco::schedule::state_periods;
-constexpr int desloc_steps = 11;
-// Parameters after calls 3, 6, 9; m after 3, 7, 11 and v after 5, 11: both end averaged.
-const periods::hyper desloc_hyper{.every = 3, .states = {4, 6}};
+constexpr int desloc_steps = 12;
+// Parameters after calls 5, 10; m after 4, 8, 12 and v after 6, 12: both end averaged.
+const periods::hyper desloc_hyper{.every = 5, .states = {4, 6}};
 
 struct desloc_result {
     std::vector<float> params, m, v;
@@ -88,7 +88,7 @@ TEST_CASE("cuda backend: state_periods (DES-LOC) gives the host's numbers") {
         CHECK(gpu[r].state_bytes == host[r].state_bytes);
         CHECK(host[r].state_bytes > 0);
     }
-    // The parameters last synced at call 9 and drifted since: the state syncs, not a parameter
+    // The parameters last synced at call 10 and drifted since: the state syncs, not a parameter
     // sync, made the moments equal.
     CHECK(gpu[0].params != gpu[1].params);
 }

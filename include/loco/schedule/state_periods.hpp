@@ -6,12 +6,14 @@
 // K_j calls. A slowly decaying state (Adam's v, half-life ln 0.5 / ln beta2) drifts little
 // between workers, so it can sync rarely; the paper recommends K_u = 3 K_x and K_v = 6 K_x.
 //
-// Timing. The handle plans after the inner update of call c. The paper averages state j before
-// the update of its step t when t mod K_j == 0; averaging after call c is averaging before the
-// update of call c + 1, so state j is due when (c + 1) mod K_j == 0. The parameters are averaged
-// after the update, at c mod K_x == 0 (schedule::every's rule). With outer::sgd at lr 1 a
-// parameter sync is exact parameter averaging, DES-LOC's; another outer optimizer turns it into
-// a DiLoCo outer step.
+// Timing. The handle plans after the inner update of call c. The paper averages each quantity
+// (parameters, u, v) before the update of its step t when t mod K == 0, the values the update of
+// step t - 1 left; the authors' code (torchtitan's FL experiments) counts the optimizer steps of
+// every quantity alike and averages it after the step that brings its count to K. Both give one
+// rule for all three: after call c when c mod K == 0 (schedule::every's rule for the parameters).
+// The averages of the parameters and of the states read different arrays, so their order in one
+// call does not matter. With outer::sgd at lr 1 a parameter sync is exact parameter averaging,
+// DES-LOC's; another outer optimizer turns it into a DiLoCo outer step.
 
 #include <loco/detail/checkpoint.hpp>
 #include <loco/error.hpp>
@@ -74,7 +76,7 @@ public:
             plan_.finish(0);
         }
         for (std::size_t j = 0; j < h.states.size(); ++j) {
-            if (h.states[j] != 0 && (calls_ + 1) % h.states[j] == 0) {
+            if (h.states[j] != 0 && calls_ % h.states[j] == 0) {
                 plan_.average_state(static_cast<int>(j));
             }
         }
@@ -91,15 +93,11 @@ public:
 
     // Parameter syncs in the first `calls` calls: floor(calls / K_x).
     static std::uint64_t syncs(const hyper& h, std::uint64_t calls) { return calls / h.every; }
-    // Averages of state array j in the first `calls` calls: the multiples of K_j in
-    // [2, calls + 1], i.e. floor((calls + 1) / K_j), less one when K_j = 1 (the state before the
-    // first update is not averaged); 0 when the array never syncs.
+    // Averages of state array j in the first `calls` calls: floor(calls / K_j), as syncs() for
+    // the parameters; 0 when the array never syncs.
     static std::uint64_t state_syncs(const hyper& h, std::size_t j, std::uint64_t calls) {
         const std::uint64_t k = j < h.states.size() ? h.states[j] : 0;
-        if (k == 0) return 0;
-        if (k == 1) return calls;  // every call but the state before the first update
-        // floor((calls + 1) / k) without computing calls + 1 (it wraps at UINT64_MAX).
-        return calls / k + (calls % k == k - 1 ? 1 : 0);
+        return k == 0 ? 0 : calls / k;
     }
 
 private:
