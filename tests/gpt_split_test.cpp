@@ -9,11 +9,13 @@
 
 #include "../examples/gpt/cli.hpp"
 #include "../examples/gpt/data.hpp"
+#include "../examples/gpt/run.hpp"
 #include "../examples/gpt/split_rule.hpp"
 #include "../examples/gpt/trainer.hpp"
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -248,6 +250,47 @@ TEST_CASE("gpt: --head-compress errors") {
     unsplit_o.bins = 1;
     CHECK(!factory_error(unsplit_o).empty());
     CHECK(factory_error(bad) == factory_error(unsplit_o));
+
+    // The outer optimizer's, the schedule's and the inner optimizer's settings too, as the
+    // unsplit run refuses them: a bad command line (exit 2), before any data is loaded. Only the
+    // compressors' were checked: these failed in the workers, after loading (exit 1).
+    const auto status = [](const gpt::options& opts, std::string& err) {
+        std::FILE* out_file = std::tmpfile();
+        std::FILE* err_file = std::tmpfile();
+        REQUIRE(out_file != nullptr);
+        REQUIRE(err_file != nullptr);
+        const int s = gpt::run(opts, rules, out_file, err_file);
+        const auto text = [](std::FILE* f) {
+            std::fflush(f);
+            std::rewind(f);
+            std::string t;
+            for (int c; (c = std::fgetc(f)) != EOF;) t += static_cast<char>(c);
+            return t;
+        };
+        err = text(err_file);
+        CHECK(text(out_file) == "");  // nothing was loaded or trained
+        std::fclose(out_file);
+        std::fclose(err_file);
+        return s;
+    };
+    std::string err;
+    for (const std::string head : {"none", "demo"}) {
+        INFO("--head-compress " << head);
+        bad = o;
+        bad.head_compress = head;
+        bad.outer_momentum = 1.5f;
+        CHECK(status(bad, err) == 2);
+        CHECK(err.find("loco::outer::nesterov: momentum must be in [0, 1)") == 0);
+        bad.outer_momentum = 0.0f;
+        bad.every = 0;
+        CHECK(status(bad, err) == 2);
+        CHECK(err == "loco::schedule::every: every (H) must be >= 1\n");
+        bad.every = 10;
+        bad.lr = 1e20f;
+        bad.weight_decay = 1e20f;
+        CHECK(status(bad, err) == 2);
+        CHECK(err.find("loco::inner::adamw: lr * weight_decay overflows a float") == 0);
+    }
 
     // A build that compiles no split says so.
     CHECK(error_of([&] {

@@ -154,10 +154,32 @@ inline std::vector<double> stationary_distribution(const markov_chain& m) {
     return pi;
 }
 
+// The transition rows at `sharpness` from the normal draws z (alphabet per row): softmax(sharpness
+// * z) of each row, written to `next`. Returns the smallest probability.
+inline double markov_rows(std::size_t alphabet, double sharpness, const std::vector<double>& z,
+                          std::vector<double>& next) {
+    next.resize(z.size());
+    for (std::size_t first = 0; first < z.size(); first += alphabet) {
+        const double* draws = z.data() + first;
+        double* row = next.data() + first;
+        // The row's largest draw is subtracted: every exp is at most 1 (no overflow to inf) and
+        // the sum at least 1.
+        const double hi = *std::max_element(draws, draws + alphabet);
+        double sum = 0.0;
+        for (std::size_t c = 0; c < alphabet; ++c) {
+            row[c] = std::exp(sharpness * (draws[c] - hi));
+            sum += row[c];
+        }
+        for (std::size_t c = 0; c < alphabet; ++c) row[c] /= sum;
+    }
+    return *std::min_element(next.begin(), next.end());
+}
+
 // A chain whose transition rows are softmax(sharpness * standard normal): larger sharpness, lower
 // entropy. Deterministic in the seed. Refuses a sharpness at which a row's smallest probability,
 // exp(-sharpness * (its largest draw - its smallest)) / (the row's sum), is not a normal double
-// (over 16 symbols that is past a sharpness of about 120; the bound is in the message).
+// (over 16 symbols that is past a sharpness of 110 to 130, by the seed), naming the largest whole
+// sharpness this chain takes.
 inline markov_chain make_markov_chain(std::size_t alphabet, double sharpness, std::uint64_t seed) {
     if (alphabet < 2 || alphabet > 32) {
         throw loco::invalid_argument("gpt: --markov-alphabet must be between 2 and 32, got " +
@@ -168,35 +190,46 @@ inline markov_chain make_markov_chain(std::size_t alphabet, double sharpness, st
     }
     markov_chain m;
     m.alphabet = alphabet;
-    m.next.resize(alphabet * alphabet * alphabet);
     std::mt19937_64 rng(seed);
     std::normal_distribution<double> normal;
-    std::vector<double> z(alphabet);
-    double widest = 0.0;  // the largest (largest draw - smallest draw) of a row
-    for (std::size_t s = 0; s < alphabet * alphabet; ++s) {
-        double* row = m.next.data() + s * alphabet;
-        for (double& v : z) v = normal(rng);
-        const auto [lo, hi] = std::minmax_element(z.begin(), z.end());
-        widest = std::max(widest, *hi - *lo);
-        // The row's largest draw is subtracted: every exp is at most 1 (no overflow to inf) and
-        // the sum at least 1.
-        double sum = 0.0;
-        for (std::size_t c = 0; c < alphabet; ++c) {
-            row[c] = std::exp(sharpness * (z[c] - *hi));
-            sum += row[c];
+    std::vector<double> z(alphabet * alphabet * alphabet);
+    for (double& v : z) v = normal(rng);
+    const auto takes = [&](double s) {
+        std::vector<double> rows;
+        return markov_rows(alphabet, s, z, rows) >= std::numeric_limits<double>::min();
+    };
+    if (!(markov_rows(alphabet, sharpness, z, m.next) >= std::numeric_limits<double>::min())) {
+        // The largest whole sharpness the chain takes, found by bisection: the smallest
+        // probability falls as the sharpness grows. With w the widest row's (largest draw -
+        // smallest) and L = -log(DBL_MIN), it lies between (L - log(alphabet)) / w (every row's
+        // smallest probability is at least exp(-sharpness * w) / alphabet) and L / w (that row's
+        // is at most exp(-sharpness * w)).
+        double widest = 0.0;
+        for (std::size_t first = 0; first < z.size(); first += alphabet) {
+            const double* row = z.data() + first;
+            const auto [lo, hi] = std::minmax_element(row, row + alphabet);
+            widest = std::max(widest, *hi - *lo);
         }
-        for (std::size_t c = 0; c < alphabet; ++c) row[c] /= sum;
-    }
-    const double smallest = *std::min_element(m.next.begin(), m.next.end());
-    if (!(smallest >= std::numeric_limits<double>::min())) {
-        // Below this bound, sharpness * widest + log(alphabet) stays above log(DBL_MIN).
-        const double bound = (-std::log(std::numeric_limits<double>::min()) -
-                              std::log(static_cast<double>(alphabet))) / widest;
+        const double l = -std::log(std::numeric_limits<double>::min());
+        double taken = std::floor((l - std::log(static_cast<double>(alphabet))) / widest);
+        while (taken > 0.0 && !takes(taken)) taken -= 1.0;  // (rounding; not expected)
+        // A whole number at least `sharpness` is refused too.
+        double refused = std::ceil(std::min(sharpness, l / widest + 1.0));
+        if (takes(refused)) refused = std::ceil(sharpness);  // (rounding; not expected)
+        while (refused - taken > 1.0) {
+            const double mid = std::floor(taken + (refused - taken) / 2.0);
+            if (mid <= taken || mid >= refused) break;  // (beyond 2^53: no whole number between)
+            if (takes(mid)) {
+                taken = mid;
+            } else {
+                refused = mid;
+            }
+        }
         char text[256];
         std::snprintf(text, sizeof text,
                       "gpt: --markov-sharpness %g makes transition probabilities of this chain "
                       "underflow to zero; use at most %.0f with this --markov-alphabet and --seed",
-                      sharpness, std::floor(bound));
+                      sharpness, taken);
         throw loco::invalid_argument(text);
     }
     m.stationary = stationary_distribution(m);

@@ -11,10 +11,12 @@
 #include <loco/loco.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace gpt {
@@ -362,12 +364,64 @@ auto dispatch(std::string_view name, std::string_view flag, Fn&& fn) {
     return out;
 }
 
-// Refuses a choice's bad settings (a policy's validate(), where it has one) with its
-// invalid_argument, before any worker starts.
+namespace detail {
+
+template <class T>
+inline constexpr bool is_groups = false;
+template <class... G>
+inline constexpr bool is_groups<loco::groups<G...>> = true;
+
+// Refuses hyper-parameters h as policy P's validate() does. Parameter groups (Muon's inner
+// optimizer) have no validate() of their own: each group's part of h is checked by that group's
+// policy. A policy without validate() has nothing to refuse; one whose validate() does not take
+// h is a compile error here, not a check skipped without a word.
+template <class P, class H>
+void validate_policy(const H& h) {
+    if constexpr (is_groups<P>) {
+        [&]<class... G>(std::type_identity<loco::groups<G...>>) {
+            [&]<std::size_t... I>(std::index_sequence<I...>) {
+                (validate_policy<typename std::tuple_element_t<I, std::tuple<G...>>::policy>(
+                     std::get<I>(h)),
+                 ...);
+            }(std::index_sequence_for<G...>{});
+        }(std::type_identity<P>{});
+    } else if constexpr (requires { P::validate(h); }) {
+        P::validate(h);
+    } else {
+        static_assert(!requires { &P::validate; },
+                      "gpt: this policy's validate() does not take the hyper-parameters its "
+                      "choice makes");
+    }
+}
+
+}  // namespace detail
+
+// The lr factors an inner choice's hyper(o, f) is validated at: 1, the peak of the schedule
+// (trainer.hpp's lr_factor: a warm-up up to it, then a cosine decay from it) and the factor the
+// rules' constructors pass, and final_lr_fraction, where the decay ends. Every step's factor lies
+// between these two or between 1 / (warm-up steps) and 1, and the lrs an inner optimizer accepts
+// with the other settings fixed are an interval from 0 (it refuses a negative lr, one that is not
+// finite, and one whose lr x weight_decay or lr / (1 - beta1) overflows a float): settings that
+// pass at these factors pass at every step's.
+inline std::array<float, 2> validated_lr_factors(const options& o) {
+    return {1.0f, o.final_lr_fraction};
+}
+
+// Refuses a choice's bad settings (its policy's validate(), where it has one) with its
+// invalid_argument, before any worker starts. An inner choice's settings depend on the step's
+// lr factor (hyper(o, f)): they are checked at the factors of validated_lr_factors. (This check
+// once compiled to nothing for every inner choice: it asked for a one-argument hyper(o) only.)
 template <class Choice>
 void validate_choice(const options& o) {
-    if constexpr (requires { Choice::type::validate(Choice::hyper(o)); }) {
-        Choice::type::validate(Choice::hyper(o));
+    using policy = typename Choice::type;
+    if constexpr (requires { Choice::hyper(o); }) {
+        detail::validate_policy<policy>(Choice::hyper(o));
+    } else {
+        static_assert(requires { Choice::hyper(o, 1.0f); },
+                      "gpt: a choice's hyper() takes the options, or the options and an lr factor");
+        for (const float f : validated_lr_factors(o)) {
+            detail::validate_policy<policy>(Choice::hyper(o, f));
+        }
     }
 }
 

@@ -351,6 +351,7 @@ rule_factory make_rule_factory(const options& o) {
                 "--schedule " + o.schedule);
         }
         return dispatch<SyncInners>(o.inner, "--inner", [&]<class I>() -> rule_factory {
+            validate_choice<I>(o);  // bad inner settings, before any data is loaded
             return [&o](loco::comm::communicator& c, worker_state& w) -> std::unique_ptr<update_rule> {
                 return std::make_unique<synchronous_rule<I>>(o, c, w);
             };

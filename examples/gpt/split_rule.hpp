@@ -205,15 +205,23 @@ rule_factory make_split_factory(const options& o) {
                 "median_norm_clip) and --head-compress " +
                 choice_alternatives<typename Splits::heads>());
         }
+        // Every setting the two handles take is checked as the unsplit run checks it, before
+        // any data is loaded (the outer optimizer's and the schedule's were not: --H 0 and
+        // --outer-momentum 1.5 failed in the workers, after loading).
+        validate_choice<every_choice>(o);
         return dispatch<typename Splits::inners>(o.inner, "--inner", [&]<class I>() {
+            validate_choice<I>(o);
             return dispatch<typename Splits::outers>(o.outer, "--outer", [&]<class O>() {
+                validate_choice<O>(o);
                 return dispatch<typename Splits::rests>(o.compress, "--compress", [&]<class R>() {
                     return dispatch<typename Splits::heads>(
                         o.head_compress, "--head-compress", [&]<class H>() -> rule_factory {
                             // Bad compressor settings (--topk, --chunk, --bins, --ef-decay) are
-                            // refused for either part.
+                            // refused for either part, and so are their aggregations'.
                             validate_choice<R>(o);
                             validate_choice<H>(o);
+                            validate_choice<reference_aggregate<R>>(o);
+                            validate_choice<reference_aggregate<H>>(o);
                             return [&o](loco::comm::communicator& c,
                                         worker_state& w) -> std::unique_ptr<update_rule> {
                                 return std::make_unique<split_rule<I, O, R, H>>(o, c, w);
