@@ -261,7 +261,11 @@ private:
     request make_all_reduce(tensor_view<float> data, reduce_op op) {
         check_usable("all_reduce");
         check_buffer(data.data, data.size, data.space, "all_reduce");
-        return {abandoned_, do_start_all_reduce(data, op), prefix_name("all_reduce")};
+        // The name first: once the operation has started, nothing may throw before the request
+        // holds it (a throw would drop it unwaited while it still uses the caller's buffer).
+        std::string name = prefix_name("all_reduce");
+        auto op_started = do_start_all_reduce(data, op);
+        return {abandoned_, std::move(op_started), std::move(name)};
     }
 
     request make_all_gather(tensor_view<const std::byte> send, tensor_view<std::byte> recv) {
@@ -284,7 +288,9 @@ private:
                                    "the send buffer overlaps the receive buffer but is not this "
                                    "rank's slot of it");
         }
-        return {abandoned_, do_start_all_gather(send, recv), prefix_name("all_gather")};
+        std::string name = prefix_name("all_gather");  // before the start: see make_all_reduce
+        auto op_started = do_start_all_gather(send, recv);
+        return {abandoned_, std::move(op_started), std::move(name)};
     }
 
     // A completed operation that rethrows what the blocking call threw.

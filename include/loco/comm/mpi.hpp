@@ -121,13 +121,6 @@ public:
         c.check_calls = opts.check_calls;
         check_setup(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
         check_setup(MPI_Comm_size(comm, &c.size), "MPI_Comm_size");
-        if (opts.max_count < static_cast<std::size_t>(c.size) ||
-            opts.max_count > static_cast<std::size_t>(INT_MAX)) {
-            throw invalid_argument("loco::comm::mpi: max_count must be in [number of ranks (" +
-                                   std::to_string(c.size) + "), INT_MAX], got " +
-                                   std::to_string(opts.max_count));
-        }
-        c.max_count = opts.max_count;
         if (opts.expected_size < 0) {
             throw invalid_argument("loco::comm::mpi: expected_size must be >= 0 (0 = any), got " +
                                    std::to_string(opts.expected_size));
@@ -144,6 +137,7 @@ public:
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_set_errhandler");
         }
+        agree_on_max_count(opts.max_count);
         if (const int rc = MPI_Comm_dup(c.data, &c.gather); rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_dup");
@@ -152,6 +146,39 @@ public:
 
     mpi(const mpi&) = delete;
     mpi& operator=(const mpi&) = delete;
+
+private:
+    // max_count decides which MPI calls a collective is issued as: ranks that differ would issue
+    // different calls (truncation or silently wrong data), so the constructor agrees on it over
+    // the first duplicate, then checks its range, the same on every rank. Frees the duplicate
+    // when it throws.
+    void agree_on_max_count(std::size_t max_count) {
+        core& c = *core_;
+        const auto mine = static_cast<std::uint64_t>(max_count);
+        std::uint64_t v[2] = {mine, UINT64_MAX - mine};
+        if (const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_UINT64_T, MPI_MAX, c.data);
+            rc != MPI_SUCCESS) {
+            MPI_Comm_free(&c.data);
+            check_setup(rc, "MPI_Allreduce");
+        }
+        const std::uint64_t lo = UINT64_MAX - v[1], hi = v[0];
+        if (lo != hi) {
+            MPI_Comm_free(&c.data);
+            throw comm_error("loco::comm::mpi: ranks disagree on options::max_count: from " +
+                             std::to_string(lo) + " to " + std::to_string(hi) +
+                             "; every rank must pass the same");
+        }
+        if (max_count < static_cast<std::size_t>(c.size) ||
+            max_count > static_cast<std::size_t>(INT_MAX)) {
+            MPI_Comm_free(&c.data);
+            throw invalid_argument("loco::comm::mpi: max_count must be in [number of ranks (" +
+                                   std::to_string(c.size) + "), INT_MAX], got " +
+                                   std::to_string(max_count));
+        }
+        c.max_count = max_count;
+    }
+
+public:
 
     // Completes what is still pending (errors stay with their requests, which may be finished or
     // dropped later), then frees the duplicates and, with take_ownership, the given communicator.
@@ -220,20 +247,21 @@ protected:
                 c.queue.push_back(p);
             }
         } catch (const std::bad_alloc&) {
-            // The peers went on past the agreement: this rank's calls would now pair with the
-            // wrong collectives, so the communicator refuses them all.
-            c.broken = where + "out of memory for the all_reduce's buffers";
-            throw comm_error(where + "out of memory for the all_reduce's buffers; the peers "
-                                     "started it, so this communicator refuses every later call: "
-                                     "end the job and restart it from a checkpoint");
+            c.out_of_memory(where, "all_reduce");
         }
-        for (const auto& p : parts) {
-            // MPI reads the count arrays until completion: they live in `p`, as long as the request.
-            c.call(MPI_Ialltoallv(p->data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
-                                  p->scratch.data(), p->recv_counts.data(), p->recv_displs.data(),
-                                  MPI_FLOAT, c.data, &p->req),
-                   "MPI_Ialltoallv", where);
-            p->step = stage::reduce_scatter;
+        try {
+            for (const auto& p : parts) {
+                // MPI reads the count arrays until completion: they live in `p`, as long as the
+                // request.
+                c.call(MPI_Ialltoallv(p->data.data, p->counts.data(), p->displs.data(), MPI_FLOAT,
+                                      p->scratch.data(), p->recv_counts.data(),
+                                      p->recv_displs.data(), MPI_FLOAT, c.data, &p->req),
+                       "MPI_Ialltoallv", where);
+                p->step = stage::reduce_scatter;
+            }
+        } catch (...) {
+            c.settle_issued(parts);
+            throw;
         }
         return handle;
     }
@@ -250,41 +278,56 @@ protected:
         // In place: this rank's send already sits in its slot of recv.
         const std::byte* own_slot = recv.data + static_cast<std::size_t>(c.rank) * send.size;
         const bool in_place = send.size != 0 && send.data == own_slot;
-        // Piece i covers bytes [begin_i, begin_i + n_i) of every rank's slot.
+        // Piece i covers bytes [begin_i, begin_i + n_i) of every rank's slot. Everything is
+        // allocated and queued before the first MPI call (as for all_reduce).
         std::vector<std::shared_ptr<pending>> parts;
         std::vector<std::size_t> sizes;
-        std::size_t begin = 0;
-        do {
-            const std::size_t n = std::min(c.max_count, send.size - begin);
-            auto p = std::make_shared<pending>();
-            p->what = kind::all_gather;
-            p->where = where;
-            p->bytes = static_cast<std::uint64_t>(c.size - 1) * n;
-            parts.push_back(std::move(p));
-            sizes.push_back(n);
-            begin += n;
-        } while (begin < send.size);
-        auto handle = std::make_unique<operation>(core_, parts);
-        begin = 0;
-        for (std::size_t i = 0; i < parts.size(); ++i) {
-            pending& p = *parts[i];
-            const int n = static_cast<int>(sizes[i]);
-            const void* src = in_place ? MPI_IN_PLACE : static_cast<const void*>(send.data + begin);
-            if (parts.size() == 1) {
-                c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data, &p.req),
-                       "MPI_Iallgather", where);
-            } else {
-                // Rank k's piece lands at k * send.size + begin: a piece-sized type whose extent
-                // is a whole slot. It lives until the piece completes.
-                datatype slot = c.piece_type(sizes[i], send.size, where);
-                c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data + begin, 1, slot.get(), c.data,
-                                      &p.req),
-                       "MPI_Iallgather", where);
-                p.type = slot.release();
+        std::unique_ptr<operation> handle;
+        try {
+            std::size_t begin = 0;
+            do {
+                const std::size_t n = std::min(c.max_count, send.size - begin);
+                auto p = std::make_shared<pending>();
+                p->what = kind::all_gather;
+                p->where = where;
+                p->bytes = static_cast<std::uint64_t>(c.size - 1) * n;
+                parts.push_back(std::move(p));
+                sizes.push_back(n);
+                begin += n;
+            } while (begin < send.size);
+            handle = std::make_unique<operation>(core_, parts);
+            for (const auto& p : parts) {
+                c.queue.push_back(p);
             }
-            p.step = stage::all_gather;
-            c.queue.push_back(parts[i]);
-            begin += sizes[i];
+        } catch (const std::bad_alloc&) {
+            c.out_of_memory(where, "all_gather");
+        }
+        try {
+            std::size_t begin = 0;
+            for (std::size_t i = 0; i < parts.size(); ++i) {
+                pending& p = *parts[i];
+                const int n = static_cast<int>(sizes[i]);
+                const void* src =
+                    in_place ? MPI_IN_PLACE : static_cast<const void*>(send.data + begin);
+                if (parts.size() == 1) {
+                    c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data, n, MPI_BYTE, c.data,
+                                          &p.req),
+                           "MPI_Iallgather", where);
+                } else {
+                    // Rank k's piece lands at k * send.size + begin: a piece-sized type whose
+                    // extent is a whole slot. It lives until the piece completes.
+                    datatype slot = c.piece_type(sizes[i], send.size, where);
+                    c.call(MPI_Iallgather(src, n, MPI_BYTE, recv.data + begin, 1, slot.get(),
+                                          c.data, &p.req),
+                           "MPI_Iallgather", where);
+                    p.type = slot.release();
+                }
+                p.step = stage::all_gather;
+                begin += sizes[i];
+            }
+        } catch (...) {
+            c.settle_issued(parts);
+            throw;
         }
         return handle;
     }
@@ -555,6 +598,32 @@ private:
             closed = true;
         }
 
+        // An allocation failed after the agreement: the peers went on into the collective, and
+        // this rank's calls would now pair with the wrong ones, so the communicator refuses them
+        // all.
+        [[noreturn]] void out_of_memory(const std::string& where, const char* collective) {
+            broken = where + "out of memory for the " + collective + "'s buffers";
+            throw comm_error(where + "out of memory for the " + collective + "'s buffers; the "
+                             "peers started it, so this communicator refuses every later call: "
+                             "end the job and restart it from a checkpoint");
+        }
+
+        // A start whose k-th MPI call failed (call() marked the communicator broken): its pieces
+        // issued before still move the caller's buffers. Waits for each (its error is not this
+        // call's) and marks every piece done, so that once the start has thrown nothing touches
+        // the buffers; the pieces leave the queue with the next call.
+        void settle_issued(const std::vector<std::shared_ptr<pending>>& parts) noexcept {
+            for (const auto& p : parts) {
+                if (p->step != stage::done) {
+                    MPI_Wait(&p->req, MPI_STATUS_IGNORE);
+                }
+                p->step = stage::done;
+                p->released = true;
+                std::vector<float>().swap(p->scratch);
+                free_type(p->type);
+            }
+        }
+
         // An MPI call of a collective: a failure leaves the ranks' views of what was exchanged
         // unknown, so this communicator refuses every later call.
         void call(int rc, const char* fn, const std::string& where) {
@@ -613,16 +682,22 @@ private:
             }
             const auto lo = [&](int i) { return all - v[3 + i]; };
             const auto hi = [&](int i) { return v[i]; };
-            const std::string rule = "; every rank must call the same collectives in the same "
-                                     "order with the same sizes (no data moved)";
-            std::vector<std::string_view> called;
+            // Nothing is allocated unless the ranks disagree: every rank then throws, while an
+            // allocation failing on one rank alone would leave it behind its peers.
+            constexpr const char* rule = "; every rank must call the same collectives in the "
+                                         "same order with the same sizes (no data moved)";
+            int kinds_called = 0;
             for (int k = 0; k < kinds; ++k) {
-                if (v[6 + k] != 0) {
-                    called.push_back(kind_name(static_cast<kind>(k)));
-                }
+                kinds_called += v[6 + k] != 0 ? 1 : 0;
             }
-            if (called.size() > 1) {
+            if (kinds_called > 1) {
                 // "some called barrier, some all_gather, others broadcast"
+                std::vector<std::string_view> called;
+                for (int k = 0; k < kinds; ++k) {
+                    if (v[6 + k] != 0) {
+                        called.push_back(kind_name(static_cast<kind>(k)));
+                    }
+                }
                 std::string list = "some called " + std::string(called.front());
                 for (std::size_t i = 1; i + 1 < called.size(); ++i) {
                     list += ", some " + std::string(called[i]);

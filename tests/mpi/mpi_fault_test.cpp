@@ -1,0 +1,114 @@
+// comm::mpi when an MPI call of a collective fails part-way through its pieces, and when the
+// ranks' options disagree. The failures are injected through MPI's profiling interface: this
+// file defines MPI_Iallgather and MPI_Ialltoallv, which call PMPI_* unless a test asked the n-th
+// call from now to fail (every other test runs them unchanged).
+//
+// Every rank runs every case and fails the same call, so no rank is left waiting in one.
+#include <doctest/doctest.h>
+
+#include <loco/comm/mpi.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+namespace {
+
+int iallgather_calls = 0, iallgather_fail_at = -1;
+int ialltoallv_calls = 0, ialltoallv_fail_at = -1;
+
+int world_rank() {
+    int r = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    return r;
+}
+int world_size() {
+    int s = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &s);
+    return s;
+}
+
+}  // namespace
+
+extern "C" int MPI_Iallgather(const void* send, int send_count, MPI_Datatype send_type, void* recv,
+                              int recv_count, MPI_Datatype recv_type, MPI_Comm comm,
+                              MPI_Request* request) {
+    if (++iallgather_calls == iallgather_fail_at) {
+        return MPI_ERR_OTHER;
+    }
+    return PMPI_Iallgather(send, send_count, send_type, recv, recv_count, recv_type, comm, request);
+}
+
+extern "C" int MPI_Ialltoallv(const void* send, const int send_counts[], const int send_displs[],
+                              MPI_Datatype send_type, void* recv, const int recv_counts[],
+                              const int recv_displs[], MPI_Datatype recv_type, MPI_Comm comm,
+                              MPI_Request* request) {
+    if (++ialltoallv_calls == ialltoallv_fail_at) {
+        return MPI_ERR_OTHER;
+    }
+    return PMPI_Ialltoallv(send, send_counts, send_displs, send_type, recv, recv_counts,
+                           recv_displs, recv_type, comm, request);
+}
+
+TEST_CASE("mpi: a start whose second piece's MPI call fails leaves the caller's buffers alone "
+          "once it has thrown") {
+    // The first piece was issued: it used to stay in flight while the call threw, and MPI wrote
+    // the caller's buffer afterwards (the destructor's drain, or the next call's progress).
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    const std::size_t limit = 2 * um;
+    const std::byte mine = static_cast<std::byte>(0x10 + me);
+    const std::byte refill{0xee};
+
+    SUBCASE("all_gather") {
+        std::vector<std::byte> send(2 * limit, mine), recv(um * send.size(), std::byte{0});
+        {
+            loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = limit});
+            iallgather_fail_at = iallgather_calls + 2;
+            CHECK_THROWS_WITH_AS(
+                comm.start_all_gather(loco::host_tensor(static_cast<const std::byte*>(send.data()), send.size()),
+                                      loco::host_tensor(recv.data(), recv.size())),
+                doctest::Contains("MPI_Iallgather failed"), loco::comm_error);
+            iallgather_fail_at = -1;
+            std::fill(recv.begin(), recv.end(), refill);  // the caller's again
+            CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("unusable"), loco::comm_error);
+        }
+        CHECK(std::all_of(recv.begin(), recv.end(), [&](std::byte b) { return b == refill; }));
+    }
+    SUBCASE("all_reduce") {
+        const std::size_t n = 2 * limit + 1;  // three pieces of at most `limit` floats
+        std::vector<float> x(n, 1.0f);
+        {
+            loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = limit});
+            ialltoallv_fail_at = ialltoallv_calls + 2;
+            CHECK_THROWS_WITH_AS(comm.start_all_reduce(loco::host_tensor(x.data(), n),
+                                                       loco::comm::reduce_op::sum),
+                                 doctest::Contains("MPI_Ialltoallv failed"), loco::comm_error);
+            ialltoallv_fail_at = -1;
+            std::fill(x.begin(), x.end(), -7.0f);
+        }  // the destructor completes what is pending: none of it may be this start's
+        CHECK(std::all_of(x.begin(), x.end(), [](float v) { return v == -7.0f; }));
+    }
+}
+
+TEST_CASE("mpi: ranks built with different max_count all refuse at construction") {
+    // It decides which MPI calls a collective is issued as: ranks that differed issued different
+    // calls, and a broadcast in pieces on one rank left the others' data silently short.
+    const int m = world_size();
+    if (m < 2) {
+        return;
+    }
+    const int me = world_rank();
+    const std::size_t limit = me == 0 ? static_cast<std::size_t>(m) : static_cast<std::size_t>(INT_MAX);
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = limit}),
+                         doctest::Contains("ranks disagree on options::max_count"),
+                         loco::comm_error);
+    // A value out of range on every rank is refused on every rank (after the agreement: a rank
+    // that refused alone left its peers waiting in MPI_Comm_dup).
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = 0}),
+                         doctest::Contains("max_count must be in [number of ranks"),
+                         loco::invalid_argument);
+    loco::comm::mpi ok(MPI_COMM_WORLD, {.max_count = static_cast<std::size_t>(m)});
+    CHECK(ok.size() == m);
+}
