@@ -21,6 +21,7 @@
 #include <loco/compress/cast.hpp>
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/demo.hpp>
+#include <loco/compress/error_feedback.hpp>
 #include <loco/compress/none.hpp>
 #include <loco/compress/sparseloco.hpp>
 #include <loco/compress/statistical.hpp>
@@ -41,9 +42,11 @@
 #include <limits>
 #include <numeric>
 #include <sstream>
+#include <span>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1729,6 +1732,118 @@ TEST_CASE("topk: payloads that pass the checksum but break the format are refuse
     std::vector<float> out(8);
     T::decode(h, other, segs, out);
     CHECK(out == std::vector<float>{5, 0, 0, -7, 0, 0, 9, 0});
+}
+
+namespace {
+
+// C::decode_support into sent, where C has one; false where it has none (its payloads are dense).
+template <class C>
+bool support_of(const typename C::hyper& h, std::span<const std::byte> p,
+                std::span<const lc::segment> segs, std::span<std::uint8_t> sent) {
+    if constexpr (requires { C::decode_support(h, p, segs, sent); }) {
+        C::decode_support(h, p, segs, sent);
+        return true;
+    } else {
+        return false;
+    }
+}
+
+// The kind of loco error f throws, or "" when it returns.
+template <class F>
+std::string refusal_of(F f) {
+    try {
+        f();
+    } catch (const loco::wire_error&) {
+        return "wire_error";
+    } catch (const loco::shape_error&) {
+        return "shape_error";
+    } catch (const loco::invalid_argument&) {
+        return "invalid_argument";
+    }
+    return "";
+}
+
+}  // namespace
+
+// aggregate::median_norm_clip averages each element over the workers whose payload carried it.
+// topk had no decode_support, so the exchange took its payloads as dense and divided every
+// element by M; error_feedback<C> did not forward C's either.
+TEST_CASE("topk: decode_support marks the sent indices, sent zeros included, and refuses what "
+          "decode refuses, writing nothing") {
+    using T = lc::topk;
+    using EF = lc::error_feedback<lc::topk>;
+    // Two segments with elements 8 and 13 outside both; the second segment is all zeros, so its
+    // k = 2 sent elements are its first two (ties go to the lower index) and decode to 0.
+    const std::vector<float> v = {5, 1, -7, 2, 0, 3, 9, -1, 42, 0, 0, 0, 0, 42};
+    const lc::segment segs[] = {one_d(0, 8), one_d(9, 4)};
+    const T::hyper h{.ratio = 0.375f};  // k = 3 of 8 (indices 0, 2, 6), 2 of 4 (0, 1)
+    const auto p = encode<T>(h, v, segs, {});
+    const std::uint8_t u = 0xa5;  // untouched
+    const std::vector<std::uint8_t> want = {1, 0, 1, 0, 0, 0, 1, 0, u, 1, 1, 0, 0, u};
+    std::vector<std::uint8_t> sent(14, u);
+    REQUIRE(support_of<T>(h, p, segs, sent));
+    CHECK(sent == want);
+    // error_feedback<topk>: the same payload (a zero residual) and the same support.
+    const EF::hyper eh{.compress = h};
+    CHECK(encode<EF>(eh, v, segs, {}) == p);
+    std::fill(sent.begin(), sent.end(), u);
+    REQUIRE(support_of<EF>(eh, p, segs, sent));
+    CHECK(sent == want);
+    // Dense payloads have none: every element is sent.
+    std::vector<std::uint8_t> dense(14, u);
+    CHECK_FALSE(support_of<lc::none>({}, p, segs, dense));
+    CHECK_FALSE(support_of<lc::error_feedback<lc::none>>({}, p, segs, dense));
+
+    // Refused payloads and buffers: the same error as decode, nothing written.
+    std::vector<std::pair<std::string, std::vector<std::byte>>> bad;
+    const std::uint32_t edits[][3] = {{0, 2, 8}, {0, 2, 2}, {2, 0, 6}, {0, 6, 2}};
+    for (const auto& e : edits) {
+        auto b = p;
+        for (std::size_t j = 0; j < 3; ++j) wire::put<std::uint32_t>(b, 40 + 4 * j, e[j]);
+        reseal(b);
+        bad.emplace_back("indices out of range, repeated or not ascending", b);
+    }
+    {
+        auto b = p;  // an index of the second segment past its 4 elements
+        wire::put<std::uint32_t>(b, 40 + 24 + 4, 4);
+        reseal(b);
+        bad.emplace_back("an index past the second segment", b);
+    }
+    bad.emplace_back("truncated", std::vector<std::byte>(p.begin(), p.end() - 1));
+    bad.emplace_back("no checksum", [&] {
+        auto b = p;
+        b[40] ^= std::byte{1};
+        return b;
+    }());
+    for (const auto& [what, b] : bad) {
+        INFO(what);
+        std::vector<float> out(14);
+        std::fill(sent.begin(), sent.end(), u);
+        const std::string decode_says = refusal_of([&] { T::decode(h, b, segs, out); });
+        CHECK(decode_says == "wire_error");
+        CHECK(refusal_of([&] { support_of<T>(h, b, segs, sent); }) == decode_says);
+        CHECK(refusal_of([&] { support_of<EF>(eh, b, segs, sent); }) == decode_says);
+        CHECK(std::all_of(sent.begin(), sent.end(), [&](std::uint8_t x) { return x == u; }));
+    }
+    // Other settings (the header's ratio), a buffer too short for the segments, a bad ratio.
+    std::vector<float> out(14);
+    std::vector<std::uint8_t> short_sent(12, u);
+    std::vector<float> short_out(12);
+    const T::hyper other{.ratio = 0.5f}, wrong{.ratio = 0.0f};
+    const std::pair<std::string, std::string> cases[] = {
+        {refusal_of([&] { T::decode(other, p, segs, out); }),
+         refusal_of([&] { support_of<T>(other, p, segs, sent); })},
+        {refusal_of([&] { T::decode(h, p, segs, short_out); }),
+         refusal_of([&] { support_of<T>(h, p, segs, short_sent); })},
+        {refusal_of([&] { T::decode(wrong, p, segs, out); }),
+         refusal_of([&] { support_of<T>(wrong, p, segs, sent); })},
+    };
+    CHECK(cases[0].first == "wire_error");
+    CHECK(cases[1].first == "shape_error");
+    CHECK(cases[2].first == "invalid_argument");
+    for (const auto& [decode_says, support_says] : cases) CHECK(support_says == decode_says);
+    CHECK(std::all_of(sent.begin(), sent.end(), [&](std::uint8_t x) { return x == u; }));
+    CHECK(std::all_of(short_sent.begin(), short_sent.end(), [&](std::uint8_t x) { return x == u; }));
 }
 
 TEST_CASE("cast: fp16 overflows to infinity at 65520, NaN and infinities pass through") {

@@ -246,6 +246,56 @@ TEST_CASE("edit per tensor: every worker an outlier on one tensor refuses the ro
     }
 }
 
+// The tensor scope takes its norms from the decoded deltas, but A-EDiT's step counts still come
+// from the workers' reports: an infinite one made every tensor's weights NaN (each sync dropped
+// as non-finite), a NaN or negative one counted as 0 steps with the worker's softmax weight
+// kept. Such a worker is an outlier on every tensor; the rule over the others, in double.
+TEST_CASE("edit per tensor: with step_weights a step count that is not finite, or negative, is an "
+          "outlier on every tensor") {
+    auto rng = loco_test::rng_for("edit per tensor step counts");
+    const std::size_t m = 4;
+    edit::hyper h;
+    h.scope = loco::aggregate::edit_scope::tensor;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    h.step_weights = true;
+    h.step_weight_ratio = 0.25f;
+    // Worker 3's delta is of the honest size, so without the fix it kept a softmax weight.
+    const std::vector<std::vector<double>> scale = {
+        {1.0, 0.5, 2.0}, {1.5, 0.8, 1.0}, {0.7, 1.2, 1.5}, {1.0, 1.0, 1.0}};
+    round_data r = make_round(rng, m, scale);
+    const float steps[] = {10.0f, 30.0f, 20.0f};
+    const float inf = std::numeric_limits<float>::infinity();
+    for (const float bad : {inf, -inf, std::numeric_limits<float>::quiet_NaN(), -1.0f}) {
+        CAPTURE(bad);
+        for (std::size_t i = 0; i < 3; ++i) r.reports[i].inner_steps = steps[i];
+        r.reports[3].inner_steps = bad;
+        edit::state s;
+        std::vector<float> out(r.elements);
+        REQUIRE(edit::combine(h, s, r.view(), out));
+        for (const segment& seg : r.segments) {
+            // softmax(-G_i) over workers 0 .. 2 of this tensor, mixed with their step shares.
+            double g[3], w[3], total = 0.0;
+            for (std::size_t i = 0; i < 3; ++i) {
+                double sq = 0.0;
+                for (std::size_t j = 0; j < seg.size; ++j) {
+                    const double x = r.deltas[i * r.elements + seg.offset + j];
+                    sq += x * x;
+                }
+                g[i] = std::sqrt(sq);
+                total += w[i] = std::exp(-g[i]);
+            }
+            for (std::size_t i = 0; i < 3; ++i) w[i] = 0.75 * w[i] / total + 0.25 * steps[i] / 60.0;
+            for (std::size_t j = seg.offset; j < seg.offset + seg.size; ++j) {
+                double want = 0.0;
+                for (std::size_t i = 0; i < 3; ++i) want += w[i] * r.deltas[i * r.elements + j];
+                INFO("element " << j);
+                CHECK(out[j] == doctest::Approx(want).epsilon(1e-5));
+            }
+        }
+    }
+}
+
 TEST_CASE("edit per tensor: description and validation") {
     edit::hyper h;
     CHECK(edit::describe(h).find("scope") == std::string::npos);  // the fragment text as before

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -277,6 +278,128 @@ TEST_CASE("edit: a refused step_weights round leaves the fragment-scope detector
     CHECK(out[0] == 7.0f);
 }
 
+// A-EDiT's step shares take each worker's reported step count, but an infinite one made every
+// weight NaN (the sync dropped as non-finite on every rank, blaming the model), and a NaN or
+// negative one counted as 0 steps while the worker kept its softmax weight. Such a worker is an
+// outlier, as for a bad norm; the others' weights are the rule over the inliers, in double here.
+TEST_CASE("edit: with step_weights a step count that is not finite, or negative, is an outlier") {
+    auto g = from_rows({{1.0f, 2.0f}, {2.0f, -1.0f}, {0.5f, 0.5f}, {3.0f, 1.0f}});
+    const std::array<float, 4> steps = {10.0f, 30.0f, 20.0f, 40.0f};
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    h.step_weights = true;
+    h.step_weight_ratio = 0.5f;
+    // The rule over workers 0 .. 2 (worker 3 left out), in double.
+    const auto expected = [&](const std::vector<bool>& in) {
+        std::vector<double> w(4, 0.0);
+        double lowest = std::numeric_limits<double>::infinity(), total = 0.0, total_steps = 0.0;
+        for (std::size_t i = 0; i < 4; ++i) {
+            if (in[i]) lowest = std::min(lowest, double(g.reports[i].norm));
+        }
+        for (std::size_t i = 0; i < 4; ++i) {
+            if (!in[i]) continue;
+            total += w[i] = std::exp(-(double(g.reports[i].norm) - lowest));
+            total_steps += g.reports[i].inner_steps;
+        }
+        for (std::size_t i = 0; i < 4; ++i) {
+            if (in[i]) w[i] = 0.5 * w[i] / total + 0.5 * g.reports[i].inner_steps / total_steps;
+        }
+        return w;
+    };
+    const float inf = std::numeric_limits<float>::infinity();
+    for (const float bad : {inf, -inf, std::numeric_limits<float>::quiet_NaN(), -3.0f, -0.5f}) {
+        CAPTURE(bad);
+        for (std::size_t i = 0; i < 4; ++i) g.reports[i].inner_steps = steps[i];
+        g.reports[3].inner_steps = bad;
+        loco::aggregate::edit::state s;
+        const auto w = loco::aggregate::edit::weights(h, s, g.view());
+        REQUIRE(w.size() == 4);
+        const auto want = expected({true, true, true, false});
+        for (std::size_t i = 0; i < 4; ++i) CHECK(w[i] == doctest::Approx(want[i]).epsilon(1e-12));
+        // The aggregate is the inliers' weighted sum: finite, the round applied.
+        std::vector<float> out(2);
+        REQUIRE(loco::aggregate::edit::combine(h, s, g.view(), out));
+        for (std::size_t j = 0; j < 2; ++j) {
+            double agg = 0.0;
+            for (std::size_t i = 0; i < 3; ++i) agg += want[i] * g.deltas[i * 2 + j];
+            CHECK(out[j] == doctest::Approx(agg).epsilon(1e-6));
+        }
+        // Without step weights the count is not read: the worker keeps its weight.
+        h.step_weights = false;
+        CHECK(loco::aggregate::edit::weights(h, s, g.view())[3] > 0.0);
+        h.step_weights = true;
+    }
+    // A finite count is taken on trust, as in the paper (docs/aggregation.md): an inflated one
+    // buys the worker nearly all of the share r, and nothing here can tell it from a fast worker.
+    for (std::size_t i = 0; i < 4; ++i) g.reports[i].inner_steps = steps[i];
+    g.reports[3].inner_steps = 1e30f;
+    loco::aggregate::edit::state s;
+    const auto w = loco::aggregate::edit::weights(h, s, g.view());
+    const auto want = expected({true, true, true, true});
+    for (std::size_t i = 0; i < 4; ++i) CHECK(w[i] == doctest::Approx(want[i]).epsilon(1e-12));
+    CHECK(w[3] > 0.5);
+}
+
+// aggregate_hyper() may lower ewma_warmup mid-run. The window dropped its oldest z-score only
+// when it held exactly `warmup`, so a window filled under a larger warm-up grew without bound
+// (and with it every checkpoint), and its spread was not that of the last `warmup` z-scores
+// (atorch's deque(maxlen=warmup)). The window against the z-scores recomputed in double.
+TEST_CASE("edit: lowering ewma_warmup keeps the detector's window to the last warmup z-scores") {
+    // A window longer than the warm-up (one kept under a larger one, before an update trims it)
+    // spreads over its last `warmup` z-scores only: {0, 0.5, 1} has the unbiased std 0.5, so the
+    // threshold is 1 * max(1, 0.5) = 1 and a z-score of 2 is an outlier; the whole window's
+    // spread (about 42) let it through.
+    loco::aggregate::ewma_detector long_window;
+    long_window.count = 10;
+    long_window.m2 = 1.0;  // sigma 1, mean 0: z(v) = v
+    long_window.window = {60.0, -60.0, 0.0, 0.5, 1.0};
+    CHECK(long_window.is_outlier(2.0, 3, 1.0));
+    CHECK_FALSE(long_window.is_outlier(2.0, 5, 1.0));
+    long_window.update(1.0, 0.5, 3);
+    CHECK(long_window.window.size() == 3);
+    CHECK(long_window.window[0] == 0.5);
+    CHECK(long_window.window[1] == 1.0);
+
+    loco::aggregate::edit::hyper h;
+    h.ewma_alpha = 0.25f;
+    h.ewma_warmup = 10;
+    h.ewma_threshold = 1e30f;  // nothing flagged: every norm is learnt
+    h.consensus = loco::aggregate::sign_consensus::none;
+    loco::aggregate::edit::state s;
+    // The detector of algorithms.md 5.2, in double, every z-score kept.
+    double mean = 0.0, m2 = 0.0;
+    std::uint64_t count = 0;
+    std::vector<double> z;
+    for (int k = 0; k < 60; ++k) {
+        const std::uint64_t warmup = k < 20 ? 10 : (k < 40 ? 3 : 1);
+        h.ewma_warmup = warmup;
+        const float norm = 1.0f + 0.25f * float((k * 7) % 5);  // exact in fp32
+        gathered g = from_rows({{1.0f}, {1.0f}});
+        g.reports[0].norm = norm;
+        std::vector<float> out(1);
+        REQUIRE(loco::aggregate::combine<loco::aggregate::edit>(h, s, g.view(), out));
+        ++count;
+        const double d = norm - mean;
+        mean += 0.25 * d;
+        m2 = 0.75 * (m2 + 0.25 * d * (norm - mean));
+        const double sigma = count >= 2 ? std::sqrt(m2) : 0.0;
+        z.push_back(sigma == 0.0 || count < warmup ? 0.0 : (norm - mean) / sigma);
+        const auto& window = s.detectors[0].window;
+        CAPTURE(k);
+        REQUIRE(window.size() == std::min<std::size_t>(z.size(), warmup));
+        for (std::size_t j = 0; j < window.size(); ++j) {
+            CHECK(window[j] == doctest::Approx(z[z.size() - window.size() + j]).epsilon(1e-12));
+        }
+    }
+    // Down to no window at all.
+    h.ewma_warmup = 0;
+    gathered g = from_rows({{1.0f}, {1.0f}});
+    std::vector<float> out(1);
+    REQUIRE(loco::aggregate::combine<loco::aggregate::edit>(h, s, g.view(), out));
+    CHECK(s.detectors[0].window.empty());
+}
+
 TEST_CASE("T8: median, trimmed mean and centered clipping with one attacker") {
     const auto g = from_rows({{0.5f, -1.0f, 2.0f, 0.0f},
                               {0.7f, -0.8f, 1.6f, 0.2f},
@@ -476,6 +599,32 @@ TEST_CASE("robust and EDiT settings: bad values are one-sentence errors") {
                          doctest::Contains("tau"), invalid_argument);
     CHECK_THROWS_AS(loco::aggregate::centered_clip::validate({.tau = 1.0f, .iterations = 0}),
                     invalid_argument);
+    // Each iteration is a pass over every worker's delta on every rank: a wrapped -1 hung every
+    // rank's sync. Above max_iterations (100, docs/aggregation.md) it is refused by name, and
+    // by combine itself, before any work.
+    using cc = loco::aggregate::centered_clip;
+    const std::uint64_t limit = 100;  // cc::max_iterations
+    CHECK_NOTHROW(cc::validate({.tau = 1.0f, .iterations = limit}));
+    for (const std::uint64_t bad : {limit + 1, std::uint64_t{1} << 32,
+                                    std::numeric_limits<std::uint64_t>::max()}) {
+        const std::string says = "iterations (L) must be in [1, 100], got " + std::to_string(bad);
+        CHECK_THROWS_WITH_AS(cc::validate({.tau = 1.0f, .iterations = bad}),
+                             doctest::Contains(says.c_str()), invalid_argument);
+    }
+    {
+        const auto rows = from_rows({{1.0f, 0.0f}, {0.0f, 1.0f}, {1.0f, 1.0f}});
+        cc::state s;
+        std::vector<float> v(2, 7.0f);
+        CHECK_THROWS_AS(cc::combine({.tau = 1.0f, .iterations = limit + 1}, s, rows.view(), v),
+                        invalid_argument);
+        CHECK(v == std::vector<float>{7.0f, 7.0f});
+        CHECK(s.center.empty());
+        // At the limit: every worker within tau of v moves v to the workers' mean in one
+        // iteration (v + (1/M) sum (Delta_i - v)), and further iterations keep it there.
+        REQUIRE(cc::combine({.tau = 10.0f, .iterations = limit}, s, rows.view(), v));
+        CHECK(v[0] == doctest::Approx(2.0 / 3.0).epsilon(1e-6));
+        CHECK(v[1] == doctest::Approx(2.0 / 3.0).epsilon(1e-6));
+    }
     const auto g = from_rows({{1.0f}, {2.0f}, {3.0f}, {4.0f}});
     std::vector<float> out(1);
     CHECK_THROWS_WITH_AS(loco::aggregate::trimmed_mean::combine({.trim = 2}, g.view(), out),

@@ -18,7 +18,10 @@
 #include <loco/aggregate/median_norm_clip.hpp>
 #include <loco/comm/single.hpp>
 #include <loco/comm/threads.hpp>
+#include <loco/compress/error_feedback.hpp>
+#include <loco/compress/none.hpp>
 #include <loco/compress/sparseloco.hpp>
+#include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/diloco.hpp>
 #include <loco/error.hpp>
@@ -38,6 +41,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -311,6 +315,101 @@ TEST_CASE("median_norm_clip: combine on random inputs matches a double-precision
             }
         }
     }
+}
+
+namespace {
+
+// Three thread workers, a tensor of 8 and one of 4, one sync of inner SGD lr 1 and outer SGD lr 1
+// from 0: worker r's pseudo-gradient is mnc_grads[r], and every worker ends at -(aggregate).
+const std::array<std::vector<float>, 3> mnc_grads = {{
+    {4, 0, 0, 3, 0.5f, 0, 0, 0, /* bias */ 0, 1, 0, 0.5f},
+    {0, 2, 0, -6, 0, 0.25f, 0, 0, /* bias */ 0, -2, 0.5f, 0},
+    {1, 0, 0, 0, 0, 0, 8, 0.125f, /* bias */ 3, 0, 0, 0},
+}};
+
+template <class C>
+std::vector<float> mnc_round(const typename C::hyper& ch, bool clip) {
+    std::array<std::vector<float>, 3> after;
+    loco::comm::run_threads(3, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> w(8, 0.0f), gw(mnc_grads[r].begin(), mnc_grads[r].begin() + 8);
+        std::vector<float> b(4, 0.0f), gb(mnc_grads[r].begin() + 8, mnc_grads[r].end());
+        loco::parameter_list params;
+        params.add("w", w, gw);
+        params.add("b", b, gb);
+        using opt_t =
+            loco::diloco<loco::inner::sgd, loco::outer::sgd, C, loco::schedule::every, mnc>;
+        typename opt_t::config cfg{.inner = {.lr = 1.0f}, .schedule = {.every = 1}};
+        cfg.compress = ch;
+        cfg.aggregate.clip = clip;
+        opt_t opt(params, comm, cfg);
+        opt.start();
+        CHECK(opt.step().synced);
+        after[r] = w;
+        after[r].insert(after[r].end(), b.begin(), b.end());
+    });
+    CHECK(after[1] == after[0]);
+    CHECK(after[2] == after[0]);
+    return after[0];
+}
+
+// The reference: per tensor, each worker's k elements of largest magnitude (ties to the lower
+// index; every element with k = 0), in double, then templar's aggregate over the senders.
+std::vector<double> mnc_reference(double ratio, bool clip) {
+    std::vector<double> out;
+    for (const auto& [offset, size] : {std::pair<std::size_t, std::size_t>{0, 8}, {8, 4}}) {
+        const std::size_t k =
+            ratio == 0 ? size
+                       : std::min(size, std::max<std::size_t>(
+                                            1, static_cast<std::size_t>(std::ceil(ratio * double(size)))));
+        std::vector<std::vector<double>> d(3, std::vector<double>(size, 0.0));
+        std::vector<std::vector<std::uint8_t>> sent(3);
+        for (std::size_t r = 0; r < 3; ++r) {
+            std::vector<std::size_t> order(size);
+            for (std::size_t i = 0; i < size; ++i) order[i] = i;
+            std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+                return std::abs(mnc_grads[r][offset + a]) > std::abs(mnc_grads[r][offset + b]);
+            });
+            if (ratio != 0) sent[r].assign(size, 0);
+            for (std::size_t j = 0; j < k; ++j) {
+                d[r][order[j]] = mnc_grads[r][offset + order[j]];
+                if (ratio != 0) sent[r][order[j]] = 1;
+            }
+        }
+        const auto t = templar_aggregate(d, sent, clip);
+        out.insert(out.end(), t.begin(), t.end());
+    }
+    return out;
+}
+
+}  // namespace
+
+// "Each element averaged over the workers that sent it" needs the payloads' support: topk's
+// payloads carry indices but topk had no decode_support, so the exchange took them as dense and
+// divided every element by M (the reviewer's two workers with disjoint top-1 elements got half
+// of each); error_feedback<topk> the same. A dense compressor still averages over all M.
+TEST_CASE("median_norm_clip with topk and error_feedback<topk> averages each element over the "
+          "workers that sent it; with a dense compressor over all M") {
+    // ratio 0.25: k = 2 of 8 (worker 0 sends 0 and 3, worker 1 sends 1 and 3, worker 2 sends 6
+    // and 0), 1 of 4 (1, 1 and 0): elements sent by one, two or no worker.
+    for (const bool clip : {true, false}) {
+        CAPTURE(clip);
+        const auto want = mnc_reference(0.25, clip);
+        const auto check = [&](const std::vector<float>& got, const std::vector<double>& ref) {
+            REQUIRE(got.size() == ref.size());
+            for (std::size_t i = 0; i < ref.size(); ++i) {
+                INFO("element " << i);
+                CHECK(got[i] == doctest::Approx(-ref[i]).epsilon(1e-6));
+            }
+        };
+        check(mnc_round<lc::topk>({.ratio = 0.25f}, clip), want);
+        check(mnc_round<lc::error_feedback<lc::topk>>({.compress = {.ratio = 0.25f}}, clip), want);
+        // Dense payloads: every worker sent every element.
+        check(mnc_round<lc::none>({}, clip), mnc_reference(0, clip));
+    }
+    // Closed form of one element: element 1 of the weight is worker 1's 2 alone, scaled to the
+    // median norm (worker 1's own: norms 5, sqrt(40), sqrt(65)) by about 1, not 2 / 3.
+    CHECK(mnc_round<lc::topk>({.ratio = 0.25f}, true)[1] == doctest::Approx(-2.0).epsilon(1e-6));
 }
 
 TEST_CASE("median_norm_clip: the lower median for an even count, unclipped peers below it, "

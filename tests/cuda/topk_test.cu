@@ -639,4 +639,46 @@ TEST_CASE("cuda::diloco with topk on the device: a corrupted index is refused an
     });
 }
 
+TEST_CASE("cuda::diloco with topk and median_norm_clip takes the host exchanger and equals "
+          "loco::diloco on threads") {
+    // Top-k's device path averages over all M (the mean); median_norm_clip averages each element
+    // over the workers that sent it (topk::decode_support), which the host exchanger does. Such
+    // handles did not compile before they were routed there.
+    namespace h = loco_test::handles;
+    using mnc = loco::aggregate::median_norm_clip;
+    const auto same = [](const std::string& label, auto compressor, const auto& ch) {
+        using C = decltype(compressor);
+        std::vector<std::vector<float>> host(3), gpu(3);
+        loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+            h::host_params p(h::init_of(label, comm.rank()));
+            loco::diloco<loco::inner::sgd, loco::outer::sgd, C, loco::schedule::every, mnc> opt(
+                p.list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 2}, .compress = ch});
+            for (int t = 1; t <= 6; ++t) {
+                p.set_gradients(h::grads_of(label, comm.rank(), t));
+                opt.step();
+            }
+            host[static_cast<std::size_t>(comm.rank())] = p.values();
+        });
+        loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& replica) {
+            h::gpu_params m(h::init_of(label, replica.rank()));
+            loco::cuda::diloco<loco::inner::sgd, loco::outer::sgd, C, loco::schedule::every, mnc>
+                opt(m.list, replica,
+                    {.inner = {.lr = 0.1f}, .schedule = {.every = 2}, .compress = ch,
+                     .stream = replica.stream()});
+            CHECK_FALSE(opt.device_exchange());
+            for (int t = 1; t <= 6; ++t) {
+                m.set_gradients(h::grads_of(label, replica.rank(), t), replica.stream());
+                opt.step();
+            }
+            gpu[static_cast<std::size_t>(replica.rank())] = m.host_values(replica.stream());
+        });
+        for (std::size_t r = 0; r < 3; ++r) {
+            CAPTURE(r);
+            expect_close_arrays(gpu[r], host[r], 1e-6, "parameters");
+        }
+    };
+    same("cuda topk median_norm_clip", topk{}, topk::hyper{.ratio = 0.05f});
+    same("cuda ef_topk median_norm_clip", ef_topk{}, ef_topk::hyper{.compress = {.ratio = 0.05f}});
+}
+
 }  // namespace cuda_topk_test

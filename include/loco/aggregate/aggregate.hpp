@@ -19,8 +19,11 @@
 //
 // Optionally `static constexpr bool needs_support = true;` (with needs_deltas): the exchange also
 // tells, per worker and element, whether that worker's payload carried the element, for
-// compressors that can say (a sparse payload's indices: compress::sparseloco::decode_support);
-// contributions::sent stays empty for the others, whose payloads carry every element.
+// compressors that can say (a sparse payload's indices: compress::sparseloco::decode_support,
+// compress::topk::decode_support, and error_feedback<C> forwarding C's); contributions::sent
+// stays empty for the others, whose payloads carry every element (none, cast, blockwise,
+// statistical; demo's, whose inverse DCT fills every element). A compressor whose payloads leave
+// elements out must define decode_support: without it its payloads are taken as dense.
 //
 // Optionally `static constexpr bool decodes_payloads_together = true;` (without needs_deltas):
 // the exchange does not average decoded payloads but hands all M payloads to the compressor's

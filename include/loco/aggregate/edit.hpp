@@ -7,11 +7,12 @@
 //   G_i      = the L2 norm of worker i's pseudo-gradient over the fragment (its own report,
 //              taken on trust as in the paper: a worker that lies about it is not caught)
 //   outlier  = the online EWMA detector of worker i says G_i is anomalous, or G_i / Delta_i is
-//              not finite, or G_i < 0; the detector then learns G_i only from inliers (atorch's
-//              DDP path)
+//              not finite, or G_i < 0, or (with step weights) steps_i is not finite or < 0; the
+//              detector then learns G_i only from inliers (atorch's DDP path)
 //   w_i      = softmax_j(-G_j / T) over the inliers (or 1 / #inliers without norm weighting),
 //              optionally w_i <- (1 - r) w_i + r s_i with s_i = steps_i / sum of inlier steps
-//              (A-EDiT's step weights)
+//              (A-EDiT's step weights; steps_i is worker i's report, taken on trust in both
+//              scopes as in atorch: an inflated finite count buys up to the weight r)
 //   agg      = sum_i w_i Delta_i (linear), or GTA: per element, only the workers whose sign
 //              agrees with the consensus ("sum": sign of sum_i w_i Delta_i, "count": sign of
 //              sum_i sign(Delta_i); ties +), divided by the sum of their weights
@@ -52,7 +53,7 @@ struct ewma_detector {
     std::uint64_t count = 0;
     double mean = 0.0;
     double m2 = 0.0;
-    std::vector<double> window;  // the last z-scores, oldest first (at most `warmup`)
+    std::vector<double> window;  // the last z-scores, oldest first (at most `warmup`, once updated)
 
     double sigma() const noexcept { return count >= 2 ? std::sqrt(m2) : 0.0; }
 
@@ -62,21 +63,25 @@ struct ewma_detector {
         return (v - mean) / s;
     }
 
-    // torch.std() of the window: unbiased. NaN for one z-score (as torch), 0 for none (warmup 0
-    // keeps no window).
-    double window_std() const noexcept {
-        if (window.empty()) return 0.0;
-        if (window.size() == 1) return std::numeric_limits<double>::quiet_NaN();
+    // torch.std() of the last `last` z-scores of the window (all of them by default): unbiased.
+    // NaN for one z-score (as torch), 0 for none (warmup 0 keeps no window).
+    double window_std(std::uint64_t last = ~std::uint64_t{0}) const noexcept {
+        const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(last, window.size()));
+        if (n == 0) return 0.0;
+        if (n == 1) return std::numeric_limits<double>::quiet_NaN();
+        const auto first = window.end() - static_cast<std::ptrdiff_t>(n);
         double m = 0.0;
-        for (const double x : window) m += x;
-        m /= static_cast<double>(window.size());
+        for (auto it = first; it != window.end(); ++it) m += *it;
+        m /= static_cast<double>(n);
         double q = 0.0;
-        for (const double x : window) q += (x - m) * (x - m);
-        return std::sqrt(q / static_cast<double>(window.size() - 1));
+        for (auto it = first; it != window.end(); ++it) q += (*it - m) * (*it - m);
+        return std::sqrt(q / static_cast<double>(n - 1));
     }
 
     bool is_outlier(double v, std::uint64_t warmup, double threshold) const noexcept {
-        const double spread = window_std();
+        // Over the last `warmup` z-scores only (atorch's deque(maxlen=warmup)): a window kept
+        // under a larger warm-up (lowered mid-run, or loaded from a checkpoint) is longer.
+        const double spread = window_std(warmup);
         // torch.max(1, NaN) is NaN and z > NaN is false: a NaN spread flags nothing.
         if (std::isnan(spread)) return false;
         return count >= warmup && z(v, warmup) > threshold * std::max(1.0, spread);
@@ -87,8 +92,17 @@ struct ewma_detector {
         const double d = v - mean;
         mean += alpha * d;
         m2 = (1.0 - alpha) * (m2 + alpha * d * (v - mean));
-        if (warmup == 0) return;
-        if (window.size() == warmup) window.erase(window.begin());
+        if (warmup == 0) {
+            window.clear();
+            return;
+        }
+        // Down to the last warmup - 1 before the new one: `warmup` may have been lowered since
+        // the window filled (aggregate_hyper() changes it mid-run); dropping one z-score only
+        // when the window held exactly `warmup` let such a window grow without bound.
+        if (window.size() >= warmup) {
+            window.erase(window.begin(),
+                         window.end() - static_cast<std::ptrdiff_t>(warmup - 1));
+        }
         window.push_back(z(v, warmup));
     }
 };
@@ -342,6 +356,13 @@ struct edit {
             // A negative report is no norm (an honest worker cannot send one) and would take the
             // largest softmax weight: an outlier, as a non-finite one.
             bool ok = std::isfinite(g) && g >= 0.0 && finite[i] != 0;
+            // Likewise a step count that is no count: an infinite one made every weight NaN (the
+            // sync then dropped as non-finite on every rank), a NaN one the same, a negative one
+            // lowered the others' shares. A finite count is taken on trust, as the paper does.
+            if (ok && h.step_weights) {
+                const double steps = c.reports[i].inner_steps;
+                ok = std::isfinite(steps) && steps >= 0.0;
+            }
             if (ok && h.skip_anomaly) {
                 ok = !detectors[i].is_outlier(g, h.ewma_warmup, h.ewma_threshold);
             }
@@ -368,17 +389,17 @@ struct edit {
         if (h.step_weights) {
             double steps = 0.0;
             for (std::size_t i = 0; i < m; ++i) {
-                if (inlier[i]) steps += std::max(0.0, static_cast<double>(c.reports[i].inner_steps));
+                if (inlier[i]) steps += static_cast<double>(c.reports[i].inner_steps);
             }
             if (!(steps > 0.0)) {
                 throw invalid_argument("loco::aggregate::edit: step_weights needs step counts but "
-                                       "every worker reported 0 inner steps; turn step_weights off "
+                                       "every inlier reported 0 inner steps; turn step_weights off "
                                        "or sync after some steps");
             }
             const double r = h.step_weight_ratio;
             for (std::size_t i = 0; i < m; ++i) {
                 if (!inlier[i]) continue;
-                const double si = std::max(0.0, static_cast<double>(c.reports[i].inner_steps)) / steps;
+                const double si = static_cast<double>(c.reports[i].inner_steps) / steps;
                 w[i] = (1.0 - r) * w[i] + r * si;
             }
         }

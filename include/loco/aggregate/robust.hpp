@@ -135,8 +135,12 @@ struct centered_clip {
     static constexpr std::string_view refusal = "no worker's delta was finite";
     struct hyper {
         float tau = 1.0f;              // clipping radius around v, > 0 (in pseudo-gradient units)
-        std::uint64_t iterations = 1;  // L; 1 is the paper's usual choice
+        std::uint64_t iterations = 1;  // L, in [1, max_iterations]; 1 is the paper's usual choice
     };
+    // The most iterations validate() accepts, far above the paper's 1 (or a few): each costs a
+    // pass over every worker's delta on every rank, so a wrapped -1 (2^64 - 1) or a mistyped
+    // count stalled every rank's sync without an error.
+    static constexpr std::uint64_t max_iterations = 100;
     static constexpr bool needs_reports = false;
     static constexpr bool needs_deltas = true;
 
@@ -160,8 +164,10 @@ struct centered_clip {
             throw invalid_argument("loco::aggregate::centered_clip: tau must be a finite number > 0 "
                                    "(about the honest workers' spread of pseudo-gradient norms)");
         }
-        if (h.iterations == 0) {
-            throw invalid_argument("loco::aggregate::centered_clip: iterations (L) must be >= 1");
+        if (h.iterations == 0 || h.iterations > max_iterations) {
+            throw invalid_argument("loco::aggregate::centered_clip: iterations (L) must be in [1, " +
+                                   std::to_string(max_iterations) + "], got " +
+                                   std::to_string(h.iterations));
         }
     }
     static std::string describe(const hyper& h) {
@@ -172,6 +178,7 @@ struct centered_clip {
     }
 
     static bool combine(const hyper& h, state& s, const contributions& c, std::span<float> out) {
+        validate(h);  // the loop below runs h.iterations times
         check_contributions(c, out.size(), false, "loco::aggregate::centered_clip: ");
         const std::size_t n = c.elements;
         if (s.center.size() != n) s.center.assign(n, 0.0f);

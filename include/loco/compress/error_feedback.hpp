@@ -121,6 +121,18 @@ struct error_feedback {
                        std::span<float> out) {
         C::decode(h.compress, in, segs, out);
     }
+
+    // C's, where C can tell which elements a payload carries (the payloads are C's own): without
+    // it the exchange took error_feedback<topk>'s payloads as dense.
+    static void decode_support(const hyper& h, std::span<const std::byte> in,
+                               std::span<const segment> segs, std::span<std::uint8_t> sent)
+        requires requires(const typename C::hyper& ch, std::span<const std::byte> bytes,
+                          std::span<const segment> ss, std::span<std::uint8_t> flags) {
+            C::decode_support(ch, bytes, ss, flags);
+        }
+    {
+        C::decode_support(h.compress, in, segs, sent);
+    }
 };
 
 }  // namespace loco::compress

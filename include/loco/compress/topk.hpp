@@ -26,7 +26,8 @@
 // 2^32 elements (loco::shape_error otherwise).
 //
 // decode refuses, besides everything wire::open checks: an index not less than the segment's
-// size, and indices that are not strictly ascending (so no duplicates).
+// size, and indices that are not strictly ascending (so no duplicates). decode_support marks the
+// sent indices (aggregate::median_norm_clip's "sent"), refusing the same payloads.
 
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/wire.hpp>
@@ -120,14 +121,8 @@ struct topk {
 
     static void decode(const hyper& h, std::span<const std::byte> in, std::span<const segment> segs,
                        std::span<float> out) {
-        check_decode_buffer(h, segs, out.size());
-        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
+        const std::span<const std::byte> body = checked_body(h, in, segs, out.size());
         std::size_t at = 0;
-        for (const segment& s : segs) {
-            check_indices(body.subspan(at, 4 * count(h, s.size)), s.size);
-            at += 8 * count(h, s.size);
-        }
-        at = 0;
         for (const segment& s : segs) {
             const std::size_t k = count(h, s.size);
             std::fill_n(out.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0.0f);
@@ -139,7 +134,40 @@ struct topk {
         }
     }
 
+    // Which elements a payload carries: sent[i] = 1 at its indices, 0 elsewhere in each segment
+    // (aggregate::median_norm_clip averages each element over the workers that sent it; without
+    // this, a sent 0 and an element not sent were the same and every element was divided by M).
+    // Refuses what decode refuses, writing nothing.
+    static void decode_support(const hyper& h, std::span<const std::byte> in,
+                               std::span<const segment> segs, std::span<std::uint8_t> sent) {
+        const std::span<const std::byte> body = checked_body(h, in, segs, sent.size());
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            const std::size_t k = count(h, s.size);
+            std::fill_n(sent.begin() + static_cast<std::ptrdiff_t>(s.offset), s.size, 0);
+            for (std::size_t j = 0; j < k; ++j) {
+                sent[s.offset + wire::get<std::uint32_t>(body, at + 4 * j)] = 1;
+            }
+            at += 8 * k;
+        }
+    }
+
 private:
+    // The payload's body after every check of decode (settings, segments inside an output of
+    // out_size, header, indices), before anything is written.
+    static std::span<const std::byte> checked_body(const hyper& h, std::span<const std::byte> in,
+                                                   std::span<const segment> segs,
+                                                   std::size_t out_size) {
+        check_decode_buffer(h, segs, out_size);
+        const std::span<const std::byte> body = wire::open(in, expected_header(h, segs), name);
+        std::size_t at = 0;
+        for (const segment& s : segs) {
+            check_indices(body.subspan(at, 4 * count(h, s.size)), s.size);
+            at += 8 * count(h, s.size);
+        }
+        return body;
+    }
+
     static std::size_t body_bytes(const hyper& h, std::span<const segment> segs) {
         std::size_t n = 0;
         for (const segment& s : segs) {

@@ -181,7 +181,11 @@ struct no_device_exchange {
 
 template <class Inner, class Outer, class Compressor, class Aggregate>
 class diloco_engine {
-    static constexpr bool device_topk_ = device_topk<Compressor>::available;
+    // Top-k's device path averages the payloads (the mean only); with another aggregation the
+    // payloads take the host exchanger, which gives median_norm_clip their support (docs/
+    // aggregation.md, "On the GPU"). Ungated, those handles did not compile.
+    static constexpr bool device_topk_ =
+        device_topk<Compressor>::available && std::is_same_v<Aggregate, aggregate::mean>;
     // compress::sparseloco and compress::demo (compress/chunked_exchange.hpp): aggregated by the
     // exchange itself (the mean; SparseLoCo's median-norm clipped scatter-mean), or decoded into
     // the rows of another device aggregation.
