@@ -504,13 +504,20 @@ class DiLoCo(_Handle):
     def global_params(self):
         """The global parameters after the last sync, flat, as a float32 tensor (a copy)."""
         with _on(self.device):
-            return torch.tensor(self._impl.global_params(), dtype=torch.float32)
+            return _floats(self._impl.global_params())
 
     def compressor_state(self):
         """The compressor's residual (MuLoCo's error feedback, SparseLoCo's accumulator, DeMo's
         residual), flat in parameter order, as a float32 tensor (a copy)."""
         with _on(self.device):
-            return torch.tensor(self._impl.compressor_state(), dtype=torch.float32)
+            return _floats(self._impl.compressor_state())
+
+
+def _floats(raw):
+    """A float32 tensor over the bytearray the binding returns (shared, not copied again)."""
+    if len(raw) == 0:
+        return torch.empty(0, dtype=torch.float32)  # frombuffer refuses an empty buffer
+    return torch.frombuffer(raw, dtype=torch.float32)
 
 
 class Optimizer(_Handle):

@@ -116,6 +116,14 @@ class OuterAdam(unittest.TestCase):
         # The global parameters are what the outer step produced; the local ones were merged.
         flat = torch.cat([a.detach().reshape(-1) for _, a in ours])
         self.assertTrue(torch.equal(opt.global_params(), flat))
+        # A float32 copy: writing it changes nothing in the handle. (It comes as bytes, not as a
+        # list of Python floats.) Without a compressor the residual is empty.
+        copy = opt.global_params()
+        self.assertEqual(copy.dtype, torch.float32)
+        copy.add_(1.0)
+        self.assertTrue(torch.equal(opt.global_params(), flat))
+        self.assertEqual(opt.compressor_state().dtype, torch.float32)
+        self.assertEqual(opt.compressor_state().numel(), 0)
 
 
 if __name__ == "__main__":
