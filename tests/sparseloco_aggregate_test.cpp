@@ -389,7 +389,7 @@ std::vector<double> mnc_reference(double ratio, bool clip) {
 // divided every element by M (the reviewer's two workers with disjoint top-1 elements got half
 // of each); error_feedback<topk> the same. A dense compressor still averages over all M.
 TEST_CASE("median_norm_clip with topk and error_feedback<topk> averages each element over the "
-          "workers that sent it; with a dense compressor over all M") {
+          "workers that sent it, and with a dense compressor over all M") {
     // ratio 0.25: k = 2 of 8 (worker 0 sends 0 and 3, worker 1 sends 1 and 3, worker 2 sends 6
     // and 0), 1 of 4 (1, 1 and 0): elements sent by one, two or no worker.
     for (const bool clip : {true, false}) {
