@@ -6,6 +6,8 @@
 // Every rank runs every case and fails the same call, so no rank is left waiting in one.
 #include <doctest/doctest.h>
 
+#include "mpi_support.hpp"
+
 #include <loco/comm/mpi.hpp>
 
 #include <algorithm>
@@ -17,16 +19,8 @@ namespace {
 int iallgather_calls = 0, iallgather_fail_at = -1;
 int ialltoallv_calls = 0, ialltoallv_fail_at = -1;
 
-int world_rank() {
-    int r = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-int world_size() {
-    int s = 0;
-    MPI_Comm_size(MPI_COMM_WORLD, &s);
-    return s;
-}
+using loco_mpi_test::world_rank;
+using loco_mpi_test::world_size;
 
 }  // namespace
 

@@ -8,6 +8,8 @@
 // CHECK, never REQUIRE, so that a failure on one rank does not leave its peers waiting.
 #include <doctest/doctest.h>
 
+#include "mpi_support.hpp"
+
 #include <loco/comm/mpi.hpp>
 
 #include <cstddef>
@@ -21,16 +23,8 @@ namespace {
 
 using loco::comm::reduce_op;
 
-int world_rank() {
-    int r = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-int world_size() {
-    int s = 0;
-    MPI_Comm_size(MPI_COMM_WORLD, &s);
-    return s;
-}
+using loco_mpi_test::world_rank;
+using loco_mpi_test::world_size;
 bool below_serialized() {
     int level = MPI_THREAD_SINGLE;
     MPI_Query_thread(&level);

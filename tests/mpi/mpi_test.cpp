@@ -29,16 +29,8 @@ namespace {
 using namespace loco_test;
 using loco::comm::reduce_op;
 
-int world_rank() {
-    int r = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    return r;
-}
-int world_size() {
-    int s = 0;
-    MPI_Comm_size(MPI_COMM_WORLD, &s);
-    return s;
-}
+using loco_mpi_test::world_rank;
+using loco_mpi_test::world_size;
 
 // Rank r's input, which every rank can regenerate.
 std::vector<float> rank_input(const std::string& label, int rank, std::size_t n) {
@@ -89,6 +81,94 @@ struct reduce_result {
     std::uint64_t bytes = 0;
 };
 
+// An all_reduce of n floats per rank over comm: bit for bit and byte for byte what comm::threads
+// gives, and within rounding of a double-precision sum.
+void check_all_reduce(loco::comm::mpi& comm, const std::string& label, std::size_t n,
+                      reduce_op op) {
+    const int m = world_size();
+    const int me = world_rank();
+    CAPTURE(op == reduce_op::sum ? "sum" : "mean");
+    const auto want = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
+        auto x = rank_input(label, t.rank(), n);
+        t.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+        return reduce_result{x, t.bytes_sent()};
+    });
+    auto x = rank_input(label, me, n);
+    const std::uint64_t before = comm.bytes_sent();
+    comm.all_reduce(loco::host_tensor(x.data(), x.size()), op);
+    CHECK(same_bits(x, want.data));
+    CHECK(comm.bytes_sent() - before == want.bytes);
+    CHECK(comm.bytes_sent() - before == all_reduce_bytes(n, m, me));
+
+    std::size_t bad = 0;
+    std::vector<double> sum(n, 0.0), magnitude(n, 0.0);
+    for (int r = 0; r < m; ++r) {
+        const auto in = rank_input(label, r, n);
+        for (std::size_t i = 0; i < n; ++i) {
+            sum[i] += in[i];
+            magnitude[i] += std::abs(double(in[i]));
+        }
+    }
+    const double scale = op == reduce_op::mean ? 1.0 / m : 1.0;
+    for (std::size_t i = 0; i < n; ++i) {
+        if (std::abs(x[i] - sum[i] * scale) > 1.2e-7 * m * magnitude[i] * scale + 1e-30) {
+            ++bad;
+        }
+    }
+    CHECK(bad == 0);
+}
+
+// all_gather (out of place and in place), all_to_all and broadcast of b bytes per rank (per
+// block) over comm: the data every rank can regenerate, and comm::threads' bytes.
+void check_byte_collectives(loco::comm::mpi& comm, const std::string& label, std::size_t b) {
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    std::vector<std::byte> want(um * b);
+    for (int r = 0; r < m; ++r) {
+        const auto in = rank_bytes(label, r, b);
+        std::copy(in.begin(), in.end(), want.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
+    }
+    const auto send = rank_bytes(label, me, b);
+    std::vector<std::byte> recv(um * b, std::byte{0x5a});
+    std::uint64_t before = comm.bytes_sent();
+    comm.all_gather(loco::host_tensor(send.data(), send.size()),
+                    loco::host_tensor(recv.data(), recv.size()));
+    CHECK(recv == want);
+    CHECK(comm.bytes_sent() - before == (um - 1) * b);
+
+    // In place: the send buffer is this rank's slot of recv.
+    std::vector<std::byte> inplace(um * b, std::byte{0});
+    std::copy(send.begin(), send.end(), inplace.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b));
+    comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(inplace.data()) + std::size_t(me) * b, b),
+                    loco::host_tensor(inplace.data(), inplace.size()));
+    CHECK(inplace == want);
+
+    // all_to_all: block k of rank r goes to rank k.
+    const auto mine = rank_bytes(label + " a2a", me, um * b);
+    std::vector<std::byte> got(um * b);
+    before = comm.bytes_sent();
+    comm.all_to_all(loco::host_tensor(mine.data(), mine.size()),
+                    loco::host_tensor(got.data(), got.size()));
+    bool blocks_ok = true;
+    for (int r = 0; r < m; ++r) {
+        const auto theirs = rank_bytes(label + " a2a", r, um * b);
+        blocks_ok = blocks_ok && std::equal(theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b),
+                                            theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me + 1) * b),
+                                            got.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
+    }
+    CHECK(blocks_ok);
+    CHECK(comm.bytes_sent() - before == (um - 1) * b);
+
+    // broadcast from the last rank.
+    const int root = m - 1;
+    auto data = rank_bytes(label + " bcast", me, b);
+    before = comm.bytes_sent();
+    comm.broadcast(loco::host_tensor(data.data(), data.size()), root);
+    CHECK(data == rank_bytes(label + " bcast", root, b));
+    CHECK(comm.bytes_sent() - before == (me == root ? (um - 1) * b : 0));
+}
+
 }  // namespace
 
 TEST_CASE("mpi: built before MPI_Init, the communicator is refused with a clear error") {
@@ -107,94 +187,18 @@ TEST_CASE("mpi all_reduce: rank-order sums, bit-identical to comm::threads, same
     const auto um = static_cast<std::size_t>(m);
     for (const std::size_t n : {std::size_t{0}, std::size_t{1}, um - 1, um, std::size_t{1000},
                                 std::size_t{1003}, std::size_t{65537}}) {
+        CAPTURE(n);
         for (const reduce_op op : {reduce_op::sum, reduce_op::mean}) {
-            CAPTURE(n);
-            CAPTURE(op == reduce_op::sum ? "sum" : "mean");
-            const std::string label = "all_reduce " + std::to_string(n);
-            const auto want = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
-                auto x = rank_input(label, t.rank(), n);
-                t.all_reduce(loco::host_tensor(x.data(), x.size()), op);
-                return reduce_result{x, t.bytes_sent()};
-            });
-            auto x = rank_input(label, me, n);
-            const std::uint64_t before = comm.bytes_sent();
-            comm.all_reduce(loco::host_tensor(x.data(), x.size()), op);
-            CHECK(same_bits(x, want.data));
-            CHECK(comm.bytes_sent() - before == want.bytes);
-            CHECK(comm.bytes_sent() - before == all_reduce_bytes(n, m, me));
-
-            // And against a double-precision sum of every rank's input.
-            std::size_t bad = 0;
-            std::vector<double> sum(n, 0.0), magnitude(n, 0.0);
-            for (int r = 0; r < m; ++r) {
-                const auto in = rank_input(label, r, n);
-                for (std::size_t i = 0; i < n; ++i) {
-                    sum[i] += in[i];
-                    magnitude[i] += std::abs(double(in[i]));
-                }
-            }
-            const double scale = op == reduce_op::mean ? 1.0 / m : 1.0;
-            for (std::size_t i = 0; i < n; ++i) {
-                if (std::abs(x[i] - sum[i] * scale) > 1.2e-7 * m * magnitude[i] * scale + 1e-30) {
-                    ++bad;
-                }
-            }
-            CHECK(bad == 0);
+            check_all_reduce(comm, "all_reduce " + std::to_string(n), n, op);
         }
     }
 }
 
 TEST_CASE("mpi all_gather, all_to_all, broadcast, barrier: data and bytes as comm::threads") {
-    const int m = world_size();
-    const int me = world_rank();
-    const auto um = static_cast<std::size_t>(m);
     loco::comm::mpi comm(MPI_COMM_WORLD);
     for (const std::size_t b : {std::size_t{0}, std::size_t{1}, std::size_t{13}, std::size_t{4096}}) {
         CAPTURE(b);
-        const std::string label = "gather " + std::to_string(b);
-        std::vector<std::byte> want(um * b);
-        for (int r = 0; r < m; ++r) {
-            const auto in = rank_bytes(label, r, b);
-            std::copy(in.begin(), in.end(), want.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
-        }
-        const auto send = rank_bytes(label, me, b);
-        std::vector<std::byte> recv(um * b, std::byte{0x5a});
-        std::uint64_t before = comm.bytes_sent();
-        comm.all_gather(loco::host_tensor(send.data(), send.size()),
-                        loco::host_tensor(recv.data(), recv.size()));
-        CHECK(recv == want);
-        CHECK(comm.bytes_sent() - before == (um - 1) * b);
-
-        // In place: the send buffer is this rank's slot of recv.
-        std::vector<std::byte> inplace(um * b, std::byte{0});
-        std::copy(send.begin(), send.end(), inplace.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b));
-        comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(inplace.data()) + std::size_t(me) * b, b),
-                        loco::host_tensor(inplace.data(), inplace.size()));
-        CHECK(inplace == want);
-
-        // all_to_all: block k of rank r goes to rank k.
-        const auto mine = rank_bytes(label + " a2a", me, um * b);
-        std::vector<std::byte> got(um * b);
-        before = comm.bytes_sent();
-        comm.all_to_all(loco::host_tensor(mine.data(), mine.size()),
-                        loco::host_tensor(got.data(), got.size()));
-        bool blocks_ok = true;
-        for (int r = 0; r < m; ++r) {
-            const auto theirs = rank_bytes(label + " a2a", r, um * b);
-            blocks_ok = blocks_ok && std::equal(theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b),
-                                                theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me + 1) * b),
-                                                got.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * b));
-        }
-        CHECK(blocks_ok);
-        CHECK(comm.bytes_sent() - before == (um - 1) * b);
-
-        // broadcast from the last rank.
-        const int root = m - 1;
-        auto data = rank_bytes(label + " bcast", me, b);
-        before = comm.bytes_sent();
-        comm.broadcast(loco::host_tensor(data.data(), data.size()), root);
-        CHECK(data == rank_bytes(label + " bcast", root, b));
-        CHECK(comm.bytes_sent() - before == (me == root ? (um - 1) * b : 0));
+        check_byte_collectives(comm, "gather " + std::to_string(b), b);
     }
     const std::uint64_t before = comm.bytes_sent();
     comm.barrier();
@@ -508,61 +512,9 @@ TEST_CASE("mpi: collectives over max_count elements go in pieces, with comm::thr
                                     std::size_t{1003}}) {
             CAPTURE(n);
             for (const reduce_op op : {reduce_op::sum, reduce_op::mean}) {
-                const std::string label = "pieces " + std::to_string(n);
-                const auto want = on_threads<reduce_result>(m, me, [&](loco::comm::communicator& t) {
-                    auto x = rank_input(label, t.rank(), n);
-                    t.all_reduce(loco::host_tensor(x.data(), x.size()), op);
-                    return reduce_result{x, t.bytes_sent()};
-                });
-                auto x = rank_input(label, me, n);
-                const std::uint64_t before = comm.bytes_sent();
-                comm.all_reduce(loco::host_tensor(x.data(), x.size()), op);
-                CHECK(same_bits(x, want.data));
-                CHECK(comm.bytes_sent() - before == all_reduce_bytes(n, m, me));
+                check_all_reduce(comm, "pieces " + std::to_string(n), n, op);
             }
-
-            // all_gather, out of place and in place.
-            const std::string label = "pieces gather " + std::to_string(n);
-            std::vector<std::byte> want(um * n);
-            for (int r = 0; r < m; ++r) {
-                const auto in = rank_bytes(label, r, n);
-                std::copy(in.begin(), in.end(), want.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * n));
-            }
-            const auto send = rank_bytes(label, me, n);
-            std::vector<std::byte> recv(um * n, std::byte{0x5a});
-            std::uint64_t before = comm.bytes_sent();
-            comm.all_gather(loco::host_tensor(send.data(), send.size()),
-                            loco::host_tensor(recv.data(), recv.size()));
-            CHECK(recv == want);
-            CHECK(comm.bytes_sent() - before == (um - 1) * n);
-            std::vector<std::byte> inplace(um * n, std::byte{0});
-            std::copy(send.begin(), send.end(), inplace.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * n));
-            comm.all_gather(loco::host_tensor(static_cast<const std::byte*>(inplace.data()) + std::size_t(me) * n, n),
-                            loco::host_tensor(inplace.data(), inplace.size()));
-            CHECK(inplace == want);
-
-            // all_to_all with blocks of n bytes.
-            const auto mine = rank_bytes(label + " a2a", me, um * n);
-            std::vector<std::byte> got(um * n, std::byte{0x5a});
-            before = comm.bytes_sent();
-            comm.all_to_all(loco::host_tensor(mine.data(), mine.size()),
-                            loco::host_tensor(got.data(), got.size()));
-            bool blocks_ok = true;
-            for (int r = 0; r < m; ++r) {
-                const auto theirs = rank_bytes(label + " a2a", r, um * n);
-                blocks_ok = blocks_ok && std::equal(theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * n),
-                                                    theirs.begin() + static_cast<std::ptrdiff_t>(std::size_t(me + 1) * n),
-                                                    got.begin() + static_cast<std::ptrdiff_t>(std::size_t(r) * n));
-            }
-            CHECK(blocks_ok);
-            CHECK(comm.bytes_sent() - before == (um - 1) * n);
-
-            // broadcast from the last rank.
-            auto data = rank_bytes(label + " bcast", me, n);
-            before = comm.bytes_sent();
-            comm.broadcast(loco::host_tensor(data.data(), data.size()), m - 1);
-            CHECK(data == rank_bytes(label + " bcast", m - 1, n));
-            CHECK(comm.bytes_sent() - before == (me == m - 1 ? (um - 1) * n : 0));
+            check_byte_collectives(comm, "pieces gather " + std::to_string(n), n);
         }
 
         // Requests in pieces in flight together, finished in another order on each rank.
