@@ -403,6 +403,16 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     o.weight_decay = 1e20f;  // Muon's group refuses it, not its AdamW one (lr 0.01)
     CHECK(status(o, err) == 2);
     CHECK(err == "loco::inner::muon: lr * weight_decay overflows a float\n");
+    // An lr that Muon refuses only for a shape (lr x the shape's factor overflows: sqrt(3) for
+    // the 3d x d attention matrix, 2 for the MLP's 4d x d): it exited 1 at the first step, after
+    // loading.
+    o = tiny_options(1);
+    o.inner = "muon";
+    o.muon_lr = 2e38f;
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("loco::inner::muon: lr ") == 0);
+    CHECK(err.find("times the learning-rate factor 1.732051 of a 48 x 16 matrix overflows") !=
+          std::string::npos);
     // The lr the decay ends at is checked too, not only the peak's: a negative final fraction
     // turns the lr negative late in the run.
     o = tiny_options(1);
@@ -413,6 +423,9 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     o.aggregate = "trimmed_mean";
     CHECK(status(o, err) == 2);
     CHECK(err == "gpt: --trim 1 drops 2 x 1 of the 2 workers' values; choose 2B < --workers\n");
+    o.trim = std::uint64_t{1} << 63;  // 2 x 2^63 wrapped to 0, and the check passed
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("gpt: --trim 9223372036854775808 drops") == 0);
     o = tiny_options(1);
     o.schedule = "streaming";
     o.every = 12;

@@ -14,6 +14,7 @@
 //   split_rule        --head-compress: two loco::diloco handles, the output head synced with
 //                     its own compressor (split_rule.hpp).
 
+#include "model.hpp"
 #include "options.hpp"
 #include "policies.hpp"
 #include "residual_report.hpp"
@@ -252,7 +253,8 @@ rule_factory make_diloco_factory(const options& o) {
                                     if constexpr (std::is_same_v<typename A::type,
                                                                  loco::aggregate::trimmed_mean>) {
                                         const std::uint64_t b = A::hyper(o).trim;
-                                        if (2 * b >= static_cast<std::uint64_t>(o.workers)) {
+                                        // Not 2 * b >= M: 2 * b wraps from b = 2^63.
+                                        if (b > (static_cast<std::uint64_t>(o.workers) - 1) / 2) {
                                             throw loco::invalid_argument(
                                                 "gpt: --trim " + std::to_string(b) + " drops 2 x " +
                                                 std::to_string(b) + " of the " +
@@ -288,6 +290,20 @@ constexpr bool aggregates_beyond_mean() {
 }
 
 // The attack options, checked before any worker starts.
+// Muon's lr times a matrix's shape factor must be a float (muon::prepare refuses it at the first
+// step; validate() cannot, it sees no shapes): checked for every hidden matrix of the model, at
+// the factors validate_choice uses, before any data is loaded.
+inline void check_muon_shapes(const options& o) {
+    if (o.inner != "muon") return;
+    const layout lay(o.model);
+    for (const tensor_spec& s : lay.tensors()) {
+        if (role_for(s) != loco::role::matrix) continue;
+        for (const float f : validated_lr_factors(o)) {
+            loco::inner::muon::prepare(std::get<0>(muon_choice::hyper(o, f)), s.rows, s.cols);
+        }
+    }
+}
+
 inline void check_attack(const options& o) {
     bool known = false;
     std::string valid;
@@ -332,6 +348,7 @@ rule_factory make_rule_factory(const options& o) {
                                      "'; valid: fragment, tensor");
     }
     detail::check_attack(o);
+    detail::check_muon_shapes(o);
     if (!residual_csv_fits(o.residual_csv, o.compress, o.sync_every_step)) {
         throw loco::invalid_argument(residual_csv_refusal);
     }
