@@ -86,7 +86,7 @@ TEST_CASE("mpi: a start whose second piece's MPI call fails leaves the caller's 
     }
 }
 
-TEST_CASE("mpi: ranks built with different max_count all refuse at construction") {
+TEST_CASE("mpi: ranks built with different max_count or check_calls all refuse at construction") {
     // It decides which MPI calls a collective is issued as: ranks that differed issued different
     // calls, and a broadcast in pieces on one rank left the others' data silently short.
     const int m = world_size();
@@ -103,6 +103,10 @@ TEST_CASE("mpi: ranks built with different max_count all refuse at construction"
     CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = 0}),
                          doctest::Contains("max_count must be in [number of ranks"),
                          loco::invalid_argument);
+    // check_calls too: with it, a rank issues one more collective per call than without.
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.check_calls = me != 0}),
+                         doctest::Contains("ranks disagree on options::check_calls"),
+                         loco::comm_error);
     loco::comm::mpi ok(MPI_COMM_WORLD, {.max_count = static_cast<std::size_t>(m)});
     CHECK(ok.size() == m);
 }

@@ -137,7 +137,7 @@ public:
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_set_errhandler");
         }
-        agree_on_max_count(opts.max_count);
+        agree_on_options(opts);
         if (const int rc = MPI_Comm_dup(c.data, &c.gather); rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_dup");
@@ -148,15 +148,18 @@ public:
     mpi& operator=(const mpi&) = delete;
 
 private:
-    // max_count decides which MPI calls a collective is issued as: ranks that differ would issue
-    // different calls (truncation or silently wrong data), so the constructor agrees on it over
-    // the first duplicate, then checks its range, the same on every rank. Frees the duplicate
-    // when it throws.
-    void agree_on_max_count(std::size_t max_count) {
+    // max_count and check_calls decide which MPI calls a collective is issued as: ranks that
+    // differ would issue different calls (truncation, an abort, or silently wrong data), so the
+    // constructor agrees on them over the first duplicate (one MPI_Allreduce of each value and
+    // its complement: every rank sees the minimum and maximum), then checks max_count's range,
+    // the same on every rank. Frees the duplicate when it throws.
+    void agree_on_options(const options& opts) {
         core& c = *core_;
-        const auto mine = static_cast<std::uint64_t>(max_count);
-        std::uint64_t v[2] = {mine, UINT64_MAX - mine};
-        if (const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_UINT64_T, MPI_MAX, c.data);
+        const std::size_t max_count = opts.max_count;
+        const std::uint64_t mine[2] = {static_cast<std::uint64_t>(max_count),
+                                       opts.check_calls ? 1u : 0u};
+        std::uint64_t v[4] = {mine[0], UINT64_MAX - mine[0], mine[1], UINT64_MAX - mine[1]};
+        if (const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_UINT64_T, MPI_MAX, c.data);
             rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Allreduce");
@@ -167,6 +170,11 @@ private:
             throw comm_error("loco::comm::mpi: ranks disagree on options::max_count: from " +
                              std::to_string(lo) + " to " + std::to_string(hi) +
                              "; every rank must pass the same");
+        }
+        if (v[2] != UINT64_MAX - v[3]) {
+            MPI_Comm_free(&c.data);
+            throw comm_error("loco::comm::mpi: ranks disagree on options::check_calls: some "
+                             "true, others false; every rank must pass the same");
         }
         if (max_count < static_cast<std::size_t>(c.size) ||
             max_count > static_cast<std::size_t>(INT_MAX)) {
