@@ -356,9 +356,10 @@ struct edit {
             // A negative report is no norm (an honest worker cannot send one) and would take the
             // largest softmax weight: an outlier, as a non-finite one.
             bool ok = std::isfinite(g) && g >= 0.0 && finite[i] != 0;
-            // Likewise a step count that is no count: an infinite one made every weight NaN (the
-            // sync then dropped as non-finite on every rank), a NaN one the same, a negative one
-            // lowered the others' shares. A finite count is taken on trust, as the paper does.
+            // Likewise a step count that is no count (infinite, NaN or negative): an infinite one
+            // made every weight NaN (the sync then dropped as non-finite on every rank); NaN and
+            // negative ones were counted as 0 steps, as if the worker had reported a count. A
+            // finite count is taken on trust, as the paper does.
             if (ok && h.step_weights) {
                 const double steps = c.reports[i].inner_steps;
                 ok = std::isfinite(steps) && steps >= 0.0;
