@@ -413,6 +413,9 @@ TEST_CASE("gpt: options refused before anything is loaded exit 2, a run that fai
     CHECK(err.find("loco::inner::muon: lr ") == 0);
     CHECK(err.find("times the learning-rate factor 1.732051 of a 48 x 16 matrix overflows") !=
           std::string::npos);
+    o.muon_lr = std::numeric_limits<float>::quiet_NaN();  // validate()'s sentence, not the shape's
+    CHECK(status(o, err) == 2);
+    CHECK(err.find("loco::inner::muon: lr must be finite and >= 0") == 0);
     // The lr the decay ends at is checked too, not only the peak's: a negative final fraction
     // turns the lr negative late in the run.
     o = tiny_options(1);

@@ -295,6 +295,7 @@ constexpr bool aggregates_beyond_mean() {
 // the factors validate_choice uses, before any data is loaded.
 inline void check_muon_shapes(const options& o) {
     if (o.inner != "muon") return;
+    validate_choice<muon_choice>(o);  // prepare() assumes settings validate() passed (a NaN lr)
     const layout lay(o.model);
     for (const tensor_spec& s : lay.tensors()) {
         if (role_for(s) != loco::role::matrix) continue;
