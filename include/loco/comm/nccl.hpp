@@ -80,7 +80,10 @@ namespace loco::comm {
 
 struct nccl_options {
     std::chrono::milliseconds timeout{std::chrono::minutes(5)};
-    // All-gather a descriptor of every call first and refuse calls the ranks disagree on.
+    // All-gather a descriptor of every call first and refuse calls the ranks disagree on. The
+    // same on every rank: it adds an NCCL collective to each call, and unlike comm::mpi's
+    // options it is not compared at construction (ranks that differ pair the wrong
+    // collectives: wrong data on some, a timeout on others).
     bool check_calls = true;
     // Return from a collective only once it has completed (false: once enqueued).
     bool wait = true;
