@@ -424,3 +424,42 @@ TEST_CASE("a checkpoint of another policy, model, handle, worker count or rank i
     });
     CHECK(worker_error == "loco: checkpoint mismatch in the number of workers: saved 2, this optimizer has 3");
 }
+
+TEST_CASE("load() reads exactly one checkpoint: a stream may hold several, and the trainer's data") {
+    // The reader stops at the checksum, so a trainer can write its own bytes after loco's and two
+    // handles can share one file; bytes after the checksum belong to whoever reads next.
+    using opt_t = loco::optimizer<loco::inner::adamw>;
+    model first("one stream/first"), second("one stream/second");
+    opt_t a(first.list, {.inner = {.lr = 1e-2f}});
+    opt_t b(second.list, {.inner = {.lr = 2e-2f}});
+    for (int step = 0; step < 3; ++step) {
+        first.set_gradients("one stream/first", step);
+        a.step();
+    }
+    for (int step = 0; step < 5; ++step) {
+        second.set_gradients("one stream/second", step);
+        b.step();
+    }
+    std::ostringstream os;
+    a.save(os);
+    os << "trainer bytes";
+    b.save(os);
+    os << "tail";
+
+    model first_again("one stream/first"), second_again("one stream/second");
+    opt_t a2(first_again.list, {.inner = {.lr = 1e-2f}});
+    opt_t b2(second_again.list, {.inner = {.lr = 2e-2f}});
+    std::istringstream is(os.str());
+    a2.load(is);
+    std::string between(13, '\0');
+    is.read(between.data(), static_cast<std::streamsize>(between.size()));
+    CHECK(between == "trainer bytes");
+    b2.load(is);
+    std::string tail;
+    is >> tail;
+    CHECK(tail == "tail");
+    CHECK(a2.steps() == 3);
+    CHECK(b2.steps() == 5);
+    CHECK(inner_states(a2, 2) == inner_states(a, 2));
+    CHECK(inner_states(b2, 2) == inner_states(b, 2));
+}
