@@ -725,6 +725,39 @@ TEST_CASE("mpi: bad communicators and sizes are refused at construction") {
     CHECK_THROWS_AS(loco::comm::mpi(MPI_COMM_WORLD, {.expected_size = -1}), loco::invalid_argument);
     CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.take_ownership = true}),
                          doctest::Contains("cannot be freed"), loco::invalid_argument);
+    // One rank alone refusing its options: it throws its own error, every other rank says a peer
+    // refused (they used to wait in MPI_Comm_dup for ever).
+    if (m >= 2) {
+        const bool alone = world_rank() == m - 1;
+        const auto one_refuses = [&](loco::comm::mpi::options opts) {
+            try {
+                loco::comm::mpi comm(MPI_COMM_WORLD, alone ? opts : loco::comm::mpi::options{});
+            } catch (const loco::error& e) {
+                return std::string(e.what());
+            }
+            return std::string("constructed");
+        };
+        const std::string peer = "another rank refused its options at construction";
+        const std::string size_refusal = one_refuses({.expected_size = m + 1});
+        CHECK(size_refusal.find(alone ? wrong_size : peer) != std::string::npos);
+        const std::string owner_refusal = one_refuses({.take_ownership = true});
+        CHECK(owner_refusal.find(alone ? "cannot be freed" : peer.c_str()) != std::string::npos);
+        MPI_Comm dup = MPI_COMM_NULL;
+        MPI_Comm_dup(MPI_COMM_WORLD, &dup);
+        // Any communicator works, not only the world: a rank's bad expected_size on a dup.
+        try {
+            loco::comm::mpi comm(dup, alone ? loco::comm::mpi::options{.expected_size = -1}
+                                            : loco::comm::mpi::options{});
+            CHECK(false);
+        } catch (const loco::invalid_argument& e) {
+            CHECK(alone);
+            CHECK(std::string(e.what()).find("expected_size must be >= 0") != std::string::npos);
+        } catch (const loco::comm_error& e) {
+            CHECK_FALSE(alone);
+            CHECK(std::string(e.what()).find(peer) != std::string::npos);
+        }
+        MPI_Comm_free(&dup);
+    }
     loco::comm::mpi ok(MPI_COMM_WORLD, {.expected_size = m});
     CHECK(ok.size() == m);
     CHECK(ok.handle() == MPI_COMM_WORLD);

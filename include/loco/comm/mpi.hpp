@@ -95,17 +95,14 @@ public:
     // Collective over `comm` (it duplicates it). Throws comm_error when MPI is not initialised or
     // already finalized, invalid_argument for MPI_COMM_NULL, an inter-communicator or (below
     // MPI_THREAD_SERIALIZED) a thread other than MPI's main thread, and comm_error when the size
-    // differs from options::expected_size.
+    // differs from options::expected_size. A rank that refuses its options (expected_size,
+    // take_ownership) throws after the ranks' agreement, and every other rank throws comm_error.
     explicit mpi(MPI_Comm comm) : mpi(comm, options{}) {}
     mpi(MPI_Comm comm, options opts) : user_(comm), take_ownership_(opts.take_ownership) {
         require_mpi_running("loco::comm::mpi: ");
         if (comm == MPI_COMM_NULL) {
             throw invalid_argument("loco::comm::mpi: the communicator is MPI_COMM_NULL; pass "
                                    "MPI_COMM_WORLD or a communicator this process belongs to");
-        }
-        if (opts.take_ownership && (comm == MPI_COMM_WORLD || comm == MPI_COMM_SELF)) {
-            throw invalid_argument("loco::comm::mpi: take_ownership of MPI_COMM_WORLD or "
-                                   "MPI_COMM_SELF; they are MPI's and cannot be freed");
         }
         core& c = *core_;
         // Before any MPI call that only MPI's main thread may make below SERIALIZED (these two,
@@ -121,23 +118,30 @@ public:
         c.check_calls = opts.check_calls;
         check_setup(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
         check_setup(MPI_Comm_size(comm, &c.size), "MPI_Comm_size");
-        if (opts.expected_size < 0) {
-            throw invalid_argument("loco::comm::mpi: expected_size must be >= 0 (0 = any), got " +
-                                   std::to_string(opts.expected_size));
-        }
-        if (opts.expected_size != 0 && opts.expected_size != c.size) {
-            throw comm_error("loco::comm::mpi: expected " + std::to_string(opts.expected_size) +
-                             " ranks but the MPI communicator has " + std::to_string(c.size) +
-                             "; start the program with mpirun -np " +
-                             std::to_string(opts.expected_size) +
-                             " or pass the communicator of that group");
+        // This rank's refusal of its own options waits for the agreement below: a rank that threw
+        // here alone would leave the others waiting in MPI_Comm_dup for ever.
+        std::exception_ptr refusal;
+        if (opts.take_ownership && (comm == MPI_COMM_WORLD || comm == MPI_COMM_SELF)) {
+            refusal = std::make_exception_ptr(
+                invalid_argument("loco::comm::mpi: take_ownership of MPI_COMM_WORLD or "
+                                 "MPI_COMM_SELF; they are MPI's and cannot be freed"));
+        } else if (opts.expected_size < 0) {
+            refusal = std::make_exception_ptr(
+                invalid_argument("loco::comm::mpi: expected_size must be >= 0 (0 = any), got " +
+                                 std::to_string(opts.expected_size)));
+        } else if (opts.expected_size != 0 && opts.expected_size != c.size) {
+            refusal = std::make_exception_ptr(comm_error(
+                "loco::comm::mpi: expected " + std::to_string(opts.expected_size) +
+                " ranks but the MPI communicator has " + std::to_string(c.size) +
+                "; start the program with mpirun -np " + std::to_string(opts.expected_size) +
+                " or pass the communicator of that group"));
         }
         check_setup(MPI_Comm_dup(comm, &c.data), "MPI_Comm_dup");
         if (const int rc = MPI_Comm_set_errhandler(c.data, MPI_ERRORS_RETURN); rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_set_errhandler");
         }
-        agree_on_options(opts);
+        agree_on_options(opts, refusal);
         if (const int rc = MPI_Comm_dup(c.data, &c.gather); rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Comm_dup");
@@ -152,17 +156,30 @@ private:
     // differ would issue different calls (truncation, an abort, or silently wrong data), so the
     // constructor agrees on them over the first duplicate (one MPI_Allreduce of each value and
     // its complement: every rank sees the minimum and maximum), then checks max_count's range,
-    // the same on every rank. Frees the duplicate when it throws.
-    void agree_on_options(const options& opts) {
+    // the same on every rank. The same reduction carries whether a rank refused its own options
+    // (`refusal`): that rank throws its error, the others say a peer refused. Frees the duplicate
+    // when it throws.
+    void agree_on_options(const options& opts, const std::exception_ptr& refusal) {
         core& c = *core_;
         const std::size_t max_count = opts.max_count;
         const std::uint64_t mine[2] = {static_cast<std::uint64_t>(max_count),
                                        opts.check_calls ? 1u : 0u};
-        std::uint64_t v[4] = {mine[0], UINT64_MAX - mine[0], mine[1], UINT64_MAX - mine[1]};
-        if (const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 4, MPI_UINT64_T, MPI_MAX, c.data);
+        std::uint64_t v[5] = {mine[0], UINT64_MAX - mine[0], mine[1], UINT64_MAX - mine[1],
+                              refusal ? 1u : 0u};
+        if (const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 5, MPI_UINT64_T, MPI_MAX, c.data);
             rc != MPI_SUCCESS) {
             MPI_Comm_free(&c.data);
             check_setup(rc, "MPI_Allreduce");
+        }
+        if (refusal) {
+            MPI_Comm_free(&c.data);
+            std::rethrow_exception(refusal);
+        }
+        if (v[4] != 0) {
+            MPI_Comm_free(&c.data);
+            throw comm_error("loco::comm::mpi: another rank refused its options at construction "
+                             "(expected_size or take_ownership; its own error says which), so "
+                             "this rank refuses too");
         }
         const std::uint64_t lo = UINT64_MAX - v[1], hi = v[0];
         if (lo != hi) {
