@@ -816,7 +816,8 @@ TEST_CASE("nccl across GPUs: collectives and disagreeing ranks (needs >= 2 GPUs)
     std::vector<std::string> mismatch(static_cast<std::size_t>(m));
     on_ranks(m, std::chrono::seconds(60), [&](int r, loco::comm::nccl& comm) {
         exercise(comm, data[std::size_t(r)], e, root, mutex, &sums[std::size_t(r)]);
-        CHECK(comm.control_bytes_sent() == std::uint64_t(7 * (m - 1) * 32));
+        // Seven calls' descriptors and the constructor's agreement on check_calls.
+        CHECK(comm.control_bytes_sent() == std::uint64_t(8 * (m - 1) * 32));
         // Disagreeing sizes: every rank throws, nothing moves, the communicator lives on.
         lc::device_buffer<float> small(12);
         const auto sent = comm.bytes_sent();
@@ -836,6 +837,75 @@ TEST_CASE("nccl across GPUs: collectives and disagreeing ranks (needs >= 2 GPUs)
         CHECK(sums[std::size_t(r)] == sums[0]);  // every rank holds the same bits
         CHECK(mismatch[std::size_t(r)].find("disagree") != std::string::npos);
         CHECK(mismatch[std::size_t(r)].find("10 floats") != std::string::npos);
+    }
+}
+
+TEST_CASE("nccl across GPUs: ranks with different check_calls all refuse at construction") {
+    const int m = nccl_ranks();
+    if (m == 0) {
+        return;
+    }
+    // Rank 0 alone without the descriptor all-gather would pair its payload with the peers'
+    // descriptors; every rank must refuse instead, naming the option.
+    for (const bool first_checks : {false, true}) {
+        CAPTURE(first_checks);
+        ncclUniqueId id{};
+        REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+        std::vector<std::string> messages(static_cast<std::size_t>(m));
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < m; ++r) {
+            ranks.emplace_back([&, r] {
+                try {
+                    check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                    const bool checks = r == 0 ? first_checks : !first_checks;
+                    auto comm = loco::comm::nccl::create(
+                        m, r, id, nullptr,
+                        {.timeout = std::chrono::seconds(60), .check_calls = checks});
+                    messages[std::size_t(r)] = "constructed";
+                } catch (const loco::comm_error& err) {
+                    messages[std::size_t(r)] = err.what();
+                } catch (const std::exception& err) {
+                    messages[std::size_t(r)] = std::string("unexpected: ") + err.what();
+                }
+            });
+        }
+        for (auto& t : ranks) {
+            t.join();
+        }
+        const std::string count = (first_checks ? "1 of " : std::to_string(m - 1) + " of ") +
+                                  std::to_string(m) + " ranks have it on";
+        for (int r = 0; r < m; ++r) {
+            CAPTURE(r);
+            const std::string& msg = messages[std::size_t(r)];
+            CAPTURE(msg);
+            CHECK(msg.find("ranks disagree on nccl_options::check_calls") != std::string::npos);
+            CHECK(msg.find(count) != std::string::npos);
+        }
+    }
+    // The same setting on every rank, off: constructed, and no descriptors move per call.
+    std::mutex mutex;
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                auto comm = loco::comm::nccl::create(
+                    m, r, id, nullptr, {.timeout = std::chrono::seconds(60), .check_calls = false});
+                const auto at_construction = comm->control_bytes_sent();
+                comm->barrier();
+                const std::lock_guard<std::mutex> lock(mutex);
+                CHECK(at_construction == std::uint64_t((m - 1) * 32));
+                CHECK(comm->control_bytes_sent() == at_construction);
+            } catch (const std::exception& err) {
+                const std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) {
+        t.join();
     }
 }
 

@@ -81,9 +81,9 @@ namespace loco::comm {
 struct nccl_options {
     std::chrono::milliseconds timeout{std::chrono::minutes(5)};
     // All-gather a descriptor of every call first and refuse calls the ranks disagree on. The
-    // same on every rank: it adds an NCCL collective to each call, and unlike comm::mpi's
-    // options it is not compared at construction (ranks that differ pair the wrong
-    // collectives: wrong data on some, a timeout on others).
+    // same on every rank: it adds an NCCL collective to each call, so ranks that differ would
+    // pair the wrong collectives; the constructor compares it across the ranks and every rank
+    // refuses a communicator whose ranks differ.
     bool check_calls = true;
     // Return from a collective only once it has completed (false: once enqueued).
     bool wait = true;
@@ -135,7 +135,10 @@ inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time
 class nccl final : public split_phase_communicator {
 public:
     // Wraps an existing communicator, which stays the caller's (it is not destroyed here, but it
-    // is aborted on a timeout or error). The current device must be the communicator's.
+    // is aborted on a timeout or error). The current device must be the communicator's. Collective
+    // over more than one rank: the ranks compare their check_calls (every rank throws comm_error
+    // when they differ), so every rank constructs its wrapper at the same point, each on its own
+    // thread or process.
     explicit nccl(ncclComm_t comm, cudaStream_t caller_stream = nullptr, nccl_options options = {})
         : nccl(comm, caller_stream, options, false) {}
 
@@ -332,7 +335,14 @@ protected:
     }
 
 private:
-    enum class kind : std::uint32_t { all_reduce = 1, all_gather, all_to_all, broadcast, barrier };
+    enum class kind : std::uint32_t {
+        all_reduce = 1,
+        all_gather,
+        all_to_all,
+        broadcast,
+        barrier,
+        options,  // the constructor's agreement on check_calls
+    };
 
     struct descriptor {
         std::uint32_t magic;
@@ -386,6 +396,49 @@ private:
         scratch_.zero(stream_->get());
         descriptors_ = backend::cuda::device_buffer<descriptor>(m + 1);
         host_descriptors_ = backend::cuda::pinned_buffer<descriptor>(m + 1);
+        agree_on_options();
+    }
+
+    // check_calls decides whether every collective is preceded by a descriptor all-gather: ranks
+    // that differ would pair one rank's descriptor with another's payload (wrong data on some, a
+    // timeout on others). So the constructor all-gathers every rank's setting once (counted in
+    // control_bytes_sent) and every rank throws the same comm_error when they differ. The
+    // constructor is collective for more than one rank.
+    void agree_on_options() {
+        if (size_ == 1) {
+            return;
+        }
+        const std::string where = prefix("construction");
+        const std::size_t m = static_cast<std::size_t>(size_);
+        host_descriptors_[m] = descriptor{descriptor_magic, kind::options,
+                                          options_.check_calls ? 1u : 0u, 0, 0, 0};
+        backend::cuda::device_guard on(device_);
+        descriptor* dev = descriptors_.get();
+        cudaStream_t s = stream_->get();
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(dev + m, host_descriptors_.get() + m, sizeof(descriptor),
+                                        cudaMemcpyHostToDevice, s));
+        check_nccl(ncclAllGather(dev + m, dev, sizeof(descriptor), ncclUint8, comm_, s), where,
+                   "ncclAllGather (options)");
+        LOCO_CUDA_CHECK(cudaMemcpyAsync(host_descriptors_.get(), dev, m * sizeof(descriptor),
+                                        cudaMemcpyDeviceToHost, s));
+        done_.record(s);
+        wait_for(done_.get(), where);
+        control_sent_ += (m - 1) * sizeof(descriptor);
+        std::size_t with_checks = 0;
+        for (std::size_t k = 0; k < m; ++k) {
+            const descriptor& d = host_descriptors_[k];
+            if (d.magic != descriptor_magic || d.what != kind::options || d.op > 1) {
+                throw comm_error(where + "rank " + std::to_string(k) +
+                                 " sent a malformed options descriptor (is every rank's "
+                                 "communicator a fresh loco::comm::nccl?)");
+            }
+            with_checks += d.op;
+        }
+        if (with_checks != 0 && with_checks != m) {
+            throw comm_error(where + "ranks disagree on nccl_options::check_calls: " +
+                             std::to_string(with_checks) + " of " + std::to_string(m) +
+                             " ranks have it on; every rank must pass the same");
+        }
     }
 
     static int current_device_or(int fallback) noexcept {
