@@ -330,8 +330,11 @@ private:
     // A collective handed to the progress thread.
     class in_flight final : public request::operation {
     public:
-        in_flight(std::shared_ptr<detail::progress_queue::task> task, threads& owner)
-            : task_(std::move(task)), owner_(owner), exceptions_(std::uncaught_exceptions()) {}
+        explicit in_flight(threads& owner)
+            : owner_(owner), exceptions_(std::uncaught_exceptions()) {}
+        void hold(std::shared_ptr<detail::progress_queue::task> task) noexcept {
+            task_ = std::move(task);
+        }
         void wait() override { task_->wait(); }
         void abandon() override {
             // Dropped while this rank unwinds from an exception: it is leaving, so its peers must
@@ -349,9 +352,14 @@ private:
         int exceptions_;
     };
 
+    // The request's operation is allocated before the collective is queued: once queued, it runs
+    // with its peers whatever happens here, so an allocation failing after it would tell the
+    // caller nothing started while the collective still writes into the caller's buffer.
     template <class Body>
     std::unique_ptr<in_flight> post(Body&& body) {
-        return std::make_unique<in_flight>(progress_.post(std::forward<Body>(body)), *this);
+        auto op = std::make_unique<in_flight>(*this);
+        op->hold(progress_.post(std::forward<Body>(body)));
+        return op;
     }
 
     // The rest run on the progress thread.
