@@ -8,6 +8,8 @@
 #include <loco/loco.hpp>
 
 #include <algorithm>
+#include <tuple>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -141,6 +143,61 @@ TEST_CASE("diloco: two workers resumed mid-round continue bit-identically") {
     });
     CHECK(resumed_end == straight_end);
     CHECK(resumed_global == straight_global);
+}
+
+TEST_CASE("diloco: ranks resumed from checkpoints of different calls are refused on every rank") {
+    // One rank's last save failed and it resumed from an older checkpoint: the ranks used to pair
+    // collectives of the same size and each apply the mean to its own global model for good.
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    const opt_t::config cfg{.inner = {.lr = 5e-3f}, .schedule = {.every = 3}};
+    std::vector<std::vector<std::string>> checkpoints(2, std::vector<std::string>(10));
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        const std::string seed = "diloco mixed resume/" + std::to_string(r);
+        model mdl(seed);
+        opt_t opt(mdl.list, comm, cfg);
+        for (int step = 0; step < 9; ++step) {
+            mdl.set_gradients(seed, step);
+            opt.step();
+            checkpoints[r][std::size_t(step + 1)] = saved(opt);
+        }
+    });
+    // {rank 0's call, rank 1's call, the line that differs}
+    const std::vector<std::tuple<int, int, std::string>> cases = {
+        {6, 9, "resumed at: call 6"},  // different rounds
+        {7, 8, "resumed at: call 7"},  // the same round, other calls
+        {9, 9, ""},                    // the same call: goes on
+    };
+    for (const auto& [first, second, line] : cases) {
+        CAPTURE(first);
+        CAPTURE(second);
+        std::array<std::string, 2> outcome;
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            const std::string seed = "diloco mixed resume/" + std::to_string(r);
+            model mdl(seed);
+            opt_t opt(mdl.list, comm, cfg);
+            std::istringstream is(checkpoints[r][std::size_t(r == 0 ? first : second)]);
+            opt.load(is);
+            const auto global = std::vector<float>(opt.global().begin(), opt.global().end());
+            try {
+                opt.step();
+                outcome[r] = "stepped";
+            } catch (const loco::invalid_argument& e) {
+                outcome[r] = e.what();
+                // Refused before anything moved.
+                CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+            }
+        });
+        for (const auto& o : outcome) {
+            if (line.empty()) {
+                CHECK(o == "stepped");
+            } else {
+                CHECK(o.find("resumed from checkpoints of different points") != std::string::npos);
+                CHECK(o.find("rank 0 has '" + line) != std::string::npos);
+            }
+        }
+    }
 }
 
 TEST_CASE("a truncated or corrupted checkpoint is refused and changes nothing") {

@@ -20,8 +20,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -472,6 +474,68 @@ TEST_CASE("a collective refused at its start leaves nothing in flight: the next 
         CHECK_NOTHROW(opt.step());
         CHECK(opt.outer_steps() == 2);
         CHECK_NOTHROW(opt.sync());
+    };
+    SUBCASE("all_reduce (compress::none)") { run(loco::compress::none{}); }
+    SUBCASE("all_gather (blockwise)") { run(lc::blockwise<4, 4>{}); }
+}
+
+TEST_CASE("a start refused on one rank alone leaves that handle out of step until regroup()") {
+    // Rank 1's communicator refuses the start of round 2's exchange; rank 0's is posted and waits
+    // for it. Rank 1 used to go on at once, and its round-3 exchange paired with rank 0's round 2
+    // (rank 0 applied a mean of two rounds without a word). Now rank 1 refuses to sync until
+    // regroup(), rank 0's collective times out, and a regroup onto a fresh group goes on with
+    // the ranks in step.
+    const auto run = [](auto tag) {
+        using C = decltype(tag);
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, C>;
+        auto old_group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(2));
+        auto new_group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(20));
+        std::array<std::string, 2> second, third;
+        std::array<std::vector<float>, 2> global;
+        std::array<std::uint64_t, 2> outer_steps{};
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < 2; ++r) {
+            ranks.emplace_back([&, r] {
+                loco::comm::threads base(old_group, r);
+                refusing_start comm(base);
+                std::vector<float> w = {1.0f, -2.0f, 0.5f, 4.0f};
+                std::vector<float> g = {2.0f + float(r), 1.0f, -1.0f, 0.25f * float(r)};
+                loco::parameter_list list;
+                list.add("w", w, g);
+                opt_t opt(list, comm, {.inner = {.lr = 0.5f}, .schedule = {.every = 1}});
+                opt.step();
+                if (r == 1) comm.fail_next = 1;
+                try {
+                    opt.step();
+                    second[std::size_t(r)] = "synced";
+                } catch (const std::exception& e) {
+                    second[std::size_t(r)] = e.what();
+                }
+                if (r == 1) {
+                    try {
+                        opt.step();
+                        third[1] = "synced";
+                    } catch (const loco::comm_error& e) {
+                        third[1] = e.what();
+                    }
+                    CHECK_THROWS_AS(opt.sync(), loco::comm_error);
+                    CHECK_THROWS_AS(opt.start(), loco::comm_error);
+                }
+                loco::comm::threads fresh(new_group, r);
+                opt.regroup(fresh, 0);
+                opt.step();
+                global[std::size_t(r)].assign(opt.global().begin(), opt.global().end());
+                outer_steps[std::size_t(r)] = opt.outer_steps();
+            });
+        }
+        for (auto& t : ranks) t.join();
+        CHECK(second[1].find("injected: the peer check timed out") != std::string::npos);
+        CHECK(second[0].find("synced") == std::string::npos);  // its peer never came
+        CHECK(third[1].find("rank 1 failed while starting its exchange") != std::string::npos);
+        CHECK(third[1].find("call regroup()") != std::string::npos);
+        CHECK(outer_steps[0] == 2);
+        CHECK(outer_steps[1] == 2);
+        CHECK(global[0] == global[1]);
     };
     SUBCASE("all_reduce (compress::none)") { run(loco::compress::none{}); }
     SUBCASE("all_gather (blockwise)") { run(lc::blockwise<4, 4>{}); }

@@ -259,9 +259,10 @@ public:
     // only compares the ranks (a checkpoint saved before start() leaves the handle unstarted,
     // format 6). Returns true when it changed this worker's parameters.
     bool start() {
+        check_in_step();
         if (started_) {
             if (!compared_) {
-                check_fingerprint(engine_.control_comm());
+                check_fingerprint(engine_.control_comm(), /*resumed=*/true);
                 compared_ = true;
             }
             return false;
@@ -277,6 +278,7 @@ public:
     // exchanges, apply fragments). If a sync throws, the inner update of this call stays applied
     // and nothing of the failed sync is.
     step_result step() {
+        check_in_step();
         detail::validate_hyper<schedule_type>(schedule_hyper_);
         check_state_periods();
         check_fragment_count();
@@ -478,6 +480,25 @@ public:
         // optimizer is each worker's own and is not compared.
         s += "broadcast_initial: " + std::string(broadcast_initial_ ? "true" : "false") + "\n";
         s += "max_skipped_syncs: " + std::to_string(max_skipped_syncs_) + "\n";
+        return s;
+    }
+
+    // After load(): the state every rank must share, from its checkpoint. Ranks resumed from
+    // checkpoints of different calls (one rank's last save failed, say) paired collectives of
+    // the same size and each applied the mean to its own global model for good. The rounds of
+    // every fragment, whether its exchange is in flight, and under a lockstep schedule the call
+    // count (wallclock and proportional count each worker's own calls, which may differ).
+    std::string resumed_state() const {
+        std::string s;
+        if constexpr (!requires(schedule_type& a, schedule_type b) { a.regrouped(std::move(b), true); }) {
+            s += "resumed at: call " + std::to_string(schedule_.calls()) + "\n";
+        }
+        for (std::size_t i = 0; i < frags_.size(); ++i) {
+            const auto& f = frags_[i];
+            s += "resumed fragment " + std::to_string(i) + ": " + std::to_string(f.outer_steps) +
+                 " outer steps, " + std::to_string(f.skipped) + " skipped, " +
+                 (f.restart ? "an exchange in flight" : "no exchange in flight") + "\n";
+        }
         return s;
     }
 
@@ -791,6 +812,7 @@ public:
         }
         started_ = true;
         compared_ = true;
+        out_of_step_.clear();  // every rank of the new group is in step
     }
 
 private:
@@ -1060,7 +1082,7 @@ private:
             // (A planned finish with nothing to finish, `lost`, leaves the new exchange in flight.)
             const bool same_call =
                 planned(plan.finish, f) && !frags_[f].in_flight && !frags_[f].lost;
-            engine_.capture(f, !same_call);
+            capture(f, !same_call);
         }
         // The starts whose exchange travels on past this call: if the call fails before one of
         // them starts, the finish planned for it has nothing (its fragment misses the round).
@@ -1142,6 +1164,7 @@ private:
 
     // sync() and flush(): the exchanges in flight finished, then (sync) every fragment.
     void finish_now(bool every_fragment) {
+        check_in_step();
         // As step(): a merge alpha or fragment count changed since is refused before anything
         // moves (the merge reads alpha unchecked).
         detail::validate_hyper<schedule_type>(schedule_hyper_);
@@ -1207,7 +1230,12 @@ private:
         } else {
             f.sent_outer_lr = ctx.outer_lr;
         }
-        engine_.start(fi, f.sent_with, ctx, report);
+        try {
+            engine_.start(fi, f.sent_with, ctx, report);
+        } catch (...) {
+            mark_out_of_step(fi, "starting its exchange");
+            throw;
+        }
         f.in_flight = true;
         f.restart = false;
         f.lost = false;
@@ -1215,8 +1243,48 @@ private:
     }
 
     void start_fragment(std::size_t fi) {
-        engine_.capture(fi, false);
+        capture(fi, false);
         start_exchange(fi);
+    }
+
+    // A failure on this rank before its exchange is posted (out of memory, a communicator that
+    // refuses the start) is this rank's alone: its peers' collectives of this sync are posted and
+    // wait for it, and its next sync's would pair with them (each rank averaging another round's
+    // data without a word). So it leaves the handle out of step until regroup(). With one rank
+    // there is no peer to be out of step with: the next call may try again.
+    void capture(std::size_t fi, bool keep) {
+        try {
+            engine_.capture(fi, keep);
+        } catch (...) {
+            mark_out_of_step(fi, "capturing its pseudo-gradient");
+            throw;
+        }
+    }
+    void mark_out_of_step(std::size_t fi, const char* stage) noexcept {
+        if (comm_->size() == 1 || !out_of_step_.empty()) return;
+        try {
+            std::string why;
+            try {
+                throw;
+            } catch (const std::exception& e) {
+                why = e.what();
+            } catch (...) {
+                why = "an unknown exception";
+            }
+            out_of_step_ = "rank " + std::to_string(comm_->rank()) + " failed" + of_fragment(fi) +
+                           " while " + stage + " (" + why + "), before its exchange was posted";
+        } catch (...) {
+            out_of_step_ = "a rank failed before its exchange was posted";
+        }
+    }
+    // Refuses every collective call of a handle left out of step (mark_out_of_step).
+    void check_in_step() const {
+        if (out_of_step_.empty()) return;
+        throw comm_error("loco::diloco: " + out_of_step_ +
+                         "; its peers' collectives of that sync were left unmatched, so this "
+                         "handle refuses to sync on this communicator: call regroup() on a fresh "
+                         "communicator of the ranks (docs/reliability.md), or restore every rank "
+                         "from one checkpoint");
     }
 
     void restart_loaded_exchanges() {
@@ -1461,10 +1529,10 @@ private:
     // Every rank built the same model and policies, or every rank fails here naming the first
     // difference. One all-gather of a 64-bit digest; the descriptions travel only when the
     // digests differ.
-    void check_fingerprint(comm::communicator& control) {
+    void check_fingerprint(comm::communicator& control, bool resumed = false) {
         const int world = control.size();
         if (world == 1) return;
-        const std::string mine = fingerprint();
+        const std::string mine = resumed ? fingerprint() + resumed_state() : fingerprint();
         detail::fnv1a64 h;
         h.add(mine.data(), mine.size());
         const std::uint64_t digest = h.value();
@@ -1538,6 +1606,12 @@ private:
         while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
         const std::string left = i < a.size() ? a[i] : "(nothing more)";
         const std::string right = i < b.size() ? b[i] : "(nothing more)";
+        if (left.starts_with("resumed") || right.starts_with("resumed")) {
+            throw invalid_argument("loco::diloco: the ranks resumed from checkpoints of different "
+                                   "points of the run: rank 0 has '" + left + "' where rank " +
+                                   std::to_string(other) + " has '" + right +
+                                   "'; load on every rank its checkpoint of the same call");
+        }
         throw invalid_argument("loco::diloco: the ranks were built differently: rank 0 has '" +
                                left + "' where rank " + std::to_string(other) + " has '" + right +
                                "'; build the same model, schedule, fragments and policies on "
@@ -1559,6 +1633,8 @@ private:
     fragment_pattern pattern_ = fragment_pattern::strided;  // the split made at construction
     bool started_ = false;
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
+    // Why this rank's handle is out of step with its peers (mark_out_of_step); empty when not.
+    std::string out_of_step_;
     std::uint64_t skipped_syncs_ = 0;
     // During a warm-up plan's finishes (run()): the aggregation learns nothing from them, and
     // they merge with alpha 0.
