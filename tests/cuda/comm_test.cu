@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -720,6 +721,136 @@ TEST_CASE("nccl: a request that outlives its communicator touches nothing of it"
                          loco::comm_error);
     CHECK(buf.download() == data);  // one rank: the sums are the data, the collectives done
 }
+
+#if defined(LOCO_EMULATED)
+// Fault injection needs the emulated NCCL and CUDA runtime (tests/cuda/emulator): an NCCL call
+// that reports a lost peer, a device that never reaches an event.
+
+TEST_CASE("nccl all_to_all: an NCCL error inside its group leaves the thread's group closed") {
+    // ncclSend reports a lost peer between ncclGroupStart and ncclGroupEnd. An NCCL group is the
+    // thread's: left open, the survivors' new communicator on the same thread would only queue
+    // its all_to_all and return with nothing moved (the emulated NCCL, like NCCL, runs grouped
+    // calls at the outermost ncclGroupEnd). Both ranks fail, so neither waits for the other.
+    constexpr int m = 2;
+    ncclUniqueId first{};
+    ncclUniqueId second{};
+    REQUIRE(ncclGetUniqueId(&first) == ncclSuccess);
+    REQUIRE(ncclGetUniqueId(&second) == ncclSuccess);
+    std::mutex mutex;
+    std::vector<std::string> failure(m);
+    std::vector<int> aborted(m, 0);
+    std::vector<std::vector<float>> got(m);
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                std::vector<float> mine(m);
+                for (int k = 0; k < m; ++k) {
+                    mine[std::size_t(k)] = float(100 * r + k);  // block k goes to rank k
+                }
+                lc::device_buffer<float> send(m);
+                lc::device_buffer<float> recv(m);
+                send.upload(mine);
+                const auto exchange = [&](loco::comm::nccl& comm) {
+                    recv.upload(std::vector<float>(m, -1.0f));
+                    comm.all_to_all(loco::comm::as_bytes(loco::tensor_view<const float>(
+                                        loco::cuda_tensor(send.get(), m))),
+                                    loco::comm::as_bytes(loco::cuda_tensor(recv.get(), m)));
+                };
+                {
+                    auto comm = loco::comm::nccl::create(m, r, first, nullptr,
+                                                         {.timeout = std::chrono::seconds(20)});
+                    fake::send_calls = 0;
+                    fake::fail_send_at = 1;
+                    try {
+                        exchange(*comm);
+                    } catch (const loco::comm_error& err) {
+                        failure[std::size_t(r)] = err.what();
+                    }
+                    fake::fail_send_at = 0;
+                    aborted[std::size_t(r)] = comm->aborted();
+                }
+                auto survivors = loco::comm::nccl::create(m, r, second, nullptr,
+                                                          {.timeout = std::chrono::seconds(20)});
+                exchange(*survivors);
+                got[std::size_t(r)] = recv.download();
+            } catch (const std::exception& err) {
+                std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) {
+        t.join();
+    }
+    for (int r = 0; r < m; ++r) {
+        CAPTURE(r);
+        const std::string& why = failure[std::size_t(r)];
+        CAPTURE(why);
+        CHECK(why.find("rank " + std::to_string(r) + ", all_to_all") != std::string::npos);
+        CHECK(why.find("ncclSend failed") != std::string::npos);
+        CHECK(why.find("the communicator was aborted") != std::string::npos);
+        CHECK(aborted[std::size_t(r)] == 1);
+        const std::vector<float>& back = got[std::size_t(r)];
+        REQUIRE(back.size() == std::size_t(m));
+        CHECK(back[0] == float(r));  // -1: nothing moved
+        CHECK(back[1] == float(100 + r));
+    }
+}
+
+TEST_CASE("nccl: destroying a wrapped communicator settles its collectives under the timeout") {
+    // A wrapped communicator is not the wrapper's to finalize, but its collectives still in
+    // flight are: a request that outlives it must have nothing left to wait for. Here the device
+    // never reaches the collective's event (as with a lost peer): the destructor waits out the
+    // timeout, then aborts the communicator, instead of returning at once with the collective in
+    // flight (and leaving the next wait for the device to hang).
+    struct stuck_device {
+        stuck_device() { emu::events_stuck() = true; }
+        ~stuck_device() { emu::events_stuck() = false; }
+    };
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    const int aborts_before = fake::comm_aborts().load();
+    lc::device_buffer<float> x(4);
+    x.upload(std::vector<float>{1.0f, 2.0f, 3.0f, 4.0f});
+    ncclComm_t raw = nullptr;
+    REQUIRE(ncclCommInitAll(&raw, 1, &device) == ncclSuccess);
+    auto wrapped = std::make_unique<loco::comm::nccl>(
+        raw, nullptr, loco::comm::nccl_options{.timeout = std::chrono::milliseconds(300)});
+    auto late = wrapped->start_all_reduce(loco::cuda_tensor(x.get(), 4), reduce_op::sum);
+    std::chrono::steady_clock::duration took{};
+    {
+        const stuck_device stuck;
+        const auto t0 = std::chrono::steady_clock::now();
+        wrapped.reset();
+        took = std::chrono::steady_clock::now() - t0;
+    }
+    CHECK(took >= std::chrono::milliseconds(300));
+    CHECK(took < std::chrono::seconds(20));
+    // Aborted: raw is released (ncclCommAbort frees it), not the caller's to destroy any more.
+    CHECK(fake::comm_aborts().load() == aborts_before + 1);
+    if (fake::comm_aborts().load() == aborts_before) {
+        CHECK(ncclCommDestroy(raw) == ncclSuccess);
+    }
+    CHECK_THROWS_WITH_AS(late.finish(),
+                         doctest::Contains("was finished after its communicator was destroyed"),
+                         loco::comm_error);
+
+    // A device that does get there: the destructor waits for it and leaves the communicator to
+    // the caller, who destroys it.
+    const int aborts_after = fake::comm_aborts().load();
+    REQUIRE(ncclCommInitAll(&raw, 1, &device) == ncclSuccess);
+    {
+        loco::comm::nccl healthy(raw, nullptr, {.timeout = std::chrono::milliseconds(300)});
+        late = healthy.start_all_reduce(loco::cuda_tensor(x.get(), 4), reduce_op::sum);
+    }
+    CHECK(fake::comm_aborts().load() == aborts_after);
+    CHECK(ncclCommDestroy(raw) == ncclSuccess);
+    late = loco::comm::request{};  // a drop after the communicator: nothing to wait for
+    CHECK(x.download() == std::vector<float>{1.0f, 2.0f, 3.0f, 4.0f});
+}
+
+#endif  // LOCO_EMULATED
 
 TEST_CASE("nccl on one GPU: peers that never come time out with a clear error") {
     using clock = std::chrono::steady_clock;

@@ -19,7 +19,10 @@
 // own stream waits only for the caller stream), the copy out after it finished (with
 // nccl_options::wait = false a finished collective orders only the caller stream, not the host;
 // with the default wait the host waits for it and any stream will do). comm::cuda_replicas
-// synchronises the host itself, so any stream of its device will do too.
+// synchronises the host itself, so any stream of its device will do too. These host waits have
+// no deadline of their own (the wrapped communicator's timeout covers only its own waits): with
+// wait = false a collective whose peer is lost holds the stream, and the copy waits for good.
+// Keep nccl_options::wait = true where a lost peer must be survivable (nccl.hpp).
 //
 // Threads and lifetime. A request may be finished or dropped on another thread than the one
 // starting the next collectives, and after its cuda_staging is gone (communicator.hpp): the

@@ -20,6 +20,11 @@
 // and a deadline: an NCCL error, or a peer that does not arrive within nccl_options::timeout,
 // aborts the communicator (ncclCommAbort) and throws loco::comm_error; it is never a silent hang.
 // Every later call, and the finish() of every request still in flight, throws comm_error too.
+// The deadline bounds only comm::nccl's own waits, though: with wait = false a collective returns
+// before it completes, and any other host wait for a stream ordered after it (a
+// cudaStreamSynchronize or blocking cudaMemcpy on the caller stream, cuda_staging's copies) has
+// no deadline and hangs for good when a peer is lost. Where a lost peer must be survivable, keep
+// wait = true, or call synchronize() before such a wait.
 // Communicators made by create()/bootstrap are nonblocking, so even the NCCL calls themselves
 // never block; a communicator handed in from outside should be created nonblocking as well for the
 // same guarantee.
@@ -103,7 +108,8 @@ inline std::string nccl_message(ncclResult_t r, ncclComm_t comm) {
     return s;
 }
 
-// The id of a new clique, as rank 0 makes it in every way of starting one (file, MPI).
+// The id of a new clique, as rank 0 makes it for the file bootstrap (nccl_bootstrap_mpi
+// broadcasts a failure to its peers instead of throwing alone).
 inline ncclUniqueId new_unique_id() {
     ncclUniqueId id{};
     const ncclResult_t r = ncclGetUniqueId(&id);
@@ -135,7 +141,8 @@ inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time
 class nccl final : public split_phase_communicator {
 public:
     // Wraps an existing communicator, which stays the caller's (it is not destroyed here, but it
-    // is aborted on a timeout or error). The current device must be the communicator's. Collective
+    // is aborted, which frees it, on a timeout or error, the destructor's wait included: see
+    // ~nccl). The current device must be the communicator's. Collective
     // over more than one rank: the ranks compare their check_calls (every rank throws comm_error
     // when they differ), so every rank constructs its wrapper at the same point, each on its own
     // thread or process.
@@ -185,19 +192,30 @@ public:
         }
     }
 
+    // Settles every collective still in flight, owned communicator or wrapped: it waits for the
+    // communicator's stream under the timeout and aborts the communicator when that passes or
+    // NCCL reports an error (never throws). So the requests that outlive it have nothing left
+    // to wait for (in_flight), and a lost peer ends in an abort at the timeout, not in a hang of
+    // the next wait for the device (cudaFree of the members' buffers, right after, is one).
+    // Then an owned communicator is finalized and destroyed; a wrapped one stays the caller's,
+    // unless it was aborted here, which frees it (call synchronize() first to learn of that as a
+    // comm_error, and check aborted()).
     ~nccl() override {
         *alive_ = false;  // requests still held no longer touch this object
-        if (!owned_ || aborted_) {
-            return;  // not ours, or already released by ncclCommAbort
+        if (aborted_) {
+            return;  // already released by ncclCommAbort
         }
-        // Finalize flushes outstanding work; bounded by the timeout, after which it is aborted.
         const int previous = current_device_or(device_);
         static_cast<void>(cudaSetDevice(device_));
-        ncclResult_t r = ncclCommFinalize(comm_);
-        if (r == ncclInProgress || r == ncclSuccess) {
-            r = detail::nccl_settle(comm_, deadline());
+        settle_stream();
+        if (owned_ && !aborted_) {
+            // Finalize flushes NCCL's own outstanding work; bounded by the timeout too.
+            ncclResult_t r = ncclCommFinalize(comm_);
+            if (r == ncclInProgress || r == ncclSuccess) {
+                r = detail::nccl_settle(comm_, deadline());
+            }
+            static_cast<void>(r == ncclSuccess ? ncclCommDestroy(comm_) : ncclCommAbort(comm_));
         }
-        static_cast<void>(r == ncclSuccess ? ncclCommDestroy(comm_) : ncclCommAbort(comm_));
         static_cast<void>(cudaSetDevice(previous));
     }
     nccl(const nccl&) = delete;
@@ -291,18 +309,44 @@ protected:
             if (size_ == 1) {
                 return;
             }
+            // An NCCL group belongs to the thread, not to the communicator: one left open by an
+            // error would make every later NCCL call of this thread, on any communicator (the
+            // survivors' new one too), only join the group, never run. So once it is started it
+            // is ended, whatever happens, before the communicator is aborted and comm_error
+            // thrown.
             check_nccl(ncclGroupStart(), where, "ncclGroupStart");
-            for (int k = 0; k < size_; ++k) {
+            struct group {
+                bool open = true;
+                ncclResult_t end() {
+                    open = false;
+                    return ncclGroupEnd();
+                }
+                ~group() {
+                    if (open) {
+                        static_cast<void>(ncclGroupEnd());
+                    }
+                }
+            } grouped;
+            std::string failure;
+            for (int k = 0; k < size_ && failure.empty(); ++k) {
                 if (k == rank_) {
                     continue;
                 }
                 const std::size_t at = static_cast<std::size_t>(k) * block;
-                check_nccl(ncclSend(send.data + at, block, ncclUint8, k, comm_, stream_->get()),
-                           where, "ncclSend");
-                check_nccl(ncclRecv(recv.data + at, block, ncclUint8, k, comm_, stream_->get()),
-                           where, "ncclRecv");
+                failure = nccl_failure(
+                    ncclSend(send.data + at, block, ncclUint8, k, comm_, stream_->get()),
+                    "ncclSend");
+                if (failure.empty()) {
+                    failure = nccl_failure(
+                        ncclRecv(recv.data + at, block, ncclUint8, k, comm_, stream_->get()),
+                        "ncclRecv");
+                }
             }
-            check_nccl(ncclGroupEnd(), where, "ncclGroupEnd");
+            const ncclResult_t ended = grouped.end();
+            if (!failure.empty()) {
+                fail(where, failure);  // the first failure, not ncclGroupEnd's echo of it
+            }
+            check_nccl(ended, where, "ncclGroupEnd");
         });
         sent_ += static_cast<std::uint64_t>(size_ - 1) * block;
     }
@@ -456,22 +500,50 @@ private:
         return detail::deadline_after(options_.timeout);
     }
 
-    // An NCCL call's result: ncclInProgress (nonblocking communicators) is waited out, under the
-    // timeout, before the next NCCL call, as NCCL requires; a failure aborts.
-    void check_nccl(ncclResult_t r, const std::string& where, const char* what) {
+    // What went wrong with an NCCL call, from its result, or "" when nothing did. ncclInProgress
+    // (nonblocking communicators) is waited out first, under the timeout, as NCCL requires before
+    // the next call. Neither aborts nor throws, so that a caller inside an NCCL group can end the
+    // group first (do_all_to_all).
+    std::string nccl_failure(ncclResult_t r, const char* what) {
         if (r == ncclInProgress) {
             r = detail::nccl_settle(comm_, deadline());
             if (r == ncclInProgress) {
-                abort(std::string(what) + " did not complete within the timeout");
-                throw comm_error(where + what + " was still in progress after " +
-                                 std::to_string(options_.timeout.count()) +
-                                 " ms; the communicator was aborted");
+                return std::string(what) + " was still in progress after " +
+                       std::to_string(options_.timeout.count()) + " ms";
             }
         }
         if (r != ncclSuccess) {
-            const std::string msg = detail::nccl_message(r, comm_);
-            abort(std::string(what) + " failed: " + msg);
-            throw comm_error(where + what + " failed: " + msg + "; the communicator was aborted");
+            return std::string(what) + " failed: " + detail::nccl_message(r, comm_);
+        }
+        return {};
+    }
+
+    // Aborts the communicator for `failure` (nccl_failure's) and throws comm_error.
+    [[noreturn]] void fail(const std::string& where, const std::string& failure) {
+        abort(failure);
+        throw comm_error(where + failure + "; the communicator was aborted");
+    }
+
+    // An NCCL call's result, outside a group: a failure (or a timeout) aborts and throws.
+    void check_nccl(ncclResult_t r, const std::string& where, const char* what) {
+        const std::string failure = nccl_failure(r, what);
+        if (!failure.empty()) {
+            fail(where, failure);
+        }
+    }
+
+    // The destructor's wait for the work on the communicator's stream, as synchronize() does but
+    // never throwing: wait_for aborts on a timeout or NCCL error, and after a CUDA error nothing
+    // tells whether the collectives ended, so the communicator is aborted then too.
+    void settle_stream() noexcept {
+        try {
+            done_.record(stream_->get());
+            wait_for(done_.get(), prefix("destruction"));
+        } catch (...) {
+            if (!aborted_) {
+                static_cast<void>(ncclCommAbort(comm_));
+                aborted_ = true;
+            }
         }
     }
 
@@ -562,9 +634,10 @@ private:
     // A collective enqueued on the communicator's stream: finishing it makes the caller's stream
     // (and with options.wait the host) wait for the event recorded after it. Dropped unfinished,
     // the host waits whatever options.wait says: the caller may free the buffers right after.
-    // It may outlive the communicator (communicator.hpp): the destructor settles every collective
-    // (ncclCommFinalize, or abort at the timeout), so afterwards finish() throws and a drop has
-    // nothing left to wait for; the owner is touched only while it lives.
+    // It may outlive the communicator (communicator.hpp): the destructor settles every collective,
+    // owned communicator or wrapped (it waits for its stream, or aborts at the timeout), so
+    // afterwards finish() throws and a drop has nothing left to wait for; the owner is touched
+    // only while it lives.
     class in_flight final : public request::operation {
     public:
         in_flight(nccl& owner, backend::cuda::event done, std::string where)
@@ -575,9 +648,9 @@ private:
         }
         void wait() override {
             if (!*alive_) {
-                throw comm_error("loco::comm::nccl: " + where_ + " was finished after its "
-                                 "communicator was destroyed (which completed or aborted it); "
-                                 "finish requests before destroying their communicator");
+                throw comm_error(where_ + "the request was finished after its communicator "
+                                 "was destroyed (which waited for the collective or aborted "
+                                 "it); finish requests before destroying their communicator");
             }
             owner_.complete(done_.get(), where_, owner_.options_.wait);
         }
@@ -741,15 +814,31 @@ inline std::unique_ptr<nccl> nccl_bootstrap_mpi(MPI_Comm mpi_comm,
     int nranks = 0;
     MPI_Comm_rank(mpi_comm, &rank);
     MPI_Comm_size(mpi_comm, &nranks);
-    ncclUniqueId id{};
+    const std::string who = "loco::comm::nccl rank " + std::to_string(rank) + ": ";
+    // Rank 0 broadcasts the outcome of ncclGetUniqueId with the id: had it thrown instead, the
+    // other ranks would wait in MPI_Bcast for ever. So every rank throws the same comm_error.
+    struct {
+        ncclUniqueId id;
+        std::int32_t result;  // rank 0's ncclResult_t
+        char why[256];        // its message, when it failed
+    } made{};
     if (rank == 0) {
-        id = detail::new_unique_id();
+        const ncclResult_t r = ncclGetUniqueId(&made.id);
+        made.result = static_cast<std::int32_t>(r);
+        if (r != ncclSuccess) {
+            const std::string why = detail::nccl_message(r, nullptr);
+            std::snprintf(made.why, sizeof made.why, "%s", why.c_str());
+        }
     }
-    if (MPI_Bcast(id.internal, static_cast<int>(sizeof id.internal), MPI_BYTE, 0, mpi_comm) !=
-        MPI_SUCCESS) {
-        throw comm_error("loco::comm::nccl: MPI_Bcast of the unique id failed");
+    if (MPI_Bcast(&made, static_cast<int>(sizeof made), MPI_BYTE, 0, mpi_comm) != MPI_SUCCESS) {
+        throw comm_error(who + "nccl_bootstrap_mpi: MPI_Bcast of the unique id failed");
     }
-    return nccl::create(nranks, rank, id, caller_stream, options);
+    if (made.result != ncclSuccess) {
+        made.why[sizeof made.why - 1] = '\0';
+        throw comm_error(who + "nccl_bootstrap_mpi: ncclGetUniqueId failed on rank 0: " +
+                         made.why + "; no rank made a communicator");
+    }
+    return nccl::create(nranks, rank, made.id, caller_stream, options);
 }
 #endif
 

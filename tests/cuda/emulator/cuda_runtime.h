@@ -408,7 +408,17 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_
     *ms = std::chrono::duration<float, std::milli>(stop->at - start->at).count();
     return cudaSuccess;
 }
-inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
+namespace emu {
+// Fault injection (tests; reset it when done): while set, cudaEventQuery reports
+// cudaErrorNotReady, as for a device that never gets past the work enqueued so far (a collective
+// whose peer is lost), so that code polling an event under a deadline meets its deadline. The
+// work itself has still run, and the blocking waits (cudaEventSynchronize, cudaStreamSynchronize)
+// still return at once where a GPU would hang.
+inline std::atomic<bool>& events_stuck() { static std::atomic<bool> stuck{false}; return stuck; }
+}  // namespace emu
+inline cudaError_t cudaEventQuery(cudaEvent_t) {
+    return emu::events_stuck() ? cudaErrorNotReady : cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned = 0) { return cudaSuccess; }
 inline cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
     s->capturing = true;

@@ -40,6 +40,17 @@ inline std::shared_ptr<clique> get(const ncclUniqueId& id, int n) {
     if (!c) { c = std::make_shared<clique>(); c->n = n; c->send.resize(n); c->recv.resize(n); }
     return c;
 }
+
+// Fault injection, for the tests of loco's error paths (reset them when done):
+// - fail_unique_id(): the next that many ncclGetUniqueId calls of the process fail with
+//   ncclSystemError (NCCL finding no usable network interface, say);
+// - fail_send_at: when > 0, this thread's ncclSend number fail_send_at (counting from 1 in
+//   send_calls) returns ncclRemoteError without queueing anything, as NCCL reports a lost peer;
+// - comm_aborts(): how many communicators ncclCommAbort has released.
+inline std::atomic<int>& fail_unique_id() { static std::atomic<int> n{0}; return n; }
+inline thread_local int fail_send_at = 0;
+inline thread_local int send_calls = 0;
+inline std::atomic<int>& comm_aborts() { static std::atomic<int> n{0}; return n; }
 }  // namespace fake
 
 struct ncclComm {
@@ -52,6 +63,7 @@ typedef struct ncclComm* ncclComm_t;
 inline const char* ncclGetErrorString(ncclResult_t r) { return r == ncclSuccess ? "no error" : "fake nccl error"; }
 inline const char* ncclGetLastError(ncclComm_t) { return ""; }
 inline ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
+    if (fake::fail_unique_id() > 0) { --fake::fail_unique_id(); return ncclSystemError; }
     static std::atomic<unsigned long> next{1};
     std::memset(id->internal, 0, sizeof id->internal);
     const unsigned long v = next++;
@@ -80,7 +92,7 @@ inline ncclResult_t ncclCommUserRank(ncclComm_t comm, int* r) { *r = comm->rank;
 inline ncclResult_t ncclCommCuDevice(ncclComm_t, int* d) { *d = 0; return ncclSuccess; }
 inline ncclResult_t ncclCommFinalize(ncclComm_t) { return ncclSuccess; }
 inline ncclResult_t ncclCommDestroy(ncclComm_t comm) { delete comm; return ncclSuccess; }
-inline ncclResult_t ncclCommAbort(ncclComm_t comm) { delete comm; return ncclSuccess; }
+inline ncclResult_t ncclCommAbort(ncclComm_t comm) { ++fake::comm_aborts(); delete comm; return ncclSuccess; }
 
 namespace fake {
 // All ranks post; the last one runs `work` over every rank's buffers; everyone leaves together.
@@ -136,6 +148,7 @@ inline ncclResult_t ncclBroadcast(const void* s, void* r, size_t count, ncclData
 }
 inline ncclResult_t ncclGroupStart() { ++fake::group_depth; return ncclSuccess; }
 inline ncclResult_t ncclSend(const void* s, size_t count, ncclDataType_t t, int peer, ncclComm_t comm, cudaStream_t) {
+    if (++fake::send_calls == fake::fail_send_at) return ncclRemoteError;
     fake::pending.push_back({true, s, nullptr, count * fake::type_size(t), peer, comm});
     return ncclSuccess;
 }
