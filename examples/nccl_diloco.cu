@@ -19,7 +19,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -188,30 +190,56 @@ int launch(int ranks) {
     return status;
 }
 
+// Reads the whole of `text` as a decimal integer in [lo, hi] (strtol, as examples/demo.cpp
+// parses); false on anything else: no digits, trailing characters, out of range.
+bool parse_int(const char* text, long lo, long hi, int& out) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno == ERANGE || v < lo || v > hi) {
+        return false;
+    }
+    out = static_cast<int>(v);
+    return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+    // A usage error: the usage line, then what was wrong; exit status 2.
+    const auto refuse = [&](const std::string& what) {
+        std::fprintf(stderr, "usage: %s [--ranks N [--rank R --id-file PATH]]\nnccl_diloco: %s\n",
+                     argv[0], what.c_str());
+        return 2;
+    };
     int ranks = 0, rank = -1;
     std::string id_file;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         if (a == "--ranks" && i + 1 < argc) {
-            ranks = std::atoi(argv[++i]);
+            if (!parse_int(argv[++i], 1, INT_MAX, ranks)) {
+                return refuse("--ranks must be a whole number of at least 1, got '" +
+                              std::string(argv[i]) + "'");
+            }
         } else if (a == "--rank" && i + 1 < argc) {
-            rank = std::atoi(argv[++i]);
+            if (!parse_int(argv[++i], 0, INT_MAX - 1, rank)) {
+                return refuse("--rank must be a whole number of at least 0, got '" +
+                              std::string(argv[i]) + "'");
+            }
         } else if (a == "--id-file" && i + 1 < argc) {
             id_file = argv[++i];
         } else {
-            std::fprintf(stderr, "usage: %s [--ranks N [--rank R --id-file PATH]]\n", argv[0]);
-            return 2;
+            return refuse("unknown or incomplete argument '" + a + "'");
         }
+    }
+    if (rank >= 0 && (ranks < 1 || rank >= ranks || id_file.empty())) {
+        return refuse("--rank R needs --ranks N with 0 <= R < N, and --id-file");
+    }
+    if (rank < 0 && !id_file.empty()) {
+        return refuse("--id-file goes with --rank (one rank of a run your launcher starts)");
     }
     try {
         if (rank >= 0) {
-            if (ranks < 1 || rank >= ranks || id_file.empty()) {
-                std::fprintf(stderr, "nccl_diloco: --rank needs --ranks N > R and --id-file\n");
-                return 2;
-            }
             return gpu_rank(ranks, rank, id_file);
         }
         if (ranks == 0) {

@@ -8,9 +8,10 @@
 The corpus is the one examples/gpt trains on (docs/gpt.md): every fortune file of Debian's
 `fortunes` package, sorted by name, the first 90% of each for training and the last 10% for
 validation; each worker samples windows from its own contiguous share of the training text. The
-processes talk through torch.distributed (gloo) via loco.TorchDistributed(); under torchrun the
-launcher's environment is used, otherwise this script spawns --workers processes itself.
-See docs/pytorch.md.
+processes talk through torch.distributed (gloo) via loco.TorchDistributed(). With RANK and
+WORLD_SIZE in the environment (a launcher's, or set by hand with MASTER_ADDR and MASTER_PORT:
+Debian 12's torchrun 1.13 is broken) the process is that rank; otherwise this script spawns
+--workers processes itself. See docs/pytorch.md.
 """
 
 import argparse
@@ -27,6 +28,7 @@ import torch.nn as nn
 import loco
 
 FORTUNES = "/usr/share/games/fortunes"
+HEADS = 4  # attention heads of ByteLM: --width must be a multiple
 
 
 def load_fortunes(directory=FORTUNES):
@@ -51,7 +53,7 @@ def load_fortunes(directory=FORTUNES):
 class ByteLM(nn.Module):
     """A small causal transformer over bytes."""
 
-    def __init__(self, context, width=64, layers=2, heads=4):
+    def __init__(self, context, width=64, layers=2, heads=HEADS):
         super().__init__()
         self.tokens = nn.Embedding(256, width)
         self.positions = nn.Embedding(context, width)
@@ -195,6 +197,45 @@ def run(rank, world, args, init_method):
     dist.destroy_process_group()
 
 
+def check_args(ap, args, world, launched):
+    """Refuses, with the usage line and exit status 2, the values that would train nothing, train
+    on NaN, hang or die deep inside torch: counts, sizes, the windows the corpus can hold, and the
+    settings this script fixes for loco that the user cannot see (the fragments and overlap of
+    --algo streaming). world: --workers, or WORLD_SIZE when launched by torchrun or by hand."""
+    for name in ("workers", "steps", "every", "context", "batch", "width", "layers", "threads",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if world < 1:
+        ap.error(f"WORLD_SIZE must be at least 1, got {world}")
+    if args.width % HEADS != 0:
+        ap.error(f"--width must be a multiple of the {HEADS} attention heads, got {args.width}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"--lr must be finite and above 0, got {args.lr}")
+    if args.algo == "streaming" and (args.every % 2 != 0 or args.every < 4):
+        # Streaming(fragments=2, overlap=1) below: H a multiple of P = 2, and H / P above tau = 1
+        ap.error(f"--every must be even and at least 4 with --algo streaming (2 fragments, "
+                 f"overlap 1), got {args.every}")
+    if not 0 <= args.seed < 2**32:
+        ap.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.threads > (cpus or 1):
+        ap.error(f"--threads must be at most the {cpus or 1} CPUs here, got {args.threads}")
+    # A training window is context + 1 bytes drawn from a worker's share of the training text, an
+    # evaluation window context + 1 bytes of the validation text.
+    train, valid, _ = load_fortunes()
+    share = len(train) // world
+    longest = min(share - 2, len(valid) - 2)
+    if longest < 1:
+        what = "WORLD_SIZE" if launched else "--workers"
+        ap.error(f"{what} must leave each worker a few bytes of the {len(train)} bytes of "
+                 f"training text, got {world} workers ({share} bytes each)")
+    if args.context > longest:
+        ap.error(f"--context must be at most {longest} with {world} workers (each worker's share "
+                 f"of the training text is {share} bytes, the validation text {len(valid)}), "
+                 f"got {args.context}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", choices=("diloco", "streaming", "muloco", "sparseloco", "demo"),
@@ -211,7 +252,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, or by hand
+    check_args(ap, args, int(os.environ["WORLD_SIZE"]) if launched else args.workers, launched)
+    if launched:
         dist.init_process_group("gloo")
         run(dist.get_rank(), dist.get_world_size(), args, None)
         return
