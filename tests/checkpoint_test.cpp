@@ -520,3 +520,54 @@ TEST_CASE("load() reads exactly one checkpoint: a stream may hold several, and t
     CHECK(inner_states(a2, 2) == inner_states(a, 2));
     CHECK(inner_states(b2, 2) == inner_states(b, 2));
 }
+
+TEST_CASE("a centered clipping center of another length than its fragment is refused on load") {
+    // The stream's center length is bounded by nothing the reader knows: a resealed stream (its
+    // checksum recomputed) whose center had one element fewer loaded, and the next round started
+    // from zeros without a word (a GPU handle refused it, but only after replacing its state).
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::every, loco::aggregate::centered_clip>;
+    constexpr std::size_t n = 6;
+    std::vector<float> w(n), g(n);
+    auto rng = rng_for("centered clip center length");
+    const auto start = normal_floats(rng, n);
+    std::copy(start.begin(), start.end(), w.begin());
+    loco::parameter_list list;
+    list.add("w", w, g);
+    loco::comm::single comm;
+    opt_t opt(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1}});
+    for (int s = 0; s < 3; ++s) {
+        const auto grad = normal_floats(rng, n);
+        std::copy(grad.begin(), grad.end(), g.begin());
+        opt.step();
+    }
+    const std::string good = saved(opt);
+    // The center is the last field before the started flag (format 6) and the checksum: its
+    // length, the float array's own length, then the floats.
+    const std::size_t at = good.size() - 8 - 8 - 4 * n - 8 - 8;
+    std::uint64_t length = 0;
+    std::memcpy(&length, good.data() + at, 8);
+    REQUIRE(length == n);
+    std::string shorter = good;
+    const std::uint64_t fewer = n - 1;
+    std::memcpy(shorter.data() + at, &fewer, 8);
+    std::memcpy(shorter.data() + at + 8, &fewer, 8);
+    shorter.erase(at + 16 + 4 * (n - 1), 4);
+    loco::detail::fnv1a64 sum;
+    sum.add(shorter.data(), shorter.size() - 8);
+    const std::uint64_t resealed = sum.value();
+    std::memcpy(shorter.data() + shorter.size() - 8, &resealed, 8);
+
+    opt_t other(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1}});
+    other.step();
+    const std::string before = saved(other);
+    std::istringstream is(shorter);
+    CHECK_THROWS_WITH_AS(other.load(is),
+                         doctest::Contains("centered clipping center holds 5 elements but the "
+                                           "fragment has 6"),
+                         loco::checkpoint_error);
+    CHECK(saved(other) == before);  // nothing changed
+    std::istringstream whole(good);
+    other.load(whole);
+    CHECK(saved(other) == good);
+}

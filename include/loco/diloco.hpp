@@ -623,6 +623,14 @@ public:
             }
             if constexpr (aggregate::stateful<Aggregate>) {
                 aggregate_states.push_back(aggregate::state_t<Aggregate>::read(r));
+                // A state whose size the live fragment decides says so before anything changes.
+                if constexpr (requires(const aggregate::state_t<Aggregate>& s) {
+                                  s.check_loaded(std::size_t{}, std::size_t{}, std::size_t{});
+                              }) {
+                    aggregate_states.back().check_loaded(frags_[i].elements,
+                                                         static_cast<std::size_t>(comm_->size()),
+                                                         frags_[i].params.size());
+                }
             }
             if (p.in_flight && r.format() >= 5) {
                 const std::uint64_t lr = r.u64("the outer lr of an exchange in flight");

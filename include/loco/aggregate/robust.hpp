@@ -157,6 +157,18 @@ struct centered_clip {
             s.center = r.float_vector(n, "the centered clipping center");
             return s;
         }
+        // After read(), against the live fragment: empty (before the first round) or one value
+        // per element. combine() would otherwise start another length from zeros without a word.
+        void check_loaded(std::size_t elements, std::size_t /*workers*/,
+                          std::size_t /*tensors*/) const {
+            if (!center.empty() && center.size() != elements) {
+                throw checkpoint_error("loco: the checkpoint's centered clipping center holds " +
+                                       std::to_string(center.size()) +
+                                       " elements but the fragment has " +
+                                       std::to_string(elements) +
+                                       "; load a checkpoint of this model with the same fragments");
+            }
+        }
     };
 
     static void validate(const hyper& h) {

@@ -380,16 +380,18 @@ public:
 
     void restore(aggregate::state_t<A> s) {
         if constexpr (std::is_same_v<A, aggregate::centered_clip>) {
+            // load() checked the length (state::check_loaded) before anything changed; checked
+            // again before the center is touched.
+            if (!s.center.empty() && s.center.size() != table_->total_elements()) {
+                throw checkpoint_error(
+                    "loco: the checkpoint's centered clipping center holds " +
+                    std::to_string(s.center.size()) + " elements but the fragment has " +
+                    std::to_string(table_->total_elements()) +
+                    "; load a checkpoint of this model with the same fragments");
+            }
             LOCO_CUDA_CHECK(cudaStreamSynchronize(stream_));
             center_.zero(nullptr);
             if (!s.center.empty()) {
-                if (s.center.size() != table_->total_elements()) {
-                    throw checkpoint_error(
-                        "loco: the checkpoint's centered clipping center holds " +
-                        std::to_string(s.center.size()) + " elements but the fragment has " +
-                        std::to_string(table_->total_elements()) +
-                        "; load a checkpoint of this model with the same fragments");
-                }
                 from_flat<float>(*table_, s.center, center_.get());
             }
             LOCO_CUDA_CHECK(cudaStreamSynchronize(nullptr));
