@@ -136,7 +136,8 @@ public:
 
     // This worker's local steps in the current round, and the speeds (steps per second, in rank
     // order; -1: nothing timed) agreed at the last sync, rounded to float (H_w is derived from
-    // the exact step counts and elapsed times).
+    // the exact step counts and elapsed times). Not in checkpoints: empty after load() until the
+    // next sync.
     std::uint64_t local_steps() const noexcept { return local_steps_; }
     std::span<const float> speeds() const noexcept { return speeds_; }
     std::uint64_t rounds() const noexcept { return rounds_; }

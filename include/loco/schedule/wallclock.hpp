@@ -139,6 +139,7 @@ public:
         std::uint64_t total_steps = 0; // steps of all workers since the last sync
         bool synced = false;
     };
+    // Not in checkpoints: an empty window after load() until the next window closes.
     const window& last_window() const noexcept { return last_; }
     std::uint64_t syncs() const noexcept { return syncs_; }
     std::uint64_t skipped_windows() const noexcept { return skipped_; }
