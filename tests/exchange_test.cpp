@@ -541,6 +541,64 @@ TEST_CASE("a start refused on one rank alone leaves that handle out of step unti
     SUBCASE("all_gather (blockwise)") { run(lc::blockwise<4, 4>{}); }
 }
 
+TEST_CASE("an agreement that failed on one rank alone is found at the next sync, and regroup() mends it") {
+    // Every = 2 on two ranks; all-reduces: 1 the fingerprint, 2 the first sync's data, 3 its
+    // agreement, which fails on rank 1 after rank 0 completed it (a lost acknowledgement). Rank 0
+    // applies round 1, rank 1 raises and does not. Both used to go on silently with different
+    // global models; now the next sync raises on both ranks, applying nothing, until a regroup.
+    std::array<std::vector<std::string>, 2> errors;
+    std::array<std::vector<float>, 2> before_regroup, after;
+    std::array<std::uint64_t, 2> outer_before{}, outer_after{};
+    auto fresh = std::make_shared<loco::comm::thread_group>(2);
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        failing_transfer comm(threads, 1, 3);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> w = {1.0f, 2.0f}, g(2);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            list, comm,
+            {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f}, .schedule = {.every = 2}});
+        for (int call = 1; call <= 6; ++call) {
+            g = {0.25f * float(r + 1), -0.5f * float(r + 1)};
+            try {
+                opt.step();
+            } catch (const loco::comm_error& e) {
+                errors[r].push_back(std::to_string(call) + ": " + e.what());
+            }
+        }
+        before_regroup[r].assign(opt.global().begin(), opt.global().end());
+        outer_before[r] = opt.outer_steps();
+        loco::comm::threads next(fresh, comm.rank());
+        opt.regroup(next, 0);
+        for (int call = 7; call <= 8; ++call) {
+            g = {0.25f * float(r + 1), -0.5f * float(r + 1)};
+            opt.step();
+        }
+        after[r].assign(opt.global().begin(), opt.global().end());
+        outer_after[r] = opt.outer_steps();
+    });
+    REQUIRE(errors[0].size() == 2);
+    REQUIRE(errors[1].size() == 3);
+    CHECK(errors[1][0].rfind("2: injected: link dropped", 0) == 0);
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        const std::size_t first = r == 1 ? 1 : 0;
+        for (std::size_t k = first; k < errors[r].size(); ++k) {
+            CHECK(errors[r][k].find("the ranks went apart: 1 of 2 ranks applied an odd number of "
+                                    "rounds") != std::string::npos);
+        }
+        CHECK(errors[r][first].rfind("4: ", 0) == 0);
+    }
+    CHECK(outer_before[0] == 1);  // round 1 only, on rank 0
+    CHECK(outer_before[1] == 0);
+    CHECK(before_regroup[0] != before_regroup[1]);
+    // Healed from rank 0: one model again, and the rounds go on together.
+    CHECK(after[0] == after[1]);
+    CHECK(outer_after[0] == 2);
+    CHECK(outer_after[1] == 2);
+}
+
 TEST_CASE("two_phase sizes its payloads from the settings of each sync: a changed compress_hyper() works") {
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::topk>;
     for (const auto scheme : {loco::exchange_scheme::all_gather, loco::exchange_scheme::two_phase}) {

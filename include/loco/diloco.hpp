@@ -1358,7 +1358,7 @@ private:
                 failure.record(detail::sync_stage::apply, std::current_exception());
             }
         }
-        const bool skip = agree(fi, failure, hit.has_value());
+        const bool skip = agree(fi, failure, hit.has_value(), {}, f.outer_steps + f.skipped);
         if constexpr (aggregate::can_refuse<Aggregate>) {
             if (!skip && engine_.refused(fi)) {
                 // The aggregation refused this round on every rank (same data, same rule): nothing
@@ -1477,15 +1477,44 @@ private:
     // the ranks exchange what went wrong, so that every rank raises the same error naming the
     // rank and stage that failed first (earliest stage, then lowest rank: a rank that could not
     // encode sends zeros its peers cannot decode). Returns whether to skip.
+    //
+    // With `rounds` (a fragment's applied and skipped rounds so far), the same float also says
+    // whether the ranks went apart earlier: an agreement that failed on some ranks only, after
+    // the others completed it (a lost last acknowledgement), has those others apply a round the
+    // failing ones do not, and every later sync would average over different global models
+    // without a word. Each rank adds B = M (M + 1) + 1 (above any status sum) when its count is
+    // odd; ranks whose counts differ by one then sum to k B + status with 0 < k < M, and every
+    // rank raises the same error, applying nothing, until regroup(). The sums stay exact in
+    // floats below 2^24 for M < 256; larger groups go without this check.
     bool agree(std::size_t fi, const detail::stage_failure& failure, bool skip,
-               const std::string& subject = {}) {
+               const std::string& subject = {}, std::optional<std::uint64_t> rounds = {}) {
         const int world = comm_->size();
         if (world == 1) {
             if (failure) std::rethrow_exception(failure.error);
             return skip;
         }
         float status = failure ? static_cast<float>(world + 1) : skip ? 1.0f : 0.0f;
+        constexpr int parity_world_limit = 256;
+        const bool check_rounds = rounds.has_value() && world < parity_world_limit;
+        const double w = static_cast<double>(world);
+        const double odd_weight = w * (w + 1.0) + 1.0;
+        if (check_rounds && (*rounds & 1u) != 0) status += static_cast<float>(odd_weight);
         engine_.control_comm().all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
+        if (check_rounds) {
+            const double total = static_cast<double>(status);
+            const double odd = std::floor(total / odd_weight);
+            status = static_cast<float>(total - odd * odd_weight);
+            if (odd != 0.0 && odd != w) {
+                throw comm_error(
+                    "loco::diloco: the ranks went apart: " +
+                    std::to_string(static_cast<long long>(odd)) + " of " +
+                    std::to_string(world) + " ranks applied an odd number of rounds" +
+                    of_fragment(fi) + ", the others an even number (an earlier sync's "
+                    "agreement failed on some ranks only, after the others applied it; "
+                    "docs/reliability.md); nothing was applied: regroup() from the rank whose "
+                    "outer_steps() is highest, or restore every rank from one checkpoint");
+            }
+        }
         if (status < static_cast<float>(world + 1)) {
             return status > 0.0f;
         }
