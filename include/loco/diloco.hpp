@@ -50,6 +50,7 @@
 #include <exception>
 #include <istream>
 #include <limits>
+#include <new>
 #include <optional>
 #include <ostream>
 #include <sstream>
@@ -280,6 +281,9 @@ public:
     step_result step() {
         check_in_step();
         detail::validate_hyper<schedule_type>(schedule_hyper_);
+        // The compressor's settings are read when an exchange starts, after the inner update and
+        // the collectives of this call's finishes: checked here, a bad setting changes nothing.
+        detail::validate_hyper<Compressor>(compress_hyper_);
         check_state_periods();
         check_fragment_count();
         // A schedule that refuses some changes of its hyper-parameters (streaming: H or tau with
@@ -299,18 +303,26 @@ public:
         } else {
             engine_.inner_skip();
         }
-        restart_loaded_exchanges();
-        // A schedule that decides with its peers (schedule/wallclock.hpp) gets the communicator.
-        // Host memory: over a GPU communicator, its staging view.
-        if constexpr (requires { schedule_.use_communicator(engine_.control_comm()); }) {
-            schedule_.use_communicator(engine_.control_comm());
-        }
-        const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
-        result.synced = !plan.finish.empty();
-        run(plan);
-        // A schedule that times the workers' steps (proportional) leaves the sync out.
-        if constexpr (requires { schedule_.synced(schedule_hyper_); }) {
-            if (result.synced) schedule_.synced(schedule_hyper_);
+        try {
+            restart_loaded_exchanges();
+            // A schedule that decides with its peers (schedule/wallclock.hpp) gets the
+            // communicator. Host memory: over a GPU communicator, its staging view.
+            if constexpr (requires { schedule_.use_communicator(engine_.control_comm()); }) {
+                schedule_.use_communicator(engine_.control_comm());
+            }
+            const schedule::sync_plan plan = schedule_.next(schedule_hyper_);
+            result.synced = !plan.finish.empty();
+            run(plan);
+            // A schedule that times the workers' steps (proportional) leaves the sync out.
+            if constexpr (requires { schedule_.synced(schedule_hyper_); }) {
+                if (result.synced) schedule_.synced(schedule_hyper_);
+            }
+        } catch (const std::bad_alloc&) {
+            // Out of memory is this rank's alone (an agreed failure is raised as a loco error),
+            // and may have come after the schedule counted the call but before this rank posted
+            // the call's collectives (a streaming plan growing): out of step, as a failed start.
+            mark_out_of_step(no_fragment, "running its sync");
+            throw;
         }
         return result;
     }
@@ -709,6 +721,9 @@ public:
         }
         started_ = was_started;
         compared_ = false;  // the next start(), step() or sync() compares the ranks
+        // Every rank resumes from its checkpoint of one call (the comparison above refuses
+        // others), so a handle left out of step is in step again.
+        out_of_step_.clear();
     }
 
     // Worker loss and rejoin (docs/reliability.md). Collective over `group`, called by every rank
@@ -1094,14 +1109,21 @@ private:
         }
         // The starts whose exchange travels on past this call: if the call fails before one of
         // them starts, the finish planned for it has nothing (its fragment misses the round).
-        std::vector<std::size_t> travelling;
+        // Both lists allocated before the first collective of the call (mark_out_of_step).
+        std::vector<std::size_t> travelling, done;
+        try {
+            travelling.reserve(plan.start.size());
+            done.reserve(plan.finish.size());
+        } catch (...) {
+            mark_out_of_step(no_fragment, "planning its sync");
+            throw;
+        }
         for (const std::size_t f : plan.start) {
             if (!planned(plan.finish, f) || frags_[f].in_flight || frags_[f].lost) {
                 travelling.push_back(f);
             }
         }
         try {
-            std::vector<std::size_t> done;
             for (const std::size_t f : plan.finish) {
                 if (frags_[f].in_flight) {
                     finish_fragment(f);
@@ -1173,6 +1195,7 @@ private:
     // sync() and flush(): the exchanges in flight finished, then (sync) every fragment.
     void finish_now(bool every_fragment) {
         check_in_step();
+        detail::validate_hyper<Compressor>(compress_hyper_);  // as step()
         // As step(): a merge alpha or fragment count changed since is refused before anything
         // moves (the merge reads alpha unchecked).
         detail::validate_hyper<schedule_type>(schedule_hyper_);
@@ -1182,6 +1205,12 @@ private:
         // Fragments whose planned finish has nothing: already so, or finished here early. (The
         // exchanges below clear the flag as every start does; it is set again after them.)
         std::vector<std::size_t> nothing_planned;
+        try {
+            nothing_planned.reserve(2 * frags_.size());
+        } catch (...) {
+            mark_out_of_step(no_fragment, "planning its sync");
+            throw;
+        }
         for (std::size_t f = 0; f < frags_.size(); ++f) {
             if (frags_[f].lost) nothing_planned.push_back(f);
         }
@@ -1200,6 +1229,10 @@ private:
                 start_fragment(f);
                 finish_fragment(f);
             }
+        } catch (const std::bad_alloc&) {
+            mark_out_of_step(no_fragment, "running its sync");  // as in step()
+            mark();
+            throw;
         } catch (...) {
             mark();
             throw;
@@ -1225,7 +1258,12 @@ private:
         if (!f.restart) f.started_steps = engine_.inner().steps();
         aggregate::worker_report report;
         if constexpr (Aggregate::needs_reports) {
-            report.norm = engine_.captured_norm(fi);
+            try {
+                report.norm = engine_.captured_norm(fi);  // a device reduction on the GPU
+            } catch (...) {
+                mark_out_of_step(fi, "measuring its pseudo-gradient");
+                throw;
+            }
             report.inner_steps = static_cast<float>(f.started_steps);
         }
         // A restarted exchange (load()) is sent as it was first: with the settings load()
@@ -1268,6 +1306,7 @@ private:
             throw;
         }
     }
+    static constexpr std::size_t no_fragment = static_cast<std::size_t>(-1);
     void mark_out_of_step(std::size_t fi, const char* stage) noexcept {
         if (comm_->size() == 1 || !out_of_step_.empty()) return;
         try {
@@ -1279,20 +1318,22 @@ private:
             } catch (...) {
                 why = "an unknown exception";
             }
-            out_of_step_ = "rank " + std::to_string(comm_->rank()) + " failed" + of_fragment(fi) +
-                           " while " + stage + " (" + why + "), before its exchange was posted";
+            out_of_step_ = "rank " + std::to_string(comm_->rank()) + " failed" +
+                           (fi == no_fragment ? std::string() : of_fragment(fi)) + " while " +
+                           stage + " (" + why + ")";
         } catch (...) {
-            out_of_step_ = "a rank failed before its exchange was posted";
+            out_of_step_ = "this rank failed during a sync";
         }
     }
     // Refuses every collective call of a handle left out of step (mark_out_of_step).
     void check_in_step() const {
         if (out_of_step_.empty()) return;
         throw comm_error("loco::diloco: " + out_of_step_ +
-                         "; its peers' collectives of that sync were left unmatched, so this "
-                         "handle refuses to sync on this communicator: call regroup() on a fresh "
-                         "communicator of the ranks (docs/reliability.md), or restore every rank "
-                         "from one checkpoint");
+                         ", a failure of this rank alone that its peers could not learn of: their "
+                         "collectives of that sync were left unmatched, so this handle refuses to "
+                         "sync on this communicator: call regroup() on a fresh communicator of "
+                         "the ranks (docs/reliability.md), or load() every rank's checkpoint of "
+                         "one call");
     }
 
     void restart_loaded_exchanges() {
@@ -1499,7 +1540,15 @@ private:
         const double w = static_cast<double>(world);
         const double odd_weight = w * (w + 1.0) + 1.0;
         if (check_rounds && (*rounds & 1u) != 0) status += static_cast<float>(odd_weight);
-        engine_.control_comm().all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
+        try {
+            engine_.control_comm().all_reduce(host_tensor(&status, 1), comm::reduce_op::sum);
+        } catch (const std::bad_alloc&) {
+            // Out of memory before the agreement was posted (a communicator allocates its
+            // request first): the peers wait in theirs, as for a start that failed. Any other
+            // error may have come after the others completed it, which the round parity finds.
+            mark_out_of_step(fi, "agreeing on its sync");
+            throw;
+        }
         if (check_rounds) {
             const double total = static_cast<double>(status);
             const double odd = std::floor(total / odd_weight);

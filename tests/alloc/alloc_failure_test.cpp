@@ -101,73 +101,131 @@ TEST_CASE("comm::threads: a start that runs out of memory never writes the calle
     CHECK(failures > 0);  // the sweep reached the start's allocations
 }
 
-TEST_CASE("diloco: one rank out of memory during a sync never leaves the ranks apart") {
-    // Rank 1's n-th allocation of its second step() (a sync under every = 2) fails, for every n
-    // until a step needs no more. Whatever failed, afterwards both ranks hold the same global
-    // parameters and outer step count (applied on both or on neither), and a rank whose handle
-    // is out of step refuses its next sync instead of pairing another round's collectives.
-    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
-    int failures = 0;
+namespace {
+
+// What one rank saw of the armed call and of the call right after it.
+struct rank_outcome {
+    std::string armed, retry;
+    std::vector<float> global_after_armed, global_after_retry;
+    std::uint64_t outer_after_armed = 0, outer_after_retry = 0;
+    std::uint64_t calls_after_armed = 0;
+};
+
+bool refused_out_of_step(const std::string& what) {
+    return what.find("a failure of this rank alone that its peers could not learn of") !=
+               std::string::npos &&
+           what.find("refuses to sync") != std::string::npos;
+}
+
+// Two ranks; rank 1's n-th allocation of its call `armed_call` fails. Both ranks then call
+// step() once more at once (before the group's timeout). Checks, for every n until a call needs
+// fewer allocations, that the ranks never end apart. A rank that raised bad_alloc itself (a
+// failure the ranks could not agree on) either had not counted the call yet (its schedule did
+// not move: its next step() is that call again, which meets its peer's, and both end with the
+// same model), or refuses its next call as out of step instead of pairing its collectives with
+// the ones its peer posted for the failed call.
+template <class Opt>
+void sweep_one_rank_out_of_memory(const typename Opt::config& cfg, int armed_call) {
+    int raw_failures = 0;
     bool reached_end = false;
-    for (long n = 1; n <= 400 && !reached_end; ++n) {
+    for (long n = 1; n <= 600 && !reached_end; ++n) {
         CAPTURE(n);
-        auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(300));
-        std::array<std::vector<float>, 2> global;
-        std::array<std::uint64_t, 2> outer{};
-        std::array<std::string, 2> outcome, next_call;
+        auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(400));
+        std::array<rank_outcome, 2> out;
         std::vector<std::thread> ranks;
         for (int r = 0; r < 2; ++r) {
             ranks.emplace_back([&, r] {
+                rank_outcome& o = out[std::size_t(r)];
                 loco::comm::threads comm(group, r);
-                std::vector<float> w(37), g(37);
-                for (std::size_t i = 0; i < w.size(); ++i) {
-                    w[i] = 0.01f * float(i);
-                    g[i] = 0.1f * float(r + 1) - 0.003f * float(i);
-                }
+                std::vector<float> a(37), b(21), ga(37), gb(21);
+                for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.01f * float(i);
+                for (std::size_t i = 0; i < b.size(); ++i) b[i] = -0.02f * float(i);
                 loco::parameter_list list;
-                list.add("w", w, g);
-                opt_t opt(list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2}});
-                opt.step();
+                list.add("layers.0.w", a, ga).add("layers.1.w", b, gb);
+                Opt opt(list, comm, cfg);
+                const auto gradients = [&](int call) {
+                    for (std::size_t i = 0; i < ga.size(); ++i) {
+                        ga[i] = 0.1f * float(r + 1) - 0.003f * float(i) + 0.01f * float(call);
+                    }
+                    for (std::size_t i = 0; i < gb.size(); ++i) gb[i] = 0.05f * float(r - 1);
+                };
+                for (int call = 1; call < armed_call; ++call) {
+                    gradients(call);
+                    opt.step();
+                }
+                gradients(armed_call);
                 try {
                     failing_allocation arm(r == 1 ? n : 0);
                     opt.step();
-                    outcome[std::size_t(r)] = failed ? "failed inside, returned" : "returned";
+                    o.armed = "returned";
                 } catch (const std::bad_alloc&) {
-                    outcome[std::size_t(r)] = "bad_alloc";
+                    o.armed = "bad_alloc";
                 } catch (const std::exception& e) {
-                    outcome[std::size_t(r)] = std::string("threw: ") + e.what();
+                    o.armed = std::string("threw: ") + e.what();
                 }
-                global[std::size_t(r)].assign(opt.global().begin(), opt.global().end());
-                outer[std::size_t(r)] = opt.outer_steps();
-                if (r == 1 && outcome[1] == "bad_alloc") {
-                    std::this_thread::sleep_for(std::chrono::milliseconds(600));
-                    try {
-                        opt.step();
-                        opt.step();
-                        next_call[1] = "synced";
-                    } catch (const std::exception& e) {
-                        next_call[1] = e.what();
-                    }
+                o.global_after_armed.assign(opt.global().begin(), opt.global().end());
+                o.outer_after_armed = opt.outer_steps();
+                o.calls_after_armed = opt.calls();
+                gradients(armed_call + 1);
+                try {
+                    opt.step();
+                    o.retry = "returned";
+                } catch (const std::exception& e) {
+                    o.retry = e.what();
                 }
+                o.global_after_retry.assign(opt.global().begin(), opt.global().end());
+                o.outer_after_retry = opt.outer_steps();
             });
         }
         for (auto& t : ranks) t.join();
-        CAPTURE(outcome[0]);
-        CAPTURE(outcome[1]);
-        CAPTURE(next_call[1]);
-        CHECK(outer[0] == outer[1]);
-        CHECK(global[0] == global[1]);
-        if (outcome[1] == "returned") {
-            reached_end = true;  // the whole step allocated fewer than n times
-            CHECK(outcome[0] == "returned");
-            CHECK(outer[0] == 1);
+        CAPTURE(out[0].armed);
+        CAPTURE(out[1].armed);
+        CAPTURE(out[0].retry);
+        CAPTURE(out[1].retry);
+        const bool not_counted = out[1].calls_after_armed == std::uint64_t(armed_call - 1);
+        if (out[1].armed == "bad_alloc" && not_counted) {
+            // Rank 1's retry was the armed call, which met rank 0's.
+            CHECK(out[1].retry == "returned");
+            CHECK(out[1].outer_after_retry == out[0].outer_after_armed);
+            CHECK(out[1].global_after_retry == out[0].global_after_armed);
+        } else {
+            CHECK(out[0].outer_after_armed == out[1].outer_after_armed);
+            CHECK(out[0].global_after_armed == out[1].global_after_armed);
         }
-        if (outcome[1] == "bad_alloc") {
-            ++failures;
-            // Never a sync that pairs with rank 0's abandoned one.
-            CHECK(next_call[1] != "synced");
+        if (out[1].armed == "bad_alloc" && !not_counted) {
+            ++raw_failures;
+            CHECK(refused_out_of_step(out[1].retry));
         }
+        if (!refused_out_of_step(out[1].retry) && out[0].retry == "returned" &&
+            out[1].retry == "returned") {
+            CHECK(out[0].outer_after_retry == out[1].outer_after_retry);
+            CHECK(out[0].global_after_retry == out[1].global_after_retry);
+        }
+        if (out[1].armed == "returned" && out[0].armed == "returned") reached_end = true;
     }
-    CHECK(reached_end);
-    CHECK(failures > 0);
+    CHECK(reached_end);  // the sweep went past the call's last allocation
+    CHECK(raw_failures > 0);
+}
+
+}  // namespace
+
+TEST_CASE("diloco: one rank out of memory during a sync never leaves the ranks apart") {
+    // Every allocation of rank 1's sync call fails in turn, under the schedules whose calls
+    // allocate differently: every (a sync), delayed (a finish and a start in one call) and
+    // streaming (a fragment's exchange started while another travels).
+    SUBCASE("every") {
+        using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+        sweep_one_rank_out_of_memory<opt_t>({.inner = {.lr = 1e-2f}, .schedule = {.every = 2}}, 2);
+    }
+    SUBCASE("delayed") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                   loco::schedule::delayed>;
+        sweep_one_rank_out_of_memory<opt_t>({.inner = {.lr = 1e-2f}, .schedule = {.every = 1}}, 2);
+    }
+    SUBCASE("streaming") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                                   loco::schedule::streaming>;
+        sweep_one_rank_out_of_memory<opt_t>(
+            {.inner = {.lr = 1e-2f}, .schedule = {.every = 4, .fragments = 2, .overlap = 1}}, 3);
+    }
 }

@@ -145,6 +145,9 @@ public:
     void start(std::size_t fi, const typename Compressor::hyper& h,
                const compress::encode_context& ctx, const aggregate::worker_report& report) {
         fragment& f = frags_[fi];
+        // Sized before the exchange is posted: finish() must not fail to allocate on one rank
+        // with the collective in flight (the handle marks a failure here, before it).
+        f.average.resize(f.elements);
         f.exchange.start(*comm_, f.captured, h, ctx, report);
     }
 
@@ -153,7 +156,6 @@ public:
                                        const typename Aggregate::hyper& ah) {
         fragment& f = frags_[fi];
         f.exchange.aggregate_hyper() = ah;
-        f.average.resize(f.elements);
         f.exchange.finish(*comm_, f.average, h);
         return f.exchange.failure();
     }
