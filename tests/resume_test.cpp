@@ -12,7 +12,9 @@
 //     finish planned for it has nothing, and the exchange started then still travels;
 //   * streaming refuses H or tau changed while an exchange they planned is in flight;
 //   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads;
-//   * warmup<S> records what it wraps (format 3), and its format 2 checkpoints still load.
+//   * warmup<S> records what it wraps (format 3), and its format 2 checkpoints still load;
+//   * a shared bad compressor setting changes nothing and the run goes on; a handle left out of
+//     step by a refused start is in step again after every rank's load().
 #include <doctest/doctest.h>
 
 #include "support/forwarding_comm.hpp"
@@ -1178,4 +1180,118 @@ TEST_CASE("delayed: a failed finish skips the next round's start, whose planned 
         CHECK(e.rfind("6: loco::diloco: the sync of fragment 0 failed on rank 1", 0) == 0);
     }
     CHECK(globals[0] == globals[1]);
+}
+
+namespace {
+
+// Forwards to `next`, and refuses at once the next start of an all-reduce or all-gather once
+// armed, as a communicator whose peer check fails can.
+class refusing_next_start final : public forwarding_comm {
+public:
+    explicit refusing_next_start(loco::comm::communicator& next)
+        : forwarding_comm(next, "refusing_next_start") {}
+    bool armed = false;
+
+protected:
+    std::unique_ptr<loco::comm::request::operation> do_start_all_reduce(
+        loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        refuse_if_armed();
+        return communicator::do_start_all_reduce(d, op);
+    }
+    std::unique_ptr<loco::comm::request::operation> do_start_all_gather(
+        loco::tensor_view<const std::byte> send, loco::tensor_view<std::byte> recv) override {
+        refuse_if_armed();
+        return communicator::do_start_all_gather(send, recv);
+    }
+
+private:
+    void refuse_if_armed() {
+        if (armed) {
+            armed = false;
+            throw loco::comm_error("injected: start refused");
+        }
+    }
+};
+
+}  // namespace
+
+TEST_CASE("a bad compressor setting on every rank is refused before the inner update, and the run goes on") {
+    // The settings are shared, so every rank refuses alike: nothing moved anywhere, and once
+    // the setting is mended the next call syncs (the handle is not left out of step).
+    using topk_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::topk>;
+    const inputs in("bad compressor setting", 4);
+    std::array<std::vector<float>, 2> finals;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        topk_t opt(m.list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 1},
+                                  .compress = {.ratio = 0.5f}});
+        m.set_gradients(in.grads[0 * 2 + r]);
+        opt.step();
+        const auto values = m.values();
+        const auto calls = opt.calls();
+        opt.compress_hyper().ratio = 0.0f;
+        m.set_gradients(in.grads[1 * 2 + r]);
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("ratio"), loco::invalid_argument);
+        CHECK(m.values() == values);  // not even the inner step
+        CHECK(opt.calls() == calls);
+        opt.compress_hyper().ratio = 0.5f;
+        CHECK_NOTHROW(opt.step());
+        CHECK_NOTHROW(opt.sync());
+        CHECK(opt.outer_steps() == 3);
+        finals[r].assign(opt.global().begin(), opt.global().end());
+    });
+    CHECK(finals[0] == finals[1]);
+}
+
+TEST_CASE("a handle out of step after a refused start is in step again after every rank's load()") {
+    // Every rank's communicator refuses the start of call 3's exchange (the call's first
+    // collective), so every handle is left out of step, with nothing posted on any rank; loading every rank's checkpoint of call 2 brings them back, and the
+    // run continues as one never interrupted.
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    const opt_t::config cfg{.inner = {.lr = 1e-2f}, .schedule = {.every = 1}};
+    const inputs in("out of step then load", 5);
+    std::array<std::vector<float>, 2> straight, resumed;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        opt_t opt(m.list, comm, cfg);
+        for (int step = 0; step < 5; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step) * 2 + r]);
+            opt.step();
+        }
+        straight[r].assign(opt.global().begin(), opt.global().end());
+    });
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        const auto r = static_cast<std::size_t>(threads.rank());
+        refusing_next_start comm(threads);
+        worker_model m(in.init);
+        opt_t opt(m.list, comm, cfg);
+        std::string checkpoint;
+        std::vector<float> values_at_save;
+        for (int step = 0; step < 2; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step) * 2 + r]);
+            opt.step();
+        }
+        {
+            std::ostringstream os;
+            opt.save(os);
+            checkpoint = os.str();
+            values_at_save = m.values();
+        }
+        m.set_gradients(in.grads[2 * 2 + r]);
+        comm.armed = true;
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("injected: start refused"),
+                             loco::comm_error);
+        CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("refuses to sync"), loco::comm_error);
+        m.set_values(values_at_save);
+        std::istringstream is(checkpoint);
+        opt.load(is);
+        for (int step = 2; step < 5; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step) * 2 + r]);
+            opt.step();
+        }
+        resumed[r].assign(opt.global().begin(), opt.global().end());
+    });
+    CHECK(resumed == straight);
 }
