@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -848,6 +849,98 @@ TEST_CASE("nccl: destroying a wrapped communicator settles its collectives under
     CHECK(ncclCommDestroy(raw) == ncclSuccess);
     late = loco::comm::request{};  // a drop after the communicator: nothing to wait for
     CHECK(x.download() == std::vector<float>{1.0f, 2.0f, 3.0f, 4.0f});
+}
+
+TEST_CASE("nccl: a constructor whose agreement fails aborts its communicator once") {
+    // Two ranks whose devices never reach the constructor's check_calls agreement (a lost peer):
+    // each create() throws comm_error after the timeout, and each communicator is aborted
+    // exactly once (the constructor aborted it to free its buffers safely; create() used to
+    // abort the freed communicator again).
+    struct stuck_device {
+        stuck_device() { emu::events_stuck() = true; }
+        ~stuck_device() { emu::events_stuck() = false; }
+    };
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    const int aborts_before = fake::comm_aborts().load();
+    std::array<std::string, 2> messages;
+    {
+        const stuck_device stuck;
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < 2; ++r) {
+            ranks.emplace_back([&, r] {
+                try {
+                    auto comm = loco::comm::nccl::create(
+                        2, r, id, nullptr, {.timeout = std::chrono::milliseconds(200)});
+                    messages[std::size_t(r)] = "constructed";
+                } catch (const loco::comm_error& e) {
+                    messages[std::size_t(r)] = e.what();
+                }
+            });
+        }
+        for (auto& t : ranks) t.join();
+    }
+    for (const auto& m : messages) {
+        CHECK(m.find("waited 200 ms for its peers") != std::string::npos);
+    }
+    CHECK(fake::comm_aborts().load() == aborts_before + 2);
+}
+
+TEST_CASE("nccl: a wrapping constructor that throws comm_error has aborted the communicator") {
+    // One rule for the caller: after comm_error from the constructor the ncclComm_t is gone
+    // (aborted, which frees it), whether the ranks disagreed on check_calls or the agreement
+    // failed; before, a disagreement left it to the caller and a timeout freed it.
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    std::array<ncclComm_t, 2> raw{};
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const int aborts_before = fake::comm_aborts().load();
+    std::array<std::string, 2> messages;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < 2; ++r) {
+        ranks.emplace_back([&, r] {
+            ncclCommInitRankConfig(&raw[std::size_t(r)], 2, id, r, &config);
+            try {
+                loco::comm::nccl wrapped(raw[std::size_t(r)], nullptr,
+                                         {.timeout = std::chrono::seconds(20), .check_calls = r == 0});
+                messages[std::size_t(r)] = "constructed";
+            } catch (const loco::comm_error& e) {
+                messages[std::size_t(r)] = e.what();
+            }
+        });
+    }
+    for (auto& t : ranks) t.join();
+    for (const auto& m : messages) {
+        CHECK(m.find("ranks disagree on nccl_options::check_calls") != std::string::npos);
+    }
+    CHECK(fake::comm_aborts().load() == aborts_before + 2);  // nothing left to destroy
+}
+
+TEST_CASE("nccl: after a CUDA error the destructor leaves a wrapped communicator to the caller") {
+    // synchronize() reports a CUDA error as cuda_error without aborting (aborted() stays false);
+    // the destructor must not then abort, so free, the caller's communicator behind its back.
+    struct failing_events {
+        failing_events() { emu::events_fail() = true; }
+        ~failing_events() { emu::events_fail() = false; }
+    };
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    ncclComm_t raw = nullptr;
+    REQUIRE(ncclCommInitAll(&raw, 1, &device) == ncclSuccess);
+    const int aborts_before = fake::comm_aborts().load();
+    {
+        auto wrapped = std::make_unique<loco::comm::nccl>(
+            raw, nullptr, loco::comm::nccl_options{.timeout = std::chrono::milliseconds(300)});
+        const failing_events fail;
+        CHECK_THROWS_AS(wrapped->synchronize(), loco::cuda_error);
+        CHECK_FALSE(wrapped->aborted());
+        wrapped.reset();  // with the error still there
+    }
+    CHECK(fake::comm_aborts().load() == aborts_before);
+    CHECK(ncclCommDestroy(raw) == ncclSuccess);  // still the caller's
 }
 
 #endif  // LOCO_EMULATED

@@ -49,7 +49,8 @@
 // NCCL may pick another algorithm (tree, NVLS, CollNet) whose per-rank volume differs; the count
 // is the ring's, the bandwidth-optimal volume that nccl-tests' "bus bandwidth" also assumes. The
 // descriptors of check_calls are not in bytes_sent but in control_bytes_sent(), (M-1) x 32 bytes
-// per collective.
+// per collective, plus (M-1) x 32 bytes once at construction (the ranks' agreement on
+// check_calls, made whatever its value).
 //
 // Mean. all_reduce(mean) is an NCCL sum followed by a division by M on the device, the formula of
 // comm::threads (ncclAvg would pre-multiply by 1/M, which rounds differently).
@@ -141,11 +142,12 @@ inline ncclResult_t nccl_settle(ncclComm_t comm, std::chrono::steady_clock::time
 class nccl final : public split_phase_communicator {
 public:
     // Wraps an existing communicator, which stays the caller's (it is not destroyed here, but it
-    // is aborted, which frees it, on a timeout or error, the destructor's wait included: see
-    // ~nccl). The current device must be the communicator's. Collective
-    // over more than one rank: the ranks compare their check_calls (every rank throws comm_error
-    // when they differ), so every rank constructs its wrapper at the same point, each on its own
-    // thread or process.
+    // is aborted, which frees it, on a timeout or NCCL error, the destructor's wait included: see
+    // ~nccl). The current device must be the communicator's. Collective over more than one
+    // rank: the ranks compare their check_calls (every rank throws comm_error when they differ),
+    // so every rank constructs its wrapper at the same point, each on its own thread or process.
+    // When it throws comm_error it has aborted (freed) the communicator; after invalid_argument,
+    // a CUDA error or bad_alloc the communicator is still the caller's.
     explicit nccl(ncclComm_t comm, cudaStream_t caller_stream = nullptr, nccl_options options = {})
         : nccl(comm, caller_stream, options, false) {}
 
@@ -184,12 +186,9 @@ public:
             static_cast<void>(ncclCommAbort(comm));
             throw comm_error(who + "creating the communicator failed: " + why);
         }
-        try {
-            return std::unique_ptr<nccl>(new nccl(comm, caller_stream, options, true));
-        } catch (...) {
-            static_cast<void>(ncclCommAbort(comm));
-            throw;
-        }
+        // A constructor that throws has aborted the communicator it owns (once: it may have
+        // been aborted inside, where a wait timed out).
+        return std::unique_ptr<nccl>(new nccl(comm, caller_stream, options, true));
     }
 
     // Settles every collective still in flight, owned communicator or wrapped: it waits for the
@@ -406,11 +405,29 @@ private:
         int root;
     };
 
+    // A constructor that throws comm_error has aborted the communicator (which frees it): its
+    // agreement may still be in flight on the device after a timeout, and the buffers it uses
+    // must not be freed under it, so the one safe way out is ncclCommAbort first; the other
+    // failures do the same for one rule the caller can rely on. One it owns (create()) it
+    // aborts whatever failed; a wrapped one after invalid_argument, a CUDA error or an
+    // allocation failure stays the caller's.
     nccl(ncclComm_t comm, cudaStream_t caller_stream, nccl_options options, bool owned)
         : comm_(comm), owned_(owned), options_(options), caller_(caller_stream) {
         if (comm_ == nullptr) {
             throw invalid_argument("loco::comm::nccl: null ncclComm_t");
         }
+        try {
+            set_up();
+        } catch (const comm_error&) {
+            abort("the constructor failed");
+            throw;
+        } catch (...) {
+            if (owned_) abort("the constructor failed");
+            throw;
+        }
+    }
+
+    void set_up() {
         if (options_.timeout.count() <= 0) {
             throw invalid_argument("loco::comm::nccl: timeout must be positive");
         }
@@ -533,16 +550,18 @@ private:
     }
 
     // The destructor's wait for the work on the communicator's stream, as synchronize() does but
-    // never throwing: wait_for aborts on a timeout or NCCL error, and after a CUDA error nothing
-    // tells whether the collectives ended, so the communicator is aborted then too.
+    // never throwing: wait_for aborts on a timeout or NCCL error, as synchronize() would. After
+    // a CUDA error (which synchronize() reports as cuda_error without aborting) a wrapped
+    // communicator stays the caller's; one this object owns is aborted, since nothing tells
+    // whether its collectives ended.
     void settle_stream() noexcept {
         try {
             done_.record(stream_->get());
             wait_for(done_.get(), prefix("destruction"));
         } catch (...) {
-            if (!aborted_) {
-                static_cast<void>(ncclCommAbort(comm_));
-                aborted_ = true;
+            try {
+                if (owned_) abort("the destructor's wait failed");
+            } catch (...) {  // NOLINT(bugprone-empty-catch): aborted_ is set before the reason
             }
         }
     }

@@ -90,6 +90,7 @@ enum cudaError_t {
     cudaErrorMemoryAllocation = 2,
     cudaErrorNotSupported = 801,
     cudaErrorUnknown = 999,
+    cudaErrorLaunchFailure = 719,
 };
 inline const char* cudaGetErrorName(cudaError_t e) {
     switch (e) {
@@ -97,6 +98,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
         case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+        case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
         default: return "cudaErrorUnknown";
     }
 }
@@ -400,7 +402,13 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSucces
 // Work runs when it is enqueued (or when its graph is launched), so an event's time is the host's
 // clock when the stream reaches it: elapsed times are the emulator's wall times.
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new emu_event; return cudaSuccess; }
+namespace emu {
+// Fault injection (tests; reset it when done): while set, cudaEventRecord fails with
+// cudaErrorLaunchFailure, as after a kernel fault that left the context unusable.
+inline std::atomic<bool>& events_fail() { static std::atomic<bool> fail{false}; return fail; }
+}  // namespace emu
 inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr) {
+    if (emu::events_fail()) return cudaErrorLaunchFailure;
     return emu::enqueue(s, [e] { e->at = std::chrono::steady_clock::now(); });
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
