@@ -1907,3 +1907,119 @@ TEST_CASE("topk: every NaN has one key and is sent as the canonical quiet NaN") 
     CHECK(wire::get<std::uint32_t>(payload, wire::header_bytes) == 1u);
     CHECK(bits_of(wire::get<float>(payload, wire::header_bytes + 4)) == 0x7fc00000u);
 }
+
+namespace {
+
+// A group of n values with an exact tie of the bin rule at t = 0.5 or 2.5 (B = 4, offset 2), where
+// rounding half to even (torch.round, which MuLoCo's and templar's quantizers call) and rounding
+// half up disagree, and the codes and decoded values the rule gives, computed in double from the
+// specification (statistical.hpp, sparseloco.hpp):
+//   shift = mean(x) -> fp32; c = x - shift; sigma = sqrt(sum c^2 / (n - 1));
+//   scale = range sigma / B -> fp32; q = clamp(round_half_to_even(c / scale + B/2), 0, B - 1);
+//   lut_b = mean of c over q == b -> fp32; decoded = fp32(lut[q] + shift).
+// Random small integers times a random power of two, drawn until every quantity is exact in
+// double and fp32 (so the fp32 t of the library is exactly the tie) and some t is such a tie.
+struct tie_group {
+    std::vector<float> x;
+    float shift = 0.0f;
+    std::array<float, 4> lut{};
+    std::vector<unsigned> q;
+    std::vector<float> decoded;
+};
+
+tie_group draw_tie_group(std::mt19937_64& rng, std::size_t n, double range) {
+    std::uniform_int_distribution<int> small(-8, 8), offset(-100, 100), power(-6, 6);
+    const auto exact_in_fp32 = [](double v) { return double(float(v)) == v; };
+    const auto half_to_even = [](double t) {
+        const double low = std::floor(t);
+        if (t - low != 0.5) return t - low < 0.5 ? low : low + 1.0;
+        return std::fmod(low, 2.0) == 0.0 ? low : low + 1.0;
+    };
+    for (int attempt = 0; attempt < 1000000; ++attempt) {
+        tie_group g;
+        const int m = offset(rng), k = power(rng);
+        for (std::size_t i = 0; i < n; ++i) g.x.push_back(std::ldexp(float(small(rng) + m), k));
+        double sum = 0.0;
+        for (const float v : g.x) sum += v;
+        const double shift = sum / double(n);
+        if (!exact_in_fp32(shift)) continue;
+        std::vector<double> c;
+        double squares = 0.0;
+        for (const float v : g.x) {
+            c.push_back(double(v) - shift);
+            squares += c.back() * c.back();
+        }
+        const double var = squares / double(n - 1), sigma = std::sqrt(var);
+        const double scale = range * sigma / 4.0;
+        if (!(sigma > 0.0) || sigma * sigma != var || !exact_in_fp32(scale)) continue;
+        bool tie = false;
+        std::array<double, 4> bin_sum{}, bin_count{};
+        for (const double ci : c) {
+            const double t = ci / scale + 2.0;
+            tie = tie || t == 0.5 || t == 2.5;  // half to even: 0 and 2; half up: 1 and 3
+            const auto q = unsigned(std::clamp(half_to_even(t), 0.0, 3.0));
+            g.q.push_back(q);
+            bin_sum[q] += ci;
+            bin_count[q] += 1.0;
+        }
+        if (!tie) continue;
+        g.shift = float(shift);
+        for (std::size_t b = 0; b < 4; ++b) {
+            g.lut[b] = bin_count[b] == 0.0 ? 0.0f : float(bin_sum[b] / bin_count[b]);
+        }
+        for (const unsigned q : g.q) g.decoded.push_back(g.lut[q] + g.shift);
+        return g;
+    }
+    FAIL("no group with an exact tie drawn");
+    return {};
+}
+
+}  // namespace
+
+TEST_CASE("statistical and sparseloco: a value exactly halfway between two bins rounds half to even") {
+    // bin_code::code, shared by MuLoCo's statistical quantizer and SparseLoCo's kept values:
+    // round_half_to_even, as torch.round in MuLoCo's QuantizationCompressor and templar's
+    // _quantize_values. Random groups of 8 values with an exact tie at t = 0.5 or 2.5, range 6
+    // (both references' quantization_range), against the rule computed in double.
+    auto rng = rng_for("bin code ties");
+    for (int trial = 0; trial < 4; ++trial) {
+        const tie_group g = draw_tie_group(rng, 8, 6.0);
+        CAPTURE(trial);
+        INFO("x = " << ::doctest::toString(g.x));
+        const lc::segment segs[] = {one_d(0, g.x.size())};
+
+        // statistical<2> per tensor: shift and lut records at 40, the codes at 60.
+        using S = lc::statistical<2>;
+        const auto p = encode<S>({}, g.x, segs, {});
+        CHECK(wire::get<float>(p, wire::header_bytes) == g.shift);
+        for (std::size_t b = 0; b < 4; ++b) {
+            CHECK(wire::get<float>(p, wire::header_bytes + 4 + 4 * b) == g.lut[b]);
+        }
+        for (std::size_t i = 0; i < g.x.size(); ++i) {
+            CAPTURE(i);
+            CHECK(wire::unpack<2>(p.data() + wire::header_bytes + 20, i) == g.q[i]);
+        }
+        std::vector<float> out(g.x.size());
+        S::decode({}, p, segs, out);
+        CHECK(out == g.decoded);
+
+        // sparseloco with one chunk keeping all 8 cells (compact indices: none sent), e = x:
+        // shift and lut at 40, the 2-bit codes at 60; decode D and the accumulator e - D.
+        const lc::sparseloco::hyper h{.chunk = 8, .topk = 8};
+        std::vector<float> e(g.x.size(), 0.0f);
+        std::vector<std::byte> sp(lc::sparseloco::payload_bytes(h, segs));
+        lc::sparseloco::encode(h, g.x, segs, e, {}, sp);
+        CHECK(wire::get<float>(sp, wire::header_bytes) == g.shift);
+        for (std::size_t b = 0; b < 4; ++b) {
+            CHECK(wire::get<float>(sp, wire::header_bytes + 4 + 4 * b) == g.lut[b]);
+        }
+        for (std::size_t j = 0; j < g.x.size(); ++j) {
+            CAPTURE(j);
+            CHECK(wire::get_bits(sp.data() + wire::header_bytes + 20, j, 2) == g.q[j]);
+            CHECK(e[j] == g.x[j] - g.decoded[j]);
+        }
+        std::vector<float> d(g.x.size(), 0.0f);
+        lc::sparseloco::decode(h, sp, segs, d);
+        CHECK(d == g.decoded);
+    }
+}

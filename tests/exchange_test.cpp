@@ -721,3 +721,54 @@ TEST_CASE("two_phase: a first-phase transfer failing on one rank fails the sync 
     }
     CHECK(globals[0] == globals[1]);
 }
+
+namespace {
+
+// The streams of the encodes made on this thread (one thread per rank), in order.
+thread_local std::vector<std::uint64_t>* encode_streams = nullptr;
+
+// blockwise<2, 64> with stochastic rounding that notes the stream of each encode.
+struct stream_recording : lc::blockwise<2, 64> {
+    static void encode(const hyper& h, std::span<const float> x, std::span<const lc::segment> segs,
+                       std::span<float> state, const lc::encode_context& ctx,
+                       std::span<std::byte> out) {
+        if (encode_streams != nullptr) encode_streams->push_back(ctx.stream());
+        lc::blockwise<2, 64>::encode(h, x, segs, state, ctx, out);
+    }
+};
+
+}  // namespace
+
+TEST_CASE("two_phase: each chunk owner re-encodes its average on stream M + r, no worker's") {
+    // exchange.hpp (DeepSpeed's two phases): "The owner averages its chunk and re-encodes it with
+    // its own state; its draws use a stream of their own (rank M + r), distinct from every
+    // worker's" (compressor.hpp: stream = round * 2^32 + rank; docs/compressors.md: every round
+    // and rank draws afresh). Reusing worker r's stream would give owner r the draws rank r
+    // already used on the same elements of its own chunk. M random in 2..5 and a random round:
+    // rank r makes M phase-1 encodes on stream round * 2^32 + r, then one on round * 2^32 + M + r.
+    auto rng = rng_for("two_phase server stream");
+    const int m = std::uniform_int_distribution<int>(2, 5)(rng);
+    const std::uint64_t round = std::uniform_int_distribution<std::uint64_t>(0, 1000)(rng);
+    CAPTURE(m);
+    CAPTURE(round);
+    const std::uint64_t seed = rng();
+    std::vector<std::vector<std::uint64_t>> streams(static_cast<std::size_t>(m));
+    const stream_recording::hyper h{.round = lc::rounding::stochastic};
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        encode_streams = &streams[r];
+        model mdl;
+        loco::detail::exchanger<stream_recording> ex(mdl.list, loco::exchange_scheme::two_phase,
+                                                     comm.size(), comm.rank(), h);
+        auto delta = pseudo_gradient("two_phase server stream", comm.rank(),
+                                     mdl.list.total_elements());
+        ex.average(comm, delta, h, {.seed = seed, .round = round, .rank = comm.rank()});
+        encode_streams = nullptr;
+    });
+    for (std::size_t r = 0; r < streams.size(); ++r) {
+        CAPTURE(r);
+        REQUIRE(streams[r].size() == std::size_t(m) + 1);
+        for (std::size_t k = 0; k < std::size_t(m); ++k) CHECK(streams[r][k] == (round << 32) + r);
+        CHECK(streams[r].back() == (round << 32) + std::uint64_t(m) + r);  // the owner's
+    }
+}

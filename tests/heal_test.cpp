@@ -6,7 +6,8 @@
 // double-precision simulation of the same events (fresh random gradients per worker and step,
 // AdamW inner, Nesterov outer), and the ranks must hold bit-identical parameters after every sync.
 // Also: a heal whose bytes arrive corrupted changes nothing on any rank and can be retried, and a
-// newcomer that was built differently, or a donor that never started, is refused on every rank.
+// newcomer that was built differently, or a donor that never started, is refused on every rank;
+// a state longer than share_from's max_bytes is refused on every rank.
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
@@ -742,4 +743,46 @@ TEST_CASE("regroup() carries a skip streak whose tensor has a name over 512 KiB"
     for (auto& t : workers) t.join();
     CHECK(errors[0] == "");
     CHECK(errors[1] == "");
+}
+
+TEST_CASE("heal: a state longer than max_bytes is refused on every rank, one at the limit arrives") {
+    // heal.hpp, share_from: "`max_bytes` bounds what a receiver accepts, so a corrupted length
+    // cannot make it allocate without limit" (all-or-nothing: every rank returns the donor's
+    // bytes or every rank throws the same comm_error). A random blob from a random donor, over
+    // 2 to 4 thread workers: one byte over the limit is refused on every rank, exactly at the
+    // limit it arrives on every rank as the donor sent it.
+    auto rng = loco_test::rng_for("heal max_bytes");
+    const int m = std::uniform_int_distribution<int>(2, 4)(rng);
+    const int donor = std::uniform_int_distribution<int>(0, m - 1)(rng);
+    std::string blob(std::uniform_int_distribution<std::size_t>(1, 300)(rng), '\0');
+    for (char& c : blob) c = char(std::uniform_int_distribution<int>(0, 255)(rng));
+    CAPTURE(m);
+    CAPTURE(donor);
+    CAPTURE(blob.size());
+    for (const std::uint64_t max_bytes : {std::uint64_t(blob.size()) - 1, std::uint64_t(blob.size())}) {
+        CAPTURE(max_bytes);
+        std::vector<std::string> got(static_cast<std::size_t>(m)), errors(static_cast<std::size_t>(m));
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            try {
+                got[r] = loco::detail::share_from(comm, donor, comm.rank() == donor ? blob : "",
+                                                  max_bytes);
+            } catch (const loco::comm_error& e) {
+                errors[r] = e.what();
+            }
+        });
+        const bool refused = max_bytes < blob.size();
+        for (std::size_t r = 0; r < got.size(); ++r) {
+            CAPTURE(r);
+            CHECK(errors[r].empty() == !refused);
+            if (refused) {
+                const std::string want = "healing from rank " + std::to_string(donor) +
+                                         " failed: the state's length arrived as " +
+                                         std::to_string(blob.size()) + " bytes";
+                CHECK(errors[r].find(want) != std::string::npos);
+            } else {
+                CHECK(got[r] == blob);
+            }
+        }
+    }
 }

@@ -14,7 +14,9 @@
 //   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads;
 //   * warmup<S> records what it wraps (format 3), and its format 2 checkpoints still load;
 //   * a shared bad compressor setting changes nothing and the run goes on; a handle left out of
-//     step by a refused start is in step again after every rank's load().
+//     step by a refused start is in step again after every rank's load();
+//   * golden format 6 checkpoints (a wallclock handle, an EDiT handle) read back their counters
+//     and detector, and this build writes the same bytes.
 #include <doctest/doctest.h>
 
 #include "support/forwarding_comm.hpp"
@@ -1294,4 +1296,131 @@ TEST_CASE("a handle out of step after a refused start is in step again after eve
         resumed[r].assign(opt.global().begin(), opt.global().end());
     });
     CHECK(resumed == straight);
+}
+
+TEST_CASE("golden format 6: a wallclock handle's checkpoint reads back its syncs and skipped windows") {
+    // Written by loco at commit 962d863 (format 6) from the run below: comm::single,
+    // one_tensor_run, inner SGD lr 0.5, outer SGD lr 1, schedule::wallclock T = 2 s,
+    // min_total_global_steps 4, on a clock advanced 1 s per call, saved after call 8. By the rule
+    // of docs/schedules.md (wallclock): the first window opens at call 1 and closes at call 3
+    // (3 steps since the sync < 4: skipped), the next closes at call 5 (5 steps: synced), the
+    // next at call 7 (2 steps: skipped); at call 8: 8 calls, 3 steps since the sync, 1 sync, 2
+    // skipped windows, one outer step, and the global values the local ones of call 5:
+    // w - 0.5 * sum of the gradients of calls 1..5 = {1 - 3.75, 2 + 6.875} (outer SGD at lr 1),
+    // exact in fp32. The fields are all different numbers, so that a reader and a writer that
+    // swapped two of them alike are caught: the fixture is this format's bytes, not what the
+    // build of the day writes and reads back.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::wallclock>;
+    auto now = std::make_shared<double>(0.0);
+    const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 1.0f},
+                            .schedule = {.seconds = 2.0, .min_total_global_steps = 4,
+                                         .clock = [now] { return *now; }}};
+    loco::comm::single comm;
+    one_tensor_run<opt_t> straight(comm, cfg);
+    for (int s = 1; s <= 8; ++s) {
+        *now += 1.0;
+        straight.call(s);
+    }
+    const std::string written = saved(straight.opt);
+    const std::string fixture = bytes_from_hex(
+        "4c4f434f434b505406000000060000000000000064696c6f636f09000000000000006f757465725f7367640400000000"
+        "0000006e6f6e65090000000000000077616c6c636c6f636b04000000000000006e6f6e650d0000000000000066726167"
+        "6d656e7420303a207701000000000000000000000000000000000000000000000004000000000000006d65616e0e0000"
+        "00000000006f757465725f736764206c723d310100000000000000000000000000000008000000000000000300000000"
+        "000000010000000000000002000000000000000000000000000000000000000000000000000000000000000000000000"
+        "000000000000000000000001000000000000000000000000000000000000000000000001000000000000000200000000"
+        "000000080000000000000000000000000000000300000000000000736764010000000000000002000000000000000000"
+        "0000000000000200000000000000000030c000000e4100000000000000000a00000000000000616c6c5f726564756365"
+        "010000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "000000000000000000000000000000000000000000000000010000000000000030e27cfe51563391");
+    REQUIRE(fixture.size() == 472);
+    REQUIRE(static_cast<unsigned char>(fixture[8]) == 6);
+    CHECK(written == fixture);  // this build writes the format's bytes
+
+    one_tensor_run<opt_t> resumed(comm, cfg, straight.w);
+    std::istringstream is(fixture);
+    resumed.opt.load(is);
+    CHECK(resumed.opt.schedule().calls() == 8);
+    CHECK(resumed.opt.schedule().syncs() == 1);
+    CHECK(resumed.opt.schedule().skipped_windows() == 2);
+    CHECK(resumed.opt.outer_steps() == 1);
+    CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
+          std::vector<float>{-2.75f, 8.875f});
+    CHECK(saved(resumed.opt) == fixture);  // and reads them back to the same state
+}
+
+TEST_CASE("golden format 6: an EDiT handle's checkpoint reads back its detector") {
+    // Written by loco at commit 962d863 (format 6) from the run below: comm::single, inner SGD
+    // lr 0.5, outer SGD lr 1, every H = 2, aggregate::edit with ewma_alpha 0.5, ewma_warmup 2,
+    // threshold 3, no consensus; w = {1, 2}, gradient (0.5 (1 + s mod 3), -0.25 (1 + s mod 2))
+    // at call s; saved after call 6: three rounds applied, none flagged (the detector's
+    // count 3, mean 0.9068 and M2 0.0684, all different), the global values
+    // w - 0.5 * sum of the gradients = {1 - 3, 2 + 1.125}, exact in fp32. The detector is not
+    // visible through the handle: the run resumed from the fixture must go on bit for bit as the
+    // one never interrupted, every later round learning from the detector it loaded.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::every, loco::aggregate::edit>;
+    opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 1.0f}, .schedule = {.every = 2}};
+    cfg.aggregate.ewma_alpha = 0.5f;
+    cfg.aggregate.ewma_warmup = 2;
+    cfg.aggregate.ewma_threshold = 3.0f;
+    cfg.aggregate.consensus = loco::aggregate::sign_consensus::none;
+    struct run {
+        std::vector<float> w{1.0f, 2.0f}, g = std::vector<float>(2);
+        loco::parameter_list list;
+        opt_t opt;
+        run(loco::comm::communicator& comm, const opt_t::config& c)
+            : list(listed(w, g)), opt(list, comm, c) {}
+        run(const run&) = delete;  // the list points into w and g
+        void call(int s) {
+            g[0] = 0.5f * float(1 + s % 3);
+            g[1] = -0.25f * float(1 + s % 2);
+            opt.step();
+        }
+        static loco::parameter_list listed(std::vector<float>& w, std::vector<float>& g) {
+            loco::parameter_list l;
+            l.add("w", w, g);
+            return l;
+        }
+    };
+    loco::comm::single comm;
+    run straight(comm, cfg);
+    for (int s = 1; s <= 6; ++s) straight.call(s);
+    const std::string written = saved(straight.opt);
+    const std::string fixture = bytes_from_hex(
+        "4c4f434f434b505406000000060000000000000064696c6f636f09000000000000006f757465725f7367640400000000"
+        "0000006e6f6e650500000000000000657665727904000000000000006e6f6e650d00000000000000667261676d656e74"
+        "20303a207701000000000000000000000000000000000000000000000074000000000000006564697420776569676874"
+        "5f62795f6e6f726d3d3120543d3120736b69705f616e6f6d616c793d3120616c7068613d302e35207761726d75703d32"
+        "207468726573686f6c643d3320636f6e73656e7375733d6e6f6e6520636c69703d696e6620737465705f776569676874"
+        "733d3020723d302e350e000000000000006f757465725f736764206c723d310100000000000000000000000000000006"
+        "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001"
+        "000000000000000000000000000000000000000000000001000000000000000200000000000000060000000000000000"
+        "000000000000000300000000000000736764010000000000000002000000000000000000000000000000020000000000"
+        "0000000000c00000484000000000000000000a00000000000000616c6c5f676174686572030000000000000000000000"
+        "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+        "00000000000000000000000001000000000000000300000000000000000000703004ed3f40fe0b569e81b13f02000000"
+        "00000000c7959c6752e2d13fab3dc6ed0fbbe33f01000000000000001d06aac770b63a2e");
+    REQUIRE(fixture.size() == 612);
+    REQUIRE(static_cast<unsigned char>(fixture[8]) == 6);
+    CHECK(written == fixture);
+
+    run resumed(comm, cfg);
+    resumed.w = straight.w;
+    std::istringstream is(fixture);
+    resumed.opt.load(is);
+    CHECK(resumed.opt.outer_steps() == 3);
+    CHECK(resumed.opt.skipped_syncs() == 0);
+    CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
+          std::vector<float>{-2.0f, 3.125f});
+    CHECK(saved(resumed.opt) == fixture);
+    for (int s = 7; s <= 12; ++s) {
+        straight.call(s);
+        resumed.call(s);
+    }
+    CHECK(resumed.w == straight.w);
+    CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
+    CHECK(resumed.opt.skipped_syncs() == straight.opt.skipped_syncs());
+    CHECK(saved(resumed.opt) == saved(straight.opt));  // the detectors learnt alike
 }

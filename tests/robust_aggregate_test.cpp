@@ -139,6 +139,39 @@ TEST_CASE("edit: T7 weighting vector, clip with the 1e-6 guard, step weights") {
     CHECK(out[0] == doctest::Approx(e0 * scale).epsilon(1e-5));
     CHECK(out[1] == doctest::Approx(e1 * scale).epsilon(1e-4));
 
+    // The guard where it matters (the values above cannot tell 1e-6 from a smaller epsilon):
+    // fresh random deltas of norm about 1e-6, so ||agg|| + 1e-6 is about twice ||agg||, and phi
+    // below ||agg||. atorch's clip_pseudo_grad: agg * min(1, phi / (||agg|| + 1e-6)); the
+    // reference takes the softmax weights of the fp32 reports and the sums in double.
+    {
+        auto rng = loco_test::rng_for("edit clip guard");
+        constexpr std::size_t n = 16;
+        const float sd = 1e-6f / std::sqrt(float(n));
+        const auto tiny = from_rows({loco_test::normal_floats(rng, n, sd),
+                                     loco_test::normal_floats(rng, n, sd)});
+        loco::aggregate::edit::hyper ht;
+        ht.skip_anomaly = false;
+        ht.consensus = loco::aggregate::sign_consensus::none;
+        const double w0 = 1.0 / (1.0 + std::exp(double(tiny.reports[0].norm) - tiny.reports[1].norm));
+        std::vector<double> agg(n);
+        double sq = 0.0;
+        for (std::size_t j = 0; j < n; ++j) {
+            agg[j] = w0 * tiny.deltas[j] + (1.0 - w0) * tiny.deltas[n + j];
+            sq += agg[j] * agg[j];
+        }
+        const double norm = std::sqrt(sq);
+        ht.clip = float(std::uniform_real_distribution<double>(0.05, 0.5)(rng) * norm);
+        const double tiny_scale = std::min(1.0, double(ht.clip) / (norm + 1e-6));
+        CAPTURE(norm);
+        CAPTURE(ht.clip);
+        const auto clipped = run_edit(ht, tiny);
+        for (std::size_t j = 0; j < n; ++j) {
+            CAPTURE(j);
+            // Relative: doctest::Approx's default scale of 1 would pass anything this small.
+            CHECK(std::abs(clipped[j] - agg[j] * tiny_scale) <= 1e-5 * std::abs(agg[j] * tiny_scale));
+        }
+    }
+
     // A-EDiT: w = (1 - r) softmax + r s, s from the reported step counts (30 and 10).
     h.clip = std::numeric_limits<float>::infinity();
     h.step_weights = true;

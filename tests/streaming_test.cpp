@@ -7,7 +7,9 @@
 // a run saved with an exchange in flight resumes bit-identically. (torchft's failure-recovery
 // fixture, a replica that crashes and rejoins: tests/torchft_recovery_test.cpp.) And the merge
 // for alpha = 0.25 and 0.75 (each of torch.lerp's two formulas, away from the fixtures' 0, 0.5
-// and 1) against a double-precision re-computation of algorithms.md section 3.
+// and 1) against a double-precision re-computation of algorithms.md section 3, and bit for bit
+// against ATen's fp32 lerp. Also: layer_of's fragments (sequential: floor(l P / L); strided:
+// l mod P), and each fragment's stochastic rounding drawing its own numbers.
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
@@ -20,6 +22,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -544,4 +548,192 @@ TEST_CASE("streaming: the merge for alpha = 0.25 and 0.75 is alpha local + (1 - 
             expect_merge(got, reference_merge(init, grads, calls, 0.5, 0.5, 0.0, alpha), 0.0);
         }
     }
+}
+
+TEST_CASE("streaming: with layer_of, sequential gives fragment p the layers l with floor(l P / L) = p") {
+    // fragments.hpp and docs/schedules.md: with layer indices, `sequential` gives each fragment a
+    // consecutive run of layers (Streaming DiLoCo's sequential pattern, Douillard et al., arXiv
+    // 2501.18512: blocks of consecutive layers), of near-equal lengths: layer l of L to fragment
+    // floor(l P / L), so fragment p holds the layers in [p L / P, (p + 1) L / P); `strided` sends
+    // layer l to l mod P. Random L and P (P <= L), one to three tensors per layer, the tensors
+    // registered in a random order (a layer's index, not its place, decides), against both
+    // closed forms; and the sequential runs are consecutive and differ in length by at most one.
+    auto rng = loco_test::rng_for("streaming layer_of sequential");
+    for (int trial = 0; trial < 8; ++trial) {
+        const std::size_t P = std::uniform_int_distribution<std::size_t>(2, 5)(rng);
+        const std::size_t L = std::uniform_int_distribution<std::size_t>(P, 13)(rng);
+        CAPTURE(P);
+        CAPTURE(L);
+        std::vector<std::size_t> layer_of_tensor;
+        for (std::size_t l = 0; l < L; ++l) {
+            const auto copies = std::uniform_int_distribution<int>(1, 3)(rng);
+            for (int c = 0; c < copies; ++c) layer_of_tensor.push_back(l);
+        }
+        std::shuffle(layer_of_tensor.begin(), layer_of_tensor.end(), rng);
+        const std::size_t n = layer_of_tensor.size();
+        std::vector<std::vector<float>> w(n, std::vector<float>(3, 1.0f)), g = w;
+        loco::parameter_list list;
+        for (std::size_t i = 0; i < n; ++i) {
+            list.add("layers." + std::to_string(layer_of_tensor[i]) + ".t" + std::to_string(i), w[i],
+                     g[i]);
+        }
+        loco::fragment_layout by_layer;
+        by_layer.layer_of = [](const loco::parameter& p) {
+            return std::size_t(std::stoul(p.name.substr(7, p.name.find(".t") - 7)));
+        };
+        loco::comm::single comm;
+        for (const auto pattern : {loco::fragment_pattern::sequential, loco::fragment_pattern::strided}) {
+            const bool seq = pattern == loco::fragment_pattern::sequential;
+            CAPTURE(seq);
+            streaming_t opt(list, comm, {.schedule = {.every = 4 * P, .fragments = P, .overlap = 0,
+                                                      .pattern = pattern},
+                                         .fragments = by_layer});
+            std::vector<std::size_t> got(n, P);
+            for (std::size_t f = 0; f < P; ++f) {
+                for (const std::size_t i : opt.fragment_params(f)) got[i] = f;
+            }
+            for (std::size_t i = 0; i < n; ++i) {
+                CAPTURE(i);
+                const std::size_t l = layer_of_tensor[i];
+                CHECK(got[i] == (seq ? l * P / L : l % P));
+            }
+            if (!seq) continue;
+            // Per layer (all its tensors agree, checked above): runs of consecutive layers.
+            std::vector<std::size_t> run(P, 0), of_layer(L, P);
+            for (std::size_t i = 0; i < n; ++i) of_layer[layer_of_tensor[i]] = got[i];
+            for (std::size_t l = 0; l < L; ++l) {
+                if (of_layer[l] < P) ++run[of_layer[l]];
+                if (l > 0) CHECK(of_layer[l] >= of_layer[l - 1]);
+            }
+            CHECK(*std::max_element(run.begin(), run.end()) - *std::min_element(run.begin(), run.end()) <= 1);
+        }
+    }
+}
+
+TEST_CASE("streaming: the merge is torch.lerp's fp32 arithmetic bit for bit at alpha 0.25 and 0.75") {
+    // torchft merges local <- torch.lerp(global, local, alpha), and ATen's lerp kernel
+    // (aten/src/ATen/native/Lerp.h) computes, in the tensor's dtype,
+    //   |weight| < 0.5:  start + weight * (end - start)
+    //   otherwise:       end - (end - start) * (1 - weight)
+    // Mathematically equal forms (alpha local + (1 - alpha) global) round differently, which the
+    // merge test above (within 1e-5, or on exact data) cannot tell apart. Two workers, H = 4,
+    // P = 2, tau = 1, 12 calls, 2 x 500 random normal elements, inner SGD at lr 0.5 (so the inner
+    // step x - 0.5 g is one fp32 rounding): at every call each local value must be, bit for bit,
+    // the inner step, or where its fragment's global values were just updated, ATen's formula on
+    // the new global value and that inner step. At alpha 0.25 and 0.75 the products by 0.25 are
+    // exact, so the reference is the same on a compiler that contracts to FMA.
+    constexpr std::size_t half = 500;
+    constexpr int calls = 12;
+    for (const float alpha : {0.25f, 0.75f}) {
+        CAPTURE(alpha);
+        auto rng = loco_test::rng_for("streaming merge lerp bits");
+        const auto init = loco_test::normal_floats(rng, 2 * half);
+        std::vector<std::vector<float>> grads;  // [call * 2 + rank]
+        for (int i = 0; i < calls * 2; ++i) grads.push_back(loco_test::normal_floats(rng, 2 * half));
+        std::array<std::size_t, 2> mismatches{}, merged_calls{};
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const auto r = std::size_t(comm.rank());
+            std::vector<float> a(init.begin(), init.begin() + half), b(init.begin() + half, init.end());
+            std::vector<float> ga(half), gb(half);
+            loco::parameter_list list;
+            list.add("a", a, ga);
+            list.add("b", b, gb);
+            merge_opt<loco::outer::nesterov>::config cfg;
+            cfg.inner = {.lr = 0.5f};
+            cfg.outer = {.lr = 0.7f, .momentum = 0.9f};
+            cfg.schedule = {.every = 4, .fragments = 2, .overlap = 1, .alpha = alpha};
+            cfg.fragments.names = {{"a"}, {"b"}};
+            merge_opt<loco::outer::nesterov> opt(list, comm, cfg);
+            std::vector<float> global_before(opt.global().begin(), opt.global().end());
+            for (int c = 1; c <= calls; ++c) {
+                const auto& g = grads[std::size_t(c - 1) * 2 + r];
+                std::copy(g.begin(), g.begin() + half, ga.begin());
+                std::copy(g.begin() + half, g.end(), gb.begin());
+                std::vector<float> before = a;
+                before.insert(before.end(), b.begin(), b.end());
+                opt.step();
+                const std::vector<float> global(opt.global().begin(), opt.global().end());
+                for (std::size_t f = 0; f < 2; ++f) {
+                    const std::vector<float>& x = f == 0 ? a : b;
+                    const bool merged = !std::equal(global.begin() + f * half,
+                                                    global.begin() + (f + 1) * half,
+                                                    global_before.begin() + f * half);
+                    if (r == 0 && merged) ++merged_calls[f];
+                    for (std::size_t j = 0; j < half; ++j) {
+                        const std::size_t e = f * half + j;
+                        const float end = before[e] - 0.5f * g[e];
+                        const float start = global[e];
+                        const float want = !merged ? end
+                                           : alpha < 0.5f ? start + alpha * (end - start)
+                                                          : end - (end - start) * (1.0f - alpha);
+                        if (std::bit_cast<std::uint32_t>(x[j]) != std::bit_cast<std::uint32_t>(want)) {
+                            ++mismatches[r];
+                        }
+                    }
+                }
+                global_before = global;
+            }
+        });
+        CHECK(merged_calls == std::array<std::size_t, 2>{3, 3});  // three applies of each fragment
+        CHECK(mismatches[0] == 0);
+        CHECK(mismatches[1] == 0);
+    }
+}
+
+TEST_CASE("streaming: each fragment's stochastic rounding draws its own numbers") {
+    // compress/compressor.hpp: every rank and every sync uses fresh draws; a fragment's payload
+    // must not reuse another fragment's draws, or the rounding errors of the fragments correlate
+    // (loco::diloco gives each fragment its own seed). Two fragments whose pseudo-gradients are
+    // exactly proportional (b's is 2 x a's: SGD at lr 1/8 on the same dyadic gradients, fragment 0
+    // syncing after 2 steps, fragment 1 after 4, both in their round 0 on rank 0) are quantized
+    // by blockwise<2, 64> with stochastic rounding: the same t for both (absmax scale doubled),
+    // rounded up with probability p = t - floor(t). Shared draws would round every element alike,
+    // decoded(b) == 2 decoded(a) everywhere; independent ones alike with probability
+    // p^2 + (1 - p)^2, whose sum over the elements (and its variance) bound the count.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::blockwise<2, 64>,
+                               loco::schedule::streaming>;
+    constexpr std::size_t n = 512;
+    auto rng = loco_test::rng_for("streaming fragment seeds");
+    std::uniform_int_distribution<int> sixty_fourths(-32, 32);
+    std::vector<float> g(n);
+    for (auto& v : g) v = float(sixty_fourths(rng)) / 64.0f;
+    std::vector<float> a(n, 0.0f), b(n, 0.0f), ga = g, gb = g;
+    loco::parameter_list list;
+    list.add("a", a, ga);
+    list.add("b", b, gb);
+    loco::comm::single comm;
+    opt_t::config cfg;
+    cfg.inner = {.lr = 0.125f};
+    cfg.outer = {.lr = 1.0f};
+    cfg.compress = {.round = loco::compress::rounding::stochastic};
+    cfg.schedule = {.every = 4, .fragments = 2, .overlap = 0};
+    cfg.fragments.names = {{"a"}, {"b"}};
+    cfg.seed = rng();
+    CAPTURE(cfg.seed);
+    opt_t opt(list, comm, cfg);
+    opt.start();
+    for (int c = 0; c < 4; ++c) opt.step();
+    REQUIRE(opt.outer_steps(0) == 1);
+    REQUIRE(opt.outer_steps(1) == 1);
+    const auto global = opt.global();  // 0 - decoded: a's, then b's
+    // Fragment a's pseudo-gradient is 2 * lr * g = g / 4; t = (x / s + 1) * 3 / 2 per block of 64.
+    double expected_alike = 0.0, variance = 0.0;
+    std::size_t alike = 0;
+    for (std::size_t block = 0; block < n; block += 64) {
+        double s = 0.0;
+        for (std::size_t i = block; i < block + 64; ++i) s = std::max(s, std::abs(double(g[i]) / 4));
+        for (std::size_t i = block; i < block + 64; ++i) {
+            const double t = s == 0.0 ? 1.5 : (double(g[i]) / 4 / s + 1.0) * 1.5;
+            const double p = t - std::floor(t);
+            const double q = s == 0.0 ? 1.0 : p * p + (1 - p) * (1 - p);
+            expected_alike += q;
+            variance += q * (1 - q);
+            alike += global[n + i] == 2.0f * global[i] ? 1 : 0;
+        }
+    }
+    CAPTURE(expected_alike);
+    CAPTURE(variance);
+    CHECK(alike < n);
+    CHECK(double(alike) <= expected_alike + 6.0 * std::sqrt(variance) + 1.0);
+    CHECK(double(alike) >= expected_alike - 6.0 * std::sqrt(variance) - 1.0);
 }

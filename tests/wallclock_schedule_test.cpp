@@ -1,7 +1,9 @@
 // A-EDiT's wall-clock schedule, DyLU's speed-proportional local steps and EDiT's warm-up, with
 // thread workers whose step times come from injected clocks, against hand-derived sync calls and
 // double-precision re-computations of the aggregate; runs of both resumed from a checkpoint
-// saved inside a window or round against the runs never interrupted.
+// saved inside a window or round against the runs never interrupted. The wallclock rule is also
+// checked against a simulation in doubles (workers waiting in the agreement, the
+// min_total_global_steps boundary).
 
 #include <doctest/doctest.h>
 
@@ -18,6 +20,7 @@
 #include <loco/schedule/wallclock.hpp>
 #include <loco/schedule/warmup.hpp>
 
+#include "support/forwarding_comm.hpp"
 #include "support/random.hpp"
 
 #include <algorithm>
@@ -815,5 +818,194 @@ TEST_CASE("proportional (DyLU): a run resumed from a checkpoint inside a round e
             INFO("rank " << r << ": the first call whose sync, counters or parameters differ (0: none)");
             CHECK(first_difference(resumed[r], straight[r]) == 0);
         }
+    }
+}
+
+namespace {
+
+// Workers whose steps take step_seconds[k] on their own clocks, the first to close a window
+// waiting in the agreement for the last (docs/schedules.md, wallclock: "The workers that close
+// first wait in the all-reduce ... for the others"): after the schedule's all-reduce each
+// worker's clock reads the latest arrival time. The agreement is the schedule's only collective.
+class waiting_agreement final : public loco_test::forwarding_comm {
+public:
+    waiting_agreement(loco::comm::communicator& next, std::shared_ptr<double> now)
+        : forwarding_comm(next, "waiting_agreement"), now_(std::move(now)) {}
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        forwarding_comm::do_all_reduce(d, op);
+        const double mine = *now_;
+        std::vector<double> all(static_cast<std::size_t>(size()));
+        forwarding_comm::do_all_gather(
+            loco::host_tensor(reinterpret_cast<const std::byte*>(&mine), sizeof mine),
+            loco::host_tensor(reinterpret_cast<std::byte*>(all.data()), all.size() * sizeof mine));
+        *now_ = *std::max_element(all.begin(), all.end());
+    }
+
+private:
+    std::shared_ptr<double> now_;
+};
+
+// One closed window as the documented rule gives it (docs/schedules.md, wallclock, "Rule"):
+// the call at which each worker closed it and what the workers agreed on.
+struct window_ref {
+    std::vector<int> close_call;
+    double mean_seconds = 0.0;
+    std::uint64_t total_steps = 0;
+    bool synced = false;
+    double longest_wait = 0.0;  // the longest a worker waited in the agreement
+};
+
+// The rule in doubles, independent of the schedule's code: the first window opens when the first
+// step returns; a window closes at the first step ending >= T after it opened; the workers wait
+// for the last one to close; the agreed mean elapsed time is each worker's close time less its
+// opening time (the wait is after the close); total = steps since the last sync, the window is
+// skipped when total < min_total_global_steps; then every worker opens its next window when the
+// agreement returns.
+std::vector<window_ref> wallclock_reference(const std::vector<double>& step_seconds, double T,
+                                            std::uint64_t min_total, int windows) {
+    const std::size_t m = step_seconds.size();
+    std::vector<double> t(m), opened(m);
+    std::vector<int> calls(m, 1);
+    std::vector<std::uint64_t> since(m, 1);
+    for (std::size_t k = 0; k < m; ++k) t[k] = opened[k] = step_seconds[k];
+    std::vector<window_ref> out;
+    for (int w = 0; w < windows; ++w) {
+        window_ref ref;
+        double elapsed_sum = 0.0, agreed_at = 0.0;
+        for (std::size_t k = 0; k < m; ++k) {
+            do {
+                ++calls[k];
+                ++since[k];
+                t[k] += step_seconds[k];
+            } while (t[k] - opened[k] < T);
+            ref.close_call.push_back(calls[k]);
+            elapsed_sum += t[k] - opened[k];
+            ref.total_steps += since[k];
+            agreed_at = std::max(agreed_at, t[k]);
+        }
+        ref.mean_seconds = elapsed_sum / double(m);
+        for (std::size_t k = 0; k < m; ++k) ref.longest_wait = std::max(ref.longest_wait, agreed_at - t[k]);
+        ref.synced = ref.total_steps >= min_total;
+        for (std::size_t k = 0; k < m; ++k) {
+            t[k] = opened[k] = agreed_at;
+            if (ref.synced) since[k] = 0;
+        }
+        out.push_back(ref);
+    }
+    return out;
+}
+
+// The schedule on `m` thread workers through waiting_agreement: each worker's call at every
+// window close and the agreed window, as the schedule reports them.
+std::vector<std::vector<window_ref>> wallclock_run(const std::vector<double>& step_seconds, double T,
+                                                   std::uint64_t min_total, int windows) {
+    const int m = int(step_seconds.size());
+    std::vector<std::vector<window_ref>> got(static_cast<std::size_t>(m));
+    loco::comm::run_threads(m, [&](loco::comm::threads& base) {
+        const auto r = std::size_t(base.rank());
+        fake_clock clock;
+        waiting_agreement comm(base, clock.now);
+        loco::schedule::wallclock s;
+        s.use_communicator(comm);
+        const loco::schedule::wallclock::hyper h{.seconds = T, .min_total_global_steps = min_total,
+                                                 .clock = clock.fn()};
+        int call = 0;
+        while (got[r].size() < std::size_t(windows) && call < 10000) {
+            ++call;
+            *clock.now += step_seconds[r];
+            const std::uint64_t closed = s.syncs() + s.skipped_windows();
+            const bool synced = !s.next(h).empty();
+            if (s.syncs() + s.skipped_windows() != closed) {
+                window_ref w;
+                w.close_call = {call};
+                w.mean_seconds = s.last_window().mean_seconds;
+                w.total_steps = s.last_window().total_steps;
+                w.synced = s.last_window().synced;
+                CHECK(synced == w.synced);
+                got[r].push_back(w);
+            }
+        }
+    });
+    return got;
+}
+
+// Dyadic step times (multiples of 1/8 s, distinct per worker) and T, so that every time is
+// exact in doubles and in the schedule's float sums.
+std::vector<double> dyadic_step_seconds(std::mt19937_64& rng, std::size_t m) {
+    std::uniform_int_distribution<int> eighths(2, 12);
+    std::vector<double> d;
+    while (d.size() < m) {
+        const double v = eighths(rng) / 8.0;
+        if (std::find(d.begin(), d.end(), v) == d.end()) d.push_back(v);
+    }
+    return d;
+}
+
+void check_against_reference(const std::vector<std::vector<window_ref>>& got,
+                             const std::vector<window_ref>& want) {
+    for (std::size_t r = 0; r < got.size(); ++r) {
+        CAPTURE(r);
+        REQUIRE(got[r].size() == want.size());
+        for (std::size_t w = 0; w < want.size(); ++w) {
+            CAPTURE(w);
+            CHECK(got[r][w].close_call[0] == want[w].close_call[r]);
+            CHECK(got[r][w].mean_seconds == doctest::Approx(want[w].mean_seconds).epsilon(1e-9));
+            CHECK(got[r][w].total_steps == want[w].total_steps);
+            CHECK(got[r][w].synced == want[w].synced);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("wallclock: a worker that waited in the agreement opens its next window when the "
+          "agreement returns, and the wait is no time of that window") {
+    // docs/schedules.md, wallclock "Rule": after the all-reduce "every worker opens its next
+    // window"; the workers that close first wait there for the others. So a fast worker's next
+    // window opens when the agreement returns (its clock read then), not when it arrived: the
+    // wait neither shortens its next window nor counts in the agreed elapsed time. Three workers
+    // of random distinct step times, each waiting for the last, against the rule simulated in
+    // doubles (wallclock_reference) over four windows.
+    auto rng = loco_test::rng_for("wallclock waits in the agreement");
+    std::vector<double> d;
+    double T = 0.0;
+    std::vector<window_ref> want;
+    // Draw until some worker waits at an agreement before the last (the window it opens next
+    // would then differ from one opened on its arrival); T >= 2 * the longest step keeps every
+    // window longer than one step (no "T shorter than one step").
+    for (bool waits = false; !waits;) {
+        d = dyadic_step_seconds(rng, 3);
+        T = std::uniform_int_distribution<int>(24, 48)(rng) / 8.0;
+        want = wallclock_reference(d, T, 0, 4);
+        for (std::size_t w = 0; w + 1 < want.size(); ++w) waits = waits || want[w].longest_wait > 0.0;
+    }
+    CAPTURE(d[0]);
+    CAPTURE(d[1]);
+    CAPTURE(d[2]);
+    CAPTURE(T);
+    check_against_reference(wallclock_run(d, T, 0, 4), want);
+}
+
+TEST_CASE("wallclock: a window with exactly min_total_global_steps steps since the last sync "
+          "syncs, one step fewer than the minimum skips it") {
+    // docs/schedules.md, wallclock "Rule" (atorch's A-EDiT): "total steps since the last sync <
+    // min_total_global_steps: skip". With min_total_global_steps equal to the first window's
+    // agreed total the first window syncs; with one more it is skipped and its steps count in
+    // the next window's total. Random step times, against the rule simulated in doubles.
+    auto rng = loco_test::rng_for("wallclock min_total_global_steps boundary");
+    const auto d = dyadic_step_seconds(rng, 3);
+    const double T = std::uniform_int_distribution<int>(24, 48)(rng) / 8.0;
+    CAPTURE(d[0]);
+    CAPTURE(d[1]);
+    CAPTURE(d[2]);
+    CAPTURE(T);
+    const std::uint64_t first_total = wallclock_reference(d, T, 0, 1)[0].total_steps;
+    for (const std::uint64_t min_total : {first_total, first_total + 1}) {
+        CAPTURE(min_total);
+        const auto want = wallclock_reference(d, T, min_total, 3);
+        CHECK(want[0].synced == (min_total == first_total));
+        check_against_reference(wallclock_run(d, T, min_total, 3), want);
     }
 }
