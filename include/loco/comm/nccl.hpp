@@ -471,20 +471,10 @@ private:
         }
         const std::string where = prefix("construction");
         const std::size_t m = static_cast<std::size_t>(size_);
-        host_descriptors_[m] = descriptor{descriptor_magic, kind::options,
-                                          options_.check_calls ? 1u : 0u, 0, 0, 0};
         backend::cuda::device_guard on(device_);
-        descriptor* dev = descriptors_.get();
-        cudaStream_t s = stream_->get();
-        LOCO_CUDA_CHECK(cudaMemcpyAsync(dev + m, host_descriptors_.get() + m, sizeof(descriptor),
-                                        cudaMemcpyHostToDevice, s));
-        check_nccl(ncclAllGather(dev + m, dev, sizeof(descriptor), ncclUint8, comm_, s), where,
-                   "ncclAllGather (options)");
-        LOCO_CUDA_CHECK(cudaMemcpyAsync(host_descriptors_.get(), dev, m * sizeof(descriptor),
-                                        cudaMemcpyDeviceToHost, s));
-        done_.record(s);
-        wait_for(done_.get(), where);
-        control_sent_ += (m - 1) * sizeof(descriptor);
+        gather_descriptors(descriptor{descriptor_magic, kind::options,
+                                      options_.check_calls ? 1u : 0u, 0, 0, 0},
+                           where, "ncclAllGather (options)");
         std::size_t with_checks = 0;
         for (std::size_t k = 0; k < m; ++k) {
             const descriptor& d = host_descriptors_[k];
@@ -617,23 +607,32 @@ private:
         return s + " (its collective #" + std::to_string(d.sequence) + ")";
     }
 
-    // All-gathers this rank's descriptor and compares them all; every rank throws the same
-    // comm_error when they differ. No payload has moved then, and the communicator stays usable.
-    void agree(const call& c, const std::string& where) {
+    // All-gathers `mine` into host_descriptors_[0, M) on the communicator's stream and waits for
+    // it under the timeout (counted in control_bytes_sent): the constructor's agreement on the
+    // options and every call's check_calls agreement.
+    void gather_descriptors(const descriptor& mine, const std::string& where, const char* what) {
         const std::size_t m = static_cast<std::size_t>(size_);
-        host_descriptors_[m] = descriptor{descriptor_magic, c.what, c.op, c.root,
-                                          static_cast<std::uint64_t>(c.count), sequence_};
+        host_descriptors_[m] = mine;
         descriptor* dev = descriptors_.get();
         cudaStream_t s = stream_->get();
         LOCO_CUDA_CHECK(cudaMemcpyAsync(dev + m, host_descriptors_.get() + m, sizeof(descriptor),
                                         cudaMemcpyHostToDevice, s));
         check_nccl(ncclAllGather(dev + m, dev, sizeof(descriptor), ncclUint8, comm_, s), where,
-                   "ncclAllGather (call descriptors)");
+                   what);
         LOCO_CUDA_CHECK(cudaMemcpyAsync(host_descriptors_.get(), dev, m * sizeof(descriptor),
                                         cudaMemcpyDeviceToHost, s));
         done_.record(s);
         wait_for(done_.get(), where);
         control_sent_ += (m - 1) * sizeof(descriptor);
+    }
+
+    // All-gathers this rank's descriptor and compares them all; every rank throws the same
+    // comm_error when they differ. No payload has moved then, and the communicator stays usable.
+    void agree(const call& c, const std::string& where) {
+        const std::size_t m = static_cast<std::size_t>(size_);
+        gather_descriptors(descriptor{descriptor_magic, c.what, c.op, c.root,
+                                      static_cast<std::uint64_t>(c.count), sequence_},
+                           where, "ncclAllGather (call descriptors)");
         const descriptor& first = host_descriptors_[0];
         for (std::size_t k = 0; k < m; ++k) {
             const descriptor& d = host_descriptors_[k];
