@@ -268,8 +268,12 @@ public:
             }
             return false;
         }
-        check_fingerprint(engine_.control_comm());
-        compared_ = true;
+        // Compared once: a snapshot that fails on this rank before its broadcast is posted (out
+        // of memory) leaves its peers waiting in theirs, which the retry then meets.
+        if (!compared_) {
+            check_fingerprint(engine_.control_comm());
+            compared_ = true;
+        }
         const bool moved = engine_.snapshot(broadcast_initial_);
         started_ = true;
         return moved;
@@ -723,7 +727,8 @@ public:
         compared_ = false;  // the next start(), step() or sync() compares the ranks
         // Every rank resumes from its checkpoint of one call (the comparison above refuses
         // others), so a handle left out of step is in step again.
-        out_of_step_.clear();
+        out_of_step_ = false;
+        out_of_step_why_.clear();
     }
 
     // Worker loss and rejoin (docs/reliability.md). Collective over `group`, called by every rank
@@ -835,7 +840,8 @@ public:
         }
         started_ = true;
         compared_ = true;
-        out_of_step_.clear();  // every rank of the new group is in step
+        out_of_step_ = false;  // every rank of the new group is in step
+        out_of_step_why_.clear();
     }
 
 private:
@@ -1200,17 +1206,14 @@ private:
         // moves (the merge reads alpha unchecked).
         detail::validate_hyper<schedule_type>(schedule_hyper_);
         check_fragment_count();
-        start();
-        restart_loaded_exchanges();
         // Fragments whose planned finish has nothing: already so, or finished here early. (The
         // exchanges below clear the flag as every start does; it is set again after them.)
+        // Allocated before any collective of the call: failing here, this rank changed nothing
+        // and posted nothing, and its retry meets its peers.
         std::vector<std::size_t> nothing_planned;
-        try {
-            nothing_planned.reserve(2 * frags_.size());
-        } catch (...) {
-            mark_out_of_step(no_fragment, "planning its sync");
-            throw;
-        }
+        nothing_planned.reserve(2 * frags_.size());
+        start();
+        restart_loaded_exchanges();
         for (std::size_t f = 0; f < frags_.size(); ++f) {
             if (frags_[f].lost) nothing_planned.push_back(f);
         }
@@ -1308,7 +1311,8 @@ private:
     }
     static constexpr std::size_t no_fragment = static_cast<std::size_t>(-1);
     void mark_out_of_step(std::size_t fi, const char* stage) noexcept {
-        if (comm_->size() == 1 || !out_of_step_.empty()) return;
+        if (comm_->size() == 1 || out_of_step_) return;
+        out_of_step_ = true;  // first: the message below may fail to allocate
         try {
             std::string why;
             try {
@@ -1318,17 +1322,18 @@ private:
             } catch (...) {
                 why = "an unknown exception";
             }
-            out_of_step_ = "rank " + std::to_string(comm_->rank()) + " failed" +
+            out_of_step_why_ = "rank " + std::to_string(comm_->rank()) + " failed" +
                            (fi == no_fragment ? std::string() : of_fragment(fi)) + " while " +
                            stage + " (" + why + ")";
-        } catch (...) {
-            out_of_step_ = "this rank failed during a sync";
+        } catch (...) {  // NOLINT(bugprone-empty-catch): check_in_step says it without the why
         }
     }
     // Refuses every collective call of a handle left out of step (mark_out_of_step).
     void check_in_step() const {
-        if (out_of_step_.empty()) return;
-        throw comm_error("loco::diloco: " + out_of_step_ +
+        if (!out_of_step_) return;
+        throw comm_error("loco::diloco: " +
+                         (out_of_step_why_.empty() ? std::string("this rank failed during a sync")
+                                                   : out_of_step_why_) +
                          ", a failure of this rank alone that its peers could not learn of: their "
                          "collectives of that sync were left unmatched, so this handle refuses to "
                          "sync on this communicator: call regroup() on a fresh communicator of "
@@ -1720,7 +1725,8 @@ private:
     bool started_ = false;
     bool compared_ = false;  // the ranks' fingerprints compared since the last load()
     // Why this rank's handle is out of step with its peers (mark_out_of_step); empty when not.
-    std::string out_of_step_;
+    bool out_of_step_ = false;
+    std::string out_of_step_why_;
     std::uint64_t skipped_syncs_ = 0;
     // During a warm-up plan's finishes (run()): the aggregation learns nothing from them, and
     // they merge with alpha 0.

@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
@@ -480,6 +481,11 @@ private:
         bool received = true;
         try {
             comm.all_to_all(const_bytes_of(send_), bytes_of(recv_));
+        } catch (const std::bad_alloc&) {
+            // Out of memory before the collective was posted: this rank's alone, which its
+            // peers cannot learn of from the agreement (their collective waits for it), so it
+            // is not recorded as a failure to agree on but raised (diloco marks it).
+            throw;
         } catch (...) {
             failure_.record(sync_stage::transfer, std::current_exception());
             received = false;
@@ -507,6 +513,8 @@ private:
         send_.swap(reencoded);
         try {
             comm.all_gather(const_bytes_of(send_), bytes_of(recv_));
+        } catch (const std::bad_alloc&) {
+            throw;  // as the all_to_all above
         } catch (...) {
             failure_.record(sync_stage::transfer, std::current_exception());
             return;

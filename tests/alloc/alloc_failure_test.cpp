@@ -19,10 +19,13 @@ namespace {
 // Allocations left before the one that fails on this thread; 0: none fails.
 thread_local long allocations_left = 0;
 thread_local bool failed = false;
+thread_local bool out_of_memory = false;  // every allocation fails while set
+thread_local bool stays_out = false;      // the failing allocation sets out_of_memory
 
 void* allocate(std::size_t n) {
-    if (allocations_left > 0 && --allocations_left == 0) {
+    if (out_of_memory || (allocations_left > 0 && --allocations_left == 0)) {
         failed = true;
+        if (stays_out) out_of_memory = true;
         throw std::bad_alloc();
     }
     if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
@@ -38,6 +41,18 @@ struct failing_allocation {
     ~failing_allocation() { allocations_left = 0; }
     failing_allocation(const failing_allocation&) = delete;
     failing_allocation& operator=(const failing_allocation&) = delete;
+};
+
+// Arms the n-th allocation of this thread and every one after it to fail while it lives.
+struct no_memory_from {
+    explicit no_memory_from(long n) : arm(n) { stays_out = n > 0; }
+    ~no_memory_from() {
+        stays_out = false;
+        out_of_memory = false;
+    }
+    no_memory_from(const no_memory_from&) = delete;
+    no_memory_from& operator=(const no_memory_from&) = delete;
+    failing_allocation arm;
 };
 
 }  // namespace
@@ -196,6 +211,10 @@ void sweep_one_rank_out_of_memory(const typename Opt::config& cfg, int armed_cal
             ++raw_failures;
             CHECK(refused_out_of_step(out[1].retry));
         }
+        // A handle not left out of step is in step: its next call goes through (a bad_alloc
+        // recorded as a failed transfer, its collective never posted, used to leave the ranks'
+        // collectives one apart for good, every later sync failing on "ranks disagree").
+        if (!refused_out_of_step(out[1].retry)) CHECK(out[1].retry == "returned");
         if (!refused_out_of_step(out[1].retry) && out[0].retry == "returned" &&
             out[1].retry == "returned") {
             CHECK(out[0].outer_after_retry == out[1].outer_after_retry);
@@ -222,10 +241,71 @@ TEST_CASE("diloco: one rank out of memory during a sync never leaves the ranks a
                                    loco::schedule::delayed>;
         sweep_one_rank_out_of_memory<opt_t>({.inner = {.lr = 1e-2f}, .schedule = {.every = 1}}, 2);
     }
+    SUBCASE("state_periods (DES-LOC: the inner state averages)") {
+        using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov, loco::compress::none,
+                                   loco::schedule::state_periods>;
+        sweep_one_rank_out_of_memory<opt_t>(
+            {.inner = {.lr = 1e-2f}, .schedule = {.every = 2, .states = {1, 2}}}, 2);
+    }
+    SUBCASE("two_phase with error feedback") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov,
+                                   loco::compress::error_feedback<loco::compress::topk>>;
+        sweep_one_rank_out_of_memory<opt_t>({.inner = {.lr = 1e-2f}, .schedule = {.every = 1},
+                                             .compress = {.compress = {.ratio = 0.25f}},
+                                             .exchange = loco::exchange_scheme::two_phase},
+                                            2);
+    }
+    SUBCASE("the first call (start()'s fingerprint and broadcast)") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+        sweep_one_rank_out_of_memory<opt_t>({.inner = {.lr = 1e-2f}, .schedule = {.every = 1}}, 1);
+    }
     SUBCASE("streaming") {
         using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                    loco::schedule::streaming>;
         sweep_one_rank_out_of_memory<opt_t>(
             {.inner = {.lr = 1e-2f}, .schedule = {.every = 4, .fragments = 2, .overlap = 1}}, 3);
+    }
+}
+
+TEST_CASE("diloco: a rank with no memory left at all raises bad_alloc, and is out of step") {
+    // Every allocation of rank 1's sync call fails, marking the handle included: it used to
+    // build its message in a noexcept function, which called std::terminate.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    for (long n = 1; n <= 120; n += 7) {
+        CAPTURE(n);
+        auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(300));
+        std::array<std::string, 2> armed, retry;
+        std::array<std::uint64_t, 2> calls{};
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < 2; ++r) {
+            ranks.emplace_back([&, r] {
+                loco::comm::threads comm(group, r);
+                std::vector<float> w(19, 0.5f), g(19, 0.25f * float(r + 1));
+                loco::parameter_list list;
+                list.add("w", w, g);
+                opt_t opt(list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 1}});
+                opt.step();
+                try {
+                    const no_memory_from none_left(r == 1 ? n : 0);
+                    opt.step();
+                    armed[std::size_t(r)] = "returned";
+                } catch (const std::bad_alloc&) {
+                    armed[std::size_t(r)] = "bad_alloc";
+                } catch (const std::exception& e) {
+                    armed[std::size_t(r)] = e.what();
+                }
+                calls[std::size_t(r)] = opt.calls();
+                try {
+                    opt.step();
+                    retry[std::size_t(r)] = "returned";
+                } catch (const std::exception& e) {
+                    retry[std::size_t(r)] = e.what();
+                }
+            });
+        }
+        for (auto& t : ranks) t.join();
+        CAPTURE(armed[1]);
+        CAPTURE(retry[1]);
+        if (armed[1] == "bad_alloc" && calls[1] == 2) CHECK(refused_out_of_step(retry[1]));
     }
 }

@@ -262,7 +262,11 @@ protected:
                                                             reduce_op op) override {
         const std::string where = prefix("all_reduce");
         const std::size_t n = data.size;
-        auto done = enqueue({kind::all_reduce, op == reduce_op::mean ? 1u : 0u, n, 0}, where, [&] {
+        // The request's operation and its event first: once enqueued, the collective runs with
+        // its peers whatever happens here, so nothing may throw after it (comm::threads too).
+        auto started = std::make_unique<in_flight>(*this, take_event(), where);
+        const call c{kind::all_reduce, op == reduce_op::mean ? 1u : 0u, n, 0};
+        enqueue(c, where, started->event(), [&] {
             if (n != 0) {
                 check_nccl(ncclAllReduce(data.data, data.data, n, ncclFloat32, ncclSum, comm_,
                                          stream_->get()),
@@ -278,13 +282,14 @@ protected:
             const std::size_t chunk = n * (r + 1) / m - n * r / m;
             sent_ += 4 * (n + (m - 2) * chunk);
         }
-        return std::make_unique<in_flight>(*this, std::move(done), where);
+        return started;
     }
 
     std::unique_ptr<request::operation> do_start_all_gather(
         tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
         const std::string where = prefix("all_gather");
-        auto done = enqueue({kind::all_gather, 0, send.size, 0}, where, [&] {
+        auto started = std::make_unique<in_flight>(*this, take_event(), where);  // as all_reduce
+        enqueue({kind::all_gather, 0, send.size, 0}, where, started->event(), [&] {
             if (send.size != 0) {
                 check_nccl(ncclAllGather(send.data, recv.data, send.size, ncclUint8, comm_,
                                          stream_->get()),
@@ -292,7 +297,7 @@ protected:
             }
         });
         sent_ += static_cast<std::uint64_t>(size_ - 1) * send.size;
-        return std::make_unique<in_flight>(*this, std::move(done), where);
+        return started;
     }
 
     void do_all_to_all(tensor_view<const std::byte> send, tensor_view<std::byte> recv) override {
@@ -661,6 +666,7 @@ private:
         in_flight(nccl& owner, backend::cuda::event done, std::string where)
             : owner_(owner), alive_(owner.alive_), done_(std::move(done)),
               where_(std::move(where)) {}
+        cudaEvent_t event() const noexcept { return done_.get(); }
         ~in_flight() override {
             if (*alive_) owner_.give_event(std::move(done_));
         }
@@ -684,10 +690,10 @@ private:
     };
 
     // Agrees on the call (check_calls), then enqueues it on the communicator's stream after the
-    // work already on the caller's stream, and returns an event recorded after it. The host does
-    // not wait for the caller's stream: the agreement runs before the wait is enqueued.
+    // work already on the caller's stream, and records `done` after it. The host does not wait
+    // for the caller's stream: the agreement runs before the wait is enqueued.
     template <class Enqueue>
-    backend::cuda::event enqueue(const call& c, const std::string& where, Enqueue&& enqueue_call) {
+    void enqueue(const call& c, const std::string& where, cudaEvent_t done, Enqueue&& enqueue_call) {
         ensure_usable(where);
         backend::cuda::device_guard on(device_);
         cudaStream_t s = stream_->get();
@@ -698,9 +704,7 @@ private:
         // On the device: start after the caller's work.
         backend::cuda::stream_wait(s, caller_, ready_.get());
         enqueue_call();
-        backend::cuda::event done = take_event();
-        LOCO_CUDA_CHECK(cudaEventRecord(done.get(), s));
-        return done;
+        LOCO_CUDA_CHECK(cudaEventRecord(done, s));
     }
 
     // The caller's stream waits for `done`; with host_wait the host waits too, under the timeout.
@@ -715,8 +719,9 @@ private:
 
     template <class Enqueue>
     void run(const call& c, const std::string& where, bool always_wait, Enqueue&& enqueue_call) {
-        backend::cuda::event done = enqueue(c, where, std::forward<Enqueue>(enqueue_call));
+        backend::cuda::event done = take_event();
         try {
+            enqueue(c, where, done.get(), std::forward<Enqueue>(enqueue_call));
             complete(done.get(), where, options_.wait || always_wait);
         } catch (...) {
             give_event(std::move(done));

@@ -82,6 +82,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -627,6 +628,8 @@ public:
         try {
             control_comm().all_reduce(host_tensor(state_average_.data(), state_average_.size()),
                                       comm::reduce_op::mean);
+        } catch (const std::bad_alloc&) {
+            throw;  // before the collective was posted: this rank's alone (diloco marks it)
         } catch (...) {
             failure.record(loco::detail::sync_stage::transfer, std::current_exception());
         }

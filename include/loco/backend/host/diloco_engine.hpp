@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -270,6 +271,8 @@ public:
         try {
             comm_->all_reduce(host_tensor(state_average_.data(), state_average_.size()),
                               comm::reduce_op::mean);
+        } catch (const std::bad_alloc&) {
+            throw;  // before the collective was posted: this rank's alone (diloco marks it)
         } catch (...) {
             failure.record(loco::detail::sync_stage::transfer, std::current_exception());
         }
