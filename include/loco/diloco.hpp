@@ -1299,8 +1299,9 @@ private:
     // A failure on this rank before its exchange is posted (out of memory, a communicator that
     // refuses the start) is this rank's alone: its peers' collectives of this sync are posted and
     // wait for it, and its next sync's would pair with them (each rank averaging another round's
-    // data without a word). So it leaves the handle out of step until regroup(). With one rank
-    // there is no peer to be out of step with: the next call may try again.
+    // data without a word). So it leaves the handle out of step until regroup() or every rank's
+    // load(). With one rank there is no peer to be out of step with: the next call may try
+    // again. (step() and sync() mark any bad_alloc after the schedule counted the call too.)
     void capture(std::size_t fi, bool keep) {
         try {
             engine_.capture(fi, keep);
