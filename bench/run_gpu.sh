@@ -16,8 +16,24 @@
 #                         (dir holds loco_cuda_tests, bench_cuda_kernels, bench_cuda_muon)
 #   extra arguments go to the benchmark program (e.g. --benchmark_filter=adamw)
 #
-# Exit status: the test program's (0 passed, 77 no GPU), or the first failing step's, or the
-# Python CUDA test's when it failed, or a benchmark program's when one of its rows failed.
+# Files under $OUT, at most 8 (the lent machine returns no more than 8):
+#   build.log        configure, then the build of every target, each after a "== " line
+#   cuda_tests.log   the CUDA test program
+#   python_cuda.log  tests/python/test_cuda.py
+#   bench.log        the benchmark programs and bench/torch_reference.py
+#   bench.json       the kernel benchmarks, Google Benchmark's JSON
+#   muon.json        the Muon benchmarks, Google Benchmark's JSON
+#   summary.txt      both benchmark programs' summary tables
+#   torch.txt        PyTorch's rows, each written as it is measured (a crash keeps the earlier ones)
+#
+# A target that fails to build leaves out only the step that runs it: every target this run needs
+# (the Python module's included, beside the others) is built in one ninja run that keeps going
+# past a failure; only after a failure is each built again alone, to tell which failed.
+# Exit status: 0 when every step that ran passed; otherwise the first failing step's, in the
+# order build (a target that failed), CUDA tests, Python CUDA test, kernel benchmarks, Muon
+# benchmarks, PyTorch reference (a benchmark program exits 1 when one of its rows failed);
+# otherwise 77 when the test program or a benchmark program found no GPU (a skip, not a pass).
+# The Python test's and the PyTorch reference's 77 (no CUDA PyTorch) is shown, not counted.
 # LOCO_BENCH_SMOKE=1 with LOCO_GPU_PREBUILT set to the emulated programs runs the whole script on
 # the CPU emulator (the CTest entry bench.run_gpu_smoke), which checks this script, not a GPU.
 set -uo pipefail
@@ -36,6 +52,9 @@ if [[ -d build/pydeps ]]; then
 fi
 OUT=${OUT:-$PWD/build-gpu/out}
 mkdir -p "$OUT"
+# A default $OUT keeps the last run's files: none of them may pass for this run's.
+rm -f "$OUT"/{build,cuda_tests,python_cuda,bench}.log "$OUT"/{bench,muon}.json \
+  "$OUT"/{summary,torch}.txt
 jobs=$(nproc 2>/dev/null || echo 4)
 # One machine: NCCL's bootstrap over the loopback interface needs no network; print NCCL's
 # warnings, if any, next to the test that caused them.
@@ -44,93 +63,192 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 step() { echo; echo "== $*"; }
 
+rc=0         # the exit status, as the header says
+failures=()  # the failing steps, for the summary
+# record STEP STATUS: one step's outcome into the exit status; 77 is a skip, never a failure.
+record() {
+  if [[ "$2" == 77 ]]; then
+    [[ "$rc" == 0 ]] && rc=77
+  elif [[ "$2" != 0 ]]; then
+    failures+=("$1 (exit $2)")
+    [[ "$rc" == 0 || "$rc" == 77 ]] && rc=$2
+  fi
+}
+# What each step runs, and whether it is there to run: built[target] is 0 when it is.
+declare -A bin built
+want=()  # the targets this run needs
+[[ -z "${LOCO_GPU_SKIP_TESTS:-}" ]] && want+=(loco_cuda_tests)
+if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
+  want+=(bench_cuda_kernels)
+  [[ -z "${LOCO_GPU_SKIP_MUON:-}" ]] && want+=(bench_cuda_muon)
+fi
+python_target=  # loco_python, when this run builds and tests the Python module
+
 if [[ -n "${LOCO_GPU_PREBUILT:-}" ]]; then
-  tests_bin=$LOCO_GPU_PREBUILT/loco_cuda_tests
-  kernels_bin=$LOCO_GPU_PREBUILT/bench_cuda_kernels
-  muon_bin=$LOCO_GPU_PREBUILT/bench_cuda_muon
+  bin=([loco_cuda_tests]=$LOCO_GPU_PREBUILT/loco_cuda_tests
+       [bench_cuda_kernels]=$LOCO_GPU_PREBUILT/bench_cuda_kernels
+       [bench_cuda_muon]=$LOCO_GPU_PREBUILT/bench_cuda_muon)
   # Google Benchmark may be another version there: a copy of ours can travel beside the binaries.
   export LD_LIBRARY_PATH=$LOCO_GPU_PREBUILT:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
   step "prebuilt binaries from $LOCO_GPU_PREBUILT"
+  for t in "${want[@]}"; do
+    if [[ -x "${bin[$t]}" ]]; then
+      built[$t]=0
+    else
+      built[$t]=missing
+      echo "no ${bin[$t]}"
+      record "$t: not in $LOCO_GPU_PREBUILT" 127
+    fi
+  done
 else
-  tests_bin=./build-gpu/tests/loco_cuda_tests
-  kernels_bin=./build-gpu/bench/bench_cuda_kernels
-  muon_bin=./build-gpu/bench/bench_cuda_muon
-  step "configure and build (build-gpu, $jobs jobs)"
+  bin=([loco_cuda_tests]=./build-gpu/tests/loco_cuda_tests
+       [bench_cuda_kernels]=./build-gpu/bench/bench_cuda_kernels
+       [bench_cuda_muon]=./build-gpu/bench/bench_cuda_muon)
+  log=$OUT/build.log
+  step "configure and build (build-gpu, $jobs jobs; output in build.log)"
   start=$(date +%s)
+  echo "== configure" >"$log"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLOCO_BUILD_BENCHMARKS=ON -DLOCO_BUILD_EXAMPLES=OFF "${pydeps[@]}" >"$OUT/configure.log" 2>&1 ||
-    { tail -40 "$OUT/configure.log"; exit 1; }
-  cmake --build build-gpu -j "$jobs" --target loco_cuda_tests bench_cuda_kernels bench_cuda_muon \
-    >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+    -DLOCO_BUILD_BENCHMARKS=ON -DLOCO_BUILD_EXAMPLES=OFF "${pydeps[@]}" >>"$log" 2>&1 ||
+    { tail -40 "$log"; echo "configure failed: nothing to run"; exit 1; }
+  # No target: CMake left the module out (no Python headers, pybind11 or dlpack.h). The list is
+  # read whole: grep -q leaving a pipe early would fail it under pipefail.
+  if [[ -z "${LOCO_GPU_SKIP_PYTHON:-}" ]] &&
+     grep -q "^loco_python:" <<<"$(cmake --build build-gpu --target help 2>/dev/null)"; then
+    python_target=loco_python
+  fi
+  targets=("${want[@]}" ${python_target:+"$python_target"})
+  if (( ${#targets[@]} > 0 )); then
+    # One ninja run over every target, kept going past a failure (-k 0): a compile error in one
+    # benchmark leaves the tests and the other programs to run, and the Python module's nvcc
+    # (minutes) runs beside the others' instead of after the tests.
+    echo "== build ${targets[*]}" >>"$log"
+    cmake --build build-gpu -j "$jobs" --target "${targets[@]}" -- -k 0 >>"$log" 2>&1
+    build_rc=$?
+    for t in "${targets[@]}"; do built[$t]=0; done
+    if [[ "$build_rc" != 0 ]]; then
+      grep -E "error|FAILED" "$log" | head -40
+      # Which targets failed: each is built again on its own, nothing to do for one that was
+      # built; a failed one's compile runs once more. (Neither ninja's dry run, which CMake's
+      # CONFIGURE_DEPENDS globs always give work, nor the binary, which may be an earlier
+      # build's, can tell.)
+      for t in "${targets[@]}"; do
+        echo "== build $t alone (did it fail?)" >>"$log"
+        cmake --build build-gpu -j "$jobs" --target "$t" >>"$log" 2>&1
+        target_rc=$?
+        if [[ "$target_rc" != 0 ]]; then
+          built[$t]=failed
+          record "build $t" "$target_rc"
+        fi
+      done
+      (( ${#failures[@]} > 0 )) || record "build" "$build_rc"  # not any one target's fault
+      echo "failed to build (see build.log): ${failures[*]}"
+    fi
+  fi
   echo "built in $(( $(date +%s) - start )) s"
 fi
+# not_run TARGET: why a step that needs TARGET does not run.
+not_run() {
+  [[ "${built[$1]:-}" == failed ]] && echo "not run ($1 failed to build, see build.log)" ||
+    echo "not run (no $1)"
+}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv 2>/dev/null || true
 
-tests_rc=0
+tests_rc=skipped
 if [[ -z "${LOCO_GPU_SKIP_TESTS:-}" ]]; then
   step "CUDA tests"
-  start=$(date +%s)
-  "$tests_bin" --duration=true 2>&1 | tee "$OUT/cuda_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  echo "tests exit $tests_rc in $(( $(date +%s) - start )) s"
+  if [[ "${built[loco_cuda_tests]:-}" == 0 ]]; then
+    start=$(date +%s)
+    "${bin[loco_cuda_tests]}" --duration=true 2>&1 | tee "$OUT/cuda_tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    echo "tests exit $tests_rc in $(( $(date +%s) - start )) s"
+    record "CUDA tests" "$tests_rc"
+  else
+    tests_rc=$(not_run loco_cuda_tests); echo "$tests_rc"
+  fi
 fi
 
-# The Python module with its CUDA half (python/_loco_cuda.cu: minutes of nvcc) and
-# tests/python/test_cuda.py against the machine's CUDA PyTorch (77: it could not run).
+# The Python module with its CUDA half (python/_loco_cuda.cu: minutes of nvcc, built above with
+# the rest) and tests/python/test_cuda.py against the machine's CUDA PyTorch (77: it could not
+# run, not a failure).
 python_rc=skipped
 if [[ -z "${LOCO_GPU_SKIP_PYTHON:-}" && -z "${LOCO_GPU_PREBUILT:-}" ]]; then
   step "Python module with CUDA: tests/python/test_cuda.py"
-  start=$(date +%s)
-  if cmake --build build-gpu -j "$jobs" --target loco_python >"$OUT/python_build.log" 2>&1; then
+  if [[ -z "$python_target" ]]; then
+    grep -h "loco: the Python module" "$OUT/build.log" | head -5
+    python_rc=not-built
+  elif [[ "${built[loco_python]}" == 0 ]]; then
+    start=$(date +%s)
     py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build-gpu/CMakeCache.txt)
     PYTHONPATH=$PWD/build-gpu/python "${py:-python3}" tests/python/test_cuda.py 2>&1 |
       tee "$OUT/python_cuda.log"
     python_rc=${PIPESTATUS[0]}
-  elif ! cmake --build build-gpu --target help 2>/dev/null | grep -q "loco_python"; then
-    # No target: CMake left the module out (no Python headers, pybind11 or dlpack.h).
-    grep -h "loco: the Python module" "$OUT/configure.log" | head -5
-    python_rc=not-built
-  else  # the target exists and failed to build: a failure of the run, not a skip
-    grep -h "error" "$OUT/python_build.log" | head -20
-    python_rc=1
+    echo "Python CUDA test exit $python_rc in $(( $(date +%s) - start )) s"
+    [[ "$python_rc" != 77 ]] && record "Python CUDA test" "$python_rc"
+  else
+    python_rc=$(not_run loco_python); echo "$python_rc"
   fi
-  echo "Python CUDA test exit $python_rc in $(( $(date +%s) - start )) s"
 fi
 
-bench_rc=0
+bench_rc=skipped muon_rc=skipped torch_rc=skipped
 if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
   step "kernel benchmarks"
-  LOCO_BENCH_SUMMARY="$OUT/summary.txt" "$kernels_bin" \
-    --benchmark_out="$OUT/bench.json" --benchmark_out_format=json \
-    --benchmark_counters_tabular=true "$@" 2>&1 | tee "$OUT/bench.log"
-  bench_rc=${PIPESTATUS[0]}
+  if [[ "${built[bench_cuda_kernels]:-}" == 0 ]]; then
+    LOCO_BENCH_SUMMARY="$OUT/summary.txt" "${bin[bench_cuda_kernels]}" \
+      --benchmark_out="$OUT/bench.json" --benchmark_out_format=json \
+      --benchmark_counters_tabular=true "$@" 2>&1 | tee -a "$OUT/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+    record "kernel benchmarks" "$bench_rc"
+  else
+    bench_rc=$(not_run bench_cuda_kernels); echo "$bench_rc"
+  fi
   # Muon's step on GPT-2's hidden matrices (about 2 minutes): appends its rows to the summary.
   if [[ -z "${LOCO_GPU_SKIP_MUON:-}" ]]; then
     step "Muon benchmarks"
-    LOCO_BENCH_SUMMARY="$OUT/summary.txt" "$muon_bin" \
-      --benchmark_out="$OUT/muon.json" --benchmark_out_format=json \
-      --benchmark_counters_tabular=true 2>&1 | tee -a "$OUT/bench.log"
-    muon_rc=${PIPESTATUS[0]}
-    [[ "$bench_rc" == 0 ]] && bench_rc=$muon_rc
+    if [[ "${built[bench_cuda_muon]:-}" == 0 ]]; then
+      LOCO_BENCH_SUMMARY="$OUT/summary.txt" "${bin[bench_cuda_muon]}" \
+        --benchmark_out="$OUT/muon.json" --benchmark_out_format=json \
+        --benchmark_counters_tabular=true 2>&1 | tee -a "$OUT/bench.log"
+      muon_rc=${PIPESTATUS[0]}
+      record "Muon benchmarks" "$muon_rc"
+    else
+      muon_rc=$(not_run bench_cuda_muon); echo "$muon_rc"
+    fi
   fi
   # PyTorch's fused optimizers, Muon and a plain-PyTorch 2-bit quantizer on the same lists, in
-  # the same run: the "PyTorch" column of docs/benchmarks.md.
-  if [[ -z "${LOCO_GPU_SKIP_TORCH:-}" ]] && command -v python3 >/dev/null; then
+  # the same run: the "PyTorch" column of docs/benchmarks.md. A crash fails the run; 77 (no
+  # CUDA PyTorch here) does not.
+  if [[ -n "${LOCO_GPU_SKIP_TORCH:-}" ]]; then
+    :
+  elif ! command -v python3 >/dev/null; then
+    torch_rc="skipped (no python3)"
+  else
     step "PyTorch reference"
     python3 bench/torch_reference.py --out "$OUT/torch.txt" 2>&1 | tee -a "$OUT/bench.log"
+    torch_rc=${PIPESTATUS[0]}
+    [[ "$torch_rc" != 77 ]] && record "PyTorch reference" "$torch_rc"
   fi
 fi
 
+# outcome STEP STATUS LEGEND: one summary line; a step that did not run says why instead.
+outcome() {
+  if [[ "$2" =~ ^[0-9]+$ ]]; then echo "$1: exit $2 ($3)"; else echo "$1: $2"; fi
+}
 step "summary"
-echo "CUDA tests: exit $tests_rc (0 passed, 77 skipped without a GPU)"
-echo "Python CUDA test: $python_rc (0 passed, 77 skipped)"
-echo "Benchmarks: exit $bench_rc (0 every row ran, 1 a row failed)"
+outcome "CUDA tests" "$tests_rc" "0 passed, 77 skipped without a GPU"
+outcome "Python CUDA test" "$python_rc" "0 passed, 77 skipped"
+outcome "Kernel benchmarks" "$bench_rc" "0 every row ran, 1 a row failed"
+outcome "Muon benchmarks" "$muon_rc" "0 every row ran, 1 a row failed"
+outcome "PyTorch reference" "$torch_rc" "0 every row ran, 77 no CUDA PyTorch; rows in torch.txt"
+if (( ${#failures[@]} > 0 )); then
+  printf 'FAILED: %s\n' "${failures[@]}"
+fi
 grep -E "^(Ran|OK|FAILED)" "$OUT/python_cuda.log" 2>/dev/null || true
 grep -E "test cases:|assertions:" "$OUT/cuda_tests.log" 2>/dev/null || true
 [[ -f "$OUT/summary.txt" ]] && cat "$OUT/summary.txt"
-[[ -f "$OUT/torch.txt" ]] && { echo; cat "$OUT/torch.txt"; }
+[[ -s "$OUT/torch.txt" ]] && { echo; cat "$OUT/torch.txt"; }
 # The fused compression passes against their target (>= 85 % of the same-run copy), and the
 # fused encode against the plain-PyTorch quantizer of the same run (per element, when measured).
 if [[ -f "$OUT/summary.txt" ]]; then
@@ -150,14 +268,5 @@ if [[ -f "$OUT/summary.txt" ]]; then
          printf "%s ratio %.3f, target 0.50: %s\n", substr($0, 1, 44), $NF,
                 ($NF >= 0.5 ? "met" : "NOT met") }' "$OUT/summary.txt"
 fi
-# A failing Python test fails the run too (not a skip, nor a module that could not be built).
-if [[ "$tests_rc" == 0 && "$python_rc" =~ ^[0-9]+$ && "$python_rc" != 0 && "$python_rc" != 77 ]]; then
-  tests_rc=$python_rc
-fi
-# So does a benchmark row that failed (1 from the programs). 77 (no GPU) is reported as the
-# run's status when nothing else failed: a run whose benchmarks found no device is a skip, not
-# a pass.
-if [[ "$tests_rc" == 0 && "$bench_rc" != 0 ]]; then
-  tests_rc=$bench_rc
-fi
-exit "$tests_rc"
+echo "exit status $rc"
+exit "$rc"

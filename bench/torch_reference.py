@@ -11,7 +11,9 @@ Rows:
   torch.optim.Muon (defaults)        the hidden matrices of GPT-2 124M and 1.5B (bench/cuda/muon.cu)
   2-bit blockwise quantizer + error feedback written in plain PyTorch (block 256, absmax scale,
   round to nearest), the issue's reference for loco's fused encode, on the 1.5B list
-Prints one line per row ("torch <what> <list> <ms>") and writes them to --out when given.
+Prints one line per row ("torch <what> <list> <ms>") and, with --out, writes each to FILE as soon
+as it is measured, so that a crash later in the run (out of memory, an API change) keeps the rows
+before it; the exit status then says the run did not finish.
 Needs a CUDA device; exits 77 without one.
 """
 import argparse
@@ -126,7 +128,15 @@ def main():
     gen = torch.Generator(device="cuda")
     gen.manual_seed(12345)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
-    rows = []
+    # Each row goes to --out as soon as it is measured (flushed): a crash keeps the rows before it.
+    out = open(args.out, "w") if args.out else None
+
+    def emit(row):
+        print(row, flush=True)
+        if out:
+            out.write(row + "\n")
+            out.flush()
+
     for kind, label in (("adamw", "AdamW(fused) fp32"), ("sgd", "SGD(nesterov, fused) fp32"),
                         ("muon", "Muon (defaults), hidden matrices")):
         if kind not in wanted:
@@ -136,15 +146,12 @@ def main():
             continue
         for list_name in LISTS:
             reps = args.reps if kind != "muon" else max(5, args.reps // 3)
-            rows.append(f"torch {label:<34} {list_name:<10} {optimizer_row(kind, list_name, reps, gen):10.3f} ms")
-            print(rows[-1], flush=True)
+            emit(f"torch {label:<34} {list_name:<10} {optimizer_row(kind, list_name, reps, gen):10.3f} ms")
     if "quant" in wanted:
         ms, n = quantizer_row(args.reps, gen)
-        rows.append(f"torch 2-bit blockwise(256) + EF encode   {n / 1e9:.3f} G elements {ms:10.3f} ms")
-        print(rows[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(rows) + "\n")
+        emit(f"torch 2-bit blockwise(256) + EF encode   {n / 1e9:.3f} G elements {ms:10.3f} ms")
+    if out:
+        out.close()
     return 0
 
 
