@@ -297,6 +297,14 @@ def _items(named_params, roles):
             raise InvalidArgument(f"loco: the {which} of parameter '{name}' is not contiguous (a "
                                   "transposed or sliced view); pass tensors that own contiguous "
                                   "storage")
+        if p.is_inference():
+            # torch refuses in-place updates of an inference tensor outside inference mode, but
+            # only after loco wrote it (its version counter bump): every step() would write the
+            # values and then raise
+            raise InvalidArgument(f"loco: parameter '{name}' is an inference tensor (made under "
+                                  "torch.inference_mode()), which loco cannot update in place; "
+                                  "build the model outside inference mode, or pass p.clone() "
+                                  "made outside it")
         if _negated(p) or _negated(p.grad):
             # to_dlpack exports the memory without the bit, so loco would read -x (and could not
             # write the value back negated)

@@ -61,6 +61,20 @@ class BadInput(unittest.TestCase):
                     self.refused(loco.InvalidArgument, ps, lambda: build(ps),
                                  f"the {which} of parameter 'n'", "neg or conj bit")
 
+    def test_inference_tensor(self):
+        # torch refuses to update an inference tensor in place outside inference mode only after
+        # the write: every step() used to change the values and then raise torch's RuntimeError.
+        for kind, build in (("DiLoCo", lambda ps: loco.DiLoCo(ps, loco.Single())),
+                            ("Optimizer", lambda ps: loco.Optimizer(ps, loco.SGD(lr=0.1)))):
+            with self.subTest(kind=kind):
+                ps = params(w=(3,))
+                with torch.inference_mode():
+                    p = torch.ones(4)
+                p.grad = torch.ones(4)
+                ps.append(("frozen_copy", p))
+                self.refused(loco.InvalidArgument, ps, lambda: build(ps),
+                             "'frozen_copy'", "inference tensor")
+
     def test_tensor_without_gradient(self):
         ps = params(w=(3,))
         ps.append(("frozen", torch.nn.Parameter(torch.randn(2))))
