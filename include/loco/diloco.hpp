@@ -31,6 +31,7 @@
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/none.hpp>
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/exchange.hpp>
 #include <loco/fragments.hpp>
@@ -700,11 +701,15 @@ public:
             }
         }
 
+        // Everything that allocates before anything changes: a failure (out of memory) leaves
+        // the handle as it was, not half loaded.
+        auto restore_plan = engine_.prepare_restore(std::move(global), std::move(outer_state),
+                                                    std::move(restored));
         engine_.commit_inner(std::move(inner));
         // Format 1 did not record the inner step count of an exchange in flight: the count at
         // the save stands in for it (aggregate::edit's step weights may then differ slightly).
         const std::uint64_t steps_at_save = engine_.inner().steps();
-        engine_.restore(std::move(global), std::move(outer_state), std::move(restored));
+        engine_.restore(std::move(restore_plan));
         if constexpr (aggregate::stateful<Aggregate>) {
             for (std::size_t i = 0; i < frags_.size(); ++i) {
                 engine_.restore_aggregate_state(i, std::move(aggregate_states[i]));
@@ -744,7 +749,10 @@ public:
     // as after a failed sync); call regroup() while the old communicator still exists (it waits
     // for them, at most its timeout). The two-phase server residuals restart from zero (their
     // chunks follow the rank count). Every rank first checks that all were built alike, as in
-    // start(). Throws, and changes nothing on any rank, if that check or the transfer fails.
+    // start(). Throws, and changes nothing on any rank, if that check or the transfer fails
+    // (but for the agreement's gap: the last collective failing on some ranks only, after the
+    // others completed it, lets those others adopt the group; the recovery, every rank calling
+    // regroup() again on a fresh group, is docs/reliability.md's).
     // Both backends: the group must move the memory the old communicator moved (on the CUDA
     // backend a GPU communicator's heal travels through its cuda_staging view).
     void regroup(comm::communicator& group, int donor = 0)
@@ -766,7 +774,7 @@ public:
         std::size_t total = 0;
         for (const auto& p : tensors()) total += p.value.size;
         // The shared state as the donor will send it; fragments in flight count as lost.
-        std::ostringstream out;
+        ::loco::detail::text_stream out;
         {
             detail::checkpoint_writer w(out);
             w.text("diloco heal");
@@ -1362,10 +1370,18 @@ private:
         // it travelled (a change applies from the next exchange that starts).
         detail::stage_failure failure = engine_.finish(fi, f.sent_with, aggregate_hyper_);
 
-        // The apply stage's checks, before anything changes.
+        // A warm-up sync (plan.warmup) is synchronous averaging: the local values become the
+        // global ones, whatever the wrapped schedule's merge weight.
+        float alpha = 0.0f;
+        if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
+            if (!warmup_sync_) alpha = schedule_type::merge_alpha(schedule_hyper_);
+        }
+
+        // The apply stage's checks and allocations, before anything changes.
         std::optional<backend::host::nonfinite_hit> hit;
         if (!failure) {
             try {
+                engine_.prepare_apply(fi, alpha);
                 detail::validate_hyper<Outer>(outer_hyper_);
                 // Also checked before each combine; here too for the device paths whose
                 // aggregation runs inside the exchange (SparseLoCo's clipped scatter-mean).
@@ -1458,12 +1474,6 @@ private:
             f.lost = false;
             merge(fi, 0.0f);
             return;
-        }
-        // A warm-up sync (plan.warmup) is synchronous averaging: the local values become the
-        // global ones, whatever the wrapped schedule's merge weight.
-        float alpha = 0.0f;
-        if constexpr (requires { schedule_type::merge_alpha(schedule_hyper_); }) {
-            if (!warmup_sync_) alpha = schedule_type::merge_alpha(schedule_hyper_);
         }
         // A finite aggregate while this rank's residual went non-finite: an aggregation that
         // leaves out non-finite workers (trimmed_mean, median, centered_clip, edit) left this

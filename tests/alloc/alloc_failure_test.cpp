@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -308,4 +309,67 @@ TEST_CASE("diloco: a rank with no memory left at all raises bad_alloc, and is ou
         CAPTURE(retry[1]);
         if (armed[1] == "bad_alloc" && calls[1] == 2) CHECK(refused_out_of_step(retry[1]));
     }
+}
+
+TEST_CASE("diloco: load() out of memory leaves the handle as it was, or loaded") {
+    // Every allocation of load() fails in turn, under a streaming schedule with an exchange in
+    // flight at the save and error feedback (every part of the state a checkpoint holds). The
+    // handle then saves what it saved before the call, or the checkpoint it loaded: never a mix.
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov,
+                               loco::compress::error_feedback<loco::compress::topk>,
+                               loco::schedule::streaming>;
+    loco::comm::single comm;
+    std::vector<float> a(37), b(21), ga(37), gb(21);
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.01f * float(i);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = -0.02f * float(i);
+    loco::parameter_list list;
+    list.add("layers.0.w", a, ga).add("layers.1.w", b, gb);
+    opt_t opt(list, comm, {.inner = {.lr = 1e-2f},
+                           .schedule = {.every = 4, .fragments = 2, .overlap = 1},
+                           .compress = {.compress = {.ratio = 0.25f}}});
+    const auto steps = [&](int from, int to) {
+        for (int call = from; call <= to; ++call) {
+            for (std::size_t i = 0; i < ga.size(); ++i) ga[i] = 0.1f - 0.003f * float(i * call);
+            for (std::size_t i = 0; i < gb.size(); ++i) gb[i] = 0.05f * float(call % 3);
+            opt.step();
+        }
+    };
+    const auto checkpoint = [&] {
+        std::ostringstream os;
+        opt.save(os);
+        return os.str();
+    };
+    steps(1, 7);
+    const std::string saved = checkpoint();
+    steps(8, 13);
+    opt.flush();  // load() refuses a handle with an exchange in flight
+    const std::string live = checkpoint();
+    REQUIRE(live != saved);
+    const std::vector<float> a_live = a, b_live = b;
+    int failures = 0;
+    bool loaded = false;
+    for (long n = 1; n <= 600 && !loaded; ++n) {
+        CAPTURE(n);
+        std::istringstream is(saved);
+        bool threw = false;
+        {
+            const failing_allocation arm(n);
+            try {
+                opt.load(is);
+            } catch (const std::bad_alloc&) {
+                threw = true;
+            }
+        }
+        if (threw) {
+            ++failures;
+            CHECK(checkpoint() == live);
+            CHECK(a == a_live);  // load() leaves the parameters to the trainer
+            CHECK(b == b_live);
+        } else {
+            loaded = true;
+            CHECK(checkpoint() == saved);
+        }
+    }
+    CHECK(loaded);
+    CHECK(failures > 10);
 }

@@ -25,6 +25,7 @@
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/rules.hpp>
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 
 #include <algorithm>
@@ -292,7 +293,7 @@ struct edit {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " weight_by_norm=" << h.weight_by_norm << " T=" << h.temperature
            << " skip_anomaly=" << h.skip_anomaly << " alpha=" << h.ewma_alpha

@@ -23,6 +23,7 @@
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/rules.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -62,7 +63,7 @@ struct median_norm_clip {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " epsilon=" << h.epsilon << " clip=" << (h.clip ? "true" : "false");
         return os.str();

@@ -20,6 +20,7 @@
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/rules.hpp>
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 
 #include <algorithm>
@@ -183,7 +184,7 @@ struct centered_clip {
         }
     }
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " tau=" << h.tau << " L=" << h.iterations;
         return os.str();

@@ -18,6 +18,7 @@
 // compressor's state arrays, C's own state follows.
 
 #include <loco/compress/compressor.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/policy.hpp>
 
@@ -62,7 +63,7 @@ struct error_feedback {
 
     // What must match between ranks and checkpoints, the inner compressor's settings included.
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         if constexpr (requires { C::describe(h.compress); }) {
             os << "error_feedback<" << C::describe(h.compress) << ">";

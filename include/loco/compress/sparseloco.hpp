@@ -68,6 +68,7 @@
 #include <loco/compress/index_code.hpp>
 #include <loco/compress/topk.hpp>
 #include <loco/compress/wire.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/float16.hpp>
 #include <loco/math.hpp>
@@ -116,7 +117,7 @@ struct sparseloco {
 
     // Name and settings: what must match between ranks and checkpoints.
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " chunk=" << h.chunk << " topk=" << h.topk << " bins=" << h.bins
            << " range=" << h.range << " beta=" << h.beta << " indices=" << to_string(h.indices);

@@ -70,6 +70,7 @@
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/float16.hpp>
 #include <loco/math.hpp>
@@ -106,7 +107,7 @@ struct statistical {
 
     // Name, bits and settings: what must match between ranks and checkpoints.
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << "<" << Bits << "> per=" << (h.per == granularity::tensor ? "tensor" : "row")
            << " range=" << h.range;

@@ -32,6 +32,7 @@
 #include <loco/compress/compressor.hpp>
 #include <loco/compress/wire.hpp>
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/float16.hpp>
 #include <loco/math.hpp>
@@ -61,7 +62,7 @@ struct topk {
 
     // Name and settings: what must match between ranks and checkpoints.
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " ratio=" << h.ratio;
         return os.str();

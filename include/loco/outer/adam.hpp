@@ -5,6 +5,7 @@
 //   m = b1*m + (1-b1)*delta;  v = b2*v + (1-b2)*delta^2;  global -= lr * m / (sqrt(v) + tau)
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -60,7 +61,7 @@ struct adam {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " lr=" << h.lr << " beta1=" << h.beta1 << " beta2=" << h.beta2
            << " tau=" << h.tau << " bias_correction=" << h.bias_correction;

@@ -10,6 +10,7 @@
 // (c = 0). `step` counts this policy's outer steps from 1 (per fragment in Streaming DiLoCo).
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -77,7 +78,7 @@ struct delayed_nesterov {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " lr=" << h.lr << " momentum=" << h.momentum << " period=" << h.period
            << " c=" << h.c;

@@ -5,6 +5,7 @@
 // The first step (b = 0) moves the global parameters by (1 + mu) * lr * delta.
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -39,7 +40,7 @@ struct nesterov {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " lr=" << h.lr << " momentum=" << h.momentum;
         return os.str();

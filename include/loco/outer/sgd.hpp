@@ -3,6 +3,7 @@
 // exactly the mean of the workers' parameters (FedAvg / Local SGD parameter averaging).
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -33,7 +34,7 @@ struct sgd {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " lr=" << h.lr;
         return os.str();

@@ -12,6 +12,7 @@
 // compress::demo's sign variant this is the step Psyche takes (see docs/compressors.md, demo).
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -48,7 +49,7 @@ struct sign_sgd {
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " lr=" << h.lr << " weight_decay=" << h.weight_decay;
         return os.str();

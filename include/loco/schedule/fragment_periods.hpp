@@ -11,6 +11,7 @@
 // the same calls, fragment by fragment.
 
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/fragments.hpp>
 #include <loco/schedule/plan.hpp>
@@ -50,7 +51,7 @@ public:
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os << "fragment_periods every=";
         for (std::size_t f = 0; f < h.every.size(); ++f) os << (f ? "," : "") << h.every[f];
         os << " alpha=" << h.alpha << " pattern=" << to_string(h.pattern);

@@ -10,6 +10,7 @@
 // alpha) schedule: fragment 0 at calls 3, 9, 15, ..., fragment 1 at 6, 12, ... (algorithms.md 2.1).
 
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/fragments.hpp>
 #include <loco/schedule/plan.hpp>
@@ -52,7 +53,7 @@ public:
     }
 
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os << "streaming H=" << h.every << " P=" << h.fragments << " tau=" << h.overlap
            << " alpha=" << h.alpha << " pattern=" << to_string(h.pattern);
         return os.str();

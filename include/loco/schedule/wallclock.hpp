@@ -17,6 +17,7 @@
 
 #include <loco/comm/communicator.hpp>
 #include <loco/detail/checkpoint.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/schedule/plan.hpp>
 #include <loco/schedule/saved_counters.hpp>
@@ -60,7 +61,7 @@ public:
         }
     }
     static std::string describe(const hyper& h) {
-        std::ostringstream os;
+        ::loco::detail::text_stream os;
         os.precision(9);
         os << name << " T=" << h.seconds << "s min_total_global_steps=" << h.min_total_global_steps;
         return os.str();
@@ -114,7 +115,7 @@ public:
         // than a step (or than a sync), which would sync every step whatever T says.
         short_windows_ = sums[0] / sums[1] > h.seconds ? short_windows_ + 1 : 0;
         if (short_windows_ >= 2) {
-            std::ostringstream os;
+            ::loco::detail::text_stream os;
             os << "loco::schedule::wallclock: seconds (T = " << h.seconds
                << ") is shorter than one step (" << sums[0] / sums[1]
                << " s per step measured on average over the window, which includes the sync "

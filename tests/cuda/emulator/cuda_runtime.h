@@ -99,6 +99,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
         default: return "cudaErrorUnknown";
     }
 }
@@ -155,9 +156,12 @@ inline cudaMemoryType type_of(const void* p) {
     return cudaMemoryTypeUnregistered;
 }
 // Runs op now, or records it when the stream captures.
-inline cudaError_t enqueue(cudaStream_t s, std::function<void()> op) {
+// Work outside a graph capture runs at once, with no allocation (a real runtime call cannot throw
+// std::bad_alloc, and tests/alloc/cuda_alloc_failure_test.cpp fails the host's allocations in turn).
+template <class Op>
+inline cudaError_t enqueue(cudaStream_t s, Op&& op) {
     if (s && s->capturing) {
-        s->capture->push_back(std::move(op));
+        s->capture->push_back(std::function<void()>(std::forward<Op>(op)));
     } else {
         op();
     }
@@ -368,7 +372,25 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Exp
     });
 }
 
-inline cudaError_t cudaMalloc(void** p, std::size_t n) { *p = emu::allocate(n, cudaMemoryTypeDevice); return cudaSuccess; }
+namespace emu {
+// Fault injection (tests): after fail_device_malloc(bytes), this thread's next cudaMalloc of at
+// least `bytes` fails with cudaErrorMemoryAllocation (the device is out of memory), once;
+// fail_device_malloc(0) disarms it. device_malloc_failures() counts this thread's failures.
+inline thread_local std::size_t device_malloc_fail_at_least = 0;
+inline thread_local int device_malloc_failed = 0;
+inline void fail_device_malloc(std::size_t bytes) { device_malloc_fail_at_least = bytes; }
+inline int device_malloc_failures() { return device_malloc_failed; }
+}  // namespace emu
+inline cudaError_t cudaMalloc(void** p, std::size_t n) {
+    if (emu::device_malloc_fail_at_least != 0 && n >= emu::device_malloc_fail_at_least) {
+        emu::device_malloc_fail_at_least = 0;
+        ++emu::device_malloc_failed;
+        *p = nullptr;
+        return cudaErrorMemoryAllocation;
+    }
+    *p = emu::allocate(n, cudaMemoryTypeDevice);
+    return cudaSuccess;
+}
 template <class T>  // the runtime's typed overload
 inline cudaError_t cudaMalloc(T** p, std::size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
 inline cudaError_t cudaFree(void* p) { if (p) emu::release(p); return cudaSuccess; }

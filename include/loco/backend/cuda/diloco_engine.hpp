@@ -493,16 +493,25 @@ public:
         frags_[fi]->host->restore_aggregate_state(std::move(s));
     }
 
+    // What apply() with `alpha` needs, allocated before the ranks agree (an allocation failing
+    // there is a failure they agree on; in apply(), after the agreement, this rank alone would
+    // skip the round its peers apply): the local values' buffer of a merge.
+    void prepare_apply(std::size_t fi, float alpha) {
+        fragment& f = *frags_[fi];
+        if (alpha != 0.0f && f.local.size() != f.table.padded_elements()) {
+            f.local = device_buffer<float>(f.table.padded_elements());
+        }
+    }
+
     // One outer step (the fragment's `step`-th) on its global values and state; the new global
-    // values go to the parameters, merged with `alpha` (0: copied).
+    // values go to the parameters, merged with `alpha` (0: copied). prepare_apply(fi, alpha)
+    // came first.
     void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {
         fragment& f = *frags_[fi];
         f.mirror.sync(h, f.control, stream());
         f.control.set_counters(step - 1, 0, 0, stream());
         if (alpha != 0.0f) {
-            if (f.local.size() != f.table.padded_elements()) {
-                f.local = device_buffer<float>(f.table.padded_elements());
-            }
+            prepare_apply(fi, alpha);  // allocated already: allocates nothing
             gather_values(f.table, master(), f.local.get(), stream());
         }
         if (f.device && !f.agg) {
@@ -656,15 +665,36 @@ public:
         return 4 * (n + (m - 2) * chunk);
     }
 
+    // Replaces the whole state (a checkpoint that has been read completely) in two steps:
+    // prepare_restore() cuts each fragment's part of the shared state (host memory: free to throw
+    // with nothing changed), restore() uploads it all and allocates nothing.
     struct fragment_restore {
         std::vector<float> state, server, captured;
     };
-    void restore(std::vector<float> global, std::vector<float> outer_state,
-                 std::vector<fragment_restore> frags) {
+    struct restore_plan {
+        std::vector<std::vector<float>> global, outer_state;  // per fragment, its own layout
+        std::vector<fragment_restore> frags;
+    };
+    restore_plan prepare_restore(const std::vector<float>& global,
+                                 const std::vector<float>& outer_state,
+                                 std::vector<fragment_restore> frags) const {
+        restore_plan plan;
+        plan.global.reserve(frags_.size());
+        plan.outer_state.reserve(frags_.size());
+        for (const auto& fp : frags_) {
+            plan.global.push_back(slice(*fp, global, 0));
+            plan.outer_state.push_back(outer_slices(*fp, outer_state, global.size()));
+        }
+        plan.frags = std::move(frags);
+        return plan;
+    }
+    void restore(restore_plan plan) {
         for (std::size_t fi = 0; fi < frags_.size(); ++fi) {
             fragment& f = *frags_[fi];
-            upload_shared(f, global, outer_state, f.global.get(), f.outer_state.get());
-            fragment_restore& q = frags[fi];
+            from_flat<float>(f.table, plan.global[fi], f.global.get());
+            from_flat<float>(f.table, plan.outer_state[fi], f.outer_state.get(),
+                             static_cast<std::size_t>(Outer::state_size));
+            fragment_restore& q = plan.frags[fi];
             if (f.host) {
                 std::copy(q.state.begin(), q.state.end(), f.host->state().begin());
                 std::copy(q.server.begin(), q.server.end(), f.host->server_state().begin());
@@ -1201,15 +1231,21 @@ private:
     void upload_shared(const fragment& f, const std::vector<float>& global,
                        const std::vector<float>& outer_state, float* to_global,
                        float* to_outer_state) const {
-        const std::size_t total = global.size();
         from_flat<float>(f.table, slice(f, global, 0), to_global);
+        from_flat<float>(f.table, outer_slices(f, outer_state, global.size()), to_outer_state,
+                         static_cast<std::size_t>(Outer::state_size));
+    }
+    // The fragment's part of each outer state array (whole-model flat arrays of `total`
+    // elements, one after the other), one after the other.
+    std::vector<float> outer_slices(const fragment& f, const std::vector<float>& outer_state,
+                                    std::size_t total) const {
         std::vector<float> state;
+        state.reserve(f.elements * static_cast<std::size_t>(Outer::state_size));
         for (int j = 0; j < Outer::state_size; ++j) {
             const auto one = slice(f, outer_state, static_cast<std::size_t>(j) * total);
             state.insert(state.end(), one.begin(), one.end());
         }
-        from_flat<float>(f.table, state, to_outer_state,
-                         static_cast<std::size_t>(Outer::state_size));
+        return state;
     }
 
     // The fragment's elements of a whole-model flat array (starting at `base`), in its order.

@@ -192,6 +192,9 @@ public:
         frags_[fi].exchange.restore_aggregate_state(std::move(s));
     }
 
+    // apply() allocates nothing on the host: nothing to prepare before the ranks agree.
+    void prepare_apply(std::size_t, float) const noexcept {}
+
     // One outer step (the fragment's `step`-th) on its global values and outer state, then the
     // merge of the new global values into the parameters.
     void apply(std::size_t fi, const typename Outer::hyper& h, std::uint64_t step, float alpha) {
@@ -353,20 +356,29 @@ public:
         outer_state_ = std::move(plan.outer_state);
     }
 
-    // Replaces the whole state (a checkpoint that has been read completely).
+    // Replaces the whole state (a checkpoint that has been read completely) in two steps, as the
+    // CUDA engine: prepare_restore() may throw with nothing changed, restore() cannot fail (it
+    // moves the arrays in, and copies into arrays of their sizes).
     struct fragment_restore {
         std::vector<float> state, server, captured;
     };
-    void restore(std::vector<float> global, std::vector<float> outer_state,
-                 std::vector<fragment_restore> frags) {
-        global_ = std::move(global);
-        outer_state_ = std::move(outer_state);
+    struct restore_plan {
+        std::vector<float> global, outer_state;
+        std::vector<fragment_restore> frags;
+    };
+    restore_plan prepare_restore(std::vector<float> global, std::vector<float> outer_state,
+                                 std::vector<fragment_restore> frags) const {
+        return {std::move(global), std::move(outer_state), std::move(frags)};
+    }
+    void restore(restore_plan plan) noexcept {
+        global_ = std::move(plan.global);
+        outer_state_ = std::move(plan.outer_state);
         for (std::size_t i = 0; i < frags_.size(); ++i) {
             fragment& f = frags_[i];
-            std::copy(frags[i].state.begin(), frags[i].state.end(), f.exchange.state().begin());
-            std::copy(frags[i].server.begin(), frags[i].server.end(),
-                      f.exchange.server_state().begin());
-            f.captured = std::move(frags[i].captured);
+            fragment_restore& q = plan.frags[i];
+            std::copy(q.state.begin(), q.state.end(), f.exchange.state().begin());
+            std::copy(q.server.begin(), q.server.end(), f.exchange.server_state().begin());
+            f.captured = std::move(q.captured);
         }
     }
 

@@ -1,0 +1,286 @@
+// Out of memory on a CUDA handle, on the CPU emulator (tests/cuda/emulator/): device memory through
+// the emulator's emu::fail_device_malloc, host memory through a replaced operator new (which is
+// why this is a program of its own, as tests/alloc/alloc_failure_test.cpp). Device memory running
+// out is a std::bad_alloc (loco::cuda_out_of_memory), handled as host memory running out is: on
+// one rank, before it posted a collective, its peers cannot learn of it and the handle is left out
+// of step; where the ranks can still agree (before the agreement), they all raise, nothing applied.
+#include <doctest/doctest.h>
+
+#include "../cuda/handles.cuh"
+
+#include <loco/comm/cuda_replicas.hpp>
+#include <loco/cuda.hpp>
+#include <loco/schedule/state_periods.hpp>
+#include <loco/schedule/streaming.hpp>
+
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+// Allocations left before the one that fails on this thread; 0: none fails.
+thread_local long allocations_left = 0;
+
+void* allocate(std::size_t n) {
+    if (allocations_left > 0 && --allocations_left == 0) {
+        throw std::bad_alloc();
+    }
+    if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+    throw std::bad_alloc();
+}
+
+// Arms the n-th allocation of this thread to fail while it lives.
+struct failing_allocation {
+    explicit failing_allocation(long n) { allocations_left = n; }
+    ~failing_allocation() { allocations_left = 0; }
+    failing_allocation(const failing_allocation&) = delete;
+    failing_allocation& operator=(const failing_allocation&) = delete;
+};
+
+}  // namespace
+
+void* operator new(std::size_t n) { return allocate(n); }
+void* operator new[](std::size_t n) { return allocate(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+
+using namespace loco_test;
+using namespace loco_test::handles;
+namespace cz = loco::compress;
+namespace ls = loco::schedule;
+using std::chrono::milliseconds;
+
+std::string checkpoint_of(const auto& opt) {
+    std::ostringstream os;
+    opt.save(os);
+    return os.str();
+}
+
+bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+// Each rank's outcome of one call: "ok", or the exception's type and message.
+struct outcome {
+    bool ok = false, out_of_memory = false;
+    std::string what;
+};
+template <class Fn>
+outcome run_call(Fn&& fn) {
+    outcome o;
+    try {
+        fn();
+        o.ok = true;
+    } catch (const std::bad_alloc& e) {
+        o.out_of_memory = true;
+        o.what = e.what();
+    } catch (const std::exception& e) {
+        o.what = e.what();
+    }
+    return o;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA: device out of memory is a std::bad_alloc naming the call") {
+    emu::fail_device_malloc(1);
+    try {
+        loco::backend::cuda::device_buffer<float> b(16);
+        FAIL("the allocation succeeded");
+    } catch (const loco::cuda_out_of_memory& e) {
+        const std::string what = e.what();
+        CHECK(contains(what, "cudaMalloc"));
+        CHECK(contains(what, "cudaErrorMemoryAllocation"));
+        CHECK(e.code() == cudaErrorMemoryAllocation);
+        const std::bad_alloc& as_bad_alloc = e;  // caught as any out of memory
+        CHECK(std::string(as_bad_alloc.what()) == what);
+    }
+    CHECK(emu::device_malloc_failures() == 1);
+    // Disarmed after one failure.
+    CHECK_NOTHROW(loco::backend::cuda::device_buffer<float>(16));
+}
+
+TEST_CASE("CUDA: one rank out of device memory before posting a collective is out of step") {
+    // Its staging (comm::cuda_staging) cannot allocate the device buffer of a blocking
+    // collective. It used to be a cuda_error, recorded as a failed transfer: the rank went on to
+    // the agreement's all-reduce while its peers were still in the collective it never posted,
+    // and its next sync paired with their abandoned one.
+    std::array<outcome, 3> failed_call, next_call;
+    const auto expect = [&] {
+        CHECK(failed_call[1].out_of_memory);
+        CHECK(contains(failed_call[1].what, "cudaErrorMemoryAllocation"));
+        CHECK(contains(next_call[1].what, "failure of this rank alone"));
+        for (const int r : {0, 2}) {
+            CAPTURE(r);
+            CHECK_FALSE(failed_call[r].ok);  // their collective never met rank 1's
+            CHECK_FALSE(contains(failed_call[r].what, "disagree"));
+        }
+    };
+    SUBCASE("DES-LOC's inner-state average") {
+        using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::sgd, cz::none,
+                                         ls::state_periods>;
+        loco::comm::run_replicas(
+            3,
+            [&](loco::comm::cuda_replicas& comm) {
+                const int r = comm.rank();
+                gpu_params p(init_of("device-oom-state", r));
+                gpu_t opt(p.list, comm, {.inner = {.lr = 3e-3f},
+                                         .schedule = {.every = 5, .states = {4, 6}},
+                                         .stream = comm.stream()});
+                for (int t = 1; t <= 3; ++t) {
+                    p.set_gradients(grads_of("device-oom-state", r, t), comm.stream());
+                    opt.step();
+                }
+                p.set_gradients(grads_of("device-oom-state", r, 4), comm.stream());
+                // Rank 1's first device allocation of 4000 bytes or more: the state average's
+                // staging (1050 floats).
+                if (r == 1) emu::fail_device_malloc(4000);
+                failed_call[r] = run_call([&] { opt.step(); });
+                if (r == 1) {
+                    CHECK(emu::device_malloc_failures() == 1);
+                    next_call[r] = run_call([&] { opt.sync(); });
+                }
+            },
+            milliseconds(1500));
+        expect();
+    }
+    SUBCASE("the two-phase exchange's all-to-all") {
+        using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov,
+                                         cz::blockwise<8, 256>>;
+        loco::comm::run_replicas(
+            3,
+            [&](loco::comm::cuda_replicas& comm) {
+                const int r = comm.rank();
+                gpu_params p(init_of("device-oom-two-phase", r));
+                gpu_t opt(p.list, comm, {.inner = {.lr = 3e-3f}, .schedule = {.every = 2},
+                                         .exchange = loco::exchange_scheme::two_phase,
+                                         .stream = comm.stream()});
+                p.set_gradients(grads_of("device-oom-two-phase", r, 1), comm.stream());
+                opt.step();
+                p.set_gradients(grads_of("device-oom-two-phase", r, 2), comm.stream());
+                // The all-to-all's staging: three payloads of about 1054 bytes.
+                if (r == 1) emu::fail_device_malloc(1000);
+                failed_call[r] = run_call([&] { opt.step(); });
+                if (r == 1) {
+                    CHECK(emu::device_malloc_failures() == 1);
+                    next_call[r] = run_call([&] { opt.step(); });
+                }
+            },
+            milliseconds(1500));
+        expect();
+    }
+}
+
+TEST_CASE("CUDA: a merge buffer out of device memory is a failure the ranks agree on") {
+    // Streaming DiLoCo with alpha > 0 keeps the local values for the merge in a device buffer
+    // made on first use. It used to be made in apply(), after the ranks agreed to apply: rank 1
+    // alone skipped a round its peers applied (its residual moved anyway), and nothing said so
+    // until the ranks' round counts parted. Now it is made before the agreement: every rank
+    // raises, nothing is applied anywhere, and the next rounds go on in step.
+    using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov,
+                                     cz::error_feedback<cz::blockwise<2, 256>>, ls::streaming>;
+    std::array<outcome, 3> failed_call;
+    std::array<std::vector<float>, 3> global_after, global_last;
+    std::array<std::uint64_t, 3> steps_after{}, steps_last{};
+    loco::comm::run_replicas(
+        3,
+        [&](loco::comm::cuda_replicas& comm) {
+            const int r = comm.rank();
+            gpu_params p(init_of("device-oom-merge", r));
+            gpu_t opt(p.list, comm,
+                      {.inner = {.lr = 3e-3f},
+                       .schedule = {.every = 3, .fragments = 1, .overlap = 1, .alpha = 0.5f},
+                       .stream = comm.stream()});
+            for (int t = 1; t <= 9; ++t) {
+                p.set_gradients(grads_of("device-oom-merge", r, t), comm.stream());
+                if (t != 3) {
+                    opt.step();
+                    continue;
+                }
+                // Call 3 finishes the first exchange: the merge buffer's first use (1064 floats).
+                const std::vector<float> global_before = opt.global();
+                const std::vector<float> residual_before = opt.compressor_state(0);
+                const std::uint64_t outer_before = opt.outer_steps();
+                if (r == 1) emu::fail_device_malloc(4000);
+                failed_call[r] = run_call([&] { opt.step(); });
+                if (r == 1) CHECK(emu::device_malloc_failures() == 1);
+                CHECK(opt.outer_steps() == outer_before);
+                CHECK(opt.global() == global_before);
+                CHECK(opt.compressor_state(0) == residual_before);
+                global_after[r] = opt.global();
+                steps_after[r] = opt.outer_steps();
+            }
+            opt.flush();
+            global_last[r] = opt.global();
+            steps_last[r] = opt.outer_steps();
+        },
+        milliseconds(3000));
+    for (int r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CHECK_FALSE(failed_call[r].ok);
+        CHECK(contains(failed_call[r].what, "cudaErrorMemoryAllocation"));
+        CHECK(global_after[r] == global_after[0]);
+        CHECK(steps_after[r] == steps_after[0]);
+        CHECK(global_last[r] == global_last[0]);
+        CHECK(steps_last[r] == steps_last[0]);
+        CHECK(steps_last[r] > steps_after[r]);  // the run went on
+    }
+}
+
+TEST_CASE("CUDA: load() out of host memory leaves the handle as it was, or loaded") {
+    // Every allocation of load() fails in turn. The handle used to restore fragment by fragment,
+    // after the inner state: a failure in the middle left fragment 0 loaded, fragment 1 live and
+    // the inner state the checkpoint's.
+    using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, cz::none,
+                                     ls::streaming>;
+    loco::comm::run_replicas(1, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params p(init_of("load-oom", 0));
+        gpu_t opt(p.list, comm,
+                  {.inner = {.lr = 3e-3f},
+                   .schedule = {.every = 4, .fragments = 2, .overlap = 0, .alpha = 0.0f},
+                   .stream = comm.stream()});
+        for (int t = 1; t <= 4; ++t) {
+            p.set_gradients(grads_of("load-oom", 0, t), comm.stream());
+            opt.step();
+        }
+        const std::string saved = checkpoint_of(opt);
+        for (int t = 5; t <= 8; ++t) {
+            p.set_gradients(grads_of("load-oom", 0, t), comm.stream());
+            opt.step();
+        }
+        const std::string live = checkpoint_of(opt);
+        REQUIRE(live != saved);
+        int failures = 0;
+        bool loaded = false;
+        for (long n = 1; n <= 400 && !loaded; ++n) {
+            CAPTURE(n);
+            std::istringstream is(saved);
+            bool threw = false;
+            {
+                const failing_allocation arm(n);
+                try {
+                    opt.load(is);
+                } catch (const std::bad_alloc&) {
+                    threw = true;
+                }
+            }
+            if (threw) {
+                ++failures;
+                CHECK(checkpoint_of(opt) == live);
+            } else {
+                loaded = true;
+                CHECK(checkpoint_of(opt) == saved);
+            }
+        }
+        CHECK(loaded);
+        CHECK(failures > 10);
+    });
+}
