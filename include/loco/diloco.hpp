@@ -1379,6 +1379,7 @@ private:
 
         // The apply stage's checks and allocations, before anything changes.
         std::optional<backend::host::nonfinite_hit> hit;
+        std::string streak_name;  // the tensor a skip streak starting here names
         if (!failure) {
             try {
                 engine_.prepare_apply(fi, alpha);
@@ -1417,6 +1418,11 @@ private:
                             tensor_at(fi, hit->index) + "'); the outer step was not applied");
                     }
                 }
+                // Copied now: after the agreement a copy failing on this rank alone would leave
+                // it behind its peers' skipped round.
+                if (f.streak.count == 0 || f.streak.first_nonfinite.empty()) {
+                    streak_name = tensor_at(fi, hit ? hit->index : 0);
+                }
             } catch (...) {
                 failure.record(detail::sync_stage::apply, std::current_exception());
             }
@@ -1454,7 +1460,7 @@ private:
             // (Set before the check below, which names it, and which leaves the round as if
             // skipped: the streak's tensor is all that moves.)
             if (f.streak.count == 0 || f.streak.first_nonfinite.empty()) {
-                f.streak.first_nonfinite = tensor_at(fi, hit ? hit->index : 0);
+                f.streak.first_nonfinite = std::move(streak_name);  // allocates nothing
             }
             if (max_skipped_syncs_ != 0 && f.streak.count + 1 > max_skipped_syncs_) {
                 throw nonfinite_error(

@@ -5,9 +5,11 @@
 
 #include <loco/loco.hpp>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <new>
 #include <sstream>
@@ -372,4 +374,87 @@ TEST_CASE("diloco: load() out of memory leaves the handle as it was, or loaded")
     }
     CHECK(loaded);
     CHECK(failures > 10);
+}
+
+TEST_CASE("diloco: a skipped round allocates nothing after the agreement") {
+    // Every rank skips the round (rank 1's pseudo-gradient is not finite); every allocation of
+    // rank 1's sync call fails in turn. Its copy of the tensor's name for the skip streak used to
+    // be made after the agreement: rank 0 skipped the round (its parameters back to the global
+    // ones) while rank 1 raised, its round not counted and its parameters not reset.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    const std::string name(60, 'w');  // long enough that its copy allocates
+    bool reached_end = false;
+    for (long n = 1; n <= 300 && !reached_end; ++n) {
+        CAPTURE(n);
+        auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(300));
+        std::array<std::string, 2> outcome;
+        std::array<std::uint64_t, 2> skipped{};
+        std::array<bool, 2> at_global{};
+        std::vector<std::thread> ranks;
+        for (int r = 0; r < 2; ++r) {
+            ranks.emplace_back([&, r] {
+                const auto slot = std::size_t(r);
+                loco::comm::threads comm(group, r);
+                std::vector<float> w(8, 0.5f), g(8, 0.1f);
+                loco::parameter_list list;
+                list.add(name, w, g);
+                opt_t opt(list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 2}});
+                opt.step();
+                if (r == 1) w[3] = std::numeric_limits<float>::quiet_NaN();
+                try {
+                    const failing_allocation arm(r == 1 ? n : 0);
+                    opt.step();  // call 2: the sync, skipped on every rank
+                    outcome[slot] = "returned";
+                } catch (const std::bad_alloc&) {
+                    outcome[slot] = "bad_alloc";
+                } catch (const std::exception& e) {
+                    outcome[slot] = e.what();
+                }
+                skipped[slot] = opt.skipped_syncs();
+                at_global[slot] = std::equal(w.begin(), w.end(), opt.global().begin());
+            });
+        }
+        for (auto& t : ranks) t.join();
+        CAPTURE(outcome[0]);
+        CAPTURE(outcome[1]);
+        if (outcome[0] == "returned" && outcome[1] == "bad_alloc") {
+            // Rank 1 ran out after its peer completed the sync: only after the round was done.
+            CHECK(skipped[1] == skipped[0]);
+            CHECK(at_global[1]);
+        }
+        if (outcome[0] == "returned" && outcome[1] == "returned") {
+            CHECK(skipped == std::array<std::uint64_t, 2>{1, 1});
+            reached_end = true;
+        }
+    }
+    CHECK(reached_end);
+}
+
+TEST_CASE("diloco: regroup() out of memory raises bad_alloc, never a stream error") {
+    // regroup() writes the state it shares into a string stream through the checkpoint writer,
+    // which turns the stream's exceptions off while it writes: a buffer that could not grow was
+    // reported as "writing the checkpoint failed (stream error)", a loco::checkpoint_error.
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    loco::comm::single comm, fresh;
+    std::vector<float> w(20000, 0.5f), g(20000, 0.01f);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    opt_t opt(list, comm, {.inner = {.lr = 1e-3f}, .schedule = {.every = 2}});
+    for (int i = 0; i < 4; ++i) opt.step();
+    int out_of_memory = 0;
+    bool regrouped = false;
+    for (long n = 1; n <= 400 && !regrouped; ++n) {
+        CAPTURE(n);
+        try {
+            const failing_allocation arm(n);
+            opt.regroup(fresh);
+            regrouped = true;
+        } catch (const std::bad_alloc&) {
+            ++out_of_memory;
+        } catch (const std::exception& e) {
+            FAIL_CHECK("regroup() out of memory raised: " << std::string(e.what()));
+        }
+    }
+    CHECK(regrouped);
+    CHECK(out_of_memory > 5);
 }

@@ -8,6 +8,7 @@
 
 #include "../cuda/handles.cuh"
 
+#include <loco/backend/cuda/cublas.hpp>
 #include <loco/comm/cuda_replicas.hpp>
 #include <loco/cuda.hpp>
 #include <loco/schedule/state_periods.hpp>
@@ -90,7 +91,7 @@ outcome run_call(Fn&& fn) {
 
 }  // namespace
 
-TEST_CASE("CUDA: device out of memory is a std::bad_alloc naming the call") {
+TEST_CASE("CUDA: device out of memory (cuBLAS's too) is a std::bad_alloc naming the call") {
     emu::fail_device_malloc(1);
     try {
         loco::backend::cuda::device_buffer<float> b(16);
@@ -106,6 +107,10 @@ TEST_CASE("CUDA: device out of memory is a std::bad_alloc naming the call") {
     CHECK(emu::device_malloc_failures() == 1);
     // Disarmed after one failure.
     CHECK_NOTHROW(loco::backend::cuda::device_buffer<float>(16));
+    // cuBLAS out of memory (its handle, a GEMM's workspace) alike; other cuBLAS failures stay
+    // cublas_error.
+    CHECK_THROWS_AS(LOCO_CUBLAS_CHECK(CUBLAS_STATUS_ALLOC_FAILED), loco::cuda_out_of_memory);
+    CHECK_THROWS_AS(LOCO_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE), loco::cublas_error);
 }
 
 TEST_CASE("CUDA: one rank out of device memory before posting a collective is out of step") {

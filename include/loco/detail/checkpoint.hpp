@@ -17,8 +17,10 @@
 #include <ios>
 #include <istream>
 #include <limits>
+#include <new>
 #include <ostream>
 #include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -116,18 +118,23 @@ public:
         const std::uint64_t sum = hash_.value();
         os_.write(reinterpret_cast<const char*>(&sum), sizeof sum);
         os_.flush();
-        if (!os_) {
-            throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
-        }
+        check_written();
     }
 
 private:
     void raw(const void* data, std::size_t n) {
         hash_.add(data, n);
         os_.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
-        if (!os_) {
-            throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
-        }
+        check_written();
+    }
+    void check_written() const {
+        if (os_) return;
+        // The stream swallowed what its buffer threw (its exceptions are off while we write). A
+        // string buffer (an std::ostringstream; regroup()'s heal state) fails only when it cannot
+        // grow: out of memory, raised as such (diloco marks a rank's bad_alloc) rather than as a
+        // stream error.
+        if (dynamic_cast<const std::stringbuf*>(os_.rdbuf()) != nullptr) throw std::bad_alloc();
+        throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
     }
 
     std::ostream& os_;

@@ -1,6 +1,6 @@
 #pragma once
-// cuBLAS for loco: failures as loco::cuda_error (a cublas_error carrying the cuBLAS status), and an
-// owned handle. Every cuBLAS call in loco goes through LOCO_CUBLAS_CHECK.
+// cuBLAS for loco: failures as loco::cuda_error (a cublas_error carrying the cuBLAS status; out of
+// memory as loco::cuda_out_of_memory, a std::bad_alloc), and an owned handle. Every cuBLAS call in loco goes through LOCO_CUBLAS_CHECK.
 //
 // cuBLAS reports its own status codes, not CUDA runtime errors; cublas_error::code() maps the
 // status to the nearest runtime error so that code catching loco::cuda_error sees a meaningful
@@ -41,10 +41,12 @@ inline cudaError_t runtime_error_of(cublasStatus_t s) noexcept {
 
 [[noreturn]] inline void throw_cublas_error(cublasStatus_t s, const char* call, const char* file,
                                             int line) {
-    throw cublas_error(s, runtime_error_of(s),
-                       std::string("loco: cuBLAS call ") + call + " failed at " + file + ":" +
-                           std::to_string(line) + ": " + cublasGetStatusName(s) + " (" +
-                           cublasGetStatusString(s) + ")");
+    std::string what = std::string("loco: cuBLAS call ") + call + " failed at " + file + ":" +
+                       std::to_string(line) + ": " + cublasGetStatusName(s) + " (" +
+                       cublasGetStatusString(s) + ")";
+    // Out of memory as the runtime's is (backend/cuda/error.hpp): a std::bad_alloc.
+    if (s == CUBLAS_STATUS_ALLOC_FAILED) throw cuda_out_of_memory(what);
+    throw cublas_error(s, runtime_error_of(s), what);
 }
 
 inline void check(cublasStatus_t s, const char* call, const char* file, int line) {
