@@ -3,9 +3,13 @@
 // shape whose element count overflows std::size_t. Each case failed before its fix.
 #include <doctest/doctest.h>
 
+#include "support/forwarding_comm.hpp"
+
 #include <loco/loco.hpp>
 
+#include <array>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -184,4 +188,74 @@ TEST_CASE("a matrix shape whose element count overflows std::size_t is refused")
     loco::parameter_list list;
     CHECK_THROWS_AS(list.add_views("w", value, grad), loco::shape_error);
     CHECK(list.empty());
+}
+
+namespace {
+
+// A wire that corrupts the fingerprint comparison on every rank alike: it changes the digests'
+// sums, so that the ranks go on to compare their texts, and makes the texts' lengths arrive as
+// `length` bytes each.
+class corrupting_fingerprint_lengths final : public loco_test::forwarding_comm {
+public:
+    corrupting_fingerprint_lengths(loco::comm::communicator& next, std::uint64_t length)
+        : forwarding_comm(next, "corrupting_fingerprint_lengths"), length_(length) {}
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        forwarding_comm::do_all_reduce(d, op);
+        if (d.size == 16 && !sums_changed_) {  // the digests' byte sums
+            sums_changed_ = true;
+            d.data[0] += 1.0f;
+        }
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        forwarding_comm::do_all_gather(send, recv);
+        if (send.size == 8 && ++eight_byte_gathers_ == 2) {  // the digests, then the lengths
+            for (std::size_t k = 0; k < recv.size / 8; ++k) {
+                std::memcpy(recv.data + 8 * k, &length_, 8);
+            }
+        }
+    }
+
+private:
+    std::uint64_t length_;
+    bool sums_changed_ = false;
+    int eight_byte_gathers_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("a fingerprint comparison whose lengths arrive corrupted fails on every rank without overrun") {
+    // Lengths shorter than a rank's own fingerprint used to make it copy its text past the end
+    // of the buffer sized from them (a heap overflow; a null write for lengths of 0). Longer
+    // than 2^24 is refused as corrupted. Either way every rank raises comm_error and the handle
+    // has not started.
+    for (const std::uint64_t length : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{40},
+                                       std::uint64_t{1} << 30}) {
+        CAPTURE(length);
+        std::array<std::string, 2> what;
+        std::array<bool, 2> started{true, true};
+        loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+            corrupting_fingerprint_lengths comm(threads, length);
+            std::vector<float> w(8, 1.0f), g(8, 0.5f);
+            loco::parameter_list list;
+            list.add("w", w, g);
+            loco::diloco<loco::inner::sgd, loco::outer::sgd> opt(
+                list, comm, {.inner = {.lr = 0.1f}, .outer = {.lr = 1.0f}});
+            const auto slot = std::size_t(threads.rank());
+            try {
+                opt.start();
+            } catch (const loco::comm_error& e) {
+                what[slot] = e.what();
+            }
+            started[slot] = opt.outer_steps() != 0 || w != std::vector<float>(8, 1.0f);
+        });
+        for (std::size_t r = 0; r < 2; ++r) {
+            CAPTURE(r);
+            CHECK(what[r].find("arrived corrupted") != std::string::npos);
+            CHECK(what[r].find("check the communicator") != std::string::npos);
+            CHECK_FALSE(started[r]);
+        }
+    }
 }

@@ -1690,7 +1690,10 @@ private:
         }
         const auto width = static_cast<std::size_t>(longest);
         std::vector<char> padded(width, '\0'), all(width * m, '\0');
-        std::memcpy(padded.data(), mine.data(), mine.size());
+        // At most `width`: lengths that arrived corrupted (shorter than this rank's fingerprint)
+        // cut it short rather than overrun the buffer; every rank keeps the same width, so the
+        // all-gather below still pairs.
+        if (width != 0) std::memcpy(padded.data(), mine.data(), std::min(mine.size(), width));
         control.all_gather({reinterpret_cast<const std::byte*>(padded.data()), width, 0, 0,
                            memory_space::host},
                           {reinterpret_cast<std::byte*>(all.data()), all.size(), 0, 0,
@@ -1712,6 +1715,13 @@ private:
         const auto a = lines_of(0), b = lines_of(other);
         std::size_t i = 0;
         while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
+        if (i == a.size() && i == b.size()) {
+            // The texts gathered agree where the digests did not: the wire changed the digests,
+            // their sums or the lengths (every rank gathered the same, so every rank says so).
+            throw comm_error("loco::diloco: the ranks' fingerprints differ but their texts "
+                             "arrived alike: the comparison arrived corrupted; check the "
+                             "communicator");
+        }
         const std::string left = i < a.size() ? a[i] : "(nothing more)";
         const std::string right = i < b.size() ? b[i] : "(nothing more)";
         if (left.starts_with("resumed") || right.starts_with("resumed")) {
