@@ -896,3 +896,124 @@ TEST_CASE("heal: a last acknowledgement lost on one rank: every rank regroups ag
         CHECK(clean[r] == clean[0]);
     }
 }
+
+namespace {
+
+// Rank `r` of a group of two whose other rank mirrors it: an all-gather gives both slots this
+// rank's data, a sum doubles; rank 0's broadcasts are recorded (`sent`), and on rank 1 a broadcast
+// from rank 0 delivers `donor_state` (its 8-byte length, then its bytes) when it is set.
+class mirrored_pair final : public loco::comm::communicator {
+public:
+    explicit mirrored_pair(int r) : r_(r) {}
+    std::vector<std::string> sent;
+    std::string donor_state;
+
+    int rank() const noexcept override { return r_; }
+    int size() const noexcept override { return 2; }
+    loco::memory_space space() const noexcept override { return loco::memory_space::host; }
+    std::string_view name() const noexcept override { return "mirrored_pair"; }
+    std::uint64_t bytes_sent() const noexcept override { return 0; }
+
+protected:
+    void do_all_reduce(loco::tensor_view<float> d, loco::comm::reduce_op op) override {
+        if (op == loco::comm::reduce_op::sum) {
+            for (std::size_t i = 0; i < d.size; ++i) d.data[i] *= 2.0f;
+        }
+    }
+    void do_all_gather(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        const std::vector<std::byte> mine(send.data, send.data + send.size);
+        for (std::size_t k = 0; k < 2 && !mine.empty(); ++k) {
+            std::memcpy(recv.data + k * mine.size(), mine.data(), mine.size());
+        }
+    }
+    void do_all_to_all(loco::tensor_view<const std::byte> send,
+                       loco::tensor_view<std::byte> recv) override {
+        const std::size_t b = send.size / 2;
+        for (std::size_t k = 0; k < 2 && b != 0; ++k) {
+            std::memcpy(recv.data + k * b, send.data + std::size_t(r_) * b, b);
+        }
+    }
+    void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
+        if (root == r_) {
+            sent.emplace_back(reinterpret_cast<const char*>(d.data), d.size);
+        } else if (!donor_state.empty()) {
+            if (d.size == 8 && !length_given_) {
+                const std::uint64_t length = donor_state.size();
+                std::memcpy(d.data, &length, 8);
+                length_given_ = true;
+            } else if (d.size == donor_state.size()) {
+                std::memcpy(d.data, donor_state.data(), d.size);
+            }
+        }
+    }
+    void do_barrier() override {}
+
+private:
+    int r_;
+    bool length_given_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("heal: counters out of range in the donor's state are refused as load() refuses them") {
+    // A state whose checksum is right but whose fragment counters are not (a donor's bug or
+    // corrupted memory): regroup() used to take an outer step count of 2^64 - 1 (the next sync
+    // wrapped it to 0, and outer Adam's bias correction divided by zero) and a finish flag of 2.
+    using adam_t = loco::diloco<loco::inner::adamw, loco::outer::adam>;
+    const adam_t::config cfg{.inner = {.lr = 1e-2f},
+                             .outer = {.lr = 0.1f, .bias_correction = true},
+                             .schedule = {.every = 1000}};
+    std::vector<float> x(8, 1.0f), gx(8, 0.5f);
+    loco::parameter_list donor_list;
+    donor_list.add("w", x, gx);
+    mirrored_pair alone(0), donor_group(0);
+    adam_t donor(donor_list, alone, cfg);
+    donor.step();
+    donor.sync();
+    donor.regroup(donor_group, 0);
+    std::string state;
+    for (const auto& s : donor_group.sent) {
+        if (s.size() > 8 && s.compare(0, 8, "LOCOCKPT") == 0) state = s;
+    }
+    REQUIRE(!state.empty());
+    // The state ends with the fragment's outer step count, skip count and finish flag, then the
+    // checksum.
+    const auto edited = [&](std::size_t field, std::uint64_t value) {
+        std::string s = state;
+        std::memcpy(s.data() + s.size() - 8 - 24 + 8 * field, &value, 8);
+        loco::detail::fnv1a64 h;
+        h.add(s.data(), s.size() - 8);
+        const std::uint64_t sum = h.value();
+        std::memcpy(s.data() + s.size() - 8, &sum, 8);
+        return s;
+    };
+    for (const auto& [field, value] : {std::pair{std::size_t{0}, ~std::uint64_t{0}},
+                                      std::pair{std::size_t{1}, std::uint64_t{1} << 63},
+                                      std::pair{std::size_t{2}, std::uint64_t{2}}}) {
+        CAPTURE(field);
+        std::vector<float> y(8, 3.0f), gy(8, 0.5f);
+        loco::parameter_list list;
+        list.add("w", y, gy);
+        mirrored_pair own(1), group(1);
+        adam_t newcomer(list, own, cfg);
+        std::ostringstream before;
+        newcomer.save(before);
+        group.donor_state = edited(field, value);
+        CHECK_THROWS_AS(newcomer.regroup(group, 0), loco::checkpoint_error);
+        std::ostringstream after;
+        newcomer.save(after);
+        CHECK(after.str() == before.str());
+        CHECK(y == std::vector<float>(8, 3.0f));
+    }
+    // The state as sent heals.
+    std::vector<float> y(8, 3.0f), gy(8, 0.5f);
+    loco::parameter_list list;
+    list.add("w", y, gy);
+    mirrored_pair own(1), group(1);
+    adam_t newcomer(list, own, cfg);
+    group.donor_state = state;
+    newcomer.regroup(group, 0);
+    CHECK(newcomer.outer_steps() == 1);
+    CHECK(y == std::vector<float>(donor.global().begin(), donor.global().end()));
+}

@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <sstream>
@@ -1007,5 +1008,91 @@ TEST_CASE("wallclock: a window with exactly min_total_global_steps steps since t
         const auto want = wallclock_reference(d, T, min_total, 3);
         CHECK(want[0].synced == (min_total == first_total));
         check_against_reference(wallclock_run(d, T, min_total, 3), want);
+    }
+}
+
+namespace {
+
+// A checkpoint with the four consecutive u64 counters `before` replaced by `after` (the schedule's
+// state), resealed with a correct checksum: what a checksum cannot catch (a bug, a hand edit).
+std::string with_counters(std::string s, std::array<std::uint64_t, 4> before,
+                          std::array<std::uint64_t, 4> after) {
+    const std::size_t at = s.find(std::string(reinterpret_cast<const char*>(before.data()), 32));
+    REQUIRE(at != std::string::npos);
+    std::memcpy(s.data() + at, after.data(), 32);
+    loco::detail::fnv1a64 h;
+    h.add(s.data(), s.size() - 8);
+    const std::uint64_t sum = h.value();
+    std::memcpy(s.data() + s.size() - 8, &sum, 8);
+    return s;
+}
+
+}  // namespace
+
+TEST_CASE("wallclock and proportional: counters out of range in a checkpoint are refused or bounded") {
+    fake_clock clock;
+    std::vector<float> w(8, 1.0f), g(8, 0.5f);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    loco::comm::single comm;
+    SUBCASE("wallclock: 2^63 steps since the sync is a corrupted checkpoint's") {
+        // It used to load, and the next window converted its float sum (about 1.8e19) to an
+        // integer out of range (undefined; 0 on x86-64, so the window was counted as skipped).
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::wallclock>;
+        const opt_t::config cfg{.inner = {.lr = 0.1f},
+                                .schedule = {.seconds = 1000.0, .min_total_global_steps = 1,
+                                             .clock = clock.fn()}};
+        opt_t a(list, comm, cfg);
+        for (int i = 0; i < 5; ++i) {
+            *clock.now += 1.0;
+            a.step();
+        }
+        std::ostringstream os;
+        a.save(os);
+        // calls, steps since the sync, syncs, skipped windows
+        const std::string bad = with_counters(os.str(), {5, 5, 0, 0}, {5, ~std::uint64_t{0} - 1000, 0, 0});
+        opt_t b(list, comm, cfg);
+        std::istringstream is(bad);
+        CHECK_THROWS_WITH_AS(b.load(is), doctest::Contains("2^63 or more"), loco::checkpoint_error);
+        CHECK(b.schedule().calls() == 0);
+    }
+    SUBCASE("proportional: H_w above H ends the round at H") {
+        // A checkpoint's H_w of 1000 with H = 3 used to load, and the worker then ran 1000 steps
+        // before its round ended, its peers waiting in the all-gather.
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::proportional>;
+        const opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 3, .clock = clock.fn()}};
+        opt_t a(list, comm, cfg);
+        for (int i = 0; i < 7; ++i) {
+            *clock.now += 1.0;
+            a.step();
+        }
+        std::ostringstream os;
+        a.save(os);
+        // calls, steps of the round, H_w, rounds
+        const std::string edited = with_counters(os.str(), {7, 1, 3, 2}, {7, 1, 1000, 2});
+        opt_t b(list, comm, cfg);
+        std::istringstream is(edited);
+        b.load(is);
+        for (int i = 0; i < 30; ++i) {
+            *clock.now += 1.0;
+            b.step();
+        }
+        CHECK(b.schedule().local_steps() == 3);
+        CHECK(b.schedule().rounds() == 2 + 10);  // 2 more steps end round 3, then 9 of 3
+    }
+    SUBCASE("proportional: an H lowered during a run takes effect in the current round") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::proportional>;
+        opt_t a(list, comm, {.inner = {.lr = 0.1f}, .schedule = {.every = 6, .clock = clock.fn()}});
+        for (int i = 0; i < 7; ++i) {  // round 1 (6 steps) and one step of round 2, H_w = 6
+            *clock.now += 1.0;
+            a.step();
+        }
+        a.schedule_hyper().every = 2;
+        *clock.now += 1.0;
+        CHECK(a.step().synced);  // the round's second step: H_w is 2 now, not 6
+        CHECK(a.schedule().local_steps() == 2);
     }
 }

@@ -812,7 +812,14 @@ public:
         r.floats(global, "the global parameters");
         r.floats(outer_state, "the outer optimizer state");
         std::vector<std::uint64_t> counts(3 * frags_.size());
-        for (auto& c : counts) c = r.u64("a fragment's counters");
+        for (std::size_t i = 0; i < frags_.size(); ++i) {  // checked as load() checks them
+            counts[3 * i] = r.counter("a fragment's outer step count");
+            counts[3 * i + 1] = r.counter("a fragment's skipped sync count");
+            counts[3 * i + 2] = r.u64("whether a fragment's planned finish has nothing");
+            if (counts[3 * i + 2] > 1) {
+                throw checkpoint_error("loco: the healing state is corrupted (finish flag)");
+            }
+        }
         r.finish();
         engine_.stage_regroup(next, std::move(global), std::move(outer_state));
 

@@ -52,7 +52,9 @@ public:
                                    "communicator; call use_communicator(comm) first (loco::diloco "
                                    "does)");
         }
-        if (local_steps_ == 0) local_steps_ = h.every;
+        // H_w is at most H: an H lowered since H_w was set (or a checkpoint's out of range)
+        // takes effect now, not after a round of the old length.
+        if (local_steps_ == 0 || local_steps_ > h.every) local_steps_ = h.every;
         ++calls_;
         ++round_calls_;
         const double now = read_clock(h.clock);

@@ -32,7 +32,8 @@ void save_counters(detail::checkpoint_writer& w, const S& s,
 template <class S, std::size_t N>
 S read_counters(detail::checkpoint_reader& r, const std::array<saved_counter<S>, N>& counters) {
     S s;
-    for (const saved_counter<S>& c : counters) s.*c.member = r.u64(c.what);
+    // counter(): a count of 2^63 or more is a corrupted checkpoint's, as every schedule's
+    for (const saved_counter<S>& c : counters) s.*c.member = r.counter(c.what);
     return s;
 }
 

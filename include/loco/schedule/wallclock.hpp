@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -98,7 +99,10 @@ public:
         comm_->all_reduce(host_tensor(sums, 3), comm::reduce_op::sum);
         const double m = comm_->size();
         last_.mean_seconds = sums[0] / m;
-        last_.total_steps = static_cast<std::uint64_t>(sums[2]);
+        // Saturated: counts near 2^64 (summed over the ranks, or a corrupted checkpoint's)
+        // would make the conversion undefined.
+        last_.total_steps = !(sums[2] < 0x1p64f) ? std::numeric_limits<std::uint64_t>::max()
+                                                 : static_cast<std::uint64_t>(sums[2]);
         opened_at_ = read_clock(h.clock);
         window_steps_ = 0;
         // Each worker did at least one timed step; a mean step longer than T means every window
