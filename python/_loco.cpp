@@ -17,6 +17,7 @@
 #error "loco's Python module must be built with -fno-math-errno (see python/CMakeLists.txt)"
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -100,7 +101,9 @@ public:
     loco::memory_space space() const noexcept override { return space_; }
     int device() const noexcept { return device_; }
     std::string_view name() const noexcept override { return name_; }
-    std::uint64_t bytes_sent() const noexcept override { return sent_; }
+    std::uint64_t bytes_sent() const noexcept override {
+        return sent_.load(std::memory_order_relaxed);
+    }
 
 protected:
     void do_all_reduce(loco::tensor_view<float> data, loco::comm::reduce_op op) override {
@@ -114,7 +117,7 @@ protected:
         const auto r = static_cast<std::uint64_t>(rank_);
         const std::uint64_t n = data.size;
         const std::uint64_t mine = n * (r + 1) / m - n * r / m;
-        sent_ += 4 * ((m - 1) * mine + (n - mine));
+        count_sent(4 * ((m - 1) * mine + (n - mine)));
     }
     void do_all_gather(loco::tensor_view<const std::byte> send,
                        loco::tensor_view<std::byte> recv) override {
@@ -123,7 +126,7 @@ protected:
                 return std::make_tuple(capsule_of(send, device_), capsule_of(recv, device_));
             });
         }
-        sent_ += static_cast<std::uint64_t>(size_ - 1) * send.size;
+        count_sent(static_cast<std::uint64_t>(size_ - 1) * send.size);
     }
     void do_all_to_all(loco::tensor_view<const std::byte> send,
                        loco::tensor_view<std::byte> recv) override {
@@ -132,19 +135,23 @@ protected:
                 return std::make_tuple(capsule_of(send, device_), capsule_of(recv, device_));
             });
         }
-        sent_ += static_cast<std::uint64_t>(size_ - 1) * (send.size / static_cast<std::size_t>(size_));
+        count_sent(static_cast<std::uint64_t>(size_ - 1) *
+                   (send.size / static_cast<std::size_t>(size_)));
     }
     void do_broadcast(loco::tensor_view<std::byte> data, int root) override {
         if (size_ > 1 && data.size != 0) {
             call("broadcast", [&] { return std::make_tuple(capsule_of(data, device_), root); });
         }
-        if (rank_ == root) sent_ += static_cast<std::uint64_t>(size_ - 1) * data.size;
+        if (rank_ == root) count_sent(static_cast<std::uint64_t>(size_ - 1) * data.size);
     }
     void do_barrier() override {
         call("barrier", [] { return std::make_tuple(); });
     }
 
 private:
+    void count_sent(std::uint64_t bytes) noexcept {
+        sent_.fetch_add(bytes, std::memory_order_relaxed);
+    }
     // Runs backend.<method>(*args()) under the GIL; a Python error becomes loco::comm_error, and
     // any failure breaks the communicator (above).
     template <class Args>
@@ -185,7 +192,9 @@ private:
     std::string name_;
     loco::memory_space space_ = loco::memory_space::host;
     int device_;
-    std::uint64_t sent_ = 0;
+    // Counted by the collectives (the GIL released, the handle's mutex held) and read by
+    // bytes_sent() from any thread holding the GIL: atomic, as comm::threads' and comm::mpi's.
+    std::atomic<std::uint64_t> sent_{0};
     std::string broken_;  // the collective that failed, once one has (under the GIL)
 };
 
