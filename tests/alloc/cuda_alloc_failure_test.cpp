@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "../cuda/handles.cuh"
+#include "failing_new.hpp"
 
 #include <loco/backend/cuda/cublas.hpp>
 #include <loco/comm/cuda_replicas.hpp>
@@ -22,36 +23,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-namespace {
-
-// Allocations left before the one that fails on this thread; 0: none fails.
-thread_local long allocations_left = 0;
-
-void* allocate(std::size_t n) {
-    if (allocations_left > 0 && --allocations_left == 0) {
-        throw std::bad_alloc();
-    }
-    if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-    throw std::bad_alloc();
-}
-
-// Arms the n-th allocation of this thread to fail while it lives.
-struct failing_allocation {
-    explicit failing_allocation(long n) { allocations_left = n; }
-    ~failing_allocation() { allocations_left = 0; }
-    failing_allocation(const failing_allocation&) = delete;
-    failing_allocation& operator=(const failing_allocation&) = delete;
-};
-
-}  // namespace
-
-void* operator new(std::size_t n) { return allocate(n); }
-void* operator new[](std::size_t n) { return allocate(n); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
