@@ -295,6 +295,32 @@ TEST_CASE("a stream with iostream exceptions switched on still gets checkpoint_e
     CHECK(out.str() == good);
 }
 
+TEST_CASE("save() into a stream read to its end or that cannot write raises checkpoint_error") {
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    model mdl("stream states");
+    loco::comm::single comm;
+    opt_t opt(mdl.list, comm, {.schedule = {.every = 2}});
+    mdl.set_gradients("stream states", 0);
+    opt.step();
+    SUBCASE("end-of-file set: it used to write nothing and return") {
+        // The trainer's own header in the stream, read back to its end (no final newline).
+        std::stringstream ss;
+        ss << "run 7";
+        std::string header;
+        std::getline(ss, header);
+        REQUIRE(ss.eof());
+        CHECK_THROWS_WITH_AS(opt.save(ss), doctest::Contains("end-of-file flag set"),
+                             loco::checkpoint_error);
+        ss.clear();
+        CHECK_NOTHROW(opt.save(ss));
+        CHECK(ss.str().size() > 5 + 8);
+    }
+    SUBCASE("a read-only string buffer: a stream error, not out of memory") {
+        std::stringstream ro(std::ios::in);
+        CHECK_THROWS_WITH_AS(opt.save(ro), doctest::Contains("stream error"), loco::checkpoint_error);
+    }
+}
+
 TEST_CASE("a model whose parameter names add up to more than 4096 bytes saves and loads") {
     // A 12-layer transformer has about 110 tensors; the fragment layout recorded in the checkpoint
     // lists every name (about 40 bytes each here: over 4 KB in all).

@@ -1082,6 +1082,21 @@ TEST_CASE("wallclock and proportional: counters out of range in a checkpoint are
         CHECK(b.schedule().local_steps() == 3);
         CHECK(b.schedule().rounds() == 2 + 10);  // 2 more steps end round 3, then 9 of 3
     }
+    SUBCASE("proportional: an H of 2^63 or more saves and loads (H_w is a setting, not a count)") {
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::proportional>;
+        const opt_t::config cfg{.inner = {.lr = 0.1f},
+                                .schedule = {.every = std::uint64_t{1} << 63, .clock = clock.fn()}};
+        opt_t a(list, comm, cfg);
+        *clock.now += 1.0;
+        a.step();
+        REQUIRE(a.schedule().local_steps() == std::uint64_t{1} << 63);
+        std::stringstream saved;
+        a.save(saved);
+        opt_t b(list, comm, cfg);
+        CHECK_NOTHROW(b.load(saved));
+        CHECK(b.schedule().local_steps() == std::uint64_t{1} << 63);
+    }
     SUBCASE("proportional: an H lowered during a run takes effect in the current round") {
         using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
                                    loco::schedule::proportional>;

@@ -4,6 +4,7 @@
 // does not match the live model, or a checksum mismatch; it never allocates from a size it read
 // without checking that size against the live model first.
 
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 
 #include <algorithm>
@@ -20,7 +21,6 @@
 #include <new>
 #include <ostream>
 #include <span>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -98,6 +98,13 @@ public:
                       "it with loco::create_checkpoint(path), which says why"
                     : "loco: the checkpoint stream given to save() is already in a failed state");
         }
+        if (os_.eof()) {
+            // A stream read to its end (a std::stringstream holding the trainer's header) writes
+            // nothing and sets no error bit: the checkpoint would be lost without a word.
+            throw checkpoint_error("loco: the checkpoint stream given to save() has its end-of-file "
+                                   "flag set (it was read to the end), so it would write nothing; "
+                                   "call clear() on it first");
+        }
         raw(checkpoint_magic, sizeof checkpoint_magic);
         u32(checkpoint_format_version);
     }
@@ -129,11 +136,11 @@ private:
     }
     void check_written() const {
         if (os_) return;
-        // The stream swallowed what its buffer threw (its exceptions are off while we write). A
-        // string buffer (an std::ostringstream; regroup()'s heal state) fails only when it cannot
-        // grow: out of memory, raised as such (diloco marks a rank's bad_alloc) rather than as a
-        // stream error.
-        if (dynamic_cast<const std::stringbuf*>(os_.rdbuf()) != nullptr) throw std::bad_alloc();
+        // The stream swallowed what its buffer threw (its exceptions are off while we write).
+        // loco's own text_stream (regroup()'s heal state) fails only when its buffer cannot grow:
+        // out of memory, raised as such (diloco marks a rank's bad_alloc) rather than as a stream
+        // error. A stream of the caller's may fail for its own reasons (a read-only buffer).
+        if (dynamic_cast<const text_stream*>(&os_) != nullptr) throw std::bad_alloc();
         throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
     }
 

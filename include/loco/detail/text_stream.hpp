@@ -6,8 +6,6 @@
 // "disagree") instead of as out of memory.
 
 #include <ios>
-#include <loco/detail/text_stream.hpp>
-
 #include <sstream>
 
 namespace loco::detail {

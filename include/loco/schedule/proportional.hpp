@@ -168,7 +168,8 @@ private:
     static constexpr std::array<saved_counter<proportional>, 4> saved() {
         return {{{&proportional::calls_, "the step call count"},
                  {&proportional::round_calls_, "the steps of the current round"},
-                 {&proportional::local_steps_, "the local steps of the round"},
+                 // H_w is up to H (any H >= 1), not a count; next() bounds it by H
+                 {&proportional::local_steps_, "the local steps of the round", false},
                  {&proportional::rounds_, "the round count"}}};
     }
 

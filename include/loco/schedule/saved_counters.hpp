@@ -21,6 +21,9 @@ template <class S>
 struct saved_counter {
     counter_member<S> member;
     const char* what;  // e.g. "the round count"
+    // A count of calls or rounds, which no run takes to 2^63 (a larger one is a corrupted
+    // checkpoint's); false for a value that is a setting's (proportional's H_w, up to H).
+    bool count = true;
 };
 
 template <class S, std::size_t N>
@@ -32,8 +35,9 @@ void save_counters(detail::checkpoint_writer& w, const S& s,
 template <class S, std::size_t N>
 S read_counters(detail::checkpoint_reader& r, const std::array<saved_counter<S>, N>& counters) {
     S s;
-    // counter(): a count of 2^63 or more is a corrupted checkpoint's, as every schedule's
-    for (const saved_counter<S>& c : counters) s.*c.member = r.counter(c.what);
+    for (const saved_counter<S>& c : counters) {
+        s.*c.member = c.count ? r.counter(c.what) : r.u64(c.what);
+    }
     return s;
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 // cuBLAS for loco: failures as loco::cuda_error (a cublas_error carrying the cuBLAS status; out of
-// memory as loco::cuda_out_of_memory, a std::bad_alloc), and an owned handle. Every cuBLAS call in loco goes through LOCO_CUBLAS_CHECK.
+// memory as loco::cuda_out_of_memory, a std::bad_alloc), and an owned handle. Every cuBLAS call
+// in loco goes through LOCO_CUBLAS_CHECK.
 //
 // cuBLAS reports its own status codes, not CUDA runtime errors; cublas_error::code() maps the
 // status to the nearest runtime error so that code catching loco::cuda_error sees a meaningful
@@ -96,7 +97,7 @@ private:
 }  // namespace backend::cuda
 }  // namespace loco
 
-// Throws loco::cublas_error (a loco::cuda_error) when the cuBLAS call does not return
-// CUBLAS_STATUS_SUCCESS.
+// Throws loco::cublas_error (a loco::cuda_error; loco::cuda_out_of_memory when cuBLAS could not
+// allocate) when the cuBLAS call does not return CUBLAS_STATUS_SUCCESS.
 #define LOCO_CUBLAS_CHECK(...) \
     ::loco::backend::cuda::detail::check((__VA_ARGS__), #__VA_ARGS__, __FILE__, __LINE__)
