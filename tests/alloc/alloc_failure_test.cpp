@@ -410,3 +410,36 @@ TEST_CASE("diloco: regroup() out of memory raises bad_alloc, never a stream erro
     CHECK(regrouped);
     CHECK(out_of_memory > 5);
 }
+
+TEST_CASE("diloco: save() out of memory raises bad_alloc, never a stream error") {
+    // The checkpoint writer turns the stream's exceptions off while it writes: an ostringstream
+    // whose buffer could not grow swallowed the bad_alloc, and save() said "stream error" (in
+    // Python a CheckpointError where a MemoryError was due).
+    using opt_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov>;
+    loco::comm::single comm;
+    std::vector<float> w(5000, 0.5f), g(5000, 0.01f);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    opt_t opt(list, comm, {.inner = {.lr = 1e-3f}, .schedule = {.every = 2}});
+    for (int i = 0; i < 4; ++i) opt.step();
+    std::ostringstream reference;
+    opt.save(reference);
+    int out_of_memory = 0;
+    bool saved = false;
+    for (long n = 1; n <= 400 && !saved; ++n) {
+        CAPTURE(n);
+        std::ostringstream os;
+        try {
+            const failing_allocation arm(n);
+            opt.save(os);
+            saved = true;
+        } catch (const std::bad_alloc&) {
+            ++out_of_memory;
+        } catch (const std::exception& e) {
+            FAIL_CHECK("save() out of memory raised: " << std::string(e.what()));
+        }
+        if (saved) CHECK(os.str() == reference.str());
+    }
+    CHECK(saved);
+    CHECK(out_of_memory > 3);
+}

@@ -4,7 +4,6 @@
 // does not match the live model, or a checksum mismatch; it never allocates from a size it read
 // without checking that size against the live model first.
 
-#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 
 #include <algorithm>
@@ -123,25 +122,40 @@ public:
     // Writes the checksum; the stream must be good afterwards.
     void finish() {
         const std::uint64_t sum = hash_.value();
-        os_.write(reinterpret_cast<const char*>(&sum), sizeof sum);
-        os_.flush();
-        check_written();
+        guarded([&] {
+            os_.write(reinterpret_cast<const char*>(&sum), sizeof sum);
+            os_.flush();
+        });
     }
 
 private:
     void raw(const void* data, std::size_t n) {
         hash_.add(data, n);
-        os_.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
-        check_written();
+        guarded([&] { os_.write(static_cast<const char*>(data), static_cast<std::streamsize>(n)); });
     }
-    void check_written() const {
-        if (os_) return;
-        // The stream swallowed what its buffer threw (its exceptions are off while we write).
-        // loco's own text_stream (regroup()'s heal state) fails only when its buffer cannot grow:
-        // out of memory, raised as such (diloco marks a rank's bad_alloc) rather than as a stream
-        // error. A stream of the caller's may fail for its own reasons (a read-only buffer).
-        if (dynamic_cast<const text_stream*>(&os_) != nullptr) throw std::bad_alloc();
-        throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
+    // Runs a write with badbit in the stream's exception mask (quiet_ clears it otherwise): what
+    // the stream's buffer throws then comes out as itself instead of being swallowed into badbit.
+    // Out of memory (a string buffer that cannot grow) stays std::bad_alloc, as everywhere in
+    // loco (docs/design.md); anything else, a short write of a read-only buffer included, is the
+    // stream error loco reports. The stream is good before each write (checked after every one),
+    // so setting the mask cannot throw.
+    template <class Write>
+    void guarded(Write&& write) {
+        os_.exceptions(std::ios::badbit);
+        try {
+            write();
+        } catch (const std::bad_alloc&) {
+            os_.exceptions(std::ios::goodbit);  // an empty mask: never throws
+            throw;
+        } catch (const std::exception&) {
+            os_.exceptions(std::ios::goodbit);
+            throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
+        } catch (...) {  // not the stream's (a thread's cancellation): as it came
+            os_.exceptions(std::ios::goodbit);
+            throw;
+        }
+        os_.exceptions(std::ios::goodbit);
+        if (!os_) throw checkpoint_error("loco: writing the checkpoint failed (stream error)");
     }
 
     std::ostream& os_;
