@@ -321,6 +321,19 @@ TEST_CASE("chunked device plans refuse what they cannot do, with one sentence") 
     CHECK_THROWS_AS(lcu::demo_plan({.chunk = 64, .topk = 0}, segs, 128 * 128),
                     loco::invalid_argument);
     CHECK_THROWS_AS(lcu::demo_plan({}, segs, 100), loco::shape_error);  // outside the array
+    // Chunk numbers are 32-bit on the device: more than 2^31 - 1 chunks are refused before
+    // anything is built, in one segment (65537 is prime, so every cell is a chunk: 2^32 + 2^17 + 1
+    // of them, which wrapped to 131073 and was accepted) or in two that only together pass it.
+    const std::size_t p = 65537, q = 32771;  // primes
+    const std::vector<cz::segment> huge = {{0, p * p, p, p}};
+    CHECK_THROWS_WITH_AS(lcu::sparseloco_plan({}, huge, p * p),
+                         doctest::Contains("makes it 4295098369"), loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(lcu::demo_plan({}, huge, p * p), doctest::Contains("makes it 4295098369"),
+                         loco::invalid_argument);
+    const std::vector<cz::segment> pair = {{0, q * q, q, q}, {q * q, q * q, q, q}};
+    CHECK_THROWS_WITH_AS(lcu::sparseloco_plan({}, pair, 2 * q * q),
+                         doctest::Contains("segment 1 (32771 x 32771) makes it 2147876882"),
+                         loco::invalid_argument);
     const lcu::demo_plan plan({}, segs, 128 * 128);
     CHECK_THROWS_AS(lcu::demo_encode(plan, nullptr, nullptr, nullptr, nullptr),
                     loco::invalid_argument);

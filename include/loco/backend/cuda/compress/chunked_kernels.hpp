@@ -99,6 +99,10 @@ LOCO_HD std::uint64_t chunked_element(const chunked_segment& s, std::uint64_t c,
 template <class C>
 class chunked_layout {
 public:
+    // The most chunks one layout holds: chunk numbers are 32-bit on the device, and the grids
+    // of the per-chunk kernels index them as int.
+    static constexpr std::uint64_t max_chunks = 0x7fffffffu;
+
     chunked_layout() = default;
 
     chunked_layout(const typename C::hyper& h, std::span<const compress::segment> segs,
@@ -112,6 +116,23 @@ public:
                                    std::to_string(h.chunk) + "); use the host compressor");
         }
         payload_bytes_ = C::payload_bytes(h, segs);
+        // Chunk numbers are 32-bit on the device (a segment's count, the chunk -> segment map):
+        // the total is checked before anything is narrowed (a 65537 x 65537 matrix has 2^32 and
+        // more chunks of side 1, which wrapped into a small count) or built.
+        std::uint64_t total_chunks = 0;
+        for (std::size_t i = 0; i < segs.size(); ++i) {
+            const std::uint64_t c = C::layout_of(h, segs[i]).grid.chunks();
+            if (c > max_chunks - total_chunks) {
+                throw invalid_argument(
+                    "loco::cuda: the device " + std::string(C::name) + " takes at most " +
+                    std::to_string(max_chunks) + " chunks per fragment; segment " +
+                    std::to_string(i) + " (" + std::to_string(segs[i].rows) + " x " +
+                    std::to_string(segs[i].cols) + ") makes it " + std::to_string(total_chunks + c) +
+                    "; put fewer tensors in the fragment, or use the host compressor");
+            }
+            total_chunks += c;
+        }
+        host_chunk_segment_.reserve(total_chunks);
         std::uint64_t at = compress::wire::header_bytes;
         std::uint32_t input = 0;
         for (const compress::segment& s : segs) {
@@ -143,9 +164,6 @@ public:
             }
             at += l.bytes();
             ++input;
-        }
-        if (chunks_ > 0x7fffffffu) {
-            throw invalid_argument("loco::cuda: too many chunks for one grid");
         }
         compress::wire::header w = C::expected_header_of(h, segs);
         prefix_ = detail::prefix_bytes(w);
