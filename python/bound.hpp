@@ -350,9 +350,10 @@ H checked_lr(const H& h, float lr) {
 template <class Handle>
 class bound_diloco {
 public:
-    bound_diloco(const py::list& items, loco::comm::communicator& comm, const py::dict& hyper,
+    bound_diloco(const py::list& items, py::object comm_object, const py::dict& hyper,
                  std::uintptr_t stream)
-        : params_(read_params(items)) {
+        : params_(read_params(items)), comm_(std::move(comm_object)) {
+        auto& comm = comm_.cast<loco::comm::communicator&>();
         typename Handle::config cfg;
         read(sub(hyper, "inner"), cfg.inner);
         read(sub(hyper, "outer"), cfg.outer);
@@ -372,16 +373,14 @@ public:
         // called back into Python would reacquire the GIL itself (python_communicator::call).
         const py::gil_scoped_release nogil;
         handle_ = std::make_unique<Handle>(params_.list, comm, cfg);
-        interrupts_ = dynamic_cast<python_interrupts*>(&comm);  // keep_alive<1, 3> keeps comm
+        interrupts_ = dynamic_cast<python_interrupts*>(&comm);  // comm_ keeps comm alive
     }
 
     static void bind(py::module_& m, const char* name) {
         using B = bound_diloco;
         py::class_<B>(m, name)
-            .def(py::init<const py::list&, loco::comm::communicator&, const py::dict&,
-                          std::uintptr_t>(),
-                 py::arg("items"), py::arg("comm"), py::arg("hyper"), py::arg("stream") = 0,
-                 py::keep_alive<1, 3>())
+            .def(py::init<const py::list&, py::object, const py::dict&, std::uintptr_t>(),
+                 py::arg("items"), py::arg("comm"), py::arg("hyper"), py::arg("stream") = 0)
             .def("start", [](B& b) { return b.collective([](Handle& h) { return h.start(); }); })
             .def("step", [](B& b) {
                 const loco::step_result r = b.collective([](Handle& h) { return h.step(); });
@@ -389,6 +388,7 @@ public:
             })
             .def("sync", [](B& b) { b.collective([](Handle& h) { h.sync(); }); })
             .def("flush", [](B& b) { b.collective([](Handle& h) { h.flush(); }); })
+            .def("regroup", &B::regroup, py::arg("comm"), py::arg("donor") = 0)
             .def("save", [](B& b) {
                 return py::bytes(b.call([](const Handle& h) { return save_bytes(h); }));
             })
@@ -451,6 +451,18 @@ public:
     }
 
 private:
+    // loco::diloco::regroup() onto `group` (collective over it). Its collectives run on the new
+    // group, so an interrupt in one of its callbacks is that communicator's to raise. On success
+    // the handle holds the new communicator and lets go of the old one (its process group can be
+    // destroyed); a failed regroup() changes nothing (docs/reliability.md), the old one included.
+    void regroup(py::object group_object, int donor) {
+        auto& group = group_object.cast<loco::comm::communicator&>();
+        python_interrupts* group_interrupts = dynamic_cast<python_interrupts*>(&group);
+        collective([&](Handle& h) { h.regroup(group, donor); }, group_interrupts);
+        comm_ = std::move(group_object);
+        interrupts_ = group_interrupts;
+    }
+
     // A bytearray (writable, so torch.frombuffer shares it without a warning) of the floats.
     static py::bytearray float_bytes(const std::vector<float>& v) {
         return py::bytearray(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
@@ -468,24 +480,29 @@ private:
     // is over (with the GIL back), in place of what the call threw (loco.CommError) or returned.
     template <class F>
     auto collective(F fn) {
+        return collective(fn, interrupts_);
+    }
+    // The same over the communicator whose interrupts are `interrupts` (regroup's new group).
+    template <class F>
+    auto collective(F fn, python_interrupts* interrupts) {
         auto run = [&] {
             const locked l(mutex_);
             return fn(*handle_);
         };
-        if (interrupts_ == nullptr) return run();
+        if (interrupts == nullptr) return run();
         try {
             if constexpr (std::is_void_v<decltype(run())>) {
                 run();
-                interrupts_->raise_interrupt();
+                interrupts->raise_interrupt();
             } else {
                 auto r = run();
-                interrupts_->raise_interrupt();
+                interrupts->raise_interrupt();
                 return r;
             }
         } catch (const py::error_already_set&) {
             throw;
         } catch (...) {
-            interrupts_->raise_interrupt();
+            interrupts->raise_interrupt();
             throw;
         }
     }
@@ -503,6 +520,10 @@ private:
     }
 
     bound_params params_;
+    // The Python communicator object the handle uses: held here (not by keep_alive) so that
+    // regroup() can let go of the old one. Declared before handle_, so destroyed after it (the
+    // handle's destructor may still wait on the communicator).
+    py::object comm_;
     std::unique_ptr<Handle> handle_;
     std::mutex mutex_;
     python_interrupts* interrupts_ = nullptr;  // the communicator's, if it calls into Python

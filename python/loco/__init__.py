@@ -413,15 +413,10 @@ class DiLoCo(_Handle):
                 f"loco: no compiled configuration {type(inner).__name__} + {type(outer).__name__}"
                 f" + {type(compressor).__name__} + {type(schedule).__name__}; the module has "
                 f"{_describe_configs()} (add one in python/_loco.cpp)")
-        if not isinstance(comm, _loco.Communicator):
-            raise InvalidArgument("loco: comm must be loco.TorchDistributed() or loco.Single()")
+        _check_communicator(comm)
         items, tensors, self.device = _items(named_params, roles)
         self._bind(tensors)
-        if comm.space == "cuda" and (self.device.type != "cuda"
-                                     or self.device.index != comm.device):
-            raise MemorySpaceError(f"loco: the communicator moves memory of cuda:{comm.device} "
-                                   f"(NCCL) but the parameters are on {self.device}; move the "
-                                   "model to that GPU, or use a gloo process group")
+        _check_space(comm, self.device)
         stream = _stream_of(stream, self.device)
         compress, aggregate = _compress_and_aggregate(compressor)
         hyper = {"inner": _hyper(inner), "outer": _hyper(outer), "schedule": _hyper(schedule),
@@ -475,6 +470,26 @@ class DiLoCo(_Handle):
             self._bumping_on_error(self._impl.flush)
             self._written()
 
+    def regroup(self, comm, donor=0):
+        """Goes on with the workers of `comm` (collective over it; docs/reliability.md): after a
+        worker was lost (the survivors' new process group), to take in a newcomer (a DiLoCo built
+        with start=False on `comm`, healed from rank `donor` of `comm`: its parameters become the
+        global ones), or to bring the ranks back in step after a collective failed on one of them
+        (a fresh process group of every rank). Keeps the global parameters, the outer state, the
+        schedule and the round counters; survivors keep their own parameters and inner state.
+        Raises, changing nothing on any rank, if the ranks were not built alike or the transfer
+        fails. Call it while the old communicator's process group still exists."""
+        _check_communicator(comm)
+        _check_space(comm, self.device)
+        if isinstance(donor, bool) or not isinstance(donor, int):
+            raise InvalidArgument(f"loco: regroup()'s donor must be a rank (an int), got "
+                                  f"{type(donor).__name__}")
+        self._check_grads()
+        with _on(self.device):
+            self._bumping_on_error(lambda: self._impl.regroup(comm, donor))
+            self._written()  # a newcomer's parameters became the global ones
+        self.comm = comm
+
     def _bumping_on_error(self, call):
         """Runs call(); if it raises, bumps the version counters before re-raising: a call can
         write the parameters and then fail (a step whose inner update applied before its sync
@@ -519,6 +534,19 @@ class DiLoCo(_Handle):
         residual), flat in parameter order, as a float32 tensor (a copy)."""
         with _on(self.device):
             return _floats(self._impl.compressor_state())
+
+
+def _check_communicator(comm):
+    if not isinstance(comm, _loco.Communicator):
+        raise InvalidArgument("loco: comm must be loco.TorchDistributed() or loco.Single()")
+
+
+def _check_space(comm, device):
+    """An NCCL communicator moves memory of one GPU: the parameters must be there."""
+    if comm.space == "cuda" and (device.type != "cuda" or device.index != comm.device):
+        raise MemorySpaceError(f"loco: the communicator moves memory of cuda:{comm.device} "
+                               f"(NCCL) but the parameters are on {device}; move the model to "
+                               "that GPU, or use a gloo process group")
 
 
 def _floats(raw):
@@ -650,9 +678,9 @@ def TorchDistributed(group=None):
     (torch.cuda.set_device(local_rank) first), and the parameters must be CUDA tensors there.
     Counts the bytes it sends as the other loco communicators do. A collective that fails on this
     rank leaves the communicator refusing every later one (CommError, torch.distributed not
-    called): build a new process group and communicator to go on. A KeyboardInterrupt or
-    SystemExit raised inside a collective reaches the caller of step(), sync(), flush() or
-    start() as itself (docs/pytorch.md)."""
+    called): build a new process group and communicator and regroup() onto it to go on. A
+    KeyboardInterrupt or SystemExit raised inside a collective reaches the caller of step(),
+    sync(), flush(), start() or regroup() as itself (docs/pytorch.md)."""
     if not dist.is_available() or not dist.is_initialized():
         raise CommError("loco: torch.distributed is not initialised; call "
                         "torch.distributed.init_process_group('gloo', ...) first")

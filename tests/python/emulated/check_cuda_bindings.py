@@ -11,6 +11,8 @@ python.cuda_emulated (python/CMakeLists.txt builds the module); run.sh here is t
   device buffers: NCCL's path; the capsules are re-marked kDLCPU for torch's CPU from_dlpack,
   the only step that differs from a GPU);
 - MuLoCo (2-bit codes, error feedback) on both: the ranks' global parameters agree after sync();
+  regroup() heals a newcomer (its parameters become rank 0's global ones, bit for bit; the next
+  sync agrees on both ranks) and refuses a communicator of the other memory space;
 - SparseLoCo and DeMo (fp32 and signs) on both against the PyTorch re-computations of
   tests/python/test_frontier_gloo.py (parameters and residual within 1e-5 after 5 rounds).
 What it cannot show: streams and NCCL's own stream (the emulator runs every launch at once).
@@ -158,6 +160,49 @@ def worker(rank, init_file, space):
     other = [torch.zeros_like(mine) for _ in range(2)]
     dist.all_gather(other, mine)
     assert torch.equal(other[0], other[1]) and muloco.outer_steps == 4
+
+    # regroup(): rank 1 comes back as a newcomer (other parameters, never started) on a fresh
+    # communicator of the same memory space and is healed from rank 0; a communicator of the
+    # other space is refused on both ranks first, nothing changed.
+    group = dist.new_group(ranks=[0, 1], backend="gloo")
+    if space == "host":
+        fresh = loco.TorchDistributed(group)
+        other_space = _loco.PythonCommunicator(HostViewCollectives(group), rank, 2,
+                                               "emulated_nccl", "cuda", 0)
+    else:
+        fresh = _loco.PythonCommunicator(HostViewCollectives(group), rank, 2, "emulated_nccl",
+                                         "cuda", 0)
+        other_space = loco.TorchDistributed(group)
+    if rank == 1:
+        ps = device_params({n: v + 5.0 for n, v in ref.initial_values(7).items()})
+        muloco = _loco.CudaDiLoCo_muloco_nesterov_twobit(
+            items(ps, roles), fresh, {"inner": {"0": dict(lr=0.02, momentum=0.9),
+                                                "1": dict(lr=1e-2)}, "schedule": {"every": 4}}, 0)
+    before = {n: p.detach().clone() for n, p in ps.items()}
+    try:
+        muloco.regroup(other_space)
+        raise AssertionError("regroup onto a communicator of the other memory space went through")
+    except loco.MemorySpaceError as e:
+        assert "regroup onto the same kind" in str(e), str(e)
+    assert all(torch.equal(ps[n].detach(), before[n]) for n in ps)
+    muloco.regroup(fresh)
+    healed = loco._floats(muloco.global_params())
+    every = [torch.zeros_like(healed) for _ in range(2)]
+    dist.all_gather(every, healed)
+    assert torch.equal(every[0], every[1]) and torch.equal(every[0], other[0])
+    assert muloco.outer_steps == 4
+    if rank == 1:  # the newcomer's parameters are the global ones, bit for bit
+        assert torch.equal(torch.cat([ps[n].detach().reshape(-1) for n in ps]), healed)
+    for step in range(12, 16):
+        x, y = ref.batch(rank, step)
+        set_grads(ps, ref.loss_of(ps, x, y))
+        muloco.step()
+    mine = loco._floats(muloco.global_params())
+    dist.all_gather(every, mine)
+    assert torch.equal(every[0], every[1]) and muloco.outer_steps == 5
+    assert not torch.equal(mine, healed)
+    if rank == 0:
+        print(f"{space} memory: regroup() healed a newcomer; the next sync agrees on both ranks")
 
     for case, settings in frontier.CASES.items():
         compressor, outer = settings["compressor"], settings["outer"]
