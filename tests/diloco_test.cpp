@@ -783,6 +783,7 @@ struct flaky_compressor {
     static constexpr std::uint8_t wire_id = real::wire_id;
     static constexpr int state_size = real::state_size;
     using hyper = real::hyper;
+    static std::string describe(const hyper& h) { return real::describe(h); }
     static std::size_t payload_bytes(const hyper& h, std::span<const loco::compress::segment> s) {
         return real::payload_bytes(h, s);
     }

@@ -663,6 +663,12 @@ struct warmup_then_every {
             throw loco::invalid_argument("mylib::warmup_then_every: every must be >= 1");
         }
     }
+
+    // The settings, which start() compares between the ranks and checkpoints record.
+    static std::string describe(const hyper& h) {
+        return "mylib_warmup_then_every warmup=" + std::to_string(h.warmup) +
+               " every=" + std::to_string(h.every);
+    }
 };
 
 }  // namespace mylib

@@ -151,11 +151,16 @@ template <class Inner, class Outer, class Compressor = compress::none,
           class Schedule = schedule::every, class Aggregate = aggregate::mean,
           class Backend = host_backend>
 class diloco {
-    static_assert(compress::compressor<Compressor>,
+    static_assert(compress::state_size_not_negative<Compressor>(),
+                  "loco: a compressor's `state_size` (floats of state per element: 0, or 1 for a "
+                  "residual) must be >= 0; see docs/compressors.md");
+    static_assert(!compress::state_size_not_negative<Compressor>() ||  // said once, above
+                      compress::compressor<Compressor>,
                   "loco: the Compressor argument of loco::diloco is not a loco compressor; see "
                   "docs/compressors.md");
     static_assert(detail::check_elementwise_policy<Outer>());
     static_assert(detail::check_schedule_policy<Schedule>());
+    static_assert(detail::check_aggregate_policy<Aggregate>());
 
     using schedule_type = typename detail::schedule_state<Schedule>::type;
     using engine_type = typename Backend::template engine<Inner, Outer, Compressor, Aggregate>;

@@ -234,10 +234,20 @@ constexpr bool check_schedule_policy() {
 }
 
 // A policy's description for fingerprints and checkpoints: its describe(hyper) when it has one,
-// else its name.
+// else its name. A policy with settings must describe them: start() compares the descriptions
+// between the ranks and a checkpoint records them, so that ranks built with another outer lr or
+// compressor setting, or a resume with them, are refused (without, only the name was compared,
+// and such ranks applied different outer steps without a word).
 template <class P>
 std::string describe_policy(const typename P::hyper& h) {
-    if constexpr (requires { { P::describe(h) } -> std::convertible_to<std::string>; }) {
+    constexpr bool describes = requires {
+        { P::describe(h) } -> std::convertible_to<std::string>;
+    };
+    static_assert(describes || std::is_empty_v<typename P::hyper>,
+                  "loco: a policy with settings (a non-empty `hyper`) needs `static std::string "
+                  "describe(const hyper&)` naming each of them: start() compares it between the "
+                  "ranks and checkpoints record it; see docs/policies.md");
+    if constexpr (describes) {
         return P::describe(h);
     } else {
         return std::string(P::name);

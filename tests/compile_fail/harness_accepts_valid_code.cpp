@@ -8,10 +8,12 @@
 #include <loco/optimizer.hpp>
 #include <loco/outer/sgd.hpp>
 #include <loco/params.hpp>
+#include <loco/compress/none.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -39,6 +41,39 @@ struct complete_policy {
     };
     static scalars prepare(const hyper& h, std::uint64_t) { return {h.lr}; }
     static void update(const scalars& k, float& x, float g, float*) { x -= k.lr * g; }
+    // outer_without_describe.cpp: the settings described.
+    static std::string describe(const hyper& h) { return "complete_policy lr=" + std::to_string(h.lr); }
+};
+
+// aggregate_without_combine.cpp, with combine.
+struct largest {
+    static constexpr std::string_view name = "largest";
+    struct hyper {};
+    static constexpr bool needs_reports = false;
+    static constexpr bool needs_deltas = true;
+    static void combine(const hyper&, const loco::aggregate::contributions& c, std::span<float> out) {
+        for (std::size_t i = 0; i < out.size(); ++i) out[i] = c.delta(0)[i];
+    }
+};
+
+// compressor_negative_state.cpp: none's state size, 0.
+struct no_state {
+    static constexpr std::string_view name = "no_state";
+    static constexpr std::uint8_t wire_id = loco::compress::none::wire_id;
+    static constexpr int state_size = 0;
+    using hyper = loco::compress::none::hyper;
+    static std::size_t payload_bytes(const hyper& h, std::span<const loco::compress::segment> s) {
+        return loco::compress::none::payload_bytes(h, s);
+    }
+    static void encode(const hyper& h, std::span<const float> x,
+                       std::span<const loco::compress::segment> s, std::span<float> state,
+                       const loco::compress::encode_context& ctx, std::span<std::byte> out) {
+        loco::compress::none::encode(h, x, s, state, ctx, out);
+    }
+    static void decode(const hyper& h, std::span<const std::byte> in,
+                       std::span<const loco::compress::segment> s, std::span<float> out) {
+        loco::compress::none::decode(h, in, s, out);
+    }
 };
 
 // schedule_without_due.cpp, with `due`.
@@ -67,4 +102,7 @@ int main() {
     d.step();
     loco::diloco<complete_policy, loco::outer::sgd> plain(params, comm);  // not_a_compressor.cpp
     plain.step();
+    loco::diloco<loco::inner::sgd, complete_policy, no_state, loco::schedule::every, largest> own(
+        params, comm);
+    own.step();
 }

@@ -8,8 +8,10 @@
 //   static constexpr bool needs_deltas;   // gather every worker's decoded pseudo-gradient
 //   static void combine(const hyper&, const contributions&, std::span<float> out);
 //
-// and optionally `static void validate(const hyper&)` and `static std::string describe(const
-// hyper&)`. When needs_deltas is false the exchange computes the mean natively (one fp32
+// and optionally `static void validate(const hyper&)`; `static std::string describe(const
+// hyper&)` (the settings, compared between the ranks and recorded in checkpoints) is required
+// when hyper has members. loco::diloco checks these with detail::check_aggregate_policy (end of
+// this file). When needs_deltas is false the exchange computes the mean natively (one fp32
 // all-reduce, or the rank-order mean of the decoded payloads) and combine is not called; when it is
 // true the exchange all-gathers every worker's payload (and, with needs_reports, every worker's
 // report), decodes each one and calls combine, on every rank with the same inputs, so every rank
@@ -219,3 +221,44 @@ bool combine(const typename A::hyper& h, state_t<A>& s, const contributions& c,
 }
 
 }  // namespace loco::aggregate
+
+namespace loco::detail {
+
+// The requirements of an aggregation policy (above), each refused with one sentence instead of
+// an error deep in the exchange; loco::diloco static_asserts it.
+template <class A>
+constexpr bool check_aggregate_policy() {
+    constexpr bool has_name = requires {
+        { A::name } -> std::convertible_to<std::string_view>;
+    };
+    constexpr bool has_hyper = requires { typename A::hyper; };
+    constexpr bool has_flags = requires {
+        { A::needs_reports } -> std::convertible_to<bool>;
+        { A::needs_deltas } -> std::convertible_to<bool>;
+    };
+    static_assert(has_name, "loco: an aggregation policy needs `static constexpr std::string_view "
+                            "name`; see docs/diloco.md (Write your own aggregation)");
+    static_assert(has_hyper, "loco: an aggregation policy needs `struct hyper` (its settings, "
+                             "default-constructible); see docs/diloco.md");
+    static_assert(has_flags, "loco: an aggregation policy needs `static constexpr bool "
+                             "needs_reports` and `needs_deltas`; see docs/diloco.md");
+    if constexpr (has_name && has_hyper && has_flags) {
+        constexpr bool with_state = requires(const typename A::hyper& h,
+                                             aggregate::state_t<A>& s,
+                                             const aggregate::contributions& c,
+                                             std::span<float> out) { A::combine(h, s, c, out); };
+        constexpr bool without_state = requires(const typename A::hyper& h,
+                                                const aggregate::contributions& c,
+                                                std::span<float> out) { A::combine(h, c, out); };
+        constexpr bool has_combine = aggregate::stateful<A> ? with_state : without_state;
+        static_assert(aggregate::decodes_payloads_together<A>() || has_combine,
+                      "loco: an aggregation policy needs `static void combine(const hyper&, const "
+                      "loco::aggregate::contributions&, std::span<float> out)` (with its `state&` "
+                      "second when it declares `struct state`; it may return bool to refuse a "
+                      "round); see docs/diloco.md");
+        return aggregate::decodes_payloads_together<A>() || has_combine;
+    }
+    return false;
+}
+
+}  // namespace loco::detail

@@ -5,13 +5,16 @@
 //   static constexpr std::string_view name;            // recorded in checkpoints
 //   static constexpr std::uint8_t wire_id;              // in every payload header (wire.hpp)
 //   struct hyper { ... };                               // settings, paper defaults
-//   static constexpr int state_size;                    // floats of state per element (0: none)
+//   static constexpr int state_size;                    // floats of state per element (>= 0)
 //   static std::size_t payload_bytes(const hyper&, std::span<const segment>);
 //   static void encode(const hyper&, std::span<const float> x, std::span<const segment>,
 //                      std::span<float> state, const encode_context&, std::span<std::byte> out);
 //   static void decode(const hyper&, std::span<const std::byte> in, std::span<const segment>,
 //                      std::span<float> out);
 //
+// and, when hyper has members,
+//   static std::string describe(const hyper&);          // the settings as text: compared between
+//                                                       // the ranks, recorded in checkpoints
 // and optionally
 //   static void validate(const hyper&);                 // throws loco::invalid_argument
 //
@@ -86,6 +89,17 @@ inline void check_payload_buffer(std::size_t have, std::size_t want, std::string
     }
 }
 
+// Whether C's state_size, if it has one, is >= 0: loco::diloco's sentence for what the concept
+// below also refuses (a negative size became a huge residual array).
+template <class C>
+constexpr bool state_size_not_negative() {
+    if constexpr (requires { { C::state_size } -> std::convertible_to<int>; }) {
+        return C::state_size >= 0;
+    } else {
+        return true;
+    }
+}
+
 template <class C>
 concept compressor =
     requires {
@@ -94,6 +108,7 @@ concept compressor =
         { C::wire_id } -> std::convertible_to<std::uint8_t>;
         { C::state_size } -> std::convertible_to<int>;
     } &&
+    (C::state_size >= 0) &&  // floats of state per element (error feedback's residual: 1)
     requires(const typename C::hyper& h, std::span<const segment> segs, std::span<const float> x,
              std::span<float> state, const encode_context& ctx, std::span<std::byte> out,
              std::span<const std::byte> in, std::span<float> decoded) {
