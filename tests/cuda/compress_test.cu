@@ -84,13 +84,15 @@ void blockwise_all_settings() {
 
 // Fast paths: Block 256 (one block per warp, one chunk), 1024 (four chunks), 64 and 8 (several
 // blocks per chunk); generic: 100, 36 and 4096 (a warp per block, codes ORed into words, which
-// blocks of 100 and 36 share).
+// blocks of 100 and 36 share); 10, 6 and 3 are not multiples of the decode's 4-wide vectors, whose
+// elements then straddle two blocks (two scales).
 TEST_CASE_TEMPLATE("fused encode with error feedback: payloads and residuals are the host's, "
                    "and the device average is the host exchanger's",
                    C, cz::blockwise<1, 256>, cz::blockwise<2, 256>, cz::blockwise<4, 256>,
                    cz::blockwise<8, 256>, cz::blockwise<2, 1024>, cz::blockwise<8, 1024>,
                    cz::blockwise<2, 64>, cz::blockwise<4, 64>, cz::blockwise<1, 8>,
-                   cz::blockwise<2, 100>, cz::blockwise<4, 36>, cz::blockwise<1, 4096>) {
+                   cz::blockwise<2, 100>, cz::blockwise<4, 36>, cz::blockwise<1, 4096>,
+                   cz::blockwise<2, 10>, cz::blockwise<4, 6>, cz::blockwise<1, 3>) {
     blockwise_all_settings<C>();
 }
 

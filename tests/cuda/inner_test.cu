@@ -389,6 +389,26 @@ TEST_CASE("stochastic rounding of bf16 parameters") {
                   same << " of " << got.size() << " values match the host bit for bit");
 }
 
+// One thread's elements of an aligned fp32 tensor: a 4-wide vector holding two non-finite
+// gradients, and two of a thread's vectors a grid stride apart; the check keeps the smaller index
+// of each thread (the case above has its two in different tensors).
+TEST_CASE("non-finite gradients: the smaller of two in one thread's elements is reported") {
+    device_model m({tensor_shape{2048}});
+    auto rng = rng_for("nonfinite one thread");
+    const lc::tensor_table table = m.table();
+    const std::pair<std::size_t, std::size_t> cases[] = {{5, 6}, {2, 1025}};
+    for (const auto& [first, second] : cases) {
+        CAPTURE(first);
+        m.randomize_grads(rng);
+        m.grads()[first] = std::nanf("");
+        m.grads()[second] = std::numeric_limits<float>::infinity();
+        m.upload_grads();
+        lc::device_control<loco::inner::adamw::hyper> control;
+        lc::check_gradients(table, control.control(), nullptr);
+        CHECK(control.read(nullptr).first_nonfinite == first);
+    }
+}
+
 TEST_CASE("non-finite gradients: the check finds the first one, skip changes nothing") {
     using loco::inner::adamw;
     auto rng = rng_for("nonfinite");

@@ -171,6 +171,63 @@ void spoil_c(gpu_params& p) {
 
 }  // namespace
 
+// torch.lerp's two formulas, rounded step by step: Streaming DiLoCo's merge as the host engine
+// computes it (include/loco/backend/host/diloco_engine.hpp).
+float lerp_reference(float g, float x, float alpha) {
+    if (alpha < 0.5f) return g + alpha * (x - g);
+    return x - (x - g) * (1.0f - alpha);
+}
+
+TEST_CASE("cuda merge_values: lerp(global, local, alpha) bit for bit, fp32 values and bf16 values "
+          "with masters") {
+    namespace lcu = loco::backend::cuda;
+    auto rng = rng_for("merge values");
+    device_model m({tensor_shape{1000, lcu::dtype::f32, lcu::dtype::f32},
+                    tensor_shape{777, lcu::dtype::bf16, lcu::dtype::f32}});
+    const lcu::tensor_table table = m.table(false);
+    for (const float alpha : {0.5f, 0.25f, 0.75f, 1.0f}) {  // both formulas and their boundary
+        CAPTURE(alpha);
+        const std::vector<float> g = normal_floats(rng, m.total(), 1.0f);
+        std::vector<float> master = normal_floats(rng, m.total(), 1.0f);
+        m.randomize_values(rng);
+        // The bf16 tensor's master differs from its rounded value, as after inner steps.
+        m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
+            for (std::size_t k = 0; k < sh.size; ++k) {
+                if (i == 1) {
+                    m.values()[off + k] = loco::bf16::from_float(master[off + k]).to_float();
+                } else {
+                    master[off + k] = 0.0f;
+                }
+            }
+        });
+        m.upload_values();
+        lcu::device_buffer<float> global(table.padded_elements());
+        lcu::device_buffer<float> masters(table.master_elements());
+        lcu::from_flat<float>(table, g, global.get());
+        lcu::master_from_flat(table, master, masters.get());
+        check_cuda(cudaDeviceSynchronize(), "upload");
+        lcu::merge_values(table, global.get(), masters.get(), nullptr, alpha, nullptr);
+        check_cuda(cudaDeviceSynchronize(), "merge");
+        const auto values = m.download_values();
+        const auto merged_masters = lcu::master_to_flat(table, masters.get());
+        std::size_t bad_values = 0, bad_masters = 0;
+        m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
+            for (std::size_t k = 0; k < sh.size; ++k) {
+                const std::size_t j = off + k;
+                const float want = lerp_reference(g[j], i == 1 ? master[j] : m.values()[j], alpha);
+                if (i == 1) {
+                    bad_masters += merged_masters[j] != want;
+                    bad_values += values[j] != loco::bf16::from_float(want).to_float();
+                } else {
+                    bad_values += values[j] != want;
+                }
+            }
+        });
+        CHECK(bad_values == 0);
+        CHECK(bad_masters == 0);
+    }
+}
+
 TEST_CASE_TEMPLATE("cuda backend: a fragment of empty tensors syncs on the device exchange as on "
                    "the host", C, cz::sparseloco, cz::demo) {
     const std::vector<std::size_t> sizes{64, 0, 200};

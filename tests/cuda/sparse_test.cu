@@ -314,6 +314,31 @@ TEST_CASE("sparseloco's scatter-mean on the device equals median_norm_clip's com
     }
 }
 
+TEST_CASE("sparseloco on the device: more ties in a chunk than wanted, a larger cell after them, "
+          "equals the host") {
+    // Each chunk's top-k takes its last cell (the largest) and 4 of 63 equal ones: the larger
+    // cell's slot counts only the ties taken.
+    const cz::sparseloco::hyper h{.chunk = 8, .topk = 5, .bins = 3, .range = 2.5f, .beta = 0.5f};
+    const std::vector<cz::segment> segs{{0, 64 * 64, 64, 64}};
+    const std::size_t n = 64 * 64;
+    const lcu::sparseloco_plan plan(h, segs, n);
+    std::vector<float> xs(n, 1.0f);
+    for (std::size_t r = 7; r < 64; r += 8) {
+        for (std::size_t c = 7; c < 64; c += 8) xs[r * 64 + c] = 2.0f;
+    }
+    std::vector<float> host_e(n, 0.0f);
+    lcu::device_buffer<float> e(n), x(n);
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    e.upload(host_e);
+    x.upload(xs);
+    std::vector<std::byte> want(cz::sparseloco::payload_bytes(h, segs));
+    cz::sparseloco::encode(h, xs, segs, host_e, {}, want);
+    lcu::sparseloco_encode(plan, x.get(), e.get(), payload.get(), nullptr);
+    check_cuda(cudaDeviceSynchronize(), "encode");
+    CHECK(payload.download() == want);
+    CHECK(e.download() == host_e);
+}
+
 TEST_CASE("chunked device plans refuse what they cannot do, with one sentence") {
     const std::vector<cz::segment> segs = {{0, 128 * 128, 128, 128}};
     CHECK_THROWS_WITH_AS(lcu::sparseloco_plan({.chunk = 128}, segs, 128 * 128),

@@ -304,6 +304,85 @@ TEST_CASE("topk on the device: a tensor of a million elements") {
     check_against_host("topk large", shapes, ratio_k1, ef_muloco, 2);
 }
 
+// The device payload of `x` (phase 1 done: the delta given) and the host encoder's.
+std::vector<std::byte> device_topk_payload(const lcu::topk_plan& plan,
+                                           const lcu::tensor_table& table, const topk::hyper& th,
+                                           const std::vector<float>& x) {
+    lcu::stream s;
+    lcu::device_buffer<float> delta(std::max<std::size_t>(table.padded_elements(), 1));
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    lcu::from_flat<float>(table, x, delta.get());
+    sync_all();
+    lcu::encode_io io;
+    io.delta = delta.get();
+    io.payload = payload.get();
+    lcu::encode_topk<topk, lcu::encode_from::delta>(plan, table, th, io, {1, 0, 0, 1.0f, nullptr},
+                                                   s);
+    s.synchronize();
+    return download_bytes(payload.get(), plan.payload_bytes());
+}
+std::vector<std::byte> host_topk_payload(const lcu::topk_plan& plan, const topk::hyper& th,
+                                         const std::vector<float>& x) {
+    cz::encode_context ctx;
+    ctx.seed = 1;
+    ctx.outer_lr = 1.0f;
+    std::vector<std::byte> want(plan.payload_bytes());
+    topk::encode(th, x, plan.segments(), {}, ctx, want);
+    return want;
+}
+
+TEST_CASE("topk on the device: more ties at the threshold than wanted, larger elements after "
+          "them, equals the host") {
+    // Elements above the threshold that come after more ties than the k still wanted: their
+    // position counts only the ties taken (the "ties" flavour above has no larger element).
+    device_model m({tensor_shape{1000}, tensor_shape{9000}});
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.01f};  // k = 10 and 90
+    const lcu::topk_plan plan(table, th);
+    auto rng = rng_for("topk late ties");
+    std::uniform_int_distribution<std::size_t> late0(600, 999), late1(4100, 8999);
+    std::vector<float> x(m.total(), 1.0f);
+    x[late0(rng)] = -2.0f;
+    x[999] = 2.0f;            // tensor 0: 2 above the threshold, 8 of 998 ties taken
+    x[1000 + late1(rng)] = 3.0f;
+    x[1000 + 8999] = 3.0f;    // tensor 1: its last element among the largest (a second item)
+    CHECK(device_topk_payload(plan, table, th, x) == host_topk_payload(plan, th, x));
+}
+
+TEST_CASE("topk on the device: a tensor of more than 256 work items equals the host") {
+    // 1,100,000 elements are 269 items of 4096: the scan's threads each take several items.
+    device_model m({tensor_shape{1100000}});
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.02f};
+    const lcu::topk_plan plan(table, th);
+    auto rng = rng_for("topk items");
+    const std::vector<float> x = normal_floats(rng, m.total(), 1.0f);
+    CHECK(device_topk_payload(plan, table, th, x) == host_topk_payload(plan, th, x));
+}
+
+TEST_CASE("topk_payload_check refuses a repeated index across an index-item boundary") {
+    // k = 6000 indices: the order check crosses from the first 4096-index item to the second.
+    device_model m({tensor_shape{20000}});
+    const lcu::tensor_table table = m.table(false);
+    const topk::hyper th{0.3f};
+    const lcu::topk_plan plan(table, th);
+    REQUIRE(topk::count(th, 20000) > 4097);
+    auto rng = rng_for("topk item boundary");
+    const std::vector<float> x = normal_floats(rng, m.total(), 1.0f);
+    const std::size_t p = plan.payload_bytes();
+    std::vector<std::byte> bad = device_topk_payload(plan, table, th, x);
+    const std::size_t at = cz::wire::header_bytes;  // the first segment's indices, 4 bytes each
+    std::memcpy(bad.data() + at + 4 * 4096, bad.data() + at + 4 * 4095, 4);
+    reseal(bad);
+    std::vector<float> out(m.total());
+    CHECK_THROWS_AS(topk::decode(th, bad, plan.segments(), out), loco::wire_error);
+    lcu::device_buffer<std::byte> gathered(p);
+    check_cuda(cudaMemcpy(gathered.get(), bad.data(), p, cudaMemcpyHostToDevice), "upload");
+    lcu::topk_payload_check check(1);
+    lcu::stream s;
+    CHECK_THROWS(check.run(plan, table, gathered.get(), s));
+}
+
 TEST_CASE("topk encode from the parameters (phase 1 fused in): fp32 and bf16 values, NaN in "
           "the global snapshot") {
     auto rng = rng_for("topk params");
