@@ -4,6 +4,7 @@
 // of the other snippets prove nothing.
 #include <loco/comm/single.hpp>
 #include <loco/diloco.hpp>
+#include <loco/inner/lion.hpp>
 #include <loco/inner/sgd.hpp>
 #include <loco/optimizer.hpp>
 #include <loco/outer/sgd.hpp>
@@ -105,4 +106,8 @@ int main() {
     loco::diloco<loco::inner::sgd, complete_policy, no_state, loco::schedule::every, largest> own(
         params, comm);
     own.step();
+    // outer_without_describe.cpp: loco's inner optimizers describe their settings, so they serve
+    // as outer optimizers too.
+    loco::diloco<loco::inner::sgd, loco::inner::lion> lookahead(params, comm);
+    lookahead.step();
 }

@@ -65,11 +65,9 @@ struct error_feedback {
     static std::string describe(const hyper& h) {
         ::loco::detail::text_stream os;
         os.precision(9);
-        if constexpr (requires { C::describe(h.compress); }) {
-            os << "error_feedback<" << C::describe(h.compress) << ">";
-        } else {
-            os << name;
-        }
+        // describe_policy: a wrapped compressor with settings must describe them too (its name
+        // alone, the text for one without settings, is what `name` holds).
+        os << "error_feedback<" << ::loco::detail::describe_policy<C>(h.compress) << ">";
         os << " decay=" << h.decay << " fold_outer_lr=" << h.fold_outer_lr;
         return os.str();
     }

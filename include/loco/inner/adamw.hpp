@@ -4,6 +4,7 @@
 // correction of both moments, eps added after the bias-corrected square root.
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -25,6 +26,16 @@ struct adamw {
         float eps = 1e-8f;
         float weight_decay = 0.1f;
     };
+
+    // The settings, for when the policy serves as an outer optimizer (start() compares them
+    // between the ranks and checkpoints record them; an inner optimizer is each worker's own).
+    static std::string describe(const hyper& h) {
+        ::loco::detail::text_stream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr << " beta1=" << h.beta1 << " beta2=" << h.beta2
+           << " eps=" << h.eps << " weight_decay=" << h.weight_decay;
+        return os.str();
+    }
 
     static constexpr int state_size = 2;  // first moment m, second moment v
 

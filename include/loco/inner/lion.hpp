@@ -4,6 +4,7 @@
 // tracked with a second, slower coefficient. Decoupled weight decay as in AdamW.
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -23,6 +24,16 @@ struct lion {
         float beta2 = 0.99f;
         float weight_decay = 0.0f;
     };
+
+    // The settings, for when the policy serves as an outer optimizer (start() compares them
+    // between the ranks and checkpoints record them; an inner optimizer is each worker's own).
+    static std::string describe(const hyper& h) {
+        ::loco::detail::text_stream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr << " beta1=" << h.beta1 << " beta2=" << h.beta2
+           << " weight_decay=" << h.weight_decay;
+        return os.str();
+    }
 
     static constexpr int state_size = 1;  // momentum m
 

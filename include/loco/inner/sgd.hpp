@@ -4,6 +4,7 @@
 // optional Nesterov momentum.
 
 #include <loco/config.hpp>
+#include <loco/detail/text_stream.hpp>
 #include <loco/error.hpp>
 #include <loco/math.hpp>
 
@@ -24,6 +25,16 @@ struct sgd {
         float weight_decay = 0.0f;
         bool nesterov = false;
     };
+
+    // The settings, for when the policy serves as an outer optimizer (start() compares them
+    // between the ranks and checkpoints record them; an inner optimizer is each worker's own).
+    static std::string describe(const hyper& h) {
+        ::loco::detail::text_stream os;
+        os.precision(9);
+        os << name << " lr=" << h.lr << " momentum=" << h.momentum << " dampening=" << h.dampening
+           << " weight_decay=" << h.weight_decay << " nesterov=" << h.nesterov;
+        return os.str();
+    }
 
     // The momentum buffer; allocated even when momentum is 0 so that the state layout does not
     // depend on run-time values.
