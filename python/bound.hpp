@@ -452,15 +452,21 @@ public:
 
 private:
     // loco::diloco::regroup() onto `group` (collective over it). Its collectives run on the new
-    // group, so an interrupt in one of its callbacks is that communicator's to raise. On success
-    // the handle holds the new communicator and lets go of the old one (its process group can be
-    // destroyed); a failed regroup() changes nothing (docs/reliability.md), the old one included.
+    // group, so an interrupt in one of its callbacks is that communicator's to raise. The handle's
+    // interrupts become the group's under the lock, with the handle's communicator: a call from
+    // another thread queued behind this one runs on the group and raises its interrupts. On
+    // success the handle holds the new communicator object and lets go of the old one (its
+    // process group can be destroyed); a failed regroup() changes nothing (docs/reliability.md).
     void regroup(py::object group_object, int donor) {
         auto& group = group_object.cast<loco::comm::communicator&>();
         python_interrupts* group_interrupts = dynamic_cast<python_interrupts*>(&group);
-        collective([&](Handle& h) { h.regroup(group, donor); }, group_interrupts);
+        collective(
+            [&](Handle& h) {
+                h.regroup(group, donor);
+                interrupts_ = group_interrupts;
+            },
+            group_interrupts);
         comm_ = std::move(group_object);
-        interrupts_ = group_interrupts;
     }
 
     // A bytearray (writable, so torch.frombuffer shares it without a warning) of the floats.
@@ -478,31 +484,32 @@ private:
     // fn(handle) under the lock, for the calls that may communicate. A KeyboardInterrupt or
     // SystemExit raised in one of the communicator's callbacks meanwhile is raised once the call
     // is over (with the GIL back), in place of what the call threw (loco.CommError) or returned.
+    // The communicator is the one the call runs on, read under the lock (regroup() changes it
+    // there), or `group` for regroup() itself.
     template <class F>
-    auto collective(F fn) {
-        return collective(fn, interrupts_);
-    }
-    // The same over the communicator whose interrupts are `interrupts` (regroup's new group).
-    template <class F>
-    auto collective(F fn, python_interrupts* interrupts) {
+    auto collective(F fn, std::optional<python_interrupts*> group = std::nullopt) {
+        python_interrupts* interrupts = nullptr;
         auto run = [&] {
             const locked l(mutex_);
+            interrupts = group ? *group : interrupts_;
             return fn(*handle_);
         };
-        if (interrupts == nullptr) return run();
+        const auto raise_kept = [&] {
+            if (interrupts != nullptr) interrupts->raise_interrupt();
+        };
         try {
             if constexpr (std::is_void_v<decltype(run())>) {
                 run();
-                interrupts->raise_interrupt();
+                raise_kept();
             } else {
                 auto r = run();
-                interrupts->raise_interrupt();
+                raise_kept();
                 return r;
             }
         } catch (const py::error_already_set&) {
             throw;
         } catch (...) {
-            interrupts->raise_interrupt();
+            raise_kept();
             throw;
         }
     }

@@ -484,6 +484,9 @@ class DiLoCo(_Handle):
         if isinstance(donor, bool) or not isinstance(donor, int):
             raise InvalidArgument(f"loco: regroup()'s donor must be a rank (an int), got "
                                   f"{type(donor).__name__}")
+        if not 0 <= donor < 2**31:
+            raise InvalidArgument(f"loco: the donor rank {donor} is not a rank of the "
+                                  "communicator; pick a surviving worker's rank")
         self._check_grads()
         with _on(self.device):
             self._bumping_on_error(lambda: self._impl.regroup(comm, donor))

@@ -210,6 +210,8 @@ def worker(rank, init_file):
             "the donor rank 3 is not a rank", "regroup from rank 3 of 3")
     refused(rank, lambda: opt.regroup(comm, donor="0"), loco.InvalidArgument,
             "donor must be a rank", "a donor that is not an int")
+    refused(rank, lambda: opt.regroup(comm, donor=2**31), loco.InvalidArgument,
+            "the donor rank 2147483648 is not a rank", "a donor beyond an int")
     check(torch.equal(flat(params), before), f"rank {rank}: a refused regroup changed parameters")
     opt.regroup(comm)
     if rank == 2:

@@ -9,12 +9,16 @@ counters, and Python threads.
 - Two threads calling one handle take turns (python/bound.hpp, `locked`): the calls all count,
   and the parameters end as after the same calls from one thread.
 - Other Python threads run while two_bit_round_trip and the constructors do their C++ work.
+- A call from another thread queued behind regroup() runs on the new communicator and raises its
+  interrupts; the old communicator is let go.
 """
 
+import gc
 import sys
 import threading
 import time
 import unittest
+import weakref
 
 import torch
 
@@ -310,6 +314,91 @@ class Threads(unittest.TestCase):
         single = loco.Single()
         self.assert_releases_the_gil(lambda: loco._loco.DiLoCo_adamw_nesterov(items, single, {}))
         self.assert_releases_the_gil(lambda: loco._loco.Optimizer_adamw(items, {}))
+
+
+class Mirror:
+    """A torch.distributed stand-in for loco._loco.PythonCommunicator: rank 0 of two identical
+    ranks (the peer sends what this rank sends). raise_in[name] = (error, thread) makes that
+    callback raise in that thread; on_gather runs once, in the next all_gather."""
+
+    def __init__(self):
+        self.raise_in = {}
+        self.on_gather = None
+
+    def _maybe_raise(self, name):
+        error, thread = self.raise_in.get(name, (None, None))
+        if error is not None and threading.current_thread() is thread:
+            raise error
+
+    def all_reduce(self, capsule, mean):
+        self._maybe_raise("all_reduce")
+        if not mean:
+            torch.utils.dlpack.from_dlpack(capsule).mul_(2)
+
+    def all_gather(self, send, recv):
+        if self.on_gather is not None:
+            hook, self.on_gather = self.on_gather, None
+            hook()
+        self._maybe_raise("all_gather")
+        s = torch.utils.dlpack.from_dlpack(send).clone()
+        for chunk in torch.utils.dlpack.from_dlpack(recv).chunk(2):
+            chunk.copy_(s)
+
+    def all_to_all(self, send, recv):
+        s = torch.utils.dlpack.from_dlpack(send).clone()
+        for chunk in torch.utils.dlpack.from_dlpack(recv).chunk(2):
+            chunk.copy_(s.chunk(2)[0])
+
+    def broadcast(self, capsule, root):
+        pass
+
+    def barrier(self):
+        pass
+
+
+class Regroup(unittest.TestCase):
+    def test_a_call_queued_behind_regroup_runs_on_the_new_group(self):
+        """Another thread's sync() that waits for the handle while regroup() runs goes through
+        the new communicator, and a KeyboardInterrupt in one of that communicator's callbacks
+        reaches it as itself (python/bound.hpp reads the communicator under the handle's lock;
+        it was read before, and the interrupt surfaced as CommError there and later from an
+        unrelated step()). The old communicator object is let go once regroup() succeeded."""
+        p = torch.nn.Parameter(torch.randn(6))
+        p.grad = torch.zeros(6)
+        old_backend = Mirror()
+        opt = loco.DiLoCo([("p", p)], loco._loco.PythonCommunicator(old_backend, 0, 2, "old"),
+                          schedule=loco.Every(1000))
+        new_backend = Mirror()
+        new = loco._loco.PythonCommunicator(new_backend, 0, 2, "new")
+        outcome = []
+
+        def queued_sync():
+            try:
+                opt.sync()
+                outcome.append("returned")
+            except KeyboardInterrupt:
+                outcome.append("KeyboardInterrupt")
+            except loco.CommError as e:
+                outcome.append(f"CommError: {e}")
+
+        thread = threading.Thread(target=queued_sync)
+        new_backend.raise_in["all_reduce"] = (KeyboardInterrupt(), thread)
+
+        def start_queued():  # in regroup()'s first collective, the handle's lock held
+            thread.start()
+            time.sleep(0.2)  # let the thread reach the lock (the order holds without it)
+
+        new_backend.on_gather = start_queued
+        opt.regroup(new)
+        thread.join()
+        self.assertEqual(outcome, ["KeyboardInterrupt"])
+        self.assertIs(opt.comm, new)
+        applied, synced = opt.step()  # nothing was kept to raise later
+        self.assertTrue(applied and not synced)
+        gone = weakref.ref(old_backend)
+        del old_backend
+        gc.collect()
+        self.assertIsNone(gone(), "the old communicator is still held after regroup()")
 
 
 if __name__ == "__main__":
