@@ -392,6 +392,53 @@ TEST_CASE("a corrupted length of an aggregation's state is refused, not allocate
     CHECK_NOTHROW(opt.load(is));
 }
 
+TEST_CASE("a fragment both in flight and with a planned finish that has nothing is refused on load") {
+    // The two flags exclude each other (an exchange that travels is not lost). A stream with both
+    // set (the checksum recomputed: a bug or a hand edit, not a transfer) loaded, and the handle
+    // restarted the exchange and then also applied nothing at its planned finish. Refused as
+    // corrupted, changing nothing.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                               loco::schedule::delayed>;
+    const opt_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 2}};
+    model mdl("in flight and lost");
+    loco::comm::single comm;
+    opt_t opt(mdl.list, comm, cfg);
+    for (int step = 0; step < 2; ++step) {
+        mdl.set_gradients("in flight and lost", step);
+        opt.step();
+    }
+    REQUIRE(opt.in_flight(0));
+    const std::string good = saved(opt);
+    // The fragment's last fields: the inner step count its exchange started at, the lost flag,
+    // the outer lr and compressor settings the exchange was sent with; then the started flag
+    // (format 6) and the checksum.
+    const std::size_t settings =
+        loco::detail::describe_policy<loco::compress::none>(cfg.compress).size();
+    const std::size_t lost_at = good.size() - 8 - 8 - (8 + settings) - 8 - 8;
+    std::array<std::uint64_t, 2> fields{};
+    std::memcpy(fields.data(), good.data() + lost_at - 8, 16);
+    REQUIRE(fields == std::array<std::uint64_t, 2>{2, 0});  // started after 2 inner steps; not lost
+    std::string bad = good;
+    const std::uint64_t lost = 1;
+    std::memcpy(bad.data() + lost_at, &lost, 8);
+    loco::detail::fnv1a64 h;
+    h.add(bad.data(), bad.size() - 8);
+    const std::uint64_t sum = h.value();
+    std::memcpy(bad.data() + bad.size() - 8, &sum, 8);
+
+    model other("in flight and lost, another handle");
+    opt_t fresh(other.list, comm, cfg);
+    const std::string before = saved(fresh);
+    const auto values = other.values();
+    std::istringstream is(bad);
+    CHECK_THROWS_WITH_AS(fresh.load(is), doctest::Contains("checkpoint corrupted (finish flag)"),
+                         loco::checkpoint_error);
+    CHECK(saved(fresh) == before);
+    CHECK(other.values() == values);
+    std::istringstream is_good(good);
+    CHECK_NOTHROW(fresh.load(is_good));
+}
+
 TEST_CASE("a step count of 2^63 or more is refused on load, not wrapped to 0 steps later") {
     // Near 2^64 the next AdamW steps would count from 0: bias correction 1 - beta^0 = 0, a step
     // size of lr / 0, and every parameter NaN without an error. No run gets to 2^63 steps; a

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -906,6 +907,46 @@ TEST_CASE("all or nothing: a failure on one rank at any stage leaves every rank'
                            sc.stage + " stage (" + sc.message + "); nothing was applied on any rank");
         }
     }
+}
+
+TEST_CASE("all or nothing: ranks failing at the same stage are named by the lowest of them, on every rank") {
+    // The error every rank raises is the culprit's: the earliest stage, then the lowest rank.
+    // Several ranks refuse the outer step (each a negative lr of its own, so that each rank's
+    // message differs): every rank must name the lowest of them and give its message (a
+    // comparison that let a later rank of the same stage win named the highest).
+    constexpr int m = 4;
+    auto rng = loco_test::rng_for("all or nothing lowest failing rank");
+    unsigned failing = 0;
+    while (std::popcount(failing) < 2) {
+        failing = std::uniform_int_distribution<unsigned>(3, 15)(rng);
+    }
+    const int lowest = std::countr_zero(failing);
+    CAPTURE(failing);
+    std::array<std::string, m> errors;
+    std::array<std::uint64_t, m> outer_steps{};
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        const int r = comm.rank();
+        std::vector<float> p(8, 1.0f), g(8, 0.5f);
+        loco::parameter_list list;
+        list.add("w", p, g);
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            list, comm, {.inner = {.lr = 0.1f}, .outer = {.lr = 0.7f}, .schedule = {.every = 1000}});
+        opt.step();
+        if ((failing >> r) & 1u) opt.outer_hyper().lr = -float(r + 1);
+        try {
+            opt.sync();
+        } catch (const loco::error& e) {
+            errors[std::size_t(r)] = e.what();
+        }
+        outer_steps[std::size_t(r)] = opt.outer_steps();
+    });
+    const std::string want = "loco::diloco: the sync of fragment 0 failed on rank " +
+                             std::to_string(lowest) +
+                             " at the apply stage (loco::outer::nesterov: lr must be finite and "
+                             ">= 0, got -" + std::to_string(lowest + 1) +
+                             ".000000); nothing was applied on any rank";
+    for (const auto& e : errors) CHECK(e == want);
+    CHECK(outer_steps == std::array<std::uint64_t, m>{});
 }
 
 TEST_CASE("all or nothing: the error has the failing stage's type on every rank") {

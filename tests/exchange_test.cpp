@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -41,6 +42,9 @@ struct grid {
         float step = 0.125f;
     };
 
+    static std::string describe(const hyper& h) {
+        return std::string(name) + " step=" + std::to_string(h.step);
+    }
     static std::size_t payload_bytes(const hyper&, std::span<const lc::segment> segs) {
         std::size_t n = 0;
         for (const auto& s : segs) {
@@ -597,6 +601,49 @@ TEST_CASE("an agreement that failed on one rank alone is found at the next sync,
     CHECK(after[0] == after[1]);
     CHECK(outer_after[0] == 2);
     CHECK(outer_after[1] == 2);
+}
+
+TEST_CASE("an agreement of a skipped round that failed on one rank alone is found at the next sync") {
+    // As above, but round 1 is skipped (rank 0's pseudo-gradient is not finite): rank 0 counts
+    // the skip, rank 1 raises and does not. The ranks' parity counts skipped rounds with the
+    // applied ones; counting only the applied, both ranks saw an even number and went on with
+    // different skip counts and schedules, without a word.
+    std::array<std::vector<std::string>, 2> errors;
+    std::array<std::uint64_t, 2> skipped{}, outer{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& threads) {
+        // all-reduces: 1 the fingerprint, 2 round 1's data, 3 its agreement (fails on rank 1
+        // after rank 0 completed it)
+        failing_transfer comm(threads, 1, 3);
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> w = {1.0f, 2.0f}, g(2);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::diloco<loco::inner::sgd, loco::outer::nesterov> opt(
+            list, comm,
+            {.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f}, .schedule = {.every = 2}});
+        for (int call = 1; call <= 4; ++call) {
+            g = {0.25f * float(r + 1), -0.5f * float(r + 1)};
+            if (call == 2 && r == 0) w[0] = std::numeric_limits<float>::quiet_NaN();
+            try {
+                opt.step();
+            } catch (const loco::comm_error& e) {
+                errors[r].push_back(std::to_string(call) + ": " + e.what());
+            }
+        }
+        skipped[r] = opt.skipped_syncs();
+        outer[r] = opt.outer_steps();
+    });
+    CHECK(skipped == std::array<std::uint64_t, 2>{1, 0});
+    CHECK(outer == std::array<std::uint64_t, 2>{0, 0});
+    REQUIRE(errors[0].size() == 1);
+    REQUIRE(errors[1].size() == 2);
+    CHECK(errors[1][0].rfind("2: injected: link dropped", 0) == 0);
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        CHECK(errors[r].back().rfind("4: ", 0) == 0);
+        CHECK(errors[r].back().find("the ranks went apart: 1 of 2 ranks applied an odd number of "
+                                    "rounds") != std::string::npos);
+    }
 }
 
 TEST_CASE("two_phase sizes its payloads from the settings of each sync: a changed compress_hyper() works") {

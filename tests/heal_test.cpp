@@ -295,11 +295,18 @@ class corrupting_comm final : public loco_test::forwarding_comm {
 public:
     explicit corrupting_comm(loco::comm::communicator& next) : forwarding_comm(next, "corrupting") {}
     bool corrupt = false;  // flips a byte of every broadcast of more than 40 bytes
+    // Flips the lowest bit of the next 8-byte broadcast (a heal's length: one byte more or less,
+    // well within its bound), then disarms.
+    bool corrupt_length = false;
 
 protected:
     void do_broadcast(loco::tensor_view<std::byte> d, int root) override {
         forwarding_comm::do_broadcast(d, root);
         if (corrupt && d.size > 40) d.data[d.size / 2] ^= std::byte{0x10};
+        if (corrupt_length && d.size == 8) {
+            d.data[0] ^= std::byte{0x01};
+            corrupt_length = false;
+        }
     }
 };
 
@@ -356,6 +363,56 @@ TEST_CASE("heal: a corrupted transfer is refused on every rank, changes nothing,
         CHECK(errors[r] == "loco: healing from rank 1 failed: the state arrived corrupted on rank 2 "
                            "(checksum mismatch); nothing was changed on any rank; check the "
                            "communicator and try again");
+        CHECK(unchanged[r]);
+        CHECK(healed[r] == healed[0]);
+    }
+}
+
+TEST_CASE("heal: a length that arrives corrupted on one rank only is refused on every rank, changes nothing") {
+    // share_from compares every rank's length with the donor's before anyone allocates. A length
+    // one byte off on one rank is within max_bytes: checked only against the bound, that rank
+    // received a state of another length than the others, and the heal failed with another
+    // error (or not at all) instead of naming the rank whose length differed.
+    auto rng = loco_test::rng_for("heal corrupted length");
+    const int donor = std::uniform_int_distribution<int>(0, 1)(rng);  // a rank that trained
+    const int victim = (donor + std::uniform_int_distribution<int>(1, 2)(rng)) % 3;
+    CAPTURE(donor);
+    CAPTURE(victim);
+    std::array<std::string, 3> errors;
+    std::array<bool, 3> unchanged{};
+    std::array<std::vector<float>, 3> healed;
+    loco::comm::run_threads(3, [&](loco::comm::threads& threads) {
+        const int r = threads.rank();
+        corrupting_comm comm(threads);
+        worker w(r, comm);
+        w.opt->start();
+        for (int s = 0; s < H; ++s) w.step();
+        w.opt->sync();
+        if (r == 2) {  // forgets: a newcomer on the same communicator
+            w.opt = std::make_unique<opt_t>(w.list, comm, heal_config());
+            std::fill(w.a.begin(), w.a.end(), 5.0f);
+        }
+        const std::string before = w.saved();
+        const auto params_before = w.params();
+        comm.corrupt_length = r == victim;
+        try {
+            w.opt->regroup(comm, donor);
+        } catch (const loco::comm_error& e) {
+            errors[std::size_t(r)] = e.what();
+        }
+        unchanged[std::size_t(r)] = w.saved() == before && w.params() == params_before;
+        comm.corrupt_length = false;
+        w.opt->regroup(comm, donor);  // the retry heals
+        healed[std::size_t(r)].assign(w.opt->global().begin(), w.opt->global().end());
+    });
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CAPTURE(errors[r]);
+        CHECK(errors[r].find("healing from rank " + std::to_string(donor) +
+                             " failed: the state's length arrived as ") != std::string::npos);
+        CHECK(errors[r].find(" bytes on rank " + std::to_string(victim) + " (rank " +
+                             std::to_string(donor) + " sent ") != std::string::npos);
+        CHECK(errors[r] == errors[0]);
         CHECK(unchanged[r]);
         CHECK(healed[r] == healed[0]);
     }
@@ -523,6 +580,45 @@ TEST_CASE("regroup: an exchange in flight on the old group ends before its buffe
     for (auto& t : workers) t.join();
     CHECK(outcome[0] == "regrouped, outer steps 0");  // round 2's exchange travels on
     CHECK(outcome[1] == outcome[0]);
+}
+
+TEST_CASE("regroup: right after load(), a reloaded exchange in flight is dropped as a live one is") {
+    // Delayed H = 2 on one rank: after two rounds, round 2's exchange is in flight. A handle that
+    // loads that checkpoint holds the exchange as one to restart, not as a live one; a regroup()
+    // before its next step must drop it all the same. The heal state counted only a live
+    // exchange as lost, so the reloaded handle applied round 2 at its next round end and parted
+    // from the run that regrouped without the checkpoint.
+    using delayed_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::delayed>;
+    const delayed_t::config cfg{
+        .inner = {.lr = 0.1f}, .outer = {.lr = 0.7f}, .schedule = {.every = 2}};
+    auto rng = loco_test::rng_for("heal regroup after load");
+    const auto w0 = loco_test::normal_floats(rng, 5), g0 = loco_test::normal_floats(rng, 5);
+    const auto run = [&](bool through_checkpoint) {
+        std::vector<float> w = w0, g = g0;
+        loco::parameter_list list;
+        list.add("w", w, g);
+        loco::comm::single comm, fresh;
+        auto opt = std::make_unique<delayed_t>(list, comm, cfg);
+        for (int i = 0; i < 4; ++i) opt->step();  // round 1 applied, round 2 in flight
+        REQUIRE(opt->in_flight(0));
+        if (through_checkpoint) {
+            std::stringstream saved;
+            opt->save(saved);
+            opt = std::make_unique<delayed_t>(list, comm, cfg);  // the parameters as saved
+            opt->load(saved);
+        }
+        opt->regroup(fresh);
+        CHECK(!opt->in_flight(0));
+        for (int i = 0; i < 4; ++i) opt->step();
+        std::vector<float> out(opt->global().begin(), opt->global().end());
+        out.insert(out.end(), w.begin(), w.end());
+        out.push_back(float(opt->outer_steps()));
+        return out;
+    };
+    const auto direct = run(false);
+    const auto reloaded = run(true);
+    CHECK(reloaded == direct);
 }
 
 TEST_CASE("regroup: onto the handle's own communicator with an exchange in flight is refused") {
@@ -710,9 +806,12 @@ TEST_CASE("regroup: a lockstep schedule is the donor's on every rank afterwards"
 // A skip streak names its tensor twice in the heal state (the longest streak's and its
 // fragment's), and a parameter's name may be longer than the 1 MiB the transfer allowed beyond
 // the floats: a valid state was refused on every rank as a corrupted transfer, at every retry.
-TEST_CASE("regroup() carries a skip streak whose tensor has a name over 512 KiB") {
+// The name is 1.5 MiB, so that its two copies (3 MiB) are more than one copy and the 1 MiB
+// slack: a bound that counted the name once per fragment, not once more for the longest streak,
+// refused this state too.
+TEST_CASE("regroup() carries a skip streak whose tensor has a name of 1.5 MiB") {
     using sgd_t = loco::diloco<loco::inner::sgd, loco::outer::sgd>;
-    const std::string name(600 * 1024, 'x');
+    const std::string name(1536 * 1024, 'x');
     auto first = std::make_shared<loco::comm::thread_group>(2);
     auto second = std::make_shared<loco::comm::thread_group>(2);
     std::array<std::string, 2> errors;

@@ -305,6 +305,57 @@ TEST_CASE("ranks resumed from checkpoints compare what they were built with") {
     }
 }
 
+TEST_CASE("load() into a handle that already started compares the ranks again at the next step") {
+    // Ranks that had started (and compared their fingerprints once) then load checkpoints of
+    // different calls: the next step() must refuse on every rank, as it does in fresh handles.
+    // A load() that left the handle's "compared" mark set let the ranks go on from different
+    // points. The calls are drawn among those whose next call does not sync (every = 3), so a
+    // handle that skips the comparison steps on without waiting for its peer.
+    using every_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    const every_t::config cfg{.inner = {.lr = 0.1f}, .schedule = {.every = 3}};
+    const inputs in("load into a started handle", 9);
+    auto rng = rng_for("load into a started handle: calls");
+    const std::array<int, 6> quiet = {1, 3, 4, 6, 7, 9};  // call + 1 is no multiple of 3
+    const std::size_t first = std::uniform_int_distribution<std::size_t>(0, 5)(rng);
+    const std::size_t second = (first + std::uniform_int_distribution<std::size_t>(1, 5)(rng)) % 6;
+    const std::array<int, 2> at = {quiet[first], quiet[second]};
+    CAPTURE(at[0]);
+    CAPTURE(at[1]);
+    std::array<std::array<std::string, 10>, 2> checkpoints;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        every_t opt(m.list, comm, cfg);
+        for (int step = 1; step <= 9; ++step) {
+            m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+            opt.step();
+            checkpoints[r][static_cast<std::size_t>(step)] = saved(opt);
+        }
+    });
+    std::array<std::string, 2> outcome;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        worker_model m(in.init);
+        every_t opt(m.list, comm, cfg);
+        m.set_gradients(in.grads[r]);
+        opt.step();  // started: the ranks compared their fingerprints
+        std::istringstream is(checkpoints[r][static_cast<std::size_t>(at[r])]);
+        opt.load(is);
+        const std::vector<float> global(opt.global().begin(), opt.global().end());
+        try {
+            opt.step();
+            outcome[r] = "stepped";
+        } catch (const loco::invalid_argument& e) {
+            outcome[r] = e.what();
+        }
+        CHECK(std::vector<float>(opt.global().begin(), opt.global().end()) == global);
+    });
+    for (const auto& o : outcome) {
+        CAPTURE(o);
+        CHECK(o.find("resumed from checkpoints of different points") != std::string::npos);
+    }
+}
+
 TEST_CASE("aggregate::edit with step weights: a restarted exchange reports its first start's steps") {
     // Worker 1 skips call 2 (a NaN gradient), so the workers report different inner step counts
     // and A-EDiT's step weights (r = 1: w_i = s_i) depend on them. Saving with round 1's
@@ -357,11 +408,13 @@ private:
     }
 };
 
-TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flight") {
-    // Written by loco at commit d450e4e (format 1) from the run this test repeats: comm::single,
-    // one_tensor_run, inner SGD lr 0.5, outer Nesterov lr 0.7 momentum 0.9, delayed H = 2, saved
-    // after call 3 with round 1's exchange in flight; w was then {0.25, 3.125}.
-    const std::string bytes = bytes_from_hex("4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
+namespace {
+
+// Written by loco at commit d450e4e (format 1) from the run this test repeats: comm::single,
+// one_tensor_run, inner SGD lr 0.5, outer Nesterov lr 0.7 momentum 0.9, delayed H = 2, saved
+// after call 3 with round 1's exchange in flight; w was then {0.25, 3.125}.
+std::string format_1_stream() {
+    return bytes_from_hex("4c4f434f434b505401000000060000000000000064696c6f636f0e000000000000006f757465725f6e65737465726f76"
         "04000000000000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d0000000000000066"
         "7261676d656e7420303a207704000000000000006d65616e32000000000000006f757465725f6e65737465726f76206c"
         "723d302e363939393939393838206d6f6d656e74756d3d302e3839393939393937360100000000000000000000000000"
@@ -370,6 +423,13 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
         "000000000002000000000000000000803f00000040020000000000000000000000000000000a00000000000000616c6c"
         "5f7265647563650000000000000000000000000000000000000000000000000000000000000000010000000000000002"
         "0000000000000002000000000000000000403f000020bfc8f97912b979a623");
+}
+
+}  // namespace
+
+TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flight") {
+    // format_1_stream(), from the run this test repeats.
+    const std::string bytes = format_1_stream();
     REQUIRE(bytes.size() == 415);
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
                                loco::schedule::delayed>;
@@ -406,6 +466,40 @@ TEST_CASE("a checkpoint of format 1 still loads and resumes its exchange in flig
     for (int s = 4; s <= 8; ++s) CHECK_NOTHROW(regrown.call(s));
     CHECK(regrown.opt.outer_steps() == 2);  // at calls 4 and 8
     regrown.opt.sync();
+}
+
+TEST_CASE("a format 1 stream with an exchange in flight, loaded into a handle that already stepped, "
+          "resumes as in a fresh handle") {
+    // Format 1 did not record the inner step count of an exchange in flight: load() puts the
+    // stream's count at the save (3) in its place. It read the count before it took the
+    // stream's inner state, i.e. the loading handle's own (0 in a fresh handle, the calls it had
+    // made in one that stepped), which a later save recorded. Everything a handle holds after
+    // load() is the stream's: both handles save the same bytes.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, loco::compress::none,
+                               loco::schedule::delayed>;
+    const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 0.7f, .momentum = 0.9f},
+                            .schedule = {.every = 2}};
+    auto rng = rng_for("format 1 into a stepped handle");
+    const int calls = std::uniform_int_distribution<int>(1, 7)(rng);
+    CAPTURE(calls);
+    loco::comm::single comm;
+    one_tensor_run<opt_t> fresh(comm, cfg, {0.25f, 3.125f});
+    std::istringstream is(format_1_stream());
+    fresh.opt.load(is);
+    one_tensor_run<opt_t> stepped(comm, cfg);
+    for (int s = 1; s <= calls; ++s) stepped.call(s);
+    stepped.opt.sync();  // nothing in flight
+    stepped.w[0] = 0.25f;  // the trainer restores its parameters (in place: the list views w)
+    stepped.w[1] = 3.125f;
+    std::istringstream again(format_1_stream());
+    stepped.opt.load(again);
+    CHECK(saved(stepped.opt) == saved(fresh.opt));
+    for (int s = 4; s <= 8; ++s) {
+        fresh.call(s);
+        stepped.call(s);
+        CHECK(stepped.w == fresh.w);
+    }
+    CHECK(saved(stepped.opt) == saved(fresh.opt));
 }
 
 TEST_CASE("a checkpoint of format 3 (no shapes) still loads, and format 4 refuses a matrix of another shape") {

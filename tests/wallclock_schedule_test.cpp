@@ -293,6 +293,42 @@ TEST_CASE("proportional (DyLU): worker w runs floor(v_w / v_max * H) steps after
     });
 }
 
+TEST_CASE("proportional (DyLU): a worker more than H times slower than the fastest runs 1 step a "
+          "round, not 0") {
+    // floor(v_w / v_max * H) is 0 for such a worker; H_w is clamped to [1, H] (a worker with
+    // H_w = 0 would end a round at every call without a local step of it). Random H and a slow
+    // step time of more than H fast ones (whole seconds: the ratio is exact).
+    auto rng = loco_test::rng_for("proportional clamped to one step");
+    const int every = std::uniform_int_distribution<int>(2, 8)(rng);
+    const double slow = std::uniform_int_distribution<int>(every + 1, 4 * every)(rng);
+    CAPTURE(every);
+    CAPTURE(slow);
+    std::array<std::uint64_t, 2> h_w{};
+    std::array<int, 2> second_round{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        const double step = r == 0 ? 1.0 : slow;
+        fake_clock clock;
+        loco::schedule::proportional s;
+        s.use_communicator(comm);
+        const loco::schedule::proportional::hyper h{.every = std::uint64_t(every),
+                                                    .clock = clock.fn()};
+        for (int c = 1; c <= every; ++c) {  // round 1: H steps on every worker
+            *clock.now += step;
+            if (!s.next(h).empty()) s.synced(h);
+        }
+        REQUIRE(s.rounds() == 1);
+        h_w[r] = s.local_steps();
+        for (int c = 1; c <= 4 * every && s.rounds() == 1; ++c) {
+            *clock.now += step;
+            if (!s.next(h).empty()) s.synced(h);
+            second_round[r] = c;
+        }
+    });
+    CHECK(h_w == std::array<std::uint64_t, 2>{std::uint64_t(every), 1});
+    CHECK(second_round == std::array<int, 2>{every, 1});
+}
+
 TEST_CASE("proportional (DyLU): an exact speed ratio gives exactly floor(v_w / v_max * H)") {
     // Speeds 1/3 and 1/9 are not exact in floats: a ratio of fp32 speeds is 0.33333332 and
     // floor(6 * it) = 1; the documented H_w = floor(1/3 * 6) = 2. Each case runs three rounds and
@@ -605,6 +641,56 @@ TEST_CASE("wallclock: regroup opens a new window on every rank, and a newcomer c
         }
         CHECK(steps == 10);
         CHECK(s.last_window().total_steps == (newcomer ? 11u : 16u));
+    }
+}
+
+TEST_CASE("wallclock: regrouped with another rank's state, a survivor keeps its own calls and steps "
+          "since the sync, a newcomer takes the donor's calls") {
+    // As the test above, but the donor is another worker that made a different number of calls
+    // (the test above regroups with its own state, where a survivor that took the donor's
+    // counters looks the same): the survivor's agreed total must count its own steps since the
+    // sync and its call count stay its own; a newcomer counts the donor's calls and no step.
+    auto rng = loco_test::rng_for("wallclock regrouped with a donor");
+    const int own = std::uniform_int_distribution<int>(1, 9)(rng);  // within one window of 10 s
+    int donors = std::uniform_int_distribution<int>(1, 8)(rng);
+    if (donors >= own) ++donors;  // 1 to 9, not `own`
+    CAPTURE(own);
+    CAPTURE(donors);
+    for (const bool newcomer : {false, true}) {
+        CAPTURE(newcomer);
+        loco::comm::single comm;
+        fake_clock clock, donor_clock;
+        const loco::schedule::wallclock::hyper h{.seconds = 10.0, .min_total_global_steps = 0,
+                                                 .clock = clock.fn()};
+        const loco::schedule::wallclock::hyper donor_h{
+            .seconds = 10.0, .min_total_global_steps = 0, .clock = donor_clock.fn()};
+        loco::schedule::wallclock s, donor;
+        s.use_communicator(comm);
+        donor.use_communicator(comm);
+        for (int c = 1; c <= own; ++c) {
+            *clock.now += 1.0;
+            CHECK(s.next(h).empty());
+        }
+        for (int c = 1; c <= donors; ++c) {
+            *donor_clock.now += 1.0;
+            CHECK(donor.next(donor_h).empty());
+        }
+        s.regrouped(donor, newcomer);
+        const auto calls = std::uint64_t(newcomer ? donors : own);
+        CHECK(s.calls() == calls);
+        *clock.now += 100.0;
+        CHECK(s.next(h).empty());  // opens the window
+        int steps = 0;
+        bool synced = false;
+        while (!synced && steps < 50) {
+            *clock.now += 1.0;
+            synced = !s.next(h).empty();
+            ++steps;
+        }
+        CHECK(steps == 10);
+        // One rank: the agreed total is its own steps since the sync.
+        CHECK(s.last_window().total_steps == (newcomer ? 0u : std::uint64_t(own)) + 11u);
+        CHECK(s.calls() == calls + 11u);
     }
 }
 
@@ -1109,5 +1195,49 @@ TEST_CASE("wallclock and proportional: counters out of range in a checkpoint are
         *clock.now += 1.0;
         CHECK(a.step().synced);  // the round's second step: H_w is 2 now, not 6
         CHECK(a.schedule().local_steps() == 2);
+    }
+}
+
+TEST_CASE("wallclock: an agreed total of steps since the sync past 2^64 saturates, and the window syncs") {
+    // Three ranks resumed with a random count of steps since the sync each, under 2^63 (what
+    // load() accepts) but together past 2^64: the float sum's conversion to an integer was out
+    // of range (undefined: 0 or 2^63 on x86-64, and the window could be counted as skipped).
+    // The total is UINT64_MAX on every rank, and the window syncs.
+    std::array<std::uint64_t, 3> total{};
+    std::array<bool, 3> synced{};
+    loco::comm::run_threads(3, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        auto rng = loco_test::rng_for("wallclock saturated total " + std::to_string(r));
+        // each over 2^64 / 3
+        const std::uint64_t since_sync = std::uniform_int_distribution<std::uint64_t>(
+            6'200'000'000'000'000'000ull, (std::uint64_t{1} << 63) - 1)(rng);
+        // The schedule's checkpoint: calls, steps since the sync, syncs, skipped windows.
+        std::stringstream blob;
+        {
+            loco::detail::checkpoint_writer w(blob);
+            w.u64(since_sync);
+            w.u64(since_sync);
+            w.u64(0);
+            w.u64(0);
+            w.finish();
+        }
+        loco::detail::checkpoint_reader read_back(blob);
+        auto s = loco::schedule::wallclock::read(read_back);
+        read_back.finish();
+        s.use_communicator(comm);
+        fake_clock clock;
+        const loco::schedule::wallclock::hyper h{.seconds = 2.0, .min_total_global_steps = 100,
+                                                 .clock = clock.fn()};
+        for (int c = 0; c < 10 && s.syncs() + s.skipped_windows() == 0; ++c) {
+            *clock.now += 1.0;
+            s.next(h);
+        }
+        total[r] = s.last_window().total_steps;
+        synced[r] = s.last_window().synced;
+    });
+    for (std::size_t r = 0; r < 3; ++r) {
+        CAPTURE(r);
+        CHECK(total[r] == std::numeric_limits<std::uint64_t>::max());
+        CHECK(synced[r]);
     }
 }

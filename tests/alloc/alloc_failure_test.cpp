@@ -265,6 +265,42 @@ TEST_CASE("diloco: a rank with no memory left at all raises bad_alloc, and is ou
     }
 }
 
+TEST_CASE("diloco: one rank alone (comm::single) out of memory during a sync steps on at its next call") {
+    // A rank alone has no peers to fall out of step with: after a sync that raised bad_alloc,
+    // its next step() syncs. Every allocation of the sync call fails in turn; a handle marked out
+    // of step, as a rank of a group is, refused every later sync until a regroup() or load() it
+    // had no reason to call.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    int out_of_memory = 0;
+    bool reached_end = false;
+    for (long n = 1; n <= 600 && !reached_end; ++n) {
+        CAPTURE(n);
+        loco::comm::single comm;
+        std::vector<float> w(19, 0.5f), g(19, 0.25f);
+        loco::parameter_list list;
+        list.add("w", w, g);
+        opt_t opt(list, comm, {.inner = {.lr = 1e-2f}, .schedule = {.every = 1}});
+        opt.step();
+        try {
+            const failing_allocation arm(n);
+            opt.step();
+            reached_end = true;  // the call needs fewer than n allocations
+        } catch (const std::bad_alloc&) {
+            ++out_of_memory;
+        }
+        std::string retry = "returned";
+        try {
+            opt.step();
+        } catch (const std::exception& e) {
+            retry = e.what();
+        }
+        CHECK(retry == "returned");
+        CHECK(w == std::vector<float>(opt.global().begin(), opt.global().end()));  // it synced
+    }
+    CHECK(reached_end);
+    CHECK(out_of_memory > 0);
+}
+
 TEST_CASE("diloco: load() out of memory leaves the handle as it was, or loaded") {
     // Every allocation of load() fails in turn, under a streaming schedule with an exchange in
     // flight at the save and error feedback (every part of the state a checkpoint holds). The
