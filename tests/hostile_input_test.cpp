@@ -124,6 +124,20 @@ TEST_CASE("outer optimizers refuse non-finite or out-of-range hyper-parameters a
     refused_outer<loco::outer::adam>({.beta2 = qnan}, "outer::adam: beta2 must be in [0, 1)");
     refused_outer<loco::outer::adam>({.tau = inf}, "outer::adam: tau must be finite and > 0");
     refused_outer<loco::outer::adam>({.tau = 0.0f}, "outer::adam: tau must be finite and > 0");
+    // Each finite, the factors prepare() forms overflow: the first sync made the global
+    // parameters inf or NaN.
+    refused_outer<loco::outer::adam>({.lr = 3e31f, .beta1 = 0.99999994f, .bias_correction = true},
+                                     "outer::adam: lr / (1 - beta1), the first step's size, "
+                                     "overflows a float");
+    // Without bias correction the step size is lr itself, finite.
+    {
+        model m;
+        loco::comm::single comm;
+        using handle = loco::diloco<loco::inner::sgd, loco::outer::adam>;
+        CHECK_NOTHROW(handle(m.list(), comm, {.outer = {.lr = 3e31f, .beta1 = 0.99999994f}}));
+    }
+    refused_outer<loco::outer::sign_sgd>({.lr = 1e20f, .weight_decay = 1e20f},
+                                         "outer::sign_sgd: lr * weight_decay overflows a float");
 }
 
 TEST_CASE("a checkpoint file that cannot be opened is reported as such, with the system's reason") {

@@ -82,6 +82,15 @@ struct adam {
         if (!(h.tau > 0.0f && math::isfinite(h.tau)))
             throw invalid_argument("loco::outer::adam: tau must be finite and > 0, got " +
                                    std::to_string(h.tau));
+        // Each finite, the step size prepare() forms at its largest (step 1) can still overflow
+        // a float and turn every global parameter into inf or NaN at the first sync, as in
+        // inner::adamw. (1 / sqrt(1 - beta2) is at most 4096 for beta2 < 1 in float.)
+        if (h.bias_correction &&
+            !math::isfinite(static_cast<float>(static_cast<double>(h.lr) /
+                                               (1.0 - static_cast<double>(h.beta1)))))
+            throw invalid_argument("loco::outer::adam: lr / (1 - beta1), the first step's size, "
+                                   "overflows a float (lr " + std::to_string(h.lr) + ", beta1 " +
+                                   std::to_string(h.beta1) + ")");
     }
 };
 

@@ -62,6 +62,13 @@ struct sign_sgd {
         if (!(h.weight_decay >= 0.0f && math::isfinite(h.weight_decay)))
             throw invalid_argument("loco::outer::sign_sgd: weight_decay must be finite and >= 0, "
                                    "got " + std::to_string(h.weight_decay));
+        // Each finite, their product can overflow the float decay prepare() forms (every global
+        // parameter -inf or NaN at the first sync), as in inner::lion.
+        if (!math::isfinite(static_cast<float>(1.0 - static_cast<double>(h.lr) *
+                                                         static_cast<double>(h.weight_decay))))
+            throw invalid_argument("loco::outer::sign_sgd: lr * weight_decay overflows a float (lr " +
+                                   std::to_string(h.lr) + ", weight_decay " +
+                                   std::to_string(h.weight_decay) + ")");
     }
 };
 
