@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loco
+from test_comm_failure_gloo import Backend as Failing  # arm(e): the next callback raises e
 
 SEED = int(os.environ.get("LOCO_TEST_SEED", random.randrange(2**31)))
 os.environ["LOCO_TEST_SEED"] = str(SEED)  # the spawned workers import this file again
@@ -43,36 +44,6 @@ SHORT = datetime.timedelta(seconds=2)  # the failing group's timeout
 def check(cond, what):
     if not cond:
         raise AssertionError(what)
-
-
-class Failing(loco._TorchCollectives):
-    """torch.distributed as loco.TorchDistributed() calls it; arm(e) makes the next call raise e
-    before its collective."""
-
-    def __init__(self, group):
-        super().__init__(group)
-        self.error = None
-
-    def _run(self, name, *args):
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
-        getattr(super(), name)(*args)
-
-    def all_reduce(self, capsule, mean):
-        self._run("all_reduce", capsule, mean)
-
-    def all_gather(self, send, recv):
-        self._run("all_gather", send, recv)
-
-    def all_to_all(self, send, recv):
-        self._run("all_to_all", send, recv)
-
-    def broadcast(self, capsule, root):
-        self._run("broadcast", capsule, root)
-
-    def barrier(self):
-        self._run("barrier")
 
 
 def group_of(ranks, rank, timeout=None):
@@ -232,7 +203,7 @@ def worker(rank, init_file):
     inner_steps(opt, params, rank, 2)
     before, glob, outer = flat(params), opt.global_params(), opt.outer_steps
     if rank == 1:
-        backend.error = RuntimeError("injected before the collective")
+        backend.arm(RuntimeError("injected before the collective"))
     refused(rank, opt.sync, loco.CommError, "", "the sync with a failed collective")
     check(torch.equal(flat(params), before) and torch.equal(opt.global_params(), glob)
           and opt.outer_steps == outer, f"rank {rank}: the failed sync changed something")
@@ -252,7 +223,7 @@ def worker(rank, init_file):
     backend = Failing(dist.new_group(ranks=everyone, backend="gloo", timeout=SHORT))
     interrupted = loco._loco.PythonCommunicator(backend, rank, WORLD, "torch_distributed")
     if rank == 0:
-        backend.error = KeyboardInterrupt()
+        backend.arm(KeyboardInterrupt())
     inner_steps(opt, params, rank, 1)
     before, old = flat(params), opt.comm
     try:
