@@ -11,6 +11,7 @@
 
 #include <loco/backend/cuda/cublas.hpp>
 #include <loco/comm/cuda_replicas.hpp>
+#include <loco/comm/nccl.hpp>
 #include <loco/cuda.hpp>
 #include <loco/schedule/state_periods.hpp>
 #include <loco/schedule/streaming.hpp>
@@ -20,8 +21,10 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -259,4 +262,111 @@ TEST_CASE("CUDA: load() out of host memory leaves the handle as it was, or loade
         CHECK(loaded);
         CHECK(failures > 10);
     });
+}
+
+TEST_CASE("CUDA: comm::nccl out of host memory while starting a collective has posted nothing") {
+    // A start that throws must not have posted its collective: the operation that tracks it and
+    // its event are made before the call agreement and the enqueue. Made after them, a failed
+    // allocation left the collective running with its peers while this rank raised, and the
+    // rank's retry paired with its peers' next call. Rank 1 fails its n-th allocation of a start,
+    // for every n until the start goes through, and retries after each failure: the retry must
+    // meet its peers' call, every rank ending with the same all-reduce (all-gather) result.
+    constexpr int m = 3;
+    constexpr std::size_t n_floats = 5;
+    const auto value = [](int r, std::size_t i) { return float(r + 1) * 0.5f + float(i); };
+    for (const bool gather : {false, true}) {
+        CAPTURE(gather);
+        int failures = 0;
+        bool went_through = false;
+        for (long n = 1; n <= 200 && !went_through; ++n) {
+            CAPTURE(n);
+            ncclUniqueId id{};
+            REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+            std::array<std::vector<float>, m> got;
+            bool threw = false, posted_anyway = false;
+            std::mutex mutex;
+            std::vector<std::thread> ranks;
+            for (int r = 0; r < m; ++r) {
+                ranks.emplace_back([&, r] {
+                    try {
+                        check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                        auto comm = loco::comm::nccl::create(m, r, id, nullptr,
+                                                             {.timeout = std::chrono::seconds(20)});
+                        std::vector<float> mine(n_floats);
+                        for (std::size_t i = 0; i < n_floats; ++i) mine[i] = value(r, i);
+                        loco::backend::cuda::device_buffer<float> send(n_floats);
+                        loco::backend::cuda::device_buffer<float> recv(gather ? m * n_floats
+                                                                              : n_floats);
+                        send.upload(mine);
+                        const auto start = [&] {
+                            if (!gather) {
+                                return comm->start_all_reduce(
+                                    loco::cuda_tensor(send.get(), n_floats),
+                                    loco::comm::reduce_op::sum);
+                            }
+                            return comm->start_all_gather(
+                                loco::tensor_view<const std::byte>{
+                                    reinterpret_cast<const std::byte*>(send.get()),
+                                    n_floats * sizeof(float), 0, 0, loco::memory_space::cuda},
+                                loco::cuda_tensor(reinterpret_cast<std::byte*>(recv.get()),
+                                                  m * n_floats * sizeof(float)));
+                        };
+                        std::optional<loco::comm::request> pending;
+                        if (r == 1) {
+                            const auto control = comm->control_bytes_sent();
+                            const auto sent = comm->bytes_sent();
+                            bool failed = false;
+                            {
+                                const failing_allocation arm(n);
+                                try {
+                                    pending.emplace(start());
+                                } catch (const std::bad_alloc&) {
+                                    failed = true;
+                                }
+                            }
+                            if (failed) {
+                                const bool moved = comm->control_bytes_sent() != control ||
+                                                   comm->bytes_sent() != sent;
+                                {
+                                    const std::lock_guard<std::mutex> lock(mutex);
+                                    threw = true;
+                                    posted_anyway = moved;
+                                }
+                                // Its collective met its peers' already: a retry would wait
+                                // for ever for theirs.
+                                if (moved) return;
+                                pending.emplace(start());
+                            }
+                        } else {
+                            pending.emplace(start());
+                        }
+                        pending->finish();
+                        std::vector<float> out = gather ? recv.download() : send.download();
+                        const std::lock_guard<std::mutex> lock(mutex);
+                        got[std::size_t(r)] = std::move(out);
+                    } catch (const std::exception& err) {
+                        const std::lock_guard<std::mutex> lock(mutex);
+                        FAIL_CHECK("rank " << r << ": " << err.what());
+                    }
+                });
+            }
+            for (auto& t : ranks) t.join();
+            CHECK_FALSE(posted_anyway);
+            if (posted_anyway) break;
+            if (threw) ++failures;
+            went_through = !threw;
+            for (int r = 0; r < m; ++r) {
+                CAPTURE(r);
+                REQUIRE(got[std::size_t(r)].size() == (gather ? m * n_floats : n_floats));
+                for (std::size_t i = 0; i < got[std::size_t(r)].size(); ++i) {
+                    const float expected =
+                        gather ? value(int(i / n_floats), i % n_floats)
+                               : value(0, i) + value(1, i) + value(2, i);
+                    CHECK(got[std::size_t(r)][i] == expected);
+                }
+            }
+        }
+        CHECK(went_through);
+        CHECK(failures >= 2);  // the operation and its event at least
+    }
 }

@@ -5,6 +5,7 @@
 
 #include <climits>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -113,6 +114,18 @@ ncclResult_t rendezvous(ncclComm_t comm, const void* s, void* r, Work&& work) {
     }
     return ncclSuccess;
 }
+// A collective's own scratch memory, from malloc: NCCL's allocations are not the process's
+// operator new, so a test that fails operator new on one rank (tests/alloc/) must not fail the
+// collective that the last rank to arrive runs for all of them.
+struct scratch {
+    explicit scratch(std::size_t n) : p(static_cast<std::byte*>(std::malloc(n == 0 ? 1 : n))) {
+        if (p == nullptr) std::abort();
+    }
+    ~scratch() { std::free(p); }
+    scratch(const scratch&) = delete;
+    scratch& operator=(const scratch&) = delete;
+    std::byte* p;
+};
 inline std::size_t type_size(ncclDataType_t t) { return t == ncclFloat32 ? 4 : 1; }
 struct p2p { bool is_send; const void* s; void* r; std::size_t bytes; int peer; ncclComm_t comm; };
 inline thread_local int group_depth = 0;
@@ -121,29 +134,28 @@ inline thread_local std::vector<p2p> pending;
 
 inline ncclResult_t ncclAllReduce(const void* s, void* r, size_t count, ncclDataType_t, ncclRedOp_t, ncclComm_t comm, cudaStream_t) {
     return fake::rendezvous(comm, s, r, [&](fake::clique& c) {
-        std::vector<float> acc(count);
+        // Element by element, so that in place needs no scratch (see fake::scratch).
         for (size_t i = 0; i < count; ++i) {
             float a = static_cast<const float*>(c.send[0])[i];
             for (int k = 1; k < c.n; ++k) a += static_cast<const float*>(c.send[k])[i];
-            acc[i] = a;
+            for (int k = 0; k < c.n; ++k) static_cast<float*>(c.recv[k])[i] = a;
         }
-        for (int k = 0; k < c.n; ++k) std::memcpy(c.recv[k], acc.data(), count * 4);
     });
 }
 inline ncclResult_t ncclAllGather(const void* s, void* r, size_t count, ncclDataType_t t, ncclComm_t comm, cudaStream_t) {
     const std::size_t bytes = count * fake::type_size(t);
     return fake::rendezvous(comm, s, r, [&](fake::clique& c) {
-        std::vector<std::vector<std::byte>> copies(c.n);
-        for (int k = 0; k < c.n; ++k) copies[k].assign(static_cast<const std::byte*>(c.send[k]), static_cast<const std::byte*>(c.send[k]) + bytes);
-        for (int r2 = 0; r2 < c.n; ++r2)
-            for (int k = 0; k < c.n; ++k) std::memcpy(static_cast<std::byte*>(c.recv[r2]) + k * bytes, copies[k].data(), bytes);
+        fake::scratch copies(c.n * bytes);  // a send may be its rank's slot of recv
+        for (int k = 0; k < c.n; ++k) std::memcpy(copies.p + k * bytes, c.send[k], bytes);
+        for (int r2 = 0; r2 < c.n; ++r2) std::memcpy(c.recv[r2], copies.p, c.n * bytes);
     });
 }
 inline ncclResult_t ncclBroadcast(const void* s, void* r, size_t count, ncclDataType_t t, int root, ncclComm_t comm, cudaStream_t) {
     const std::size_t bytes = count * fake::type_size(t);
     return fake::rendezvous(comm, s, r, [&](fake::clique& c) {
-        std::vector<std::byte> copy(static_cast<const std::byte*>(c.send[root]), static_cast<const std::byte*>(c.send[root]) + bytes);
-        for (int k = 0; k < c.n; ++k) std::memcpy(c.recv[k], copy.data(), bytes);
+        fake::scratch copy(bytes);
+        std::memcpy(copy.p, c.send[root], bytes);
+        for (int k = 0; k < c.n; ++k) std::memcpy(c.recv[k], copy.p, bytes);
     });
 }
 inline ncclResult_t ncclGroupStart() { ++fake::group_depth; return ncclSuccess; }
