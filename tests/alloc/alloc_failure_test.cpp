@@ -9,10 +9,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <sstream>
 #include <string>
@@ -478,4 +480,66 @@ TEST_CASE("diloco: save() out of memory raises bad_alloc, never a stream error")
     }
     CHECK(saved);
     CHECK(out_of_memory > 3);
+}
+
+TEST_CASE("comm::run_threads: a rank's thread that cannot be started stops and joins the others") {
+    // The calling thread's n-th allocation fails, for every n until run_threads goes through:
+    // the group, the list of threads or a thread's start (std::thread allocates its state; a
+    // pthread_create failure is a std::system_error taking the same path). The ranks already
+    // running wait in a collective for the one that never starts: they must be woken and joined
+    // before the error leaves run_threads (a joinable std::thread unwinding is std::terminate, and
+    // a rank left waiting would be one that never returns).
+    int failures = 0, thread_failures = 0;
+    bool went_through = false;
+    for (long n = 1; n <= 60 && !went_through; ++n) {
+        CAPTURE(n);
+        std::array<std::atomic<int>, 3> entered{}, woken{};
+        std::mutex mutex;
+        std::vector<std::string> wake_reasons;
+        bool threw = false;
+        {
+            const failing_allocation arm(n);
+            try {
+                loco::comm::run_threads(
+                    3,
+                    [&](loco::comm::threads& comm) {
+                        const auto r = std::size_t(comm.rank());
+                        ++entered[r];
+                        try {
+                            float x = 1.0f;
+                            comm.all_reduce(loco::host_tensor(&x, 1), loco::comm::reduce_op::sum);
+                            CHECK(x == 3.0f);
+                        } catch (const loco::comm_error& e) {
+                            ++woken[r];
+                            const std::lock_guard<std::mutex> lock(mutex);
+                            wake_reasons.emplace_back(e.what());
+                            throw;
+                        }
+                    },
+                    std::chrono::seconds(10));
+            } catch (const std::bad_alloc&) {
+                threw = true;
+            }
+        }
+        const int started = entered[0] + entered[1] + entered[2];
+        if (threw) {
+            ++failures;
+            if (started > 0) {
+                ++thread_failures;
+                // Every rank that started was woken by the abort (not its timeout), none
+                // finished its sum.
+                for (std::size_t r = 0; r < 3; ++r) CHECK(woken[r] == entered[r]);
+                for (const std::string& why : wake_reasons) {
+                    CHECK(why.find("could not start the thread of rank") != std::string::npos);
+                }
+            }
+        } else {
+            went_through = true;
+            CHECK(started == 3);
+            for (std::size_t r = 0; r < 3; ++r) CHECK(woken[r] == 0);
+        }
+    }
+    CHECK(went_through);
+    CHECK(thread_failures >= 2);  // ranks 1 and 2 could not start, with ranks running
+    CHECK(failures > thread_failures);
 }
