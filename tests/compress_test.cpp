@@ -1435,6 +1435,53 @@ TEST_CASE("statistical: payloads that pass the checksum but break the format are
     }
 }
 
+// Per row, a table entry may be nonzero only for a bin that the row's own codes use: a bin that
+// another row uses does not make it valid.
+TEST_CASE("statistical per row: a nonzero table entry for a bin its own row does not use is "
+          "refused") {
+    using S = lc::statistical<2>;
+    const S::hyper h{.per = per_row};
+    auto rng = rng_for("statistical per-row unused bins");
+    constexpr std::size_t rows = 3, cols = 16, n = rows * cols;
+    // Row 0: normal values and one -100. Its mean is about -6.25 and sigma about 25, so scale =
+    //   6 sigma / 4 is about 37.5: the -100 has t = c / scale + 2 near -0.5 (bin 0), the others t
+    //   between 2 and 2.5 (bin 2).
+    // Row 1: one random value repeated: sigma 0, scale 1, every code B/2 = 2, so bins 0, 1 and 3
+    //   are unused there although row 0 uses bin 0.
+    // Row 2: normal values.
+    std::vector<float> v = normal_floats(rng, n);
+    v[0] = -100.0f;
+    std::fill(v.begin() + cols, v.begin() + 2 * cols, v[cols]);
+    const lc::segment segs[] = {{0, n, rows, cols}};
+    const auto p = encode<S>(h, v, segs, {});
+    // Body: 3 records of shift and lut[0..3] (20 bytes each), then the codes.
+    const std::size_t codes = wire::header_bytes + 20 * rows;
+    std::array<std::array<bool, 4>, rows> used{};
+    for (std::size_t i = 0; i < n; ++i) {
+        used[i / cols][wire::unpack<2>(p.data() + codes, i)] = true;
+    }
+    REQUIRE(used[0][0]);
+    REQUIRE(used[1] == std::array<bool, 4>{false, false, true, false});
+    std::size_t edits = 0;
+    for (std::size_t r = 0; r < rows; ++r) {
+        for (std::size_t b = 0; b < 4; ++b) {
+            if (used[r][b]) {
+                continue;
+            }
+            CAPTURE(r);
+            CAPTURE(b);
+            auto bad = p;
+            wire::put<float>(bad, wire::header_bytes + 20 * r + 4 * (1 + b), 1.0f);
+            reseal(bad);
+            check_refused<S>(h, bad, segs, n, "a nonzero entry for a bin the row does not use");
+            ++edits;
+        }
+    }
+    CHECK(edits >= 3);
+    std::vector<float> out(n);
+    CHECK_NOTHROW(S::decode(h, p, segs, out));
+}
+
 TEST_CASE("blockwise: blocks holding NaN or inf arrive as NaN, blocks of zeros as zeros") {
     using Q = lc::blockwise<2, 4>;
     const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -1567,6 +1614,67 @@ TEST_CASE("blockwise: payloads that pass the checksum but break the format are r
     }
     std::vector<float> out(9);
     CHECK_NOTHROW(Q::decode({}, p, segs, out));
+}
+
+// A block whose scale is 0 or NaN holds the zero code k0 = round_half_to_even(L / 2) at every
+// element, its last one included: any other code at any of its elements is refused.
+TEST_CASE("blockwise: a zero-scale or NaN-scale block with another code at any element is "
+          "refused") {
+    auto rng = rng_for("blockwise zero-block codes");
+    const auto run = [&]<int Bits, std::size_t Block>() {
+        using Q = lc::blockwise<Bits, Block>;
+        constexpr unsigned top = (1u << Bits) - 1u;  // L
+        constexpr std::size_t per_byte = 8 / Bits;
+        const auto k0 = static_cast<unsigned>(round_half_even(top / 2.0));
+        INFO("blockwise<" << Bits << ", " << Block << ">, k0 = " << k0);
+        // Blocks: normal values; zeros; normal values and a NaN; a short last block of 3 zeros.
+        constexpr std::size_t n = 3 * Block + 3;
+        std::vector<float> v = normal_floats(rng, n);
+        std::fill(v.begin() + Block, v.begin() + 2 * Block, 0.0f);
+        v[2 * Block + rng() % Block] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(v.begin() + 3 * Block, v.end(), 0.0f);
+        const lc::segment segs[] = {one_d(0, n)};
+        const auto p = encode<Q>({}, v, segs, {});
+        const std::size_t codes = wire::header_bytes + 4 * 4;  // after the 4 scales
+        const std::uint32_t want_scale[] = {0u, 0x7fc00000u, 0u};  // blocks 1, 2, 3
+        for (std::size_t b = 1; b < 4; ++b) {
+            REQUIRE(bits_of(wire::get<float>(p, wire::header_bytes + 4 * b)) == want_scale[b - 1]);
+        }
+        const auto with_code = [&](std::vector<std::byte> q, std::size_t j, unsigned code) {
+            auto& byte = reinterpret_cast<unsigned char&>(q[codes + j / per_byte]);
+            const auto shift = static_cast<unsigned>((j % per_byte) * Bits);
+            byte = static_cast<unsigned char>((byte & ~(top << shift)) | (code << shift));
+            return q;
+        };
+        std::vector<unsigned> wrong;  // the lowest, highest and neighbouring codes, not k0
+        for (const unsigned code : {0u, 1u, k0 - 1, k0 + 1, top - 1, top}) {
+            if (code != k0 && code <= top &&
+                std::find(wrong.begin(), wrong.end(), code) == wrong.end()) {
+                wrong.push_back(code);
+            }
+        }
+        std::size_t edits = 0;
+        for (std::size_t j = Block; j < n; ++j) {
+            REQUIRE(wire::unpack<Bits>(p.data() + codes, j) == k0);
+            for (const unsigned code : wrong) {
+                CAPTURE(j);
+                CAPTURE(code);
+                check_refused<Q>({}, [&] {
+                    auto bad = with_code(p, j, code);
+                    reseal(bad);
+                    return bad;
+                }(), segs, n, "a code other than k0 in a zero-scale or NaN-scale block");
+                ++edits;
+            }
+        }
+        CHECK(edits >= 2 * Block + 3);
+        std::vector<float> out(n);
+        CHECK_NOTHROW(Q::decode({}, p, segs, out));
+    };
+    run.operator()<1, 8>();
+    run.operator()<2, 4>();
+    run.operator()<4, 4>();
+    run.operator()<8, 4>();
 }
 
 TEST_CASE("blockwise: hyper-parameters are checked") {
@@ -2022,4 +2130,133 @@ TEST_CASE("statistical and sparseloco: a value exactly halfway between two bins 
         lc::sparseloco::decode(h, sp, segs, d);
         CHECK(d == g.decoded);
     }
+}
+
+// error_feedback sends e = decay * e0 + s * delta with s = ctx.outer_lr only under fold_outer_lr,
+// else s = 1 whatever ctx.outer_lr is. topk at ratio 1 sends every element exactly, so from e0 = 0
+// the decode is delta itself, or fp32(outer_lr * delta) (exact in double, rounded once).
+TEST_CASE("error_feedback: ctx.outer_lr scales delta only with fold_outer_lr") {
+    using EF = lc::error_feedback<lc::topk>;
+    auto rng = rng_for("error feedback outer lr");
+    constexpr std::size_t n = 64;
+    const std::vector<float> x = normal_floats(rng, n);
+    const lc::segment segs[] = {one_d(0, n)};
+    std::uniform_real_distribution<float> pick_lr(0.05f, 0.95f);
+    for (const float lr : {0.5f, pick_lr(rng), 3.0f}) {
+        for (const bool fold : {false, true}) {
+            CAPTURE(lr);
+            CAPTURE(fold);
+            const EF::hyper h{.compress = {.ratio = 1.0f}, .decay = 0.9f, .fold_outer_lr = fold};
+            std::vector<float> state(n, 0.0f);
+            std::vector<std::byte> p(EF::payload_bytes(h, segs));
+            EF::encode(h, x, segs, state, {.outer_lr = lr}, p);
+            std::vector<float> out(n);
+            EF::decode(h, p, segs, out);
+            findings log;
+            for (std::size_t i = 0; i < n; ++i) {
+                const float want =
+                    fold ? static_cast<float>(double(lr) * double(x[i])) : x[i];
+                log.expect(bits_of(out[i]) == bits_of(want), "element ", i, ": sent ", out[i],
+                           ", expected ", want);
+                log.expect(state[i] == 0.0f, "element ", i, ": residual ", state[i]);
+            }
+            log.check();
+        }
+    }
+}
+
+// error_feedback's new residual is e - D(Q(e)) with e = decay * e0 + s * delta taken as the one
+// fp32 value that was encoded: where Q sends e exactly (topk at ratio 1 sends every element) the
+// residual is exactly 0, however e0 and delta rounded into e. With e0 = 1, delta = 2^-30, decay 1:
+// e rounds to 1, 1 is sent, and the residual is 0 (not the 2^-30 that the rounding dropped).
+TEST_CASE("error_feedback: an element sent exactly leaves a residual of exactly 0") {
+    using EF = lc::error_feedback<lc::topk>;
+    auto rng = rng_for("error feedback exact residual");
+    constexpr std::size_t n = 64;
+    const lc::segment segs[] = {one_d(0, n)};
+    std::uniform_real_distribution<float> unit(0.05f, 1.0f);
+    struct setting {
+        float decay;
+        bool fold;
+        float lr;
+    };
+    for (const setting s : {setting{1.0f, false, 1.0f}, setting{unit(rng), false, unit(rng)},
+                            setting{unit(rng), true, unit(rng)}}) {
+        CAPTURE(s.decay);
+        CAPTURE(s.fold);
+        CAPTURE(s.lr);
+        const EF::hyper h{.compress = {.ratio = 1.0f}, .decay = s.decay, .fold_outer_lr = s.fold};
+        // Residuals and deltas of different magnitudes, so that e rounds.
+        std::vector<float> state = normal_floats(rng, n);
+        std::vector<float> x = normal_floats(rng, n, 1e-3f);
+        state[0] = 1.0f;
+        x[0] = 0x1p-30f;
+        std::vector<std::byte> p(EF::payload_bytes(h, segs));
+        EF::encode(h, x, segs, state, {.outer_lr = s.lr}, p);
+        std::vector<float> out(n);
+        EF::decode(h, p, segs, out);
+        if (s.decay == 1.0f && !s.fold) {
+            CHECK(out[0] == 1.0f);  // 1 + 2^-30 rounds to 1
+        }
+        findings log;
+        for (std::size_t i = 0; i < n; ++i) {
+            log.expect(state[i] == 0.0f, "element ", i, ": residual ", std::hexfloat, state[i],
+                       " after sending ", out[i]);
+        }
+        log.check();
+    }
+}
+
+// wire::checksum is the documented sum, modulo 2^64, of splitmix64's finaliser of (word_i ^ i) over
+// the body's little-endian 8-byte words (the last one zero-padded), plus the body's length:
+// recomputed here from that definition, and a few values by hand (the finaliser maps 0 to 0).
+TEST_CASE("wire: the checksum is the documented sum over the body's words plus its length") {
+    const auto finaliser = [](std::uint64_t z) {
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        return z ^ (z >> 31);
+    };
+    const auto documented = [&](const std::vector<std::byte>& body) {
+        std::uint64_t sum = body.size();
+        for (std::size_t i = 0; 8 * i < body.size(); ++i) {
+            std::uint64_t word = 0;
+            for (std::size_t b = 0; b < 8 && 8 * i + b < body.size(); ++b) {
+                word |= std::uint64_t{std::to_integer<unsigned char>(body[8 * i + b])} << (8 * b);
+            }
+            sum += finaliser(word ^ i);
+        }
+        return sum;
+    };
+    // {} -> 0; one zero byte -> 1 + f(0) = 1; 8 zero bytes -> 8 + f(0) = 8; 9 zero bytes ->
+    // 9 + f(0) + f(1); 13 bytes 37 i + 5 (mod 256) -> a value from a separate implementation.
+    CHECK(wire::checksum({}) == 0u);
+    CHECK(wire::checksum(std::vector<std::byte>(1)) == 1u);
+    CHECK(wire::checksum(std::vector<std::byte>(8)) == 8u);
+    CHECK(finaliser(1) == 0x5692161d100b05e5ULL);
+    CHECK(wire::checksum(std::vector<std::byte>(9)) == 0x5692161d100b05eeULL);
+    std::vector<std::byte> counted(13);
+    for (std::size_t i = 0; i < counted.size(); ++i) {
+        counted[i] = static_cast<std::byte>((37 * i + 5) & 0xff);
+    }
+    CHECK(documented(counted) == 0xd93355e2b867db92ULL);
+    CHECK(wire::checksum(counted) == 0xd93355e2b867db92ULL);
+    // Random bodies of every length up to 40 bytes (every tail length, several words).
+    auto rng = rng_for("wire checksum");
+    for (std::size_t n = 0; n <= 40; ++n) {
+        CAPTURE(n);
+        std::vector<std::byte> body(n);
+        for (std::byte& b : body) {
+            b = static_cast<std::byte>(rng() & 0xff);
+        }
+        CHECK(wire::checksum(body) == documented(body));
+    }
+    // A payload sealed with the documented sum (as another encoder writes it) decodes.
+    using B = lc::cast<loco::bf16>;
+    const std::vector<float> x = {1.0f, -2.0f, 3.0f};
+    const lc::segment segs[] = {one_d(0, 3)};
+    auto p = encode<B>({}, x, segs, {});
+    wire::put<std::uint64_t>(p, 32, documented(std::vector<std::byte>(p.begin() + 40, p.end())));
+    std::vector<float> out(3);
+    CHECK_NOTHROW(B::decode({}, p, segs, out));
+    CHECK(out == x);
 }

@@ -339,6 +339,48 @@ TEST_CASE("demo sign: signs of the coefficients decode to +-1 (Psyche's "
     }
 }
 
+// The sign variant sends signbit(C), so a coefficient that rounds to -0 sends 1 (decodes to -1).
+// x = [x0, 0, 0, 0] in one 1-D chunk of 4 has C_k = x0 F[0][k] with every F[0][k] =
+// c_k cos(pi k / 8) > 0, so every C_k has x0's sign bit; for x0 = -2^-149, C_0 = -2^-150 (a tie
+// between -0 and -2^-149, to even: -0) and C_3 = -0.27 * 2^-149 round to -0 in fp32.
+TEST_CASE("demo sign: a coefficient that rounds to -0 sends the sign bit 1") {
+    auto rng = loco_test::rng_for("demo sign of -0");
+    const lc::demo::hyper h{.chunk = 4, .topk = 4, .decay = 0.5f, .sign = true};
+    const std::vector<lc::segment> segs = {flat(0, 4)};
+    // Compact coding with every cell sent: no index bits, the 4 signs right after the header.
+    std::vector<float> firsts = {-0x1p-149f, 0x1p-149f};
+    for (const float v : loco_test::normal_floats(rng, 6)) {
+        firsts.push_back(v);
+    }
+    for (const float x0 : firsts) {
+        CAPTURE(x0);
+        const std::vector<float> x = {x0, 0.0f, 0.0f, 0.0f};
+        if (std::abs(x0) == 0x1p-149f) {  // the precondition: C_0 is a zero of x0's sign
+            std::vector<float> coef(4);
+            std::vector<double> work;
+            lc::dct::chunk_transform(1, 4).forward(x.data(), 4, coef.data(), work);
+            REQUIRE(coef[0] == 0.0f);
+            REQUIRE(std::signbit(coef[0]) == std::signbit(x0));
+            REQUIRE(static_cast<float>(static_cast<double>(x0) / 2) == 0.0f);
+        }
+        std::vector<float> state(4, 0.0f);
+        const auto p = encode(h, x, segs, state);
+        REQUIRE(p.size() == wire::header_bytes + 4);
+        std::vector<double> signs;
+        for (std::size_t k = 0; k < 4; ++k) {
+            CAPTURE(k);
+            CHECK(wire::get_bits(p.data() + wire::header_bytes, k, 1) ==
+                  (std::signbit(x0) ? 1u : 0u));
+            signs.push_back(std::signbit(x0) ? -1.0 : 1.0);
+        }
+        const std::vector<float> out = decode(h, p, segs, 4);
+        const std::vector<double> want = ref::idct2(signs, 1, 4);
+        for (std::size_t i = 0; i < 4; ++i) {
+            CHECK(std::abs(out[i] - want[i]) <= 1e-6);
+        }
+    }
+}
+
 TEST_CASE("demo: one round against a double-precision re-computation") {
     auto rng = loco_test::rng_for("demo round");
     // A 12 x 20 matrix (chunks 4 x 5 at target 5: 3 x 4 chunks of 20 cells), a flat 100 (target
@@ -609,6 +651,45 @@ TEST_CASE("demo: payloads that pass the checksum but break the format are refuse
             const auto compact = encode(he, loco_test::normal_floats(rng, 64), s64, st);
             std::vector<float> out(64, std::bit_cast<float>(sentinel_bits));
             CHECK_THROWS_AS(lc::demo::decode(hf, compact, s64, out), loco::wire_error);
+            CHECK(std::all_of(out.begin(), out.end(),
+                              [](float v) { return bits_of(v) == sentinel_bits; }));
+        }
+    }
+}
+
+// The sign variant's N sign bits are zero-padded to a multiple of 4 bytes: a set padding bit is
+// refused at every position from bit N on, bit N itself included.
+TEST_CASE("demo sign: a set padding bit after the signs is refused at every position") {
+    auto rng = loco_test::rng_for("demo sign padding");
+    struct setting {
+        std::uint32_t chunk, topk;
+        std::size_t n;
+        lc::index_coding indices;
+    };
+    // N = chunks * topk: 4 * 2 = 8, 4 * 3 = 12, 3 * 5 = 15, 5 * 8 = 40.
+    for (const setting s : {setting{4, 2, 16, lc::index_coding::fixed},
+                            setting{4, 3, 16, lc::index_coding::compact},
+                            setting{8, 5, 24, lc::index_coding::fixed},
+                            setting{8, 8, 40, lc::index_coding::compact}}) {
+        const lc::demo::hyper h{
+            .chunk = s.chunk, .topk = s.topk, .sign = true, .indices = s.indices};
+        const std::vector<lc::segment> segs = {flat(0, s.n)};
+        const std::size_t signs = s.n / s.chunk * s.topk;  // N
+        const std::size_t sign_bytes = (signs + 31) / 32 * 4;
+        const std::vector<float> x = loco_test::normal_floats(rng, s.n);
+        std::vector<float> state(s.n, 0.0f);
+        const auto good = encode(h, x, segs, state);
+        // One segment: the signs are the payload's last bytes.
+        const std::size_t at = good.size() - sign_bytes;
+        CHECK_NOTHROW(decode(h, good, segs, s.n));
+        for (std::size_t bit = signs; bit < 8 * sign_bytes; ++bit) {
+            INFO("N = " << signs << ", padding bit " << bit);
+            auto p = good;
+            REQUIRE((std::to_integer<unsigned>(p[at + bit / 8]) >> (bit % 8) & 1u) == 0u);
+            p[at + bit / 8] ^= static_cast<std::byte>(1u << (bit % 8));
+            reseal(p);
+            std::vector<float> out(s.n, std::bit_cast<float>(sentinel_bits));
+            CHECK_THROWS_AS(lc::demo::decode(h, p, segs, out), loco::wire_error);
             CHECK(std::all_of(out.begin(), out.end(),
                               [](float v) { return bits_of(v) == sentinel_bits; }));
         }

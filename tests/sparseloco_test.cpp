@@ -391,6 +391,193 @@ TEST_CASE("sparseloco: the accumulator over several rounds is e <- beta e + x - 
     }
 }
 
+namespace {
+
+// The quantizer's fields for one segment whose chunks keep every cell (k_c = cells, so slot j is
+// element j), from the definition in sparseloco.hpp: shift, scale and the bin means from sums in
+// double in two levels (each chunk's k terms from +0, then the chunk sums in chunk order from +0),
+// the codes from t = (v - shift) / scale + floor(B / 2) in fp32, NaN into bin 0.
+struct quantized {
+    float shift = 0.0f;
+    std::vector<float> lut;
+    std::vector<unsigned> q;
+};
+
+quantized two_level_reference(const std::vector<float>& v, std::size_t k, unsigned bins,
+                              float range) {
+    const std::size_t n = v.size();
+    const auto two_level = [&](auto term) {
+        double total = 0.0;
+        for (std::size_t c = 0; c * k < n; ++c) {
+            double part = 0.0;
+            for (std::size_t j = c * k; j < (c + 1) * k; ++j) {
+                part += term(j);
+            }
+            total += part;
+        }
+        return total;
+    };
+    const auto canonical = [](float f) {
+        return std::isnan(f) ? std::bit_cast<float>(0x7fc00000u) : f;
+    };
+    quantized r;
+    r.shift = static_cast<float>(two_level([&](std::size_t j) { return double(v[j]); }) /
+                                 static_cast<double>(n));
+    float scale = 1.0f;
+    if (n >= 2) {
+        const double squares = two_level([&](std::size_t j) {
+            const double c = double(v[j]) - double(r.shift);
+            return c * c;
+        });
+        scale = static_cast<float>(double(range) * std::sqrt(squares / double(n - 1)) /
+                                   double(bins));
+        if (scale == 0.0f || !std::isfinite(scale)) {
+            scale = 1.0f;
+        }
+    }
+    for (std::size_t j = 0; j < n; ++j) {
+        const float t = (v[j] - r.shift) / scale + static_cast<float>(bins / 2);
+        r.q.push_back(t >= 0.0f ? static_cast<unsigned>(std::min<double>(
+                                      round_half_even(t), static_cast<double>(bins - 1)))
+                                : 0u);
+    }
+    for (unsigned b = 0; b < bins; ++b) {
+        std::size_t count = 0;
+        const double sum = two_level([&](std::size_t j) {
+            count += r.q[j] == b ? 1 : 0;
+            return r.q[j] == b ? double(v[j]) - double(r.shift) : 0.0;
+        });
+        r.lut.push_back(count == 0 ? 0.0f : canonical(static_cast<float>(sum / double(count))));
+    }
+    r.shift = canonical(r.shift);
+    return r;
+}
+
+// The payload's shift, table and codes against the reference, bit for bit; the segment is flat
+// with chunks that keep every cell, so no index bits precede the codes.
+void check_quantized(const sl::hyper& h, const std::vector<float>& v) {
+    const std::vector<lc::segment> segs = {flat(0, v.size())};
+    std::vector<float> state(v.size(), 0.0f);
+    const auto p = encode(h, v, segs, state);
+    const quantized want = two_level_reference(v, h.topk, h.bins, h.range);
+    const std::size_t body = wire::header_bytes;
+    CHECK(bits_of(wire::get<float>(p, body)) == bits_of(want.shift));
+    for (unsigned b = 0; b < h.bins; ++b) {
+        CAPTURE(b);
+        CHECK(bits_of(wire::get<float>(p, body + 4 * (1 + b))) == bits_of(want.lut[b]));
+    }
+    const unsigned qb = static_cast<unsigned>(std::bit_width(h.bins - 1));
+    std::size_t wrong_codes = 0;
+    for (std::size_t j = 0; j < v.size(); ++j) {
+        wrong_codes += wire::get_bits(p.data() + body + 4 * (1 + h.bins), j, qb) != want.q[j];
+    }
+    CHECK(wrong_codes == 0);
+}
+
+}  // namespace
+
+// The sums of the kept values, of their squares and per bin run in two levels (each chunk's terms,
+// then the chunk sums in chunk order), so a device that sums a chunk per thread has the host's
+// bits; these inputs give other bits in any other order.
+TEST_CASE("sparseloco: shift and bin means are summed chunk by chunk, then over the chunks") {
+    const sl::hyper h{.chunk = 2, .topk = 2};  // chunks of 2 cells, both kept
+    {
+        // v = [2^-60, 2^-60 | 1, -1]: (2^-60 + 2^-60) + (1 + -1) = 2^-59, shift = 2^-59 / 4 =
+        // 2^-61 (element order, ((2^-60 + 2^-60) + 1) + -1, would give 0).
+        const std::vector<float> v = {0x1p-60f, 0x1p-60f, 1.0f, -1.0f};
+        const std::vector<lc::segment> segs = {flat(0, 4)};
+        std::vector<float> state(4, 0.0f);
+        const auto p = encode(h, v, segs, state);
+        CHECK(wire::get<float>(p, wire::header_bytes) == 0x1p-61f);
+        check_quantized(h, v);
+    }
+    {
+        // v = [a0, a0 | 1, -1 | 100, -100], a0 = 2^-60: chunk sums 2^-59, 0, 0, shift s =
+        // fp32(2^-59 / 6). sigma is about 63, scale about 95: 100 lands in bin 3, -100 in bin 1,
+        // the first four in bin 2 with terms a, a, 1 - s, -1 - s (a = 2^-60 - s; 1 - s and -1 - s
+        // round to 1 and -1 in double), so lut[2] = fp32((a + a + 0) / 4) = fp32(a / 2), not the
+        // 0 of element order.
+        const std::vector<float> v = {0x1p-60f, 0x1p-60f, 1.0f, -1.0f, 100.0f, -100.0f};
+        const std::vector<lc::segment> segs = {flat(0, 6)};
+        std::vector<float> state(6, 0.0f);
+        const auto p = encode(h, v, segs, state);
+        const float s = static_cast<float>(0x1p-59 / 6.0);
+        CHECK(wire::get<float>(p, wire::header_bytes) == s);
+        const auto lut2 = static_cast<float>((0x1p-60 - double(s)) / 2.0);
+        CHECK(lut2 != 0.0f);
+        CHECK(wire::get<float>(p, wire::header_bytes + 4 * 3) == lut2);
+        const unsigned want_q[] = {2, 2, 2, 2, 3, 1};
+        for (std::size_t j = 0; j < 6; ++j) {
+            CHECK(wire::get_bits(p.data() + wire::header_bytes + 20, j, 2) == want_q[j]);
+        }
+        check_quantized(h, v);
+    }
+    // Random values of widely different magnitudes, some cancelling across chunks.
+    auto rng = loco_test::rng_for("sparseloco two-level sums");
+    for (const std::uint32_t chunk : {2u, 4u, 6u, 8u}) {
+        for (const std::uint32_t bins : {3u, 4u, 16u}) {
+            CAPTURE(chunk);
+            CAPTURE(bins);
+            std::vector<float> v = loco_test::normal_floats(rng, 12 * chunk);
+            for (std::size_t i = 0; i < v.size(); i += 5) {
+                v[i] *= 0x1p24f;
+            }
+            for (std::size_t i = 3; i + chunk < v.size(); i += 7) {
+                v[i + chunk] = -v[i];
+            }
+            check_quantized({.chunk = chunk, .topk = chunk, .bins = bins}, v);
+        }
+    }
+}
+
+// Kept values all equal: their spread is 0, so scale is 1 (the rule for a zero scale), every
+// c = 0 and every code is floor(B / 2), whose table entry is 0; D is the value itself.
+TEST_CASE("sparseloco: equal kept values take the middle code floor(B / 2)") {
+    auto rng = loco_test::rng_for("sparseloco equal values");
+    for (const std::uint32_t bins : {2u, 3u, 4u, 256u}) {
+        CAPTURE(bins);
+        const sl::hyper h{.chunk = 4, .topk = 4, .bins = bins};
+        const float value = loco_test::normal_floats(rng, 1)[0];
+        const std::vector<float> x(12, value);
+        const std::vector<lc::segment> segs = {flat(0, 12)};
+        std::vector<float> state(12, 0.0f);
+        const auto p = encode(h, x, segs, state);
+        const std::size_t body = wire::header_bytes;
+        CHECK(wire::get<float>(p, body) == value);
+        for (unsigned b = 0; b < bins; ++b) {
+            CHECK(bits_of(wire::get<float>(p, body + 4 * (1 + b))) == 0u);
+        }
+        const unsigned qb = static_cast<unsigned>(std::bit_width(bins - 1));
+        for (std::size_t j = 0; j < 12; ++j) {
+            CHECK(wire::get_bits(p.data() + body + 4 * (1 + bins), j, qb) == bins / 2);
+        }
+        CHECK(decode(h, p, segs, 12) == x);
+        CHECK(std::all_of(state.begin(), state.end(), [](float e) { return e == 0.0f; }));
+    }
+}
+
+// A NaN shift or table entry is written as the quiet NaN 0x7fc00000 whatever NaN (sign, payload,
+// signalling) the arithmetic carried, so the bytes do not depend on the machine.
+TEST_CASE("sparseloco: a NaN among the kept values is sent as the canonical quiet NaN") {
+    const sl::hyper h{.chunk = 2, .topk = 2};
+    const std::vector<lc::segment> segs = {flat(0, 4)};
+    for (const std::uint32_t nan : {0xffc00001u, 0x7fc12345u, 0xffffffffu, 0x7f800001u,
+                                    0xff800001u, 0x7fc00000u}) {
+        CAPTURE(nan);
+        const std::vector<float> x = {std::bit_cast<float>(nan), 1.0f, 2.0f, 3.0f};
+        std::vector<float> state(4, 0.0f);
+        const auto p = encode(h, x, segs, state);
+        CHECK(bits_of(wire::get<float>(p, wire::header_bytes)) == 0x7fc00000u);
+        // Every t is NaN, so every code is 0 and lut[0] the NaN mean; the other bins are empty.
+        CHECK(bits_of(wire::get<float>(p, wire::header_bytes + 4)) == 0x7fc00000u);
+        for (std::size_t b = 1; b < 4; ++b) {
+            CHECK(bits_of(wire::get<float>(p, wire::header_bytes + 4 * (1 + b))) == 0u);
+        }
+        const auto out = decode(h, p, segs, 4);
+        CHECK(std::all_of(out.begin(), out.end(), [](float v) { return std::isnan(v); }));
+    }
+}
+
 TEST_CASE("sparseloco: bad settings and shapes are refused with one sentence") {
     const auto refused = [](sl::hyper h) {
         CHECK_THROWS_AS(sl::validate(h), loco::invalid_argument);

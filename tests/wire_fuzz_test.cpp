@@ -356,6 +356,53 @@ TEST_CASE("wire fuzz: mutated payloads are refused, never crash, never touch the
     CHECK(mutations >= 20000);
 }
 
+// The payload's size must equal the header plus the expected body exactly: bytes added to the end
+// or taken from it are refused by the size even when the checksum is recomputed over the body
+// as received.
+TEST_CASE("wire fuzz: a longer or shorter payload is refused even with its checksum resealed") {
+    auto rng = loco_test::rng_for("wire fuzz resealed sizes");
+    const std::vector<configuration> configs = configurations();
+    const segment_list segs = fuzz_segments();
+    const std::vector<float> x = fuzz_inputs(rng);
+    std::size_t failures = 0;
+    std::string report;
+    for (const configuration& c : configs) {
+        bytes good(c.payload_bytes(segs));
+        c.encode(x, segs, {.seed = rng(), .round = 1, .rank = 0}, good);
+        std::vector<bytes> edited;
+        for (std::size_t extra = 1; extra <= 16; ++extra) {
+            bytes p = good;
+            for (std::size_t i = 0; i < extra; ++i) {
+                p.push_back(extra % 2 == 0 ? std::byte{0} : static_cast<std::byte>(rng() & 0xff));
+            }
+            edited.push_back(std::move(p));
+        }
+        const std::size_t body = good.size() - wire::header_bytes;
+        for (std::size_t fewer = 1; fewer <= std::min<std::size_t>(16, body); ++fewer) {
+            edited.emplace_back(good.begin(), good.end() - static_cast<std::ptrdiff_t>(fewer));
+        }
+        for (bytes& p : edited) {
+            loco_test::reseal(p);
+            std::vector<float> out(x.size(), std::bit_cast<float>(sentinel_bits));
+            bool refused = false;
+            try {
+                c.decode(p, segs, out);
+            } catch (const loco::wire_error&) {
+                refused = true;
+            }
+            if (!refused || !untouched(out)) {
+                if (failures++ < 5) {
+                    report += c.label + ": a resealed payload of " + std::to_string(p.size()) +
+                              " bytes (expected " + std::to_string(good.size()) + ") was " +
+                              (refused ? "refused after writing the output\n" : "accepted\n");
+                }
+            }
+        }
+    }
+    INFO(failures << " failures; first ones:\n" << report);
+    CHECK(failures == 0);
+}
+
 namespace {
 
 // Where a segment's index stream starts within its bytes, per chunked compressor.
