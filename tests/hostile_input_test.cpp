@@ -122,6 +122,19 @@ TEST_CASE("outer optimizers refuse non-finite or out-of-range hyper-parameters a
     refused_outer<loco::outer::adam>({.lr = inf}, "outer::adam: lr must be finite and >= 0");
     refused_outer<loco::outer::adam>({.beta1 = 1.0f}, "outer::adam: beta1 must be in [0, 1)");
     refused_outer<loco::outer::adam>({.beta2 = qnan}, "outer::adam: beta2 must be in [0, 1)");
+    // beta2 = 1 keeps v at 0: with bias correction 1 / sqrt(1 - beta2^t) is infinite and the step
+    // NaN, without it every step is lr * m / tau. The largest float below 1 is still taken.
+    refused_outer<loco::outer::adam>({.beta2 = 1.0f},
+                                     "outer::adam: beta2 must be in [0, 1), got 1.0");
+    refused_outer<loco::outer::adam>({.beta2 = 1.0f, .bias_correction = true},
+                                     "outer::adam: beta2 must be in [0, 1), got 1.0");
+    {
+        model m;
+        loco::comm::single comm;
+        using handle = loco::diloco<loco::inner::sgd, loco::outer::adam>;
+        CHECK_NOTHROW(handle(m.list(), comm,
+                             {.outer = {.beta2 = 0.99999994f, .bias_correction = true}}));
+    }
     refused_outer<loco::outer::adam>({.tau = inf}, "outer::adam: tau must be finite and > 0");
     refused_outer<loco::outer::adam>({.tau = 0.0f}, "outer::adam: tau must be finite and > 0");
     // Each finite, the factors prepare() forms overflow: the first sync made the global

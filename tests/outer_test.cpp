@@ -12,10 +12,14 @@
 
 #include <boost/mp11.hpp>
 
+#include <array>
 #include <cmath>
+#include <concepts>
 #include <limits>
+#include <set>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -313,5 +317,96 @@ TEST_CASE("delayed Nesterov as the outer policy: every H, the delayed schedule, 
         CHECK(opt.global()[1] == doctest::Approx(rb.back()).epsilon(1e-6));
         CHECK(a[0] == opt.global()[0] - 1.0f);  // call 8's inner step, after its sync at 7
         CHECK(b[0] == opt.global()[1]);
+    }
+}
+
+namespace {
+
+// The number of members of a hyper struct (scalars and enums): the longest brace list it takes.
+struct any_setting {
+    template <class T>
+    operator T() const;  // named in unevaluated operands only
+};
+template <class H, class... Seen>
+constexpr std::size_t member_count() {
+    if constexpr (requires { H{Seen{}..., any_setting{}}; }) {
+        return member_count<H, Seen..., any_setting>();
+    } else {
+        return sizeof...(Seen);
+    }
+}
+
+// Another valid value of a setting.
+float changed(float x) { return std::isfinite(x) && x != 0.0f ? x * 0.5f : 0.5f; }
+bool changed(bool x) { return !x; }
+template <std::unsigned_integral T>
+T changed(T x) {
+    return x + 1;
+}
+
+template <class H, class M>
+H with_changed(M H::*member) {
+    H h{};
+    h.*member = changed(h.*member);
+    return h;
+}
+
+// The default settings of outer policy P with one member changed, for each member in turn.
+template <class P>
+std::vector<typename P::hyper> one_setting_changed() {
+    using H = typename P::hyper;
+    using namespace loco::outer;
+    if constexpr (std::is_same_v<P, sgd>) {
+        return {with_changed(&H::lr)};
+    } else if constexpr (std::is_same_v<P, nesterov>) {
+        return {with_changed(&H::lr), with_changed(&H::momentum)};
+    } else if constexpr (std::is_same_v<P, delayed_nesterov>) {
+        return {with_changed(&H::lr), with_changed(&H::momentum), with_changed(&H::period),
+                with_changed(&H::c)};
+    } else if constexpr (std::is_same_v<P, adam>) {
+        return {with_changed(&H::lr), with_changed(&H::beta1), with_changed(&H::beta2),
+                with_changed(&H::tau), with_changed(&H::bias_correction)};
+    } else {
+        static_assert(std::is_same_v<P, sign_sgd>);
+        return {with_changed(&H::lr), with_changed(&H::weight_decay)};
+    }
+}
+
+}  // namespace
+
+// start() compares the outer describe() between the ranks (and checkpoints record it): a member it
+// leaves out lets ranks that apply different outer steps run together without a word.
+TEST_CASE_TEMPLATE("every outer setting is in describe() and ranks that differ in any one are "
+                   "refused at start()",
+                   P, loco::outer::sgd, loco::outer::nesterov, loco::outer::delayed_nesterov,
+                   loco::outer::adam, loco::outer::sign_sgd) {
+    using H = typename P::hyper;
+    const auto variants = one_setting_changed<P>();
+    REQUIRE(variants.size() == member_count<H>());  // a new member needs its entry above
+    const std::string base = P::describe(H{});
+    std::set<std::string> seen{base};
+    for (std::size_t j = 0; j < variants.size(); ++j) {
+        CAPTURE(j);
+        const std::string text = P::describe(variants[j]);
+        CAPTURE(text);
+        CHECK(seen.insert(text).second);  // differs from the default and from every other change
+        REQUIRE_NOTHROW(P::validate(variants[j]));
+        std::array<std::string, 2> errors;
+        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+            const auto r = static_cast<std::size_t>(comm.rank());
+            std::vector<float> x{1.0f, -2.0f}, g{0.5f, 0.25f};
+            loco::parameter_list list;
+            list.add("x", x, g);
+            loco::diloco<loco::inner::sgd, P> opt(list, comm,
+                                                  {.outer = r == 1 ? variants[j] : H{}});
+            try {
+                opt.start();
+            } catch (const loco::invalid_argument& e) {
+                errors[r] = e.what();
+            }
+        });
+        const std::string want =
+            "rank 0 has 'outer: " + base + "' where rank 1 has 'outer: " + text + "'";
+        for (const auto& e : errors) CHECK_MESSAGE(e.find(want) != std::string::npos, e);
     }
 }

@@ -7,7 +7,9 @@
 
 #include <loco/aggregate/edit.hpp>
 #include <loco/aggregate/median_norm_clip.hpp>
+#include <loco/aggregate/mean.hpp>
 #include <loco/aggregate/robust.hpp>
+#include <loco/aggregate/scatter_mean.hpp>
 #include <loco/comm/single.hpp>
 #include <loco/comm/threads.hpp>
 #include <loco/compress/blockwise.hpp>
@@ -22,11 +24,15 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -881,4 +887,218 @@ TEST_CASE("diloco with a robust policy: bytes of an all-gather, refused rounds, 
                                      opt.compressor_state().end()) == residual);
         });
     }
+}
+
+namespace {
+
+// The number of members of a hyper struct (scalars and enums): the longest brace list it takes.
+struct any_setting {
+    template <class T>
+    operator T() const;  // named in unevaluated operands only
+};
+template <class H, class... Seen>
+constexpr std::size_t member_count() {
+    if constexpr (requires { H{Seen{}..., any_setting{}}; }) {
+        return member_count<H, Seen..., any_setting>();
+    } else {
+        return sizeof...(Seen);
+    }
+}
+
+// Another valid value of a setting.
+float changed(float x) { return std::isfinite(x) && x != 0.0f ? x * 0.5f : 0.5f; }
+bool changed(bool x) { return !x; }
+std::uint64_t changed(std::uint64_t x) { return x + 1; }
+loco::aggregate::sign_consensus changed(loco::aggregate::sign_consensus c) {
+    using loco::aggregate::sign_consensus;
+    return c == sign_consensus::sum ? sign_consensus::count : sign_consensus::sum;
+}
+loco::aggregate::edit_scope changed(loco::aggregate::edit_scope s) {
+    using loco::aggregate::edit_scope;
+    return s == edit_scope::fragment ? edit_scope::tensor : edit_scope::fragment;
+}
+
+template <class H, class M>
+H with_changed(M H::*member) {
+    H h{};
+    h.*member = changed(h.*member);
+    return h;
+}
+
+// The default settings of aggregation A with one member changed, for each member in turn.
+template <class A>
+std::vector<typename A::hyper> one_setting_changed() {
+    using H = typename A::hyper;
+    using namespace loco::aggregate;
+    if constexpr (std::is_empty_v<H>) {
+        return {};
+    } else if constexpr (std::is_same_v<A, trimmed_mean>) {
+        return {with_changed(&H::trim)};
+    } else if constexpr (std::is_same_v<A, centered_clip>) {
+        return {with_changed(&H::tau), with_changed(&H::iterations)};
+    } else if constexpr (std::is_same_v<A, median_norm_clip>) {
+        return {with_changed(&H::epsilon), with_changed(&H::clip)};
+    } else {
+        static_assert(std::is_same_v<A, edit>);
+        return {with_changed(&H::weight_by_norm), with_changed(&H::temperature),
+                with_changed(&H::skip_anomaly),   with_changed(&H::ewma_alpha),
+                with_changed(&H::ewma_warmup),    with_changed(&H::ewma_threshold),
+                with_changed(&H::consensus),      with_changed(&H::clip),
+                with_changed(&H::step_weights),   with_changed(&H::step_weight_ratio),
+                with_changed(&H::scope)};
+    }
+}
+
+}  // namespace
+
+// start() compares the aggregation's describe() between the ranks (and checkpoints record it): a
+// member it leaves out lets ranks that combine differently run together without a word.
+TEST_CASE_TEMPLATE("every aggregation setting is in describe() and ranks that differ in any one "
+                   "are refused at start()",
+                   A, loco::aggregate::mean, loco::aggregate::median,
+                   loco::aggregate::scatter_mean, loco::aggregate::trimmed_mean,
+                   loco::aggregate::centered_clip, loco::aggregate::median_norm_clip,
+                   loco::aggregate::edit) {
+    using H = typename A::hyper;
+    const auto variants = one_setting_changed<A>();
+    REQUIRE(variants.size() == member_count<H>());  // a new member needs its entry above
+    const std::string base = loco::detail::describe_policy<A>(H{});  // what start() compares
+    std::set<std::string> seen{base};
+    for (std::size_t j = 0; j < variants.size(); ++j) {
+        CAPTURE(j);
+        const std::string text = loco::detail::describe_policy<A>(variants[j]);
+        CAPTURE(text);
+        CHECK(seen.insert(text).second);  // differs from the default and from every other change
+        if constexpr (!std::is_empty_v<H>) {
+            using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                       loco::schedule::every, A>;
+            std::array<std::string, 2> errors;
+            loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+                const auto r = static_cast<std::size_t>(comm.rank());
+                std::vector<float> x{1.0f, -2.0f}, g{0.5f, 0.25f};
+                loco::parameter_list list;
+                list.add("x", x, g);
+                typename opt_t::config cfg{};
+                cfg.aggregate = r == 1 ? variants[j] : H{};
+                opt_t opt(list, comm, cfg);
+                try {
+                    opt.start();
+                } catch (const loco::invalid_argument& e) {
+                    errors[r] = e.what();
+                }
+            });
+            const std::string want =
+                "rank 0 has 'aggregate: " + base + "' where rank 1 has 'aggregate: " + text + "'";
+            for (const auto& e : errors) CHECK_MESSAGE(e.find(want) != std::string::npos, e);
+        }
+    }
+}
+
+// docs/aggregation.md: T > 0, ewma_alpha in (0, 1], ewma_threshold > 0, phi > 0 (infinity: no
+// clip), r in [0, 1]; each boundary value is taken and the next float past it refused.
+TEST_CASE("edit: the documented ranges of its settings are taken up to their boundaries") {
+    using loco::aggregate::edit;
+    const float tiny = std::numeric_limits<float>::denorm_min();
+    const float inf = std::numeric_limits<float>::infinity();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float above_one = std::nextafter(1.0f, 2.0f);
+    const float below_zero = -tiny;
+    const auto with = [](auto change) {
+        edit::hyper h;
+        change(h);
+        return h;
+    };
+    const std::vector<edit::hyper> taken = {
+        with([&](edit::hyper& h) { h.temperature = tiny; }),
+        with([&](edit::hyper& h) { h.ewma_alpha = 1.0f; }),
+        with([&](edit::hyper& h) { h.ewma_alpha = tiny; }),
+        with([&](edit::hyper& h) { h.ewma_threshold = tiny; }),
+        with([&](edit::hyper& h) { h.clip = tiny; }),
+        with([&](edit::hyper& h) { h.clip = inf; }),
+        with([&](edit::hyper& h) { h.step_weight_ratio = 0.0f; }),
+        with([&](edit::hyper& h) { h.step_weight_ratio = 1.0f; }),
+    };
+    for (std::size_t i = 0; i < taken.size(); ++i) {
+        CAPTURE(i);
+        CHECK_NOTHROW(edit::validate(taken[i]));
+    }
+    const std::vector<std::pair<edit::hyper, const char*>> refused = {
+        {with([&](edit::hyper& h) { h.temperature = 0.0f; }), "temperature (T) must be"},
+        {with([&](edit::hyper& h) { h.temperature = inf; }), "temperature (T) must be"},
+        {with([&](edit::hyper& h) { h.ewma_alpha = 0.0f; }), "ewma_alpha must be in (0, 1]"},
+        {with([&](edit::hyper& h) { h.ewma_alpha = above_one; }), "ewma_alpha must be in (0, 1]"},
+        {with([&](edit::hyper& h) { h.ewma_alpha = nan; }), "ewma_alpha must be in (0, 1]"},
+        {with([&](edit::hyper& h) { h.ewma_threshold = 0.0f; }), "ewma_threshold must be"},
+        {with([&](edit::hyper& h) { h.ewma_threshold = inf; }), "ewma_threshold must be"},
+        {with([&](edit::hyper& h) { h.clip = 0.0f; }), "clip (phi) must be > 0"},
+        {with([&](edit::hyper& h) { h.clip = -inf; }), "clip (phi) must be > 0"},
+        {with([&](edit::hyper& h) { h.step_weight_ratio = below_zero; }),
+         "step_weight_ratio (r) must be in [0, 1]"},
+        {with([&](edit::hyper& h) { h.step_weight_ratio = above_one; }),
+         "step_weight_ratio (r) must be in [0, 1]"},
+    };
+    for (std::size_t i = 0; i < refused.size(); ++i) {
+        CAPTURE(i);
+        CHECK_THROWS_WITH_AS(edit::validate(refused[i].first),
+                             doctest::Contains(refused[i].second), loco::invalid_argument);
+    }
+    // ewma_alpha = 1 in a handle: the detector's mean is the last norm and its spread 0, so it
+    // flags nothing and every round of two workers applies.
+    using edit_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                loco::schedule::every, edit>;
+    std::array<std::uint64_t, 2> applied{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        auto rng = loco_test::rng_for("edit alpha one " + std::to_string(comm.rank()));
+        std::vector<float> x(8, 0.0f), g(8);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        edit_t opt(list, comm, {.schedule = {.every = 1},
+                                .aggregate = {.ewma_alpha = 1.0f, .ewma_warmup = 2}});
+        for (int c = 0; c < 6; ++c) {
+            loco_test::fill_normal(rng, g, c == 5 ? 1000.0f : 1.0f);  // a jump at the end too
+            opt.step();
+        }
+        applied[static_cast<std::size_t>(comm.rank())] = opt.outer_steps();
+    });
+    CHECK(applied == std::array<std::uint64_t, 2>{6, 6});
+}
+
+// mean::combine promises the exchange's rounding: the deltas summed in rank order in fp32, then
+// divided by M (a multiplication by 1 / M rounds differently for M = 3).
+TEST_CASE("mean: combine is the rank-order fp32 sum divided by M, bit for bit as the exchange") {
+    constexpr std::size_t m = 3, n = 2048;
+    auto rng = loco_test::rng_for("mean rounding");
+    std::vector<std::vector<float>> rows;
+    for (std::size_t k = 0; k < m; ++k) rows.push_back(loco_test::normal_floats(rng, n));
+    const auto g = from_rows(rows);
+    std::vector<float> out(n);
+    loco::aggregate::mean::combine({}, g.view(), out);
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        float sum = 0.0f;
+        for (std::size_t k = 0; k < m; ++k) sum += rows[k][i];
+        differ += std::bit_cast<std::uint32_t>(out[i]) !=
+                  std::bit_cast<std::uint32_t>(sum / static_cast<float>(m));
+    }
+    CHECK(differ == 0);
+    // The exchange's own mean of the gathered payloads: inner SGD lr 1 from 0 makes each worker's
+    // pseudo-gradient its gradient exactly, and outer SGD lr 1 puts -(mean) in the parameters.
+    using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd>;
+    std::array<std::vector<float>, m> after;
+    loco::comm::run_threads(static_cast<int>(m), [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<float> x(n, 0.0f), grad = rows[r];
+        loco::parameter_list list;
+        list.add("x", x, grad);
+        opt_t opt(list, comm, {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f},
+                               .schedule = {.every = 1},
+                               .exchange = loco::exchange_scheme::all_gather});
+        opt.step();
+        after[r] = x;
+    });
+    std::size_t differ_exchange = 0;
+    for (std::size_t i = 0; i < n; ++i) differ_exchange += after[0][i] != -out[i];
+    CHECK(differ_exchange == 0);
+    CHECK(after[1] == after[0]);
+    CHECK(after[2] == after[0]);
 }

@@ -448,6 +448,147 @@ TEST_CASE("median_norm_clip: the lower median for an even count, unclipped peers
     CHECK(std::isnan(out[1]));
 }
 
+// templar's clamp(median / (norm + 1e-8), max=1): where most workers left a tensor untouched its
+// median norm is 0, so every factor is 0 (0 / 1e-8 for the still ones, never 0 / 0) and the
+// tensor's aggregate is 0, finite.
+TEST_CASE("median_norm_clip: a tensor most workers did not move has median norm 0 and aggregates "
+          "to 0") {
+    auto rng = loco_test::rng_for("median_norm_clip zero median");
+    constexpr std::size_t m = 3, n0 = 5, n1 = 7, n = n0 + n1;
+    const std::vector<lc::segment> segs = {{0, n0, 1, n0}, {n0, n1, 1, n1}};
+    for (const bool sparse : {false, true}) {
+        CAPTURE(sparse);
+        // Tensor 0 moved by worker 2 only (the others sent zeros, or nothing); tensor 1 by all.
+        std::vector<float> deltas(m * n, 0.0f);
+        std::vector<std::uint8_t> sent(sparse ? m * n : 0, 1);
+        for (std::size_t k = 0; k < m; ++k) {
+            const auto v = loco_test::normal_floats(rng, n);
+            for (std::size_t i = 0; i < n; ++i) {
+                if (i >= n0 || k == 2) {
+                    deltas[k * n + i] = v[i];
+                } else if (sparse) {
+                    sent[k * n + i] = 0;
+                }
+            }
+        }
+        loco::aggregate::contributions c;
+        c.workers = m;
+        c.elements = n;
+        c.deltas = deltas;
+        c.segments = segs;
+        c.sent = sent;
+        std::vector<float> out(n, 7.0f);
+        mnc::combine({}, c, out);
+        for (std::size_t i = 0; i < n0; ++i) CHECK(out[i] == 0.0f);
+        std::vector<float> f;
+        mnc::factors({}, c, 0, n0, f);
+        CHECK(f == std::vector<float>(m, 0.0f));
+        for (const auto& s : segs) {
+            std::vector<std::vector<double>> d(m);
+            std::vector<std::vector<std::uint8_t>> se(m);
+            for (std::size_t k = 0; k < m; ++k) {
+                for (std::size_t i = s.offset; i < s.offset + s.size; ++i) {
+                    d[k].push_back(deltas[k * n + i]);
+                    if (sparse) se[k].push_back(sent[k * n + i]);
+                }
+            }
+            const auto want = templar_aggregate(d, se);
+            for (std::size_t i = 0; i < s.size; ++i) {
+                INFO("element " << s.offset + i);
+                CHECK(std::abs(out[s.offset + i] - want[i]) <= 1e-5 * (1 + std::abs(want[i])));
+            }
+        }
+    }
+    // The factors from the norms directly: a median of 0 clips every worker to 0.
+    std::vector<float> f;
+    mnc::factors_of({}, std::vector<float>{0.0f, 0.0f, 0.5f}, f);
+    CHECK(f == std::vector<float>{0.0f, 0.0f, 0.0f});
+}
+
+// The norms are summed in double and rounded to fp32 (the header and docs/compressors.md), so on a
+// large tensor with a nonzero mean each factor is the quotient of those norms within one fp32
+// rounding; a running fp32 sum of 2^17 squares drifts by about 1e-5.
+TEST_CASE("median_norm_clip: the factors of a tensor of 2^17 elements are the quotients of its "
+          "norms summed in double") {
+    auto rng = loco_test::rng_for("median_norm_clip large norms");
+    constexpr std::size_t m = 4, n = std::size_t{1} << 17;
+    std::vector<float> deltas;
+    for (std::size_t k = 0; k < m; ++k) {
+        // Worker k: mean 2 + k, spread 1 + k, so the norms increase with k.
+        const auto v = loco_test::normal_floats(rng, n, 1.0f + float(k), 2.0f + float(k));
+        deltas.insert(deltas.end(), v.begin(), v.end());
+    }
+    loco::aggregate::contributions c;
+    c.workers = m;
+    c.elements = n;
+    c.deltas = deltas;
+    std::vector<float> f;
+    mnc::factors({}, c, 0, n, f);
+    REQUIRE(f.size() == m);
+    std::vector<double> norms(m);
+    for (std::size_t k = 0; k < m; ++k) {
+        double sq = 0.0;
+        for (std::size_t i = 0; i < n; ++i) sq += double(deltas[k * n + i]) * deltas[k * n + i];
+        norms[k] = static_cast<float>(std::sqrt(sq));
+    }
+    std::vector<double> sorted = norms;
+    std::sort(sorted.begin(), sorted.end());
+    const double median = sorted[(m - 1) / 2];
+    int clipped = 0;
+    for (std::size_t k = 0; k < m; ++k) {
+        CAPTURE(k);
+        const double want = std::min(median / (norms[k] + 1e-8), 1.0);
+        clipped += want < 1.0 - 1e-6;  // the median's own worker: 1 - 1e-8 / norm
+        CHECK(std::abs(double(f[k]) - want) <= 1e-7 * want);
+    }
+    CHECK(clipped == 2);  // the two workers above the lower median
+}
+
+// An infinite delta makes its worker's norm infinite. While the lower median stays finite (at most
+// M / 2 such workers) that worker's factor is 0: its infinite elements become NaN (inf * 0) and the
+// rest of the tensor stays finite. With more, the median is infinite and those workers' factors
+// NaN. templar's formula in double says the same.
+TEST_CASE("median_norm_clip: an infinite delta leaves the median finite and makes only its own "
+          "elements NaN") {
+    auto rng = loco_test::rng_for("median_norm_clip infinite delta");
+    const float inf = std::numeric_limits<float>::infinity();
+    constexpr std::size_t n = 6;
+    for (std::size_t m = 2; m <= 5; ++m) {
+        for (std::size_t bad = 1; bad <= m; ++bad) {
+            CAPTURE(m);
+            CAPTURE(bad);
+            std::vector<float> deltas = loco_test::normal_floats(rng, m * n);
+            for (std::size_t k = 0; k < bad; ++k) {  // elements 1 and 4 of the first `bad` workers
+                deltas[k * n + 1] = inf;
+                deltas[k * n + 4] = -inf;
+            }
+            loco::aggregate::contributions c;
+            c.workers = m;
+            c.elements = n;
+            c.deltas = deltas;
+            std::vector<float> out(n);
+            mnc::combine({}, c, out);
+            std::vector<std::vector<double>> d(m);
+            for (std::size_t k = 0; k < m; ++k) {
+                d[k].assign(deltas.begin() + std::ptrdiff_t(k * n),
+                            deltas.begin() + std::ptrdiff_t((k + 1) * n));
+            }
+            const auto want = templar_aggregate(d, std::vector<std::vector<std::uint8_t>>(m));
+            std::size_t nan = 0;
+            for (std::size_t i = 0; i < n; ++i) {
+                CAPTURE(i);
+                nan += std::isnan(out[i]);
+                if (std::isnan(want[i])) {
+                    CHECK(std::isnan(out[i]));
+                } else {
+                    CHECK(std::abs(out[i] - want[i]) <= 1e-5 * (1 + std::abs(want[i])));
+                }
+            }
+            CHECK(nan == (bad <= m / 2 ? 2 : n));
+        }
+    }
+}
+
 TEST_CASE("median_norm_clip and sparseloco refuse bad settings and inputs with one sentence, "
           "nothing written") {
     CHECK_THROWS_WITH_AS(mnc::validate({.epsilon = -1.0f}),

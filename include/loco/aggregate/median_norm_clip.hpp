@@ -17,9 +17,14 @@
 // "Sent" comes from the payloads when the compressor can tell (compress::sparseloco's indices,
 // needs_support); with a dense compressor every worker sent every element and out is the mean of
 // the clipped deltas over all M workers. The median is over every worker of the sync, the worker
-// itself included (templar's gather may pick a subset of peers; here all M take part). A
-// non-finite delta makes its norm, and with it the median and every sent element, non-finite, so
-// the handle's nonfinite policy decides (templar skips such a tensor's step).
+// itself included (templar's gather may pick a subset of peers; here all M take part). A NaN in
+// a delta makes its norm, the median and so every factor NaN: every element some worker sent is
+// NaN. An infinite delta (no NaN) makes its norm infinite: while at most M / 2 (rounded down) of
+// the norms are infinite, the lower median stays finite and such a worker's factor is 0, so its
+// infinite elements become NaN (inf * 0), its other elements add 0 (still counted in the divisor)
+// and the other workers are clipped as usual; with more, the median is infinite, those workers'
+// factors NaN (every element they sent NaN) and the finite workers' 1. Either way the aggregate
+// holds a NaN and the handle's nonfinite policy decides (templar skips such a tensor's step).
 
 #include <loco/aggregate/aggregate.hpp>
 #include <loco/aggregate/rules.hpp>
