@@ -178,6 +178,31 @@ TEST_CASE("requests: finish twice or never started is refused, an abandoned one 
     });
 }
 
+TEST_CASE("requests: a pending request replaced by move assignment is dropped as a destroyed one "
+          "is") {
+    // Assigning over a pending request drops it: like a destructor, the assignment waits for it
+    // and marks the communicator, whose next call names the dropped collective (the ranks may now
+    // disagree on what it exchanged). The request assigned in completes as usual.
+    const int m = 2;
+    const std::size_t n = 301;
+    const auto want = rank_order_sum("replaced request", m, n, reduce_op::sum);
+    std::atomic<int> wrong{0};
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        auto x = rank_input("replaced request", comm.rank(), n);
+        std::vector<std::byte> send(8, std::byte(comm.rank())), gathered(8 * std::size_t(m));
+        auto q = comm.start_all_gather(host_cbytes(send), host_bytes(gathered));
+        q = comm.start_all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+        CHECK(q.pending());
+        q.finish();
+        wrong += std::memcmp(x.data(), want.data(), n * sizeof(float)) != 0;
+        const std::string dropped = "an earlier loco::comm::threads rank " +
+                                    std::to_string(comm.rank()) +
+                                    ", all_gather was started but never finished";
+        CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains(dropped.c_str()), loco::comm_error);
+    });
+    CHECK(wrong == 0);
+}
+
 TEST_CASE("comm::single split-phase: the default runs at start and finish reports it") {
     loco::comm::single comm;
     std::vector<float> x{1.0f, -2.0f};
@@ -313,6 +338,9 @@ TEST_CASE("threads split-phase failures end in comm_error, never a hang") {
         CHECK(clock_type::now() - t0 < std::chrono::milliseconds(1000));
         CHECK_THROWS_WITH_AS(r.finish(), doctest::Contains("rank 0 waited 1000 ms for its peers"),
                              loco::comm_error);
+        // ...and only after the whole timeout, counted in milliseconds (a lower bound only:
+        // a loaded machine makes it later, never earlier).
+        CHECK(clock_type::now() - t0 >= std::chrono::milliseconds(900));
         CHECK(x == std::vector<float>(8, 1.0f));
         CHECK(group->aborted());
     }
@@ -391,13 +419,24 @@ TEST_CASE("threads split-phase failures end in comm_error, never a hang") {
 // from its buffer, and the caller freed it (a use-after-free under ASan). The peer is slowed in
 // the middle of the copy through the test seam; the timed-out rank must return only after it.
 TEST_CASE("threads: a rank that times out does not return while a peer still copies from it") {
-    for (const bool gather : {false, true}) {
+    // Rank 1 is slowed before its copy number `slowed` from rank 0: an all_gather's only one, or
+    // an all_reduce's first (reduce-scatter) or second (all-gather phase, after the middle
+    // rendezvous completed on both ranks, so rank 0 times out at the last one).
+    struct variant {
+        bool gather;
+        int slowed;
+    };
+    for (const variant v : {variant{false, 1}, variant{false, 2}, variant{true, 1}}) {
+        const bool gather = v.gather;
+        const int slowed = v.slowed;
         CAPTURE(gather);
+        CAPTURE(slowed);
         const std::size_t n = 4096;
         auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::milliseconds(100));
         std::atomic<long long> resumed{0};  // when rank 1 went on copying from rank 0
+        std::atomic<int> copies{0};
         loco::comm::detail::thread_group_access::set_copy_hook(*group, [&](int rank, int peer) {
-            if (rank == 1 && peer == 0) {
+            if (rank == 1 && peer == 0 && ++copies == slowed) {
                 std::this_thread::sleep_for(std::chrono::milliseconds(400));
                 resumed = clock_type::now().time_since_epoch().count();
             }
@@ -550,15 +589,19 @@ TEST_CASE("emulated link: a link slower than any real one saturates instead of o
 }
 
 TEST_CASE("requests: dropped after their communicator is gone, or on another thread") {
-    // A communicator destroyed with a collective queued aborts its group; the request outlives
-    // it and may be dropped unfinished (nothing touches the communicator's memory).
-    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(5));
+    // A communicator destroyed with a collective queued aborts its group at once (the scope ends
+    // long before the group's 20 s timeout, which the queued collective would otherwise wait
+    // out); the request outlives it and may be dropped unfinished (nothing touches the
+    // communicator's memory).
+    auto group = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(20));
     std::vector<float> x(4, 1.0f);
     loco::comm::request outliving;
+    const auto t0 = clock_type::now();
     {
         auto comm = std::make_unique<loco::comm::threads>(group, 0);  // rank 1 never comes
         outliving = comm->start_all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);
     }
+    CHECK(clock_type::now() - t0 < std::chrono::seconds(10));
     CHECK(group->aborted());
     CHECK(outliving.pending());
     outliving = loco::comm::request{};  // dropped: its error goes nowhere

@@ -337,6 +337,49 @@ TEST_CASE("error feedback: a refused encode leaves the residual as it was") {
     }
 }
 
+TEST_CASE("two_phase with error feedback: each chunk owner keeps the residual of its re-encode") {
+    // The owner of chunk k re-encodes the chunk's average with its own error feedback; what that
+    // encode did not send must be kept for the next round (server_state), or it is lost for good.
+    // First round, no residual yet: worker w sends step * round(delta_w / step) per element, the
+    // owner averages the M of them and keeps average - step * round(average / step).
+    using ef = lc::error_feedback<grid>;
+    const double step = 0.125;
+    const ef::hyper h{.compress = {.step = float(step)}};
+    const int m = 3;
+    const std::size_t n = 5 + 42 + 11;
+    const std::string label = "two_phase server residual";
+    std::vector<std::vector<float>> server(static_cast<std::size_t>(m));
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        model mdl;
+        loco::detail::exchanger<ef> ex(mdl.list, loco::exchange_scheme::two_phase, comm.size(),
+                                       comm.rank(), h);
+        auto delta = pseudo_gradient(label, comm.rank(), n);
+        ex.average(comm, delta, h, {.seed = 7, .round = 0, .rank = comm.rank()});
+        server[std::size_t(comm.rank())].assign(ex.server_state().begin(), ex.server_state().end());
+    });
+    std::vector<std::vector<float>> deltas;
+    for (int w = 0; w < m; ++w) deltas.push_back(pseudo_gradient(label, w, n));
+    mismatch_log log;
+    double magnitude = 0.0;
+    for (int k = 0; k < m; ++k) {
+        const std::size_t lo = n * std::size_t(k) / std::size_t(m);
+        const std::size_t hi = n * std::size_t(k + 1) / std::size_t(m);
+        const auto& got = server[std::size_t(k)];
+        REQUIRE(got.size() == hi - lo);
+        for (std::size_t i = lo; i < hi; ++i) {
+            double average = 0.0;
+            for (const auto& d : deltas) average += step * std::round(double(d[i]) / step);
+            average /= m;
+            const double want = average - step * std::round(average / step);
+            log.expect_close(got[i - lo], want, 1e-6,
+                             [&](auto& os) { os << "owner " << k << ", element " << i; });
+            magnitude += std::abs(got[i - lo]);
+        }
+    }
+    log.check();
+    CHECK(magnitude > 0.0);  // the grid dropped something: the check above is not of zeros
+}
+
 TEST_CASE("diloco with error feedback and both schemes: bytes, identical workers, checkpointed state") {
     using opt_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov, lc::error_feedback<grid>>;
     for (const auto scheme : {loco::exchange_scheme::all_gather, loco::exchange_scheme::two_phase}) {
@@ -817,5 +860,70 @@ TEST_CASE("two_phase: each chunk owner re-encodes its average on stream M + r, n
         REQUIRE(streams[r].size() == std::size_t(m) + 1);
         for (std::size_t k = 0; k < std::size_t(m); ++k) CHECK(streams[r][k] == (round << 32) + r);
         CHECK(streams[r].back() == (round << 32) + std::uint64_t(m) + r);  // the owner's
+    }
+}
+
+namespace {
+
+// The segments of the encodes made on this thread (one thread per rank), in order.
+thread_local std::vector<std::vector<std::array<std::size_t, 4>>>* encoded_segments = nullptr;
+
+// The test's grid, noting the segments (offset, size, rows, cols) each encode is given.
+struct segment_recording : grid {
+    static void encode(const hyper& h, std::span<const float> x, std::span<const lc::segment> segs,
+                       std::span<float> state, const lc::encode_context& ctx,
+                       std::span<std::byte> out) {
+        if (encoded_segments != nullptr) {
+            auto& parts = encoded_segments->emplace_back();
+            for (const auto& s : segs) parts.push_back({s.offset, s.size, s.rows, s.cols});
+        }
+        grid::encode(h, x, segs, state, ctx, out);
+    }
+};
+
+}  // namespace
+
+TEST_CASE("two_phase: a chunk keeps a matrix's shape only when it is whole rows of it") {
+    // A per-row compressor reads a segment as rows x cols; a chunk that starts inside a row is
+    // no rows of the matrix and must reach it flat (1 x size). A 1-element vector then a 6x3
+    // matrix, 19 elements over 3 ranks: chunk 1 is [6, 12), 6 elements (a multiple of 3) that
+    // start at column 2 of row 1. A 6x3 matrix alone splits into 2 whole rows per chunk.
+    using part = std::array<std::size_t, 4>;  // offset, size, rows, cols
+    struct layout {
+        std::vector<lc::segment> segs;
+        std::vector<std::vector<part>> chunks;  // each chunk's parts, offsets in the flat layout
+    };
+    const layout layouts[] = {
+        {{{0, 1, 1, 1}, {1, 18, 6, 3}},
+         {{{0, 1, 1, 1}, {1, 5, 1, 5}}, {{6, 6, 1, 6}}, {{12, 7, 1, 7}}}},
+        {{{0, 18, 6, 3}}, {{{0, 6, 2, 3}}, {{6, 6, 2, 3}}, {{12, 6, 2, 3}}}},
+    };
+    const int m = 3;
+    const grid::hyper h{};
+    for (const layout& lay : layouts) {
+        CAPTURE(lay.segs.size());
+        std::vector<std::vector<std::vector<part>>> seen(static_cast<std::size_t>(m));
+        loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+            encoded_segments = &seen[std::size_t(comm.rank())];
+            loco::detail::exchanger<segment_recording> ex(lay.segs, loco::exchange_scheme::two_phase,
+                                                          comm.size(), comm.rank(), h);
+            auto delta = pseudo_gradient("two_phase chunk shapes", comm.rank(), ex.elements());
+            ex.average(comm, delta, h, {.seed = 7, .round = 0, .rank = comm.rank()});
+            encoded_segments = nullptr;
+        });
+        for (std::size_t r = 0; r < seen.size(); ++r) {
+            CAPTURE(r);
+            // Rank r encodes chunk k for owner k, then, as owner, its own chunk's average with
+            // offsets inside the chunk.
+            REQUIRE(seen[r].size() == std::size_t(m) + 1);
+            for (std::size_t k = 0; k < std::size_t(m); ++k) {
+                CAPTURE(k);
+                CHECK(seen[r][k] == lay.chunks[k]);
+            }
+            std::vector<part> local = lay.chunks[r];
+            const std::size_t chunk_begin = local.front()[0];
+            for (auto& p : local) p[0] -= chunk_begin;
+            CHECK(seen[r].back() == local);
+        }
     }
 }

@@ -90,6 +90,37 @@ TEST_CASE("threads all_reduce: sum and mean match a double reference, identical 
     }
 }
 
+TEST_CASE("threads all_reduce mean over 3 ranks is the rank-order sum divided by 3, bit for bit") {
+    // The mean is the rank-order float sum divided by M, as comm::mpi computes it (the MPI tests
+    // compare the two bit for bit); multiplying by a rounded 1/M differs in the last bit for
+    // about a third of the values when M = 3.
+    const int m = 3;
+    auto sizes = rng_for("mean over 3 ranks size");
+    const std::size_t n = 2000 + std::size_t(sizes() % 1000);
+    CAPTURE(n);
+    const std::string label = "mean over 3 ranks";
+    std::vector<std::vector<float>> results(static_cast<std::size_t>(m));
+    loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
+        auto data = rank_input(label, comm.rank(), n);
+        comm.all_reduce(loco::host_tensor(data.data(), n), reduce_op::mean);
+        results[static_cast<std::size_t>(comm.rank())] = data;
+    });
+    std::vector<float> want = rank_input(label, 0, n);
+    for (int r = 1; r < m; ++r) {
+        const auto in = rank_input(label, r, n);
+        for (std::size_t i = 0; i < n; ++i) want[i] += in[i];
+    }
+    for (auto& v : want) v /= float(m);
+    for (int r = 0; r < m; ++r) {
+        CAPTURE(r);
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            differ += std::memcmp(&results[std::size_t(r)][i], &want[i], sizeof(float)) != 0;
+        }
+        CHECK(differ == 0);
+    }
+}
+
 TEST_CASE("threads all_reduce: integer-valued data sums exactly, and volume is the ring formula") {
     for (const int m : world_sizes) {
         CAPTURE(m);
@@ -214,6 +245,40 @@ TEST_CASE("threads: ranks that disagree on a collective all get the same clear e
         }
     });
     CHECK(errors == 3);
+
+    // Calls that differ only in the reduce op, or only in the broadcast root, disagree too: a
+    // mean on one rank and a sum on another, or two roots, would give the ranks different data.
+    std::vector<std::string> op_messages(2), root_messages(2);
+    std::atomic<int> untouched{0};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        const auto input = rank_input("disagree on the op", comm.rank(), 5);
+        auto data = input;
+        try {
+            comm.all_reduce(loco::host_tensor(data.data(), data.size()),
+                            r == 0 ? reduce_op::mean : reduce_op::sum);
+        } catch (const loco::comm_error& e) {
+            op_messages[r] = e.what();
+        }
+        untouched += std::memcmp(data.data(), input.data(), data.size() * sizeof(float)) == 0;
+        std::vector<std::byte> bytes(8, std::byte(0x40 + comm.rank()));
+        try {
+            comm.broadcast({bytes.data(), bytes.size(), 0, 0, loco::memory_space::host}, comm.rank());
+        } catch (const loco::comm_error& e) {
+            root_messages[r] = e.what();
+        }
+        untouched += bytes == std::vector<std::byte>(8, std::byte(0x40 + comm.rank()));
+    });
+    for (const auto& msg : op_messages) {
+        CHECK(msg.find("ranks disagree on the collective: rank 0 called all_reduce (mean) of 5 "
+                       "floats, rank 1 called all_reduce (sum) of 5 floats") != std::string::npos);
+    }
+    for (const auto& msg : root_messages) {
+        CHECK(msg.find("ranks disagree on the collective: rank 0 called broadcast of 8 bytes from "
+                       "root 0, rank 1 called broadcast of 8 bytes from root 1") !=
+              std::string::npos);
+    }
+    CHECK(untouched == 4);
 }
 
 TEST_CASE("threads: two ranks passing the same buffer is refused") {
@@ -321,6 +386,23 @@ TEST_CASE("threads: a send buffer inside another rank's output is refused (all_g
     });
     CHECK(block[0] == std::byte{1});
     CHECK(block[5] == std::byte{2});
+    // Nor does a send buffer ending exactly where another rank's output begins (rank 1 sends
+    // bytes [0, 3) of a block whose bytes [3, 9) are rank 0's output): taken, and gathered.
+    auto rng = rng_for("send buffer before another rank's output");
+    std::vector<std::byte> sends(6);
+    for (auto& b : sends) b = std::byte(rng() & 0xff);
+    std::vector<std::byte> joined(3 + 6), recv1(6);
+    std::copy(sends.begin() + 3, sends.end(), joined.begin());
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const bool first = comm.rank() == 0;
+        const std::byte* send = first ? sends.data() : joined.data();
+        std::byte* out = first ? joined.data() + 3 : recv1.data();
+        comm.all_gather({send, 3, 0, 0, loco::memory_space::host},
+                        {out, 6, 0, 0, loco::memory_space::host});
+    });
+    CHECK(std::vector<std::byte>(joined.begin() + 3, joined.end()) == sends);
+    CHECK(recv1 == sends);
+    CHECK(std::equal(joined.begin(), joined.begin() + 3, sends.begin() + 3));  // read, not written
 }
 
 TEST_CASE("threads: one communicator per rank at a time") {
@@ -379,11 +461,32 @@ TEST_CASE("threads: a peer that never arrives times out instead of hanging") {
     CHECK_THROWS_WITH_AS(rank0.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::sum),
                          doctest::Contains("rank 0 waited 100 ms for its peers; only 1 of 2 ranks arrived"),
                          loco::comm_error);
+    // Given up on after the whole timeout, counted in milliseconds, and not much later.
+    CHECK(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(90));
     CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
     CHECK(data == std::vector<float>(8, 2.0f));
     // The group is aborted: every later call fails at once.
     CHECK(group->aborted());
     CHECK_THROWS_WITH_AS(rank0.barrier(), doctest::Contains("aborted"), loco::comm_error);
+}
+
+TEST_CASE("threads: a peer a little late, well inside the timeout, is waited for") {
+    // The timeout is in milliseconds: a peer 50 ms late under a 5 s timeout (far above any
+    // scheduling delay of a loaded machine) must find its peer still waiting, at a barrier and
+    // at an all_reduce.
+    std::atomic<int> ok{0};
+    CHECK_NOTHROW(loco::comm::run_threads(
+        2,
+        [&](loco::comm::threads& comm) {
+            std::vector<float> data(16, float(comm.rank() + 1));
+            if (comm.rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+            comm.barrier();
+            if (comm.rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+            comm.all_reduce(loco::host_tensor(data.data(), data.size()), reduce_op::sum);
+            ok += data == std::vector<float>(16, 3.0f);
+        },
+        std::chrono::seconds(5)));
+    CHECK(ok == 2);
 }
 
 TEST_CASE("run_threads: a failing rank aborts its peers and its own exception is rethrown") {
@@ -421,6 +524,14 @@ TEST_CASE("communicator arguments are checked before anything moves") {
                                              {recv.data(), 7, 0, 0, loco::memory_space::host}),
                              doctest::Contains("the receive buffer holds 7 bytes but 2 ranks x 4 bytes"),
                              loco::shape_error);
+        // One byte more than 2 ranks x 4 bytes: its quotient by the rank count is the send size,
+        // but it is no whole number of blocks.
+        std::vector<std::byte> longer(2 * 4 + 1, std::byte{0x5c});
+        CHECK_THROWS_WITH_AS(comm.all_gather({send.data(), 4, 0, 0, loco::memory_space::host},
+                                             {longer.data(), 9, 0, 0, loco::memory_space::host}),
+                             doctest::Contains("the receive buffer holds 9 bytes but 2 ranks x 4 bytes"),
+                             loco::shape_error);
+        CHECK(longer == std::vector<std::byte>(9, std::byte{0x5c}));
         // A send size whose product with the rank count wraps around to the receive size (2^63
         // + 1 bytes x 2 ranks = 2 in 64 bits): refused, not copied.
         CHECK_THROWS_WITH_AS(
