@@ -55,6 +55,13 @@ struct lion_decay : case_base<loco::inner::lion> {
     static constexpr bool check_trajectory = false;
     static policy::hyper hyper() { return {.lr = 3e-4f, .weight_decay = 0.5f}; }
 };
+// lr * wd large: decoupled decay multiplies p alone, not p after the sign step (the two orders
+// differ by lr^2 * wd, invisible at small lr).
+struct lion_large_decay : case_base<loco::inner::lion> {
+    static constexpr const char* label = "lion, lr 0.1, wd 1";
+    static constexpr bool check_trajectory = false;
+    static policy::hyper hyper() { return {.lr = 0.1f, .weight_decay = 1.0f}; }
+};
 struct sgd_plain : case_base<loco::inner::sgd> {
     static constexpr const char* label = "sgd, no momentum";
     static policy::hyper hyper() { return {.lr = 0.05f}; }
@@ -73,8 +80,8 @@ struct sgd_nesterov : case_base<loco::inner::sgd> {
 };
 
 using inner_cases = boost::mp11::mp_list<adamw_defaults, adamw_large_lr, lion_defaults,
-                                         lion_decay, sgd_plain, sgd_momentum_dampening,
-                                         sgd_nesterov>;
+                                         lion_decay, lion_large_decay, sgd_plain,
+                                         sgd_momentum_dampening, sgd_nesterov>;
 
 // Every built-in inner optimizer satisfies the concept and has at least one case above.
 using builtin_inner = boost::mp11::mp_list<loco::inner::adamw, loco::inner::lion, loco::inner::sgd>;
@@ -308,6 +315,63 @@ TEST_CASE("inner hyper-parameters are validated") {
     opt.hyper().eps = -1.0f;
     CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
     CHECK(opt.steps() == 0);
+}
+
+// Nesterov with dampening is refused, as torch.optim.SGD refuses it ("Nesterov momentum
+// requires a momentum and zero dampening"); dampening is a fraction of the gradient, at most 1;
+// Lion's beta2 = 1 never moves the momentum from 0. The limits themselves pass.
+TEST_CASE("sgd and lion refuse Nesterov with dampening, dampening above 1 and beta2 = 1") {
+    std::vector<float> w(4, 1.0f), g(4, 0.5f);
+    loco::parameter_list list;
+    list.add("w", w, g);
+    using sgd = loco::optimizer<loco::inner::sgd>;
+    using lion = loco::optimizer<loco::inner::lion>;
+    CHECK_THROWS_WITH_AS(
+        sgd(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .dampening = 0.5f, .nesterov = true}}),
+        "loco::inner::sgd: Nesterov momentum requires momentum > 0 and dampening = 0",
+        loco::invalid_argument);
+    CHECK_NOTHROW(sgd(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .nesterov = true}}));
+    const float above_one = std::nextafter(1.0f, 2.0f);
+    CHECK_THROWS_WITH_AS(
+        sgd(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .dampening = above_one}}),
+        doctest::Contains("dampening must be in [0, 1]"), loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(sgd(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .dampening = 3.0f}}),
+                         doctest::Contains("dampening must be in [0, 1]"), loco::invalid_argument);
+    CHECK_NOTHROW(sgd(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .dampening = 1.0f}}));
+    CHECK_THROWS_WITH_AS(lion(list, {.inner = {.lr = 0.1f, .beta2 = 1.0f}}),
+                         doctest::Contains("beta2 must be in [0, 1)"), loco::invalid_argument);
+    CHECK_NOTHROW(lion(list, {.inner = {.lr = 0.1f, .beta2 = std::nextafter(1.0f, 0.0f)}}));
+    // Changed after construction, each is refused at the next step, before anything moves.
+    sgd opt(list, {.inner = {.lr = 0.1f, .momentum = 0.9f, .nesterov = true}});
+    opt.hyper().dampening = 0.5f;
+    CHECK_THROWS_AS(opt.step(), loco::invalid_argument);
+    lion lopt(list, {.inner = {.lr = 0.1f}});
+    lopt.hyper().beta2 = 1.0f;
+    CHECK_THROWS_AS(lopt.step(), loco::invalid_argument);
+    CHECK(w == std::vector<float>(4, 1.0f));
+}
+
+// The paper's decoupled decay (Chen et al. 2023, Algorithm 2): p <- p - lr * (sign(c) + wd * p),
+// c = beta1 m + (1 - beta1) g; the decay scales the old p, not the p after the sign step.
+TEST_CASE("lion with large lr * wd follows the paper's update p - lr * (sign(c) + wd * p)") {
+    std::vector<float> p = {1.0f, -2.0f}, g = {1.0f, 0.5f};
+    loco::parameter_list list;
+    list.add("p", p, g);
+    const double lr = 0.1, wd = 1.0;
+    loco::optimizer<loco::inner::lion> opt(
+        list, {.inner = {.lr = float(lr), .weight_decay = float(wd)}});
+    const std::vector<double> p0 = {1.0, -2.0};
+    REQUIRE(opt.step().applied);
+    for (std::size_t i = 0; i < p.size(); ++i) {
+        // m = 0 before the first step: c = (1 - beta1) g.
+        const double c = (1.0 - 0.9) * double(g[i]);
+        const double sign = c > 0 ? 1.0 : (c < 0 ? -1.0 : 0.0);
+        const double want = p0[i] - lr * (sign + wd * p0[i]);
+        CAPTURE(i);
+        CHECK(std::abs(p[i] - want) <= 1e-6 * std::max(1.0, std::abs(want)));
+    }
+    CHECK(p[0] == doctest::Approx(0.8).epsilon(1e-6));
+    CHECK(p[1] == doctest::Approx(-1.9).epsilon(1e-6));
 }
 
 // The bias corrections 1 - beta^t cancel in float when beta is near 1: computed in float, beta2 =

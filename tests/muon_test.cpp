@@ -28,6 +28,7 @@
 #include <loco/params.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -674,6 +675,45 @@ TEST_CASE("muon: momentum 0 is plain orthogonalised gradient descent") {
     dmatrix want(o.size());
     for (std::size_t i = 0; i < o.size(); ++i) want[i] = -0.1 * std::sqrt(9.0 / 5.0) * o[i];
     CHECK(scaled_error(p, want) <= ns_tol);
+}
+
+// PyTorch's lerp kernel (ATen/native/Lerp.h) takes start + w (end - start) for |w| < 0.5 and
+// end - (end - start) (1 - w) otherwise, so weight exactly 0.5 (momentum 0.5: both of Muon's
+// lerps) rounds as end - (end - start) * 0.5f, which differs in the last bit for some pairs.
+TEST_CASE("muon: lerp at weight 0.5 rounds as PyTorch's end - (end - start) * 0.5") {
+    auto rng = rng_for("muon/lerp-half");
+    const std::size_t n = 20000;
+    const auto start = normal_floats(rng, n);
+    const auto end = normal_floats(rng, n, 1000.0f);  // wide apart: (end - start) rounds
+    std::size_t mismatched = 0, other_rounding = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const float e = end[i], st = start[i];
+        const float torch_half = e - (e - st) * 0.5f;
+        const float from_start = st + 0.5f * (e - st);
+        mismatched += std::bit_cast<std::uint32_t>(muon::lerp(st, e, 0.5f)) !=
+                      std::bit_cast<std::uint32_t>(torch_half);
+        other_rounding += std::bit_cast<std::uint32_t>(from_start) !=
+                          std::bit_cast<std::uint32_t>(torch_half);
+    }
+    CHECK(mismatched == 0);
+    CHECK(other_rounding > 0);  // the draw holds pairs where the formula matters
+
+    // Through a step: momentum 0.5 makes the new buffer lerp(buf, g, 1 - 0.5).
+    const std::size_t rows = 16, cols = 12;
+    auto buf = normal_floats(rng, rows * cols);
+    const auto buf0 = buf;
+    const auto g = normal_floats(rng, rows * cols, 1000.0f);
+    std::vector<float> p = normal_floats(rng, rows * cols);
+    loco::inner::muon_workspace ws;
+    muon::update_matrix({.lr = 0.01f, .momentum = 0.5f}, 1, p.data(), g.data(), buf.data(), rows,
+                        cols, ws);
+    std::size_t buffer_mismatched = 0;
+    for (std::size_t i = 0; i < buf.size(); ++i) {
+        const float torch_half = g[i] - (g[i] - buf0[i]) * 0.5f;
+        buffer_mismatched += std::bit_cast<std::uint32_t>(buf[i]) !=
+                             std::bit_cast<std::uint32_t>(torch_half);
+    }
+    CHECK(buffer_mismatched == 0);
 }
 
 TEST_CASE("muon: a non-finite gradient or momentum is refused before anything changes") {

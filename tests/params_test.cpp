@@ -145,6 +145,11 @@ TEST_CASE("parameter_list: a matrix shape must hold exactly the tensor's element
     CHECK_THROWS_WITH_AS(list.add_views("m", lying, loco::host_tensor(grad, 6)),
                          "loco: parameter 'm': shape 2 x 2 does not hold 6 elements",
                          loco::shape_error);
+    // A shape larger than the tensor is refused too: a kernel would read rows * cols elements.
+    const loco::tensor_view<float> overlong{cells, 6, 3, 3, loco::memory_space::host};
+    CHECK_THROWS_WITH_AS(list.add_views("big", overlong, loco::host_tensor(grad, 6)),
+                         "loco: parameter 'big': shape 3 x 3 does not hold 6 elements",
+                         loco::shape_error);
     CHECK(list.empty());
     list.add_views("m", loco::host_matrix(cells, 2, 3), loco::host_tensor(grad, 6));
     CHECK(list.size() == 1);

@@ -251,6 +251,51 @@ TEST_CASE("the automatic sequential split gives every fragment a tensor when a l
                          loco::invalid_argument);
 }
 
+TEST_CASE("the automatic sequential split gives every fragment a tensor when a large one trails") {
+    // Small tensors first, then one holding nearly all the bytes: by the middles alone every small
+    // tensor falls in fragment 0 and the large one in fragment 1, leaving the fragments after it
+    // empty. With P = the tensor count each fragment must hold one tensor, in order: the runs
+    // leave a tensor for every later fragment.
+    auto rng = loco_test::rng_for("sequential split, large tensor last");
+    const auto leading = std::uniform_int_distribution<std::size_t>(2, 6)(rng);
+    const auto large = std::uniform_int_distribution<std::size_t>(1000, 5000)(rng);
+    CAPTURE(leading);
+    CAPTURE(large);
+    for (const bool drawn : {false, true}) {
+        std::vector<std::size_t> sizes = drawn ? std::vector<std::size_t>(leading, 1)
+                                               : std::vector<std::size_t>{1, 1};
+        sizes.push_back(drawn ? large : 1000);
+        CAPTURE(sizes.size());
+        std::vector<std::vector<float>> values, grads;
+        loco::parameter_list list;
+        for (const std::size_t n : sizes) {
+            values.emplace_back(n, 0.0f);
+            grads.emplace_back(n, 0.0f);
+        }
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            list.add("t" + std::to_string(i), values[i], grads[i]);
+        }
+        loco::comm::single comm;
+        const auto split = [&](std::uint64_t p) {
+            streaming_t opt(list, comm,
+                            {.schedule = {.every = 420, .fragments = p, .overlap = 0,
+                                          .pattern = loco::fragment_pattern::sequential}});
+            std::vector<std::size_t> owner(sizes.size());
+            for (std::size_t f = 0; f < opt.fragments(); ++f) {
+                for (const std::size_t i : opt.fragment_params(f)) owner[i] = f;
+            }
+            return owner;
+        };
+        std::vector<std::size_t> one_each(sizes.size());
+        for (std::size_t i = 0; i < sizes.size(); ++i) one_each[i] = i;
+        CHECK(split(sizes.size()) == one_each);
+        // P = 2 needs no clamp: the middles put the small tensors first, the large one second.
+        std::vector<std::size_t> halves(sizes.size(), 0);
+        halves.back() = 1;
+        CHECK(split(2) == halves);
+    }
+}
+
 TEST_CASE("streaming DiLoCo sends one fragment at a time: peak bytes are a fragment's") {
     loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
         std::vector<float> a(300, 1.0f), b(100, 1.0f), c(200, 1.0f), d(400, 1.0f);

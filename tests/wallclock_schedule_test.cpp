@@ -497,6 +497,95 @@ TEST_CASE("warmup<streaming>: the warm-up syncs average (no merge), and a warm-u
     });
 }
 
+TEST_CASE("warmup: steps raised by one once the wrapped schedule has run is refused; before, "
+          "it is not") {
+    // The warm-up may grow while the wrapped schedule has made no call; once it has, a W of even
+    // one more call than were made would restart every-step syncs over its round.
+    using S = loco::schedule::warmup<loco::schedule::every>;
+    auto rng = loco_test::rng_for("warmup raised by one");
+    const auto w = std::uniform_int_distribution<std::uint64_t>(1, 6)(rng);
+    const auto every = std::uniform_int_distribution<std::uint64_t>(2, 5)(rng);
+    CAPTURE(w);
+    CAPTURE(every);
+    S s;
+    S::hyper h{.steps = w, .then = {.every = every}};
+    for (std::uint64_t c = 1; c <= w; ++c) {
+        s.check(h);
+        CHECK(s.next(h).warmup);
+    }
+    h.steps = w + 1;
+    CHECK_NOTHROW(s.check(h));  // the wrapped schedule has not run: the warm-up goes on
+    h.steps = w;
+    s.check(h);
+    CHECK_FALSE(s.next(h).warmup);
+    REQUIRE(s.then().calls() == 1);
+    h.steps = w + 1;
+    const std::string refused = "steps raised to " + std::to_string(w + 1) +
+                                " after the warm-up ended at call " + std::to_string(w);
+    CHECK_THROWS_WITH_AS(s.check(h), doctest::Contains(refused.c_str()), loco::invalid_argument);
+    h.steps = w;  // W as it was, or lower, is accepted
+    CHECK_NOTHROW(s.check(h));
+    h.steps = w - 1;
+    CHECK_NOTHROW(s.check(h));
+}
+
+namespace {
+
+// A donor that made k of the group's W warm-up calls, and a fresh newcomer regrouped from it:
+// the newcomer must make the remaining W - k warm-up syncs and then plan as the donor does
+// (starting its warm-up afresh, it would sync every step while its peers had moved on).
+template <class Then>
+void check_newcomer_takes_warmup(typename Then::hyper then, std::uint64_t w, std::uint64_t k) {
+    using S = loco::schedule::warmup<Then>;
+    fake_clock clock;  // 1 s steps, read by both
+    then.clock = clock.fn();
+    loco::comm::single comm;
+    S donor, newcomer;
+    donor.use_communicator(comm);
+    newcomer.use_communicator(comm);
+    const typename S::hyper h{.steps = w, .then = then};
+    for (std::uint64_t c = 1; c <= k; ++c) {
+        *clock.now += 1.0;
+        CHECK(donor.next(h).warmup);
+    }
+    newcomer.regrouped(donor, /*newcomer=*/true);
+    CHECK(newcomer.warmup_calls() == k);
+    std::uint64_t newcomer_syncs = 0;
+    for (std::uint64_t c = k + 1; c <= w + 12; ++c) {
+        CAPTURE(c);
+        *clock.now += 1.0;
+        const auto want = donor.next(h);
+        const auto got = newcomer.next(h);
+        CHECK(got.warmup == (c <= w));
+        CHECK(want.warmup == (c <= w));
+        CHECK(got.empty() == want.empty());
+        newcomer_syncs += got.empty() ? 0 : 1;
+        if constexpr (requires { donor.synced(h); }) {
+            if (!want.empty()) donor.synced(h);
+            if (!got.empty()) newcomer.synced(h);
+        }
+    }
+    CHECK(newcomer_syncs > w - k);  // the wrapped schedule synced after the warm-up too
+}
+
+}  // namespace
+
+TEST_CASE("warmup<wallclock> and warmup<proportional>: a newcomer regrouped from a donor takes "
+          "the group's warm-up count") {
+    auto rng = loco_test::rng_for("warmup newcomer regrouped");
+    const auto w = std::uniform_int_distribution<std::uint64_t>(2, 8)(rng);
+    const auto k = std::uniform_int_distribution<std::uint64_t>(1, w - 1)(rng);
+    CAPTURE(w);
+    CAPTURE(k);
+    SUBCASE("wallclock") {
+        check_newcomer_takes_warmup<loco::schedule::wallclock>(
+            {.seconds = 3.0, .min_total_global_steps = 0, .clock = {}}, w, k);
+    }
+    SUBCASE("proportional") {
+        check_newcomer_takes_warmup<loco::schedule::proportional>({.every = 3, .clock = {}}, w, k);
+    }
+}
+
 TEST_CASE("proportional (DyLU): the sync's time is not counted as a step's, and H_w survives a "
           "load()") {
     // Worker 1 slows from 1 s to 2 s per step after round 1; each sync takes 1000 s. With the
@@ -607,6 +696,42 @@ TEST_CASE("wallclock: one pause longer than T closes its window, two windows in 
         CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("is shorter than one step"),
                              loco::invalid_argument);
     });
+}
+
+TEST_CASE("wallclock: two pauses longer than T with a normal window between them do not raise") {
+    // "Two windows in a row of one step longer than T" raises; a normal window (mean step
+    // shorter than T) between two pauses breaks the row, so the run goes on through any number
+    // of pauses that each follow normal training.
+    auto rng = loco_test::rng_for("wallclock pauses apart");
+    const double T = 10.0;
+    std::uniform_int_distribution<int> pause_s(11, 100), step_s(1, 3);
+    loco::comm::single comm;
+    fake_clock clock;
+    loco::schedule::wallclock s;
+    s.use_communicator(comm);
+    const loco::schedule::wallclock::hyper h{.seconds = T, .min_total_global_steps = 0,
+                                             .clock = clock.fn()};
+    CHECK(s.next(h).empty());  // opens the first window
+    for (int round = 1; round <= 3; ++round) {
+        CAPTURE(round);
+        const double pause = pause_s(rng), step = step_s(rng);
+        CAPTURE(pause);
+        CAPTURE(step);
+        *clock.now += pause;  // a window of one step longer than T closes and syncs
+        REQUIRE(!s.next(h).empty());
+        CHECK(s.last_window().mean_seconds == pause);
+        // A normal window: ceil(T / step) steps, the last closing it.
+        const int steps = static_cast<int>(std::ceil(T / step));
+        for (int c = 1; c <= steps; ++c) {
+            *clock.now += step;
+            const bool synced = !s.next(h).empty();
+            CHECK(synced == (c == steps));
+        }
+    }
+    // Another pause after the last normal window is still a pause.
+    *clock.now += 30.0;
+    CHECK(!s.next(h).empty());
+    CHECK(s.syncs() == 7);
 }
 
 TEST_CASE("wallclock: regroup opens a new window on every rank, and a newcomer counts no step of "
