@@ -595,9 +595,10 @@ def two_bit_round_trip(x, out, rows=0, per_row=False, range=6.0):
         if _negated(t):
             raise InvalidArgument(f"loco: two_bit_round_trip's {name} is a lazily negated view "
                                   "(torch's neg bit); pass t.resolve_neg()")
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+    # The compiled call takes a std::size_t: a value past it would be pybind11's TypeError.
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows < 2**64:
         raise InvalidArgument(f"loco: two_bit_round_trip's rows must be a whole number >= 0 "
-                              f"(0: the tensor as one group), got {rows!r}")
+                              f"and below 2**64 (0: the tensor as one group), got {rows!r}")
     return _loco.two_bit_round_trip(torch.utils.dlpack.to_dlpack(x.detach()),
                                     torch.utils.dlpack.to_dlpack(out.detach()), rows, per_row,
                                     range)

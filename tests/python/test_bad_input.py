@@ -106,6 +106,19 @@ class BadInput(unittest.TestCase):
                      lambda: loco.DiLoCo(ps, loco.Single(), inner=loco.AdamW(lr=-1.0)),
                      "lr must be finite and >= 0")
 
+    def test_roles_dict_is_left_as_it_was(self):
+        # loco reads the caller's roles, it does not consume them: the same dict builds a second
+        # handle (one per worker, or a rebuilt one after a failure).
+        ps = params(w=(3, 3), b=(3,))
+        roles = {"w": "matrix", "b": "vector"}
+        first = loco.DiLoCo(ps, loco.Single(), inner=loco.MuonAdamW(), compressor=loco.TwoBit(),
+                            roles=roles)
+        self.assertEqual(roles, {"w": "matrix", "b": "vector"})
+        second = loco.DiLoCo(ps, loco.Single(), inner=loco.MuonAdamW(), compressor=loco.TwoBit(),
+                             roles=roles)
+        # The checkpoint holds the parameters' roles: the second handle was built with the same.
+        self.assertEqual(first.state_dict()["bytes"], second.state_dict()["bytes"])
+
     def test_hyper_parameter_of_the_wrong_type(self):
         ps = params(w=(4, 4))
         self.refused(loco.InvalidArgument, ps,
@@ -167,12 +180,39 @@ class BadInput(unittest.TestCase):
                 state = opt.state_dict()
                 change(m)
                 ps = list(m.named_parameters())
-                calls = [opt.step] + ([opt.sync, opt.start] if isinstance(opt, loco.DiLoCo) else [])
+
+                def regroup():
+                    opt.regroup(loco.Single())
+
+                # flush() and regroup() write the parameters too (an exchange in flight, a
+                # newcomer's heal), so they are refused like step().
+                calls = [opt.step] + ([opt.sync, opt.start, opt.flush, regroup]
+                                      if isinstance(opt, loco.DiLoCo) else [])
                 for call in calls:
                     with self.subTest(change=change.__name__, call=call.__name__):
                         msg = self.refused(loco.InvalidArgument, ps, call, fragment)
                         self.assertIn("since the optimizer was built", msg)
                 self.assertEqual(opt.state_dict(), state)
+
+    def test_regroup_donor_is_checked(self):
+        # The donor is a rank: a bool is refused, not taken as rank 0 or 1 (False == 0 would
+        # heal from rank 0 without a word), and so are ranks outside [0, 2**31), before the
+        # collective, nothing changed.
+        ps = params(w=(4,))
+        opt = loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2))
+        opt.step()
+        state = opt.state_dict()
+        for donor, fragment in ((False, "donor must be a rank (an int), got bool"),
+                                (True, "donor must be a rank (an int), got bool"),
+                                (0.0, "donor must be a rank (an int), got float"),
+                                (-1, "the donor rank -1 is not a rank"),
+                                (2**31, "the donor rank 2147483648 is not a rank")):
+            with self.subTest(donor=donor):
+                self.refused(loco.InvalidArgument, ps,
+                             lambda: opt.regroup(loco.Single(), donor=donor), fragment)
+                self.assertEqual(opt.state_dict(), state)
+        opt.regroup(loco.Single(), donor=0)  # rank 0 of one worker is a rank
+        self.assertEqual(opt.calls, 1)
 
     def test_set_lr_is_checked(self):
         ps = params(w=(3, 3))
@@ -232,6 +272,12 @@ class BadInput(unittest.TestCase):
                     {"format": "loco-checkpoint", "bytes": None}, ["loco-checkpoint"]):
             with self.subTest(bad=bad):
                 self.refused(loco.CheckpointError, ps, lambda: opt.load_state_dict(bad))
+        # The marker is required even around valid bytes: a dict of another library's state
+        # with a "bytes" key is not taken for loco's.
+        for bad in ({"bytes": state["bytes"]}, dict(state, format="torch")):
+            with self.subTest(bad=sorted(bad)):
+                self.refused(loco.CheckpointError, ps, lambda: opt.load_state_dict(bad),
+                             "needs a dict from state_dict() of a loco optimizer")
         self.assertEqual(opt.state_dict(), state)
         self.refused(loco.InvalidArgument, ps,
                      lambda: loco.DiLoCo(ps, loco.Single(), roles={"w": 3}),
@@ -287,12 +333,20 @@ class BadInput(unittest.TestCase):
         # TypeError from the conversion to an unsigned size).
         x = torch.randn(12)
         out = torch.full((12,), 7.0)
-        for kw, fragment in ((dict(rows=-1), "rows must be a whole number >= 0"),
-                             (dict(rows=2.5), "rows must be a whole number >= 0"),
-                             (dict(rows=5, per_row=True), "rows"),
-                             (dict(range=0.0), "range")):
+        # rows=2**64, past std::size_t, was pybind11's TypeError too; 2**64 - 1 is the largest
+        # that reaches the quantizer, which refuses it by shape.
+        for kw, error, fragment in (
+                (dict(rows=-1), loco.InvalidArgument, "rows must be a whole number >= 0"),
+                (dict(rows=2.5), loco.InvalidArgument, "rows must be a whole number >= 0"),
+                (dict(rows=True), loco.InvalidArgument, "rows must be a whole number >= 0"),
+                (dict(rows=2**64, per_row=True), loco.InvalidArgument, "below 2**64"),
+                (dict(rows=2**64), loco.InvalidArgument, "below 2**64"),
+                (dict(rows=2**64 - 1, per_row=True), loco.ShapeError,
+                 "12 elements in 18446744073709551615 rows"),
+                (dict(rows=5, per_row=True), loco.Error, "rows"),
+                (dict(range=0.0), loco.Error, "range")):
             with self.subTest(kw=kw):
-                with self.assertRaises(loco.Error) as ctx:
+                with self.assertRaises(error) as ctx:
                     loco.two_bit_round_trip(x, out, **kw)
                 msg = str(ctx.exception)
                 self.assertTrue(msg.startswith("loco"), msg)

@@ -4,8 +4,11 @@ The reference, inside each process: inner torch.optim.AdamW on the worker's own 
 steps the pseudo-gradient global - local is averaged with dist.all_reduce, the global parameters
 take one torch.optim.SGD(nesterov=True) step with it as their gradient, and the worker restarts
 from them. loco must agree within 1e-5 after 5 rounds. The same run checks the byte counters,
-state_dict() round trips, Streaming DiLoCo and MuLoCo over the same communicator, and that
-processes built with different parameter lists fail together, one sentence, nothing changed.
+state_dict() round trips, Streaming DiLoCo and MuLoCo over the same communicator, that the
+calls which give rank 1 rank 0's parameters (start(), and the first step() of a handle built with
+start=False, whatever its gradient) make a graph built before them raise in backward() there,
+and that processes built with different parameter lists fail together, one sentence, nothing
+changed.
 """
 
 import os
@@ -98,10 +101,21 @@ def worker(rank, init_file):
 
     # ---- DiLoCo against the reference --------------------------------------------------------
     params = model_params(rank)
+    stale = loss_of(params, *batch(rank, 0))  # a graph of this rank's own initial values
     opt = loco.DiLoCo(params.items(), comm,
                       inner=loco.AdamW(lr=INNER["lr"], beta1=0.9, beta2=0.95, eps=1e-8,
                                        weight_decay=0.1),
                       outer=loco.Nesterov(**OUTER), schedule=loco.Every(H))
+    # start() wrote rank 0's values into rank 1's parameters: backward() through the graph
+    # built before raises there, as after any in-place write (rank 0's values did not change).
+    if rank == 1:
+        try:
+            stale.backward()
+            raise AssertionError("rank 1: backward() through the graph built before start() "
+                                 "did not raise")
+        except RuntimeError as e:
+            check("modified by an inplace operation" in str(e), str(e))
+    del stale
     train(opt, params, rank, 0, H * 3)
     saved_state = opt.state_dict()
     saved_params = {n: p.detach().clone() for n, p in params.items()}
@@ -163,23 +177,26 @@ def worker(rank, init_file):
 
     # ---- start=False: the first step() starts the run; on rank 1 it writes rank 0's values -----
     # (no inner update), and the version counters are bumped there too, so that backward()
-    # through a graph of the old values raises on every rank.
-    ps = model_params(rank)
-    o = loco.DiLoCo(ps.items(), comm, inner=loco.AdamW(), outer=loco.Nesterov(),
-                    schedule=loco.Every(H), start=False)
-    x, y = batch(rank, 0)
-    loss = loss_of(ps, x, y)
-    for p in ps.values():
-        p.grad.fill_(0.1)
-    applied, _ = o.step()
-    check(applied == (rank == 0), f"rank {rank}: first step applied = {applied}")
-    check(torch.equal(ps["w1"].detach(), model_params(0)["w1"].detach()) == (rank == 1),
-          f"rank {rank}: rank 0's parameters")
-    try:
-        loss.backward()
-        raise AssertionError(f"rank {rank}: backward() through the old graph did not raise")
-    except RuntimeError as e:
-        check("modified by an inplace operation" in str(e), str(e))
+    # through a graph of the old values raises on every rank. Rank 1's gradient may even be
+    # non-finite (a step that applies nothing): it still receives rank 0's values.
+    for grad in (0.1, float("nan")):
+        ps = model_params(rank)
+        o = loco.DiLoCo(ps.items(), comm, inner=loco.AdamW(), outer=loco.Nesterov(),
+                        schedule=loco.Every(H), start=False)
+        x, y = batch(rank, 0)
+        loss = loss_of(ps, x, y)
+        for p in ps.values():
+            p.grad.fill_(grad if rank == 1 else 0.1)
+        applied, _ = o.step()
+        check(applied == (rank == 0), f"rank {rank}: first step applied = {applied}")
+        check(torch.equal(ps["w1"].detach(), model_params(0)["w1"].detach()) == (rank == 1),
+              f"rank {rank}, gradient {grad}: rank 0's parameters")
+        try:
+            loss.backward()
+            raise AssertionError(f"rank {rank}, gradient {grad}: backward() through the old "
+                                 "graph did not raise")
+        except RuntimeError as e:
+            check("modified by an inplace operation" in str(e), str(e))
 
     # ---- a rank built with another broadcast_initial: start() refuses on both, at once ----------
     ps = model_params(rank)

@@ -8,12 +8,14 @@ One run goes through the failures of docs/reliability.md, each followed by its r
 3. worker 2 comes back as a newcomer (a DiLoCo built with start=False, other parameters): a regroup
    from the newcomer as donor and one from a rank that is not in the group are refused on every
    rank, nothing changed; the regroup from rank 0 heals it (its parameters become the global ones,
-   bit for bit), and the three sync twice;
+   bit for bit, and a graph built before the heal raises in backward()), and the three sync twice;
 4. a collective fails on one rank only (a callback raising before its collective, on a group with
    a 2 s timeout): every rank raises CommError and nothing is applied; every rank regroups onto a
    fresh group and the same sync goes through;
 5. a KeyboardInterrupt in regroup()'s first collective on one rank reaches that rank as itself
-   (CommError on the others), no rank moves to the group, and a regroup onto a fresh one works.
+   (CommError on the others), no rank moves to the group, and a regroup onto a fresh one works;
+6. a group without global rank 0 ({1, 2}): a fresh DiLoCo's start() gives both members the
+   parameters of the group's rank 0, global rank 1.
 The reference, in every process: the global parameters take one torch.optim.SGD(nesterov=True)
 step per sync with global - mean(local of the workers in the group) as their gradient, the locals
 gathered over the default group just before each sync. loco's global parameters must agree within
@@ -184,12 +186,22 @@ def worker(rank, init_file):
     refused(rank, lambda: opt.regroup(comm, donor=2**31), loco.InvalidArgument,
             "the donor rank 2147483648 is not a rank", "a donor beyond an int")
     check(torch.equal(flat(params), before), f"rank {rank}: a refused regroup changed parameters")
+    stale = (params["w"] * params["w"]).sum()  # a graph of the newcomer's own values
     opt.regroup(comm)
     if rank == 2:
         check(torch.equal(flat(params), opt.global_params()),
               f"rank 2: the newcomer's parameters are not the global ones")
+        # The heal wrote the newcomer's parameters in place: backward() through the graph
+        # built before raises, as after torch's own in-place writes.
+        try:
+            stale.backward()
+            raise AssertionError("rank 2: backward() through a graph built before the heal "
+                                 "did not raise")
+        except RuntimeError as e:
+            check("modified by an inplace operation" in str(e), f"rank 2: {e}")
         err = (flat(params) - ref.global_.detach()).abs().max().item()
         check(err <= 1e-5, f"rank 2: healed parameters differ from the reference by {err}")
+    del stale
     same_on_members(rank, everyone, opt.global_params(), "global parameters after the heal")
     same_on_members(rank, everyone, torch.tensor([float(opt.outer_steps)]), "outer steps")
     for i in range(2):
@@ -238,6 +250,16 @@ def worker(rank, init_file):
     comm = group_of(everyone, rank)
     opt.regroup(comm)
     synced_round(rank, everyone, opt, params, ref, "after the interrupted regroup")
+
+    # 6. A group of global ranks 1 and 2: loco's root of start()'s broadcast is the group's rank
+    # 0, which torch.distributed addresses by its global rank, 1 (global rank 0 is not in it).
+    pair = [1, 2]
+    comm = group_of(pair, rank, timeout=SHORT)
+    if rank in pair:
+        fresh = model(rank, 2)
+        build(fresh, comm)
+        check(torch.equal(flat(fresh), flat(model(1, 2))),
+              f"rank {rank}: start() on the group {{1, 2}} did not give global rank 1's values")
     dist.barrier()
 
 

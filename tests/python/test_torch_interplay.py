@@ -1,11 +1,14 @@
 """loco's handles among torch's own machinery: tensors without elements, autograd's version
-counters, and Python threads.
+counters, zero_grad(), and Python threads.
 
 - An empty matrix (torch exports torch.empty(0, 3) with strides [1, 1]) is a parameter like any
   other: step(), sync() and a state_dict() resume run over it.
 - loco writes parameters in place behind autograd's back; after a call that wrote them, each
   parameter's version counter is bumped, so that backward() through a graph built before the
-  step raises as it does after torch.optim's step, instead of using the overwritten values.
+  step raises as it does after torch.optim's step, instead of using the overwritten values: a
+  step whose inner update was skipped but which synced, and one interrupted in its sync after
+  the inner update, included.
+- zero_grad() leaves zeros where the gradients held NaN or inf, as torch's does.
 - Two threads calling one handle take turns (python/bound.hpp, `locked`): the calls all count,
   and the parameters end as after the same calls from one thread.
 - Other Python threads run while two_bit_round_trip and the constructors do their C++ work.
@@ -147,6 +150,42 @@ class VersionCounter(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, self.STALE):
             y.backward()
 
+    def test_a_step_that_only_synced_bumps(self):
+        # A non-finite gradient skips the inner update (applied False), but the sync the
+        # schedule plans still runs and writes the global values: step() returns (False, True)
+        # and a graph built before it raises.
+        w = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+        w.grad = torch.full((4,), 0.5)
+        opt = loco.DiLoCo([("w", w)], loco.Single(), inner=loco.AdamW(lr=0.1),
+                          schedule=loco.Every(2))
+        self.assertEqual(opt.step(), (True, False))
+        w.grad.fill_(float("nan"))
+        before = w.detach().clone()
+        y = (w * w).sum()
+        self.assertEqual(opt.step(), (False, True))
+        self.assertFalse(torch.equal(w.detach(), before))
+        with self.assertRaisesRegex(RuntimeError, self.STALE):
+            y.backward()
+
+    def test_an_interrupted_sync_after_the_inner_step_bumps(self):
+        # A KeyboardInterrupt raised in the sync's collective (a BaseException, not an
+        # Exception) after the inner update was applied: the parameters changed, so a graph
+        # built before the step raises in backward() all the same.
+        w = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+        w.grad = torch.full((4,), 0.5)
+        backend = Mirror()
+        opt = loco.DiLoCo([("w", w)], loco._loco.PythonCommunicator(backend, 0, 2, "mirror"),
+                          inner=loco.AdamW(lr=0.1), schedule=loco.Every(2))
+        self.assertEqual(opt.step(), (True, False))
+        backend.raise_in["all_reduce"] = (KeyboardInterrupt(), threading.current_thread())
+        before = w.detach().clone()
+        y = (w * w).sum()
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step()
+        self.assertFalse(torch.equal(w.detach(), before))
+        with self.assertRaisesRegex(RuntimeError, self.STALE):
+            y.backward()
+
     def test_a_skipped_step_writes_nothing_and_bumps_nothing(self):
         w = torch.nn.Parameter(torch.ones(3))
         w.grad = torch.full((3,), float("nan"))
@@ -154,6 +193,25 @@ class VersionCounter(unittest.TestCase):
         version = w._version
         self.assertFalse(opt.step())
         self.assertEqual(w._version, version)
+
+
+class ZeroGrad(unittest.TestCase):
+    def test_zero_grad_clears_non_finite_gradients(self):
+        # zero_grad() sets the bound gradients to 0 in place, as torch's zero_grad does: a NaN
+        # or inf left by a bad batch must not survive (a multiplication by 0 keeps NaN, and inf
+        # * 0 is NaN), or every later step would be skipped as non-finite.
+        for build in (lambda ps: loco.Optimizer(ps, loco.SGD(lr=0.1)),
+                      lambda ps: loco.DiLoCo(ps, loco.Single(), schedule=loco.Every(2))):
+            ps = params(w=(3, 2), b=(4,))
+            opt = build(ps)
+            grads = [p.grad for _, p in ps]
+            ps[0][1].grad[0, 1] = float("nan")
+            ps[1][1].grad[2] = float("inf")
+            ps[1][1].grad[3] = -float("inf")
+            opt.zero_grad()
+            for (_, p), g in zip(ps, grads):
+                self.assertIs(p.grad, g)
+                self.assertTrue(torch.equal(g, torch.zeros_like(g)))
 
 
 class Threads(unittest.TestCase):
