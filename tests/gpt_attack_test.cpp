@@ -4,7 +4,7 @@
 // it; the command line of
 // --aggregate, its hyper-parameters and --attackers / --attack, and their one-sentence errors;
 // the settings of SparseLoCo and DeMo (--topk, --chunk, --ef-decay, --no-median-clip) reaching
-// their policies and the bytes on the wire.
+// their policies and the bytes on the wire; a run under --attackers that no skipped sync stops.
 #include <doctest/doctest.h>
 
 #include "support/errors.hpp"
@@ -299,4 +299,37 @@ TEST_CASE("gpt: --topk, --chunk, --bins, --ef-decay, --fixed-indices and --no-me
         CHECK(error_of([&] { sparse_rules(sparse_scatter); }).find("is not compiled into this trainer") !=
               std::string::npos);
     }
+}
+
+TEST_CASE("gpt: under --attackers a run never stops for skipped syncs") {
+    // --attack nan makes every sync of `mean` skip (a NaN pseudo-gradient): one more in a row than
+    // loco stops a run at by default, and the run ends on the model it started from.
+    using handle = loco::diloco<gpt::adamw_choice::type, gpt::nesterov_choice::type,
+                                loco::compress::none, loco::schedule::every, loco::aggregate::mean>;
+    const std::uint64_t stops_after = handle::config{}.max_skipped_syncs;
+    REQUIRE(stops_after > 0);
+    const std::uint64_t seed = loco_test::rng_for("gpt.attack.skipped")() % 1000;
+    INFO("seed " << seed);
+    gpt::options o;
+    o.model = {.vocab = 256, .context = 8, .dim = 8, .layers = 1, .heads = 2};
+    o.data = "markov";
+    o.workers = 2;
+    o.steps = stops_after + 1;
+    o.batch = 1;
+    o.every = 1;
+    o.lr = 0.01f;
+    o.eval_every = o.steps;
+    o.log_every = o.steps;
+    o.eval_sequences = 4;
+    o.seed = seed;
+    o.quiet = true;
+    o.attackers = 1;
+    o.attack = "nan";
+    const gpt::corpus data = gpt::make_markov_corpus(16, 2.0, 4000, seed);
+    gpt::run_result r;
+    CHECK(error_of([&] { r = gpt::train(o, data, rules(o), nullptr); }) == "");
+    REQUIRE(!r.rows.empty());
+    CHECK(r.syncs == 0);
+    CHECK(std::isfinite(r.final_val_loss));
+    CHECK(r.final_val_loss == r.rows.front().val_loss);
 }

@@ -4,7 +4,9 @@
 // rate against an independent computation, and at large sharpness; the fortunes loader's order,
 // filter and split; validation every --eval-every steps; the inner optimizers' weight decay; the
 // parameters' roles for Muon; --warmup 0; --csv before and after the run; and the one-sentence
-// errors for bad input.
+// errors for bad input. The validation windows and the shards against their definitions, the
+// learning-rate schedule and the validation mean against closed forms, the policies' defaults and
+// the defaults of docs/gpt.md's table of flags.
 #include <doctest/doctest.h>
 
 #include "support/errors.hpp"
@@ -20,13 +22,20 @@
 #include <loco/optimizer.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <numbers>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -79,6 +88,59 @@ std::vector<std::string> lines_of(const std::string& text) {
     std::vector<std::string> out;
     std::istringstream in(text);
     for (std::string line; std::getline(in, line);) out.push_back(line);
+    return out;
+}
+
+// `s` without the spaces and backticks around it.
+std::string strip(std::string s) {
+    const auto keep = [](char c) { return c != ' ' && c != '`'; };
+    s.erase(s.begin(), std::find_if(s.begin(), s.end(), keep));
+    s.erase(std::find_if(s.rbegin(), s.rend(), keep).base(), s.end());
+    return s;
+}
+
+// The pieces of `text` between the separators `sep`, stripped.
+std::vector<std::string> split(const std::string& text, const std::string& sep) {
+    std::vector<std::string> out;
+    for (std::size_t at = 0;;) {
+        const std::size_t next = text.find(sep, at);
+        out.push_back(strip(text.substr(at, next == std::string::npos ? next : next - at)));
+        if (next == std::string::npos) return out;
+        at = next + sep.size();
+    }
+}
+
+// The default column of docs/gpt.md's table of flags, by flag: a row of k flags whose default
+// cell lists k values gives each flag its own, a row of one flag the whole cell. The page is
+// found from this file's path (tests/../docs/gpt.md).
+std::map<std::string, std::string> documented_defaults() {
+    const std::filesystem::path path =
+        std::filesystem::path(__FILE__).parent_path().parent_path() / "docs" / "gpt.md";
+    std::ifstream in(path);
+    REQUIRE_MESSAGE(in.is_open(), "cannot read " << path);
+    std::map<std::string, std::string> out;
+    bool flags = false;
+    for (std::string line; std::getline(in, line);) {
+        if (line.starts_with("## ")) flags = line == "## Flags";
+        if (!flags || !line.starts_with("| `--")) continue;
+        std::vector<std::string> cells{""};  // split at the '|' that are not escaped
+        for (std::size_t i = 1; i < line.size(); ++i) {
+            if (line[i] == '|' && line[i - 1] != '\\') {
+                cells.emplace_back();
+            } else {
+                cells.back() += line[i];
+            }
+        }
+        if (cells.size() < 3) continue;
+        std::vector<std::string> names = split(cells[0], ", ");
+        for (std::string& name : names) name = name.substr(0, name.find(' '));  // `--H N`
+        const std::vector<std::string> values = split(cells[1], ", ");
+        if (values.size() == names.size()) {
+            for (std::size_t k = 0; k < names.size(); ++k) out[names[k]] = values[k];
+        } else if (names.size() == 1) {
+            out[names[0]] = strip(cells[1]);
+        }
+    }
     return out;
 }
 
@@ -565,6 +627,10 @@ TEST_CASE("gpt: validation runs every --eval-every steps, also between --log-eve
     }
     CHECK(steps == std::vector<std::uint64_t>{0, 4, 6, 8, 12});
     CHECK(validated == std::vector<std::uint64_t>{0, 6, 12});
+    // The tokens all workers trained on by the row's step, M x B x T a step: none at step 0.
+    const std::uint64_t per_step =
+        static_cast<std::uint64_t>(o.workers) * o.batch * o.model.context;
+    for (const gpt::progress_row& row : r.rows) CHECK(row.tokens == row.step * per_step);
     // The train loss of each row is the mean over the steps since the row before it: the same
     // run with a row every step (the rows do not change the training) gives the per-step losses.
     gpt::options every_step = o;
@@ -603,6 +669,7 @@ TEST_CASE("gpt: validation runs every --eval-every steps, also between --log-eve
         INFO(lines[i + 1]);
         CHECK(field(lines[i + 1], 0) == csv_steps[i]);
         CHECK(field(lines[i + 1], 2).empty() == !has_val[i]);
+        CHECK(field(lines[i + 1], 3) == std::to_string(std::stoull(csv_steps[i]) * per_step));
     }
 }
 
@@ -754,4 +821,218 @@ TEST_CASE("gpt: a countable shape too large for the host's memory gets a sentenc
           std::string::npos);
     // The default shape fits a small host easily.
     CHECK(gpt::step_bytes(gpt::model_config{}, 8) * 4 < (std::size_t{1} << 30));
+}
+
+TEST_CASE("gpt: validation windows run evenly from the text's first byte to its last, shards are contiguous") {
+    auto rng = loco_test::rng_for("gpt.windows");
+    // Windows over 100 bytes of context 10: the last (89) ends with its target at byte 99.
+    std::vector<std::uint8_t> hundred(100);
+    for (std::size_t i = 0; i < hundred.size(); ++i) hundred[i] = static_cast<std::uint8_t>(i);
+    std::vector<std::uint8_t> tokens, targets;
+    gpt::validation_windows(hundred, 10, 4, tokens, targets);
+    CHECK(std::vector<std::uint8_t>{tokens[0], tokens[10], tokens[20], tokens[30]} ==
+          std::vector<std::uint8_t>{0, 29, 59, 89});
+    CHECK(targets.back() == 99);
+    for (int trial = 0; trial < 50; ++trial) {
+        // Distinct bytes, so that each window's position can be read off its first byte.
+        std::vector<std::uint8_t> text(256);
+        std::iota(text.begin(), text.end(), std::uint8_t{0});
+        std::shuffle(text.begin(), text.end(), rng);
+        const std::size_t context = 1 + rng() % 20;
+        text.resize(context + 1 + rng() % (256 - context));
+        const std::size_t count = 1 + rng() % 12;
+        INFO("bytes " << text.size() << ", context " << context << ", windows " << count);
+        gpt::validation_windows(text, context, count, tokens, targets);
+        REQUIRE(tokens.size() == count * context);
+        REQUIRE(targets.size() == count * context);
+        // Window i starts at floor(i * last / (count - 1)), last = size - context - 1, the last
+        // start whose targets (the next bytes) are in the text.
+        const std::size_t last = text.size() - context - 1;
+        for (std::size_t i = 0; i < count; ++i) {
+            const std::size_t start = count == 1 ? 0 : i * last / (count - 1);
+            INFO("window " << i << ", start " << start);
+            CHECK(std::equal(text.begin() + static_cast<std::ptrdiff_t>(start),
+                             text.begin() + static_cast<std::ptrdiff_t>(start + context),
+                             tokens.begin() + static_cast<std::ptrdiff_t>(i * context)));
+            CHECK(std::equal(text.begin() + static_cast<std::ptrdiff_t>(start + 1),
+                             text.begin() + static_cast<std::ptrdiff_t>(start + 1 + context),
+                             targets.begin() + static_cast<std::ptrdiff_t>(i * context)));
+        }
+        CHECK(tokens.front() == text.front());
+        if (count > 1) CHECK(targets.back() == text.back());
+    }
+    // Shard r of M is [r * per, (r + 1) * per), per = floor(train / M): disjoint, in order.
+    for (int trial = 0; trial < 20; ++trial) {
+        gpt::corpus c;
+        c.train.resize(1 + rng() % 5000);
+        const int workers = 1 + static_cast<int>(rng() % 8);
+        const std::size_t per = c.train.size() / static_cast<std::size_t>(workers);
+        INFO("bytes " << c.train.size() << ", workers " << workers);
+        CHECK(gpt::shard_bytes(c.train.size(), workers) == per);
+        for (int r = 0; r < workers; ++r) {
+            const std::span<const std::uint8_t> s = gpt::shard(c, r, workers);
+            CHECK(s.data() == c.train.data() + static_cast<std::size_t>(r) * per);
+            CHECK(s.size() == per);
+        }
+    }
+}
+
+TEST_CASE("gpt: the learning rate follows docs/gpt.md, warm-up min(100, steps / 10) then cosine to a tenth") {
+    auto rng = loco_test::rng_for("gpt.lr");
+    gpt::options o;
+    o.steps = 300;
+    CHECK(gpt::warmup_steps(o) == 30);
+    o.steps = 2000;
+    CHECK(gpt::warmup_steps(o) == 100);
+    o.steps = 9;
+    CHECK(gpt::warmup_steps(o) == 0);
+    for (int trial = 0; trial < 50; ++trial) {
+        o.steps = 2 + rng() % 5000;
+        if (trial % 2 == 0) {
+            o.warmup.reset();
+        } else {
+            o.warmup = 1 + rng() % (o.steps - 1);
+        }
+        const std::uint64_t w = o.warmup.value_or(std::min<std::uint64_t>(100, o.steps / 10));
+        INFO("steps " << o.steps << ", warm-up " << w);
+        CHECK(gpt::warmup_steps(o) == w);
+        // Linear warm-up to the peak at step w, then 0.1 + 0.9 (1 + cos(pi (s - w) / (N - w))) / 2,
+        // a tenth of the peak at the last step N.
+        const auto want = [&](std::uint64_t s) {
+            if (s <= w) return static_cast<double>(s) / static_cast<double>(w);
+            const double progress =
+                static_cast<double>(s - w) / static_cast<double>(o.steps - w);
+            return 0.1 + 0.9 * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+        };
+        const std::uint64_t mid = w + 1 + rng() % (o.steps - w);
+        for (const std::uint64_t s : {std::uint64_t{1}, w, mid, o.steps}) {
+            if (s == 0) continue;
+            INFO("step " << s);
+            CHECK(gpt::lr_factor(o, s) == doctest::Approx(want(s)).epsilon(1e-6));
+        }
+        CHECK(gpt::lr_factor(o, o.steps) == doctest::Approx(0.1).epsilon(1e-6));
+    }
+}
+
+TEST_CASE("gpt: the validation loss is the mean over every window, also with a short last batch") {
+    auto rng = loco_test::rng_for("gpt.evaluate");
+    const gpt::layout lay(gpt::model_config{.context = 8, .dim = 8, .layers = 1, .heads = 2});
+    std::vector<float> params(lay.total());
+    gpt::initialise<float>(lay, params, rng());
+    std::normal_distribution<float> normal(0.0f, 0.3f);
+    for (float& p : params) p += normal(rng);  // a model whose losses differ window by window
+    std::vector<std::uint8_t> text(400);
+    for (auto& b : text) b = static_cast<std::uint8_t>(rng());
+    gpt::model<float> m(lay);
+    for (const auto [count, batch] : {std::array<std::size_t, 2>{10, 8}, {10, 3}, {1, 8},
+                                      {7, 7}, {1 + rng() % 16, 1 + rng() % 16}}) {
+        INFO(count << " windows, batch " << batch);
+        std::vector<std::uint8_t> tokens, targets;
+        gpt::validation_windows(text, 8, count, tokens, targets);
+        double want = 0.0;  // the mean of the windows' losses, one at a time
+        for (std::size_t i = 0; i < count; ++i) {
+            want += m.forward(params.data(), tokens.data() + i * 8, targets.data() + i * 8, 1,
+                              false) / static_cast<double>(count);
+        }
+        CHECK(gpt::evaluate(m, params, tokens, targets, batch) ==
+              doctest::Approx(want).epsilon(1e-6));
+    }
+}
+
+TEST_CASE("gpt: the policies' documented defaults, and the flags that override them, 0 included") {
+    const gpt::options d;
+    // docs/gpt.md's --outer row: nesterov (lr 0.7, momentum 0.9), sgd (lr 1.0), adam (loco's
+    // defaults).
+    CHECK(gpt::nesterov_choice::hyper(d).lr == 0.7f);
+    CHECK(gpt::nesterov_choice::hyper(d).momentum == 0.9f);
+    CHECK(gpt::outer_sgd_choice::hyper(d).lr == 1.0f);
+    CHECK(gpt::outer_adam_choice::hyper(d).lr == loco::outer::adam::hyper{}.lr);
+    CHECK(gpt::outer_adam_choice::hyper(d).beta1 == loco::outer::adam::hyper{}.beta1);
+    // Its --inner row: sgd with Nesterov momentum 0.9.
+    CHECK(gpt::sgd_choice::hyper(d, 1.0f).momentum == 0.9f);
+    CHECK(gpt::sgd_choice::hyper(d, 1.0f).nesterov);
+    // --outer-lr and --outer-momentum reach every outer optimizer (adam's beta1 is its momentum).
+    const char* outer[] = {"loco_gpt", "--outer", "adam", "--outer-lr", "0.05", "--outer-momentum",
+                           "0.5"};
+    gpt::options o;
+    REQUIRE(gpt::parse(7, const_cast<char**>(outer), o));
+    CHECK(gpt::outer_adam_choice::hyper(o).lr == 0.05f);
+    CHECK(gpt::outer_adam_choice::hyper(o).beta1 == 0.5f);
+    CHECK(gpt::nesterov_choice::hyper(o).lr == 0.05f);
+    CHECK(gpt::nesterov_choice::hyper(o).momentum == 0.5f);
+    CHECK(gpt::outer_sgd_choice::hyper(o).lr == 0.05f);
+    // 0 is a setting, not "unset": outer Nesterov without momentum (the study's demo-h50-sgd), no
+    // weight decay, a loss that no run gets below.
+    gpt::options z;
+    for (const char* flag : {"--outer-momentum", "--weight-decay", "--require-below"}) {
+        const char* argv[] = {"loco_gpt", flag, "0"};
+        CHECK(error_of([&] { gpt::parse(3, const_cast<char**>(argv), z); }) == "");
+    }
+    CHECK(gpt::nesterov_choice::hyper(z).momentum == 0.0f);
+    CHECK(gpt::outer_adam_choice::hyper(z).beta1 == 0.0f);
+    CHECK(gpt::adamw_choice::hyper(z, 1.0f).weight_decay == 0.0f);
+    CHECK(z.require_below == std::optional<double>(0.0));
+}
+
+TEST_CASE("gpt: the defaults in docs/gpt.md's table of flags are the options' defaults") {
+    const std::map<std::string, std::string> doc = documented_defaults();
+    const auto text = [&](const std::string& flag) {
+        const auto it = doc.find(flag);
+        REQUIRE_MESSAGE(it != doc.end(), "docs/gpt.md gives no default for " << flag);
+        return it->second;
+    };
+    const auto number = [&](const std::string& flag) {
+        const std::string s = text(flag);
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        REQUIRE_MESSAGE((!s.empty() && *end == '\0'), flag << ": '" << s << "' is not a number");
+        return v;
+    };
+    const auto on_off = [](bool on) { return std::string(on ? "on" : "off"); };
+    const gpt::options d;
+    CHECK(text("--data") == d.data);
+    CHECK(number("--context") == double(d.model.context));
+    CHECK(number("--dim") == double(d.model.dim));
+    CHECK(number("--layers") == double(d.model.layers));
+    CHECK(number("--heads") == double(d.model.heads));
+    CHECK(text("--tied") == (d.model.tied ? "tied" : "untied"));
+    CHECK(number("--workers") == double(d.workers));
+    CHECK(number("--steps") == double(d.steps));
+    CHECK(number("--batch") == double(d.batch));
+    std::map<std::string, float> lr;  // "adamw 2e-3, sgd 0.3, lion 3e-4"
+    for (const std::string& pair : split(text("--lr"), ", ")) {
+        lr[pair.substr(0, pair.find(' '))] = std::stof(pair.substr(pair.find(' ') + 1));
+    }
+    CHECK(lr == std::map<std::string, float>{{"adamw", gpt::adamw_choice::default_lr},
+                                             {"sgd", gpt::sgd_choice::default_lr},
+                                             {"lion", gpt::lion_choice::default_lr}});
+    CHECK(float(number("--muon-lr")) == d.muon_lr);
+    CHECK(text("--warmup") == "min(100, steps / 10)");
+    CHECK(!d.warmup.has_value());
+    CHECK(number("--seed") == double(d.seed));
+    CHECK(text("--sync-every-step") == on_off(d.sync_every_step));
+    CHECK(text("--inner") == d.inner);
+    CHECK(text("--outer") == d.outer);
+    CHECK(text("--compress") == d.compress);
+    CHECK(text("--schedule") == d.schedule);
+    CHECK(number("--H") == double(d.every));
+    CHECK(number("--fragments") == double(d.fragments));
+    CHECK(number("--overlap") == double(d.overlap));
+    CHECK(float(number("--alpha")) == d.alpha);
+    CHECK(text("--pattern") == d.pattern);
+    CHECK(text("--aggregate") == d.aggregate);
+    CHECK(number("--trim") == double(gpt::trimmed_mean_choice::hyper(d).trim));
+    CHECK(float(number("--clip-tau")) == gpt::centered_clip_choice::hyper(d).tau);
+    CHECK(number("--clip-iterations") == double(gpt::centered_clip_choice::hyper(d).iterations));
+    CHECK(text("--edit-scope") == d.edit_scope);
+    CHECK(float(number("--edit-temperature")) == gpt::edit_choice::hyper(d).temperature);
+    CHECK(number("--edit-warmup") == double(gpt::edit_choice::hyper(d).ewma_warmup));
+    CHECK(text("--edit-clip") == "none");  // an infinite phi
+    CHECK(std::isinf(gpt::edit_choice::hyper(d).clip));
+    CHECK(number("--attackers") == double(d.attackers));
+    CHECK(text("--attack") == d.attack);
+    CHECK(number("--log-every") == double(d.log_every));
+    CHECK(number("--eval-every") == double(d.eval_every));
+    CHECK(number("--eval-sequences") == double(d.eval_sequences));
+    CHECK(text("--head-compress") == on_off(!d.head_compress.empty()));
 }

@@ -52,7 +52,6 @@ struct run_result {
     double seconds = 0.0;
 };
 
-// The warm-up steps: --warmup, or min(100, steps / 10) when it is not given (0: none).
 // The counts a run needs at least one of; run.hpp checks them before anything is loaded.
 inline void check_counts(const options& o) {
     if (o.workers < 1) {
@@ -66,6 +65,7 @@ inline void check_counts(const options& o) {
     }
 }
 
+// The warm-up steps: --warmup, or min(100, steps / 10) when it is not given (0: none).
 inline std::uint64_t warmup_steps(const options& o) {
     return o.warmup ? *o.warmup : std::min<std::uint64_t>(100, o.steps / 10);
 }
