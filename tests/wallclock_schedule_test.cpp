@@ -497,8 +497,8 @@ TEST_CASE("warmup<streaming>: the warm-up syncs average (no merge), and a warm-u
     });
 }
 
-TEST_CASE("warmup: steps raised by one once the wrapped schedule has run is refused; before, "
-          "it is not") {
+TEST_CASE("warmup: steps raised by one are taken before the wrapped schedule has run and "
+          "refused after") {
     // The warm-up may grow while the wrapped schedule has made no call; once it has, a W of even
     // one more call than were made would restart every-step syncs over its round.
     using S = loco::schedule::warmup<loco::schedule::every>;
