@@ -7,6 +7,7 @@
 #include "support/compare.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/settings.hpp"
 
 #include <loco/loco.hpp>
 
@@ -322,27 +323,8 @@ TEST_CASE("delayed Nesterov as the outer policy: every H, the delayed schedule, 
 
 namespace {
 
-// The number of members of a hyper struct (scalars and enums): the longest brace list it takes.
-struct any_setting {
-    template <class T>
-    operator T() const;  // named in unevaluated operands only
-};
-template <class H, class... Seen>
-constexpr std::size_t member_count() {
-    if constexpr (requires { H{Seen{}..., any_setting{}}; }) {
-        return member_count<H, Seen..., any_setting>();
-    } else {
-        return sizeof...(Seen);
-    }
-}
-
-// Another valid value of a setting.
-float changed(float x) { return std::isfinite(x) && x != 0.0f ? x * 0.5f : 0.5f; }
-bool changed(bool x) { return !x; }
-template <std::unsigned_integral T>
-T changed(T x) {
-    return x + 1;
-}
+using loco_test::changed;
+using loco_test::member_count;
 
 template <class H, class M>
 H with_changed(M H::*member) {
@@ -391,19 +373,9 @@ TEST_CASE_TEMPLATE("every outer setting is in describe() and ranks that differ i
         CAPTURE(text);
         CHECK(seen.insert(text).second);  // differs from the default and from every other change
         REQUIRE_NOTHROW(P::validate(variants[j]));
-        std::array<std::string, 2> errors;
-        loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
-            const auto r = static_cast<std::size_t>(comm.rank());
-            std::vector<float> x{1.0f, -2.0f}, g{0.5f, 0.25f};
-            loco::parameter_list list;
-            list.add("x", x, g);
-            loco::diloco<loco::inner::sgd, P> opt(list, comm,
-                                                  {.outer = r == 1 ? variants[j] : H{}});
-            try {
-                opt.start();
-            } catch (const loco::invalid_argument& e) {
-                errors[r] = e.what();
-            }
+        using opt_t = loco::diloco<loco::inner::sgd, P>;
+        const auto errors = loco_test::start_errors<opt_t>([&](int r) {
+            return typename opt_t::config{.outer = r == 1 ? variants[j] : H{}};
         });
         const std::string want =
             "rank 0 has 'outer: " + base + "' where rank 1 has 'outer: " + text + "'";

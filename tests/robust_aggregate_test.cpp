@@ -21,6 +21,7 @@
 #include <loco/outer/sgd.hpp>
 
 #include "support/random.hpp"
+#include "support/settings.hpp"
 
 #include <algorithm>
 #include <array>
@@ -891,24 +892,9 @@ TEST_CASE("diloco with a robust policy: bytes of an all-gather, refused rounds, 
 
 namespace {
 
-// The number of members of a hyper struct (scalars and enums): the longest brace list it takes.
-struct any_setting {
-    template <class T>
-    operator T() const;  // named in unevaluated operands only
-};
-template <class H, class... Seen>
-constexpr std::size_t member_count() {
-    if constexpr (requires { H{Seen{}..., any_setting{}}; }) {
-        return member_count<H, Seen..., any_setting>();
-    } else {
-        return sizeof...(Seen);
-    }
-}
+using loco_test::changed;
+using loco_test::member_count;
 
-// Another valid value of a setting.
-float changed(float x) { return std::isfinite(x) && x != 0.0f ? x * 0.5f : 0.5f; }
-bool changed(bool x) { return !x; }
-std::uint64_t changed(std::uint64_t x) { return x + 1; }
 loco::aggregate::sign_consensus changed(loco::aggregate::sign_consensus c) {
     using loco::aggregate::sign_consensus;
     return c == sign_consensus::sum ? sign_consensus::count : sign_consensus::sum;
@@ -972,20 +958,10 @@ TEST_CASE_TEMPLATE("every aggregation setting is in describe() and ranks that di
         if constexpr (!std::is_empty_v<H>) {
             using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
                                        loco::schedule::every, A>;
-            std::array<std::string, 2> errors;
-            loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
-                const auto r = static_cast<std::size_t>(comm.rank());
-                std::vector<float> x{1.0f, -2.0f}, g{0.5f, 0.25f};
-                loco::parameter_list list;
-                list.add("x", x, g);
+            const auto errors = loco_test::start_errors<opt_t>([&](int r) {
                 typename opt_t::config cfg{};
                 cfg.aggregate = r == 1 ? variants[j] : H{};
-                opt_t opt(list, comm, cfg);
-                try {
-                    opt.start();
-                } catch (const loco::invalid_argument& e) {
-                    errors[r] = e.what();
-                }
+                return cfg;
             });
             const std::string want =
                 "rank 0 has 'aggregate: " + base + "' where rank 1 has 'aggregate: " + text + "'";
