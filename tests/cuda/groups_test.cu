@@ -464,6 +464,19 @@ TEST_CASE("cuda groups: a non-finite gradient in one group skips or refuses ever
     gpu.set_gradients(grad, s.get());
     const auto before = gpu.host_values(s.get());
     const auto h = muloco_hyper();
+    // After a refusal, the step on fixed gradients applies, as the host's first step.
+    const auto fixed_step_applies = [&](loco::cuda::optimizer<muloco_inner>& g,
+                                        const std::vector<float>& fixed, const std::string& what) {
+        gpu.set_gradients(fixed, s.get());
+        CHECK_NOTHROW(g.step());
+        CHECK(g.steps() == 1);
+        host_model host(before);
+        host.set_gradients(fixed);
+        loco::optimizer<muloco_inner> o(host.list, {.inner = h});
+        o.step();
+        compare_step(gpu.host_values(s.get()), host.flat(), before, what);
+        gpu.set_values(before);
+    };
 
     loco::cuda::optimizer<muloco_inner> skipping(gpu.list, {.inner = h, .stream = s.get()});
     skipping.step();
@@ -490,6 +503,10 @@ TEST_CASE("cuda groups: a non-finite gradient in one group skips or refuses ever
             loco::nonfinite_error);
         CHECK(gpu.host_values(s.get()) == before);
         CHECK(g.steps() == 0);
+        auto fixed = grad;
+        fixed[576 + 5] = 0.5f;
+        fixed_step_applies(g, fixed, "the step after a raise");
+        gpu.set_gradients(grad, s.get());  // the non-finite gradient again
     }
     // Under ignore, only the groups that need finite gradients (Muon) check theirs, as on the
     // host: 'bias' (AdamW) is applied as it is ...
@@ -516,6 +533,9 @@ TEST_CASE("cuda groups: a non-finite gradient in one group skips or refuses ever
             loco::nonfinite_error);
         CHECK(gpu.host_values(s.get()) == before);
         CHECK(g.steps() == 0);
+        auto fixed = grad;
+        fixed[3] = 0.5f;
+        fixed_step_applies(g, fixed, "the step after a Muon gradient's refusal");
     }
 }
 

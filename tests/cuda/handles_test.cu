@@ -251,6 +251,18 @@ TEST_CASE("cuda::optimizer: nonfinite_policy::raise names the tensor and changes
     skipping.step();
     CHECK(gpu.host_values(s.get()) == before);
     CHECK(skipping.skipped_steps() == 1);
+
+    // The raise leaves no trace of the non-finite value: once the trainer fixes the gradient,
+    // the next step applies, as the host optimizer's first step on the same data.
+    grad[5 + 17] = 0.25f;
+    gpu.set_gradients(grad, s.get());
+    CHECK_NOTHROW(g.step());
+    CHECK(g.steps() == 1);
+    host_model host(before);
+    host.set_gradients(grad);
+    loco::optimizer<loco::inner::adamw> o(host.list);
+    o.step();
+    expect_close(gpu.host_values(s.get()), host.values(), 1e-5);
 }
 
 namespace {

@@ -407,6 +407,16 @@ TEST_CASE("non-finite gradients: the smaller of two in one thread's elements is 
         lc::check_gradients(table, control.control(), nullptr);
         CHECK(control.read(nullptr).first_nonfinite == first);
     }
+    // A gradient one float past alignment takes the element-wise path, where a thread's elements
+    // lie a block (256) apart: 2 and 258 are one thread's, and the smaller is reported.
+    device_model shifted({tensor_shape{.size = 2048, .grad_shift = 1}});
+    shifted.randomize_grads(rng);
+    shifted.grads()[2] = std::nanf("");
+    shifted.grads()[258] = std::numeric_limits<float>::infinity();
+    shifted.upload_grads();
+    lc::device_control<loco::inner::adamw::hyper> control;
+    lc::check_gradients(shifted.table(), control.control(), nullptr);
+    CHECK(control.read(nullptr).first_nonfinite == 2);
 }
 
 TEST_CASE("non-finite gradients: the check finds the first one, skip changes nothing") {

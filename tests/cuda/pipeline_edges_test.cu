@@ -1,8 +1,9 @@
 // The CUDA pipeline at its edges, each against the host backend on the same data: fragments made
 // only of empty tensors (SparseLoCo's and DeMo's device exchange, and a checkpoint taken with one
 // in flight), an all-gather that moves its data only at finish() (as NCCL on its own stream may),
-// and a round skipped for a non-finite average, which must leave the error-feedback residual as
-// it was so that the next rounds apply.
+// a round skipped for a non-finite average, which must leave the error-feedback residual as it
+// was so that the next rounds apply, and bf16 parameters streamed in fragments (each fragment's
+// table on the whole model's fp32 masters).
 #include <doctest/doctest.h>
 
 #include "../support/forwarding_comm.hpp"
@@ -225,6 +226,106 @@ TEST_CASE("cuda merge_values: lerp(global, local, alpha) bit for bit, fp32 value
         });
         CHECK(bad_values == 0);
         CHECK(bad_masters == 0);
+    }
+}
+
+// A fragment's table (tensor_table(whole, indices)) reads and writes the one master array of the
+// whole model: each bf16 tensor at the whole table's master offset, not at one of its own layout.
+TEST_CASE("cuda tensor_table: a fragment's table keeps the whole table's master offsets") {
+    namespace lcu = loco::backend::cuda;
+    auto rng = rng_for("fragment masters");
+    device_model m({tensor_shape{300, lcu::dtype::bf16, lcu::dtype::f32},
+                    tensor_shape{77, lcu::dtype::f32, lcu::dtype::f32},
+                    tensor_shape{517, lcu::dtype::bf16, lcu::dtype::f32},
+                    tensor_shape{200, lcu::dtype::bf16, lcu::dtype::f32}});
+    m.randomize_values(rng);
+    const lcu::tensor_table whole = m.table();
+    const std::vector<float> masters = normal_floats(rng, m.total(), 1.0f);
+    lcu::device_buffer<float> master(whole.master_elements());
+    lcu::master_from_flat(whole, masters, master.get());
+    check_cuda(cudaDeviceSynchronize(), "upload");
+    for (const std::vector<std::size_t>& idx :
+         {std::vector<std::size_t>{3, 1, 0}, std::vector<std::size_t>{2}}) {
+        CAPTURE(idx.front());
+        const lcu::tensor_table frag(whole, idx);
+        std::vector<float> want;
+        for (std::size_t k = 0; k < idx.size(); ++k) {
+            const auto& sh = m.shape(idx[k]);
+            if (sh.value == lcu::dtype::bf16) {
+                CHECK(frag.master_offset(k) == whole.master_offset(idx[k]));
+            }
+            // A bf16 tensor's global values are its masters; an fp32 tensor's, its values.
+            const auto& from = sh.value == lcu::dtype::bf16 ? masters : m.values();
+            const auto at = from.begin() + static_cast<std::ptrdiff_t>(m.flat(idx[k]));
+            want.insert(want.end(), at, at + static_cast<std::ptrdiff_t>(sh.size));
+        }
+        lcu::device_buffer<float> global(frag.padded_elements());
+        lcu::gather_values(frag, master.get(), global.get(), nullptr);
+        check_cuda(cudaDeviceSynchronize(), "gather");
+        expect_equal_arrays(lcu::to_flat(frag, global.get()), want, "the fragment's global values");
+    }
+}
+
+// bf16 parameters with fp32 masters, streamed in two fragments: every inner and outer step runs
+// on the masters, so the masters follow the host's fp32 run and the bf16 values are its rounding.
+TEST_CASE("cuda backend: bf16 parameters streamed in two fragments give the host's fp32 run") {
+    namespace lcu = loco::backend::cuda;
+    const std::vector<std::size_t> sizes{300, 517, 200};
+    const std::string label = "edges bf16 streaming";
+    constexpr int calls = 12;
+    loco::fragment_layout layout;
+    layout.names = {{"t0", "t2"}, {"t1"}};
+    // Each rank starts from bf16 values: the host run starts from the same numbers.
+    const auto init_of_rank = [&](std::size_t r) {
+        auto v = seeded(label + " init " + std::to_string(r), total_of(sizes));
+        for (float& x : v) x = loco::bf16::from_float(x).to_float();
+        return v;
+    };
+    const auto grads_of_call = [&](std::size_t r, int t) {
+        return seeded(label + " grad " + std::to_string(r) + " " + std::to_string(t),
+                      total_of(sizes), 0.5f);
+    };
+    std::vector<std::vector<float>> gpu(2), gpu_global(2), host(2), host_global(2);
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        std::vector<tensor_shape> shapes;
+        for (const std::size_t n : sizes) shapes.push_back({n, lcu::dtype::bf16, lcu::dtype::f32});
+        device_model m(shapes);
+        m.values() = init_of_rank(r);
+        m.upload_values();
+        loco::cuda::diloco<inner, outer, cz::none, ls::streaming> opt(
+            m.table(), comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                              .fragments = layout, .stream = comm.stream()});
+        for (int t = 1; t <= calls; ++t) {
+            m.grads() = grads_of_call(r, t);
+            m.upload_grads(comm.stream());
+            opt.step();
+        }
+        CHECK(opt.outer_steps(0) > 1);
+        CHECK(opt.outer_steps(1) > 1);
+        check_cuda(cudaStreamSynchronize(comm.stream()), "sync");
+        gpu[r] = m.download_values();
+        gpu_global[r] = opt.global();
+    });
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        sized_host_model m(sizes, init_of_rank(r));
+        loco::diloco<inner, outer, cz::none, ls::streaming> opt(
+            m.list, comm, {.inner = {.lr = 1e-2f}, .schedule = two_fragments(),
+                           .fragments = layout});
+        for (int t = 1; t <= calls; ++t) {
+            m.set_gradients(grads_of_call(r, t));
+            opt.step();
+        }
+        host[r] = m.host_values();
+        const auto g = opt.global();
+        host_global[r].assign(g.begin(), g.end());
+    });
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        expect_close_arrays(gpu_global[r], host_global[r], 1e-5, "global values");
+        // Within a bf16 rounding (half a unit in the last place: 2^-8 relative) of the host's.
+        expect_close_arrays(gpu[r], host[r], 1.0 / 256, "bf16 parameters");
     }
 }
 

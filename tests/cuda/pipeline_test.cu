@@ -1,8 +1,9 @@
 // The one handle's pipeline on the CUDA backend: every schedule (every, streaming with overlap
 // and merge, delayed) gives the host backend's numbers on the same data, the fused device exchange
-// and the fp32 all-reduce alike; a checkpoint taken with an exchange in flight resumes bit for bit
-// and moves between host and GPU (SparseLoCo's and DeMo's device exchange too); a sync that fails
-// on one rank changes nothing on any rank.
+// and the fp32 all-reduce alike, and with outer Adam's bias correction (an outer step that depends
+// on the step count); a checkpoint taken with an exchange in flight resumes bit for bit and moves
+// between host and GPU (SparseLoCo's and DeMo's device exchange too); a sync that fails on one
+// rank changes nothing on any rank.
 #include <doctest/doctest.h>
 
 #include "../support/random.hpp"
@@ -48,12 +49,13 @@ constexpr int steps = 11;
 
 using rank_result = handle_result;
 
-template <class Compressor, class Schedule>
-rank_result host_rank(const std::string& label, loco::comm::communicator& comm) {
-    using host_t = loco::diloco<inner, outer, Compressor, Schedule>;
+template <class Compressor, class Schedule, class Outer = outer>
+rank_result host_rank(const std::string& label, loco::comm::communicator& comm,
+                      const typename Outer::hyper& oh = {}) {
+    using host_t = loco::diloco<inner, Outer, Compressor, Schedule>;
     host_params m(init_of(label, comm.rank()));
     host_t opt(m.list, comm,
-               {.inner = {.lr = 3e-3f}, .schedule = schedule_case<Schedule>::hyper(),
+               {.inner = {.lr = 3e-3f}, .outer = oh, .schedule = schedule_case<Schedule>::hyper(),
                 .fragments = schedule_case<Schedule>::layout()});
     for (int t = 1; t <= steps; ++t) {
         m.set_gradients(grads_of(label, comm.rank(), t));
@@ -63,13 +65,13 @@ rank_result host_rank(const std::string& label, loco::comm::communicator& comm) 
 }
 
 // The same run with the parameters in GPU memory (of the current device), on a GPU communicator.
-template <class Compressor, class Schedule>
+template <class Compressor, class Schedule, class Outer = outer>
 rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
-                     cudaStream_t stream) {
-    using gpu_t = loco::cuda::diloco<inner, outer, Compressor, Schedule>;
+                     cudaStream_t stream, const typename Outer::hyper& oh = {}) {
+    using gpu_t = loco::cuda::diloco<inner, Outer, Compressor, Schedule>;
     gpu_params m(init_of(label, comm.rank()));
     gpu_t opt(m.list, comm,
-              {.inner = {.lr = 3e-3f}, .schedule = schedule_case<Schedule>::hyper(),
+              {.inner = {.lr = 3e-3f}, .outer = oh, .schedule = schedule_case<Schedule>::hyper(),
                .fragments = schedule_case<Schedule>::layout(), .stream = stream});
     for (int t = 1; t <= steps; ++t) {
         m.set_gradients(grads_of(label, comm.rank(), t), stream);
@@ -78,21 +80,24 @@ rank_result gpu_rank(const std::string& label, loco::comm::communicator& comm,
     return result_of(opt, m.host_values(stream));
 }
 
-template <class Compressor, class Schedule>
-std::vector<rank_result> host_run(const std::string& label, int m) {
+template <class Compressor, class Schedule, class Outer = outer>
+std::vector<rank_result> host_run(const std::string& label, int m,
+                                  const typename Outer::hyper& oh = {}) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_threads(m, [&](loco::comm::threads& comm) {
-        out[static_cast<std::size_t>(comm.rank())] = host_rank<Compressor, Schedule>(label, comm);
+        out[static_cast<std::size_t>(comm.rank())] =
+            host_rank<Compressor, Schedule, Outer>(label, comm, oh);
     });
     return out;
 }
 
-template <class Compressor, class Schedule>
-std::vector<rank_result> replicas_run(const std::string& label, int m) {
+template <class Compressor, class Schedule, class Outer = outer>
+std::vector<rank_result> replicas_run(const std::string& label, int m,
+                                      const typename Outer::hyper& oh = {}) {
     std::vector<rank_result> out(static_cast<std::size_t>(m));
     loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
         out[static_cast<std::size_t>(comm.rank())] =
-            gpu_rank<Compressor, Schedule>(label, comm, comm.stream());
+            gpu_rank<Compressor, Schedule, Outer>(label, comm, comm.stream(), oh);
     });
     return out;
 }
@@ -129,6 +134,17 @@ TEST_CASE_TEMPLATE("cuda backend: each schedule gives the host's numbers (fused 
     CHECK(gpu[0].device_exchange);
     // A pseudo-gradient a rounding away from a code boundary may take the neighbouring code.
     expect_same_run(gpu, host_run<ef, S>(label, 3), 1e-4);
+}
+
+// Outer Adam's bias correction depends on the fragment's outer step count, which the device
+// handle passes to each outer step: it must count from 1 as the host's does.
+TEST_CASE_TEMPLATE("cuda backend: outer adam with bias correction gives the host's numbers", S,
+                   ls::every, ls::streaming, ls::delayed) {
+    using adam = loco::outer::adam;
+    const adam::hyper oh{.lr = 0.1f, .bias_correction = true};
+    const std::string label = std::string("pipeline adam ") + std::string(S::name);
+    const auto gpu = replicas_run<cz::none, S, adam>(label, 3, oh);
+    expect_same_run(gpu, host_run<cz::none, S, adam>(label, 3, oh), 1e-5);
 }
 
 TEST_CASE_TEMPLATE("cuda backend: a checkpoint with an exchange in flight resumes bit for bit", C,
