@@ -11,7 +11,10 @@
 //   * a failed state sync changes nothing on any rank (every rank raises the same error);
 //   * a checkpoint in the middle continues bit-identically;
 //   * non-finite state averages are skipped, counted, and raise after max_skipped_syncs in a row;
-//   * parameter groups: array 1 is averaged only in the group that keeps one.
+//     a finite average between two ends the streak; under nonfinite_policy::ignore a non-finite
+//     average is committed, neither skipped nor counted;
+//   * parameter groups: array 1 is averaged only in the group that keeps one, and each group's
+//     average is the mean of the ranks' arrays in a run without state averaging.
 #include <doctest/doctest.h>
 
 #include "support/forwarding_comm.hpp"
@@ -31,11 +34,13 @@
 #include <loco/schedule/warmup.hpp>
 #include <loco/tensor.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <random>
 #include <span>
 #include <sstream>
 #include <string>
@@ -538,19 +543,103 @@ TEST_CASE("state_periods: non-finite state averages are skipped and counted, and
     });
 }
 
+TEST_CASE("state_periods: a finite state average ends a streak of skipped ones") {
+    // m averaged at every call, beta1 = 0 (m is the call's gradient), max_skipped_syncs = 1.
+    // At calls 1, 3 and 4 every rank's gradient lies in [2e38, 3e38] with one sign, so the sum of
+    // m overflows and the average is skipped; call 2's average is finite and is committed, which
+    // ends the streak: call 3 raises nothing, and only call 4, the second in a row, raises.
+    auto rng = loco_test::rng_for("desloc state streak reset");
+    std::uniform_real_distribution<float> huge(2e38f, 3e38f);
+    std::array<std::array<std::vector<float>, workers>, 4> grads;  // [call - 1][rank]
+    for (std::size_t c = 0; c < 4; ++c) {
+        const float sign = std::bernoulli_distribution(0.5)(rng) ? 1.0f : -1.0f;
+        for (auto& g : grads[c]) {
+            g = loco_test::normal_floats(rng, n);
+            if (c != 1) {
+                for (auto& x : g) x = sign * huge(rng);
+            }
+        }
+    }
+    const desloc::config cfg{.inner = {.lr = 1e-3f, .beta1 = 0.0f},
+                             .schedule = {.every = 100, .states = {1, 0}},
+                             .max_skipped_syncs = 1};
+    loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        model w(std::vector<float>(n, 1.0f));
+        desloc opt(w.list, comm, cfg);
+        for (std::size_t c = 0; c < 3; ++c) {
+            CAPTURE(c + 1);
+            std::copy(grads[c][r].begin(), grads[c][r].end(), w.g.begin());
+            CHECK_NOTHROW(opt.step());
+            CHECK(opt.skipped_state_syncs() == (c < 2 ? 1u : 2u));
+            const auto m = opt.inner_state(0);
+            for (std::size_t i = 0; i < n; ++i) {
+                if (c == 1) {
+                    double mean = 0.0;
+                    for (const auto& g : grads[c]) mean += double(g[i]) / workers;
+                    CHECK(std::abs(double(m[i]) - mean) <= 1e-6 * (std::abs(mean) + 1.0));
+                } else {
+                    CHECK(m[i] == grads[c][r][i]);  // skipped: this rank's own m
+                }
+            }
+        }
+        std::copy(grads[3][r].begin(), grads[3][r].end(), w.g.begin());
+        CHECK_THROWS_AS(opt.step(), loco::nonfinite_error);
+    });
+}
+
+TEST_CASE("state_periods under nonfinite_policy::ignore commits a non-finite state average") {
+    // ignore applies updates without checking them: an average of m that overflows (every
+    // rank's m in [2e38, 3e38] with one sign, beta1 = 0) replaces m on every rank as the
+    // infinity of that sign, and is neither skipped nor counted; max_skipped_syncs = 1 never
+    // raises over 3 such calls.
+    auto rng = loco_test::rng_for("desloc state ignore");
+    std::uniform_real_distribution<float> huge(2e38f, 3e38f);
+    const float sign = std::bernoulli_distribution(0.5)(rng) ? 1.0f : -1.0f;
+    std::array<std::vector<float>, workers> grads;
+    for (auto& g : grads) {
+        g.resize(n);
+        for (auto& x : g) x = sign * huge(rng);
+    }
+    const desloc::config cfg{.inner = {.lr = 1e-3f, .beta1 = 0.0f},
+                             .schedule = {.every = 100, .states = {1, 0}},
+                             .on_nonfinite = loco::nonfinite_policy::ignore,
+                             .max_skipped_syncs = 1};
+    loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        model w(std::vector<float>(n, 1.0f));
+        desloc opt(w.list, comm, cfg);
+        for (int c = 1; c <= 3; ++c) {
+            CAPTURE(c);
+            std::copy(grads[r].begin(), grads[r].end(), w.g.begin());
+            CHECK_NOTHROW(opt.step());
+            CHECK(opt.skipped_state_syncs() == 0);
+            if (c == 1) {
+                for (const float m : opt.inner_state(0)) {
+                    CHECK(std::isinf(m));
+                    CHECK(std::signbit(m) == (sign < 0.0f));
+                }
+            }
+        }
+    });
+}
+
 TEST_CASE("state_periods with parameter groups averages array j of every group that keeps it") {
     // Matrices on AdamW (m, v), vectors on SGD with momentum (one buffer): array 0 is AdamW's m
     // and SGD's buffer, array 1 only AdamW's v. Period 6 averages after call 6, the last one.
+    // Each group's averaged array is, on every rank, the mean of the arrays the ranks hold in a
+    // run without state averaging (its group's own slice of the exchange, not another group's).
     using grouped = loco::groups<loco::group<loco::is_matrix, loco::inner::adamw>,
                                  loco::group<loco::otherwise, loco::inner::sgd>>;
     using handle = loco::diloco<grouped, loco::outer::sgd, loco::compress::none, periods>;
     constexpr std::uint64_t calls = 6;
     const problem p("desloc groups", calls);
-    for (const std::uint64_t k0 : {0, 6}) {
-        const std::uint64_t k1 = 6 - k0;
-        INFO("periods " << k0 << " and " << k1);
+    struct states {
         std::array<std::vector<float>, workers> m_adam, v_adam, buf_sgd;
         std::array<std::uint64_t, workers> b0{}, b1{};
+    };
+    const auto run_groups = [&](std::uint64_t k0, std::uint64_t k1) {
+        states s;
         loco::comm::run_threads(workers, [&](loco::comm::communicator& comm) {
             const auto r = static_cast<std::size_t>(comm.rank());
             model w(p.init);
@@ -565,21 +654,55 @@ TEST_CASE("state_periods with parameter groups averages array j of every group t
             const auto& e = opt.inner().engine_state();
             const auto m = e.group<0>().state(0), v = e.group<0>().state(1);
             const auto b = e.group<1>().state(0);
-            m_adam[r].assign(m.begin(), m.end());
-            v_adam[r].assign(v.begin(), v.end());
-            buf_sgd[r].assign(b.begin(), b.end());
-            b0[r] = opt.bytes_per_state_sync(0);
-            b1[r] = opt.bytes_per_state_sync(1);
+            s.m_adam[r].assign(m.begin(), m.end());
+            s.v_adam[r].assign(v.begin(), v.end());
+            s.buf_sgd[r].assign(b.begin(), b.end());
+            s.b0[r] = opt.bytes_per_state_sync(0);
+            s.b1[r] = opt.bytes_per_state_sync(1);
         });
-        for (std::size_t r = 1; r < workers; ++r) {
-            CHECK((m_adam[r] == m_adam[0]) == (k0 != 0));
-            CHECK((buf_sgd[r] == buf_sgd[0]) == (k0 != 0));
-            CHECK((v_adam[r] == v_adam[0]) == (k1 != 0));
+        return s;
+    };
+    // The ranks' unaveraged arrays; an average must be their mean in double, within fp32
+    // rounding of a sum (1e-6 of the mean magnitude).
+    const states local = run_groups(0, 0);
+    const auto check_mean = [](const std::vector<float>& got,
+                               const std::array<std::vector<float>, workers>& ranks) {
+        REQUIRE(got.size() == ranks[0].size());
+        for (std::size_t i = 0; i < got.size(); ++i) {
+            double mean = 0.0, size = 0.0;
+            for (const auto& w : ranks) {
+                mean += double(w[i]) / workers;
+                size += std::abs(double(w[i])) / workers;
+            }
+            CAPTURE(i);
+            CHECK(std::abs(double(got[i]) - mean) <= 1e-6 * size);
+        }
+    };
+    CHECK(local.m_adam[1] != local.m_adam[0]);
+    CHECK(local.buf_sgd[1] != local.buf_sgd[0]);
+    for (const std::uint64_t k0 : {0, 6}) {
+        const std::uint64_t k1 = 6 - k0;
+        INFO("periods " << k0 << " and " << k1);
+        const states s = run_groups(k0, k1);
+        for (std::size_t r = 0; r < workers; ++r) {
+            CAPTURE(r);
+            if (k0 != 0) {
+                check_mean(s.m_adam[r], local.m_adam);
+                check_mean(s.buf_sgd[r], local.buf_sgd);
+            } else {
+                CHECK(s.m_adam[r] == local.m_adam[r]);
+                CHECK(s.buf_sgd[r] == local.buf_sgd[r]);
+            }
+            if (k1 != 0) {
+                check_mean(s.v_adam[r], local.v_adam);
+            } else {
+                CHECK(s.v_adam[r] == local.v_adam[r]);
+            }
         }
         // Array 0 spans both groups (n elements), array 1 only the matrices.
         for (std::size_t r = 0; r < workers; ++r) {
-            CHECK(b0[r] == all_reduce_bytes(n, r) + all_reduce_bytes(1, r));
-            CHECK(b1[r] == all_reduce_bytes(rows * cols, r) + all_reduce_bytes(1, r));
+            CHECK(s.b0[r] == all_reduce_bytes(n, r) + all_reduce_bytes(1, r));
+            CHECK(s.b1[r] == all_reduce_bytes(rows * cols, r) + all_reduce_bytes(1, r));
         }
     }
 }

@@ -1034,6 +1034,70 @@ TEST_CASE("syncs skipped for non-finite values in a row raise past the limit, na
     });
 }
 
+TEST_CASE("the round after a skipped sync draws fresh stochastic-rounding numbers") {
+    // The compressor's round counts skipped syncs too (compress/compressor.hpp: fresh draws at
+    // every sync), so the sync after a skipped one does not reuse the skipped round's draws.
+    // M = 1, H = 1, 2-bit blockwise with stochastic rounding, one seed. Run "replay": call 1
+    // syncs the pseudo-gradient lr g (round 0). Run "after skip": call 1's model is corrupted
+    // (skipped, back to the global values), then call 2 syncs the same lr g. Each element rounds
+    // alike in both runs with probability p^2 + (1 - p)^2, p = t - floor(t); the count of alike
+    // elements must lie within 6 standard deviations of that expectation (reused draws: all).
+    using opt_t =
+        loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::blockwise<2, 64>>;
+    constexpr std::size_t n = 512;
+    auto rng = loco_test::rng_for("skipped round fresh draws");
+    std::uniform_int_distribution<int> sixty_fourths(-32, 32);
+    std::vector<float> g(n);
+    for (auto& v : g) v = float(sixty_fourths(rng)) / 64.0f;  // lr g and 0 - lr g are exact
+    opt_t::config cfg;
+    cfg.inner = {.lr = 0.125f};
+    cfg.outer = {.lr = 1.0f};
+    cfg.compress = {.round = loco::compress::rounding::stochastic};
+    cfg.schedule = {.every = 1};
+    cfg.seed = rng();
+    CAPTURE(cfg.seed);
+    std::array<std::vector<float>, 2> global;  // [replay, after skip]
+    for (const bool skip_first : {false, true}) {
+        std::vector<float> x(n, 0.0f), gx(n, 0.0f);
+        loco::parameter_list list;
+        list.add("x", x, gx);
+        loco::comm::single comm;
+        opt_t opt(list, comm, cfg);
+        opt.start();
+        if (skip_first) {
+            x[0] = std::numeric_limits<float>::infinity();
+            opt.step();
+            REQUIRE(opt.skipped_syncs() == 1);
+            REQUIRE(x == std::vector<float>(n, 0.0f));
+        }
+        std::copy(g.begin(), g.end(), gx.begin());
+        opt.step();
+        REQUIRE(opt.outer_steps() == 1);
+        global[skip_first ? 1 : 0].assign(opt.global().begin(), opt.global().end());
+    }
+    double expected_alike = 0.0, variance = 0.0;
+    std::size_t alike = 0;
+    for (std::size_t block = 0; block < n; block += 64) {
+        double s = 0.0;
+        for (std::size_t i = block; i < block + 64; ++i) {
+            s = std::max(s, std::abs(double(g[i]) / 8));
+        }
+        for (std::size_t i = block; i < block + 64; ++i) {
+            const double t = s == 0.0 ? 1.5 : (double(g[i]) / 8 / s + 1.0) * 1.5;
+            const double p = t - std::floor(t);
+            const double q = s == 0.0 ? 1.0 : p * p + (1 - p) * (1 - p);
+            expected_alike += q;
+            variance += q * (1 - q);
+            alike += global[0][i] == global[1][i] ? 1 : 0;
+        }
+    }
+    CAPTURE(expected_alike);
+    CAPTURE(variance);
+    CHECK(alike < n);
+    CHECK(double(alike) <= expected_alike + 6.0 * std::sqrt(variance) + 1.0);
+    CHECK(double(alike) >= expected_alike - 6.0 * std::sqrt(variance) - 1.0);
+}
+
 TEST_CASE("the skip streak is a fragment's own: another fragment's syncs do not end it, and a "
           "checkpoint keeps it") {
     // fragment_periods {1, 4}: 'a' syncs every call, 'b' every fourth; rank 1's 'b' is NaN from

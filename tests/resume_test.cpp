@@ -2,6 +2,8 @@
 // schedules, two thread workers, fresh random gradients):
 //   * a checkpoint saved again right after load(), before the next step(), still holds the
 //     exchange in flight, so a run resumed from it is bit-identical to one never interrupted;
+//   * flush() or sync() as the first call after load() applies the exchange the checkpoint
+//     holds in flight as the handle that saved it applies its own, bit for bit;
 //   * sync() with an exchange in flight finishes it early, and the finish the schedule planned
 //     for it is skipped when due (the run goes on; a delayed round's new exchange still travels),
 //     also across a checkpoint taken in between;
@@ -170,6 +172,59 @@ void check_resumes(const std::string& label, const typename Opt::config& cfg, in
     }
 }
 
+// flush() (or sync()) as the first call after load(): the exchange the checkpoint holds in
+// flight is sent again and applied as the saving handle applies its own, so parameters, global
+// values and outer steps match bit for bit. After each call 1 .. `steps`, one handle finishes
+// at once; another resumes from its checkpoint first.
+template <class Opt>
+void check_finish_after_load(const std::string& label, const typename Opt::config& cfg,
+                             int steps) {
+    const inputs in(label, steps);
+    int carried = 0;  // the cases whose checkpoint held an exchange in flight
+    for (const bool every_fragment : {false, true}) {
+        for (int at = 1; at <= steps; ++at) {
+            const std::string finish = every_fragment ? "sync()" : "flush()";
+            INFO(label << ", " << finish << " after call " << at);
+            std::array<outcome, 2> out;  // [straight, resumed]
+            std::array<std::uint64_t, 2> outer_before{};
+            bool flying = false;
+            for (const bool resumed : {false, true}) {
+                loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+                    const auto r = static_cast<std::size_t>(comm.rank());
+                    worker_model m(in.init);
+                    auto opt = std::make_unique<Opt>(m.list, comm, cfg);
+                    for (int step = 1; step <= at; ++step) {
+                        m.set_gradients(in.grads[static_cast<std::size_t>(step - 1) * 2 + r]);
+                        opt->step();
+                    }
+                    outer_before[r] = opt->outer_steps();
+                    if (r == 0 && !resumed) {
+                        for (std::size_t f = 0; f < opt->fragments(); ++f) {
+                            flying |= opt->in_flight(f);
+                        }
+                    }
+                    if (resumed) resume(opt, m, cfg, comm, false);
+                    if (every_fragment) {
+                        opt->sync();
+                    } else {
+                        opt->flush();
+                    }
+                    auto& o = out[resumed ? 1 : 0];
+                    o.values[r] = m.values();
+                    o.global[r].assign(opt->global().begin(), opt->global().end());
+                    o.outer_steps[r] = opt->outer_steps();
+                });
+            }
+            if (flying) {
+                ++carried;
+                CHECK(out[0].outer_steps[0] > outer_before[0]);  // the exchange was applied
+            }
+            CHECK(out[1] == out[0]);
+        }
+    }
+    CHECK(carried >= 2);
+}
+
 }  // namespace
 
 TEST_CASE("a checkpoint saved again right after load() resumes as the first one does") {
@@ -187,6 +242,20 @@ TEST_CASE("a checkpoint saved again right after load() resumes as the first one 
                                 .outer = {.lr = 0.7f, .momentum = 0.9f},
                                 .schedule = {.every = 8, .fragments = 2, .overlap = 3}},
                                14);
+}
+
+TEST_CASE("flush() or sync() as the first call after load() applies the exchange the checkpoint "
+          "holds") {
+    check_finish_after_load<delayed_t>("finish after load, delayed",
+                                       {.inner = {.lr = 1e-2f},
+                                        .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                        .schedule = {.every = 3}},
+                                       7);
+    check_finish_after_load<streaming_t>("finish after load, streaming",
+                                         {.inner = {.lr = 1e-2f},
+                                          .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                          .schedule = {.every = 6, .fragments = 3, .overlap = 1}},
+                                         9);
 }
 
 TEST_CASE("sync() with an exchange in flight: the finish the schedule planned for it is skipped") {

@@ -8,8 +8,9 @@
 // fixture, a replica that crashes and rejoins: tests/torchft_recovery_test.cpp.) And the merge
 // for alpha = 0.25 and 0.75 (each of torch.lerp's two formulas, away from the fixtures' 0, 0.5
 // and 1) against a double-precision re-computation of algorithms.md section 3, and bit for bit
-// against ATen's fp32 lerp. Also: layer_of's fragments (sequential: floor(l P / L); strided:
-// l mod P), and each fragment's stochastic rounding drawing its own numbers.
+// against ATen's fp32 lerp at 0.25, 0.5 (on random data) and 0.75. Also: layer_of's fragments
+// (sequential: floor(l P / L); strided: l mod P), and each fragment's stochastic rounding drawing
+// its own numbers.
 #include <doctest/doctest.h>
 
 #include "support/compare.hpp"
@@ -655,21 +656,24 @@ TEST_CASE("streaming: with layer_of, sequential gives fragment p the layers l wi
     }
 }
 
-TEST_CASE("streaming: the merge is torch.lerp's fp32 arithmetic bit for bit at alpha 0.25 and 0.75") {
+TEST_CASE("streaming: the merge is torch.lerp's fp32 arithmetic bit for bit at alpha 0.25, 0.5 and "
+          "0.75") {
     // torchft merges local <- torch.lerp(global, local, alpha), and ATen's lerp kernel
     // (aten/src/ATen/native/Lerp.h) computes, in the tensor's dtype,
     //   |weight| < 0.5:  start + weight * (end - start)
-    //   otherwise:       end - (end - start) * (1 - weight)
+    //   otherwise:       end - (end - start) * (1 - weight)   (weight 0.5 included)
     // Mathematically equal forms (alpha local + (1 - alpha) global) round differently, which the
     // merge test above (within 1e-5, or on exact data) cannot tell apart. Two workers, H = 4,
     // P = 2, tau = 1, 12 calls, 2 x 500 random normal elements, inner SGD at lr 0.5 (so the inner
     // step x - 0.5 g is one fp32 rounding): at every call each local value must be, bit for bit,
     // the inner step, or where its fragment's global values were just updated, ATen's formula on
-    // the new global value and that inner step. At alpha 0.25 and 0.75 the products by 0.25 are
-    // exact, so the reference is the same on a compiler that contracts to FMA.
+    // the new global value and that inner step. At alpha 0.5 the two formulas differ in the last
+    // bit for some random pairs, so 0.5 pins the boundary to the second one. At 0.25, 0.5 and
+    // 0.75 the products by 0.25 or 0.5 are exact, so the reference is the same on a compiler
+    // that contracts to FMA.
     constexpr std::size_t half = 500;
     constexpr int calls = 12;
-    for (const float alpha : {0.25f, 0.75f}) {
+    for (const float alpha : {0.25f, 0.5f, 0.75f}) {
         CAPTURE(alpha);
         auto rng = loco_test::rng_for("streaming merge lerp bits");
         const auto init = loco_test::normal_floats(rng, 2 * half);
