@@ -357,7 +357,11 @@ std::vector<float> mnc_round(const typename C::hyper& ch, bool clip) {
 // index; every element with k = 0), in double, then templar's aggregate over the senders.
 std::vector<double> mnc_reference(double ratio, bool clip) {
     std::vector<double> out;
-    for (const auto& [offset, size] : {std::pair<std::size_t, std::size_t>{0, 8}, {8, 4}}) {
+    for (const auto& tensor : {std::pair<std::size_t, std::size_t>{0, 8}, {8, 4}}) {
+        // Named copies, not a structured binding: the comparator below captures the offset, which
+        // clang before 16 refuses for a binding.
+        const std::size_t offset = tensor.first;
+        const std::size_t size = tensor.second;
         const std::size_t k =
             ratio == 0 ? size
                        : std::min(size, std::max<std::size_t>(
