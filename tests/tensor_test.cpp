@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -232,4 +233,18 @@ TEST_CASE("tensor: as_view of a view is the same view, and views convert to cons
     const loco::tensor_view<const float> c = m;  // every field survives the conversion
     check_view(loco::as_view(c), cells, 6, 2, 3, loco::memory_space::cuda);
     static_assert(std::is_same_v<decltype(loco::as_view(c)), loco::tensor_view<const float>>);
+}
+
+TEST_CASE("tensor: a matrix of exactly SIZE_MAX elements is not an overflow, one row more is") {
+    // rows * cols == SIZE_MAX fits std::size_t (3 * 0x5555...5, and (2^32 - 1) * (2^32 + 1) on
+    // 64-bit hosts). The pointer is never dereferenced.
+    float cell = 0.0f;
+    const std::size_t third = SIZE_MAX / 3;
+    CHECK(loco::host_matrix(&cell, third, 3).size == SIZE_MAX);
+    CHECK(loco::cuda_matrix(&cell, 3, third).size == SIZE_MAX);
+    const std::size_t half = std::size_t{1} << (sizeof(std::size_t) * 4);
+    CHECK(loco::host_matrix(&cell, half - 1, half + 1).size == SIZE_MAX);
+    CHECK_THROWS_AS(loco::host_matrix(&cell, third + 1, 3), loco::shape_error);
+    CHECK_THROWS_AS(loco::cuda_matrix(&cell, 3, third + 1), loco::shape_error);
+    CHECK_THROWS_AS(loco::host_matrix(&cell, half, half + 1), loco::shape_error);
 }
