@@ -187,3 +187,60 @@ TEST_CASE("sync bytes on GPT-2's layout: every, streaming and streaming + 4-bit 
         }
     }
 }
+
+TEST_CASE("GPT-2's layout: Hugging Face's names, shapes and roles in order, and the XL count") {
+    // Written from GPT-2's state dict (transformers' GPT2Model; Conv1D weights are in x out):
+    // wte (V, C), wpe (T, C), per layer ln_1 (C) x2, attn.c_attn (C, 3C) + (3C), attn.c_proj
+    // (C, C) + (C), ln_2 (C) x2, mlp.c_fc (C, 4C) + (4C), mlp.c_proj (4C, C) + (C); ln_f (C) x2.
+    const loco_bench::gpt2_shape shape{.vocab = 50, .context = 8, .width = 16, .layers = 3};
+    const loco_bench::gpt2_model model(shape);
+    const std::size_t c = shape.width;
+    struct want {
+        std::string name;
+        std::size_t rows, cols;  // rows 0: a vector of cols elements
+        loco::role role;
+    };
+    std::vector<want> w{{"wte", 50, c, loco::role::embedding},
+                        {"wpe", 8, c, loco::role::embedding}};
+    for (std::size_t l = 0; l < shape.layers; ++l) {
+        const std::string h = "h." + std::to_string(l) + ".";
+        for (const want& t : std::vector<want>{
+                 {"ln_1.weight", 0, c, loco::role::vector},
+                 {"ln_1.bias", 0, c, loco::role::vector},
+                 {"attn.c_attn.weight", c, 3 * c, loco::role::matrix},
+                 {"attn.c_attn.bias", 0, 3 * c, loco::role::vector},
+                 {"attn.c_proj.weight", c, c, loco::role::matrix},
+                 {"attn.c_proj.bias", 0, c, loco::role::vector},
+                 {"ln_2.weight", 0, c, loco::role::vector},
+                 {"ln_2.bias", 0, c, loco::role::vector},
+                 {"mlp.c_fc.weight", c, 4 * c, loco::role::matrix},
+                 {"mlp.c_fc.bias", 0, 4 * c, loco::role::vector},
+                 {"mlp.c_proj.weight", 4 * c, c, loco::role::matrix},
+                 {"mlp.c_proj.bias", 0, c, loco::role::vector}}) {
+            w.push_back({h + t.name, t.rows, t.cols, t.role});
+        }
+    }
+    w.push_back({"ln_f.weight", 0, c, loco::role::vector});
+    w.push_back({"ln_f.bias", 0, c, loco::role::vector});
+    const auto& params = model.params();
+    REQUIRE(params.size() == w.size());
+    const auto layer_of = loco_bench::by_transformer_layer(shape.layers).layer_of;
+    for (std::size_t i = 0; i < w.size(); ++i) {
+        const auto& p = params[i];
+        CAPTURE(w[i].name);
+        CHECK(p.name == w[i].name);
+        CHECK(p.value.rows == w[i].rows);
+        CHECK(p.value.cols == (w[i].rows == 0 ? 0 : w[i].cols));
+        CHECK(p.value.size == (w[i].rows == 0 ? 1 : w[i].rows) * w[i].cols);
+        CHECK(p.role == w[i].role);
+        // Fragments by transformer layer: h.l is layer l, the embeddings layer 0, ln_f the last.
+        const std::size_t layer = w[i].name.rfind("h.", 0) == 0 ? std::stoul(w[i].name.substr(2))
+                                  : w[i].name.rfind("ln_f.", 0) == 0 ? shape.layers - 1
+                                                                      : 0;
+        CHECK(layer_of(p) == layer);
+    }
+    // GPT-2 XL (d = 1600, 48 layers, tied head): 1,557,611,200 parameters, the "1.5B" list of
+    // bench/cuda/kernels.cu and bench/torch_reference.py.
+    CHECK(loco_bench::gpt2_shape{.width = 1600, .layers = 48}.parameters() == 1557611200u);
+    CHECK(loco_bench::gpt2_shape{.width = 1024, .layers = 24}.parameters() == 354823168u);
+}

@@ -121,3 +121,78 @@ TEST_CASE("wan model: bad input is refused") {
                     loco::invalid_argument);
     CHECK_THROWS_AS(wan::bandwidth_for(m, {0.1, 4, 1.0 / 3}, 1.0), loco::invalid_argument);
 }
+
+TEST_CASE("wan model: a piece past the last layer, no layers and a target of 0 are refused") {
+    const wan::step_model c{0.1, 4, 1.0 / 3};
+    // Layer L does not exist (layers are 0 .. L - 1), even though L itself is the count.
+    CHECK_THROWS_AS(wan::exposed({{4, 1e6}}, c, {1e9, 0.0}), loco::invalid_argument);
+    CHECK_NOTHROW(wan::exposed({{3, 1e6}}, c, {1e9, 0.0}));
+    // No layers at all: refused even for a sync with no pieces (b would divide by zero).
+    CHECK_THROWS_AS(wan::exposed({}, {0.1, 0, 1.0 / 3}, {1e9, 0.0}), loco::invalid_argument);
+    const wan::method m{{wan::spread(1e6, wan::all_layers(4))}, 10, 0};
+    CHECK_THROWS_AS(wan::bandwidth_for(m, c, 0.0), loco::invalid_argument);
+    CHECK_THROWS_AS(wan::bandwidth_for(m, c, -0.5), loco::invalid_argument);
+}
+
+TEST_CASE("wan model: a sync that ends inside the backward pass exposes nothing") {
+    // One small piece of the last layer (L - 1), ready at f C + b, leaves long before C:
+    // E = max(0, f C + b + t - C) = 0, never negative.
+    auto rng = loco_test::rng_for("wan model hidden");
+    for (int trial = 0; trial < 20; ++trial) {
+        const std::size_t layers = std::uniform_int_distribution<std::size_t>(2, 64)(rng);
+        const wan::step_model c{uniform(rng, 0.01, 5.0), layers, 1.0 / 3};
+        const double l = static_cast<double>(layers);
+        const double b = (2.0 / 3.0) * c.seconds / l;
+        const double t = b * uniform(rng, 0.01, 0.9);  // shorter than one layer's backward
+        const double bandwidth = 1e9;
+        const wan::sync_bytes s{{layers - 1, t * bandwidth / 8.0}};
+        CAPTURE(layers);
+        CHECK(wan::exposed(s, c, {bandwidth, 0.0}) == 0.0);
+        // Ready at f C + (L - l) b for the piece of layer l: the first layer's ends at C + t.
+        const wan::sync_bytes first{{0, t * bandwidth / 8.0}};
+        CHECK(wan::exposed(first, c, {bandwidth, 0.0}) == doctest::Approx(t).epsilon(1e-9));
+    }
+}
+
+TEST_CASE("wan model: the bandwidth reported for a target reaches it") {
+    auto rng = loco_test::rng_for("wan model reaches");
+    for (int trial = 0; trial < 50; ++trial) {
+        const std::size_t layers = std::uniform_int_distribution<std::size_t>(1, 64)(rng);
+        const wan::step_model c{uniform(rng, 0.01, 5.0), layers, 1.0 / 3};
+        const std::uint64_t h = std::uniform_int_distribution<std::uint64_t>(1, 500)(rng);
+        const double target = uniform(rng, 0.3, 0.995);
+        const double latency = trial % 2 ? uniform(rng, 0.0, 1e-4) : 0.0;
+        const wan::method m{{wan::spread(uniform(rng, 1e6, 1e11), wan::all_layers(layers))}, h, 0};
+        CAPTURE(layers);
+        CAPTURE(target);
+        const double bw = wan::bandwidth_for(m, c, target, latency);
+        if (std::isinf(bw)) {  // latency alone caps the utilisation below the target
+            CHECK(wan::utilisation(m, c, {1e15, latency}) < target);
+            continue;
+        }
+        // The smallest such bandwidth (to rounding): it reaches the target, 1e-9 less does not.
+        CHECK(wan::utilisation(m, c, {bw, latency}) >= target);
+        CHECK(wan::utilisation(m, c, {bw * (1 - 1e-9), latency}) < target);
+    }
+}
+
+TEST_CASE("wan model: the paper's bandwidth grid (50 points, 0.1 to 1000 Gbit/s, log-spaced)") {
+    for (int k = 0; k < 50; ++k) {
+        const double g = std::pow(10.0, -1.0 + 4.0 * k / 49.0);
+        CAPTURE(k);
+        // A grid point is its own ceiling, also when computed with a rounding error below it.
+        CHECK(wan::paper_grid_ceil(g) == doctest::Approx(g).epsilon(1e-12));
+        CHECK(wan::paper_grid_ceil(g * (1 - 1e-14)) == doctest::Approx(g).epsilon(1e-12));
+        if (k + 1 < 50) {
+            const double next = std::pow(10.0, -1.0 + 4.0 * (k + 1) / 49.0);
+            CHECK(wan::paper_grid_ceil(g * (1 + 1e-6)) == doctest::Approx(next).epsilon(1e-12));
+        }
+    }
+    // Points the paper prints (docs/wan.md): 86.8, 104.8, 569.0 and the ends of the grid.
+    CHECK(wan::paper_grid_ceil(80.0) == doctest::Approx(86.851).epsilon(1e-4));
+    CHECK(wan::paper_grid_ceil(87.0) == doctest::Approx(104.811).epsilon(1e-4));
+    CHECK(wan::paper_grid_ceil(500.0) == doctest::Approx(568.987).epsilon(1e-4));
+    CHECK(wan::paper_grid_ceil(0.0) == doctest::Approx(0.1).epsilon(1e-12));
+    CHECK(wan::paper_grid_ceil(999.0) == doctest::Approx(1000.0).epsilon(1e-12));
+    CHECK(std::isinf(wan::paper_grid_ceil(1000.5)));
+}

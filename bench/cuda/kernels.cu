@@ -792,7 +792,35 @@ void aggregate_cost(benchmark::State& state) {
     }
 }
 
+// The GPT-2 lists hold GPT-2's parameters, 124,439,808 and 1,557,611,200 elements with the head
+// tied (bench/run_gpu.sh scales PyTorch's per-element figure to the latter; smoke mode's stand-ins:
+// V C + T C + L (12 C^2 + 13 C) + 2 C), and the chunked rows' matrices are the same tensors.
+// Exits with 1 otherwise, before anything is measured.
+void check_lists() {
+    const auto expect = [](std::size_t c, std::size_t layers) {
+        return gpt2_vocab() * c + gpt2_context() * c + layers * (12 * c * c + 13 * c) + 2 * c;
+    };
+    const std::size_t want[2] = {smoke() ? expect(32, 1) : 124439808,
+                                 smoke() ? expect(64, 2) : 1557611200};
+    bool ok = true;
+    for (int which = 0; which < 2; ++which) {
+        const auto segs = list_segments(which);
+        const auto& sizes = parameter_list(which);
+        ok = ok && list_elements(which) == want[which] && segs.size() == sizes.size();
+        for (std::size_t i = 0; ok && i < segs.size(); ++i) {
+            ok = segs[i].size == sizes[i] && segs[i].rows * segs[i].cols == sizes[i];
+        }
+    }
+    if (!ok) {
+        std::printf("bench_cuda_kernels: the GPT-2 parameter lists are not GPT-2's (%zu and %zu "
+                    "elements, want %zu and %zu)\n",
+                    list_elements(0), list_elements(1), want[0], want[1]);
+        std::exit(1);
+    }
+}
+
 void register_all() {
+    check_lists();
     using loco::bf16;
     using loco::inner::adamw;
     using loco::inner::sgd;
