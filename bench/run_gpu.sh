@@ -14,6 +14,10 @@
 #                         for a GPU machine without them (carry build/pydeps with the run)
 #   LOCO_GPU_PREBUILT=dir bash bench/run_gpu.sh   # run binaries built elsewhere for sm_90
 #                         (dir holds loco_cuda_tests, bench_cuda_kernels, bench_cuda_muon)
+#   LOCO_GPU_DEADLINE_S=540 bash bench/run_gpu.sh # every step ends within 540 s of the start:
+#                         a step still running 15 s before then is stopped (exit 124, "timed
+#                         out") and the later ones are not run, so the summary and the files
+#                         under $OUT still come back from a call with a time limit
 #   extra arguments go to the benchmark program (e.g. --benchmark_filter=adamw)
 #
 # Files under $OUT, at most 8 (the lent machine returns no more than 8):
@@ -32,6 +36,7 @@
 # Exit status: 0 when every step that ran passed; otherwise the first failing step's, in the
 # order build (a target that failed), CUDA tests, Python CUDA test, kernel benchmarks, Muon
 # benchmarks, PyTorch reference (a benchmark program exits 1 when one of its rows failed);
+# a step LOCO_GPU_DEADLINE_S stopped counts as failing with 124 ("timed out" in the summary);
 # otherwise 77 when the test program or a benchmark program found no GPU (a skip, not a pass).
 # The Python test's and the PyTorch reference's 77 (no CUDA PyTorch) is shown, not counted.
 # LOCO_BENCH_SMOKE=1 with LOCO_GPU_PREBUILT set to the emulated programs runs the whole script on
@@ -63,12 +68,33 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 step() { echo; echo "== $*"; }
 
+# limited CMD...: CMD, stopped when LOCO_GPU_DEADLINE_S is set and its time is up (15 s before
+# the deadline, kept for the summary); 124 when stopped or not started for want of time.
+deadline=
+if [[ -n "${LOCO_GPU_DEADLINE_S:-}" ]]; then
+  [[ "$LOCO_GPU_DEADLINE_S" =~ ^[0-9]+$ ]] ||
+    { echo "LOCO_GPU_DEADLINE_S=$LOCO_GPU_DEADLINE_S is not a number of seconds"; exit 2; }
+  deadline=$(( $(date +%s) + LOCO_GPU_DEADLINE_S ))
+fi
+limited() {
+  [[ -z "$deadline" ]] && { "$@"; return; }
+  local left=$(( deadline - 15 - $(date +%s) ))
+  if (( left <= 0 )); then
+    echo "not started: LOCO_GPU_DEADLINE_S is up"
+    return 124
+  fi
+  timeout --kill-after=5 "$left" "$@"
+}
+
 rc=0         # the exit status, as the header says
 failures=()  # the failing steps, for the summary
 # record STEP STATUS: one step's outcome into the exit status; 77 is a skip, never a failure.
 record() {
   if [[ "$2" == 77 ]]; then
     [[ "$rc" == 0 ]] && rc=77
+  elif [[ "$2" == 124 && -n "$deadline" ]]; then
+    failures+=("$1 (timed out: LOCO_GPU_DEADLINE_S)")
+    [[ "$rc" == 0 || "$rc" == 77 ]] && rc=124
   elif [[ "$2" != 0 ]]; then
     failures+=("$1 (exit $2)")
     [[ "$rc" == 0 || "$rc" == 77 ]] && rc=$2
@@ -123,7 +149,7 @@ else
     # benchmark leaves the tests and the other programs to run, and the Python module's nvcc
     # (minutes) runs beside the others' instead of after the tests.
     echo "== build ${targets[*]}" >>"$log"
-    cmake --build build-gpu -j "$jobs" --target "${targets[@]}" -- -k 0 >>"$log" 2>&1
+    limited cmake --build build-gpu -j "$jobs" --target "${targets[@]}" -- -k 0 >>"$log" 2>&1
     build_rc=$?
     for t in "${targets[@]}"; do built[$t]=0; done
     if [[ "$build_rc" != 0 ]]; then
@@ -134,7 +160,7 @@ else
       # build's, can tell.)
       for t in "${targets[@]}"; do
         echo "== build $t alone (did it fail?)" >>"$log"
-        cmake --build build-gpu -j "$jobs" --target "$t" >>"$log" 2>&1
+        limited cmake --build build-gpu -j "$jobs" --target "$t" >>"$log" 2>&1
         target_rc=$?
         if [[ "$target_rc" != 0 ]]; then
           built[$t]=failed
@@ -161,7 +187,7 @@ if [[ -z "${LOCO_GPU_SKIP_TESTS:-}" ]]; then
   step "CUDA tests"
   if [[ "${built[loco_cuda_tests]:-}" == 0 ]]; then
     start=$(date +%s)
-    "${bin[loco_cuda_tests]}" --duration=true 2>&1 | tee "$OUT/cuda_tests.log"
+    limited "${bin[loco_cuda_tests]}" --duration=true 2>&1 | tee "$OUT/cuda_tests.log"
     tests_rc=${PIPESTATUS[0]}
     echo "tests exit $tests_rc in $(( $(date +%s) - start )) s"
     record "CUDA tests" "$tests_rc"
@@ -182,7 +208,7 @@ if [[ -z "${LOCO_GPU_SKIP_PYTHON:-}" && -z "${LOCO_GPU_PREBUILT:-}" ]]; then
   elif [[ "${built[loco_python]}" == 0 ]]; then
     start=$(date +%s)
     py=$(sed -n 's/^Python3_EXECUTABLE:[A-Z]*=//p' build-gpu/CMakeCache.txt)
-    PYTHONPATH=$PWD/build-gpu/python "${py:-python3}" tests/python/test_cuda.py 2>&1 |
+    PYTHONPATH=$PWD/build-gpu/python limited "${py:-python3}" tests/python/test_cuda.py 2>&1 |
       tee "$OUT/python_cuda.log"
     python_rc=${PIPESTATUS[0]}
     echo "Python CUDA test exit $python_rc in $(( $(date +%s) - start )) s"
@@ -196,7 +222,7 @@ bench_rc=skipped muon_rc=skipped torch_rc=skipped
 if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
   step "kernel benchmarks"
   if [[ "${built[bench_cuda_kernels]:-}" == 0 ]]; then
-    LOCO_BENCH_SUMMARY="$OUT/summary.txt" "${bin[bench_cuda_kernels]}" \
+    LOCO_BENCH_SUMMARY="$OUT/summary.txt" limited "${bin[bench_cuda_kernels]}" \
       --benchmark_out="$OUT/bench.json" --benchmark_out_format=json \
       --benchmark_counters_tabular=true "$@" 2>&1 | tee -a "$OUT/bench.log"
     bench_rc=${PIPESTATUS[0]}
@@ -208,7 +234,7 @@ if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
   if [[ -z "${LOCO_GPU_SKIP_MUON:-}" ]]; then
     step "Muon benchmarks"
     if [[ "${built[bench_cuda_muon]:-}" == 0 ]]; then
-      LOCO_BENCH_SUMMARY="$OUT/summary.txt" "${bin[bench_cuda_muon]}" \
+      LOCO_BENCH_SUMMARY="$OUT/summary.txt" limited "${bin[bench_cuda_muon]}" \
         --benchmark_out="$OUT/muon.json" --benchmark_out_format=json \
         --benchmark_counters_tabular=true 2>&1 | tee -a "$OUT/bench.log"
       muon_rc=${PIPESTATUS[0]}
@@ -226,7 +252,7 @@ if [[ -z "${LOCO_GPU_SKIP_BENCH:-}" ]]; then
     torch_rc="skipped (no python3)"
   else
     step "PyTorch reference"
-    python3 bench/torch_reference.py --out "$OUT/torch.txt" 2>&1 | tee -a "$OUT/bench.log"
+    limited python3 bench/torch_reference.py --out "$OUT/torch.txt" 2>&1 | tee -a "$OUT/bench.log"
     torch_rc=${PIPESTATUS[0]}
     [[ "$torch_rc" != 77 ]] && record "PyTorch reference" "$torch_rc"
   fi
@@ -234,7 +260,8 @@ fi
 
 # outcome STEP STATUS LEGEND: one summary line; a step that did not run says why instead.
 outcome() {
-  if [[ "$2" =~ ^[0-9]+$ ]]; then echo "$1: exit $2 ($3)"; else echo "$1: $2"; fi
+  if [[ "$2" == 124 && -n "$deadline" ]]; then echo "$1: timed out (LOCO_GPU_DEADLINE_S)"
+  elif [[ "$2" =~ ^[0-9]+$ ]]; then echo "$1: exit $2 ($3)"; else echo "$1: $2"; fi
 }
 step "summary"
 outcome "CUDA tests" "$tests_rc" "0 passed, 77 skipped without a GPU"
