@@ -15,6 +15,8 @@
 //   * streaming refuses H or tau changed while an exchange they planned is in flight;
 //   * a checkpoint of format 1 (written before format 2 added the fields this needs) still loads;
 //   * warmup<S> records what it wraps (format 3), and its format 2 checkpoints still load;
+//   * an optimizer checkpoint of format 5 (no names) still loads; format 4 diloco streams carry
+//     the handle's skip streak into its fragment and a delayed planned finish with nothing;
 //   * a shared bad compressor setting changes nothing and the run goes on; a handle left out of
 //     step by a refused start is in step again after every rank's load();
 //   * golden format 6 checkpoints (a wallclock handle, an EDiT handle) read back their counters
@@ -790,6 +792,61 @@ TEST_CASE("an optimizer checkpoint records its parameters' names (format 6): the
     check(std::type_identity<grouped>{});
 }
 
+TEST_CASE("an optimizer checkpoint of format 5 (shapes, no names) still loads") {
+    // Written by loco at commit 4a9ab83 (format 5: the shapes, not yet the names) from the run
+    // below: AdamW at lr 0.125 on w (2 x 3) = {1, ..., 6} / 4 and b = {0.5, -1}, three steps,
+    // the gradient of call s w_i = (i + 1) s / 8, b = (s, -s / 2). Read as format 6, the
+    // parameter count after the shapes would be taken for a name.
+    const std::string format5 = bytes_from_hex(
+        "4c4f434f434b50540500000009000000000000006f7074696d697a657202000000000000000200000000000000030000"
+        "000000000000000000000000000000000000000000020000000000000006000000000000000200000000000000030000"
+        "0000000000000000000000000005000000000000006164616d7702000000000000001000000000000000b49d8f3db49d"
+        "0f3e8e6c573eb49d8f3e2185b33e8e6cd73eb49d0f3fb49d8fbe5d642f3c5d642f3de850c53d5d642f3e6806893ee850"
+        "c53e5d642f3f5d642f3eed563e1956008e57");
+    REQUIRE(format5.size() == 210);
+    REQUIRE(static_cast<unsigned char>(format5[8]) == 5);
+    using opt_t = loco::optimizer<loco::inner::adamw>;
+    struct run {
+        std::vector<float> w{0.25f, 0.5f, 0.75f, 1.0f, 1.25f, 1.5f}, gw = std::vector<float>(6),
+            b{0.5f, -1.0f}, gb = std::vector<float>(2);
+        loco::parameter_list list;
+        opt_t opt;
+        run() : list(listed()), opt(list, {.inner = {.lr = 0.125f}}) {}
+        run(const run&) = delete;  // the list points into the vectors
+        void call(int s) {
+            for (int i = 0; i < 6; ++i) gw[i] = float(i + 1) * float(s) / 8.0f;
+            gb = {float(s), -float(s) / 2.0f};
+            opt.step();
+        }
+        loco::parameter_list listed() {
+            loco::parameter_list l;
+            l.add_views("w", loco::host_matrix(w.data(), 2, 3),
+                        loco::host_matrix(static_cast<const float*>(gw.data()), 2, 3));
+            l.add("b", b, gb);
+            return l;
+        }
+    };
+    run straight, resumed;
+    for (int s = 1; s <= 3; ++s) straight.call(s);
+    // What the run of commit 4a9ab83 ended with.
+    CHECK(straight.w == std::vector<float>{-0x1.e1260ap-4f, 0x1.f8edeap-4f, 0x1.74c078p-2f,
+                                           0x1.35a2bcp-1f, 0x1.b0e53cp-1f, 0x1.1613dep+0f});
+    CHECK(straight.b == std::vector<float>{0x1.f8edeap-4f, -0x1.35a2bcp-1f});
+    std::istringstream is(format5);
+    REQUIRE_NOTHROW(resumed.opt.load(is));
+    CHECK(resumed.opt.steps() == 3);
+    // The same state: saved again (format 6, with the names), the bytes of this build's run.
+    CHECK(saved(resumed.opt) == saved(straight.opt));
+    resumed.w = straight.w;
+    resumed.b = straight.b;
+    for (int s = 4; s <= 5; ++s) {
+        straight.call(s);
+        resumed.call(s);
+    }
+    CHECK(resumed.w == straight.w);
+    CHECK(resumed.b == straight.b);
+}
+
 TEST_CASE("an exchange in flight restarts with the outer lr it was encoded with, and one started "
           "with other compressor settings is refused") {
     // MuLoCo's error feedback folds the outer lr into its buffer, and the trainer moves the outer
@@ -933,6 +990,98 @@ TEST_CASE("a format 4 stream with an exchange in flight, saved again before its 
         return w;
     };
     CHECK(resume(format4, true) == resume(format4, false));
+}
+
+TEST_CASE("format 4 streams: the handle's skip streak carries into its fragment, and a planned finish with nothing counts as a started round") {
+    // Formats 1 to 4 recorded one skip streak for the handle (not one per fragment) and did not
+    // record whether the delayed schedule had started a round: load() derives both. Written by
+    // loco at commit e0cdba3 (format 4) from the runs below (comm::single, one_tensor_run, inner
+    // SGD lr 0.5, outer SGD lr 1); each loaded stream, saved again, gives this build's own run's
+    // bytes, and the runs go on alike.
+    loco::comm::single comm;
+    SUBCASE("a streak of one skipped sync on 'w'") {
+        // every H = 2, max_skipped_syncs 2, w[1] NaN before call 2: the sync is skipped (the
+        // local values back to the global {1, 2}); saved after call 2.
+        const std::string format4 = bytes_from_hex(
+            "4c4f434f434b505404000000060000000000000064696c6f636f09000000000000006f757465725f7367640400000000"
+            "0000006e6f6e650500000000000000657665727904000000000000006e6f6e650d00000000000000667261676d656e74"
+            "20303a207701000000000000000000000000000000000000000000000004000000000000006d65616e0e000000000000"
+            "006f757465725f736764206c723d31010000000000000000000000000000000200000000000000010000000000000001"
+            "000000000000000100000000000000770000000000000000000000000000000001000000000000000200000000000000"
+            "020000000000000000000000000000000300000000000000736764010000000000000002000000000000000000000000"
+            "00000002000000000000000000803f0000004000000000000000000a00000000000000616c6c5f726564756365000000"
+            "000000000001000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+            "000000000000000000000000000000000000000000f3a5ea479b28dc02");
+        REQUIRE(format4.size() == 413);
+        REQUIRE(static_cast<unsigned char>(format4[8]) == 4);
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd>;
+        const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 1.0f},
+                                .schedule = {.every = 2}, .max_skipped_syncs = 2};
+        one_tensor_run<opt_t> straight(comm, cfg);
+        straight.call(1);
+        straight.w[1] = std::numeric_limits<float>::quiet_NaN();
+        straight.call(2);
+        REQUIRE(straight.opt.skipped_syncs() == 1);
+        REQUIRE(straight.w == std::vector<float>{1.0f, 2.0f});
+        one_tensor_run<opt_t> resumed(comm, cfg, straight.w);
+        std::istringstream is(format4);
+        resumed.opt.load(is);
+        CHECK(saved(resumed.opt) == saved(straight.opt));
+        // Two more skipped syncs (calls 4 and 6): the third in a row raises, in both runs at
+        // call 6 (a streak restarted from 0 would let call 6 pass).
+        for (auto* run : {&straight, &resumed}) {
+            int raised_at = 0;
+            for (int s = 3; s <= 6 && raised_at == 0; ++s) {
+                if (s % 2 == 0) run->w[1] = std::numeric_limits<float>::quiet_NaN();
+                try {
+                    run->call(s);
+                } catch (const loco::nonfinite_error& e) {
+                    raised_at = s;
+                    CHECK(std::string(e.what()).find("3 syncs in a row") != std::string::npos);
+                }
+            }
+            CHECK(raised_at == 6);
+        }
+    }
+    SUBCASE("delayed: the finish planned for an exchange sync() applied early") {
+        // delayed H = 3: round 1's exchange starts at call 3; sync() after call 4 applies it
+        // early (2 outer steps), and the finish planned at call 6 has nothing. Saved then.
+        const std::string format4 = bytes_from_hex(
+            "4c4f434f434b505404000000060000000000000064696c6f636f09000000000000006f757465725f7367640400000000"
+            "0000006e6f6e65070000000000000064656c6179656404000000000000006e6f6e650d00000000000000667261676d65"
+            "6e7420303a207701000000000000000000000000000000000000000000000004000000000000006d65616e0e00000000"
+            "0000006f757465725f736764206c723d3101000000000000000000000000000000040000000000000000000000000000"
+            "000000000000000000000000000000000000000000000000000000000000000000010000000000000002000000000000"
+            "000400000000000000000000000000000003000000000000007367640100000000000000020000000000000000000000"
+            "000000000200000000000000000000bf0000704000000000000000000a00000000000000616c6c5f7265647563650200"
+            "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+            "0000000000000000000000000000010000000000000020f8ca8cbeeb09bd");
+        REQUIRE(format4.size() == 414);
+        REQUIRE(static_cast<unsigned char>(format4[8]) == 4);
+        using opt_t = loco::diloco<loco::inner::sgd, loco::outer::sgd, loco::compress::none,
+                                   loco::schedule::delayed>;
+        const opt_t::config cfg{.inner = {.lr = 0.5f}, .outer = {.lr = 1.0f},
+                                .schedule = {.every = 3}};
+        one_tensor_run<opt_t> straight(comm, cfg);
+        for (int s = 1; s <= 4; ++s) straight.call(s);
+        straight.opt.sync();
+        REQUIRE(straight.opt.outer_steps() == 2);
+        REQUIRE(straight.w == std::vector<float>{-0.5f, 3.75f});
+        one_tensor_run<opt_t> resumed(comm, cfg, straight.w);
+        std::istringstream is(format4);
+        resumed.opt.load(is);
+        CHECK(saved(resumed.opt) == saved(straight.opt));
+        for (int s = 5; s <= 10; ++s) {
+            straight.call(s);
+            resumed.call(s);
+        }
+        straight.opt.sync();
+        resumed.opt.sync();
+        CHECK(resumed.w == straight.w);
+        CHECK(resumed.opt.outer_steps() == straight.opt.outer_steps());
+        CHECK(std::vector<float>(resumed.opt.global().begin(), resumed.opt.global().end()) ==
+              std::vector<float>(straight.opt.global().begin(), straight.opt.global().end()));
+    }
 }
 
 TEST_CASE("a skip streak whose tensor has a name over 4096 bytes saves and loads") {

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include "../support/compare.hpp"
+#include "../support/hex.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
 #include "handles.cuh"
@@ -169,6 +170,77 @@ TEST_CASE("tensor tables carry matrix shapes: checkpoints refuse another shape, 
                          "loco: the checkpoint's parameter 'x' is 2 x 3 but this handle's is "
                          "3 x 2; load a checkpoint of this model",
                          loco::checkpoint_error);
+}
+
+TEST_CASE("host optimizer checkpoints of formats 4 and 5 load into cuda::optimizer, and a corrupted one changes nothing") {
+    // The stream of tests/resume_test.cpp's format 5 test, written by loco at commit 4a9ab83:
+    // AdamW at lr 0.125 on w (2 x 3) and b (2), three steps; and the same run written at commit
+    // e0cdba3 (format 4: no shapes). The GPU optimizer reads the old formats as the host one
+    // does: the same step count and states, bit for bit, and the same bytes saved again
+    // (format 6).
+    const std::string format4 = loco_test::bytes_from_hex(
+        "4c4f434f434b50540400000009000000000000006f7074696d697a657202000000000000000600000000000000020000"
+        "00000000000300000000000000000000000000000005000000000000006164616d770200000000000000100000000000"
+        "0000b49d8f3db49d0f3e8e6c573eb49d8f3e2185b33e8e6cd73eb49d0f3fb49d8fbe5d642f3c5d642f3de850c53d5d64"
+        "2f3e6806893ee850c53e5d642f3f5d642f3ec1c58cd53977670d");
+    REQUIRE(static_cast<unsigned char>(format4[8]) == 4);
+    const std::string format5 = loco_test::bytes_from_hex(
+        "4c4f434f434b50540500000009000000000000006f7074696d697a657202000000000000000200000000000000030000"
+        "000000000000000000000000000000000000000000020000000000000006000000000000000200000000000000030000"
+        "0000000000000000000000000005000000000000006164616d7702000000000000001000000000000000b49d8f3db49d"
+        "0f3e8e6c573eb49d8f3e2185b33e8e6cd73eb49d0f3fb49d8fbe5d642f3c5d642f3de850c53d5d642f3e6806893ee850"
+        "c53e5d642f3f5d642f3eed563e1956008e57");
+    REQUIRE(static_cast<unsigned char>(format5[8]) == 5);
+    const std::vector<float> w0{0.25f, 0.5f, 0.75f, 1.0f, 1.25f, 1.5f}, b0{0.5f, -1.0f};
+    lcu::stream s;
+    loco_test::device_buffer<float> w(w0), gw(std::vector<float>(6)), b(b0),
+        gb(std::vector<float>(2));
+    lcu::tensor_spec w_spec{"w", w.get(), lcu::dtype::f32, gw.get(), lcu::dtype::f32, 6};
+    w_spec.rows = 2;
+    w_spec.cols = 3;
+    const lcu::tensor_spec b_spec{"b", b.get(), lcu::dtype::f32, gb.get(), lcu::dtype::f32, 2};
+    loco::cuda::optimizer<loco::inner::adamw> gpu(
+        lcu::tensor_table(std::vector<lcu::tensor_spec>{w_spec, b_spec}),
+        {.inner = {.lr = 0.125f}, .stream = s.get()});
+    std::istringstream is(format5);
+    REQUIRE_NOTHROW(gpu.load(is));
+    CHECK(gpu.steps() == 3);
+
+    std::vector<float> hw = w0, hgw(6), hb = b0, hgb(2);
+    loco::parameter_list list;
+    list.add_views("w", loco::host_matrix(hw.data(), 2, 3),
+                   loco::host_matrix(static_cast<const float*>(hgw.data()), 2, 3));
+    list.add("b", hb, hgb);
+    loco::optimizer<loco::inner::adamw> host(list, {.inner = {.lr = 0.125f}});
+    std::istringstream host_is(format5);
+    host.load(host_is);
+    for (int j = 0; j < 2; ++j) {
+        CHECK(gpu.state(j) == std::vector<float>(host.state(j).begin(), host.state(j).end()));
+    }
+    std::ostringstream from_gpu, from_host;
+    gpu.save(from_gpu);
+    host.save(from_host);
+    CHECK(from_gpu.str() == from_host.str());
+
+    // Format 4 (no shapes): the same state.
+    loco::cuda::optimizer<loco::inner::adamw> gpu4(
+        lcu::tensor_table(std::vector<lcu::tensor_spec>{w_spec, b_spec}),
+        {.inner = {.lr = 0.125f}, .stream = s.get()});
+    std::istringstream is4(format4);
+    REQUIRE_NOTHROW(gpu4.load(is4));
+    std::ostringstream from_gpu4;
+    gpu4.save(from_gpu4);
+    CHECK(from_gpu4.str() == from_host.str());
+
+    // One state byte flipped (the checksum no longer holds): refused, and the loaded state stays.
+    std::string flipped = format5;
+    flipped[flipped.size() - 8 - 5] = static_cast<char>(flipped[flipped.size() - 8 - 5] ^ 0x10);
+    std::istringstream bad(flipped);
+    CHECK_THROWS_WITH_AS(gpu.load(bad), doctest::Contains("checksum mismatch"),
+                         loco::checkpoint_error);
+    std::ostringstream after;
+    gpu.save(after);
+    CHECK(after.str() == from_host.str());
 }
 
 TEST_CASE("cuda::diloco's start() says it moved the parameters exactly when the host's does "
