@@ -321,6 +321,21 @@ TEST_CASE("muon: Newton-Schulz edge cases") {
         const auto want = reference_ns(to_double(g), 6, 10, k, 5, 1e-7);
         CHECK(scaled_error(orthogonalise(big, {6, 10}, k, 5, 1e-7f, ws), want) <= ns_tol);
     }
+    SUBCASE("entries whose norm exceeds the float range are divided in double") {
+        // Entries up to 3e38: the norm (about 1e39) is no float, the quotients are.
+        auto rng = rng_for("muon/ns-norm-past-float");
+        for (const shape s : {shape{6, 10}, shape{10, 6}}) {
+            auto g = normal_floats(rng, s.rows * s.cols);
+            for (float& v : g) v = std::clamp(v, -3.0f, 3.0f);
+            std::vector<float> big(g.size());
+            for (std::size_t i = 0; i < g.size(); ++i) big[i] = g[i] * 1e38f;
+            REQUIRE(loco::linalg::frobenius_norm(big.data(), big.size()) >
+                    double(std::numeric_limits<float>::max()));
+            const auto want = reference_ns(to_double(g), s.rows, s.cols, k, 5, 1e-7);
+            INFO("shape " << s.rows << " x " << s.cols);
+            CHECK(scaled_error(orthogonalise(big, s, k, 5, 1e-7f, ws), want) <= ns_tol);
+        }
+    }
     SUBCASE("no rows or no columns: nothing to do") {
         CHECK_NOTHROW(loco::linalg::newton_schulz(nullptr, 0, 5, nullptr, k, 5, 1e-7f, ws));
         CHECK_NOTHROW(loco::linalg::newton_schulz(nullptr, 5, 0, nullptr, k, 5, 1e-7f, ws));
@@ -344,6 +359,153 @@ TEST_CASE("muon: Newton-Schulz edge cases") {
         CHECK(scaled_error(g, want) <= ns_tol);
         CHECK(ns_coefficients::muloco().at(7) == ns_coefficients::muloco().rows[4]);
     }
+}
+
+// torch.optim.Muon divides by max(||G||, eps). A norm below eps is not divided out: the
+// normalised input keeps the singular value ||G|| / eps, which the iteration maps like any other.
+// A vector has one singular value, so the result is phi^k(||g|| / eps) g / ||g||.
+TEST_CASE("muon: Newton-Schulz of an input whose norm is below eps divides by eps") {
+    auto rng = rng_for("muon/ns-below-eps");
+    loco::linalg::ns_workspace ws;
+    for (const auto& k : {ns_coefficients::keller_jordan(), ns_coefficients::muloco()}) {
+        for (const float eps : {1e-7f, 4.0f}) {
+            for (const shape s : {shape{1, 9}, shape{9, 1}}) {
+                auto g = normal_floats(rng, s.rows * s.cols);
+                double norm = 0.0;
+                for (const float v : g) norm += double(v) * double(v);
+                // Scale the input to a norm of about eps / 4: the normalised singular value is
+                // 0.25 where the iteration's slope is moderate.
+                const float to = static_cast<float>(0.25 * double(eps) / std::sqrt(norm));
+                for (float& v : g) v *= to;
+                norm = 0.0;
+                for (const float v : g) norm += double(v) * double(v);
+                norm = std::sqrt(norm);
+                REQUIRE(norm < double(eps));
+                const double scale = phi_iterated(k, 5, norm / double(eps));
+                dmatrix want(g.size());
+                for (std::size_t i = 0; i < g.size(); ++i) want[i] = scale * g[i] / norm;
+                INFO("shape " << s.rows << " x " << s.cols << ", eps " << eps << ", "
+                              << k.count << "-row table");
+                CHECK(scaled_error(orthogonalise(g, s, k, 5, eps, ws), want) <= 1e-5);
+            }
+            // A matrix against the reference, which clamps the same way.
+            auto g = normal_floats(rng, 6 * 10);
+            for (float& v : g) v *= eps * 0.02f;  // norm about 0.15 eps
+            const auto want = reference_ns(to_double(g), 6, 10, k, 5, double(eps));
+            INFO("6 x 10, eps " << eps << ", " << k.count << "-row table");
+            CHECK(scaled_error(orthogonalise(g, {6, 10}, k, 5, eps, ws), want) <= ns_tol);
+        }
+    }
+    // Through a Muon step: momentum 0, no decay, a 1 x 5 gradient of norm eps / 4.
+    std::vector<float> g = {0.1f, -0.2f, 0.3f, 0.4f, -0.5f}, p(5, 0.0f), buf(5, 0.0f);
+    double norm = 0.0;
+    for (const float v : g) norm += double(v) * double(v);
+    norm = std::sqrt(norm);
+    const muon::hyper h{.lr = 0.1f, .weight_decay = 0.0f, .momentum = 0.0f,
+                        .eps = static_cast<float>(4.0 * norm)};
+    loco::inner::muon_workspace mws;
+    muon::update_matrix(h, 1, p.data(), g.data(), buf.data(), 1, 5, mws);
+    const double scale = phi_iterated(h.coefficients, 5, norm / double(h.eps));
+    dmatrix want(5);
+    for (std::size_t i = 0; i < 5; ++i) want[i] = -0.1 * scale * g[i] / norm;
+    CHECK(scaled_error(p, want) <= 1e-5);
+}
+
+// The MuLoCo table against the one published with the paper code (Therien et al.,
+// facebookresearch/MuLoCo dion_optimizer/muon.py; /work/shared/reference/algorithms.md, section
+// 4.2), entry by entry: the Newton-Schulz reference uses the same table, so only a literal
+// comparison sees a mistyped digit.
+TEST_CASE("muon: MuLoCo's Newton-Schulz table is the published one") {
+    const float published[5][3] = {{4.0848f, -6.8946f, 2.9270f},
+                                   {3.9505f, -6.3029f, 2.6377f},
+                                   {3.7418f, -5.5913f, 2.3037f},
+                                   {2.8769f, -3.1427f, 1.2046f},
+                                   {2.8366f, -3.0525f, 1.2012f}};
+    const auto k = ns_coefficients::muloco();
+    REQUIRE(k.count == 5);
+    for (std::size_t i = 0; i < 5; ++i) {
+        INFO("row " << i);
+        CHECK(k.rows[i].a == published[i][0]);
+        CHECK(k.rows[i].b == published[i][1]);
+        CHECK(k.rows[i].c == published[i][2]);
+    }
+}
+
+// Tables are equal when their counts and every row in use are; the rows past `count` do not
+// matter. The CUDA engine re-uploads its coefficients only when the table differs
+// (detail::same_hyper), so a comparison that missed a row would keep stale coefficients.
+TEST_CASE("muon: Newton-Schulz tables compare every row in use and nothing past it") {
+    const auto kj = ns_coefficients::keller_jordan();
+    CHECK(ns_coefficients::constant(3.4445f, -4.7750f, 2.0315f) == kj);
+    CHECK_FALSE(ns_coefficients::constant(3.4445f, -4.7750f, 2.0f) == kj);
+    CHECK_FALSE(ns_coefficients::constant(3.0f, -4.7750f, 2.0315f) == kj);
+    auto padded = kj;
+    padded.rows[1] = {9.0f, 9.0f, 9.0f};  // past count: unused
+    CHECK(padded == kj);
+    for (std::size_t row = 0; row < 5; ++row) {
+        auto changed = ns_coefficients::muloco();
+        changed.rows[row].b += 0.5f;
+        INFO("row " << row << " changed");
+        CHECK_FALSE(changed == ns_coefficients::muloco());
+        CHECK_FALSE(ns_coefficients::muloco() == changed);
+    }
+    auto longer = ns_coefficients::muloco();
+    longer.count = 6;
+    longer.rows[5] = longer.rows[4];
+    CHECK_FALSE(longer == ns_coefficients::muloco());
+}
+
+// The largest table (max_rows = 8 rows) is accepted and used row by row; a non-finite entry in
+// any row, the last included, and an eps that is not finite are refused.
+TEST_CASE("muon: the Newton-Schulz table may fill every row, and every row is checked") {
+    ns_coefficients full;
+    full.count = ns_coefficients::max_rows;
+    for (std::size_t i = 0; i < full.count; ++i) {
+        // Keller Jordan's quintic, softened a little more each row: a different row per iteration.
+        const float t = 1.0f - 0.05f * static_cast<float>(i);
+        full.rows[i] = {3.4445f * t + 1.5f * (1.0f - t), -4.7750f * t - 0.5f * (1.0f - t),
+                        2.0315f * t};
+    }
+    CHECK_NOTHROW(muon::validate({.coefficients = full, .ns_steps = 8}));
+    CHECK_NOTHROW(loco::linalg::validate_newton_schulz(full, 8, 1e-7f, "test"));
+    auto rng = rng_for("muon/ns-eight-rows");
+    loco::linalg::ns_workspace ws;
+    for (const shape s : {shape{12, 20}, shape{20, 12}}) {
+        const auto g = normal_floats(rng, s.rows * s.cols);
+        const auto want = reference_ns(to_double(g), s.rows, s.cols, full, 8, 1e-7);
+        INFO("shape " << s.rows << " x " << s.cols);
+        CHECK(scaled_error(orthogonalise(g, s, full, 8, 1e-7f, ws), want) <= ns_tol);
+        // The last row matters: the same table with its last row replaced gives another result.
+        auto other = full;
+        other.rows[7] = {1.0f, 0.0f, 0.0f};
+        CHECK(scaled_error(orthogonalise(g, s, other, 8, 1e-7f, ws), want) > 100 * ns_tol);
+    }
+
+    const float inf = std::numeric_limits<float>::infinity();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (std::size_t row = 0; row < full.count; ++row) {
+        for (const float bad : {inf, nan}) {
+            auto k = full;
+            k.rows[row].c = bad;
+            INFO("row " << row);
+            const std::string what = "row " + std::to_string(row) + " is not finite";
+            CHECK_THROWS_WITH_AS(muon::validate({.coefficients = k}),
+                                 doctest::Contains(what.c_str()), loco::invalid_argument);
+        }
+    }
+    auto one = ns_coefficients::keller_jordan();
+    one.rows[0].a = nan;
+    CHECK_THROWS_AS(muon::validate({.coefficients = one}), loco::invalid_argument);
+
+    CHECK_THROWS_WITH_AS(muon::validate({.eps = inf}), doctest::Contains("eps must be"),
+                         loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(muon::validate({.eps = nan}), doctest::Contains("eps must be"),
+                         loco::invalid_argument);
+    std::vector<float> g(6, 1.0f), out(6, 2.0f);
+    CHECK_THROWS_AS(loco::linalg::newton_schulz(g.data(), 2, 3, out.data(),
+                                                ns_coefficients::keller_jordan(), 5, inf, ws),
+                    loco::invalid_argument);
+    CHECK(out == std::vector<float>(6, 2.0f));
 }
 
 // ---- Muon ---------------------------------------------------------------------------------------
@@ -989,6 +1151,47 @@ TEST_CASE("muon: the optimizer reserves every matrix's scratch memory, so a step
     }
     CHECK(watched_muon::grown == 0);
     CHECK(values == reference);
+}
+
+// The same for tall and wide matrices alone: the iterate needs max * min floats, more than any
+// of these matrices' min * min Gram matrices, so a reservation sized by the short side alone
+// would leave the first step to grow the workspace.
+TEST_CASE("muon: the optimizer reserves the iterate of tall and wide matrices") {
+    using reserve_case::watched_muon;
+    auto rng = rng_for("muon/reserve-tall-wide");
+    const std::vector<shape> sizes{{200, 10}, {4, 300}, {3, 5}};
+    std::vector<std::vector<float>> values, grads;
+    for (const shape s : sizes) {
+        values.push_back(normal_floats(rng, s.rows * s.cols));
+        grads.push_back(normal_floats(rng, s.rows * s.cols));
+    }
+    loco::parameter_list params;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        params.add_views("w" + std::to_string(i),
+                         loco::host_matrix(values[i].data(), sizes[i].rows, sizes[i].cols),
+                         loco::host_matrix(static_cast<const float*>(grads[i].data()),
+                                           sizes[i].rows, sizes[i].cols),
+                         {.role = loco::role::matrix});
+    }
+    watched_muon::reserves = 0;
+    watched_muon::grown = 0;
+    loco::optimizer<watched_muon> opt(params);
+    CHECK(watched_muon::reserves == sizes.size());
+    REQUIRE(opt.step().applied);
+    REQUIRE(opt.step().applied);
+    CHECK(watched_muon::grown == 0);
+    // Directly: one reservation covers the update of that shape.
+    for (const shape s : sizes) {
+        loco::inner::muon_workspace ws;
+        muon::reserve(ws, s.rows, s.cols);
+        const auto* iterate = ws.ns.iterate.data();
+        CHECK(ws.ns.iterate.size() >= s.rows * s.cols);
+        auto p = normal_floats(rng, s.rows * s.cols);
+        const auto g = normal_floats(rng, s.rows * s.cols);
+        std::vector<float> buf(g.size(), 0.0f);
+        muon::update_matrix({}, 1, p.data(), g.data(), buf.data(), s.rows, s.cols, ws);
+        CHECK(ws.ns.iterate.data() == iterate);
+    }
 }
 
 TEST_CASE("muon: hyper-parameters are validated") {

@@ -124,8 +124,8 @@ void model_step(const muon::hyper& h, std::vector<float>& p, std::vector<float>&
         for (double& v : u) v = std::ldexp(v, shift);
     }
     // The normalisation is folded into the first iteration: A times 1 / divisor^2 (in float, on
-    // the float product), B times 1 / divisor.
-    const double inv = 1.0 / std::ldexp(std::max(norm, double(h.eps)), shift);
+    // the float product), B times 1 / divisor; both factors are 0 for a zero input.
+    const double inv = norm > 0.0 ? 1.0 / std::ldexp(std::max(norm, double(h.eps)), shift) : 0.0;
     const bool tall = s.rows > s.cols;
     const std::size_t m = std::min(s.rows, s.cols), n = std::max(s.rows, s.cols);
     dmatrix x = tall ? transpose(u, s.rows, s.cols) : u;  // m x n
@@ -522,6 +522,88 @@ TEST_CASE("muon engine: norms far from 1 are rescaled exactly before the fp32 Gr
     }
 }
 
+// torch.optim.Muon divides by max(||U||, eps): an input whose norm is below eps is divided by eps
+// and keeps a normalised singular value below 1. No decay, so that the update alone is compared;
+// the smaller scale also puts the norm below 2^-32, where the rescale and the clamp meet.
+TEST_CASE("muon engine: an input whose norm is below eps is divided by eps") {
+    const std::vector<shape> shapes{{24, 40}, {40, 24}, {16, 16}};
+    for (const float scale : {5e-9f, 1e-12f}) {
+        device_set set(shapes, std::vector<layout>(shapes.size()));
+        lc::muon_engine engine(set.specs(), blocked());
+        auto h = make_hyper(ns_coefficients::keller_jordan(), lr_adjustment::original, true);
+        h.weight_decay = 0.0f;
+        h.eps = 1e-7f;  // the inputs' norms are about 0.3 eps and 6e-5 eps
+        worst_errors worst;
+        run_and_compare("below eps " + std::to_string(scale), set, engine, h, 2, worst, scale);
+        CHECK(engine.nonfinite_matrices(nullptr) == 0);
+    }
+}
+
+// The engine uploads the hyper-parameters only when they differ from the last upload
+// (detail::same_hyper): every field must count as a difference, or a step runs with stale values.
+// One engine, one more field changed at each step, each step against both references.
+TEST_CASE("muon engine: a change of any hyper-parameter between steps takes effect") {
+    const std::vector<shape> shapes{{24, 40}, {40, 24}};
+    device_set set(shapes, std::vector<layout>(shapes.size()));
+    lc::muon_engine engine(set.specs());
+    auto h = make_hyper(ns_coefficients::keller_jordan(), lr_adjustment::original, true);
+    worst_errors worst;
+    run_and_compare("hyper: first", set, engine, h, 1, worst);
+    h.lr = 0.1f;
+    run_and_compare("hyper: lr", set, engine, h, 1, worst);
+    h.weight_decay = 2.0f;
+    run_and_compare("hyper: weight_decay", set, engine, h, 1, worst);
+    h.momentum = 0.3f;
+    run_and_compare("hyper: momentum", set, engine, h, 1, worst);
+    h.nesterov = false;
+    run_and_compare("hyper: nesterov", set, engine, h, 1, worst);
+    // Another table of the same length: only its row tells it apart.
+    h.coefficients = ns_coefficients::constant(2.0f, -1.5f, 0.5f);
+    run_and_compare("hyper: coefficients", set, engine, h, 1, worst);
+    h.coefficients = ns_coefficients::muloco();
+    run_and_compare("hyper: table", set, engine, h, 1, worst);
+    h.adjust_lr = lr_adjustment::spectral_norm;
+    run_and_compare("hyper: adjust_lr", set, engine, h, 1, worst);
+    h.ns_steps = 3;
+    run_and_compare("hyper: ns_steps", set, engine, h, 1, worst);
+    h.eps = 1e3f;  // far above the inputs' norms: the update shrinks to a small fraction
+    run_and_compare("hyper: eps", set, engine, h, 1, worst);
+    report("hyper-parameter changes", worst);
+}
+
+// Gradients may alias each other (only values, masters and momenta need their own memory): two
+// matrices reading one gradient are each updated from it.
+TEST_CASE("muon engine: matrices may share one gradient") {
+    const std::vector<shape> shapes{{16, 24}, {16, 24}};
+    device_set set(shapes, std::vector<layout>(2));
+    auto specs = set.specs();
+    specs[1].grad = specs[0].grad;
+    lc::muon_engine engine(specs);
+    const auto h = make_hyper(ns_coefficients::muloco(), lr_adjustment::original, true);
+    auto rng = rng_for("cuda muon/shared gradient");
+    std::vector<std::vector<float>> p(2);
+    for (std::size_t i = 0; i < 2; ++i) {
+        p[i] = normal_floats(rng, set.size(i), 0.1f);
+        set.set_param(i, p[i]);
+    }
+    const auto g = set.set_grad(0, normal_floats(rng, set.size(0)));
+    engine.step(h, nullptr, false, nullptr);
+    check_cuda(cudaDeviceSynchronize(), "step");
+    for (std::size_t i = 0; i < 2; ++i) {
+        INFO("matrix " << i);
+        auto want = p[i];
+        std::vector<float> mo(set.size(i), 0.0f);
+        model_step(h, want, mo, g, shapes[i]);
+        const auto got = set.param(i);
+#if defined(LOCO_EMULATED_CUBLAS) && !defined(LOCO_TEST_GPU_TOLERANCES)
+        CHECK(got == want);
+        CHECK(set.momentum_of(i) == mo);
+#endif
+        check_within(update_error(got, want, p[i]), five_iterations.model);
+        CHECK(relative_error(set.momentum_of(i), mo) <= momentum_tol);
+    }
+}
+
 TEST_CASE("muon engine: a zero gradient leaves only the weight decay") {
     device_set set({{8, 12}}, {layout{}});
     lc::muon_engine engine(set.specs());
@@ -536,6 +618,47 @@ TEST_CASE("muon engine: a zero gradient leaves only the weight decay") {
     auto want = p;
     for (float& v : want) muon::apply(k, v, 0.0f);
     CHECK(set.param(0) == want);
+}
+
+// A zero input (zero gradient and momentum: a layer the loss does not reach) is divided by eps,
+// however small: the host gives a zero update, and so must the engine. With eps below about
+// 5e-20, 1 / eps^2 is no float, and 0 times it is NaN.
+TEST_CASE("muon engine: a zero input with a tiny eps leaves only the weight decay") {
+    const std::vector<shape> shapes{{8, 12}, {40, 24}, {16, 16}};
+    for (const float eps : {1e-7f, 1e-25f, 1e-38f, 1e-44f}) {
+        device_set set(shapes, std::vector<layout>(shapes.size()));
+        lc::muon_engine engine(set.specs(), blocked());
+        auto h = make_hyper(ns_coefficients::keller_jordan(), lr_adjustment::original, true);
+        h.eps = eps;
+        auto rng = rng_for("cuda muon/zero input");
+        std::vector<std::vector<float>> p(shapes.size());
+        for (std::size_t i = 0; i < shapes.size(); ++i) {
+            p[i] = normal_floats(rng, set.size(i), 0.1f);
+            set.set_param(i, p[i]);
+            set.set_grad(i, std::vector<float>(set.size(i), 0.0f));
+        }
+        engine.step(h, nullptr, false, nullptr);
+        check_cuda(cudaDeviceSynchronize(), "step");
+        CHECK(engine.nonfinite_matrices(nullptr) == 0);
+        muon::workspace ws;
+        for (std::size_t i = 0; i < shapes.size(); ++i) {
+            INFO("eps " << eps << ", matrix " << i);
+            const auto k = muon::prepare(h, shapes[i].rows, shapes[i].cols);
+            auto want = p[i];
+            for (float& v : want) muon::apply(k, v, 0.0f);
+            // The host agrees.
+            auto host = p[i];
+            std::vector<float> g(host.size(), 0.0f), mo(host.size(), 0.0f);
+            muon::update_matrix(h, 1, host.data(), g.data(), mo.data(), shapes[i].rows,
+                                shapes[i].cols, ws);
+            CHECK(host == want);
+            const auto got = set.param(i);
+            CHECK(std::count_if(got.begin(), got.end(), [](float v) { return !std::isfinite(v); }) ==
+                  0);
+            CHECK(got == want);
+            CHECK(set.momentum_of(i) == std::vector<float>(set.size(i), 0.0f));
+        }
+    }
 }
 
 TEST_CASE("muon engine: the step_control's flag skips the whole step; counters advance") {
@@ -756,6 +879,11 @@ TEST_CASE("muon engine: inputs it cannot use are refused, naming the matrix") {
         "master copy");
     refused([&](auto& s) { s[0].master = set.master.get(); }, "only for bf16 values");
     refused([](auto& s) { s[1].grad = nullptr; }, "null gradient");
+    // size / rows == cols, but 97 is no 8 x 12 matrix.
+    refused([](auto& s) { s[1].size = 97; }, "does not match its 97 elements");
+    // A gradient may not overlap a value, a master or a momentum.
+    refused([](auto& s) { s[1].grad = s[0].value; }, "overlaps");
+    refused([](auto& s) { s[0].grad = s[1].momentum; }, "overlaps");
     refused([](auto& s) { s[1].momentum = s[0].momentum + 8; }, "overlaps");
     refused([](auto& s) { s[1].momentum = static_cast<float*>(s[1].value); }, "overlaps");
     refused([](auto& s) { s[0].value = static_cast<char*>(s[0].value) + 2; }, "not aligned");

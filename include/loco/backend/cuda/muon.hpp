@@ -175,7 +175,7 @@ struct muon_desc {
 // Per matrix of the running batch, from the norm pass.
 struct muon_scale {
     float inv;             // 2^-shift / max(||U||, eps): the gathered input times this is X_0
-    float inv2;            // inv^2 (computed in double)
+    float inv2;            // inv^2 (computed in double); both 0 for a zero input
     std::int32_t shift;    // the gathered input holds U * 2^shift
     std::uint32_t invalid; // the input was not finite: the matrix is left unchanged
 };
@@ -348,12 +348,16 @@ __global__ void __launch_bounds__(block_threads) muon_norm_kernel(muon_norm_args
             static_cast<void>(frexp(norm, &e));
             s.shift = -e;
         }
-        // As the host: divide by the norm clamped from below by eps, in double.
-        const double eps = a.params->eps;
-        const double divisor = ldexp(norm > eps ? norm : eps, s.shift);
-        const double inv = 1.0 / divisor;
-        s.inv = static_cast<float>(inv);
-        s.inv2 = static_cast<float>(inv * inv);
+        // As the host: divide by the norm clamped from below by eps, in double. A zero input
+        // stays zero whatever divides it, so its factors stay zero: 1 / eps^2 of an eps below
+        // about 5e-20 is no float, and zero times infinity would turn the update into NaN.
+        if (norm > 0.0) {
+            const double eps = a.params->eps;
+            const double divisor = ldexp(norm > eps ? norm : eps, s.shift);
+            const double inv = 1.0 / divisor;
+            s.inv = static_cast<float>(inv);
+            s.inv2 = static_cast<float>(inv * inv);
+        }
     }
     a.scale[blockIdx.x] = s;
 }
