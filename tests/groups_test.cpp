@@ -668,3 +668,40 @@ TEST_CASE("groups: strict roles refuse the shape guess, naming the parameter") {
                          doctest::Contains("parameter 'h.ln' has role vector"),
                          loco::invalid_argument);
 }
+
+TEST_CASE("groups: with a role, embedding, head and matrix are matrices and only vector is a vector") {
+    stacked_model m("groups roles vector", true);
+    const auto& p = m.list;  // wte (embedding), h.attn (matrix), h.ln (vector), head (head)
+    CHECK_FALSE(loco::is_vector::matches(p[0]));
+    CHECK_FALSE(loco::is_vector::matches(p[1]));
+    CHECK(loco::is_vector::matches(p[2]));
+    CHECK_FALSE(loco::is_vector::matches(p[3]));
+    CHECK(loco::is_matrix::matches(p[3]));
+    // The routing follows: a vector group first takes the gains alone.
+    using vectors_first = loco::groups<loco::group<loco::is_vector, loco::inner::sgd>,
+                                       loco::group<loco::otherwise, loco::inner::adamw>>;
+    loco::optimizer<vectors_first> opt(m.list);
+    REQUIRE(opt.engine_state().group_params<0>().size() == 1);
+    CHECK(opt.engine_state().group_params<0>()[0].name == "h.ln");
+    CHECK(opt.engine_state().group_params<1>().size() == 3);
+}
+
+TEST_CASE("groups: the shape-guess warning names the first three parameters and counts the rest") {
+    captured_warnings warnings;
+    constexpr std::size_t count = 5, rows = 2, cols = 3;
+    std::vector<std::vector<float>> values(count, std::vector<float>(rows * cols, 0.5f));
+    std::vector<std::vector<float>> grads(count, std::vector<float>(rows * cols, 0.0f));
+    loco::parameter_list list;
+    for (std::size_t i = 0; i < count; ++i) {
+        list.add_views("m" + std::to_string(i), loco::host_matrix(values[i].data(), rows, cols),
+                       loco::host_matrix(static_cast<const float*>(grads[i].data()), rows, cols));
+    }
+    loco::optimizer<muloco_groups> opt(list);
+    CHECK(opt.engine_state().group_params<0>().size() == count);
+    REQUIRE(warnings.lines.size() == 1);
+    const std::string& line = warnings.lines[0];
+    INFO(line);
+    CHECK(line.find("loco: warning: 'm0' (2 x 3) by loco::is_hidden_matrix, 'm1' (2 x 3) by "
+                    "loco::is_hidden_matrix, 'm2' (2 x 3) by loco::is_hidden_matrix and 2 more "
+                    "went to a per-matrix policy (Muon)") == 0);
+}

@@ -17,6 +17,7 @@
 
 #include <loco/loco.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -1115,4 +1116,177 @@ TEST_CASE("heal: counters out of range in the donor's state are refused as load(
     newcomer.regroup(group, 0);
     CHECK(newcomer.outer_steps() == 1);
     CHECK(y == std::vector<float>(donor.global().begin(), donor.global().end()));
+}
+
+TEST_CASE("heal: a state corrupted on rank 0 alone is named rank 0 on every rank, whatever the donor") {
+    // share_from compares every rank's checksum with the donor's: the rank whose bytes differ is
+    // the one named, also when it is rank 0 and the donor is another rank.
+    auto rng = loco_test::rng_for("heal corrupted on rank 0");
+    const int donor = std::uniform_int_distribution<int>(1, 2)(rng);
+    std::string blob(std::uniform_int_distribution<std::size_t>(64, 300)(rng), '\0');
+    for (char& c : blob) c = char(std::uniform_int_distribution<int>(0, 255)(rng));
+    CAPTURE(donor);
+    std::array<std::string, 3> errors;
+    loco::comm::run_threads(3, [&](loco::comm::threads& threads) {
+        corrupting_comm comm(threads);
+        comm.corrupt = comm.rank() == 0;
+        try {
+            (void)loco::detail::share_from(comm, donor, comm.rank() == donor ? blob : "",
+                                           blob.size());
+        } catch (const loco::comm_error& e) {
+            errors[std::size_t(comm.rank())] = e.what();
+        }
+    });
+    for (const auto& e : errors) {
+        CHECK(e == "loco: healing from rank " + std::to_string(donor) +
+                       " failed: the state arrived corrupted on rank 0 (checksum mismatch); "
+                       "nothing was changed on any rank; check the communicator and try again");
+    }
+}
+
+TEST_CASE("regroup: a model whose global values and outer state pass 1 MiB heals a newcomer") {
+    // regroup() bounds the heal by the floats it carries (the global values and every outer state
+    // array, 4 bytes each) plus 1 MiB for the rest: the global values alone are 1.08 MB here.
+    using big_t = loco::diloco<loco::inner::sgd, loco::outer::nesterov>;
+    constexpr std::size_t size = 270000;
+    std::array<std::vector<float>, 2> params, global, momentum;
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        auto rng = loco_test::rng_for("heal big model " + std::to_string(r));
+        std::vector<float> x = loco_test::normal_floats(rng, size), g(size);
+        loco::parameter_list list;
+        list.add("x", x, g);
+        const big_t::config c{.inner = {.lr = 0.1f},
+                              .outer = {.lr = 0.7f, .momentum = 0.9f},
+                              .schedule = {.every = 1000}};
+        auto opt = std::make_unique<big_t>(list, comm, c);
+        opt->start();
+        const auto fresh = loco_test::normal_floats(rng, size);
+        std::copy(fresh.begin(), fresh.end(), g.begin());
+        opt->step();
+        opt->sync();
+        if (r == 1) {  // forgets: a newcomer with values of its own
+            opt = std::make_unique<big_t>(list, comm, c);
+            std::fill(x.begin(), x.end(), 3.0f);
+        }
+        opt->regroup(comm, 0);
+        params[r] = x;
+        global[r].assign(opt->global().begin(), opt->global().end());
+        momentum[r].assign(opt->outer_state(0).begin(), opt->outer_state(0).end());
+        CHECK(opt->outer_steps() == 1);
+    });
+    CHECK(global[1] == global[0]);
+    CHECK(momentum[1] == momentum[0]);
+    CHECK(params[1] == global[0]);
+    CHECK(params[0] == global[0]);  // after the sync rank 0 held the global values
+}
+
+namespace {
+
+// Two workers with error feedback: a round, then two more inner steps, so that each holds its own
+// parameters, inner state and residual; `regroup` moves both onto a fresh group of the same two
+// ranks there. Returns, per rank, the checkpoints before and after that point and the
+// parameters after one more step and sync.
+struct survivor_run {
+    std::array<std::string, 2> before, after;
+    std::array<std::vector<float>, 2> residual, final_params;
+};
+survivor_run survivors_go_on(bool regroup) {
+    using ef_t = loco::diloco<loco::inner::adamw, loco::outer::nesterov,
+                              loco::compress::error_feedback<loco::compress::blockwise<4, 8>>>;
+    survivor_run out;
+    auto first = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(20));
+    auto second = std::make_shared<loco::comm::thread_group>(2, std::chrono::seconds(20));
+    std::vector<std::thread> threads;
+    for (int rank = 0; rank < 2; ++rank) {
+        threads.emplace_back([&, rank] {
+            const auto r = std::size_t(rank);
+            auto rng = loco_test::rng_for("heal survivors " + std::to_string(r));
+            std::vector<float> x = loco_test::normal_floats(rng, n), g(n);
+            loco::parameter_list list;
+            list.add("x", x, g);
+            loco::comm::threads comm(first, rank);
+            loco::comm::threads next(second, rank);
+            ef_t opt(list, comm, {.inner = {.lr = 1e-2f},
+                                  .outer = {.lr = 0.7f, .momentum = 0.9f},
+                                  .schedule = {.every = 1000}});
+            const auto step = [&] {
+                const auto fresh = loco_test::normal_floats(rng, n);
+                std::copy(fresh.begin(), fresh.end(), g.begin());
+                opt.step();
+            };
+            const auto saved = [&] {
+                std::ostringstream os;
+                opt.save(os);
+                return os.str();
+            };
+            opt.start();
+            for (int s = 0; s < H; ++s) step();
+            opt.sync();
+            step();
+            step();
+            out.residual[r].assign(opt.compressor_state().begin(), opt.compressor_state().end());
+            out.before[r] = saved();
+            if (regroup) opt.regroup(next, 0);
+            out.after[r] = saved();
+            step();
+            opt.sync();
+            out.final_params[r] = x;
+        });
+    }
+    for (auto& t : threads) t.join();
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("regroup: survivors onto a group of the same ranks keep everything, residuals included") {
+    // Survivors keep their parameters, inner state, residuals and counters: a regroup onto a
+    // group of the same workers changes no byte of any checkpoint, and the run goes on as one
+    // without the regroup, bit for bit.
+    const survivor_run kept = survivors_go_on(false);
+    const survivor_run moved = survivors_go_on(true);
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        const bool some_residual = std::any_of(moved.residual[r].begin(), moved.residual[r].end(),
+                                               [](float v) { return v != 0.0f; });
+        CHECK(some_residual);  // the lossy codes left a residual to keep
+        CHECK(moved.before[r] == kept.before[r]);
+        CHECK(moved.after[r] == moved.before[r]);
+        CHECK(moved.final_params[r] == kept.final_params[r]);
+    }
+    CHECK(moved.final_params[0] == moved.final_params[1]);
+}
+
+namespace {
+
+// Forwards to `next`, but says that it moves GPU memory.
+class claims_gpu_memory final : public loco_test::forwarding_comm {
+public:
+    explicit claims_gpu_memory(loco::comm::communicator& next)
+        : forwarding_comm(next, "claims_gpu_memory") {}
+    loco::memory_space space() const noexcept override { return loco::memory_space::cuda; }
+};
+
+}  // namespace
+
+TEST_CASE("regroup: a host handle onto a communicator that moves GPU memory is refused, changing nothing") {
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        worker w(comm.rank(), comm);
+        w.opt->start();
+        for (int s = 0; s < H; ++s) w.step();
+        w.opt->sync();
+        const std::string before = w.saved();
+        const auto params_before = w.params();
+        claims_gpu_memory gpu(comm);
+        CHECK_THROWS_WITH_AS(w.opt->regroup(gpu, 0),
+                             "loco::diloco: regroup() onto a claims_gpu_memory communicator that "
+                             "moves cuda memory; the parameters are in host memory",
+                             loco::memory_space_error);
+        CHECK(w.saved() == before);
+        CHECK(w.params() == params_before);
+        for (int s = 0; s < H; ++s) w.step();
+        w.opt->sync();  // still on its own communicator
+        CHECK(w.opt->outer_steps() == 2);
+    });
 }

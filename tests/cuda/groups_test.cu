@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <array>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -685,6 +686,60 @@ TEST_CASE("cuda groups: cuda::diloco runs MuLoCo like loco::diloco on threads") 
                 "Frobenius) "
                 << e.max << ", " << e.fro << "; all Muon elements (max, Frobenius) " << pooled.max
                 << ", " << pooled.fro);
+    }
+}
+
+TEST_CASE("cuda groups: a step skipped before start() is counted, saved and loaded as on the host") {
+    // Rank 1's first gradient predates rank 0's parameters: cuda::diloco skips that step on the
+    // host (no launch). The count is the optimizer's skipped_steps() and the checkpoint's: a
+    // load gives back the saved count, into the same handle or a fresh one.
+    const std::string label = "cuda groups skipped before start";
+    using host_t = loco::diloco<muloco_inner, loco::outer::nesterov>;
+    using gpu_t = loco::cuda::diloco<muloco_inner, loco::outer::nesterov>;
+    std::array<std::uint64_t, 2> host_skipped{}, host_reloaded{}, gpu_skipped{}, gpu_reloaded{},
+        gpu_fresh{};
+    loco::comm::run_threads(2, [&](loco::comm::threads& comm) {
+        const auto r = std::size_t(comm.rank());
+        host_model m(init_of(label, comm.rank()));
+        host_t opt(m.list, comm, {.inner = muloco_hyper(), .schedule = {.every = 3}});
+        m.set_gradients(grads_of(label, comm.rank(), 1));
+        opt.step();
+        host_skipped[r] = opt.skipped_steps();
+        std::stringstream saved;
+        opt.save(saved);
+        opt.load(saved);
+        host_reloaded[r] = opt.skipped_steps();
+    });
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        const auto r = std::size_t(comm.rank());
+        gpu_model m(init_of(label, comm.rank()));
+        const gpu_t::config c{.inner = muloco_hyper(), .schedule = {.every = 3},
+                              .stream = comm.stream()};
+        gpu_t opt(m.list, comm, c);
+        m.set_gradients(grads_of(label, comm.rank(), 1), comm.stream());
+        opt.step();
+        gpu_skipped[r] = opt.skipped_steps();
+        std::ostringstream saved;
+        opt.save(saved);
+        {
+            std::istringstream in(saved.str());
+            opt.load(in);
+        }
+        gpu_reloaded[r] = opt.skipped_steps();
+        gpu_t fresh(m.list, comm, c);
+        std::istringstream in(saved.str());
+        fresh.load(in);
+        gpu_fresh[r] = fresh.skipped_steps();
+        CHECK(fresh.inner_steps() == (r == 0 ? 1u : 0u));
+    });
+    for (std::size_t r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        const std::uint64_t want = r == 0 ? 0 : 1;
+        CHECK(host_skipped[r] == want);
+        CHECK(host_reloaded[r] == want);
+        CHECK(gpu_skipped[r] == want);
+        CHECK(gpu_reloaded[r] == want);
+        CHECK(gpu_fresh[r] == want);
     }
 }
 

@@ -11,6 +11,7 @@
 // of 3, is healed from rank 0, and all train 2 more rounds.
 #include <doctest/doctest.h>
 
+#include "../support/forwarding_comm.hpp"
 #include "../support/random.hpp"
 #include "device.cuh"
 #include "handles.cuh"
@@ -123,6 +124,9 @@ struct worker {
         : label(l), id(id_), stream(s), m(init_of(l, id_)) {
         typename handle::config c{.inner = {.lr = 3e-3f}, .schedule = {.every = 1000}};
         c.exchange = scheme;
+        if constexpr (std::is_same_v<Aggregate, loco::aggregate::centered_clip>) {
+            c.aggregate = {.tau = 1e-3f, .iterations = 3};  // a radius that clips every worker
+        }
         if constexpr (Side::gpu) c.stream = s;
         opt = std::make_unique<handle>(m.list, comm, c);
     }
@@ -302,6 +306,10 @@ TEST_CASE("cuda backend regroup on replicas: a lost worker, the survivors, a hea
         check_paths<replicas_side, cz::none, loco::aggregate::median>(
             "median", loco::exchange_scheme::all_gather, 1e-5, true);
     }
+    SUBCASE("device aggregation (centered clipping; its center starts again with the group)") {
+        check_paths<replicas_side, cz::none, loco::aggregate::centered_clip>(
+            "centered clip", loco::exchange_scheme::all_gather, 1e-5, true);
+    }
     SUBCASE("chunked device exchange (SparseLoCo's clipped scatter-mean; the accumulator kept)") {
         check_paths<replicas_side, cz::sparseloco, loco::aggregate::median_norm_clip>(
             "sparseloco", loco::exchange_scheme::automatic, 1e-4, true);
@@ -331,6 +339,56 @@ TEST_CASE("cuda backend regroup onto a communicator of another memory space is r
         std::ostringstream after;
         opt.save(after);
         CHECK(after.str() == before);
+        opt.sync();  // still on its own communicator
+        CHECK(opt.outer_steps() == 1);
+    });
+}
+
+// Forwards to `next`, but says the group has `size` ranks (a group is refused before any
+// collective runs on it).
+class one_more_rank final : public loco_test::forwarding_comm {
+public:
+    one_more_rank(loco::comm::communicator& next, int size)
+        : forwarding_comm(next, "one_more_rank"), size_(size) {}
+    int size() const noexcept override { return size_; }
+
+private:
+    int size_;
+};
+
+TEST_CASE("cuda backend regroup: the device aggregation takes a group of its most workers, not one more") {
+    // A handle built with a device aggregation (median) regroups onto at most max_workers
+    // workers: one more is refused before anything changes; exactly max_workers passes that
+    // check (here the other workers never come, so the heal's first collective times out,
+    // changing nothing either).
+    constexpr std::size_t most =
+        loco::backend::cuda::device_aggregation<loco::aggregate::median>::max_workers;
+    using handle = loco::cuda::diloco<inner, outer, cz::none, ls::every, loco::aggregate::median>;
+    loco::comm::run_replicas(1, [&](loco::comm::cuda_replicas& comm) {
+        gpu_params m(init_of("regroup worker limit", 0));
+        handle opt(m.list, comm,
+                   {.inner = {.lr = 3e-3f}, .schedule = {.every = 1000},
+                    .exchange = loco::exchange_scheme::all_gather, .stream = comm.stream()});
+        opt.start();
+        const auto saved = [&] {
+            std::ostringstream os;
+            opt.save(os);
+            return os.str();
+        };
+        const std::string before = saved();
+        // cuda_replica_group takes at most 64 ranks: a group that says it has one more.
+        one_more_rank one_more(comm, int(most) + 1);
+        CHECK_THROWS_WITH_AS(opt.regroup(one_more),
+                             ("loco::cuda::diloco: regroup() onto " + std::to_string(most + 1) +
+                              " workers; the device aggregation this handle was built with takes "
+                              "at most " + std::to_string(most)).c_str(),
+                             loco::invalid_argument);
+        CHECK(saved() == before);
+        auto at = std::make_shared<loco::comm::cuda_replica_group>(
+            int(most), -1, std::chrono::milliseconds(200));
+        loco::comm::cuda_replicas at_most(at, 0, comm.stream());
+        CHECK_THROWS_AS(opt.regroup(at_most), loco::comm_error);
+        CHECK(saved() == before);
         opt.sync();  // still on its own communicator
         CHECK(opt.outer_steps() == 1);
     });
