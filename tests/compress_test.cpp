@@ -282,6 +282,82 @@ TEST_CASE_TEMPLATE("16-bit floats: float rounds to the nearer neighbour, ties to
 }
 
 // ================================================================================================
+// Counter-based random numbers (random.hpp), which stochastic rounding draws from
+// ================================================================================================
+
+// splitmix64 (Steele, Lea and Flood; Vigna's reference implementation): the state advances by
+// the golden-ratio increment and each output is mix64 of the new state. Its published outputs
+// for the seeds 0 and 1234567 pin mix64.
+TEST_CASE("random: mix64 is the splitmix64 finaliser (published splitmix64 outputs)") {
+    const std::uint64_t golden = 0x9e3779b97f4a7c15ULL;
+    const std::pair<std::uint64_t, std::array<std::uint64_t, 5>> published[] = {
+        {0,
+         {0xe220a8397b1dcdafULL, 0x6e789e6aa1b965f4ULL, 0x06c45d188009454fULL,
+          0xf88bb8a8724c81ecULL, 0x1b39896a51a8749bULL}},
+        {1234567,
+         {6457827717110365317ULL, 3203168211198807973ULL, 9817491932198370423ULL,
+          4593380528125082431ULL, 16408922859458223821ULL}}};
+    for (const auto& [seed, outputs] : published) {
+        std::uint64_t state = seed;
+        for (const std::uint64_t want : outputs) {
+            state += golden;
+            CHECK(loco::random::mix64(state) == want);
+        }
+    }
+    // bits(seed, stream, index): the stream's first splitmix64 output keys the seed, and the
+    // index is added before the last mix (so a run's draws do not change between versions).
+    auto rng = rng_for("random bits definition");
+    for (int i = 0; i < 1000; ++i) {
+        const std::uint64_t seed = rng();
+        const std::uint64_t stream = rng() % 1000;
+        const std::uint64_t index = rng() >> (rng() % 64);
+        const std::uint64_t key = loco::random::mix64(stream + golden);
+        CHECK(loco::random::bits(seed, stream, index) ==
+              loco::random::mix64(loco::random::mix64(seed ^ key) + index));
+    }
+}
+
+// Ranks, steps and elements must not share draws: neighbouring seeds (a rank's seed is often the
+// base seed plus the rank), streams and indices give pairwise different 64-bit words.
+TEST_CASE("random: neighbouring seeds, streams and indices never repeat a draw") {
+    auto rng = rng_for("random bits distinct");
+    const std::uint64_t base = rng() & ~std::uint64_t{3};  // seeds 4k .. 4k + 3
+    std::vector<std::uint64_t> all;
+    for (std::uint64_t seed = base; seed < base + 4; ++seed) {
+        for (std::uint64_t stream = 0; stream < 64; ++stream) {
+            for (std::uint64_t index = 0; index < 256; ++index) {
+                all.push_back(loco::random::bits(seed, stream, index));
+            }
+        }
+    }
+    std::sort(all.begin(), all.end());
+    CHECK(std::adjacent_find(all.begin(), all.end()) == all.end());
+}
+
+// uniform(): the top 24 bits of the draw times 2^-24, so every value is k * 2^-24 with
+// 0 <= k < 2^24 (never 1), and the values are uniform on [0, 1).
+TEST_CASE("random: uniform is k * 2^-24 from the draw's top 24 bits, uniform on [0, 1)") {
+    auto rng = rng_for("random uniform");
+    const std::uint64_t seed = rng();
+    const std::size_t n = 200000;
+    double sum = 0.0;
+    std::size_t below_half = 0;
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const float u = loco::random::uniform(seed, 7, i);
+        const double k = std::ldexp(static_cast<double>(u), 24);
+        const auto top = static_cast<double>(loco::random::bits(seed, 7, i) >> 40);
+        bad += !(k == top && u >= 0.0f && u < 1.0f);
+        sum += u;
+        below_half += u < 0.5f;
+    }
+    CHECK(bad == 0);
+    // Mean 1/2 with standard deviation sqrt(1 / (12 n)); half of the values below 1/2.
+    CHECK(std::abs(sum / double(n) - 0.5) < 5 * std::sqrt(1.0 / (12.0 * double(n))));
+    CHECK(std::abs(double(below_half) / double(n) - 0.5) < 5 * std::sqrt(0.25 / double(n)));
+}
+
+// ================================================================================================
 // Conformance cases
 // ================================================================================================
 

@@ -374,6 +374,52 @@ TEST_CASE("lion with large lr * wd follows the paper's update p - lr * (sign(c) 
     CHECK(p[1] == doctest::Approx(-1.9).epsilon(1e-6));
 }
 
+// math::sign is torch.sign: 0 for both zeros, +-1 for everything else of that sign, subnormals
+// and infinities included. In lion a zero direction (zero gradient and zero momentum) leaves only
+// the decoupled weight decay: p * (1 - lr * wd), step after step.
+TEST_CASE("lion: a zero gradient with zero momentum moves a parameter by its weight decay only") {
+    const float tiny = std::numeric_limits<float>::denorm_min();
+    const float inf = std::numeric_limits<float>::infinity();
+    CHECK(loco::math::sign(0.0f) == 0.0f);
+    CHECK(loco::math::sign(-0.0f) == 0.0f);
+    CHECK(loco::math::sign(tiny) == 1.0f);
+    CHECK(loco::math::sign(-tiny) == -1.0f);
+    CHECK(loco::math::sign(inf) == 1.0f);
+    CHECK(loco::math::sign(-inf) == -1.0f);
+
+    std::vector<float> p = {1.5f, -2.0f, 0.25f, 0.0f}, g = {0.0f, -0.0f, 0.0f, -0.0f};
+    loco::parameter_list list;
+    list.add("p", p, g);
+    const double lr = 0.1, wd = 0.5;
+    loco::optimizer<loco::inner::lion> opt(
+        list, {.inner = {.lr = float(lr), .weight_decay = float(wd)}});
+    const std::vector<double> p0 = {1.5, -2.0, 0.25, 0.0};
+    for (int t = 1; t <= 3; ++t) {
+        REQUIRE(opt.step().applied);
+        for (std::size_t i = 0; i < p.size(); ++i) {
+            const double want = p0[i] * std::pow(1.0 - lr * wd, t);
+            CAPTURE(t);
+            CAPTURE(i);
+            CHECK(std::abs(p[i] - want) <= 1e-6 * std::abs(p0[i]));
+            CHECK(opt.state(0)[i] == 0.0f);
+        }
+    }
+}
+
+// The error names the first non-finite element of the gradient, not another one.
+TEST_CASE("nonfinite_policy::raise names the first of several non-finite gradient elements") {
+    std::vector<float> p(9, 1.0f), g(9, 0.5f);
+    g[4] = std::numeric_limits<float>::infinity();
+    g[6] = std::numeric_limits<float>::quiet_NaN();
+    g[8] = -std::numeric_limits<float>::infinity();
+    loco::parameter_list list;
+    list.add("w", p, g);
+    loco::optimizer<loco::inner::sgd> opt(list, {.on_nonfinite = loco::nonfinite_policy::raise});
+    CHECK_THROWS_WITH_AS(opt.step(), doctest::Contains("the gradient of 'w' holds inf at element 4"),
+                         loco::nonfinite_error);
+    CHECK(p == std::vector<float>(9, 1.0f));
+}
+
 // The bias corrections 1 - beta^t cancel in float when beta is near 1: computed in float, beta2 =
 // 0.9999 put the step off by 5e-5 relative (PyTorch computes them in double). Against double, the
 // two scalars are now within a float rounding or two, at every step and for betas up to 0.99999.

@@ -166,6 +166,24 @@ TEST_CASE("outer Nesterov: the first step moves by (1 + momentum) * lr * delta")
     second.check();
 }
 
+// sign_sgd: a zero delta, of either sign, has sign 0 (torch.sign), so the global value only
+// decays; the smallest subnormal delta already moves it by a whole lr.
+TEST_CASE("outer sign_sgd: a zero delta leaves the decay only, a subnormal one a whole step") {
+    const loco::outer::sign_sgd::hyper h{.lr = 0.25f, .weight_decay = 0.5f};
+    const float tiny = std::numeric_limits<float>::denorm_min();
+    std::vector<float> global = {1.0f, -3.0f, 2.0f, -0.5f};
+    const std::vector<float> delta = {0.0f, -0.0f, tiny, -tiny};
+    std::vector<float> state;
+    outer_step<loco::outer::sign_sgd>(h, 1, global, delta, state);
+    const double decay = 1.0 - 0.25 * 0.5;
+    const std::vector<double> want = {1.0 * decay, -3.0 * decay, 2.0 * decay - 0.25,
+                                      -0.5 * decay + 0.25};
+    for (std::size_t i = 0; i < global.size(); ++i) {
+        CAPTURE(i);
+        CHECK(double(global[i]) == want[i]);  // every value here is exact in float
+    }
+}
+
 TEST_CASE("outer hyper-parameters are validated") {
     CHECK_THROWS_AS(loco::outer::nesterov::validate({.momentum = 1.0f}), loco::invalid_argument);
     CHECK_THROWS_AS(loco::outer::nesterov::validate({.lr = -0.1f}), loco::invalid_argument);

@@ -389,6 +389,83 @@ TEST_CASE("stochastic rounding of bf16 parameters") {
                   same << " of " << got.size() << " values match the host bit for bit");
 }
 
+// round_stochastic(f, r) for every kind of finite float and random word, against the rule worked
+// out in double: with lo the bf16 value f truncates to (towards zero) and ulp the step above it,
+// f rounds away from zero exactly when (|f| - |lo|) / ulp + (r mod 2^16) / 2^16 >= 1, so that it
+// does with probability (|f| - |lo|) / ulp. Only the low 16 bits of r count. NaN stays NaN and
+// infinities stay infinite whatever r is.
+TEST_CASE("stochastic rounding: the rule for each random word, NaN and infinities") {
+    auto rng = rng_for("stochastic rounding rule");
+    const auto float_of = [](std::uint32_t u) {
+        float f;
+        std::memcpy(&f, &u, sizeof f);
+        return f;
+    };
+    const auto expected = [&](float f, std::uint32_t r) -> double {
+        const double a = std::abs(static_cast<double>(f));
+        const int e = std::max(std::ilogb(f), -126);  // the binade's exponent (subnormals: -126)
+        const double ulp = std::ldexp(1.0, e - 7);
+        const double lo = std::floor(a / ulp) * ulp;
+        const double frac = (a - lo) / ulp;  // exact: a has 24 bits, lo and ulp are powers of two
+        const double up = frac + static_cast<double>(r & 0xffffu) / 65536.0 >= 1.0 ? ulp : 0.0;
+        const double m = lo + up;
+        const double v = m >= 0x1p128 ? std::numeric_limits<double>::infinity() : m;
+        return std::signbit(f) ? -v : v;
+    };
+    std::size_t bad = 0;
+    std::size_t up = 0;
+    for (int i = 0; i < 400000; ++i) {
+        // Any finite pattern: random bits with the exponent field drawn so that every binade,
+        // the subnormals and the largest one are all hit.
+        const std::uint32_t exponent = static_cast<std::uint32_t>(rng() % 255u);
+        const std::uint32_t u = (static_cast<std::uint32_t>(rng()) & 0x807fffffu) | (exponent << 23);
+        const float f = float_of(u);
+        const auto r = static_cast<std::uint32_t>(rng());
+        const float got = lc::round_stochastic(f, r).to_float();
+        const double want = expected(f, r);
+        up += std::abs(static_cast<double>(got)) > std::abs(static_cast<double>(f));
+        if (!(static_cast<double>(got) == want && std::signbit(got) == std::signbit(f))) {
+            if (bad++ < 5) {
+                MESSAGE(std::hexfloat << f << " with random word 0x" << std::hex << r << " became "
+                                      << got << ", expected " << want);
+            }
+        }
+    }
+    CHECK(bad == 0);
+    CHECK(up > 100000);  // about half the draws round away from zero
+    // The largest finite bf16 and the floats above it round to infinity exactly when the carry
+    // leaves the largest binade.
+    CHECK(lc::round_stochastic(float_of(0x7f7f8000u), 0x7fffu).to_float() == float_of(0x7f7f0000u));
+    CHECK(std::isinf(lc::round_stochastic(float_of(0x7f7f8000u), 0x8000u).to_float()));
+    CHECK(lc::round_stochastic(float_of(0xff7fffffu), 0xffff0001u).to_float() ==
+          -std::numeric_limits<float>::infinity());
+    CHECK(lc::round_stochastic(float_of(0x807fffffu), 0x0001u).to_float() == -0x1p-126f);
+    // The largest float, which rounds to nearest to infinity, rounds stochastically like any other.
+    CHECK(lc::round_stochastic(float_of(0x7f7fffffu), 0x0000u).to_float() == float_of(0x7f7f0000u));
+    CHECK(lc::round_stochastic(float_of(0xff7fffffu), 0xffff0000u).to_float() ==
+          float_of(0xff7f0000u));
+    for (int i = 0; i < 100000; ++i) {
+        const auto r = static_cast<std::uint32_t>(rng());
+        // Any NaN, signalling or quiet, of either sign: the ordinary conversion's quiet NaN.
+        const std::uint32_t nan = (static_cast<std::uint32_t>(rng()) & 0x807fffffu) | 0x7f800000u;
+        const std::uint32_t payload = nan & 0x007fffffu;
+        const float f = float_of(payload == 0 ? nan | 1u : nan);
+        REQUIRE(std::isnan(f));
+        REQUIRE(lc::round_stochastic(f, r).bits == loco::bf16::from_float(f).bits);
+        REQUIRE(lc::round_stochastic(std::numeric_limits<float>::infinity(), r).to_float() ==
+                std::numeric_limits<float>::infinity());
+        REQUIRE(lc::round_stochastic(-std::numeric_limits<float>::infinity(), r).to_float() ==
+                -std::numeric_limits<float>::infinity());
+    }
+    // Exact bf16 values never move, zeros keep their sign.
+    for (const std::uint32_t u : {0x3f800000u, 0xbf800000u, 0x7f7f0000u, 0x00010000u, 0x0u,
+                                  0x80000000u}) {
+        const float f = float_of(u);
+        CHECK(lc::round_stochastic(f, 0xffffffffu).to_float() == f);
+        CHECK(std::signbit(lc::round_stochastic(f, 0xffffffffu).to_float()) == std::signbit(f));
+    }
+}
+
 // One thread's elements of an aligned fp32 tensor: a 4-wide vector holding two non-finite
 // gradients, and two of a thread's vectors a grid stride apart; the check keeps the smaller index
 // of each thread (the case above has its two in different tensors).

@@ -37,14 +37,25 @@ struct dim3 {
     unsigned x = 1, y = 1, z = 1;
     constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
-struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-struct uint2 { unsigned x, y; };
+// Aligned as CUDA aligns them (16, 16 and 8 bytes): a vector access needs an address aligned to
+// its size on a GPU, which faults otherwise.
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+// A misaligned vector load is a fault on a GPU ("misaligned address"); here it aborts, so that a
+// kernel taking its vector path over a misaligned array fails on the emulator too.
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) {
+        std::fprintf(stderr, "emulator: __ldg of a %zu-byte vector at misaligned address %p\n",
+                     sizeof(T), static_cast<const void*>(p));
+        std::abort();
+    }
+    return *p;
+}
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 
