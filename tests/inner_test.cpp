@@ -406,6 +406,37 @@ TEST_CASE("lion: a zero gradient with zero momentum moves a parameter by its wei
     }
 }
 
+// Under nonfinite_policy::ignore a NaN gradient reaches lion's update unchecked. PyTorch's
+// reference (torch.sign of the interpolation, then p.add_) turns the parameter NaN, so the fault
+// shows; a sign of 0 for NaN instead left the parameter to its weight decay, step after step,
+// with the momentum NaN for good and nothing reported.
+TEST_CASE("lion under nonfinite_policy::ignore carries a NaN gradient into the parameter as torch.sign does") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    CHECK(std::isnan(loco::math::sign(nan)));
+    CHECK(std::isnan(loco::math::sign(-nan)));
+
+    std::vector<float> p = {1.5f, -2.0f, 0.25f}, g = {0.5f, nan, -0.25f};
+    loco::parameter_list list;
+    list.add("p", p, g);
+    const double lr = 0.1, wd = 0.5, beta1 = 0.9, beta2 = 0.99;
+    loco::optimizer<loco::inner::lion> opt(
+        list, {.inner = {.lr = float(lr), .beta1 = float(beta1), .beta2 = float(beta2),
+                         .weight_decay = float(wd)},
+               .on_nonfinite = loco::nonfinite_policy::ignore});
+    REQUIRE(opt.step().applied);
+    // The finite elements take the step in double (zero momentum: the direction is sign(g)).
+    CHECK(std::abs(p[0] - (1.5 * (1 - lr * wd) - lr)) <= 1e-6);
+    CHECK(std::abs(p[2] - (0.25 * (1 - lr * wd) + lr)) <= 1e-6);
+    CHECK(std::isnan(p[1]));
+    CHECK(std::isnan(opt.state(0)[1]));
+    // The next, finite gradient cannot bring it back: the momentum is NaN.
+    g = {0.5f, 0.5f, -0.25f};
+    REQUIRE(opt.step().applied);
+    CHECK(std::isnan(p[1]));
+    CHECK(std::isfinite(p[0]));
+    CHECK(std::isfinite(p[2]));
+}
+
 // The error names the first non-finite element of the gradient, not another one.
 TEST_CASE("nonfinite_policy::raise names the first of several non-finite gradient elements") {
     std::vector<float> p(9, 1.0f), g(9, 0.5f);

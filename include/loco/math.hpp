@@ -61,7 +61,12 @@ LOCO_HD bool isfinite(float x) {
 #endif
 }
 
-// torch.sign: -1, 0 or +1 (0 for both zeros). Branch-free, so that host loops vectorise.
-LOCO_HD float sign(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }
+// torch.sign: -1, 0 or +1 (0 for both zeros), and NaN for NaN: a NaN reaching a sign-based
+// update (lion's direction under nonfinite_policy::ignore) shows in the parameter, as in PyTorch,
+// instead of silently becoming a zero step. A select, not a branch, so host loops vectorise.
+LOCO_HD float sign(float x) {
+    const float s = static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f);
+    return x != x ? x : s;
+}
 
 }  // namespace loco::math

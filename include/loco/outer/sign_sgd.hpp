@@ -44,8 +44,7 @@ struct sign_sgd {
     }
 
     LOCO_HD static void update(const scalars& k, float& global, float delta, float*) {
-        const float s = delta != delta ? delta : math::sign(delta);
-        global = global * k.decay - k.lr * s;
+        global = global * k.decay - k.lr * math::sign(delta);
     }
 
     static std::string describe(const hyper& h) {
