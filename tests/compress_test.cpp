@@ -336,7 +336,7 @@ TEST_CASE("random: neighbouring seeds, streams and indices never repeat a draw")
 
 // uniform(): the top 24 bits of the draw times 2^-24, so every value is k * 2^-24 with
 // 0 <= k < 2^24 (never 1), and the values are uniform on [0, 1).
-TEST_CASE("random: uniform is k * 2^-24 from the draw's top 24 bits, uniform on [0, 1)") {
+TEST_CASE("random: uniform is k * 2^-24 from the draw's top 24 bits, spread evenly below 1") {
     auto rng = rng_for("random uniform");
     const std::uint64_t seed = rng();
     const std::size_t n = 200000;
