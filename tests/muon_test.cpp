@@ -1109,6 +1109,29 @@ struct watched_muon : muon {
     }
 };
 
+// Random matrices of the given shapes, each registered as a Muon matrix "w0", "w1", ...
+// (not copyable: the list points into the vectors).
+struct random_matrices {
+    std::vector<std::vector<float>> values, grads;
+    loco::parameter_list params;
+
+    random_matrices(std::mt19937_64& rng, const std::vector<shape>& sizes) {
+        for (const shape s : sizes) {
+            values.push_back(normal_floats(rng, s.rows * s.cols));
+            grads.push_back(normal_floats(rng, s.rows * s.cols));
+        }
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            params.add_views("w" + std::to_string(i),
+                             loco::host_matrix(values[i].data(), sizes[i].rows, sizes[i].cols),
+                             loco::host_matrix(static_cast<const float*>(grads[i].data()),
+                                               sizes[i].rows, sizes[i].cols),
+                             {.role = loco::role::matrix});
+        }
+    }
+    random_matrices(const random_matrices&) = delete;
+    random_matrices& operator=(const random_matrices&) = delete;
+};
+
 }  // namespace reserve_case
 
 // The optimizer reserves every matrix's scratch memory when it is built, so that a step never
@@ -1120,19 +1143,8 @@ TEST_CASE("muon: the optimizer reserves every matrix's scratch memory, so a step
     auto rng = rng_for("muon/reserve");
     // Small first, then tall, square and wide ones that each need more of some buffer.
     const std::vector<shape> sizes{{3, 5}, {200, 10}, {60, 60}, {4, 300}};
-    std::vector<std::vector<float>> values, grads;
-    for (const shape s : sizes) {
-        values.push_back(normal_floats(rng, s.rows * s.cols));
-        grads.push_back(normal_floats(rng, s.rows * s.cols));
-    }
-    loco::parameter_list params;
-    for (std::size_t i = 0; i < sizes.size(); ++i) {
-        params.add_views("w" + std::to_string(i),
-                         loco::host_matrix(values[i].data(), sizes[i].rows, sizes[i].cols),
-                         loco::host_matrix(static_cast<const float*>(grads[i].data()),
-                                           sizes[i].rows, sizes[i].cols),
-                         {.role = loco::role::matrix});
-    }
+    reserve_case::random_matrices m(rng, sizes);
+    auto& [values, grads, params] = m;
     watched_muon::reserves = 0;
     watched_muon::grown = 0;
     loco::optimizer<watched_muon> opt(params);
@@ -1160,19 +1172,8 @@ TEST_CASE("muon: the optimizer reserves the iterate of tall and wide matrices") 
     using reserve_case::watched_muon;
     auto rng = rng_for("muon/reserve-tall-wide");
     const std::vector<shape> sizes{{200, 10}, {4, 300}, {3, 5}};
-    std::vector<std::vector<float>> values, grads;
-    for (const shape s : sizes) {
-        values.push_back(normal_floats(rng, s.rows * s.cols));
-        grads.push_back(normal_floats(rng, s.rows * s.cols));
-    }
-    loco::parameter_list params;
-    for (std::size_t i = 0; i < sizes.size(); ++i) {
-        params.add_views("w" + std::to_string(i),
-                         loco::host_matrix(values[i].data(), sizes[i].rows, sizes[i].cols),
-                         loco::host_matrix(static_cast<const float*>(grads[i].data()),
-                                           sizes[i].rows, sizes[i].cols),
-                         {.role = loco::role::matrix});
-    }
+    reserve_case::random_matrices m(rng, sizes);
+    auto& [values, grads, params] = m;
     watched_muon::reserves = 0;
     watched_muon::grown = 0;
     loco::optimizer<watched_muon> opt(params);
