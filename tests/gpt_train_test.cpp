@@ -1014,6 +1014,7 @@ TEST_CASE("gpt: the defaults in docs/gpt.md's table of flags are the options' de
     CHECK(text("--inner") == d.inner);
     CHECK(text("--outer") == d.outer);
     CHECK(text("--compress") == d.compress);
+    CHECK(text("--ef-fold-outer-lr") == on_off(d.ef_fold_outer_lr));
     CHECK(text("--schedule") == d.schedule);
     CHECK(number("--H") == double(d.every));
     CHECK(number("--fragments") == double(d.fragments));

@@ -428,6 +428,30 @@ TEST_CASE("cuda::diloco with 2-bit codes and error feedback equals the host, bot
     }
 }
 
+// docs/cuda.md: the handle's device plan records no rows, so per-row statistical codes take the
+// host exchange (correct, not fast) instead of being refused.
+TEST_CASE("cuda::diloco with per-row statistical codes keeps the host exchange and equals the "
+          "host") {
+    using ef = loco::compress::error_feedback<loco::compress::statistical<2>>;
+    ef::hyper h{};
+    h.compress.per = loco::compress::granularity::row;
+    h.decay = 0.9f;
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        gpu_model m(init_of("cuda diloco ef per row", comm.rank()));
+        loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov, ef> opt(
+            m.list, comm, {.compress = h, .stream = comm.stream()});
+        CHECK(!opt.device_exchange());
+        CHECK(opt.exchange() == loco::exchange_scheme::all_gather);
+    });
+    diloco_runs<ef> runs("cuda diloco ef per row", loco::exchange_scheme::automatic, h);
+    for (int r = 0; r < 3; ++r) {
+        CHECK(runs.gpu_final[std::size_t(r)] == runs.gpu_final[0]);
+        expect_close(runs.gpu_final[std::size_t(r)], runs.host_final[std::size_t(r)], 1e-4);
+        const std::uint64_t padding = r == 0 ? 2 * 4 * (runs.padded - total) : 0;
+        CHECK(runs.gpu_bytes[std::size_t(r)] == runs.host_bytes[std::size_t(r)] + padding);
+    }
+}
+
 TEST_CASE("cuda::diloco checkpoints load into loco::diloco and back") {
     const std::string label = "cuda diloco checkpoint";
     using gpu_t = loco::cuda::diloco<loco::inner::adamw, loco::outer::nesterov>;
