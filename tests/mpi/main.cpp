@@ -5,7 +5,8 @@
 //
 // Before MPI_Init and after MPI_Finalize, it checks that loco::comm::mpi refuses to be built with a
 // clear error instead of crashing (the checks need a process where MPI is not running), and that a
-// request its communicator outlived past MPI_Finalize throws instead of touching freed memory.
+// request its communicator outlived past MPI_Finalize throws instead of touching freed memory (and
+// one finished after MPI_Finalize, its communicator alive, throws instead of calling MPI).
 //
 // MPI is initialised with MPI_THREAD_SERIALIZED, what loco needs to finish a request on another
 // thread; LOCO_MPI_TEST_THREAD_LEVEL=single|funneled|serialized|multiple asks for another level
@@ -104,9 +105,31 @@ int main(int argc, char** argv) {
     auto late_finished = late->start_all_reduce(loco::host_tensor(late_y.data(), 3),
                                                 loco::comm::reduce_op::sum);
 
+    // One whose communicator is still alive at MPI_Finalize: finish() then throws comm_error
+    // instead of calling MPI after MPI_Finalize (which OpenMPI answers by aborting the job).
+    std::vector<float> alive_x(3, 1.0f);
+    auto alive = std::make_unique<loco::comm::mpi>(MPI_COMM_SELF);
+    auto alive_request = alive->start_all_reduce(loco::host_tensor(alive_x.data(), 3),
+                                                 loco::comm::reduce_op::sum);
+
     int failed_ranks = 0;
     MPI_Allreduce(&failed, &failed_ranks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     MPI_Finalize();
+
+    std::string alive_message;
+    try {
+        alive_request.finish();
+    } catch (const loco::comm_error& e) {
+        alive_message = e.what();
+    }
+    alive.reset();
+    if (alive_message.find("MPI has been finalized") == std::string::npos) {
+        std::fprintf(stderr, "mpi_test rank %d: a request finished after MPI_Finalize, its "
+                             "communicator alive, did not throw comm_error (got \"%s\")\n",
+                     rank, alive_message.c_str());
+        failed = 1;
+        failed_ranks = failed_ranks == 0 ? 1 : failed_ranks;
+    }
 
     late.reset();
     std::string late_message;

@@ -17,6 +17,7 @@
 namespace {
 
 int iallgather_calls = 0, iallgather_fail_at = -1;
+const void* iallgather_last_send = nullptr;  // the send buffer of the last MPI_Iallgather
 int ialltoallv_calls = 0, ialltoallv_fail_at = -1;
 
 using loco_mpi_test::world_rank;
@@ -27,10 +28,22 @@ using loco_mpi_test::world_size;
 extern "C" int MPI_Iallgather(const void* send, int send_count, MPI_Datatype send_type, void* recv,
                               int recv_count, MPI_Datatype recv_type, MPI_Comm comm,
                               MPI_Request* request) {
+    iallgather_last_send = send;
     if (++iallgather_calls == iallgather_fail_at) {
         return MPI_ERR_OTHER;
     }
     return PMPI_Iallgather(send, send_count, send_type, recv, recv_count, recv_type, comm, request);
+}
+
+// While set, MPI_Test reports every request as still in flight (a transfer slower than the calls).
+bool hold_tests = false;
+
+extern "C" int MPI_Test(MPI_Request* request, int* flag, MPI_Status* status) {
+    if (hold_tests) {
+        *flag = 0;
+        return MPI_SUCCESS;
+    }
+    return PMPI_Test(request, flag, status);
 }
 
 extern "C" int MPI_Ialltoallv(const void* send, const int send_counts[], const int send_displs[],
@@ -109,4 +122,57 @@ TEST_CASE("mpi: ranks built with different max_count or check_calls all refuse a
                          loco::comm_error);
     loco::comm::mpi ok(MPI_COMM_WORLD, {.max_count = static_cast<std::size_t>(m)});
     CHECK(ok.size() == m);
+}
+
+TEST_CASE("mpi: an all_gather in place passes MPI_IN_PLACE, never a send buffer inside the receive buffer") {
+    // MPI forbids aliased send and receive buffers (MPICH refuses them: "Buffers must not be
+    // aliased"); OpenMPI happens to copy the slot onto itself, so only the call shows the difference.
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    for (const std::size_t limit : {static_cast<std::size_t>(INT_MAX), um}) {
+        CAPTURE(limit);
+        loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = limit});
+        const std::size_t b = 3 * um + 1;  // in pieces under the small limit
+        std::vector<std::byte> recv(um * b, std::byte{0});
+        std::fill_n(recv.begin() + static_cast<std::ptrdiff_t>(std::size_t(me) * b), b, static_cast<std::byte>(me + 1));
+        const std::byte* own = recv.data() + std::size_t(me) * b;
+        iallgather_last_send = nullptr;
+        comm.all_gather(loco::host_tensor(own, b), loco::host_tensor(recv.data(), recv.size()));
+        CHECK(iallgather_last_send == MPI_IN_PLACE);
+        bool slots_ok = true;
+        for (std::size_t i = 0; i < recv.size(); ++i) {
+            slots_ok = slots_ok && recv[i] == static_cast<std::byte>(i / b + 1);
+        }
+        CHECK(slots_ok);
+        // Out of place: the send buffer itself (its last piece).
+        const std::vector<std::byte> send(b, static_cast<std::byte>(me + 1));
+        std::vector<std::byte> out(um * b);
+        comm.all_gather(loco::host_tensor(send.data(), b), loco::host_tensor(out.data(), out.size()));
+        CHECK(iallgather_last_send != MPI_IN_PLACE);
+        CHECK(out == recv);
+    }
+}
+
+TEST_CASE("mpi: an all_reduce in flight when an MPI error breaks the communicator fails instead of "
+          "issuing its all-gather") {
+    // The reduce-scatter of `x` has not completed when the next start fails (MPI_Test held): once
+    // the communicator is broken, finish() completes the reduce-scatter and throws comm_error, on
+    // every rank alike, without another MPI collective on the broken communicator.
+    std::vector<float> x(64, 1.0f), y(64, 1.0f);
+    {
+        loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = false});
+        auto rx = comm.start_all_reduce(loco::host_tensor(x.data(), x.size()), loco::comm::reduce_op::sum);
+        hold_tests = true;
+        ialltoallv_fail_at = ialltoallv_calls + 1;
+        CHECK_THROWS_WITH_AS(comm.start_all_reduce(loco::host_tensor(y.data(), y.size()),
+                                                   loco::comm::reduce_op::sum),
+                             doctest::Contains("MPI_Ialltoallv failed"), loco::comm_error);
+        ialltoallv_fail_at = -1;
+        hold_tests = false;
+        CHECK_THROWS_WITH_AS(rx.finish(), doctest::Contains("an earlier MPI error left this communicator unusable"),
+                             loco::comm_error);
+    }
+    CHECK(x == std::vector<float>(64, 1.0f));  // no result was written
+    CHECK(y == std::vector<float>(64, 1.0f));
 }

@@ -14,6 +14,7 @@
 #include <loco/comm/mpi.hpp>
 #include <loco/loco.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -284,6 +285,131 @@ TEST_CASE("mpi: a request dropped unfinished poisons its communicator on every r
     }  // destroyed: returns once MPI no longer touches x, then marks the communicator
     CHECK_THROWS_WITH_AS(comm.barrier(), doctest::Contains("was started but never finished"),
                          loco::comm_error);
+}
+
+TEST_CASE("mpi: a dropped request leaves the caller's buffers alone, also when the communicator completes it later") {
+    // The drop returns once MPI no longer touches the buffers (comm/communicator.hpp): an
+    // all_reduce's all-gather still in flight goes to the request's own memory and is never copied
+    // out, and an all_gather (which writes the caller's buffer directly) is waited for. The caller
+    // refills its buffers at once; the destructor, which completes what is pending, must not
+    // write them. Rank 0 starts late, so that the peers' all_gather cannot be complete yet.
+    const int m = world_size();
+    const int me = world_rank();
+    const auto um = static_cast<std::size_t>(m);
+    for (const std::size_t limit : {static_cast<std::size_t>(INT_MAX), 2 * um + 1}) {
+        CAPTURE(limit);
+        const std::size_t n = 1000;
+        std::vector<float> x = rank_input("dropped reduce", me, n);
+        std::vector<std::byte> recv(um * n, std::byte{0});
+        const auto send = rank_bytes("dropped gather", me, n);
+        // A drop poisons its communicator: one communicator for each collective.
+        {
+            loco::comm::mpi comm(MPI_COMM_WORLD, {.max_count = limit});
+            {
+                const auto dropped =
+                    comm.start_all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+            }
+            std::fill(x.begin(), x.end(), -3.0f);  // the caller's again
+        }  // the destructor completes the dropped all_reduce's all-gather
+        CHECK(x == std::vector<float>(n, -3.0f));
+        {
+            loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = false, .max_count = limit});
+            MPI_Barrier(MPI_COMM_WORLD);
+            if (me == 0) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            }
+            {
+                const auto dropped = comm.start_all_gather(loco::host_tensor(send.data(), n),
+                                                           loco::host_tensor(recv.data(), recv.size()));
+            }
+            std::fill(recv.begin(), recv.end(), std::byte{0xee});
+        }
+        CHECK(recv == std::vector<std::byte>(recv.size(), std::byte{0xee}));
+    }
+}
+
+TEST_CASE("mpi: a dropped all_reduce no longer reads the caller's buffer once the drop has returned") {
+    // Rank 1 drops its all_reduce and refills the buffer at once; the others start late and
+    // finish: they must get rank 1's values from before the drop (the reduce-scatter completed
+    // inside the drop), never the refill. Large enough that MPI sends it in more than one go.
+    const int m = world_size();
+    const int me = world_rank();
+    if (m < 2) return;
+    const std::size_t n = std::size_t{1} << 20;
+    const auto value = [](int rank, std::size_t i) { return static_cast<float>((rank + 1) * static_cast<int>(i % 13)); };
+    std::vector<float> x(n);
+    for (std::size_t i = 0; i < n; ++i) x[i] = value(me, i);
+    loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = false});
+    if (me == 1) {
+        {
+            const auto dropped = comm.start_all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+        }
+        std::fill(x.begin(), x.end(), -3.0f);  // the caller's again
+    } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        comm.all_reduce(loco::host_tensor(x.data(), n), reduce_op::sum);
+        std::size_t wrong = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            wrong += x[i] != static_cast<float>(static_cast<int>(i % 13) * m * (m + 1) / 2) ? 1 : 0;
+        }
+        CHECK(wrong == 0);
+    }
+}
+
+TEST_CASE("mpi: barrier waits for every rank, with and without the call check") {
+    // Rank 0 sets a flag in memory every rank can see (an MPI shared-memory window) just before
+    // it enters the barrier, after a delay; every rank reads the flag once the barrier returns.
+    // Whatever the machine's load, a barrier that waits sees the flag set; one that returns
+    // early reads it while rank 0 still sleeps.
+    MPI_Comm node = MPI_COMM_NULL;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    int node_size = 0;
+    MPI_Comm_size(node, &node_size);
+    if (node_size != world_size()) {
+        MPI_Comm_free(&node);
+        MESSAGE("skipped: the ranks do not share one node's memory");
+        return;
+    }
+    const int me = world_rank();
+    int* mine = nullptr;
+    MPI_Win window = MPI_WIN_NULL;
+    MPI_Win_allocate_shared(me == 0 ? static_cast<MPI_Aint>(sizeof(int)) : 0, sizeof(int),
+                            MPI_INFO_NULL, node, &mine, &window);
+    MPI_Aint bytes = 0;
+    int unit = 0;
+    int* flag = nullptr;
+    MPI_Win_shared_query(window, 0, &bytes, &unit, &flag);
+    for (const bool check : {true, false}) {
+        CAPTURE(check);
+        loco::comm::mpi comm(MPI_COMM_WORLD, {.check_calls = check});
+        if (me == 0) {
+            std::atomic_ref<int>(*flag).store(0);
+        }
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (me == 0) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(300));
+            std::atomic_ref<int>(*flag).store(1);
+        }
+        comm.barrier();
+        CHECK(std::atomic_ref<int>(*flag).load() == 1);
+        MPI_Barrier(MPI_COMM_WORLD);  // every rank has read before rank 0 clears the flag
+    }
+    MPI_Win_free(&window);
+    MPI_Comm_free(&node);
+}
+
+TEST_CASE("mpi: all_to_all of a size that is not a multiple of the ranks is refused on every rank") {
+    const int m = world_size();
+    const auto um = static_cast<std::size_t>(m);
+    loco::comm::mpi comm(MPI_COMM_WORLD);
+    if (m > 1) {
+        std::vector<std::byte> send(4 * um + 1, std::byte{1}), recv(send.size(), std::byte{0});
+        CHECK_THROWS_WITH_AS(comm.all_to_all(loco::host_tensor(static_cast<const std::byte*>(send.data()), send.size()),
+                                             loco::host_tensor(recv.data(), recv.size())),
+                             doctest::Contains("blocks of the same size"), loco::shape_error);
+        CHECK(recv == std::vector<std::byte>(recv.size(), std::byte{0}));
+    }
+    comm.barrier();  // still usable: the refusal is the base class's, before any MPI call
 }
 
 TEST_CASE("mpi: a rank that drops an all_reduce does not wait for its peers' next loco call") {
@@ -770,6 +896,34 @@ TEST_CASE("mpi: bad communicators and sizes are refused at construction") {
     const std::string refused = "communicator has " + std::to_string(m) + " ranks";
     CHECK_THROWS_WITH_AS(opt_t(list, ok, {.workers = m + 1}), doctest::Contains(refused.c_str()),
                          loco::comm_error);
+}
+
+TEST_CASE("mpi: an inter-communicator, ownership of MPI_COMM_SELF and a max_count below the ranks are refused") {
+    const int m = world_size();
+    const int me = world_rank();
+    // MPI_COMM_SELF is MPI's as much as MPI_COMM_WORLD: freeing it in the destructor is an error.
+    CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_SELF, {.take_ownership = true}),
+                         doctest::Contains("cannot be freed"), loco::invalid_argument);
+    // max_count must hold one float per rank (an all_reduce's pieces are multiples of M floats):
+    // M - 1 is refused on every rank, M accepted.
+    if (m > 1) {
+        CHECK_THROWS_WITH_AS(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = static_cast<std::size_t>(m - 1)}),
+                             doctest::Contains("max_count must be in [number of ranks"),
+                             loco::invalid_argument);
+    }
+    CHECK_NOTHROW(loco::comm::mpi(MPI_COMM_WORLD, {.max_count = static_cast<std::size_t>(m)}));
+    // An inter-communicator between the even and the odd ranks: loco's collectives need an
+    // intra-communicator, so it is refused (on every rank, before any collective over it).
+    if (m > 1) {
+        MPI_Comm half = MPI_COMM_NULL;
+        MPI_Comm_split(MPI_COMM_WORLD, me % 2, me, &half);
+        MPI_Comm inter = MPI_COMM_NULL;
+        MPI_Intercomm_create(half, 0, MPI_COMM_WORLD, me % 2 == 0 ? 1 : 0, 77, &inter);
+        CHECK_THROWS_WITH_AS(loco::comm::mpi{inter}, doctest::Contains("an inter-communicator was given"),
+                             loco::invalid_argument);
+        MPI_Comm_free(&inter);
+        MPI_Comm_free(&half);
+    }
 }
 
 TEST_CASE("mpi over a sub-communicator it owns: even and odd ranks reduce separately") {
