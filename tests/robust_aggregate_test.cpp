@@ -218,6 +218,38 @@ TEST_CASE("edit: GTA divides by the agreeing weight only from 1e-8 on, as atorch
     g.reports[1].norm = g.reports[2].norm = 5.0f;
     out = run_edit(h, g);
     CHECK(out[0] == 1.0f);
+    // At exactly 1e-8 atorch divides (only divisors below it become 1): one agreeing worker of
+    // weight 1e-8 gives its own value, not 1e-8 times it.
+    const std::vector<double> tiny{1e-8, 0.0};
+    std::vector<float> one(1);
+    loco::aggregate::gta_reduce(tiny, std::vector<float>{0.5f, 2.0f}, 1,
+                                loco::aggregate::sign_consensus::sum, one);
+    CHECK(one[0] == 0.5f);
+}
+
+// GTA "count" tallies sign(Delta_i[j]) over the workers of weight > 0 (docs/aggregation.md): a zero
+// votes neither way (torch.sign(0) = 0), and an outlier's sign is not counted.
+TEST_CASE("edit: GTA 'count' tallies the signs of the inliers only, and a zero votes neither way") {
+    using loco::aggregate::sign_consensus;
+    std::vector<float> out(1);
+    // 0, 0, -1: the tally is -1, so the -1 is the consensus (a zero voting + made it +1 and 0).
+    const std::vector<double> equal{1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0};
+    loco::aggregate::gta_reduce(equal, std::vector<float>{0.0f, 0.0f, -1.0f}, 1,
+                                sign_consensus::count, out);
+    CHECK(out[0] == -1.0f);
+    // Worker 2 has weight 0: +1 and -1 tie, ties go to +, its -1 does not break the tie.
+    const std::vector<double> w{0.5, 0.5, 0.0};
+    loco::aggregate::gta_reduce(w, std::vector<float>{1.0f, -1.0f, -1.0f}, 1,
+                                sign_consensus::count, out);
+    CHECK(out[0] == 1.0f);
+    // Through edit: worker 2 an outlier (a negative report), workers 0 and 1 tie.
+    auto g = from_rows({{1.0f, 2.0f}, {-1.0f, -2.0f}, {-1.0f, -2.0f}});
+    g.reports[0].norm = g.reports[1].norm = 1.0f;
+    g.reports[2].norm = -1.0f;
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = sign_consensus::count;
+    CHECK(run_edit(h, g) == std::vector<float>{1.0f, 2.0f});
 }
 
 // A report is taken on trust (the paper's rule: each worker's norm before compression), but a
@@ -236,6 +268,74 @@ TEST_CASE("edit: a negative norm report is an outlier, as a non-finite one") {
     const double w0 = 1.0 / (1.0 + std::exp(-(n1 - n0)));
     CHECK(w[0] == doctest::Approx(w0).epsilon(1e-12));
     CHECK(w[1] == doctest::Approx(1.0 - w0).epsilon(1e-12));
+}
+
+// A worker whose pseudo-gradient did not move reports the norm 0: a norm (G_i >= 0), not an
+// outlier, and the softmax's largest weight.
+TEST_CASE("edit: a norm of 0 is an inlier with the largest softmax weight") {
+    auto g = from_rows({{0.0f, 0.0f}, {3.0f, 4.0f}});  // norms 0 and 5
+    REQUIRE(g.reports[0].norm == 0.0f);
+    REQUIRE(g.reports[1].norm == 5.0f);
+    loco::aggregate::edit::hyper h;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    for (const bool skip : {false, true}) {
+        h.skip_anomaly = skip;
+        loco::aggregate::edit::state s;
+        const auto w = loco::aggregate::edit::weights(h, s, g.view());
+        REQUIRE(w.size() == 2);
+        const double w1 = std::exp(-5.0) / (1.0 + std::exp(-5.0));
+        CHECK(w[0] == doctest::Approx(1.0 - w1).epsilon(1e-12));
+        CHECK(w[1] == doctest::Approx(w1).epsilon(1e-12));
+        const auto out = run_edit(h, g);
+        CHECK(out[0] == doctest::Approx(3.0 * w1).epsilon(1e-6));
+        CHECK(out[1] == doctest::Approx(4.0 * w1).epsilon(1e-6));
+    }
+}
+
+// softmax(-G / T) taken as exp(-(G_i - min G) / T) / sum: the same weights, but norms of a
+// thousand (T = 1) do not underflow every exp to 0 and the weights to 0 / 0.
+TEST_CASE("edit: the softmax of large norms is shifted by the smallest, so its weights stay finite") {
+    auto g = from_rows({{1.0f}, {2.0f}});
+    g.reports[0].norm = 1000.0f;
+    g.reports[1].norm = 1001.0f;
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    loco::aggregate::edit::state s;
+    const auto w = loco::aggregate::edit::weights(h, s, g.view());
+    const double w1 = std::exp(-1.0) / (1.0 + std::exp(-1.0));
+    CHECK(w[0] == doctest::Approx(1.0 - w1).epsilon(1e-12));
+    CHECK(w[1] == doctest::Approx(w1).epsilon(1e-12));
+}
+
+// The report is the norm before compression; the decoded delta can still be non-finite (a cast
+// to fp16 turns 7e4 into inf). Such a worker is an outlier whatever it reported.
+TEST_CASE("edit: a worker whose delta is not finite gets weight 0 even with a finite report") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    auto g = from_rows({{1.0f, 2.0f}, {nan, 1.0f}, {2.0f, inf}});
+    g.reports[1].norm = 1.0f;
+    g.reports[2].norm = 2.0f;
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    loco::aggregate::edit::state s;
+    const auto w = loco::aggregate::edit::weights(h, s, g.view());
+    CHECK(w == std::vector<double>{1.0, 0.0, 0.0});
+    CHECK(run_edit(h, g) == std::vector<float>{1.0f, 2.0f});
+}
+
+// phi / (||agg|| + 1e-6) with ||agg|| summed in double: a finite aggregate whose squares overflow
+// fp32 (|x| > 1.8e19) is scaled to phi, not to 0.
+TEST_CASE("edit: the clip takes the aggregate's norm in double, so a huge finite one is clipped to phi") {
+    const auto g = from_rows({{3e20f, 4e20f}});
+    REQUIRE(std::isfinite(g.reports[0].norm));
+    loco::aggregate::edit::hyper h;
+    h.skip_anomaly = false;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    h.clip = 1.0f;
+    const auto out = run_edit(h, g);
+    CHECK(out[0] == doctest::Approx(0.6).epsilon(1e-6));
+    CHECK(out[1] == doctest::Approx(0.8).epsilon(1e-6));
 }
 
 TEST_CASE("edit: the EWMA detector follows a hand-computed double-precision sequence") {
@@ -304,6 +404,47 @@ TEST_CASE("edit: the z-score window's spread is torch.std's (n - 1), and one z-s
     d.window = {3.0};
     CHECK(std::isnan(d.window_std()));
     CHECK_FALSE(d.is_outlier(1000.0, 1, 1.0));
+}
+
+// One-sided, as atorch: only norms far above the detector's mean are anomalies. A worker whose
+// pseudo-gradient shrinks (z far below -threshold) keeps its weight.
+TEST_CASE("edit: the detector flags only large norms, a norm far below its mean is an inlier") {
+    loco::aggregate::ewma_detector d;
+    d.count = 10;
+    d.mean = 5.0;
+    d.m2 = 1.0;              // sigma 1
+    d.window = {0.0, 0.5};   // spread below 1: the threshold stays 3
+    CHECK(d.is_outlier(9.0, 2, 3.0));        // z = 4
+    CHECK_FALSE(d.is_outlier(0.0, 2, 3.0));  // z = -5
+    loco::aggregate::edit::state s;
+    s.detectors = {d, d};
+    auto g = from_rows({{0.0f}, {1.0f}});
+    g.reports[1].norm = 5.0f;
+    loco::aggregate::edit::hyper h;
+    h.ewma_warmup = 2;
+    h.ewma_threshold = 3.0f;
+    h.consensus = loco::aggregate::sign_consensus::none;
+    const auto w = loco::aggregate::edit::weights(h, s, g.view());
+    const double w1 = std::exp(-5.0) / (1.0 + std::exp(-5.0));
+    CHECK(w[0] == doctest::Approx(1.0 - w1).epsilon(1e-12));
+    CHECK(w[1] == doctest::Approx(w1).epsilon(1e-12));
+}
+
+// sigma = sqrt(M2) only from count 2 on (atorch: 0 before): after one norm M2 is already
+// (1 - alpha) alpha v^2 > 0, but no z-score is taken from it, even where the warm-up (0 or 1)
+// lets the detector judge that early.
+TEST_CASE("edit: the detector's sigma is 0 until it has learnt two norms") {
+    loco::aggregate::ewma_detector d;
+    d.update(1.0, 0.5, 1);
+    CHECK(d.count == 1);
+    CHECK(d.m2 == 0.125);
+    CHECK(d.sigma() == 0.0);
+    CHECK(d.window == std::vector<double>{0.0});  // the z-score of 1 after its update
+    CHECK(d.z(10.0, 0) == 0.0);
+    CHECK_FALSE(d.is_outlier(10.0, 0, 3.0));
+    d.update(2.0, 0.5, 1);
+    CHECK(d.sigma() == doctest::Approx(std::sqrt(0.34375)).epsilon(1e-15));
+    CHECK(d.z(10.0, 0) == doctest::Approx((10.0 - 1.25) / std::sqrt(0.34375)).epsilon(1e-14));
 }
 
 TEST_CASE("edit: a refused step_weights round leaves the fragment-scope detectors as they were") {

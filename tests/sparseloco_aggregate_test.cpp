@@ -452,6 +452,40 @@ TEST_CASE("median_norm_clip: the lower median for an even count, unclipped peers
     CHECK(std::isnan(out[1]));
 }
 
+// torch.median of norms holding a NaN is NaN (the docs' rule): every factor is NaN, so even an
+// element the NaN worker did not send is NaN. A median taken by sorting around the NaN is some
+// finite norm instead, and left such elements finite. Three workers, the NaN one at each rank.
+TEST_CASE("median_norm_clip: a NaN norm makes the median NaN, and every sent element NaN") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (std::size_t bad = 0; bad < 3; ++bad) {
+        CAPTURE(bad);
+        // Worker k sends element 0 (NaN for `bad`) or element 1 (value k + 1), never both.
+        std::vector<float> deltas(6, 0.0f);
+        std::vector<std::uint8_t> sent(6, 0);
+        for (std::size_t k = 0; k < 3; ++k) {
+            const std::size_t at = k == bad ? 0 : 1;
+            deltas[k * 2 + at] = k == bad ? nan : static_cast<float>(k + 1);
+            sent[k * 2 + at] = 1;
+        }
+        loco::aggregate::contributions c;
+        c.workers = 3;
+        c.elements = 2;
+        c.deltas = deltas;
+        c.sent = sent;
+        std::vector<float> out(2, 0.0f);
+        mnc::combine({}, c, out);
+        CHECK(std::isnan(out[0]));
+        CHECK(std::isnan(out[1]));
+        std::vector<float> norms(3, 1.0f), f;
+        norms[bad] = nan;
+        mnc::factors_of({}, norms, f);
+        for (const float x : f) CHECK(std::isnan(x));
+        // clip = false is the plain scatter-mean: every factor 1, whatever the norms.
+        mnc::factors_of({.clip = false}, norms, f);
+        CHECK(f == std::vector<float>(3, 1.0f));
+    }
+}
+
 // templar's clamp(median / (norm + 1e-8), max=1): where most workers left a tensor untouched its
 // median norm is 0, so every factor is 0 (0 / 1e-8 for the still ones, never 0 / 0) and the
 // tensor's aggregate is 0, finite.

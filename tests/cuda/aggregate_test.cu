@@ -90,6 +90,15 @@ struct edit_tensor {
         return h;
     }
 };
+// EDiT without the detector: only a non-finite norm or delta leaves a worker out.
+struct edit_no_detector {
+    using policy = la::edit;
+    static la::edit::hyper hyper() {
+        la::edit::hyper h = edit_linear::hyper();
+        h.skip_anomaly = false;
+        return h;
+    }
+};
 struct trimmed {
     using policy = la::trimmed_mean;
     static constexpr const char* name = "trimmed_mean";
@@ -117,6 +126,13 @@ struct centered {
     static constexpr bool nan_skips = false;
     static la::centered_clip::hyper hyper() { return {.tau = 0.1f, .iterations = 3}; }
 };
+// tau far below the workers' distance from the center: each round moves v by about tau, so the
+// next round's aggregate depends on where v started (the last applied round's aggregate).
+struct centered_tight {
+    using policy = la::centered_clip;
+    static constexpr const char* name = "centered_clip tight";
+    static la::centered_clip::hyper hyper() { return {.tau = 1e-3f, .iterations = 1}; }
+};
 
 constexpr int steps = 11;  // syncs after steps 2, 4, 6, 8, 10 (every 2)
 
@@ -129,11 +145,13 @@ struct schedule_case<ls::streaming> : two_fragment_streaming {};
 
 // What happens to a rank's parameters before step t: with `faults`, the outlier (rank 1 before the
 // sync of step 8, when every detector has seen 3 norms) and a NaN (rank 2 before the sync of step
-// 4); with `all_nan`, a NaN on every rank before step 4 (a round every rule refuses).
-enum class poke { none, offset, nan };
-enum class scenario { faults, all_nan, clean };
+// 4); with `all_nan`, a NaN on every rank before step 4 (a round every rule refuses); with
+// `overflow`, one value of rank 1 raised by 1e5 before the sync of step 8.
+enum class poke { none, offset, nan, overflow };
+enum class scenario { faults, all_nan, clean, overflow };
 poke poke_at(int rank, int t, scenario sc) {
     if (sc == scenario::clean) return poke::none;
+    if (sc == scenario::overflow) return rank == 1 && t == 8 ? poke::overflow : poke::none;
     if (sc == scenario::all_nan) return t == 4 ? poke::nan : poke::none;
     if (rank == 1 && t == 8) return poke::offset;
     if (rank == 2 && t == 4) return poke::nan;
@@ -144,6 +162,8 @@ void apply_poke(std::vector<float>& v, poke p) {
         for (auto& x : v) x += 500.0f;
     } else if (p == poke::nan) {
         v[7] = std::numeric_limits<float>::quiet_NaN();
+    } else if (p == poke::overflow) {
+        v[3] += 1e5f;  // beyond fp16's 65504: that element of the delta is sent as -inf
     }
 }
 
@@ -319,7 +339,7 @@ TEST_CASE_TEMPLATE("cuda device aggregation: the host handle's numbers with an o
 
 TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends NaN is refused on "
                    "every rank and changes nothing",
-                   Case, edit_linear, trimmed, median, centered) {
+                   Case, edit_linear, trimmed, median, centered, centered_tight) {
     using gpu_t = gpu_handle<Case, ls::every>;
     const std::string label = std::string("device aggregate refusal ") + Case::name;
     loco::comm::run_replicas(3, [&](loco::comm::cuda_replicas& comm) {
@@ -332,8 +352,6 @@ TEST_CASE_TEMPLATE("cuda device aggregation: a round where every worker sends Na
         REQUIRE(opt.outer_steps() == 1);
         const auto global_before = opt.global();
         const auto momentum_before = opt.outer_state(0);
-        std::ostringstream state_before;
-        opt.save(state_before);
         m.set_gradients(grads_of(label, comm.rank(), 3), comm.stream());
         opt.step();
         poke_gpu(m, poke::nan, comm.stream());
@@ -471,6 +489,22 @@ TEST_CASE_TEMPLATE("cuda device aggregation: compressed payloads give the host h
     // (each tensor's median is NaN), committing nothing, and applies the later ones.
     CHECK(gpu[0].outer_steps == (Case::nan_skips ? 4 : 5));
     expect_outlier_rejected(gpu);
+}
+
+// EDiT's fragment scope weighs a worker by its report, the norm before compression: a delta whose
+// element a cast to fp16 overflows to inf (|x| >= 65520) still reports a finite norm. On the device
+// as on the host such a worker is an outlier (its decoded row is not finite), not weighted into an
+// infinite aggregate that drops the sync.
+TEST_CASE("cuda device aggregation: edit leaves out a worker whose fp16 payload overflowed, as the "
+          "host") {
+    using c16 = cz::cast<loco::fp16>;
+    const std::string label = "device aggregate fp16 overflow";
+    const auto gpu = replicas_run<edit_no_detector, ls::every, c16>(label, 4, scenario::overflow);
+    const auto host = host_run<edit_no_detector, ls::every, c16>(label, 4, scenario::overflow);
+    expect_same_run(gpu, host, true);
+    CHECK(gpu[0].outer_steps == 5);
+    CHECK(gpu[0].skipped == 0);
+    CHECK(host[0].outer_steps == 5);
 }
 
 // Streaming: two fragments, each exchange in flight over an inner step (its pseudo-gradient kept
