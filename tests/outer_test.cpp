@@ -400,3 +400,110 @@ TEST_CASE_TEMPLATE("every outer setting is in describe() and ranks that differ i
         for (const auto& e : errors) CHECK_MESSAGE(e.find(want) != std::string::npos, e);
     }
 }
+
+// The defaults are the published values (algorithms.md: DiLoCo's Nesterov 0.7 / 0.9, FedAdam's
+// betas (0.9, 0.99) and tau 1e-3 without bias correction at lr 0.01, HALoS's delayed Nesterov
+// 0.3 / 0.5 / N = 2 / c = 0, DeMo's sign step 4e-4 without decay, averaging with lr 1): the
+// first steps of each policy with hyper{} against closed forms written with those numbers.
+TEST_CASE("outer defaults: the first steps with hyper{} equal closed forms of the published "
+          "values") {
+    auto rng = rng_for("outer defaults");
+    const std::size_t n = 64;
+    const auto start = normal_floats(rng, n);
+    const auto d1 = normal_floats(rng, n, 0.05f);
+    const auto d2 = normal_floats(rng, n, 0.05f);
+    const auto run = [&]<class P>(P, int steps) {
+        std::vector<float> global = start;
+        std::vector<float> state(static_cast<std::size_t>(P::state_size) * n, 0.0f);
+        outer_step<P>({}, 1, global, d1, state);
+        if (steps == 2) outer_step<P>({}, 2, global, d2, state);
+        return global;
+    };
+    const auto expect = [&](const std::vector<float>& got, auto want, const char* what) {
+        mismatch_log log;
+        for (std::size_t i = 0; i < n; ++i) {
+            log.expect_close(got[i], want(i), 1e-6, [&](auto& s) { s << what << " " << i; });
+        }
+        log.check();
+    };
+    const auto x = [&](std::size_t i) { return double(start[i]); };
+    const auto a = [&](std::size_t i) { return double(d1[i]); };
+    const auto b = [&](std::size_t i) { return double(d2[i]); };
+
+    expect(run(loco::outer::sgd{}, 1), [&](std::size_t i) { return x(i) - a(i); }, "sgd");
+    // Nesterov: b1 = d1, b2 = 0.9 d1 + d2; steps 0.7 (d1 + 0.9 b1) and 0.7 (d2 + 0.9 b2).
+    expect(run(loco::outer::nesterov{}, 2), [&](std::size_t i) {
+        return x(i) - 0.7 * 1.9 * a(i) - 0.7 * (b(i) + 0.9 * (0.9 * a(i) + b(i)));
+    }, "nesterov");
+    // FedAdam, two steps without bias correction.
+    expect(run(loco::outer::adam{}, 2), [&](std::size_t i) {
+        const double m1 = 0.1 * a(i), v1 = 0.01 * a(i) * a(i);
+        const double m2 = 0.9 * m1 + 0.1 * b(i), v2 = 0.99 * v1 + 0.01 * b(i) * b(i);
+        return x(i) - 0.01 * m1 / (std::sqrt(v1) + 1e-3) - 0.01 * m2 / (std::sqrt(v2) + 1e-3);
+    }, "adam");
+    // Delayed Nesterov: step 1 plain (lr d1 / 2); step 2 a milestone, m = (d1 + d2) / 2.
+    expect(run(loco::outer::delayed_nesterov{}, 2), [&](std::size_t i) {
+        const double m = (a(i) + b(i)) / 2.0;
+        return x(i) - 0.3 * a(i) / 2.0 - 0.3 * (0.5 * m + b(i) / 2.0);
+    }, "delayed nesterov");
+    expect(run(loco::outer::sign_sgd{}, 1), [&](std::size_t i) {
+        return x(i) - 4e-4 * double((a(i) > 0) - (a(i) < 0));
+    }, "sign_sgd");
+}
+
+// The closed ends of each documented range are settings a user may pick: outer lr 0 (freeze the
+// global values), no momentum, beta1 = 0 (RMSProp-like FedAdam), c = 1 (all momentum between
+// milestones).
+TEST_CASE("outer validation accepts the closed ends of every range") {
+    CHECK_NOTHROW(loco::outer::sgd::validate({.lr = 0.0f}));
+    CHECK_NOTHROW(loco::outer::nesterov::validate({.lr = 0.0f}));
+    CHECK_NOTHROW(loco::outer::nesterov::validate({.momentum = 0.0f}));
+    CHECK_NOTHROW(loco::outer::adam::validate({.lr = 0.0f}));
+    CHECK_NOTHROW(loco::outer::adam::validate({.beta1 = 0.0f, .beta2 = 0.0f}));
+    CHECK_NOTHROW(loco::outer::delayed_nesterov::validate({.lr = 0.0f}));
+    CHECK_NOTHROW(loco::outer::delayed_nesterov::validate({.momentum = 0.0f}));
+    CHECK_NOTHROW(loco::outer::delayed_nesterov::validate({.period = 1}));
+    CHECK_NOTHROW(loco::outer::delayed_nesterov::validate({.c = 0.0f}));
+    CHECK_NOTHROW(loco::outer::delayed_nesterov::validate({.c = 1.0f}));
+    CHECK_NOTHROW(loco::outer::sign_sgd::validate({.lr = 0.0f, .weight_decay = 0.0f}));
+}
+
+// sign_sgd: the decay 1 - lr * weight_decay is formed in double and rounded once (in float,
+// 0.1f * 0.3f rounds first: 0.970000029 in place of 0.969999969), and a NaN delta reaches the
+// global value (torch.sign(NaN) is NaN), as the header documents.
+TEST_CASE("outer sign_sgd: the decay is rounded once and a NaN delta propagates") {
+    const loco::outer::sign_sgd::hyper h{.lr = 0.1f, .weight_decay = 0.3f};
+    std::vector<float> global = {1.0f, 1.0f, 2.0f};
+    const std::vector<float> delta = {0.0f, std::numeric_limits<float>::quiet_NaN(), -1.0f};
+    std::vector<float> state;
+    outer_step<loco::outer::sign_sgd>(h, 1, global, delta, state);
+    const float decay = static_cast<float>(1.0 - double(0.1f) * double(0.3f));
+    CHECK(decay == 0.969999969f);
+    CHECK(global[0] == decay);
+    CHECK(std::isnan(global[1]));
+    CHECK(global[2] == doctest::Approx(2.0 * double(decay) + 0.1).epsilon(1e-7));
+}
+
+// A round skipped for a non-finite average is no outer step: the next one is the fragment's
+// second (the milestone of delayed Nesterov with N = 2), not its third.
+TEST_CASE("delayed Nesterov under diloco: a skipped round does not advance the outer step count") {
+    using dn = loco::outer::delayed_nesterov;
+    loco::comm::single comm;
+    std::vector<float> w{0.0f}, g{1.0f};
+    loco::parameter_list list;
+    list.add("w", w, g);
+    loco::diloco<loco::inner::sgd, dn> opt(
+        list, comm,
+        {.inner = {.lr = 1.0f}, .outer = {.lr = 1.0f, .momentum = 0.9f, .period = 2},
+         .schedule = {.every = 1}});
+    opt.step();
+    CHECK(opt.global()[0] == doctest::Approx(-0.5).epsilon(1e-6));  // algorithms.md T7
+    w[0] = std::numeric_limits<float>::infinity();  // this round's average is -inf: skipped
+    opt.step();
+    CHECK(opt.skipped_syncs() == 1);
+    CHECK(opt.outer_steps() == 1);
+    CHECK(w[0] == opt.global()[0]);
+    opt.step();  // outer step 2, the milestone: T7's -1.9
+    CHECK(opt.outer_steps() == 2);
+    CHECK(opt.global()[0] == doctest::Approx(-1.9).epsilon(1e-6));
+}
