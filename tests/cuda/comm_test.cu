@@ -448,6 +448,111 @@ TEST_CASE("cuda_staging: requests finished on another thread while this one star
     }
 }
 
+TEST_CASE("cuda_replicas: a chunk longer than one grid of the reduce kernel") {
+    // The reduce kernel's grid is capped (8192 blocks of 256 threads, 2^21 elements) and a
+    // grid-stride loop covers the rest: with two ranks and 2^22 + 2062 floats, each rank's chunk
+    // of 2^21 + 1031 is longer than one grid, so its last 1031 elements come from the loop's
+    // second pass. The mean against the rank-ordered host reference, bit for bit.
+    constexpr int m = 2;
+    const std::size_t n = (std::size_t{1} << 22) + 2062;
+    std::vector<std::vector<float>> data;
+    for (int r = 0; r < m; ++r) {
+        auto rng = rng_for("replicas long chunk/" + std::to_string(r));
+        data.push_back(normal_floats(rng, n));
+    }
+    const expected e = reference(data, 0);
+    std::mutex mutex;
+    loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+        const std::size_t r = std::size_t(comm.rank());
+        lc::device_buffer<float> buf(n);
+        buf.upload(data[r]);
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::mean);
+        const auto got_mean = buf.download();
+        std::size_t off = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            off += std::memcmp(&got_mean[i], &e.mean[i], sizeof(float)) != 0;
+        }
+        std::lock_guard<std::mutex> lock(mutex);
+        CAPTURE(r);
+        CHECK(off == 0);
+    });
+}
+
+TEST_CASE("cuda_replicas and cuda_staging refuse what they cannot serve") {
+    // Group sizes 1 to max_replicas, ranks of the group, a group at all, and a staging over a
+    // communicator that moves device memory.
+    CHECK_THROWS_AS(loco::comm::cuda_replica_group(0), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::cuda_replica_group(lc::max_replicas + 1), loco::invalid_argument);
+    CHECK_NOTHROW(loco::comm::cuda_replica_group(1));
+    CHECK_NOTHROW(loco::comm::cuda_replica_group(lc::max_replicas));
+    auto group = std::make_shared<loco::comm::cuda_replica_group>(2);
+    const auto outside = doctest::Contains("is outside a group of size 2");
+    CHECK_THROWS_WITH_AS(loco::comm::cuda_replicas(group, 2), outside, loco::invalid_argument);
+    CHECK_THROWS_WITH_AS(loco::comm::cuda_replicas(group, -1), outside, loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::cuda_replicas(nullptr, 0), loco::invalid_argument);
+    {
+        loco::comm::cuda_replicas last(group, 1);  // the last rank is one of the group
+        CHECK(last.rank() == 1);
+        CHECK(last.size() == 2);
+        loco::comm::cuda_staging staged(last);
+        CHECK(staged.rank() == 1);
+        CHECK(staged.size() == 2);
+        CHECK(staged.space() == loco::memory_space::host);
+        // A staging moves host memory already: staging it again is refused.
+        loco::comm::communicator& host_comm = staged;
+        CHECK_THROWS_AS(loco::comm::cuda_staging{host_comm}, loco::memory_space_error);
+    }
+}
+
+TEST_CASE("cuda_replicas: a group of max_replicas ranks reduces") {
+    // The largest group the reduce kernel takes: rank r holds r + 1, so the sum is 2080, exact,
+    // and the mean of those sums 2080 again.
+    constexpr int m = lc::max_replicas;
+    std::atomic<int> wrong{0};
+    loco::comm::run_replicas(m, [&](loco::comm::cuda_replicas& comm) {
+        lc::device_buffer<float> buf(5);
+        buf.upload(std::vector<float>(5, float(comm.rank() + 1)));
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        comm.all_reduce(loco::cuda_tensor(buf.get(), 5), reduce_op::sum);
+        const auto sum = buf.download();
+        comm.all_reduce(loco::cuda_tensor(buf.get(), 5), reduce_op::mean);
+        const auto mean = buf.download();
+        wrong += sum != std::vector<float>(5, float(m * (m + 1) / 2));
+        wrong += mean != std::vector<float>(5, float(m * (m + 1) / 2));
+    });
+    CHECK(wrong.load() == 0);
+}
+
+TEST_CASE("cuda_staging: barrier waits for every rank, bytes_sent are the wrapped ones") {
+    // Rank 1 arrives late and marks its arrival first: rank 0's barrier may return only after.
+    std::atomic<int> arrived{0};
+    std::mutex mutex;
+    loco::comm::run_replicas(2, [&](loco::comm::cuda_replicas& comm) {
+        loco::comm::cuda_staging staged(comm, comm.stream());
+        if (comm.rank() == 1) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            arrived = 1;
+        }
+        staged.barrier();
+        const int seen = arrived.load();
+        // Zero counts: no bytes, the communicator stays usable.
+        std::vector<float> none;
+        staged.all_reduce(loco::host_tensor(none.data(), 0), reduce_op::sum);
+        staged.all_gather({nullptr, 0, 0, 0, loco::memory_space::host},
+                          {nullptr, 0, 0, 0, loco::memory_space::host});
+        std::vector<float> x(5, float(comm.rank() + 1));
+        staged.all_reduce(loco::host_tensor(x.data(), x.size()), reduce_op::sum);
+        std::lock_guard<std::mutex> lock(mutex);
+        CAPTURE(comm.rank());
+        CHECK(seen == 1);
+        CHECK(x == std::vector<float>(5, 3.0f));
+        CHECK(staged.bytes_sent() == comm.bytes_sent());
+        // One all_reduce of 5 floats over 2 ranks: 4 (n + (M-2) c_r) bytes.
+        CHECK(comm.bytes_sent() == 20);
+    });
+}
+
 #if defined(LOCO_TEST_NCCL)
 
 TEST_CASE("nccl with one rank on one GPU") {
@@ -721,6 +826,59 @@ TEST_CASE("nccl: a request that outlives its communicator touches nothing of it"
                          doctest::Contains("was finished after its communicator was destroyed"),
                          loco::comm_error);
     CHECK(buf.download() == data);  // one rank: the sums are the data, the collectives done
+}
+
+TEST_CASE("nccl: refuses ranks outside the clique and timeouts that are not positive") {
+    // All refused before any NCCL call: invalid_argument, not a comm_error after a timeout.
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    const loco::comm::nccl_options quick{.timeout = std::chrono::milliseconds(200)};
+    CHECK_THROWS_AS(loco::comm::nccl::create(2, 2, id, nullptr, quick), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::nccl::create(2, -1, id, nullptr, quick), loco::invalid_argument);
+    CHECK_THROWS_AS(loco::comm::nccl::create(0, 0, id, nullptr, quick), loco::invalid_argument);
+    for (const auto timeout : {std::chrono::milliseconds(0), std::chrono::milliseconds(-1)}) {
+        CAPTURE(timeout.count());
+        CHECK_THROWS_AS(loco::comm::nccl::create(2, 0, id, nullptr, {.timeout = timeout}),
+                        loco::invalid_argument);
+        // A wrapped communicator too; after invalid_argument it is still the caller's.
+        int device = 0;
+        check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+        ncclComm_t raw = nullptr;
+        REQUIRE(ncclCommInitAll(&raw, 1, &device) == ncclSuccess);
+        CHECK_THROWS_AS(loco::comm::nccl(raw, nullptr, {.timeout = timeout}),
+                        loco::invalid_argument);
+        CHECK(ncclCommDestroy(raw) == ncclSuccess);
+    }
+}
+
+TEST_CASE("nccl: abort() fails the requests in flight and every later call, with its reason") {
+    const std::string path =
+        "/tmp/loco-nccl-abort-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(20)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    lc::device_buffer<float> buf(8);
+    buf.upload(std::vector<float>(8, 1.0f));
+    auto in_flight = comm->start_all_reduce(loco::cuda_tensor(buf.get(), 8), reduce_op::sum);
+    comm->synchronize();  // the collective is done: only the abort can fail its finish()
+    comm->abort("stopped by the test");
+    CHECK(comm->aborted());
+    const auto refused = doctest::Contains("stopped by the test");
+    CHECK_THROWS_WITH_AS(in_flight.finish(), refused, loco::comm_error);
+    CHECK_THROWS_WITH_AS(comm->synchronize(), refused, loco::comm_error);
+    CHECK_THROWS_WITH_AS(comm->all_reduce(loco::cuda_tensor(buf.get(), 8), reduce_op::sum),
+                         refused, loco::comm_error);
+    CHECK_THROWS_WITH_AS(comm->start_all_reduce(loco::cuda_tensor(buf.get(), 8), reduce_op::mean),
+                         refused, loco::comm_error);
+    const auto bytes = loco::comm::as_bytes(loco::cuda_tensor(buf.get(), 8));
+    CHECK_THROWS_WITH_AS(comm->all_gather(bytes, bytes), refused, loco::comm_error);
+    CHECK_THROWS_WITH_AS(comm->broadcast(bytes, 0), refused, loco::comm_error);
+    lc::device_buffer<std::byte> other(bytes.size);
+    CHECK_THROWS_WITH_AS(comm->all_to_all(bytes, loco::cuda_tensor(other.get(), other.size())),
+                         refused, loco::comm_error);
+    CHECK_THROWS_WITH_AS(comm->barrier(), refused, loco::comm_error);
+    CHECK(buf.download() == std::vector<float>(8, 1.0f));
 }
 
 #if defined(LOCO_EMULATED)
@@ -1163,6 +1321,184 @@ TEST_CASE("nccl across GPUs: a missing peer times out instead of hanging (needs 
     });
     CHECK(message.find("waited 3000 ms") != std::string::npos);
 }
+
+TEST_CASE("nccl across GPUs: a mean is the sum divided by M, over chunks longer than one grid") {
+    // nccl.hpp: all_reduce(mean) is NCCL's sum divided by M on the device, comm::threads'
+    // formula, not a product by 1/M (ncclAvg), which rounds differently. So each rank's mean
+    // equals its own sum divided by M bit for bit, whatever order NCCL added in. For two ranks,
+    // with n longer than one grid of the division kernel (2^21, so the tail comes from its
+    // grid-stride loop), and for every GPU (up to 4) with a short n.
+    const int most = nccl_ranks();
+    if (most == 0) {
+        return;
+    }
+    for (const int m : {2, most}) {
+        const std::size_t n = m == 2 ? (std::size_t{1} << 21) + 1031 : 4099;
+        CAPTURE(m);
+        std::vector<std::vector<float>> data;
+        for (int r = 0; r < m; ++r) {
+            auto rng = rng_for("nccl mean/" + std::to_string(m) + "/" + std::to_string(r));
+            data.push_back(normal_floats(rng, n));
+        }
+        const expected e = reference(data, 0);
+        std::mutex mutex;
+        std::vector<std::vector<float>> sums(static_cast<std::size_t>(m));
+        on_ranks(m, std::chrono::seconds(60), [&](int r, loco::comm::nccl& comm) {
+            lc::device_buffer<float> buf(n);
+            buf.upload(data[std::size_t(r)]);
+            check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+            comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::sum);
+            auto got_sum = buf.download();
+            buf.upload(data[std::size_t(r)]);
+            check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+            comm.all_reduce(loco::cuda_tensor(buf.get(), n), reduce_op::mean);
+            const auto got_mean = buf.download();
+            std::size_t not_quotient = 0;
+            std::size_t off = 0;
+            for (std::size_t i = 0; i < n; ++i) {
+                const float quotient = got_sum[i] / static_cast<float>(m);
+                not_quotient += std::memcmp(&got_mean[i], &quotient, sizeof(float)) != 0;
+                off += std::abs(got_mean[i] - e.mean[i]) > 1e-5f * (1.0f + std::abs(e.mean[i]));
+            }
+            std::lock_guard<std::mutex> lock(mutex);
+            CAPTURE(r);
+            CHECK(not_quotient == 0);
+            CHECK(off == 0);
+            sums[std::size_t(r)] = std::move(got_sum);
+        });
+        for (int r = 1; r < m; ++r) {
+            CHECK(sums[std::size_t(r)] == sums[0]);
+        }
+        if (m == most) {
+            break;  // most == 2: once
+        }
+    }
+}
+
+TEST_CASE("nccl across GPUs: ranks that disagree on the op, the root or the call all refuse") {
+    // The count alone is covered above; here every other field of the call descriptor, each time
+    // with the rest equal. Every rank throws, nothing moves, and the next agreed call works.
+    const int m = nccl_ranks();
+    if (m == 0) {
+        return;
+    }
+    std::mutex mutex;
+    std::vector<std::vector<std::string>> messages(static_cast<std::size_t>(m));
+    on_ranks(m, std::chrono::seconds(60), [&](int r, loco::comm::nccl& comm) {
+        std::vector<std::string> mine;
+        const auto refused = [&](auto&& call) {
+            try {
+                call();
+                mine.push_back("went through");
+            } catch (const loco::comm_error& err) {
+                mine.push_back(err.what());
+            }
+        };
+        const std::vector<float> ones(16, 1.0f);
+        lc::device_buffer<float> x(16);
+        x.upload(ones);
+        // Room for m slots in both buffers, so that no call can write past them.
+        lc::device_buffer<std::byte> a(std::size_t(m) * 8);
+        lc::device_buffer<std::byte> b(std::size_t(m) * 8);
+        check_cuda(cudaMemset(a.get(), 0, a.size_bytes()), "cudaMemset");
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        const auto sent = comm.bytes_sent();
+        refused([&] {
+            comm.all_reduce(loco::cuda_tensor(x.get(), 16), r == 0 ? reduce_op::mean : reduce_op::sum);
+        });
+        refused([&] { comm.broadcast(loco::cuda_tensor(a.get(), 8), r == 0 ? 0 : 1); });
+        refused([&] {
+            if (r == 0) {
+                comm.all_gather(loco::tensor_view<const std::byte>{b.get(), 8, 0, 0,
+                                                                   loco::memory_space::cuda},
+                                loco::cuda_tensor(a.get(), a.size()));
+            } else {
+                comm.broadcast(loco::cuda_tensor(a.get(), 8), 0);
+            }
+        });
+        const auto sent_after = comm.bytes_sent();
+        const bool aborted = comm.aborted();
+        comm.all_reduce(loco::cuda_tensor(x.get(), 16), reduce_op::sum);
+        const auto got = x.download();
+        std::lock_guard<std::mutex> lock(mutex);
+        CAPTURE(r);
+        CHECK(sent_after == sent);
+        CHECK_FALSE(aborted);
+        CHECK(got == std::vector<float>(16, float(m)));
+        messages[std::size_t(r)] = std::move(mine);
+    });
+    for (int r = 0; r < m; ++r) {
+        CAPTURE(r);
+        const auto& mine = messages[std::size_t(r)];
+        REQUIRE(mine.size() == 3);
+        for (const auto& msg : mine) {
+            CAPTURE(msg);
+            CHECK(msg.find("ranks disagree on the collective") != std::string::npos);
+        }
+        CHECK(mine[0].find("(mean)") != std::string::npos);
+        CHECK(mine[0].find("(sum)") != std::string::npos);
+        CHECK(mine[1].find("from root 1") != std::string::npos);
+        CHECK(mine[2].find("all_gather of 8 bytes") != std::string::npos);
+    }
+}
+
+TEST_CASE("nccl across GPUs: without check_calls a barrier still waits for every rank") {
+    // With check_calls the descriptor all-gather is the barrier; without it a one-float
+    // all-reduce stands in. The peers arrive late and count their arrival first.
+    const int m = nccl_ranks();
+    if (m == 0) {
+        return;
+    }
+    ncclUniqueId id{};
+    REQUIRE(ncclGetUniqueId(&id) == ncclSuccess);
+    std::atomic<int> arrived{0};
+    std::atomic<int> seen{-1};
+    std::mutex mutex;
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < m; ++r) {
+        ranks.emplace_back([&, r] {
+            try {
+                check_cuda(cudaSetDevice(r), "cudaSetDevice");
+                auto comm = loco::comm::nccl::create(
+                    m, r, id, nullptr, {.timeout = std::chrono::seconds(60), .check_calls = false});
+                if (r != 0) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                    ++arrived;
+                }
+                comm->barrier();
+                if (r == 0) {
+                    seen = arrived.load();
+                }
+            } catch (const std::exception& err) {
+                const std::lock_guard<std::mutex> lock(mutex);
+                FAIL_CHECK("rank " << r << ": " << err.what());
+            }
+        });
+    }
+    for (auto& t : ranks) {
+        t.join();
+    }
+    CHECK(seen.load() == m - 1);
+}
+
+#if defined(LOCO_EMULATED)
+TEST_CASE("nccl: an owned communicator is finalized and destroyed, not aborted") {
+    // ~nccl aborts only after a failure; a healthy one is finalized and destroyed.
+    const int aborts_before = fake::comm_aborts().load();
+    const std::string path =
+        "/tmp/loco-nccl-owned-" + std::to_string(getpid()) + "-" + std::to_string(process_seed());
+    auto comm = loco::comm::nccl_bootstrap_file(path, 1, 0, nullptr,
+                                                {.timeout = std::chrono::seconds(20)});
+    std::remove(path.c_str());
+    REQUIRE(comm);
+    lc::device_buffer<float> x(3);
+    x.upload(std::vector<float>{1.0f, 2.0f, 3.0f});
+    comm->all_reduce(loco::cuda_tensor(x.get(), 3), reduce_op::mean);
+    comm.reset();
+    CHECK(fake::comm_aborts().load() == aborts_before);
+    CHECK(x.download() == std::vector<float>{1.0f, 2.0f, 3.0f});
+}
+#endif
 
 #endif  // LOCO_TEST_NCCL
 
