@@ -298,6 +298,43 @@ void expect_encodes_and_average_match_host(const std::string& label, const devic
     expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
 }
 
+// Two ranks encode fresh values of the model with C's default settings, both with 3e38 at flat
+// index huge_at and rank 1 with a NaN at nan_at (an index past the model: none). Returns
+// payload_check's first non-finite average, which must be the host exchanger's.
+template <class C>
+std::uint64_t checked_first_nonfinite(const device_model& m, const lcu::tensor_table& table,
+                                      const lcu::compress_plan<C>& plan, std::mt19937_64& rng,
+                                      std::size_t huge_at, std::size_t nan_at) {
+    constexpr int ranks = 2;
+    const std::size_t n = m.total();
+    const std::size_t p = plan.payload_bytes();
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    for (int r = 0; r < ranks; ++r) {
+        std::vector<float> x = normal_floats(rng, n);
+        if (huge_at < n) {
+            x[huge_at] = 3.0e38f;
+        }
+        if (nan_at < n && r == 1) {
+            x[nan_at] = std::numeric_limits<float>::quiet_NaN();
+        }
+        lcu::from_flat<float>(table, x, delta.get());
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {}, s);
+        s.synchronize();
+        host_payloads.emplace_back(p);
+        C::encode({}, x, plan.segments(), {}, {}, host_payloads.back());
+    }
+    lcu::payload_check check(ranks);
+    const std::uint64_t got = check.run(plan, table, {}, gathered.get(), s);
+    CHECK(got == first_nonfinite(host_average<C>({}, host_payloads, plan.segments(), n)));
+    return got;
+}
+
 // The inputs of an encode from the parameters (phase 1 fused in), on the device and on the
 // host: random global values, the bf16 tensors' masters made to differ from their values (so an
 // encode that reads a value where the master belongs shows), a random residual, and

@@ -14,10 +14,12 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -135,6 +137,79 @@ TEST_CASE("fused encode: stochastic codes depend on the rank and the round, as o
     std::vector<std::byte> want(plan.payload_bytes());
     C::encode(h, x, plan.segments(), {}, {7, 1, 0, 1.0f}, want);
     CHECK(c == want);
+    // The round read on the device (loco::cuda::diloco's outer control) is steps + skipped, as
+    // loco::diloco counts it: a skipped round still moves the streams on.
+    lcu::step_control control{};
+    control.steps = 2;
+    control.skipped = 3;
+    lcu::device_buffer<lcu::step_control> on_device(1);
+    on_device.upload(std::span<const lcu::step_control>(&control, 1));
+    lcu::encode_io io;
+    io.delta = delta.get();
+    io.payload = payload.get();
+    lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, {7, 0, 1, 1.0f, on_device.get()},
+                                            s);
+    s.synchronize();
+    C::encode(h, x, plan.segments(), {}, {7, 5, 1, 1.0f}, want);
+    expect_same_bytes(download_bytes(payload.get(), plan.payload_bytes()), want,
+                      "round from the device control");
+}
+
+namespace {
+
+// C's fused encode of fresh values of `shapes` into a buffer of the payload's size plus 64 bytes
+// prefilled with 0xab: the host's payload, and the 64 bytes after it untouched (a last segment
+// whose codes end inside a lane's 8 elements must not spill into what follows the payload).
+template <class C>
+void expect_payload_and_nothing_after(const std::vector<tensor_shape>& shapes,
+                                      const typename C::hyper& h, std::mt19937_64& rng,
+                                      const std::string& label) {
+    CAPTURE(label);
+    device_model m(shapes);
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::size_t p = plan.payload_bytes();
+    constexpr std::size_t slack = 64;
+    const std::vector<float> x = normal_floats(rng, m.total());
+    lcu::device_buffer<float> delta(std::max<std::size_t>(table.padded_elements(), 1));
+    lcu::from_flat<float>(table, x, delta.get());
+    lcu::device_buffer<std::byte> buffer(p + slack);
+    upload_bytes(buffer.get(), std::vector<std::byte>(p + slack, std::byte{0xab}));
+    lcu::encode_io io;
+    io.delta = delta.get();
+    io.payload = buffer.get();
+    lcu::stream s;
+    lcu::encode<C, lcu::encode_from::delta>(plan, table, h, io, {5, 2, 1, 1.0f, nullptr}, s);
+    s.synchronize();
+    std::vector<std::byte> want(p);
+    C::encode(h, x, plan.segments(), {}, {5, 2, 1, 1.0f}, want);
+    want.insert(want.end(), slack, std::byte{0xab});
+    expect_same_bytes(download_bytes(buffer.get(), p + slack), want, label);
+}
+
+}  // namespace
+
+// Last segments of 5 and 12 elements: their code bytes end before the last lane's 8 codes do
+// (1, 2 and 4 bits: a lane's whole piece lies past them; 8 bits: the second half of it). And a
+// table of one empty tensor: a payload that is a header alone.
+TEST_CASE("fused encode writes the payload and nothing after it, an empty table's too") {
+    auto rng = rng_for("fused encode bounds");
+    const cz::blockwise<1, 256>::hyper h{cz::scale_kind::mean_abs, cz::rounding::stochastic};
+    for (const std::size_t last : {std::size_t{5}, std::size_t{12}}) {
+        const std::vector<tensor_shape> shapes{{300}, {last}};
+        const std::string n = " last " + std::to_string(last);
+        expect_payload_and_nothing_after<cz::blockwise<1, 256>>(shapes, h, rng, "1 bit" + n);
+        expect_payload_and_nothing_after<cz::blockwise<2, 256>>(shapes, {}, rng, "2 bits" + n);
+        expect_payload_and_nothing_after<cz::blockwise<4, 64>>(shapes, {}, rng, "4 bits" + n);
+        expect_payload_and_nothing_after<cz::blockwise<8, 256>>(shapes, {}, rng, "8 bits" + n);
+        expect_payload_and_nothing_after<cz::blockwise<8, 1024>>(shapes, {}, rng, "8/1024" + n);
+        expect_payload_and_nothing_after<cz::blockwise<2, 100>>(shapes, {}, rng, "generic" + n);
+        expect_payload_and_nothing_after<cz::cast<loco::bf16>>(shapes, {}, rng, "bf16" + n);
+    }
+    const std::vector<tensor_shape> empty{{0}};
+    expect_payload_and_nothing_after<cz::blockwise<2, 256>>(empty, {}, rng, "empty blockwise");
+    expect_payload_and_nothing_after<cz::blockwise<2, 100>>(empty, {}, rng, "empty generic");
+    expect_payload_and_nothing_after<cz::cast<loco::fp16>>(empty, {}, rng, "empty fp16");
 }
 
 TEST_CASE("fused encode from the parameters (phase 1 fused in): fp32 and bf16 values with "
@@ -214,6 +289,69 @@ TEST_CASE("decode + average + outer step in one kernel equals decode_average the
     }
 }
 
+// decode_average's out is the padded layout with padding 0 (documented), whatever the buffer held:
+// tensors of 5, 300 and 13 elements leave 3, 4 and 3 padding elements.
+TEST_CASE("decode_average writes the host exchanger's average and zero padding") {
+    using C = cz::blockwise<2, 64>;
+    auto rng = rng_for("decode average padding");
+    device_model m(std::vector<tensor_shape>{{5}, {300}, {13}});
+    const lcu::tensor_table table = m.table(false);
+    const lcu::compress_plan<C> plan(table);
+    const std::size_t n = m.total();
+    const std::size_t padded = table.padded_elements();
+    const std::size_t p = plan.payload_bytes();
+    constexpr int ranks = 3;
+    lcu::device_buffer<std::byte> gathered(ranks * p);
+    lcu::device_buffer<float> delta(padded);
+    lcu::stream s;
+    std::vector<std::vector<std::byte>> host_payloads;
+    for (int r = 0; r < ranks; ++r) {
+        const std::vector<float> x = normal_floats(rng, n);
+        lcu::from_flat<float>(table, x, delta.get());
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {}, s);
+        s.synchronize();
+        host_payloads.emplace_back(p);
+        C::encode({}, x, plan.segments(), {}, {}, host_payloads.back());
+    }
+    const std::vector<float> average = host_average<C>({}, host_payloads, plan.segments(), n);
+    std::vector<float> want(padded, 0.0f);
+    for (std::size_t i = 0; i < table.size(); ++i) {
+        const cz::segment& seg = plan.segments()[i];
+        std::copy_n(average.begin() + static_cast<std::ptrdiff_t>(seg.offset), seg.size,
+                    want.begin() + static_cast<std::ptrdiff_t>(table.padded_offset(i)));
+    }
+    REQUIRE(padded > n);
+    lcu::device_buffer<float> avg(padded);
+    check_cuda(cudaMemset(avg.get(), 0xff, padded * sizeof(float)), "memset");  // NaN
+    lcu::decode_average(plan, table, gathered.get(), ranks, avg.get(), s);
+    s.synchronize();
+    expect_same_floats(avg.download(), want, "padded average");
+}
+
+// The first non-finite average of two ranks: 3e38 sent by both at one element overflows the fp32
+// sum there (blockwise<2, 64> absmax: the scales add up to 6e38, so the block is searched element
+// by element); a NaN sent in a blockwise block makes the whole block NaN, from its first element.
+TEST_CASE("payload_check finds the first non-finite average: an overflowing sum, a NaN block") {
+    auto rng = rng_for("payload check nonfinite index");
+    device_model m(std::vector<tensor_shape>{{100}, {300}});
+    const lcu::tensor_table table = m.table(false);
+    const std::size_t n = m.total();
+    {
+        const lcu::compress_plan<cz::blockwise<2, 64>> plan(table);
+        CHECK(checked_first_nonfinite(m, table, plan, rng, 170, n) == 170u);  // tensor 1, 70
+        CHECK(checked_first_nonfinite(m, table, plan, rng, n, 250) == 100u + 128u);  // block 2
+        CHECK(checked_first_nonfinite(m, table, plan, rng, n, n) == lcu::no_nonfinite);
+    }
+    {
+        const lcu::compress_plan<cz::cast<loco::bf16>> plan(table);
+        CHECK(checked_first_nonfinite(m, table, plan, rng, 170, n) == 170u);
+        CHECK(checked_first_nonfinite(m, table, plan, rng, n, 250) == 250u);
+    }
+}
+
 TEST_CASE("payload_check refuses what the host decoder refuses, naming the rank") {
     using C = cz::blockwise<2, 256>;
     auto rng = rng_for("fused payload check");
@@ -289,12 +427,35 @@ TEST_CASE("payload_check refuses what the host decoder refuses, naming the rank"
         auto bytes = download_bytes(pay.get(), p1.payload_bytes());
         lcu::payload_check c1(1);
         CHECK(c1.run(p1, t1, {}, pay.get(), s) == lcu::no_nonfinite);
-        bytes[body + 4 + 1] |= std::byte{0x40};  // element 7's bits: padding
-        reseal(bytes);
-        upload_bytes(pay.get(), bytes);
-        CHECK_THROWS_WITH_AS(c1.run(p1, t1, {}, pay.get(), s),
-                             doctest::Contains("nonzero padding bits after the last code"),
-                             loco::wire_error);
+        // Element 5's bits (the first padding code) and element 7's (the last).
+        for (const std::byte bits : {std::byte{0x04}, std::byte{0x40}}) {
+            CAPTURE(static_cast<unsigned>(bits));
+            std::vector<std::byte> bad = bytes;
+            bad[body + 4 + 1] |= bits;
+            reseal(bad);
+            std::vector<float> out(5);
+            CHECK_THROWS_AS(C::decode({}, bad, p1.segments(), out), loco::wire_error);
+            upload_bytes(pay.get(), bad);
+            CHECK_THROWS_WITH_AS(c1.run(p1, t1, {}, pay.get(), s),
+                                 doctest::Contains("nonzero padding bits after the last code"),
+                                 loco::wire_error);
+        }
+        // A block of NaN scale carries the zero code everywhere, as one of scale 0 does.
+        lcu::from_flat<float>(
+            t1, std::vector<float>{1, std::numeric_limits<float>::quiet_NaN(), 3, 4, 5}, d1.get());
+        lcu::encode<C, lcu::encode_from::delta>(p1, t1, {}, io1, {}, s);
+        s.synchronize();
+        std::vector<std::byte> nan_block = download_bytes(pay.get(), p1.payload_bytes());
+        CHECK(c1.run(p1, t1, {}, pay.get(), s) == 0u);  // the block's first element
+        nan_block[body + 4] ^= std::byte{0x01};          // element 0: code 2 -> 3
+        reseal(nan_block);
+        std::vector<float> out(5);
+        CHECK_THROWS_AS(C::decode({}, nan_block, p1.segments(), out), loco::wire_error);
+        upload_bytes(pay.get(), nan_block);
+        CHECK_THROWS_WITH_AS(
+            c1.run(p1, t1, {}, pay.get(), s),
+            doctest::Contains("a code of a zero-scale or NaN-scale block is not the zero code"),
+            loco::wire_error);
     }
 }
 
