@@ -521,6 +521,7 @@ TEST_CASE("demo: bad settings and shapes are refused with one sentence") {
                          "DeMo uses 64), got 65535",
                          loco::invalid_argument);
     CHECK_NOTHROW(lc::demo::validate({.chunk = 1024}));
+    refused({.chunk = 1025});  // the first side above max_chunk
     refused({.decay = 1.0f});
     refused({.decay = -0.1f});
     refused({.decay = std::nanf("")});

@@ -207,6 +207,43 @@ TEST_CASE("demo on the device: payloads byte for byte and residuals bit for bit 
     }
 }
 
+// The sign variant sends signbit(C) of the canonical value (compress/demo.hpp): a coefficient
+// that rounds to -0 sends 1, and a NaN sends 0 whatever sign its arithmetic gave it. Three 1-D
+// chunks of 4 (every cell sent, so the compact coding puts the 12 sign bits right after the
+// header): x = [-2^-149, 0, 0, 0] makes C = [-0, -2^-149, -2^-149, -0] (C_k = x0 F[0][k]), all
+// sign bits 1; a chunk holding a NaN with its sign bit set makes every coefficient NaN (its sign
+// kept where the arithmetic propagates NaN payloads, as x86 does), all 0; +2^-149 all 0.
+TEST_CASE("demo signs on the device: a coefficient rounding to -0 sends 1, a NaN of either sign "
+          "sends 0, as on the host") {
+    const cz::demo::hyper h{.chunk = 4, .topk = 4, .decay = 0.5f, .sign = true};
+    const std::vector<cz::segment> segs = {{0, 12, 1, 12}};
+    const std::size_t n = 12;
+    const lcu::demo_plan plan(h, segs, n);
+    REQUIRE(plan.payload_bytes() == cz::wire::header_bytes + 4);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const std::vector<float> x = {-0x1p-149f, 0.0f, 0.0f, 0.0f, -nan, 1.0f,
+                                  2.0f,       3.0f, 0x1p-149f, 0.0f, 0.0f, 0.0f};
+    REQUIRE(std::signbit(x[4]));
+    std::vector<float> host_e(n, 0.0f);
+    std::vector<std::byte> want(plan.payload_bytes());
+    cz::demo::encode(h, x, segs, host_e, {}, want);
+    lcu::device_buffer<float> dx(n), e(n);
+    dx.upload(x);
+    e.upload(std::vector<float>(n, 0.0f));
+    lcu::device_buffer<std::byte> payload(plan.payload_bytes());
+    lcu::demo_encode(plan, dx.get(), e.get(), payload.get(), nullptr);
+    check_cuda(cudaDeviceSynchronize(), "encode");
+    const std::vector<std::byte> got = payload.download();
+    for (std::size_t j = 0; j < n; ++j) {
+        CAPTURE(j);
+        const unsigned bit = j < 4 ? 1u : 0u;
+        CHECK(cz::wire::get_bits(want.data() + cz::wire::header_bytes, j, 1) == bit);
+        CHECK(cz::wire::get_bits(got.data() + cz::wire::header_bytes, j, 1) == bit);
+    }
+    CHECK(first_difference(got, want) == got.size());
+    CHECK(count_differences(e.download(), host_e) == 0);
+}
+
 TEST_CASE("demo's coefficient-domain scatter-mean on the device equals the host's") {
     for (const bool sign : {false, true}) {
         for (int variant = 0; variant < 4; ++variant) {
@@ -362,6 +399,19 @@ TEST_CASE("chunked device plans refuse what they cannot do, with one sentence") 
     const lcu::demo_plan plan({}, segs, 128 * 128);
     CHECK_THROWS_AS(lcu::demo_encode(plan, nullptr, nullptr, nullptr, nullptr),
                     loco::invalid_argument);
+    // 64 is the largest side the shared-memory kernels hold: 65 is refused, by demo too.
+    CHECK_THROWS_WITH_AS(lcu::demo_plan({.chunk = 65}, segs, 128 * 128),
+                         doctest::Contains("chunk <= 64"), loco::invalid_argument);
+    // The scatter-mean counts each cell's senders in 16 bits: 1 to 65535 payloads.
+    lcu::device_buffer<std::byte> gathered(plan.payload_bytes());
+    lcu::device_buffer<float> out(128 * 128);
+    for (const std::uint32_t m : {0u, 65536u}) {
+        CAPTURE(m);
+        CHECK_THROWS_WITH_AS(
+            lcu::demo_decode_scatter_mean(plan, gathered.get(), m, out.get(), nullptr),
+            doctest::Contains(("takes 1 to 65535 payloads, got " + std::to_string(m)).c_str()),
+            loco::invalid_argument);
+    }
 }
 
 TEST_CASE("chunked encodes into a second accumulator: the in-place encode's bits, the first kept") {
