@@ -91,6 +91,14 @@ struct inner_oracle {
     }
 };
 
+// The same tensors without their gradients.
+inline std::vector<lc::tensor_spec> m_specs_without_grads(std::vector<lc::tensor_spec> specs) {
+    for (auto& s : specs) {
+        s.grad = nullptr;
+    }
+    return specs;
+}
+
 template <class StateT>
 std::vector<float> widen_all(const std::vector<StateT>& v) {
     std::vector<float> out(v.size());
@@ -309,6 +317,198 @@ TEST_CASE("tensor table: offsets, padding, work split and layout conversions") {
     lc::inner_step<loco::inner::adamw>(empty, static_cast<float*>(nullptr), nullptr,
                                        control.hyper(), control.control(), true, nullptr);
     CHECK(control.read(nullptr).steps == 1);
+}
+
+// The layout in closed form (padded_size(n) = ceil(n / 8) * 8; masters over the bf16 values only),
+// on tensors of odd sizes and every dtype pair, placed the way a user packs one arena: values back
+// to back, some at 8 bytes past a 16-byte boundary (aligned for 8-byte words, not for the kernels'
+// 16-byte vectors), and tensor 1 (bf16, 3 elements) ending 2 bytes before tensor 0 begins, the
+// largest tensor (last in the table) ending right where tensor 3 begins: no kernel may write a
+// tensor's padding into its neighbour.
+TEST_CASE("tensor table: offsets in closed form, 16-byte alignment and tensors packed back "
+          "to back") {
+    auto rng = rng_for("table packed");
+    struct placed {
+        std::size_t size;
+        dtype value, grad;
+        std::size_t value_at;  // bytes into the value arena
+        std::size_t grad_at;   // bytes into the gradient arena
+    };
+    const std::size_t slot = 16640;  // per gradient, a multiple of 256 above 4097 * 4 + 8 bytes
+    const std::vector<placed> t = {
+        {1, dtype::f32, dtype::f32, 8, 0 * slot},              // value 8 past 16: not aligned
+        {3, dtype::bf16, dtype::f32, 0, 1 * slot},             // ends at byte 6
+        {0, dtype::bf16, dtype::bf16, 0, 0},                   // empty (null pointers)
+        {1023, dtype::f32, dtype::bf16, 16644, 3 * slot},      // right after tensor 8: 4 past 16
+        {4097, dtype::bf16, dtype::bf16, 20736, 4 * slot},     // aligned
+        {8, dtype::f32, dtype::f32, 28936, 5 * slot},          // 8 past 16
+        {16, dtype::bf16, dtype::f32, 28968, 6 * slot},        // 8 past 16
+        {16, dtype::f32, dtype::f32, 29008, 7 * slot + 8},     // gradient 8 past 16
+        {4097, dtype::f32, dtype::f32, 256, 8 * slot},         // the largest offsets, ends at 16644
+    };
+    lc::device_buffer<std::byte> values(29184), grads(9 * slot);
+    values.zero();
+    grads.zero();
+    std::vector<lc::tensor_spec> specs;
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        const bool empty = t[i].size == 0;
+        std::string name = std::to_string(i);
+        name.insert(name.begin(), 'p');
+        specs.push_back({std::move(name), empty ? nullptr : values.get() + t[i].value_at,
+                         t[i].value, empty ? nullptr : grads.get() + t[i].grad_at, t[i].grad,
+                         t[i].size});
+    }
+    const lc::tensor_table table(specs);
+    const std::vector<std::size_t> flat = {0, 1, 4, 4, 1027, 5124, 5132, 5148, 5164};
+    const std::vector<std::size_t> padded = {0, 8, 16, 16, 1040, 5144, 5152, 5168, 5184};
+    const std::vector<std::size_t> master = {0, 0, 8, 0, 8, 0, 4112, 0, 0};  // bf16 values only
+    const std::vector<bool> aligned = {false, true, true, false, true, false, false, false, true};
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        CAPTURE(i);
+        CHECK(table.flat_offset(i) == flat[i]);
+        CHECK(table.padded_offset(i) == padded[i]);
+        if (t[i].value == dtype::bf16) {
+            CHECK(table.master_offset(i) == master[i]);
+        }
+        CHECK(table.aligned(i) == aligned[i]);
+    }
+    CHECK(table.total_elements() == 9261);
+    CHECK(table.padded_elements() == 9288);
+    CHECK(table.master_elements() == 4128);
+    CHECK(table.combos_present() == lc::combos::all);
+    // Tensor boundaries, the empty tensor 2 between tensors 1 and 3 included.
+    CHECK(table.locate(3).tensor == 1);
+    CHECK(table.locate(3).element == 2);
+    CHECK(table.locate(4).tensor == 3);
+    CHECK(table.locate(4).element == 0);
+    CHECK(table.locate(9260).tensor == 8);
+    CHECK(table.locate(9260).element == 4096);
+
+    // Without gradients only the values' alignment counts.
+    const lc::tensor_table no_grads(m_specs_without_grads(specs));
+    const std::vector<bool> value_aligned = {false, true, true, false, true, false, false, true,
+                                             true};
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        CAPTURE(i);
+        CHECK(no_grads.aligned(i) == value_aligned[i]);
+    }
+
+    // scatter_values then gather_values: every element lands in its own tensor, rounded to its
+    // type, the masters hold the fp32 values, and nothing spills into a neighbour.
+    const auto from = normal_floats(rng, table.total_elements());
+    lc::device_buffer<float> from_dev(table.padded_elements());
+    lc::from_flat<float>(table, from, from_dev.get());
+    lc::device_buffer<float> masters(table.master_elements());
+    lc::scatter_values(table, from_dev.get(), masters.get(), nullptr);
+    check_cuda(cudaDeviceSynchronize(), "scatter");
+    const auto bytes = values.download();
+    std::vector<float> got, want;
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        for (std::size_t e = 0; e < t[i].size; ++e) {
+            const std::byte* p = bytes.data() + t[i].value_at + e * lc::size_of(t[i].value);
+            float x;
+            if (t[i].value == dtype::f32) {
+                std::memcpy(&x, p, 4);
+            } else {
+                loco::bf16 b;
+                std::memcpy(&b.bits, p, 2);
+                x = b.to_float();
+            }
+            got.push_back(x);
+            want.push_back(round_to(t[i].value, from[flat[i] + e]));
+        }
+    }
+    expect_equal_arrays(got, want, "values after scatter_values");
+    lc::device_buffer<float> back(table.padded_elements());
+    check_cuda(cudaMemset(back.get(), 0xff, back.size_bytes()), "poison with NaN");
+    lc::gather_values(table, masters.get(), back.get(), nullptr);
+    check_cuda(cudaDeviceSynchronize(), "gather");
+    std::vector<float> want_back(table.total_elements());
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        for (std::size_t e = 0; e < t[i].size; ++e) {
+            // bf16 values: their masters, which scatter_values set to the fp32 values.
+            want_back[flat[i] + e] = from[flat[i] + e];
+        }
+    }
+    expect_equal_arrays(lc::to_flat(table, back.get()), want_back, "gather_values");
+    const auto raw = back.download();
+    std::size_t nonzero_padding = 0;
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        for (std::size_t e = t[i].size; e < lc::padded_size(t[i].size); ++e) {
+            nonzero_padding += raw[padded[i] + e] != 0.0f;
+        }
+    }
+    CHECK(nonzero_padding == 0);
+
+    // Streaming DiLoCo's merge over the same packed tensors: lerp(global, local, alpha) with
+    // torch.lerp's formula for alpha >= 0.5, the masters (set to `from` above) as the bf16
+    // tensors' local values; again nothing may reach a neighbour.
+    const float alpha = 0.75f;
+    const auto g = normal_floats(rng, table.total_elements());
+    lc::device_buffer<float> global(table.padded_elements());
+    lc::from_flat<float>(table, g, global.get());
+    lc::merge_values(table, global.get(), masters.get(), nullptr, alpha, nullptr);
+    check_cuda(cudaDeviceSynchronize(), "merge");
+    const auto merged = values.download();
+    std::vector<float> got_merged, want_merged;
+    for (std::size_t i = 0; i < t.size(); ++i) {
+        for (std::size_t e = 0; e < t[i].size; ++e) {
+            const std::byte* p = merged.data() + t[i].value_at + e * lc::size_of(t[i].value);
+            float x;
+            if (t[i].value == dtype::f32) {
+                std::memcpy(&x, p, 4);
+            } else {
+                loco::bf16 b;
+                std::memcpy(&b.bits, p, 2);
+                x = b.to_float();
+            }
+            got_merged.push_back(x);
+            const float local = from[flat[i] + e];
+            const float global_value = g[flat[i] + e];
+            const float y = local - (local - global_value) * (1.0f - alpha);
+            want_merged.push_back(round_to(t[i].value, y));
+        }
+    }
+    expect_equal_arrays(got_merged, want_merged, "values after merge_values");
+
+    // Work split: a tensor that leaves its block room for one segment's cost but no element
+    // closes the block; the next tensor starts a new one (no empty segment in between).
+    const std::size_t fill = lc::block_elements - lc::segment_cost;
+    lc::device_buffer<float> split_values(fill + 8);
+    const lc::tensor_table split(std::vector<lc::tensor_spec>{
+        {"a", split_values.get(), dtype::f32, nullptr, dtype::f32, fill - lc::segment_cost},
+        {"b", split_values.get() + fill - lc::segment_cost, dtype::f32, nullptr, dtype::f32, 8}});
+    CHECK(split.segments() == 2);
+    CHECK(split.blocks() == 2);
+
+    // An empty tensor adds no (value, gradient) pair: a launch compiled for fp32 only accepts a
+    // table whose only bf16 tensor is empty.
+    const lc::tensor_table f32_only(std::vector<lc::tensor_spec>{specs[0], specs[2], specs[8]});
+    CHECK(f32_only.combos_present() == lc::combos::f32_f32);
+    lc::device_buffer<float> f32_from(f32_only.padded_elements());
+    f32_from.zero();
+    CHECK_NOTHROW(lc::scatter_values<lc::bf16_update::master, lc::combos::f32_f32>(
+        f32_only, f32_from.get(), nullptr, nullptr));
+    check_cuda(cudaDeviceSynchronize(), "scatter fp32 only");
+}
+
+// Overlap checks measure each range in its own element type: a value inside the second half of
+// an fp32 gradient whose tensor has bf16 values is caught, and a value right after a bf16
+// gradient whose tensor has fp32 values is not an overlap.
+TEST_CASE("tensor table: overlap checks size gradients by the gradient's type") {
+    lc::device_buffer<float> a_value(16), b_grad(4), arena(32);
+    SUBCASE("an fp32 gradient of a bf16 tensor") {
+        const std::vector<lc::tensor_spec> specs = {
+            {"a", a_value.get(), dtype::bf16, arena.get(), dtype::f32, 16},
+            {"b", arena.get() + 12, dtype::f32, b_grad.get(), dtype::f32, 4}};
+        CHECK_THROWS_AS(lc::tensor_table{specs}, loco::invalid_argument);
+    }
+    SUBCASE("a bf16 gradient of an fp32 tensor") {
+        const std::vector<lc::tensor_spec> specs = {
+            {"a", a_value.get(), dtype::f32, arena.get(), dtype::bf16, 16},
+            {"b", arena.get() + 8, dtype::f32, b_grad.get(), dtype::f32, 4}};
+        CHECK_NOTHROW(lc::tensor_table{specs});
+    }
 }
 
 TEST_CASE("inner step over fp32 tensors matches the host backend") {
@@ -662,6 +862,10 @@ TEST_CASE("the table refuses what the kernels cannot use") {
             lc::tensor_table t(specs);
         } catch (const loco::memory_space_error&) {
         }
+#if defined(LOCO_EMULATED)
+        // The emulator gives each allocation exactly its bytes: the end must be caught there.
+        CHECK_THROWS_AS(lc::tensor_table{specs}, loco::memory_space_error);
+#endif
     }
     // (Tensors 3 and 4 hold 4099 and 2053 elements; 5 is empty, 6 holds 32773.)
     SUBCASE("overlapping parameter values") {

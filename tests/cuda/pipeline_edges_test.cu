@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -229,6 +230,78 @@ TEST_CASE("cuda merge_values: lerp(global, local, alpha) bit for bit, fp32 value
     }
 }
 
+// The merge over odd sizes and every (value, gradient) dtype pair in one table, an empty tensor
+// among them: the value type alone decides bf16 handling (an fp32 tensor with bf16 gradients is
+// fp32). Both sources of the local values: the masters (and fp32 values), and a saved local copy
+// of the padded layout. The launch refuses a null or misaligned global array.
+TEST_CASE("cuda merge_values: odd sizes, every dtype pair, and a saved local copy") {
+    namespace lcu = loco::backend::cuda;
+    auto rng = rng_for("merge values mixed");
+    device_model m({tensor_shape{1, lcu::dtype::f32, lcu::dtype::f32},
+                    tensor_shape{3, lcu::dtype::bf16, lcu::dtype::f32},
+                    tensor_shape{0, lcu::dtype::bf16, lcu::dtype::bf16},
+                    tensor_shape{1023, lcu::dtype::f32, lcu::dtype::bf16},
+                    tensor_shape{4097, lcu::dtype::bf16, lcu::dtype::bf16},
+                    tensor_shape{16, lcu::dtype::f32, lcu::dtype::bf16, 1, 0}});
+    const lcu::tensor_table table = m.table();
+    for (const bool saved_copy : {false, true}) {
+        for (const float alpha : {0.3f, 0.9f}) {
+            CAPTURE(saved_copy);
+            CAPTURE(alpha);
+            const std::vector<float> g = normal_floats(rng, m.total(), 1.0f);
+            const std::vector<float> copy = normal_floats(rng, m.total(), 1.0f);
+            std::vector<float> master = normal_floats(rng, m.total(), 1.0f);
+            m.randomize_values(rng);
+            m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
+                for (std::size_t k = 0; k < sh.size; ++k) {
+                    if (sh.value == lcu::dtype::bf16) {
+                        m.values()[off + k] = loco::bf16::from_float(master[off + k]).to_float();
+                    } else {
+                        master[off + k] = 0.0f;
+                    }
+                }
+            });
+            m.upload_values();
+            lcu::device_buffer<float> global(table.padded_elements());
+            lcu::device_buffer<float> local(table.padded_elements());
+            lcu::device_buffer<float> masters(table.master_elements());
+            lcu::from_flat<float>(table, g, global.get());
+            lcu::from_flat<float>(table, copy, local.get());
+            lcu::master_from_flat(table, master, masters.get());
+            lcu::merge_values(table, global.get(), masters.get(),
+                              saved_copy ? local.get() : nullptr, alpha, nullptr);
+            check_cuda(cudaDeviceSynchronize(), "merge");
+            const auto values = m.download_values();
+            const auto merged_masters = lcu::master_to_flat(table, masters.get());
+            std::size_t bad_values = 0, bad_masters = 0;
+            m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
+                const bool bf = sh.value == lcu::dtype::bf16;
+                for (std::size_t k = 0; k < sh.size; ++k) {
+                    const std::size_t j = off + k;
+                    const float x = saved_copy ? copy[j] : bf ? master[j] : m.values()[j];
+                    const float want = lerp_reference(g[j], x, alpha);
+                    if (bf) {
+                        bad_masters += merged_masters[j] != want;
+                        bad_values += values[j] != loco::bf16::from_float(want).to_float();
+                    } else {
+                        bad_values += values[j] != want;
+                    }
+                }
+            });
+            CHECK(bad_values == 0);
+            CHECK(bad_masters == 0);
+            CHECK(m.gaps_untouched());
+        }
+    }
+    lcu::device_buffer<float> global(table.padded_elements() + 4);
+    lcu::device_buffer<float> masters(table.master_elements());
+    CHECK_THROWS_AS(lcu::merge_values(table, global.get() + 1, masters.get(), nullptr, 0.5f,
+                                      nullptr),
+                    loco::invalid_argument);
+    CHECK_THROWS_AS(lcu::merge_values(table, nullptr, masters.get(), nullptr, 0.5f, nullptr),
+                    loco::invalid_argument);
+}
+
 // A fragment's table (tensor_table(whole, indices)) reads and writes the one master array of the
 // whole model: each bf16 tensor at the whole table's master offset, not at one of its own layout.
 TEST_CASE("cuda tensor_table: a fragment's table keeps the whole table's master offsets") {
@@ -242,12 +315,28 @@ TEST_CASE("cuda tensor_table: a fragment's table keeps the whole table's master 
     const lcu::tensor_table whole = m.table();
     const std::vector<float> masters = normal_floats(rng, m.total(), 1.0f);
     lcu::device_buffer<float> master(whole.master_elements());
+    check_cuda(cudaMemset(master.get(), 0xff, master.size_bytes()), "poison masters");
     lcu::master_from_flat(whole, masters, master.get());
     check_cuda(cudaDeviceSynchronize(), "upload");
+    // master_from_flat sets the masters' padding to zero, as init_master does.
+    const auto raw = master.download();
+    std::size_t nonzero_padding = 0;
+    for (std::size_t i = 0; i < whole.size(); ++i) {
+        const std::size_t n = whole.spec(i).size;
+        if (whole.spec(i).value_type == lcu::dtype::bf16) {
+            for (std::size_t e = n; e < lcu::padded_size(n); ++e) {
+                nonzero_padding += raw[whole.master_offset(i) + e] != 0.0f;
+            }
+        }
+    }
+    CHECK(nonzero_padding == 0);
     for (const std::vector<std::size_t>& idx :
-         {std::vector<std::size_t>{3, 1, 0}, std::vector<std::size_t>{2}}) {
+         {std::vector<std::size_t>{3, 1, 0}, std::vector<std::size_t>{2},
+          std::vector<std::size_t>{1}}) {
         CAPTURE(idx.front());
         const lcu::tensor_table frag(whole, idx);
+        // The whole master array, even for a fragment of fp32 tensors only.
+        CHECK(frag.master_elements() == whole.master_elements());
         std::vector<float> want;
         for (std::size_t k = 0; k < idx.size(); ++k) {
             const auto& sh = m.shape(idx[k]);
@@ -264,6 +353,18 @@ TEST_CASE("cuda tensor_table: a fragment's table keeps the whole table's master 
         check_cuda(cudaDeviceSynchronize(), "gather");
         expect_equal_arrays(lcu::to_flat(frag, global.get()), want, "the fragment's global values");
     }
+    // master_from_flat through a fragment's table writes that fragment's masters (padding zeroed)
+    // and leaves every other tensor's masters as they were.
+    const std::vector<std::size_t> second{2};
+    const lcu::tensor_table frag(whole, second);
+    const std::vector<float> before = master.download();
+    const std::vector<float> fresh = normal_floats(rng, frag.total_elements(), 1.0f);
+    lcu::master_from_flat(frag, fresh, master.get());
+    check_cuda(cudaDeviceSynchronize(), "fragment upload");
+    std::vector<float> want = before;
+    std::copy(fresh.begin(), fresh.end(),
+              want.begin() + static_cast<std::ptrdiff_t>(whole.master_offset(2)));
+    expect_equal_arrays(master.download(), want, "the masters after a fragment's upload");
 }
 
 // bf16 parameters with fp32 masters, streamed in two fragments: every inner and outer step runs

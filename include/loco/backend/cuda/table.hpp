@@ -472,14 +472,15 @@ inline void master_from_flat(const tensor_table& table, std::span<const float> h
         throw shape_error("loco: master_from_flat got " + std::to_string(host.size()) +
                           " elements for a table of " + std::to_string(table.total_elements()));
     }
-    if (table.master_elements() != 0) {
-        LOCO_CUDA_CHECK(cudaMemset(master, 0, table.master_elements() * sizeof(float)));
-    }
+    // Each tensor's own padded extent, padding zeroed as init_master leaves it: a fragment's table
+    // shares the whole model's master array, and must leave the other fragments' masters alone.
     for (std::size_t i = 0; i < table.size(); ++i) {
         const tensor_spec& s = table.spec(i);
         if (s.size == 0 || s.value_type != dtype::bf16) {
             continue;
         }
+        LOCO_CUDA_CHECK(cudaMemset(master + table.master_offset(i), 0,
+                                   padded_size(s.size) * sizeof(float)));
         LOCO_CUDA_CHECK(cudaMemcpy(master + table.master_offset(i),
                                    host.data() + table.flat_offset(i), s.size * sizeof(float),
                                    cudaMemcpyHostToDevice));
