@@ -401,20 +401,23 @@ TEST_CASE("tensor table: offsets in closed form, 16-byte alignment and tensors p
     lc::device_buffer<float> masters(table.master_elements());
     lc::scatter_values(table, from_dev.get(), masters.get(), nullptr);
     check_cuda(cudaDeviceSynchronize(), "scatter");
+    // Element e of tensor i as the arena's bytes hold it.
+    const auto read_value = [&](const std::vector<std::byte>& arena, std::size_t i, std::size_t e) {
+        const std::byte* p = arena.data() + t[i].value_at + e * lc::size_of(t[i].value);
+        if (t[i].value == dtype::f32) {
+            float x;
+            std::memcpy(&x, p, 4);
+            return x;
+        }
+        loco::bf16 b;
+        std::memcpy(&b.bits, p, 2);
+        return b.to_float();
+    };
     const auto bytes = values.download();
     std::vector<float> got, want;
     for (std::size_t i = 0; i < t.size(); ++i) {
         for (std::size_t e = 0; e < t[i].size; ++e) {
-            const std::byte* p = bytes.data() + t[i].value_at + e * lc::size_of(t[i].value);
-            float x;
-            if (t[i].value == dtype::f32) {
-                std::memcpy(&x, p, 4);
-            } else {
-                loco::bf16 b;
-                std::memcpy(&b.bits, p, 2);
-                x = b.to_float();
-            }
-            got.push_back(x);
+            got.push_back(read_value(bytes, i, e));
             want.push_back(round_to(t[i].value, from[flat[i] + e]));
         }
     }
@@ -453,16 +456,7 @@ TEST_CASE("tensor table: offsets in closed form, 16-byte alignment and tensors p
     std::vector<float> got_merged, want_merged;
     for (std::size_t i = 0; i < t.size(); ++i) {
         for (std::size_t e = 0; e < t[i].size; ++e) {
-            const std::byte* p = merged.data() + t[i].value_at + e * lc::size_of(t[i].value);
-            float x;
-            if (t[i].value == dtype::f32) {
-                std::memcpy(&x, p, 4);
-            } else {
-                loco::bf16 b;
-                std::memcpy(&b.bits, p, 2);
-                x = b.to_float();
-            }
-            got_merged.push_back(x);
+            got_merged.push_back(read_value(merged, i, e));
             const float local = from[flat[i] + e];
             const float global_value = g[flat[i] + e];
             const float y = local - (local - global_value) * (1.0f - alpha);
