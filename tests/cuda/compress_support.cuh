@@ -20,6 +20,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace loco_test {
@@ -298,6 +299,29 @@ void expect_encodes_and_average_match_host(const std::string& label, const devic
     expect_same_floats(lcu::to_flat(table, avg.get()), want, label + ": average");
 }
 
+// Each rank's values xs[r] encoded with C's default settings on the device, into payload r of
+// gathered (plan.payload_bytes() each), and on the host; returns the host's payloads.
+template <class C>
+std::vector<std::vector<std::byte>> encode_ranks(const lcu::tensor_table& table,
+                                                 const lcu::compress_plan<C>& plan,
+                                                 const std::vector<std::vector<float>>& xs,
+                                                 std::byte* gathered, lcu::stream& s) {
+    const std::size_t p = plan.payload_bytes();
+    lcu::device_buffer<float> delta(table.padded_elements());
+    std::vector<std::vector<std::byte>> host_payloads;
+    for (std::size_t r = 0; r < xs.size(); ++r) {
+        lcu::from_flat<float>(table, xs[r], delta.get());
+        lcu::encode_io io;
+        io.delta = delta.get();
+        io.payload = gathered + r * p;
+        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {}, s);
+        s.synchronize();
+        host_payloads.emplace_back(p);
+        C::encode({}, xs[r], plan.segments(), {}, {}, host_payloads.back());
+    }
+    return host_payloads;
+}
+
 // Two ranks encode fresh values of the model with C's default settings, both with 3e38 at flat
 // index huge_at and rank 1 with a NaN at nan_at (an index past the model: none). Returns
 // payload_check's first non-finite average, which must be the host exchanger's.
@@ -307,11 +331,9 @@ std::uint64_t checked_first_nonfinite(const device_model& m, const lcu::tensor_t
                                       std::size_t huge_at, std::size_t nan_at) {
     constexpr int ranks = 2;
     const std::size_t n = m.total();
-    const std::size_t p = plan.payload_bytes();
-    lcu::device_buffer<std::byte> gathered(ranks * p);
-    lcu::device_buffer<float> delta(table.padded_elements());
+    lcu::device_buffer<std::byte> gathered(ranks * plan.payload_bytes());
     lcu::stream s;
-    std::vector<std::vector<std::byte>> host_payloads;
+    std::vector<std::vector<float>> xs;
     for (int r = 0; r < ranks; ++r) {
         std::vector<float> x = normal_floats(rng, n);
         if (huge_at < n) {
@@ -320,15 +342,9 @@ std::uint64_t checked_first_nonfinite(const device_model& m, const lcu::tensor_t
         if (nan_at < n && r == 1) {
             x[nan_at] = std::numeric_limits<float>::quiet_NaN();
         }
-        lcu::from_flat<float>(table, x, delta.get());
-        lcu::encode_io io;
-        io.delta = delta.get();
-        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
-        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {}, s);
-        s.synchronize();
-        host_payloads.emplace_back(p);
-        C::encode({}, x, plan.segments(), {}, {}, host_payloads.back());
+        xs.push_back(std::move(x));
     }
+    const auto host_payloads = encode_ranks<C>(table, plan, xs, gathered.get(), s);
     lcu::payload_check check(ranks);
     const std::uint64_t got = check.run(plan, table, {}, gathered.get(), s);
     CHECK(got == first_nonfinite(host_average<C>({}, host_payloads, plan.segments(), n)));

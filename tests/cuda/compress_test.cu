@@ -299,23 +299,12 @@ TEST_CASE("decode_average writes the host exchanger's average and zero padding")
     const lcu::compress_plan<C> plan(table);
     const std::size_t n = m.total();
     const std::size_t padded = table.padded_elements();
-    const std::size_t p = plan.payload_bytes();
     constexpr int ranks = 3;
-    lcu::device_buffer<std::byte> gathered(ranks * p);
-    lcu::device_buffer<float> delta(padded);
+    lcu::device_buffer<std::byte> gathered(ranks * plan.payload_bytes());
     lcu::stream s;
-    std::vector<std::vector<std::byte>> host_payloads;
-    for (int r = 0; r < ranks; ++r) {
-        const std::vector<float> x = normal_floats(rng, n);
-        lcu::from_flat<float>(table, x, delta.get());
-        lcu::encode_io io;
-        io.delta = delta.get();
-        io.payload = gathered.get() + static_cast<std::size_t>(r) * p;
-        lcu::encode<C, lcu::encode_from::delta>(plan, table, {}, io, {}, s);
-        s.synchronize();
-        host_payloads.emplace_back(p);
-        C::encode({}, x, plan.segments(), {}, {}, host_payloads.back());
-    }
+    std::vector<std::vector<float>> xs;
+    for (int r = 0; r < ranks; ++r) xs.push_back(normal_floats(rng, n));
+    const auto host_payloads = encode_ranks<C>(table, plan, xs, gathered.get(), s);
     const std::vector<float> average = host_average<C>({}, host_payloads, plan.segments(), n);
     std::vector<float> want(padded, 0.0f);
     for (std::size_t i = 0; i < table.size(); ++i) {
