@@ -180,6 +180,61 @@ float lerp_reference(float g, float x, float alpha) {
     return x - (x - g) * (1.0f - alpha);
 }
 
+// One merge_values over fresh inputs against lerp_reference, bit for bit: a bf16 tensor's value is
+// its master rounded (as after inner steps) and its master the local value; an fp32 tensor's local
+// value is its value; with saved_copy, every local value comes from a saved copy of the padded
+// layout instead. Nothing outside the tensors is written.
+template <class Rng>
+void expect_merge_is_lerp(device_model& m, const loco::backend::cuda::tensor_table& table,
+                          Rng& rng, float alpha, bool saved_copy) {
+    namespace lcu = loco::backend::cuda;
+    CAPTURE(saved_copy);
+    CAPTURE(alpha);
+    const std::vector<float> g = normal_floats(rng, m.total(), 1.0f);
+    const std::vector<float> copy = normal_floats(rng, m.total(), 1.0f);
+    std::vector<float> master = normal_floats(rng, m.total(), 1.0f);
+    m.randomize_values(rng);
+    m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
+        for (std::size_t k = 0; k < sh.size; ++k) {
+            if (sh.value == lcu::dtype::bf16) {
+                m.values()[off + k] = loco::bf16::from_float(master[off + k]).to_float();
+            } else {
+                master[off + k] = 0.0f;
+            }
+        }
+    });
+    m.upload_values();
+    lcu::device_buffer<float> global(table.padded_elements());
+    lcu::device_buffer<float> local(table.padded_elements());
+    lcu::device_buffer<float> masters(table.master_elements());
+    lcu::from_flat<float>(table, g, global.get());
+    lcu::from_flat<float>(table, copy, local.get());
+    lcu::master_from_flat(table, master, masters.get());
+    lcu::merge_values(table, global.get(), masters.get(), saved_copy ? local.get() : nullptr,
+                      alpha, nullptr);
+    check_cuda(cudaDeviceSynchronize(), "merge");
+    const auto values = m.download_values();
+    const auto merged_masters = lcu::master_to_flat(table, masters.get());
+    std::size_t bad_values = 0, bad_masters = 0;
+    m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
+        const bool bf = sh.value == lcu::dtype::bf16;
+        for (std::size_t k = 0; k < sh.size; ++k) {
+            const std::size_t j = off + k;
+            const float x = saved_copy ? copy[j] : bf ? master[j] : m.values()[j];
+            const float want = lerp_reference(g[j], x, alpha);
+            if (bf) {
+                bad_masters += merged_masters[j] != want;
+                bad_values += values[j] != loco::bf16::from_float(want).to_float();
+            } else {
+                bad_values += values[j] != want;
+            }
+        }
+    });
+    CHECK(bad_values == 0);
+    CHECK(bad_masters == 0);
+    CHECK(m.gaps_untouched());
+}
+
 TEST_CASE("cuda merge_values: lerp(global, local, alpha) bit for bit, fp32 values and bf16 values "
           "with masters") {
     namespace lcu = loco::backend::cuda;
@@ -188,45 +243,7 @@ TEST_CASE("cuda merge_values: lerp(global, local, alpha) bit for bit, fp32 value
                     tensor_shape{777, lcu::dtype::bf16, lcu::dtype::f32}});
     const lcu::tensor_table table = m.table(false);
     for (const float alpha : {0.5f, 0.25f, 0.75f, 1.0f}) {  // both formulas and their boundary
-        CAPTURE(alpha);
-        const std::vector<float> g = normal_floats(rng, m.total(), 1.0f);
-        std::vector<float> master = normal_floats(rng, m.total(), 1.0f);
-        m.randomize_values(rng);
-        // The bf16 tensor's master differs from its rounded value, as after inner steps.
-        m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
-            for (std::size_t k = 0; k < sh.size; ++k) {
-                if (i == 1) {
-                    m.values()[off + k] = loco::bf16::from_float(master[off + k]).to_float();
-                } else {
-                    master[off + k] = 0.0f;
-                }
-            }
-        });
-        m.upload_values();
-        lcu::device_buffer<float> global(table.padded_elements());
-        lcu::device_buffer<float> masters(table.master_elements());
-        lcu::from_flat<float>(table, g, global.get());
-        lcu::master_from_flat(table, master, masters.get());
-        check_cuda(cudaDeviceSynchronize(), "upload");
-        lcu::merge_values(table, global.get(), masters.get(), nullptr, alpha, nullptr);
-        check_cuda(cudaDeviceSynchronize(), "merge");
-        const auto values = m.download_values();
-        const auto merged_masters = lcu::master_to_flat(table, masters.get());
-        std::size_t bad_values = 0, bad_masters = 0;
-        m.for_each_tensor([&](std::size_t i, const tensor_shape& sh, std::size_t off) {
-            for (std::size_t k = 0; k < sh.size; ++k) {
-                const std::size_t j = off + k;
-                const float want = lerp_reference(g[j], i == 1 ? master[j] : m.values()[j], alpha);
-                if (i == 1) {
-                    bad_masters += merged_masters[j] != want;
-                    bad_values += values[j] != loco::bf16::from_float(want).to_float();
-                } else {
-                    bad_values += values[j] != want;
-                }
-            }
-        });
-        CHECK(bad_values == 0);
-        CHECK(bad_masters == 0);
+        expect_merge_is_lerp(m, table, rng, alpha, false);
     }
 }
 
@@ -246,51 +263,7 @@ TEST_CASE("cuda merge_values: odd sizes, every dtype pair, and a saved local cop
     const lcu::tensor_table table = m.table();
     for (const bool saved_copy : {false, true}) {
         for (const float alpha : {0.3f, 0.9f}) {
-            CAPTURE(saved_copy);
-            CAPTURE(alpha);
-            const std::vector<float> g = normal_floats(rng, m.total(), 1.0f);
-            const std::vector<float> copy = normal_floats(rng, m.total(), 1.0f);
-            std::vector<float> master = normal_floats(rng, m.total(), 1.0f);
-            m.randomize_values(rng);
-            m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
-                for (std::size_t k = 0; k < sh.size; ++k) {
-                    if (sh.value == lcu::dtype::bf16) {
-                        m.values()[off + k] = loco::bf16::from_float(master[off + k]).to_float();
-                    } else {
-                        master[off + k] = 0.0f;
-                    }
-                }
-            });
-            m.upload_values();
-            lcu::device_buffer<float> global(table.padded_elements());
-            lcu::device_buffer<float> local(table.padded_elements());
-            lcu::device_buffer<float> masters(table.master_elements());
-            lcu::from_flat<float>(table, g, global.get());
-            lcu::from_flat<float>(table, copy, local.get());
-            lcu::master_from_flat(table, master, masters.get());
-            lcu::merge_values(table, global.get(), masters.get(),
-                              saved_copy ? local.get() : nullptr, alpha, nullptr);
-            check_cuda(cudaDeviceSynchronize(), "merge");
-            const auto values = m.download_values();
-            const auto merged_masters = lcu::master_to_flat(table, masters.get());
-            std::size_t bad_values = 0, bad_masters = 0;
-            m.for_each_tensor([&](std::size_t, const tensor_shape& sh, std::size_t off) {
-                const bool bf = sh.value == lcu::dtype::bf16;
-                for (std::size_t k = 0; k < sh.size; ++k) {
-                    const std::size_t j = off + k;
-                    const float x = saved_copy ? copy[j] : bf ? master[j] : m.values()[j];
-                    const float want = lerp_reference(g[j], x, alpha);
-                    if (bf) {
-                        bad_masters += merged_masters[j] != want;
-                        bad_values += values[j] != loco::bf16::from_float(want).to_float();
-                    } else {
-                        bad_values += values[j] != want;
-                    }
-                }
-            });
-            CHECK(bad_values == 0);
-            CHECK(bad_masters == 0);
-            CHECK(m.gaps_untouched());
+            expect_merge_is_lerp(m, table, rng, alpha, saved_copy);
         }
     }
     lcu::device_buffer<float> global(table.padded_elements() + 4);
